@@ -1,0 +1,23 @@
+/* Definitions shared by the kernel programs and the Rust side (relay/abi.rs mirrors them; the
+ * abi test compiles this header on the host and checks that sizes, offsets and values agree). */
+#pragma once
+#include <linux/types.h>
+
+/* Per-CPU counters of the relay programs (index into the `relay_stats` PERCPU_ARRAY). */
+enum relay_stat {
+	RELAY_STAT_VERDICTS = 0,  /* skbs seen by the verdict program */
+	RELAY_STAT_REDIRECTED = 1,/* skbs redirected to the peer's egress */
+	RELAY_STAT_NO_PEER = 2,   /* skbs of a socket without a peer entry: passed to its own queue */
+	RELAY_STAT_DROPPED = 3,   /* redirects the kernel refused (peer gone from the map) */
+	RELAY_STAT_BYTES = 4,     /* payload bytes redirected */
+	RELAY_STAT_MAX = 5,
+};
+
+/* Five-tuple key of a socket in the accel SOCKHASH; ports in host byte order, addresses as the
+ * kernel gives them (network order), IPv4 as IPv4-mapped IPv6 so both families share one key. */
+struct sock_key {
+	__u32 local_ip6[4];
+	__u32 remote_ip6[4];
+	__u32 local_port;
+	__u32 remote_port;
+};

@@ -1,0 +1,73 @@
+//! Loading skrelay's kernel programs (built from probes/ by build.rs and embedded in the binary)
+//! and turning the kernel's refusals into sentences with a fix.
+use crate::error::Error;
+use aya::{Ebpf, EbpfLoader};
+use std::io;
+
+/// The compiled objects, one per hook.
+pub mod objects {
+    use aya::include_bytes_aligned;
+    pub static RELAY: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/relay.bpf.o"));
+}
+
+/// Loads an embedded object (maps are created, programs not yet loaded).
+pub fn load(object: &[u8]) -> Result<Ebpf, Error> {
+    EbpfLoader::new().load(object).map_err(|e| unavailable("create BPF maps", &e))
+}
+
+/// The first `io::Error` in an error's chain, where the kernel's answer is.
+pub fn os_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a io::Error> {
+    let mut cur: Option<&'a (dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            return Some(io);
+        }
+        cur = e.source();
+    }
+    None
+}
+
+/// Explains why a BPF step failed, naming the fix.
+pub fn unavailable(step: &str, err: &(dyn std::error::Error + 'static)) -> Error {
+    let errno = os_error(err).and_then(|e| e.raw_os_error());
+    let (reason, fix) = match errno {
+        Some(libc::EPERM) | Some(libc::EACCES) => {
+            ("operation not permitted".to_string(), "run as root or grant CAP_BPF and CAP_NET_ADMIN".to_string())
+        }
+        Some(libc::ENOSYS) => (
+            "the kernel has no bpf() system call".to_string(),
+            "use a kernel built with CONFIG_BPF_SYSCALL, or --datapath userspace".to_string(),
+        ),
+        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(ENOTSUPP) => (
+            format!("the kernel refused to {step} (invalid argument)"),
+            "skrelay needs Linux 5.10 or newer with CONFIG_BPF_STREAM_PARSER; use --datapath userspace on this kernel"
+                .to_string(),
+        ),
+        Some(libc::ENOMEM) => (
+            format!("out of memory while trying to {step}"),
+            "raise the memlock limit (ulimit -l) or free memory".to_string(),
+        ),
+        _ => (
+            format!("cannot {step}: {}", chain(err)),
+            "check `dmesg` and that the kernel supports BPF socket maps, or use --datapath userspace".to_string(),
+        ),
+    };
+    Error::BpfUnavailable { reason, fix }
+}
+
+/// "a: b: c" from an error and its sources.
+pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![err.to_string()];
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let s = e.to_string();
+        if !parts.last().is_some_and(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+        cur = e.source();
+    }
+    parts.join(": ")
+}
+
+/// The kernel-internal ENOTSUPP that BPF calls return for unsupported features (not in libc).
+const ENOTSUPP: i32 = 524;

@@ -1,0 +1,69 @@
+//! Command-line types (clap derive) and nothing else.
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::{net::SocketAddr, time::Duration};
+
+#[derive(Parser, Debug)]
+#[command(name = "skrelay", version, about = "In-kernel TCP relay and splicing proxy (eBPF sockmap)")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Pair TCP clients of one listener and splice each pair, in the kernel where it can.
+    Relay(RelayArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RelayArgs {
+    /// Address to listen on (IPv4 or IPv6, e.g. 127.0.0.1:7777 or [::1]:7777).
+    #[arg(long, default_value = "127.0.0.1:7777")]
+    pub listen: SocketAddr,
+    /// How clients are paired: `order` (1st with 2nd, 3rd with 4th, ...) or `token` (a first
+    /// line of 1 to 64 printable ASCII bytes; equal tokens pair; the line is not forwarded).
+    #[arg(long, value_enum, default_value_t = PairBy::Order)]
+    pub pair: PairBy,
+    #[command(flatten)]
+    pub common: SpliceArgs,
+    /// At most this many clients wait for a partner at once; further ones are closed at once.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pending: u32,
+    /// Close a client that has waited this long for its partner (or its token line); seconds.
+    #[arg(long, default_value = "30", value_parser = parse_secs, value_name = "SECS")]
+    pub pair_timeout: Duration,
+}
+
+/// Flags every splicing command shares.
+#[derive(Args, Debug, Clone)]
+pub struct SpliceArgs {
+    /// Where bytes move: `kernel` (BPF sockmap), `userspace` (splice(2)), or `auto` (kernel when
+    /// the BPF programs load, else userspace with a warning).
+    #[arg(long, value_enum, default_value_t = DatapathChoice::Auto)]
+    pub datapath: DatapathChoice,
+    /// On SIGINT/SIGTERM, let live pairs finish for this long before closing them; seconds.
+    #[arg(long, default_value = "30", value_parser = parse_secs, value_name = "SECS")]
+    pub drain_timeout: Duration,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PairBy {
+    Order,
+    Token,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatapathChoice {
+    Auto,
+    Kernel,
+    Userspace,
+}
+
+/// Seconds, whole or decimal (`30`, `0.5`).
+pub fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s.trim().parse().map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
+        return Err(format!("`{s}` is not a number of seconds between 0 and 1e9"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}

@@ -1,0 +1,207 @@
+//! The kernel datapath: both sockets of a pair join a SOCKHASH whose sk_skb stream parser and
+//! verdict (probes/relay.bpf.c) redirect every skb to the peer's egress. User space never reads
+//! payload; it only fills the maps and propagates end of file, which the kernel does not.
+use super::{Datapath, Flow, Splice, SpliceError};
+use crate::{
+    abi::relay_stat,
+    bpf,
+    error::Error,
+    sys::{self, TcpCounters},
+};
+use aya::{
+    maps::{HashMap, MapData, MapError, PerCpuArray, SockHash},
+    programs::SkSkb,
+    Ebpf,
+};
+use mio::{net::TcpStream, Interest};
+use std::{cell::RefCell, io, os::fd::AsRawFd, rc::Rc};
+
+/// max_entries of the socket maps in probes/relay.bpf.c.
+const MAX_SOCKETS: u32 = 65536;
+
+struct RelayMaps {
+    /// Carries the parser and verdict: a socket in here has its bytes redirected.
+    socks: SockHash<MapData, u64>,
+    /// Program-less redirect targets, filled before `socks` so no verdict finds its peer missing.
+    targets: SockHash<MapData, u64>,
+    /// cookie -> the peer's cookie.
+    peers: HashMap<MapData, u64, u64>,
+}
+
+pub struct KernelDatapath {
+    maps: Rc<RefCell<RelayMaps>>,
+    stats: PerCpuArray<MapData, u64>,
+    /// Keeps the programs loaded and attached.
+    _bpf: Ebpf,
+}
+
+impl KernelDatapath {
+    pub fn load() -> Result<Self, Error> {
+        let mut bpf = bpf::load(bpf::objects::RELAY)?;
+        let map = |bpf: &mut Ebpf, name: &str| {
+            bpf.take_map(name).ok_or_else(|| Error::BpfUnavailable {
+                reason: format!("the embedded object has no map `{name}`"),
+                fix: "rebuild skrelay".into(),
+            })
+        };
+        let broken = |e: MapError| bpf::unavailable("open the relay maps", &e);
+        let socks: SockHash<MapData, u64> = SockHash::try_from(map(&mut bpf, "socks")?).map_err(broken)?;
+        let targets: SockHash<MapData, u64> = SockHash::try_from(map(&mut bpf, "targets")?).map_err(broken)?;
+        let peers: HashMap<MapData, u64, u64> = HashMap::try_from(map(&mut bpf, "peers")?).map_err(broken)?;
+        let stats: PerCpuArray<MapData, u64> = PerCpuArray::try_from(map(&mut bpf, "relay_stats")?).map_err(broken)?;
+        let socks_fd = socks.fd().try_clone().map_err(|e| bpf::unavailable("open the relay maps", &e))?;
+        for name in ["relay_parser", "relay_verdict"] {
+            let prog: &mut SkSkb = bpf.program_mut(name).and_then(|p| p.try_into().ok()).ok_or_else(|| {
+                Error::BpfUnavailable { reason: format!("no program `{name}`"), fix: "rebuild skrelay".into() }
+            })?;
+            prog.load().map_err(|e| bpf::unavailable("load the sk_skb programs", &e))?;
+            prog.attach(&socks_fd).map_err(|e| bpf::unavailable("attach the sk_skb programs", &e))?;
+        }
+        Ok(KernelDatapath { maps: Rc::new(RefCell::new(RelayMaps { socks, targets, peers })), stats, _bpf: bpf })
+    }
+
+    fn stat(&self, idx: u32) -> u64 {
+        self.stats.get(&idx, 0).map(|v| v.iter().sum()).unwrap_or(0)
+    }
+}
+
+impl Datapath for KernelDatapath {
+    fn name(&self) -> &'static str {
+        "kernel"
+    }
+
+    fn splice(&mut self, ends: [&TcpStream; 2], consumed: [u64; 2]) -> Result<Box<dyn Splice>, SpliceError> {
+        let cookies = [sys::socket_cookie(ends[0])?, sys::socket_cookie(ends[1])?];
+        let acked_base = [sys::tcp_counters(ends[0])?.bytes_acked, sys::tcp_counters(ends[1])?.bytes_acked];
+        let mut splice =
+            KernelSplice { maps: self.maps.clone(), cookies, acked_base, consumed, joined: Joined::default() };
+        splice.join(ends)?;
+        Ok(Box::new(splice))
+    }
+
+    fn summary(&self) -> Option<String> {
+        Some(format!(
+            "kernel datapath: {} skbs ({} bytes) redirected, {} passed without a peer, {} dropped",
+            self.stat(relay_stat::REDIRECTED),
+            self.stat(relay_stat::BYTES),
+            self.stat(relay_stat::NO_PEER),
+            self.stat(relay_stat::DROPPED),
+        ))
+    }
+}
+
+/// Which map entries a pair holds, so a failed or finished pair removes exactly those.
+#[derive(Default)]
+struct Joined {
+    targets: [bool; 2],
+    peers: [bool; 2],
+    socks: [bool; 2],
+}
+
+struct KernelSplice {
+    maps: Rc<RefCell<RelayMaps>>,
+    cookies: [u64; 2],
+    /// bytes_acked of each socket when the pair formed (an active open counts its SYN).
+    acked_base: [u64; 2],
+    consumed: [u64; 2],
+    joined: Joined,
+}
+
+fn map_full_or_io(e: MapError) -> SpliceError {
+    match bpf::os_error(&e).and_then(|e| e.raw_os_error()) {
+        Some(libc::E2BIG) | Some(libc::ENOSPC) | Some(libc::ENOMEM) => SpliceError::MapFull(MAX_SOCKETS),
+        _ => SpliceError::Io(io::Error::other(bpf::chain(&e))),
+    }
+}
+
+impl KernelSplice {
+    /// Puts both sockets in the maps, in the order that keeps every byte: redirect targets and
+    /// peer entries first, then the map with the programs, then a kick for queued bytes.
+    fn join(&mut self, ends: [&TcpStream; 2]) -> Result<(), SpliceError> {
+        let result = self.try_join(ends);
+        if result.is_err() {
+            self.release();
+        }
+        result
+    }
+
+    fn try_join(&mut self, ends: [&TcpStream; 2]) -> Result<(), SpliceError> {
+        let [a, b] = self.cookies;
+        {
+            let mut maps = self.maps.borrow_mut();
+            for (i, end) in ends.iter().enumerate() {
+                maps.targets.insert(self.cookies[i], end.as_raw_fd(), 0).map_err(map_full_or_io)?;
+                self.joined.targets[i] = true;
+            }
+            for (i, (from, to)) in [(a, b), (b, a)].into_iter().enumerate() {
+                maps.peers.insert(from, to, 0).map_err(map_full_or_io)?;
+                self.joined.peers[i] = true;
+            }
+            for (i, end) in ends.iter().enumerate() {
+                maps.socks.insert(self.cookies[i], end.as_raw_fd(), 0).map_err(map_full_or_io)?;
+                self.joined.socks[i] = true;
+            }
+        }
+        // Bytes that arrived before the socket joined `socks` sit in its receive queue and only go
+        // through the verdict when the next segment comes; a peek runs the sockmap receive path,
+        // which pushes them through now, in order (KERNEL-NOTES.md).
+        for end in ends {
+            let mut byte = [0u8; 1];
+            match sys::peek(end, &mut byte) {
+                Ok(n) if n > 0 => {
+                    log::warn!("kernel datapath: {n} byte(s) stayed in a relay socket's queue after the kick")
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Splice for KernelSplice {
+    fn advance(&mut self, dir: usize, src: &TcpStream, dst: &TcpStream) -> io::Result<Flow> {
+        let from: TcpCounters = sys::tcp_counters(src)?;
+        if !from.fin_received() {
+            return Ok(Flow::Open);
+        }
+        // Every byte the source sent (less what user space consumed before pairing) must have
+        // been acknowledged by the destination's client before it may see the FIN.
+        let sent = from.payload_received().saturating_sub(self.consumed[dir]);
+        let delivered = sys::tcp_counters(dst)?.bytes_acked.saturating_sub(self.acked_base[1 - dir]);
+        Ok(if delivered >= sent { Flow::Finished } else { Flow::Flushing })
+    }
+
+    fn moved(&self, dir: usize, src: &TcpStream) -> u64 {
+        sys::tcp_counters(src).map(|c| c.payload_received().saturating_sub(self.consumed[dir])).unwrap_or(0)
+    }
+
+    fn interest(&self) -> Interest {
+        Interest::READABLE
+    }
+
+    fn release(&mut self) {
+        let mut maps = self.maps.borrow_mut();
+        let [a, b] = self.cookies;
+        for i in 0..2 {
+            if std::mem::take(&mut self.joined.socks[i]) {
+                let _ = maps.socks.remove(&self.cookies[i]);
+            }
+        }
+        for (i, from) in [a, b].into_iter().enumerate() {
+            if std::mem::take(&mut self.joined.peers[i]) {
+                let _ = maps.peers.remove(&from);
+            }
+        }
+        for i in 0..2 {
+            if std::mem::take(&mut self.joined.targets[i]) {
+                let _ = maps.targets.remove(&self.cookies[i]);
+            }
+        }
+    }
+}
+
+impl Drop for KernelSplice {
+    fn drop(&mut self) {
+        self.release();
+    }
+}

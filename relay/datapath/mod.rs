@@ -1,0 +1,72 @@
+//! How the bytes of a spliced pair move: in the kernel (sk_skb programs on a SOCKHASH) or in user
+//! space (splice(2) through pipes). The pairing and proxy code see only these two traits.
+pub mod kernel;
+pub mod userspace;
+
+use crate::{cli::DatapathChoice, error::Error};
+use mio::{net::TcpStream, Interest};
+use std::io;
+
+/// Where one direction of a pair stands after `Splice::advance`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Still open; the next readiness event moves it on.
+    Open,
+    /// More is ready to move than one call moves: call again soon (fairness between pairs).
+    Again,
+    /// The source has reached end of file but some of its bytes have not left yet: look again
+    /// after a short delay.
+    Flushing,
+    /// The source has reached end of file and every byte it sent left through the destination:
+    /// the destination's write side may be shut down now.
+    Finished,
+}
+
+/// One spliced pair's state in a datapath. Directions are numbered by their source: 0 moves
+/// bytes from end 0 to end 1, 1 the other way.
+pub trait Splice {
+    /// Moves what can move now from `src` to `dst` and says where the direction stands.
+    fn advance(&mut self, dir: usize, src: &TcpStream, dst: &TcpStream) -> io::Result<Flow>;
+    /// Payload bytes moved so far in `dir`.
+    fn moved(&self, dir: usize, src: &TcpStream) -> u64;
+    /// The readiness this datapath needs from both sockets.
+    fn interest(&self) -> Interest;
+    /// Takes the pair out of the datapath; called before its sockets are closed.
+    fn release(&mut self);
+}
+
+/// A way of splicing pairs.
+pub trait Datapath {
+    fn name(&self) -> &'static str;
+    /// Starts splicing `ends`. `consumed[i]` counts the bytes user space already read from end
+    /// `i` (a token line) that must not be counted as relayed.
+    fn splice(&mut self, ends: [&TcpStream; 2], consumed: [u64; 2]) -> Result<Box<dyn Splice>, SpliceError>;
+    /// One line of counters for the exit log, if the datapath keeps any.
+    fn summary(&self) -> Option<String> {
+        None
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpliceError {
+    #[error("the kernel socket map is full ({0} sockets)")]
+    MapFull(u32),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// Opens the datapath the user chose. `auto` takes the kernel when its programs load and says why
+/// in one warning when they do not.
+pub fn open(choice: DatapathChoice) -> Result<Box<dyn Datapath>, Error> {
+    match choice {
+        DatapathChoice::Userspace => Ok(Box::new(userspace::UserspaceDatapath)),
+        DatapathChoice::Kernel => Ok(Box::new(kernel::KernelDatapath::load()?)),
+        DatapathChoice::Auto => match kernel::KernelDatapath::load() {
+            Ok(k) => Ok(Box::new(k)),
+            Err(e) => {
+                log::warn!("kernel datapath unavailable, splicing in user space instead: {e}");
+                Ok(Box::new(userspace::UserspaceDatapath))
+            }
+        },
+    }
+}

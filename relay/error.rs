@@ -1,0 +1,45 @@
+//! Errors that reach the user: each variant reads as one sentence with the fix.
+use std::{io, net::SocketAddr};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot listen on {addr}: {}", listen_reason(.source))]
+    Listen { addr: SocketAddr, source: io::Error },
+
+    #[error("cannot load BPF programs: {reason} ({fix})")]
+    BpfUnavailable { reason: String, fix: String },
+
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl Error {
+    pub fn io(what: impl Into<String>, source: io::Error) -> Self {
+        Error::Io { what: what.into(), source }
+    }
+
+    /// The process exit status for this error: 2 for anything the user can fix by changing the
+    /// command or the machine's set-up, 1 for failures while running.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Io { .. } => 1,
+            _ => 2,
+        }
+    }
+}
+
+fn listen_reason(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EADDRINUSE) => {
+            "address already in use (another socket listens there: stop it or pick another --listen port)".into()
+        }
+        Some(libc::EADDRNOTAVAIL) => {
+            "address not available (it is not an address of this machine: use one `ip addr` shows, or 0.0.0.0)".into()
+        }
+        Some(libc::EACCES) => "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)".into(),
+        _ => e.to_string(),
+    }
+}

@@ -1,0 +1,11 @@
+//! skrelay: an in-kernel TCP relay and splicing proxy. The binary's commands are thin wrappers
+//! around the modules here.
+pub mod abi;
+pub mod bpf;
+pub mod cli;
+pub mod datapath;
+pub mod error;
+pub mod pairing;
+pub mod relay_cmd;
+pub mod server;
+pub mod sys;

@@ -1,0 +1,535 @@
+//! The accept-and-splice loop: one mio thread accepts clients, finds each one its partner, hands
+//! the pair to the datapath and then only propagates end of file and resets. Payload never
+//! passes through here on the kernel datapath.
+use crate::{
+    cli::PairBy,
+    datapath::{userspace::UserspaceSplice, Datapath, Flow, Splice, SpliceError},
+    error::Error,
+    pairing::{parse_token_line, Matcher, TokenLine, MAX_TOKEN},
+    sys,
+};
+use mio::{
+    event::Event,
+    net::{TcpListener, TcpStream},
+    Events, Interest, Poll, Token,
+};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use slab::Slab;
+use std::{
+    cmp::Reverse,
+    collections::BinaryHeap,
+    io::{self, Read},
+    net::{Shutdown, SocketAddr},
+    time::{Duration, Instant},
+};
+
+/// What the loop needs to know, whichever command started it.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub pair_by: PairBy,
+    pub max_pending: usize,
+    pub pair_timeout: Duration,
+    pub drain_timeout: Duration,
+}
+
+const LISTENER: Token = Token(0);
+const SIGNALS: Token = Token(1);
+const FIRST_SLOT_TOKEN: usize = 2;
+/// First and longest wait between checks that a half-closed source's bytes have all left.
+const FLUSH_CHECK_FIRST: Duration = Duration::from_millis(1);
+const FLUSH_CHECK_MAX: Duration = Duration::from_millis(100);
+/// How long to wait before accepting again when the process is out of file descriptors.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+fn token(slot: usize, end: usize) -> Token {
+    Token(FIRST_SLOT_TOKEN + slot * 2 + end)
+}
+
+fn slot_of(token: Token) -> usize {
+    (token.0 - FIRST_SLOT_TOKEN) / 2
+}
+
+/// A client waiting for its token line or its partner.
+struct Pending {
+    stream: TcpStream,
+    addr: SocketAddr,
+    serial: u64,
+    /// The key it pairs on: the token, or "" in order mode; None until the token line is read.
+    key: Option<String>,
+    /// Bytes read from it before pairing (the token line).
+    consumed: u64,
+}
+
+/// Two spliced connections.
+struct Pair {
+    ends: [TcpStream; 2],
+    addrs: [SocketAddr; 2],
+    splice: Box<dyn Splice>,
+    since: Instant,
+    serial: u64,
+    /// Direction i (from end i) has finished and end 1-i's write side is shut down.
+    shut: [bool; 2],
+    flush_delay: Duration,
+    datapath: &'static str,
+}
+
+enum Slot {
+    Pending(Pending),
+    Pair(Pair),
+}
+
+/// How a pair ended, for the log and for what its clients see.
+enum Ending {
+    Done,
+    Reset { end: usize, error: io::Error },
+    Drained,
+}
+
+pub struct Server {
+    poll: Poll,
+    listener: Option<TcpListener>,
+    signals: Signals,
+    datapath: Box<dyn Datapath>,
+    config: ServerConfig,
+    slots: Slab<Slot>,
+    matcher: Matcher<usize>,
+    pending: usize,
+    pairs: usize,
+    serial: u64,
+    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    again: Vec<(usize, u64)>,
+    accept_retry: Option<Instant>,
+    drain_deadline: Option<Instant>,
+    warned_map_full: bool,
+}
+
+/// Binds the listening socket with a backlog deep enough for bursts of thousands of clients.
+pub fn listen(addr: SocketAddr) -> Result<TcpListener, Error> {
+    use socket2::{Domain, Socket, Type};
+    let fail = |source| Error::Listen { addr, source };
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None).map_err(fail)?;
+    socket.set_reuse_address(true).map_err(fail)?;
+    socket.bind(&addr.into()).map_err(fail)?;
+    socket.listen(4096).map_err(fail)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
+impl Server {
+    pub fn new(mut listener: TcpListener, datapath: Box<dyn Datapath>, config: ServerConfig) -> Result<Self, Error> {
+        let poll = Poll::new().map_err(|e| Error::io("cannot create the event loop", e))?;
+        let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(|e| Error::io("cannot handle signals", e))?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)
+            .and_then(|_| poll.registry().register(&mut signals, SIGNALS, Interest::READABLE))
+            .map_err(|e| Error::io("cannot register with the event loop", e))?;
+        sys::raise_fd_limit();
+        Ok(Server {
+            poll,
+            listener: Some(listener),
+            signals,
+            datapath,
+            config,
+            slots: Slab::new(),
+            matcher: Matcher::default(),
+            pending: 0,
+            pairs: 0,
+            serial: 0,
+            timers: BinaryHeap::new(),
+            again: Vec::new(),
+            accept_retry: None,
+            drain_deadline: None,
+            warned_map_full: false,
+        })
+    }
+
+    pub fn run(mut self) -> Result<(), Error> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.next_timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::io("event loop failed", e));
+            }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept(),
+                    SIGNALS => self.on_signal(),
+                    t => self.on_socket(slot_of(t), event),
+                }
+            }
+            for (slot, serial) in std::mem::take(&mut self.again) {
+                if self.is_pair(slot, serial) {
+                    self.service(slot, false);
+                }
+            }
+            self.fire_timers();
+            if self.accept_retry.is_some_and(|t| Instant::now() >= t) {
+                self.accept_retry = None;
+                self.accept();
+            }
+            if let Some(deadline) = self.drain_deadline {
+                if self.pairs == 0 {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    log::warn!("drain timeout: closing {} live pair(s)", self.pairs);
+                    self.end_all(|| Ending::Drained);
+                    break;
+                }
+            }
+        }
+        if let Some(summary) = self.datapath.summary() {
+            log::info!("{summary}");
+        }
+        log::info!("stopped");
+        Ok(())
+    }
+
+    fn next_timeout(&self) -> Option<Duration> {
+        if !self.again.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let deadlines = [self.timers.peek().map(|Reverse((t, _, _))| *t), self.drain_deadline, self.accept_retry];
+        deadlines.into_iter().flatten().min().map(|t| t.saturating_duration_since(Instant::now()))
+    }
+
+    fn next_serial(&mut self) -> u64 {
+        self.serial += 1;
+        self.serial
+    }
+
+    fn is_pair(&self, slot: usize, serial: u64) -> bool {
+        matches!(self.slots.get(slot), Some(Slot::Pair(p)) if p.serial == serial)
+    }
+
+    fn accept(&mut self) {
+        loop {
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            match listener.accept() {
+                Ok((stream, addr)) => self.admit(stream, addr),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
+                    ) =>
+                {
+                    log::warn!("cannot accept more clients now: {e} (retrying in {ACCEPT_BACKOFF:?})");
+                    self.accept_retry = Some(Instant::now() + ACCEPT_BACKOFF);
+                    return;
+                }
+                Err(e) => log::debug!("accept: {e}"),
+            }
+        }
+    }
+
+    fn admit(&mut self, mut stream: TcpStream, addr: SocketAddr) {
+        if self.pending >= self.config.max_pending {
+            log::warn!("client {addr} closed: {} clients already wait for a partner (--max-pending)", self.pending);
+            return;
+        }
+        let _ = stream.set_nodelay(true);
+        let entry = self.slots.vacant_entry();
+        let slot = entry.key();
+        if let Err(e) = self.poll.registry().register(&mut stream, token(slot, 0), Interest::READABLE) {
+            log::warn!("client {addr} closed: cannot watch it: {e}");
+            return;
+        }
+        self.serial += 1;
+        let serial = self.serial;
+        let since = Instant::now();
+        let key = match self.config.pair_by {
+            PairBy::Order => Some(String::new()),
+            PairBy::Token => None,
+        };
+        entry.insert(Slot::Pending(Pending { stream, addr, serial, key, consumed: 0 }));
+        self.pending += 1;
+        self.timers.push(Reverse((since + self.config.pair_timeout, slot, serial)));
+        log::debug!("client {addr} connected");
+        match self.config.pair_by {
+            PairBy::Order => self.offer(slot),
+            PairBy::Token => self.on_pending(slot),
+        }
+    }
+
+    fn on_socket(&mut self, slot: usize, event: &Event) {
+        match self.slots.get(slot) {
+            Some(Slot::Pending(_)) => self.on_pending(slot),
+            Some(Slot::Pair(_)) => {
+                let check = event.is_error() || event.is_read_closed() || event.is_write_closed();
+                self.service(slot, check);
+            }
+            None => {}
+        }
+    }
+
+    /// Reads a pending client's token line, or notices that it left.
+    fn on_pending(&mut self, slot: usize) {
+        let Some(Slot::Pending(p)) = self.slots.get_mut(slot) else {
+            return;
+        };
+        let mut buf = [0u8; MAX_TOKEN + 2];
+        let peeked = sys::peek(&p.stream, &mut buf);
+        if p.key.is_some() {
+            // Waiting for a partner: a client that closed without sending anything is gone. One
+            // that sent bytes and then shut down its write side still waits: its bytes and its
+            // EOF will reach the partner.
+            match peeked {
+                Ok(0) => self.drop_pending(slot, "left before a partner came"),
+                Err(e) if e.kind() != io::ErrorKind::WouldBlock => self.drop_pending(slot, &e.to_string()),
+                _ => {}
+            }
+            return;
+        }
+        let n = match peeked {
+            Ok(0) => return self.drop_pending(slot, "closed before sending a token line"),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) => return self.drop_pending(slot, &e.to_string()),
+        };
+        match parse_token_line(&buf[..n]) {
+            TokenLine::Incomplete => {
+                if sys::tcp_counters(&p.stream).is_ok_and(|c| c.fin_received()) {
+                    self.drop_pending(slot, "closed before ending its token line");
+                }
+            }
+            TokenLine::Malformed(why) => self.drop_pending(slot, &format!("bad token line: {why}")),
+            TokenLine::Complete { token, line_len } => {
+                // The line is queued: this read takes exactly it and nothing after it.
+                if let Err(e) = p.stream.read_exact(&mut buf[..line_len]) {
+                    return self.drop_pending(slot, &e.to_string());
+                }
+                p.consumed = line_len as u64;
+                p.key = Some(token);
+                self.offer(slot);
+            }
+        }
+    }
+
+    fn offer(&mut self, slot: usize) {
+        let Some(Slot::Pending(p)) = self.slots.get(slot) else {
+            return;
+        };
+        let key = p.key.clone().unwrap_or_default();
+        if let Some(partner) = self.matcher.offer(&key, slot) {
+            self.form_pair(partner, slot);
+        }
+    }
+
+    fn take_pending(&mut self, slot: usize) -> Option<Pending> {
+        match self.slots.get(slot) {
+            Some(Slot::Pending(_)) => {}
+            _ => return None,
+        }
+        let Slot::Pending(mut p) = self.slots.remove(slot) else { unreachable!() };
+        self.pending -= 1;
+        if let Some(key) = &p.key {
+            self.matcher.withdraw(key, slot);
+        }
+        let _ = self.poll.registry().deregister(&mut p.stream);
+        Some(p)
+    }
+
+    fn drop_pending(&mut self, slot: usize, why: &str) {
+        if let Some(p) = self.take_pending(slot) {
+            log::info!("client {} closed: {why}", p.addr);
+        }
+    }
+
+    fn form_pair(&mut self, first: usize, second: usize) {
+        let (Some(a), Some(b)) = (self.take_pending(first), self.take_pending(second)) else {
+            return;
+        };
+        let ends = [a.stream, b.stream];
+        let addrs = [a.addr, b.addr];
+        let (splice, datapath) = match self.datapath.splice([&ends[0], &ends[1]], [a.consumed, b.consumed]) {
+            Ok(s) => (s, self.datapath.name()),
+            Err(SpliceError::MapFull(n)) => {
+                if !self.warned_map_full {
+                    log::warn!("the kernel socket map is full ({n} sockets): further pairs are spliced in user space");
+                    self.warned_map_full = true;
+                }
+                match UserspaceSplice::new() {
+                    Ok(s) => (Box::new(s) as Box<dyn Splice>, "userspace"),
+                    Err(e) => return log::error!("pair {} <-> {} closed: {e}", addrs[0], addrs[1]),
+                }
+            }
+            Err(e) => return log::error!("pair {} <-> {} closed: cannot splice it: {e}", addrs[0], addrs[1]),
+        };
+        let serial = self.next_serial();
+        let entry = self.slots.vacant_entry();
+        let slot = entry.key();
+        let mut pair = Pair {
+            ends,
+            addrs,
+            splice,
+            since: Instant::now(),
+            serial,
+            shut: [false; 2],
+            flush_delay: FLUSH_CHECK_FIRST,
+            datapath,
+        };
+        let interest = pair.splice.interest();
+        for (i, end) in pair.ends.iter_mut().enumerate() {
+            if let Err(e) = self.poll.registry().register(end, token(slot, i), interest) {
+                return log::error!("pair {} <-> {} closed: cannot watch it: {e}", addrs[0], addrs[1]);
+            }
+        }
+        entry.insert(Slot::Pair(pair));
+        self.pairs += 1;
+        log::debug!("paired {} <-> {} ({datapath})", addrs[0], addrs[1]);
+        // Bytes and EOFs that came before the pair formed are acted on now, not at the next event.
+        self.service(slot, true);
+    }
+
+    /// Moves a pair on: both directions, EOF propagation, errors.
+    fn service(&mut self, slot: usize, check_errors: bool) {
+        let Some(Slot::Pair(pair)) = self.slots.get_mut(slot) else {
+            return;
+        };
+        let mut flushing = false;
+        let mut again = false;
+        for dir in 0..2 {
+            if pair.shut[dir] {
+                continue;
+            }
+            let (src, dst) = (&pair.ends[dir], &pair.ends[1 - dir]);
+            match pair.splice.advance(dir, src, dst) {
+                Ok(Flow::Open) => {}
+                Ok(Flow::Again) => again = true,
+                Ok(Flow::Flushing) => flushing = true,
+                Ok(Flow::Finished) => {
+                    let _ = dst.shutdown(Shutdown::Write);
+                    pair.shut[dir] = true;
+                }
+                Err(error) => {
+                    // A failed read names the source; a failed write the destination.
+                    let end = if sys::take_socket_error(src).is_some() { dir } else { 1 - dir };
+                    return self.end_pair(slot, Ending::Reset { end, error });
+                }
+            }
+        }
+        if check_errors {
+            for end in 0..2 {
+                if let Some(error) = sys::take_socket_error(&pair.ends[end]) {
+                    return self.end_pair(slot, Ending::Reset { end, error });
+                }
+            }
+        }
+        if pair.shut == [true, true] {
+            return self.end_pair(slot, Ending::Done);
+        }
+        if flushing {
+            let at = Instant::now() + pair.flush_delay;
+            pair.flush_delay = (pair.flush_delay * 2).min(FLUSH_CHECK_MAX);
+            self.timers.push(Reverse((at, slot, pair.serial)));
+        }
+        if again {
+            self.again.push((slot, pair.serial));
+        }
+    }
+
+    fn end_pair(&mut self, slot: usize, ending: Ending) {
+        let Some(Slot::Pair(_)) = self.slots.get(slot) else {
+            return;
+        };
+        let Slot::Pair(mut pair) = self.slots.remove(slot) else { unreachable!() };
+        self.pairs -= 1;
+        let moved = [pair.splice.moved(0, &pair.ends[0]), pair.splice.moved(1, &pair.ends[1])];
+        pair.splice.release();
+        for end in pair.ends.iter_mut() {
+            let _ = self.poll.registry().deregister(end);
+        }
+        let [a, b] = pair.addrs;
+        let how = match &ending {
+            Ending::Done => "ended".to_string(),
+            Ending::Drained => "closed at the drain timeout".to_string(),
+            Ending::Reset { end, error } => {
+                // What one end's client did to its connection, the other's client sees too.
+                for e in &pair.ends {
+                    sys::reset_on_close(e);
+                }
+                format!("reset ({}: {error})", pair.addrs[*end])
+            }
+        };
+        if matches!(ending, Ending::Drained) {
+            for e in &pair.ends {
+                let _ = e.shutdown(Shutdown::Both);
+            }
+        }
+        log::info!(
+            "pair {a} <-> {b} {how} after {:.3}s: {} bytes {a} -> {b}, {} bytes {b} -> {a} ({})",
+            pair.since.elapsed().as_secs_f64(),
+            moved[0],
+            moved[1],
+            pair.datapath,
+        );
+    }
+
+    fn end_all(&mut self, ending: fn() -> Ending) {
+        let slots: Vec<usize> = self.slots.iter().map(|(k, _)| k).collect();
+        for slot in slots {
+            match self.slots.get(slot) {
+                Some(Slot::Pair(_)) => self.end_pair(slot, ending()),
+                Some(Slot::Pending(_)) => self.drop_pending(slot, "skrelay is shutting down"),
+                None => {}
+            }
+        }
+    }
+
+    fn fire_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((at, slot, serial))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            match self.slots.get(slot) {
+                Some(Slot::Pending(p)) if p.serial == serial => {
+                    let why = if p.key.is_some() {
+                        "no partner came within --pair-timeout"
+                    } else {
+                        "no token line within --pair-timeout"
+                    };
+                    self.drop_pending(slot, why);
+                }
+                Some(Slot::Pair(p)) if p.serial == serial => self.service(slot, true),
+                _ => {}
+            }
+        }
+    }
+
+    fn on_signal(&mut self) {
+        let signals: Vec<i32> = self.signals.pending().collect();
+        for signal in signals {
+            let name = if signal == SIGINT { "SIGINT" } else { "SIGTERM" };
+            if self.drain_deadline.is_some() {
+                log::warn!("{name} again: closing {} live pair(s) now", self.pairs);
+                self.end_all(|| Ending::Drained);
+                self.drain_deadline = Some(Instant::now());
+                continue;
+            }
+            if let Some(mut listener) = self.listener.take() {
+                let _ = self.poll.registry().deregister(&mut listener);
+            }
+            let waiting: Vec<usize> =
+                self.slots.iter().filter(|(_, s)| matches!(s, Slot::Pending(_))).map(|(k, _)| k).collect();
+            for slot in waiting {
+                self.drop_pending(slot, "skrelay is shutting down");
+            }
+            log::info!(
+                "{name}: no longer accepting; letting {} live pair(s) finish (up to {:?})",
+                self.pairs,
+                self.config.drain_timeout
+            );
+            self.drain_deadline = Some(Instant::now() + self.config.drain_timeout);
+        }
+    }
+}

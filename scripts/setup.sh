@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs the Debian packages skrelay's build and test suite need, and nothing else.
+# Idempotent: packages already present are not downloaded again.
+set -euo pipefail
+
+packages=(
+  clang llvm libbpf-dev linux-libc-dev   # build.rs compiles probes/*.bpf.c
+  iproute2 bpftool                       # tests: netns set-up, pinned-state inspection
+  netcat-openbsd ncat socat iperf3 curl  # tests: real clients
+  python3                                # tests: http.server upstream
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if [ "${#missing[@]}" -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "setup: installing ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# BPF programs need bpffs for pinned state (steer, accel); mount it if the system has not.
+if ! mount | grep -q ' /sys/fs/bpf type bpf'; then
+  [ "$(id -u)" -eq 0 ] && mount -t bpf bpf /sys/fs/bpf 2>/dev/null || true
+fi
+echo "setup: ok (clang $(clang --version | head -1 | grep -o '[0-9][0-9.]*' | head -1))"
