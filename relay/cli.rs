@@ -13,6 +13,9 @@ pub struct Cli {
 pub enum Command {
     /// Pair TCP clients of one listener and splice each pair, in the kernel where it can.
     Relay(RelayArgs),
+    /// Check that this machine can run the kernel datapath: loads and attaches the programs,
+    /// then removes them. Exit status 0 if it can, 2 with the reason if not.
+    Probe,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -2,6 +2,7 @@
 //! around the modules here.
 pub mod abi;
 pub mod bpf;
+pub mod bpffs;
 pub mod cli;
 pub mod datapath;
 pub mod error;

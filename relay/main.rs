@@ -7,6 +7,7 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_target(false).init();
     let result = match cli.command {
         Command::Relay(args) => skrelay::relay_cmd::run(args),
+        Command::Probe => skrelay::datapath::kernel::KernelDatapath::load().map(|_| println!("kernel datapath: ok")),
     };
     if let Err(e) = result {
         eprintln!("skrelay: {e}");
