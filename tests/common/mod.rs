@@ -80,7 +80,9 @@ impl Skrelay {
             .spawn()
             .expect("spawn skrelay");
         let log = Arc::new(Mutex::new(String::new()));
-        for pipe in [Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stdout.take().unwrap())] {
+        for pipe in
+            [Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stdout.take().unwrap())]
+        {
             let log = log.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines().map_while(Result::ok) {
@@ -177,12 +179,12 @@ impl Pattern {
     }
 
     pub fn fill(&mut self, buf: &mut [u8]) {
+        assert!(buf.len().is_multiple_of(8), "pattern chunks must be multiples of 8 bytes");
         for (i, chunk) in buf.chunks_mut(8).enumerate() {
             let word = splitmix(self.seed ^ (self.offset / 8 + i as u64));
             chunk.copy_from_slice(&word.to_le_bytes()[..chunk.len()]);
         }
         self.offset += buf.len() as u64;
-        assert!(buf.len() % 8 == 0 || buf.is_empty(), "pattern chunks must be multiples of 8 bytes");
     }
 }
 
