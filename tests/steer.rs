@@ -444,6 +444,7 @@ fn steer_list_reads_an_empty_netns_without_creating_state() {
     let Some(_reset) = setup("empty list") else { return };
     assert!(ok(&["steer", "list"]).contains("no steering bindings"));
     assert_eq!(list_json(), serde_json::json!([]));
-    assert!(pinned_files().is_empty());
+    assert!(ok(&["status"]).contains("steer: nothing attached"));
+    assert!(!std::path::Path::new(&state_dir()).exists(), "looking created {}", state_dir());
     assert!(ok(&["steer", "reset"]).contains("nothing to reset"));
 }

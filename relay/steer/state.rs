@@ -135,9 +135,13 @@ impl State {
     /// Opens the state if anything is pinned; `None` if steering was never set up here.
     pub fn open() -> Result<Option<State>, Error> {
         let dir = dir()?;
-        let lock = bpffs::StateLock::acquire(&dir)?;
-        if !Path::new(&dir).join(LINK).exists() {
+        // Looking must not create anything: no lock (which makes the directory) without state.
+        if !dir.join(LINK).exists() {
             return Ok(None);
+        }
+        let lock = bpffs::StateLock::acquire(&dir)?;
+        if !dir.join(LINK).exists() {
+            return Ok(None); // reset while we waited for the lock
         }
         let mut bpf = loader(&dir).map_err(|e| bpf::unavailable("open the pinned steering maps", &e))?;
         let maps = Maps::take(&mut bpf)?;
