@@ -189,7 +189,7 @@ fn ten_thousand_ports_are_served_by_one_socket() {
     assert!(refused("127.0.0.1:9999".parse().unwrap()) && refused("127.0.0.1:20000".parse().unwrap()));
     // IPv6 too.
     let l6 = TcpListener::bind("[::1]:5001").unwrap();
-    ok(&["steer", "add", "--ports", "30000", "--to", "[::1]:5001"]);
+    ok(&["steer", "add", "--ports", "30000", "--addr", "::1/128", "--to", "[::1]:5001"]);
     let _c = TcpStream::connect("[::1]:30000").unwrap();
     assert_eq!(l6.accept().unwrap().0.local_addr().unwrap(), "[::1]:30000".parse().unwrap());
     assert!(refused("127.0.0.1:30000".parse().unwrap()), "the IPv6 binding does not take IPv4");

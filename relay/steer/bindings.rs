@@ -127,9 +127,9 @@ impl FromStr for Prefix {
             IpAddr::V4(a) => Ipv6Addr::from(u128::from(u32::from(a)) << 96).octets(),
             IpAddr::V6(a) => a.octets(),
         });
-        let host_bits = if len == 0 { bits } else { bits & (u128::MAX >> len) };
-        if host_bits != 0 {
-            let net = bits & !(u128::MAX.checked_shr(u32::from(len)).unwrap_or(0));
+        let host_mask = u128::MAX.checked_shr(u32::from(len)).unwrap_or(0);
+        if bits & host_mask != 0 {
+            let net = bits & !host_mask;
             let net = match addr {
                 IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::from((net >> 96) as u32)),
                 IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(net)),
@@ -193,6 +193,8 @@ mod tests {
         assert_eq!("10.1.2.3".parse::<Prefix>().unwrap().to_string(), "10.1.2.3/32");
         assert_eq!("::/0".parse::<Prefix>().unwrap().to_string(), "::/0");
         assert_eq!("[::1]".parse::<Prefix>().unwrap().to_string(), "::1/128");
+        assert_eq!("::1/128".parse::<Prefix>().unwrap().len, 128);
+        assert_eq!("255.255.255.255/32".parse::<Prefix>().unwrap().len, 32);
         assert_eq!("2001:db8::/32".parse::<Prefix>().unwrap().family(), AF_INET6);
         assert_eq!("0.0.0.0/0".parse::<Prefix>().unwrap().bytes(), [0; 16]);
         assert_eq!(&"192.168.0.0/16".parse::<Prefix>().unwrap().bytes()[..4], &[192, 168, 0, 0]);

@@ -37,7 +37,7 @@ impl Funnel {
         let span = PortRange { lo: all[0], hi: *all.last().unwrap() };
         let key = BindingKey { proto: Proto::Tcp, prefix, ports: span };
         sys::bpf::sockmap_set(&maps.targets.fd().as_fd(), BINDING, &listener.as_fd().as_raw_fd())
-            .map_err(|e| bpf::unavailable("put the listener into the sk_lookup map", &e))?;
+            .map_err(|e| state::unavailable("put the listener into the sk_lookup map", &e))?;
         let record = SteerBinding {
             cookie: sys::socket_cookie(&listener.as_fd().as_raw_fd()).unwrap_or(0),
             pid: std::process::id(),
@@ -53,14 +53,14 @@ impl Funnel {
             comm: *b"skrelay\0\0\0\0\0\0\0\0\0",
             ..Default::default()
         };
-        maps.bindings.insert(BINDING, record, 0).map_err(|e| bpf::unavailable("describe the funnel", &e))?;
+        maps.bindings.insert(BINDING, record, 0).map_err(|e| state::unavailable("describe the funnel", &e))?;
         for &port in &all {
             maps.ports
                 .insert(&key.trie_key(port), BINDING, 0)
-                .map_err(|e| bpf::unavailable("fill the port map", &e))?;
+                .map_err(|e| state::unavailable("fill the port map", &e))?;
         }
         let prog = state::load_program(&mut bpf)?;
-        prog.attach(state::netns_file()?).map_err(|e| bpf::unavailable("attach the sk_lookup program", &e))?;
+        prog.attach(state::netns_file()?).map_err(|e| state::unavailable("attach the sk_lookup program", &e))?;
         Ok(Funnel { maps, ports: all.len(), _bpf: bpf })
     }
 

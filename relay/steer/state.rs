@@ -58,7 +58,24 @@ pub struct Maps {
 }
 
 fn broken(e: impl std::error::Error + 'static) -> Error {
-    bpf::unavailable("open the steering maps", &e)
+    unavailable("open the steering maps", &e)
+}
+
+/// Like `bpf::unavailable`, with steering's own fix where the kernel lacks what it needs (the
+/// generic fix talks about the relay's stream parser).
+pub fn unavailable(step: &str, err: &(dyn std::error::Error + 'static)) -> Error {
+    let errno = bpf::os_error(err).and_then(|e| e.raw_os_error());
+    match bpf::unavailable(step, err) {
+        Error::BpfUnavailable { reason, .. }
+            if !matches!(errno, Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::ENOMEM)) =>
+        {
+            Error::BpfUnavailable {
+                reason,
+                fix: "steering needs Linux 5.9 or newer with BPF sk_lookup and bpf links; check `dmesg`".into(),
+            }
+        }
+        other => other,
+    }
 }
 
 impl Maps {
@@ -115,7 +132,7 @@ pub fn load_program(bpf: &mut Ebpf) -> Result<&mut SkLookup, Error> {
     let prog: &mut SkLookup = bpf.program_mut(PROGRAM).and_then(|p| p.try_into().ok()).ok_or_else(|| {
         Error::BpfUnavailable { reason: format!("no program `{PROGRAM}`"), fix: "rebuild skrelay".into() }
     })?;
-    prog.load().map_err(|e| bpf::unavailable("load the sk_lookup program", &e))?;
+    prog.load().map_err(|e| unavailable("load the sk_lookup program", &e))?;
     Ok(prog)
 }
 
@@ -143,7 +160,7 @@ impl State {
         if !dir.join(LINK).exists() {
             return Ok(None); // reset while we waited for the lock
         }
-        let mut bpf = loader(&dir).map_err(|e| bpf::unavailable("open the pinned steering maps", &e))?;
+        let mut bpf = loader(&dir).map_err(|e| unavailable("open the pinned steering maps", &e))?;
         let maps = Maps::take(&mut bpf)?;
         Ok(Some(State { dir, maps, _lock: lock }))
     }
@@ -153,7 +170,7 @@ impl State {
     pub fn open_or_create() -> Result<(State, Option<String>), Error> {
         let dir = dir()?;
         let lock = bpffs::StateLock::acquire(&dir)?;
-        let mut bpf = loader(&dir).map_err(|e| bpf::unavailable("create the steering maps", &e))?;
+        let mut bpf = loader(&dir).map_err(|e| unavailable("create the steering maps", &e))?;
         let mut maps = Maps::take(&mut bpf)?;
         let link_path = dir.join(LINK);
         let ours = program_version();
@@ -161,9 +178,9 @@ impl State {
         if !link_path.exists() {
             let prog = load_program(&mut bpf)?;
             let netns = netns_file()?;
-            let id = prog.attach(&netns).map_err(|e| bpf::unavailable("attach the sk_lookup program", &e))?;
-            let link: FdLink = prog.take_link(id).map_err(|e| bpf::unavailable("keep the sk_lookup link", &e))?.into();
-            link.pin(&link_path).map_err(|e| bpf::unavailable("pin the sk_lookup link", &e))?;
+            let id = prog.attach(&netns).map_err(|e| unavailable("attach the sk_lookup program", &e))?;
+            let link: FdLink = prog.take_link(id).map_err(|e| unavailable("keep the sk_lookup link", &e))?.into();
+            link.pin(&link_path).map_err(|e| unavailable("pin the sk_lookup link", &e))?;
             maps.info.set(0, ours, 0).map_err(|e| Error::steer_map("record the program version", &e))?;
         } else {
             let theirs = maps.info.get(&0, 0).unwrap_or(0);
@@ -173,7 +190,7 @@ impl State {
                 let (link_id, old_id) =
                     sys::bpf::link_ids(&link).map_err(|e| Error::io("cannot read the pinned link", e))?;
                 let old = sys::bpf::prog_fd_by_id(old_id).map_err(|e| Error::io("cannot open the old program", e))?;
-                let new = prog.fd().map_err(|e| bpf::unavailable("load the sk_lookup program", &e))?;
+                let new = prog.fd().map_err(|e| unavailable("load the sk_lookup program", &e))?;
                 sys::bpf::link_update(&link, &new.as_fd(), &old)
                     .map_err(|e| Error::io("cannot swap the steering program in place", e))?;
                 maps.info.set(0, ours, 0).map_err(|e| Error::steer_map("record the program version", &e))?;
