@@ -193,7 +193,13 @@ fn ten_thousand_ports_are_served_by_one_socket() {
     let _c = TcpStream::connect("[::1]:30000").unwrap();
     assert_eq!(l6.accept().unwrap().0.local_addr().unwrap(), "[::1]:30000".parse().unwrap());
     assert!(refused("127.0.0.1:30000".parse().unwrap()), "the IPv6 binding does not take IPv4");
-    assert_eq!(list_json()[0]["hits"], 42);
+    // A dual-stack [::] listener found for an IPv4 --to gets the IPv4 connections.
+    let dual = TcpListener::bind("[::]:5002").unwrap();
+    ok(&["steer", "add", "--ports", "30001", "--to", "127.0.0.1:5002"]);
+    let _c = TcpStream::connect("127.0.0.1:30001").unwrap();
+    assert_eq!(dual.accept().unwrap().0.local_addr().unwrap().port(), 30001);
+    let hits: Vec<u64> = list_json().as_array().unwrap().iter().map(|b| b["hits"].as_u64().unwrap()).collect();
+    assert_eq!(hits.iter().sum::<u64>(), 44, "{hits:?}");
 }
 
 #[test]

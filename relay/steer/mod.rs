@@ -39,7 +39,10 @@ pub fn add(args: SteerAddArgs) -> Result<(), Error> {
         (None, Some(pid), Some(fd)) => Target::from_process(args.proto, pid, fd)?,
         _ => return Err(Error::Usage("give the target as --to ADDR:PORT or as --pid PID --fd FD".into())),
     };
-    let prefixes = if args.addrs.is_empty() { vec![Prefix::any(target.local.is_ipv6())] } else { args.addrs.clone() };
+    // Default: every address of the family the user named in --to (a dual-stack [::] socket found
+    // for --to 127.0.0.1:P gets IPv4), else of the target socket's own family.
+    let default_v6 = args.to.map_or(target.local.is_ipv6(), |a| a.is_ipv6());
+    let prefixes = if args.addrs.is_empty() { vec![Prefix::any(default_v6)] } else { args.addrs.clone() };
     for p in &prefixes {
         if !target.accepts_family(p.addr.is_ipv6()) {
             return Err(Error::Usage(format!(
