@@ -14,6 +14,8 @@ pub struct Cli {
 pub enum Command {
     /// Pair TCP clients of one listener and splice each pair, in the kernel where it can.
     Relay(RelayArgs),
+    /// Splice each client to a fresh connection to an upstream, in the kernel where it can.
+    Proxy(ProxyArgs),
     /// Steer connections for ports and address prefixes to a listening socket of any process
     /// (BPF sk_lookup), pinned in bpffs so it works after the command exits.
     #[command(subcommand)]
@@ -44,6 +46,25 @@ pub struct RelayArgs {
     /// Close a client that has waited this long for its partner (or its token line); seconds.
     #[arg(long, default_value = "30", value_parser = parse_secs, value_name = "SECS")]
     pub pair_timeout: Duration,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ProxyArgs {
+    /// Upstream to connect each client to: IP:PORT, [IPv6]:PORT or HOST:PORT (resolved at
+    /// start-up). Repeat for several; they are used round-robin.
+    #[arg(long = "upstream", value_name = "ADDR", required = true)]
+    pub upstreams: Vec<String>,
+    /// Address to listen on (IPv4 or IPv6, e.g. 127.0.0.1:7777 or [::1]:7777).
+    #[arg(long, default_value = "127.0.0.1:7777")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub common: SpliceArgs,
+    #[command(flatten)]
+    pub ports: PortsArgs,
+    /// Skip an upstream that has not accepted the connection within this long (it is marked
+    /// down for 10 s); seconds.
+    #[arg(long, default_value = "5", value_parser = parse_secs, value_name = "SECS")]
+    pub connect_timeout: Duration,
 }
 
 /// Flags every splicing command shares.

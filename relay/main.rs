@@ -7,6 +7,7 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_target(false).init();
     let result = match cli.command {
         Command::Relay(args) => skrelay::relay_cmd::run(args),
+        Command::Proxy(args) => skrelay::proxy_cmd::run(args),
         Command::Steer(SteerCommand::Add(args)) => skrelay::steer::add(args),
         Command::Steer(SteerCommand::List(args)) => skrelay::steer::list(args),
         Command::Steer(SteerCommand::Remove(args)) => skrelay::steer::remove(args),

@@ -3,14 +3,14 @@ use crate::{
     cli::RelayArgs,
     datapath,
     error::Error,
-    server::{self, Server, ServerConfig},
+    server::{self, Partnering, Server, ServerConfig},
     steer::{self, Funnel},
 };
 
 pub fn run(args: RelayArgs) -> Result<(), Error> {
     let config = ServerConfig {
         listen: args.listen,
-        pair_by: args.pair,
+        partnering: Partnering::Clients(args.pair),
         max_pending: args.max_pending as usize,
         pair_timeout: args.pair_timeout,
         drain_timeout: args.common.drain_timeout,
@@ -24,7 +24,7 @@ pub fn run(args: RelayArgs) -> Result<(), Error> {
         Some(ports) => Some(funnel(&listener, addr, ports)?),
         None => None,
     };
-    log::info!("listening on {addr}: pairing by {:?}, {} datapath", config.pair_by, datapath.name());
+    log::info!("listening on {addr}: pairing by {:?}, {} datapath", args.pair, datapath.name());
     Server::new(listener, datapath, config)?.run()
 }
 

@@ -3,10 +3,11 @@
 //! passes through here on the kernel datapath.
 use crate::{
     cli::PairBy,
-    datapath::{userspace::UserspaceSplice, Datapath, Flow, Splice, SpliceError},
+    datapath::{userspace::UserspaceDatapath, Datapath, Flow, Splice, SpliceError},
     error::Error,
     pairing::{parse_token_line, Matcher, TokenLine, MAX_TOKEN},
     sys,
+    upstream::{Upstreams, DOWN_FOR},
 };
 use mio::{
     event::Event,
@@ -24,11 +25,18 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// Where a client's partner comes from.
+pub enum Partnering {
+    /// `relay`: another client of the same listener.
+    Clients(PairBy),
+    /// `proxy`: a fresh connection to an upstream.
+    Upstreams { upstreams: Upstreams, connect_timeout: Duration },
+}
+
 /// What the loop needs to know, whichever command started it.
-#[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
-    pub pair_by: PairBy,
+    pub partnering: Partnering,
     pub max_pending: usize,
     pub pair_timeout: Duration,
     pub drain_timeout: Duration,
@@ -47,8 +55,9 @@ fn token(slot: usize, end: usize) -> Token {
     Token(FIRST_SLOT_TOKEN + slot * 2 + end)
 }
 
-fn slot_of(token: Token) -> usize {
-    (token.0 - FIRST_SLOT_TOKEN) / 2
+fn slot_of(token: Token) -> (usize, usize) {
+    let n = token.0 - FIRST_SLOT_TOKEN;
+    (n / 2, n % 2)
 }
 
 /// A client waiting for its token line or its partner.
@@ -62,6 +71,16 @@ struct Pending {
     /// queued until the datapath discards it: reading it here would split an skb that the kernel
     /// datapath then never forwards).
     skip: u32,
+    /// `proxy`: the upstream connection being made for it.
+    upstream: Option<Connecting>,
+}
+
+/// A non-blocking connect to an upstream, with the upstreams still to try after it.
+struct Connecting {
+    stream: TcpStream,
+    idx: usize,
+    deadline: Instant,
+    rest: Vec<usize>,
 }
 
 /// Two spliced connections.
@@ -74,7 +93,6 @@ struct Pair {
     /// Direction i (from end i) has finished and end 1-i's write side is shut down.
     shut: [bool; 2],
     flush_delay: Duration,
-    datapath: &'static str,
 }
 
 enum Slot {
@@ -160,7 +178,10 @@ impl Server {
                 match event.token() {
                     LISTENER => self.accept(),
                     SIGNALS => self.on_signal(),
-                    t => self.on_socket(slot_of(t), event),
+                    t => {
+                        let (slot, end) = slot_of(t);
+                        self.on_socket(slot, end, event);
+                    }
                 }
             }
             for (slot, serial) in std::mem::take(&mut self.again) {
@@ -236,7 +257,7 @@ impl Server {
         // Clients still sending their token line are capped like waiting ones, so slow senders
         // cannot pile up; a client that would wait is checked again once it is identified.
         let unidentified = self.pending - self.matcher.waiting();
-        if unidentified >= self.config.max_pending {
+        if matches!(self.config.partnering, Partnering::Clients(_)) && unidentified >= self.config.max_pending {
             log::warn!(
                 "client {addr} closed: {unidentified} clients are already sending their token line (--max-pending)"
             );
@@ -252,22 +273,32 @@ impl Server {
         self.serial += 1;
         let serial = self.serial;
         let since = Instant::now();
-        let key = match self.config.pair_by {
-            PairBy::Order => Some(String::new()),
-            PairBy::Token => None,
+        let key = match self.config.partnering {
+            Partnering::Clients(PairBy::Token) => None,
+            _ => Some(String::new()),
         };
-        entry.insert(Slot::Pending(Pending { stream, addr, serial, key, skip: 0 }));
+        entry.insert(Slot::Pending(Pending { stream, addr, serial, key, skip: 0, upstream: None }));
         self.pending += 1;
-        self.timers.push(Reverse((since + self.config.pair_timeout, slot, serial)));
         log::debug!("client {addr} connected");
-        match self.config.pair_by {
-            PairBy::Order => self.offer(slot),
-            PairBy::Token => self.on_pending(slot),
+        match &mut self.config.partnering {
+            Partnering::Clients(by) => {
+                let by = *by;
+                self.timers.push(Reverse((since + self.config.pair_timeout, slot, serial)));
+                match by {
+                    PairBy::Order => self.offer(slot),
+                    PairBy::Token => self.on_pending(slot),
+                }
+            }
+            Partnering::Upstreams { upstreams, .. } => {
+                let plan = upstreams.plan(Instant::now());
+                self.connect_upstream(slot, plan);
+            }
         }
     }
 
-    fn on_socket(&mut self, slot: usize, event: &Event) {
+    fn on_socket(&mut self, slot: usize, end: usize, event: &Event) {
         match self.slots.get(slot) {
+            Some(Slot::Pending(_)) if end == 1 => self.on_upstream(slot),
             Some(Slot::Pending(_)) => self.on_pending(slot),
             Some(Slot::Pair(_)) => {
                 let check = event.is_error() || event.is_read_closed() || event.is_write_closed();
@@ -295,7 +326,14 @@ impl Server {
                 {
                     self.drop_pending(slot, "left before a partner came")
                 }
-                Err(e) if e.kind() != io::ErrorKind::WouldBlock => self.drop_pending(slot, &e.to_string()),
+                Err(e) if e.kind() != io::ErrorKind::WouldBlock => {
+                    // A client that reset while its upstream connection was being made resets
+                    // that connection too, as it would once spliced.
+                    if let Some(c) = &p.upstream {
+                        sys::reset_on_close(&c.stream);
+                    }
+                    self.drop_pending(slot, &e.to_string())
+                }
                 _ => {}
             }
             return;
@@ -347,6 +385,9 @@ impl Server {
             self.matcher.withdraw(key, slot);
         }
         let _ = self.poll.registry().deregister(&mut p.stream);
+        if let Some(c) = p.upstream.as_mut() {
+            let _ = self.poll.registry().deregister(&mut c.stream);
+        }
         Some(p)
     }
 
@@ -360,17 +401,21 @@ impl Server {
         let (Some(a), Some(b)) = (self.take_pending(first), self.take_pending(second)) else {
             return;
         };
-        let ends = [a.stream, b.stream];
-        let addrs = [a.addr, b.addr];
-        let (splice, datapath) = match self.datapath.splice([&ends[0], &ends[1]], [a.skip, b.skip]) {
-            Ok(s) => (s, self.datapath.name()),
+        self.splice_pair([a.stream, b.stream], [a.addr, b.addr], [a.skip, b.skip]);
+    }
+
+    /// Hands two connected sockets to the datapath and starts watching them as a pair.
+    fn splice_pair(&mut self, ends: [TcpStream; 2], addrs: [SocketAddr; 2], skip: [u32; 2]) {
+        let splice = match self.datapath.splice([&ends[0], &ends[1]], skip) {
+            Ok(s) => s,
             Err(SpliceError::MapFull(n)) => {
                 if !self.warned_map_full {
                     log::warn!("the kernel socket map is full ({n} sockets): further pairs are spliced in user space");
                     self.warned_map_full = true;
                 }
-                match UserspaceSplice::new() {
-                    Ok(s) => (Box::new(s) as Box<dyn Splice>, "userspace"),
+                // The token lines (skip) are discarded here too.
+                match UserspaceDatapath.splice([&ends[0], &ends[1]], skip) {
+                    Ok(s) => s,
                     Err(e) => return log::error!("pair {} <-> {} closed: {e}", addrs[0], addrs[1]),
                 }
             }
@@ -387,7 +432,6 @@ impl Server {
             serial,
             shut: [false; 2],
             flush_delay: FLUSH_CHECK_FIRST,
-            datapath,
         };
         let interest = pair.splice.interest();
         for (i, end) in pair.ends.iter_mut().enumerate() {
@@ -397,7 +441,7 @@ impl Server {
         }
         entry.insert(Slot::Pair(pair));
         self.pairs += 1;
-        log::debug!("paired {} <-> {} ({datapath})", addrs[0], addrs[1]);
+        log::debug!("paired {} <-> {} ({})", addrs[0], addrs[1], self.slots_pair_name(slot));
         // Bytes and EOFs that came before the pair formed are acted on now, not at the next event.
         self.service(slot, true);
     }
@@ -461,6 +505,13 @@ impl Server {
         }
     }
 
+    fn slots_pair_name(&self, slot: usize) -> &'static str {
+        match self.slots.get(slot) {
+            Some(Slot::Pair(p)) => p.splice.name(),
+            _ => "",
+        }
+    }
+
     fn end_pair(&mut self, slot: usize, ending: Ending) {
         let Some(Slot::Pair(_)) = self.slots.get(slot) else {
             return;
@@ -494,7 +545,7 @@ impl Server {
             pair.since.elapsed().as_secs_f64(),
             moved[0],
             moved[1],
-            pair.datapath,
+            pair.splice.name(),
         );
     }
 
@@ -509,6 +560,67 @@ impl Server {
         }
     }
 
+    /// `proxy`: starts connecting the client in `slot` to the first upstream of `plan` that
+    /// takes a connect; resets the client when none is left.
+    fn connect_upstream(&mut self, slot: usize, mut plan: Vec<usize>) {
+        let Partnering::Upstreams { upstreams, connect_timeout } = &mut self.config.partnering else { return };
+        while !plan.is_empty() {
+            let idx = plan.remove(0);
+            let addr = upstreams.addr(idx);
+            match TcpStream::connect(addr) {
+                Ok(mut stream) => {
+                    let Some(Slot::Pending(p)) = self.slots.get_mut(slot) else { return };
+                    let interest = Interest::READABLE | Interest::WRITABLE;
+                    if let Err(e) = self.poll.registry().register(&mut stream, token(slot, 1), interest) {
+                        log::warn!("upstream {addr}: cannot watch the connection: {e}");
+                        continue;
+                    }
+                    let deadline = Instant::now() + *connect_timeout;
+                    p.upstream = Some(Connecting { stream, idx, deadline, rest: plan });
+                    self.timers.push(Reverse((deadline, slot, p.serial)));
+                    return;
+                }
+                Err(e) => {
+                    log::warn!("upstream {addr}: {e}; marked down for {:?}", DOWN_FOR);
+                    upstreams.mark_down(idx, Instant::now());
+                }
+            }
+        }
+        if let Some(p) = self.take_pending(slot) {
+            sys::reset_on_close(&p.stream);
+            log::warn!("client {} reset: no upstream could be reached", p.addr);
+        }
+    }
+
+    /// `proxy`: the upstream connection of a waiting client is ready (or failed).
+    fn on_upstream(&mut self, slot: usize) {
+        let Some(Slot::Pending(p)) = self.slots.get(slot) else { return };
+        let Some(c) = &p.upstream else { return };
+        match c.stream.take_error() {
+            Ok(Some(e)) | Err(e) => return self.upstream_failed(slot, e),
+            Ok(None) => {}
+        }
+        let upstream_addr = match c.stream.peer_addr() {
+            Ok(a) => a,
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => return, // still connecting
+            Err(e) => return self.upstream_failed(slot, e),
+        };
+        let Some(mut p) = self.take_pending(slot) else { return };
+        let c = p.upstream.take().expect("connecting");
+        let _ = c.stream.set_nodelay(true);
+        self.splice_pair([p.stream, c.stream], [p.addr, upstream_addr], [0, 0]);
+    }
+
+    fn upstream_failed(&mut self, slot: usize, error: io::Error) {
+        let Some(Slot::Pending(p)) = self.slots.get_mut(slot) else { return };
+        let Some(mut c) = p.upstream.take() else { return };
+        let _ = self.poll.registry().deregister(&mut c.stream);
+        let Partnering::Upstreams { upstreams, .. } = &mut self.config.partnering else { return };
+        upstreams.mark_down(c.idx, Instant::now());
+        log::warn!("upstream {}: {error}; marked down for {:?}", upstreams.addr(c.idx), DOWN_FOR);
+        self.connect_upstream(slot, c.rest);
+    }
+
     fn fire_timers(&mut self) {
         let now = Instant::now();
         while let Some(Reverse((at, slot, serial))) = self.timers.peek().copied() {
@@ -517,14 +629,21 @@ impl Server {
             }
             self.timers.pop();
             match self.slots.get(slot) {
-                Some(Slot::Pending(p)) if p.serial == serial => {
-                    let why = if p.key.is_some() {
-                        "no partner came within --pair-timeout"
-                    } else {
-                        "no token line within --pair-timeout"
-                    };
-                    self.drop_pending(slot, why);
-                }
+                Some(Slot::Pending(p)) if p.serial == serial => match &p.upstream {
+                    Some(c) if c.deadline <= now => {
+                        let why = io::Error::new(io::ErrorKind::TimedOut, "no answer within --connect-timeout");
+                        self.upstream_failed(slot, why);
+                    }
+                    Some(_) => {}
+                    None => {
+                        let why = if p.key.is_some() {
+                            "no partner came within --pair-timeout"
+                        } else {
+                            "no token line within --pair-timeout"
+                        };
+                        self.drop_pending(slot, why);
+                    }
+                },
                 Some(Slot::Pair(p)) if p.serial == serial => self.service(slot, true),
                 _ => {}
             }

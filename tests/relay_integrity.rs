@@ -198,3 +198,27 @@ fn token_pairs_keep_every_byte_and_move_into_the_kernel() {
         }
     }
 }
+
+#[test]
+fn a_client_that_half_closed_before_pairing_is_still_relayed() {
+    // A few bytes and a FIN, all received before the partner exists: the socket is in
+    // CLOSE_WAIT when the pair forms, which a socket map refuses; the pair must still work.
+    enter_netns();
+    for dp in datapaths("a_client_that_half_closed_before_pairing_is_still_relayed") {
+        let relay = Skrelay::start(&["relay", "--datapath", dp]);
+        for round in 0..20 {
+            let mut a = connect(addr());
+            a.write_all(b"short request").unwrap();
+            a.shutdown(Shutdown::Write).unwrap();
+            thread::sleep(Duration::from_millis(20));
+            let mut b = connect(addr());
+            assert_eq!(recv_all(&mut b).unwrap(), (13, sha(b"short request")), "{dp}, round {round}");
+            b.write_all(b"reply").unwrap();
+            b.shutdown(Shutdown::Write).unwrap();
+            assert_eq!(recv_all(&mut a).unwrap(), (5, sha(b"reply")), "{dp}, round {round}");
+        }
+        let (status, log) = relay.stop(Duration::from_secs(10));
+        assert!(status.success(), "{log}");
+        assert!(!log.contains("closed: cannot splice"), "{log}");
+    }
+}

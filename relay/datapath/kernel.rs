@@ -88,8 +88,12 @@ impl Datapath for KernelDatapath {
             joined: Joined::default(),
         };
         if skip == [0, 0] {
-            kernel.join(ends)?;
-            return Ok(Box::new(kernel));
+            return match kernel.join(ends) {
+                Ok(()) => Ok(Box::new(kernel)),
+                // Same semantics through splice(2): nothing of such a pair is lost.
+                Err(SpliceError::NotEstablished) => self.fallback.splice(ends, skip),
+                Err(e) => Err(e),
+            };
         }
         // A token line must be read by user space, and a socket whose queue holds a partly read
         // skb never has the rest forwarded by the sockmap (its stream parser is handed the whole
@@ -132,6 +136,9 @@ struct KernelSplice {
 fn map_full_or_io(e: MapError) -> SpliceError {
     match bpf::os_error(&e).and_then(|e| e.raw_os_error()) {
         Some(libc::E2BIG) | Some(libc::ENOSPC) | Some(libc::ENOMEM) => SpliceError::MapFull(MAX_SOCKETS),
+        // sock_map_update refuses sockets that are not ESTABLISHED (a client that already
+        // half-closed is in CLOSE_WAIT).
+        Some(libc::EOPNOTSUPP) => SpliceError::NotEstablished,
         _ => SpliceError::Io(io::Error::other(bpf::chain(&e))),
     }
 }
@@ -206,6 +213,10 @@ impl Splice for KernelSplice {
         Interest::READABLE
     }
 
+    fn name(&self) -> &'static str {
+        "kernel"
+    }
+
     fn release(&mut self) {
         let mut maps = self.maps.borrow_mut();
         let [a, b] = self.cookies;
@@ -266,6 +277,14 @@ impl Splice for Handover {
 
     fn idle(&self) -> bool {
         self.joined || self.user.idle()
+    }
+
+    fn name(&self) -> &'static str {
+        if self.joined {
+            "kernel, after a userspace start"
+        } else {
+            "userspace"
+        }
     }
 
     fn settle(&mut self, ends: [&TcpStream; 2]) -> io::Result<()> {

@@ -33,6 +33,8 @@ pub trait Splice {
     fn interest(&self) -> Interest;
     /// Takes the pair out of the datapath; called before its sockets are closed.
     fn release(&mut self);
+    /// Which datapath moves this pair's bytes, for the log.
+    fn name(&self) -> &'static str;
     /// Nothing is waiting to move: both sources are drained and nothing is buffered.
     fn idle(&self) -> bool {
         false
@@ -59,6 +61,8 @@ pub trait Datapath {
 pub enum SpliceError {
     #[error("the kernel socket map is full ({0} sockets)")]
     MapFull(u32),
+    #[error("a socket that is not established (e.g. already half-closed) cannot join a socket map")]
+    NotEstablished,
     #[error("{0}")]
     Io(#[from] io::Error),
 }

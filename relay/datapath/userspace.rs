@@ -118,6 +118,10 @@ impl Splice for UserspaceSplice {
 
     fn release(&mut self) {}
 
+    fn name(&self) -> &'static str {
+        "userspace"
+    }
+
     fn idle(&self) -> bool {
         self.dirs.iter().all(|d| d.src_drained && !d.src_eof && d.in_pipe == 0)
     }

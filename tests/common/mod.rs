@@ -163,6 +163,16 @@ impl Drop for Skrelay {
     }
 }
 
+/// A child process (a real client or server) that is killed when the test ends, however it ends.
+pub struct Reaper(pub std::process::Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Runs `skrelay ARGS` to completion: (exit code, stdout, stderr).
 pub fn skrelay_output(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(SKRELAY).args(args).output().expect("run skrelay");

@@ -1,0 +1,111 @@
+//! The proxy's upstreams: resolved once at start-up, tried round-robin, and an upstream that
+//! refused or timed out is skipped for a while.
+use crate::error::Error;
+use std::{
+    fmt,
+    net::{SocketAddr, ToSocketAddrs},
+    time::{Duration, Instant},
+};
+
+/// How long an upstream that failed is skipped.
+pub const DOWN_FOR: Duration = Duration::from_secs(10);
+
+pub struct Upstreams {
+    addrs: Vec<SocketAddr>,
+    down_until: Vec<Option<Instant>>,
+    next: usize,
+}
+
+impl Upstreams {
+    /// Resolves each `--upstream` (IPv4, IPv6 or HOST:PORT). Every address a name resolves to
+    /// becomes an upstream of its own, so `localhost:80` covers both ::1 and 127.0.0.1.
+    pub fn resolve(specs: &[String]) -> Result<Upstreams, Error> {
+        let mut addrs = Vec::new();
+        for spec in specs {
+            let resolved: Vec<SocketAddr> = spec
+                .to_socket_addrs()
+                .map_err(|e| {
+                    Error::Usage(format!(
+                        "cannot resolve upstream `{spec}`: {e} (give HOST:PORT, IP:PORT or [IPv6]:PORT)"
+                    ))
+                })?
+                .collect();
+            if resolved.is_empty() {
+                return Err(Error::Usage(format!("upstream `{spec}` resolves to no address")));
+            }
+            for a in resolved {
+                if !addrs.contains(&a) {
+                    addrs.push(a);
+                }
+            }
+        }
+        Ok(Upstreams::new(addrs))
+    }
+
+    pub fn new(addrs: Vec<SocketAddr>) -> Upstreams {
+        let n = addrs.len();
+        Upstreams { addrs, down_until: vec![None; n], next: 0 }
+    }
+
+    pub fn addr(&self, idx: usize) -> SocketAddr {
+        self.addrs[idx]
+    }
+
+    /// The upstreams to try for one new client, in order: round-robin from the next one, those
+    /// not marked down first. Down ones come last rather than never, so a client is only reset
+    /// when every upstream has failed it.
+    pub fn plan(&mut self, now: Instant) -> Vec<usize> {
+        let n = self.addrs.len();
+        let start = self.next;
+        let order = (0..n).map(|i| (start + i) % n);
+        let (up, down): (Vec<usize>, Vec<usize>) = order.partition(|&i| self.down_until[i].is_none_or(|t| t <= now));
+        // The turn passes to the one after the upstream this client gets first.
+        self.next = (up.first().copied().unwrap_or(start) + 1) % n;
+        up.into_iter().chain(down).collect()
+    }
+
+    pub fn mark_down(&mut self, idx: usize, now: Instant) {
+        self.down_until[idx] = Some(now + DOWN_FOR);
+    }
+}
+
+impl fmt::Display for Upstreams {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list: Vec<String> = self.addrs.iter().map(|a| a.to_string()).collect();
+        f.write_str(&list.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ups(n: u16) -> Upstreams {
+        Upstreams::new((0..n).map(|i| SocketAddr::from(([127, 0, 0, 1], 9000 + i))).collect())
+    }
+
+    #[test]
+    fn round_robin_with_down_ones_last() {
+        let mut u = ups(3);
+        let now = Instant::now();
+        assert_eq!(u.plan(now), vec![0, 1, 2]);
+        assert_eq!(u.plan(now), vec![1, 2, 0]);
+        u.mark_down(0, now);
+        assert_eq!(u.plan(now), vec![2, 1, 0]);
+        assert_eq!(u.plan(now), vec![1, 2, 0]);
+        assert_eq!(u.plan(now), vec![2, 1, 0]);
+        // after DOWN_FOR it is back in turn
+        assert_eq!(u.plan(now + DOWN_FOR), vec![1, 2, 0]);
+        assert_eq!(u.plan(now + DOWN_FOR), vec![2, 0, 1]);
+        assert_eq!(u.plan(now + DOWN_FOR), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn names_resolve_and_bad_ones_are_start_up_errors() {
+        let u = Upstreams::resolve(&["127.0.0.1:80".into(), "[::1]:81".into(), "localhost:82".into()]).unwrap();
+        assert!(u.addrs.len() >= 3, "{u}");
+        let e = Upstreams::resolve(&["no-such-host.invalid:80".into()]).err().unwrap().to_string();
+        assert!(e.contains("cannot resolve upstream `no-such-host.invalid:80`"), "{e}");
+        assert!(Upstreams::resolve(&["127.0.0.1".into()]).is_err(), "a port is required");
+    }
+}

@@ -1,0 +1,287 @@
+//! `skrelay proxy`: each client is spliced to a fresh upstream connection with the relay's
+//! semantics (order, pre-connect bytes, half-close, reset), upstreams are used round-robin, a
+//! failing one is skipped, and real clients (curl, nc) work through it.
+mod common;
+use common::*;
+use std::{
+    io::{BufRead, BufReader, ErrorKind, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+fn proxy_addr() -> SocketAddr {
+    "127.0.0.1:7777".parse().unwrap()
+}
+
+/// A client through the proxy and the upstream's end of its connection.
+fn through(upstream: &TcpListener) -> (TcpStream, TcpStream) {
+    let client = connect(proxy_addr());
+    let (server, _) = upstream.accept().unwrap();
+    server.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    (client, server)
+}
+
+#[test]
+fn every_byte_arrives_in_order_both_ways_and_half_close_keeps_the_other_way() {
+    enter_netns();
+    const LEN: u64 = 64 << 20;
+    for dp in datapaths("proxy: every_byte_arrives_in_order_both_ways_and_half_close_keeps_the_other_way") {
+        let upstream = TcpListener::bind("127.0.0.1:9000").unwrap();
+        let proxy = Skrelay::start(&["proxy", "--datapath", dp, "--upstream", "127.0.0.1:9000"]);
+        let (client, server) = through(&upstream);
+        let run = |s: TcpStream, seed: u64| {
+            thread::spawn(move || {
+                let mut w = s.try_clone().unwrap();
+                let writer = thread::spawn(move || {
+                    let sha = send_pattern(&mut w, seed, LEN).unwrap();
+                    w.shutdown(Shutdown::Write).unwrap();
+                    sha
+                });
+                let mut r = s;
+                let got = recv_all(&mut r).unwrap();
+                (writer.join().unwrap(), got)
+            })
+        };
+        let (jc, js) = (run(client, 1), run(server, 2));
+        let (sent_c, got_c) = jc.join().unwrap();
+        let (sent_s, got_s) = js.join().unwrap();
+        assert_eq!(got_s, (LEN, sent_c), "{dp}: client -> upstream");
+        assert_eq!(got_c, (LEN, sent_s), "{dp}: upstream -> client");
+
+        // Half-close: the client finishes its request, the upstream answers afterwards.
+        let (mut client, mut server) = through(&upstream);
+        client.write_all(b"request").unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        let (n, got) = recv_all(&mut server).unwrap();
+        assert_eq!((n, got), (7, sha(b"request")), "{dp}");
+        let answer = send_pattern(&mut server, 3, 4 << 20).unwrap();
+        server.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(recv_all(&mut client).unwrap(), (4 << 20, answer), "{dp}: answer after half-close");
+        let (status, log) = proxy.stop(Duration::from_secs(10));
+        assert!(status.success(), "{log}");
+    }
+}
+
+#[test]
+fn bytes_sent_while_the_upstream_connection_is_made_arrive_in_order() {
+    // The first upstream never answers (its accept queue is full, so SYNs are dropped): the
+    // client's early bytes wait out --connect-timeout and then reach the second upstream.
+    enter_netns();
+    for dp in datapaths("proxy: bytes_sent_while_the_upstream_connection_is_made_arrive_in_order") {
+        let blackhole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        blackhole.bind(&"127.0.0.1:9001".parse::<SocketAddr>().unwrap().into()).unwrap();
+        blackhole.listen(0).unwrap();
+        let full: SocketAddr = "127.0.0.1:9001".parse().unwrap();
+        let _fill: Vec<TcpStream> =
+            (0..2).filter_map(|_| TcpStream::connect_timeout(&full, Duration::from_millis(200)).ok()).collect();
+        let upstream = TcpListener::bind("127.0.0.1:9002").unwrap();
+        let proxy = Skrelay::start(&[
+            "proxy",
+            "--datapath",
+            dp,
+            "--connect-timeout",
+            "0.5",
+            "--upstream",
+            "127.0.0.1:9001",
+            "--upstream",
+            "127.0.0.1:9002",
+        ]);
+        let t0 = Instant::now();
+        let mut client = connect(proxy_addr());
+        let early = send_pattern(&mut client, 8, 1 << 20).unwrap();
+        let (mut server, _) = upstream.accept().unwrap();
+        assert!(t0.elapsed() >= Duration::from_millis(400), "{dp}: the first upstream was not waited for");
+        client.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(recv_all(&mut server).unwrap(), (1 << 20, early), "{dp}");
+        let log = proxy.log();
+        assert!(
+            log.contains("upstream 127.0.0.1:9001: no answer within --connect-timeout; marked down for 10s"),
+            "{log}"
+        );
+        // Marked down: the next client goes straight to the second upstream.
+        let t1 = Instant::now();
+        let mut c2 = connect(proxy_addr());
+        let (mut s2, _) = upstream.accept().unwrap();
+        assert!(t1.elapsed() < Duration::from_millis(400), "{dp}: a down upstream was tried again");
+        c2.write_all(b"fast").unwrap();
+        assert_eq!(read_n(&mut s2, 4), b"fast");
+    }
+}
+
+#[test]
+fn upstreams_are_used_round_robin_and_a_refusing_one_is_skipped() {
+    enter_netns();
+    let ups: Vec<TcpListener> = (0..2).map(|i| TcpListener::bind(("127.0.0.1", 9010 + i)).unwrap()).collect();
+    for u in &ups {
+        u.set_nonblocking(true).unwrap();
+    }
+    // 9012 refuses: nothing listens there.
+    let _proxy = Skrelay::start(&[
+        "proxy",
+        "--datapath",
+        "userspace",
+        "--upstream",
+        "127.0.0.1:9010",
+        "--upstream",
+        "127.0.0.1:9012",
+        "--upstream",
+        "127.0.0.1:9011",
+    ]);
+    let mut served = [0usize; 2];
+    let mut clients = vec![];
+    for i in 0..6 {
+        let mut c = connect(proxy_addr());
+        c.write_all(format!("client {i}").as_bytes()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        'wait: loop {
+            for (k, u) in ups.iter().enumerate() {
+                if let Ok((s, _)) = u.accept() {
+                    served[k] += 1;
+                    clients.push((c, s));
+                    break 'wait;
+                }
+            }
+            assert!(Instant::now() < deadline, "client {i} reached no upstream");
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+    assert_eq!(served, [3, 3], "round-robin over the two live upstreams");
+    for (i, (_c, s)) in clients.iter_mut().enumerate() {
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let want = format!("client {i}");
+        assert_eq!(read_n(s, want.len()), want.as_bytes());
+    }
+}
+
+#[test]
+fn a_client_is_reset_when_no_upstream_can_be_reached_and_the_proxy_keeps_serving() {
+    enter_netns();
+    let proxy = Skrelay::start(&["proxy", "--datapath", "userspace", "--upstream", "127.0.0.1:9020"]);
+    let mut c = connect(proxy_addr());
+    let mut buf = [0u8; 1];
+    let r = c.read(&mut buf);
+    assert!(matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset), "expected a reset, got {r:?}");
+    assert!(proxy.log().contains("no upstream could be reached"), "{}", proxy.log());
+    // The upstream comes up: the next client is served (down upstreams are still tried last).
+    let upstream = TcpListener::bind("127.0.0.1:9020").unwrap();
+    let (mut c, mut s) = through(&upstream);
+    c.write_all(b"up now").unwrap();
+    assert_eq!(read_n(&mut s, 6), b"up now");
+}
+
+#[test]
+fn a_reset_on_either_side_reaches_the_other() {
+    enter_netns();
+    for dp in datapaths("proxy: a_reset_on_either_side_reaches_the_other") {
+        let upstream = TcpListener::bind("127.0.0.1:9030").unwrap();
+        let _proxy = Skrelay::start(&["proxy", "--datapath", dp, "--upstream", "127.0.0.1:9030"]);
+        for upstream_resets in [false, true] {
+            let (c, s) = through(&upstream);
+            let (resetter, mut other) = if upstream_resets { (s, c) } else { (c, s) };
+            socket2::SockRef::from(&resetter).set_linger(Some(Duration::ZERO)).unwrap();
+            drop(resetter);
+            other.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let r = other.read(&mut [0u8; 4]);
+            assert!(
+                matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+                "{dp}, upstream resets: {upstream_resets}: got {r:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn start_up_errors_are_one_sentence_and_exit_status_2() {
+    enter_netns();
+    let (code, _, err) = skrelay_output(&["proxy", "--upstream", "no-such-host.invalid:80"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("skrelay: cannot resolve upstream `no-such-host.invalid:80`"), "{err}");
+    let (code, _, err) = skrelay_output(&["proxy"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--upstream <ADDR>"), "{err}");
+    let (code, _, err) = skrelay_output(&["proxy", "--upstream", "127.0.0.1:80", "--ports", "9-3"]);
+    assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn curl_downloads_a_file_from_python_http_server_through_the_proxy() {
+    enter_netns();
+    let dir = std::env::temp_dir().join(format!("skrelay-proxy-http-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut blob = vec![0u8; 6 << 20];
+    Pattern::new(42).fill(&mut blob);
+    std::fs::write(dir.join("blob.bin"), &blob).unwrap();
+    let _server = Reaper(
+        Command::new("python3")
+            .args(["-m", "http.server", "9040", "--bind", "127.0.0.1"])
+            .current_dir(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect("127.0.0.1:9040").is_err() {
+        assert!(Instant::now() < deadline, "http.server did not start");
+        thread::sleep(Duration::from_millis(20));
+    }
+    for dp in datapaths("proxy: curl_downloads_a_file_from_python_http_server_through_the_proxy") {
+        let proxy = Skrelay::start(&["proxy", "--datapath", dp, "--upstream", "localhost:9040"]);
+        for _ in 0..3 {
+            let out = Command::new("curl")
+                .args(["-sS", "--max-time", "20", "http://127.0.0.1:7777/blob.bin"])
+                .output()
+                .expect("curl");
+            assert!(out.status.success(), "{dp}: curl: {}", String::from_utf8_lossy(&out.stderr));
+            assert_eq!(sha(&out.stdout), sha(&blob), "{dp}: downloaded file differs");
+        }
+        let (status, log) = proxy.stop(Duration::from_secs(10));
+        assert!(status.success(), "{log}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn one_echo_service_answers_on_7_77_and_777_through_proxy_ports_with_real_nc() {
+    // The seed's demo: ncat echoes on 8007; skrelay proxy listens on 7777 and takes 7, 77, 777.
+    enter_netns();
+    if !require_bpf("proxy: one_echo_service_answers_on_7_77_and_777_through_proxy_ports_with_real_nc") {
+        return;
+    }
+    let _echo = Reaper(
+        Command::new("ncat")
+            .args(["-4lke", "/bin/cat", "127.0.0.1", "8007"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ncat"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect("127.0.0.1:8007").is_err() {
+        assert!(Instant::now() < deadline, "ncat did not start");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let _proxy =
+        Skrelay::start(&["proxy", "--listen", "127.0.0.1:7777", "--ports", "7,77,777", "--upstream", "127.0.0.1:8007"]);
+    // nc without -N: `ncat -e` drops the echo when its client half-closes first (KERNEL-NOTES).
+    for port in ["7", "77", "777", "7777"] {
+        let mut nc = Reaper(
+            Command::new("nc")
+                .args(["127.0.0.1", port])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("nc"),
+        );
+        let mut stdin = nc.0.stdin.take().unwrap();
+        stdin.write_all(format!("hello on {port}\n").as_bytes()).unwrap();
+        let mut line = String::new();
+        BufReader::new(nc.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line, format!("hello on {port}\n"), "port {port}");
+    }
+    // A port outside the list is refused.
+    assert!(TcpStream::connect("127.0.0.1:778").is_err());
+}
