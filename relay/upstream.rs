@@ -95,9 +95,9 @@ mod tests {
         assert_eq!(u.plan(now), vec![1, 2, 0]);
         assert_eq!(u.plan(now), vec![2, 1, 0]);
         // after DOWN_FOR it is back in turn
+        assert_eq!(u.plan(now + DOWN_FOR), vec![0, 1, 2]);
         assert_eq!(u.plan(now + DOWN_FOR), vec![1, 2, 0]);
         assert_eq!(u.plan(now + DOWN_FOR), vec![2, 0, 1]);
-        assert_eq!(u.plan(now + DOWN_FOR), vec![0, 1, 2]);
     }
 
     #[test]
