@@ -1,6 +1,6 @@
 //! Command-line types (clap derive) and nothing else.
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 #[derive(Parser, Debug)]
 #[command(name = "skrelay", version, about = "In-kernel TCP relay and splicing proxy (eBPF sockmap)")]
@@ -13,9 +13,52 @@ pub struct Cli {
 pub enum Command {
     /// Pair TCP clients of one listener and splice each pair, in the kernel where it can.
     Relay(RelayArgs),
+    /// Loopback acceleration: TCP between processes of one cgroup skips TCP/IP (sockops + sk_msg).
+    #[command(subcommand)]
+    Accel(AccelCommand),
     /// Check that this machine can run the kernel datapath: loads and attaches the programs,
     /// then removes them. Exit status 0 if it can, 2 with the reason if not.
     Probe,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AccelCommand {
+    /// Accelerate TCP connections whose both ends are processes of this cgroup (or its children);
+    /// stays on after the command exits. Processes must be in the cgroup before they create sockets.
+    On {
+        /// cgroup v2 directory: absolute, or relative to the cgroup v2 mount; created if missing.
+        #[arg(long, value_name = "PATH")]
+        cgroup: PathBuf,
+        /// Only connections with an end on one of these ports (comma-separated, e.g. 6379,8080).
+        #[arg(long, value_delimiter = ',', value_name = "LIST", value_parser = clap::value_parser!(u16).range(1..))]
+        ports: Vec<u16>,
+    },
+    /// Stop accelerating: new connections take the normal path at once; the state is removed when
+    /// the accelerated connections have closed (waits up to --wait).
+    Off {
+        #[arg(long, value_name = "PATH")]
+        cgroup: PathBuf,
+        /// Wait this long for accelerated connections to close; seconds.
+        #[arg(long = "wait", default_value = "0", value_parser = parse_secs, value_name = "SECS")]
+        wait: Duration,
+        /// Remove the state even though accelerated connections are open (see the README).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run a command in an accelerated cgroup (a fresh one unless --cgroup), then clean up.
+    Run {
+        #[arg(long, value_name = "PATH")]
+        cgroup: Option<PathBuf>,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Show each accelerated cgroup with its counters.
+    Status {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
