@@ -31,7 +31,7 @@ fn main() {
         let name = src.file_name().unwrap().to_string_lossy().replace(".bpf.c", ".bpf.o");
         let obj = out.join(&name);
         let status = Command::new(&clang)
-            .args(["-O2", "-g", "-Wall", "-Werror", "-target", "bpf"])
+            .args(["-O2", "-g", "-Wall", "-Werror", "-target", "bpf", "-mcpu=v3"])
             .arg(format!("-D__TARGET_ARCH_{}", bpf_target_arch()))
             .arg(format!("-I{arch_include}"))
             .arg("-Iprobes")
@@ -73,6 +73,7 @@ int main(void) {
     printf("pub const ACCEL_STAT_INSERT_BUSY: u32 = %d;\n", ACCEL_STAT_INSERT_BUSY);
     printf("pub const ACCEL_STAT_INSERT_FAILED: u32 = %d;\n", ACCEL_STAT_INSERT_FAILED);
     printf("pub const ACCEL_STAT_LAST_ERRNO: u32 = %d;\n", ACCEL_STAT_LAST_ERRNO);
+    printf("pub const ACCEL_STAT_RACES_LOST: u32 = %d;\n", ACCEL_STAT_RACES_LOST);
     printf("pub const ACCEL_STAT_MAX: u32 = %d;\n", ACCEL_STAT_MAX);
     return 0;
 }

@@ -22,7 +22,8 @@ pub mod accel_stat {
     pub const INSERT_FAILED: u32 = 6;
     /// The errno of the latest refused insert: a value, not a count.
     pub const LAST_ERRNO: u32 = 7;
-    pub const MAX: u32 = 8;
+    pub const RACES_LOST: u32 = 8;
+    pub const MAX: u32 = 9;
 }
 
 /// The single value of the accel `accel_config` array (`struct accel_config`).
@@ -82,6 +83,7 @@ mod tests {
         assert_eq!(accel_stat::INSERT_BUSY, c::ACCEL_STAT_INSERT_BUSY);
         assert_eq!(accel_stat::INSERT_FAILED, c::ACCEL_STAT_INSERT_FAILED);
         assert_eq!(accel_stat::LAST_ERRNO, c::ACCEL_STAT_LAST_ERRNO);
+        assert_eq!(accel_stat::RACES_LOST, c::ACCEL_STAT_RACES_LOST);
         assert_eq!(accel_stat::MAX, c::ACCEL_STAT_MAX);
     }
 

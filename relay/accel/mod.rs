@@ -53,6 +53,9 @@ pub struct AccelReport {
     /// Sockets that could not join for another reason, and the latest errno.
     pub insert_failed: u64,
     pub last_errno: u64,
+    /// Connections left on the normal path because the connecting end sent before the accepted
+    /// end could join (both ends then leave the map, so no byte is reordered).
+    pub races_lost: u64,
 }
 
 impl fmt::Display for AccelReport {
@@ -70,7 +73,11 @@ impl fmt::Display for AccelReport {
             self.connections, self.sockets_joined, self.sockets_open
         )?;
         writeln!(f, "  redirected: {} messages, {} bytes", self.messages, self.bytes)?;
-        write!(f, "  fell back to the normal path: {} messages", self.fallbacks)?;
+        write!(
+            f,
+            "  fell back to the normal path: {} messages; {} connections left unaccelerated (sent before the peer joined)",
+            self.fallbacks, self.races_lost
+        )?;
         if self.insert_busy > 0 {
             write!(
                 f,
@@ -98,7 +105,7 @@ impl AccelReport {
         format!(
             "{{\"cgroup\":{},\"pins\":{},\"ports\":[{ports}],\"attached\":{},\"sockets_open\":{},\
              \"sockets_joined\":{},\"connections\":{},\"messages\":{},\"bytes\":{},\"fallbacks\":{},\
-             \"insert_busy\":{},\"insert_failed\":{},\"last_errno\":{}}}",
+             \"insert_busy\":{},\"insert_failed\":{},\"last_errno\":{},\"races_lost\":{}}}",
             json_str(&self.cgroup.to_string_lossy()),
             json_str(&self.pins.to_string_lossy()),
             self.attached,
@@ -110,7 +117,8 @@ impl AccelReport {
             self.fallbacks,
             self.insert_busy,
             self.insert_failed,
-            self.last_errno
+            self.last_errno,
+            self.races_lost
         )
     }
 }
@@ -146,6 +154,7 @@ fn report_for(dir: &Path, cg: &Cgroup) -> Result<AccelReport, Error> {
         insert_busy: s(accel_stat::INSERT_BUSY),
         insert_failed: s(accel_stat::INSERT_FAILED),
         last_errno: s(accel_stat::LAST_ERRNO),
+        races_lost: s(accel_stat::RACES_LOST),
     })
 }
 

@@ -19,7 +19,8 @@ use std::{
 /// max_entries of `accel_ports` in probes/accel.bpf.c.
 pub const MAX_PORTS: usize = 1024;
 
-const MAPS: [&str; 5] = ["accel_socks", "accel_members", "accel_ports", "accel_config", "accel_stats"];
+const MAPS: [&str; 6] =
+    ["accel_socks", "accel_members", "accel_listeners", "accel_ports", "accel_config", "accel_stats"];
 const SOCKOPS_LINK: &str = "sockops_link";
 
 fn missing(what: &str) -> Error {

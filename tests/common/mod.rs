@@ -80,7 +80,9 @@ impl Skrelay {
             .spawn()
             .expect("spawn skrelay");
         let log = Arc::new(Mutex::new(String::new()));
-        for pipe in [Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stdout.take().unwrap())] {
+        for pipe in
+            [Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stdout.take().unwrap())]
+        {
             let log = log.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines().map_while(Result::ok) {
