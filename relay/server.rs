@@ -394,6 +394,14 @@ impl Server {
         let Some(Slot::Pair(pair)) = self.slots.get_mut(slot) else {
             return;
         };
+        // A reset is acted on before anything else: no FIN may reach the partner first.
+        if check_errors {
+            for end in 0..2 {
+                if let Some(error) = sys::take_socket_error(&pair.ends[end]) {
+                    return self.end_pair(slot, Ending::Reset { end, error });
+                }
+            }
+        }
         let mut flushing = false;
         let mut again = false;
         for dir in 0..2 {
@@ -401,7 +409,9 @@ impl Server {
                 continue;
             }
             let (src, dst) = (&pair.ends[dir], &pair.ends[1 - dir]);
-            match pair.splice.advance(dir, src, dst) {
+            let flow = pair.splice.advance(dir, src, dst);
+            log::trace!("pair {} <-> {} dir {dir}: {flow:?}", pair.addrs[0], pair.addrs[1]);
+            match flow {
                 Ok(Flow::Open) => {}
                 Ok(Flow::Again) => again = true,
                 Ok(Flow::Flushing) => flushing = true,
@@ -412,13 +422,6 @@ impl Server {
                 Err(error) => {
                     // A failed read names the source; a failed write the destination.
                     let end = if sys::take_socket_error(src).is_some() { dir } else { 1 - dir };
-                    return self.end_pair(slot, Ending::Reset { end, error });
-                }
-            }
-        }
-        if check_errors {
-            for end in 0..2 {
-                if let Some(error) = sys::take_socket_error(&pair.ends[end]) {
                     return self.end_pair(slot, Ending::Reset { end, error });
                 }
             }

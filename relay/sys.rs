@@ -44,6 +44,9 @@ pub struct TcpCounters {
     pub bytes_received: u64,
 }
 
+const TCP_TIME_WAIT: u8 = 6;
+const TCP_CLOSE: u8 = 7;
+
 /// Offsets in `struct tcp_info` (uapi linux/tcp.h), stable since Linux 4.1.
 const TCPI_STATE: usize = 0;
 const TCPI_BYTES_ACKED: usize = 120;
@@ -74,10 +77,16 @@ pub fn tcp_counters(fd: &impl AsRawFd) -> io::Result<TcpCounters> {
 }
 
 impl TcpCounters {
-    /// The peer's FIN has arrived: the socket will receive nothing more.
+    /// The socket will receive nothing more: the peer's FIN has arrived, or the connection is
+    /// closed. A reset also leaves CLOSE: callers tell it apart by SO_ERROR, which the kernel sets
+    /// before it changes the state.
     pub fn fin_received(&self) -> bool {
-        // CLOSE_WAIT, LAST_ACK, CLOSING, TIME_WAIT; CLOSE is a reset or a finished close.
-        matches!(self.state, 6 | 7 | 8 | 9 | 11)
+        // TIME_WAIT, CLOSE, CLOSE_WAIT, LAST_ACK, CLOSING.
+        matches!(self.state, TCP_TIME_WAIT | TCP_CLOSE | 8 | 9 | 11)
+    }
+
+    pub fn closed(&self) -> bool {
+        self.state == TCP_CLOSE
     }
 
     /// Payload bytes received: `bytes_received` without the FIN's sequence number.

@@ -164,6 +164,11 @@ impl Splice for KernelSplice {
         if !from.fin_received() {
             return Ok(Flow::Open);
         }
+        if from.closed() {
+            if let Some(e) = sys::take_socket_error(src) {
+                return Err(e); // reset, not a FIN
+            }
+        }
         // Every byte the source sent (less what user space consumed before pairing) must have
         // been acknowledged by the destination's client before it may see the FIN.
         let sent = from.payload_received().saturating_sub(self.consumed[dir]);

@@ -1,0 +1,126 @@
+//! Relay semantics 3 and 4: half-close keeps the other direction open and delivers every byte
+//! before EOF; a reset on one side resets the other; a pending client that leaves is forgotten.
+mod common;
+use common::*;
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{Shutdown, SocketAddr},
+    thread,
+    time::{Duration, Instant},
+};
+
+fn addr() -> SocketAddr {
+    "127.0.0.1:7777".parse().unwrap()
+}
+
+#[test]
+fn half_close_delivers_every_byte_then_eof_and_the_other_way_stays_open() {
+    enter_netns();
+    const LEN: u64 = 8 << 20;
+    for dp in datapaths("half_close_delivers_every_byte_then_eof_and_the_other_way_stays_open") {
+        let relay = Skrelay::start(&["relay", "--datapath", dp]);
+        let mut a = connect(addr());
+        let mut b = connect(addr());
+        // A sends 8 MiB and shuts down its write side at once: the FIN must not overtake data.
+        let sent = send_pattern(&mut a, 3, LEN).unwrap();
+        a.shutdown(Shutdown::Write).unwrap();
+        let t = Instant::now();
+        let (n, got) = recv_all(&mut b).unwrap();
+        assert_eq!((n, &got), (LEN, &sent), "{dp}: B reads all of A, then EOF");
+        eprintln!("{dp}: 8 MiB then EOF in {:?}", t.elapsed());
+        // B can still talk to A, for as long as it likes, until B closes.
+        for round in 0..3u64 {
+            let msg = format!("reply {round} from B\n");
+            b.write_all(msg.as_bytes()).unwrap();
+            assert_eq!(read_n(&mut a, msg.len()), msg.as_bytes(), "{dp}");
+            thread::sleep(Duration::from_millis(50));
+        }
+        let sent_b = send_pattern(&mut b, 4, 1 << 20).unwrap();
+        b.shutdown(Shutdown::Write).unwrap();
+        let (n, got) = recv_all(&mut a).unwrap();
+        assert_eq!((n, got), (1 << 20, sent_b), "{dp}: A reads B's bytes then EOF");
+        relay.wait_log("ended", 1, Duration::from_secs(5));
+        let (status, log) = relay.stop(Duration::from_secs(10));
+        assert!(status.success(), "{log}");
+    }
+}
+
+#[test]
+fn a_reset_on_one_side_resets_the_other() {
+    enter_netns();
+    for dp in datapaths("a_reset_on_one_side_resets_the_other") {
+        let relay = Skrelay::start(&["relay", "--datapath", dp]);
+        let mut a = connect(addr());
+        let mut b = connect(addr());
+        a.write_all(b"hello").unwrap();
+        assert_eq!(read_n(&mut b, 5), b"hello");
+        // SO_LINGER 0: close sends RST.
+        socket2::SockRef::from(&a).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(a);
+        b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 16];
+        let r = b.read(&mut buf);
+        assert!(
+            matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+            "{dp}: B should see a reset, got {r:?}"
+        );
+        relay.wait_log("reset", 1, Duration::from_secs(5));
+        // The relay keeps serving.
+        let mut c = connect(addr());
+        let mut d = connect(addr());
+        c.write_all(b"still here").unwrap();
+        assert_eq!(read_n(&mut d, 10), b"still here", "{dp}");
+        drop((c, d));
+        let (status, log) = relay.stop(Duration::from_secs(10));
+        assert!(status.success(), "{log}");
+    }
+}
+
+#[test]
+fn a_client_that_resets_mid_stream_resets_its_partner_only() {
+    enter_netns();
+    for dp in datapaths("a_client_that_resets_mid_stream_resets_its_partner_only") {
+        let relay = Skrelay::start(&["relay", "--datapath", dp]);
+        let a = connect(addr());
+        let mut b = connect(addr());
+        let mut w = a.try_clone().unwrap();
+        let writer = thread::spawn(move || {
+            let _ = send_pattern(&mut w, 9, 1 << 30); // fails once the socket is reset
+        });
+        let _ = read_n(&mut b, 1 << 20);
+        socket2::SockRef::from(&a).set_linger(Some(Duration::ZERO)).unwrap();
+        unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&a), libc::SHUT_RDWR) };
+        drop(a);
+        writer.join().unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let r = recv_all(&mut b);
+        assert!(r.is_err() || r.as_ref().is_ok_and(|(n, _)| *n < 1 << 30), "{dp}: {r:?}");
+        relay.wait_log("reset", 1, Duration::from_secs(5));
+        let (status, log) = relay.stop(Duration::from_secs(10));
+        assert!(status.success(), "{log}");
+    }
+}
+
+#[test]
+fn a_pending_client_that_leaves_does_not_take_a_partner() {
+    enter_netns();
+    for dp in datapaths("a_pending_client_that_leaves_does_not_take_a_partner") {
+        let relay = Skrelay::start(&["relay", "--datapath", dp]);
+        // One leaves quietly (FIN, nothing sent), one leaves with a reset.
+        drop(connect(addr()));
+        relay.wait_log("left before a partner came", 1, Duration::from_secs(5));
+        let r = connect(addr());
+        socket2::SockRef::from(&r).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(r);
+        relay.wait_log("client 127.0.0.1", 2, Duration::from_secs(5));
+        let mut b = connect(addr());
+        let mut c = connect(addr());
+        b.write_all(b"b to c").unwrap();
+        assert_eq!(read_n(&mut c, 6), b"b to c", "{dp}");
+        c.write_all(b"c to b").unwrap();
+        assert_eq!(read_n(&mut b, 6), b"c to b", "{dp}");
+        drop((b, c));
+        let (status, log) = relay.stop(Duration::from_secs(10));
+        assert!(status.success(), "{log}");
+    }
+}

@@ -1,0 +1,137 @@
+//! Relay semantics 1 and 2: every byte arrives exactly once and in order, both directions at once,
+//! including bytes sent before the partner connected. Each runs on both datapaths.
+mod common;
+use common::*;
+use std::{
+    io::Write,
+    net::{Shutdown, SocketAddr, TcpStream},
+    thread,
+    time::Duration,
+};
+
+const RELAY: &str = "127.0.0.1:7777";
+
+fn addr() -> SocketAddr {
+    RELAY.parse().unwrap()
+}
+
+/// Sends `len` bytes of pattern `seed` from `s` then shuts down its write side, while reading
+/// everything from `s` to EOF: returns (sha sent, bytes received, sha received).
+fn exchange(s: TcpStream, seed: u64, len: u64) -> thread::JoinHandle<(String, u64, String)> {
+    thread::spawn(move || {
+        let mut w = s.try_clone().unwrap();
+        let writer = thread::spawn(move || {
+            let sha = send_pattern(&mut w, seed, len).expect("send");
+            w.shutdown(Shutdown::Write).unwrap();
+            sha
+        });
+        let mut r = s;
+        let (n, got) = recv_all(&mut r).expect("receive");
+        (writer.join().unwrap(), n, got)
+    })
+}
+
+#[test]
+fn every_byte_arrives_once_and_in_order_both_ways_256mib() {
+    enter_netns();
+    const LEN: u64 = 256 << 20;
+    for dp in datapaths("every_byte_arrives_once_and_in_order_both_ways_256mib") {
+        let relay = Skrelay::start(&["relay", "--datapath", dp]);
+        let a = connect(addr());
+        let b = connect(addr());
+        let t0 = std::time::Instant::now();
+        let ja = exchange(a, 1, LEN);
+        let jb = exchange(b, 2, LEN);
+        let (sent_a, got_a_len, got_a) = ja.join().unwrap();
+        let (sent_b, got_b_len, got_b) = jb.join().unwrap();
+        let secs = t0.elapsed().as_secs_f64();
+        assert_eq!((got_b_len, &got_b), (LEN, &sent_a), "{dp}: A -> B");
+        assert_eq!((got_a_len, &got_a), (LEN, &sent_b), "{dp}: B -> A");
+        eprintln!("{dp}: 2 x 256 MiB at once in {secs:.2}s ({:.2} Gbit/s each way, sha256 checked)", LEN as f64 * 8.0 / secs / 1e9);
+        relay.wait_log(&format!("{} bytes", LEN), 2, Duration::from_secs(10));
+        let (status, log) = relay.stop(Duration::from_secs(10));
+        assert!(status.success(), "{dp}: exit {status}\n{log}");
+        assert!(!log.contains("stayed in a relay socket's queue"), "{dp}: {log}");
+        if dp == "kernel" {
+            assert!(log.contains(" 0 dropped"), "kernel datapath dropped skbs:\n{log}");
+            assert!(log.contains("0 passed without a peer"), "kernel datapath passed skbs:\n{log}");
+        }
+    }
+}
+
+#[test]
+fn bytes_sent_before_the_partner_connects_arrive_first_and_in_order() {
+    enter_netns();
+    const EARLY: u64 = 1 << 20;
+    for dp in datapaths("bytes_sent_before_the_partner_connects_arrive_first_and_in_order") {
+        let relay = Skrelay::start(&["relay", "--datapath", dp]);
+        // A sends 1 MiB, then silence: nothing else will push those bytes along.
+        let mut a = connect(addr());
+        let mut pattern = Pattern::new(7);
+        let mut early = vec![0u8; EARLY as usize];
+        pattern.fill(&mut early);
+        a.write_all(&early).unwrap();
+        thread::sleep(Duration::from_millis(300));
+        let mut b = connect(addr());
+        let got = read_n(&mut b, EARLY as usize);
+        assert_eq!(sha(&got), sha(&early), "{dp}: the early MiB");
+        // The pair works both ways, and later bytes follow the early ones.
+        b.write_all(b"pong").unwrap();
+        assert_eq!(read_n(&mut a, 4), b"pong");
+        let mut late = vec![0u8; EARLY as usize];
+        pattern.fill(&mut late);
+        a.write_all(&late).unwrap();
+        a.shutdown(Shutdown::Write).unwrap();
+        let (n, rest) = recv_all(&mut b).unwrap();
+        assert_eq!((n, rest), (EARLY, sha(&late)), "{dp}: the later MiB");
+        drop((a, b));
+        let (status, log) = relay.stop(Duration::from_secs(10));
+        assert!(status.success(), "{log}");
+    }
+}
+
+#[test]
+fn bytes_sent_while_the_pair_forms_keep_their_order() {
+    enter_netns();
+    const LEN: u64 = 64 << 20;
+    for dp in datapaths("bytes_sent_while_the_pair_forms_keep_their_order") {
+        let relay = Skrelay::start(&["relay", "--datapath", dp]);
+        let mut a = connect(addr());
+        // A streams without pause from before B connects until after the pair formed.
+        let writer = thread::spawn(move || {
+            let sha = send_pattern(&mut a, 11, LEN).unwrap();
+            a.shutdown(Shutdown::Write).unwrap();
+            (sha, a)
+        });
+        thread::sleep(Duration::from_millis(20));
+        let mut b = connect(addr());
+        let (n, got) = recv_all(&mut b).unwrap();
+        let (sent, _a) = writer.join().unwrap();
+        assert_eq!((n, got), (LEN, sent), "{dp}");
+        drop(b);
+        let (status, log) = relay.stop(Duration::from_secs(10));
+        assert!(status.success(), "{log}");
+    }
+}
+
+#[test]
+fn a_half_closed_waiting_client_still_delivers_its_bytes() {
+    // `nc -N relay 7777 < file` before the receiver arrives: bytes, then EOF, then the partner.
+    enter_netns();
+    for dp in datapaths("a_half_closed_waiting_client_still_delivers_its_bytes") {
+        let relay = Skrelay::start(&["relay", "--datapath", dp]);
+        let mut a = connect(addr());
+        let sent = send_pattern(&mut a, 5, 300_000).unwrap();
+        a.shutdown(Shutdown::Write).unwrap();
+        thread::sleep(Duration::from_millis(300));
+        let mut b = connect(addr());
+        let (n, got) = recv_all(&mut b).unwrap();
+        assert_eq!((n, got), (300_000, sent), "{dp}");
+        b.write_all(b"thanks").unwrap();
+        b.shutdown(Shutdown::Write).unwrap();
+        let (n, got) = recv_all(&mut a).unwrap();
+        assert_eq!((n, got), (6, sha(b"thanks")), "{dp}");
+        let (status, log) = relay.stop(Duration::from_secs(10));
+        assert!(status.success(), "{log}");
+    }
+}
