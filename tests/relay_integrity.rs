@@ -47,7 +47,10 @@ fn every_byte_arrives_once_and_in_order_both_ways_256mib() {
         let secs = t0.elapsed().as_secs_f64();
         assert_eq!((got_b_len, &got_b), (LEN, &sent_a), "{dp}: A -> B");
         assert_eq!((got_a_len, &got_a), (LEN, &sent_b), "{dp}: B -> A");
-        eprintln!("{dp}: 2 x 256 MiB at once in {secs:.2}s ({:.2} Gbit/s each way, sha256 checked)", LEN as f64 * 8.0 / secs / 1e9);
+        eprintln!(
+            "{dp}: 2 x 256 MiB at once in {secs:.2}s ({:.2} Gbit/s each way, sha256 checked)",
+            LEN as f64 * 8.0 / secs / 1e9
+        );
         relay.wait_log(&format!("{} bytes", LEN), 2, Duration::from_secs(10));
         let (status, log) = relay.stop(Duration::from_secs(10));
         assert!(status.success(), "{dp}: exit {status}\n{log}");

@@ -184,7 +184,7 @@ impl Pattern {
             chunk.copy_from_slice(&word.to_le_bytes()[..chunk.len()]);
         }
         self.offset += buf.len() as u64;
-        assert!(buf.len() % 8 == 0 || buf.is_empty(), "pattern chunks must be multiples of 8 bytes");
+        assert!(buf.len().is_multiple_of(8) || buf.is_empty(), "pattern chunks must be multiples of 8 bytes");
     }
 }
 
