@@ -75,6 +75,16 @@ int main(void) {
     printf("pub const ACCEL_STAT_LAST_ERRNO: u32 = %d;\n", ACCEL_STAT_LAST_ERRNO);
     printf("pub const ACCEL_STAT_RACES_LOST: u32 = %d;\n", ACCEL_STAT_RACES_LOST);
     printf("pub const ACCEL_STAT_MAX: u32 = %d;\n", ACCEL_STAT_MAX);
+    printf("pub const STEER_MAX_BINDINGS: u32 = %d;\n", STEER_MAX_BINDINGS);
+    printf("pub const STEER_MAX_PORT_ENTRIES: u32 = %d;\n", STEER_MAX_PORT_ENTRIES);
+    printf("pub const STEER_KEY_SIZE: usize = %zu;\n", sizeof(struct steer_key));
+    F(steer_key, prefixlen); F(steer_key, family); F(steer_key, proto); F(steer_key, port); F(steer_key, addr);
+    printf("pub const STEER_BINDING_SIZE: usize = %zu;\n", sizeof(struct steer_binding));
+    F(steer_binding, cookie); F(steer_binding, pid); F(steer_binding, port_lo); F(steer_binding, port_hi);
+    F(steer_binding, family); F(steer_binding, proto); F(steer_binding, prefixlen); F(steer_binding, target_family);
+    F(steer_binding, target_port); F(steer_binding, addr); F(steer_binding, target_addr); F(steer_binding, comm);
+    printf("pub const STEER_COUNTERS_SIZE: usize = %zu;\n", sizeof(struct steer_counters));
+    F(steer_counters, hits); F(steer_counters, refused);
     return 0;
 }
 "#,

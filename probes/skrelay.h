@@ -40,3 +40,44 @@ enum accel_stat {
 struct accel_config {
 	__u32 filter_ports; /* 0: every connection; 1: only those with an end on a port in `accel_ports` */
 };
+
+/* ---- steer: sk_lookup funnels (probes/steer.bpf.c, relay/steer/) ---- */
+
+#define STEER_MAX_BINDINGS 4096
+#define STEER_MAX_PORT_ENTRIES 262144
+
+/* Key of the `steer_ports` LPM trie: one entry per (family, proto, port, address prefix). The
+ * first 32 bits (family, proto, port) are always part of the prefix, so `prefixlen` is 32 plus
+ * the address prefix length; the longest address prefix therefore wins. `port` is host order,
+ * `addr` network order (IPv4 in the first 4 bytes). */
+struct steer_key {
+	__u32 prefixlen;
+	__u8 family;  /* AF_INET or AF_INET6 */
+	__u8 proto;   /* IPPROTO_TCP or IPPROTO_UDP */
+	__u16 port;
+	__u32 addr[4];
+};
+
+/* What a binding is and where it sends connections (`steer_bindings`, by binding id). Written by
+ * user space only; the program reads nothing here (it is for `steer list` and bpftool). */
+struct steer_binding {
+	__u64 cookie;        /* SO_COOKIE of the target socket when it was bound */
+	__u32 pid;           /* the process the target was taken from */
+	__u16 port_lo;       /* inclusive port range, host order */
+	__u16 port_hi;
+	__u8 family;         /* of the prefix */
+	__u8 proto;
+	__u8 prefixlen;      /* of the address prefix (0..32 or 0..128) */
+	__u8 target_family;
+	__u16 target_port;   /* the target's local address, host order */
+	__u16 _pad;
+	__u8 addr[16];       /* the prefix, network order */
+	__u8 target_addr[16];
+	char comm[16];       /* the target process's name */
+};
+
+/* Per-CPU counters of one binding (`steer_stats`, by binding id). */
+struct steer_counters {
+	__u64 hits;    /* connections (or datagrams) handed to the target */
+	__u64 refused; /* refused because the target socket is gone or refused the assignment */
+};

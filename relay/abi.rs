@@ -50,6 +50,57 @@ pub struct SockKey {
 // SAFETY: plain old data of u32 fields, no padding.
 unsafe impl aya::Pod for SockKey {}
 
+/// Limits of the steer maps (probes/skrelay.h).
+pub const STEER_MAX_BINDINGS: u32 = 4096;
+pub const STEER_MAX_PORT_ENTRIES: u32 = 262144;
+
+/// The data part of a `steer_ports` LPM trie key (`struct steer_key` after `prefixlen`, which
+/// aya's `lpm_trie::Key` supplies): family, proto, port (host order), address (network order).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SteerMatch {
+    pub family: u8,
+    pub proto: u8,
+    pub port: u16,
+    pub addr: [u8; 16],
+}
+
+// SAFETY: plain old data, no padding (1 + 1 + 2 + 16 bytes).
+unsafe impl aya::Pod for SteerMatch {}
+
+/// A binding's description (`struct steer_binding`), for `steer list` and bpftool.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SteerBinding {
+    pub cookie: u64,
+    pub pid: u32,
+    pub port_lo: u16,
+    pub port_hi: u16,
+    pub family: u8,
+    pub proto: u8,
+    pub prefixlen: u8,
+    pub target_family: u8,
+    pub target_port: u16,
+    pub _pad: u16,
+    pub addr: [u8; 16],
+    pub target_addr: [u8; 16],
+    pub comm: [u8; 16],
+}
+
+// SAFETY: plain old data; the layout test below checks there is no hidden padding.
+unsafe impl aya::Pod for SteerBinding {}
+
+/// Per-CPU counters of one binding (`struct steer_counters`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SteerCounters {
+    pub hits: u64,
+    pub refused: u64,
+}
+
+// SAFETY: two u64.
+unsafe impl aya::Pod for SteerCounters {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,5 +146,37 @@ mod tests {
         assert_eq!(relay_stat::DROPPED, c::RELAY_STAT_DROPPED);
         assert_eq!(relay_stat::BYTES, c::RELAY_STAT_BYTES);
         assert_eq!(relay_stat::MAX, c::RELAY_STAT_MAX);
+    }
+
+    #[test]
+    fn steer_structs_match_the_c_layout() {
+        use aya::maps::lpm_trie::Key;
+        assert_eq!(STEER_MAX_BINDINGS, c::STEER_MAX_BINDINGS);
+        assert_eq!(STEER_MAX_PORT_ENTRIES, c::STEER_MAX_PORT_ENTRIES);
+        // aya's Key is { prefix_len: u32, data: K }: `struct steer_key` with data at offset 4.
+        assert_eq!(std::mem::size_of::<Key<SteerMatch>>(), c::STEER_KEY_SIZE);
+        assert_eq!(c::steer_key__prefixlen, 0);
+        assert_eq!(4 + std::mem::offset_of!(SteerMatch, family), c::steer_key__family);
+        assert_eq!(4 + std::mem::offset_of!(SteerMatch, proto), c::steer_key__proto);
+        assert_eq!(4 + std::mem::offset_of!(SteerMatch, port), c::steer_key__port);
+        assert_eq!(4 + std::mem::offset_of!(SteerMatch, addr), c::steer_key__addr);
+
+        assert_eq!(std::mem::size_of::<SteerBinding>(), c::STEER_BINDING_SIZE);
+        assert_eq!(std::mem::offset_of!(SteerBinding, cookie), c::steer_binding__cookie);
+        assert_eq!(std::mem::offset_of!(SteerBinding, pid), c::steer_binding__pid);
+        assert_eq!(std::mem::offset_of!(SteerBinding, port_lo), c::steer_binding__port_lo);
+        assert_eq!(std::mem::offset_of!(SteerBinding, port_hi), c::steer_binding__port_hi);
+        assert_eq!(std::mem::offset_of!(SteerBinding, family), c::steer_binding__family);
+        assert_eq!(std::mem::offset_of!(SteerBinding, proto), c::steer_binding__proto);
+        assert_eq!(std::mem::offset_of!(SteerBinding, prefixlen), c::steer_binding__prefixlen);
+        assert_eq!(std::mem::offset_of!(SteerBinding, target_family), c::steer_binding__target_family);
+        assert_eq!(std::mem::offset_of!(SteerBinding, target_port), c::steer_binding__target_port);
+        assert_eq!(std::mem::offset_of!(SteerBinding, addr), c::steer_binding__addr);
+        assert_eq!(std::mem::offset_of!(SteerBinding, target_addr), c::steer_binding__target_addr);
+        assert_eq!(std::mem::offset_of!(SteerBinding, comm), c::steer_binding__comm);
+
+        assert_eq!(std::mem::size_of::<SteerCounters>(), c::STEER_COUNTERS_SIZE);
+        assert_eq!(std::mem::offset_of!(SteerCounters, hits), c::steer_counters__hits);
+        assert_eq!(std::mem::offset_of!(SteerCounters, refused), c::steer_counters__refused);
     }
 }

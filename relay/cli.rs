@@ -1,4 +1,5 @@
 //! Command-line types (clap derive) and nothing else.
+use crate::steer::{PortList, Prefix};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -16,6 +17,12 @@ pub enum Command {
     /// Loopback acceleration: TCP between processes of one cgroup skips TCP/IP (sockops + sk_msg).
     #[command(subcommand)]
     Accel(AccelCommand),
+    /// Steer connections for ports and address prefixes to a listening socket of any process
+    /// (BPF sk_lookup), pinned in bpffs so it works after the command exits.
+    #[command(subcommand)]
+    Steer(SteerCommand),
+    /// Show what skrelay has attached in this network namespace.
+    Status(StatusArgs),
     /// Check that this machine can run the kernel datapath: loads and attaches the programs,
     /// then removes them. Exit status 0 if it can, 2 with the reason if not.
     Probe,
@@ -72,6 +79,8 @@ pub struct RelayArgs {
     pub pair: PairBy,
     #[command(flatten)]
     pub common: SpliceArgs,
+    #[command(flatten)]
+    pub ports: PortsArgs,
     /// At most this many clients wait for a partner at once; further ones are closed at once.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_pending: u32,
@@ -90,6 +99,89 @@ pub struct SpliceArgs {
     /// On SIGINT/SIGTERM, let live pairs finish for this long before closing them; seconds.
     #[arg(long, default_value = "30", value_parser = parse_secs, value_name = "SECS")]
     pub drain_timeout: Duration,
+}
+
+/// `--ports`: serve many ports from the one listener (relay and proxy).
+#[derive(Args, Debug, Clone, Default)]
+pub struct PortsArgs {
+    /// Also take TCP connections for these ports (e.g. 7,77,777,8000-8999) on the listen address
+    /// (every local address of its family for 0.0.0.0 or [::]), with a BPF sk_lookup program
+    /// that goes away with the process.
+    #[arg(long, value_name = "LIST", value_parser = parse_ports)]
+    pub ports: Option<PortList>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SteerCommand {
+    /// Bind ports (and address prefixes) to a target socket; re-adding a binding replaces its target.
+    Add(SteerAddArgs),
+    /// Show every binding with its target and hit counters.
+    List(SteerListArgs),
+    /// Remove bindings.
+    Remove(SteerRemoveArgs),
+    /// Remove every binding, the program, its link and the pins.
+    Reset,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(group = clap::ArgGroup::new("target").required(true).args(["to", "pid"]))]
+pub struct SteerAddArgs {
+    /// Ports and ranges to steer, e.g. 7,77,777,8000-8999; each item is one binding.
+    #[arg(long, value_name = "LIST", value_parser = parse_ports)]
+    pub ports: PortList,
+    /// Local address prefix the binding applies to, e.g. 127.0.0.0/8 or 2001:db8::/32 (repeatable;
+    /// default: every address of the target's family). The longest matching prefix wins.
+    #[arg(long = "addr", value_name = "CIDR", value_parser = parse_prefix)]
+    pub addrs: Vec<Prefix>,
+    #[arg(long, value_enum, default_value_t = Proto::Tcp)]
+    pub proto: Proto,
+    /// The target: the socket listening (TCP) or bound (UDP) at this address, in whatever process.
+    #[arg(long, value_name = "ADDR:PORT", conflicts_with_all = ["pid", "fd"])]
+    pub to: Option<SocketAddr>,
+    /// The target: process PID's descriptor --fd (taken with pidfd_getfd; needs ptrace rights).
+    #[arg(long, requires = "fd")]
+    pub pid: Option<i32>,
+    #[arg(long, requires = "pid")]
+    pub fd: Option<i32>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SteerRemoveArgs {
+    #[arg(long, value_name = "LIST", value_parser = parse_ports)]
+    pub ports: PortList,
+    /// Prefix of the bindings to remove (repeatable; default: 0.0.0.0/0 and ::/0).
+    #[arg(long = "addr", value_name = "CIDR", value_parser = parse_prefix)]
+    pub addrs: Vec<Prefix>,
+    #[arg(long, value_enum, default_value_t = Proto::Tcp)]
+    pub proto: Proto,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SteerListArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+fn parse_ports(s: &str) -> Result<PortList, String> {
+    s.parse()
+}
+
+fn parse_prefix(s: &str) -> Result<Prefix, String> {
+    s.parse()
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

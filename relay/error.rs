@@ -12,6 +12,9 @@ pub enum Error {
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
 
+    #[error("cannot {step}: {source} (the pinned steering state may come from an incompatible skrelay: `skrelay steer reset` clears it)")]
+    SteerMap { step: &'static str, source: io::Error },
+
     #[error("{0}")]
     Usage(String),
 
@@ -29,6 +32,14 @@ pub enum Error {
 }
 
 impl Error {
+    /// A steer map operation the kernel refused, from aya's error or an io::Error.
+    pub fn steer_map(step: &'static str, err: &(dyn std::error::Error + 'static)) -> Self {
+        let source = crate::bpf::os_error(err)
+            .map(|e| io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO)))
+            .unwrap_or_else(|| io::Error::other(crate::bpf::chain(err)));
+        Error::SteerMap { step, source }
+    }
+
     pub fn io(what: impl Into<String>, source: io::Error) -> Self {
         Error::Io { what: what.into(), source }
     }
@@ -37,7 +48,7 @@ impl Error {
     /// command or the machine's set-up, 1 for failures while running.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Io { .. } | Error::AccelBusy(_) => 1,
+            Error::Io { .. } | Error::AccelBusy(_) | Error::SteerMap { .. } => 1,
             _ => 2,
         }
     }

@@ -10,4 +10,6 @@ pub mod error;
 pub mod pairing;
 pub mod relay_cmd;
 pub mod server;
+pub mod status;
+pub mod steer;
 pub mod sys;

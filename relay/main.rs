@@ -1,6 +1,6 @@
 //! The `skrelay` binary: parses the command line and dispatches; all work is in the library.
 use clap::Parser;
-use skrelay::cli::{AccelCommand, Cli, Command};
+use skrelay::cli::{AccelCommand, Cli, Command, SteerCommand};
 
 fn main() {
     let cli = Cli::parse();
@@ -8,6 +8,11 @@ fn main() {
     let result = match cli.command {
         Command::Relay(args) => skrelay::relay_cmd::run(args),
         Command::Accel(cmd) => accel(cmd),
+        Command::Steer(SteerCommand::Add(args)) => skrelay::steer::add(args),
+        Command::Steer(SteerCommand::List(args)) => skrelay::steer::list(args),
+        Command::Steer(SteerCommand::Remove(args)) => skrelay::steer::remove(args),
+        Command::Steer(SteerCommand::Reset) => skrelay::steer::reset(),
+        Command::Status(args) => skrelay::status::run(args),
         Command::Probe => skrelay::datapath::kernel::KernelDatapath::load().map(|_| println!("kernel datapath: ok")),
     };
     if let Err(e) = result {

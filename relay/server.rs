@@ -19,7 +19,7 @@ use slab::Slab;
 use std::{
     cmp::Reverse,
     collections::BinaryHeap,
-    io::{self, Read},
+    io,
     net::{Shutdown, SocketAddr},
     time::{Duration, Instant},
 };
@@ -58,8 +58,10 @@ struct Pending {
     serial: u64,
     /// The key it pairs on: the token, or "" in order mode; None until the token line is read.
     key: Option<String>,
-    /// Bytes read from it before pairing (the token line).
-    consumed: u64,
+    /// Bytes at the head of its queue that are not to be forwarded (its token line, which stays
+    /// queued until the datapath discards it: reading it here would split an skb that the kernel
+    /// datapath then never forwards).
+    skip: u32,
 }
 
 /// Two spliced connections.
@@ -231,8 +233,13 @@ impl Server {
     }
 
     fn admit(&mut self, mut stream: TcpStream, addr: SocketAddr) {
-        if self.pending >= self.config.max_pending {
-            log::warn!("client {addr} closed: {} clients already wait for a partner (--max-pending)", self.pending);
+        // Clients still sending their token line are capped like waiting ones, so slow senders
+        // cannot pile up; a client that would wait is checked again once it is identified.
+        let unidentified = self.pending - self.matcher.waiting();
+        if unidentified >= self.config.max_pending {
+            log::warn!(
+                "client {addr} closed: {unidentified} clients are already sending their token line (--max-pending)"
+            );
             return;
         }
         let _ = stream.set_nodelay(true);
@@ -249,7 +256,7 @@ impl Server {
             PairBy::Order => Some(String::new()),
             PairBy::Token => None,
         };
-        entry.insert(Slot::Pending(Pending { stream, addr, serial, key, consumed: 0 }));
+        entry.insert(Slot::Pending(Pending { stream, addr, serial, key, skip: 0 }));
         self.pending += 1;
         self.timers.push(Reverse((since + self.config.pair_timeout, slot, serial)));
         log::debug!("client {addr} connected");
@@ -282,7 +289,12 @@ impl Server {
             // that sent bytes and then shut down its write side still waits: its bytes and its
             // EOF will reach the partner.
             match peeked {
-                Ok(0) => self.drop_pending(slot, "left before a partner came"),
+                Ok(n)
+                    if n <= p.skip as usize
+                        && (n == 0 || sys::tcp_counters(&p.stream).is_ok_and(|c| c.fin_received())) =>
+                {
+                    self.drop_pending(slot, "left before a partner came")
+                }
                 Err(e) if e.kind() != io::ErrorKind::WouldBlock => self.drop_pending(slot, &e.to_string()),
                 _ => {}
             }
@@ -302,11 +314,7 @@ impl Server {
             }
             TokenLine::Malformed(why) => self.drop_pending(slot, &format!("bad token line: {why}")),
             TokenLine::Complete { token, line_len } => {
-                // The line is queued: this read takes exactly it and nothing after it.
-                if let Err(e) = p.stream.read_exact(&mut buf[..line_len]) {
-                    return self.drop_pending(slot, &e.to_string());
-                }
-                p.consumed = line_len as u64;
+                p.skip = line_len as u32;
                 p.key = Some(token);
                 self.offer(slot);
             }
@@ -318,8 +326,13 @@ impl Server {
             return;
         };
         let key = p.key.clone().unwrap_or_default();
-        if let Some(partner) = self.matcher.offer(&key, slot) {
-            self.form_pair(partner, slot);
+        match self.matcher.offer(&key, slot) {
+            Some(partner) => self.form_pair(partner, slot),
+            None if self.matcher.waiting() > self.config.max_pending => {
+                let why = format!("{} clients already wait for a partner (--max-pending)", self.config.max_pending);
+                self.drop_pending(slot, &why);
+            }
+            None => {}
         }
     }
 
@@ -349,7 +362,7 @@ impl Server {
         };
         let ends = [a.stream, b.stream];
         let addrs = [a.addr, b.addr];
-        let (splice, datapath) = match self.datapath.splice([&ends[0], &ends[1]], [a.consumed, b.consumed]) {
+        let (splice, datapath) = match self.datapath.splice([&ends[0], &ends[1]], [a.skip, b.skip]) {
             Ok(s) => (s, self.datapath.name()),
             Err(SpliceError::MapFull(n)) => {
                 if !self.warned_map_full {
@@ -428,6 +441,15 @@ impl Server {
         }
         if pair.shut == [true, true] {
             return self.end_pair(slot, Ending::Done);
+        }
+        let interest = pair.splice.interest();
+        if let Err(error) = pair.splice.settle([&pair.ends[0], &pair.ends[1]]) {
+            return self.end_pair(slot, Ending::Reset { end: 0, error });
+        }
+        if pair.splice.interest() != interest {
+            for (i, end) in pair.ends.iter_mut().enumerate() {
+                let _ = self.poll.registry().reregister(end, token(slot, i), pair.splice.interest());
+            }
         }
         if flushing {
             let at = Instant::now() + pair.flush_delay;

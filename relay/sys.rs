@@ -217,3 +217,211 @@ pub fn bpf_prog_query(target: &impl AsRawFd, attach_type: u32, effective: bool) 
         }
     }
 }
+
+/// pidfd_open(2): a file descriptor for process `pid` (ESRCH: there is no such process).
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    let fd = check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// pidfd_getfd(2): a duplicate of descriptor `target_fd` of the process behind `pidfd` (EPERM:
+/// the caller may not ptrace it; EBADF: it has no such descriptor).
+pub fn pidfd_getfd(pidfd: &impl AsRawFd, target_fd: i32) -> io::Result<OwnedFd> {
+    let fd = check(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target_fd, 0) })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+fn sockopt_int(fd: &impl AsRawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    let ret = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, &mut v as *mut _ as *mut libc::c_void, &mut len) };
+    check(ret as libc::c_long)?;
+    Ok(v)
+}
+
+/// What kind of socket a descriptor is: (SO_DOMAIN, SO_PROTOCOL, SO_ACCEPTCONN), or `None` when
+/// it is not a socket at all.
+pub fn socket_kind(fd: &impl AsRawFd) -> io::Result<Option<(i32, i32, bool)>> {
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } as libc::c_long)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Ok(None);
+    }
+    let domain = sockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)?;
+    let proto = sockopt_int(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL)?;
+    let listening = sockopt_int(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? != 0;
+    Ok(Some((domain, proto, listening)))
+}
+
+/// Whether a socket is restricted to IPv6 (IPV6_V6ONLY); false for IPv4 sockets.
+pub fn v6only(fd: &impl AsRawFd) -> bool {
+    sockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY).is_ok_and(|v| v != 0)
+}
+
+/// A socket's local or peer address (`peer`), `None` if it has none (e.g. an unconnected UDP
+/// socket has no peer).
+pub fn socket_addr(fd: &impl AsRawFd, peer: bool) -> Option<std::net::SocketAddr> {
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd.as_raw_fd()) };
+    let sock = socket2::SockRef::from(&borrowed);
+    let addr = if peer { sock.peer_addr() } else { sock.local_addr() };
+    addr.ok().and_then(|a| a.as_socket())
+}
+
+/// The inode of the network namespace a socket belongs to (ioctl SIOCGSKNS).
+pub fn socket_netns_inode(fd: &impl AsRawFd) -> io::Result<u64> {
+    const SIOCGSKNS: libc::c_ulong = 0x894C;
+    let ns = check(unsafe { libc::ioctl(fd.as_raw_fd(), SIOCGSKNS as _) } as libc::c_long)?;
+    let ns = unsafe { OwnedFd::from_raw_fd(ns as RawFd) };
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    check(unsafe { libc::fstat(ns.as_raw_fd(), &mut st) } as libc::c_long)?;
+    Ok(st.st_ino)
+}
+
+/// The inode of the calling thread's network namespace, the name of its pinned state.
+pub fn own_netns_inode() -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata("/proc/thread-self/ns/net")?.ino())
+}
+
+/// The raw bpf(2) commands aya 0.14 does not expose for what steer needs: SOCKMAP entries with
+/// 8-byte values (aya insists on 4), BPF_LINK_UPDATE and the ids behind a pinned link.
+pub mod bpf {
+    use super::check;
+    use std::{
+        io,
+        os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+        path::Path,
+    };
+
+    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    /// BPF_F_REPLACE: update a link only if it still runs `old_prog_fd`.
+    const BPF_F_REPLACE: u32 = 4;
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct MapElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+
+    fn sys(cmd: libc::c_long, attr: *mut libc::c_void, size: usize) -> io::Result<usize> {
+        check(unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size) })
+    }
+
+    /// Puts a socket into a SOCKMAP with 8-byte values at `index`.
+    pub fn sockmap_set(map: &impl AsRawFd, index: u32, socket: &impl AsRawFd) -> io::Result<()> {
+        let fd: u64 = socket.as_raw_fd() as u64;
+        let mut attr = MapElemAttr {
+            map_fd: map.as_raw_fd() as u32,
+            key: &index as *const u32 as u64,
+            value: &fd as *const u64 as u64,
+            ..Default::default()
+        };
+        sys(BPF_MAP_UPDATE_ELEM, &mut attr as *mut _ as *mut libc::c_void, std::mem::size_of::<MapElemAttr>())?;
+        Ok(())
+    }
+
+    /// The cookie of the socket at `index` of a SOCKMAP with 8-byte values; `None` when the slot
+    /// is empty (never set, cleared, or its socket closed).
+    pub fn sockmap_cookie(map: &impl AsRawFd, index: u32) -> io::Result<Option<u64>> {
+        let mut cookie: u64 = 0;
+        let mut attr = MapElemAttr {
+            map_fd: map.as_raw_fd() as u32,
+            key: &index as *const u32 as u64,
+            value: &mut cookie as *mut u64 as u64,
+            ..Default::default()
+        };
+        match sys(BPF_MAP_LOOKUP_ELEM, &mut attr as *mut _ as *mut libc::c_void, std::mem::size_of::<MapElemAttr>()) {
+            Ok(_) => Ok(Some(cookie)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Empties slot `index` of a SOCKMAP (an empty slot, for which the kernel says EINVAL, is not
+    /// an error).
+    pub fn sockmap_clear(map: &impl AsRawFd, index: u32) -> io::Result<()> {
+        let mut attr =
+            MapElemAttr { map_fd: map.as_raw_fd() as u32, key: &index as *const u32 as u64, ..Default::default() };
+        match sys(BPF_MAP_DELETE_ELEM, &mut attr as *mut _ as *mut libc::c_void, std::mem::size_of::<MapElemAttr>()) {
+            Err(e) if !matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::EINVAL)) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Opens a pinned BPF object (map, program or link).
+    pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        #[repr(C)]
+        struct Attr {
+            pathname: u64,
+            bpf_fd: u32,
+            file_flags: u32,
+        }
+        let mut attr = Attr { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0 };
+        let fd = sys(BPF_OBJ_GET, &mut attr as *mut _ as *mut libc::c_void, std::mem::size_of::<Attr>())?;
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    }
+
+    /// (link id, id of the program it runs) of a link.
+    pub fn link_ids(link: &impl AsRawFd) -> io::Result<(u32, u32)> {
+        // struct bpf_link_info starts with type, id, prog_id; the kernel fills what fits.
+        let mut info = [0u32; 16];
+        #[repr(C)]
+        struct Attr {
+            bpf_fd: u32,
+            info_len: u32,
+            info: u64,
+        }
+        let mut attr = Attr {
+            bpf_fd: link.as_raw_fd() as u32,
+            info_len: std::mem::size_of_val(&info) as u32,
+            info: info.as_mut_ptr() as u64,
+        };
+        sys(BPF_OBJ_GET_INFO_BY_FD, &mut attr as *mut _ as *mut libc::c_void, std::mem::size_of::<Attr>())?;
+        Ok((info[1], info[2]))
+    }
+
+    /// Makes `link` run `new_prog` instead of `old_prog`, atomically: no lookup runs without a
+    /// program in between. Fails (EPERM) if the link no longer runs `old_prog`.
+    pub fn link_update(link: &impl AsRawFd, new_prog: &impl AsRawFd, old_prog: &impl AsRawFd) -> io::Result<()> {
+        #[repr(C)]
+        struct Attr {
+            link_fd: u32,
+            new_prog_fd: u32,
+            flags: u32,
+            old_prog_fd: u32,
+        }
+        let mut attr = Attr {
+            link_fd: link.as_raw_fd() as u32,
+            new_prog_fd: new_prog.as_raw_fd() as u32,
+            flags: BPF_F_REPLACE,
+            old_prog_fd: old_prog.as_raw_fd() as u32,
+        };
+        sys(BPF_LINK_UPDATE, &mut attr as *mut _ as *mut libc::c_void, std::mem::size_of::<Attr>())?;
+        Ok(())
+    }
+
+    /// A file descriptor for the program with id `id` (BPF_PROG_GET_FD_BY_ID).
+    pub fn prog_fd_by_id(id: u32) -> io::Result<OwnedFd> {
+        const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+        #[repr(C)]
+        struct Attr {
+            id: u32,
+            next_id: u32,
+            open_flags: u32,
+        }
+        let mut attr = Attr { id, next_id: 0, open_flags: 0 };
+        let fd = sys(BPF_PROG_GET_FD_BY_ID, &mut attr as *mut _ as *mut libc::c_void, std::mem::size_of::<Attr>())?;
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    }
+}

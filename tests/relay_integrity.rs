@@ -138,3 +138,63 @@ fn a_half_closed_waiting_client_still_delivers_its_bytes() {
         assert!(status.success(), "{log}");
     }
 }
+
+#[test]
+fn token_pairs_keep_every_byte_and_move_into_the_kernel() {
+    // The token line arrives in the same segment as payload; the pair starts on splice(2) and
+    // must join the kernel maps without losing, duplicating or reordering a byte.
+    enter_netns();
+    const LEN: u64 = 32 << 20;
+    for dp in datapaths("token_pairs_keep_every_byte_and_move_into_the_kernel") {
+        let relay = Skrelay::start(&["relay", "--datapath", dp, "--pair", "token"]);
+        let start = |seed: u64| {
+            let mut s = connect(addr());
+            let mut first = b"the-token\n".to_vec();
+            let mut head = vec![0u8; 64 * 1024];
+            Pattern::new(seed).fill(&mut head);
+            first.extend_from_slice(&head);
+            s.write_all(&first).unwrap();
+            s
+        };
+        // A's token and first 64 KiB are queued before B exists; B's arrive with B.
+        let a = start(31);
+        thread::sleep(Duration::from_millis(100));
+        let b = start(32);
+        // Each continues its pattern where the first write stopped, then shuts down.
+        let run = |s: TcpStream, seed: u64| {
+            thread::spawn(move || {
+                let mut w = s.try_clone().unwrap();
+                let writer = thread::spawn(move || {
+                    let mut p = Pattern::new(seed);
+                    let mut buf = vec![0u8; 64 * 1024];
+                    p.fill(&mut buf); // the 64 KiB already sent
+                    let mut left = LEN - 64 * 1024;
+                    while left > 0 {
+                        p.fill(&mut buf);
+                        w.write_all(&buf).unwrap();
+                        left -= buf.len() as u64;
+                    }
+                    w.shutdown(Shutdown::Write).unwrap();
+                });
+                let mut r = s;
+                let got = recv_all(&mut r).unwrap();
+                writer.join().unwrap();
+                got
+            })
+        };
+        let (ja, jb) = (run(a, 31), run(b, 32));
+        assert_eq!(jb.join().unwrap(), (LEN, pattern_sha(31, LEN)), "{dp}: A -> B");
+        assert_eq!(ja.join().unwrap(), (LEN, pattern_sha(32, LEN)), "{dp}: B -> A");
+        let (status, log) = relay.stop(Duration::from_secs(10));
+        assert!(status.success(), "{log}");
+        if dp == "kernel" {
+            let redirected: u64 = log
+                .split("kernel datapath: ")
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            assert!(redirected > 0, "the pair never moved into the kernel:\n{log}");
+        }
+    }
+}

@@ -99,42 +99,42 @@ impl fmt::Display for AccelReport {
 }
 
 impl AccelReport {
-    /// One JSON object (no trailing newline).
+    /// The report as a JSON value (what `skrelay status --json` shows under `accel`).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "cgroup": self.cgroup.to_string_lossy(),
+            "pins": self.pins.to_string_lossy(),
+            "ports": self.ports,
+            "attached": self.attached,
+            "sockets_open": self.sockets_open,
+            "sockets_joined": self.sockets_joined,
+            "connections": self.connections,
+            "messages": self.messages,
+            "bytes": self.bytes,
+            "fallbacks": self.fallbacks,
+            "insert_busy": self.insert_busy,
+            "insert_failed": self.insert_failed,
+            "last_errno": self.last_errno,
+            "races_lost": self.races_lost,
+        })
+    }
+
+    /// One JSON object on one line (no trailing newline).
     pub fn to_json(&self) -> String {
-        let ports = self.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
-        format!(
-            "{{\"cgroup\":{},\"pins\":{},\"ports\":[{ports}],\"attached\":{},\"sockets_open\":{},\
-             \"sockets_joined\":{},\"connections\":{},\"messages\":{},\"bytes\":{},\"fallbacks\":{},\
-             \"insert_busy\":{},\"insert_failed\":{},\"last_errno\":{},\"races_lost\":{}}}",
-            json_str(&self.cgroup.to_string_lossy()),
-            json_str(&self.pins.to_string_lossy()),
-            self.attached,
-            self.sockets_open,
-            self.sockets_joined,
-            self.connections,
-            self.messages,
-            self.bytes,
-            self.fallbacks,
-            self.insert_busy,
-            self.insert_failed,
-            self.last_errno,
-            self.races_lost
-        )
+        self.json().to_string()
     }
 }
 
-fn json_str(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+/// accel's part of `skrelay status`: every accelerated cgroup with its counters.
+pub fn status_section() -> Result<crate::status::Section, Error> {
+    let reports = report()?;
+    let text = if reports.is_empty() {
+        "accel: no cgroup is accelerated".to_string()
+    } else {
+        reports.iter().map(AccelReport::to_string).collect::<Vec<_>>().join("\n")
+    };
+    let json = serde_json::json!({ "cgroups": reports.iter().map(AccelReport::json).collect::<Vec<_>>() });
+    Ok(crate::status::Section { name: "accel", text, json })
 }
 
 fn report_for(dir: &Path, cg: &Cgroup) -> Result<AccelReport, Error> {

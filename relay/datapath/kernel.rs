@@ -1,7 +1,7 @@
 //! The kernel datapath: both sockets of a pair join a SOCKHASH whose sk_skb stream parser and
 //! verdict (probes/relay.bpf.c) redirect every skb to the peer's egress. User space never reads
 //! payload; it only fills the maps and propagates end of file, which the kernel does not.
-use super::{Datapath, Flow, Splice, SpliceError};
+use super::{userspace::UserspaceDatapath, Datapath, Flow, Splice, SpliceError};
 use crate::{
     abi::relay_stat,
     bpf,
@@ -30,6 +30,8 @@ struct RelayMaps {
 
 pub struct KernelDatapath {
     maps: Rc<RefCell<RelayMaps>>,
+    /// Splices token pairs until their queues are drained (see `Handover`).
+    fallback: UserspaceDatapath,
     stats: PerCpuArray<MapData, u64>,
     /// Keeps the programs loaded and attached.
     _bpf: Ebpf,
@@ -57,7 +59,12 @@ impl KernelDatapath {
             prog.load().map_err(|e| bpf::unavailable("load the sk_skb programs", &e))?;
             prog.attach(&socks_fd).map_err(|e| bpf::unavailable("attach the sk_skb programs", &e))?;
         }
-        Ok(KernelDatapath { maps: Rc::new(RefCell::new(RelayMaps { socks, targets, peers })), stats, _bpf: bpf })
+        Ok(KernelDatapath {
+            maps: Rc::new(RefCell::new(RelayMaps { socks, targets, peers })),
+            fallback: UserspaceDatapath,
+            stats,
+            _bpf: bpf,
+        })
     }
 
     fn stat(&self, idx: u32) -> u64 {
@@ -70,13 +77,27 @@ impl Datapath for KernelDatapath {
         "kernel"
     }
 
-    fn splice(&mut self, ends: [&TcpStream; 2], consumed: [u64; 2]) -> Result<Box<dyn Splice>, SpliceError> {
+    fn splice(&mut self, ends: [&TcpStream; 2], skip: [u32; 2]) -> Result<Box<dyn Splice>, SpliceError> {
         let cookies = [sys::socket_cookie(ends[0])?, sys::socket_cookie(ends[1])?];
         let acked_base = [sys::tcp_counters(ends[0])?.bytes_acked, sys::tcp_counters(ends[1])?.bytes_acked];
-        let mut splice =
-            KernelSplice { maps: self.maps.clone(), cookies, acked_base, consumed, joined: Joined::default() };
-        splice.join(ends)?;
-        Ok(Box::new(splice))
+        let mut kernel = KernelSplice {
+            maps: self.maps.clone(),
+            cookies,
+            acked_base,
+            consumed: skip.map(u64::from),
+            joined: Joined::default(),
+        };
+        if skip == [0, 0] {
+            kernel.join(ends)?;
+            return Ok(Box::new(kernel));
+        }
+        // A token line must be read by user space, and a socket whose queue holds a partly read
+        // skb never has the rest forwarded by the sockmap (its stream parser is handed the whole
+        // skb's length). So the pair starts on splice(2), which discards the token line and moves
+        // whatever followed it, and joins the maps once both queues are drained.
+        let mut user = self.fallback.splice(ends, skip)?;
+        user.settle(ends)?;
+        Ok(Box::new(Handover { user, kernel, joined: false }))
     }
 
     fn summary(&self) -> Option<String> {
@@ -103,6 +124,7 @@ struct KernelSplice {
     cookies: [u64; 2],
     /// bytes_acked of each socket when the pair formed (an active open counts its SYN).
     acked_base: [u64; 2],
+    /// Token-line bytes received on each socket that are discarded, not relayed.
     consumed: [u64; 2],
     joined: Joined,
 }
@@ -208,5 +230,56 @@ impl Splice for KernelSplice {
 impl Drop for KernelSplice {
     fn drop(&mut self) {
         self.release();
+    }
+}
+
+/// A pair that starts in user space and moves into the kernel maps as soon as user space has
+/// drained both sockets' queues: bytes spliced so far are already in the destinations' send
+/// queues, so whatever the kernel redirects afterwards follows them in order.
+struct Handover {
+    user: Box<dyn Splice>,
+    kernel: KernelSplice,
+    joined: bool,
+}
+
+impl Splice for Handover {
+    fn advance(&mut self, dir: usize, src: &TcpStream, dst: &TcpStream) -> io::Result<Flow> {
+        if self.joined {
+            self.kernel.advance(dir, src, dst)
+        } else {
+            self.user.advance(dir, src, dst)
+        }
+    }
+
+    fn moved(&self, dir: usize, src: &TcpStream) -> u64 {
+        // The kernel's count covers both phases: TCP_INFO counts every byte received.
+        self.kernel.moved(dir, src)
+    }
+
+    fn interest(&self) -> Interest {
+        if self.joined {
+            self.kernel.interest()
+        } else {
+            self.user.interest()
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.joined || self.user.idle()
+    }
+
+    fn settle(&mut self, ends: [&TcpStream; 2]) -> io::Result<()> {
+        if !self.joined && self.user.idle() {
+            match self.kernel.join(ends) {
+                Ok(()) => self.joined = true,
+                // Stay on splice(2): the same bytes arrive, only not through the kernel.
+                Err(e) => log::debug!("pair stays in user space: {e}"),
+            }
+        }
+        Ok(())
+    }
+
+    fn release(&mut self) {
+        self.kernel.release();
     }
 }

@@ -33,14 +33,22 @@ pub trait Splice {
     fn interest(&self) -> Interest;
     /// Takes the pair out of the datapath; called before its sockets are closed.
     fn release(&mut self);
+    /// Nothing is waiting to move: both sources are drained and nothing is buffered.
+    fn idle(&self) -> bool {
+        false
+    }
+    /// Called after both directions advanced: a chance to change how the pair is spliced.
+    fn settle(&mut self, _ends: [&TcpStream; 2]) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A way of splicing pairs.
 pub trait Datapath {
     fn name(&self) -> &'static str;
-    /// Starts splicing `ends`. `consumed[i]` counts the bytes user space already read from end
-    /// `i` (a token line) that must not be counted as relayed.
-    fn splice(&mut self, ends: [&TcpStream; 2], consumed: [u64; 2]) -> Result<Box<dyn Splice>, SpliceError>;
+    /// Starts splicing `ends`. The first `skip[i]` bytes queued on end `i` (a token line, seen
+    /// with MSG_PEEK and still queued) are discarded, never forwarded.
+    fn splice(&mut self, ends: [&TcpStream; 2], skip: [u32; 2]) -> Result<Box<dyn Splice>, SpliceError>;
     /// One line of counters for the exit log, if the datapath keeps any.
     fn summary(&self) -> Option<String> {
         None

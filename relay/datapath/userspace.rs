@@ -3,7 +3,10 @@
 use super::{Datapath, Flow, Splice, SpliceError};
 use crate::sys::{self, Pipe};
 use mio::{net::TcpStream, Interest};
-use std::{io, os::fd::AsRawFd};
+use std::{
+    io::{self, Read},
+    os::fd::AsRawFd,
+};
 
 /// Bytes a pipe holds; also how far a source is read ahead of a slow destination.
 const PIPE_SIZE: usize = 256 * 1024;
@@ -17,7 +20,10 @@ impl Datapath for UserspaceDatapath {
         "userspace"
     }
 
-    fn splice(&mut self, _ends: [&TcpStream; 2], _consumed: [u64; 2]) -> Result<Box<dyn Splice>, SpliceError> {
+    fn splice(&mut self, ends: [&TcpStream; 2], skip: [u32; 2]) -> Result<Box<dyn Splice>, SpliceError> {
+        for (end, n) in ends.into_iter().zip(skip) {
+            discard(end, n as usize)?;
+        }
         Ok(Box::new(UserspaceSplice::new()?))
     }
 }
@@ -27,6 +33,8 @@ struct Direction {
     capacity: usize,
     in_pipe: usize,
     src_eof: bool,
+    /// The last read from the source found its queue empty.
+    src_drained: bool,
     moved: u64,
 }
 
@@ -38,10 +46,24 @@ impl UserspaceSplice {
     pub fn new() -> io::Result<Self> {
         let direction = || -> io::Result<Direction> {
             let (pipe, capacity) = Pipe::new(PIPE_SIZE)?;
-            Ok(Direction { pipe, capacity, in_pipe: 0, src_eof: false, moved: 0 })
+            Ok(Direction { pipe, capacity, in_pipe: 0, src_eof: false, src_drained: false, moved: 0 })
         };
         Ok(UserspaceSplice { dirs: [direction()?, direction()?] })
     }
+}
+
+/// Reads and drops `n` bytes that are known to be queued (they were peeked).
+pub fn discard(mut stream: &TcpStream, n: usize) -> io::Result<()> {
+    let mut buf = [0u8; 128];
+    let mut left = n;
+    while left > 0 {
+        let got = stream.read(&mut buf[..left.min(128)])?;
+        if got == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "client closed inside its token line"));
+        }
+        left -= got;
+    }
+    Ok(())
 }
 
 fn would_block(r: &io::Result<usize>) -> bool {
@@ -55,6 +77,7 @@ impl Splice for UserspaceSplice {
             let mut progressed = false;
             if !d.src_eof && d.in_pipe < d.capacity {
                 let r = sys::splice(src.as_raw_fd(), d.pipe.write.as_raw_fd(), d.capacity - d.in_pipe);
+                d.src_drained = would_block(&r);
                 match r {
                     Ok(0) => d.src_eof = true,
                     Ok(n) => d.in_pipe += n,
@@ -94,4 +117,8 @@ impl Splice for UserspaceSplice {
     }
 
     fn release(&mut self) {}
+
+    fn idle(&self) -> bool {
+        self.dirs.iter().all(|d| d.src_drained && !d.src_eof && d.in_pipe == 0)
+    }
 }

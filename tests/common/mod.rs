@@ -71,8 +71,15 @@ impl Skrelay {
 
     /// Starts `skrelay ARGS` and waits until its log contains `ready`.
     pub fn start_until(args: &[&str], ready: &str) -> Skrelay {
-        let mut child = Command::new(SKRELAY)
-            .args(args)
+        let mut cmd = Command::new(SKRELAY);
+        cmd.args(args);
+        Self::spawn(cmd, ready)
+    }
+
+    /// Starts a command that runs skrelay (e.g. under setpriv) and waits for `ready` in its log.
+    pub fn spawn(mut cmd: Command, ready: &str) -> Skrelay {
+        let args = format!("{cmd:?}");
+        let mut child = cmd
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -97,9 +104,9 @@ impl Skrelay {
         while !s.log().contains(ready) {
             if let Ok(Some(status)) = s.child.try_wait() {
                 std::thread::sleep(Duration::from_millis(50));
-                panic!("skrelay {args:?} exited with {status} before `{ready}`:\n{}", s.log());
+                panic!("{args} exited with {status} before `{ready}`:\n{}", s.log());
             }
-            assert!(Instant::now() < deadline, "skrelay {args:?} did not log `{ready}`:\n{}", s.log());
+            assert!(Instant::now() < deadline, "{args} did not log `{ready}`:\n{}", s.log());
             std::thread::sleep(Duration::from_millis(10));
         }
         s
@@ -179,12 +186,12 @@ impl Pattern {
     }
 
     pub fn fill(&mut self, buf: &mut [u8]) {
+        assert!(buf.len().is_multiple_of(8), "pattern chunks must be multiples of 8 bytes");
         for (i, chunk) in buf.chunks_mut(8).enumerate() {
             let word = splitmix(self.seed ^ (self.offset / 8 + i as u64));
             chunk.copy_from_slice(&word.to_le_bytes()[..chunk.len()]);
         }
         self.offset += buf.len() as u64;
-        assert!(buf.len().is_multiple_of(8) || buf.is_empty(), "pattern chunks must be multiples of 8 bytes");
     }
 }
 

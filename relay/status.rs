@@ -1,0 +1,34 @@
+//! `skrelay status`: one overview of everything skrelay has attached in this network namespace,
+//! as a list of sections, one per job that can leave things attached.
+use crate::{accel, cli::StatusArgs, error::Error, steer};
+
+/// One job's part of the overview.
+pub struct Section {
+    /// Key in the JSON object (`steer`, `accel`).
+    pub name: &'static str,
+    /// Human-readable lines.
+    pub text: String,
+    pub json: serde_json::Value,
+}
+
+/// Every section, in the order shown. Add a job's section here.
+pub fn sections() -> Result<Vec<Section>, Error> {
+    Ok(vec![steer::status_section()?, accel::status_section()?])
+}
+
+pub fn run(args: StatusArgs) -> Result<(), Error> {
+    let sections = sections()?;
+    if args.json {
+        let mut obj = serde_json::Map::new();
+        obj.insert("netns".into(), crate::sys::own_netns_inode().map(serde_json::Value::from).unwrap_or_default());
+        for s in sections {
+            obj.insert(s.name.into(), s.json);
+        }
+        println!("{}", serde_json::to_string_pretty(&serde_json::Value::Object(obj)).expect("json"));
+    } else {
+        for s in sections {
+            println!("{}", s.text);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,248 @@
+//! The steering state of one network namespace: the sk_lookup program's maps and link, pinned
+//! under /sys/fs/bpf/skrelay/<netns inode>/ so they outlive the command, read and written under
+//! a lock (bpffs::StateLock) so two commands cannot interleave.
+//!
+//! Pins: `link` (the sk_lookup link, which keeps the program attached), and the maps by their
+//! names in probes/steer.bpf.c. `steer_info[0]` holds the version of the program behind the link:
+//! a binary whose embedded program differs swaps it in place with BPF_LINK_UPDATE, keeping every
+//! map (and so every binding) as it is.
+use super::bindings::{BindingKey, Prefix};
+use super::ports::PortRange;
+use crate::{
+    abi::{SteerBinding, SteerCounters, SteerMatch},
+    bpf, bpffs,
+    cli::Proto,
+    error::Error,
+    sys,
+};
+use aya::{
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues},
+    programs::{links::FdLink, SkLookup},
+    Ebpf, EbpfLoader,
+};
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+pub const MAPS: [&str; 5] = ["steer_ports", "steer_targets", "steer_bindings", "steer_stats", "steer_info"];
+pub const LINK: &str = "link";
+const PROGRAM: &str = "steer_lookup";
+
+/// Version of the embedded steer program: a hash of the object, so any change to it counts.
+pub fn program_version() -> u64 {
+    // FNV-1a, 64 bits.
+    bpf::objects::STEER.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100000001b3))
+}
+
+/// Where this network namespace's steering state is pinned.
+pub fn dir() -> Result<PathBuf, Error> {
+    let ns = sys::own_netns_inode().map_err(|e| Error::io("cannot read this network namespace", e))?;
+    Ok(bpffs::root()?.join(ns.to_string()))
+}
+
+/// Whether anything is pinned in `dir`.
+pub fn exists(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some())
+}
+
+/// The maps of a steer program instance, pinned (steer) or not (a funnel).
+pub struct Maps {
+    pub ports: LpmTrie<MapData, SteerMatch, u32>,
+    pub targets: MapData,
+    pub bindings: HashMap<MapData, u32, SteerBinding>,
+    pub stats: PerCpuArray<MapData, SteerCounters>,
+    pub info: Array<MapData, u64>,
+}
+
+fn broken(e: impl std::error::Error + 'static) -> Error {
+    unavailable("open the steering maps", &e)
+}
+
+/// Like `bpf::unavailable`, with steering's own fix where the kernel lacks what it needs (the
+/// generic fix talks about the relay's stream parser).
+pub fn unavailable(step: &str, err: &(dyn std::error::Error + 'static)) -> Error {
+    let errno = bpf::os_error(err).and_then(|e| e.raw_os_error());
+    match bpf::unavailable(step, err) {
+        Error::BpfUnavailable { reason, .. }
+            if !matches!(errno, Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::ENOMEM)) =>
+        {
+            Error::BpfUnavailable {
+                reason,
+                fix: "steering needs Linux 5.9 or newer with BPF sk_lookup and bpf links; check `dmesg`".into(),
+            }
+        }
+        other => other,
+    }
+}
+
+impl Maps {
+    /// Takes the steer maps out of a loaded object.
+    pub fn take(bpf: &mut Ebpf) -> Result<Maps, Error> {
+        let mut take = |name: &str| {
+            bpf.take_map(name).ok_or_else(|| Error::BpfUnavailable {
+                reason: format!("the embedded steer object has no map `{name}`"),
+                fix: "rebuild skrelay".into(),
+            })
+        };
+        let ports = LpmTrie::try_from(take("steer_ports")?).map_err(broken)?;
+        let targets = match take("steer_targets")? {
+            aya::maps::Map::SockMap(m) => m,
+            _ => return Err(broken(std::io::Error::other("steer_targets is not a SOCKMAP"))),
+        };
+        let bindings = HashMap::try_from(take("steer_bindings")?).map_err(broken)?;
+        let stats = PerCpuArray::try_from(take("steer_stats")?).map_err(broken)?;
+        let info = Array::try_from(take("steer_info")?).map_err(broken)?;
+        Ok(Maps { ports, targets, bindings, stats, info })
+    }
+
+    /// Every binding, by id.
+    pub fn bindings(&self) -> BTreeMap<u32, SteerBinding> {
+        self.bindings.iter().filter_map(Result::ok).collect()
+    }
+
+    /// (hits, refused) of a binding, summed over CPUs.
+    pub fn counters(&self, id: u32) -> SteerCounters {
+        let mut sum = SteerCounters::default();
+        if let Ok(values) = self.stats.get(&id, 0) {
+            for v in values.iter() {
+                sum.hits += v.hits;
+                sum.refused += v.refused;
+            }
+        }
+        sum
+    }
+
+    pub fn reset_counters(&mut self, id: u32) -> Result<(), Error> {
+        let n = aya::util::nr_cpus().map_err(|(_, e)| Error::io("cannot count CPUs", e))?;
+        let zeros = PerCpuValues::try_from(vec![SteerCounters::default(); n]).map_err(broken)?;
+        self.stats.set(id, zeros, 0).map_err(|e| Error::steer_map("reset a steering counter", &e))
+    }
+
+    /// The cookie of the socket a binding sends to, `None` once that socket has closed.
+    pub fn target_cookie(&self, id: u32) -> Option<u64> {
+        sys::bpf::sockmap_cookie(&self.targets.fd().as_fd(), id).ok().flatten()
+    }
+}
+
+/// Loads the steer object and its program (not attached).
+pub fn load_program(bpf: &mut Ebpf) -> Result<&mut SkLookup, Error> {
+    let prog: &mut SkLookup = bpf.program_mut(PROGRAM).and_then(|p| p.try_into().ok()).ok_or_else(|| {
+        Error::BpfUnavailable { reason: format!("no program `{PROGRAM}`"), fix: "rebuild skrelay".into() }
+    })?;
+    prog.load().map_err(|e| unavailable("load the sk_lookup program", &e))?;
+    Ok(prog)
+}
+
+/// Opens the current network namespace for attaching sk_lookup programs.
+pub fn netns_file() -> Result<File, Error> {
+    File::open("/proc/thread-self/ns/net").map_err(|e| Error::io("cannot open this network namespace", e))
+}
+
+/// The pinned state of this network namespace, locked for the life of the value.
+pub struct State {
+    pub dir: PathBuf,
+    pub maps: Maps,
+    _lock: bpffs::StateLock,
+}
+
+impl State {
+    /// Opens the state if anything is pinned; `None` if steering was never set up here.
+    pub fn open() -> Result<Option<State>, Error> {
+        let dir = dir()?;
+        // Looking must not create anything: no lock (which makes the directory) without state.
+        if !dir.join(LINK).exists() {
+            return Ok(None);
+        }
+        let lock = bpffs::StateLock::acquire(&dir)?;
+        if !dir.join(LINK).exists() {
+            return Ok(None); // reset while we waited for the lock
+        }
+        let mut bpf = loader(&dir).map_err(|e| unavailable("open the pinned steering maps", &e))?;
+        let maps = Maps::take(&mut bpf)?;
+        Ok(Some(State { dir, maps, _lock: lock }))
+    }
+
+    /// Opens the state, creating and attaching it if needed, and swaps in this binary's program
+    /// if the link runs another version. Returns a line for the user when something changed.
+    pub fn open_or_create() -> Result<(State, Option<String>), Error> {
+        let dir = dir()?;
+        let lock = bpffs::StateLock::acquire(&dir)?;
+        let mut bpf = loader(&dir).map_err(|e| unavailable("create the steering maps", &e))?;
+        let mut maps = Maps::take(&mut bpf)?;
+        let link_path = dir.join(LINK);
+        let ours = program_version();
+        let mut note = None;
+        if !link_path.exists() {
+            let prog = load_program(&mut bpf)?;
+            let netns = netns_file()?;
+            let id = prog.attach(&netns).map_err(|e| unavailable("attach the sk_lookup program", &e))?;
+            let link: FdLink = prog.take_link(id).map_err(|e| unavailable("keep the sk_lookup link", &e))?.into();
+            link.pin(&link_path).map_err(|e| unavailable("pin the sk_lookup link", &e))?;
+            maps.info.set(0, ours, 0).map_err(|e| Error::steer_map("record the program version", &e))?;
+        } else {
+            let theirs = maps.info.get(&0, 0).unwrap_or(0);
+            if theirs != ours {
+                let prog = load_program(&mut bpf)?;
+                let link = sys::bpf::obj_get(&link_path).map_err(|e| Error::io("cannot open the pinned link", e))?;
+                let (link_id, old_id) =
+                    sys::bpf::link_ids(&link).map_err(|e| Error::io("cannot read the pinned link", e))?;
+                let old = sys::bpf::prog_fd_by_id(old_id).map_err(|e| Error::io("cannot open the old program", e))?;
+                let new = prog.fd().map_err(|e| unavailable("load the sk_lookup program", &e))?;
+                sys::bpf::link_update(&link, &new.as_fd(), &old)
+                    .map_err(|e| Error::io("cannot swap the steering program in place", e))?;
+                maps.info.set(0, ours, 0).map_err(|e| Error::steer_map("record the program version", &e))?;
+                note = Some(format!(
+                    "upgraded the steering program in place (link {link_id}, version {theirs:016x} -> {ours:016x}); \
+                     bindings kept"
+                ));
+            }
+        }
+        Ok((State { dir, maps, _lock: lock }, note))
+    }
+
+    /// (link id, program id) of the pinned link.
+    pub fn link_ids(&self) -> Option<(u32, u32)> {
+        let link = sys::bpf::obj_get(&self.dir.join(LINK)).ok()?;
+        sys::bpf::link_ids(&link).ok()
+    }
+}
+
+/// A loader that reuses (or creates and pins) every steer map under `dir`.
+fn loader(dir: &Path) -> Result<Ebpf, aya::EbpfError> {
+    let mut l = EbpfLoader::new();
+    for name in MAPS {
+        l.map_pin_path(name, dir.join(name));
+    }
+    l.load(bpf::objects::STEER)
+}
+
+/// Removes every pin in `dir` and the directory: the link goes with its last reference, which
+/// detaches the program; the maps go with the program.
+pub fn remove_all(dir: &Path) -> Result<usize, Error> {
+    let mut removed = 0;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            std::fs::remove_file(e.path())
+                .map_err(|err| Error::io(format!("cannot unpin {}", e.path().display()), err))?;
+            removed += 1;
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(Error::io(format!("cannot remove {}", dir.display()), e))
+        }
+        _ => Ok(removed),
+    }
+}
+
+/// The binding a map record describes.
+pub fn key_of(b: &SteerBinding) -> Option<BindingKey> {
+    Some(BindingKey {
+        proto: Proto::from_ipproto(b.proto)?,
+        prefix: Prefix::from_raw(b.family, b.addr, b.prefixlen),
+        ports: PortRange { lo: b.port_lo, hi: b.port_hi },
+    })
+}

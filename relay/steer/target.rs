@@ -1,0 +1,233 @@
+//! Finding the socket a binding sends connections to, in this or another process: by address
+//! (/proc/net/{tcp,udp}[6] then the owning process's /proc/PID/fd) or by pid and fd, and taking
+//! a duplicate of it with pidfd_open + pidfd_getfd.
+use crate::{cli::Proto, error::Error, sys};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::OwnedFd,
+};
+
+/// A socket that can take steered connections: a listening TCP socket or an unconnected UDP
+/// socket of this network namespace.
+#[derive(Debug)]
+pub struct Target {
+    /// Our duplicate of the socket (the process keeps its own).
+    pub fd: OwnedFd,
+    pub pid: u32,
+    pub comm: String,
+    pub local: SocketAddr,
+    pub proto: Proto,
+    pub cookie: u64,
+    /// An IPv6 socket that accepts IPv4 too (not IPV6_V6ONLY).
+    pub dual_stack: bool,
+}
+
+impl Target {
+    /// Whether the socket can take connections to addresses of this family.
+    pub fn accepts_family(&self, v6: bool) -> bool {
+        match (self.local.is_ipv6(), v6) {
+            (false, false) | (true, true) => true,
+            (true, false) => self.dual_stack,
+            (false, true) => false,
+        }
+    }
+
+    /// The socket listening (TCP) or bound (UDP) at `addr` in this network namespace, taken from
+    /// the process that owns it. A socket bound to the wildcard address of the family matches too.
+    pub fn at(proto: Proto, addr: SocketAddr) -> Result<Target, Error> {
+        let inode = find_socket_inode(proto, addr)?;
+        let (pid, fd) = find_owner(inode).ok_or_else(|| {
+            Error::Usage(format!(
+                "no process of this machine holds the {} socket at {addr} (is it in another pid namespace?): \
+                 use --pid and --fd",
+                proto.name()
+            ))
+        })?;
+        Target::from_process(proto, pid, fd)
+    }
+
+    /// Descriptor `fd` of process `pid`, which must be a socket usable as a target.
+    pub fn from_process(proto: Proto, pid: i32, fd: i32) -> Result<Target, Error> {
+        if pid <= 0 {
+            return Err(Error::Usage(format!("--pid {pid} is not a process id (they are 1 or more)")));
+        }
+        let pidfd = sys::pidfd_open(pid).map_err(|e| match e.raw_os_error() {
+            Some(libc::ESRCH) => Error::Usage(format!("there is no process with pid {pid}")),
+            Some(libc::EPERM) => may_not_trace(pid),
+            _ => Error::io(format!("cannot open process {pid}"), e),
+        })?;
+        let dup = sys::pidfd_getfd(&pidfd, fd).map_err(|e| match e.raw_os_error() {
+            Some(libc::EBADF) => Error::Usage(format!("process {pid} has no file descriptor {fd}")),
+            Some(libc::EPERM) | Some(libc::EACCES) => may_not_trace(pid),
+            Some(libc::ESRCH) => Error::Usage(format!("process {pid} exited before its fd {fd} could be taken")),
+            _ => Error::io(format!("cannot take fd {fd} of process {pid}"), e),
+        })?;
+        let what = format!("fd {fd} of process {pid}");
+        let kind = sys::socket_kind(&dup).map_err(|e| Error::io(format!("cannot inspect {what}"), e))?;
+        let Some((domain, protocol, listening)) = kind else {
+            return Err(Error::Usage(format!("{what} is not a socket (give the fd of its listening socket)")));
+        };
+        if domain != libc::AF_INET && domain != libc::AF_INET6 {
+            return Err(Error::Usage(format!("{what} is not an IPv4 or IPv6 socket")));
+        }
+        let actual = match protocol {
+            libc::IPPROTO_TCP => Proto::Tcp,
+            libc::IPPROTO_UDP => Proto::Udp,
+            _ => return Err(Error::Usage(format!("{what} is neither a TCP nor a UDP socket"))),
+        };
+        if actual != proto {
+            return Err(Error::Usage(format!(
+                "{what} is a {} socket but the binding is for {} (pass --proto {})",
+                actual.name().to_uppercase(),
+                proto.name().to_uppercase(),
+                actual.name()
+            )));
+        }
+        match proto {
+            Proto::Tcp if !listening => {
+                return Err(Error::Usage(format!(
+                    "{what} is a TCP socket that is not listening (steering needs a listening socket)"
+                )))
+            }
+            Proto::Udp if sys::socket_addr(&dup, true).is_some() => {
+                return Err(Error::Usage(format!(
+                    "{what} is a connected UDP socket (steering needs an unconnected, bound one)"
+                )))
+            }
+            _ => {}
+        }
+        let local = sys::socket_addr(&dup, false)
+            .filter(|a| a.port() != 0)
+            .ok_or_else(|| Error::Usage(format!("{what} is not bound to an address")))?;
+        let own_ns = sys::own_netns_inode().map_err(|e| Error::io("cannot read this network namespace", e))?;
+        match sys::socket_netns_inode(&dup) {
+            Ok(ns) if ns != own_ns => {
+                return Err(Error::Usage(format!(
+                    "{what} belongs to another network namespace (net:[{ns}], this is net:[{own_ns}]): \
+                     run skrelay steer inside that namespace (ip netns exec / nsenter --net)"
+                )))
+            }
+            Ok(_) => {}
+            Err(e) => return Err(Error::io(format!("cannot read the network namespace of {what}"), e)),
+        }
+        let cookie = sys::socket_cookie(&dup).map_err(|e| Error::io(format!("cannot read the cookie of {what}"), e))?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string();
+        let dual_stack = domain == libc::AF_INET6 && !sys::v6only(&dup);
+        Ok(Target { fd: dup, pid: pid as u32, comm, local, proto, cookie, dual_stack })
+    }
+}
+
+fn may_not_trace(pid: i32) -> Error {
+    Error::Usage(format!(
+        "not allowed to take sockets from process {pid} (pidfd_getfd needs ptrace rights over it: run as root or \
+         as its owner, and check kernel.yama.ptrace_scope)"
+    ))
+}
+
+/// One row of /proc/net/{tcp,udp}[6].
+#[derive(Debug, PartialEq, Eq)]
+pub struct ProcSocket {
+    pub local: SocketAddr,
+    pub state: u8,
+    pub inode: u64,
+}
+
+/// TCP_LISTEN in /proc/net/tcp; unconnected UDP sockets show TCP_CLOSE.
+pub const STATE_LISTEN: u8 = 0x0A;
+pub const STATE_CLOSE: u8 = 0x07;
+
+/// Parses /proc/net/{tcp,udp}[6] text: addresses are printed as the raw 32-bit words in host order.
+pub fn parse_proc_net(text: &str) -> Vec<ProcSocket> {
+    let mut out = Vec::new();
+    for line in text.lines().skip(1) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.len() < 10 {
+            continue;
+        }
+        let Some((addr, port)) = cols[1].split_once(':') else { continue };
+        let (Ok(port), Ok(state), Ok(inode)) =
+            (u16::from_str_radix(port, 16), u8::from_str_radix(cols[3], 16), cols[9].parse::<u64>())
+        else {
+            continue;
+        };
+        let mut bytes = Vec::with_capacity(16);
+        for i in (0..addr.len()).step_by(8) {
+            let Some(word) = addr.get(i..i + 8).and_then(|w| u32::from_str_radix(w, 16).ok()) else { break };
+            bytes.extend_from_slice(&word.to_ne_bytes());
+        }
+        let ip = match bytes.len() {
+            4 => IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])),
+            16 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&bytes[..]).unwrap())),
+            _ => continue,
+        };
+        out.push(ProcSocket { local: SocketAddr::new(ip, port), state, inode });
+    }
+    out
+}
+
+/// The inode of the socket at `addr`: an exact address match first, else one bound to the
+/// wildcard address of the family (or a dual-stack [::] socket for an IPv4 address).
+fn find_socket_inode(proto: Proto, addr: SocketAddr) -> Result<u64, Error> {
+    let mut rows = Vec::new();
+    for file in [format!("/proc/self/net/{}", proto.name()), format!("/proc/self/net/{}6", proto.name())] {
+        if let Ok(text) = std::fs::read_to_string(&file) {
+            rows.extend(parse_proc_net(&text));
+        }
+    }
+    let usable = |r: &ProcSocket| match proto {
+        Proto::Tcp => r.state == STATE_LISTEN,
+        Proto::Udp => r.state == STATE_CLOSE,
+    };
+    let same_port: Vec<&ProcSocket> = rows.iter().filter(|r| r.local.port() == addr.port()).collect();
+    let exact = same_port.iter().find(|r| r.local.ip() == addr.ip() && usable(r));
+    let wildcard = same_port.iter().find(|r| {
+        usable(r)
+            && r.local.ip().is_unspecified()
+            && (r.local.is_ipv4() == addr.is_ipv4() || (r.local.is_ipv6() && addr.is_ipv4()))
+    });
+    if let Some(r) = exact.or(wildcard) {
+        return Ok(r.inode);
+    }
+    let connected = same_port.iter().any(|r| r.local.ip() == addr.ip());
+    Err(Error::Usage(match (proto, connected) {
+        (Proto::Tcp, true) => format!("the TCP socket at {addr} is not listening (steering needs a listening socket)"),
+        (Proto::Udp, true) => format!("the UDP socket at {addr} is connected (steering needs an unconnected one)"),
+        (Proto::Tcp, false) => format!("no TCP socket listens on {addr} in this network namespace"),
+        (Proto::Udp, false) => format!("no UDP socket is bound to {addr} in this network namespace"),
+    }))
+}
+
+/// (pid, fd) of a process holding socket `inode`; the lowest pid when several share it.
+fn find_owner(inode: u64) -> Option<(i32, i32)> {
+    let want = format!("socket:[{inode}]");
+    let mut pids: Vec<i32> =
+        std::fs::read_dir("/proc").ok()?.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
+    pids.sort_unstable();
+    for pid in pids {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+        for e in fds.flatten() {
+            if std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == want.as_str()) {
+                if let Some(fd) = e.file_name().to_str().and_then(|s| s.parse().ok()) {
+                    return Some((pid, fd));
+                }
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_net_rows() {
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   \
+                   0: 0100007F:1E61 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 38462 1 0 100 0 0 10 0\n";
+        let rows = parse_proc_net(tcp);
+        assert_eq!(rows, vec![ProcSocket { local: "127.0.0.1:7777".parse().unwrap(), state: 0x0A, inode: 38462 }]);
+        let tcp6 = "header\n   0: 00000000000000000000000001000000:1E61 00000000000000000000000000000000:0000 0A \
+                    00000000:00000000 00:00000000 00000000     0        0 4242 1\n";
+        assert_eq!(parse_proc_net(tcp6)[0].local, "[::1]:7777".parse().unwrap());
+    }
+}

@@ -1,0 +1,181 @@
+//! What a user can get wrong, and how skrelay stops: every mistake is one clear sentence and
+//! exit status 2; SIGINT/SIGTERM drain live pairs and leave no BPF program or map behind.
+mod common;
+use common::*;
+use std::{
+    io::Write,
+    net::{Shutdown, SocketAddr, TcpListener},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+fn addr() -> SocketAddr {
+    "127.0.0.1:7777".parse().unwrap()
+}
+
+fn assert_usage_error(args: &[&str], expect: &str) {
+    let (code, _out, err) = skrelay_output(args);
+    assert_eq!(code, 2, "skrelay {args:?}: exit {code}, stderr: {err}");
+    assert!(err.contains(expect), "skrelay {args:?}: stderr lacks `{expect}`:\n{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bad_flags_are_refused_with_exit_status_2() {
+    enter_netns();
+    assert_usage_error(&["relay", "--pair", "random"], "invalid value 'random' for '--pair");
+    assert_usage_error(&["relay", "--datapath", "fast"], "invalid value 'fast'");
+    assert_usage_error(&["relay", "--listen", "localhost"], "invalid value 'localhost'");
+    assert_usage_error(&["relay", "--listen", "127.0.0.1:99999"], "invalid value");
+    assert_usage_error(&["relay", "--max-pending", "0"], "--max-pending");
+    assert_usage_error(&["relay", "--pair-timeout=-1"], "not a number of seconds");
+    assert_usage_error(&["relay", "--drain-timeout", "soon"], "not a number of seconds");
+    assert_usage_error(&["relay", "--bogus"], "unexpected argument '--bogus'");
+}
+
+#[test]
+fn a_port_in_use_and_a_foreign_address_are_clear_errors() {
+    enter_netns();
+    let _taken = TcpListener::bind("127.0.0.1:7777").unwrap();
+    assert_usage_error(
+        &["relay", "--datapath", "userspace"],
+        "cannot listen on 127.0.0.1:7777: address already in use",
+    );
+    assert_usage_error(
+        &["relay", "--datapath", "userspace", "--listen", "192.0.2.1:7777"],
+        "not an address of this machine",
+    );
+}
+
+#[test]
+fn ipv6_listen_addresses_work() {
+    enter_netns();
+    for dp in datapaths("ipv6_listen_addresses_work") {
+        let relay = Skrelay::start(&["relay", "--datapath", dp, "--listen", "[::1]:7777"]);
+        let six: SocketAddr = "[::1]:7777".parse().unwrap();
+        let mut a = connect(six);
+        let mut b = connect(six);
+        a.write_all(b"over ipv6").unwrap();
+        assert_eq!(read_n(&mut b, 9), b"over ipv6", "{dp}");
+        drop((a, b));
+        let (status, log) = relay.stop(Duration::from_secs(10));
+        assert!(status.success(), "{log}");
+    }
+}
+
+/// Runs skrelay with no capabilities at all (root without CAP_BPF, CAP_SYS_ADMIN, ...).
+fn without_capabilities(args: &[&str]) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args(["--bounding-set=-all", "--inh-caps=-all", "--"]).arg(SKRELAY).args(args);
+    c
+}
+
+#[test]
+fn kernel_datapath_without_bpf_rights_names_the_cause_and_auto_falls_back() {
+    enter_netns();
+    let out = without_capabilities(&["relay", "--datapath", "kernel"]).output().expect("setpriv (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("skrelay: cannot load BPF programs: operation not permitted (run as root or grant CAP_BPF"),
+        "{err}"
+    );
+    // auto: one warning saying why, then a working relay on the userspace datapath.
+    let relay = Skrelay::spawn(without_capabilities(&["relay"]), "listening on");
+    let mut a = connect(addr());
+    let mut b = connect(addr());
+    a.write_all(b"no bpf needed").unwrap();
+    assert_eq!(read_n(&mut b, 13), b"no bpf needed");
+    drop((a, b));
+    let (status, log) = relay.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("kernel datapath unavailable, splicing in user space instead: cannot load BPF programs: operation not permitted"),
+        "{log}"
+    );
+    assert!(log.contains("userspace datapath"), "{log}");
+    assert_eq!(log.matches("WARN").count(), 1, "one warning line:\n{log}");
+}
+
+/// Ids of the BPF programs and maps a process holds open, from /proc/PID/fdinfo.
+fn bpf_ids(pid: i32) -> Vec<String> {
+    let mut ids = vec![];
+    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap() {
+        let info = std::fs::read_to_string(e.unwrap().path()).unwrap_or_default();
+        for line in info.lines() {
+            for key in ["prog_id:", "map_id:"] {
+                if let Some(id) = line.strip_prefix(key) {
+                    ids.push(format!("{} id {}", if key == "prog_id:" { "prog" } else { "map" }, id.trim()));
+                }
+            }
+        }
+    }
+    ids
+}
+
+#[test]
+fn sigterm_drains_live_pairs_then_exits_0_leaving_no_bpf_objects() {
+    enter_netns();
+    if !require_bpf("sigterm_drains_live_pairs_then_exits_0_leaving_no_bpf_objects") {
+        return;
+    }
+    let relay = Skrelay::start(&["relay", "--datapath", "kernel"]);
+    let ids = bpf_ids(relay.pid());
+    assert!(ids.iter().filter(|i| i.starts_with("prog")).count() >= 2, "relay holds its programs: {ids:?}");
+    let mut a = connect(addr());
+    let mut b = connect(addr());
+    a.write_all(b"before").unwrap();
+    assert_eq!(read_n(&mut b, 6), b"before");
+    relay.signal(libc::SIGTERM);
+    relay.wait_log("no longer accepting", 1, Duration::from_secs(5));
+    // New clients are refused; the live pair still works both ways.
+    assert!(std::net::TcpStream::connect_timeout(&addr(), Duration::from_secs(1)).is_err(), "still accepting");
+    b.write_all(b"during drain").unwrap();
+    assert_eq!(read_n(&mut a, 12), b"during drain");
+    a.shutdown(Shutdown::Write).unwrap();
+    b.shutdown(Shutdown::Write).unwrap();
+    expect_eof(&mut a);
+    expect_eof(&mut b);
+    let mut relay = relay;
+    let status = relay.wait(Duration::from_secs(10));
+    assert!(status.success(), "exit {status}:\n{}", relay.log());
+    // The kernel frees programs and maps shortly after their last reference goes.
+    for id in ids {
+        let args: Vec<&str> = id.split(' ').collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = Command::new("bpftool").args([args[0], "show", args[1], args[2]]).output().expect("bpftool");
+            if !out.status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} still exists 10 s after exit: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+#[test]
+fn the_drain_timeout_closes_pairs_that_do_not_finish() {
+    enter_netns();
+    for dp in datapaths("the_drain_timeout_closes_pairs_that_do_not_finish") {
+        let relay = Skrelay::start(&["relay", "--datapath", dp, "--drain-timeout", "0.5"]);
+        let mut a = connect(addr());
+        let mut b = connect(addr());
+        a.write_all(b"x").unwrap();
+        assert_eq!(read_n(&mut b, 1), b"x");
+        let t0 = Instant::now();
+        relay.signal(libc::SIGINT);
+        let mut relay = relay;
+        let status = relay.wait(Duration::from_secs(10));
+        assert!(status.success(), "{dp}: exit {status}");
+        let waited = t0.elapsed();
+        assert!(waited >= Duration::from_millis(400) && waited < Duration::from_secs(5), "{dp}: {waited:?}");
+        expect_eof(&mut a);
+        expect_eof(&mut b);
+        assert!(relay.log().contains("closed at the drain timeout"), "{}", relay.log());
+    }
+}

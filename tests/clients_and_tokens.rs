@@ -1,0 +1,202 @@
+//! Relay semantics 7 and token pairing: real `nc` processes paired through the relay, tokens
+//! (consumed, never forwarded), malformed token lines, pair timeout and --max-pending.
+mod common;
+use common::*;
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::SocketAddr,
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+fn addr() -> SocketAddr {
+    "127.0.0.1:7777".parse().unwrap()
+}
+
+/// A real `nc` (netcat-openbsd) process with piped stdin and stdout.
+struct Nc {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Nc {
+    fn connect(target: &str, port: &str) -> Nc {
+        let mut child = Command::new("nc")
+            .args([target, port])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run nc (scripts/setup.sh installs netcat-openbsd)");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Nc { child, lines }
+    }
+
+    fn say(&mut self, line: &str) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    fn hear(&self) -> String {
+        self.lines.recv_timeout(Duration::from_secs(10)).expect("nc printed no line within 10 s")
+    }
+}
+
+impl Drop for Nc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn two_real_nc_clients_exchange_lines_both_ways() {
+    enter_netns();
+    for dp in datapaths("two_real_nc_clients_exchange_lines_both_ways") {
+        let relay = Skrelay::start(&["relay", "--datapath", dp]);
+        let mut a = Nc::connect("127.0.0.1", "7777");
+        a.say("hello from the first nc, sent before its partner came");
+        thread::sleep(Duration::from_millis(200));
+        let mut b = Nc::connect("127.0.0.1", "7777");
+        assert_eq!(b.hear(), "hello from the first nc, sent before its partner came", "{dp}");
+        for i in 0..5 {
+            b.say(&format!("b says {i}"));
+            assert_eq!(a.hear(), format!("b says {i}"), "{dp}");
+            a.say(&format!("a says {i}"));
+            assert_eq!(b.hear(), format!("a says {i}"), "{dp}");
+        }
+        drop((a, b));
+        let (status, log) = relay.stop(Duration::from_secs(10));
+        assert!(status.success(), "{log}");
+    }
+}
+
+#[test]
+fn equal_tokens_pair_and_the_token_line_is_not_forwarded() {
+    enter_netns();
+    for dp in datapaths("equal_tokens_pair_and_the_token_line_is_not_forwarded") {
+        let relay = Skrelay::start(&["relay", "--datapath", dp, "--pair", "token"]);
+        let mut a1 = connect(addr());
+        a1.write_all(b"alpha\nfrom a1").unwrap();
+        let mut b1 = connect(addr());
+        // A token split across segments.
+        b1.write_all(b"be").unwrap();
+        thread::sleep(Duration::from_millis(50));
+        b1.write_all(b"ta\nfrom b1").unwrap();
+        let mut a2 = connect(addr());
+        a2.write_all(b"alpha\nfrom a2").unwrap();
+        let mut b2 = connect(addr());
+        b2.write_all(b"beta\r\nfrom b2").unwrap();
+        assert_eq!(read_n(&mut a2, 7), b"from a1", "{dp}");
+        assert_eq!(read_n(&mut a1, 7), b"from a2", "{dp}");
+        assert_eq!(read_n(&mut b2, 7), b"from b1", "{dp}");
+        assert_eq!(read_n(&mut b1, 7), b"from b2", "{dp}");
+        // A third client with an already paired token waits for a new partner.
+        let mut a3 = connect(addr());
+        a3.write_all(b"alpha\nthird").unwrap();
+        thread::sleep(Duration::from_millis(100));
+        a1.write_all(b"!").unwrap();
+        assert_eq!(read_n(&mut a2, 1), b"!", "{dp}: a1 is still with a2");
+        let mut a4 = connect(addr());
+        a4.write_all(b"alpha\nfourth").unwrap();
+        assert_eq!(read_n(&mut a4, 5), b"third", "{dp}");
+        assert_eq!(read_n(&mut a3, 6), b"fourth", "{dp}");
+        drop((a1, a2, a3, a4, b1, b2));
+        let (status, log) = relay.stop(Duration::from_secs(10));
+        assert!(status.success(), "{log}");
+    }
+}
+
+#[test]
+fn malformed_token_lines_close_that_client_only() {
+    enter_netns();
+    let relay = Skrelay::start(&["relay", "--pair", "token", "--pair-timeout", "1"]);
+    // A pair formed before the bad clients come must keep working after they are gone.
+    let mut good1 = connect(addr());
+    good1.write_all(b"good\n").unwrap();
+    let mut good2 = connect(addr());
+    good2.write_all(b"good\n").unwrap();
+    let cases: [&[u8]; 4] = [&[b'x'; 65], b"bin\x00ary\n", b"\n", b"no newline"];
+    let mut bad: Vec<_> = cases
+        .iter()
+        .map(|bytes| {
+            let mut s = connect(addr());
+            s.write_all(bytes).unwrap();
+            s
+        })
+        .collect();
+    let t0 = Instant::now();
+    for (s, case) in bad.iter_mut().zip(cases) {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 8];
+        let r = s.read(&mut buf);
+        assert!(
+            matches!(r, Ok(0)) || r.is_err(),
+            "{:?}: expected the relay to close it, got {r:?}",
+            String::from_utf8_lossy(case)
+        );
+    }
+    // The one without a newline is closed at the pair timeout, not before.
+    assert!(t0.elapsed() >= Duration::from_millis(800), "closed too early: {:?}", t0.elapsed());
+    good2.write_all(b"still served").unwrap();
+    assert_eq!(read_n(&mut good1, 12), b"still served");
+    let mut late1 = connect(addr());
+    late1.write_all(b"late\n").unwrap();
+    let mut late2 = connect(addr());
+    late2.write_all(b"late\nnew pairs too").unwrap();
+    assert_eq!(read_n(&mut late1, 13), b"new pairs too");
+    let log = relay.log();
+    assert!(log.contains("token longer than 64 bytes"), "{log}");
+    assert!(log.contains("not printable ASCII"), "{log}");
+    assert!(log.contains("empty token"), "{log}");
+    assert!(log.contains("no token line within --pair-timeout"), "{log}");
+}
+
+#[test]
+fn a_client_without_a_partner_is_closed_at_the_pair_timeout() {
+    enter_netns();
+    let relay = Skrelay::start(&["relay", "--pair-timeout", "0.5"]);
+    let mut lonely = connect(addr());
+    let t0 = Instant::now();
+    let mut buf = [0u8; 1];
+    assert_eq!(lonely.read(&mut buf).unwrap(), 0, "the relay closes it");
+    let waited = t0.elapsed();
+    assert!(waited >= Duration::from_millis(400) && waited < Duration::from_secs(5), "closed after {waited:?}");
+    assert!(relay.log().contains("no partner came within --pair-timeout"));
+    // The relay keeps serving.
+    let mut a = connect(addr());
+    let mut b = connect(addr());
+    a.write_all(b"ok").unwrap();
+    assert_eq!(read_n(&mut b, 2), b"ok");
+}
+
+#[test]
+fn clients_beyond_max_pending_are_closed_at_once_and_the_rest_are_served() {
+    enter_netns();
+    let relay = Skrelay::start(&["relay", "--pair", "token", "--max-pending", "2"]);
+    let mut t1 = connect(addr());
+    t1.write_all(b"one\n").unwrap();
+    let mut t2 = connect(addr());
+    t2.write_all(b"two\n").unwrap();
+    thread::sleep(Duration::from_millis(100));
+    let mut t3 = connect(addr());
+    let _ = t3.write_all(b"three\n");
+    let mut buf = [0u8; 1];
+    let r = t3.read(&mut buf);
+    assert!(matches!(r, Ok(0)) || r.is_err(), "third waiting client should be closed, got {r:?}");
+    assert!(relay.log().contains("--max-pending"), "{}", relay.log());
+    let mut p1 = connect(addr());
+    p1.write_all(b"one\nhi one").unwrap();
+    assert_eq!(read_n(&mut t1, 6), b"hi one");
+    let mut p2 = connect(addr());
+    p2.write_all(b"two\nhi two").unwrap();
+    assert_eq!(read_n(&mut t2, 6), b"hi two");
+}

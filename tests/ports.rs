@@ -1,0 +1,158 @@
+//! `--ports` on `skrelay relay`: many ports, one listener, through an unpinned sk_lookup link
+//! that dies with the process (SIGKILL included). Each test in a private network namespace.
+mod common;
+
+use common::*;
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+fn netns_ino() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino()
+}
+
+fn sk_lookup_links() -> usize {
+    let out = Command::new("bpftool").args(["link", "show"]).output().expect("run bpftool (scripts/setup.sh)");
+    assert!(out.status.success(), "bpftool link show failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().filter(|l| l.contains(&format!("netns_ino {} ", netns_ino())) && l.contains("sk_lookup")).count()
+}
+
+fn refused(port: u16) -> bool {
+    match TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(2)) {
+        Err(e) => e.kind() == ErrorKind::ConnectionRefused,
+        Ok(_) => false,
+    }
+}
+
+/// 50 distinct pseudo-random ports in lo..lo+1000.
+fn sample_ports(lo: u16) -> Vec<u16> {
+    let mut seed = 0x9e3779b97f4a7c15_u64;
+    let mut v = Vec::new();
+    while v.len() < 50 {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let p = lo + (seed >> 33) as u16 % 1000;
+        if !v.contains(&p) {
+            v.push(p);
+        }
+    }
+    v
+}
+
+#[test]
+fn relay_serves_a_thousand_ports_and_sigkill_takes_them_away() {
+    enter_netns();
+    if !require_bpf("--ports") {
+        return;
+    }
+    // A socket already serving a port of the range: ours wins while we run, with a warning.
+    let squatter = TcpListener::bind("127.0.0.1:20005").unwrap();
+    let mut relay =
+        Skrelay::start(&["relay", "--listen", "127.0.0.1:7000", "--ports", "20000-20999", "--pair", "order"]);
+    assert!(relay.log().contains("127.0.0.1:20005 is served by another socket"), "{}", relay.log());
+    assert_eq!(sk_lookup_links(), 1);
+
+    let mut ports = sample_ports(20000);
+    ports[0] = 20005;
+    for (i, pair) in ports.chunks(2).enumerate() {
+        let mut a = connect(SocketAddr::from(([127, 0, 0, 1], pair[0])));
+        let mut b = connect(SocketAddr::from(([127, 0, 0, 1], pair[1])));
+        let (ping, pong) = (format!("ping {i} via {}", pair[0]), format!("pong {i} via {}", pair[1]));
+        a.write_all(ping.as_bytes()).unwrap();
+        assert_eq!(read_n(&mut b, ping.len()), ping.as_bytes(), "pair via ports {pair:?}");
+        b.write_all(pong.as_bytes()).unwrap();
+        assert_eq!(read_n(&mut a, pong.len()), pong.as_bytes());
+    }
+    squatter.set_nonblocking(true).unwrap();
+    assert!(squatter.accept().is_err(), "the squatter's port went to the relay");
+    assert!(refused(21000) && refused(19999), "ports outside the list are untouched");
+
+    relay.signal(libc::SIGKILL);
+    relay.wait(Duration::from_secs(5));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sk_lookup_links() != 0 {
+        assert!(Instant::now() < deadline, "bpftool link still shows an sk_lookup link after SIGKILL");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for &p in &ports[1..6] {
+        assert!(refused(p), "port {p} must be refused once the relay is gone");
+    }
+    // The squatter has its port back.
+    let _c = TcpStream::connect("127.0.0.1:20005").unwrap();
+    squatter.set_nonblocking(false).unwrap();
+    let (mut s, _) = squatter.accept().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let _ = s.read(&mut [0u8; 1]);
+}
+
+#[test]
+fn relay_on_the_ipv6_wildcard_takes_every_local_ipv6_address() {
+    enter_netns();
+    if !require_bpf("--ports v6") {
+        return;
+    }
+    let relay = Skrelay::start(&["relay", "--listen", "[::]:7001", "--ports", "7,77"]);
+    let mut a = connect("[::1]:7".parse().unwrap());
+    let mut b = connect("[::1]:77".parse().unwrap());
+    a.write_all(b"six").unwrap();
+    assert_eq!(read_n(&mut b, 3), b"six");
+    assert!(refused(7), "an IPv6 funnel leaves IPv4 alone");
+    drop((a, b));
+    let (status, log) = relay.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+    assert_eq!(sk_lookup_links(), 0, "a clean exit detaches too");
+}
+
+#[test]
+fn bad_port_lists_are_start_up_errors() {
+    enter_netns();
+    for (list, want) in [
+        ("0", "port 0 is out of range"),
+        ("70000", "port 70000 is out of range"),
+        ("9-3", "range 9-3 runs backwards"),
+        ("abc", "`abc` is not a port"),
+    ] {
+        let (code, _, err) = skrelay_output(&["relay", "--listen", "127.0.0.1:7002", "--ports", list]);
+        assert_eq!(code, 2, "--ports {list}: {err}");
+        assert!(err.contains(want), "--ports {list}: {err}");
+    }
+}
+
+/// Connect latency with and without sk_lookup attached: `cargo test --release --test ports --
+/// --ignored --nocapture connect_latency`.
+#[test]
+#[ignore]
+fn connect_latency_with_and_without_sk_lookup() {
+    enter_netns();
+    let l = TcpListener::bind("127.0.0.1:7003").unwrap();
+    let measure = |port: u16| {
+        let n = 10_000;
+        let t = Instant::now();
+        for _ in 0..n {
+            let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let (s, _) = l.accept().unwrap();
+            sys_reset(&c);
+            sys_reset(&s);
+        }
+        t.elapsed() / n
+    };
+    let direct = measure(7003);
+    let ports: skrelay::steer::PortList = "20000-20999".parse().unwrap();
+    let funnel = skrelay::steer::Funnel::attach(&l, "127.0.0.1:7003".parse().unwrap(), &ports).unwrap();
+    let funnel_port = measure(20500);
+    let direct_with_prog = measure(7003);
+    println!(
+        "connect+accept, mean of 10,000: no sk_lookup {direct:?}; sk_lookup attached, unbound port {direct_with_prog:?}; \
+         steered port {funnel_port:?} ({} hits)",
+        funnel.hits()
+    );
+}
+
+/// Closes with RST so 10,000 connections leave no TIME_WAIT behind.
+fn sys_reset(s: &TcpStream) {
+    skrelay::sys::reset_on_close(s);
+}

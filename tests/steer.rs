@@ -1,0 +1,456 @@
+//! `skrelay steer`: real sockets and real clients (ncat, nc), each test in a private network
+//! namespace. Pinned state is per netns inode; every test resets it on the way out (a pinned
+//! sk_lookup link would otherwise keep the dead test netns alive).
+mod common;
+
+use common::*;
+use std::{
+    io::{ErrorKind, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// Enters a fresh netns; `None` (skip) when BPF is unavailable outside CI. The guard resets the
+/// netns's steering state when dropped, panics included.
+fn setup(test: &str) -> Option<Reset> {
+    enter_netns();
+    require_bpf(test).then_some(Reset)
+}
+
+struct Reset;
+
+impl Drop for Reset {
+    fn drop(&mut self) {
+        let _ = skrelay_output(&["steer", "reset"]);
+    }
+}
+
+fn ok(args: &[&str]) -> String {
+    let (code, out, err) = skrelay_output(args);
+    assert_eq!(code, 0, "skrelay {args:?} failed:\n{out}{err}");
+    out
+}
+
+fn netns_ino() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino()
+}
+
+fn state_dir() -> String {
+    format!("/sys/fs/bpf/skrelay/{}", netns_ino())
+}
+
+/// The sk_lookup links of this netns that `bpftool link` shows.
+fn sk_lookup_links() -> usize {
+    let out = Command::new("bpftool").args(["link", "show"]).output().expect("run bpftool (scripts/setup.sh)");
+    assert!(out.status.success(), "bpftool link show failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().filter(|l| l.contains(&format!("netns_ino {} ", netns_ino())) && l.contains("sk_lookup")).count()
+}
+
+fn list_json() -> serde_json::Value {
+    serde_json::from_str(&ok(&["steer", "list", "--json"])).unwrap()
+}
+
+fn pinned_files() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(state_dir())
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn wait_listening(addr: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn refused(addr: SocketAddr) -> bool {
+    match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+        Err(e) => e.kind() == ErrorKind::ConnectionRefused,
+        Ok(_) => false,
+    }
+}
+
+/// Which of `listeners` accepted the connection just made (each polled for up to 2 s).
+fn who_accepted(listeners: &[&TcpListener]) -> Option<usize> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    for l in listeners {
+        l.set_nonblocking(true).unwrap();
+    }
+    while Instant::now() < deadline {
+        for (i, l) in listeners.iter().enumerate() {
+            if l.accept().is_ok() {
+                return Some(i);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    None
+}
+
+fn me() -> String {
+    std::process::id().to_string()
+}
+
+/// The seed's demo with the real binaries: one ncat echo server on 7777 answers on 7, 77, 777.
+#[test]
+fn ncat_echo_demo_on_three_ports_survives_the_command_and_reset_removes_everything() {
+    let Some(_reset) = setup("ncat demo") else { return };
+    let mut ncat = Command::new("ncat")
+        .args(["-4lke", "/bin/cat", "127.0.0.1", "7777"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run ncat (scripts/setup.sh)");
+    wait_listening("127.0.0.1:7777");
+    assert!(refused("127.0.0.1:77".parse().unwrap()), "port 77 must be closed before steering");
+
+    let out = ok(&["steer", "add", "--ports", "7,77,777", "--to", "127.0.0.1:7777"]);
+    assert_eq!(out.matches("bound tcp 0.0.0.0/0 port").count(), 3, "{out}");
+    // The command has exited: the pinned link and maps keep steering.
+    assert_eq!(sk_lookup_links(), 1);
+    for port in ["7", "77", "777"] {
+        let line = format!("hello through port {port}\n");
+        // Interactive, like a person at a terminal: type a line, read the echo, then quit.
+        let mut nc = Command::new("timeout")
+            .args(["10", "nc", "127.0.0.1", port])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run nc");
+        let mut stdin = nc.stdin.take().unwrap();
+        stdin.write_all(line.as_bytes()).unwrap();
+        let mut echoed = String::new();
+        let mut out = std::io::BufReader::new(nc.stdout.take().unwrap());
+        std::io::BufRead::read_line(&mut out, &mut echoed).unwrap();
+        assert_eq!(echoed, line, "echo through port {port}");
+        drop(stdin);
+        let _ = nc.kill();
+        let _ = nc.wait();
+    }
+    assert!(refused("127.0.0.1:778".parse().unwrap()), "unbound ports behave as before");
+
+    let list = list_json();
+    let b77 = list.as_array().unwrap().iter().find(|b| b["ports"] == "77").unwrap();
+    assert_eq!(b77["hits"], 1);
+    assert_eq!(b77["target"]["process"], "ncat");
+    assert_eq!(b77["target"]["pid"], ncat.id());
+    assert_eq!(b77["target"]["local"], "127.0.0.1:7777");
+    let status: serde_json::Value = serde_json::from_str(&ok(&["status", "--json"])).unwrap();
+    assert_eq!(status["steer"]["attached"], true);
+    assert_eq!(status["steer"]["bindings"].as_array().unwrap().len(), 3);
+    // bpftool reads the pinned state.
+    let dump = Command::new("bpftool")
+        .args(["map", "dump", "pinned", &format!("{}/steer_bindings", state_dir())])
+        .output()
+        .unwrap();
+    assert!(dump.status.success() && String::from_utf8_lossy(&dump.stdout).contains("port_lo"), "bpftool map dump");
+
+    let out = ok(&["steer", "reset"]);
+    assert!(out.contains("removed every binding"), "{out}");
+    assert!(!std::path::Path::new(&state_dir()).exists(), "reset leaves nothing pinned: {:?}", pinned_files());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sk_lookup_links() != 0 {
+        assert!(Instant::now() < deadline, "bpftool link still shows the sk_lookup link after reset");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(refused("127.0.0.1:77".parse().unwrap()), "after reset port 77 is closed again");
+    assert!(ok(&["status"]).contains("steer: nothing attached"));
+    let _ = ncat.kill();
+    let _ = ncat.wait();
+}
+
+#[test]
+fn ten_thousand_ports_are_served_by_one_socket() {
+    let Some(_reset) = setup("10k ports") else { return };
+    let l = TcpListener::bind("127.0.0.1:5000").unwrap();
+    let started = Instant::now();
+    ok(&["steer", "add", "--ports", "10000-19999", "--to", "127.0.0.1:5000"]);
+    eprintln!("steer add of 10,000 ports: {:?} (whole command)", started.elapsed());
+    let mut seed = 0x5eed_u64;
+    for _ in 0..40 {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let port = 10000 + (seed >> 33) as u16 % 10000;
+        let _c = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("connect to steered port {port}: {e}"));
+        let (s, _) = l.accept().unwrap();
+        assert_eq!(s.local_addr().unwrap().port(), port, "the one socket accepts the dialled port");
+    }
+    for port in [10000, 19999] {
+        let _c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        l.accept().unwrap();
+    }
+    assert!(refused("127.0.0.1:9999".parse().unwrap()) && refused("127.0.0.1:20000".parse().unwrap()));
+    // IPv6 too.
+    let l6 = TcpListener::bind("[::1]:5001").unwrap();
+    ok(&["steer", "add", "--ports", "30000", "--addr", "::1/128", "--to", "[::1]:5001"]);
+    let _c = TcpStream::connect("[::1]:30000").unwrap();
+    assert_eq!(l6.accept().unwrap().0.local_addr().unwrap(), "[::1]:30000".parse().unwrap());
+    assert!(refused("127.0.0.1:30000".parse().unwrap()), "the IPv6 binding does not take IPv4");
+    // A dual-stack [::] listener found for an IPv4 --to gets the IPv4 connections.
+    let dual = TcpListener::bind("[::]:5002").unwrap();
+    ok(&["steer", "add", "--ports", "30001", "--to", "127.0.0.1:5002"]);
+    let _c = TcpStream::connect("127.0.0.1:30001").unwrap();
+    assert_eq!(dual.accept().unwrap().0.local_addr().unwrap().port(), 30001);
+    let hits: Vec<u64> = list_json().as_array().unwrap().iter().map(|b| b["hits"].as_u64().unwrap()).collect();
+    assert_eq!(hits.iter().sum::<u64>(), 44, "{hits:?}");
+}
+
+#[test]
+fn longest_prefix_wins_then_the_narrowest_port_range() {
+    let Some(_reset) = setup("precedence") else { return };
+    assert!(Command::new("ip").args(["addr", "add", "10.1.2.3/32", "dev", "lo"]).status().unwrap().success());
+    let ls: Vec<TcpListener> = (6001..=6004).map(|p| TcpListener::bind(("127.0.0.1", p)).unwrap()).collect();
+    let refs: Vec<&TcpListener> = ls.iter().collect();
+    // A: every address, 8000-8099. B: 127/8, 8000-8099. C: 127/8, 8050 only. D: 127.0.0.1, 8040-8060.
+    ok(&["steer", "add", "--ports", "8000-8099", "--to", "127.0.0.1:6001"]);
+    ok(&["steer", "add", "--ports", "8000-8099", "--addr", "127.0.0.0/8", "--to", "127.0.0.1:6002"]);
+    ok(&["steer", "add", "--ports", "8050", "--addr", "127.0.0.0/8", "--to", "127.0.0.1:6003"]);
+    ok(&["steer", "add", "--ports", "8040-8060", "--addr", "127.0.0.1", "--to", "127.0.0.1:6004"]);
+    let hit = |addr: &str| {
+        let _c = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        who_accepted(&refs).map(|i| (b'A' + i as u8) as char)
+    };
+    assert_eq!(hit("10.1.2.3:8001"), Some('A'), "only 0.0.0.0/0 matches 10.1.2.3");
+    assert_eq!(hit("127.0.0.2:8001"), Some('B'), "/8 beats /0");
+    assert_eq!(hit("127.0.0.2:8050"), Some('C'), "same prefix: the single port beats the range");
+    assert_eq!(hit("127.0.0.1:8050"), Some('D'), "/32 beats /8 even with a wider range");
+    assert_eq!(hit("127.0.0.1:8001"), Some('B'), "D does not cover 8001");
+    ok(&["steer", "remove", "--ports", "8050", "--addr", "127.0.0.0/8"]);
+    assert_eq!(hit("127.0.0.2:8050"), Some('B'), "removing C gives its port back to B");
+    ok(&["steer", "remove", "--ports", "8000-8099", "--addr", "127.0.0.0/8"]);
+    assert_eq!(hit("127.0.0.2:8050"), Some('A'));
+    assert_eq!(hit("127.0.0.1:8045"), Some('D'));
+    // Adding a wider range later does not take ports from a narrower one.
+    ok(&["steer", "add", "--ports", "8000-8999", "--addr", "127.0.0.1", "--to", "127.0.0.1:6002"]);
+    assert_eq!(hit("127.0.0.1:8045"), Some('D'));
+    assert_eq!(hit("127.0.0.1:8500"), Some('B'));
+}
+
+#[test]
+fn a_binding_whose_target_died_refuses_connections() {
+    let Some(_reset) = setup("fail closed") else { return };
+    let squatter = TcpListener::bind("0.0.0.0:7100").unwrap();
+    let target = TcpListener::bind("127.0.0.1:6100").unwrap();
+    ok(&["steer", "add", "--ports", "7100", "--to", "127.0.0.1:6100"]);
+    let _c = TcpStream::connect("127.0.0.1:7100").unwrap();
+    assert_eq!(who_accepted(&[&target, &squatter]), Some(0), "the binding wins over the socket bound there");
+    drop(target);
+    assert!(refused("127.0.0.1:7100".parse().unwrap()), "target gone: refused, not handed to the squatter");
+    squatter.set_nonblocking(true).unwrap();
+    assert!(squatter.accept().is_err(), "the squatter got nothing");
+    let b = &list_json()[0];
+    assert_eq!(b["target"]["alive"], false);
+    assert_eq!(b["refused"], 1);
+    assert!(ok(&["steer", "list"]).contains("(gone)"));
+}
+
+#[test]
+fn udp_datagrams_reach_the_target_and_replies_come_from_its_own_port() {
+    let Some(_reset) = setup("udp") else { return };
+    for (server, steered, client_bind) in
+        [("127.0.0.1:5300", "127.0.0.1:53", "127.0.0.1:0"), ("[::1]:5300", "[::1]:53", "[::1]:0")]
+    {
+        let server = UdpSocket::bind(server).unwrap();
+        server.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let server_addr = server.local_addr().unwrap();
+        ok(&["steer", "add", "--proto", "udp", "--ports", "53", "--to", &server_addr.to_string()]);
+        let steered: SocketAddr = steered.parse().unwrap();
+
+        // An unconnected client gets the reply, from the target's own address and port.
+        let client = UdpSocket::bind(client_bind).unwrap();
+        client.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        client.send_to(b"query", steered).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = server.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"query");
+        server.send_to(b"answer", from).unwrap();
+        let (n, replied_from) = client.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], replied_from), (&b"answer"[..], server_addr));
+
+        // A connected client's datagram arrives too, but it drops the reply (wrong source port).
+        let connected = UdpSocket::bind(client_bind).unwrap();
+        connected.connect(steered).unwrap();
+        connected.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        connected.send(b"query2").unwrap();
+        let (n, from) = server.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"query2");
+        server.send_to(b"answer2", from).unwrap();
+        assert!(connected.recv(&mut buf).is_err(), "a connected UDP client must not see a reply from another port");
+        ok(&["steer", "reset"]);
+    }
+}
+
+#[test]
+fn bad_input_exits_2_with_one_sentence_and_leaves_state_alone() {
+    let Some(_reset) = setup("bad input") else { return };
+    let l = TcpListener::bind("127.0.0.1:6200").unwrap();
+    ok(&["steer", "add", "--ports", "6201", "--to", "127.0.0.1:6200"]);
+    let before = (list_json(), pinned_files());
+
+    let file = std::fs::File::open("/proc/self/status").unwrap();
+    let unlistened = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    unlistened.bind(&"127.0.0.1:6202".parse::<SocketAddr>().unwrap().into()).unwrap();
+    let udp_connected = UdpSocket::bind("127.0.0.1:6203").unwrap();
+    udp_connected.connect("127.0.0.1:9").unwrap();
+    // A listener of another network namespace, made by a thread that moved there.
+    let foreign = std::thread::spawn(|| {
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+        TcpListener::bind("0.0.0.0:6204").unwrap_or_else(|_| panic!("bind in the other netns"))
+    })
+    .join()
+    .unwrap();
+    let fd = |s: &dyn AsRawFd| s.as_raw_fd().to_string();
+    let (lfd, ffd, ufd, cfd, xfd) = (fd(&l), fd(&file), fd(&unlistened), fd(&udp_connected), fd(&foreign));
+    let pid = me();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--ports", "9", "--pid", "999999999", "--fd", "3"], "there is no process with pid 999999999"),
+        (vec!["--ports", "9", "--pid", &pid, "--fd", "987"], "has no file descriptor 987"),
+        (vec!["--ports", "9", "--pid", &pid, "--fd", &ffd], "is not a socket"),
+        (vec!["--ports", "9", "--pid", &pid, "--fd", &ufd], "is a TCP socket that is not listening"),
+        (vec!["--ports", "9", "--proto", "udp", "--pid", &pid, "--fd", &cfd], "is a connected UDP socket"),
+        (vec!["--ports", "9", "--pid", &pid, "--fd", &cfd], "is a UDP socket but the binding is for TCP"),
+        (vec!["--ports", "9", "--pid", &pid, "--fd", &xfd], "belongs to another network namespace"),
+        (vec!["--ports", "9", "--to", "127.0.0.1:6299"], "no TCP socket listens on 127.0.0.1:6299"),
+        (vec!["--ports", "9", "--to", "127.0.0.1:6202"], "no TCP socket listens on 127.0.0.1:6202"),
+        (vec!["--ports", "9", "--addr", "::/0", "--pid", &pid, "--fd", &lfd], "cannot take connections to ::/0"),
+        (vec!["--ports", "0", "--to", "127.0.0.1:6200"], "port 0 is out of range"),
+        (vec!["--ports", "70000", "--to", "127.0.0.1:6200"], "port 70000 is out of range"),
+        (vec!["--ports", "9-3", "--to", "127.0.0.1:6200"], "range 9-3 runs backwards"),
+        (vec!["--ports", "9", "--addr", "10.0.0/8", "--to", "127.0.0.1:6200"], "is not an address prefix"),
+        (vec!["--ports", "9", "--addr", "10.0.0.1/8", "--to", "127.0.0.1:6200"], "did you mean 10.0.0.0/8"),
+    ];
+    for (args, want) in cases {
+        let mut full = vec!["steer", "add"];
+        full.extend(args.iter().copied());
+        let (code, out, err) = skrelay_output(&full);
+        assert_eq!(code, 2, "{full:?} must exit 2:\n{out}{err}");
+        assert!(err.contains(want), "{full:?}: expected `{want}` in:\n{err}");
+        if err.starts_with("skrelay:") {
+            assert_eq!(err.trim_end().lines().count(), 1, "one sentence: {err}");
+        }
+        assert_eq!((list_json(), pinned_files()), before, "{full:?} changed the pinned state");
+    }
+    // Not allowed to trace: an unprivileged user cannot take a root process's socket.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", SKRELAY, "steer", "add", "--ports", "9"])
+        .args(["--pid", &pid, "--fd", &lfd])
+        .output()
+        .expect("run setpriv");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(&format!("not allowed to take sockets from process {pid}")), "{err}");
+    // Removing what does not exist.
+    for args in [
+        vec!["--ports", "4444"],
+        vec!["--ports", "6201", "--addr", "127.0.0.0/8"],
+        vec!["--ports", "6201", "--proto", "udp"],
+    ] {
+        let mut full = vec!["steer", "remove"];
+        full.extend(args);
+        let (code, _, err) = skrelay_output(&full);
+        assert_eq!(code, 2, "{full:?}: {err}");
+        assert!(err.contains("there is no") && err.trim_end().lines().count() == 1, "{err}");
+        assert_eq!((list_json(), pinned_files()), before);
+    }
+    // Re-adding a binding replaces its target and says so (not an error).
+    let l2 = TcpListener::bind("127.0.0.1:6205").unwrap();
+    let out = ok(&["steer", "add", "--ports", "6201", "--to", "127.0.0.1:6205"]);
+    assert!(out.contains("replaced binding tcp 0.0.0.0/0 port 6201"), "{out}");
+    let _c = TcpStream::connect("127.0.0.1:6201").unwrap();
+    assert_eq!(who_accepted(&[&l, &l2]), Some(1));
+    assert_eq!(list_json().as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn concurrent_commands_do_not_lose_bindings() {
+    let Some(_reset) = setup("lock") else { return };
+    let _l = TcpListener::bind("127.0.0.1:6300").unwrap();
+    let children: Vec<_> = (0..6)
+        .map(|i| {
+            Command::new(SKRELAY)
+                .args(["steer", "add", "--ports", &format!("{}", 6310 + i), "--to", "127.0.0.1:6300"])
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut c in children {
+        assert!(c.wait().unwrap().success());
+    }
+    assert_eq!(list_json().as_array().unwrap().len(), 6);
+}
+
+#[test]
+fn a_newer_program_is_swapped_in_through_the_pinned_link_without_dropping_bindings() {
+    let Some(_reset) = setup("upgrade") else { return };
+    let l = TcpListener::bind("127.0.0.1:6400").unwrap();
+    ok(&["steer", "add", "--ports", "6401", "--to", "127.0.0.1:6400"]);
+    let status = || -> serde_json::Value { serde_json::from_str(&ok(&["status", "--json"])).unwrap() };
+    let before = status();
+    // Pretend the pinned program came from another skrelay version.
+    let info = format!("{}/steer_info", state_dir());
+    let st = Command::new("bpftool")
+        .args([
+            "map", "update", "pinned", &info, "key", "0", "0", "0", "0", "value", "1", "0", "0", "0", "0", "0", "0",
+            "0",
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(status()["steer"]["current"], false);
+
+    // Connections keep flowing while the program is swapped.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match TcpStream::connect("127.0.0.1:6401") {
+                    Ok(_) => ok += 1,
+                    Err(_) => failed += 1,
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let acceptor = std::thread::spawn(move || {
+        l.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let _ = l.accept();
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let out = ok(&["steer", "add", "--ports", "6402", "--to", "127.0.0.1:6400"]);
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (connected, failed) = prober.join().unwrap();
+    assert!(out.contains("upgraded the steering program in place"), "{out}");
+    assert!(connected > 0 && failed == 0, "{connected} connects, {failed} failed during the upgrade");
+    let after = status();
+    assert_eq!(after["steer"]["current"], true);
+    assert_eq!(after["steer"]["link_id"], before["steer"]["link_id"], "same link");
+    assert_ne!(after["steer"]["program_id"], before["steer"]["program_id"], "new program");
+    assert_eq!(after["steer"]["bindings"].as_array().unwrap().len(), 2, "bindings kept");
+    assert_eq!(sk_lookup_links(), 1);
+    acceptor.join().unwrap();
+}
+
+#[test]
+fn steer_list_reads_an_empty_netns_without_creating_state() {
+    let Some(_reset) = setup("empty list") else { return };
+    assert!(ok(&["steer", "list"]).contains("no steering bindings"));
+    assert_eq!(list_json(), serde_json::json!([]));
+    assert!(ok(&["status"]).contains("steer: nothing attached"));
+    assert!(!std::path::Path::new(&state_dir()).exists(), "looking created {}", state_dir());
+    assert!(ok(&["steer", "reset"]).contains("nothing to reset"));
+}
