@@ -355,3 +355,22 @@ fn run_without_a_cgroup_cleans_up_after_the_command() {
     let st = Command::new(SKRELAY).args(["accel", "run", "--", "sh", "-c", "exit 7"]).status().unwrap();
     assert_eq!(st.code(), Some(7));
 }
+
+/// A client that half-closes after its last request and blocks in `recv` for the reply: the ACK
+/// of its FIN (FIN_WAIT1 -> FIN_WAIT2) wakes the blocked reader without data. Plain TCP keeps
+/// waiting; on 6.18 `tcp_bpf_recvmsg` returns EAGAIN after any wake-up without data, so this
+/// fails deterministically while the socket is in the SOCKHASH (see README, known defect).
+#[test]
+fn a_blocked_recv_survives_its_own_half_close() {
+    if !require_bpf("a_blocked_recv_survives_its_own_half_close") {
+        return;
+    }
+    enter_netns();
+    let port = free_port();
+    let p = port.to_string();
+    let cg = TestCgroup::accelerated("rpc", &[]);
+    let (mut srv, _out) = start_server(cg.peer(&["rpc-serve", "127.0.0.1", &p, "10"]));
+    let client = output(cg.peer(&["rpc-connect", "127.0.0.1", &p, "10"]));
+    assert!(srv.wait().unwrap().success(), "rpc server failed");
+    assert_eq!(field(&client, "rpc"), "ok", "{}", cg.report());
+}

@@ -10,6 +10,10 @@ duplicated or reordered chunk changes the sha256 the test compares. Results are 
   connect HOST PORT BYTES     connect, send BYTES while reading to EOF; print sha256s
   halfclose HOST              client sends, shuts down writing; server reads to EOF, replies, closes
   reset HOST                  client sends 1 MiB then resets; server reads after the RST arrived
+  rpc-serve HOST PORT ROUNDS  request/response server: read an 8-byte request, work 50 ms, reply
+  rpc-connect HOST PORT ROUNDS
+                              send a request, block in recv for the reply; print `rpc ok` or the
+                              error (a blocking recv must never fail with EAGAIN)
   pause HOST BYTES            both ends queue data unread, print `ready`, wait for a line on stdin,
                               then finish the exchange: a window for `accel off` with bytes queued
 """
@@ -163,6 +167,39 @@ def reset(host):
         print("send %s" % type(e).__name__)
 
 
+def rpc_serve(host, port, rounds):
+    lst = socket.socket(family(host))
+    lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lst.bind((host, port))
+    lst.listen()
+    print("listening", flush=True)
+    conn, _ = lst.accept()
+    for _ in range(rounds):
+        req = recv_exact(conn, 8)
+        time.sleep(0.05)  # the server's work: the client is blocked in recv meanwhile
+        conn.sendall(b"re" + req[2:])
+    conn.close()
+    print("served %d" % rounds)
+
+
+def rpc_connect(host, port, rounds):
+    sock = socket.create_connection((host, port))
+    outcome = "ok"
+    for i in range(rounds):
+        req = b"rq%06d" % i
+        sock.sendall(req)
+        if i == rounds - 1:
+            sock.shutdown(socket.SHUT_WR)  # last request: half-close, then wait for the reply
+        try:
+            if recv_exact(sock, 8) != b"re" + req[2:]:
+                outcome = "wrong-reply-in-round-%d" % i
+                break
+        except OSError as e:
+            outcome = "%s-in-round-%d" % (type(e).__name__, i)
+            break
+    print("rpc %s" % outcome)
+
+
 def pause(host, total):
     cli, srv = pair(host)
     outs = [{}, {}]
@@ -226,6 +263,10 @@ if __name__ == "__main__":
         halfclose(args[0])
     elif mode == "reset":
         reset(args[0])
+    elif mode == "rpc-serve":
+        rpc_serve(args[0], int(args[1]), int(args[2]))
+    elif mode == "rpc-connect":
+        rpc_connect(args[0], int(args[1]), int(args[2]))
     elif mode == "pause":
         pause(args[0], int(args[1]))
     else:
