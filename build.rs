@@ -31,7 +31,7 @@ fn main() {
         let name = src.file_name().unwrap().to_string_lossy().replace(".bpf.c", ".bpf.o");
         let obj = out.join(&name);
         let status = Command::new(&clang)
-            .args(["-O2", "-g", "-Wall", "-Werror", "-target", "bpf"])
+            .args(["-O2", "-g", "-Wall", "-Werror", "-target", "bpf", "-mcpu=v3"])
             .arg(format!("-D__TARGET_ARCH_{}", bpf_target_arch()))
             .arg(format!("-I{arch_include}"))
             .arg("-Iprobes")
@@ -63,6 +63,18 @@ int main(void) {
     printf("pub const RELAY_STAT_DROPPED: u32 = %d;\n", RELAY_STAT_DROPPED);
     printf("pub const RELAY_STAT_BYTES: u32 = %d;\n", RELAY_STAT_BYTES);
     printf("pub const RELAY_STAT_MAX: u32 = %d;\n", RELAY_STAT_MAX);
+    printf("pub const ACCEL_CONFIG_SIZE: usize = %zu;\n", sizeof(struct accel_config));
+    F(accel_config, filter_ports);
+    printf("pub const ACCEL_STAT_SOCKETS: u32 = %d;\n", ACCEL_STAT_SOCKETS);
+    printf("pub const ACCEL_STAT_CONNECTIONS: u32 = %d;\n", ACCEL_STAT_CONNECTIONS);
+    printf("pub const ACCEL_STAT_MESSAGES: u32 = %d;\n", ACCEL_STAT_MESSAGES);
+    printf("pub const ACCEL_STAT_BYTES: u32 = %d;\n", ACCEL_STAT_BYTES);
+    printf("pub const ACCEL_STAT_FALLBACKS: u32 = %d;\n", ACCEL_STAT_FALLBACKS);
+    printf("pub const ACCEL_STAT_INSERT_BUSY: u32 = %d;\n", ACCEL_STAT_INSERT_BUSY);
+    printf("pub const ACCEL_STAT_INSERT_FAILED: u32 = %d;\n", ACCEL_STAT_INSERT_FAILED);
+    printf("pub const ACCEL_STAT_LAST_ERRNO: u32 = %d;\n", ACCEL_STAT_LAST_ERRNO);
+    printf("pub const ACCEL_STAT_RACES_LOST: u32 = %d;\n", ACCEL_STAT_RACES_LOST);
+    printf("pub const ACCEL_STAT_MAX: u32 = %d;\n", ACCEL_STAT_MAX);
     printf("pub const STEER_MAX_BINDINGS: u32 = %d;\n", STEER_MAX_BINDINGS);
     printf("pub const STEER_MAX_PORT_ENTRIES: u32 = %d;\n", STEER_MAX_PORT_ENTRIES);
     printf("pub const STEER_KEY_SIZE: usize = %zu;\n", sizeof(struct steer_key));

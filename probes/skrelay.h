@@ -22,6 +22,25 @@ struct sock_key {
 	__u32 remote_port;
 };
 
+/* Per-CPU counters of the accel programs (index into the `accel_stats` PERCPU_ARRAY). */
+enum accel_stat {
+	ACCEL_STAT_SOCKETS = 0,      /* sockets that joined the SOCKHASH when established */
+	ACCEL_STAT_CONNECTIONS = 1,  /* connections whose both ends joined (counted when the accepted end joins) */
+	ACCEL_STAT_MESSAGES = 2,     /* sendmsg calls redirected into the peer's receive queue */
+	ACCEL_STAT_BYTES = 3,        /* bytes redirected */
+	ACCEL_STAT_FALLBACKS = 4,    /* sendmsg calls of a member socket whose peer is not in the map */
+	ACCEL_STAT_INSERT_BUSY = 5,  /* inserts refused with EBUSY: another sk_msg program holds the socket */
+	ACCEL_STAT_INSERT_FAILED = 6,/* inserts refused for any other reason */
+	ACCEL_STAT_LAST_ERRNO = 7,   /* errno of the latest refused insert (a value, not a count) */
+	ACCEL_STAT_RACES_LOST = 8,   /* connections left out: the connecting end sent before its peer joined */
+	ACCEL_STAT_MAX = 9,
+};
+
+/* The `accel_config` ARRAY's single value. */
+struct accel_config {
+	__u32 filter_ports; /* 0: every connection; 1: only those with an end on a port in `accel_ports` */
+};
+
 /* ---- steer: sk_lookup funnels (probes/steer.bpf.c, relay/steer/) ---- */
 
 #define STEER_MAX_BINDINGS 4096

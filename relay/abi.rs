@@ -11,6 +11,32 @@ pub mod relay_stat {
     pub const MAX: u32 = 5;
 }
 
+/// Indices of the accel programs' per-CPU counters (`accel_stats`).
+pub mod accel_stat {
+    pub const SOCKETS: u32 = 0;
+    pub const CONNECTIONS: u32 = 1;
+    pub const MESSAGES: u32 = 2;
+    pub const BYTES: u32 = 3;
+    pub const FALLBACKS: u32 = 4;
+    pub const INSERT_BUSY: u32 = 5;
+    pub const INSERT_FAILED: u32 = 6;
+    /// The errno of the latest refused insert: a value, not a count.
+    pub const LAST_ERRNO: u32 = 7;
+    pub const RACES_LOST: u32 = 8;
+    pub const MAX: u32 = 9;
+}
+
+/// The single value of the accel `accel_config` array (`struct accel_config`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AccelConfig {
+    /// 0: every connection; 1: only those with an end on a port in `accel_ports`.
+    pub filter_ports: u32,
+}
+
+// SAFETY: plain old data, one u32.
+unsafe impl aya::Pod for AccelConfig {}
+
 /// Five-tuple key of the accel SOCKHASH (`struct sock_key`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -90,6 +116,26 @@ mod tests {
         assert_eq!(std::mem::offset_of!(SockKey, remote_ip6), c::sock_key__remote_ip6);
         assert_eq!(std::mem::offset_of!(SockKey, local_port), c::sock_key__local_port);
         assert_eq!(std::mem::offset_of!(SockKey, remote_port), c::sock_key__remote_port);
+    }
+
+    #[test]
+    fn accel_config_matches_the_c_layout() {
+        assert_eq!(std::mem::size_of::<AccelConfig>(), c::ACCEL_CONFIG_SIZE);
+        assert_eq!(std::mem::offset_of!(AccelConfig, filter_ports), c::accel_config__filter_ports);
+    }
+
+    #[test]
+    fn accel_counter_indices_match_the_c_enum() {
+        assert_eq!(accel_stat::SOCKETS, c::ACCEL_STAT_SOCKETS);
+        assert_eq!(accel_stat::CONNECTIONS, c::ACCEL_STAT_CONNECTIONS);
+        assert_eq!(accel_stat::MESSAGES, c::ACCEL_STAT_MESSAGES);
+        assert_eq!(accel_stat::BYTES, c::ACCEL_STAT_BYTES);
+        assert_eq!(accel_stat::FALLBACKS, c::ACCEL_STAT_FALLBACKS);
+        assert_eq!(accel_stat::INSERT_BUSY, c::ACCEL_STAT_INSERT_BUSY);
+        assert_eq!(accel_stat::INSERT_FAILED, c::ACCEL_STAT_INSERT_FAILED);
+        assert_eq!(accel_stat::LAST_ERRNO, c::ACCEL_STAT_LAST_ERRNO);
+        assert_eq!(accel_stat::RACES_LOST, c::ACCEL_STAT_RACES_LOST);
+        assert_eq!(accel_stat::MAX, c::ACCEL_STAT_MAX);
     }
 
     #[test]

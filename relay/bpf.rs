@@ -8,6 +8,7 @@ use std::io;
 pub mod objects {
     use aya::include_bytes_aligned;
     pub static RELAY: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/relay.bpf.o"));
+    pub static ACCEL: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/accel.bpf.o"));
     pub static STEER: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/steer.bpf.o"));
 }
 

@@ -1,7 +1,7 @@
 //! Command-line types (clap derive) and nothing else.
 use crate::steer::{PortList, Prefix};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 #[derive(Parser, Debug)]
 #[command(name = "skrelay", version, about = "In-kernel TCP relay and splicing proxy (eBPF sockmap)")]
@@ -16,6 +16,9 @@ pub enum Command {
     Relay(RelayArgs),
     /// Splice each client to a fresh connection to an upstream, in the kernel where it can.
     Proxy(ProxyArgs),
+    /// Loopback acceleration: TCP between processes of one cgroup skips TCP/IP (sockops + sk_msg).
+    #[command(subcommand)]
+    Accel(AccelCommand),
     /// Steer connections for ports and address prefixes to a listening socket of any process
     /// (BPF sk_lookup), pinned in bpffs so it works after the command exits.
     #[command(subcommand)]
@@ -25,6 +28,46 @@ pub enum Command {
     /// Check that this machine can run the kernel datapath: loads and attaches the programs,
     /// then removes them. Exit status 0 if it can, 2 with the reason if not.
     Probe,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AccelCommand {
+    /// Accelerate TCP connections whose both ends are processes of this cgroup (or its children);
+    /// stays on after the command exits. Processes must be in the cgroup before they create sockets.
+    On {
+        /// cgroup v2 directory: absolute, or relative to the cgroup v2 mount; created if missing.
+        #[arg(long, value_name = "PATH")]
+        cgroup: PathBuf,
+        /// Only connections with an end on one of these ports (comma-separated, e.g. 6379,8080).
+        #[arg(long, value_delimiter = ',', value_name = "LIST", value_parser = clap::value_parser!(u16).range(1..))]
+        ports: Vec<u16>,
+    },
+    /// Stop accelerating: new connections take the normal path at once; the state is removed when
+    /// the accelerated connections have closed (waits up to --wait).
+    Off {
+        #[arg(long, value_name = "PATH")]
+        cgroup: PathBuf,
+        /// Wait this long for accelerated connections to close; seconds.
+        #[arg(long = "wait", default_value = "0", value_parser = parse_secs, value_name = "SECS")]
+        wait: Duration,
+        /// Remove the state even though accelerated connections are open (see the README).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run a command in an accelerated cgroup (a fresh one unless --cgroup), then clean up.
+    Run {
+        #[arg(long, value_name = "PATH")]
+        cgroup: Option<PathBuf>,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Show each accelerated cgroup with its counters.
+    Status {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug, Clone)]

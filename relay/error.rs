@@ -17,6 +17,18 @@ pub enum Error {
 
     #[error("{0}")]
     Usage(String),
+
+    #[error("cgroup {cgroup} is already accelerated (state pinned at {pins}): run `skrelay accel off --cgroup {cgroup}` first")]
+    AccelAlreadyOn { cgroup: String, pins: String },
+
+    #[error("cgroup {cgroup} is not accelerated by skrelay (nothing pinned at {pins}); `skrelay accel status` lists the ones that are")]
+    AccelNotOn { cgroup: String, pins: String },
+
+    #[error("cannot accelerate cgroup {cgroup}: {reason}")]
+    AccelConflict { cgroup: String, reason: String },
+
+    #[error("{0}")]
+    AccelBusy(String),
 }
 
 impl Error {
@@ -36,7 +48,7 @@ impl Error {
     /// command or the machine's set-up, 1 for failures while running.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Io { .. } | Error::SteerMap { .. } => 1,
+            Error::Io { .. } | Error::AccelBusy(_) | Error::SteerMap { .. } => 1,
             _ => 2,
         }
     }

@@ -1,6 +1,7 @@
 //! skrelay: an in-kernel TCP relay and splicing proxy. The binary's commands are thin wrappers
 //! around the modules here.
 pub mod abi;
+pub mod accel;
 pub mod bpf;
 pub mod bpffs;
 pub mod cli;

@@ -8,6 +8,7 @@ fn main() {
     let result = match cli.command {
         Command::Relay(args) => skrelay::relay_cmd::run(args),
         Command::Proxy(args) => skrelay::proxy_cmd::run(args),
+        Command::Accel(cmd) => skrelay::accel::command(cmd),
         Command::Steer(SteerCommand::Add(args)) => skrelay::steer::add(args),
         Command::Steer(SteerCommand::List(args)) => skrelay::steer::list(args),
         Command::Steer(SteerCommand::Remove(args)) => skrelay::steer::remove(args),

@@ -1,19 +1,19 @@
 //! `skrelay status`: one overview of everything skrelay has attached in this network namespace,
 //! as a list of sections, one per job that can leave things attached.
-use crate::{cli::StatusArgs, error::Error, steer};
+use crate::{accel, cli::StatusArgs, error::Error, steer};
 
 /// One job's part of the overview.
 pub struct Section {
-    /// Key in the JSON object (`steer`, later `accel`).
+    /// Key in the JSON object (`steer`, `accel`).
     pub name: &'static str,
     /// Human-readable lines.
     pub text: String,
     pub json: serde_json::Value,
 }
 
-/// Every section, in the order shown. Add a job's section here (e.g. accel's cgroup attachments).
+/// Every section, in the order shown. Add a job's section here.
 pub fn sections() -> Result<Vec<Section>, Error> {
-    Ok(vec![steer::status_section()?])
+    Ok(vec![steer::status_section()?, accel::status_section()?])
 }
 
 pub fn run(args: StatusArgs) -> Result<(), Error> {

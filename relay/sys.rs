@@ -190,6 +190,34 @@ pub fn raise_fd_limit() -> u64 {
     lim.rlim_cur
 }
 
+/// BPF_PROG_QUERY: the ids of the programs attached to `target` for `attach_type`; with
+/// `effective`, those that run there, inherited from ancestors included.
+pub fn bpf_prog_query(target: &impl AsRawFd, attach_type: u32, effective: bool) -> io::Result<Vec<u32>> {
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    const BPF_F_QUERY_EFFECTIVE: u32 = 1;
+    let mut ids = vec![0u32; 64];
+    loop {
+        // union bpf_attr, `query` member: target_fd, attach_type, query_flags, attach_flags,
+        // prog_ids (u64 pointer), prog_cnt; the rest stays zero.
+        let mut attr = [0u8; 64];
+        attr[0..4].copy_from_slice(&(target.as_raw_fd() as u32).to_ne_bytes());
+        attr[4..8].copy_from_slice(&attach_type.to_ne_bytes());
+        attr[8..12].copy_from_slice(&(if effective { BPF_F_QUERY_EFFECTIVE } else { 0 }).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(ids.as_mut_ptr() as u64).to_ne_bytes());
+        attr[24..28].copy_from_slice(&(ids.len() as u32).to_ne_bytes());
+        let ret = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, attr.as_mut_ptr(), attr.len()) };
+        let count = u32::from_ne_bytes(attr[24..28].try_into().unwrap()) as usize;
+        match check(ret) {
+            Ok(_) => {
+                ids.truncate(count);
+                return Ok(ids);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && count > ids.len() => ids = vec![0u32; count],
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// pidfd_open(2): a file descriptor for process `pid` (ESRCH: there is no such process).
 pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     let fd = check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })?;

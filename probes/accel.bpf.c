@@ -1,0 +1,348 @@
+// SPDX-License-Identifier: GPL-2.0
+/* accel: loopback acceleration for the TCP connections of one cgroup.
+ *
+ * `accel_sockops` runs on the cgroup: when a TCP connection is established (either side), its
+ * socket joins `accel_socks`, a SOCKHASH keyed by the five-tuple as seen from that socket.
+ * `accel_msg`, attached to that map, runs on every sendmsg of a member socket: it looks up the
+ * peer with the swapped key and, when the peer is a member too, moves the data straight into the
+ * peer's receive queue (BPF_F_INGRESS), skipping TCP/IP. When the peer is not a member (a remote
+ * host, a process outside the cgroup) the data takes the normal path, unchanged.
+ *
+ * IPv4 addresses are stored as IPv4-mapped IPv6 (::ffff:a.b.c.d), so an AF_INET socket and an
+ * AF_INET6 socket talking over a v4-mapped address produce matching keys. */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "skrelay.h"
+
+#define MAX_SOCKETS 65536
+#define MAX_PORTS 1024
+#define EBUSY 16
+#define TCP_CLOSE 7
+#define TCP_LISTEN 10
+#define AF_INET 2
+#define AF_INET6 10
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, MAX_SOCKETS);
+	__type(key, struct sock_key);
+	__type(value, __u32);
+} accel_socks SEC(".maps");
+
+/* Where a member socket's connection stands. The connecting end joins first (PENDING); the
+ * accepted end moves it to JOINED once it is in `accel_socks` itself. If the connecting end sends
+ * before that, it claims FALLBACK instead: those bytes take the normal path, so every later byte
+ * must too (a redirect would overtake them), and the accepted end then stays out and removes the
+ * connecting end from the map. compare-and-swap settles the race between the two. */
+enum member_state { PENDING = 0, JOINED = 1, FALLBACK = 2 };
+
+struct member {
+	__u64 cookie;
+	__u64 state;
+};
+
+/* Every socket in `accel_socks` (entries leave when the socket closes). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_SOCKETS);
+	__type(key, struct sock_key);
+	__type(value, struct member);
+} accel_members SEC(".maps");
+
+/* Listening sockets of the cgroup, keyed by local address and port (remote part zero; a wildcard
+ * address is all zeros). A connecting socket joins only when it dials one of these: a socket
+ * whose peer never joins must stay out of the map, because a blocking recv on a member socket
+ * can fail with EAGAIN when bytes arrive by the normal path (seen on 6.18). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_SOCKETS);
+	__type(key, struct sock_key);
+	__type(value, __u64); /* socket cookie */
+} accel_listeners SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_PORTS);
+	__type(key, __u32);  /* port, host byte order */
+	__type(value, __u8);
+} accel_ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct accel_config);
+} accel_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, ACCEL_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} accel_stats SEC(".maps");
+
+static __always_inline void count(__u32 idx, __u64 n)
+{
+	__u64 *v = bpf_map_lookup_elem(&accel_stats, &idx);
+	if (v)
+		*v += n; /* per-CPU slot: no atomics needed */
+}
+
+static __always_inline void set_stat(__u32 idx, __u64 value)
+{
+	__u64 *v = bpf_map_lookup_elem(&accel_stats, &idx);
+	if (v)
+		*v = value;
+}
+
+static __always_inline void v4_mapped(__u32 *ip6, __u32 ip4)
+{
+	ip6[0] = 0;
+	ip6[1] = 0;
+	ip6[2] = bpf_htonl(0x0000ffff);
+	ip6[3] = ip4;
+}
+
+static __always_inline int port_allowed(__u32 local_port, __u32 remote_port)
+{
+	__u32 zero = 0;
+	struct accel_config *cfg = bpf_map_lookup_elem(&accel_config, &zero);
+	if (!cfg || !cfg->filter_ports)
+		return 1;
+	return bpf_map_lookup_elem(&accel_ports, &local_port) || bpf_map_lookup_elem(&accel_ports, &remote_port);
+}
+
+/* The socket's own key: local end first. */
+static __always_inline int sockops_key(struct bpf_sock_ops *ops, struct sock_key *k)
+{
+	if (ops->family == AF_INET) {
+		v4_mapped(k->local_ip6, ops->local_ip4);
+		v4_mapped(k->remote_ip6, ops->remote_ip4);
+	} else if (ops->family == AF_INET6) {
+		k->local_ip6[0] = ops->local_ip6[0];
+		k->local_ip6[1] = ops->local_ip6[1];
+		k->local_ip6[2] = ops->local_ip6[2];
+		k->local_ip6[3] = ops->local_ip6[3];
+		k->remote_ip6[0] = ops->remote_ip6[0];
+		k->remote_ip6[1] = ops->remote_ip6[1];
+		k->remote_ip6[2] = ops->remote_ip6[2];
+		k->remote_ip6[3] = ops->remote_ip6[3];
+	} else {
+		return 0;
+	}
+	k->local_port = ops->local_port;                  /* host order */
+	k->remote_port = bpf_ntohl(ops->remote_port);     /* big-endian in the upper 16 bits */
+	return 1;
+}
+
+static __always_inline void swap_key(const struct sock_key *k, struct sock_key *peer)
+{
+	for (int i = 0; i < 4; i++) {
+		peer->local_ip6[i] = k->remote_ip6[i];
+		peer->remote_ip6[i] = k->local_ip6[i];
+	}
+	peer->local_port = k->remote_port;
+	peer->remote_port = k->local_port;
+}
+
+static __always_inline int is_v4_mapped(const __u32 *ip6)
+{
+	return ip6[0] == 0 && ip6[1] == 0 && ip6[2] == bpf_htonl(0x0000ffff);
+}
+
+/* The address is this host's own: loopback, or the socket's local address (the kernel picks the
+ * destination as source for a local destination). */
+static __always_inline int is_local(const struct sock_key *k)
+{
+	const __u32 *r = k->remote_ip6;
+	if (r[0] == k->local_ip6[0] && r[1] == k->local_ip6[1] && r[2] == k->local_ip6[2] && r[3] == k->local_ip6[3])
+		return 1;
+	if (is_v4_mapped(r) && (bpf_ntohl(r[3]) >> 24) == 127)
+		return 1;
+	return r[0] == 0 && r[1] == 0 && r[2] == 0 && r[3] == bpf_htonl(1);
+}
+
+/* A connecting socket dials a listener of this cgroup. */
+static __always_inline int dials_member_listener(const struct sock_key *k)
+{
+	struct sock_key l = {};
+	for (int i = 0; i < 4; i++)
+		l.local_ip6[i] = k->remote_ip6[i];
+	l.local_port = k->remote_port;
+	if (bpf_map_lookup_elem(&accel_listeners, &l))
+		return 1;
+	if (!is_local(k))
+		return 0;
+	/* A wildcard listener (0.0.0.0 or ::) of the cgroup on this port. */
+	for (int i = 0; i < 4; i++)
+		l.local_ip6[i] = 0;
+	return bpf_map_lookup_elem(&accel_listeners, &l) != 0;
+}
+
+static __always_inline void track_listener(struct bpf_sock_ops *ops)
+{
+	struct sock_key k = {};
+	if (!sockops_key(ops, &k))
+		return;
+	for (int i = 0; i < 4; i++)
+		k.remote_ip6[i] = 0;
+	k.remote_port = 0;
+	if (is_v4_mapped(k.local_ip6) && k.local_ip6[3] == 0)
+		k.local_ip6[2] = 0; /* 0.0.0.0: the same wildcard as :: */
+	__u64 cookie = bpf_get_socket_cookie(ops);
+	bpf_map_update_elem(&accel_listeners, &k, &cookie, BPF_ANY);
+	bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+static __always_inline void untrack_listener(struct bpf_sock_ops *ops)
+{
+	struct sock_key k = {};
+	if (!sockops_key(ops, &k))
+		return;
+	for (int i = 0; i < 4; i++)
+		k.remote_ip6[i] = 0;
+	k.remote_port = 0;
+	if (is_v4_mapped(k.local_ip6) && k.local_ip6[3] == 0)
+		k.local_ip6[2] = 0;
+	__u64 *cookie = bpf_map_lookup_elem(&accel_listeners, &k);
+	if (cookie && *cookie == bpf_get_socket_cookie(ops))
+		bpf_map_delete_elem(&accel_listeners, &k);
+}
+
+/* Both ends of a connection join, or neither: the connecting end when it dials a listener of
+ * the cgroup (ACTIVE_ESTABLISHED comes first on loopback), the accepted end when its peer joined
+ * and has not sent anything yet. */
+static __always_inline void join(struct bpf_sock_ops *ops, int active)
+{
+	struct sock_key k = {}, peer = {};
+	struct member *peer_member = 0;
+	if (!sockops_key(ops, &k) || !port_allowed(k.local_port, k.remote_port))
+		return;
+	swap_key(&k, &peer);
+	if (active) {
+		if (!dials_member_listener(&k))
+			return;
+	} else {
+		peer_member = bpf_map_lookup_elem(&accel_members, &peer);
+		if (!peer_member)
+			return;
+		if (peer_member->state != PENDING) {
+			/* The connecting end already sent by the normal path: it leaves the map too. */
+			bpf_map_delete_elem(&accel_socks, &peer);
+			count(ACCEL_STAT_RACES_LOST, 1);
+			return;
+		}
+	}
+	struct member me = { .cookie = bpf_get_socket_cookie(ops), .state = active ? PENDING : JOINED };
+	bpf_map_update_elem(&accel_members, &k, &me, BPF_ANY);
+	long err = bpf_sock_hash_update(ops, &accel_socks, &k, BPF_NOEXIST);
+	if (err) {
+		bpf_map_delete_elem(&accel_members, &k);
+		count(err == -EBUSY ? ACCEL_STAT_INSERT_BUSY : ACCEL_STAT_INSERT_FAILED, 1);
+		set_stat(ACCEL_STAT_LAST_ERRNO, (__u64)-err);
+		return;
+	}
+	/* Told when the socket closes, to drop its `accel_members` entry. */
+	bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	if (active) {
+		count(ACCEL_STAT_SOCKETS, 1);
+		return;
+	}
+	if (__sync_val_compare_and_swap(&peer_member->state, PENDING, JOINED) != PENDING) {
+		/* The connecting end already sent by the normal path: both ends leave the map. */
+		bpf_map_delete_elem(&accel_socks, &k);
+		bpf_map_delete_elem(&accel_members, &k);
+		bpf_map_delete_elem(&accel_socks, &peer);
+		count(ACCEL_STAT_RACES_LOST, 1);
+		return;
+	}
+	count(ACCEL_STAT_SOCKETS, 1);
+	count(ACCEL_STAT_CONNECTIONS, 1);
+}
+
+static __always_inline void leave(struct bpf_sock_ops *ops)
+{
+	struct sock_key k = {};
+	if (!sockops_key(ops, &k))
+		return;
+	struct member *m = bpf_map_lookup_elem(&accel_members, &k);
+	if (m && m->cookie == bpf_get_socket_cookie(ops))
+		bpf_map_delete_elem(&accel_members, &k);
+}
+
+SEC("sockops")
+int accel_sockops(struct bpf_sock_ops *ops)
+{
+	switch (ops->op) {
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		join(ops, 1);
+		break;
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		join(ops, 0);
+		break;
+	case BPF_SOCK_OPS_TCP_LISTEN_CB:
+		track_listener(ops);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (ops->args[1] == TCP_CLOSE) {
+			if (ops->args[0] == TCP_LISTEN)
+				untrack_listener(ops);
+			else
+				leave(ops);
+		}
+		break;
+	default:
+		break;
+	}
+	return 1;
+}
+
+SEC("sk_msg")
+int accel_msg(struct sk_msg_md *msg)
+{
+	struct sock_key k = {}, peer = {};
+	if (msg->family == AF_INET) {
+		v4_mapped(k.local_ip6, msg->local_ip4);
+		v4_mapped(k.remote_ip6, msg->remote_ip4);
+	} else if (msg->family == AF_INET6) {
+		k.local_ip6[0] = msg->local_ip6[0];
+		k.local_ip6[1] = msg->local_ip6[1];
+		k.local_ip6[2] = msg->local_ip6[2];
+		k.local_ip6[3] = msg->local_ip6[3];
+		k.remote_ip6[0] = msg->remote_ip6[0];
+		k.remote_ip6[1] = msg->remote_ip6[1];
+		k.remote_ip6[2] = msg->remote_ip6[2];
+		k.remote_ip6[3] = msg->remote_ip6[3];
+	} else {
+		return SK_PASS;
+	}
+	k.local_port = msg->local_port;
+	k.remote_port = bpf_ntohl(msg->remote_port);
+	swap_key(&k, &peer);
+
+	/* Redirect only once the peer has joined; a send before that claims the normal path for
+	 * good (see enum member_state). */
+	struct member *me = bpf_map_lookup_elem(&accel_members, &k);
+	if (!me || me->state == FALLBACK) {
+		count(ACCEL_STAT_FALLBACKS, 1);
+		return SK_PASS;
+	}
+	if (me->state == PENDING && __sync_val_compare_and_swap(&me->state, PENDING, FALLBACK) == PENDING) {
+		/* The accepted end removes this socket from the map when it sees FALLBACK (sk_msg
+		 * programs may not delete from a SOCKHASH). */
+		count(ACCEL_STAT_FALLBACKS, 1);
+		return SK_PASS;
+	}
+	__u32 size = msg->size;
+	if (bpf_msg_redirect_hash(msg, &accel_socks, &peer, BPF_F_INGRESS) == SK_PASS) {
+		count(ACCEL_STAT_MESSAGES, 1);
+		count(ACCEL_STAT_BYTES, size);
+	} else {
+		/* The peer closed: the normal path reports it as without acceleration. */
+		count(ACCEL_STAT_FALLBACKS, 1);
+	}
+	return SK_PASS;
+}
+
+char LICENSE[] SEC("license") = "GPL";

@@ -1,0 +1,243 @@
+//! cgroup v2 directories: finding the v2 mount, resolving the user's `--cgroup` argument,
+//! creating and removing directories, moving processes, and naming a cgroup's pinned state.
+use crate::error::Error;
+use std::{
+    fs::File,
+    io::Write,
+    path::{Component, Path, PathBuf},
+};
+
+/// A cgroup v2 directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cgroup {
+    /// Where the cgroup v2 hierarchy is mounted.
+    pub mount: PathBuf,
+    /// The path below the mount, without leading slash ("" is the root cgroup).
+    pub rel: String,
+}
+
+/// The mount point of the cgroup v2 hierarchy, from /proc/self/mountinfo.
+pub fn v2_mount() -> Result<PathBuf, Error> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::io("cannot read /proc/self/mountinfo", e))?;
+    v2_mount_in(&info).ok_or_else(|| {
+        Error::Usage(
+            "no cgroup v2 hierarchy is mounted (mount one with `mount -t cgroup2 none /sys/fs/cgroup/unified`)".into(),
+        )
+    })
+}
+
+fn v2_mount_in(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        left.split_whitespace().nth(4).map(|p| PathBuf::from(unescape_mountinfo(p)))
+    })
+}
+
+/// mountinfo writes space, tab, newline and backslash as octal escapes (`\040`).
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl Cgroup {
+    /// Resolves `--cgroup PATH`: absolute (below the v2 mount) or relative to the v2 mount.
+    pub fn resolve(arg: &Path) -> Result<Cgroup, Error> {
+        Self::resolve_in(&v2_mount()?, arg)
+    }
+
+    fn resolve_in(mount: &Path, arg: &Path) -> Result<Cgroup, Error> {
+        let rel_path = if arg.is_absolute() {
+            arg.strip_prefix(mount).map_err(|_| {
+                Error::Usage(format!(
+                    "{} is not a cgroup v2 directory: cgroup v2 is mounted at {} (give a path below it, or one relative to it)",
+                    arg.display(),
+                    mount.display()
+                ))
+            })?
+        } else {
+            arg
+        };
+        let mut parts = Vec::new();
+        for c in rel_path.components() {
+            match c {
+                Component::Normal(p) => parts.push(p.to_string_lossy().into_owned()),
+                Component::CurDir | Component::RootDir => {}
+                _ => {
+                    return Err(Error::Usage(format!(
+                        "cgroup path {} must not contain `..` (give the path below {})",
+                        arg.display(),
+                        mount.display()
+                    )))
+                }
+            }
+        }
+        Ok(Cgroup { mount: mount.to_path_buf(), rel: parts.join("/") })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> PathBuf {
+        if self.rel.is_empty() {
+            self.mount.clone()
+        } else {
+            self.mount.join(&self.rel)
+        }
+    }
+
+    /// Creates the directory and any missing parents; returns the ones created, deepest last,
+    /// so a failed command can remove exactly those.
+    pub fn create(&self) -> Result<Vec<PathBuf>, Error> {
+        let mut created = Vec::new();
+        let mut dir = self.mount.clone();
+        for part in self.rel.split('/').filter(|p| !p.is_empty()) {
+            dir.push(part);
+            match std::fs::create_dir(&dir) {
+                Ok(()) => created.push(dir.clone()),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    remove_dirs(&created);
+                    return Err(Error::io(format!("cannot create cgroup {}", dir.display()), e));
+                }
+            }
+        }
+        if !self.path().join("cgroup.procs").exists() {
+            remove_dirs(&created);
+            return Err(Error::Usage(format!(
+                "{} is not a cgroup v2 directory (it has no cgroup.procs)",
+                self.path().display()
+            )));
+        }
+        Ok(created)
+    }
+
+    /// This cgroup and its ancestors up to the root, nearest first.
+    pub fn lineage(&self) -> Vec<Cgroup> {
+        let mut out = vec![self.clone()];
+        let mut rel = self.rel.as_str();
+        while !rel.is_empty() {
+            rel = rel.rsplit_once('/').map(|(parent, _)| parent).unwrap_or("");
+            out.push(Cgroup { mount: self.mount.clone(), rel: rel.to_string() });
+        }
+        out
+    }
+
+    /// True when `self` is `other` or lies below it.
+    pub fn is_within(&self, other: &Cgroup) -> bool {
+        other.rel.is_empty() || self.rel == other.rel || self.rel.starts_with(&format!("{}/", other.rel))
+    }
+
+    /// The name of this cgroup's directory of pinned state: the path below the mount with `%`
+    /// and `/` percent-encoded, so every cgroup has its own name and the name gives the path back.
+    pub fn pin_name(&self) -> String {
+        format!("%2F{}", self.rel.replace('%', "%25").replace('/', "%2F"))
+    }
+
+    /// The cgroup a pin directory name stands for (see `pin_name`).
+    pub fn from_pin_name(mount: &Path, name: &str) -> Option<Cgroup> {
+        let mut rest = name.strip_prefix("%2F")?;
+        let mut rel = String::new();
+        while let Some(i) = rest.find('%') {
+            rel.push_str(&rest[..i]);
+            match rest.get(i..i + 3)? {
+                "%2F" => rel.push('/'),
+                "%25" => rel.push('%'),
+                _ => return None,
+            }
+            rest = &rest[i + 3..];
+        }
+        rel.push_str(rest);
+        Some(Cgroup { mount: mount.to_path_buf(), rel })
+    }
+
+    /// The open file whose writes move a process into this cgroup ("0" moves the writer).
+    pub fn procs_file(&self) -> Result<File, Error> {
+        let path = self.path().join("cgroup.procs");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))
+    }
+
+    /// Moves process `pid` into this cgroup.
+    pub fn add_process(&self, pid: u32) -> Result<(), Error> {
+        let mut f = self.procs_file()?;
+        f.write_all(pid.to_string().as_bytes())
+            .map_err(|e| Error::io(format!("cannot move process {pid} into cgroup {}", self.path().display()), e))
+    }
+}
+
+impl std::fmt::Display for Cgroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.path().display())
+    }
+}
+
+/// Removes directories `create` made, deepest first; ignores failures (best-effort clean-up).
+pub fn remove_dirs(created: &[PathBuf]) {
+    for dir in created.iter().rev() {
+        let _ = std::fs::remove_dir(dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_v2_mount_in_mountinfo() {
+        let info = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
+                    40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd\n\
+                    41 31 0:38 / /sys/fs/cgroup/un\\040ified rw,relatime - cgroup2 cgroup2 rw\n";
+        assert_eq!(v2_mount_in(info), Some(PathBuf::from("/sys/fs/cgroup/un ified")));
+        assert_eq!(v2_mount_in("31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"), None);
+    }
+
+    #[test]
+    fn resolves_relative_and_absolute_paths() {
+        let m = Path::new("/cg");
+        assert_eq!(Cgroup::resolve_in(m, Path::new("a/b/")).unwrap().rel, "a/b");
+        assert_eq!(Cgroup::resolve_in(m, Path::new("/cg/a/b")).unwrap().rel, "a/b");
+        assert_eq!(Cgroup::resolve_in(m, Path::new("/cg")).unwrap().rel, "");
+        assert!(Cgroup::resolve_in(m, Path::new("/elsewhere/a")).is_err());
+        assert!(Cgroup::resolve_in(m, Path::new("a/../b")).is_err());
+    }
+
+    #[test]
+    fn pin_names_are_unique_and_reversible() {
+        let m = Path::new("/cg");
+        for rel in ["", "a", "a/b", "a_b", "a%2Fb", "x%y/z", "%/", "%2F"] {
+            let cg = Cgroup { mount: m.into(), rel: rel.into() };
+            assert!(!cg.pin_name().contains('/'));
+            assert_eq!(Cgroup::from_pin_name(m, &cg.pin_name()), Some(cg));
+        }
+        let a = Cgroup { mount: m.into(), rel: "a/b".into() };
+        let b = Cgroup { mount: m.into(), rel: "a%2Fb".into() };
+        assert_ne!(a.pin_name(), b.pin_name());
+    }
+
+    #[test]
+    fn lineage_and_containment() {
+        let cg = Cgroup { mount: "/cg".into(), rel: "a/b".into() };
+        let rels: Vec<String> = cg.lineage().into_iter().map(|c| c.rel).collect();
+        assert_eq!(rels, ["a/b", "a", ""]);
+        let a = Cgroup { mount: "/cg".into(), rel: "a".into() };
+        let ab2 = Cgroup { mount: "/cg".into(), rel: "ab".into() };
+        assert!(cg.is_within(&a));
+        assert!(!ab2.is_within(&a));
+        assert!(!a.is_within(&cg));
+    }
+}

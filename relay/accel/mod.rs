@@ -1,0 +1,423 @@
+//! accel: loopback acceleration for one cgroup's TCP connections. A sockops program on the cgroup
+//! puts every established TCP socket in a SOCKHASH; an sk_msg program on that map moves each
+//! sendmsg straight into the peer socket's receive queue when the peer is in the map too
+//! (probes/accel.bpf.c). The state is pinned under /sys/fs/bpf/skrelay/accel/<cgroup>/ so it
+//! outlives the command that turned it on.
+pub mod cgroup;
+mod pinned;
+
+use crate::{abi::accel_stat, bpffs, cli::AccelCommand, error::Error, sys};
+use aya::maps::{MapInfo, MapType};
+use cgroup::Cgroup;
+use std::{
+    fmt,
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+pub use pinned::MAX_PORTS;
+
+/// BPF_CGROUP_SOCK_OPS (uapi linux/bpf.h `enum bpf_attach_type`).
+const BPF_CGROUP_SOCK_OPS: u32 = 3;
+
+/// The directory holding one pin directory per accelerated cgroup.
+fn accel_root() -> Result<PathBuf, Error> {
+    Ok(bpffs::root()?.join("accel"))
+}
+
+/// One accelerated cgroup and its counters, as `skrelay accel status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccelReport {
+    pub cgroup: PathBuf,
+    /// Where its state is pinned.
+    pub pins: PathBuf,
+    /// Ports the acceleration is limited to; empty: every port.
+    pub ports: Vec<u16>,
+    /// False once `off` detached sockops but connections still hold the fast path.
+    pub attached: bool,
+    /// Sockets in the map now (both ends of an accelerated connection count).
+    pub sockets_open: u64,
+    /// Sockets that joined the map since `on`.
+    pub sockets_joined: u64,
+    /// Connections whose both ends joined, so their data bypasses TCP/IP.
+    pub connections: u64,
+    /// sendmsg calls (and their bytes) moved straight into the peer's receive queue.
+    pub messages: u64,
+    pub bytes: u64,
+    /// sendmsg calls of a joined socket whose peer was not in the map: normal TCP path.
+    pub fallbacks: u64,
+    /// Sockets that could not join because another sk_msg program already holds them.
+    pub insert_busy: u64,
+    /// Sockets that could not join for another reason, and the latest errno.
+    pub insert_failed: u64,
+    pub last_errno: u64,
+    /// Connections left on the normal path because the connecting end sent before the accepted
+    /// end could join (both ends then leave the map, so no byte is reordered).
+    pub races_lost: u64,
+}
+
+impl fmt::Display for AccelReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ports = if self.ports.is_empty() {
+            "all ports".to_string()
+        } else {
+            format!("ports {}", self.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(","))
+        };
+        let state = if self.attached { "on" } else { "draining (off: open connections keep the fast path)" };
+        writeln!(f, "accel {}: {state}, {ports}", self.cgroup.display())?;
+        writeln!(
+            f,
+            "  connections accelerated: {} ({} sockets joined, {} open now)",
+            self.connections, self.sockets_joined, self.sockets_open
+        )?;
+        writeln!(f, "  redirected: {} messages, {} bytes", self.messages, self.bytes)?;
+        write!(
+            f,
+            "  fell back to the normal path: {} messages; {} connections left unaccelerated (sent before the peer joined)",
+            self.fallbacks, self.races_lost
+        )?;
+        if self.insert_busy > 0 {
+            write!(
+                f,
+                "\n  WARNING: {} sockets could not join: another sk_msg program already holds them \
+                 (another accelerator attached to this cgroup, an ancestor or a child)",
+                self.insert_busy
+            )?;
+        }
+        if self.insert_failed > 0 {
+            write!(
+                f,
+                "\n  WARNING: {} sockets could not join: {}",
+                self.insert_failed,
+                std::io::Error::from_raw_os_error(self.last_errno as i32)
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl AccelReport {
+    /// The report as a JSON value (what `skrelay status --json` shows under `accel`).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "cgroup": self.cgroup.to_string_lossy(),
+            "pins": self.pins.to_string_lossy(),
+            "ports": self.ports,
+            "attached": self.attached,
+            "sockets_open": self.sockets_open,
+            "sockets_joined": self.sockets_joined,
+            "connections": self.connections,
+            "messages": self.messages,
+            "bytes": self.bytes,
+            "fallbacks": self.fallbacks,
+            "insert_busy": self.insert_busy,
+            "insert_failed": self.insert_failed,
+            "last_errno": self.last_errno,
+            "races_lost": self.races_lost,
+        })
+    }
+
+    /// One JSON object on one line (no trailing newline).
+    pub fn to_json(&self) -> String {
+        self.json().to_string()
+    }
+}
+
+/// accel's part of `skrelay status`: every accelerated cgroup with its counters.
+pub fn status_section() -> Result<crate::status::Section, Error> {
+    let reports = report()?;
+    let text = if reports.is_empty() {
+        "accel: no cgroup is accelerated".to_string()
+    } else {
+        reports.iter().map(AccelReport::to_string).collect::<Vec<_>>().join("\n")
+    };
+    let json = serde_json::json!({ "cgroups": reports.iter().map(AccelReport::json).collect::<Vec<_>>() });
+    Ok(crate::status::Section { name: "accel", text, json })
+}
+
+fn report_for(dir: &Path, cg: &Cgroup) -> Result<AccelReport, Error> {
+    let snap = pinned::snapshot(dir)?;
+    let s = |i: u32| snap.stats[i as usize];
+    Ok(AccelReport {
+        cgroup: cg.path(),
+        pins: dir.to_path_buf(),
+        ports: snap.ports,
+        attached: pinned::is_attached(dir),
+        sockets_open: snap.sockets_open,
+        sockets_joined: s(accel_stat::SOCKETS),
+        connections: s(accel_stat::CONNECTIONS),
+        messages: s(accel_stat::MESSAGES),
+        bytes: s(accel_stat::BYTES),
+        fallbacks: s(accel_stat::FALLBACKS),
+        insert_busy: s(accel_stat::INSERT_BUSY),
+        insert_failed: s(accel_stat::INSERT_FAILED),
+        last_errno: s(accel_stat::LAST_ERRNO),
+        races_lost: s(accel_stat::RACES_LOST),
+    })
+}
+
+/// Every cgroup skrelay accelerates, with its counters. Empty when there is none (or no bpffs).
+pub fn report() -> Result<Vec<AccelReport>, Error> {
+    let root = Path::new(bpffs::BPFFS).join("skrelay").join("accel");
+    if !root.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mount = cgroup::v2_mount()?;
+    let mut out = Vec::new();
+    for (name, dir) in pinned::list(&root) {
+        if let Some(cg) = Cgroup::from_pin_name(&mount, &name) {
+            out.push(report_for(&dir, &cg)?);
+        }
+    }
+    Ok(out)
+}
+
+/// The counters of one cgroup.
+pub fn report_cgroup(cgroup: &Path) -> Result<AccelReport, Error> {
+    let cg = Cgroup::resolve(cgroup)?;
+    let dir = accel_root()?.join(cg.pin_name());
+    if !dir.is_dir() {
+        return Err(Error::AccelNotOn { cgroup: cg.to_string(), pins: dir.display().to_string() });
+    }
+    report_for(&dir, &cg)
+}
+
+/// What `on` did.
+#[derive(Debug)]
+pub struct Enabled {
+    pub cgroup: Cgroup,
+    pub pins: PathBuf,
+    /// Cgroup directories `on` created (deepest last).
+    pub created: Vec<PathBuf>,
+}
+
+/// `skrelay accel on`: accelerates the TCP connections between processes of `cgroup` (created if
+/// missing), limited to `ports` when not empty.
+pub fn on(cgroup: &Path, ports: &[u16]) -> Result<Enabled, Error> {
+    if ports.len() > MAX_PORTS {
+        return Err(Error::Usage(format!("--ports lists {} ports; at most {MAX_PORTS} are supported", ports.len())));
+    }
+    if ports.contains(&0) {
+        return Err(Error::Usage("--ports: port 0 is not a port a connection can use; give ports 1 to 65535".into()));
+    }
+    let cg = Cgroup::resolve(cgroup)?;
+    let root = accel_root()?;
+    let _lock = bpffs::StateLock::acquire(&root)?;
+    let dir = root.join(cg.pin_name());
+    if dir.exists() {
+        return Err(Error::AccelAlreadyOn { cgroup: cg.to_string(), pins: dir.display().to_string() });
+    }
+    check_nested(&root, &cg)?;
+    let created = cg.create()?;
+    let result = check_foreign(&cg).and_then(|()| pinned::create(&dir, &cg, ports));
+    if let Err(e) = result {
+        cgroup::remove_dirs(&created);
+        return Err(e);
+    }
+    Ok(Enabled { cgroup: cg, pins: dir, created })
+}
+
+/// A socket holds one sk_msg program: a cgroup inside (or around) one skrelay already
+/// accelerates would see its inserts refused.
+fn check_nested(root: &Path, cg: &Cgroup) -> Result<(), Error> {
+    for (name, _) in pinned::list(root) {
+        let Some(other) = Cgroup::from_pin_name(&cg.mount, &name) else { continue };
+        let relation = if cg.is_within(&other) {
+            "lies inside"
+        } else if other.is_within(cg) {
+            "contains"
+        } else {
+            continue;
+        };
+        return Err(Error::AccelConflict {
+            cgroup: cg.to_string(),
+            reason: format!(
+                "it {relation} cgroup {other}, which skrelay already accelerates, and a socket can carry only one \
+                 sk_msg program (turn that one off with `skrelay accel off --cgroup {other}`, or pick a cgroup outside it)"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// A sockops program already running for this cgroup (attached here or on an ancestor) that
+/// puts sockets in a socket map would make our inserts fail: name it.
+fn check_foreign(cg: &Cgroup) -> Result<(), Error> {
+    let dir = std::fs::File::open(cg.path()).map_err(|e| Error::io(format!("cannot open cgroup {cg}"), e))?;
+    let Ok(effective) = sys::bpf_prog_query(&dir, BPF_CGROUP_SOCK_OPS, true) else { return Ok(()) };
+    for id in effective {
+        let Some(info) = aya::programs::loaded_programs().filter_map(|p| p.ok()).find(|p| p.id() == id) else {
+            continue;
+        };
+        let uses_sockmap = info.map_ids().ok().flatten().unwrap_or_default().into_iter().any(|m| {
+            MapInfo::from_id(m)
+                .ok()
+                .and_then(|i| i.map_type().ok())
+                .is_some_and(|t| matches!(t, MapType::SockHash | MapType::SockMap))
+        });
+        if !uses_sockmap {
+            continue;
+        }
+        let at = cg
+            .lineage()
+            .into_iter()
+            .find(|c| {
+                std::fs::File::open(c.path())
+                    .ok()
+                    .and_then(|f| sys::bpf_prog_query(&f, BPF_CGROUP_SOCK_OPS, false).ok())
+                    .is_some_and(|ids| ids.contains(&id))
+            })
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "an ancestor".into());
+        let name = info.name_as_str().unwrap_or("?").to_string();
+        return Err(Error::AccelConflict {
+            cgroup: cg.to_string(),
+            reason: format!(
+                "sockops program `{name}` (id {id}, attached to cgroup {at}) already puts these sockets in a socket \
+                 map, and a socket can carry only one sk_msg program (detach it first: `bpftool cgroup tree` shows it)"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// What `off` did.
+#[derive(Debug)]
+pub struct Disabled {
+    pub cgroup: Cgroup,
+    /// Accelerated sockets that were still open when the state was removed (with --force).
+    pub forced_sockets: u64,
+}
+
+/// `skrelay accel off`: stops accelerating new connections at once, waits up to `drain` for
+/// accelerated connections to close, then removes the pinned state. Connections still open after
+/// that keep the fast path and the state stays pinned (an error says so) unless `force`.
+pub fn off(cgroup: &Path, drain: Duration, force: bool) -> Result<Disabled, Error> {
+    let cg = Cgroup::resolve(cgroup)?;
+    let root = accel_root()?;
+    let _lock = bpffs::StateLock::acquire(&root)?;
+    let dir = root.join(cg.pin_name());
+    if !dir.is_dir() {
+        return Err(Error::AccelNotOn { cgroup: cg.to_string(), pins: dir.display().to_string() });
+    }
+    pinned::detach_sockops(&dir)?;
+    let deadline = Instant::now() + drain;
+    let mut open = pinned::snapshot(&dir)?.sockets_open;
+    while open > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        open = pinned::snapshot(&dir)?.sockets_open;
+    }
+    if open > 0 && !force {
+        return Err(Error::AccelBusy(format!(
+            "cgroup {cg}: {open} sockets of open connections still use the fast path, so the state at {} stays \
+             pinned (new connections are no longer accelerated); detaching them now could lose bytes still queued \
+             for them, so close them and run `skrelay accel off --cgroup {cg}` again, give --wait SECS, or add --force",
+            dir.display()
+        )));
+    }
+    pinned::remove(&dir);
+    Ok(Disabled { cgroup: cg, forced_sockets: open })
+}
+
+/// `skrelay accel run`: runs `cmd` in `cgroup` (or a fresh one), accelerated, and undoes what it
+/// set up when the command exits. Returns the command's exit status (128 + signal if killed).
+pub fn run(cgroup: Option<&Path>, cmd: &[String]) -> Result<i32, Error> {
+    let Some((program, args)) = cmd.split_first() else {
+        return Err(Error::Usage("accel run needs a command after `--`".into()));
+    };
+    let fresh = cgroup.is_none();
+    let target = match cgroup {
+        Some(p) => p.to_path_buf(),
+        None => PathBuf::from(format!("skrelay-run-{}", std::process::id())),
+    };
+    let cg = Cgroup::resolve(&target)?;
+    let already = accel_root()?.join(cg.pin_name()).is_dir();
+    let enabled = if already { None } else { Some(on(&target, &[])?) };
+    if let Some(e) = &enabled {
+        log::info!("accel: {} accelerated for the command (state at {})", e.cgroup, e.pins.display());
+    }
+    let result = spawn_in(&cg, program, args);
+    // Undo what we set up, whatever the command did.
+    if let Some(e) = &enabled {
+        if let Err(err) = off(&target, Duration::from_secs(5), false) {
+            log::warn!("accel: {err}");
+        }
+        if fresh {
+            cgroup::remove_dirs(&e.created);
+            if cg.path().exists() {
+                log::warn!("accel: cgroup {cg} still holds processes the command left running; it stays");
+            }
+        }
+    }
+    result
+}
+
+fn spawn_in(cg: &Cgroup, program: &str, args: &[String]) -> Result<i32, Error> {
+    let procs = cg.procs_file()?;
+    let procs_fd = procs.as_raw_fd();
+    let mut command = Command::new(program);
+    command.args(args);
+    // SAFETY: runs in the child between fork and exec; write(2) is async-signal-safe. "0" moves
+    // the writing process, so the command is in the cgroup before it creates any socket.
+    unsafe {
+        command.pre_exec(move || {
+            let r = libc::write(procs_fd, b"0".as_ptr() as *const libc::c_void, 1);
+            if r != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::Usage(format!("cannot run `{program}`: command not found")),
+        _ => Error::io(format!("cannot run `{program}` in cgroup {cg}"), e),
+    })?;
+    drop(procs);
+    // Forward termination signals to the command and stay alive to clean up after it.
+    let pid = child.id() as i32;
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
+        .map_err(|e| Error::io("cannot install signal handlers", e))?;
+    let handle = signals.handle();
+    let forwarder = std::thread::spawn(move || {
+        for sig in signals.forever() {
+            unsafe { libc::kill(pid, sig) };
+        }
+    });
+    let status = child.wait().map_err(|e| Error::io(format!("cannot wait for `{program}`"), e));
+    handle.close();
+    let _ = forwarder.join();
+    let status = status?;
+    use std::os::unix::process::ExitStatusExt;
+    Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}
+
+/// Runs one `skrelay accel` subcommand and prints its outcome.
+pub fn command(cmd: AccelCommand) -> Result<(), Error> {
+    match cmd {
+        AccelCommand::On { cgroup, ports } => {
+            let on = on(&cgroup, &ports)?;
+            println!("accel on: {} (state pinned at {})", on.cgroup, on.pins.display());
+        }
+        AccelCommand::Off { cgroup, wait, force } => {
+            let off = off(&cgroup, wait, force)?;
+            if off.forced_sockets > 0 {
+                println!("accel off: {} ({} open sockets detached by --force)", off.cgroup, off.forced_sockets);
+            } else {
+                println!("accel off: {}", off.cgroup);
+            }
+        }
+        AccelCommand::Run { cgroup, command } => std::process::exit(run(cgroup.as_deref(), &command)?),
+        AccelCommand::Status { json } => {
+            let reports = report()?;
+            if reports.is_empty() && !json {
+                println!("accel: no cgroup is accelerated");
+            }
+            for r in reports {
+                println!("{}", if json { r.to_json() } else { r.to_string() });
+            }
+        }
+    }
+    Ok(())
+}

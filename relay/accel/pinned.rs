@@ -1,0 +1,167 @@
+//! One accelerated cgroup's kernel state, pinned in its own bpffs directory so it outlives the
+//! command: the maps of probes/accel.bpf.c and the sockops link. The sk_msg program is attached
+//! to the `socks` map (aya 0.14 uses BPF_PROG_ATTACH there, not a link): the pinned map keeps it.
+use super::cgroup::Cgroup;
+use crate::{
+    abi::{accel_stat, AccelConfig, SockKey},
+    bpf,
+    error::Error,
+};
+use aya::{
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, SockHash},
+    programs::{links::FdLink, links::PinnedLink, CgroupAttachMode, SkMsg, SockOps},
+};
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+};
+
+/// max_entries of `accel_ports` in probes/accel.bpf.c.
+pub const MAX_PORTS: usize = 1024;
+
+const MAPS: [&str; 6] =
+    ["accel_socks", "accel_members", "accel_listeners", "accel_ports", "accel_config", "accel_stats"];
+const SOCKOPS_LINK: &str = "sockops_link";
+
+fn missing(what: &str) -> Error {
+    Error::BpfUnavailable { reason: format!("the embedded accel object has no {what}"), fix: "rebuild skrelay".into() }
+}
+
+/// Loads the programs, pins the maps in `dir`, attaches sk_msg to the socket map and sockops to
+/// the cgroup, and pins the sockops link. On failure everything pinned so far is removed.
+pub fn create(dir: &Path, cgroup: &Cgroup, ports: &[u16]) -> Result<(), Error> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+    let result = create_in(dir, cgroup, ports);
+    if result.is_err() {
+        remove(dir);
+    }
+    result
+}
+
+fn create_in(dir: &Path, cgroup: &Cgroup, ports: &[u16]) -> Result<(), Error> {
+    let mut bpf = bpf::load(bpf::objects::ACCEL)?;
+    for name in MAPS {
+        let map = bpf.map(name).ok_or_else(|| missing(&format!("map `{name}`")))?;
+        map.pin(dir.join(name)).map_err(|e| bpf::unavailable("pin the accel maps", &e))?;
+    }
+    {
+        let broken = |e: MapError| bpf::unavailable("fill the accel maps", &e);
+        let mut port_map: HashMap<&mut MapData, u32, u8> =
+            HashMap::try_from(bpf.map_mut("accel_ports").ok_or_else(|| missing("map `accel_ports`"))?)
+                .map_err(broken)?;
+        for &p in ports {
+            port_map.insert(u32::from(p), 1, 0).map_err(broken)?;
+        }
+        let mut config: Array<&mut MapData, AccelConfig> =
+            Array::try_from(bpf.map_mut("accel_config").ok_or_else(|| missing("map `accel_config`"))?)
+                .map_err(broken)?;
+        config.set(0, AccelConfig { filter_ports: u32::from(!ports.is_empty()) }, 0).map_err(broken)?;
+    }
+    let socks_fd = {
+        let socks: SockHash<&MapData, SockKey> =
+            SockHash::try_from(bpf.map("accel_socks").ok_or_else(|| missing("map `accel_socks`"))?)
+                .map_err(|e| bpf::unavailable("open the accel socket map", &e))?;
+        socks.fd().try_clone().map_err(|e| bpf::unavailable("open the accel socket map", &e))?
+    };
+
+    let msg: &mut SkMsg =
+        bpf.program_mut("accel_msg").and_then(|p| p.try_into().ok()).ok_or_else(|| missing("program `accel_msg`"))?;
+    msg.load().map_err(|e| bpf::unavailable("load the sk_msg program", &e))?;
+    let id = msg.attach(&socks_fd).map_err(|e| bpf::unavailable("attach the sk_msg program", &e))?;
+    // Dropping the attachment would detach it: the pinned map keeps the program attached instead.
+    std::mem::forget(msg.take_link(id).map_err(|e| bpf::unavailable("attach the sk_msg program", &e))?);
+
+    let ops: &mut SockOps = bpf
+        .program_mut("accel_sockops")
+        .and_then(|p| p.try_into().ok())
+        .ok_or_else(|| missing("program `accel_sockops`"))?;
+    ops.load().map_err(|e| bpf::unavailable("load the sockops program", &e))?;
+    let cg_dir = File::open(cgroup.path()).map_err(|e| Error::io(format!("cannot open cgroup {cgroup}"), e))?;
+    let id = ops
+        .attach(cg_dir, CgroupAttachMode::Single)
+        .map_err(|e| bpf::unavailable("attach sockops to the cgroup", &e))?;
+    let link = ops.take_link(id).map_err(|e| bpf::unavailable("attach sockops to the cgroup", &e))?;
+    let link: FdLink = link.try_into().map_err(|_| Error::BpfUnavailable {
+        reason: "the kernel attached sockops without a bpf_link, which cannot be pinned".into(),
+        fix: "skrelay accel needs Linux 5.7 or newer".into(),
+    })?;
+    link.pin(dir.join(SOCKOPS_LINK)).map_err(|e| bpf::unavailable("pin the sockops link", &e))?;
+    Ok(())
+}
+
+/// Detaches sockops from the cgroup: no new connection joins; joined ones stay accelerated while
+/// the maps are pinned.
+pub fn detach_sockops(dir: &Path) -> Result<(), Error> {
+    let path = dir.join(SOCKOPS_LINK);
+    if !path.exists() {
+        return Ok(());
+    }
+    let link = PinnedLink::from_pin(&path).map_err(|e| bpf::unavailable("open the pinned sockops link", &e))?;
+    let link = link.unpin().map_err(|e| Error::io(format!("cannot remove {}", path.display()), e))?;
+    drop(link); // the last reference: the kernel detaches the program
+    Ok(())
+}
+
+/// True while sockops is attached (the link is pinned).
+pub fn is_attached(dir: &Path) -> bool {
+    dir.join(SOCKOPS_LINK).exists()
+}
+
+/// Removes every pin in `dir` and the directory (best effort: used on error paths too). The maps
+/// go when their last reference does, which removes the sockets from the map and the sk_msg
+/// program from the sockets.
+pub fn remove(dir: &Path) {
+    let _ = detach_sockops(dir);
+    for name in MAPS {
+        let _ = std::fs::remove_file(dir.join(name));
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+fn open_map(dir: &Path, name: &str) -> Result<Map, Error> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).map_err(|e| bpf::unavailable(&format!("open {}", path.display()), &e))?;
+    Map::from_map_data(data).map_err(|e| bpf::unavailable(&format!("open {}", path.display()), &e))
+}
+
+/// What the pinned maps of one accelerated cgroup say.
+pub struct Snapshot {
+    pub ports: Vec<u16>,
+    /// Sockets in the socket map now (each open accelerated connection counts twice).
+    pub sockets_open: u64,
+    /// Counters summed over CPUs, by `accel_stat` index (LAST_ERRNO: the largest).
+    pub stats: Vec<u64>,
+}
+
+pub fn snapshot(dir: &Path) -> Result<Snapshot, Error> {
+    let broken = |e: MapError| bpf::unavailable("read the accel maps", &e);
+    let stats_map: PerCpuArray<MapData, u64> = PerCpuArray::try_from(open_map(dir, "accel_stats")?).map_err(broken)?;
+    let mut stats = Vec::new();
+    for idx in 0..accel_stat::MAX {
+        let per_cpu = stats_map.get(&idx, 0).map_err(broken)?;
+        stats.push(if idx == accel_stat::LAST_ERRNO {
+            per_cpu.iter().copied().max().unwrap_or(0)
+        } else {
+            per_cpu.iter().sum()
+        });
+    }
+    let socks: SockHash<MapData, SockKey> = SockHash::try_from(open_map(dir, "accel_socks")?).map_err(broken)?;
+    let sockets_open = socks.keys().filter(|k| k.is_ok()).count() as u64;
+    let config: Array<MapData, AccelConfig> = Array::try_from(open_map(dir, "accel_config")?).map_err(broken)?;
+    let mut ports = Vec::new();
+    if config.get(&0, 0).map_err(broken)?.filter_ports != 0 {
+        let port_map: HashMap<MapData, u32, u8> = HashMap::try_from(open_map(dir, "accel_ports")?).map_err(broken)?;
+        ports = port_map.keys().filter_map(|k| k.ok()).filter_map(|p| u16::try_from(p).ok()).collect();
+        ports.sort_unstable();
+    }
+    Ok(Snapshot { ports, sockets_open, stats })
+}
+
+/// The pin directories under `root` (one per accelerated cgroup), by name.
+pub fn list(root: &Path) -> Vec<(String, PathBuf)> {
+    let mut out: Vec<(String, PathBuf)> = std::fs::read_dir(root)
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| (e.file_name().to_string_lossy().into_owned(), e.path())).collect())
+        .unwrap_or_default();
+    out.sort();
+    out
+}

@@ -1,0 +1,292 @@
+#!/usr/bin/env python3
+"""TCP peers for tests/accel.rs, run inside (or outside) an accelerated cgroup.
+
+Every byte stream is a sequence of 64 KiB chunks, each starting with its index, so a lost,
+duplicated or reordered chunk changes the sha256 the test compares. Results are printed as
+`key value...` lines on stdout.
+
+  serve HOST PORT             accept one connection; echo-less exchange: send BYTES (from the
+                              client's first 8 bytes) while reading to EOF; print sha256s
+  connect HOST PORT BYTES     connect, send BYTES while reading to EOF; print sha256s
+  halfclose HOST              client sends, shuts down writing; server reads to EOF, replies, closes
+  reset HOST                  client sends 1 MiB then resets; server reads after the RST arrived
+  rpc-serve HOST PORT ROUNDS  request/response server: read an 8-byte request, work 50 ms, reply
+  rpc-connect HOST PORT ROUNDS [poll]
+                              send a request, wait for the reply; after the last request
+                              half-close first. Print `rpc ok` or the error. Without `poll` the
+                              reply is read with a blocking recv (which must never fail with
+                              EAGAIN: the 6.18 limitation in README); with `poll`, as everywhere
+                              else here, the way event loops read.
+  pause HOST BYTES            both ends queue data unread, print `ready`, wait for a line on stdin,
+                              then finish the exchange: a window for `accel off` with bytes queued
+"""
+import hashlib
+import select
+import socket
+import struct
+import sys
+import threading
+import time
+
+CHUNK = 64 * 1024
+
+
+def family(host):
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def recv_ready(sock, n):
+    """Up to n bytes (b"" at EOF), read the way event loops do: poll for POLLIN, then a
+    non-blocking recv, retrying when it says EAGAIN. Every reader here uses this except the
+    blocking rpc client: on 6.18 a blocking recv on an accelerated socket can fail with EAGAIN
+    after an empty wake-up (README, accel limitation), and the other tests are not about that."""
+    p = select.poll()
+    p.register(sock, select.POLLIN)
+    while True:
+        p.poll()
+        try:
+            return sock.recv(n, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            continue
+
+
+def chunk(seed, i):
+    base = hashlib.sha256(struct.pack("<QQ", seed, i % 64)).digest() * (CHUNK // 32)
+    return struct.pack("<QQ", seed, i) + base[16:]
+
+
+def send_stream(sock, seed, total, out, shut=True):
+    h = hashlib.sha256()
+    i = sent = 0
+    while sent < total:
+        data = chunk(seed, i)[: min(CHUNK, total - sent)]
+        sock.sendall(data)
+        h.update(data)
+        sent += len(data)
+        i += 1
+    if shut:
+        sock.shutdown(socket.SHUT_WR)
+    out["sent"] = (sent, h.hexdigest())
+
+
+def recv_stream(sock, out):
+    h = hashlib.sha256()
+    got = 0
+    while True:
+        b = recv_ready(sock, 256 * 1024)
+        if not b:
+            break
+        h.update(b)
+        got += len(b)
+    out["received"] = (got, h.hexdigest())
+
+
+def exchange(sock, seed, total):
+    out = {}
+    t = threading.Thread(target=send_stream, args=(sock, seed, total, out))
+    t.start()
+    recv_stream(sock, out)
+    t.join()
+    print("sent %d %s" % out["sent"])
+    print("received %d %s" % out["received"])
+    sys.stdout.flush()
+
+
+def serve(host, port):
+    lst = socket.socket(family(host))
+    lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lst.bind((host, port))
+    lst.listen()
+    print("listening", flush=True)
+    conn, _ = lst.accept()
+    total = struct.unpack("<Q", recv_exact(conn, 8))[0]
+    exchange(conn, 2, total)
+
+
+def connect(host, port, total):
+    sock = socket.create_connection((host, port))
+    sock.sendall(struct.pack("<Q", total))
+    exchange(sock, 1, total)
+
+
+def recv_exact(sock, n, blocking=False):
+    b = b""
+    while len(b) < n:
+        r = sock.recv(n - len(b)) if blocking else recv_ready(sock, n - len(b))
+        if not r:
+            raise EOFError("connection closed after %d of %d bytes" % (len(b), n))
+        b += r
+    return b
+
+
+def pair(host):
+    lst = socket.socket(family(host))
+    lst.bind((host, 0))
+    lst.listen()
+    cli = socket.socket(family(host))
+    cli.connect(lst.getsockname()[:2])
+    srv, _ = lst.accept()
+    return cli, srv
+
+
+def halfclose(host):
+    cli, srv = pair(host)
+    cli.sendall(b"request " * 1000)
+    cli.shutdown(socket.SHUT_WR)
+    req = b""
+    while True:
+        b = recv_ready(srv, 65536)
+        if not b:
+            break
+        req += b
+    srv.sendall(b"reply:" + hashlib.sha256(req).hexdigest().encode())
+    srv.close()
+    reply = b""
+    while True:
+        b = recv_ready(cli, 65536)
+        if not b:
+            break
+        reply += b
+    print("request %d" % len(req))
+    print("reply %s" % reply.decode())
+    # Writing after the peer closed: the first send succeeds or fails, then EPIPE/ECONNRESET.
+    errs = []
+    for _ in range(3):
+        try:
+            cli.send(b"x")
+            errs.append("ok")
+        except OSError as e:
+            errs.append(type(e).__name__)
+        time.sleep(0.05)
+    print("after-close %s" % ",".join(errs))
+
+
+def reset(host):
+    cli, srv = pair(host)
+    cli.sendall(b"r" * (1 << 20))
+    cli.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    cli.close()
+    time.sleep(0.2)
+    got = 0
+    outcome = "eof"
+    try:
+        while True:
+            b = recv_ready(srv, 65536)
+            if not b:
+                break
+            got += len(b)
+    except OSError as e:
+        outcome = type(e).__name__
+    print("before-error %d" % got)
+    print("outcome %s" % outcome)
+    try:
+        srv.send(b"x")
+        print("send ok")
+    except OSError as e:
+        print("send %s" % type(e).__name__)
+
+
+def rpc_serve(host, port, rounds):
+    lst = socket.socket(family(host))
+    lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lst.bind((host, port))
+    lst.listen()
+    print("listening", flush=True)
+    conn, _ = lst.accept()
+    for _ in range(rounds):
+        req = recv_exact(conn, 8)
+        time.sleep(0.05)  # the server's work: the client is blocked in recv meanwhile
+        conn.sendall(b"re" + req[2:])
+    conn.close()
+    print("served %d" % rounds)
+
+
+def rpc_connect(host, port, rounds, blocking):
+    sock = socket.create_connection((host, port))
+    outcome = "ok"
+    for i in range(rounds):
+        req = b"rq%06d" % i
+        sock.sendall(req)
+        if i == rounds - 1:
+            sock.shutdown(socket.SHUT_WR)  # last request: half-close, then wait for the reply
+        try:
+            if recv_exact(sock, 8, blocking) != b"re" + req[2:]:
+                outcome = "wrong-reply-in-round-%d" % i
+                break
+        except OSError as e:
+            outcome = "%s-in-round-%d" % (type(e).__name__, i)
+            break
+    print("rpc %s" % outcome)
+
+
+def pause(host, total):
+    cli, srv = pair(host)
+    outs = [{}, {}]
+    queued = []
+    for sock, seed in ((cli, 1), (srv, 2)):
+        sock.setblocking(False)
+        h = hashlib.sha256()
+        sent = i = 0
+        try:
+            while sent < total // 2:
+                data = chunk(seed, i)
+                n = sock.send(data)
+                h.update(data[:n])
+                sent += n
+                if n < len(data):
+                    break
+                i += 1
+        except BlockingIOError:
+            pass
+        sock.setblocking(True)
+        queued.append((sock, seed, sent, h, i))
+    print("ready %d %d" % (queued[0][2], queued[1][2]), flush=True)
+    sys.stdin.readline()
+
+    def finish(sock, seed, sent, h, i, out):
+        # Resume the stream exactly where the non-blocking phase stopped.
+        first = True
+        while sent < total:
+            data = chunk(seed, i)
+            if first:
+                data = data[sent - i * CHUNK:]
+                first = False
+            data = data[: total - sent]
+            sock.sendall(data)
+            h.update(data)
+            sent += len(data)
+            i += 1
+        sock.shutdown(socket.SHUT_WR)
+        out["sent"] = (sent, h.hexdigest())
+
+    threads = []
+    for (sock, seed, sent, h, i), out in zip(queued, outs):
+        threads.append(threading.Thread(target=finish, args=(sock, seed, sent, h, i, out)))
+        threads.append(threading.Thread(target=recv_stream, args=(sock, out)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for name, out in (("client", outs[0]), ("server", outs[1])):
+        print("%s sent %d %s" % ((name,) + out["sent"]))
+        print("%s received %d %s" % ((name,) + out["received"]))
+
+
+if __name__ == "__main__":
+    mode, args = sys.argv[1], sys.argv[2:]
+    if mode == "serve":
+        serve(args[0], int(args[1]))
+    elif mode == "connect":
+        connect(args[0], int(args[1]), int(args[2]))
+    elif mode == "halfclose":
+        halfclose(args[0])
+    elif mode == "reset":
+        reset(args[0])
+    elif mode == "rpc-serve":
+        rpc_serve(args[0], int(args[1]), int(args[2]))
+    elif mode == "rpc-connect":
+        rpc_connect(args[0], int(args[1]), int(args[2]), args[3:] != ["poll"])
+    elif mode == "pause":
+        pause(args[0], int(args[1]))
+    else:
+        sys.exit("unknown mode " + mode)
