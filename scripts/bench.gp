@@ -30,7 +30,7 @@ set title "Ping-pong p99, unpinned, microseconds (lower is better)"
 plot datafile index 3 using 1:3:xtic(2) with boxes lc rgb "#c03d3e", \
      '' index 3 using 1:3:4:5 with yerrorbars lc rgb "black" pt -1 lw 1.5, \
      '' index 3 using 1:3:(sprintf("%.1f", $3)) with labels offset 0,0.8 font ",9"
-set title "Connections per second through (higher is better)"
+set title "Connections per second, direct and through proxies (higher is better)"
 plot datafile index 4 using 1:3:xtic(2) with boxes lc rgb "#9372b2", \
      '' index 4 using 1:3:4:5 with yerrorbars lc rgb "black" pt -1 lw 1.5, \
      '' index 4 using 1:3:(sprintf("%.0f", $3)) with labels offset 0,0.8 font ",9"
