@@ -239,6 +239,25 @@ fn sockopt_int(fd: &impl AsRawFd, level: libc::c_int, name: libc::c_int) -> io::
     Ok(v)
 }
 
+/// Sets a socket's send buffer to `bytes` (the kernel doubles it for overhead), past
+/// net.core.wmem_max with SO_SNDBUFFORCE when the process has CAP_NET_ADMIN, else as far as
+/// SO_SNDBUF allows.
+pub fn set_send_buffer(fd: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
+    let set = |name| {
+        let ret = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                name,
+                &bytes as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        check(ret as libc::c_long).map(|_| ())
+    };
+    set(libc::SO_SNDBUFFORCE).or_else(|_| set(libc::SO_SNDBUF))
+}
+
 /// What kind of socket a descriptor is: (SO_DOMAIN, SO_PROTOCOL, SO_ACCEPTCONN), or `None` when
 /// it is not a socket at all.
 pub fn socket_kind(fd: &impl AsRawFd) -> io::Result<Option<(i32, i32, bool)>> {

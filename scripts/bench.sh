@@ -1,0 +1,258 @@
+#!/usr/bin/env bash
+# Benchmarks skrelay against what users pick instead and writes BENCHMARKS.md + BENCHMARKS.png.
+#
+#   scripts/bench.sh           full run, about 10 minutes on a 2-core machine
+#   scripts/bench.sh --quick   smoke run, 1-2 minutes (smaller transfers, fewer round trips)
+#   scripts/bench.sh --note "text"   adds a note under the header (e.g. "busy machine")
+#
+# Contenders run interleaved (A B C A B C) so drift hits all of them; the report takes medians.
+# skrelay proxy and skrelay accel are measured when this build has them (`--help` succeeds).
+# Not part of cargo test or CI. Needs root (BPF, taskset of other processes, apt-get).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+mode=full
+note=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) mode=quick ;;
+    --note) note="$2"; shift ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    *) echo "bench.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+if [ "$mode" = quick ]; then
+  runs=3; bulk_bytes=$((256 << 20)); round_trips=5000; warmup=1000; conn_secs=1; idle_runs=1; idle_pairs=1000
+else
+  runs=5; bulk_bytes=$((1 << 30)); round_trips=20000; warmup=2000; conn_secs=3; idle_runs=3; idle_pairs=10000
+fi
+conn_clients=2
+
+# --- tools -------------------------------------------------------------------------------------
+need=()
+command -v gnuplot >/dev/null || need+=(gnuplot-nox)
+command -v haproxy >/dev/null || need+=(haproxy)
+command -v socat >/dev/null || need+=(socat)
+command -v taskset >/dev/null || need+=(util-linux)
+if [ "${#need[@]}" -gt 0 ]; then
+  echo "bench: installing ${need[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+echo "bench: building (release)" >&2
+cargo build --release --quiet --bin skrelay --example bench
+sk="$root/target/release/skrelay"
+bench="$root/target/release/examples/bench"
+
+work=$(mktemp -d /tmp/skrelay-bench.XXXXXX)
+results="$work/results.tsv"
+log="$work/bench.log"
+: >"$results"
+echo "bench: logs and raw results in $work" >&2
+
+# --- contenders --------------------------------------------------------------------------------
+upstream=127.0.0.1:17100
+declare -A addr pid via
+contenders=(direct)
+via[direct]=direct
+daemons=()
+
+cleanup() {
+  for p in "${daemons[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${daemons[@]}"; do wait "$p" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+wait_listening() { # name port
+  for _ in $(seq 100); do
+    ss -ltnH "sport = :$2" | grep -q . && return 0
+    sleep 0.1
+  done
+  echo "bench: $1 did not start listening on port $2; see $work/$1.log" >&2
+  return 1
+}
+
+start() { # name port via cmd...
+  local name=$1 port=$2 kind=$3
+  shift 3
+  "$@" >"$work/$name.log" 2>&1 &
+  local p=$!
+  daemons+=("$p")
+  if wait_listening "$name" "$port"; then
+    contenders+=("$name"); addr[$name]=127.0.0.1:$port; pid[$name]=$p; via[$name]=$kind
+  else
+    kill "$p" 2>/dev/null || true
+  fi
+}
+
+have_proxy=no; have_accel=no
+"$sk" proxy --help >/dev/null 2>&1 && have_proxy=yes
+"$sk" accel --help >/dev/null 2>&1 && have_accel=yes
+
+start relay-kernel 17001 relay "$sk" relay --listen 127.0.0.1:17001 --datapath kernel
+start relay-userspace 17002 relay "$sk" relay --listen 127.0.0.1:17002 --datapath userspace
+if [ $have_proxy = yes ]; then
+  start proxy-kernel 17003 proxy "$sk" proxy --upstream $upstream --listen 127.0.0.1:17003 --datapath kernel
+  start proxy-userspace 17004 proxy "$sk" proxy --upstream $upstream --listen 127.0.0.1:17004 --datapath userspace
+fi
+start socat 17005 proxy socat TCP-LISTEN:17005,bind=127.0.0.1,fork,reuseaddr,backlog=4096 TCP:$upstream
+# HAProxy reserves ~2.5 descriptors per connection (2 sockets + a share of splice pipes) and
+# refuses to start when that exceeds RLIMIT_NOFILE's hard limit.
+haproxy_maxconn=$(( ($(ulimit -Hn) - 200) * 2 / 5 ))
+cat >"$work/haproxy.cfg" <<EOF
+global
+    maxconn $haproxy_maxconn
+    nbthread 1
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+    option splice-request
+    option splice-response
+frontend bench
+    bind 127.0.0.1:17006
+    maxconn $haproxy_maxconn
+    default_backend upstream
+backend upstream
+    server s1 $upstream
+EOF
+start haproxy 17006 proxy haproxy -db -f "$work/haproxy.cfg"
+if [ $have_accel = yes ]; then
+  contenders+=(accel); via[accel]=direct
+fi
+
+# --- running one measurement --------------------------------------------------------------------
+step=0; total_steps=0; t_start=$(date +%s)
+progress() {
+  local el=$(( $(date +%s) - t_start ))
+  printf '\r\033[K[%3d/%d %3d%% %dm%02ds] %s' "$step" "$total_steps" $(( step * 100 / (total_steps > 0 ? total_steps : 1) )) \
+    $(( el / 60 )) $(( el % 60 )) "$*" >&2
+}
+
+pin() { # contender cpus: move the daemon (all its threads) to these CPUs
+  local p=${pid[$1]:-}
+  [ -n "$p" ] || return 0
+  taskset -a -p -c "$2" "$p" >/dev/null 2>&1 || true
+}
+
+# measure contender metric-prefix subcommand args...: runs the bench client through the contender.
+measure() {
+  local c=$1 what=$2
+  shift 2
+  local cmd=("$bench" "$@" --via "${via[$c]}" --upstream "$upstream")
+  [ -n "${addr[$c]:-}" ] && cmd+=(--addr "${addr[$c]}")
+  [ "$c" = accel ] && cmd=("$sk" accel run -- "${cmd[@]}")
+  [ "$what" = pinned ] && cmd=(taskset -c 0 "${cmd[@]}")
+  local out
+  if out=$(timeout 300 "${cmd[@]}" 2>>"$log"); then
+    echo "$c $what: $out" >>"$log"
+    echo "$out"
+  else
+    echo "$c $what: FAILED: ${cmd[*]}" >>"$log"
+    return 1
+  fi
+}
+
+field() { sed -n "s/.*[ ]$1=\([^ ]*\).*/\1/p"; }
+record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$results"; }
+
+proxyish=(); idleish=()
+for c in "${contenders[@]}"; do
+  case "${via[$c]}" in proxy) proxyish+=("$c") ;; esac
+  case "$c" in relay-*|proxy-*|haproxy) idleish+=("$c") ;; esac
+done
+conn_set=(direct "${proxyish[@]}")
+total_steps=$(( runs * ${#contenders[@]} * 3 + runs * ${#conn_set[@]} + idle_runs * ${#idleish[@]} ))
+
+echo "bench: $mode run; contenders: ${contenders[*]}" >&2
+for r in $(seq "$runs"); do
+  for c in "${contenders[@]}"; do
+    step=$((step + 1)); progress "bulk $c (run $r/$runs)"
+    if out=$(measure "$c" bulk bulk --bytes "$bulk_bytes"); then
+      record "$c" gbps "$(field gbps <<<"$out")"
+      record "$c" cpu_s_per_gib "$(field cpu_s_per_gib <<<"$out")"
+      record "$c" softirq_s_per_gib "$(field softirq_s_per_gib <<<"$out")"
+    fi
+  done
+done
+for r in $(seq "$runs"); do
+  for c in "${contenders[@]}"; do
+    step=$((step + 1)); progress "ping-pong unpinned $c (run $r/$runs)"
+    if out=$(measure "$c" unpinned pingpong --round-trips "$round_trips" --warmup "$warmup"); then
+      record "$c" unpinned_p50_us "$(field p50_us <<<"$out")"
+      record "$c" unpinned_p99_us "$(field p99_us <<<"$out")"
+    fi
+  done
+done
+for r in $(seq "$runs"); do
+  for c in "${contenders[@]}"; do
+    step=$((step + 1)); progress "ping-pong pinned to CPU 0 $c (run $r/$runs)"
+    pin "$c" 0
+    if out=$(measure "$c" pinned pingpong --round-trips "$round_trips" --warmup "$warmup"); then
+      record "$c" pinned_p50_us "$(field p50_us <<<"$out")"
+      record "$c" pinned_p99_us "$(field p99_us <<<"$out")"
+    fi
+    pin "$c" "0-$(( $(nproc) - 1 ))"
+  done
+done
+for r in $(seq "$runs"); do
+  for c in "${conn_set[@]}"; do
+    step=$((step + 1)); progress "connections/s $c (run $r/$runs)"
+    if out=$(measure "$c" connect connect-rate --secs "$conn_secs" --clients "$conn_clients"); then
+      record "$c" conn_per_sec "$(field per_sec <<<"$out")"
+    fi
+  done
+done
+# Idle pairs: what fits under RLIMIT_NOFILE's hard limit (the daemons cannot raise it past that),
+# less some descriptors for the listener, epoll, BPF maps and logs.
+nofile_hard=$(ulimit -Hn)
+idle_requested=""
+for r in $(seq "$idle_runs"); do
+  for c in "${idleish[@]}"; do
+    per_pair=2
+    [[ "$c" == *-userspace ]] && per_pair=6
+    want=$(( (nofile_hard - 100) / per_pair ))
+    [ "$c" = haproxy ] && want=$(( haproxy_maxconn - 10 ))
+    [ "$want" -gt "$idle_pairs" ] && want=$idle_pairs
+    [ "$r" = 1 ] && idle_requested+="${idle_requested:+, }$c $want"
+    step=$((step + 1)); progress "idle pairs $c: $want (run $r/$idle_runs)"
+    if out=$(measure "$c" idle idle-pairs --pairs "$want" --pid "${pid[$c]}"); then
+      record "$c" idle_bytes_per_pair "$(field bytes_per_pair <<<"$out")"
+      record "$c" idle_slab_bytes_per_pair "$(field kernel_slab_bytes_per_pair <<<"$out")"
+      record "$c" idle_pairs_held "$(field held <<<"$out")"
+    fi
+    sleep 1 # let the daemon close the previous pairs
+  done
+done
+progress "done"; echo >&2
+
+# --- report ------------------------------------------------------------------------------------
+cleanup; daemons=()
+failures=$(grep -c ': FAILED: ' "$log" || true)
+cat >"$work/meta.env" <<EOF
+date=$(date -u '+%Y-%m-%d %H:%M UTC')
+git=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- relay probes examples scripts || echo ' + uncommitted changes')
+mode=$mode
+note=$note
+runs=$runs (connections: $runs, idle pairs: $idle_runs)
+bulk_bytes_h=$(( bulk_bytes >> 20 )) MiB
+round_trips=$round_trips
+warmup=$warmup
+conn_clients=$conn_clients
+conn_secs=$conn_secs
+cpus=$(nproc)
+cpu_model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
+mem=$(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)
+kernel=$(uname -r)
+haproxy=$(haproxy -v | head -1 | awk '{print $3}')
+nofile_hard=$nofile_hard
+idle_requested=$idle_requested
+failures=$failures
+EOF
+"$bench" report --results "$results" --meta "$work/meta.env" --out BENCHMARKS.md --chart-data "$work/chart.dat"
+gnuplot -e "datafile='$work/chart.dat'; outfile='BENCHMARKS.png'; subtitle='$mode run, $(date -u +%Y-%m-%d), Linux $(uname -r), $(nproc) vCPUs'" scripts/bench.gp
+echo "bench: wrote BENCHMARKS.md and BENCHMARKS.png ($failures failed measurement(s); log: $log)" >&2
