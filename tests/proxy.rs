@@ -31,20 +31,7 @@ fn every_byte_arrives_in_order_both_ways_and_half_close_keeps_the_other_way() {
         let upstream = TcpListener::bind("127.0.0.1:9000").unwrap();
         let proxy = Skrelay::start(&["proxy", "--datapath", dp, "--upstream", "127.0.0.1:9000"]);
         let (client, server) = through(&upstream);
-        let run = |s: TcpStream, seed: u64| {
-            thread::spawn(move || {
-                let mut w = s.try_clone().unwrap();
-                let writer = thread::spawn(move || {
-                    let sha = send_pattern(&mut w, seed, LEN).unwrap();
-                    w.shutdown(Shutdown::Write).unwrap();
-                    sha
-                });
-                let mut r = s;
-                let got = recv_all(&mut r).unwrap();
-                (writer.join().unwrap(), got)
-            })
-        };
-        let (jc, js) = (run(client, 1), run(server, 2));
+        let (jc, js) = (exchange(client, 1, LEN), exchange(server, 2, LEN));
         let (sent_c, got_c) = jc.join().unwrap();
         let (sent_s, got_s) = js.join().unwrap();
         assert_eq!(got_s, (LEN, sent_c), "{dp}: client -> upstream");

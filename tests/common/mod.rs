@@ -214,17 +214,7 @@ fn splitmix(mut z: u64) -> u64 {
 
 /// sha256 of the first `len` bytes of pattern `seed`.
 pub fn pattern_sha(seed: u64, len: u64) -> String {
-    let mut p = Pattern::new(seed);
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        p.fill(&mut buf[..n]);
-        h.update(&buf[..n]);
-        left -= n as u64;
-    }
-    hex(&h.finalize())
+    send_pattern(&mut std::io::sink(), seed, len).expect("a sink takes every byte")
 }
 
 /// Writes `len` bytes of pattern `seed`; returns their sha256.
@@ -241,6 +231,22 @@ pub fn send_pattern(w: &mut impl Write, seed: u64, len: u64) -> std::io::Result<
         left -= n as u64;
     }
     Ok(hex(&h.finalize()))
+}
+
+/// Sends `len` bytes of pattern `seed` from `s` and then shuts down its write side, while reading
+/// everything from `s` to EOF: (sha sent, (bytes received, sha received)).
+pub fn exchange(s: std::net::TcpStream, seed: u64, len: u64) -> std::thread::JoinHandle<(String, (u64, String))> {
+    std::thread::spawn(move || {
+        let mut w = s.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            let sha = send_pattern(&mut w, seed, len).expect("send");
+            w.shutdown(std::net::Shutdown::Write).unwrap();
+            sha
+        });
+        let mut r = s;
+        let got = recv_all(&mut r).expect("receive");
+        (writer.join().unwrap(), got)
+    })
 }
 
 /// Reads to EOF: (bytes, sha256).
