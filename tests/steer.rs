@@ -454,3 +454,24 @@ fn steer_list_reads_an_empty_netns_without_creating_state() {
     assert!(!std::path::Path::new(&state_dir()).exists(), "looking created {}", state_dir());
     assert!(ok(&["steer", "reset"]).contains("nothing to reset"));
 }
+
+#[test]
+fn bpffs_that_cannot_be_mounted_is_one_sentence_and_exit_2() {
+    // A private mount namespace where /sys/fs/bpf is a plain tmpfs, and no CAP_SYS_ADMIN to mount
+    // bpffs over it: steer must say so and pin nothing (the host's bpffs is not even visible).
+    let Some(_reset) = setup("bpffs not mountable") else { return };
+    let l = TcpListener::bind("127.0.0.1:6300").unwrap();
+    let script = format!(
+        "mount -t tmpfs none /sys/fs/bpf && exec setpriv --bounding-set=-sys_admin --inh-caps=-sys_admin \
+         {SKRELAY} steer add --ports 6301 --to 127.0.0.1:6300"
+    );
+    let out = Command::new("unshare").args(["-m", "sh", "-c", &script]).output().expect("unshare (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("skrelay: cannot mount bpffs at /sys/fs/bpf"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one sentence:\n{err}");
+    // Nothing was pinned for this netns in the real bpffs, and the port is not steered.
+    assert!(pinned_files().is_empty(), "{:?}", pinned_files());
+    assert!(refused("127.0.0.1:6301".parse().unwrap()));
+    drop(l);
+}
