@@ -316,25 +316,8 @@ impl Server {
         let mut buf = [0u8; MAX_TOKEN + 2];
         let peeked = sys::peek(&p.stream, &mut buf);
         if p.key.is_some() {
-            // Waiting for a partner: a client that closed without sending anything is gone. One
-            // that sent bytes and then shut down its write side still waits: its bytes and its
-            // EOF will reach the partner.
-            match peeked {
-                Ok(n)
-                    if n <= p.skip as usize
-                        && (n == 0 || sys::tcp_counters(&p.stream).is_ok_and(|c| c.fin_received())) =>
-                {
-                    self.drop_pending(slot, "left before a partner came")
-                }
-                Err(e) if e.kind() != io::ErrorKind::WouldBlock => {
-                    // A client that reset while its upstream connection was being made resets
-                    // that connection too, as it would once spliced.
-                    if let Some(c) = &p.upstream {
-                        sys::reset_on_close(&c.stream);
-                    }
-                    self.drop_pending(slot, &e.to_string())
-                }
-                _ => {}
+            if let Some(why) = Self::gone(p, peeked) {
+                self.drop_pending(slot, &why);
             }
             return;
         }
@@ -359,12 +342,50 @@ impl Server {
         }
     }
 
+    /// Why a waiting client is gone, if it is: it closed without sending anything, or its
+    /// connection failed. One that sent bytes and then shut down its write side still waits: its
+    /// bytes and its EOF will reach the partner.
+    fn gone(p: &Pending, peeked: io::Result<usize>) -> Option<String> {
+        match peeked {
+            Ok(n)
+                if n <= p.skip as usize && (n == 0 || sys::tcp_counters(&p.stream).is_ok_and(|c| c.fin_received())) =>
+            {
+                Some("left before a partner came".into())
+            }
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => {
+                // A client that reset while its upstream connection was being made resets that
+                // connection too, as it would once spliced.
+                if let Some(c) = &p.upstream {
+                    sys::reset_on_close(&c.stream);
+                }
+                Some(e.to_string())
+            }
+            _ => None,
+        }
+    }
+
+    /// Drops a waiting client that is gone; true if it was.
+    fn pending_gone(&mut self, slot: usize) -> bool {
+        let Some(Slot::Pending(p)) = self.slots.get(slot) else { return true };
+        let mut buf = [0u8; MAX_TOKEN + 2];
+        match Self::gone(p, sys::peek(&p.stream, &mut buf)) {
+            Some(why) => {
+                self.drop_pending(slot, &why);
+                true
+            }
+            None => false,
+        }
+    }
+
     fn offer(&mut self, slot: usize) {
         let Some(Slot::Pending(p)) = self.slots.get(slot) else {
             return;
         };
         let key = p.key.clone().unwrap_or_default();
         match self.matcher.offer(&key, slot) {
+            // The loop may not have seen the waiting client's close or reset yet: look now, so
+            // a client that is gone never takes a partner.
+            Some(partner) if self.pending_gone(partner) => self.offer(slot),
             Some(partner) => self.form_pair(partner, slot),
             None if self.matcher.waiting() > self.config.max_pending => {
                 let why = format!("{} clients already wait for a partner (--max-pending)", self.config.max_pending);

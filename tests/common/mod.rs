@@ -80,7 +80,7 @@ impl Skrelay {
     pub fn spawn(mut cmd: Command, ready: &str) -> Skrelay {
         let args = format!("{cmd:?}");
         let mut child = cmd
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", std::env::var("SKRELAY_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -278,8 +278,9 @@ fn hex(b: &[u8]) -> String {
 /// Connects with a deadline and read/write timeouts so a broken relay fails the test, not hangs it.
 pub fn connect(addr: SocketAddr) -> TcpStream {
     let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+    // Short enough that a stalled relay fails the test instead of passing late.
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(15))).unwrap();
     s
 }
 
