@@ -243,7 +243,13 @@ fn a_binding_whose_target_died_refuses_connections() {
     let _c = TcpStream::connect("127.0.0.1:7100").unwrap();
     assert_eq!(who_accepted(&[&target, &squatter]), Some(0), "the binding wins over the socket bound there");
     drop(target);
-    assert!(refused("127.0.0.1:7100".parse().unwrap()), "target gone: refused, not handed to the squatter");
+    // The listener closes when its last descriptor does: a child that another test is forking
+    // right now can hold a copy until it execs (sockets are CLOEXEC), so allow that moment.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !refused("127.0.0.1:7100".parse().unwrap()) {
+        assert!(Instant::now() < deadline, "target gone: refused, not handed to the squatter");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     squatter.set_nonblocking(true).unwrap();
     assert!(squatter.accept().is_err(), "the squatter got nothing");
     let b = &list_json()[0];
