@@ -180,16 +180,25 @@ static __always_inline int dials_member_listener(const struct sock_key *k)
 	return bpf_map_lookup_elem(&accel_listeners, &l) != 0;
 }
 
+/* The key a listener is tracked under: its local address and port only; 0.0.0.0 and :: are
+ * the same wildcard. */
+static __always_inline int listener_key(struct bpf_sock_ops *ops, struct sock_key *k)
+{
+	if (!sockops_key(ops, k))
+		return 0;
+	for (int i = 0; i < 4; i++)
+		k->remote_ip6[i] = 0;
+	k->remote_port = 0;
+	if (is_v4_mapped(k->local_ip6) && k->local_ip6[3] == 0)
+		k->local_ip6[2] = 0;
+	return 1;
+}
+
 static __always_inline void track_listener(struct bpf_sock_ops *ops)
 {
 	struct sock_key k = {};
-	if (!sockops_key(ops, &k))
+	if (!listener_key(ops, &k))
 		return;
-	for (int i = 0; i < 4; i++)
-		k.remote_ip6[i] = 0;
-	k.remote_port = 0;
-	if (is_v4_mapped(k.local_ip6) && k.local_ip6[3] == 0)
-		k.local_ip6[2] = 0; /* 0.0.0.0: the same wildcard as :: */
 	__u64 cookie = bpf_get_socket_cookie(ops);
 	bpf_map_update_elem(&accel_listeners, &k, &cookie, BPF_ANY);
 	bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
@@ -198,13 +207,8 @@ static __always_inline void track_listener(struct bpf_sock_ops *ops)
 static __always_inline void untrack_listener(struct bpf_sock_ops *ops)
 {
 	struct sock_key k = {};
-	if (!sockops_key(ops, &k))
+	if (!listener_key(ops, &k))
 		return;
-	for (int i = 0; i < 4; i++)
-		k.remote_ip6[i] = 0;
-	k.remote_port = 0;
-	if (is_v4_mapped(k.local_ip6) && k.local_ip6[3] == 0)
-		k.local_ip6[2] = 0;
 	__u64 *cookie = bpf_map_lookup_elem(&accel_listeners, &k);
 	if (cookie && *cookie == bpf_get_socket_cookie(ops))
 		bpf_map_delete_elem(&accel_listeners, &k);
