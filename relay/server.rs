@@ -623,7 +623,14 @@ impl Server {
         }
         let upstream_addr = match c.stream.peer_addr() {
             Ok(a) => a,
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => return, // still connecting
+            // Not connected: still connecting, or reset just after take_error looked.
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                if sys::tcp_counters(&c.stream).is_ok_and(|t| t.closed()) {
+                    let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+                    return self.upstream_failed(slot, reset);
+                }
+                return;
+            }
             Err(e) => return self.upstream_failed(slot, e),
         };
         let Some(mut p) = self.take_pending(slot) else { return };

@@ -93,6 +93,7 @@ impl Datapath for KernelDatapath {
             acked_base,
             consumed: skip.map(u64::from),
             joined: Joined::default(),
+            kicked_error: [None, None],
         };
         if skip == [0, 0] {
             return match kernel.join(ends) {
@@ -138,6 +139,8 @@ struct KernelSplice {
     /// Token-line bytes received on each socket that are discarded, not relayed.
     consumed: [u64; 2],
     joined: Joined,
+    /// A socket error the kick read (reading it clears SO_ERROR): reported by `advance`.
+    kicked_error: [Option<io::Error>; 2],
 }
 
 fn map_full_or_io(e: MapError) -> SpliceError {
@@ -186,12 +189,14 @@ impl KernelSplice {
         // Bytes that arrived before the socket joined `socks` sit in its receive queue and only go
         // through the verdict when the next segment comes; a peek runs the sockmap receive path,
         // which pushes them through now, in order (KERNEL-NOTES.md).
-        for end in ends {
+        for (i, end) in ends.iter().enumerate() {
             let mut byte = [0u8; 1];
-            match sys::peek(end, &mut byte) {
+            match sys::peek(*end, &mut byte) {
                 Ok(n) if n > 0 => {
                     log::warn!("kernel datapath: {n} byte(s) stayed in a relay socket's queue after the kick")
                 }
+                // A reset that came before the kick: the peek took it out of SO_ERROR.
+                Err(e) if e.kind() != io::ErrorKind::WouldBlock => self.kicked_error[i] = Some(e),
                 _ => {}
             }
         }
@@ -201,6 +206,9 @@ impl KernelSplice {
 
 impl Splice for KernelSplice {
     fn advance(&mut self, dir: usize, src: &TcpStream, dst: &TcpStream) -> io::Result<Flow> {
+        if let Some(e) = self.kicked_error[dir].take() {
+            return Err(e);
+        }
         let from: TcpCounters = sys::tcp_counters(src)?;
         if !from.fin_received() {
             return Ok(Flow::Open);
