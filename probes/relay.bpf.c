@@ -61,6 +61,11 @@ int relay_verdict(struct __sk_buff *skb)
 	__u32 len = skb->len;
 
 	count(RELAY_STAT_VERDICTS, 1);
+	/* Verdict-only mode hands over the FIN's empty skb too; sent on to the peer it would make
+	 * the psock backlog's send return 0, which the kernel reports on the peer as EPIPE. The FIN
+	 * itself is already recorded in the socket's state, which user space propagates. */
+	if (len == 0)
+		return SK_DROP;
 	if (!peer) {
 		count(RELAY_STAT_NO_PEER, 1);
 		return SK_PASS;
