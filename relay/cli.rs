@@ -117,6 +117,11 @@ pub struct SpliceArgs {
     /// the BPF programs load, else userspace with a warning).
     #[arg(long, value_enum, default_value_t = DatapathChoice::Auto)]
     pub datapath: DatapathChoice,
+    /// Kernel datapath: a pair starts on splice(2) and joins the kernel's socket maps once this
+    /// many bytes have passed (both ways together) and both its queues are empty; short
+    /// connections then skip the socket maps' setup cost. 0 joins at once.
+    #[arg(long, default_value_t = 65536, value_name = "BYTES")]
+    pub kernel_after: u64,
     /// On SIGINT/SIGTERM, let live pairs finish for this long before closing them; seconds.
     #[arg(long, default_value = "30", value_parser = parse_secs, value_name = "SECS")]
     pub drain_timeout: Duration,

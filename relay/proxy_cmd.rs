@@ -10,7 +10,7 @@ use crate::{
 
 pub fn run(args: ProxyArgs) -> Result<(), Error> {
     let upstreams = Upstreams::resolve(&args.upstreams)?;
-    let datapath = datapath::open(args.common.datapath)?;
+    let datapath = datapath::open(args.common.datapath, args.common.kernel_after)?;
     let listener = server::listen(args.listen)?;
     let addr = listener.local_addr().unwrap_or(args.listen);
     let _funnel = match &args.ports.ports {

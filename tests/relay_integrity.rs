@@ -206,3 +206,46 @@ fn a_client_that_half_closed_before_pairing_is_still_relayed() {
         assert!(!log.contains("closed: cannot splice"), "{log}");
     }
 }
+
+#[test]
+fn by_default_a_short_pair_stays_on_splice_and_a_long_one_joins_the_kernel_intact() {
+    // The default `--kernel-after` (64 KiB): a pair starts on splice(2) and joins the socket
+    // maps once 64 KiB have passed and both queues are empty. The join must lose nothing.
+    enter_netns();
+    if !require_bpf("by_default_a_short_pair_stays_on_splice_and_a_long_one_joins_the_kernel_intact") {
+        return;
+    }
+    let mut cmd = std::process::Command::new(SKRELAY);
+    cmd.args(["relay", "--datapath", "kernel"]); // no --kernel-after: the default
+    let relay = Skrelay::spawn(cmd, "listening on");
+
+    // Short: a request and a reply, then EOF both ways; it never joins the maps.
+    let mut a = connect(addr());
+    let mut b = connect(addr());
+    a.write_all(b"request").unwrap();
+    assert_eq!(read_n(&mut b, 7), b"request");
+    b.write_all(b"reply").unwrap();
+    assert_eq!(read_n(&mut a, 5), b"reply");
+    a.shutdown(Shutdown::Write).unwrap();
+    expect_eof(&mut b);
+    b.shutdown(Shutdown::Write).unwrap();
+    expect_eof(&mut a);
+    relay.wait_log("(userspace, below --kernel-after)", 1, Duration::from_secs(5));
+
+    // Long: 256 KiB one way, read in full (the pair goes idle past 64 KiB and joins), then
+    // 32 MiB both ways at once with half-close, every byte checked.
+    let (mut a, mut b) = (connect(addr()), connect(addr()));
+    let first = send_pattern(&mut a, 40, 256 << 10).unwrap();
+    let mut got = vec![0u8; 256 << 10];
+    std::io::Read::read_exact(&mut b, &mut got).unwrap();
+    assert_eq!(sha(&got), first, "the first 256 KiB");
+    const LEN: u64 = 32 << 20;
+    let (ja, jb) = (exchange(a, 41, LEN), exchange(b, 42, LEN));
+    let (sent_a, got_a) = ja.join().unwrap();
+    let (sent_b, got_b) = jb.join().unwrap();
+    assert_eq!(got_b, (LEN, sent_a), "A -> B after the join");
+    assert_eq!(got_a, (LEN, sent_b), "B -> A after the join");
+    relay.wait_log("(kernel, after a userspace start)", 1, Duration::from_secs(10));
+    let (status, log) = relay.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+}

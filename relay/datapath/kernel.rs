@@ -39,13 +39,16 @@ pub struct KernelDatapath {
     maps: Rc<RefCell<RelayMaps>>,
     /// Splices token pairs until their queues are drained (see `Handover`).
     fallback: UserspaceDatapath,
+    /// Bytes a pair moves through splice(2) before it joins the maps (0: at once).
+    join_after: u64,
     stats: PerCpuArray<MapData, u64>,
     /// Keeps the programs loaded and attached.
     _bpf: Ebpf,
 }
 
 impl KernelDatapath {
-    pub fn load() -> Result<Self, Error> {
+    /// `join_after`: bytes a pair moves through splice(2) before it joins the maps (0: at once).
+    pub fn load(join_after: u64) -> Result<Self, Error> {
         let mut bpf = bpf::load(bpf::objects::RELAY)?;
         let map = |bpf: &mut Ebpf, name: &str| {
             bpf.take_map(name).ok_or_else(|| Error::BpfUnavailable {
@@ -69,6 +72,7 @@ impl KernelDatapath {
         Ok(KernelDatapath {
             maps: Rc::new(RefCell::new(RelayMaps { socks, targets, peers })),
             fallback: UserspaceDatapath,
+            join_after,
             stats,
             _bpf: bpf,
         })
@@ -95,7 +99,7 @@ impl Datapath for KernelDatapath {
             joined: Joined::default(),
             kicked_error: [None, None],
         };
-        if skip == [0, 0] {
+        if skip == [0, 0] && self.join_after == 0 {
             return match kernel.join(ends) {
                 Ok(()) => Ok(Box::new(kernel)),
                 // Same semantics through splice(2): nothing of such a pair is lost.
@@ -103,13 +107,16 @@ impl Datapath for KernelDatapath {
                 Err(e) => Err(e),
             };
         }
-        // A token line must be read by user space, and a socket whose queue holds a partly read
-        // skb never has the rest forwarded by the sockmap (its stream parser is handed the whole
-        // skb's length). So the pair starts on splice(2), which discards the token line and moves
-        // whatever followed it, and joins the maps once both queues are drained.
+        // A pair starts on splice(2) and joins the maps once both queues are drained:
+        // - with a token line, which user space must read; a socket whose queue holds a partly
+        //   read skb never has the rest forwarded by the sockmap (its stream parser is handed the
+        //   whole skb's length), so splice(2) discards the line and moves whatever followed it;
+        // - until `join_after` bytes have passed: joining and leaving the maps costs more than a
+        //   short connection's splicing (see BENCHMARKS.md, connections per second).
         let mut user = self.fallback.splice(ends, skip)?;
         user.settle(ends)?;
-        Ok(Box::new(Handover { user, kernel, joined: false }))
+        let after = if skip == [0, 0] { self.join_after } else { 0 };
+        Ok(Box::new(Handover { user, kernel, joined: false, after }))
     }
 
     fn summary(&self) -> Option<String> {
@@ -271,6 +278,8 @@ struct Handover {
     user: Box<dyn Splice>,
     kernel: KernelSplice,
     joined: bool,
+    /// Bytes (both ways) that pass through splice(2) before the pair may join.
+    after: u64,
 }
 
 impl Splice for Handover {
@@ -302,13 +311,15 @@ impl Splice for Handover {
     fn name(&self) -> &'static str {
         if self.joined {
             "kernel, after a userspace start"
+        } else if self.after > 0 {
+            "userspace, below --kernel-after"
         } else {
             "userspace"
         }
     }
 
     fn settle(&mut self, ends: [&TcpStream; 2]) -> io::Result<()> {
-        if !self.joined && self.user.idle() {
+        if !self.joined && self.user.idle() && self.user.moved(0, ends[0]) + self.user.moved(1, ends[1]) >= self.after {
             match self.kernel.join(ends) {
                 Ok(()) => self.joined = true,
                 // Stay on splice(2): the same bytes arrive, only not through the kernel.

@@ -69,11 +69,12 @@ pub enum SpliceError {
 
 /// Opens the datapath the user chose. `auto` takes the kernel when its programs load and says why
 /// in one warning when they do not.
-pub fn open(choice: DatapathChoice) -> Result<Box<dyn Datapath>, Error> {
+/// `kernel_after`: bytes a kernel-datapath pair moves through splice(2) before it joins the maps.
+pub fn open(choice: DatapathChoice, kernel_after: u64) -> Result<Box<dyn Datapath>, Error> {
     match choice {
         DatapathChoice::Userspace => Ok(Box::new(userspace::UserspaceDatapath)),
-        DatapathChoice::Kernel => Ok(Box::new(kernel::KernelDatapath::load()?)),
-        DatapathChoice::Auto => match kernel::KernelDatapath::load() {
+        DatapathChoice::Kernel => Ok(Box::new(kernel::KernelDatapath::load(kernel_after)?)),
+        DatapathChoice::Auto => match kernel::KernelDatapath::load(kernel_after) {
             Ok(k) => Ok(Box::new(k)),
             Err(e) => {
                 log::warn!("kernel datapath unavailable, splicing in user space instead: {e}");

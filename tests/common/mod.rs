@@ -70,9 +70,17 @@ impl Skrelay {
     }
 
     /// Starts `skrelay ARGS` and waits until its log contains `ready`.
+    ///
+    /// A kernel-datapath relay or proxy gets `--kernel-after 0` unless the test says otherwise:
+    /// the tests check the kernel maps' semantics from a pair's first byte, where by default a
+    /// pair joins them only after 64 KiB (tested through `spawn`, which adds nothing).
     pub fn start_until(args: &[&str], ready: &str) -> Skrelay {
         let mut cmd = Command::new(SKRELAY);
         cmd.args(args);
+        let kernel = args.windows(2).any(|w| w == ["--datapath", "kernel"]);
+        if kernel && !args.iter().any(|a| a.starts_with("--kernel-after")) {
+            cmd.args(["--kernel-after", "0"]);
+        }
         Self::spawn(cmd, ready)
     }
 
