@@ -144,11 +144,16 @@ fn token_pairs_keep_every_byte_and_move_into_the_kernel() {
         let a = start(31);
         thread::sleep(Duration::from_millis(100));
         let b = start(32);
-        // Each continues its pattern where the first write stopped, then shuts down.
+        // Each reads the other's first 64 KiB, then continues its own pattern where the first
+        // write stopped and shuts down. The pause gives the relay the moment when both queues
+        // are empty, which the pair needs to join the maps (a stream that never pauses stays
+        // on splice(2), which is correct but not what this test is about).
         let run = |s: TcpStream, seed: u64| {
             thread::spawn(move || {
                 let mut w = s.try_clone().unwrap();
+                let (head_read, wait_head) = std::sync::mpsc::channel::<()>();
                 let writer = thread::spawn(move || {
+                    let _ = wait_head.recv();
                     let mut p = Pattern::new(seed);
                     let mut buf = vec![0u8; 64 * 1024];
                     p.fill(&mut buf); // the 64 KiB already sent
@@ -161,7 +166,9 @@ fn token_pairs_keep_every_byte_and_move_into_the_kernel() {
                     w.shutdown(Shutdown::Write).unwrap();
                 });
                 let mut r = s;
-                let got = recv_all(&mut r).unwrap();
+                let head = read_n(&mut r, 64 * 1024);
+                head_read.send(()).unwrap();
+                let got = recv_all(&mut std::io::Read::chain(&head[..], r)).unwrap();
                 writer.join().unwrap();
                 got
             })

@@ -4,6 +4,7 @@ use super::{Datapath, Flow, Splice, SpliceError};
 use crate::sys::{self, Pipe};
 use mio::{net::TcpStream, Interest};
 use std::{
+    cell::RefCell,
     io::{self, Read},
     os::fd::AsRawFd,
 };
@@ -12,6 +13,32 @@ use std::{
 const PIPE_SIZE: usize = 256 * 1024;
 /// Rounds of (source -> pipe -> destination) per call before other pairs get their turn.
 const ROUNDS_PER_CALL: usize = 16;
+/// Empty pipes kept for the next pair that has bytes to move.
+const SPARE_PIPES: usize = 64;
+
+thread_local! {
+    /// Pipes are held only while bytes are in them: an idle pair costs its two sockets and
+    /// nothing else, and a short connection takes pipes from here instead of creating them.
+    static SPARE: RefCell<Vec<(Pipe, usize)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An empty pipe and its capacity: a spare one, or a new one.
+fn take_pipe() -> io::Result<(Pipe, usize)> {
+    match SPARE.with(|s| s.borrow_mut().pop()) {
+        Some(p) => Ok(p),
+        None => Pipe::new(PIPE_SIZE),
+    }
+}
+
+/// Keeps an empty pipe for later (or closes it when enough are kept).
+fn give_pipe(pipe: (Pipe, usize)) {
+    SPARE.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < SPARE_PIPES {
+            s.push(pipe);
+        }
+    });
+}
 
 pub struct UserspaceDatapath;
 
@@ -29,8 +56,8 @@ impl Datapath for UserspaceDatapath {
 }
 
 struct Direction {
-    pipe: Pipe,
-    capacity: usize,
+    /// The pipe and its capacity, held while bytes are in it (and during a call).
+    pipe: Option<(Pipe, usize)>,
     in_pipe: usize,
     src_eof: bool,
     /// The last read from the source found its queue empty.
@@ -44,11 +71,18 @@ pub struct UserspaceSplice {
 
 impl UserspaceSplice {
     pub fn new() -> io::Result<Self> {
-        let direction = || -> io::Result<Direction> {
-            let (pipe, capacity) = Pipe::new(PIPE_SIZE)?;
-            Ok(Direction { pipe, capacity, in_pipe: 0, src_eof: false, src_drained: false, moved: 0 })
-        };
-        Ok(UserspaceSplice { dirs: [direction()?, direction()?] })
+        let direction = || Direction { pipe: None, in_pipe: 0, src_eof: false, src_drained: false, moved: 0 };
+        Ok(UserspaceSplice { dirs: [direction(), direction()] })
+    }
+}
+
+impl Drop for UserspaceSplice {
+    fn drop(&mut self) {
+        for d in &mut self.dirs {
+            if let (Some(pipe), 0) = (d.pipe.take(), d.in_pipe) {
+                give_pipe(pipe);
+            }
+        }
     }
 }
 
@@ -70,35 +104,37 @@ fn would_block(r: &io::Result<usize>) -> bool {
     matches!(r, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
-impl Splice for UserspaceSplice {
-    fn advance(&mut self, dir: usize, src: &TcpStream, dst: &TcpStream) -> io::Result<Flow> {
-        let d = &mut self.dirs[dir];
+impl Direction {
+    /// Source -> pipe -> destination until nothing moves, the source ends, or the round limit.
+    fn advance(&mut self, src: &TcpStream, dst: &TcpStream) -> io::Result<Flow> {
         for _ in 0..ROUNDS_PER_CALL {
             let mut progressed = false;
-            if !d.src_eof && d.in_pipe < d.capacity {
-                let r = sys::splice(src.as_raw_fd(), d.pipe.write.as_raw_fd(), d.capacity - d.in_pipe);
-                d.src_drained = would_block(&r);
-                match r {
-                    Ok(0) => d.src_eof = true,
-                    Ok(n) => d.in_pipe += n,
-                    _ if would_block(&r) => {}
-                    Err(e) => return Err(e),
-                }
-                progressed |= !would_block(&r);
-            }
-            if d.in_pipe > 0 {
-                let r = sys::splice(d.pipe.read.as_raw_fd(), dst.as_raw_fd(), d.in_pipe);
-                match r {
-                    Ok(n) => {
-                        d.in_pipe -= n;
-                        d.moved += n as u64;
-                        progressed = true;
+            if let Some((pipe, capacity)) = &self.pipe {
+                if !self.src_eof && self.in_pipe < *capacity {
+                    let r = sys::splice(src.as_raw_fd(), pipe.write.as_raw_fd(), capacity - self.in_pipe);
+                    self.src_drained = would_block(&r);
+                    match r {
+                        Ok(0) => self.src_eof = true,
+                        Ok(n) => self.in_pipe += n,
+                        _ if would_block(&r) => {}
+                        Err(e) => return Err(e),
                     }
-                    _ if would_block(&r) => {}
-                    Err(e) => return Err(e),
+                    progressed |= !would_block(&r);
+                }
+                if self.in_pipe > 0 {
+                    let r = sys::splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), self.in_pipe);
+                    match r {
+                        Ok(n) => {
+                            self.in_pipe -= n;
+                            self.moved += n as u64;
+                            progressed = true;
+                        }
+                        _ if would_block(&r) => {}
+                        Err(e) => return Err(e),
+                    }
                 }
             }
-            if d.src_eof && d.in_pipe == 0 {
+            if self.src_eof && self.in_pipe == 0 {
                 return Ok(Flow::Finished);
             }
             if !progressed {
@@ -106,6 +142,22 @@ impl Splice for UserspaceSplice {
             }
         }
         Ok(Flow::Again)
+    }
+}
+
+impl Splice for UserspaceSplice {
+    fn advance(&mut self, dir: usize, src: &TcpStream, dst: &TcpStream) -> io::Result<Flow> {
+        let d = &mut self.dirs[dir];
+        if d.pipe.is_none() && !d.src_eof {
+            d.pipe = Some(take_pipe()?);
+        }
+        let flow = d.advance(src, dst);
+        if d.in_pipe == 0 {
+            if let Some(pipe) = d.pipe.take() {
+                give_pipe(pipe);
+            }
+        }
+        flow
     }
 
     fn moved(&self, dir: usize, _src: &TcpStream) -> u64 {
