@@ -749,10 +749,11 @@ fn report(a: ReportArgs) -> io::Result<()> {
     let _ = writeln!(w, "\n### Memory per idle pair\n");
     let _ = writeln!(
         w,
-        "RLIMIT_NOFILE's hard limit on this machine is {}. A pair costs the process 2 descriptors on the \
-         kernel datapath and 6 on the userspace one (2 sockets + 2 pipes), so the userspace datapath \
-         cannot hold 10,000 pairs here: each contender was asked for what fits ({}), and the table \
-         says how many pairs it held (each verified by a byte passing through). Kernel-side socket \
+        "RLIMIT_NOFILE's hard limit on this machine is {}. An idle pair costs skrelay 2 descriptors on \
+         either datapath (pipes are held only while bytes are in them); HAProxy's maxconn must fit \
+         its splice pipes under that limit too. Each contender was asked for what fits ({}), and the \
+         table says how many pairs it held (each verified by a byte passing through). Every daemon \
+         is restarted before each idle run, so its RSS growth is its own. Kernel-side socket \
          memory is not in any process's RSS; the last column is the machine's Slab growth per pair \
          (noisy on a shared machine).\n",
         m("nofile_hard"),

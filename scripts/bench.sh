@@ -55,7 +55,7 @@ echo "bench: logs and raw results in $work" >&2
 
 # --- contenders --------------------------------------------------------------------------------
 upstream=127.0.0.1:17100
-declare -A addr pid via
+declare -A addr pid via cmdline
 contenders=(direct)
 via[direct]=direct
 daemons=()
@@ -78,7 +78,8 @@ wait_listening() { # name port
 start() { # name port via cmd...
   local name=$1 port=$2 kind=$3
   shift 3
-  "$@" >"$work/$name.log" 2>&1 &
+  cmdline[$name]=$(printf '%q ' "$@")
+  "$@" >>"$work/$name.log" 2>&1 &
   local p=$!
   daemons+=("$p")
   if wait_listening "$name" "$port"; then
@@ -131,6 +132,17 @@ progress() {
   local el=$(( $(date +%s) - t_start ))
   printf '\r\033[K[%3d/%d %3d%% %dm%02ds] %s' "$step" "$total_steps" $(( step * 100 / (total_steps > 0 ? total_steps : 1) )) \
     $(( el / 60 )) $(( el % 60 )) "$*" >&2
+}
+
+restart() { # contender: a fresh daemon, so an idle-pairs run measures its own heap growth
+  local c=$1 p=${pid[$1]:-}
+  [ -n "$p" ] && [ -n "${cmdline[$1]:-}" ] || return 0
+  kill "$p" 2>/dev/null || true
+  wait "$p" 2>/dev/null || true
+  eval "${cmdline[$c]}" '>>"$work/$c.log" 2>&1 &'
+  pid[$c]=$!
+  daemons+=("${pid[$c]}")
+  wait_listening "$c" "${addr[$c]##*:}"
 }
 
 pin() { # contender cpus: move the daemon (all its threads) to these CPUs
@@ -213,13 +225,12 @@ nofile_hard=$(ulimit -Hn)
 idle_requested=""
 for r in $(seq "$idle_runs"); do
   for c in "${idleish[@]}"; do
-    per_pair=2
-    [[ "$c" == *-userspace ]] && per_pair=6
-    want=$(( (nofile_hard - 100) / per_pair ))
+    want=$(( (nofile_hard - 100) / 2 ))
     [ "$c" = haproxy ] && want=$(( haproxy_maxconn - 10 ))
     [ "$want" -gt "$idle_pairs" ] && want=$idle_pairs
     [ "$r" = 1 ] && idle_requested+="${idle_requested:+, }$c $want"
     step=$((step + 1)); progress "idle pairs $c: $want (run $r/$idle_runs)"
+    restart "$c"
     if out=$(measure "$c" idle idle-pairs --pairs "$want" --pid "${pid[$c]}"); then
       record "$c" idle_bytes_per_pair "$(field bytes_per_pair <<<"$out")"
       record "$c" idle_slab_bytes_per_pair "$(field kernel_slab_bytes_per_pair <<<"$out")"
