@@ -93,6 +93,8 @@ have_proxy=no; have_accel=no
 "$sk" proxy --help >/dev/null 2>&1 && have_proxy=yes
 "$sk" accel --help >/dev/null 2>&1 && have_accel=yes
 
+# Like HAProxy below (no log section), skrelay runs without its per-pair log line.
+export RUST_LOG=warn
 start relay-kernel 17001 relay "$sk" relay --listen 127.0.0.1:17001 --datapath kernel
 start relay-userspace 17002 relay "$sk" relay --listen 127.0.0.1:17002 --datapath userspace
 if [ $have_proxy = yes ]; then
