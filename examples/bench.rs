@@ -241,6 +241,21 @@ fn machine_cpu() -> (f64, f64) {
     (busy / hz, get(6) / hz)
 }
 
+/// Busy seconds of each CPU (same fields as `machine_cpu`), from the cpuN lines of /proc/stat.
+fn per_cpu_busy() -> Vec<f64> {
+    let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    stat.lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .map(|l| {
+            let f: Vec<f64> = l.split_whitespace().skip(1).map(|v| v.parse().unwrap_or(0.0)).collect();
+            let get = |i: usize| f.get(i).copied().unwrap_or(0.0);
+            (get(0) + get(1) + get(2) + get(5) + get(6) + get(7)) / hz
+        })
+        .collect()
+}
+
 fn status_kib(pid: u32, key: &str) -> io::Result<u64> {
     let s = fs::read_to_string(format!("/proc/{pid}/status"))?;
     s.lines()
@@ -310,6 +325,7 @@ struct Received {
     got: usize,
     end: Instant,
     cpu: (f64, f64),
+    cpus: Vec<f64>,
     extra: usize,
 }
 
@@ -343,7 +359,7 @@ fn bulk(a: BulkArgs) -> io::Result<()> {
                     n => got += n,
                 }
             }
-            let (end, cpu) = (Instant::now(), machine_cpu());
+            let (end, cpu, cpus) = (Instant::now(), machine_cpu(), per_cpu_busy());
             // Anything after the expected bytes (there must be nothing) and then end of file.
             server.set_read_timeout(Some(Duration::from_secs(10)))?;
             let mut extra = 0;
@@ -354,13 +370,13 @@ fn bulk(a: BulkArgs) -> io::Result<()> {
                     n => extra += n,
                 }
             }
-            Ok(Received { buf, got, end, cpu, extra })
+            Ok(Received { buf, got, end, cpu, cpus, extra })
         })
     };
-    let cpu0 = machine_cpu();
+    let (cpu0, cpus0) = (machine_cpu(), per_cpu_busy());
     let t0 = Instant::now();
     start.wait();
-    let Received { buf, got, end: t1, cpu: cpu1, extra } =
+    let Received { buf, got, end: t1, cpu: cpu1, cpus: cpus1, extra } =
         receiver.join().map_err(|_| io::Error::other("receiver panicked"))??;
     sender.join().map_err(|_| io::Error::other("sender panicked"))??;
     let secs = (t1 - t0).as_secs_f64();
@@ -371,11 +387,13 @@ fn bulk(a: BulkArgs) -> io::Result<()> {
     let ok = got == total && extra == 0 && Sha256::digest(&buf[..got]) == want.finalize();
     let gib = total as f64 / (1u64 << 30) as f64;
     println!(
-        "bulk bytes={total} got={got} extra={extra} secs={secs:.4} gbps={:.2} cpu_s={:.3} cpu_s_per_gib={:.3} softirq_s_per_gib={:.3} sha256={}",
+        "bulk bytes={total} got={got} extra={extra} secs={secs:.4} gbps={:.2} cpu_s={:.3} cpu_s_per_gib={:.3} softirq_s_per_gib={:.3} busy_per_cpu={} sha256={}",
         total as f64 * 8.0 / secs / 1e9,
         cpu1.0 - cpu0.0,
         (cpu1.0 - cpu0.0) / gib,
         (cpu1.1 - cpu0.1) / gib,
+        // Each CPU's busy share of the transfer: shows where the work landed.
+        cpus1.iter().zip(&cpus0).map(|(b, a)| format!("{:.0}%", 100.0 * (b - a) / secs)).collect::<Vec<_>>().join(","),
         if ok { "ok" } else { "MISMATCH" }
     );
     if ok {
