@@ -179,3 +179,21 @@ fn the_drain_timeout_closes_pairs_that_do_not_finish() {
         relay.wait_log("closed at the drain timeout", 1, Duration::from_secs(5));
     }
 }
+
+#[test]
+fn the_kernel_datapath_warns_when_the_scheduler_can_starve_its_worker_threads() {
+    // With kernel.sched_autogroup_enabled=1 the kernel's worker threads, which move a kernel
+    // pair's bytes, were starved for seconds by CPU-bound processes (BENCHMARKS.md): the relay
+    // says so at start, and says nothing when the setting is 0.
+    enter_netns();
+    if !require_bpf("the_kernel_datapath_warns_when_the_scheduler_can_starve_its_worker_threads") {
+        return;
+    }
+    let autogroup = std::fs::read_to_string("/proc/sys/kernel/sched_autogroup_enabled").unwrap_or_default();
+    let relay = Skrelay::start(&["relay", "--datapath", "kernel"]);
+    let warned = relay.log().contains("kernel.sched_autogroup_enabled=1");
+    assert_eq!(warned, autogroup.trim() == "1", "autogroup {autogroup:?}:\n{}", relay.log());
+    if warned {
+        assert!(relay.log().contains("sysctl -w kernel.sched_autogroup_enabled=0"), "{}", relay.log());
+    }
+}

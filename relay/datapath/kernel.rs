@@ -83,6 +83,22 @@ impl KernelDatapath {
     }
 }
 
+/// The kernel moves a pair's bytes in its worker threads (the socket's psock backlog). With
+/// `kernel.sched_autogroup_enabled=1` (each session its own scheduling group), two CPU-bound
+/// processes starved every worker thread of a 2-CPU 6.18 machine for 5-10 s at a time (measured
+/// with workqueue tracepoints), and kernel pairs stalled for as long; with 0 there was no such
+/// wait. Says so once, with the fix; splice(2) pairs are unaffected.
+pub fn warn_if_workers_can_starve() {
+    let autogroup = std::fs::read_to_string("/proc/sys/kernel/sched_autogroup_enabled");
+    if autogroup.is_ok_and(|v| v.trim() == "1") {
+        log::warn!(
+            "kernel.sched_autogroup_enabled=1: CPU-bound processes can starve the kernel's \
+             worker threads, which move the kernel datapath's bytes, and stall its pairs for seconds \
+             (run `sysctl -w kernel.sched_autogroup_enabled=0`, or use --datapath userspace on a busy machine)"
+        );
+    }
+}
+
 impl Datapath for KernelDatapath {
     fn name(&self) -> &'static str {
         "kernel"

@@ -73,9 +73,16 @@ pub enum SpliceError {
 pub fn open(choice: DatapathChoice, kernel_after: u64) -> Result<Box<dyn Datapath>, Error> {
     match choice {
         DatapathChoice::Userspace => Ok(Box::new(userspace::UserspaceDatapath)),
-        DatapathChoice::Kernel => Ok(Box::new(kernel::KernelDatapath::load(kernel_after)?)),
+        DatapathChoice::Kernel => {
+            let k = kernel::KernelDatapath::load(kernel_after)?;
+            kernel::warn_if_workers_can_starve();
+            Ok(Box::new(k))
+        }
         DatapathChoice::Auto => match kernel::KernelDatapath::load(kernel_after) {
-            Ok(k) => Ok(Box::new(k)),
+            Ok(k) => {
+                kernel::warn_if_workers_can_starve();
+                Ok(Box::new(k))
+            }
             Err(e) => {
                 log::warn!("kernel datapath unavailable, splicing in user space instead: {e}");
                 Ok(Box::new(userspace::UserspaceDatapath))
