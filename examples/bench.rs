@@ -228,31 +228,27 @@ fn open_ends(path: &PathArgs) -> io::Result<(TcpStream, TcpStream)> {
 // ---------------------------------------------------------------------------------------------
 // /proc
 
-/// Busy CPU time of the whole machine in seconds (user+nice+system+irq+softirq+steal), and the
-/// softirq part of it, from the first line of /proc/stat.
-fn machine_cpu() -> (f64, f64) {
-    let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
-    let f: Vec<f64> =
-        stat.lines().next().unwrap_or("").split_whitespace().skip(1).map(|v| v.parse().unwrap_or(0.0)).collect();
+/// (busy, softirq) seconds of one /proc/stat cpu line: busy is user+nice+system+irq+softirq+steal.
+fn cpu_line_secs(line: &str) -> (f64, f64) {
+    let f: Vec<f64> = line.split_whitespace().skip(1).map(|v| v.parse().unwrap_or(0.0)).collect();
     let get = |i: usize| f.get(i).copied().unwrap_or(0.0);
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let busy = get(0) + get(1) + get(2) + get(5) + get(6) + get(7);
-    (busy / hz, get(6) / hz)
+    ((get(0) + get(1) + get(2) + get(5) + get(6) + get(7)) / hz, get(6) / hz)
 }
 
-/// Busy seconds of each CPU (same fields as `machine_cpu`), from the cpuN lines of /proc/stat.
+/// Busy CPU time of the whole machine in seconds, and the softirq part of it (the first line).
+fn machine_cpu() -> (f64, f64) {
+    let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+    cpu_line_secs(stat.lines().next().unwrap_or(""))
+}
+
+/// Busy seconds of each CPU, from the cpuN lines of /proc/stat.
 fn per_cpu_busy() -> Vec<f64> {
     let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     stat.lines()
         .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
-        .map(|l| {
-            let f: Vec<f64> = l.split_whitespace().skip(1).map(|v| v.parse().unwrap_or(0.0)).collect();
-            let get = |i: usize| f.get(i).copied().unwrap_or(0.0);
-            (get(0) + get(1) + get(2) + get(5) + get(6) + get(7)) / hz
-        })
+        .map(|l| cpu_line_secs(l).0)
         .collect()
 }
 

@@ -105,11 +105,10 @@ impl Datapath for KernelDatapath {
     }
 
     fn splice(&mut self, ends: [&TcpStream; 2], skip: [u32; 2]) -> Result<Box<dyn Splice>, SpliceError> {
-        let cookies = [sys::socket_cookie(ends[0])?, sys::socket_cookie(ends[1])?];
         let acked_base = [sys::tcp_counters(ends[0])?.bytes_acked, sys::tcp_counters(ends[1])?.bytes_acked];
         let mut kernel = KernelSplice {
             maps: self.maps.clone(),
-            cookies,
+            cookies: [0; 2], // read when the pair joins: most short pairs never do
             acked_base,
             consumed: skip.map(u64::from),
             joined: Joined::default(),
@@ -188,6 +187,7 @@ impl KernelSplice {
     }
 
     fn try_join(&mut self, ends: [&TcpStream; 2]) -> Result<(), SpliceError> {
+        self.cookies = [sys::socket_cookie(ends[0])?, sys::socket_cookie(ends[1])?];
         let [a, b] = self.cookies;
         for end in ends {
             if let Err(e) = sys::set_send_buffer(end, SPLICED_SNDBUF) {

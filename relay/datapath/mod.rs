@@ -71,22 +71,17 @@ pub enum SpliceError {
 /// in one warning when they do not.
 /// `kernel_after`: bytes a kernel-datapath pair moves through splice(2) before it joins the maps.
 pub fn open(choice: DatapathChoice, kernel_after: u64) -> Result<Box<dyn Datapath>, Error> {
-    match choice {
-        DatapathChoice::Userspace => Ok(Box::new(userspace::UserspaceDatapath)),
-        DatapathChoice::Kernel => {
-            let k = kernel::KernelDatapath::load(kernel_after)?;
-            kernel::warn_if_workers_can_starve();
-            Ok(Box::new(k))
-        }
+    let kernel = match choice {
+        DatapathChoice::Userspace => return Ok(Box::new(userspace::UserspaceDatapath)),
+        DatapathChoice::Kernel => kernel::KernelDatapath::load(kernel_after)?,
         DatapathChoice::Auto => match kernel::KernelDatapath::load(kernel_after) {
-            Ok(k) => {
-                kernel::warn_if_workers_can_starve();
-                Ok(Box::new(k))
-            }
+            Ok(k) => k,
             Err(e) => {
                 log::warn!("kernel datapath unavailable, splicing in user space instead: {e}");
-                Ok(Box::new(userspace::UserspaceDatapath))
+                return Ok(Box::new(userspace::UserspaceDatapath));
             }
         },
-    }
+    };
+    kernel::warn_if_workers_can_starve();
+    Ok(Box::new(kernel))
 }

@@ -51,7 +51,7 @@ impl Datapath for UserspaceDatapath {
         for (end, n) in ends.into_iter().zip(skip) {
             discard(end, n as usize)?;
         }
-        Ok(Box::new(UserspaceSplice::new()?))
+        Ok(Box::new(UserspaceSplice::new()))
     }
 }
 
@@ -70,19 +70,10 @@ pub struct UserspaceSplice {
 }
 
 impl UserspaceSplice {
-    pub fn new() -> io::Result<Self> {
+    /// Takes no pipe yet: `advance` takes one when it has bytes to move and gives it back empty.
+    fn new() -> Self {
         let direction = || Direction { pipe: None, in_pipe: 0, src_eof: false, src_drained: false, moved: 0 };
-        Ok(UserspaceSplice { dirs: [direction(), direction()] })
-    }
-}
-
-impl Drop for UserspaceSplice {
-    fn drop(&mut self) {
-        for d in &mut self.dirs {
-            if let (Some(pipe), 0) = (d.pipe.take(), d.in_pipe) {
-                give_pipe(pipe);
-            }
-        }
+        UserspaceSplice { dirs: [direction(), direction()] }
     }
 }
 
