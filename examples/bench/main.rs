@@ -1,15 +1,17 @@
-//! Load generator and report writer for `scripts/bench.sh` (issue 6). Not part of `cargo test`.
+//! Load generator for `scripts/bench.sh` (issue 6); the `report` subcommand is in report.rs.
+//! Not part of `cargo test`.
 //!
 //! Both ends of every measurement live in this process, a "client" and a "server" thread. What
 //! lies between them (`--via`) is direct loopback, a relay (both ends are clients of the relay, and
 //! order pairing makes the 1st and 2nd connection a pair) or a proxy-like contender (the client
 //! connects to it and it connects to the server, which listens on `--upstream`). Each measuring
 //! subcommand prints one line of `key=value` figures on stdout for bench.sh to collect.
+mod report;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use report::ReportArgs;
 use sha2::{Digest, Sha256};
 use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
     fs,
     io::{self, BufRead, BufReader, ErrorKind, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
@@ -129,47 +131,20 @@ struct WorkerArgs {
     pairs: usize,
 }
 
-#[derive(Args)]
-struct ReportArgs {
-    /// Lines of `contender<TAB>metric<TAB>value`, one per run.
-    #[arg(long)]
-    results: std::path::PathBuf,
-    /// Lines of `key=value` about the run (date, kernel, mode, ...).
-    #[arg(long)]
-    meta: std::path::PathBuf,
-    /// BENCHMARKS.md to write; everything below its hand-written marker is kept.
-    #[arg(long)]
-    out: std::path::PathBuf,
-    /// gnuplot data for the chart.
-    #[arg(long)]
-    chart_data: std::path::PathBuf,
-}
-
 fn main() {
     let cli = Cli::parse();
-    raise_fd_limit();
+    skrelay::sys::raise_fd_limit();
     let result = match cli.command {
         Cmd::Bulk(a) => bulk(a),
         Cmd::Pingpong(a) => pingpong(a),
         Cmd::ConnectRate(a) => connect_rate(a),
         Cmd::IdlePairs(a) => idle_pairs(a),
         Cmd::IdleWorker(a) => idle_worker(a),
-        Cmd::Report(a) => report(a),
+        Cmd::Report(a) => report::report(a),
     };
     if let Err(e) = result {
         eprintln!("bench: {e}");
         std::process::exit(1);
-    }
-}
-
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: plain getrlimit/setrlimit on a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
     }
 }
 
@@ -619,331 +594,5 @@ fn idle_worker(a: WorkerArgs) -> io::Result<()> {
         let _ = socket2::SockRef::from(c).set_linger(Some(Duration::ZERO));
         let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
     }
-    Ok(())
-}
-
-// ---------------------------------------------------------------------------------------------
-// report
-
-/// Contenders in display order: (key, name in the tables, short label for the chart).
-const CONTENDERS: &[(&str, &str, &str)] = &[
-    ("direct", "direct loopback (the limit)", "direct"),
-    ("relay-kernel", "skrelay relay, kernel", "relay-k"),
-    ("relay-userspace", "skrelay relay, userspace", "relay-u"),
-    ("proxy-kernel", "skrelay proxy, kernel", "proxy-k"),
-    ("proxy-userspace", "skrelay proxy, userspace", "proxy-u"),
-    ("socat", "socat (fork)", "socat"),
-    ("haproxy", "HAProxy 2.6, forced splice", "haproxy"),
-    ("accel", "skrelay accel (loopback)", "accel"),
-];
-
-/// The hand-written part of BENCHMARKS.md starts at this line; the report keeps it.
-const MARKER: &str = "<!-- Everything below this line is hand-written; scripts/bench.sh keeps it. -->";
-
-struct Stat {
-    median: f64,
-    min: f64,
-    max: f64,
-    n: usize,
-}
-
-type Results = BTreeMap<(String, String), Vec<f64>>;
-
-fn stat(r: &Results, c: &str, m: &str) -> Option<Stat> {
-    let mut v = r.get(&(c.to_string(), m.to_string()))?.clone();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
-    Some(Stat { median, min: v[0], max: v[n - 1], n })
-}
-
-fn med(r: &Results, c: &str, m: &str) -> Option<f64> {
-    stat(r, c, m).map(|s| s.median)
-}
-
-/// "12.3 (11.9-12.8)" with `prec` decimals; "-" when not measured.
-fn cell(r: &Results, c: &str, m: &str, prec: usize) -> String {
-    match stat(r, c, m) {
-        Some(s) if s.n > 1 => format!("{:.p$} ({:.p$}-{:.p$})", s.median, s.min, s.max, p = prec),
-        Some(s) => format!("{:.p$}", s.median, p = prec),
-        None => "-".into(),
-    }
-}
-
-fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
-    match (a, b) {
-        (Some(a), Some(b)) if b.abs() > 1e-12 => Some(a / b),
-        _ => None,
-    }
-}
-
-fn fmt_ratio(x: Option<f64>) -> String {
-    x.map(|x| format!("{x:.2}x")).unwrap_or_else(|| "-".into())
-}
-
-fn report(a: ReportArgs) -> io::Result<()> {
-    let mut r: Results = BTreeMap::new();
-    for line in fs::read_to_string(&a.results)?.lines() {
-        let f: Vec<&str> = line.split('\t').collect();
-        if let [c, m, v] = f[..] {
-            if let Ok(v) = v.parse::<f64>() {
-                r.entry((c.into(), m.into())).or_default().push(v);
-            }
-        }
-    }
-    let meta: BTreeMap<String, String> = fs::read_to_string(&a.meta)?
-        .lines()
-        .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
-        .collect();
-    let m = |k: &str| meta.get(k).cloned().unwrap_or_else(|| "?".into());
-    let present: Vec<_> = CONTENDERS.iter().filter(|(c, _, _)| r.keys().any(|(rc, _)| rc == c)).collect();
-    // Extra CPU over direct, per run median.
-    let direct_cpu = med(&r, "direct", "cpu_s_per_gib");
-    let extra = |c: &str| Some(med(&r, c, "cpu_s_per_gib")? - direct_cpu?);
-
-    let mut md = String::new();
-    let w = &mut md;
-    let _ = writeln!(w, "# Benchmarks\n");
-    let _ = writeln!(
-        w,
-        "Generated by `scripts/bench.sh{}` on {} (git {}). Machine: {} x {}, {} RAM, Linux {}; HAProxy {}.",
-        if m("mode") == "quick" { " --quick" } else { "" },
-        m("date"),
-        m("git"),
-        m("cpus"),
-        m("cpu_model"),
-        m("mem"),
-        m("kernel"),
-        m("haproxy")
-    );
-    if let Some(note) = meta.get("note").filter(|n| !n.is_empty()) {
-        let _ = writeln!(w, "\n> **Note:** {note}");
-    }
-    let _ = writeln!(
-        w,
-        "\nMedians of {} interleaved runs (contenders A B C A B C), min-max in brackets. Bulk: {} one way, \
-         sha256-checked after the clock stops. CPU: busy time of the whole machine from /proc/stat \
-         (user+system+softirq+irq; the kernel datapath's work runs in softirq and kworkers) per GiB, \
-         client and server included, so the *extra over direct* is the contender's own cost. Ping-pong: \
-         64-byte messages, {} round trips after {} of warm-up, one connection; pinned = every process \
-         (client, server, relay/proxy) on CPU 0 with taskset. Connections: connect, 1 byte each way \
-         through to the server, close, {} client threads for {} s. Idle pairs: RSS growth of the relay or \
-         proxy process divided by the pairs it held. Logging: HAProxy runs without a log and skrelay with \
-         RUST_LOG=warn, i.e. without its per-pair line (which costs ~5% of the connection rate).\n",
-        m("runs"),
-        m("bulk_bytes_h"),
-        m("round_trips"),
-        m("warmup"),
-        m("conn_clients"),
-        m("conn_secs")
-    );
-    let _ = writeln!(w, "![chart](BENCHMARKS.png)\n");
-    let _ = writeln!(w, "## Results\n");
-    let _ = writeln!(
-        w,
-        "| contender | throughput Gbit/s | CPU-s/GiB | extra CPU-s/GiB over direct | pinned p50 us | pinned p99 us | unpinned p50 us | unpinned p99 us | conn/s |"
-    );
-    let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|");
-    for (c, name, _) in &present {
-        let _ = writeln!(
-            w,
-            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            cell(&r, c, "gbps", 1),
-            cell(&r, c, "cpu_s_per_gib", 2),
-            extra(c).map(|x| format!("{x:+.2}")).unwrap_or_else(|| "-".into()),
-            cell(&r, c, "pinned_p50_us", 1),
-            cell(&r, c, "pinned_p99_us", 1),
-            cell(&r, c, "unpinned_p50_us", 1),
-            cell(&r, c, "unpinned_p99_us", 1),
-            cell(&r, c, "conn_per_sec", 0),
-        );
-    }
-    let _ = writeln!(w, "\n### Memory per idle pair\n");
-    let _ = writeln!(
-        w,
-        "RLIMIT_NOFILE's hard limit on this machine is {}. An idle pair costs skrelay 2 descriptors on \
-         either datapath (pipes are held only while bytes are in them); HAProxy's maxconn must fit \
-         its splice pipes under that limit too. Each contender was asked for what fits ({}), and the \
-         table says how many pairs it held (each verified by a byte passing through). Every daemon \
-         is restarted before each idle run, so its RSS growth is its own. Kernel-side socket \
-         memory is not in any process's RSS; the last column is the machine's Slab growth per pair \
-         (noisy on a shared machine).\n",
-        m("nofile_hard"),
-        m("idle_requested")
-    );
-    let _ = writeln!(w, "| contender | pairs held | RSS bytes per pair | kernel Slab bytes per pair |");
-    let _ = writeln!(w, "|---|---|---|---|");
-    for (c, name, _) in &present {
-        if stat(&r, c, "idle_bytes_per_pair").is_some() {
-            let _ = writeln!(
-                w,
-                "| {name} | {} | {} | {} |",
-                cell(&r, c, "idle_pairs_held", 0),
-                cell(&r, c, "idle_bytes_per_pair", 0),
-                cell(&r, c, "idle_slab_bytes_per_pair", 0)
-            );
-        }
-    }
-
-    // Ratios.
-    let _ = writeln!(w, "\n## Ratios\n");
-    let _ = writeln!(
-        w,
-        "Against direct loopback and against skrelay's userspace datapath of the same command (relay or \
-         proxy; the relay's for the others). CPU ratios compare the *extra* CPU over direct.\n"
-    );
-    let _ = writeln!(
-        w,
-        "| contender | throughput / direct | throughput / userspace | extra CPU / userspace | pinned p50 / userspace | unpinned p99 / userspace |"
-    );
-    let _ = writeln!(w, "|---|---|---|---|---|---|");
-    let base_of = |c: &str| {
-        if c.starts_with("proxy") && r.keys().any(|(k, _)| k == "proxy-userspace") {
-            "proxy-userspace"
-        } else {
-            "relay-userspace"
-        }
-    };
-    for (c, name, _) in &present {
-        let b = base_of(c);
-        let _ = writeln!(
-            w,
-            "| {name} | {} | {} | {} | {} | {} |",
-            fmt_ratio(ratio(med(&r, c, "gbps"), med(&r, "direct", "gbps"))),
-            fmt_ratio(ratio(med(&r, c, "gbps"), med(&r, b, "gbps"))),
-            fmt_ratio(ratio(extra(c), extra(b))),
-            fmt_ratio(ratio(med(&r, c, "pinned_p50_us"), med(&r, b, "pinned_p50_us"))),
-            fmt_ratio(ratio(med(&r, c, "unpinned_p99_us"), med(&r, b, "unpinned_p99_us"))),
-        );
-    }
-
-    // Targets.
-    let _ = writeln!(w, "\n## Targets (issue 6)\n");
-    let _ = writeln!(w, "| target | contender | measured | result |");
-    let _ = writeln!(w, "|---|---|---|---|");
-    let mut rows: Vec<String> = Vec::new();
-    let mut target = |what: &str, who: &str, x: Option<f64>, pass: &dyn Fn(f64) -> bool| {
-        let (measured, verdict) = match x {
-            Some(x) => (format!("{x:.2}x"), if pass(x) { "pass" } else { "**miss**" }),
-            None => ("-".into(), "not measured"),
-        };
-        rows.push(format!("| {what} | {who} | {measured} | {verdict} |"));
-    };
-    // What a user would run instead of the kernel datapath (direct is the limit, not a contender;
-    // the kernel relay and proxy are one datapath, not rivals of each other).
-    let proxy_others = ["relay-userspace", "proxy-userspace", "socat", "haproxy"];
-    for (k, user) in [("relay-kernel", "relay-userspace"), ("proxy-kernel", "proxy-userspace")] {
-        if !present.iter().any(|(c, _, _)| *c == k) {
-            continue;
-        }
-        target("extra CPU/GiB over direct <= 0.4x skrelay userspace", k, ratio(extra(k), extra(user)), &|x| x <= 0.4);
-        target("extra CPU/GiB over direct <= 0.4x HAProxy forced splice", k, ratio(extra(k), extra("haproxy")), &|x| {
-            x <= 0.4
-        });
-        target("throughput >= 1.15x skrelay userspace", k, ratio(med(&r, k, "gbps"), med(&r, user, "gbps")), &|x| {
-            x >= 1.15
-        });
-        target("throughput >= 1.15x HAProxy", k, ratio(med(&r, k, "gbps"), med(&r, "haproxy", "gbps")), &|x| x >= 1.15);
-        target("throughput >= 0.6x direct", k, ratio(med(&r, k, "gbps"), med(&r, "direct", "gbps")), &|x| x >= 0.6);
-        target(
-            "pinned p50 latency <= 0.75x skrelay userspace",
-            k,
-            ratio(med(&r, k, "pinned_p50_us"), med(&r, user, "pinned_p50_us")),
-            &|x| x <= 0.75,
-        );
-        let best_other = proxy_others
-            .iter()
-            .filter_map(|c| med(&r, c, "unpinned_p99_us"))
-            .fold(None, |acc: Option<f64>, x| Some(acc.map_or(x, |a| a.min(x))));
-        target(
-            "unpinned p99 no worse than any other relay/proxy (ratio to the best: splice(2), socat, HAProxy)",
-            k,
-            ratio(med(&r, k, "unpinned_p99_us"), best_other),
-            &|x| x <= 1.0,
-        );
-        // Reported as a ratio to the 8 KiB budget.
-        target(
-            "memory per idle pair <= 8 KiB in our process (ratio to 8 KiB)",
-            k,
-            med(&r, k, "idle_bytes_per_pair").map(|b| b / 8192.0),
-            &|x| x <= 1.0,
-        );
-    }
-    for k in ["proxy-kernel", "proxy-userspace"] {
-        if present.iter().any(|(c, _, _)| *c == k) {
-            target(
-                "connections/s through the proxy >= HAProxy's",
-                k,
-                ratio(med(&r, k, "conn_per_sec"), med(&r, "haproxy", "conn_per_sec")),
-                &|x| x >= 1.0,
-            );
-        }
-    }
-    if present.iter().any(|(c, _, _)| *c == "accel") {
-        target(
-            "accel throughput >= 2x plain loopback",
-            "accel",
-            ratio(med(&r, "accel", "gbps"), med(&r, "direct", "gbps")),
-            &|x| x >= 2.0,
-        );
-        target(
-            "accel pinned p50 <= 0.7x plain loopback",
-            "accel",
-            ratio(med(&r, "accel", "pinned_p50_us"), med(&r, "direct", "pinned_p50_us")),
-            &|x| x <= 0.7,
-        );
-    }
-    for row in rows {
-        let _ = writeln!(w, "{row}");
-    }
-    let absent: Vec<&str> =
-        ["proxy-kernel", "accel"].into_iter().filter(|k| !present.iter().any(|(c, _, _)| c == k)).collect();
-    if !absent.is_empty() {
-        let _ = writeln!(
-            w,
-            "\nNot measured in this run (the command was not in this build): {}. bench.sh picks them up \
-             as soon as `skrelay proxy --help` / `skrelay accel --help` work.",
-            absent.join(", ")
-        );
-    }
-    if let Some(f) = meta.get("failures").filter(|f| f.as_str() != "0") {
-        let _ = writeln!(w, "\n{f} measurement(s) failed in this run; see the log bench.sh printed.");
-    }
-
-    // Keep the hand-written part.
-    let old = fs::read_to_string(&a.out).unwrap_or_default();
-    let tail = old.split_once(MARKER).map(|(_, t)| t.to_string()).unwrap_or_else(|| "\n\n## What we tried\n\n".into());
-    let _ = write!(w, "\n{MARKER}{tail}");
-    fs::write(&a.out, md)?;
-
-    // Chart data: one gnuplot index per panel, rows `x "label" median min max`.
-    let panels = ["gbps", "extra_cpu", "pinned_p50_us", "unpinned_p99_us", "conn_per_sec", "idle_bytes_per_pair"];
-    let mut dat = String::new();
-    for p in panels {
-        let _ = writeln!(dat, "# {p}");
-        let mut x = 0;
-        for (c, _, label) in &present {
-            let s = if p == "extra_cpu" {
-                stat(&r, c, "cpu_s_per_gib").and_then(|s| {
-                    let d = direct_cpu?;
-                    Some(Stat { median: s.median - d, min: s.min - d, max: s.max - d, n: s.n })
-                })
-            } else {
-                stat(&r, c, p)
-            };
-            if let Some(s) = s {
-                let _ = writeln!(dat, "{x} \"{label}\" {} {} {}", s.median, s.min, s.max);
-                x += 1;
-            }
-        }
-        if x == 0 {
-            let _ = writeln!(dat, "0 \"-\" 0 0 0"); // gnuplot needs a row to plot
-        }
-        dat.push_str("\n\n");
-    }
-    fs::write(&a.chart_data, dat)?;
     Ok(())
 }
