@@ -55,6 +55,8 @@ fn main() {
 #include "skrelay.h"
 #define F(s, m) printf("pub const " #s "__" #m ": usize = %zu;\n", offsetof(struct s, m))
 int main(void) {
+    printf("pub const MAX_SOCKETS: u32 = %d;\n", MAX_SOCKETS);
+    printf("pub const ACCEL_MAX_PORTS: u32 = %d;\n", ACCEL_MAX_PORTS);
     printf("pub const SOCK_KEY_SIZE: usize = %zu;\n", sizeof(struct sock_key));
     F(sock_key, local_ip6); F(sock_key, remote_ip6); F(sock_key, local_port); F(sock_key, remote_port);
     printf("pub const RELAY_STAT_VERDICTS: u32 = %d;\n", RELAY_STAT_VERDICTS);

@@ -15,8 +15,6 @@
 #include <bpf/bpf_endian.h>
 #include "skrelay.h"
 
-#define MAX_SOCKETS 65536
-#define MAX_PORTS 1024
 #define EBUSY 16
 #define TCP_CLOSE 7
 #define TCP_LISTEN 10
@@ -63,7 +61,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MAX_PORTS);
+	__uint(max_entries, ACCEL_MAX_PORTS);
 	__type(key, __u32);  /* port, host byte order */
 	__type(value, __u8);
 } accel_ports SEC(".maps");

@@ -10,8 +10,6 @@
 #include <bpf/bpf_helpers.h>
 #include "skrelay.h"
 
-#define MAX_SOCKETS 65536
-
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
 	__uint(max_entries, MAX_SOCKETS);

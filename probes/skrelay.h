@@ -3,6 +3,14 @@
 #pragma once
 #include <linux/types.h>
 
+/* ---- limits: the single source of every map size user space also needs to know ---- */
+
+/* max_entries of every map with one entry per socket: the relay's `socks`, `targets` and `peers`
+ * (a pair takes 2 of each), accel's `accel_socks`, `accel_members` and `accel_listeners`. */
+#define MAX_SOCKETS 65536
+/* max_entries of accel's `accel_ports` (`accel on --ports`). */
+#define ACCEL_MAX_PORTS 1024
+
 /* Per-CPU counters of the relay programs (index into the `relay_stats` PERCPU_ARRAY). */
 enum relay_stat {
 	RELAY_STAT_VERDICTS = 0,  /* skbs seen by the verdict program */

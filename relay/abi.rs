@@ -1,5 +1,11 @@
-//! The Rust mirror of probes/skrelay.h: counter indices and map key layouts shared with the
-//! kernel programs. `tests` below checks it against the header as clang lays it out.
+//! The Rust mirror of probes/skrelay.h: map limits, counter indices and map key layouts shared
+//! with the kernel programs. The header is the source of truth (the programs size their maps
+//! from it); `tests` below checks every value here against the header as clang compiles it.
+
+/// max_entries of every map with one entry per socket (relay and accel).
+pub const MAX_SOCKETS: u32 = 65536;
+/// max_entries of accel's `accel_ports`.
+pub const ACCEL_MAX_PORTS: u32 = 1024;
 
 /// Indices of the relay programs' per-CPU counters (`relay_stats`).
 pub mod relay_stat {
@@ -110,6 +116,14 @@ mod tests {
     }
 
     #[test]
+    fn map_limits_match_the_header() {
+        assert_eq!(MAX_SOCKETS, c::MAX_SOCKETS);
+        assert_eq!(ACCEL_MAX_PORTS, c::ACCEL_MAX_PORTS);
+        assert_eq!(STEER_MAX_BINDINGS, c::STEER_MAX_BINDINGS);
+        assert_eq!(STEER_MAX_PORT_ENTRIES, c::STEER_MAX_PORT_ENTRIES);
+    }
+
+    #[test]
     fn sock_key_matches_the_c_layout() {
         assert_eq!(std::mem::size_of::<SockKey>(), c::SOCK_KEY_SIZE);
         assert_eq!(std::mem::offset_of!(SockKey, local_ip6), c::sock_key__local_ip6);
@@ -151,8 +165,6 @@ mod tests {
     #[test]
     fn steer_structs_match_the_c_layout() {
         use aya::maps::lpm_trie::Key;
-        assert_eq!(STEER_MAX_BINDINGS, c::STEER_MAX_BINDINGS);
-        assert_eq!(STEER_MAX_PORT_ENTRIES, c::STEER_MAX_PORT_ENTRIES);
         // aya's Key is { prefix_len: u32, data: K }: `struct steer_key` with data at offset 4.
         assert_eq!(std::mem::size_of::<Key<SteerMatch>>(), c::STEER_KEY_SIZE);
         assert_eq!(c::steer_key__prefixlen, 0);

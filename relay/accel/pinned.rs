@@ -16,8 +16,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
-/// max_entries of `accel_ports` in probes/accel.bpf.c.
-pub const MAX_PORTS: usize = 1024;
+/// max_entries of `accel_ports` (probes/skrelay.h).
+pub const MAX_PORTS: usize = crate::abi::ACCEL_MAX_PORTS as usize;
 
 const MAPS: [&str; 6] =
     ["accel_socks", "accel_members", "accel_listeners", "accel_ports", "accel_config", "accel_stats"];

@@ -16,8 +16,8 @@ use aya::{
 use mio::{net::TcpStream, Interest};
 use std::{cell::RefCell, io, os::fd::AsRawFd, rc::Rc};
 
-/// max_entries of the socket maps in probes/relay.bpf.c.
-const MAX_SOCKETS: u32 = 65536;
+/// max_entries of the socket maps (probes/skrelay.h).
+const MAX_SOCKETS: u32 = crate::abi::MAX_SOCKETS;
 /// Send buffer of a spliced socket (the kernel doubles it). When a redirected skb finds its
 /// egress socket's send buffer full, the kernel's psock backlog retries one jiffy later (4 ms at
 /// HZ=250) and a write-space wake-up cannot bring that retry forward: with the default 4 MiB
