@@ -1,5 +1,6 @@
-//! Builds the kernel programs in probes/ with clang and a host-side probe of the shared header's
-//! layout (checked against relay/abi.rs by a test).
+//! Builds the kernel programs in probes/ with clang, and two host-side probes whose output the
+//! layout tests compare with the Rust side: the shared header's layout (relay/abi.rs) and the
+//! kernel uapi constants and offsets that relay/sys.rs writes by hand.
 use std::{env, path::PathBuf, process::Command};
 
 const SETUP_HINT: &str = "run scripts/setup.sh to install clang, llvm, libbpf-dev and linux-libc-dev";
@@ -92,22 +93,68 @@ int main(void) {
 "#,
     )
     .unwrap();
-    let layout_bin = out.join("layout");
-    let ok = Command::new(&clang)
+    host_probe(&clang, &arch_include, &layout_c, &out.join("c_layout.rs"));
+
+    // Host probe of the kernel's uapi headers: the bpf(2) commands, `union bpf_attr` members,
+    // TCP_INFO offsets and socket constants that relay/sys.rs (and tests/probes.rs) spell out by
+    // hand, read back by sys.rs's layout tests.
+    let kernel_c = out.join("kernel_layout.c");
+    std::fs::write(&kernel_c, KERNEL_LAYOUT_C).unwrap();
+    host_probe(&clang, &arch_include, &kernel_c, &out.join("kernel_layout.rs"));
+}
+
+/// Compiles and runs a C program on the host; what it prints (Rust constants) goes to `rs`.
+fn host_probe(clang: &str, arch_include: &str, c: &std::path::Path, rs: &std::path::Path) {
+    let bin = c.with_extension("bin");
+    let ok = Command::new(clang)
         .arg(format!("-I{arch_include}"))
         .arg("-Iprobes")
-        .arg(&layout_c)
+        .arg(c)
         .arg("-o")
-        .arg(&layout_bin)
+        .arg(&bin)
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
     if !ok {
-        fail("cannot build the host layout probe of probes/skrelay.h");
+        fail(&format!("cannot build the host layout probe {}: {SETUP_HINT}", c.display()));
     }
-    let printed = Command::new(&layout_bin).output().expect("run layout probe");
-    std::fs::write(out.join("c_layout.rs"), printed.stdout).unwrap();
+    let printed = Command::new(&bin).output().expect("run layout probe");
+    std::fs::write(rs, printed.stdout).unwrap();
 }
+
+const KERNEL_LAYOUT_C: &str = r#"#include <stdio.h>
+#include <stddef.h>
+#include <linux/bpf.h>
+#include <linux/tcp.h>
+#include <linux/sockios.h>
+#include <asm/socket.h>
+#define C(name) printf("pub const " #name ": u64 = %llu;\n", (unsigned long long)(name))
+#define A(name, m) printf("pub const ATTR_%s: usize = %zu;\n", #name, offsetof(union bpf_attr, m))
+#define O(s, m) printf("pub const %s__%s: usize = %zu;\n", #s, #m, offsetof(struct s, m))
+#define S(s) printf("pub const %s__SIZE: usize = %zu;\n", #s, sizeof(struct s))
+int main(void) {
+    C(BPF_MAP_LOOKUP_ELEM); C(BPF_MAP_UPDATE_ELEM); C(BPF_MAP_DELETE_ELEM); C(BPF_OBJ_GET);
+    C(BPF_PROG_GET_FD_BY_ID); C(BPF_OBJ_GET_INFO_BY_FD); C(BPF_PROG_QUERY); C(BPF_LINK_UPDATE);
+    C(BPF_PROG_TEST_RUN); C(BPF_F_REPLACE); C(BPF_F_QUERY_EFFECTIVE);
+    C(BPF_TCP_TIME_WAIT); C(BPF_TCP_CLOSE); C(BPF_TCP_CLOSE_WAIT); C(BPF_TCP_LAST_ACK);
+    C(BPF_TCP_CLOSING); C(SO_COOKIE); C(SIOCGSKNS);
+    A(map_fd, map_fd); A(key, key); A(value, value); A(flags, flags);
+    A(pathname, pathname); A(bpf_fd, bpf_fd); A(file_flags, file_flags);
+    A(prog_id, prog_id); A(next_id, next_id); A(open_flags, open_flags);
+    A(info_bpf_fd, info.bpf_fd); A(info_info_len, info.info_len); A(info_info, info.info);
+    A(link_update_link_fd, link_update.link_fd); A(link_update_new_prog_fd, link_update.new_prog_fd); A(link_update_flags, link_update.flags); A(link_update_old_prog_fd, link_update.old_prog_fd);
+    A(query_target_fd, query.target_fd); A(query_attach_type, query.attach_type); A(query_query_flags, query.query_flags); A(query_attach_flags, query.attach_flags);
+    A(query_prog_ids, query.prog_ids); A(query_prog_cnt, query.prog_cnt);
+    A(test_prog_fd, test.prog_fd); A(test_retval, test.retval); A(test_data_size_in, test.data_size_in); A(test_data_in, test.data_in); A(test_repeat, test.repeat);
+    A(test_ctx_size_in, test.ctx_size_in); A(test_ctx_size_out, test.ctx_size_out); A(test_ctx_in, test.ctx_in); A(test_ctx_out, test.ctx_out); A(test_flags, test.flags);
+    O(bpf_link_info, id); O(bpf_link_info, prog_id);
+    O(tcp_info, tcpi_state); O(tcp_info, tcpi_bytes_acked); O(tcp_info, tcpi_bytes_received);
+    S(bpf_sk_lookup); O(bpf_sk_lookup, cookie); O(bpf_sk_lookup, family); O(bpf_sk_lookup, protocol);
+    O(bpf_sk_lookup, remote_ip4); O(bpf_sk_lookup, remote_ip6); O(bpf_sk_lookup, remote_port);
+    O(bpf_sk_lookup, local_ip4); O(bpf_sk_lookup, local_ip6); O(bpf_sk_lookup, local_port);
+    return 0;
+}
+"#;
 
 fn target_triple_arch() -> String {
     env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_else(|_| "x86_64".into())

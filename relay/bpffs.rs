@@ -13,7 +13,9 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 fn is_bpffs(path: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: `libc::statfs` is plain old data, for which all-zero bytes are a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and statfs writes one `struct statfs` into `st`.
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
 }
 
@@ -24,6 +26,7 @@ pub fn root() -> Result<PathBuf, Error> {
     if !is_bpffs(base) {
         let _ = std::fs::create_dir_all(base);
         let (src, dst, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
+        // SAFETY: three NUL-terminated static strings and no mount data (null is allowed).
         let r = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
         if r != 0 || !is_bpffs(base) {
             let e = io::Error::last_os_error();
@@ -52,6 +55,7 @@ impl StateLock {
         std::fs::create_dir_all(lock_dir).map_err(|e| Error::io("cannot create /run/skrelay", e))?;
         let path = lock_dir.join(format!("{name}.lock"));
         let file = File::create(&path).map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
+        // SAFETY: flock on the open descriptor of `file`, which outlives the call.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
             return Err(Error::io(format!("cannot lock {}", path.display()), io::Error::last_os_error()));
         }

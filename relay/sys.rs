@@ -1,5 +1,12 @@
 //! Raw syscalls the standard library does not wrap, each wrapped once: socket cookie, TCP_INFO
-//! counters, splice(2) and pipes, MSG_PEEK, abortive close, the fd limit.
+//! counters, splice(2) and pipes, MSG_PEEK, abortive close, the fd limit, and the bpf(2)
+//! commands aya 0.14 does not expose.
+//!
+//! Every constant, offset and `#[repr(C)]` struct written here by hand is compared with the
+//! kernel's uapi headers by the tests at the end (build.rs compiles a probe of the headers).
+//! Every `unsafe` block says why it is sound; the pattern is always the same: a syscall is given
+//! a descriptor we borrow for the call and pointers to locals that outlive it, with their true
+//! sizes.
 use std::{
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
@@ -20,6 +27,8 @@ const SO_COOKIE: libc::c_int = 57;
 pub fn socket_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are live locals; `len` is the size of `cookie`, so the kernel
+    // writes at most 8 bytes into it. A bad descriptor is an error return, not UB.
     let ret = unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
@@ -44,8 +53,12 @@ pub struct TcpCounters {
     pub bytes_received: u64,
 }
 
+/// TCP states (the kernel's `enum` in net/tcp_states.h, mirrored by uapi `BPF_TCP_*`).
 const TCP_TIME_WAIT: u8 = 6;
 const TCP_CLOSE: u8 = 7;
+const TCP_CLOSE_WAIT: u8 = 8;
+const TCP_LAST_ACK: u8 = 9;
+const TCP_CLOSING: u8 = 11;
 
 /// Offsets in `struct tcp_info` (uapi linux/tcp.h), stable since Linux 4.1.
 const TCPI_STATE: usize = 0;
@@ -55,6 +68,8 @@ const TCPI_BYTES_RECEIVED: usize = 128;
 pub fn tcp_counters(fd: &impl AsRawFd) -> io::Result<TcpCounters> {
     let mut buf = [0u8; 256];
     let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: `buf` and `len` are live locals and `len` is `buf`'s size: the kernel copies at
+    // most that much of its `struct tcp_info` and reports how much in `len`.
     let ret = unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
@@ -81,8 +96,7 @@ impl TcpCounters {
     /// closed. A reset also leaves CLOSE: callers tell it apart by SO_ERROR, which the kernel sets
     /// before it changes the state.
     pub fn fin_received(&self) -> bool {
-        // TIME_WAIT, CLOSE, CLOSE_WAIT, LAST_ACK, CLOSING.
-        matches!(self.state, TCP_TIME_WAIT | TCP_CLOSE | 8 | 9 | 11)
+        matches!(self.state, TCP_TIME_WAIT | TCP_CLOSE | TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING)
     }
 
     pub fn closed(&self) -> bool {
@@ -97,6 +111,8 @@ impl TcpCounters {
 
 /// Reads up to `buf.len()` queued bytes without consuming them (never blocks).
 pub fn peek(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`, which we borrow mutably
+    // for the call.
     let ret = unsafe {
         libc::recv(
             fd.as_raw_fd(),
@@ -111,6 +127,7 @@ pub fn peek(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
 /// Makes the next close of this socket send a RST instead of a FIN.
 pub fn reset_on_close(fd: &impl AsRawFd) {
     let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: the kernel reads `size_of::<linger>()` bytes from the live local `linger`.
     unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
@@ -126,6 +143,7 @@ pub fn reset_on_close(fd: &impl AsRawFd) {
 pub fn take_socket_error(fd: &impl AsRawFd) -> Option<io::Error> {
     let mut err: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `err` and `len` are live locals; `len` is the size of `err`.
     let ret = unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
@@ -152,11 +170,19 @@ impl Pipe {
     /// A pipe of `size` bytes of capacity (or the system's default where that is refused).
     pub fn new(size: usize) -> io::Result<(Pipe, usize)> {
         let mut fds = [0 as RawFd; 2];
+        // SAFETY: pipe2 writes exactly two descriptors into the live local array.
         check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } as libc::c_long)?;
+        // SAFETY: pipe2 succeeded, so both descriptors are open and nothing else owns them.
         let pipe = unsafe { Pipe { read: OwnedFd::from_raw_fd(fds[0]), write: OwnedFd::from_raw_fd(fds[1]) } };
-        let got = unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, size as libc::c_int) };
-        let capacity =
-            if got > 0 { got as usize } else { unsafe { libc::fcntl(fds[1], libc::F_GETPIPE_SZ) }.max(4096) as usize };
+        let write = pipe.write.as_raw_fd();
+        // SAFETY: F_SETPIPE_SZ takes an int argument; `write` is open (owned by `pipe`).
+        let got = unsafe { libc::fcntl(write, libc::F_SETPIPE_SZ, size as libc::c_int) };
+        let capacity = if got > 0 {
+            got as usize
+        } else {
+            // SAFETY: F_GETPIPE_SZ takes no argument; `write` is open (owned by `pipe`).
+            unsafe { libc::fcntl(write, libc::F_GETPIPE_SZ) }.max(4096) as usize
+        };
         Ok((pipe, capacity))
     }
 }
@@ -164,6 +190,8 @@ impl Pipe {
 /// Moves up to `len` bytes between a socket and a pipe without copying them to user space.
 /// `Ok(0)` means end of file on `from`.
 pub fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: null offsets (the descriptors' own positions) and no user memory: the kernel moves
+    // pages between the two descriptors; a closed or wrong descriptor is an error return.
     let ret = unsafe {
         libc::splice(
             from,
@@ -181,6 +209,7 @@ pub fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 /// pipes on the userspace datapath).
 pub fn raise_fd_limit() -> u64 {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: both calls take a pointer to the live local `lim`, of the type they expect.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
             lim.rlim_cur = lim.rlim_max;
@@ -193,21 +222,21 @@ pub fn raise_fd_limit() -> u64 {
 /// BPF_PROG_QUERY: the ids of the programs attached to `target` for `attach_type`; with
 /// `effective`, those that run there, inherited from ancestors included.
 pub fn bpf_prog_query(target: &impl AsRawFd, attach_type: u32, effective: bool) -> io::Result<Vec<u32>> {
-    const BPF_PROG_QUERY: libc::c_long = 16;
-    const BPF_F_QUERY_EFFECTIVE: u32 = 1;
     let mut ids = vec![0u32; 64];
     loop {
-        // union bpf_attr, `query` member: target_fd, attach_type, query_flags, attach_flags,
-        // prog_ids (u64 pointer), prog_cnt; the rest stays zero.
-        let mut attr = [0u8; 64];
-        attr[0..4].copy_from_slice(&(target.as_raw_fd() as u32).to_ne_bytes());
-        attr[4..8].copy_from_slice(&attach_type.to_ne_bytes());
-        attr[8..12].copy_from_slice(&(if effective { BPF_F_QUERY_EFFECTIVE } else { 0 }).to_ne_bytes());
-        attr[16..24].copy_from_slice(&(ids.as_mut_ptr() as u64).to_ne_bytes());
-        attr[24..28].copy_from_slice(&(ids.len() as u32).to_ne_bytes());
-        let ret = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, attr.as_mut_ptr(), attr.len()) };
-        let count = u32::from_ne_bytes(attr[24..28].try_into().unwrap()) as usize;
-        match check(ret) {
+        let mut attr = bpf::QueryAttr {
+            target_fd: target.as_raw_fd() as u32,
+            attach_type,
+            query_flags: if effective { bpf::BPF_F_QUERY_EFFECTIVE } else { 0 },
+            prog_ids: ids.as_mut_ptr() as u64,
+            prog_cnt: ids.len() as u32,
+            ..Default::default()
+        };
+        // SAFETY: prog_ids points to `ids` and prog_cnt is its length: the kernel writes at most
+        // that many u32 ids there, and the number attached into prog_cnt (also on ENOSPC).
+        let result = unsafe { bpf::sys(bpf::BPF_PROG_QUERY, &mut attr) };
+        let count = attr.prog_cnt as usize;
+        match result {
             Ok(_) => {
                 ids.truncate(count);
                 return Ok(ids);
@@ -220,20 +249,25 @@ pub fn bpf_prog_query(target: &impl AsRawFd, attach_type: u32, effective: bool) 
 
 /// pidfd_open(2): a file descriptor for process `pid` (ESRCH: there is no such process).
 pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: integer arguments only.
     let fd = check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })?;
+    // SAFETY: pidfd_open succeeded: `fd` is a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 /// pidfd_getfd(2): a duplicate of descriptor `target_fd` of the process behind `pidfd` (EPERM:
 /// the caller may not ptrace it; EBADF: it has no such descriptor).
 pub fn pidfd_getfd(pidfd: &impl AsRawFd, target_fd: i32) -> io::Result<OwnedFd> {
+    // SAFETY: integer arguments only.
     let fd = check(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target_fd, 0) })?;
+    // SAFETY: pidfd_getfd succeeded: `fd` is a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 fn sockopt_int(fd: &impl AsRawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
     let mut v: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `v` and `len` are live locals; `len` is the size of `v`.
     let ret = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, &mut v as *mut _ as *mut libc::c_void, &mut len) };
     check(ret as libc::c_long)?;
     Ok(v)
@@ -244,6 +278,7 @@ fn sockopt_int(fd: &impl AsRawFd, level: libc::c_int, name: libc::c_int) -> io::
 /// SO_SNDBUF allows.
 pub fn set_send_buffer(fd: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
     let set = |name| {
+        // SAFETY: the kernel reads one c_int from `bytes`, which outlives the call.
         let ret = unsafe {
             libc::setsockopt(
                 fd.as_raw_fd(),
@@ -261,8 +296,7 @@ pub fn set_send_buffer(fd: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> 
 /// What kind of socket a descriptor is: (SO_DOMAIN, SO_PROTOCOL, SO_ACCEPTCONN), or `None` when
 /// it is not a socket at all.
 pub fn socket_kind(fd: &impl AsRawFd) -> io::Result<Option<(i32, i32, bool)>> {
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } as libc::c_long)?;
+    let st = fstat(fd.as_raw_fd())?;
     if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
         return Ok(None);
     }
@@ -280,6 +314,8 @@ pub fn v6only(fd: &impl AsRawFd) -> bool {
 /// A socket's local or peer address (`peer`), `None` if it has none (e.g. an unconnected UDP
 /// socket has no peer).
 pub fn socket_addr(fd: &impl AsRawFd, peer: bool) -> Option<std::net::SocketAddr> {
+    // SAFETY: `fd` is borrowed from the caller's open descriptor for the length of this call,
+    // and `borrowed` does not outlive it.
     let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd.as_raw_fd()) };
     let sock = socket2::SockRef::from(&borrowed);
     let addr = if peer { sock.peer_addr() } else { sock.local_addr() };
@@ -288,12 +324,22 @@ pub fn socket_addr(fd: &impl AsRawFd, peer: bool) -> Option<std::net::SocketAddr
 
 /// The inode of the network namespace a socket belongs to (ioctl SIOCGSKNS).
 pub fn socket_netns_inode(fd: &impl AsRawFd) -> io::Result<u64> {
-    const SIOCGSKNS: libc::c_ulong = 0x894C;
+    // SAFETY: SIOCGSKNS takes no argument and returns a new descriptor (or fails).
     let ns = check(unsafe { libc::ioctl(fd.as_raw_fd(), SIOCGSKNS as _) } as libc::c_long)?;
+    // SAFETY: the ioctl succeeded: `ns` is a new descriptor that nothing else owns.
     let ns = unsafe { OwnedFd::from_raw_fd(ns as RawFd) };
+    Ok(fstat(ns.as_raw_fd())?.st_ino)
+}
+
+/// SIOCGSKNS (uapi linux/sockios.h): a descriptor of a socket's network namespace.
+const SIOCGSKNS: libc::c_ulong = 0x894C;
+
+fn fstat(fd: RawFd) -> io::Result<libc::stat> {
+    // SAFETY: `libc::stat` is plain old data, for which all-zero bytes are a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    check(unsafe { libc::fstat(ns.as_raw_fd(), &mut st) } as libc::c_long)?;
-    Ok(st.st_ino)
+    // SAFETY: fstat writes one `struct stat` into the live local `st`.
+    check(unsafe { libc::fstat(fd, &mut st) } as libc::c_long)?;
+    Ok(st)
 }
 
 /// The inode of the calling thread's network namespace, the name of its pinned state.
@@ -304,6 +350,9 @@ pub fn own_netns_inode() -> io::Result<u64> {
 
 /// The raw bpf(2) commands aya 0.14 does not expose for what steer needs: SOCKMAP entries with
 /// 8-byte values (aya insists on 4), BPF_LINK_UPDATE and the ids behind a pinned link.
+///
+/// Each command's part of `union bpf_attr` is a `#[repr(C)]` struct below; the layout tests
+/// check every field's offset against the kernel headers.
 pub mod bpf {
     use super::check;
     use std::{
@@ -312,27 +361,94 @@ pub mod bpf {
         path::Path,
     };
 
-    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    const BPF_LINK_UPDATE: libc::c_long = 29;
+    pub(super) const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+    pub(super) const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    pub(super) const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    pub(super) const BPF_OBJ_GET: libc::c_long = 7;
+    pub(super) const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    pub(super) const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    pub(super) const BPF_PROG_QUERY: libc::c_long = 16;
+    pub(super) const BPF_LINK_UPDATE: libc::c_long = 29;
     /// BPF_F_REPLACE: update a link only if it still runs `old_prog_fd`.
-    const BPF_F_REPLACE: u32 = 4;
+    pub(super) const BPF_F_REPLACE: u32 = 4;
+    /// BPF_F_QUERY_EFFECTIVE: also the programs inherited from ancestor cgroups.
+    pub(super) const BPF_F_QUERY_EFFECTIVE: u32 = 1;
+    /// Offsets of `id` and `prog_id` in `struct bpf_link_info`, counted in u32 words.
+    pub(super) const LINK_INFO_ID: usize = 1;
+    pub(super) const LINK_INFO_PROG_ID: usize = 2;
 
+    /// BPF_MAP_*_ELEM.
     #[repr(C)]
     #[derive(Default)]
-    struct MapElemAttr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
+    pub(super) struct MapElemAttr {
+        pub map_fd: u32,
+        pub _pad: u32,
+        pub key: u64,
+        pub value: u64,
+        pub flags: u64,
     }
 
-    fn sys(cmd: libc::c_long, attr: *mut libc::c_void, size: usize) -> io::Result<usize> {
-        check(unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size) })
+    /// BPF_OBJ_GET.
+    #[repr(C)]
+    #[derive(Default)]
+    pub(super) struct ObjGetAttr {
+        pub pathname: u64,
+        pub bpf_fd: u32,
+        pub file_flags: u32,
+    }
+
+    /// BPF_OBJ_GET_INFO_BY_FD (`info` member).
+    #[repr(C)]
+    #[derive(Default)]
+    pub(super) struct InfoAttr {
+        pub bpf_fd: u32,
+        pub info_len: u32,
+        pub info: u64,
+    }
+
+    /// BPF_LINK_UPDATE (`link_update` member).
+    #[repr(C)]
+    #[derive(Default)]
+    pub(super) struct LinkUpdateAttr {
+        pub link_fd: u32,
+        pub new_prog_fd: u32,
+        pub flags: u32,
+        pub old_prog_fd: u32,
+    }
+
+    /// BPF_PROG_GET_FD_BY_ID (`prog_id`, `next_id`, `open_flags`).
+    #[repr(C)]
+    #[derive(Default)]
+    pub(super) struct GetFdByIdAttr {
+        pub prog_id: u32,
+        pub next_id: u32,
+        pub open_flags: u32,
+    }
+
+    /// BPF_PROG_QUERY (`query` member).
+    #[repr(C)]
+    #[derive(Default)]
+    pub(super) struct QueryAttr {
+        pub target_fd: u32,
+        pub attach_type: u32,
+        pub query_flags: u32,
+        pub attach_flags: u32,
+        pub prog_ids: u64,
+        pub prog_cnt: u32,
+        pub _pad: u32,
+    }
+
+    /// bpf(2) with `attr` as the command's part of `union bpf_attr`.
+    ///
+    /// # Safety
+    /// `A` must be one of the `#[repr(C)]` structs above, the one for `cmd` (the layout tests
+    /// check each against the kernel headers), and every pointer in `attr` must point to live
+    /// memory of the size the command reads or writes there.
+    pub(super) unsafe fn sys<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<usize> {
+        let size = std::mem::size_of::<A>();
+        // SAFETY: the kernel reads (and for some commands writes) `size` bytes at `attr`, an
+        // exclusive borrow of that size; the pointers inside are the caller's promise.
+        check(unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut A, size) })
     }
 
     /// Puts a socket into a SOCKMAP with 8-byte values at `index`.
@@ -344,7 +460,9 @@ pub mod bpf {
             value: &fd as *const u64 as u64,
             ..Default::default()
         };
-        sys(BPF_MAP_UPDATE_ELEM, &mut attr as *mut _ as *mut libc::c_void, std::mem::size_of::<MapElemAttr>())?;
+        // SAFETY: key and value point to the live locals `index` (4 bytes) and `fd` (8 bytes),
+        // the key and value sizes of the SOCKMAPs this is for; the kernel only reads them.
+        unsafe { sys(BPF_MAP_UPDATE_ELEM, &mut attr) }?;
         Ok(())
     }
 
@@ -358,7 +476,9 @@ pub mod bpf {
             value: &mut cookie as *mut u64 as u64,
             ..Default::default()
         };
-        match sys(BPF_MAP_LOOKUP_ELEM, &mut attr as *mut _ as *mut libc::c_void, std::mem::size_of::<MapElemAttr>()) {
+        // SAFETY: key points to the live local `index` (4 bytes); the kernel writes the 8-byte
+        // value (a socket cookie) into the live local `cookie`.
+        match unsafe { sys(BPF_MAP_LOOKUP_ELEM, &mut attr) } {
             Ok(_) => Ok(Some(cookie)),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
             Err(e) => Err(e),
@@ -370,7 +490,8 @@ pub mod bpf {
     pub fn sockmap_clear(map: &impl AsRawFd, index: u32) -> io::Result<()> {
         let mut attr =
             MapElemAttr { map_fd: map.as_raw_fd() as u32, key: &index as *const u32 as u64, ..Default::default() };
-        match sys(BPF_MAP_DELETE_ELEM, &mut attr as *mut _ as *mut libc::c_void, std::mem::size_of::<MapElemAttr>()) {
+        // SAFETY: key points to the live local `index` (4 bytes); the kernel only reads it.
+        match unsafe { sys(BPF_MAP_DELETE_ELEM, &mut attr) } {
             Err(e) if !matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::EINVAL)) => Err(e),
             _ => Ok(()),
         }
@@ -380,14 +501,10 @@ pub mod bpf {
     pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
         let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
             .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        #[repr(C)]
-        struct Attr {
-            pathname: u64,
-            bpf_fd: u32,
-            file_flags: u32,
-        }
-        let mut attr = Attr { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0 };
-        let fd = sys(BPF_OBJ_GET, &mut attr as *mut _ as *mut libc::c_void, std::mem::size_of::<Attr>())?;
+        let mut attr = ObjGetAttr { pathname: c.as_ptr() as u64, ..Default::default() };
+        // SAFETY: pathname points to `c`, a NUL-terminated string that outlives the call.
+        let fd = unsafe { sys(BPF_OBJ_GET, &mut attr) }?;
+        // SAFETY: BPF_OBJ_GET succeeded: `fd` is a new descriptor that nothing else owns.
         Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
     }
 
@@ -395,52 +512,145 @@ pub mod bpf {
     pub fn link_ids(link: &impl AsRawFd) -> io::Result<(u32, u32)> {
         // struct bpf_link_info starts with type, id, prog_id; the kernel fills what fits.
         let mut info = [0u32; 16];
-        #[repr(C)]
-        struct Attr {
-            bpf_fd: u32,
-            info_len: u32,
-            info: u64,
-        }
-        let mut attr = Attr {
+        let mut attr = InfoAttr {
             bpf_fd: link.as_raw_fd() as u32,
             info_len: std::mem::size_of_val(&info) as u32,
             info: info.as_mut_ptr() as u64,
         };
-        sys(BPF_OBJ_GET_INFO_BY_FD, &mut attr as *mut _ as *mut libc::c_void, std::mem::size_of::<Attr>())?;
-        Ok((info[1], info[2]))
+        // SAFETY: info points to the live local `info` and info_len is its size: the kernel
+        // writes at most that many bytes of `struct bpf_link_info`.
+        unsafe { sys(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
+        Ok((info[LINK_INFO_ID], info[LINK_INFO_PROG_ID]))
     }
 
     /// Makes `link` run `new_prog` instead of `old_prog`, atomically: no lookup runs without a
     /// program in between. Fails (EPERM) if the link no longer runs `old_prog`.
     pub fn link_update(link: &impl AsRawFd, new_prog: &impl AsRawFd, old_prog: &impl AsRawFd) -> io::Result<()> {
-        #[repr(C)]
-        struct Attr {
-            link_fd: u32,
-            new_prog_fd: u32,
-            flags: u32,
-            old_prog_fd: u32,
-        }
-        let mut attr = Attr {
+        let mut attr = LinkUpdateAttr {
             link_fd: link.as_raw_fd() as u32,
             new_prog_fd: new_prog.as_raw_fd() as u32,
             flags: BPF_F_REPLACE,
             old_prog_fd: old_prog.as_raw_fd() as u32,
         };
-        sys(BPF_LINK_UPDATE, &mut attr as *mut _ as *mut libc::c_void, std::mem::size_of::<Attr>())?;
+        // SAFETY: descriptors and flags only, no pointers.
+        unsafe { sys(BPF_LINK_UPDATE, &mut attr) }?;
         Ok(())
     }
 
     /// A file descriptor for the program with id `id` (BPF_PROG_GET_FD_BY_ID).
     pub fn prog_fd_by_id(id: u32) -> io::Result<OwnedFd> {
-        const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
-        #[repr(C)]
-        struct Attr {
-            id: u32,
-            next_id: u32,
-            open_flags: u32,
-        }
-        let mut attr = Attr { id, next_id: 0, open_flags: 0 };
-        let fd = sys(BPF_PROG_GET_FD_BY_ID, &mut attr as *mut _ as *mut libc::c_void, std::mem::size_of::<Attr>())?;
+        let mut attr = GetFdByIdAttr { prog_id: id, ..Default::default() };
+        // SAFETY: integers only, no pointers.
+        let fd = unsafe { sys(BPF_PROG_GET_FD_BY_ID, &mut attr) }?;
+        // SAFETY: the command succeeded: `fd` is a new descriptor that nothing else owns.
         Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every number and layout above that was written by hand, against the kernel's uapi headers
+    //! as the host compiler sees them (build.rs prints them from a small C program).
+    use super::{bpf::*, *};
+    use std::mem::offset_of;
+
+    #[allow(non_upper_case_globals, dead_code)]
+    mod k {
+        include!(concat!(env!("OUT_DIR"), "/kernel_layout.rs"));
+    }
+
+    #[test]
+    fn bpf_command_numbers_match_the_headers() {
+        let cmds = [
+            (BPF_MAP_LOOKUP_ELEM, k::BPF_MAP_LOOKUP_ELEM),
+            (BPF_MAP_UPDATE_ELEM, k::BPF_MAP_UPDATE_ELEM),
+            (BPF_MAP_DELETE_ELEM, k::BPF_MAP_DELETE_ELEM),
+            (BPF_OBJ_GET, k::BPF_OBJ_GET),
+            (BPF_PROG_GET_FD_BY_ID, k::BPF_PROG_GET_FD_BY_ID),
+            (BPF_OBJ_GET_INFO_BY_FD, k::BPF_OBJ_GET_INFO_BY_FD),
+            (BPF_PROG_QUERY, k::BPF_PROG_QUERY),
+            (BPF_LINK_UPDATE, k::BPF_LINK_UPDATE),
+        ];
+        for (ours, header) in cmds {
+            assert_eq!(ours as u64, header);
+        }
+        assert_eq!(u64::from(BPF_F_REPLACE), k::BPF_F_REPLACE);
+        assert_eq!(u64::from(BPF_F_QUERY_EFFECTIVE), k::BPF_F_QUERY_EFFECTIVE);
+    }
+
+    #[test]
+    fn bpf_attr_structs_match_the_headers() {
+        assert_eq!(offset_of!(MapElemAttr, map_fd), k::ATTR_map_fd);
+        assert_eq!(offset_of!(MapElemAttr, key), k::ATTR_key);
+        assert_eq!(offset_of!(MapElemAttr, value), k::ATTR_value);
+        assert_eq!(offset_of!(MapElemAttr, flags), k::ATTR_flags);
+        assert_eq!(offset_of!(ObjGetAttr, pathname), k::ATTR_pathname);
+        assert_eq!(offset_of!(ObjGetAttr, bpf_fd), k::ATTR_bpf_fd);
+        assert_eq!(offset_of!(ObjGetAttr, file_flags), k::ATTR_file_flags);
+        assert_eq!(offset_of!(InfoAttr, bpf_fd), k::ATTR_info_bpf_fd);
+        assert_eq!(offset_of!(InfoAttr, info_len), k::ATTR_info_info_len);
+        assert_eq!(offset_of!(InfoAttr, info), k::ATTR_info_info);
+        assert_eq!(offset_of!(LinkUpdateAttr, link_fd), k::ATTR_link_update_link_fd);
+        assert_eq!(offset_of!(LinkUpdateAttr, new_prog_fd), k::ATTR_link_update_new_prog_fd);
+        assert_eq!(offset_of!(LinkUpdateAttr, flags), k::ATTR_link_update_flags);
+        assert_eq!(offset_of!(LinkUpdateAttr, old_prog_fd), k::ATTR_link_update_old_prog_fd);
+        assert_eq!(offset_of!(GetFdByIdAttr, prog_id), k::ATTR_prog_id);
+        assert_eq!(offset_of!(GetFdByIdAttr, next_id), k::ATTR_next_id);
+        assert_eq!(offset_of!(GetFdByIdAttr, open_flags), k::ATTR_open_flags);
+        assert_eq!(offset_of!(QueryAttr, target_fd), k::ATTR_query_target_fd);
+        assert_eq!(offset_of!(QueryAttr, attach_type), k::ATTR_query_attach_type);
+        assert_eq!(offset_of!(QueryAttr, query_flags), k::ATTR_query_query_flags);
+        assert_eq!(offset_of!(QueryAttr, attach_flags), k::ATTR_query_attach_flags);
+        assert_eq!(offset_of!(QueryAttr, prog_ids), k::ATTR_query_prog_ids);
+        assert_eq!(offset_of!(QueryAttr, prog_cnt), k::ATTR_query_prog_cnt);
+        assert_eq!(LINK_INFO_ID * 4, k::bpf_link_info__id);
+        assert_eq!(LINK_INFO_PROG_ID * 4, k::bpf_link_info__prog_id);
+    }
+
+    #[test]
+    fn tcp_info_offsets_and_states_match_the_headers() {
+        assert_eq!(TCPI_STATE, k::tcp_info__tcpi_state);
+        assert_eq!(TCPI_BYTES_ACKED, k::tcp_info__tcpi_bytes_acked);
+        assert_eq!(TCPI_BYTES_RECEIVED, k::tcp_info__tcpi_bytes_received);
+        let states = [
+            (TCP_TIME_WAIT, k::BPF_TCP_TIME_WAIT),
+            (TCP_CLOSE, k::BPF_TCP_CLOSE),
+            (TCP_CLOSE_WAIT, k::BPF_TCP_CLOSE_WAIT),
+            (TCP_LAST_ACK, k::BPF_TCP_LAST_ACK),
+            (TCP_CLOSING, k::BPF_TCP_CLOSING),
+        ];
+        for (ours, header) in states {
+            assert_eq!(u64::from(ours), header);
+        }
+    }
+
+    #[test]
+    fn socket_constants_match_the_headers() {
+        assert_eq!(SO_COOKIE as u64, k::SO_COOKIE);
+        #[allow(clippy::unnecessary_cast)] // c_ulong is u32 on 32-bit targets
+        let siocgskns = SIOCGSKNS as u64;
+        assert_eq!(siocgskns, k::SIOCGSKNS);
+    }
+
+    #[test]
+    fn the_counters_of_a_connection_read_as_the_kernel_counts() {
+        // A live check of the offsets: 5 bytes one way, then a FIN.
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        c.write_all(b"hello").unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(s.read(&mut buf).unwrap(), 0);
+        let (sc, cc) = (tcp_counters(&s).unwrap(), tcp_counters(&c).unwrap());
+        assert_eq!(sc.state, TCP_CLOSE_WAIT);
+        assert!(sc.fin_received());
+        assert_eq!(sc.bytes_received, 6, "5 bytes and the FIN");
+        assert_eq!(sc.payload_received(), 5);
+        // The SYN and 5 bytes, and the FIN once its ACK is back.
+        assert!(matches!(cc.bytes_acked, 6 | 7), "client acked {}", cc.bytes_acked);
+        assert_ne!(socket_cookie(&s).unwrap(), socket_cookie(&c).unwrap());
     }
 }

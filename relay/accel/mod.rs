@@ -382,6 +382,7 @@ fn spawn_in(cg: &Cgroup, program: &str, args: &[String]) -> Result<i32, Error> {
     let handle = signals.handle();
     let forwarder = std::thread::spawn(move || {
         for sig in signals.forever() {
+            // SAFETY: kill(2) takes integers only; `pid` is our child, not yet reaped.
             unsafe { libc::kill(pid, sig) };
         }
     });
