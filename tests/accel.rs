@@ -44,7 +44,7 @@ impl TestCgroup {
     }
 
     fn path(&self) -> PathBuf {
-        PathBuf::from("/sys/fs/cgroup/unified").join(&self.rel)
+        cgroup_v2_mount().join(&self.rel)
     }
 
     /// `skrelay accel run --cgroup THIS -- python3 accel_peer.py ARGS`.
@@ -134,7 +134,7 @@ fn two_processes_exchange_256_mib_each_way_through_the_redirect() {
     if !require_bpf("two_processes_exchange_256_mib_each_way_through_the_redirect") {
         return;
     }
-    enter_netns();
+    let _netns = enter_netns();
     let cg = TestCgroup::accelerated("bulk", &[]);
     let port = free_port();
     let bytes = 256 * MIB;
@@ -156,7 +156,7 @@ fn ipv6_and_v4_mapped_connections_are_redirected() {
     if !require_bpf("ipv6_and_v4_mapped_connections_are_redirected") {
         return;
     }
-    enter_netns();
+    let _netns = enter_netns();
     let cg = TestCgroup::accelerated("families", &[]);
     let bytes = 8 * MIB;
     // (server address, client address): IPv6; AF_INET6 server on a v4-mapped address with an
@@ -177,7 +177,7 @@ fn a_peer_outside_the_cgroup_takes_the_normal_path() {
     if !require_bpf("a_peer_outside_the_cgroup_takes_the_normal_path") {
         return;
     }
-    enter_netns();
+    let _netns = enter_netns();
     let cg = TestCgroup::accelerated("outside", &[]);
     let bytes = 16 * MIB;
     // A client outside talking to a server inside, then a client inside talking to a server
@@ -204,7 +204,7 @@ fn half_close_behaves_as_without_acceleration() {
     if !require_bpf("half_close_behaves_as_without_acceleration") {
         return;
     }
-    enter_netns();
+    let _netns = enter_netns();
     let cg = TestCgroup::accelerated("halfclose", &[]);
     let plain = output(plain_peer(&["halfclose", "127.0.0.1"]));
     let accel = output(cg.peer(&["halfclose", "127.0.0.1"]));
@@ -220,7 +220,7 @@ fn reset_behaves_as_without_acceleration() {
     if !require_bpf("reset_behaves_as_without_acceleration") {
         return;
     }
-    enter_netns();
+    let _netns = enter_netns();
     let cg = TestCgroup::accelerated("reset", &[]);
     let plain = output(plain_peer(&["reset", "127.0.0.1"]));
     let accel = output(cg.peer(&["reset", "127.0.0.1"]));
@@ -243,7 +243,7 @@ fn off_with_live_connections_loses_nothing() {
     if !require_bpf("off_with_live_connections_loses_nothing") {
         return;
     }
-    enter_netns();
+    let _netns = enter_netns();
     let cg = TestCgroup::accelerated("off", &[]);
     let bytes = 32 * MIB;
     let mut child = cg
@@ -289,7 +289,7 @@ fn ports_limit_which_connections_join() {
     if !require_bpf("ports_limit_which_connections_join") {
         return;
     }
-    enter_netns();
+    let _netns = enter_netns();
     let port = free_port();
     let cg = TestCgroup::accelerated("ports", &["--ports", &format!("1,{port}")]);
     assert_eq!(cg.report().ports, vec![1, port]);
@@ -341,7 +341,7 @@ fn run_without_a_cgroup_cleans_up_after_the_command() {
     if !require_bpf("run_without_a_cgroup_cleans_up_after_the_command") {
         return;
     }
-    enter_netns();
+    let _netns = enter_netns();
     let out =
         Command::new(SKRELAY).args(["accel", "run", "--", "python3", PEER, "halfclose", "127.0.0.1"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -362,7 +362,7 @@ fn run_without_a_cgroup_cleans_up_after_the_command() {
 /// half-closes after its last request and then waits for the reply. `mode` is "" (a blocking
 /// `recv`) or "poll" (poll, then a non-blocking `recv`).
 fn rpc_with_half_close(name: &str, mode: &str) {
-    enter_netns();
+    let _netns = enter_netns();
     let port = free_port();
     let p = port.to_string();
     let cg = TestCgroup::accelerated(name, &[]);

@@ -58,7 +58,7 @@ fn sockstat_tcp_pages() -> u64 {
 
 #[test]
 fn a_slow_reader_loses_nothing_and_memory_stays_bounded() {
-    enter_netns();
+    let _netns = enter_netns();
     const LEN: u64 = 40 << 20;
     const RATE: f64 = 10.0 * 1024.0 * 1024.0; // bytes per second
     for dp in datapaths("a_slow_reader_loses_nothing_and_memory_stays_bounded") {
@@ -135,7 +135,7 @@ struct Client {
 
 #[test]
 fn two_thousand_concurrent_pairs_each_exchange_64_kib_both_ways() {
-    enter_netns();
+    let _netns = enter_netns();
     const PAIRS: usize = 2000;
     const LEN: usize = 64 * 1024;
     for dp in datapaths("two_thousand_concurrent_pairs_each_exchange_64_kib_both_ways") {

@@ -22,7 +22,7 @@ fn assert_usage_error(args: &[&str], expect: &str) {
 
 #[test]
 fn bad_flags_are_refused_with_exit_status_2() {
-    enter_netns();
+    let _netns = enter_netns();
     assert_usage_error(&["relay", "--pair", "random"], "invalid value 'random' for '--pair");
     assert_usage_error(&["relay", "--datapath", "fast"], "invalid value 'fast'");
     assert_usage_error(&["relay", "--listen", "localhost"], "invalid value 'localhost'");
@@ -35,7 +35,7 @@ fn bad_flags_are_refused_with_exit_status_2() {
 
 #[test]
 fn a_port_in_use_and_a_foreign_address_are_clear_errors() {
-    enter_netns();
+    let _netns = enter_netns();
     let _taken = TcpListener::bind("127.0.0.1:7777").unwrap();
     assert_usage_error(
         &["relay", "--datapath", "userspace"],
@@ -49,7 +49,7 @@ fn a_port_in_use_and_a_foreign_address_are_clear_errors() {
 
 #[test]
 fn ipv6_listen_addresses_work() {
-    enter_netns();
+    let _netns = enter_netns();
     for dp in datapaths("ipv6_listen_addresses_work") {
         let relay = Skrelay::start(&["relay", "--datapath", dp, "--listen", "[::1]:7777"]);
         let six: SocketAddr = "[::1]:7777".parse().unwrap();
@@ -72,7 +72,7 @@ fn without_capabilities(args: &[&str]) -> Command {
 
 #[test]
 fn kernel_datapath_without_bpf_rights_names_the_cause_and_auto_falls_back() {
-    enter_netns();
+    let _netns = enter_netns();
     let out = without_capabilities(&["relay", "--datapath", "kernel"]).output().expect("setpriv (util-linux)");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
@@ -115,7 +115,7 @@ fn bpf_ids(pid: i32) -> Vec<String> {
 
 #[test]
 fn sigterm_drains_live_pairs_then_exits_0_leaving_no_bpf_objects() {
-    enter_netns();
+    let _netns = enter_netns();
     if !require_bpf("sigterm_drains_live_pairs_then_exits_0_leaving_no_bpf_objects") {
         return;
     }
@@ -160,7 +160,7 @@ fn sigterm_drains_live_pairs_then_exits_0_leaving_no_bpf_objects() {
 
 #[test]
 fn the_drain_timeout_closes_pairs_that_do_not_finish() {
-    enter_netns();
+    let _netns = enter_netns();
     for dp in datapaths("the_drain_timeout_closes_pairs_that_do_not_finish") {
         let relay = Skrelay::start(&["relay", "--datapath", dp, "--drain-timeout", "0.5"]);
         let mut a = connect(addr());
@@ -185,7 +185,7 @@ fn the_kernel_datapath_warns_when_the_scheduler_can_starve_its_worker_threads() 
     // With kernel.sched_autogroup_enabled=1 the kernel's worker threads, which move a kernel
     // pair's bytes, were starved for seconds by CPU-bound processes (BENCHMARKS.md): the relay
     // says so at start, and says nothing when the setting is 0.
-    enter_netns();
+    let _netns = enter_netns();
     if !require_bpf("the_kernel_datapath_warns_when_the_scheduler_can_starve_its_worker_threads") {
         return;
     }

@@ -59,7 +59,7 @@ impl Drop for Nc {
 
 #[test]
 fn two_real_nc_clients_exchange_lines_both_ways() {
-    enter_netns();
+    let _netns = enter_netns();
     for dp in datapaths("two_real_nc_clients_exchange_lines_both_ways") {
         let relay = Skrelay::start(&["relay", "--datapath", dp]);
         let mut a = Nc::connect("127.0.0.1", "7777");
@@ -81,7 +81,7 @@ fn two_real_nc_clients_exchange_lines_both_ways() {
 
 #[test]
 fn equal_tokens_pair_and_the_token_line_is_not_forwarded() {
-    enter_netns();
+    let _netns = enter_netns();
     for dp in datapaths("equal_tokens_pair_and_the_token_line_is_not_forwarded") {
         let relay = Skrelay::start(&["relay", "--datapath", dp, "--pair", "token"]);
         let mut a1 = connect(addr());
@@ -117,7 +117,7 @@ fn equal_tokens_pair_and_the_token_line_is_not_forwarded() {
 
 #[test]
 fn malformed_token_lines_close_that_client_only() {
-    enter_netns();
+    let _netns = enter_netns();
     let relay = Skrelay::start(&["relay", "--pair", "token", "--pair-timeout", "1"]);
     // A pair formed before the bad clients come must keep working after they are gone.
     let mut good1 = connect(addr());
@@ -162,7 +162,7 @@ fn malformed_token_lines_close_that_client_only() {
 
 #[test]
 fn a_client_without_a_partner_is_closed_at_the_pair_timeout() {
-    enter_netns();
+    let _netns = enter_netns();
     let relay = Skrelay::start(&["relay", "--pair-timeout", "0.5"]);
     let mut lonely = connect(addr());
     let t0 = Instant::now();
@@ -180,7 +180,7 @@ fn a_client_without_a_partner_is_closed_at_the_pair_timeout() {
 
 #[test]
 fn clients_beyond_max_pending_are_closed_at_once_and_the_rest_are_served() {
-    enter_netns();
+    let _netns = enter_netns();
     let relay = Skrelay::start(&["relay", "--pair", "token", "--max-pending", "2"]);
     let mut t1 = connect(addr());
     t1.write_all(b"one\n").unwrap();

@@ -15,7 +15,7 @@ fn addr() -> SocketAddr {
 
 #[test]
 fn half_close_delivers_every_byte_then_eof_and_the_other_way_stays_open() {
-    enter_netns();
+    let _netns = enter_netns();
     const LEN: u64 = 8 << 20;
     for dp in datapaths("half_close_delivers_every_byte_then_eof_and_the_other_way_stays_open") {
         let relay = Skrelay::start(&["relay", "--datapath", dp]);
@@ -51,7 +51,7 @@ fn half_close_delivers_every_byte_then_eof_and_the_other_way_stays_open() {
 
 #[test]
 fn a_reset_on_one_side_resets_the_other() {
-    enter_netns();
+    let _netns = enter_netns();
     for dp in datapaths("a_reset_on_one_side_resets_the_other") {
         let relay = Skrelay::start(&["relay", "--datapath", dp]);
         let mut a = connect(addr());
@@ -82,7 +82,7 @@ fn a_reset_on_one_side_resets_the_other() {
 
 #[test]
 fn a_client_that_resets_mid_stream_resets_its_partner_only() {
-    enter_netns();
+    let _netns = enter_netns();
     for dp in datapaths("a_client_that_resets_mid_stream_resets_its_partner_only") {
         let relay = Skrelay::start(&["relay", "--datapath", dp]);
         let a = connect(addr());
@@ -131,7 +131,7 @@ fn a_client_that_resets_mid_stream_resets_its_partner_only() {
 
 #[test]
 fn a_pending_client_that_leaves_does_not_take_a_partner() {
-    enter_netns();
+    let _netns = enter_netns();
     for dp in datapaths("a_pending_client_that_leaves_does_not_take_a_partner") {
         let relay = Skrelay::start(&["relay", "--datapath", dp]);
         // One leaves quietly (FIN, nothing sent), one leaves with a reset.

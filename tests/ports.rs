@@ -6,21 +6,8 @@ use common::*;
 use std::{
     io::{ErrorKind, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    process::Command,
     time::{Duration, Instant},
 };
-
-fn netns_ino() -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino()
-}
-
-fn sk_lookup_links() -> usize {
-    let out = Command::new("bpftool").args(["link", "show"]).output().expect("run bpftool (scripts/setup.sh)");
-    assert!(out.status.success(), "bpftool link show failed");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines().filter(|l| l.contains(&format!("netns_ino {} ", netns_ino())) && l.contains("sk_lookup")).count()
-}
 
 fn refused(port: u16) -> bool {
     match TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(2)) {
@@ -45,7 +32,7 @@ fn sample_ports(lo: u16) -> Vec<u16> {
 
 #[test]
 fn relay_serves_a_thousand_ports_and_sigkill_takes_them_away() {
-    enter_netns();
+    let _netns = enter_netns();
     if !require_bpf("--ports") {
         return;
     }
@@ -91,7 +78,7 @@ fn relay_serves_a_thousand_ports_and_sigkill_takes_them_away() {
 
 #[test]
 fn relay_on_the_ipv6_wildcard_takes_every_local_ipv6_address() {
-    enter_netns();
+    let _netns = enter_netns();
     if !require_bpf("--ports v6") {
         return;
     }
@@ -109,7 +96,7 @@ fn relay_on_the_ipv6_wildcard_takes_every_local_ipv6_address() {
 
 #[test]
 fn bad_port_lists_are_start_up_errors() {
-    enter_netns();
+    let _netns = enter_netns();
     for (list, want) in [
         ("0", "port 0 is out of range"),
         ("70000", "port 70000 is out of range"),
@@ -127,7 +114,7 @@ fn bad_port_lists_are_start_up_errors() {
 #[test]
 #[ignore]
 fn connect_latency_with_and_without_sk_lookup() {
-    enter_netns();
+    let _netns = enter_netns();
     let l = TcpListener::bind("127.0.0.1:7003").unwrap();
     let measure = |port: u16| {
         let n = 10_000;

@@ -25,7 +25,7 @@ fn through(upstream: &TcpListener) -> (TcpStream, TcpStream) {
 
 #[test]
 fn every_byte_arrives_in_order_both_ways_and_half_close_keeps_the_other_way() {
-    enter_netns();
+    let _netns = enter_netns();
     const LEN: u64 = 64 << 20;
     for dp in datapaths("proxy: every_byte_arrives_in_order_both_ways_and_half_close_keeps_the_other_way") {
         let upstream = TcpListener::bind("127.0.0.1:9000").unwrap();
@@ -57,7 +57,7 @@ fn every_byte_arrives_in_order_both_ways_and_half_close_keeps_the_other_way() {
 fn bytes_sent_while_the_upstream_connection_is_made_arrive_in_order() {
     // The first upstream never answers (its accept queue is full, so SYNs are dropped): the
     // client's early bytes wait out --connect-timeout and then reach the second upstream.
-    enter_netns();
+    let _netns = enter_netns();
     for dp in datapaths("proxy: bytes_sent_while_the_upstream_connection_is_made_arrive_in_order") {
         let blackhole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         blackhole.bind(&"127.0.0.1:9001".parse::<SocketAddr>().unwrap().into()).unwrap();
@@ -101,7 +101,7 @@ fn bytes_sent_while_the_upstream_connection_is_made_arrive_in_order() {
 
 #[test]
 fn upstreams_are_used_round_robin_and_a_refusing_one_is_skipped() {
-    enter_netns();
+    let _netns = enter_netns();
     let ups: Vec<TcpListener> = (0..2).map(|i| TcpListener::bind(("127.0.0.1", 9010 + i)).unwrap()).collect();
     for u in &ups {
         u.set_nonblocking(true).unwrap();
@@ -147,7 +147,7 @@ fn upstreams_are_used_round_robin_and_a_refusing_one_is_skipped() {
 
 #[test]
 fn a_client_is_reset_when_no_upstream_can_be_reached_and_the_proxy_keeps_serving() {
-    enter_netns();
+    let _netns = enter_netns();
     let proxy = Skrelay::start(&["proxy", "--datapath", "userspace", "--upstream", "127.0.0.1:9020"]);
     // The proxy accepts, fails to reach the upstream and resets the client, all within microseconds
     // on loopback: the reset may already be there when connect(2) reports, so it counts there too.
@@ -166,7 +166,7 @@ fn a_client_is_reset_when_no_upstream_can_be_reached_and_the_proxy_keeps_serving
 
 #[test]
 fn a_reset_on_either_side_reaches_the_other() {
-    enter_netns();
+    let _netns = enter_netns();
     for dp in datapaths("proxy: a_reset_on_either_side_reaches_the_other") {
         let upstream = TcpListener::bind("127.0.0.1:9030").unwrap();
         let _proxy = Skrelay::start(&["proxy", "--datapath", dp, "--upstream", "127.0.0.1:9030"]);
@@ -187,7 +187,7 @@ fn a_reset_on_either_side_reaches_the_other() {
 
 #[test]
 fn start_up_errors_are_one_sentence_and_exit_status_2() {
-    enter_netns();
+    let _netns = enter_netns();
     let (code, _, err) = skrelay_output(&["proxy", "--upstream", "no-such-host.invalid:80"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("skrelay: cannot resolve upstream `no-such-host.invalid:80`"), "{err}");
@@ -200,7 +200,7 @@ fn start_up_errors_are_one_sentence_and_exit_status_2() {
 
 #[test]
 fn curl_downloads_a_file_from_python_http_server_through_the_proxy() {
-    enter_netns();
+    let _netns = enter_netns();
     let dir = std::env::temp_dir().join(format!("skrelay-proxy-http-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut blob = vec![0u8; 6 << 20];
@@ -239,7 +239,7 @@ fn curl_downloads_a_file_from_python_http_server_through_the_proxy() {
 #[test]
 fn one_echo_service_answers_on_7_77_and_777_through_proxy_ports_with_real_nc() {
     // The seed's demo: ncat echoes on 8007; skrelay proxy listens on 7777 and takes 7, 77, 777.
-    enter_netns();
+    let _netns = enter_netns();
     if !require_bpf("proxy: one_echo_service_answers_on_7_77_and_777_through_proxy_ports_with_real_nc") {
         return;
     }

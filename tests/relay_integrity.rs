@@ -17,7 +17,7 @@ fn addr() -> SocketAddr {
 
 #[test]
 fn every_byte_arrives_once_and_in_order_both_ways_256mib() {
-    enter_netns();
+    let _netns = enter_netns();
     const LEN: u64 = 256 << 20;
     for dp in datapaths("every_byte_arrives_once_and_in_order_both_ways_256mib") {
         let relay = Skrelay::start(&["relay", "--datapath", dp]);
@@ -48,7 +48,7 @@ fn every_byte_arrives_once_and_in_order_both_ways_256mib() {
 
 #[test]
 fn bytes_sent_before_the_partner_connects_arrive_first_and_in_order() {
-    enter_netns();
+    let _netns = enter_netns();
     const EARLY: u64 = 1 << 20;
     for dp in datapaths("bytes_sent_before_the_partner_connects_arrive_first_and_in_order") {
         let relay = Skrelay::start(&["relay", "--datapath", dp]);
@@ -79,7 +79,7 @@ fn bytes_sent_before_the_partner_connects_arrive_first_and_in_order() {
 
 #[test]
 fn bytes_sent_while_the_pair_forms_keep_their_order() {
-    enter_netns();
+    let _netns = enter_netns();
     const LEN: u64 = 64 << 20;
     for dp in datapaths("bytes_sent_while_the_pair_forms_keep_their_order") {
         let relay = Skrelay::start(&["relay", "--datapath", dp]);
@@ -104,7 +104,7 @@ fn bytes_sent_while_the_pair_forms_keep_their_order() {
 #[test]
 fn a_half_closed_waiting_client_still_delivers_its_bytes() {
     // `nc -N relay 7777 < file` before the receiver arrives: bytes, then EOF, then the partner.
-    enter_netns();
+    let _netns = enter_netns();
     for dp in datapaths("a_half_closed_waiting_client_still_delivers_its_bytes") {
         let relay = Skrelay::start(&["relay", "--datapath", dp]);
         let mut a = connect(addr());
@@ -127,7 +127,7 @@ fn a_half_closed_waiting_client_still_delivers_its_bytes() {
 fn token_pairs_keep_every_byte_and_move_into_the_kernel() {
     // The token line arrives in the same segment as payload; the pair starts on splice(2) and
     // must join the kernel maps without losing, duplicating or reordering a byte.
-    enter_netns();
+    let _netns = enter_netns();
     const LEN: u64 = 32 << 20;
     for dp in datapaths("token_pairs_keep_every_byte_and_move_into_the_kernel") {
         let relay = Skrelay::start(&["relay", "--datapath", dp, "--pair", "token"]);
@@ -194,7 +194,7 @@ fn token_pairs_keep_every_byte_and_move_into_the_kernel() {
 fn a_client_that_half_closed_before_pairing_is_still_relayed() {
     // A few bytes and a FIN, all received before the partner exists: the socket is in
     // CLOSE_WAIT when the pair forms, which a socket map refuses; the pair must still work.
-    enter_netns();
+    let _netns = enter_netns();
     for dp in datapaths("a_client_that_half_closed_before_pairing_is_still_relayed") {
         let relay = Skrelay::start(&["relay", "--datapath", dp]);
         for round in 0..20 {
@@ -218,7 +218,7 @@ fn a_client_that_half_closed_before_pairing_is_still_relayed() {
 fn by_default_a_short_pair_stays_on_splice_and_a_long_one_joins_the_kernel_intact() {
     // The default `--kernel-after` (64 KiB): a pair starts on splice(2) and joins the socket
     // maps once 64 KiB have passed and both queues are empty. The join must lose nothing.
-    enter_netns();
+    let _netns = enter_netns();
     if !require_bpf("by_default_a_short_pair_stays_on_splice_and_a_long_one_joins_the_kernel_intact") {
         return;
     }

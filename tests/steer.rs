@@ -15,11 +15,14 @@ use std::{
 /// Enters a fresh netns; `None` (skip) when BPF is unavailable outside CI. The guard resets the
 /// netns's steering state when dropped, panics included.
 fn setup(test: &str) -> Option<Reset> {
-    enter_netns();
-    require_bpf(test).then_some(Reset)
+    let netns = enter_netns();
+    require_bpf(test).then_some(Reset { _netns: netns })
 }
 
-struct Reset;
+/// Resets the steering state, then (its field dropping after `drop`) leaves the namespace.
+struct Reset {
+    _netns: NetNs,
+}
 
 impl Drop for Reset {
     fn drop(&mut self) {
@@ -33,21 +36,8 @@ fn ok(args: &[&str]) -> String {
     out
 }
 
-fn netns_ino() -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino()
-}
-
 fn state_dir() -> String {
     format!("/sys/fs/bpf/skrelay/{}", netns_ino())
-}
-
-/// The sk_lookup links of this netns that `bpftool link` shows.
-fn sk_lookup_links() -> usize {
-    let out = Command::new("bpftool").args(["link", "show"]).output().expect("run bpftool (scripts/setup.sh)");
-    assert!(out.status.success(), "bpftool link show failed");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines().filter(|l| l.contains(&format!("netns_ino {} ", netns_ino())) && l.contains("sk_lookup")).count()
 }
 
 fn list_json() -> serde_json::Value {
@@ -308,6 +298,7 @@ fn bad_input_exits_2_with_one_sentence_and_leaves_state_alone() {
     udp_connected.connect("127.0.0.1:9").unwrap();
     // A listener of another network namespace, made by a thread that moved there.
     let foreign = std::thread::spawn(|| {
+        // SAFETY: unshare(2) takes flags only; the thread ends right after, with its namespace.
         assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
         TcpListener::bind("0.0.0.0:6204").unwrap_or_else(|_| panic!("bind in the other netns"))
     })

@@ -14,23 +14,58 @@ use std::{
 
 pub const SKRELAY: &str = env!("CARGO_BIN_EXE_skrelay");
 
-/// Moves the calling thread (and the threads and processes it starts) into a fresh network
-/// namespace with `lo` up, so tests never touch the host's ports or sk_lookup programs.
-pub fn enter_netns() {
-    let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-    assert_eq!(r, 0, "unshare(CLONE_NEWNET) failed: {} (tests must run as root)", std::io::Error::last_os_error());
-    let st = Command::new("ip").args(["link", "set", "lo", "up"]).status().expect("run ip (scripts/setup.sh)");
-    assert!(st.success(), "ip link set lo up failed");
-    raise_fd_limit();
+/// The calling thread's stay in a private network namespace: entered by `enter_netns`, left
+/// (back to the namespace the thread came from) when dropped, panics included. Bind it for the
+/// whole test: `let _netns = enter_netns();` (`let _ = ...` would leave at once).
+#[must_use = "the thread leaves the namespace when this guard drops: bind it with `let _netns = ...`"]
+pub struct NetNs {
+    original: std::fs::File,
 }
 
-pub fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        lim.rlim_cur = lim.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+/// Moves the calling thread (and the threads and processes it starts) into a fresh network
+/// namespace with `lo` up, so tests never touch the host's ports or sk_lookup programs, until
+/// the returned guard drops.
+pub fn enter_netns() -> NetNs {
+    let original = std::fs::File::open("/proc/thread-self/ns/net").expect("open this thread's network namespace");
+    // SAFETY: unshare(2) takes flags only; CLONE_NEWNET moves just the calling thread.
+    let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(r, 0, "unshare(CLONE_NEWNET) failed: {} (tests must run as root)", std::io::Error::last_os_error());
+    let guard = NetNs { original };
+    let st = Command::new("ip").args(["link", "set", "lo", "up"]).status().expect("run ip (scripts/setup.sh)");
+    assert!(st.success(), "ip link set lo up failed");
+    skrelay::sys::raise_fd_limit();
+    guard
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns(2) takes a descriptor we own for the call and flags only.
+        let r = unsafe { libc::setns(self.original.as_raw_fd(), libc::CLONE_NEWNET) };
+        if r != 0 && !std::thread::panicking() {
+            panic!("cannot return to the original network namespace: {}", std::io::Error::last_os_error());
+        }
     }
+}
+
+/// The inode of the calling thread's network namespace (what bpftool prints as `netns_ino` and
+/// skrelay names its pinned steering state by).
+pub fn netns_ino() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino()
+}
+
+/// The sk_lookup links attached to this thread's network namespace, as `bpftool link` shows them.
+pub fn sk_lookup_links() -> usize {
+    let out = Command::new("bpftool").args(["link", "show"]).output().expect("run bpftool (scripts/setup.sh)");
+    assert!(out.status.success(), "bpftool link show failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().filter(|l| l.contains(&format!("netns_ino {} ", netns_ino())) && l.contains("sk_lookup")).count()
+}
+
+/// Where cgroup v2 is mounted, found as skrelay finds it (/proc/self/mountinfo).
+pub fn cgroup_v2_mount() -> std::path::PathBuf {
+    skrelay::accel::cgroup::v2_mount().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// True when this process can load BPF programs. When it cannot: under CI=true the test fails
@@ -138,6 +173,7 @@ impl Skrelay {
     }
 
     pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) takes integers only; the child is not reaped while `self` lives.
         unsafe { libc::kill(self.pid(), sig) };
     }
 
