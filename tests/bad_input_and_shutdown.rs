@@ -26,11 +26,66 @@ fn bad_flags_are_refused_with_exit_status_2() {
     assert_usage_error(&["relay", "--pair", "random"], "invalid value 'random' for '--pair");
     assert_usage_error(&["relay", "--datapath", "fast"], "invalid value 'fast'");
     assert_usage_error(&["relay", "--listen", "localhost"], "invalid value 'localhost'");
+    assert_usage_error(&["relay", "--listen", "no-such-host.invalid:7777"], "cannot resolve `no-such-host.invalid`");
     assert_usage_error(&["relay", "--listen", "127.0.0.1:99999"], "invalid value");
     assert_usage_error(&["relay", "--max-pending", "0"], "--max-pending");
     assert_usage_error(&["relay", "--pair-timeout=-1"], "not a number of seconds");
     assert_usage_error(&["relay", "--drain-timeout", "soon"], "not a number of seconds");
     assert_usage_error(&["relay", "--bogus"], "unexpected argument '--bogus'");
+}
+
+#[test]
+fn values_that_cannot_work_are_refused_at_start_up() {
+    // Each of these used to start and then close or reset every client.
+    enter_netns();
+    let _up = TcpListener::bind("127.0.0.1:9000").unwrap();
+    let proxy = ["proxy", "--datapath", "userspace", "--upstream"];
+    assert_usage_error(&[&proxy[..], &["127.0.0.1:0"]].concat(), "upstream `127.0.0.1:0` has port 0");
+    assert_usage_error(&[&proxy[..], &["localhost:0"]].concat(), "upstream `localhost:0` has port 0");
+    for zero in ["0", "0.0", "0.0000001"] {
+        assert_usage_error(
+            &[&proxy[..], &["127.0.0.1:9000", "--connect-timeout", zero]].concat(),
+            "leaves no time: every client would be closed before it could pair or connect (give at least 0.001)",
+        );
+        assert_usage_error(
+            &["relay", "--datapath", "userspace", "--pair-timeout", zero],
+            "leaves no time: every client would be closed before it could pair or connect (give at least 0.001)",
+        );
+    }
+    // Nothing was left listening by the refused commands.
+    assert!(std::net::TcpStream::connect("127.0.0.1:7777").is_err());
+}
+
+#[test]
+fn listen_takes_host_names_like_upstream_does() {
+    enter_netns();
+    let relay = Skrelay::start(&["relay", "--datapath", "userspace", "--listen", "localhost:7777"]);
+    assert!(relay.log().contains("listening on 127.0.0.1:7777"), "{}", relay.log());
+    let mut a = connect(addr());
+    let mut b = connect(addr());
+    a.write_all(b"by name").unwrap();
+    assert_eq!(read_n(&mut b, 7), b"by name");
+    drop((a, b));
+    let (status, log) = relay.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+
+    let up = TcpListener::bind("127.0.0.1:9000").unwrap();
+    let proxy = Skrelay::start(&[
+        "proxy",
+        "--datapath",
+        "userspace",
+        "--listen",
+        "localhost:7778",
+        "--upstream",
+        "localhost:9000",
+    ]);
+    let mut c = connect("127.0.0.1:7778".parse().unwrap());
+    let (mut s, _) = up.accept().unwrap();
+    c.write_all(b"proxied by name").unwrap();
+    assert_eq!(read_n(&mut s, 15), b"proxied by name");
+    drop((c, s));
+    let (status, log) = proxy.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
 }
 
 #[test]
