@@ -113,6 +113,10 @@ pub struct ProxyArgs {
     /// down for 10 s); seconds (at least 0.001).
     #[arg(long, default_value = "5", value_parser = parse_timeout, value_name = "SECS")]
     pub connect_timeout: Duration,
+    /// At most this many clients wait for their upstream connection at once; further ones are
+    /// reset at once.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pending: u32,
 }
 
 /// Flags every splicing command shares.

@@ -52,6 +52,10 @@ impl Upstreams {
         Upstreams { addrs, down_until: vec![None; n], next: 0 }
     }
 
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
     pub fn addr(&self, idx: usize) -> SocketAddr {
         self.addrs[idx]
     }
