@@ -477,6 +477,13 @@ impl Server {
             }
             Err(e) => return log::error!("pair {} <-> {} closed: cannot splice it: {e}", addrs[0], addrs[1]),
         };
+        // Until the pair ends well, any close of its sockets (ours, or the kernel's when this
+        // process dies) resets them: a stream we did not finish must not look finished. A shutdown
+        // that forwards one direction's EOF still sends its FIN; the socket keeps resetting on
+        // close because the other direction may still be unfinished.
+        for end in &ends {
+            sys::reset_on_close(end);
+        }
         let serial = self.next_serial();
         let entry = self.slots.vacant_entry();
         let slot = entry.key();
@@ -588,8 +595,15 @@ impl Server {
         }
         let [a, b] = pair.addrs;
         let how = match &ending {
-            Ending::Done => "ended".to_string(),
-            Ending::Drained => "closed at the drain timeout".to_string(),
+            Ending::Done => {
+                // Both directions finished: the only close that may look like an orderly one.
+                for e in &pair.ends {
+                    sys::close_gracefully(e);
+                }
+                "ended".to_string()
+            }
+            // Its streams were cut: they stay armed to reset (see splice_pair).
+            Ending::Drained => "reset at the drain timeout".to_string(),
             Ending::Reset { end, error } => {
                 // What one end's client did to its connection, the other's client sees too.
                 for e in &pair.ends {
@@ -598,11 +612,6 @@ impl Server {
                 format!("reset ({}: {error})", pair.addrs[*end])
             }
         };
-        if matches!(ending, Ending::Drained) {
-            for e in &pair.ends {
-                let _ = e.shutdown(Shutdown::Both);
-            }
-        }
         log::info!(
             "pair {a} <-> {b} {how} after {:.3}s: {} bytes {a} -> {b}, {} bytes {b} -> {a} ({})",
             pair.since.elapsed().as_secs_f64(),

@@ -108,9 +108,19 @@ pub fn peek(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
     check(ret as libc::c_long)
 }
 
-/// Makes the next close of this socket send a RST instead of a FIN.
+/// Makes the next close of this socket send a RST instead of a FIN: also the close the kernel
+/// does when the process dies, so a reader never takes a cut stream for a whole one.
 pub fn reset_on_close(fd: &impl AsRawFd) {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    set_linger(fd, 1);
+}
+
+/// Undoes `reset_on_close`: the next close is an orderly one (FIN after every queued byte).
+pub fn close_gracefully(fd: &impl AsRawFd) {
+    set_linger(fd, 0);
+}
+
+fn set_linger(fd: &impl AsRawFd, on: libc::c_int) {
+    let linger = libc::linger { l_onoff: on, l_linger: 0 };
     unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
