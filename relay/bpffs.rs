@@ -38,23 +38,52 @@ pub fn root() -> Result<PathBuf, Error> {
 }
 
 /// An exclusive lock on a directory of pinned state, held until dropped, so two skrelay commands
-/// run at once cannot interleave their changes.
+/// run at once cannot interleave their changes. The lock is flock(2) on the directory itself:
+/// nothing is left behind when the state goes (a lock file in /run stayed for every network
+/// namespace ever used).
 pub struct StateLock {
-    _file: File,
+    _dir: File,
 }
 
 impl StateLock {
+    /// Locks `dir`, creating it if missing.
     pub fn acquire(dir: &Path) -> Result<StateLock, Error> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
-        // bpffs holds only BPF objects: the lock is a file beside it in /run.
-        let name = dir.to_string_lossy().replace('/', "_");
-        let lock_dir = Path::new("/run/skrelay");
-        std::fs::create_dir_all(lock_dir).map_err(|e| Error::io("cannot create /run/skrelay", e))?;
-        let path = lock_dir.join(format!("{name}.lock"));
-        let file = File::create(&path).map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(Error::io(format!("cannot lock {}", path.display()), io::Error::last_os_error()));
+        loop {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+            if let Some(lock) = Self::acquire_existing(dir)? {
+                return Ok(lock);
+            }
         }
-        Ok(StateLock { _file: file })
+    }
+
+    /// Locks `dir` if it exists; None if it does not, or was removed (a reset) while we waited.
+    pub fn acquire_existing(dir: &Path) -> Result<Option<StateLock>, Error> {
+        use std::os::unix::fs::MetadataExt;
+        let file = match File::open(dir) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(format!("cannot open {}", dir.display()), e)),
+        };
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(Error::io(format!("cannot lock {}", dir.display()), io::Error::last_os_error()));
+        }
+        // The holder before us may have removed the directory: then what we locked is gone.
+        let locked = file.metadata().map_err(|e| Error::io(format!("cannot read {}", dir.display()), e))?;
+        let same = std::fs::metadata(dir).is_ok_and(|now| (now.dev(), now.ino()) == (locked.dev(), locked.ino()));
+        if !same {
+            return Ok(None);
+        }
+        remove_legacy_lock(dir);
+        Ok(Some(StateLock { _dir: file }))
+    }
+}
+
+/// Older skrelay locked with a file in /run/skrelay, one per directory, never removed: removes
+/// this directory's (and /run/skrelay once empty).
+fn remove_legacy_lock(dir: &Path) {
+    let run = Path::new("/run/skrelay");
+    let name = dir.to_string_lossy().replace('/', "_");
+    if std::fs::remove_file(run.join(format!("{name}.lock"))).is_ok() {
+        let _ = std::fs::remove_dir(run);
     }
 }

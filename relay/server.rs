@@ -377,7 +377,10 @@ impl Server {
             Ok(n)
                 if n <= p.skip as usize && (n == 0 || sys::tcp_counters(&p.stream).is_ok_and(|c| c.fin_received())) =>
             {
-                Some("left before a partner came".into())
+                Some(match p.upstream {
+                    Some(_) => "left before its upstream connection was made".into(),
+                    None => "left before a partner came".into(),
+                })
             }
             Err(e) if e.kind() != io::ErrorKind::WouldBlock => {
                 // A client that reset while its upstream connection was being made resets that

@@ -332,10 +332,26 @@ fn a_loop_the_start_up_check_cannot_see_costs_one_reset_per_client() {
     assert_eq!(log.matches("own upstream connection").count(), 3, "one loop per client:\n{log}");
     assert!(log.lines().count() < 20, "a loop must not flood the log:\n{log}");
     assert!(open_fds(proxy.pid()) <= fds, "sockets left open: {} > {fds}", open_fds(proxy.pid()));
-    let _ = skrelay_output(&["steer", "reset"]);
-    // The proxy still serves once the upstream is real.
+    let (code, out, err) = skrelay_output(&["steer", "reset"]);
+    assert_eq!(code, 0, "{out}{err}");
+    // The proxy still serves once the upstream is real (the kernel may detach the steering
+    // link a moment after reset: until then a client is still looped, and reset).
     let upstream = TcpListener::bind("127.0.0.1:9050").unwrap();
-    let (mut c, mut s) = through(&upstream);
+    upstream.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (mut c, mut s) = 'retry: loop {
+        let c = connect(proxy_addr());
+        let tried = Instant::now();
+        while tried.elapsed() < Duration::from_millis(500) {
+            if let Ok((s, _)) = upstream.accept() {
+                break 'retry (c, s);
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        assert!(Instant::now() < deadline, "the proxy did not reach its real upstream:\n{}", proxy.log());
+    };
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     c.write_all(b"real").unwrap();
     assert_eq!(read_n(&mut s, 4), b"real");
 }
@@ -369,4 +385,20 @@ fn clients_beyond_max_pending_waiting_for_an_upstream_are_reset() {
     });
     assert!(matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset), "expected a reset, got {r:?}");
     proxy.wait_log("2 clients already wait for their upstream connection (--max-pending)", 1, Duration::from_secs(5));
+}
+
+#[test]
+fn a_client_that_leaves_while_its_upstream_connection_is_made_is_logged_in_proxy_words() {
+    // The proxy used to log the relay's "left before a partner came".
+    enter_netns();
+    let blackhole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    blackhole.bind(&"127.0.0.1:9070".parse::<SocketAddr>().unwrap().into()).unwrap();
+    blackhole.listen(0).unwrap();
+    let full: SocketAddr = "127.0.0.1:9070".parse().unwrap();
+    let _fill: Vec<TcpStream> =
+        (0..2).filter_map(|_| TcpStream::connect_timeout(&full, Duration::from_millis(200)).ok()).collect();
+    let proxy = Skrelay::start(&["proxy", "--datapath", "userspace", "--upstream", "127.0.0.1:9070"]);
+    drop(connect(proxy_addr()));
+    proxy.wait_log("closed: left before its upstream connection was made", 1, Duration::from_secs(5));
+    assert!(!proxy.log().contains("partner"), "{}", proxy.log());
 }

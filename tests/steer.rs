@@ -481,3 +481,18 @@ fn bpffs_that_cannot_be_mounted_is_one_sentence_and_exit_2() {
     assert!(refused("127.0.0.1:6301".parse().unwrap()));
     drop(l);
 }
+
+#[test]
+fn steer_leaves_no_lock_file_behind() {
+    // Locks used to be files in /run/skrelay, one per network namespace ever used, never removed.
+    let Some(_reset) = setup("no lock files") else { return };
+    let lock_file = format!("/run/skrelay/_sys_fs_bpf_skrelay_{}.lock", netns_ino());
+    let _l = TcpListener::bind("127.0.0.1:6500").unwrap();
+    ok(&["steer", "add", "--ports", "6501", "--to", "127.0.0.1:6500"]);
+    ok(&["steer", "list"]);
+    ok(&["steer", "remove", "--ports", "6501"]);
+    assert!(!std::path::Path::new(&lock_file).exists(), "{lock_file} was created");
+    ok(&["steer", "reset"]);
+    assert!(!std::path::Path::new(&lock_file).exists(), "{lock_file} stays after reset");
+    assert!(!std::path::Path::new(&state_dir()).exists(), "{} stays after reset", state_dir());
+}

@@ -219,11 +219,9 @@ pub fn remove(args: SteerRemoveArgs) -> Result<(), Error> {
 /// `steer reset`: unpins everything; the link (and so the program) goes with its last reference.
 pub fn reset() -> Result<(), Error> {
     let dir = state::dir()?;
-    let removed = if dir.exists() {
-        let _lock = crate::bpffs::StateLock::acquire(&dir)?;
-        state::remove_all(&dir)?
-    } else {
-        0
+    let removed = match crate::bpffs::StateLock::acquire_existing(&dir)? {
+        Some(_lock) => state::remove_all(&dir)?,
+        None => 0,
     };
     if removed == 0 {
         println!("no steering state in this network namespace: nothing to reset");

@@ -156,9 +156,11 @@ impl State {
         if !dir.join(LINK).exists() {
             return Ok(None);
         }
-        let lock = bpffs::StateLock::acquire(&dir)?;
-        if !dir.join(LINK).exists() {
+        let Some(lock) = bpffs::StateLock::acquire_existing(&dir)? else {
             return Ok(None); // reset while we waited for the lock
+        };
+        if !dir.join(LINK).exists() {
+            return Ok(None);
         }
         let mut bpf = loader(&dir).map_err(|e| unavailable("open the pinned steering maps", &e))?;
         let maps = Maps::take(&mut bpf)?;
