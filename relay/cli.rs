@@ -64,7 +64,7 @@ pub enum AccelCommand {
     },
     /// Show each accelerated cgroup with its counters.
     Status {
-        /// One JSON object per line.
+        /// Print JSON: `{"cgroups": [...]}`, as `skrelay status --json` shows under `accel`.
         #[arg(long)]
         json: bool,
     },

@@ -409,13 +409,18 @@ pub fn command(cmd: AccelCommand) -> Result<(), Error> {
             }
         }
         AccelCommand::Run { cgroup, command } => std::process::exit(run(cgroup.as_deref(), &command)?),
-        AccelCommand::Status { json } => {
+        AccelCommand::Status { json: true } => {
+            // The shape `skrelay status --json` shows under `accel`, with or without cgroups.
+            let section = status_section()?;
+            println!("{}", serde_json::to_string_pretty(&section.json).expect("json"));
+        }
+        AccelCommand::Status { json: false } => {
             let reports = report()?;
-            if reports.is_empty() && !json {
+            if reports.is_empty() {
                 println!("accel: no cgroup is accelerated");
             }
             for r in reports {
-                println!("{}", if json { r.to_json() } else { r.to_string() });
+                println!("{r}");
             }
         }
     }

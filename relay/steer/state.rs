@@ -29,7 +29,7 @@ use std::{
 
 pub const MAPS: [&str; 5] = ["steer_ports", "steer_targets", "steer_bindings", "steer_stats", "steer_info"];
 pub const LINK: &str = "link";
-const PROGRAM: &str = "steer_lookup";
+pub const PROGRAM: &str = "steer_lookup";
 
 /// Version of the embedded steer program: a hash of the object, so any change to it counts.
 pub fn program_version() -> u64 {
