@@ -496,3 +496,47 @@ fn steer_leaves_no_lock_file_behind() {
     assert!(!std::path::Path::new(&lock_file).exists(), "{lock_file} stays after reset");
     assert!(!std::path::Path::new(&state_dir()).exists(), "{} stays after reset", state_dir());
 }
+
+#[test]
+fn state_left_by_a_dead_namespace_with_our_inode_number_is_not_adopted() {
+    // The kernel gives a dead namespace's inode number to the next one, and the state is named by
+    // it: a new namespace adopted the dead one's detached link, `steer add` said "bound" and every
+    // steered port was refused. Made deterministic here: a throwaway namespace binds a port and
+    // dies, and its state is moved under this namespace's number.
+    let Some(_reset) = setup("dead namespace's state") else { return };
+    let script = format!(
+        "ip link set lo up; ncat -lk 127.0.0.1 6600 & sleep 0.3; {SKRELAY} steer add --ports 6601 --to 127.0.0.1:6600 >&2; \
+         kill $!; stat -L -c %i /proc/self/ns/net"
+    );
+    let out = Command::new("unshare").args(["-n", "sh", "-c", &script]).output().expect("unshare (util-linux)");
+    let dead: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
+    let dead_dir = format!("/sys/fs/bpf/skrelay/{dead}");
+    std::fs::rename(&dead_dir, state_dir()).unwrap();
+    // Its namespace is freed a moment later, which detaches the link (netns_ino 0).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = Command::new("bpftool")
+            .args(["link", "show", "pinned", &format!("{}/link", state_dir())])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() || text.contains("netns_ino 0 ") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the dead namespace's link is still attached: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // This namespace neither shows nor adopts it: its binding is not ours, and ours works.
+    assert_eq!(list_json(), serde_json::json!([]), "a dead namespace's binding is listed as ours");
+    let l = TcpListener::bind("127.0.0.1:6602").unwrap();
+    let out = ok(&["steer", "add", "--ports", "6601", "--to", "127.0.0.1:6602"]);
+    assert!(out.contains("bound tcp 0.0.0.0/0 port 6601"), "{out}");
+    let _c = TcpStream::connect_timeout(&"127.0.0.1:6601".parse().unwrap(), Duration::from_secs(2))
+        .expect("`steer add` said bound but the port is refused");
+    l.set_nonblocking(false).unwrap();
+    l.accept().unwrap();
+    assert_eq!(sk_lookup_links(), 1, "this namespace's own link is attached");
+}

@@ -61,6 +61,7 @@ pub fn add(args: SteerAddArgs) -> Result<(), Error> {
         })
         .collect();
 
+    state::sweep_stale();
     let (mut st, note) = State::open_or_create()?;
     if let Some(note) = note {
         println!("{note}");
