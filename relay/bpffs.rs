@@ -11,16 +11,52 @@ use std::{
 pub const BPFFS: &str = "/sys/fs/bpf";
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
-fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+const SYSFS_MAGIC: i64 = 0x62656572;
+
+fn fs_type(path: &Path) -> Option<i64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0).then_some(st.f_type as i64)
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    fs_type(path) == Some(BPF_FS_MAGIC)
+}
+
+/// Whether this process has a mount namespace of its own, made for it: not PID 1's, nor its
+/// parent's (`ip netns exec` unshares it and then runs the command in the same process).
+fn in_own_mount_ns() -> bool {
+    let own = std::fs::read_link("/proc/self/ns/mnt").ok();
+    let parent = std::fs::read_link(format!("/proc/{}/ns/mnt", unsafe { libc::getppid() })).ok();
+    own.is_some() && parent.is_some() && own != parent
 }
 
 /// The directory skrelay pins under (`/sys/fs/bpf/skrelay`), mounting bpffs at /sys/fs/bpf first
 /// if nothing is mounted there.
+///
+/// `ip netns exec` runs the command in a mount namespace of its own with a fresh sysfs on /sys,
+/// so /sys/fs/bpf is a bare sysfs directory there, and a bpffs mounted on it would vanish with the
+/// command, taking the pins (and so the steering) along. Then the pins go to the bpffs of PID 1's
+/// or else the parent process's mount namespace (through /proc/PID/root), which outlives the
+/// command and where skrelay run from the host finds them; without one it is an error that says
+/// what works.
 pub fn root() -> Result<PathBuf, Error> {
-    let base = Path::new(BPFFS);
+    let mut base = PathBuf::from(BPFFS);
+    if fs_type(&base) == Some(SYSFS_MAGIC) && in_own_mount_ns() {
+        let outer = ["1".to_string(), unsafe { libc::getppid() }.to_string()]
+            .into_iter()
+            .map(|pid| Path::new("/proc").join(pid).join("root").join(BPFFS.trim_start_matches('/')))
+            .find(|p| is_bpffs(p));
+        let Some(outer) = outer else {
+            return Err(Error::Usage(format!(
+                "cannot mount bpffs at {BPFFS}: this command runs in a mount namespace of its own with a fresh /sys \
+                 (as under `ip netns exec`), where a bpffs would vanish when it exits, taking the pinned state along \
+                 (mount bpffs at {BPFFS} on the host first, or run skrelay with `nsenter --net=/run/netns/NAME`)"
+            )));
+        };
+        base = outer;
+    }
+    let base = base.as_path();
     if !is_bpffs(base) {
         let _ = std::fs::create_dir_all(base);
         let (src, dst, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");

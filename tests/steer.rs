@@ -540,3 +540,68 @@ fn state_left_by_a_dead_namespace_with_our_inode_number_is_not_adopted() {
     l.accept().unwrap();
     assert_eq!(sk_lookup_links(), 1, "this namespace's own link is attached");
 }
+
+/// A named network namespace (`ip netns add`), deleted with its steering state when dropped.
+struct NamedNetns(String);
+
+impl NamedNetns {
+    fn new(tag: &str) -> NamedNetns {
+        let name = format!("skrelay-{tag}-{}", std::process::id());
+        let st = Command::new("ip").args(["netns", "add", &name]).status().expect("ip netns add");
+        assert!(st.success(), "ip netns add {name}");
+        let ns = NamedNetns(name);
+        assert!(ns.exec(&["ip", "link", "set", "lo", "up"]).status.success());
+        ns
+    }
+
+    fn exec(&self, cmd: &[&str]) -> std::process::Output {
+        Command::new("ip").args(["netns", "exec", &self.0]).args(cmd).output().expect("ip netns exec")
+    }
+
+    fn skrelay(&self, args: &[&str]) -> (i32, String) {
+        let out = self.exec(&[&[SKRELAY][..], args].concat());
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.code().unwrap_or(-1), text)
+    }
+}
+
+impl Drop for NamedNetns {
+    fn drop(&mut self) {
+        let _ = self.skrelay(&["steer", "reset"]);
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn steering_set_up_under_ip_netns_exec_outlives_the_command() {
+    // `ip netns exec` remounts /sys: `steer add` used to mount a throwaway bpffs there, print
+    // "bound", exit 0, and nothing was steered once it exited.
+    if !require_bpf("ip netns exec") {
+        return;
+    }
+    let ns = NamedNetns::new("ipnetns");
+    let _target = Reaper(
+        Command::new("ip")
+            .args(["netns", "exec", &ns.0, "ncat", "-lk", "127.0.0.1", "6800"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ncat"),
+    );
+    let probe = "import socket,sys,time\nfor i in range(100):\n  try:\n    socket.create_connection(('127.0.0.1',int(sys.argv[1])),2); sys.exit(0)\n  except OSError: time.sleep(0.05)\nsys.exit(1)";
+    assert!(ns.exec(&["python3", "-c", probe, "6800"]).status.success(), "ncat did not start");
+    let (code, out) = ns.skrelay(&["steer", "add", "--ports", "6801", "--to", "127.0.0.1:6800"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("bound tcp 0.0.0.0/0 port 6801"), "{out}");
+    // Another command, another `ip netns exec`: the binding is there and it steers.
+    let (code, out) = ns.skrelay(&["steer", "list"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("6801") && out.contains("127.0.0.1:6800"), "steer list lost the binding:\n{out}");
+    assert!(ns.exec(&["python3", "-c", probe, "6801"]).status.success(), "port 6801 is not steered");
+    let (code, out) = ns.skrelay(&["status"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("steer: 1 bindings"), "{out}");
+    let (code, out) = ns.skrelay(&["steer", "reset"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("removed every binding"), "{out}");
+}
