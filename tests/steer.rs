@@ -605,3 +605,32 @@ fn steering_set_up_under_ip_netns_exec_outlives_the_command() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("removed every binding"), "{out}");
 }
+
+#[test]
+fn a_mount_namespace_whose_bpffs_would_vanish_is_refused_or_pins_where_it_lasts() {
+    // Like `ip netns exec`, with the parent's /sys fresh too: no bpffs to pin into that outlives
+    // the command except PID 1's, which a container may not be allowed to reach. Either the
+    // binding lands where this namespace's other commands see it, or the command says why not
+    // (exit 2) and names what works; never "bound" into a bpffs that vanishes.
+    let Some(_reset) = setup("fresh sysfs everywhere") else { return };
+    let _l = TcpListener::bind("127.0.0.1:6900").unwrap();
+    let script =
+        format!("mount -t sysfs sysfs /sys && unshare -m {SKRELAY} steer add --ports 6901 --to 127.0.0.1:6900");
+    let out = Command::new("unshare").args(["-m", "sh", "-c", &script]).output().expect("unshare (util-linux)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    match out.status.code() {
+        Some(0) => {
+            assert!(text.contains("bound tcp 0.0.0.0/0 port 6901"), "{text}");
+            let listed = list_json();
+            assert_eq!(listed.as_array().map(Vec::len), Some(1), "bound, but not where steer list looks: {listed}");
+            assert!(!refused("127.0.0.1:6901".parse().unwrap()), "bound, but the port is not steered");
+        }
+        Some(2) => {
+            assert!(text.contains("skrelay: cannot mount bpffs at /sys/fs/bpf: this command runs in a mount namespace"));
+            assert!(text.contains("nsenter --net=/run/netns/NAME"), "{text}");
+            assert_eq!(text.trim().lines().count(), 1, "one sentence:\n{text}");
+            assert_eq!(list_json(), serde_json::json!([]));
+        }
+        other => panic!("exit {other:?}: {text}"),
+    }
+}
