@@ -83,6 +83,14 @@ fn status_lists_the_ports_funnels_of_running_relays_and_overlaps_are_refused() {
         st["steer"]["funnels"].as_array().unwrap().iter().map(|f| f["pid"].as_i64().unwrap()).collect();
     assert_eq!(pids, [a.pid() as i64, b.pid() as i64].into_iter().collect(), "{st}");
 
+    // And `steer add` cannot take a port a running --ports holds.
+    let (code, _, err) = skrelay_output(&["steer", "add", "--ports", "9010", "--to", "127.0.0.1:7000"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("cannot bind tcp 0.0.0.0/0 port 9010: process {} takes port(s) of it", a.pid())),
+        "{err}"
+    );
+
     // A port pinned by `steer add` is refused too: the pinned binding would keep it.
     ok(&["steer", "add", "--ports", "9200", "--to", "127.0.0.1:7000"]);
     let (code, _, err) =

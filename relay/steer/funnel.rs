@@ -235,7 +235,7 @@ fn owners(funnels: &mut [Running]) {
 }
 
 /// Whether two prefixes of one family share an address.
-fn prefixes_meet(a: &Prefix, b: &Prefix) -> bool {
+pub fn prefixes_meet(a: &Prefix, b: &Prefix) -> bool {
     if a.family() != b.family() {
         return false;
     }

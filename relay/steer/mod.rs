@@ -61,6 +61,20 @@ pub fn add(args: SteerAddArgs) -> Result<(), Error> {
         })
         .collect();
 
+    // A running relay's or proxy's --ports would keep such ports whichever way the programs run
+    // (its funnel refuses ports already bound): refuse rather than report a binding that is not.
+    for f in funnel::running() {
+        for key in keys.iter().filter(|k| k.proto == crate::cli::Proto::Tcp) {
+            if funnel::prefixes_meet(&key.prefix, &f.prefix) && f.ports.iter().any(|p| key.ports.contains(*p)) {
+                return Err(Error::Usage(format!(
+                    "cannot bind {key}: {} takes port(s) of it on {} with --ports while it runs (stop it, or leave \
+                     those ports out)",
+                    f.owner(),
+                    f.prefix
+                )));
+            }
+        }
+    }
     state::sweep_stale();
     let (mut st, note) = State::open_or_create()?;
     if let Some(note) = note {
