@@ -11,18 +11,56 @@ use std::{
 pub const BPFFS: &str = "/sys/fs/bpf";
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
-fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+const SYSFS_MAGIC: i64 = 0x62656572;
+
+fn fs_type(path: &Path) -> Option<i64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
     // SAFETY: `libc::statfs` is plain old data, for which all-zero bytes are a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `c` is a NUL-terminated path and statfs writes one `struct statfs` into `st`.
-    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0).then_some(st.f_type as i64)
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    fs_type(path) == Some(BPF_FS_MAGIC)
+}
+
+/// Whether this process has a mount namespace of its own, made for it: not PID 1's, nor its
+/// parent's (`ip netns exec` unshares it and then runs the command in the same process).
+fn in_own_mount_ns() -> bool {
+    let own = std::fs::read_link("/proc/self/ns/mnt").ok();
+    // SAFETY: getppid has no preconditions.
+    let parent = std::fs::read_link(format!("/proc/{}/ns/mnt", unsafe { libc::getppid() })).ok();
+    own.is_some() && parent.is_some() && own != parent
 }
 
 /// The directory skrelay pins under (`/sys/fs/bpf/skrelay`), mounting bpffs at /sys/fs/bpf first
 /// if nothing is mounted there.
+///
+/// `ip netns exec` runs the command in a mount namespace of its own with a fresh sysfs on /sys,
+/// so /sys/fs/bpf is a bare sysfs directory there, and a bpffs mounted on it would vanish with the
+/// command, taking the pins (and so the steering) along. Then the pins go to the bpffs of PID 1's
+/// or else the parent process's mount namespace (through /proc/PID/root), which outlives the
+/// command and where skrelay run from the host finds them; without one it is an error that says
+/// what works.
 pub fn root() -> Result<PathBuf, Error> {
-    let base = Path::new(BPFFS);
+    let mut base = PathBuf::from(BPFFS);
+    if fs_type(&base) == Some(SYSFS_MAGIC) && in_own_mount_ns() {
+        // SAFETY: getppid has no preconditions.
+        let outer = ["1".to_string(), unsafe { libc::getppid() }.to_string()]
+            .into_iter()
+            .map(|pid| Path::new("/proc").join(pid).join("root").join(BPFFS.trim_start_matches('/')))
+            .find(|p| is_bpffs(p));
+        let Some(outer) = outer else {
+            return Err(Error::Usage(format!(
+                "cannot mount bpffs at {BPFFS}: this command runs in a mount namespace of its own with a fresh /sys \
+                 (as under `ip netns exec`), where a bpffs would vanish when it exits, taking the pinned state along \
+                 (mount bpffs at {BPFFS} on the host first, or run skrelay with `nsenter --net=/run/netns/NAME`)"
+            )));
+        };
+        base = outer;
+    }
+    let base = base.as_path();
     if !is_bpffs(base) {
         let _ = std::fs::create_dir_all(base);
         let (src, dst, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
@@ -41,24 +79,53 @@ pub fn root() -> Result<PathBuf, Error> {
 }
 
 /// An exclusive lock on a directory of pinned state, held until dropped, so two skrelay commands
-/// run at once cannot interleave their changes.
+/// run at once cannot interleave their changes. The lock is flock(2) on the directory itself:
+/// nothing is left behind when the state goes (a lock file in /run stayed for every network
+/// namespace ever used).
 pub struct StateLock {
-    _file: File,
+    _dir: File,
 }
 
 impl StateLock {
+    /// Locks `dir`, creating it if missing.
     pub fn acquire(dir: &Path) -> Result<StateLock, Error> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
-        // bpffs holds only BPF objects: the lock is a file beside it in /run.
-        let name = dir.to_string_lossy().replace('/', "_");
-        let lock_dir = Path::new("/run/skrelay");
-        std::fs::create_dir_all(lock_dir).map_err(|e| Error::io("cannot create /run/skrelay", e))?;
-        let path = lock_dir.join(format!("{name}.lock"));
-        let file = File::create(&path).map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
+        loop {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+            if let Some(lock) = Self::acquire_existing(dir)? {
+                return Ok(lock);
+            }
+        }
+    }
+
+    /// Locks `dir` if it exists; None if it does not, or was removed (a reset) while we waited.
+    pub fn acquire_existing(dir: &Path) -> Result<Option<StateLock>, Error> {
+        use std::os::unix::fs::MetadataExt;
+        let file = match File::open(dir) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(format!("cannot open {}", dir.display()), e)),
+        };
         // SAFETY: flock on the open descriptor of `file`, which outlives the call.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(Error::io(format!("cannot lock {}", path.display()), io::Error::last_os_error()));
+            return Err(Error::io(format!("cannot lock {}", dir.display()), io::Error::last_os_error()));
         }
-        Ok(StateLock { _file: file })
+        // The holder before us may have removed the directory: then what we locked is gone.
+        let locked = file.metadata().map_err(|e| Error::io(format!("cannot read {}", dir.display()), e))?;
+        let same = std::fs::metadata(dir).is_ok_and(|now| (now.dev(), now.ino()) == (locked.dev(), locked.ino()));
+        if !same {
+            return Ok(None);
+        }
+        remove_legacy_lock(dir);
+        Ok(Some(StateLock { _dir: file }))
+    }
+}
+
+/// Older skrelay locked with a file in /run/skrelay, one per directory, never removed: removes
+/// this directory's (and /run/skrelay once empty).
+fn remove_legacy_lock(dir: &Path) {
+    let run = Path::new("/run/skrelay");
+    let name = dir.to_string_lossy().replace('/', "_");
+    if std::fs::remove_file(run.join(format!("{name}.lock"))).is_ok() {
+        let _ = std::fs::remove_dir(run);
     }
 }

@@ -64,7 +64,7 @@ pub enum AccelCommand {
     },
     /// Show each accelerated cgroup with its counters.
     Status {
-        /// One JSON object per line.
+        /// Print JSON: `{"cgroups": [...]}`, as `skrelay status --json` shows under `accel`.
         #[arg(long)]
         json: bool,
     },
@@ -72,8 +72,10 @@ pub enum AccelCommand {
 
 #[derive(Args, Debug, Clone)]
 pub struct RelayArgs {
-    /// Address to listen on (IPv4 or IPv6, e.g. 127.0.0.1:7777 or [::1]:7777).
-    #[arg(long, default_value = "127.0.0.1:7777")]
+    /// Address to listen on: IP:PORT, [IPv6]:PORT or HOST:PORT (e.g. 127.0.0.1:7777, [::1]:7777,
+    /// localhost:7777). A name is resolved at start-up to its first IPv4 address, else its first
+    /// IPv6 one; the start line shows which.
+    #[arg(long, default_value = "127.0.0.1:7777", value_parser = parse_listen, value_name = "ADDR")]
     pub listen: SocketAddr,
     /// How clients are paired: `order` (1st with 2nd, 3rd with 4th, ...) or `token` (a first
     /// line of 1 to 64 printable ASCII bytes; equal tokens pair; the line is not forwarded).
@@ -86,8 +88,9 @@ pub struct RelayArgs {
     /// At most this many clients wait for a partner at once; further ones are closed at once.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_pending: u32,
-    /// Close a client that has waited this long for its partner (or its token line); seconds.
-    #[arg(long, default_value = "30", value_parser = parse_secs, value_name = "SECS")]
+    /// Close a client that has waited this long for its partner (or its token line); seconds
+    /// (at least 0.001).
+    #[arg(long, default_value = "30", value_parser = parse_timeout, value_name = "SECS")]
     pub pair_timeout: Duration,
 }
 
@@ -97,17 +100,23 @@ pub struct ProxyArgs {
     /// start-up). Repeat for several; they are used round-robin.
     #[arg(long = "upstream", value_name = "ADDR", required = true)]
     pub upstreams: Vec<String>,
-    /// Address to listen on (IPv4 or IPv6, e.g. 127.0.0.1:7777 or [::1]:7777).
-    #[arg(long, default_value = "127.0.0.1:7777")]
+    /// Address to listen on: IP:PORT, [IPv6]:PORT or HOST:PORT (e.g. 127.0.0.1:7777, [::1]:7777,
+    /// localhost:7777). A name is resolved at start-up to its first IPv4 address, else its first
+    /// IPv6 one; the start line shows which.
+    #[arg(long, default_value = "127.0.0.1:7777", value_parser = parse_listen, value_name = "ADDR")]
     pub listen: SocketAddr,
     #[command(flatten)]
     pub common: SpliceArgs,
     #[command(flatten)]
     pub ports: PortsArgs,
     /// Skip an upstream that has not accepted the connection within this long (it is marked
-    /// down for 10 s); seconds.
-    #[arg(long, default_value = "5", value_parser = parse_secs, value_name = "SECS")]
+    /// down for 10 s); seconds (at least 0.001).
+    #[arg(long, default_value = "5", value_parser = parse_timeout, value_name = "SECS")]
     pub connect_timeout: Duration,
+    /// At most this many clients wait for their upstream connection at once; further ones are
+    /// reset at once.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pending: u32,
 }
 
 /// Flags every splicing command shares.
@@ -230,4 +239,38 @@ pub fn parse_secs(s: &str) -> Result<Duration, String> {
         return Err(format!("`{s}` is not a number of seconds between 0 and 1e9"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// A timeout that something must be able to happen within: seconds, at least 1 ms. A timeout of 0
+/// would close or reset every client before it could pair or connect.
+pub fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_secs(s)?;
+    if d < Duration::from_millis(1) {
+        return Err(format!(
+            "`{s}` seconds leaves no time: every client would be closed before it could pair or connect \
+             (give at least 0.001)"
+        ));
+    }
+    Ok(d)
+}
+
+/// `--listen`: IP:PORT, [IPv6]:PORT, or HOST:PORT resolved now, to the name's first IPv4 address
+/// (else its first IPv6 one) so that `localhost:7777` means 127.0.0.1:7777 like the default.
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(format!("`{s}` has no port (give IP:PORT, [IPv6]:PORT or HOST:PORT, e.g. localhost:7777)"));
+    };
+    port.parse::<u16>().map_err(|_| format!("`{port}` is not a port (ports are 0 to 65535)"))?;
+    let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(s)
+        .map_err(|e| format!("cannot resolve `{host}`: {e} (give IP:PORT, [IPv6]:PORT or a HOST:PORT that resolves)"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("`{host}` resolves to no address (give IP:PORT or [IPv6]:PORT)"))
 }

@@ -5,14 +5,26 @@ use crate::{
     error::Error,
     relay_cmd::funnel,
     server::{self, Partnering, Server, ServerConfig},
+    steer::PortList,
+    sys,
     upstream::Upstreams,
 };
+use std::net::{IpAddr, SocketAddr};
 
 pub fn run(args: ProxyArgs) -> Result<(), Error> {
     let upstreams = Upstreams::resolve(&args.upstreams)?;
     let datapath = datapath::open(args.common.datapath, args.common.kernel_after)?;
     let listener = server::listen(args.listen)?;
     let addr = listener.local_addr().unwrap_or(args.listen);
+    let dual_stack = addr.is_ipv6() && !sys::v6only(&listener);
+    for &up in upstreams.addrs() {
+        if let Some(how) = loops_back(up, addr, dual_stack, args.ports.ports.as_ref()) {
+            return Err(Error::Usage(format!(
+                "cannot proxy to upstream {up}: {how}, so every client would loop back into the proxy \
+                 (give --upstream the address of the server to proxy to)"
+            )));
+        }
+    }
     let _funnel = match &args.ports.ports {
         Some(ports) => Some(funnel(&listener, addr, ports)?),
         None => None,
@@ -21,9 +33,73 @@ pub fn run(args: ProxyArgs) -> Result<(), Error> {
     let config = ServerConfig {
         listen: args.listen,
         partnering: Partnering::Upstreams { upstreams, connect_timeout: args.connect_timeout },
-        max_pending: usize::MAX,
+        max_pending: args.max_pending as usize,
         pair_timeout: args.connect_timeout,
         drain_timeout: args.common.drain_timeout,
     };
     Server::new(listener, datapath, config)?.run()
+}
+
+/// How a connection to `upstream` would reach this proxy's own listener (bound at `listen`,
+/// taking IPv4 too when `dual_stack`) or its `--ports` funnel; None when it would not.
+pub fn loops_back(
+    upstream: SocketAddr,
+    listen: SocketAddr,
+    dual_stack: bool,
+    ports: Option<&PortList>,
+) -> Option<String> {
+    // Linux connects 0.0.0.0 and :: to the loopback address; ::ffff:a.b.c.d is a.b.c.d.
+    let ip = match upstream.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    let is_local = || std::net::UdpSocket::bind((ip, 0)).is_ok();
+    let port = upstream.port();
+    // The listening socket itself.
+    let listener_takes = if listen.ip().is_unspecified() {
+        (ip.is_ipv6() == listen.is_ipv6() || (dual_stack && ip.is_ipv4())) && is_local()
+    } else {
+        ip == listen.ip()
+    };
+    if port == listen.port() && listener_takes {
+        return Some(format!("it is this proxy's own listening address ({listen})"));
+    }
+    // --ports steers its ports at the listen address, or at every local address of its family.
+    let funnel_takes =
+        if listen.ip().is_unspecified() { ip.is_ipv6() == listen.is_ipv6() && is_local() } else { ip == listen.ip() };
+    if funnel_takes && ports.is_some_and(|p| p.items().iter().any(|r| r.contains(port))) {
+        return Some(format!("--ports steers port {port} at that address to this proxy"));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn upstreams_that_reach_our_own_listener_are_found() {
+        let ports: PortList = "7,8000-8999".parse().unwrap();
+        let l = a("127.0.0.1:7777");
+        assert!(loops_back(a("127.0.0.1:7777"), l, false, None).is_some());
+        assert!(loops_back(a("0.0.0.0:7777"), l, false, None).is_some());
+        assert!(loops_back(a("[::ffff:127.0.0.1]:7777"), l, false, None).is_some());
+        assert!(loops_back(a("127.0.0.2:7777"), l, false, None).is_none(), "another address");
+        assert!(loops_back(a("127.0.0.1:7778"), l, false, None).is_none());
+        assert!(loops_back(a("127.0.0.1:8080"), l, false, Some(&ports)).is_some());
+        assert!(loops_back(a("127.0.0.1:9000"), l, false, Some(&ports)).is_none());
+        let any = a("0.0.0.0:7777");
+        assert!(loops_back(a("127.0.0.9:7777"), any, false, None).is_some(), "all of 127/8 is local");
+        assert!(loops_back(a("127.0.0.9:7"), any, false, Some(&ports)).is_some());
+        assert!(loops_back(a("192.0.2.1:7777"), any, false, None).is_none(), "not a local address");
+        let any6 = a("[::]:7777");
+        assert!(loops_back(a("127.0.0.1:7777"), any6, true, None).is_some(), "dual-stack");
+        assert!(loops_back(a("127.0.0.1:7777"), any6, false, None).is_none(), "v6only");
+    }
 }

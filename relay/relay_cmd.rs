@@ -1,6 +1,6 @@
 //! `skrelay relay`: pair clients of one listener and splice each pair.
 use crate::{
-    cli::RelayArgs,
+    cli::{PairBy, RelayArgs},
     datapath,
     error::Error,
     server::{self, Partnering, Server, ServerConfig},
@@ -24,7 +24,11 @@ pub fn run(args: RelayArgs) -> Result<(), Error> {
         Some(ports) => Some(funnel(&listener, addr, ports)?),
         None => None,
     };
-    log::info!("listening on {addr}: pairing by {:?}, {} datapath", args.pair, datapath.name());
+    let pairing = match args.pair {
+        PairBy::Order => "pairing clients in arrival order",
+        PairBy::Token => "pairing clients by their token line",
+    };
+    log::info!("listening on {addr}: {pairing}, {} datapath", datapath.name());
     Server::new(listener, datapath, config)?.run()
 }
 

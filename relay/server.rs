@@ -19,7 +19,7 @@ use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 use std::{
     cmp::Reverse,
-    collections::BinaryHeap,
+    collections::{BinaryHeap, HashSet},
     io,
     net::{Shutdown, SocketAddr},
     time::{Duration, Instant},
@@ -78,6 +78,8 @@ struct Pending {
 /// A non-blocking connect to an upstream, with the upstreams still to try after it.
 struct Connecting {
     stream: TcpStream,
+    /// Its local address: a client that comes from it is this proxy looping into itself.
+    local: SocketAddr,
     idx: usize,
     deadline: Instant,
     rest: Vec<usize>,
@@ -93,6 +95,8 @@ struct Pair {
     /// Direction i (from end i) has finished and end 1-i's write side is shut down.
     shut: [bool; 2],
     flush_delay: Duration,
+    /// `proxy`: the local address of the upstream end (see `Connecting::local`).
+    upstream_local: Option<SocketAddr>,
 }
 
 enum Slot {
@@ -123,6 +127,8 @@ pub struct Server {
     accept_retry: Option<Instant>,
     drain_deadline: Option<Instant>,
     warned_map_full: bool,
+    /// `proxy`: local addresses of our upstream connections, to recognise one coming back in.
+    own_upstreams: HashSet<SocketAddr>,
 }
 
 /// Binds the listening socket with a backlog deep enough for bursts of thousands of clients.
@@ -161,6 +167,7 @@ impl Server {
             accept_retry: None,
             drain_deadline: None,
             warned_map_full: false,
+            own_upstreams: HashSet::new(),
         })
     }
 
@@ -263,6 +270,26 @@ impl Server {
             );
             return;
         }
+        if matches!(self.config.partnering, Partnering::Upstreams { .. }) {
+            // One of our own upstream connections: the upstream leads back to this proxy. Without
+            // this each looped connection would open another, until the process ran out of files.
+            if self.own_upstreams.contains(&addr) {
+                sys::reset_on_close(&stream);
+                log::error!(
+                    "client {addr} reset: it is this proxy's own upstream connection (the upstream leads back \
+                     to this proxy: give --upstream the address of the server to proxy to)"
+                );
+                return;
+            }
+            if self.pending >= self.config.max_pending {
+                sys::reset_on_close(&stream);
+                log::warn!(
+                    "client {addr} reset: {} clients already wait for their upstream connection (--max-pending)",
+                    self.pending
+                );
+                return;
+            }
+        }
         let _ = stream.set_nodelay(true);
         let entry = self.slots.vacant_entry();
         let slot = entry.key();
@@ -350,7 +377,10 @@ impl Server {
             Ok(n)
                 if n <= p.skip as usize && (n == 0 || sys::tcp_counters(&p.stream).is_ok_and(|c| c.fin_received())) =>
             {
-                Some("left before a partner came".into())
+                Some(match p.upstream {
+                    Some(_) => "left before its upstream connection was made".into(),
+                    None => "left before a partner came".into(),
+                })
             }
             Err(e) if e.kind() != io::ErrorKind::WouldBlock => {
                 // A client that reset while its upstream connection was being made resets that
@@ -408,6 +438,7 @@ impl Server {
         let _ = self.poll.registry().deregister(&mut p.stream);
         if let Some(c) = p.upstream.as_mut() {
             let _ = self.poll.registry().deregister(&mut c.stream);
+            self.own_upstreams.remove(&c.local);
         }
         Some(p)
     }
@@ -422,11 +453,18 @@ impl Server {
         let (Some(a), Some(b)) = (self.take_pending(first), self.take_pending(second)) else {
             return;
         };
-        self.splice_pair([a.stream, b.stream], [a.addr, b.addr], [a.skip, b.skip]);
+        self.splice_pair([a.stream, b.stream], [a.addr, b.addr], [a.skip, b.skip], None);
     }
 
     /// Hands two connected sockets to the datapath and starts watching them as a pair.
-    fn splice_pair(&mut self, ends: [TcpStream; 2], addrs: [SocketAddr; 2], skip: [u32; 2]) {
+    /// `upstream_local`: `proxy`'s upstream end's local address, remembered while the pair lives.
+    fn splice_pair(
+        &mut self,
+        ends: [TcpStream; 2],
+        addrs: [SocketAddr; 2],
+        skip: [u32; 2],
+        upstream_local: Option<SocketAddr>,
+    ) {
         let splice = match self.datapath.splice([&ends[0], &ends[1]], skip) {
             Ok(s) => s,
             Err(SpliceError::MapFull(n)) => {
@@ -442,6 +480,13 @@ impl Server {
             }
             Err(e) => return log::error!("pair {} <-> {} closed: cannot splice it: {e}", addrs[0], addrs[1]),
         };
+        // Until the pair ends well, any close of its sockets (ours, or the kernel's when this
+        // process dies) resets them: a stream we did not finish must not look finished. A shutdown
+        // that forwards one direction's EOF still sends its FIN; the socket keeps resetting on
+        // close because the other direction may still be unfinished.
+        for end in &ends {
+            sys::reset_on_close(end);
+        }
         let serial = self.next_serial();
         let entry = self.slots.vacant_entry();
         let slot = entry.key();
@@ -453,6 +498,7 @@ impl Server {
             serial,
             shut: [false; 2],
             flush_delay: FLUSH_CHECK_FIRST,
+            upstream_local,
         };
         let interest = pair.splice.interest();
         for (i, end) in pair.ends.iter_mut().enumerate() {
@@ -462,6 +508,9 @@ impl Server {
         }
         entry.insert(Slot::Pair(pair));
         self.pairs += 1;
+        if let Some(local) = upstream_local {
+            self.own_upstreams.insert(local);
+        }
         log::debug!("paired {} <-> {} ({})", addrs[0], addrs[1], self.slots_pair_name(slot));
         // Bytes and EOFs that came before the pair formed are acted on now, not at the next event.
         self.service(slot, true);
@@ -539,6 +588,9 @@ impl Server {
         };
         let Slot::Pair(mut pair) = self.slots.remove(slot) else { unreachable!() };
         self.pairs -= 1;
+        if let Some(local) = pair.upstream_local {
+            self.own_upstreams.remove(&local);
+        }
         let moved = [pair.splice.moved(0, &pair.ends[0]), pair.splice.moved(1, &pair.ends[1])];
         pair.splice.release();
         for end in pair.ends.iter_mut() {
@@ -546,8 +598,15 @@ impl Server {
         }
         let [a, b] = pair.addrs;
         let how = match &ending {
-            Ending::Done => "ended".to_string(),
-            Ending::Drained => "closed at the drain timeout".to_string(),
+            Ending::Done => {
+                // Both directions finished: the only close that may look like an orderly one.
+                for e in &pair.ends {
+                    sys::close_gracefully(e);
+                }
+                "ended".to_string()
+            }
+            // Its streams were cut: they stay armed to reset (see splice_pair).
+            Ending::Drained => "reset at the drain timeout".to_string(),
             Ending::Reset { end, error } => {
                 // What one end's client did to its connection, the other's client sees too.
                 for e in &pair.ends {
@@ -556,11 +615,6 @@ impl Server {
                 format!("reset ({}: {error})", pair.addrs[*end])
             }
         };
-        if matches!(ending, Ending::Drained) {
-            for e in &pair.ends {
-                let _ = e.shutdown(Shutdown::Both);
-            }
-        }
         log::info!(
             "pair {a} <-> {b} {how} after {:.3}s: {} bytes {a} -> {b}, {} bytes {b} -> {a} ({})",
             pair.since.elapsed().as_secs_f64(),
@@ -597,7 +651,11 @@ impl Server {
                         continue;
                     }
                     let deadline = Instant::now() + *connect_timeout;
-                    p.upstream = Some(Connecting { stream, idx, deadline, rest: plan });
+                    // Bound by connect(2); unknown only if the socket already failed, which
+                    // on_upstream then reports.
+                    let local = stream.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+                    self.own_upstreams.insert(local);
+                    p.upstream = Some(Connecting { stream, local, idx, deadline, rest: plan });
                     self.timers.push(Reverse((deadline, slot, p.serial)));
                     return;
                 }
@@ -636,13 +694,14 @@ impl Server {
         let Some(mut p) = self.take_pending(slot) else { return };
         let c = p.upstream.take().expect("connecting");
         let _ = c.stream.set_nodelay(true);
-        self.splice_pair([p.stream, c.stream], [p.addr, upstream_addr], [0, 0]);
+        self.splice_pair([p.stream, c.stream], [p.addr, upstream_addr], [0, 0], Some(c.local));
     }
 
     fn upstream_failed(&mut self, slot: usize, error: io::Error) {
         let Some(Slot::Pending(p)) = self.slots.get_mut(slot) else { return };
         let Some(mut c) = p.upstream.take() else { return };
         let _ = self.poll.registry().deregister(&mut c.stream);
+        self.own_upstreams.remove(&c.local);
         let Partnering::Upstreams { upstreams, .. } = &mut self.config.partnering else { return };
         upstreams.mark_down(c.idx, Instant::now());
         log::warn!("upstream {}: {error}; marked down for {:?}", upstreams.addr(c.idx), DOWN_FOR);

@@ -124,9 +124,19 @@ pub fn peek(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
     check(ret as libc::c_long)
 }
 
-/// Makes the next close of this socket send a RST instead of a FIN.
+/// Makes the next close of this socket send a RST instead of a FIN: also the close the kernel
+/// does when the process dies, so a reader never takes a cut stream for a whole one.
 pub fn reset_on_close(fd: &impl AsRawFd) {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    set_linger(fd, 1);
+}
+
+/// Undoes `reset_on_close`: the next close is an orderly one (FIN after every queued byte).
+pub fn close_gracefully(fd: &impl AsRawFd) {
+    set_linger(fd, 0);
+}
+
+fn set_linger(fd: &impl AsRawFd, on: libc::c_int) {
+    let linger = libc::linger { l_onoff: on, l_linger: 0 };
     // SAFETY: the kernel reads `size_of::<linger>()` bytes from the live local `linger`.
     unsafe {
         libc::setsockopt(
@@ -544,6 +554,75 @@ pub mod bpf {
         let fd = unsafe { sys(BPF_PROG_GET_FD_BY_ID, &mut attr) }?;
         // SAFETY: the command succeeded: `fd` is a new descriptor that nothing else owns.
         Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    }
+
+    #[repr(C)]
+    struct IdAttr {
+        id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+
+    /// The id of the next BPF link after `start` (BPF_LINK_GET_NEXT_ID); None after the last.
+    pub fn link_next_id(start: u32) -> io::Result<Option<u32>> {
+        const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
+        let mut attr = IdAttr { id: start, next_id: 0, open_flags: 0 };
+        // SAFETY: `IdAttr` is the `bpf_attr` layout for this command: integers only, no pointers.
+        match unsafe { sys(BPF_LINK_GET_NEXT_ID, &mut attr) } {
+            Ok(_) => Ok(Some(attr.next_id)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A file descriptor for the link with id `id` (BPF_LINK_GET_FD_BY_ID).
+    pub fn link_fd_by_id(id: u32) -> io::Result<OwnedFd> {
+        const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+        let mut attr = IdAttr { id, next_id: 0, open_flags: 0 };
+        // SAFETY: `IdAttr` is the `bpf_attr` layout for this command: integers only, no pointers.
+        let fd = unsafe { sys(BPF_LINK_GET_FD_BY_ID, &mut attr) }?;
+        // SAFETY: the command succeeded: `fd` is a new descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    }
+
+    /// What a network namespace link (BPF_LINK_TYPE_NETNS) is attached to.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct NetnsLink {
+        pub id: u32,
+        pub prog_id: u32,
+        /// 0 once its namespace is gone.
+        pub netns_ino: u32,
+        pub attach_type: u32,
+    }
+
+    /// BPF_LINK_TYPE_NETNS and BPF_SK_LOOKUP (uapi linux/bpf.h).
+    pub const LINK_TYPE_NETNS: u32 = 5;
+    pub const ATTACH_SK_LOOKUP: u32 = 36;
+
+    /// The namespace side of a link, None if it is not a netns link.
+    pub fn netns_link(link: &impl AsRawFd) -> io::Result<Option<NetnsLink>> {
+        // struct bpf_link_info: type, id, prog_id, then (8-aligned) netns { netns_ino, attach_type }.
+        let mut info = [0u32; 16];
+        #[repr(C)]
+        struct Attr {
+            bpf_fd: u32,
+            info_len: u32,
+            info: u64,
+        }
+        let mut attr = Attr {
+            bpf_fd: link.as_raw_fd() as u32,
+            info_len: std::mem::size_of_val(&info) as u32,
+            info: info.as_mut_ptr() as u64,
+        };
+        // SAFETY: `Attr` is the `info` member of `bpf_attr`; `info` points to the live local array
+        // of `info_len` bytes, which the kernel fills.
+        unsafe { sys(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
+        Ok((info[0] == LINK_TYPE_NETNS).then_some(NetnsLink {
+            id: info[1],
+            prog_id: info[2],
+            netns_ino: info[4],
+            attach_type: info[5],
+        }))
     }
 }
 

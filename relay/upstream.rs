@@ -33,6 +33,11 @@ impl Upstreams {
             if resolved.is_empty() {
                 return Err(Error::Usage(format!("upstream `{spec}` resolves to no address")));
             }
+            if resolved.iter().any(|a| a.port() == 0) {
+                return Err(Error::Usage(format!(
+                    "upstream `{spec}` has port 0, which nothing can be connected to (give the port the upstream listens on)"
+                )));
+            }
             for a in resolved {
                 if !addrs.contains(&a) {
                     addrs.push(a);
@@ -45,6 +50,10 @@ impl Upstreams {
     pub fn new(addrs: Vec<SocketAddr>) -> Upstreams {
         let n = addrs.len();
         Upstreams { addrs, down_until: vec![None; n], next: 0 }
+    }
+
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
     }
 
     pub fn addr(&self, idx: usize) -> SocketAddr {
@@ -107,5 +116,7 @@ mod tests {
         let e = Upstreams::resolve(&["no-such-host.invalid:80".into()]).err().unwrap().to_string();
         assert!(e.contains("cannot resolve upstream `no-such-host.invalid:80`"), "{e}");
         assert!(Upstreams::resolve(&["127.0.0.1".into()]).is_err(), "a port is required");
+        let e = Upstreams::resolve(&["localhost:0".into()]).err().unwrap().to_string();
+        assert!(e.contains("upstream `localhost:0` has port 0"), "{e}");
     }
 }

@@ -26,11 +26,66 @@ fn bad_flags_are_refused_with_exit_status_2() {
     assert_usage_error(&["relay", "--pair", "random"], "invalid value 'random' for '--pair");
     assert_usage_error(&["relay", "--datapath", "fast"], "invalid value 'fast'");
     assert_usage_error(&["relay", "--listen", "localhost"], "invalid value 'localhost'");
+    assert_usage_error(&["relay", "--listen", "no-such-host.invalid:7777"], "cannot resolve `no-such-host.invalid`");
     assert_usage_error(&["relay", "--listen", "127.0.0.1:99999"], "invalid value");
     assert_usage_error(&["relay", "--max-pending", "0"], "--max-pending");
     assert_usage_error(&["relay", "--pair-timeout=-1"], "not a number of seconds");
     assert_usage_error(&["relay", "--drain-timeout", "soon"], "not a number of seconds");
     assert_usage_error(&["relay", "--bogus"], "unexpected argument '--bogus'");
+}
+
+#[test]
+fn values_that_cannot_work_are_refused_at_start_up() {
+    // Each of these used to start and then close or reset every client.
+    let _netns = enter_netns();
+    let _up = TcpListener::bind("127.0.0.1:9000").unwrap();
+    let proxy = ["proxy", "--datapath", "userspace", "--upstream"];
+    assert_usage_error(&[&proxy[..], &["127.0.0.1:0"]].concat(), "upstream `127.0.0.1:0` has port 0");
+    assert_usage_error(&[&proxy[..], &["localhost:0"]].concat(), "upstream `localhost:0` has port 0");
+    for zero in ["0", "0.0", "0.0000001"] {
+        assert_usage_error(
+            &[&proxy[..], &["127.0.0.1:9000", "--connect-timeout", zero]].concat(),
+            "leaves no time: every client would be closed before it could pair or connect (give at least 0.001)",
+        );
+        assert_usage_error(
+            &["relay", "--datapath", "userspace", "--pair-timeout", zero],
+            "leaves no time: every client would be closed before it could pair or connect (give at least 0.001)",
+        );
+    }
+    // Nothing was left listening by the refused commands.
+    assert!(std::net::TcpStream::connect("127.0.0.1:7777").is_err());
+}
+
+#[test]
+fn listen_takes_host_names_like_upstream_does() {
+    let _netns = enter_netns();
+    let relay = Skrelay::start(&["relay", "--datapath", "userspace", "--listen", "localhost:7777"]);
+    assert!(relay.log().contains("listening on 127.0.0.1:7777"), "{}", relay.log());
+    let mut a = connect(addr());
+    let mut b = connect(addr());
+    a.write_all(b"by name").unwrap();
+    assert_eq!(read_n(&mut b, 7), b"by name");
+    drop((a, b));
+    let (status, log) = relay.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+
+    let up = TcpListener::bind("127.0.0.1:9000").unwrap();
+    let proxy = Skrelay::start(&[
+        "proxy",
+        "--datapath",
+        "userspace",
+        "--listen",
+        "localhost:7778",
+        "--upstream",
+        "localhost:9000",
+    ]);
+    let mut c = connect("127.0.0.1:7778".parse().unwrap());
+    let (mut s, _) = up.accept().unwrap();
+    c.write_all(b"proxied by name").unwrap();
+    assert_eq!(read_n(&mut s, 15), b"proxied by name");
+    drop((c, s));
+    let (status, log) = proxy.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
 }
 
 #[test]
@@ -159,9 +214,9 @@ fn sigterm_drains_live_pairs_then_exits_0_leaving_no_bpf_objects() {
 }
 
 #[test]
-fn the_drain_timeout_closes_pairs_that_do_not_finish() {
+fn the_drain_timeout_resets_pairs_that_do_not_finish() {
     let _netns = enter_netns();
-    for dp in datapaths("the_drain_timeout_closes_pairs_that_do_not_finish") {
+    for dp in datapaths("the_drain_timeout_resets_pairs_that_do_not_finish") {
         let relay = Skrelay::start(&["relay", "--datapath", dp, "--drain-timeout", "0.5"]);
         let mut a = connect(addr());
         let mut b = connect(addr());
@@ -174,9 +229,12 @@ fn the_drain_timeout_closes_pairs_that_do_not_finish() {
         assert!(status.success(), "{dp}: exit {status}");
         let waited = t0.elapsed();
         assert!(waited >= Duration::from_millis(400) && waited < Duration::from_secs(5), "{dp}: {waited:?}");
-        expect_eof(&mut a);
-        expect_eof(&mut b);
-        relay.wait_log("closed at the drain timeout", 1, Duration::from_secs(5));
+        // Their streams were cut, not finished: a reset, never an EOF that looks like the end.
+        for s in [&mut a, &mut b] {
+            let r = std::io::Read::read(s, &mut [0u8; 1]);
+            assert!(matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset), "{dp}: got {r:?}");
+        }
+        relay.wait_log("reset at the drain timeout", 1, Duration::from_secs(5));
     }
 }
 

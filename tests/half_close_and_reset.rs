@@ -152,3 +152,72 @@ fn a_pending_client_that_leaves_does_not_take_a_partner() {
         assert!(status.success(), "{log}");
     }
 }
+
+/// Reads until the stream ends: Ok(bytes) at EOF, Err at a reset (after the bytes before it).
+fn read_to_end_or_error(s: &mut std::net::TcpStream) -> Result<u64, std::io::Error> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => total += n as u64,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[test]
+fn a_relay_killed_mid_transfer_leaves_its_readers_a_reset_not_an_eof() {
+    // SIGKILL mid-transfer used to look like a complete stream to the reader (a clean EOF). Both
+    // relay and proxy, both datapaths, and a pair whose other direction had already ended with
+    // an EOF (a half-closed socket must still reset for the direction still running).
+    let _netns = enter_netns();
+    let upstream = std::net::TcpListener::bind("127.0.0.1:9000").unwrap();
+    for dp in datapaths("a_relay_killed_mid_transfer_leaves_its_readers_a_reset_not_an_eof") {
+        for command in ["relay", "proxy"] {
+            for kernel_after in ["0", "65536"] {
+                if dp == "userspace" && kernel_after != "0" {
+                    continue;
+                }
+                let what = format!("{dp} {command} --kernel-after {kernel_after}");
+                let args = match command {
+                    "relay" => vec!["relay", "--datapath", dp, "--kernel-after", kernel_after],
+                    _ => {
+                        vec!["proxy", "--datapath", dp, "--kernel-after", kernel_after, "--upstream", "127.0.0.1:9000"]
+                    }
+                };
+                let mut relay = Skrelay::start(&args);
+                let (mut a, mut b) = match command {
+                    "relay" => (connect(addr()), connect(addr())),
+                    _ => {
+                        let a = connect(addr());
+                        let (b, _) = upstream.accept().unwrap();
+                        b.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+                        (a, b)
+                    }
+                };
+                // B -> A ends first and A reads its EOF: that direction was whole.
+                b.write_all(b"all of it").unwrap();
+                b.shutdown(Shutdown::Write).unwrap();
+                assert_eq!(read_to_end_or_error(&mut a).unwrap(), 9, "{what}");
+                // A -> B is cut: A writes without end, B reads 4 MiB, then the relay dies.
+                let mut writer = a.try_clone().unwrap();
+                let writing = thread::spawn(move || send_pattern(&mut writer, 5, 1 << 40).is_err());
+                let mut seen = 0;
+                let mut buf = vec![0u8; 64 * 1024];
+                while seen < 4 << 20 {
+                    seen += b.read(&mut buf).unwrap();
+                }
+                relay.child.kill().unwrap();
+                relay.wait(Duration::from_secs(5));
+                let r = read_to_end_or_error(&mut b);
+                assert!(
+                    matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+                    "{what}: the reader of a cut stream got {r:?} instead of a reset"
+                );
+                assert!(writing.join().unwrap(), "{what}: the writer's sends must fail too");
+            }
+        }
+    }
+}

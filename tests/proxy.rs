@@ -277,3 +277,128 @@ fn one_echo_service_answers_on_7_77_and_777_through_proxy_ports_with_real_nc() {
     // A port outside the list is refused.
     assert!(TcpStream::connect("127.0.0.1:778").is_err());
 }
+
+/// Open file descriptors of a process.
+fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+#[test]
+fn a_proxy_whose_upstream_is_itself_is_refused_at_start_up() {
+    // It used to accept one client and open ~18,000 sockets a second until EMFILE killed it.
+    let _netns = enter_netns();
+    let cases: [&[&str]; 4] = [
+        &["--listen", "127.0.0.1:7777", "--upstream", "127.0.0.1:7777"],
+        &["--listen", "0.0.0.0:7777", "--upstream", "127.0.0.5:7777"],
+        &["--listen", "localhost:7777", "--upstream", "localhost:7777"],
+        &["--listen", "127.0.0.1:7777", "--ports", "7,77", "--upstream", "127.0.0.1:77"],
+    ];
+    for case in cases {
+        let args = [&["proxy", "--datapath", "userspace"][..], case].concat();
+        let (code, _, err) = skrelay_output(&args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains("skrelay: cannot proxy to upstream 127.0.0."), "{args:?}: {err}");
+        assert!(err.contains("so every client would loop back into the proxy"), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: one sentence: {err}");
+    }
+    // An upstream on another port of the same address is fine.
+    let _up = TcpListener::bind("127.0.0.1:7778").unwrap();
+    let _proxy = Skrelay::start(&["proxy", "--datapath", "userspace", "--upstream", "127.0.0.1:7778"]);
+}
+
+#[test]
+fn a_loop_the_start_up_check_cannot_see_costs_one_reset_per_client() {
+    // The upstream (9050) is steered back to the proxy's own listener after it started, so
+    // only the running proxy can see the loop: each client then costs one upstream connection,
+    // which comes back in, is recognised and reset, and the client is reset with it.
+    let _netns = enter_netns();
+    if !require_bpf("proxy: a_loop_the_start_up_check_cannot_see_costs_one_reset_per_client") {
+        return;
+    }
+    let proxy = Skrelay::start(&["proxy", "--datapath", "userspace", "--upstream", "127.0.0.1:9050"]);
+    let (code, out, err) = skrelay_output(&["steer", "add", "--ports", "9050", "--to", "127.0.0.1:7777"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let fds = open_fds(proxy.pid());
+    for i in 1..=3 {
+        let r = TcpStream::connect_timeout(&proxy_addr(), Duration::from_secs(5)).and_then(|mut c| {
+            c.set_read_timeout(Some(Duration::from_secs(15)))?;
+            c.read(&mut [0u8; 1])
+        });
+        assert!(matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset), "client {i}: got {r:?}");
+        proxy.wait_log("it is this proxy's own upstream connection", i, Duration::from_secs(5));
+    }
+    thread::sleep(Duration::from_millis(500));
+    let log = proxy.log();
+    assert_eq!(log.matches("own upstream connection").count(), 3, "one loop per client:\n{log}");
+    assert!(log.lines().count() < 20, "a loop must not flood the log:\n{log}");
+    assert!(open_fds(proxy.pid()) <= fds, "sockets left open: {} > {fds}", open_fds(proxy.pid()));
+    let (code, out, err) = skrelay_output(&["steer", "reset"]);
+    assert_eq!(code, 0, "{out}{err}");
+    // The proxy still serves once the upstream is real (the kernel may detach the steering
+    // link a moment after reset: until then a client is still looped, and reset).
+    let upstream = TcpListener::bind("127.0.0.1:9050").unwrap();
+    upstream.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (mut c, mut s) = 'retry: loop {
+        let c = connect(proxy_addr());
+        let tried = Instant::now();
+        while tried.elapsed() < Duration::from_millis(500) {
+            if let Ok((s, _)) = upstream.accept() {
+                break 'retry (c, s);
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        assert!(Instant::now() < deadline, "the proxy did not reach its real upstream:\n{}", proxy.log());
+    };
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    c.write_all(b"real").unwrap();
+    assert_eq!(read_n(&mut s, 4), b"real");
+}
+
+#[test]
+fn clients_beyond_max_pending_waiting_for_an_upstream_are_reset() {
+    // The upstream never answers (its accept queue is full): two clients wait, the third is reset.
+    let _netns = enter_netns();
+    let blackhole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    blackhole.bind(&"127.0.0.1:9060".parse::<SocketAddr>().unwrap().into()).unwrap();
+    blackhole.listen(0).unwrap();
+    let full: SocketAddr = "127.0.0.1:9060".parse().unwrap();
+    let _fill: Vec<TcpStream> =
+        (0..2).filter_map(|_| TcpStream::connect_timeout(&full, Duration::from_millis(200)).ok()).collect();
+    let proxy = Skrelay::start(&[
+        "proxy",
+        "--datapath",
+        "userspace",
+        "--max-pending",
+        "2",
+        "--connect-timeout",
+        "30",
+        "--upstream",
+        "127.0.0.1:9060",
+    ]);
+    let _waiting: Vec<TcpStream> = (0..2).map(|_| connect(proxy_addr())).collect();
+    thread::sleep(Duration::from_millis(200));
+    let r = TcpStream::connect_timeout(&proxy_addr(), Duration::from_secs(5)).and_then(|mut c| {
+        c.set_read_timeout(Some(Duration::from_secs(15)))?;
+        c.read(&mut [0u8; 1])
+    });
+    assert!(matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset), "expected a reset, got {r:?}");
+    proxy.wait_log("2 clients already wait for their upstream connection (--max-pending)", 1, Duration::from_secs(5));
+}
+
+#[test]
+fn a_client_that_leaves_while_its_upstream_connection_is_made_is_logged_in_proxy_words() {
+    // The proxy used to log the relay's "left before a partner came".
+    let _netns = enter_netns();
+    let blackhole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    blackhole.bind(&"127.0.0.1:9070".parse::<SocketAddr>().unwrap().into()).unwrap();
+    blackhole.listen(0).unwrap();
+    let full: SocketAddr = "127.0.0.1:9070".parse().unwrap();
+    let _fill: Vec<TcpStream> =
+        (0..2).filter_map(|_| TcpStream::connect_timeout(&full, Duration::from_millis(200)).ok()).collect();
+    let proxy = Skrelay::start(&["proxy", "--datapath", "userspace", "--upstream", "127.0.0.1:9070"]);
+    drop(connect(proxy_addr()));
+    proxy.wait_log("closed: left before its upstream connection was made", 1, Duration::from_secs(5));
+    assert!(!proxy.log().contains("partner"), "{}", proxy.log());
+}

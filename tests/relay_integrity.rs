@@ -256,3 +256,37 @@ fn by_default_a_short_pair_stays_on_splice_and_a_long_one_joins_the_kernel_intac
     let (status, log) = relay.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");
 }
+
+#[test]
+fn a_pair_kept_on_splice_by_a_half_closed_client_says_so() {
+    // A client half-closes before its partner comes, then 1 MiB comes back: the pair passes
+    // --kernel-after but a half-closed socket cannot join the socket maps. Its log line used to
+    // say "below --kernel-after", which was not why.
+    let _netns = enter_netns();
+    if !require_bpf("a_pair_kept_on_splice_by_a_half_closed_client_says_so") {
+        return;
+    }
+    let mut cmd = std::process::Command::new(SKRELAY);
+    cmd.args(["relay", "--datapath", "kernel"]); // the default --kernel-after
+    let relay = Skrelay::spawn(cmd, "listening on");
+    assert!(relay.log().contains("pairing clients in arrival order, kernel datapath"), "{}", relay.log());
+    let mut a = connect(addr());
+    a.write_all(b"request").unwrap();
+    a.shutdown(Shutdown::Write).unwrap();
+    thread::sleep(Duration::from_millis(20));
+    let mut b = connect(addr());
+    assert_eq!(read_n(&mut b, 7), b"request");
+    let reader = thread::spawn(move || recv_all(&mut a).unwrap());
+    let sent = send_pattern(&mut b, 9, 1 << 20).unwrap();
+    b.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(reader.join().unwrap(), (1 << 20, sent));
+    expect_eof(&mut b);
+    relay.wait_log(" ended after ", 1, Duration::from_secs(5));
+    let log = relay.log();
+    assert!(
+        log.contains("(userspace: a client half-closed before the pair could join the kernel's socket maps"),
+        "{log}"
+    );
+    assert!(!log.contains("below --kernel-after"), "{log}");
+    assert!(!log.contains("Order"), "Rust names in the log:\n{log}");
+}

@@ -472,3 +472,156 @@ fn bpffs_that_cannot_be_mounted_is_one_sentence_and_exit_2() {
     assert!(refused("127.0.0.1:6301".parse().unwrap()));
     drop(l);
 }
+
+#[test]
+fn steer_leaves_no_lock_file_behind() {
+    // Locks used to be files in /run/skrelay, one per network namespace ever used, never removed.
+    let Some(_reset) = setup("no lock files") else { return };
+    let lock_file = format!("/run/skrelay/_sys_fs_bpf_skrelay_{}.lock", netns_ino());
+    let _l = TcpListener::bind("127.0.0.1:6500").unwrap();
+    ok(&["steer", "add", "--ports", "6501", "--to", "127.0.0.1:6500"]);
+    ok(&["steer", "list"]);
+    ok(&["steer", "remove", "--ports", "6501"]);
+    assert!(!std::path::Path::new(&lock_file).exists(), "{lock_file} was created");
+    ok(&["steer", "reset"]);
+    assert!(!std::path::Path::new(&lock_file).exists(), "{lock_file} stays after reset");
+    assert!(!std::path::Path::new(&state_dir()).exists(), "{} stays after reset", state_dir());
+}
+
+#[test]
+fn state_left_by_a_dead_namespace_with_our_inode_number_is_not_adopted() {
+    // The kernel gives a dead namespace's inode number to the next one, and the state is named by
+    // it: a new namespace adopted the dead one's detached link, `steer add` said "bound" and every
+    // steered port was refused. Made deterministic here: a throwaway namespace binds a port and
+    // dies, and its state is moved under this namespace's number.
+    let Some(_reset) = setup("dead namespace's state") else { return };
+    let script = format!(
+        "ip link set lo up; ncat -lk 127.0.0.1 6600 & sleep 0.3; {SKRELAY} steer add --ports 6601 --to 127.0.0.1:6600 >&2; \
+         kill $!; stat -L -c %i /proc/self/ns/net"
+    );
+    let out = Command::new("unshare").args(["-n", "sh", "-c", &script]).output().expect("unshare (util-linux)");
+    let dead: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
+    let dead_dir = format!("/sys/fs/bpf/skrelay/{dead}");
+    std::fs::rename(&dead_dir, state_dir()).unwrap();
+    // Its namespace is freed a moment later, which detaches the link (netns_ino 0).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = Command::new("bpftool")
+            .args(["link", "show", "pinned", &format!("{}/link", state_dir())])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() || text.contains("netns_ino 0 ") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the dead namespace's link is still attached: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // This namespace neither shows nor adopts it: its binding is not ours, and ours works.
+    assert_eq!(list_json(), serde_json::json!([]), "a dead namespace's binding is listed as ours");
+    let l = TcpListener::bind("127.0.0.1:6602").unwrap();
+    let out = ok(&["steer", "add", "--ports", "6601", "--to", "127.0.0.1:6602"]);
+    assert!(out.contains("bound tcp 0.0.0.0/0 port 6601"), "{out}");
+    let _c = TcpStream::connect_timeout(&"127.0.0.1:6601".parse().unwrap(), Duration::from_secs(2))
+        .expect("`steer add` said bound but the port is refused");
+    l.set_nonblocking(false).unwrap();
+    l.accept().unwrap();
+    assert_eq!(sk_lookup_links(), 1, "this namespace's own link is attached");
+}
+
+/// A named network namespace (`ip netns add`), deleted with its steering state when dropped.
+struct NamedNetns(String);
+
+impl NamedNetns {
+    fn new(tag: &str) -> NamedNetns {
+        let name = format!("skrelay-{tag}-{}", std::process::id());
+        let st = Command::new("ip").args(["netns", "add", &name]).status().expect("ip netns add");
+        assert!(st.success(), "ip netns add {name}");
+        let ns = NamedNetns(name);
+        assert!(ns.exec(&["ip", "link", "set", "lo", "up"]).status.success());
+        ns
+    }
+
+    fn exec(&self, cmd: &[&str]) -> std::process::Output {
+        Command::new("ip").args(["netns", "exec", &self.0]).args(cmd).output().expect("ip netns exec")
+    }
+
+    fn skrelay(&self, args: &[&str]) -> (i32, String) {
+        let out = self.exec(&[&[SKRELAY][..], args].concat());
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.code().unwrap_or(-1), text)
+    }
+}
+
+impl Drop for NamedNetns {
+    fn drop(&mut self) {
+        let _ = self.skrelay(&["steer", "reset"]);
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn steering_set_up_under_ip_netns_exec_outlives_the_command() {
+    // `ip netns exec` remounts /sys: `steer add` used to mount a throwaway bpffs there, print
+    // "bound", exit 0, and nothing was steered once it exited.
+    if !require_bpf("ip netns exec") {
+        return;
+    }
+    let ns = NamedNetns::new("ipnetns");
+    let _target = Reaper(
+        Command::new("ip")
+            .args(["netns", "exec", &ns.0, "ncat", "-lk", "127.0.0.1", "6800"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ncat"),
+    );
+    let probe = "import socket,sys,time\nfor i in range(100):\n  try:\n    socket.create_connection(('127.0.0.1',int(sys.argv[1])),2); sys.exit(0)\n  except OSError: time.sleep(0.05)\nsys.exit(1)";
+    assert!(ns.exec(&["python3", "-c", probe, "6800"]).status.success(), "ncat did not start");
+    let (code, out) = ns.skrelay(&["steer", "add", "--ports", "6801", "--to", "127.0.0.1:6800"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("bound tcp 0.0.0.0/0 port 6801"), "{out}");
+    // Another command, another `ip netns exec`: the binding is there and it steers.
+    let (code, out) = ns.skrelay(&["steer", "list"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("6801") && out.contains("127.0.0.1:6800"), "steer list lost the binding:\n{out}");
+    assert!(ns.exec(&["python3", "-c", probe, "6801"]).status.success(), "port 6801 is not steered");
+    let (code, out) = ns.skrelay(&["status"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("steer: 1 bindings"), "{out}");
+    let (code, out) = ns.skrelay(&["steer", "reset"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("removed every binding"), "{out}");
+}
+
+#[test]
+fn a_mount_namespace_whose_bpffs_would_vanish_is_refused_or_pins_where_it_lasts() {
+    // Like `ip netns exec`, with the parent's /sys fresh too: no bpffs to pin into that outlives
+    // the command except PID 1's, which a container may not be allowed to reach. Either the
+    // binding lands where this namespace's other commands see it, or the command says why not
+    // (exit 2) and names what works; never "bound" into a bpffs that vanishes.
+    let Some(_reset) = setup("fresh sysfs everywhere") else { return };
+    let _l = TcpListener::bind("127.0.0.1:6900").unwrap();
+    let script =
+        format!("mount -t sysfs sysfs /sys && unshare -m {SKRELAY} steer add --ports 6901 --to 127.0.0.1:6900");
+    let out = Command::new("unshare").args(["-m", "sh", "-c", &script]).output().expect("unshare (util-linux)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    match out.status.code() {
+        Some(0) => {
+            assert!(text.contains("bound tcp 0.0.0.0/0 port 6901"), "{text}");
+            let listed = list_json();
+            assert_eq!(listed.as_array().map(Vec::len), Some(1), "bound, but not where steer list looks: {listed}");
+            assert!(!refused("127.0.0.1:6901".parse().unwrap()), "bound, but the port is not steered");
+        }
+        Some(2) => {
+            assert!(text.contains("skrelay: cannot mount bpffs at /sys/fs/bpf: this command runs in a mount namespace"));
+            assert!(text.contains("nsenter --net=/run/netns/NAME"), "{text}");
+            assert_eq!(text.trim().lines().count(), 1, "one sentence:\n{text}");
+            assert_eq!(list_json(), serde_json::json!([]));
+        }
+        other => panic!("exit {other:?}: {text}"),
+    }
+}

@@ -186,6 +186,162 @@ impl std::fmt::Display for Cgroup {
     }
 }
 
+/// Who set up a cgroup's acceleration: recorded on the cgroup directory as an extended attribute
+/// (bpffs holds only BPF objects), so `accel status` can say whether that owner is still there
+/// and `accel off` knows which directories skrelay created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    /// `on` (stays until `accel off`) or `run` (removed when its command ends).
+    pub command: String,
+    /// The `accel run` process, and the watcher process that cleans up if it cannot.
+    pub pid: Option<Process>,
+    pub watcher: Option<Process>,
+    /// How many directories, from this one up, skrelay created.
+    pub created: usize,
+}
+
+/// A process, told apart from a later one with the same pid by its start time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Process {
+    pub pid: u32,
+    pub start: u64,
+}
+
+impl Process {
+    pub fn me() -> Process {
+        Self::of(std::process::id()).unwrap_or(Process { pid: std::process::id(), start: 0 })
+    }
+
+    /// Process `pid` as it is now, None if there is none.
+    pub fn of(pid: u32) -> Option<Process> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Field 22 (starttime), counted after the `(comm)` field, which may contain spaces.
+        let start = stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()?;
+        Some(Process { pid, start })
+    }
+
+    pub fn alive(&self) -> bool {
+        Self::of(self.pid) == Some(*self)
+    }
+}
+
+const OWNER_XATTR: &str = "trusted.skrelay.owner";
+
+impl Owner {
+    fn encode(&self) -> String {
+        let p = |p: &Option<Process>| p.map_or("-".to_string(), |p| format!("{}:{}", p.pid, p.start));
+        format!("command={} pid={} watcher={} created={}", self.command, p(&self.pid), p(&self.watcher), self.created)
+    }
+
+    fn decode(s: &str) -> Option<Owner> {
+        let mut o = Owner { command: String::new(), pid: None, watcher: None, created: 0 };
+        let process = |v: &str| {
+            let (pid, start) = v.split_once(':')?;
+            Some(Process { pid: pid.parse().ok()?, start: start.parse().ok()? })
+        };
+        for kv in s.split_whitespace() {
+            match kv.split_once('=')? {
+                ("command", v) => o.command = v.to_string(),
+                ("pid", v) => o.pid = process(v),
+                ("watcher", v) => o.watcher = process(v),
+                ("created", v) => o.created = v.parse().ok()?,
+                _ => {}
+            }
+        }
+        Some(o)
+    }
+
+    /// One line for `accel status`.
+    pub fn describe(&self) -> String {
+        let alive = |p: &Option<Process>| p.is_some_and(|p| p.alive());
+        match (self.command.as_str(), self.pid, self.watcher) {
+            ("run", Some(run), _) if alive(&self.pid) => format!("owned by `accel run` (pid {}), running", run.pid),
+            ("run", Some(run), Some(w)) if alive(&self.watcher) => format!(
+                "owned by `accel run` (pid {}), which is gone: its watcher (pid {}) removes the state when the \
+                 command's processes have exited",
+                run.pid, w.pid
+            ),
+            ("run", run, _) => format!(
+                "owned by `accel run` (pid {}), which is gone and left it: nothing will remove it (run `skrelay accel off`)",
+                run.map_or("?".to_string(), |p| p.pid.to_string())
+            ),
+            _ => "set up by `accel on`: stays until `skrelay accel off`".to_string(),
+        }
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        let p = |p: &Option<Process>| p.map(|p| serde_json::json!({ "pid": p.pid, "alive": p.alive() }));
+        serde_json::json!({
+            "command": self.command,
+            "process": p(&self.pid),
+            "watcher": p(&self.watcher),
+            "created_dirs": self.created,
+            "state": self.describe(),
+        })
+    }
+}
+
+impl Cgroup {
+    /// Records who set up acceleration here.
+    pub fn set_owner(&self, owner: &Owner) -> Result<(), Error> {
+        xattr_set(&self.path(), OWNER_XATTR, owner.encode().as_bytes())
+            .map_err(|e| Error::io(format!("cannot record the owner on cgroup {self}"), e))
+    }
+
+    /// Who set up acceleration here, if recorded.
+    pub fn owner(&self) -> Option<Owner> {
+        let v = xattr_get(&self.path(), OWNER_XATTR)?;
+        Owner::decode(&String::from_utf8_lossy(&v))
+    }
+
+    pub fn clear_owner(&self) {
+        if let Ok(c) = std::ffi::CString::new(self.path().as_os_str().as_encoded_bytes()) {
+            let name = std::ffi::CString::new(OWNER_XATTR).expect("no NUL");
+            // SAFETY: both are NUL-terminated strings that live across the call.
+            unsafe { libc::removexattr(c.as_ptr(), name.as_ptr()) };
+        }
+    }
+
+    /// Whether any process is in this cgroup or below (cgroup.events).
+    pub fn populated(&self) -> bool {
+        std::fs::read_to_string(self.path().join("cgroup.events"))
+            .map(|e| !e.lines().any(|l| l.trim() == "populated 0"))
+            .unwrap_or(false)
+    }
+
+    /// The directories skrelay created for this cgroup (`created` levels, from it up), deepest last.
+    pub fn created_dirs(&self, created: usize) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> =
+            self.lineage().into_iter().filter(|c| !c.rel.is_empty()).take(created).map(|c| c.path()).collect();
+        dirs.reverse();
+        dirs
+    }
+}
+
+fn xattr_set(path: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let n = std::ffi::CString::new(name)?;
+    // SAFETY: NUL-terminated path and name; the kernel reads `value.len()` bytes of `value`.
+    let r = unsafe { libc::setxattr(c.as_ptr(), n.as_ptr(), value.as_ptr() as *const libc::c_void, value.len(), 0) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn xattr_get(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    let n = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0u8; 256];
+    // SAFETY: NUL-terminated path and name; the kernel writes at most `buf.len()` bytes to `buf`.
+    let r = unsafe { libc::getxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+    (r >= 0).then(|| {
+        buf.truncate(r as usize);
+        buf
+    })
+}
+
 /// Removes directories `create` made, deepest first; ignores failures (best-effort clean-up).
 pub fn remove_dirs(created: &[PathBuf]) {
     for dir in created.iter().rev() {
@@ -227,6 +383,22 @@ mod tests {
         let a = Cgroup { mount: m.into(), rel: "a/b".into() };
         let b = Cgroup { mount: m.into(), rel: "a%2Fb".into() };
         assert_ne!(a.pin_name(), b.pin_name());
+    }
+
+    #[test]
+    fn owners_round_trip() {
+        let o = Owner {
+            command: "run".into(),
+            pid: Some(Process { pid: 12, start: 34 }),
+            watcher: Some(Process { pid: 13, start: 35 }),
+            created: 2,
+        };
+        assert_eq!(Owner::decode(&o.encode()), Some(o));
+        let on = Owner { command: "on".into(), pid: None, watcher: None, created: 0 };
+        assert_eq!(Owner::decode(&on.encode()), Some(on));
+        let cg = Cgroup { mount: "/cg".into(), rel: "a/b/c".into() };
+        assert_eq!(cg.created_dirs(2), [PathBuf::from("/cg/a/b"), PathBuf::from("/cg/a/b/c")]);
+        assert!(Process::me().alive());
     }
 
     #[test]

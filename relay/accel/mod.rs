@@ -5,10 +5,11 @@
 //! outlives the command that turned it on.
 pub mod cgroup;
 mod pinned;
+mod watch;
 
 use crate::{abi::accel_stat, bpffs, cli::AccelCommand, error::Error, sys};
 use aya::maps::{MapInfo, MapType};
-use cgroup::Cgroup;
+use cgroup::{Cgroup, Owner};
 use std::{
     fmt,
     os::{fd::AsRawFd, unix::process::CommandExt},
@@ -56,6 +57,8 @@ pub struct AccelReport {
     /// Connections left on the normal path because the connecting end sent before the accepted
     /// end could join (both ends then leave the map, so no byte is reordered).
     pub races_lost: u64,
+    /// Who set it up, and whether that process is still there.
+    pub owner: Option<cgroup::Owner>,
 }
 
 impl fmt::Display for AccelReport {
@@ -67,6 +70,9 @@ impl fmt::Display for AccelReport {
         };
         let state = if self.attached { "on" } else { "draining (off: open connections keep the fast path)" };
         writeln!(f, "accel {}: {state}, {ports}", self.cgroup.display())?;
+        if let Some(owner) = &self.owner {
+            writeln!(f, "  {}", owner.describe())?;
+        }
         writeln!(
             f,
             "  connections accelerated: {} ({} sockets joined, {} open now)",
@@ -103,6 +109,7 @@ impl AccelReport {
     pub fn json(&self) -> serde_json::Value {
         serde_json::json!({
             "cgroup": self.cgroup.to_string_lossy(),
+            "owner": self.owner.as_ref().map(cgroup::Owner::json),
             "pins": self.pins.to_string_lossy(),
             "ports": self.ports,
             "attached": self.attached,
@@ -155,6 +162,7 @@ fn report_for(dir: &Path, cg: &Cgroup) -> Result<AccelReport, Error> {
         insert_failed: s(accel_stat::INSERT_FAILED),
         last_errno: s(accel_stat::LAST_ERRNO),
         races_lost: s(accel_stat::RACES_LOST),
+        owner: cg.owner(),
     })
 }
 
@@ -168,7 +176,12 @@ pub fn report() -> Result<Vec<AccelReport>, Error> {
     let mut out = Vec::new();
     for (name, dir) in pinned::list(&root) {
         if let Some(cg) = Cgroup::from_pin_name(&mount, &name) {
-            out.push(report_for(&dir, &cg)?);
+            match report_for(&dir, &cg) {
+                Ok(r) => out.push(r),
+                // Removed (`off`, or a watcher) while we read it: it is no longer accelerated.
+                Err(_) if !pinned::is_complete(&dir) => {}
+                Err(e) => return Err(e),
+            }
         }
     }
     Ok(out)
@@ -215,6 +228,11 @@ pub fn on(cgroup: &Path, ports: &[u16]) -> Result<Enabled, Error> {
     if let Err(e) = result {
         cgroup::remove_dirs(&created);
         return Err(e);
+    }
+    // `off` removes the directories made here; `run` records itself as the owner over this.
+    let owner = Owner { command: "on".into(), pid: None, watcher: None, created: created.len() };
+    if let Err(e) = cg.set_owner(&owner) {
+        log::debug!("accel: {e}");
     }
     Ok(Enabled { cgroup: cg, pins: dir, created })
 }
@@ -318,6 +336,20 @@ pub fn off(cgroup: &Path, drain: Duration, force: bool) -> Result<Disabled, Erro
         )));
     }
     pinned::remove(&dir);
+    // The cgroup directories `on` created go too, unless processes still use them.
+    if let Some(owner) = cg.owner() {
+        let dirs = cg.created_dirs(owner.created);
+        if !dirs.is_empty() && cg.populated() {
+            log::warn!(
+                "accel: cgroup {cg}, which skrelay created, still holds processes: it stays (rmdir it once they exit)"
+            );
+        } else {
+            cgroup::remove_dirs(&dirs);
+        }
+        if cg.path().exists() {
+            cg.clear_owner();
+        }
+    }
     Ok(Disabled { cgroup: cg, forced_sockets: open })
 }
 
@@ -335,19 +367,50 @@ pub fn run(cgroup: Option<&Path>, cmd: &[String]) -> Result<i32, Error> {
     let cg = Cgroup::resolve(&target)?;
     let already = accel_root()?.join(cg.pin_name()).is_dir();
     let enabled = if already { None } else { Some(on(&target, &[])?) };
-    if let Some(e) = &enabled {
-        log::info!("accel: {} accelerated for the command (state at {})", e.cgroup, e.pins.display());
-    }
+    // Undoing what we set up must not depend on this process living: a watcher does it if we
+    // are killed, or when the command leaves processes behind (it waits for them to exit).
+    let watcher = match &enabled {
+        Some(e) => {
+            let t = target.clone();
+            let undo = move || {
+                let _ = off(&t, Duration::from_secs(10), true);
+            };
+            let w = match watch::Watcher::start(cg.clone(), undo) {
+                Ok(w) => w,
+                Err(err) => {
+                    let _ = off(&target, Duration::ZERO, true);
+                    return Err(err);
+                }
+            };
+            let owner = Owner {
+                command: "run".into(),
+                pid: Some(cgroup::Process::me()),
+                watcher: Some(w.process),
+                created: e.created.len(),
+            };
+            if let Err(err) = cg.set_owner(&owner) {
+                log::debug!("accel: {err}");
+            }
+            log::info!("accel: {} accelerated for the command (state at {})", e.cgroup, e.pins.display());
+            Some(w)
+        }
+        None => None,
+    };
     let result = spawn_in(&cg, program, args);
     // Undo what we set up, whatever the command did.
-    if let Some(e) = &enabled {
-        if let Err(err) = off(&target, Duration::from_secs(5), false) {
-            log::warn!("accel: {err}");
-        }
-        if fresh {
-            cgroup::remove_dirs(&e.created);
-            if cg.path().exists() {
-                log::warn!("accel: cgroup {cg} still holds processes the command left running; it stays");
+    if let Some(w) = watcher {
+        if cg.populated() {
+            log::warn!(
+                "accel: the command left processes running in cgroup {cg}: its acceleration{} is removed when they \
+                 exit, by the watcher (pid {}; `skrelay accel status` shows it)",
+                if fresh { " and the cgroup" } else { "" },
+                w.process.pid
+            );
+            drop(w); // the watcher takes over
+        } else {
+            match off(&target, Duration::from_secs(5), false) {
+                Ok(_) => w.dismiss(),
+                Err(err) => log::warn!("accel: {err} (the watcher, pid {}, removes it)", w.process.pid),
             }
         }
     }
@@ -410,13 +473,18 @@ pub fn command(cmd: AccelCommand) -> Result<(), Error> {
             }
         }
         AccelCommand::Run { cgroup, command } => std::process::exit(run(cgroup.as_deref(), &command)?),
-        AccelCommand::Status { json } => {
+        AccelCommand::Status { json: true } => {
+            // The shape `skrelay status --json` shows under `accel`, with or without cgroups.
+            let section = status_section()?;
+            println!("{}", serde_json::to_string_pretty(&section.json).expect("json"));
+        }
+        AccelCommand::Status { json: false } => {
             let reports = report()?;
-            if reports.is_empty() && !json {
+            if reports.is_empty() {
                 println!("accel: no cgroup is accelerated");
             }
             for r in reports {
-                println!("{}", if json { r.to_json() } else { r.to_string() });
+                println!("{r}");
             }
         }
     }

@@ -102,6 +102,11 @@ pub fn detach_sockops(dir: &Path) -> Result<(), Error> {
     Ok(())
 }
 
+/// True while every map is pinned in `dir` (false once `remove` started).
+pub fn is_complete(dir: &Path) -> bool {
+    MAPS.iter().all(|name| dir.join(name).exists())
+}
+
 /// True while sockops is attached (the link is pinned).
 pub fn is_attached(dir: &Path) -> bool {
     dir.join(SOCKOPS_LINK).exists()

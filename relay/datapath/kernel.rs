@@ -118,7 +118,18 @@ impl Datapath for KernelDatapath {
             return match kernel.join(ends) {
                 Ok(()) => Ok(Box::new(kernel)),
                 // Same semantics through splice(2): nothing of such a pair is lost.
-                Err(SpliceError::NotEstablished) => self.fallback.splice(ends, skip),
+                Err(SpliceError::NotEstablished) => {
+                    let user = self.fallback.splice(ends, skip)?;
+                    Ok(Box::new(Handover {
+                        user,
+                        kernel,
+                        joined: false,
+                        after: 0,
+                        stays: Some(HALF_CLOSED),
+                        half_closed: true,
+                        user_moved: [0; 2],
+                    }))
+                }
                 Err(e) => Err(e),
             };
         }
@@ -131,7 +142,15 @@ impl Datapath for KernelDatapath {
         let mut user = self.fallback.splice(ends, skip)?;
         user.settle(ends)?;
         let after = if skip == [0, 0] { self.join_after } else { 0 };
-        Ok(Box::new(Handover { user, kernel, joined: false, after }))
+        Ok(Box::new(Handover {
+            user,
+            kernel,
+            joined: false,
+            after,
+            stays: None,
+            half_closed: false,
+            user_moved: [0; 2],
+        }))
     }
 
     fn summary(&self) -> Option<String> {
@@ -296,14 +315,27 @@ struct Handover {
     joined: bool,
     /// Bytes (both ways) that pass through splice(2) before the pair may join.
     after: u64,
+    /// Why the pair stays on splice(2) for good, for the log: it can no longer join.
+    stays: Option<&'static str>,
+    /// A source reached end of file on splice(2): its socket is no longer established.
+    half_closed: bool,
+    /// Bytes moved by splice(2) each way, for the log's reason when the pair never joined.
+    user_moved: [u64; 2],
 }
+
+/// Why a pair with a half-closed socket never joins (a socket does not return to ESTABLISHED).
+const HALF_CLOSED: &str = "userspace: a client half-closed before the pair could join the kernel's socket maps, \
+                           which take only established connections";
 
 impl Splice for Handover {
     fn advance(&mut self, dir: usize, src: &TcpStream, dst: &TcpStream) -> io::Result<Flow> {
         if self.joined {
             self.kernel.advance(dir, src, dst)
         } else {
-            self.user.advance(dir, src, dst)
+            let flow = self.user.advance(dir, src, dst);
+            self.half_closed |= matches!(flow, Ok(Flow::Finished));
+            self.user_moved[dir] = self.user.moved(dir, src);
+            flow
         }
     }
 
@@ -327,6 +359,11 @@ impl Splice for Handover {
     fn name(&self) -> &'static str {
         if self.joined {
             "kernel, after a userspace start"
+        } else if let Some(why) = self.stays {
+            why
+        } else if self.half_closed && self.user_moved.iter().sum::<u64>() >= self.after {
+            // Past --kernel-after (perhaps within the call that ended it): the half-close kept it.
+            HALF_CLOSED
         } else if self.after > 0 {
             "userspace, below --kernel-after"
         } else {
@@ -335,9 +372,17 @@ impl Splice for Handover {
     }
 
     fn settle(&mut self, ends: [&TcpStream; 2]) -> io::Result<()> {
-        if !self.joined && self.user.idle() && self.user.moved(0, ends[0]) + self.user.moved(1, ends[1]) >= self.after {
+        if self.joined || self.stays.is_some() {
+            return Ok(());
+        }
+        let past_after = self.user.moved(0, ends[0]) + self.user.moved(1, ends[1]) >= self.after;
+        if past_after && self.half_closed {
+            // It would never go idle (a source at end of file is not) nor be taken by the maps.
+            self.stays = Some(HALF_CLOSED);
+        } else if past_after && self.user.idle() {
             match self.kernel.join(ends) {
                 Ok(()) => self.joined = true,
+                Err(SpliceError::NotEstablished) => self.stays = Some(HALF_CLOSED),
                 // Stay on splice(2): the same bytes arrive, only not through the kernel.
                 Err(e) => log::debug!("pair stays in user space: {e}"),
             }

@@ -8,8 +8,17 @@ use super::{
     state::{self, Maps},
     target::{parse_proc_net, STATE_LISTEN},
 };
-use crate::{abi::SteerBinding, bpf, cli::Proto, error::Error, sys};
-use aya::Ebpf;
+use crate::{
+    abi::{SteerBinding, SteerMatch},
+    bpf,
+    cli::Proto,
+    error::Error,
+    sys,
+};
+use aya::{
+    maps::{lpm_trie::Key, LpmTrie, Map, MapData, PerCpuArray},
+    Ebpf,
+};
 use std::{
     net::SocketAddr,
     os::fd::{AsFd, AsRawFd},
@@ -34,6 +43,7 @@ impl Funnel {
         let prefix =
             if listen.ip().is_unspecified() { Prefix::any(listen.is_ipv6()) } else { Prefix::host(listen.ip()) };
         let all = ports.ports();
+        check_overlaps(prefix, &all)?;
         let span = PortRange { lo: all[0], hi: *all.last().unwrap() };
         let key = BindingKey { proto: Proto::Tcp, prefix, ports: span };
         sys::bpf::sockmap_set(&maps.targets.fd().as_fd(), BINDING, &listener.as_fd().as_raw_fd())
@@ -72,6 +82,215 @@ impl Funnel {
     pub fn hits(&self) -> u64 {
         self.maps.counters(BINDING).hits
     }
+}
+
+/// The funnel (`--ports`) of a running process in this network namespace, found through the
+/// kernel's links: it is pinned nowhere.
+pub struct Running {
+    pub link_id: u32,
+    /// The process holding the link (None if it could not be found in /proc).
+    pub pid: Option<u32>,
+    /// Where its connections go: the listening socket of that process.
+    pub target: Option<SocketAddr>,
+    pub prefix: Prefix,
+    pub ports: Vec<u16>,
+    pub hits: u64,
+}
+
+impl Running {
+    /// Its ports, as a list (`7,77,9000-9015`).
+    pub fn port_list(&self) -> String {
+        port_list(&self.ports)
+    }
+
+    pub fn owner(&self) -> String {
+        match self.pid {
+            Some(pid) => format!("process {pid}"),
+            None => format!("the process holding sk_lookup link {}", self.link_id),
+        }
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "pid": self.pid,
+            "link_id": self.link_id,
+            "prefix": self.prefix.to_string(),
+            "ports": self.port_list(),
+            "port_count": self.ports.len(),
+            "target": self.target.map(|t| t.to_string()),
+            "hits": self.hits,
+        })
+    }
+}
+
+fn port_list(ports: &[u16]) -> String {
+    let mut items: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < ports.len() {
+        let lo = ports[i];
+        let mut hi = lo;
+        while i + 1 < ports.len() && ports[i + 1] == hi.wrapping_add(1) {
+            i += 1;
+            hi = ports[i];
+        }
+        items.push(if lo == hi { lo.to_string() } else { format!("{lo}-{hi}") });
+        i += 1;
+    }
+    items.join(",")
+}
+
+/// The funnels of running processes in this network namespace (this process's excluded):
+/// every sk_lookup link here that runs skrelay's steer program and is not the pinned one. The
+/// program holds only the port trie, counters and targets; the process is found through its
+/// file table (/proc/PID/fdinfo names the link) and the target as its listening socket.
+pub fn running() -> Vec<Running> {
+    let Ok(ino) = sys::own_netns_inode() else { return vec![] };
+    let pinned = state::dir()
+        .ok()
+        .and_then(|d| sys::bpf::obj_get(&d.join(state::LINK)).ok())
+        .and_then(|l| sys::bpf::link_ids(&l).ok())
+        .map(|(id, _)| id);
+    let mut found = Vec::new();
+    let mut id = 0;
+    while let Ok(Some(next)) = sys::bpf::link_next_id(id) {
+        id = next;
+        let Ok(fd) = sys::bpf::link_fd_by_id(id) else { continue };
+        let Ok(Some(link)) = sys::bpf::netns_link(&fd) else { continue };
+        if link.attach_type != sys::bpf::ATTACH_SK_LOOKUP || u64::from(link.netns_ino) != ino || Some(id) == pinned {
+            continue;
+        }
+        let Some(prog) = aya::programs::loaded_programs().filter_map(Result::ok).find(|p| p.id() == link.prog_id)
+        else {
+            continue;
+        };
+        if prog.name_as_str() != Some(state::PROGRAM) {
+            continue;
+        }
+        let map = |name: &str| {
+            prog.map_ids().ok().flatten().unwrap_or_default().into_iter().find_map(|m| {
+                let info = aya::maps::MapInfo::from_id(m).ok()?;
+                (info.name_as_str() == Some(name)).then(|| MapData::from_id(m).ok()).flatten()
+            })
+        };
+        let Some(trie) = map("steer_ports").and_then(|m| LpmTrie::<_, SteerMatch, u32>::try_from(Map::LpmTrie(m)).ok())
+        else {
+            continue;
+        };
+        let keys: Vec<Key<SteerMatch>> = trie.keys().filter_map(Result::ok).collect();
+        let Some(first) = keys.first() else { continue };
+        let m = first.data();
+        let prefix = Prefix::from_raw(m.family, m.addr, (first.prefix_len().saturating_sub(32)) as u8);
+        let mut ports: Vec<u16> = keys.iter().map(|k| k.data().port).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        let hits = map("steer_stats")
+            .and_then(|m| PerCpuArray::<_, crate::abi::SteerCounters>::try_from(Map::PerCpuArray(m)).ok())
+            .and_then(|a| a.get(&BINDING, 0).ok())
+            .map(|v| v.iter().map(|c| c.hits).sum())
+            .unwrap_or(0);
+        found.push(Running { link_id: id, pid: None, target: None, prefix, ports, hits });
+    }
+    if !found.is_empty() {
+        owners(&mut found);
+    }
+    let me = std::process::id();
+    found.retain(|f| f.pid != Some(me));
+    found
+}
+
+/// Fills in each funnel's process (whose fdinfo names its link) and that process's listening
+/// socket in this namespace.
+fn owners(funnels: &mut [Running]) {
+    let mut listening = Vec::new();
+    for f in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
+        listening.extend(
+            parse_proc_net(&std::fs::read_to_string(f).unwrap_or_default())
+                .into_iter()
+                .filter(|r| r.state == STATE_LISTEN),
+        );
+    }
+    let Ok(procs) = std::fs::read_dir("/proc") else { return };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(fds) = std::fs::read_dir(p.path().join("fdinfo")) else { continue };
+        let mut links = Vec::new();
+        let mut sockets = Vec::new();
+        for fd in fds.flatten() {
+            let info = std::fs::read_to_string(fd.path()).unwrap_or_default();
+            if let Some(l) = info.lines().find_map(|l| l.strip_prefix("link_id:")) {
+                links.extend(l.trim().parse::<u32>().ok());
+            }
+            let target = std::fs::read_link(p.path().join("fd").join(fd.file_name())).unwrap_or_default();
+            if let Some(ino) =
+                target.to_str().and_then(|t| t.strip_prefix("socket:[")?.strip_suffix(']')?.parse::<u64>().ok())
+            {
+                sockets.push(ino);
+            }
+        }
+        for f in funnels.iter_mut().filter(|f| links.contains(&f.link_id)) {
+            f.pid = Some(pid);
+            f.target = listening.iter().find(|r| sockets.contains(&r.inode)).map(|r| r.local);
+        }
+    }
+}
+
+/// Whether two prefixes of one family share an address.
+pub fn prefixes_meet(a: &Prefix, b: &Prefix) -> bool {
+    if a.family() != b.family() {
+        return false;
+    }
+    let (bits_a, bits_b) = (u128::from_be_bytes(a.bytes()), u128::from_be_bytes(b.bytes()));
+    let len = u32::from(a.len.min(b.len));
+    let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+    bits_a & mask == bits_b & mask
+}
+
+/// Refuses a funnel whose ports, at its addresses, are already steered elsewhere in this
+/// namespace: the first sk_lookup program attached keeps them, so the new funnel would say it
+/// serves ports that go to another socket.
+fn check_overlaps(prefix: Prefix, ports: &[u16]) -> Result<(), Error> {
+    let taken = |theirs: &mut dyn Iterator<Item = u16>| -> Vec<u16> {
+        let mut v: Vec<u16> = theirs.filter(|p| ports.binary_search(p).is_ok()).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    for other in running() {
+        if !prefixes_meet(&prefix, &other.prefix) {
+            continue;
+        }
+        let both = taken(&mut other.ports.iter().copied());
+        if !both.is_empty() {
+            let target = other.target.map(|t| format!(" for {t}")).unwrap_or_default();
+            return Err(Error::Usage(format!(
+                "cannot take --ports {}: {} already takes them{target} with its own --ports, and connections \
+                 would keep going there (stop it, or leave those ports out)",
+                port_list(&both),
+                other.owner(),
+            )));
+        }
+    }
+    if let Ok(Some(st)) = state::State::open() {
+        for b in st.maps.bindings().values() {
+            let Some(key) = state::key_of(b) else { continue };
+            if key.proto != Proto::Tcp || !prefixes_meet(&prefix, &key.prefix) {
+                continue;
+            }
+            let both = taken(&mut key.ports.ports());
+            if !both.is_empty() {
+                return Err(Error::Usage(format!(
+                    "cannot take --ports: `skrelay steer` already binds {key} to {}, and a pinned binding \
+                     takes precedence (remove it with `skrelay steer remove --ports {}`, or leave those ports out)",
+                    std::net::SocketAddr::new(
+                        super::bindings::addr_from_bytes(b.target_family, b.target_addr),
+                        b.target_port
+                    ),
+                    key.ports
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Other TCP sockets listening on ports of the list at addresses the funnel covers: while the

@@ -61,6 +61,21 @@ pub fn add(args: SteerAddArgs) -> Result<(), Error> {
         })
         .collect();
 
+    // A running relay's or proxy's --ports would keep such ports whichever way the programs run
+    // (its funnel refuses ports already bound): refuse rather than report a binding that is not.
+    for f in funnel::running() {
+        for key in keys.iter().filter(|k| k.proto == crate::cli::Proto::Tcp) {
+            if funnel::prefixes_meet(&key.prefix, &f.prefix) && f.ports.iter().any(|p| key.ports.contains(*p)) {
+                return Err(Error::Usage(format!(
+                    "cannot bind {key}: {} takes port(s) of it on {} with --ports while it runs (stop it, or leave \
+                     those ports out)",
+                    f.owner(),
+                    f.prefix
+                )));
+            }
+        }
+    }
+    state::sweep_stale();
     let (mut st, note) = State::open_or_create()?;
     if let Some(note) = note {
         println!("{note}");
@@ -219,11 +234,9 @@ pub fn remove(args: SteerRemoveArgs) -> Result<(), Error> {
 /// `steer reset`: unpins everything; the link (and so the program) goes with its last reference.
 pub fn reset() -> Result<(), Error> {
     let dir = state::dir()?;
-    let removed = if dir.exists() {
-        let _lock = crate::bpffs::StateLock::acquire(&dir)?;
-        state::remove_all(&dir)?
-    } else {
-        0
+    let removed = match crate::bpffs::StateLock::acquire_existing(&dir)? {
+        Some(_lock) => state::remove_all(&dir)?,
+        None => 0,
     };
     if removed == 0 {
         println!("no steering state in this network namespace: nothing to reset");
@@ -319,38 +332,63 @@ pub fn list(args: SteerListArgs) -> Result<(), Error> {
     Ok(())
 }
 
-/// The steering part of `skrelay status`.
+/// The steering part of `skrelay status`: the pinned bindings, and the `--ports` funnels of
+/// running relays and proxies. The JSON has the same keys whatever is attached.
 pub fn status_section() -> Result<Section, Error> {
     let st = State::open()?;
-    let Some(st) = st else {
-        return Ok(Section {
-            name: "steer",
-            text: "steer: nothing attached".into(),
-            json: json!({ "attached": false }),
-        });
-    };
-    let views = views(&st);
-    let (link, prog) = st.link_ids().unwrap_or((0, 0));
-    let version = st.maps.info.get(&0, 0).unwrap_or(0);
-    let ports: u64 = views.iter().map(|b| u64::from(b.key.ports.len())).sum();
-    let gone = views.iter().filter(|b| !b.alive).count();
-    let hits: u64 = views.iter().map(|b| b.hits).sum();
-    let refused: u64 = views.iter().map(|b| b.refused).sum();
-    let text = format!(
-        "steer: {} bindings ({ports} ports, {gone} with their target gone), {hits} hits, {refused} refused\n  \
-         sk_lookup link {link}, program {prog}, version {version:016x}{}\n  pinned at {}",
-        views.len(),
-        if version == state::program_version() { "" } else { " (older than this binary: `steer add` upgrades it)" },
-        st.dir.display()
-    );
-    let json = json!({
-        "attached": true,
-        "pinned": st.dir.display().to_string(),
-        "link_id": link,
-        "program_id": prog,
-        "program_version": format!("{version:016x}"),
-        "current": version == state::program_version(),
-        "bindings": views.iter().map(BindingView::json).collect::<Vec<_>>(),
+    let funnels = funnel::running();
+    let mut lines = Vec::new();
+    let mut json = json!({
+        "attached": st.is_some() || !funnels.is_empty(),
+        "pinned": null,
+        "link_id": null,
+        "program_id": null,
+        "program_version": null,
+        "current": null,
+        "bindings": [],
+        "funnels": funnels.iter().map(funnel::Running::json).collect::<Vec<_>>(),
     });
-    Ok(Section { name: "steer", text, json })
+    match &st {
+        None if funnels.is_empty() => lines.push("steer: nothing attached".to_string()),
+        None => lines.push("steer: no pinned bindings".to_string()),
+        Some(st) => {
+            let views = views(st);
+            let (link, prog) = st.link_ids().unwrap_or((0, 0));
+            let version = st.maps.info.get(&0, 0).unwrap_or(0);
+            let ports: u64 = views.iter().map(|b| u64::from(b.key.ports.len())).sum();
+            let gone = views.iter().filter(|b| !b.alive).count();
+            let hits: u64 = views.iter().map(|b| b.hits).sum();
+            let refused: u64 = views.iter().map(|b| b.refused).sum();
+            lines.push(format!(
+                "steer: {} bindings ({ports} ports, {gone} with their target gone), {hits} hits, {refused} refused\n  \
+                 sk_lookup link {link}, program {prog}, version {version:016x}{}\n  pinned at {}",
+                views.len(),
+                if version == state::program_version() {
+                    ""
+                } else {
+                    " (older than this binary: `steer add` upgrades it)"
+                },
+                st.dir.display()
+            ));
+            json["pinned"] = json!(st.dir.display().to_string());
+            json["link_id"] = json!(link);
+            json["program_id"] = json!(prog);
+            json["program_version"] = json!(format!("{version:016x}"));
+            json["current"] = json!(version == state::program_version());
+            json["bindings"] = json!(views.iter().map(BindingView::json).collect::<Vec<_>>());
+        }
+    }
+    for f in &funnels {
+        lines.push(format!(
+            "  --ports of {}: {} ports ({}) on {} -> {}, {} hits (sk_lookup link {}, goes with the process)",
+            f.owner(),
+            f.ports.len(),
+            f.port_list(),
+            f.prefix,
+            f.target.map_or("its listening socket".to_string(), |t| t.to_string()),
+            f.hits,
+            f.link_id
+        ));
+    }
+    Ok(Section { name: "steer", text: lines.join("\n"), json })
 }

@@ -29,7 +29,7 @@ use std::{
 
 pub const MAPS: [&str; 5] = ["steer_ports", "steer_targets", "steer_bindings", "steer_stats", "steer_info"];
 pub const LINK: &str = "link";
-const PROGRAM: &str = "steer_lookup";
+pub const PROGRAM: &str = "steer_lookup";
 
 /// Version of the embedded steer program: a hash of the object, so any change to it counts.
 pub fn program_version() -> u64 {
@@ -149,16 +149,19 @@ pub struct State {
 }
 
 impl State {
-    /// Opens the state if anything is pinned; `None` if steering was never set up here.
+    /// Opens the state if anything is pinned; `None` if steering was never set up here. State
+    /// left by a dead namespace whose inode number this one now has is removed (with a warning).
     pub fn open() -> Result<Option<State>, Error> {
         let dir = dir()?;
         // Looking must not create anything: no lock (which makes the directory) without state.
         if !dir.join(LINK).exists() {
             return Ok(None);
         }
-        let lock = bpffs::StateLock::acquire(&dir)?;
-        if !dir.join(LINK).exists() {
+        let Some(lock) = bpffs::StateLock::acquire_existing(&dir)? else {
             return Ok(None); // reset while we waited for the lock
+        };
+        if !dir.join(LINK).exists() || remove_if_stale(&dir)? {
+            return Ok(None);
         }
         let mut bpf = loader(&dir).map_err(|e| unavailable("open the pinned steering maps", &e))?;
         let maps = Maps::take(&mut bpf)?;
@@ -170,6 +173,7 @@ impl State {
     pub fn open_or_create() -> Result<(State, Option<String>), Error> {
         let dir = dir()?;
         let lock = bpffs::StateLock::acquire(&dir)?;
+        remove_if_stale(&dir)?;
         let mut bpf = loader(&dir).map_err(|e| unavailable("create the steering maps", &e))?;
         let mut maps = Maps::take(&mut bpf)?;
         let link_path = dir.join(LINK);
@@ -207,6 +211,57 @@ impl State {
     pub fn link_ids(&self) -> Option<(u32, u32)> {
         let link = sys::bpf::obj_get(&self.dir.join(LINK)).ok()?;
         sys::bpf::link_ids(&link).ok()
+    }
+}
+
+/// Whether the pinned link in `dir` is attached to a live namespace, and which: its netns inode,
+/// or 0 once that namespace is gone (the kernel detaches the link then).
+fn link_netns(dir: &Path) -> Option<u32> {
+    let link = sys::bpf::obj_get(&dir.join(LINK)).ok()?;
+    sys::bpf::netns_link(&link).ok().flatten().map(|l| l.netns_ino)
+}
+
+/// State is named by the namespace's inode number, which the kernel hands to a new namespace once
+/// the old one is gone; the pinned link then still exists, detached. Such state belongs to no one:
+/// it is removed here (under the caller's lock), so this namespace never adopts it. True if it was.
+fn remove_if_stale(dir: &Path) -> Result<bool, Error> {
+    let own = sys::own_netns_inode().map_err(|e| Error::io("cannot read this network namespace", e))?;
+    match link_netns(dir) {
+        Some(ino) if ino != 0 && u64::from(ino) != own => Err(Error::Usage(format!(
+            "the steering state at {} is attached to another network namespace (inode {ino}), not this one \
+             (inode {own}): it was moved there by hand; remove it with `rm -r {}`",
+            dir.display(),
+            dir.display()
+        ))),
+        Some(0) => {
+            let bindings = loader(dir).ok().and_then(|mut b| Maps::take(&mut b).ok()).map_or(0, |m| m.bindings().len());
+            remove_all(dir)?;
+            log::warn!(
+                "removed stale steering state at {} ({bindings} bindings): it was left by a network namespace that no \
+                 longer exists and whose inode number this one now has",
+                dir.display()
+            );
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// Removes the state of every namespace that no longer exists (their pins keep programs and
+/// maps in memory; `steer add` sweeps them).
+pub fn sweep_stale() {
+    let Ok(root) = bpffs::root() else { return };
+    let Ok(entries) = std::fs::read_dir(&root) else { return };
+    for e in entries.flatten() {
+        let dir = e.path();
+        if !dir.join(LINK).exists() || link_netns(&dir) != Some(0) {
+            continue;
+        }
+        if let Ok(Some(_lock)) = bpffs::StateLock::acquire_existing(&dir) {
+            if link_netns(&dir) == Some(0) && remove_all(&dir).is_ok() {
+                log::info!("removed {}: steering state of a network namespace that no longer exists", dir.display());
+            }
+        }
     }
 }
 

@@ -1,0 +1,141 @@
+//! Who owns an accelerated cgroup, and that its state goes however its owner ends: `accel run`
+//! killed with SIGKILL, a command that leaves a process behind, `accel off` after an `accel on`
+//! that created the cgroup.
+mod common;
+use common::*;
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+fn ok(args: &[&str]) -> String {
+    let (code, out, err) = skrelay_output(args);
+    assert_eq!(code, 0, "skrelay {args:?} failed:\n{out}{err}");
+    out
+}
+
+fn v2_mount() -> PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            if right.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            left.split_whitespace().nth(4).map(PathBuf::from)
+        })
+        .expect("a cgroup v2 mount")
+}
+
+fn pins_of(cgroup: &Path) -> PathBuf {
+    let rel = cgroup.strip_prefix(v2_mount()).unwrap().to_string_lossy().replace('%', "%25").replace('/', "%2F");
+    PathBuf::from(format!("/sys/fs/bpf/skrelay/accel/%2F{rel}"))
+}
+
+fn wait_gone(path: &Path, within: Duration, why: &str) {
+    let deadline = Instant::now() + within;
+    while path.exists() {
+        assert!(Instant::now() < deadline, "{} still exists: {why}\n{}", path.display(), ok(&["accel", "status"]));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The status lines of one cgroup.
+fn status_of(cgroup: &Path) -> String {
+    let all = ok(&["accel", "status"]);
+    let head = format!("accel {}:", cgroup.display());
+    let start = all.find(&head).unwrap_or_else(|| panic!("{} is not in accel status:\n{all}", cgroup.display()));
+    all[start..].lines().take(3).collect::<Vec<_>>().join("\n")
+}
+
+#[test]
+fn accel_run_killed_with_sigkill_leaves_nothing_once_its_command_ends() {
+    if !require_bpf("accel_run_killed_with_sigkill_leaves_nothing_once_its_command_ends") {
+        return;
+    }
+    let _netns = enter_netns();
+    let mut run = Reaper(
+        Command::new(SKRELAY)
+            .args(["accel", "run", "--", "sleep", "2"])
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(run.0.stderr.take().unwrap()).read_line(&mut line).unwrap();
+    let cgroup = PathBuf::from(
+        line.split_whitespace()
+            .find(|w| w.contains("skrelay-run-"))
+            .unwrap_or_else(|| panic!("run did not name its cgroup: {line}")),
+    );
+    let pins = pins_of(&cgroup);
+    assert!(pins.exists(), "{line}");
+    let pid = run.0.id();
+    let st = status_of(&cgroup);
+    assert!(st.contains(&format!("owned by `accel run` (pid {pid}), running")), "{st}");
+    run.0.kill().unwrap();
+    run.0.wait().unwrap();
+    // The owner is gone and status says so, and who will clean up.
+    let st = status_of(&cgroup);
+    assert!(st.contains(&format!("owned by `accel run` (pid {pid}), which is gone: its watcher (pid")), "{st}");
+    // The command (sleep 2) ends; the watcher removes the pins and the cgroup `run` made.
+    wait_gone(&pins, Duration::from_secs(10), "pins of a killed accel run");
+    wait_gone(&cgroup, Duration::from_secs(5), "the cgroup of a killed accel run");
+}
+
+#[test]
+fn a_command_that_leaves_a_process_behind_is_cleaned_up_after_when_it_exits() {
+    if !require_bpf("a_command_that_leaves_a_process_behind_is_cleaned_up_after_when_it_exits") {
+        return;
+    }
+    let _netns = enter_netns();
+    let out = Command::new(SKRELAY)
+        .args(["accel", "run", "--", "sh", "-c", "sleep 1 >/dev/null 2>&1 &"])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("the command left processes running in cgroup"), "{log}");
+    assert!(log.contains("is removed when they exit, by the watcher"), "{log}");
+    let cgroup = PathBuf::from(log.split_whitespace().find(|w| w.contains("skrelay-run-")).unwrap());
+    let cgroup = PathBuf::from(cgroup.to_string_lossy().trim_end_matches(':'));
+    wait_gone(&pins_of(&cgroup), Duration::from_secs(10), "pins of a run whose command left a process");
+    wait_gone(&cgroup, Duration::from_secs(5), "the cgroup of a run whose command left a process");
+}
+
+#[test]
+fn accel_off_removes_the_cgroup_that_on_created_and_only_that() {
+    if !require_bpf("accel_off_removes_the_cgroup_that_on_created_and_only_that") {
+        return;
+    }
+    let _netns = enter_netns();
+    let mount = v2_mount();
+    let outer = format!("skrelay-own-{}", std::process::id());
+    /// Turns acceleration off and removes the cgroups however the test ends.
+    struct Cleanup(PathBuf, String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for cg in [format!("{}/inner", self.1), self.1.clone()] {
+                let _ = skrelay_output(&["accel", "off", "--cgroup", &cg, "--force"]);
+                let _ = std::fs::remove_dir(self.0.join(&cg));
+            }
+        }
+    }
+    let _cleanup = Cleanup(mount.clone(), outer.clone());
+    let made = mount.join(&outer).join("inner");
+    ok(&["accel", "on", "--cgroup", &format!("{outer}/inner")]);
+    let st = status_of(&made);
+    assert!(st.contains("set up by `accel on`: stays until `skrelay accel off`"), "{st}");
+    ok(&["accel", "off", "--cgroup", &format!("{outer}/inner")]);
+    assert!(!made.exists() && !mount.join(&outer).exists(), "accel off left the cgroups accel on created");
+    // A cgroup that was there before stays.
+    std::fs::create_dir(mount.join(&outer)).unwrap();
+    ok(&["accel", "on", "--cgroup", &outer]);
+    ok(&["accel", "off", "--cgroup", &outer]);
+    assert!(mount.join(&outer).exists(), "accel off removed a cgroup it did not create");
+    std::fs::remove_dir(mount.join(&outer)).unwrap();
+}

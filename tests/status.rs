@@ -1,0 +1,122 @@
+//! `skrelay status` shows what is attached, whoever attached it: pinned steering, the `--ports`
+//! funnels of running relays and proxies, and accelerated cgroups, each in one JSON shape.
+//! Two funnels cannot silently split ports between them.
+mod common;
+use common::*;
+use std::{collections::BTreeSet, time::Duration};
+
+struct Reset;
+
+impl Drop for Reset {
+    fn drop(&mut self) {
+        let _ = skrelay_output(&["steer", "reset"]);
+    }
+}
+
+fn ok(args: &[&str]) -> String {
+    let (code, out, err) = skrelay_output(args);
+    assert_eq!(code, 0, "skrelay {args:?} failed:\n{out}{err}");
+    out
+}
+
+fn status_json() -> serde_json::Value {
+    serde_json::from_str(&ok(&["status", "--json"])).unwrap()
+}
+
+fn keys(v: &serde_json::Value) -> BTreeSet<String> {
+    v.as_object().unwrap().keys().cloned().collect()
+}
+
+#[test]
+fn status_lists_the_ports_funnels_of_running_relays_and_overlaps_are_refused() {
+    let _netns = enter_netns();
+    if !require_bpf("status_lists_the_ports_funnels_of_running_relays_and_overlaps_are_refused") {
+        return;
+    }
+    let _reset = Reset;
+    let empty = status_json();
+    assert!(ok(&["status"]).contains("steer: nothing attached"));
+    assert_eq!(empty["steer"]["funnels"], serde_json::json!([]), "{empty}");
+
+    let a = Skrelay::start(&["relay", "--datapath", "userspace", "--listen", "127.0.0.1:7000", "--ports", "9000-9015"]);
+    let text = ok(&["status"]);
+    assert!(!text.contains("nothing attached"), "status hides a running relay's --ports:\n{text}");
+    assert!(
+        text.contains(&format!(
+            "--ports of process {}: 16 ports (9000-9015) on 127.0.0.1/32 -> 127.0.0.1:7000",
+            a.pid()
+        )),
+        "{text}"
+    );
+    let st = status_json();
+    assert_eq!(keys(&st["steer"]), keys(&empty["steer"]), "one JSON shape: {st} vs {empty}");
+    assert_eq!(st["steer"]["attached"], true, "{st}");
+    let funnels = st["steer"]["funnels"].as_array().unwrap();
+    assert_eq!(funnels.len(), 1, "{st}");
+    assert_eq!(funnels[0]["pid"], a.pid(), "{st}");
+    assert_eq!(funnels[0]["ports"], "9000-9015", "{st}");
+    assert_eq!(funnels[0]["target"], "127.0.0.1:7000", "{st}");
+
+    // A second relay whose --ports overlap used to say "16 ports steered" while 9006-9015 kept
+    // going to the first: refused, naming the owner.
+    let (code, _, err) =
+        skrelay_output(&["relay", "--datapath", "userspace", "--listen", "127.0.0.1:7001", "--ports", "9006-9021"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot take --ports 9006-9015: process {} already takes them for 127.0.0.1:7000",
+            a.pid()
+        )),
+        "{err}"
+    );
+    assert!(std::net::TcpStream::connect("127.0.0.1:7001").is_err(), "the refused relay left a listener");
+    // Also when the first one listens on every address.
+    let (code, _, err) =
+        skrelay_output(&["proxy", "--listen", "0.0.0.0:7002", "--ports", "9015", "--upstream", "127.0.0.1:7000"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cannot take --ports 9015: process"), "{err}");
+
+    // Disjoint ports are fine, and both are listed.
+    let b = Skrelay::start(&["relay", "--datapath", "userspace", "--listen", "127.0.0.1:7003", "--ports", "9100"]);
+    let st = status_json();
+    let pids: BTreeSet<i64> =
+        st["steer"]["funnels"].as_array().unwrap().iter().map(|f| f["pid"].as_i64().unwrap()).collect();
+    assert_eq!(pids, [a.pid() as i64, b.pid() as i64].into_iter().collect(), "{st}");
+
+    // And `steer add` cannot take a port a running --ports holds.
+    let (code, _, err) = skrelay_output(&["steer", "add", "--ports", "9010", "--to", "127.0.0.1:7000"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("cannot bind tcp 0.0.0.0/0 port 9010: process {} takes port(s) of it", a.pid())),
+        "{err}"
+    );
+
+    // A port pinned by `steer add` is refused too: the pinned binding would keep it.
+    ok(&["steer", "add", "--ports", "9200", "--to", "127.0.0.1:7000"]);
+    let (code, _, err) =
+        skrelay_output(&["relay", "--datapath", "userspace", "--listen", "127.0.0.1:7004", "--ports", "9199-9201"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("`skrelay steer` already binds tcp 0.0.0.0/0 port 9200 to 127.0.0.1:7000"), "{err}");
+    let st = status_json();
+    assert_eq!(keys(&st["steer"]), keys(&empty["steer"]), "one JSON shape: {st} vs {empty}");
+
+    // A funnel goes with its process, and so does its line.
+    let (status, log) = a.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+    let st = status_json();
+    assert_eq!(st["steer"]["funnels"].as_array().unwrap().len(), 1, "{st}");
+    drop(b);
+}
+
+#[test]
+fn accel_status_json_has_one_shape_with_or_without_cgroups() {
+    // It printed a bare object per cgroup, one per line, and nothing at all for none, while
+    // `status --json` had {"cgroups": [...]}.
+    let _netns = enter_netns();
+    if !require_bpf("accel_status_json_has_one_shape_with_or_without_cgroups") {
+        return;
+    }
+    let own: serde_json::Value = serde_json::from_str(&ok(&["accel", "status", "--json"])).unwrap();
+    assert!(own["cgroups"].is_array(), "{own}");
+    assert_eq!(keys(&own), keys(&status_json()["accel"]));
+}
