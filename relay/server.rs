@@ -591,7 +591,10 @@ impl Server {
         if let Some(local) = pair.upstream_local {
             self.own_upstreams.remove(&local);
         }
-        let moved = [pair.splice.moved(0, &pair.ends[0]), pair.splice.moved(1, &pair.ends[1])];
+        let moved = [
+            pair.splice.moved(0, &pair.ends[0], &pair.ends[1], pair.shut[0]),
+            pair.splice.moved(1, &pair.ends[1], &pair.ends[0], pair.shut[1]),
+        ];
         pair.splice.release();
         for end in pair.ends.iter_mut() {
             let _ = self.poll.registry().deregister(end);

@@ -221,3 +221,39 @@ fn a_relay_killed_mid_transfer_leaves_its_readers_a_reset_not_an_eof() {
         }
     }
 }
+
+/// The end-of-pair line counts what each receiver got, on every ending: a FIN is not a byte, a
+/// reset is not a FIN, and bytes still queued inside the host are not delivered.
+#[test]
+fn the_end_of_pair_line_counts_exactly_what_each_receiver_got() {
+    let _netns = enter_netns();
+    for dp in datapaths("the_end_of_pair_line_counts_exactly_what_each_receiver_got") {
+        for reset in [false, true] {
+            let relay = Skrelay::start(&["relay", "--datapath", dp]);
+            let mut a = connect(addr());
+            let mut b = connect(addr());
+            send_pattern(&mut a, 9, 100_000).unwrap();
+            assert_eq!(read_n(&mut b, 100_000).len(), 100_000);
+            b.write_all(b"0123456789").unwrap();
+            assert_eq!(read_n(&mut a, 10), b"0123456789");
+            if reset {
+                socket2::SockRef::from(&a).set_linger(Some(Duration::ZERO)).unwrap();
+                drop((a, b));
+                relay.wait_log(" reset (", 1, Duration::from_secs(5));
+            } else {
+                a.shutdown(Shutdown::Write).unwrap();
+                b.shutdown(Shutdown::Write).unwrap();
+                expect_eof(&mut a);
+                expect_eof(&mut b);
+                relay.wait_log(" ended after ", 1, Duration::from_secs(5));
+            }
+            let (_, log) = relay.stop(Duration::from_secs(10));
+            let line = log.lines().find(|l| l.contains("pair ") && l.contains(" bytes ")).expect("end-of-pair line");
+            assert!(
+                line.contains(": 100000 bytes ") && line.contains(", 10 bytes "),
+                "{dp}, {}: exact counts expected (100000 and 10): {line}",
+                if reset { "reset" } else { "FIN" }
+            );
+        }
+    }
+}

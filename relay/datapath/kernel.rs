@@ -267,8 +267,14 @@ impl Splice for KernelSplice {
         Ok(if delivered >= sent { Flow::Finished } else { Flow::Flushing })
     }
 
-    fn moved(&self, dir: usize, src: &TcpStream) -> u64 {
-        sys::tcp_counters(src).map(|c| c.payload_received().saturating_sub(self.consumed[dir])).unwrap_or(0)
+    /// What the destination's peer acknowledged, which is what it received: bytes still queued
+    /// inside the host are not counted, and a reset source's count is not cut by one for a FIN it
+    /// never sent (TCP_INFO counts a FIN in bytes_received and bytes_acked alike).
+    fn moved(&self, dir: usize, src: &TcpStream, dst: &TcpStream, ended: bool) -> u64 {
+        let (Ok(from), Ok(to)) = (sys::tcp_counters(src), sys::tcp_counters(dst)) else { return 0 };
+        let received = from.bytes_received.saturating_sub(u64::from(ended)).saturating_sub(self.consumed[dir]);
+        let acked = to.bytes_acked.saturating_sub(self.acked_base[1 - dir]);
+        received.min(acked)
     }
 
     fn interest(&self) -> Interest {
@@ -334,14 +340,14 @@ impl Splice for Handover {
         } else {
             let flow = self.user.advance(dir, src, dst);
             self.half_closed |= matches!(flow, Ok(Flow::Finished));
-            self.user_moved[dir] = self.user.moved(dir, src);
+            self.user_moved[dir] = self.user.moved(dir, src, dst, false);
             flow
         }
     }
 
-    fn moved(&self, dir: usize, src: &TcpStream) -> u64 {
-        // The kernel's count covers both phases: TCP_INFO counts every byte received.
-        self.kernel.moved(dir, src)
+    fn moved(&self, dir: usize, src: &TcpStream, dst: &TcpStream, ended: bool) -> u64 {
+        // The kernel's count covers both phases: TCP_INFO counts every byte.
+        self.kernel.moved(dir, src, dst, ended)
     }
 
     fn interest(&self) -> Interest {
@@ -375,7 +381,8 @@ impl Splice for Handover {
         if self.joined || self.stays.is_some() {
             return Ok(());
         }
-        let past_after = self.user.moved(0, ends[0]) + self.user.moved(1, ends[1]) >= self.after;
+        let past_after =
+            self.user.moved(0, ends[0], ends[1], false) + self.user.moved(1, ends[1], ends[0], false) >= self.after;
         if past_after && self.half_closed {
             // It would never go idle (a source at end of file is not) nor be taken by the maps.
             self.stays = Some(HALF_CLOSED);

@@ -28,7 +28,10 @@ pub trait Splice {
     /// Moves what can move now from `src` to `dst` and says where the direction stands.
     fn advance(&mut self, dir: usize, src: &TcpStream, dst: &TcpStream) -> io::Result<Flow>;
     /// Payload bytes moved so far in `dir`.
-    fn moved(&self, dir: usize, src: &TcpStream) -> u64;
+    /// Payload bytes moved so far in `dir`: handed to the destination's peer, not merely taken
+    /// in. `ended`: the direction finished and the destination's write side was shut down (so a
+    /// FIN was received on `src` and sent on `dst`, neither of them a byte).
+    fn moved(&self, dir: usize, src: &TcpStream, dst: &TcpStream, ended: bool) -> u64;
     /// The readiness this datapath needs from both sockets.
     fn interest(&self) -> Interest;
     /// Takes the pair out of the datapath; called before its sockets are closed.

@@ -151,7 +151,7 @@ impl Splice for UserspaceSplice {
         flow
     }
 
-    fn moved(&self, dir: usize, _src: &TcpStream) -> u64 {
+    fn moved(&self, dir: usize, _src: &TcpStream, _dst: &TcpStream, _ended: bool) -> u64 {
         self.dirs[dir].moved
     }
 
