@@ -117,6 +117,17 @@ fn exchange(server: Command, client: Command, bytes: u64) {
     assert_eq!(field(&server_text, "sent"), field(&client_out, "received"), "server -> client stream damaged");
 }
 
+/// The redirect and the TCP path together counted `total` bytes, unless a socket left the map
+/// (its later sends are plain TCP and not counted); something always took the redirect.
+fn assert_counted(r: &AccelReport, total: u64) {
+    assert!(r.bytes > 0, "nothing took the redirect: {r}");
+    if r.left == 0 {
+        assert_eq!(r.bytes + r.passed_bytes, total, "{r}");
+    } else {
+        assert!(r.bytes + r.passed_bytes <= total, "{r}");
+    }
+}
+
 fn serve_args(host: &str, port: u16) -> Vec<String> {
     vec!["serve".into(), host.into(), port.to_string()]
 }
@@ -146,8 +157,9 @@ fn two_processes_exchange_256_mib_each_way_through_the_redirect() {
     let r = cg.report();
     assert_eq!(r.connections, 1, "{r}");
     assert_eq!(r.sockets_joined, 2, "{r}");
-    // Both streams plus the client's 8-byte length header went through the redirect.
-    assert_eq!(r.bytes, 2 * bytes + 8, "{r}");
+    // Both streams plus the client's 8-byte length header went through the redirect, or through
+    // TCP while a reader held its queue limit; a socket that left the map is no longer counted.
+    assert_counted(&r, 2 * bytes + 8);
     assert!(r.messages > 0 && r.insert_busy == 0 && r.insert_failed == 0, "{r}");
 }
 
@@ -166,9 +178,8 @@ fn ipv6_and_v4_mapped_connections_are_redirected() {
         let port = free_port();
         exchange(cg.peer(&strs(&serve_args(server, port))), cg.peer(&strs(&connect_args(client, port, bytes))), bytes);
         let r = cg.report();
-        let n = i as u64 + 1;
-        assert_eq!(r.connections, n, "{server} <- {client}: {r}");
-        assert_eq!(r.bytes, n * (2 * bytes + 8), "{server} <- {client}: {r}");
+        assert_eq!(r.connections, i as u64 + 1, "{server} <- {client}: {r}");
+        assert!(r.bytes > 0, "{server} <- {client}: nothing redirected: {r}");
     }
 }
 
@@ -235,7 +246,8 @@ fn reset_behaves_as_without_acceleration() {
     assert!(got <= MIB, "{accel}");
     let r = cg.report();
     assert_eq!(r.connections, 1, "{r}");
-    assert_eq!(r.bytes, got, "{r}");
+    // Every byte the client sent was counted on one path or the other.
+    assert_counted(&r, MIB);
 }
 
 #[test]
@@ -257,13 +269,14 @@ fn off_with_live_connections_loses_nothing() {
     out.read_line(&mut line).unwrap();
     assert!(line.starts_with("ready "), "{line}");
     let r = cg.report();
-    assert_eq!(r.sockets_open, 2, "{r}");
-    assert!(r.bytes >= bytes / 2, "unread bytes should be queued at the peers: {r}");
+    // A socket whose reader blocks may have left the map already (its sends take plain TCP).
+    assert_eq!(r.sockets_open + r.left, 2, "{r}");
+    assert!(r.bytes > 0, "unread bytes should be queued at the peers: {r}");
 
     // Plain `off` refuses while accelerated connections are open, but stops new ones joining.
     let (code, _, err) = skrelay_output(&["accel", "off", "--cgroup", &cg.rel]);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("2 sockets of open connections still use the fast path"), "{err}");
+    assert!(err.contains("sockets of open connections still use the fast path"), "{err}");
     let r = cg.report();
     assert!(!r.attached, "{r}");
     output(cg.peer(&["halfclose", "127.0.0.1"]));
@@ -301,7 +314,8 @@ fn ports_limit_which_connections_join() {
         MIB,
     );
     let r = cg.report();
-    assert_eq!((r.connections, r.bytes), (1, 2 * MIB + 8), "{r}");
+    assert_eq!(r.connections, 1, "{r}");
+    assert_counted(&r, 2 * MIB + 8);
 }
 
 #[test]
@@ -401,4 +415,121 @@ fn an_event_loop_reader_survives_its_own_half_close() {
         return;
     }
     rpc_with_half_close("rpc-poll", "poll");
+}
+
+fn sysctl_max(path: &str) -> u64 {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    text.split_whitespace().last().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{path}: {text}"))
+}
+
+/// A reader that stops for 10 s while its peer sends as fast as it can: without a bound the
+/// redirect queued the whole stream in the reader's psock (2 GB seen, host memory falling by
+/// ~230 MiB/s). Now the connection holds what TCP would plus the queue limit: the sender is held
+/// back, and when the reader resumes it gets every byte once, in order.
+#[test]
+fn a_reader_that_stops_holds_back_its_sender_within_the_bound() {
+    if !require_bpf("a_reader_that_stops_holds_back_its_sender_within_the_bound") {
+        return;
+    }
+    enter_netns();
+    let cg = TestCgroup::accelerated("stall", &[]);
+    let total = 1024 * MIB;
+    let out = output(cg.peer(&["stall", "127.0.0.1", &total.to_string(), "10"]));
+    assert_eq!(field(&out, "sent"), field(&out, "received"), "stream damaged after the stall:\n{out}");
+    assert!(field(&out, "sent").starts_with(&format!("{total} ")), "{out}");
+    // The documented bound (README): the queue limit (4 MiB by default), plus what TCP itself
+    // allows: the sender's and the receiver's socket buffers at their autotuning maximum.
+    let bound = 4 * MIB + sysctl_max("/proc/sys/net/ipv4/tcp_wmem") + sysctl_max("/proc/sys/net/ipv4/tcp_rmem");
+    let held: u64 = field(&out, "held").parse().unwrap();
+    assert!(
+        held <= bound,
+        "the sender handed {held} bytes to the kernel while the reader stopped; bound {bound}\n{out}"
+    );
+    // Host memory, the way the unbounded queue failed: it fell by 2+ GB in 10 s. Other processes
+    // share the host, so the margin is wide; the exact figure is `held` above.
+    let memdrop: u64 = field(&out, "memdrop").parse().unwrap();
+    assert!(memdrop < 512 * MIB, "host MemAvailable fell by {memdrop} bytes during the stall\n{out}");
+    let r = cg.report();
+    assert!(r.pauses >= 1, "the sender was never paused: {r}");
+    assert!(r.bytes > 0, "{r}");
+}
+
+/// iperf3's summary (sum_sent / sum_received and, for --bidir, the reverse pair) in bytes.
+fn iperf3_bytes(json: &serde_json::Value) -> Vec<(u64, u64)> {
+    let end = &json["end"];
+    let pair = |s: &str, r: &str| (end[s]["bytes"].as_u64().unwrap_or(0), end[r]["bytes"].as_u64().unwrap_or(0));
+    let mut out = vec![pair("sum_sent", "sum_received")];
+    if end.get("sum_sent_bidir_reverse").is_some() {
+        out.push(pair("sum_sent_bidir_reverse", "sum_received_bidir_reverse"));
+    }
+    out
+}
+
+/// One iperf3 run (server and client), in `cg` when given, else plain loopback. Returns the
+/// client's JSON report and the aggregate receive rate in Gbit/s.
+fn iperf3(cg: Option<&TestCgroup>, args: &[&str]) -> (serde_json::Value, f64) {
+    let port = free_port().to_string();
+    let wrap = |cmd: &[&str]| -> Command {
+        let mut c = match cg {
+            Some(cg) => {
+                let mut c = Command::new(SKRELAY);
+                c.args(["accel", "run", "--cgroup", &cg.rel, "--"]);
+                c.arg(cmd[0]);
+                c
+            }
+            None => Command::new(cmd[0]),
+        };
+        c.args(&cmd[1..]);
+        c
+    };
+    let mut server =
+        wrap(&["iperf3", "-s", "-1", "-p", &port]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut json = serde_json::Value::Null;
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        let mut cmd = vec!["iperf3", "-c", "127.0.0.1", "-p", &port, "-t", "3", "-J"];
+        cmd.extend_from_slice(args);
+        let out = wrap(&cmd).output().unwrap();
+        json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        let refused = json["error"].as_str().is_some_and(|e| e.contains("Connection refused"));
+        if !refused {
+            break;
+        }
+    }
+    let _ = server.wait();
+    assert!(json["error"].is_null(), "iperf3 {args:?} failed: {}", json["error"]);
+    let gbps: f64 = iperf3_bytes(&json).iter().map(|&(_, r)| r as f64 * 8.0 / 3e9).sum();
+    (json, gbps)
+}
+
+/// Real iperf3 under `accel run`: -R, --bidir and -P 4 finish without errors, the receivers got
+/// what the senders sent (up to what may still be in flight when iperf3 stops counting, which
+/// the per-connection bound limits), and --bidir is not slower than plain loopback (it collapsed
+/// to 0.03x and once failed with ENOMEM while the redirect queue was unbounded).
+#[test]
+fn iperf3_reverse_bidir_and_parallel_streams_under_accel() {
+    if !require_bpf("iperf3_reverse_bidir_and_parallel_streams_under_accel") {
+        return;
+    }
+    enter_netns();
+    let cg = TestCgroup::accelerated("iperf3", &[]);
+    for (args, streams) in [(&["-R"][..], 1u64), (&["--bidir"][..], 2), (&["-P", "4"][..], 4)] {
+        let (json, gbps) = iperf3(Some(&cg), args);
+        for (sent, received) in iperf3_bytes(&json) {
+            assert!(sent > 0 && received <= sent, "iperf3 {args:?}: sent {sent}, received {received}");
+            assert!(
+                sent - received <= streams * 32 * MIB,
+                "iperf3 {args:?}: receivers got {received} of {sent} bytes: more than the bound was still queued"
+            );
+        }
+        eprintln!("iperf3 {args:?} under accel: {gbps:.1} Gbit/s received");
+    }
+    // --bidir against plain loopback in the same run (best of two each: the host is shared).
+    let best = |cg: Option<&TestCgroup>| (0..2).map(|_| iperf3(cg, &["--bidir"]).1).fold(0.0, f64::max);
+    let plain = best(None);
+    let accel = best(Some(&cg));
+    eprintln!("iperf3 --bidir: plain {plain:.1} Gbit/s, accel {accel:.1} Gbit/s ({:.2}x)", accel / plain);
+    assert!(accel >= 0.9 * plain, "iperf3 --bidir under accel: {accel:.1} Gbit/s, plain {plain:.1} Gbit/s");
+    let r = cg.report();
+    assert!(r.connections >= 4 && r.bytes > 0, "{r}");
 }
