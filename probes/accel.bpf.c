@@ -96,8 +96,11 @@ struct tcp_sock {
 #define ACCEL_DEFAULT_MAX_QUEUED (4u << 20)
 #define ACCEL_MIN_LIMIT (1u << 20)
 #define EBUSY 16
+#define TCP_FIN_WAIT1 4
+#define TCP_FIN_WAIT2 5
 #define TCP_CLOSE 7
 #define TCP_LISTEN 10
+#define TCP_CLOSING 11
 #define AF_INET 2
 #define AF_INET6 10
 
@@ -377,8 +380,12 @@ static __always_inline struct sk_psock *psock_of(struct sock *sk)
  * have no other holder than the map, i.e. no sendmsg of the peer is running (a redirect the
  * peer decided before `leaving` is still inside its sendmsg). Both are locked instructions on
  * x86 (xchg here, the psock refcount increment there), so one of the two sides sees the other.
- * Runs on RTT samples, which only TCP-path sends produce. */
-static __always_inline void try_leave(struct bpf_sock_ops *ops)
+ * Runs on RTT samples, which only TCP-path sends produce.
+ *
+ * A socket that sent its FIN (`closing`) leaves too, whatever its mode: in the map, a reader
+ * blocked in recv is woken by the ACK of that FIN without data and tcp_bpf_recvmsg returns EAGAIN
+ * (kernel 6.18); plain TCP keeps waiting. It has nothing more to send, so nothing is lost. */
+static __always_inline void try_leave(struct bpf_sock_ops *ops, int closing)
 {
 	struct sock_key k = {}, peer = {};
 	if (!sockops_key(ops, &k))
@@ -389,9 +396,9 @@ static __always_inline void try_leave(struct bpf_sock_ops *ops)
 	swap_key(&k, &peer);
 	struct member *pm = bpf_map_lookup_elem(&accel_members, &peer);
 	struct sock *psk = pm ? (struct sock *)(unsigned long)pm->sk_addr : 0;
-	if (me->mode == LEFT || me->mode == REDIRECT)
+	if (me->mode == LEFT || (me->mode == REDIRECT && !closing))
 		return;
-	if (me->mode == PAUSED) {
+	if (me->mode == PAUSED && !closing) {
 		/* Only when the peer is a blocking socket: a non-blocking reader lets it resume. */
 		if (!psk || BPF_CORE_READ(psk, sk_socket, file, f_flags) & O_NONBLOCK)
 			return;
@@ -439,10 +446,12 @@ int accel_sockops(struct bpf_sock_ops *ops)
 		track_listener(ops);
 		break;
 	case BPF_SOCK_OPS_RTT_CB:
-		try_leave(ops);
+		try_leave(ops, ops->state == TCP_FIN_WAIT1 || ops->state == TCP_FIN_WAIT2 || ops->state == TCP_CLOSING);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
-		if (ops->args[1] == TCP_CLOSE) {
+		if (ops->args[1] == TCP_FIN_WAIT1) {
+			try_leave(ops, 1);
+		} else if (ops->args[1] == TCP_CLOSE) {
 			if (ops->args[0] == TCP_LISTEN)
 				untrack_listener(ops);
 			else

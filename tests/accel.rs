@@ -2,7 +2,7 @@
 //! its own network namespace and its own cgroup; the peers are tests/accel_peer.py processes
 //! started in the cgroup by `skrelay accel run --cgroup` (so they join before creating sockets),
 //! or outside it. Payloads are checked by sha256; the counters prove which path the bytes took.
-//! The peers read with poll and non-blocking `recv`, as event loops do; only the ignored
+//! The peers read with poll and non-blocking `recv`, as event loops do; only
 //! `a_blocked_recv_survives_its_own_half_close` uses a blocking `recv` (README, accel limitation).
 mod common;
 
@@ -390,16 +390,23 @@ fn rpc_with_half_close(name: &str, mode: &str) {
     assert_eq!(field(&client, "rpc"), "ok", "{}", cg.report());
     let r = cg.report();
     assert_eq!(r.connections, 1, "the rpc connection was not accelerated: {r}");
-    assert_eq!(r.bytes, 2 * 10 * 8, "not every request and reply went through the redirect: {r}");
+    // The client leaves the map when it sends its FIN (so the reply it then waits for may take
+    // plain TCP); everything before went through the redirect.
+    assert!(
+        r.bytes == 2 * 10 * 8 || r.bytes == 2 * 10 * 8 - 8,
+        "not every request and reply went through the redirect: {r}"
+    );
+    assert!(r.left >= 1, "the half-closed socket did not leave the map: {r}");
 }
 
 /// A client that half-closes after its last request and blocks in `recv` for the reply: the ACK
 /// of its FIN (FIN_WAIT1 -> FIN_WAIT2) wakes the blocked reader without data. Plain TCP keeps
-/// waiting; on 6.18 `tcp_bpf_recvmsg` returns EAGAIN after a wake-up without data, so this fails
-/// deterministically while the socket is in the SOCKHASH (README, accel limitation). Kept as the
-/// reproducer: `cargo test --test accel -- --ignored` shows whether a kernel still has it.
+/// waiting; on 6.18 `tcp_bpf_recvmsg` returns EAGAIN after a wake-up without data while the
+/// socket is in the SOCKHASH. The sockops program takes a socket out of the map when it sends
+/// its FIN (probes/accel.bpf.c, try_leave), so the wait happens in plain `tcp_recvmsg`. What can
+/// still fail (README): a reader already blocked in recv when its own FIN goes out (another
+/// thread calls shutdown), or a leave that must wait for the peer's sendmsg.
 #[test]
-#[ignore = "kernel 6.18: tcp_bpf_recvmsg returns EAGAIN to a blocked reader after an empty wake-up (its own FIN acked); see README accel limitation"]
 fn a_blocked_recv_survives_its_own_half_close() {
     if !require_bpf("a_blocked_recv_survives_its_own_half_close") {
         return;
