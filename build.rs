@@ -81,6 +81,7 @@ int main(void) {
     printf("pub const ACCEL_STAT_PASSED: u32 = %d;\n", ACCEL_STAT_PASSED);
     printf("pub const ACCEL_STAT_PASSED_BYTES: u32 = %d;\n", ACCEL_STAT_PASSED_BYTES);
     printf("pub const ACCEL_STAT_LEFT: u32 = %d;\n", ACCEL_STAT_LEFT);
+    printf("pub const ACCEL_STAT_STUCK: u32 = %d;\n", ACCEL_STAT_STUCK);
     printf("pub const ACCEL_STAT_MAX: u32 = %d;\n", ACCEL_STAT_MAX);
     printf("pub const STEER_MAX_BINDINGS: u32 = %d;\n", STEER_MAX_BINDINGS);
     printf("pub const STEER_MAX_PORT_ENTRIES: u32 = %d;\n", STEER_MAX_PORT_ENTRIES);

@@ -1,10 +1,12 @@
 //! Loopback load generator for the accel write-size sweep (scripts/accel-sweep.sh). Not part of
 //! `cargo test`.
 //!
-//! `accel_load WRITE CONNS SECS` opens CONNS loopback connections inside this process; on each,
-//! one thread writes WRITE bytes per write(2) for SECS seconds while another reads 256 KiB at a
-//! time. Prints `write=W conns=N gbps=X` from the bytes the readers got. Run it plain and under
-//! `skrelay accel run` to compare: both ends are in this process, so both are in the cgroup.
+//! `accel_load WRITE CONNS SECS [block|poll]` opens CONNS loopback connections inside this
+//! process; on each, one thread writes WRITE bytes per write(2) for SECS seconds while another
+//! reads 256 KiB at a time, blocking in read(2) (`block`, the default) or as event loops do
+//! (`poll`: a non-blocking socket, poll(2) when it would block). Prints `write=W conns=N gbps=X`
+//! from the bytes the readers got. Run it plain and under `skrelay accel run` to compare: both
+//! ends are in this process, so both are in the cgroup.
 use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
@@ -18,9 +20,13 @@ use std::{
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [write, conns, secs] = args.as_slice() else {
-        eprintln!("usage: accel_load WRITE_BYTES CONNS SECS");
-        std::process::exit(2);
+    let (write, conns, secs, poll) = match args.as_slice() {
+        [w, c, s] => (w, c, s, false),
+        [w, c, s, m] if m == "block" || m == "poll" => (w, c, s, m == "poll"),
+        _ => {
+            eprintln!("usage: accel_load WRITE_BYTES CONNS SECS [block|poll]");
+            std::process::exit(2);
+        }
     };
     let write: usize = write.parse().expect("WRITE_BYTES");
     let conns: usize = conns.parse().expect("CONNS");
@@ -56,12 +62,21 @@ fn main() {
         let got = got.clone();
         threads.push(thread::spawn(move || {
             let mut buf = vec![0u8; 256 * 1024];
+            s.set_nonblocking(poll).expect("set_nonblocking");
             loop {
                 match s.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
+                    Ok(0) => break,
                     Ok(n) => {
                         got.fetch_add(n as u64, Ordering::Relaxed);
                     }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        use std::os::fd::AsRawFd;
+                        let mut pfd = libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                        // SAFETY: one valid pollfd for the duration of the call.
+                        unsafe { libc::poll(&mut pfd, 1, 100) };
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
                 }
             }
         }));

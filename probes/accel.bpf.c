@@ -95,6 +95,8 @@ struct tcp_sock {
 #define MAX_PORTS 1024
 #define ACCEL_DEFAULT_MAX_QUEUED (4u << 20)
 #define ACCEL_MIN_LIMIT (1u << 20)
+/* A pause that sent this many max_queued by TCP without a chance to resume gives up (STUCK). */
+#define STUCK_LIMITS 16
 #define EBUSY 16
 #define TCP_FIN_WAIT1 4
 #define TCP_FIN_WAIT2 5
@@ -128,13 +130,16 @@ struct member {
 	__u32 small_streak; /* consecutive small sends that found the peer with unread data */
 	__u32 leaving;      /* set (xchg) when this socket starts leaving the map: the peer stops redirecting */
 	__u32 _pad;
+	__u64 paused_bytes; /* bytes sent by TCP since the direction last paused */
 };
 
 /* REDIRECT: sends go straight into the peer's redirect queue. PAUSED: the peer held its limit
  * unread, so sends take the TCP path, where the peer's receive window holds the sender back
- * (a redirect never waits), until the way back keeps byte order (see order_safe). DEMOTED_SMALL
- * and PEER_GONE: the TCP path for the connection's life. */
-enum direction_mode { REDIRECT = 0, PAUSED = 1, DEMOTED_SMALL = 2, PEER_GONE = 3, LEFT = 4 };
+ * (a redirect never waits), until the way back keeps byte order (see order_safe). STUCK: paused
+ * for more than STUCK_LIMITS limits' worth of TCP-path sends without a chance to resume (a writer that
+ * keeps ahead of its reader never lets the TCP path drain). DEMOTED_SMALL, STUCK and PEER_GONE:
+ * the TCP path for the connection's life (and out of the map, see try_leave). */
+enum direction_mode { REDIRECT = 0, PAUSED = 1, DEMOTED_SMALL = 2, PEER_GONE = 3, LEFT = 4, STUCK = 5 };
 
 /* Every socket in `accel_socks` (entries leave when the socket closes). */
 struct {
@@ -371,8 +376,8 @@ static __always_inline struct sk_psock *psock_of(struct sock *sk)
 	return (struct sk_psock *)(data & SK_USER_DATA_PTRMASK);
 }
 
-/* A socket whose own sends take the TCP path for good (small writes), or that is paused with a
- * peer whose blocking reader keeps it from resuming, leaves the map: in it, even the TCP path
+/* A socket whose own sends take the TCP path for good (small writes, STUCK), or that is paused
+ * with a peer whose blocking reader keeps it from resuming, leaves the map: in it, even the TCP path
  * runs through tcp_bpf_sendmsg, which measured 0.6-0.8x plain TCP. Leaving drops the socket's
  * psock, which frees whatever waits in its redirect queue, so it leaves only when that queue is
  * empty and no redirect into it can still come: `leaving` is set first (the peer's sk_msg reads
@@ -571,6 +576,11 @@ int accel_msg(struct sk_msg_md *msg)
 
 	if (me->mode == PAUSED) {
 		if (queued + size > limit / 2 || !order_safe(me, psk)) {
+			me->paused_bytes += size;
+			if (me->paused_bytes > STUCK_LIMITS * (__u64)(cfg && cfg->max_queued ? cfg->max_queued : ACCEL_DEFAULT_MAX_QUEUED)) {
+				me->mode = STUCK;
+				count(ACCEL_STAT_STUCK, 1);
+			}
 			count(ACCEL_STAT_PASSED, 1);
 			count(ACCEL_STAT_PASSED_BYTES, size);
 			return SK_PASS;
@@ -581,6 +591,7 @@ int accel_msg(struct sk_msg_md *msg)
 		/* Redirect -> TCP keeps byte order: the peer's reader takes its redirect queue before
 		 * its TCP receive queue (tcp_bpf_recvmsg). */
 		me->mode = PAUSED;
+		me->paused_bytes = size;
 		count(ACCEL_STAT_PAUSES, 1);
 		count(ACCEL_STAT_PASSED, 1);
 		count(ACCEL_STAT_PASSED_BYTES, size);

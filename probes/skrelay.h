@@ -39,7 +39,8 @@ enum accel_stat {
 	ACCEL_STAT_PASSED = 12,      /* sendmsg calls of paused or demoted directions (TCP path) */
 	ACCEL_STAT_PASSED_BYTES = 13,/* their bytes */
 	ACCEL_STAT_LEFT = 14,        /* sockets that left the map because their sends took the TCP path */
-	ACCEL_STAT_MAX = 15,
+	ACCEL_STAT_STUCK = 15,       /* paused directions that gave up resuming (4x max_queued sent by TCP meanwhile) */
+	ACCEL_STAT_MAX = 16,
 };
 
 /* The `accel_config` ARRAY's single value. */

@@ -29,7 +29,8 @@ pub mod accel_stat {
     pub const PASSED: u32 = 12;
     pub const PASSED_BYTES: u32 = 13;
     pub const LEFT: u32 = 14;
-    pub const MAX: u32 = 15;
+    pub const STUCK: u32 = 15;
+    pub const MAX: u32 = 16;
 }
 
 /// The single value of the accel `accel_config` array (`struct accel_config`).
@@ -157,6 +158,7 @@ mod tests {
         assert_eq!(accel_stat::PASSED, c::ACCEL_STAT_PASSED);
         assert_eq!(accel_stat::PASSED_BYTES, c::ACCEL_STAT_PASSED_BYTES);
         assert_eq!(accel_stat::LEFT, c::ACCEL_STAT_LEFT);
+        assert_eq!(accel_stat::STUCK, c::ACCEL_STAT_STUCK);
         assert_eq!(accel_stat::MAX, c::ACCEL_STAT_MAX);
     }
 

@@ -71,6 +71,9 @@ pub struct AccelReport {
     /// flow control then holds the sender back), and times it went back to the redirect.
     pub pauses: u64,
     pub resumes: u64,
+    /// Paused directions that gave up resuming: four `--max-queued` went by TCP meanwhile (a
+    /// writer that keeps ahead of its reader never lets the TCP path drain); they leave the map.
+    pub stuck: u64,
     /// Directions moved to the TCP path for good: small writes streamed at a busy reader.
     pub demoted_small: u64,
     /// sendmsg calls (and bytes) of paused or demoted directions, sent by the TCP path.
@@ -103,9 +106,9 @@ impl fmt::Display for AccelReport {
         )?;
         write!(
             f,
-            "  paused on the TCP path (reader held its limit): {} times, resumed {}; small-write streams moved to \
-             TCP for good: {}; TCP path since: {} messages, {} bytes; sockets back on plain TCP: {}",
-            self.pauses, self.resumes, self.demoted_small, self.passed, self.passed_bytes, self.left
+            "  paused on the TCP path (reader held its limit): {} times, resumed {}, gave up {}; small-write \
+             streams moved to TCP for good: {}; TCP path since: {} messages, {} bytes; sockets back on plain TCP: {}",
+            self.pauses, self.resumes, self.stuck, self.demoted_small, self.passed, self.passed_bytes, self.left
         )?;
         if self.insert_busy > 0 {
             write!(
@@ -147,6 +150,7 @@ impl AccelReport {
             "races_lost": self.races_lost,
             "pauses": self.pauses,
             "resumes": self.resumes,
+            "stuck": self.stuck,
             "demoted_small": self.demoted_small,
             "passed": self.passed,
             "passed_bytes": self.passed_bytes,
@@ -192,6 +196,7 @@ fn report_for(dir: &Path, cg: &Cgroup) -> Result<AccelReport, Error> {
         races_lost: s(accel_stat::RACES_LOST),
         pauses: s(accel_stat::PAUSES),
         resumes: s(accel_stat::RESUMES),
+        stuck: s(accel_stat::STUCK),
         demoted_small: s(accel_stat::DEMOTED_SMALL),
         passed: s(accel_stat::PASSED),
         passed_bytes: s(accel_stat::PASSED_BYTES),
