@@ -21,6 +21,8 @@ duplicated or reordered chunk changes the sha256 the test compares. Results are 
                               nothing for SECS; prints what the client had handed to the kernel
                               by then (`held`) and how far host MemAvailable fell (`memdrop`),
                               then the server reads everything: sha256 of both sides
+  small HOST BYTES WRITE      the client sends BYTES in WRITE-byte send(2) calls while the server
+                              reads; sha256 of both sides
   pause HOST BYTES            both ends queue data unread, print `ready`, wait for a line on stdin,
                               then finish the exchange: a window for `accel off` with bytes queued
 """
@@ -276,6 +278,35 @@ def pause(host, total):
         print("%s received %d %s" % ((name,) + out["received"]))
 
 
+def small(host, total, write):
+    cli, srv = pair(host)
+    time.sleep(0.05)  # let the accepted end join before the first send
+    out = {}
+
+    def writer():
+        h = hashlib.sha256()
+        sent = i = 0
+        while sent < total:
+            block = chunk(1, i)
+            for off in range(0, len(block), write):
+                data = block[off : off + write][: total - sent]
+                if not data:
+                    break
+                cli.sendall(data)
+                h.update(data)
+                sent += len(data)
+            i += 1
+        cli.shutdown(socket.SHUT_WR)
+        out["sent"] = (sent, h.hexdigest())
+
+    t = threading.Thread(target=writer)
+    t.start()
+    recv_stream(srv, out)
+    t.join()
+    print("sent %d %s" % out["sent"])
+    print("received %d %s" % out["received"])
+
+
 def mem_available():
     with open("/proc/meminfo") as f:
         for line in f:
@@ -334,6 +365,8 @@ if __name__ == "__main__":
         rpc_serve(args[0], int(args[1]), int(args[2]))
     elif mode == "rpc-connect":
         rpc_connect(args[0], int(args[1]), int(args[2]), args[3:] != ["poll"])
+    elif mode == "small":
+        small(args[0], int(args[1]), int(args[2]))
     elif mode == "stall":
         stall(args[0], int(args[1]), float(args[2]))
     elif mode == "pause":
