@@ -562,3 +562,124 @@ fn iperf3_reverse_bidir_and_parallel_streams_under_accel() {
     let r = cg.report();
     assert!(r.connections >= 4 && r.bytes > 0, "{r}");
 }
+
+/// True when `tool` is installed (scripts/setup.sh installs it). Missing under CI=true fails the
+/// test; elsewhere it is skipped with a note.
+fn require_tool(test: &str, tool: &str) -> bool {
+    let found =
+        Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "{test}: {tool} is missing under CI=true (run scripts/setup.sh)"
+        );
+        eprintln!("SKIPPED {test}: {tool} is not installed (scripts/setup.sh installs it)");
+    }
+    found
+}
+
+/// `cmd` under `accel run --cgroup` of `cg`, or plain.
+fn maybe_accel(cg: Option<&TestCgroup>, cmd: &[&str]) -> Command {
+    match cg {
+        Some(cg) => {
+            let mut c = Command::new(SKRELAY);
+            c.args(["accel", "run", "--cgroup", &cg.rel, "--"]).args(cmd);
+            c
+        }
+        None => {
+            let mut c = Command::new(cmd[0]);
+            c.args(&cmd[1..]);
+            c
+        }
+    }
+}
+
+/// A redis-server (plain or in `cg`) on a free port, stopped on drop.
+struct Redis {
+    child: Child,
+    port: String,
+}
+
+impl Redis {
+    fn start(cg: Option<&TestCgroup>) -> Redis {
+        let port = free_port().to_string();
+        let args = ["redis-server", "--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
+        let child = maybe_accel(cg, &args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        for _ in 0..100 {
+            let ping = Command::new("redis-cli").args(["-p", &port, "ping"]).output().unwrap();
+            if String::from_utf8_lossy(&ping.stdout).trim() == "PONG" {
+                return Redis { child, port };
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server did not start on port {port}");
+    }
+
+    /// requests per second of SET and GET from redis-benchmark (in `cg` or plain).
+    fn benchmark(&self, cg: Option<&TestCgroup>, pipeline: &str) -> (f64, f64) {
+        let args = ["redis-benchmark", "-p", &self.port, "-t", "set,get", "-n", "100000", "-P", pipeline, "--csv"];
+        let out = maybe_accel(cg, &args).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "redis-benchmark failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+        let rps = |test: &str| -> f64 {
+            text.lines()
+                .find(|l| l.starts_with(&format!("\"{test}\"")))
+                .and_then(|l| l.split(',').nth(1))
+                .and_then(|v| v.trim_matches('"').parse().ok())
+                .unwrap_or_else(|| panic!("no {test} in redis-benchmark output:\n{text}"))
+        };
+        (rps("SET"), rps("GET"))
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = Command::new("redis-cli").args(["-p", &self.port, "shutdown", "nosave"]).output();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// redis-server and its clients in an accelerated cgroup: a 1 MiB value written with redis-cli
+/// reads back with the same sha256, and redis-benchmark (SET/GET, -P 1 and -P 16) runs through
+/// the redirect; its figures are printed next to plain loopback's from the same run.
+#[test]
+fn redis_under_accel_keeps_data_and_is_not_slower() {
+    let test = "redis_under_accel_keeps_data_and_is_not_slower";
+    if !require_bpf(test) || !require_tool(test, "redis-server") || !require_tool(test, "redis-benchmark") {
+        return;
+    }
+    enter_netns();
+    let cg = TestCgroup::accelerated("redis", &[]);
+    let plain = Redis::start(None);
+    let accel = Redis::start(Some(&cg));
+
+    // Data: a 1 MiB value in, the same value out, both through accelerated connections.
+    let value: String = (0..(1 << 20)).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+    let mut set = maybe_accel(Some(&cg), &["redis-cli", "-p", &accel.port, "-x", "set", "big"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    set.stdin.take().unwrap().write_all(value.as_bytes()).unwrap();
+    let out = set.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+    let got = maybe_accel(Some(&cg), &["redis-cli", "-p", &accel.port, "--raw", "get", "big"]).output().unwrap();
+    let got = got.stdout.strip_suffix(b"\n").unwrap_or(&got.stdout).to_vec();
+    assert_eq!(got.len(), value.len(), "GET returned {} bytes", got.len());
+    assert_eq!(sha(&got), sha(value.as_bytes()), "GET returned other bytes than SET stored");
+
+    for pipeline in ["1", "16"] {
+        let (ps, pg) = plain.benchmark(None, pipeline);
+        let (as_, ag) = accel.benchmark(Some(&cg), pipeline);
+        eprintln!(
+            "redis-benchmark -P {pipeline}: SET {as_:.0} vs plain {ps:.0} req/s ({:.2}x), GET {ag:.0} vs {pg:.0} ({:.2}x)",
+            as_ / ps,
+            ag / pg
+        );
+        // The shared machine's noise is about +-15%: fail only on a clear loss.
+        assert!(as_ >= 0.8 * ps && ag >= 0.8 * pg, "redis under accel is slower: -P {pipeline}");
+    }
+    let r = cg.report();
+    assert!(r.connections >= 50 && r.messages > 100_000, "redis-benchmark did not go through the redirect: {r}");
+}
