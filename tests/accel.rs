@@ -605,14 +605,15 @@ impl Redis {
         let port = free_port().to_string();
         let args = ["redis-server", "--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
         let child = maybe_accel(cg, &args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let redis = Redis { child, port };
         for _ in 0..100 {
-            let ping = Command::new("redis-cli").args(["-p", &port, "ping"]).output().unwrap();
+            let ping = Command::new("redis-cli").args(["-p", &redis.port, "ping"]).output().unwrap();
             if String::from_utf8_lossy(&ping.stdout).trim() == "PONG" {
-                return Redis { child, port };
+                return redis;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("redis-server did not start on port {port}");
+        panic!("redis-server did not start on port {}", redis.port);
     }
 
     /// requests per second of SET and GET from redis-benchmark (in `cg` or plain).
