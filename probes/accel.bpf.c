@@ -400,6 +400,17 @@ static __always_inline struct sk_psock *psock_of(struct sock *sk)
 static __always_inline void take_peer_out(struct bpf_sock_ops *ops, struct sock_key *peer, struct member *pm,
 					  struct sock *psk)
 {
+	/* A sendmsg of this socket still running (it holds the psock; one of another thread could
+	 * still be inside its last redirect) keeps the peer in: retry at the next RTT sample. */
+	struct sock *me_sk = 0;
+	struct sock_key k = {};
+	if (sockops_key(ops, &k)) {
+		struct member *me = bpf_map_lookup_elem(&accel_members, &k);
+		if (me)
+			me_sk = (struct sock *)(unsigned long)me->sk_addr;
+	}
+	if (!me_sk || psock_of(me_sk))
+		return;
 	if (pm && psk && !pm->leaving && BPF_CORE_READ(psk, __sk_common.skc_cookie.counter) == pm->cookie) {
 		struct sk_psock *pps = psock_of(psk);
 		if (pps) {
@@ -607,7 +618,9 @@ int accel_msg(struct sk_msg_md *msg)
 		limit = rcvbuf / 2;
 
 	if (me->mode == PAUSED) {
-		if (queued + size > limit / 2 || !order_safe(me, psk)) {
+		/* Not once this socket started leaving (try_leave): it waits for the peer to be out of
+		 * sendmsg, and its peer already takes the TCP path. */
+		if (me->leaving || queued + size > limit / 2 || !order_safe(me, psk)) {
 			me->paused_bytes += size;
 			if (me->paused_bytes > limit && bpf_ktime_get_ns() - me->paused_at > STUCK_NS) {
 				me->mode = STUCK;
