@@ -17,6 +17,11 @@ pub enum Command {
     /// Splice each client to a fresh connection to an upstream, in the kernel where it can.
     Proxy(ProxyArgs),
     /// Loopback acceleration: TCP between processes of one cgroup skips TCP/IP (sockops + sk_msg).
+    ///
+    /// What a connection queues is bounded (--max-queued); streams the redirect cannot speed up go
+    /// back to plain TCP. Kernel limits (README, accel): MSG_WAITALL may return short reads, and on
+    /// 6.18 a thread blocked in recv while another thread half-closes the same socket may get EAGAIN
+    /// once (event-loop readers are not affected).
     #[command(subcommand)]
     Accel(AccelCommand),
     /// Steer connections for ports and address prefixes to a listening socket of any process
