@@ -245,7 +245,7 @@ pub struct Enabled {
 pub fn on(cgroup: &Path, ports: &[u16], policy: &AccelPolicyArgs) -> Result<Enabled, Error> {
     if policy.max_queued < MIN_MAX_QUEUED {
         return Err(Error::Usage(format!(
-            "--max-queued {} is below {}K: every bulk connection would leave the fast path at its first large write; \
+            "--max-queued {} is below {}K: every bulk connection would pause on the TCP path at its first large write; \
              give at least {}K",
             policy.max_queued,
             MIN_MAX_QUEUED >> 10,
