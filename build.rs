@@ -67,7 +67,8 @@ int main(void) {
     printf("pub const RELAY_STAT_BYTES: u32 = %d;\n", RELAY_STAT_BYTES);
     printf("pub const RELAY_STAT_MAX: u32 = %d;\n", RELAY_STAT_MAX);
     printf("pub const ACCEL_CONFIG_SIZE: usize = %zu;\n", sizeof(struct accel_config));
-    F(accel_config, filter_ports);
+    F(accel_config, filter_ports); F(accel_config, max_queued); F(accel_config, small_write);
+    F(accel_config, small_streak);
     printf("pub const ACCEL_STAT_SOCKETS: u32 = %d;\n", ACCEL_STAT_SOCKETS);
     printf("pub const ACCEL_STAT_CONNECTIONS: u32 = %d;\n", ACCEL_STAT_CONNECTIONS);
     printf("pub const ACCEL_STAT_MESSAGES: u32 = %d;\n", ACCEL_STAT_MESSAGES);
@@ -77,6 +78,13 @@ int main(void) {
     printf("pub const ACCEL_STAT_INSERT_FAILED: u32 = %d;\n", ACCEL_STAT_INSERT_FAILED);
     printf("pub const ACCEL_STAT_LAST_ERRNO: u32 = %d;\n", ACCEL_STAT_LAST_ERRNO);
     printf("pub const ACCEL_STAT_RACES_LOST: u32 = %d;\n", ACCEL_STAT_RACES_LOST);
+    printf("pub const ACCEL_STAT_PAUSES: u32 = %d;\n", ACCEL_STAT_PAUSES);
+    printf("pub const ACCEL_STAT_RESUMES: u32 = %d;\n", ACCEL_STAT_RESUMES);
+    printf("pub const ACCEL_STAT_DEMOTED_SMALL: u32 = %d;\n", ACCEL_STAT_DEMOTED_SMALL);
+    printf("pub const ACCEL_STAT_PASSED: u32 = %d;\n", ACCEL_STAT_PASSED);
+    printf("pub const ACCEL_STAT_PASSED_BYTES: u32 = %d;\n", ACCEL_STAT_PASSED_BYTES);
+    printf("pub const ACCEL_STAT_LEFT: u32 = %d;\n", ACCEL_STAT_LEFT);
+    printf("pub const ACCEL_STAT_STUCK: u32 = %d;\n", ACCEL_STAT_STUCK);
     printf("pub const ACCEL_STAT_MAX: u32 = %d;\n", ACCEL_STAT_MAX);
     printf("pub const STEER_MAX_BINDINGS: u32 = %d;\n", STEER_MAX_BINDINGS);
     printf("pub const STEER_MAX_PORT_ENTRIES: u32 = %d;\n", STEER_MAX_PORT_ENTRIES);

@@ -13,11 +13,96 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
 #include "skrelay.h"
 
+/* Kernel socket fields the sk_msg program reads. sk_msg programs cannot take a reference on
+ * another socket (no bpf_sk_release there), so each socket's address is kept in its
+ * `accel_members` entry and read with bpf_probe_read_kernel (BPF_CORE_READ), which tolerates a
+ * socket freed meanwhile; the cookie read beside it proves the address is still that socket.
+ * preserve_access_index makes clang emit CO-RE relocations, resolved against the running
+ * kernel's BTF at load time, so no offset is hard-coded. */
+typedef struct {
+	int counter;
+} atomic_t;
+
+typedef struct {
+	long long counter;
+} atomic64_t;
+
+struct list_head {
+	struct list_head *next;
+} __attribute__((preserve_access_index));
+
+struct wait_queue_head {
+	struct list_head head;
+} __attribute__((preserve_access_index));
+
+struct socket_wq {
+	struct wait_queue_head wait;
+} __attribute__((preserve_access_index));
+
+struct file {
+	unsigned int f_flags;
+} __attribute__((preserve_access_index));
+
+struct socket {
+	struct file *file;
+} __attribute__((preserve_access_index));
+
+typedef struct {
+	int owned;
+} __attribute__((preserve_access_index)) socket_lock_t;
+
+struct refcount_struct {
+	atomic_t refs;
+} __attribute__((preserve_access_index));
+
+struct sk_psock {
+	struct list_head ingress_msg;
+	struct refcount_struct refcnt;
+} __attribute__((preserve_access_index));
+
+/* sk_user_data carries flag bits below the psock pointer (SK_USER_DATA_PTRMASK). */
+#define SK_USER_DATA_PTRMASK (~7UL)
+
+struct sock_common {
+	atomic64_t skc_cookie;
+} __attribute__((preserve_access_index));
+
+struct sock {
+	struct sock_common __sk_common;
+	struct {
+		atomic_t rmem_alloc;
+	} __attribute__((preserve_access_index)) sk_backlog;
+	int sk_rcvbuf;
+	struct socket_wq *sk_wq;
+	struct socket *sk_socket;
+	socket_lock_t sk_lock;
+	void *sk_user_data;
+} __attribute__((preserve_access_index));
+
+struct tcp_sock {
+	__u32 rcv_nxt;
+	__u32 copied_seq;
+	__u32 snd_una;
+	__u32 write_seq;
+} __attribute__((preserve_access_index));
+
+#define O_NONBLOCK 04000
+
+#define ACCEL_DEFAULT_MAX_QUEUED (4u << 20)
+/* A pause that lasted this long and sent more than its limit by TCP without a chance to resume
+ * gives up (STUCK): the in-map TCP path is 0.5-0.8x plain TCP, so this bounds what a pause can
+ * cost before the connection is plain TCP again. Most pauses of an event-loop reader end within
+ * a few milliseconds (iperf3: 50 pauses, 50 resumes, 5 MiB each in 3 s). */
+#define STUCK_NS (10 * 1000 * 1000)
 #define EBUSY 16
+#define TCP_FIN_WAIT1 4
+#define TCP_FIN_WAIT2 5
 #define TCP_CLOSE 7
 #define TCP_LISTEN 10
+#define TCP_CLOSING 11
 #define AF_INET 2
 #define AF_INET6 10
 
@@ -38,7 +123,24 @@ enum member_state { PENDING = 0, JOINED = 1, FALLBACK = 2 };
 struct member {
 	__u64 cookie;
 	__u64 state;
+	__u64 sk_addr; /* the socket's kernel address (see struct sock above) */
+	/* This socket's sending direction, changed only by its own sk_msg runs (which hold the
+	 * socket lock): see enum direction_mode. */
+	__u32 mode;
+	__u32 small_streak; /* consecutive small sends that found the peer with unread data */
+	__u32 leaving;      /* set (xchg) when this socket starts leaving the map: the peer stops redirecting */
+	__u32 _pad;
+	__u64 paused_bytes; /* bytes sent by TCP since the direction last paused */
+	__u64 paused_at;    /* bpf_ktime_get_ns() when it last paused */
 };
+
+/* REDIRECT: sends go straight into the peer's redirect queue. PAUSED: the peer held its limit
+ * unread, so sends take the TCP path, where the peer's receive window holds the sender back
+ * (a redirect never waits), until the way back keeps byte order (see order_safe). STUCK: paused
+ * for more than STUCK_NS and a limit's worth of TCP-path sends without a chance to resume (a writer that
+ * keeps ahead of its reader never lets the TCP path drain). DEMOTED_SMALL, STUCK and PEER_GONE:
+ * the TCP path for the connection's life (and out of the map, see try_leave). */
+enum direction_mode { REDIRECT = 0, PAUSED = 1, DEMOTED_SMALL = 2, PEER_GONE = 3, LEFT = 4, STUCK = 5 };
 
 /* Every socket in `accel_socks` (entries leave when the socket closes). */
 struct {
@@ -236,7 +338,11 @@ static __always_inline void join(struct bpf_sock_ops *ops, int active)
 			return;
 		}
 	}
-	struct member me = { .cookie = bpf_get_socket_cookie(ops), .state = active ? PENDING : JOINED };
+	struct member me = {
+		.cookie = bpf_get_socket_cookie(ops),
+		.state = active ? PENDING : JOINED,
+		.sk_addr = (__u64)(unsigned long)ops->sk,
+	};
 	bpf_map_update_elem(&accel_members, &k, &me, BPF_ANY);
 	long err = bpf_sock_hash_update(ops, &accel_socks, &k, BPF_NOEXIST);
 	if (err) {
@@ -245,8 +351,10 @@ static __always_inline void join(struct bpf_sock_ops *ops, int active)
 		set_stat(ACCEL_STAT_LAST_ERRNO, (__u64)-err);
 		return;
 	}
-	/* Told when the socket closes, to drop its `accel_members` entry. */
-	bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	/* Told when the socket closes, to drop its `accel_members` entry, and of RTT samples (only
+	 * TCP-path sends produce them) to leave the map when its sends took the TCP path. */
+	bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG |
+					       BPF_SOCK_OPS_RTT_CB_FLAG);
 	if (active) {
 		count(ACCEL_STAT_SOCKETS, 1);
 		return;
@@ -261,6 +369,100 @@ static __always_inline void join(struct bpf_sock_ops *ops, int active)
 	}
 	count(ACCEL_STAT_SOCKETS, 1);
 	count(ACCEL_STAT_CONNECTIONS, 1);
+}
+
+static __always_inline struct sk_psock *psock_of(struct sock *sk)
+{
+	unsigned long data = (unsigned long)BPF_CORE_READ(sk, sk_user_data);
+	return (struct sk_psock *)(data & SK_USER_DATA_PTRMASK);
+}
+
+/* A socket whose own sends take the TCP path for good (small writes, STUCK), or that is paused
+ * with a peer whose blocking reader keeps it from resuming, leaves the map: in it, even the TCP path
+ * runs through tcp_bpf_sendmsg, which measured 0.6-0.8x plain TCP. Leaving drops the socket's
+ * psock, which frees whatever waits in its redirect queue, so it leaves only when that queue is
+ * empty and no redirect into it can still come: `leaving` is set first (the peer's sk_msg reads
+ * it before every redirect and then takes the TCP path for good), then the peer's psock must
+ * have no other holder than the map, i.e. no sendmsg of the peer is running (a redirect the
+ * peer decided before `leaving` is still inside its sendmsg). Both are locked instructions on
+ * x86 (xchg here, the psock refcount increment there), so one of the two sides sees the other.
+ * Runs on RTT samples, which only TCP-path sends produce.
+ *
+ * A socket that sent its FIN (`closing`) leaves too, whatever its mode: in the map, a reader
+ * blocked in recv is woken by the ACK of that FIN without data and tcp_bpf_recvmsg returns EAGAIN
+ * (kernel 6.18); plain TCP keeps waiting. It has nothing more to send, so nothing is lost. */
+/* Once this socket has left the map nothing can redirect into its peer any more (only this
+ * socket ever did), so the peer leaves too as soon as its reader has taken every redirected byte:
+ * in the map its reads go through tcp_bpf_recvmsg, measured up to 3x slower than plain TCP for
+ * curl reading 16 KiB at a time. Then this socket needs no more RTT callbacks. */
+static __always_inline void take_peer_out(struct bpf_sock_ops *ops, struct sock_key *peer, struct member *pm,
+					  struct sock *psk)
+{
+	/* A sendmsg of this socket still running (it holds the psock; one of another thread could
+	 * still be inside its last redirect) keeps the peer in: retry at the next RTT sample. */
+	struct sock *me_sk = 0;
+	struct sock_key k = {};
+	if (sockops_key(ops, &k)) {
+		struct member *me = bpf_map_lookup_elem(&accel_members, &k);
+		if (me)
+			me_sk = (struct sock *)(unsigned long)me->sk_addr;
+	}
+	if (!me_sk || psock_of(me_sk))
+		return;
+	if (pm && psk && !pm->leaving && BPF_CORE_READ(psk, __sk_common.skc_cookie.counter) == pm->cookie) {
+		struct sk_psock *pps = psock_of(psk);
+		if (pps) {
+			struct list_head *first = BPF_CORE_READ(pps, ingress_msg.next);
+			if (first != &pps->ingress_msg)
+				return; /* its reader has redirected bytes to take first: next RTT sample */
+		}
+		__sync_lock_test_and_set(&pm->leaving, 1);
+		if (pps && bpf_map_delete_elem(&accel_socks, peer) == 0)
+			count(ACCEL_STAT_LEFT, 1);
+	}
+	bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_RTT_CB_FLAG);
+}
+
+static __always_inline void try_leave(struct bpf_sock_ops *ops, int closing)
+{
+	struct sock_key k = {}, peer = {};
+	if (!sockops_key(ops, &k))
+		return;
+	struct member *me = bpf_map_lookup_elem(&accel_members, &k);
+	if (!me || me->cookie != bpf_get_socket_cookie(ops) || me->state == FALLBACK)
+		return;
+	swap_key(&k, &peer);
+	struct member *pm = bpf_map_lookup_elem(&accel_members, &peer);
+	struct sock *psk = pm ? (struct sock *)(unsigned long)pm->sk_addr : 0;
+	if (me->mode == LEFT) {
+		take_peer_out(ops, &peer, pm, psk);
+		return;
+	}
+	if (me->mode == REDIRECT && !closing)
+		return;
+	if (me->mode == PAUSED && !closing) {
+		/* Only when the peer is a blocking socket: a non-blocking reader lets it resume. */
+		if (!psk || BPF_CORE_READ(psk, sk_socket, file, f_flags) & O_NONBLOCK)
+			return;
+	}
+	__sync_lock_test_and_set(&me->leaving, 1);
+	if (psk && BPF_CORE_READ(psk, __sk_common.skc_cookie.counter) == pm->cookie) {
+		struct sk_psock *pps = psock_of(psk);
+		if (pps && BPF_CORE_READ(pps, refcnt.refs.counter) > 1)
+			return; /* the peer may be inside sendmsg: try again at the next RTT sample */
+	}
+	struct sock *sk = (struct sock *)(unsigned long)me->sk_addr;
+	struct sk_psock *ps = psock_of(sk);
+	if (!ps)
+		return;
+	struct list_head *first = BPF_CORE_READ(ps, ingress_msg.next);
+	if (first != &ps->ingress_msg)
+		return; /* the reader has not taken every redirected byte yet */
+	if (bpf_map_delete_elem(&accel_socks, &k) == 0) {
+		me->mode = LEFT;
+		count(ACCEL_STAT_LEFT, 1);
+		take_peer_out(ops, &peer, pm, psk);
+	}
 }
 
 static __always_inline void leave(struct bpf_sock_ops *ops)
@@ -286,8 +488,13 @@ int accel_sockops(struct bpf_sock_ops *ops)
 	case BPF_SOCK_OPS_TCP_LISTEN_CB:
 		track_listener(ops);
 		break;
+	case BPF_SOCK_OPS_RTT_CB:
+		try_leave(ops, ops->state == TCP_FIN_WAIT1 || ops->state == TCP_FIN_WAIT2 || ops->state == TCP_CLOSING);
+		break;
 	case BPF_SOCK_OPS_STATE_CB:
-		if (ops->args[1] == TCP_CLOSE) {
+		if (ops->args[1] == TCP_FIN_WAIT1) {
+			try_leave(ops, 1);
+		} else if (ops->args[1] == TCP_CLOSE) {
 			if (ops->args[0] == TCP_LISTEN)
 				untrack_listener(ops);
 			else
@@ -298,6 +505,35 @@ int accel_sockops(struct bpf_sock_ops *ops)
 		break;
 	}
 	return 1;
+}
+
+/* Whether a paused direction (this socket -> peer) may go back to the redirect without
+ * reordering: every byte it sent by TCP has reached the peer (all acknowledged) and the peer's
+ * reader has taken it (copied_seq caught up with rcv_nxt), so a redirected message cannot
+ * overtake TCP bytes. One more case would reorder: a reader blocked inside tcp_recvmsg (entered
+ * while TCP bytes were there, waiting for more with MSG_WAITALL or SO_RCVLOWAT) waits on the TCP
+ * receive queue only, and would take later TCP bytes before redirected ones. Such a reader either
+ * holds the socket lock or sits on the socket's wait queue, and a non-blocking socket never
+ * blocks there: so the way back also needs a non-blocking peer, or one that is unlocked with
+ * nobody waiting on it. */
+static __always_inline int order_safe(const struct member *me, struct sock *psk)
+{
+	struct tcp_sock *tp = (struct tcp_sock *)(unsigned long)me->sk_addr;
+	struct tcp_sock *ptp = (struct tcp_sock *)psk;
+	if (BPF_CORE_READ(tp, snd_una) != BPF_CORE_READ(tp, write_seq))
+		return 0;
+	if (BPF_CORE_READ(ptp, rcv_nxt) != BPF_CORE_READ(ptp, copied_seq))
+		return 0;
+	unsigned int f_flags = BPF_CORE_READ(psk, sk_socket, file, f_flags);
+	if (f_flags & O_NONBLOCK)
+		return 1;
+	if (BPF_CORE_READ(psk, sk_lock.owned))
+		return 0;
+	struct socket_wq *wq = BPF_CORE_READ(psk, sk_wq);
+	if (!wq)
+		return 0;
+	struct list_head *first = BPF_CORE_READ(wq, wait.head.next);
+	return first == &wq->wait.head;
 }
 
 SEC("sk_msg")
@@ -337,11 +573,98 @@ int accel_msg(struct sk_msg_md *msg)
 		return SK_PASS;
 	}
 	__u32 size = msg->size;
+	if (me->mode == PEER_GONE) {
+		count(ACCEL_STAT_FALLBACKS, 1);
+		return SK_PASS;
+	}
+	if (me->mode != REDIRECT && me->mode != PAUSED) {
+		/* DEMOTED_SMALL, or LEFT while a sendmsg that began in the map finishes. */
+		count(ACCEL_STAT_PASSED, 1);
+		count(ACCEL_STAT_PASSED_BYTES, size);
+		return SK_PASS;
+	}
+
+	struct member *pm = bpf_map_lookup_elem(&accel_members, &peer);
+	if (!pm) {
+		/* The peer closed: the TCP path reports it (a reset, EPIPE), and every later send
+		 * takes it too, so nothing can overtake these bytes. */
+		me->mode = PEER_GONE;
+		count(ACCEL_STAT_FALLBACKS, 1);
+		return SK_PASS;
+	}
+	struct sock *psk = (struct sock *)(unsigned long)pm->sk_addr;
+	__u64 pcookie = BPF_CORE_READ(psk, __sk_common.skc_cookie.counter);
+	if (!psk || pcookie != pm->cookie || pm->leaving) {
+		/* Gone, or leaving the map (try_leave): the TCP path from now on. */
+		me->mode = PEER_GONE;
+		count(ACCEL_STAT_FALLBACKS, 1);
+		return SK_PASS;
+	}
+	/* What the peer holds unread: its receive memory, which the kernel charges for every
+	 * redirected message until the reader takes it, and for its TCP receive queue. Nothing else
+	 * bounds the redirect queue. The limit is also half the peer's receive buffer, so that TCP
+	 * still has room when the sends move there (above the buffer TCP drops segments and closes
+	 * its window); TCP autotunes that buffer while the reader reads the TCP path, so the limit
+	 * follows what plain TCP would let this reader hold. A 1 MiB floor measured no better on
+	 * iperf3 and made pauses start with zero-window stalls. */
+	__u32 queued = BPF_CORE_READ(psk, sk_backlog.rmem_alloc.counter);
+	__u32 rcvbuf = BPF_CORE_READ(psk, sk_rcvbuf);
+	__u32 zero = 0;
+	struct accel_config *cfg = bpf_map_lookup_elem(&accel_config, &zero);
+	__u32 limit = cfg && cfg->max_queued ? cfg->max_queued : ACCEL_DEFAULT_MAX_QUEUED;
+	if (rcvbuf / 2 < limit)
+		limit = rcvbuf / 2;
+
+	if (me->mode == PAUSED) {
+		/* Not once this socket started leaving (try_leave): it waits for the peer to be out of
+		 * sendmsg, and its peer already takes the TCP path. */
+		if (me->leaving || queued + size > limit / 2 || !order_safe(me, psk)) {
+			me->paused_bytes += size;
+			if (me->paused_bytes > limit && bpf_ktime_get_ns() - me->paused_at > STUCK_NS) {
+				me->mode = STUCK;
+				count(ACCEL_STAT_STUCK, 1);
+			}
+			count(ACCEL_STAT_PASSED, 1);
+			count(ACCEL_STAT_PASSED_BYTES, size);
+			return SK_PASS;
+		}
+		me->mode = REDIRECT;
+		count(ACCEL_STAT_RESUMES, 1);
+	} else if (queued + size > limit) {
+		/* Redirect -> TCP keeps byte order: the peer's reader takes its redirect queue before
+		 * its TCP receive queue (tcp_bpf_recvmsg). */
+		me->mode = PAUSED;
+		me->paused_bytes = size;
+		me->paused_at = bpf_ktime_get_ns();
+		count(ACCEL_STAT_PAUSES, 1);
+		count(ACCEL_STAT_PASSED, 1);
+		count(ACCEL_STAT_PASSED_BYTES, size);
+		return SK_PASS;
+	}
+	if (cfg && cfg->small_write && size < cfg->small_write) {
+		/* A small send to a reader that has not taken the previous ones yet: a stream of small
+		 * writes, which TCP coalesces and the redirect cannot (one message, one wake-up each).
+		 * A request to a waiting reader (nothing unread) stays redirected. */
+		if (queued > 0) {
+			if (++me->small_streak >= cfg->small_streak) {
+				me->mode = DEMOTED_SMALL;
+				count(ACCEL_STAT_DEMOTED_SMALL, 1);
+				count(ACCEL_STAT_PASSED, 1);
+				count(ACCEL_STAT_PASSED_BYTES, size);
+				return SK_PASS;
+			}
+		} else {
+			me->small_streak = 0;
+		}
+	} else {
+		me->small_streak = 0;
+	}
 	if (bpf_msg_redirect_hash(msg, &accel_socks, &peer, BPF_F_INGRESS) == SK_PASS) {
 		count(ACCEL_STAT_MESSAGES, 1);
 		count(ACCEL_STAT_BYTES, size);
 	} else {
-		/* The peer closed: the normal path reports it as without acceleration. */
+		/* The peer left the map (closing): this and every later send take the TCP path. */
+		me->mode = PEER_GONE;
 		count(ACCEL_STAT_FALLBACKS, 1);
 	}
 	return SK_PASS;

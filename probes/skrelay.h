@@ -41,12 +41,24 @@ enum accel_stat {
 	ACCEL_STAT_INSERT_FAILED = 6,/* inserts refused for any other reason */
 	ACCEL_STAT_LAST_ERRNO = 7,   /* errno of the latest refused insert (a value, not a count) */
 	ACCEL_STAT_RACES_LOST = 8,   /* connections left out: the connecting end sent before its peer joined */
-	ACCEL_STAT_MAX = 9,
+	ACCEL_STAT_PAUSES = 9,       /* directions moved to the TCP path: the reader held its limit unread */
+	ACCEL_STAT_RESUMES = 10,     /* directions moved back to the redirect once that kept byte order */
+	ACCEL_STAT_DEMOTED_SMALL = 11,/* directions moved to the TCP path for good: small writes streamed at a busy reader */
+	ACCEL_STAT_PASSED = 12,      /* sendmsg calls of paused or demoted directions (TCP path) */
+	ACCEL_STAT_PASSED_BYTES = 13,/* their bytes */
+	ACCEL_STAT_LEFT = 14,        /* sockets that left the map because their sends took the TCP path */
+	ACCEL_STAT_STUCK = 15,       /* paused directions that gave up resuming (4x max_queued sent by TCP meanwhile) */
+	ACCEL_STAT_MAX = 16,
 };
 
 /* The `accel_config` ARRAY's single value. */
 struct accel_config {
 	__u32 filter_ports; /* 0: every connection; 1: only those with an end on a port in `accel_ports` */
+	__u32 max_queued;   /* the most bytes a reader may hold unread in its redirect queue (also never
+	                     * more than half its SO_RCVBUF); above it the peer's sends take the TCP path,
+	                     * where flow control holds the sender back, until the queue drains */
+	__u32 small_write;  /* a sendmsg below this many bytes is small (0: never demote for size) */
+	__u32 small_streak; /* demote after this many consecutive small sends at a reader with unread data */
 };
 
 /* ---- steer: sk_lookup funnels (probes/steer.bpf.c, relay/steer/) ---- */

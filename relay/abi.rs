@@ -29,7 +29,14 @@ pub mod accel_stat {
     /// The errno of the latest refused insert: a value, not a count.
     pub const LAST_ERRNO: u32 = 7;
     pub const RACES_LOST: u32 = 8;
-    pub const MAX: u32 = 9;
+    pub const PAUSES: u32 = 9;
+    pub const RESUMES: u32 = 10;
+    pub const DEMOTED_SMALL: u32 = 11;
+    pub const PASSED: u32 = 12;
+    pub const PASSED_BYTES: u32 = 13;
+    pub const LEFT: u32 = 14;
+    pub const STUCK: u32 = 15;
+    pub const MAX: u32 = 16;
 }
 
 /// The single value of the accel `accel_config` array (`struct accel_config`).
@@ -38,9 +45,16 @@ pub mod accel_stat {
 pub struct AccelConfig {
     /// 0: every connection; 1: only those with an end on a port in `accel_ports`.
     pub filter_ports: u32,
+    /// The most unread bytes a reader may hold in its redirect queue (never more than half its
+    /// SO_RCVBUF) before the direction that feeds it pauses on the TCP path (0: 4 MiB).
+    pub max_queued: u32,
+    /// A sendmsg below this many bytes is small (0: never demote for size).
+    pub small_write: u32,
+    /// Demote after this many consecutive small sends that found the reader with unread data.
+    pub small_streak: u32,
 }
 
-// SAFETY: plain old data, one u32.
+// SAFETY: plain old data, u32 fields, no padding.
 unsafe impl aya::Pod for AccelConfig {}
 
 /// Five-tuple key of the accel SOCKHASH (`struct sock_key`).
@@ -136,6 +150,9 @@ mod tests {
     fn accel_config_matches_the_c_layout() {
         assert_eq!(std::mem::size_of::<AccelConfig>(), c::ACCEL_CONFIG_SIZE);
         assert_eq!(std::mem::offset_of!(AccelConfig, filter_ports), c::accel_config__filter_ports);
+        assert_eq!(std::mem::offset_of!(AccelConfig, max_queued), c::accel_config__max_queued);
+        assert_eq!(std::mem::offset_of!(AccelConfig, small_write), c::accel_config__small_write);
+        assert_eq!(std::mem::offset_of!(AccelConfig, small_streak), c::accel_config__small_streak);
     }
 
     #[test]
@@ -149,6 +166,13 @@ mod tests {
         assert_eq!(accel_stat::INSERT_FAILED, c::ACCEL_STAT_INSERT_FAILED);
         assert_eq!(accel_stat::LAST_ERRNO, c::ACCEL_STAT_LAST_ERRNO);
         assert_eq!(accel_stat::RACES_LOST, c::ACCEL_STAT_RACES_LOST);
+        assert_eq!(accel_stat::PAUSES, c::ACCEL_STAT_PAUSES);
+        assert_eq!(accel_stat::RESUMES, c::ACCEL_STAT_RESUMES);
+        assert_eq!(accel_stat::DEMOTED_SMALL, c::ACCEL_STAT_DEMOTED_SMALL);
+        assert_eq!(accel_stat::PASSED, c::ACCEL_STAT_PASSED);
+        assert_eq!(accel_stat::PASSED_BYTES, c::ACCEL_STAT_PASSED_BYTES);
+        assert_eq!(accel_stat::LEFT, c::ACCEL_STAT_LEFT);
+        assert_eq!(accel_stat::STUCK, c::ACCEL_STAT_STUCK);
         assert_eq!(accel_stat::MAX, c::ACCEL_STAT_MAX);
     }
 

@@ -17,6 +17,11 @@ pub enum Command {
     /// Splice each client to a fresh connection to an upstream, in the kernel where it can.
     Proxy(ProxyArgs),
     /// Loopback acceleration: TCP between processes of one cgroup skips TCP/IP (sockops + sk_msg).
+    ///
+    /// What a connection queues is bounded (--max-queued); streams the redirect cannot speed up go
+    /// back to plain TCP. Kernel limits (README, accel): MSG_WAITALL may return short reads, and on
+    /// 6.18 a thread blocked in recv while another thread half-closes the same socket may get EAGAIN
+    /// once (event-loop readers are not affected).
     #[command(subcommand)]
     Accel(AccelCommand),
     /// Steer connections for ports and address prefixes to a listening socket of any process
@@ -41,6 +46,8 @@ pub enum AccelCommand {
         /// Only connections with an end on one of these ports (comma-separated, e.g. 6379,8080).
         #[arg(long, value_delimiter = ',', value_name = "LIST", value_parser = clap::value_parser!(u16).range(1..))]
         ports: Vec<u16>,
+        #[command(flatten)]
+        policy: AccelPolicyArgs,
     },
     /// Stop accelerating: new connections take the normal path at once; the state is removed when
     /// the accelerated connections have closed (waits up to --wait).
@@ -58,6 +65,8 @@ pub enum AccelCommand {
     Run {
         #[arg(long, value_name = "PATH")]
         cgroup: Option<PathBuf>,
+        #[command(flatten)]
+        policy: AccelPolicyArgs,
         /// The command and its arguments, after `--`.
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
@@ -68,6 +77,21 @@ pub enum AccelCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// When a connection leaves the redirect for the normal TCP path (for good: the way back could
+/// reorder bytes). Both keep what a connection can hold bounded or keep TCP's own coalescing.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct AccelPolicyArgs {
+    /// Unread bytes a receiving socket may hold in its redirect queue (K/M suffixes allowed);
+    /// above it the sender takes the normal path, where TCP flow control holds it back.
+    #[arg(long, default_value = "4M", value_parser = parse_bytes, value_name = "BYTES")]
+    pub max_queued: u32,
+    /// Writes below this size that keep arriving while the reader has unread data take the
+    /// normal path (TCP coalesces them; each redirected write is a message and a wake-up).
+    /// 0 turns this off.
+    #[arg(long, default_value = "16K", value_parser = parse_bytes, value_name = "BYTES")]
+    pub small_write: u32,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -232,6 +256,21 @@ pub enum DatapathChoice {
     Auto,
     Kernel,
     Userspace,
+}
+
+/// A byte count: `4194304`, `64K`, `4M` (powers of 1024), below 4 GiB.
+pub fn parse_bytes(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m' | 'M') => (&t[..t.len() - 1], 1u64 << 20),
+        Some('g' | 'G') => (&t[..t.len() - 1], 1u64 << 30),
+        _ => (t, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a byte count (e.g. 65536, 64K, 4M)"))?;
+    n.checked_mul(mult)
+        .and_then(|v| u32::try_from(v).ok())
+        .ok_or_else(|| format!("`{s}` is too large: at most 4G - 1 bytes"))
 }
 
 /// Seconds, whole or decimal (`30`, `0.5`).

@@ -7,6 +7,7 @@ packages=(
   clang llvm libbpf-dev linux-libc-dev   # build.rs compiles probes/*.bpf.c
   iproute2 bpftool                       # tests: netns set-up, pinned-state inspection
   netcat-openbsd ncat socat iperf3 curl  # tests: real clients
+  redis-server                           # tests: accel with a real service (brings redis-tools)
   python3                                # tests: http.server upstream
 )
 

@@ -2,7 +2,7 @@
 //! its own network namespace and its own cgroup; the peers are tests/accel_peer.py processes
 //! started in the cgroup by `skrelay accel run --cgroup` (so they join before creating sockets),
 //! or outside it. Payloads are checked by sha256; the counters prove which path the bytes took.
-//! The peers read with poll and non-blocking `recv`, as event loops do; only the ignored
+//! The peers read with poll and non-blocking `recv`, as event loops do; only
 //! `a_blocked_recv_survives_its_own_half_close` uses a blocking `recv` (README, accel limitation).
 mod common;
 
@@ -117,6 +117,17 @@ fn exchange(server: Command, client: Command, bytes: u64) {
     assert_eq!(field(&server_text, "sent"), field(&client_out, "received"), "server -> client stream damaged");
 }
 
+/// The redirect and the TCP path together counted `total` bytes, unless a socket left the map
+/// (its later sends are plain TCP and not counted); something always took the redirect.
+fn assert_counted(r: &AccelReport, total: u64) {
+    assert!(r.bytes > 0, "nothing took the redirect: {r}");
+    if r.left == 0 {
+        assert_eq!(r.bytes + r.passed_bytes, total, "{r}");
+    } else {
+        assert!(r.bytes + r.passed_bytes <= total, "{r}");
+    }
+}
+
 fn serve_args(host: &str, port: u16) -> Vec<String> {
     vec!["serve".into(), host.into(), port.to_string()]
 }
@@ -146,8 +157,9 @@ fn two_processes_exchange_256_mib_each_way_through_the_redirect() {
     let r = cg.report();
     assert_eq!(r.connections, 1, "{r}");
     assert_eq!(r.sockets_joined, 2, "{r}");
-    // Both streams plus the client's 8-byte length header went through the redirect.
-    assert_eq!(r.bytes, 2 * bytes + 8, "{r}");
+    // Both streams plus the client's 8-byte length header went through the redirect, or through
+    // TCP while a reader held its queue limit; a socket that left the map is no longer counted.
+    assert_counted(&r, 2 * bytes + 8);
     assert!(r.messages > 0 && r.insert_busy == 0 && r.insert_failed == 0, "{r}");
 }
 
@@ -166,9 +178,8 @@ fn ipv6_and_v4_mapped_connections_are_redirected() {
         let port = free_port();
         exchange(cg.peer(&strs(&serve_args(server, port))), cg.peer(&strs(&connect_args(client, port, bytes))), bytes);
         let r = cg.report();
-        let n = i as u64 + 1;
-        assert_eq!(r.connections, n, "{server} <- {client}: {r}");
-        assert_eq!(r.bytes, n * (2 * bytes + 8), "{server} <- {client}: {r}");
+        assert_eq!(r.connections, i as u64 + 1, "{server} <- {client}: {r}");
+        assert!(r.bytes > 0, "{server} <- {client}: nothing redirected: {r}");
     }
 }
 
@@ -235,7 +246,9 @@ fn reset_behaves_as_without_acceleration() {
     assert!(got <= MIB, "{accel}");
     let r = cg.report();
     assert_eq!(r.connections, 1, "{r}");
-    assert_eq!(r.bytes, got, "{r}");
+    // The client's megabyte took the redirect or (a 512 KiB message above a fresh reader's limit)
+    // the TCP path.
+    assert!(r.bytes + r.passed_bytes <= MIB, "{r}");
 }
 
 #[test]
@@ -257,13 +270,14 @@ fn off_with_live_connections_loses_nothing() {
     out.read_line(&mut line).unwrap();
     assert!(line.starts_with("ready "), "{line}");
     let r = cg.report();
-    assert_eq!(r.sockets_open, 2, "{r}");
-    assert!(r.bytes >= bytes / 2, "unread bytes should be queued at the peers: {r}");
+    // A socket whose reader blocks may have left the map already (its sends take plain TCP).
+    assert_eq!(r.sockets_open + r.left, 2, "{r}");
+    assert!(r.bytes > 0, "unread bytes should be queued at the peers: {r}");
 
     // Plain `off` refuses while accelerated connections are open, but stops new ones joining.
     let (code, _, err) = skrelay_output(&["accel", "off", "--cgroup", &cg.rel]);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("2 sockets of open connections still use the fast path"), "{err}");
+    assert!(err.contains("sockets of open connections still use the fast path"), "{err}");
     let r = cg.report();
     assert!(!r.attached, "{r}");
     output(cg.peer(&["halfclose", "127.0.0.1"]));
@@ -301,7 +315,8 @@ fn ports_limit_which_connections_join() {
         MIB,
     );
     let r = cg.report();
-    assert_eq!((r.connections, r.bytes), (1, 2 * MIB + 8), "{r}");
+    assert_eq!(r.connections, 1, "{r}");
+    assert_counted(&r, 2 * MIB + 8);
 }
 
 #[test]
@@ -376,16 +391,25 @@ fn rpc_with_half_close(name: &str, mode: &str) {
     assert_eq!(field(&client, "rpc"), "ok", "{}", cg.report());
     let r = cg.report();
     assert_eq!(r.connections, 1, "the rpc connection was not accelerated: {r}");
-    assert_eq!(r.bytes, 2 * 10 * 8, "not every request and reply went through the redirect: {r}");
+    // The client leaves the map when it sends its FIN (so the reply it then waits for may take
+    // plain TCP); everything before went through the redirect.
+    assert!(
+        r.bytes == 2 * 10 * 8 || r.bytes == 2 * 10 * 8 - 8,
+        "not every request and reply went through the redirect: {r}"
+    );
+    assert!(r.left >= 1, "the half-closed socket did not leave the map: {r}");
+    // Small requests to a reader that waits for them stay on the redirect.
+    assert_eq!(r.demoted_small, 0, "request/response was taken for a small-write stream: {r}");
 }
 
 /// A client that half-closes after its last request and blocks in `recv` for the reply: the ACK
 /// of its FIN (FIN_WAIT1 -> FIN_WAIT2) wakes the blocked reader without data. Plain TCP keeps
-/// waiting; on 6.18 `tcp_bpf_recvmsg` returns EAGAIN after a wake-up without data, so this fails
-/// deterministically while the socket is in the SOCKHASH (README, accel limitation). Kept as the
-/// reproducer: `cargo test --test accel -- --ignored` shows whether a kernel still has it.
+/// waiting; on 6.18 `tcp_bpf_recvmsg` returns EAGAIN after a wake-up without data while the
+/// socket is in the SOCKHASH. The sockops program takes a socket out of the map when it sends
+/// its FIN (probes/accel.bpf.c, try_leave), so the wait happens in plain `tcp_recvmsg`. What can
+/// still fail (README): a reader already blocked in recv when its own FIN goes out (another
+/// thread calls shutdown), or a leave that must wait for the peer's sendmsg.
 #[test]
-#[ignore = "kernel 6.18: tcp_bpf_recvmsg returns EAGAIN to a blocked reader after an empty wake-up (its own FIN acked); see README accel limitation"]
 fn a_blocked_recv_survives_its_own_half_close() {
     if !require_bpf("a_blocked_recv_survives_its_own_half_close") {
         return;
@@ -401,4 +425,266 @@ fn an_event_loop_reader_survives_its_own_half_close() {
         return;
     }
     rpc_with_half_close("rpc-poll", "poll");
+}
+
+fn sysctl_max(path: &str) -> u64 {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    text.split_whitespace().last().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{path}: {text}"))
+}
+
+/// A reader that stops for 10 s while its peer sends as fast as it can: without a bound the
+/// redirect queued the whole stream in the reader's psock (2 GB seen, host memory falling by
+/// ~230 MiB/s). Now the connection holds what TCP would plus the queue limit: the sender is held
+/// back, and when the reader resumes it gets every byte once, in order.
+#[test]
+fn a_reader_that_stops_holds_back_its_sender_within_the_bound() {
+    if !require_bpf("a_reader_that_stops_holds_back_its_sender_within_the_bound") {
+        return;
+    }
+    let _netns = enter_netns();
+    let cg = TestCgroup::accelerated("stall", &[]);
+    let total = 1024 * MIB;
+    let out = output(cg.peer(&["stall", "127.0.0.1", &total.to_string(), "10"]));
+    assert_eq!(field(&out, "sent"), field(&out, "received"), "stream damaged after the stall:\n{out}");
+    assert!(field(&out, "sent").starts_with(&format!("{total} ")), "{out}");
+    // The documented bound (README): the queue limit (4 MiB by default), plus what TCP itself
+    // allows: the sender's and the receiver's socket buffers at their autotuning maximum.
+    let bound = 4 * MIB + sysctl_max("/proc/sys/net/ipv4/tcp_wmem") + sysctl_max("/proc/sys/net/ipv4/tcp_rmem");
+    let held: u64 = field(&out, "held").parse().unwrap();
+    assert!(
+        held <= bound,
+        "the sender handed {held} bytes to the kernel while the reader stopped; bound {bound}\n{out}"
+    );
+    // Host memory, the way the unbounded queue failed: it fell by 2+ GB in 10 s. Other processes
+    // share the host, so the margin is wide; the exact figure is `held` above.
+    let memdrop: u64 = field(&out, "memdrop").parse().unwrap();
+    assert!(memdrop < 512 * MIB, "host MemAvailable fell by {memdrop} bytes during the stall\n{out}");
+    let r = cg.report();
+    assert!(r.pauses >= 1, "the sender was never paused: {r}");
+    assert!(r.bytes > 0, "{r}");
+}
+
+/// A stream of 64-byte writes at a reader that is behind: the redirect would make each one a
+/// message and a wake-up (0.28x plain measured), TCP coalesces them. The direction moves to TCP
+/// and its socket leaves the map; every byte arrives once, in order.
+#[test]
+fn a_small_write_stream_moves_to_plain_tcp_without_damage() {
+    if !require_bpf("a_small_write_stream_moves_to_plain_tcp_without_damage") {
+        return;
+    }
+    let _netns = enter_netns();
+    let cg = TestCgroup::accelerated("small", &[]);
+    let total = 4 * MIB;
+    let out = output(cg.peer(&["small", "127.0.0.1", &total.to_string(), "64"]));
+    assert!(field(&out, "sent").starts_with(&format!("{total} ")), "{out}");
+    assert_eq!(field(&out, "sent"), field(&out, "received"), "small-write stream damaged:\n{out}");
+    let r = cg.report();
+    assert_eq!(r.connections, 1, "{r}");
+    assert!(r.demoted_small >= 1, "the small-write stream stayed on the redirect: {r}");
+    assert!(r.left >= 1, "the small-write sender did not leave the map: {r}");
+}
+
+/// iperf3's summary (sum_sent / sum_received and, for --bidir, the reverse pair) in bytes.
+fn iperf3_bytes(json: &serde_json::Value) -> Vec<(u64, u64)> {
+    let end = &json["end"];
+    let pair = |s: &str, r: &str| (end[s]["bytes"].as_u64().unwrap_or(0), end[r]["bytes"].as_u64().unwrap_or(0));
+    let mut out = vec![pair("sum_sent", "sum_received")];
+    if end.get("sum_sent_bidir_reverse").is_some() {
+        out.push(pair("sum_sent_bidir_reverse", "sum_received_bidir_reverse"));
+    }
+    out
+}
+
+/// One iperf3 run (server and client), in `cg` when given, else plain loopback. Returns the
+/// client's JSON report and the aggregate receive rate in Gbit/s.
+fn iperf3(cg: Option<&TestCgroup>, args: &[&str]) -> (serde_json::Value, f64) {
+    let port = free_port().to_string();
+    let wrap = |cmd: &[&str]| -> Command {
+        let mut c = match cg {
+            Some(cg) => {
+                let mut c = Command::new(SKRELAY);
+                c.args(["accel", "run", "--cgroup", &cg.rel, "--"]);
+                c.arg(cmd[0]);
+                c
+            }
+            None => Command::new(cmd[0]),
+        };
+        c.args(&cmd[1..]);
+        c
+    };
+    let mut server =
+        wrap(&["iperf3", "-s", "-1", "-p", &port]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut json = serde_json::Value::Null;
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        let mut cmd = vec!["iperf3", "-c", "127.0.0.1", "-p", &port, "-t", "3", "-J"];
+        cmd.extend_from_slice(args);
+        let out = wrap(&cmd).output().unwrap();
+        json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        let refused = json["error"].as_str().is_some_and(|e| e.contains("Connection refused"));
+        if !refused {
+            break;
+        }
+    }
+    let _ = server.wait();
+    assert!(json["error"].is_null(), "iperf3 {args:?} failed: {}", json["error"]);
+    let gbps: f64 = iperf3_bytes(&json).iter().map(|&(_, r)| r as f64 * 8.0 / 3e9).sum();
+    (json, gbps)
+}
+
+/// Real iperf3 under `accel run`: -R, --bidir and -P 4 finish without errors, the receivers got
+/// what the senders sent (up to what may still be in flight when iperf3 stops counting, which
+/// the per-connection bound limits), and --bidir is not slower than plain loopback (it collapsed
+/// to 0.03x and once failed with ENOMEM while the redirect queue was unbounded).
+#[test]
+fn iperf3_reverse_bidir_and_parallel_streams_under_accel() {
+    if !require_bpf("iperf3_reverse_bidir_and_parallel_streams_under_accel") {
+        return;
+    }
+    let _netns = enter_netns();
+    let cg = TestCgroup::accelerated("iperf3", &[]);
+    for (args, streams) in [(&["-R"][..], 1u64), (&["--bidir"][..], 2), (&["-P", "4"][..], 4)] {
+        let (json, gbps) = iperf3(Some(&cg), args);
+        for (sent, received) in iperf3_bytes(&json) {
+            assert!(sent > 0 && received <= sent, "iperf3 {args:?}: sent {sent}, received {received}");
+            assert!(
+                sent - received <= streams * 32 * MIB,
+                "iperf3 {args:?}: receivers got {received} of {sent} bytes: more than the bound was still queued"
+            );
+        }
+        eprintln!("iperf3 {args:?} under accel: {gbps:.1} Gbit/s received");
+    }
+    // --bidir against plain loopback in the same run (best of three each, interleaved: the host
+    // is shared with other builds and plain loopback alone varies by 30% between runs).
+    let (mut plain, mut accel) = (0.0f64, 0.0f64);
+    for _ in 0..3 {
+        plain = plain.max(iperf3(None, &["--bidir"]).1);
+        accel = accel.max(iperf3(Some(&cg), &["--bidir"]).1);
+    }
+    eprintln!("iperf3 --bidir: plain {plain:.1} Gbit/s, accel {accel:.1} Gbit/s ({:.2}x)", accel / plain);
+    assert!(accel >= 0.9 * plain, "iperf3 --bidir under accel: {accel:.1} Gbit/s, plain {plain:.1} Gbit/s");
+    let r = cg.report();
+    assert!(r.connections >= 4 && r.bytes > 0, "{r}");
+}
+
+/// True when `tool` is installed (scripts/setup.sh installs it). Missing under CI=true fails the
+/// test; elsewhere it is skipped with a note.
+fn require_tool(test: &str, tool: &str) -> bool {
+    let found =
+        Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "{test}: {tool} is missing under CI=true (run scripts/setup.sh)"
+        );
+        eprintln!("SKIPPED {test}: {tool} is not installed (scripts/setup.sh installs it)");
+    }
+    found
+}
+
+/// `cmd` under `accel run --cgroup` of `cg`, or plain.
+fn maybe_accel(cg: Option<&TestCgroup>, cmd: &[&str]) -> Command {
+    match cg {
+        Some(cg) => {
+            let mut c = Command::new(SKRELAY);
+            c.args(["accel", "run", "--cgroup", &cg.rel, "--"]).args(cmd);
+            c
+        }
+        None => {
+            let mut c = Command::new(cmd[0]);
+            c.args(&cmd[1..]);
+            c
+        }
+    }
+}
+
+/// A redis-server (plain or in `cg`) on a free port, stopped on drop.
+struct Redis {
+    child: Child,
+    port: String,
+}
+
+impl Redis {
+    fn start(cg: Option<&TestCgroup>) -> Redis {
+        let port = free_port().to_string();
+        let args = ["redis-server", "--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
+        let child = maybe_accel(cg, &args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let redis = Redis { child, port };
+        for _ in 0..100 {
+            let ping = Command::new("redis-cli").args(["-p", &redis.port, "ping"]).output().unwrap();
+            if String::from_utf8_lossy(&ping.stdout).trim() == "PONG" {
+                return redis;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server did not start on port {}", redis.port);
+    }
+
+    /// requests per second of SET and GET from redis-benchmark (in `cg` or plain).
+    fn benchmark(&self, cg: Option<&TestCgroup>, pipeline: &str) -> (f64, f64) {
+        let args = ["redis-benchmark", "-p", &self.port, "-t", "set,get", "-n", "100000", "-P", pipeline, "--csv"];
+        let out = maybe_accel(cg, &args).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "redis-benchmark failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+        let rps = |test: &str| -> f64 {
+            text.lines()
+                .find(|l| l.starts_with(&format!("\"{test}\"")))
+                .and_then(|l| l.split(',').nth(1))
+                .and_then(|v| v.trim_matches('"').parse().ok())
+                .unwrap_or_else(|| panic!("no {test} in redis-benchmark output:\n{text}"))
+        };
+        (rps("SET"), rps("GET"))
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = Command::new("redis-cli").args(["-p", &self.port, "shutdown", "nosave"]).output();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// redis-server and its clients in an accelerated cgroup: a 1 MiB value written with redis-cli
+/// reads back with the same sha256, and redis-benchmark (SET/GET, -P 1 and -P 16) runs through
+/// the redirect; its figures are printed next to plain loopback's from the same run.
+#[test]
+fn redis_under_accel_keeps_data_and_is_not_slower() {
+    let test = "redis_under_accel_keeps_data_and_is_not_slower";
+    if !require_bpf(test) || !require_tool(test, "redis-server") || !require_tool(test, "redis-benchmark") {
+        return;
+    }
+    let _netns = enter_netns();
+    let cg = TestCgroup::accelerated("redis", &[]);
+    let plain = Redis::start(None);
+    let accel = Redis::start(Some(&cg));
+
+    // Data: a 1 MiB value in, the same value out, both through accelerated connections.
+    let value: String = (0..(1 << 20)).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+    let mut set = maybe_accel(Some(&cg), &["redis-cli", "-p", &accel.port, "-x", "set", "big"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    set.stdin.take().unwrap().write_all(value.as_bytes()).unwrap();
+    let out = set.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+    let got = maybe_accel(Some(&cg), &["redis-cli", "-p", &accel.port, "--raw", "get", "big"]).output().unwrap();
+    let got = got.stdout.strip_suffix(b"\n").unwrap_or(&got.stdout).to_vec();
+    assert_eq!(got.len(), value.len(), "GET returned {} bytes", got.len());
+    assert_eq!(sha(&got), sha(value.as_bytes()), "GET returned other bytes than SET stored");
+
+    for pipeline in ["1", "16"] {
+        let (ps, pg) = plain.benchmark(None, pipeline);
+        let (as_, ag) = accel.benchmark(Some(&cg), pipeline);
+        eprintln!(
+            "redis-benchmark -P {pipeline}: SET {as_:.0} vs plain {ps:.0} req/s ({:.2}x), GET {ag:.0} vs {pg:.0} ({:.2}x)",
+            as_ / ps,
+            ag / pg
+        );
+        // The shared machine's noise is about +-15%: fail only on a clear loss.
+        assert!(as_ >= 0.8 * ps && ag >= 0.8 * pg, "redis under accel is slower: -P {pipeline}");
+    }
+    let r = cg.report();
+    assert!(r.connections >= 50 && r.messages > 100_000, "redis-benchmark did not go through the redirect: {r}");
 }

@@ -17,6 +17,12 @@ duplicated or reordered chunk changes the sha256 the test compares. Results are 
                               reply is read with a blocking recv (which must never fail with
                               EAGAIN: the 6.18 limitation in README); with `poll`, as everywhere
                               else here, the way event loops read.
+  stall HOST BYTES SECS       the client sends BYTES (blocking sendall) while the server reads
+                              nothing for SECS; prints what the client had handed to the kernel
+                              by then (`held`) and how far host MemAvailable fell (`memdrop`),
+                              then the server reads everything: sha256 of both sides
+  small HOST BYTES WRITE      the client sends BYTES in WRITE-byte send(2) calls while the server
+                              reads; sha256 of both sides
   pause HOST BYTES            both ends queue data unread, print `ready`, wait for a line on stdin,
                               then finish the exchange: a window for `accel off` with bytes queued
 """
@@ -272,6 +278,79 @@ def pause(host, total):
         print("%s received %d %s" % ((name,) + out["received"]))
 
 
+def small(host, total, write):
+    cli, srv = pair(host)
+    time.sleep(0.05)  # let the accepted end join before the first send
+    out = {}
+
+    def writer():
+        h = hashlib.sha256()
+        sent = i = 0
+        while sent < total:
+            block = chunk(1, i)
+            for off in range(0, len(block), write):
+                data = block[off : off + write][: total - sent]
+                if not data:
+                    break
+                cli.sendall(data)
+                h.update(data)
+                sent += len(data)
+            i += 1
+        cli.shutdown(socket.SHUT_WR)
+        out["sent"] = (sent, h.hexdigest())
+
+    t = threading.Thread(target=writer)
+    t.start()
+    recv_stream(srv, out)
+    t.join()
+    print("sent %d %s" % out["sent"])
+    print("received %d %s" % out["received"])
+
+
+def mem_available():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def stall(host, total, secs):
+    cli, srv = pair(host)
+    time.sleep(0.05)  # let the accepted end join before the first send
+    progress = {"sent": 0}
+    out = {}
+
+    def writer():
+        h = hashlib.sha256()
+        i = 0
+        while progress["sent"] < total:
+            data = chunk(1, i)[: min(CHUNK, total - progress["sent"])]
+            cli.sendall(data)
+            h.update(data)
+            progress["sent"] += len(data)
+            i += 1
+        cli.shutdown(socket.SHUT_WR)
+        out["sent"] = (progress["sent"], h.hexdigest())
+
+    before = mem_available()
+    t = threading.Thread(target=writer)
+    t.start()
+    low = before
+    deadline = time.monotonic() + secs
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        low = min(low, mem_available())
+    print("held %d" % progress["sent"])
+    print("memdrop %d" % max(0, before - low), flush=True)
+    t0 = time.monotonic()
+    recv_stream(srv, out)
+    t.join()
+    print("drain-seconds %.2f" % (time.monotonic() - t0))
+    print("sent %d %s" % out["sent"])
+    print("received %d %s" % out["received"])
+
+
 if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "serve":
@@ -286,6 +365,10 @@ if __name__ == "__main__":
         rpc_serve(args[0], int(args[1]), int(args[2]))
     elif mode == "rpc-connect":
         rpc_connect(args[0], int(args[1]), int(args[2]), args[3:] != ["poll"])
+    elif mode == "small":
+        small(args[0], int(args[1]), int(args[2]))
+    elif mode == "stall":
+        stall(args[0], int(args[1]), float(args[2]))
     elif mode == "pause":
         pause(args[0], int(args[1]))
     else:

@@ -7,7 +7,13 @@ pub mod cgroup;
 mod pinned;
 mod watch;
 
-use crate::{abi::accel_stat, bpffs, cli::AccelCommand, error::Error, sys};
+use crate::{
+    abi::accel_stat,
+    bpffs,
+    cli::{AccelCommand, AccelPolicyArgs},
+    error::Error,
+    sys,
+};
 use aya::maps::{MapInfo, MapType};
 use cgroup::{Cgroup, Owner};
 use std::{
@@ -19,6 +25,11 @@ use std::{
 };
 
 pub use pinned::MAX_PORTS;
+
+/// Consecutive small sends at a reader with unread data before a direction is demoted.
+pub const SMALL_STREAK: u32 = 16;
+/// The smallest `--max-queued`: below one large write, every bulk connection would be demoted.
+pub const MIN_MAX_QUEUED: u32 = 256 << 10;
 
 /// BPF_CGROUP_SOCK_OPS (uapi linux/bpf.h `enum bpf_attach_type`).
 const BPF_CGROUP_SOCK_OPS: u32 = 3;
@@ -59,6 +70,21 @@ pub struct AccelReport {
     pub races_lost: u64,
     /// Who set it up, and whether that process is still there.
     pub owner: Option<cgroup::Owner>,
+    /// Times a direction paused on the TCP path because the reader held its limit unread (TCP
+    /// flow control then holds the sender back), and times it went back to the redirect.
+    pub pauses: u64,
+    pub resumes: u64,
+    /// Paused directions that gave up resuming: four `--max-queued` went by TCP meanwhile (a
+    /// writer that keeps ahead of its reader never lets the TCP path drain); they leave the map.
+    pub stuck: u64,
+    /// Directions moved to the TCP path for good: small writes streamed at a busy reader.
+    pub demoted_small: u64,
+    /// sendmsg calls (and bytes) of paused or demoted directions, sent by the TCP path.
+    pub passed: u64,
+    pub passed_bytes: u64,
+    /// Sockets that left the map because their sends took the TCP path for good (plain TCP
+    /// from then on, at plain speed).
+    pub left: u64,
 }
 
 impl fmt::Display for AccelReport {
@@ -79,10 +105,16 @@ impl fmt::Display for AccelReport {
             self.connections, self.sockets_joined, self.sockets_open
         )?;
         writeln!(f, "  redirected: {} messages, {} bytes", self.messages, self.bytes)?;
-        write!(
+        writeln!(
             f,
             "  fell back to the normal path: {} messages; {} connections left unaccelerated (sent before the peer joined)",
             self.fallbacks, self.races_lost
+        )?;
+        write!(
+            f,
+            "  paused on the TCP path (reader held its limit): {} times, resumed {}, gave up {}; small-write \
+             streams moved to TCP for good: {}; TCP path since: {} messages, {} bytes; sockets back on plain TCP: {}",
+            self.pauses, self.resumes, self.stuck, self.demoted_small, self.passed, self.passed_bytes, self.left
         )?;
         if self.insert_busy > 0 {
             write!(
@@ -123,6 +155,13 @@ impl AccelReport {
             "insert_failed": self.insert_failed,
             "last_errno": self.last_errno,
             "races_lost": self.races_lost,
+            "pauses": self.pauses,
+            "resumes": self.resumes,
+            "stuck": self.stuck,
+            "demoted_small": self.demoted_small,
+            "passed": self.passed,
+            "passed_bytes": self.passed_bytes,
+            "left": self.left,
         })
     }
 
@@ -163,6 +202,13 @@ fn report_for(dir: &Path, cg: &Cgroup) -> Result<AccelReport, Error> {
         last_errno: s(accel_stat::LAST_ERRNO),
         races_lost: s(accel_stat::RACES_LOST),
         owner: cg.owner(),
+        pauses: s(accel_stat::PAUSES),
+        resumes: s(accel_stat::RESUMES),
+        stuck: s(accel_stat::STUCK),
+        demoted_small: s(accel_stat::DEMOTED_SMALL),
+        passed: s(accel_stat::PASSED),
+        passed_bytes: s(accel_stat::PASSED_BYTES),
+        left: s(accel_stat::LEFT),
     })
 }
 
@@ -207,8 +253,18 @@ pub struct Enabled {
 }
 
 /// `skrelay accel on`: accelerates the TCP connections between processes of `cgroup` (created if
-/// missing), limited to `ports` when not empty.
-pub fn on(cgroup: &Path, ports: &[u16]) -> Result<Enabled, Error> {
+/// missing), limited to `ports` when not empty, demoting directions to the normal path as
+/// `policy` says.
+pub fn on(cgroup: &Path, ports: &[u16], policy: &AccelPolicyArgs) -> Result<Enabled, Error> {
+    if policy.max_queued < MIN_MAX_QUEUED {
+        return Err(Error::Usage(format!(
+            "--max-queued {} is below {}K: every bulk connection would pause on the TCP path at its first large write; \
+             give at least {}K",
+            policy.max_queued,
+            MIN_MAX_QUEUED >> 10,
+            MIN_MAX_QUEUED >> 10
+        )));
+    }
     if ports.len() > MAX_PORTS {
         return Err(Error::Usage(format!("--ports lists {} ports; at most {MAX_PORTS} are supported", ports.len())));
     }
@@ -224,7 +280,7 @@ pub fn on(cgroup: &Path, ports: &[u16]) -> Result<Enabled, Error> {
     }
     check_nested(&root, &cg)?;
     let created = cg.create()?;
-    let result = check_foreign(&cg).and_then(|()| pinned::create(&dir, &cg, ports));
+    let result = check_foreign(&cg).and_then(|()| pinned::create(&dir, &cg, ports, policy));
     if let Err(e) = result {
         cgroup::remove_dirs(&created);
         return Err(e);
@@ -355,7 +411,7 @@ pub fn off(cgroup: &Path, drain: Duration, force: bool) -> Result<Disabled, Erro
 
 /// `skrelay accel run`: runs `cmd` in `cgroup` (or a fresh one), accelerated, and undoes what it
 /// set up when the command exits. Returns the command's exit status (128 + signal if killed).
-pub fn run(cgroup: Option<&Path>, cmd: &[String]) -> Result<i32, Error> {
+pub fn run(cgroup: Option<&Path>, policy: &AccelPolicyArgs, cmd: &[String]) -> Result<i32, Error> {
     let Some((program, args)) = cmd.split_first() else {
         return Err(Error::Usage("accel run needs a command after `--`".into()));
     };
@@ -366,7 +422,7 @@ pub fn run(cgroup: Option<&Path>, cmd: &[String]) -> Result<i32, Error> {
     };
     let cg = Cgroup::resolve(&target)?;
     let already = accel_root()?.join(cg.pin_name()).is_dir();
-    let enabled = if already { None } else { Some(on(&target, &[])?) };
+    let enabled = if already { None } else { Some(on(&target, &[], policy)?) };
     // Undoing what we set up must not depend on this process living: a watcher does it if we
     // are killed, or when the command leaves processes behind (it waits for them to exit).
     let watcher = match &enabled {
@@ -460,8 +516,8 @@ fn spawn_in(cg: &Cgroup, program: &str, args: &[String]) -> Result<i32, Error> {
 /// Runs one `skrelay accel` subcommand and prints its outcome.
 pub fn command(cmd: AccelCommand) -> Result<(), Error> {
     match cmd {
-        AccelCommand::On { cgroup, ports } => {
-            let on = on(&cgroup, &ports)?;
+        AccelCommand::On { cgroup, ports, policy } => {
+            let on = on(&cgroup, &ports, &policy)?;
             println!("accel on: {} (state pinned at {})", on.cgroup, on.pins.display());
         }
         AccelCommand::Off { cgroup, wait, force } => {
@@ -472,7 +528,7 @@ pub fn command(cmd: AccelCommand) -> Result<(), Error> {
                 println!("accel off: {}", off.cgroup);
             }
         }
-        AccelCommand::Run { cgroup, command } => std::process::exit(run(cgroup.as_deref(), &command)?),
+        AccelCommand::Run { cgroup, policy, command } => std::process::exit(run(cgroup.as_deref(), &policy, &command)?),
         AccelCommand::Status { json: true } => {
             // The shape `skrelay status --json` shows under `accel`, with or without cgroups.
             let section = status_section()?;

@@ -5,6 +5,7 @@ use super::cgroup::Cgroup;
 use crate::{
     abi::{accel_stat, AccelConfig, SockKey},
     bpf,
+    cli::AccelPolicyArgs,
     error::Error,
 };
 use aya::{
@@ -29,16 +30,16 @@ fn missing(what: &str) -> Error {
 
 /// Loads the programs, pins the maps in `dir`, attaches sk_msg to the socket map and sockops to
 /// the cgroup, and pins the sockops link. On failure everything pinned so far is removed.
-pub fn create(dir: &Path, cgroup: &Cgroup, ports: &[u16]) -> Result<(), Error> {
+pub fn create(dir: &Path, cgroup: &Cgroup, ports: &[u16], policy: &AccelPolicyArgs) -> Result<(), Error> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
-    let result = create_in(dir, cgroup, ports);
+    let result = create_in(dir, cgroup, ports, policy);
     if result.is_err() {
         remove(dir);
     }
     result
 }
 
-fn create_in(dir: &Path, cgroup: &Cgroup, ports: &[u16]) -> Result<(), Error> {
+fn create_in(dir: &Path, cgroup: &Cgroup, ports: &[u16], policy: &AccelPolicyArgs) -> Result<(), Error> {
     let mut bpf = bpf::load(bpf::objects::ACCEL)?;
     for name in MAPS {
         let map = bpf.map(name).ok_or_else(|| missing(&format!("map `{name}`")))?;
@@ -55,7 +56,13 @@ fn create_in(dir: &Path, cgroup: &Cgroup, ports: &[u16]) -> Result<(), Error> {
         let mut config: Array<&mut MapData, AccelConfig> =
             Array::try_from(bpf.map_mut("accel_config").ok_or_else(|| missing("map `accel_config`"))?)
                 .map_err(broken)?;
-        config.set(0, AccelConfig { filter_ports: u32::from(!ports.is_empty()) }, 0).map_err(broken)?;
+        let value = AccelConfig {
+            filter_ports: u32::from(!ports.is_empty()),
+            max_queued: policy.max_queued,
+            small_write: policy.small_write,
+            small_streak: super::SMALL_STREAK,
+        };
+        config.set(0, value, 0).map_err(broken)?;
     }
     let socks_fd = {
         let socks: SockHash<&MapData, SockKey> =
