@@ -120,3 +120,40 @@ fn accel_status_json_has_one_shape_with_or_without_cgroups() {
     assert!(own["cgroups"].is_array(), "{own}");
     assert_eq!(keys(&own), keys(&status_json()["accel"]));
 }
+
+/// Accel state pinned by another skrelay version (here: a counters map of the old, shorter
+/// layout) must not break `status` for everything else, and `accel off` of this version must
+/// still remove it: after an upgrade the user has no other binary to clean up with.
+#[test]
+fn accel_state_of_another_version_is_reported_and_accel_off_removes_it() {
+    let _netns = enter_netns();
+    if !require_bpf("accel_state_of_another_version_is_reported_and_accel_off_removes_it") {
+        return;
+    }
+    let rel = format!("skrelay-test-{}-foreign", std::process::id());
+    ok(&["accel", "on", "--cgroup", &rel]);
+    let pins = std::path::Path::new("/sys/fs/bpf/skrelay/accel").join(format!("%2F{rel}"));
+    assert!(pins.join("accel_stats").exists(), "no pinned accel_stats in {}", pins.display());
+    // What the previous release pinned: 9 per-CPU counters where this one has more.
+    std::fs::remove_file(pins.join("accel_stats")).unwrap();
+    let made = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(pins.join("accel_stats"))
+        .args(["type", "percpu_array", "key", "4", "value", "8", "entries", "9", "name", "accel_stats"])
+        .status()
+        .expect("run bpftool (scripts/setup.sh)");
+    assert!(made.success(), "bpftool map create failed");
+
+    let text = ok(&["status"]);
+    assert!(text.contains("cannot be read by this skrelay") && text.contains("accel off --cgroup"), "{text}");
+    let st = status_json();
+    assert_eq!(st["accel"]["unreadable"].as_array().map(Vec::len), Some(1), "{st}");
+    let own: serde_json::Value = serde_json::from_str(&ok(&["accel", "status", "--json"])).unwrap();
+    assert_eq!(keys(&own), keys(&st["accel"]), "one JSON shape: {own}");
+
+    ok(&["accel", "off", "--cgroup", &rel]);
+    assert!(!pins.exists(), "accel off left {} behind", pins.display());
+    let st = status_json();
+    assert_eq!(st["accel"]["unreadable"], serde_json::json!([]), "{st}");
+    let _ = std::fs::remove_dir(cgroup_v2_mount().join(&rel));
+}

@@ -171,16 +171,51 @@ impl AccelReport {
     }
 }
 
-/// accel's part of `skrelay status`: every accelerated cgroup with its counters.
+/// accel's part of `skrelay status`: every accelerated cgroup with its counters, and the state
+/// this version cannot read (pinned by another skrelay version), each with how to remove it.
 pub fn status_section() -> Result<crate::status::Section, Error> {
-    let reports = report()?;
-    let text = if reports.is_empty() {
-        "accel: no cgroup is accelerated".to_string()
-    } else {
-        reports.iter().map(AccelReport::to_string).collect::<Vec<_>>().join("\n")
-    };
-    let json = serde_json::json!({ "cgroups": reports.iter().map(AccelReport::json).collect::<Vec<_>>() });
+    let Reports { cgroups, unreadable } = reports()?;
+    let mut lines: Vec<String> = cgroups.iter().map(AccelReport::to_string).collect();
+    lines.extend(unreadable.iter().map(Unreadable::to_string));
+    let text = if lines.is_empty() { "accel: no cgroup is accelerated".to_string() } else { lines.join("\n") };
+    let json = serde_json::json!({
+        "cgroups": cgroups.iter().map(AccelReport::json).collect::<Vec<_>>(),
+        "unreadable": unreadable.iter().map(|u| serde_json::json!({
+            "cgroup": u.cgroup.display().to_string(),
+            "pins": u.pins.display().to_string(),
+            "error": u.error,
+        })).collect::<Vec<_>>(),
+    });
     Ok(crate::status::Section { name: "accel", text, json })
+}
+
+/// Accel state this version cannot read: its maps have another layout (an older or newer
+/// skrelay pinned it) or are damaged. `accel off` still removes it.
+#[derive(Debug, Clone)]
+pub struct Unreadable {
+    pub cgroup: PathBuf,
+    pub pins: PathBuf,
+    pub error: String,
+}
+
+impl fmt::Display for Unreadable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "accel: {}: state at {} cannot be read by this skrelay ({}); it was likely pinned by another version: \
+             remove it with `skrelay accel off --cgroup {}`",
+            self.cgroup.display(),
+            self.pins.display(),
+            self.error,
+            self.cgroup.display()
+        )
+    }
+}
+
+/// What `reports` found.
+pub struct Reports {
+    pub cgroups: Vec<AccelReport>,
+    pub unreadable: Vec<Unreadable>,
 }
 
 fn report_for(dir: &Path, cg: &Cgroup) -> Result<AccelReport, Error> {
@@ -213,20 +248,21 @@ fn report_for(dir: &Path, cg: &Cgroup) -> Result<AccelReport, Error> {
 }
 
 /// Every cgroup skrelay accelerates, with its counters. Empty when there is none (or no bpffs).
-pub fn report() -> Result<Vec<AccelReport>, Error> {
+/// State this version cannot read is listed apart, so one stale pin never hides the rest.
+pub fn reports() -> Result<Reports, Error> {
+    let mut out = Reports { cgroups: Vec::new(), unreadable: Vec::new() };
     let root = Path::new(bpffs::BPFFS).join("skrelay").join("accel");
     if !root.is_dir() {
-        return Ok(Vec::new());
+        return Ok(out);
     }
     let mount = cgroup::v2_mount()?;
-    let mut out = Vec::new();
     for (name, dir) in pinned::list(&root) {
         if let Some(cg) = Cgroup::from_pin_name(&mount, &name) {
             match report_for(&dir, &cg) {
-                Ok(r) => out.push(r),
+                Ok(r) => out.cgroups.push(r),
                 // Removed (`off`, or a watcher) while we read it: it is no longer accelerated.
                 Err(_) if !pinned::is_complete(&dir) => {}
-                Err(e) => return Err(e),
+                Err(e) => out.unreadable.push(Unreadable { cgroup: cg.path(), pins: dir, error: e.to_string() }),
             }
         }
     }
@@ -378,10 +414,12 @@ pub fn off(cgroup: &Path, drain: Duration, force: bool) -> Result<Disabled, Erro
     }
     pinned::detach_sockops(&dir)?;
     let deadline = Instant::now() + drain;
-    let mut open = pinned::snapshot(&dir)?.sockets_open;
+    // Only the socket map is read: state pinned by another skrelay version (other counters or
+    // config layout) can still be turned off and removed by this one.
+    let mut open = pinned::open_sockets(&dir)?;
     while open > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
-        open = pinned::snapshot(&dir)?.sockets_open;
+        open = pinned::open_sockets(&dir)?;
     }
     if open > 0 && !force {
         return Err(Error::AccelBusy(format!(
@@ -534,15 +572,7 @@ pub fn command(cmd: AccelCommand) -> Result<(), Error> {
             let section = status_section()?;
             println!("{}", serde_json::to_string_pretty(&section.json).expect("json"));
         }
-        AccelCommand::Status { json: false } => {
-            let reports = report()?;
-            if reports.is_empty() {
-                println!("accel: no cgroup is accelerated");
-            }
-            for r in reports {
-                println!("{r}");
-            }
-        }
+        AccelCommand::Status { json: false } => println!("{}", status_section()?.text),
     }
     Ok(())
 }

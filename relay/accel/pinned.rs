@@ -169,6 +169,14 @@ pub fn snapshot(dir: &Path) -> Result<Snapshot, Error> {
     Ok(Snapshot { ports, sockets_open, stats })
 }
 
+/// Sockets of open connections in the cgroup's socket map. Reads only that map, whose layout
+/// every skrelay version shares, so `off` works on state another version pinned.
+pub fn open_sockets(dir: &Path) -> Result<u64, Error> {
+    let broken = |e: MapError| bpf::unavailable("read the accel socket map", &e);
+    let socks: SockHash<MapData, SockKey> = SockHash::try_from(open_map(dir, "accel_socks")?).map_err(broken)?;
+    Ok(socks.keys().filter(|k| k.is_ok()).count() as u64)
+}
+
 /// The pin directories under `root` (one per accelerated cgroup), by name.
 pub fn list(root: &Path) -> Vec<(String, PathBuf)> {
     let mut out: Vec<(String, PathBuf)> = std::fs::read_dir(root)
