@@ -262,7 +262,14 @@ pub fn reports() -> Result<Reports, Error> {
                 Ok(r) => out.cgroups.push(r),
                 // Removed (`off`, or a watcher) while we read it: it is no longer accelerated.
                 Err(_) if !pinned::is_complete(&dir) => {}
-                Err(e) => out.unreadable.push(Unreadable { cgroup: cg.path(), pins: dir, error: e.to_string() }),
+                Err(e) => {
+                    // The reason alone: the generic fix (kernel support, --datapath) does not apply.
+                    let error = match e {
+                        Error::BpfUnavailable { reason, .. } => reason,
+                        other => other.to_string(),
+                    };
+                    out.unreadable.push(Unreadable { cgroup: cg.path(), pins: dir, error })
+                }
             }
         }
     }
