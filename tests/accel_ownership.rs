@@ -11,9 +11,7 @@ use std::{
 };
 
 fn ok(args: &[&str]) -> String {
-    let (code, out, err) = skrelay_output(args);
-    assert_eq!(code, 0, "skrelay {args:?} failed:\n{out}{err}");
-    out
+    skrelay_ok(args)
 }
 
 fn v2_mount() -> PathBuf {

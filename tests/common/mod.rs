@@ -227,6 +227,13 @@ pub fn skrelay_output(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Runs `skrelay ARGS`, asserts it succeeded, and returns its stdout.
+pub fn skrelay_ok(args: &[&str]) -> String {
+    let (code, out, err) = skrelay_output(args);
+    assert_eq!(code, 0, "skrelay {args:?} failed:\n{out}{err}");
+    out
+}
+
 /// A deterministic, non-repeating byte stream: every 8-byte word is a function of the seed and
 /// its offset, so a lost, duplicated or reordered block changes the hash.
 pub struct Pattern {
