@@ -3,7 +3,7 @@
 //! passes through here on the kernel datapath.
 use crate::{
     cli::PairBy,
-    datapath::{userspace::UserspaceDatapath, Datapath, Flow, Splice, SpliceError},
+    datapath::{Datapath, Flow, Splice},
     error::Error,
     pairing::{parse_token_line, Matcher, TokenLine, MAX_TOKEN},
     sys,
@@ -126,7 +126,6 @@ pub struct Server {
     again: Vec<(usize, u64)>,
     accept_retry: Option<Instant>,
     drain_deadline: Option<Instant>,
-    warned_map_full: bool,
     /// `proxy`: local addresses of our upstream connections, to recognise one coming back in.
     own_upstreams: HashSet<SocketAddr>,
 }
@@ -166,7 +165,6 @@ impl Server {
             again: Vec::new(),
             accept_retry: None,
             drain_deadline: None,
-            warned_map_full: false,
             own_upstreams: HashSet::new(),
         })
     }
@@ -467,17 +465,6 @@ impl Server {
     ) {
         let splice = match self.datapath.splice([&ends[0], &ends[1]], skip) {
             Ok(s) => s,
-            Err(SpliceError::MapFull(n)) => {
-                if !self.warned_map_full {
-                    log::warn!("the kernel socket map is full ({n} sockets): further pairs are spliced in user space");
-                    self.warned_map_full = true;
-                }
-                // The token lines (skip) are discarded here too.
-                match UserspaceDatapath.splice([&ends[0], &ends[1]], skip) {
-                    Ok(s) => s,
-                    Err(e) => return log::error!("pair {} <-> {} closed: {e}", addrs[0], addrs[1]),
-                }
-            }
             Err(e) => return log::error!("pair {} <-> {} closed: cannot splice it: {e}", addrs[0], addrs[1]),
         };
         // Until the pair ends well, any close of its sockets (ours, or the kernel's when this

@@ -42,6 +42,8 @@ pub struct KernelDatapath {
     /// Bytes a pair moves through splice(2) before it joins the maps (0: at once).
     join_after: u64,
     stats: PerCpuArray<MapData, u64>,
+    /// The full map was reported (once: every pair after it would say the same).
+    warned_map_full: bool,
     /// Keeps the programs loaded and attached.
     _bpf: Ebpf,
 }
@@ -74,6 +76,7 @@ impl KernelDatapath {
             fallback: UserspaceDatapath,
             join_after,
             stats,
+            warned_map_full: false,
             _bpf: bpf,
         })
     }
@@ -129,6 +132,16 @@ impl Datapath for KernelDatapath {
                         half_closed: true,
                         user_moved: [0; 2],
                     }))
+                }
+                // The same semantics through splice(2), said once: the map stays full for a while.
+                Err(SpliceError::MapFull(n)) => {
+                    if !self.warned_map_full {
+                        log::warn!(
+                            "the kernel socket map is full ({n} sockets): further pairs are spliced in user space"
+                        );
+                        self.warned_map_full = true;
+                    }
+                    self.fallback.splice(ends, skip)
                 }
                 Err(e) => Err(e),
             };

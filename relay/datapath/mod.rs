@@ -52,7 +52,9 @@ pub trait Splice {
 pub trait Datapath {
     fn name(&self) -> &'static str;
     /// Starts splicing `ends`. The first `skip[i]` bytes queued on end `i` (a token line, seen
-    /// with MSG_PEEK and still queued) are discarded, never forwarded.
+    /// with MSG_PEEK and still queued) are discarded, never forwarded. Every reason the kernel
+    /// cannot take a pair (a full map, a socket no longer established) is the datapath's to
+    /// answer, with a splice(2) pair: an error means the pair cannot be spliced at all.
     fn splice(&mut self, ends: [&TcpStream; 2], skip: [u32; 2]) -> Result<Box<dyn Splice>, SpliceError>;
     /// One line of counters for the exit log, if the datapath keeps any.
     fn summary(&self) -> Option<String> {
