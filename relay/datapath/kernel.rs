@@ -265,13 +265,10 @@ impl Splice for KernelSplice {
             return Err(e);
         }
         let from: TcpCounters = sys::tcp_counters(src)?;
+        // A reset source has reached end of file too: the pair tells the two apart by SO_ERROR
+        // before it forwards the end of file (server/pair.rs).
         if !from.fin_received() {
             return Ok(Flow::Open);
-        }
-        if from.closed() {
-            if let Some(e) = sys::take_socket_error(src) {
-                return Err(e); // reset, not a FIN
-            }
         }
         // Every byte the source sent (less what user space consumed before pairing) must have
         // been acknowledged by the destination's client before it may see the FIN.

@@ -18,7 +18,8 @@ pub enum Flow {
     /// after a short delay.
     Flushing,
     /// The source has reached end of file and every byte it sent left through the destination:
-    /// the destination's write side may be shut down now.
+    /// the destination's write side may be shut down now. A reset source has reached end of file
+    /// too: the caller tells the two apart by the source's SO_ERROR before it shuts anything down.
     Finished,
 }
 

@@ -1,0 +1,248 @@
+//! `proxy`'s upstream connections: a non-blocking connect to the next upstream of a client's
+//! plan, its timeout, failover to the rest of the plan, and marking failed upstreams down. It
+//! also remembers the local address of every upstream connection it made that is still open, so
+//! a client that comes from one is recognised as this proxy looping into itself.
+use crate::upstream::{Upstreams, DOWN_FOR};
+use mio::{net::TcpStream, Interest, Registry, Token};
+use std::{
+    collections::HashSet,
+    io,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+/// A non-blocking connect to an upstream, with the upstreams still to try after it.
+pub(super) struct Connecting {
+    pub(super) stream: TcpStream,
+    /// Its local address: a client that comes from it is this proxy looping into itself.
+    pub(super) local: SocketAddr,
+    idx: usize,
+    deadline: Instant,
+    rest: Vec<usize>,
+}
+
+impl Connecting {
+    /// When the connect runs past `--connect-timeout`.
+    pub(super) fn deadline(&self) -> Instant {
+        self.deadline
+    }
+}
+
+/// Where a connect stands after a readiness event.
+#[derive(Debug)]
+pub(super) enum Progress {
+    /// Still connecting.
+    Waiting,
+    /// Connected to this upstream address.
+    Connected(SocketAddr),
+    Failed(io::Error),
+}
+
+pub(super) struct Connector {
+    upstreams: Upstreams,
+    timeout: Duration,
+    /// Local addresses of our upstream connections, connecting or spliced.
+    own: HashSet<SocketAddr>,
+}
+
+impl Connector {
+    pub(super) fn new(upstreams: Upstreams, timeout: Duration) -> Connector {
+        Connector { upstreams, timeout, own: HashSet::new() }
+    }
+
+    /// Whether a client connecting from `addr` is one of our own upstream connections.
+    pub(super) fn is_own(&self, addr: &SocketAddr) -> bool {
+        self.own.contains(addr)
+    }
+
+    /// Starts connecting a new client to the first upstream of its round-robin plan that takes a
+    /// connect, watched under `token`. None: no upstream is left to try.
+    pub(super) fn connect(&mut self, registry: &Registry, token: Token) -> Option<Connecting> {
+        let plan = self.upstreams.plan(Instant::now());
+        self.try_plan(plan, registry, token)
+    }
+
+    fn try_plan(&mut self, mut plan: Vec<usize>, registry: &Registry, token: Token) -> Option<Connecting> {
+        while !plan.is_empty() {
+            let idx = plan.remove(0);
+            let addr = self.upstreams.addr(idx);
+            match TcpStream::connect(addr) {
+                Ok(mut stream) => {
+                    let interest = Interest::READABLE | Interest::WRITABLE;
+                    if let Err(e) = registry.register(&mut stream, token, interest) {
+                        log::warn!("upstream {addr}: cannot watch the connection: {e}");
+                        continue;
+                    }
+                    // Bound by connect(2); unknown only if the socket already failed, which
+                    // `progress` then reports.
+                    let local = stream.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+                    self.own.insert(local);
+                    let deadline = Instant::now() + self.timeout;
+                    return Some(Connecting { stream, local, idx, deadline, rest: plan });
+                }
+                Err(e) => {
+                    log::warn!("upstream {addr}: {e}; marked down for {DOWN_FOR:?}");
+                    self.upstreams.mark_down(idx, Instant::now());
+                }
+            }
+        }
+        None
+    }
+
+    /// Where `c` stands; called when its socket is ready.
+    pub(super) fn progress(c: &Connecting) -> Progress {
+        match c.stream.take_error() {
+            Ok(Some(e)) | Err(e) => return Progress::Failed(e),
+            Ok(None) => {}
+        }
+        match c.stream.peer_addr() {
+            Ok(addr) => Progress::Connected(addr),
+            // Not connected: still connecting, or reset just after take_error looked.
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                if crate::sys::tcp_counters(&c.stream).is_ok_and(|t| t.closed()) {
+                    Progress::Failed(io::Error::from(io::ErrorKind::ConnectionReset))
+                } else {
+                    Progress::Waiting
+                }
+            }
+            Err(e) => Progress::Failed(e),
+        }
+    }
+
+    /// `c` failed or timed out: its upstream is marked down and the rest of its plan is tried,
+    /// watched under `token`. None: no upstream is left to try.
+    pub(super) fn failed(
+        &mut self,
+        mut c: Connecting,
+        error: io::Error,
+        registry: &Registry,
+        token: Token,
+    ) -> Option<Connecting> {
+        self.abandon(&mut c, registry);
+        self.upstreams.mark_down(c.idx, Instant::now());
+        log::warn!("upstream {}: {error}; marked down for {DOWN_FOR:?}", self.upstreams.addr(c.idx));
+        self.try_plan(c.rest, registry, token)
+    }
+
+    /// Stops watching `c` and forgets it (its client left, or it is about to be spliced).
+    pub(super) fn abandon(&mut self, c: &mut Connecting, registry: &Registry) {
+        let _ = registry.deregister(&mut c.stream);
+        self.own.remove(&c.local);
+    }
+
+    /// An upstream connection with local address `local` lives on in a pair.
+    pub(super) fn remember(&mut self, local: SocketAddr) {
+        self.own.insert(local);
+    }
+
+    /// The pair that held the upstream connection from `local` has ended.
+    pub(super) fn forget(&mut self, local: SocketAddr) {
+        self.own.remove(&local);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Connects over loopback to real listeners and to ports nothing listens on.
+    use super::*;
+    use mio::{Events, Poll};
+    use std::net::TcpListener;
+
+    const TOKEN: Token = Token(7);
+
+    /// A loopback port with nothing listening on it.
+    fn closed_port() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    }
+
+    /// Polls `c` until it connects or fails, failing over as the server does.
+    fn settle(connector: &mut Connector, poll: &mut Poll, mut c: Connecting) -> (Option<SocketAddr>, usize) {
+        let mut events = Events::with_capacity(8);
+        let mut failovers = 0;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            poll.poll(&mut events, Some(Duration::from_millis(50))).unwrap();
+            match Connector::progress(&c) {
+                Progress::Waiting => {}
+                Progress::Connected(addr) => return (Some(addr), failovers),
+                Progress::Failed(e) => match connector.failed(c, e, poll.registry(), TOKEN) {
+                    Some(next) => {
+                        failovers += 1;
+                        c = next;
+                    }
+                    None => return (None, failovers),
+                },
+            }
+        }
+        panic!("no outcome within 5 s");
+    }
+
+    #[test]
+    fn connects_and_remembers_its_own_connections_until_forgotten() {
+        let up = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = up.local_addr().unwrap();
+        let mut poll = Poll::new().unwrap();
+        let mut connector = Connector::new(Upstreams::new(vec![addr]), Duration::from_secs(1));
+        let before = Instant::now();
+        let c = connector.connect(poll.registry(), TOKEN).expect("connecting");
+        assert!(c.deadline() >= before + Duration::from_secs(1));
+        let local = c.local;
+        assert!(connector.is_own(&local), "a client from {local} would be this proxy's own connection");
+        let (_accepted, peer) = up.accept().unwrap();
+        assert_eq!(peer, local);
+        let (got, failovers) = settle(&mut connector, &mut poll, c);
+        assert_eq!((got, failovers), (Some(addr), 0));
+        connector.forget(local);
+        assert!(!connector.is_own(&local));
+    }
+
+    #[test]
+    fn a_refusing_upstream_is_marked_down_and_the_next_one_is_tried() {
+        let down = closed_port();
+        let up = TcpListener::bind("127.0.0.1:0").unwrap();
+        let up_addr = up.local_addr().unwrap();
+        let mut poll = Poll::new().unwrap();
+        let mut connector = Connector::new(Upstreams::new(vec![down, up_addr]), Duration::from_secs(1));
+        // The first client's plan starts at the refusing one (round-robin from 0).
+        let c = connector.connect(poll.registry(), TOKEN).expect("connecting");
+        let (got, _) = settle(&mut connector, &mut poll, c);
+        assert_eq!(got, Some(up_addr), "failed over to the listening upstream");
+        assert!(connector.own.len() <= 1, "the refused connection is forgotten: {:?}", connector.own);
+        // The refused one is marked down: the next two clients both start with the good one.
+        for _ in 0..2 {
+            let c = connector.connect(poll.registry(), TOKEN).expect("connecting");
+            assert_eq!(settle(&mut connector, &mut poll, c), (Some(up_addr), 0));
+        }
+    }
+
+    #[test]
+    fn when_every_upstream_fails_there_is_nothing_left_and_nothing_remembered() {
+        let mut poll = Poll::new().unwrap();
+        let mut connector = Connector::new(Upstreams::new(vec![closed_port(), closed_port()]), Duration::from_secs(1));
+        let outcome = match connector.connect(poll.registry(), TOKEN) {
+            Some(c) => settle(&mut connector, &mut poll, c),
+            None => (None, 0),
+        };
+        assert_eq!(outcome.0, None);
+        assert!(connector.own.is_empty(), "{:?}", connector.own);
+    }
+
+    #[test]
+    fn a_timed_out_connect_marks_its_upstream_down_and_fails_over() {
+        let slow = TcpListener::bind("127.0.0.1:0").unwrap();
+        let fast = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (slow_addr, fast_addr) = (slow.local_addr().unwrap(), fast.local_addr().unwrap());
+        let mut poll = Poll::new().unwrap();
+        let mut connector = Connector::new(Upstreams::new(vec![slow_addr, fast_addr]), Duration::from_millis(1));
+        let c = connector.connect(poll.registry(), TOKEN).expect("connecting");
+        let local = c.local;
+        // The server's ConnectTimeout timer does this once the deadline has passed.
+        let why = io::Error::new(io::ErrorKind::TimedOut, "no answer within --connect-timeout");
+        let next = connector.failed(c, why, poll.registry(), TOKEN).expect("the next upstream");
+        assert!(!connector.is_own(&local), "the timed-out connection is forgotten");
+        assert_eq!(settle(&mut connector, &mut poll, next), (Some(fast_addr), 0));
+        let c = connector.connect(poll.registry(), TOKEN).expect("connecting");
+        assert_eq!(settle(&mut connector, &mut poll, c).0, Some(fast_addr), "the slow one is down, tried last");
+    }
+}

@@ -1,0 +1,572 @@
+//! The accept-and-splice loop: one mio thread accepts clients, finds each one its partner, hands
+//! the pair to the datapath and then only propagates end of file and resets. Payload never
+//! passes through here on the kernel datapath.
+//!
+//! The loop only dispatches events and timers; each concept owns its state and answers with an
+//! outcome the loop acts on, and none calls another:
+//! - `listener`: the listening socket, made in one place;
+//! - `pending`: a client waiting for its token line, its partner or its upstream connection;
+//! - `connector`: `proxy`'s upstream connections (connect, timeout, failover, mark-down);
+//! - `pair`: two spliced connections, their end-of-file and reset propagation;
+//! - `timers`: deadlines typed by what they are for.
+//!
+//! How a pair ends is accounted in one place, `Server::account_end`.
+mod connector;
+mod listener;
+mod pair;
+mod pending;
+mod timers;
+
+pub use listener::listen;
+
+use self::{
+    connector::{Connector, Progress},
+    pair::{reset_on_close, Ended, Ending, Pair, Step},
+    pending::{Look, Pending},
+    timers::{Timer, Timers},
+};
+use crate::{cli::PairBy, datapath::Datapath, error::Error, pairing::Matcher, sys, upstream::Upstreams};
+use mio::{
+    event::Event,
+    net::{TcpListener, TcpStream},
+    Events, Interest, Poll, Token,
+};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use slab::Slab;
+use std::{
+    io,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+/// Where a client's partner comes from.
+pub enum Partnering {
+    /// `relay`: another client of the same listener.
+    Clients(PairBy),
+    /// `proxy`: a fresh connection to an upstream.
+    Upstreams { upstreams: Upstreams, connect_timeout: Duration },
+}
+
+/// What the loop needs to know, whichever command started it.
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub partnering: Partnering,
+    pub max_pending: usize,
+    pub pair_timeout: Duration,
+    pub drain_timeout: Duration,
+}
+
+const LISTENER: Token = Token(0);
+const SIGNALS: Token = Token(1);
+const FIRST_SLOT_TOKEN: usize = 2;
+/// How long to wait before accepting again when the process is out of file descriptors.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The token of end `end` of the client or pair in `slot` (a pending client is end 0, its
+/// upstream connection end 1).
+fn token(slot: usize, end: usize) -> Token {
+    Token(FIRST_SLOT_TOKEN + slot * 2 + end)
+}
+
+fn tokens(slot: usize) -> [Token; 2] {
+    [token(slot, 0), token(slot, 1)]
+}
+
+fn slot_of(token: Token) -> (usize, usize) {
+    let n = token.0 - FIRST_SLOT_TOKEN;
+    (n / 2, n % 2)
+}
+
+enum Slot {
+    Pending(Pending),
+    Pair(Pair),
+}
+
+/// How clients find partners, with the state that takes.
+enum Partners {
+    Clients { by: PairBy, matcher: Matcher<usize> },
+    Upstreams(Connector),
+}
+
+pub struct Server {
+    poll: Poll,
+    listener: Option<TcpListener>,
+    signals: Signals,
+    datapath: Box<dyn Datapath>,
+    partners: Partners,
+    max_pending: usize,
+    pair_timeout: Duration,
+    drain_timeout: Duration,
+    slots: Slab<Slot>,
+    pending: usize,
+    pairs: usize,
+    serial: u64,
+    timers: Timers,
+    /// Pairs to service again this turn (more was ready than one call moves).
+    again: Vec<(usize, u64)>,
+    accept_retry: Option<Instant>,
+    drain_deadline: Option<Instant>,
+}
+
+impl Server {
+    pub fn new(mut listener: TcpListener, datapath: Box<dyn Datapath>, config: ServerConfig) -> Result<Self, Error> {
+        let poll = Poll::new().map_err(|e| Error::io("cannot create the event loop", e))?;
+        let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(|e| Error::io("cannot handle signals", e))?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)
+            .and_then(|_| poll.registry().register(&mut signals, SIGNALS, Interest::READABLE))
+            .map_err(|e| Error::io("cannot register with the event loop", e))?;
+        sys::raise_fd_limit();
+        let partners = match config.partnering {
+            Partnering::Clients(by) => Partners::Clients { by, matcher: Matcher::default() },
+            Partnering::Upstreams { upstreams, connect_timeout } => {
+                Partners::Upstreams(Connector::new(upstreams, connect_timeout))
+            }
+        };
+        Ok(Server {
+            poll,
+            listener: Some(listener),
+            signals,
+            datapath,
+            partners,
+            max_pending: config.max_pending,
+            pair_timeout: config.pair_timeout,
+            drain_timeout: config.drain_timeout,
+            slots: Slab::new(),
+            pending: 0,
+            pairs: 0,
+            serial: 0,
+            timers: Timers::default(),
+            again: Vec::new(),
+            accept_retry: None,
+            drain_deadline: None,
+        })
+    }
+
+    pub fn run(mut self) -> Result<(), Error> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.next_timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::io("event loop failed", e));
+            }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept(),
+                    SIGNALS => self.on_signal(),
+                    t => {
+                        let (slot, end) = slot_of(t);
+                        self.on_socket(slot, end, event);
+                    }
+                }
+            }
+            for (slot, serial) in std::mem::take(&mut self.again) {
+                if self.is_pair(slot, serial) {
+                    self.service(slot, false);
+                }
+            }
+            self.fire_timers();
+            if self.accept_retry.is_some_and(|t| Instant::now() >= t) {
+                self.accept_retry = None;
+                self.accept();
+            }
+            if let Some(deadline) = self.drain_deadline {
+                if self.pairs == 0 {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    log::warn!("drain timeout: closing {} live pair(s)", self.pairs);
+                    self.end_all(|| Ending::Drained);
+                    break;
+                }
+            }
+        }
+        if let Some(summary) = self.datapath.summary() {
+            log::info!("{summary}");
+        }
+        log::info!("stopped");
+        Ok(())
+    }
+
+    fn next_timeout(&self) -> Option<Duration> {
+        if !self.again.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let deadlines = [self.timers.next(), self.drain_deadline, self.accept_retry];
+        deadlines.into_iter().flatten().min().map(|t| t.saturating_duration_since(Instant::now()))
+    }
+
+    fn next_serial(&mut self) -> u64 {
+        self.serial += 1;
+        self.serial
+    }
+
+    fn is_pair(&self, slot: usize, serial: u64) -> bool {
+        matches!(self.slots.get(slot), Some(Slot::Pair(p)) if p.serial() == serial)
+    }
+
+    fn pending_mut(&mut self, slot: usize, serial: Option<u64>) -> Option<&mut Pending> {
+        match self.slots.get_mut(slot) {
+            Some(Slot::Pending(p)) if serial.is_none_or(|s| s == p.serial) => Some(p),
+            _ => None,
+        }
+    }
+
+    fn accept(&mut self) {
+        loop {
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            match listener.accept() {
+                Ok((stream, addr)) => self.admit(stream, addr),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
+                    ) =>
+                {
+                    log::warn!("cannot accept more clients now: {e} (retrying in {ACCEPT_BACKOFF:?})");
+                    self.accept_retry = Some(Instant::now() + ACCEPT_BACKOFF);
+                    return;
+                }
+                Err(e) => log::debug!("accept: {e}"),
+            }
+        }
+    }
+
+    fn admit(&mut self, mut stream: TcpStream, addr: SocketAddr) {
+        match &self.partners {
+            Partners::Clients { matcher, .. } => {
+                // Clients still sending their token line are capped like waiting ones, so slow
+                // senders cannot pile up; a client that would wait is checked again once it is
+                // identified.
+                let unidentified = self.pending - matcher.waiting();
+                if unidentified >= self.max_pending {
+                    log::warn!(
+                        "client {addr} closed: {unidentified} clients are already sending their token line (--max-pending)"
+                    );
+                    return;
+                }
+            }
+            Partners::Upstreams(connector) => {
+                // One of our own upstream connections: the upstream leads back to this proxy.
+                // Without this each looped connection would open another, until the process ran
+                // out of files.
+                if connector.is_own(&addr) {
+                    reset_on_close(&stream);
+                    log::error!(
+                        "client {addr} reset: it is this proxy's own upstream connection (the upstream leads back \
+                         to this proxy: give --upstream the address of the server to proxy to)"
+                    );
+                    return;
+                }
+                if self.pending >= self.max_pending {
+                    reset_on_close(&stream);
+                    log::warn!(
+                        "client {addr} reset: {} clients already wait for their upstream connection (--max-pending)",
+                        self.pending
+                    );
+                    return;
+                }
+            }
+        }
+        let _ = stream.set_nodelay(true);
+        let slot = self.slots.vacant_key();
+        if let Err(e) = self.poll.registry().register(&mut stream, token(slot, 0), Interest::READABLE) {
+            log::warn!("client {addr} closed: cannot watch it: {e}");
+            return;
+        }
+        let serial = self.next_serial();
+        let key = match self.partners {
+            Partners::Clients { by: PairBy::Token, .. } => None,
+            _ => Some(String::new()),
+        };
+        self.slots.insert(Slot::Pending(Pending::new(stream, addr, serial, key)));
+        self.pending += 1;
+        log::debug!("client {addr} connected");
+        match &mut self.partners {
+            Partners::Clients { by, .. } => {
+                self.timers.set(Instant::now() + self.pair_timeout, Timer::PairTimeout { slot, serial });
+                match by {
+                    PairBy::Order => self.offer(slot),
+                    PairBy::Token => self.on_pending(slot),
+                }
+            }
+            Partners::Upstreams(connector) => match connector.connect(self.poll.registry(), token(slot, 1)) {
+                Some(c) => {
+                    self.timers.set(c.deadline(), Timer::ConnectTimeout { slot, serial });
+                    self.pending_mut(slot, None).expect("just admitted").upstream = Some(c);
+                }
+                None => self.no_upstream(slot),
+            },
+        }
+    }
+
+    fn on_socket(&mut self, slot: usize, end: usize, event: &Event) {
+        match self.slots.get(slot) {
+            Some(Slot::Pending(_)) if end == 1 => self.on_upstream(slot),
+            Some(Slot::Pending(_)) => self.on_pending(slot),
+            Some(Slot::Pair(_)) => {
+                let check = event.is_error() || event.is_read_closed() || event.is_write_closed();
+                self.service(slot, check);
+            }
+            None => {}
+        }
+    }
+
+    /// A pending client's socket is ready: its token line, or its leaving.
+    fn on_pending(&mut self, slot: usize) {
+        let Some(p) = self.pending_mut(slot, None) else { return };
+        match p.look() {
+            Look::Waiting => {}
+            Look::Identified => self.offer(slot),
+            Look::Gone(why) => self.drop_pending(slot, &why),
+        }
+    }
+
+    /// Offers an identified client a partner, or lets it wait.
+    fn offer(&mut self, slot: usize) {
+        let Some(p) = self.pending_mut(slot, None) else { return };
+        let key = p.key.clone().unwrap_or_default();
+        let Partners::Clients { matcher, .. } = &mut self.partners else { return };
+        match matcher.offer(&key, slot) {
+            // The loop may not have seen the waiting client's close or reset yet: look now, so
+            // a client that is gone never takes a partner.
+            Some(partner) => match self.pending_mut(partner, None).map(|p| p.gone()) {
+                Some(None) => self.form_pair(partner, slot),
+                Some(Some(why)) => {
+                    self.drop_pending(partner, &why);
+                    self.offer(slot)
+                }
+                None => self.offer(slot),
+            },
+            None if matcher.waiting() > self.max_pending => {
+                let why = format!("{} clients already wait for a partner (--max-pending)", self.max_pending);
+                self.drop_pending(slot, &why);
+            }
+            None => {}
+        }
+    }
+
+    /// Takes a pending client out of its slot, the matcher and the event loop.
+    fn take_pending(&mut self, slot: usize) -> Option<Pending> {
+        self.pending_mut(slot, None)?;
+        let Slot::Pending(mut p) = self.slots.remove(slot) else { unreachable!() };
+        self.pending -= 1;
+        let registry = self.poll.registry();
+        let _ = registry.deregister(&mut p.stream);
+        match &mut self.partners {
+            Partners::Clients { matcher, .. } => {
+                if let Some(key) = &p.key {
+                    matcher.withdraw(key, slot);
+                }
+            }
+            Partners::Upstreams(connector) => {
+                if let Some(c) = p.upstream.as_mut() {
+                    connector.abandon(c, registry);
+                }
+            }
+        }
+        Some(p)
+    }
+
+    fn drop_pending(&mut self, slot: usize, why: &str) {
+        if let Some(p) = self.take_pending(slot) {
+            log::info!("client {} closed: {why}", p.addr);
+        }
+    }
+
+    fn form_pair(&mut self, first: usize, second: usize) {
+        let (Some(a), Some(b)) = (self.take_pending(first), self.take_pending(second)) else {
+            return;
+        };
+        self.splice_pair([a.stream, b.stream], [a.addr, b.addr], [a.skip, b.skip], None);
+    }
+
+    /// Hands two connected sockets to the datapath and starts watching them as a pair.
+    /// `upstream_local`: `proxy`'s upstream end's local address, remembered while the pair lives.
+    fn splice_pair(
+        &mut self,
+        ends: [TcpStream; 2],
+        addrs: [SocketAddr; 2],
+        skip: [u32; 2],
+        upstream_local: Option<SocketAddr>,
+    ) {
+        // Armed before anything can fail: a pair we could not splice is reset, not closed.
+        ends.iter().for_each(reset_on_close);
+        let splice = match self.datapath.splice([&ends[0], &ends[1]], skip) {
+            Ok(s) => s,
+            Err(e) => return log::error!("pair {} <-> {} closed: cannot splice it: {e}", addrs[0], addrs[1]),
+        };
+        let serial = self.next_serial();
+        let slot = self.slots.vacant_key();
+        let mut pair = Pair::new(ends, addrs, splice, serial, upstream_local);
+        if let Err(e) = pair.register(self.poll.registry(), tokens(slot)) {
+            return log::error!("pair {} <-> {} closed: cannot watch it: {e}", addrs[0], addrs[1]);
+        }
+        log::debug!("paired {} <-> {} ({})", addrs[0], addrs[1], pair.datapath());
+        self.slots.insert(Slot::Pair(pair));
+        self.pairs += 1;
+        if let (Some(local), Partners::Upstreams(connector)) = (upstream_local, &mut self.partners) {
+            connector.remember(local);
+        }
+        // Bytes and EOFs that came before the pair formed are acted on now, not at the next event.
+        self.service(slot, true);
+    }
+
+    /// Moves a pair on and does what it asks: a timer, another turn, new readiness, its end.
+    fn service(&mut self, slot: usize, check_errors: bool) {
+        let Some(Slot::Pair(pair)) = self.slots.get_mut(slot) else {
+            return;
+        };
+        match pair.service(check_errors) {
+            Step::Ended(ending) => self.end_pair(slot, ending),
+            Step::Live { flush_check, again, interest } => {
+                let serial = pair.serial();
+                if let Some(interest) = interest {
+                    pair.reregister(self.poll.registry(), tokens(slot), interest);
+                }
+                if let Some(delay) = flush_check {
+                    self.timers.set(Instant::now() + delay, Timer::FlushCheck { slot, serial });
+                }
+                if again {
+                    self.again.push((slot, serial));
+                }
+            }
+        }
+    }
+
+    fn end_pair(&mut self, slot: usize, ending: Ending) {
+        let Some(Slot::Pair(_)) = self.slots.get(slot) else {
+            return;
+        };
+        let Slot::Pair(mut pair) = self.slots.remove(slot) else { unreachable!() };
+        self.pairs -= 1;
+        pair.deregister(self.poll.registry());
+        let ended = pair.end(ending);
+        self.account_end(&ended);
+    }
+
+    /// Every pair that ends passes here once, before its sockets close.
+    fn account_end(&mut self, ended: &Ended) {
+        if let (Some(local), Partners::Upstreams(connector)) = (ended.upstream_local, &mut self.partners) {
+            connector.forget(local);
+        }
+        let [a, b] = ended.addrs;
+        log::info!(
+            "pair {a} <-> {b} {} after {:.3}s: {} bytes {a} -> {b}, {} bytes {b} -> {a} ({})",
+            ended.how,
+            ended.lasted.as_secs_f64(),
+            ended.moved[0],
+            ended.moved[1],
+            ended.datapath,
+        );
+    }
+
+    fn end_all(&mut self, ending: fn() -> Ending) {
+        let slots: Vec<usize> = self.slots.iter().map(|(k, _)| k).collect();
+        for slot in slots {
+            match self.slots.get(slot) {
+                Some(Slot::Pair(_)) => self.end_pair(slot, ending()),
+                Some(Slot::Pending(_)) => self.drop_pending(slot, "skrelay is shutting down"),
+                None => {}
+            }
+        }
+    }
+
+    /// `proxy`: no upstream is left to try for the client in `slot`.
+    fn no_upstream(&mut self, slot: usize) {
+        if let Some(p) = self.take_pending(slot) {
+            reset_on_close(&p.stream);
+            log::warn!("client {} reset: no upstream could be reached", p.addr);
+        }
+    }
+
+    /// `proxy`: the upstream connection of a waiting client is ready (or failed).
+    fn on_upstream(&mut self, slot: usize) {
+        let Some(c) = self.pending_mut(slot, None).and_then(|p| p.upstream.as_ref()) else { return };
+        match Connector::progress(c) {
+            Progress::Waiting => {}
+            Progress::Failed(e) => self.upstream_failed(slot, e),
+            Progress::Connected(upstream_addr) => {
+                let Some(mut p) = self.take_pending(slot) else { return };
+                let c = p.upstream.take().expect("connecting");
+                let _ = c.stream.set_nodelay(true);
+                self.splice_pair([p.stream, c.stream], [p.addr, upstream_addr], [0, 0], Some(c.local));
+            }
+        }
+    }
+
+    /// `proxy`: a waiting client's upstream connection failed or timed out: the next upstream.
+    fn upstream_failed(&mut self, slot: usize, error: io::Error) {
+        let Partners::Upstreams(connector) = &mut self.partners else { return };
+        let Some(Slot::Pending(p)) = self.slots.get_mut(slot) else { return };
+        let Some(c) = p.upstream.take() else { return };
+        match connector.failed(c, error, self.poll.registry(), token(slot, 1)) {
+            Some(c) => {
+                self.timers.set(c.deadline(), Timer::ConnectTimeout { slot, serial: p.serial });
+                p.upstream = Some(c);
+            }
+            None => self.no_upstream(slot),
+        }
+    }
+
+    fn fire_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(timer) = self.timers.pop_due(now) {
+            match timer {
+                Timer::PairTimeout { slot, serial } => {
+                    if let Some(p) = self.pending_mut(slot, Some(serial)) {
+                        let why = p.timed_out();
+                        self.drop_pending(slot, why);
+                    }
+                }
+                Timer::ConnectTimeout { slot, serial } => {
+                    let due = self.pending_mut(slot, Some(serial)).and_then(|p| p.upstream.as_ref());
+                    if due.is_some_and(|c| c.deadline() <= now) {
+                        let why = io::Error::new(io::ErrorKind::TimedOut, "no answer within --connect-timeout");
+                        self.upstream_failed(slot, why);
+                    }
+                }
+                Timer::FlushCheck { slot, serial } => {
+                    if self.is_pair(slot, serial) {
+                        self.service(slot, true);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_signal(&mut self) {
+        let signals: Vec<i32> = self.signals.pending().collect();
+        for signal in signals {
+            let name = if signal == SIGINT { "SIGINT" } else { "SIGTERM" };
+            if self.drain_deadline.is_some() {
+                log::warn!("{name} again: closing {} live pair(s) now", self.pairs);
+                self.end_all(|| Ending::Drained);
+                self.drain_deadline = Some(Instant::now());
+                continue;
+            }
+            if let Some(mut listener) = self.listener.take() {
+                let _ = self.poll.registry().deregister(&mut listener);
+            }
+            let waiting: Vec<usize> =
+                self.slots.iter().filter(|(_, s)| matches!(s, Slot::Pending(_))).map(|(k, _)| k).collect();
+            for slot in waiting {
+                self.drop_pending(slot, "skrelay is shutting down");
+            }
+            log::info!(
+                "{name}: no longer accepting; letting {} live pair(s) finish (up to {:?})",
+                self.pairs,
+                self.drain_timeout
+            );
+            self.drain_deadline = Some(Instant::now() + self.drain_timeout);
+        }
+    }
+}

@@ -1,0 +1,367 @@
+//! Two spliced connections. The datapath moves their bytes; the pair propagates what the kernel
+//! does not: end of file, one direction at a time, and resets, to both clients. SO_ERROR, which
+//! reading clears, is read in one place: `Pair::take_error`.
+use crate::datapath::{Flow, Splice};
+use mio::{net::TcpStream, Interest, Registry, Token};
+use socket2::SockRef;
+use std::{
+    io,
+    net::{Shutdown, SocketAddr},
+    time::{Duration, Instant},
+};
+
+/// First and longest wait between checks that a half-closed source's bytes have all left.
+const FLUSH_CHECK_FIRST: Duration = Duration::from_millis(1);
+const FLUSH_CHECK_MAX: Duration = Duration::from_millis(100);
+
+/// Makes the next close of this socket send a RST instead of a FIN: also the close the kernel
+/// does when the process dies, so a reader never takes a cut stream for a whole one.
+pub(super) fn reset_on_close(stream: &TcpStream) {
+    let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+/// Undoes `reset_on_close`: the next close is an orderly one (FIN after every queued byte).
+fn close_gracefully(stream: &TcpStream) {
+    let _ = SockRef::from(stream).set_linger(None);
+}
+
+pub(super) struct Pair {
+    ends: [TcpStream; 2],
+    addrs: [SocketAddr; 2],
+    splice: Box<dyn Splice>,
+    since: Instant,
+    serial: u64,
+    /// Direction i (from end i) has finished and end 1-i's write side is shut down.
+    shut: [bool; 2],
+    flush_delay: Duration,
+    /// `proxy`: the local address of the upstream end (see `Connecting::local`).
+    upstream_local: Option<SocketAddr>,
+}
+
+/// How a pair ended, for the log and for what its clients see.
+#[derive(Debug)]
+pub(super) enum Ending {
+    /// Both directions finished: the only ending that closes with FINs.
+    Done,
+    /// A socket error on `end` (or a failure to move the pair on): both clients are reset.
+    Reset { end: usize, error: io::Error },
+    /// Cut at the drain timeout: both clients are reset.
+    Drained,
+}
+
+/// What `Pair::service` left to do for the loop.
+#[derive(Debug)]
+pub(super) enum Step {
+    Live {
+        /// Look again after this long (a source at end of file has bytes in flight).
+        flush_check: Option<Duration>,
+        /// More is ready than one turn moves: service again after the other pairs.
+        again: bool,
+        /// The datapath now needs this readiness from both sockets.
+        interest: Option<Interest>,
+    },
+    Ended(Ending),
+}
+
+/// A pair that has ended, with what its end-of-pair line reports. Its sockets close when it is
+/// dropped, so the line can be written before either client sees the close.
+pub(super) struct Ended {
+    pub(super) addrs: [SocketAddr; 2],
+    /// "ended", "reset (...)", "reset at the drain timeout".
+    pub(super) how: String,
+    pub(super) lasted: Duration,
+    /// Payload bytes delivered from end i to end 1-i.
+    pub(super) moved: [u64; 2],
+    /// Which datapath moved the bytes.
+    pub(super) datapath: &'static str,
+    pub(super) upstream_local: Option<SocketAddr>,
+    _ends: [TcpStream; 2],
+}
+
+impl Pair {
+    /// A pair of connected sockets that `splice` moves. Until the pair ends well, any close of
+    /// its sockets (ours, or the kernel's when this process dies) resets them: a stream we did not
+    /// finish must not look finished. A shutdown that forwards one direction's EOF still sends its
+    /// FIN; the socket keeps resetting on close because the other direction may be unfinished.
+    pub(super) fn new(
+        ends: [TcpStream; 2],
+        addrs: [SocketAddr; 2],
+        splice: Box<dyn Splice>,
+        serial: u64,
+        upstream_local: Option<SocketAddr>,
+    ) -> Pair {
+        for end in &ends {
+            reset_on_close(end);
+        }
+        Pair {
+            ends,
+            addrs,
+            splice,
+            since: Instant::now(),
+            serial,
+            shut: [false; 2],
+            flush_delay: FLUSH_CHECK_FIRST,
+            upstream_local,
+        }
+    }
+
+    pub(super) fn serial(&self) -> u64 {
+        self.serial
+    }
+
+    pub(super) fn datapath(&self) -> &'static str {
+        self.splice.name()
+    }
+
+    /// Watches both sockets for the readiness the datapath needs, end i under `tokens[i]`.
+    pub(super) fn register(&mut self, registry: &Registry, tokens: [Token; 2]) -> io::Result<()> {
+        let interest = self.splice.interest();
+        for (end, token) in self.ends.iter_mut().zip(tokens) {
+            registry.register(end, token, interest)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn reregister(&mut self, registry: &Registry, tokens: [Token; 2], interest: Interest) {
+        for (end, token) in self.ends.iter_mut().zip(tokens) {
+            let _ = registry.reregister(end, token, interest);
+        }
+    }
+
+    pub(super) fn deregister(&mut self, registry: &Registry) {
+        for end in self.ends.iter_mut() {
+            let _ = registry.deregister(end);
+        }
+    }
+
+    /// The pending error of end `end`, which reading clears: the only place SO_ERROR is read.
+    fn take_error(&self, end: usize) -> Option<io::Error> {
+        SockRef::from(&self.ends[end]).take_error().ok().flatten()
+    }
+
+    /// Moves the pair on: both directions, end-of-file propagation, errors. `check_errors`:
+    /// look for a reset first (the socket reported an error or a hang-up, or a timer fired).
+    pub(super) fn service(&mut self, check_errors: bool) -> Step {
+        // A reset is acted on before anything else: no FIN may reach the partner first.
+        if check_errors {
+            for end in 0..2 {
+                if let Some(error) = self.take_error(end) {
+                    return Step::Ended(Ending::Reset { end, error });
+                }
+            }
+        }
+        let mut flushing = false;
+        let mut again = false;
+        for dir in 0..2 {
+            if self.shut[dir] {
+                continue;
+            }
+            let (src, dst) = (&self.ends[dir], &self.ends[1 - dir]);
+            let flow = self.splice.advance(dir, src, dst);
+            log::trace!("pair {} <-> {} dir {dir}: {flow:?}", self.addrs[0], self.addrs[1]);
+            match flow {
+                Ok(Flow::Open) => {}
+                Ok(Flow::Again) => again = true,
+                Ok(Flow::Flushing) => flushing = true,
+                Ok(Flow::Finished) => {
+                    // The source's end of file is forwarded only if it was not a reset (a reset
+                    // socket has reached end of file too, with its error pending).
+                    if let Some(error) = self.take_error(dir) {
+                        return Step::Ended(Ending::Reset { end: dir, error });
+                    }
+                    let _ = dst.shutdown(Shutdown::Write);
+                    self.shut[dir] = true;
+                }
+                Err(error) => {
+                    // A failed read names the source; a failed write the destination.
+                    let end = if self.take_error(dir).is_some() { dir } else { 1 - dir };
+                    return Step::Ended(Ending::Reset { end, error });
+                }
+            }
+        }
+        if self.shut == [true, true] {
+            return Step::Ended(Ending::Done);
+        }
+        let interest = self.splice.interest();
+        if let Err(error) = self.splice.settle([&self.ends[0], &self.ends[1]]) {
+            return Step::Ended(Ending::Reset { end: 0, error });
+        }
+        let flush_check = flushing.then(|| {
+            let delay = self.flush_delay;
+            self.flush_delay = (self.flush_delay * 2).min(FLUSH_CHECK_MAX);
+            delay
+        });
+        let now = self.splice.interest();
+        Step::Live { flush_check, again, interest: (now != interest).then_some(now) }
+    }
+
+    /// Ends the pair: takes it out of the datapath and sets how its sockets close (FINs only
+    /// when both directions finished, resets otherwise). Deregister it first.
+    pub(super) fn end(mut self, ending: Ending) -> Ended {
+        let moved = [
+            self.splice.moved(0, &self.ends[0], &self.ends[1], self.shut[0]),
+            self.splice.moved(1, &self.ends[1], &self.ends[0], self.shut[1]),
+        ];
+        self.splice.release();
+        let how = match ending {
+            Ending::Done => {
+                // Both directions finished: the only close that may look like an orderly one.
+                self.ends.iter().for_each(close_gracefully);
+                "ended".to_string()
+            }
+            // Its streams were cut: they stay armed to reset (see `Pair::new`).
+            Ending::Drained => "reset at the drain timeout".to_string(),
+            Ending::Reset { end, error } => {
+                // What one end's client did to its connection, the other's client sees too.
+                self.ends.iter().for_each(reset_on_close);
+                format!("reset ({}: {error})", self.addrs[end])
+            }
+        };
+        Ended {
+            addrs: self.addrs,
+            how,
+            lasted: self.since.elapsed(),
+            moved,
+            datapath: self.splice.name(),
+            upstream_local: self.upstream_local,
+            _ends: self.ends,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Pairs over real loopback TCP connections, spliced by the userspace datapath (the kernel
+    //! datapath needs BPF privileges; the integration tests run both).
+    use super::*;
+    use crate::datapath::{userspace::UserspaceDatapath, Datapath};
+    use std::{
+        io::{ErrorKind, Read, Write},
+        net::{TcpListener, TcpStream as StdStream},
+        thread,
+    };
+
+    /// Two connected loopback sockets: the client's end (blocking) and the relay's end.
+    fn connection(listener: &TcpListener) -> (StdStream, TcpStream) {
+        let client = StdStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        (client, TcpStream::from_std(ours))
+    }
+
+    /// A pair between two clients, `a` on end 0 and `b` on end 1.
+    fn pair() -> (Pair, StdStream, StdStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (a, a_end) = connection(&listener);
+        let (b, b_end) = connection(&listener);
+        let splice = UserspaceDatapath.splice([&a_end, &b_end], [0, 0]).unwrap();
+        let addrs = [a.local_addr().unwrap(), b.local_addr().unwrap()];
+        (Pair::new([a_end, b_end], addrs, splice, 1, None), a, b)
+    }
+
+    /// Services the pair (as readiness events would) until it ends or `until` says stop.
+    fn run(pair: &mut Pair, check_errors: bool, until: impl Fn(&Pair) -> bool) -> Option<Ending> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Step::Ended(ending) = pair.service(check_errors) {
+                return Some(ending);
+            }
+            if until(pair) {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        panic!("the pair did not move on within 5 s");
+    }
+
+    /// Bytes the pair delivered from end `dir` so far.
+    fn moved(pair: &Pair, dir: usize) -> u64 {
+        pair.splice.moved(dir, &pair.ends[dir], &pair.ends[1 - dir], false)
+    }
+
+    fn read_to_end(s: &mut StdStream) -> io::Result<Vec<u8>> {
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).map(|_| got)
+    }
+
+    fn is_reset<T: std::fmt::Debug>(r: io::Result<T>) -> bool {
+        matches!(r, Err(e) if e.kind() == ErrorKind::ConnectionReset)
+    }
+
+    #[test]
+    fn each_eof_is_forwarded_after_its_bytes_and_both_make_the_pair_done() {
+        let (mut pair, mut a, mut b) = pair();
+        a.write_all(b"from a").unwrap();
+        a.shutdown(Shutdown::Write).unwrap();
+        assert!(run(&mut pair, false, |p| p.shut[0]).is_none(), "one direction finished, the pair lives");
+        assert_eq!(read_to_end(&mut b).unwrap(), b"from a", "b reads a's bytes, then a's EOF");
+        // The other way stays open after the half-close.
+        b.write_all(b"and from b").unwrap();
+        run(&mut pair, false, |p| moved(p, 1) == 10);
+        let mut buf = [0u8; 10];
+        a.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"and from b");
+        b.shutdown(Shutdown::Write).unwrap();
+        let ending = run(&mut pair, false, |_| false).expect("ended");
+        assert!(matches!(ending, Ending::Done), "{ending:?}");
+        let ended = pair.end(ending);
+        assert_eq!((ended.how.as_str(), ended.moved), ("ended", [6, 10]));
+        assert_eq!(ended.datapath, "userspace");
+        drop(ended);
+        assert_eq!(read_to_end(&mut a).unwrap(), b"", "a sees b's EOF and an orderly close");
+        assert_eq!(read_to_end(&mut b).unwrap(), b"", "so does b");
+    }
+
+    #[test]
+    fn a_reset_on_one_end_resets_the_other() {
+        for check_errors in [true, false] {
+            let (mut pair, mut a, mut b) = pair();
+            a.write_all(b"hello").unwrap();
+            run(&mut pair, check_errors, |p| moved(p, 0) == 5);
+            SockRef::from(&a).set_linger(Some(Duration::ZERO)).unwrap();
+            drop(a); // RST
+            thread::sleep(Duration::from_millis(20));
+            // Seen by its pending error (an error or hang-up event) or by a failed read.
+            let ending = run(&mut pair, check_errors, |_| false).expect("ended");
+            let Ending::Reset { end, .. } = &ending else { panic!("{ending:?}") };
+            if check_errors {
+                assert_eq!(*end, 0, "the error names the end that was reset");
+            }
+            drop(pair.end(ending));
+            let mut buf = [0u8; 5];
+            b.read_exact(&mut buf).unwrap();
+            assert!(is_reset(read_to_end(&mut b)), "b is reset too, after the bytes sent before");
+        }
+    }
+
+    #[test]
+    fn a_source_reset_after_its_fin_is_a_reset_not_an_eof() {
+        let (mut pair, mut a, mut b) = pair();
+        a.write_all(b"partial").unwrap();
+        a.shutdown(Shutdown::Write).unwrap();
+        SockRef::from(&a).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(a); // FIN, then RST
+        thread::sleep(Duration::from_millis(20));
+        let ending = run(&mut pair, false, |_| false).expect("ended");
+        assert!(matches!(ending, Ending::Reset { end: 0, .. }), "{ending:?}");
+        drop(pair.end(ending));
+        let mut buf = [0u8; 7];
+        b.read_exact(&mut buf).unwrap();
+        assert!(is_reset(read_to_end(&mut b)), "b reads the bytes, then a reset, never an EOF");
+    }
+
+    #[test]
+    fn a_drained_pair_resets_both_clients_and_counts_what_was_delivered() {
+        let (mut pair, mut a, mut b) = pair();
+        a.write_all(b"12345").unwrap();
+        run(&mut pair, false, |p| moved(p, 0) == 5);
+        let ended = pair.end(Ending::Drained);
+        assert_eq!((ended.how.as_str(), ended.moved), ("reset at the drain timeout", [5, 0]));
+        drop(ended);
+        let mut buf = [0u8; 5];
+        b.read_exact(&mut buf).unwrap();
+        assert!(is_reset(read_to_end(&mut b)));
+        assert!(is_reset(read_to_end(&mut a)));
+    }
+}
