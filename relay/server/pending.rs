@@ -112,3 +112,81 @@ impl Pending {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Clients over loopback TCP, looked at as the loop does after a readiness event.
+    use super::*;
+    use std::{
+        io::Write,
+        net::{Shutdown, TcpListener, TcpStream as StdStream},
+        thread,
+        time::Duration,
+    };
+
+    /// A connected client and the pending entry for its accepted end (`key` as `admit` sets it).
+    fn client(key: Option<String>) -> (StdStream, Pending) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = StdStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, addr) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        (client, Pending::new(TcpStream::from_std(ours), addr, 1, key))
+    }
+
+    /// Looks until the answer is not `Waiting` (bytes take a moment to cross loopback).
+    fn look(p: &mut Pending) -> Look {
+        for _ in 0..100 {
+            match p.look() {
+                Look::Waiting => thread::sleep(Duration::from_millis(5)),
+                other => return other,
+            }
+        }
+        Look::Waiting
+    }
+
+    #[test]
+    fn a_token_line_is_peeked_and_stays_queued_for_the_datapath_to_discard() {
+        let (mut c, mut p) = client(None);
+        c.write_all(b"tok").unwrap();
+        thread::sleep(Duration::from_millis(20));
+        assert_eq!(p.look(), Look::Waiting, "an incomplete line waits");
+        c.write_all(b"en\r\nhello").unwrap();
+        assert_eq!(look(&mut p), Look::Identified);
+        assert_eq!((p.key.as_deref(), p.skip), (Some("token"), 7));
+        let mut buf = [0u8; 16];
+        assert_eq!(sys::peek(&p.stream, &mut buf).unwrap(), 12, "nothing was read");
+        assert_eq!(p.gone(), None);
+        assert_eq!(p.timed_out(), "no partner came within --pair-timeout");
+    }
+
+    #[test]
+    fn bad_or_unfinished_token_lines_and_silent_leavers_are_gone() {
+        let (mut c, mut p) = client(None);
+        c.write_all(b"a\x01b\n").unwrap();
+        assert_eq!(look(&mut p), Look::Gone("bad token line: token has bytes that are not printable ASCII".into()));
+
+        let (mut c, mut p) = client(None);
+        c.write_all(b"half").unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(look(&mut p), Look::Gone("closed before ending its token line".into()));
+
+        let (c, mut p) = client(None);
+        assert_eq!(p.timed_out(), "no token line within --pair-timeout");
+        drop(c);
+        assert_eq!(look(&mut p), Look::Gone("closed before sending a token line".into()));
+    }
+
+    #[test]
+    fn a_waiting_client_that_sent_bytes_then_half_closed_still_waits() {
+        let (mut c, mut p) = client(Some(String::new()));
+        c.write_all(b"bytes for the partner").unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        thread::sleep(Duration::from_millis(20));
+        assert_eq!(p.look(), Look::Waiting);
+        assert_eq!(p.gone(), None, "its bytes and its EOF will reach the partner");
+
+        let (c, mut p) = client(Some(String::new()));
+        drop(c);
+        assert_eq!(look(&mut p), Look::Gone("left before a partner came".into()));
+    }
+}
