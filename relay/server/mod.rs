@@ -398,17 +398,19 @@ impl Server {
         skip: [u32; 2],
         upstream_local: Option<SocketAddr>,
     ) {
-        // Armed before anything can fail: a pair we could not splice is reset, not closed.
-        ends.iter().for_each(reset_on_close);
         let splice = match self.datapath.splice([&ends[0], &ends[1]], skip) {
             Ok(s) => s,
-            Err(e) => return log::error!("pair {} <-> {} closed: cannot splice it: {e}", addrs[0], addrs[1]),
+            Err(e) => {
+                // Streams we could not finish: reset, never closed as if they were whole.
+                ends.iter().for_each(reset_on_close);
+                return log::error!("pair {} <-> {} reset: cannot splice it: {e}", addrs[0], addrs[1]);
+            }
         };
         let serial = self.next_serial();
         let slot = self.slots.vacant_key();
         let mut pair = Pair::new(ends, addrs, splice, serial, upstream_local);
         if let Err(e) = pair.register(self.poll.registry(), tokens(slot)) {
-            return log::error!("pair {} <-> {} closed: cannot watch it: {e}", addrs[0], addrs[1]);
+            return log::error!("pair {} <-> {} reset: cannot watch it: {e}", addrs[0], addrs[1]);
         }
         log::debug!("paired {} <-> {} ({})", addrs[0], addrs[1], pair.datapath());
         self.slots.insert(Slot::Pair(pair));
