@@ -1,7 +1,10 @@
 //! Two spliced connections. The datapath moves their bytes; the pair propagates what the kernel
 //! does not: end of file, one direction at a time, and resets, to both clients. SO_ERROR, which
 //! reading clears, is read in one place: `Pair::take_error`.
-use crate::datapath::{Flow, Splice};
+use crate::{
+    datapath::{Flow, Splice},
+    sys,
+};
 use mio::{net::TcpStream, Interest, Registry, Token};
 use socket2::SockRef;
 use std::{
@@ -139,6 +142,21 @@ impl Pair {
         SockRef::from(&self.ends[end]).take_error().ok().flatten()
     }
 
+    /// Which end an error from moving direction `dir` came from: the source when a read failed,
+    /// the destination when a write did. The call that returned the error has usually cleared
+    /// SO_ERROR already; then the end the error closed (TCP CLOSE) names it.
+    fn failed_end(&self, dir: usize) -> usize {
+        if self.take_error(dir).is_some() {
+            return dir;
+        }
+        let closed = |end: usize| sys::tcp_counters(&self.ends[end]).is_ok_and(|c| c.closed());
+        if closed(dir) && !closed(1 - dir) {
+            dir
+        } else {
+            1 - dir
+        }
+    }
+
     /// Moves the pair on: both directions, end-of-file propagation, errors. `check_errors`:
     /// look for a reset first (the socket reported an error or a hang-up, or a timer fired).
     pub(super) fn service(&mut self, check_errors: bool) -> Step {
@@ -172,11 +190,7 @@ impl Pair {
                     let _ = dst.shutdown(Shutdown::Write);
                     self.shut[dir] = true;
                 }
-                Err(error) => {
-                    // A failed read names the source; a failed write the destination.
-                    let end = if self.take_error(dir).is_some() { dir } else { 1 - dir };
-                    return Step::Ended(Ending::Reset { end, error });
-                }
+                Err(error) => return Step::Ended(Ending::Reset { end: self.failed_end(dir), error }),
             }
         }
         if self.shut == [true, true] {
@@ -314,24 +328,30 @@ mod tests {
     }
 
     #[test]
-    fn a_reset_on_one_end_resets_the_other() {
-        for check_errors in [true, false] {
-            let (mut pair, mut a, mut b) = pair();
-            a.write_all(b"hello").unwrap();
-            run(&mut pair, check_errors, |p| moved(p, 0) == 5);
-            SockRef::from(&a).set_linger(Some(Duration::ZERO)).unwrap();
-            drop(a); // RST
-            thread::sleep(Duration::from_millis(20));
-            // Seen by its pending error (an error or hang-up event) or by a failed read.
-            let ending = run(&mut pair, check_errors, |_| false).expect("ended");
-            let Ending::Reset { end, .. } = &ending else { panic!("{ending:?}") };
-            if check_errors {
-                assert_eq!(*end, 0, "the error names the end that was reset");
+    fn a_reset_on_one_end_resets_the_other_and_the_log_names_it() {
+        // Seen by its pending error (an error or hang-up event), or by a failed read or write,
+        // which clears that error; the partner may be sending at the time.
+        for (check_errors, partner_sends) in [(true, false), (false, false), (false, true)] {
+            for who in 0..2 {
+                let (mut pair, a, b) = pair();
+                let (mut gone, mut other) = if who == 0 { (a, b) } else { (b, a) };
+                gone.write_all(b"hello").unwrap();
+                run(&mut pair, check_errors, |p| moved(p, who) == 5);
+                SockRef::from(&gone).set_linger(Some(Duration::ZERO)).unwrap();
+                drop(gone); // RST
+                thread::sleep(Duration::from_millis(20));
+                if partner_sends {
+                    other.write_all(b"to nobody").unwrap();
+                    thread::sleep(Duration::from_millis(20));
+                }
+                let ending = run(&mut pair, check_errors, |_| false).expect("ended");
+                let Ending::Reset { end, .. } = &ending else { panic!("{ending:?}") };
+                assert_eq!(*end, who, "the reset end (check_errors {check_errors}, partner_sends {partner_sends})");
+                drop(pair.end(ending));
+                let mut buf = [0u8; 5];
+                other.read_exact(&mut buf).unwrap();
+                assert!(is_reset(read_to_end(&mut other)), "the partner is reset too, after the bytes sent before");
             }
-            drop(pair.end(ending));
-            let mut buf = [0u8; 5];
-            b.read_exact(&mut buf).unwrap();
-            assert!(is_reset(read_to_end(&mut b)), "b is reset too, after the bytes sent before");
         }
     }
 
