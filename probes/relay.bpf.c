@@ -5,7 +5,17 @@
  * redirected to the egress of its peer. The peer is looked up by socket cookie in `peers`, and
  * the redirect goes through `targets`, a SOCKHASH without programs. User space fills `targets`
  * and `peers` for both sockets of a pair BEFORE either joins `socks`, so a verdict never runs
- * while its peer is unreachable (bpf_sk_redirect_hash drops the skb in that case). */
+ * while its peer is unreachable (bpf_sk_redirect_hash drops the skb in that case).
+ *
+ * A redirect never blocks and the kernel does not bound what waits on the peer's psock
+ * (net/core/skmsg.c queues it without a check), so each socket has a budget (`peers`): the
+ * verdict redirects while its count of redirected bytes (`relay_counts`) stays within it, and
+ * past it parks the skb (SK_PASS: the socket's own queue, charged to its receive buffer, so TCP's
+ * window holds the sender back). User space hears of it on `relay_events`, moves the parked bytes
+ * once the peer's client has drained, and moves the budget on. A socket never leaves `socks`
+ * while its pair lives: taking the programs away from a socket that is receiving drops skbs
+ * (sk_psock_strp_read defaults to __SK_DROP when it finds no verdict program). See
+ * relay/datapath/budget.rs. */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include "skrelay.h"
@@ -28,8 +38,20 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, MAX_SOCKETS);
 	__type(key, __u64);   /* cookie */
-	__type(value, __u64); /* the peer's cookie */
+	__type(value, struct relay_peer);
 } peers SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_SOCKETS);
+	__type(key, __u64); /* cookie */
+	__type(value, struct relay_count);
+} relay_counts SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 18); /* 16,384 events of 16 bytes */
+} relay_events SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -45,6 +67,13 @@ static __always_inline void count(__u32 idx, __u64 n)
 		*v += n; /* per-CPU slot: no atomics needed */
 }
 
+/* Tells user space to look at this socket's budget. */
+static __always_inline void report(__u64 cookie)
+{
+	if (bpf_ringbuf_output(&relay_events, &cookie, sizeof(cookie), 0))
+		count(RELAY_STAT_EVENTS_LOST, 1);
+}
+
 SEC("sk_skb/stream_parser")
 int relay_parser(struct __sk_buff *skb)
 {
@@ -55,7 +84,7 @@ SEC("sk_skb/stream_verdict")
 int relay_verdict(struct __sk_buff *skb)
 {
 	__u64 cookie = bpf_get_socket_cookie(skb);
-	__u64 *peer = bpf_map_lookup_elem(&peers, &cookie);
+	struct relay_peer *peer = bpf_map_lookup_elem(&peers, &cookie);
 	__u32 len = skb->len;
 
 	count(RELAY_STAT_VERDICTS, 1);
@@ -68,11 +97,28 @@ int relay_verdict(struct __sk_buff *skb)
 		count(RELAY_STAT_NO_PEER, 1);
 		return SK_PASS;
 	}
-	__u64 peer_cookie = *peer;
+	/* The verdict of one socket runs serialized (under its socket lock), so plain increments of
+	 * its counts are exact. */
+	struct relay_count *c = bpf_map_lookup_elem(&relay_counts, &cookie);
+	if (c && (c->parked != peer->taken || c->redirected + len > peer->budget)) {
+		/* Past the budget, or behind bytes parked before: park this one too, in order. */
+		if (c->parked == peer->taken)
+			report(cookie); /* parking starts */
+		c->parked += len;
+		count(RELAY_STAT_PARKED, len);
+		return SK_PASS;
+	}
+	__u64 peer_cookie = peer->peer;
 	long verdict = bpf_sk_redirect_hash(skb, &targets, &peer_cookie, 0 /* peer's egress */);
 	if (verdict == SK_PASS) {
 		count(RELAY_STAT_REDIRECTED, 1);
 		count(RELAY_STAT_BYTES, len);
+		if (c) {
+			__u64 before = c->redirected;
+			c->redirected = before + len;
+			if (before <= peer->notify && before + len > peer->notify)
+				report(cookie); /* time to move the budget on */
+		}
 	} else {
 		count(RELAY_STAT_DROPPED, 1);
 	}

@@ -44,7 +44,9 @@ pub struct ServerConfig {
 
 const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
-const FIRST_SLOT_TOKEN: usize = 2;
+/// The datapath's own events (the kernel datapath's budget reports).
+const DATAPATH: Token = Token(2);
+const FIRST_SLOT_TOKEN: usize = 3;
 /// First and longest wait between checks that a half-closed source's bytes have all left.
 const FLUSH_CHECK_FIRST: Duration = Duration::from_millis(1);
 const FLUSH_CHECK_MAX: Duration = Duration::from_millis(100);
@@ -126,6 +128,8 @@ pub struct Server {
     again: Vec<(usize, u64)>,
     accept_retry: Option<Instant>,
     drain_deadline: Option<Instant>,
+    /// When the datapath wants `tend` called again.
+    datapath_due: Option<Instant>,
     warned_map_full: bool,
     /// `proxy`: local addresses of our upstream connections, to recognise one coming back in.
     own_upstreams: HashSet<SocketAddr>,
@@ -149,6 +153,10 @@ impl Server {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
             .and_then(|_| poll.registry().register(&mut signals, SIGNALS, Interest::READABLE))
+            .and_then(|_| match datapath.events() {
+                Some(fd) => poll.registry().register(&mut mio::unix::SourceFd(&fd), DATAPATH, Interest::READABLE),
+                None => Ok(()),
+            })
             .map_err(|e| Error::io("cannot register with the event loop", e))?;
         sys::raise_fd_limit();
         Ok(Server {
@@ -166,6 +174,7 @@ impl Server {
             again: Vec::new(),
             accept_retry: None,
             drain_deadline: None,
+            datapath_due: None,
             warned_map_full: false,
             own_upstreams: HashSet::new(),
         })
@@ -185,6 +194,7 @@ impl Server {
                 match event.token() {
                     LISTENER => self.accept(),
                     SIGNALS => self.on_signal(),
+                    DATAPATH => self.datapath_due = Some(Instant::now()),
                     t => {
                         let (slot, end) = slot_of(t);
                         self.on_socket(slot, end, event);
@@ -195,6 +205,9 @@ impl Server {
                 if self.is_pair(slot, serial) {
                     self.service(slot, false);
                 }
+            }
+            if self.datapath_due.is_some_and(|t| Instant::now() >= t) {
+                self.datapath_due = self.datapath.tend(Instant::now());
             }
             self.fire_timers();
             if self.accept_retry.is_some_and(|t| Instant::now() >= t) {
@@ -223,7 +236,12 @@ impl Server {
         if !self.again.is_empty() {
             return Some(Duration::ZERO);
         }
-        let deadlines = [self.timers.peek().map(|Reverse((t, _, _))| *t), self.drain_deadline, self.accept_retry];
+        let deadlines = [
+            self.timers.peek().map(|Reverse((t, _, _))| *t),
+            self.drain_deadline,
+            self.accept_retry,
+            self.datapath_due,
+        ];
         deadlines.into_iter().flatten().min().map(|t| t.saturating_duration_since(Instant::now()))
     }
 
@@ -467,9 +485,9 @@ impl Server {
     ) {
         let splice = match self.datapath.splice([&ends[0], &ends[1]], skip) {
             Ok(s) => s,
-            Err(SpliceError::MapFull(n)) => {
+            Err(e @ (SpliceError::MapFull(_) | SpliceError::OverBudget(_))) => {
                 if !self.warned_map_full {
-                    log::warn!("the kernel socket map is full ({n} sockets): further pairs are spliced in user space");
+                    log::warn!("{e}: further pairs are spliced in user space until kernel pairs end");
                     self.warned_map_full = true;
                 }
                 // The token lines (skip) are discarded here too.
