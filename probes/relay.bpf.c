@@ -39,6 +39,10 @@ struct {
 	__uint(max_entries, MAX_SOCKETS);
 	__type(key, __u64);   /* cookie */
 	__type(value, struct relay_peer);
+	/* User space replaces entries while verdicts read them: without preallocation a replaced
+	 * element is freed after an RCU grace period, so a verdict never reads a recycled one (a
+	 * preallocated element can be reused at once, by another socket's entry). */
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 } peers SEC(".maps");
 
 struct {
@@ -46,6 +50,7 @@ struct {
 	__uint(max_entries, MAX_SOCKETS);
 	__type(key, __u64); /* cookie */
 	__type(value, struct relay_count);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 } relay_counts SEC(".maps");
 
 struct {
