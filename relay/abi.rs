@@ -16,7 +16,9 @@ pub mod relay_stat {
     pub const BYTES: u32 = 4;
     pub const EVENTS_LOST: u32 = 5;
     pub const PARKED: u32 = 6;
-    pub const MAX: u32 = 7;
+    pub const TRIMMED: u32 = 7;
+    pub const BROKEN: u32 = 8;
+    pub const MAX: u32 = 9;
 }
 
 /// Value of the relay `peers` HASH (`struct relay_peer`).
@@ -42,6 +44,18 @@ unsafe impl aya::Pod for RelayPeer {}
 pub struct RelayCount {
     pub redirected: u64,
     pub parked: u64,
+    /// TCP sequence number of the next byte the verdict has not handed on.
+    pub next_seq: u32,
+    /// `relay_count_flags::*`.
+    pub flags: u32,
+}
+
+/// `relay_count.flags` (probes/skrelay.h).
+pub mod relay_count_flags {
+    /// `next_seq` is set.
+    pub const SEQ_KNOWN: u32 = 1;
+    /// A repeated head could not be cut off and the skb was dropped: the pair must be reset.
+    pub const BROKEN: u32 = 2;
 }
 
 // SAFETY: plain old data, two u64.
@@ -227,7 +241,13 @@ mod tests {
         assert_eq!(std::mem::size_of::<RelayCount>(), c::RELAY_COUNT_SIZE);
         assert_eq!(std::mem::offset_of!(RelayCount, redirected), c::relay_count__redirected);
         assert_eq!(std::mem::offset_of!(RelayCount, parked), c::relay_count__parked);
+        assert_eq!(std::mem::offset_of!(RelayCount, next_seq), c::relay_count__next_seq);
+        assert_eq!(std::mem::offset_of!(RelayCount, flags), c::relay_count__flags);
+        assert_eq!(relay_count_flags::SEQ_KNOWN, c::RELAY_COUNT_SEQ_KNOWN);
+        assert_eq!(relay_count_flags::BROKEN, c::RELAY_COUNT_BROKEN);
         assert_eq!(relay_stat::PARKED, c::RELAY_STAT_PARKED);
+        assert_eq!(relay_stat::TRIMMED, c::RELAY_STAT_TRIMMED);
+        assert_eq!(relay_stat::BROKEN, c::RELAY_STAT_BROKEN);
     }
 
     #[test]

@@ -147,9 +147,8 @@ pub struct ProxyArgs {
 #[derive(Args, Debug, Clone)]
 pub struct SpliceArgs {
     /// Where bytes move: `kernel` (BPF sockmap), `userspace` (splice(2)), or `auto` (kernel when
-    /// the BPF programs load, else userspace with a warning). The kernel datapath does not yet
-    /// bound what a client whose partner does not read can queue in the host: use `userspace`
-    /// for clients you do not trust (README, kernel datapath).
+    /// the BPF programs load, else userspace with a warning). Both hold back a sender whose
+    /// partner does not read (see --kernel-buffer).
     #[arg(long, value_enum, default_value_t = DatapathChoice::Auto)]
     pub datapath: DatapathChoice,
     /// Kernel datapath: a pair starts on splice(2) and joins the kernel's socket maps once this

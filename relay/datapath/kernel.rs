@@ -7,7 +7,7 @@ use super::{
     Datapath, Flow, Splice, SpliceError,
 };
 use crate::{
-    abi::{relay_stat, RelayCount, RelayPeer},
+    abi::{relay_count_flags, relay_stat, RelayCount, RelayPeer},
     bpf,
     error::Error,
     sys::{self, TcpCounters},
@@ -219,7 +219,8 @@ impl Datapath for KernelDatapath {
     fn summary(&self) -> Option<String> {
         Some(format!(
             "kernel datapath: {} skbs ({} bytes) redirected, {} passed without a peer, {} dropped, \
-             {} bytes parked at a budget in {} parkings, {} budget reports lost",
+             {} bytes parked at a budget in {} parkings, {} budget reports lost, \
+             {} repeated bytes trimmed",
             self.stat(relay_stat::REDIRECTED),
             self.stat(relay_stat::BYTES),
             self.stat(relay_stat::NO_PEER),
@@ -227,6 +228,7 @@ impl Datapath for KernelDatapath {
             self.stat(relay_stat::PARKED),
             self.state.borrow().parkings,
             self.stat(relay_stat::EVENTS_LOST),
+            self.stat(relay_stat::TRIMMED),
         ))
     }
 
@@ -274,6 +276,15 @@ impl KernelState {
     /// The verdict asked for `cookie`'s next budget, or parked its bytes.
     fn review(&mut self, cookie: u64, now: Instant) {
         let Some(d) = self.directions.get(&cookie) else { return };
+        if self.counts.get(&cookie, 0).is_ok_and(|c| c.flags & relay_count_flags::BROKEN != 0) {
+            // The verdict could not cut a repeated head off a skb and dropped it and all after
+            // it: the stream has a hole, so the pair must end in a reset. Shutting the source's
+            // read side makes it readable, so the server calls `advance`, which reports this.
+            log::error!("kernel datapath: socket {cookie:#x} lost bytes it could not trim; resetting its pair");
+            self.errors.insert(cookie, io::Error::other("the kernel datapath could not trim a retransmitted skb"));
+            let _ = socket2::SockRef::from(&borrow_fd(d.src)).shutdown(std::net::Shutdown::Read);
+            return;
+        }
         if d.parked.is_some() {
             return; // already being looked after
         }
