@@ -65,7 +65,17 @@ int main(void) {
     printf("pub const RELAY_STAT_NO_PEER: u32 = %d;\n", RELAY_STAT_NO_PEER);
     printf("pub const RELAY_STAT_DROPPED: u32 = %d;\n", RELAY_STAT_DROPPED);
     printf("pub const RELAY_STAT_BYTES: u32 = %d;\n", RELAY_STAT_BYTES);
+    printf("pub const RELAY_STAT_EVENTS_LOST: u32 = %d;\n", RELAY_STAT_EVENTS_LOST);
     printf("pub const RELAY_STAT_MAX: u32 = %d;\n", RELAY_STAT_MAX);
+    printf("pub const RELAY_PEER_SIZE: usize = %zu;\n", sizeof(struct relay_peer));
+    F(relay_peer, peer); F(relay_peer, budget); F(relay_peer, notify); F(relay_peer, taken);
+    printf("pub const RELAY_STAT_PARKED: u32 = %d;\n", RELAY_STAT_PARKED);
+    printf("pub const RELAY_STAT_TRIMMED: u32 = %d;\n", RELAY_STAT_TRIMMED);
+    printf("pub const RELAY_STAT_BROKEN: u32 = %d;\n", RELAY_STAT_BROKEN);
+    printf("pub const RELAY_COUNT_SEQ_KNOWN: u32 = %d;\n", RELAY_COUNT_SEQ_KNOWN);
+    printf("pub const RELAY_COUNT_BROKEN: u32 = %d;\n", RELAY_COUNT_BROKEN);
+    printf("pub const RELAY_COUNT_SIZE: usize = %zu;\n", sizeof(struct relay_count));
+    F(relay_count, redirected); F(relay_count, parked); F(relay_count, next_seq); F(relay_count, flags);
     printf("pub const ACCEL_CONFIG_SIZE: usize = %zu;\n", sizeof(struct accel_config));
     F(accel_config, filter_ports); F(accel_config, max_queued); F(accel_config, small_write);
     F(accel_config, small_streak);

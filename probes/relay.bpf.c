@@ -5,7 +5,17 @@
  * redirected to the egress of its peer. The peer is looked up by socket cookie in `peers`, and
  * the redirect goes through `targets`, a SOCKHASH without programs. User space fills `targets`
  * and `peers` for both sockets of a pair BEFORE either joins `socks`, so a verdict never runs
- * while its peer is unreachable (bpf_sk_redirect_hash drops the skb in that case). */
+ * while its peer is unreachable (bpf_sk_redirect_hash drops the skb in that case).
+ *
+ * A redirect never blocks and the kernel does not bound what waits on the peer's psock
+ * (net/core/skmsg.c queues it without a check), so each socket has a budget (`peers`): the
+ * verdict redirects while its count of redirected bytes (`relay_counts`) stays within it, and
+ * past it parks the skb (SK_PASS: the socket's own queue, charged to its receive buffer, so TCP's
+ * window holds the sender back). User space hears of it on `relay_events`, moves the parked bytes
+ * once the peer's client has drained, and moves the budget on. A socket never leaves `socks`
+ * while its pair lives: taking the programs away from a socket that is receiving drops skbs
+ * (sk_psock_strp_read defaults to __SK_DROP when it finds no verdict program). See
+ * relay/datapath/budget.rs. */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include "skrelay.h"
@@ -28,8 +38,25 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, MAX_SOCKETS);
 	__type(key, __u64);   /* cookie */
-	__type(value, __u64); /* the peer's cookie */
+	__type(value, struct relay_peer);
+	/* User space replaces entries while verdicts read them: without preallocation a replaced
+	 * element is freed after an RCU grace period, so a verdict never reads a recycled one (a
+	 * preallocated element can be reused at once, by another socket's entry). */
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 } peers SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_SOCKETS);
+	__type(key, __u64); /* cookie */
+	__type(value, struct relay_count);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} relay_counts SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 18); /* 16,384 events of 16 bytes */
+} relay_events SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -38,11 +65,87 @@ struct {
 	__type(value, __u64);
 } relay_stats SEC(".maps");
 
+/* Just enough of the kernel's types to read a skb's TCP sequence number and a socket's
+ * copied_seq; preserve_access_index makes clang emit CO-RE relocations, resolved against the
+ * running kernel's BTF at load. */
+struct sk_buff___relay {
+	char cb[48];
+} __attribute__((preserve_access_index));
+struct tcp_sock {
+	__u32 copied_seq;
+} __attribute__((preserve_access_index));
+
 static __always_inline void count(__u32 idx, __u64 n)
 {
 	__u64 *v = bpf_map_lookup_elem(&relay_stats, &idx);
 	if (v)
 		*v += n; /* per-CPU slot: no atomics needed */
+}
+
+/* Tells user space to look at this socket's budget. */
+static __always_inline void report(__u64 cookie)
+{
+	if (bpf_ringbuf_output(&relay_events, &cookie, sizeof(cookie), 0))
+		count(RELAY_STAT_EVENTS_LOST, 1);
+}
+
+/* Cuts from the head of `skb` the bytes the verdict already handed on.
+ *
+ * In verdict-only mode the kernel hands the verdict whole skbs from the receive queue
+ * (tcp_read_skb), but TCP queues a retransmitted segment that overlaps bytes it already has
+ * without trimming it (tcp_data_queue's "partial packet": tcp_recvmsg skips the overlap by
+ * copied_seq, tcp_read_skb does not). Seen on loopback about once per ten 1 GiB transfers while a
+ * direction was parked (zero windows, retransmissions): the receiver got 65,483 bytes twice. The
+ * same holds for an skb user space had partly read before the pair joined. So each socket
+ * remembers the sequence number of the next byte it has not handed on; the first verdict takes it
+ * from copied_seq (what user space consumed). Returns the bytes cut, or -1 when they could not
+ * be cut (the skb is then dropped and the pair marked for a reset). */
+static __always_inline long cut_repeated_head(struct __sk_buff *skb, struct relay_count *c)
+{
+	__u32 seq = 0;
+	/* tcp_skb_cb.seq is the first field of skb->cb. */
+	if (bpf_probe_read_kernel(&seq, sizeof(seq),
+				  (void *)skb + __builtin_preserve_field_info(((struct sk_buff___relay *)0)->cb,
+									      0 /* byte offset */)))
+		goto broken;
+	if (!(c->flags & RELAY_COUNT_SEQ_KNOWN)) {
+		struct bpf_sock *sk = skb->sk;
+		if (!sk)
+			goto broken;
+		struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+		if (!tp)
+			goto broken;
+		c->next_seq = tp->copied_seq;
+		c->flags |= RELAY_COUNT_SEQ_KNOWN;
+	}
+	__u32 len = skb->len;
+	__s32 overlap = (__s32)(c->next_seq - seq);
+	__u32 end = seq + len;
+	if ((__s32)(end - c->next_seq) > 0)
+		c->next_seq = end;
+	if (overlap <= 0)
+		return 0;
+	if ((__u32)overlap >= len) {
+		count(RELAY_STAT_TRIMMED, len);
+		return len;
+	}
+	__s32 left = overlap;
+	/* bpf_skb_adjust_room cuts at most 4095 bytes a call (sk_skb_adjust_room). */
+	for (int i = 0; i < 64 && left > 0; i++) {
+		__s32 n = left > 4095 ? 4095 : left;
+		if (bpf_skb_adjust_room(skb, -n, 0, 0))
+			goto broken;
+		left -= n;
+	}
+	if (left > 0)
+		goto broken;
+	count(RELAY_STAT_TRIMMED, overlap);
+	return overlap;
+broken:
+	c->flags |= RELAY_COUNT_BROKEN;
+	count(RELAY_STAT_BROKEN, 1);
+	report(bpf_get_socket_cookie(skb));
+	return -1;
 }
 
 SEC("sk_skb/stream_parser")
@@ -55,7 +158,7 @@ SEC("sk_skb/stream_verdict")
 int relay_verdict(struct __sk_buff *skb)
 {
 	__u64 cookie = bpf_get_socket_cookie(skb);
-	__u64 *peer = bpf_map_lookup_elem(&peers, &cookie);
+	struct relay_peer *peer = bpf_map_lookup_elem(&peers, &cookie);
 	__u32 len = skb->len;
 
 	count(RELAY_STAT_VERDICTS, 1);
@@ -68,11 +171,39 @@ int relay_verdict(struct __sk_buff *skb)
 		count(RELAY_STAT_NO_PEER, 1);
 		return SK_PASS;
 	}
-	__u64 peer_cookie = *peer;
+	/* The verdict of one socket runs serialized (under its socket lock), so plain increments of
+	 * its counts are exact. */
+	struct relay_count *c = bpf_map_lookup_elem(&relay_counts, &cookie);
+	if (c) {
+		if (c->flags & RELAY_COUNT_BROKEN)
+			return SK_DROP; /* the stream has a hole: user space resets the pair */
+		long cut = cut_repeated_head(skb, c);
+		if (cut < 0)
+			return SK_DROP; /* broken: user space resets the pair */
+		if (cut >= len)
+			return SK_DROP; /* nothing new in it */
+		if (cut > 0)
+			len = skb->len;
+	}
+	if (c && (c->parked != peer->taken || c->redirected + len > peer->budget)) {
+		/* Past the budget, or behind bytes parked before: park this one too, in order. */
+		if (c->parked == peer->taken)
+			report(cookie); /* parking starts */
+		c->parked += len;
+		count(RELAY_STAT_PARKED, len);
+		return SK_PASS;
+	}
+	__u64 peer_cookie = peer->peer;
 	long verdict = bpf_sk_redirect_hash(skb, &targets, &peer_cookie, 0 /* peer's egress */);
 	if (verdict == SK_PASS) {
 		count(RELAY_STAT_REDIRECTED, 1);
 		count(RELAY_STAT_BYTES, len);
+		if (c) {
+			__u64 before = c->redirected;
+			c->redirected = before + len;
+			if (before <= peer->notify && before + len > peer->notify)
+				report(cookie); /* time to move the budget on */
+		}
 	} else {
 		count(RELAY_STAT_DROPPED, 1);
 	}

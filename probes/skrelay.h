@@ -18,8 +18,36 @@ enum relay_stat {
 	RELAY_STAT_NO_PEER = 2,   /* skbs of a socket without a peer entry: passed to its own queue */
 	RELAY_STAT_DROPPED = 3,   /* redirects the kernel refused (peer gone from the map) */
 	RELAY_STAT_BYTES = 4,     /* payload bytes redirected */
-	RELAY_STAT_MAX = 5,
+	RELAY_STAT_EVENTS_LOST = 5,/* budget events the ring buffer had no room for */
+	RELAY_STAT_PARKED = 6,    /* payload bytes parked at a budget for user space */
+	RELAY_STAT_TRIMMED = 7,   /* bytes cut from the head of skbs that repeated bytes already
+	                           * handed on (a retransmission overlapping received data) */
+	RELAY_STAT_BROKEN = 8,    /* skbs that could not be trimmed: the pair is reset */
+	RELAY_STAT_MAX = 9,
 };
+
+/* Value of the relay `peers` HASH, by socket cookie; written by user space only. */
+struct relay_peer {
+	__u64 peer;   /* the peer's socket cookie: where this socket's bytes are redirected */
+	__u64 budget; /* the verdict redirects while `redirected` stays within this count; past
+	               * it, it parks the socket's bytes in the socket's own queue, where TCP's
+	               * receive window holds the sender back until user space takes them */
+	__u64 notify; /* the verdict tells user space (`relay_events`) when `redirected` passes
+	               * this, so that it moves the budget on before the bytes must park */
+	__u64 taken;  /* parked bytes user space has taken out of the socket's queue: while
+	               * `parked` differs, the verdict parks every skb, so none overtakes them */
+};
+
+/* Value of the relay `relay_counts` HASH, by socket cookie; written by the verdict only. */
+struct relay_count {
+	__u64 redirected; /* payload bytes redirected to the peer */
+	__u64 parked;     /* payload bytes kept in the socket's own queue for user space */
+	__u32 next_seq;   /* TCP sequence number of the next byte the verdict has not handed on */
+	__u32 flags;      /* RELAY_COUNT_SEQ_KNOWN, RELAY_COUNT_BROKEN */
+};
+/* `relay_count.flags` */
+#define RELAY_COUNT_SEQ_KNOWN 1 /* next_seq is set (from copied_seq at the first verdict) */
+#define RELAY_COUNT_BROKEN 2    /* a repeated head could not be cut off: user space resets */
 
 /* Five-tuple key of a socket in the accel SOCKHASH; ports in host byte order, addresses as the
  * kernel gives them (network order), IPv4 as IPv4-mapped IPv6 so both families share one key. */

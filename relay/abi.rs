@@ -14,8 +14,52 @@ pub mod relay_stat {
     pub const NO_PEER: u32 = 2;
     pub const DROPPED: u32 = 3;
     pub const BYTES: u32 = 4;
-    pub const MAX: u32 = 5;
+    pub const EVENTS_LOST: u32 = 5;
+    pub const PARKED: u32 = 6;
+    pub const TRIMMED: u32 = 7;
+    pub const BROKEN: u32 = 8;
+    pub const MAX: u32 = 9;
 }
+
+/// Value of the relay `peers` HASH (`struct relay_peer`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RelayPeer {
+    /// The peer's socket cookie.
+    pub peer: u64,
+    /// The verdict redirects while `RelayCount::redirected` stays within this; past it, it parks.
+    pub budget: u64,
+    /// User space hears of the socket when `redirected` passes this.
+    pub notify: u64,
+    /// Parked bytes user space took out of the socket's queue.
+    pub taken: u64,
+}
+
+// SAFETY: plain old data, four u64.
+unsafe impl aya::Pod for RelayPeer {}
+
+/// Value of the relay `relay_counts` HASH (`struct relay_count`), written by the verdict.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RelayCount {
+    pub redirected: u64,
+    pub parked: u64,
+    /// TCP sequence number of the next byte the verdict has not handed on.
+    pub next_seq: u32,
+    /// `relay_count_flags::*`.
+    pub flags: u32,
+}
+
+/// `relay_count.flags` (probes/skrelay.h).
+pub mod relay_count_flags {
+    /// `next_seq` is set.
+    pub const SEQ_KNOWN: u32 = 1;
+    /// A repeated head could not be cut off and the skb was dropped: the pair must be reset.
+    pub const BROKEN: u32 = 2;
+}
+
+// SAFETY: plain old data, two u64.
+unsafe impl aya::Pod for RelayCount {}
 
 /// Indices of the accel programs' per-CPU counters (`accel_stats`).
 pub mod accel_stat {
@@ -183,7 +227,27 @@ mod tests {
         assert_eq!(relay_stat::NO_PEER, c::RELAY_STAT_NO_PEER);
         assert_eq!(relay_stat::DROPPED, c::RELAY_STAT_DROPPED);
         assert_eq!(relay_stat::BYTES, c::RELAY_STAT_BYTES);
+        assert_eq!(relay_stat::EVENTS_LOST, c::RELAY_STAT_EVENTS_LOST);
         assert_eq!(relay_stat::MAX, c::RELAY_STAT_MAX);
+    }
+
+    #[test]
+    fn relay_peer_matches_the_c_layout() {
+        assert_eq!(std::mem::size_of::<RelayPeer>(), c::RELAY_PEER_SIZE);
+        assert_eq!(std::mem::offset_of!(RelayPeer, peer), c::relay_peer__peer);
+        assert_eq!(std::mem::offset_of!(RelayPeer, budget), c::relay_peer__budget);
+        assert_eq!(std::mem::offset_of!(RelayPeer, notify), c::relay_peer__notify);
+        assert_eq!(std::mem::offset_of!(RelayPeer, taken), c::relay_peer__taken);
+        assert_eq!(std::mem::size_of::<RelayCount>(), c::RELAY_COUNT_SIZE);
+        assert_eq!(std::mem::offset_of!(RelayCount, redirected), c::relay_count__redirected);
+        assert_eq!(std::mem::offset_of!(RelayCount, parked), c::relay_count__parked);
+        assert_eq!(std::mem::offset_of!(RelayCount, next_seq), c::relay_count__next_seq);
+        assert_eq!(std::mem::offset_of!(RelayCount, flags), c::relay_count__flags);
+        assert_eq!(relay_count_flags::SEQ_KNOWN, c::RELAY_COUNT_SEQ_KNOWN);
+        assert_eq!(relay_count_flags::BROKEN, c::RELAY_COUNT_BROKEN);
+        assert_eq!(relay_stat::PARKED, c::RELAY_STAT_PARKED);
+        assert_eq!(relay_stat::TRIMMED, c::RELAY_STAT_TRIMMED);
+        assert_eq!(relay_stat::BROKEN, c::RELAY_STAT_BROKEN);
     }
 
     #[test]

@@ -147,9 +147,8 @@ pub struct ProxyArgs {
 #[derive(Args, Debug, Clone)]
 pub struct SpliceArgs {
     /// Where bytes move: `kernel` (BPF sockmap), `userspace` (splice(2)), or `auto` (kernel when
-    /// the BPF programs load, else userspace with a warning). The kernel datapath does not yet
-    /// bound what a client whose partner does not read can queue in the host: use `userspace`
-    /// for clients you do not trust (README, kernel datapath).
+    /// the BPF programs load, else userspace with a warning). Both hold back a sender whose
+    /// partner does not read (see --kernel-buffer).
     #[arg(long, value_enum, default_value_t = DatapathChoice::Auto)]
     pub datapath: DatapathChoice,
     /// Kernel datapath: a pair starts on splice(2) and joins the kernel's socket maps once this
@@ -157,6 +156,16 @@ pub struct SpliceArgs {
     /// connections then skip the socket maps' setup cost. 0 joins at once.
     #[arg(long, default_value_t = 65536, value_name = "BYTES")]
     pub kernel_after: u64,
+    /// Kernel datapath: bytes one direction of a pair may hold inside the host (received from one
+    /// client, not yet acknowledged by the other). A sender past it is held back by TCP flow
+    /// control until its partner's client reads. Takes K, M and G suffixes (powers of 1024).
+    #[arg(long, default_value = "4M", value_parser = parse_size, value_name = "BYTES")]
+    pub kernel_buffer: u64,
+    /// Kernel datapath: bytes all kernel pairs together may hold: at most
+    /// kernel-memory / (2 x kernel-buffer) pairs are in the kernel at once, and further pairs
+    /// are spliced in user space until some end. K, M and G suffixes.
+    #[arg(long, default_value = "1G", value_parser = parse_size, value_name = "BYTES")]
+    pub kernel_memory: u64,
     /// On SIGINT/SIGTERM, let live pairs finish for this long before closing them; seconds.
     #[arg(long, default_value = "30", value_parser = parse_secs, value_name = "SECS")]
     pub drain_timeout: Duration,
@@ -274,6 +283,30 @@ pub fn parse_bytes(s: &str) -> Result<u32, String> {
 }
 
 /// Seconds, whole or decimal (`30`, `0.5`).
+/// A byte count: digits with an optional K, M or G suffix (powers of 1024); never 0.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 10),
+        Some('M') => (&t[..t.len() - 1], 20),
+        Some('G') => (&t[..t.len() - 1], 30),
+        _ => (t, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("`{s}` is not a byte count (e.g. 65536, 512K, 4M, 1G)"))?;
+    let bytes = n.checked_mul(1 << shift).ok_or_else(|| format!("`{s}` is too large"))?;
+    if bytes == 0 {
+        return Err("must be more than 0 bytes".into());
+    }
+    Ok(bytes)
+}
+
+impl SpliceArgs {
+    /// What kernel pairs may hold.
+    pub fn kernel_limits(&self) -> crate::datapath::budget::Limits {
+        crate::datapath::budget::Limits { per_direction: self.kernel_buffer, total: self.kernel_memory }
+    }
+}
+
 pub fn parse_secs(s: &str) -> Result<Duration, String> {
     let secs: f64 = s.trim().parse().map_err(|_| format!("`{s}` is not a number of seconds"))?;
     if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {

@@ -13,7 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 
 pub fn run(args: ProxyArgs) -> Result<(), Error> {
     let upstreams = Upstreams::resolve(&args.upstreams)?;
-    let datapath = datapath::open(args.common.datapath, args.common.kernel_after)?;
+    let datapath = datapath::open(args.common.datapath, args.common.kernel_after, args.common.kernel_limits())?;
     let listener = server::listen(args.listen)?;
     let addr = listener.local_addr().unwrap_or(args.listen);
     let dual_stack = addr.is_ipv6() && !sys::v6only(&listener);

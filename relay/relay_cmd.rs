@@ -15,7 +15,7 @@ pub fn run(args: RelayArgs) -> Result<(), Error> {
         pair_timeout: args.pair_timeout,
         drain_timeout: args.common.drain_timeout,
     };
-    let datapath = datapath::open(args.common.datapath, args.common.kernel_after)?;
+    let datapath = datapath::open(args.common.datapath, args.common.kernel_after, args.common.kernel_limits())?;
     let listener = server::listen(config.listen)?;
     let addr = listener.local_addr().unwrap_or(config.listen);
     // Attached before the first log line so "listening" means every port is served; dropped

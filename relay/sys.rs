@@ -626,6 +626,24 @@ pub mod bpf {
     }
 }
 
+/// Bytes in a TCP socket's send queue not yet acknowledged by its peer (SIOCOUTQ), sent or not.
+pub fn send_queue_len(fd: &impl AsRawFd) -> io::Result<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int through the pointer, which is valid for it.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut n as *mut libc::c_int) };
+    check(ret as libc::c_long)?;
+    Ok(n.max(0) as u64)
+}
+
+/// Bytes readable now (FIONREAD).
+pub fn readable_len(fd: &impl AsRawFd) -> io::Result<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which is valid for it.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n as *mut libc::c_int) };
+    check(ret as libc::c_long)?;
+    Ok(n.max(0) as u64)
+}
+
 #[cfg(test)]
 mod tests {
     //! Every number and layout above that was written by hand, against the kernel's uapi headers

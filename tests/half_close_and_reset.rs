@@ -257,3 +257,43 @@ fn the_end_of_pair_line_counts_exactly_what_each_receiver_got() {
         }
     }
 }
+
+/// A kernel pair's direction that passed its budget leaves the socket map until its partner
+/// reads. If its client half-closes meanwhile, the socket can never join again (a socket map
+/// takes only ESTABLISHED sockets): what waits in its queue must still arrive, then the EOF, and
+/// the end-of-pair line must count exactly what each side received.
+#[test]
+fn a_sender_that_half_closes_while_held_back_is_relayed_intact_then_eof() {
+    let _netns = enter_netns();
+    const LEN: u64 = 16 << 20;
+    for dp in datapaths("a_sender_that_half_closes_while_held_back_is_relayed_intact_then_eof") {
+        let relay = Skrelay::start(&["relay", "--datapath", dp, "--kernel-buffer", "256K"]);
+        let mut a = connect(addr());
+        let mut b = connect(addr());
+        let mut w = a.try_clone().unwrap();
+        let writer = thread::spawn(move || {
+            let sha = send_pattern(&mut w, 5, LEN).unwrap();
+            w.shutdown(Shutdown::Write).unwrap();
+            sha
+        });
+        // B does not read while A is held back at its budget (and half-closes, once its last
+        // bytes fit in the buffers).
+        thread::sleep(Duration::from_secs(2));
+        let (n, got) = recv_all(&mut b).unwrap();
+        let sent = writer.join().unwrap();
+        assert_eq!((n, &got), (LEN, &sent), "{dp}: B reads all of A, then EOF");
+        // The other way still works, then closes.
+        let back = send_pattern(&mut b, 6, 1 << 20).unwrap();
+        b.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(recv_all(&mut a).unwrap(), (1 << 20, back), "{dp}: A reads B's bytes then EOF");
+        relay.wait_log("ended", 1, Duration::from_secs(5));
+        let (status, log) = relay.stop(Duration::from_secs(10));
+        assert!(status.success(), "{log}");
+        let line = log.lines().find(|l| l.contains(" ended after ")).expect("end-of-pair line");
+        assert!(line.contains(&format!(": {LEN} bytes ")), "{dp}: exact count A -> B: {line}");
+        assert!(line.contains(&format!(", {} bytes ", 1 << 20)), "{dp}: exact count B -> A: {line}");
+        if dp == "kernel" {
+            assert!(log.contains(" parkings") && !log.contains(" in 0 parkings"), "{log}");
+        }
+    }
+}

@@ -356,6 +356,30 @@ fn bulk(a: BulkArgs) -> io::Result<()> {
         want.update(c);
     }
     let ok = got == total && extra == 0 && Sha256::digest(&buf[..got]) == want.finalize();
+    if !ok {
+        let mut off = 0usize;
+        for c in chunks(&pat, total) {
+            let end = (off + c.len()).min(got);
+            if let Some(i) = (off..end).find(|&i| buf[i] != c[i - off]) {
+                eprintln!(
+                    "DIAG first difference at byte {i} (chunk at {off}, len {}); got={got} extra={extra}",
+                    c.len()
+                );
+                // Where do the received bytes at i come from? Search the next 64 MiB of the stream.
+                let probe = &buf[i..(i + 64).min(got)];
+                let mut o2 = 0usize;
+                for c2 in chunks(&pat, total) {
+                    if let Some(p) = c2.windows(probe.len()).position(|w| w == probe) {
+                        eprintln!("DIAG bytes at {i} are stream bytes at {}", o2 + p);
+                        break;
+                    }
+                    o2 += c2.len();
+                }
+                break;
+            }
+            off += c.len();
+        }
+    }
     let gib = total as f64 / (1u64 << 30) as f64;
     println!(
         "bulk bytes={total} got={got} extra={extra} secs={secs:.4} gbps={:.2} cpu_s={:.3} cpu_s_per_gib={:.3} softirq_s_per_gib={:.3} busy_per_cpu={} sha256={}",

@@ -1,20 +1,32 @@
 //! The kernel datapath: both sockets of a pair join a SOCKHASH whose sk_skb stream parser and
 //! verdict (probes/relay.bpf.c) redirect every skb to the peer's egress. User space never reads
 //! payload; it only fills the maps and propagates end of file, which the kernel does not.
-use super::{userspace::UserspaceDatapath, Datapath, Flow, Splice, SpliceError};
+use super::{
+    budget::{self, Limits, Measure},
+    userspace::UserspaceDatapath,
+    Datapath, Flow, Splice, SpliceError,
+};
 use crate::{
-    abi::relay_stat,
+    abi::{relay_count_flags, relay_stat, RelayCount, RelayPeer},
     bpf,
     error::Error,
     sys::{self, TcpCounters},
 };
 use aya::{
-    maps::{HashMap, MapData, MapError, PerCpuArray, SockHash},
+    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash},
     programs::SkSkb,
     Ebpf,
 };
 use mio::{net::TcpStream, Interest};
-use std::{cell::RefCell, io, os::fd::AsRawFd, rc::Rc};
+use std::{
+    cell::RefCell,
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap as Table},
+    io::{self, Read, Write},
+    os::fd::{AsRawFd, BorrowedFd, RawFd},
+    rc::Rc,
+    time::Instant,
+};
 
 /// max_entries of the socket maps (probes/skrelay.h).
 const MAX_SOCKETS: u32 = crate::abi::MAX_SOCKETS;
@@ -26,17 +38,52 @@ const MAX_SOCKETS: u32 = crate::abi::MAX_SOCKETS;
 /// Memory is only used while bytes are in flight.
 const SPLICED_SNDBUF: libc::c_int = 8 << 20;
 
-struct RelayMaps {
+/// The maps and the budget of every direction in them, shared by the datapath and its pairs.
+struct KernelState {
     /// Carries the parser and verdict: a socket in here has its bytes redirected.
     socks: SockHash<MapData, u64>,
     /// Program-less redirect targets, filled before `socks` so no verdict finds its peer missing.
     targets: SockHash<MapData, u64>,
-    /// cookie -> the peer's cookie.
-    peers: HashMap<MapData, u64, u64>,
+    /// cookie -> the peer's cookie and the socket's budget (written by user space only).
+    peers: HashMap<MapData, u64, RelayPeer>,
+    /// cookie -> bytes its verdict redirected and parked (written by the verdict only).
+    counts: HashMap<MapData, u64, RelayCount>,
+    /// The directions of the pairs in the maps, by their source's cookie.
+    directions: Table<u64, Direction>,
+    /// When to look at a parked direction again.
+    rechecks: BinaryHeap<Reverse<(Instant, u64)>>,
+    limits: Limits,
+    /// Pairs in the maps now.
+    pairs: usize,
+    /// A socket error that reading a socket took out of SO_ERROR, by cookie: reported by `advance`.
+    errors: Table<u64, io::Error>,
+    /// Times a direction parked at its budget, for the exit summary.
+    parkings: u64,
+}
+
+/// One direction of a pair in the maps: its source's bytes go to its destination.
+struct Direction {
+    /// The sockets' descriptors; the pair owns them and removes this entry before closing them.
+    src: RawFd,
+    dst: RawFd,
+    peer: u64,
+    /// The destination's bytes_acked + send queue when the direction joined: `Measure::new`.
+    base: u64,
+    /// Parked bytes user space took from the source (`relay_peer.taken`) and wrote on.
+    taken: u64,
+    written: u64,
+    /// Taken and not yet written (the destination's send buffer was full).
+    held: Vec<u8>,
+    /// None while the verdict redirects; the next wait while its bytes are parked.
+    parked: Option<std::time::Duration>,
 }
 
 pub struct KernelDatapath {
-    maps: Rc<RefCell<RelayMaps>>,
+    state: Rc<RefCell<KernelState>>,
+    /// The verdict's reports of sockets that need their next budget, or parked.
+    events: RingBuf<MapData>,
+    /// When `tend` wants to run next.
+    next_recheck: Option<Instant>,
     /// Splices token pairs until their queues are drained (see `Handover`).
     fallback: UserspaceDatapath,
     /// Bytes a pair moves through splice(2) before it joins the maps (0: at once).
@@ -50,7 +97,8 @@ pub struct KernelDatapath {
 
 impl KernelDatapath {
     /// `join_after`: bytes a pair moves through splice(2) before it joins the maps (0: at once).
-    pub fn load(join_after: u64) -> Result<Self, Error> {
+    /// `limits`: what the pairs in the maps may hold (see budget.rs).
+    pub fn load(join_after: u64, limits: Limits) -> Result<Self, Error> {
         let mut bpf = bpf::load(bpf::objects::RELAY)?;
         let map = |bpf: &mut Ebpf, name: &str| {
             bpf.take_map(name).ok_or_else(|| Error::BpfUnavailable {
@@ -61,18 +109,34 @@ impl KernelDatapath {
         let broken = |e: MapError| bpf::unavailable("open the relay maps", &e);
         let socks: SockHash<MapData, u64> = SockHash::try_from(map(&mut bpf, "socks")?).map_err(broken)?;
         let targets: SockHash<MapData, u64> = SockHash::try_from(map(&mut bpf, "targets")?).map_err(broken)?;
-        let peers: HashMap<MapData, u64, u64> = HashMap::try_from(map(&mut bpf, "peers")?).map_err(broken)?;
+        let peers: HashMap<MapData, u64, RelayPeer> = HashMap::try_from(map(&mut bpf, "peers")?).map_err(broken)?;
+        let counts: HashMap<MapData, u64, RelayCount> =
+            HashMap::try_from(map(&mut bpf, "relay_counts")?).map_err(broken)?;
+        let events = RingBuf::try_from(map(&mut bpf, "relay_events")?).map_err(broken)?;
         let stats: PerCpuArray<MapData, u64> = PerCpuArray::try_from(map(&mut bpf, "relay_stats")?).map_err(broken)?;
         let socks_fd = socks.fd().try_clone().map_err(|e| bpf::unavailable("open the relay maps", &e))?;
-        for name in ["relay_parser", "relay_verdict"] {
-            let prog: &mut SkSkb = bpf.program_mut(name).and_then(|p| p.try_into().ok()).ok_or_else(|| {
-                Error::BpfUnavailable { reason: format!("no program `{name}`"), fix: "rebuild skrelay".into() }
-            })?;
-            prog.load().map_err(|e| bpf::unavailable("load the sk_skb programs", &e))?;
-            prog.attach(&socks_fd).map_err(|e| bpf::unavailable("attach the sk_skb programs", &e))?;
-        }
+        // Verdict only, no stream parser: with a parser, a socket whose bytes park deadlocks
+        // (KERNEL-NOTES.md, "Bounding the relay's psock queue").
+        let prog: &mut SkSkb = bpf.program_mut("relay_verdict").and_then(|p| p.try_into().ok()).ok_or_else(|| {
+            Error::BpfUnavailable { reason: "no program `relay_verdict`".into(), fix: "rebuild skrelay".into() }
+        })?;
+        prog.load().map_err(|e| bpf::unavailable("load the sk_skb programs", &e))?;
+        prog.attach(&socks_fd).map_err(|e| bpf::unavailable("attach the sk_skb programs", &e))?;
         Ok(KernelDatapath {
-            maps: Rc::new(RefCell::new(RelayMaps { socks, targets, peers })),
+            state: Rc::new(RefCell::new(KernelState {
+                socks,
+                targets,
+                peers,
+                counts,
+                directions: Table::new(),
+                rechecks: BinaryHeap::new(),
+                limits,
+                pairs: 0,
+                errors: Table::new(),
+                parkings: 0,
+            })),
+            events,
+            next_recheck: None,
             fallback: UserspaceDatapath,
             join_after,
             stats,
@@ -110,12 +174,11 @@ impl Datapath for KernelDatapath {
     fn splice(&mut self, ends: [&TcpStream; 2], skip: [u32; 2]) -> Result<Box<dyn Splice>, SpliceError> {
         let acked_base = [sys::tcp_counters(ends[0])?.bytes_acked, sys::tcp_counters(ends[1])?.bytes_acked];
         let mut kernel = KernelSplice {
-            maps: self.maps.clone(),
+            state: self.state.clone(),
             cookies: [0; 2], // read when the pair joins: most short pairs never do
             acked_base,
             consumed: skip.map(u64::from),
             joined: Joined::default(),
-            kicked_error: [None, None],
         };
         if skip == [0, 0] && self.join_after == 0 {
             return match kernel.join(ends) {
@@ -134,11 +197,9 @@ impl Datapath for KernelDatapath {
                     }))
                 }
                 // The same semantics through splice(2), said once: the map stays full for a while.
-                Err(SpliceError::MapFull(n)) => {
+                Err(e @ (SpliceError::MapFull(_) | SpliceError::OverBudget(_))) => {
                     if !self.warned_map_full {
-                        log::warn!(
-                            "the kernel socket map is full ({n} sockets): further pairs are spliced in user space"
-                        );
+                        log::warn!("{e}: further pairs are spliced in user space until kernel pairs end");
                         self.warned_map_full = true;
                     }
                     self.fallback.splice(ends, skip)
@@ -168,12 +229,223 @@ impl Datapath for KernelDatapath {
 
     fn summary(&self) -> Option<String> {
         Some(format!(
-            "kernel datapath: {} skbs ({} bytes) redirected, {} passed without a peer, {} dropped",
+            "kernel datapath: {} skbs ({} bytes) redirected, {} passed without a peer, {} dropped, \
+             {} bytes parked at a budget in {} parkings, {} budget reports lost, \
+             {} repeated bytes trimmed",
             self.stat(relay_stat::REDIRECTED),
             self.stat(relay_stat::BYTES),
             self.stat(relay_stat::NO_PEER),
             self.stat(relay_stat::DROPPED),
+            self.stat(relay_stat::PARKED),
+            self.state.borrow().parkings,
+            self.stat(relay_stat::EVENTS_LOST),
+            self.stat(relay_stat::TRIMMED),
         ))
+    }
+
+    fn events(&self) -> Option<RawFd> {
+        Some(self.events.as_raw_fd())
+    }
+
+    fn tend(&mut self, now: Instant) -> Option<Instant> {
+        let mut cookies = Vec::new();
+        while let Some(item) = self.events.next() {
+            if let Ok(cookie) = <[u8; 8]>::try_from(&item[..8.min(item.len())]) {
+                cookies.push(u64::from_ne_bytes(cookie));
+            }
+        }
+        let mut state = self.state.borrow_mut();
+        for cookie in cookies {
+            state.review(cookie, now);
+        }
+        state.recheck_parked(now);
+        self.next_recheck = state.rechecks.peek().map(|Reverse((at, _))| *at);
+        self.next_recheck
+    }
+
+    fn in_flight(&self) -> u64 {
+        let state = self.state.borrow();
+        state.directions.iter().filter_map(|(cookie, d)| state.measure(*cookie, d).ok()).map(|m| m.in_flight).sum()
+    }
+}
+
+/// Borrows a descriptor that a live pair owns.
+fn borrow_fd(fd: RawFd) -> BorrowedFd<'static> {
+    // SAFETY: a `Direction` lives only while its pair holds both sockets open: the pair removes
+    // it (release) before it closes them, and the borrow never outlives the call it is made for.
+    unsafe { BorrowedFd::borrow_raw(fd) }
+}
+
+impl KernelState {
+    fn measure(&self, cookie: u64, d: &Direction) -> io::Result<Measure> {
+        let c = self.counts.get(&cookie, 0).map_err(|e| io::Error::other(bpf::chain(&e)))?;
+        let dst = borrow_fd(d.dst);
+        let entered = sys::tcp_counters(&dst)?.bytes_acked + sys::send_queue_len(&dst)?;
+        Ok(Measure::new(d.base, c.redirected, c.parked, d.written, entered))
+    }
+
+    /// The verdict asked for `cookie`'s next budget, or parked its bytes.
+    fn review(&mut self, cookie: u64, now: Instant) {
+        let Some(d) = self.directions.get(&cookie) else { return };
+        if self.counts.get(&cookie, 0).is_ok_and(|c| c.flags & relay_count_flags::BROKEN != 0) {
+            // The verdict could not cut a repeated head off a skb and dropped it and all after
+            // it: the stream has a hole, so the pair must end in a reset. Shutting the source's
+            // read side makes it readable, so the server calls `advance`, which reports this.
+            log::error!("kernel datapath: socket {cookie:#x} lost bytes it could not trim; resetting its pair");
+            self.errors.insert(cookie, io::Error::other("the kernel datapath could not trim a retransmitted skb"));
+            let _ = socket2::SockRef::from(&borrow_fd(d.src)).shutdown(std::net::Shutdown::Read);
+            return;
+        }
+        if d.parked.is_some() {
+            return; // already being looked after
+        }
+        let Ok(m) = self.measure(cookie, d) else { return };
+        if m.parked == d.taken && self.grant(cookie, m) {
+            return;
+        }
+        self.parkings += 1;
+        self.directions.get_mut(&cookie).expect("present").parked = Some(budget::RECHECK_FIRST);
+        self.rechecks.push(Reverse((now, cookie)));
+        log::debug!("kernel datapath: socket {cookie:#x} parks at its budget");
+    }
+
+    /// Writes the direction's next budget; false if the verdict parked bytes meanwhile (they
+    /// must be moved first: until `taken` catches up, it parks every skb).
+    fn grant(&mut self, cookie: u64, m: Measure) -> bool {
+        let Some(d) = self.directions.get(&cookie) else { return true };
+        let (budget, notify) = budget::grant(m, self.limits.per_direction);
+        let peer = RelayPeer { peer: d.peer, budget, notify, taken: d.taken };
+        if self.peers.insert(cookie, peer, 0).is_err() {
+            return false;
+        }
+        // A skb parked between the measure and the write saw the old budget: look again.
+        self.counts.get(&cookie, 0).is_ok_and(|c| c.parked == peer.taken)
+    }
+
+    /// Looks at the parked directions that are due: once a destination has drained enough,
+    /// moves the parked bytes on and lets the verdict redirect again.
+    fn recheck_parked(&mut self, now: Instant) {
+        while let Some(Reverse((at, cookie))) = self.rechecks.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.rechecks.pop();
+            let Some(delay) = self.directions.get(&cookie).and_then(|d| d.parked) else { continue };
+            let next = match self.unpark(cookie) {
+                Ok(true) => continue,
+                Ok(false) => budget::backoff(delay),
+                Err(Progress) => budget::RECHECK_FIRST,
+            };
+            if let Some(d) = self.directions.get_mut(&cookie) {
+                d.parked = Some(next);
+                self.rechecks.push(Reverse((now + next, cookie)));
+            }
+        }
+    }
+
+    /// Moves a parked direction's bytes on if its destination has room: Ok(true) when the
+    /// verdict redirects again, Ok(false) when nothing could move, Err(Progress) when some did.
+    ///
+    /// While a source sends, new skbs park behind the parked ones; the verdict redirects again
+    /// only once `taken` equals its parked count, so this takes and writes on in a tight loop and
+    /// publishes `taken` the moment it has caught up: the next skb is then redirected, in order.
+    fn unpark(&mut self, cookie: u64) -> Result<bool, Progress> {
+        let Some(d) = self.directions.get(&cookie) else { return Ok(true) };
+        let Ok(m) = self.measure(cookie, d) else { return Ok(false) };
+        // Bytes the verdict redirected before it parked may still wait on the destination's psock
+        // (its backlog moves them into the send queue): written now, parked bytes would overtake
+        // them. Wait until all of them are in the send queue.
+        if !budget::may_unpark(m) {
+            return Ok(false);
+        }
+        let mut moved = false;
+        let idle = |moved: bool| if moved { Err(Progress) } else { Ok(false) };
+        let mut buf = [0u8; PARKED_CHUNK];
+        for _ in 0..UNPARK_ROUNDS {
+            let d = self.directions.get_mut(&cookie).expect("present");
+            let (src, dst) = (borrow_fd(d.src), borrow_fd(d.dst));
+            let (src, dst) = (socket2::SockRef::from(&src), socket2::SockRef::from(&dst));
+            while !d.held.is_empty() {
+                match (&*dst).write(&d.held) {
+                    Ok(n) => {
+                        d.held.drain(..n);
+                        d.written += n as u64;
+                        moved = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return idle(moved),
+                    Err(e) => return self.failed(cookie, e),
+                }
+            }
+            let parked = match self.counts.get(&cookie, 0) {
+                Ok(c) => c.parked,
+                Err(_) => return Ok(false),
+            };
+            let d = self.directions.get_mut(&cookie).expect("present");
+            if d.taken == parked {
+                // Caught up, and everything taken is written on: the verdict may redirect again.
+                let d = self.directions.get(&cookie).expect("present");
+                let Ok(m) = self.measure(cookie, d) else { return Ok(false) };
+                if self.grant(cookie, m) {
+                    self.directions.get_mut(&cookie).expect("present").parked = None;
+                    log::debug!("kernel datapath: socket {cookie:#x} redirects again");
+                    return Ok(true);
+                }
+                continue; // a skb parked meanwhile: take it too
+            }
+            // Read only what is in the socket's psock queue (FIONREAD counts it on a psock socket):
+            // with that queue empty, tcp_bpf_recvmsg reads the TCP receive queue instead, which
+            // holds bytes the verdict has not seen yet, and they would overtake parked ones.
+            let ready = match sys::readable_len(&*src) {
+                Ok(0) => return idle(moved), // still on their way (psock backlog)
+                Ok(n) => n,
+                Err(e) => return self.failed(cookie, e),
+            };
+            let want = ((parked - d.taken).min(ready) as usize).min(buf.len());
+            match (&*src).read(&mut buf[..want]) {
+                Ok(0) => return idle(moved),
+                Ok(n) => {
+                    d.taken += n as u64;
+                    d.held.extend_from_slice(&buf[..n]);
+                    moved = true;
+                }
+                // Counted but still on their way to the socket's queue (psock backlog).
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return idle(moved),
+                Err(e) => return self.failed(cookie, e),
+            }
+        }
+        idle(moved)
+    }
+
+    /// Reading a socket took its error out of SO_ERROR: keep it for `advance` to report.
+    fn failed(&mut self, cookie: u64, e: io::Error) -> Result<bool, Progress> {
+        self.errors.insert(cookie, e);
+        if let Some(d) = self.directions.get_mut(&cookie) {
+            d.parked = Some(budget::RECHECK_MAX);
+        }
+        Ok(false)
+    }
+}
+
+/// Some parked bytes moved: look again soon.
+struct Progress;
+
+/// How much of a parked direction's bytes is read at a time.
+const PARKED_CHUNK: usize = 64 * 1024;
+/// Reads and writes of one look at a parked direction before other work gets its turn.
+const UNPARK_ROUNDS: usize = 64;
+
+/// Runs the bytes waiting in a socket's receive queue through the verdict: a peek goes through
+/// the sockmap's receive path (KERNEL-NOTES.md). A reset that came before is returned: the peek
+/// took it out of SO_ERROR.
+fn kick(fd: &impl AsRawFd) -> io::Result<()> {
+    let mut byte = [0u8; 1];
+    match sys::peek(fd, &mut byte) {
+        Ok(n) if n > 0 => {
+            log::warn!("kernel datapath: {n} byte(s) stayed in a relay socket's queue after the kick");
+            Ok(())
+        }
+        Err(e) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
+        _ => Ok(()),
     }
 }
 
@@ -183,18 +455,18 @@ struct Joined {
     targets: [bool; 2],
     peers: [bool; 2],
     socks: [bool; 2],
+    /// Counted in `KernelState::pairs`.
+    counted: bool,
 }
 
 struct KernelSplice {
-    maps: Rc<RefCell<RelayMaps>>,
+    state: Rc<RefCell<KernelState>>,
     cookies: [u64; 2],
     /// bytes_acked of each socket when the pair formed (an active open counts its SYN).
     acked_base: [u64; 2],
     /// Token-line bytes received on each socket that are discarded, not relayed.
     consumed: [u64; 2],
     joined: Joined,
-    /// A socket error the kick read (reading it clears SO_ERROR): reported by `advance`.
-    kicked_error: [Option<io::Error>; 2],
 }
 
 fn map_full_or_io(e: MapError) -> SpliceError {
@@ -219,6 +491,11 @@ impl KernelSplice {
     }
 
     fn try_join(&mut self, ends: [&TcpStream; 2]) -> Result<(), SpliceError> {
+        let mut state = self.state.borrow_mut();
+        let state = &mut *state;
+        if state.pairs >= state.limits.max_pairs() {
+            return Err(SpliceError::OverBudget(state.limits.total));
+        }
         self.cookies = [sys::socket_cookie(ends[0])?, sys::socket_cookie(ends[1])?];
         let [a, b] = self.cookies;
         for end in ends {
@@ -226,33 +503,48 @@ impl KernelSplice {
                 log::debug!("kernel datapath: send buffer stays at its default: {e}");
             }
         }
-        {
-            let mut maps = self.maps.borrow_mut();
-            for (i, end) in ends.iter().enumerate() {
-                maps.targets.insert(self.cookies[i], end.as_raw_fd(), 0).map_err(map_full_or_io)?;
-                self.joined.targets[i] = true;
-            }
-            for (i, (from, to)) in [(a, b), (b, a)].into_iter().enumerate() {
-                maps.peers.insert(from, to, 0).map_err(map_full_or_io)?;
-                self.joined.peers[i] = true;
-            }
-            for (i, end) in ends.iter().enumerate() {
-                maps.socks.insert(self.cookies[i], end.as_raw_fd(), 0).map_err(map_full_or_io)?;
-                self.joined.socks[i] = true;
-            }
+        // What entered each destination's send queue before the join (spliced): the budget counts
+        // what the verdict redirects beyond it and the send queue has not taken yet.
+        let mut base = [0u64; 2];
+        for (i, end) in ends.iter().enumerate() {
+            base[i] = sys::tcp_counters(*end)?.bytes_acked + sys::send_queue_len(*end)?;
         }
+        for (i, end) in ends.iter().enumerate() {
+            state.targets.insert(self.cookies[i], end.as_raw_fd(), 0).map_err(map_full_or_io)?;
+            self.joined.targets[i] = true;
+        }
+        for (i, (from, to)) in [(a, b), (b, a)].into_iter().enumerate() {
+            // Direction i's destination is end 1-i; what it already holds counts.
+            let (budget, notify) =
+                budget::grant(Measure::new(base[1 - i], 0, 0, 0, base[1 - i]), state.limits.per_direction);
+            state.counts.insert(from, RelayCount::default(), 0).map_err(map_full_or_io)?;
+            state.peers.insert(from, RelayPeer { peer: to, budget, notify, taken: 0 }, 0).map_err(map_full_or_io)?;
+            self.joined.peers[i] = true;
+            let (src, dst) = (ends[i].as_raw_fd(), ends[1 - i].as_raw_fd());
+            let direction = Direction {
+                src,
+                dst,
+                peer: to,
+                base: base[1 - i],
+                taken: 0,
+                written: 0,
+                held: Vec::new(),
+                parked: None,
+            };
+            state.directions.insert(from, direction);
+        }
+        for (i, end) in ends.iter().enumerate() {
+            state.socks.insert(self.cookies[i], end.as_raw_fd(), 0).map_err(map_full_or_io)?;
+            self.joined.socks[i] = true;
+        }
+        state.pairs += 1;
+        self.joined.counted = true;
         // Bytes that arrived before the socket joined `socks` sit in its receive queue and only go
         // through the verdict when the next segment comes; a peek runs the sockmap receive path,
         // which pushes them through now, in order (KERNEL-NOTES.md).
         for (i, end) in ends.iter().enumerate() {
-            let mut byte = [0u8; 1];
-            match sys::peek(*end, &mut byte) {
-                Ok(n) if n > 0 => {
-                    log::warn!("kernel datapath: {n} byte(s) stayed in a relay socket's queue after the kick")
-                }
-                // A reset that came before the kick: the peek took it out of SO_ERROR.
-                Err(e) if e.kind() != io::ErrorKind::WouldBlock => self.kicked_error[i] = Some(e),
-                _ => {}
+            if let Err(e) = kick(*end) {
+                state.errors.insert(self.cookies[i], e);
             }
         }
         Ok(())
@@ -261,7 +553,7 @@ impl KernelSplice {
 
 impl Splice for KernelSplice {
     fn advance(&mut self, dir: usize, src: &TcpStream, dst: &TcpStream) -> io::Result<Flow> {
-        if let Some(e) = self.kicked_error[dir].take() {
+        if let Some(e) = self.state.borrow_mut().errors.remove(&self.cookies[dir]) {
             return Err(e);
         }
         let from: TcpCounters = sys::tcp_counters(src)?;
@@ -296,22 +588,28 @@ impl Splice for KernelSplice {
     }
 
     fn release(&mut self) {
-        let mut maps = self.maps.borrow_mut();
+        let mut state = self.state.borrow_mut();
         let [a, b] = self.cookies;
         for i in 0..2 {
             if std::mem::take(&mut self.joined.socks[i]) {
-                let _ = maps.socks.remove(&self.cookies[i]);
+                let _ = state.socks.remove(&self.cookies[i]);
             }
         }
         for (i, from) in [a, b].into_iter().enumerate() {
             if std::mem::take(&mut self.joined.peers[i]) {
-                let _ = maps.peers.remove(&from);
+                let _ = state.peers.remove(&from);
+                let _ = state.counts.remove(&from);
+                state.directions.remove(&from);
+                state.errors.remove(&from);
             }
         }
         for i in 0..2 {
             if std::mem::take(&mut self.joined.targets[i]) {
-                let _ = maps.targets.remove(&self.cookies[i]);
+                let _ = state.targets.remove(&self.cookies[i]);
             }
+        }
+        if std::mem::take(&mut self.joined.counted) {
+            state.pairs -= 1;
         }
     }
 }

@@ -1,11 +1,12 @@
 //! How the bytes of a spliced pair move: in the kernel (sk_skb programs on a SOCKHASH) or in user
 //! space (splice(2) through pipes). The pairing and proxy code see only these two traits.
+pub mod budget;
 pub mod kernel;
 pub mod userspace;
 
 use crate::{cli::DatapathChoice, error::Error};
 use mio::{net::TcpStream, Interest};
-use std::io;
+use std::{io, os::fd::RawFd, time::Instant};
 
 /// Where one direction of a pair stands after `Splice::advance`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +62,20 @@ pub trait Datapath {
     fn summary(&self) -> Option<String> {
         None
     }
+    /// A descriptor the event loop watches for the datapath's own events; when it is readable,
+    /// or when the instant `tend` returned has passed, the loop calls `tend`.
+    fn events(&self) -> Option<RawFd> {
+        None
+    }
+    /// Acts on the datapath's own events and timers; returns when it wants to run again.
+    fn tend(&mut self, _now: Instant) -> Option<Instant> {
+        None
+    }
+    /// Bytes that left one socket of a pair and that the other's client has not acknowledged,
+    /// over every pair this datapath moves inside the kernel.
+    fn in_flight(&self) -> u64 {
+        0
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,18 +84,21 @@ pub enum SpliceError {
     MapFull(u32),
     #[error("a socket that is not established (e.g. already half-closed) cannot join a socket map")]
     NotEstablished,
+    #[error("the kernel pairs hold the whole --kernel-memory budget ({0} bytes)")]
+    OverBudget(u64),
     #[error("{0}")]
     Io(#[from] io::Error),
 }
 
 /// Opens the datapath the user chose. `auto` takes the kernel when its programs load and says why
 /// in one warning when they do not.
-/// `kernel_after`: bytes a kernel-datapath pair moves through splice(2) before it joins the maps.
-pub fn open(choice: DatapathChoice, kernel_after: u64) -> Result<Box<dyn Datapath>, Error> {
+/// `kernel_after`: bytes a kernel-datapath pair moves through splice(2) before it joins the maps;
+/// `limits`: what kernel pairs may hold (budget.rs).
+pub fn open(choice: DatapathChoice, kernel_after: u64, limits: budget::Limits) -> Result<Box<dyn Datapath>, Error> {
     let kernel = match choice {
         DatapathChoice::Userspace => return Ok(Box::new(userspace::UserspaceDatapath)),
-        DatapathChoice::Kernel => kernel::KernelDatapath::load(kernel_after)?,
-        DatapathChoice::Auto => match kernel::KernelDatapath::load(kernel_after) {
+        DatapathChoice::Kernel => kernel::KernelDatapath::load(kernel_after, limits)?,
+        DatapathChoice::Auto => match kernel::KernelDatapath::load(kernel_after, limits) {
             Ok(k) => k,
             Err(e) => {
                 log::warn!("kernel datapath unavailable, splicing in user space instead: {e}");

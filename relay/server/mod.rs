@@ -59,7 +59,9 @@ pub struct ServerConfig {
 
 const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
-const FIRST_SLOT_TOKEN: usize = 2;
+/// The datapath's own events (the kernel datapath's budget reports).
+const DATAPATH: Token = Token(2);
+const FIRST_SLOT_TOKEN: usize = 3;
 /// How long to wait before accepting again when the process is out of file descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -107,6 +109,8 @@ pub struct Server {
     again: Vec<(usize, u64)>,
     accept_retry: Option<Instant>,
     drain_deadline: Option<Instant>,
+    /// When the datapath wants `tend` called again.
+    datapath_due: Option<Instant>,
 }
 
 impl Server {
@@ -116,6 +120,10 @@ impl Server {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
             .and_then(|_| poll.registry().register(&mut signals, SIGNALS, Interest::READABLE))
+            .and_then(|_| match datapath.events() {
+                Some(fd) => poll.registry().register(&mut mio::unix::SourceFd(&fd), DATAPATH, Interest::READABLE),
+                None => Ok(()),
+            })
             .map_err(|e| Error::io("cannot register with the event loop", e))?;
         sys::raise_fd_limit();
         let partners = match config.partnering {
@@ -141,6 +149,7 @@ impl Server {
             again: Vec::new(),
             accept_retry: None,
             drain_deadline: None,
+            datapath_due: None,
         })
     }
 
@@ -158,6 +167,7 @@ impl Server {
                 match event.token() {
                     LISTENER => self.accept(),
                     SIGNALS => self.on_signal(),
+                    DATAPATH => self.datapath_due = Some(Instant::now()),
                     t => {
                         let (slot, end) = slot_of(t);
                         self.on_socket(slot, end, event);
@@ -168,6 +178,9 @@ impl Server {
                 if self.is_pair(slot, serial) {
                     self.service(slot, false);
                 }
+            }
+            if self.datapath_due.is_some_and(|t| Instant::now() >= t) {
+                self.datapath_due = self.datapath.tend(Instant::now());
             }
             self.fire_timers();
             if self.accept_retry.is_some_and(|t| Instant::now() >= t) {
@@ -196,7 +209,7 @@ impl Server {
         if !self.again.is_empty() {
             return Some(Duration::ZERO);
         }
-        let deadlines = [self.timers.next(), self.drain_deadline, self.accept_retry];
+        let deadlines = [self.timers.next(), self.drain_deadline, self.accept_retry, self.datapath_due];
         deadlines.into_iter().flatten().min().map(|t| t.saturating_duration_since(Instant::now()))
     }
 

@@ -1,0 +1,137 @@
+//! What a kernel pair may hold. A redirected skb waits on the peer's psock queue until the psock
+//! backlog moves it into the peer's send queue; no socket buffer and no tcp_mem limit bounds that
+//! queue (net/core/skmsg.c queues without a check), so a client whose partner never reads could
+//! make the host queue gigabytes while `ss` shows nothing. So each direction of a kernel pair has a
+//! budget for exactly that queue: bytes its verdict redirected that have not yet entered the
+//! destination's send queue (which TCP bounds by its send buffer and tcp_mem, like every socket's).
+//! The verdict redirects within the budget and parks what comes past it in the source's own queue,
+//! where it counts against the source's receive buffer: TCP's window then holds the sender back
+//! exactly as on the userspace datapath. Halfway through a budget the verdict asks user space for
+//! the next one, so a pair whose psock keeps up never parks. Once parked, user space waits until
+//! the psock queue is empty, writes the parked bytes on itself (at most a receive buffer's worth
+//! at a time) and lets the verdict redirect again; no skb overtakes a parked one.
+//!
+//! This module is the pure part: the numbers and the decisions. kernel.rs does the syscalls.
+use std::time::Duration;
+
+/// Default bytes one direction of a kernel pair may hold between its sockets.
+pub const DEFAULT_PER_DIRECTION: u64 = 4 << 20;
+/// Default bytes all kernel pairs together may hold: 128 pairs at the default budget.
+pub const DEFAULT_TOTAL: u64 = 1 << 30;
+/// First and longest wait between looks at a parked direction.
+pub const RECHECK_FIRST: Duration = Duration::from_micros(250);
+pub const RECHECK_MAX: Duration = Duration::from_millis(100);
+
+/// The limits the user chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes one direction of a pair may hold.
+    pub per_direction: u64,
+    /// Bytes all pairs in the kernel maps may hold together.
+    pub total: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { per_direction: DEFAULT_PER_DIRECTION, total: DEFAULT_TOTAL }
+    }
+}
+
+impl Limits {
+    /// How many pairs may be in the kernel maps at once so that all of them together, each
+    /// direction at its budget, stay within `total`. Further pairs are spliced in user space.
+    pub fn max_pairs(&self) -> usize {
+        (self.total / (2 * self.per_direction.max(1))).max(1) as usize
+    }
+}
+
+/// Where one direction stands, from the datapath's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Measure {
+    /// Bytes the source's verdict redirected since the direction joined.
+    pub redirected: u64,
+    /// Bytes the verdict parked in the source's own queue since the direction joined.
+    pub parked: u64,
+    /// Bytes that left the source and have not yet entered the destination's send queue: what
+    /// waits on the destination's psock, outside every socket buffer.
+    pub in_flight: u64,
+}
+
+impl Measure {
+    /// `base`: what had entered the destination's send queue when the direction joined
+    /// (bytes_acked + SIOCOUTQ); `redirected` and `parked`: the verdict's counts since; `written`:
+    /// parked bytes user space wrote into the destination; `entered`: the destination's
+    /// bytes_acked + SIOCOUTQ now. An actively opened socket counts its SYN in bytes_acked, and a
+    /// FIN too: both are in `base` and `entered` alike, or make the result one short, never more.
+    pub fn new(base: u64, redirected: u64, parked: u64, written: u64, entered: u64) -> Measure {
+        Measure { redirected, parked, in_flight: (base + redirected + written).saturating_sub(entered) }
+    }
+}
+
+/// The next budget of a direction: (budget, notify) for `struct relay_peer`. The verdict may
+/// redirect until the direction holds `limit` bytes if nothing more is acknowledged meanwhile,
+/// and asks for the next budget halfway there.
+pub fn grant(m: Measure, limit: u64) -> (u64, u64) {
+    let room = limit.saturating_sub(m.in_flight);
+    (m.redirected + room, m.redirected + room / 2)
+}
+
+/// A parked direction's bytes may be written on once nothing redirected before them still waits
+/// on the destination's psock: written earlier, they would overtake those.
+pub fn may_unpark(m: Measure) -> bool {
+    m.in_flight == 0
+}
+
+/// The next wait before looking at a parked direction again, when the last look moved nothing.
+pub fn backoff(delay: Duration) -> Duration {
+    (delay * 2).min(RECHECK_MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_flight_is_what_left_the_source_and_was_not_acknowledged() {
+        // 1,000 bytes had entered the destination's send queue at join, 5,000 were redirected
+        // since and 500 parked bytes written by user space; 4,500 have entered it now.
+        let m = Measure::new(1_000, 5_000, 600, 500, 4_500);
+        assert_eq!(m, Measure { redirected: 5_000, parked: 600, in_flight: 2_000 });
+        // A FIN acknowledged after the last byte makes acked one more than written: never negative.
+        assert_eq!(Measure::new(1, 10, 0, 0, 12).in_flight, 0);
+    }
+
+    #[test]
+    fn a_budget_stops_where_the_direction_would_hold_its_limit() {
+        let limit = 4 << 20;
+        let m = Measure { redirected: 10 << 20, parked: 0, in_flight: 1 << 20 };
+        let (budget, notify) = grant(m, limit);
+        assert_eq!(budget, (10 << 20) + (3 << 20));
+        assert_eq!(notify, (10 << 20) + (3 << 19));
+        // Redirecting up to the budget with nothing more acknowledged holds exactly the limit.
+        assert_eq!(Measure::new(0, budget, 0, 0, budget - limit).in_flight, limit);
+        // A direction that holds its limit (or more) gets no room: its next skb parks.
+        let full = Measure { redirected: 10 << 20, parked: 0, in_flight: limit + 5 };
+        assert_eq!(grant(full, limit), (10 << 20, 10 << 20));
+    }
+
+    #[test]
+    fn parked_bytes_move_only_behind_everything_redirected_before() {
+        assert!(!may_unpark(Measure { redirected: 9 << 20, parked: 1, in_flight: 1 }));
+        assert!(may_unpark(Measure { redirected: 9 << 20, parked: 1, in_flight: 0 }));
+    }
+
+    #[test]
+    fn the_total_bounds_how_many_pairs_join() {
+        assert_eq!(Limits::default().max_pairs(), 128);
+        assert_eq!(Limits { per_direction: 1 << 20, total: 64 << 20 }.max_pairs(), 32);
+        // Never zero: one pair may always join.
+        assert_eq!(Limits { per_direction: 1 << 30, total: 1 }.max_pairs(), 1);
+    }
+
+    #[test]
+    fn rechecks_back_off_to_a_ceiling() {
+        assert_eq!(backoff(RECHECK_FIRST), Duration::from_micros(500));
+        assert_eq!(backoff(Duration::from_millis(80)), RECHECK_MAX);
+    }
+}
