@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
 /* relay: splice the two sockets of a pair inside the kernel.
  *
- * `socks` carries the stream parser + verdict: every skb that arrives on a member socket is
+ * `socks` carries the verdict (no stream parser: with one, a socket whose bytes park deadlocks;
+ * KERNEL-NOTES.md): every skb that arrives on a member socket is
  * redirected to the egress of its peer. The peer is looked up by socket cookie in `peers`, and
  * the redirect goes through `targets`, a SOCKHASH without programs. User space fills `targets`
  * and `peers` for both sockets of a pair BEFORE either joins `socks`, so a verdict never runs
@@ -14,8 +15,10 @@
  * window holds the sender back). User space hears of it on `relay_events`, moves the parked bytes
  * once the peer's client has drained, and moves the budget on. A socket never leaves `socks`
  * while its pair lives: taking the programs away from a socket that is receiving drops skbs
- * (sk_psock_strp_read defaults to __SK_DROP when it finds no verdict program). See
- * relay/datapath/budget.rs. */
+ * (sk_psock_verdict_recv defaults to __SK_DROP when it finds no verdict program). See
+ * relay/datapath/budget.rs. Verdict-only mode hands the verdict whole skbs from the receive queue,
+ * including bytes it already handed on (a retransmission's overlap, a partly read skb): see
+ * cut_repeated_head. */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include "skrelay.h"
@@ -146,12 +149,6 @@ broken:
 	count(RELAY_STAT_BROKEN, 1);
 	report(bpf_get_socket_cookie(skb));
 	return -1;
-}
-
-SEC("sk_skb/stream_parser")
-int relay_parser(struct __sk_buff *skb)
-{
-	return skb->len; /* no framing: each skb is one message */
 }
 
 SEC("sk_skb/stream_verdict")

@@ -567,20 +567,6 @@ fn iperf3_reverse_bidir_and_parallel_streams_under_accel() {
     assert!(r.connections >= 4 && r.bytes > 0, "{r}");
 }
 
-/// True when `tool` is installed (scripts/setup.sh installs it). Missing under CI=true fails the
-/// test; elsewhere it is skipped with a note.
-fn require_tool(test: &str, tool: &str) -> bool {
-    let found =
-        Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var("CI").map_or(true, |v| v != "true"),
-            "{test}: {tool} is missing under CI=true (run scripts/setup.sh)"
-        );
-        eprintln!("SKIPPED {test}: {tool} is not installed (scripts/setup.sh installs it)");
-    }
-    found
-}
 
 /// `cmd` under `accel run --cgroup` of `cg`, or plain.
 fn maybe_accel(cg: Option<&TestCgroup>, cmd: &[&str]) -> Command {

@@ -19,7 +19,7 @@ use aya::{
 };
 use common::*;
 use skrelay::{
-    abi::{relay_stat, SteerCounters, SteerMatch},
+    abi::{relay_stat, RelayCount, RelayPeer, SteerCounters, SteerMatch},
     sys,
 };
 use std::{
@@ -210,31 +210,36 @@ fn steer_lookup_chooses_by_proto_family_port_and_longest_prefix() {
     assert!(failures.is_empty(), "{} case(s) failed:\n{}", failures.len(), failures.join("\n"));
 }
 
-// ---- relay: sk_skb parser + verdict on real sockets ----
+// ---- relay: sk_skb verdict on real sockets ----
 
 struct Relay {
     _bpf: Ebpf,
     socks: SockHash<MapData, u64>,
     targets: SockHash<MapData, u64>,
-    peers: HashMap<MapData, u64, u64>,
+    peers: HashMap<MapData, u64, RelayPeer>,
+    counts: HashMap<MapData, u64, RelayCount>,
     stats: PerCpuArray<MapData, u64>,
 }
 
+/// A peer entry with a budget that never runs out.
+fn peer(cookie: u64) -> RelayPeer {
+    RelayPeer { peer: cookie, budget: u64::MAX, notify: u64::MAX, taken: 0 }
+}
+
 impl Relay {
-    /// The relay object with its parser and verdict on `socks`, as the kernel datapath sets it up.
+    /// The relay object with its verdict on `socks`, as the kernel datapath sets it up.
     fn load() -> Relay {
         let mut bpf = Ebpf::load(skrelay::bpf::objects::RELAY).expect("load the relay object");
         let socks: SockHash<MapData, u64> = SockHash::try_from(bpf.take_map("socks").unwrap()).unwrap();
         let targets = SockHash::try_from(bpf.take_map("targets").unwrap()).unwrap();
         let peers = HashMap::try_from(bpf.take_map("peers").unwrap()).unwrap();
+        let counts = HashMap::try_from(bpf.take_map("relay_counts").unwrap()).unwrap();
         let stats = PerCpuArray::try_from(bpf.take_map("relay_stats").unwrap()).unwrap();
         let socks_fd = socks.fd().try_clone().unwrap();
-        for name in ["relay_parser", "relay_verdict"] {
-            let prog: &mut SkSkb = bpf.program_mut(name).unwrap().try_into().unwrap();
-            prog.load().unwrap_or_else(|e| panic!("load {name}: {e}"));
-            prog.attach(&socks_fd).unwrap_or_else(|e| panic!("attach {name}: {e}"));
-        }
-        Relay { _bpf: bpf, socks, targets, peers, stats }
+        let prog: &mut SkSkb = bpf.program_mut("relay_verdict").unwrap().try_into().unwrap();
+        prog.load().unwrap_or_else(|e| panic!("load relay_verdict: {e}"));
+        prog.attach(&socks_fd).unwrap_or_else(|e| panic!("attach relay_verdict: {e}"));
+        Relay { _bpf: bpf, socks, targets, peers, counts, stats }
     }
 
     fn stats(&self) -> [u64; relay_stat::MAX as usize] {
@@ -296,9 +301,9 @@ enum Lands {
     Wait,
 }
 
-/// (case, maps, bytes sent before `a` joins `socks`, kick (MSG_PEEK) after joining, where the
-/// bytes land, counters that must grow).
-type VerdictCase = (&'static str, Maps, bool, bool, Lands, &'static [u32]);
+/// (case, maps, bytes sent before `a` joins `socks`, bytes of them user space reads before the
+/// join, kick (MSG_PEEK) after joining, where the bytes land, counters that must grow).
+type VerdictCase = (&'static str, Maps, bool, usize, bool, Lands, &'static [u32]);
 
 #[test]
 fn relay_verdict_redirects_passes_or_drops_as_its_maps_say() {
@@ -307,19 +312,22 @@ fn relay_verdict_redirects_passes_or_drops_as_its_maps_say() {
         return;
     }
     let mut relay = Relay::load();
-    use relay_stat::{BYTES, DROPPED, NO_PEER, REDIRECTED, VERDICTS};
-    let cases: [VerdictCase; 6] = [
-        ("a formed pair redirects to the peer", Maps::Pair, false, false, Lands::AtPartner, &[VERDICTS, REDIRECTED]),
-        ("no peer entry: passed to its own queue", Maps::NoPeerEntry, false, false, Lands::InOwnQueue, &[NO_PEER]),
-        ("peer not in targets: dropped", Maps::PeerNotInTargets, false, false, Lands::Dropped, &[DROPPED]),
-        ("queued before the join, then kicked", Maps::Pair, true, true, Lands::AtPartner, &[REDIRECTED]),
+    use relay_stat::{BYTES, DROPPED, NO_PEER, REDIRECTED, TRIMMED, VERDICTS};
+    let cases: [VerdictCase; 7] = [
+        ("a formed pair redirects to the peer", Maps::Pair, false, 0, false, Lands::AtPartner, &[VERDICTS, REDIRECTED]),
+        ("no peer entry: passed to its own queue", Maps::NoPeerEntry, false, 0, false, Lands::InOwnQueue, &[NO_PEER]),
+        ("peer not in targets: dropped", Maps::PeerNotInTargets, false, 0, false, Lands::Dropped, &[DROPPED]),
+        ("queued before the join, then kicked", Maps::Pair, true, 0, true, Lands::AtPartner, &[REDIRECTED]),
         // KERNEL-NOTES: bytes queued before the join wait for the next segment; the kick exists
         // for this. If this case fails, the kernel changed: the kick may no longer be needed.
-        ("queued before the join, never kicked", Maps::Pair, true, false, Lands::Wait, &[]),
-        ("no peer entry, queued before, kicked", Maps::NoPeerEntry, true, true, Lands::InOwnQueue, &[NO_PEER]),
+        ("queued before the join, never kicked", Maps::Pair, true, 0, false, Lands::Wait, &[]),
+        ("no peer entry, queued before, kicked", Maps::NoPeerEntry, true, 0, true, Lands::InOwnQueue, &[NO_PEER]),
+        // tcp_read_skb hands the verdict the whole skb, the 100 bytes user space read included:
+        // the verdict cuts them off (from copied_seq), as it cuts a retransmission's overlap.
+        ("partly read before the join: only the rest goes on", Maps::Pair, true, 100, true, Lands::AtPartner, &[REDIRECTED, TRIMMED]),
     ];
     let mut failures = Vec::new();
-    for (i, (name, maps, before, kick, lands, grow)) in cases.into_iter().enumerate() {
+    for (i, (name, maps, before, read_first, kick, lands, grow)) in cases.into_iter().enumerate() {
         let (mut a_client, mut a) = connection();
         let (mut b_client, b) = connection();
         let payload: Vec<u8> = (0..1000u32).map(|x| (x * 7 + i as u32) as u8).collect();
@@ -329,16 +337,23 @@ fn relay_verdict_redirects_passes_or_drops_as_its_maps_say() {
             a_client.write_all(&payload).unwrap();
             std::thread::sleep(Duration::from_millis(50));
         }
+        if read_first > 0 {
+            let mut head = vec![0u8; read_first];
+            a.read_exact(&mut head).unwrap();
+            assert_eq!(head, payload[..read_first], "{name}");
+        }
         match maps {
             Maps::Pair => {
                 relay.targets.insert(ca, a.as_raw_fd(), 0).unwrap();
                 relay.targets.insert(cb, b.as_raw_fd(), 0).unwrap();
-                relay.peers.insert(ca, cb, 0).unwrap();
-                relay.peers.insert(cb, ca, 0).unwrap();
+                relay.peers.insert(ca, peer(cb), 0).unwrap();
+                relay.peers.insert(cb, peer(ca), 0).unwrap();
+                relay.counts.insert(ca, RelayCount::default(), 0).unwrap();
+                relay.counts.insert(cb, RelayCount::default(), 0).unwrap();
                 relay.socks.insert(cb, b.as_raw_fd(), 0).unwrap();
             }
             Maps::NoPeerEntry => {}
-            Maps::PeerNotInTargets => relay.peers.insert(ca, cb, 0).unwrap(),
+            Maps::PeerNotInTargets => relay.peers.insert(ca, peer(cb), 0).unwrap(),
         }
         relay.socks.insert(ca, a.as_raw_fd(), 0).unwrap();
         if kick {
@@ -349,7 +364,7 @@ fn relay_verdict_redirects_passes_or_drops_as_its_maps_say() {
         }
         let at_partner = drain(&mut b_client, payload.len());
         let landed = match lands {
-            Lands::AtPartner => at_partner == payload,
+            Lands::AtPartner => at_partner == payload[read_first..],
             Lands::InOwnQueue => at_partner.is_empty() && drain(&mut a, payload.len()) == payload,
             Lands::Dropped => at_partner.is_empty() && drain(&mut a, payload.len()).is_empty(),
             Lands::Wait => at_partner.is_empty(),
@@ -370,7 +385,7 @@ fn relay_verdict_redirects_passes_or_drops_as_its_maps_say() {
             }
         }
         let redirected = stats[BYTES as usize] - stats0[BYTES as usize];
-        let want = if lands == Lands::AtPartner { payload.len() as u64 } else { 0 };
+        let want = if lands == Lands::AtPartner { (payload.len() - read_first) as u64 } else { 0 };
         if redirected != want {
             failures.push(format!("{name}: {redirected} bytes counted as redirected, want {want}"));
         }

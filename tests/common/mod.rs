@@ -355,3 +355,18 @@ pub fn expect_eof(s: &mut TcpStream) {
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
+
+/// True when `tool` is installed (scripts/setup.sh installs it). Missing under CI=true fails the
+/// test; elsewhere it is skipped with a note.
+pub fn require_tool(test: &str, tool: &str) -> bool {
+    let found =
+        Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "{test}: {tool} is missing under CI=true (run scripts/setup.sh)"
+        );
+        eprintln!("SKIPPED {test}: {tool} is not installed (scripts/setup.sh installs it)");
+    }
+    found
+}
