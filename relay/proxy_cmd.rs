@@ -3,7 +3,8 @@ use crate::{
     cli::ProxyArgs,
     datapath,
     error::Error,
-    relay_cmd::funnel,
+    metrics::{self, Metrics},
+    relay_cmd::{funnel, metrics_note},
     server::{self, Partnering, Server, ServerConfig},
     steer::PortList,
     sys,
@@ -12,7 +13,7 @@ use crate::{
 use std::net::{IpAddr, SocketAddr};
 
 pub fn run(args: ProxyArgs) -> Result<(), Error> {
-    let upstreams = Upstreams::resolve(&args.upstreams)?;
+    let mut upstreams = Upstreams::resolve(&args.upstreams)?;
     let datapath = datapath::open(args.common.datapath, args.common.kernel_after)?;
     let listener = server::listen(args.listen)?;
     let addr = listener.local_addr().unwrap_or(args.listen);
@@ -25,17 +26,22 @@ pub fn run(args: ProxyArgs) -> Result<(), Error> {
             )));
         }
     }
+    let metrics = Metrics::new(&metrics::datapath_labels(datapath.name()));
+    metrics.set_inflight_sampler(datapath.inflight_sampler());
+    upstreams.count_in(metrics.clone());
+    let served = metrics::start(args.common.metrics, &metrics)?;
     let _funnel = match &args.ports.ports {
         Some(ports) => Some(funnel(&listener, addr, ports)?),
         None => None,
     };
-    log::info!("listening on {addr}: proxying to {upstreams}, {} datapath", datapath.name());
+    log::info!("listening on {addr}: proxying to {upstreams}, {} datapath{}", datapath.name(), metrics_note(served));
     let config = ServerConfig {
         listen: args.listen,
         partnering: Partnering::Upstreams { upstreams, connect_timeout: args.connect_timeout },
         max_pending: args.max_pending as usize,
         pair_timeout: args.connect_timeout,
         drain_timeout: args.common.drain_timeout,
+        metrics,
     };
     Server::new(listener, datapath, config)?.run()
 }

@@ -3,21 +3,26 @@ use crate::{
     cli::{PairBy, RelayArgs},
     datapath,
     error::Error,
+    metrics::{self, Metrics},
     server::{self, Partnering, Server, ServerConfig},
     steer::{self, Funnel},
 };
 
 pub fn run(args: RelayArgs) -> Result<(), Error> {
+    let datapath = datapath::open(args.common.datapath, args.common.kernel_after)?;
+    let listener = server::listen(args.listen)?;
+    let addr = listener.local_addr().unwrap_or(args.listen);
+    let metrics = Metrics::new(&metrics::datapath_labels(datapath.name()));
+    metrics.set_inflight_sampler(datapath.inflight_sampler());
+    let served = metrics::start(args.common.metrics, &metrics)?;
     let config = ServerConfig {
         listen: args.listen,
         partnering: Partnering::Clients(args.pair),
         max_pending: args.max_pending as usize,
         pair_timeout: args.pair_timeout,
         drain_timeout: args.common.drain_timeout,
+        metrics,
     };
-    let datapath = datapath::open(args.common.datapath, args.common.kernel_after)?;
-    let listener = server::listen(config.listen)?;
-    let addr = listener.local_addr().unwrap_or(config.listen);
     // Attached before the first log line so "listening" means every port is served; dropped
     // (detached) when run() returns, and by the kernel if the process dies.
     let _funnel = match &args.ports.ports {
@@ -28,8 +33,13 @@ pub fn run(args: RelayArgs) -> Result<(), Error> {
         PairBy::Order => "pairing clients in arrival order",
         PairBy::Token => "pairing clients by their token line",
     };
-    log::info!("listening on {addr}: {pairing}, {} datapath", datapath.name());
+    log::info!("listening on {addr}: {pairing}, {} datapath{}", datapath.name(), metrics_note(served));
     Server::new(listener, datapath, config)?.run()
+}
+
+/// The start line's mention of `--metrics`.
+pub fn metrics_note(served: Option<std::net::SocketAddr>) -> String {
+    served.map(|a| format!("; metrics at http://{a}/metrics")).unwrap_or_default()
 }
 
 /// `--ports`: steers the listed ports to the listener, warning about sockets it shadows.

@@ -5,6 +5,7 @@ use crate::{
     cli::PairBy,
     datapath::{userspace::UserspaceDatapath, Datapath, Flow, Splice, SpliceError},
     error::Error,
+    metrics::{Metrics, PairEnd, PairMetric},
     pairing::{parse_token_line, Matcher, TokenLine, MAX_TOKEN},
     sys,
     upstream::{Upstreams, DOWN_FOR},
@@ -40,6 +41,8 @@ pub struct ServerConfig {
     pub max_pending: usize,
     pub pair_timeout: Duration,
     pub drain_timeout: Duration,
+    /// Counters for `--metrics` (kept whether or not they are served).
+    pub metrics: Metrics,
 }
 
 const LISTENER: Token = Token(0);
@@ -97,6 +100,8 @@ struct Pair {
     flush_delay: Duration,
     /// `proxy`: the local address of the upstream end (see `Connecting::local`).
     upstream_local: Option<SocketAddr>,
+    /// Its place in the metrics (active until it ends).
+    metric: PairMetric,
 }
 
 enum Slot {
@@ -306,6 +311,7 @@ impl Server {
         };
         entry.insert(Slot::Pending(Pending { stream, addr, serial, key, skip: 0, upstream: None }));
         self.pending += 1;
+        self.config.metrics.set_pending(self.pending);
         log::debug!("client {addr} connected");
         match &mut self.config.partnering {
             Partnering::Clients(by) => {
@@ -432,6 +438,7 @@ impl Server {
         }
         let Slot::Pending(mut p) = self.slots.remove(slot) else { unreachable!() };
         self.pending -= 1;
+        self.config.metrics.set_pending(self.pending);
         if let Some(key) = &p.key {
             self.matcher.withdraw(key, slot);
         }
@@ -465,6 +472,7 @@ impl Server {
         skip: [u32; 2],
         upstream_local: Option<SocketAddr>,
     ) {
+        let mut datapath = self.datapath.name();
         let splice = match self.datapath.splice([&ends[0], &ends[1]], skip) {
             Ok(s) => s,
             Err(SpliceError::MapFull(n)) => {
@@ -472,6 +480,7 @@ impl Server {
                     log::warn!("the kernel socket map is full ({n} sockets): further pairs are spliced in user space");
                     self.warned_map_full = true;
                 }
+                datapath = UserspaceDatapath.name();
                 // The token lines (skip) are discarded here too.
                 match UserspaceDatapath.splice([&ends[0], &ends[1]], skip) {
                     Ok(s) => s,
@@ -499,6 +508,7 @@ impl Server {
             shut: [false; 2],
             flush_delay: FLUSH_CHECK_FIRST,
             upstream_local,
+            metric: self.config.metrics.pair_started(datapath),
         };
         let interest = pair.splice.interest();
         for (i, end) in pair.ends.iter_mut().enumerate() {
@@ -596,6 +606,12 @@ impl Server {
             pair.splice.moved(1, &pair.ends[1], &pair.ends[0], pair.shut[1]),
         ];
         pair.splice.release();
+        let counted = match &ending {
+            Ending::Done => PairEnd::Eof,
+            Ending::Reset { .. } => PairEnd::Reset,
+            Ending::Drained => PairEnd::Drain,
+        };
+        pair.metric.end(counted, moved[0] + moved[1]);
         for end in pair.ends.iter_mut() {
             let _ = self.poll.registry().deregister(end);
         }
@@ -696,6 +712,9 @@ impl Server {
         };
         let Some(mut p) = self.take_pending(slot) else { return };
         let c = p.upstream.take().expect("connecting");
+        if let Partnering::Upstreams { upstreams, .. } = &mut self.config.partnering {
+            upstreams.mark_up(c.idx);
+        }
         let _ = c.stream.set_nodelay(true);
         self.splice_pair([p.stream, c.stream], [p.addr, upstream_addr], [0, 0], Some(c.local));
     }

@@ -58,6 +58,12 @@ pub trait Datapath {
     fn summary(&self) -> Option<String> {
         None
     }
+    /// The bytes this datapath holds in flight between the sockets of its pairs, read at each
+    /// metrics scrape from the responder's thread (`skrelay_kernel_inflight_bytes`); None when
+    /// it does not account for them (the gauge then reads 0).
+    fn inflight_sampler(&self) -> Option<crate::metrics::Sampler> {
+        None
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
