@@ -15,4 +15,5 @@ pub mod server;
 pub mod status;
 pub mod steer;
 pub mod sys;
+pub mod systemd;
 pub mod upstream;

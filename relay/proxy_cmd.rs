@@ -4,10 +4,10 @@ use crate::{
     datapath,
     error::Error,
     metrics::{self, Metrics},
-    relay_cmd::{funnel, metrics_note},
-    server::{self, Partnering, Server, ServerConfig},
+    relay_cmd::{funnel, listener, metrics_note},
+    server::{Partnering, Server, ServerConfig},
     steer::PortList,
-    sys,
+    sys, systemd,
     upstream::Upstreams,
 };
 use std::net::{IpAddr, SocketAddr};
@@ -15,7 +15,7 @@ use std::net::{IpAddr, SocketAddr};
 pub fn run(args: ProxyArgs) -> Result<(), Error> {
     let mut upstreams = Upstreams::resolve(&args.upstreams)?;
     let datapath = datapath::open(args.common.datapath, args.common.kernel_after)?;
-    let listener = server::listen(args.listen)?;
+    let listener = listener(args.listen)?;
     let addr = listener.local_addr().unwrap_or(args.listen);
     let dual_stack = addr.is_ipv6() && !sys::v6only(&listener);
     for &up in upstreams.addrs() {
@@ -43,7 +43,9 @@ pub fn run(args: ProxyArgs) -> Result<(), Error> {
         drain_timeout: args.common.drain_timeout,
         metrics,
     };
-    Server::new(listener, datapath, config)?.run()
+    let server = Server::new(listener, datapath, config)?;
+    systemd::notify(&format!("READY=1\nSTATUS=listening on {addr}"));
+    server.run()
 }
 
 /// How a connection to `upstream` would reach this proxy's own listener (bound at `listen`,

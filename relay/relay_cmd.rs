@@ -6,11 +6,14 @@ use crate::{
     metrics::{self, Metrics},
     server::{self, Partnering, Server, ServerConfig},
     steer::{self, Funnel},
+    systemd,
 };
+use mio::net::TcpListener;
+use std::net::SocketAddr;
 
 pub fn run(args: RelayArgs) -> Result<(), Error> {
     let datapath = datapath::open(args.common.datapath, args.common.kernel_after)?;
-    let listener = server::listen(args.listen)?;
+    let listener = listener(args.listen)?;
     let addr = listener.local_addr().unwrap_or(args.listen);
     let metrics = Metrics::new(&metrics::datapath_labels(datapath.name()));
     metrics.set_inflight_sampler(datapath.inflight_sampler());
@@ -34,7 +37,21 @@ pub fn run(args: RelayArgs) -> Result<(), Error> {
         PairBy::Token => "pairing clients by their token line",
     };
     log::info!("listening on {addr}: {pairing}, {} datapath{}", datapath.name(), metrics_note(served));
-    Server::new(listener, datapath, config)?.run()
+    let server = Server::new(listener, datapath, config)?;
+    systemd::notify(&format!("READY=1\nSTATUS=listening on {addr}"));
+    server.run()
+}
+
+/// The listening socket: the one systemd passed (socket activation), else `listen` bound now.
+pub fn listener(listen: SocketAddr) -> Result<TcpListener, Error> {
+    match systemd::listener()? {
+        Some(l) => {
+            let addr = l.local_addr().map_or("?".into(), |a| a.to_string());
+            log::info!("serving the socket systemd passed ({addr}); --listen is not used");
+            Ok(TcpListener::from_std(l))
+        }
+        None => server::listen(listen),
+    }
 }
 
 /// The start line's mention of `--metrics`.

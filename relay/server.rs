@@ -769,6 +769,7 @@ impl Server {
                 self.drain_deadline = Some(Instant::now());
                 continue;
             }
+            crate::systemd::notify(&format!("STOPPING=1\nSTATUS=draining {} live pair(s)", self.pairs));
             if let Some(mut listener) = self.listener.take() {
                 let _ = self.poll.registry().deregister(&mut listener);
             }
