@@ -286,3 +286,66 @@ fn skrelay_metrics_serves_the_pinned_steer_counters() {
     assert!(!std::path::Path::new(&state).join("link").exists(), "the exporter re-created state at {state}");
     drop(exporter);
 }
+
+#[test]
+fn skrelay_metrics_serves_the_pinned_accel_counters() {
+    if !require_bpf("skrelay_metrics_serves_the_pinned_accel_counters") {
+        return;
+    }
+    let _netns = enter_netns();
+    const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/accel_peer.py");
+    const BYTES: u64 = 8 * MIB;
+    /// Turns the test's cgroup off and removes it, panics included.
+    struct Cgroup(String);
+    impl Drop for Cgroup {
+        fn drop(&mut self) {
+            let _ = skrelay_output(&["accel", "off", "--cgroup", &self.0, "--force"]);
+            let _ = std::fs::remove_dir(cgroup_v2_mount().join(&self.0));
+        }
+    }
+    let cg = Cgroup(format!("skrelay-test-{}-metrics", std::process::id()));
+    skrelay_ok(&["accel", "on", "--cgroup", &cg.0]);
+    let port = free_port();
+    let exporter = Skrelay::start_until(&["metrics", "--listen", &format!("127.0.0.1:{port}")], "serving");
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let peer = |args: &[&str]| {
+        let mut c = Command::new(SKRELAY);
+        c.args(["accel", "run", "--cgroup", &cg.0, "--", "python3", PEER]).args(args);
+        c
+    };
+    // A server and a client in the cgroup exchange BYTES each way, sha256 checked by the peers.
+    let peer_port = free_port().to_string();
+    let mut server = peer(&["serve", "127.0.0.1", &peer_port]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut server_out = std::io::BufReader::new(server.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut server_out, &mut line).unwrap();
+    assert_eq!(line.trim(), "listening");
+    let client = peer(&["connect", "127.0.0.1", &peer_port, &BYTES.to_string()]).output().unwrap();
+    assert!(client.status.success(), "{}", String::from_utf8_lossy(&client.stderr));
+    let mut server_text = String::new();
+    server_out.read_to_string(&mut server_text).unwrap();
+    assert!(server.wait().unwrap().success(), "{server_text}");
+    let client_text = String::from_utf8_lossy(&client.stdout);
+    let field = |text: &str, key: &str| -> String {
+        text.lines().find_map(|l| l.strip_prefix(&format!("{key} "))).unwrap_or_default().to_string()
+    };
+    assert!(field(&client_text, "sent").starts_with(&format!("{BYTES} ")), "{client_text}");
+    assert_eq!(field(&client_text, "sent"), field(&server_text, "received"), "client -> server");
+    assert_eq!(field(&server_text, "sent"), field(&client_text, "received"), "server -> client");
+
+    // The exporter's figures are the pinned counters, as `accel status` reads them.
+    let report = skrelay::accel::report_cgroup(&cgroup_v2_mount().join(&cg.0)).unwrap();
+    let label = format!("{{cgroup=\"{}\"}}", report.cgroup.display());
+    let text = scrape(&url);
+    assert_eq!(value(&text, &format!("skrelay_accel_connections_total{label}")), report.connections, "{text}");
+    assert_eq!(value(&text, &format!("skrelay_accel_bytes_total{label}")), report.bytes, "{text}");
+    assert_eq!(value(&text, &format!("skrelay_accel_fallbacks_total{label}")), report.fallbacks, "{text}");
+    assert_eq!(value(&text, &format!("skrelay_accel_messages_total{label}")), report.messages, "{text}");
+    assert_eq!(report.connections, 1, "{report}");
+    // Both streams and the client's 8-byte header, through the redirect or (held back) TCP.
+    assert!(report.bytes > 0 && report.bytes + report.passed_bytes <= 2 * BYTES + 8, "{report}");
+    drop(cg);
+    let text = scrape(&url);
+    assert!(!text.contains(&label), "an accel state that is off is still exported:\n{text}");
+    drop(exporter);
+}
