@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod pairing;
 pub mod proxy_cmd;
 pub mod relay_cmd;
+pub mod running;
 pub mod server;
 pub mod status;
 pub mod steer;
