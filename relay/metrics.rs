@@ -214,10 +214,31 @@ impl Drop for PairMetric {
     }
 }
 
+/// The registry in the Prometheus text format, each metric's samples sorted by their labels
+/// (the crate writes a family in hash order, which changes from scrape to scrape).
 fn encode(registry: &Registry) -> String {
-    let mut out = String::new();
+    let mut text = String::new();
     // Writing into a String cannot fail; the encoder only reports the writer's errors.
-    let _ = prometheus_text::encode(&mut out, registry);
+    let _ = prometheus_text::encode(&mut text, registry);
+    let mut out = String::with_capacity(text.len());
+    let mut samples: Vec<&str> = Vec::new();
+    let flush = |samples: &mut Vec<&str>, out: &mut String| {
+        samples.sort_unstable();
+        for s in samples.drain(..) {
+            out.push_str(s);
+            out.push('\n');
+        }
+    };
+    for line in text.lines() {
+        if line.starts_with('#') {
+            flush(&mut samples, &mut out);
+            out.push_str(line);
+            out.push('\n');
+        } else {
+            samples.push(line);
+        }
+    }
+    flush(&mut samples, &mut out);
     out
 }
 
@@ -461,6 +482,12 @@ mod tests {
         assert!(text.contains("skrelay_pending_clients 3\n"), "{text}");
         assert!(text.contains(&format!("skrelay_build_info{{version=\"{}\"}} 1\n", env!("CARGO_PKG_VERSION"))));
         assert!(text.contains("skrelay_kernel_inflight_bytes 0\n"), "{text}");
+        // Samples in label order, the same in every scrape.
+        let kernel_ends = "skrelay_pairs_total{datapath=\"kernel\",ending=\"drain\"} 0\n\
+                           skrelay_pairs_total{datapath=\"kernel\",ending=\"eof\"} 1\n\
+                           skrelay_pairs_total{datapath=\"kernel\",ending=\"reset\"} 0\n\
+                           skrelay_pairs_total{datapath=\"kernel\",ending=\"timeout\"} 0\n";
+        assert!(text.contains(kernel_ends), "{text}");
         m.set_inflight_sampler(Some(Box::new(|| 4096)));
         assert!(m.render().contains("skrelay_kernel_inflight_bytes 4096\n"));
     }
