@@ -20,7 +20,7 @@ use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 use std::{
     cmp::Reverse,
-    collections::{BinaryHeap, HashSet},
+    collections::{BinaryHeap, HashMap},
     io,
     net::{Shutdown, SocketAddr},
     time::{Duration, Instant},
@@ -132,8 +132,10 @@ pub struct Server {
     accept_retry: Option<Instant>,
     drain_deadline: Option<Instant>,
     warned_map_full: bool,
-    /// `proxy`: local addresses of our upstream connections, to recognise one coming back in.
-    own_upstreams: HashSet<SocketAddr>,
+    /// `proxy`: local addresses of our upstream connections, with the port each connects to, to
+    /// recognise one coming back in. The port matters: Linux gives the same ephemeral port to
+    /// connections to different destinations, so a client may share one of them by chance.
+    own_upstreams: HashMap<SocketAddr, u16>,
 }
 
 /// Binds the listening socket with a backlog deep enough for bursts of thousands of clients.
@@ -172,7 +174,7 @@ impl Server {
             accept_retry: None,
             drain_deadline: None,
             warned_map_full: false,
-            own_upstreams: HashSet::new(),
+            own_upstreams: HashMap::new(),
         })
     }
 
@@ -278,7 +280,8 @@ impl Server {
         if matches!(self.config.partnering, Partnering::Upstreams { .. }) {
             // One of our own upstream connections: the upstream leads back to this proxy. Without
             // this each looped connection would open another, until the process ran out of files.
-            if self.own_upstreams.contains(&addr) {
+            let to = stream.local_addr().map(|a| a.port()).ok();
+            if self.own_upstreams.get(&addr).is_some_and(|&port| Some(port) == to) {
                 sys::reset_on_close(&stream);
                 log::error!(
                     "client {addr} reset: it is this proxy's own upstream connection (the upstream leads back \
@@ -519,7 +522,7 @@ impl Server {
         entry.insert(Slot::Pair(pair));
         self.pairs += 1;
         if let Some(local) = upstream_local {
-            self.own_upstreams.insert(local);
+            self.own_upstreams.insert(local, addrs[1].port());
         }
         log::debug!("paired {} <-> {} ({})", addrs[0], addrs[1], self.slots_pair_name(slot));
         // Bytes and EOFs that came before the pair formed are acted on now, not at the next event.
@@ -673,7 +676,7 @@ impl Server {
                     // Bound by connect(2); unknown only if the socket already failed, which
                     // on_upstream then reports.
                     let local = stream.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
-                    self.own_upstreams.insert(local);
+                    self.own_upstreams.insert(local, addr.port());
                     p.upstream = Some(Connecting { stream, local, idx, deadline, rest: plan });
                     self.timers.push(Reverse((deadline, slot, p.serial)));
                     return;
