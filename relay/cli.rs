@@ -167,6 +167,11 @@ pub struct SpliceArgs {
     /// picks a free one, shown in the start line). Anyone who can reach ADDR can read them.
     #[arg(long, value_parser = parse_listen, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
+    /// Upgrade in place: take the listening socket (and the --metrics socket) of the running
+    /// skrelay PID, serve it, then tell PID to stop accepting and drain. No client is refused
+    /// meanwhile. Needs the right to ptrace PID (root or CAP_SYS_PTRACE); not with --ports yet.
+    #[arg(long, value_name = "PID", value_parser = clap::value_parser!(i32).range(1..))]
+    pub takeover: Option<i32>,
 }
 
 /// `--ports`: serve many ports from the one listener (relay and proxy).

@@ -17,4 +17,5 @@ pub mod status;
 pub mod steer;
 pub mod sys;
 pub mod systemd;
+pub mod takeover;
 pub mod upstream;

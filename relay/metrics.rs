@@ -13,7 +13,10 @@ use prometheus_client::{
 use std::{
     io::{self, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -64,6 +67,8 @@ struct Inner {
     upstream_failures: Family<UpstreamLabel, Counter>,
     /// The kernel datapath's in-flight bytes, read at each scrape (see `set_inflight_sampler`).
     inflight_sampler: Mutex<Option<Sampler>>,
+    /// Set when the responder is to stop (`stop_serving`).
+    stop: Arc<AtomicBool>,
 }
 
 /// The counters of one `relay` or `proxy` process. Cheap to clone (one `Arc`); every update is
@@ -140,6 +145,7 @@ impl Metrics {
                 upstream_up,
                 upstream_failures,
                 inflight_sampler: Mutex::new(None),
+                stop: Arc::new(AtomicBool::new(false)),
             }),
         }
     }
@@ -176,6 +182,12 @@ impl Metrics {
     /// `skrelay_kernel_inflight_bytes`. Without one the gauge reads 0.
     pub fn set_inflight_sampler(&self, sampler: Option<Sampler>) {
         *self.inner.inflight_sampler.lock().unwrap_or_else(|e| e.into_inner()) = sampler;
+    }
+
+    /// Stops answering scrapes (within `ACCEPT_WAKE`): the process that took this one over
+    /// serves the metrics socket from now on.
+    pub fn stop_serving(&self) {
+        self.inner.stop.store(true, Ordering::Relaxed);
     }
 
     /// The exposition text of every metric, as served at /metrics.
@@ -347,12 +359,26 @@ pub fn datapath_labels(opened: &'static str) -> Vec<&'static str> {
 
 /// `--metrics ADDR` of `relay` and `proxy`: binds ADDR and serves `metrics` there from a thread
 /// of its own; returns the address bound (port 0 picks one). None: nothing to serve.
-pub fn start(addr: Option<SocketAddr>, metrics: &Metrics) -> Result<Option<SocketAddr>, Error> {
+/// `taken`: the metrics socket of a process this one takes over (`--takeover`), served instead
+/// of binding ADDR when it is bound there (or ADDR's port is 0).
+pub fn start(
+    addr: Option<SocketAddr>,
+    metrics: &Metrics,
+    taken: Option<TcpListener>,
+) -> Result<Option<SocketAddr>, Error> {
     let Some(addr) = addr else { return Ok(None) };
-    let listener = bind(addr, "--metrics")?;
+    let taken = taken.filter(|l| l.local_addr().is_ok_and(|a| a == addr || (addr.port() == 0 && a.ip() == addr.ip())));
+    let listener = match taken {
+        Some(l) => l,
+        None => bind(addr, "--metrics")?,
+    };
     let bound = listener.local_addr().unwrap_or(addr);
     let m = metrics.clone();
-    spawn(listener, move || Ok(m.render())).map_err(|e| Error::io("cannot start the metrics thread", e))?;
+    let stop = metrics.inner.stop.clone();
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || serve(&listener, move || Ok(m.render()), &stop))
+        .map_err(|e| Error::io("cannot start the metrics thread", e))?;
     Ok(Some(bound))
 }
 
@@ -363,7 +389,7 @@ pub fn run(args: crate::cli::MetricsArgs) -> Result<(), Error> {
     let listener = bind(args.listen, "--listen")?;
     let bound = listener.local_addr().unwrap_or(args.listen);
     log::info!("serving the pinned steer and accel counters at http://{bound}/metrics");
-    serve(&listener, || pinned_exposition().map_err(|e| format!("skrelay: {e}")));
+    serve(&listener, || pinned_exposition().map_err(|e| format!("skrelay: {e}")), &AtomicBool::new(false));
     Ok(())
 }
 
@@ -372,10 +398,9 @@ pub fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener, Error> 
     TcpListener::bind(addr).map_err(|source| Error::MetricsListen { addr, flag, source })
 }
 
-/// Serves `render` at /metrics in a thread of its own, for as long as the process runs.
-pub fn spawn(listener: TcpListener, render: impl Fn() -> Result<String, String> + Send + 'static) -> io::Result<()> {
-    std::thread::Builder::new().name("metrics".into()).spawn(move || serve(&listener, render)).map(|_| ())
-}
+/// How long the responder waits in accept(2) before it looks whether it was told to stop
+/// (SO_RCVTIMEO, an option of the socket: a process taking the socket over shares it).
+const ACCEPT_WAKE: Duration = Duration::from_millis(200);
 
 /// How long one scraper may take to send its request or read the answer. Scrapes are served one
 /// at a time, so this also bounds how long one slow or silent client delays the next scrape.
@@ -385,9 +410,11 @@ const MAX_REQUEST: usize = 8 << 10;
 
 /// Answers each connection to `listener` in turn, forever: GET or HEAD /metrics gets `render`'s
 /// text (500 with its error if it fails), anything else 404 or 405. One connection is held at a
-/// time, at most `IO_TIMEOUT` per read or write, and one request per connection.
-pub fn serve(listener: &TcpListener, render: impl Fn() -> Result<String, String>) {
-    loop {
+/// time, at most `IO_TIMEOUT` per read or write, and one request per connection. Returns once
+/// `stop` is set (within `ACCEPT_WAKE`), leaving the socket to whoever else holds it.
+pub fn serve(listener: &TcpListener, render: impl Fn() -> Result<String, String>, stop: &AtomicBool) {
+    let wake = socket2::SockRef::from(listener).set_read_timeout(Some(ACCEPT_WAKE));
+    while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((stream, _)) => {
                 if let Err(e) = answer(stream, &render) {
@@ -395,6 +422,7 @@ pub fn serve(listener: &TcpListener, render: impl Fn() -> Result<String, String>
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if wake.is_ok() && matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
             Err(e) => {
                 // Out of descriptors, most likely: wait rather than spin.
                 log::warn!("metrics: cannot accept a scrape: {e}");

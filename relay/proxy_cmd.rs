@@ -4,10 +4,10 @@ use crate::{
     datapath,
     error::Error,
     metrics::{self, Metrics},
-    relay_cmd::{funnel, listener, metrics_note},
+    relay_cmd::{funnel, listening, metrics_note, serving, Listening},
     server::{Partnering, Server, ServerConfig},
     steer::PortList,
-    sys, systemd,
+    sys,
     upstream::Upstreams,
 };
 use std::net::{IpAddr, SocketAddr};
@@ -15,7 +15,8 @@ use std::net::{IpAddr, SocketAddr};
 pub fn run(args: ProxyArgs) -> Result<(), Error> {
     let mut upstreams = Upstreams::resolve(&args.upstreams)?;
     let datapath = datapath::open(args.common.datapath, args.common.kernel_after)?;
-    let listener = listener(args.listen)?;
+    let Listening { listener, metrics: taken_metrics, handover } =
+        listening(args.listen, &args.common, &args.ports, "proxy")?;
     let addr = listener.local_addr().unwrap_or(args.listen);
     let dual_stack = addr.is_ipv6() && !sys::v6only(&listener);
     for &up in upstreams.addrs() {
@@ -29,7 +30,7 @@ pub fn run(args: ProxyArgs) -> Result<(), Error> {
     let metrics = Metrics::new(&metrics::datapath_labels(datapath.name()));
     metrics.set_inflight_sampler(datapath.inflight_sampler());
     upstreams.count_in(metrics.clone());
-    let served = metrics::start(args.common.metrics, &metrics)?;
+    let served = metrics::start(args.common.metrics, &metrics, taken_metrics)?;
     let _funnel = match &args.ports.ports {
         Some(ports) => Some(funnel(&listener, addr, ports)?),
         None => None,
@@ -44,7 +45,7 @@ pub fn run(args: ProxyArgs) -> Result<(), Error> {
         metrics,
     };
     let server = Server::new(listener, datapath, config)?;
-    systemd::notify(&format!("READY=1\nSTATUS=listening on {addr}"));
+    serving(handover, addr);
     server.run()
 }
 

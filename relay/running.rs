@@ -90,7 +90,7 @@ pub fn servers() -> Vec<Server> {
 }
 
 /// `relay` or `proxy` when `cmdline` (NUL-separated) runs skrelay with that command.
-fn command_of(cmdline: &[u8]) -> Option<String> {
+pub fn command_of(cmdline: &[u8]) -> Option<String> {
     let mut args = cmdline.split(|&b| b == 0).map(String::from_utf8_lossy);
     let exe = args.next()?;
     if !Path::new(exe.as_ref()).file_name()?.to_string_lossy().starts_with("skrelay") {

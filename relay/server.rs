@@ -15,7 +15,7 @@ use mio::{
     net::{TcpListener, TcpStream},
     Events, Interest, Poll, Token,
 };
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 use std::{
@@ -152,7 +152,9 @@ pub fn listen(addr: SocketAddr) -> Result<TcpListener, Error> {
 impl Server {
     pub fn new(mut listener: TcpListener, datapath: Box<dyn Datapath>, config: ServerConfig) -> Result<Self, Error> {
         let poll = Poll::new().map_err(|e| Error::io("cannot create the event loop", e))?;
-        let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(|e| Error::io("cannot handle signals", e))?;
+        // SIGUSR2: a new skrelay took our sockets (--takeover) and asks us to hand over.
+        let mut signals =
+            Signals::new([SIGINT, SIGTERM, SIGUSR2]).map_err(|e| Error::io("cannot handle signals", e))?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
             .and_then(|_| poll.registry().register(&mut signals, SIGNALS, Interest::READABLE))
@@ -209,7 +211,7 @@ impl Server {
                 self.accept();
             }
             if let Some(deadline) = self.drain_deadline {
-                if self.pairs == 0 {
+                if self.pairs == 0 && self.pending == 0 {
                     break;
                 }
                 if Instant::now() >= deadline {
@@ -765,7 +767,15 @@ impl Server {
     fn on_signal(&mut self) {
         let signals: Vec<i32> = self.signals.pending().collect();
         for signal in signals {
-            let name = if signal == SIGINT { "SIGINT" } else { "SIGTERM" };
+            let name = match signal {
+                SIGINT => "SIGINT",
+                SIGUSR2 => "SIGUSR2 (handing over to the skrelay that took over)",
+                _ => "SIGTERM",
+            };
+            // Handing over while already stopping changes nothing.
+            if signal == SIGUSR2 && self.drain_deadline.is_some() {
+                continue;
+            }
             if self.drain_deadline.is_some() {
                 log::warn!("{name} again: closing {} live pair(s) now", self.pairs);
                 self.end_all(|| Ending::Drained);
@@ -776,9 +786,17 @@ impl Server {
             if let Some(mut listener) = self.listener.take() {
                 let _ = self.poll.registry().deregister(&mut listener);
             }
+            // Handing over, a proxy's accepted clients still get their upstream connection and
+            // drain as pairs: they came through the socket the new process serves, and closing
+            // them would be the refusal --takeover avoids. (A relay's waiting clients cannot meet
+            // a partner here any more.)
+            let keep = signal == SIGUSR2 && matches!(self.config.partnering, Partnering::Upstreams { .. });
+            if signal == SIGUSR2 {
+                self.config.metrics.stop_serving();
+            }
             let waiting: Vec<usize> =
                 self.slots.iter().filter(|(_, s)| matches!(s, Slot::Pending(_))).map(|(k, _)| k).collect();
-            for slot in waiting {
+            for slot in waiting.into_iter().filter(|_| !keep) {
                 self.drop_pending(slot, "skrelay is shutting down");
             }
             log::info!(
