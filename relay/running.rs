@@ -93,7 +93,11 @@ pub fn servers() -> Vec<Server> {
 pub fn command_of(cmdline: &[u8]) -> Option<String> {
     let mut args = cmdline.split(|&b| b == 0).map(String::from_utf8_lossy);
     let exe = args.next()?;
-    if !Path::new(exe.as_ref()).file_name()?.to_string_lossy().starts_with("skrelay") {
+    let name = Path::new(exe.as_ref()).file_name()?.to_string_lossy().into_owned();
+    // skrelay, or a renamed copy (skrelay.new); not cargo's test binaries (skrelay-<16 hex>).
+    let test_binary =
+        name.strip_prefix("skrelay-").is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+    if !name.starts_with("skrelay") || test_binary {
         return None;
     }
     // The command is the first argument that is not a flag (skrelay takes no global flags).
@@ -189,6 +193,8 @@ mod tests {
         assert_eq!(command_of(b"skrelay\0proxy\0--upstream\0x:1\0"), Some("proxy".into()));
         assert_eq!(command_of(b"/usr/bin/skrelay\0status\0"), None);
         assert_eq!(command_of(b"/usr/bin/python3\0relay\0"), None);
+        assert_eq!(command_of(b"/opt/skrelay.new\0proxy\0"), Some("proxy".into()));
+        assert_eq!(command_of(b"target/debug/deps/skrelay-0123456789abcdef\0relay\0"), None, "cargo test relay");
         assert_eq!(command_of(b""), None);
     }
 
