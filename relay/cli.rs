@@ -160,7 +160,8 @@ pub struct SpliceArgs {
     /// connections then skip the socket maps' setup cost. 0 joins at once.
     #[arg(long, default_value_t = 65536, value_name = "BYTES")]
     pub kernel_after: u64,
-    /// On SIGINT/SIGTERM, let live pairs finish for this long before closing them; seconds.
+    /// On SIGINT/SIGTERM (or when a --takeover hands over), let live pairs finish for this long
+    /// before closing them; seconds.
     #[arg(long, default_value = "30", value_parser = parse_secs, value_name = "SECS")]
     pub drain_timeout: Duration,
     /// Serve Prometheus metrics at http://ADDR/metrics (IP:PORT, [IPv6]:PORT or HOST:PORT; port 0
@@ -169,7 +170,9 @@ pub struct SpliceArgs {
     pub metrics: Option<SocketAddr>,
     /// Upgrade in place: take the listening socket (and the --metrics socket) of the running
     /// skrelay PID, serve it, then tell PID to stop accepting and drain. No client is refused
-    /// meanwhile. Needs the right to ptrace PID (root or CAP_SYS_PTRACE); not with --ports yet.
+    /// meanwhile; PID's live pairs finish in PID, and a relay's clients still waiting there for
+    /// a partner are closed. Needs the right to ptrace PID (root or CAP_SYS_PTRACE); not with
+    /// --ports yet.
     #[arg(long, value_name = "PID", value_parser = clap::value_parser!(i32).range(1..))]
     pub takeover: Option<i32>,
 }
