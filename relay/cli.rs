@@ -30,6 +30,9 @@ pub enum Command {
     Steer(SteerCommand),
     /// Show what skrelay has attached in this network namespace.
     Status(StatusArgs),
+    /// Serve the pinned steer and accel counters of this network namespace as Prometheus metrics
+    /// at http://ADDR/metrics, read at each scrape (nothing is created or attached).
+    Metrics(MetricsArgs),
     /// Check that this machine can run the kernel datapath: loads and attaches the programs,
     /// then removes them. Exit status 0 if it can, 2 with the reason if not.
     Probe,
@@ -166,9 +169,21 @@ pub struct SpliceArgs {
     /// are spliced in user space until some end. K, M and G suffixes.
     #[arg(long, default_value = "1G", value_parser = parse_size, value_name = "BYTES")]
     pub kernel_memory: u64,
-    /// On SIGINT/SIGTERM, let live pairs finish for this long before closing them; seconds.
+    /// On SIGINT/SIGTERM (or when a --takeover hands over), let live pairs finish for this long
+    /// before closing them; seconds.
     #[arg(long, default_value = "30", value_parser = parse_secs, value_name = "SECS")]
     pub drain_timeout: Duration,
+    /// Serve Prometheus metrics at http://ADDR/metrics (IP:PORT, [IPv6]:PORT or HOST:PORT; port 0
+    /// picks a free one, shown in the start line). Anyone who can reach ADDR can read them.
+    #[arg(long, value_parser = parse_listen, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    /// Upgrade in place: take the listening socket (and the --metrics socket) of the running
+    /// skrelay PID, serve it, then tell PID to stop accepting and drain. No client is refused
+    /// meanwhile; PID's live pairs finish in PID, and a relay's clients still waiting there for
+    /// a partner are closed. Needs the right to ptrace PID (root or CAP_SYS_PTRACE); not with
+    /// --ports yet.
+    #[arg(long, value_name = "PID", value_parser = clap::value_parser!(i32).range(1..))]
+    pub takeover: Option<i32>,
 }
 
 /// `--ports`: serve many ports from the one listener (relay and proxy).
@@ -231,6 +246,13 @@ pub struct SteerListArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MetricsArgs {
+    /// Address to serve on: IP:PORT, [IPv6]:PORT or HOST:PORT (e.g. 127.0.0.1:9477).
+    #[arg(long, value_parser = parse_listen, value_name = "ADDR")]
+    pub listen: SocketAddr,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -3,8 +3,11 @@ use std::{io, net::SocketAddr};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot listen on {addr}: {}", listen_reason(.source))]
+    #[error("cannot listen on {addr}: {}", listen_reason(.source, "--listen"))]
     Listen { addr: SocketAddr, source: io::Error },
+
+    #[error("cannot serve metrics on {addr}: {}", listen_reason(.source, .flag))]
+    MetricsListen { addr: SocketAddr, flag: &'static str, source: io::Error },
 
     #[error("cannot load BPF programs: {reason} ({fix})")]
     BpfUnavailable { reason: String, fix: String },
@@ -54,10 +57,10 @@ impl Error {
     }
 }
 
-fn listen_reason(e: &io::Error) -> String {
+fn listen_reason(e: &io::Error, flag: &str) -> String {
     match e.raw_os_error() {
         Some(libc::EADDRINUSE) => {
-            "address already in use (another socket listens there: stop it or pick another --listen port)".into()
+            format!("address already in use (another socket listens there: stop it or pick another {flag} port)")
         }
         Some(libc::EADDRNOTAVAIL) => {
             "address not available (it is not an address of this machine: use one `ip addr` shows, or 0.0.0.0)".into()

@@ -14,6 +14,7 @@ fn main() {
         Command::Steer(SteerCommand::Remove(args)) => skrelay::steer::remove(args),
         Command::Steer(SteerCommand::Reset) => skrelay::steer::reset(),
         Command::Status(args) => skrelay::status::run(args),
+        Command::Metrics(args) => skrelay::metrics::run(args),
         Command::Probe => skrelay::datapath::kernel::KernelDatapath::load(0, Default::default())
             .map(|_| println!("kernel datapath: ok")),
     };

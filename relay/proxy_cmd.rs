@@ -3,8 +3,9 @@ use crate::{
     cli::ProxyArgs,
     datapath,
     error::Error,
-    relay_cmd::funnel,
-    server::{self, Partnering, Server, ServerConfig},
+    metrics::{self, Metrics},
+    relay_cmd::{funnel, listening, metrics_note, serving, Listening},
+    server::{Partnering, Server, ServerConfig},
     steer::PortList,
     sys,
     upstream::Upstreams,
@@ -12,9 +13,10 @@ use crate::{
 use std::net::{IpAddr, SocketAddr};
 
 pub fn run(args: ProxyArgs) -> Result<(), Error> {
-    let upstreams = Upstreams::resolve(&args.upstreams)?;
+    let mut upstreams = Upstreams::resolve(&args.upstreams)?;
     let datapath = datapath::open(args.common.datapath, args.common.kernel_after, args.common.kernel_limits())?;
-    let listener = server::listen(args.listen)?;
+    let Listening { listener, metrics: taken_metrics, handover } =
+        listening(args.listen, &args.common, &args.ports, "proxy")?;
     let addr = listener.local_addr().unwrap_or(args.listen);
     let dual_stack = addr.is_ipv6() && !sys::v6only(&listener);
     for &up in upstreams.addrs() {
@@ -25,19 +27,25 @@ pub fn run(args: ProxyArgs) -> Result<(), Error> {
             )));
         }
     }
+    let metrics = Metrics::new(&metrics::datapath_labels(datapath.name()));
+    upstreams.count_in(metrics.clone());
+    let served = metrics::start(args.common.metrics, &metrics, taken_metrics)?;
     let _funnel = match &args.ports.ports {
         Some(ports) => Some(funnel(&listener, addr, ports)?),
         None => None,
     };
-    log::info!("listening on {addr}: proxying to {upstreams}, {} datapath", datapath.name());
+    log::info!("listening on {addr}: proxying to {upstreams}, {} datapath{}", datapath.name(), metrics_note(served));
     let config = ServerConfig {
         listen: args.listen,
         partnering: Partnering::Upstreams { upstreams, connect_timeout: args.connect_timeout },
         max_pending: args.max_pending as usize,
         pair_timeout: args.connect_timeout,
         drain_timeout: args.common.drain_timeout,
+        metrics,
     };
-    Server::new(listener, datapath, config)?.run()
+    let server = Server::new(listener, datapath, config)?;
+    serving(handover, addr);
+    server.run()
 }
 
 /// How a connection to `upstream` would reach this proxy's own listener (bound at `listen`,

@@ -1,23 +1,32 @@
 //! `skrelay relay`: pair clients of one listener and splice each pair.
 use crate::{
-    cli::{PairBy, RelayArgs},
+    cli::{PairBy, PortsArgs, RelayArgs, SpliceArgs},
     datapath,
     error::Error,
+    metrics::{self, Metrics},
     server::{self, Partnering, Server, ServerConfig},
     steer::{self, Funnel},
+    systemd,
+    takeover::{self, Handover},
 };
+use mio::net::TcpListener;
+use std::net::SocketAddr;
 
 pub fn run(args: RelayArgs) -> Result<(), Error> {
+    let datapath = datapath::open(args.common.datapath, args.common.kernel_after, args.common.kernel_limits())?;
+    let Listening { listener, metrics: taken_metrics, handover } =
+        listening(args.listen, &args.common, &args.ports, "relay")?;
+    let addr = listener.local_addr().unwrap_or(args.listen);
+    let metrics = Metrics::new(&metrics::datapath_labels(datapath.name()));
+    let served = metrics::start(args.common.metrics, &metrics, taken_metrics)?;
     let config = ServerConfig {
         listen: args.listen,
         partnering: Partnering::Clients(args.pair),
         max_pending: args.max_pending as usize,
         pair_timeout: args.pair_timeout,
         drain_timeout: args.common.drain_timeout,
+        metrics,
     };
-    let datapath = datapath::open(args.common.datapath, args.common.kernel_after, args.common.kernel_limits())?;
-    let listener = server::listen(config.listen)?;
-    let addr = listener.local_addr().unwrap_or(config.listen);
     // Attached before the first log line so "listening" means every port is served; dropped
     // (detached) when run() returns, and by the kernel if the process dies.
     let _funnel = match &args.ports.ports {
@@ -28,8 +37,74 @@ pub fn run(args: RelayArgs) -> Result<(), Error> {
         PairBy::Order => "pairing clients in arrival order",
         PairBy::Token => "pairing clients by their token line",
     };
-    log::info!("listening on {addr}: {pairing}, {} datapath", datapath.name());
-    Server::new(listener, datapath, config)?.run()
+    log::info!("listening on {addr}: {pairing}, {} datapath{}", datapath.name(), metrics_note(served));
+    let server = Server::new(listener, datapath, config)?;
+    serving(handover, addr);
+    server.run()
+}
+
+/// The listening socket and where it came from.
+pub struct Listening {
+    pub listener: TcpListener,
+    /// `--takeover`: the old process's metrics socket, if it served metrics.
+    pub metrics: Option<std::net::TcpListener>,
+    /// `--takeover`: the old process, to be told to hand over once this one serves.
+    pub handover: Option<Handover>,
+}
+
+/// The listening socket: taken from the running skrelay `--takeover` names, else the one
+/// systemd passed (socket activation), else `listen` bound now.
+pub fn listening(
+    listen: SocketAddr,
+    common: &SpliceArgs,
+    ports: &PortsArgs,
+    command: &str,
+) -> Result<Listening, Error> {
+    if let Some(pid) = common.takeover {
+        if ports.ports.is_some() {
+            return Err(Error::Usage(
+                "--takeover cannot be combined with --ports yet: the running process's --ports holds those ports \
+                 until it exits (stop it and start this one instead)"
+                    .into(),
+            ));
+        }
+        let taken = takeover::take(pid, command)?;
+        let addr = taken.listener.local_addr().map_or("?".into(), |a| a.to_string());
+        log::info!("took over the listening socket of process {pid} ({addr})");
+        taken.listener.set_nonblocking(true).map_err(|e| Error::io("cannot use the socket taken over", e))?;
+        return Ok(Listening {
+            listener: TcpListener::from_std(taken.listener),
+            metrics: taken.metrics,
+            handover: Some(taken.handover),
+        });
+    }
+    let listener = match systemd::listener()? {
+        Some(l) => {
+            let addr = l.local_addr().map_or("?".into(), |a| a.to_string());
+            log::info!("serving the socket systemd passed ({addr}); --listen is not used");
+            TcpListener::from_std(l)
+        }
+        None => server::listen(listen)?,
+    };
+    Ok(Listening { listener, metrics: None, handover: None })
+}
+
+/// Called once the server watches its socket: tells the process taken over to hand over (stop
+/// accepting, drain) and the service manager that this one is ready.
+pub fn serving(handover: Option<Handover>, addr: SocketAddr) {
+    if let Some(h) = handover {
+        match h.signal() {
+            Ok(()) => log::info!("process {} stops accepting and drains; this one serves {addr}", h.pid),
+            // Gone already: its socket is ours alone now.
+            Err(e) => log::warn!("{e}"),
+        }
+    }
+    systemd::notify(&format!("READY=1\nSTATUS=listening on {addr}"));
+}
+
+/// The start line's mention of `--metrics`.
+pub fn metrics_note(served: Option<std::net::SocketAddr>) -> String {
+    served.map(|a| format!("; metrics at http://{a}/metrics")).unwrap_or_default()
 }
 
 /// `--ports`: steers the listed ports to the listener, warning about sockets it shadows.

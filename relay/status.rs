@@ -4,7 +4,7 @@ use crate::{accel, cli::StatusArgs, error::Error, steer};
 
 /// One job's part of the overview.
 pub struct Section {
-    /// Key in the JSON object (`steer`, `accel`).
+    /// Key in the JSON object (`steer`, `accel`, `relays`).
     pub name: &'static str,
     /// Human-readable lines.
     pub text: String,
@@ -13,7 +13,7 @@ pub struct Section {
 
 /// Every section, in the order shown. Add a job's section here.
 pub fn sections() -> Result<Vec<Section>, Error> {
-    Ok(vec![steer::status_section()?, accel::status_section()?])
+    Ok(vec![steer::status_section()?, accel::status_section()?, crate::running::status_section()])
 }
 
 pub fn run(args: StatusArgs) -> Result<(), Error> {

@@ -1,6 +1,6 @@
 //! The proxy's upstreams: resolved once at start-up, tried round-robin, and an upstream that
 //! refused or timed out is skipped for a while.
-use crate::error::Error;
+use crate::{error::Error, metrics::Metrics};
 use std::{
     fmt,
     net::{SocketAddr, ToSocketAddrs},
@@ -14,6 +14,7 @@ pub struct Upstreams {
     addrs: Vec<SocketAddr>,
     down_until: Vec<Option<Instant>>,
     next: usize,
+    metrics: Option<Metrics>,
 }
 
 impl Upstreams {
@@ -49,7 +50,15 @@ impl Upstreams {
 
     pub fn new(addrs: Vec<SocketAddr>) -> Upstreams {
         let n = addrs.len();
-        Upstreams { addrs, down_until: vec![None; n], next: 0 }
+        Upstreams { addrs, down_until: vec![None; n], next: 0, metrics: None }
+    }
+
+    /// Counts connects in `metrics` from now on (`skrelay_upstream_up`, `..._connect_failures_total`).
+    pub fn count_in(&mut self, metrics: Metrics) {
+        for &a in &self.addrs {
+            metrics.upstream_known(a);
+        }
+        self.metrics = Some(metrics);
     }
 
     pub fn addrs(&self) -> &[SocketAddr] {
@@ -73,8 +82,19 @@ impl Upstreams {
         up.into_iter().chain(down).collect()
     }
 
+    /// A connect to upstream `idx` failed: it is skipped for `DOWN_FOR`.
     pub fn mark_down(&mut self, idx: usize, now: Instant) {
         self.down_until[idx] = Some(now + DOWN_FOR);
+        if let Some(m) = &self.metrics {
+            m.upstream_connected(self.addrs[idx], false);
+        }
+    }
+
+    /// A connect to upstream `idx` succeeded (for the metrics; the turn order is unchanged).
+    pub fn mark_up(&mut self, idx: usize) {
+        if let Some(m) = &self.metrics {
+            m.upstream_connected(self.addrs[idx], true);
+        }
     }
 }
 

@@ -9,6 +9,7 @@ packages=(
   netcat-openbsd ncat socat iperf3 curl  # tests: real clients
   redis-server                           # tests: accel with a real service (brings redis-tools)
   python3                                # tests: http.server upstream
+  systemd                                # tests: systemd-socket-activate, systemd-analyze verify
 )
 
 missing=()

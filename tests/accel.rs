@@ -567,7 +567,6 @@ fn iperf3_reverse_bidir_and_parallel_streams_under_accel() {
     assert!(r.connections >= 4 && r.bytes > 0, "{r}");
 }
 
-
 /// `cmd` under `accel run --cgroup` of `cg`, or plain.
 fn maybe_accel(cg: Option<&TestCgroup>, cmd: &[&str]) -> Command {
     match cg {

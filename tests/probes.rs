@@ -324,7 +324,15 @@ fn relay_verdict_redirects_passes_or_drops_as_its_maps_say() {
         ("no peer entry, queued before, kicked", Maps::NoPeerEntry, true, 0, true, Lands::InOwnQueue, &[NO_PEER]),
         // tcp_read_skb hands the verdict the whole skb, the 100 bytes user space read included:
         // the verdict cuts them off (from copied_seq), as it cuts a retransmission's overlap.
-        ("partly read before the join: only the rest goes on", Maps::Pair, true, 100, true, Lands::AtPartner, &[REDIRECTED, TRIMMED]),
+        (
+            "partly read before the join: only the rest goes on",
+            Maps::Pair,
+            true,
+            100,
+            true,
+            Lands::AtPartner,
+            &[REDIRECTED, TRIMMED],
+        ),
     ];
     let mut failures = Vec::new();
     for (i, (name, maps, before, read_first, kick, lands, grow)) in cases.into_iter().enumerate() {

@@ -28,10 +28,13 @@ fn iperf3_bytes(json: &serde_json::Value) -> Vec<(u64, u64)> {
 fn iperf3_through_proxy(datapath: &str, args: &[&str]) -> (serde_json::Value, f64) {
     let port = free_port().to_string();
     let upstream = format!("127.0.0.1:{port}");
-    let mut server =
-        Command::new("iperf3").args(["-s", "-1", "-p", &port]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    let proxy =
-        Skrelay::start(&["proxy", "--upstream", &upstream, "--datapath", datapath, "--kernel-after", "0"]);
+    let mut server = Command::new("iperf3")
+        .args(["-s", "-1", "-p", &port])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let proxy = Skrelay::start(&["proxy", "--upstream", &upstream, "--datapath", datapath, "--kernel-after", "0"]);
     let mut json = serde_json::Value::Null;
     for _ in 0..50 {
         let mut cmd = vec!["-c", "127.0.0.1", "-p", "7777", "-t", "3", "-J"];
@@ -83,6 +86,9 @@ fn iperf3_reverse_bidir_and_parallel_streams_through_the_kernel_proxy() {
         user = user.max(iperf3_through_proxy("userspace", &["--bidir"]).1);
         kernel = kernel.max(iperf3_through_proxy("kernel", &["--bidir"]).1);
     }
-    eprintln!("iperf3 --bidir through the proxy: userspace {user:.1} Gbit/s, kernel {kernel:.1} Gbit/s ({:.2}x)", kernel / user);
+    eprintln!(
+        "iperf3 --bidir through the proxy: userspace {user:.1} Gbit/s, kernel {kernel:.1} Gbit/s ({:.2}x)",
+        kernel / user
+    );
     assert!(kernel >= 0.9 * user, "iperf3 --bidir: kernel {kernel:.1} Gbit/s, userspace {user:.1} Gbit/s");
 }

@@ -29,7 +29,7 @@ const KERNEL_MEMORY: u64 = 64 << 20;
 /// receive buffer (6 MiB). Measured: at most 23.7 MiB pushed by one sender.
 const PER_PAIR: u64 = 36 << 20;
 /// Pipes of a pair spliced in user space (relay/datapath/userspace.rs: 256 KiB each way).
-const PIPES_PER_PAIR: u64 = 2 * 256 << 10;
+const PIPES_PER_PAIR: u64 = 2 * (256 << 10);
 /// Whatever else moves MemAvailable on a shared host meanwhile.
 const SLACK: u64 = 256 << 20;
 

@@ -5,7 +5,7 @@
 use crate::upstream::{Upstreams, DOWN_FOR};
 use mio::{net::TcpStream, Interest, Registry, Token};
 use std::{
-    collections::HashSet,
+    collections::HashMap,
     io,
     net::SocketAddr,
     time::{Duration, Instant},
@@ -41,18 +41,26 @@ pub(super) enum Progress {
 pub(super) struct Connector {
     upstreams: Upstreams,
     timeout: Duration,
-    /// Local addresses of our upstream connections, connecting or spliced.
-    own: HashSet<SocketAddr>,
+    /// Local addresses of our upstream connections, connecting or spliced, with the port each
+    /// connects to. The port matters: Linux gives the same ephemeral port to connections to
+    /// different destinations, so a client may share one of them by chance.
+    own: HashMap<SocketAddr, u16>,
 }
 
 impl Connector {
     pub(super) fn new(upstreams: Upstreams, timeout: Duration) -> Connector {
-        Connector { upstreams, timeout, own: HashSet::new() }
+        Connector { upstreams, timeout, own: HashMap::new() }
     }
 
-    /// Whether a client connecting from `addr` is one of our own upstream connections.
-    pub(super) fn is_own(&self, addr: &SocketAddr) -> bool {
-        self.own.contains(addr)
+    /// Whether a client connecting from `addr` to our port `to` is one of our own upstream
+    /// connections.
+    pub(super) fn is_own(&self, addr: &SocketAddr, to: u16) -> bool {
+        self.own.get(addr) == Some(&to)
+    }
+
+    /// `c` connected: its upstream is up (for the metrics).
+    pub(super) fn connected(&mut self, c: &Connecting) {
+        self.upstreams.mark_up(c.idx);
     }
 
     /// Starts connecting a new client to the first upstream of its round-robin plan that takes a
@@ -76,7 +84,7 @@ impl Connector {
                     // Bound by connect(2); unknown only if the socket already failed, which
                     // `progress` then reports.
                     let local = stream.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
-                    self.own.insert(local);
+                    self.own.insert(local, addr.port());
                     let deadline = Instant::now() + self.timeout;
                     return Some(Connecting { stream, local, idx, deadline, rest: plan });
                 }
@@ -130,9 +138,10 @@ impl Connector {
         self.own.remove(&c.local);
     }
 
-    /// An upstream connection with local address `local` lives on in a pair.
-    pub(super) fn remember(&mut self, local: SocketAddr) {
-        self.own.insert(local);
+    /// An upstream connection with local address `local`, connected to port `to`, lives on in a
+    /// pair.
+    pub(super) fn remember(&mut self, local: SocketAddr, to: u16) {
+        self.own.insert(local, to);
     }
 
     /// The pair that held the upstream connection from `local` has ended.
@@ -188,13 +197,20 @@ mod tests {
         let c = connector.connect(poll.registry(), TOKEN).expect("connecting");
         assert!(c.deadline() >= before + Duration::from_secs(1));
         let local = c.local;
-        assert!(connector.is_own(&local), "a client from {local} would be this proxy's own connection");
+        assert!(
+            connector.is_own(&local, addr.port()),
+            "a client from {local} to our port {} would be this proxy's own connection",
+            addr.port()
+        );
+        // The same local address dialling another port is someone else's connection (Linux
+        // reuses an ephemeral port for different destinations).
+        assert!(!connector.is_own(&local, addr.port().wrapping_add(1)));
         let (_accepted, peer) = up.accept().unwrap();
         assert_eq!(peer, local);
         let (got, failovers) = settle(&mut connector, &mut poll, c);
         assert_eq!((got, failovers), (Some(addr), 0));
         connector.forget(local);
-        assert!(!connector.is_own(&local));
+        assert!(!connector.is_own(&local, addr.port()));
     }
 
     #[test]
@@ -240,7 +256,7 @@ mod tests {
         // The server's ConnectTimeout timer does this once the deadline has passed.
         let why = io::Error::new(io::ErrorKind::TimedOut, "no answer within --connect-timeout");
         let next = connector.failed(c, why, poll.registry(), TOKEN).expect("the next upstream");
-        assert!(!connector.is_own(&local), "the timed-out connection is forgotten");
+        assert!(!connector.is_own(&local, slow_addr.port()), "the timed-out connection is forgotten");
         assert_eq!(settle(&mut connector, &mut poll, next), (Some(fast_addr), 0));
         let c = connector.connect(poll.registry(), TOKEN).expect("connecting");
         assert_eq!(settle(&mut connector, &mut poll, c).0, Some(fast_addr), "the slow one is down, tried last");

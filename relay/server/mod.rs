@@ -25,16 +25,25 @@ use self::{
     pending::{Look, Pending},
     timers::{Timer, Timers},
 };
-use crate::{cli::PairBy, datapath::Datapath, error::Error, pairing::Matcher, sys, upstream::Upstreams};
+use crate::{
+    cli::PairBy,
+    datapath::{userspace::UserspaceDatapath, Datapath},
+    error::Error,
+    metrics::{Metrics, PairEnd, PairMetric},
+    pairing::Matcher,
+    sys,
+    upstream::Upstreams,
+};
 use mio::{
     event::Event,
     net::{TcpListener, TcpStream},
     Events, Interest, Poll, Token,
 };
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 use std::{
+    collections::HashMap,
     io,
     net::SocketAddr,
     time::{Duration, Instant},
@@ -55,7 +64,12 @@ pub struct ServerConfig {
     pub max_pending: usize,
     pub pair_timeout: Duration,
     pub drain_timeout: Duration,
+    /// Counters for `--metrics` (kept whether or not they are served).
+    pub metrics: Metrics,
 }
+
+/// How often the kernel in-flight gauge is read while pairs live.
+const INFLIGHT_EVERY: Duration = Duration::from_secs(1);
 
 const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
@@ -109,6 +123,11 @@ pub struct Server {
     again: Vec<(usize, u64)>,
     accept_retry: Option<Instant>,
     drain_deadline: Option<Instant>,
+    /// `--metrics` counters, and each live pair's place in them (by slot).
+    metrics: Metrics,
+    pair_metrics: HashMap<usize, PairMetric>,
+    /// When the kernel in-flight gauge is read again (while pairs live).
+    inflight_due: Option<Instant>,
     /// When the datapath wants `tend` called again.
     datapath_due: Option<Instant>,
 }
@@ -116,7 +135,9 @@ pub struct Server {
 impl Server {
     pub fn new(mut listener: TcpListener, datapath: Box<dyn Datapath>, config: ServerConfig) -> Result<Self, Error> {
         let poll = Poll::new().map_err(|e| Error::io("cannot create the event loop", e))?;
-        let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(|e| Error::io("cannot handle signals", e))?;
+        // SIGUSR2: a new skrelay took our sockets (--takeover) and asks us to hand over.
+        let mut signals =
+            Signals::new([SIGINT, SIGTERM, SIGUSR2]).map_err(|e| Error::io("cannot handle signals", e))?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
             .and_then(|_| poll.registry().register(&mut signals, SIGNALS, Interest::READABLE))
@@ -141,6 +162,9 @@ impl Server {
             max_pending: config.max_pending,
             pair_timeout: config.pair_timeout,
             drain_timeout: config.drain_timeout,
+            metrics: config.metrics,
+            pair_metrics: HashMap::new(),
+            inflight_due: None,
             slots: Slab::new(),
             pending: 0,
             pairs: 0,
@@ -182,13 +206,14 @@ impl Server {
             if self.datapath_due.is_some_and(|t| Instant::now() >= t) {
                 self.datapath_due = self.datapath.tend(Instant::now());
             }
+            self.sample_inflight();
             self.fire_timers();
             if self.accept_retry.is_some_and(|t| Instant::now() >= t) {
                 self.accept_retry = None;
                 self.accept();
             }
             if let Some(deadline) = self.drain_deadline {
-                if self.pairs == 0 {
+                if self.pairs == 0 && self.pending == 0 {
                     break;
                 }
                 if Instant::now() >= deadline {
@@ -209,7 +234,8 @@ impl Server {
         if !self.again.is_empty() {
             return Some(Duration::ZERO);
         }
-        let deadlines = [self.timers.next(), self.drain_deadline, self.accept_retry, self.datapath_due];
+        let deadlines =
+            [self.timers.next(), self.drain_deadline, self.accept_retry, self.datapath_due, self.inflight_due];
         deadlines.into_iter().flatten().min().map(|t| t.saturating_duration_since(Instant::now()))
     }
 
@@ -271,7 +297,8 @@ impl Server {
                 // One of our own upstream connections: the upstream leads back to this proxy.
                 // Without this each looped connection would open another, until the process ran
                 // out of files.
-                if connector.is_own(&addr) {
+                let to = stream.local_addr().map_or(0, |a| a.port());
+                if connector.is_own(&addr, to) {
                     reset_on_close(&stream);
                     log::error!(
                         "client {addr} reset: it is this proxy's own upstream connection (the upstream leads back \
@@ -302,6 +329,7 @@ impl Server {
         };
         self.slots.insert(Slot::Pending(Pending::new(stream, addr, serial, key)));
         self.pending += 1;
+        self.metrics.set_pending(self.pending);
         log::debug!("client {addr} connected");
         match &mut self.partners {
             Partners::Clients { by, .. } => {
@@ -372,6 +400,7 @@ impl Server {
         self.pending_mut(slot, None)?;
         let Slot::Pending(mut p) = self.slots.remove(slot) else { unreachable!() };
         self.pending -= 1;
+        self.metrics.set_pending(self.pending);
         let registry = self.poll.registry();
         let _ = registry.deregister(&mut p.stream);
         match &mut self.partners {
@@ -419,6 +448,10 @@ impl Server {
                 return log::error!("pair {} <-> {} reset: cannot splice it: {e}", addrs[0], addrs[1]);
             }
         };
+        // A pair the kernel datapath had to splice in user space (maps full, budget spent)
+        // counts as userspace.
+        let label =
+            if splice.name() == UserspaceDatapath.name() { UserspaceDatapath.name() } else { self.datapath.name() };
         let serial = self.next_serial();
         let slot = self.slots.vacant_key();
         let mut pair = Pair::new(ends, addrs, splice, serial, upstream_local);
@@ -427,9 +460,10 @@ impl Server {
         }
         log::debug!("paired {} <-> {} ({})", addrs[0], addrs[1], pair.datapath());
         self.slots.insert(Slot::Pair(pair));
+        self.pair_metrics.insert(slot, self.metrics.pair_started(label));
         self.pairs += 1;
         if let (Some(local), Partners::Upstreams(connector)) = (upstream_local, &mut self.partners) {
-            connector.remember(local);
+            connector.remember(local, addrs[1].port());
         }
         // Bytes and EOFs that came before the pair formed are acted on now, not at the next event.
         self.service(slot, true);
@@ -464,8 +498,27 @@ impl Server {
         let Slot::Pair(mut pair) = self.slots.remove(slot) else { unreachable!() };
         self.pairs -= 1;
         pair.deregister(self.poll.registry());
+        let counted = match &ending {
+            Ending::Done => PairEnd::Eof,
+            Ending::Reset { .. } => PairEnd::Reset,
+            Ending::Drained => PairEnd::Drain,
+        };
         let ended = pair.end(ending);
+        if let Some(mut metric) = self.pair_metrics.remove(&slot) {
+            metric.end(counted, ended.moved[0] + ended.moved[1]);
+        }
         self.account_end(&ended);
+    }
+
+    /// Reads what the datapath holds in flight into the metrics, once a second while pairs live
+    /// (a last time when the last one ends).
+    fn sample_inflight(&mut self) {
+        let now = Instant::now();
+        if self.inflight_due.is_some_and(|t| now < t) {
+            return;
+        }
+        self.metrics.set_kernel_inflight(self.datapath.in_flight());
+        self.inflight_due = (self.pairs > 0).then(|| now + INFLIGHT_EVERY);
     }
 
     /// Every pair that ends passes here once, before its sockets close.
@@ -512,6 +565,9 @@ impl Server {
             Progress::Connected(upstream_addr) => {
                 let Some(mut p) = self.take_pending(slot) else { return };
                 let c = p.upstream.take().expect("connecting");
+                if let Partners::Upstreams(connector) = &mut self.partners {
+                    connector.connected(&c);
+                }
                 let _ = c.stream.set_nodelay(true);
                 self.splice_pair([p.stream, c.stream], [p.addr, upstream_addr], [0, 0], Some(c.local));
             }
@@ -561,19 +617,36 @@ impl Server {
     fn on_signal(&mut self) {
         let signals: Vec<i32> = self.signals.pending().collect();
         for signal in signals {
-            let name = if signal == SIGINT { "SIGINT" } else { "SIGTERM" };
+            let name = match signal {
+                SIGINT => "SIGINT",
+                SIGUSR2 => "SIGUSR2 (handing over to the skrelay that took over)",
+                _ => "SIGTERM",
+            };
+            // Handing over while already stopping changes nothing.
+            if signal == SIGUSR2 && self.drain_deadline.is_some() {
+                continue;
+            }
             if self.drain_deadline.is_some() {
                 log::warn!("{name} again: closing {} live pair(s) now", self.pairs);
                 self.end_all(|| Ending::Drained);
                 self.drain_deadline = Some(Instant::now());
                 continue;
             }
+            crate::systemd::notify(&format!("STOPPING=1\nSTATUS=draining {} live pair(s)", self.pairs));
             if let Some(mut listener) = self.listener.take() {
                 let _ = self.poll.registry().deregister(&mut listener);
             }
+            // Handing over, a proxy's accepted clients still get their upstream connection and
+            // drain as pairs: they came through the socket the new process serves, and closing
+            // them would be the refusal --takeover avoids. (A relay's waiting clients cannot meet
+            // a partner here any more.)
+            let keep = signal == SIGUSR2 && matches!(self.partners, Partners::Upstreams(_));
+            if signal == SIGUSR2 {
+                self.metrics.stop_serving();
+            }
             let waiting: Vec<usize> =
                 self.slots.iter().filter(|(_, s)| matches!(s, Slot::Pending(_))).map(|(k, _)| k).collect();
-            for slot in waiting {
+            for slot in waiting.into_iter().filter(|_| !keep) {
                 self.drop_pending(slot, "skrelay is shutting down");
             }
             log::info!(

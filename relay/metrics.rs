@@ -1,0 +1,567 @@
+//! Prometheus metrics: the counters `relay` and `proxy` keep (`--metrics ADDR`), the exporter of
+//! the pinned steer and accel counters (`skrelay metrics`), and the small HTTP responder that
+//! serves either at `http://ADDR/metrics` in the Prometheus text format (version 0.0.4).
+//!
+//! The event loop only bumps atomics (`Metrics`); the responder runs in a thread of its own and
+//! renders on each scrape, so a slow scraper never holds up a pair.
+use crate::error::Error;
+use prometheus_client::{
+    encoding::prometheus_text,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
+    registry::Registry,
+};
+use std::{
+    io::{self, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+/// How a pair ended, as `skrelay_pairs_total{ending}` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PairEnd {
+    /// Both directions finished with end of file.
+    Eof,
+    /// A client reset its connection, or an error cut the pair (its clients see a reset).
+    Reset,
+    /// A pair timeout cut it (its clients see a reset). No such timeout exists yet; the label is
+    /// exported at 0 so dashboards need not change when one comes.
+    Timeout,
+    /// Cut at the drain timeout (or a second SIGTERM) while shutting down.
+    Drain,
+}
+
+impl PairEnd {
+    pub const ALL: [PairEnd; 4] = [PairEnd::Eof, PairEnd::Reset, PairEnd::Timeout, PairEnd::Drain];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            PairEnd::Eof => "eof",
+            PairEnd::Reset => "reset",
+            PairEnd::Timeout => "timeout",
+            PairEnd::Drain => "drain",
+        }
+    }
+}
+
+/// Reads a value at scrape time, from the responder's thread.
+pub type Sampler = Box<dyn Fn() -> u64 + Send + Sync>;
+
+type Label = [(&'static str, &'static str); 1];
+type EndLabels = [(&'static str, &'static str); 2];
+type UpstreamLabel = [(&'static str, String); 1];
+
+struct Inner {
+    registry: Registry,
+    pairs_active: Family<Label, Gauge>,
+    pairs_total: Family<EndLabels, Counter>,
+    bytes_total: Family<Label, Counter>,
+    kernel_inflight: Gauge,
+    pending: Gauge,
+    upstream_up: Family<UpstreamLabel, Gauge>,
+    upstream_failures: Family<UpstreamLabel, Counter>,
+    /// The kernel datapath's in-flight bytes, read at each scrape (see `set_inflight_sampler`).
+    inflight_sampler: Mutex<Option<Sampler>>,
+    /// Set when the responder is to stop (`stop_serving`).
+    stop: Arc<AtomicBool>,
+}
+
+/// The counters of one `relay` or `proxy` process. Cheap to clone (one `Arc`); every update is
+/// an atomic operation, so the event loop can call these on every pair.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+impl Metrics {
+    /// The counters of a process whose pairs go to `datapaths` (the datapath it opened, and
+    /// `userspace`, where a kernel datapath whose socket map is full sends further pairs). Every
+    /// label combination is exported from the start, at 0.
+    pub fn new(datapaths: &[&'static str]) -> Metrics {
+        let mut registry = Registry::default();
+        registry.register(
+            "skrelay_build",
+            "skrelay version of this process",
+            Info::new([("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        let pairs_active = Family::<Label, Gauge>::default();
+        let pairs_total = Family::<EndLabels, Counter>::default();
+        let bytes_total = Family::<Label, Counter>::default();
+        let kernel_inflight = Gauge::default();
+        let pending = Gauge::default();
+        let upstream_up = Family::<UpstreamLabel, Gauge>::default();
+        let upstream_failures = Family::<UpstreamLabel, Counter>::default();
+        registry.register("skrelay_pairs_active", "Pairs being spliced now, by datapath", pairs_active.clone());
+        registry.register(
+            "skrelay_pairs",
+            "Pairs that ended, by datapath and how they ended (eof, reset, timeout, drain)",
+            pairs_total.clone(),
+        );
+        registry.register(
+            "skrelay_bytes",
+            "Payload bytes delivered by pairs that ended (both directions), by datapath",
+            bytes_total.clone(),
+        );
+        registry.register(
+            "skrelay_kernel_inflight_bytes",
+            "Bytes the kernel datapath holds in flight between the sockets of its pairs (0 until the datapath reports it)",
+            kernel_inflight.clone(),
+        );
+        registry.register(
+            "skrelay_pending_clients",
+            "Clients waiting for their token line, their partner (relay) or their upstream connection (proxy)",
+            pending.clone(),
+        );
+        registry.register(
+            "skrelay_upstream_up",
+            "proxy: 1 if the last connect to this upstream succeeded (or none was tried yet), 0 if it failed",
+            upstream_up.clone(),
+        );
+        registry.register(
+            "skrelay_upstream_connect_failures",
+            "proxy: connects to this upstream that were refused, failed or timed out",
+            upstream_failures.clone(),
+        );
+        for &dp in datapaths {
+            let _ = pairs_active.get_or_create(&[("datapath", dp)]);
+            let _ = bytes_total.get_or_create(&[("datapath", dp)]);
+            for end in PairEnd::ALL {
+                let _ = pairs_total.get_or_create(&[("datapath", dp), ("ending", end.label())]);
+            }
+        }
+        Metrics {
+            inner: Arc::new(Inner {
+                registry,
+                pairs_active,
+                pairs_total,
+                bytes_total,
+                kernel_inflight,
+                pending,
+                upstream_up,
+                upstream_failures,
+                inflight_sampler: Mutex::new(None),
+                stop: Arc::new(AtomicBool::new(false)),
+            }),
+        }
+    }
+
+    /// A pair started on `datapath`: counted active until the returned handle ends or drops.
+    pub fn pair_started(&self, datapath: &'static str) -> PairMetric {
+        self.inner.pairs_active.get_or_create(&[("datapath", datapath)]).inc();
+        PairMetric { metrics: self.clone(), datapath, ended: false }
+    }
+
+    /// Clients waiting now (token line, partner or upstream connection).
+    pub fn set_pending(&self, n: usize) {
+        self.inner.pending.set(n as i64);
+    }
+
+    /// `proxy`: exports `upstream` (up, no failures) before any client comes.
+    pub fn upstream_known(&self, upstream: SocketAddr) {
+        let label = [("upstream", upstream.to_string())];
+        self.inner.upstream_up.get_or_create(&label).set(1);
+        let _ = self.inner.upstream_failures.get_or_create(&label);
+    }
+
+    /// `proxy`: a connect to `upstream` succeeded (`true`) or failed.
+    pub fn upstream_connected(&self, upstream: SocketAddr, ok: bool) {
+        let label = [("upstream", upstream.to_string())];
+        self.inner.upstream_up.get_or_create(&label).set(i64::from(ok));
+        if !ok {
+            self.inner.upstream_failures.get_or_create(&label).inc();
+        }
+    }
+
+    /// The hook for the kernel datapath's in-flight accounting: `sampler` is called on each
+    /// scrape (from the responder's thread) and its value exported as
+    /// `skrelay_kernel_inflight_bytes`. Without one the gauge reads 0.
+    pub fn set_inflight_sampler(&self, sampler: Option<Sampler>) {
+        *self.inner.inflight_sampler.lock().unwrap_or_else(|e| e.into_inner()) = sampler;
+    }
+
+    /// Sets `skrelay_kernel_inflight_bytes` (the event loop calls this about once a second while
+    /// pairs live).
+    pub fn set_kernel_inflight(&self, bytes: u64) {
+        self.inner.kernel_inflight.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// Stops answering scrapes (within `ACCEPT_WAKE`): the process that took this one over
+    /// serves the metrics socket from now on.
+    pub fn stop_serving(&self) {
+        self.inner.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// The exposition text of every metric, as served at /metrics.
+    pub fn render(&self) -> String {
+        if let Some(sample) = self.inner.inflight_sampler.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            self.inner.kernel_inflight.set(i64::try_from(sample()).unwrap_or(i64::MAX));
+        }
+        encode(&self.inner.registry)
+    }
+}
+
+/// One pair's place in the counters: active while it lives; `end` counts how it ended and what
+/// it moved. Dropped without `end` (a pair that could not be watched), it counts as a reset.
+pub struct PairMetric {
+    metrics: Metrics,
+    datapath: &'static str,
+    ended: bool,
+}
+
+impl PairMetric {
+    /// The pair ended `how`, having delivered `bytes` (both directions together).
+    pub fn end(&mut self, how: PairEnd, bytes: u64) {
+        if std::mem::replace(&mut self.ended, true) {
+            return;
+        }
+        let m = &self.metrics.inner;
+        m.pairs_active.get_or_create(&[("datapath", self.datapath)]).dec();
+        m.pairs_total.get_or_create(&[("datapath", self.datapath), ("ending", how.label())]).inc();
+        m.bytes_total.get_or_create(&[("datapath", self.datapath)]).inc_by(bytes);
+    }
+}
+
+impl Drop for PairMetric {
+    fn drop(&mut self) {
+        self.end(PairEnd::Reset, 0);
+    }
+}
+
+/// The registry in the Prometheus text format, each metric's samples sorted by their labels
+/// (the crate writes a family in hash order, which changes from scrape to scrape).
+fn encode(registry: &Registry) -> String {
+    let mut text = String::new();
+    // Writing into a String cannot fail; the encoder only reports the writer's errors.
+    let _ = prometheus_text::encode(&mut text, registry);
+    let mut out = String::with_capacity(text.len());
+    let mut samples: Vec<&str> = Vec::new();
+    let flush = |samples: &mut Vec<&str>, out: &mut String| {
+        samples.sort_unstable();
+        for s in samples.drain(..) {
+            out.push_str(s);
+            out.push('\n');
+        }
+    };
+    for line in text.lines() {
+        if line.starts_with('#') {
+            flush(&mut samples, &mut out);
+            out.push_str(line);
+            out.push('\n');
+        } else {
+            samples.push(line);
+        }
+    }
+    flush(&mut samples, &mut out);
+    out
+}
+
+/// `skrelay metrics`: the pinned steer and accel counters of this network namespace, read (never
+/// created) at each scrape through the same code as `skrelay status --json`.
+pub fn pinned_exposition() -> Result<String, Error> {
+    let sections = crate::status::sections()?;
+    let json = |name: &str| {
+        sections.iter().find(|s| s.name == name).map(|s| s.json.clone()).unwrap_or(serde_json::Value::Null)
+    };
+    Ok(pinned_from_status(&json("steer"), &json("accel")))
+}
+
+/// Builds the exposition from `skrelay status --json`'s `steer` and `accel` objects.
+pub fn pinned_from_status(steer: &serde_json::Value, accel: &serde_json::Value) -> String {
+    type Labels = Vec<(&'static str, String)>;
+    let mut registry = Registry::default();
+    registry.register(
+        "skrelay_build",
+        "skrelay version of this exporter",
+        Info::new([("version", env!("CARGO_PKG_VERSION"))]),
+    );
+    let str_of = |v: &serde_json::Value, k: &str| match &v[k] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    let u64_of = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+    let list = |v: &serde_json::Value, k: &str| v[k].as_array().cloned().unwrap_or_default();
+
+    let attached = Gauge::<i64>::default();
+    attached.set(i64::from(steer["attached"].as_bool().unwrap_or(false)));
+    registry.register("skrelay_steer_attached", "1 if a steering program or --ports funnel is attached", attached);
+    let hits = Family::<Labels, Counter>::default();
+    let refused = Family::<Labels, Counter>::default();
+    let alive = Family::<Labels, Gauge>::default();
+    for b in list(steer, "bindings") {
+        let labels: Labels = vec![
+            ("proto", str_of(&b, "proto")),
+            ("prefix", str_of(&b, "prefix")),
+            ("ports", str_of(&b, "ports")),
+            ("target", str_of(&b["target"], "local")),
+        ];
+        hits.get_or_create(&labels).inc_by(u64_of(&b, "hits"));
+        refused.get_or_create(&labels).inc_by(u64_of(&b, "refused"));
+        alive.get_or_create(&labels).set(i64::from(b["target"]["alive"].as_bool().unwrap_or(false)));
+    }
+    registry.register("skrelay_steer_hits", "Connections steered to the binding's target", hits);
+    registry.register(
+        "skrelay_steer_refused",
+        "Connections for the binding refused because its target socket was gone",
+        refused,
+    );
+    registry.register("skrelay_steer_target_alive", "1 if the binding's target socket still exists", alive);
+    let funnel_hits = Family::<Labels, Counter>::default();
+    for f in list(steer, "funnels") {
+        let labels: Labels =
+            vec![("pid", str_of(&f, "pid")), ("prefix", str_of(&f, "prefix")), ("ports", str_of(&f, "ports"))];
+        funnel_hits.get_or_create(&labels).inc_by(u64_of(&f, "hits"));
+    }
+    registry.register(
+        "skrelay_steer_funnel_hits",
+        "Connections a running relay's or proxy's --ports steered to its listener",
+        funnel_hits,
+    );
+
+    let accel_counters = [
+        ("connections", "skrelay_accel_connections", "Accelerated connections"),
+        ("messages", "skrelay_accel_messages", "Writes redirected between accelerated sockets"),
+        ("bytes", "skrelay_accel_bytes", "Bytes redirected between accelerated sockets"),
+        ("fallbacks", "skrelay_accel_fallbacks", "Connections that went back to plain TCP"),
+    ];
+    let families: Vec<Family<Labels, Counter>> = accel_counters.iter().map(|_| Family::default()).collect();
+    let open = Family::<Labels, Gauge>::default();
+    let cgroups = list(accel, "cgroups");
+    for c in &cgroups {
+        let labels: Labels = vec![("cgroup", str_of(c, "cgroup"))];
+        for ((key, _, _), family) in accel_counters.iter().zip(&families) {
+            family.get_or_create(&labels).inc_by(u64_of(c, key));
+        }
+        open.get_or_create(&labels).set(i64::try_from(u64_of(c, "sockets_open")).unwrap_or(i64::MAX));
+    }
+    for ((_, name, help), family) in accel_counters.iter().zip(families) {
+        registry.register(*name, *help, family);
+    }
+    registry.register("skrelay_accel_sockets_open", "Sockets in the cgroup's redirect map now", open);
+    let unreadable = Gauge::<i64>::default();
+    unreadable.set(list(accel, "unreadable").len() as i64);
+    registry.register(
+        "skrelay_accel_unreadable",
+        "Accel states this skrelay cannot read (pinned by another version: see skrelay status)",
+        unreadable,
+    );
+    encode(&registry)
+}
+
+/// The labels a process's pairs can carry: the datapath it opened, and `userspace` (where a
+/// kernel datapath whose socket map is full sends further pairs).
+pub fn datapath_labels(opened: &'static str) -> Vec<&'static str> {
+    if opened == "userspace" {
+        vec![opened]
+    } else {
+        vec![opened, "userspace"]
+    }
+}
+
+/// `--metrics ADDR` of `relay` and `proxy`: binds ADDR and serves `metrics` there from a thread
+/// of its own; returns the address bound (port 0 picks one). None: nothing to serve.
+/// `taken`: the metrics socket of a process this one takes over (`--takeover`), served instead
+/// of binding ADDR when it is bound there (or ADDR's port is 0).
+pub fn start(
+    addr: Option<SocketAddr>,
+    metrics: &Metrics,
+    taken: Option<TcpListener>,
+) -> Result<Option<SocketAddr>, Error> {
+    let Some(addr) = addr else { return Ok(None) };
+    let taken = taken.filter(|l| l.local_addr().is_ok_and(|a| a == addr || (addr.port() == 0 && a.ip() == addr.ip())));
+    let listener = match taken {
+        Some(l) => l,
+        None => bind(addr, "--metrics")?,
+    };
+    let bound = listener.local_addr().unwrap_or(addr);
+    let m = metrics.clone();
+    let stop = metrics.inner.stop.clone();
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || serve(&listener, move || Ok(m.render()), &stop))
+        .map_err(|e| Error::io("cannot start the metrics thread", e))?;
+    Ok(Some(bound))
+}
+
+/// `skrelay metrics --listen ADDR`: serves the pinned steer and accel counters until killed.
+/// The first reading happens before binding, so a state that cannot be read is refused at once.
+pub fn run(args: crate::cli::MetricsArgs) -> Result<(), Error> {
+    pinned_exposition()?;
+    let listener = bind(args.listen, "--listen")?;
+    let bound = listener.local_addr().unwrap_or(args.listen);
+    log::info!("serving the pinned steer and accel counters at http://{bound}/metrics");
+    serve(&listener, || pinned_exposition().map_err(|e| format!("skrelay: {e}")), &AtomicBool::new(false));
+    Ok(())
+}
+
+/// Binds the metrics listener (`--metrics ADDR`, `skrelay metrics --listen ADDR`).
+pub fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr).map_err(|source| Error::MetricsListen { addr, flag, source })
+}
+
+/// How long the responder waits in accept(2) before it looks whether it was told to stop
+/// (SO_RCVTIMEO, an option of the socket: a process taking the socket over shares it).
+const ACCEPT_WAKE: Duration = Duration::from_millis(200);
+
+/// How long one scraper may take to send its request or read the answer. Scrapes are served one
+/// at a time, so this also bounds how long one slow or silent client delays the next scrape.
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest request head read; a longer one is answered 431.
+const MAX_REQUEST: usize = 8 << 10;
+
+/// Answers each connection to `listener` in turn, forever: GET or HEAD /metrics gets `render`'s
+/// text (500 with its error if it fails), anything else 404 or 405. One connection is held at a
+/// time, at most `IO_TIMEOUT` per read or write, and one request per connection. Returns once
+/// `stop` is set (within `ACCEPT_WAKE`), leaving the socket to whoever else holds it.
+pub fn serve(listener: &TcpListener, render: impl Fn() -> Result<String, String>, stop: &AtomicBool) {
+    let wake = socket2::SockRef::from(listener).set_read_timeout(Some(ACCEPT_WAKE));
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                if let Err(e) = answer(stream, &render) {
+                    log::debug!("metrics: {e}");
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if wake.is_ok() && matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e) => {
+                // Out of descriptors, most likely: wait rather than spin.
+                log::warn!("metrics: cannot accept a scrape: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+fn answer(mut stream: TcpStream, render: &impl Fn() -> Result<String, String>) -> io::Result<()> {
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        if head.len() >= MAX_REQUEST {
+            return respond(
+                &mut stream,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                "request too large\n",
+                true,
+            );
+        }
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Ok(()); // closed before a whole request came
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut words = line.split_whitespace();
+    let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    let body_too = method != "HEAD";
+    match (method, path) {
+        ("GET" | "HEAD", "/metrics") => match render() {
+            Ok(text) => respond(&mut stream, "200 OK", CONTENT_TYPE, &text, body_too),
+            Err(why) => respond(&mut stream, "500 Internal Server Error", "text/plain", &format!("{why}\n"), body_too),
+        },
+        ("GET" | "HEAD", _) => {
+            respond(&mut stream, "404 Not Found", "text/plain", "skrelay serves its metrics at /metrics\n", body_too)
+        }
+        _ => respond(&mut stream, "405 Method Not Allowed", "text/plain", "use GET /metrics\n", true),
+    }
+}
+
+fn respond(stream: &mut TcpStream, status: &str, content_type: &str, body: &str, with_body: bool) -> io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    if with_body {
+        stream.write_all(body.as_bytes())?;
+    }
+    stream.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs_are_counted_by_datapath_and_ending() {
+        let m = Metrics::new(&["kernel", "userspace"]);
+        let mut a = m.pair_started("kernel");
+        let b = m.pair_started("userspace");
+        let text = m.render();
+        assert!(text.contains("skrelay_pairs_active{datapath=\"kernel\"} 1\n"), "{text}");
+        assert!(text.contains("skrelay_pairs_total{datapath=\"kernel\",ending=\"timeout\"} 0\n"), "{text}");
+        a.end(PairEnd::Eof, 1000);
+        a.end(PairEnd::Reset, 5); // a second end changes nothing
+        drop(a);
+        drop(b); // never ended: a reset
+        m.set_pending(3);
+        let text = m.render();
+        assert!(text.contains("skrelay_pairs_active{datapath=\"kernel\"} 0\n"), "{text}");
+        assert!(text.contains("skrelay_pairs_active{datapath=\"userspace\"} 0\n"), "{text}");
+        assert!(text.contains("skrelay_pairs_total{datapath=\"kernel\",ending=\"eof\"} 1\n"), "{text}");
+        assert!(text.contains("skrelay_pairs_total{datapath=\"kernel\",ending=\"reset\"} 0\n"), "{text}");
+        assert!(text.contains("skrelay_pairs_total{datapath=\"userspace\",ending=\"reset\"} 1\n"), "{text}");
+        assert!(text.contains("skrelay_bytes_total{datapath=\"kernel\"} 1000\n"), "{text}");
+        assert!(text.contains("skrelay_pending_clients 3\n"), "{text}");
+        assert!(text.contains(&format!("skrelay_build_info{{version=\"{}\"}} 1\n", env!("CARGO_PKG_VERSION"))));
+        assert!(text.contains("skrelay_kernel_inflight_bytes 0\n"), "{text}");
+        // Samples in label order, the same in every scrape.
+        let kernel_ends = "skrelay_pairs_total{datapath=\"kernel\",ending=\"drain\"} 0\n\
+                           skrelay_pairs_total{datapath=\"kernel\",ending=\"eof\"} 1\n\
+                           skrelay_pairs_total{datapath=\"kernel\",ending=\"reset\"} 0\n\
+                           skrelay_pairs_total{datapath=\"kernel\",ending=\"timeout\"} 0\n";
+        assert!(text.contains(kernel_ends), "{text}");
+        m.set_inflight_sampler(Some(Box::new(|| 4096)));
+        assert!(m.render().contains("skrelay_kernel_inflight_bytes 4096\n"));
+    }
+
+    #[test]
+    fn upstreams_go_down_and_up() {
+        let m = Metrics::new(&["userspace"]);
+        let up: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        m.upstream_known(up);
+        assert!(m.render().contains("skrelay_upstream_up{upstream=\"127.0.0.1:80\"} 1\n"));
+        m.upstream_connected(up, false);
+        m.upstream_connected(up, false);
+        let text = m.render();
+        assert!(text.contains("skrelay_upstream_up{upstream=\"127.0.0.1:80\"} 0\n"), "{text}");
+        assert!(text.contains("skrelay_upstream_connect_failures_total{upstream=\"127.0.0.1:80\"} 2\n"), "{text}");
+        m.upstream_connected(up, true);
+        assert!(m.render().contains("skrelay_upstream_up{upstream=\"127.0.0.1:80\"} 1\n"));
+    }
+
+    #[test]
+    fn pinned_counters_come_from_the_status_json() {
+        let steer = serde_json::json!({
+            "attached": true,
+            "bindings": [{"proto": "tcp", "prefix": "0.0.0.0/0", "ports": "80", "hits": 7, "refused": 2,
+                          "target": {"local": "127.0.0.1:8080", "alive": true}}],
+            "funnels": [{"pid": 42, "prefix": "127.0.0.1/32", "ports": "7,77", "hits": 3}],
+        });
+        let accel = serde_json::json!({
+            "cgroups": [{"cgroup": "/sys/fs/cgroup/app", "connections": 5, "messages": 9, "bytes": 1234,
+                         "fallbacks": 1, "sockets_open": 4}],
+            "unreadable": [],
+        });
+        let text = pinned_from_status(&steer, &accel);
+        let b = "{proto=\"tcp\",prefix=\"0.0.0.0/0\",ports=\"80\",target=\"127.0.0.1:8080\"}";
+        assert!(text.contains(&format!("skrelay_steer_hits_total{b} 7\n")), "{text}");
+        assert!(text.contains(&format!("skrelay_steer_refused_total{b} 2\n")), "{text}");
+        assert!(text.contains("skrelay_steer_funnel_hits_total{pid=\"42\",prefix=\"127.0.0.1/32\",ports=\"7,77\"} 3\n"));
+        assert!(text.contains("skrelay_accel_bytes_total{cgroup=\"/sys/fs/cgroup/app\"} 1234\n"), "{text}");
+        assert!(text.contains("skrelay_accel_fallbacks_total{cgroup=\"/sys/fs/cgroup/app\"} 1\n"), "{text}");
+        assert!(text.contains("skrelay_accel_sockets_open{cgroup=\"/sys/fs/cgroup/app\"} 4\n"), "{text}");
+        assert!(text.contains("skrelay_steer_attached 1\n"), "{text}");
+    }
+}

@@ -1,0 +1,215 @@
+//! The `relay` and `proxy` processes running in this network namespace, for `skrelay status`:
+//! found in /proc (command line, file table) without asking them anything, so a process that is
+//! stuck is still listed.
+use crate::status::Section;
+use std::{
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::Path,
+};
+
+/// One running `skrelay relay` or `skrelay proxy`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    pub pid: u32,
+    /// `relay` or `proxy`.
+    pub command: String,
+    /// The sockets it accepts clients on (its own, or the one systemd passed).
+    pub listening: Vec<SocketAddr>,
+    /// `kernel` when it holds the kernel datapath's sk_skb programs, else `userspace`.
+    pub datapath: &'static str,
+    /// TCP connections it holds: clients, upstream connections, pairs' sockets.
+    pub connections: usize,
+    /// Where it serves --metrics, if it does.
+    pub metrics: Option<SocketAddr>,
+}
+
+impl Server {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "pid": self.pid,
+            "command": self.command,
+            "listening": self.listening.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "datapath": self.datapath,
+            "connections": self.connections,
+            "metrics": self.metrics.map(|a| format!("http://{a}/metrics")),
+        })
+    }
+}
+
+impl std::fmt::Display for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let listening: Vec<String> = self.listening.iter().map(|a| a.to_string()).collect();
+        write!(
+            f,
+            "  {} (pid {}): listening on {}, {} datapath, {} connection(s)",
+            self.command,
+            self.pid,
+            if listening.is_empty() { "nothing (draining)".to_string() } else { listening.join(", ") },
+            self.datapath,
+            self.connections
+        )?;
+        if let Some(m) = self.metrics {
+            write!(f, ", metrics at http://{m}/metrics")?;
+        }
+        Ok(())
+    }
+}
+
+/// BPF_PROG_TYPE_SK_SKB, as /proc/PID/fdinfo shows a program's type.
+const PROG_TYPE_SK_SKB: u32 = 14;
+const TCP_LISTEN: u8 = 0x0A;
+/// O_NONBLOCK as /proc/PID/fdinfo's octal `flags` shows it: the relay's listener is non-blocking
+/// (mio), the metrics responder's is not.
+const O_NONBLOCK: u32 = 0o4000;
+
+/// Every `skrelay relay` and `skrelay proxy` process of this network namespace but this one,
+/// by pid. Processes this one may not inspect (another user's, without CAP_SYS_PTRACE) are
+/// left out.
+pub fn servers() -> Vec<Server> {
+    let own_ns = fs::read_link("/proc/thread-self/ns/net").ok();
+    let mut sockets = Vec::new();
+    for f in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
+        sockets.extend(parse_proc_net(&fs::read_to_string(f).unwrap_or_default()));
+    }
+    let me = std::process::id();
+    let mut found = Vec::new();
+    let Ok(procs) = fs::read_dir("/proc") else { return found };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        if pid == me || fs::read_link(p.path().join("ns/net")).ok() != own_ns {
+            continue;
+        }
+        let Some(command) = command_of(&fs::read(p.path().join("cmdline")).unwrap_or_default()) else { continue };
+        if let Some(s) = inspect(&p.path(), pid, command, &sockets) {
+            found.push(s);
+        }
+    }
+    found.sort_by_key(|s| s.pid);
+    found
+}
+
+/// `relay` or `proxy` when `cmdline` (NUL-separated) runs skrelay with that command.
+pub fn command_of(cmdline: &[u8]) -> Option<String> {
+    let mut args = cmdline.split(|&b| b == 0).map(String::from_utf8_lossy);
+    let exe = args.next()?;
+    let name = Path::new(exe.as_ref()).file_name()?.to_string_lossy().into_owned();
+    // skrelay, or a renamed copy (skrelay.new); not cargo's test binaries (skrelay-<16 hex>).
+    let test_binary =
+        name.strip_prefix("skrelay-").is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+    if !name.starts_with("skrelay") || test_binary {
+        return None;
+    }
+    // The command is the first argument that is not a flag (skrelay takes no global flags).
+    let command = args.find(|a| !a.starts_with('-'))?;
+    matches!(command.as_ref(), "relay" | "proxy").then(|| command.into_owned())
+}
+
+fn inspect(dir: &Path, pid: u32, command: String, sockets: &[ProcSocket]) -> Option<Server> {
+    let fds = fs::read_dir(dir.join("fd")).ok()?;
+    let mut server = Server { pid, command, listening: vec![], datapath: "userspace", connections: 0, metrics: None };
+    for fd in fds.flatten() {
+        let Ok(target) = fs::read_link(fd.path()) else { continue };
+        let target = target.to_string_lossy();
+        let info = fs::read_to_string(dir.join("fdinfo").join(fd.file_name())).unwrap_or_default();
+        let field = |key: &str| info.lines().find_map(|l| l.strip_prefix(key)).map(str::trim);
+        if target == "anon_inode:bpf-prog" {
+            if field("prog_type:").and_then(|t| t.parse::<u32>().ok()) == Some(PROG_TYPE_SK_SKB) {
+                server.datapath = "kernel";
+            }
+            continue;
+        }
+        let Some(inode) = target.strip_prefix("socket:[").and_then(|t| t.strip_suffix(']')?.parse::<u64>().ok()) else {
+            continue;
+        };
+        let Some(s) = sockets.iter().find(|s| s.inode == inode) else { continue };
+        if s.state != TCP_LISTEN {
+            server.connections += 1;
+        } else if field("flags:").and_then(|f| u32::from_str_radix(f, 8).ok()).is_some_and(|f| f & O_NONBLOCK != 0) {
+            server.listening.push(s.local);
+        } else {
+            server.metrics = Some(s.local);
+        }
+    }
+    server.listening.sort();
+    Some(server)
+}
+
+/// `skrelay status`'s section for running relays and proxies.
+pub fn status_section() -> Section {
+    let servers = servers();
+    let text = if servers.is_empty() {
+        "relays: no relay or proxy is running".to_string()
+    } else {
+        let mut lines = vec![format!("relays: {} running", servers.len())];
+        lines.extend(servers.iter().map(Server::to_string));
+        lines.join("\n")
+    };
+    let json = serde_json::json!({ "processes": servers.iter().map(Server::json).collect::<Vec<_>>() });
+    Section { name: "relays", text, json }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ProcSocket {
+    local: SocketAddr,
+    state: u8,
+    inode: u64,
+}
+
+/// /proc/net/tcp[6] rows: addresses are the raw 32-bit words, each printed in host order.
+fn parse_proc_net(text: &str) -> Vec<ProcSocket> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let (addr, port) = cols.get(1)?.split_once(':')?;
+            let port = u16::from_str_radix(port, 16).ok()?;
+            let mut bytes = Vec::with_capacity(16);
+            for word in addr.as_bytes().chunks(8) {
+                let w = u32::from_str_radix(std::str::from_utf8(word).ok()?, 16).ok()?;
+                bytes.extend_from_slice(&w.to_ne_bytes());
+            }
+            let ip = match bytes.len() {
+                4 => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(bytes).ok()?)),
+                16 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?)),
+                _ => return None,
+            };
+            Some(ProcSocket {
+                local: SocketAddr::new(ip, port),
+                state: u8::from_str_radix(cols.get(3)?, 16).ok()?,
+                inode: cols.get(9)?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_are_found_in_the_command_line() {
+        assert_eq!(command_of(b"/usr/local/bin/skrelay\0relay\0--listen\0[::1]:1\0"), Some("relay".into()));
+        assert_eq!(command_of(b"skrelay\0proxy\0--upstream\0x:1\0"), Some("proxy".into()));
+        assert_eq!(command_of(b"/usr/bin/skrelay\0status\0"), None);
+        assert_eq!(command_of(b"/usr/bin/python3\0relay\0"), None);
+        assert_eq!(command_of(b"/opt/skrelay.new\0proxy\0"), Some("proxy".into()));
+        assert_eq!(command_of(b"target/debug/deps/skrelay-0123456789abcdef\0relay\0"), None, "cargo test relay");
+        assert_eq!(command_of(b""), None);
+    }
+
+    #[test]
+    fn proc_net_rows_parse() {
+        let v4 = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   \
+                  0: 0100007F:1E61 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12345 1 0 100 0 0 10 0\n";
+        let rows = parse_proc_net(v4);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].local, "127.0.0.1:7777".parse().unwrap());
+        assert_eq!((rows[0].state, rows[0].inode), (TCP_LISTEN, 12345));
+        let v6 = "header\n   0: 00000000000000000000000001000000:1E61 00000000000000000000000000000000:0000 01 \
+                  00000000:00000000 00:00000000 00000000     0        0 777 1\n";
+        let rows = parse_proc_net(v6);
+        assert_eq!(rows[0].local, "[::1]:7777".parse().unwrap());
+        assert_eq!((rows[0].state, rows[0].inode), (1, 777));
+    }
+}
