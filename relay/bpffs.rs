@@ -4,7 +4,6 @@ use crate::error::Error;
 use std::{
     fs::File,
     io,
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
 
@@ -14,23 +13,23 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 const SYSFS_MAGIC: i64 = 0x62656572;
 
 fn fs_type(path: &Path) -> Option<i64> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
-    // SAFETY: `libc::statfs` is plain old data, for which all-zero bytes are a valid value.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a NUL-terminated path and statfs writes one `struct statfs` into `st`.
-    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0).then_some(st.f_type as i64)
+    rustix::fs::statfs(path).ok().map(|st| st.f_type)
 }
 
 fn is_bpffs(path: &Path) -> bool {
     fs_type(path) == Some(BPF_FS_MAGIC)
 }
 
+/// The parent's pid (0 when it has none visible here, as for a namespace's init).
+fn parent_pid() -> i32 {
+    rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get())
+}
+
 /// Whether this process has a mount namespace of its own, made for it: not PID 1's, nor its
 /// parent's (`ip netns exec` unshares it and then runs the command in the same process).
 fn in_own_mount_ns() -> bool {
     let own = std::fs::read_link("/proc/self/ns/mnt").ok();
-    // SAFETY: getppid has no preconditions.
-    let parent = std::fs::read_link(format!("/proc/{}/ns/mnt", unsafe { libc::getppid() })).ok();
+    let parent = std::fs::read_link(format!("/proc/{}/ns/mnt", parent_pid())).ok();
     own.is_some() && parent.is_some() && own != parent
 }
 
@@ -46,8 +45,7 @@ fn in_own_mount_ns() -> bool {
 pub fn root() -> Result<PathBuf, Error> {
     let mut base = PathBuf::from(BPFFS);
     if fs_type(&base) == Some(SYSFS_MAGIC) && in_own_mount_ns() {
-        // SAFETY: getppid has no preconditions.
-        let outer = ["1".to_string(), unsafe { libc::getppid() }.to_string()]
+        let outer = ["1".to_string(), parent_pid().to_string()]
             .into_iter()
             .map(|pid| Path::new("/proc").join(pid).join("root").join(BPFFS.trim_start_matches('/')))
             .find(|p| is_bpffs(p));
@@ -63,11 +61,9 @@ pub fn root() -> Result<PathBuf, Error> {
     let base = base.as_path();
     if !is_bpffs(base) {
         let _ = std::fs::create_dir_all(base);
-        let (src, dst, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
-        // SAFETY: three NUL-terminated static strings and no mount data (null is allowed).
-        let r = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
-        if r != 0 || !is_bpffs(base) {
-            let e = io::Error::last_os_error();
+        let mounted = rustix::mount::mount("bpf", BPFFS, "bpf", rustix::mount::MountFlags::empty(), None);
+        if mounted.is_err() || !is_bpffs(base) {
+            let e = mounted.err().map_or_else(|| io::Error::other("not a bpffs after mounting"), io::Error::from);
             return Err(Error::Usage(format!(
                 "cannot mount bpffs at {BPFFS}: {e} (mount it with `mount -t bpf bpf {BPFFS}` as root)"
             )));
@@ -105,10 +101,7 @@ impl StateLock {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(format!("cannot open {}", dir.display()), e)),
         };
-        // SAFETY: flock on the open descriptor of `file`, which outlives the call.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(Error::io(format!("cannot lock {}", dir.display()), io::Error::last_os_error()));
-        }
+        file.lock().map_err(|e| Error::io(format!("cannot lock {}", dir.display()), e))?;
         // The holder before us may have removed the directory: then what we locked is gone.
         let locked = file.metadata().map_err(|e| Error::io(format!("cannot read {}", dir.display()), e))?;
         let same = std::fs::metadata(dir).is_ok_and(|now| (now.dev(), now.ino()) == (locked.dev(), locked.ino()));

@@ -31,8 +31,7 @@ pub const SMALL_STREAK: u32 = 16;
 /// The smallest `--max-queued`: below one large write, every bulk connection would be demoted.
 pub const MIN_MAX_QUEUED: u32 = 256 << 10;
 
-/// BPF_CGROUP_SOCK_OPS (uapi linux/bpf.h `enum bpf_attach_type`).
-const BPF_CGROUP_SOCK_OPS: u32 = 3;
+use sys::bpf::ATTACH_CGROUP_SOCK_OPS as BPF_CGROUP_SOCK_OPS;
 
 /// The directory holding one pin directory per accelerated cgroup.
 fn accel_root() -> Result<PathBuf, Error> {

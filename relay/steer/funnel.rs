@@ -19,10 +19,7 @@ use aya::{
     maps::{lpm_trie::Key, LpmTrie, Map, MapData, PerCpuArray},
     Ebpf,
 };
-use std::{
-    net::SocketAddr,
-    os::fd::{AsFd, AsRawFd},
-};
+use std::{net::SocketAddr, os::fd::AsFd};
 
 /// The one binding of a funnel.
 const BINDING: u32 = 0;
@@ -46,10 +43,10 @@ impl Funnel {
         check_overlaps(prefix, &all)?;
         let span = PortRange { lo: all[0], hi: *all.last().unwrap() };
         let key = BindingKey { proto: Proto::Tcp, prefix, ports: span };
-        sys::bpf::sockmap_set(&maps.targets.fd().as_fd(), BINDING, &listener.as_fd().as_raw_fd())
+        sys::bpf::sockmap_set(maps.targets.fd(), BINDING, listener)
             .map_err(|e| state::unavailable("put the listener into the sk_lookup map", &e))?;
         let record = SteerBinding {
-            cookie: sys::socket_cookie(&listener.as_fd().as_raw_fd()).unwrap_or(0),
+            cookie: sys::socket_cookie(listener).unwrap_or(0),
             pid: std::process::id(),
             port_lo: span.lo,
             port_hi: span.hi,
@@ -145,11 +142,7 @@ fn port_list(ports: &[u16]) -> String {
 /// file table (/proc/PID/fdinfo names the link) and the target as its listening socket.
 pub fn running() -> Vec<Running> {
     let Ok(ino) = sys::own_netns_inode() else { return vec![] };
-    let pinned = state::dir()
-        .ok()
-        .and_then(|d| sys::bpf::obj_get(&d.join(state::LINK)).ok())
-        .and_then(|l| sys::bpf::link_ids(&l).ok())
-        .map(|(id, _)| id);
+    let pinned = state::dir().ok().and_then(|d| state::pinned_link_ids(&d)).map(|(id, _)| id);
     let mut found = Vec::new();
     let mut id = 0;
     while let Ok(Some(next)) = sys::bpf::link_next_id(id) {

@@ -28,7 +28,7 @@ use crate::{
 use bindings::{addr_from_bytes, owner, rank};
 use serde_json::json;
 use state::{key_of, State};
-use std::{collections::BTreeMap, net::SocketAddr, os::fd::AsFd, time::Instant};
+use std::{collections::BTreeMap, net::SocketAddr, time::Instant};
 use target::Target;
 
 /// `steer add`: binds every (prefix, port item) pair to the target socket.
@@ -147,7 +147,7 @@ pub fn add(args: SteerAddArgs) -> Result<(), Error> {
 }
 
 fn set_target(st: &mut State, id: u32, target: &Target) -> Result<(), Error> {
-    sys::bpf::sockmap_set(&st.maps.targets.fd().as_fd(), id, &target.fd).map_err(|e| match e.raw_os_error() {
+    sys::bpf::sockmap_set(st.maps.targets.fd(), id, &target.fd).map_err(|e| match e.raw_os_error() {
         Some(libc::EOPNOTSUPP) => Error::Usage(format!(
             "the kernel refused the target socket at {} (sk_lookup takes listening TCP and unconnected UDP sockets)",
             target.local
@@ -223,7 +223,7 @@ pub fn remove(args: SteerRemoveArgs) -> Result<(), Error> {
             }
             .map_err(|e| Error::steer_map("update the port map", &e))?;
         }
-        sys::bpf::sockmap_clear(&st.maps.targets.fd().as_fd(), id)
+        sys::bpf::sockmap_clear(st.maps.targets.fd(), id)
             .map_err(|e| Error::steer_map("clear a steering target", &e))?;
         st.maps.bindings.remove(&id).map_err(|e| Error::steer_map("remove a binding", &e))?;
         println!("removed binding {key}");

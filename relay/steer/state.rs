@@ -17,13 +17,15 @@ use crate::{
 };
 use aya::{
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues},
-    programs::{links::FdLink, SkLookup},
+    programs::{
+        links::{FdLink, PinnedLink},
+        SkLookup,
+    },
     Ebpf, EbpfLoader,
 };
 use std::{
     collections::BTreeMap,
     fs::File,
-    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
@@ -123,7 +125,7 @@ impl Maps {
 
     /// The cookie of the socket a binding sends to, `None` once that socket has closed.
     pub fn target_cookie(&self, id: u32) -> Option<u64> {
-        sys::bpf::sockmap_cookie(&self.targets.fd().as_fd(), id).ok().flatten()
+        sys::bpf::sockmap_cookie(self.targets.fd(), id).ok().flatten()
     }
 }
 
@@ -190,12 +192,21 @@ impl State {
             let theirs = maps.info.get(&0, 0).unwrap_or(0);
             if theirs != ours {
                 let prog = load_program(&mut bpf)?;
-                let link = sys::bpf::obj_get(&link_path).map_err(|e| Error::io("cannot open the pinned link", e))?;
-                let (link_id, old_id) =
-                    sys::bpf::link_ids(&link).map_err(|e| Error::io("cannot read the pinned link", e))?;
-                let old = sys::bpf::prog_fd_by_id(old_id).map_err(|e| Error::io("cannot open the old program", e))?;
+                let info = PinnedLink::from_pin(&link_path)
+                    .map(FdLink::from)
+                    .and_then(|l| l.info())
+                    .map_err(|e| unavailable("read the pinned sk_lookup link", &e))?;
+                let link_id = info.id();
+                let old = aya::programs::loaded_programs()
+                    .filter_map(Result::ok)
+                    .find(|p| p.id() == info.program_id())
+                    .ok_or_else(|| Error::io("cannot open the old program", std::io::ErrorKind::NotFound.into()))?
+                    .fd()
+                    .map_err(|e| unavailable("open the old sk_lookup program", &e))?;
                 let new = prog.fd().map_err(|e| unavailable("load the sk_lookup program", &e))?;
-                sys::bpf::link_update(&link, &new.as_fd(), &old)
+                // aya's links lend no descriptor for BPF_LINK_UPDATE: open the pin for it.
+                let link = sys::bpf::obj_get(&link_path).map_err(|e| Error::io("cannot open the pinned link", e))?;
+                sys::bpf::link_update(&link, new, old)
                     .map_err(|e| Error::io("cannot swap the steering program in place", e))?;
                 maps.info.set(0, ours, 0).map_err(|e| Error::steer_map("record the program version", &e))?;
                 note = Some(format!(
@@ -209,9 +220,14 @@ impl State {
 
     /// (link id, program id) of the pinned link.
     pub fn link_ids(&self) -> Option<(u32, u32)> {
-        let link = sys::bpf::obj_get(&self.dir.join(LINK)).ok()?;
-        sys::bpf::link_ids(&link).ok()
+        pinned_link_ids(&self.dir)
     }
+}
+
+/// (link id, program id) of the link pinned in `dir`.
+pub fn pinned_link_ids(dir: &Path) -> Option<(u32, u32)> {
+    let info = FdLink::from(PinnedLink::from_pin(dir.join(LINK)).ok()?).info().ok()?;
+    Some((info.id(), info.program_id()))
 }
 
 /// Whether the pinned link in `dir` is attached to a live namespace, and which: its netns inode,
