@@ -44,12 +44,8 @@ fn in_own_mount_ns() -> bool {
 /// what works.
 pub fn root() -> Result<PathBuf, Error> {
     let mut base = PathBuf::from(BPFFS);
-    if fs_type(&base) == Some(SYSFS_MAGIC) && in_own_mount_ns() {
-        let outer = ["1".to_string(), parent_pid().to_string()]
-            .into_iter()
-            .map(|pid| Path::new("/proc").join(pid).join("root").join(BPFFS.trim_start_matches('/')))
-            .find(|p| is_bpffs(p));
-        let Some(outer) = outer else {
+    if under_fresh_sysfs() {
+        let Some(outer) = outer_bpffs() else {
             return Err(Error::Usage(format!(
                 "cannot mount bpffs at {BPFFS}: this command runs in a mount namespace of its own with a fresh /sys \
                  (as under `ip netns exec`), where a bpffs would vanish when it exits, taking the pinned state along \
@@ -74,8 +70,31 @@ pub fn root() -> Result<PathBuf, Error> {
     Ok(dir)
 }
 
-/// An exclusive lock on a directory of pinned state, held until dropped, so two skrelay commands
-/// run at once cannot interleave their changes. The lock is flock(2) on the directory itself:
+/// The directory skrelay pins under, found as `root` finds it, if skrelay pinned anything there;
+/// `None` when there is no bpffs or no such directory. Mounts and creates nothing: for commands
+/// that only look.
+pub fn existing_root() -> Option<PathBuf> {
+    let base = if under_fresh_sysfs() { outer_bpffs()? } else { PathBuf::from(BPFFS) };
+    let dir = base.join("skrelay");
+    (is_bpffs(&base) && dir.is_dir()).then_some(dir)
+}
+
+/// /sys/fs/bpf is a bare sysfs directory of a mount namespace of our own (`ip netns exec`).
+fn under_fresh_sysfs() -> bool {
+    fs_type(Path::new(BPFFS)) == Some(SYSFS_MAGIC) && in_own_mount_ns()
+}
+
+/// The bpffs of PID 1's or else the parent process's mount namespace.
+fn outer_bpffs() -> Option<PathBuf> {
+    ["1".to_string(), parent_pid().to_string()]
+        .into_iter()
+        .map(|pid| Path::new("/proc").join(pid).join("root").join(BPFFS.trim_start_matches('/')))
+        .find(|p| is_bpffs(p))
+}
+
+/// A lock on a directory of pinned state, held until dropped: exclusive for commands that change
+/// the state, so two run at once cannot interleave their changes, shared for commands that only
+/// read it, so they never see a change half made. The lock is flock(2) on the directory itself:
 /// nothing is left behind when the state goes (a lock file in /run stayed for every network
 /// namespace ever used).
 pub struct StateLock {
@@ -93,22 +112,35 @@ impl StateLock {
         }
     }
 
-    /// Locks `dir` if it exists; None if it does not, or was removed (a reset) while we waited.
+    /// Locks `dir` exclusively if it exists; None if it does not, or was removed (a reset) while
+    /// we waited.
     pub fn acquire_existing(dir: &Path) -> Result<Option<StateLock>, Error> {
+        Self::lock(dir, false)
+    }
+
+    /// Locks `dir` shared (with other readers) if it exists; None as for `acquire_existing`.
+    pub fn acquire_shared(dir: &Path) -> Result<Option<StateLock>, Error> {
+        Self::lock(dir, true)
+    }
+
+    fn lock(dir: &Path, shared: bool) -> Result<Option<StateLock>, Error> {
         use std::os::unix::fs::MetadataExt;
         let file = match File::open(dir) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(format!("cannot open {}", dir.display()), e)),
         };
-        file.lock().map_err(|e| Error::io(format!("cannot lock {}", dir.display()), e))?;
+        if shared { file.lock_shared() } else { file.lock() }
+            .map_err(|e| Error::io(format!("cannot lock {}", dir.display()), e))?;
         // The holder before us may have removed the directory: then what we locked is gone.
         let locked = file.metadata().map_err(|e| Error::io(format!("cannot read {}", dir.display()), e))?;
         let same = std::fs::metadata(dir).is_ok_and(|now| (now.dev(), now.ino()) == (locked.dev(), locked.ino()));
         if !same {
             return Ok(None);
         }
-        remove_legacy_lock(dir);
+        if !shared {
+            remove_legacy_lock(dir);
+        }
         Ok(Some(StateLock { _dir: file }))
     }
 }
