@@ -570,14 +570,16 @@ fn spawn_in(cg: &Cgroup, program: &str, args: &[String]) -> Result<i32, Error> {
     })?;
     drop(procs);
     // Forward termination signals to the command and stay alive to clean up after it.
-    let pid = child.id() as i32;
+    let pid = rustix::process::Pid::from_child(&child);
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
         .map_err(|e| Error::io("cannot install signal handlers", e))?;
     let handle = signals.handle();
     let forwarder = std::thread::spawn(move || {
         for sig in signals.forever() {
-            // SAFETY: kill(2) takes integers only; `pid` is our child, not yet reaped.
-            unsafe { libc::kill(pid, sig) };
+            // `pid` is our child, not yet reaped (the signal thread ends before the wait returns).
+            if let Some(sig) = rustix::process::Signal::from_named_raw(sig) {
+                let _ = rustix::process::kill_process(pid, sig);
+            }
         }
     });
     let status = child.wait().map_err(|e| Error::io(format!("cannot wait for `{program}`"), e));

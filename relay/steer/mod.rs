@@ -97,6 +97,9 @@ pub fn add(args: &SteerAddArgs) -> Result<Added, Error> {
             }
         }
     }
+    // What cannot fit even empty maps is refused before any state is created; the plan against
+    // the bindings there are is checked again below, before any map is written.
+    plan(&Default::default(), &keys, &[], Limits::MAPS).map_err(|e| Error::Usage(e.to_string()))?;
     state::sweep_stale();
     let (mut st, upgraded) = State::open_or_create()?;
     let before = st.records();
