@@ -378,13 +378,6 @@ pub mod bpf {
         fd.as_fd().as_raw_fd() as u32
     }
 
-    /// A descriptor a successful command returned.
-    fn owned(fd: usize) -> OwnedFd {
-        // SAFETY: only called with what a bpf(2) command that creates a descriptor returned on
-        // success: a new descriptor that nothing else owns.
-        unsafe { OwnedFd::from_raw_fd(fd as RawFd) }
-    }
-
     /// Puts a socket into a SOCKMAP with 8-byte values at `index`.
     pub fn sockmap_set(map: impl AsFd, index: u32, socket: impl AsFd) -> io::Result<()> {
         let fd: u64 = u64::from(raw(&socket));
@@ -437,7 +430,8 @@ pub mod bpf {
         let mut attr = ObjGetAttr { pathname: c.as_ptr() as u64, ..Default::default() };
         // SAFETY: pathname points to `c`, a NUL-terminated string that outlives the call.
         let fd = unsafe { sys(BPF_OBJ_GET, &mut attr) }?;
-        Ok(owned(fd))
+        // SAFETY: BPF_OBJ_GET succeeded: `fd` is a new descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
     }
 
     /// Makes `link` run `new_prog` instead of `old_prog`, atomically: no lookup runs without a
@@ -470,7 +464,8 @@ pub mod bpf {
         let mut attr = IdAttr { id, ..Default::default() };
         // SAFETY: integers only, no pointers.
         let fd = unsafe { sys(BPF_LINK_GET_FD_BY_ID, &mut attr) }?;
-        Ok(owned(fd))
+        // SAFETY: the command succeeded: `fd` is a new descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
     }
 
     /// What a network namespace link (BPF_LINK_TYPE_NETNS) is attached to.

@@ -8,6 +8,10 @@
 //!
 //! The binding model (bindings.rs) is shared: longest prefix wins, then the narrowest port range.
 //! A binding whose target socket has closed refuses connections (fail closed).
+//!
+//! A change is planned first (plan.rs: precedence and capacity, pure), then written by
+//! `State::apply`; the pinned record is encoded and decoded by record.rs only. The functions here
+//! return values; command.rs renders them for `skrelay steer`, and main.rs prints.
 pub mod bindings;
 pub mod command;
 pub mod funnel;
