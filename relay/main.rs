@@ -1,25 +1,30 @@
-//! The `skrelay` binary: parses the command line and dispatches; all work is in the library.
+//! The `skrelay` binary: parses the command line, dispatches, and prints what the command
+//! returns; all work is in the library, which never prints or exits.
 use clap::Parser;
-use skrelay::cli::{Cli, Command, SteerCommand};
+use skrelay::cli::{AccelCommand, Cli, Command};
 
 fn main() {
     let cli = Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_target(false).init();
     let result = match cli.command {
-        Command::Relay(args) => skrelay::relay_cmd::run(args),
-        Command::Proxy(args) => skrelay::proxy_cmd::run(args),
+        Command::Relay(args) => skrelay::relay_cmd::run(args).map(|()| String::new()),
+        Command::Proxy(args) => skrelay::proxy_cmd::run(args).map(|()| String::new()),
+        // `accel run` ends with the exit status of the command it ran.
+        Command::Accel(AccelCommand::Run { cgroup, policy, command }) => {
+            skrelay::accel::run(cgroup.as_deref(), &policy, &command).map(|code| std::process::exit(code))
+        }
         Command::Accel(cmd) => skrelay::accel::command(cmd),
-        Command::Steer(SteerCommand::Add(args)) => skrelay::steer::add(args),
-        Command::Steer(SteerCommand::List(args)) => skrelay::steer::list(args),
-        Command::Steer(SteerCommand::Remove(args)) => skrelay::steer::remove(args),
-        Command::Steer(SteerCommand::Reset) => skrelay::steer::reset(),
+        Command::Steer(cmd) => skrelay::steer::command(cmd),
         Command::Status(args) => skrelay::status::run(args),
-        Command::Metrics(args) => skrelay::metrics::run(args),
+        Command::Metrics(args) => skrelay::metrics::run(args).map(|()| String::new()),
         Command::Probe => skrelay::datapath::kernel::KernelDatapath::load(0, Default::default())
-            .map(|_| println!("kernel datapath: ok")),
+            .map(|_| "kernel datapath: ok\n".to_string()),
     };
-    if let Err(e) = result {
-        eprintln!("skrelay: {e}");
-        std::process::exit(e.exit_code());
+    match result {
+        Ok(stdout) => print!("{stdout}"),
+        Err(e) => {
+            eprintln!("skrelay: {e}");
+            std::process::exit(e.exit_code());
+        }
     }
 }

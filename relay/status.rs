@@ -1,5 +1,7 @@
 //! `skrelay status`: one overview of everything skrelay has attached in this network namespace,
-//! as a list of sections, one per job that can leave things attached.
+//! as a list of sections, one per job that can leave things attached. Each job returns plain data
+//! (`steer::status`, `accel::reports`); this module renders it. Reads under shared locks and
+//! creates nothing.
 use crate::{accel, cli::StatusArgs, error::Error, steer};
 
 /// One job's part of the overview.
@@ -13,10 +15,17 @@ pub struct Section {
 
 /// Every section, in the order shown. Add a job's section here.
 pub fn sections() -> Result<Vec<Section>, Error> {
-    Ok(vec![steer::status_section()?, accel::status_section()?, crate::running::status_section()])
+    let steer = steer::status()?;
+    let accel = accel::reports()?;
+    Ok(vec![
+        Section { name: "steer", text: steer.text(), json: steer.json() },
+        Section { name: "accel", text: accel.text(), json: accel.json() },
+        crate::running::status_section(),
+    ])
 }
 
-pub fn run(args: StatusArgs) -> Result<(), Error> {
+/// The overview as text for stdout (JSON with `--json`).
+pub fn run(args: StatusArgs) -> Result<String, Error> {
     let sections = sections()?;
     if args.json {
         let mut obj = serde_json::Map::new();
@@ -24,11 +33,8 @@ pub fn run(args: StatusArgs) -> Result<(), Error> {
         for s in sections {
             obj.insert(s.name.into(), s.json);
         }
-        println!("{}", serde_json::to_string_pretty(&serde_json::Value::Object(obj)).expect("json"));
+        Ok(format!("{}\n", serde_json::to_string_pretty(&serde_json::Value::Object(obj)).expect("json")))
     } else {
-        for s in sections {
-            println!("{}", s.text);
-        }
+        Ok(sections.iter().map(|s| format!("{}\n", s.text)).collect())
     }
-    Ok(())
 }

@@ -1,6 +1,11 @@
-//! Raw syscalls the standard library does not wrap, each wrapped once: socket cookie, TCP_INFO
-//! counters, splice(2) and pipes, MSG_PEEK, abortive close, the fd limit, and the bpf(2)
-//! commands aya 0.14 does not expose.
+//! The socket and kernel calls skrelay makes, each wrapped once and taking `AsFd`.
+//!
+//! Most are thin adapters over maintained crates: socket2 (cookie, linger, SO_ERROR, socket
+//! kind, IPV6_V6ONLY, addresses), rustix (MSG_PEEK without blocking, SO_SNDBUFFORCE, splice(2)
+//! and pipe sizes, pidfds, rlimits, fstat). Raw here is only what none of them offers:
+//! - TCP_INFO's byte counters (no crate reads `struct tcp_info`; libc defines its layout),
+//! - SIOCGSKNS, a socket's network namespace (no crate names the ioctl),
+//! - the bpf(2) commands aya 0.14 does not expose (`bpf` below).
 //!
 //! Every constant, offset and `#[repr(C)]` struct written here by hand is compared with the
 //! kernel's uapi headers by the tests at the end (build.rs compiles a probe of the headers).
@@ -9,7 +14,7 @@
 //! sizes.
 use std::{
     io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
 };
 
 fn check(ret: libc::c_long) -> io::Result<usize> {
@@ -20,26 +25,13 @@ fn check(ret: libc::c_long) -> io::Result<usize> {
     }
 }
 
-/// SO_COOKIE (asm-generic/socket.h); not in the libc crate.
-const SO_COOKIE: libc::c_int = 57;
+fn sock<Fd: AsFd>(fd: &Fd) -> socket2::SockRef<'_> {
+    socket2::SockRef::from(fd)
+}
 
 /// The kernel's unique id of a socket (SO_COOKIE), the key of every skrelay socket map.
-pub fn socket_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: `cookie` and `len` are live locals; `len` is the size of `cookie`, so the kernel
-    // writes at most 8 bytes into it. A bad descriptor is an error return, not UB.
-    let ret = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_COOKIE,
-            &mut cookie as *mut u64 as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    check(ret as libc::c_long)?;
-    Ok(cookie)
+pub fn socket_cookie(fd: impl AsFd) -> io::Result<u64> {
+    sock(&fd).cookie()
 }
 
 /// The parts of `struct tcp_info` skrelay reads.
@@ -60,19 +52,22 @@ const TCP_CLOSE_WAIT: u8 = 8;
 const TCP_LAST_ACK: u8 = 9;
 const TCP_CLOSING: u8 = 11;
 
-/// Offsets in `struct tcp_info` (uapi linux/tcp.h), stable since Linux 4.1.
-const TCPI_STATE: usize = 0;
-const TCPI_BYTES_ACKED: usize = 120;
-const TCPI_BYTES_RECEIVED: usize = 128;
+/// Offsets in `struct tcp_info` (uapi linux/tcp.h), from libc's definition of it; stable since
+/// Linux 4.1 and checked against the headers by the tests below.
+const TCPI_STATE: usize = std::mem::offset_of!(libc::tcp_info, tcpi_state);
+const TCPI_BYTES_ACKED: usize = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked);
+const TCPI_BYTES_RECEIVED: usize = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received);
 
-pub fn tcp_counters(fd: &impl AsRawFd) -> io::Result<TcpCounters> {
-    let mut buf = [0u8; 256];
+/// The byte counters of a TCP socket (TCP_INFO).
+pub fn tcp_counters(fd: impl AsFd) -> io::Result<TcpCounters> {
+    let mut buf = [0u8; std::mem::size_of::<libc::tcp_info>()];
     let mut len = buf.len() as libc::socklen_t;
     // SAFETY: `buf` and `len` are live locals and `len` is `buf`'s size: the kernel copies at
-    // most that much of its `struct tcp_info` and reports how much in `len`.
+    // most that much of its `struct tcp_info` and reports how much in `len`. The descriptor is
+    // borrowed for the call; a bad one is an error return.
     let ret = unsafe {
         libc::getsockopt(
-            fd.as_raw_fd(),
+            fd.as_fd().as_raw_fd(),
             libc::IPPROTO_TCP,
             libc::TCP_INFO,
             buf.as_mut_ptr() as *mut libc::c_void,
@@ -83,7 +78,7 @@ pub fn tcp_counters(fd: &impl AsRawFd) -> io::Result<TcpCounters> {
     if (len as usize) < TCPI_BYTES_RECEIVED + 8 {
         return Err(io::Error::new(io::ErrorKind::Unsupported, "TCP_INFO lacks byte counters (kernel older than 4.1)"));
     }
-    let u64_at = |off: usize| u64::from_ne_bytes(buf[off..off + 8].try_into().unwrap());
+    let u64_at = |off: usize| u64::from_ne_bytes(buf[off..off + 8].try_into().expect("8 bytes"));
     Ok(TcpCounters {
         state: buf[TCPI_STATE],
         bytes_acked: u64_at(TCPI_BYTES_ACKED),
@@ -110,64 +105,26 @@ impl TcpCounters {
 }
 
 /// Reads up to `buf.len()` queued bytes without consuming them (never blocks).
-pub fn peek(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`, which we borrow mutably
-    // for the call.
-    let ret = unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr() as *mut libc::c_void,
-            buf.len(),
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    check(ret as libc::c_long)
+pub fn peek(fd: impl AsFd, buf: &mut [u8]) -> io::Result<usize> {
+    use rustix::net::RecvFlags;
+    // rustix returns (bytes copied into buf, what recv returned): without MSG_TRUNC, the same.
+    Ok(rustix::net::recv(fd, buf, RecvFlags::PEEK | RecvFlags::DONTWAIT)?.0)
 }
 
 /// Makes the next close of this socket send a RST instead of a FIN: also the close the kernel
 /// does when the process dies, so a reader never takes a cut stream for a whole one.
-pub fn reset_on_close(fd: &impl AsRawFd) {
-    set_linger(fd, 1);
+pub fn reset_on_close(fd: impl AsFd) {
+    let _ = sock(&fd).set_linger(Some(std::time::Duration::ZERO));
 }
 
 /// Undoes `reset_on_close`: the next close is an orderly one (FIN after every queued byte).
-pub fn close_gracefully(fd: &impl AsRawFd) {
-    set_linger(fd, 0);
-}
-
-fn set_linger(fd: &impl AsRawFd, on: libc::c_int) {
-    let linger = libc::linger { l_onoff: on, l_linger: 0 };
-    // SAFETY: the kernel reads `size_of::<linger>()` bytes from the live local `linger`.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &linger as *const libc::linger as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
+pub fn close_gracefully(fd: impl AsFd) {
+    let _ = sock(&fd).set_linger(None);
 }
 
 /// The pending error of a socket (SO_ERROR), which reading clears.
-pub fn take_socket_error(fd: &impl AsRawFd) -> Option<io::Error> {
-    let mut err: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `err` and `len` are live locals; `len` is the size of `err`.
-    let ret = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ERROR,
-            &mut err as *mut libc::c_int as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    if ret == 0 && err != 0 {
-        Some(io::Error::from_raw_os_error(err))
-    } else {
-        None
-    }
+pub fn take_socket_error(fd: impl AsFd) -> Option<io::Error> {
+    sock(&fd).take_error().ok().flatten()
 }
 
 /// A pipe for splice(2), both ends non-blocking.
@@ -179,63 +136,110 @@ pub struct Pipe {
 impl Pipe {
     /// A pipe of `size` bytes of capacity (or the system's default where that is refused).
     pub fn new(size: usize) -> io::Result<(Pipe, usize)> {
-        let mut fds = [0 as RawFd; 2];
-        // SAFETY: pipe2 writes exactly two descriptors into the live local array.
-        check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } as libc::c_long)?;
-        // SAFETY: pipe2 succeeded, so both descriptors are open and nothing else owns them.
-        let pipe = unsafe { Pipe { read: OwnedFd::from_raw_fd(fds[0]), write: OwnedFd::from_raw_fd(fds[1]) } };
-        let write = pipe.write.as_raw_fd();
-        // SAFETY: F_SETPIPE_SZ takes an int argument; `write` is open (owned by `pipe`).
-        let got = unsafe { libc::fcntl(write, libc::F_SETPIPE_SZ, size as libc::c_int) };
-        let capacity = if got > 0 {
-            got as usize
-        } else {
-            // SAFETY: F_GETPIPE_SZ takes no argument; `write` is open (owned by `pipe`).
-            unsafe { libc::fcntl(write, libc::F_GETPIPE_SZ) }.max(4096) as usize
+        use rustix::pipe::{fcntl_getpipe_size, fcntl_setpipe_size, pipe_with, PipeFlags};
+        let (read, write) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
+        let capacity = match fcntl_setpipe_size(&write, size) {
+            Ok(got) if got > 0 => got,
+            _ => fcntl_getpipe_size(&write).unwrap_or(0).max(4096),
         };
-        Ok((pipe, capacity))
+        Ok((Pipe { read, write }, capacity))
     }
 }
 
 /// Moves up to `len` bytes between a socket and a pipe without copying them to user space.
 /// `Ok(0)` means end of file on `from`.
-pub fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    // SAFETY: null offsets (the descriptors' own positions) and no user memory: the kernel moves
-    // pages between the two descriptors; a closed or wrong descriptor is an error return.
-    let ret = unsafe {
-        libc::splice(
-            from,
-            std::ptr::null_mut(),
-            to,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    check(ret as libc::c_long)
+pub fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
+    use rustix::pipe::SpliceFlags;
+    Ok(rustix::pipe::splice(from, None, to, None, len, SpliceFlags::MOVE | SpliceFlags::NONBLOCK)?)
 }
 
 /// Raises the soft limit on open files to the hard limit: every pair holds two sockets (and two
-/// pipes on the userspace datapath).
+/// pipes on the userspace datapath). Returns the soft limit now in force.
 pub fn raise_fd_limit() -> u64 {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: both calls take a pointer to the live local `lim`, of the type they expect.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current < lim.maximum
+        && setrlimit(Resource::Nofile, rustix::process::Rlimit { current: lim.maximum, ..lim }).is_ok()
+    {
+        lim.current = lim.maximum;
     }
-    lim.rlim_cur
+    // None is RLIM_INFINITY.
+    lim.current.unwrap_or(u64::MAX)
+}
+
+/// pidfd_open(2): a file descriptor for process `pid` (ESRCH: there is no such process).
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    let pid = rustix::process::Pid::from_raw(pid).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    Ok(rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())?)
+}
+
+/// pidfd_getfd(2): a duplicate of descriptor `target_fd` of the process behind `pidfd` (EPERM:
+/// the caller may not ptrace it; EBADF: it has no such descriptor).
+pub fn pidfd_getfd(pidfd: impl AsFd, target_fd: i32) -> io::Result<OwnedFd> {
+    Ok(rustix::process::pidfd_getfd(pidfd, target_fd, rustix::process::PidfdGetfdFlags::empty())?)
+}
+
+/// Sets a socket's send buffer to `bytes` (the kernel doubles it for overhead), past
+/// net.core.wmem_max with SO_SNDBUFFORCE when the process has CAP_NET_ADMIN, else as far as
+/// SO_SNDBUF allows.
+pub fn set_send_buffer(fd: impl AsFd, bytes: libc::c_int) -> io::Result<()> {
+    let size = usize::try_from(bytes).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    rustix::net::sockopt::set_socket_send_buffer_size_force(&fd, size).or_else(|_| sock(&fd).set_send_buffer_size(size))
+}
+
+/// What kind of socket a descriptor is: (SO_DOMAIN, SO_PROTOCOL, SO_ACCEPTCONN), or `None` when
+/// it is not a socket at all.
+pub fn socket_kind(fd: impl AsFd) -> io::Result<Option<(i32, i32, bool)>> {
+    let st = rustix::fs::fstat(&fd)?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Socket {
+        return Ok(None);
+    }
+    let s = sock(&fd);
+    let domain = libc::c_int::from(s.domain()?);
+    let proto = s.protocol()?.map_or(0, libc::c_int::from);
+    Ok(Some((domain, proto, s.is_listener()?)))
+}
+
+/// Whether a socket is restricted to IPv6 (IPV6_V6ONLY); false for IPv4 sockets.
+pub fn v6only(fd: impl AsFd) -> bool {
+    sock(&fd).only_v6().unwrap_or(false)
+}
+
+/// A socket's local or peer address (`peer`), `None` if it has none (e.g. an unconnected UDP
+/// socket has no peer).
+pub fn socket_addr(fd: impl AsFd, peer: bool) -> Option<std::net::SocketAddr> {
+    let s = sock(&fd);
+    let addr = if peer { s.peer_addr() } else { s.local_addr() };
+    addr.ok().and_then(|a| a.as_socket())
+}
+
+/// The inode of the network namespace a socket belongs to (ioctl SIOCGSKNS).
+pub fn socket_netns_inode(fd: impl AsFd) -> io::Result<u64> {
+    // SAFETY: SIOCGSKNS takes no argument and returns a new descriptor (or fails); the socket's
+    // descriptor is borrowed for the call.
+    let ns = check(unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), SIOCGSKNS as _) } as libc::c_long)?;
+    // SAFETY: the ioctl succeeded: `ns` is a new descriptor that nothing else owns.
+    let ns = unsafe { OwnedFd::from_raw_fd(ns as std::os::fd::RawFd) };
+    Ok(rustix::fs::fstat(&ns)?.st_ino)
+}
+
+/// SIOCGSKNS (uapi linux/sockios.h): a descriptor of a socket's network namespace.
+const SIOCGSKNS: libc::c_ulong = 0x894C;
+
+/// The inode of the calling thread's network namespace, the name of its pinned state.
+pub fn own_netns_inode() -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata("/proc/thread-self/ns/net")?.ino())
 }
 
 /// BPF_PROG_QUERY: the ids of the programs attached to `target` for `attach_type`; with
-/// `effective`, those that run there, inherited from ancestors included.
-pub fn bpf_prog_query(target: &impl AsRawFd, attach_type: u32, effective: bool) -> io::Result<Vec<u32>> {
+/// `effective`, those that run there, inherited from ancestors included (aya 0.14 queries only
+/// some program types, and never with BPF_F_QUERY_EFFECTIVE).
+pub fn bpf_prog_query(target: impl AsFd, attach_type: u32, effective: bool) -> io::Result<Vec<u32>> {
     let mut ids = vec![0u32; 64];
     loop {
         let mut attr = bpf::QueryAttr {
-            target_fd: target.as_raw_fd() as u32,
+            target_fd: target.as_fd().as_raw_fd() as u32,
             attach_type,
             query_flags: if effective { bpf::BPF_F_QUERY_EFFECTIVE } else { 0 },
             prog_ids: ids.as_mut_ptr() as u64,
@@ -257,109 +261,12 @@ pub fn bpf_prog_query(target: &impl AsRawFd, attach_type: u32, effective: bool) 
     }
 }
 
-/// pidfd_open(2): a file descriptor for process `pid` (ESRCH: there is no such process).
-pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
-    // SAFETY: integer arguments only.
-    let fd = check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })?;
-    // SAFETY: pidfd_open succeeded: `fd` is a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
-/// pidfd_getfd(2): a duplicate of descriptor `target_fd` of the process behind `pidfd` (EPERM:
-/// the caller may not ptrace it; EBADF: it has no such descriptor).
-pub fn pidfd_getfd(pidfd: &impl AsRawFd, target_fd: i32) -> io::Result<OwnedFd> {
-    // SAFETY: integer arguments only.
-    let fd = check(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target_fd, 0) })?;
-    // SAFETY: pidfd_getfd succeeded: `fd` is a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
-fn sockopt_int(fd: &impl AsRawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `v` and `len` are live locals; `len` is the size of `v`.
-    let ret = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, &mut v as *mut _ as *mut libc::c_void, &mut len) };
-    check(ret as libc::c_long)?;
-    Ok(v)
-}
-
-/// Sets a socket's send buffer to `bytes` (the kernel doubles it for overhead), past
-/// net.core.wmem_max with SO_SNDBUFFORCE when the process has CAP_NET_ADMIN, else as far as
-/// SO_SNDBUF allows.
-pub fn set_send_buffer(fd: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
-    let set = |name| {
-        // SAFETY: the kernel reads one c_int from `bytes`, which outlives the call.
-        let ret = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                name,
-                &bytes as *const _ as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        check(ret as libc::c_long).map(|_| ())
-    };
-    set(libc::SO_SNDBUFFORCE).or_else(|_| set(libc::SO_SNDBUF))
-}
-
-/// What kind of socket a descriptor is: (SO_DOMAIN, SO_PROTOCOL, SO_ACCEPTCONN), or `None` when
-/// it is not a socket at all.
-pub fn socket_kind(fd: &impl AsRawFd) -> io::Result<Option<(i32, i32, bool)>> {
-    let st = fstat(fd.as_raw_fd())?;
-    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
-        return Ok(None);
-    }
-    let domain = sockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)?;
-    let proto = sockopt_int(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL)?;
-    let listening = sockopt_int(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? != 0;
-    Ok(Some((domain, proto, listening)))
-}
-
-/// Whether a socket is restricted to IPv6 (IPV6_V6ONLY); false for IPv4 sockets.
-pub fn v6only(fd: &impl AsRawFd) -> bool {
-    sockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY).is_ok_and(|v| v != 0)
-}
-
-/// A socket's local or peer address (`peer`), `None` if it has none (e.g. an unconnected UDP
-/// socket has no peer).
-pub fn socket_addr(fd: &impl AsRawFd, peer: bool) -> Option<std::net::SocketAddr> {
-    // SAFETY: `fd` is borrowed from the caller's open descriptor for the length of this call,
-    // and `borrowed` does not outlive it.
-    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd.as_raw_fd()) };
-    let sock = socket2::SockRef::from(&borrowed);
-    let addr = if peer { sock.peer_addr() } else { sock.local_addr() };
-    addr.ok().and_then(|a| a.as_socket())
-}
-
-/// The inode of the network namespace a socket belongs to (ioctl SIOCGSKNS).
-pub fn socket_netns_inode(fd: &impl AsRawFd) -> io::Result<u64> {
-    // SAFETY: SIOCGSKNS takes no argument and returns a new descriptor (or fails).
-    let ns = check(unsafe { libc::ioctl(fd.as_raw_fd(), SIOCGSKNS as _) } as libc::c_long)?;
-    // SAFETY: the ioctl succeeded: `ns` is a new descriptor that nothing else owns.
-    let ns = unsafe { OwnedFd::from_raw_fd(ns as RawFd) };
-    Ok(fstat(ns.as_raw_fd())?.st_ino)
-}
-
-/// SIOCGSKNS (uapi linux/sockios.h): a descriptor of a socket's network namespace.
-const SIOCGSKNS: libc::c_ulong = 0x894C;
-
-fn fstat(fd: RawFd) -> io::Result<libc::stat> {
-    // SAFETY: `libc::stat` is plain old data, for which all-zero bytes are a valid value.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstat writes one `struct stat` into the live local `st`.
-    check(unsafe { libc::fstat(fd, &mut st) } as libc::c_long)?;
-    Ok(st)
-}
-
-/// The inode of the calling thread's network namespace, the name of its pinned state.
-pub fn own_netns_inode() -> io::Result<u64> {
-    use std::os::unix::fs::MetadataExt;
-    Ok(std::fs::metadata("/proc/thread-self/ns/net")?.ino())
-}
-
-/// The raw bpf(2) commands aya 0.14 does not expose for what steer needs: SOCKMAP entries with
-/// 8-byte values (aya insists on 4), BPF_LINK_UPDATE and the ids behind a pinned link.
+/// The raw bpf(2) commands aya 0.14 does not expose for what steer needs:
+/// - SOCKMAP entries with 8-byte values (aya's `SockMap` insists on 4-byte ones),
+/// - BPF_LINK_UPDATE, and BPF_OBJ_GET for the descriptor it takes (aya's `PinnedLink` and
+///   `FdLink` lend none),
+/// - the network namespace side of a link (aya's `LinkInfo` reads only ids and type), and the
+///   link ids and descriptors to ask it of (aya's `loaded_links` gives infos, no descriptors).
 ///
 /// Each command's part of `union bpf_attr` is a `#[repr(C)]` struct below; the layout tests
 /// check every field's offset against the kernel headers.
@@ -367,7 +274,7 @@ pub mod bpf {
     use super::check;
     use std::{
         io,
-        os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+        os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
         path::Path,
     };
 
@@ -375,17 +282,22 @@ pub mod bpf {
     pub(super) const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
     pub(super) const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
     pub(super) const BPF_OBJ_GET: libc::c_long = 7;
-    pub(super) const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
     pub(super) const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
     pub(super) const BPF_PROG_QUERY: libc::c_long = 16;
     pub(super) const BPF_LINK_UPDATE: libc::c_long = 29;
+    pub(super) const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+    pub(super) const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
     /// BPF_F_REPLACE: update a link only if it still runs `old_prog_fd`.
     pub(super) const BPF_F_REPLACE: u32 = 4;
     /// BPF_F_QUERY_EFFECTIVE: also the programs inherited from ancestor cgroups.
     pub(super) const BPF_F_QUERY_EFFECTIVE: u32 = 1;
-    /// Offsets of `id` and `prog_id` in `struct bpf_link_info`, counted in u32 words.
+    /// Offsets in `struct bpf_link_info`, counted in u32 words: type, id, prog_id, then the
+    /// (8-aligned) union whose `netns` member is { netns_ino, attach_type }.
+    pub(super) const LINK_INFO_TYPE: usize = 0;
     pub(super) const LINK_INFO_ID: usize = 1;
     pub(super) const LINK_INFO_PROG_ID: usize = 2;
+    pub(super) const LINK_INFO_NETNS_INO: usize = 4;
+    pub(super) const LINK_INFO_NETNS_ATTACH_TYPE: usize = 5;
 
     /// BPF_MAP_*_ELEM.
     #[repr(C)]
@@ -426,11 +338,12 @@ pub mod bpf {
         pub old_prog_fd: u32,
     }
 
-    /// BPF_PROG_GET_FD_BY_ID (`prog_id`, `next_id`, `open_flags`).
+    /// BPF_LINK_GET_NEXT_ID and BPF_LINK_GET_FD_BY_ID (`start_id`/`link_id`, `next_id`,
+    /// `open_flags`).
     #[repr(C)]
     #[derive(Default)]
-    pub(super) struct GetFdByIdAttr {
-        pub prog_id: u32,
+    pub(super) struct IdAttr {
+        pub id: u32,
         pub next_id: u32,
         pub open_flags: u32,
     }
@@ -461,11 +374,15 @@ pub mod bpf {
         check(unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut A, size) })
     }
 
+    fn raw(fd: &impl AsFd) -> u32 {
+        fd.as_fd().as_raw_fd() as u32
+    }
+
     /// Puts a socket into a SOCKMAP with 8-byte values at `index`.
-    pub fn sockmap_set(map: &impl AsRawFd, index: u32, socket: &impl AsRawFd) -> io::Result<()> {
-        let fd: u64 = socket.as_raw_fd() as u64;
+    pub fn sockmap_set(map: impl AsFd, index: u32, socket: impl AsFd) -> io::Result<()> {
+        let fd: u64 = u64::from(raw(&socket));
         let mut attr = MapElemAttr {
-            map_fd: map.as_raw_fd() as u32,
+            map_fd: raw(&map),
             key: &index as *const u32 as u64,
             value: &fd as *const u64 as u64,
             ..Default::default()
@@ -478,10 +395,10 @@ pub mod bpf {
 
     /// The cookie of the socket at `index` of a SOCKMAP with 8-byte values; `None` when the slot
     /// is empty (never set, cleared, or its socket closed).
-    pub fn sockmap_cookie(map: &impl AsRawFd, index: u32) -> io::Result<Option<u64>> {
+    pub fn sockmap_cookie(map: impl AsFd, index: u32) -> io::Result<Option<u64>> {
         let mut cookie: u64 = 0;
         let mut attr = MapElemAttr {
-            map_fd: map.as_raw_fd() as u32,
+            map_fd: raw(&map),
             key: &index as *const u32 as u64,
             value: &mut cookie as *mut u64 as u64,
             ..Default::default()
@@ -497,9 +414,8 @@ pub mod bpf {
 
     /// Empties slot `index` of a SOCKMAP (an empty slot, for which the kernel says EINVAL, is not
     /// an error).
-    pub fn sockmap_clear(map: &impl AsRawFd, index: u32) -> io::Result<()> {
-        let mut attr =
-            MapElemAttr { map_fd: map.as_raw_fd() as u32, key: &index as *const u32 as u64, ..Default::default() };
+    pub fn sockmap_clear(map: impl AsFd, index: u32) -> io::Result<()> {
+        let mut attr = MapElemAttr { map_fd: raw(&map), key: &index as *const u32 as u64, ..Default::default() };
         // SAFETY: key points to the live local `index` (4 bytes); the kernel only reads it.
         match unsafe { sys(BPF_MAP_DELETE_ELEM, &mut attr) } {
             Err(e) if !matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::EINVAL)) => Err(e),
@@ -518,56 +434,24 @@ pub mod bpf {
         Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
     }
 
-    /// (link id, id of the program it runs) of a link.
-    pub fn link_ids(link: &impl AsRawFd) -> io::Result<(u32, u32)> {
-        // struct bpf_link_info starts with type, id, prog_id; the kernel fills what fits.
-        let mut info = [0u32; 16];
-        let mut attr = InfoAttr {
-            bpf_fd: link.as_raw_fd() as u32,
-            info_len: std::mem::size_of_val(&info) as u32,
-            info: info.as_mut_ptr() as u64,
-        };
-        // SAFETY: info points to the live local `info` and info_len is its size: the kernel
-        // writes at most that many bytes of `struct bpf_link_info`.
-        unsafe { sys(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
-        Ok((info[LINK_INFO_ID], info[LINK_INFO_PROG_ID]))
-    }
-
     /// Makes `link` run `new_prog` instead of `old_prog`, atomically: no lookup runs without a
     /// program in between. Fails (EPERM) if the link no longer runs `old_prog`.
-    pub fn link_update(link: &impl AsRawFd, new_prog: &impl AsRawFd, old_prog: &impl AsRawFd) -> io::Result<()> {
+    pub fn link_update(link: impl AsFd, new_prog: impl AsFd, old_prog: impl AsFd) -> io::Result<()> {
         let mut attr = LinkUpdateAttr {
-            link_fd: link.as_raw_fd() as u32,
-            new_prog_fd: new_prog.as_raw_fd() as u32,
+            link_fd: raw(&link),
+            new_prog_fd: raw(&new_prog),
             flags: BPF_F_REPLACE,
-            old_prog_fd: old_prog.as_raw_fd() as u32,
+            old_prog_fd: raw(&old_prog),
         };
         // SAFETY: descriptors and flags only, no pointers.
         unsafe { sys(BPF_LINK_UPDATE, &mut attr) }?;
         Ok(())
     }
 
-    /// A file descriptor for the program with id `id` (BPF_PROG_GET_FD_BY_ID).
-    pub fn prog_fd_by_id(id: u32) -> io::Result<OwnedFd> {
-        let mut attr = GetFdByIdAttr { prog_id: id, ..Default::default() };
-        // SAFETY: integers only, no pointers.
-        let fd = unsafe { sys(BPF_PROG_GET_FD_BY_ID, &mut attr) }?;
-        // SAFETY: the command succeeded: `fd` is a new descriptor that nothing else owns.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-    }
-
-    #[repr(C)]
-    struct IdAttr {
-        id: u32,
-        next_id: u32,
-        open_flags: u32,
-    }
-
     /// The id of the next BPF link after `start` (BPF_LINK_GET_NEXT_ID); None after the last.
     pub fn link_next_id(start: u32) -> io::Result<Option<u32>> {
-        const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
-        let mut attr = IdAttr { id: start, next_id: 0, open_flags: 0 };
-        // SAFETY: `IdAttr` is the `bpf_attr` layout for this command: integers only, no pointers.
+        let mut attr = IdAttr { id: start, ..Default::default() };
+        // SAFETY: integers only, no pointers.
         match unsafe { sys(BPF_LINK_GET_NEXT_ID, &mut attr) } {
             Ok(_) => Ok(Some(attr.next_id)),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
@@ -577,9 +461,8 @@ pub mod bpf {
 
     /// A file descriptor for the link with id `id` (BPF_LINK_GET_FD_BY_ID).
     pub fn link_fd_by_id(id: u32) -> io::Result<OwnedFd> {
-        const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
-        let mut attr = IdAttr { id, next_id: 0, open_flags: 0 };
-        // SAFETY: `IdAttr` is the `bpf_attr` layout for this command: integers only, no pointers.
+        let mut attr = IdAttr { id, ..Default::default() };
+        // SAFETY: integers only, no pointers.
         let fd = unsafe { sys(BPF_LINK_GET_FD_BY_ID, &mut attr) }?;
         // SAFETY: the command succeeded: `fd` is a new descriptor that nothing else owns.
         Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
@@ -598,50 +481,44 @@ pub mod bpf {
     /// BPF_LINK_TYPE_NETNS and BPF_SK_LOOKUP (uapi linux/bpf.h).
     pub const LINK_TYPE_NETNS: u32 = 5;
     pub const ATTACH_SK_LOOKUP: u32 = 36;
+    /// BPF_CGROUP_SOCK_OPS (uapi linux/bpf.h `enum bpf_attach_type`).
+    pub const ATTACH_CGROUP_SOCK_OPS: u32 = 3;
 
     /// The namespace side of a link, None if it is not a netns link.
-    pub fn netns_link(link: &impl AsRawFd) -> io::Result<Option<NetnsLink>> {
-        // struct bpf_link_info: type, id, prog_id, then (8-aligned) netns { netns_ino, attach_type }.
+    pub fn netns_link(link: impl AsFd) -> io::Result<Option<NetnsLink>> {
         let mut info = [0u32; 16];
-        #[repr(C)]
-        struct Attr {
-            bpf_fd: u32,
-            info_len: u32,
-            info: u64,
-        }
-        let mut attr = Attr {
-            bpf_fd: link.as_raw_fd() as u32,
+        let mut attr = InfoAttr {
+            bpf_fd: raw(&link),
             info_len: std::mem::size_of_val(&info) as u32,
             info: info.as_mut_ptr() as u64,
         };
-        // SAFETY: `Attr` is the `info` member of `bpf_attr`; `info` points to the live local array
-        // of `info_len` bytes, which the kernel fills.
+        // SAFETY: info points to the live local `info` and info_len is its size: the kernel
+        // writes at most that many bytes of `struct bpf_link_info`.
         unsafe { sys(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
-        Ok((info[0] == LINK_TYPE_NETNS).then_some(NetnsLink {
-            id: info[1],
-            prog_id: info[2],
-            netns_ino: info[4],
-            attach_type: info[5],
+        Ok((info[LINK_INFO_TYPE] == LINK_TYPE_NETNS).then_some(NetnsLink {
+            id: info[LINK_INFO_ID],
+            prog_id: info[LINK_INFO_PROG_ID],
+            netns_ino: info[LINK_INFO_NETNS_INO],
+            attach_type: info[LINK_INFO_NETNS_ATTACH_TYPE],
         }))
     }
 }
 
 /// Bytes in a TCP socket's send queue not yet acknowledged by its peer (SIOCOUTQ), sent or not.
-pub fn send_queue_len(fd: &impl AsRawFd) -> io::Result<u64> {
+pub fn send_queue_len(fd: impl AsFd) -> io::Result<u64> {
     let mut n: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int through the pointer, which is valid for it.
-    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut n as *mut libc::c_int) };
-    check(ret as libc::c_long)?;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int through the pointer, which is valid for it; the
+    // descriptor is borrowed for the call.
+    let ret = unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), libc::TIOCOUTQ, &mut n as *mut libc::c_int) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
     Ok(n.max(0) as u64)
 }
 
-/// Bytes readable now (FIONREAD).
-pub fn readable_len(fd: &impl AsRawFd) -> io::Result<u64> {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int through the pointer, which is valid for it.
-    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n as *mut libc::c_int) };
-    check(ret as libc::c_long)?;
-    Ok(n.max(0) as u64)
+/// Bytes readable now (FIONREAD; on a socket in a socket map, the bytes in its psock queue).
+pub fn readable_len(fd: impl AsFd) -> io::Result<u64> {
+    Ok(rustix::io::ioctl_fionread(fd)?)
 }
 
 #[cfg(test)]
@@ -663,16 +540,20 @@ mod tests {
             (BPF_MAP_UPDATE_ELEM, k::BPF_MAP_UPDATE_ELEM),
             (BPF_MAP_DELETE_ELEM, k::BPF_MAP_DELETE_ELEM),
             (BPF_OBJ_GET, k::BPF_OBJ_GET),
-            (BPF_PROG_GET_FD_BY_ID, k::BPF_PROG_GET_FD_BY_ID),
             (BPF_OBJ_GET_INFO_BY_FD, k::BPF_OBJ_GET_INFO_BY_FD),
             (BPF_PROG_QUERY, k::BPF_PROG_QUERY),
             (BPF_LINK_UPDATE, k::BPF_LINK_UPDATE),
+            (BPF_LINK_GET_FD_BY_ID, k::BPF_LINK_GET_FD_BY_ID),
+            (BPF_LINK_GET_NEXT_ID, k::BPF_LINK_GET_NEXT_ID),
         ];
         for (ours, header) in cmds {
             assert_eq!(ours as u64, header);
         }
         assert_eq!(u64::from(BPF_F_REPLACE), k::BPF_F_REPLACE);
         assert_eq!(u64::from(BPF_F_QUERY_EFFECTIVE), k::BPF_F_QUERY_EFFECTIVE);
+        assert_eq!(u64::from(LINK_TYPE_NETNS), k::BPF_LINK_TYPE_NETNS);
+        assert_eq!(u64::from(ATTACH_SK_LOOKUP), k::BPF_SK_LOOKUP);
+        assert_eq!(u64::from(ATTACH_CGROUP_SOCK_OPS), k::BPF_CGROUP_SOCK_OPS);
     }
 
     #[test]
@@ -691,17 +572,21 @@ mod tests {
         assert_eq!(offset_of!(LinkUpdateAttr, new_prog_fd), k::ATTR_link_update_new_prog_fd);
         assert_eq!(offset_of!(LinkUpdateAttr, flags), k::ATTR_link_update_flags);
         assert_eq!(offset_of!(LinkUpdateAttr, old_prog_fd), k::ATTR_link_update_old_prog_fd);
-        assert_eq!(offset_of!(GetFdByIdAttr, prog_id), k::ATTR_prog_id);
-        assert_eq!(offset_of!(GetFdByIdAttr, next_id), k::ATTR_next_id);
-        assert_eq!(offset_of!(GetFdByIdAttr, open_flags), k::ATTR_open_flags);
+        assert_eq!(offset_of!(IdAttr, id), k::ATTR_start_id);
+        assert_eq!(offset_of!(IdAttr, id), k::ATTR_link_id);
+        assert_eq!(offset_of!(IdAttr, next_id), k::ATTR_next_id);
+        assert_eq!(offset_of!(IdAttr, open_flags), k::ATTR_open_flags);
         assert_eq!(offset_of!(QueryAttr, target_fd), k::ATTR_query_target_fd);
         assert_eq!(offset_of!(QueryAttr, attach_type), k::ATTR_query_attach_type);
         assert_eq!(offset_of!(QueryAttr, query_flags), k::ATTR_query_query_flags);
         assert_eq!(offset_of!(QueryAttr, attach_flags), k::ATTR_query_attach_flags);
         assert_eq!(offset_of!(QueryAttr, prog_ids), k::ATTR_query_prog_ids);
         assert_eq!(offset_of!(QueryAttr, prog_cnt), k::ATTR_query_prog_cnt);
+        assert_eq!(LINK_INFO_TYPE * 4, k::bpf_link_info__type);
         assert_eq!(LINK_INFO_ID * 4, k::bpf_link_info__id);
         assert_eq!(LINK_INFO_PROG_ID * 4, k::bpf_link_info__prog_id);
+        assert_eq!(LINK_INFO_NETNS_INO * 4, k::bpf_link_info__netns_netns_ino);
+        assert_eq!(LINK_INFO_NETNS_ATTACH_TYPE * 4, k::bpf_link_info__netns_attach_type);
     }
 
     #[test]
@@ -723,7 +608,6 @@ mod tests {
 
     #[test]
     fn socket_constants_match_the_headers() {
-        assert_eq!(SO_COOKIE as u64, k::SO_COOKIE);
         #[allow(clippy::unnecessary_cast)] // c_ulong is u32 on 32-bit targets
         let siocgskns = SIOCGSKNS as u64;
         assert_eq!(siocgskns, k::SIOCGSKNS);
@@ -739,6 +623,7 @@ mod tests {
         c.write_all(b"hello").unwrap();
         let mut buf = [0u8; 5];
         s.read_exact(&mut buf).unwrap();
+        assert_eq!(peek(&s, &mut buf).map_err(|e| e.kind()), Err(io::ErrorKind::WouldBlock), "peek never blocks");
         c.shutdown(std::net::Shutdown::Write).unwrap();
         assert_eq!(s.read(&mut buf).unwrap(), 0);
         let (sc, cc) = (tcp_counters(&s).unwrap(), tcp_counters(&c).unwrap());
@@ -749,5 +634,34 @@ mod tests {
         // The SYN and 5 bytes, and the FIN once its ACK is back.
         assert!(matches!(cc.bytes_acked, 6 | 7), "client acked {}", cc.bytes_acked);
         assert_ne!(socket_cookie(&s).unwrap(), socket_cookie(&c).unwrap());
+    }
+
+    #[test]
+    fn sockets_are_told_apart_by_kind() {
+        let l = std::net::TcpListener::bind("[::1]:0").unwrap();
+        assert_eq!(socket_kind(&l).unwrap(), Some((libc::AF_INET6, libc::IPPROTO_TCP, true)));
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert_eq!(socket_kind(&u).unwrap(), Some((libc::AF_INET, libc::IPPROTO_UDP, false)));
+        assert!(!v6only(&u));
+        assert_eq!(socket_addr(&u, false), Some(u.local_addr().unwrap()));
+        assert_eq!(socket_addr(&u, true), None);
+        let f = std::fs::File::open("/proc/self/stat").unwrap();
+        assert_eq!(socket_kind(&f).unwrap(), None);
+        assert_eq!(socket_netns_inode(&u).unwrap(), own_netns_inode().unwrap());
+    }
+
+    #[test]
+    fn pipes_splice_between_descriptors() {
+        let (pipe, capacity) = Pipe::new(1 << 16).unwrap();
+        assert!(capacity >= 4096);
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        std::io::Write::write_all(&mut a, b"abc").unwrap();
+        assert_eq!(splice(&b, &pipe.write, 16).unwrap(), 3);
+        let (c, mut d) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert_eq!(splice(&pipe.read, &c, 3).unwrap(), 3);
+        let mut got = [0u8; 3];
+        std::io::Read::read_exact(&mut d, &mut got).unwrap();
+        assert_eq!(&got, b"abc");
+        assert!(raise_fd_limit() > 0);
     }
 }

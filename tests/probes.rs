@@ -129,7 +129,7 @@ impl Steer {
 
     /// Binding `id` sends (proto, prefix, port) to `target`.
     fn bind(&mut self, id: u32, proto: u8, prefix: &str, port: u16, target: &impl AsFd) {
-        sys::bpf::sockmap_set(&self.targets.fd().as_fd(), id, &target.as_fd().as_raw_fd()).expect("set the target");
+        sys::bpf::sockmap_set(self.targets.fd(), id, target).expect("set the target");
         self.ports.insert(&steer_key(proto, prefix, port), id, 0).expect("fill the trie");
     }
 
@@ -174,7 +174,7 @@ fn steer_lookup_chooses_by_proto_family_port_and_longest_prefix() {
     steer.bind(5, TCP, "0.0.0.0/0", 7005, &connected);
     drop(gone); // the kernel takes a closed socket out of the SOCKMAP
 
-    let cookie = |s: &dyn AsRawFd| sys::socket_cookie(&s.as_raw_fd()).unwrap();
+    let cookie = |s: &dyn AsFd| sys::socket_cookie(s.as_fd()).unwrap();
     let (any4_c, lo8_c, any6_c, udp_c) = (cookie(&any4), cookie(&lo8), cookie(&any6), cookie(&udp));
     let cases: [LookupCase; 10] = [
         ("the /8 beats the /0 for 127.0.0.1", TCP, "127.0.0.1:7001", SK_PASS, lo8_c, Some((1, 1, 0))),

@@ -155,3 +155,37 @@ fn accel_state_of_another_version_is_reported_and_accel_off_removes_it() {
     assert_eq!(st["accel"]["unreadable"], serde_json::json!([]), "{st}");
     let _ = std::fs::remove_dir(cgroup_v2_mount().join(&rel));
 }
+
+#[test]
+fn read_only_commands_answer_on_a_bare_bpffs_and_leave_nothing_behind() {
+    // A private mount namespace whose /sys/fs/bpf is an empty tmpfs: skrelay could mount bpffs
+    // over it (CAP_SYS_ADMIN is kept), but commands that only look must not mount, create or lock
+    // anything there: they answer that nothing is attached and leave the directory as it was.
+    let _netns = enter_netns();
+    let commands =
+        ["steer list", "steer list --json", "status", "status --json", "accel status", "accel status --json"];
+    let script = format!(
+        "mount -t tmpfs none /sys/fs/bpf || exit 9; for c in {}; do {SKRELAY} $c || exit 10; echo ===; done; \
+         echo FSTYPE=$(stat -f -c %T /sys/fs/bpf) ENTRIES=$(ls -A /sys/fs/bpf | wc -l)",
+        commands.iter().map(|c| format!("'{c}'")).collect::<Vec<_>>().join(" ")
+    );
+    let out = std::process::Command::new("unshare").args(["-m", "sh", "-c", &script]).output().expect("unshare");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let answers: Vec<&str> = stdout.split("===\n").collect();
+    assert_eq!(answers.len(), commands.len() + 1, "{stdout}");
+    assert_eq!(answers[0].trim(), "no steering bindings in this network namespace");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(answers[1]).unwrap(), serde_json::json!([]));
+    assert!(
+        answers[2].contains("steer: nothing attached") && answers[2].contains("accel: no cgroup"),
+        "{}",
+        answers[2]
+    );
+    let status: serde_json::Value = serde_json::from_str(answers[3]).unwrap();
+    assert_eq!(status["steer"]["attached"], false);
+    assert_eq!(status["accel"]["cgroups"], serde_json::json!([]));
+    assert_eq!(answers[4].trim(), "accel: no cgroup is accelerated");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(answers[5]).unwrap()["cgroups"], serde_json::json!([]));
+    assert_eq!(answers[6].trim(), "FSTYPE=tmpfs ENTRIES=0", "a read-only command mounted or created something");
+    assert!(stderr.is_empty(), "{stderr}");
+}

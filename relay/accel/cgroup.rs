@@ -295,11 +295,7 @@ impl Cgroup {
     }
 
     pub fn clear_owner(&self) {
-        if let Ok(c) = std::ffi::CString::new(self.path().as_os_str().as_encoded_bytes()) {
-            let name = std::ffi::CString::new(OWNER_XATTR).expect("no NUL");
-            // SAFETY: both are NUL-terminated strings that live across the call.
-            unsafe { libc::removexattr(c.as_ptr(), name.as_ptr()) };
-        }
+        let _ = rustix::fs::removexattr(self.path(), OWNER_XATTR);
     }
 
     /// Whether any process is in this cgroup or below (cgroup.events).
@@ -319,27 +315,14 @@ impl Cgroup {
 }
 
 fn xattr_set(path: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
-    let n = std::ffi::CString::new(name)?;
-    // SAFETY: NUL-terminated path and name; the kernel reads `value.len()` bytes of `value`.
-    let r = unsafe { libc::setxattr(c.as_ptr(), n.as_ptr(), value.as_ptr() as *const libc::c_void, value.len(), 0) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    Ok(rustix::fs::setxattr(path, name, value, rustix::fs::XattrFlags::empty())?)
 }
 
 fn xattr_get(path: &Path, name: &str) -> Option<Vec<u8>> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
-    let n = std::ffi::CString::new(name).ok()?;
     let mut buf = vec![0u8; 256];
-    // SAFETY: NUL-terminated path and name; the kernel writes at most `buf.len()` bytes to `buf`.
-    let r = unsafe { libc::getxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
-    (r >= 0).then(|| {
-        buf.truncate(r as usize);
-        buf
-    })
+    let n = rustix::fs::getxattr(path, name, &mut buf[..]).ok()?;
+    buf.truncate(n);
+    Some(buf)
 }
 
 /// Removes directories `create` made, deepest first; ignores failures (best-effort clean-up).

@@ -31,8 +31,7 @@ pub const SMALL_STREAK: u32 = 16;
 /// The smallest `--max-queued`: below one large write, every bulk connection would be demoted.
 pub const MIN_MAX_QUEUED: u32 = 256 << 10;
 
-/// BPF_CGROUP_SOCK_OPS (uapi linux/bpf.h `enum bpf_attach_type`).
-const BPF_CGROUP_SOCK_OPS: u32 = 3;
+use sys::bpf::ATTACH_CGROUP_SOCK_OPS as BPF_CGROUP_SOCK_OPS;
 
 /// The directory holding one pin directory per accelerated cgroup.
 fn accel_root() -> Result<PathBuf, Error> {
@@ -171,22 +170,32 @@ impl AccelReport {
     }
 }
 
-/// accel's part of `skrelay status`: every accelerated cgroup with its counters, and the state
-/// this version cannot read (pinned by another skrelay version), each with how to remove it.
-pub fn status_section() -> Result<crate::status::Section, Error> {
-    let Reports { cgroups, unreadable } = reports()?;
-    let mut lines: Vec<String> = cgroups.iter().map(AccelReport::to_string).collect();
-    lines.extend(unreadable.iter().map(Unreadable::to_string));
-    let text = if lines.is_empty() { "accel: no cgroup is accelerated".to_string() } else { lines.join("\n") };
-    let json = serde_json::json!({
-        "cgroups": cgroups.iter().map(AccelReport::json).collect::<Vec<_>>(),
-        "unreadable": unreadable.iter().map(|u| serde_json::json!({
-            "cgroup": u.cgroup.display().to_string(),
-            "pins": u.pins.display().to_string(),
-            "error": u.error,
-        })).collect::<Vec<_>>(),
-    });
-    Ok(crate::status::Section { name: "accel", text, json })
+impl Reports {
+    /// accel's part of `skrelay status`: every accelerated cgroup with its counters, and the
+    /// state this version cannot read (pinned by another skrelay version), each with how to
+    /// remove it.
+    pub fn text(&self) -> String {
+        let mut lines: Vec<String> = self.cgroups.iter().map(AccelReport::to_string).collect();
+        lines.extend(self.unreadable.iter().map(Unreadable::to_string));
+        if lines.is_empty() {
+            "accel: no cgroup is accelerated".to_string()
+        } else {
+            lines.join("\n")
+        }
+    }
+
+    /// The same as JSON (`accel status --json`, and `status --json` under `accel`): the same keys
+    /// with or without cgroups.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "cgroups": self.cgroups.iter().map(AccelReport::json).collect::<Vec<_>>(),
+            "unreadable": self.unreadable.iter().map(|u| serde_json::json!({
+                "cgroup": u.cgroup.display().to_string(),
+                "pins": u.pins.display().to_string(),
+                "error": u.error,
+            })).collect::<Vec<_>>(),
+        })
+    }
 }
 
 /// Accel state this version cannot read: its maps have another layout (an older or newer
@@ -247,14 +256,20 @@ fn report_for(dir: &Path, cg: &Cgroup) -> Result<AccelReport, Error> {
     })
 }
 
+/// The directory of accel state, if there is one; creates and mounts nothing. Only this mount
+/// namespace's /sys/fs/bpf is looked at: under `ip netns exec` (a fresh /sys, without the cgroup
+/// v2 mount the state is named after) there is no accel state to report, as before.
+fn existing_accel_root() -> Option<PathBuf> {
+    Some(Path::new(bpffs::BPFFS).join("skrelay").join("accel")).filter(|r| r.is_dir())
+}
+
 /// Every cgroup skrelay accelerates, with its counters. Empty when there is none (or no bpffs).
-/// State this version cannot read is listed apart, so one stale pin never hides the rest.
+/// State this version cannot read is listed apart, so one stale pin never hides the rest. Reads
+/// under a shared lock and creates nothing.
 pub fn reports() -> Result<Reports, Error> {
     let mut out = Reports { cgroups: Vec::new(), unreadable: Vec::new() };
-    let root = Path::new(bpffs::BPFFS).join("skrelay").join("accel");
-    if !root.is_dir() {
-        return Ok(out);
-    }
+    let Some(root) = existing_accel_root() else { return Ok(out) };
+    let Some(_lock) = bpffs::StateLock::acquire_shared(&root)? else { return Ok(out) };
     let mount = cgroup::v2_mount()?;
     for (name, dir) in pinned::list(&root) {
         if let Some(cg) = Cgroup::from_pin_name(&mount, &name) {
@@ -279,7 +294,9 @@ pub fn reports() -> Result<Reports, Error> {
 /// The counters of one cgroup.
 pub fn report_cgroup(cgroup: &Path) -> Result<AccelReport, Error> {
     let cg = Cgroup::resolve(cgroup)?;
-    let dir = accel_root()?.join(cg.pin_name());
+    let root = bpffs::existing_root().unwrap_or_else(|| Path::new(bpffs::BPFFS).join("skrelay")).join("accel");
+    let dir = root.join(cg.pin_name());
+    let _lock = if dir.is_dir() { bpffs::StateLock::acquire_shared(&root)? } else { None };
     if !dir.is_dir() {
         return Err(Error::AccelNotOn { cgroup: cg.to_string(), pins: dir.display().to_string() });
     }
@@ -414,20 +431,33 @@ pub struct Disabled {
 pub fn off(cgroup: &Path, drain: Duration, force: bool) -> Result<Disabled, Error> {
     let cg = Cgroup::resolve(cgroup)?;
     let root = accel_root()?;
-    let _lock = bpffs::StateLock::acquire(&root)?;
+    let not_on = |dir: &Path| Error::AccelNotOn { cgroup: cg.to_string(), pins: dir.display().to_string() };
     let dir = root.join(cg.pin_name());
-    if !dir.is_dir() {
-        return Err(Error::AccelNotOn { cgroup: cg.to_string(), pins: dir.display().to_string() });
+    {
+        let _lock = bpffs::StateLock::acquire(&root)?;
+        if !dir.is_dir() {
+            return Err(not_on(&dir));
+        }
+        pinned::detach_sockops(&dir)?;
     }
-    pinned::detach_sockops(&dir)?;
+    // The drain runs without the lock, so other accel commands (and `status`, which takes it
+    // shared) are not held up for --wait.
     let deadline = Instant::now() + drain;
     // Only the socket map is read: state pinned by another skrelay version (other counters or
     // config layout) can still be turned off and removed by this one.
-    let mut open = pinned::open_sockets(&dir)?;
+    let count = |dir: &Path| if dir.is_dir() { pinned::open_sockets(dir) } else { Ok(0) };
+    let mut open = count(&dir)?;
     while open > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
-        open = pinned::open_sockets(&dir)?;
+        open = count(&dir)?;
     }
+    let _lock = bpffs::StateLock::acquire(&root)?;
+    if !dir.is_dir() || pinned::is_attached(&dir) {
+        // Another `off` (or the watcher of an `accel run`) removed it meanwhile, and maybe an
+        // `on` set it up anew, which is not ours to remove.
+        return Ok(Disabled { cgroup: cg, forced_sockets: 0 });
+    }
+    let open = pinned::open_sockets(&dir)?;
     if open > 0 && !force {
         return Err(Error::AccelBusy(format!(
             "cgroup {cg}: {open} sockets of open connections still use the fast path, so the state at {} stays \
@@ -540,14 +570,16 @@ fn spawn_in(cg: &Cgroup, program: &str, args: &[String]) -> Result<i32, Error> {
     })?;
     drop(procs);
     // Forward termination signals to the command and stay alive to clean up after it.
-    let pid = child.id() as i32;
+    let pid = rustix::process::Pid::from_child(&child);
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
         .map_err(|e| Error::io("cannot install signal handlers", e))?;
     let handle = signals.handle();
     let forwarder = std::thread::spawn(move || {
         for sig in signals.forever() {
-            // SAFETY: kill(2) takes integers only; `pid` is our child, not yet reaped.
-            unsafe { libc::kill(pid, sig) };
+            // `pid` is our child, not yet reaped (the signal thread ends before the wait returns).
+            if let Some(sig) = rustix::process::Signal::from_named_raw(sig) {
+                let _ = rustix::process::kill_process(pid, sig);
+            }
         }
     });
     let status = child.wait().map_err(|e| Error::io(format!("cannot wait for `{program}`"), e));
@@ -558,28 +590,29 @@ fn spawn_in(cg: &Cgroup, program: &str, args: &[String]) -> Result<i32, Error> {
     Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
 }
 
-/// Runs one `skrelay accel` subcommand and prints its outcome.
-pub fn command(cmd: AccelCommand) -> Result<(), Error> {
-    match cmd {
+/// Runs one `skrelay accel` subcommand but `run` (main.rs runs that: its outcome is an exit
+/// status); returns the text for stdout.
+pub fn command(cmd: AccelCommand) -> Result<String, Error> {
+    Ok(match cmd {
         AccelCommand::On { cgroup, ports, policy } => {
             let on = on(&cgroup, &ports, &policy)?;
-            println!("accel on: {} (state pinned at {})", on.cgroup, on.pins.display());
+            format!("accel on: {} (state pinned at {})\n", on.cgroup, on.pins.display())
         }
         AccelCommand::Off { cgroup, wait, force } => {
             let off = off(&cgroup, wait, force)?;
             if off.forced_sockets > 0 {
-                println!("accel off: {} ({} open sockets detached by --force)", off.cgroup, off.forced_sockets);
+                format!("accel off: {} ({} open sockets detached by --force)\n", off.cgroup, off.forced_sockets)
             } else {
-                println!("accel off: {}", off.cgroup);
+                format!("accel off: {}\n", off.cgroup)
             }
         }
-        AccelCommand::Run { cgroup, policy, command } => std::process::exit(run(cgroup.as_deref(), &policy, &command)?),
-        AccelCommand::Status { json: true } => {
-            // The shape `skrelay status --json` shows under `accel`, with or without cgroups.
-            let section = status_section()?;
-            println!("{}", serde_json::to_string_pretty(&section.json).expect("json"));
+        AccelCommand::Run { .. } => {
+            return Err(Error::Usage("`accel run` ends with its command's exit status: call accel::run".into()))
         }
-        AccelCommand::Status { json: false } => println!("{}", status_section()?.text),
-    }
-    Ok(())
+        // The shape `skrelay status --json` shows under `accel`, with or without cgroups.
+        AccelCommand::Status { json: true } => {
+            format!("{}\n", serde_json::to_string_pretty(&reports()?.json()).expect("json"))
+        }
+        AccelCommand::Status { json: false } => format!("{}\n", reports()?.text()),
+    })
 }

@@ -23,7 +23,7 @@ use std::{
     cmp::Reverse,
     collections::{BinaryHeap, HashMap as Table},
     io::{self, Read, Write},
-    os::fd::{AsRawFd, BorrowedFd, RawFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd},
     rc::Rc,
     time::Instant,
 };
@@ -280,7 +280,7 @@ impl KernelState {
     fn measure(&self, cookie: u64, d: &Direction) -> io::Result<Measure> {
         let c = self.counts.get(&cookie, 0).map_err(|e| io::Error::other(bpf::chain(&e)))?;
         let dst = borrow_fd(d.dst);
-        let entered = sys::tcp_counters(&dst)?.bytes_acked + sys::send_queue_len(&dst)?;
+        let entered = sys::tcp_counters(dst)?.bytes_acked + sys::send_queue_len(dst)?;
         Ok(Measure::new(d.base, c.redirected, c.parked, d.written, entered))
     }
 
@@ -437,7 +437,7 @@ const UNPARK_ROUNDS: usize = 64;
 /// Runs the bytes waiting in a socket's receive queue through the verdict: a peek goes through
 /// the sockmap's receive path (KERNEL-NOTES.md). A reset that came before is returned: the peek
 /// took it out of SO_ERROR.
-fn kick(fd: &impl AsRawFd) -> io::Result<()> {
+fn kick(fd: impl AsFd) -> io::Result<()> {
     let mut byte = [0u8; 1];
     match sys::peek(fd, &mut byte) {
         Ok(n) if n > 0 => {

@@ -6,7 +6,6 @@ use mio::{net::TcpStream, Interest};
 use std::{
     cell::RefCell,
     io::{self, Read},
-    os::fd::AsRawFd,
 };
 
 /// Bytes a pipe holds; also how far a source is read ahead of a slow destination.
@@ -102,7 +101,7 @@ impl Direction {
             let mut progressed = false;
             if let Some((pipe, capacity)) = &self.pipe {
                 if !self.src_eof && self.in_pipe < *capacity {
-                    let r = sys::splice(src.as_raw_fd(), pipe.write.as_raw_fd(), capacity - self.in_pipe);
+                    let r = sys::splice(src, &pipe.write, capacity - self.in_pipe);
                     self.src_drained = would_block(&r);
                     match r {
                         Ok(0) => self.src_eof = true,
@@ -113,7 +112,7 @@ impl Direction {
                     progressed |= !would_block(&r);
                 }
                 if self.in_pipe > 0 {
-                    let r = sys::splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), self.in_pipe);
+                    let r = sys::splice(&pipe.read, dst, self.in_pipe);
                     match r {
                         Ok(n) => {
                             self.in_pipe -= n;

@@ -3,8 +3,9 @@
 //!
 //! The kernel side is an LPM trie with one entry per (family, proto, port, prefix), whose value is
 //! the id of the binding that owns the port (probes/steer.bpf.c). The trie gives "longest prefix
-//! wins"; within one prefix, overlapping port ranges are resolved here, when the trie is written:
-//! the narrowest range owns a port, and between equally narrow ranges the one starting lower.
+//! wins"; within one prefix, overlapping port ranges are resolved by plan.rs before the trie is
+//! written: the narrowest range owns a port, and between equally narrow ranges the one starting
+//! lower.
 use super::ports::PortRange;
 use crate::{abi::SteerMatch, cli::Proto};
 use aya::maps::lpm_trie::Key;
@@ -169,16 +170,6 @@ impl fmt::Display for BindingKey {
     }
 }
 
-/// Precedence between bindings of the same proto and prefix that both cover a port: lower wins.
-pub fn rank(ports: &PortRange) -> (u32, u16) {
-    (ports.len(), ports.lo)
-}
-
-/// The binding that should own `port` among `candidates` (id, key), all of one proto and prefix.
-pub fn owner<'a>(candidates: impl IntoIterator<Item = (u32, &'a BindingKey)>, port: u16) -> Option<u32> {
-    candidates.into_iter().filter(|(_, k)| k.ports.contains(port)).min_by_key(|(_, k)| rank(&k.ports)).map(|(id, _)| id)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,20 +202,6 @@ mod tests {
             "`10.1.2.3/8` has bits set after the first 8 (did you mean 10.0.0.0/8?)"
         );
         assert!("2001:db8::1/32".parse::<Prefix>().unwrap_err().contains("did you mean 2001:db8::/32"));
-    }
-
-    #[test]
-    fn narrowest_range_then_lowest_start_owns_a_port() {
-        let wide = key("0.0.0.0/0", 1000, 1999);
-        let narrow = key("0.0.0.0/0", 1500, 1509);
-        let single = key("0.0.0.0/0", 1505, 1505);
-        let same_width = key("0.0.0.0/0", 1495, 1504);
-        let all = [(1, &wide), (2, &narrow), (3, &single), (4, &same_width)];
-        assert_eq!(owner(all, 1200), Some(1));
-        assert_eq!(owner(all, 1505), Some(3));
-        assert_eq!(owner(all, 1506), Some(2));
-        assert_eq!(owner(all, 1502), Some(4), "equal widths: the lower start wins");
-        assert_eq!(owner(all, 2000), None);
     }
 
     #[test]

@@ -5,24 +5,16 @@
 use super::{
     bindings::{BindingKey, Prefix},
     ports::{PortList, PortRange},
+    record::Record,
     state::{self, Maps},
     target::{parse_proc_net, STATE_LISTEN},
 };
-use crate::{
-    abi::{SteerBinding, SteerMatch},
-    bpf,
-    cli::Proto,
-    error::Error,
-    sys,
-};
+use crate::{abi::SteerMatch, bpf, cli::Proto, error::Error, sys};
 use aya::{
     maps::{lpm_trie::Key, LpmTrie, Map, MapData, PerCpuArray},
     Ebpf,
 };
-use std::{
-    net::SocketAddr,
-    os::fd::{AsFd, AsRawFd},
-};
+use std::{net::SocketAddr, os::fd::AsFd};
 
 /// The one binding of a funnel.
 const BINDING: u32 = 0;
@@ -46,24 +38,16 @@ impl Funnel {
         check_overlaps(prefix, &all)?;
         let span = PortRange { lo: all[0], hi: *all.last().unwrap() };
         let key = BindingKey { proto: Proto::Tcp, prefix, ports: span };
-        sys::bpf::sockmap_set(&maps.targets.fd().as_fd(), BINDING, &listener.as_fd().as_raw_fd())
+        sys::bpf::sockmap_set(maps.targets.fd(), BINDING, listener)
             .map_err(|e| state::unavailable("put the listener into the sk_lookup map", &e))?;
-        let record = SteerBinding {
-            cookie: sys::socket_cookie(&listener.as_fd().as_raw_fd()).unwrap_or(0),
+        let record = Record {
+            key,
+            target: listen,
             pid: std::process::id(),
-            port_lo: span.lo,
-            port_hi: span.hi,
-            family: prefix.family(),
-            proto: Proto::Tcp.ipproto(),
-            prefixlen: prefix.len,
-            target_family: Prefix::host(listen.ip()).family(),
-            target_port: listen.port(),
-            addr: prefix.bytes(),
-            target_addr: super::bindings::addr_bytes(listen.ip()),
-            comm: *b"skrelay\0\0\0\0\0\0\0\0\0",
-            ..Default::default()
+            comm: "skrelay".into(),
+            cookie: sys::socket_cookie(listener).unwrap_or(0),
         };
-        maps.bindings.insert(BINDING, record, 0).map_err(|e| state::unavailable("describe the funnel", &e))?;
+        maps.bindings.insert(BINDING, record.encode(), 0).map_err(|e| state::unavailable("describe the funnel", &e))?;
         for &port in &all {
             maps.ports
                 .insert(&key.trie_key(port), BINDING, 0)
@@ -86,6 +70,7 @@ impl Funnel {
 
 /// The funnel (`--ports`) of a running process in this network namespace, found through the
 /// kernel's links: it is pinned nowhere.
+#[derive(Debug)]
 pub struct Running {
     pub link_id: u32,
     /// The process holding the link (None if it could not be found in /proc).
@@ -145,11 +130,7 @@ fn port_list(ports: &[u16]) -> String {
 /// file table (/proc/PID/fdinfo names the link) and the target as its listening socket.
 pub fn running() -> Vec<Running> {
     let Ok(ino) = sys::own_netns_inode() else { return vec![] };
-    let pinned = state::dir()
-        .ok()
-        .and_then(|d| sys::bpf::obj_get(&d.join(state::LINK)).ok())
-        .and_then(|l| sys::bpf::link_ids(&l).ok())
-        .map(|(id, _)| id);
+    let pinned = state::existing_dir().ok().flatten().and_then(|d| state::pinned_link_ids(&d)).map(|(id, _)| id);
     let mut found = Vec::new();
     let mut id = 0;
     while let Ok(Some(next)) = sys::bpf::link_next_id(id) {
@@ -270,9 +251,9 @@ fn check_overlaps(prefix: Prefix, ports: &[u16]) -> Result<(), Error> {
             )));
         }
     }
-    if let Ok(Some(st)) = state::State::open() {
-        for b in st.maps.bindings().values() {
-            let Some(key) = state::key_of(b) else { continue };
+    if let Ok(Some(st)) = state::State::open_read_only() {
+        for b in st.records().values() {
+            let key = b.key;
             if key.proto != Proto::Tcp || !prefixes_meet(&prefix, &key.prefix) {
                 continue;
             }
@@ -281,11 +262,7 @@ fn check_overlaps(prefix: Prefix, ports: &[u16]) -> Result<(), Error> {
                 return Err(Error::Usage(format!(
                     "cannot take --ports: `skrelay steer` already binds {key} to {}, and a pinned binding \
                      takes precedence (remove it with `skrelay steer remove --ports {}`, or leave those ports out)",
-                    std::net::SocketAddr::new(
-                        super::bindings::addr_from_bytes(b.target_family, b.target_addr),
-                        b.target_port
-                    ),
-                    key.ports
+                    b.target, key.ports
                 )));
             }
         }

@@ -8,31 +8,57 @@
 //!
 //! The binding model (bindings.rs) is shared: longest prefix wins, then the narrowest port range.
 //! A binding whose target socket has closed refuses connections (fail closed).
+//!
+//! A change is planned first (plan.rs: precedence and capacity, pure), then written by
+//! `State::apply`; the pinned record is encoded and decoded by record.rs only. The functions here
+//! return values; command.rs renders them for `skrelay steer`, and main.rs prints.
 pub mod bindings;
+pub mod command;
 pub mod funnel;
+pub mod plan;
 pub mod ports;
+pub mod record;
 pub mod state;
 pub mod target;
 
 pub use bindings::{BindingKey, Prefix};
+pub use command::command;
 pub use funnel::Funnel;
 pub use ports::{PortList, PortRange};
 
 use crate::{
-    abi::{SteerBinding, STEER_MAX_BINDINGS},
-    cli::{SteerAddArgs, SteerListArgs, SteerRemoveArgs},
+    cli::{SteerAddArgs, SteerRemoveArgs},
     error::Error,
-    status::Section,
-    sys,
 };
-use bindings::{addr_from_bytes, owner, rank};
+use plan::{plan, Limits};
+use record::Record;
 use serde_json::json;
-use state::{key_of, State};
-use std::{collections::BTreeMap, net::SocketAddr, os::fd::AsFd, time::Instant};
+use state::State;
+use std::{net::SocketAddr, path::PathBuf, time::Instant};
 use target::Target;
 
+/// What `steer add` did.
+#[derive(Debug)]
+pub struct Added {
+    /// The target, as `steer add` describes it.
+    pub target: TargetView,
+    /// A line when the pinned program was swapped for this binary's.
+    pub upgraded: Option<String>,
+    /// Each binding, in the order asked: new (`None`) or replaced (what it sent to before).
+    pub bindings: Vec<(BindingKey, Option<Record>)>,
+}
+
+/// The socket bindings send to.
+#[derive(Debug, Clone)]
+pub struct TargetView {
+    pub local: SocketAddr,
+    pub pid: u32,
+    pub comm: String,
+    pub cookie: u64,
+}
+
 /// `steer add`: binds every (prefix, port item) pair to the target socket.
-pub fn add(args: SteerAddArgs) -> Result<(), Error> {
+pub fn add(args: &SteerAddArgs) -> Result<Added, Error> {
     let started = Instant::now();
     let target = match (args.to, args.pid, args.fd) {
         (Some(addr), None, None) => Target::at(args.proto, addr)?,
@@ -75,100 +101,30 @@ pub fn add(args: SteerAddArgs) -> Result<(), Error> {
             }
         }
     }
+    // What cannot fit even empty maps is refused before any state is created; the plan against
+    // the bindings there are is checked again below, before any map is written.
+    plan(&Default::default(), &keys, &[], Limits::MAPS).map_err(|e| Error::Usage(e.to_string()))?;
     state::sweep_stale();
-    let (mut st, note) = State::open_or_create()?;
-    if let Some(note) = note {
-        println!("{note}");
-    }
-    let existing: BTreeMap<u32, SteerBinding> = st.maps.bindings();
-    let mut keyed: BTreeMap<u32, BindingKey> = existing.iter().filter_map(|(id, b)| Some((*id, key_of(b)?))).collect();
-    let new_count = keys.iter().filter(|k| !keyed.values().any(|e| e == *k)).count();
-    if keyed.len() + new_count > STEER_MAX_BINDINGS as usize {
-        return Err(Error::Usage(format!(
-            "too many bindings: {} exist, {new_count} more would pass the limit of {STEER_MAX_BINDINGS} \
-             (bind ranges like 8000-8999 instead of single ports)",
-            keyed.len()
-        )));
-    }
-    let record = |key: &BindingKey| SteerBinding {
-        cookie: target.cookie,
-        pid: target.pid,
-        port_lo: key.ports.lo,
-        port_hi: key.ports.hi,
-        family: key.prefix.family(),
-        proto: key.proto.ipproto(),
-        prefixlen: key.prefix.len,
-        target_family: Prefix::host(target.local.ip()).family(),
-        target_port: target.local.port(),
-        addr: key.prefix.bytes(),
-        target_addr: bindings::addr_bytes(target.local.ip()),
-        comm: comm_bytes(&target.comm),
-        ..Default::default()
-    };
-    let to = format!("{} (pid {} {}, cookie {})", target.local, target.pid, target.comm, target.cookie);
-    let mut ports_written = 0usize;
-    for key in &keys {
-        if let Some((&id, _)) = keyed.iter().find(|(_, e)| *e == key) {
-            let old = existing[&id];
-            set_target(&mut st, id, &target)?;
-            st.maps.bindings.insert(id, record(key), 0).map_err(|e| Error::steer_map("record a binding", &e))?;
-            println!(
-                "replaced binding {key}: now -> {to}, was -> {} (pid {} {})",
-                SocketAddr::new(addr_from_bytes(old.target_family, old.target_addr), old.target_port),
-                old.pid,
-                comm_str(&old.comm)
-            );
+    let (mut st, upgraded) = State::open_or_create()?;
+    let before = st.records();
+    let existing = before.iter().map(|(id, r)| (*id, r.key)).collect();
+    let plan = plan(&existing, &keys, &[], Limits::MAPS).map_err(|e| Error::Usage(e.to_string()))?;
+    st.apply(&plan, Some(&target))?;
+    log::debug!("steer add: {} port entries written in {:?}", plan.ports.len(), started.elapsed());
+    let mut bindings = Vec::new();
+    for key in keys {
+        if bindings.iter().any(|(k, _)| *k == key) {
             continue;
         }
-        let id = (0..STEER_MAX_BINDINGS).find(|i| !keyed.contains_key(i)).expect("checked above");
-        st.maps.reset_counters(id)?;
-        set_target(&mut st, id, &target)?;
-        st.maps.bindings.insert(id, record(key), 0).map_err(|e| Error::steer_map("record a binding", &e))?;
-        // The new binding takes each port unless an equally specific, narrower one owns it.
-        for port in key.ports.ports() {
-            let tkey = key.trie_key(port);
-            let keep = st
-                .maps
-                .ports
-                .get(&tkey, 0)
-                .ok()
-                .and_then(|cur| keyed.get(&cur))
-                .is_some_and(|cur| cur.same_slot(key) && rank(&cur.ports) <= rank(&key.ports));
-            if !keep {
-                st.maps.ports.insert(&tkey, id, 0).map_err(|e| Error::steer_map("fill the port map", &e))?;
-                ports_written += 1;
-            }
-        }
-        keyed.insert(id, *key);
-        println!("bound {key} -> {to}");
+        let was = plan.replaced.iter().find(|(_, k)| *k == key).and_then(|(id, _)| before.get(id).cloned());
+        bindings.push((key, was));
     }
-    log::debug!("steer add: {ports_written} port entries written in {:?}", started.elapsed());
-    Ok(())
+    let target = TargetView { local: target.local, pid: target.pid, comm: target.comm, cookie: target.cookie };
+    Ok(Added { target, upgraded, bindings })
 }
 
-fn set_target(st: &mut State, id: u32, target: &Target) -> Result<(), Error> {
-    sys::bpf::sockmap_set(&st.maps.targets.fd().as_fd(), id, &target.fd).map_err(|e| match e.raw_os_error() {
-        Some(libc::EOPNOTSUPP) => Error::Usage(format!(
-            "the kernel refused the target socket at {} (sk_lookup takes listening TCP and unconnected UDP sockets)",
-            target.local
-        )),
-        _ => Error::steer_map("put the target socket into the steering map", &e),
-    })
-}
-
-fn comm_bytes(s: &str) -> [u8; 16] {
-    let mut b = [0u8; 16];
-    let n = s.len().min(15);
-    b[..n].copy_from_slice(&s.as_bytes()[..n]);
-    b
-}
-
-fn comm_str(b: &[u8; 16]) -> String {
-    String::from_utf8_lossy(b.split(|c| *c == 0).next().unwrap_or_default()).into_owned()
-}
-
-/// `steer remove`: removes the named bindings, all or none.
-pub fn remove(args: SteerRemoveArgs) -> Result<(), Error> {
+/// `steer remove`: removes the named bindings, all or none. Returns them.
+pub fn remove(args: &SteerRemoveArgs) -> Result<Vec<BindingKey>, Error> {
     let nothing = || {
         Error::Usage(format!(
             "there is no {} binding for ports {} in this network namespace (see `skrelay steer list`)",
@@ -177,8 +133,7 @@ pub fn remove(args: SteerRemoveArgs) -> Result<(), Error> {
         ))
     };
     let Some(mut st) = State::open()? else { return Err(nothing()) };
-    let mut keyed: BTreeMap<u32, BindingKey> =
-        st.maps.bindings().iter().filter_map(|(id, b)| Some((*id, key_of(b)?))).collect();
+    let existing = st.keys();
     // Without --addr: the bindings `add` makes by default, on every address of either family.
     let explicit = !args.addrs.is_empty();
     let prefixes = if explicit { args.addrs.clone() } else { vec![Prefix::any(false), Prefix::any(true)] };
@@ -187,17 +142,13 @@ pub fn remove(args: SteerRemoveArgs) -> Result<(), Error> {
         let mut found = false;
         for &prefix in &prefixes {
             let key = BindingKey { proto: args.proto, prefix, ports };
-            match keyed.iter().find(|(_, k)| **k == key) {
-                Some((&id, _)) => {
-                    doomed.push((id, key));
-                    found = true;
-                }
-                None if explicit => {
-                    return Err(Error::Usage(format!(
-                        "there is no binding {key} in this network namespace (see `skrelay steer list`)"
-                    )))
-                }
-                None => {}
+            if existing.values().any(|k| *k == key) {
+                doomed.push(key);
+                found = true;
+            } else if explicit {
+                return Err(Error::Usage(format!(
+                    "there is no binding {key} in this network namespace (see `skrelay steer list`)"
+                )));
             }
         }
         if !found {
@@ -208,49 +159,33 @@ pub fn remove(args: SteerRemoveArgs) -> Result<(), Error> {
             )));
         }
     }
-    for (id, key) in doomed {
-        keyed.remove(&id);
-        let rivals: Vec<(u32, &BindingKey)> =
-            keyed.iter().filter(|(_, k)| k.same_slot(&key)).map(|(i, k)| (*i, k)).collect();
-        for port in key.ports.ports() {
-            let tkey = key.trie_key(port);
-            if st.maps.ports.get(&tkey, 0).ok() != Some(id) {
-                continue;
-            }
-            match owner(rivals.iter().copied(), port) {
-                Some(next) => st.maps.ports.insert(&tkey, next, 0),
-                None => st.maps.ports.remove(&tkey),
-            }
-            .map_err(|e| Error::steer_map("update the port map", &e))?;
-        }
-        sys::bpf::sockmap_clear(&st.maps.targets.fd().as_fd(), id)
-            .map_err(|e| Error::steer_map("clear a steering target", &e))?;
-        st.maps.bindings.remove(&id).map_err(|e| Error::steer_map("remove a binding", &e))?;
-        println!("removed binding {key}");
-    }
-    Ok(())
+    let plan = plan(&existing, &[], &doomed, Limits::MAPS).map_err(|e| Error::Usage(e.to_string()))?;
+    st.apply(&plan, None)?;
+    Ok(plan.removed.into_iter().map(|(_, key)| key).collect())
+}
+
+/// What `steer reset` removed: how many pins, and where (`None`: there was nothing).
+#[derive(Debug)]
+pub struct Reset {
+    pub removed: usize,
+    pub dir: Option<PathBuf>,
 }
 
 /// `steer reset`: unpins everything; the link (and so the program) goes with its last reference.
-pub fn reset() -> Result<(), Error> {
-    let dir = state::dir()?;
+pub fn reset() -> Result<Reset, Error> {
+    let Some(dir) = state::existing_dir()? else { return Ok(Reset { removed: 0, dir: None }) };
     let removed = match crate::bpffs::StateLock::acquire_existing(&dir)? {
         Some(_lock) => state::remove_all(&dir)?,
         None => 0,
     };
-    if removed == 0 {
-        println!("no steering state in this network namespace: nothing to reset");
-    } else {
-        println!("removed every binding, the sk_lookup program and its link ({removed} pins under {})", dir.display());
-    }
-    Ok(())
+    Ok(Reset { removed, dir: Some(dir) })
 }
 
 /// One binding as `steer list` shows it.
+#[derive(Debug, Clone)]
 pub struct BindingView {
     pub id: u32,
-    pub key: BindingKey,
-    pub record: SteerBinding,
+    pub record: Record,
     /// The target socket is still open (its cookie is in the map).
     pub alive: bool,
     pub hits: u64,
@@ -258,20 +193,21 @@ pub struct BindingView {
 }
 
 impl BindingView {
-    pub fn target(&self) -> SocketAddr {
-        SocketAddr::new(addr_from_bytes(self.record.target_family, self.record.target_addr), self.record.target_port)
+    pub fn key(&self) -> BindingKey {
+        self.record.key
     }
 
     pub fn json(&self) -> serde_json::Value {
+        let key = self.key();
         json!({
             "id": self.id,
-            "proto": self.key.proto.name(),
-            "prefix": self.key.prefix.to_string(),
-            "ports": self.key.ports.to_string(),
+            "proto": key.proto.name(),
+            "prefix": key.prefix.to_string(),
+            "ports": key.ports.to_string(),
             "target": {
                 "pid": self.record.pid,
-                "process": comm_str(&self.record.comm),
-                "local": self.target().to_string(),
+                "process": self.record.comm,
+                "local": self.record.target.to_string(),
                 "cookie": self.record.cookie,
                 "alive": self.alive,
             },
@@ -283,112 +219,127 @@ impl BindingView {
 
 fn views(st: &State) -> Vec<BindingView> {
     let mut v: Vec<BindingView> = st
-        .maps
-        .bindings()
+        .records()
         .into_iter()
-        .filter_map(|(id, record)| {
-            let key = key_of(&record)?;
-            let c = st.maps.counters(id);
-            let alive = st.maps.target_cookie(id) == Some(record.cookie);
-            Some(BindingView { id, key, record, alive, hits: c.hits, refused: c.refused })
+        .map(|(id, record)| {
+            let c = st.counters(id);
+            let alive = st.target_alive(id, &record);
+            BindingView { id, record, alive, hits: c.hits, refused: c.refused }
         })
         .collect();
-    v.sort_by_key(|b| (b.key.proto.name(), b.key.prefix.family(), b.key.prefix.bytes(), b.key.prefix.len, b.key.ports));
+    v.sort_by_key(|b| {
+        let k = b.key();
+        (k.proto.name(), k.prefix.family(), k.prefix.bytes(), k.prefix.len, k.ports)
+    });
     v
 }
 
-/// `steer list`.
-pub fn list(args: SteerListArgs) -> Result<(), Error> {
-    let st = State::open()?;
-    let views = st.as_ref().map(views).unwrap_or_default();
-    if args.json {
-        let all: Vec<serde_json::Value> = views.iter().map(BindingView::json).collect();
-        println!("{}", serde_json::to_string_pretty(&all).expect("json"));
-        return Ok(());
-    }
-    if views.is_empty() {
-        println!("no steering bindings in this network namespace");
-        return Ok(());
-    }
-    println!(
-        "{:<5} {:<20} {:<13} {:<24} {:<18} {:>8} {:>10} {:>8}",
-        "PROTO", "PREFIX", "PORTS", "TARGET", "PROCESS", "COOKIE", "HITS", "REFUSED"
-    );
-    for b in &views {
-        let process = format!("{}/{}", b.record.pid, comm_str(&b.record.comm));
-        let target = if b.alive { b.target().to_string() } else { format!("{} (gone)", b.target()) };
-        println!(
-            "{:<5} {:<20} {:<13} {:<24} {:<18} {:>8} {:>10} {:>8}",
-            b.key.proto.name(),
-            b.key.prefix.to_string(),
-            b.key.ports.to_string(),
-            target,
-            process,
-            b.record.cookie,
-            b.hits,
-            b.refused
-        );
-    }
-    Ok(())
+/// `steer list`: every pinned binding of this network namespace. Reads under a shared lock and
+/// creates nothing.
+pub fn list() -> Result<Vec<BindingView>, Error> {
+    Ok(State::open_read_only()?.as_ref().map(views).unwrap_or_default())
 }
 
-/// The steering part of `skrelay status`: the pinned bindings, and the `--ports` funnels of
-/// running relays and proxies. The JSON has the same keys whatever is attached.
-pub fn status_section() -> Result<Section, Error> {
-    let st = State::open()?;
-    let funnels = funnel::running();
-    let mut lines = Vec::new();
-    let mut json = json!({
-        "attached": st.is_some() || !funnels.is_empty(),
-        "pinned": null,
-        "link_id": null,
-        "program_id": null,
-        "program_version": null,
-        "current": null,
-        "bindings": [],
-        "funnels": funnels.iter().map(funnel::Running::json).collect::<Vec<_>>(),
-    });
-    match &st {
-        None if funnels.is_empty() => lines.push("steer: nothing attached".to_string()),
-        None => lines.push("steer: no pinned bindings".to_string()),
-        Some(st) => {
-            let views = views(st);
-            let (link, prog) = st.link_ids().unwrap_or((0, 0));
-            let version = st.maps.info.get(&0, 0).unwrap_or(0);
-            let ports: u64 = views.iter().map(|b| u64::from(b.key.ports.len())).sum();
-            let gone = views.iter().filter(|b| !b.alive).count();
-            let hits: u64 = views.iter().map(|b| b.hits).sum();
-            let refused: u64 = views.iter().map(|b| b.refused).sum();
-            lines.push(format!(
-                "steer: {} bindings ({ports} ports, {gone} with their target gone), {hits} hits, {refused} refused\n  \
-                 sk_lookup link {link}, program {prog}, version {version:016x}{}\n  pinned at {}",
-                views.len(),
-                if version == state::program_version() {
-                    ""
-                } else {
-                    " (older than this binary: `steer add` upgrades it)"
-                },
-                st.dir.display()
-            ));
-            json["pinned"] = json!(st.dir.display().to_string());
-            json["link_id"] = json!(link);
-            json["program_id"] = json!(prog);
-            json["program_version"] = json!(format!("{version:016x}"));
-            json["current"] = json!(version == state::program_version());
-            json["bindings"] = json!(views.iter().map(BindingView::json).collect::<Vec<_>>());
+/// The pinned part of steering's status.
+#[derive(Debug)]
+pub struct Pinned {
+    pub dir: PathBuf,
+    pub link_id: u32,
+    pub program_id: u32,
+    pub program_version: u64,
+    pub bindings: Vec<BindingView>,
+}
+
+impl Pinned {
+    /// Whether the link runs this binary's program.
+    pub fn current(&self) -> bool {
+        self.program_version == state::program_version()
+    }
+}
+
+/// What steering has attached in this network namespace: the pinned bindings, and the
+/// `--ports` funnels of running relays and proxies.
+#[derive(Debug)]
+pub struct Status {
+    pub pinned: Option<Pinned>,
+    pub funnels: Vec<funnel::Running>,
+}
+
+/// Steering's part of `skrelay status`. Reads under a shared lock and creates nothing.
+pub fn status() -> Result<Status, Error> {
+    let pinned = State::open_read_only()?.map(|st| {
+        let (link_id, program_id) = st.link_ids().unwrap_or((0, 0));
+        Pinned {
+            dir: st.dir().to_path_buf(),
+            link_id,
+            program_id,
+            program_version: st.program_version(),
+            bindings: views(&st),
         }
+    });
+    Ok(Status { pinned, funnels: funnel::running() })
+}
+
+impl Status {
+    /// The JSON `skrelay status --json` shows under `steer`: the same keys whatever is attached.
+    pub fn json(&self) -> serde_json::Value {
+        let mut json = json!({
+            "attached": self.pinned.is_some() || !self.funnels.is_empty(),
+            "pinned": null,
+            "link_id": null,
+            "program_id": null,
+            "program_version": null,
+            "current": null,
+            "bindings": [],
+            "funnels": self.funnels.iter().map(funnel::Running::json).collect::<Vec<_>>(),
+        });
+        if let Some(p) = &self.pinned {
+            json["pinned"] = json!(p.dir.display().to_string());
+            json["link_id"] = json!(p.link_id);
+            json["program_id"] = json!(p.program_id);
+            json["program_version"] = json!(format!("{:016x}", p.program_version));
+            json["current"] = json!(p.current());
+            json["bindings"] = json!(p.bindings.iter().map(BindingView::json).collect::<Vec<_>>());
+        }
+        json
     }
-    for f in &funnels {
-        lines.push(format!(
-            "  --ports of {}: {} ports ({}) on {} -> {}, {} hits (sk_lookup link {}, goes with the process)",
-            f.owner(),
-            f.ports.len(),
-            f.port_list(),
-            f.prefix,
-            f.target.map_or("its listening socket".to_string(), |t| t.to_string()),
-            f.hits,
-            f.link_id
-        ));
+
+    /// The lines `skrelay status` shows.
+    pub fn text(&self) -> String {
+        let mut lines = Vec::new();
+        match &self.pinned {
+            None if self.funnels.is_empty() => lines.push("steer: nothing attached".to_string()),
+            None => lines.push("steer: no pinned bindings".to_string()),
+            Some(p) => {
+                let views = &p.bindings;
+                let ports: u64 = views.iter().map(|b| u64::from(b.key().ports.len())).sum();
+                let gone = views.iter().filter(|b| !b.alive).count();
+                let hits: u64 = views.iter().map(|b| b.hits).sum();
+                let refused: u64 = views.iter().map(|b| b.refused).sum();
+                lines.push(format!(
+                    "steer: {} bindings ({ports} ports, {gone} with their target gone), {hits} hits, {refused} refused\n  \
+                     sk_lookup link {}, program {}, version {:016x}{}\n  pinned at {}",
+                    views.len(),
+                    p.link_id,
+                    p.program_id,
+                    p.program_version,
+                    if p.current() { "" } else { " (older than this binary: `steer add` upgrades it)" },
+                    p.dir.display()
+                ));
+            }
+        }
+        for f in &self.funnels {
+            lines.push(format!(
+                "  --ports of {}: {} ports ({}) on {} -> {}, {} hits (sk_lookup link {}, goes with the process)",
+                f.owner(),
+                f.ports.len(),
+                f.port_list(),
+                f.prefix,
+                f.target.map_or("its listening socket".to_string(), |t| t.to_string()),
+                f.hits,
+                f.link_id
+            ));
+        }
+        lines.join("\n")
     }
-    Ok(Section { name: "steer", text: lines.join("\n"), json })
 }

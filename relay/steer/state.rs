@@ -6,24 +6,24 @@
 //! names in probes/steer.bpf.c. `steer_info[0]` holds the version of the program behind the link:
 //! a binary whose embedded program differs swaps it in place with BPF_LINK_UPDATE, keeping every
 //! map (and so every binding) as it is.
-use super::bindings::{BindingKey, Prefix};
-use super::ports::PortRange;
+use super::{bindings::BindingKey, plan::Plan, record::Record, target::Target};
 use crate::{
     abi::{SteerBinding, SteerCounters, SteerMatch},
     bpf, bpffs,
-    cli::Proto,
     error::Error,
     sys,
 };
 use aya::{
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues},
-    programs::{links::FdLink, SkLookup},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues},
+    programs::{
+        links::{FdLink, PinnedLink},
+        SkLookup,
+    },
     Ebpf, EbpfLoader,
 };
 use std::{
     collections::BTreeMap,
     fs::File,
-    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
@@ -37,10 +37,21 @@ pub fn program_version() -> u64 {
     bpf::objects::STEER.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100000001b3))
 }
 
-/// Where this network namespace's steering state is pinned.
+/// Where this network namespace's steering state is pinned (mounting bpffs if needed).
 pub fn dir() -> Result<PathBuf, Error> {
+    Ok(bpffs::root()?.join(netns_name()?))
+}
+
+/// Where this network namespace's steering state would be pinned, if skrelay has pinned anything
+/// on this machine; mounts and creates nothing (read-only commands).
+pub fn existing_dir() -> Result<Option<PathBuf>, Error> {
+    let name = netns_name()?;
+    Ok(bpffs::existing_root().map(|root| root.join(name)))
+}
+
+fn netns_name() -> Result<String, Error> {
     let ns = sys::own_netns_inode().map_err(|e| Error::io("cannot read this network namespace", e))?;
-    Ok(bpffs::root()?.join(ns.to_string()))
+    Ok(ns.to_string())
 }
 
 /// Whether anything is pinned in `dir`.
@@ -48,13 +59,14 @@ pub fn exists(dir: &Path) -> bool {
     std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some())
 }
 
-/// The maps of a steer program instance, pinned (steer) or not (a funnel).
-pub struct Maps {
-    pub ports: LpmTrie<MapData, SteerMatch, u32>,
-    pub targets: MapData,
-    pub bindings: HashMap<MapData, u32, SteerBinding>,
-    pub stats: PerCpuArray<MapData, SteerCounters>,
-    pub info: Array<MapData, u64>,
+/// The maps of a steer program instance, pinned (steer) or not (a funnel). Only the steer
+/// module writes them: `State::apply` and `Funnel::attach`.
+pub(super) struct Maps {
+    pub(super) ports: LpmTrie<MapData, SteerMatch, u32>,
+    pub(super) targets: MapData,
+    pub(super) bindings: HashMap<MapData, u32, SteerBinding>,
+    stats: PerCpuArray<MapData, SteerCounters>,
+    info: Array<MapData, u64>,
 }
 
 fn broken(e: impl std::error::Error + 'static) -> Error {
@@ -87,24 +99,40 @@ impl Maps {
                 fix: "rebuild skrelay".into(),
             })
         };
-        let ports = LpmTrie::try_from(take("steer_ports")?).map_err(broken)?;
-        let targets = match take("steer_targets")? {
-            aya::maps::Map::SockMap(m) => m,
+        Self::from_maps(&mut take)
+    }
+
+    /// Opens the maps pinned in `dir`, creating nothing (aya's loader would create and pin a
+    /// missing one).
+    fn from_pins(dir: &Path) -> Result<Maps, Error> {
+        let mut open = |name: &str| {
+            let path = dir.join(name);
+            MapData::from_pin(&path)
+                .and_then(Map::from_map_data)
+                .map_err(|e| unavailable(&format!("open the pinned steering map {}", path.display()), &e))
+        };
+        Self::from_maps(&mut open)
+    }
+
+    fn from_maps(get: &mut dyn FnMut(&str) -> Result<Map, Error>) -> Result<Maps, Error> {
+        let ports = LpmTrie::try_from(get("steer_ports")?).map_err(broken)?;
+        let targets = match get("steer_targets")? {
+            Map::SockMap(m) => m,
             _ => return Err(broken(std::io::Error::other("steer_targets is not a SOCKMAP"))),
         };
-        let bindings = HashMap::try_from(take("steer_bindings")?).map_err(broken)?;
-        let stats = PerCpuArray::try_from(take("steer_stats")?).map_err(broken)?;
-        let info = Array::try_from(take("steer_info")?).map_err(broken)?;
+        let bindings = HashMap::try_from(get("steer_bindings")?).map_err(broken)?;
+        let stats = PerCpuArray::try_from(get("steer_stats")?).map_err(broken)?;
+        let info = Array::try_from(get("steer_info")?).map_err(broken)?;
         Ok(Maps { ports, targets, bindings, stats, info })
     }
 
-    /// Every binding, by id.
-    pub fn bindings(&self) -> BTreeMap<u32, SteerBinding> {
-        self.bindings.iter().filter_map(Result::ok).collect()
+    /// Every binding this version can read, by id.
+    pub(super) fn records(&self) -> BTreeMap<u32, Record> {
+        self.bindings.iter().filter_map(Result::ok).filter_map(|(id, b)| Some((id, Record::decode(&b)?))).collect()
     }
 
     /// (hits, refused) of a binding, summed over CPUs.
-    pub fn counters(&self, id: u32) -> SteerCounters {
+    pub(super) fn counters(&self, id: u32) -> SteerCounters {
         let mut sum = SteerCounters::default();
         if let Ok(values) = self.stats.get(&id, 0) {
             for v in values.iter() {
@@ -115,15 +143,15 @@ impl Maps {
         sum
     }
 
-    pub fn reset_counters(&mut self, id: u32) -> Result<(), Error> {
+    fn reset_counters(&mut self, id: u32) -> Result<(), Error> {
         let n = aya::util::nr_cpus().map_err(|(_, e)| Error::io("cannot count CPUs", e))?;
         let zeros = PerCpuValues::try_from(vec![SteerCounters::default(); n]).map_err(broken)?;
         self.stats.set(id, zeros, 0).map_err(|e| Error::steer_map("reset a steering counter", &e))
     }
 
     /// The cookie of the socket a binding sends to, `None` once that socket has closed.
-    pub fn target_cookie(&self, id: u32) -> Option<u64> {
-        sys::bpf::sockmap_cookie(&self.targets.fd().as_fd(), id).ok().flatten()
+    pub(super) fn target_cookie(&self, id: u32) -> Option<u64> {
+        sys::bpf::sockmap_cookie(self.targets.fd(), id).ok().flatten()
     }
 }
 
@@ -141,18 +169,38 @@ pub fn netns_file() -> Result<File, Error> {
     File::open("/proc/thread-self/ns/net").map_err(|e| Error::io("cannot open this network namespace", e))
 }
 
-/// The pinned state of this network namespace, locked for the life of the value.
+/// The pinned state of this network namespace, locked for the life of the value: shared by
+/// commands that only read it, exclusive for those that change it. Its maps are private: a
+/// change is planned (`plan::plan`) and then applied here.
 pub struct State {
-    pub dir: PathBuf,
-    pub maps: Maps,
+    dir: PathBuf,
+    maps: Maps,
     _lock: bpffs::StateLock,
 }
 
 impl State {
-    /// Opens the state if anything is pinned; `None` if steering was never set up here. State
-    /// left by a dead namespace whose inode number this one now has is removed (with a warning).
+    /// Opens the state for reading (a shared lock) if anything is pinned; `None` if steering was
+    /// never set up here, or the state was left by a dead namespace whose inode number this one
+    /// now has (the next change removes it). Creates, mounts and removes nothing.
+    pub fn open_read_only() -> Result<Option<State>, Error> {
+        let Some(dir) = existing_dir()? else { return Ok(None) };
+        if !dir.join(LINK).exists() {
+            return Ok(None);
+        }
+        let Some(lock) = bpffs::StateLock::acquire_shared(&dir)? else {
+            return Ok(None); // reset while we waited for the lock
+        };
+        if !dir.join(LINK).exists() || is_stale(&dir)? {
+            return Ok(None);
+        }
+        let maps = Maps::from_pins(&dir)?;
+        Ok(Some(State { dir, maps, _lock: lock }))
+    }
+
+    /// Opens the state for changing it (an exclusive lock) if anything is pinned; `None` as for
+    /// `open_read_only`, except that stale state is removed (with a warning).
     pub fn open() -> Result<Option<State>, Error> {
-        let dir = dir()?;
+        let Some(dir) = existing_dir()? else { return Ok(None) };
         // Looking must not create anything: no lock (which makes the directory) without state.
         if !dir.join(LINK).exists() {
             return Ok(None);
@@ -163,8 +211,7 @@ impl State {
         if !dir.join(LINK).exists() || remove_if_stale(&dir)? {
             return Ok(None);
         }
-        let mut bpf = loader(&dir).map_err(|e| unavailable("open the pinned steering maps", &e))?;
-        let maps = Maps::take(&mut bpf)?;
+        let maps = Maps::from_pins(&dir)?;
         Ok(Some(State { dir, maps, _lock: lock }))
     }
 
@@ -190,12 +237,21 @@ impl State {
             let theirs = maps.info.get(&0, 0).unwrap_or(0);
             if theirs != ours {
                 let prog = load_program(&mut bpf)?;
-                let link = sys::bpf::obj_get(&link_path).map_err(|e| Error::io("cannot open the pinned link", e))?;
-                let (link_id, old_id) =
-                    sys::bpf::link_ids(&link).map_err(|e| Error::io("cannot read the pinned link", e))?;
-                let old = sys::bpf::prog_fd_by_id(old_id).map_err(|e| Error::io("cannot open the old program", e))?;
+                let info = PinnedLink::from_pin(&link_path)
+                    .map(FdLink::from)
+                    .and_then(|l| l.info())
+                    .map_err(|e| unavailable("read the pinned sk_lookup link", &e))?;
+                let link_id = info.id();
+                let old = aya::programs::loaded_programs()
+                    .filter_map(Result::ok)
+                    .find(|p| p.id() == info.program_id())
+                    .ok_or_else(|| Error::io("cannot open the old program", std::io::ErrorKind::NotFound.into()))?
+                    .fd()
+                    .map_err(|e| unavailable("open the old sk_lookup program", &e))?;
                 let new = prog.fd().map_err(|e| unavailable("load the sk_lookup program", &e))?;
-                sys::bpf::link_update(&link, &new.as_fd(), &old)
+                // aya's links lend no descriptor for BPF_LINK_UPDATE: open the pin for it.
+                let link = sys::bpf::obj_get(&link_path).map_err(|e| Error::io("cannot open the pinned link", e))?;
+                sys::bpf::link_update(&link, new, old)
                     .map_err(|e| Error::io("cannot swap the steering program in place", e))?;
                 maps.info.set(0, ours, 0).map_err(|e| Error::steer_map("record the program version", &e))?;
                 note = Some(format!(
@@ -207,11 +263,90 @@ impl State {
         Ok((State { dir, maps, _lock: lock }, note))
     }
 
+    /// Where the state is pinned.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// (link id, program id) of the pinned link.
     pub fn link_ids(&self) -> Option<(u32, u32)> {
-        let link = sys::bpf::obj_get(&self.dir.join(LINK)).ok()?;
-        sys::bpf::link_ids(&link).ok()
+        pinned_link_ids(&self.dir)
     }
+
+    /// The version of the program the link runs (see `program_version`).
+    pub fn program_version(&self) -> u64 {
+        self.maps.info.get(&0, 0).unwrap_or(0)
+    }
+
+    /// Every binding this version can read, by id.
+    pub fn records(&self) -> BTreeMap<u32, Record> {
+        self.maps.records()
+    }
+
+    /// What each binding matches, by id.
+    pub fn keys(&self) -> BTreeMap<u32, BindingKey> {
+        self.records().into_iter().map(|(id, r)| (id, r.key)).collect()
+    }
+
+    /// (hits, refused) of a binding, summed over CPUs.
+    pub fn counters(&self, id: u32) -> SteerCounters {
+        self.maps.counters(id)
+    }
+
+    /// Whether the socket binding `id` sends to is still open: the socket map still holds the
+    /// socket whose cookie the binding recorded.
+    pub fn target_alive(&self, id: u32, record: &Record) -> bool {
+        self.maps.target_cookie(id) == Some(record.cookie)
+    }
+
+    /// Writes a plan: the new and replaced bindings' targets and records (new ones with fresh
+    /// counters), then the trie entries, then what removed bindings leave. `target` is where the
+    /// new and replaced bindings send to.
+    pub fn apply(&mut self, plan: &Plan, target: Option<&Target>) -> Result<(), Error> {
+        let binds = plan.added.iter().map(|b| (b, true)).chain(plan.replaced.iter().map(|b| (b, false)));
+        for (&(id, key), new) in binds {
+            let Some(target) = target else {
+                return Err(Error::Usage(format!("binding {key} needs a target socket")));
+            };
+            if new {
+                self.maps.reset_counters(id)?;
+            }
+            set_target(&self.maps, id, target)?;
+            let record =
+                Record { key, target: target.local, pid: target.pid, comm: target.comm.clone(), cookie: target.cookie };
+            self.maps.bindings.insert(id, record.encode(), 0).map_err(|e| Error::steer_map("record a binding", &e))?;
+        }
+        for change in &plan.ports {
+            let tkey = change.slot.trie_key(change.port);
+            match change.owner {
+                Some(id) => self.maps.ports.insert(&tkey, id, 0),
+                None => self.maps.ports.remove(&tkey),
+            }
+            .map_err(|e| Error::steer_map("update the port map", &e))?;
+        }
+        for &(id, _) in &plan.removed {
+            sys::bpf::sockmap_clear(self.maps.targets.fd(), id)
+                .map_err(|e| Error::steer_map("clear a steering target", &e))?;
+            self.maps.bindings.remove(&id).map_err(|e| Error::steer_map("remove a binding", &e))?;
+        }
+        Ok(())
+    }
+}
+
+fn set_target(maps: &Maps, id: u32, target: &Target) -> Result<(), Error> {
+    sys::bpf::sockmap_set(maps.targets.fd(), id, &target.fd).map_err(|e| match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP) => Error::Usage(format!(
+            "the kernel refused the target socket at {} (sk_lookup takes listening TCP and unconnected UDP sockets)",
+            target.local
+        )),
+        _ => Error::steer_map("put the target socket into the steering map", &e),
+    })
+}
+
+/// (link id, program id) of the link pinned in `dir`.
+pub fn pinned_link_ids(dir: &Path) -> Option<(u32, u32)> {
+    let info = FdLink::from(PinnedLink::from_pin(dir.join(LINK)).ok()?).info().ok()?;
+    Some((info.id(), info.program_id()))
 }
 
 /// Whether the pinned link in `dir` is attached to a live namespace, and which: its netns inode,
@@ -225,16 +360,9 @@ fn link_netns(dir: &Path) -> Option<u32> {
 /// the old one is gone; the pinned link then still exists, detached. Such state belongs to no one:
 /// it is removed here (under the caller's lock), so this namespace never adopts it. True if it was.
 fn remove_if_stale(dir: &Path) -> Result<bool, Error> {
-    let own = sys::own_netns_inode().map_err(|e| Error::io("cannot read this network namespace", e))?;
-    match link_netns(dir) {
-        Some(ino) if ino != 0 && u64::from(ino) != own => Err(Error::Usage(format!(
-            "the steering state at {} is attached to another network namespace (inode {ino}), not this one \
-             (inode {own}): it was moved there by hand; remove it with `rm -r {}`",
-            dir.display(),
-            dir.display()
-        ))),
-        Some(0) => {
-            let bindings = loader(dir).ok().and_then(|mut b| Maps::take(&mut b).ok()).map_or(0, |m| m.bindings().len());
+    match is_stale(dir)? {
+        true => {
+            let bindings = Maps::from_pins(dir).map_or(0, |m| m.records().len());
             remove_all(dir)?;
             log::warn!(
                 "removed stale steering state at {} ({bindings} bindings): it was left by a network namespace that no \
@@ -243,6 +371,22 @@ fn remove_if_stale(dir: &Path) -> Result<bool, Error> {
             );
             Ok(true)
         }
+        false => Ok(false),
+    }
+}
+
+/// Whether the state in `dir` was left by a dead namespace (see `remove_if_stale`); an error if
+/// it is attached to another, live one.
+fn is_stale(dir: &Path) -> Result<bool, Error> {
+    let own = sys::own_netns_inode().map_err(|e| Error::io("cannot read this network namespace", e))?;
+    match link_netns(dir) {
+        Some(ino) if ino != 0 && u64::from(ino) != own => Err(Error::Usage(format!(
+            "the steering state at {} is attached to another network namespace (inode {ino}), not this one \
+             (inode {own}): it was moved there by hand; remove it with `rm -r {}`",
+            dir.display(),
+            dir.display()
+        ))),
+        Some(0) => Ok(true),
         _ => Ok(false),
     }
 }
@@ -291,13 +435,4 @@ pub fn remove_all(dir: &Path) -> Result<usize, Error> {
         }
         _ => Ok(removed),
     }
-}
-
-/// The binding a map record describes.
-pub fn key_of(b: &SteerBinding) -> Option<BindingKey> {
-    Some(BindingKey {
-        proto: Proto::from_ipproto(b.proto)?,
-        prefix: Prefix::from_raw(b.family, b.addr, b.prefixlen),
-        ports: PortRange { lo: b.port_lo, hi: b.port_hi },
-    })
 }

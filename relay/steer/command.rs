@@ -1,0 +1,73 @@
+//! `skrelay steer ...`: each verb calls the domain function and renders what it returns as the
+//! text for stdout; main.rs prints it.
+use super::{add, list, remove, reset, BindingView};
+use crate::{cli::SteerCommand, error::Error};
+
+pub fn command(cmd: SteerCommand) -> Result<String, Error> {
+    match cmd {
+        SteerCommand::Add(args) => Ok(render_add(&add(&args)?)),
+        SteerCommand::List(args) if args.json => {
+            let all: Vec<serde_json::Value> = list()?.iter().map(BindingView::json).collect();
+            Ok(format!("{}\n", serde_json::to_string_pretty(&all).expect("json")))
+        }
+        SteerCommand::List(_) => Ok(render_list(&list()?)),
+        SteerCommand::Remove(args) => Ok(remove(&args)?.iter().map(|key| format!("removed binding {key}\n")).collect()),
+        SteerCommand::Reset => Ok(match reset()? {
+            super::Reset { removed: 0, .. } | super::Reset { dir: None, .. } => {
+                "no steering state in this network namespace: nothing to reset\n".to_string()
+            }
+            super::Reset { removed, dir: Some(dir) } => format!(
+                "removed every binding, the sk_lookup program and its link ({removed} pins under {})\n",
+                dir.display()
+            ),
+        }),
+    }
+}
+
+fn render_add(added: &super::Added) -> String {
+    let t = &added.target;
+    let to = format!("{} (pid {} {}, cookie {})", t.local, t.pid, t.comm, t.cookie);
+    let mut out = String::new();
+    if let Some(note) = &added.upgraded {
+        out.push_str(&format!("{note}\n"));
+    }
+    for (key, was) in &added.bindings {
+        match was {
+            Some(was) => out.push_str(&format!(
+                "replaced binding {key}: now -> {to}, was -> {} (pid {} {})\n",
+                was.target, was.pid, was.comm
+            )),
+            None => out.push_str(&format!("bound {key} -> {to}\n")),
+        }
+    }
+    out
+}
+
+fn render_list(views: &[BindingView]) -> String {
+    if views.is_empty() {
+        return "no steering bindings in this network namespace\n".into();
+    }
+    let row = |cells: [&str; 8]| {
+        format!(
+            "{:<5} {:<20} {:<13} {:<24} {:<18} {:>8} {:>10} {:>8}\n",
+            cells[0], cells[1], cells[2], cells[3], cells[4], cells[5], cells[6], cells[7]
+        )
+    };
+    let mut out = row(["PROTO", "PREFIX", "PORTS", "TARGET", "PROCESS", "COOKIE", "HITS", "REFUSED"]);
+    for b in views {
+        let key = b.key();
+        let process = format!("{}/{}", b.record.pid, b.record.comm);
+        let target = if b.alive { b.record.target.to_string() } else { format!("{} (gone)", b.record.target) };
+        out.push_str(&row([
+            key.proto.name(),
+            &key.prefix.to_string(),
+            &key.ports.to_string(),
+            &target,
+            &process,
+            &b.record.cookie.to_string(),
+            &b.hits.to_string(),
+            &b.refused.to_string(),
+        ]));
+    }
+    out
+}
