@@ -179,6 +179,21 @@ impl Drop for Service {
     }
 }
 
+/// A free port on 127.0.0.1 that no other server of this test process was given: two calls of
+/// `free_port` may return the same port, and a server that then fails to bind would leave its
+/// readiness check talking to the other one.
+fn unique_port() -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let p = free_port();
+        if !given.contains(&p) {
+            given.push(p);
+            return p;
+        }
+    }
+}
+
 /// The median of `v` (the mean of the middle two for an even count).
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
@@ -210,7 +225,7 @@ impl Nginx {
     fn start(cg: Option<&TestCgroup>, dir: &TempDir, name: &str, www: &Path) -> Nginx {
         let prefix = dir.join(name);
         std::fs::create_dir_all(prefix.join("tmp")).unwrap();
-        let port = free_port();
+        let port = unique_port();
         let p = prefix.display();
         let conf = format!(
             "daemon off;\nworker_processes 1;\npid {p}/nginx.pid;\nerror_log {p}/error.log warn;\n\
@@ -331,6 +346,11 @@ fn nginx_under_accel_serves_intact_files_and_is_not_slower() {
     let mut page = Vec::new();
     send_pattern(&mut page, 13, 16 * 1024).unwrap();
     std::fs::write(www.join("page"), &page).unwrap();
+    // nginx's worker drops to an unprivileged user: whatever the umask, it must read them.
+    for (path, mode) in [(www.clone(), 0o755), (www.join("big"), 0o644), (www.join("page"), 0o644)] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
 
     let cg = TestCgroup::accelerated("nginx");
     let plain = Nginx::start(None, &dir, "plain", &www);
@@ -453,7 +473,7 @@ impl Postgres {
         c.args(&init[1..]).current_dir(&dir.0);
         stdout_of(c);
 
-        let port = free_port().to_string();
+        let port = unique_port().to_string();
         let server = as_pg_user(
             bin,
             "postgres",
