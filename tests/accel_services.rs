@@ -365,9 +365,11 @@ fn nginx_under_accel_serves_intact_files_and_is_not_slower() {
     assert!(r.bytes > 0, "nothing took the redirect: {r}");
 
     // Speed, interleaved (the machine is shared: plain loopback alone varies by 30% between runs).
+    // Seven download rounds: with five, the median ratio ranged 0.84-1.34x over 11 runs at load
+    // 5-11, and downloads leave the map after their first 10-30 MiB (plain TCP against plain TCP).
     let (mut dl_plain, mut dl_accel) = (Vec::new(), Vec::new());
     let (mut rq_plain, mut rq_accel) = (Vec::new(), Vec::new());
-    for round in 0..5 {
+    for round in 0..7 {
         dl_plain.push(curl_rate(None, &plain.url("big"), 4));
         dl_accel.push(curl_rate(Some(&cg), &accel.url("big"), 4));
         if round < 3 {
