@@ -26,7 +26,7 @@ for w in $sizes; do
     plain=$($L "$w" "$n" "$secs" "$mode" | sed 's/.*gbps=//')
     $S accel on --cgroup "$cg" >/dev/null
     accel=$($S accel run --cgroup "$cg" -- "$L" "$w" "$n" "$secs" "$mode" 2>/dev/null | sed 's/.*gbps=//')
-    path=$($S accel status --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print("%d / %d / %d / %d / %d / %d / %d" % (d["bytes"]>>20, d["passed_bytes"]>>20, d["pauses"], d["resumes"], d["demoted_small"], d["left"], d["stuck"]))')
+    path=$($S accel status --json | python3 -c 'import json,sys; d=[c for c in json.load(sys.stdin)["cgroups"] if c["cgroup"].endswith("/"+sys.argv[1])][0]; print("%d / %d / %d / %d / %d / %d / %d" % (d["bytes"]>>20, d["passed_bytes"]>>20, d["pauses"], d["resumes"], d["demoted_small"], d["left"], d["stuck"]))' "$cg")
     $S accel off --cgroup "$cg" --force >/dev/null
     printf '%-8s %-6s %8s %8s %6s  %s\n' "$w" "$n" "$plain" "$accel" "$(python3 -c "print('%.2f' % ($accel / $plain))")" "$path"
   done

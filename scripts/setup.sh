@@ -8,6 +8,8 @@ packages=(
   iproute2 bpftool                       # tests: netns set-up, pinned-state inspection
   netcat-openbsd ncat socat iperf3 curl  # tests: real clients
   redis-server                           # tests: accel with a real service (brings redis-tools)
+  nginx wrk                              # tests: accel_services (the test runs its own nginx)
+  postgresql                             # tests: accel_services (own cluster in a temp dir; pgbench, psql)
   python3                                # tests: http.server upstream
   systemd                                # tests: systemd-socket-activate, systemd-analyze verify
 )

@@ -605,9 +605,12 @@ impl Redis {
         panic!("redis-server did not start on port {}", redis.port);
     }
 
-    /// requests per second of SET and GET from redis-benchmark (in `cg` or plain).
+    /// requests per second of SET and GET from redis-benchmark (in `cg` or plain). About a
+    /// second per test: -P 16 runs ten times the requests (40,000 took 0.1 s and its figure
+    /// swung 0.6-3x between rounds).
     fn benchmark(&self, cg: Option<&TestCgroup>, pipeline: &str) -> (f64, f64) {
-        let args = ["redis-benchmark", "-p", &self.port, "-t", "set,get", "-n", "100000", "-P", pipeline, "--csv"];
+        let n = if pipeline == "1" { "40000" } else { "400000" };
+        let args = ["redis-benchmark", "-p", &self.port, "-t", "set,get", "-n", n, "-P", pipeline, "--csv"];
         let out = maybe_accel(cg, &args).output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(out.status.success(), "redis-benchmark failed: {text}{}", String::from_utf8_lossy(&out.stderr));
@@ -659,11 +662,24 @@ fn redis_under_accel_keeps_data_and_is_not_slower() {
     assert_eq!(got.len(), value.len(), "GET returned {} bytes", got.len());
     assert_eq!(sha(&got), sha(value.as_bytes()), "GET returned other bytes than SET stored");
 
+    // Three rounds each, interleaved, compared by their medians: one round each failed at 0.8x
+    // on this shared machine (load 10) while the next run measured 1.35x.
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
     for pipeline in ["1", "16"] {
-        let (ps, pg) = plain.benchmark(None, pipeline);
-        let (as_, ag) = accel.benchmark(Some(&cg), pipeline);
+        let (mut plain_runs, mut accel_runs) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            plain_runs.push(plain.benchmark(None, pipeline));
+            accel_runs.push(accel.benchmark(Some(&cg), pipeline));
+        }
+        let (ps, pg) =
+            (median(plain_runs.iter().map(|r| r.0).collect()), median(plain_runs.iter().map(|r| r.1).collect()));
+        let (as_, ag) =
+            (median(accel_runs.iter().map(|r| r.0).collect()), median(accel_runs.iter().map(|r| r.1).collect()));
         eprintln!(
-            "redis-benchmark -P {pipeline}: SET {as_:.0} vs plain {ps:.0} req/s ({:.2}x), GET {ag:.0} vs {pg:.0} ({:.2}x)",
+            "redis-benchmark -P {pipeline}, medians of 3: SET {as_:.0} vs plain {ps:.0} req/s ({:.2}x), GET {ag:.0} vs {pg:.0} ({:.2}x)",
             as_ / ps,
             ag / pg
         );
@@ -671,5 +687,5 @@ fn redis_under_accel_keeps_data_and_is_not_slower() {
         assert!(as_ >= 0.8 * ps && ag >= 0.8 * pg, "redis under accel is slower: -P {pipeline}");
     }
     let r = cg.report();
-    assert!(r.connections >= 50 && r.messages > 100_000, "redis-benchmark did not go through the redirect: {r}");
+    assert!(r.connections >= 50 && r.messages > 200_000, "redis-benchmark did not go through the redirect: {r}");
 }
