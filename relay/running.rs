@@ -22,6 +22,18 @@ pub struct Server {
     pub connections: usize,
     /// Where it serves --metrics, if it does.
     pub metrics: Option<SocketAddr>,
+    /// What its metrics say (None without --metrics, or when they did not answer in time).
+    pub live: Option<Live>,
+}
+
+/// A running relay's own figures, read from its `--metrics` endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Live {
+    /// Pairs it serves now.
+    pub pairs: u64,
+    /// Bytes inside the kernel between its pairs' sockets (`skrelay_kernel_inflight_bytes`):
+    /// redirected from one socket and not yet in the other's send queue.
+    pub kernel_inflight: u64,
 }
 
 impl Server {
@@ -33,6 +45,8 @@ impl Server {
             "datapath": self.datapath,
             "connections": self.connections,
             "metrics": self.metrics.map(|a| format!("http://{a}/metrics")),
+            "pairs": self.live.map(|l| l.pairs),
+            "kernel_inflight_bytes": self.live.map(|l| l.kernel_inflight),
         })
     }
 }
@@ -51,6 +65,9 @@ impl std::fmt::Display for Server {
         )?;
         if let Some(m) = self.metrics {
             write!(f, ", metrics at http://{m}/metrics")?;
+        }
+        if let Some(l) = self.live {
+            write!(f, "; {} pair(s), {} byte(s) in flight in the kernel", l.pairs, l.kernel_inflight)?;
         }
         Ok(())
     }
@@ -107,7 +124,8 @@ pub fn command_of(cmdline: &[u8]) -> Option<String> {
 
 fn inspect(dir: &Path, pid: u32, command: String, sockets: &[ProcSocket]) -> Option<Server> {
     let fds = fs::read_dir(dir.join("fd")).ok()?;
-    let mut server = Server { pid, command, listening: vec![], datapath: "userspace", connections: 0, metrics: None };
+    let mut server =
+        Server { pid, command, listening: vec![], datapath: "userspace", connections: 0, metrics: None, live: None };
     for fd in fds.flatten() {
         let Ok(target) = fs::read_link(fd.path()) else { continue };
         let target = target.to_string_lossy();
@@ -132,7 +150,29 @@ fn inspect(dir: &Path, pid: u32, command: String, sockets: &[ProcSocket]) -> Opt
         }
     }
     server.listening.sort();
+    server.live = server.metrics.and_then(live);
     Some(server)
+}
+
+/// Reads a relay's pairs and in-flight bytes from its metrics endpoint (one GET, 1 s at most).
+fn live(addr: SocketAddr) -> Option<Live> {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(1);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    s.set_write_timeout(Some(timeout)).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: skrelay\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.take(1 << 20).read_to_string(&mut text).ok()?;
+    let sum = |name: &str| -> Option<u64> {
+        let values: Vec<f64> = text
+            .lines()
+            .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{')))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum::<f64>() as u64)
+    };
+    Some(Live { pairs: sum("skrelay_pairs_active")?, kernel_inflight: sum("skrelay_kernel_inflight_bytes")? })
 }
 
 /// `skrelay status`'s section for running relays and proxies.

@@ -64,3 +64,55 @@ fn status_lists_running_relays_and_proxies() {
         drop(proxy);
     }
 }
+
+/// `status --json` shows what a running relay holds inside the kernel (issue 10): while B does
+/// not read, A's bytes wait in the kernel up to --kernel-buffer; once B has read them all, none.
+#[test]
+fn status_shows_the_bytes_a_kernel_relay_holds_in_flight() {
+    let _netns = enter_netns();
+    if !datapaths("status_shows_the_bytes_a_kernel_relay_holds_in_flight").contains(&"kernel") {
+        return;
+    }
+    const BUDGET: u64 = 1 << 20;
+    let relay = Skrelay::start(&[
+        "relay",
+        "--datapath",
+        "kernel",
+        "--kernel-after",
+        "0",
+        "--kernel-buffer",
+        "1M",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    let mut a = connect("127.0.0.1:7777".parse().unwrap());
+    let mut b = connect("127.0.0.1:7777".parse().unwrap());
+    let writer = std::thread::spawn(move || {
+        let sha = send_pattern(&mut a, 9, 64 << 20).unwrap();
+        a.shutdown(std::net::Shutdown::Write).unwrap();
+        (sha, a)
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut most = 0u64;
+    loop {
+        let r = find(relay.pid()).unwrap();
+        let inflight = r["kernel_inflight_bytes"].as_u64().unwrap_or_else(|| panic!("no kernel_inflight_bytes: {r}"));
+        most = most.max(inflight);
+        assert!(inflight <= BUDGET, "{inflight} bytes in flight, over --kernel-buffer: {r}");
+        if inflight > 0 && r["pairs"] == 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "status never showed bytes in flight: {r}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let got = recv_all(&mut b).unwrap();
+    let (sent, _a) = writer.join().unwrap();
+    assert_eq!(got, (64 << 20, sent));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while find(relay.pid()).unwrap()["kernel_inflight_bytes"] != 0 {
+        assert!(std::time::Instant::now() < deadline, "bytes still in flight after B read them all");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("status showed up to {most} bytes in flight in the kernel while B did not read");
+    drop(b);
+}
