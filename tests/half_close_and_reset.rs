@@ -265,7 +265,9 @@ fn the_end_of_pair_line_counts_exactly_what_each_receiver_got() {
 #[test]
 fn a_sender_that_half_closes_while_held_back_is_relayed_intact_then_eof() {
     let _netns = enter_netns();
-    const LEN: u64 = 16 << 20;
+    // More than the destination's send queue (8 MiB SO_SNDBUF, 16 MiB with overhead) and B's receive
+    // buffer hold, so the direction must park.
+    const LEN: u64 = 48 << 20;
     for dp in datapaths("a_sender_that_half_closes_while_held_back_is_relayed_intact_then_eof") {
         let relay = Skrelay::start(&["relay", "--datapath", dp, "--kernel-buffer", "256K"]);
         let mut a = connect(addr());

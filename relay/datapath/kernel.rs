@@ -76,6 +76,9 @@ struct Direction {
     held: Vec<u8>,
     /// None while the verdict redirects; the next wait while its bytes are parked.
     parked: Option<std::time::Duration>,
+    /// The destination's bytes_acked at the last look while parked: while its client reads,
+    /// a parked direction is looked at again soon; once it stops, the looks back off.
+    dst_acked: u64,
 }
 
 pub struct KernelDatapath {
@@ -207,10 +210,9 @@ impl Datapath for KernelDatapath {
                 Err(e) => Err(e),
             };
         }
-        // A pair starts on splice(2) and joins the maps once both queues are drained:
-        // - with a token line, which user space must read; a socket whose queue holds a partly
-        //   read skb never has the rest forwarded by the sockmap (its stream parser is handed the
-        //   whole skb's length), so splice(2) discards the line and moves whatever followed it;
+        // A pair starts on splice(2) and joins the maps once its pipes are empty:
+        // - with a token line, which splice(2) discards (the verdict would also cut off a partly
+        //   read skb's head, from copied_seq; the token path predates that and stays);
         // - until `join_after` bytes have passed: joining and leaving the maps costs more than a
         //   short connection's splicing (see BENCHMARKS.md, connections per second).
         let mut user = self.fallback.splice(ends, skip)?;
@@ -333,6 +335,7 @@ impl KernelState {
             let Some(delay) = self.directions.get(&cookie).and_then(|d| d.parked) else { continue };
             let next = match self.unpark(cookie) {
                 Ok(true) => continue,
+                Ok(false) if self.destination_reads(cookie) => budget::RECHECK_FIRST,
                 Ok(false) => budget::backoff(delay),
                 Err(Progress) => budget::RECHECK_FIRST,
             };
@@ -341,6 +344,16 @@ impl KernelState {
                 self.rechecks.push(Reverse((now + next, cookie)));
             }
         }
+    }
+
+    /// Whether the destination's client acknowledged bytes since the last look: it reads, so
+    /// room will come soon (a receiver that keeps up is not made to wait for a backed-off timer).
+    fn destination_reads(&mut self, cookie: u64) -> bool {
+        let Some(d) = self.directions.get_mut(&cookie) else { return false };
+        let Ok(c) = sys::tcp_counters(borrow_fd(d.dst)) else { return false };
+        let reads = c.bytes_acked != d.dst_acked;
+        d.dst_acked = c.bytes_acked;
+        reads
     }
 
     /// Moves a parked direction's bytes on if its destination has room: Ok(true) when the
@@ -530,6 +543,7 @@ impl KernelSplice {
                 written: 0,
                 held: Vec::new(),
                 parked: None,
+                dst_acked: 0,
             };
             state.directions.insert(from, direction);
         }
@@ -620,9 +634,11 @@ impl Drop for KernelSplice {
     }
 }
 
-/// A pair that starts in user space and moves into the kernel maps as soon as user space has
-/// drained both sockets' queues: bytes spliced so far are already in the destinations' send
-/// queues, so whatever the kernel redirects afterwards follows them in order.
+/// A pair that starts in user space and moves into the kernel maps as soon as both its pipes are
+/// empty: bytes spliced so far are already in the destinations' send queues, so whatever the
+/// kernel redirects afterwards follows them in order. The sources need not be drained, so a
+/// stream that never pauses joins too: what they still queue goes through the verdict at the
+/// join's kick, less the head of an skb splice(2) read part of (cut from copied_seq).
 struct Handover {
     user: Box<dyn Splice>,
     kernel: KernelSplice,

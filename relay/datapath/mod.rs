@@ -40,7 +40,9 @@ pub trait Splice {
     fn release(&mut self);
     /// Which datapath moves this pair's bytes, for the log.
     fn name(&self) -> &'static str;
-    /// Nothing is waiting to move: both sources are drained and nothing is buffered.
+    /// Nothing taken from the sources waits in user space: every byte moved so far is in the
+    /// destinations' send queues (what the sources still queue may be partly read: the kernel's
+    /// verdict cuts off what was read, from copied_seq), and no source has ended.
     fn idle(&self) -> bool {
         false
     }

@@ -59,8 +59,6 @@ struct Direction {
     pipe: Option<(Pipe, usize)>,
     in_pipe: usize,
     src_eof: bool,
-    /// The last read from the source found its queue empty.
-    src_drained: bool,
     moved: u64,
 }
 
@@ -71,7 +69,7 @@ pub struct UserspaceSplice {
 impl UserspaceSplice {
     /// Takes no pipe yet: `advance` takes one when it has bytes to move and gives it back empty.
     fn new() -> Self {
-        let direction = || Direction { pipe: None, in_pipe: 0, src_eof: false, src_drained: false, moved: 0 };
+        let direction = || Direction { pipe: None, in_pipe: 0, src_eof: false, moved: 0 };
         UserspaceSplice { dirs: [direction(), direction()] }
     }
 }
@@ -102,7 +100,6 @@ impl Direction {
             if let Some((pipe, capacity)) = &self.pipe {
                 if !self.src_eof && self.in_pipe < *capacity {
                     let r = sys::splice(src, &pipe.write, capacity - self.in_pipe);
-                    self.src_drained = would_block(&r);
                     match r {
                         Ok(0) => self.src_eof = true,
                         Ok(n) => self.in_pipe += n,
@@ -165,6 +162,7 @@ impl Splice for UserspaceSplice {
     }
 
     fn idle(&self) -> bool {
-        self.dirs.iter().all(|d| d.src_drained && !d.src_eof && d.in_pipe == 0)
+        // The sources need not be drained: a stream that never pauses joins too.
+        self.dirs.iter().all(|d| !d.src_eof && d.in_pipe == 0)
     }
 }
