@@ -103,6 +103,8 @@ static __always_inline void report(__u64 cookie)
  * remembers the sequence number of the next byte it has not handed on; the first verdict takes it
  * from copied_seq (what user space consumed). Returns the bytes cut, or -1 when they could not
  * be cut (the skb is then dropped and the pair marked for a reset). */
+#define CUT_CALLS_MAX 512
+
 static __always_inline long cut_repeated_head(struct __sk_buff *skb, struct relay_count *c)
 {
 	__u32 seq = 0;
@@ -133,8 +135,10 @@ static __always_inline long cut_repeated_head(struct __sk_buff *skb, struct rela
 		return len;
 	}
 	__s32 left = overlap;
-	/* bpf_skb_adjust_room cuts at most 4095 bytes a call (sk_skb_adjust_room). */
-	for (int i = 0; i < 64 && left > 0; i++) {
+	/* bpf_skb_adjust_room cuts at most 4095 bytes a call (sk_skb_adjust_room). TCP coalesces
+	 * queued segments into skbs of up to MAX_SKB_FRAGS pages of 64 KiB, and splice(2) before a
+	 * join can leave most of one read: up to CUT_CALLS_MAX x 4095 bytes (2 MiB) are cut. */
+	for (int i = 0; i < CUT_CALLS_MAX && left > 0; i++) {
 		__s32 n = left > 4095 ? 4095 : left;
 		if (bpf_skb_adjust_room(skb, -n, 0, 0))
 			goto broken;

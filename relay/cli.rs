@@ -162,12 +162,12 @@ pub struct SpliceArgs {
     /// Kernel datapath: bytes one direction of a pair may hold inside the host (received from one
     /// client, not yet acknowledged by the other). A sender past it is held back by TCP flow
     /// control until its partner's client reads. Takes K, M and G suffixes (powers of 1024).
-    #[arg(long, default_value = "4M", value_parser = parse_size, value_name = "BYTES")]
+    #[arg(long, default_value = "16M", value_parser = parse_size, value_name = "BYTES")]
     pub kernel_buffer: u64,
     /// Kernel datapath: bytes all kernel pairs together may hold: at most
     /// kernel-memory / (2 x kernel-buffer) pairs are in the kernel at once, and further pairs
     /// are spliced in user space until some end. K, M and G suffixes.
-    #[arg(long, default_value = "1G", value_parser = parse_size, value_name = "BYTES")]
+    #[arg(long, default_value = "2G", value_parser = parse_size, value_name = "BYTES")]
     pub kernel_memory: u64,
     /// On SIGINT/SIGTERM (or when a --takeover hands over), let live pairs finish for this long
     /// before closing them; seconds.

@@ -187,6 +187,13 @@ pub fn set_send_buffer(fd: impl AsFd, bytes: libc::c_int) -> io::Result<()> {
     rustix::net::sockopt::set_socket_send_buffer_size_force(&fd, size).or_else(|_| sock(&fd).set_send_buffer_size(size))
 }
 
+/// Sets a socket's receive buffer to `bytes` (the kernel doubles it), past net.core.rmem_max
+/// with SO_RCVBUFFORCE when the process has CAP_NET_ADMIN. It stops the buffer's autotuning.
+pub fn set_recv_buffer(fd: impl AsFd, bytes: libc::c_int) -> io::Result<()> {
+    let size = usize::try_from(bytes).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    rustix::net::sockopt::set_socket_recv_buffer_size_force(&fd, size).or_else(|_| sock(&fd).set_recv_buffer_size(size))
+}
+
 /// What kind of socket a descriptor is: (SO_DOMAIN, SO_PROTOCOL, SO_ACCEPTCONN), or `None` when
 /// it is not a socket at all.
 pub fn socket_kind(fd: impl AsFd) -> io::Result<Option<(i32, i32, bool)>> {

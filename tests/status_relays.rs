@@ -66,7 +66,8 @@ fn status_lists_running_relays_and_proxies() {
 }
 
 /// `status --json` shows what a running relay holds inside the kernel (issue 10): while B does
-/// not read, A's bytes wait in the kernel up to --kernel-buffer; once B has read them all, none.
+/// not read, A's bytes wait in the kernel (on B's psock queue, up to --kernel-buffer, and parked
+/// in A's own queue, up to its 8 MiB receive buffer); once B has read them all, none.
 #[test]
 fn status_shows_the_bytes_a_kernel_relay_holds_in_flight() {
     let _netns = enter_netns();
@@ -98,11 +99,11 @@ fn status_shows_the_bytes_a_kernel_relay_holds_in_flight() {
         let r = find(relay.pid()).unwrap();
         let inflight = r["kernel_inflight_bytes"].as_u64().unwrap_or_else(|| panic!("no kernel_inflight_bytes: {r}"));
         most = most.max(inflight);
-        assert!(inflight <= BUDGET, "{inflight} bytes in flight, over --kernel-buffer: {r}");
+        assert!(inflight <= BUDGET + (10 << 20), "{inflight} bytes in flight, over --kernel-buffer + 10 MiB: {r}");
         if inflight > 0 && r["pairs"] == 1 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "status never showed bytes in flight: {r}");
+        assert!(std::time::Instant::now() < deadline, "status never showed bytes in flight: {r}\n{}", relay.log());
         std::thread::sleep(Duration::from_millis(100));
     }
     let got = recv_all(&mut b).unwrap();

@@ -8,16 +8,17 @@
 //! where it counts against the source's receive buffer: TCP's window then holds the sender back
 //! exactly as on the userspace datapath. Halfway through a budget the verdict asks user space for
 //! the next one, so a pair whose psock keeps up never parks. Once parked, user space waits until
-//! the psock queue is empty, writes the parked bytes on itself (at most a receive buffer's worth
-//! at a time) and lets the verdict redirect again; no skb overtakes a parked one.
+//! the psock queue is empty, peeks the parked bytes and writes them on itself, lets the verdict
+//! redirect again, and only then consumes them (so the source's window stays closed while it
+//! catches up); no skb overtakes a parked one.
 //!
 //! This module is the pure part: the numbers and the decisions. kernel.rs does the syscalls.
 use std::time::Duration;
 
 /// Default bytes one direction of a kernel pair may hold between its sockets.
-pub const DEFAULT_PER_DIRECTION: u64 = 4 << 20;
-/// Default bytes all kernel pairs together may hold: 128 pairs at the default budget.
-pub const DEFAULT_TOTAL: u64 = 1 << 30;
+pub const DEFAULT_PER_DIRECTION: u64 = 16 << 20;
+/// Default bytes all kernel pairs together may hold: 64 pairs at the default budget.
+pub const DEFAULT_TOTAL: u64 = 2 << 30;
 /// First and longest wait between looks at a parked direction.
 pub const RECHECK_FIRST: Duration = Duration::from_micros(250);
 pub const RECHECK_MAX: Duration = Duration::from_millis(100);
@@ -123,7 +124,7 @@ mod tests {
 
     #[test]
     fn the_total_bounds_how_many_pairs_join() {
-        assert_eq!(Limits::default().max_pairs(), 128);
+        assert_eq!(Limits::default().max_pairs(), 64);
         assert_eq!(Limits { per_direction: 1 << 20, total: 64 << 20 }.max_pairs(), 32);
         // Never zero: one pair may always join.
         assert_eq!(Limits { per_direction: 1 << 30, total: 1 }.max_pairs(), 1);

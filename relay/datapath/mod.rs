@@ -73,8 +73,8 @@ pub trait Datapath {
     fn tend(&mut self, _now: Instant) -> Option<Instant> {
         None
     }
-    /// Bytes that left one socket of a pair and that the other's client has not acknowledged,
-    /// over every pair this datapath moves inside the kernel.
+    /// Bytes inside the kernel between the sockets of this datapath's pairs: taken from one
+    /// socket and not yet in the other's send queue.
     fn in_flight(&self) -> u64 {
         0
     }
