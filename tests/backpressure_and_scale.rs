@@ -137,7 +137,7 @@ fn two_thousand_concurrent_pairs_each_exchange_64_kib_both_ways(dp: &str) {
     let _netns = enter_netns();
     const PAIRS: usize = 2000;
     const LEN: usize = 64 * 1024;
-    let relay = Skrelay::start(&["relay", "--datapath", dp, "--max-pending", "4000"]);
+    let relay = Skrelay::start(&["relay", "--datapath", dp, "--max-pending", "4000", "--metrics", "127.0.0.1:0"]);
     let t0 = Instant::now();
     // Connect all 4,000 clients first (arrival order pairs 2i with 2i+1), then exchange.
     let mut clients: Vec<Client> = (0..2 * PAIRS)
@@ -202,10 +202,13 @@ fn two_thousand_concurrent_pairs_each_exchange_64_kib_both_ways(dp: &str) {
         t0.elapsed().as_secs_f64()
     );
     drop(clients);
-    relay.wait_log("ended after", PAIRS, Duration::from_secs(30));
+    // A kernel relay whose socket map fills sends further pairs to userspace: count both.
+    let m = relay.wait_pairs_ended(PAIRS as u64, Duration::from_secs(30));
+    let eof = m.pairs(dp, "eof") + if dp == "kernel" { m.pairs("userspace", "eof") } else { 0 };
+    assert_eq!(eof, PAIRS as u64, "{dp}: every pair ended with EOF both ways:\n{}", m.text);
+    assert_eq!(m.sum("skrelay_bytes_total"), 2 * 65536 * PAIRS as u64, "{dp}: 64 KiB each way:\n{}", m.text);
     let (status, log) = relay.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");
-    assert_eq!(log.matches("65536 bytes").count(), 2 * PAIRS, "{dp}: every pair logs 64 KiB each way");
 }
 
 per_datapath!(two_thousand_concurrent_pairs_each_exchange_64_kib_both_ways);

@@ -17,7 +17,7 @@ fn addr() -> SocketAddr {
 fn half_close_delivers_every_byte_then_eof_and_the_other_way_stays_open(dp: &str) {
     let _netns = enter_netns();
     const LEN: u64 = 8 << 20;
-    let relay = Skrelay::start(&["relay", "--datapath", dp]);
+    let relay = Skrelay::start(&["relay", "--datapath", dp, "--metrics", "127.0.0.1:0"]);
     let mut a = connect(addr());
     let mut b = connect(addr());
     // A sends 8 MiB and shuts down its write side at once: the FIN must not overtake data.
@@ -32,8 +32,10 @@ fn half_close_delivers_every_byte_then_eof_and_the_other_way_stays_open(dp: &str
     assert_eq!((n, &got), (LEN, &sent), "{dp}: B reads all of A, then EOF");
     eprintln!("{dp}: EOF {:?} after A's last byte was written", t.elapsed());
     // B can still talk to A, for as long as it likes, until B closes.
+    let mut replies = 0;
     for round in 0..3u64 {
         let msg = format!("reply {round} from B\n");
+        replies += msg.len() as u64;
         b.write_all(msg.as_bytes()).unwrap();
         assert_eq!(read_n(&mut a, msg.len()), msg.as_bytes(), "{dp}");
         thread::sleep(Duration::from_millis(50));
@@ -42,7 +44,9 @@ fn half_close_delivers_every_byte_then_eof_and_the_other_way_stays_open(dp: &str
     b.shutdown(Shutdown::Write).unwrap();
     let (n, got) = recv_all(&mut a).unwrap();
     assert_eq!((n, got), (1 << 20, sent_b), "{dp}: A reads B's bytes then EOF");
-    relay.wait_log("ended", 1, Duration::from_secs(5));
+    let m = relay.wait_pairs_ended(1, Duration::from_secs(5));
+    assert_eq!(m.pairs(dp, "eof"), 1, "{dp}: a pair that ended with EOF both ways:\n{}", m.text);
+    assert_eq!(m.bytes(dp), LEN + replies + (1 << 20), "{dp}: every byte counted once:\n{}", m.text);
     let (status, log) = relay.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");
 }
@@ -51,7 +55,7 @@ per_datapath!(half_close_delivers_every_byte_then_eof_and_the_other_way_stays_op
 
 fn a_reset_on_one_side_resets_the_other(dp: &str) {
     let _netns = enter_netns();
-    let relay = Skrelay::start(&["relay", "--datapath", dp]);
+    let relay = Skrelay::start(&["relay", "--datapath", dp, "--metrics", "127.0.0.1:0"]);
     let mut a = connect(addr());
     let mut b = connect(addr());
     a.write_all(b"hello").unwrap();
@@ -63,7 +67,8 @@ fn a_reset_on_one_side_resets_the_other(dp: &str) {
     let mut buf = [0u8; 16];
     let r = b.read(&mut buf);
     assert!(matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset), "{dp}: B should see a reset, got {r:?}");
-    relay.wait_log("reset", 1, Duration::from_secs(5));
+    let m = relay.wait_pairs_ended(1, Duration::from_secs(5));
+    assert_eq!((m.pairs(dp, "reset"), m.pairs(dp, "eof")), (1, 0), "{dp}: the pair ended in a reset:\n{}", m.text);
     // The relay keeps serving.
     let mut c = connect(addr());
     let mut d = connect(addr());
@@ -78,7 +83,7 @@ per_datapath!(a_reset_on_one_side_resets_the_other);
 
 fn a_client_that_resets_mid_stream_resets_its_partner_only(dp: &str) {
     let _netns = enter_netns();
-    let relay = Skrelay::start(&["relay", "--datapath", dp]);
+    let relay = Skrelay::start(&["relay", "--datapath", dp, "--metrics", "127.0.0.1:0"]);
     let a = connect(addr());
     let mut b = connect(addr());
     // A streams until told to stop; its bytes are in flight through the relay when it resets.
@@ -117,7 +122,8 @@ fn a_client_that_resets_mid_stream_resets_its_partner_only(dp: &str) {
         matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset),
         "{dp}: B must see the reset, got {end:?}"
     );
-    relay.wait_log("reset", 1, Duration::from_secs(5));
+    let m = relay.wait_pairs_ended(1, Duration::from_secs(5));
+    assert_eq!((m.pairs(dp, "reset"), m.pairs(dp, "eof")), (1, 0), "{dp}: the pair ended in a reset:\n{}", m.text);
     let (status, log) = relay.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");
 }
@@ -220,7 +226,7 @@ per_datapath!(a_relay_killed_mid_transfer_leaves_its_readers_a_reset_not_an_eof)
 fn the_end_of_pair_line_counts_exactly_what_each_receiver_got(dp: &str) {
     let _netns = enter_netns();
     for reset in [false, true] {
-        let relay = Skrelay::start(&["relay", "--datapath", dp]);
+        let relay = Skrelay::start(&["relay", "--datapath", dp, "--metrics", "127.0.0.1:0"]);
         let mut a = connect(addr());
         let mut b = connect(addr());
         send_pattern(&mut a, 9, 100_000).unwrap();
@@ -230,14 +236,16 @@ fn the_end_of_pair_line_counts_exactly_what_each_receiver_got(dp: &str) {
         if reset {
             socket2::SockRef::from(&a).set_linger(Some(Duration::ZERO)).unwrap();
             drop((a, b));
-            relay.wait_log(" reset (", 1, Duration::from_secs(5));
         } else {
             a.shutdown(Shutdown::Write).unwrap();
             b.shutdown(Shutdown::Write).unwrap();
             expect_eof(&mut a);
             expect_eof(&mut b);
-            relay.wait_log(" ended after ", 1, Duration::from_secs(5));
         }
+        let m = relay.wait_pairs_ended(1, Duration::from_secs(5));
+        let ending = if reset { "reset" } else { "eof" };
+        assert_eq!(m.pairs(dp, ending), 1, "{dp}: one pair, ended by {ending}:\n{}", m.text);
+        assert_eq!(m.bytes(dp), 100_010, "{dp}, {ending}: exactly what the receivers got:\n{}", m.text);
         let (_, log) = relay.stop(Duration::from_secs(10));
         let line = log.lines().find(|l| l.contains("pair ") && l.contains(" bytes ")).expect("end-of-pair line");
         assert!(
@@ -259,7 +267,7 @@ fn a_sender_that_half_closes_while_held_back_is_relayed_intact_then_eof(dp: &str
     // More than the destination's send queue (8 MiB SO_SNDBUF, 16 MiB with overhead) and B's receive
     // buffer hold, so the direction must park.
     const LEN: u64 = 48 << 20;
-    let relay = Skrelay::start(&["relay", "--datapath", dp, "--kernel-buffer", "256K"]);
+    let relay = Skrelay::start(&["relay", "--datapath", dp, "--kernel-buffer", "256K", "--metrics", "127.0.0.1:0"]);
     let mut a = connect(addr());
     let mut b = connect(addr());
     let mut w = a.try_clone().unwrap();
@@ -278,7 +286,9 @@ fn a_sender_that_half_closes_while_held_back_is_relayed_intact_then_eof(dp: &str
     let back = send_pattern(&mut b, 6, 1 << 20).unwrap();
     b.shutdown(Shutdown::Write).unwrap();
     assert_eq!(recv_all(&mut a).unwrap(), (1 << 20, back), "{dp}: A reads B's bytes then EOF");
-    relay.wait_log("ended", 1, Duration::from_secs(5));
+    let m = relay.wait_pairs_ended(1, Duration::from_secs(5));
+    assert_eq!(m.pairs(dp, "eof"), 1, "{dp}: the pair ended with EOF both ways:\n{}", m.text);
+    assert_eq!(m.bytes(dp), LEN + (1 << 20), "{dp}: exactly what the receivers got:\n{}", m.text);
     let (status, log) = relay.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");
     let line = log.lines().find(|l| l.contains(" ended after ")).expect("end-of-pair line");

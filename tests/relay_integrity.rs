@@ -19,7 +19,7 @@ fn addr() -> SocketAddr {
 fn every_byte_arrives_once_and_in_order_both_ways_256mib(dp: &str) {
     let _netns = enter_netns();
     const LEN: u64 = 256 << 20;
-    let relay = Skrelay::start(&["relay", "--datapath", dp]);
+    let relay = Skrelay::start(&["relay", "--datapath", dp, "--metrics", "127.0.0.1:0"]);
     let a = connect(addr());
     let b = connect(addr());
     let t0 = std::time::Instant::now();
@@ -34,7 +34,9 @@ fn every_byte_arrives_once_and_in_order_both_ways_256mib(dp: &str) {
         "{dp}: 2 x 256 MiB at once in {secs:.2}s ({:.2} Gbit/s each way, sha256 checked)",
         LEN as f64 * 8.0 / secs / 1e9
     );
-    relay.wait_log(&format!("{} bytes", LEN), 2, Duration::from_secs(10));
+    let m = relay.wait_pairs_ended(1, Duration::from_secs(10));
+    assert_eq!(m.pairs(dp, "eof"), 1, "{dp}: the pair ended with EOF both ways:\n{}", m.text);
+    assert_eq!(m.bytes(dp), 2 * LEN, "{dp}: every byte counted once:\n{}", m.text);
     let (status, log) = relay.stop(Duration::from_secs(10));
     assert!(status.success(), "{dp}: exit {status}\n{log}");
     assert!(!log.contains("stayed in a relay socket's queue"), "{dp}: {log}");
@@ -125,7 +127,7 @@ fn token_pairs_keep_every_byte_and_move_into_the_kernel(dp: &str) {
     // must join the kernel maps without losing, duplicating or reordering a byte.
     let _netns = enter_netns();
     const LEN: u64 = 32 << 20;
-    let relay = Skrelay::start(&["relay", "--datapath", dp, "--pair", "token"]);
+    let relay = Skrelay::start(&["relay", "--datapath", dp, "--pair", "token", "--metrics", "127.0.0.1:0"]);
     let start = |seed: u64| {
         let mut s = connect(addr());
         let mut first = b"the-token\n".to_vec();
@@ -171,17 +173,14 @@ fn token_pairs_keep_every_byte_and_move_into_the_kernel(dp: &str) {
     let (ja, jb) = (run(a, 31), run(b, 32));
     assert_eq!(jb.join().unwrap(), (LEN, pattern_sha(31, LEN)), "{dp}: A -> B");
     assert_eq!(ja.join().unwrap(), (LEN, pattern_sha(32, LEN)), "{dp}: B -> A");
+    let m = relay.wait_pairs_ended(1, Duration::from_secs(5));
+    // A token pair starts on splice(2) (the token line is read in user space) and joins the maps.
+    let path = if dp == "kernel" { "kernel, after a userspace start" } else { "userspace" };
+    assert_eq!(m.paths(path), 1, "{dp}: the pair should have ended on `{path}`:\n{}", m.text);
+    // (skrelay_pairs_total labels a pair by where it started: a token pair starts on splice(2).)
+    assert_eq!(m.sum("skrelay_bytes_total"), 2 * LEN, "{dp}: every byte counted once:\n{}", m.text);
     let (status, log) = relay.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");
-    if dp == "kernel" {
-        let redirected: u64 = log
-            .split("kernel datapath: ")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
-        assert!(redirected > 0, "the pair never moved into the kernel:\n{log}");
-    }
 }
 
 per_datapath!(token_pairs_keep_every_byte_and_move_into_the_kernel);
@@ -190,7 +189,7 @@ fn a_client_that_half_closed_before_pairing_is_still_relayed(dp: &str) {
     // A few bytes and a FIN, all received before the partner exists: the socket is in
     // CLOSE_WAIT when the pair forms, which a socket map refuses; the pair must still work.
     let _netns = enter_netns();
-    let relay = Skrelay::start(&["relay", "--datapath", dp]);
+    let relay = Skrelay::start(&["relay", "--datapath", dp, "--metrics", "127.0.0.1:0"]);
     for round in 0..20 {
         let mut a = connect(addr());
         a.write_all(b"short request").unwrap();
@@ -202,9 +201,12 @@ fn a_client_that_half_closed_before_pairing_is_still_relayed(dp: &str) {
         b.shutdown(Shutdown::Write).unwrap();
         assert_eq!(recv_all(&mut a).unwrap(), (5, sha(b"reply")), "{dp}, round {round}");
     }
+    // Every pair was spliced (one that could not be is reset and never counted) and ended whole.
+    let m = relay.wait_pairs_ended(20, Duration::from_secs(5));
+    assert_eq!(m.pairs(dp, "eof"), 20, "{dp}:\n{}", m.text);
+    assert_eq!(m.bytes(dp), 20 * 18, "{dp}:\n{}", m.text);
     let (status, log) = relay.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");
-    assert!(!log.contains("closed: cannot splice"), "{log}");
 }
 
 per_datapath!(a_client_that_half_closed_before_pairing_is_still_relayed);
@@ -218,7 +220,7 @@ fn by_default_a_short_pair_stays_on_splice_and_a_long_one_joins_the_kernel_intac
         return;
     }
     let mut cmd = std::process::Command::new(SKRELAY);
-    cmd.args(["relay", "--datapath", "kernel"]); // no --kernel-after: the default
+    cmd.args(["relay", "--datapath", "kernel", "--metrics", "127.0.0.1:0"]); // no --kernel-after: the default
     let relay = Skrelay::spawn(cmd, "listening on");
 
     // Short: a request and a reply, then EOF both ways; it never joins the maps.
@@ -232,7 +234,8 @@ fn by_default_a_short_pair_stays_on_splice_and_a_long_one_joins_the_kernel_intac
     expect_eof(&mut b);
     b.shutdown(Shutdown::Write).unwrap();
     expect_eof(&mut a);
-    relay.wait_log("(userspace, below --kernel-after)", 1, Duration::from_secs(5));
+    let m = relay.wait_pairs_ended(1, Duration::from_secs(5));
+    assert_eq!(m.paths("userspace, below --kernel-after"), 1, "the short pair stays on splice:\n{}", m.text);
 
     // Long: 256 KiB one way, read in full (the pair goes idle past 64 KiB and joins), then
     // 32 MiB both ways at once with half-close, every byte checked.
@@ -247,7 +250,10 @@ fn by_default_a_short_pair_stays_on_splice_and_a_long_one_joins_the_kernel_intac
     let (sent_b, got_b) = jb.join().unwrap();
     assert_eq!(got_b, (LEN, sent_a), "A -> B after the join");
     assert_eq!(got_a, (LEN, sent_b), "B -> A after the join");
-    relay.wait_log("(kernel, after a userspace start)", 1, Duration::from_secs(10));
+    let m = relay.wait_pairs_ended(2, Duration::from_secs(10));
+    assert_eq!(m.paths("kernel, after a userspace start"), 1, "the long pair joins the kernel:\n{}", m.text);
+    assert_eq!(m.pairs("kernel", "eof"), 2, "{}", m.text);
+    assert_eq!(m.bytes("kernel"), 12 + (256 << 10) + 2 * LEN, "every byte counted once:\n{}", m.text);
     let (status, log) = relay.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");
 }
@@ -264,7 +270,7 @@ fn by_default_a_stream_that_never_pauses_joins_the_kernel_intact() {
         return;
     }
     let mut cmd = std::process::Command::new(SKRELAY);
-    cmd.args(["relay", "--datapath", "kernel"]); // no --kernel-after: the default
+    cmd.args(["relay", "--datapath", "kernel", "--metrics", "127.0.0.1:0"]); // no --kernel-after: the default
     let relay = Skrelay::spawn(cmd, "listening on");
     const LEN: u64 = 128 << 20;
     for round in 0..4u64 {
@@ -275,12 +281,11 @@ fn by_default_a_stream_that_never_pauses_joins_the_kernel_intact() {
         assert_eq!(got_b, (LEN, sent_a), "round {round}: A -> B");
         assert_eq!(got_a, (LEN, sent_b), "round {round}: B -> A");
     }
-    relay.wait_log(" ended after ", 4, Duration::from_secs(10));
+    let m = relay.wait_pairs_ended(4, Duration::from_secs(10));
+    assert_eq!(m.paths("kernel, after a userspace start"), 4, "every pair should have joined the kernel:\n{}", m.text);
+    assert_eq!(m.bytes("kernel"), 4 * 2 * LEN, "every byte counted once:\n{}", m.text);
     let (status, log) = relay.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");
-    let joined =
-        log.lines().filter(|l| l.contains(" ended after ") && l.ends_with("(kernel, after a userspace start)")).count();
-    assert_eq!(joined, 4, "every pair should have joined the kernel:\n{log}");
 }
 
 #[test]

@@ -68,6 +68,7 @@ fn socket_activation_serves_the_passed_socket_and_notifies_on_both_datapaths(dp:
     let mut cmd = Command::new("systemd-socket-activate");
     cmd.args(["-l", "127.0.0.1:7777", "-E", &format!("NOTIFY_SOCKET={}", notify.path.display())])
         .args(["-E", "RUST_LOG=info", SKRELAY, "relay", "--datapath", dp, "--kernel-after", "0"])
+        .args(["--metrics", "127.0.0.1:0"])
         // Would be bound without socket activation; with it, nothing listens there.
         .args(["--listen", "127.0.0.1:7788"]);
     // systemd-socket-activate holds the socket and starts skrelay at the first connection.
@@ -88,7 +89,9 @@ fn socket_activation_serves_the_passed_socket_and_notifies_on_both_datapaths(dp:
     assert!(ready.starts_with("READY=1\n"), "{ready:?}");
     assert!(ready.contains("STATUS=listening on 127.0.0.1:7777"), "{ready:?}");
     // The exec'd skrelay keeps systemd-socket-activate's pid: SIGTERM reaches skrelay.
-    relay.wait_log("ended after", 1, Duration::from_secs(10));
+    let m = relay.wait_pairs_ended(1, Duration::from_secs(10));
+    assert_eq!(m.pairs(dp, "eof"), 1, "{dp}: the pair ended with EOF both ways:\n{}", m.text);
+    assert_eq!(m.bytes(dp), 2 * LEN, "{dp}: every byte counted once:\n{}", m.text);
     let (status, log) = relay.stop(Duration::from_secs(10));
     assert!(notify.recv().starts_with("STOPPING=1\n"), "{dp}");
     assert!(status.success(), "{dp}: {status}\n{log}");
