@@ -74,6 +74,8 @@ fn bytes_sent_while_the_upstream_connection_is_made_arrive_in_order(dp: &str) {
         "127.0.0.1:9001",
         "--upstream",
         "127.0.0.1:9002",
+        "--metrics",
+        "127.0.0.1:0",
     ]);
     let t0 = Instant::now();
     let mut client = connect(proxy_addr());
@@ -82,11 +84,12 @@ fn bytes_sent_while_the_upstream_connection_is_made_arrive_in_order(dp: &str) {
     assert!(t0.elapsed() >= Duration::from_millis(400), "{dp}: the first upstream was not waited for");
     client.shutdown(Shutdown::Write).unwrap();
     assert_eq!(recv_all(&mut server).unwrap(), (1 << 20, early), "{dp}");
-    proxy.wait_log(
-        "upstream 127.0.0.1:9001: no answer within --connect-timeout; marked down for 10s",
-        1,
-        Duration::from_secs(5),
-    );
+    let m = proxy.wait_metrics("the first upstream marked down", Duration::from_secs(5), |m| {
+        m.get("skrelay_upstream_up{upstream=\"127.0.0.1:9001\"}") == 0
+    });
+    assert_eq!(m.get("skrelay_upstream_connect_failures_total{upstream=\"127.0.0.1:9001\"}"), 1, "{dp}:\n{}", m.text);
+    assert_eq!(m.get("skrelay_upstream_up{upstream=\"127.0.0.1:9002\"}"), 1, "{dp}:\n{}", m.text);
+    assert_eq!(m.get("skrelay_upstream_connect_failures_total{upstream=\"127.0.0.1:9002\"}"), 0, "{dp}:\n{}", m.text);
     // Marked down: the next client goes straight to the second upstream.
     let t1 = Instant::now();
     let mut c2 = connect(proxy_addr());
@@ -147,7 +150,15 @@ fn upstreams_are_used_round_robin_and_a_refusing_one_is_skipped() {
 #[test]
 fn a_client_is_reset_when_no_upstream_can_be_reached_and_the_proxy_keeps_serving() {
     let _netns = enter_netns();
-    let proxy = Skrelay::start(&["proxy", "--datapath", "userspace", "--upstream", "127.0.0.1:9020"]);
+    let proxy = Skrelay::start(&[
+        "proxy",
+        "--datapath",
+        "userspace",
+        "--upstream",
+        "127.0.0.1:9020",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
     // The proxy accepts, fails to reach the upstream and resets the client, all within microseconds
     // on loopback: the reset may already be there when connect(2) reports, so it counts there too.
     let r = TcpStream::connect_timeout(&proxy_addr(), Duration::from_secs(5)).and_then(|mut c| {
@@ -155,7 +166,12 @@ fn a_client_is_reset_when_no_upstream_can_be_reached_and_the_proxy_keeps_serving
         c.read(&mut [0u8; 1])
     });
     assert!(matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset), "expected a reset, got {r:?}");
-    proxy.wait_log("no upstream could be reached", 1, Duration::from_secs(5));
+    let m = proxy.wait_metrics("a failed connect", Duration::from_secs(5), |m| {
+        m.get("skrelay_upstream_connect_failures_total{upstream=\"127.0.0.1:9020\"}") > 0
+    });
+    assert_eq!(m.get("skrelay_upstream_connect_failures_total{upstream=\"127.0.0.1:9020\"}"), 1, "{}", m.text);
+    assert_eq!(m.get("skrelay_upstream_up{upstream=\"127.0.0.1:9020\"}"), 0, "{}", m.text);
+    assert_eq!(m.sum("skrelay_pairs_total"), 0, "a client without an upstream is no pair:\n{}", m.text);
     // The upstream comes up: the next client is served (down upstreams are still tried last).
     let upstream = TcpListener::bind("127.0.0.1:9020").unwrap();
     let (mut c, mut s) = through(&upstream);

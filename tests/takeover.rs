@@ -120,15 +120,17 @@ fn a_connect_loop_across_a_proxy_takeover_loses_no_connection_on_both_datapaths(
     assert!(new_log.contains(&format!("took over the listening socket of process {}", old.pid())), "{new_log}");
     // The new process logs a pair's end just after its client saw EOF.
     let by_old = pairs_ended(&old_log);
-    new.wait_log(" ended after ", TOTAL as usize - by_old, Duration::from_secs(10));
-    let by_new = pairs_ended(&new.log());
-    assert_eq!(by_old + by_new, TOTAL as usize, "{dp}: every request is one pair, ended in one of them");
+    // The old process is gone with its counters: its end-of-pair lines are what is left of them.
+    // The new one serves the metrics socket it took (at the same address), counting its own pairs.
+    let left = TOTAL - by_old as u64;
+    let m = new.wait_metrics(&format!("{left} pairs ended"), Duration::from_secs(10), |m| {
+        m.sum("skrelay_pairs_total") >= left
+    });
+    assert_eq!(new.metrics_addr().to_string(), METRICS, "{dp}: the new process serves the metrics socket it took");
+    let by_new = m.pairs(dp, "eof");
+    assert_eq!(m.sum("skrelay_pairs_total"), by_new, "{dp}: every pair ended with EOF:\n{}", m.text);
+    assert_eq!(by_old as u64 + by_new, TOTAL, "{dp}: every request is one pair, ended in one of them");
     assert!(by_new > 0 && by_old >= 600, "{dp}: old served {by_old}, new {by_new}");
-    // The new process serves the metrics socket it took, and counts only its own pairs.
-    let out = std::process::Command::new("curl").args(["-sS", "--fail", &format!("http://{METRICS}/metrics")]).output();
-    let text = String::from_utf8_lossy(&out.unwrap().stdout).into_owned();
-    let eof = format!("skrelay_pairs_total{{datapath=\"{dp}\",ending=\"eof\"}} {by_new}\n");
-    assert!(text.contains(&eof), "{dp}: expected `{eof}` from the new process:\n{text}");
     eprintln!(
         "{dp}: {TOTAL} requests through a takeover at request {at}: none failed; old served {by_old} and \
          exited {:.0} ms after the new one started, new served {by_new}",
@@ -148,21 +150,25 @@ fn a_relay_takeover_keeps_live_pairs_in_the_old_process_until_they_end(dp: &str)
     a.write_all(b"before").unwrap();
     assert_eq!(read_n(&mut b, 6), b"before");
     let pid = old.pid().to_string();
-    let new = Skrelay::start(&["relay", "--datapath", dp, "--takeover", &pid]);
+    let new = Skrelay::start(&["relay", "--datapath", dp, "--takeover", &pid, "--metrics", "127.0.0.1:0"]);
     old.wait_log("SIGUSR2 (handing over", 1, Duration::from_secs(5));
     // New clients pair in the new process while the old pair keeps going in the old one.
     let (c, d) = (connect(addr), connect(addr));
     let (jc, jd) = (exchange(c, 1, 4 << 20), exchange(d, 2, 4 << 20));
     let ((sent_c, got_c), (sent_d, got_d)) = (jc.join().unwrap(), jd.join().unwrap());
     assert_eq!((got_c, got_d), ((4 << 20, sent_d), (4 << 20, sent_c)), "{dp}");
-    new.wait_log(" ended after ", 1, Duration::from_secs(5));
+    let m = new.wait_pairs_ended(1, Duration::from_secs(5));
+    assert_eq!((m.pairs(dp, "eof"), m.bytes(dp)), (1, 8 << 20), "{dp}: the new pair, in the new process:\n{}", m.text);
     let (ja, jb) = (exchange(a, 3, 4 << 20), exchange(b, 4, 4 << 20));
     let ((sent_a, got_a), (sent_b, got_b)) = (ja.join().unwrap(), jb.join().unwrap());
     assert_eq!((got_a, got_b), ((4 << 20, sent_b), (4 << 20, sent_a)), "{dp}");
     let mut old = old;
     assert!(old.wait(Duration::from_secs(10)).success(), "{}", old.log());
     old.wait_log("stopped", 1, Duration::from_secs(5)); // the last lines, read after the exit
+                                                        // The old process's counters went with it: its end-of-pair lines are what is left of them.
     assert_eq!(pairs_ended(&old.log()), 1, "{dp}:\n{}", old.log());
+    let m = new.metrics();
+    assert_eq!(m.sum("skrelay_pairs_total"), 1, "{dp}: the old pair never moved to the new process:\n{}", m.text);
     let (status, log) = new.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");
 }
