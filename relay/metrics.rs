@@ -55,12 +55,14 @@ pub type Sampler = Box<dyn Fn() -> u64 + Send + Sync>;
 type Label = [(&'static str, &'static str); 1];
 type EndLabels = [(&'static str, &'static str); 2];
 type UpstreamLabel = [(&'static str, String); 1];
+type PathLabel = [(&'static str, &'static str); 1];
 
 struct Inner {
     registry: Registry,
     pairs_active: Family<Label, Gauge>,
     pairs_total: Family<EndLabels, Counter>,
     bytes_total: Family<Label, Counter>,
+    paths_total: Family<PathLabel, Counter>,
     kernel_inflight: Gauge,
     pending: Gauge,
     upstream_up: Family<UpstreamLabel, Gauge>,
@@ -92,6 +94,7 @@ impl Metrics {
         let pairs_active = Family::<Label, Gauge>::default();
         let pairs_total = Family::<EndLabels, Counter>::default();
         let bytes_total = Family::<Label, Counter>::default();
+        let paths_total = Family::<PathLabel, Counter>::default();
         let kernel_inflight = Gauge::default();
         let pending = Gauge::default();
         let upstream_up = Family::<UpstreamLabel, Gauge>::default();
@@ -106,6 +109,12 @@ impl Metrics {
             "skrelay_bytes",
             "Payload bytes delivered by pairs that ended (both directions), by datapath",
             bytes_total.clone(),
+        );
+        registry.register(
+            "skrelay_pair_paths",
+            "Pairs that ended, by the path that carried them at the end, as the end-of-pair log line names it \
+             (kernel; kernel, after a userspace start; userspace, below --kernel-after; ...)",
+            paths_total.clone(),
         );
         registry.register(
             "skrelay_kernel_inflight_bytes",
@@ -140,6 +149,7 @@ impl Metrics {
                 pairs_active,
                 pairs_total,
                 bytes_total,
+                paths_total,
                 kernel_inflight,
                 pending,
                 upstream_up,
@@ -154,6 +164,11 @@ impl Metrics {
     pub fn pair_started(&self, datapath: &'static str) -> PairMetric {
         self.inner.pairs_active.get_or_create(&[("datapath", datapath)]).inc();
         PairMetric { metrics: self.clone(), datapath, ended: false }
+    }
+
+    /// A pair ended on `path` (the datapath's description of how it carried the pair at the end).
+    pub fn pair_path(&self, path: &'static str) {
+        self.inner.paths_total.get_or_create(&[("path", path)]).inc();
     }
 
     /// Clients waiting now (token line, partner or upstream connection).
@@ -524,6 +539,12 @@ mod tests {
         assert!(text.contains(kernel_ends), "{text}");
         m.set_inflight_sampler(Some(Box::new(|| 4096)));
         assert!(m.render().contains("skrelay_kernel_inflight_bytes 4096\n"));
+        m.pair_path("kernel, after a userspace start");
+        m.pair_path("kernel, after a userspace start");
+        m.pair_path("userspace, below --kernel-after");
+        let text = m.render();
+        assert!(text.contains("skrelay_pair_paths_total{path=\"kernel, after a userspace start\"} 2\n"), "{text}");
+        assert!(text.contains("skrelay_pair_paths_total{path=\"userspace, below --kernel-after\"} 1\n"), "{text}");
     }
 
     #[test]

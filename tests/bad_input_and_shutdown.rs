@@ -1,5 +1,6 @@
 //! What a user can get wrong, and how skrelay stops: every mistake is one clear sentence and
 //! exit status 2; SIGINT/SIGTERM drain live pairs and leave no BPF program or map behind.
+#[macro_use]
 mod common;
 use common::*;
 use std::{
@@ -102,21 +103,20 @@ fn a_port_in_use_and_a_foreign_address_are_clear_errors() {
     );
 }
 
-#[test]
-fn ipv6_listen_addresses_work() {
+fn ipv6_listen_addresses_work(dp: &str) {
     let _netns = enter_netns();
-    for dp in datapaths("ipv6_listen_addresses_work") {
-        let relay = Skrelay::start(&["relay", "--datapath", dp, "--listen", "[::1]:7777"]);
-        let six: SocketAddr = "[::1]:7777".parse().unwrap();
-        let mut a = connect(six);
-        let mut b = connect(six);
-        a.write_all(b"over ipv6").unwrap();
-        assert_eq!(read_n(&mut b, 9), b"over ipv6", "{dp}");
-        drop((a, b));
-        let (status, log) = relay.stop(Duration::from_secs(10));
-        assert!(status.success(), "{log}");
-    }
+    let relay = Skrelay::start(&["relay", "--datapath", dp, "--listen", "[::1]:7777"]);
+    let six: SocketAddr = "[::1]:7777".parse().unwrap();
+    let mut a = connect(six);
+    let mut b = connect(six);
+    a.write_all(b"over ipv6").unwrap();
+    assert_eq!(read_n(&mut b, 9), b"over ipv6", "{dp}");
+    drop((a, b));
+    let (status, log) = relay.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
 }
+
+per_datapath!(ipv6_listen_addresses_work);
 
 /// Runs skrelay with no capabilities at all (root without CAP_BPF, CAP_SYS_ADMIN, ...).
 fn without_capabilities(args: &[&str]) -> Command {
@@ -213,30 +213,29 @@ fn sigterm_drains_live_pairs_then_exits_0_leaving_no_bpf_objects() {
     }
 }
 
-#[test]
-fn the_drain_timeout_resets_pairs_that_do_not_finish() {
+fn the_drain_timeout_resets_pairs_that_do_not_finish(dp: &str) {
     let _netns = enter_netns();
-    for dp in datapaths("the_drain_timeout_resets_pairs_that_do_not_finish") {
-        let relay = Skrelay::start(&["relay", "--datapath", dp, "--drain-timeout", "0.5"]);
-        let mut a = connect(addr());
-        let mut b = connect(addr());
-        a.write_all(b"x").unwrap();
-        assert_eq!(read_n(&mut b, 1), b"x");
-        let t0 = Instant::now();
-        relay.signal(libc::SIGINT);
-        let mut relay = relay;
-        let status = relay.wait(Duration::from_secs(10));
-        assert!(status.success(), "{dp}: exit {status}");
-        let waited = t0.elapsed();
-        assert!(waited >= Duration::from_millis(400) && waited < Duration::from_secs(5), "{dp}: {waited:?}");
-        // Their streams were cut, not finished: a reset, never an EOF that looks like the end.
-        for s in [&mut a, &mut b] {
-            let r = std::io::Read::read(s, &mut [0u8; 1]);
-            assert!(matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset), "{dp}: got {r:?}");
-        }
-        relay.wait_log("reset at the drain timeout", 1, Duration::from_secs(5));
+    let relay = Skrelay::start(&["relay", "--datapath", dp, "--drain-timeout", "0.5"]);
+    let mut a = connect(addr());
+    let mut b = connect(addr());
+    a.write_all(b"x").unwrap();
+    assert_eq!(read_n(&mut b, 1), b"x");
+    let t0 = Instant::now();
+    relay.signal(libc::SIGINT);
+    let mut relay = relay;
+    let status = relay.wait(Duration::from_secs(10));
+    assert!(status.success(), "{dp}: exit {status}");
+    let waited = t0.elapsed();
+    assert!(waited >= Duration::from_millis(400) && waited < Duration::from_secs(5), "{dp}: {waited:?}");
+    // Their streams were cut, not finished: a reset, never an EOF that looks like the end.
+    for s in [&mut a, &mut b] {
+        let r = std::io::Read::read(s, &mut [0u8; 1]);
+        assert!(matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset), "{dp}: got {r:?}");
     }
+    relay.wait_log("reset at the drain timeout", 1, Duration::from_secs(5));
 }
+
+per_datapath!(the_drain_timeout_resets_pairs_that_do_not_finish);
 
 #[test]
 fn the_kernel_datapath_warns_when_the_scheduler_can_starve_its_worker_threads() {

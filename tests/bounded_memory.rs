@@ -5,6 +5,7 @@
 //! Memory is measured the way it fails: host MemAvailable, not `ss` (the kernel datapath's
 //! psock queue is invisible to socket accounting). The cases run one after another in this one
 //! test so that nothing else in this binary allocates while one is measured.
+#[macro_use]
 mod common;
 use common::*;
 use std::{

@@ -1,5 +1,6 @@
 //! Relay semantics 7 and token pairing: real `nc` processes paired through the relay, tokens
 //! (consumed, never forwarded), malformed token lines, pair timeout and --max-pending.
+#[macro_use]
 mod common;
 use common::*;
 use std::{
@@ -57,63 +58,61 @@ impl Drop for Nc {
     }
 }
 
-#[test]
-fn two_real_nc_clients_exchange_lines_both_ways() {
+fn two_real_nc_clients_exchange_lines_both_ways(dp: &str) {
     let _netns = enter_netns();
-    for dp in datapaths("two_real_nc_clients_exchange_lines_both_ways") {
-        let relay = Skrelay::start(&["relay", "--datapath", dp]);
-        let mut a = Nc::connect("127.0.0.1", "7777");
-        a.say("hello from the first nc, sent before its partner came");
-        thread::sleep(Duration::from_millis(200));
-        let mut b = Nc::connect("127.0.0.1", "7777");
-        assert_eq!(b.hear(), "hello from the first nc, sent before its partner came", "{dp}");
-        for i in 0..5 {
-            b.say(&format!("b says {i}"));
-            assert_eq!(a.hear(), format!("b says {i}"), "{dp}");
-            a.say(&format!("a says {i}"));
-            assert_eq!(b.hear(), format!("a says {i}"), "{dp}");
-        }
-        drop((a, b));
-        let (status, log) = relay.stop(Duration::from_secs(10));
-        assert!(status.success(), "{log}");
+    let relay = Skrelay::start(&["relay", "--datapath", dp]);
+    let mut a = Nc::connect("127.0.0.1", "7777");
+    a.say("hello from the first nc, sent before its partner came");
+    thread::sleep(Duration::from_millis(200));
+    let mut b = Nc::connect("127.0.0.1", "7777");
+    assert_eq!(b.hear(), "hello from the first nc, sent before its partner came", "{dp}");
+    for i in 0..5 {
+        b.say(&format!("b says {i}"));
+        assert_eq!(a.hear(), format!("b says {i}"), "{dp}");
+        a.say(&format!("a says {i}"));
+        assert_eq!(b.hear(), format!("a says {i}"), "{dp}");
     }
+    drop((a, b));
+    let (status, log) = relay.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
 }
 
-#[test]
-fn equal_tokens_pair_and_the_token_line_is_not_forwarded() {
+per_datapath!(two_real_nc_clients_exchange_lines_both_ways);
+
+fn equal_tokens_pair_and_the_token_line_is_not_forwarded(dp: &str) {
     let _netns = enter_netns();
-    for dp in datapaths("equal_tokens_pair_and_the_token_line_is_not_forwarded") {
-        let relay = Skrelay::start(&["relay", "--datapath", dp, "--pair", "token"]);
-        let mut a1 = connect(addr());
-        a1.write_all(b"alpha\nfrom a1").unwrap();
-        let mut b1 = connect(addr());
-        // A token split across segments.
-        b1.write_all(b"be").unwrap();
-        thread::sleep(Duration::from_millis(50));
-        b1.write_all(b"ta\nfrom b1").unwrap();
-        let mut a2 = connect(addr());
-        a2.write_all(b"alpha\nfrom a2").unwrap();
-        let mut b2 = connect(addr());
-        b2.write_all(b"beta\r\nfrom b2").unwrap();
-        assert_eq!(read_n(&mut a2, 7), b"from a1", "{dp}");
-        assert_eq!(read_n(&mut a1, 7), b"from a2", "{dp}");
-        assert_eq!(read_n(&mut b2, 7), b"from b1", "{dp}");
-        assert_eq!(read_n(&mut b1, 7), b"from b2", "{dp}");
-        // A third client with an already paired token waits for a new partner.
-        let mut a3 = connect(addr());
-        a3.write_all(b"alpha\nthird").unwrap();
-        thread::sleep(Duration::from_millis(100));
-        a1.write_all(b"!").unwrap();
-        assert_eq!(read_n(&mut a2, 1), b"!", "{dp}: a1 is still with a2");
-        let mut a4 = connect(addr());
-        a4.write_all(b"alpha\nfourth").unwrap();
-        assert_eq!(read_n(&mut a4, 5), b"third", "{dp}");
-        assert_eq!(read_n(&mut a3, 6), b"fourth", "{dp}");
-        drop((a1, a2, a3, a4, b1, b2));
-        let (status, log) = relay.stop(Duration::from_secs(10));
-        assert!(status.success(), "{log}");
-    }
+    let relay = Skrelay::start(&["relay", "--datapath", dp, "--pair", "token"]);
+    let mut a1 = connect(addr());
+    a1.write_all(b"alpha\nfrom a1").unwrap();
+    let mut b1 = connect(addr());
+    // A token split across segments.
+    b1.write_all(b"be").unwrap();
+    thread::sleep(Duration::from_millis(50));
+    b1.write_all(b"ta\nfrom b1").unwrap();
+    let mut a2 = connect(addr());
+    a2.write_all(b"alpha\nfrom a2").unwrap();
+    let mut b2 = connect(addr());
+    b2.write_all(b"beta\r\nfrom b2").unwrap();
+    assert_eq!(read_n(&mut a2, 7), b"from a1", "{dp}");
+    assert_eq!(read_n(&mut a1, 7), b"from a2", "{dp}");
+    assert_eq!(read_n(&mut b2, 7), b"from b1", "{dp}");
+    assert_eq!(read_n(&mut b1, 7), b"from b2", "{dp}");
+    // A third client with an already paired token waits for a new partner.
+    let mut a3 = connect(addr());
+    a3.write_all(b"alpha\nthird").unwrap();
+    thread::sleep(Duration::from_millis(100));
+    a1.write_all(b"!").unwrap();
+    assert_eq!(read_n(&mut a2, 1), b"!", "{dp}: a1 is still with a2");
+    let mut a4 = connect(addr());
+    a4.write_all(b"alpha\nfourth").unwrap();
+    assert_eq!(read_n(&mut a4, 5), b"third", "{dp}");
+    assert_eq!(read_n(&mut a3, 6), b"fourth", "{dp}");
+    drop((a1, a2, a3, a4, b1, b2));
+    let (status, log) = relay.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
 }
+
+per_datapath!(equal_tokens_pair_and_the_token_line_is_not_forwarded);
 
 #[test]
 fn malformed_token_lines_close_that_client_only() {

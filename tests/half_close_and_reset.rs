@@ -1,5 +1,6 @@
 //! Relay semantics 3 and 4: half-close keeps the other direction open and delivers every byte
 //! before EOF; a reset on one side resets the other; a pending client that leaves is forgotten.
+#[macro_use]
 mod common;
 use common::*;
 use std::{
@@ -13,145 +14,144 @@ fn addr() -> SocketAddr {
     "127.0.0.1:7777".parse().unwrap()
 }
 
-#[test]
-fn half_close_delivers_every_byte_then_eof_and_the_other_way_stays_open() {
+fn half_close_delivers_every_byte_then_eof_and_the_other_way_stays_open(dp: &str) {
     let _netns = enter_netns();
     const LEN: u64 = 8 << 20;
-    for dp in datapaths("half_close_delivers_every_byte_then_eof_and_the_other_way_stays_open") {
-        let relay = Skrelay::start(&["relay", "--datapath", dp]);
-        let mut a = connect(addr());
-        let mut b = connect(addr());
-        // A sends 8 MiB and shuts down its write side at once: the FIN must not overtake data.
-        // B reads meanwhile: 8 MiB need not fit in the sockets' buffers along the way (on the
-        // userspace datapath they sometimes do not, and A's write would wait for its timeout).
-        let mut reader = b.try_clone().unwrap();
-        let receiving = thread::spawn(move || recv_all(&mut reader).unwrap());
-        let sent = send_pattern(&mut a, 3, LEN).unwrap();
-        a.shutdown(Shutdown::Write).unwrap();
-        let t = Instant::now();
-        let (n, got) = receiving.join().unwrap();
-        assert_eq!((n, &got), (LEN, &sent), "{dp}: B reads all of A, then EOF");
-        eprintln!("{dp}: EOF {:?} after A's last byte was written", t.elapsed());
-        // B can still talk to A, for as long as it likes, until B closes.
-        for round in 0..3u64 {
-            let msg = format!("reply {round} from B\n");
-            b.write_all(msg.as_bytes()).unwrap();
-            assert_eq!(read_n(&mut a, msg.len()), msg.as_bytes(), "{dp}");
-            thread::sleep(Duration::from_millis(50));
+    let relay = Skrelay::start(&["relay", "--datapath", dp, "--metrics", "127.0.0.1:0"]);
+    let mut a = connect(addr());
+    let mut b = connect(addr());
+    // A sends 8 MiB and shuts down its write side at once: the FIN must not overtake data.
+    // B reads meanwhile: 8 MiB need not fit in the sockets' buffers along the way (on the
+    // userspace datapath they sometimes do not, and A's write would wait for its timeout).
+    let mut reader = b.try_clone().unwrap();
+    let receiving = thread::spawn(move || recv_all(&mut reader).unwrap());
+    let sent = send_pattern(&mut a, 3, LEN).unwrap();
+    a.shutdown(Shutdown::Write).unwrap();
+    let t = Instant::now();
+    let (n, got) = receiving.join().unwrap();
+    assert_eq!((n, &got), (LEN, &sent), "{dp}: B reads all of A, then EOF");
+    eprintln!("{dp}: EOF {:?} after A's last byte was written", t.elapsed());
+    // B can still talk to A, for as long as it likes, until B closes.
+    let mut replies = 0;
+    for round in 0..3u64 {
+        let msg = format!("reply {round} from B\n");
+        replies += msg.len() as u64;
+        b.write_all(msg.as_bytes()).unwrap();
+        assert_eq!(read_n(&mut a, msg.len()), msg.as_bytes(), "{dp}");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let sent_b = send_pattern(&mut b, 4, 1 << 20).unwrap();
+    b.shutdown(Shutdown::Write).unwrap();
+    let (n, got) = recv_all(&mut a).unwrap();
+    assert_eq!((n, got), (1 << 20, sent_b), "{dp}: A reads B's bytes then EOF");
+    let m = relay.wait_pairs_ended(1, Duration::from_secs(5));
+    assert_eq!(m.pairs(dp, "eof"), 1, "{dp}: a pair that ended with EOF both ways:\n{}", m.text);
+    assert_eq!(m.bytes(dp), LEN + replies + (1 << 20), "{dp}: every byte counted once:\n{}", m.text);
+    let (status, log) = relay.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+}
+
+per_datapath!(half_close_delivers_every_byte_then_eof_and_the_other_way_stays_open);
+
+fn a_reset_on_one_side_resets_the_other(dp: &str) {
+    let _netns = enter_netns();
+    let relay = Skrelay::start(&["relay", "--datapath", dp, "--metrics", "127.0.0.1:0"]);
+    let mut a = connect(addr());
+    let mut b = connect(addr());
+    a.write_all(b"hello").unwrap();
+    assert_eq!(read_n(&mut b, 5), b"hello");
+    // SO_LINGER 0: close sends RST.
+    socket2::SockRef::from(&a).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(a);
+    b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 16];
+    let r = b.read(&mut buf);
+    assert!(matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset), "{dp}: B should see a reset, got {r:?}");
+    let m = relay.wait_pairs_ended(1, Duration::from_secs(5));
+    assert_eq!((m.pairs(dp, "reset"), m.pairs(dp, "eof")), (1, 0), "{dp}: the pair ended in a reset:\n{}", m.text);
+    // The relay keeps serving.
+    let mut c = connect(addr());
+    let mut d = connect(addr());
+    c.write_all(b"still here").unwrap();
+    assert_eq!(read_n(&mut d, 10), b"still here", "{dp}");
+    drop((c, d));
+    let (status, log) = relay.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+}
+
+per_datapath!(a_reset_on_one_side_resets_the_other);
+
+fn a_client_that_resets_mid_stream_resets_its_partner_only(dp: &str) {
+    let _netns = enter_netns();
+    let relay = Skrelay::start(&["relay", "--datapath", dp, "--metrics", "127.0.0.1:0"]);
+    let a = connect(addr());
+    let mut b = connect(addr());
+    // A streams until told to stop; its bytes are in flight through the relay when it resets.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut w = a.try_clone().unwrap();
+    let flag = stop.clone();
+    let writer = thread::spawn(move || {
+        let mut p = Pattern::new(9);
+        let mut buf = vec![0u8; 64 * 1024];
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            p.fill(&mut buf);
+            w.write_all(&buf).unwrap();
         }
-        let sent_b = send_pattern(&mut b, 4, 1 << 20).unwrap();
-        b.shutdown(Shutdown::Write).unwrap();
-        let (n, got) = recv_all(&mut a).unwrap();
-        assert_eq!((n, got), (1 << 20, sent_b), "{dp}: A reads B's bytes then EOF");
-        relay.wait_log("ended", 1, Duration::from_secs(5));
-        let (status, log) = relay.stop(Duration::from_secs(10));
-        assert!(status.success(), "{log}");
+        w
+    });
+    let _ = read_n(&mut b, 1 << 20);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    // Keep reading so the writer is never stuck on a full window, until it has stopped.
+    let mut sink = vec![0u8; 256 * 1024];
+    b.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    while !writer.is_finished() {
+        let _ = b.read(&mut sink);
     }
-}
-
-#[test]
-fn a_reset_on_one_side_resets_the_other() {
-    let _netns = enter_netns();
-    for dp in datapaths("a_reset_on_one_side_resets_the_other") {
-        let relay = Skrelay::start(&["relay", "--datapath", dp]);
-        let mut a = connect(addr());
-        let mut b = connect(addr());
-        a.write_all(b"hello").unwrap();
-        assert_eq!(read_n(&mut b, 5), b"hello");
-        // SO_LINGER 0: close sends RST.
-        socket2::SockRef::from(&a).set_linger(Some(Duration::ZERO)).unwrap();
-        drop(a);
-        b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut buf = [0u8; 16];
-        let r = b.read(&mut buf);
-        assert!(
-            matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
-            "{dp}: B should see a reset, got {r:?}"
-        );
-        relay.wait_log("reset", 1, Duration::from_secs(5));
-        // The relay keeps serving.
-        let mut c = connect(addr());
-        let mut d = connect(addr());
-        c.write_all(b"still here").unwrap();
-        assert_eq!(read_n(&mut d, 10), b"still here", "{dp}");
-        drop((c, d));
-        let (status, log) = relay.stop(Duration::from_secs(10));
-        assert!(status.success(), "{log}");
-    }
-}
-
-#[test]
-fn a_client_that_resets_mid_stream_resets_its_partner_only() {
-    let _netns = enter_netns();
-    for dp in datapaths("a_client_that_resets_mid_stream_resets_its_partner_only") {
-        let relay = Skrelay::start(&["relay", "--datapath", dp]);
-        let a = connect(addr());
-        let mut b = connect(addr());
-        // A streams until told to stop; its bytes are in flight through the relay when it resets.
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mut w = a.try_clone().unwrap();
-        let flag = stop.clone();
-        let writer = thread::spawn(move || {
-            let mut p = Pattern::new(9);
-            let mut buf = vec![0u8; 64 * 1024];
-            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                p.fill(&mut buf);
-                w.write_all(&buf).unwrap();
-            }
-            w
-        });
-        let _ = read_n(&mut b, 1 << 20);
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        // Keep reading so the writer is never stuck on a full window, until it has stopped.
-        let mut sink = vec![0u8; 256 * 1024];
-        b.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-        while !writer.is_finished() {
-            let _ = b.read(&mut sink);
+    drop(writer.join().unwrap());
+    socket2::SockRef::from(&a).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(a); // the last descriptor: close sends the RST
+    b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let end = loop {
+        match b.read(&mut sink) {
+            Ok(0) => break Ok(0),
+            Ok(_) => continue,
+            Err(e) => break Err(e),
         }
-        drop(writer.join().unwrap());
-        socket2::SockRef::from(&a).set_linger(Some(Duration::ZERO)).unwrap();
-        drop(a); // the last descriptor: close sends the RST
-        b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let end = loop {
-            match b.read(&mut sink) {
-                Ok(0) => break Ok(0),
-                Ok(_) => continue,
-                Err(e) => break Err(e),
-            }
-        };
-        assert!(
-            matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset),
-            "{dp}: B must see the reset, got {end:?}"
-        );
-        relay.wait_log("reset", 1, Duration::from_secs(5));
-        let (status, log) = relay.stop(Duration::from_secs(10));
-        assert!(status.success(), "{log}");
-    }
+    };
+    assert!(
+        matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "{dp}: B must see the reset, got {end:?}"
+    );
+    let m = relay.wait_pairs_ended(1, Duration::from_secs(5));
+    assert_eq!((m.pairs(dp, "reset"), m.pairs(dp, "eof")), (1, 0), "{dp}: the pair ended in a reset:\n{}", m.text);
+    let (status, log) = relay.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
 }
 
-#[test]
-fn a_pending_client_that_leaves_does_not_take_a_partner() {
+per_datapath!(a_client_that_resets_mid_stream_resets_its_partner_only);
+
+fn a_pending_client_that_leaves_does_not_take_a_partner(dp: &str) {
     let _netns = enter_netns();
-    for dp in datapaths("a_pending_client_that_leaves_does_not_take_a_partner") {
-        let relay = Skrelay::start(&["relay", "--datapath", dp]);
-        // One leaves quietly (FIN, nothing sent), one leaves with a reset.
-        drop(connect(addr()));
-        relay.wait_log("left before a partner came", 1, Duration::from_secs(5));
-        let r = connect(addr());
-        socket2::SockRef::from(&r).set_linger(Some(Duration::ZERO)).unwrap();
-        drop(r);
-        relay.wait_log("closed: Connection reset by peer", 1, Duration::from_secs(5));
-        let mut b = connect(addr());
-        let mut c = connect(addr());
-        b.write_all(b"b to c").unwrap();
-        assert_eq!(read_n(&mut c, 6), b"b to c", "{dp}");
-        c.write_all(b"c to b").unwrap();
-        assert_eq!(read_n(&mut b, 6), b"c to b", "{dp}");
-        drop((b, c));
-        let (status, log) = relay.stop(Duration::from_secs(10));
-        assert!(status.success(), "{log}");
-    }
+    let relay = Skrelay::start(&["relay", "--datapath", dp]);
+    // One leaves quietly (FIN, nothing sent), one leaves with a reset.
+    drop(connect(addr()));
+    relay.wait_log("left before a partner came", 1, Duration::from_secs(5));
+    let r = connect(addr());
+    socket2::SockRef::from(&r).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(r);
+    relay.wait_log("closed: Connection reset by peer", 1, Duration::from_secs(5));
+    let mut b = connect(addr());
+    let mut c = connect(addr());
+    b.write_all(b"b to c").unwrap();
+    assert_eq!(read_n(&mut c, 6), b"b to c", "{dp}");
+    c.write_all(b"c to b").unwrap();
+    assert_eq!(read_n(&mut b, 6), b"c to b", "{dp}");
+    drop((b, c));
+    let (status, log) = relay.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
 }
+
+per_datapath!(a_pending_client_that_leaves_does_not_take_a_partner);
 
 /// Reads until the stream ends: Ok(bytes) at EOF, Err at a reset (after the bytes before it).
 fn read_to_end_or_error(s: &mut std::net::TcpStream) -> Result<u64, std::io::Error> {
@@ -167,135 +167,136 @@ fn read_to_end_or_error(s: &mut std::net::TcpStream) -> Result<u64, std::io::Err
     }
 }
 
-#[test]
-fn a_relay_killed_mid_transfer_leaves_its_readers_a_reset_not_an_eof() {
+fn a_relay_killed_mid_transfer_leaves_its_readers_a_reset_not_an_eof(dp: &str) {
     // SIGKILL mid-transfer used to look like a complete stream to the reader (a clean EOF). Both
     // relay and proxy, both datapaths, and a pair whose other direction had already ended with
     // an EOF (a half-closed socket must still reset for the direction still running).
     let _netns = enter_netns();
     let upstream = std::net::TcpListener::bind("127.0.0.1:9000").unwrap();
-    for dp in datapaths("a_relay_killed_mid_transfer_leaves_its_readers_a_reset_not_an_eof") {
-        for command in ["relay", "proxy"] {
-            for kernel_after in ["0", "65536"] {
-                if dp == "userspace" && kernel_after != "0" {
-                    continue;
-                }
-                let what = format!("{dp} {command} --kernel-after {kernel_after}");
-                let args = match command {
-                    "relay" => vec!["relay", "--datapath", dp, "--kernel-after", kernel_after],
-                    _ => {
-                        vec!["proxy", "--datapath", dp, "--kernel-after", kernel_after, "--upstream", "127.0.0.1:9000"]
-                    }
-                };
-                let mut relay = Skrelay::start(&args);
-                let (mut a, mut b) = match command {
-                    "relay" => (connect(addr()), connect(addr())),
-                    _ => {
-                        let a = connect(addr());
-                        let (b, _) = upstream.accept().unwrap();
-                        b.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-                        (a, b)
-                    }
-                };
-                // B -> A ends first and A reads its EOF: that direction was whole.
-                b.write_all(b"all of it").unwrap();
-                b.shutdown(Shutdown::Write).unwrap();
-                assert_eq!(read_to_end_or_error(&mut a).unwrap(), 9, "{what}");
-                // A -> B is cut: A writes without end, B reads 4 MiB, then the relay dies.
-                let mut writer = a.try_clone().unwrap();
-                let writing = thread::spawn(move || send_pattern(&mut writer, 5, 1 << 40).is_err());
-                let mut seen = 0;
-                let mut buf = vec![0u8; 64 * 1024];
-                while seen < 4 << 20 {
-                    seen += b.read(&mut buf).unwrap();
-                }
-                relay.child.kill().unwrap();
-                relay.wait(Duration::from_secs(5));
-                let r = read_to_end_or_error(&mut b);
-                assert!(
-                    matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
-                    "{what}: the reader of a cut stream got {r:?} instead of a reset"
-                );
-                assert!(writing.join().unwrap(), "{what}: the writer's sends must fail too");
+    for command in ["relay", "proxy"] {
+        for kernel_after in ["0", "65536"] {
+            if dp == "userspace" && kernel_after != "0" {
+                continue;
             }
+            let what = format!("{dp} {command} --kernel-after {kernel_after}");
+            let args = match command {
+                "relay" => vec!["relay", "--datapath", dp, "--kernel-after", kernel_after],
+                _ => {
+                    vec!["proxy", "--datapath", dp, "--kernel-after", kernel_after, "--upstream", "127.0.0.1:9000"]
+                }
+            };
+            let mut relay = Skrelay::start(&args);
+            let (mut a, mut b) = match command {
+                "relay" => (connect(addr()), connect(addr())),
+                _ => {
+                    let a = connect(addr());
+                    let (b, _) = upstream.accept().unwrap();
+                    b.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+                    (a, b)
+                }
+            };
+            // B -> A ends first and A reads its EOF: that direction was whole.
+            b.write_all(b"all of it").unwrap();
+            b.shutdown(Shutdown::Write).unwrap();
+            assert_eq!(read_to_end_or_error(&mut a).unwrap(), 9, "{what}");
+            // A -> B is cut: A writes without end, B reads 4 MiB, then the relay dies.
+            let mut writer = a.try_clone().unwrap();
+            let writing = thread::spawn(move || send_pattern(&mut writer, 5, 1 << 40).is_err());
+            let mut seen = 0;
+            let mut buf = vec![0u8; 64 * 1024];
+            while seen < 4 << 20 {
+                seen += b.read(&mut buf).unwrap();
+            }
+            relay.child.kill().unwrap();
+            relay.wait(Duration::from_secs(5));
+            let r = read_to_end_or_error(&mut b);
+            assert!(
+                matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+                "{what}: the reader of a cut stream got {r:?} instead of a reset"
+            );
+            assert!(writing.join().unwrap(), "{what}: the writer's sends must fail too");
         }
     }
 }
 
+per_datapath!(a_relay_killed_mid_transfer_leaves_its_readers_a_reset_not_an_eof);
+
 /// The end-of-pair line counts what each receiver got, on every ending: a FIN is not a byte, a
 /// reset is not a FIN, and bytes still queued inside the host are not delivered.
-#[test]
-fn the_end_of_pair_line_counts_exactly_what_each_receiver_got() {
+fn the_end_of_pair_line_counts_exactly_what_each_receiver_got(dp: &str) {
     let _netns = enter_netns();
-    for dp in datapaths("the_end_of_pair_line_counts_exactly_what_each_receiver_got") {
-        for reset in [false, true] {
-            let relay = Skrelay::start(&["relay", "--datapath", dp]);
-            let mut a = connect(addr());
-            let mut b = connect(addr());
-            send_pattern(&mut a, 9, 100_000).unwrap();
-            assert_eq!(read_n(&mut b, 100_000).len(), 100_000);
-            b.write_all(b"0123456789").unwrap();
-            assert_eq!(read_n(&mut a, 10), b"0123456789");
-            if reset {
-                socket2::SockRef::from(&a).set_linger(Some(Duration::ZERO)).unwrap();
-                drop((a, b));
-                relay.wait_log(" reset (", 1, Duration::from_secs(5));
-            } else {
-                a.shutdown(Shutdown::Write).unwrap();
-                b.shutdown(Shutdown::Write).unwrap();
-                expect_eof(&mut a);
-                expect_eof(&mut b);
-                relay.wait_log(" ended after ", 1, Duration::from_secs(5));
-            }
-            let (_, log) = relay.stop(Duration::from_secs(10));
-            let line = log.lines().find(|l| l.contains("pair ") && l.contains(" bytes ")).expect("end-of-pair line");
-            assert!(
-                line.contains(": 100000 bytes ") && line.contains(", 10 bytes "),
-                "{dp}, {}: exact counts expected (100000 and 10): {line}",
-                if reset { "reset" } else { "FIN" }
-            );
+    for reset in [false, true] {
+        let relay = Skrelay::start(&["relay", "--datapath", dp, "--metrics", "127.0.0.1:0"]);
+        let mut a = connect(addr());
+        let mut b = connect(addr());
+        send_pattern(&mut a, 9, 100_000).unwrap();
+        assert_eq!(read_n(&mut b, 100_000).len(), 100_000);
+        b.write_all(b"0123456789").unwrap();
+        assert_eq!(read_n(&mut a, 10), b"0123456789");
+        if reset {
+            socket2::SockRef::from(&a).set_linger(Some(Duration::ZERO)).unwrap();
+            drop((a, b));
+        } else {
+            a.shutdown(Shutdown::Write).unwrap();
+            b.shutdown(Shutdown::Write).unwrap();
+            expect_eof(&mut a);
+            expect_eof(&mut b);
         }
+        let m = relay.wait_pairs_ended(1, Duration::from_secs(5));
+        let ending = if reset { "reset" } else { "eof" };
+        assert_eq!(m.pairs(dp, ending), 1, "{dp}: one pair, ended by {ending}:\n{}", m.text);
+        assert_eq!(m.bytes(dp), 100_010, "{dp}, {ending}: exactly what the receivers got:\n{}", m.text);
+        let (_, log) = relay.stop(Duration::from_secs(10));
+        let line = log.lines().find(|l| l.contains("pair ") && l.contains(" bytes ")).expect("end-of-pair line");
+        assert!(
+            line.contains(": 100000 bytes ") && line.contains(", 10 bytes "),
+            "{dp}, {}: exact counts expected (100000 and 10): {line}",
+            if reset { "reset" } else { "FIN" }
+        );
     }
 }
+
+per_datapath!(the_end_of_pair_line_counts_exactly_what_each_receiver_got);
 
 /// A kernel pair's direction that passed its budget leaves the socket map until its partner
 /// reads. If its client half-closes meanwhile, the socket can never join again (a socket map
 /// takes only ESTABLISHED sockets): what waits in its queue must still arrive, then the EOF, and
 /// the end-of-pair line must count exactly what each side received.
-#[test]
-fn a_sender_that_half_closes_while_held_back_is_relayed_intact_then_eof() {
+fn a_sender_that_half_closes_while_held_back_is_relayed_intact_then_eof(dp: &str) {
     let _netns = enter_netns();
     // More than the destination's send queue (8 MiB SO_SNDBUF, 16 MiB with overhead) and B's receive
     // buffer hold, so the direction must park.
     const LEN: u64 = 48 << 20;
-    for dp in datapaths("a_sender_that_half_closes_while_held_back_is_relayed_intact_then_eof") {
-        let relay = Skrelay::start(&["relay", "--datapath", dp, "--kernel-buffer", "256K"]);
-        let mut a = connect(addr());
-        let mut b = connect(addr());
-        let mut w = a.try_clone().unwrap();
-        let writer = thread::spawn(move || {
-            let sha = send_pattern(&mut w, 5, LEN).unwrap();
-            w.shutdown(Shutdown::Write).unwrap();
-            sha
-        });
-        // B does not read while A is held back at its budget (and half-closes, once its last
-        // bytes fit in the buffers).
-        thread::sleep(Duration::from_secs(2));
-        let (n, got) = recv_all(&mut b).unwrap();
-        let sent = writer.join().unwrap();
-        assert_eq!((n, &got), (LEN, &sent), "{dp}: B reads all of A, then EOF");
-        // The other way still works, then closes.
-        let back = send_pattern(&mut b, 6, 1 << 20).unwrap();
-        b.shutdown(Shutdown::Write).unwrap();
-        assert_eq!(recv_all(&mut a).unwrap(), (1 << 20, back), "{dp}: A reads B's bytes then EOF");
-        relay.wait_log("ended", 1, Duration::from_secs(5));
-        let (status, log) = relay.stop(Duration::from_secs(10));
-        assert!(status.success(), "{log}");
-        let line = log.lines().find(|l| l.contains(" ended after ")).expect("end-of-pair line");
-        assert!(line.contains(&format!(": {LEN} bytes ")), "{dp}: exact count A -> B: {line}");
-        assert!(line.contains(&format!(", {} bytes ", 1 << 20)), "{dp}: exact count B -> A: {line}");
-        if dp == "kernel" {
-            assert!(log.contains(" parkings") && !log.contains(" in 0 parkings"), "{log}");
-        }
+    let relay = Skrelay::start(&["relay", "--datapath", dp, "--kernel-buffer", "256K", "--metrics", "127.0.0.1:0"]);
+    let mut a = connect(addr());
+    let mut b = connect(addr());
+    let mut w = a.try_clone().unwrap();
+    let writer = thread::spawn(move || {
+        let sha = send_pattern(&mut w, 5, LEN).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+        sha
+    });
+    // B does not read while A is held back at its budget (and half-closes, once its last
+    // bytes fit in the buffers).
+    thread::sleep(Duration::from_secs(2));
+    let (n, got) = recv_all(&mut b).unwrap();
+    let sent = writer.join().unwrap();
+    assert_eq!((n, &got), (LEN, &sent), "{dp}: B reads all of A, then EOF");
+    // The other way still works, then closes.
+    let back = send_pattern(&mut b, 6, 1 << 20).unwrap();
+    b.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(recv_all(&mut a).unwrap(), (1 << 20, back), "{dp}: A reads B's bytes then EOF");
+    let m = relay.wait_pairs_ended(1, Duration::from_secs(5));
+    assert_eq!(m.pairs(dp, "eof"), 1, "{dp}: the pair ended with EOF both ways:\n{}", m.text);
+    assert_eq!(m.bytes(dp), LEN + (1 << 20), "{dp}: exactly what the receivers got:\n{}", m.text);
+    let (status, log) = relay.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+    let line = log.lines().find(|l| l.contains(" ended after ")).expect("end-of-pair line");
+    assert!(line.contains(&format!(": {LEN} bytes ")), "{dp}: exact count A -> B: {line}");
+    assert!(line.contains(&format!(", {} bytes ", 1 << 20)), "{dp}: exact count B -> A: {line}");
+    if dp == "kernel" {
+        assert!(log.contains(" parkings") && !log.contains(" in 0 parkings"), "{log}");
     }
 }
+
+per_datapath!(a_sender_that_half_closes_while_held_back_is_relayed_intact_then_eof);

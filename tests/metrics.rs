@@ -1,5 +1,6 @@
 //! `--metrics` of relay and proxy, and `skrelay metrics`: scraped with curl (a real client) after
 //! sha256-checked transfers; the counters must equal what moved, on both datapaths.
+#[macro_use]
 mod common;
 use common::*;
 use std::{
@@ -73,111 +74,109 @@ fn reset(s: TcpStream) {
     drop(s);
 }
 
-#[test]
-fn relay_counters_equal_the_bytes_moved_on_both_datapaths() {
+fn relay_counters_equal_the_bytes_moved_on_both_datapaths(dp: &str) {
     let _netns = enter_netns();
     const LEN: u64 = 32 * MIB;
-    for dp in datapaths("relay_counters_equal_the_bytes_moved_on_both_datapaths") {
-        let relay = Skrelay::start(&["relay", "--datapath", dp, "--metrics", "127.0.0.1:0"]);
-        let url = metrics_url(&relay.log());
-        let text = scrape(&url);
-        assert!(text.contains(&format!("skrelay_build_info{{version=\"{}\"}} 1\n", env!("CARGO_PKG_VERSION"))));
-        assert_eq!(value(&text, "skrelay_kernel_inflight_bytes"), 0, "{text}");
-        let active = format!("skrelay_pairs_active{{datapath=\"{dp}\"}}");
-        let total = |ending: &str| format!("skrelay_pairs_total{{datapath=\"{dp}\",ending=\"{ending}\"}}");
-        let bytes = format!("skrelay_bytes_total{{datapath=\"{dp}\"}}");
+    let relay = Skrelay::start(&["relay", "--datapath", dp, "--metrics", "127.0.0.1:0"]);
+    let url = metrics_url(&relay.log());
+    let text = scrape(&url);
+    assert!(text.contains(&format!("skrelay_build_info{{version=\"{}\"}} 1\n", env!("CARGO_PKG_VERSION"))));
+    assert_eq!(value(&text, "skrelay_kernel_inflight_bytes"), 0, "{text}");
+    let active = format!("skrelay_pairs_active{{datapath=\"{dp}\"}}");
+    let total = |ending: &str| format!("skrelay_pairs_total{{datapath=\"{dp}\",ending=\"{ending}\"}}");
+    let bytes = format!("skrelay_bytes_total{{datapath=\"{dp}\"}}");
 
-        // A waits for its partner; once B comes the pair is active.
-        let mut a = connect(addr());
-        wait_value(&url, "skrelay_pending_clients", 1);
-        let mut b = connect(addr());
-        a.write_all(b"x").unwrap();
-        assert_eq!(read_n(&mut b, 1), b"x");
-        let text = wait_value(&url, &active, 1);
-        assert_eq!(value(&text, "skrelay_pending_clients"), 0, "{text}");
+    // A waits for its partner; once B comes the pair is active.
+    let mut a = connect(addr());
+    wait_value(&url, "skrelay_pending_clients", 1);
+    let mut b = connect(addr());
+    a.write_all(b"x").unwrap();
+    assert_eq!(read_n(&mut b, 1), b"x");
+    let text = wait_value(&url, &active, 1);
+    assert_eq!(value(&text, "skrelay_pending_clients"), 0, "{text}");
 
-        // Both ways at once, sha256 checked; then the pair ends with EOF both ways.
-        let ja = exchange(a, 1, LEN);
-        let jb = exchange(b, 2, LEN);
-        let (sent_a, got_a) = ja.join().unwrap();
-        let (sent_b, got_b) = jb.join().unwrap();
-        assert_eq!(got_b, (LEN, sent_a), "{dp}: A -> B");
-        assert_eq!(got_a, (LEN, sent_b), "{dp}: B -> A");
-        let text = wait_value(&url, &total("eof"), 1);
-        assert_eq!(value(&text, &bytes), 2 * LEN + 1, "{dp}: bytes counted:\n{text}");
-        assert_eq!(value(&text, &active), 0, "{text}");
-        assert_eq!(value(&text, &total("reset")), 0, "{text}");
+    // Both ways at once, sha256 checked; then the pair ends with EOF both ways.
+    let ja = exchange(a, 1, LEN);
+    let jb = exchange(b, 2, LEN);
+    let (sent_a, got_a) = ja.join().unwrap();
+    let (sent_b, got_b) = jb.join().unwrap();
+    assert_eq!(got_b, (LEN, sent_a), "{dp}: A -> B");
+    assert_eq!(got_a, (LEN, sent_b), "{dp}: B -> A");
+    let text = wait_value(&url, &total("eof"), 1);
+    assert_eq!(value(&text, &bytes), 2 * LEN + 1, "{dp}: bytes counted:\n{text}");
+    assert_eq!(value(&text, &active), 0, "{text}");
+    assert_eq!(value(&text, &total("reset")), 0, "{text}");
 
-        // A pair one of whose clients resets counts as a reset; what it moved counts too.
-        let mut c = connect(addr());
-        let mut d = connect(addr());
-        c.write_all(&[7u8; 1000]).unwrap();
-        assert_eq!(read_n(&mut d, 1000), vec![7u8; 1000]);
-        reset(c);
-        let mut rest = Vec::new();
-        assert!(d.read_to_end(&mut rest).is_err(), "{dp}: the partner of a reset client must see a reset");
-        let text = wait_value(&url, &total("reset"), 1);
-        assert_eq!(value(&text, &bytes), 2 * LEN + 1 + 1000, "{dp}:\n{text}");
-        assert_eq!(value(&text, &total("eof")), 1, "{text}");
-        assert_eq!(value(&text, &active), 0, "{text}");
-        if dp == "kernel" {
-            // The map-full fallback's label is exported too, and nothing went there.
-            assert_eq!(value(&text, "skrelay_pairs_active{datapath=\"userspace\"}"), 0, "{text}");
-            assert_eq!(value(&text, "skrelay_bytes_total{datapath=\"userspace\"}"), 0, "{text}");
-        }
-        eprintln!("{dp}: after 2 x {LEN} bytes + 1 + 1000:\n{text}");
-        let (status, log) = relay.stop(Duration::from_secs(10));
-        assert!(status.success(), "{log}");
+    // A pair one of whose clients resets counts as a reset; what it moved counts too.
+    let mut c = connect(addr());
+    let mut d = connect(addr());
+    c.write_all(&[7u8; 1000]).unwrap();
+    assert_eq!(read_n(&mut d, 1000), vec![7u8; 1000]);
+    reset(c);
+    let mut rest = Vec::new();
+    assert!(d.read_to_end(&mut rest).is_err(), "{dp}: the partner of a reset client must see a reset");
+    let text = wait_value(&url, &total("reset"), 1);
+    assert_eq!(value(&text, &bytes), 2 * LEN + 1 + 1000, "{dp}:\n{text}");
+    assert_eq!(value(&text, &total("eof")), 1, "{text}");
+    assert_eq!(value(&text, &active), 0, "{text}");
+    if dp == "kernel" {
+        // The map-full fallback's label is exported too, and nothing went there.
+        assert_eq!(value(&text, "skrelay_pairs_active{datapath=\"userspace\"}"), 0, "{text}");
+        assert_eq!(value(&text, "skrelay_bytes_total{datapath=\"userspace\"}"), 0, "{text}");
     }
+    eprintln!("{dp}: after 2 x {LEN} bytes + 1 + 1000:\n{text}");
+    let (status, log) = relay.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
 }
 
-#[test]
-fn proxy_counters_follow_pairs_and_upstreams_on_both_datapaths() {
+per_datapath!(relay_counters_equal_the_bytes_moved_on_both_datapaths);
+
+fn proxy_counters_follow_pairs_and_upstreams_on_both_datapaths(dp: &str) {
     let _netns = enter_netns();
     const LEN: u64 = 16 * MIB;
-    for dp in datapaths("proxy_counters_follow_pairs_and_upstreams_on_both_datapaths") {
-        let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
-        let up = upstream.local_addr().unwrap().to_string();
-        // Nothing listens here: every connect to it is refused.
-        let dead = format!("127.0.0.1:{}", free_port());
-        let proxy = Skrelay::start(&[
-            "proxy",
-            "--datapath",
-            dp,
-            "--upstream",
-            &dead,
-            "--upstream",
-            &up,
-            "--metrics",
-            "127.0.0.1:0",
-        ]);
-        let url = metrics_url(&proxy.log());
-        let text = scrape(&url);
-        for u in [&dead, &up] {
-            assert_eq!(value(&text, &format!("skrelay_upstream_up{{upstream=\"{u}\"}}")), 1, "{text}");
-            assert_eq!(value(&text, &format!("skrelay_upstream_connect_failures_total{{upstream=\"{u}\"}}")), 0);
-        }
-        let server = std::thread::spawn(move || {
-            let (s, _) = upstream.accept().unwrap();
-            exchange(s, 4, LEN).join().unwrap()
-        });
-        // The first client's turn starts at the dead upstream: refused, then the live one.
-        let client = exchange(connect(addr()), 3, LEN);
-        let (sent_c, got_c) = client.join().unwrap();
-        let (sent_s, got_s) = server.join().unwrap();
-        assert_eq!(got_s, (LEN, sent_c), "{dp}: client -> upstream");
-        assert_eq!(got_c, (LEN, sent_s), "{dp}: upstream -> client");
-        let text = wait_value(&url, &format!("skrelay_pairs_total{{datapath=\"{dp}\",ending=\"eof\"}}"), 1);
-        assert_eq!(value(&text, &format!("skrelay_bytes_total{{datapath=\"{dp}\"}}")), 2 * LEN, "{text}");
-        assert_eq!(value(&text, &format!("skrelay_upstream_up{{upstream=\"{dead}\"}}")), 0, "{text}");
-        assert_eq!(value(&text, &format!("skrelay_upstream_connect_failures_total{{upstream=\"{dead}\"}}")), 1);
-        assert_eq!(value(&text, &format!("skrelay_upstream_up{{upstream=\"{up}\"}}")), 1, "{text}");
-        assert_eq!(value(&text, &format!("skrelay_upstream_connect_failures_total{{upstream=\"{up}\"}}")), 0);
-        assert_eq!(value(&text, "skrelay_pending_clients"), 0, "{text}");
-        let (status, log) = proxy.stop(Duration::from_secs(10));
-        assert!(status.success(), "{log}");
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let up = upstream.local_addr().unwrap().to_string();
+    // Nothing listens here: every connect to it is refused.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let proxy = Skrelay::start(&[
+        "proxy",
+        "--datapath",
+        dp,
+        "--upstream",
+        &dead,
+        "--upstream",
+        &up,
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    let url = metrics_url(&proxy.log());
+    let text = scrape(&url);
+    for u in [&dead, &up] {
+        assert_eq!(value(&text, &format!("skrelay_upstream_up{{upstream=\"{u}\"}}")), 1, "{text}");
+        assert_eq!(value(&text, &format!("skrelay_upstream_connect_failures_total{{upstream=\"{u}\"}}")), 0);
     }
+    let server = std::thread::spawn(move || {
+        let (s, _) = upstream.accept().unwrap();
+        exchange(s, 4, LEN).join().unwrap()
+    });
+    // The first client's turn starts at the dead upstream: refused, then the live one.
+    let client = exchange(connect(addr()), 3, LEN);
+    let (sent_c, got_c) = client.join().unwrap();
+    let (sent_s, got_s) = server.join().unwrap();
+    assert_eq!(got_s, (LEN, sent_c), "{dp}: client -> upstream");
+    assert_eq!(got_c, (LEN, sent_s), "{dp}: upstream -> client");
+    let text = wait_value(&url, &format!("skrelay_pairs_total{{datapath=\"{dp}\",ending=\"eof\"}}"), 1);
+    assert_eq!(value(&text, &format!("skrelay_bytes_total{{datapath=\"{dp}\"}}")), 2 * LEN, "{text}");
+    assert_eq!(value(&text, &format!("skrelay_upstream_up{{upstream=\"{dead}\"}}")), 0, "{text}");
+    assert_eq!(value(&text, &format!("skrelay_upstream_connect_failures_total{{upstream=\"{dead}\"}}")), 1);
+    assert_eq!(value(&text, &format!("skrelay_upstream_up{{upstream=\"{up}\"}}")), 1, "{text}");
+    assert_eq!(value(&text, &format!("skrelay_upstream_connect_failures_total{{upstream=\"{up}\"}}")), 0);
+    assert_eq!(value(&text, "skrelay_pending_clients"), 0, "{text}");
+    let (status, log) = proxy.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
 }
+
+per_datapath!(proxy_counters_follow_pairs_and_upstreams_on_both_datapaths);
 
 #[test]
 fn a_bad_metrics_address_is_refused_with_exit_status_2() {

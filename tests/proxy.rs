@@ -1,6 +1,7 @@
 //! `skrelay proxy`: each client is spliced to a fresh upstream connection with the relay's
 //! semantics (order, pre-connect bytes, half-close, reset), upstreams are used round-robin, a
 //! failing one is skipped, and real clients (curl, nc) work through it.
+#[macro_use]
 mod common;
 use common::*;
 use std::{
@@ -23,81 +24,82 @@ fn through(upstream: &TcpListener) -> (TcpStream, TcpStream) {
     (client, server)
 }
 
-#[test]
-fn every_byte_arrives_in_order_both_ways_and_half_close_keeps_the_other_way() {
+fn every_byte_arrives_in_order_both_ways_and_half_close_keeps_the_other_way(dp: &str) {
     let _netns = enter_netns();
     const LEN: u64 = 64 << 20;
-    for dp in datapaths("proxy: every_byte_arrives_in_order_both_ways_and_half_close_keeps_the_other_way") {
-        let upstream = TcpListener::bind("127.0.0.1:9000").unwrap();
-        let proxy = Skrelay::start(&["proxy", "--datapath", dp, "--upstream", "127.0.0.1:9000"]);
-        let (client, server) = through(&upstream);
-        let (jc, js) = (exchange(client, 1, LEN), exchange(server, 2, LEN));
-        let (sent_c, got_c) = jc.join().unwrap();
-        let (sent_s, got_s) = js.join().unwrap();
-        assert_eq!(got_s, (LEN, sent_c), "{dp}: client -> upstream");
-        assert_eq!(got_c, (LEN, sent_s), "{dp}: upstream -> client");
+    let upstream = TcpListener::bind("127.0.0.1:9000").unwrap();
+    let proxy = Skrelay::start(&["proxy", "--datapath", dp, "--upstream", "127.0.0.1:9000"]);
+    let (client, server) = through(&upstream);
+    let (jc, js) = (exchange(client, 1, LEN), exchange(server, 2, LEN));
+    let (sent_c, got_c) = jc.join().unwrap();
+    let (sent_s, got_s) = js.join().unwrap();
+    assert_eq!(got_s, (LEN, sent_c), "{dp}: client -> upstream");
+    assert_eq!(got_c, (LEN, sent_s), "{dp}: upstream -> client");
 
-        // Half-close: the client finishes its request, the upstream answers afterwards.
-        let (mut client, mut server) = through(&upstream);
-        client.write_all(b"request").unwrap();
-        client.shutdown(Shutdown::Write).unwrap();
-        let (n, got) = recv_all(&mut server).unwrap();
-        assert_eq!((n, got), (7, sha(b"request")), "{dp}");
-        // The client reads while the answer is sent: 4 MiB need not fit in the buffers between.
-        let receiving = thread::spawn(move || recv_all(&mut client).unwrap());
-        let answer = send_pattern(&mut server, 3, 4 << 20).unwrap();
-        server.shutdown(Shutdown::Write).unwrap();
-        assert_eq!(receiving.join().unwrap(), (4 << 20, answer), "{dp}: answer after half-close");
-        let (status, log) = proxy.stop(Duration::from_secs(10));
-        assert!(status.success(), "{log}");
-    }
+    // Half-close: the client finishes its request, the upstream answers afterwards.
+    let (mut client, mut server) = through(&upstream);
+    client.write_all(b"request").unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let (n, got) = recv_all(&mut server).unwrap();
+    assert_eq!((n, got), (7, sha(b"request")), "{dp}");
+    // The client reads while the answer is sent: 4 MiB need not fit in the buffers between.
+    let receiving = thread::spawn(move || recv_all(&mut client).unwrap());
+    let answer = send_pattern(&mut server, 3, 4 << 20).unwrap();
+    server.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(receiving.join().unwrap(), (4 << 20, answer), "{dp}: answer after half-close");
+    let (status, log) = proxy.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
 }
 
-#[test]
-fn bytes_sent_while_the_upstream_connection_is_made_arrive_in_order() {
+per_datapath!(every_byte_arrives_in_order_both_ways_and_half_close_keeps_the_other_way);
+
+fn bytes_sent_while_the_upstream_connection_is_made_arrive_in_order(dp: &str) {
     // The first upstream never answers (its accept queue is full, so SYNs are dropped): the
     // client's early bytes wait out --connect-timeout and then reach the second upstream.
     let _netns = enter_netns();
-    for dp in datapaths("proxy: bytes_sent_while_the_upstream_connection_is_made_arrive_in_order") {
-        let blackhole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        blackhole.bind(&"127.0.0.1:9001".parse::<SocketAddr>().unwrap().into()).unwrap();
-        blackhole.listen(0).unwrap();
-        let full: SocketAddr = "127.0.0.1:9001".parse().unwrap();
-        let _fill: Vec<TcpStream> =
-            (0..2).filter_map(|_| TcpStream::connect_timeout(&full, Duration::from_millis(200)).ok()).collect();
-        let upstream = TcpListener::bind("127.0.0.1:9002").unwrap();
-        let proxy = Skrelay::start(&[
-            "proxy",
-            "--datapath",
-            dp,
-            "--connect-timeout",
-            "0.5",
-            "--upstream",
-            "127.0.0.1:9001",
-            "--upstream",
-            "127.0.0.1:9002",
-        ]);
-        let t0 = Instant::now();
-        let mut client = connect(proxy_addr());
-        let early = send_pattern(&mut client, 8, 1 << 20).unwrap();
-        let (mut server, _) = upstream.accept().unwrap();
-        assert!(t0.elapsed() >= Duration::from_millis(400), "{dp}: the first upstream was not waited for");
-        client.shutdown(Shutdown::Write).unwrap();
-        assert_eq!(recv_all(&mut server).unwrap(), (1 << 20, early), "{dp}");
-        proxy.wait_log(
-            "upstream 127.0.0.1:9001: no answer within --connect-timeout; marked down for 10s",
-            1,
-            Duration::from_secs(5),
-        );
-        // Marked down: the next client goes straight to the second upstream.
-        let t1 = Instant::now();
-        let mut c2 = connect(proxy_addr());
-        let (mut s2, _) = upstream.accept().unwrap();
-        assert!(t1.elapsed() < Duration::from_millis(400), "{dp}: a down upstream was tried again");
-        c2.write_all(b"fast").unwrap();
-        assert_eq!(read_n(&mut s2, 4), b"fast");
-    }
+    let blackhole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    blackhole.bind(&"127.0.0.1:9001".parse::<SocketAddr>().unwrap().into()).unwrap();
+    blackhole.listen(0).unwrap();
+    let full: SocketAddr = "127.0.0.1:9001".parse().unwrap();
+    let _fill: Vec<TcpStream> =
+        (0..2).filter_map(|_| TcpStream::connect_timeout(&full, Duration::from_millis(200)).ok()).collect();
+    let upstream = TcpListener::bind("127.0.0.1:9002").unwrap();
+    let proxy = Skrelay::start(&[
+        "proxy",
+        "--datapath",
+        dp,
+        "--connect-timeout",
+        "0.5",
+        "--upstream",
+        "127.0.0.1:9001",
+        "--upstream",
+        "127.0.0.1:9002",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    let t0 = Instant::now();
+    let mut client = connect(proxy_addr());
+    let early = send_pattern(&mut client, 8, 1 << 20).unwrap();
+    let (mut server, _) = upstream.accept().unwrap();
+    assert!(t0.elapsed() >= Duration::from_millis(400), "{dp}: the first upstream was not waited for");
+    client.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(recv_all(&mut server).unwrap(), (1 << 20, early), "{dp}");
+    let m = proxy.wait_metrics("the first upstream marked down", Duration::from_secs(5), |m| {
+        m.get("skrelay_upstream_up{upstream=\"127.0.0.1:9001\"}") == 0
+    });
+    assert_eq!(m.get("skrelay_upstream_connect_failures_total{upstream=\"127.0.0.1:9001\"}"), 1, "{dp}:\n{}", m.text);
+    assert_eq!(m.get("skrelay_upstream_up{upstream=\"127.0.0.1:9002\"}"), 1, "{dp}:\n{}", m.text);
+    assert_eq!(m.get("skrelay_upstream_connect_failures_total{upstream=\"127.0.0.1:9002\"}"), 0, "{dp}:\n{}", m.text);
+    // Marked down: the next client goes straight to the second upstream.
+    let t1 = Instant::now();
+    let mut c2 = connect(proxy_addr());
+    let (mut s2, _) = upstream.accept().unwrap();
+    assert!(t1.elapsed() < Duration::from_millis(400), "{dp}: a down upstream was tried again");
+    c2.write_all(b"fast").unwrap();
+    assert_eq!(read_n(&mut s2, 4), b"fast");
 }
+
+per_datapath!(bytes_sent_while_the_upstream_connection_is_made_arrive_in_order);
 
 #[test]
 fn upstreams_are_used_round_robin_and_a_refusing_one_is_skipped() {
@@ -148,7 +150,15 @@ fn upstreams_are_used_round_robin_and_a_refusing_one_is_skipped() {
 #[test]
 fn a_client_is_reset_when_no_upstream_can_be_reached_and_the_proxy_keeps_serving() {
     let _netns = enter_netns();
-    let proxy = Skrelay::start(&["proxy", "--datapath", "userspace", "--upstream", "127.0.0.1:9020"]);
+    let proxy = Skrelay::start(&[
+        "proxy",
+        "--datapath",
+        "userspace",
+        "--upstream",
+        "127.0.0.1:9020",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
     // The proxy accepts, fails to reach the upstream and resets the client, all within microseconds
     // on loopback: the reset may already be there when connect(2) reports, so it counts there too.
     let r = TcpStream::connect_timeout(&proxy_addr(), Duration::from_secs(5)).and_then(|mut c| {
@@ -156,7 +166,12 @@ fn a_client_is_reset_when_no_upstream_can_be_reached_and_the_proxy_keeps_serving
         c.read(&mut [0u8; 1])
     });
     assert!(matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset), "expected a reset, got {r:?}");
-    proxy.wait_log("no upstream could be reached", 1, Duration::from_secs(5));
+    let m = proxy.wait_metrics("a failed connect", Duration::from_secs(5), |m| {
+        m.get("skrelay_upstream_connect_failures_total{upstream=\"127.0.0.1:9020\"}") > 0
+    });
+    assert_eq!(m.get("skrelay_upstream_connect_failures_total{upstream=\"127.0.0.1:9020\"}"), 1, "{}", m.text);
+    assert_eq!(m.get("skrelay_upstream_up{upstream=\"127.0.0.1:9020\"}"), 0, "{}", m.text);
+    assert_eq!(m.sum("skrelay_pairs_total"), 0, "a client without an upstream is no pair:\n{}", m.text);
     // The upstream comes up: the next client is served (down upstreams are still tried last).
     let upstream = TcpListener::bind("127.0.0.1:9020").unwrap();
     let (mut c, mut s) = through(&upstream);
@@ -164,26 +179,25 @@ fn a_client_is_reset_when_no_upstream_can_be_reached_and_the_proxy_keeps_serving
     assert_eq!(read_n(&mut s, 6), b"up now");
 }
 
-#[test]
-fn a_reset_on_either_side_reaches_the_other() {
+fn a_reset_on_either_side_reaches_the_other(dp: &str) {
     let _netns = enter_netns();
-    for dp in datapaths("proxy: a_reset_on_either_side_reaches_the_other") {
-        let upstream = TcpListener::bind("127.0.0.1:9030").unwrap();
-        let _proxy = Skrelay::start(&["proxy", "--datapath", dp, "--upstream", "127.0.0.1:9030"]);
-        for upstream_resets in [false, true] {
-            let (c, s) = through(&upstream);
-            let (resetter, mut other) = if upstream_resets { (s, c) } else { (c, s) };
-            socket2::SockRef::from(&resetter).set_linger(Some(Duration::ZERO)).unwrap();
-            drop(resetter);
-            other.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            let r = other.read(&mut [0u8; 4]);
-            assert!(
-                matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
-                "{dp}, upstream resets: {upstream_resets}: got {r:?}"
-            );
-        }
+    let upstream = TcpListener::bind("127.0.0.1:9030").unwrap();
+    let _proxy = Skrelay::start(&["proxy", "--datapath", dp, "--upstream", "127.0.0.1:9030"]);
+    for upstream_resets in [false, true] {
+        let (c, s) = through(&upstream);
+        let (resetter, mut other) = if upstream_resets { (s, c) } else { (c, s) };
+        socket2::SockRef::from(&resetter).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(resetter);
+        other.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let r = other.read(&mut [0u8; 4]);
+        assert!(
+            matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+            "{dp}, upstream resets: {upstream_resets}: got {r:?}"
+        );
     }
 }
+
+per_datapath!(a_reset_on_either_side_reaches_the_other);
 
 #[test]
 fn start_up_errors_are_one_sentence_and_exit_status_2() {
@@ -198,8 +212,7 @@ fn start_up_errors_are_one_sentence_and_exit_status_2() {
     assert_eq!(code, 2, "{err}");
 }
 
-#[test]
-fn curl_downloads_a_file_from_python_http_server_through_the_proxy() {
+fn curl_downloads_a_file_from_python_http_server_through_the_proxy(dp: &str) {
     let _netns = enter_netns();
     let dir = std::env::temp_dir().join(format!("skrelay-proxy-http-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -220,21 +233,21 @@ fn curl_downloads_a_file_from_python_http_server_through_the_proxy() {
         assert!(Instant::now() < deadline, "http.server did not start");
         thread::sleep(Duration::from_millis(20));
     }
-    for dp in datapaths("proxy: curl_downloads_a_file_from_python_http_server_through_the_proxy") {
-        let proxy = Skrelay::start(&["proxy", "--datapath", dp, "--upstream", "localhost:9040"]);
-        for _ in 0..3 {
-            let out = Command::new("curl")
-                .args(["-sS", "--max-time", "20", "http://127.0.0.1:7777/blob.bin"])
-                .output()
-                .expect("curl");
-            assert!(out.status.success(), "{dp}: curl: {}", String::from_utf8_lossy(&out.stderr));
-            assert_eq!(sha(&out.stdout), sha(&blob), "{dp}: downloaded file differs");
-        }
-        let (status, log) = proxy.stop(Duration::from_secs(10));
-        assert!(status.success(), "{log}");
+    let proxy = Skrelay::start(&["proxy", "--datapath", dp, "--upstream", "localhost:9040"]);
+    for _ in 0..3 {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "20", "http://127.0.0.1:7777/blob.bin"])
+            .output()
+            .expect("curl");
+        assert!(out.status.success(), "{dp}: curl: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(sha(&out.stdout), sha(&blob), "{dp}: downloaded file differs");
     }
+    let (status, log) = proxy.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+per_datapath!(curl_downloads_a_file_from_python_http_server_through_the_proxy);
 
 #[test]
 fn one_echo_service_answers_on_7_77_and_777_through_proxy_ports_with_real_nc() {

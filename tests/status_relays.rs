@@ -1,5 +1,6 @@
 //! `skrelay status` lists the relay and proxy processes of its network namespace: what they
 //! listen on, their datapath, the connections they hold and where they serve metrics.
+#[macro_use]
 mod common;
 use common::*;
 use std::time::Duration;
@@ -13,57 +14,49 @@ fn find(pid: i32) -> Option<serde_json::Value> {
     relays().into_iter().find(|p| p["pid"] == pid)
 }
 
-#[test]
-fn status_lists_running_relays_and_proxies() {
+fn status_lists_running_relays_and_proxies(dp: &str) {
     let _netns = enter_netns();
     assert!(skrelay_ok(&["status"]).contains("relays: no relay or proxy is running"));
-    for dp in datapaths("status_lists_running_relays_and_proxies") {
-        let relay = Skrelay::start(&["relay", "--datapath", dp, "--metrics", "127.0.0.1:0"]);
-        let log = relay.log();
-        let url = log[log.find("metrics at ").unwrap() + 11..].split_whitespace().next().unwrap().to_string();
-        let proxy = Skrelay::start(&[
-            "proxy",
-            "--datapath",
-            "userspace",
-            "--listen",
-            "[::1]:7780",
-            "--upstream",
-            "127.0.0.1:7777",
-        ]);
-        let r = find(relay.pid()).unwrap_or_else(|| panic!("relay {} not listed: {:?}", relay.pid(), relays()));
-        assert_eq!(r["command"], "relay");
-        assert_eq!(r["listening"], serde_json::json!(["127.0.0.1:7777"]), "{r}");
-        assert_eq!(r["datapath"], dp, "{r}");
-        assert_eq!(r["metrics"], url.as_str(), "{r}");
-        assert_eq!(r["connections"], 0, "{r}");
-        let p = find(proxy.pid()).unwrap();
-        assert_eq!(p["command"], "proxy");
-        assert_eq!(p["listening"], serde_json::json!(["[::1]:7780"]), "{p}");
-        assert_eq!(p["metrics"], serde_json::Value::Null, "{p}");
-        // A waits in the relay; B's upstream connection is the relay's second client: 2 each.
-        let a = connect("127.0.0.1:7777".parse().unwrap());
-        let b = connect("[::1]:7780".parse().unwrap());
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while find(relay.pid()).unwrap()["connections"] != 2 || find(proxy.pid()).unwrap()["connections"] != 2 {
-            assert!(std::time::Instant::now() < deadline, "{:?}", relays());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let text = skrelay_ok(&["status"]);
-        assert!(
-            text.contains(&format!(
-                "relay (pid {}): listening on 127.0.0.1:7777, {dp} datapath, 2 connection(s), metrics at {url}",
-                relay.pid()
-            )),
-            "{text}"
-        );
-        drop((a, b));
-        let pid = relay.pid();
-        let (status, log) = relay.stop(Duration::from_secs(10));
-        assert!(status.success(), "{log}");
-        assert!(find(pid).is_none(), "a stopped relay is still listed");
-        drop(proxy);
+    let relay = Skrelay::start(&["relay", "--datapath", dp, "--metrics", "127.0.0.1:0"]);
+    let log = relay.log();
+    let url = log[log.find("metrics at ").unwrap() + 11..].split_whitespace().next().unwrap().to_string();
+    let proxy =
+        Skrelay::start(&["proxy", "--datapath", "userspace", "--listen", "[::1]:7780", "--upstream", "127.0.0.1:7777"]);
+    let r = find(relay.pid()).unwrap_or_else(|| panic!("relay {} not listed: {:?}", relay.pid(), relays()));
+    assert_eq!(r["command"], "relay");
+    assert_eq!(r["listening"], serde_json::json!(["127.0.0.1:7777"]), "{r}");
+    assert_eq!(r["datapath"], dp, "{r}");
+    assert_eq!(r["metrics"], url.as_str(), "{r}");
+    assert_eq!(r["connections"], 0, "{r}");
+    let p = find(proxy.pid()).unwrap();
+    assert_eq!(p["command"], "proxy");
+    assert_eq!(p["listening"], serde_json::json!(["[::1]:7780"]), "{p}");
+    assert_eq!(p["metrics"], serde_json::Value::Null, "{p}");
+    // A waits in the relay; B's upstream connection is the relay's second client: 2 each.
+    let a = connect("127.0.0.1:7777".parse().unwrap());
+    let b = connect("[::1]:7780".parse().unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while find(relay.pid()).unwrap()["connections"] != 2 || find(proxy.pid()).unwrap()["connections"] != 2 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", relays());
+        std::thread::sleep(Duration::from_millis(20));
     }
+    let text = skrelay_ok(&["status"]);
+    assert!(
+        text.contains(&format!(
+            "relay (pid {}): listening on 127.0.0.1:7777, {dp} datapath, 2 connection(s), metrics at {url}",
+            relay.pid()
+        )),
+        "{text}"
+    );
+    drop((a, b));
+    let pid = relay.pid();
+    let (status, log) = relay.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+    assert!(find(pid).is_none(), "a stopped relay is still listed");
+    drop(proxy);
 }
+
+per_datapath!(status_lists_running_relays_and_proxies);
 
 /// `status --json` shows what a running relay holds inside the kernel (issue 10): while B does
 /// not read, A's bytes wait in the kernel (on B's psock queue, up to --kernel-buffer, and parked

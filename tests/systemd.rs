@@ -1,6 +1,7 @@
 //! systemd: socket activation (LISTEN_FDS) under the real `systemd-socket-activate`, the
 //! notification protocol (READY=1, STOPPING=1) on a real datagram socket, what skrelay refuses to
 //! serve, and `systemd-analyze verify` on contrib/systemd.
+#[macro_use]
 mod common;
 use common::*;
 use std::{
@@ -57,44 +58,46 @@ impl Drop for NotifySocket {
     }
 }
 
-#[test]
-fn socket_activation_serves_the_passed_socket_and_notifies_on_both_datapaths() {
+fn socket_activation_serves_the_passed_socket_and_notifies_on_both_datapaths(dp: &str) {
     let _netns = enter_netns();
     if !require_tool("socket_activation", "systemd-socket-activate") {
         return;
     }
     const LEN: u64 = 16 << 20;
-    for dp in datapaths("socket_activation_serves_the_passed_socket_and_notifies_on_both_datapaths") {
-        let notify = NotifySocket::new(dp);
-        let mut cmd = Command::new("systemd-socket-activate");
-        cmd.args(["-l", "127.0.0.1:7777", "-E", &format!("NOTIFY_SOCKET={}", notify.path.display())])
-            .args(["-E", "RUST_LOG=info", SKRELAY, "relay", "--datapath", dp, "--kernel-after", "0"])
-            // Would be bound without socket activation; with it, nothing listens there.
-            .args(["--listen", "127.0.0.1:7788"]);
-        // systemd-socket-activate holds the socket and starts skrelay at the first connection.
-        let relay = Skrelay::spawn(cmd, "Listening on 127.0.0.1:7777");
-        let a = connect("127.0.0.1:7777".parse().unwrap());
-        let b = connect("127.0.0.1:7777".parse().unwrap());
-        let ja = exchange(a, 1, LEN);
-        let jb = exchange(b, 2, LEN);
-        let (sent_a, got_a) = ja.join().unwrap();
-        let (sent_b, got_b) = jb.join().unwrap();
-        assert_eq!(got_b, (LEN, sent_a), "{dp}: A -> B");
-        assert_eq!(got_a, (LEN, sent_b), "{dp}: B -> A");
-        let log = relay.log();
-        assert!(log.contains("serving the socket systemd passed (127.0.0.1:7777)"), "{log}");
-        assert!(log.contains(&format!("listening on 127.0.0.1:7777: pairing clients in arrival order, {dp}")), "{log}");
-        assert!(TcpStream::connect("127.0.0.1:7788").is_err(), "--listen was bound too");
-        let ready = notify.recv();
-        assert!(ready.starts_with("READY=1\n"), "{ready:?}");
-        assert!(ready.contains("STATUS=listening on 127.0.0.1:7777"), "{ready:?}");
-        // The exec'd skrelay keeps systemd-socket-activate's pid: SIGTERM reaches skrelay.
-        relay.wait_log("ended after", 1, Duration::from_secs(10));
-        let (status, log) = relay.stop(Duration::from_secs(10));
-        assert!(notify.recv().starts_with("STOPPING=1\n"), "{dp}");
-        assert!(status.success(), "{dp}: {status}\n{log}");
-    }
+    let notify = NotifySocket::new(dp);
+    let mut cmd = Command::new("systemd-socket-activate");
+    cmd.args(["-l", "127.0.0.1:7777", "-E", &format!("NOTIFY_SOCKET={}", notify.path.display())])
+        .args(["-E", "RUST_LOG=info", SKRELAY, "relay", "--datapath", dp, "--kernel-after", "0"])
+        .args(["--metrics", "127.0.0.1:0"])
+        // Would be bound without socket activation; with it, nothing listens there.
+        .args(["--listen", "127.0.0.1:7788"]);
+    // systemd-socket-activate holds the socket and starts skrelay at the first connection.
+    let relay = Skrelay::spawn(cmd, "Listening on 127.0.0.1:7777");
+    let a = connect("127.0.0.1:7777".parse().unwrap());
+    let b = connect("127.0.0.1:7777".parse().unwrap());
+    let ja = exchange(a, 1, LEN);
+    let jb = exchange(b, 2, LEN);
+    let (sent_a, got_a) = ja.join().unwrap();
+    let (sent_b, got_b) = jb.join().unwrap();
+    assert_eq!(got_b, (LEN, sent_a), "{dp}: A -> B");
+    assert_eq!(got_a, (LEN, sent_b), "{dp}: B -> A");
+    let log = relay.log();
+    assert!(log.contains("serving the socket systemd passed (127.0.0.1:7777)"), "{log}");
+    assert!(log.contains(&format!("listening on 127.0.0.1:7777: pairing clients in arrival order, {dp}")), "{log}");
+    assert!(TcpStream::connect("127.0.0.1:7788").is_err(), "--listen was bound too");
+    let ready = notify.recv();
+    assert!(ready.starts_with("READY=1\n"), "{ready:?}");
+    assert!(ready.contains("STATUS=listening on 127.0.0.1:7777"), "{ready:?}");
+    // The exec'd skrelay keeps systemd-socket-activate's pid: SIGTERM reaches skrelay.
+    let m = relay.wait_pairs_ended(1, Duration::from_secs(10));
+    assert_eq!(m.pairs(dp, "eof"), 1, "{dp}: the pair ended with EOF both ways:\n{}", m.text);
+    assert_eq!(m.bytes(dp), 2 * LEN, "{dp}: every byte counted once:\n{}", m.text);
+    let (status, log) = relay.stop(Duration::from_secs(10));
+    assert!(notify.recv().starts_with("STOPPING=1\n"), "{dp}");
+    assert!(status.success(), "{dp}: {status}\n{log}");
 }
+
+per_datapath!(socket_activation_serves_the_passed_socket_and_notifies_on_both_datapaths);
 
 /// Runs skrelay with `fd` as descriptor 3 and LISTEN_FDS=`n`, LISTEN_PID naming it:
 /// (exit code, stderr).

@@ -1,6 +1,7 @@
 //! `--takeover PID`: a new skrelay takes the running one's listening socket (pidfd_getfd) and
 //! the old one drains. Connect loops run across the takeover: no connection may be refused,
 //! reset or damaged.
+#[macro_use]
 mod common;
 use common::*;
 use std::{
@@ -62,114 +63,117 @@ fn pairs_ended(log: &str) -> usize {
     log.lines().filter(|l| l.contains(" ended after ")).count()
 }
 
-#[test]
-fn a_connect_loop_across_a_proxy_takeover_loses_no_connection_on_both_datapaths() {
+fn a_connect_loop_across_a_proxy_takeover_loses_no_connection_on_both_datapaths(dp: &str) {
     let _netns = enter_netns();
     const TOTAL: u64 = 2400;
     const THREADS: u64 = 4;
-    for dp in datapaths("a_connect_loop_across_a_proxy_takeover_loses_no_connection_on_both_datapaths") {
-        let up = echo_upstream().to_string();
-        let flags = ["proxy", "--datapath", dp, "--upstream", &up, "--metrics", METRICS];
-        let old = Skrelay::start(&flags);
-        let done = Arc::new(AtomicU64::new(0));
-        let errors = Arc::new(Mutex::new(Vec::new()));
-        let loops: Vec<_> = (0..THREADS)
-            .map(|t| {
-                let (done, errors) = (done.clone(), errors.clone());
-                thread::spawn(move || {
-                    for i in 0..TOTAL / THREADS {
-                        if let Err(e) = one_request(t << 32 | i) {
-                            errors.lock().unwrap().push(format!("thread {t} request {i}: {e}"));
-                        }
-                        done.fetch_add(1, Ordering::Relaxed);
+    let up = echo_upstream().to_string();
+    let flags = ["proxy", "--datapath", dp, "--upstream", &up, "--metrics", METRICS];
+    let old = Skrelay::start(&flags);
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let loops: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (done, errors) = (done.clone(), errors.clone());
+            thread::spawn(move || {
+                for i in 0..TOTAL / THREADS {
+                    if let Err(e) = one_request(t << 32 | i) {
+                        errors.lock().unwrap().push(format!("thread {t} request {i}: {e}"));
                     }
-                })
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
             })
-            .collect();
-        // The takeover, while the loop runs.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while done.load(Ordering::Relaxed) < 600 {
-            assert!(Instant::now() < deadline, "{dp}: the loop did not get going:\n{}", old.log());
-            thread::sleep(Duration::from_millis(1));
-        }
-        let t0 = Instant::now();
-        let mut takeover: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
-        takeover.extend(["--takeover".into(), old.pid().to_string()]);
-        let new = Skrelay::start(&takeover.iter().map(String::as_str).collect::<Vec<_>>());
-        let at = done.load(Ordering::Relaxed);
-        let mut old = old;
-        let status = old.wait(Duration::from_secs(15));
-        let old_gone = t0.elapsed();
-        old.wait_log("stopped", 1, Duration::from_secs(5)); // the last lines, read after the exit
-        let old_log = old.log();
-        assert!(status.success(), "{dp}: the old proxy: {status}\n{old_log}");
-        assert!(old_log.contains("SIGUSR2 (handing over"), "{dp}:\n{old_log}");
-        for l in loops {
-            l.join().unwrap();
-        }
-        let errors = errors.lock().unwrap();
-        let new_log = new.log();
-        let notable = |log: &str| log.lines().filter(|l| !l.contains(" ended after ")).collect::<Vec<_>>().join("\n");
-        assert!(
-            errors.is_empty(),
-            "{dp}: {} of {TOTAL} requests failed:\n{}\nold:\n{}\nnew:\n{}",
-            errors.len(),
-            errors.join("\n"),
-            notable(&old_log),
-            notable(&new_log)
-        );
-        assert!(new_log.contains(&format!("took over the listening socket of process {}", old.pid())), "{new_log}");
-        // The new process logs a pair's end just after its client saw EOF.
-        let by_old = pairs_ended(&old_log);
-        new.wait_log(" ended after ", TOTAL as usize - by_old, Duration::from_secs(10));
-        let by_new = pairs_ended(&new.log());
-        assert_eq!(by_old + by_new, TOTAL as usize, "{dp}: every request is one pair, ended in one of them");
-        assert!(by_new > 0 && by_old >= 600, "{dp}: old served {by_old}, new {by_new}");
-        // The new process serves the metrics socket it took, and counts only its own pairs.
-        let out =
-            std::process::Command::new("curl").args(["-sS", "--fail", &format!("http://{METRICS}/metrics")]).output();
-        let text = String::from_utf8_lossy(&out.unwrap().stdout).into_owned();
-        let eof = format!("skrelay_pairs_total{{datapath=\"{dp}\",ending=\"eof\"}} {by_new}\n");
-        assert!(text.contains(&eof), "{dp}: expected `{eof}` from the new process:\n{text}");
-        eprintln!(
-            "{dp}: {TOTAL} requests through a takeover at request {at}: none failed; old served {by_old} and \
-             exited {:.0} ms after the new one started, new served {by_new}",
-            old_gone.as_secs_f64() * 1e3
-        );
-        let (status, log) = new.stop(Duration::from_secs(10));
-        assert!(status.success(), "{log}");
+        })
+        .collect();
+    // The takeover, while the loop runs.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while done.load(Ordering::Relaxed) < 600 {
+        assert!(Instant::now() < deadline, "{dp}: the loop did not get going:\n{}", old.log());
+        thread::sleep(Duration::from_millis(1));
     }
+    let t0 = Instant::now();
+    let mut takeover: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+    takeover.extend(["--takeover".into(), old.pid().to_string()]);
+    let new = Skrelay::start(&takeover.iter().map(String::as_str).collect::<Vec<_>>());
+    let at = done.load(Ordering::Relaxed);
+    let mut old = old;
+    let status = old.wait(Duration::from_secs(15));
+    let old_gone = t0.elapsed();
+    old.wait_log("stopped", 1, Duration::from_secs(5)); // the last lines, read after the exit
+    let old_log = old.log();
+    assert!(status.success(), "{dp}: the old proxy: {status}\n{old_log}");
+    assert!(old_log.contains("SIGUSR2 (handing over"), "{dp}:\n{old_log}");
+    for l in loops {
+        l.join().unwrap();
+    }
+    let errors = errors.lock().unwrap();
+    let new_log = new.log();
+    let notable = |log: &str| log.lines().filter(|l| !l.contains(" ended after ")).collect::<Vec<_>>().join("\n");
+    assert!(
+        errors.is_empty(),
+        "{dp}: {} of {TOTAL} requests failed:\n{}\nold:\n{}\nnew:\n{}",
+        errors.len(),
+        errors.join("\n"),
+        notable(&old_log),
+        notable(&new_log)
+    );
+    assert!(new_log.contains(&format!("took over the listening socket of process {}", old.pid())), "{new_log}");
+    // The new process logs a pair's end just after its client saw EOF.
+    let by_old = pairs_ended(&old_log);
+    // The old process is gone with its counters: its end-of-pair lines are what is left of them.
+    // The new one serves the metrics socket it took (at the same address), counting its own pairs.
+    let left = TOTAL - by_old as u64;
+    let m = new.wait_metrics(&format!("{left} pairs ended"), Duration::from_secs(10), |m| {
+        m.sum("skrelay_pairs_total") >= left
+    });
+    assert_eq!(new.metrics_addr().to_string(), METRICS, "{dp}: the new process serves the metrics socket it took");
+    let by_new = m.pairs(dp, "eof");
+    assert_eq!(m.sum("skrelay_pairs_total"), by_new, "{dp}: every pair ended with EOF:\n{}", m.text);
+    assert_eq!(by_old as u64 + by_new, TOTAL, "{dp}: every request is one pair, ended in one of them");
+    assert!(by_new > 0 && by_old >= 600, "{dp}: old served {by_old}, new {by_new}");
+    eprintln!(
+        "{dp}: {TOTAL} requests through a takeover at request {at}: none failed; old served {by_old} and \
+         exited {:.0} ms after the new one started, new served {by_new}",
+        old_gone.as_secs_f64() * 1e3
+    );
+    let (status, log) = new.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
 }
 
-#[test]
-fn a_relay_takeover_keeps_live_pairs_in_the_old_process_until_they_end() {
+per_datapath!(a_connect_loop_across_a_proxy_takeover_loses_no_connection_on_both_datapaths);
+
+fn a_relay_takeover_keeps_live_pairs_in_the_old_process_until_they_end(dp: &str) {
     let _netns = enter_netns();
-    for dp in datapaths("a_relay_takeover_keeps_live_pairs_in_the_old_process_until_they_end") {
-        let old = Skrelay::start(&["relay", "--datapath", dp]);
-        let addr: SocketAddr = PROXY.parse().unwrap();
-        let (mut a, mut b) = (connect(addr), connect(addr));
-        a.write_all(b"before").unwrap();
-        assert_eq!(read_n(&mut b, 6), b"before");
-        let pid = old.pid().to_string();
-        let new = Skrelay::start(&["relay", "--datapath", dp, "--takeover", &pid]);
-        old.wait_log("SIGUSR2 (handing over", 1, Duration::from_secs(5));
-        // New clients pair in the new process while the old pair keeps going in the old one.
-        let (c, d) = (connect(addr), connect(addr));
-        let (jc, jd) = (exchange(c, 1, 4 << 20), exchange(d, 2, 4 << 20));
-        let ((sent_c, got_c), (sent_d, got_d)) = (jc.join().unwrap(), jd.join().unwrap());
-        assert_eq!((got_c, got_d), ((4 << 20, sent_d), (4 << 20, sent_c)), "{dp}");
-        new.wait_log(" ended after ", 1, Duration::from_secs(5));
-        let (ja, jb) = (exchange(a, 3, 4 << 20), exchange(b, 4, 4 << 20));
-        let ((sent_a, got_a), (sent_b, got_b)) = (ja.join().unwrap(), jb.join().unwrap());
-        assert_eq!((got_a, got_b), ((4 << 20, sent_b), (4 << 20, sent_a)), "{dp}");
-        let mut old = old;
-        assert!(old.wait(Duration::from_secs(10)).success(), "{}", old.log());
-        old.wait_log("stopped", 1, Duration::from_secs(5)); // the last lines, read after the exit
-        assert_eq!(pairs_ended(&old.log()), 1, "{dp}:\n{}", old.log());
-        let (status, log) = new.stop(Duration::from_secs(10));
-        assert!(status.success(), "{log}");
-    }
+    let old = Skrelay::start(&["relay", "--datapath", dp]);
+    let addr: SocketAddr = PROXY.parse().unwrap();
+    let (mut a, mut b) = (connect(addr), connect(addr));
+    a.write_all(b"before").unwrap();
+    assert_eq!(read_n(&mut b, 6), b"before");
+    let pid = old.pid().to_string();
+    let new = Skrelay::start(&["relay", "--datapath", dp, "--takeover", &pid, "--metrics", "127.0.0.1:0"]);
+    old.wait_log("SIGUSR2 (handing over", 1, Duration::from_secs(5));
+    // New clients pair in the new process while the old pair keeps going in the old one.
+    let (c, d) = (connect(addr), connect(addr));
+    let (jc, jd) = (exchange(c, 1, 4 << 20), exchange(d, 2, 4 << 20));
+    let ((sent_c, got_c), (sent_d, got_d)) = (jc.join().unwrap(), jd.join().unwrap());
+    assert_eq!((got_c, got_d), ((4 << 20, sent_d), (4 << 20, sent_c)), "{dp}");
+    let m = new.wait_pairs_ended(1, Duration::from_secs(5));
+    assert_eq!((m.pairs(dp, "eof"), m.bytes(dp)), (1, 8 << 20), "{dp}: the new pair, in the new process:\n{}", m.text);
+    let (ja, jb) = (exchange(a, 3, 4 << 20), exchange(b, 4, 4 << 20));
+    let ((sent_a, got_a), (sent_b, got_b)) = (ja.join().unwrap(), jb.join().unwrap());
+    assert_eq!((got_a, got_b), ((4 << 20, sent_b), (4 << 20, sent_a)), "{dp}");
+    let mut old = old;
+    assert!(old.wait(Duration::from_secs(10)).success(), "{}", old.log());
+    old.wait_log("stopped", 1, Duration::from_secs(5)); // the last lines, read after the exit
+                                                        // The old process's counters went with it: its end-of-pair lines are what is left of them.
+    assert_eq!(pairs_ended(&old.log()), 1, "{dp}:\n{}", old.log());
+    let m = new.metrics();
+    assert_eq!(m.sum("skrelay_pairs_total"), 1, "{dp}: the old pair never moved to the new process:\n{}", m.text);
+    let (status, log) = new.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
 }
+
+per_datapath!(a_relay_takeover_keeps_live_pairs_in_the_old_process_until_they_end);
 
 #[test]
 fn takeovers_that_cannot_work_are_refused() {

@@ -507,6 +507,7 @@ impl Server {
         if let Some(mut metric) = self.pair_metrics.remove(&slot) {
             metric.end(counted, ended.moved[0] + ended.moved[1]);
         }
+        self.metrics.pair_path(ended.datapath);
         self.account_end(&ended);
     }
 

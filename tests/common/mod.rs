@@ -92,6 +92,108 @@ pub fn datapaths(test: &str) -> Vec<&'static str> {
     }
 }
 
+/// One test case per datapath: `per_datapath!(name);` next to `fn name(dp: &str)` defines the
+/// test cases `name::kernel` and `name::userspace`, each calling `name` with its datapath. The
+/// kernel case follows `require_bpf`: it fails under CI=true where BPF is unavailable, and is
+/// skipped with a note elsewhere. (Use with `#[macro_use] mod common;`.)
+#[allow(unused_macros)]
+macro_rules! per_datapath {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn kernel() {
+                if $crate::common::require_bpf(concat!(stringify!($name), "::kernel")) {
+                    super::$name("kernel");
+                }
+            }
+
+            #[test]
+            fn userspace() {
+                super::$name("userspace");
+            }
+        }
+    )+};
+}
+
+/// One scrape of a relay's or proxy's `--metrics` endpoint, parsed: each sample (its name with
+/// its labels, as written: `skrelay_pairs_total{datapath="kernel",ending="eof"}`) and its value.
+pub struct Scrape {
+    pub text: String,
+    samples: std::collections::BTreeMap<String, u64>,
+}
+
+impl Scrape {
+    pub fn parse(text: String) -> Scrape {
+        let samples = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| {
+                let (key, value) = l.rsplit_once(' ')?;
+                Some((key.to_string(), value.parse::<f64>().ok()? as u64))
+            })
+            .collect();
+        Scrape { text, samples }
+    }
+
+    /// The value of sample `key`; a sample the process does not export fails the test (so a
+    /// misspelt name cannot pass as 0).
+    pub fn get(&self, key: &str) -> u64 {
+        *self.samples.get(key).unwrap_or_else(|| panic!("no sample `{key}` in the scrape:\n{}", self.text))
+    }
+
+    /// The value of a sample whose labels appear on first use (`skrelay_pair_paths_total`): 0
+    /// when absent.
+    pub fn count(&self, key: &str) -> u64 {
+        self.samples.get(key).copied().unwrap_or(0)
+    }
+
+    /// The sum over every label set of metric `name` (`skrelay_pairs_total`: every pair ended).
+    pub fn sum(&self, name: &str) -> u64 {
+        let prefix = format!("{name}{{");
+        let sum: u64 = self.samples.iter().filter(|(k, _)| k.starts_with(&prefix) || *k == name).map(|(_, v)| v).sum();
+        assert!(
+            self.samples.keys().any(|k| k.starts_with(&prefix) || k == name),
+            "no metric `{name}` in the scrape:\n{}",
+            self.text
+        );
+        sum
+    }
+
+    /// Pairs that ended on `datapath` (`kernel` or `userspace`), however they ended.
+    pub fn pairs_ended(&self, datapath: &str) -> u64 {
+        ["eof", "reset", "timeout", "drain"]
+            .iter()
+            .map(|e| self.get(&format!("skrelay_pairs_total{{datapath=\"{datapath}\",ending=\"{e}\"}}")))
+            .sum()
+    }
+
+    /// Pairs that ended on `datapath` the way `ending` names (eof, reset, timeout, drain).
+    pub fn pairs(&self, datapath: &str, ending: &str) -> u64 {
+        self.get(&format!("skrelay_pairs_total{{datapath=\"{datapath}\",ending=\"{ending}\"}}"))
+    }
+
+    /// Payload bytes of the pairs that ended on `datapath`, both directions together.
+    pub fn bytes(&self, datapath: &str) -> u64 {
+        self.get(&format!("skrelay_bytes_total{{datapath=\"{datapath}\"}}"))
+    }
+
+    /// Pairs that ended carried the way `path` says (`kernel, after a userspace start`, ...).
+    pub fn paths(&self, path: &str) -> u64 {
+        self.count(&format!("skrelay_pair_paths_total{{path=\"{path}\"}}"))
+    }
+}
+
+/// GET http://ADDR/metrics: the body of a 200 answer.
+pub fn scrape(addr: SocketAddr) -> Scrape {
+    let mut s = connect(addr);
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: skrelay\r\nConnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap_or_else(|e| panic!("read the metrics of {addr}: {e}"));
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no HTTP answer: {answer}"));
+    assert!(head.starts_with("HTTP/1.1 200"), "metrics of {addr}: {head}\n{body}");
+    Scrape::parse(body.to_string())
+}
+
 /// A running skrelay process whose stderr is collected.
 pub struct Skrelay {
     pub child: Child,
@@ -166,6 +268,41 @@ impl Skrelay {
             assert!(Instant::now() < deadline, "log never had {count}x `{text}`:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Where this relay or proxy (started with `--metrics ADDR`) serves its metrics, as its start
+    /// line says (`metrics at http://ADDR/metrics`).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        let log = self.log();
+        let at = log
+            .find("metrics at http://")
+            .unwrap_or_else(|| panic!("no metrics address (start with --metrics):\n{log}"));
+        let url = log[at + "metrics at http://".len()..].split_whitespace().next().unwrap();
+        url.trim_end_matches("/metrics").parse().unwrap_or_else(|e| panic!("metrics address {url}: {e}"))
+    }
+
+    /// A scrape of this relay's or proxy's metrics (started with `--metrics 127.0.0.1:0`).
+    pub fn metrics(&self) -> Scrape {
+        scrape(self.metrics_addr())
+    }
+
+    /// Scrapes until `done` holds for the scrape, at most `timeout`; returns that scrape.
+    pub fn wait_metrics(&self, what: &str, timeout: Duration, done: impl Fn(&Scrape) -> bool) -> Scrape {
+        let addr = self.metrics_addr();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let m = scrape(addr);
+            if done(&m) {
+                return m;
+            }
+            assert!(Instant::now() < deadline, "the metrics never showed {what}:\n{}\nlog:\n{}", m.text, self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until at least `n` pairs ended (every datapath, every ending); returns that scrape.
+    pub fn wait_pairs_ended(&self, n: u64, timeout: Duration) -> Scrape {
+        self.wait_metrics(&format!("{n} pairs ended"), timeout, |m| m.sum("skrelay_pairs_total") >= n)
     }
 
     pub fn pid(&self) -> i32 {
