@@ -177,8 +177,7 @@ fn token_pairs_keep_every_byte_and_move_into_the_kernel(dp: &str) {
     // A token pair starts on splice(2) (the token line is read in user space) and joins the maps.
     let path = if dp == "kernel" { "kernel, after a userspace start" } else { "userspace" };
     assert_eq!(m.paths(path), 1, "{dp}: the pair should have ended on `{path}`:\n{}", m.text);
-    // (skrelay_pairs_total labels a pair by where it started: a token pair starts on splice(2).)
-    assert_eq!(m.sum("skrelay_bytes_total"), 2 * LEN, "{dp}: every byte counted once:\n{}", m.text);
+    assert_eq!(m.bytes(dp), 2 * LEN, "{dp}: every byte counted once, under its datapath:\n{}", m.text);
     let (status, log) = relay.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");
 }

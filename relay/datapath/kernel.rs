@@ -797,7 +797,9 @@ impl Splice for Handover {
         } else if self.after > 0 {
             "userspace, below --kernel-after"
         } else {
-            "userspace"
+            // A token pair before its join (not "userspace": that names a pair the kernel
+            // datapath had to leave on splice(2), and the metrics label it so).
+            "userspace, before joining the kernel"
         }
     }
 
