@@ -87,21 +87,6 @@ fn stdout_of(mut c: Command) -> String {
     text
 }
 
-/// True when `tool` is installed (scripts/setup.sh installs it). Missing under CI=true fails the
-/// test; elsewhere it is skipped with a note.
-fn require_tool(test: &str, tool: &str) -> bool {
-    let found = Path::new(tool).is_absolute() && Path::new(tool).exists()
-        || Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var("CI").map_or(true, |v| v != "true"),
-            "{test}: {tool} is missing under CI=true (run scripts/setup.sh)"
-        );
-        eprintln!("SKIPPED {test}: {tool} is not installed (scripts/setup.sh installs it)");
-    }
-    found
-}
-
 /// A directory of the test's own under the system's temporary directory, readable by the
 /// unprivileged users services drop to; removed on drop.
 struct TempDir(PathBuf);

@@ -15,17 +15,6 @@ use std::{
 
 const MIB: u64 = 1 << 20;
 
-/// iperf3's summary (sum_sent / sum_received and, for --bidir, the reverse pair) in bytes.
-fn iperf3_bytes(json: &serde_json::Value) -> Vec<(u64, u64)> {
-    let end = &json["end"];
-    let pair = |s: &str, r: &str| (end[s]["bytes"].as_u64().unwrap_or(0), end[r]["bytes"].as_u64().unwrap_or(0));
-    let mut out = vec![pair("sum_sent", "sum_received")];
-    if end.get("sum_sent_bidir_reverse").is_some() {
-        out.push(pair("sum_sent_bidir_reverse", "sum_received_bidir_reverse"));
-    }
-    out
-}
-
 /// One iperf3 run through a proxy on `datapath`: the client's JSON report and the aggregate
 /// receive rate in Gbit/s.
 fn iperf3_through_proxy(datapath: &str, args: &[&str]) -> (serde_json::Value, f64) {

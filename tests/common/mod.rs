@@ -507,3 +507,14 @@ pub fn require_tool(test: &str, tool: &str) -> bool {
     }
     found
 }
+
+/// iperf3's summary (sum_sent / sum_received and, for --bidir, the reverse pair) in bytes.
+pub fn iperf3_bytes(json: &serde_json::Value) -> Vec<(u64, u64)> {
+    let end = &json["end"];
+    let pair = |s: &str, r: &str| (end[s]["bytes"].as_u64().unwrap_or(0), end[r]["bytes"].as_u64().unwrap_or(0));
+    let mut out = vec![pair("sum_sent", "sum_received")];
+    if end.get("sum_sent_bidir_reverse").is_some() {
+        out.push(pair("sum_sent_bidir_reverse", "sum_received_bidir_reverse"));
+    }
+    out
+}
