@@ -214,7 +214,8 @@ fn start_up_errors_are_one_sentence_and_exit_status_2() {
 
 fn curl_downloads_a_file_from_python_http_server_through_the_proxy(dp: &str) {
     let _netns = enter_netns();
-    let dir = std::env::temp_dir().join(format!("skrelay-proxy-http-{}", std::process::id()));
+    // One directory per case: the kernel and userspace cases run at the same time.
+    let dir = std::env::temp_dir().join(format!("skrelay-proxy-http-{}-{dp}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut blob = vec![0u8; 6 << 20];
     Pattern::new(42).fill(&mut blob);
