@@ -96,12 +96,7 @@ fn relay_counters_equal_the_bytes_moved_on_both_datapaths(dp: &str) {
     assert_eq!(value(&text, "skrelay_pending_clients"), 0, "{text}");
 
     // Both ways at once, sha256 checked; then the pair ends with EOF both ways.
-    let ja = exchange(a, 1, LEN);
-    let jb = exchange(b, 2, LEN);
-    let (sent_a, got_a) = ja.join().unwrap();
-    let (sent_b, got_b) = jb.join().unwrap();
-    assert_eq!(got_b, (LEN, sent_a), "{dp}: A -> B");
-    assert_eq!(got_a, (LEN, sent_b), "{dp}: B -> A");
+    exchange_both_ways(a, b, [1, 2], LEN, dp);
     let text = wait_value(&url, &total("eof"), 1);
     assert_eq!(value(&text, &bytes), 2 * LEN + 1, "{dp}: bytes counted:\n{text}");
     assert_eq!(value(&text, &active), 0, "{text}");

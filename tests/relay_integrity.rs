@@ -23,13 +23,8 @@ fn every_byte_arrives_once_and_in_order_both_ways_256mib(dp: &str) {
     let a = connect(addr());
     let b = connect(addr());
     let t0 = std::time::Instant::now();
-    let ja = exchange(a, 1, LEN);
-    let jb = exchange(b, 2, LEN);
-    let (sent_a, (got_a_len, got_a)) = ja.join().unwrap();
-    let (sent_b, (got_b_len, got_b)) = jb.join().unwrap();
+    exchange_both_ways(a, b, [1, 2], LEN, dp);
     let secs = t0.elapsed().as_secs_f64();
-    assert_eq!((got_b_len, &got_b), (LEN, &sent_a), "{dp}: A -> B");
-    assert_eq!((got_a_len, &got_a), (LEN, &sent_b), "{dp}: B -> A");
     eprintln!(
         "{dp}: 2 x 256 MiB at once in {secs:.2}s ({:.2} Gbit/s each way, sha256 checked)",
         LEN as f64 * 8.0 / secs / 1e9
@@ -244,11 +239,7 @@ fn by_default_a_short_pair_stays_on_splice_and_a_long_one_joins_the_kernel_intac
     std::io::Read::read_exact(&mut b, &mut got).unwrap();
     assert_eq!(sha(&got), first, "the first 256 KiB");
     const LEN: u64 = 32 << 20;
-    let (ja, jb) = (exchange(a, 41, LEN), exchange(b, 42, LEN));
-    let (sent_a, got_a) = ja.join().unwrap();
-    let (sent_b, got_b) = jb.join().unwrap();
-    assert_eq!(got_b, (LEN, sent_a), "A -> B after the join");
-    assert_eq!(got_a, (LEN, sent_b), "B -> A after the join");
+    exchange_both_ways(a, b, [41, 42], LEN, "after the join");
     let m = relay.wait_pairs_ended(2, Duration::from_secs(10));
     assert_eq!(m.paths("kernel, after a userspace start"), 1, "the long pair joins the kernel:\n{}", m.text);
     assert_eq!(m.pairs("kernel", "eof"), 2, "{}", m.text);
@@ -274,11 +265,7 @@ fn by_default_a_stream_that_never_pauses_joins_the_kernel_intact() {
     const LEN: u64 = 128 << 20;
     for round in 0..4u64 {
         let (a, b) = (connect(addr()), connect(addr()));
-        let (ja, jb) = (exchange(a, 60 + round, LEN), exchange(b, 70 + round, LEN));
-        let (sent_a, got_a) = ja.join().unwrap();
-        let (sent_b, got_b) = jb.join().unwrap();
-        assert_eq!(got_b, (LEN, sent_a), "round {round}: A -> B");
-        assert_eq!(got_a, (LEN, sent_b), "round {round}: B -> A");
+        exchange_both_ways(a, b, [60 + round, 70 + round], LEN, &format!("round {round}"));
     }
     let m = relay.wait_pairs_ended(4, Duration::from_secs(10));
     assert_eq!(m.paths("kernel, after a userspace start"), 4, "every pair should have joined the kernel:\n{}", m.text);

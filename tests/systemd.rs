@@ -75,12 +75,7 @@ fn socket_activation_serves_the_passed_socket_and_notifies_on_both_datapaths(dp:
     let relay = Skrelay::spawn(cmd, "Listening on 127.0.0.1:7777");
     let a = connect("127.0.0.1:7777".parse().unwrap());
     let b = connect("127.0.0.1:7777".parse().unwrap());
-    let ja = exchange(a, 1, LEN);
-    let jb = exchange(b, 2, LEN);
-    let (sent_a, got_a) = ja.join().unwrap();
-    let (sent_b, got_b) = jb.join().unwrap();
-    assert_eq!(got_b, (LEN, sent_a), "{dp}: A -> B");
-    assert_eq!(got_a, (LEN, sent_b), "{dp}: B -> A");
+    exchange_both_ways(a, b, [1, 2], LEN, dp);
     let log = relay.log();
     assert!(log.contains("serving the socket systemd passed (127.0.0.1:7777)"), "{log}");
     assert!(log.contains(&format!("listening on 127.0.0.1:7777: pairing clients in arrival order, {dp}")), "{log}");
@@ -166,9 +161,7 @@ fn sockets_passed_to_another_process_are_not_taken() {
     assert!(relay.log().contains("LISTEN_PID (1) is not this process"), "{}", relay.log());
     let addr: SocketAddr = "127.0.0.1:7777".parse().unwrap();
     let (a, b) = (connect(addr), connect(addr));
-    let (ja, jb) = (exchange(a, 1, 100_000), exchange(b, 2, 100_000));
-    let ((sent_a, got_a), (sent_b, got_b)) = (ja.join().unwrap(), jb.join().unwrap());
-    assert_eq!((got_a, got_b), ((100_000, sent_b), (100_000, sent_a)));
+    exchange_both_ways(a, b, [1, 2], 100_000, "through the passed socket");
     let (status, log) = relay.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");
 }

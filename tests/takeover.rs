@@ -159,9 +159,7 @@ fn a_relay_takeover_keeps_live_pairs_in_the_old_process_until_they_end(dp: &str)
     assert_eq!((got_c, got_d), ((4 << 20, sent_d), (4 << 20, sent_c)), "{dp}");
     let m = new.wait_pairs_ended(1, Duration::from_secs(5));
     assert_eq!((m.pairs(dp, "eof"), m.bytes(dp)), (1, 8 << 20), "{dp}: the new pair, in the new process:\n{}", m.text);
-    let (ja, jb) = (exchange(a, 3, 4 << 20), exchange(b, 4, 4 << 20));
-    let ((sent_a, got_a), (sent_b, got_b)) = (ja.join().unwrap(), jb.join().unwrap());
-    assert_eq!((got_a, got_b), ((4 << 20, sent_b), (4 << 20, sent_a)), "{dp}");
+    exchange_both_ways(a, b, [3, 4], 4 << 20, dp);
     let mut old = old;
     assert!(old.wait(Duration::from_secs(10)).success(), "{}", old.log());
     old.wait_log("stopped", 1, Duration::from_secs(5)); // the last lines, read after the exit
@@ -210,9 +208,7 @@ fn takeovers_that_cannot_work_are_refused() {
     // The running relay was not disturbed: it still pairs.
     let addr: SocketAddr = PROXY.parse().unwrap();
     let (a, b) = (connect(addr), connect(addr));
-    let (ja, jb) = (exchange(a, 1, 1000), exchange(b, 2, 1000));
-    let ((sent_a, got_a), (sent_b, got_b)) = (ja.join().unwrap(), jb.join().unwrap());
-    assert_eq!((got_a, got_b), ((1000, sent_b), (1000, sent_a)));
+    exchange_both_ways(a, b, [1, 2], 1000, "the undisturbed relay");
     assert!(!relay.log().contains("SIGUSR2"), "{}", relay.log());
     let (status, log) = relay.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");

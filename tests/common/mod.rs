@@ -437,6 +437,17 @@ pub fn exchange(s: std::net::TcpStream, seed: u64, len: u64) -> std::thread::Joi
     })
 }
 
+/// Sends `len` bytes of pattern each way between `a` and `b` at once (`seeds[0]` from A,
+/// `seeds[1]` from B), each shutting down its write side after its bytes, and asserts that each
+/// side got exactly what the other sent, then EOF. `what` names the case in the failure.
+pub fn exchange_both_ways(a: std::net::TcpStream, b: std::net::TcpStream, seeds: [u64; 2], len: u64, what: &str) {
+    let (ja, jb) = (exchange(a, seeds[0], len), exchange(b, seeds[1], len));
+    let (sent_a, got_a) = ja.join().unwrap();
+    let (sent_b, got_b) = jb.join().unwrap();
+    assert_eq!(got_b, (len, sent_a), "{what}: A -> B");
+    assert_eq!(got_a, (len, sent_b), "{what}: B -> A");
+}
+
 /// Reads to EOF: (bytes, sha256).
 pub fn recv_all(r: &mut impl Read) -> std::io::Result<(u64, String)> {
     let mut h = Sha256::new();
