@@ -65,7 +65,15 @@ struct KernelState {
     parkings: u64,
     /// Where a catch-up peeks parked bytes (`CATCH_UP_MAX`; allocated at the first catch-up).
     scratch: Vec<u8>,
+    /// When `sweep` looks at every direction next (None while no pair is in the maps).
+    next_sweep: Option<Instant>,
+    /// Directions the sweep found parked or past their budget with no report from the verdict.
+    unreported: u64,
 }
+
+/// How often every direction is looked at whether or not the verdict reported it: a report that
+/// was lost (the ring buffer full) must not leave a parked direction waiting for good.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// One direction of a pair in the maps: its source's bytes go to its destination.
 struct Direction {
@@ -145,6 +153,8 @@ impl KernelDatapath {
                 errors: Table::new(),
                 parkings: 0,
                 scratch: Vec::new(),
+                next_sweep: None,
+                unreported: 0,
             })),
             events,
             next_recheck: None,
@@ -241,7 +251,7 @@ impl Datapath for KernelDatapath {
         Some(format!(
             "kernel datapath: {} skbs ({} bytes) redirected, {} passed without a peer, {} dropped, \
              {} bytes parked at a budget in {} parkings, {} budget reports lost, \
-             {} repeated bytes trimmed",
+             {} repeated bytes trimmed, {} directions looked at without a report",
             self.stat(relay_stat::REDIRECTED),
             self.stat(relay_stat::BYTES),
             self.stat(relay_stat::NO_PEER),
@@ -250,6 +260,7 @@ impl Datapath for KernelDatapath {
             self.state.borrow().parkings,
             self.stat(relay_stat::EVENTS_LOST),
             self.stat(relay_stat::TRIMMED),
+            self.state.borrow().unreported,
         ))
     }
 
@@ -269,7 +280,9 @@ impl Datapath for KernelDatapath {
             state.review(cookie, now);
         }
         state.recheck_parked(now);
-        self.next_recheck = state.rechecks.peek().map(|Reverse((at, _))| *at);
+        state.sweep(now);
+        let recheck = state.rechecks.peek().map(|Reverse((at, _))| *at);
+        self.next_recheck = [recheck, state.next_sweep].into_iter().flatten().min();
         self.next_recheck
     }
 
@@ -360,6 +373,41 @@ impl KernelState {
         self.directions.get_mut(&cookie).expect("present").parked = Some(budget::RECHECK_FIRST);
         self.rechecks.push(Reverse((now, cookie)));
         log::debug!("kernel datapath: socket {cookie:#x} parks at its budget");
+    }
+
+    /// Looks at every redirecting direction every `SWEEP_EVERY`: one the verdict parked, or that
+    /// went past the point where it asks for its next budget, without a report reaching user
+    /// space (a full ring buffer loses reports) is reviewed as if the report had come.
+    fn sweep(&mut self, now: Instant) {
+        if self.directions.is_empty() {
+            self.next_sweep = None;
+            return;
+        }
+        match self.next_sweep {
+            Some(at) if at > now => return,
+            None => {
+                self.next_sweep = Some(now + SWEEP_EVERY);
+                return;
+            }
+            Some(_) => self.next_sweep = Some(now + SWEEP_EVERY),
+        }
+        let missed: Vec<(u64, bool)> = self
+            .directions
+            .iter()
+            .filter(|(_, d)| d.parked.is_none())
+            .filter_map(|(cookie, d)| {
+                let (Ok(c), Ok(p)) = (self.counts.get(cookie, 0), self.peers.get(cookie, 0)) else { return None };
+                let parked = c.parked != d.taken;
+                (parked || c.redirected > p.notify).then_some((*cookie, parked))
+            })
+            .collect();
+        for (cookie, parked) in missed {
+            self.unreported += 1;
+            if parked {
+                log::info!("kernel datapath: socket {cookie:#x} parked before its report reached user space");
+            }
+            self.review(cookie, now);
+        }
     }
 
     /// Writes the direction's next budget; false if the verdict parked bytes meanwhile (they
@@ -667,8 +715,16 @@ impl KernelSplice {
 
 impl Splice for KernelSplice {
     fn advance(&mut self, dir: usize, src: &TcpStream, dst: &TcpStream) -> io::Result<Flow> {
-        if let Some(e) = self.state.borrow_mut().errors.remove(&self.cookies[dir]) {
-            return Err(e);
+        // An error taken while moving either direction ends the pair: the other direction may
+        // have finished already, and its `advance` is no longer called.
+        {
+            let mut state = self.state.borrow_mut();
+            if let Some(e) = state.errors.remove(&self.cookies[dir]) {
+                return Err(e);
+            }
+            if let Some(e) = state.errors.remove(&self.cookies[1 - dir]) {
+                return Err(e);
+            }
         }
         let from: TcpCounters = sys::tcp_counters(src)?;
         // A reset source has reached end of file too: the pair tells the two apart by SO_ERROR
