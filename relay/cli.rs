@@ -164,9 +164,10 @@ pub struct SpliceArgs {
     /// control until its partner's client reads. Takes K, M and G suffixes (powers of 1024).
     #[arg(long, default_value = "16M", value_parser = parse_size, value_name = "BYTES")]
     pub kernel_buffer: u64,
-    /// Kernel datapath: bytes all kernel pairs together may hold: at most
+    /// Kernel datapath: bytes all kernel pairs' budgets together may hold: at most
     /// kernel-memory / (2 x kernel-buffer) pairs are in the kernel at once, and further pairs
-    /// are spliced in user space until some end. K, M and G suffixes.
+    /// are spliced in user space until some end (beyond its budget a direction may park up to
+    /// 16 MiB before its sender's window is clamped). K, M and G suffixes.
     #[arg(long, default_value = "2G", value_parser = parse_size, value_name = "BYTES")]
     pub kernel_memory: u64,
     /// On SIGINT/SIGTERM (or when a --takeover hands over), let live pairs finish for this long
