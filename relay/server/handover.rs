@@ -75,6 +75,12 @@ impl Server {
     /// says why not (it then keeps everything and drains).
     pub(super) fn hand_over(&mut self) -> Result<std::convert::Infallible, String> {
         let started = Instant::now();
+        log::info!(
+            "SIGUSR2 (handing over to the skrelay that took over): no longer accepting; handing over {} live \
+             pair(s) and {} waiting client(s)",
+            self.pairs,
+            self.pending
+        );
         let mut channel = Channel::connect().map_err(|e| {
             format!("nobody waits for them ({e}: the new process is an older skrelay, or gave up waiting)")
         })?;
@@ -89,8 +95,8 @@ impl Server {
         // From here on the new process owns every socket: nothing of ours may touch them (no
         // destructor runs: a kernel pair's would take its sockets out of the maps).
         log::info!(
-            "handed over {pairs} live pair(s) and {pending} waiting client(s) ({} descriptors) to process {} in \
-             {:.1} ms",
+            "handed over {pairs} live pair(s) and {pending} waiting client(s) ({} descriptors) to process {} \
+             {:.1} ms after the signal; exiting",
             manifest.fds.len(),
             channel.peer_pid().unwrap_or(0),
             started.elapsed().as_secs_f64() * 1e3
