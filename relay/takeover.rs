@@ -69,6 +69,16 @@ impl Channel {
     pub fn connect() -> io::Result<Channel> {
         let addr = UnixAddr::from_abstract_name(channel_name(std::process::id()))?;
         let stream = UnixStream::connect_addr(&addr)?;
+        // Only a process of our own user (or root) gets the manifest: anyone in the network
+        // namespace can bind an abstract name.
+        let peer = rustix::net::sockopt::socket_peercred(&stream)?;
+        let (theirs, ours) = (peer.uid.as_raw(), rustix::process::geteuid().as_raw());
+        if theirs != ours && theirs != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("the process listening on the handover channel runs as user {theirs}, not {ours}"),
+            ));
+        }
         Ok(Channel { stream })
     }
 

@@ -97,81 +97,117 @@ fn a_gib_each_way_crosses_a_takeover_whole(dp: &str) {
     let _one_at_a_time = BULK.lock().unwrap_or_else(|e| e.into_inner());
     let _netns = enter_netns();
     let args = ["relay", "--datapath", dp];
-    let old = Skrelay::start(&args);
+    let mut relay = Skrelay::start(&args);
     let addr: SocketAddr = RELAY.parse().unwrap();
     let (a, b) = (connect(addr), connect(addr));
     let (pa, pb) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let started = Instant::now();
     let (ja, jb) = (timed_exchange(a, 11, GIB, pa.clone()), timed_exchange(b, 12, GIB, pb.clone()));
-    // The takeover once a quarter has crossed each way.
-    let deadline = Instant::now() + Duration::from_secs(300);
+    // Two takeovers: once a quarter has crossed each way, and again at half (the second one hands
+    // over maps the first one adopted).
+    let mut takeovers = Vec::new();
+    let mut old_logs = String::new();
+    for fraction in [4, 2] {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let mut last = (0, Instant::now());
+        while pa.load(Ordering::Relaxed) < GIB / fraction || pb.load(Ordering::Relaxed) < GIB / fraction {
+            assert!(Instant::now() < deadline, "{dp}: the transfer did not get going:\n{}", relay.log());
+            let now = pa.load(Ordering::Relaxed) + pb.load(Ordering::Relaxed);
+            if now != last.0 {
+                last = (now, Instant::now());
+            }
+            if last.1.elapsed() > Duration::from_secs(10) {
+                // Tell a stall of the datapath itself from the takeover's, with what the sockets hold.
+                let ss = std::process::Command::new("ss").args(["-tmi"]).output().map(|o| o.stdout).unwrap_or_default();
+                panic!(
+                    "{dp}: the transfer stalled for 10 s at {now} bytes, {} takeover(s) done, while no takeover \
+                     ran:\n{}\nrelay:\n{}\nearlier:\n{old_logs}",
+                    takeovers.len(),
+                    String::from_utf8_lossy(&ss),
+                    relay.log()
+                );
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        let at = [pb.load(Ordering::Relaxed) >> 20, pa.load(Ordering::Relaxed) >> 20];
+        let t = Instant::now();
+        let (new, gone, old_log) = take_over(&args, relay);
+        relay = new;
+        assert!(old_log.contains("handed over 1 live pair(s) and 0 waiting client(s)"), "{dp}:\n{old_log}");
+        assert!(!old_log.contains(" ended after "), "{dp}: the pair ended in the old process:\n{old_log}");
+        relay.wait_log("took over 1 live pair(s) and 0 waiting client(s)", 1, Duration::from_secs(5));
+        let handover = handover_ms(&old_log);
+        assert!(handover < 1000.0, "{dp}: the old process took {handover} ms to hand over and exit:\n{old_log}");
+        takeovers.push((t, gone, handover, at));
+        old_logs.push_str(&old_log);
+    }
+    // Watch the rest too: a stall after the takeovers is reported with what the sockets hold.
     let mut last = (0, Instant::now());
-    while pa.load(Ordering::Relaxed) < GIB / 4 || pb.load(Ordering::Relaxed) < GIB / 4 {
-        assert!(Instant::now() < deadline, "{dp}: the transfer did not get going:\n{}", old.log());
+    while !(ja.is_finished() && jb.is_finished()) {
         let now = pa.load(Ordering::Relaxed) + pb.load(Ordering::Relaxed);
         if now != last.0 {
             last = (now, Instant::now());
         }
         if last.1.elapsed() > Duration::from_secs(10) {
-            // Not the takeover's doing: say so, with what the sockets hold.
             let ss = std::process::Command::new("ss").args(["-tmi"]).output().map(|o| o.stdout).unwrap_or_default();
             panic!(
-                "{dp}: the transfer stalled for 10 s at {now} bytes, BEFORE any takeover:\n{}\nrelay:\n{}",
+                "{dp}: the transfer stalled for 10 s at {now} bytes, after the takeovers:\n{}\nrelay:\n{}\nearlier:\n\
+                 {old_logs}",
                 String::from_utf8_lossy(&ss),
-                old.log()
+                relay.log()
             );
         }
         thread::sleep(Duration::from_millis(1));
     }
-    let at = [pb.load(Ordering::Relaxed), pa.load(Ordering::Relaxed)];
-    let takeover_at = Instant::now();
-    let (new, gone, old_log) = take_over(&args, old);
     let (sa, sb) = match (ja.join().unwrap(), jb.join().unwrap()) {
         (Ok(sa), Ok(sb)) => (sa, sb),
-        (ra, rb) => panic!("{dp}: A: {:?}, B: {:?}\nold:\n{old_log}\nnew:\n{}", ra.err(), rb.err(), new.log()),
+        (ra, rb) => panic!("{dp}: A: {:?}, B: {:?}\nold:\n{old_logs}\nnew:\n{}", ra.err(), rb.err(), relay.log()),
     };
     let took = started.elapsed();
-    assert_eq!(sb.got, (GIB, sa.sent.clone()), "{dp}: A -> B\nold:\n{old_log}\nnew:\n{}", new.log());
-    assert_eq!(sa.got, (GIB, sb.sent.clone()), "{dp}: B -> A\nold:\n{old_log}\nnew:\n{}", new.log());
-    assert!(old_log.contains("handed over 1 live pair(s) and 0 waiting client(s)"), "{dp}:\n{old_log}");
-    let handover = handover_ms(&old_log);
-    assert!(handover < 1000.0, "{dp}: the old process took {handover} ms to hand over and exit:\n{old_log}");
-    // The pair ends in the new process, which counts every byte of it (both processes' share).
-    new.wait_log(" ended after ", 1, Duration::from_secs(5));
-    let new_log = new.log();
-    assert!(new_log.contains("took over 1 live pair(s) and 0 waiting client(s)"), "{dp}:\n{new_log}");
-    let ended = new_log.lines().find(|l| l.contains(" ended after ")).unwrap();
+    assert_eq!(sb.got, (GIB, sa.sent.clone()), "{dp}: A -> B\nold:\n{old_logs}\nnew:\n{}", relay.log());
+    assert_eq!(sa.got, (GIB, sb.sent.clone()), "{dp}: B -> A\nold:\n{old_logs}\nnew:\n{}", relay.log());
+    // The pair ends in the last process, which counts every byte of it (all processes' share).
+    relay.wait_log(" ended after ", 1, Duration::from_secs(5));
+    let log = relay.log();
+    let ended = log.lines().find(|l| l.contains(" ended after ")).unwrap();
     assert_eq!(ended.matches(&format!("{GIB} bytes")).count(), 2, "{dp}: {ended}");
     assert!(ended.ends_with(&format!("({dp})")), "{dp}: the pair stayed on its datapath: {ended}");
-    assert!(!old_log.contains(" ended after "), "{dp}: the pair ended in the old process:\n{old_log}");
-    // The stall: the longest pause between two reads from the signal until a second after it.
-    let window = |s: &Side| {
-        s.gaps
-            .iter()
-            .filter(|(end, len)| *end >= takeover_at && *end - *len <= takeover_at + gone + Duration::from_secs(1))
-            .map(|(_, len)| *len)
-            .max()
-            .unwrap_or_default()
-    };
+    // The stall: the longest pause between two reads that overlaps the second after a signal.
     let worst = |s: &Side| s.gaps.iter().map(|(_, len)| *len).max().unwrap_or_default();
-    let stall = window(&sa).max(window(&sb));
+    let mut stalls = Vec::new();
+    for (t, gone, handover, at) in &takeovers {
+        let window = |s: &Side| {
+            s.gaps
+                .iter()
+                .filter(|(end, len)| *end >= *t && *end - *len <= *t + *gone + Duration::from_secs(1))
+                .map(|(_, len)| *len)
+                .max()
+                .unwrap_or_default()
+        };
+        let (b, a) = (window(&sb), window(&sa));
+        eprintln!(
+            "{dp}: takeover at {} / {} MiB: handed over {handover:.1} ms after the signal, old process gone {:.0} ms \
+             after the new one started; longest pause in reads around it {:.1} ms (B) / {:.1} ms (A)",
+            at[0],
+            at[1],
+            gone.as_secs_f64() * 1e3,
+            b.as_secs_f64() * 1e3,
+            a.as_secs_f64() * 1e3
+        );
+        stalls.push(a.max(b));
+    }
     eprintln!(
-        "{dp}: 1 GiB each way across a takeover at {} / {} MiB: whole both ways in {:.2} s ({:.1} Gbit/s \
-         each way); the old process handed over {handover:.1} ms after the signal and was gone {:.0} ms after \
-         the new one started; longest pause in reads around the takeover {:.1} ms (B) / {:.1} ms (A), in the \
-         whole transfer {:.1} ms / {:.1} ms",
-        at[0] >> 20,
-        at[1] >> 20,
+        "{dp}: 1 GiB each way across {} takeovers, whole both ways in {:.2} s ({:.2} Gbit/s each way); longest \
+         pause in the whole transfer {:.1} ms (B) / {:.1} ms (A)",
+        takeovers.len(),
         took.as_secs_f64(),
         GIB as f64 * 8.0 / took.as_secs_f64() / 1e9,
-        gone.as_secs_f64() * 1e3,
-        window(&sb).as_secs_f64() * 1e3,
-        window(&sa).as_secs_f64() * 1e3,
         worst(&sb).as_secs_f64() * 1e3,
         worst(&sa).as_secs_f64() * 1e3,
     );
-    assert!(stall < Duration::from_secs(2), "{dp}: the transfer stalled {stall:?} at the takeover");
-    let (status, log) = new.stop(Duration::from_secs(10));
+    let stall = stalls.into_iter().max().unwrap_or_default();
+    assert!(stall < Duration::from_secs(2), "{dp}: the transfer stalled {stall:?} at a takeover");
+    let (status, log) = relay.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");
 }
 
@@ -202,8 +238,8 @@ fn waiting_clients_keep_their_place_across_a_takeover(dp: &str) {
     let (new_token, gone_token, log_token) = take_over(&token, old_token);
     assert!(log_order.contains("handed over 0 live pair(s) and 1 waiting client(s)"), "{dp}:\n{log_order}");
     assert!(log_token.contains("handed over 0 live pair(s) and 2 waiting client(s)"), "{dp}:\n{log_token}");
-    assert!(new_order.log().contains("took over 0 live pair(s) and 1 waiting client(s)"), "{}", new_order.log());
-    assert!(new_token.log().contains("took over 0 live pair(s) and 2 waiting client(s)"), "{}", new_token.log());
+    new_order.wait_log("took over 0 live pair(s) and 1 waiting client(s)", 1, Duration::from_secs(5));
+    new_token.wait_log("took over 0 live pair(s) and 2 waiting client(s)", 1, Duration::from_secs(5));
     for log in [&log_order, &log_token] {
         let ms = handover_ms(log);
         assert!(ms < 1000.0, "{dp}: handing over took {ms} ms:\n{log}");
@@ -236,3 +272,40 @@ fn waiting_clients_keep_their_place_across_a_takeover(dp: &str) {
 }
 
 per_datapath!(waiting_clients_keep_their_place_across_a_takeover);
+
+fn a_handover_the_new_process_refuses_leaves_every_pair_with_the_old_one(dp: &str) {
+    let _netns = enter_netns();
+    let addr: SocketAddr = RELAY.parse().unwrap();
+    let mut old = Skrelay::start(&["relay", "--datapath", dp]);
+    let (mut a, mut b) = (connect(addr), connect(addr));
+    a.write_all(b"before").unwrap();
+    assert_eq!(read_n(&mut b, 6), b"before");
+    let waiting = connect(addr);
+    thread::sleep(Duration::from_millis(50));
+    // The new process pairs by token: the old one's waiting client (in arrival order) does not fit,
+    // so it refuses everything before the commit and the old process keeps it all.
+    let pid = old.pid().to_string();
+    let new = Skrelay::start(&["relay", "--datapath", dp, "--pair", "token", "--takeover", &pid]);
+    new.wait_log("keeps its live pairs and lets them finish", 1, Duration::from_secs(10));
+    old.wait_log("live pairs and waiting clients stay in this process", 1, Duration::from_secs(5));
+    // The live pair carries on in the old process, every byte of it.
+    exchange_both_ways(a, b, [7, 8], 16 << 20, &format!("{dp}: the pair the handover left behind"));
+    assert!(old.wait(Duration::from_secs(10)).success(), "{}", old.log());
+    old.wait_log(" ended after ", 1, Duration::from_secs(5));
+    let log = old.log();
+    let ended = log.lines().find(|l| l.contains(" ended after ")).unwrap();
+    assert_eq!(ended.matches(&format!("{} bytes", (16 << 20) + 6)).count(), 1, "{dp}: {ended}");
+    // Its waiting client could not wait for a partner there: closed, as on any drain.
+    drop(waiting);
+    // The new process serves new clients.
+    let (mut c, mut d) = (connect(addr), connect(addr));
+    c.write_all(b"tok\nhello").unwrap();
+    d.write_all(b"tok\n").unwrap();
+    assert_eq!(read_n(&mut d, 5), b"hello");
+    drop((c, d));
+    assert!(!new.log().contains(" live pair(s) and "), "nothing was taken over:\n{}", new.log());
+    let (status, log) = new.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+}
+
+per_datapath!(a_handover_the_new_process_refuses_leaves_every_pair_with_the_old_one);
