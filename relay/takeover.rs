@@ -19,7 +19,7 @@ use std::{
     io::{self, Read, Write},
     net::TcpListener,
     os::{
-        fd::{AsFd, AsRawFd, OwnedFd},
+        fd::{AsRawFd, OwnedFd},
         linux::net::SocketAddrExt,
         unix::net::{SocketAddr as UnixAddr, UnixListener, UnixStream},
     },
@@ -141,14 +141,6 @@ impl Handover {
     /// Duplicates descriptor `fd` of the old process.
     pub fn getfd(&self, fd: i32) -> io::Result<OwnedFd> {
         sys::pidfd_getfd(&self.pidfd, fd)
-    }
-
-    /// Whether the old process has exited (its pidfd is readable then).
-    pub fn exited(&self) -> bool {
-        let mut fds = [libc::pollfd { fd: self.pidfd.as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 }];
-        // SAFETY: one pollfd on our own pidfd, a local array that outlives the call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
-        r > 0 && fds[0].revents & libc::POLLIN != 0
     }
 
     /// Sends the old process the handover signal through its pidfd (never to a recycled pid).
