@@ -205,8 +205,21 @@ fn a_gib_each_way_crosses_a_takeover_whole(dp: &str) {
         worst(&sb).as_secs_f64() * 1e3,
         worst(&sa).as_secs_f64() * 1e3,
     );
-    let stall = stalls.into_iter().max().unwrap_or_default();
-    assert!(stall < Duration::from_secs(2), "{dp}: the transfer stalled {stall:?} at a takeover");
+    // Bounded: under 2 s, or (on a machine busy enough to pause the transfer that long anyway)
+    // no more than a second beyond the longest pause away from the takeovers.
+    let away = |s: &Side| {
+        s.gaps
+            .iter()
+            .filter(|(end, len)| {
+                takeovers.iter().all(|(t, gone, ..)| *end < *t || *end - *len > *t + *gone + Duration::from_secs(1))
+            })
+            .map(|(_, len)| *len)
+            .max()
+            .unwrap_or_default()
+    };
+    let (stall, baseline) = (stalls.into_iter().max().unwrap_or_default(), away(&sa).max(away(&sb)));
+    let bound = Duration::from_secs(2).max(baseline + Duration::from_secs(1));
+    assert!(stall < bound, "{dp}: the transfer stalled {stall:?} at a takeover, {baseline:?} at most elsewhere");
     let (status, log) = relay.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");
 }
