@@ -322,3 +322,48 @@ fn a_handover_the_new_process_refuses_leaves_every_pair_with_the_old_one(dp: &st
 }
 
 per_datapath!(a_handover_the_new_process_refuses_leaves_every_pair_with_the_old_one);
+
+fn bytes_held_for_a_reader_that_stopped_move_with_their_pair(dp: &str) {
+    let _netns = enter_netns();
+    const LEN: u64 = 96 << 20;
+    let addr: SocketAddr = RELAY.parse().unwrap();
+    let args = ["relay", "--datapath", dp];
+    let old = Skrelay::start(&args);
+    let (a, mut b) = (connect(addr), connect(addr));
+    // B does not read: A's bytes fill every buffer on the way, the userspace datapath's pipe and
+    // the kernel datapath's budget (its direction parks), and A's writes block.
+    let mut w = a.try_clone().unwrap();
+    let sender = thread::spawn(move || {
+        let sha = send_pattern(&mut w, 21, LEN).expect("send");
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+        sha
+    });
+    thread::sleep(Duration::from_millis(1500));
+    assert!(!sender.is_finished(), "{dp}: {LEN} bytes fit in the buffers: the test cannot tell");
+    let (new, _, old_log) = take_over(&args, old);
+    assert!(old_log.contains("handed over 1 live pair(s)"), "{dp}:\n{old_log}");
+    if dp == "userspace" {
+        // Two sockets and the pipe that holds A's bytes.
+        assert!(old_log.contains("(4 descriptors)"), "{dp}: the full pipe moved:\n{old_log}");
+    }
+    b.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let got = recv_all(&mut b).expect("B reads what A sent");
+    assert_eq!(got, (LEN, sender.join().unwrap()), "{dp}: A -> B across the takeover\n{old_log}\n{}", new.log());
+    // The other way still works, then both ends close cleanly.
+    let mut a = a;
+    b.write_all(b"the other way").unwrap();
+    b.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(recv_all(&mut a).unwrap(), (13, sha(b"the other way")));
+    let (status, log) = new.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+    assert!(log.contains(&format!("{LEN} bytes")), "{dp}: the pair counted every byte in the new process:\n{log}");
+    if dp == "kernel" {
+        // The direction was parked at its budget when it moved (the count came with the maps).
+        let summary = log.lines().find(|l| l.contains("parked at a budget in")).expect("the exit summary");
+        let parkings = summary.split(" parked at a budget in ").nth(1).unwrap().split(' ').next().unwrap();
+        assert_ne!(parkings, "0", "{dp}: {summary}");
+        eprintln!("{dp}: {summary}");
+    }
+}
+
+per_datapath!(bytes_held_for_a_reader_that_stopped_move_with_their_pair);
