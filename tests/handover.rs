@@ -367,3 +367,33 @@ fn bytes_held_for_a_reader_that_stopped_move_with_their_pair(dp: &str) {
 }
 
 per_datapath!(bytes_held_for_a_reader_that_stopped_move_with_their_pair);
+
+fn a_half_closed_pair_moves_half_closed(dp: &str) {
+    let _netns = enter_netns();
+    let addr: SocketAddr = RELAY.parse().unwrap();
+    let args = ["relay", "--datapath", dp];
+    let old = Skrelay::start(&args);
+    let (mut a, mut b) = (connect(addr), connect(addr));
+    // Paired (on the kernel datapath: in the maps) before anyone half-closes.
+    a.write_all(b"hi").unwrap();
+    assert_eq!(read_n(&mut b, 2), b"hi");
+    // A sends, then half-closes: B reads A's bytes and A's EOF before the takeover.
+    a.write_all(b"all of A").unwrap();
+    a.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(recv_all(&mut b).unwrap(), (8, sha(b"all of A")));
+    let (new, _, old_log) = take_over(&args, old);
+    assert!(old_log.contains("handed over 1 live pair(s)"), "{dp}:\n{old_log}");
+    // The other direction carries on in the new process, then ends the pair with FINs.
+    let sent = send_pattern(&mut b, 31, 4 << 20).unwrap();
+    b.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(recv_all(&mut a).unwrap(), (4 << 20, sent), "{dp}: B -> A after the takeover");
+    new.wait_log(" ended after ", 1, Duration::from_secs(5));
+    let log = new.log();
+    let ended = log.lines().find(|l| l.contains(" ended after ")).unwrap();
+    assert!(ended.contains(": 10 bytes ") && ended.contains(&format!(", {} bytes ", 4 << 20)), "{dp}: {ended}");
+    assert!(ended.ends_with(&format!("({dp})")), "{dp}: {ended}");
+    let (status, log) = new.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+}
+
+per_datapath!(a_half_closed_pair_moves_half_closed);
