@@ -69,6 +69,7 @@ int main(void) {
     printf("pub const RELAY_STAT_MAX: u32 = %d;\n", RELAY_STAT_MAX);
     printf("pub const RELAY_PEER_SIZE: usize = %zu;\n", sizeof(struct relay_peer));
     F(relay_peer, peer); F(relay_peer, budget); F(relay_peer, notify); F(relay_peer, taken);
+    F(relay_peer, hold);
     printf("pub const RELAY_STAT_PARKED: u32 = %d;\n", RELAY_STAT_PARKED);
     printf("pub const RELAY_STAT_TRIMMED: u32 = %d;\n", RELAY_STAT_TRIMMED);
     printf("pub const RELAY_STAT_BROKEN: u32 = %d;\n", RELAY_STAT_BROKEN);

@@ -188,8 +188,11 @@ int relay_verdict(struct __sk_buff *skb)
 	}
 	if (c && (c->parked != peer->taken || c->redirected + len > peer->budget)) {
 		/* Past the budget, or behind bytes parked before: park this one too, in order. */
-		if (c->parked == peer->taken)
+		__u64 waiting = c->parked - peer->taken;
+		if (waiting == 0)
 			report(cookie); /* parking starts */
+		else if (waiting <= peer->hold && waiting + len > peer->hold)
+			report(cookie); /* parked too much: user space holds the sender back */
 		c->parked += len;
 		count(RELAY_STAT_PARKED, len);
 		return SK_PASS;

@@ -36,6 +36,9 @@ struct relay_peer {
 	               * this, so that it moves the budget on before the bytes must park */
 	__u64 taken;  /* parked bytes user space has taken out of the socket's queue: while
 	               * `parked` differs, the verdict parks every skb, so none overtakes them */
+	__u64 hold;   /* the verdict tells user space when the bytes parked and not yet taken
+	               * pass this many: parked skbs that wait behind the psock's backlog are not
+	               * charged to the receive buffer, so the window may not close by itself */
 };
 
 /* Value of the relay `relay_counts` HASH, by socket cookie; written by the verdict only. */

@@ -33,9 +33,11 @@ pub struct RelayPeer {
     pub notify: u64,
     /// Parked bytes user space took out of the socket's queue.
     pub taken: u64,
+    /// User space hears of the socket when its parked bytes not yet taken pass this.
+    pub hold: u64,
 }
 
-// SAFETY: plain old data, four u64.
+// SAFETY: plain old data, five u64.
 unsafe impl aya::Pod for RelayPeer {}
 
 /// Value of the relay `relay_counts` HASH (`struct relay_count`), written by the verdict.
@@ -238,6 +240,7 @@ mod tests {
         assert_eq!(std::mem::offset_of!(RelayPeer, budget), c::relay_peer__budget);
         assert_eq!(std::mem::offset_of!(RelayPeer, notify), c::relay_peer__notify);
         assert_eq!(std::mem::offset_of!(RelayPeer, taken), c::relay_peer__taken);
+        assert_eq!(std::mem::offset_of!(RelayPeer, hold), c::relay_peer__hold);
         assert_eq!(std::mem::size_of::<RelayCount>(), c::RELAY_COUNT_SIZE);
         assert_eq!(std::mem::offset_of!(RelayCount, redirected), c::relay_count__redirected);
         assert_eq!(std::mem::offset_of!(RelayCount, parked), c::relay_count__parked);

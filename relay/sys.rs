@@ -194,6 +194,42 @@ pub fn set_recv_buffer(fd: impl AsFd, bytes: libc::c_int) -> io::Result<()> {
     rustix::net::sockopt::set_socket_recv_buffer_size_force(&fd, size).or_else(|_| sock(&fd).set_recv_buffer_size(size))
 }
 
+/// A TCP socket's window clamp (TCP_WINDOW_CLAMP): the most receive window it advertises.
+pub fn tcp_window_clamp(fd: impl AsFd) -> io::Result<u32> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are live locals and `len` is `value`'s size; the descriptor is
+    // borrowed for the call.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd.as_fd().as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_WINDOW_CLAMP,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    check(ret as libc::c_long)?;
+    Ok(value.max(0) as u32)
+}
+
+/// Clamps the receive window a TCP socket advertises (the kernel's floor is about 2 KiB; a
+/// window already advertised is never taken back).
+pub fn set_tcp_window_clamp(fd: impl AsFd, bytes: u32) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `value` is a live local of the size passed; the descriptor is borrowed for the call.
+    let ret = unsafe {
+        libc::setsockopt(
+            fd.as_fd().as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_WINDOW_CLAMP,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    check(ret as libc::c_long).map(|_| ())
+}
+
 /// What kind of socket a descriptor is: (SO_DOMAIN, SO_PROTOCOL, SO_ACCEPTCONN), or `None` when
 /// it is not a socket at all.
 pub fn socket_kind(fd: impl AsFd) -> io::Result<Option<(i32, i32, bool)>> {

@@ -223,7 +223,7 @@ struct Relay {
 
 /// A peer entry with a budget that never runs out.
 fn peer(cookie: u64) -> RelayPeer {
-    RelayPeer { peer: cookie, budget: u64::MAX, notify: u64::MAX, taken: 0 }
+    RelayPeer { peer: cookie, budget: u64::MAX, notify: u64::MAX, taken: 0, hold: u64::MAX }
 }
 
 impl Relay {

@@ -15,6 +15,18 @@ use std::{
 
 const MIB: u64 = 1 << 20;
 
+/// The most bytes one stream may have inside the host: the sender's send buffer and the
+/// receiver's receive buffer at their autotuning maxima (tcp_wmem, tcp_rmem), the proxy's receive
+/// buffer (4 MiB, doubled by the kernel), its send buffer (8 MiB, doubled) and the kernel
+/// datapath's 16 MiB budget per direction.
+fn in_host_bound() -> u64 {
+    let max = |sysctl: &str| -> u64 {
+        let text = std::fs::read_to_string(format!("/proc/sys/net/ipv4/{sysctl}")).unwrap();
+        text.split_whitespace().last().and_then(|v| v.parse().ok()).unwrap()
+    };
+    max("tcp_wmem") + max("tcp_rmem") + 8 * MIB + 16 * MIB + 16 * MIB
+}
+
 /// One iperf3 run through a proxy on `datapath`: the client's JSON report and the aggregate
 /// receive rate in Gbit/s.
 fn iperf3_through_proxy(datapath: &str, args: &[&str]) -> (serde_json::Value, f64) {
@@ -63,9 +75,11 @@ fn iperf3_reverse_bidir_and_parallel_streams_through_the_kernel_proxy() {
         for (sent, received) in iperf3_bytes(&json) {
             assert!(sent > 0 && received <= sent, "iperf3 {args:?}: sent {sent}, received {received}");
             // What may still be inside the host when iperf3 stops counting: per stream, the
-            // sender's send buffer, the proxy's two sockets' buffers and the kernel budget.
+            // sender's send buffer, the proxy's two sockets' buffers, the kernel budget and the
+            // receiver's receive buffer (its reader is one busy process on 2 CPUs: measured up to
+            // 54 MiB in all).
             assert!(
-                sent - received <= streams * 48 * MIB,
+                sent - received <= streams * in_host_bound(),
                 "iperf3 {args:?}: receivers got {received} of {sent} bytes: more than the bound was still queued"
             );
         }

@@ -68,6 +68,10 @@ pub struct KernelDirection {
     pub parked_us: Option<u64>,
     pub dst_acked: u64,
     pub unconsumed: u64,
+    /// The source's window clamp before it was narrowed for parked bytes (the narrowed clamp is
+    /// the socket's own setting, so it moves by itself; this is what to give back).
+    #[serde(default)]
+    pub held: Option<u32>,
     /// A socket error read out of SO_ERROR, not reported yet.
     pub error: Option<SavedError>,
 }
@@ -102,7 +106,12 @@ pub struct KernelMaps {
     pub counts: RawFd,
     pub events: RawFd,
     pub stats: RawFd,
+    /// The exit summary's counts kept in user space.
     pub parkings: u64,
+    #[serde(default)]
+    pub unreported: u64,
+    #[serde(default)]
+    pub holds: u64,
 }
 
 /// Collects the descriptors an export names, so the new process knows what to duplicate.

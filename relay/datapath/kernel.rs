@@ -65,7 +65,17 @@ struct KernelState {
     parkings: u64,
     /// Where a catch-up peeks parked bytes (`CATCH_UP_MAX`; allocated at the first catch-up).
     scratch: Vec<u8>,
+    /// When `sweep` looks at every direction next (None while no pair is in the maps).
+    next_sweep: Option<Instant>,
+    /// Directions the sweep found parked or past their budget with no report from the verdict.
+    unreported: u64,
+    /// Times a source's window was clamped because too many of its bytes were parked.
+    holds: u64,
 }
+
+/// How often every direction is looked at whether or not the verdict reported it: a report that
+/// was lost (the ring buffer full) must not leave a parked direction waiting for good.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// One direction of a pair in the maps: its source's bytes go to its destination.
 struct Direction {
@@ -86,7 +96,20 @@ struct Direction {
     /// Parked bytes written on but still in the source's psock queue: consumed once the verdict
     /// redirects again, so that the receive window stays closed while user space catches up.
     unconsumed: u64,
+    /// The source's window clamp before `hold_back` narrowed it (None: not narrowed).
+    held: Option<u32>,
 }
+
+/// Bytes parked and not yet taken past which the source's window is clamped (`hold_back`).
+/// Parking closes the sender's window by itself only for skbs that reach the psock's message
+/// queue, which is charged to the receive buffer (4 MiB, doubled). A parked skb that finds the
+/// psock's backlog queue busy (the socket is also the destination of its pair's other direction,
+/// and that direction's bytes wait for room in its send queue) waits there uncharged, and the
+/// window stays open: a bidirectional pair whose clients read slower than they send parked
+/// ~90 MB a direction before this. So past twice the receive buffer, the window is clamped.
+const HOLD_AT: u64 = 16 << 20;
+/// Bytes parked and not yet taken below which a clamped window is given back.
+const RELEASE_AT: u64 = 4 << 20;
 
 pub struct KernelDatapath {
     state: Rc<RefCell<KernelState>>,
@@ -145,6 +168,9 @@ impl KernelDatapath {
                 errors: Table::new(),
                 parkings: 0,
                 scratch: Vec::new(),
+                next_sweep: None,
+                unreported: 0,
+                holds: 0,
             })),
             events,
             next_recheck: None,
@@ -269,7 +295,8 @@ impl Datapath for KernelDatapath {
         Some(format!(
             "kernel datapath: {} skbs ({} bytes) redirected, {} passed without a peer, {} dropped, \
              {} bytes parked at a budget in {} parkings, {} budget reports lost, \
-             {} repeated bytes trimmed",
+             {} repeated bytes trimmed, {} directions looked at without a report, \
+             {} windows clamped for parked bytes",
             self.stat(relay_stat::REDIRECTED),
             self.stat(relay_stat::BYTES),
             self.stat(relay_stat::NO_PEER),
@@ -278,6 +305,8 @@ impl Datapath for KernelDatapath {
             self.state.borrow().parkings,
             self.stat(relay_stat::EVENTS_LOST),
             self.stat(relay_stat::TRIMMED),
+            self.state.borrow().unreported,
+            self.state.borrow().holds,
         ))
     }
 
@@ -297,7 +326,9 @@ impl Datapath for KernelDatapath {
             state.review(cookie, now);
         }
         state.recheck_parked(now);
-        self.next_recheck = state.rechecks.peek().map(|Reverse((at, _))| *at);
+        state.sweep(now);
+        let recheck = state.rechecks.peek().map(|Reverse((at, _))| *at);
+        self.next_recheck = [recheck, state.next_sweep].into_iter().flatten().min();
         self.next_recheck
     }
 
@@ -378,6 +409,7 @@ impl KernelState {
             return;
         }
         if d.parked.is_some() {
+            self.hold_back(cookie);
             return; // already being looked after
         }
         let Ok(m) = self.measure(cookie, d) else { return };
@@ -390,12 +422,75 @@ impl KernelState {
         log::debug!("kernel datapath: socket {cookie:#x} parks at its budget");
     }
 
+    /// Looks at every redirecting direction every `SWEEP_EVERY`: one the verdict parked, or that
+    /// went past the point where it asks for its next budget, without a report reaching user
+    /// space (a full ring buffer loses reports) is reviewed as if the report had come.
+    fn sweep(&mut self, now: Instant) {
+        if self.directions.is_empty() {
+            self.next_sweep = None;
+            return;
+        }
+        match self.next_sweep {
+            Some(at) if at > now => return,
+            None => {
+                self.next_sweep = Some(now + SWEEP_EVERY);
+                return;
+            }
+            Some(_) => self.next_sweep = Some(now + SWEEP_EVERY),
+        }
+        let missed: Vec<(u64, bool)> = self
+            .directions
+            .iter()
+            .filter(|(_, d)| d.parked.is_none())
+            .filter_map(|(cookie, d)| {
+                let (Ok(c), Ok(p)) = (self.counts.get(cookie, 0), self.peers.get(cookie, 0)) else { return None };
+                let parked = c.parked != d.taken;
+                (parked || c.redirected > p.notify).then_some((*cookie, parked))
+            })
+            .collect();
+        for (cookie, parked) in missed {
+            self.unreported += 1;
+            if parked {
+                log::info!("kernel datapath: socket {cookie:#x} parked before its report reached user space");
+            }
+            self.review(cookie, now);
+        }
+    }
+
+    /// Clamps the source's receive window while too many of its bytes are parked and not yet
+    /// taken (`HOLD_AT`), and gives the window back once they are down to `RELEASE_AT` or the
+    /// direction redirects again.
+    fn hold_back(&mut self, cookie: u64) {
+        let Some(d) = self.directions.get(&cookie) else { return };
+        let Ok(c) = self.counts.get(&cookie, 0) else { return };
+        let waiting = c.parked.saturating_sub(d.taken);
+        let src = borrow_fd(d.src);
+        match d.held {
+            None if d.parked.is_some() && waiting > HOLD_AT => {
+                let Ok(clamp) = sys::tcp_window_clamp(src) else { return };
+                if let Err(e) = sys::set_tcp_window_clamp(src, 1) {
+                    return log::debug!("kernel datapath: cannot clamp socket {cookie:#x}'s window: {e}");
+                }
+                self.holds += 1;
+                log::debug!("kernel datapath: socket {cookie:#x} holds {waiting} parked bytes: window clamped");
+                self.directions.get_mut(&cookie).expect("present").held = Some(clamp);
+            }
+            Some(clamp) if d.parked.is_none() || waiting <= RELEASE_AT => {
+                if let Err(e) = sys::set_tcp_window_clamp(src, clamp) {
+                    log::debug!("kernel datapath: cannot give socket {cookie:#x}'s window back: {e}");
+                }
+                self.directions.get_mut(&cookie).expect("present").held = None;
+            }
+            _ => {}
+        }
+    }
+
     /// Writes the direction's next budget; false if the verdict parked bytes meanwhile (they
     /// must be moved first: until `taken` catches up, it parks every skb).
     fn grant(&mut self, cookie: u64, m: Measure) -> bool {
         let Some(d) = self.directions.get(&cookie) else { return true };
         let (budget, notify) = budget::grant(m, self.limits.per_direction);
-        let peer = RelayPeer { peer: d.peer, budget, notify, taken: d.taken };
+        let peer = RelayPeer { peer: d.peer, budget, notify, taken: d.taken, hold: HOLD_AT };
         if self.peers.insert(cookie, peer, 0).is_err() {
             return false;
         }
@@ -411,6 +506,7 @@ impl KernelState {
                 break;
             }
             self.rechecks.pop();
+            self.hold_back(cookie);
             if self.directions.get(&cookie).is_some_and(|d| d.parked.is_none() && d.unconsumed > 0) {
                 // Redirecting again, with written bytes still to drop from its queue.
                 let _ = self.drop_written(cookie);
@@ -486,6 +582,7 @@ impl KernelState {
                 let Ok(m) = self.measure(cookie, d) else { return Ok(false) };
                 if self.grant(cookie, m) {
                     self.directions.get_mut(&cookie).expect("present").parked = None;
+                    self.hold_back(cookie);
                     log::debug!("kernel datapath: socket {cookie:#x} redirects again");
                     return self.drop_written(cookie).map(|()| true);
                 }
@@ -659,7 +756,8 @@ impl KernelSplice {
             let (budget, notify) =
                 budget::grant(Measure::new(base[1 - i], 0, 0, 0, base[1 - i]), state.limits.per_direction);
             state.counts.insert(from, RelayCount::default(), 0).map_err(map_full_or_io)?;
-            state.peers.insert(from, RelayPeer { peer: to, budget, notify, taken: 0 }, 0).map_err(map_full_or_io)?;
+            let peer = RelayPeer { peer: to, budget, notify, taken: 0, hold: HOLD_AT };
+            state.peers.insert(from, peer, 0).map_err(map_full_or_io)?;
             self.joined.peers[i] = true;
             let (src, dst) = (ends[i].as_raw_fd(), ends[1 - i].as_raw_fd());
             let direction = Direction {
@@ -672,6 +770,7 @@ impl KernelSplice {
                 parked: None,
                 dst_acked: 0,
                 unconsumed: 0,
+                held: None,
             };
             state.directions.insert(from, direction);
         }
@@ -695,8 +794,16 @@ impl KernelSplice {
 
 impl Splice for KernelSplice {
     fn advance(&mut self, dir: usize, src: &TcpStream, dst: &TcpStream) -> io::Result<Flow> {
-        if let Some(e) = self.state.borrow_mut().errors.remove(&self.cookies[dir]) {
-            return Err(e);
+        // An error taken while moving either direction ends the pair: the other direction may
+        // have finished already, and its `advance` is no longer called.
+        {
+            let mut state = self.state.borrow_mut();
+            if let Some(e) = state.errors.remove(&self.cookies[dir]) {
+                return Err(e);
+            }
+            if let Some(e) = state.errors.remove(&self.cookies[1 - dir]) {
+                return Err(e);
+            }
         }
         let from: TcpCounters = sys::tcp_counters(src)?;
         // A reset source has reached end of file too: the pair tells the two apart by SO_ERROR
@@ -731,6 +838,34 @@ impl Splice for KernelSplice {
 
     fn export(&self, _ex: &mut super::handover::Exporter) -> Option<super::handover::SpliceState> {
         Some(super::handover::SpliceState::Kernel(handover::export_splice(self)))
+    }
+
+    fn describe(&self) -> Option<String> {
+        let state = self.state.borrow();
+        let dirs: Vec<String> = self
+            .cookies
+            .iter()
+            .enumerate()
+            .map(|(i, cookie)| {
+                let Some(d) = state.directions.get(cookie) else { return format!("dir {i}: not joined") };
+                let counts = state.counts.get(cookie, 0).ok();
+                let m = state.measure(*cookie, d).ok();
+                format!(
+                    "dir {i} {}{}: redirected {:?}, parked {:?} (taken {}, written {}, unconsumed {}), \
+                     in flight {:?}, error pending {}",
+                    if d.parked.is_some() { "parked" } else { "redirecting" },
+                    if d.held.is_some() { ", window clamped" } else { "" },
+                    counts.map(|c| c.redirected),
+                    counts.map(|c| c.parked),
+                    d.taken,
+                    d.written,
+                    d.unconsumed,
+                    m.map(|m| m.in_flight),
+                    state.errors.contains_key(cookie),
+                )
+            })
+            .collect();
+        Some(dirs.join("; "))
     }
 
     fn release(&mut self) {
@@ -816,6 +951,14 @@ impl Splice for Handover {
 
     fn idle(&self) -> bool {
         self.joined || self.user.idle()
+    }
+
+    fn describe(&self) -> Option<String> {
+        if self.joined {
+            self.kernel.describe()
+        } else {
+            self.user.describe()
+        }
     }
 
     fn name(&self) -> &'static str {

@@ -39,6 +39,8 @@ pub(super) struct Adopted {
     events: RingBuf<MapData>,
     stats: PerCpuArray<MapData, u64>,
     parkings: u64,
+    unreported: u64,
+    holds: u64,
 }
 
 /// The maps, when kernel pairs are in them (else the new process keeps its own programs: that is
@@ -56,6 +58,8 @@ pub(super) fn export_maps(dp: &KernelDatapath, ex: &mut Exporter) -> Option<Kern
         events: ex.fd(&dp.events.as_raw_fd()),
         stats: ex.fd(&dp.stats.map().fd().as_fd()),
         parkings: state.parkings,
+        unreported: state.unreported,
+        holds: state.holds,
     })
 }
 
@@ -109,6 +113,8 @@ pub(super) fn check_maps(dp: &KernelDatapath, maps: &KernelMaps, fds: &mut Fds) 
         stats: PerCpuArray::try_from(Map::from_map_data(stats).map_err(bad("relay_stats"))?)
             .map_err(bad("relay_stats"))?,
         parkings: maps.parkings,
+        unreported: maps.unreported,
+        holds: maps.holds,
     })
 }
 
@@ -122,6 +128,8 @@ pub(super) fn install_maps(dp: &mut KernelDatapath, adopted: Adopted) {
     state.peers = adopted.peers;
     state.counts = adopted.counts;
     state.parkings = adopted.parkings;
+    state.unreported = adopted.unreported;
+    state.holds = adopted.holds;
     dp.events = adopted.events;
     dp.stats = adopted.stats;
 }
@@ -142,6 +150,7 @@ pub(super) fn export_splice(k: &KernelSplice) -> KernelSpliceState {
                 parked_us: d.parked.map(|p| p.as_micros() as u64),
                 dst_acked: d.dst_acked,
                 unconsumed: d.unconsumed,
+                held: d.held,
                 error: state.errors.get(cookie).map(SavedError::save),
             })
         })
@@ -188,8 +197,9 @@ pub(super) fn import_splice(
             parked: d.parked_us.map(Duration::from_micros),
             dst_acked: d.dst_acked,
             unconsumed: d.unconsumed,
+            held: d.held,
         };
-        if direction.parked.is_some() || direction.unconsumed > 0 {
+        if direction.parked.is_some() || direction.unconsumed > 0 || direction.held.is_some() {
             st.rechecks.push(Reverse((now, d.cookie)));
         }
         st.directions.insert(d.cookie, direction);

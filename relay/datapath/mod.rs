@@ -48,6 +48,12 @@ pub trait Splice {
         false
     }
     /// Called after both directions advanced: a chance to change how the pair is spliced.
+    /// Where the pair's bytes stand inside the datapath, for the log of a pair that does not
+    /// finish when asked to (drain).
+    fn describe(&self) -> Option<String> {
+        None
+    }
+
     fn settle(&mut self, _ends: [&TcpStream; 2]) -> io::Result<()> {
         Ok(())
     }

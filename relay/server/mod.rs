@@ -71,6 +71,8 @@ pub struct ServerConfig {
 
 /// How often the kernel in-flight gauge is read while pairs live.
 const INFLIGHT_EVERY: Duration = Duration::from_secs(1);
+/// How long a drain waits before it logs where each remaining pair stands.
+const DRAIN_REPORT_AFTER: Duration = Duration::from_secs(3);
 
 const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
@@ -124,6 +126,8 @@ pub struct Server {
     again: Vec<(usize, u64)>,
     accept_retry: Option<Instant>,
     drain_deadline: Option<Instant>,
+    /// When a drain logs where its remaining pairs stand.
+    drain_report: Option<Instant>,
     /// `--metrics` counters, and each live pair's place in them (by slot).
     metrics: Metrics,
     pair_metrics: HashMap<usize, PairMetric>,
@@ -174,6 +178,7 @@ impl Server {
             again: Vec::new(),
             accept_retry: None,
             drain_deadline: None,
+            drain_report: None,
             datapath_due: None,
         })
     }
@@ -217,6 +222,15 @@ impl Server {
                 if self.pairs == 0 && self.pending == 0 {
                     break;
                 }
+                if self.drain_report.is_some_and(|t| Instant::now() >= t) {
+                    // Pairs that outlive the first seconds of a drain: say where each stands.
+                    self.drain_report = None;
+                    for (_, slot) in self.slots.iter() {
+                        if let Slot::Pair(pair) = slot {
+                            log::info!("still live: {}", pair.describe());
+                        }
+                    }
+                }
                 if Instant::now() >= deadline {
                     log::warn!("drain timeout: closing {} live pair(s)", self.pairs);
                     self.end_all(|| Ending::Drained);
@@ -235,8 +249,14 @@ impl Server {
         if !self.again.is_empty() {
             return Some(Duration::ZERO);
         }
-        let deadlines =
-            [self.timers.next(), self.drain_deadline, self.accept_retry, self.datapath_due, self.inflight_due];
+        let deadlines = [
+            self.timers.next(),
+            self.drain_deadline,
+            self.drain_report,
+            self.accept_retry,
+            self.datapath_due,
+            self.inflight_due,
+        ];
         deadlines.into_iter().flatten().min().map(|t| t.saturating_duration_since(Instant::now()))
     }
 
@@ -661,6 +681,7 @@ impl Server {
                 self.drain_timeout
             );
             self.drain_deadline = Some(Instant::now() + self.drain_timeout);
+            self.drain_report = Some(Instant::now() + DRAIN_REPORT_AFTER);
         }
     }
 }

@@ -169,6 +169,27 @@ impl Pair {
         }
     }
 
+    /// Where the pair stands, for the log of a pair that does not finish when asked to.
+    pub(super) fn describe(&self) -> String {
+        let ends: Vec<String> = (0..2)
+            .map(|i| match sys::tcp_counters(&self.ends[i]) {
+                Ok(c) => format!(
+                    "{}: TCP state {}, {} bytes received, {} acknowledged, {:?} readable, {:?} in the send queue, {}",
+                    self.addrs[i],
+                    c.state,
+                    c.bytes_received,
+                    c.bytes_acked,
+                    sys::readable_len(&self.ends[i]).ok(),
+                    sys::send_queue_len(&self.ends[i]).ok(),
+                    if self.shut[i] { "finished" } else { "open" }
+                ),
+                Err(e) => format!("{}: {e}", self.addrs[i]),
+            })
+            .collect();
+        let inside = self.splice.describe().map(|d| format!("; {}: {d}", self.splice.name())).unwrap_or_default();
+        format!("pair {} after {:.1?}: {}{inside}", self.serial, self.since.elapsed(), ends.join("; "))
+    }
+
     /// The pending error of end `end`, which reading clears: the only place SO_ERROR is read.
     fn take_error(&self, end: usize) -> Option<io::Error> {
         SockRef::from(&self.ends[end]).take_error().ok().flatten()
