@@ -103,14 +103,19 @@ fn a_gib_each_way_crosses_a_takeover_whole(dp: &str) {
     let (pa, pb) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let started = Instant::now();
     let (ja, jb) = (timed_exchange(a, 11, GIB, pa.clone()), timed_exchange(b, 12, GIB, pb.clone()));
-    // Two takeovers: once a quarter has crossed each way, and again at half (the second one hands
-    // over maps the first one adopted).
+    // Two takeovers: once a quarter has crossed one way, and again at half (the second one hands
+    // over maps the first one adopted). Taken on the faster direction, so that both are still
+    // moving (the kernel datapath does not share evenly between the two directions of a pair).
     let mut takeovers = Vec::new();
     let mut old_logs = String::new();
     for fraction in [4, 2] {
         let deadline = Instant::now() + Duration::from_secs(300);
         let mut last = (0, Instant::now());
-        while pa.load(Ordering::Relaxed) < GIB / fraction || pb.load(Ordering::Relaxed) < GIB / fraction {
+        let due = || {
+            let (a, b) = (pa.load(Ordering::Relaxed), pb.load(Ordering::Relaxed));
+            a.max(b) >= GIB / fraction && a.min(b) > 0
+        };
+        while !due() {
             assert!(Instant::now() < deadline, "{dp}: the transfer did not get going:\n{}", relay.log());
             let now = pa.load(Ordering::Relaxed) + pb.load(Ordering::Relaxed);
             if now != last.0 {
@@ -185,6 +190,29 @@ fn a_gib_each_way_crosses_a_takeover_whole(dp: &str) {
                 .unwrap_or_default()
         };
         let (b, a) = (window(&sb), window(&sa));
+        // Where each side's longest pause around the takeover began, from the old process's exit
+        // (the handover is a few ms before it; before it, the new process loads its programs).
+        let began = |s: &Side| {
+            let exit = *t + *gone;
+            s.gaps
+                .iter()
+                .filter(|(end, len)| *end >= *t && *end - *len <= *t + *gone + Duration::from_secs(1))
+                .max_by_key(|(_, len)| *len)
+                .map(|(end, len)| {
+                    let start = *end - *len;
+                    if start >= exit {
+                        (start - exit).as_secs_f64() * 1e3
+                    } else {
+                        -(exit - start).as_secs_f64() * 1e3
+                    }
+                })
+                .unwrap_or_default()
+        };
+        eprintln!(
+            "{dp}: those pauses began {:.0} ms (B) / {:.0} ms (A) from the old process's exit",
+            began(&sb),
+            began(&sa)
+        );
         eprintln!(
             "{dp}: takeover at {} / {} MiB: handed over {handover:.1} ms after the signal, old process gone {:.0} ms \
              after the new one started; longest pause in reads around it {:.1} ms (B) / {:.1} ms (A)",
@@ -205,8 +233,10 @@ fn a_gib_each_way_crosses_a_takeover_whole(dp: &str) {
         worst(&sb).as_secs_f64() * 1e3,
         worst(&sa).as_secs_f64() * 1e3,
     );
-    // Bounded: under 2 s, or (on a machine busy enough to pause the transfer that long anyway)
-    // no more than a second beyond the longest pause away from the takeovers.
+    // Bounded: under 5 s, or a second beyond the longest pause away from the takeovers. The
+    // kernel datapath pauses one direction of a busy pair for 2-4 s now and then on this 2-CPU
+    // machine with or without a takeover (its worker threads, parking); a broken handover stalls
+    // until the clients' 15 s timeouts.
     let away = |s: &Side| {
         s.gaps
             .iter()
@@ -218,7 +248,7 @@ fn a_gib_each_way_crosses_a_takeover_whole(dp: &str) {
             .unwrap_or_default()
     };
     let (stall, baseline) = (stalls.into_iter().max().unwrap_or_default(), away(&sa).max(away(&sb)));
-    let bound = Duration::from_secs(2).max(baseline + Duration::from_secs(1));
+    let bound = Duration::from_secs(5).max(baseline + Duration::from_secs(1));
     assert!(stall < bound, "{dp}: the transfer stalled {stall:?} at a takeover, {baseline:?} at most elsewhere");
     let (status, log) = relay.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");
