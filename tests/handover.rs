@@ -427,3 +427,47 @@ fn a_half_closed_pair_moves_half_closed(dp: &str) {
 }
 
 per_datapath!(a_half_closed_pair_moves_half_closed);
+
+fn a_successor_that_dies_before_the_commit_leaves_every_pair_with_the_old_one(dp: &str) {
+    use std::os::{
+        linux::net::SocketAddrExt,
+        unix::net::{SocketAddr as UnixAddr, UnixListener},
+    };
+    let _netns = enter_netns();
+    let addr: SocketAddr = RELAY.parse().unwrap();
+    let mut old = Skrelay::start(&["relay", "--datapath", dp]);
+    let (mut a, mut b) = (connect(addr), connect(addr));
+    a.write_all(b"before").unwrap();
+    assert_eq!(read_n(&mut b, 6), b"before");
+    // The test plays a new skrelay: it listens where the old one hands over, signals it, takes a
+    // duplicate of every descriptor the manifest names, and dies before it answers `ready`.
+    let name = skrelay::takeover::channel_name(old.pid() as u32);
+    let channel = UnixListener::bind_addr(&UnixAddr::from_abstract_name(name).unwrap()).unwrap();
+    old.signal(libc::SIGUSR2);
+    let (mut stream, _) = channel.accept().unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).unwrap();
+    let mut manifest = vec![0u8; u32::from_le_bytes(len) as usize];
+    stream.read_exact(&mut manifest).unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    let pidfd = skrelay::sys::pidfd_open(old.pid()).unwrap();
+    let fds: Vec<_> = manifest["fds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|fd| skrelay::sys::pidfd_getfd(&pidfd, fd.as_i64().unwrap() as i32).unwrap())
+        .collect();
+    assert!(fds.len() >= 2, "{dp}: {manifest}");
+    drop((fds, stream, channel));
+    old.wait_log("live pairs and waiting clients stay in this process", 1, Duration::from_secs(5));
+    // The pair lives on in the old process, every byte of it, and ends there with FINs.
+    exchange_both_ways(a, b, [9, 10], 16 << 20, &format!("{dp}: after a successor died"));
+    assert!(old.wait(Duration::from_secs(10)).success(), "{}", old.log());
+    old.wait_log(" ended after ", 1, Duration::from_secs(5));
+    let log = old.log();
+    let ended = log.lines().find(|l| l.contains(" ended after ")).unwrap();
+    assert_eq!(ended.matches(&format!("{} bytes", (16 << 20) + 6)).count(), 1, "{dp}: {ended}");
+}
+
+per_datapath!(a_successor_that_dies_before_the_commit_leaves_every_pair_with_the_old_one);
