@@ -43,8 +43,8 @@ pub fn run(args: ProxyArgs) -> Result<(), Error> {
         drain_timeout: args.common.drain_timeout,
         metrics,
     };
-    let server = Server::new(listener, datapath, config)?;
-    serving(handover, addr);
+    let mut server = Server::new(listener, datapath, config)?;
+    serving(&mut server, handover, addr);
     server.run()
 }
 

@@ -38,8 +38,8 @@ pub fn run(args: RelayArgs) -> Result<(), Error> {
         PairBy::Token => "pairing clients by their token line",
     };
     log::info!("listening on {addr}: {pairing}, {} datapath{}", datapath.name(), metrics_note(served));
-    let server = Server::new(listener, datapath, config)?;
-    serving(handover, addr);
+    let mut server = Server::new(listener, datapath, config)?;
+    serving(&mut server, handover, addr);
     server.run()
 }
 
@@ -89,15 +89,14 @@ pub fn listening(
     Ok(Listening { listener, metrics: None, handover: None })
 }
 
-/// Called once the server watches its socket: tells the process taken over to hand over (stop
-/// accepting, drain) and the service manager that this one is ready.
-pub fn serving(handover: Option<Handover>, addr: SocketAddr) {
+/// Called once the server watches its socket, before it accepts anyone: takes over the live
+/// pairs and waiting clients of the process taken over (which then exits; or, if they cannot
+/// move, stops accepting and drains) and tells the service manager that this one is ready.
+pub fn serving(server: &mut Server, handover: Option<Handover>, addr: SocketAddr) {
     if let Some(h) = handover {
-        match h.signal() {
-            Ok(()) => log::info!("process {} stops accepting and drains; this one serves {addr}", h.pid),
-            // Gone already: its socket is ours alone now.
-            Err(e) => log::warn!("{e}"),
-        }
+        let pid = h.pid;
+        server.take_over(h);
+        log::info!("process {pid} no longer accepts; this one serves {addr}");
     }
     systemd::notify(&format!("READY=1\nSTATUS=listening on {addr}"));
 }

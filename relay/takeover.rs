@@ -3,11 +3,27 @@
 //! accepting and drain (SIGUSR2). The socket is never closed on the way: both processes hold it
 //! until the old one lets go, so a client that connects meanwhile waits in the one accept queue
 //! and is accepted by one of them, never refused.
+//!
+//! Live pairs and waiting clients move too (server/handover.rs). The new process listens on an
+//! abstract unix socket named after the old process (`channel_name`) before it signals; the old
+//! one, on SIGUSR2, stops, connects and sends a manifest of everything it holds, naming its
+//! descriptors by number. The new process duplicates them all with pidfd_getfd and answers
+//! `ready`; the old one answers `commit` and exits at once, without closing or resetting
+//! anything (the new process holds every socket by then). Until `commit`, the old process owns
+//! everything: a new process that fails or dies before it only drops duplicates, and the old one
+//! carries on (it drains). If the new process dies after `commit`, both are gone and the kernel
+//! resets every pair (their sockets are armed to reset on close): never a clean end of file.
 use crate::{error::Error, sys};
-use socket2::{Domain, Socket, Type};
+use socket2::{Domain, SockRef, Socket, Type};
 use std::{
+    io::{self, Read, Write},
     net::TcpListener,
-    os::fd::{AsRawFd, OwnedFd},
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        linux::net::SocketAddrExt,
+        unix::net::{SocketAddr as UnixAddr, UnixListener, UnixStream},
+    },
+    time::Duration,
 };
 
 /// The signal that asks a running relay or proxy to hand over: stop accepting, stop serving
@@ -27,9 +43,106 @@ pub struct Taken {
 pub struct Handover {
     pub pid: i32,
     pidfd: OwnedFd,
+    /// Where the old process connects to hand over its pairs (None: it could not be bound, so
+    /// the old process drains them instead).
+    channel: Option<UnixListener>,
+}
+
+/// The abstract unix socket name of the handover channel of process `old_pid`. Abstract names
+/// belong to the network namespace, which both processes share (checked by `take`); a second
+/// takeover of the same process at the same time finds the name taken.
+pub fn channel_name(old_pid: u32) -> String {
+    format!("skrelay-takeover-{old_pid}")
+}
+
+/// The largest message the channel carries (the manifest: about 1 KiB a pair).
+const MAX_MESSAGE: usize = 1 << 30;
+
+/// One end of the handover channel: length-prefixed messages.
+pub struct Channel {
+    stream: UnixStream,
+}
+
+impl Channel {
+    /// The old process's end: connects to the channel of the process taking it over. An error
+    /// means nobody listens (an older skrelay took over, or it gave up waiting).
+    pub fn connect() -> io::Result<Channel> {
+        let addr = UnixAddr::from_abstract_name(channel_name(std::process::id()))?;
+        let stream = UnixStream::connect_addr(&addr)?;
+        // Only a process of our own user (or root) gets the manifest: anyone in the network
+        // namespace can bind an abstract name.
+        let peer = rustix::net::sockopt::socket_peercred(&stream)?;
+        let (theirs, ours) = (peer.uid.as_raw(), rustix::process::geteuid().as_raw());
+        if theirs != ours && theirs != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("the process listening on the handover channel runs as user {theirs}, not {ours}"),
+            ));
+        }
+        Ok(Channel { stream })
+    }
+
+    /// The process at the other end, from SO_PEERCRED.
+    pub fn peer_pid(&self) -> Option<i32> {
+        rustix::net::sockopt::socket_peercred(&self.stream).ok().map(|c| c.pid.as_raw_nonzero().get())
+    }
+
+    pub fn send(&mut self, msg: &[u8]) -> io::Result<()> {
+        let len = u32::try_from(msg.len()).map_err(|_| io::Error::other("message too long"))?;
+        self.stream.write_all(&len.to_le_bytes())?;
+        self.stream.write_all(msg)
+    }
+
+    /// The next message, waiting at most `timeout` for each read.
+    pub fn recv(&mut self, timeout: Duration) -> io::Result<Vec<u8>> {
+        self.stream.set_read_timeout(Some(timeout))?;
+        let mut len = [0u8; 4];
+        self.stream.read_exact(&mut len)?;
+        let len = u32::from_le_bytes(len) as usize;
+        if len > MAX_MESSAGE {
+            return Err(io::Error::other(format!("a {len}-byte message is more than the channel carries")));
+        }
+        let mut msg = vec![0u8; len];
+        self.stream.read_exact(&mut msg)?;
+        Ok(msg)
+    }
 }
 
 impl Handover {
+    /// Signals the old process to hand over and waits up to `timeout` for it to connect. None:
+    /// it did not (an older skrelay, which drains its pairs instead), with the reason logged.
+    pub fn start(&mut self, timeout: Duration) -> Result<Option<Channel>, Error> {
+        self.signal()?;
+        let Some(listener) = self.channel.take() else { return Ok(None) };
+        let _ = SockRef::from(&listener).set_read_timeout(Some(timeout));
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    let channel = Channel { stream };
+                    if channel.peer_pid() != Some(self.pid) {
+                        log::warn!("handover channel: a connection from another process was ignored");
+                        continue;
+                    }
+                    return Ok(Some(channel));
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::warn!(
+                        "process {} did not connect to hand over its live pairs within {timeout:?} ({e}): it is an \
+                         older skrelay, or busy; it lets them finish instead",
+                        self.pid
+                    );
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    /// Duplicates descriptor `fd` of the old process.
+    pub fn getfd(&self, fd: i32) -> io::Result<OwnedFd> {
+        sys::pidfd_getfd(&self.pidfd, fd)
+    }
+
     /// Sends the old process the handover signal through its pidfd (never to a recycled pid).
     pub fn signal(&self) -> Result<(), Error> {
         // SAFETY: integer arguments and a null siginfo pointer, which the syscall allows.
@@ -120,7 +233,20 @@ pub fn take(pid: i32, command: &str) -> Result<Taken, Error> {
         }
         None => None,
     };
-    Ok(Taken { listener: listener.into(), metrics, handover: Handover { pid, pidfd } })
+    // Bound before the signal, so the old process finds it; the name is taken while another
+    // takeover of the same process runs.
+    let channel = UnixAddr::from_abstract_name(channel_name(pid as u32)).and_then(|a| UnixListener::bind_addr(&a));
+    let channel = match channel {
+        Ok(c) => Some(c),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            return Err(refuse("another skrelay is taking it over right now (wait for that one to finish)".into()))
+        }
+        Err(e) => {
+            log::warn!("cannot open the handover channel ({e}): process {pid} will let its live pairs finish instead");
+            None
+        }
+    };
+    Ok(Taken { listener: listener.into(), metrics, handover: Handover { pid, pidfd, channel } })
 }
 
 fn permission(e: std::io::Error) -> String {

@@ -208,6 +208,34 @@ impl Datapath for KernelDatapath {
         "kernel"
     }
 
+    // --takeover (kernel_handover.rs).
+    fn export(&self, ex: &mut super::handover::Exporter) -> Option<super::handover::KernelMaps> {
+        handover::export_maps(self, ex)
+    }
+
+    fn check_maps(
+        &self,
+        maps: &super::handover::KernelMaps,
+        fds: &mut super::handover::Fds,
+    ) -> Result<Box<dyn std::any::Any>, String> {
+        handover::check_maps(self, maps, fds).map(|a| Box::new(a) as Box<dyn std::any::Any>)
+    }
+
+    fn install_maps(&mut self, checked: Box<dyn std::any::Any>) {
+        if let Ok(adopted) = checked.downcast::<handover::Adopted>() {
+            handover::install_maps(self, *adopted);
+        }
+    }
+
+    fn import(
+        &mut self,
+        state: super::handover::SpliceState,
+        ends: [&TcpStream; 2],
+        fds: &mut super::handover::Fds,
+    ) -> io::Result<Box<dyn Splice>> {
+        handover::import(self, state, ends, fds)
+    }
+
     fn splice(&mut self, ends: [&TcpStream; 2], skip: [u32; 2]) -> Result<Box<dyn Splice>, SpliceError> {
         let acked_base = [sys::tcp_counters(ends[0])?.bytes_acked, sys::tcp_counters(ends[1])?.bytes_acked];
         let mut kernel = KernelSplice {
@@ -808,6 +836,10 @@ impl Splice for KernelSplice {
         "kernel"
     }
 
+    fn export(&self, _ex: &mut super::handover::Exporter) -> Option<super::handover::SpliceState> {
+        Some(super::handover::SpliceState::Kernel(handover::export_splice(self)))
+    }
+
     fn describe(&self) -> Option<String> {
         let state = self.state.borrow();
         let dirs: Vec<String> = self
@@ -969,4 +1001,12 @@ impl Splice for Handover {
     fn release(&mut self) {
         self.kernel.release();
     }
+
+    fn export(&self, ex: &mut super::handover::Exporter) -> Option<super::handover::SpliceState> {
+        handover::export_handover(self, ex)
+    }
 }
+
+/// `--takeover`: what the kernel datapath hands over and takes over.
+#[path = "kernel_handover.rs"]
+mod handover;

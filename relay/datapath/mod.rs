@@ -1,6 +1,7 @@
 //! How the bytes of a spliced pair move: in the kernel (sk_skb programs on a SOCKHASH) or in user
 //! space (splice(2) through pipes). The pairing and proxy code see only these two traits.
 pub mod budget;
+pub mod handover;
 pub mod kernel;
 pub mod userspace;
 
@@ -56,6 +57,11 @@ pub trait Splice {
     fn settle(&mut self, _ends: [&TcpStream; 2]) -> io::Result<()> {
         Ok(())
     }
+    /// The pair's state for the skrelay that takes over (`--takeover`), with the descriptors it
+    /// names recorded in `ex`; None if this splice cannot be handed over.
+    fn export(&self, _ex: &mut handover::Exporter) -> Option<handover::SpliceState> {
+        None
+    }
 }
 
 /// A way of splicing pairs.
@@ -83,6 +89,40 @@ pub trait Datapath {
     /// socket and not yet in the other's send queue.
     fn in_flight(&self) -> u64 {
         0
+    }
+    /// What the datapath itself hands over beside its pairs (the kernel maps while pairs are in
+    /// them); None: nothing.
+    fn export(&self, _ex: &mut handover::Exporter) -> Option<handover::KernelMaps> {
+        None
+    }
+    /// Takes over the old process's kernel maps: checked now, installed by `install`. Nothing
+    /// is changed here, so a handover that does not go through leaves this datapath as it was.
+    fn check_maps(
+        &self,
+        _maps: &handover::KernelMaps,
+        _fds: &mut handover::Fds,
+    ) -> Result<Box<dyn std::any::Any>, String> {
+        Err(format!(
+            "the old process has pairs in the kernel maps and this one runs the {} datapath (start it with \
+             --datapath kernel)",
+            self.name()
+        ))
+    }
+    /// Uses the maps `check_maps` accepted from now on; called before any pair is spliced.
+    fn install_maps(&mut self, _checked: Box<dyn std::any::Any>) {}
+    /// A pair handed over, carried on with `ends` (this process's descriptors). `fds` holds the
+    /// pipes it names.
+    fn import(
+        &mut self,
+        state: handover::SpliceState,
+        ends: [&TcpStream; 2],
+        fds: &mut handover::Fds,
+    ) -> io::Result<Box<dyn Splice>> {
+        let _ = ends;
+        match state {
+            handover::SpliceState::Userspace { dirs } => userspace::import(dirs, fds),
+            _ => Err(io::Error::other(format!("the {} datapath cannot carry on a kernel pair", self.name()))),
+        }
     }
 }
 

@@ -1,6 +1,9 @@
 //! The userspace datapath: splice(2) from each socket into a pipe and from the pipe into the peer.
 //! Payload pages move by reference; the process only drives the calls.
-use super::{Datapath, Flow, Splice, SpliceError};
+use super::{
+    handover::{Exporter, Fds, PipeDirection, SpliceState},
+    Datapath, Flow, Splice, SpliceError,
+};
 use crate::sys::{self, Pipe};
 use mio::{net::TcpStream, Interest};
 use std::{
@@ -165,4 +168,38 @@ impl Splice for UserspaceSplice {
         // The sources need not be drained: a stream that never pauses joins too.
         self.dirs.iter().all(|d| !d.src_eof && d.in_pipe == 0)
     }
+
+    /// The counters, and each pipe that holds bytes: its descriptors go with the pair, so the
+    /// bytes in it are written on by the new process, in order.
+    fn export(&self, ex: &mut Exporter) -> Option<SpliceState> {
+        let dir = |d: &Direction, ex: &mut Exporter| PipeDirection {
+            pipe: d.pipe.as_ref().map(|(p, _)| [ex.fd(&p.read), ex.fd(&p.write)]),
+            capacity: d.pipe.as_ref().map_or(0, |(_, c)| *c),
+            in_pipe: d.in_pipe,
+            src_eof: d.src_eof,
+            moved: d.moved,
+        };
+        let dirs = [dir(&self.dirs[0], ex), dir(&self.dirs[1], ex)];
+        Some(SpliceState::Userspace { dirs })
+    }
+}
+
+/// A splice(2) pair handed over by the old process, with its pipes.
+pub fn import(dirs: [PipeDirection; 2], fds: &mut Fds) -> io::Result<Box<dyn Splice>> {
+    Ok(Box::new(import_splice(dirs, fds)?))
+}
+
+pub(super) fn import_splice(dirs: [PipeDirection; 2], fds: &mut Fds) -> io::Result<UserspaceSplice> {
+    let mut out = UserspaceSplice::new();
+    for (d, state) in out.dirs.iter_mut().zip(dirs) {
+        if let Some([read, write]) = state.pipe {
+            d.pipe = Some((Pipe { read: fds.take(read)?, write: fds.take(write)? }, state.capacity));
+        } else if state.in_pipe > 0 {
+            return Err(io::Error::other("a direction with bytes in flight came without its pipe"));
+        }
+        d.in_pipe = state.in_pipe;
+        d.src_eof = state.src_eof;
+        d.moved = state.moved;
+    }
+    Ok(out)
 }

@@ -2,7 +2,10 @@
 //! plan, its timeout, failover to the rest of the plan, and marking failed upstreams down. It
 //! also remembers the local address of every upstream connection it made that is still open, so
 //! a client that comes from one is recognised as this proxy looping into itself.
-use crate::upstream::{Upstreams, DOWN_FOR};
+use crate::{
+    datapath::handover::Exporter,
+    upstream::{Upstreams, DOWN_FOR},
+};
 use mio::{net::TcpStream, Interest, Registry, Token};
 use std::{
     collections::HashMap,
@@ -26,6 +29,27 @@ impl Connecting {
     pub(super) fn deadline(&self) -> Instant {
         self.deadline
     }
+
+    /// `--takeover`: what the new process needs to carry the connect on.
+    pub(super) fn export(&self, ex: &mut Exporter) -> ConnectingState {
+        ConnectingState {
+            fd: ex.fd(&self.stream),
+            local: self.local,
+            idx: self.idx,
+            left: self.deadline.saturating_duration_since(Instant::now()),
+            rest: self.rest.clone(),
+        }
+    }
+}
+
+/// A connect in progress, handed over (`--takeover`).
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(super) struct ConnectingState {
+    pub(super) fd: std::os::fd::RawFd,
+    local: SocketAddr,
+    idx: usize,
+    left: Duration,
+    rest: Vec<usize>,
 }
 
 /// Where a connect stands after a readiness event.
@@ -142,6 +166,25 @@ impl Connector {
     /// pair.
     pub(super) fn remember(&mut self, local: SocketAddr, to: u16) {
         self.own.insert(local, to);
+    }
+
+    /// `--takeover`: a connect the old process started, watched under `token` from now on.
+    /// None if it names an upstream this process does not have (other `--upstream` flags).
+    pub(super) fn import(
+        &mut self,
+        c: ConnectingState,
+        fd: std::os::fd::OwnedFd,
+        registry: &Registry,
+        token: Token,
+    ) -> Option<Connecting> {
+        let n = self.upstreams.addrs().len();
+        if c.idx >= n || c.rest.iter().any(|&i| i >= n) {
+            return None;
+        }
+        let mut stream = TcpStream::from_std(std::net::TcpStream::from(fd));
+        registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE).ok()?;
+        self.own.insert(c.local, self.upstreams.addr(c.idx).port());
+        Some(Connecting { stream, local: c.local, idx: c.idx, deadline: Instant::now() + c.left, rest: c.rest })
     }
 
     /// The pair that held the upstream connection from `local` has ended.

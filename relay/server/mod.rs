@@ -12,6 +12,7 @@
 //!
 //! How a pair ends is accounted in one place, `Server::account_end`.
 mod connector;
+mod handover;
 mod listener;
 mod pair;
 mod pending;
@@ -664,6 +665,10 @@ impl Server {
             let keep = signal == SIGUSR2 && matches!(self.partners, Partners::Upstreams(_));
             if signal == SIGUSR2 {
                 self.metrics.stop_serving();
+                // Live pairs and waiting clients move to the new process, and this one exits;
+                // if they cannot, they stay and finish here (server/handover.rs).
+                let Err(why) = self.hand_over();
+                log::warn!("live pairs and waiting clients stay in this process: {why}");
             }
             let waiting: Vec<usize> =
                 self.slots.iter().filter(|(_, s)| matches!(s, Slot::Pending(_))).map(|(k, _)| k).collect();

@@ -1,8 +1,9 @@
 //! Two spliced connections. The datapath moves their bytes; the pair propagates what the kernel
 //! does not: end of file, one direction at a time, and resets, to both clients. SO_ERROR, which
 //! reading clears, is read in one place: `Pair::take_error`.
+use super::handover::PairState;
 use crate::{
-    datapath::{Flow, Splice},
+    datapath::{handover::Exporter, Flow, Splice},
     sys,
 };
 use mio::{net::TcpStream, Interest, Registry, Token};
@@ -110,6 +111,37 @@ impl Pair {
 
     pub(super) fn serial(&self) -> u64 {
         self.serial
+    }
+
+    pub(super) fn upstream_local(&self) -> Option<SocketAddr> {
+        self.upstream_local
+    }
+
+    /// `--takeover`: the pair's state for the new process, its descriptors recorded in `ex`.
+    pub(super) fn export(&self, ex: &mut Exporter) -> Option<PairState> {
+        Some(PairState {
+            ends: [ex.fd(&self.ends[0]), ex.fd(&self.ends[1])],
+            addrs: self.addrs,
+            lasted: self.since.elapsed(),
+            shut: self.shut,
+            upstream_local: self.upstream_local,
+            splice: self.splice.export(ex)?,
+        })
+    }
+
+    /// `--takeover`: a pair handed over by the old process, carried on with `ends` (already
+    /// armed to reset on close there: the option belongs to the socket).
+    pub(super) fn import(ends: [TcpStream; 2], state: PairState, splice: Box<dyn Splice>, serial: u64) -> Pair {
+        Pair {
+            ends,
+            addrs: state.addrs,
+            splice,
+            since: Instant::now().checked_sub(state.lasted).unwrap_or_else(Instant::now),
+            serial,
+            shut: state.shut,
+            flush_delay: FLUSH_CHECK_FIRST,
+            upstream_local: state.upstream_local,
+        }
     }
 
     pub(super) fn datapath(&self) -> &'static str {

@@ -8,7 +8,7 @@ use crate::{
     sys,
 };
 use mio::net::TcpStream;
-use std::{io, net::SocketAddr};
+use std::{io, net::SocketAddr, time::Instant};
 
 pub(super) struct Pending {
     pub(super) stream: TcpStream,
@@ -21,6 +21,8 @@ pub(super) struct Pending {
     pub(super) skip: u32,
     /// `proxy`: the upstream connection being made for it.
     pub(super) upstream: Option<Connecting>,
+    /// When it came (its `--pair-timeout` runs from here, across a takeover too).
+    pub(super) admitted: Instant,
 }
 
 /// What a look at a pending client found.
@@ -36,7 +38,7 @@ pub(super) enum Look {
 
 impl Pending {
     pub(super) fn new(stream: TcpStream, addr: SocketAddr, serial: u64, key: Option<String>) -> Pending {
-        Pending { stream, addr, serial, key, skip: 0, upstream: None }
+        Pending { stream, addr, serial, key, skip: 0, upstream: None, admitted: Instant::now() }
     }
 
     /// Looks at the client after a readiness event: reads its token line if it has none yet,

@@ -1,0 +1,329 @@
+//! `--takeover`: live pairs and waiting clients move to the new process (takeover.rs has the
+//! channel and the order of the steps; this is what the loop hands over and takes over).
+//!
+//! The old process freezes (its loop does nothing else meanwhile), writes a manifest of every
+//! pair (both sockets, the datapath's state: counters, half-close state, the pipes holding bytes
+//! in flight, the kernel maps) and every waiting client (socket, token, time waited, a proxy's
+//! upstream connection being made), and exits once the new process has duplicated them all. The
+//! new process takes them before it accepts its first client, so no pair it makes itself ever
+//! lands in maps it replaces.
+use super::{
+    connector::ConnectingState,
+    pair::{Ending, Pair},
+    pending::Pending,
+    token, tokens, Partners, Server, Slot, Timer,
+};
+use crate::{
+    cli::PairBy,
+    datapath::{
+        handover::{Exporter, Fds, KernelMaps, SpliceState},
+        userspace::UserspaceDatapath,
+        Datapath,
+    },
+    takeover::{Channel, Handover},
+};
+use mio::{net::TcpStream, Interest};
+use serde::{Deserialize, Serialize};
+use std::{
+    net::SocketAddr,
+    os::fd::RawFd,
+    time::{Duration, Instant},
+};
+
+/// How long the new process waits for the old one to connect, then for its manifest and its
+/// commit; and how long the old one waits for `ready`.
+const CONNECT_WAIT: Duration = Duration::from_secs(5);
+const MESSAGE_WAIT: Duration = Duration::from_secs(30);
+
+/// The manifest's version: a new process refuses one it does not know (the old one then drains).
+const VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct Manifest {
+    version: u32,
+    datapath: String,
+    maps: Option<KernelMaps>,
+    pairs: Vec<PairState>,
+    /// In arrival order.
+    pending: Vec<PendingState>,
+    /// Every descriptor named above, for the new process to duplicate first.
+    fds: Vec<RawFd>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub(super) struct PairState {
+    pub(super) ends: [RawFd; 2],
+    pub(super) addrs: [SocketAddr; 2],
+    pub(super) lasted: Duration,
+    pub(super) shut: [bool; 2],
+    pub(super) upstream_local: Option<SocketAddr>,
+    pub(super) splice: SpliceState,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PendingState {
+    fd: RawFd,
+    addr: SocketAddr,
+    key: Option<String>,
+    skip: u32,
+    waited: Duration,
+    upstream: Option<ConnectingState>,
+}
+
+impl Server {
+    /// The old process, on SIGUSR2: hands everything to the process taking over and exits, or
+    /// says why not (it then keeps everything and drains).
+    pub(super) fn hand_over(&mut self) -> Result<std::convert::Infallible, String> {
+        let started = Instant::now();
+        log::info!(
+            "SIGUSR2 (handing over to the skrelay that took over): no longer accepting; handing over {} live \
+             pair(s) and {} waiting client(s)",
+            self.pairs,
+            self.pending
+        );
+        let mut channel = Channel::connect().map_err(|e| {
+            format!("nobody waits for them ({e}: the new process is an older skrelay, or gave up waiting)")
+        })?;
+        let (manifest, pairs, pending) = self.manifest()?;
+        let text = serde_json::to_vec(&manifest).map_err(|e| format!("cannot write the manifest: {e}"))?;
+        channel.send(&text).map_err(|e| format!("cannot send the manifest: {e}"))?;
+        let answer = channel.recv(MESSAGE_WAIT).map_err(|e| format!("no answer from the new process: {e}"))?;
+        if answer != b"ready" {
+            return Err(format!("the new process refused them: {}", String::from_utf8_lossy(&answer)));
+        }
+        channel.send(b"commit").map_err(|e| format!("cannot confirm to the new process: {e}"))?;
+        // From here on the new process owns every socket: nothing of ours may touch them (no
+        // destructor runs: a kernel pair's would take its sockets out of the maps).
+        log::info!(
+            "handed over {pairs} live pair(s) and {pending} waiting client(s) ({} descriptors) to process {} \
+             {:.1} ms after the signal; exiting",
+            manifest.fds.len(),
+            channel.peer_pid().unwrap_or(0),
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        log::info!("stopped");
+        std::process::exit(0);
+    }
+
+    fn manifest(&self) -> Result<(Manifest, usize, usize), String> {
+        let mut ex = Exporter::default();
+        let maps = self.datapath.export(&mut ex);
+        let mut pairs = Vec::new();
+        let mut pending: Vec<(u64, PendingState)> = Vec::new();
+        for (_, slot) in self.slots.iter() {
+            match slot {
+                Slot::Pair(p) => pairs.push(p.export(&mut ex).ok_or("a pair's datapath cannot hand it over")?),
+                Slot::Pending(p) => pending.push((
+                    p.serial,
+                    PendingState {
+                        fd: ex.fd(&p.stream),
+                        addr: p.addr,
+                        key: p.key.clone(),
+                        skip: p.skip,
+                        waited: p.admitted.elapsed(),
+                        upstream: p.upstream.as_ref().map(|c| c.export(&mut ex)),
+                    },
+                )),
+            }
+        }
+        pending.sort_by_key(|(serial, _)| *serial);
+        let (n_pairs, n_pending) = (pairs.len(), pending.len());
+        let manifest = Manifest {
+            version: VERSION,
+            datapath: self.datapath.name().to_string(),
+            maps,
+            pairs,
+            pending: pending.into_iter().map(|(_, p)| p).collect(),
+            fds: ex.fds,
+        };
+        Ok((manifest, n_pairs, n_pending))
+    }
+
+    /// The new process, before it accepts anyone: tells the old process to hand over and takes
+    /// what it hands over. Whatever goes wrong before the commit leaves everything with the old
+    /// process, which then drains; this process serves new clients either way.
+    pub fn take_over(&mut self, mut handover: Handover) {
+        let old = handover.pid;
+        let mut channel = match handover.start(CONNECT_WAIT) {
+            Ok(Some(c)) => c,
+            Ok(None) => return,
+            Err(e) => return log::warn!("{e}"),
+        };
+        let started = Instant::now();
+        let taken = match self.prepare(&handover, &mut channel) {
+            Ok(t) => t,
+            Err(why) => {
+                log::warn!("process {old} keeps its live pairs and lets them finish: {why}");
+                let _ = channel.send(format!("abort: {why}").as_bytes());
+                return;
+            }
+        };
+        let committed = channel.send(b"ready").and_then(|()| channel.recv(MESSAGE_WAIT));
+        match committed {
+            Ok(m) if m == b"commit" => {}
+            other => {
+                let why = other.map_or_else(|e| e.to_string(), |m| String::from_utf8_lossy(&m).into_owned());
+                // Only duplicates are dropped: the old process still holds every socket.
+                return log::warn!("process {old} did not confirm the handover ({why}): it keeps its live pairs");
+            }
+        }
+        let (pairs, pending) = self.install(taken);
+        log::info!(
+            "took over {pairs} live pair(s) and {pending} waiting client(s) from process {old} in {:.1} ms",
+            started.elapsed().as_secs_f64() * 1e3
+        );
+    }
+
+    /// Reads the manifest and duplicates every descriptor it names; checks the kernel maps.
+    /// Nothing here changes anything the old process holds.
+    fn prepare(&self, handover: &Handover, channel: &mut Channel) -> Result<Taken, String> {
+        let text = channel.recv(MESSAGE_WAIT).map_err(|e| format!("no manifest came: {e}"))?;
+        let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| format!("unreadable manifest: {e}"))?;
+        if manifest.version != VERSION {
+            return Err(format!("its manifest is version {} and this skrelay reads {VERSION}", manifest.version));
+        }
+        let mut fds = Fds::default();
+        for &fd in &manifest.fds {
+            let dup = handover.getfd(fd).map_err(|e| format!("cannot take its descriptor {fd}: {e}"))?;
+            fds.insert(fd, dup);
+        }
+        let maps = match &manifest.maps {
+            Some(maps) => Some(self.datapath.check_maps(maps, &mut fds)?),
+            None => None,
+        };
+        for p in &manifest.pending {
+            // A relay's client waits for a partner (in order: key ""; by token: its token, or
+            // none yet); a proxy's for its upstream connection.
+            let fits = match &self.partners {
+                Partners::Clients { by: PairBy::Order, .. } => p.upstream.is_none() && p.key.as_deref() == Some(""),
+                Partners::Clients { by: PairBy::Token, .. } => p.upstream.is_none() && p.key.as_deref() != Some(""),
+                Partners::Upstreams(_) => p.upstream.is_some(),
+            };
+            if !fits {
+                return Err("its waiting clients do not fit this command's pairing (run it with the same flags)".into());
+            }
+        }
+        Ok(Taken { manifest, fds, maps })
+    }
+
+    /// Carries on what was taken over. Committed: a pair that cannot be carried on now is reset.
+    fn install(&mut self, taken: Taken) -> (usize, usize) {
+        let Taken { manifest, mut fds, maps } = taken;
+        if let Some(maps) = maps {
+            self.datapath.install_maps(maps);
+            // Its reports now come on the adopted ring buffer (the replaced one closed, which
+            // took it out of the event loop).
+            if let Some(fd) = self.datapath.events() {
+                let source = &mut mio::unix::SourceFd(&fd);
+                let registry = self.poll.registry();
+                if let Err(e) = registry
+                    .register(source, super::DATAPATH, Interest::READABLE)
+                    .or_else(|_| registry.reregister(source, super::DATAPATH, Interest::READABLE))
+                {
+                    log::error!("cannot watch the kernel datapath's reports: {e}");
+                }
+            }
+        }
+        let mut pairs = 0;
+        for state in manifest.pairs {
+            pairs += usize::from(self.import_pair(state, &mut fds));
+        }
+        let mut pending = 0;
+        for state in manifest.pending {
+            pending += usize::from(self.import_pending(state, &mut fds));
+        }
+        self.datapath_due = Some(Instant::now());
+        (pairs, pending)
+    }
+
+    fn import_pair(&mut self, mut state: PairState, fds: &mut Fds) -> bool {
+        let addrs = state.addrs;
+        let ends = match (fds.take(state.ends[0]), fds.take(state.ends[1])) {
+            (Ok(a), Ok(b)) => [a, b].map(|fd| TcpStream::from_std(std::net::TcpStream::from(fd))),
+            _ => return false,
+        };
+        let splice_state = std::mem::replace(&mut state.splice, SpliceState::Userspace { dirs: Default::default() });
+        let splice = match self.datapath.import(splice_state, [&ends[0], &ends[1]], fds) {
+            Ok(s) => s,
+            Err(e) => {
+                // Both ends are armed to reset on close: their clients see a reset.
+                return log_false(format!("pair {} <-> {} reset: cannot carry it on: {e}", addrs[0], addrs[1]));
+            }
+        };
+        let label =
+            if splice.name() == UserspaceDatapath.name() { UserspaceDatapath.name() } else { self.datapath.name() };
+        let serial = self.next_serial();
+        let slot = self.slots.vacant_key();
+        let mut pair = Pair::import(ends, state, splice, serial);
+        if let Err(e) = pair.register(self.poll.registry(), tokens(slot)) {
+            let ended = pair.end(Ending::Reset { end: 0, error: e });
+            return log_false(format!("pair {} <-> {} {}: cannot watch it", addrs[0], addrs[1], ended.how));
+        }
+        if let (Some(local), Partners::Upstreams(connector)) = (pair.upstream_local(), &mut self.partners) {
+            connector.remember(local, addrs[1].port());
+        }
+        self.slots.insert(Slot::Pair(pair));
+        self.pair_metrics.insert(slot, self.metrics.pair_started(label));
+        self.pairs += 1;
+        // What came while the processes changed places is moved now.
+        self.service(slot, true);
+        true
+    }
+
+    fn import_pending(&mut self, state: PendingState, fds: &mut Fds) -> bool {
+        let Ok(fd) = fds.take(state.fd) else { return false };
+        let mut stream = TcpStream::from_std(std::net::TcpStream::from(fd));
+        let slot = self.slots.vacant_key();
+        if let Err(e) = self.poll.registry().register(&mut stream, token(slot, 0), Interest::READABLE) {
+            super::pair::reset_on_close(&stream);
+            return log_false(format!("client {} reset: cannot watch it: {e}", state.addr));
+        }
+        let serial = self.next_serial();
+        let mut p = Pending::new(stream, state.addr, serial, state.key);
+        p.skip = state.skip;
+        p.admitted = Instant::now().checked_sub(state.waited).unwrap_or_else(Instant::now);
+        if let (Some(c), Partners::Upstreams(connector)) = (state.upstream, &mut self.partners) {
+            match fds.take(c.fd).ok().and_then(|fd| connector.import(c, fd, self.poll.registry(), token(slot, 1))) {
+                Some(c) => {
+                    self.timers.set(c.deadline(), Timer::ConnectTimeout { slot, serial });
+                    p.upstream = Some(c);
+                }
+                None => {
+                    let _ = self.poll.registry().deregister(&mut p.stream);
+                    super::pair::reset_on_close(&p.stream);
+                    return log_false(format!("client {} reset: its upstream connection could not move", p.addr));
+                }
+            }
+        }
+        let identified = p.key.is_some();
+        let timeout_at = p.admitted + self.pair_timeout;
+        self.slots.insert(Slot::Pending(p));
+        self.pending += 1;
+        self.metrics.set_pending(self.pending);
+        match &self.partners {
+            Partners::Clients { .. } => {
+                self.timers.set(timeout_at, Timer::PairTimeout { slot, serial });
+                if identified {
+                    self.offer(slot);
+                } else {
+                    self.on_pending(slot);
+                }
+            }
+            // Its upstream connection may have completed meanwhile.
+            Partners::Upstreams(_) => self.on_upstream(slot),
+        }
+        true
+    }
+}
+
+/// What `prepare` took, waiting for the old process's commit.
+struct Taken {
+    manifest: Manifest,
+    fds: Fds,
+    maps: Option<Box<dyn std::any::Any>>,
+}
+
+fn log_false(line: String) -> bool {
+    log::error!("{line}");
+    false
+}
