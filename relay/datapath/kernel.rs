@@ -937,8 +937,14 @@ impl Splice for Handover {
     }
 
     fn moved(&self, dir: usize, src: &TcpStream, dst: &TcpStream, ended: bool) -> u64 {
-        // The kernel's count covers both phases: TCP_INFO counts every byte.
-        self.kernel.moved(dir, src, dst, ended)
+        if self.joined {
+            // The kernel's count covers both phases: TCP_INFO counts every byte.
+            self.kernel.moved(dir, src, dst, ended)
+        } else {
+            // Never joined: splice(2)'s own count. The pair may end before its last bytes are
+            // acknowledged, so the acknowledgements would come out short.
+            self.user.moved(dir, src, dst, ended)
+        }
     }
 
     fn interest(&self) -> Interest {
