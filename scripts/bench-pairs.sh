@@ -1,0 +1,267 @@
+#!/usr/bin/env bash
+# The concurrency axis of the benchmark (issue 11): N concurrent one-way bulk pairs through each
+# contender, aggregate Gbit/s and machine-wide CPU-seconds per GiB, every pair sha256-checked.
+#
+#   scripts/bench-pairs.sh [--pairs 1,4,16,64] [--rounds 3] [--bytes 1G] [--out DIR]
+#                          [--contenders a,b,...] [--skrelay BIN] [--bench BIN] [--haproxy CMD]
+#   scripts/bench-pairs.sh --pack DIR     bundle binaries + HAProxy for a bare machine (see below)
+#
+# Contenders: direct (loopback, the limit); relay-kernel, relay-kernel-after0, relay-userspace;
+# proxy-kernel, proxy-kernel-after0, proxy-userspace (skrelay with default flags, with
+# --kernel-after 0, and --datapath userspace); haproxy-threads (nbthread = CPUs, forced splice).
+# Rounds interleave them (for each N: A B C ...), so drift hits all; the report takes medians.
+# Each measurement sends --bytes in all (bytes/N per pair); the receivers hold every byte until
+# the clock stops, then sha256 each pair: --bytes is also the memory a measurement needs.
+# skrelay runs with --metrics, and each measurement reads skrelay_pair_paths_total: which path
+# (kernel, kernel after a splice(2) start, splice(2)) carried each pair.
+#
+# Output in DIR (default a new /tmp/skrelay-pairs.XXXXXX): pairs.tsv (contender N metric value
+# round), pairs-meta.env, pairs.log, one log per daemon. scripts/bench.sh --pairs-from DIR turns it
+# into BENCHMARKS.md's concurrency section and chart. Any failure (a daemon that does not start, a
+# measurement that fails or times out, a sha256 mismatch, a pair skrelay did not end by EOF) stops
+# the run with a message and exit status 1; a missing tool or bad argument exits 2.
+#
+# Needs: Linux with BPF (root) for skrelay's kernel datapath; bash, coreutils, awk, timeout. No
+# compiler, no network, no ss: listening is read from /proc/net/tcp. On a bare machine: here run
+# `scripts/bench-pairs.sh --pack DIR` (builds release skrelay and bench, copies them, this script
+# and the haproxy binary with its shared libraries and loader), carry DIR over, and there run
+# `DIR/bench-pairs.sh --out DIR/out --bytes 8G` (as root); bring DIR/out back and run
+# `scripts/bench.sh --pairs-from DIR/out` here.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+
+pairs=1,4,16,64
+rounds=3
+bytes=1G
+out=""
+only=""
+sk=""
+bench=""
+haproxy_cmd=""
+pack=""
+die() { echo "bench-pairs: $*" >&2; exit 2; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --pairs|--rounds|--bytes|--out|--contenders|--skrelay|--bench|--haproxy|--pack)
+      [ $# -ge 2 ] || die "$1 needs a value (try --help)" ;;
+  esac
+  case "$1" in
+    --pairs) pairs="$2"; shift ;;
+    --rounds) rounds="$2"; shift ;;
+    --bytes) bytes="$2"; shift ;;
+    --out) out="$2"; shift ;;
+    --contenders) only="$2"; shift ;;
+    --skrelay) sk="$2"; shift ;;
+    --bench) bench="$2"; shift ;;
+    --haproxy) haproxy_cmd="$2"; shift ;;
+    --pack) pack="$2"; shift ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    *) die "unknown argument $1 (try --help)" ;;
+  esac
+  shift
+done
+
+# --- a bundle for a machine without a compiler or network --------------------------------------
+if [ -n "$pack" ]; then
+  root=$(cd "$here/.." && pwd)
+  command -v haproxy >/dev/null || die "cannot pack: haproxy is not installed (scripts/setup.sh --bench installs it)"
+  (cd "$root" && cargo build --release --quiet --bin skrelay --example bench)
+  mkdir -p "$pack/lib"
+  cp "$root/target/release/skrelay" "$root/target/release/examples/bench" "$here/bench-pairs.sh" "$pack/"
+  hp=$(command -v haproxy)
+  cp "$hp" "$pack/haproxy"
+  ldd "$hp" | awk '/=> \//{print $3} /^\t\/.*ld-linux/{print $1}' | while read -r lib; do cp -L "$lib" "$pack/lib/"; done
+  loader=$(ls "$pack"/lib/ld-linux-* | head -1)
+  cat >"$pack/haproxy.sh" <<EOF
+#!/bin/sh
+# HAProxy through the carried loader and libraries (the bare machine has none of them).
+d=\$(cd "\$(dirname "\$0")" && pwd)
+exec "\$d/lib/$(basename "$loader")" --library-path "\$d/lib" "\$d/haproxy" "\$@"
+EOF
+  chmod +x "$pack/haproxy.sh"
+  echo "bench-pairs: packed into $pack ($(du -sh "$pack" | cut -f1)); run there as root:" >&2
+  echo "  $pack/bench-pairs.sh --out $pack/out --bytes 8G" >&2
+  exit 0
+fi
+
+# --- what runs ---------------------------------------------------------------------------------
+# Next to this script (a packed bundle), else this checkout's release build.
+if [ -z "$sk" ]; then
+  if [ -x "$here/skrelay" ]; then sk="$here/skrelay"; else sk="$here/../target/release/skrelay"; fi
+fi
+if [ -z "$bench" ]; then
+  if [ -x "$here/bench" ]; then bench="$here/bench"; else bench="$here/../target/release/examples/bench"; fi
+fi
+if [ -z "$haproxy_cmd" ]; then
+  if [ -x "$here/haproxy.sh" ]; then haproxy_cmd="$here/haproxy.sh"; else haproxy_cmd=haproxy; fi
+fi
+[ -x "$sk" ] || die "no skrelay binary at $sk (cargo build --release, or --skrelay BIN)"
+[ -x "$bench" ] || die "no bench binary at $bench (cargo build --release --example bench, or --bench BIN)"
+for t in timeout awk nproc; do command -v "$t" >/dev/null || die "$t is missing (coreutils/gawk; scripts/setup.sh --bench)"; done
+
+case "$bytes" in
+  *[Gg]) bytes=$(( ${bytes%[Gg]} << 30 )) ;;
+  *[Mm]) bytes=$(( ${bytes%[Mm]} << 20 )) ;;
+  *[Kk]) bytes=$(( ${bytes%[Kk]} << 10 )) ;;
+  ''|*[!0-9]*) die "--bytes takes a number with an optional K, M or G suffix, not $bytes" ;;
+esac
+avail_kib=$(awk '/MemAvailable/ {print $2}' /proc/meminfo)
+[ $(( bytes >> 10 )) -lt $(( avail_kib / 2 )) ] ||
+  die "--bytes $bytes needs that much memory for the receivers; only $(( avail_kib >> 10 )) MiB available (use a smaller --bytes)"
+IFS=, read -r -a ns <<<"$pairs"
+for n in "${ns[@]}"; do
+  case "$n" in ''|*[!0-9]*|0) die "--pairs takes a list of counts like 1,4,16,64, not $pairs" ;; esac
+done
+case "$rounds" in ''|*[!0-9]*|0) die "--rounds takes a count, not $rounds" ;; esac
+
+all=(direct relay-kernel relay-kernel-after0 relay-userspace proxy-kernel proxy-kernel-after0 proxy-userspace haproxy-threads)
+if [ -n "$only" ]; then
+  IFS=, read -r -a contenders <<<"$only"
+  for c in "${contenders[@]}"; do
+    [[ " ${all[*]} " == *" $c "* ]] || die "unknown contender $c (known: ${all[*]})"
+  done
+else
+  contenders=("${all[@]}")
+fi
+if [[ " ${contenders[*]} " == *" haproxy-threads "* ]]; then
+  read -r -a hp <<<"$haproxy_cmd"
+  command -v "${hp[0]}" >/dev/null ||
+    die "haproxy not found ($haproxy_cmd): scripts/setup.sh --bench installs it, or pass --haproxy CMD, or leave haproxy-threads out with --contenders"
+  haproxy_version=$("${hp[@]}" -v 2>/dev/null | head -1 | awk '{print $3}')
+  [ -n "$haproxy_version" ] || die "$haproxy_cmd -v does not run (missing shared libraries? see --pack)"
+fi
+
+out=${out:-$(mktemp -d /tmp/skrelay-pairs.XXXXXX)}
+mkdir -p "$out"
+results="$out/pairs.tsv"
+log="$out/pairs.log"
+: >"$results"
+: >"$log"
+echo "bench-pairs: logs and raw results in $out" >&2
+
+# --- daemons -----------------------------------------------------------------------------------
+upstream=127.0.0.1:17200
+declare -A addr via metrics
+daemons=()
+cleanup() {
+  for p in "${daemons[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${daemons[@]}"; do wait "$p" 2>/dev/null || true; done
+  daemons=()
+}
+trap cleanup EXIT
+
+listening() { # port: is something listening on 127.0.0.1:port or *:port (from /proc/net/tcp)?
+  local hex
+  hex=$(printf '%04X' "$1")
+  awk -v p="$hex" 'NR > 1 && $4 == "0A" && substr($2, index($2, ":") + 1) == p { f = 1 } END { exit !f }' /proc/net/tcp
+}
+
+start() { # name port via metrics-port cmd...
+  local name=$1 port=$2 kind=$3 mport=$4
+  shift 4
+  echo "$name: $*" >>"$log"
+  "$@" >>"$out/$name.log" 2>&1 &
+  local p=$!
+  daemons+=("$p")
+  for _ in $(seq 100); do
+    if listening "$port"; then
+      addr[$name]=127.0.0.1:$port; via[$name]=$kind
+      [ "$mport" = - ] || metrics[$name]=127.0.0.1:$mport
+      return 0
+    fi
+    kill -0 "$p" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "bench-pairs: $name did not start listening on port $port; its output:" >&2
+  tail -5 "$out/$name.log" >&2
+  exit 1
+}
+
+# Without the per-pair log line, as HAProxy runs without a log section.
+export RUST_LOG=warn
+via[direct]=direct
+for c in "${contenders[@]}"; do
+  case "$c" in
+    relay-kernel) start "$c" 17201 relay 17291 "$sk" relay --listen 127.0.0.1:17201 --datapath kernel --metrics 127.0.0.1:17291 ;;
+    relay-kernel-after0) start "$c" 17202 relay 17292 "$sk" relay --listen 127.0.0.1:17202 --datapath kernel --kernel-after 0 --metrics 127.0.0.1:17292 ;;
+    relay-userspace) start "$c" 17203 relay 17293 "$sk" relay --listen 127.0.0.1:17203 --datapath userspace --metrics 127.0.0.1:17293 ;;
+    proxy-kernel) start "$c" 17204 proxy 17294 "$sk" proxy --upstream $upstream --listen 127.0.0.1:17204 --datapath kernel --metrics 127.0.0.1:17294 ;;
+    proxy-kernel-after0) start "$c" 17205 proxy 17295 "$sk" proxy --upstream $upstream --listen 127.0.0.1:17205 --datapath kernel --kernel-after 0 --metrics 127.0.0.1:17295 ;;
+    proxy-userspace) start "$c" 17206 proxy 17296 "$sk" proxy --upstream $upstream --listen 127.0.0.1:17206 --datapath userspace --metrics 127.0.0.1:17296 ;;
+    haproxy-threads)
+      cat >"$out/haproxy.cfg" <<EOF
+global
+    maxconn 4096
+    nbthread $(nproc)
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+    option splice-request
+    option splice-response
+frontend bench
+    bind 127.0.0.1:17207
+    default_backend upstream
+backend upstream
+    server s1 $upstream
+EOF
+      start "$c" 17207 proxy - "${hp[@]}" -db -f "$out/haproxy.cfg" ;;
+  esac
+done
+
+# --- measuring ---------------------------------------------------------------------------------
+field() { sed -n "s/.*[ ]$1=\([^ ]*\).*/\1/p"; }
+record() { printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" >>"$results"; }
+
+total=$(( rounds * ${#ns[@]} * ${#contenders[@]} )); step=0; t0=$(date +%s)
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+echo "bench-pairs: $rounds round(s) x pairs ${ns[*]} x ${contenders[*]}; $(( bytes >> 20 )) MiB per measurement" >&2
+for r in $(seq "$rounds"); do
+  for n in "${ns[@]}"; do
+    for c in "${contenders[@]}"; do
+      step=$((step + 1))
+      el=$(( $(date +%s) - t0 ))
+      printf '\r\033[K[%d/%d %dm%02ds] round %d, %d pairs, %s' "$step" "$total" $((el / 60)) $((el % 60)) "$r" "$n" "$c" >&2
+      cmd=("$bench" bulk-pairs --pairs "$n" --bytes "$bytes" --via "${via[$c]}" --upstream $upstream)
+      [ -n "${addr[$c]:-}" ] && cmd+=(--addr "${addr[$c]}")
+      [ -n "${metrics[$c]:-}" ] && cmd+=(--metrics "${metrics[$c]}")
+      if ! o=$(timeout 300 "${cmd[@]}" 2>>"$log"); then
+        echo "$c n=$n round=$r: FAILED: ${cmd[*]}: $o" >>"$log"
+        echo >&2
+        echo "bench-pairs: $c with $n pairs (round $r) failed: ${cmd[*]}" >&2
+        grep -v '^[^ ]*: ' "$log" | tail -5 >&2 || true
+        echo "bench-pairs: full log: $log" >&2
+        exit 1
+      fi
+      echo "$c n=$n round=$r: $o" >>"$log"
+      for m in gbps cpu_s_per_gib softirq_s_per_gib pair_gbps_min pair_gbps_max; do
+        record "$c" "$n" "$m" "$(field $m <<<"$o")" "$r"
+      done
+      p=$(field paths <<<"$o")
+      if [ -n "$p" ] && [ "$p" != none ]; then
+        IFS=, read -r -a kv <<<"$p"
+        for x in "${kv[@]}"; do record "$c" "$n" "path:${x%%:*}" "${x##*:}" "$r"; done
+      fi
+    done
+  done
+done
+echo >&2
+cleanup
+
+cat >"$out/pairs-meta.env" <<EOF
+date=$(date -u '+%Y-%m-%d %H:%M UTC')
+git=$(git -C "$here/.." rev-parse --short HEAD 2>/dev/null || echo "packed build")
+rounds=$rounds
+pairs=$pairs
+bytes_h=$(( bytes >> 20 )) MiB
+cpus=$(nproc)
+cpu_model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
+mem=$(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)
+kernel=$(uname -r)
+haproxy=${haproxy_version:-not run}
+autogroup=$(cat /proc/sys/kernel/sched_autogroup_enabled 2>/dev/null || echo '?')
+load=$load_before -> $(cut -d' ' -f1-3 /proc/loadavg)
+minutes=$(( ($(date +%s) - t0 + 59) / 60 ))
+EOF
+echo "bench-pairs: done in $(( $(date +%s) - t0 )) s; results in $results" >&2
