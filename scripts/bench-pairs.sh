@@ -13,7 +13,9 @@
 # Each measurement sends --bytes in all (bytes/N per pair); the receivers hold every byte until
 # the clock stops, then sha256 each pair: --bytes is also the memory a measurement needs.
 # skrelay runs with --metrics, and each measurement reads skrelay_pair_paths_total: which path
-# (kernel, kernel after a splice(2) start, splice(2)) carried each pair.
+# (kernel, kernel after a splice(2) start, splice(2)) carried each pair. CPU is counted machine-wide
+# (cpu_s_per_gib) and, for a shared machine, without the CPU time of every process but the bench,
+# the daemon and the kernel's threads (own_cpu_s_per_gib; others_cpu_s says how much was taken out).
 #
 # Output in DIR (default a new /tmp/skrelay-pairs.XXXXXX): pairs.tsv (contender N metric value
 # round), pairs-meta.env, pairs.log, one log per daemon. scripts/bench.sh --pairs-from DIR turns it
@@ -141,7 +143,7 @@ echo "bench-pairs: logs and raw results in $out" >&2
 
 # --- daemons -----------------------------------------------------------------------------------
 upstream=127.0.0.1:17200
-declare -A addr via metrics
+declare -A addr via metrics pid
 daemons=()
 cleanup() {
   for p in "${daemons[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -165,7 +167,7 @@ start() { # name port via metrics-port cmd...
   daemons+=("$p")
   for _ in $(seq 100); do
     if listening "$port"; then
-      addr[$name]=127.0.0.1:$port; via[$name]=$kind
+      addr[$name]=127.0.0.1:$port; via[$name]=$kind; pid[$name]=$p
       [ "$mport" = - ] || metrics[$name]=127.0.0.1:$mport
       return 0
     fi
@@ -226,6 +228,7 @@ for r in $(seq "$rounds"); do
       cmd=("$bench" bulk-pairs --pairs "$n" --bytes "$bytes" --via "${via[$c]}" --upstream $upstream)
       [ -n "${addr[$c]:-}" ] && cmd+=(--addr "${addr[$c]}")
       [ -n "${metrics[$c]:-}" ] && cmd+=(--metrics "${metrics[$c]}")
+      [ -n "${pid[$c]:-}" ] && cmd+=(--own-pid "${pid[$c]}")
       if ! o=$(timeout 300 "${cmd[@]}" 2>>"$log"); then
         echo "$c n=$n round=$r: FAILED: ${cmd[*]}: $o" >>"$log"
         echo >&2
@@ -235,7 +238,7 @@ for r in $(seq "$rounds"); do
         exit 1
       fi
       echo "$c n=$n round=$r: $o" >>"$log"
-      for m in gbps cpu_s_per_gib softirq_s_per_gib pair_gbps_min pair_gbps_max; do
+      for m in gbps cpu_s_per_gib own_cpu_s_per_gib others_cpu_s softirq_s_per_gib pair_gbps_min pair_gbps_max; do
         record "$c" "$n" "$m" "$(field $m <<<"$o")" "$r"
       done
       p=$(field paths <<<"$o")

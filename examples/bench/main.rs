@@ -6,9 +6,11 @@
 //! order pairing makes the 1st and 2nd connection a pair) or a proxy-like contender (the client
 //! connects to it and it connects to the server, which listens on `--upstream`). Each measuring
 //! subcommand prints one line of `key=value` figures on stdout for bench.sh to collect.
+mod pairs_report;
 mod report;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use pairs_report::PairsReportArgs;
 use report::ReportArgs;
 use sha2::{Digest, Sha256};
 use std::{
@@ -49,6 +51,8 @@ enum Cmd {
     IdleWorker(WorkerArgs),
     /// Turn bench.sh's results into BENCHMARKS.md and the chart's data.
     Report(ReportArgs),
+    /// Turn scripts/bench-pairs.sh's results into BENCHMARKS.md's concurrency section and chart data.
+    ReportPairs(PairsReportArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -108,6 +112,11 @@ struct BulkPairsArgs {
     /// before and after, wait until every pair has ended there, and print which path took each.
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// The relay's or proxy's process: with this process and the kernel's threads, what the
+    /// run itself costs. Every other process's CPU time in the window is printed as
+    /// others_cpu_s and taken out of own_cpu_s_per_gib (a shared machine's noise).
+    #[arg(long)]
+    own_pid: Vec<u32>,
 }
 
 #[derive(Args)]
@@ -163,6 +172,7 @@ fn main() {
         Cmd::IdlePairs(a) => idle_pairs(a),
         Cmd::IdleWorker(a) => idle_worker(a),
         Cmd::Report(a) => report::report(a),
+        Cmd::ReportPairs(a) => pairs_report::report(a),
     };
     if let Err(e) = result {
         eprintln!("bench: {e}");
@@ -262,6 +272,32 @@ fn per_cpu_busy() -> Vec<f64> {
         .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
         .map(|l| cpu_line_secs(l).0)
         .collect()
+}
+
+/// CPU seconds of every user-space process except `own` (and this one), with the time of the
+/// children each has reaped: a process that ends inside the window still counts, in its parent.
+fn others_cpu(own: &[u32]) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let me = std::process::id();
+    let mut ticks = 0u64;
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        if pid == me || own.contains(&pid) {
+            continue;
+        }
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // After the comm's closing parenthesis: state ppid ... flags(9) ... utime(14) stime(15) cutime cstime.
+        let Some((_, rest)) = stat.rsplit_once(") ") else { continue };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let num = |i: usize| f.get(i - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        const PF_KTHREAD: u64 = 0x0020_0000;
+        if num(9) & PF_KTHREAD != 0 {
+            continue; // kworkers and ksoftirqd: the kernel datapath's own work runs there
+        }
+        ticks += num(14) + num(15) + num(16) + num(17);
+    }
+    ticks as f64 / hz
 }
 
 fn status_kib(pid: u32, key: &str) -> io::Result<u64> {
@@ -552,7 +588,8 @@ fn bulk_pairs(a: BulkPairsArgs) -> io::Result<()> {
     let start = Arc::new(Barrier::new(2 * n + 1));
     // The receiver that gets the last expected byte of all stops the machine's CPU clock.
     let left = Arc::new(AtomicU64::new(n as u64));
-    let last = Arc::new(std::sync::Mutex::new(None::<(Instant, (f64, f64), Vec<f64>)>));
+    let last = Arc::new(std::sync::Mutex::new(None::<(Instant, (f64, f64), Vec<f64>, f64)>));
+    let own = Arc::new(a.own_pid.clone());
     let mut senders = Vec::with_capacity(n);
     let mut receivers = Vec::with_capacity(n);
     for (i, (client, server)) in ends.into_iter().enumerate() {
@@ -569,7 +606,7 @@ fn bulk_pairs(a: BulkPairsArgs) -> io::Result<()> {
             client.shutdown(Shutdown::Write)?;
             Ok(())
         }));
-        let (start2, left, last) = (start.clone(), left.clone(), last.clone());
+        let (start2, left, last, own) = (start.clone(), left.clone(), last.clone(), own.clone());
         receivers.push(thread::spawn(move || -> io::Result<PairReceived> {
             start2.wait();
             let mut got = 0;
@@ -581,7 +618,8 @@ fn bulk_pairs(a: BulkPairsArgs) -> io::Result<()> {
             }
             let end = Instant::now();
             if left.fetch_sub(1, Ordering::AcqRel) == 1 {
-                *last.lock().unwrap_or_else(|e| e.into_inner()) = Some((end, machine_cpu(), per_cpu_busy()));
+                *last.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((end, machine_cpu(), per_cpu_busy(), others_cpu(&own)));
             }
             // Anything after the expected bytes (there must be nothing) and then end of file.
             server.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -596,7 +634,7 @@ fn bulk_pairs(a: BulkPairsArgs) -> io::Result<()> {
             Ok(PairReceived { buf, got, end, extra })
         }));
     }
-    let (cpu0, cpus0) = (machine_cpu(), per_cpu_busy());
+    let (others0, cpu0, cpus0) = (others_cpu(&own), machine_cpu(), per_cpu_busy());
     let t0 = Instant::now();
     start.wait();
     let mut received = Vec::with_capacity(n);
@@ -615,7 +653,7 @@ fn bulk_pairs(a: BulkPairsArgs) -> io::Result<()> {
     if !failed.is_empty() {
         return Err(io::Error::other(failed.join("; ")));
     }
-    let (t1, cpu1, cpus1) =
+    let (t1, cpu1, cpus1, others1) =
         last.lock().unwrap_or_else(|e| e.into_inner()).take().ok_or_else(|| io::Error::other("no receiver ended"))?;
     let secs = (t1 - t0).as_secs_f64();
     // The clock has stopped: check every pair's bytes, the pairs spread over the CPUs.
@@ -669,11 +707,13 @@ fn bulk_pairs(a: BulkPairsArgs) -> io::Result<()> {
     };
     let gib = total as f64 / (1u64 << 30) as f64;
     println!(
-        "bulk-pairs pairs={n} bytes={total} secs={secs:.4} gbps={:.2} cpu_s={:.3} cpu_s_per_gib={:.3} softirq_s_per_gib={:.3} pair_gbps_min={:.2} pair_gbps_max={:.2} busy_per_cpu={}{} sha256={}",
+        "bulk-pairs pairs={n} bytes={total} secs={secs:.4} gbps={:.2} cpu_s={:.3} cpu_s_per_gib={:.3} softirq_s_per_gib={:.3} others_cpu_s={:.3} own_cpu_s_per_gib={:.3} pair_gbps_min={:.2} pair_gbps_max={:.2} busy_per_cpu={}{} sha256={}",
         total as f64 * 8.0 / secs / 1e9,
         cpu1.0 - cpu0.0,
         (cpu1.0 - cpu0.0) / gib,
         (cpu1.1 - cpu0.1) / gib,
+        others1 - others0,
+        ((cpu1.0 - cpu0.0) - (others1 - others0)) / gib,
         rates.iter().copied().fold(f64::INFINITY, f64::min),
         rates.iter().copied().fold(0.0, f64::max),
         cpus1.iter().zip(&cpus0).map(|(b, a)| format!("{:.0}%", 100.0 * (b - a) / secs)).collect::<Vec<_>>().join(","),
