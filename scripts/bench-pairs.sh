@@ -4,6 +4,7 @@
 #
 #   scripts/bench-pairs.sh [--pairs 1,4,16,64] [--rounds 3] [--bytes 1G] [--out DIR]
 #                          [--contenders a,b,...] [--skrelay BIN] [--bench BIN] [--haproxy CMD]
+#                          [--settle SECS]
 #   scripts/bench-pairs.sh --pack DIR     bundle binaries + HAProxy for a bare machine (see below)
 #
 # Contenders: direct (loopback, the limit); relay-kernel, relay-kernel-after0, relay-userspace;
@@ -16,6 +17,9 @@
 # (kernel, kernel after a splice(2) start, splice(2)) carried each pair. CPU is counted machine-wide
 # (cpu_s_per_gib) and, for a shared machine, without the CPU time of every process but the bench,
 # the daemon and the kernel's threads (own_cpu_s_per_gib; others_cpu_s says how much was taken out).
+#
+# --settle SECS (for a shared machine): before each measurement wait, up to SECS, for a moment in
+# which the rest of the machine is busy less than 20% of one CPU over half a second.
 #
 # Output in DIR (default a new /tmp/skrelay-pairs.XXXXXX): pairs.tsv (contender N metric value
 # round), pairs-meta.env, pairs.log, one log per daemon. scripts/bench.sh --pairs-from DIR turns it
@@ -41,10 +45,11 @@ sk=""
 bench=""
 haproxy_cmd=""
 pack=""
+settle=0
 die() { echo "bench-pairs: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --pairs|--rounds|--bytes|--out|--contenders|--skrelay|--bench|--haproxy|--pack)
+    --pairs|--rounds|--bytes|--out|--contenders|--skrelay|--bench|--haproxy|--pack|--settle)
       [ $# -ge 2 ] || die "$1 needs a value (try --help)" ;;
   esac
   case "$1" in
@@ -57,7 +62,8 @@ while [ $# -gt 0 ]; do
     --bench) bench="$2"; shift ;;
     --haproxy) haproxy_cmd="$2"; shift ;;
     --pack) pack="$2"; shift ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    --settle) settle="$2"; shift ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (try --help)" ;;
   esac
   shift
@@ -115,6 +121,7 @@ for n in "${ns[@]}"; do
   case "$n" in ''|*[!0-9]*|0) die "--pairs takes a list of counts like 1,4,16,64, not $pairs" ;; esac
 done
 case "$rounds" in ''|*[!0-9]*|0) die "--rounds takes a count, not $rounds" ;; esac
+case "$settle" in ''|*[!0-9]*) die "--settle takes whole seconds, not $settle" ;; esac
 
 all=(direct relay-kernel relay-kernel-after0 relay-userspace proxy-kernel proxy-kernel-after0 proxy-userspace haproxy-threads)
 if [ -n "$only" ]; then
@@ -213,6 +220,19 @@ EOF
 done
 
 # --- measuring ---------------------------------------------------------------------------------
+busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat; }
+hz=$(getconf CLK_TCK 2>/dev/null || echo 100)
+settled=0; unsettled=0
+settle_down() { # wait up to $settle s for half a second with the machine < 20% of a CPU busy
+  [ "$settle" -gt 0 ] || return 0
+  local deadline=$(( $(date +%s) + settle )) a b
+  while :; do
+    a=$(busy_ticks); sleep 0.5; b=$(busy_ticks)
+    if [ $(( (b - a) * 100 * 2 )) -lt $(( 20 * hz )) ]; then settled=$((settled + 1)); return 0; fi
+    if [ "$(date +%s)" -ge "$deadline" ]; then unsettled=$((unsettled + 1)); return 0; fi
+  done
+}
+
 field() { sed -n "s/.*[ ]$1=\([^ ]*\).*/\1/p"; }
 record() { printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" >>"$results"; }
 
@@ -225,6 +245,7 @@ for r in $(seq "$rounds"); do
       step=$((step + 1))
       el=$(( $(date +%s) - t0 ))
       printf '\r\033[K[%d/%d %dm%02ds] round %d, %d pairs, %s' "$step" "$total" $((el / 60)) $((el % 60)) "$r" "$n" "$c" >&2
+      settle_down
       cmd=("$bench" bulk-pairs --pairs "$n" --bytes "$bytes" --via "${via[$c]}" --upstream $upstream)
       [ -n "${addr[$c]:-}" ] && cmd+=(--addr "${addr[$c]}")
       [ -n "${metrics[$c]:-}" ] && cmd+=(--metrics "${metrics[$c]}")
@@ -266,5 +287,6 @@ haproxy=${haproxy_version:-not run}
 autogroup=$(cat /proc/sys/kernel/sched_autogroup_enabled 2>/dev/null || echo '?')
 load=$load_before -> $(cut -d' ' -f1-3 /proc/loadavg)
 minutes=$(( ($(date +%s) - t0 + 59) / 60 ))
+settle=$([ "$settle" -gt 0 ] && echo "up to $settle s before each measurement: $settled found the machine quiet, $unsettled did not" || echo off)
 EOF
 echo "bench-pairs: done in $(( $(date +%s) - t0 )) s; results in $results" >&2
