@@ -4,7 +4,7 @@
 #
 #   scripts/bench-pairs.sh [--pairs 1,4,16,64] [--rounds 3] [--bytes 1G] [--out DIR]
 #                          [--contenders a,b,...] [--skrelay BIN] [--bench BIN] [--haproxy CMD]
-#                          [--settle SECS]
+#                          [--settle SECS] [--pair-bytes-max BYTES]
 #   scripts/bench-pairs.sh --pack DIR     bundle binaries + HAProxy for a bare machine (see below)
 #
 # Contenders: direct (loopback, the limit); relay-kernel, relay-kernel-after0, relay-userspace;
@@ -13,6 +13,8 @@
 # Rounds interleave them (for each N: A B C ...), so drift hits all; the report takes medians.
 # Each measurement sends --bytes in all (bytes/N per pair); the receivers hold every byte until
 # the clock stops, then sha256 each pair: --bytes is also the memory a measurement needs.
+# --pair-bytes-max caps what one pair sends (a measurement then sends less than --bytes at small
+# N): on a fast machine, one pair's 8 GiB would take longer to hash than to send.
 # skrelay runs with --metrics, and each measurement reads skrelay_pair_paths_total: which path
 # (kernel, kernel after a splice(2) start, splice(2)) carried each pair. CPU is counted machine-wide
 # (cpu_s_per_gib) and, for a shared machine, without the CPU time of every process but the bench,
@@ -30,9 +32,11 @@
 # Needs: Linux with BPF (root) for skrelay's kernel datapath; bash, coreutils, awk, timeout. No
 # compiler, no network, no ss: listening is read from /proc/net/tcp. On a bare machine: here run
 # `scripts/bench-pairs.sh --pack DIR` (builds release skrelay and bench, copies them, this script
-# and the haproxy binary with its shared libraries and loader), carry DIR over, and there run
-# `DIR/bench-pairs.sh --out DIR/out --bytes 8G` (as root); bring DIR/out back and run
-# `scripts/bench.sh --pairs-from DIR/out` here.
+# and the haproxy binary with its shared libraries and loader; about 25 MiB), carry DIR over, and
+# there run (as root) `DIR/bench-pairs.sh --out OUT --bytes 8G --pair-bytes-max 2G --rounds 2`
+# (16 cores: about 5 minutes, 8 GiB of memory); bring OUT back and run
+# `scripts/bench.sh --pairs-from OUT` here. skrelay and bench need the bare machine's libc (same
+# distribution); HAProxy runs on the carried loader and libraries (DIR/haproxy.sh).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 
@@ -46,10 +50,11 @@ bench=""
 haproxy_cmd=""
 pack=""
 settle=0
+pair_max=""
 die() { echo "bench-pairs: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --pairs|--rounds|--bytes|--out|--contenders|--skrelay|--bench|--haproxy|--pack|--settle)
+    --pairs|--rounds|--bytes|--out|--contenders|--skrelay|--bench|--haproxy|--pack|--settle|--pair-bytes-max)
       [ $# -ge 2 ] || die "$1 needs a value (try --help)" ;;
   esac
   case "$1" in
@@ -63,6 +68,7 @@ while [ $# -gt 0 ]; do
     --haproxy) haproxy_cmd="$2"; shift ;;
     --pack) pack="$2"; shift ;;
     --settle) settle="$2"; shift ;;
+    --pair-bytes-max) pair_max="$2"; shift ;;
     -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (try --help)" ;;
   esac
@@ -88,7 +94,8 @@ exec "\$d/lib/$(basename "$loader")" --library-path "\$d/lib" "\$d/haproxy" "\$@
 EOF
   chmod +x "$pack/haproxy.sh"
   echo "bench-pairs: packed into $pack ($(du -sh "$pack" | cut -f1)); run there as root:" >&2
-  echo "  $pack/bench-pairs.sh --out $pack/out --bytes 8G" >&2
+  echo "  $pack/bench-pairs.sh --out OUT --bytes 8G --pair-bytes-max 2G --rounds 2" >&2
+  echo "then here: scripts/bench.sh --pairs-from OUT" >&2
   exit 0
 fi
 
@@ -107,12 +114,17 @@ fi
 [ -x "$bench" ] || die "no bench binary at $bench (cargo build --release --example bench, or --bench BIN)"
 for t in timeout awk nproc; do command -v "$t" >/dev/null || die "$t is missing (coreutils/gawk; scripts/setup.sh --bench)"; done
 
-case "$bytes" in
-  *[Gg]) bytes=$(( ${bytes%[Gg]} << 30 )) ;;
-  *[Mm]) bytes=$(( ${bytes%[Mm]} << 20 )) ;;
-  *[Kk]) bytes=$(( ${bytes%[Kk]} << 10 )) ;;
-  ''|*[!0-9]*) die "--bytes takes a number with an optional K, M or G suffix, not $bytes" ;;
-esac
+size() { # option value: bytes, with an optional K, M or G suffix
+  case "$2" in
+    [0-9]*[Gg]) echo $(( ${2%[Gg]} << 30 )) ;;
+    [0-9]*[Mm]) echo $(( ${2%[Mm]} << 20 )) ;;
+    [0-9]*[Kk]) echo $(( ${2%[Kk]} << 10 )) ;;
+    ''|*[!0-9]*) die "$1 takes a number with an optional K, M or G suffix, not $2" ;;
+    *) echo "$2" ;;
+  esac
+}
+bytes=$(size --bytes "$bytes")
+pair_max=$(size --pair-bytes-max "${pair_max:-$bytes}")
 avail_kib=$(awk '/MemAvailable/ {print $2}' /proc/meminfo)
 [ $(( bytes >> 10 )) -lt $(( avail_kib / 2 )) ] ||
   die "--bytes $bytes needs that much memory for the receivers; only $(( avail_kib >> 10 )) MiB available (use a smaller --bytes)"
@@ -246,15 +258,20 @@ for r in $(seq "$rounds"); do
       el=$(( $(date +%s) - t0 ))
       printf '\r\033[K[%d/%d %dm%02ds] round %d, %d pairs, %s' "$step" "$total" $((el / 60)) $((el % 60)) "$r" "$n" "$c" >&2
       settle_down
-      cmd=("$bench" bulk-pairs --pairs "$n" --bytes "$bytes" --via "${via[$c]}" --upstream $upstream)
+      b=$(( pair_max * n < bytes ? pair_max * n : bytes ))
+      cmd=("$bench" bulk-pairs --pairs "$n" --bytes "$b" --via "${via[$c]}" --upstream $upstream)
       [ -n "${addr[$c]:-}" ] && cmd+=(--addr "${addr[$c]}")
       [ -n "${metrics[$c]:-}" ] && cmd+=(--metrics "${metrics[$c]}")
       [ -n "${pid[$c]:-}" ] && cmd+=(--own-pid "${pid[$c]}")
-      if ! o=$(timeout 300 "${cmd[@]}" 2>>"$log"); then
-        echo "$c n=$n round=$r: FAILED: ${cmd[*]}: $o" >>"$log"
+      rc=0
+      o=$(timeout 300 "${cmd[@]}" 2>"$out/last.err") || rc=$?
+      cat "$out/last.err" >>"$log"
+      if [ "$rc" != 0 ]; then
+        echo "$c n=$n round=$r: FAILED (exit $rc$([ "$rc" = 124 ] && echo ', timed out after 300 s')): ${cmd[*]}: $o" >>"$log"
         echo >&2
-        echo "bench-pairs: $c with $n pairs (round $r) failed: ${cmd[*]}" >&2
-        grep -v '^[^ ]*: ' "$log" | tail -5 >&2 || true
+        echo "bench-pairs: $c with $n pairs (round $r) failed (exit $rc): ${cmd[*]}" >&2
+        [ -n "$o" ] && echo "$o" >&2
+        tail -5 "$out/last.err" >&2
         echo "bench-pairs: full log: $log" >&2
         exit 1
       fi
@@ -278,7 +295,7 @@ date=$(date -u '+%Y-%m-%d %H:%M UTC')
 git=$(git -C "$here/.." rev-parse --short HEAD 2>/dev/null || echo "packed build")
 rounds=$rounds
 pairs=$pairs
-bytes_h=$(( bytes >> 20 )) MiB
+bytes_h=$(( bytes >> 20 )) MiB$([ "$pair_max" -lt "$bytes" ] && echo " (at most $(( pair_max >> 20 )) MiB per pair)")
 cpus=$(nproc)
 cpu_model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
 mem=$(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)

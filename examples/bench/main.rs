@@ -593,10 +593,6 @@ fn bulk_pairs(a: BulkPairsArgs) -> io::Result<()> {
     let mut senders = Vec::with_capacity(n);
     let mut receivers = Vec::with_capacity(n);
     for (i, (client, server)) in ends.into_iter().enumerate() {
-        let mut buf = vec![0u8; per];
-        for j in (0..per).step_by(4096) {
-            buf[j] = 1; // fault the pages in before the clock starts
-        }
         let (start2, pat) = (start.clone(), pat.clone());
         senders.push(thread::spawn(move || -> io::Result<()> {
             start2.wait();
@@ -608,6 +604,10 @@ fn bulk_pairs(a: BulkPairsArgs) -> io::Result<()> {
         }));
         let (start2, left, last, own) = (start.clone(), left.clone(), last.clone(), own.clone());
         receivers.push(thread::spawn(move || -> io::Result<PairReceived> {
+            let mut buf = vec![0u8; per];
+            for j in (0..per).step_by(4096) {
+                buf[j] = 1; // fault the pages in before the clock starts (each thread its own)
+            }
             start2.wait();
             let mut got = 0;
             while got < per {
