@@ -4,7 +4,7 @@
 #
 #   scripts/bench-pairs.sh [--pairs 1,4,16,64] [--rounds 3] [--bytes 1G] [--out DIR]
 #                          [--contenders a,b,...] [--skrelay BIN] [--bench BIN] [--haproxy CMD]
-#                          [--settle SECS] [--pair-bytes-max BYTES]
+#                          [--settle SECS] [--pair-bytes-max BYTES] [--timeout SECS]
 #   scripts/bench-pairs.sh --pack DIR     bundle binaries + HAProxy for a bare machine (see below)
 #
 # Contenders: direct (loopback, the limit); relay-kernel, relay-kernel-after0, relay-userspace;
@@ -20,6 +20,7 @@
 # (cpu_s_per_gib) and, for a shared machine, without the CPU time of every process but the bench,
 # the daemon and the kernel's threads (own_cpu_s_per_gib; others_cpu_s says how much was taken out).
 #
+# --timeout SECS (default 120): a measurement still running then has stalled; the run stops.
 # --settle SECS (for a shared machine): before each measurement wait, up to SECS, for a moment in
 # which the rest of the machine is busy less than 20% of one CPU over half a second.
 #
@@ -51,10 +52,11 @@ haproxy_cmd=""
 pack=""
 settle=0
 pair_max=""
+limit=120
 die() { echo "bench-pairs: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --pairs|--rounds|--bytes|--out|--contenders|--skrelay|--bench|--haproxy|--pack|--settle|--pair-bytes-max)
+    --pairs|--rounds|--bytes|--out|--contenders|--skrelay|--bench|--haproxy|--pack|--settle|--pair-bytes-max|--timeout)
       [ $# -ge 2 ] || die "$1 needs a value (try --help)" ;;
   esac
   case "$1" in
@@ -69,7 +71,8 @@ while [ $# -gt 0 ]; do
     --pack) pack="$2"; shift ;;
     --settle) settle="$2"; shift ;;
     --pair-bytes-max) pair_max="$2"; shift ;;
-    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+    --timeout) limit="$2"; shift ;;
+    -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (try --help)" ;;
   esac
   shift
@@ -134,6 +137,7 @@ for n in "${ns[@]}"; do
 done
 case "$rounds" in ''|*[!0-9]*|0) die "--rounds takes a count, not $rounds" ;; esac
 case "$settle" in ''|*[!0-9]*) die "--settle takes whole seconds, not $settle" ;; esac
+case "$limit" in ''|*[!0-9]*|0) die "--timeout takes whole seconds, not $limit" ;; esac
 
 all=(direct relay-kernel relay-kernel-after0 relay-userspace proxy-kernel proxy-kernel-after0 proxy-userspace haproxy-threads)
 if [ -n "$only" ]; then
@@ -264,10 +268,10 @@ for r in $(seq "$rounds"); do
       [ -n "${metrics[$c]:-}" ] && cmd+=(--metrics "${metrics[$c]}")
       [ -n "${pid[$c]:-}" ] && cmd+=(--own-pid "${pid[$c]}")
       rc=0
-      o=$(timeout 300 "${cmd[@]}" 2>"$out/last.err") || rc=$?
+      o=$(timeout "$limit" "${cmd[@]}" 2>"$out/last.err") || rc=$?
       cat "$out/last.err" >>"$log"
       if [ "$rc" != 0 ]; then
-        echo "$c n=$n round=$r: FAILED (exit $rc$([ "$rc" = 124 ] && echo ', timed out after 300 s')): ${cmd[*]}: $o" >>"$log"
+        echo "$c n=$n round=$r: FAILED (exit $rc$([ "$rc" = 124 ] && echo ", stalled: still running after $limit s (--timeout)")): ${cmd[*]}: $o" >>"$log"
         echo >&2
         echo "bench-pairs: $c with $n pairs (round $r) failed (exit $rc): ${cmd[*]}" >&2
         [ -n "$o" ] && echo "$o" >&2
