@@ -4,21 +4,40 @@
 #   scripts/bench.sh           full run, about 10 minutes on a 2-core machine
 #   scripts/bench.sh --quick   smoke run, 1-2 minutes (smaller transfers, fewer round trips)
 #   scripts/bench.sh --note "text"   adds a note under the header (e.g. "busy machine")
+#   scripts/bench.sh --pairs 1,4,16,64   also the concurrency axis (scripts/bench-pairs.sh: N
+#                              concurrent bulk pairs; full: 3 rounds of 1 GiB, about 6 minutes more
+#                              on 2 cores; quick: 2 rounds of 256 MiB), written to its own section of
+#                              BENCHMARKS.md and BENCHMARKS-pairs-<CPUs>cpu.svg
+#   scripts/bench.sh --pairs-only 1,4,16,64   only the concurrency axis (the rest of BENCHMARKS.md stays)
+#   scripts/bench.sh --pairs-from DIR   only the report of a scripts/bench-pairs.sh run (e.g. from a
+#                              bare machine, see scripts/bench-pairs.sh --help)
 #
 # Contenders run interleaved (A B C A B C) so drift hits all of them; the report takes medians.
 # skrelay proxy and skrelay accel are measured when this build has them (`--help` succeeds).
-# Not part of cargo test or CI. Needs root (BPF, taskset of other processes, apt-get).
+# A contender that cannot start or a measurement that fails (a sha256 mismatch included) stops the
+# run with a message and exit status 1. Not part of cargo test or CI. Needs root (BPF, taskset of
+# other processes) and the tools scripts/setup.sh --bench installs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
 mode=full
 note=""
+pairs=""
+pairs_only=no
+pairs_from=""
 while [ $# -gt 0 ]; do
+  case "$1" in
+    --note|--pairs|--pairs-only|--pairs-from)
+      [ $# -ge 2 ] || { echo "bench.sh: $1 needs a value (try --help)" >&2; exit 2; } ;;
+  esac
   case "$1" in
     --quick) mode=quick ;;
     --note) note="$2"; shift ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    --pairs) pairs="$2"; shift ;;
+    --pairs-only) pairs="$2"; pairs_only=yes; shift ;;
+    --pairs-from) pairs_from="$2"; shift ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -26,26 +45,56 @@ done
 
 if [ "$mode" = quick ]; then
   runs=3; bulk_bytes=$((256 << 20)); round_trips=5000; warmup=1000; conn_secs=1; idle_runs=1; idle_pairs=1000
+  pairs_rounds=2; pairs_bytes=256M
 else
   runs=5; bulk_bytes=$((1 << 30)); round_trips=20000; warmup=2000; conn_secs=3; idle_runs=3; idle_pairs=10000
+  pairs_rounds=3; pairs_bytes=1G
 fi
 conn_clients=2
 
+# The concurrency axis's report: its section of BENCHMARKS.md and its chart.
+pairs_report() { # dir
+  local d=$1 cpus chart
+  [ -s "$d/pairs.tsv" ] && [ -s "$d/pairs-meta.env" ] ||
+    { echo "bench.sh: $d has no pairs.tsv / pairs-meta.env of scripts/bench-pairs.sh" >&2; exit 2; }
+  [ -n "$note" ] && echo "note=$note" >>"$d/pairs-meta.env"
+  cpus=$(sed -n 's/^cpus=//p' "$d/pairs-meta.env")
+  chart="BENCHMARKS-pairs-${cpus}cpu.svg"
+  "$bench" report-pairs --results "$d/pairs.tsv" --meta "$d/pairs-meta.env" --out BENCHMARKS.md \
+    --chart-data "$d/pairs-chart.dat" --chart "$chart"
+  gnuplot -e "datafile='$d/pairs-chart.dat'; outfile='$chart'; subtitle='$(sed -n 's/^date=//p' "$d/pairs-meta.env"), Linux $(sed -n 's/^kernel=//p' "$d/pairs-meta.env"), $cpus CPUs'" scripts/bench-pairs.gp
+  echo "bench: wrote the $cpus-CPU concurrency section of BENCHMARKS.md and $chart" >&2
+}
+
 # --- tools -------------------------------------------------------------------------------------
 need=()
-command -v gnuplot >/dev/null || need+=(gnuplot-nox)
-command -v haproxy >/dev/null || need+=(haproxy)
-command -v socat >/dev/null || need+=(socat)
-command -v taskset >/dev/null || need+=(util-linux)
+command -v gnuplot >/dev/null || need+=(gnuplot)
+command -v cargo >/dev/null || need+=(cargo)
+if [ -z "$pairs_from" ]; then
+  command -v haproxy >/dev/null || need+=(haproxy)
+  command -v taskset >/dev/null || need+=(taskset)
+  [ "$pairs_only" = yes ] || command -v socat >/dev/null || need+=(socat)
+fi
 if [ "${#need[@]}" -gt 0 ]; then
-  echo "bench: installing ${need[*]}" >&2
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  echo "bench: ${need[*]} missing: run scripts/setup.sh --bench (cargo: https://rustup.rs)" >&2
+  exit 2
 fi
 echo "bench: building (release)" >&2
 cargo build --release --quiet --bin skrelay --example bench
 sk="$root/target/release/skrelay"
 bench="$root/target/release/examples/bench"
+
+if [ -n "$pairs_from" ]; then
+  pairs_report "$pairs_from"
+  exit 0
+fi
+if [ "$pairs_only" = yes ]; then
+  d=$(mktemp -d /tmp/skrelay-pairs.XXXXXX)
+  scripts/bench-pairs.sh --pairs "$pairs" --rounds "$pairs_rounds" --bytes "$pairs_bytes" --out "$d" \
+    --skrelay "$sk" --bench "$bench"
+  pairs_report "$d"
+  exit 0
+fi
 
 work=$(mktemp -d /tmp/skrelay-bench.XXXXXX)
 results="$work/results.tsv"
@@ -85,7 +134,8 @@ start() { # name port via cmd...
   if wait_listening "$name" "$port"; then
     contenders+=("$name"); addr[$name]=127.0.0.1:$port; pid[$name]=$p; via[$name]=$kind
   else
-    kill "$p" 2>/dev/null || true
+    echo "bench: $name cannot run: $(tail -3 "$work/$name.log")" >&2
+    exit 1
   fi
 }
 
@@ -167,6 +217,10 @@ measure() {
     echo "$out"
   else
     echo "$c $what: FAILED: ${cmd[*]}" >>"$log"
+    echo >&2
+    echo "bench: $c $what failed: ${cmd[*]}" >&2
+    grep -v '^[^ ]* [^ ]*: ' "$log" | tail -5 >&2 || true
+    echo "bench: full log: $log" >&2
     return 1
   fi
 }
@@ -190,6 +244,8 @@ for r in $(seq "$runs"); do
       record "$c" gbps "$(field gbps <<<"$out")"
       record "$c" cpu_s_per_gib "$(field cpu_s_per_gib <<<"$out")"
       record "$c" softirq_s_per_gib "$(field softirq_s_per_gib <<<"$out")"
+    else
+      exit 1 # measure said why
     fi
   done
 done
@@ -199,6 +255,8 @@ for r in $(seq "$runs"); do
     if out=$(measure "$c" unpinned pingpong --round-trips "$round_trips" --warmup "$warmup"); then
       record "$c" unpinned_p50_us "$(field p50_us <<<"$out")"
       record "$c" unpinned_p99_us "$(field p99_us <<<"$out")"
+    else
+      exit 1 # measure said why
     fi
   done
 done
@@ -209,6 +267,8 @@ for r in $(seq "$runs"); do
     if out=$(measure "$c" pinned pingpong --round-trips "$round_trips" --warmup "$warmup"); then
       record "$c" pinned_p50_us "$(field p50_us <<<"$out")"
       record "$c" pinned_p99_us "$(field p99_us <<<"$out")"
+    else
+      exit 1 # measure said why
     fi
     pin "$c" "0-$(( $(nproc) - 1 ))"
   done
@@ -218,6 +278,8 @@ for r in $(seq "$runs"); do
     step=$((step + 1)); progress "connections/s $c (run $r/$runs)"
     if out=$(measure "$c" connect connect-rate --secs "$conn_secs" --clients "$conn_clients"); then
       record "$c" conn_per_sec "$(field per_sec <<<"$out")"
+    else
+      exit 1 # measure said why
     fi
   done
 done
@@ -237,6 +299,8 @@ for r in $(seq "$idle_runs"); do
       record "$c" idle_bytes_per_pair "$(field bytes_per_pair <<<"$out")"
       record "$c" idle_slab_bytes_per_pair "$(field kernel_slab_bytes_per_pair <<<"$out")"
       record "$c" idle_pairs_held "$(field held <<<"$out")"
+    else
+      exit 1 # measure said why
     fi
     sleep 1 # let the daemon close the previous pairs
   done
@@ -269,3 +333,8 @@ EOF
 "$bench" report --results "$results" --meta "$work/meta.env" --out BENCHMARKS.md --chart-data "$work/chart.dat"
 gnuplot -e "datafile='$work/chart.dat'; outfile='BENCHMARKS.png'; subtitle='$mode run, $(date -u +%Y-%m-%d), Linux $(uname -r), $(nproc) vCPUs'" scripts/bench.gp
 echo "bench: wrote BENCHMARKS.md and BENCHMARKS.png ($failures failed measurement(s); log: $log)" >&2
+if [ -n "$pairs" ]; then
+  scripts/bench-pairs.sh --pairs "$pairs" --rounds "$pairs_rounds" --bytes "$pairs_bytes" --out "$work/pairs" \
+    --skrelay "$sk" --bench "$bench"
+  pairs_report "$work/pairs"
+fi

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages skrelay's build and test suite need, and nothing else.
 # Idempotent: packages already present are not downloaded again.
+#   scripts/setup.sh --bench   also what scripts/bench.sh and scripts/bench-pairs.sh compare with
+#                              and draw with (HAProxy, gnuplot, taskset)
 set -euo pipefail
 
 packages=(
@@ -13,6 +15,12 @@ packages=(
   python3                                # tests: http.server upstream
   systemd                                # tests: systemd-socket-activate, systemd-analyze verify
 )
+
+case "${1:-}" in
+  --bench) packages+=(haproxy gnuplot-nox util-linux) ;; # socat is above
+  "") ;;
+  *) echo "setup: unknown argument $1 (only --bench)" >&2; exit 2 ;;
+esac
 
 missing=()
 for p in "${packages[@]}"; do

@@ -6,12 +6,15 @@
 //! order pairing makes the 1st and 2nd connection a pair) or a proxy-like contender (the client
 //! connects to it and it connects to the server, which listens on `--upstream`). Each measuring
 //! subcommand prints one line of `key=value` figures on stdout for bench.sh to collect.
+mod pairs_report;
 mod report;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use pairs_report::PairsReportArgs;
 use report::ReportArgs;
 use sha2::{Digest, Sha256};
 use std::{
+    collections::BTreeMap,
     fs,
     io::{self, BufRead, BufReader, ErrorKind, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
@@ -35,6 +38,9 @@ struct Cli {
 enum Cmd {
     /// Send --bytes one way, sha256-checked after the clock stops; CPU counted machine-wide.
     Bulk(BulkArgs),
+    /// --pairs concurrent one-way bulk pairs sharing --bytes: aggregate throughput, CPU per GiB,
+    /// every pair sha256-checked after the clock stops; with --metrics, which path each pair took.
+    BulkPairs(BulkPairsArgs),
     /// 64-byte ping-pong: warm-up, then timed round trips; p50/p99.
     Pingpong(PingArgs),
     /// Connections per second: connect, 1 byte each way through to the server, close.
@@ -45,6 +51,8 @@ enum Cmd {
     IdleWorker(WorkerArgs),
     /// Turn bench.sh's results into BENCHMARKS.md and the chart's data.
     Report(ReportArgs),
+    /// Turn scripts/bench-pairs.sh's results into BENCHMARKS.md's concurrency section and chart data.
+    ReportPairs(PairsReportArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -87,6 +95,28 @@ struct BulkArgs {
     path: PathArgs,
     #[arg(long, default_value_t = 1 << 30)]
     bytes: usize,
+}
+
+#[derive(Args)]
+struct BulkPairsArgs {
+    #[command(flatten)]
+    path: PathArgs,
+    /// Concurrent pairs, all opened before the clock starts and started together.
+    #[arg(long, default_value_t = 16)]
+    pairs: usize,
+    /// Bytes all pairs send together (each sends bytes / pairs); the receivers hold them all
+    /// until the clock stops, so this is also the memory the run needs.
+    #[arg(long, default_value_t = 1 << 30)]
+    bytes: usize,
+    /// skrelay's --metrics address: read `skrelay_pair_paths_total` and `skrelay_pairs_total`
+    /// before and after, wait until every pair has ended there, and print which path took each.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    /// The relay's or proxy's process: with this process and the kernel's threads, what the
+    /// run itself costs. Every other process's CPU time in the window is printed as
+    /// others_cpu_s and taken out of own_cpu_s_per_gib (a shared machine's noise).
+    #[arg(long)]
+    own_pid: Vec<u32>,
 }
 
 #[derive(Args)]
@@ -136,11 +166,13 @@ fn main() {
     skrelay::sys::raise_fd_limit();
     let result = match cli.command {
         Cmd::Bulk(a) => bulk(a),
+        Cmd::BulkPairs(a) => bulk_pairs(a),
         Cmd::Pingpong(a) => pingpong(a),
         Cmd::ConnectRate(a) => connect_rate(a),
         Cmd::IdlePairs(a) => idle_pairs(a),
         Cmd::IdleWorker(a) => idle_worker(a),
         Cmd::Report(a) => report::report(a),
+        Cmd::ReportPairs(a) => pairs_report::report(a),
     };
     if let Err(e) = result {
         eprintln!("bench: {e}");
@@ -174,20 +206,35 @@ fn accept_within(listener: &TcpListener, wait: Duration) -> io::Result<TcpStream
 /// Opens (client, server) ends over `path` and passes a byte each way, so the path is fully set
 /// up (paired, spliced, upstream connected) before anything is timed.
 fn open_ends(path: &PathArgs) -> io::Result<(TcpStream, TcpStream)> {
+    let listener = server_listener(path)?;
+    open_ends_with(path, listener.as_ref())
+}
+
+/// Where the server end listens: the proxy's upstream, a free port for direct, none for a relay.
+fn server_listener(path: &PathArgs) -> io::Result<Option<TcpListener>> {
+    match path.via {
+        Via::Relay => Ok(None),
+        Via::Direct | Via::Proxy => Ok(Some(TcpListener::bind(path.upstream)?)),
+    }
+}
+
+/// `open_ends` on a listener that serves several pairs. Pairs are opened one after the other, each
+/// fully (a byte each way) before the next connects, so the connection accepted is this pair's.
+fn open_ends_with(path: &PathArgs, listener: Option<&TcpListener>) -> io::Result<(TcpStream, TcpStream)> {
     let wait = Duration::from_secs(5);
-    let (client, server) = match path.via {
-        Via::Relay => {
+    let (client, server) = match (path.via, listener) {
+        (Via::Relay, _) => {
             let server = TcpStream::connect_timeout(&path.target()?, wait)?;
             let client = TcpStream::connect_timeout(&path.target()?, wait)?;
             (client, server)
         }
-        Via::Direct | Via::Proxy => {
-            let listener = TcpListener::bind(path.upstream)?;
+        (Via::Direct | Via::Proxy, Some(listener)) => {
             let to = if path.via == Via::Direct { listener.local_addr()? } else { path.target()? };
             let client = TcpStream::connect_timeout(&to, wait)?;
-            let server = accept_within(&listener, wait)?;
+            let server = accept_within(listener, wait)?;
             (client, server)
         }
+        (Via::Direct | Via::Proxy, None) => return Err(io::Error::other("direct and proxy paths need a listener")),
     };
     let mut byte = [0u8; 1];
     for (a, b) in [(&client, &server), (&server, &client)] {
@@ -225,6 +272,32 @@ fn per_cpu_busy() -> Vec<f64> {
         .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
         .map(|l| cpu_line_secs(l).0)
         .collect()
+}
+
+/// CPU seconds of every user-space process except `own` (and this one), with the time of the
+/// children each has reaped: a process that ends inside the window still counts, in its parent.
+fn others_cpu(own: &[u32]) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let me = std::process::id();
+    let mut ticks = 0u64;
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        if pid == me || own.contains(&pid) {
+            continue;
+        }
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // After the comm's closing parenthesis: state ppid ... flags(9) ... utime(14) stime(15) cutime cstime.
+        let Some((_, rest)) = stat.rsplit_once(") ") else { continue };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let num = |i: usize| f.get(i - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        const PF_KTHREAD: u64 = 0x0020_0000;
+        if num(9) & PF_KTHREAD != 0 {
+            continue; // kworkers and ksoftirqd: the kernel datapath's own work runs there
+        }
+        ticks += num(14) + num(15) + num(16) + num(17);
+    }
+    ticks as f64 / hz
 }
 
 fn status_kib(pid: u32, key: &str) -> io::Result<u64> {
@@ -275,13 +348,22 @@ fn pattern() -> Vec<u8> {
 }
 
 fn chunks(pat: &[u8], total: usize) -> impl Iterator<Item = &[u8]> {
+    stream_chunks(pat, total, 0)
+}
+
+/// Stream number `stream` of the concurrent pairs: chunk i of stream s differs from chunk i of
+/// every other stream (s < 16384), so bytes delivered to the wrong pair change its hash. Stream 0
+/// is `chunks`.
+fn stream_chunks(pat: &[u8], total: usize, stream: u64) -> impl Iterator<Item = &[u8]> {
     let mut sent = 0usize;
     let mut i = 0u64;
+    // An odd multiplier is a bijection modulo the window count (a power of two).
+    let mix = stream.wrapping_mul(0x2F1B);
     std::iter::from_fn(move || {
         if sent >= total {
             return None;
         }
-        let off = (i.wrapping_mul(0x9E37_79B9) as usize % (PATTERN / 64)) * 64;
+        let off = ((i ^ mix).wrapping_mul(0x9E37_79B9) as usize % (PATTERN / 64)) * 64;
         let len = CHUNK.min(total - sent);
         sent += len;
         i += 1;
@@ -396,6 +478,265 @@ fn bulk(a: BulkArgs) -> io::Result<()> {
     } else {
         Err(io::Error::other("the bytes received differ from the bytes sent"))
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// bulk-pairs
+
+/// Counters of one skrelay metrics scrape: `skrelay_pair_paths_total` by path and
+/// `skrelay_pairs_total` by ending (all datapaths together).
+#[derive(Default, Clone)]
+struct PairCounts {
+    paths: BTreeMap<String, u64>,
+    endings: BTreeMap<String, u64>,
+}
+
+impl PairCounts {
+    fn ended(&self) -> u64 {
+        self.paths.values().sum()
+    }
+
+    /// What `self` counts beyond `before`, as `name:count,...` (names made of [a-z0-9-]).
+    fn since(map: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>) -> String {
+        let parts: Vec<String> = map
+            .iter()
+            .filter_map(|(k, v)| {
+                let d = v.saturating_sub(before.get(k).copied().unwrap_or(0));
+                (d > 0).then(|| format!("{}:{d}", slug(k)))
+            })
+            .collect();
+        if parts.is_empty() {
+            "none".into()
+        } else {
+            parts.join(",")
+        }
+    }
+}
+
+/// "kernel, after a userspace start" -> "kernel-after-a-userspace-start".
+fn slug(s: &str) -> String {
+    let mut out = String::new();
+    for c in s.chars() {
+        if c.is_ascii_alphanumeric() {
+            out.push(c.to_ascii_lowercase());
+        } else if !out.ends_with('-') && !out.is_empty() {
+            out.push('-');
+        }
+    }
+    out.trim_end_matches('-').to_string()
+}
+
+/// The value of label `key` in a Prometheus sample's `{...}`.
+fn label<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
+    let at = labels.find(&format!("{key}=\""))? + key.len() + 2;
+    let rest = &labels[at..];
+    Some(&rest[..rest.find('"')?])
+}
+
+fn scrape(addr: SocketAddr) -> io::Result<PairCounts> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    if !text.starts_with("HTTP/1.") || !text.contains(" 200 ") {
+        return Err(io::Error::other(format!("metrics at {addr}: {}", text.lines().next().unwrap_or("no answer"))));
+    }
+    let mut c = PairCounts::default();
+    for line in text.lines() {
+        let Some((name_labels, value)) = line.rsplit_once(' ') else { continue };
+        let Ok(v) = value.parse::<f64>() else { continue };
+        let Some((name, labels)) = name_labels.split_once('{') else { continue };
+        if name == "skrelay_pair_paths_total" {
+            if let Some(p) = label(labels, "path") {
+                *c.paths.entry(p.to_string()).or_default() += v as u64;
+            }
+        } else if name == "skrelay_pairs_total" {
+            if let Some(e) = label(labels, "ending") {
+                *c.endings.entry(e.to_string()).or_default() += v as u64;
+            }
+        }
+    }
+    Ok(c)
+}
+
+/// One pair's receiving end: its bytes, when its last expected byte came, and what followed.
+struct PairReceived {
+    buf: Vec<u8>,
+    got: usize,
+    end: Instant,
+    extra: usize,
+}
+
+fn bulk_pairs(a: BulkPairsArgs) -> io::Result<()> {
+    let n = a.pairs;
+    if n == 0 || n > 16_384 {
+        return Err(io::Error::other("--pairs must be 1 to 16384"));
+    }
+    let per = (a.bytes / n).max(1);
+    let total = per * n;
+    let pat = Arc::new(pattern());
+    let before = a.metrics.map(scrape).transpose()?;
+    let listener = server_listener(&a.path)?;
+    let mut ends = Vec::with_capacity(n);
+    for i in 0..n {
+        let e = open_ends_with(&a.path, listener.as_ref())
+            .map_err(|e| io::Error::new(e.kind(), format!("opening pair {} of {n}: {e}", i + 1)))?;
+        ends.push(e);
+    }
+    drop(listener);
+    let start = Arc::new(Barrier::new(2 * n + 1));
+    // The receiver that gets the last expected byte of all stops the machine's CPU clock.
+    let left = Arc::new(AtomicU64::new(n as u64));
+    let last = Arc::new(std::sync::Mutex::new(None::<(Instant, (f64, f64), Vec<f64>, f64)>));
+    let own = Arc::new(a.own_pid.clone());
+    let mut senders = Vec::with_capacity(n);
+    let mut receivers = Vec::with_capacity(n);
+    for (i, (client, server)) in ends.into_iter().enumerate() {
+        let (start2, pat) = (start.clone(), pat.clone());
+        senders.push(thread::spawn(move || -> io::Result<()> {
+            start2.wait();
+            for c in stream_chunks(&pat, per, i as u64) {
+                (&client).write_all(c)?;
+            }
+            client.shutdown(Shutdown::Write)?;
+            Ok(())
+        }));
+        let (start2, left, last, own) = (start.clone(), left.clone(), last.clone(), own.clone());
+        receivers.push(thread::spawn(move || -> io::Result<PairReceived> {
+            let mut buf = vec![0u8; per];
+            for j in (0..per).step_by(4096) {
+                buf[j] = 1; // fault the pages in before the clock starts (each thread its own)
+            }
+            start2.wait();
+            let mut got = 0;
+            while got < per {
+                match (&server).read(&mut buf[got..])? {
+                    0 => break,
+                    k => got += k,
+                }
+            }
+            let end = Instant::now();
+            if left.fetch_sub(1, Ordering::AcqRel) == 1 {
+                *last.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((end, machine_cpu(), per_cpu_busy(), others_cpu(&own)));
+            }
+            // Anything after the expected bytes (there must be nothing) and then end of file.
+            server.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let mut extra = 0;
+            let mut tail = [0u8; 4096];
+            loop {
+                match (&server).read(&mut tail)? {
+                    0 => break,
+                    k => extra += k,
+                }
+            }
+            Ok(PairReceived { buf, got, end, extra })
+        }));
+    }
+    let (others0, cpu0, cpus0) = (others_cpu(&own), machine_cpu(), per_cpu_busy());
+    let t0 = Instant::now();
+    start.wait();
+    let mut received = Vec::with_capacity(n);
+    let mut failed = Vec::new();
+    for (i, r) in receivers.into_iter().enumerate() {
+        match r.join().map_err(|_| io::Error::other("receiver panicked")).and_then(|r| r) {
+            Ok(r) => received.push(r),
+            Err(e) => failed.push(format!("pair {}: receiving: {e}", i + 1)),
+        }
+    }
+    for (i, s) in senders.into_iter().enumerate() {
+        if let Err(e) = s.join().map_err(|_| io::Error::other("sender panicked")).and_then(|r| r) {
+            failed.push(format!("pair {}: sending: {e}", i + 1));
+        }
+    }
+    if !failed.is_empty() {
+        return Err(io::Error::other(failed.join("; ")));
+    }
+    let (t1, cpu1, cpus1, others1) =
+        last.lock().unwrap_or_else(|e| e.into_inner()).take().ok_or_else(|| io::Error::other("no receiver ended"))?;
+    let secs = (t1 - t0).as_secs_f64();
+    // The clock has stopped: check every pair's bytes, the pairs spread over the CPUs.
+    let mismatched: Vec<usize> = thread::scope(|s| {
+        let workers: Vec<_> = received
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let pat = &pat;
+                s.spawn(move || {
+                    let mut want = Sha256::new();
+                    for c in stream_chunks(pat, per, i as u64) {
+                        want.update(c);
+                    }
+                    r.got == per && r.extra == 0 && Sha256::digest(&r.buf[..r.got]) == want.finalize()
+                })
+            })
+            .collect();
+        workers.into_iter().enumerate().filter_map(|(i, w)| (!w.join().unwrap_or(false)).then_some(i + 1)).collect()
+    });
+    for &i in &mismatched {
+        let r = &received[i - 1];
+        eprintln!("bench: pair {i} of {n}: got {} of {per} bytes, {} after them, sha256 differs", r.got, r.extra);
+    }
+    // Every pair's own rate, from the common start to its last byte: how evenly they shared.
+    let rates: Vec<f64> = received.iter().map(|r| per as f64 * 8.0 / (r.end - t0).as_secs_f64() / 1e9).collect();
+    let paths = match (a.metrics, before) {
+        (Some(addr), Some(before)) => {
+            drop(received);
+            // Pairs end once both ends closed; the ends closed when their threads returned.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let after = loop {
+                let c = scrape(addr)?;
+                if c.ended() >= before.ended() + n as u64 || Instant::now() > deadline {
+                    break c;
+                }
+                thread::sleep(Duration::from_millis(20));
+            };
+            let ended = after.ended().saturating_sub(before.ended());
+            let out = format!(
+                " ended={ended} paths={} endings={}",
+                PairCounts::since(&after.paths, &before.paths),
+                PairCounts::since(&after.endings, &before.endings)
+            );
+            if ended < n as u64 {
+                eprintln!("bench: only {ended} of {n} pairs ended in skrelay's metrics within 10 s of the transfer");
+            }
+            Some((out, ended))
+        }
+        _ => None,
+    };
+    let gib = total as f64 / (1u64 << 30) as f64;
+    println!(
+        "bulk-pairs pairs={n} bytes={total} secs={secs:.4} gbps={:.2} cpu_s={:.3} cpu_s_per_gib={:.3} softirq_s_per_gib={:.3} others_cpu_s={:.3} own_cpu_s_per_gib={:.3} pair_gbps_min={:.2} pair_gbps_max={:.2} busy_per_cpu={}{} sha256={}",
+        total as f64 * 8.0 / secs / 1e9,
+        cpu1.0 - cpu0.0,
+        (cpu1.0 - cpu0.0) / gib,
+        (cpu1.1 - cpu0.1) / gib,
+        others1 - others0,
+        ((cpu1.0 - cpu0.0) - (others1 - others0)) / gib,
+        rates.iter().copied().fold(f64::INFINITY, f64::min),
+        rates.iter().copied().fold(0.0, f64::max),
+        cpus1.iter().zip(&cpus0).map(|(b, a)| format!("{:.0}%", 100.0 * (b - a) / secs)).collect::<Vec<_>>().join(","),
+        paths.as_ref().map(|(p, _)| p.as_str()).unwrap_or(""),
+        if mismatched.is_empty() { "ok" } else { "MISMATCH" }
+    );
+    if !mismatched.is_empty() {
+        return Err(io::Error::other(format!(
+            "{} of {n} pairs received bytes that differ from those sent",
+            mismatched.len()
+        )));
+    }
+    if let Some((line, ended)) = paths {
+        if ended < n as u64 {
+            return Err(io::Error::other(format!("only {ended} of {n} pairs ended in skrelay's metrics")));
+        }
+        // Every byte arrived, so a pair that skrelay counts as cut (reset, timeout) is a defect.
+        let endings = line.split(" endings=").nth(1).unwrap_or("");
+        if endings.split(',').any(|e| !e.starts_with("eof:")) {
+            return Err(io::Error::other(format!("skrelay ended pairs other than by EOF: {endings}")));
+        }
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

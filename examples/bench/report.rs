@@ -33,7 +33,7 @@ const CONTENDERS: &[(&str, &str, &str)] = &[
 ];
 
 /// The hand-written part of BENCHMARKS.md starts at this line; the report keeps it.
-const MARKER: &str = "<!-- Everything below this line is hand-written; scripts/bench.sh keeps it. -->";
+pub const MARKER: &str = "<!-- Everything below this line is hand-written; scripts/bench.sh keeps it. -->";
 
 struct Stat {
     median: f64,
@@ -308,9 +308,15 @@ pub fn report(a: ReportArgs) -> io::Result<()> {
         let _ = writeln!(w, "\n{f} measurement(s) failed in this run; see the log bench.sh printed.");
     }
 
-    // Keep the hand-written part.
+    // Keep the concurrency sections (scripts/bench-pairs.sh writes them) and the hand-written part.
     let old = fs::read_to_string(&a.out).unwrap_or_default();
-    let tail = old.split_once(MARKER).map(|(_, t)| t.to_string()).unwrap_or_else(|| "\n\n## What we tried\n\n".into());
+    let (head, tail) = match old.split_once(MARKER) {
+        Some((h, t)) => (h, t.to_string()),
+        None => (old.as_str(), "\n\n## What we tried\n\n".into()),
+    };
+    if let Some(at) = head.find(crate::pairs_report::BEGIN) {
+        let _ = write!(w, "\n{}\n", head[at..].trim_end());
+    }
     let _ = write!(w, "\n{MARKER}{tail}");
     fs::write(&a.out, md)?;
 
