@@ -71,9 +71,10 @@ struct PendingState {
 }
 
 impl Server {
-    /// The old process, on SIGUSR2: hands everything to the process taking over and exits, or
-    /// says why not (it then keeps everything and drains).
-    pub(super) fn hand_over(&mut self) -> Result<std::convert::Infallible, String> {
+    /// The old process, on SIGUSR2: hands everything to the process taking over, or says why not
+    /// (it then keeps everything and drains). After Ok the new process owns every socket, and
+    /// the caller must stop without running a destructor of ours (see `Server::run`).
+    pub(super) fn hand_over(&mut self) -> Result<(), String> {
         let started = Instant::now();
         log::info!(
             "SIGUSR2 (handing over to the skrelay that took over): no longer accepting; handing over {} live \
@@ -101,8 +102,7 @@ impl Server {
             channel.peer_pid().unwrap_or(0),
             started.elapsed().as_secs_f64() * 1e3
         );
-        log::info!("stopped");
-        std::process::exit(0);
+        Ok(())
     }
 
     fn manifest(&self) -> Result<(Manifest, usize, usize), String> {

@@ -128,6 +128,8 @@ pub struct Server {
     drain_deadline: Option<Instant>,
     /// When a drain logs where its remaining pairs stand.
     drain_report: Option<Instant>,
+    /// Set once every pair and waiting client went to the process that took over (`hand_over`).
+    handed_over: bool,
     /// `--metrics` counters, and each live pair's place in them (by slot).
     metrics: Metrics,
     pair_metrics: HashMap<usize, PairMetric>,
@@ -179,6 +181,7 @@ impl Server {
             accept_retry: None,
             drain_deadline: None,
             drain_report: None,
+            handed_over: false,
             datapath_due: None,
         })
     }
@@ -196,7 +199,18 @@ impl Server {
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(),
-                    SIGNALS => self.on_signal(),
+                    SIGNALS => {
+                        self.on_signal();
+                        if self.handed_over {
+                            // The new process owns every socket and kernel map entry now: no
+                            // destructor of ours may run (a kernel pair's would take its sockets
+                            // out of the maps), so the server is forgotten, not dropped, and the
+                            // process exits when the command returns.
+                            log::info!("stopped");
+                            std::mem::forget(self);
+                            return Ok(());
+                        }
+                    }
                     DATAPATH => self.datapath_due = Some(Instant::now()),
                     t => {
                         let (slot, end) = slot_of(t);
@@ -667,8 +681,13 @@ impl Server {
                 self.metrics.stop_serving();
                 // Live pairs and waiting clients move to the new process, and this one exits;
                 // if they cannot, they stay and finish here (server/handover.rs).
-                let Err(why) = self.hand_over();
-                log::warn!("live pairs and waiting clients stay in this process: {why}");
+                match self.hand_over() {
+                    Ok(()) => {
+                        self.handed_over = true;
+                        return;
+                    }
+                    Err(why) => log::warn!("live pairs and waiting clients stay in this process: {why}"),
+                }
             }
             let waiting: Vec<usize> =
                 self.slots.iter().filter(|(_, s)| matches!(s, Slot::Pending(_))).map(|(k, _)| k).collect();
