@@ -76,6 +76,7 @@ struct sock {
 		atomic_t rmem_alloc;
 	} __attribute__((preserve_access_index)) sk_backlog;
 	int sk_rcvbuf;
+	int sk_rcvlowat;
 	struct socket_wq *sk_wq;
 	struct socket *sk_socket;
 	socket_lock_t sk_lock;
@@ -92,11 +93,15 @@ struct tcp_sock {
 #define O_NONBLOCK 04000
 
 #define ACCEL_DEFAULT_MAX_QUEUED (4u << 20)
-/* A pause that lasted this long and sent more than its limit by TCP without a chance to resume
- * gives up (STUCK): the in-map TCP path is 0.5-0.8x plain TCP, so this bounds what a pause can
- * cost before the connection is plain TCP again. Most pauses of an event-loop reader end within
- * a few milliseconds (iperf3: 50 pauses, 50 resumes, 5 MiB each in 3 s). */
-#define STUCK_NS (10 * 1000 * 1000)
+/* A pause that lasted this long and sent more than STUCK_LIMITS limits by TCP without a chance
+ * to resume gives up (STUCK): the in-map TCP path is 0.5-0.8x plain TCP, so this bounds what a
+ * pause can cost before the connection is plain TCP again. On a busy machine a reader can wait
+ * 10 ms and more for a CPU while its writer runs (traced: the redirect queue stood still at its
+ * limit for the whole pause), so a shorter give-up turned every bulk connection into plain TCP
+ * after its first pause; with these bounds a one-connection bulk stream pauses and resumes about
+ * a hundred times a second instead (BENCHMARKS.md, accel). */
+#define STUCK_NS (200 * 1000 * 1000)
+#define STUCK_LIMITS 16
 #define EBUSY 16
 #define TCP_FIN_WAIT1 4
 #define TCP_FIN_WAIT2 5
@@ -137,7 +142,7 @@ struct member {
 /* REDIRECT: sends go straight into the peer's redirect queue. PAUSED: the peer held its limit
  * unread, so sends take the TCP path, where the peer's receive window holds the sender back
  * (a redirect never waits), until the way back keeps byte order (see order_safe). STUCK: paused
- * for more than STUCK_NS and a limit's worth of TCP-path sends without a chance to resume (a writer that
+ * for more than STUCK_NS and STUCK_LIMITS limits of TCP-path sends without a chance to resume (a writer that
  * keeps ahead of its reader never lets the TCP path drain). DEMOTED_SMALL, STUCK and PEER_GONE:
  * the TCP path for the connection's life (and out of the map, see try_leave). */
 enum direction_mode { REDIRECT = 0, PAUSED = 1, DEMOTED_SMALL = 2, PEER_GONE = 3, LEFT = 4, STUCK = 5 };
@@ -440,11 +445,8 @@ static __always_inline void try_leave(struct bpf_sock_ops *ops, int closing)
 	}
 	if (me->mode == REDIRECT && !closing)
 		return;
-	if (me->mode == PAUSED && !closing) {
-		/* Only when the peer is a blocking socket: a non-blocking reader lets it resume. */
-		if (!psk || BPF_CORE_READ(psk, sk_socket, file, f_flags) & O_NONBLOCK)
-			return;
-	}
+	if (me->mode == PAUSED && !closing)
+		return; /* it may still resume (order_safe); STUCK when it cannot */
 	__sync_lock_test_and_set(&me->leaving, 1);
 	if (psk && BPF_CORE_READ(psk, __sk_common.skc_cookie.counter) == pm->cookie) {
 		struct sk_psock *pps = psock_of(psk);
@@ -510,12 +512,12 @@ int accel_sockops(struct bpf_sock_ops *ops)
 /* Whether a paused direction (this socket -> peer) may go back to the redirect without
  * reordering: every byte it sent by TCP has reached the peer (all acknowledged) and the peer's
  * reader has taken it (copied_seq caught up with rcv_nxt), so a redirected message cannot
- * overtake TCP bytes. One more case would reorder: a reader blocked inside tcp_recvmsg (entered
- * while TCP bytes were there, waiting for more with MSG_WAITALL or SO_RCVLOWAT) waits on the TCP
- * receive queue only, and would take later TCP bytes before redirected ones. Such a reader either
- * holds the socket lock or sits on the socket's wait queue, and a non-blocking socket never
- * blocks there: so the way back also needs a non-blocking peer, or one that is unlocked with
- * nobody waiting on it. */
+ * overtake TCP bytes. One more case would reorder or hang: a reader blocked inside plain
+ * tcp_recvmsg (entered while TCP bytes were there, waiting for more with MSG_WAITALL or
+ * SO_RCVLOWAT) waits on the TCP receive queue only, and would take later TCP bytes before
+ * redirected ones, or wait for TCP bytes that never come. Such a reader either holds the socket
+ * lock or sits on the socket's wait queue without a psock reference, and a non-blocking socket
+ * never blocks there (see the blocking case below). */
 static __always_inline int order_safe(const struct member *me, struct sock *psk)
 {
 	struct tcp_sock *tp = (struct tcp_sock *)(unsigned long)me->sk_addr;
@@ -527,13 +529,37 @@ static __always_inline int order_safe(const struct member *me, struct sock *psk)
 	unsigned int f_flags = BPF_CORE_READ(psk, sk_socket, file, f_flags);
 	if (f_flags & O_NONBLOCK)
 		return 1;
+	if (BPF_CORE_READ(psk, sk_rcvlowat) > 1)
+		return 0;
 	if (BPF_CORE_READ(psk, sk_lock.owned))
+		return 0;
+	/* A blocking reader that waits for data inside tcp_bpf_recvmsg (tcp_msg_wait_data) waits
+	 * for either queue and takes the redirect queue first: resuming is safe. One blocked inside
+	 * plain tcp_recvmsg (MSG_WAITALL) waits on the TCP queue only. tcp_bpf_recvmsg holds a
+	 * psock reference while it waits and drops it before it calls tcp_recvmsg, so: every
+	 * waiter on the socket's wait queue must be matched by a psock reference beyond the map's
+	 * own (a waiter without one is in tcp_recvmsg, or a poll/epoll entry: no resume). This
+	 * socket's own psock must hold only the map's and this sendmsg's references, so that no
+	 * other thread of ours is inside a redirect into the peer (which holds a reference on the
+	 * peer's psock too). */
+	struct sk_psock *ps = psock_of((struct sock *)(unsigned long)me->sk_addr);
+	struct sk_psock *pps = psock_of(psk);
+	if (!ps || !pps || BPF_CORE_READ(ps, refcnt.refs.counter) != 2)
 		return 0;
 	struct socket_wq *wq = BPF_CORE_READ(psk, sk_wq);
 	if (!wq)
 		return 0;
-	struct list_head *first = BPF_CORE_READ(wq, wait.head.next);
-	return first == &wq->wait.head;
+	int refs = BPF_CORE_READ(pps, refcnt.refs.counter) - 1;
+	struct list_head *head = &wq->wait.head;
+	struct list_head *pos = BPF_CORE_READ(wq, wait.head.next);
+	int waiters = 0;
+	for (int i = 0; i < 8; i++) {
+		if (pos == head)
+			return waiters <= refs && !BPF_CORE_READ(psk, sk_lock.owned);
+		waiters++;
+		pos = BPF_CORE_READ(pos, next);
+	}
+	return 0;
 }
 
 SEC("sk_msg")
@@ -602,25 +628,24 @@ int accel_msg(struct sk_msg_md *msg)
 	}
 	/* What the peer holds unread: its receive memory, which the kernel charges for every
 	 * redirected message until the reader takes it, and for its TCP receive queue. Nothing else
-	 * bounds the redirect queue. The limit is also half the peer's receive buffer, so that TCP
-	 * still has room when the sends move there (above the buffer TCP drops segments and closes
-	 * its window); TCP autotunes that buffer while the reader reads the TCP path, so the limit
-	 * follows what plain TCP would let this reader hold. A 1 MiB floor measured no better on
-	 * iperf3 and made pauses start with zero-window stalls. */
+	 * bounds the redirect queue. The limit is --max-queued, not half the peer's receive buffer
+	 * (as before): a reader that only ever took redirected bytes never had its buffer autotuned,
+	 * so that cap stayed at 64 KiB and every write of 64 KiB or more paused at once, i.e. bulk
+	 * never took the redirect. When a pause starts above the receive buffer, TCP grows the
+	 * buffer to what the socket holds (tcp_clamp_window, up to tcp_rmem[2]) and accepts the
+	 * segment; the window it then advertises holds the sender back. */
 	__u32 queued = BPF_CORE_READ(psk, sk_backlog.rmem_alloc.counter);
-	__u32 rcvbuf = BPF_CORE_READ(psk, sk_rcvbuf);
 	__u32 zero = 0;
 	struct accel_config *cfg = bpf_map_lookup_elem(&accel_config, &zero);
 	__u32 limit = cfg && cfg->max_queued ? cfg->max_queued : ACCEL_DEFAULT_MAX_QUEUED;
-	if (rcvbuf / 2 < limit)
-		limit = rcvbuf / 2;
 
 	if (me->mode == PAUSED) {
 		/* Not once this socket started leaving (try_leave): it waits for the peer to be out of
 		 * sendmsg, and its peer already takes the TCP path. */
 		if (me->leaving || queued + size > limit / 2 || !order_safe(me, psk)) {
 			me->paused_bytes += size;
-			if (me->paused_bytes > limit && bpf_ktime_get_ns() - me->paused_at > STUCK_NS) {
+			if (me->paused_bytes > (__u64)limit * STUCK_LIMITS &&
+			    bpf_ktime_get_ns() - me->paused_at > STUCK_NS) {
 				me->mode = STUCK;
 				count(ACCEL_STAT_STUCK, 1);
 			}
