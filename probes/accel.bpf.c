@@ -93,15 +93,14 @@ struct tcp_sock {
 #define O_NONBLOCK 04000
 
 #define ACCEL_DEFAULT_MAX_QUEUED (4u << 20)
-/* A pause that lasted this long and sent more than STUCK_LIMITS limits by TCP without a chance
- * to resume gives up (STUCK): the in-map TCP path is 0.5-0.8x plain TCP, so this bounds what a
- * pause can cost before the connection is plain TCP again. On a busy machine a reader can wait
- * 10 ms and more for a CPU while its writer runs (traced: the redirect queue stood still at its
- * limit for the whole pause), so a shorter give-up turned every bulk connection into plain TCP
- * after its first pause; with these bounds a one-connection bulk stream pauses and resumes about
- * a hundred times a second instead (BENCHMARKS.md, accel). */
-#define STUCK_NS (200 * 1000 * 1000)
-#define STUCK_LIMITS 16
+/* A direction gives up the redirect (STUCK) once its sends by the in-map TCP path, while paused,
+ * outrun its redirected sends by STUCK_LIMITS limits (`debt_kib`): the in-map TCP path is
+ * 0.5-0.8x plain TCP, so a connection that spends most of its bytes there is better off as
+ * plain TCP, while one whose pauses are short and resume keeps the redirect. The rule used to be
+ * time-based (10 ms and one limit of TCP-path bytes in one pause), but on a busy machine a reader
+ * waits 10 ms and more for a CPU while its writer runs (traced: the redirect queue stood still at
+ * its limit for the whole pause), so every bulk connection gave up at its first pause. */
+#define STUCK_LIMITS 8
 #define EBUSY 16
 #define TCP_FIN_WAIT1 4
 #define TCP_FIN_WAIT2 5
@@ -134,16 +133,16 @@ struct member {
 	__u32 mode;
 	__u32 small_streak; /* consecutive small sends that found the peer with unread data */
 	__u32 leaving;      /* set (xchg) when this socket starts leaving the map: the peer stops redirecting */
-	__u32 _pad;
-	__u64 paused_bytes; /* bytes sent by TCP since the direction last paused */
-	__u64 paused_at;    /* bpf_ktime_get_ns() when it last paused */
+	__u32 debt_kib;     /* KiB sent by TCP while paused less KiB redirected since, never below 0 */
+	__u64 paused_bytes; /* bytes sent by TCP since the direction last paused (informational) */
+	__u64 paused_at;    /* bpf_ktime_get_ns() when it last paused (informational) */
 };
 
 /* REDIRECT: sends go straight into the peer's redirect queue. PAUSED: the peer held its limit
  * unread, so sends take the TCP path, where the peer's receive window holds the sender back
- * (a redirect never waits), until the way back keeps byte order (see order_safe). STUCK: paused
- * for more than STUCK_NS and STUCK_LIMITS limits of TCP-path sends without a chance to resume (a writer that
- * keeps ahead of its reader never lets the TCP path drain). DEMOTED_SMALL, STUCK and PEER_GONE:
+ * (a redirect never waits), until the way back keeps byte order (see order_safe). STUCK: its
+ * TCP-path sends outran its redirected ones by STUCK_LIMITS limits (a writer that keeps ahead of
+ * its reader rarely lets the TCP path drain). DEMOTED_SMALL, STUCK and PEER_GONE:
  * the TCP path for the connection's life (and out of the map, see try_leave). */
 enum direction_mode { REDIRECT = 0, PAUSED = 1, DEMOTED_SMALL = 2, PEER_GONE = 3, LEFT = 4, STUCK = 5 };
 
@@ -644,8 +643,8 @@ int accel_msg(struct sk_msg_md *msg)
 		 * sendmsg, and its peer already takes the TCP path. */
 		if (me->leaving || queued + size > limit / 2 || !order_safe(me, psk)) {
 			me->paused_bytes += size;
-			if (me->paused_bytes > (__u64)limit * STUCK_LIMITS &&
-			    bpf_ktime_get_ns() - me->paused_at > STUCK_NS) {
+			me->debt_kib += (size + 1023) >> 10;
+			if (me->debt_kib > (limit >> 10) * STUCK_LIMITS) {
 				me->mode = STUCK;
 				count(ACCEL_STAT_STUCK, 1);
 			}
@@ -661,6 +660,7 @@ int accel_msg(struct sk_msg_md *msg)
 		me->mode = PAUSED;
 		me->paused_bytes = size;
 		me->paused_at = bpf_ktime_get_ns();
+		me->debt_kib += (size + 1023) >> 10;
 		count(ACCEL_STAT_PAUSES, 1);
 		count(ACCEL_STAT_PASSED, 1);
 		count(ACCEL_STAT_PASSED_BYTES, size);
@@ -685,6 +685,8 @@ int accel_msg(struct sk_msg_md *msg)
 		me->small_streak = 0;
 	}
 	if (bpf_msg_redirect_hash(msg, &accel_socks, &peer, BPF_F_INGRESS) == SK_PASS) {
+		__u32 kib = (size + 1023) >> 10;
+		me->debt_kib = me->debt_kib > kib ? me->debt_kib - kib : 0;
 		count(ACCEL_STAT_MESSAGES, 1);
 		count(ACCEL_STAT_BYTES, size);
 	} else {
