@@ -25,23 +25,27 @@ cleanup() {
 trap cleanup EXIT
 median() { python3 -c 'import sys,statistics; print("%.2f" % statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
 gbps() { python3 -c 'import json,sys; d=json.load(sys.stdin); e=d["end"]; print("%.2f" % ((e["sum_received"]["bits_per_second"] + e.get("sum_received_bidir_reverse", {}).get("bits_per_second", 0)) / 1e9) if "error" not in d else "error:" + d["error"])'; }
-one() { # [prefix...] -- iperf3 client args: one server + client, prints Gbit/s
-  local pre=() port=$((20000 + RANDOM % 20000))
-  while [[ $1 != -- ]]; do pre+=("$1"); shift; done; shift
+one() { # PREFIX... :: IPERF3-CLIENT-ARGS...: one server + client, prints Gbit/s
+  local pre=() port=$((20000 + RANDOM % 20000)) out=""
+  while [[ $1 != :: ]]; do pre+=("$1"); shift; done; shift
   "${pre[@]}" iperf3 -s -1 -p $port >/dev/null 2>&1 &
   local srv=$!
-  sleep 0.3
-  "${pre[@]}" iperf3 -c 127.0.0.1 -p $port -t "$secs" -J "$@" 2>/dev/null | gbps
+  for _ in $(seq 50); do # until the server listens (a busy machine starts it slowly)
+    sleep 0.2
+    out=$("${pre[@]}" iperf3 -c 127.0.0.1 -p $port -t "$secs" -J "$@" 2>/dev/null || true)
+    grep -q "Connection refused" <<<"$out" || break
+  done
+  gbps <<<"$out"
   wait $srv || true
 }
 for args in "" "-R" "--bidir" "-P 4"; do
   plain="" ; declare -a got=() paths=()
   for _ in $(seq "$rounds"); do
-    plain+=" $(one env -- $args)"
+    plain+=" $(one env :: $args)"
     for i in "${!bins[@]}"; do
       b=${bins[$i]}
       $b accel on --cgroup "$cg" >/dev/null
-      got[$i]+=" $(one $b accel run --cgroup "$cg" -- -- $args)"
+      got[$i]+=" $(one $b accel run --cgroup "$cg" -- :: $args)"
       paths[$i]+=" $($b accel status --json | python3 -c 'import json,sys; d=[c for c in json.load(sys.stdin)["cgroups"] if c["cgroup"].endswith("/"+sys.argv[1])][0]; print("%d/%d/%d/%d/%d/%d/%d" % (d["bytes"]>>20, d["passed_bytes"]>>20, d["pauses"], d["resumes"], d["demoted_small"], d["left"], d["stuck"]))' "$cg")"
       $b accel off --cgroup "$cg" --force >/dev/null
     done
