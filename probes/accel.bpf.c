@@ -66,8 +66,19 @@ struct sk_psock {
 /* sk_user_data carries flag bits below the psock pointer (SK_USER_DATA_PTRMASK). */
 #define SK_USER_DATA_PTRMASK (~7UL)
 
+typedef struct {
+	long counter;
+} atomic_long_t;
+
+struct proto {
+	atomic_long_t *memory_allocated;
+	unsigned long *memory_pressure;
+	long *sysctl_mem;
+} __attribute__((preserve_access_index));
+
 struct sock_common {
 	atomic64_t skc_cookie;
+	struct proto *skc_prot;
 } __attribute__((preserve_access_index));
 
 struct sock {
@@ -561,6 +572,30 @@ static __always_inline int order_safe(const struct member *me, struct sock *psk)
 	return 0;
 }
 
+/* TCP memory (tcp_mem, machine-wide) is under pressure or past its pressure threshold. Then a
+ * redirect can fail: bpf_tcp_ingress charges the reader through sk_rmem_schedule, and when that
+ * fails the sender's write(2) returns ENOMEM, where plain TCP would wait for memory
+ * (sk_stream_wait_memory). Seen in the sweep while other jobs filled tcp_mem ("TCP: out of
+ * memory -- consider tuning tcp_mem"): a writer stopped with ENOMEM after 2 MiB. So the
+ * direction pauses instead: the TCP path waits like plain TCP. */
+static __always_inline int tcp_memory_short(struct sock *psk)
+{
+	struct proto *prot = BPF_CORE_READ(psk, __sk_common.skc_prot);
+	if (!prot)
+		return 0;
+	unsigned long pressure = 0;
+	unsigned long *pp = BPF_CORE_READ(prot, memory_pressure);
+	if (pp && bpf_probe_read_kernel(&pressure, sizeof(pressure), pp) == 0 && pressure)
+		return 1;
+	atomic_long_t *ap = BPF_CORE_READ(prot, memory_allocated);
+	long *mem = BPF_CORE_READ(prot, sysctl_mem);
+	long allocated = 0, threshold = 0;
+	if (!ap || !mem || bpf_probe_read_kernel(&allocated, sizeof(allocated), &ap->counter) ||
+	    bpf_probe_read_kernel(&threshold, sizeof(threshold), &mem[1]))
+		return 0;
+	return allocated > threshold;
+}
+
 SEC("sk_msg")
 int accel_msg(struct sk_msg_md *msg)
 {
@@ -641,7 +676,7 @@ int accel_msg(struct sk_msg_md *msg)
 	if (me->mode == PAUSED) {
 		/* Not once this socket started leaving (try_leave): it waits for the peer to be out of
 		 * sendmsg, and its peer already takes the TCP path. */
-		if (me->leaving || queued + size > limit / 2 || !order_safe(me, psk)) {
+		if (me->leaving || queued + size > limit / 2 || tcp_memory_short(psk) || !order_safe(me, psk)) {
 			me->paused_bytes += size;
 			me->debt_kib += (size + 1023) >> 10;
 			if (me->debt_kib > (limit >> 10) * STUCK_LIMITS) {
@@ -654,7 +689,7 @@ int accel_msg(struct sk_msg_md *msg)
 		}
 		me->mode = REDIRECT;
 		count(ACCEL_STAT_RESUMES, 1);
-	} else if (queued + size > limit) {
+	} else if (queued + size > limit || tcp_memory_short(psk)) {
 		/* Redirect -> TCP keeps byte order: the peer's reader takes its redirect queue before
 		 * its TCP receive queue (tcp_bpf_recvmsg). */
 		me->mode = PAUSED;
