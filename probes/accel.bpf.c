@@ -66,8 +66,19 @@ struct sk_psock {
 /* sk_user_data carries flag bits below the psock pointer (SK_USER_DATA_PTRMASK). */
 #define SK_USER_DATA_PTRMASK (~7UL)
 
+typedef struct {
+	long counter;
+} atomic_long_t;
+
+struct proto {
+	atomic_long_t *memory_allocated;
+	unsigned long *memory_pressure;
+	long *sysctl_mem;
+} __attribute__((preserve_access_index));
+
 struct sock_common {
 	atomic64_t skc_cookie;
+	struct proto *skc_prot;
 } __attribute__((preserve_access_index));
 
 struct sock {
@@ -76,6 +87,7 @@ struct sock {
 		atomic_t rmem_alloc;
 	} __attribute__((preserve_access_index)) sk_backlog;
 	int sk_rcvbuf;
+	int sk_rcvlowat;
 	struct socket_wq *sk_wq;
 	struct socket *sk_socket;
 	socket_lock_t sk_lock;
@@ -92,11 +104,14 @@ struct tcp_sock {
 #define O_NONBLOCK 04000
 
 #define ACCEL_DEFAULT_MAX_QUEUED (4u << 20)
-/* A pause that lasted this long and sent more than its limit by TCP without a chance to resume
- * gives up (STUCK): the in-map TCP path is 0.5-0.8x plain TCP, so this bounds what a pause can
- * cost before the connection is plain TCP again. Most pauses of an event-loop reader end within
- * a few milliseconds (iperf3: 50 pauses, 50 resumes, 5 MiB each in 3 s). */
-#define STUCK_NS (10 * 1000 * 1000)
+/* A direction gives up the redirect (STUCK) once its sends by the in-map TCP path, while paused,
+ * outrun its redirected sends by STUCK_LIMITS limits (`debt_kib`): the in-map TCP path is
+ * 0.5-0.8x plain TCP, so a connection that spends most of its bytes there is better off as
+ * plain TCP, while one whose pauses are short and resume keeps the redirect. The rule used to be
+ * time-based (10 ms and one limit of TCP-path bytes in one pause), but on a busy machine a reader
+ * waits 10 ms and more for a CPU while its writer runs (traced: the redirect queue stood still at
+ * its limit for the whole pause), so every bulk connection gave up at its first pause. */
+#define STUCK_LIMITS 8
 #define EBUSY 16
 #define TCP_FIN_WAIT1 4
 #define TCP_FIN_WAIT2 5
@@ -129,16 +144,16 @@ struct member {
 	__u32 mode;
 	__u32 small_streak; /* consecutive small sends that found the peer with unread data */
 	__u32 leaving;      /* set (xchg) when this socket starts leaving the map: the peer stops redirecting */
-	__u32 _pad;
-	__u64 paused_bytes; /* bytes sent by TCP since the direction last paused */
-	__u64 paused_at;    /* bpf_ktime_get_ns() when it last paused */
+	__u32 debt_kib;     /* KiB sent by TCP while paused less KiB redirected since, never below 0 */
+	__u64 paused_bytes; /* bytes sent by TCP since the direction last paused (informational) */
+	__u64 paused_at;    /* bpf_ktime_get_ns() when it last paused (informational) */
 };
 
 /* REDIRECT: sends go straight into the peer's redirect queue. PAUSED: the peer held its limit
  * unread, so sends take the TCP path, where the peer's receive window holds the sender back
- * (a redirect never waits), until the way back keeps byte order (see order_safe). STUCK: paused
- * for more than STUCK_NS and a limit's worth of TCP-path sends without a chance to resume (a writer that
- * keeps ahead of its reader never lets the TCP path drain). DEMOTED_SMALL, STUCK and PEER_GONE:
+ * (a redirect never waits), until the way back keeps byte order (see order_safe). STUCK: its
+ * TCP-path sends outran its redirected ones by STUCK_LIMITS limits (a writer that keeps ahead of
+ * its reader rarely lets the TCP path drain). DEMOTED_SMALL, STUCK and PEER_GONE:
  * the TCP path for the connection's life (and out of the map, see try_leave). */
 enum direction_mode { REDIRECT = 0, PAUSED = 1, DEMOTED_SMALL = 2, PEER_GONE = 3, LEFT = 4, STUCK = 5 };
 
@@ -440,11 +455,8 @@ static __always_inline void try_leave(struct bpf_sock_ops *ops, int closing)
 	}
 	if (me->mode == REDIRECT && !closing)
 		return;
-	if (me->mode == PAUSED && !closing) {
-		/* Only when the peer is a blocking socket: a non-blocking reader lets it resume. */
-		if (!psk || BPF_CORE_READ(psk, sk_socket, file, f_flags) & O_NONBLOCK)
-			return;
-	}
+	if (me->mode == PAUSED && !closing)
+		return; /* it may still resume (order_safe); STUCK when it cannot */
 	__sync_lock_test_and_set(&me->leaving, 1);
 	if (psk && BPF_CORE_READ(psk, __sk_common.skc_cookie.counter) == pm->cookie) {
 		struct sk_psock *pps = psock_of(psk);
@@ -510,12 +522,12 @@ int accel_sockops(struct bpf_sock_ops *ops)
 /* Whether a paused direction (this socket -> peer) may go back to the redirect without
  * reordering: every byte it sent by TCP has reached the peer (all acknowledged) and the peer's
  * reader has taken it (copied_seq caught up with rcv_nxt), so a redirected message cannot
- * overtake TCP bytes. One more case would reorder: a reader blocked inside tcp_recvmsg (entered
- * while TCP bytes were there, waiting for more with MSG_WAITALL or SO_RCVLOWAT) waits on the TCP
- * receive queue only, and would take later TCP bytes before redirected ones. Such a reader either
- * holds the socket lock or sits on the socket's wait queue, and a non-blocking socket never
- * blocks there: so the way back also needs a non-blocking peer, or one that is unlocked with
- * nobody waiting on it. */
+ * overtake TCP bytes. One more case would reorder or hang: a reader blocked inside plain
+ * tcp_recvmsg (entered while TCP bytes were there, waiting for more with MSG_WAITALL or
+ * SO_RCVLOWAT) waits on the TCP receive queue only, and would take later TCP bytes before
+ * redirected ones, or wait for TCP bytes that never come. Such a reader either holds the socket
+ * lock or sits on the socket's wait queue without a psock reference, and a non-blocking socket
+ * never blocks there (see the blocking case below). */
 static __always_inline int order_safe(const struct member *me, struct sock *psk)
 {
 	struct tcp_sock *tp = (struct tcp_sock *)(unsigned long)me->sk_addr;
@@ -527,13 +539,61 @@ static __always_inline int order_safe(const struct member *me, struct sock *psk)
 	unsigned int f_flags = BPF_CORE_READ(psk, sk_socket, file, f_flags);
 	if (f_flags & O_NONBLOCK)
 		return 1;
+	if (BPF_CORE_READ(psk, sk_rcvlowat) > 1)
+		return 0;
 	if (BPF_CORE_READ(psk, sk_lock.owned))
+		return 0;
+	/* A blocking reader that waits for data inside tcp_bpf_recvmsg (tcp_msg_wait_data) waits
+	 * for either queue and takes the redirect queue first: resuming is safe. One blocked inside
+	 * plain tcp_recvmsg (MSG_WAITALL) waits on the TCP queue only. tcp_bpf_recvmsg holds a
+	 * psock reference while it waits and drops it before it calls tcp_recvmsg, so: every
+	 * waiter on the socket's wait queue must be matched by a psock reference beyond the map's
+	 * own (a waiter without one is in tcp_recvmsg, or a poll/epoll entry: no resume). This
+	 * socket's own psock must hold only the map's and this sendmsg's references, so that no
+	 * other thread of ours is inside a redirect into the peer (which holds a reference on the
+	 * peer's psock too). */
+	struct sk_psock *ps = psock_of((struct sock *)(unsigned long)me->sk_addr);
+	struct sk_psock *pps = psock_of(psk);
+	if (!ps || !pps || BPF_CORE_READ(ps, refcnt.refs.counter) != 2)
 		return 0;
 	struct socket_wq *wq = BPF_CORE_READ(psk, sk_wq);
 	if (!wq)
 		return 0;
-	struct list_head *first = BPF_CORE_READ(wq, wait.head.next);
-	return first == &wq->wait.head;
+	int refs = BPF_CORE_READ(pps, refcnt.refs.counter) - 1;
+	struct list_head *head = &wq->wait.head;
+	struct list_head *pos = BPF_CORE_READ(wq, wait.head.next);
+	int waiters = 0;
+	for (int i = 0; i < 8; i++) {
+		if (pos == head)
+			return waiters <= refs && !BPF_CORE_READ(psk, sk_lock.owned);
+		waiters++;
+		pos = BPF_CORE_READ(pos, next);
+	}
+	return 0;
+}
+
+/* TCP memory (tcp_mem, machine-wide) is under pressure or past its pressure threshold. Then a
+ * redirect can fail: bpf_tcp_ingress charges the reader through sk_rmem_schedule, and when that
+ * fails the sender's write(2) returns ENOMEM, where plain TCP would wait for memory
+ * (sk_stream_wait_memory). Seen in the sweep while other jobs filled tcp_mem ("TCP: out of
+ * memory -- consider tuning tcp_mem"): a writer stopped with ENOMEM after 2 MiB. So the
+ * direction pauses instead: the TCP path waits like plain TCP. */
+static __always_inline int tcp_memory_short(struct sock *psk)
+{
+	struct proto *prot = BPF_CORE_READ(psk, __sk_common.skc_prot);
+	if (!prot)
+		return 0;
+	unsigned long pressure = 0;
+	unsigned long *pp = BPF_CORE_READ(prot, memory_pressure);
+	if (pp && bpf_probe_read_kernel(&pressure, sizeof(pressure), pp) == 0 && pressure)
+		return 1;
+	atomic_long_t *ap = BPF_CORE_READ(prot, memory_allocated);
+	long *mem = BPF_CORE_READ(prot, sysctl_mem);
+	long allocated = 0, threshold = 0;
+	if (!ap || !mem || bpf_probe_read_kernel(&allocated, sizeof(allocated), &ap->counter) ||
+	    bpf_probe_read_kernel(&threshold, sizeof(threshold), &mem[1]))
+		return 0;
+	return allocated > threshold;
 }
 
 SEC("sk_msg")
@@ -602,25 +662,24 @@ int accel_msg(struct sk_msg_md *msg)
 	}
 	/* What the peer holds unread: its receive memory, which the kernel charges for every
 	 * redirected message until the reader takes it, and for its TCP receive queue. Nothing else
-	 * bounds the redirect queue. The limit is also half the peer's receive buffer, so that TCP
-	 * still has room when the sends move there (above the buffer TCP drops segments and closes
-	 * its window); TCP autotunes that buffer while the reader reads the TCP path, so the limit
-	 * follows what plain TCP would let this reader hold. A 1 MiB floor measured no better on
-	 * iperf3 and made pauses start with zero-window stalls. */
+	 * bounds the redirect queue. The limit is --max-queued, not half the peer's receive buffer
+	 * (as before): a reader that only ever took redirected bytes never had its buffer autotuned,
+	 * so that cap stayed at 64 KiB and every write of 64 KiB or more paused at once, i.e. bulk
+	 * never took the redirect. When a pause starts above the receive buffer, TCP grows the
+	 * buffer to what the socket holds (tcp_clamp_window, up to tcp_rmem[2]) and accepts the
+	 * segment; the window it then advertises holds the sender back. */
 	__u32 queued = BPF_CORE_READ(psk, sk_backlog.rmem_alloc.counter);
-	__u32 rcvbuf = BPF_CORE_READ(psk, sk_rcvbuf);
 	__u32 zero = 0;
 	struct accel_config *cfg = bpf_map_lookup_elem(&accel_config, &zero);
 	__u32 limit = cfg && cfg->max_queued ? cfg->max_queued : ACCEL_DEFAULT_MAX_QUEUED;
-	if (rcvbuf / 2 < limit)
-		limit = rcvbuf / 2;
 
 	if (me->mode == PAUSED) {
 		/* Not once this socket started leaving (try_leave): it waits for the peer to be out of
 		 * sendmsg, and its peer already takes the TCP path. */
-		if (me->leaving || queued + size > limit / 2 || !order_safe(me, psk)) {
+		if (me->leaving || queued + size > limit / 2 || tcp_memory_short(psk) || !order_safe(me, psk)) {
 			me->paused_bytes += size;
-			if (me->paused_bytes > limit && bpf_ktime_get_ns() - me->paused_at > STUCK_NS) {
+			me->debt_kib += (size + 1023) >> 10;
+			if (me->debt_kib > (limit >> 10) * STUCK_LIMITS) {
 				me->mode = STUCK;
 				count(ACCEL_STAT_STUCK, 1);
 			}
@@ -630,12 +689,13 @@ int accel_msg(struct sk_msg_md *msg)
 		}
 		me->mode = REDIRECT;
 		count(ACCEL_STAT_RESUMES, 1);
-	} else if (queued + size > limit) {
+	} else if (queued + size > limit || tcp_memory_short(psk)) {
 		/* Redirect -> TCP keeps byte order: the peer's reader takes its redirect queue before
 		 * its TCP receive queue (tcp_bpf_recvmsg). */
 		me->mode = PAUSED;
 		me->paused_bytes = size;
 		me->paused_at = bpf_ktime_get_ns();
+		me->debt_kib += (size + 1023) >> 10;
 		count(ACCEL_STAT_PAUSES, 1);
 		count(ACCEL_STAT_PASSED, 1);
 		count(ACCEL_STAT_PASSED_BYTES, size);
@@ -660,6 +720,8 @@ int accel_msg(struct sk_msg_md *msg)
 		me->small_streak = 0;
 	}
 	if (bpf_msg_redirect_hash(msg, &accel_socks, &peer, BPF_F_INGRESS) == SK_PASS) {
+		__u32 kib = (size + 1023) >> 10;
+		me->debt_kib = me->debt_kib > kib ? me->debt_kib - kib : 0;
 		count(ACCEL_STAT_MESSAGES, 1);
 		count(ACCEL_STAT_BYTES, size);
 	} else {

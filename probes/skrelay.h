@@ -78,16 +78,16 @@ enum accel_stat {
 	ACCEL_STAT_PASSED = 12,      /* sendmsg calls of paused or demoted directions (TCP path) */
 	ACCEL_STAT_PASSED_BYTES = 13,/* their bytes */
 	ACCEL_STAT_LEFT = 14,        /* sockets that left the map because their sends took the TCP path */
-	ACCEL_STAT_STUCK = 15,       /* paused directions that gave up resuming (4x max_queued sent by TCP meanwhile) */
+	ACCEL_STAT_STUCK = 15,       /* paused directions that gave up resuming (TCP-path sends outran redirected ones by 8x max_queued) */
 	ACCEL_STAT_MAX = 16,
 };
 
 /* The `accel_config` ARRAY's single value. */
 struct accel_config {
 	__u32 filter_ports; /* 0: every connection; 1: only those with an end on a port in `accel_ports` */
-	__u32 max_queued;   /* the most bytes a reader may hold unread in its redirect queue (also never
-	                     * more than half its SO_RCVBUF); above it the peer's sends take the TCP path,
-	                     * where flow control holds the sender back, until the queue drains */
+	__u32 max_queued;   /* the most bytes a reader may hold unread in its redirect queue; above it
+	                     * the peer's sends take the TCP path, where flow control holds the sender
+	                     * back, until the queue drains */
 	__u32 small_write;  /* a sendmsg below this many bytes is small (0: never demote for size) */
 	__u32 small_streak; /* demote after this many consecutive small sends at a reader with unread data */
 };

@@ -91,8 +91,8 @@ pub mod accel_stat {
 pub struct AccelConfig {
     /// 0: every connection; 1: only those with an end on a port in `accel_ports`.
     pub filter_ports: u32,
-    /// The most unread bytes a reader may hold in its redirect queue (never more than half its
-    /// SO_RCVBUF) before the direction that feeds it pauses on the TCP path (0: 4 MiB).
+    /// The most unread bytes a reader may hold in its redirect queue before the direction that
+    /// feeds it pauses on the TCP path (0: 4 MiB).
     pub max_queued: u32,
     /// A sendmsg below this many bytes is small (0: never demote for size).
     pub small_write: u32,

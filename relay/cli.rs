@@ -91,9 +91,10 @@ pub struct AccelPolicyArgs {
     #[arg(long, default_value = "4M", value_parser = parse_bytes, value_name = "BYTES")]
     pub max_queued: u32,
     /// Writes below this size that keep arriving while the reader has unread data take the
-    /// normal path (TCP coalesces them; each redirected write is a message and a wake-up).
+    /// normal path (TCP coalesces them; each redirected write is a message and a wake-up: a
+    /// one-connection stream of 16 KiB writes measured 0.70-0.80x plain while redirected).
     /// 0 turns this off.
-    #[arg(long, default_value = "16K", value_parser = parse_bytes, value_name = "BYTES")]
+    #[arg(long, default_value = "64K", value_parser = parse_bytes, value_name = "BYTES")]
     pub small_write: u32,
 }
 

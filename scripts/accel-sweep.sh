@@ -1,34 +1,62 @@
 #!/usr/bin/env bash
 # accel write-size sweep: for each write size and connection count, examples/accel_load plain
-# and under `skrelay accel run` in the same run, one after the other; prints accel/plain and
-# which path the bytes took (redirect, TCP path while paused, sockets that left the map).
-# Needs root (netns, cgroup, BPF). Usage:
-#   scripts/accel-sweep.sh [SIZES] [CONNS] [SECS] [block|poll]
-#   (defaults: "64 1024 4096 16384 65536 1048576" "1 4 16 64" 2 block; poll: event-loop readers)
+# and under `skrelay accel run`, interleaved round by round (plain, accel, [accel with the
+# before-build]), so a machine shared with other jobs disturbs each alike; prints the median of
+# the rounds, accel/plain, every round, and which path the accel bytes took in each round.
+# Needs root (netns, cgroup, BPF). Not part of cargo test. Usage:
+#   scripts/accel-sweep.sh [SIZES] [CONNS] [SECS] [block|poll] [ROUNDS]
+#   (defaults: "64 1024 4096 16384 65536 1048576" "1 4 16 64" 1 block 3; poll: event-loop readers)
+#   SKRELAY_BEFORE=/path/to/older/skrelay adds that build's accel as a third run per round
+#   (before/after in the same run).
+# Path per round: MiB redirected / MiB sent by TCP while in the map / pauses / resumes /
+# small-write demotions / sockets back on plain TCP / pauses given up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 sizes=${1:-"64 1024 4096 16384 65536 1048576"}
 conns=${2:-"1 4 16 64"}
-secs=${3:-2}
+secs=${3:-1}
 mode=${4:-block}
+rounds=${5:-3}
 cargo build -q --release --bin skrelay --example accel_load
 S=$PWD/target/release/skrelay
 L=$PWD/target/release/examples/accel_load
-exec unshare -n bash -s "$S" "$L" "$sizes" "$conns" "$secs" "$mode" <<'INNER'
+bins=("$S")
+[[ -n ${SKRELAY_BEFORE:-} ]] && bins+=("$SKRELAY_BEFORE")
+exec unshare -n bash -s "$L" "$sizes" "$conns" "$secs" "$mode" "$rounds" "${bins[@]}" <<'INNER'
 set -euo pipefail
-S=$1 L=$2 sizes=$3 conns=$4 secs=$5 mode=$6
+L=$1 sizes=$2 conns=$3 secs=$4 mode=$5 rounds=$6; shift 6
+bins=("$@")
 ip link set lo up
 cg=skrelay-sweep-$$
-trap '$S accel off --cgroup $cg --force >/dev/null 2>&1 || true; rmdir /sys/fs/cgroup/unified/$cg 2>/dev/null || true' EXIT
-printf '%-8s %-6s %8s %8s %6s  %s\n' write conns plain accel ratio "accel path (MiB redirected / MiB TCP path / pauses / resumes / small-write demotions / sockets left / gave up resuming)"
+cleanup() {
+  for b in "${bins[@]}"; do $b accel off --cgroup "$cg" --force >/dev/null 2>&1 || true; done
+  rmdir /sys/fs/cgroup/unified/$cg 2>/dev/null || true
+}
+trap cleanup EXIT
+median() { python3 -c 'import sys,statistics; print("%.2f" % statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
+ratio() { python3 -c 'import sys; print("%.2f" % (float(sys.argv[1]) / float(sys.argv[2])))' "$1" "$2"; }
+label() { [[ $1 == 0 ]] && echo accel || echo before; }
+printf '# %s readers, %s s per run, %s rounds; median Gbit/s (every round), accel/plain of the medians\n' "$mode" "$secs" "$rounds"
 for w in $sizes; do
   for n in $conns; do
-    plain=$($L "$w" "$n" "$secs" "$mode" | sed 's/.*gbps=//')
-    $S accel on --cgroup "$cg" >/dev/null
-    accel=$($S accel run --cgroup "$cg" -- "$L" "$w" "$n" "$secs" "$mode" 2>/dev/null | sed 's/.*gbps=//')
-    path=$($S accel status --json | python3 -c 'import json,sys; d=[c for c in json.load(sys.stdin)["cgroups"] if c["cgroup"].endswith("/"+sys.argv[1])][0]; print("%d / %d / %d / %d / %d / %d / %d" % (d["bytes"]>>20, d["passed_bytes"]>>20, d["pauses"], d["resumes"], d["demoted_small"], d["left"], d["stuck"]))' "$cg")
-    $S accel off --cgroup "$cg" --force >/dev/null
-    printf '%-8s %-6s %8s %8s %6s  %s\n' "$w" "$n" "$plain" "$accel" "$(python3 -c "print('%.2f' % ($accel / $plain))")" "$path"
+    plain="" ; declare -a got=() paths=()
+    for _ in $(seq "$rounds"); do
+      plain+=" $($L "$w" "$n" "$secs" "$mode" | sed 's/.*gbps=//')"
+      for i in "${!bins[@]}"; do
+        b=${bins[$i]}
+        $b accel on --cgroup "$cg" >/dev/null
+        got[$i]+=" $($b accel run --cgroup "$cg" -- "$L" "$w" "$n" "$secs" "$mode" 2>/dev/null | sed 's/.*gbps=//')"
+        paths[$i]+=" $($b accel status --json | python3 -c 'import json,sys; d=[c for c in json.load(sys.stdin)["cgroups"] if c["cgroup"].endswith("/"+sys.argv[1])][0]; print("%d/%d/%d/%d/%d/%d/%d" % (d["bytes"]>>20, d["passed_bytes"]>>20, d["pauses"], d["resumes"], d["demoted_small"], d["left"], d["stuck"]))' "$cg")"
+        $b accel off --cgroup "$cg" --force >/dev/null
+      done
+    done
+    pm=$(median $plain)
+    line="write=$w conns=$n plain=$pm ($plain )"
+    for i in "${!bins[@]}"; do
+      am=$(median ${got[$i]})
+      line+=" $(label "$i")=$am ($(ratio "$am" "$pm")x) (${got[$i]} ) path:${paths[$i]}"
+    done
+    echo "$line"
   done
 done
 INNER

@@ -484,6 +484,37 @@ fn a_small_write_stream_moves_to_plain_tcp_without_damage() {
     assert!(r.left >= 1, "the small-write sender did not leave the map: {r}");
 }
 
+/// A blocking reader (no O_NONBLOCK) behind a paused stream: the direction goes back to the
+/// redirect only while the reader waits inside tcp_bpf_recvmsg, never while it is blocked in
+/// plain tcp_recvmsg with MSG_WAITALL (it would take later TCP bytes before redirected ones: a
+/// build that skipped that check damaged 2 of 3 such streams). Before, a blocking reader never
+/// let a pause resume and the connection left the map at its first pause.
+#[test]
+fn a_blocking_reader_lets_a_paused_stream_resume_in_order() {
+    if !require_bpf("a_blocking_reader_lets_a_paused_stream_resume_in_order") {
+        return;
+    }
+    let _netns = enter_netns();
+    let total = 256 * MIB;
+    let mut resumes = 0;
+    for (name, write, waitall) in [("blocking", "1048576", false), ("waitall", "65536", true)] {
+        let cg = TestCgroup::accelerated(name, &[]);
+        let total_arg = total.to_string();
+        let mut args = vec!["blocking", "127.0.0.1", total_arg.as_str(), write];
+        if waitall {
+            args.push("waitall");
+        }
+        let out = output(cg.peer(&args));
+        assert!(field(&out, "sent").starts_with(&format!("{total} ")), "{name}: {out}");
+        assert_eq!(field(&out, "sent"), field(&out, "received"), "{name}: stream damaged:\n{out}");
+        let r = cg.report();
+        assert_eq!(r.connections, 1, "{name}: {r}");
+        assert!(r.pauses >= 1, "{name}: the reader started late, yet the sender never paused: {r}");
+        resumes += r.resumes;
+    }
+    assert!(resumes >= 1, "no paused stream went back to the redirect for a blocking reader");
+}
+
 /// One iperf3 run (server and client), in `cg` when given, else plain loopback. Returns the
 /// client's JSON report and the aggregate receive rate in Gbit/s.
 fn iperf3(cg: Option<&TestCgroup>, args: &[&str]) -> (serde_json::Value, f64) {

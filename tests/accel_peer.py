@@ -23,10 +23,18 @@ duplicated or reordered chunk changes the sha256 the test compares. Results are 
                               then the server reads everything: sha256 of both sides
   small HOST BYTES WRITE      the client sends BYTES in WRITE-byte send(2) calls while the server
                               reads; sha256 of both sides
+  blocking HOST BYTES WRITE [waitall]
+                              the client sends BYTES in WRITE-byte send(2) calls; the server
+                              starts reading 0.2 s late (so the sender pauses), then reads with
+                              blocking recv(2) calls of 256 KiB (with MSG_WAITALL: waits inside
+                              tcp_recvmsg whenever the TCP path has fewer bytes); prints sha256 of
+                              both sides and `eagain N` (6.18: a blocked recv woken without data
+                              can fail with EAGAIN; counted and retried); exits 3 after 60 s
   pause HOST BYTES            both ends queue data unread, print `ready`, wait for a line on stdin,
                               then finish the exchange: a window for `accel off` with bytes queued
 """
 import hashlib
+import os
 import select
 import socket
 import struct
@@ -307,6 +315,53 @@ def small(host, total, write):
     print("received %d %s" % out["received"])
 
 
+def blocking(host, total, write, waitall):
+    cli, srv = pair(host)
+    time.sleep(0.05)  # let the accepted end join before the first send
+    out = {}
+
+    def watchdog():
+        time.sleep(60)
+        print("hang: the transfer did not finish in 60 s", flush=True)
+        os._exit(3)
+
+    threading.Thread(target=watchdog, daemon=True).start()
+
+    def writer():
+        h = hashlib.sha256()
+        sent = i = 0
+        while sent < total:
+            block = b"".join(chunk(1, i + j) for j in range(max(1, write // CHUNK)))[:write]
+            i += max(1, write // CHUNK)
+            data = block[: total - sent]
+            cli.sendall(data)
+            h.update(data)
+            sent += len(data)
+        cli.shutdown(socket.SHUT_WR)
+        out["sent"] = (sent, h.hexdigest())
+
+    t = threading.Thread(target=writer)
+    t.start()
+    time.sleep(0.2)
+    h = hashlib.sha256()
+    got = eagain = 0
+    flags = socket.MSG_WAITALL if waitall else 0
+    while True:
+        try:
+            b = srv.recv(256 * 1024, flags)
+        except BlockingIOError:
+            eagain += 1
+            continue
+        if not b:
+            break
+        h.update(b)
+        got += len(b)
+    t.join()
+    print("eagain %d" % eagain)
+    print("sent %d %s" % out["sent"])
+    print("received %d %s" % (got, h.hexdigest()))
+
+
 def mem_available():
     with open("/proc/meminfo") as f:
         for line in f:
@@ -369,6 +424,8 @@ if __name__ == "__main__":
         small(args[0], int(args[1]), int(args[2]))
     elif mode == "stall":
         stall(args[0], int(args[1]), float(args[2]))
+    elif mode == "blocking":
+        blocking(args[0], int(args[1]), int(args[2]), args[3:] == ["waitall"])
     elif mode == "pause":
         pause(args[0], int(args[1]))
     else:

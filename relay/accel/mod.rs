@@ -73,8 +73,9 @@ pub struct AccelReport {
     /// flow control then holds the sender back), and times it went back to the redirect.
     pub pauses: u64,
     pub resumes: u64,
-    /// Paused directions that gave up resuming: four `--max-queued` went by TCP meanwhile (a
-    /// writer that keeps ahead of its reader never lets the TCP path drain); they leave the map.
+    /// Paused directions that gave up resuming: their sends by TCP while paused outran their
+    /// redirected ones by 8 `--max-queued` (a writer that keeps ahead of its reader rarely lets
+    /// the TCP path drain); they leave the map.
     pub stuck: u64,
     /// Directions moved to the TCP path for good: small writes streamed at a busy reader.
     pub demoted_small: u64,
