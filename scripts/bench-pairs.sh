@@ -5,11 +5,15 @@
 #   scripts/bench-pairs.sh [--pairs 1,4,16,64] [--rounds 3] [--bytes 1G] [--out DIR]
 #                          [--contenders a,b,...] [--skrelay BIN] [--bench BIN] [--haproxy CMD]
 #                          [--settle SECS] [--pair-bytes-max BYTES] [--timeout SECS]
+#                          [--prototype "LOADER OBJ"]
 #   scripts/bench-pairs.sh --pack DIR     bundle binaries + HAProxy for a bare machine (see below)
 #
 # Contenders: direct (loopback, the limit); relay-kernel, relay-kernel-after0, relay-userspace;
 # proxy-kernel, proxy-kernel-after0, proxy-userspace (skrelay with default flags, with
-# --kernel-after 0, and --datapath userspace); haproxy-threads (nbthread = CPUs, forced splice).
+# --kernel-after 0, and --datapath userspace); haproxy-threads (nbthread = CPUs, forced splice);
+# proxy-prototype, only when asked for: the first sockmap prototype's proxy (issue 11 item 3;
+# ../shared/reference/spike: --prototype "target/release/loader bpf/relay.bpf.o", built there;
+# it has no --metrics, so its pairs show no paths).
 # Rounds interleave them (for each N: A B C ...), so drift hits all; the report takes medians.
 # Each measurement sends --bytes in all (bytes/N per pair); the receivers hold every byte until
 # the clock stops, then sha256 each pair: --bytes is also the memory a measurement needs.
@@ -53,10 +57,11 @@ pack=""
 settle=0
 pair_max=""
 limit=120
+prototype=""
 die() { echo "bench-pairs: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --pairs|--rounds|--bytes|--out|--contenders|--skrelay|--bench|--haproxy|--pack|--settle|--pair-bytes-max|--timeout)
+    --pairs|--rounds|--bytes|--out|--contenders|--skrelay|--bench|--haproxy|--pack|--settle|--pair-bytes-max|--timeout|--prototype)
       [ $# -ge 2 ] || die "$1 needs a value (try --help)" ;;
   esac
   case "$1" in
@@ -72,6 +77,7 @@ while [ $# -gt 0 ]; do
     --settle) settle="$2"; shift ;;
     --pair-bytes-max) pair_max="$2"; shift ;;
     --timeout) limit="$2"; shift ;;
+    --prototype) prototype="$2"; shift ;;
     -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (try --help)" ;;
   esac
@@ -143,10 +149,15 @@ all=(direct relay-kernel relay-kernel-after0 relay-userspace proxy-kernel proxy-
 if [ -n "$only" ]; then
   IFS=, read -r -a contenders <<<"$only"
   for c in "${contenders[@]}"; do
-    [[ " ${all[*]} " == *" $c "* ]] || die "unknown contender $c (known: ${all[*]})"
+    [[ " ${all[*]} proxy-prototype " == *" $c "* ]] || die "unknown contender $c (known: ${all[*]} proxy-prototype)"
   done
 else
   contenders=("${all[@]}")
+fi
+if [[ " ${contenders[*]} " == *" proxy-prototype "* ]]; then
+  read -r -a proto <<<"$prototype"
+  [ "${#proto[@]}" = 2 ] && [ -x "${proto[0]}" ] && [ -r "${proto[1]}" ] ||
+    die "proxy-prototype needs --prototype \"LOADER OBJ\": the spike's loader binary and its relay.bpf.o"
 fi
 if [[ " ${contenders[*]} " == *" haproxy-threads "* ]]; then
   read -r -a hp <<<"$haproxy_cmd"
@@ -213,6 +224,7 @@ for c in "${contenders[@]}"; do
     proxy-kernel) start "$c" 17204 proxy 17294 "$sk" proxy --upstream $upstream --listen 127.0.0.1:17204 --datapath kernel --metrics 127.0.0.1:17294 ;;
     proxy-kernel-after0) start "$c" 17205 proxy 17295 "$sk" proxy --upstream $upstream --listen 127.0.0.1:17205 --datapath kernel --kernel-after 0 --metrics 127.0.0.1:17295 ;;
     proxy-userspace) start "$c" 17206 proxy 17296 "$sk" proxy --upstream $upstream --listen 127.0.0.1:17206 --datapath userspace --metrics 127.0.0.1:17296 ;;
+    proxy-prototype) start "$c" 17208 proxy - "${proto[0]}" relay --port=17208 --proxy=$upstream --obj="${proto[1]}" ;;
     haproxy-threads)
       cat >"$out/haproxy.cfg" <<EOF
 global
