@@ -171,8 +171,8 @@ pub struct SpliceArgs {
     /// 16 MiB before its sender's window is clamped). K, M and G suffixes.
     #[arg(long, default_value = "2G", value_parser = parse_size, value_name = "BYTES")]
     pub kernel_memory: u64,
-    /// On SIGINT/SIGTERM (or when a --takeover hands over), let live pairs finish for this long
-    /// before closing them; seconds.
+    /// On SIGINT/SIGTERM (or when a handover to a --takeover process cannot be done), let live
+    /// pairs finish for this long before resetting them; seconds.
     #[arg(long, default_value = "30", value_parser = parse_secs, value_name = "SECS")]
     pub drain_timeout: Duration,
     /// Serve Prometheus metrics at http://ADDR/metrics (IP:PORT, [IPv6]:PORT or HOST:PORT; port 0
@@ -180,10 +180,11 @@ pub struct SpliceArgs {
     #[arg(long, value_parser = parse_listen, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
     /// Upgrade in place: take the listening socket (and the --metrics socket) of the running
-    /// skrelay PID, serve it, then tell PID to stop accepting and drain. No client is refused
-    /// meanwhile; PID's live pairs finish in PID, and a relay's clients still waiting there for
-    /// a partner are closed. Needs the right to ptrace PID (root or CAP_SYS_PTRACE); not with
-    /// --ports yet.
+    /// skrelay PID and serve it; PID then hands over its live pairs (both sockets, the bytes in
+    /// flight, counters) and its clients waiting for a partner or an upstream, and exits. No
+    /// client is refused meanwhile. If the handover cannot be done (other flags, a differently
+    /// built kernel datapath), PID keeps its pairs and drains them. Needs the right to ptrace PID
+    /// (root or CAP_SYS_PTRACE); not with --ports.
     #[arg(long, value_name = "PID", value_parser = clap::value_parser!(i32).range(1..))]
     pub takeover: Option<i32>,
 }
