@@ -264,6 +264,17 @@ settle_down() { # wait up to $settle s for half a second with the machine < 20% 
 field() { sed -n "s/.*[ ]$1=\([^ ]*\).*/\1/p"; }
 record() { printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" >>"$results"; }
 
+# One unrecorded warm-up measurement per contender: the first after a daemon starts ran at 3-4
+# Gbit/s and 2.2-3.3 CPU-s/GiB for every contender, direct loopback included, where the rest ran
+# at 6-10 Gbit/s and 1.0-1.5: the machine's first allocation of that size (a smaller warm-up did
+# not help), so the warm-up sends what one pair sends.
+for c in "${contenders[@]}"; do
+  printf '\r\033[K warm-up, %s' "$c" >&2
+  cmd=("$bench" bulk-pairs --pairs 1 --bytes $(( pair_max < bytes ? pair_max : bytes )) --via "${via[$c]}" --upstream $upstream)
+  [ -n "${addr[$c]:-}" ] && cmd+=(--addr "${addr[$c]}")
+  [ -n "${metrics[$c]:-}" ] && cmd+=(--metrics "${metrics[$c]}")
+  timeout "$limit" "${cmd[@]}" >>"$log" 2>&1 || die "$c: the warm-up measurement failed: ${cmd[*]} (see $log)"
+done
 total=$(( rounds * ${#ns[@]} * ${#contenders[@]} )); step=0; t0=$(date +%s)
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "bench-pairs: $rounds round(s) x pairs ${ns[*]} x ${contenders[*]}; $(( bytes >> 20 )) MiB per measurement" >&2

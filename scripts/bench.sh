@@ -237,6 +237,10 @@ conn_set=(direct "${proxyish[@]}")
 total_steps=$(( runs * ${#contenders[@]} * 3 + runs * ${#conn_set[@]} + idle_runs * ${#idleish[@]} ))
 
 echo "bench: $mode run; contenders: ${contenders[*]}" >&2
+# One unrecorded bulk transfer first: the machine's first allocation of that size made the first
+# measurement 2-3x slower and costlier, whichever contender it was (scripts/bench-pairs.sh).
+progress "bulk warm-up"
+measure direct bulk bulk --bytes "$bulk_bytes" >/dev/null || exit 1
 for r in $(seq "$runs"); do
   for c in "${contenders[@]}"; do
     step=$((step + 1)); progress "bulk $c (run $r/$runs)"
