@@ -17,13 +17,8 @@ set -euo pipefail
 rounds=$1 secs=$2; shift 2
 bins=("$@")
 ip link set lo up
-cg=skrelay-iperf3-$$
-cleanup() {
-  for b in "${bins[@]}"; do $b accel off --cgroup "$cg" --force >/dev/null 2>&1 || true; done
-  rmdir /sys/fs/cgroup/unified/$cg 2>/dev/null || true
-}
-trap cleanup EXIT
-median() { python3 -c 'import sys,statistics; print("%.2f" % statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
+source scripts/accel-common.sh
+accel_cgroup skrelay-iperf3 "${bins[@]}"
 gbps() { python3 -c 'import json,sys; d=json.load(sys.stdin); e=d["end"]; print("%.2f" % ((e["sum_received"]["bits_per_second"] + e.get("sum_received_bidir_reverse", {}).get("bits_per_second", 0)) / 1e9) if "error" not in d else "error:" + d["error"])'; }
 one() { # PREFIX... :: IPERF3-CLIENT-ARGS...: one server + client, prints Gbit/s
   local pre=() port=$((20000 + RANDOM % 20000)) out=""

@@ -17,8 +17,8 @@ exec unshare -n bash -s "$S" "$B" "$rounds" "$trips" <<'INNER'
 set -euo pipefail
 S=$1 B=$2 rounds=$3 trips=$4
 ip link set lo up
-cg=skrelay-latency-$$
-trap '$S accel off --cgroup $cg --force >/dev/null 2>&1 || true; rmdir /sys/fs/cgroup/unified/$cg 2>/dev/null || true' EXIT
+source scripts/accel-common.sh
+accel_cgroup skrelay-latency "$S"
 run() { # label, command...: one ping-pong, prints "label p50 p99 [messages redirected]"
   local label=$1; shift
   local out path=""

@@ -27,13 +27,8 @@ set -euo pipefail
 L=$1 sizes=$2 conns=$3 secs=$4 mode=$5 rounds=$6; shift 6
 bins=("$@")
 ip link set lo up
-cg=skrelay-sweep-$$
-cleanup() {
-  for b in "${bins[@]}"; do $b accel off --cgroup "$cg" --force >/dev/null 2>&1 || true; done
-  rmdir /sys/fs/cgroup/unified/$cg 2>/dev/null || true
-}
-trap cleanup EXIT
-median() { python3 -c 'import sys,statistics; print("%.2f" % statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
+source scripts/accel-common.sh
+accel_cgroup skrelay-sweep "${bins[@]}"
 ratio() { python3 -c 'import sys; print("%.2f" % (float(sys.argv[1]) / float(sys.argv[2])))' "$1" "$2"; }
 label() { [[ $1 == 0 ]] && echo accel || echo before; }
 printf '# %s readers, %s s per run, %s rounds; median Gbit/s (every round), accel/plain of the medians\n' "$mode" "$secs" "$rounds"

@@ -382,6 +382,19 @@ struct Received {
     extra: usize,
 }
 
+/// What a receiver gets after the expected bytes (there must be nothing), read until end of file.
+fn bytes_until_eof(server: &TcpStream) -> io::Result<usize> {
+    server.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut extra = 0;
+    let mut tail = [0u8; 4096];
+    loop {
+        match (&*server).read(&mut tail)? {
+            0 => return Ok(extra),
+            n => extra += n,
+        }
+    }
+}
+
 fn bulk(a: BulkArgs) -> io::Result<()> {
     let total = a.bytes;
     let pat = Arc::new(pattern());
@@ -413,16 +426,7 @@ fn bulk(a: BulkArgs) -> io::Result<()> {
                 }
             }
             let (end, cpu, cpus) = (Instant::now(), machine_cpu(), per_cpu_busy());
-            // Anything after the expected bytes (there must be nothing) and then end of file.
-            server.set_read_timeout(Some(Duration::from_secs(10)))?;
-            let mut extra = 0;
-            let mut tail = [0u8; 4096];
-            loop {
-                match (&server).read(&mut tail)? {
-                    0 => break,
-                    n => extra += n,
-                }
-            }
+            let extra = bytes_until_eof(&server)?;
             Ok(Received { buf, got, end, cpu, cpus, extra })
         })
     };
@@ -621,16 +625,7 @@ fn bulk_pairs(a: BulkPairsArgs) -> io::Result<()> {
                 *last.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some((end, machine_cpu(), per_cpu_busy(), others_cpu(&own)));
             }
-            // Anything after the expected bytes (there must be nothing) and then end of file.
-            server.set_read_timeout(Some(Duration::from_secs(10)))?;
-            let mut extra = 0;
-            let mut tail = [0u8; 4096];
-            loop {
-                match (&server).read(&mut tail)? {
-                    0 => break,
-                    k => extra += k,
-                }
-            }
+            let extra = bytes_until_eof(&server)?;
             Ok(PairReceived { buf, got, end, extra })
         }));
     }

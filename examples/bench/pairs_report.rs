@@ -2,6 +2,7 @@
 //! (`contender<TAB>pairs<TAB>metric<TAB>value<TAB>round`) into a section of BENCHMARKS.md, one
 //! per CPU count (a 2-CPU run leaves a 16-CPU run's section alone), and the chart's data. It
 //! measures nothing.
+use crate::report::Stat;
 use clap::Args;
 use std::{collections::BTreeMap, fmt::Write as _, fs, io, path::PathBuf};
 
@@ -46,23 +47,6 @@ fn markers(cpus: &str) -> (String, String) {
 
 /// (contender, pairs, metric) -> [(round, value)].
 type Results = BTreeMap<(String, u64, String), Vec<(u32, f64)>>;
-
-struct Stat {
-    median: f64,
-    min: f64,
-    max: f64,
-    n: usize,
-}
-
-fn stat(mut v: Vec<f64>) -> Option<Stat> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
-    Some(Stat { median, min: v[0], max: v[n - 1], n })
-}
 
 fn values(r: &Results, c: &str, n: u64, m: &str) -> Vec<f64> {
     r.get(&(c.to_string(), n, m.to_string())).map(|v| v.iter().map(|(_, x)| *x).collect()).unwrap_or_default()
@@ -165,7 +149,7 @@ pub fn report(a: PairsReportArgs) -> io::Result<()> {
         m("rounds"),
     );
     let _ = writeln!(w, "![concurrent pairs: throughput and CPU per GiB]({})\n", a.chart);
-    let others = stat(
+    let others = Stat::of(
         r.iter().filter(|((_, _, m), _)| m == "others_cpu_s").flat_map(|(_, v)| v.iter().map(|(_, x)| *x)).collect(),
     );
     if let Some(o) = &others {
@@ -196,7 +180,7 @@ pub fn report(a: PairsReportArgs) -> io::Result<()> {
         for &n in &ns {
             let _ = write!(w, "| {n} |");
             for (c, _) in &present {
-                let _ = write!(w, " {} |", cell(stat(values(&r, c, n, metric)), prec, unit));
+                let _ = write!(w, " {} |", cell(Stat::of(values(&r, c, n, metric)), prec, unit));
             }
             let _ = writeln!(w);
         }
@@ -228,9 +212,9 @@ pub fn report(a: PairsReportArgs) -> io::Result<()> {
                 let _ = write!(
                     w,
                     " {} | {} | {} |",
-                    cell(stat(round_ratios(&r, c, "haproxy-threads", n, "gbps")), 2, "x"),
-                    cell(stat(round_ratios(&r, c, "haproxy-threads", n, "cpu_s_per_gib")), 2, "x"),
-                    cell(stat(round_ratios(&r, c, "haproxy-threads", n, "own_cpu_s_per_gib")), 2, "x"),
+                    cell(Stat::of(round_ratios(&r, c, "haproxy-threads", n, "gbps")), 2, "x"),
+                    cell(Stat::of(round_ratios(&r, c, "haproxy-threads", n, "cpu_s_per_gib")), 2, "x"),
+                    cell(Stat::of(round_ratios(&r, c, "haproxy-threads", n, "own_cpu_s_per_gib")), 2, "x"),
                 );
             }
             let _ = writeln!(w);
@@ -241,7 +225,7 @@ pub fn report(a: PairsReportArgs) -> io::Result<()> {
             let _ = writeln!(w, "| target | measured | result |");
             let _ = writeln!(w, "|---|---|---|");
             let mut target = |what: &str, c: &str, m: &str, pass: &dyn Fn(f64) -> bool| {
-                let s = stat(round_ratios(&r, c, "haproxy-threads", 16, m));
+                let s = Stat::of(round_ratios(&r, c, "haproxy-threads", 16, m));
                 let verdict = match &s {
                     Some(s) if pass(s.median) => "pass",
                     Some(_) => "**miss**",
@@ -330,7 +314,7 @@ pub fn report(a: PairsReportArgs) -> io::Result<()> {
         for &n in &ns {
             let _ = write!(dat, "{n}");
             for (c, _) in CONTENDERS {
-                match stat(values(&r, c, n, metric)) {
+                match Stat::of(values(&r, c, n, metric)) {
                     Some(s) => {
                         let _ = write!(dat, " {} {} {}", s.median, s.min, s.max);
                     }

@@ -35,24 +35,30 @@ const CONTENDERS: &[(&str, &str, &str)] = &[
 /// The hand-written part of BENCHMARKS.md starts at this line; the report keeps it.
 pub const MARKER: &str = "<!-- Everything below this line is hand-written; scripts/bench.sh keeps it. -->";
 
-struct Stat {
-    median: f64,
-    min: f64,
-    max: f64,
-    n: usize,
+pub(crate) struct Stat {
+    pub(crate) median: f64,
+    pub(crate) min: f64,
+    pub(crate) max: f64,
+    pub(crate) n: usize,
 }
 
 type Results = BTreeMap<(String, String), Vec<f64>>;
 
 fn stat(r: &Results, c: &str, m: &str) -> Option<Stat> {
-    let mut v = r.get(&(c.to_string(), m.to_string()))?.clone();
-    if v.is_empty() {
-        return None;
+    Stat::of(r.get(&(c.to_string(), m.to_string()))?.clone())
+}
+
+impl Stat {
+    /// Median, min, max and count of some measurements (None when there are none).
+    pub(crate) fn of(mut v: Vec<f64>) -> Option<Stat> {
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        let n = v.len();
+        let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+        Some(Stat { median, min: v[0], max: v[n - 1], n })
     }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
-    Some(Stat { median, min: v[0], max: v[n - 1], n })
 }
 
 fn med(r: &Results, c: &str, m: &str) -> Option<f64> {
