@@ -187,6 +187,12 @@ pub struct SpliceArgs {
     /// (root or CAP_SYS_PTRACE); not with --ports.
     #[arg(long, value_name = "PID", value_parser = clap::value_parser!(i32).range(1..))]
     pub takeover: Option<i32>,
+    /// Event loops, one thread each; a pair is served by one loop for its life, and goes to the
+    /// loop with the fewest pairs. The first loop also accepts and pairs clients, so arrival
+    /// order and tokens pair exactly as with one. 0: one per CPU. The kernel datapath loads its
+    /// programs and maps once per loop; --kernel-memory bounds all of them together.
+    #[arg(long, default_value_t = 0, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1024))]
+    pub threads: u32,
 }
 
 /// `--ports`: serve many ports from the one listener (relay and proxy).
@@ -329,6 +335,14 @@ impl SpliceArgs {
     /// What kernel pairs may hold.
     pub fn kernel_limits(&self) -> crate::datapath::budget::Limits {
         crate::datapath::budget::Limits { per_direction: self.kernel_buffer, total: self.kernel_memory }
+    }
+
+    /// How many event loops serve pairs: --threads, or one per CPU.
+    pub fn threads(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n as usize,
+        }
     }
 }
 

@@ -64,6 +64,8 @@ struct Inner {
     bytes_total: Family<Label, Counter>,
     paths_total: Family<PathLabel, Counter>,
     kernel_inflight: Gauge,
+    /// Each thread's part of `kernel_inflight` (`--threads`: one datapath per event loop).
+    inflight_by_thread: Mutex<Vec<u64>>,
     pending: Gauge,
     upstream_up: Family<UpstreamLabel, Gauge>,
     upstream_failures: Family<UpstreamLabel, Counter>,
@@ -151,6 +153,7 @@ impl Metrics {
                 bytes_total,
                 paths_total,
                 kernel_inflight,
+                inflight_by_thread: Mutex::new(Vec::new()),
                 pending,
                 upstream_up,
                 upstream_failures,
@@ -199,10 +202,16 @@ impl Metrics {
         *self.inner.inflight_sampler.lock().unwrap_or_else(|e| e.into_inner()) = sampler;
     }
 
-    /// Sets `skrelay_kernel_inflight_bytes` (the event loop calls this about once a second while
-    /// pairs live).
-    pub fn set_kernel_inflight(&self, bytes: u64) {
-        self.inner.kernel_inflight.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    /// Sets event loop `thread`'s part of `skrelay_kernel_inflight_bytes` (each loop calls this
+    /// about once a second while it has pairs).
+    pub fn set_kernel_inflight(&self, thread: usize, bytes: u64) {
+        let mut parts = self.inner.inflight_by_thread.lock().unwrap_or_else(|e| e.into_inner());
+        if parts.len() <= thread {
+            parts.resize(thread + 1, 0);
+        }
+        parts[thread] = bytes;
+        let total: u64 = parts.iter().sum();
+        self.inner.kernel_inflight.set(i64::try_from(total).unwrap_or(i64::MAX));
     }
 
     /// Stops answering scrapes (within `ACCEPT_WAKE`): the process that took this one over

@@ -4,7 +4,7 @@ use crate::{
     datapath,
     error::Error,
     metrics::{self, Metrics},
-    relay_cmd::{funnel, listening, metrics_note, serving, Listening},
+    relay_cmd::{funnel, listening, loops, metrics_note, serving, Listening},
     server::{Partnering, Server, ServerConfig},
     steer::PortList,
     sys,
@@ -14,7 +14,10 @@ use std::net::{IpAddr, SocketAddr};
 
 pub fn run(args: ProxyArgs) -> Result<(), Error> {
     let mut upstreams = Upstreams::resolve(&args.upstreams)?;
-    let datapath = datapath::open(args.common.datapath, args.common.kernel_after, args.common.kernel_limits())?;
+    let threads = args.common.threads();
+    let datapaths =
+        datapath::open(args.common.datapath, args.common.kernel_after, args.common.kernel_limits(), threads)?;
+    let datapath = datapaths[0].name();
     let Listening { listener, metrics: taken_metrics, handover } =
         listening(args.listen, &args.common, &args.ports, "proxy")?;
     let addr = listener.local_addr().unwrap_or(args.listen);
@@ -27,14 +30,18 @@ pub fn run(args: ProxyArgs) -> Result<(), Error> {
             )));
         }
     }
-    let metrics = Metrics::new(&metrics::datapath_labels(datapath.name()));
+    let metrics = Metrics::new(&metrics::datapath_labels(datapath));
     upstreams.count_in(metrics.clone());
     let served = metrics::start(args.common.metrics, &metrics, taken_metrics)?;
     let _funnel = match &args.ports.ports {
         Some(ports) => Some(funnel(&listener, addr, ports)?),
         None => None,
     };
-    log::info!("listening on {addr}: proxying to {upstreams}, {} datapath{}", datapath.name(), metrics_note(served));
+    log::info!(
+        "listening on {addr}: proxying to {upstreams}, {datapath} datapath, {}{}",
+        loops(threads),
+        metrics_note(served)
+    );
     let config = ServerConfig {
         listen: args.listen,
         partnering: Partnering::Upstreams { upstreams, connect_timeout: args.connect_timeout },
@@ -43,7 +50,7 @@ pub fn run(args: ProxyArgs) -> Result<(), Error> {
         drain_timeout: args.common.drain_timeout,
         metrics,
     };
-    let mut server = Server::new(listener, datapath, config)?;
+    let mut server = Server::new(listener, datapaths, config)?;
     serving(&mut server, handover, addr);
     server.run()
 }

@@ -13,11 +13,14 @@ use mio::net::TcpListener;
 use std::net::SocketAddr;
 
 pub fn run(args: RelayArgs) -> Result<(), Error> {
-    let datapath = datapath::open(args.common.datapath, args.common.kernel_after, args.common.kernel_limits())?;
+    let threads = args.common.threads();
+    let datapaths =
+        datapath::open(args.common.datapath, args.common.kernel_after, args.common.kernel_limits(), threads)?;
+    let datapath = datapaths[0].name();
     let Listening { listener, metrics: taken_metrics, handover } =
         listening(args.listen, &args.common, &args.ports, "relay")?;
     let addr = listener.local_addr().unwrap_or(args.listen);
-    let metrics = Metrics::new(&metrics::datapath_labels(datapath.name()));
+    let metrics = Metrics::new(&metrics::datapath_labels(datapath));
     let served = metrics::start(args.common.metrics, &metrics, taken_metrics)?;
     let config = ServerConfig {
         listen: args.listen,
@@ -37,8 +40,8 @@ pub fn run(args: RelayArgs) -> Result<(), Error> {
         PairBy::Order => "pairing clients in arrival order",
         PairBy::Token => "pairing clients by their token line",
     };
-    log::info!("listening on {addr}: {pairing}, {} datapath{}", datapath.name(), metrics_note(served));
-    let mut server = Server::new(listener, datapath, config)?;
+    log::info!("listening on {addr}: {pairing}, {datapath} datapath, {}{}", loops(threads), metrics_note(served));
+    let mut server = Server::new(listener, datapaths, config)?;
     serving(&mut server, handover, addr);
     server.run()
 }
@@ -99,6 +102,14 @@ pub fn serving(server: &mut Server, handover: Option<Handover>, addr: SocketAddr
         log::info!("process {pid} no longer accepts; this one serves {addr}");
     }
     systemd::notify(&format!("READY=1\nSTATUS=listening on {addr}"));
+}
+
+/// The start line's mention of `--threads`.
+pub fn loops(threads: usize) -> String {
+    match threads {
+        1 => "1 event loop".into(),
+        n => format!("{n} event loops"),
+    }
 }
 
 /// The start line's mention of `--metrics`.

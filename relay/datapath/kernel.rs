@@ -19,12 +19,14 @@ use aya::{
 };
 use mio::{net::TcpStream, Interest};
 use std::{
-    cell::RefCell,
     cmp::Reverse,
     collections::{BinaryHeap, HashMap as Table},
     io,
     os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd},
-    rc::Rc,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
     time::Instant,
 };
 
@@ -57,8 +59,10 @@ struct KernelState {
     /// When to look at a parked direction again.
     rechecks: BinaryHeap<Reverse<(Instant, u64)>>,
     limits: Limits,
-    /// Pairs in the maps now.
+    /// Pairs in this datapath's maps now.
     pairs: usize,
+    /// Pairs in the maps of every thread's datapath (`--threads`), bounded by `limits`.
+    all_pairs: Arc<AtomicUsize>,
     /// A socket error that reading a socket took out of SO_ERROR, by cookie: reported by `advance`.
     errors: Table<u64, io::Error>,
     /// Times a direction parked at its budget, for the exit summary.
@@ -71,6 +75,12 @@ struct KernelState {
     unreported: u64,
     /// Times a source's window was clamped because too many of its bytes were parked.
     holds: u64,
+}
+
+/// The state's lock. Only the thread that serves the datapath's pairs takes it: the lock is what
+/// lets a server (its datapath and pairs) move to another thread (`--threads`, `--takeover`).
+fn locked(state: &Mutex<KernelState>) -> MutexGuard<'_, KernelState> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// How often every direction is looked at whether or not the verdict reported it: a report that
@@ -112,7 +122,7 @@ const HOLD_AT: u64 = 16 << 20;
 const RELEASE_AT: u64 = 4 << 20;
 
 pub struct KernelDatapath {
-    state: Rc<RefCell<KernelState>>,
+    state: Arc<Mutex<KernelState>>,
     /// The verdict's reports of sockets that need their next budget, or parked.
     events: RingBuf<MapData>,
     /// When `tend` wants to run next.
@@ -131,7 +141,8 @@ pub struct KernelDatapath {
 impl KernelDatapath {
     /// `join_after`: bytes a pair moves through splice(2) before it joins the maps (0: at once).
     /// `limits`: what the pairs in the maps may hold (see budget.rs).
-    pub fn load(join_after: u64, limits: Limits) -> Result<Self, Error> {
+    /// `all_pairs`: shared by the datapaths of every thread, which `limits` bound together.
+    pub fn load(join_after: u64, limits: Limits, all_pairs: Arc<AtomicUsize>) -> Result<Self, Error> {
         let mut bpf = bpf::load(bpf::objects::RELAY)?;
         let map = |bpf: &mut Ebpf, name: &str| {
             bpf.take_map(name).ok_or_else(|| Error::BpfUnavailable {
@@ -156,7 +167,7 @@ impl KernelDatapath {
         prog.load().map_err(|e| bpf::unavailable("load the sk_skb programs", &e))?;
         prog.attach(&socks_fd).map_err(|e| bpf::unavailable("attach the sk_skb programs", &e))?;
         Ok(KernelDatapath {
-            state: Rc::new(RefCell::new(KernelState {
+            state: Arc::new(Mutex::new(KernelState {
                 socks,
                 targets,
                 peers,
@@ -165,6 +176,7 @@ impl KernelDatapath {
                 rechecks: BinaryHeap::new(),
                 limits,
                 pairs: 0,
+                all_pairs,
                 errors: Table::new(),
                 parkings: 0,
                 scratch: Vec::new(),
@@ -291,22 +303,31 @@ impl Datapath for KernelDatapath {
         }))
     }
 
-    fn summary(&self) -> Option<String> {
-        Some(format!(
-            "kernel datapath: {} skbs ({} bytes) redirected, {} passed without a peer, {} dropped, \
-             {} bytes parked at a budget in {} parkings, {} budget reports lost, \
-             {} repeated bytes trimmed, {} directions looked at without a report, \
-             {} windows clamped for parked bytes",
+    fn tally(&self) -> Vec<u64> {
+        let state = locked(&self.state);
+        vec![
             self.stat(relay_stat::REDIRECTED),
             self.stat(relay_stat::BYTES),
             self.stat(relay_stat::NO_PEER),
             self.stat(relay_stat::DROPPED),
             self.stat(relay_stat::PARKED),
-            self.state.borrow().parkings,
+            state.parkings,
             self.stat(relay_stat::EVENTS_LOST),
             self.stat(relay_stat::TRIMMED),
-            self.state.borrow().unreported,
-            self.state.borrow().holds,
+            state.unreported,
+            state.holds,
+        ]
+    }
+
+    fn summary(&self, tally: &[u64]) -> Option<String> {
+        let &[redirected, bytes, no_peer, dropped, parked, parkings, lost, trimmed, unreported, holds] = tally else {
+            return None;
+        };
+        Some(format!(
+            "kernel datapath: {redirected} skbs ({bytes} bytes) redirected, {no_peer} passed without a peer, \
+             {dropped} dropped, {parked} bytes parked at a budget in {parkings} parkings, {lost} budget reports \
+             lost, {trimmed} repeated bytes trimmed, {unreported} directions looked at without a report, \
+             {holds} windows clamped for parked bytes"
         ))
     }
 
@@ -321,7 +342,7 @@ impl Datapath for KernelDatapath {
                 cookies.push(u64::from_ne_bytes(cookie));
             }
         }
-        let mut state = self.state.borrow_mut();
+        let mut state = locked(&self.state);
         for cookie in cookies {
             state.review(cookie, now);
         }
@@ -335,7 +356,7 @@ impl Datapath for KernelDatapath {
     /// Bytes that left a source and are not yet in its destination's send queue: on the
     /// destination's psock queue, or parked in the source's own queue and not yet written on.
     fn in_flight(&self) -> u64 {
-        let state = self.state.borrow();
+        let state = locked(&self.state);
         state
             .directions
             .iter()
@@ -695,7 +716,7 @@ struct Joined {
 }
 
 struct KernelSplice {
-    state: Rc<RefCell<KernelState>>,
+    state: Arc<Mutex<KernelState>>,
     cookies: [u64; 2],
     /// bytes_acked of each socket when the pair formed (an active open counts its SYN).
     acked_base: [u64; 2],
@@ -726,11 +747,16 @@ impl KernelSplice {
     }
 
     fn try_join(&mut self, ends: [&TcpStream; 2]) -> Result<(), SpliceError> {
-        let mut state = self.state.borrow_mut();
+        let mut state = locked(&self.state);
         let state = &mut *state;
-        if state.pairs >= state.limits.max_pairs() {
+        // The pair's place under --kernel-memory, taken before any map holds its sockets and
+        // given back by `release` (counted once for every thread's datapath).
+        let max = state.limits.max_pairs();
+        if state.all_pairs.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_err() {
             return Err(SpliceError::OverBudget(state.limits.total));
         }
+        state.pairs += 1;
+        self.joined.counted = true;
         self.cookies = [sys::socket_cookie(ends[0])?, sys::socket_cookie(ends[1])?];
         let [a, b] = self.cookies;
         for end in ends {
@@ -778,8 +804,6 @@ impl KernelSplice {
             state.socks.insert(self.cookies[i], end.as_raw_fd(), 0).map_err(map_full_or_io)?;
             self.joined.socks[i] = true;
         }
-        state.pairs += 1;
-        self.joined.counted = true;
         // Bytes that arrived before the socket joined `socks` sit in its receive queue and only go
         // through the verdict when the next segment comes; a peek runs the sockmap receive path,
         // which pushes them through now, in order (KERNEL-NOTES.md).
@@ -797,7 +821,7 @@ impl Splice for KernelSplice {
         // An error taken while moving either direction ends the pair: the other direction may
         // have finished already, and its `advance` is no longer called.
         {
-            let mut state = self.state.borrow_mut();
+            let mut state = locked(&self.state);
             if let Some(e) = state.errors.remove(&self.cookies[dir]) {
                 return Err(e);
             }
@@ -841,7 +865,7 @@ impl Splice for KernelSplice {
     }
 
     fn describe(&self) -> Option<String> {
-        let state = self.state.borrow();
+        let state = locked(&self.state);
         let dirs: Vec<String> = self
             .cookies
             .iter()
@@ -869,7 +893,7 @@ impl Splice for KernelSplice {
     }
 
     fn release(&mut self) {
-        let mut state = self.state.borrow_mut();
+        let mut state = locked(&self.state);
         let [a, b] = self.cookies;
         for i in 0..2 {
             if std::mem::take(&mut self.joined.socks[i]) {
@@ -891,6 +915,7 @@ impl Splice for KernelSplice {
         }
         if std::mem::take(&mut self.joined.counted) {
             state.pairs -= 1;
+            state.all_pairs.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }

@@ -10,7 +10,7 @@
 //! places. What moves through user space is only the bookkeeping of each direction (`Direction`:
 //! taken, written, unconsumed, parked) and the errors not yet reported; `relay_peer` and
 //! `relay_count` are in the maps already.
-use super::{Direction, Handover, Joined, KernelDatapath, KernelSplice, KernelState, HALF_CLOSED};
+use super::{locked, Direction, Handover, Joined, KernelDatapath, KernelSplice, KernelState, HALF_CLOSED};
 use crate::{
     abi::{RelayCount, RelayPeer},
     datapath::{
@@ -22,11 +22,10 @@ use crate::{
 use aya::maps::{HashMap, IterableMap, Map, MapData, PerCpuArray, RingBuf, SockHash};
 use mio::net::TcpStream;
 use std::{
-    cell::RefCell,
     cmp::Reverse,
     io,
     os::fd::{AsFd, AsRawFd, BorrowedFd},
-    rc::Rc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -46,7 +45,7 @@ pub(super) struct Adopted {
 /// The maps, when kernel pairs are in them (else the new process keeps its own programs: that is
 /// how a new relay.bpf.c comes into use, see ARCHITECTURE.md).
 pub(super) fn export_maps(dp: &KernelDatapath, ex: &mut Exporter) -> Option<KernelMaps> {
-    let state = dp.state.borrow();
+    let state = locked(&dp.state);
     if state.pairs == 0 && state.directions.is_empty() {
         return None;
     }
@@ -94,7 +93,7 @@ pub(super) fn check_maps(dp: &KernelDatapath, maps: &KernelMaps, fds: &mut Fds) 
         }
         Ok(data)
     };
-    let state = dp.state.borrow();
+    let state = locked(&dp.state);
     let bad = |name: &'static str| move |e: aya::maps::MapError| format!("the old process's map `{name}`: {e}");
     let socks = take(fds, maps.socks, "socks", state.socks.fd().as_fd())?;
     let targets = take(fds, maps.targets, "targets", state.targets.fd().as_fd())?;
@@ -121,7 +120,7 @@ pub(super) fn check_maps(dp: &KernelDatapath, maps: &KernelMaps, fds: &mut Fds) 
 /// From now on the datapath's pairs live in the adopted maps. This process's own programs,
 /// attached to its own (empty) `socks`, stay loaded and unused.
 pub(super) fn install_maps(dp: &mut KernelDatapath, adopted: Adopted) {
-    let mut state = dp.state.borrow_mut();
+    let mut state = locked(&dp.state);
     assert!(state.pairs == 0 && state.directions.is_empty(), "maps are adopted before any pair joins");
     state.socks = adopted.socks;
     state.targets = adopted.targets;
@@ -135,7 +134,7 @@ pub(super) fn install_maps(dp: &mut KernelDatapath, adopted: Adopted) {
 }
 
 pub(super) fn export_splice(k: &KernelSplice) -> KernelSpliceState {
-    let state = k.state.borrow();
+    let state = locked(&k.state);
     let directions = k
         .cookies
         .iter()
@@ -170,7 +169,7 @@ pub(super) fn export_splice(k: &KernelSplice) -> KernelSpliceState {
 /// A kernel pair handed over: its directions' bookkeeping enters this process's state, and a
 /// direction that was parked (or has bytes to consume) is looked at at once.
 pub(super) fn import_splice(
-    state: &Rc<RefCell<KernelState>>,
+    state: &Arc<Mutex<KernelState>>,
     s: KernelSpliceState,
     ends: [&TcpStream; 2],
 ) -> io::Result<KernelSplice> {
@@ -181,7 +180,7 @@ pub(super) fn import_splice(
             }
         }
     }
-    let mut st = state.borrow_mut();
+    let mut st = locked(state);
     let now = Instant::now();
     for d in s.directions {
         let Some(i) = s.cookies.iter().position(|c| *c == d.cookie) else {
@@ -209,6 +208,7 @@ pub(super) fn import_splice(
     }
     if s.counted {
         st.pairs += 1;
+        st.all_pairs.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
     Ok(KernelSplice {
         state: state.clone(),

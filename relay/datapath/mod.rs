@@ -27,7 +27,7 @@ pub enum Flow {
 
 /// One spliced pair's state in a datapath. Directions are numbered by their source: 0 moves
 /// bytes from end 0 to end 1, 1 the other way.
-pub trait Splice {
+pub trait Splice: Send {
     /// Moves what can move now from `src` to `dst` and says where the direction stands.
     fn advance(&mut self, dir: usize, src: &TcpStream, dst: &TcpStream) -> io::Result<Flow>;
     /// Payload bytes moved so far in `dir`.
@@ -65,15 +65,20 @@ pub trait Splice {
 }
 
 /// A way of splicing pairs.
-pub trait Datapath {
+pub trait Datapath: Send {
     fn name(&self) -> &'static str;
     /// Starts splicing `ends`. The first `skip[i]` bytes queued on end `i` (a token line, seen
     /// with MSG_PEEK and still queued) are discarded, never forwarded. Every reason the kernel
     /// cannot take a pair (a full map, a socket no longer established) is the datapath's to
     /// answer, with a splice(2) pair: an error means the pair cannot be spliced at all.
     fn splice(&mut self, ends: [&TcpStream; 2], skip: [u32; 2]) -> Result<Box<dyn Splice>, SpliceError>;
-    /// One line of counters for the exit log, if the datapath keeps any.
-    fn summary(&self) -> Option<String> {
+    /// Counters for the exit log, which the caller sums over every thread's datapath.
+    fn tally(&self) -> Vec<u64> {
+        Vec::new()
+    }
+    /// One line of counters for the exit log, from `tally` summed over the threads' datapaths;
+    /// None if the datapath keeps none.
+    fn summary(&self, _tally: &[u64]) -> Option<String> {
         None
     }
     /// A descriptor the event loop watches for the datapath's own events; when it is readable,
@@ -138,22 +143,35 @@ pub enum SpliceError {
     Io(#[from] io::Error),
 }
 
-/// Opens the datapath the user chose. `auto` takes the kernel when its programs load and says why
-/// in one warning when they do not.
+/// Opens the datapath the user chose, one for each of `threads` event loops (each its own BPF
+/// programs and maps; `limits` bound the kernel pairs of all of them together). `auto` takes the
+/// kernel when its programs load and says why in one warning when they do not.
 /// `kernel_after`: bytes a kernel-datapath pair moves through splice(2) before it joins the maps;
 /// `limits`: what kernel pairs may hold (budget.rs).
-pub fn open(choice: DatapathChoice, kernel_after: u64, limits: budget::Limits) -> Result<Box<dyn Datapath>, Error> {
-    let kernel = match choice {
-        DatapathChoice::Userspace => return Ok(Box::new(userspace::UserspaceDatapath)),
-        DatapathChoice::Kernel => kernel::KernelDatapath::load(kernel_after, limits)?,
-        DatapathChoice::Auto => match kernel::KernelDatapath::load(kernel_after, limits) {
+pub fn open(
+    choice: DatapathChoice,
+    kernel_after: u64,
+    limits: budget::Limits,
+    threads: usize,
+) -> Result<Vec<Box<dyn Datapath>>, Error> {
+    let userspace = |n| (0..n).map(|_| Box::new(userspace::UserspaceDatapath) as Box<dyn Datapath>).collect();
+    let all_pairs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let load = || kernel::KernelDatapath::load(kernel_after, limits, all_pairs.clone());
+    let first = match choice {
+        DatapathChoice::Userspace => return Ok(userspace(threads)),
+        DatapathChoice::Kernel => load()?,
+        DatapathChoice::Auto => match load() {
             Ok(k) => k,
             Err(e) => {
                 log::warn!("kernel datapath unavailable, splicing in user space instead: {e}");
-                return Ok(Box::new(userspace::UserspaceDatapath));
+                return Ok(userspace(threads));
             }
         },
     };
+    let mut all: Vec<Box<dyn Datapath>> = vec![Box::new(first)];
+    for _ in 1..threads {
+        all.push(Box::new(load()?));
+    }
     kernel::warn_if_workers_can_starve();
-    Ok(Box::new(kernel))
+    Ok(all)
 }

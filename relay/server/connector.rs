@@ -11,6 +11,7 @@ use std::{
     collections::HashMap,
     io,
     net::SocketAddr,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -68,18 +69,43 @@ pub(super) struct Connector {
     /// Local addresses of our upstream connections, connecting or spliced, with the port each
     /// connects to. The port matters: Linux gives the same ephemeral port to connections to
     /// different destinations, so a client may share one of them by chance.
-    own: HashMap<SocketAddr, u16>,
+    own: OwnUpstreams,
+}
+
+/// Local addresses of our upstream connections, connecting or spliced, with the port each
+/// connects to; shared by every thread's loop (`--threads`), since a pair may end on any.
+#[derive(Clone, Default)]
+pub(super) struct OwnUpstreams(Arc<Mutex<HashMap<SocketAddr, u16>>>);
+
+impl OwnUpstreams {
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, u16>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An upstream connection with local address `local`, connected to port `to`, lives on.
+    pub(super) fn remember(&self, local: SocketAddr, to: u16) {
+        self.table().insert(local, to);
+    }
+
+    /// The upstream connection from `local` has ended (its pair ended, or its client left).
+    pub(super) fn forget(&self, local: SocketAddr) {
+        self.table().remove(&local);
+    }
+
+    fn is_own(&self, addr: &SocketAddr, to: u16) -> bool {
+        self.table().get(addr) == Some(&to)
+    }
 }
 
 impl Connector {
     pub(super) fn new(upstreams: Upstreams, timeout: Duration) -> Connector {
-        Connector { upstreams, timeout, own: HashMap::new() }
+        Connector { upstreams, timeout, own: OwnUpstreams::default() }
     }
 
     /// Whether a client connecting from `addr` to our port `to` is one of our own upstream
     /// connections.
     pub(super) fn is_own(&self, addr: &SocketAddr, to: u16) -> bool {
-        self.own.get(addr) == Some(&to)
+        self.own.is_own(addr, to)
     }
 
     /// `c` connected: its upstream is up (for the metrics).
@@ -108,7 +134,7 @@ impl Connector {
                     // Bound by connect(2); unknown only if the socket already failed, which
                     // `progress` then reports.
                     let local = stream.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
-                    self.own.insert(local, addr.port());
+                    self.own.remember(local, addr.port());
                     let deadline = Instant::now() + self.timeout;
                     return Some(Connecting { stream, local, idx, deadline, rest: plan });
                 }
@@ -159,13 +185,18 @@ impl Connector {
     /// Stops watching `c` and forgets it (its client left, or it is about to be spliced).
     pub(super) fn abandon(&mut self, c: &mut Connecting, registry: &Registry) {
         let _ = registry.deregister(&mut c.stream);
-        self.own.remove(&c.local);
+        self.own.forget(c.local);
     }
 
     /// An upstream connection with local address `local`, connected to port `to`, lives on in a
     /// pair.
     pub(super) fn remember(&mut self, local: SocketAddr, to: u16) {
-        self.own.insert(local, to);
+        self.own.remember(local, to);
+    }
+
+    /// The record of our upstream connections, for the loops of the other threads.
+    pub(super) fn own(&self) -> OwnUpstreams {
+        self.own.clone()
     }
 
     /// `--takeover`: a connect the old process started, watched under `token` from now on.
@@ -183,13 +214,13 @@ impl Connector {
         }
         let mut stream = TcpStream::from_std(std::net::TcpStream::from(fd));
         registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE).ok()?;
-        self.own.insert(c.local, self.upstreams.addr(c.idx).port());
+        self.own.remember(c.local, self.upstreams.addr(c.idx).port());
         Some(Connecting { stream, local: c.local, idx: c.idx, deadline: Instant::now() + c.left, rest: c.rest })
     }
 
     /// The pair that held the upstream connection from `local` has ended.
     pub(super) fn forget(&mut self, local: SocketAddr) {
-        self.own.remove(&local);
+        self.own.forget(local);
     }
 }
 
@@ -267,7 +298,7 @@ mod tests {
         let c = connector.connect(poll.registry(), TOKEN).expect("connecting");
         let (got, _) = settle(&mut connector, &mut poll, c);
         assert_eq!(got, Some(up_addr), "failed over to the listening upstream");
-        assert!(connector.own.len() <= 1, "the refused connection is forgotten: {:?}", connector.own);
+        assert!(connector.own.table().len() <= 1, "the refused connection is forgotten: {:?}", connector.own.table());
         // The refused one is marked down: the next two clients both start with the good one.
         for _ in 0..2 {
             let c = connector.connect(poll.registry(), TOKEN).expect("connecting");
@@ -284,7 +315,7 @@ mod tests {
             None => (None, 0),
         };
         assert_eq!(outcome.0, None);
-        assert!(connector.own.is_empty(), "{:?}", connector.own);
+        assert!(connector.own.table().is_empty(), "{:?}", connector.own.table());
     }
 
     #[test]

@@ -36,13 +36,15 @@ const CONNECT_WAIT: Duration = Duration::from_secs(5);
 const MESSAGE_WAIT: Duration = Duration::from_secs(30);
 
 /// The manifest's version: a new process refuses one it does not know (the old one then drains).
-const VERSION: u32 = 1;
+/// 2: one set of kernel maps per event loop (`--threads`).
+const VERSION: u32 = 2;
 
 #[derive(Serialize, Deserialize)]
 struct Manifest {
     version: u32,
     datapath: String,
-    maps: Option<KernelMaps>,
+    /// Each event loop's kernel maps, by loop (None: no pair in them).
+    maps: Vec<Option<KernelMaps>>,
     pairs: Vec<PairState>,
     /// In arrival order.
     pending: Vec<PendingState>,
@@ -52,6 +54,9 @@ struct Manifest {
 
 #[derive(Serialize, Deserialize)]
 pub(super) struct PairState {
+    /// The event loop that served it (its kernel maps are that loop's).
+    #[serde(default)]
+    pub(super) thread: usize,
     pub(super) ends: [RawFd; 2],
     pub(super) addrs: [SocketAddr; 2],
     pub(super) lasted: Duration,
@@ -105,15 +110,20 @@ impl Server {
         Ok(())
     }
 
-    fn manifest(&self) -> Result<(Manifest, usize, usize), String> {
+    /// What every loop holds: the front's waiting clients, and the pairs and kernel maps of the
+    /// front and of every worker (called back by now).
+    fn manifest(&mut self) -> Result<(Manifest, usize, usize), String> {
         let mut ex = Exporter::default();
-        let maps = self.datapath.export(&mut ex);
-        let mut pairs = Vec::new();
+        let mut maps = vec![self.datapath.export(&mut ex)];
+        let mut pairs = self.export_pairs(&mut ex)?;
+        for worker in self.threads.idle() {
+            maps.push(worker.datapath.export(&mut ex));
+            pairs.extend(worker.export_pairs(&mut ex)?);
+        }
         let mut pending: Vec<(u64, PendingState)> = Vec::new();
         for (_, slot) in self.slots.iter() {
-            match slot {
-                Slot::Pair(p) => pairs.push(p.export(&mut ex).ok_or("a pair's datapath cannot hand it over")?),
-                Slot::Pending(p) => pending.push((
+            if let Slot::Pending(p) = slot {
+                pending.push((
                     p.serial,
                     PendingState {
                         fd: ex.fd(&p.stream),
@@ -123,7 +133,7 @@ impl Server {
                         waited: p.admitted.elapsed(),
                         upstream: p.upstream.as_ref().map(|c| c.export(&mut ex)),
                     },
-                )),
+                ));
             }
         }
         pending.sort_by_key(|(serial, _)| *serial);
@@ -137,6 +147,19 @@ impl Server {
             fds: ex.fds,
         };
         Ok((manifest, n_pairs, n_pending))
+    }
+
+    /// This loop's pairs, for the manifest.
+    fn export_pairs(&self, ex: &mut Exporter) -> Result<Vec<PairState>, String> {
+        let mut pairs = Vec::new();
+        for (_, slot) in self.slots.iter() {
+            if let Slot::Pair(p) = slot {
+                let mut state = p.export(ex).ok_or("a pair's datapath cannot hand it over")?;
+                state.thread = self.threads.me;
+                pairs.push(state);
+            }
+        }
+        Ok(pairs)
     }
 
     /// The new process, before it accepts anyone: tells the old process to hand over and takes
@@ -187,10 +210,30 @@ impl Server {
             let dup = handover.getfd(fd).map_err(|e| format!("cannot take its descriptor {fd}: {e}"))?;
             fds.insert(fd, dup);
         }
-        let maps = match &manifest.maps {
-            Some(maps) => Some(self.datapath.check_maps(maps, &mut fds)?),
-            None => None,
-        };
+        // Each loop's maps go to the loop of the same place here, which must exist.
+        let mut maps = Vec::new();
+        for (n, loop_maps) in manifest.maps.iter().enumerate() {
+            let Some(loop_maps) = loop_maps else {
+                maps.push(None);
+                continue;
+            };
+            let datapath = match n {
+                0 => &self.datapath,
+                n => match self.threads.idle_at_ref(n) {
+                    Some(worker) => &worker.datapath,
+                    None => {
+                        return Err(format!(
+                            "its event loop {} has pairs in kernel maps of its own and this process runs {} event \
+                             loop(s) (start it with --threads {})",
+                            n + 1,
+                            self.threads.count(),
+                            manifest.maps.len()
+                        ))
+                    }
+                },
+            };
+            maps.push(Some(datapath.check_maps(loop_maps, &mut fds)?));
+        }
         for p in &manifest.pending {
             // A relay's client waits for a partner (in order: key ""; by token: its token, or
             // none yet); a proxy's for its upstream connection.
@@ -198,6 +241,7 @@ impl Server {
                 Partners::Clients { by: PairBy::Order, .. } => p.upstream.is_none() && p.key.as_deref() == Some(""),
                 Partners::Clients { by: PairBy::Token, .. } => p.upstream.is_none() && p.key.as_deref() != Some(""),
                 Partners::Upstreams(_) => p.upstream.is_some(),
+                Partners::Front { .. } => false,
             };
             if !fits {
                 return Err("its waiting clients do not fit this command's pairing (run it with the same flags)".into());
@@ -209,31 +253,58 @@ impl Server {
     /// Carries on what was taken over. Committed: a pair that cannot be carried on now is reset.
     fn install(&mut self, taken: Taken) -> (usize, usize) {
         let Taken { manifest, mut fds, maps } = taken;
-        if let Some(maps) = maps {
-            self.datapath.install_maps(maps);
-            // Its reports now come on the adopted ring buffer (the replaced one closed, which
-            // took it out of the event loop).
-            if let Some(fd) = self.datapath.events() {
-                let source = &mut mio::unix::SourceFd(&fd);
-                let registry = self.poll.registry();
-                if let Err(e) = registry
-                    .register(source, super::DATAPATH, Interest::READABLE)
-                    .or_else(|_| registry.reregister(source, super::DATAPATH, Interest::READABLE))
-                {
-                    log::error!("cannot watch the kernel datapath's reports: {e}");
-                }
+        let loops = self.threads.count();
+        for (n, checked) in maps.into_iter().enumerate() {
+            if let (Some(checked), Some(server)) = (checked, self.loop_mut(n)) {
+                server.adopt_maps(checked);
             }
         }
         let mut pairs = 0;
         for state in manifest.pairs {
-            pairs += usize::from(self.import_pair(state, &mut fds));
+            // A pair in kernel maps stays with them; any other may go to any loop.
+            let n = if manifest.maps.get(state.thread).is_some_and(|m| m.is_some()) {
+                state.thread
+            } else {
+                state.thread % loops
+            };
+            if let Some(server) = self.loop_mut(n) {
+                pairs += usize::from(server.import_pair(state, &mut fds));
+            }
         }
         let mut pending = 0;
         for state in manifest.pending {
             pending += usize::from(self.import_pending(state, &mut fds));
         }
         self.datapath_due = Some(Instant::now());
+        for worker in self.threads.idle() {
+            worker.datapath_due = Some(Instant::now());
+        }
         (pairs, pending)
+    }
+
+    /// Loop `n`'s server (0: this one), before the other loops' threads start.
+    fn loop_mut(&mut self, n: usize) -> Option<&mut Server> {
+        match n {
+            0 => Some(self),
+            n => self.threads.idle_at(n),
+        }
+    }
+
+    /// Uses the old process's maps from now on (`check_maps` accepted them).
+    fn adopt_maps(&mut self, checked: Box<dyn std::any::Any>) {
+        self.datapath.install_maps(checked);
+        // Its reports now come on the adopted ring buffer (the replaced one closed, which took
+        // it out of the event loop).
+        if let Some(fd) = self.datapath.events() {
+            let source = &mut mio::unix::SourceFd(&fd);
+            let registry = self.poll.registry();
+            if let Err(e) = registry
+                .register(source, super::DATAPATH, Interest::READABLE)
+                .or_else(|_| registry.reregister(source, super::DATAPATH, Interest::READABLE))
+            {
+                log::error!("cannot watch the kernel datapath's reports: {e}");
+            }
+        }
     }
 
     fn import_pair(&mut self, mut state: PairState, fds: &mut Fds) -> bool {
@@ -259,12 +330,13 @@ impl Server {
             let ended = pair.end(Ending::Reset { end: 0, error: e });
             return log_false(format!("pair {} <-> {} {}: cannot watch it", addrs[0], addrs[1], ended.how));
         }
-        if let (Some(local), Partners::Upstreams(connector)) = (pair.upstream_local(), &mut self.partners) {
-            connector.remember(local, addrs[1].port());
+        if let Some(local) = pair.upstream_local() {
+            self.remember_upstream(local, addrs[1].port());
         }
         self.slots.insert(Slot::Pair(pair));
         self.pair_metrics.insert(slot, self.metrics.pair_started(label));
         self.pairs += 1;
+        self.threads.adopted(self.threads.me);
         // What came while the processes changed places is moved now.
         self.service(slot, true);
         true
@@ -311,6 +383,7 @@ impl Server {
             }
             // Its upstream connection may have completed meanwhile.
             Partners::Upstreams(_) => self.on_upstream(slot),
+            Partners::Front { .. } => {}
         }
         true
     }
@@ -320,7 +393,8 @@ impl Server {
 struct Taken {
     manifest: Manifest,
     fds: Fds,
-    maps: Option<Box<dyn std::any::Any>>,
+    /// By event loop.
+    maps: Vec<Option<Box<dyn std::any::Any>>>,
 }
 
 fn log_false(line: String) -> bool {

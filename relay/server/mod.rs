@@ -1,6 +1,6 @@
-//! The accept-and-splice loop: one mio thread accepts clients, finds each one its partner, hands
-//! the pair to the datapath and then only propagates end of file and resets. Payload never
-//! passes through here on the kernel datapath.
+//! The accept-and-splice loop: one mio loop accepts clients, finds each one its partner, hands
+//! the pair to the datapath (its own, or another thread's loop: `threads`) and then only
+//! propagates end of file and resets. Payload never passes through here on the kernel datapath.
 //!
 //! The loop only dispatches events and timers; each concept owns its state and answers with an
 //! outcome the loop acts on, and none calls another:
@@ -8,7 +8,8 @@
 //! - `pending`: a client waiting for its token line, its partner or its upstream connection;
 //! - `connector`: `proxy`'s upstream connections (connect, timeout, failover, mark-down);
 //! - `pair`: two spliced connections, their end-of-file and reset propagation;
-//! - `timers`: deadlines typed by what they are for.
+//! - `timers`: deadlines typed by what they are for;
+//! - `threads`: the other threads' loops (`--threads`), each a `Server` that only serves pairs.
 //!
 //! How a pair ends is accounted in one place, `Server::account_end`.
 mod connector;
@@ -16,14 +17,16 @@ mod handover;
 mod listener;
 mod pair;
 mod pending;
+mod threads;
 mod timers;
 
 pub use listener::listen;
 
 use self::{
-    connector::{Connector, Progress},
+    connector::{Connector, OwnUpstreams, Progress},
     pair::{reset_on_close, Ended, Ending, Pair, Step},
     pending::{Look, Pending},
+    threads::{Formed, Order, Threads},
     timers::{Timer, Timers},
 };
 use crate::{
@@ -38,7 +41,7 @@ use crate::{
 use mio::{
     event::Event,
     net::{TcpListener, TcpStream},
-    Events, Interest, Poll, Token,
+    Events, Interest, Poll, Token, Waker,
 };
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
@@ -69,6 +72,17 @@ pub struct ServerConfig {
     pub metrics: Metrics,
 }
 
+/// What a loop's `serve` ended with.
+enum Served {
+    /// Drained (or every pair closed): the loop's work is done.
+    Stopped,
+    /// Everything went to the process that took over (`--takeover`); nothing may be dropped.
+    HandedOver,
+    /// A worker loop called back by the front (`--takeover`), its pairs untouched.
+    Recalled,
+    Failed(Error),
+}
+
 /// How often the kernel in-flight gauge is read while pairs live.
 const INFLIGHT_EVERY: Duration = Duration::from_secs(1);
 /// How long a drain waits before it logs where each remaining pair stands.
@@ -78,7 +92,9 @@ const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
 /// The datapath's own events (the kernel datapath's budget reports).
 const DATAPATH: Token = Token(2);
-const FIRST_SLOT_TOKEN: usize = 3;
+/// Another thread's loop has news for this one (threads.rs).
+const INBOX: Token = Token(3);
+const FIRST_SLOT_TOKEN: usize = 4;
 /// How long to wait before accepting again when the process is out of file descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -104,14 +120,23 @@ enum Slot {
 
 /// How clients find partners, with the state that takes.
 enum Partners {
-    Clients { by: PairBy, matcher: Matcher<usize> },
+    Clients {
+        by: PairBy,
+        matcher: Matcher<usize>,
+    },
     Upstreams(Connector),
+    /// A worker loop (`--threads`): the front finds partners and sends pairs here. `own`: a
+    /// proxy's record of its upstream connections, which a pair ending here leaves.
+    Front {
+        own: Option<OwnUpstreams>,
+    },
 }
 
 pub struct Server {
     poll: Poll,
     listener: Option<TcpListener>,
-    signals: Signals,
+    /// The front loop's only.
+    signals: Option<Signals>,
     datapath: Box<dyn Datapath>,
     partners: Partners,
     max_pending: usize,
@@ -137,21 +162,30 @@ pub struct Server {
     inflight_due: Option<Instant>,
     /// When the datapath wants `tend` called again.
     datapath_due: Option<Instant>,
+    /// This loop's place among the threads' loops.
+    threads: Threads,
 }
 
 impl Server {
-    pub fn new(mut listener: TcpListener, datapath: Box<dyn Datapath>, config: ServerConfig) -> Result<Self, Error> {
+    /// The front loop, with one more loop for each datapath after the first (`--threads`: one
+    /// datapath per thread), started by `run`.
+    pub fn new(
+        mut listener: TcpListener,
+        datapaths: Vec<Box<dyn Datapath>>,
+        config: ServerConfig,
+    ) -> Result<Self, Error> {
+        let mut datapaths = datapaths.into_iter();
+        let first = datapaths.next().ok_or_else(|| Error::Usage("no datapath to serve pairs with".into()))?;
         let poll = Poll::new().map_err(|e| Error::io("cannot create the event loop", e))?;
+        let waker = Waker::new(poll.registry(), INBOX).map_err(|e| Error::io("cannot create the event loop", e))?;
+        let threads = Threads::front(1 + datapaths.len(), waker);
         // SIGUSR2: a new skrelay took our sockets (--takeover) and asks us to hand over.
         let mut signals =
             Signals::new([SIGINT, SIGTERM, SIGUSR2]).map_err(|e| Error::io("cannot handle signals", e))?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
             .and_then(|_| poll.registry().register(&mut signals, SIGNALS, Interest::READABLE))
-            .and_then(|_| match datapath.events() {
-                Some(fd) => poll.registry().register(&mut mio::unix::SourceFd(&fd), DATAPATH, Interest::READABLE),
-                None => Ok(()),
-            })
+            .and_then(|_| watch_datapath(&poll, first.as_ref()))
             .map_err(|e| Error::io("cannot register with the event loop", e))?;
         sys::raise_fd_limit();
         let partners = match config.partnering {
@@ -160,16 +194,47 @@ impl Server {
                 Partners::Upstreams(Connector::new(upstreams, connect_timeout))
             }
         };
-        Ok(Server {
+        let own = match &partners {
+            Partners::Upstreams(connector) => Some(connector.own()),
+            _ => None,
+        };
+        let limits = (config.max_pending, config.pair_timeout, config.drain_timeout);
+        let mut front =
+            Server::with(poll, Some(listener), Some(signals), first, partners, threads, limits, &config.metrics);
+        for (i, datapath) in datapaths.enumerate() {
+            let poll = Poll::new().map_err(|e| Error::io("cannot create an event loop", e))?;
+            let waker = Waker::new(poll.registry(), INBOX).map_err(|e| Error::io("cannot create an event loop", e))?;
+            watch_datapath(&poll, datapath.as_ref())
+                .map_err(|e| Error::io("cannot register with the event loop", e))?;
+            let (threads, orders, waker) = front.threads.worker(i + 1, waker);
+            let partners = Partners::Front { own: own.clone() };
+            let worker = Server::with(poll, None, None, datapath, partners, threads, limits, &config.metrics);
+            front.threads.add(worker, orders, waker);
+        }
+        Ok(front)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn with(
+        poll: Poll,
+        listener: Option<TcpListener>,
+        signals: Option<Signals>,
+        datapath: Box<dyn Datapath>,
+        partners: Partners,
+        threads: Threads,
+        (max_pending, pair_timeout, drain_timeout): (usize, Duration, Duration),
+        metrics: &Metrics,
+    ) -> Server {
+        Server {
             poll,
-            listener: Some(listener),
+            listener,
             signals,
             datapath,
             partners,
-            max_pending: config.max_pending,
-            pair_timeout: config.pair_timeout,
-            drain_timeout: config.drain_timeout,
-            metrics: config.metrics,
+            max_pending,
+            pair_timeout,
+            drain_timeout,
+            metrics: metrics.clone(),
             pair_metrics: HashMap::new(),
             inflight_due: None,
             slots: Slab::new(),
@@ -183,10 +248,44 @@ impl Server {
             drain_report: None,
             handed_over: false,
             datapath_due: None,
-        })
+            threads,
+        }
     }
 
+    /// Serves until drained (or handed over): the front loop here, each other loop in a thread
+    /// of its own.
     pub fn run(mut self) -> Result<(), Error> {
+        self.threads.start().map_err(|e| Error::io("cannot start the event loops' threads", e))?;
+        match self.serve() {
+            Served::Stopped | Served::Recalled => {}
+            Served::HandedOver => {
+                // The new process owns every socket and kernel map entry now: no destructor of
+                // ours may run (a kernel pair's would take its sockets out of the maps), so the
+                // server, with every loop's, is forgotten, not dropped, and the process exits
+                // when the command returns.
+                log::info!("stopped");
+                std::mem::forget(self);
+                return Ok(());
+            }
+            Served::Failed(e) => return Err(e),
+        }
+        self.threads.join();
+        // One exit line for the datapaths of every loop.
+        let mut tally = self.datapath.tally();
+        for worker in self.threads.idle() {
+            for (sum, n) in tally.iter_mut().zip(worker.datapath.tally()) {
+                *sum += n;
+            }
+        }
+        if let Some(summary) = self.datapath.summary(&tally) {
+            log::info!("{summary}");
+        }
+        log::info!("stopped");
+        Ok(())
+    }
+
+    /// One loop's events until its work is done.
+    fn serve(&mut self) -> Served {
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = self.next_timeout();
@@ -194,7 +293,7 @@ impl Server {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                return Err(Error::io("event loop failed", e));
+                return Served::Failed(Error::io("event loop failed", e));
             }
             for event in events.iter() {
                 match event.token() {
@@ -202,13 +301,12 @@ impl Server {
                     SIGNALS => {
                         self.on_signal();
                         if self.handed_over {
-                            // The new process owns every socket and kernel map entry now: no
-                            // destructor of ours may run (a kernel pair's would take its sockets
-                            // out of the maps), so the server is forgotten, not dropped, and the
-                            // process exits when the command returns.
-                            log::info!("stopped");
-                            std::mem::forget(self);
-                            return Ok(());
+                            return Served::HandedOver;
+                        }
+                    }
+                    INBOX => {
+                        if self.on_orders() {
+                            return Served::Recalled;
                         }
                     }
                     DATAPATH => self.datapath_due = Some(Instant::now()),
@@ -233,7 +331,7 @@ impl Server {
                 self.accept();
             }
             if let Some(deadline) = self.drain_deadline {
-                if self.pairs == 0 && self.pending == 0 {
+                if self.pairs == 0 && self.pending == 0 && self.threads.all_finished() {
                     break;
                 }
                 if self.drain_report.is_some_and(|t| Instant::now() >= t) {
@@ -246,17 +344,37 @@ impl Server {
                     }
                 }
                 if Instant::now() >= deadline {
-                    log::warn!("drain timeout: closing {} live pair(s)", self.pairs);
+                    if self.pairs > 0 {
+                        log::warn!("drain timeout: closing {} live pair(s)", self.pairs);
+                    }
                     self.end_all(|| Ending::Drained);
+                    // The other loops have the same deadline: the front waits for them in `run`.
                     break;
                 }
             }
         }
-        if let Some(summary) = self.datapath.summary() {
-            log::info!("{summary}");
+        Served::Stopped
+    }
+
+    /// A worker loop's orders from the front; true when it is called back (`Order::Stop`).
+    fn on_orders(&mut self) -> bool {
+        while let Some(order) = self.threads.next_order() {
+            match order {
+                Order::Pair(f) => self.splice_here(f),
+                Order::Drain(deadline) => self.start_drain(deadline),
+                Order::EndAll => {
+                    self.end_all(|| Ending::Drained);
+                    self.drain_deadline = Some(Instant::now());
+                }
+                Order::Stop => return true,
+            }
         }
-        log::info!("stopped");
-        Ok(())
+        false
+    }
+
+    fn start_drain(&mut self, deadline: Instant) {
+        self.drain_deadline = Some(deadline);
+        self.drain_report = Some(Instant::now() + DRAIN_REPORT_AFTER);
     }
 
     fn next_timeout(&self) -> Option<Duration> {
@@ -350,6 +468,8 @@ impl Server {
                     return;
                 }
             }
+            // Only the front accepts.
+            Partners::Front { .. } => return,
         }
         let _ = stream.set_nodelay(true);
         let slot = self.slots.vacant_key();
@@ -381,6 +501,7 @@ impl Server {
                 }
                 None => self.no_upstream(slot),
             },
+            Partners::Front { .. } => {}
         }
     }
 
@@ -449,6 +570,7 @@ impl Server {
                     connector.abandon(c, registry);
                 }
             }
+            Partners::Front { .. } => {}
         }
         Some(p)
     }
@@ -466,8 +588,9 @@ impl Server {
         self.splice_pair([a.stream, b.stream], [a.addr, b.addr], [a.skip, b.skip], None);
     }
 
-    /// Hands two connected sockets to the datapath and starts watching them as a pair.
-    /// `upstream_local`: `proxy`'s upstream end's local address, remembered while the pair lives.
+    /// Hands two connected sockets to the loop with the fewest pairs (this one while draining:
+    /// the others may be stopping), to splice and watch as a pair. `upstream_local`: `proxy`'s
+    /// upstream end's local address, remembered while the pair lives.
     fn splice_pair(
         &mut self,
         ends: [TcpStream; 2],
@@ -475,9 +598,23 @@ impl Server {
         skip: [u32; 2],
         upstream_local: Option<SocketAddr>,
     ) {
+        let formed = Formed { ends, addrs, skip, upstream_local };
+        let to = if self.drain_deadline.is_some() { self.threads.me } else { self.threads.pick() };
+        if to == self.threads.me {
+            return self.splice_here(formed);
+        }
+        if let Some(formed) = self.threads.send(to, formed) {
+            self.threads.took_back(to);
+            self.splice_here(formed);
+        }
+    }
+
+    /// Hands a formed pair, counted as this loop's, to the datapath and starts watching it.
+    fn splice_here(&mut self, Formed { ends, addrs, skip, upstream_local }: Formed) {
         let splice = match self.datapath.splice([&ends[0], &ends[1]], skip) {
             Ok(s) => s,
             Err(e) => {
+                self.threads.released();
                 // Streams we could not finish: reset, never closed as if they were whole.
                 ends.iter().for_each(reset_on_close);
                 return log::error!("pair {} <-> {} reset: cannot splice it: {e}", addrs[0], addrs[1]);
@@ -491,17 +628,27 @@ impl Server {
         let slot = self.slots.vacant_key();
         let mut pair = Pair::new(ends, addrs, splice, serial, upstream_local);
         if let Err(e) = pair.register(self.poll.registry(), tokens(slot)) {
+            self.threads.released();
             return log::error!("pair {} <-> {} reset: cannot watch it: {e}", addrs[0], addrs[1]);
         }
-        log::debug!("paired {} <-> {} ({})", addrs[0], addrs[1], pair.datapath());
+        log::debug!("paired {} <-> {} ({}, thread {})", addrs[0], addrs[1], pair.datapath(), self.threads.me);
         self.slots.insert(Slot::Pair(pair));
         self.pair_metrics.insert(slot, self.metrics.pair_started(label));
         self.pairs += 1;
-        if let (Some(local), Partners::Upstreams(connector)) = (upstream_local, &mut self.partners) {
-            connector.remember(local, addrs[1].port());
+        if let Some(local) = upstream_local {
+            self.remember_upstream(local, addrs[1].port());
         }
         // Bytes and EOFs that came before the pair formed are acted on now, not at the next event.
         self.service(slot, true);
+    }
+
+    /// `proxy`: the upstream connection from `local` (to port `to`) lives on in a pair.
+    fn remember_upstream(&mut self, local: SocketAddr, to: u16) {
+        match &mut self.partners {
+            Partners::Upstreams(connector) => connector.remember(local, to),
+            Partners::Front { own: Some(own) } => own.remember(local, to),
+            _ => {}
+        }
     }
 
     /// Moves a pair on and does what it asks: a timer, another turn, new readiness, its end.
@@ -532,6 +679,7 @@ impl Server {
         };
         let Slot::Pair(mut pair) = self.slots.remove(slot) else { unreachable!() };
         self.pairs -= 1;
+        self.threads.released();
         pair.deregister(self.poll.registry());
         let counted = match &ending {
             Ending::Done => PairEnd::Eof,
@@ -553,14 +701,16 @@ impl Server {
         if self.inflight_due.is_some_and(|t| now < t) {
             return;
         }
-        self.metrics.set_kernel_inflight(self.datapath.in_flight());
+        self.metrics.set_kernel_inflight(self.threads.me, self.datapath.in_flight());
         self.inflight_due = (self.pairs > 0).then(|| now + INFLIGHT_EVERY);
     }
 
     /// Every pair that ends passes here once, before its sockets close.
     fn account_end(&mut self, ended: &Ended) {
-        if let (Some(local), Partners::Upstreams(connector)) = (ended.upstream_local, &mut self.partners) {
-            connector.forget(local);
+        match (ended.upstream_local, &mut self.partners) {
+            (Some(local), Partners::Upstreams(connector)) => connector.forget(local),
+            (Some(local), Partners::Front { own: Some(own) }) => own.forget(local),
+            _ => {}
         }
         let [a, b] = ended.addrs;
         log::info!(
@@ -651,7 +801,8 @@ impl Server {
     }
 
     fn on_signal(&mut self) {
-        let signals: Vec<i32> = self.signals.pending().collect();
+        let Some(signals) = self.signals.as_mut() else { return };
+        let signals: Vec<i32> = signals.pending().collect();
         for signal in signals {
             let name = match signal {
                 SIGINT => "SIGINT",
@@ -663,12 +814,13 @@ impl Server {
                 continue;
             }
             if self.drain_deadline.is_some() {
-                log::warn!("{name} again: closing {} live pair(s) now", self.pairs);
+                log::warn!("{name} again: closing {} live pair(s) now", self.threads.pairs());
                 self.end_all(|| Ending::Drained);
+                self.threads.tell(|| Order::EndAll);
                 self.drain_deadline = Some(Instant::now());
                 continue;
             }
-            crate::systemd::notify(&format!("STOPPING=1\nSTATUS=draining {} live pair(s)", self.pairs));
+            crate::systemd::notify(&format!("STOPPING=1\nSTATUS=draining {} live pair(s)", self.threads.pairs()));
             if let Some(mut listener) = self.listener.take() {
                 let _ = self.poll.registry().deregister(&mut listener);
             }
@@ -680,13 +832,18 @@ impl Server {
             if signal == SIGUSR2 {
                 self.metrics.stop_serving();
                 // Live pairs and waiting clients move to the new process, and this one exits;
-                // if they cannot, they stay and finish here (server/handover.rs).
+                // if they cannot, they stay and finish here (server/handover.rs). Every loop's
+                // pairs go: the other loops stop and give their servers back first.
+                self.threads.recall();
                 match self.hand_over() {
                     Ok(()) => {
                         self.handed_over = true;
                         return;
                     }
                     Err(why) => log::warn!("live pairs and waiting clients stay in this process: {why}"),
+                }
+                if let Err(e) = self.threads.start() {
+                    log::error!("cannot restart the event loops' threads: {e}; their pairs wait");
                 }
             }
             let waiting: Vec<usize> =
@@ -696,11 +853,20 @@ impl Server {
             }
             log::info!(
                 "{name}: no longer accepting; letting {} live pair(s) finish (up to {:?})",
-                self.pairs,
+                self.threads.pairs(),
                 self.drain_timeout
             );
-            self.drain_deadline = Some(Instant::now() + self.drain_timeout);
-            self.drain_report = Some(Instant::now() + DRAIN_REPORT_AFTER);
+            let deadline = Instant::now() + self.drain_timeout;
+            self.start_drain(deadline);
+            self.threads.tell(move || Order::Drain(deadline));
         }
+    }
+}
+
+/// Watches `datapath`'s own events, if it has any.
+fn watch_datapath(poll: &Poll, datapath: &dyn Datapath) -> io::Result<()> {
+    match datapath.events() {
+        Some(fd) => poll.registry().register(&mut mio::unix::SourceFd(&fd), DATAPATH, Interest::READABLE),
+        None => Ok(()),
     }
 }

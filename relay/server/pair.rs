@@ -120,6 +120,7 @@ impl Pair {
     /// `--takeover`: the pair's state for the new process, its descriptors recorded in `ex`.
     pub(super) fn export(&self, ex: &mut Exporter) -> Option<PairState> {
         Some(PairState {
+            thread: 0,
             ends: [ex.fd(&self.ends[0]), ex.fd(&self.ends[1])],
             addrs: self.addrs,
             lasted: self.since.elapsed(),

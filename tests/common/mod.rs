@@ -224,13 +224,12 @@ impl Skrelay {
     /// Starts a command that runs skrelay (e.g. under setpriv) and waits for `ready` in its log.
     pub fn spawn(mut cmd: Command, ready: &str) -> Skrelay {
         let args = format!("{cmd:?}");
-        let mut child = cmd
-            .env("RUST_LOG", std::env::var("SKRELAY_TEST_LOG").unwrap_or_else(|_| "info".into()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn skrelay");
+        // A test that sets RUST_LOG itself (to read debug lines) keeps it.
+        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env("RUST_LOG", std::env::var("SKRELAY_TEST_LOG").unwrap_or_else(|_| "info".into()));
+        }
+        let mut child =
+            cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn skrelay");
         let log = Arc::new(Mutex::new(String::new()));
         for pipe in
             [Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stdout.take().unwrap())]

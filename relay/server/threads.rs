@@ -1,0 +1,255 @@
+//! `--threads N`: one event loop per thread. The first loop (the front) accepts, finds partners
+//! and connects upstreams, and serves pairs like the others; each pair it forms goes to the loop
+//! with the fewest pairs, whose thread serves both its sockets until the pair ends. Pairing stays
+//! in one place, so arrival order and tokens mean exactly what they mean with one thread.
+//!
+//! Each loop is a `Server` of its own (its own poll, timers and datapath: a kernel datapath per
+//! loop, with its own programs and maps, whose pairs `--kernel-memory` bounds together). The
+//! front talks to the others by `Order`s on a channel, with a mio `Waker`; a loop that stops
+//! wakes the front. `--takeover` calls them back (`recall`): their threads return their servers,
+//! so the front hands over every pair of every loop at once.
+use super::Server;
+use mio::{net::TcpStream, Waker};
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        mpsc::{self, Receiver, Sender, TryRecvError},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::Instant,
+};
+
+/// What the front asks of another loop.
+pub(super) enum Order {
+    /// Serve this pair from now on.
+    Pair(Formed),
+    /// Stop taking pairs; let the live ones finish until `Instant`, then reset them.
+    Drain(Instant),
+    /// Reset every live pair now (SIGTERM again).
+    EndAll,
+    /// Stop at once and give the server back to the front (`--takeover`).
+    Stop,
+}
+
+/// A pair formed by the front, not yet spliced.
+pub(super) struct Formed {
+    pub(super) ends: [TcpStream; 2],
+    pub(super) addrs: [SocketAddr; 2],
+    pub(super) skip: [u32; 2],
+    pub(super) upstream_local: Option<SocketAddr>,
+}
+
+/// One loop's place among the threads.
+pub(super) struct Threads {
+    /// This loop's index; 0 is the front.
+    pub(super) me: usize,
+    /// Pairs each loop serves or has been sent (the front picks the least loaded).
+    loads: Arc<[AtomicUsize]>,
+    /// Wakes this loop (a worker: an order came; the front: a worker stopped).
+    waker: Arc<Waker>,
+    /// A worker's orders.
+    inbox: Option<Receiver<Order>>,
+    /// A worker: the front's waker, to say that this loop stopped.
+    front: Option<Arc<Waker>>,
+    /// The front: the other loops.
+    workers: Vec<Worker>,
+}
+
+struct Worker {
+    orders: Sender<Order>,
+    waker: Arc<Waker>,
+    run: Run,
+}
+
+enum Run {
+    /// Built, or called back: its server waits here for a thread.
+    Idle(Box<Server>),
+    Running(JoinHandle<Server>),
+    /// Its thread ended (or died: the reason was logged).
+    Finished,
+}
+
+impl Threads {
+    /// The front's part, for `n` loops; `waker` wakes the front's loop (registered by the caller).
+    pub(super) fn front(n: usize, waker: Waker) -> Threads {
+        Threads {
+            me: 0,
+            loads: (0..n.max(1)).map(|_| AtomicUsize::new(0)).collect(),
+            waker: Arc::new(waker),
+            inbox: None,
+            front: None,
+            workers: Vec::new(),
+        }
+    }
+
+    /// The part of worker loop `me`, whose `waker` is registered with its own poll; returns the
+    /// front's way to give it orders.
+    pub(super) fn worker(&self, me: usize, waker: Waker) -> (Threads, Sender<Order>, Arc<Waker>) {
+        let (tx, rx) = mpsc::channel();
+        let waker = Arc::new(waker);
+        let threads = Threads {
+            me,
+            loads: self.loads.clone(),
+            waker: waker.clone(),
+            inbox: Some(rx),
+            front: Some(self.waker.clone()),
+            workers: Vec::new(),
+        };
+        (threads, tx, waker)
+    }
+
+    /// The front: adds a worker loop, to start with `start`.
+    pub(super) fn add(&mut self, server: Server, orders: Sender<Order>, waker: Arc<Waker>) {
+        self.workers.push(Worker { orders, waker, run: Run::Idle(Box::new(server)) });
+    }
+
+    pub(super) fn count(&self) -> usize {
+        self.loads.len()
+    }
+
+    /// The loop a new pair goes to: of the front and the running workers, the one with the
+    /// fewest pairs (the front on a tie), counted as its from now on.
+    pub(super) fn pick(&self) -> usize {
+        let running = |i: usize| i == 0 || matches!(&self.workers[i - 1].run, Run::Running(h) if !h.is_finished());
+        let n = (0..self.loads.len())
+            .filter(|&i| running(i))
+            .min_by_key(|&i| (self.loads[i].load(Ordering::Relaxed), i))
+            .unwrap_or(self.me);
+        self.loads[n].fetch_add(1, Ordering::Relaxed);
+        n
+    }
+
+    /// Pair counted for loop `from` by `pick` is served by this loop instead.
+    pub(super) fn took_back(&self, from: usize) {
+        self.loads[from].fetch_sub(1, Ordering::Relaxed);
+        self.loads[self.me].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A pair of this loop's ended (or could not be spliced).
+    pub(super) fn released(&self) {
+        self.loads[self.me].fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// A pair handed over joined loop `n`.
+    pub(super) fn adopted(&self, n: usize) {
+        self.loads[n].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Pairs of every loop.
+    pub(super) fn pairs(&self) -> usize {
+        self.loads.iter().map(|l| l.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Sends pair `formed` to worker loop `n` (1..); gives it back if that loop is gone.
+    pub(super) fn send(&self, n: usize, formed: Formed) -> Option<Formed> {
+        let w = &self.workers[n - 1];
+        match w.orders.send(Order::Pair(formed)) {
+            Ok(()) => {
+                let _ = w.waker.wake();
+                None
+            }
+            Err(mpsc::SendError(Order::Pair(f))) => Some(f),
+            Err(_) => unreachable!("sent a pair"),
+        }
+    }
+
+    /// Tells every running worker `order` (made anew for each).
+    pub(super) fn tell(&self, order: impl Fn() -> Order) {
+        for w in &self.workers {
+            if matches!(w.run, Run::Running(_)) && w.orders.send(order()).is_ok() {
+                let _ = w.waker.wake();
+            }
+        }
+    }
+
+    /// A worker: the next order, if one came.
+    pub(super) fn next_order(&self) -> Option<Order> {
+        match self.inbox.as_ref()?.try_recv() {
+            Ok(order) => Some(order),
+            Err(TryRecvError::Empty) => None,
+            // The front is gone: nothing will come, finish what is here.
+            Err(TryRecvError::Disconnected) => Some(Order::Drain(Instant::now())),
+        }
+    }
+
+    /// A worker whose loop ended: tells the front.
+    pub(super) fn stopped(&self) {
+        if let Some(front) = &self.front {
+            let _ = front.wake();
+        }
+    }
+
+    /// The front: starts a thread for every idle worker.
+    pub(super) fn start(&mut self) -> io::Result<()> {
+        for (i, w) in self.workers.iter_mut().enumerate() {
+            if let Run::Idle(_) = w.run {
+                let Run::Idle(server) = std::mem::replace(&mut w.run, Run::Finished) else { unreachable!() };
+                let thread = std::thread::Builder::new().name(format!("skrelay-{}", i + 1)).spawn(move || {
+                    let mut server = *server;
+                    server.serve();
+                    server.threads.stopped();
+                    server
+                });
+                match thread {
+                    Ok(handle) => w.run = Run::Running(handle),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every worker's loop has ended.
+    pub(super) fn all_finished(&self) -> bool {
+        self.workers.iter().all(|w| match &w.run {
+            Run::Running(h) => h.is_finished(),
+            _ => true,
+        })
+    }
+
+    /// The front: waits for every running worker's thread and keeps its server (idle again).
+    pub(super) fn join(&mut self) {
+        for (i, w) in self.workers.iter_mut().enumerate() {
+            if let Run::Running(_) = w.run {
+                let Run::Running(handle) = std::mem::replace(&mut w.run, Run::Finished) else { unreachable!() };
+                match handle.join() {
+                    Ok(server) => w.run = Run::Idle(Box::new(server)),
+                    Err(_) => log::error!("event loop {} died; its pairs were reset", i + 1),
+                }
+            }
+        }
+    }
+
+    /// The front, for `--takeover`: stops every worker's loop and takes its server back.
+    pub(super) fn recall(&mut self) {
+        self.tell(|| Order::Stop);
+        self.join();
+    }
+
+    /// The servers of the idle workers, by loop index - 1.
+    pub(super) fn idle(&mut self) -> impl Iterator<Item = &mut Server> {
+        self.workers.iter_mut().filter_map(|w| match &mut w.run {
+            Run::Idle(s) => Some(&mut **s),
+            _ => None,
+        })
+    }
+
+    /// The server of idle worker loop `n` (1..), to read.
+    pub(super) fn idle_at_ref(&self, n: usize) -> Option<&Server> {
+        match &self.workers.get(n.checked_sub(1)?)?.run {
+            Run::Idle(s) => Some(&**s),
+            _ => None,
+        }
+    }
+
+    /// The server of idle worker loop `n` (1..).
+    pub(super) fn idle_at(&mut self, n: usize) -> Option<&mut Server> {
+        match &mut self.workers.get_mut(n.checked_sub(1)?)?.run {
+            Run::Idle(s) => Some(&mut **s),
+            _ => None,
+        }
+    }
+}
