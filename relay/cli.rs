@@ -187,9 +187,9 @@ pub struct SpliceArgs {
     /// (root or CAP_SYS_PTRACE); not with --ports.
     #[arg(long, value_name = "PID", value_parser = clap::value_parser!(i32).range(1..))]
     pub takeover: Option<i32>,
-    /// Event loops, one thread each; a pair is served by one loop for its life, and goes to the
-    /// loop with the fewest pairs. The first loop also accepts and pairs clients, so arrival
-    /// order and tokens pair exactly as with one. 0: one per CPU. The kernel datapath loads its
+    /// Event loops, one thread each; a pair is served by one loop for its life. The first loop
+    /// also accepts and pairs clients (so arrival order and tokens pair exactly as with one), and
+    /// keeps a new pair unless it serves more than one pair over the least loaded loop. 0: one per CPU. The kernel datapath loads its
     /// programs and maps once per loop; --kernel-memory bounds all of them together.
     #[arg(long, default_value_t = 0, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1024))]
     pub threads: u32,

@@ -28,9 +28,13 @@ fn start_debug(args: &[&str], dp: &str) -> Skrelay {
     Skrelay::spawn(cmd, "listening on")
 }
 
-/// The loops that pairs were spliced on, from "paired A <-> B (DATAPATH, thread N)" lines.
-fn loops_used(log: &str) -> BTreeSet<usize> {
-    log.lines()
+/// The loops that `pairs` pairs were spliced on, from "paired A <-> B (DATAPATH, thread N)"
+/// lines (waiting for them: the log is read from a pipe, behind the process).
+fn loops_used(relay: &Skrelay, pairs: usize) -> BTreeSet<usize> {
+    relay.wait_log("paired ", pairs, Duration::from_secs(5));
+    relay
+        .log()
+        .lines()
         .filter(|l| l.contains("paired "))
         .filter_map(|l| l.rsplit("thread ").next()?.trim_end_matches(')').parse().ok())
         .collect()
@@ -61,7 +65,7 @@ fn arrival_order_pairs_exactly_across_loops(dp: &str) {
         assert_eq!(hear_line(c), format!("client {}", i ^ 1), "{dp}: client {i}'s partner\n{}", relay.log());
     }
     // All 12 pairs are live at once, so they were spread over every loop.
-    let used = loops_used(&relay.log());
+    let used = loops_used(&relay, 12);
     assert_eq!(used, (0..4).collect(), "{dp}: loops that served pairs\n{}", relay.log());
     let mut it = clients.into_iter();
     let mut runs = Vec::new();
@@ -94,7 +98,7 @@ fn tokens_pair_exactly_across_loops(dp: &str) {
         assert_eq!(hear_line(a), format!("from {t}/1"), "{dp}: token {t}\n{}", relay.log());
         assert_eq!(hear_line(b), format!("from {t}/0"), "{dp}: token {t}\n{}", relay.log());
     }
-    assert_eq!(loops_used(&relay.log()).len(), 3, "{dp}: 16 live pairs use every loop\n{}", relay.log());
+    assert_eq!(loops_used(&relay, 16).len(), 3, "{dp}: 16 live pairs use every loop\n{}", relay.log());
     let runs: Vec<_> = ends
         .into_iter()
         .enumerate()
@@ -118,7 +122,7 @@ fn a_drain_waits_for_the_pairs_of_every_loop(dp: &str) {
     for (i, c) in clients.iter().enumerate() {
         assert_eq!(hear_line(c), format!("client {}", i ^ 1));
     }
-    assert_eq!(loops_used(&relay.log()).len(), 3, "{}", relay.log());
+    assert_eq!(loops_used(&relay, 6).len(), 3, "{}", relay.log());
     relay.signal(libc::SIGTERM);
     relay.wait_log("no longer accepting", 1, Duration::from_secs(5));
     thread::sleep(Duration::from_millis(300));
@@ -157,7 +161,7 @@ fn a_takeover_moves_the_pairs_of_every_loop(dp: &str) {
     for (i, c) in clients.iter().enumerate() {
         assert_eq!(hear_line(c), format!("client {}", i ^ 1));
     }
-    assert_eq!(loops_used(&old.log()).len(), 3, "{}", old.log());
+    assert_eq!(loops_used(&old, 6).len(), 3, "{}", old.log());
     let new = taker(&args, &old, dp);
     let status = old.wait(Duration::from_secs(10));
     thread::sleep(Duration::from_millis(50));

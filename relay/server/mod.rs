@@ -206,10 +206,10 @@ impl Server {
             let waker = Waker::new(poll.registry(), INBOX).map_err(|e| Error::io("cannot create an event loop", e))?;
             watch_datapath(&poll, datapath.as_ref())
                 .map_err(|e| Error::io("cannot register with the event loop", e))?;
-            let (threads, orders, waker) = front.threads.worker(i + 1, waker);
+            let (threads, link) = front.threads.worker(i + 1, waker);
             let partners = Partners::Front { own: own.clone() };
             let worker = Server::with(poll, None, None, datapath, partners, threads, limits, &config.metrics);
-            front.threads.add(worker, orders, waker);
+            front.threads.add(worker, link);
         }
         Ok(front)
     }

@@ -1,7 +1,8 @@
 //! `--threads N`: one event loop per thread. The first loop (the front) accepts, finds partners
-//! and connects upstreams, and serves pairs like the others; each pair it forms goes to the loop
-//! with the fewest pairs, whose thread serves both its sockets until the pair ends. Pairing stays
-//! in one place, so arrival order and tokens mean exactly what they mean with one thread.
+//! and connects upstreams, and serves pairs like the others; each pair it forms stays with it or
+//! goes to the least loaded loop (`Threads::pick`), whose thread serves both its sockets until the
+//! pair ends. Pairing stays in one place, so arrival order and tokens mean exactly what they mean
+//! with one thread.
 //!
 //! Each loop is a `Server` of its own (its own poll, timers and datapath: a kernel datapath per
 //! loop, with its own programs and maps, whose pairs `--kernel-memory` bounds together). The
@@ -14,7 +15,7 @@ use std::{
     io,
     net::SocketAddr,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         mpsc::{self, Receiver, Sender, TryRecvError},
         Arc,
     },
@@ -42,6 +43,16 @@ pub(super) struct Formed {
     pub(super) upstream_local: Option<SocketAddr>,
 }
 
+/// How many pairs more than the least loaded worker the front may serve and still keep a new pair.
+const FRONT_SLACK: usize = 1;
+
+/// The front's end of a worker loop's orders.
+pub(super) struct Link {
+    orders: Sender<Order>,
+    waker: Arc<Waker>,
+    nudged: Arc<AtomicBool>,
+}
+
 /// One loop's place among the threads.
 pub(super) struct Threads {
     /// This loop's index; 0 is the front.
@@ -50,8 +61,8 @@ pub(super) struct Threads {
     loads: Arc<[AtomicUsize]>,
     /// Wakes this loop (a worker: an order came; the front: a worker stopped).
     waker: Arc<Waker>,
-    /// A worker's orders.
-    inbox: Option<Receiver<Order>>,
+    /// A worker's orders, and its `Worker::nudged`.
+    inbox: Option<(Receiver<Order>, Arc<AtomicBool>)>,
     /// A worker: the front's waker, to say that this loop stopped.
     front: Option<Arc<Waker>>,
     /// The front: the other loops.
@@ -61,6 +72,9 @@ pub(super) struct Threads {
 struct Worker {
     orders: Sender<Order>,
     waker: Arc<Waker>,
+    /// Set when the worker was woken and has not yet looked at its orders: orders sent meanwhile
+    /// need no wake-up of their own (a burst of pairs costs one).
+    nudged: Arc<AtomicBool>,
     run: Run,
 }
 
@@ -87,37 +101,42 @@ impl Threads {
 
     /// The part of worker loop `me`, whose `waker` is registered with its own poll; returns the
     /// front's way to give it orders.
-    pub(super) fn worker(&self, me: usize, waker: Waker) -> (Threads, Sender<Order>, Arc<Waker>) {
+    pub(super) fn worker(&self, me: usize, waker: Waker) -> (Threads, Link) {
         let (tx, rx) = mpsc::channel();
         let waker = Arc::new(waker);
+        let nudged = Arc::new(AtomicBool::new(false));
         let threads = Threads {
             me,
             loads: self.loads.clone(),
             waker: waker.clone(),
-            inbox: Some(rx),
+            inbox: Some((rx, nudged.clone())),
             front: Some(self.waker.clone()),
             workers: Vec::new(),
         };
-        (threads, tx, waker)
+        (threads, Link { orders: tx, waker, nudged })
     }
 
     /// The front: adds a worker loop, to start with `start`.
-    pub(super) fn add(&mut self, server: Server, orders: Sender<Order>, waker: Arc<Waker>) {
-        self.workers.push(Worker { orders, waker, run: Run::Idle(Box::new(server)) });
+    pub(super) fn add(&mut self, server: Server, link: Link) {
+        let Link { orders, waker, nudged } = link;
+        self.workers.push(Worker { orders, waker, nudged, run: Run::Idle(Box::new(server)) });
     }
 
     pub(super) fn count(&self) -> usize {
         self.loads.len()
     }
 
-    /// The loop a new pair goes to: of the front and the running workers, the one with the
-    /// fewest pairs (the front on a tie), counted as its from now on.
+    /// The loop a new pair goes to, counted as its from now on: the front while it serves at
+    /// most `FRONT_SLACK` pairs more than the least loaded running worker (a pair it keeps costs
+    /// no hand-off between threads: short connections mostly stay), else that worker.
     pub(super) fn pick(&self) -> usize {
-        let running = |i: usize| i == 0 || matches!(&self.workers[i - 1].run, Run::Running(h) if !h.is_finished());
-        let n = (0..self.loads.len())
-            .filter(|&i| running(i))
-            .min_by_key(|&i| (self.loads[i].load(Ordering::Relaxed), i))
-            .unwrap_or(self.me);
+        let load = |i: usize| self.loads[i].load(Ordering::Relaxed);
+        let running = |i: usize| matches!(&self.workers[i - 1].run, Run::Running(h) if !h.is_finished());
+        let least = (1..self.loads.len()).filter(|&i| running(i)).min_by_key(|&i| (load(i), i));
+        let n = match least {
+            Some(w) if load(self.me) > load(w) + FRONT_SLACK => w,
+            _ => self.me,
+        };
         self.loads[n].fetch_add(1, Ordering::Relaxed);
         n
     }
@@ -148,7 +167,9 @@ impl Threads {
         let w = &self.workers[n - 1];
         match w.orders.send(Order::Pair(formed)) {
             Ok(()) => {
-                let _ = w.waker.wake();
+                if !w.nudged.swap(true, Ordering::AcqRel) {
+                    let _ = w.waker.wake();
+                }
                 None
             }
             Err(mpsc::SendError(Order::Pair(f))) => Some(f),
@@ -160,6 +181,7 @@ impl Threads {
     pub(super) fn tell(&self, order: impl Fn() -> Order) {
         for w in &self.workers {
             if matches!(w.run, Run::Running(_)) && w.orders.send(order()).is_ok() {
+                w.nudged.store(true, Ordering::Release);
                 let _ = w.waker.wake();
             }
         }
@@ -167,7 +189,10 @@ impl Threads {
 
     /// A worker: the next order, if one came.
     pub(super) fn next_order(&self) -> Option<Order> {
-        match self.inbox.as_ref()?.try_recv() {
+        let (inbox, nudged) = self.inbox.as_ref()?;
+        // Cleared before looking: an order sent after this wakes the loop again.
+        nudged.store(false, Ordering::Release);
+        match inbox.try_recv() {
             Ok(order) => Some(order),
             Err(TryRecvError::Empty) => None,
             // The front is gone: nothing will come, finish what is here.
