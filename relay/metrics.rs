@@ -67,6 +67,8 @@ struct Inner {
     /// Each thread's part of `kernel_inflight` (`--threads`: one datapath per event loop).
     inflight_by_thread: Mutex<Vec<u64>>,
     pending: Gauge,
+    /// Pairs each event loop serves now (`--threads`).
+    loop_pairs: Family<UpstreamLabel, Gauge>,
     upstream_up: Family<UpstreamLabel, Gauge>,
     upstream_failures: Family<UpstreamLabel, Counter>,
     /// The kernel datapath's in-flight bytes, read at each scrape (see `set_inflight_sampler`).
@@ -99,6 +101,7 @@ impl Metrics {
         let paths_total = Family::<PathLabel, Counter>::default();
         let kernel_inflight = Gauge::default();
         let pending = Gauge::default();
+        let loop_pairs = Family::<UpstreamLabel, Gauge>::default();
         let upstream_up = Family::<UpstreamLabel, Gauge>::default();
         let upstream_failures = Family::<UpstreamLabel, Counter>::default();
         registry.register("skrelay_pairs_active", "Pairs being spliced now, by datapath", pairs_active.clone());
@@ -129,6 +132,11 @@ impl Metrics {
             pending.clone(),
         );
         registry.register(
+            "skrelay_loop_pairs",
+            "Pairs each event loop serves now (--threads; loop 0 also accepts and pairs clients)",
+            loop_pairs.clone(),
+        );
+        registry.register(
             "skrelay_upstream_up",
             "proxy: 1 if the last connect to this upstream succeeded (or none was tried yet), 0 if it failed",
             upstream_up.clone(),
@@ -155,6 +163,7 @@ impl Metrics {
                 kernel_inflight,
                 inflight_by_thread: Mutex::new(Vec::new()),
                 pending,
+                loop_pairs,
                 upstream_up,
                 upstream_failures,
                 inflight_sampler: Mutex::new(None),
@@ -177,6 +186,11 @@ impl Metrics {
     /// Clients waiting now (token line, partner or upstream connection).
     pub fn set_pending(&self, n: usize) {
         self.inner.pending.set(n as i64);
+    }
+
+    /// Event loop `n` serves `pairs` pairs now.
+    pub fn set_loop_pairs(&self, n: usize, pairs: usize) {
+        self.inner.loop_pairs.get_or_create(&[("loop", n.to_string())]).set(pairs as i64);
     }
 
     /// `proxy`: exports `upstream` (up, no failures) before any client comes.

@@ -58,15 +58,20 @@ fn hear_line(s: &TcpStream) -> String {
 /// with 2k+1 however the pairs are spread over 4 loops. Then each pair moves 4 MiB each way.
 fn arrival_order_pairs_exactly_across_loops(dp: &str) {
     let _netns = enter_netns();
-    let relay = start_debug(&["relay", "--datapath", dp, "--threads", "4"], dp);
+    let relay = start_debug(&["relay", "--datapath", dp, "--threads", "4", "--metrics", "127.0.0.1:0"], dp);
     assert!(relay.log().contains("4 event loops"), "{}", relay.log());
     let clients: Vec<TcpStream> = (0..24).map(client).collect();
     for (i, c) in clients.iter().enumerate() {
         assert_eq!(hear_line(c), format!("client {}", i ^ 1), "{dp}: client {i}'s partner\n{}", relay.log());
     }
-    // All 12 pairs are live at once, so they were spread over every loop.
+    // All 12 pairs are live at once, so they were spread over every loop, and the metrics say
+    // how many each serves.
     let used = loops_used(&relay, 12);
     assert_eq!(used, (0..4).collect(), "{dp}: loops that served pairs\n{}", relay.log());
+    let m = relay.metrics();
+    let per_loop: Vec<u64> = (0..4).map(|n| m.get(&format!("skrelay_loop_pairs{{loop=\"{n}\"}}"))).collect();
+    assert_eq!(per_loop.iter().sum::<u64>(), 12, "{dp}: {per_loop:?}\n{}", m.text);
+    assert!(per_loop.iter().all(|&n| n > 0), "{dp}: {per_loop:?}");
     let mut it = clients.into_iter();
     let mut runs = Vec::new();
     for k in 0..12u64 {
@@ -75,6 +80,8 @@ fn arrival_order_pairs_exactly_across_loops(dp: &str) {
     }
     runs.into_iter().for_each(|r| r.join().unwrap());
     relay.wait_log(" ended after ", 12, Duration::from_secs(10));
+    let m = relay.metrics();
+    assert_eq!((0..4).map(|n| m.get(&format!("skrelay_loop_pairs{{loop=\"{n}\"}}"))).sum::<u64>(), 0, "{}", m.text);
     let (status, log) = relay.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");
 }

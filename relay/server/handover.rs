@@ -337,6 +337,7 @@ impl Server {
         self.pair_metrics.insert(slot, self.metrics.pair_started(label));
         self.pairs += 1;
         self.threads.adopted(self.threads.me);
+        self.metrics.set_loop_pairs(self.threads.me, self.pairs);
         // What came while the processes changed places is moved now.
         self.service(slot, true);
         true

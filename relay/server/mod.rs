@@ -199,6 +199,9 @@ impl Server {
             _ => None,
         };
         let limits = (config.max_pending, config.pair_timeout, config.drain_timeout);
+        for n in 0..threads.count() {
+            config.metrics.set_loop_pairs(n, 0);
+        }
         let mut front =
             Server::with(poll, Some(listener), Some(signals), first, partners, threads, limits, &config.metrics);
         for (i, datapath) in datapaths.enumerate() {
@@ -635,6 +638,7 @@ impl Server {
         self.slots.insert(Slot::Pair(pair));
         self.pair_metrics.insert(slot, self.metrics.pair_started(label));
         self.pairs += 1;
+        self.metrics.set_loop_pairs(self.threads.me, self.pairs);
         if let Some(local) = upstream_local {
             self.remember_upstream(local, addrs[1].port());
         }
@@ -680,6 +684,7 @@ impl Server {
         let Slot::Pair(mut pair) = self.slots.remove(slot) else { unreachable!() };
         self.pairs -= 1;
         self.threads.released();
+        self.metrics.set_loop_pairs(self.threads.me, self.pairs);
         pair.deregister(self.poll.registry());
         let counted = match &ending {
             Ending::Done => PairEnd::Eof,
