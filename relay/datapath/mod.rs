@@ -169,8 +169,19 @@ pub fn open(
         },
     };
     let mut all: Vec<Box<dyn Datapath>> = vec![Box::new(first)];
-    for _ in 1..threads {
-        all.push(Box::new(load()?));
+    for n in 1..threads {
+        match load() {
+            Ok(k) => all.push(Box::new(k)),
+            // `auto`: every loop on one datapath, said once, as when the first load fails.
+            Err(e) if choice == DatapathChoice::Auto => {
+                log::warn!(
+                    "kernel datapath unavailable for event loop {} of {threads}, splicing in user space instead: {e}",
+                    n + 1
+                );
+                return Ok(userspace(threads));
+            }
+            Err(e) => return Err(e),
+        }
     }
     kernel::warn_if_workers_can_starve();
     Ok(all)
