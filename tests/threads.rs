@@ -48,6 +48,29 @@ fn client(i: usize) -> TcpStream {
     s
 }
 
+/// `n` clients connected one after another, each checked to hear its partner in arrival order
+/// (client 2k with 2k+1).
+fn paired_in_order(n: usize, relay: &Skrelay) -> Vec<TcpStream> {
+    let clients: Vec<TcpStream> = (0..n).map(client).collect();
+    for (i, c) in clients.iter().enumerate() {
+        assert_eq!(hear_line(c), format!("client {}", i ^ 1), "client {i}'s partner\n{}", relay.log());
+    }
+    clients
+}
+
+/// Moves `len` bytes each way through every pair of `clients` (2k with 2k+1) at once, each
+/// checked by sha256, then EOF.
+fn exchange_pairs(clients: Vec<TcpStream>, len: u64, what: &'static str) {
+    let mut it = clients.into_iter();
+    let mut runs = Vec::new();
+    let mut k = 0u64;
+    while let (Some(a), Some(b)) = (it.next(), it.next()) {
+        runs.push(thread::spawn(move || exchange_both_ways(a, b, [2 * k, 2 * k + 1], len, what)));
+        k += 1;
+    }
+    runs.into_iter().for_each(|r| r.join().unwrap());
+}
+
 fn hear_line(s: &TcpStream) -> String {
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line).expect("a line from the partner");
@@ -60,10 +83,7 @@ fn arrival_order_pairs_exactly_across_loops(dp: &str) {
     let _netns = enter_netns();
     let relay = start_debug(&["relay", "--datapath", dp, "--threads", "4", "--metrics", "127.0.0.1:0"], dp);
     assert!(relay.log().contains("4 event loops"), "{}", relay.log());
-    let clients: Vec<TcpStream> = (0..24).map(client).collect();
-    for (i, c) in clients.iter().enumerate() {
-        assert_eq!(hear_line(c), format!("client {}", i ^ 1), "{dp}: client {i}'s partner\n{}", relay.log());
-    }
+    let clients = paired_in_order(24, &relay);
     // All 12 pairs are live at once, so they were spread over every loop, and the metrics say
     // how many each serves.
     let used = loops_used(&relay, 12);
@@ -72,13 +92,7 @@ fn arrival_order_pairs_exactly_across_loops(dp: &str) {
     let per_loop: Vec<u64> = (0..4).map(|n| m.get(&format!("skrelay_loop_pairs{{loop=\"{n}\"}}"))).collect();
     assert_eq!(per_loop.iter().sum::<u64>(), 12, "{dp}: {per_loop:?}\n{}", m.text);
     assert!(per_loop.iter().all(|&n| n > 0), "{dp}: {per_loop:?}");
-    let mut it = clients.into_iter();
-    let mut runs = Vec::new();
-    for k in 0..12u64 {
-        let (a, b) = (it.next().unwrap(), it.next().unwrap());
-        runs.push(thread::spawn(move || exchange_both_ways(a, b, [2 * k, 2 * k + 1], 4 << 20, "pair")));
-    }
-    runs.into_iter().for_each(|r| r.join().unwrap());
+    exchange_pairs(clients, 4 << 20, "pair");
     relay.wait_log(" ended after ", 12, Duration::from_secs(10));
     let m = relay.metrics();
     assert_eq!((0..4).map(|n| m.get(&format!("skrelay_loop_pairs{{loop=\"{n}\"}}"))).sum::<u64>(), 0, "{}", m.text);
@@ -125,22 +139,13 @@ per_datapath!(tokens_pair_exactly_across_loops);
 fn a_drain_waits_for_the_pairs_of_every_loop(dp: &str) {
     let _netns = enter_netns();
     let mut relay = start_debug(&["relay", "--datapath", dp, "--threads", "3"], dp);
-    let clients: Vec<TcpStream> = (0..12).map(client).collect();
-    for (i, c) in clients.iter().enumerate() {
-        assert_eq!(hear_line(c), format!("client {}", i ^ 1));
-    }
+    let clients = paired_in_order(12, &relay);
     assert_eq!(loops_used(&relay, 6).len(), 3, "{}", relay.log());
     relay.signal(libc::SIGTERM);
     relay.wait_log("no longer accepting", 1, Duration::from_secs(5));
     thread::sleep(Duration::from_millis(300));
     assert!(relay.child.try_wait().unwrap().is_none(), "{dp}: exited with live pairs\n{}", relay.log());
-    let mut it = clients.into_iter();
-    let mut runs = Vec::new();
-    for k in 0..6u64 {
-        let (a, b) = (it.next().unwrap(), it.next().unwrap());
-        runs.push(thread::spawn(move || exchange_both_ways(a, b, [k, 10 + k], 8 << 20, "draining pair")));
-    }
-    runs.into_iter().for_each(|r| r.join().unwrap());
+    exchange_pairs(clients, 8 << 20, "draining pair");
     let status = relay.wait(Duration::from_secs(10));
     thread::sleep(Duration::from_millis(50));
     let log = relay.log();
@@ -164,10 +169,7 @@ fn a_takeover_moves_the_pairs_of_every_loop(dp: &str) {
     let _netns = enter_netns();
     let args = ["relay", "--datapath", dp, "--threads", "3"];
     let mut old = start_debug(&args, dp);
-    let clients: Vec<TcpStream> = (0..12).map(client).collect();
-    for (i, c) in clients.iter().enumerate() {
-        assert_eq!(hear_line(c), format!("client {}", i ^ 1));
-    }
+    let clients = paired_in_order(12, &old);
     assert_eq!(loops_used(&old, 6).len(), 3, "{}", old.log());
     let new = taker(&args, &old, dp);
     let status = old.wait(Duration::from_secs(10));
@@ -176,13 +178,7 @@ fn a_takeover_moves_the_pairs_of_every_loop(dp: &str) {
     assert!(status.success(), "{dp}: the old process {status}\n{old_log}");
     assert!(old_log.contains("handed over 6 live pair(s)"), "{dp}:\n{old_log}");
     new.wait_log("took over 6 live pair(s)", 1, Duration::from_secs(5));
-    let mut it = clients.into_iter();
-    let mut runs = Vec::new();
-    for k in 0..6u64 {
-        let (a, b) = (it.next().unwrap(), it.next().unwrap());
-        runs.push(thread::spawn(move || exchange_both_ways(a, b, [k, 10 + k], 8 << 20, "pair taken over")));
-    }
-    runs.into_iter().for_each(|r| r.join().unwrap());
+    exchange_pairs(clients, 8 << 20, "pair taken over");
     new.wait_log(" ended after ", 6, Duration::from_secs(10));
     let (status, log) = new.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");
@@ -198,21 +194,12 @@ fn a_takeover_by_fewer_loops_leaves_kernel_pairs_to_drain() {
     }
     let _netns = enter_netns();
     let mut old = start_debug(&["relay", "--datapath", "kernel", "--threads", "3"], "kernel");
-    let clients: Vec<TcpStream> = (0..12).map(client).collect();
-    for (i, c) in clients.iter().enumerate() {
-        assert_eq!(hear_line(c), format!("client {}", i ^ 1));
-    }
+    let clients = paired_in_order(12, &old);
     let new = taker(&["relay", "--datapath", "kernel", "--threads", "1"], &old, "kernel");
     new.wait_log("keeps its live pairs", 1, Duration::from_secs(10));
     assert!(new.log().contains("start it with --threads 3"), "{}", new.log());
     old.wait_log("stay in this process", 1, Duration::from_secs(5));
-    let mut it = clients.into_iter();
-    let mut runs = Vec::new();
-    for k in 0..6u64 {
-        let (a, b) = (it.next().unwrap(), it.next().unwrap());
-        runs.push(thread::spawn(move || exchange_both_ways(a, b, [k, 10 + k], 8 << 20, "pair left to drain")));
-    }
-    runs.into_iter().for_each(|r| r.join().unwrap());
+    exchange_pairs(clients, 8 << 20, "pair left to drain");
     let status = old.wait(Duration::from_secs(10));
     assert!(status.success(), "{status}\n{}", old.log());
     let (status, log) = new.stop(Duration::from_secs(10));
