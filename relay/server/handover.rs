@@ -201,10 +201,7 @@ impl Server {
     /// Nothing here changes anything the old process holds.
     fn prepare(&self, handover: &Handover, channel: &mut Channel) -> Result<Taken, String> {
         let text = channel.recv(MESSAGE_WAIT).map_err(|e| format!("no manifest came: {e}"))?;
-        let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| format!("unreadable manifest: {e}"))?;
-        if manifest.version != VERSION {
-            return Err(format!("its manifest is version {} and this skrelay reads {VERSION}", manifest.version));
-        }
+        let manifest = read_manifest(&text)?;
         let mut fds = Fds::default();
         for &fd in &manifest.fds {
             let dup = handover.getfd(fd).map_err(|e| format!("cannot take its descriptor {fd}: {e}"))?;
@@ -390,6 +387,22 @@ impl Server {
     }
 }
 
+/// The manifest in `text`, of this version or of version 1 (a skrelay from before `--threads`:
+/// one event loop, whose maps are loop 0's and whose pairs all were on it).
+fn read_manifest(text: &[u8]) -> Result<Manifest, String> {
+    let unreadable = |e: serde_json::Error| format!("unreadable manifest: {e}");
+    let mut value: serde_json::Value = serde_json::from_slice(text).map_err(unreadable)?;
+    let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+    if version == 1 {
+        let maps = value.get_mut("maps").map(serde_json::Value::take).unwrap_or_default();
+        value["maps"] = serde_json::Value::Array(vec![maps]);
+        value["version"] = VERSION.into();
+    } else if version != u64::from(VERSION) {
+        return Err(format!("its manifest is version {version} and this skrelay reads 1 and {VERSION}"));
+    }
+    serde_json::from_value(value).map_err(unreadable)
+}
+
 /// What `prepare` took, waiting for the old process's commit.
 struct Taken {
     manifest: Manifest,
@@ -401,4 +414,33 @@ struct Taken {
 fn log_false(line: String) -> bool {
     log::error!("{line}");
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_1_manifest_is_one_loop_of_version_2() {
+        // A pair as version 1 wrote it: no `thread`.
+        let pair = PairState {
+            thread: 3,
+            ends: [5, 6],
+            addrs: ["127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap()],
+            lasted: Duration::from_secs(1),
+            shut: [false, true],
+            upstream_local: None,
+            splice: SpliceState::Userspace { dirs: Default::default() },
+        };
+        let mut pair = serde_json::to_value(pair).unwrap();
+        pair.as_object_mut().unwrap().remove("thread");
+        let v1 = serde_json::json!({
+            "version": 1, "datapath": "kernel", "maps": null, "pairs": [pair], "pending": [], "fds": [5, 6]
+        });
+        let m = read_manifest(v1.to_string().as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((m.version, m.maps.len(), m.maps[0].is_none()), (VERSION, 1, true));
+        assert_eq!((m.pairs.len(), m.pairs[0].thread, m.pairs[0].shut), (1, 0, [false, true]));
+        let v9 = r#"{"version":9,"datapath":"kernel","maps":[],"pairs":[],"pending":[],"fds":[]}"#;
+        assert!(read_manifest(v9.as_bytes()).err().is_some_and(|e| e.contains("version 9")));
+    }
 }
