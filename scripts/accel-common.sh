@@ -15,3 +15,10 @@ accel_cgroup() {
 }
 
 median() { python3 -c 'import sys,statistics; print("%.2f" % statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
+
+# accel_path BIN: where cgroup $cg's accel bytes went, from `BIN accel status --json`: MiB
+# redirected / MiB sent by TCP while in the map / pauses / resumes / small-write demotions /
+# sockets back on plain TCP / pauses given up.
+accel_path() {
+  "$1" accel status --json | python3 -c 'import json,sys; d=[c for c in json.load(sys.stdin)["cgroups"] if c["cgroup"].endswith("/"+sys.argv[1])][0]; print("%d/%d/%d/%d/%d/%d/%d" % (d["bytes"]>>20, d["passed_bytes"]>>20, d["pauses"], d["resumes"], d["demoted_small"], d["left"], d["stuck"]))' "$cg"
+}

@@ -41,7 +41,7 @@ for args in "" "-R" "--bidir" "-P 4"; do
       b=${bins[$i]}
       $b accel on --cgroup "$cg" >/dev/null
       got[$i]+=" $(one $b accel run --cgroup "$cg" -- :: $args)"
-      paths[$i]+=" $($b accel status --json | python3 -c 'import json,sys; d=[c for c in json.load(sys.stdin)["cgroups"] if c["cgroup"].endswith("/"+sys.argv[1])][0]; print("%d/%d/%d/%d/%d/%d/%d" % (d["bytes"]>>20, d["passed_bytes"]>>20, d["pauses"], d["resumes"], d["demoted_small"], d["left"], d["stuck"]))' "$cg")"
+      paths[$i]+=" $(accel_path "$b")"
       $b accel off --cgroup "$cg" --force >/dev/null
     done
   done

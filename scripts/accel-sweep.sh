@@ -41,7 +41,7 @@ for w in $sizes; do
         b=${bins[$i]}
         $b accel on --cgroup "$cg" >/dev/null
         got[$i]+=" $($b accel run --cgroup "$cg" -- "$L" "$w" "$n" "$secs" "$mode" 2>/dev/null | sed 's/.*gbps=//')"
-        paths[$i]+=" $($b accel status --json | python3 -c 'import json,sys; d=[c for c in json.load(sys.stdin)["cgroups"] if c["cgroup"].endswith("/"+sys.argv[1])][0]; print("%d/%d/%d/%d/%d/%d/%d" % (d["bytes"]>>20, d["passed_bytes"]>>20, d["pauses"], d["resumes"], d["demoted_small"], d["left"], d["stuck"]))' "$cg")"
+        paths[$i]+=" $(accel_path "$b")"
         $b accel off --cgroup "$cg" --force >/dev/null
       done
     done

@@ -40,7 +40,7 @@ impl Read for SlowReader {
 #[test]
 fn two_clients_that_read_slower_than_they_send_stay_within_the_bound() {
     let _netns = enter_netns();
-    if !datapaths("two_clients_that_read_slower_than_they_send_stay_within_the_bound").contains(&"kernel") {
+    if !require_bpf("two_clients_that_read_slower_than_they_send_stay_within_the_bound") {
         return;
     }
     const EACH: u64 = 256 << 20;
@@ -93,7 +93,7 @@ const MIB_F: f64 = (1 << 20) as f64;
 #[test]
 fn bulk_through_a_small_kernel_budget_keeps_every_byte_once_and_in_order() {
     let _netns = enter_netns();
-    if !datapaths("bulk_through_a_small_kernel_budget_keeps_every_byte_once_and_in_order").contains(&"kernel") {
+    if !require_bpf("bulk_through_a_small_kernel_budget_keeps_every_byte_once_and_in_order") {
         return;
     }
     const EACH: u64 = 256 << 20;

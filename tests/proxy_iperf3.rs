@@ -68,7 +68,7 @@ fn iperf3_reverse_bidir_and_parallel_streams_through_the_kernel_proxy() {
     if !require_tool("iperf3_reverse_bidir_and_parallel_streams_through_the_kernel_proxy", "iperf3") {
         return;
     }
-    if !datapaths("iperf3_reverse_bidir_and_parallel_streams_through_the_kernel_proxy").contains(&"kernel") {
+    if !require_bpf("iperf3_reverse_bidir_and_parallel_streams_through_the_kernel_proxy") {
         return;
     }
     for (args, streams) in [(&["-R"][..], 1u64), (&["--bidir"][..], 2), (&["-P", "4"][..], 4)] {

@@ -64,7 +64,7 @@ per_datapath!(status_lists_running_relays_and_proxies);
 #[test]
 fn status_shows_the_bytes_a_kernel_relay_holds_in_flight() {
     let _netns = enter_netns();
-    if !datapaths("status_shows_the_bytes_a_kernel_relay_holds_in_flight").contains(&"kernel") {
+    if !require_bpf("status_shows_the_bytes_a_kernel_relay_holds_in_flight") {
         return;
     }
     const BUDGET: u64 = 1 << 20;

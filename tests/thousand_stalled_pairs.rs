@@ -86,7 +86,7 @@ fn a_thousand_stalled_pairs_stay_within_the_global_limit_and_lose_nothing() {
     // Only the initial network namespace shows net.ipv4.tcp_mem (it is host-wide).
     let tcp_mem = tcp_mem_max();
     let _netns = enter_netns();
-    if !datapaths("a_thousand_stalled_pairs_stay_within_the_global_limit_and_lose_nothing").contains(&"kernel") {
+    if !require_bpf("a_thousand_stalled_pairs_stay_within_the_global_limit_and_lose_nothing") {
         return;
     }
     let memory = format!("{}M", KERNEL_MEMORY >> 20);

@@ -161,6 +161,12 @@ struct WorkerArgs {
     pairs: usize,
 }
 
+/// Each CPU's busy share of a transfer of `secs` seconds (its busy seconds `before` and `after`):
+/// shows where the work landed.
+fn busy_per_cpu(before: &[f64], after: &[f64], secs: f64) -> String {
+    after.iter().zip(before).map(|(b, a)| format!("{:.0}%", 100.0 * (b - a) / secs)).collect::<Vec<_>>().join(",")
+}
+
 fn main() {
     let cli = Cli::parse();
     skrelay::sys::raise_fd_limit();
@@ -473,8 +479,7 @@ fn bulk(a: BulkArgs) -> io::Result<()> {
         cpu1.0 - cpu0.0,
         (cpu1.0 - cpu0.0) / gib,
         (cpu1.1 - cpu0.1) / gib,
-        // Each CPU's busy share of the transfer: shows where the work landed.
-        cpus1.iter().zip(&cpus0).map(|(b, a)| format!("{:.0}%", 100.0 * (b - a) / secs)).collect::<Vec<_>>().join(","),
+        busy_per_cpu(&cpus0, &cpus1, secs),
         if ok { "ok" } else { "MISMATCH" }
     );
     if ok {
@@ -711,7 +716,7 @@ fn bulk_pairs(a: BulkPairsArgs) -> io::Result<()> {
         ((cpu1.0 - cpu0.0) - (others1 - others0)) / gib,
         rates.iter().copied().fold(f64::INFINITY, f64::min),
         rates.iter().copied().fold(0.0, f64::max),
-        cpus1.iter().zip(&cpus0).map(|(b, a)| format!("{:.0}%", 100.0 * (b - a) / secs)).collect::<Vec<_>>().join(","),
+        busy_per_cpu(&cpus0, &cpus1, secs),
         paths.as_ref().map(|(p, _)| p.as_str()).unwrap_or(""),
         if mismatched.is_empty() { "ok" } else { "MISMATCH" }
     );
