@@ -53,6 +53,29 @@ fn values_that_cannot_work_are_refused_at_start_up() {
             "leaves no time: every client would be closed before it could pair or connect (give at least 0.001)",
         );
     }
+    // A total below one pair's worst case: the first kernel pair alone would break the promise
+    // (it used to start and let one pair join anyway). Refused before any BPF is loaded, so it
+    // needs no capability; `userspace` ignores both flags.
+    for dp in ["kernel", "auto"] {
+        assert_usage_error(
+            &["relay", "--datapath", dp, "--kernel-memory", "1K"],
+            "--kernel-memory (1024) is less than what one kernel pair may hold (2 x --kernel-buffer = 33554432)",
+        );
+        assert_usage_error(
+            &[
+                "proxy",
+                "--upstream",
+                "127.0.0.1:9000",
+                "--datapath",
+                dp,
+                "--kernel-buffer",
+                "4M",
+                "--kernel-memory",
+                "7M",
+            ],
+            "raise --kernel-memory to at least 8388608",
+        );
+    }
     // Nothing was left listening by the refused commands.
     assert!(std::net::TcpStream::connect("127.0.0.1:7777").is_err());
 }

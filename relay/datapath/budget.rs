@@ -44,6 +44,20 @@ impl Limits {
     pub fn max_pairs(&self) -> usize {
         (self.total / (2 * self.per_direction.max(1))).max(1) as usize
     }
+
+    /// Whether one pair fits in the total: below that, the first kernel pair alone would hold
+    /// more than `--kernel-memory` promises, and a smaller total could never be kept.
+    pub fn check(&self) -> Result<(), String> {
+        let pair = 2 * self.per_direction;
+        if self.total < pair {
+            return Err(format!(
+                "--kernel-memory ({}) is less than what one kernel pair may hold (2 x --kernel-buffer = {}): \
+                 raise --kernel-memory to at least {pair}, lower --kernel-buffer, or use --datapath userspace",
+                self.total, pair
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Where one direction stands, from the datapath's counters.
@@ -128,6 +142,9 @@ mod tests {
         assert_eq!(Limits { per_direction: 1 << 20, total: 64 << 20 }.max_pairs(), 32);
         // Never zero: one pair may always join.
         assert_eq!(Limits { per_direction: 1 << 30, total: 1 }.max_pairs(), 1);
+        assert!(Limits { per_direction: 1 << 20, total: 2 << 20 }.check().is_ok());
+        let short = Limits { per_direction: 1 << 20, total: (2 << 20) - 1 }.check().unwrap_err();
+        assert!(short.contains("--kernel-memory (2097151)") && short.contains("at least 2097152"), "{short}");
     }
 
     #[test]

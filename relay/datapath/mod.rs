@@ -155,6 +155,9 @@ pub fn open(
     threads: usize,
 ) -> Result<Vec<Box<dyn Datapath>>, Error> {
     let userspace = |n| (0..n).map(|_| Box::new(userspace::UserspaceDatapath) as Box<dyn Datapath>).collect();
+    if choice != DatapathChoice::Userspace {
+        limits.check().map_err(Error::Usage)?;
+    }
     let all_pairs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let load = || kernel::KernelDatapath::load(kernel_after, limits, all_pairs.clone());
     let first = match choice {
