@@ -52,6 +52,24 @@ const TCP_CLOSE_WAIT: u8 = 8;
 const TCP_LAST_ACK: u8 = 9;
 const TCP_CLOSING: u8 = 11;
 
+/// A TCP state as `ss` names it, for logs.
+pub fn tcp_state_name(state: u8) -> &'static str {
+    match state {
+        1 => "ESTAB",
+        2 => "SYN-SENT",
+        3 => "SYN-RECV",
+        4 => "FIN-WAIT-1",
+        5 => "FIN-WAIT-2",
+        TCP_TIME_WAIT => "TIME-WAIT",
+        TCP_CLOSE => "CLOSED",
+        TCP_CLOSE_WAIT => "CLOSE-WAIT",
+        TCP_LAST_ACK => "LAST-ACK",
+        10 => "LISTEN",
+        TCP_CLOSING => "CLOSING",
+        _ => "unknown TCP state",
+    }
+}
+
 /// Offsets in `struct tcp_info` (uapi linux/tcp.h), from libc's definition of it; stable since
 /// Linux 4.1 and checked against the headers by the tests below.
 const TCPI_STATE: usize = std::mem::offset_of!(libc::tcp_info, tcpi_state);

@@ -348,7 +348,13 @@ impl Server {
                 }
                 if Instant::now() >= deadline {
                     if self.pairs > 0 {
-                        log::warn!("drain timeout: closing {} live pair(s)", self.pairs);
+                        // Each loop closes its own pairs at the shared deadline: with several,
+                        // say whose, so the counts add up to the drain's "letting N" line.
+                        let of = match self.threads.count() {
+                            1 => String::new(),
+                            _ => format!(" of event loop {}", self.threads.me + 1),
+                        };
+                        log::warn!("drain timeout: closing {} live pair(s){of}", self.pairs);
                     }
                     self.end_all(|| Ending::Drained);
                     // The other loops have the same deadline: the front waits for them in `run`.

@@ -174,16 +174,19 @@ impl Pair {
     pub(super) fn describe(&self) -> String {
         let ends: Vec<String> = (0..2)
             .map(|i| match sys::tcp_counters(&self.ends[i]) {
-                Ok(c) => format!(
-                    "{}: TCP state {}, {} bytes received, {} acknowledged, {:?} readable, {:?} in the send queue, {}",
-                    self.addrs[i],
-                    c.state,
-                    c.bytes_received,
-                    c.bytes_acked,
-                    sys::readable_len(&self.ends[i]).ok(),
-                    sys::send_queue_len(&self.ends[i]).ok(),
-                    if self.shut[i] { "finished" } else { "open" }
-                ),
+                Ok(c) => {
+                    let count = |n: io::Result<u64>| n.map_or("?".to_string(), |n| n.to_string());
+                    format!(
+                        "{}: {}, {} bytes received, {} acknowledged, {} readable, {} in the send queue, {}",
+                        self.addrs[i],
+                        sys::tcp_state_name(c.state),
+                        c.bytes_received,
+                        c.bytes_acked,
+                        count(sys::readable_len(&self.ends[i])),
+                        count(sys::send_queue_len(&self.ends[i])),
+                        if self.shut[i] { "our side finished" } else { "open" }
+                    )
+                }
                 Err(e) => format!("{}: {e}", self.addrs[i]),
             })
             .collect();
