@@ -51,6 +51,7 @@ pub(super) struct Link {
     orders: Sender<Order>,
     waker: Arc<Waker>,
     nudged: Arc<AtomicBool>,
+    done: Arc<AtomicBool>,
 }
 
 /// One loop's place among the threads.
@@ -63,8 +64,8 @@ pub(super) struct Threads {
     waker: Arc<Waker>,
     /// A worker's orders, and its `Worker::nudged`.
     inbox: Option<(Receiver<Order>, Arc<AtomicBool>)>,
-    /// A worker: the front's waker, to say that this loop stopped.
-    front: Option<Arc<Waker>>,
+    /// A worker: the front's waker, and the flag it sets first, to say that this loop stopped.
+    front: Option<(Arc<Waker>, Arc<AtomicBool>)>,
     /// The front: the other loops.
     workers: Vec<Worker>,
 }
@@ -75,6 +76,10 @@ struct Worker {
     /// Set when the worker was woken and has not yet looked at its orders: orders sent meanwhile
     /// need no wake-up of their own (a burst of pairs costs one).
     nudged: Arc<AtomicBool>,
+    /// Set by the worker's thread when its loop has ended, just before it wakes the front: its
+    /// `JoinHandle` says finished only once the thread has returned, a moment later, and a
+    /// front that looked in between would sleep until its next timer (3 s into a drain).
+    done: Arc<AtomicBool>,
     run: Run,
 }
 
@@ -105,21 +110,22 @@ impl Threads {
         let (tx, rx) = mpsc::channel();
         let waker = Arc::new(waker);
         let nudged = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicBool::new(false));
         let threads = Threads {
             me,
             loads: self.loads.clone(),
             waker: waker.clone(),
             inbox: Some((rx, nudged.clone())),
-            front: Some(self.waker.clone()),
+            front: Some((self.waker.clone(), done.clone())),
             workers: Vec::new(),
         };
-        (threads, Link { orders: tx, waker, nudged })
+        (threads, Link { orders: tx, waker, nudged, done })
     }
 
     /// The front: adds a worker loop, to start with `start`.
     pub(super) fn add(&mut self, server: Server, link: Link) {
-        let Link { orders, waker, nudged } = link;
-        self.workers.push(Worker { orders, waker, nudged, run: Run::Idle(Box::new(server)) });
+        let Link { orders, waker, nudged, done } = link;
+        self.workers.push(Worker { orders, waker, nudged, done, run: Run::Idle(Box::new(server)) });
     }
 
     pub(super) fn count(&self) -> usize {
@@ -202,7 +208,8 @@ impl Threads {
 
     /// A worker whose loop ended: tells the front.
     pub(super) fn stopped(&self) {
-        if let Some(front) = &self.front {
+        if let Some((front, done)) = &self.front {
+            done.store(true, Ordering::Release);
             let _ = front.wake();
         }
     }
@@ -212,6 +219,7 @@ impl Threads {
         for (i, w) in self.workers.iter_mut().enumerate() {
             if let Run::Idle(_) = w.run {
                 let Run::Idle(server) = std::mem::replace(&mut w.run, Run::Finished) else { unreachable!() };
+                w.done.store(false, Ordering::Release);
                 let thread = std::thread::Builder::new().name(format!("skrelay-{}", i + 1)).spawn(move || {
                     let mut server = *server;
                     server.serve();
@@ -230,7 +238,7 @@ impl Threads {
     /// Every worker's loop has ended.
     pub(super) fn all_finished(&self) -> bool {
         self.workers.iter().all(|w| match &w.run {
-            Run::Running(h) => h.is_finished(),
+            Run::Running(h) => w.done.load(Ordering::Acquire) || h.is_finished(),
             _ => true,
         })
     }
