@@ -64,8 +64,6 @@ pub(super) struct Threads {
     waker: Arc<Waker>,
     /// A worker's orders, and its `Worker::nudged`.
     inbox: Option<(Receiver<Order>, Arc<AtomicBool>)>,
-    /// A worker: the front's waker, and the flag it sets first, to say that this loop stopped.
-    front: Option<(Arc<Waker>, Arc<AtomicBool>)>,
     /// The front: the other loops.
     workers: Vec<Worker>,
 }
@@ -76,11 +74,25 @@ struct Worker {
     /// Set when the worker was woken and has not yet looked at its orders: orders sent meanwhile
     /// need no wake-up of their own (a burst of pairs costs one).
     nudged: Arc<AtomicBool>,
-    /// Set by the worker's thread when its loop has ended, just before it wakes the front: its
+    /// Set when the worker's thread leaves (`Ended`), just before it wakes the front: its
     /// `JoinHandle` says finished only once the thread has returned, a moment later, and a
     /// front that looked in between would sleep until its next timer (3 s into a drain).
     done: Arc<AtomicBool>,
     run: Run,
+}
+
+/// Tells the front that a worker's loop ended, when its thread leaves, by returning or by a
+/// panic (whose pairs the unwinding resets): the done flag first, then the wake-up.
+struct Ended {
+    front: Arc<Waker>,
+    done: Arc<AtomicBool>,
+}
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Release);
+        let _ = self.front.wake();
+    }
 }
 
 enum Run {
@@ -99,7 +111,6 @@ impl Threads {
             loads: (0..n.max(1)).map(|_| AtomicUsize::new(0)).collect(),
             waker: Arc::new(waker),
             inbox: None,
-            front: None,
             workers: Vec::new(),
         }
     }
@@ -116,7 +127,6 @@ impl Threads {
             loads: self.loads.clone(),
             waker: waker.clone(),
             inbox: Some((rx, nudged.clone())),
-            front: Some((self.waker.clone(), done.clone())),
             workers: Vec::new(),
         };
         (threads, Link { orders: tx, waker, nudged, done })
@@ -206,24 +216,17 @@ impl Threads {
         }
     }
 
-    /// A worker whose loop ended: tells the front.
-    pub(super) fn stopped(&self) {
-        if let Some((front, done)) = &self.front {
-            done.store(true, Ordering::Release);
-            let _ = front.wake();
-        }
-    }
-
     /// The front: starts a thread for every idle worker.
     pub(super) fn start(&mut self) -> io::Result<()> {
         for (i, w) in self.workers.iter_mut().enumerate() {
             if let Run::Idle(_) = w.run {
                 let Run::Idle(server) = std::mem::replace(&mut w.run, Run::Finished) else { unreachable!() };
                 w.done.store(false, Ordering::Release);
+                let ended = Ended { front: self.waker.clone(), done: w.done.clone() };
                 let thread = std::thread::Builder::new().name(format!("skrelay-{}", i + 1)).spawn(move || {
+                    let _ended = ended;
                     let mut server = *server;
                     server.serve();
-                    server.threads.stopped();
                     server
                 });
                 match thread {
