@@ -236,6 +236,8 @@ pub struct SteerAddArgs {
     /// The target: process PID's descriptor --fd (taken with pidfd_getfd; needs ptrace rights).
     #[arg(long, requires = "fd")]
     pub pid: Option<i32>,
+    /// With --pid: the descriptor number of the listening (or bound) socket in that process, as
+    /// `ls -l /proc/PID/fd` shows it.
     #[arg(long, requires = "pid")]
     pub fd: Option<i32>,
 }

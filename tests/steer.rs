@@ -216,6 +216,25 @@ fn longest_prefix_wins_then_the_narrowest_port_range() {
     assert_eq!(hit("127.0.0.2:8050"), Some('C'), "same prefix: the single port beats the range");
     assert_eq!(hit("127.0.0.1:8050"), Some('D'), "/32 beats /8 even with a wider range");
     assert_eq!(hit("127.0.0.1:8001"), Some('B'), "D does not cover 8001");
+    // A port inside a range is not a binding of its own: the error names the binding to
+    // remove, and nothing changes.
+    let before = list_json();
+    let (code, _, err) = skrelay_output(&["steer", "remove", "--ports", "8001"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("port 8001 is not a binding of its own but within tcp 0.0.0.0/0 port 8000-8099")
+            && err.contains("`skrelay steer remove --ports 8000-8099`"),
+        "{err}"
+    );
+    let (code, _, err) = skrelay_output(&["steer", "remove", "--ports", "8045-8055", "--addr", "127.0.0.0/8"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("ports 8045-8055 are not a binding of its own but within tcp 127.0.0.0/8 port 8000-8099 and tcp 127.0.0.0/8 port 8050")
+            && err.contains("--ports 8000-8099,8050 --addr 127.0.0.0/8`"),
+        "{err}"
+    );
+    assert_eq!(list_json(), before);
+    assert_eq!(hit("127.0.0.2:8001"), Some('B'));
     ok(&["steer", "remove", "--ports", "8050", "--addr", "127.0.0.0/8"]);
     assert_eq!(hit("127.0.0.2:8050"), Some('B'), "removing C gives its port back to B");
     ok(&["steer", "remove", "--ports", "8000-8099", "--addr", "127.0.0.0/8"]);

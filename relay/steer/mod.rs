@@ -137,6 +137,36 @@ pub fn remove(args: &SteerRemoveArgs) -> Result<Vec<BindingKey>, Error> {
     // Without --addr: the bindings `add` makes by default, on every address of either family.
     let explicit = !args.addrs.is_empty();
     let prefixes = if explicit { args.addrs.clone() } else { vec![Prefix::any(false), Prefix::any(true)] };
+    // Ports inside a binding of a range (or overlapping bindings) are not bindings of their own:
+    // say which bindings hold them, since a binding is removed whole.
+    let missing = |ports: PortRange, prefixes: &[Prefix], otherwise: String| {
+        let mut holders: Vec<BindingKey> = existing
+            .values()
+            .filter(|k| k.proto == args.proto && prefixes.contains(&k.prefix))
+            .filter(|k| k.ports.lo <= ports.hi && ports.lo <= k.ports.hi)
+            .copied()
+            .collect();
+        holders.sort_by_key(|k| (k.ports.lo, k.ports.hi, k.prefix.to_string()));
+        holders.dedup();
+        if holders.is_empty() {
+            return Error::Usage(otherwise);
+        }
+        let names: Vec<String> = holders.iter().map(|k| k.to_string()).collect();
+        let mut own: Vec<String> = holders.iter().map(|k| k.ports.to_string()).collect();
+        own.dedup();
+        let mut addrs: Vec<String> =
+            holders.iter().filter(|_| explicit).map(|k| format!(" --addr {}", k.prefix)).collect();
+        addrs.sort();
+        addrs.dedup();
+        let (what, are) = if ports.lo == ports.hi { ("port", "is") } else { ("ports", "are") };
+        Error::Usage(format!(
+            "{what} {ports} {are} not a binding of its own but within {}; a binding is removed whole \
+             (`skrelay steer remove --ports {}{}`, then add back the ports that should stay)",
+            names.join(" and "),
+            own.join(","),
+            addrs.concat()
+        ))
+    };
     let mut doomed = Vec::new();
     for &ports in args.ports.items() {
         let mut found = false;
@@ -146,17 +176,18 @@ pub fn remove(args: &SteerRemoveArgs) -> Result<Vec<BindingKey>, Error> {
                 doomed.push(key);
                 found = true;
             } else if explicit {
-                return Err(Error::Usage(format!(
-                    "there is no binding {key} in this network namespace (see `skrelay steer list`)"
-                )));
+                let otherwise =
+                    format!("there is no binding {key} in this network namespace (see `skrelay steer list`)");
+                return Err(missing(ports, &[prefix], otherwise));
             }
         }
         if !found {
-            return Err(Error::Usage(format!(
+            let otherwise = format!(
                 "there is no {} binding for port {ports} on 0.0.0.0/0 or ::/0 in this network namespace \
                  (give its --addr; see `skrelay steer list`)",
                 args.proto.name()
-            )));
+            );
+            return Err(missing(ports, &prefixes, otherwise));
         }
     }
     let plan = plan(&existing, &[], &doomed, Limits::MAPS).map_err(|e| Error::Usage(e.to_string()))?;
