@@ -55,6 +55,8 @@ pub enum AccelCommand {
     /// Stop accelerating: new connections take the normal path at once; the state is removed when
     /// the accelerated connections have closed (waits up to --wait).
     Off {
+        /// The cgroup `accel on` accelerated (as `accel status` lists it): absolute, or relative to
+        /// the cgroup v2 mount.
         #[arg(long, value_name = "PATH")]
         cgroup: PathBuf,
         /// Wait this long for accelerated connections to close; seconds.
@@ -66,6 +68,9 @@ pub enum AccelCommand {
     },
     /// Run a command in an accelerated cgroup (a fresh one unless --cgroup), then clean up.
     Run {
+        /// Run the command in this cgroup v2 directory (absolute, or relative to the cgroup v2
+        /// mount; created if missing, and removed afterwards if this command created it) instead
+        /// of a fresh one. It must not be accelerated already.
         #[arg(long, value_name = "PATH")]
         cgroup: Option<PathBuf>,
         #[command(flatten)]
@@ -84,7 +89,7 @@ pub enum AccelCommand {
 
 /// When a connection leaves the redirect for the normal TCP path (for good: the way back could
 /// reorder bytes). Both keep what a connection can hold bounded or keep TCP's own coalescing.
-#[derive(Args, Debug, Clone, Copy)]
+#[derive(Args, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AccelPolicyArgs {
     /// Unread bytes a receiving socket may hold in its redirect queue (K/M suffixes allowed);
     /// above it the sender takes the normal path, where TCP flow control holds it back.
@@ -389,4 +394,21 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
         .or(addrs.first())
         .copied()
         .ok_or_else(|| format!("`{host}` resolves to no address (give IP:PORT or [IPv6]:PORT)"))
+}
+
+impl AccelPolicyArgs {
+    /// The policy the flags give when left out (their `default_value`s, checked by a test).
+    pub const DEFAULT: AccelPolicyArgs = AccelPolicyArgs { max_queued: 4 << 20, small_write: 64 << 10 };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_accel_policy_default_is_what_the_flags_default_to() {
+        let cli = Cli::try_parse_from(["skrelay", "accel", "run", "--", "true"]).unwrap();
+        let Command::Accel(AccelCommand::Run { policy, .. }) = cli.command else { panic!("not accel run") };
+        assert_eq!(policy, AccelPolicyArgs::DEFAULT);
+    }
 }

@@ -137,3 +137,41 @@ fn accel_off_removes_the_cgroup_that_on_created_and_only_that() {
     assert!(mount.join(&outer).exists(), "accel off removed a cgroup it did not create");
     std::fs::remove_dir(mount.join(&outer)).unwrap();
 }
+
+/// `accel run --cgroup` of a cgroup `accel on` set up runs the command in it under its policy,
+/// says so, and leaves it on; a policy flag that asks for another one is refused (it would be
+/// silently ignored) and changes nothing.
+#[test]
+fn accel_run_in_a_cgroup_already_on_uses_it_and_refuses_other_settings() {
+    if !require_bpf("accel_run_in_a_cgroup_already_on_uses_it_and_refuses_other_settings") {
+        return;
+    }
+    let _netns = enter_netns();
+    let mount = v2_mount();
+    let cg = format!("skrelay-own-run-{}", std::process::id());
+    struct Cleanup(PathBuf, String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = skrelay_output(&["accel", "off", "--cgroup", &self.1, "--force"]);
+            let _ = std::fs::remove_dir(self.0.join(&self.1));
+        }
+    }
+    let _cleanup = Cleanup(mount.clone(), cg.clone());
+    ok(&["accel", "on", "--cgroup", &cg, "--max-queued", "8M"]);
+    let (code, out, err) =
+        skrelay_output(&["accel", "run", "--cgroup", &cg, "--", "sh", "-c", "tail -n1 /proc/self/cgroup"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out.trim(), format!("0::/{cg}"), "the command ran outside the cgroup: {err}");
+    assert!(
+        err.contains("is already accelerated; the command runs in it, and it stays accelerated afterwards"),
+        "{err}"
+    );
+    assert!(status_of(&mount.join(&cg)).contains("set up by `accel on`"), "accel run took the cgroup over");
+    let (code, out, err) =
+        skrelay_output(&["accel", "run", "--cgroup", &cg, "--max-queued", "2M", "--", "echo", "ran"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(!out.contains("ran"), "the command ran: {out}");
+    assert!(err.contains("is already accelerated with --max-queued 8388608 --small-write 65536"), "{err}");
+    assert!(pins_of(&mount.join(&cg)).exists(), "the refused run removed the acceleration");
+    ok(&["accel", "off", "--cgroup", &cg]);
+}

@@ -8,7 +8,7 @@ mod pinned;
 mod watch;
 
 use crate::{
-    abi::accel_stat,
+    abi::{accel_stat, AccelConfig},
     bpffs,
     cli::{AccelCommand, AccelPolicyArgs},
     error::Error,
@@ -497,7 +497,25 @@ pub fn run(cgroup: Option<&Path>, policy: &AccelPolicyArgs, cmd: &[String]) -> R
         None => PathBuf::from(format!("skrelay-run-{}", std::process::id())),
     };
     let cg = Cgroup::resolve(&target)?;
-    let already = accel_root()?.join(cg.pin_name()).is_dir();
+    let pins = accel_root()?.join(cg.pin_name());
+    let already = pins.is_dir();
+    if already {
+        // The command runs under the acceleration there is, which stays on afterwards: flags
+        // that ask for another policy would be silently ignored, so they are refused.
+        // State another skrelay version pinned may not be readable: it is used as it is.
+        let config = pinned::snapshot(&pins).ok().map(|s| s.config);
+        let differs = |c: &AccelConfig| (c.max_queued, c.small_write) != (policy.max_queued, policy.small_write);
+        if let Some(config) = config.filter(|c| *policy != AccelPolicyArgs::DEFAULT && differs(c)) {
+            return Err(Error::Usage(format!(
+                "cgroup {cg} is already accelerated with --max-queued {} --small-write {}: the command would run \
+                 with those, not the ones given (leave the flags out to run under its settings, or `skrelay accel off --cgroup {}` first)",
+                config.max_queued,
+                config.small_write,
+                target.display()
+            )));
+        }
+        log::info!("accel: {cg} is already accelerated; the command runs in it, and it stays accelerated afterwards");
+    }
     let enabled = if already { None } else { Some(on(&target, &[], policy)?) };
     // Undoing what we set up must not depend on this process living: a watcher does it if we
     // are killed, or when the command leaves processes behind (it waits for them to exit).

@@ -143,6 +143,8 @@ pub struct Snapshot {
     pub sockets_open: u64,
     /// Counters summed over CPUs, by `accel_stat` index (LAST_ERRNO: the largest).
     pub stats: Vec<u64>,
+    /// The policy `on` (or `run`) set.
+    pub config: AccelConfig,
 }
 
 pub fn snapshot(dir: &Path) -> Result<Snapshot, Error> {
@@ -160,13 +162,14 @@ pub fn snapshot(dir: &Path) -> Result<Snapshot, Error> {
     let socks: SockHash<MapData, SockKey> = SockHash::try_from(open_map(dir, "accel_socks")?).map_err(broken)?;
     let sockets_open = socks.keys().filter(|k| k.is_ok()).count() as u64;
     let config: Array<MapData, AccelConfig> = Array::try_from(open_map(dir, "accel_config")?).map_err(broken)?;
+    let config = config.get(&0, 0).map_err(broken)?;
     let mut ports = Vec::new();
-    if config.get(&0, 0).map_err(broken)?.filter_ports != 0 {
+    if config.filter_ports != 0 {
         let port_map: HashMap<MapData, u32, u8> = HashMap::try_from(open_map(dir, "accel_ports")?).map_err(broken)?;
         ports = port_map.keys().filter_map(|k| k.ok()).filter_map(|p| u16::try_from(p).ok()).collect();
         ports.sort_unstable();
     }
-    Ok(Snapshot { ports, sockets_open, stats })
+    Ok(Snapshot { ports, sockets_open, stats, config })
 }
 
 /// Sockets of open connections in the cgroup's socket map. Reads only that map, whose layout
