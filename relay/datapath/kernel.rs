@@ -842,6 +842,20 @@ impl Splice for KernelSplice {
         Ok(if delivered >= sent { Flow::Finished } else { Flow::Flushing })
     }
 
+    /// A reset source received no FIN: every byte it counts is payload, to be acknowledged by
+    /// the destination's client before the destination is reset (parked bytes move meanwhile).
+    fn flush_reset(&mut self, dir: usize, src: &TcpStream, dst: &TcpStream) -> bool {
+        {
+            let state = locked(&self.state);
+            if state.errors.contains_key(&self.cookies[1 - dir]) {
+                return true;
+            }
+        }
+        let (Ok(from), Ok(to)) = (sys::tcp_counters(src), sys::tcp_counters(dst)) else { return true };
+        let sent = from.bytes_received.saturating_sub(self.consumed[dir]);
+        to.bytes_acked.saturating_sub(self.acked_base[1 - dir]) >= sent
+    }
+
     /// What the destination's peer acknowledged, which is what it received: bytes still queued
     /// inside the host are not counted, and a reset source's count is not cut by one for a FIN it
     /// never sent (TCP_INFO counts a FIN in bytes_received and bytes_acked alike).
@@ -958,6 +972,16 @@ impl Splice for Handover {
             self.half_closed |= matches!(flow, Ok(Flow::Finished));
             self.user_moved[dir] = self.user.moved(dir, src, dst, false);
             flow
+        }
+    }
+
+    fn flush_reset(&mut self, dir: usize, src: &TcpStream, dst: &TcpStream) -> bool {
+        if self.joined {
+            self.kernel.flush_reset(dir, src, dst)
+        } else {
+            let delivered = self.user.flush_reset(dir, src, dst);
+            self.user_moved[dir] = self.user.moved(dir, src, dst, false);
+            delivered
         }
     }
 

@@ -30,7 +30,16 @@ pub enum Flow {
 pub trait Splice: Send {
     /// Moves what can move now from `src` to `dst` and says where the direction stands.
     fn advance(&mut self, dir: usize, src: &TcpStream, dst: &TcpStream) -> io::Result<Flow>;
-    /// Payload bytes moved so far in `dir`.
+    /// `src` was reset (its error taken): moves what it still holds toward `dst`, and says
+    /// whether `dst`'s client has acknowledged every byte `src` received, so that resetting
+    /// `dst` now loses none of them. An error moving them: nothing more can be delivered.
+    fn flush_reset(&mut self, dir: usize, src: &TcpStream, dst: &TcpStream) -> bool {
+        match self.advance(dir, src, dst) {
+            Ok(Flow::Finished) => crate::sys::send_queue_len(dst).map_or(true, |n| n == 0),
+            Ok(_) => false,
+            Err(_) => true,
+        }
+    }
     /// Payload bytes moved so far in `dir`: handed to the destination's peer, not merely taken
     /// in. `ended`: the direction finished and the destination's write side was shut down (so a
     /// FIN was received on `src` and sent on `dst`, neither of them a byte).
@@ -47,13 +56,13 @@ pub trait Splice: Send {
     fn idle(&self) -> bool {
         false
     }
-    /// Called after both directions advanced: a chance to change how the pair is spliced.
     /// Where the pair's bytes stand inside the datapath, for the log of a pair that does not
     /// finish when asked to (drain).
     fn describe(&self) -> Option<String> {
         None
     }
 
+    /// Called after both directions advanced: a chance to change how the pair is spliced.
     fn settle(&mut self, _ends: [&TcpStream; 2]) -> io::Result<()> {
         Ok(())
     }

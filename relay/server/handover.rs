@@ -113,6 +113,10 @@ impl Server {
     /// What every loop holds: the front's waiting clients, and the pairs and kernel maps of the
     /// front and of every worker (called back by now).
     fn manifest(&mut self) -> Result<(Manifest, usize, usize), String> {
+        self.end_resetting_pairs();
+        for worker in self.threads.idle() {
+            worker.end_resetting_pairs();
+        }
         let mut ex = Exporter::default();
         let mut maps = vec![self.datapath.export(&mut ex)];
         let mut pairs = self.export_pairs(&mut ex)?;
@@ -147,6 +151,21 @@ impl Server {
             fds: ex.fds,
         };
         Ok((manifest, n_pairs, n_pending))
+    }
+
+    /// Resets now the pairs that wait for a reset end's last bytes (`Pair::resetting`).
+    fn end_resetting_pairs(&mut self) {
+        let slots: Vec<usize> =
+            self.slots.iter().filter(|(_, s)| matches!(s, Slot::Pair(p) if p.resetting())).map(|(k, _)| k).collect();
+        for slot in slots {
+            let ending = match self.slots.get_mut(slot) {
+                Some(Slot::Pair(p)) => p.reset_now(),
+                _ => None,
+            };
+            if let Some(ending) = ending {
+                self.end_pair(slot, ending);
+            }
+        }
     }
 
     /// This loop's pairs, for the manifest.

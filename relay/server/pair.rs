@@ -17,6 +17,9 @@ use std::{
 /// First and longest wait between checks that a half-closed source's bytes have all left.
 const FLUSH_CHECK_FIRST: Duration = Duration::from_millis(1);
 const FLUSH_CHECK_MAX: Duration = Duration::from_millis(100);
+/// Longest a reset waits for the bytes its end received before it to reach the partner's
+/// client (a partner that does not read would otherwise hold the pair).
+const RESET_GRACE: Duration = Duration::from_secs(1);
 
 /// Makes the next close of this socket send a RST instead of a FIN: also the close the kernel
 /// does when the process dies, so a reader never takes a cut stream for a whole one.
@@ -40,6 +43,9 @@ pub(super) struct Pair {
     flush_delay: Duration,
     /// `proxy`: the local address of the upstream end (see `Connecting::local`).
     upstream_local: Option<SocketAddr>,
+    /// An end was reset (its error taken): the partner is reset once what that end received
+    /// before its reset has reached the partner's client, or at the deadline.
+    resetting: Option<(usize, io::Error, Instant)>,
 }
 
 /// How a pair ended, for the log and for what its clients see.
@@ -105,6 +111,7 @@ impl Pair {
             serial,
             shut: [false; 2],
             flush_delay: FLUSH_CHECK_FIRST,
+            resetting: None,
             upstream_local,
         }
     }
@@ -141,6 +148,7 @@ impl Pair {
             serial,
             shut: state.shut,
             flush_delay: FLUSH_CHECK_FIRST,
+            resetting: None,
             upstream_local: state.upstream_local,
         }
     }
@@ -168,6 +176,18 @@ impl Pair {
         for end in self.ends.iter_mut() {
             let _ = registry.deregister(end);
         }
+    }
+
+    /// An end was reset and waits for its last bytes to reach the partner (`service`): a
+    /// takeover resets such a pair rather than hand it over (the error it took is not in the
+    /// socket any more, and the new process would take the reset for an end of file).
+    pub(super) fn resetting(&self) -> bool {
+        self.resetting.is_some()
+    }
+
+    /// Ends a resetting pair now.
+    pub(super) fn reset_now(&mut self) -> Option<Ending> {
+        self.resetting.take().map(|(end, error, _)| Ending::Reset { end, error })
     }
 
     /// Where the pair stands, for the log of a pair that does not finish when asked to.
@@ -217,13 +237,29 @@ impl Pair {
     /// Moves the pair on: both directions, end-of-file propagation, errors. `check_errors`:
     /// look for a reset first (the socket reported an error or a hang-up, or a timer fired).
     pub(super) fn service(&mut self, check_errors: bool) -> Step {
-        // A reset is acted on before anything else: no FIN may reach the partner first.
-        if check_errors {
+        // A reset is acted on before anything else: no FIN may reach the partner first. What
+        // the reset end's client sent before its reset still reaches the partner's client first,
+        // as with TCP end to end (a reader gets the bytes sent before a reset, then the reset): a
+        // server that writes a reply and resets (or closes with input unread) lost the reply
+        // when the pair reset the client at once.
+        if check_errors && self.resetting.is_none() {
             for end in 0..2 {
                 if let Some(error) = self.take_error(end) {
-                    return Step::Ended(Ending::Reset { end, error });
+                    self.resetting = Some((end, error, Instant::now() + RESET_GRACE));
+                    break;
                 }
             }
+        }
+        if let Some((end, _, deadline)) = &self.resetting {
+            let (end, deadline) = (*end, *deadline);
+            let delivered = self.shut[end] || self.splice.flush_reset(end, &self.ends[end], &self.ends[1 - end]);
+            if delivered || Instant::now() >= deadline {
+                let (end, error, _) = self.resetting.take().expect("resetting");
+                return Step::Ended(Ending::Reset { end, error });
+            }
+            let delay = self.flush_delay;
+            self.flush_delay = (self.flush_delay * 2).min(FLUSH_CHECK_MAX);
+            return Step::Live { flush_check: Some(delay), again: false, interest: None };
         }
         let mut flushing = false;
         let mut again = false;
