@@ -301,15 +301,6 @@ fn a_sender_that_half_closes_while_held_back_is_relayed_intact_then_eof(dp: &str
 
 per_datapath!(a_sender_that_half_closes_while_held_back_is_relayed_intact_then_eof);
 
-/// Bytes outstanding on a socket, sent or not, until its peer acknowledges them (SIOCOUTQ).
-fn unacked(s: &std::net::TcpStream) -> i32 {
-    use std::os::fd::AsRawFd;
-    let mut n: libc::c_int = 0;
-    // SAFETY: TIOCOUTQ (= SIOCOUTQ) writes one int through the pointer, a live local.
-    assert_eq!(unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut n) }, 0);
-    n
-}
-
 /// What a client sent just before it reset its connection reaches its partner, then the reset,
 /// as with TCP end to end: a server that writes its reply and resets (or closes with input
 /// unread, which Linux turns into a reset) must not lose the reply. A's bytes are all
@@ -322,31 +313,15 @@ fn bytes_sent_just_before_a_reset_reach_the_partner_then_the_reset(dp: &str) {
     for extra in joins {
         let relay = Skrelay::start(&[&["relay", "--datapath", dp, "--metrics", "127.0.0.1:0"], *extra].concat());
         for (i, len) in [16u64, 5_000, 100_000, 3_000_000].into_iter().enumerate() {
-            let mut a = connect(addr());
+            let a = connect(addr());
             let mut b = connect(addr());
-            let want = send_pattern(&mut a, 40 + i as u64, len).unwrap();
-            let deadline = Instant::now() + Duration::from_secs(5);
             // B does not read yet: the relay holds what B's window does not take.
-            while unacked(&a) > 0 {
-                assert!(Instant::now() < deadline, "{dp} {extra:?}: the relay never took A's {len} bytes");
-                thread::sleep(Duration::from_millis(5));
-            }
-            socket2::SockRef::from(&a).set_linger(Some(Duration::ZERO)).unwrap();
-            drop(a);
+            let want = send_then_reset(a, 40 + i as u64, len);
             thread::sleep(Duration::from_millis(100));
-            b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            let mut got = Vec::new();
-            let mut buf = vec![0u8; 256 * 1024];
-            let end = loop {
-                match b.read(&mut buf) {
-                    Ok(0) => break Ok(()),
-                    Ok(n) => got.extend_from_slice(&buf[..n]),
-                    Err(e) => break Err(e),
-                }
-            };
+            let (got, end) = read_until_end(&mut b);
             assert_eq!(
                 (got.len() as u64, sha(&got)),
-                (len, want.clone()),
+                (len, want),
                 "{dp} {extra:?}: B must get all {len} bytes A sent before its reset"
             );
             assert!(

@@ -199,6 +199,28 @@ fn a_reset_on_either_side_reaches_the_other(dp: &str) {
 
 per_datapath!(a_reset_on_either_side_reaches_the_other);
 
+/// An upstream that writes its reply and resets (as a server does that closes with a request
+/// unread): the client reads the whole reply, then the reset, as it would talking to the
+/// upstream directly.
+fn an_upstream_reply_followed_by_a_reset_reaches_the_client_first(dp: &str) {
+    let _netns = enter_netns();
+    let upstream = TcpListener::bind("127.0.0.1:9035").unwrap();
+    let proxy =
+        Skrelay::start(&["proxy", "--datapath", dp, "--upstream", "127.0.0.1:9035", "--metrics", "127.0.0.1:0"]);
+    for (i, len) in [16u64, 100_000].into_iter().enumerate() {
+        let (mut client, server) = through(&upstream);
+        let want = send_then_reset(server, 60 + i as u64, len);
+        thread::sleep(Duration::from_millis(100));
+        let (got, end) = read_until_end(&mut client);
+        assert_eq!((got.len() as u64, sha(&got)), (len, want), "{dp}: the reply of {len} bytes");
+        assert!(matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset), "{dp}: then the reset, got {end:?}");
+    }
+    let m = proxy.wait_pairs_ended(2, Duration::from_secs(5));
+    assert_eq!(m.pairs(dp, "reset"), 2, "{dp}:\n{}", m.text);
+}
+
+per_datapath!(an_upstream_reply_followed_by_a_reset_reaches_the_client_first);
+
 #[test]
 fn start_up_errors_are_one_sentence_and_exit_status_2() {
     let _netns = enter_netns();
@@ -293,8 +315,12 @@ fn one_echo_service_answers_on_7_77_and_777_through_proxy_ports_with_real_nc() {
 }
 
 /// Open file descriptors of a process.
-fn open_fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+/// Sockets `pid` holds open (its pipes, which the splice(2) datapath keeps for reuse, are not).
+fn open_sockets(pid: i32) -> usize {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return 0 };
+    dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("socket:"))
+        .count()
 }
 
 #[test]
@@ -332,7 +358,7 @@ fn a_loop_the_start_up_check_cannot_see_costs_one_reset_per_client() {
     let proxy = Skrelay::start(&["proxy", "--datapath", "userspace", "--upstream", "127.0.0.1:9050"]);
     let (code, out, err) = skrelay_output(&["steer", "add", "--ports", "9050", "--to", "127.0.0.1:7777"]);
     assert_eq!(code, 0, "{out}{err}");
-    let fds = open_fds(proxy.pid());
+    let sockets = open_sockets(proxy.pid());
     for i in 1..=3 {
         let r = TcpStream::connect_timeout(&proxy_addr(), Duration::from_secs(5)).and_then(|mut c| {
             c.set_read_timeout(Some(Duration::from_secs(15)))?;
@@ -345,7 +371,11 @@ fn a_loop_the_start_up_check_cannot_see_costs_one_reset_per_client() {
     let log = proxy.log();
     assert_eq!(log.matches("own upstream connection").count(), 3, "one loop per client:\n{log}");
     assert!(log.lines().count() < 20, "a loop must not flood the log:\n{log}");
-    assert!(open_fds(proxy.pid()) <= fds, "sockets left open: {} > {fds}", open_fds(proxy.pid()));
+    assert!(
+        open_sockets(proxy.pid()) <= sockets,
+        "sockets left open: {} > {sockets}\n{log}",
+        open_sockets(proxy.pid())
+    );
     let (code, out, err) = skrelay_output(&["steer", "reset"]);
     assert_eq!(code, 0, "{out}{err}");
     // The proxy still serves once the upstream is real (the kernel may detach the steering

@@ -165,7 +165,9 @@ fn an_idle_stop_is_prompt_with_several_loops(dp: &str) {
         let mut relay = start_debug(&["relay", "--datapath", dp, "--pair", "token", "--threads", "4"], dp);
         for line in ["", "bin\x01ary", "a token longer than sixty-four bytes, which the relay refuses to read"] {
             let mut s = connect(RELAY.parse::<SocketAddr>().unwrap());
-            writeln!(s, "{line}").unwrap();
+            // One write: the relay may close a client as soon as it has seen too much of a line,
+            // and a second write would then meet the reset.
+            let _ = s.write_all(format!("{line}\n").as_bytes());
         }
         relay.wait_log("bad token line", 3, Duration::from_secs(5));
         let asked = std::time::Instant::now();

@@ -20,6 +20,8 @@ pub(super) struct Connecting {
     pub(super) stream: TcpStream,
     /// Its local address: a client that comes from it is this proxy looping into itself.
     pub(super) local: SocketAddr,
+    /// The upstream it connects to.
+    to: SocketAddr,
     idx: usize,
     deadline: Instant,
     rest: Vec<usize>,
@@ -136,7 +138,7 @@ impl Connector {
                     let local = stream.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
                     self.own.remember(local, addr.port());
                     let deadline = Instant::now() + self.timeout;
-                    return Some(Connecting { stream, local, idx, deadline, rest: plan });
+                    return Some(Connecting { stream, local, to: addr, idx, deadline, rest: plan });
                 }
                 Err(e) => {
                     log::warn!("upstream {addr}: {e}; marked down for {DOWN_FOR:?}");
@@ -149,6 +151,12 @@ impl Connector {
 
     /// Where `c` stands; called when its socket is ready.
     pub(super) fn progress(c: &Connecting) -> Progress {
+        // Connected, and already reset (an upstream that answers at once and resets): a pair
+        // all the same, whose first look takes the error and delivers the answer before the
+        // reset (`Pair::service`). The SYN acknowledged tells it from a connect that failed.
+        if crate::sys::tcp_counters(&c.stream).is_ok_and(|t| t.closed() && t.bytes_acked > 0) {
+            return Progress::Connected(c.to);
+        }
         match c.stream.take_error() {
             Ok(Some(e)) | Err(e) => return Progress::Failed(e),
             Ok(None) => {}
@@ -215,7 +223,8 @@ impl Connector {
         let mut stream = TcpStream::from_std(std::net::TcpStream::from(fd));
         registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE).ok()?;
         self.own.remember(c.local, self.upstreams.addr(c.idx).port());
-        Some(Connecting { stream, local: c.local, idx: c.idx, deadline: Instant::now() + c.left, rest: c.rest })
+        let to = self.upstreams.addr(c.idx);
+        Some(Connecting { stream, local: c.local, to, idx: c.idx, deadline: Instant::now() + c.left, rest: c.rest })
     }
 
     /// The pair that held the upstream connection from `local` has ended.

@@ -528,3 +528,41 @@ pub fn iperf3_bytes(json: &serde_json::Value) -> Vec<(u64, u64)> {
     }
     out
 }
+
+/// Bytes outstanding on a socket, sent or not, until its peer acknowledges them (SIOCOUTQ).
+pub fn unacked(s: &std::net::TcpStream) -> i32 {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (= SIOCOUTQ) writes one int through the pointer, a live local.
+    assert_eq!(unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut n) }, 0);
+    n
+}
+
+/// Writes `len` pattern bytes (seed `seed`), waits until the peer has acknowledged all of them,
+/// then resets the connection (SO_LINGER 0 close). Returns their sha256.
+pub fn send_then_reset(mut s: std::net::TcpStream, seed: u64, len: u64) -> String {
+    let want = send_pattern(&mut s, seed, len).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while unacked(&s) > 0 {
+        assert!(Instant::now() < deadline, "the peer never took all {len} bytes");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+    want
+}
+
+/// Reads until the stream ends: every byte read, then how it ended (Ok at EOF, the error at a
+/// reset).
+pub fn read_until_end(s: &mut std::net::TcpStream) -> (Vec<u8>, std::io::Result<()>) {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (got, Ok(())),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return (got, Err(e)),
+        }
+    }
+}
