@@ -93,7 +93,7 @@ pub enum AccelCommand {
 pub struct AccelPolicyArgs {
     /// Unread bytes a receiving socket may hold in its redirect queue (K/M suffixes allowed);
     /// above it the sender takes the normal path, where TCP flow control holds it back.
-    #[arg(long, default_value = "4M", value_parser = parse_bytes, value_name = "BYTES")]
+    #[arg(long, default_value = "8M", value_parser = parse_bytes, value_name = "BYTES")]
     pub max_queued: u32,
     /// Writes below this size that keep arriving while the reader has unread data take the
     /// normal path (TCP coalesces them; each redirected write is a message and a wake-up: a
@@ -398,7 +398,7 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
 
 impl AccelPolicyArgs {
     /// The policy the flags give when left out (their `default_value`s, checked by a test).
-    pub const DEFAULT: AccelPolicyArgs = AccelPolicyArgs { max_queued: 4 << 20, small_write: 64 << 10 };
+    pub const DEFAULT: AccelPolicyArgs = AccelPolicyArgs { max_queued: 8 << 20, small_write: 64 << 10 };
 }
 
 #[cfg(test)]

@@ -157,7 +157,7 @@ fn accel_run_in_a_cgroup_already_on_uses_it_and_refuses_other_settings() {
         }
     }
     let _cleanup = Cleanup(mount.clone(), cg.clone());
-    ok(&["accel", "on", "--cgroup", &cg, "--max-queued", "8M"]);
+    ok(&["accel", "on", "--cgroup", &cg, "--max-queued", "16M"]);
     let (code, out, err) =
         skrelay_output(&["accel", "run", "--cgroup", &cg, "--", "sh", "-c", "tail -n1 /proc/self/cgroup"]);
     assert_eq!(code, 0, "{out}{err}");
@@ -171,7 +171,7 @@ fn accel_run_in_a_cgroup_already_on_uses_it_and_refuses_other_settings() {
         skrelay_output(&["accel", "run", "--cgroup", &cg, "--max-queued", "2M", "--", "echo", "ran"]);
     assert_eq!(code, 2, "{out}{err}");
     assert!(!out.contains("ran"), "the command ran: {out}");
-    assert!(err.contains("is already accelerated with --max-queued 8388608 --small-write 65536"), "{err}");
+    assert!(err.contains("is already accelerated with --max-queued 16777216 --small-write 65536"), "{err}");
     assert!(pins_of(&mount.join(&cg)).exists(), "the refused run removed the acceleration");
     ok(&["accel", "off", "--cgroup", &cg]);
 }
