@@ -105,6 +105,19 @@ fn a_command_that_leaves_a_process_behind_is_cleaned_up_after_when_it_exits() {
     wait_gone(&cgroup, Duration::from_secs(5), "the cgroup of a run whose command left a process");
 }
 
+/// Turns acceleration off and removes these cgroups (relative to the v2 mount, innermost first)
+/// however the test ends.
+struct Cleanup(PathBuf, Vec<String>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for cg in &self.1 {
+            let _ = skrelay_output(&["accel", "off", "--cgroup", cg, "--force"]);
+            let _ = std::fs::remove_dir(self.0.join(cg));
+        }
+    }
+}
+
 #[test]
 fn accel_off_removes_the_cgroup_that_on_created_and_only_that() {
     if !require_bpf("accel_off_removes_the_cgroup_that_on_created_and_only_that") {
@@ -113,17 +126,7 @@ fn accel_off_removes_the_cgroup_that_on_created_and_only_that() {
     let _netns = enter_netns();
     let mount = v2_mount();
     let outer = format!("skrelay-own-{}", std::process::id());
-    /// Turns acceleration off and removes the cgroups however the test ends.
-    struct Cleanup(PathBuf, String);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            for cg in [format!("{}/inner", self.1), self.1.clone()] {
-                let _ = skrelay_output(&["accel", "off", "--cgroup", &cg, "--force"]);
-                let _ = std::fs::remove_dir(self.0.join(&cg));
-            }
-        }
-    }
-    let _cleanup = Cleanup(mount.clone(), outer.clone());
+    let _cleanup = Cleanup(mount.clone(), vec![format!("{outer}/inner"), outer.clone()]);
     let made = mount.join(&outer).join("inner");
     ok(&["accel", "on", "--cgroup", &format!("{outer}/inner")]);
     let st = status_of(&made);
@@ -149,14 +152,7 @@ fn accel_run_in_a_cgroup_already_on_uses_it_and_refuses_other_settings() {
     let _netns = enter_netns();
     let mount = v2_mount();
     let cg = format!("skrelay-own-run-{}", std::process::id());
-    struct Cleanup(PathBuf, String);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = skrelay_output(&["accel", "off", "--cgroup", &self.1, "--force"]);
-            let _ = std::fs::remove_dir(self.0.join(&self.1));
-        }
-    }
-    let _cleanup = Cleanup(mount.clone(), cg.clone());
+    let _cleanup = Cleanup(mount.clone(), vec![cg.clone()]);
     ok(&["accel", "on", "--cgroup", &cg, "--max-queued", "16M"]);
     let (code, out, err) =
         skrelay_output(&["accel", "run", "--cgroup", &cg, "--", "sh", "-c", "tail -n1 /proc/self/cgroup"]);
