@@ -309,7 +309,8 @@ fn bytes_sent_just_before_a_reset_reach_the_partner_then_the_reset(dp: &str) {
             assert_eq!(
                 (got.len() as u64, sha(&got)),
                 (len, want),
-                "{dp} {extra:?}: B must get all {len} bytes A sent before its reset"
+                "{dp} {extra:?}: B must get all {len} bytes A sent before its reset\n{}",
+                relay.log()
             );
             assert!(
                 matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset),

@@ -245,21 +245,12 @@ impl Pair {
         if check_errors && self.resetting.is_none() {
             for end in 0..2 {
                 if let Some(error) = self.take_error(end) {
-                    self.resetting = Some((end, error, Instant::now() + RESET_GRACE));
-                    break;
+                    return self.start_reset(end, error);
                 }
             }
         }
-        if let Some((end, _, deadline)) = &self.resetting {
-            let (end, deadline) = (*end, *deadline);
-            let delivered = self.shut[end] || self.splice.flush_reset(end, &self.ends[end], &self.ends[1 - end]);
-            if delivered || Instant::now() >= deadline {
-                let (end, error, _) = self.resetting.take().expect("resetting");
-                return Step::Ended(Ending::Reset { end, error });
-            }
-            let delay = self.flush_delay;
-            self.flush_delay = (self.flush_delay * 2).min(FLUSH_CHECK_MAX);
-            return Step::Live { flush_check: Some(delay), again: false, interest: None };
+        if self.resetting.is_some() {
+            return self.finish_reset();
         }
         let mut flushing = false;
         let mut again = false;
@@ -278,12 +269,17 @@ impl Pair {
                     // The source's end of file is forwarded only if it was not a reset (a reset
                     // socket has reached end of file too, with its error pending).
                     if let Some(error) = self.take_error(dir) {
-                        return Step::Ended(Ending::Reset { end: dir, error });
+                        return self.start_reset(dir, error);
                     }
                     let _ = dst.shutdown(Shutdown::Write);
                     self.shut[dir] = true;
                 }
-                Err(error) => return Step::Ended(Ending::Reset { end: self.failed_end(dir), error }),
+                // A read can return the source's reset itself (taking SO_ERROR) once its queue
+                // is empty, with bytes still in a pipe or a send queue: the same grace applies.
+                Err(error) => {
+                    let end = self.failed_end(dir);
+                    return self.start_reset(end, error);
+                }
             }
         }
         if self.shut == [true, true] {
@@ -300,6 +296,27 @@ impl Pair {
         });
         let now = self.splice.interest();
         Step::Live { flush_check, again, interest: (now != interest).then_some(now) }
+    }
+
+    /// End `end` was reset (or failed with `error`): the partner is reset once what `end`
+    /// received before has reached the partner's client, or after `RESET_GRACE`.
+    fn start_reset(&mut self, end: usize, error: io::Error) -> Step {
+        self.resetting = Some((end, error, Instant::now() + RESET_GRACE));
+        self.finish_reset()
+    }
+
+    /// The reset `start_reset` began: done once delivered or due, else look again soon.
+    fn finish_reset(&mut self) -> Step {
+        let Some((end, _, deadline)) = &self.resetting else { return Step::Ended(Ending::Drained) };
+        let (end, deadline) = (*end, *deadline);
+        let delivered = self.shut[end] || self.splice.flush_reset(end, &self.ends[end], &self.ends[1 - end]);
+        if delivered || Instant::now() >= deadline {
+            let (end, error, _) = self.resetting.take().expect("resetting");
+            return Step::Ended(Ending::Reset { end, error });
+        }
+        let delay = self.flush_delay;
+        self.flush_delay = (self.flush_delay * 2).min(FLUSH_CHECK_MAX);
+        Step::Live { flush_check: Some(delay), again: false, interest: None }
     }
 
     /// Ends the pair: takes it out of the datapath and sets how its sockets close (FINs only
