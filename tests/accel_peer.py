@@ -286,7 +286,7 @@ def pause(host, total):
         print("%s received %d %s" % ((name,) + out["received"]))
 
 
-def small(host, total, write):
+def small(host, total, write, late):
     cli, srv = pair(host)
     time.sleep(0.05)  # let the accepted end join before the first send
     out = {}
@@ -309,10 +309,12 @@ def small(host, total, write):
 
     t = threading.Thread(target=writer)
     t.start()
+    time.sleep(late)  # a reader that starts behind its writer
     recv_stream(srv, out)
     t.join()
     print("sent %d %s" % out["sent"])
     print("received %d %s" % out["received"])
+    print("rcvbuf %d" % srv.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
 
 
 def blocking(host, total, write, waitall):
@@ -421,7 +423,7 @@ if __name__ == "__main__":
     elif mode == "rpc-connect":
         rpc_connect(args[0], int(args[1]), int(args[2]), args[3:] != ["poll"])
     elif mode == "small":
-        small(args[0], int(args[1]), int(args[2]))
+        small(args[0], int(args[1]), int(args[2]), float(args[3]) if args[3:] else 0.0)
     elif mode == "stall":
         stall(args[0], int(args[1]), float(args[2]))
     elif mode == "blocking":
