@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # accel write-size sweep: for each write size and connection count, examples/accel_load plain
 # and under `skrelay accel run`, interleaved round by round (plain, accel, [accel with the
-# before-build]), so a machine shared with other jobs disturbs each alike; prints the median of
+# before-build]; every other round in reverse), so a machine shared with other jobs disturbs each
+# alike; prints the median of
 # the rounds, accel/plain, every round, and which path the accel bytes took in each round.
 # Needs root (netns, cgroup, BPF). Not part of cargo test. Usage:
 #   scripts/accel-sweep.sh [SIZES] [CONNS] [SECS] [block|poll] [ROUNDS]
@@ -35,9 +36,17 @@ printf '# %s readers, %s s per run, %s rounds; median Gbit/s (every round), acce
 for w in $sizes; do
   for n in $conns; do
     plain="" ; declare -a got=() paths=()
-    for _ in $(seq "$rounds"); do
-      plain+=" $($L "$w" "$n" "$secs" "$mode" | sed 's/.*gbps=//')"
-      for i in "${!bins[@]}"; do
+    # Every other round runs in reverse order (plain, accel, before; then before, accel, plain):
+    # a fixed order let whatever the previous run left (memory to reclaim, a warm cache) weigh
+    # on the same contender every round.
+    for r in $(seq "$rounds"); do
+      order=(plain "${!bins[@]}")
+      (( r % 2 )) || order=($(printf '%s\n' "${order[@]}" | tac))
+      for i in "${order[@]}"; do
+        if [[ $i == plain ]]; then
+          plain+=" $($L "$w" "$n" "$secs" "$mode" | sed 's/.*gbps=//')"
+          continue
+        fi
         b=${bins[$i]}
         $b accel on --cgroup "$cg" >/dev/null
         got[$i]+=" $($b accel run --cgroup "$cg" -- "$L" "$w" "$n" "$secs" "$mode" 2>/dev/null | sed 's/.*gbps=//')"
