@@ -69,10 +69,11 @@ int main(void) {
     printf("pub const RELAY_STAT_MAX: u32 = %d;\n", RELAY_STAT_MAX);
     printf("pub const RELAY_PEER_SIZE: usize = %zu;\n", sizeof(struct relay_peer));
     F(relay_peer, peer); F(relay_peer, budget); F(relay_peer, notify); F(relay_peer, taken);
-    F(relay_peer, hold);
+    F(relay_peer, hold); F(relay_peer, base); F(relay_peer, limit);
     printf("pub const RELAY_STAT_PARKED: u32 = %d;\n", RELAY_STAT_PARKED);
     printf("pub const RELAY_STAT_TRIMMED: u32 = %d;\n", RELAY_STAT_TRIMMED);
     printf("pub const RELAY_STAT_BROKEN: u32 = %d;\n", RELAY_STAT_BROKEN);
+    printf("pub const RELAY_STAT_EXTENDED: u32 = %d;\n", RELAY_STAT_EXTENDED);
     printf("pub const RELAY_COUNT_SEQ_KNOWN: u32 = %d;\n", RELAY_COUNT_SEQ_KNOWN);
     printf("pub const RELAY_COUNT_BROKEN: u32 = %d;\n", RELAY_COUNT_BROKEN);
     printf("pub const RELAY_COUNT_SIZE: usize = %zu;\n", sizeof(struct relay_count));

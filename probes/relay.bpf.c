@@ -76,6 +76,9 @@ struct sk_buff___relay {
 } __attribute__((preserve_access_index));
 struct tcp_sock {
 	__u32 copied_seq;
+	__u32 snd_una;
+	__u32 write_seq;
+	__u64 bytes_acked;
 } __attribute__((preserve_access_index));
 
 static __always_inline void count(__u32 idx, __u64 n)
@@ -155,6 +158,36 @@ broken:
 	return -1;
 }
 
+/* The budget user space granted is used up: whether the peer has taken enough meanwhile that
+ * `len` more bytes still keep what waits between the sockets within `limit`. User space grants
+ * the next budget when the verdict passes `notify`, but on a busy machine its answer often came
+ * after the budget was used up, and the direction parked with little in flight (measured: 4 of
+ * 10 parkings in a 1 GiB transfer found 0-11 MiB of a 16 MiB budget in flight), and a parking
+ * stops the sender until user space has caught up. So the verdict measures the peer as user
+ * space does: what entered its send queue (bytes_acked + write_seq - snd_una) against what
+ * this direction redirected and user space wrote on since `base`. */
+static __always_inline int within_limit(const struct relay_peer *peer, const struct relay_count *c, __u32 len)
+{
+	if (!peer->limit)
+		return 0;
+	__u64 peer_cookie = peer->peer;
+	struct bpf_sock *psk = bpf_map_lookup_elem(&targets, &peer_cookie);
+	if (!psk)
+		return 0;
+	int ok = 0;
+	struct tcp_sock *ptp = bpf_skc_to_tcp_sock(psk);
+	if (ptp) {
+		__u64 entered = ptp->bytes_acked + (__u32)(ptp->write_seq - ptp->snd_una);
+		__u64 left = peer->base + c->redirected + peer->taken;
+		__u64 in_flight = left > entered ? left - entered : 0;
+		ok = in_flight + len <= peer->limit;
+	}
+	bpf_sk_release(psk);
+	if (ok)
+		count(RELAY_STAT_EXTENDED, 1);
+	return ok;
+}
+
 SEC("sk_skb/stream_verdict")
 int relay_verdict(struct __sk_buff *skb)
 {
@@ -186,6 +219,9 @@ int relay_verdict(struct __sk_buff *skb)
 		if (cut > 0)
 			len = skb->len;
 	}
+	if (c && c->parked == peer->taken && c->redirected + len > peer->budget &&
+	    within_limit(peer, c, len))
+		goto redirect;
 	if (c && (c->parked != peer->taken || c->redirected + len > peer->budget)) {
 		/* Past the budget, or behind bytes parked before: park this one too, in order. */
 		__u64 waiting = c->parked - peer->taken;
@@ -197,6 +233,7 @@ int relay_verdict(struct __sk_buff *skb)
 		count(RELAY_STAT_PARKED, len);
 		return SK_PASS;
 	}
+redirect:;
 	__u64 peer_cookie = peer->peer;
 	long verdict = bpf_sk_redirect_hash(skb, &targets, &peer_cookie, 0 /* peer's egress */);
 	if (verdict == SK_PASS) {

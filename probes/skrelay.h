@@ -23,7 +23,9 @@ enum relay_stat {
 	RELAY_STAT_TRIMMED = 7,   /* bytes cut from the head of skbs that repeated bytes already
 	                           * handed on (a retransmission overlapping received data) */
 	RELAY_STAT_BROKEN = 8,    /* skbs that could not be trimmed: the pair is reset */
-	RELAY_STAT_MAX = 9,
+	RELAY_STAT_EXTENDED = 9,  /* skbs redirected past user space's budget because the verdict
+	                           * measured the peer itself and found room (within_limit) */
+	RELAY_STAT_MAX = 10,
 };
 
 /* Value of the relay `peers` HASH, by socket cookie; written by user space only. */
@@ -39,6 +41,11 @@ struct relay_peer {
 	__u64 hold;   /* the verdict tells user space when the bytes parked and not yet taken
 	               * pass this many: parked skbs that wait behind the psock's backlog are not
 	               * charged to the receive buffer, so the window may not close by itself */
+	__u64 base;   /* what had entered the peer's send queue when the pair joined
+	               * (bytes_acked + SIOCOUTQ, as user space measures it) */
+	__u64 limit;  /* --kernel-buffer: once `budget` is used up, the verdict measures the peer
+	               * itself and redirects while what waits between the sockets stays within
+	               * this (0: it parks at `budget`, as before) */
 };
 
 /* Value of the relay `relay_counts` HASH, by socket cookie; written by the verdict only. */

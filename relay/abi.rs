@@ -18,7 +18,8 @@ pub mod relay_stat {
     pub const PARKED: u32 = 6;
     pub const TRIMMED: u32 = 7;
     pub const BROKEN: u32 = 8;
-    pub const MAX: u32 = 9;
+    pub const EXTENDED: u32 = 9;
+    pub const MAX: u32 = 10;
 }
 
 /// Value of the relay `peers` HASH (`struct relay_peer`).
@@ -35,6 +36,11 @@ pub struct RelayPeer {
     pub taken: u64,
     /// User space hears of the socket when its parked bytes not yet taken pass this.
     pub hold: u64,
+    /// What had entered the peer's send queue when the pair joined (bytes_acked + SIOCOUTQ).
+    pub base: u64,
+    /// `--kernel-buffer`: past `budget`, the verdict measures the peer itself and redirects
+    /// while what waits between the sockets stays within this (0: it parks at `budget`).
+    pub limit: u64,
 }
 
 // SAFETY: plain old data, five u64.
@@ -241,6 +247,8 @@ mod tests {
         assert_eq!(std::mem::offset_of!(RelayPeer, notify), c::relay_peer__notify);
         assert_eq!(std::mem::offset_of!(RelayPeer, taken), c::relay_peer__taken);
         assert_eq!(std::mem::offset_of!(RelayPeer, hold), c::relay_peer__hold);
+        assert_eq!(std::mem::offset_of!(RelayPeer, base), c::relay_peer__base);
+        assert_eq!(std::mem::offset_of!(RelayPeer, limit), c::relay_peer__limit);
         assert_eq!(std::mem::size_of::<RelayCount>(), c::RELAY_COUNT_SIZE);
         assert_eq!(std::mem::offset_of!(RelayCount, redirected), c::relay_count__redirected);
         assert_eq!(std::mem::offset_of!(RelayCount, parked), c::relay_count__parked);
@@ -251,6 +259,7 @@ mod tests {
         assert_eq!(relay_stat::PARKED, c::RELAY_STAT_PARKED);
         assert_eq!(relay_stat::TRIMMED, c::RELAY_STAT_TRIMMED);
         assert_eq!(relay_stat::BROKEN, c::RELAY_STAT_BROKEN);
+        assert_eq!(relay_stat::EXTENDED, c::RELAY_STAT_EXTENDED);
     }
 
     #[test]

@@ -223,7 +223,7 @@ struct Relay {
 
 /// A peer entry with a budget that never runs out.
 fn peer(cookie: u64) -> RelayPeer {
-    RelayPeer { peer: cookie, budget: u64::MAX, notify: u64::MAX, taken: 0, hold: u64::MAX }
+    RelayPeer { peer: cookie, budget: u64::MAX, notify: u64::MAX, taken: 0, hold: u64::MAX, base: 0, limit: 0 }
 }
 
 impl Relay {
@@ -286,6 +286,9 @@ enum Maps {
     NoPeerEntry,
     /// `a` in `socks` with a peer that is not in `targets`.
     PeerNotInTargets,
+    /// A formed pair whose budget from user space is used up (0), with this `limit`: the
+    /// verdict measures the peer itself and redirects while it holds at most `limit` bytes.
+    BudgetUsedUp { limit: u64 },
 }
 
 /// Where the bytes that `a`'s client sent end up.
@@ -312,8 +315,9 @@ fn relay_verdict_redirects_passes_or_drops_as_its_maps_say() {
         return;
     }
     let mut relay = Relay::load();
-    use relay_stat::{BYTES, DROPPED, NO_PEER, REDIRECTED, TRIMMED, VERDICTS};
-    let cases: [VerdictCase; 7] = [
+    use relay_stat::{BYTES, DROPPED, EXTENDED, NO_PEER, PARKED, REDIRECTED, TRIMMED, VERDICTS};
+    let used_up = |limit| Maps::BudgetUsedUp { limit };
+    let cases: [VerdictCase; 10] = [
         ("a formed pair redirects to the peer", Maps::Pair, false, 0, false, Lands::AtPartner, &[VERDICTS, REDIRECTED]),
         ("no peer entry: passed to its own queue", Maps::NoPeerEntry, false, 0, false, Lands::InOwnQueue, &[NO_PEER]),
         ("peer not in targets: dropped", Maps::PeerNotInTargets, false, 0, false, Lands::Dropped, &[DROPPED]),
@@ -333,6 +337,11 @@ fn relay_verdict_redirects_passes_or_drops_as_its_maps_say() {
             Lands::AtPartner,
             &[REDIRECTED, TRIMMED],
         ),
+        // Past user space's budget the verdict looks at the peer itself: the peer holds nothing,
+        // so 1,000 bytes fit in a 1 MiB limit (and would not fit in 500); no limit: it parks.
+        ("budget used up, room within the limit", used_up(1 << 20), false, 0, false, Lands::AtPartner, &[EXTENDED]),
+        ("budget used up, over the limit: parked", used_up(500), false, 0, false, Lands::InOwnQueue, &[PARKED]),
+        ("budget used up, no limit: parked", used_up(0), false, 0, false, Lands::InOwnQueue, &[PARKED]),
     ];
     let mut failures = Vec::new();
     for (i, (name, maps, before, read_first, kick, lands, grow)) in cases.into_iter().enumerate() {
@@ -351,6 +360,16 @@ fn relay_verdict_redirects_passes_or_drops_as_its_maps_say() {
             assert_eq!(head, payload[..read_first], "{name}");
         }
         match maps {
+            Maps::BudgetUsedUp { limit } => {
+                relay.targets.insert(ca, a.as_raw_fd(), 0).unwrap();
+                relay.targets.insert(cb, b.as_raw_fd(), 0).unwrap();
+                let base = sys::tcp_counters(&b).unwrap().bytes_acked + sys::send_queue_len(&b).unwrap();
+                relay.peers.insert(ca, RelayPeer { budget: 0, base, limit, ..peer(cb) }, 0).unwrap();
+                relay.peers.insert(cb, peer(ca), 0).unwrap();
+                relay.counts.insert(ca, RelayCount::default(), 0).unwrap();
+                relay.counts.insert(cb, RelayCount::default(), 0).unwrap();
+                relay.socks.insert(cb, b.as_raw_fd(), 0).unwrap();
+            }
             Maps::Pair => {
                 relay.targets.insert(ca, a.as_raw_fd(), 0).unwrap();
                 relay.targets.insert(cb, b.as_raw_fd(), 0).unwrap();

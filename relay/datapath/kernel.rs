@@ -316,15 +316,19 @@ impl Datapath for KernelDatapath {
             self.stat(relay_stat::TRIMMED),
             state.unreported,
             state.holds,
+            self.stat(relay_stat::EXTENDED),
         ]
     }
 
     fn summary(&self, tally: &[u64]) -> Option<String> {
-        let &[redirected, bytes, no_peer, dropped, parked, parkings, lost, trimmed, unreported, holds] = tally else {
+        let &[redirected, bytes, no_peer, dropped, parked, parkings, lost, trimmed, unreported, holds, extended] =
+            tally
+        else {
             return None;
         };
         Some(format!(
-            "kernel datapath: {redirected} skbs ({bytes} bytes) redirected, {no_peer} passed without a peer, \
+            "kernel datapath: {redirected} skbs ({bytes} bytes) redirected ({extended} of them past a budget on the \
+             verdict's own measure), {no_peer} passed without a peer, \
              {dropped} dropped, {parked} bytes parked at a budget in {parkings} parkings, {lost} budget reports \
              lost, {trimmed} repeated bytes trimmed, {unreported} directions looked at without a report, \
              {holds} windows clamped for parked bytes"
@@ -511,7 +515,15 @@ impl KernelState {
     fn grant(&mut self, cookie: u64, m: Measure) -> bool {
         let Some(d) = self.directions.get(&cookie) else { return true };
         let (budget, notify) = budget::grant(m, self.limits.per_direction);
-        let peer = RelayPeer { peer: d.peer, budget, notify, taken: d.taken, hold: HOLD_AT };
+        let peer = RelayPeer {
+            peer: d.peer,
+            budget,
+            notify,
+            taken: d.taken,
+            hold: HOLD_AT,
+            base: d.base,
+            limit: self.limits.per_direction,
+        };
         if self.peers.insert(cookie, peer, 0).is_err() {
             return false;
         }
@@ -782,7 +794,15 @@ impl KernelSplice {
             let (budget, notify) =
                 budget::grant(Measure::new(base[1 - i], 0, 0, 0, base[1 - i]), state.limits.per_direction);
             state.counts.insert(from, RelayCount::default(), 0).map_err(map_full_or_io)?;
-            let peer = RelayPeer { peer: to, budget, notify, taken: 0, hold: HOLD_AT };
+            let peer = RelayPeer {
+                peer: to,
+                budget,
+                notify,
+                taken: 0,
+                hold: HOLD_AT,
+                base: base[1 - i],
+                limit: state.limits.per_direction,
+            };
             state.peers.insert(from, peer, 0).map_err(map_full_or_io)?;
             self.joined.peers[i] = true;
             let (src, dst) = (ends[i].as_raw_fd(), ends[1 - i].as_raw_fd());
