@@ -60,7 +60,7 @@ per_datapath!(status_lists_running_relays_and_proxies);
 
 /// `status --json` shows what a running relay holds inside the kernel (issue 10): while B does
 /// not read, A's bytes wait in the kernel (on B's psock queue, up to --kernel-buffer, and parked
-/// in A's own queue, up to its 8 MiB receive buffer); once B has read them all, none.
+/// in A's own queue, up to its 4 MiB receive buffer); once B has read them all, none.
 #[test]
 fn status_shows_the_bytes_a_kernel_relay_holds_in_flight() {
     let _netns = enter_netns();

@@ -41,8 +41,12 @@ const MAX_SOCKETS: u32 = crate::abi::MAX_SOCKETS;
 const SPLICED_SNDBUF: libc::c_int = 8 << 20;
 /// Receive buffer of a spliced socket (the kernel doubles it): what a parked direction holds at
 /// most before TCP's window closes on its sender (tcp_rmem's maximum is often 32 MiB), and less
-/// than a catch-up peeks at once (`CATCH_UP_MAX`).
-const SPLICED_RCVBUF: libc::c_int = 4 << 20;
+/// than a catch-up peeks at once (`CATCH_UP_MAX`). Every parking moves about this much through
+/// user space, so it is no larger than the window needs: 1 GiB through the proxy, 6 interleaved
+/// rounds, 2 MiB gave 15.6-16.1 Gbit/s against 14.0-15.0 at 4 MiB (parked bytes halved, as many
+/// parkings); 1 MiB 16.0-16.1; 256 KiB starved the pair (4.2); 8 MiB and autotuning (up to
+/// tcp_rmem's 32 MiB) 11.8-12.5.
+const SPLICED_RCVBUF: libc::c_int = 2 << 20;
 
 /// The maps and the budget of every direction in them, shared by the datapath and its pairs.
 struct KernelState {
@@ -112,11 +116,12 @@ struct Direction {
 
 /// Bytes parked and not yet taken past which the source's window is clamped (`hold_back`).
 /// Parking closes the sender's window by itself only for skbs that reach the psock's message
-/// queue, which is charged to the receive buffer (4 MiB, doubled). A parked skb that finds the
+/// queue, which is charged to the receive buffer (`SPLICED_RCVBUF`, doubled). A parked skb that finds the
 /// psock's backlog queue busy (the socket is also the destination of its pair's other direction,
 /// and that direction's bytes wait for room in its send queue) waits there uncharged, and the
 /// window stays open: a bidirectional pair whose clients read slower than they send parked
-/// ~90 MB a direction before this. So past twice the receive buffer, the window is clamped.
+/// ~90 MB a direction before this. So past 16 MiB (four times the receive buffer; twice before it
+/// shrank to 2 MiB), the window is clamped.
 const HOLD_AT: u64 = 16 << 20;
 /// Bytes parked and not yet taken below which a clamped window is given back.
 const RELEASE_AT: u64 = 4 << 20;
