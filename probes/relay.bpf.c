@@ -219,11 +219,9 @@ int relay_verdict(struct __sk_buff *skb)
 		if (cut > 0)
 			len = skb->len;
 	}
-	if (c && c->parked == peer->taken && c->redirected + len > peer->budget &&
-	    within_limit(peer, c, len))
-		goto redirect;
-	if (c && (c->parked != peer->taken || c->redirected + len > peer->budget)) {
-		/* Past the budget, or behind bytes parked before: park this one too, in order. */
+	if (c && (c->parked != peer->taken || (c->redirected + len > peer->budget && !within_limit(peer, c, len)))) {
+		/* Behind bytes parked before, or past the budget with no room by the verdict's own
+		 * measure: park this one too, in order. */
 		__u64 waiting = c->parked - peer->taken;
 		if (waiting == 0)
 			report(cookie); /* parking starts */
@@ -233,7 +231,6 @@ int relay_verdict(struct __sk_buff *skb)
 		count(RELAY_STAT_PARKED, len);
 		return SK_PASS;
 	}
-redirect:;
 	__u64 peer_cookie = peer->peer;
 	long verdict = bpf_sk_redirect_hash(skb, &targets, &peer_cookie, 0 /* peer's egress */);
 	if (verdict == SK_PASS) {

@@ -43,7 +43,7 @@ pub struct RelayPeer {
     pub limit: u64,
 }
 
-// SAFETY: plain old data, five u64.
+// SAFETY: plain old data, seven u64.
 unsafe impl aya::Pod for RelayPeer {}
 
 /// Value of the relay `relay_counts` HASH (`struct relay_count`), written by the verdict.

@@ -360,20 +360,17 @@ fn relay_verdict_redirects_passes_or_drops_as_its_maps_say() {
             assert_eq!(head, payload[..read_first], "{name}");
         }
         match maps {
-            Maps::BudgetUsedUp { limit } => {
+            Maps::Pair | Maps::BudgetUsedUp { .. } => {
                 relay.targets.insert(ca, a.as_raw_fd(), 0).unwrap();
                 relay.targets.insert(cb, b.as_raw_fd(), 0).unwrap();
-                let base = sys::tcp_counters(&b).unwrap().bytes_acked + sys::send_queue_len(&b).unwrap();
-                relay.peers.insert(ca, RelayPeer { budget: 0, base, limit, ..peer(cb) }, 0).unwrap();
-                relay.peers.insert(cb, peer(ca), 0).unwrap();
-                relay.counts.insert(ca, RelayCount::default(), 0).unwrap();
-                relay.counts.insert(cb, RelayCount::default(), 0).unwrap();
-                relay.socks.insert(cb, b.as_raw_fd(), 0).unwrap();
-            }
-            Maps::Pair => {
-                relay.targets.insert(ca, a.as_raw_fd(), 0).unwrap();
-                relay.targets.insert(cb, b.as_raw_fd(), 0).unwrap();
-                relay.peers.insert(ca, peer(cb), 0).unwrap();
+                let a_peer = match maps {
+                    Maps::BudgetUsedUp { limit } => {
+                        let base = sys::tcp_counters(&b).unwrap().bytes_acked + sys::send_queue_len(&b).unwrap();
+                        RelayPeer { budget: 0, base, limit, ..peer(cb) }
+                    }
+                    _ => peer(cb),
+                };
+                relay.peers.insert(ca, a_peer, 0).unwrap();
                 relay.peers.insert(cb, peer(ca), 0).unwrap();
                 relay.counts.insert(ca, RelayCount::default(), 0).unwrap();
                 relay.counts.insert(cb, RelayCount::default(), 0).unwrap();
