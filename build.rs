@@ -80,7 +80,7 @@ int main(void) {
     F(relay_count, redirected); F(relay_count, parked); F(relay_count, next_seq); F(relay_count, flags);
     printf("pub const ACCEL_CONFIG_SIZE: usize = %zu;\n", sizeof(struct accel_config));
     F(accel_config, filter_ports); F(accel_config, max_queued); F(accel_config, small_write);
-    F(accel_config, small_streak);
+    F(accel_config, small_streak); F(accel_config, cpus);
     printf("pub const ACCEL_STAT_SOCKETS: u32 = %d;\n", ACCEL_STAT_SOCKETS);
     printf("pub const ACCEL_STAT_CONNECTIONS: u32 = %d;\n", ACCEL_STAT_CONNECTIONS);
     printf("pub const ACCEL_STAT_MESSAGES: u32 = %d;\n", ACCEL_STAT_MESSAGES);
@@ -97,6 +97,7 @@ int main(void) {
     printf("pub const ACCEL_STAT_PASSED_BYTES: u32 = %d;\n", ACCEL_STAT_PASSED_BYTES);
     printf("pub const ACCEL_STAT_LEFT: u32 = %d;\n", ACCEL_STAT_LEFT);
     printf("pub const ACCEL_STAT_STUCK: u32 = %d;\n", ACCEL_STAT_STUCK);
+    printf("pub const ACCEL_STAT_LIVE_SOCKETS: u32 = %d;\n", ACCEL_STAT_LIVE_SOCKETS);
     printf("pub const ACCEL_STAT_MAX: u32 = %d;\n", ACCEL_STAT_MAX);
     printf("pub const STEER_MAX_BINDINGS: u32 = %d;\n", STEER_MAX_BINDINGS);
     printf("pub const STEER_MAX_PORT_ENTRIES: u32 = %d;\n", STEER_MAX_PORT_ENTRIES);

@@ -110,8 +110,18 @@ struct tcp_sock {
  * plain TCP, while one whose pauses are short and resume keeps the redirect. The rule used to be
  * time-based (10 ms and one limit of TCP-path bytes in one pause), but on a busy machine a reader
  * waits 10 ms and more for a CPU while its writer runs (traced: the redirect queue stood still at
- * its limit for the whole pause), so every bulk connection gave up at its first pause. */
-#define STUCK_LIMITS 8
+ * its limit for the whole pause), so every bulk connection gave up at its first pause.
+ * How long to wait depends on whether the reader has a CPU to catch up with: one bulk connection
+ * resumes after up to 100-250 MiB of TCP path (its reader was a few MiB behind when it started),
+ * and at 8 limits one 1 s run in three gave up and lost its 2x (none of 6 at 32). With more live
+ * connections than CPUs (STUCK_LIMITS_CROWDED) the readers are starved, pauses rarely resume and
+ * every limit spent on the in-map TCP path is lost (30% of the bytes at 1 MiB writes x 16
+ * connections gave up only after 8): 2 limits took those cells from 0.95-0.98x plain to
+ * 1.04-1.09x (BENCHMARKS.md). */
+#define STUCK_LIMITS 32
+#define STUCK_LIMITS_CROWDED 2
+/* CPUs scanned for the live-sockets gauge (a per-CPU counter): the most this build counts. */
+#define MAX_CPUS 1024
 #define EBUSY 16
 #define TCP_FIN_WAIT1 4
 #define TCP_FIN_WAIT2 5
@@ -202,6 +212,31 @@ static __always_inline void count(__u32 idx, __u64 n)
 	__u64 *v = bpf_map_lookup_elem(&accel_stats, &idx);
 	if (v)
 		*v += n; /* per-CPU slot: no atomics needed */
+}
+
+/* The live-sockets gauge: each CPU's slot moves by atomic adds (a socket may join on one CPU and
+ * close on another, so one slot can wrap below zero); the sum over CPUs is the gauge. */
+static __always_inline void live_sockets_add(__s64 n)
+{
+	__u32 idx = ACCEL_STAT_LIVE_SOCKETS;
+	__u64 *v = bpf_map_lookup_elem(&accel_stats, &idx);
+	if (v)
+		__sync_fetch_and_add(v, n);
+}
+
+/* More live connections (two sockets each) than CPUs: see STUCK_LIMITS. */
+static __always_inline int crowded(const struct accel_config *cfg)
+{
+	__u32 idx = ACCEL_STAT_LIVE_SOCKETS;
+	__u64 sockets = 0;
+	for (__u32 cpu = 0; cpu < MAX_CPUS; cpu++) {
+		__u64 *v = bpf_map_lookup_percpu_elem(&accel_stats, &idx, cpu);
+		if (!v)
+			break;
+		sockets += *v;
+	}
+	__u32 cpus = cfg && cfg->cpus ? cfg->cpus : 1;
+	return (__s64)sockets > 2 * (__s64)cpus; /* the sum is never below zero */
 }
 
 static __always_inline void set_stat(__u32 idx, __u64 value)
@@ -358,10 +393,16 @@ static __always_inline void join(struct bpf_sock_ops *ops, int active)
 		.state = active ? PENDING : JOINED,
 		.sk_addr = (__u64)(unsigned long)ops->sk,
 	};
-	bpf_map_update_elem(&accel_members, &k, &me, BPF_ANY);
+	/* A stale entry of the same five-tuple (none is expected: entries leave at TCP_CLOSE) is
+	 * replaced without counting it twice in the gauge. */
+	if (bpf_map_update_elem(&accel_members, &k, &me, BPF_NOEXIST) == 0)
+		live_sockets_add(1);
+	else
+		bpf_map_update_elem(&accel_members, &k, &me, BPF_ANY);
 	long err = bpf_sock_hash_update(ops, &accel_socks, &k, BPF_NOEXIST);
 	if (err) {
-		bpf_map_delete_elem(&accel_members, &k);
+		if (bpf_map_delete_elem(&accel_members, &k) == 0)
+			live_sockets_add(-1);
 		count(err == -EBUSY ? ACCEL_STAT_INSERT_BUSY : ACCEL_STAT_INSERT_FAILED, 1);
 		set_stat(ACCEL_STAT_LAST_ERRNO, (__u64)-err);
 		return;
@@ -377,7 +418,8 @@ static __always_inline void join(struct bpf_sock_ops *ops, int active)
 	if (__sync_val_compare_and_swap(&peer_member->state, PENDING, JOINED) != PENDING) {
 		/* The connecting end already sent by the normal path: both ends leave the map. */
 		bpf_map_delete_elem(&accel_socks, &k);
-		bpf_map_delete_elem(&accel_members, &k);
+		if (bpf_map_delete_elem(&accel_members, &k) == 0)
+			live_sockets_add(-1);
 		bpf_map_delete_elem(&accel_socks, &peer);
 		count(ACCEL_STAT_RACES_LOST, 1);
 		return;
@@ -483,8 +525,8 @@ static __always_inline void leave(struct bpf_sock_ops *ops)
 	if (!sockops_key(ops, &k))
 		return;
 	struct member *m = bpf_map_lookup_elem(&accel_members, &k);
-	if (m && m->cookie == bpf_get_socket_cookie(ops))
-		bpf_map_delete_elem(&accel_members, &k);
+	if (m && m->cookie == bpf_get_socket_cookie(ops) && bpf_map_delete_elem(&accel_members, &k) == 0)
+		live_sockets_add(-1);
 }
 
 SEC("sockops")
@@ -679,7 +721,8 @@ int accel_msg(struct sk_msg_md *msg)
 		if (me->leaving || queued + size > limit / 2 || tcp_memory_short(psk) || !order_safe(me, psk)) {
 			me->paused_bytes += size;
 			me->debt_kib += (size + 1023) >> 10;
-			if (me->debt_kib > (limit >> 10) * STUCK_LIMITS) {
+			__u32 limits = me->debt_kib / ((limit >> 10) ?: 1);
+			if (limits >= STUCK_LIMITS || (limits >= STUCK_LIMITS_CROWDED && crowded(cfg))) {
 				me->mode = STUCK;
 				count(ACCEL_STAT_STUCK, 1);
 			}

@@ -85,8 +85,9 @@ enum accel_stat {
 	ACCEL_STAT_PASSED = 12,      /* sendmsg calls of paused or demoted directions (TCP path) */
 	ACCEL_STAT_PASSED_BYTES = 13,/* their bytes */
 	ACCEL_STAT_LEFT = 14,        /* sockets that left the map because their sends took the TCP path */
-	ACCEL_STAT_STUCK = 15,       /* paused directions that gave up resuming (TCP-path sends outran redirected ones by 8x max_queued) */
-	ACCEL_STAT_MAX = 16,
+	ACCEL_STAT_STUCK = 15,       /* paused directions that gave up resuming (TCP-path sends outran redirected ones by 32x max_queued, 2x when crowded) */
+	ACCEL_STAT_LIVE_SOCKETS = 16,/* a gauge, not a count: sockets in `accel_members` now (joined and not closed), summed over CPUs */
+	ACCEL_STAT_MAX = 17,
 };
 
 /* The `accel_config` ARRAY's single value. */
@@ -97,6 +98,8 @@ struct accel_config {
 	                     * back, until the queue drains */
 	__u32 small_write;  /* a sendmsg below this many bytes is small (0: never demote for size) */
 	__u32 small_streak; /* demote after this many consecutive small sends at a reader with unread data */
+	__u32 cpus;         /* CPUs the cgroup's processes may run on (0: 1); more live connections than this
+	                     * is crowded, and a paused direction gives up sooner (STUCK_LIMITS_CROWDED) */
 };
 
 /* ---- steer: sk_lookup funnels (probes/steer.bpf.c, relay/steer/) ---- */

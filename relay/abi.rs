@@ -88,7 +88,9 @@ pub mod accel_stat {
     pub const PASSED_BYTES: u32 = 13;
     pub const LEFT: u32 = 14;
     pub const STUCK: u32 = 15;
-    pub const MAX: u32 = 16;
+    /// A gauge: sockets that joined and have not closed, summed over CPUs with wrapping adds.
+    pub const LIVE_SOCKETS: u32 = 16;
+    pub const MAX: u32 = 17;
 }
 
 /// The single value of the accel `accel_config` array (`struct accel_config`).
@@ -104,6 +106,9 @@ pub struct AccelConfig {
     pub small_write: u32,
     /// Demote after this many consecutive small sends that found the reader with unread data.
     pub small_streak: u32,
+    /// CPUs the cgroup's processes may run on (0: 1): with more live connections than this, a
+    /// paused direction gives up the redirect sooner (probes/accel.bpf.c, STUCK_LIMITS).
+    pub cpus: u32,
 }
 
 // SAFETY: plain old data, u32 fields, no padding.
@@ -205,6 +210,7 @@ mod tests {
         assert_eq!(std::mem::offset_of!(AccelConfig, max_queued), c::accel_config__max_queued);
         assert_eq!(std::mem::offset_of!(AccelConfig, small_write), c::accel_config__small_write);
         assert_eq!(std::mem::offset_of!(AccelConfig, small_streak), c::accel_config__small_streak);
+        assert_eq!(std::mem::offset_of!(AccelConfig, cpus), c::accel_config__cpus);
     }
 
     #[test]
@@ -225,6 +231,7 @@ mod tests {
         assert_eq!(accel_stat::PASSED_BYTES, c::ACCEL_STAT_PASSED_BYTES);
         assert_eq!(accel_stat::LEFT, c::ACCEL_STAT_LEFT);
         assert_eq!(accel_stat::STUCK, c::ACCEL_STAT_STUCK);
+        assert_eq!(accel_stat::LIVE_SOCKETS, c::ACCEL_STAT_LIVE_SOCKETS);
         assert_eq!(accel_stat::MAX, c::ACCEL_STAT_MAX);
     }
 

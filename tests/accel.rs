@@ -12,7 +12,7 @@ use std::{
     io::{BufRead, BufReader, Write},
     path::PathBuf,
     process::{Child, Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/accel_peer.py");
@@ -157,6 +157,13 @@ fn two_processes_exchange_256_mib_each_way_through_the_redirect() {
     let r = cg.report();
     assert_eq!(r.connections, 1, "{r}");
     assert_eq!(r.sockets_joined, 2, "{r}");
+    // The live-sockets gauge (what tells a paused direction how crowded the cgroup is) comes back
+    // to zero once both sockets closed (the last one's TCP_CLOSE may come a moment later).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while cg.report().sockets_live != 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(cg.report().sockets_live, 0, "{}", cg.report());
     // Both streams plus the client's 8-byte length header went through the redirect, or through
     // TCP while a reader held its queue limit; a socket that left the map is no longer counted.
     assert_counted(&r, 2 * bytes + 8);
@@ -272,6 +279,7 @@ fn off_with_live_connections_loses_nothing() {
     let r = cg.report();
     // A socket whose reader blocks may have left the map already (its sends take plain TCP).
     assert_eq!(r.sockets_open + r.left, 2, "{r}");
+    assert_eq!(r.sockets_live, 2, "both ends of the open connection are live: {r}");
     assert!(r.bytes > 0, "unread bytes should be queued at the peers: {r}");
 
     // Plain `off` refuses while accelerated connections are open, but stops new ones joining.

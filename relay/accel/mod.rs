@@ -54,6 +54,9 @@ pub struct AccelReport {
     pub sockets_joined: u64,
     /// Connections whose both ends joined, so their data bypasses TCP/IP.
     pub connections: u64,
+    /// Sockets that joined and are not closed yet, in the map or back on plain TCP (how crowded
+    /// the cgroup is: see `stuck`).
+    pub sockets_live: u64,
     /// sendmsg calls (and their bytes) moved straight into the peer's receive queue.
     pub messages: u64,
     pub bytes: u64,
@@ -74,8 +77,9 @@ pub struct AccelReport {
     pub pauses: u64,
     pub resumes: u64,
     /// Paused directions that gave up resuming: their sends by TCP while paused outran their
-    /// redirected ones by 8 `--max-queued` (a writer that keeps ahead of its reader rarely lets
-    /// the TCP path drain); they leave the map.
+    /// redirected ones by 32 `--max-queued`, or by 2 while the cgroup has more live connections
+    /// than CPUs (a writer that keeps ahead of its reader rarely lets the TCP path drain); they
+    /// leave the map.
     pub stuck: u64,
     /// Directions moved to the TCP path for good: small writes streamed at a busy reader.
     pub demoted_small: u64,
@@ -101,8 +105,8 @@ impl fmt::Display for AccelReport {
         }
         writeln!(
             f,
-            "  connections accelerated: {} ({} sockets joined, {} open now)",
-            self.connections, self.sockets_joined, self.sockets_open
+            "  connections accelerated: {} ({} sockets joined, {} of them open, {} in the map now)",
+            self.connections, self.sockets_joined, self.sockets_live, self.sockets_open
         )?;
         writeln!(f, "  redirected: {} messages, {} bytes", self.messages, self.bytes)?;
         writeln!(
@@ -147,6 +151,7 @@ impl AccelReport {
             "attached": self.attached,
             "sockets_open": self.sockets_open,
             "sockets_joined": self.sockets_joined,
+            "sockets_live": self.sockets_live,
             "connections": self.connections,
             "messages": self.messages,
             "bytes": self.bytes,
@@ -239,6 +244,7 @@ fn report_for(dir: &Path, cg: &Cgroup) -> Result<AccelReport, Error> {
         sockets_open: snap.sockets_open,
         sockets_joined: s(accel_stat::SOCKETS),
         connections: s(accel_stat::CONNECTIONS),
+        sockets_live: s(accel_stat::LIVE_SOCKETS),
         messages: s(accel_stat::MESSAGES),
         bytes: s(accel_stat::BYTES),
         fallbacks: s(accel_stat::FALLBACKS),

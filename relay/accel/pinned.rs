@@ -61,6 +61,7 @@ fn create_in(dir: &Path, cgroup: &Cgroup, ports: &[u16], policy: &AccelPolicyArg
             max_queued: policy.max_queued,
             small_write: policy.small_write,
             small_streak: super::SMALL_STREAK,
+            cpus: std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX)),
         };
         config.set(0, value, 0).map_err(broken)?;
     }
@@ -156,7 +157,8 @@ pub fn snapshot(dir: &Path) -> Result<Snapshot, Error> {
         stats.push(if idx == accel_stat::LAST_ERRNO {
             per_cpu.iter().copied().max().unwrap_or(0)
         } else {
-            per_cpu.iter().sum()
+            // Wrapping: a gauge's per-CPU slots may each have wrapped below zero.
+            per_cpu.iter().fold(0u64, |sum, &v| sum.wrapping_add(v))
         });
     }
     let socks: SockHash<MapData, SockKey> = SockHash::try_from(open_map(dir, "accel_socks")?).map_err(broken)?;
