@@ -91,7 +91,7 @@ fn create_in(dir: &Path, cgroup: &Cgroup, ports: &[u16], policy: &AccelPolicyArg
     let link = ops.take_link(id).map_err(|e| bpf::unavailable("attach sockops to the cgroup", &e))?;
     let link: FdLink = link.try_into().map_err(|_| Error::BpfUnavailable {
         reason: "the kernel attached sockops without a bpf_link, which cannot be pinned".into(),
-        fix: "skrelay accel needs Linux 5.7 or newer".into(),
+        fix: "skrelay accel needs Linux 5.19 or newer".into(),
     })?;
     link.pin(dir.join(SOCKOPS_LINK)).map_err(|e| bpf::unavailable("pin the sockops link", &e))?;
     Ok(())
