@@ -515,6 +515,38 @@ fn a_small_write_stream_moves_to_plain_tcp_without_damage() {
     }
 }
 
+/// States a kernel behaviour that puts splice(2) readers at risk (README, accel): redirected bytes
+/// wait in the reader's psock queue, which only recvmsg reads, and 6.18's tcp_bpf has no
+/// splice_read, so splice(2) (and sendfile(2)) from an accelerated socket reads the TCP queue
+/// alone, skips every redirected byte and takes the FIN for the end of the stream. The same
+/// exchange outside the cgroup arrives whole. If this test fails because the accelerated reader
+/// got everything, the kernel has learnt to splice from a psock (bpf-next, 2026: "bpf/sockmap:
+/// add splice support for tcp_bpf"): say so in README and `accel --help`.
+#[test]
+fn a_splice_reader_misses_redirected_bytes_kernel_behaviour() {
+    if !require_bpf("a_splice_reader_misses_redirected_bytes_kernel_behaviour") {
+        return;
+    }
+    let _netns = enter_netns();
+    let total = (4 * MIB).to_string();
+    let plain = output(plain_peer(&["splice", "127.0.0.1", &total]));
+    assert!(field(&plain, "sent").starts_with(&format!("{total} ")), "{plain}");
+    assert_eq!(field(&plain, "sent"), field(&plain, "received"), "plain TCP, splice reader:\n{plain}");
+    let cg = TestCgroup::accelerated("splice", &[]);
+    let out = output(cg.peer(&["splice", "127.0.0.1", &total]));
+    let r = cg.report();
+    assert_eq!(r.connections, 1, "{r}");
+    assert!(r.bytes > 0, "nothing was redirected: {r}");
+    let received: u64 = field(&out, "received").split(' ').next().unwrap().parse().unwrap();
+    assert!(!out.contains("timeout"), "the splice reader waited 10 s instead of seeing an end: {out}");
+    assert!(
+        received + r.bytes <= 4 * MIB,
+        "the splice reader got redirected bytes ({received} of {total} received, {} redirected): the kernel \
+         splices from the psock queue now; update README and `accel --help`\n{out}\n{r}",
+        r.bytes
+    );
+}
+
 /// A blocking reader (no O_NONBLOCK) behind a paused stream: the direction goes back to the
 /// redirect only while the reader waits inside tcp_bpf_recvmsg, never while it is blocked in
 /// plain tcp_recvmsg with MSG_WAITALL (it would take later TCP bytes before redirected ones: a

@@ -32,6 +32,9 @@ duplicated or reordered chunk changes the sha256 the test compares. Results are 
                               can fail with EAGAIN; counted and retried); exits 3 after 60 s
   pause HOST BYTES            both ends queue data unread, print `ready`, wait for a line on stdin,
                               then finish the exchange: a window for `accel off` with bytes queued
+  splice HOST BYTES           the client sends BYTES and half-closes; the server reads with
+                              splice(2) into a pipe until splice returns 0 (or 10 s pass, `timeout`);
+                              sha256 of both sides
 """
 import hashlib
 import os
@@ -408,6 +411,38 @@ def stall(host, total, secs):
     print("received %d %s" % out["received"])
 
 
+def splice_reader(host, total):
+    cli, srv = pair(host)
+    time.sleep(0.05)  # let the accepted end join before the first send
+    out = {}
+    t = threading.Thread(target=send_stream, args=(cli, 1, total, out))
+    t.start()
+    r, w = os.pipe()
+    h = hashlib.sha256()
+    got = 0
+    deadline = time.monotonic() + 10
+    srv.setblocking(False)
+    while True:
+        if time.monotonic() > deadline:
+            print("timeout")
+            break
+        try:
+            n = os.splice(srv.fileno(), w, 1 << 20)
+        except BlockingIOError:
+            select.select([srv], [], [], 0.1)
+            continue
+        if n == 0:
+            break
+        while n > 0:
+            b = os.read(r, n)
+            h.update(b)
+            got += len(b)
+            n -= len(b)
+    t.join()
+    print("sent %d %s" % out["sent"])
+    print("received %d %s" % (got, h.hexdigest()))
+
+
 if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "serve":
@@ -430,5 +465,7 @@ if __name__ == "__main__":
         blocking(args[0], int(args[1]), int(args[2]), args[3:] == ["waitall"])
     elif mode == "pause":
         pause(args[0], int(args[1]))
+    elif mode == "splice":
+        splice_reader(args[0], int(args[1]))
     else:
         sys.exit("unknown mode " + mode)
