@@ -30,6 +30,13 @@ pub enum Error {
     #[error("cannot accelerate cgroup {cgroup}: {reason}")]
     AccelConflict { cgroup: String, reason: String },
 
+    #[error(
+        "cannot run the {command} in cgroup {cgroup}: skrelay accel accelerates it{limit}, and would move its local \
+         clients' bytes into its sockets' queue, past its datapath (run the {command} outside that cgroup, or \
+         accelerate it with --ports that leave out ports {ports})"
+    )]
+    InsideAccel { command: &'static str, cgroup: String, limit: String, ports: String },
+
     #[error("{0}")]
     AccelBusy(String),
 }

@@ -14,6 +14,10 @@ use std::net::{IpAddr, SocketAddr};
 
 pub fn run(args: ProxyArgs) -> Result<(), Error> {
     let mut upstreams = Upstreams::resolve(&args.upstreams)?;
+    // Before anything is bound or taken over (a --takeover would leave nobody serving).
+    let ports: Vec<u16> =
+        std::iter::once(args.listen.port()).chain(upstreams.addrs().iter().map(|u| u.port())).collect();
+    crate::relay_cmd::outside_accel("proxy", &ports)?;
     let threads = args.common.threads();
     let datapaths =
         datapath::open(args.common.datapath, args.common.kernel_after, args.common.kernel_limits(), threads)?;

@@ -13,6 +13,8 @@ use mio::net::TcpListener;
 use std::net::SocketAddr;
 
 pub fn run(args: RelayArgs) -> Result<(), Error> {
+    // Before anything is bound or taken over (a --takeover would leave nobody serving).
+    outside_accel("relay", &[args.listen.port()])?;
     let threads = args.common.threads();
     let datapaths =
         datapath::open(args.common.datapath, args.common.kernel_after, args.common.kernel_limits(), threads)?;
@@ -44,6 +46,19 @@ pub fn run(args: RelayArgs) -> Result<(), Error> {
     let mut server = Server::new(listener, datapaths, config)?;
     serving(&mut server, handover, addr);
     server.run()
+}
+
+/// Refuses to serve `ports` from inside a cgroup that `skrelay accel` accelerates on them: its
+/// sk_msg program would redirect local clients' bytes past this process's datapath.
+pub fn outside_accel(command: &'static str, ports: &[u16]) -> Result<(), Error> {
+    let Some(r) = crate::accel::accelerating(std::process::id(), ports) else { return Ok(()) };
+    let list = |p: &[u16]| p.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
+    Err(Error::InsideAccel {
+        command,
+        cgroup: r.cgroup.display().to_string(),
+        limit: if r.ports.is_empty() { " on every port".into() } else { format!(" on ports {}", list(&r.ports)) },
+        ports: list(ports),
+    })
 }
 
 /// The listening socket and where it came from.

@@ -547,6 +547,74 @@ fn a_splice_reader_misses_redirected_bytes_kernel_behaviour() {
     );
 }
 
+/// A relay or proxy and its local clients in one accelerated cgroup: sk_msg would move the
+/// clients' bytes into the relay's sockets' psock queue, which neither its sk_skb datapath nor
+/// splice(2) reads (a relay started inside `accel run` delivered a 4 MB stream 64 KiB short). So
+/// a relay refuses to start inside an accelerated cgroup that covers its port, starts when
+/// `--ports` leaves its port out, and `accel on` refuses a cgroup a relay already runs in.
+#[test]
+fn a_relay_and_accel_refuse_to_share_a_cgroup() {
+    if !require_bpf("a_relay_and_accel_refuse_to_share_a_cgroup") {
+        return;
+    }
+    let _netns = enter_netns();
+    let port = free_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    {
+        let cg = TestCgroup::accelerated("relay-inside", &[]);
+        let (code, err) = exit_within(&cg, cg_command(&cg, &["relay", "--listen", &listen]));
+        assert_eq!(code, Some(2), "the relay started inside an accelerated cgroup: {err}");
+        assert!(err.contains("cannot run the relay in cgroup") && err.contains("--ports"), "{err}");
+        let (code, err) =
+            exit_within(&cg, cg_command(&cg, &["proxy", "--listen", &listen, "--upstream", "127.0.0.1:9"]));
+        assert_eq!(code, Some(2), "the proxy started inside an accelerated cgroup: {err}");
+    }
+    {
+        // accel limited to other ports: the relay serves.
+        let cg = TestCgroup::accelerated("relay-other-port", &["--ports", "9"]);
+        let relay = Skrelay::spawn(cg_command(&cg, &["relay", "--listen", &listen]), "listening on");
+        relay.stop(Duration::from_secs(5));
+    }
+    let cg = TestCgroup::unaccelerated("relay-then-accel");
+    std::fs::create_dir_all(cg.path()).unwrap();
+    let mut enter = Command::new("sh");
+    enter.args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""]).arg(cg.path()).arg(SKRELAY);
+    enter.args(["relay", "--listen", &listen]);
+    let relay = Skrelay::spawn(enter, "listening on");
+    let (code, out, err) = skrelay_output(&["accel", "on", "--cgroup", &cg.rel]);
+    assert_eq!(code, 2, "accel on accepted a cgroup a relay runs in: {out}{err}");
+    assert!(err.contains("skrelay relay (pid") && err.contains("runs in it"), "{err}");
+    let (code, out, err) = skrelay_output(&["accel", "on", "--cgroup", &cg.rel, "--ports", "9"]);
+    assert_eq!(code, 0, "accel on --ports without the relay's port was refused: {out}{err}");
+    relay.stop(Duration::from_secs(5));
+}
+
+/// Runs `cmd` in `cg` for up to 5 s: its exit code and stderr; None when it was still running
+/// (then every process of the cgroup is killed, the relay it started included).
+fn exit_within(cg: &TestCgroup, mut cmd: Command) -> (Option<i32>, String) {
+    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err);
+            return (status.code(), err);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::write(cg.path().join("cgroup.kill"), "1");
+    let _ = child.kill();
+    let _ = child.wait();
+    (None, "(still running after 5 s)".into())
+}
+
+/// `skrelay ARGS` started in `cg` (`accel run --cgroup`), as a relay in that cgroup would be.
+fn cg_command(cg: &TestCgroup, args: &[&str]) -> Command {
+    let mut c = Command::new(SKRELAY);
+    c.args(["accel", "run", "--cgroup", &cg.rel, "--", SKRELAY]).args(args);
+    c
+}
+
 /// A blocking reader (no O_NONBLOCK) behind a paused stream: the direction goes back to the
 /// redirect only while the reader waits inside tcp_bpf_recvmsg, never while it is blocked in
 /// plain tcp_recvmsg with MSG_WAITALL (it would take later TCP bytes before redirected ones: a

@@ -89,6 +89,13 @@ impl Cgroup {
         Ok(Cgroup { mount: mount.to_path_buf(), rel: parts.join("/") })
     }
 
+    /// The cgroup v2 process `pid` belongs to (/proc/PID/cgroup's `0::` line), if it can be read.
+    pub fn of_process(pid: u32) -> Option<Cgroup> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+        Self::resolve_in(&v2_mount().ok()?, Path::new(rel.trim_start_matches('/'))).ok()
+    }
+
     /// The directory.
     pub fn path(&self) -> PathBuf {
         if self.rel.is_empty() {

@@ -310,6 +310,38 @@ pub fn report_cgroup(cgroup: &Path) -> Result<AccelReport, Error> {
     report_for(&dir, &cg)
 }
 
+/// The accelerated cgroup, if any, that holds process `pid` and joins connections on one of
+/// `ports` (every port when its --ports is empty). A relay or proxy there must not run: sk_msg
+/// would move its local clients' bytes into its sockets' psock queue, which neither its sk_skb
+/// datapath nor splice(2) reads (a relay inside `accel run` lost 64 KiB of a 4 MB stream).
+pub fn accelerating(pid: u32, ports: &[u16]) -> Option<AccelReport> {
+    let cg = Cgroup::of_process(pid)?;
+    reports().ok()?.cgroups.into_iter().find(|r| {
+        Cgroup::resolve(&r.cgroup).is_ok_and(|other| cg.is_within(&other))
+            && (r.ports.is_empty() || r.ports.iter().any(|p| ports.contains(p)))
+    })
+}
+
+/// A running relay or proxy inside `cg` whose ports `ports` would take in (see `accelerating`).
+fn check_no_relay_inside(cg: &Cgroup, ports: &[u16]) -> Result<(), Error> {
+    for s in crate::running::servers() {
+        let inside = Cgroup::of_process(s.pid).is_some_and(|c| c.is_within(cg));
+        let caught = ports.is_empty() || s.listening.iter().any(|a| ports.contains(&a.port()));
+        if inside && caught {
+            let at = s.listening.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+            return Err(Error::AccelConflict {
+                cgroup: cg.to_string(),
+                reason: format!(
+                    "skrelay {} (pid {}, listening on {at}) runs in it, and accel would move its local clients' bytes \
+                     past its datapath (stop it or move it out of the cgroup, or give --ports without its ports)",
+                    s.command, s.pid
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// What `on` did.
 #[derive(Debug)]
 pub struct Enabled {
@@ -346,6 +378,7 @@ pub fn on(cgroup: &Path, ports: &[u16], policy: &AccelPolicyArgs) -> Result<Enab
         return Err(Error::AccelAlreadyOn { cgroup: cg.to_string(), pins: dir.display().to_string() });
     }
     check_nested(&root, &cg)?;
+    check_no_relay_inside(&cg, ports)?;
     let created = cg.create()?;
     let result = check_foreign(&cg).and_then(|()| pinned::create(&dir, &cg, ports, policy));
     if let Err(e) = result {
