@@ -36,12 +36,14 @@
 #
 # Needs: Linux with BPF (root) for skrelay's kernel datapath; bash, coreutils, awk, timeout. No
 # compiler, no network, no ss: listening is read from /proc/net/tcp. On a bare machine: here run
-# `scripts/bench-pairs.sh --pack DIR` (builds release skrelay and bench, copies them, this script
-# and the haproxy binary with its shared libraries and loader; about 25 MiB), carry DIR over, and
-# there run (as root) `DIR/bench-pairs.sh --out OUT --bytes 8G --pair-bytes-max 2G --rounds 2`
-# (16 cores: about 5 minutes, 8 GiB of memory); bring OUT back and run
-# `scripts/bench.sh --pairs-from OUT` here. skrelay and bench need the bare machine's libc (same
-# distribution); HAProxy runs on the carried loader and libraries (DIR/haproxy.sh).
+# `scripts/bench-pairs.sh --pack DIR` (builds release skrelay and bench, copies them, this script,
+# scripts/bench-pairs-bare.sh as DIR/run.sh, and the haproxy binary with its shared libraries and
+# loader; about 25 MiB), carry DIR over, and there run (as root) `OUT=OUT DIR/run.sh` (16 cores:
+# about 4 minutes, 8 GiB of memory; see its header); bring OUT back and run
+# `scripts/bench.sh --pairs-from OUT` here. HAProxy runs on the carried loader and libraries
+# (DIR/haproxy.sh); skrelay and bench use the bare machine's libc when it runs them (same or newer
+# glibc), else run.sh puts them on the carried one. With the device tool: pack into
+# `target/bench-pack` (ignored), carry it, and run `OUT=$OUT target/bench-pack/run.sh`.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 
@@ -91,6 +93,7 @@ if [ -n "$pack" ]; then
   (cd "$root" && cargo build --release --quiet --bin skrelay --example bench)
   mkdir -p "$pack/lib"
   cp "$root/target/release/skrelay" "$root/target/release/examples/bench" "$here/bench-pairs.sh" "$pack/"
+  cp "$here/bench-pairs-bare.sh" "$pack/run.sh"
   hp=$(command -v haproxy)
   cp "$hp" "$pack/haproxy"
   ldd "$hp" | awk '/=> \//{print $3} /^\t\/.*ld-linux/{print $1}' | while read -r lib; do cp -L "$lib" "$pack/lib/"; done
@@ -103,8 +106,8 @@ exec "\$d/lib/$(basename "$loader")" --library-path "\$d/lib" "\$d/haproxy" "\$@
 EOF
   chmod +x "$pack/haproxy.sh"
   echo "bench-pairs: packed into $pack ($(du -sh "$pack" | cut -f1)); run there as root:" >&2
-  echo "  $pack/bench-pairs.sh --out OUT --bytes 8G --pair-bytes-max 2G --rounds 2" >&2
-  echo "then here: scripts/bench.sh --pairs-from OUT" >&2
+  echo "  OUT=DIR2 $pack/run.sh     (or by hand: $pack/bench-pairs.sh --out DIR2 --bytes 8G --pair-bytes-max 2G --rounds 2)" >&2
+  echo "then here: scripts/bench.sh --pairs-from DIR2" >&2
   exit 0
 fi
 
