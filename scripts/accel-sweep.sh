@@ -8,7 +8,8 @@
 #   scripts/accel-sweep.sh [SIZES] [CONNS] [SECS] [block|poll] [ROUNDS]
 #   (defaults: "64 1024 4096 16384 65536 1048576" "1 4 16 64" 1 block 3; poll: event-loop readers)
 #   SKRELAY_BEFORE=/path/to/older/skrelay adds that build's accel as a third run per round
-#   (before/after in the same run).
+#   (before/after in the same run). SKRELAY=BIN ACCEL_LOAD=BIN: use these builds, build nothing
+#   (a machine without cargo, e.g. the lent 16-core one).
 # Path per round: MiB redirected / MiB sent by TCP while in the map / pauses / resumes /
 # small-write demotions / sockets back on plain TCP / pauses given up.
 set -euo pipefail
@@ -18,9 +19,13 @@ conns=${2:-"1 4 16 64"}
 secs=${3:-1}
 mode=${4:-block}
 rounds=${5:-3}
-cargo build -q --release --bin skrelay --example accel_load
-S=$PWD/target/release/skrelay
-L=$PWD/target/release/examples/accel_load
+if [[ -n ${SKRELAY:-} && -n ${ACCEL_LOAD:-} ]]; then
+  S=$(realpath "$SKRELAY") L=$(realpath "$ACCEL_LOAD")
+else
+  cargo build -q --release --bin skrelay --example accel_load
+  S=$PWD/target/release/skrelay
+  L=$PWD/target/release/examples/accel_load
+fi
 bins=("$S")
 [[ -n ${SKRELAY_BEFORE:-} ]] && bins+=("$SKRELAY_BEFORE")
 exec unshare -n bash -s "$L" "$sizes" "$conns" "$secs" "$mode" "$rounds" "${bins[@]}" <<'INNER'
