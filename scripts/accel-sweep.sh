@@ -8,7 +8,8 @@
 #   scripts/accel-sweep.sh [SIZES] [CONNS] [SECS] [block|poll] [ROUNDS]
 #   (defaults: "64 1024 4096 16384 65536 1048576" "1 4 16 64" 1 block 3; poll: event-loop readers)
 #   SKRELAY_BEFORE=/path/to/older/skrelay adds that build's accel as a third run per round
-#   (before/after in the same run). SKRELAY=BIN ACCEL_LOAD=BIN: use these builds, build nothing
+#   (before/after in the same run). BEFORE_FLAGS="--small-write 128K" (say) passes those flags to
+#   that run's `accel on`: with SKRELAY_BEFORE set to this build, one run compares two settings. SKRELAY=BIN ACCEL_LOAD=BIN: use these builds, build nothing
 #   (a machine without cargo, e.g. the lent 16-core one).
 # Path per round: MiB redirected / MiB sent by TCP while in the map / pauses / resumes /
 # small-write demotions / sockets back on plain TCP / pauses given up.
@@ -28,16 +29,16 @@ else
 fi
 bins=("$S")
 [[ -n ${SKRELAY_BEFORE:-} ]] && bins+=("$SKRELAY_BEFORE")
-exec unshare -n bash -s "$L" "$sizes" "$conns" "$secs" "$mode" "$rounds" "${bins[@]}" <<'INNER'
+exec unshare -n bash -s "$L" "$sizes" "$conns" "$secs" "$mode" "$rounds" "${BEFORE_FLAGS:-}" "${bins[@]}" <<'INNER'
 set -euo pipefail
-L=$1 sizes=$2 conns=$3 secs=$4 mode=$5 rounds=$6; shift 6
+L=$1 sizes=$2 conns=$3 secs=$4 mode=$5 rounds=$6 before_flags=$7; shift 7
 bins=("$@")
 ip link set lo up
 source scripts/accel-common.sh
 accel_cgroup skrelay-sweep "${bins[@]}"
 ratio() { python3 -c 'import sys; print("%.2f" % (float(sys.argv[1]) / float(sys.argv[2])))' "$1" "$2"; }
 label() { [[ $1 == 0 ]] && echo accel || echo before; }
-printf '# %s readers, %s s per run, %s rounds; median Gbit/s (every round), accel/plain of the medians\n' "$mode" "$secs" "$rounds"
+printf '# %s readers, %s s per run, %s rounds; median Gbit/s (every round), accel/plain of the medians%s\n' "$mode" "$secs" "$rounds" "${before_flags:+; before: accel on $before_flags}"
 for w in $sizes; do
   for n in $conns; do
     plain="" ; declare -a got=() paths=()
@@ -52,8 +53,9 @@ for w in $sizes; do
           plain+=" $($L "$w" "$n" "$secs" "$mode" | sed 's/.*gbps=//')"
           continue
         fi
-        b=${bins[$i]}
-        $b accel on --cgroup "$cg" >/dev/null
+        b=${bins[$i]} flags=()
+        [[ $i == 0 ]] || read -ra flags <<<"$before_flags"
+        $b accel on --cgroup "$cg" "${flags[@]}" >/dev/null
         got[$i]+=" $($b accel run --cgroup "$cg" -- "$L" "$w" "$n" "$secs" "$mode" 2>/dev/null | sed 's/.*gbps=//')"
         paths[$i]+=" $(accel_path "$b")"
         $b accel off --cgroup "$cg" --force >/dev/null
