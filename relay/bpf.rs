@@ -32,6 +32,12 @@ pub fn os_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a io
 /// Explains why a BPF step failed, naming the fix.
 pub fn unavailable(step: &str, err: &(dyn std::error::Error + 'static)) -> Error {
     let errno = os_error(err).and_then(|e| e.raw_os_error());
+    // Opening or reading pinned state loads nothing: say what was refused.
+    if matches!(errno, Some(libc::EPERM) | Some(libc::EACCES))
+        && (step.starts_with("open ") || step.starts_with("read "))
+    {
+        return Error::BpfDenied { step: step.to_string() };
+    }
     let (reason, fix) = match errno {
         Some(libc::EPERM) | Some(libc::EACCES) => {
             ("operation not permitted".to_string(), "run as root or grant CAP_BPF and CAP_NET_ADMIN".to_string())

@@ -12,7 +12,11 @@ pub enum Error {
     #[error("cannot load BPF programs: {reason} ({fix})")]
     BpfUnavailable { reason: String, fix: String },
 
-    #[error("{what}: {source}")]
+    /// Reading what is already attached (pins, maps) was refused: nothing was to be loaded.
+    #[error("cannot {step}: permission denied (run as root or grant CAP_BPF and CAP_NET_ADMIN)")]
+    BpfDenied { step: String },
+
+    #[error("{what}: {}", io_reason(.source))]
     Io { what: String, source: io::Error },
 
     #[error("cannot {step}: {source} (the pinned steering state may come from an incompatible skrelay: `skrelay steer reset` clears it)")]
@@ -58,9 +62,19 @@ impl Error {
     /// command or the machine's set-up, 1 for failures while running.
     pub fn exit_code(&self) -> i32 {
         match self {
+            // Refused for want of privilege: the user's to fix (run as root).
+            Error::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => 2,
             Error::Io { .. } | Error::AccelBusy(_) | Error::SteerMap { .. } => 1,
             _ => 2,
         }
+    }
+}
+
+/// An I/O error as the end of a sentence; a refusal names the fix.
+fn io_reason(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::PermissionDenied => "permission denied (run as root)".into(),
+        _ => e.to_string(),
     }
 }
 
@@ -74,5 +88,26 @@ fn listen_reason(e: &io::Error, flag: &str) -> String {
         }
         Some(libc::EACCES) => "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)".into(),
         _ => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_for_want_of_privilege_names_the_fix_and_is_the_users_to_fix() {
+        let denied = Error::io("cannot unpin /sys/fs/bpf/x", io::Error::from_raw_os_error(libc::EACCES));
+        assert_eq!(denied.to_string(), "cannot unpin /sys/fs/bpf/x: permission denied (run as root)");
+        assert_eq!(denied.exit_code(), 2);
+        let failed = Error::io("cannot unpin /sys/fs/bpf/x", io::Error::from_raw_os_error(libc::EIO));
+        assert_eq!(failed.exit_code(), 1);
+        let open = crate::bpf::unavailable("open the accel socket map", &io::Error::from_raw_os_error(libc::EPERM));
+        assert_eq!(
+            open.to_string(),
+            "cannot open the accel socket map: permission denied (run as root or grant CAP_BPF and CAP_NET_ADMIN)"
+        );
+        let load = crate::bpf::unavailable("create BPF maps", &io::Error::from_raw_os_error(libc::EPERM));
+        assert!(load.to_string().starts_with("cannot load BPF programs: operation not permitted"), "{load}");
     }
 }

@@ -288,6 +288,7 @@ pub fn reports() -> Result<Reports, Error> {
                     // The reason alone: the generic fix (kernel support, --datapath) does not apply.
                     let error = match e {
                         Error::BpfUnavailable { reason, .. } => reason,
+                        Error::BpfDenied { .. } => "permission denied".into(),
                         other => other.to_string(),
                     };
                     out.unreadable.push(Unreadable { cgroup: cg.path(), pins: dir, error })
