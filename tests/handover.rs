@@ -353,6 +353,48 @@ fn a_handover_the_new_process_refuses_leaves_every_pair_with_the_old_one(dp: &st
 
 per_datapath!(a_handover_the_new_process_refuses_leaves_every_pair_with_the_old_one);
 
+/// A kernel-datapath relay handed to a userspace-datapath one: a pair still on splice(2) (below
+/// `--kernel-after`) moves and carries on; one in the kernel maps cannot, so the new process
+/// refuses everything before the commit and the old one keeps its pairs. (A build that took the
+/// first pair over and then found it could not carry it on reset it.)
+#[test]
+fn a_takeover_by_the_userspace_datapath_moves_spliced_pairs_and_leaves_kernel_ones() {
+    if !require_bpf("a_takeover_by_the_userspace_datapath_moves_spliced_pairs_and_leaves_kernel_ones") {
+        return;
+    }
+    let _netns = enter_netns();
+    let addr: SocketAddr = RELAY.parse().unwrap();
+    // Below --kernel-after (its default): the pair is on splice(2) and moves.
+    let old = Skrelay::start(&["relay", "--datapath", "kernel", "--kernel-after", "65536"]);
+    let (mut a, mut b) = (connect(addr), connect(addr));
+    a.write_all(b"before").unwrap();
+    assert_eq!(read_n(&mut b, 6), b"before");
+    let (new, _, old_log) = take_over(&["relay", "--datapath", "userspace"], old);
+    assert!(old_log.contains("handed over 1 live pair(s)"), "{old_log}");
+    new.wait_log("took over 1 live pair(s)", 1, Duration::from_secs(5));
+    exchange_both_ways(a, b, [1, 2], 4 << 20, "a spliced pair moved to the userspace datapath");
+    new.wait_log(" ended after ", 1, Duration::from_secs(5));
+    let ended = new.log().lines().find(|l| l.contains(" ended after ")).unwrap().to_string();
+    assert!(ended.contains(&format!("{} bytes", (4 << 20) + 6)), "{ended}");
+    let (status, log) = new.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+    // In the kernel maps from its first byte: refused before the commit, kept by the old process.
+    let mut old = Skrelay::start(&["relay", "--datapath", "kernel", "--kernel-after", "0"]);
+    let (mut a, mut b) = (connect(addr), connect(addr));
+    a.write_all(b"before").unwrap();
+    assert_eq!(read_n(&mut b, 6), b"before");
+    let pid = old.pid().to_string();
+    let new = Skrelay::start(&["relay", "--datapath", "userspace", "--takeover", &pid]);
+    new.wait_log("keeps its live pairs and lets them finish", 1, Duration::from_secs(10));
+    assert!(new.log().contains("start it with --datapath kernel"), "{}", new.log());
+    exchange_both_ways(a, b, [3, 4], 4 << 20, "a kernel pair left with the old process");
+    assert!(old.wait(Duration::from_secs(10)).success(), "{}", old.log());
+    old.wait_log(" ended after ", 1, Duration::from_secs(5));
+    assert!(!new.log().contains(" reset"), "{}", new.log());
+    let (status, log) = new.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+}
+
 fn bytes_held_for_a_reader_that_stopped_move_with_their_pair(dp: &str) {
     let _netns = enter_netns();
     const LEN: u64 = 96 << 20;

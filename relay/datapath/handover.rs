@@ -30,6 +30,37 @@ pub enum SpliceState {
     },
 }
 
+impl SpliceState {
+    /// Whether splice(2) alone carries this pair: it is not in the kernel maps and holds no map
+    /// entry (a kernel-datapath pair below `--kernel-after` is such a pair), so any datapath can
+    /// carry it on.
+    pub fn pipes_only(&self) -> bool {
+        match self {
+            SpliceState::Userspace { .. } => true,
+            SpliceState::Kernel(_) => false,
+            SpliceState::Handover { user, kernel, joined, .. } => {
+                !joined
+                    && kernel.directions.is_empty()
+                    && !kernel.counted
+                    && !(kernel.targets.iter().chain(&kernel.peers).chain(&kernel.socks).any(|&b| b))
+                    && user.pipes_only()
+            }
+        }
+    }
+
+    /// The pipes of a pair that `pipes_only` accepts.
+    pub fn into_pipes(self) -> Option<[PipeDirection; 2]> {
+        if !self.pipes_only() {
+            return None;
+        }
+        match self {
+            SpliceState::Userspace { dirs } => Some(dirs),
+            SpliceState::Handover { user, .. } => user.into_pipes(),
+            SpliceState::Kernel(_) => None,
+        }
+    }
+}
+
 /// One direction of a splice(2) pair: its pipe (old descriptors: read, write) while bytes are in
 /// it, and its counters.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -253,6 +253,10 @@ impl Datapath for KernelDatapath {
         handover::import(self, state, ends, fds)
     }
 
+    fn carries(&self, _state: &super::handover::SpliceState) -> bool {
+        true
+    }
+
     fn splice(&mut self, ends: [&TcpStream; 2], skip: [u32; 2]) -> Result<Box<dyn Splice>, SpliceError> {
         let acked_base = [sys::tcp_counters(ends[0])?.bytes_acked, sys::tcp_counters(ends[1])?.bytes_acked];
         let mut kernel = KernelSplice {

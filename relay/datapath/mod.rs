@@ -133,10 +133,15 @@ pub trait Datapath: Send {
         fds: &mut handover::Fds,
     ) -> io::Result<Box<dyn Splice>> {
         let _ = ends;
-        match state {
-            handover::SpliceState::Userspace { dirs } => userspace::import(dirs, fds),
-            _ => Err(io::Error::other(format!("the {} datapath cannot carry on a kernel pair", self.name()))),
+        match state.into_pipes() {
+            Some(dirs) => userspace::import(dirs, fds),
+            None => Err(io::Error::other(format!("the {} datapath cannot carry on a kernel pair", self.name()))),
         }
+    }
+    /// Whether `import` can carry on a pair in this state: asked of every pair before the old
+    /// process lets go of any (a pair refused after that would be reset).
+    fn carries(&self, state: &handover::SpliceState) -> bool {
+        state.pipes_only()
     }
 }
 

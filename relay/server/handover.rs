@@ -250,6 +250,13 @@ impl Server {
             };
             maps.push(Some(datapath.check_maps(loop_maps, &mut fds)?));
         }
+        if manifest.pairs.iter().any(|p| !self.datapath.carries(&p.splice)) {
+            return Err(format!(
+                "it has pairs in the kernel maps and this process runs the {} datapath (start it with --datapath \
+                 kernel)",
+                self.datapath.name()
+            ));
+        }
         for p in &manifest.pending {
             // A relay's client waits for a partner (in order: key ""; by token: its token, or
             // none yet); a proxy's for its upstream connection.
