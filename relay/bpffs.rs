@@ -20,17 +20,38 @@ fn is_bpffs(path: &Path) -> bool {
     fs_type(path) == Some(BPF_FS_MAGIC)
 }
 
-/// The parent's pid (0 when it has none visible here, as for a namespace's init).
-fn parent_pid() -> i32 {
-    rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get())
+/// A process's mount namespace ("mnt:[inode]"), None where it cannot be read (PID 1 of a
+/// sandbox may refuse even root).
+fn mount_ns(pid: &str) -> Option<PathBuf> {
+    std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok()
 }
 
-/// Whether this process has a mount namespace of its own, made for it: not PID 1's, nor its
-/// parent's (`ip netns exec` unshares it and then runs the command in the same process).
-fn in_own_mount_ns() -> bool {
-    let own = std::fs::read_link("/proc/self/ns/mnt").ok();
-    let parent = std::fs::read_link(format!("/proc/{}/ns/mnt", parent_pid())).ok();
-    own.is_some() && parent.is_some() && own != parent
+/// A process's parent, from /proc/PID/stat (None at the top or when it cannot be read).
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+    let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+    (ppid > 0).then_some(ppid)
+}
+
+/// The nearest process, PID 1 first, then our ancestors from the parent up, whose mount
+/// namespace is readable and not ours: where a command that got a mount namespace of its own
+/// came from (`ip netns exec` unshares one and runs the command in the same process; under
+/// `ip netns exec NS sh -c ...` the shell shares it, and its caller does not).
+fn outer_mount_ns_process() -> Option<i32> {
+    let own = mount_ns("self")?;
+    let differs = |pid: i32| mount_ns(&pid.to_string()).is_some_and(|ns| ns != own);
+    if differs(1) {
+        return Some(1);
+    }
+    let mut pid = rustix::process::getppid().map(|p| p.as_raw_nonzero().get())?;
+    for _ in 0..64 {
+        if differs(pid) {
+            return Some(pid);
+        }
+        pid = parent_of(pid)?;
+    }
+    None
 }
 
 /// The directory skrelay pins under (`/sys/fs/bpf/skrelay`), mounting bpffs at /sys/fs/bpf first
@@ -39,7 +60,7 @@ fn in_own_mount_ns() -> bool {
 /// `ip netns exec` runs the command in a mount namespace of its own with a fresh sysfs on /sys,
 /// so /sys/fs/bpf is a bare sysfs directory there, and a bpffs mounted on it would vanish with the
 /// command, taking the pins (and so the steering) along. Then the pins go to the bpffs of PID 1's
-/// or else the parent process's mount namespace (through /proc/PID/root), which outlives the
+/// or else the nearest ancestor's mount namespace (through /proc/PID/root), which outlives the
 /// command and where skrelay run from the host finds them; without one it is an error that says
 /// what works.
 pub fn root() -> Result<PathBuf, Error> {
@@ -81,15 +102,13 @@ pub fn existing_root() -> Option<PathBuf> {
 
 /// /sys/fs/bpf is a bare sysfs directory of a mount namespace of our own (`ip netns exec`).
 fn under_fresh_sysfs() -> bool {
-    fs_type(Path::new(BPFFS)) == Some(SYSFS_MAGIC) && in_own_mount_ns()
+    fs_type(Path::new(BPFFS)) == Some(SYSFS_MAGIC) && outer_mount_ns_process().is_some()
 }
 
-/// The bpffs of PID 1's or else the parent process's mount namespace.
+/// The bpffs of PID 1's mount namespace, or else of the nearest ancestor's in another one.
 fn outer_bpffs() -> Option<PathBuf> {
-    ["1".to_string(), parent_pid().to_string()]
-        .into_iter()
-        .map(|pid| Path::new("/proc").join(pid).join("root").join(BPFFS.trim_start_matches('/')))
-        .find(|p| is_bpffs(p))
+    let at = |pid: i32| Path::new("/proc").join(pid.to_string()).join("root").join(BPFFS.trim_start_matches('/'));
+    [Some(1), outer_mount_ns_process()].into_iter().flatten().map(at).find(|p| is_bpffs(p))
 }
 
 /// A lock on a directory of pinned state, held until dropped: exclusive for commands that change

@@ -617,6 +617,20 @@ fn steering_set_up_under_ip_netns_exec_outlives_the_command() {
     let (code, out) = ns.skrelay(&["steer", "reset"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("removed every binding"), "{out}");
+    // Through a shell under `ip netns exec` (its mount namespace is the shell's too, not PID 1's):
+    // the pins used to go into a bpffs mounted there, gone with the shell, after "bound".
+    let shell = |cmd: &str| {
+        let out = ns.exec(&["sh", "-c", &format!("{SKRELAY} {cmd}")]);
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.code().unwrap_or(-1), text)
+    };
+    let (code, out) = shell("steer add --ports 6802 --to 127.0.0.1:6800");
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = ns.skrelay(&["steer", "list"]);
+    assert!(code == 0 && out.contains("6802"), "a binding made through a shell is gone:\n{out}");
+    assert!(ns.exec(&["python3", "-c", probe, "6802"]).status.success(), "port 6802 is not steered");
+    let (code, out) = shell("steer reset");
+    assert!(code == 0 && out.contains("removed every binding"), "{out}");
 }
 
 #[test]
