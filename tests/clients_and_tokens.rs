@@ -138,8 +138,8 @@ fn malformed_token_lines_close_that_client_only() {
         let mut buf = [0u8; 8];
         let r = s.read(&mut buf);
         assert!(
-            matches!(r, Ok(0)) || r.is_err(),
-            "{:?}: expected the relay to close it, got {r:?}",
+            matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "{:?}: expected the relay to reset it, got {r:?}",
             String::from_utf8_lossy(case)
         );
     }
@@ -160,13 +160,15 @@ fn malformed_token_lines_close_that_client_only() {
 }
 
 #[test]
-fn a_client_without_a_partner_is_closed_at_the_pair_timeout() {
+fn a_client_without_a_partner_is_reset_at_the_pair_timeout() {
     let _netns = enter_netns();
     let relay = Skrelay::start(&["relay", "--pair-timeout", "0.5"]);
     let mut lonely = connect(addr());
     let t0 = Instant::now();
     let mut buf = [0u8; 1];
-    assert_eq!(lonely.read(&mut buf).unwrap(), 0, "the relay closes it");
+    // A reset, not an EOF: an EOF would read as a partner who came and said nothing.
+    let r = lonely.read(&mut buf);
+    assert!(matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset), "the relay resets it, got {r:?}");
     let waited = t0.elapsed();
     assert!(waited >= Duration::from_millis(400) && waited < Duration::from_secs(5), "closed after {waited:?}");
     relay.wait_log("no partner came within --pair-timeout", 1, Duration::from_secs(5));
@@ -178,7 +180,7 @@ fn a_client_without_a_partner_is_closed_at_the_pair_timeout() {
 }
 
 #[test]
-fn clients_beyond_max_pending_are_closed_at_once_and_the_rest_are_served() {
+fn clients_beyond_max_pending_are_reset_at_once_and_the_rest_are_served() {
     let _netns = enter_netns();
     let relay = Skrelay::start(&["relay", "--pair", "token", "--max-pending", "2"]);
     let mut t1 = connect(addr());
@@ -190,7 +192,10 @@ fn clients_beyond_max_pending_are_closed_at_once_and_the_rest_are_served() {
     let _ = t3.write_all(b"three\n");
     let mut buf = [0u8; 1];
     let r = t3.read(&mut buf);
-    assert!(matches!(r, Ok(0)) || r.is_err(), "third waiting client should be closed, got {r:?}");
+    assert!(
+        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "third waiting client should be reset, got {r:?}"
+    );
     relay.wait_log("--max-pending", 1, Duration::from_secs(5));
     let mut p1 = connect(addr());
     p1.write_all(b"one\nhi one").unwrap();
@@ -198,4 +203,32 @@ fn clients_beyond_max_pending_are_closed_at_once_and_the_rest_are_served() {
     let mut p2 = connect(addr());
     p2.write_all(b"two\nhi two").unwrap();
     assert_eq!(read_n(&mut t2, 6), b"hi two");
+}
+
+#[test]
+fn clients_still_waiting_when_the_relay_stops_or_dies_are_reset() {
+    // A waiting client got a clean EOF when the relay drained or was killed: it read as a partner
+    // who connected and said nothing.
+    let _netns = enter_netns();
+    let expect_reset = |s: &mut std::net::TcpStream, what: &str| {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 1];
+        let r = s.read(&mut buf);
+        assert!(matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset), "{what}: got {r:?}");
+    };
+    let relay = Skrelay::start(&["relay", "--datapath", "userspace"]);
+    let mut waiting = connect(addr());
+    thread::sleep(Duration::from_millis(200));
+    let (status, log) = relay.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+    expect_reset(&mut waiting, "a client waiting at SIGTERM");
+    let mut relay = Skrelay::start(&["relay", "--datapath", "userspace", "--pair", "token"]);
+    let mut waiting = connect(addr());
+    waiting.write_all(b"tok\n").unwrap();
+    let mut unidentified = connect(addr());
+    thread::sleep(Duration::from_millis(200));
+    relay.child.kill().unwrap();
+    relay.wait(Duration::from_secs(5));
+    expect_reset(&mut waiting, "a client waiting for its token's partner at SIGKILL");
+    expect_reset(&mut unidentified, "a client yet to send its token line at SIGKILL");
 }

@@ -449,8 +449,9 @@ impl Server {
                 // identified.
                 let unidentified = self.pending - matcher.waiting();
                 if unidentified >= self.max_pending {
+                    reset_on_close(&stream);
                     log::warn!(
-                        "client {addr} closed: {unidentified} clients are already sending their token line (--max-pending)"
+                        "client {addr} reset: {unidentified} clients are already sending their token line (--max-pending)"
                     );
                     return;
                 }
@@ -481,6 +482,10 @@ impl Server {
             Partners::Front { .. } => return,
         }
         let _ = stream.set_nodelay(true);
+        // A client closed before its pair forms (no partner in time, a bad token line, a drain, a
+        // failed upstream, this process killed) was never served: it sees a reset, never an EOF
+        // that reads as a partner who said nothing. Pairing keeps it (see pair.rs).
+        reset_on_close(&stream);
         let slot = self.slots.vacant_key();
         if let Err(e) = self.poll.registry().register(&mut stream, token(slot, 0), Interest::READABLE) {
             log::warn!("client {addr} closed: cannot watch it: {e}");
@@ -586,6 +591,7 @@ impl Server {
 
     fn drop_pending(&mut self, slot: usize, why: &str) {
         if let Some(p) = self.take_pending(slot) {
+            // Closed with a reset (admit): for a client still there, that is what it sees.
             log::info!("client {} closed: {why}", p.addr);
         }
     }
