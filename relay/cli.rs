@@ -120,12 +120,12 @@ pub struct RelayArgs {
     pub common: SpliceArgs,
     #[command(flatten)]
     pub ports: PortsArgs,
-    /// At most this many clients wait for a partner at once; further ones are closed at once.
-    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    /// At most this many clients wait for a partner at once; further ones are reset at once.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..), allow_negative_numbers = true)]
     pub max_pending: u32,
-    /// Close a client that has waited this long for its partner (or its token line); seconds
+    /// Reset a client that has waited this long for its partner (or its token line); seconds
     /// (at least 0.001).
-    #[arg(long, default_value = "30", value_parser = parse_timeout, value_name = "SECS")]
+    #[arg(long, default_value = "30", value_parser = parse_timeout, value_name = "SECS", allow_negative_numbers = true)]
     pub pair_timeout: Duration,
 }
 
@@ -146,11 +146,11 @@ pub struct ProxyArgs {
     pub ports: PortsArgs,
     /// Skip an upstream that has not accepted the connection within this long (it is marked
     /// down for 10 s); seconds (at least 0.001).
-    #[arg(long, default_value = "5", value_parser = parse_timeout, value_name = "SECS")]
+    #[arg(long, default_value = "5", value_parser = parse_timeout, value_name = "SECS", allow_negative_numbers = true)]
     pub connect_timeout: Duration,
     /// At most this many clients wait for their upstream connection at once; further ones are
     /// reset at once.
-    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..), allow_negative_numbers = true)]
     pub max_pending: u32,
 }
 
@@ -165,23 +165,24 @@ pub struct SpliceArgs {
     /// Kernel datapath: a pair starts on splice(2) and joins the kernel's socket maps once this
     /// many bytes have passed (both ways together) and both its queues are empty; short
     /// connections then skip the socket maps' setup cost. 0 joins at once.
-    #[arg(long, default_value_t = 65536, value_name = "BYTES")]
+    #[arg(long, default_value_t = 65536, value_name = "BYTES", allow_negative_numbers = true)]
     pub kernel_after: u64,
     /// Kernel datapath: bytes one direction of a pair may hold inside the host (received from one
     /// client, not yet acknowledged by the other). A sender past it is held back by TCP flow
-    /// control until its partner's client reads. Takes K, M and G suffixes (powers of 1024).
-    #[arg(long, default_value = "16M", value_parser = parse_size, value_name = "BYTES")]
+    /// control until its partner's client reads. At least 64K (one skb may be that large).
+    /// Takes K, M and G suffixes (powers of 1024).
+    #[arg(long, default_value = "16M", value_parser = parse_kernel_buffer, value_name = "BYTES", allow_negative_numbers = true)]
     pub kernel_buffer: u64,
     /// Kernel datapath: bytes all kernel pairs' budgets together may hold: at most
     /// kernel-memory / (2 x kernel-buffer) pairs are in the kernel at once, and further pairs
     /// are spliced in user space until some end (beyond its budget a direction may park up to
     /// 16 MiB before its sender's window is clamped). At least 2 x kernel-buffer. K, M and G
     /// suffixes.
-    #[arg(long, default_value = "2G", value_parser = parse_size, value_name = "BYTES")]
+    #[arg(long, default_value = "2G", value_parser = parse_size, value_name = "BYTES", allow_negative_numbers = true)]
     pub kernel_memory: u64,
     /// On SIGINT/SIGTERM (or when a handover to a --takeover process cannot be done), let live
     /// pairs finish for this long before resetting them; seconds.
-    #[arg(long, default_value = "30", value_parser = parse_secs, value_name = "SECS")]
+    #[arg(long, default_value = "30", value_parser = parse_secs, value_name = "SECS", allow_negative_numbers = true)]
     pub drain_timeout: Duration,
     /// Serve Prometheus metrics at http://ADDR/metrics (IP:PORT, [IPv6]:PORT or HOST:PORT; port 0
     /// picks a free one, shown in the start line). Anyone who can reach ADDR can read them.
@@ -199,7 +200,7 @@ pub struct SpliceArgs {
     /// also accepts and pairs clients (so arrival order and tokens pair exactly as with one), and
     /// keeps a new pair unless it serves more than one pair over the least loaded loop. 0: one per CPU. The kernel datapath loads its
     /// programs and maps once per loop; --kernel-memory bounds all of them together.
-    #[arg(long, default_value_t = 0, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1024))]
+    #[arg(long, default_value_t = 0, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1024), allow_negative_numbers = true)]
     pub threads: u32,
 }
 
@@ -323,7 +324,6 @@ pub fn parse_bytes(s: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("`{s}` is too large: at most 4G - 1 bytes"))
 }
 
-/// Seconds, whole or decimal (`30`, `0.5`).
 /// A byte count: digits with an optional K, M or G suffix (powers of 1024); never 0.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
@@ -337,6 +337,16 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let bytes = n.checked_mul(1 << shift).ok_or_else(|| format!("`{s}` is too large"))?;
     if bytes == 0 {
         return Err("must be more than 0 bytes".into());
+    }
+    Ok(bytes)
+}
+
+/// `--kernel-buffer`: a byte count of at least 64 KiB. The verdict sees skbs of up to 64 KiB, and
+/// a budget below one would park nearly every one of them in user space.
+pub fn parse_kernel_buffer(s: &str) -> Result<u64, String> {
+    let bytes = parse_size(s)?;
+    if bytes < 64 << 10 {
+        return Err(format!("`{s}` is less than 64K, the size of one skb the kernel datapath may move at once"));
     }
     Ok(bytes)
 }
@@ -356,6 +366,7 @@ impl SpliceArgs {
     }
 }
 
+/// Seconds, whole or decimal (`30`, `0.5`).
 pub fn parse_secs(s: &str) -> Result<Duration, String> {
     let secs: f64 = s.trim().parse().map_err(|_| format!("`{s}` is not a number of seconds"))?;
     if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
@@ -387,6 +398,15 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
         return Err(format!("`{s}` has no port (give IP:PORT, [IPv6]:PORT or HOST:PORT, e.g. localhost:7777)"));
     };
     port.parse::<u16>().map_err(|_| format!("`{port}` is not a port (ports are 0 to 65535)"))?;
+    if host.is_empty() {
+        return Err(format!(
+            "`{s}` has no address (give 0.0.0.0:{port} for every IPv4 address, [::]:{port} for every address, or \
+             127.0.0.1:{port})"
+        ));
+    }
+    if host.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return Err(format!("`{host}` is not an IPv4 address (four numbers of 0 to 255, e.g. 127.0.0.1)"));
+    }
     let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(s)
         .map_err(|e| format!("cannot resolve `{host}`: {e} (give IP:PORT, [IPv6]:PORT or a HOST:PORT that resolves)"))?
         .collect();

@@ -84,17 +84,31 @@ const O_NONBLOCK: u32 = 0o4000;
 /// by pid. Processes this one may not inspect (another user's, without CAP_SYS_PTRACE) are
 /// left out.
 pub fn servers() -> Vec<Server> {
+    scan().0
+}
+
+/// The servers, and how many more skrelay relay/proxy processes this one may not inspect
+/// (another user's, without root: their namespace and descriptors cannot be read).
+fn scan() -> (Vec<Server>, usize) {
     let own_ns = fs::read_link("/proc/thread-self/ns/net").ok();
     let mut sockets = Vec::new();
     for f in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
         sockets.extend(parse_proc_net(&fs::read_to_string(f).unwrap_or_default()));
     }
     let me = std::process::id();
-    let mut found = Vec::new();
-    let Ok(procs) = fs::read_dir("/proc") else { return found };
+    let (mut found, mut hidden) = (Vec::new(), 0);
+    let Ok(procs) = fs::read_dir("/proc") else { return (found, hidden) };
     for p in procs.flatten() {
         let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-        if pid == me || fs::read_link(p.path().join("ns/net")).ok() != own_ns {
+        if pid == me {
+            continue;
+        }
+        let ns = fs::read_link(p.path().join("ns/net"));
+        if ns.as_ref().ok() != own_ns.as_ref() {
+            let denied = ns.is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied);
+            if denied && command_of(&fs::read(p.path().join("cmdline")).unwrap_or_default()).is_some() {
+                hidden += 1;
+            }
             continue;
         }
         let Some(command) = command_of(&fs::read(p.path().join("cmdline")).unwrap_or_default()) else { continue };
@@ -103,7 +117,7 @@ pub fn servers() -> Vec<Server> {
         }
     }
     found.sort_by_key(|s| s.pid);
-    found
+    (found, hidden)
 }
 
 /// `relay` or `proxy` when `cmdline` (NUL-separated) runs skrelay with that command.
@@ -177,15 +191,24 @@ fn live(addr: SocketAddr) -> Option<Live> {
 
 /// `skrelay status`'s section for running relays and proxies.
 pub fn status_section() -> Section {
-    let servers = servers();
-    let text = if servers.is_empty() {
+    let (servers, hidden) = scan();
+    let mut text = if servers.is_empty() {
         "relays: no relay or proxy is running".to_string()
     } else {
         let mut lines = vec![format!("relays: {} running", servers.len())];
         lines.extend(servers.iter().map(Server::to_string));
         lines.join("\n")
     };
-    let json = serde_json::json!({ "processes": servers.iter().map(Server::json).collect::<Vec<_>>() });
+    if hidden > 0 {
+        text += &format!(
+            "\n  ({hidden} skrelay relay or proxy process(es) of other users not shown: which network namespace they \
+             serve cannot be read without root)"
+        );
+    }
+    let json = serde_json::json!({
+        "processes": servers.iter().map(Server::json).collect::<Vec<_>>(),
+        "not_shown": hidden,
+    });
     Section { name: "relays", text, json }
 }
 

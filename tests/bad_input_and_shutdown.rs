@@ -33,6 +33,12 @@ fn bad_flags_are_refused_with_exit_status_2() {
     assert_usage_error(&["relay", "--pair-timeout=-1"], "not a number of seconds");
     assert_usage_error(&["relay", "--drain-timeout", "soon"], "not a number of seconds");
     assert_usage_error(&["relay", "--bogus"], "unexpected argument '--bogus'");
+    // Found by a new-user pass: these read as a host name or as an unknown flag.
+    assert_usage_error(&["relay", "--listen", "300.1.1.1:7777"], "`300.1.1.1` is not an IPv4 address");
+    assert_usage_error(&["relay", "--listen", ":7777"], "`:7777` has no address (give 0.0.0.0:7777");
+    assert_usage_error(&["relay", "--drain-timeout", "-1"], "`-1` is not a number of seconds");
+    assert_usage_error(&["relay", "--kernel-after", "-1"], "invalid value '-1' for '--kernel-after");
+    assert_usage_error(&["relay", "--kernel-buffer", "1"], "`1` is less than 64K");
 }
 
 #[test]
