@@ -577,6 +577,18 @@ pub fn send_queue_len(fd: impl AsFd) -> io::Result<u64> {
     Ok(n.max(0) as u64)
 }
 
+/// Bytes in a TCP socket's send queue not sent yet (SIOCOUTQNSD): what a reset throws away.
+pub fn unsent_len(fd: impl AsFd) -> io::Result<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQNSD writes one int through the pointer, which is valid for it; the
+    // descriptor is borrowed for the call.
+    let ret = unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), libc::SIOCOUTQNSD as _, &mut n as *mut libc::c_int) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.max(0) as u64)
+}
+
 /// Bytes readable now (FIONREAD; on a socket in a socket map, the bytes in its psock queue).
 pub fn readable_len(fd: impl AsFd) -> io::Result<u64> {
     Ok(rustix::io::ioctl_fionread(fd)?)

@@ -702,6 +702,10 @@ impl KernelState {
     }
 }
 
+/// How long a cut pair's count waits for a psock backlog that was sending when the pair left
+/// the maps (`moved_at_cut`).
+const CUT_SETTLE_MAX: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// Some parked bytes moved: look again soon.
 struct Progress;
 
@@ -895,6 +899,29 @@ impl Splice for KernelSplice {
         received.min(acked)
     }
 
+    /// Out of the maps (`release`), the psock's backlog may still be sending one skb: wait until
+    /// the destination's send queue stops changing (a few ms at most), then count what it sent:
+    /// acknowledged, or on its way to the client ahead of the reset.
+    fn moved_at_cut(&mut self, dir: usize, src: &TcpStream, dst: &TcpStream, ended: bool) -> u64 {
+        let deadline = std::time::Instant::now() + CUT_SETTLE_MAX;
+        let mut last = sys::send_queue_len(dst).ok();
+        while std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+            let now = sys::send_queue_len(dst).ok();
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        let (Ok(from), Ok(to)) = (sys::tcp_counters(src), sys::tcp_counters(dst)) else { return 0 };
+        let in_flight = sys::send_queue_len(dst).unwrap_or(0).saturating_sub(sys::unsent_len(dst).unwrap_or(0));
+        // A finished direction's FIN counts in both, and is no byte.
+        let fin = u64::from(ended);
+        let received = from.bytes_received.saturating_sub(fin).saturating_sub(self.consumed[dir]);
+        let sent = (to.bytes_acked + in_flight).saturating_sub(fin).saturating_sub(self.acked_base[1 - dir]);
+        received.min(sent)
+    }
+
     fn interest(&self) -> Interest {
         Interest::READABLE
     }
@@ -1011,6 +1038,14 @@ impl Splice for Handover {
             let delivered = self.user.flush_reset(dir, src, dst);
             self.user_moved[dir] = self.user.moved(dir, src, dst, false);
             delivered
+        }
+    }
+
+    fn moved_at_cut(&mut self, dir: usize, src: &TcpStream, dst: &TcpStream, ended: bool) -> u64 {
+        if self.joined {
+            self.kernel.moved_at_cut(dir, src, dst, ended)
+        } else {
+            self.user.moved_at_cut(dir, src, dst, ended)
         }
     }
 

@@ -44,6 +44,13 @@ pub trait Splice: Send {
     /// in. `ended`: the direction finished and the destination's write side was shut down (so a
     /// FIN was received on `src` and sent on `dst`, neither of them a byte).
     fn moved(&self, dir: usize, src: &TcpStream, dst: &TcpStream, ended: bool) -> u64;
+    /// Payload bytes moved in `dir` by a pair that is cut: called after `release`, just before
+    /// its sockets are reset, which throws away what the destination's send queue holds unsent;
+    /// what was sent reaches its client before the reset. `ended` as for `moved` (a direction
+    /// that finished before the cut). By default `moved` less that.
+    fn moved_at_cut(&mut self, dir: usize, src: &TcpStream, dst: &TcpStream, ended: bool) -> u64 {
+        self.moved(dir, src, dst, ended).saturating_sub(crate::sys::unsent_len(dst).unwrap_or(0))
+    }
     /// The readiness this datapath needs from both sockets.
     fn interest(&self) -> Interest;
     /// Takes the pair out of the datapath; called before its sockets are closed.

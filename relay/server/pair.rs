@@ -322,10 +322,19 @@ impl Pair {
     /// Ends the pair: takes it out of the datapath and sets how its sockets close (FINs only
     /// when both directions finished, resets otherwise). Deregister it first.
     pub(super) fn end(mut self, ending: Ending) -> Ended {
-        let moved = [
-            self.splice.moved(0, &self.ends[0], &self.ends[1], self.shut[0]),
-            self.splice.moved(1, &self.ends[1], &self.ends[0], self.shut[1]),
-        ];
+        let moved = if matches!(ending, Ending::Drained) {
+            // Cut: out of the datapath first, so that nothing moves after it is counted.
+            self.splice.release();
+            [
+                self.splice.moved_at_cut(0, &self.ends[0], &self.ends[1], self.shut[0]),
+                self.splice.moved_at_cut(1, &self.ends[1], &self.ends[0], self.shut[1]),
+            ]
+        } else {
+            [
+                self.splice.moved(0, &self.ends[0], &self.ends[1], self.shut[0]),
+                self.splice.moved(1, &self.ends[1], &self.ends[0], self.shut[1]),
+            ]
+        };
         self.splice.release();
         let how = match ending {
             Ending::Done => {
