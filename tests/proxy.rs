@@ -433,7 +433,8 @@ fn clients_beyond_max_pending_waiting_for_an_upstream_are_reset() {
 
 #[test]
 fn a_client_that_leaves_while_its_upstream_connection_is_made_is_logged_in_proxy_words() {
-    // The proxy used to log the relay's "left before a partner came".
+    // The proxy used to log the relay's "left before a partner came". A client that closes
+    // (which the proxy cannot tell from a half-close) waits for its upstream connection like any.
     let _netns = enter_netns();
     let blackhole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     blackhole.bind(&"127.0.0.1:9070".parse::<SocketAddr>().unwrap().into()).unwrap();
@@ -441,8 +442,45 @@ fn a_client_that_leaves_while_its_upstream_connection_is_made_is_logged_in_proxy
     let full: SocketAddr = "127.0.0.1:9070".parse().unwrap();
     let _fill: Vec<TcpStream> =
         (0..2).filter_map(|_| TcpStream::connect_timeout(&full, Duration::from_millis(200)).ok()).collect();
-    let proxy = Skrelay::start(&["proxy", "--datapath", "userspace", "--upstream", "127.0.0.1:9070"]);
+    let proxy = Skrelay::start(&[
+        "proxy",
+        "--datapath",
+        "userspace",
+        "--upstream",
+        "127.0.0.1:9070",
+        "--connect-timeout",
+        "0.5",
+    ]);
     drop(connect(proxy_addr()));
-    proxy.wait_log("closed: left before its upstream connection was made", 1, Duration::from_secs(5));
+    proxy.wait_log("--connect-timeout", 1, Duration::from_secs(5));
     assert!(!proxy.log().contains("partner"), "{}", proxy.log());
 }
+
+fn a_client_that_half_closes_at_once_still_gets_what_the_upstream_says_first(dp: &str) {
+    // A banner grab (`nc -N host port </dev/null`): the client shuts down its write side before
+    // the upstream connection is made. It was taken for gone and reset (always on the kernel
+    // datapath, by timing on the userspace one).
+    let _netns = enter_netns();
+    let upstream = std::net::TcpListener::bind("127.0.0.1:9080").unwrap();
+    thread::spawn(move || {
+        for s in upstream.incoming() {
+            let Ok(mut s) = s else { continue };
+            thread::spawn(move || {
+                thread::sleep(Duration::from_millis(50));
+                let _ = s.write_all(b"banner\n");
+                let _ = s.read_to_end(&mut Vec::new());
+            });
+        }
+    });
+    let proxy = Skrelay::start(&["proxy", "--datapath", dp, "--upstream", "127.0.0.1:9080"]);
+    for round in 0..5 {
+        let mut c = connect(proxy_addr());
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = Vec::new();
+        let r = c.read_to_end(&mut got);
+        assert!(r.is_ok() && got == b"banner\n", "{dp}, round {round}: {r:?} {got:?}\n{}", proxy.log());
+    }
+}
+
+per_datapath!(a_client_that_half_closes_at_once_still_gets_what_the_upstream_says_first);

@@ -79,19 +79,20 @@ impl Pending {
         self.gone_after(sys::peek(&self.stream, &mut buf))
     }
 
-    /// A waiting client is gone when it closed without sending anything, or its connection
-    /// failed. One that sent bytes and then shut down its write side still waits: its bytes and
-    /// its EOF will reach the partner.
+    /// A relay's waiting client is gone when it closed without sending anything, or its
+    /// connection failed. One that sent bytes and then shut down its write side still waits: its
+    /// bytes and its EOF will reach the partner. A proxy's client that shut down its write side
+    /// without sending anything waits for its upstream connection too: it may be half-closed
+    /// and waiting for what the upstream says first (a banner), which an EOF cannot tell from a
+    /// close; the upstream then gets the EOF, as from any TCP proxy.
     fn gone_after(&self, peeked: io::Result<usize>) -> Option<String> {
         match peeked {
             Ok(n)
-                if n <= self.skip as usize
+                if self.upstream.is_none()
+                    && n <= self.skip as usize
                     && (n == 0 || sys::tcp_counters(&self.stream).is_ok_and(|c| c.fin_received())) =>
             {
-                Some(match self.upstream {
-                    Some(_) => "left before its upstream connection was made".into(),
-                    None => "left before a partner came".into(),
-                })
+                Some("left before a partner came".into())
             }
             Err(e) if e.kind() != io::ErrorKind::WouldBlock => {
                 // A client that reset while its upstream connection was being made resets that
