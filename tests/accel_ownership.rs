@@ -171,3 +171,32 @@ fn accel_run_in_a_cgroup_already_on_uses_it_and_refuses_other_settings() {
     assert!(pins_of(&mount.join(&cg)).exists(), "the refused run removed the acceleration");
     ok(&["accel", "off", "--cgroup", &cg]);
 }
+
+#[test]
+fn two_accel_runs_of_one_cgroup_started_at_once_both_run_and_leave_nothing() {
+    // The second used to fail with "already accelerated: run `accel off` first" (advice that
+    // would take the acceleration away from the first) when both started at the same moment.
+    if !require_bpf("two_accel_runs_of_one_cgroup_started_at_once_both_run_and_leave_nothing") {
+        return;
+    }
+    let _netns = enter_netns();
+    let name = format!("skrelay-test-{}-race", std::process::id());
+    let cgroup = v2_mount().join(&name);
+    for round in 0..3 {
+        let runs: Vec<_> = (0..2)
+            .map(|_| {
+                Command::new(SKRELAY)
+                    .args(["accel", "run", "--cgroup", &name, "--", "sleep", "0.5"])
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for run in runs {
+            let out = run.wait_with_output().unwrap();
+            assert!(out.status.success(), "round {round}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        wait_gone(&pins_of(&cgroup), Duration::from_secs(10), "both runs ended");
+        wait_gone(&cgroup, Duration::from_secs(10), "the cgroup a run created");
+    }
+}

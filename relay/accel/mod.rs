@@ -556,7 +556,19 @@ pub fn run(cgroup: Option<&Path>, policy: &AccelPolicyArgs, cmd: &[String]) -> R
         }
         log::info!("accel: {cg} is already accelerated; the command runs in it, and it stays accelerated afterwards");
     }
-    let enabled = if already { None } else { Some(on(&target, &[], policy)?) };
+    let enabled = match already {
+        true => None,
+        false => match on(&target, &[], policy) {
+            Ok(e) => Some(e),
+            // Another `accel run` (or `on`) of this cgroup got there first: run under its
+            // acceleration, as if it had been there before.
+            Err(Error::AccelAlreadyOn { .. }) => {
+                log::info!("accel: {cg} was accelerated by another skrelay at the same moment; the command runs in it");
+                None
+            }
+            Err(e) => return Err(e),
+        },
+    };
     // Undoing what we set up must not depend on this process living: a watcher does it if we
     // are killed, or when the command leaves processes behind (it waits for them to exit).
     let watcher = match &enabled {
