@@ -200,3 +200,29 @@ fn two_accel_runs_of_one_cgroup_started_at_once_both_run_and_leave_nothing() {
         wait_gone(&cgroup, Duration::from_secs(10), "the cgroup a run created");
     }
 }
+
+#[test]
+fn accel_off_during_an_accel_run_leaves_the_runs_cgroup_to_the_run_which_removes_it() {
+    // The cgroup the run created stayed behind, empty, for good.
+    if !require_bpf("accel_off_during_an_accel_run_leaves_the_runs_cgroup_to_the_run_which_removes_it") {
+        return;
+    }
+    let _netns = enter_netns();
+    let name = format!("skrelay-test-{}-offrun", std::process::id());
+    let cgroup = v2_mount().join(&name);
+    let run = Command::new(SKRELAY)
+        .args(["accel", "run", "--cgroup", &name, "--", "sleep", "1"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !pins_of(&cgroup).exists() {
+        assert!(Instant::now() < deadline, "the run did not accelerate {}", cgroup.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ok(&["accel", "off", "--cgroup", &name]);
+    assert!(cgroup.exists(), "it holds the run's command");
+    let out = run.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_gone(&cgroup, Duration::from_secs(5), "the run that created it ended");
+}

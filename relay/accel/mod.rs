@@ -511,7 +511,12 @@ pub fn off(cgroup: &Path, drain: Duration, force: bool) -> Result<Disabled, Erro
     // The cgroup directories `on` created go too, unless processes still use them.
     if let Some(owner) = cg.owner() {
         let dirs = cg.created_dirs(owner.created);
-        if !dirs.is_empty() && cg.populated() {
+        if !dirs.is_empty() && cg.populated() && owner.command == "run" {
+            log::warn!(
+                "accel: cgroup {cg}, which an `accel run` created, still holds its command: the run removes it when \
+                 the command ends"
+            );
+        } else if !dirs.is_empty() && cg.populated() {
             log::warn!(
                 "accel: cgroup {cg}, which skrelay created, still holds processes: it stays (rmdir it once they exit)"
             );
@@ -599,6 +604,7 @@ pub fn run(cgroup: Option<&Path>, policy: &AccelPolicyArgs, cmd: &[String]) -> R
         None => None,
     };
     let result = spawn_in(&cg, program, args);
+    let created = enabled.map(|e| e.created).unwrap_or_default();
     // Undo what we set up, whatever the command did.
     if let Some(w) = watcher {
         if cg.populated() {
@@ -612,6 +618,12 @@ pub fn run(cgroup: Option<&Path>, policy: &AccelPolicyArgs, cmd: &[String]) -> R
         } else {
             match off(&target, Duration::from_secs(5), false) {
                 Ok(_) => w.dismiss(),
+                // `accel off` took the acceleration away while the command ran, and left the
+                // cgroup directories this run created, which held the command: they go now.
+                Err(Error::AccelNotOn { .. }) => {
+                    cgroup::remove_dirs(&created);
+                    w.dismiss();
+                }
                 Err(err) => log::warn!("accel: {err} (the watcher, pid {}, removes it)", w.process.pid),
             }
         }
