@@ -68,7 +68,7 @@ fn socket_activation_serves_the_passed_socket_and_notifies_on_both_datapaths(dp:
     let mut cmd = Command::new("systemd-socket-activate");
     cmd.args(["-l", "127.0.0.1:7777", "-E", &format!("NOTIFY_SOCKET={}", notify.path.display())])
         .args(["-E", "RUST_LOG=info", SKRELAY, "relay", "--datapath", dp, "--kernel-after", "0"])
-        .args(["--metrics", "127.0.0.1:0"])
+        .args(["--metrics", "127.0.0.1:0", "--ports", "7791"])
         // Would be bound without socket activation; with it, nothing listens there.
         .args(["--listen", "127.0.0.1:7788"]);
     // systemd-socket-activate holds the socket and starts skrelay at the first connection.
@@ -80,6 +80,9 @@ fn socket_activation_serves_the_passed_socket_and_notifies_on_both_datapaths(dp:
     assert!(log.contains("serving the socket systemd passed (127.0.0.1:7777)"), "{log}");
     assert!(log.contains(&format!("listening on 127.0.0.1:7777: pairing clients in arrival order, {dp}")), "{log}");
     assert!(TcpStream::connect("127.0.0.1:7788").is_err(), "--listen was bound too");
+    // status named the metrics socket as the --ports target (the first listening socket found).
+    let status = skrelay_ok(&["status"]);
+    assert!(status.contains("1 ports (7791) on 127.0.0.1/32 -> 127.0.0.1:7777"), "{dp}:\n{status}");
     let ready = notify.recv();
     assert!(ready.starts_with("READY=1\n"), "{ready:?}");
     assert!(ready.contains("STATUS=listening on 127.0.0.1:7777"), "{ready:?}");

@@ -205,12 +205,16 @@ fn owners(funnels: &mut [Running]) {
             if let Some(ino) =
                 target.to_str().and_then(|t| t.strip_prefix("socket:[")?.strip_suffix(']')?.parse::<u64>().ok())
             {
-                sockets.push(ino);
+                let fd_num = fd.file_name().to_str().and_then(|n| n.parse::<u32>().ok()).unwrap_or(u32::MAX);
+                sockets.push((fd_num, ino));
             }
         }
+        // A relay may listen on more than one socket (--metrics): the one it serves clients on is
+        // its first, bound before the others or passed by systemd as descriptor 3.
+        sockets.sort_unstable();
         for f in funnels.iter_mut().filter(|f| links.contains(&f.link_id)) {
             f.pid = Some(pid);
-            f.target = listening.iter().find(|r| sockets.contains(&r.inode)).map(|r| r.local);
+            f.target = sockets.iter().find_map(|(_, ino)| listening.iter().find(|r| r.inode == *ino)).map(|r| r.local);
         }
     }
 }
