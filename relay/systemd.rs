@@ -74,7 +74,11 @@ pub fn listener() -> Result<Option<TcpListener>, Error> {
         ));
     }
     if !socket.is_listener().map_err(|e| refuse(e.to_string()))? {
-        return Err(refuse("it is not listening (a connection: set Accept=no in the .socket unit)".into()));
+        return Err(refuse(
+            "it is not listening (a connection, or a socket only bound: give the .socket unit ListenStream= with \
+             Accept=no)"
+                .into(),
+        ));
     }
     socket.set_nonblocking(true).map_err(|e| refuse(e.to_string()))?;
     socket.set_cloexec(true).map_err(|e| refuse(e.to_string()))?;

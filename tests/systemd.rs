@@ -140,7 +140,7 @@ fn sockets_skrelay_cannot_serve_are_refused_with_the_fix() {
     refused(Some(udp.as_raw_fd()), "1", "cannot serve the socket systemd passed (fd 3): it is not a TCP socket");
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let conn = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    refused(Some(conn.as_raw_fd()), "1", "it is not listening (a connection: set Accept=no");
+    refused(Some(conn.as_raw_fd()), "1", "it is not listening (a connection, or a socket only bound");
     let file = std::fs::File::open("/dev/null").unwrap();
     refused(Some(file.as_raw_fd()), "1", "it is not a socket");
     let unix_path = std::env::temp_dir().join(format!("skrelay-test-{}.sock", std::process::id()));

@@ -709,6 +709,10 @@ impl Server {
         }
         self.metrics.pair_path(ended.datapath);
         self.account_end(&ended);
+        if self.pairs == 0 {
+            // The last one: the gauge reads 0 now, not at the next once-a-second sample.
+            self.inflight_due = Some(Instant::now());
+        }
     }
 
     /// Reads what the datapath holds in flight into the metrics, once a second while pairs live
