@@ -234,6 +234,20 @@ fn longest_prefix_wins_then_the_narrowest_port_range() {
         "{err}"
     );
     assert_eq!(list_json(), before);
+    // A UDP binding's suggested command names the protocol (without it, it removed the TCP
+    // binding of the same ports), and a range that only overlaps a binding is not "within" it.
+    let _udp = std::net::UdpSocket::bind("127.0.0.1:6100").unwrap();
+    ok(&["steer", "add", "--proto", "udp", "--ports", "8000-8099", "--addr", "127.0.0.0/8", "--to", "127.0.0.1:6100"]);
+    let (code, _, err) =
+        skrelay_output(&["steer", "remove", "--proto", "udp", "--ports", "8090-8120", "--addr", "127.0.0.0/8"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("are not a binding of its own but overlapping udp 127.0.0.0/8 port 8000-8099")
+            && err.contains("`skrelay steer remove --ports 8000-8099 --addr 127.0.0.0/8 --proto udp`"),
+        "{err}"
+    );
+    ok(&["steer", "remove", "--proto", "udp", "--ports", "8000-8099", "--addr", "127.0.0.0/8"]);
+    assert_eq!(list_json(), before);
     assert_eq!(hit("127.0.0.2:8001"), Some('B'));
     ok(&["steer", "remove", "--ports", "8050", "--addr", "127.0.0.0/8"]);
     assert_eq!(hit("127.0.0.2:8050"), Some('B'), "removing C gives its port back to B");

@@ -537,7 +537,11 @@ impl Server {
         match p.look() {
             Look::Waiting => {}
             Look::Identified => self.offer(slot),
-            Look::Gone(why) => self.drop_pending(slot, &why),
+            Look::Gone(why) => {
+                // A bad token line is ours to refuse; anything else, the client left.
+                let refused = why.starts_with("bad token line");
+                self.drop_pending(slot, &why, refused)
+            }
         }
     }
 
@@ -552,14 +556,14 @@ impl Server {
             Some(partner) => match self.pending_mut(partner, None).map(|p| p.gone()) {
                 Some(None) => self.form_pair(partner, slot),
                 Some(Some(why)) => {
-                    self.drop_pending(partner, &why);
+                    self.drop_pending(partner, &why, false);
                     self.offer(slot)
                 }
                 None => self.offer(slot),
             },
             None if matcher.waiting() > self.max_pending => {
                 let why = format!("{} clients already wait for a partner (--max-pending)", self.max_pending);
-                self.drop_pending(slot, &why);
+                self.drop_pending(slot, &why, true);
             }
             None => {}
         }
@@ -589,10 +593,11 @@ impl Server {
         Some(p)
     }
 
-    fn drop_pending(&mut self, slot: usize, why: &str) {
+    /// Lets a waiting client go: `refused` when skrelay ends it (the client sees the reset set at
+    /// `admit`), not when the client left.
+    fn drop_pending(&mut self, slot: usize, why: &str, refused: bool) {
         if let Some(p) = self.take_pending(slot) {
-            // Closed with a reset (admit): for a client still there, that is what it sees.
-            log::info!("client {} closed: {why}", p.addr);
+            log::info!("client {} {}: {why}", p.addr, if refused { "reset" } else { "closed" });
         }
     }
 
@@ -749,7 +754,7 @@ impl Server {
         for slot in slots {
             match self.slots.get(slot) {
                 Some(Slot::Pair(_)) => self.end_pair(slot, ending()),
-                Some(Slot::Pending(_)) => self.drop_pending(slot, "skrelay is shutting down"),
+                Some(Slot::Pending(_)) => self.drop_pending(slot, "skrelay is shutting down", true),
                 None => {}
             }
         }
@@ -802,7 +807,7 @@ impl Server {
                 Timer::PairTimeout { slot, serial } => {
                     if let Some(p) = self.pending_mut(slot, Some(serial)) {
                         let why = p.timed_out();
-                        self.drop_pending(slot, why);
+                        self.drop_pending(slot, why, true);
                     }
                 }
                 Timer::ConnectTimeout { slot, serial } => {
@@ -870,7 +875,7 @@ impl Server {
             let waiting: Vec<usize> =
                 self.slots.iter().filter(|(_, s)| matches!(s, Slot::Pending(_))).map(|(k, _)| k).collect();
             for slot in waiting.into_iter().filter(|_| !keep) {
-                self.drop_pending(slot, "skrelay is shutting down");
+                self.drop_pending(slot, "skrelay is shutting down", true);
             }
             log::info!(
                 "{name}: no longer accepting; letting {} live pair(s) finish (up to {:?})",

@@ -159,9 +159,17 @@ pub fn remove(args: &SteerRemoveArgs) -> Result<Vec<BindingKey>, Error> {
         addrs.sort();
         addrs.dedup();
         let (what, are) = if ports.lo == ports.hi { ("port", "is") } else { ("ports", "are") };
+        // Within a binding, or only overlapping it.
+        let relation = if holders.iter().any(|k| k.ports.lo <= ports.lo && ports.hi <= k.ports.hi) {
+            "within"
+        } else {
+            "overlapping"
+        };
+        // The command must name the protocol: without it, it would remove a TCP binding.
+        let proto = if args.proto == crate::cli::Proto::Udp { " --proto udp" } else { "" };
         Error::Usage(format!(
-            "{what} {ports} {are} not a binding of its own but within {}; a binding is removed whole \
-             (`skrelay steer remove --ports {}{}`, then add back the ports that should stay)",
+            "{what} {ports} {are} not a binding of its own but {relation} {}; a binding is removed whole \
+             (`skrelay steer remove --ports {}{}{proto}`, then add back the ports that should stay)",
             names.join(" and "),
             own.join(","),
             addrs.concat()
