@@ -137,6 +137,18 @@ impl FromStr for Prefix {
             };
             return Err(format!("`{s}` has bits set after the first {len} (did you mean {net}/{len}?)"));
         }
+        // sk_lookup sees IPv4 traffic to a dual-stack socket as IPv4: a v4-mapped prefix would
+        // be bound and never match.
+        if let IpAddr::V6(a) = addr {
+            if len >= 96 && a.to_ipv4_mapped().is_some() {
+                let v4 = Ipv4Addr::from((u128::from_be_bytes(a.octets()) & 0xffff_ffff) as u32);
+                return Err(format!(
+                    "`{s}` is an IPv4-mapped IPv6 prefix, which never matches: sk_lookup sees IPv4 connections as \
+                     IPv4 (write {v4}/{})",
+                    len - 96
+                ));
+            }
+        }
         Ok(Prefix { addr, len })
     }
 }
@@ -197,6 +209,10 @@ mod tests {
         assert!("banana".parse::<Prefix>().unwrap_err().contains("is not an address prefix"));
         assert!("10.0.0.0/33".parse::<Prefix>().unwrap_err().contains("0 to 32"));
         assert!("::/129".parse::<Prefix>().unwrap_err().contains("0 to 128"));
+        // Bound, it never matched: sk_lookup sees IPv4 connections to a dual-stack socket as IPv4.
+        assert!("::ffff:0:0/96".parse::<Prefix>().unwrap_err().contains("(write 0.0.0.0/0)"));
+        assert!("::ffff:127.0.0.1".parse::<Prefix>().unwrap_err().contains("(write 127.0.0.1/32)"));
+        assert!("::/0".parse::<Prefix>().is_ok() && "::/80".parse::<Prefix>().is_ok());
         assert_eq!(
             "10.1.2.3/8".parse::<Prefix>().unwrap_err(),
             "`10.1.2.3/8` has bits set after the first 8 (did you mean 10.0.0.0/8?)"
