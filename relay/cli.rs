@@ -388,10 +388,27 @@ pub fn parse_timeout(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// `[fe80::1%eth0]:PORT` as `[fe80::1%2]:PORT`: the standard parser takes a scope only as a
+/// number. Anything else comes back as it is (an unknown interface too: the parser then says so).
+pub fn numeric_scope(s: &str) -> std::borrow::Cow<'_, str> {
+    let Some((head, rest)) = s.split_once('%') else { return s.into() };
+    let Some((scope, tail)) = rest.split_once(']') else { return s.into() };
+    if !head.starts_with('[') || scope.is_empty() || scope.bytes().all(|b| b.is_ascii_digit()) {
+        return s.into();
+    }
+    let Ok(name) = std::ffi::CString::new(scope) else { return s.into() };
+    // SAFETY: `name` is a NUL-terminated string that lives across the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return s.into();
+    }
+    format!("{head}%{index}]{tail}").into()
+}
+
 /// `--listen`: IP:PORT, [IPv6]:PORT, or HOST:PORT resolved now, to the name's first IPv4 address
 /// (else its first IPv6 one) so that `localhost:7777` means 127.0.0.1:7777 like the default.
 pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
-    if let Ok(addr) = s.parse::<SocketAddr>() {
+    if let Ok(addr) = numeric_scope(s).parse::<SocketAddr>() {
         return Ok(addr);
     }
     let Some((host, port)) = s.rsplit_once(':') else {
@@ -426,6 +443,13 @@ impl AccelPolicyArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_link_local_scope_may_be_an_interface_name() {
+        assert_eq!(parse_listen("[fe80::1%lo]:7777").unwrap(), parse_listen("[fe80::1%1]:7777").unwrap());
+        assert_eq!(numeric_scope("[fe80::1%no-such-if]:7777"), "[fe80::1%no-such-if]:7777");
+        assert_eq!(numeric_scope("127.0.0.1:7777"), "127.0.0.1:7777");
+    }
 
     #[test]
     fn the_accel_policy_default_is_what_the_flags_default_to() {

@@ -23,7 +23,7 @@ impl Upstreams {
     pub fn resolve(specs: &[String]) -> Result<Upstreams, Error> {
         let mut addrs = Vec::new();
         for spec in specs {
-            let resolved: Vec<SocketAddr> = spec
+            let resolved: Vec<SocketAddr> = crate::cli::numeric_scope(spec)
                 .to_socket_addrs()
                 .map_err(|e| {
                     Error::Usage(format!(
