@@ -216,7 +216,9 @@ fn accel_off_during_an_accel_run_leaves_the_runs_cgroup_to_the_run_which_removes
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !pins_of(&cgroup).exists() {
+    // Accelerated, and the command in it (the pins come before the command moves in).
+    let running = || std::fs::read_to_string(cgroup.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty());
+    while !(pins_of(&cgroup).exists() && running()) {
         assert!(Instant::now() < deadline, "the run did not accelerate {}", cgroup.display());
         std::thread::sleep(Duration::from_millis(20));
     }
