@@ -10,6 +10,7 @@ pub mod objects {
     pub static RELAY: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/relay.bpf.o"));
     pub static ACCEL: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/accel.bpf.o"));
     pub static STEER: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/steer.bpf.o"));
+    pub static CALIBRATE: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/calibrate.bpf.o"));
 }
 
 /// Loads an embedded object (maps are created, programs not yet loaded).

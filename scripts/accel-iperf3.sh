@@ -5,12 +5,17 @@
 # (netns, cgroup, BPF) and iperf3. Not part of cargo test. Usage:
 #   scripts/accel-iperf3.sh [ROUNDS] [SECS]        (defaults: 3 3)
 #   SKRELAY_BEFORE=/path/to/older/skrelay adds that build's accel as a third run per round.
+#   SKRELAY=BIN: use this build, build nothing (a machine without cargo, e.g. the lent 16-core one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
 secs=${2:-3}
-cargo build -q --release --bin skrelay
-bins=("$PWD/target/release/skrelay")
+if [[ -n ${SKRELAY:-} ]]; then
+  bins=("$(realpath "$SKRELAY")")
+else
+  cargo build -q --release --bin skrelay
+  bins=("$PWD/target/release/skrelay")
+fi
 [[ -n ${SKRELAY_BEFORE:-} ]] && bins+=("$SKRELAY_BEFORE")
 exec unshare -n bash -s "$rounds" "$secs" "${bins[@]}" <<'INNER'
 set -euo pipefail

@@ -153,7 +153,7 @@ fn accel_run_in_a_cgroup_already_on_uses_it_and_refuses_other_settings() {
     let mount = v2_mount();
     let cg = format!("skrelay-own-run-{}", std::process::id());
     let _cleanup = Cleanup(mount.clone(), vec![cg.clone()]);
-    ok(&["accel", "on", "--cgroup", &cg, "--max-queued", "16M"]);
+    ok(&["accel", "on", "--cgroup", &cg, "--max-queued", "16M", "--small-write", "64K"]);
     let (code, out, err) =
         skrelay_output(&["accel", "run", "--cgroup", &cg, "--", "sh", "-c", "tail -n1 /proc/self/cgroup"]);
     assert_eq!(code, 0, "{out}{err}");
@@ -167,7 +167,7 @@ fn accel_run_in_a_cgroup_already_on_uses_it_and_refuses_other_settings() {
         skrelay_output(&["accel", "run", "--cgroup", &cg, "--max-queued", "2M", "--", "echo", "ran"]);
     assert_eq!(code, 2, "{out}{err}");
     assert!(!out.contains("ran"), "the command ran: {out}");
-    assert!(err.contains("is already accelerated with --max-queued 16777216 --small-write 65536"), "{err}");
+    assert!(err.contains("is already accelerated with --max-queued 16M --small-write 64K"), "{err}");
     assert!(pins_of(&mount.join(&cg)).exists(), "the refused run removed the acceleration");
     ok(&["accel", "off", "--cgroup", &cg]);
 }

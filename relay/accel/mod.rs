@@ -3,6 +3,7 @@
 //! sendmsg straight into the peer socket's receive queue when the peer is in the map too
 //! (probes/accel.bpf.c). The state is pinned under /sys/fs/bpf/skrelay/accel/<cgroup>/ so it
 //! outlives the command that turned it on.
+pub mod calibrate;
 pub mod cgroup;
 mod pinned;
 mod watch;
@@ -48,6 +49,9 @@ pub struct AccelReport {
     pub ports: Vec<u16>,
     /// False once `off` detached sockops but connections still hold the fast path.
     pub attached: bool,
+    /// The policy it was set up with (`--max-queued`, `--small-write`, given or measured).
+    pub max_queued: u32,
+    pub small_write: u32,
     /// Sockets in the map now (both ends of an accelerated connection count).
     pub sockets_open: u64,
     /// Sockets that joined the map since `on`.
@@ -103,6 +107,7 @@ impl fmt::Display for AccelReport {
         if let Some(owner) = &self.owner {
             writeln!(f, "  {}", owner.describe())?;
         }
+        writeln!(f, "  policy: --max-queued {} --small-write {}", kib(self.max_queued), kib(self.small_write))?;
         writeln!(
             f,
             "  connections accelerated: {} ({} sockets joined, {} of them open, {} in the map now)",
@@ -140,6 +145,15 @@ impl fmt::Display for AccelReport {
     }
 }
 
+/// A byte count as the flags take it: 64K, 8M, or bytes when not a whole number of KiB.
+fn kib(bytes: u32) -> String {
+    match bytes {
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}M", b >> 20),
+        b if b % 1024 == 0 && b > 0 => format!("{}K", b >> 10),
+        b => b.to_string(),
+    }
+}
+
 impl AccelReport {
     /// The report as a JSON value (what `skrelay status --json` shows under `accel`).
     pub fn json(&self) -> serde_json::Value {
@@ -149,6 +163,8 @@ impl AccelReport {
             "pins": self.pins.to_string_lossy(),
             "ports": self.ports,
             "attached": self.attached,
+            "max_queued": self.max_queued,
+            "small_write": self.small_write,
             "sockets_open": self.sockets_open,
             "sockets_joined": self.sockets_joined,
             "sockets_live": self.sockets_live,
@@ -241,6 +257,8 @@ fn report_for(dir: &Path, cg: &Cgroup) -> Result<AccelReport, Error> {
         pins: dir.to_path_buf(),
         ports: snap.ports,
         attached: pinned::is_attached(dir),
+        max_queued: snap.config.max_queued,
+        small_write: snap.config.small_write,
         sockets_open: snap.sockets_open,
         sockets_joined: s(accel_stat::SOCKETS),
         connections: s(accel_stat::CONNECTIONS),
@@ -348,6 +366,8 @@ fn check_no_relay_inside(cg: &Cgroup, ports: &[u16]) -> Result<(), Error> {
 pub struct Enabled {
     pub cgroup: Cgroup,
     pub pins: PathBuf,
+    /// The `--small-write` the cgroup got and how it was chosen: None when the flag gave it.
+    pub measured: Option<calibrate::Choice>,
     /// Cgroup directories `on` created (deepest last).
     pub created: Vec<PathBuf>,
 }
@@ -380,8 +400,13 @@ pub fn on(cgroup: &Path, ports: &[u16], policy: &AccelPolicyArgs) -> Result<Enab
     }
     check_nested(&root, &cg)?;
     check_no_relay_inside(&cg, ports)?;
+    // Measured before anything is created, so a failure leaves nothing behind (a measurement
+    // that cannot be made chooses the safe value instead).
+    let measured = policy.small_write.is_none().then(calibrate::choose);
+    let small_write =
+        policy.small_write.or(measured.as_ref().map(|c| c.small_write)).unwrap_or(calibrate::SMALL_WRITE_SAFE);
     let created = cg.create()?;
-    let result = check_foreign(&cg).and_then(|()| pinned::create(&dir, &cg, ports, policy));
+    let result = check_foreign(&cg).and_then(|()| pinned::create(&dir, &cg, ports, policy.max_queued, small_write));
     if let Err(e) = result {
         cgroup::remove_dirs(&created);
         return Err(e);
@@ -391,7 +416,7 @@ pub fn on(cgroup: &Path, ports: &[u16], policy: &AccelPolicyArgs) -> Result<Enab
     if let Err(e) = cg.set_owner(&owner) {
         log::debug!("accel: {e}");
     }
-    Ok(Enabled { cgroup: cg, pins: dir, created })
+    Ok(Enabled { cgroup: cg, pins: dir, measured, created })
 }
 
 /// A socket holds one sk_msg program: a cgroup inside (or around) one skrelay already
@@ -549,13 +574,15 @@ pub fn run(cgroup: Option<&Path>, policy: &AccelPolicyArgs, cmd: &[String]) -> R
         // that ask for another policy would be silently ignored, so they are refused.
         // State another skrelay version pinned may not be readable: it is used as it is.
         let config = pinned::snapshot(&pins).ok().map(|s| s.config);
-        let differs = |c: &AccelConfig| (c.max_queued, c.small_write) != (policy.max_queued, policy.small_write);
+        let differs = |c: &AccelConfig| {
+            c.max_queued != policy.max_queued || policy.small_write.is_some_and(|s| s != c.small_write)
+        };
         if let Some(config) = config.filter(|c| *policy != AccelPolicyArgs::DEFAULT && differs(c)) {
             return Err(Error::Usage(format!(
                 "cgroup {cg} is already accelerated with --max-queued {} --small-write {}: the command would run \
                  with those, not the ones given (leave the flags out to run under its settings, or `skrelay accel off --cgroup {}` first)",
-                config.max_queued,
-                config.small_write,
+                kib(config.max_queued),
+                kib(config.small_write),
                 target.display()
             )));
         }
@@ -598,7 +625,8 @@ pub fn run(cgroup: Option<&Path>, policy: &AccelPolicyArgs, cmd: &[String]) -> R
             if let Err(err) = cg.set_owner(&owner) {
                 log::debug!("accel: {err}");
             }
-            log::info!("accel: {} accelerated for the command (state at {})", e.cgroup, e.pins.display());
+            let chosen = e.measured.as_ref().map(|c| format!("; {}", c.describe())).unwrap_or_default();
+            log::info!("accel: {} accelerated for the command (state at {}){chosen}", e.cgroup, e.pins.display());
             Some(w)
         }
         None => None,
@@ -679,7 +707,8 @@ pub fn command(cmd: AccelCommand) -> Result<String, Error> {
     Ok(match cmd {
         AccelCommand::On { cgroup, ports, policy } => {
             let on = on(&cgroup, &ports, &policy)?;
-            format!("accel on: {} (state pinned at {})\n", on.cgroup, on.pins.display())
+            let chosen = on.measured.map(|c| format!("; {}", c.describe())).unwrap_or_default();
+            format!("accel on: {} (state pinned at {}){chosen}\n", on.cgroup, on.pins.display())
         }
         AccelCommand::Off { cgroup, wait, force } => {
             let off = off(&cgroup, wait, force)?;

@@ -5,7 +5,6 @@ use super::cgroup::Cgroup;
 use crate::{
     abi::{accel_stat, AccelConfig, SockKey},
     bpf,
-    cli::AccelPolicyArgs,
     error::Error,
 };
 use aya::{
@@ -30,16 +29,16 @@ fn missing(what: &str) -> Error {
 
 /// Loads the programs, pins the maps in `dir`, attaches sk_msg to the socket map and sockops to
 /// the cgroup, and pins the sockops link. On failure everything pinned so far is removed.
-pub fn create(dir: &Path, cgroup: &Cgroup, ports: &[u16], policy: &AccelPolicyArgs) -> Result<(), Error> {
+pub fn create(dir: &Path, cgroup: &Cgroup, ports: &[u16], max_queued: u32, small_write: u32) -> Result<(), Error> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
-    let result = create_in(dir, cgroup, ports, policy);
+    let result = create_in(dir, cgroup, ports, max_queued, small_write);
     if result.is_err() {
         remove(dir);
     }
     result
 }
 
-fn create_in(dir: &Path, cgroup: &Cgroup, ports: &[u16], policy: &AccelPolicyArgs) -> Result<(), Error> {
+fn create_in(dir: &Path, cgroup: &Cgroup, ports: &[u16], max_queued: u32, small_write: u32) -> Result<(), Error> {
     let mut bpf = bpf::load(bpf::objects::ACCEL)?;
     for name in MAPS {
         let map = bpf.map(name).ok_or_else(|| missing(&format!("map `{name}`")))?;
@@ -58,8 +57,8 @@ fn create_in(dir: &Path, cgroup: &Cgroup, ports: &[u16], policy: &AccelPolicyArg
                 .map_err(broken)?;
         let value = AccelConfig {
             filter_ports: u32::from(!ports.is_empty()),
-            max_queued: policy.max_queued,
-            small_write: policy.small_write,
+            max_queued,
+            small_write,
             small_streak: super::SMALL_STREAK,
             cpus: std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX)),
         };
