@@ -185,6 +185,12 @@ pub struct SpliceArgs {
     /// pairs finish for this long before resetting them; seconds.
     #[arg(long, default_value = "30", value_parser = parse_secs, value_name = "SECS", allow_negative_numbers = true)]
     pub drain_timeout: Duration,
+    /// Reset a pair (both clients) when no byte has moved either way for this long: neither
+    /// client sent anything, and neither took anything that waited for it (a client that stops
+    /// reading holds its partner's bytes, and the pair, only this long). As nginx's stream
+    /// proxy_timeout. Seconds; 0: never
+    #[arg(long, default_value = "600", value_parser = parse_secs, value_name = "SECS", allow_negative_numbers = true)]
+    pub idle_timeout: Duration,
     /// Serve Prometheus metrics at http://ADDR/metrics (IP:PORT, [IPv6]:PORT or HOST:PORT; port 0
     /// picks a free one, shown in the start line). Anyone who can reach ADDR can read them.
     #[arg(long, value_parser = parse_listen, value_name = "ADDR")]

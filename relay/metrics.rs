@@ -29,8 +29,7 @@ pub enum PairEnd {
     Eof,
     /// A client reset its connection, or an error cut the pair (its clients see a reset).
     Reset,
-    /// A pair timeout cut it (its clients see a reset). No such timeout exists yet; the label is
-    /// exported at 0 so dashboards need not change when one comes.
+    /// `--idle-timeout` cut it: no byte moved either way for that long (its clients see a reset).
     Timeout,
     /// Cut at the drain timeout (or a second SIGTERM) while shutting down.
     Drain,

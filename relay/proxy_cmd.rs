@@ -52,6 +52,7 @@ pub fn run(args: ProxyArgs) -> Result<(), Error> {
         max_pending: args.max_pending as usize,
         pair_timeout: args.connect_timeout,
         drain_timeout: args.common.drain_timeout,
+        idle_timeout: args.common.idle_timeout,
         metrics,
     };
     let mut server = Server::new(listener, datapaths, config)?;

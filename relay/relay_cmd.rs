@@ -30,6 +30,7 @@ pub fn run(args: RelayArgs) -> Result<(), Error> {
         max_pending: args.max_pending as usize,
         pair_timeout: args.pair_timeout,
         drain_timeout: args.common.drain_timeout,
+        idle_timeout: args.common.idle_timeout,
         metrics,
     };
     // Attached before the first log line so "listening" means every port is served; dropped

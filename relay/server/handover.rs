@@ -361,6 +361,7 @@ impl Server {
         self.pairs += 1;
         self.threads.adopted(self.threads.me);
         self.metrics.set_loop_pairs(self.threads.me, self.pairs);
+        self.watch_idle();
         // What came while the processes changed places is moved now.
         self.service(slot, true);
         true

@@ -68,6 +68,8 @@ pub struct ServerConfig {
     pub max_pending: usize,
     pub pair_timeout: Duration,
     pub drain_timeout: Duration,
+    /// A pair with no byte moving either way for this long is reset (`--idle-timeout`; zero: never).
+    pub idle_timeout: Duration,
     /// Counters for `--metrics` (kept whether or not they are served).
     pub metrics: Metrics,
 }
@@ -81,6 +83,11 @@ enum Served {
     /// A worker loop called back by the front (`--takeover`), its pairs untouched.
     Recalled,
     Failed(Error),
+}
+
+/// How often pairs are looked at for `--idle-timeout`: a tenth of it, between 50 ms and 5 s.
+fn idle_check_every(timeout: Duration) -> Duration {
+    (timeout / 10).clamp(Duration::from_millis(50), Duration::from_secs(5))
 }
 
 /// How often the kernel in-flight gauge is read while pairs live.
@@ -142,6 +149,9 @@ pub struct Server {
     max_pending: usize,
     pair_timeout: Duration,
     drain_timeout: Duration,
+    idle_timeout: Duration,
+    /// When the pairs are looked at for `--idle-timeout` next (while pairs live and it is set).
+    idle_due: Option<Instant>,
     slots: Slab<Slot>,
     pending: usize,
     pairs: usize,
@@ -198,7 +208,7 @@ impl Server {
             Partners::Upstreams(connector) => Some(connector.own()),
             _ => None,
         };
-        let limits = (config.max_pending, config.pair_timeout, config.drain_timeout);
+        let limits = (config.max_pending, config.pair_timeout, config.drain_timeout, config.idle_timeout);
         for n in 0..threads.count() {
             config.metrics.set_loop_pairs(n, 0);
         }
@@ -225,7 +235,7 @@ impl Server {
         datapath: Box<dyn Datapath>,
         partners: Partners,
         threads: Threads,
-        (max_pending, pair_timeout, drain_timeout): (usize, Duration, Duration),
+        (max_pending, pair_timeout, drain_timeout, idle_timeout): (usize, Duration, Duration, Duration),
         metrics: &Metrics,
     ) -> Server {
         Server {
@@ -237,6 +247,8 @@ impl Server {
             max_pending,
             pair_timeout,
             drain_timeout,
+            idle_timeout,
+            idle_due: None,
             metrics: metrics.clone(),
             pair_metrics: HashMap::new(),
             inflight_due: None,
@@ -328,6 +340,7 @@ impl Server {
                 self.datapath_due = self.datapath.tend(Instant::now());
             }
             self.sample_inflight();
+            self.reset_idle_pairs();
             self.fire_timers();
             if self.accept_retry.is_some_and(|t| Instant::now() >= t) {
                 self.accept_retry = None;
@@ -397,6 +410,7 @@ impl Server {
             self.accept_retry,
             self.datapath_due,
             self.inflight_due,
+            self.idle_due,
         ];
         deadlines.into_iter().flatten().min().map(|t| t.saturating_duration_since(Instant::now()))
     }
@@ -656,6 +670,7 @@ impl Server {
         self.pair_metrics.insert(slot, self.metrics.pair_started(label));
         self.pairs += 1;
         self.metrics.set_loop_pairs(self.threads.me, self.pairs);
+        self.watch_idle();
         if let Some(local) = upstream_local {
             self.remember_upstream(local, addrs[1].port());
         }
@@ -707,6 +722,7 @@ impl Server {
             Ending::Done => PairEnd::Eof,
             Ending::Reset { .. } => PairEnd::Reset,
             Ending::Drained => PairEnd::Drain,
+            Ending::Idle(_) => PairEnd::Timeout,
         };
         let ended = pair.end(ending);
         if let Some(mut metric) = self.pair_metrics.remove(&slot) {
@@ -718,6 +734,36 @@ impl Server {
             // The last one: the gauge reads 0 now, not at the next once-a-second sample.
             self.inflight_due = Some(Instant::now());
         }
+    }
+
+    /// Starts the `--idle-timeout` looks when a pair arrives and none are due.
+    fn watch_idle(&mut self) {
+        if !self.idle_timeout.is_zero() && self.idle_due.is_none() {
+            self.idle_due = Some(Instant::now() + idle_check_every(self.idle_timeout));
+        }
+    }
+
+    /// `--idle-timeout`: resets the pairs where no byte moved either way for that long. Looks at
+    /// every pair's TCP_INFO (two reads a pair) each `idle_check_every`, so a pair is reset
+    /// within a tenth of the timeout (at most 5 s) after its last byte plus the timeout.
+    fn reset_idle_pairs(&mut self) {
+        let now = Instant::now();
+        if self.idle_due.is_none_or(|t| now < t) {
+            return;
+        }
+        let mut idle = Vec::new();
+        for (slot, entry) in self.slots.iter_mut() {
+            if let Slot::Pair(pair) = entry {
+                let quiet = pair.idle_for(now);
+                if quiet >= self.idle_timeout {
+                    idle.push((slot, quiet));
+                }
+            }
+        }
+        for (slot, quiet) in idle {
+            self.end_pair(slot, Ending::Idle(quiet));
+        }
+        self.idle_due = (self.pairs > 0).then(|| now + idle_check_every(self.idle_timeout));
     }
 
     /// Reads what the datapath holds in flight into the metrics, once a second while pairs live

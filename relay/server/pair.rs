@@ -46,6 +46,15 @@ pub(super) struct Pair {
     /// An end was reset (its error taken): the partner is reset once what that end received
     /// before its reset has reached the partner's client, or at the deadline.
     resetting: Option<(usize, io::Error, Instant)>,
+    /// When bytes last moved (`--idle-timeout`), and the counters that showed it.
+    active: Activity,
+}
+
+/// What `Pair::idle_for` compares: each socket's bytes received from its client and bytes its
+/// client acknowledged (TCP_INFO). Either moves while any byte moves, on both datapaths.
+struct Activity {
+    at: Instant,
+    seen: [u64; 4],
 }
 
 /// How a pair ended, for the log and for what its clients see.
@@ -57,6 +66,8 @@ pub(super) enum Ending {
     Reset { end: usize, error: io::Error },
     /// Cut at the drain timeout: both clients are reset.
     Drained,
+    /// No byte moved either way for this long (`--idle-timeout`): both clients are reset.
+    Idle(Duration),
 }
 
 /// What `Pair::service` left to do for the loop.
@@ -113,6 +124,7 @@ impl Pair {
             flush_delay: FLUSH_CHECK_FIRST,
             resetting: None,
             upstream_local,
+            active: Activity { at: Instant::now(), seen: [0; 4] },
         }
     }
 
@@ -150,6 +162,7 @@ impl Pair {
             flush_delay: FLUSH_CHECK_FIRST,
             resetting: None,
             upstream_local: state.upstream_local,
+            active: Activity { at: Instant::now(), seen: [0; 4] },
         }
     }
 
@@ -188,6 +201,24 @@ impl Pair {
     /// Ends a resetting pair now.
     pub(super) fn reset_now(&mut self) -> Option<Ending> {
         self.resetting.take().map(|(end, error, _)| Ending::Reset { end, error })
+    }
+
+    /// How long no byte has moved either way (received from a client, or acknowledged by one),
+    /// as of `now`. Reads both sockets' TCP_INFO; a socket it cannot read counts as active (its
+    /// error is the pair's business when it is serviced).
+    pub(super) fn idle_for(&mut self, now: Instant) -> Duration {
+        let mut seen = [0u64; 4];
+        let mut unreadable = false;
+        for (i, end) in self.ends.iter().enumerate() {
+            match sys::tcp_counters(end) {
+                Ok(c) => (seen[2 * i], seen[2 * i + 1]) = (c.bytes_received, c.bytes_acked),
+                Err(_) => unreadable = true,
+            }
+        }
+        if unreadable || seen != self.active.seen {
+            self.active = Activity { at: now, seen };
+        }
+        now.saturating_duration_since(self.active.at)
     }
 
     /// Where the pair stands, for the log of a pair that does not finish when asked to.
@@ -322,7 +353,7 @@ impl Pair {
     /// Ends the pair: takes it out of the datapath and sets how its sockets close (FINs only
     /// when both directions finished, resets otherwise). Deregister it first.
     pub(super) fn end(mut self, ending: Ending) -> Ended {
-        let moved = if matches!(ending, Ending::Drained) {
+        let moved = if matches!(ending, Ending::Drained | Ending::Idle(_)) {
             // Cut: out of the datapath first, so that nothing moves after it is counted.
             self.splice.release();
             [
@@ -344,6 +375,7 @@ impl Pair {
             }
             // Its streams were cut: they stay armed to reset (see `Pair::new`).
             Ending::Drained => "reset at the drain timeout".to_string(),
+            Ending::Idle(idle) => format!("reset: idle for {:.1}s (--idle-timeout)", idle.as_secs_f64()),
             Ending::Reset { end, error } => {
                 // What one end's client did to its connection, the other's client sees too.
                 self.ends.iter().for_each(reset_on_close);

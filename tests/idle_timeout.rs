@@ -1,0 +1,118 @@
+//! `--idle-timeout`: a pair where no byte moves either way for that long is reset, both clients,
+//! on both datapaths: a pair of silent clients, and a pair whose reader stopped reading (its
+//! partner's bytes wait, and the sender is held back). A pair that keeps talking lives on, and
+//! 0 turns the timeout off.
+#[macro_use]
+mod common;
+use common::*;
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{SocketAddr, TcpStream},
+    thread,
+    time::{Duration, Instant},
+};
+
+fn addr() -> SocketAddr {
+    "127.0.0.1:7777".parse().unwrap()
+}
+
+fn relay_args(dp: &str, idle: &str) -> Vec<String> {
+    let mut args: Vec<String> =
+        ["relay", "--datapath", dp, "--idle-timeout", idle, "--metrics", "127.0.0.1:0"].map(String::from).into();
+    if dp == "kernel" {
+        // Into the socket maps at once: the idle check must see bytes the kernel moves.
+        args.extend(["--kernel-after".into(), "0".into()]);
+    }
+    args
+}
+
+/// Reads until the relay cuts the connection; returns how it ended and when.
+fn read_until_cut(s: &mut TcpStream) -> (std::io::Result<usize>, Instant) {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match s.read(&mut buf) {
+            Ok(n) if n > 0 => continue,
+            r => return (r, Instant::now()),
+        }
+    }
+}
+
+fn idle_pairs_are_reset_and_busy_ones_live(dp: &str) {
+    let _netns = enter_netns();
+    let args = relay_args(dp, "1");
+    let relay = Skrelay::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut a = connect(addr());
+    let mut b = connect(addr());
+    // Busy for 2.5 s (a message every 0.3 s, one way only): more than twice the timeout.
+    let mut quiet = Instant::now();
+    for i in 0..8u8 {
+        thread::sleep(Duration::from_millis(300));
+        a.write_all(&[i; 100]).unwrap();
+        assert_eq!(read_n(&mut b, 100), vec![i; 100], "{dp}: message {i}");
+        quiet = Instant::now();
+    }
+    // Silent from here: both clients are reset about a second later.
+    for (name, s) in [("a", &mut a), ("b", &mut b)] {
+        let (r, at) = read_until_cut(s);
+        assert!(
+            matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+            "{dp}: client {name} of an idle pair should be reset, got {r:?}"
+        );
+        let after = at - quiet;
+        assert!(
+            after >= Duration::from_millis(900) && after < Duration::from_secs(4),
+            "{dp}: {name} reset after {after:?}"
+        );
+    }
+    relay.wait_log("reset: idle for", 1, Duration::from_secs(5));
+    let m = relay.wait_metrics("an idle pair", Duration::from_secs(5), |m| m.pairs_ended(dp) == 1);
+    assert_eq!(m.pairs(dp, "timeout"), 1, "{dp}: the idle pair is counted as a timeout");
+    assert_eq!(m.bytes(dp), 800, "{dp}: what it moved before it went quiet");
+
+    // A client that stops reading: its partner's bytes wait and the partner is held back; once
+    // nothing has moved for the timeout, both are reset and the sender's write fails.
+    let mut c = connect(addr());
+    let mut d = connect(addr());
+    c.write_all(b"hi").unwrap();
+    assert_eq!(read_n(&mut d, 2), b"hi");
+    let t0 = Instant::now();
+    let chunk = vec![7u8; 1 << 16];
+    let mut sent = 0u64;
+    let err = loop {
+        match c.write(&chunk) {
+            Ok(n) => sent += n as u64,
+            Err(e) => break e,
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "{dp}: the stalled sender was never cut ({sent} bytes sent)");
+    };
+    assert!(
+        matches!(err.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe),
+        "{dp}: the held-back sender should see the reset, got {err:?}"
+    );
+    assert!(sent > 1 << 20, "{dp}: only {sent} bytes went before the cut: it came before the sender was held back");
+    relay.wait_log("reset: idle for", 2, Duration::from_secs(5));
+    let m = relay.wait_metrics("a stalled pair", Duration::from_secs(5), |m| m.pairs_ended(dp) == 2);
+    assert_eq!(m.pairs(dp, "timeout"), 2, "{dp}");
+    drop(d);
+}
+per_datapath!(idle_pairs_are_reset_and_busy_ones_live);
+
+#[test]
+fn an_idle_timeout_of_0_never_cuts_and_a_bad_one_is_refused() {
+    let _netns = enter_netns();
+    let relay = Skrelay::start(&["relay", "--datapath", "userspace", "--idle-timeout", "0"]);
+    let mut a = connect(addr());
+    let mut b = connect(addr());
+    a.write_all(b"one").unwrap();
+    assert_eq!(read_n(&mut b, 3), b"one");
+    thread::sleep(Duration::from_millis(1500));
+    b.write_all(b"two").unwrap();
+    assert_eq!(read_n(&mut a, 3), b"two", "a silent pair was cut with --idle-timeout 0");
+    assert!(!relay.log().contains("idle for"), "{}", relay.log());
+    for bad in ["-1", "soon"] {
+        let (code, _, err) = skrelay_output(&["proxy", "--upstream", "127.0.0.1:9", "--idle-timeout", bad]);
+        assert_eq!(code, 2, "--idle-timeout {bad}: {err}");
+        assert!(err.contains("not a number of seconds"), "--idle-timeout {bad}: {err}");
+    }
+}
