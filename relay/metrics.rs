@@ -425,14 +425,20 @@ pub fn start(
     Ok(Some(bound))
 }
 
-/// `skrelay metrics --listen ADDR`: serves the pinned steer and accel counters until killed.
-/// The first reading happens before binding, so a state that cannot be read is refused at once.
+/// `skrelay metrics --listen ADDR`: serves the pinned steer and accel counters until SIGINT or
+/// SIGTERM, then returns (exit 0, as `relay` and `proxy` do). The first reading happens before
+/// binding, so a state that cannot be read is refused at once.
 pub fn run(args: crate::cli::MetricsArgs) -> Result<(), Error> {
     pinned_exposition()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&stop)).map_err(|e| Error::io("cannot handle signals", e))?;
+    }
     let listener = bind(args.listen, "--listen")?;
     let bound = listener.local_addr().unwrap_or(args.listen);
     log::info!("serving the pinned steer and accel counters at http://{bound}/metrics");
-    serve(&listener, || pinned_exposition().map_err(|e| format!("skrelay: {e}")), &AtomicBool::new(false));
+    serve(&listener, || pinned_exposition().map_err(|e| format!("skrelay: {e}")), &stop);
+    log::info!("stopped");
     Ok(())
 }
 

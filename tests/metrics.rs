@@ -341,5 +341,7 @@ fn skrelay_metrics_serves_the_pinned_accel_counters() {
     drop(cg);
     let text = scrape(&url);
     assert!(!text.contains(&label), "an accel state that is off is still exported:\n{text}");
-    drop(exporter);
+    // Stopped as `relay` and `proxy` are: SIGTERM ends it with exit 0 (was 143, killed).
+    let (status, log) = exporter.stop(Duration::from_secs(5));
+    assert_eq!(status.code(), Some(0), "skrelay metrics on SIGTERM: {status:?}\n{log}");
 }
