@@ -72,7 +72,8 @@ pub enum AccelCommand {
     Run {
         /// Run the command in this cgroup v2 directory (absolute, or relative to the cgroup v2
         /// mount; created if missing, and removed afterwards if this command created it) instead
-        /// of a fresh one. It must not be accelerated already.
+        /// of a fresh one. If it is accelerated already, the command runs under that acceleration
+        /// (flags that ask for another policy are refused), which stays on afterwards.
         #[arg(long, value_name = "PATH")]
         cgroup: Option<PathBuf>,
         #[command(flatten)]
@@ -95,13 +96,14 @@ pub enum AccelCommand {
 pub struct AccelPolicyArgs {
     /// Unread bytes a receiving socket may hold in its redirect queue (K/M suffixes allowed);
     /// above it the sender takes the normal path, where TCP flow control holds it back.
-    #[arg(long, default_value = "8M", value_parser = parse_bytes, value_name = "BYTES")]
-    pub max_queued: u32,
+    /// [default: 8M]
+    #[arg(long, value_parser = parse_bytes, value_name = "BYTES")]
+    pub max_queued: Option<u32>,
     /// Writes below this size that keep arriving while the reader has unread data take the
     /// normal path (TCP coalesces them; each redirected write is a message and a wake-up: a
     /// one-connection stream of 16 KiB writes measured 0.70-0.80x plain while redirected).
-    /// 0 turns this off. Default: measured when the cgroup is set up (about 0.3 s): 64K where a
-    /// redirected stream of 64 KiB writes outruns plain loopback TCP by 1.25x, else 128K
+    /// 0 turns this off. Default: measured when the cgroup is set up (about 0.5 s): 64K where a
+    /// redirected stream of 64 KiB writes outruns plain loopback TCP by 1.15x, else 128K
     #[arg(long, value_parser = parse_bytes, value_name = "BYTES")]
     pub small_write: Option<u32>,
 }
@@ -444,7 +446,7 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
 
 impl AccelPolicyArgs {
     /// The policy the flags give when left out (their `default_value`s, checked by a test).
-    pub const DEFAULT: AccelPolicyArgs = AccelPolicyArgs { max_queued: 8 << 20, small_write: None };
+    pub const DEFAULT: AccelPolicyArgs = AccelPolicyArgs { max_queued: None, small_write: None };
 }
 
 #[cfg(test)]

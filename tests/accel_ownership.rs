@@ -169,6 +169,13 @@ fn accel_run_in_a_cgroup_already_on_uses_it_and_refuses_other_settings() {
     assert!(!out.contains("ran"), "the command ran: {out}");
     assert!(err.contains("is already accelerated with --max-queued 16M --small-write 64K"), "{err}");
     assert!(pins_of(&mount.join(&cg)).exists(), "the refused run removed the acceleration");
+    // Only the flags given are compared: a left-out --max-queued is not the default 8M.
+    let (code, out, err) =
+        skrelay_output(&["accel", "run", "--cgroup", &cg, "--small-write", "64K", "--", "echo", "ran"]);
+    assert_eq!((code, out.trim()), (0, "ran"), "{err}");
+    let (code, out, err) =
+        skrelay_output(&["accel", "run", "--cgroup", &cg, "--max-queued", "8M", "--", "echo", "ran"]);
+    assert_eq!(code, 2, "an explicit --max-queued 8M on a 16M cgroup was ignored: {out}{err}");
     ok(&["accel", "off", "--cgroup", &cg]);
 }
 
@@ -227,4 +234,52 @@ fn accel_off_during_an_accel_run_leaves_the_runs_cgroup_to_the_run_which_removes
     let out = run.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     wait_gone(&cgroup, Duration::from_secs(5), "the run that created it ended");
+}
+
+/// A set-up killed half-way (after it attached sockops, before its state was in place) leaves
+/// its state in `accel-setup/PID-NAME`, which nothing lists: the next `on` or `off` removes it,
+/// detaching the sockops program it left on the cgroup. State missing some of its pins (what an
+/// older skrelay left when killed) is refused by `on` and `run` with the fix, and `off --force`
+/// removes it.
+#[test]
+fn what_an_interrupted_set_up_leaves_is_removed_or_refused_with_the_fix() {
+    if !require_bpf("what_an_interrupted_set_up_leaves_is_removed_or_refused_with_the_fix") {
+        return;
+    }
+    let _netns = enter_netns();
+    let mount = v2_mount();
+    let (a, b) =
+        (format!("skrelay-own-cut-a-{}", std::process::id()), format!("skrelay-own-cut-b-{}", std::process::id()));
+    let _cleanup = Cleanup(mount.clone(), vec![a.clone(), b.clone()]);
+    let sockops_on = |cg: &str| {
+        let out = Command::new("bpftool").args(["cgroup", "show"]).arg(mount.join(cg)).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("sock_ops")
+    };
+    // What a set-up killed after attaching leaves: its whole state, under a dead process's name.
+    ok(&["accel", "on", "--cgroup", &a, "--small-write", "64K"]);
+    assert!(sockops_on(&a));
+    let mut gone = Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    let pins = pins_of(&mount.join(&a));
+    let left = Path::new("/sys/fs/bpf/skrelay/accel-setup")
+        .join(format!("{dead}-{}", pins.file_name().unwrap().to_string_lossy()));
+    std::fs::create_dir_all(left.parent().unwrap()).unwrap();
+    std::fs::rename(&pins, &left).unwrap();
+    assert!(!ok(&["accel", "status"]).contains(&a), "a set-up's leftovers are listed as accelerated");
+    ok(&["accel", "on", "--cgroup", &b, "--small-write", "64K"]);
+    assert!(!left.exists(), "the next `accel on` left {} in place", left.display());
+    assert!(!sockops_on(&a), "the interrupted set-up's sockops program is still attached to {a}");
+    ok(&["accel", "off", "--cgroup", &b]);
+
+    // What an older skrelay left: a state directory without its pins.
+    std::fs::create_dir(&pins).unwrap();
+    let (code, out, err) = skrelay_output(&["accel", "on", "--cgroup", &a]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("is incomplete (a set-up was interrupted)") && err.contains("accel off --cgroup"), "{err}");
+    let (code, out, err) = skrelay_output(&["accel", "run", "--cgroup", &a, "--", "echo", "ran"]);
+    assert_eq!(code, 2, "accel run used an incomplete state: {out}{err}");
+    assert!(!out.contains("ran"), "{out}");
+    ok(&["accel", "off", "--cgroup", &a, "--force"]);
+    assert!(!pins.exists(), "accel off --force left {}", pins.display());
 }

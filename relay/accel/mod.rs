@@ -9,7 +9,7 @@ mod pinned;
 mod watch;
 
 use crate::{
-    abi::{accel_stat, AccelConfig},
+    abi::accel_stat,
     bpffs,
     cli::{AccelCommand, AccelPolicyArgs},
     error::Error,
@@ -31,6 +31,8 @@ pub use pinned::MAX_PORTS;
 pub const SMALL_STREAK: u32 = 16;
 /// The smallest `--max-queued`: below one large write, every bulk connection would be demoted.
 pub const MIN_MAX_QUEUED: u32 = 256 << 10;
+/// `--max-queued` when not given.
+pub const DEFAULT_MAX_QUEUED: u32 = 8 << 20;
 
 use sys::bpf::ATTACH_CGROUP_SOCK_OPS as BPF_CGROUP_SOCK_OPS;
 
@@ -148,6 +150,7 @@ impl fmt::Display for AccelReport {
 /// A byte count as the flags take it: 64K, 8M, or bytes when not a whole number of KiB.
 fn kib(bytes: u32) -> String {
     match bytes {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}G", b >> 30),
         b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}M", b >> 20),
         b if b % 1024 == 0 && b > 0 => format!("{}K", b >> 10),
         b => b.to_string(),
@@ -376,11 +379,23 @@ pub struct Enabled {
 /// missing), limited to `ports` when not empty, demoting directions to the normal path as
 /// `policy` says.
 pub fn on(cgroup: &Path, ports: &[u16], policy: &AccelPolicyArgs) -> Result<Enabled, Error> {
-    if policy.max_queued < MIN_MAX_QUEUED {
+    on_for(cgroup, ports, policy, calibrate::Placement::AnyCpu)
+}
+
+/// `on`, measuring the default `--small-write` where the cgroup's programs will run: on any CPU
+/// for `accel on`, on this process's CPUs for `accel run` (its command inherits them).
+fn on_for(
+    cgroup: &Path,
+    ports: &[u16],
+    policy: &AccelPolicyArgs,
+    placement: calibrate::Placement,
+) -> Result<Enabled, Error> {
+    let max_queued = policy.max_queued.unwrap_or(DEFAULT_MAX_QUEUED);
+    if max_queued < MIN_MAX_QUEUED {
         return Err(Error::Usage(format!(
             "--max-queued {} is below {}K: every bulk connection would pause on the TCP path at its first large write; \
              give at least {}K",
-            policy.max_queued,
+            max_queued,
             MIN_MAX_QUEUED >> 10,
             MIN_MAX_QUEUED >> 10
         )));
@@ -393,20 +408,25 @@ pub fn on(cgroup: &Path, ports: &[u16], policy: &AccelPolicyArgs) -> Result<Enab
     }
     let cg = Cgroup::resolve(cgroup)?;
     let root = accel_root()?;
-    let _lock = bpffs::StateLock::acquire(&root)?;
     let dir = root.join(cg.pin_name());
     if dir.exists() {
-        return Err(Error::AccelAlreadyOn { cgroup: cg.to_string(), pins: dir.display().to_string() });
+        return Err(already_on(&cg, &dir));
+    }
+    // Measured before the lock is taken and anything is created: it takes a while (at most
+    // `calibrate::DEADLINE`), and a set-up interrupted meanwhile leaves nothing behind. A
+    // measurement that cannot be made chooses the safe value.
+    let measured = policy.small_write.is_none().then(|| calibrate::choose(placement));
+    let small_write =
+        policy.small_write.or(measured.as_ref().map(|c| c.small_write)).unwrap_or(calibrate::SMALL_WRITE_SAFE);
+    let _lock = bpffs::StateLock::acquire(&root)?;
+    pinned::remove_unfinished(&root);
+    if dir.exists() {
+        return Err(already_on(&cg, &dir));
     }
     check_nested(&root, &cg)?;
     check_no_relay_inside(&cg, ports)?;
-    // Measured before anything is created, so a failure leaves nothing behind (a measurement
-    // that cannot be made chooses the safe value instead).
-    let measured = policy.small_write.is_none().then(calibrate::choose);
-    let small_write =
-        policy.small_write.or(measured.as_ref().map(|c| c.small_write)).unwrap_or(calibrate::SMALL_WRITE_SAFE);
     let created = cg.create()?;
-    let result = check_foreign(&cg).and_then(|()| pinned::create(&dir, &cg, ports, policy.max_queued, small_write));
+    let result = check_foreign(&cg).and_then(|()| pinned::create(&dir, &cg, ports, max_queued, small_write));
     if let Err(e) = result {
         cgroup::remove_dirs(&created);
         return Err(e);
@@ -417,6 +437,38 @@ pub fn on(cgroup: &Path, ports: &[u16], policy: &AccelPolicyArgs) -> Result<Enab
         log::debug!("accel: {e}");
     }
     Ok(Enabled { cgroup: cg, pins: dir, measured, created })
+}
+
+/// The command would run under the acceleration there is, which stays on afterwards: flags that
+/// ask for another policy would be silently ignored, so they are refused. Only the flags given
+/// are compared. State another skrelay version pinned may not be readable: it is used as it is.
+fn refuse_other_policy(cg: &Cgroup, pins: &Path, policy: &AccelPolicyArgs, target: &Path) -> Result<(), Error> {
+    let Some(config) = pinned::snapshot(pins).ok().map(|s| s.config) else { return Ok(()) };
+    let differs = |given: Option<u32>, set: u32| given.is_some_and(|g| g != set);
+    if differs(policy.max_queued, config.max_queued) || differs(policy.small_write, config.small_write) {
+        return Err(Error::Usage(format!(
+            "cgroup {cg} is already accelerated with --max-queued {} --small-write {}: the command would run with \
+             those, not the ones given (leave the flags out to run under its settings, or `skrelay accel off --cgroup {}` first)",
+            kib(config.max_queued),
+            kib(config.small_write),
+            target.display()
+        )));
+    }
+    Ok(())
+}
+
+/// `on` found state pinned for the cgroup: accelerated, or the remains of a set-up an older
+/// skrelay left when it was killed half-way (some pins missing), which `off --force` removes.
+fn already_on(cg: &Cgroup, dir: &Path) -> Error {
+    if pinned::is_complete(dir) {
+        return Error::AccelAlreadyOn { cgroup: cg.to_string(), pins: dir.display().to_string() };
+    }
+    Error::Usage(format!(
+        "cgroup {cg}: the accel state at {} is incomplete (a set-up was interrupted), so it is not accelerated; \
+         remove it with `skrelay accel off --cgroup {} --force`",
+        dir.display(),
+        cg.path().display()
+    ))
 }
 
 /// A socket holds one sk_msg program: a cgroup inside (or around) one skrelay already
@@ -501,6 +553,7 @@ pub fn off(cgroup: &Path, drain: Duration, force: bool) -> Result<Disabled, Erro
     let dir = root.join(cg.pin_name());
     {
         let _lock = bpffs::StateLock::acquire(&root)?;
+        pinned::remove_unfinished(&root);
         if !dir.is_dir() {
             return Err(not_on(&dir));
         }
@@ -570,31 +623,20 @@ pub fn run(cgroup: Option<&Path>, policy: &AccelPolicyArgs, cmd: &[String]) -> R
     let pins = accel_root()?.join(cg.pin_name());
     let already = pins.is_dir();
     if already {
-        // The command runs under the acceleration there is, which stays on afterwards: flags
-        // that ask for another policy would be silently ignored, so they are refused.
-        // State another skrelay version pinned may not be readable: it is used as it is.
-        let config = pinned::snapshot(&pins).ok().map(|s| s.config);
-        let differs = |c: &AccelConfig| {
-            c.max_queued != policy.max_queued || policy.small_write.is_some_and(|s| s != c.small_write)
-        };
-        if let Some(config) = config.filter(|c| *policy != AccelPolicyArgs::DEFAULT && differs(c)) {
-            return Err(Error::Usage(format!(
-                "cgroup {cg} is already accelerated with --max-queued {} --small-write {}: the command would run \
-                 with those, not the ones given (leave the flags out to run under its settings, or `skrelay accel off --cgroup {}` first)",
-                kib(config.max_queued),
-                kib(config.small_write),
-                target.display()
-            )));
+        if !pinned::is_complete(&pins) {
+            return Err(already_on(&cg, &pins));
         }
+        refuse_other_policy(&cg, &pins, policy, &target)?;
         log::info!("accel: {cg} is already accelerated; the command runs in it, and it stays accelerated afterwards");
     }
     let enabled = match already {
         true => None,
-        false => match on(&target, &[], policy) {
+        false => match on_for(&target, &[], policy, calibrate::Placement::ThisProcess) {
             Ok(e) => Some(e),
             // Another `accel run` (or `on`) of this cgroup got there first: run under its
-            // acceleration, as if it had been there before.
+            // acceleration, as if it had been there before, unless it has another policy.
             Err(Error::AccelAlreadyOn { .. }) => {
+                refuse_other_policy(&cg, &pins, policy, &target)?;
                 log::info!("accel: {cg} was accelerated by another skrelay at the same moment; the command runs in it");
                 None
             }

@@ -27,15 +27,45 @@ fn missing(what: &str) -> Error {
     Error::BpfUnavailable { reason: format!("the embedded accel object has no {what}"), fix: "rebuild skrelay".into() }
 }
 
-/// Loads the programs, pins the maps in `dir`, attaches sk_msg to the socket map and sockops to
-/// the cgroup, and pins the sockops link. On failure everything pinned so far is removed.
+/// Where a set-up builds its state before it moves into place (`create`): beside the accel root,
+/// so `list` never sees a half-built directory.
+fn setup_root(dir: &Path) -> PathBuf {
+    dir.parent().map_or_else(|| PathBuf::from(SETUP_DIR), |root| root.with_file_name(SETUP_DIR))
+}
+const SETUP_DIR: &str = "accel-setup";
+
+/// Loads the programs, pins the maps, attaches sk_msg to the socket map and sockops to the
+/// cgroup, and pins the sockops link, all in a directory of this process's own
+/// (`accel-setup/PID-NAME`), which then takes `dir`'s name in one rename: a set-up that is killed
+/// half-way never leaves a `dir` that looks accelerated but is not (`remove_unfinished` removes
+/// what it left). On failure everything pinned so far is removed.
 pub fn create(dir: &Path, cgroup: &Cgroup, ports: &[u16], max_queued: u32, small_write: u32) -> Result<(), Error> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
-    let result = create_in(dir, cgroup, ports, max_queued, small_write);
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let building = setup_root(dir).join(format!("{}-{name}", std::process::id()));
+    remove(&building);
+    std::fs::create_dir_all(&building).map_err(|e| Error::io(format!("cannot create {}", building.display()), e))?;
+    let result = create_in(&building, cgroup, ports, max_queued, small_write).and_then(|()| {
+        std::fs::rename(&building, dir)
+            .map_err(|e| Error::io(format!("cannot move {} to {}", building.display(), dir.display()), e))
+    });
     if result.is_err() {
-        remove(dir);
+        remove(&building);
     }
     result
+}
+
+/// Removes what set-ups that were killed half-way left in `accel-setup` (their process is gone):
+/// a sockops link among it would keep accelerating the cgroup with no state anyone lists.
+pub fn remove_unfinished(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(setup_root(&root.join("x"))) else { return };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|p| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists()) {
+            log::info!("accel: removing what an interrupted set-up left at {}", entry.path().display());
+            remove(&entry.path());
+        }
+    }
 }
 
 fn create_in(dir: &Path, cgroup: &Cgroup, ports: &[u16], max_queued: u32, small_write: u32) -> Result<(), Error> {
@@ -176,6 +206,9 @@ pub fn snapshot(dir: &Path) -> Result<Snapshot, Error> {
 /// Sockets of open connections in the cgroup's socket map. Reads only that map, whose layout
 /// every skrelay version shares, so `off` works on state another version pinned.
 pub fn open_sockets(dir: &Path) -> Result<u64, Error> {
+    if !dir.join("accel_socks").exists() {
+        return Ok(0); // an incomplete state (an interrupted set-up of an older version): no sockets
+    }
     let broken = |e: MapError| bpf::unavailable("read the accel socket map", &e);
     let socks: SockHash<MapData, SockKey> = SockHash::try_from(open_map(dir, "accel_socks")?).map_err(broken)?;
     Ok(socks.keys().filter(|k| k.is_ok()).count() as u64)
