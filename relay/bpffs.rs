@@ -149,8 +149,19 @@ impl StateLock {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(format!("cannot open {}", dir.display()), e)),
         };
-        if shared { file.lock_shared() } else { file.lock() }
-            .map_err(|e| Error::io(format!("cannot lock {}", dir.display()), e))?;
+        let attempt = if shared { file.try_lock_shared() } else { file.try_lock() };
+        if let Err(std::fs::TryLockError::WouldBlock) = attempt {
+            // Held by another skrelay command changing this state (briefly, as a rule): say what
+            // we wait for, in case it is not brief.
+            log::info!(
+                "waiting for another skrelay command that holds {} (`skrelay status` lists them)",
+                dir.display()
+            );
+        }
+        if !matches!(attempt, Ok(())) {
+            if shared { file.lock_shared() } else { file.lock() }
+                .map_err(|e| Error::io(format!("cannot lock {}", dir.display()), e))?;
+        }
         // The holder before us may have removed the directory: then what we locked is gone.
         let locked = file.metadata().map_err(|e| Error::io(format!("cannot read {}", dir.display()), e))?;
         let same = std::fs::metadata(dir).is_ok_and(|now| (now.dev(), now.ino()) == (locked.dev(), locked.ino()));

@@ -191,7 +191,7 @@ pub struct SpliceArgs {
     /// client sent anything, and neither took anything that waited for it (a client that stops
     /// reading holds its partner's bytes, and the pair, only this long). As nginx's stream
     /// proxy_timeout. Seconds; 0: never
-    #[arg(long, default_value = "600", value_parser = parse_secs, value_name = "SECS", allow_negative_numbers = true)]
+    #[arg(long, default_value = "600", value_parser = parse_idle_timeout, value_name = "SECS", allow_negative_numbers = true)]
     pub idle_timeout: Duration,
     /// Serve Prometheus metrics at http://ADDR/metrics (IP:PORT, [IPv6]:PORT or HOST:PORT; port 0
     /// picks a free one, shown in the start line). Anyone who can reach ADDR can read them.
@@ -382,6 +382,21 @@ pub fn parse_secs(s: &str) -> Result<Duration, String> {
         return Err(format!("`{s}` is not a number of seconds between 0 and 1e9"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// `--idle-timeout`: 0 (never), or at least 1 ms (below that every pair would be cut between two
+/// bytes; and a value the clock rounds to 0 would silently mean never).
+pub fn parse_idle_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_secs(s)?;
+    if d.is_zero() && s.trim().parse::<f64>().is_ok_and(|v| v == 0.0) {
+        return Ok(Duration::ZERO);
+    }
+    if d < Duration::from_millis(1) {
+        return Err(format!(
+            "`{s}` seconds is too short to tell an idle pair from a busy one: give 0 (never) or at least 0.001"
+        ));
+    }
+    Ok(d)
 }
 
 /// A timeout that something must be able to happen within: seconds, at least 1 ms. A timeout of 0

@@ -98,6 +98,35 @@ fn idle_pairs_are_reset_and_busy_ones_live(dp: &str) {
 }
 per_datapath!(idle_pairs_are_reset_and_busy_ones_live);
 
+/// `--takeover`: the new process's clock runs on from the old one's, so an upgrade does not give
+/// a quiet pair a whole new timeout (upgraded more often than the timeout, it would never be cut).
+fn a_takeover_keeps_the_idle_clock_running(dp: &str) {
+    let _netns = enter_netns();
+    let old = Skrelay::start(&["relay", "--datapath", dp, "--idle-timeout", "2"]);
+    let mut a = connect(addr());
+    let mut b = connect(addr());
+    a.write_all(b"hi").unwrap();
+    assert_eq!(read_n(&mut b, 2), b"hi");
+    let quiet = Instant::now();
+    thread::sleep(Duration::from_millis(1200));
+    let pid = old.pid().to_string();
+    let new = Skrelay::start(&["relay", "--datapath", dp, "--idle-timeout", "2", "--takeover", &pid]);
+    let mut old = old;
+    assert!(old.wait(Duration::from_secs(10)).success(), "{}", old.log());
+    assert!(old.log().contains("handed over 1 live pair(s)"), "{dp}:\n{}", old.log());
+    let (r, at) = read_until_cut(&mut a);
+    assert!(matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset), "{dp}: got {r:?}");
+    let after = at - quiet;
+    assert!(
+        after >= Duration::from_millis(1900) && after < Duration::from_millis(3000),
+        "{dp}: a pair quiet since {:?} before the takeover was reset {after:?} after its last byte \
+         (a new clock would say 3.2 s or more)",
+        Duration::from_millis(1200)
+    );
+    new.wait_log("reset: idle for at least", 1, Duration::from_secs(5));
+}
+per_datapath!(a_takeover_keeps_the_idle_clock_running);
+
 #[test]
 fn an_idle_timeout_of_0_never_cuts_and_a_bad_one_is_refused() {
     let _netns = enter_netns();
@@ -110,9 +139,13 @@ fn an_idle_timeout_of_0_never_cuts_and_a_bad_one_is_refused() {
     b.write_all(b"two").unwrap();
     assert_eq!(read_n(&mut a, 3), b"two", "a silent pair was cut with --idle-timeout 0");
     assert!(!relay.log().contains("idle for"), "{}", relay.log());
-    for bad in ["-1", "soon"] {
+    for (bad, why) in [
+        ("-1", "not a number of seconds"),
+        ("soon", "not a number of seconds"),
+        ("1e-10", "give 0 (never) or at least 0.001"),
+    ] {
         let (code, _, err) = skrelay_output(&["proxy", "--upstream", "127.0.0.1:9", "--idle-timeout", bad]);
         assert_eq!(code, 2, "--idle-timeout {bad}: {err}");
-        assert!(err.contains("not a number of seconds"), "--idle-timeout {bad}: {err}");
+        assert!(err.contains(why), "--idle-timeout {bad}: {err}");
     }
 }

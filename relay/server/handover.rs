@@ -63,6 +63,9 @@ pub(super) struct PairState {
     pub(super) shut: [bool; 2],
     pub(super) upstream_local: Option<SocketAddr>,
     pub(super) splice: SpliceState,
+    /// How long no byte has moved (`--idle-timeout`); 0 from a process that did not say.
+    #[serde(default)]
+    pub(super) idle: Duration,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -458,15 +461,19 @@ mod tests {
             shut: [false, true],
             upstream_local: None,
             splice: SpliceState::Userspace { dirs: Default::default() },
+            idle: Duration::from_secs(2),
         };
         let mut pair = serde_json::to_value(pair).unwrap();
         pair.as_object_mut().unwrap().remove("thread");
+        // Nor `idle` (before --idle-timeout): such a pair starts its idle clock afresh.
+        pair.as_object_mut().unwrap().remove("idle");
         let v1 = serde_json::json!({
             "version": 1, "datapath": "kernel", "maps": null, "pairs": [pair], "pending": [], "fds": [5, 6]
         });
         let m = read_manifest(v1.to_string().as_bytes()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((m.version, m.maps.len(), m.maps[0].is_none()), (VERSION, 1, true));
         assert_eq!((m.pairs.len(), m.pairs[0].thread, m.pairs[0].shut), (1, 0, [false, true]));
+        assert_eq!(m.pairs[0].idle, Duration::ZERO);
         let v9 = r#"{"version":9,"datapath":"kernel","maps":[],"pairs":[],"pending":[],"fds":[]}"#;
         assert!(read_manifest(v9.as_bytes()).err().is_some_and(|e| e.contains("version 9")));
     }

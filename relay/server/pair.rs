@@ -146,13 +146,15 @@ impl Pair {
             shut: self.shut,
             upstream_local: self.upstream_local,
             splice: self.splice.export(ex)?,
+            // How long it has been quiet: the new process's --idle-timeout runs on from there.
+            idle: self.active.at.elapsed(),
         })
     }
 
     /// `--takeover`: a pair handed over by the old process, carried on with `ends` (already
     /// armed to reset on close there: the option belongs to the socket).
     pub(super) fn import(ends: [TcpStream; 2], state: PairState, splice: Box<dyn Splice>, serial: u64) -> Pair {
-        Pair {
+        let mut pair = Pair {
             ends,
             addrs: state.addrs,
             splice,
@@ -163,7 +165,13 @@ impl Pair {
             resetting: None,
             upstream_local: state.upstream_local,
             active: Activity { at: Instant::now(), seen: [0; 4] },
-        }
+        };
+        // The idle clock runs on from the old process's (a pair quiet for most of the timeout
+        // is not given a new one by each upgrade), against the counters as they are now.
+        let now = Instant::now();
+        pair.active =
+            Activity { at: now.checked_sub(state.idle).unwrap_or(now), seen: pair.counters().unwrap_or([0; 4]) };
+        pair
     }
 
     pub(super) fn datapath(&self) -> &'static str {
@@ -207,18 +215,22 @@ impl Pair {
     /// as of `now`. Reads both sockets' TCP_INFO; a socket it cannot read counts as active (its
     /// error is the pair's business when it is serviced).
     pub(super) fn idle_for(&mut self, now: Instant) -> Duration {
-        let mut seen = [0u64; 4];
-        let mut unreadable = false;
-        for (i, end) in self.ends.iter().enumerate() {
-            match sys::tcp_counters(end) {
-                Ok(c) => (seen[2 * i], seen[2 * i + 1]) = (c.bytes_received, c.bytes_acked),
-                Err(_) => unreadable = true,
-            }
-        }
-        if unreadable || seen != self.active.seen {
-            self.active = Activity { at: now, seen };
+        match self.counters() {
+            Some(seen) if seen == self.active.seen => {}
+            seen => self.active = Activity { at: now, seen: seen.unwrap_or([0; 4]) },
         }
         now.saturating_duration_since(self.active.at)
+    }
+
+    /// Both sockets' bytes received from their clients and acknowledged by them (None if a
+    /// socket cannot be read).
+    fn counters(&self) -> Option<[u64; 4]> {
+        let mut seen = [0u64; 4];
+        for (i, end) in self.ends.iter().enumerate() {
+            let c = sys::tcp_counters(end).ok()?;
+            (seen[2 * i], seen[2 * i + 1]) = (c.bytes_received, c.bytes_acked);
+        }
+        Some(seen)
     }
 
     /// Where the pair stands, for the log of a pair that does not finish when asked to.
@@ -375,7 +387,8 @@ impl Pair {
             }
             // Its streams were cut: they stay armed to reset (see `Pair::new`).
             Ending::Drained => "reset at the drain timeout".to_string(),
-            Ending::Idle(idle) => format!("reset: idle for {:.1}s (--idle-timeout)", idle.as_secs_f64()),
+            // At least: the last byte moved at most one look (a tenth of the timeout) earlier.
+            Ending::Idle(idle) => format!("reset: idle for at least {:.3}s (--idle-timeout)", idle.as_secs_f64()),
             Ending::Reset { end, error } => {
                 // What one end's client did to its connection, the other's client sees too.
                 self.ends.iter().for_each(reset_on_close);
