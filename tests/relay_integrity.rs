@@ -313,3 +313,43 @@ fn a_pair_kept_on_splice_by_a_half_closed_client_says_so() {
     assert!(!log.contains("below --kernel-after"), "{log}");
     assert!(!log.contains("Order"), "Rust names in the log:\n{log}");
 }
+
+#[test]
+fn a_pair_kept_out_of_a_full_kernel_budget_says_so_when_it_later_half_closes() {
+    // --kernel-memory for one kernel pair: the first long pair joins and holds it; the second
+    // passes --kernel-after, finds the budget full, and stays on splice(2); then its clients
+    // half-close. Why it never joined is the budget, not the half-close (its line said
+    // "a client half-closed ..." before).
+    let _netns = enter_netns();
+    if !require_bpf("a_pair_kept_out_of_a_full_kernel_budget_says_so_when_it_later_half_closes") {
+        return;
+    }
+    let mut cmd = std::process::Command::new(SKRELAY);
+    cmd.args(["relay", "--datapath", "kernel", "--kernel-buffer", "64K", "--kernel-memory", "128K"]);
+    cmd.args(["--threads", "1", "--metrics", "127.0.0.1:0"]);
+    let relay = Skrelay::spawn(cmd, "listening on");
+    let one_way = |a: &mut TcpStream, b: &mut TcpStream, seed: u64| {
+        let sent = send_pattern(a, seed, 256 << 10).unwrap();
+        let mut got = vec![0u8; 256 << 10];
+        std::io::Read::read_exact(b, &mut got).unwrap();
+        assert_eq!(sha(&got), sent);
+    };
+    let (mut a, mut b) = (connect(addr()), connect(addr()));
+    one_way(&mut a, &mut b, 50);
+    relay.wait_metrics("the first pair in the kernel", Duration::from_secs(5), |m| {
+        m.get("skrelay_pairs_active{datapath=\"kernel\"}") == 1
+    });
+    let (mut c, mut d) = (connect(addr()), connect(addr()));
+    one_way(&mut c, &mut d, 51);
+    thread::sleep(Duration::from_millis(200)); // idle past --kernel-after: it tries to join
+    one_way(&mut c, &mut d, 52);
+    c.shutdown(Shutdown::Write).unwrap();
+    expect_eof(&mut d);
+    d.shutdown(Shutdown::Write).unwrap();
+    expect_eof(&mut c);
+    let m = relay.wait_pairs_ended(1, Duration::from_secs(5));
+    assert_eq!(m.paths("userspace"), 1, "the budget kept it out:\n{}", m.text);
+    let log = relay.log();
+    assert!(!log.contains("a client half-closed"), "{log}");
+    drop((a, b));
+}

@@ -27,6 +27,10 @@ pub enum SpliceState {
         stays: bool,
         half_closed: bool,
         user_moved: [u64; 2],
+        /// Its last try to join found the maps or --kernel-memory full (absent from older
+        /// versions: false).
+        #[serde(default)]
+        refused: bool,
     },
 }
 

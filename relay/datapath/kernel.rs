@@ -280,6 +280,7 @@ impl Datapath for KernelDatapath {
                         stays: Some(HALF_CLOSED),
                         half_closed: true,
                         user_moved: [0; 2],
+                        refused: false,
                     }))
                 }
                 // The same semantics through splice(2), said once: the map stays full for a while.
@@ -309,6 +310,7 @@ impl Datapath for KernelDatapath {
             stays: None,
             half_closed: false,
             user_moved: [0; 2],
+            refused: false,
         }))
     }
 
@@ -1013,7 +1015,14 @@ struct Handover {
     half_closed: bool,
     /// Bytes moved by splice(2) each way, for the log's reason when the pair never joined.
     user_moved: [u64; 2],
+    /// Its last try to join found the maps or `--kernel-memory` full: if it never joins, that,
+    /// not a later half-close, is why (labelled as the pairs spliced in user space from the start).
+    refused: bool,
 }
+
+/// The label of a pair the kernel datapath carried on splice(2) because its maps or
+/// `--kernel-memory` were full (the fallback datapath's own name).
+const KEPT_OUT: &str = "userspace";
 
 /// Why a pair with a half-closed socket never joins (a socket does not return to ESTABLISHED).
 const HALF_CLOSED: &str = "userspace: a client half-closed before the pair could join the kernel's socket maps, \
@@ -1085,6 +1094,8 @@ impl Splice for Handover {
             "kernel, after a userspace start"
         } else if let Some(why) = self.stays {
             why
+        } else if self.refused {
+            KEPT_OUT
         } else if self.half_closed && self.user_moved.iter().sum::<u64>() >= self.after {
             // Past --kernel-after (perhaps within the call that ended it): the half-close kept it.
             HALF_CLOSED
@@ -1105,13 +1116,17 @@ impl Splice for Handover {
             self.user.moved(0, ends[0], ends[1], false) + self.user.moved(1, ends[1], ends[0], false) >= self.after;
         if past_after && self.half_closed {
             // It would never go idle (a source at end of file is not) nor be taken by the maps.
-            self.stays = Some(HALF_CLOSED);
+            self.stays = Some(if self.refused { KEPT_OUT } else { HALF_CLOSED });
         } else if past_after && self.user.idle() {
             match self.kernel.join(ends) {
                 Ok(()) => self.joined = true,
                 Err(SpliceError::NotEstablished) => self.stays = Some(HALF_CLOSED),
-                // Stay on splice(2): the same bytes arrive, only not through the kernel.
-                Err(e) => log::debug!("pair stays in user space: {e}"),
+                // Stay on splice(2), and try again later: the same bytes arrive, only not
+                // through the kernel.
+                Err(e) => {
+                    self.refused = matches!(e, SpliceError::MapFull(_) | SpliceError::OverBudget(_));
+                    log::debug!("pair stays in user space: {e}");
+                }
             }
         }
         Ok(())

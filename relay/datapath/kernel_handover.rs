@@ -10,7 +10,7 @@
 //! places. What moves through user space is only the bookkeeping of each direction (`Direction`:
 //! taken, written, unconsumed, parked) and the errors not yet reported; `relay_peer` and
 //! `relay_count` are in the maps already.
-use super::{locked, Direction, Handover, Joined, KernelDatapath, KernelSplice, KernelState, HALF_CLOSED};
+use super::{locked, Direction, Handover, Joined, KernelDatapath, KernelSplice, KernelState, HALF_CLOSED, KEPT_OUT};
 use crate::{
     abi::{RelayCount, RelayPeer},
     datapath::{
@@ -230,7 +230,7 @@ pub(super) fn import(
     Ok(match state {
         SpliceState::Userspace { dirs } => userspace::import(dirs, fds)?,
         SpliceState::Kernel(k) => Box::new(import_splice(&dp.state, k, ends)?),
-        SpliceState::Handover { user, kernel, joined, after, stays, half_closed, user_moved } => {
+        SpliceState::Handover { user, kernel, joined, after, stays, half_closed, user_moved, refused } => {
             let SpliceState::Userspace { dirs } = *user else {
                 return Err(io::Error::other("a pair before joining the kernel maps came without its pipes"));
             };
@@ -239,9 +239,10 @@ pub(super) fn import(
                 kernel: import_splice(&dp.state, kernel, ends)?,
                 joined,
                 after,
-                stays: stays.then_some(HALF_CLOSED),
+                stays: stays.then_some(if refused { KEPT_OUT } else { HALF_CLOSED }),
                 half_closed,
                 user_moved,
+                refused,
             })
         }
     })
@@ -256,5 +257,6 @@ pub(super) fn export_handover(h: &Handover, ex: &mut Exporter) -> Option<SpliceS
         stays: h.stays.is_some(),
         half_closed: h.half_closed,
         user_moved: h.user_moved,
+        refused: h.refused,
     })
 }
