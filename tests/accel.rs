@@ -549,6 +549,7 @@ fn the_default_small_write_is_measured_and_is_128k_where_it_cannot_be() {
     };
     let r = cg.report();
     assert_eq!((r.small_write, r.max_queued), (chosen, 8 << 20), "{r}");
+    assert!(r.to_string().contains(" (measured: a stream of 64 KiB writes redirected ran at "), "{r}");
     off();
 
     let (code, out, err) = skrelay_output(&["accel", "on", "--cgroup", &cg.rel, "--small-write", "96K"]);
@@ -556,7 +557,7 @@ fn the_default_small_write_is_measured_and_is_128k_where_it_cannot_be() {
     assert!(!out.contains("small-write"), "a given --small-write was measured: {out}");
     let r = cg.report();
     assert_eq!(r.small_write, 96 << 10, "{r}");
-    assert!(r.to_string().contains("policy: --max-queued 8M --small-write 96K"), "{r}");
+    assert!(r.to_string().contains("policy: --max-queued 8M --small-write 96K\n"), "{r}");
     off();
 
     let on = Command::new("unshare").args(["-n", SKRELAY, "accel", "on", "--cgroup", &cg.rel]).output().unwrap();
@@ -565,6 +566,7 @@ fn the_default_small_write_is_measured_and_is_128k_where_it_cannot_be() {
     assert!(out.contains("; --small-write 128K (not measured: plain loopback stream: "), "{out}{err}");
     assert!(out.contains("is `lo` up in this network namespace?"), "{out}");
     assert_eq!(cg.report().small_write, 128 << 10);
+    assert!(cg.report().to_string().contains("--small-write 128K (the default where it could not be measured)"));
 
     // From inside an accelerated cgroup its test connection would be accelerated too: it says so
     // and takes the safe value.

@@ -88,6 +88,11 @@ pub struct Choice {
 }
 
 impl Choice {
+    /// What the owner record keeps of it (`Owner::measured`): the ratio, or "none".
+    pub fn record(&self) -> String {
+        self.measured.as_ref().map_or("none".to_string(), |c| format!("{:.2}", c.ratio))
+    }
+
     pub fn describe(&self) -> String {
         let size = |b: u32| format!("{}K", b >> 10);
         match &self.measured {

@@ -205,6 +205,9 @@ pub struct Owner {
     pub watcher: Option<Process>,
     /// How many directories, from this one up, skrelay created.
     pub created: usize,
+    /// How the default `--small-write` was measured: the redirect / plain ratio ("1.41"), or
+    /// "none" where it could not be; None where the flag was given (or an older skrelay set it up).
+    pub measured: Option<String>,
 }
 
 /// A process, told apart from a later one with the same pid by its start time.
@@ -237,11 +240,18 @@ const OWNER_XATTR: &str = "trusted.skrelay.owner";
 impl Owner {
     fn encode(&self) -> String {
         let p = |p: &Option<Process>| p.map_or("-".to_string(), |p| format!("{}:{}", p.pid, p.start));
-        format!("command={} pid={} watcher={} created={}", self.command, p(&self.pid), p(&self.watcher), self.created)
+        let measured = self.measured.as_ref().map(|m| format!(" measured={m}")).unwrap_or_default();
+        format!(
+            "command={} pid={} watcher={} created={}{measured}",
+            self.command,
+            p(&self.pid),
+            p(&self.watcher),
+            self.created
+        )
     }
 
     fn decode(s: &str) -> Option<Owner> {
-        let mut o = Owner { command: String::new(), pid: None, watcher: None, created: 0 };
+        let mut o = Owner { command: String::new(), pid: None, watcher: None, created: 0, measured: None };
         let process = |v: &str| {
             let (pid, start) = v.split_once(':')?;
             Some(Process { pid: pid.parse().ok()?, start: start.parse().ok()? })
@@ -252,6 +262,7 @@ impl Owner {
                 ("pid", v) => o.pid = process(v),
                 ("watcher", v) => o.watcher = process(v),
                 ("created", v) => o.created = v.parse().ok()?,
+                ("measured", v) => o.measured = Some(v.to_string()),
                 _ => {}
             }
         }
@@ -284,6 +295,7 @@ impl Owner {
             "watcher": p(&self.watcher),
             "created_dirs": self.created,
             "state": self.describe(),
+            "small_write_measured": self.measured,
         })
     }
 }
@@ -382,9 +394,10 @@ mod tests {
             pid: Some(Process { pid: 12, start: 34 }),
             watcher: Some(Process { pid: 13, start: 35 }),
             created: 2,
+            measured: Some("1.41".into()),
         };
         assert_eq!(Owner::decode(&o.encode()), Some(o));
-        let on = Owner { command: "on".into(), pid: None, watcher: None, created: 0 };
+        let on = Owner { command: "on".into(), pid: None, watcher: None, created: 0, measured: None };
         assert_eq!(Owner::decode(&on.encode()), Some(on));
         let cg = Cgroup { mount: "/cg".into(), rel: "a/b/c".into() };
         assert_eq!(cg.created_dirs(2), [PathBuf::from("/cg/a/b"), PathBuf::from("/cg/a/b/c")]);

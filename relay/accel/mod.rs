@@ -109,7 +109,15 @@ impl fmt::Display for AccelReport {
         if let Some(owner) = &self.owner {
             writeln!(f, "  {}", owner.describe())?;
         }
-        writeln!(f, "  policy: --max-queued {} --small-write {}", kib(self.max_queued), kib(self.small_write))?;
+        let how = match self.owner.as_ref().and_then(|o| o.measured.as_deref()) {
+            Some("none") => " (the default where it could not be measured)".to_string(),
+            Some(ratio) => format!(
+                " (measured: a stream of 64 KiB writes redirected ran at {ratio}x plain TCP; 64K from {:.2}x)",
+                calibrate::MARGIN
+            ),
+            None => String::new(),
+        };
+        writeln!(f, "  policy: --max-queued {} --small-write {}{how}", kib(self.max_queued), kib(self.small_write))?;
         writeln!(
             f,
             "  connections accelerated: {} ({} sockets joined, {} of them open, {} in the map now)",
@@ -432,7 +440,13 @@ fn on_for(
         return Err(e);
     }
     // `off` removes the directories made here; `run` records itself as the owner over this.
-    let owner = Owner { command: "on".into(), pid: None, watcher: None, created: created.len() };
+    let owner = Owner {
+        command: "on".into(),
+        pid: None,
+        watcher: None,
+        created: created.len(),
+        measured: measured.as_ref().map(calibrate::Choice::record),
+    };
     if let Err(e) = cg.set_owner(&owner) {
         log::debug!("accel: {e}");
     }
@@ -663,6 +677,7 @@ pub fn run(cgroup: Option<&Path>, policy: &AccelPolicyArgs, cmd: &[String]) -> R
                 pid: Some(cgroup::Process::me()),
                 watcher: Some(w.process),
                 created: e.created.len(),
+                measured: e.measured.as_ref().map(calibrate::Choice::record),
             };
             if let Err(err) = cg.set_owner(&owner) {
                 log::debug!("accel: {err}");
