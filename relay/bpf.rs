@@ -41,7 +41,12 @@ pub fn unavailable(step: &str, err: &(dyn std::error::Error + 'static)) -> Error
     }
     let (reason, fix) = match errno {
         Some(libc::EPERM) | Some(libc::EACCES) => {
-            ("operation not permitted".to_string(), "run as root or grant CAP_BPF and CAP_NET_ADMIN".to_string())
+            // CAP_PERFMON too: the relay verdict reads kernel memory (bpf_probe_read_kernel, BTF
+            // casts), which a process with CAP_BPF and CAP_NET_ADMIN alone may not load.
+            (
+                "operation not permitted".to_string(),
+                "run as root or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON".to_string(),
+            )
         }
         Some(libc::ENOSYS) => (
             "the kernel has no bpf() system call".to_string(),

@@ -167,8 +167,8 @@ pub struct SpliceArgs {
     pub datapath: DatapathChoice,
     /// Kernel datapath: a pair starts on splice(2) and joins the kernel's socket maps once this
     /// many bytes have passed (both ways together) and both its queues are empty; short
-    /// connections then skip the socket maps' setup cost. 0 joins at once.
-    #[arg(long, default_value_t = 65536, value_name = "BYTES", allow_negative_numbers = true)]
+    /// connections then skip the socket maps' setup cost. 0 joins at once. K, M and G suffixes.
+    #[arg(long, default_value = "65536", value_parser = parse_kernel_after, value_name = "BYTES", allow_negative_numbers = true)]
     pub kernel_after: u64,
     /// Kernel datapath: bytes one direction of a pair may hold inside the host (received from one
     /// client, not yet acknowledged by the other). A sender past it is held back by TCP flow
@@ -190,7 +190,7 @@ pub struct SpliceArgs {
     /// Reset a pair (both clients) when no byte has moved either way for this long: neither
     /// client sent anything, and neither took anything that waited for it (a client that stops
     /// reading holds its partner's bytes, and the pair, only this long). As nginx's stream
-    /// proxy_timeout. Seconds; 0: never
+    /// proxy_timeout. Seconds: 0 (never), or at least 0.001
     #[arg(long, default_value = "600", value_parser = parse_idle_timeout, value_name = "SECS", allow_negative_numbers = true)]
     pub idle_timeout: Duration,
     /// Serve Prometheus metrics at http://ADDR/metrics (IP:PORT, [IPv6]:PORT or HOST:PORT; port 0
@@ -350,6 +350,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
+/// `--kernel-after`: a byte count (K, M and G suffixes), 0 included.
+pub fn parse_kernel_after(s: &str) -> Result<u64, String> {
+    if s.trim().parse::<u64>() == Ok(0) {
+        return Ok(0);
+    }
+    parse_size(s)
+}
+
 /// `--kernel-buffer`: a byte count of at least 64 KiB. The verdict sees skbs of up to 64 KiB, and
 /// a budget below one would park nearly every one of them in user space.
 pub fn parse_kernel_buffer(s: &str) -> Result<u64, String> {
@@ -473,6 +481,16 @@ mod tests {
         assert_eq!(parse_listen("[fe80::1%lo]:7777").unwrap(), parse_listen("[fe80::1%1]:7777").unwrap());
         assert_eq!(numeric_scope("[fe80::1%no-such-if]:7777"), "[fe80::1%no-such-if]:7777");
         assert_eq!(numeric_scope("127.0.0.1:7777"), "127.0.0.1:7777");
+    }
+
+    #[test]
+    fn kernel_after_takes_suffixes_and_zero() {
+        assert_eq!(parse_kernel_after("64K"), Ok(65536));
+        assert_eq!(parse_kernel_after("0"), Ok(0));
+        assert_eq!(parse_kernel_after("1M"), Ok(1 << 20));
+        assert!(parse_kernel_after("-1").is_err());
+        assert!(parse_idle_timeout("1e-10").is_err());
+        assert_eq!(parse_idle_timeout("0"), Ok(Duration::ZERO));
     }
 
     #[test]

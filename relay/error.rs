@@ -3,10 +3,10 @@ use std::{io, net::SocketAddr};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot listen on {addr}: {}", listen_reason(.source, "--listen"))]
+    #[error("cannot listen on {addr}: {}", listen_reason(.source, "--listen", .addr))]
     Listen { addr: SocketAddr, source: io::Error },
 
-    #[error("cannot serve metrics on {addr}: {}", listen_reason(.source, .flag))]
+    #[error("cannot serve metrics on {addr}: {}", listen_reason(.source, .flag, .addr))]
     MetricsListen { addr: SocketAddr, flag: &'static str, source: io::Error },
 
     #[error("cannot load BPF programs: {reason} ({fix})")]
@@ -37,7 +37,7 @@ pub enum Error {
     #[error(
         "cannot run the {command} in cgroup {cgroup}: skrelay accel accelerates it{limit}, and would move its local \
          clients' bytes into its sockets' queue, past its datapath (run the {command} outside that cgroup, or \
-         accelerate it with --ports that leave out ports {ports})"
+         accelerate it with --ports that leave out {ports})"
     )]
     InsideAccel { command: &'static str, cgroup: String, limit: String, ports: String },
 
@@ -78,7 +78,7 @@ fn io_reason(e: &io::Error) -> String {
     }
 }
 
-fn listen_reason(e: &io::Error, flag: &str) -> String {
+fn listen_reason(e: &io::Error, flag: &str, addr: &SocketAddr) -> String {
     match e.raw_os_error() {
         Some(libc::EADDRINUSE) => {
             format!("address already in use (another socket listens there: stop it or pick another {flag} port)")
@@ -87,6 +87,10 @@ fn listen_reason(e: &io::Error, flag: &str) -> String {
             "address not available (it is not an address of this machine: use one `ip addr` shows, or 0.0.0.0)".into()
         }
         Some(libc::EACCES) => "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)".into(),
+        // bind(2) of a link-local IPv6 address without its interface.
+        Some(libc::EINVAL) if matches!(addr, SocketAddr::V6(a) if a.scope_id() == 0 && (a.ip().segments()[0] & 0xffc0) == 0xfe80) => format!(
+            "invalid argument (a link-local address needs its interface: {flag} [fe80::1%eth0]:7777, as `ip addr` names it)"
+        ),
         _ => e.to_string(),
     }
 }
@@ -94,6 +98,18 @@ fn listen_reason(e: &io::Error, flag: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_link_local_address_without_its_interface_is_explained() {
+        let einval = io::Error::from_raw_os_error(libc::EINVAL);
+        let e = Error::Listen { addr: "[fe80::1]:7777".parse().unwrap(), source: einval };
+        assert!(e.to_string().contains("needs its interface: --listen [fe80::1%eth0]:7777"), "{e}");
+        let e = Error::Listen {
+            addr: "127.0.0.1:7777".parse().unwrap(),
+            source: io::Error::from_raw_os_error(libc::EINVAL),
+        };
+        assert!(!e.to_string().contains("link-local"), "{e}");
+    }
 
     #[test]
     fn a_refusal_for_want_of_privilege_names_the_fix_and_is_the_users_to_fix() {

@@ -184,6 +184,15 @@ pub fn take(pid: i32, command: &str) -> Result<Taken, Error> {
     if std::fs::read_link(proc.join("ns/net")).ok() != std::fs::read_link("/proc/thread-self/ns/net").ok() {
         return Err(refuse("it runs in another network namespace (run the new skrelay in its namespace)".into()));
     }
+    // Its --ports funnel is a link in its own file table, which no handover moves: the new
+    // process (which cannot take --ports with --takeover) would serve the listen port alone.
+    if let Some(f) = crate::steer::funnel::running().into_iter().find(|f| f.pid == Some(pid as u32)) {
+        return Err(refuse(format!(
+            "it also serves --ports {}, which a takeover cannot carry yet (its funnel would go with it): stop it and \
+             start this one with the same --ports instead",
+            f.port_list()
+        )));
+    }
     if !catches(&proc, HANDOVER_SIGNAL) {
         return Err(refuse(
             "it does not support --takeover (an older skrelay, or one still starting): stop it and start this one instead"

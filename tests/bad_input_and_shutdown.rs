@@ -283,3 +283,38 @@ fn the_kernel_datapath_warns_when_the_scheduler_can_starve_its_worker_threads() 
         assert!(relay.log().contains("sysctl -w kernel.sched_autogroup_enabled=0"), "{}", relay.log());
     }
 }
+
+/// The kernel datapath loads with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, without root (what the
+/// systemd units in contrib/ grant); without CAP_PERFMON it does not (the verdict reads kernel
+/// memory), and the refusal names all three.
+#[test]
+fn the_kernel_datapath_needs_cap_perfmon_and_says_so() {
+    if !require_bpf("the_kernel_datapath_needs_cap_perfmon_and_says_so")
+        || !require_tool("the_kernel_datapath_needs_cap_perfmon_and_says_so", "setpriv")
+    {
+        return;
+    }
+    let probe_as_nobody = |caps: &str| {
+        Command::new("setpriv")
+            .args([
+                "--reuid",
+                "65534",
+                "--regid",
+                "65534",
+                "--clear-groups",
+                "--inh-caps",
+                caps,
+                "--ambient-caps",
+                caps,
+            ])
+            .args([SKRELAY, "probe"])
+            .output()
+            .unwrap()
+    };
+    let out = probe_as_nobody("+bpf,+net_admin");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON"), "{err}");
+    let out = probe_as_nobody("+bpf,+net_admin,+perfmon");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

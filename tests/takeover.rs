@@ -218,4 +218,16 @@ fn takeovers_that_cannot_work_are_refused() {
     assert!(!relay.log().contains("SIGUSR2"), "{}", relay.log());
     let (status, log) = relay.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");
+    // A relay serving --ports: its funnel is a link in its own file table, which a handover
+    // cannot move, so the takeover is refused rather than silently dropping those ports.
+    if require_bpf("takeovers_that_cannot_work_are_refused (--ports)") {
+        let relay = Skrelay::start(&["relay", "--datapath", "userspace", "--ports", "7101-7105"]);
+        let pid = relay.pid().to_string();
+        refused(
+            &["relay", "--datapath", "userspace", "--takeover", &pid],
+            "it also serves --ports 7101-7105, which a takeover cannot carry yet",
+        );
+        let (a, b) = (connect("127.0.0.1:7103".parse().unwrap()), connect(addr));
+        exchange_both_ways(a, b, [3, 4], 1000, "the relay whose takeover was refused, through a --ports port");
+    }
 }

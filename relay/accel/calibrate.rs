@@ -98,7 +98,8 @@ impl Choice {
         match &self.measured {
             Ok(c) => format!(
                 "--small-write {} (measured here: a stream of 64 KiB writes moved at {:.1} Gbit/s redirected, {:.1} on \
-                 plain loopback TCP, {:.2}x; 64K is chosen from {MARGIN:.2}x)",
+                 plain loopback TCP (medians of 5 rounds each); redirected / plain in rounds run back to back: {:.2}x \
+                 (median); 64K is chosen from {MARGIN:.2}x)",
                 size(self.small_write),
                 c.redirect_gbps, c.plain_gbps, c.ratio
             ),
