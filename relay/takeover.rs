@@ -170,14 +170,15 @@ pub fn take(pid: i32, command: &str) -> Result<Taken, Error> {
         return Err(refuse("give the pid of the running skrelay to replace".into()));
     }
     let proc = std::path::PathBuf::from(format!("/proc/{pid}"));
+    let plural = if command == "proxy" { "proxies" } else { "relays" };
     let cmdline = std::fs::read(proc.join("cmdline"))
-        .map_err(|_| refuse(format!("there is no such process (`skrelay status` lists the running {command}s)")))?;
+        .map_err(|_| refuse(format!("there is no such process (`skrelay status` lists the running {plural})")))?;
     match crate::running::command_of(&cmdline) {
         Some(c) if c == command => {}
         _ => {
             let shown = String::from_utf8_lossy(&cmdline).replace('\0', " ").trim().to_string();
             return Err(refuse(format!(
-                "it is not a running `skrelay {command}` (it runs `{shown}`; `skrelay status` lists the running {command}s)"
+                "it is not a running `skrelay {command}` (it runs `{shown}`; `skrelay status` lists the running {plural})"
             )));
         }
     }
