@@ -144,31 +144,17 @@ fn measure_within(placement: Placement, deadline: Duration) -> Result<Calibratio
 /// Lets this thread (and the threads it starts) run on every online CPU, as the processes of a
 /// cgroup set up by `accel on` may; where a cpuset forbids that, it keeps the CPUs it has.
 fn spread_over_online_cpus() {
-    let Ok(list) = std::fs::read_to_string("/sys/devices/system/cpu/online") else { return };
+    let Ok(cpus) = aya::util::online_cpus() else { return };
     // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside it for cpu < CPU_SETSIZE
     // (checked); sched_setaffinity reads `size_of::<cpu_set_t>()` bytes of it and only changes
     // the calling thread's mask (pid 0).
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for cpu in cpu_list(&list) {
-            if cpu < libc::CPU_SETSIZE as usize {
-                libc::CPU_SET(cpu, &mut set);
-            }
+        for cpu in cpus.into_iter().map(|c| c as usize).filter(|&c| c < libc::CPU_SETSIZE as usize) {
+            libc::CPU_SET(cpu, &mut set);
         }
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
-}
-
-/// The CPUs of a kernel CPU list ("0-3,8,10-11").
-fn cpu_list(list: &str) -> Vec<usize> {
-    let mut cpus = Vec::new();
-    for part in list.trim().split(',').filter(|p| !p.is_empty()) {
-        let (a, b) = part.split_once('-').unwrap_or((part, part));
-        if let (Ok(a), Ok(b)) = (a.parse::<usize>(), b.parse::<usize>()) {
-            cpus.extend(a..=b.min(a + 4096));
-        }
-    }
-    cpus
 }
 
 /// Five interleaved rounds of each path on fresh loopback connections (about 0.4 s). Each
@@ -339,12 +325,5 @@ mod tests {
         assert_eq!(c(0.75).small_write(), SMALL_WRITE_SAFE);
         let choice = Choice { small_write: SMALL_WRITE_SAFE, measured: Err("no loopback".into()) };
         assert_eq!(choice.describe(), "--small-write 128K (not measured: no loopback)");
-    }
-
-    #[test]
-    fn cpu_lists_read_as_the_kernel_writes_them() {
-        assert_eq!(cpu_list("0-3,8,10-11\n"), vec![0, 1, 2, 3, 8, 10, 11]);
-        assert_eq!(cpu_list("0"), vec![0]);
-        assert_eq!(cpu_list(""), Vec::<usize>::new());
     }
 }
