@@ -6,13 +6,19 @@
 # Prints each run, then the medians of the rounds and accel/plain. Needs root (netns, cgroup,
 # BPF). Not part of cargo test. Usage:
 #   scripts/accel-latency.sh [ROUNDS] [ROUND_TRIPS]     (defaults: 7 20000)
+#   SKRELAY=BIN BENCH=BIN: use these builds (skrelay, examples/bench), build nothing (a machine
+#   without cargo, e.g. the lent 16-core one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-7}
 trips=${2:-20000}
-cargo build -q --release --bin skrelay --example bench
-S=$PWD/target/release/skrelay
-B=$PWD/target/release/examples/bench
+if [[ -n ${SKRELAY:-} && -n ${BENCH:-} ]]; then
+  S=$(realpath "$SKRELAY") B=$(realpath "$BENCH")
+else
+  cargo build -q --release --bin skrelay --example bench
+  S=$PWD/target/release/skrelay
+  B=$PWD/target/release/examples/bench
+fi
 exec unshare -n bash -s "$S" "$B" "$rounds" "$trips" <<'INNER'
 set -euo pipefail
 S=$1 B=$2 rounds=$3 trips=$4
