@@ -208,5 +208,6 @@ pub fn open(
         }
     }
     kernel::warn_if_workers_can_starve();
+    kernel::note_if_loopback_rps_is_off();
     Ok(all)
 }
