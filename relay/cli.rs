@@ -10,6 +10,24 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// Parses the command line as `Cli::parse` does (exits with clap's message on bad input),
+    /// and notes which flags were given rather than defaulted where a command needs to know.
+    pub fn parse_command_line() -> Cli {
+        let matches = <Cli as clap::CommandFactory>::command().get_matches();
+        let mut cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        let given = |flag: &str| {
+            matches.subcommand().and_then(|(_, m)| m.value_source(flag)) == Some(clap::parser::ValueSource::CommandLine)
+        };
+        match &mut cli.command {
+            Command::Relay(args) => args.listen_given = given("listen"),
+            Command::Proxy(args) => args.listen_given = given("listen"),
+            _ => {}
+        }
+        cli
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Pair TCP clients of one listener and splice each pair, in the kernel where it can.
@@ -115,6 +133,10 @@ pub struct RelayArgs {
     /// IPv6 one; the start line shows which.
     #[arg(long, default_value = "127.0.0.1:7777", value_parser = parse_listen, value_name = "ADDR")]
     pub listen: SocketAddr,
+    /// Whether --listen was given, not defaulted (`Cli::parse_command_line`): with --takeover,
+    /// one that differs from the socket taken over is refused rather than ignored.
+    #[arg(skip)]
+    pub listen_given: bool,
     /// How clients are paired: `order` (1st with 2nd, 3rd with 4th, ...) or `token` (a first
     /// line of 1 to 64 printable ASCII bytes; equal tokens pair; the line is not forwarded).
     #[arg(long, value_enum, default_value_t = PairBy::Order)]
@@ -143,6 +165,10 @@ pub struct ProxyArgs {
     /// IPv6 one; the start line shows which.
     #[arg(long, default_value = "127.0.0.1:7777", value_parser = parse_listen, value_name = "ADDR")]
     pub listen: SocketAddr,
+    /// Whether --listen was given, not defaulted (`Cli::parse_command_line`): with --takeover,
+    /// one that differs from the socket taken over is refused rather than ignored.
+    #[arg(skip)]
+    pub listen_given: bool,
     #[command(flatten)]
     pub common: SpliceArgs,
     #[command(flatten)]

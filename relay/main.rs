@@ -1,10 +1,9 @@
 //! The `skrelay` binary: parses the command line, dispatches, and prints what the command
 //! returns; all work is in the library, which never prints or exits.
-use clap::Parser;
 use skrelay::cli::{AccelCommand, Cli, Command};
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::parse_command_line();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_target(false).init();
     let result = match cli.command {
         Command::Relay(args) => skrelay::relay_cmd::run(args).map(|()| String::new()),

@@ -23,7 +23,7 @@ pub fn run(args: ProxyArgs) -> Result<(), Error> {
         datapath::open(args.common.datapath, args.common.kernel_after, args.common.kernel_limits(), threads)?;
     let datapath = datapaths[0].name();
     let Listening { listener, metrics: taken_metrics, handover } =
-        listening(args.listen, &args.common, &args.ports, "proxy")?;
+        listening(args.listen, args.listen_given, &args.common, &args.ports, "proxy")?;
     let addr = listener.local_addr().unwrap_or(args.listen);
     let dual_stack = addr.is_ipv6() && !sys::v6only(&listener);
     for &up in upstreams.addrs() {

@@ -20,7 +20,7 @@ pub fn run(args: RelayArgs) -> Result<(), Error> {
         datapath::open(args.common.datapath, args.common.kernel_after, args.common.kernel_limits(), threads)?;
     let datapath = datapaths[0].name();
     let Listening { listener, metrics: taken_metrics, handover } =
-        listening(args.listen, &args.common, &args.ports, "relay")?;
+        listening(args.listen, args.listen_given, &args.common, &args.ports, "relay")?;
     let addr = listener.local_addr().unwrap_or(args.listen);
     let metrics = Metrics::new(&metrics::datapath_labels(datapath));
     let served = metrics::start(args.common.metrics, &metrics, taken_metrics)?;
@@ -72,9 +72,11 @@ pub struct Listening {
 }
 
 /// The listening socket: taken from the running skrelay `--takeover` names, else the one
-/// systemd passed (socket activation), else `listen` bound now.
+/// systemd passed (socket activation), else `listen` bound now. A `--listen` given with
+/// `--takeover` must name the socket taken over (a takeover cannot move to another address).
 pub fn listening(
     listen: SocketAddr,
+    listen_given: bool,
     common: &SpliceArgs,
     ports: &PortsArgs,
     command: &str,
@@ -88,6 +90,16 @@ pub fn listening(
             ));
         }
         let taken = takeover::take(pid, command)?;
+        // Refused before the old process is told anything: it keeps serving as it was.
+        if let Ok(old) = taken.listener.local_addr() {
+            let same = old == listen || (listen.port() == 0 && old.ip() == listen.ip());
+            if listen_given && !same {
+                return Err(Error::Usage(format!(
+                    "--listen {listen} differs from the socket of process {pid}, which listens on {old}: a takeover \
+                     serves the socket it takes (leave out --listen, or stop process {pid} and start this one)"
+                )));
+            }
+        }
         let addr = taken.listener.local_addr().map_or("?".into(), |a| a.to_string());
         log::info!("took over the listening socket of process {pid} ({addr})");
         taken.listener.set_nonblocking(true).map_err(|e| Error::io("cannot use the socket taken over", e))?;

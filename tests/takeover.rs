@@ -153,7 +153,9 @@ fn a_relay_takeover_moves_its_live_pair_to_the_new_process(dp: &str) {
     a.write_all(b"before").unwrap();
     assert_eq!(read_n(&mut b, 6), b"before");
     let pid = old.pid().to_string();
-    let new = Skrelay::start(&["relay", "--datapath", dp, "--takeover", &pid, "--metrics", "127.0.0.1:0"]);
+    // --listen naming the socket taken over is allowed (one that differs is refused: below).
+    let new =
+        Skrelay::start(&["relay", "--datapath", dp, "--takeover", &pid, "--listen", PROXY, "--metrics", "127.0.0.1:0"]);
     let mut old = old;
     assert!(old.wait(Duration::from_secs(10)).success(), "{}", old.log());
     old.wait_log("stopped", 1, Duration::from_secs(5)); // the last lines, read after the exit
@@ -209,6 +211,11 @@ fn takeovers_that_cannot_work_are_refused() {
         &format!("cannot take over process {other}: it is not a running `skrelay relay` (it runs `sleep 30`"),
     );
     refused(&["relay", "--datapath", "userspace", "--takeover", "999999999"], "there is no such process");
+    // A --listen that is not the socket taken over would be ignored: refused, naming both.
+    refused(
+        &["relay", "--datapath", "userspace", "--takeover", &pid, "--listen", "127.0.0.1:7788"],
+        &format!("--listen 127.0.0.1:7788 differs from the socket of process {pid}, which listens on {PROXY}"),
+    );
     let (code, _, err) = skrelay_output(&["relay", "--takeover", "0"]);
     assert!(code == 2 && err.contains("invalid value '0' for '--takeover <PID>'"), "{err}");
     // The running relay was not disturbed: it still pairs.
