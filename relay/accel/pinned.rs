@@ -68,6 +68,14 @@ pub fn remove_unfinished(root: &Path) {
     }
 }
 
+/// Removes the accel root and the set-up directory beside it when nothing is left in them (after
+/// the last `off`), so no empty directory stays in bpffs. Called under the root's state lock:
+/// a command waiting for that lock finds the directory gone and starts over (`StateLock`).
+pub fn remove_if_empty(root: &Path) {
+    let _ = std::fs::remove_dir(setup_root(&root.join("x")));
+    let _ = std::fs::remove_dir(root);
+}
+
 fn create_in(dir: &Path, cgroup: &Cgroup, ports: &[u16], max_queued: u32, small_write: u32) -> Result<(), Error> {
     let mut bpf = bpf::load(bpf::objects::ACCEL)?;
     for name in MAPS {
