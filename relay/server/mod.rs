@@ -384,8 +384,8 @@ impl Server {
             match order {
                 Order::Pair(f) => self.splice_here(f),
                 Order::Drain(deadline) => self.start_drain(deadline),
-                Order::EndAll => {
-                    self.end_all(|| Ending::Drained);
+                Order::EndAll(signal) => {
+                    self.end_all(|| Ending::CutBySignal(signal));
                     self.drain_deadline = Some(Instant::now());
                 }
                 Order::Stop => return true,
@@ -721,7 +721,7 @@ impl Server {
         let counted = match &ending {
             Ending::Done => PairEnd::Eof,
             Ending::Reset { .. } => PairEnd::Reset,
-            Ending::Drained => PairEnd::Drain,
+            Ending::Drained | Ending::CutBySignal(_) => PairEnd::Drain,
             Ending::Idle(_) => PairEnd::Timeout,
         };
         let ended = pair.end(ending);
@@ -795,7 +795,7 @@ impl Server {
         );
     }
 
-    fn end_all(&mut self, ending: fn() -> Ending) {
+    fn end_all(&mut self, ending: impl Fn() -> Ending) {
         let slots: Vec<usize> = self.slots.iter().map(|(k, _)| k).collect();
         for slot in slots {
             match self.slots.get(slot) {
@@ -887,8 +887,8 @@ impl Server {
             }
             if self.drain_deadline.is_some() {
                 log::warn!("{name} again: closing {} live pair(s) now", self.threads.pairs());
-                self.end_all(|| Ending::Drained);
-                self.threads.tell(|| Order::EndAll);
+                self.end_all(|| Ending::CutBySignal(name));
+                self.threads.tell(|| Order::EndAll(name));
                 self.drain_deadline = Some(Instant::now());
                 continue;
             }

@@ -66,6 +66,8 @@ pub(super) enum Ending {
     Reset { end: usize, error: io::Error },
     /// Cut at the drain timeout: both clients are reset.
     Drained,
+    /// Cut while draining, when the stop signal (named) came again: both clients are reset.
+    CutBySignal(&'static str),
     /// No byte moved either way for this long (`--idle-timeout`): both clients are reset.
     Idle(Duration),
 }
@@ -365,7 +367,7 @@ impl Pair {
     /// Ends the pair: takes it out of the datapath and sets how its sockets close (FINs only
     /// when both directions finished, resets otherwise). Deregister it first.
     pub(super) fn end(mut self, ending: Ending) -> Ended {
-        let moved = if matches!(ending, Ending::Drained | Ending::Idle(_)) {
+        let moved = if matches!(ending, Ending::Drained | Ending::CutBySignal(_) | Ending::Idle(_)) {
             // Cut: out of the datapath first, so that nothing moves after it is counted.
             self.splice.release();
             [
@@ -387,6 +389,7 @@ impl Pair {
             }
             // Its streams were cut: they stay armed to reset (see `Pair::new`).
             Ending::Drained => "reset at the drain timeout".to_string(),
+            Ending::CutBySignal(signal) => format!("reset: {signal} again while draining"),
             // At least: the last byte moved at most one look (a tenth of the timeout) earlier.
             Ending::Idle(idle) => format!("reset: idle for at least {:.3}s (--idle-timeout)", idle.as_secs_f64()),
             Ending::Reset { end, error } => {

@@ -29,8 +29,8 @@ pub(super) enum Order {
     Pair(Formed),
     /// Stop taking pairs; let the live ones finish until `Instant`, then reset them.
     Drain(Instant),
-    /// Reset every live pair now (SIGTERM again).
-    EndAll,
+    /// Reset every live pair now (the stop signal, named, came again).
+    EndAll(&'static str),
     /// Stop at once and give the server back to the front (`--takeover`).
     Stop,
 }
