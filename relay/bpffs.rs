@@ -154,7 +154,8 @@ impl StateLock {
             // Held by another skrelay command changing this state (briefly, as a rule): say what
             // we wait for, in case it is not brief.
             log::info!(
-                "waiting for another skrelay command that holds {} (`skrelay status` lists them)",
+                "waiting for another skrelay command that holds {} (`fuser -v {}` names it)",
+                dir.display(),
                 dir.display()
             );
         }

@@ -152,10 +152,18 @@ pub fn funnel(
     ports: &steer::PortList,
 ) -> Result<Funnel, Error> {
     for other in steer::funnel::shadowed(addr, ports) {
-        log::warn!(
-            "port {}: {other} is served by another socket; skrelay takes its connections while it runs",
-            other.port()
-        );
+        if addr.is_ipv4() && other.is_ipv6() {
+            log::warn!(
+                "port {}: {other} is served by another socket; unless it is IPv6-only, skrelay takes its IPv4 \
+                 connections while it runs",
+                other.port()
+            );
+        } else {
+            log::warn!(
+                "port {}: {other} is served by another socket; skrelay takes its connections while it runs",
+                other.port()
+            );
+        }
     }
     let funnel = Funnel::attach(listener, addr, ports)?;
     log::info!("--ports: {} ports ({ports}) steered to {addr} with BPF sk_lookup", funnel.ports());

@@ -143,3 +143,22 @@ fn connect_latency_with_and_without_sk_lookup() {
 fn sys_reset(s: &TcpStream) {
     skrelay::sys::reset_on_close(s);
 }
+
+#[test]
+fn an_ipv4_funnel_warns_about_a_dual_stack_ipv6_wildcard_socket_it_shadows() {
+    let _netns = enter_netns();
+    if !require_bpf("--ports") {
+        return;
+    }
+    // [::]:20105 without IPV6_V6ONLY (Go's and Java's default listener) takes IPv4 connections too.
+    let dual = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
+    dual.set_only_v6(false).unwrap();
+    dual.bind(&"[::]:20105".parse::<SocketAddr>().unwrap().into()).unwrap();
+    dual.listen(16).unwrap();
+    let dual: TcpListener = dual.into();
+    let relay = Skrelay::start(&["relay", "--listen", "127.0.0.1:7010", "--ports", "20105", "--pair", "order"]);
+    assert!(relay.log().contains("[::]:20105 is served by another socket"), "{}", relay.log());
+    let _c = connect(SocketAddr::from(([127, 0, 0, 1], 20105)));
+    dual.set_nonblocking(true).unwrap();
+    assert!(dual.accept().is_err(), "the IPv4 connection went to the relay, as the warning says");
+}

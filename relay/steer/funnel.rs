@@ -290,8 +290,12 @@ pub fn shadowed(listen: SocketAddr, ports: &PortList) -> Vec<SocketAddr> {
         .filter(|r| items.iter().any(|i| i.contains(r.local.port())))
         .filter(|r| {
             let other = r.local.ip();
-            other.is_ipv4() == listen.is_ipv4()
-                && (listen.ip().is_unspecified() || other.is_unspecified() || other == listen.ip())
+            // An IPv6 wildcard socket takes IPv4 connections too unless it set IPV6_V6ONLY (which
+            // /proc does not show), so an IPv4 funnel shadows it as well.
+            let dual_stack = listen.is_ipv4() && other.is_ipv6() && other.is_unspecified();
+            dual_stack
+                || other.is_ipv4() == listen.is_ipv4()
+                    && (listen.ip().is_unspecified() || other.is_unspecified() || other == listen.ip())
         })
         .map(|r| r.local)
         .collect();

@@ -190,10 +190,23 @@ pub fn remove(args: &SteerRemoveArgs) -> Result<Vec<BindingKey>, Error> {
             }
         }
         if !found {
+            // A binding of the other protocol on these ports: the user left out (or gave) --proto.
+            let other_proto = existing.values().any(|k| {
+                k.proto != args.proto
+                    && prefixes.contains(&k.prefix)
+                    && k.ports.lo <= ports.hi
+                    && ports.lo <= k.ports.hi
+            });
+            let fix = if other_proto {
+                let flag = if args.proto == crate::cli::Proto::Udp { "--proto tcp" } else { "--proto udp" };
+                format!("the binding there is not {}: give {flag}", args.proto.name())
+            } else {
+                "give its --addr; see `skrelay steer list`".to_string()
+            };
             let otherwise = format!(
-                "there is no {} binding for port {ports} on 0.0.0.0/0 or ::/0 in this network namespace \
-                 (give its --addr; see `skrelay steer list`)",
-                args.proto.name()
+                "there is no {} binding for {} {ports} on 0.0.0.0/0 or ::/0 in this network namespace ({fix})",
+                args.proto.name(),
+                if ports.lo == ports.hi { "port" } else { "ports" }
             );
             return Err(missing(ports, &prefixes, otherwise));
         }
