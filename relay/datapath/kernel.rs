@@ -234,7 +234,7 @@ pub fn note_if_loopback_rps_is_off() {
         log::info!(
             "for clients on this machine: RPS is off on lo, so the kernel datapath sends each \
              direction's bytes on its sending client's CPU; with many streams on {cpus} CPUs, \
-             spreading loopback's receive work over them (RPS) moved them 1.5-1.7x faster on 16 cores (run `echo {} > \
+             spreading loopback's receive work over them (RPS) moved them 1.4-1.75x faster on 16 cores (run `echo {} > \
              /sys/class/net/lo/queues/rx-0/rps_cpus` in this network namespace; README, Kernel requirements)",
             rps_mask_all(cpus)
         );
