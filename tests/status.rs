@@ -189,3 +189,51 @@ fn read_only_commands_answer_on_a_bare_bpffs_and_leave_nothing_behind() {
     assert_eq!(answers[6].trim(), "FSTYPE=tmpfs ENTRIES=0", "a read-only command mounted or created something");
     assert!(stderr.is_empty(), "{stderr}");
 }
+
+/// `skrelay SUBCOMMAND` as user nobody without capabilities.
+fn as_nobody(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", SKRELAY])
+        .args(args)
+        .output()
+        .expect("run setpriv (util-linux)");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Steering pinned by root (mode 0600) made an unprivileged `status` exit 2 with nothing but the
+/// steer error: it says the steer state is not readable without root and shows the rest, as for
+/// accel state it cannot read.
+#[test]
+fn status_without_root_shows_root_pinned_steering_as_unreadable_and_the_rest() {
+    let _netns = enter_netns();
+    if !require_bpf("status_without_root_shows_root_pinned_steering_as_unreadable_and_the_rest")
+        || !require_tool("status_without_root_shows_root_pinned_steering_as_unreadable_and_the_rest", "setpriv")
+    {
+        return;
+    }
+    let _reset = Reset;
+    let _l = std::net::TcpListener::bind("127.0.0.1:9300").unwrap();
+    ok(&["steer", "add", "--ports", "9301", "--to", "127.0.0.1:9300"]);
+    let dir = format!("/sys/fs/bpf/skrelay/{}", netns_ino());
+
+    let (code, out, err) = as_nobody(&["status"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("steer: state pinned at {dir} is not readable without root")), "{out}{err}");
+    assert!(out.contains("accel: ") && out.contains("relays: "), "the other sections are missing:\n{out}");
+
+    let (code, out, err) = as_nobody(&["status", "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(st["steer"]["unreadable"]["pins"], serde_json::json!(dir), "{st}");
+    assert!(st["steer"]["unreadable"]["error"].as_str().is_some_and(|e| e.contains("permission denied")), "{st}");
+    assert_eq!(st["steer"]["attached"], true, "{st}");
+    assert!(st["accel"]["cgroups"].is_array() && st["relays"]["processes"].is_array(), "{st}");
+    // One JSON shape: root sees the same keys, with no unreadable state.
+    let root = status_json();
+    assert_eq!(keys(&root["steer"]), keys(&st["steer"]), "{root} vs {st}");
+    assert_eq!(root["steer"]["unreadable"], serde_json::Value::Null, "{root}");
+}

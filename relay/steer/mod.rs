@@ -314,12 +314,33 @@ impl Pinned {
 #[derive(Debug)]
 pub struct Status {
     pub pinned: Option<Pinned>,
+    /// Pinned state this user may not read (root's pins are mode 0600).
+    pub unreadable: Option<Unreadable>,
     pub funnels: Vec<funnel::Running>,
+}
+
+/// Pinned steering state that could not be read for want of privilege: `status` says so and goes
+/// on with the rest, as it does for accel state it cannot read.
+#[derive(Debug)]
+pub struct Unreadable {
+    pub dir: PathBuf,
+    /// Why, in a few words.
+    pub error: String,
 }
 
 /// Steering's part of `skrelay status`. Reads under a shared lock and creates nothing.
 pub fn status() -> Result<Status, Error> {
-    let pinned = State::open_read_only()?.map(|st| {
+    let funnels = funnel::running();
+    let st = match State::open_read_only() {
+        Ok(st) => st,
+        Err(Error::BpfDenied { .. }) => {
+            let dir = state::existing_dir()?.unwrap_or_default();
+            let unreadable = Some(Unreadable { dir, error: "permission denied".into() });
+            return Ok(Status { pinned: None, unreadable, funnels });
+        }
+        Err(e) => return Err(e),
+    };
+    let pinned = st.map(|st| {
         let (link_id, program_id) = st.link_ids().unwrap_or((0, 0));
         Pinned {
             dir: st.dir().to_path_buf(),
@@ -329,14 +350,14 @@ pub fn status() -> Result<Status, Error> {
             bindings: views(&st),
         }
     });
-    Ok(Status { pinned, funnels: funnel::running() })
+    Ok(Status { pinned, unreadable: None, funnels })
 }
 
 impl Status {
     /// The JSON `skrelay status --json` shows under `steer`: the same keys whatever is attached.
     pub fn json(&self) -> serde_json::Value {
         let mut json = json!({
-            "attached": self.pinned.is_some() || !self.funnels.is_empty(),
+            "attached": self.pinned.is_some() || self.unreadable.is_some() || !self.funnels.is_empty(),
             "pinned": null,
             "link_id": null,
             "program_id": null,
@@ -344,7 +365,12 @@ impl Status {
             "current": null,
             "bindings": [],
             "funnels": self.funnels.iter().map(funnel::Running::json).collect::<Vec<_>>(),
+            "unreadable": null,
         });
+        if let Some(u) = &self.unreadable {
+            json["pinned"] = json!(u.dir.display().to_string());
+            json["unreadable"] = json!({ "pins": u.dir.display().to_string(), "error": u.error });
+        }
         if let Some(p) = &self.pinned {
             json["pinned"] = json!(p.dir.display().to_string());
             json["link_id"] = json!(p.link_id);
@@ -360,6 +386,12 @@ impl Status {
     pub fn text(&self) -> String {
         let mut lines = Vec::new();
         match &self.pinned {
+            None if let Some(u) = &self.unreadable => lines.push(format!(
+                "steer: state pinned at {} is not readable without root ({}): run `skrelay status` as root to \
+                     see its bindings",
+                u.dir.display(),
+                u.error
+            )),
             None if self.funnels.is_empty() => lines.push("steer: nothing attached".to_string()),
             None => lines.push("steer: no pinned bindings".to_string()),
             Some(p) => {
