@@ -675,3 +675,59 @@ fn a_mount_namespace_whose_bpffs_would_vanish_is_refused_or_pins_where_it_lasts(
         other => panic!("exit {other:?}: {text}"),
     }
 }
+
+/// Deletes the trie entry of `port` for tcp 0.0.0.0/0, as a `steer add` killed before writing
+/// it (or a `steer remove` killed after deleting it) leaves the pinned state.
+fn delete_trie_entry(port: u16) {
+    let mut key: Vec<String> = vec!["32", "0", "0", "0", "2", "6"].into_iter().map(String::from).collect();
+    key.extend(port.to_le_bytes().iter().map(|b| b.to_string()));
+    key.extend(std::iter::repeat_n("0".to_string(), 16));
+    let out = Command::new("bpftool")
+        .args(["map", "delete", "pinned", &format!("{}/steer_ports", state_dir()), "key"])
+        .args(&key)
+        .output()
+        .expect("run bpftool (scripts/setup.sh)");
+    assert!(out.status.success(), "bpftool map delete: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A command killed between writing a binding's record and its port entries (or a remove killed
+/// between them) left a binding that `steer list` and `status` showed as working while its ports
+/// were refused. They now say it is incomplete and how to fix it, and the next command that
+/// changes steering repairs it; `remove` of such a binding works.
+#[test]
+fn a_binding_left_half_written_by_a_killed_command_is_shown_and_repaired() {
+    let Some(_reset) = setup("a_binding_left_half_written_by_a_killed_command_is_shown_and_repaired") else {
+        return;
+    };
+    let l = TcpListener::bind("127.0.0.1:6400").unwrap();
+    ok(&["steer", "add", "--ports", "6401-6404", "--to", "127.0.0.1:6400"]);
+    delete_trie_entry(6403);
+    assert!(refused("127.0.0.1:6403".parse().unwrap()), "the simulated kill did not take");
+
+    let list = ok(&["steer", "list"]);
+    assert!(
+        list.contains("binding tcp 0.0.0.0/0 port 6401-6404 is incomplete: 1 of its ports is not steered to it")
+            && list.contains("add it again or remove it"),
+        "{list}"
+    );
+    let json = list_json();
+    assert_eq!(json[0]["complete"], false, "{json}");
+    assert_eq!(json[0]["unsteered_ports"], 1, "{json}");
+    let status = ok(&["status"]);
+    assert!(status.contains("1 incomplete") && status.contains("is incomplete"), "{status}");
+
+    // Any change repairs it first, and says so.
+    let (code, _, err) = skrelay_output(&["steer", "add", "--ports", "6410", "--to", "127.0.0.1:6400"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("repaired 1 port entry that an interrupted skrelay command left unwritten"), "{err}");
+    let _c = TcpStream::connect("127.0.0.1:6403").unwrap();
+    assert_eq!(who_accepted(&[&l]), Some(0));
+    assert!(list_json().as_array().unwrap().iter().all(|b| b["complete"] == true));
+    assert!(!ok(&["steer", "list"]).contains("incomplete"));
+
+    // Removing a half-written binding works (deleting its missing entry failed).
+    delete_trie_entry(6402);
+    ok(&["steer", "remove", "--ports", "6401-6404"]);
+    assert!(refused("127.0.0.1:6402".parse().unwrap()) && refused("127.0.0.1:6403".parse().unwrap()));
+    assert_eq!(list_json().as_array().unwrap().len(), 1);
+}

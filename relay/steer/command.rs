@@ -69,5 +69,8 @@ fn render_list(views: &[BindingView]) -> String {
             &b.refused.to_string(),
         ]));
     }
+    for line in views.iter().filter_map(BindingView::incomplete) {
+        out.push_str(&format!("WARNING: {line}\n"));
+    }
     out
 }

@@ -106,6 +106,7 @@ pub fn add(args: &SteerAddArgs) -> Result<Added, Error> {
     plan(&Default::default(), &keys, &[], Limits::MAPS).map_err(|e| Error::Usage(e.to_string()))?;
     state::sweep_stale();
     let (mut st, upgraded) = State::open_or_create()?;
+    repair(&mut st)?;
     let before = st.records();
     let existing = before.iter().map(|(id, r)| (*id, r.key)).collect();
     let plan = plan(&existing, &keys, &[], Limits::MAPS).map_err(|e| Error::Usage(e.to_string()))?;
@@ -133,6 +134,7 @@ pub fn remove(args: &SteerRemoveArgs) -> Result<Vec<BindingKey>, Error> {
         ))
     };
     let Some(mut st) = State::open()? else { return Err(nothing()) };
+    repair(&mut st)?;
     let existing = st.keys();
     // Without --addr: the bindings `add` makes by default, on every address of either family.
     let explicit = !args.addrs.is_empty();
@@ -216,6 +218,22 @@ pub fn remove(args: &SteerRemoveArgs) -> Result<Vec<BindingKey>, Error> {
     Ok(plan.removed.into_iter().map(|(_, key)| key).collect())
 }
 
+/// Makes the trie agree with the records before a change: a command killed part-way leaves
+/// bindings recorded whose ports are not (or no longer) steered to them. The records are what
+/// `steer list` shows, so they win: such a binding works again, and a `remove` that was killed
+/// can be run again.
+fn repair(st: &mut State) -> Result<(), Error> {
+    let written = st.repair()?;
+    if written > 0 {
+        let entries = if written == 1 { "1 port entry".to_string() } else { format!("{written} port entries") };
+        log::warn!(
+            "repaired {entries} that an interrupted skrelay command left unwritten: every binding `skrelay steer \
+             list` shows is steered again"
+        );
+    }
+    Ok(())
+}
+
 /// What `steer reset` removed: how many pins, and where (`None`: there was nothing).
 #[derive(Debug)]
 pub struct Reset {
@@ -242,11 +260,30 @@ pub struct BindingView {
     pub alive: bool,
     pub hits: u64,
     pub refused: u64,
+    /// Ports of the binding that are not steered to it: a command was killed part-way (the
+    /// next `steer add` or `steer remove` repairs it).
+    pub unsteered: u32,
 }
 
 impl BindingView {
     pub fn key(&self) -> BindingKey {
         self.record.key
+    }
+
+    /// A line for a binding a killed command left half written, naming the fix.
+    pub fn incomplete(&self) -> Option<String> {
+        (self.unsteered > 0).then(|| {
+            let (n, is) = if self.unsteered == 1 {
+                ("1 of its ports".to_string(), "is")
+            } else {
+                (format!("{} of its ports", self.unsteered), "are")
+            };
+            format!(
+                "binding {} is incomplete: {n} {is} not steered to it (a skrelay command was interrupted part-way); \
+                 add it again or remove it (any `skrelay steer add` or `steer remove` repairs it)",
+                self.key()
+            )
+        })
     }
 
     pub fn json(&self) -> serde_json::Value {
@@ -265,18 +302,22 @@ impl BindingView {
             },
             "hits": self.hits,
             "refused": self.refused,
+            "complete": self.unsteered == 0,
+            "unsteered_ports": self.unsteered,
         })
     }
 }
 
 fn views(st: &State) -> Vec<BindingView> {
+    let unsteered = st.unsteered();
     let mut v: Vec<BindingView> = st
         .records()
         .into_iter()
         .map(|(id, record)| {
             let c = st.counters(id);
             let alive = st.target_alive(id, &record);
-            BindingView { id, record, alive, hits: c.hits, refused: c.refused }
+            let unsteered = unsteered.get(&id).copied().unwrap_or(0);
+            BindingView { id, record, alive, hits: c.hits, refused: c.refused, unsteered }
         })
         .collect();
     v.sort_by_key(|b| {
@@ -398,10 +439,14 @@ impl Status {
                 let views = &p.bindings;
                 let ports: u64 = views.iter().map(|b| u64::from(b.key().ports.len())).sum();
                 let gone = views.iter().filter(|b| !b.alive).count();
+                let incomplete: Vec<String> = views.iter().filter_map(BindingView::incomplete).collect();
+                let incomplete_count =
+                    if incomplete.is_empty() { String::new() } else { format!(", {} incomplete", incomplete.len()) };
                 let hits: u64 = views.iter().map(|b| b.hits).sum();
                 let refused: u64 = views.iter().map(|b| b.refused).sum();
                 lines.push(format!(
-                    "steer: {} bindings ({ports} ports, {gone} with their target gone), {hits} hits, {refused} refused\n  \
+                    "steer: {} bindings ({ports} ports, {gone} with their target gone{incomplete_count}), {hits} hits, \
+                     {refused} refused\n  \
                      sk_lookup link {}, program {}, version {:016x}{}\n  pinned at {}",
                     views.len(),
                     p.link_id,
@@ -410,6 +455,7 @@ impl Status {
                     if p.current() { "" } else { " (older than this binary: `steer add` upgrades it)" },
                     p.dir.display()
                 ));
+                lines.extend(incomplete.iter().map(|l| format!("  WARNING: {l}")));
             }
         }
         for f in &self.funnels {

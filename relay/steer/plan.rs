@@ -94,6 +94,31 @@ fn entries<'a>(keys: impl Iterator<Item = &'a BindingKey>) -> u64 {
     total
 }
 
+/// Every trie entry the bindings call for, each with its owner: what the trie holds once every
+/// plan is fully written. The pinned records are the truth; the trie is derived from them, so a
+/// command killed part-way (records written, entries not yet; or entries moved, records not yet
+/// removed) is found, and repaired, by comparing the trie with this.
+pub fn entries_of(bindings: &BTreeMap<u32, BindingKey>) -> Vec<PortChange> {
+    let mut by_slot: BTreeMap<Slot, Vec<(u32, BindingKey)>> = BTreeMap::new();
+    for (id, k) in bindings {
+        by_slot.entry(slot(k)).or_default().push((*id, *k));
+    }
+    let mut out = Vec::new();
+    for list in by_slot.values_mut() {
+        // The first to claim a port in rank order is its owner (as `owner` decides).
+        list.sort_by_key(|(_, k)| rank(&k.ports));
+        let mut taken = std::collections::HashSet::new();
+        for (id, k) in list.iter() {
+            for port in k.ports.ports() {
+                if taken.insert(port) {
+                    out.push(PortChange { slot: *k, port, owner: Some(*id) });
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Plans adding `add` and removing `remove` (keys that exist; others are ignored) over the
 /// bindings `existing` (id -> key). Fails, before anything is written, when the result would not
 /// fit the maps.
@@ -200,6 +225,23 @@ mod tests {
             }
         }
         t
+    }
+
+    #[test]
+    fn the_entries_the_bindings_call_for_are_the_trie_of_the_slow_way() {
+        let b = bindings(&[
+            (1, "tcp 0.0.0.0/0 1000-1999"),
+            (2, "tcp 0.0.0.0/0 1500-1509"),
+            (3, "tcp 0.0.0.0/0 1505"),
+            (4, "tcp 0.0.0.0/0 1495-1504"),
+            (5, "tcp 10.0.0.0/8 1500"),
+            (6, "udp 0.0.0.0/0 1500-1501"),
+            (7, "tcp ::/0 1000-1001"),
+        ]);
+        let got: BTreeMap<(Slot, u16), u32> =
+            entries_of(&b).into_iter().map(|c| ((slot(&c.slot), c.port), c.owner.unwrap())).collect();
+        assert_eq!(got, trie(&b));
+        assert_eq!(entries_of(&b).len(), got.len(), "one entry per (slot, port)");
     }
 
     const BIG: Limits = Limits { bindings: 100, port_entries: 100_000 };

@@ -6,7 +6,12 @@
 //! names in probes/steer.bpf.c. `steer_info[0]` holds the version of the program behind the link:
 //! a binary whose embedded program differs swaps it in place with BPF_LINK_UPDATE, keeping every
 //! map (and so every binding) as it is.
-use super::{bindings::BindingKey, plan::Plan, record::Record, target::Target};
+use super::{
+    bindings::BindingKey,
+    plan::{self, Plan},
+    record::Record,
+    target::Target,
+};
 use crate::{
     abi::{SteerBinding, SteerCounters, SteerMatch},
     bpf, bpffs,
@@ -297,6 +302,37 @@ impl State {
     /// socket whose cookie the binding recorded.
     pub fn target_alive(&self, id: u32, record: &Record) -> bool {
         self.maps.target_cookie(id) == Some(record.cookie)
+    }
+
+    /// Per binding (by id), how many of the ports it should own are not steered to it: the trie
+    /// entries a command killed part-way left unwritten (or moved to another binding). Only
+    /// bindings with such ports are listed.
+    pub fn unsteered(&self) -> BTreeMap<u32, u32> {
+        let mut out = BTreeMap::new();
+        for e in plan::entries_of(&self.keys()) {
+            // An LPM lookup with the entry's own prefix length finds the entry itself if it is
+            // there, else a shorter prefix's entry (another binding's id) or nothing.
+            let now = self.maps.ports.get(&e.slot.trie_key(e.port), 0).ok();
+            if let Some(id) = e.owner.filter(|id| now != Some(*id)) {
+                *out.entry(id).or_insert(0) += 1;
+            }
+        }
+        out
+    }
+
+    /// Writes every trie entry the bindings call for that is missing or owned by the wrong
+    /// binding (see `unsteered`), so the records and the trie agree again before a change is
+    /// planned. Returns how many it wrote.
+    pub fn repair(&mut self) -> Result<usize, Error> {
+        let mut written = 0;
+        for e in plan::entries_of(&self.keys()) {
+            let (key, Some(id)) = (e.slot.trie_key(e.port), e.owner) else { continue };
+            if self.maps.ports.get(&key, 0).ok() != Some(id) {
+                self.maps.ports.insert(&key, id, 0).map_err(|e| Error::steer_map("update the port map", &e))?;
+                written += 1;
+            }
+        }
+        Ok(written)
     }
 
     /// Writes a plan: the new and replaced bindings' targets and records (new ones with fresh
