@@ -19,6 +19,15 @@ pub enum Error {
     #[error("{what}: {}", io_reason(.source))]
     Io { what: String, source: io::Error },
 
+    /// Pinned state of another user: pins are mode 0600, which capabilities other than
+    /// CAP_DAC_OVERRIDE do not reach.
+    #[error(
+        "the steering state at {dir} belongs to {owner} and its pins are open to their owner only (mode 0600): run \
+         this command as {}",
+        if .owner == "root" { "root".to_string() } else { format!("{} or root", .owner) }
+    )]
+    StateOwned { dir: String, owner: String },
+
     #[error("cannot {step}: {source} (the pinned steering state may come from an incompatible skrelay: `skrelay steer reset` clears it)")]
     SteerMap { step: &'static str, source: io::Error },
 
@@ -109,6 +118,15 @@ mod tests {
             source: io::Error::from_raw_os_error(libc::EINVAL),
         };
         assert!(!e.to_string().contains("link-local"), "{e}");
+    }
+
+    #[test]
+    fn state_of_another_user_names_who_to_run_as() {
+        let e = Error::StateOwned { dir: "/sys/fs/bpf/skrelay/1".into(), owner: "alice".into() };
+        assert!(e.to_string().ends_with("run this command as alice or root"), "{e}");
+        assert_eq!(e.exit_code(), 2);
+        let e = Error::StateOwned { dir: "/sys/fs/bpf/skrelay/1".into(), owner: "root".into() };
+        assert!(e.to_string().ends_with("run this command as root"), "{e}");
     }
 
     #[test]

@@ -731,3 +731,68 @@ fn a_binding_left_half_written_by_a_killed_command_is_shown_and_repaired() {
     assert!(refused("127.0.0.1:6402".parse().unwrap()) && refused("127.0.0.1:6403".parse().unwrap()));
     assert_eq!(list_json().as_array().unwrap().len(), 1);
 }
+
+/// `skrelay ARGS` as user nobody with CAP_BPF and CAP_NET_ADMIN (the README's alternative to
+/// root): (exit status, stderr).
+fn with_caps_only(args: &[&str]) -> (i32, String) {
+    let caps = ["--inh-caps=+bpf,+net_admin", "--ambient-caps=+bpf,+net_admin"];
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(caps)
+        .arg(SKRELAY)
+        .args(args)
+        .output()
+        .expect("run setpriv (util-linux)");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Root's pins are mode 0600: a user with CAP_BPF and CAP_NET_ADMIN cannot open them, and was told
+/// "steering needs Linux 5.9 ... File exists" or "grant CAP_BPF and CAP_NET_ADMIN" (which it has).
+/// Every command now says whose the state is and what to run as, and leaves it alone.
+#[test]
+fn a_user_with_the_capabilities_is_told_that_root_owns_the_pinned_state() {
+    let Some(_reset) = setup("a_user_with_the_capabilities_is_told_that_root_owns_the_pinned_state") else {
+        return;
+    };
+    if !require_tool("a_user_with_the_capabilities_is_told_that_root_owns_the_pinned_state", "setpriv") {
+        return;
+    }
+    let _l = TcpListener::bind("127.0.0.1:6500").unwrap();
+    ok(&["steer", "add", "--ports", "6501", "--to", "127.0.0.1:6500"]);
+    let before = (list_json(), pinned_files());
+    // A target of nobody's own, so that only the pinned state stands in the way of `add`.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _theirs = Killed(
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "ncat", "-lk", "127.0.0.1", "6510"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run ncat (scripts/setup.sh)"),
+    );
+    wait_listening("127.0.0.1:6510");
+    let want = format!(
+        "the steering state at {} belongs to root and its pins are open to their owner only (mode 0600): run this \
+         command as root",
+        state_dir()
+    );
+    for args in [
+        vec!["steer", "add", "--ports", "6502", "--to", "127.0.0.1:6510"],
+        vec!["steer", "list"],
+        vec!["steer", "remove", "--ports", "6501"],
+        vec!["steer", "reset"],
+    ] {
+        let (code, err) = with_caps_only(&args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(&want), "{args:?}: expected `{want}` in:\n{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "one sentence: {err}");
+        assert_eq!((list_json(), pinned_files()), before, "{args:?} changed the pinned state");
+    }
+}

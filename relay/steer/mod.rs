@@ -374,7 +374,7 @@ pub fn status() -> Result<Status, Error> {
     let funnels = funnel::running();
     let st = match State::open_read_only() {
         Ok(st) => st,
-        Err(Error::BpfDenied { .. }) => {
+        Err(Error::BpfDenied { .. } | Error::StateOwned { .. }) => {
             let dir = state::existing_dir()?.unwrap_or_default();
             let unreadable = Some(Unreadable { dir, error: "permission denied".into() });
             return Ok(Status { pinned: None, unreadable, funnels });

@@ -64,6 +64,33 @@ pub fn exists(dir: &Path) -> bool {
     std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some())
 }
 
+/// Refuses pinned state this process may not open, naming its owner. Pins are mode 0600, so a
+/// user with CAP_BPF and CAP_NET_ADMIN cannot open root's: aya's loader would then try to create
+/// the maps instead and fail with "File exists", and opening one reads as a missing capability.
+fn check_owner(dir: &Path) -> Result<(), Error> {
+    use rustix::fs::{accessat, Access, AtFlags, CWD};
+    use std::os::unix::fs::MetadataExt;
+    for name in MAPS.iter().copied().chain([LINK]) {
+        let path = dir.join(name);
+        let Ok(meta) = std::fs::metadata(&path) else { continue };
+        // With the effective ids and capabilities (CAP_DAC_OVERRIDE passes).
+        if accessat(CWD, &path, Access::READ_OK | Access::WRITE_OK, AtFlags::EACCESS).is_err() {
+            return Err(Error::StateOwned { dir: dir.display().to_string(), owner: user_name(meta.uid()) });
+        }
+    }
+    Ok(())
+}
+
+/// The name of user `uid` (from /etc/passwd), or `uid N`.
+fn user_name(uid: u32) -> String {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[2].parse() == Ok(uid))
+        .map_or_else(|| format!("uid {uid}"), |f| f[0].to_string())
+}
+
 /// The maps of a steer program instance, pinned (steer) or not (a funnel). Only the steer
 /// module writes them: `State::apply` and `Funnel::attach`.
 pub(super) struct Maps {
@@ -195,6 +222,7 @@ impl State {
         let Some(lock) = bpffs::StateLock::acquire_shared(&dir)? else {
             return Ok(None); // reset while we waited for the lock
         };
+        check_owner(&dir)?;
         if !dir.join(LINK).exists() || is_stale(&dir)? {
             return Ok(None);
         }
@@ -213,6 +241,7 @@ impl State {
         let Some(lock) = bpffs::StateLock::acquire_existing(&dir)? else {
             return Ok(None); // reset while we waited for the lock
         };
+        check_owner(&dir)?;
         if !dir.join(LINK).exists() || remove_if_stale(&dir)? {
             return Ok(None);
         }
@@ -225,6 +254,7 @@ impl State {
     pub fn open_or_create() -> Result<(State, Option<String>), Error> {
         let dir = dir()?;
         let lock = bpffs::StateLock::acquire(&dir)?;
+        check_owner(&dir)?;
         remove_if_stale(&dir)?;
         let mut bpf = loader(&dir).map_err(|e| unavailable("create the steering maps", &e))?;
         let mut maps = Maps::take(&mut bpf)?;
@@ -457,6 +487,7 @@ fn loader(dir: &Path) -> Result<Ebpf, aya::EbpfError> {
 /// Removes every pin in `dir` and the directory: the link goes with its last reference, which
 /// detaches the program; the maps go with the program.
 pub fn remove_all(dir: &Path) -> Result<usize, Error> {
+    check_owner(dir)?;
     let mut removed = 0;
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
