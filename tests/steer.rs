@@ -796,3 +796,49 @@ fn a_user_with_the_capabilities_is_told_that_root_owns_the_pinned_state() {
         assert_eq!((list_json(), pinned_files()), before, "{args:?} changed the pinned state");
     }
 }
+
+/// Messages that named the wrong fix, or none: a UDP socket where --to looked for TCP (no
+/// `--proto udp`), a unix socket as target, and an unprivileged user's --to of another user's
+/// socket ("is it in another pid namespace?" where the cause is permission).
+#[test]
+fn target_errors_name_the_fix() {
+    let Some(_reset) = setup("target_errors_name_the_fix") else { return };
+    let _l = TcpListener::bind("127.0.0.1:6600").unwrap();
+    let _u = UdpSocket::bind("127.0.0.1:6601").unwrap();
+    let (unix, _peer) = std::os::unix::net::UnixDatagram::pair().unwrap();
+    let unix_fd = unix.as_raw_fd().to_string();
+    let pid = me();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--ports", "9", "--to", "127.0.0.1:6601"],
+            "no TCP socket listens on 127.0.0.1:6601 in this network namespace (a UDP socket is there: pass --proto udp)",
+        ),
+        (
+            vec!["--ports", "9", "--proto", "udp", "--to", "127.0.0.1:6600"],
+            "(a TCP socket is there: pass --proto tcp)",
+        ),
+        (
+            vec!["--ports", "9", "--pid", &pid, "--fd", &unix_fd],
+            "is not an IPv4 or IPv6 socket (steering takes a listening TCP or a bound UDP socket: give the fd of one)",
+        ),
+    ];
+    for (args, want) in cases {
+        let mut full = vec!["steer", "add"];
+        full.extend(args.iter().copied());
+        let (code, out, err) = skrelay_output(&full);
+        assert_eq!(code, 2, "{full:?} must exit 2:\n{out}{err}");
+        assert!(err.contains(want), "{full:?}: expected `{want}` in:\n{err}");
+    }
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", SKRELAY, "steer", "add", "--ports", "9"])
+        .args(["--to", "127.0.0.1:6600"])
+        .output()
+        .expect("run setpriv");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("cannot find which process holds the tcp socket at 127.0.0.1:6600: the descriptors of")
+            && err.contains("cannot be read without root (run as root, or give --pid and --fd of a process of yours)"),
+        "{err}"
+    );
+}

@@ -36,12 +36,22 @@ impl Target {
     /// the process that owns it. A socket bound to the wildcard address of the family matches too.
     pub fn at(proto: Proto, addr: SocketAddr) -> Result<Target, Error> {
         let inode = find_socket_inode(proto, addr)?;
-        let (pid, fd) = find_owner(inode).ok_or_else(|| {
-            Error::Usage(format!(
-                "no process of this machine holds the {} socket at {addr} (is it in another pid namespace?): \
-                 use --pid and --fd",
-                proto.name()
-            ))
+        let (pid, fd) = find_owner(inode).map_err(|hidden| {
+            if hidden > 0 {
+                // The socket is there; we may not look into the processes that could hold it.
+                Error::Usage(format!(
+                    "cannot find which process holds the {} socket at {addr}: the descriptors of {hidden} \
+                     process(es) of other users cannot be read without root (run as root, or give --pid and --fd \
+                     of a process of yours)",
+                    proto.name()
+                ))
+            } else {
+                Error::Usage(format!(
+                    "no process of this machine holds the {} socket at {addr} (is it in another pid namespace?): \
+                     use --pid and --fd",
+                    proto.name()
+                ))
+            }
         })?;
         Target::from_process(proto, pid, fd)
     }
@@ -68,7 +78,10 @@ impl Target {
             return Err(Error::Usage(format!("{what} is not a socket (give the fd of its listening socket)")));
         };
         if domain != libc::AF_INET && domain != libc::AF_INET6 {
-            return Err(Error::Usage(format!("{what} is not an IPv4 or IPv6 socket")));
+            return Err(Error::Usage(format!(
+                "{what} is not an IPv4 or IPv6 socket (steering takes a listening TCP or a bound UDP socket: give \
+                 the fd of one)"
+            )));
         }
         let actual = match protocol {
             libc::IPPROTO_TCP => Proto::Tcp,
@@ -168,16 +181,21 @@ pub fn parse_proc_net(text: &str) -> Vec<ProcSocket> {
 /// The inode of the socket at `addr`: an exact address match first, else one bound to the
 /// wildcard address of the family (or a dual-stack [::] socket for an IPv4 address).
 fn find_socket_inode(proto: Proto, addr: SocketAddr) -> Result<u64, Error> {
-    let mut rows = Vec::new();
-    for file in [format!("/proc/self/net/{}", proto.name()), format!("/proc/self/net/{}6", proto.name())] {
-        if let Ok(text) = std::fs::read_to_string(&file) {
-            rows.extend(parse_proc_net(&text));
+    let rows_of = |proto: Proto| {
+        let mut rows = Vec::new();
+        for file in [format!("/proc/self/net/{}", proto.name()), format!("/proc/self/net/{}6", proto.name())] {
+            if let Ok(text) = std::fs::read_to_string(&file) {
+                rows.extend(parse_proc_net(&text));
+            }
         }
-    }
-    let usable = |r: &ProcSocket| match proto {
+        rows
+    };
+    let rows = rows_of(proto);
+    let usable_as = |proto: Proto, r: &ProcSocket| match proto {
         Proto::Tcp => r.state == STATE_LISTEN,
         Proto::Udp => r.state == STATE_CLOSE,
     };
+    let usable = |r: &ProcSocket| usable_as(proto, r);
     let same_port: Vec<&ProcSocket> = rows.iter().filter(|r| r.local.port() == addr.port()).collect();
     let exact = same_port.iter().find(|r| r.local.ip() == addr.ip() && usable(r));
     let wildcard = same_port.iter().find(|r| {
@@ -189,31 +207,57 @@ fn find_socket_inode(proto: Proto, addr: SocketAddr) -> Result<u64, Error> {
         return Ok(r.inode);
     }
     let connected = same_port.iter().any(|r| r.local.ip() == addr.ip());
+    // A socket of the other protocol there: the user left out (or gave the wrong) --proto.
+    let other = match proto {
+        Proto::Tcp => Proto::Udp,
+        Proto::Udp => Proto::Tcp,
+    };
+    let other_there = rows_of(other).iter().any(|r| {
+        r.local.port() == addr.port()
+            && usable_as(other, r)
+            && (r.local.ip() == addr.ip() || r.local.ip().is_unspecified())
+    });
+    let hint = if other_there {
+        format!(" (a {} socket is there: pass --proto {})", other.name().to_uppercase(), other.name())
+    } else {
+        String::new()
+    };
     Err(Error::Usage(match (proto, connected) {
         (Proto::Tcp, true) => format!("the TCP socket at {addr} is not listening (steering needs a listening socket)"),
         (Proto::Udp, true) => format!("the UDP socket at {addr} is connected (steering needs an unconnected one)"),
-        (Proto::Tcp, false) => format!("no TCP socket listens on {addr} in this network namespace"),
-        (Proto::Udp, false) => format!("no UDP socket is bound to {addr} in this network namespace"),
+        (Proto::Tcp, false) => format!("no TCP socket listens on {addr} in this network namespace{hint}"),
+        (Proto::Udp, false) => format!("no UDP socket is bound to {addr} in this network namespace{hint}"),
     }))
 }
 
-/// (pid, fd) of a process holding socket `inode`; the lowest pid when several share it.
-fn find_owner(inode: u64) -> Option<(i32, i32)> {
+/// (pid, fd) of a process holding socket `inode`; the lowest pid when several share it. When
+/// none is found: how many processes' descriptors could not be read (other users', without root).
+fn find_owner(inode: u64) -> Result<(i32, i32), usize> {
     let want = format!("socket:[{inode}]");
-    let mut pids: Vec<i32> =
-        std::fs::read_dir("/proc").ok()?.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
+    let mut pids: Vec<i32> = std::fs::read_dir("/proc")
+        .map_err(|_| 0usize)?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
     pids.sort_unstable();
+    let mut hidden = 0;
     for pid in pids {
-        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+        let fds = match std::fs::read_dir(format!("/proc/{pid}/fd")) {
+            Ok(fds) => fds,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                hidden += 1;
+                continue;
+            }
+            Err(_) => continue,
+        };
         for e in fds.flatten() {
             if std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == want.as_str()) {
                 if let Some(fd) = e.file_name().to_str().and_then(|s| s.parse().ok()) {
-                    return Some((pid, fd));
+                    return Ok((pid, fd));
                 }
             }
         }
     }
-    None
+    Err(hidden)
 }
 
 #[cfg(test)]
