@@ -18,6 +18,9 @@ pub fn run(args: ProxyArgs) -> Result<(), Error> {
     let ports: Vec<u16> =
         std::iter::once(args.listen.port()).chain(upstreams.addrs().iter().map(|u| u.port())).collect();
     crate::relay_cmd::outside_accel("proxy", &ports)?;
+    if args.ports.ports.is_some() {
+        crate::steer::funnel::check_privilege()?;
+    }
     let threads = args.common.threads();
     let datapaths =
         datapath::open(args.common.datapath, args.common.kernel_after, args.common.kernel_limits(), threads)?;

@@ -15,6 +15,9 @@ use std::net::SocketAddr;
 pub fn run(args: RelayArgs) -> Result<(), Error> {
     // Before anything is bound or taken over (a --takeover would leave nobody serving).
     outside_accel("relay", &[args.listen.port()])?;
+    if args.ports.ports.is_some() {
+        crate::steer::funnel::check_privilege()?;
+    }
     let threads = args.common.threads();
     let datapaths =
         datapath::open(args.common.datapath, args.common.kernel_after, args.common.kernel_limits(), threads)?;

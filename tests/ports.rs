@@ -109,6 +109,34 @@ fn bad_port_lists_are_start_up_errors() {
     }
 }
 
+/// Without BPF rights, `--ports` warned that the datapath falls back to user space and then
+/// failed to load BPF anyway: one sentence that says what --ports needs, for relay and proxy.
+#[test]
+fn ports_without_bpf_rights_is_one_sentence_without_a_fallback_warning() {
+    let _netns = enter_netns();
+    if !require_tool("ports_without_bpf_rights_is_one_sentence_without_a_fallback_warning", "setpriv") {
+        return;
+    }
+    for args in [
+        vec!["relay", "--listen", "127.0.0.1:7000", "--ports", "7001-7002"],
+        vec!["proxy", "--listen", "127.0.0.1:7000", "--ports", "7001-7002", "--upstream", "127.0.0.1:7010"],
+    ] {
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", SKRELAY])
+            .args(&args)
+            .output()
+            .expect("run setpriv (util-linux)");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(
+            err.trim_end(),
+            "skrelay: --ports needs CAP_BPF and CAP_NET_ADMIN (or root) to attach its sk_lookup program: run as \
+             root, grant them, or leave out --ports",
+            "{args:?}"
+        );
+    }
+}
+
 /// Connect latency with and without sk_lookup attached: `cargo test --release --test ports --
 /// --ignored --nocapture connect_latency`.
 #[test]

@@ -26,11 +26,31 @@ pub struct Funnel {
     _bpf: Ebpf,
 }
 
+/// `--ports` needs BPF whatever the datapath: checked before the datapath is opened, so a user
+/// without the right is told that in one sentence (not first that the datapath falls back to user
+/// space, then that BPF cannot be loaded).
+pub fn check_privilege() -> Result<(), Error> {
+    load().map(drop)
+}
+
+fn load() -> Result<Ebpf, Error> {
+    aya::EbpfLoader::new().load(bpf::objects::STEER).map_err(|e| {
+        match bpf::os_error(&e).and_then(std::io::Error::raw_os_error) {
+            Some(libc::EPERM) | Some(libc::EACCES) => Error::Usage(
+                "--ports needs CAP_BPF and CAP_NET_ADMIN (or root) to attach its sk_lookup program: run as root, \
+                 grant them, or leave out --ports"
+                    .into(),
+            ),
+            _ => bpf::unavailable("create BPF maps", &e),
+        }
+    })
+}
+
 impl Funnel {
     /// Steers TCP connections for `ports` to `listener`, which listens on `listen`: connections to
     /// the listen address, or to any local address of its family when it is 0.0.0.0 or [::].
     pub fn attach(listener: &impl AsFd, listen: SocketAddr, ports: &PortList) -> Result<Funnel, Error> {
-        let mut bpf = bpf::load(bpf::objects::STEER)?;
+        let mut bpf = load()?;
         let mut maps = Maps::take(&mut bpf)?;
         let prefix =
             if listen.ip().is_unspecified() { Prefix::any(listen.is_ipv6()) } else { Prefix::host(listen.ip()) };
