@@ -627,7 +627,7 @@ fn steering_set_up_under_ip_netns_exec_outlives_the_command() {
     assert!(ns.exec(&["python3", "-c", probe, "6801"]).status.success(), "port 6801 is not steered");
     let (code, out) = ns.skrelay(&["status"]);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("steer: 1 bindings"), "{out}");
+    assert!(out.contains("steer: 1 binding (1 port,"), "{out}");
     let (code, out) = ns.skrelay(&["steer", "reset"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("removed every binding"), "{out}");
@@ -841,4 +841,29 @@ fn target_errors_name_the_fix() {
             && err.contains("cannot be read without root (run as root, or give --pid and --fd of a process of yours)"),
         "{err}"
     );
+}
+
+/// `status` said "1 bindings (1 ports" and summed overlapping bindings' sizes (more ports than
+/// there are): singular where it is one, and each port counted once.
+#[test]
+fn status_counts_bindings_and_distinct_ports_in_words_that_agree() {
+    let Some(_reset) = setup("status_counts_bindings_and_distinct_ports_in_words_that_agree") else { return };
+    let _l = TcpListener::bind("127.0.0.1:6700").unwrap();
+    ok(&["steer", "add", "--ports", "6705", "--to", "127.0.0.1:6700"]);
+    let status = ok(&["status"]);
+    assert!(status.contains("steer: 1 binding (1 port, 0 with their target gone)"), "{status}");
+    ok(&[
+        "steer",
+        "add",
+        "--ports",
+        "6701-6710",
+        "--addr",
+        "0.0.0.0/0",
+        "--addr",
+        "127.0.0.0/8",
+        "--to",
+        "127.0.0.1:6700",
+    ]);
+    let status = ok(&["status"]);
+    assert!(status.contains("steer: 3 bindings (10 ports, 0 with their target gone)"), "{status}");
 }

@@ -82,7 +82,7 @@ fn socket_activation_serves_the_passed_socket_and_notifies_on_both_datapaths(dp:
     assert!(TcpStream::connect("127.0.0.1:7788").is_err(), "--listen was bound too");
     // status named the metrics socket as the --ports target (the first listening socket found).
     let status = skrelay_ok(&["status"]);
-    assert!(status.contains("1 ports (7791) on 127.0.0.1/32 -> 127.0.0.1:7777"), "{dp}:\n{status}");
+    assert!(status.contains("1 port (7791) on 127.0.0.1/32 -> 127.0.0.1:7777"), "{dp}:\n{status}");
     let ready = notify.recv();
     assert!(ready.starts_with("READY=1\n"), "{ready:?}");
     assert!(ready.contains("STATUS=listening on 127.0.0.1:7777"), "{ready:?}");

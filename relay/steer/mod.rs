@@ -437,7 +437,12 @@ impl Status {
             None => lines.push("steer: no pinned bindings".to_string()),
             Some(p) => {
                 let views = &p.bindings;
-                let ports: u64 = views.iter().map(|b| u64::from(b.key().ports.len())).sum();
+                // Distinct (proto, port) pairs: overlapping bindings and prefixes count a port once.
+                let ports = views
+                    .iter()
+                    .flat_map(|b| b.key().ports.ports().map(move |p| (b.key().proto.ipproto(), p)))
+                    .collect::<std::collections::HashSet<_>>()
+                    .len();
                 let gone = views.iter().filter(|b| !b.alive).count();
                 let incomplete: Vec<String> = views.iter().filter_map(BindingView::incomplete).collect();
                 let incomplete_count =
@@ -445,10 +450,11 @@ impl Status {
                 let hits: u64 = views.iter().map(|b| b.hits).sum();
                 let refused: u64 = views.iter().map(|b| b.refused).sum();
                 lines.push(format!(
-                    "steer: {} bindings ({ports} ports, {gone} with their target gone{incomplete_count}), {hits} hits, \
+                    "steer: {} ({}, {gone} with their target gone{incomplete_count}), {hits} hits, \
                      {refused} refused\n  \
                      sk_lookup link {}, program {}, version {:016x}{}\n  pinned at {}",
-                    views.len(),
+                    plural(views.len(), "binding"),
+                    plural(ports, "port"),
                     p.link_id,
                     p.program_id,
                     p.program_version,
@@ -460,9 +466,9 @@ impl Status {
         }
         for f in &self.funnels {
             lines.push(format!(
-                "  --ports of {}: {} ports ({}) on {} -> {}, {} hits (sk_lookup link {}, goes with the process)",
+                "  --ports of {}: {} ({}) on {} -> {}, {} hits (sk_lookup link {}, goes with the process)",
                 f.owner(),
-                f.ports.len(),
+                plural(f.ports.len(), "port"),
                 f.port_list(),
                 f.prefix,
                 f.target.map_or("its listening socket".to_string(), |t| t.to_string()),
@@ -471,5 +477,14 @@ impl Status {
             ));
         }
         lines.join("\n")
+    }
+}
+
+/// "1 port", "2 ports".
+fn plural(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
     }
 }
