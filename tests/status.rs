@@ -237,3 +237,23 @@ fn status_without_root_shows_root_pinned_steering_as_unreadable_and_the_rest() {
     assert_eq!(keys(&root["steer"]), keys(&st["steer"]), "{root} vs {st}");
     assert_eq!(root["steer"]["unreadable"], serde_json::Value::Null, "{root}");
 }
+
+/// Accel state root pinned is, for another user, state it may not read, not state of another
+/// skrelay version: `status` says so and names who can see it.
+#[test]
+fn status_without_root_says_root_pinned_accel_state_needs_root() {
+    let _netns = enter_netns();
+    if !require_bpf("status_without_root_says_root_pinned_accel_state_needs_root")
+        || !require_tool("status_without_root_says_root_pinned_accel_state_needs_root", "setpriv")
+    {
+        return;
+    }
+    let rel = format!("skrelay-status-denied-{}", std::process::id());
+    ok(&["accel", "on", "--cgroup", &rel, "--small-write", "64K"]);
+    let (code, out, err) = as_nobody(&["status"]);
+    ok(&["accel", "off", "--cgroup", &rel, "--force"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let line = out.lines().find(|l| l.contains(&rel)).unwrap_or_else(|| panic!("no line for {rel}:\n{out}"));
+    assert!(line.contains("is not readable without root (permission denied)"), "{line}");
+    assert!(!line.contains("another version"), "{line}");
+}

@@ -240,8 +240,21 @@ pub struct Unreadable {
     pub error: String,
 }
 
+/// `Unreadable::error` when this process may not open the pins (they are mode 0600).
+const DENIED: &str = "permission denied";
+
 impl fmt::Display for Unreadable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.error == DENIED {
+            // Pins are mode 0600: another user's (root's) state, not another version's.
+            return write!(
+                f,
+                "accel: {}: state at {} is not readable without root (permission denied): run `skrelay status` as root \
+                 to see it",
+                self.cgroup.display(),
+                self.pins.display()
+            );
+        }
         write!(
             f,
             "accel: {}: state at {} cannot be read by this skrelay ({}); it was likely pinned by another version: \
@@ -317,7 +330,7 @@ pub fn reports() -> Result<Reports, Error> {
                     // The reason alone: the generic fix (kernel support, --datapath) does not apply.
                     let error = match e {
                         Error::BpfUnavailable { reason, .. } => reason,
-                        Error::BpfDenied { .. } => "permission denied".into(),
+                        Error::BpfDenied { .. } => DENIED.into(),
                         other => other.to_string(),
                     };
                     out.unreadable.push(Unreadable { cgroup: cg.path(), pins: dir, error })
