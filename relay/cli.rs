@@ -268,9 +268,13 @@ pub struct SteerAddArgs {
     #[arg(long, value_name = "LIST", value_parser = parse_ports)]
     pub ports: PortList,
     /// Local address prefix the binding applies to, e.g. 127.0.0.0/8 or 2001:db8::/32 (repeatable;
-    /// default: every address of the target's family). The longest matching prefix wins.
+    /// default: every address of the family of --to's address, or with --pid of the target
+    /// socket's own family: an [::] socket, even a dual-stack one, gets ::/0 only; add
+    /// --addr 0.0.0.0/0 for its IPv4 connections). The longest matching prefix wins.
     #[arg(long = "addr", value_name = "CIDR", value_parser = parse_prefix)]
     pub addrs: Vec<Prefix>,
+    /// Protocol of the connections (TCP, to a listening socket) or datagrams (UDP, to a bound
+    /// socket) to steer.
     #[arg(long, value_enum, default_value_t = Proto::Tcp)]
     pub proto: Proto,
     /// The target: the socket listening (TCP) or bound (UDP) at this address, in whatever process.
@@ -287,11 +291,14 @@ pub struct SteerAddArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct SteerRemoveArgs {
+    /// Ports and ranges of the bindings to remove, each as it was added (e.g. 7,77,8000-8999): a
+    /// binding is removed whole (part of a range is refused, naming the binding).
     #[arg(long, value_name = "LIST", value_parser = parse_ports)]
     pub ports: PortList,
     /// Prefix of the bindings to remove (repeatable; default: 0.0.0.0/0 and ::/0).
     #[arg(long = "addr", value_name = "CIDR", value_parser = parse_prefix)]
     pub addrs: Vec<Prefix>,
+    /// Protocol of the bindings to remove.
     #[arg(long, value_enum, default_value_t = Proto::Tcp)]
     pub proto: Proto,
 }
