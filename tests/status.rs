@@ -257,3 +257,30 @@ fn status_without_root_says_root_pinned_accel_state_needs_root() {
     assert!(line.contains("is not readable without root (permission denied)"), "{line}");
     assert!(!line.contains("another version"), "{line}");
 }
+
+/// Pins without their link (a `steer add` killed before it pinned the link, or a `reset` killed
+/// part-way) steer nothing but hold maps: `status` shows them and names `steer reset`, which
+/// takes them, rather than "nothing attached".
+#[test]
+fn status_shows_steer_pins_left_without_a_link_and_reset_removes_them() {
+    let _netns = enter_netns();
+    if !require_bpf("status_shows_steer_pins_left_without_a_link_and_reset_removes_them") {
+        return;
+    }
+    let _reset = Reset;
+    let _l = std::net::TcpListener::bind("127.0.0.1:9310").unwrap();
+    ok(&["steer", "add", "--ports", "9311", "--to", "127.0.0.1:9310"]);
+    let dir = format!("/sys/fs/bpf/skrelay/{}", netns_ino());
+    std::fs::remove_file(format!("{dir}/link")).unwrap();
+    let text = ok(&["status"]);
+    assert!(
+        text.contains(&format!("left at {dir} by an interrupted command")) && text.contains("`skrelay steer reset`"),
+        "{text}"
+    );
+    let st = status_json();
+    assert_eq!(st["steer"]["leftover"]["pins"], serde_json::json!(dir), "{st}");
+    assert!(st["steer"]["leftover"]["count"].as_u64().is_some_and(|n| n > 0), "{st}");
+    ok(&["steer", "reset"]);
+    assert!(ok(&["status"]).contains("steer: nothing attached"));
+    assert_eq!(status_json()["steer"]["leftover"], serde_json::Value::Null);
+}

@@ -357,6 +357,10 @@ pub struct Status {
     pub pinned: Option<Pinned>,
     /// Pinned state this user may not read (root's pins are mode 0600).
     pub unreadable: Option<Unreadable>,
+    /// Pins without a link (a command killed before it pinned the link, or during `reset`):
+    /// nothing is attached, but they hold maps in memory until `steer reset` (or the next
+    /// `steer add`) takes them. The directory and how many pins.
+    pub leftover: Option<(PathBuf, usize)>,
     pub funnels: Vec<funnel::Running>,
 }
 
@@ -377,7 +381,7 @@ pub fn status() -> Result<Status, Error> {
         Err(Error::BpfDenied { .. } | Error::StateOwned { .. }) => {
             let dir = state::existing_dir()?.unwrap_or_default();
             let unreadable = Some(Unreadable { dir, error: "permission denied".into() });
-            return Ok(Status { pinned: None, unreadable, funnels });
+            return Ok(Status { pinned: None, unreadable, leftover: None, funnels });
         }
         Err(e) => return Err(e),
     };
@@ -391,7 +395,13 @@ pub fn status() -> Result<Status, Error> {
             bindings: views(&st),
         }
     });
-    Ok(Status { pinned, unreadable: None, funnels })
+    let leftover = match &pinned {
+        Some(_) => None,
+        None => state::existing_dir()?
+            .and_then(|dir| std::fs::read_dir(&dir).ok().map(|d| (dir.clone(), d.count())))
+            .filter(|(_, n)| *n > 0),
+    };
+    Ok(Status { pinned, unreadable: None, leftover, funnels })
 }
 
 impl Status {
@@ -407,7 +417,11 @@ impl Status {
             "bindings": [],
             "funnels": self.funnels.iter().map(funnel::Running::json).collect::<Vec<_>>(),
             "unreadable": null,
+            "leftover": null,
         });
+        if let Some((dir, pins)) = &self.leftover {
+            json["leftover"] = json!({ "pins": dir.display().to_string(), "count": pins });
+        }
         if let Some(u) = &self.unreadable {
             json["pinned"] = json!(u.dir.display().to_string());
             json["unreadable"] = json!({ "pins": u.dir.display().to_string(), "error": u.error });
@@ -432,6 +446,12 @@ impl Status {
                      see its bindings",
                 u.dir.display(),
                 u.error
+            )),
+            None if let Some((dir, pins)) = &self.leftover => lines.push(format!(
+                "steer: no pinned bindings; {} left at {} by an interrupted command (no link: nothing is steered; \
+                 `skrelay steer reset` removes them)",
+                plural(*pins, "pin"),
+                dir.display()
             )),
             None if self.funnels.is_empty() => lines.push("steer: nothing attached".to_string()),
             None => lines.push("steer: no pinned bindings".to_string()),
