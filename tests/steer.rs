@@ -397,6 +397,13 @@ fn bad_input_exits_2_with_one_sentence_and_leaves_state_alone() {
     let l2 = TcpListener::bind("127.0.0.1:6205").unwrap();
     let out = ok(&["steer", "add", "--ports", "6201", "--to", "127.0.0.1:6205"]);
     assert!(out.contains("replaced binding tcp 0.0.0.0/0 port 6201"), "{out}");
+    // Re-adding it with the same target says that nothing changed.
+    let out = ok(&["steer", "add", "--ports", "6201", "--to", "127.0.0.1:6205"]);
+    assert!(
+        out.contains("binding tcp 0.0.0.0/0 port 6201 already -> 127.0.0.1:6205") && out.contains("unchanged"),
+        "{out}"
+    );
+    assert!(!out.contains("replaced"), "{out}");
     let _c = TcpStream::connect("127.0.0.1:6201").unwrap();
     assert_eq!(who_accepted(&[&l, &l2]), Some(1));
     assert_eq!(list_json().as_array().unwrap().len(), 1);

@@ -33,6 +33,8 @@ fn render_add(added: &super::Added) -> String {
     }
     for (key, was) in &added.bindings {
         match was {
+            // The same socket (its cookie): re-adding changed nothing but the recorded pid.
+            Some(was) if was.cookie == t.cookie => out.push_str(&format!("binding {key} already -> {to}: unchanged\n")),
             Some(was) => out.push_str(&format!(
                 "replaced binding {key}: now -> {to}, was -> {} (pid {} {})\n",
                 was.target, was.pid, was.comm
