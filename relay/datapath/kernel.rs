@@ -958,7 +958,13 @@ impl Splice for KernelSplice {
             last = now;
         }
         let (Ok(from), Ok(to)) = (sys::tcp_counters(src), sys::tcp_counters(dst)) else { return 0 };
-        let in_flight = sys::send_queue_len(dst).unwrap_or(0).saturating_sub(sys::unsent_len(dst).unwrap_or(0));
+        // Sent and not acknowledged reaches the client ahead of our reset, unless the client
+        // reset the destination itself (CLOSE: its send queue is purged).
+        let in_flight = if to.closed() {
+            0
+        } else {
+            sys::send_queue_len(dst).unwrap_or(0).saturating_sub(sys::unsent_len(dst).unwrap_or(0))
+        };
         // A finished direction's FIN counts in both, and is no byte.
         let fin = u64::from(ended);
         let received = from.bytes_received.saturating_sub(fin).saturating_sub(self.consumed[dir]);

@@ -44,12 +44,14 @@ pub trait Splice: Send {
     /// in. `ended`: the direction finished and the destination's write side was shut down (so a
     /// FIN was received on `src` and sent on `dst`, neither of them a byte).
     fn moved(&self, dir: usize, src: &TcpStream, dst: &TcpStream, ended: bool) -> u64;
-    /// Payload bytes moved in `dir` by a pair that is cut: called after `release`, just before
-    /// its sockets are reset, which throws away what the destination's send queue holds unsent;
-    /// what was sent reaches its client before the reset. `ended` as for `moved` (a direction
-    /// that finished before the cut). By default `moved` less that.
+    /// Payload bytes moved in `dir` by a pair that is cut or reset: called after `release`, just
+    /// before its sockets are reset, which throws away what the destination's send queue holds
+    /// unsent; what was sent reaches its client before the reset (a client whose window is
+    /// closed has nothing in flight: a zero-window probe carries no new byte). A destination its
+    /// own client reset has lost its whole send queue. `ended` as for `moved` (a direction that
+    /// finished: its FIN, no byte, may still be queued). By default `moved` less that.
     fn moved_at_cut(&mut self, dir: usize, src: &TcpStream, dst: &TcpStream, ended: bool) -> u64 {
-        self.moved(dir, src, dst, ended).saturating_sub(crate::sys::unsent_len(dst).unwrap_or(0))
+        self.moved(dir, src, dst, ended).saturating_sub(lost_at_cut(dst, ended))
     }
     /// The readiness this datapath needs from both sockets.
     fn interest(&self) -> Interest;
@@ -210,4 +212,14 @@ pub fn open(
     kernel::warn_if_workers_can_starve();
     kernel::note_if_loopback_rps_is_off();
     Ok(all)
+}
+
+/// Payload bytes a cut or reset pair's destination socket holds that its client will never get
+/// (see `Splice::moved_at_cut`): what is not sent yet, or, when the destination was reset by its
+/// client (its state is CLOSE and its send queue purged), everything not acknowledged (SIOCOUTQ
+/// still counts it). A FIN still queued counts in both and is no byte.
+pub fn lost_at_cut(dst: &TcpStream, ended: bool) -> u64 {
+    let reset = crate::sys::tcp_counters(dst).is_ok_and(|c| c.closed());
+    let queued = if reset { crate::sys::send_queue_len(dst) } else { crate::sys::unsent_len(dst) };
+    queued.unwrap_or(0).saturating_sub(u64::from(ended))
 }

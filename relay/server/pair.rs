@@ -367,8 +367,10 @@ impl Pair {
     /// Ends the pair: takes it out of the datapath and sets how its sockets close (FINs only
     /// when both directions finished, resets otherwise). Deregister it first.
     pub(super) fn end(mut self, ending: Ending) -> Ended {
-        let moved = if matches!(ending, Ending::Drained | Ending::CutBySignal(_) | Ending::Idle(_)) {
-            // Cut: out of the datapath first, so that nothing moves after it is counted.
+        let cut = matches!(ending, Ending::Drained | Ending::CutBySignal(_) | Ending::Idle(_) | Ending::Reset { .. });
+        let moved = if cut {
+            // Cut or reset: out of the datapath first, so that nothing moves after it is counted,
+            // and what the reset throws away from a send queue is not counted as delivered.
             self.splice.release();
             [
                 self.splice.moved_at_cut(0, &self.ends[0], &self.ends[1], self.shut[0]),
