@@ -39,6 +39,18 @@ impl Upstreams {
                     "upstream `{spec}` has port 0, which nothing can be connected to (give the port the upstream listens on)"
                 )));
             }
+            let unscoped_link_local = |a: &SocketAddr| match a {
+                SocketAddr::V6(v6) => v6.scope_id() == 0 && v6.ip().segments()[0] & 0xffc0 == 0xfe80,
+                SocketAddr::V4(_) => false,
+            };
+            if let Some(a) = resolved.iter().find(|a| unscoped_link_local(a)) {
+                return Err(Error::Usage(format!(
+                    "upstream `{spec}` ({a}) is a link-local IPv6 address without its interface, which no connection can \
+                     reach (give [{}%eth0]:{}, with the interface `ip addr` names)",
+                    a.ip(),
+                    a.port()
+                )));
+            }
             for a in resolved {
                 if !addrs.contains(&a) {
                     addrs.push(a);
@@ -107,6 +119,14 @@ impl fmt::Display for Upstreams {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_link_local_upstream_without_its_interface_is_refused_with_the_fix() {
+        let e = super::Upstreams::resolve(&["[fe80::1]:80".into()]).err().unwrap().to_string();
+        assert!(e.contains("link-local IPv6 address without its interface") && e.contains("[fe80::1%eth0]:80"), "{e}");
+        assert!(super::Upstreams::resolve(&["[fe80::1%1]:80".into()]).is_ok());
+        assert!(super::Upstreams::resolve(&["[::1]:80".into()]).is_ok());
+    }
+
     use super::*;
 
     fn ups(n: u16) -> Upstreams {
