@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use std::{
     io::{ErrorKind, Read, Write},
-    net::{Shutdown, SocketAddr},
+    net::{Shutdown, SocketAddr, TcpStream},
     thread,
     time::{Duration, Instant},
 };
@@ -387,24 +387,35 @@ per_datapath!(pairs_cut_at_the_drain_timeout_log_what_their_clients_received);
 fn a_reset_pair_logs_only_what_reached_the_other_client(dp: &str) {
     let _netns = enter_netns();
     let relay = Skrelay::start(&["relay", "--datapath", dp]);
-    let mut a = connect(addr());
-    let mut b = connect(addr());
-    let key = format!("bytes {} -> {}", a.local_addr().unwrap(), b.local_addr().unwrap());
-    a.write_all(b"x").unwrap();
-    assert_eq!(read_n(&mut b, 1), b"x");
-    // b stops reading; a sends until it is held back.
-    a.set_write_timeout(Some(Duration::from_millis(500))).unwrap();
-    let chunk = vec![5u8; 64 << 10];
-    let mut sent = 1u64;
-    while let Ok(n) = a.write(&chunk) {
-        sent += n as u64;
-    }
-    socket2::SockRef::from(&a).set_linger(Some(Duration::ZERO)).unwrap();
-    drop(a);
-    relay.wait_log(&key, 1, Duration::from_secs(10));
-    let log = relay.log();
-    let line = log.lines().find(|l| l.contains(&key)).unwrap();
-    let logged: u64 = line.split(&format!(" {key}")).next().unwrap().rsplit(' ').next().unwrap().parse().unwrap();
+    // A pair whose first byte went through, then b stops reading and a sends until it is held
+    // back; returns both clients, the log's key for a -> b, and what a sent.
+    let held_back_pair = || {
+        let mut a = connect(addr());
+        let mut b = connect(addr());
+        let key = format!("bytes {} -> {}", a.local_addr().unwrap(), b.local_addr().unwrap());
+        a.write_all(b"x").unwrap();
+        assert_eq!(read_n(&mut b, 1), b"x");
+        a.set_write_timeout(Some(Duration::from_millis(500))).unwrap();
+        let chunk = vec![5u8; 64 << 10];
+        let mut sent = 1u64;
+        while let Ok(n) = a.write(&chunk) {
+            sent += n as u64;
+        }
+        (a, b, key, sent)
+    };
+    // Resets `s` and returns the count the end-of-pair line gives for `key`, and the log.
+    let reset_and_read_log = |s: TcpStream, key: &str| {
+        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(s);
+        relay.wait_log(key, 1, Duration::from_secs(10));
+        let log = relay.log();
+        let line = log.lines().find(|l| l.contains(key)).unwrap();
+        let logged: u64 = line.split(&format!(" {key}")).next().unwrap().rsplit(' ').next().unwrap().parse().unwrap();
+        (logged, log)
+    };
+
+    let (a, mut b, key, sent) = held_back_pair();
+    let (logged, log) = reset_and_read_log(a, &key);
     b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     // The first byte ("x") was read above.
     let (mut got, mut buf) = (1u64, vec![0u8; 1 << 20]);
@@ -421,20 +432,9 @@ fn a_reset_pair_logs_only_what_reached_the_other_client(dp: &str) {
 
     // The other way round: the receiving client resets with bytes unread, while the sender is
     // held back. Its TCP acknowledged what it holds; what the relay still queued for it is lost.
-    let mut a = connect(addr());
-    let mut b = connect(addr());
-    let key = format!("bytes {} -> {}", a.local_addr().unwrap(), b.local_addr().unwrap());
-    a.write_all(b"x").unwrap();
-    assert_eq!(read_n(&mut b, 1), b"x");
-    a.set_write_timeout(Some(Duration::from_millis(500))).unwrap();
-    while a.write(&chunk).is_ok() {}
+    let (_a, b, key, _) = held_back_pair();
     let unread = skrelay::sys::readable_len(&b).unwrap();
-    socket2::SockRef::from(&b).set_linger(Some(Duration::ZERO)).unwrap();
-    drop(b);
-    relay.wait_log(&key, 1, Duration::from_secs(10));
-    let log = relay.log();
-    let line = log.lines().find(|l| l.contains(&key)).unwrap();
-    let logged: u64 = line.split(&format!(" {key}")).next().unwrap().rsplit(' ').next().unwrap().parse().unwrap();
+    let (logged, log) = reset_and_read_log(b, &key);
     assert_eq!(logged, 1 + unread, "{dp}: the log counts {logged} bytes, b held {} when it reset:\n{log}", 1 + unread);
 }
 
