@@ -11,11 +11,12 @@ pub struct Cli {
 }
 
 impl Cli {
-    /// Parses the command line as `Cli::parse` does (exits with clap's message on bad input),
-    /// and notes which flags were given rather than defaulted where a command needs to know.
-    pub fn parse_command_line() -> Cli {
-        let matches = <Cli as clap::CommandFactory>::command().get_matches();
-        let mut cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    /// Parses the command line as `Cli::parse` does, and notes which flags were given rather
+    /// than defaulted where a command needs to know. A bad command line is returned as clap's
+    /// error (`--help` and `--version` are errors of their own kind): see [`usage_error`].
+    pub fn try_parse_command_line() -> Result<Cli, clap::Error> {
+        let matches = <Cli as clap::CommandFactory>::command().try_get_matches()?;
+        let mut cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)?;
         let given = |flag: &str| {
             matches.subcommand().and_then(|(_, m)| m.value_source(flag)) == Some(clap::parser::ValueSource::CommandLine)
         };
@@ -24,8 +25,55 @@ impl Cli {
             Command::Proxy(args) => args.listen_given = given("listen"),
             _ => {}
         }
-        cli
+        Ok(cli)
     }
+}
+
+/// A bad command line as one sentence, like every other error, with where to read more:
+/// `invalid value 'x' for '--pair <PAIR>': ... (see `skrelay relay --help`)`. clap's own
+/// rendering spans lines (an `error:` line, indented items, tips, usage); the items and tips are
+/// kept, the pointer to `--help` names the subcommand `args` (the command line) gave. `None` for `--help` and
+/// `--version`, which are not errors and are printed as clap renders them.
+pub fn usage_error(e: &clap::Error, args: &[String]) -> Option<String> {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        return None;
+    }
+    let rendered = e.to_string();
+    let mut sentence = String::new();
+    let mut tips = Vec::new();
+    for line in rendered.lines().map(str::trim) {
+        if line.starts_with("Usage:") || line.starts_with("For more information") {
+            break;
+        }
+        if let Some(tip) = line.strip_prefix("tip: ") {
+            tips.push(tip);
+        } else if let Some(values) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            sentence.push_str(&format!(" ({values})"));
+        } else if !line.is_empty() {
+            let line = line.strip_prefix("error: ").unwrap_or(line);
+            if !sentence.is_empty() {
+                sentence.push_str(if sentence.ends_with(':') { " " } else { ", " });
+            }
+            sentence.push_str(line);
+        }
+    }
+    for tip in tips {
+        sentence.push_str(&format!("; {tip}"));
+    }
+    // The command whose --help to read: the subcommands named in `args`, as far as they go.
+    let mut command = <Cli as clap::CommandFactory>::command();
+    let mut path = vec!["skrelay".to_string()];
+    for arg in args.iter().skip(1) {
+        let Some(sub) = command.find_subcommand(arg).cloned() else { continue };
+        path.push(sub.get_name().to_string());
+        command = sub;
+    }
+    let command = path.join(" ");
+    Some(format!("{sentence} (see `{command} --help`)"))
 }
 
 #[derive(Subcommand, Debug)]

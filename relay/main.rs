@@ -3,7 +3,16 @@
 use skrelay::cli::{AccelCommand, Cli, Command};
 
 fn main() {
-    let cli = Cli::parse_command_line();
+    let cli = match Cli::try_parse_command_line() {
+        Ok(cli) => cli,
+        Err(e) => match skrelay::cli::usage_error(&e, &std::env::args().collect::<Vec<_>>()) {
+            Some(sentence) => {
+                eprintln!("skrelay: {sentence}");
+                std::process::exit(2);
+            }
+            None => e.exit(),
+        },
+    };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_target(false).init();
     let result = match cli.command {
         Command::Relay(args) => skrelay::relay_cmd::run(args).map(|()| String::new()),

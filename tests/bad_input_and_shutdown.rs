@@ -19,6 +19,11 @@ fn assert_usage_error(args: &[&str], expect: &str) {
     assert_eq!(code, 2, "skrelay {args:?}: exit {code}, stderr: {err}");
     assert!(err.contains(expect), "skrelay {args:?}: stderr lacks `{expect}`:\n{err}");
     assert!(!err.contains("panicked"), "{err}");
+    // One sentence, clap's own errors too (they span lines with usage and tips as clap renders them).
+    assert!(
+        err.starts_with("skrelay: ") && err.trim_end().lines().count() == 1,
+        "skrelay {args:?}: not one line:\n{err}"
+    );
 }
 
 #[test]
@@ -39,6 +44,18 @@ fn bad_flags_are_refused_with_exit_status_2() {
     assert_usage_error(&["relay", "--drain-timeout", "-1"], "`-1` is not a number of seconds");
     assert_usage_error(&["relay", "--kernel-after", "-1"], "invalid value '-1' for '--kernel-after");
     assert_usage_error(&["relay", "--kernel-buffer", "1"], "`1` is less than 64K");
+    // clap's multi-line errors, as one sentence naming the --help to read.
+    assert_usage_error(
+        &["relay", "--max-pairs", "1"],
+        "unexpected argument '--max-pairs' found; a similar argument exists: '--max-pending' (see `skrelay relay --help`)",
+    );
+    assert_usage_error(&["relay", "--pair", "x"], "(possible values: order, token) (see `skrelay relay --help`)");
+    assert_usage_error(&["proxy"], "not provided: --upstream <ADDR> (see `skrelay proxy --help`)");
+    assert_usage_error(
+        &["steer", "add", "--ports", "0"],
+        "port 0 is out of range (ports are 1 to 65535) (see `skrelay steer add --help`)",
+    );
+    assert_usage_error(&["bogus"], "unrecognized subcommand 'bogus' (see `skrelay --help`)");
 }
 
 #[test]
