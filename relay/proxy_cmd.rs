@@ -44,6 +44,7 @@ pub fn run(args: ProxyArgs) -> Result<(), Error> {
         Some(ports) => Some(funnel(&listener, addr, ports)?),
         None => None,
     };
+    datapath::note_host_settings(&datapaths);
     log::info!(
         "listening on {addr}: proxying to {upstreams}, {datapath} datapath, {}{}",
         loops(threads),

@@ -46,6 +46,7 @@ pub fn run(args: RelayArgs) -> Result<(), Error> {
         PairBy::Order => "pairing clients in arrival order",
         PairBy::Token => "pairing clients by their token line",
     };
+    datapath::note_host_settings(&datapaths);
     log::info!("listening on {addr}: {pairing}, {datapath} datapath, {}{}", loops(threads), metrics_note(served));
     let mut server = Server::new(listener, datapaths, config)?;
     serving(&mut server, handover, addr);

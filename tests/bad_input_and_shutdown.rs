@@ -147,6 +147,19 @@ fn a_port_in_use_and_a_foreign_address_are_clear_errors() {
         &["relay", "--datapath", "userspace", "--listen", "192.0.2.1:7777"],
         "not an address of this machine",
     );
+    // On the kernel datapath too, and without the notes about the host's settings that a
+    // started relay logs (kernel.sched_autogroup_enabled=1 on this project's machines): a
+    // command refused at start says only why (assert_usage_error wants one line).
+    if require_bpf("a_port_in_use_and_a_foreign_address_are_clear_errors") {
+        assert_usage_error(
+            &["relay", "--datapath", "kernel"],
+            "cannot listen on 127.0.0.1:7777: address already in use",
+        );
+        assert_usage_error(
+            &["proxy", "--datapath", "kernel", "--upstream", "127.0.0.1:9"],
+            "cannot listen on 127.0.0.1:7777: address already in use",
+        );
+    }
 }
 
 fn ipv6_listen_addresses_work(dp: &str) {

@@ -209,9 +209,17 @@ pub fn open(
             Err(e) => return Err(e),
         }
     }
-    kernel::warn_if_workers_can_starve();
-    kernel::note_if_loopback_rps_is_off();
     Ok(all)
+}
+
+/// What the host's settings mean for the kernel datapath (the scheduler's autogroups, RPS on
+/// `lo`), said once when `datapaths` are the kernel's: after every start-up check has passed, so
+/// that a command refused at start says only why.
+pub fn note_host_settings(datapaths: &[Box<dyn Datapath>]) {
+    if datapaths.first().is_some_and(|d| d.name() == "kernel") {
+        kernel::warn_if_workers_can_starve();
+        kernel::note_if_loopback_rps_is_off();
+    }
 }
 
 /// Payload bytes a cut or reset pair's destination socket holds that its client will never get
