@@ -111,6 +111,16 @@ fn outer_bpffs() -> Option<PathBuf> {
     [Some(1), outer_mount_ns_process()].into_iter().flatten().map(at).find(|p| is_bpffs(p))
 }
 
+/// Removes skrelay's directory in bpffs when nothing is left in it (after `steer reset` and the
+/// last `accel off`), so no empty directory stays behind. Every state directory in it is locked
+/// by the command using it (`StateLock`), which keeps it from being empty meanwhile, and a
+/// command about to create one creates this directory again (`StateLock::acquire`).
+pub fn remove_root_if_empty() {
+    if let Some(root) = existing_root() {
+        let _ = std::fs::remove_dir(root);
+    }
+}
+
 /// A lock on a directory of pinned state, held until dropped: exclusive for commands that change
 /// the state, so two run at once cannot interleave their changes, shared for commands that only
 /// read it, so they never see a change half made. The lock is flock(2) on the directory itself:
@@ -123,8 +133,17 @@ pub struct StateLock {
 impl StateLock {
     /// Locks `dir`, creating it if missing.
     pub fn acquire(dir: &Path) -> Result<StateLock, Error> {
+        let mut retries = 0;
         loop {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+            match std::fs::create_dir_all(dir) {
+                // A parent removed by `remove_root_if_empty` between its creation and `dir`'s.
+                Err(e) if e.kind() == io::ErrorKind::NotFound && retries < 100 => {
+                    retries += 1;
+                    continue;
+                }
+                Err(e) => return Err(Error::io(format!("cannot create {}", dir.display()), e)),
+                Ok(()) => {}
+            }
             if let Some(lock) = Self::acquire_existing(dir)? {
                 return Ok(lock);
             }

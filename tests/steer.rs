@@ -874,3 +874,25 @@ fn status_counts_bindings_and_distinct_ports_in_words_that_agree() {
     let status = ok(&["status"]);
     assert!(status.contains("steer: 3 bindings (10 ports, 0 with their target gone)"), "{status}");
 }
+
+/// `steer reset` leaves nothing in bpffs, not even an empty `skrelay/` directory, when nothing
+/// else is pinned there. Run against a bpffs of its own (a private mount namespace), which other
+/// tests' pinned state cannot share.
+#[test]
+fn reset_leaves_no_empty_directory_in_bpffs() {
+    let Some(_reset) = setup("reset_leaves_no_empty_directory_in_bpffs") else { return };
+    let target = TcpListener::bind("127.0.0.1:7777").unwrap();
+    let script = r#"set -e
+mount -t bpf bpf /sys/fs/bpf
+"$0" steer add --ports 7001 --to 127.0.0.1:7777 >/dev/null
+ls /sys/fs/bpf/skrelay
+"$0" steer reset >/dev/null
+echo after:; ls -A /sys/fs/bpf | grep skrelay || true"#;
+    let out = Command::new("unshare").args(["-m", "sh", "-c", script, SKRELAY]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let (before, after) = stdout.split_once("after:").unwrap();
+    assert!(before.contains(&netns_ino().to_string()), "steer add pinned nothing under skrelay/: {before}");
+    assert_eq!(after.trim(), "", "left in /sys/fs/bpf after steer reset");
+    drop(target);
+}

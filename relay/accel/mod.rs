@@ -614,6 +614,7 @@ pub fn off(cgroup: &Path, drain: Duration, force: bool) -> Result<Disabled, Erro
     }
     pinned::remove(&dir);
     pinned::remove_if_empty(&root);
+    crate::bpffs::remove_root_if_empty();
     // The cgroup directories `on` created go too, unless processes still use them.
     if let Some(owner) = cg.owner() {
         let dirs = cg.created_dirs(owner.created);

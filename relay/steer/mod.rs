@@ -248,6 +248,7 @@ pub fn reset() -> Result<Reset, Error> {
         Some(_lock) => state::remove_all(&dir)?,
         None => 0,
     };
+    crate::bpffs::remove_root_if_empty();
     Ok(Reset { removed, dir: Some(dir) })
 }
 
