@@ -48,6 +48,55 @@ impl PairEnd {
     }
 }
 
+/// Why a client ended before its pair formed, as `skrelay_unpaired_clients_total{reason}`
+/// counts it (the log line of each says the same in words).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unpaired {
+    /// Reset at once: `--max-pending` clients already waited (or were sending their token line).
+    Full,
+    /// Reset at `--pair-timeout`: no partner, or no whole token line, in time.
+    Timeout,
+    /// Reset: its first line was no token line.
+    BadToken,
+    /// It closed or reset its connection before a partner came.
+    Left,
+    /// `proxy`: reset, no upstream could be reached (each refused, failed or timed out).
+    NoUpstream,
+    /// Reset: skrelay stopped (SIGTERM, SIGINT) while it waited.
+    Shutdown,
+    /// `proxy`: reset, it was this proxy's own upstream connection (the upstream leads back).
+    Loop,
+    /// skrelay could not watch it, or its pair's datapath could not splice the pair (both
+    /// clients count; they see a reset).
+    Error,
+}
+
+impl Unpaired {
+    pub const ALL: [Unpaired; 8] = [
+        Unpaired::Full,
+        Unpaired::Timeout,
+        Unpaired::BadToken,
+        Unpaired::Left,
+        Unpaired::NoUpstream,
+        Unpaired::Shutdown,
+        Unpaired::Loop,
+        Unpaired::Error,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Unpaired::Full => "full",
+            Unpaired::Timeout => "timeout",
+            Unpaired::BadToken => "bad_token",
+            Unpaired::Left => "left",
+            Unpaired::NoUpstream => "no_upstream",
+            Unpaired::Shutdown => "shutdown",
+            Unpaired::Loop => "loop",
+            Unpaired::Error => "error",
+        }
+    }
+}
+
 /// Reads a value at scrape time, from the responder's thread.
 pub type Sampler = Box<dyn Fn() -> u64 + Send + Sync>;
 
@@ -55,6 +104,7 @@ type Label = [(&'static str, &'static str); 1];
 type EndLabels = [(&'static str, &'static str); 2];
 type UpstreamLabel = [(&'static str, String); 1];
 type PathLabel = [(&'static str, &'static str); 1];
+type ReasonLabel = [(&'static str, &'static str); 1];
 
 struct Inner {
     registry: Registry,
@@ -66,6 +116,7 @@ struct Inner {
     /// Each thread's part of `kernel_inflight` (`--threads`: one datapath per event loop).
     inflight_by_thread: Mutex<Vec<u64>>,
     pending: Gauge,
+    unpaired: Family<ReasonLabel, Counter>,
     /// Pairs each event loop serves now (`--threads`).
     loop_pairs: Family<UpstreamLabel, Gauge>,
     upstream_up: Family<UpstreamLabel, Gauge>,
@@ -100,6 +151,7 @@ impl Metrics {
         let paths_total = Family::<PathLabel, Counter>::default();
         let kernel_inflight = Gauge::default();
         let pending = Gauge::default();
+        let unpaired = Family::<ReasonLabel, Counter>::default();
         let loop_pairs = Family::<UpstreamLabel, Gauge>::default();
         let upstream_up = Family::<UpstreamLabel, Gauge>::default();
         let upstream_failures = Family::<UpstreamLabel, Counter>::default();
@@ -130,6 +182,15 @@ impl Metrics {
             "Clients waiting for their token line, their partner (relay) or their upstream connection (proxy)",
             pending.clone(),
         );
+        registry.register(
+            "skrelay_unpaired_clients",
+            "Clients that ended before their pair formed, by reason (full: --max-pending; timeout: --pair-timeout; \
+             bad_token; left: the client closed or reset; no_upstream; shutdown; loop: the proxy's own connection; error)",
+            unpaired.clone(),
+        );
+        for why in Unpaired::ALL {
+            let _ = unpaired.get_or_create(&[("reason", why.label())]);
+        }
         registry.register(
             "skrelay_loop_pairs",
             "Pairs each event loop serves now (--threads; loop 0 also accepts and pairs clients)",
@@ -162,6 +223,7 @@ impl Metrics {
                 kernel_inflight,
                 inflight_by_thread: Mutex::new(Vec::new()),
                 pending,
+                unpaired,
                 loop_pairs,
                 upstream_up,
                 upstream_failures,
@@ -185,6 +247,11 @@ impl Metrics {
     /// Clients waiting now (token line, partner or upstream connection).
     pub fn set_pending(&self, n: usize) {
         self.inner.pending.set(n as i64);
+    }
+
+    /// A client ended before its pair formed, for `why`.
+    pub fn client_unpaired(&self, why: Unpaired) {
+        self.inner.unpaired.get_or_create(&[("reason", why.label())]).inc();
     }
 
     /// Event loop `n` serves `pairs` pairs now.

@@ -173,6 +173,61 @@ fn proxy_counters_follow_pairs_and_upstreams_on_both_datapaths(dp: &str) {
 
 per_datapath!(proxy_counters_follow_pairs_and_upstreams_on_both_datapaths);
 
+/// Clients that end before their pair forms are counted by why, with every reason exported from
+/// the start at 0: the cases a relay client can cause, and a proxy client no upstream answers.
+#[test]
+fn clients_that_never_paired_are_counted_by_reason() {
+    let _netns = enter_netns();
+    let relay = Skrelay::start(&[
+        "relay",
+        "--datapath",
+        "userspace",
+        "--pair",
+        "token",
+        "--max-pending",
+        "1",
+        "--pair-timeout",
+        "1",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    let url = metrics_url(&relay.log());
+    let unpaired = |why: &str| format!("skrelay_unpaired_clients_total{{reason=\"{why}\"}}");
+    let text = scrape(&url);
+    for why in ["full", "timeout", "bad_token", "left", "no_upstream", "shutdown", "loop", "error"] {
+        assert_eq!(value(&text, &unpaired(why)), 0, "{text}");
+    }
+    let mut bad = connect(addr());
+    bad.write_all(b"no\ttab\n").unwrap();
+    wait_value(&url, &unpaired("bad_token"), 1);
+    drop(connect(addr()));
+    wait_value(&url, &unpaired("left"), 1);
+    // One waits (--max-pending 1); a second with another token is one too many.
+    let mut waiting = connect(addr());
+    waiting.write_all(b"one\n").unwrap();
+    wait_value(&url, "skrelay_pending_clients", 1);
+    let mut extra = connect(addr());
+    extra.write_all(b"two\n").unwrap();
+    wait_value(&url, &unpaired("full"), 1);
+    // The waiting one is reset at --pair-timeout.
+    let text = wait_value(&url, &unpaired("timeout"), 1);
+    assert_eq!(value(&text, &unpaired("bad_token")), 1, "{text}");
+    assert_eq!(value(&text, &unpaired("left")), 1, "{text}");
+    assert_eq!(value(&text, "skrelay_pending_clients"), 0, "{text}");
+    assert!(waiting.read(&mut [0u8; 1]).is_err(), "a client reset at --pair-timeout sees a reset");
+    let (status, log) = relay.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+
+    let dead = format!("127.0.0.1:{}", free_port());
+    let proxy = Skrelay::start(&["proxy", "--datapath", "userspace", "--upstream", &dead, "--metrics", "127.0.0.1:0"]);
+    let url = metrics_url(&proxy.log());
+    let mut client = connect(addr());
+    wait_value(&url, &unpaired("no_upstream"), 1);
+    assert!(client.read(&mut [0u8; 1]).is_err(), "a client no upstream answered sees a reset");
+    let (status, log) = proxy.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+}
+
 #[test]
 fn a_bad_metrics_address_is_refused_with_exit_status_2() {
     let _netns = enter_netns();

@@ -33,7 +33,7 @@ use crate::{
     cli::PairBy,
     datapath::{userspace::UserspaceDatapath, Datapath},
     error::Error,
-    metrics::{Metrics, PairEnd, PairMetric},
+    metrics::{Metrics, PairEnd, PairMetric, Unpaired},
     pairing::Matcher,
     sys,
     upstream::Upstreams,
@@ -464,6 +464,7 @@ impl Server {
                 let unidentified = self.pending - matcher.waiting();
                 if unidentified >= self.max_pending {
                     reset_on_close(&stream);
+                    self.metrics.client_unpaired(Unpaired::Full);
                     log::warn!(
                         "client {addr} reset: {unidentified} clients are already sending their token line (--max-pending)"
                     );
@@ -477,6 +478,7 @@ impl Server {
                 let to = stream.local_addr().map_or(0, |a| a.port());
                 if connector.is_own(&addr, to) {
                     reset_on_close(&stream);
+                    self.metrics.client_unpaired(Unpaired::Loop);
                     log::error!(
                         "client {addr} reset: it is this proxy's own upstream connection (the upstream leads back \
                          to this proxy: give --upstream the address of the server to proxy to)"
@@ -485,6 +487,7 @@ impl Server {
                 }
                 if self.pending >= self.max_pending {
                     reset_on_close(&stream);
+                    self.metrics.client_unpaired(Unpaired::Full);
                     log::warn!(
                         "client {addr} reset: {} clients already wait for their upstream connection (--max-pending)",
                         self.pending
@@ -502,7 +505,8 @@ impl Server {
         reset_on_close(&stream);
         let slot = self.slots.vacant_key();
         if let Err(e) = self.poll.registry().register(&mut stream, token(slot, 0), Interest::READABLE) {
-            log::warn!("client {addr} closed: cannot watch it: {e}");
+            self.metrics.client_unpaired(Unpaired::Error);
+            log::warn!("client {addr} reset: cannot watch it: {e}");
             return;
         }
         let serial = self.next_serial();
@@ -553,8 +557,8 @@ impl Server {
             Look::Identified => self.offer(slot),
             Look::Gone(why) => {
                 // A bad token line is ours to refuse; anything else, the client left.
-                let refused = why.starts_with("bad token line");
-                self.drop_pending(slot, &why, refused)
+                let reason = if why.starts_with("bad token line") { Unpaired::BadToken } else { Unpaired::Left };
+                self.drop_pending(slot, &why, reason)
             }
         }
     }
@@ -570,14 +574,14 @@ impl Server {
             Some(partner) => match self.pending_mut(partner, None).map(|p| p.gone()) {
                 Some(None) => self.form_pair(partner, slot),
                 Some(Some(why)) => {
-                    self.drop_pending(partner, &why, false);
+                    self.drop_pending(partner, &why, Unpaired::Left);
                     self.offer(slot)
                 }
                 None => self.offer(slot),
             },
             None if matcher.waiting() > self.max_pending => {
                 let why = format!("{} clients already wait for a partner (--max-pending)", self.max_pending);
-                self.drop_pending(slot, &why, true);
+                self.drop_pending(slot, &why, Unpaired::Full);
             }
             None => {}
         }
@@ -607,11 +611,13 @@ impl Server {
         Some(p)
     }
 
-    /// Lets a waiting client go: `refused` when skrelay ends it (the client sees the reset set at
-    /// `admit`), not when the client left.
-    fn drop_pending(&mut self, slot: usize, why: &str, refused: bool) {
+    /// Lets a waiting client go, for `reason`: reset by skrelay (the reset set at `admit`) unless
+    /// the client left.
+    fn drop_pending(&mut self, slot: usize, why: &str, reason: Unpaired) {
         if let Some(p) = self.take_pending(slot) {
-            log::info!("client {} {}: {why}", p.addr, if refused { "reset" } else { "closed" });
+            self.metrics.client_unpaired(reason);
+            let ended = if reason == Unpaired::Left { "closed" } else { "reset" };
+            log::info!("client {} {ended}: {why}", p.addr);
         }
     }
 
@@ -651,6 +657,7 @@ impl Server {
                 self.threads.released();
                 // Streams we could not finish: reset, never closed as if they were whole.
                 ends.iter().for_each(reset_on_close);
+                (0..2).for_each(|_| self.metrics.client_unpaired(Unpaired::Error));
                 return log::error!("pair {} <-> {} reset: cannot splice it: {e}", addrs[0], addrs[1]);
             }
         };
@@ -663,6 +670,7 @@ impl Server {
         let mut pair = Pair::new(ends, addrs, splice, serial, upstream_local);
         if let Err(e) = pair.register(self.poll.registry(), tokens(slot)) {
             self.threads.released();
+            (0..2).for_each(|_| self.metrics.client_unpaired(Unpaired::Error));
             return log::error!("pair {} <-> {} reset: cannot watch it: {e}", addrs[0], addrs[1]);
         }
         log::debug!("paired {} <-> {} ({}, thread {})", addrs[0], addrs[1], pair.datapath(), self.threads.me);
@@ -800,7 +808,7 @@ impl Server {
         for slot in slots {
             match self.slots.get(slot) {
                 Some(Slot::Pair(_)) => self.end_pair(slot, ending()),
-                Some(Slot::Pending(_)) => self.drop_pending(slot, "skrelay is shutting down", true),
+                Some(Slot::Pending(_)) => self.drop_pending(slot, "skrelay is shutting down", Unpaired::Shutdown),
                 None => {}
             }
         }
@@ -810,6 +818,7 @@ impl Server {
     fn no_upstream(&mut self, slot: usize) {
         if let Some(p) = self.take_pending(slot) {
             reset_on_close(&p.stream);
+            self.metrics.client_unpaired(Unpaired::NoUpstream);
             log::warn!("client {} reset: no upstream could be reached", p.addr);
         }
     }
@@ -853,7 +862,7 @@ impl Server {
                 Timer::PairTimeout { slot, serial } => {
                     if let Some(p) = self.pending_mut(slot, Some(serial)) {
                         let why = p.timed_out();
-                        self.drop_pending(slot, why, true);
+                        self.drop_pending(slot, why, Unpaired::Timeout);
                     }
                 }
                 Timer::ConnectTimeout { slot, serial } => {
@@ -921,7 +930,7 @@ impl Server {
             let waiting: Vec<usize> =
                 self.slots.iter().filter(|(_, s)| matches!(s, Slot::Pending(_))).map(|(k, _)| k).collect();
             for slot in waiting.into_iter().filter(|_| !keep) {
-                self.drop_pending(slot, "skrelay is shutting down", true);
+                self.drop_pending(slot, "skrelay is shutting down", Unpaired::Shutdown);
             }
             log::info!(
                 "{name}: no longer accepting; letting {} live pair(s) finish (up to {:?})",
