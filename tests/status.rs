@@ -72,7 +72,11 @@ fn status_lists_the_ports_funnels_of_running_relays_and_overlaps_are_refused() {
     let (code, _, err) =
         skrelay_output(&["proxy", "--listen", "0.0.0.0:7002", "--ports", "9015", "--upstream", "127.0.0.1:7000"]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("cannot take --ports 9015: process"), "{err}");
+    assert!(
+        err.contains(&format!("cannot take --ports 9015: process {} already takes it for", a.pid()))
+            && err.contains("leave that port out"),
+        "{err}"
+    );
 
     // Disjoint ports are fine, and both are listed.
     let b = Skrelay::start(&["relay", "--datapath", "userspace", "--listen", "127.0.0.1:7003", "--ports", "9100"]);
@@ -85,7 +89,11 @@ fn status_lists_the_ports_funnels_of_running_relays_and_overlaps_are_refused() {
     let (code, _, err) = skrelay_output(&["steer", "add", "--ports", "9010", "--to", "127.0.0.1:7000"]);
     assert_eq!(code, 2, "{err}");
     assert!(
-        err.contains(&format!("cannot bind tcp 0.0.0.0/0 port 9010: process {} takes port(s) of it", a.pid())),
+        err.contains(&format!(
+            "cannot bind tcp 0.0.0.0/0 port 9010: process {} takes port 9010 on 127.0.0.1/32 with --ports while it \
+             runs (stop it, or leave that port out)",
+            a.pid()
+        )),
         "{err}"
     );
 

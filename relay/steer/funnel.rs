@@ -128,7 +128,8 @@ impl Running {
     }
 }
 
-fn port_list(ports: &[u16]) -> String {
+/// `ports` (sorted) as a port list: `7,77,8000-8999`.
+pub fn port_list(ports: &[u16]) -> String {
     let mut items: Vec<String> = Vec::new();
     let mut i = 0;
     while i < ports.len() {
@@ -267,9 +268,10 @@ fn check_overlaps(prefix: Prefix, ports: &[u16]) -> Result<(), Error> {
         let both = taken(&mut other.ports.iter().copied());
         if !both.is_empty() {
             let target = other.target.map(|t| format!(" for {t}")).unwrap_or_default();
+            let (them, those) = if both.len() == 1 { ("it", "that port") } else { ("them", "those ports") };
             return Err(Error::Usage(format!(
-                "cannot take --ports {}: {} already takes them{target} with its own --ports, and connections \
-                 would keep going there (stop it, or leave those ports out)",
+                "cannot take --ports {}: {} already takes {them}{target} with its own --ports, and connections \
+                 would keep going there (stop it, or leave {those} out)",
                 port_list(&both),
                 other.owner(),
             )));

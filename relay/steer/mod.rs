@@ -91,11 +91,16 @@ pub fn add(args: &SteerAddArgs) -> Result<Added, Error> {
     // (its funnel refuses ports already bound): refuse rather than report a binding that is not.
     for f in funnel::running() {
         for key in keys.iter().filter(|k| k.proto == crate::cli::Proto::Tcp) {
-            if funnel::prefixes_meet(&key.prefix, &f.prefix) && f.ports.iter().any(|p| key.ports.contains(*p)) {
+            let mut both: Vec<u16> = f.ports.iter().copied().filter(|&p| key.ports.contains(p)).collect();
+            if funnel::prefixes_meet(&key.prefix, &f.prefix) && !both.is_empty() {
+                both.sort_unstable();
+                both.dedup();
+                let (ports, those) = if both.len() == 1 { ("port", "that port") } else { ("ports", "those ports") };
                 return Err(Error::Usage(format!(
-                    "cannot bind {key}: {} takes port(s) of it on {} with --ports while it runs (stop it, or leave \
-                     those ports out)",
+                    "cannot bind {key}: {} takes {ports} {} on {} with --ports while it runs (stop it, or leave \
+                     {those} out)",
                     f.owner(),
+                    funnel::port_list(&both),
                     f.prefix
                 )));
             }
