@@ -50,6 +50,18 @@ fn pinned_files() -> Vec<String> {
     v
 }
 
+/// Runs `skrelay steer add ARGS` and asserts it is refused with exit 2 and one sentence
+/// containing `want`; returns the whole command line.
+fn add_refused<'a>(args: &[&'a str], want: &str) -> Vec<&'a str> {
+    let mut full = vec!["steer", "add"];
+    full.extend(args.iter().copied());
+    let (code, out, err) = skrelay_output(&full);
+    assert_eq!(code, 2, "{full:?} must exit 2:\n{out}{err}");
+    assert!(err.contains(want), "{full:?}: expected `{want}` in:\n{err}");
+    assert!(err.starts_with("skrelay: ") && err.trim_end().lines().count() == 1, "one sentence: {err}");
+    full
+}
+
 fn wait_listening(addr: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(addr).is_err() {
@@ -361,14 +373,7 @@ fn bad_input_exits_2_with_one_sentence_and_leaves_state_alone() {
         (vec!["--ports", "9", "--addr", "10.0.0.1/8", "--to", "127.0.0.1:6200"], "did you mean 10.0.0.0/8"),
     ];
     for (args, want) in cases {
-        let mut full = vec!["steer", "add"];
-        full.extend(args.iter().copied());
-        let (code, out, err) = skrelay_output(&full);
-        assert_eq!(code, 2, "{full:?} must exit 2:\n{out}{err}");
-        assert!(err.contains(want), "{full:?}: expected `{want}` in:\n{err}");
-        if err.starts_with("skrelay:") {
-            assert_eq!(err.trim_end().lines().count(), 1, "one sentence: {err}");
-        }
+        let full = add_refused(&args, want);
         assert_eq!((list_json(), pinned_files()), before, "{full:?} changed the pinned state");
     }
     // Not allowed to trace: an unprivileged user cannot take a root process's socket.
@@ -830,11 +835,7 @@ fn target_errors_name_the_fix() {
         ),
     ];
     for (args, want) in cases {
-        let mut full = vec!["steer", "add"];
-        full.extend(args.iter().copied());
-        let (code, out, err) = skrelay_output(&full);
-        assert_eq!(code, 2, "{full:?} must exit 2:\n{out}{err}");
-        assert!(err.contains(want), "{full:?}: expected `{want}` in:\n{err}");
+        add_refused(&args, want);
     }
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", SKRELAY, "steer", "add", "--ports", "9"])
