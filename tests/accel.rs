@@ -478,6 +478,34 @@ fn a_reader_that_stops_holds_back_its_sender_within_the_bound() {
     assert!(r.bytes > 0, "{r}");
 }
 
+/// The bound counts messages too: each redirected message costs the reader's host a struct
+/// sk_msg (1 KiB of slab, kmalloc-1k) besides its bytes, which the reader's receive memory does
+/// not count. 100-byte writes to a reader that stopped, with the small-write policy off
+/// (`--small-write 0`), held 8 MiB of bytes in 84,000 messages and 81 MiB of slab before; now
+/// the stream pauses when bytes plus 1 KiB per message reach the limit.
+#[test]
+fn small_messages_to_a_stopped_reader_stay_within_the_bound() {
+    if !require_bpf("small_messages_to_a_stopped_reader_stay_within_the_bound") {
+        return;
+    }
+    let _netns = enter_netns();
+    let cg = TestCgroup::accelerated("stallsmall", &["--small-write", "0"]);
+    let total = 16 * MIB;
+    let out = output(cg.peer(&["stall", "127.0.0.1", &total.to_string(), "4", "100"]));
+    assert_eq!(field(&out, "sent"), field(&out, "received"), "stream damaged after the stall:\n{out}");
+    assert!(field(&out, "sent").starts_with(&format!("{total} ")), "{out}");
+    let r = cg.report();
+    assert!(r.pauses >= 1 && r.messages > 0, "the stream was not redirected, then paused: {r}");
+    // --max-queued 8 MiB: at most about 8 MiB of sk_msg slab; measured 81 MiB without the count.
+    let slab: u64 = field(&out, "slabgrowth").parse().unwrap();
+    eprintln!("100-byte writes, reader stopped 4 s:\n{out}\n{r}");
+    assert!(
+        slab < 24 * MIB,
+        "kmalloc-1k grew by {slab} bytes while the reader stopped ({} messages redirected)\n{out}\n{r}",
+        r.messages
+    );
+}
+
 /// A counter of /proc/net/netstat (`TcpExt: NAME`) in this thread's network namespace.
 fn tcp_ext(name: &str) -> u64 {
     let text = std::fs::read_to_string("/proc/thread-self/net/netstat").expect("read netstat");

@@ -17,10 +17,13 @@ duplicated or reordered chunk changes the sha256 the test compares. Results are 
                               reply is read with a blocking recv (which must never fail with
                               EAGAIN: the 6.18 limitation in README); with `poll`, as everywhere
                               else here, the way event loops read.
-  stall HOST BYTES SECS       the client sends BYTES (blocking sendall) while the server reads
-                              nothing for SECS; prints what the client had handed to the kernel
-                              by then (`held`) and how far host MemAvailable fell (`memdrop`),
-                              then the server reads everything: sha256 of both sides
+  stall HOST BYTES SECS [WRITE]
+                              the client sends BYTES (blocking sendall, WRITE bytes at a time,
+                              64 KiB by default) while the server reads nothing for SECS; prints
+                              what the client had handed to the kernel by then (`held`), how far
+                              host MemAvailable fell (`memdrop`) and how far kmalloc-1k slabs
+                              grew (`slabgrowth`: one struct sk_msg per redirected message), then
+                              the server reads everything: sha256 of both sides
   small HOST BYTES WRITE      the client sends BYTES in WRITE-byte send(2) calls while the server
                               reads; sha256 of both sides
   blocking HOST BYTES WRITE [waitall]
@@ -375,7 +378,17 @@ def mem_available():
     raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
-def stall(host, total, secs):
+def kmalloc_1k():
+    """Bytes in kmalloc-1k slabs, where the kernel allocates a struct sk_msg per redirected message."""
+    with open("/proc/slabinfo") as f:
+        for line in f:
+            if line.startswith("kmalloc-1k "):
+                fields = line.split()
+                return int(fields[1]) * int(fields[3])
+    raise RuntimeError("no kmalloc-1k in /proc/slabinfo")
+
+
+def stall(host, total, secs, write=CHUNK):
     cli, srv = pair(host)
     time.sleep(0.05)  # let the accepted end join before the first send
     progress = {"sent": 0}
@@ -386,23 +399,27 @@ def stall(host, total, secs):
         i = 0
         while progress["sent"] < total:
             data = chunk(1, i)[: min(CHUNK, total - progress["sent"])]
-            cli.sendall(data)
+            for at in range(0, len(data), write):
+                cli.sendall(data[at : at + write])
+                progress["sent"] += len(data[at : at + write])
             h.update(data)
-            progress["sent"] += len(data)
             i += 1
         cli.shutdown(socket.SHUT_WR)
         out["sent"] = (progress["sent"], h.hexdigest())
 
     before = mem_available()
+    slab_before = kmalloc_1k()
     t = threading.Thread(target=writer)
     t.start()
-    low = before
+    low, slab_high = before, slab_before
     deadline = time.monotonic() + secs
     while time.monotonic() < deadline:
         time.sleep(0.25)
         low = min(low, mem_available())
+        slab_high = max(slab_high, kmalloc_1k())
     print("held %d" % progress["sent"])
-    print("memdrop %d" % max(0, before - low), flush=True)
+    print("memdrop %d" % max(0, before - low))
+    print("slabgrowth %d" % max(0, slab_high - slab_before), flush=True)
     t0 = time.monotonic()
     recv_stream(srv, out)
     t.join()
@@ -460,7 +477,7 @@ if __name__ == "__main__":
     elif mode == "small":
         small(args[0], int(args[1]), int(args[2]), float(args[3]) if args[3:] else 0.0)
     elif mode == "stall":
-        stall(args[0], int(args[1]), float(args[2]))
+        stall(args[0], int(args[1]), float(args[2]), *[int(a) for a in args[3:]])
     elif mode == "blocking":
         blocking(args[0], int(args[1]), int(args[2]), args[3:] == ["waitall"])
     elif mode == "pause":
