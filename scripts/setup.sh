@@ -9,6 +9,7 @@ packages=(
   clang llvm libbpf-dev linux-libc-dev   # build.rs compiles probes/*.bpf.c
   iproute2 bpftool                       # tests: netns set-up, pinned-state inspection
   netcat-openbsd ncat socat iperf3 curl  # tests: real clients
+  strace                                 # tests: a command killed at a chosen system call
   redis-server                           # tests: accel with a real service (brings redis-tools)
   nginx wrk                              # tests: accel_services (the test runs its own nginx)
   postgresql                             # tests: accel_services (own cluster in a temp dir; pgbench, psql)

@@ -237,7 +237,7 @@ fn accel_off_during_an_accel_run_leaves_the_runs_cgroup_to_the_run_which_removes
 }
 
 /// A set-up killed half-way (after it attached sockops, before its state was in place) leaves
-/// its state in `accel-setup/PID-NAME`, which nothing lists: the next `on` or `off` removes it,
+/// its state in `accel-setup/PID-NAME`, which `status` shows as such: the next `on` or `off` removes it,
 /// detaching the sockops program it left on the cgroup. State missing some of its pins (what an
 /// older skrelay left when killed) is refused by `on` and `run` with the fix, and `off --force`
 /// removes it.
@@ -266,7 +266,13 @@ fn what_an_interrupted_set_up_leaves_is_removed_or_refused_with_the_fix() {
         .join(format!("{dead}-{}", pins.file_name().unwrap().to_string_lossy()));
     std::fs::create_dir_all(left.parent().unwrap()).unwrap();
     std::fs::rename(&pins, &left).unwrap();
-    assert!(!ok(&["accel", "status"]).contains(&a), "a set-up's leftovers are listed as accelerated");
+    let status = ok(&["accel", "status"]);
+    let a_path = mount.join(&a).display().to_string();
+    assert!(!status.contains(&format!("accel {a_path}:")), "a set-up's leftovers are listed as accelerated: {status}");
+    assert!(
+        status.contains(&format!("accel: {a_path}: a set-up that was interrupted (skrelay pid {dead}, gone)")),
+        "status does not show the interrupted set-up: {status}"
+    );
     ok(&["accel", "on", "--cgroup", &b, "--small-write", "64K"]);
     assert!(!left.exists(), "the next `accel on` left {} in place", left.display());
     assert!(!sockops_on(&a), "the interrupted set-up's sockops program is still attached to {a}");
@@ -285,7 +291,8 @@ fn what_an_interrupted_set_up_leaves_is_removed_or_refused_with_the_fix() {
 }
 
 /// Turning the last cgroup off leaves no empty `accel` or `accel-setup` directory in bpffs
-/// (nothing is left behind, not even an empty skrelay/). Run against a bpffs of its own (a private mount namespace), which
+/// (nothing is left behind, not even an empty skrelay/), and an `off` refused because nothing is
+/// on creates none. Run against a bpffs of its own (a private mount namespace), which
 /// other tests' accel state cannot share.
 #[test]
 fn the_last_off_leaves_no_empty_directory_in_bpffs() {
@@ -298,6 +305,9 @@ fn the_last_off_leaves_no_empty_directory_in_bpffs() {
     let _cleanup = Cleanup(mount.clone(), vec![cg.clone()]);
     let script = r#"set -e
 mount -t bpf bpf /sys/fs/bpf
+# A refused off (nothing is on) writes nothing.
+if "$0" accel off --cgroup "$1" 2>/dev/null; then echo "off of a cgroup never on succeeded"; exit 1; fi
+if ls -A /sys/fs/bpf | grep skrelay; then echo "a refused off left that"; exit 1; fi
 "$0" accel on --cgroup "$1" --small-write 64K >/dev/null
 ls /sys/fs/bpf/skrelay
 "$0" accel off --cgroup "$1" >/dev/null
@@ -308,4 +318,43 @@ echo after:; ls -A /sys/fs/bpf | grep skrelay || true"#;
     let (before, after) = stdout.split_once("after:").unwrap();
     assert!(before.contains("accel"), "accel on pinned nothing under skrelay/: {before}");
     assert_eq!(after.trim(), "", "left in /sys/fs/bpf after the last off");
+}
+
+/// `accel run` killed (SIGKILL) in the middle of its set-up: everything is pinned and attached
+/// in `accel-setup/`, and the rename that puts it in place is where strace kills it. What it
+/// left (pins, a sockops link that still accelerates, the cgroup it created) is shown by
+/// `status` with the fix, and `accel off` removes all of it, exit 0. Before, status showed
+/// nothing, and off removed the pins but said "not accelerated" (exit 2) and left the cgroup.
+/// In a bpffs of its own, as above.
+#[test]
+fn a_set_up_killed_half_way_is_shown_and_removed_by_off() {
+    let test = "a_set_up_killed_half_way_is_shown_and_removed_by_off";
+    if !require_bpf(test) || !require_tool(test, "strace") {
+        return;
+    }
+    let _netns = enter_netns();
+    let mount = v2_mount();
+    let cg = format!("skrelay-own-killed-{}", std::process::id());
+    let _cleanup = Cleanup(mount.clone(), vec![cg.clone()]);
+    let script = r#"mount -t bpf bpf /sys/fs/bpf || exit 1
+renames=rename,renameat,renameat2
+strace -o /dev/null -f -e trace=$renames -e inject=$renames:signal=SIGKILL \
+  "$0" accel run --cgroup "$1" --small-write 64K -- true
+echo "run: $?"
+echo status:; "$0" accel status
+"$0" accel off --cgroup "$1" || exit 1
+echo after:; ls -A /sys/fs/bpf | grep skrelay || true"#;
+    let out = Command::new("unshare").args(["-m", "sh", "-c", script, SKRELAY, &cg]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("run: 137"), "strace did not kill the set-up: {stdout}{stderr}");
+    let (_, rest) = stdout.split_once("status:").unwrap();
+    let (status, after) = rest.split_once("after:").unwrap();
+    assert!(
+        status.contains("a set-up that was interrupted") && status.contains("`skrelay accel off --cgroup"),
+        "status does not show the interrupted set-up: {status}"
+    );
+    assert_eq!(after.trim(), "", "left in /sys/fs/bpf after accel off");
+    assert!(!mount.join(&cg).exists(), "the cgroup the killed run created is still there");
 }

@@ -210,6 +210,7 @@ impl Reports {
     pub fn text(&self) -> String {
         let mut lines: Vec<String> = self.cgroups.iter().map(AccelReport::to_string).collect();
         lines.extend(self.unreadable.iter().map(Unreadable::to_string));
+        lines.extend(self.interrupted.iter().map(Interrupted::to_string));
         if lines.is_empty() {
             "accel: no cgroup is accelerated".to_string()
         } else {
@@ -226,6 +227,11 @@ impl Reports {
                 "cgroup": u.cgroup.display().to_string(),
                 "pins": u.pins.display().to_string(),
                 "error": u.error,
+            })).collect::<Vec<_>>(),
+            "interrupted": self.interrupted.iter().map(|i| serde_json::json!({
+                "cgroup": i.cgroup.display().to_string(),
+                "pins": i.pins.display().to_string(),
+                "pid": i.pid,
             })).collect::<Vec<_>>(),
         })
     }
@@ -249,7 +255,7 @@ impl fmt::Display for Unreadable {
             // Pins are mode 0600: another user's (root's) state, not another version's.
             return write!(
                 f,
-                "accel: {}: state at {} is not readable without root (permission denied): run `skrelay status` as root \
+                "accel: {}: state at {} is not readable without root (permission denied): run this command as root \
                  to see it",
                 self.cgroup.display(),
                 self.pins.display()
@@ -271,6 +277,32 @@ impl fmt::Display for Unreadable {
 pub struct Reports {
     pub cgroups: Vec<AccelReport>,
     pub unreadable: Vec<Unreadable>,
+    /// What set-ups killed half-way left (`pinned::unfinished`): the next `on` or `off` removes it.
+    pub interrupted: Vec<Interrupted>,
+}
+
+/// What a set-up killed half-way left in bpffs. Its sockops link, if it got that far, still
+/// accelerates new connections of the cgroup.
+#[derive(Debug, Clone)]
+pub struct Interrupted {
+    pub cgroup: PathBuf,
+    pub pins: PathBuf,
+    /// The skrelay process that was setting it up (gone).
+    pub pid: u32,
+}
+
+impl fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "accel: {}: a set-up that was interrupted (skrelay pid {}, gone) left state at {}, which may still \
+             accelerate new connections: `skrelay accel off --cgroup {}` removes it",
+            self.cgroup.display(),
+            self.pid,
+            self.pins.display(),
+            self.cgroup.display()
+        )
+    }
 }
 
 fn report_for(dir: &Path, cg: &Cgroup) -> Result<AccelReport, Error> {
@@ -316,10 +348,15 @@ fn existing_accel_root() -> Option<PathBuf> {
 /// State this version cannot read is listed apart, so one stale pin never hides the rest. Reads
 /// under a shared lock and creates nothing.
 pub fn reports() -> Result<Reports, Error> {
-    let mut out = Reports { cgroups: Vec::new(), unreadable: Vec::new() };
+    let mut out = Reports { cgroups: Vec::new(), unreadable: Vec::new(), interrupted: Vec::new() };
     let Some(root) = existing_accel_root() else { return Ok(out) };
     let Some(_lock) = bpffs::StateLock::acquire_shared(&root)? else { return Ok(out) };
     let mount = cgroup::v2_mount()?;
+    for (pid, name, pins) in pinned::unfinished(&root) {
+        if let Some(cg) = Cgroup::from_pin_name(&mount, &name) {
+            out.interrupted.push(Interrupted { cgroup: cg.path(), pins, pid });
+        }
+    }
     for (name, dir) in pinned::list(&root) {
         if let Some(cg) = Cgroup::from_pin_name(&mount, &name) {
             match report_for(&dir, &cg) {
@@ -400,12 +437,13 @@ pub struct Enabled {
 /// missing), limited to `ports` when not empty, demoting directions to the normal path as
 /// `policy` says.
 pub fn on(cgroup: &Path, ports: &[u16], policy: &AccelPolicyArgs) -> Result<Enabled, Error> {
-    on_for(cgroup, ports, policy, calibrate::Placement::AnyCpu)
+    on_for("on", cgroup, ports, policy, calibrate::Placement::AnyCpu)
 }
 
 /// `on`, measuring the default `--small-write` where the cgroup's programs will run: on any CPU
 /// for `accel on`, on this process's CPUs for `accel run` (its command inherits them).
 fn on_for(
+    command: &'static str,
     cgroup: &Path,
     ports: &[u16],
     policy: &AccelPolicyArgs,
@@ -440,28 +478,38 @@ fn on_for(
     let small_write =
         policy.small_write.or(measured.as_ref().map(|c| c.small_write)).unwrap_or(calibrate::SMALL_WRITE_SAFE);
     let _lock = bpffs::StateLock::acquire(&root)?;
-    pinned::remove_unfinished(&root);
+    remove_interrupted(&root, &cg.mount);
     if dir.exists() {
         return Err(already_on(&cg, &dir));
     }
     check_nested(&root, &cg)?;
     check_no_relay_inside(&cg, ports)?;
     let created = cg.create()?;
-    let result = check_foreign(&cg).and_then(|()| pinned::create(&dir, &cg, ports, max_queued, small_write));
-    if let Err(e) = result {
-        cgroup::remove_dirs(&created);
-        return Err(e);
-    }
-    // `off` removes the directories made here; `run` records itself as the owner over this.
-    let owner = Owner {
-        command: "on".into(),
-        pid: None,
+    // Recorded before the set-up, with this process: if it is killed half-way, the next `on` or
+    // `off` (`remove_interrupted`) knows which directories it created, and a `run` killed after
+    // the set-up and before its watcher started shows in `status` as a gone `run` that left it.
+    let mut owner = Owner {
+        command: command.into(),
+        pid: Some(cgroup::Process::me()),
         watcher: None,
         created: created.len(),
         measured: measured.as_ref().map(calibrate::Choice::record),
     };
     if let Err(e) = cg.set_owner(&owner) {
         log::debug!("accel: {e}");
+    }
+    let result = check_foreign(&cg).and_then(|()| pinned::create(&dir, &cg, ports, max_queued, small_write));
+    if let Err(e) = result {
+        cg.clear_owner();
+        cgroup::remove_dirs(&created);
+        return Err(e);
+    }
+    // `off` removes the directories made here; `run` records its watcher over this.
+    if command == "on" {
+        owner.pid = None;
+        if let Err(e) = cg.set_owner(&owner) {
+            log::debug!("accel: {e}");
+        }
     }
     Ok(Enabled { cgroup: cg, pins: dir, measured, created })
 }
@@ -562,6 +610,26 @@ fn check_foreign(cg: &Cgroup) -> Result<(), Error> {
     Ok(())
 }
 
+/// Removes what set-ups killed half-way left (`pinned::remove_unfinished`) and, where such a
+/// set-up had created its cgroup's directories (its owner record names its process), those
+/// directories too once no process is in them. Under the accel root's lock. Returns the cgroups
+/// whose set-ups were removed.
+fn remove_interrupted(root: &Path, mount: &Path) -> Vec<Cgroup> {
+    let mut cgroups = Vec::new();
+    for (pid, pin_name) in pinned::remove_unfinished(root) {
+        let Some(cg) = Cgroup::from_pin_name(mount, &pin_name) else { continue };
+        let owner = cg.owner().filter(|o| o.pid.is_some_and(|p| p.pid == pid));
+        if let Some(owner) = owner.filter(|_| !root.join(&pin_name).exists()) {
+            cg.clear_owner();
+            if !cg.populated() {
+                cgroup::remove_dirs(&cg.created_dirs(owner.created));
+            }
+        }
+        cgroups.push(cg);
+    }
+    cgroups
+}
+
 /// What `off` did.
 #[derive(Debug)]
 pub struct Disabled {
@@ -580,8 +648,15 @@ pub fn off(cgroup: &Path, drain: Duration, force: bool) -> Result<Disabled, Erro
     let dir = root.join(cg.pin_name());
     {
         let _lock = bpffs::StateLock::acquire(&root)?;
-        pinned::remove_unfinished(&root);
+        let interrupted = remove_interrupted(&root, &cg.mount);
         if !dir.is_dir() {
+            // What was asked: an interrupted set-up of this cgroup is no longer there either.
+            let removed = interrupted.contains(&cg);
+            pinned::remove_if_empty(&root);
+            bpffs::remove_root_if_empty();
+            if removed {
+                return Ok(Disabled { cgroup: cg, forced_sockets: 0 });
+            }
             return Err(not_on(&dir));
         }
         pinned::detach_sockops(&dir)?;
@@ -660,7 +735,7 @@ pub fn run(cgroup: Option<&Path>, policy: &AccelPolicyArgs, cmd: &[String]) -> R
     }
     let enabled = match already {
         true => None,
-        false => match on_for(&target, &[], policy, calibrate::Placement::ThisProcess) {
+        false => match on_for("run", &target, &[], policy, calibrate::Placement::ThisProcess) {
             Ok(e) => Some(e),
             // Another `accel run` (or `on`) of this cgroup got there first: run under its
             // acceleration, as if it had been there before, unless it has another policy.

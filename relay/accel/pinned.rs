@@ -54,18 +54,34 @@ pub fn create(dir: &Path, cgroup: &Cgroup, ports: &[u16], max_queued: u32, small
     result
 }
 
-/// Removes what set-ups that were killed half-way left in `accel-setup` (their process is gone):
-/// a sockops link among it would keep accelerating the cgroup with no state anyone lists.
-pub fn remove_unfinished(root: &Path) {
-    let Ok(entries) = std::fs::read_dir(setup_root(&root.join("x"))) else { return };
-    for entry in entries.filter_map(|e| e.ok()) {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let pid = name.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        if pid.is_some_and(|p| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists()) {
-            log::info!("accel: removing what an interrupted set-up left at {}", entry.path().display());
-            remove(&entry.path());
-        }
-    }
+/// Set-ups that were killed half-way: what they left in `accel-setup` (their process is gone),
+/// as (pid, the pin name of the cgroup being set up, the directory).
+pub fn unfinished(root: &Path) -> Vec<(u32, String, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(setup_root(&root.join("x"))) else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let (pid, pin_name) = name.split_once('-')?;
+            let pid = pid.parse::<u32>().ok()?;
+            let gone = pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists();
+            gone.then(|| (pid, pin_name.to_string(), entry.path()))
+        })
+        .collect()
+}
+
+/// Removes what set-ups that were killed half-way left in `accel-setup` (`unfinished`): a
+/// sockops link among it would keep accelerating the cgroup with no state anyone lists. Returns
+/// the (pid, pin name) of each.
+pub fn remove_unfinished(root: &Path) -> Vec<(u32, String)> {
+    unfinished(root)
+        .into_iter()
+        .map(|(pid, pin_name, dir)| {
+            log::info!("accel: removing what an interrupted set-up left at {}", dir.display());
+            remove(&dir);
+            (pid, pin_name)
+        })
+        .collect()
 }
 
 /// Removes the accel root and the set-up directory beside it when nothing is left in them (after
