@@ -61,7 +61,8 @@ pub struct AccelReport {
     /// Connections whose both ends joined, so their data bypasses TCP/IP.
     pub connections: u64,
     /// Sockets that joined and are not closed yet, in the map or back on plain TCP (how crowded
-    /// the cgroup is: see `stuck`).
+    /// the cgroup is: see `stuck`). Counted by sockops, so not after `off` detached it
+    /// (`attached` false): then it keeps the count of that moment, and the text leaves it out.
     pub sockets_live: u64,
     /// sendmsg calls (and their bytes) moved straight into the peer's receive queue.
     pub messages: u64,
@@ -118,10 +119,13 @@ impl fmt::Display for AccelReport {
             None => String::new(),
         };
         writeln!(f, "  policy: --max-queued {} --small-write {}{how}", kib(self.max_queued), kib(self.small_write))?;
+        // Closes are counted by the sockops program, which `off` detached: draining, only the
+        // map says what is still open.
+        let live = if self.attached { format!("{} of them open, ", self.sockets_live) } else { String::new() };
         writeln!(
             f,
-            "  connections accelerated: {} ({} sockets joined, {} of them open, {} in the map now)",
-            self.connections, self.sockets_joined, self.sockets_live, self.sockets_open
+            "  connections accelerated: {} ({} sockets joined, {live}{} in the map now)",
+            self.connections, self.sockets_joined, self.sockets_open
         )?;
         writeln!(f, "  redirected: {} messages, {} bytes", self.messages, self.bytes)?;
         writeln!(
