@@ -326,6 +326,38 @@ fn bytes_sent_just_before_a_reset_reach_the_partner_then_the_reset(dp: &str) {
 
 per_datapath!(bytes_sent_just_before_a_reset_reach_the_partner_then_the_reset);
 
+/// A waiting client that sent bytes and then reset is gone once skrelay sees the reset: a client
+/// that comes later is not paired with it. Before, the next arrival, even seconds later, was
+/// paired with the dead socket, got its bytes and a reset at once: one misbehaving client knocked
+/// out the next. (One that had connected before the reset still gets them: the test above.)
+fn a_client_that_reset_while_waiting_is_not_paired_with_a_later_one(dp: &str) {
+    let _netns = enter_netns();
+    for pair in ["order", "token"] {
+        let relay = Skrelay::start(&["relay", "--datapath", dp, "--pair", pair, "--metrics", "127.0.0.1:0"]);
+        let token: &[u8] = if pair == "token" { b"t\n" } else { b"" };
+        let mut a = connect(addr());
+        a.write_all(token).unwrap();
+        drop(send_then_reset(a, 9, 5_000));
+        relay.wait_metrics("the reset client counted as left", Duration::from_secs(5), |m| {
+            m.get("skrelay_unpaired_clients_total{reason=\"left\"}") == 1
+        });
+        let (mut b, mut c) = (connect(addr()), connect(addr()));
+        b.write_all(token).unwrap();
+        c.write_all(token).unwrap();
+        b.write_all(b"hello").unwrap();
+        assert_eq!(read_n(&mut c, 5), b"hello", "{dp} {pair}: C must get B's bytes, not A's\n{}", relay.log());
+        c.write_all(b"back").unwrap();
+        assert_eq!(read_n(&mut b, 4), b"back", "{dp} {pair}\n{}", relay.log());
+        drop((b, c));
+        let m = relay.wait_pairs_ended(1, Duration::from_secs(5));
+        assert_eq!(m.pairs(dp, "eof"), 1, "{dp} {pair}: B and C were a whole pair\n{}", m.text);
+        let (status, log) = relay.stop(Duration::from_secs(10));
+        assert!(status.success() && log.contains("reset before a partner came"), "{log}");
+    }
+}
+
+per_datapath!(a_client_that_reset_while_waiting_is_not_paired_with_a_later_one);
+
 fn pairs_cut_at_the_drain_timeout_log_what_their_clients_received(dp: &str) {
     // The kernel datapath logged one 32 KiB write less than the client had read for about half
     // the directions cut at the drain timeout: it counted before taking the pair out of the maps,

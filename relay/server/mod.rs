@@ -560,6 +560,16 @@ impl Server {
                 let reason = if why.starts_with("bad token line") { Unpaired::BadToken } else { Unpaired::Left };
                 self.drop_pending(slot, &why, reason)
             }
+            Look::ResetAfterSending => {
+                // Clients that connected before the reset was seen are taken first: the one that
+                // pairs with it gets its bytes and then the reset, as end to end. Nobody later
+                // does: a client that came seconds after would be paired with a dead one.
+                let serial = p.serial;
+                self.accept();
+                if self.pending_mut(slot, Some(serial)).is_some() {
+                    self.drop_pending(slot, "reset before a partner came (its bytes go nowhere)", Unpaired::Left);
+                }
+            }
         }
     }
 

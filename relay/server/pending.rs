@@ -34,6 +34,10 @@ pub(super) enum Look {
     Identified,
     /// It left, or broke the rules: close it, for this reason.
     Gone(String),
+    /// `relay`: it sent bytes and then reset its connection while it waited for a partner. Its
+    /// bytes can still reach a partner that had connected by then (then the reset, as end to
+    /// end); a later one must not be paired with it (`Server::on_pending`).
+    ResetAfterSending,
 }
 
 impl Pending {
@@ -49,6 +53,10 @@ impl Pending {
         if self.key.is_some() {
             return match self.gone_after(peeked) {
                 Some(why) => Look::Gone(why),
+                // A peek returns the queued bytes before the reset's error: the state says it.
+                None if self.upstream.is_none() && sys::tcp_counters(&self.stream).is_ok_and(|c| c.closed()) => {
+                    Look::ResetAfterSending
+                }
                 None => Look::Waiting,
             };
         }
