@@ -201,6 +201,7 @@ fn a_takeover_moves_the_pairs_of_every_loop(dp: &str) {
     thread::sleep(Duration::from_millis(50));
     let old_log = old.log();
     assert!(status.success(), "{dp}: the old process {status}\n{old_log}");
+    assert!(old_log.contains("handing over 6 live pair(s)"), "{dp}: the count before, of every loop:\n{old_log}");
     assert!(old_log.contains("handed over 6 live pair(s)"), "{dp}:\n{old_log}");
     new.wait_log("took over 6 live pair(s)", 1, Duration::from_secs(5));
     exchange_pairs(clients, 8 << 20, "pair taken over");

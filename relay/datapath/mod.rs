@@ -201,8 +201,8 @@ pub fn open(
             // `auto`: every loop on one datapath, said once, as when the first load fails.
             Err(e) if choice == DatapathChoice::Auto => {
                 log::warn!(
-                    "kernel datapath unavailable for event loop {} of {threads}, splicing in user space instead: {e}",
-                    n + 1
+                    "kernel datapath unavailable for event loop {n} (loops 0 to {}), splicing in user space instead: {e}",
+                    threads - 1
                 );
                 return Ok(userspace(threads));
             }

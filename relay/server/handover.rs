@@ -87,7 +87,7 @@ impl Server {
         log::info!(
             "SIGUSR2 (handing over to the skrelay that took over): no longer accepting; handing over {} live \
              pair(s) and {} waiting client(s)",
-            self.pairs,
+            self.threads.pairs(),
             self.pending
         );
         let mut channel = Channel::connect().map_err(|e| {
@@ -244,7 +244,7 @@ impl Server {
                         return Err(format!(
                             "its event loop {} has pairs in kernel maps of its own and this process runs {} event \
                              loop(s) (start it with --threads {})",
-                            n + 1,
+                            n,
                             self.threads.count(),
                             manifest.maps.len()
                         ))

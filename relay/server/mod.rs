@@ -365,7 +365,7 @@ impl Server {
                         // say whose, so the counts add up to the drain's "letting N" line.
                         let of = match self.threads.count() {
                             1 => String::new(),
-                            _ => format!(" of event loop {}", self.threads.me + 1),
+                            _ => format!(" of event loop {}", self.threads.me),
                         };
                         log::warn!("drain timeout: closing {} live pair(s){of}", self.pairs);
                     }
