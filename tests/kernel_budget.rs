@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 use std::{
-    io::Read,
+    io::{Read, Write},
     net::{Shutdown, TcpStream},
     thread,
     time::{Duration, Instant},
@@ -126,4 +126,57 @@ fn bulk_through_a_small_kernel_budget_keeps_every_byte_once_and_in_order() {
     let summary = log.lines().find(|l| l.contains("kernel datapath:") && l.contains("parkings")).expect("summary");
     eprintln!("{summary}");
     assert!(!summary.contains(" in 0 parkings"), "the budget never parked a direction: {summary}");
+}
+
+/// With the default `--kernel-after`, a pair that would join the kernel maps when the
+/// `--kernel-memory` budget is already held by other pairs stays on splice(2), every byte
+/// intact, and the relay says so once, as it does for pairs refused at their start
+/// (`--kernel-after 0`); its path label says `userspace`. Before, only the start case warned.
+#[test]
+fn a_pair_that_finds_the_budget_full_when_it_would_join_says_so_once() {
+    if !require_bpf("a_pair_that_finds_the_budget_full_when_it_would_join_says_so_once") {
+        return;
+    }
+    let _netns = enter_netns();
+    // Room for one kernel pair: 2 x 16 MiB.
+    let relay = Skrelay::start(&[
+        "relay",
+        "--datapath",
+        "kernel",
+        "--kernel-after=65536",
+        "--kernel-memory",
+        "32M",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    // Past --kernel-after (64 KiB), then idle: a pair tries to join the maps. The first joins
+    // and holds the whole budget while it stays open; the next two find it full.
+    let past_kernel_after = |a: &TcpStream, b: &mut TcpStream| {
+        let chunk = vec![1u8; 1 << 20];
+        let writer = {
+            let (mut a, chunk) = (a.try_clone().unwrap(), chunk.clone());
+            thread::spawn(move || a.write_all(&chunk).unwrap())
+        };
+        assert!(read_n(b, 1 << 20) == chunk, "bytes before the join");
+        writer.join().unwrap();
+        thread::sleep(Duration::from_millis(300));
+    };
+    let (a, mut b) = (connect(addr()), connect(addr()));
+    past_kernel_after(&a, &mut b);
+    for n in 0..2 {
+        let (c, mut d) = (connect(addr()), connect(addr()));
+        past_kernel_after(&c, &mut d);
+        exchange_both_ways(c, d, [3 + n, 5 + n], 2 << 20, "a pair past the budget");
+    }
+    drop((a, b));
+    let m = relay.wait_pairs_ended(3, Duration::from_secs(10));
+    let kernel = m.paths("kernel") + m.paths("kernel, after a userspace start");
+    assert_eq!(kernel, 1, "one pair joined the maps:\n{}", m.text);
+    let (status, log) = relay.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+    assert_eq!(log.matches("spliced in user space until kernel pairs end").count(), 1, "{log}");
+}
+
+fn addr() -> std::net::SocketAddr {
+    "127.0.0.1:7777".parse().unwrap()
 }

@@ -138,7 +138,6 @@ pub struct KernelDatapath {
     join_after: u64,
     stats: PerCpuArray<MapData, u64>,
     /// The full map was reported (once: every pair after it would say the same).
-    warned_map_full: bool,
     /// Keeps the programs loaded and attached.
     _bpf: Ebpf,
 }
@@ -194,13 +193,23 @@ impl KernelDatapath {
             fallback: UserspaceDatapath,
             join_after,
             stats,
-            warned_map_full: false,
             _bpf: bpf,
         })
     }
 
     fn stat(&self, idx: u32) -> u64 {
         self.stats.get(&idx, 0).map(|v| v.iter().sum()).unwrap_or(0)
+    }
+}
+
+/// Says once per process (every event loop's datapath shares it) that the socket map or the
+/// `--kernel-memory` budget is full: from then on pairs that would join the kernel, at their
+/// start (`--kernel-after 0`) or after `--kernel-after` bytes, stay on splice(2) until kernel
+/// pairs end. The same semantics, only not in the kernel; the metrics' path label counts them.
+fn warn_full_once(e: &SpliceError) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        log::warn!("{e}: further pairs are spliced in user space until kernel pairs end");
     }
 }
 
@@ -327,10 +336,7 @@ impl Datapath for KernelDatapath {
                 }
                 // The same semantics through splice(2), said once: the map stays full for a while.
                 Err(e @ (SpliceError::MapFull(_) | SpliceError::OverBudget(_))) => {
-                    if !self.warned_map_full {
-                        log::warn!("{e}: further pairs are spliced in user space until kernel pairs end");
-                        self.warned_map_full = true;
-                    }
+                    warn_full_once(&e);
                     self.fallback.splice(ends, skip)
                 }
                 Err(e) => Err(e),
@@ -1173,6 +1179,9 @@ impl Splice for Handover {
                 // through the kernel.
                 Err(e) => {
                     self.refused = matches!(e, SpliceError::MapFull(_) | SpliceError::OverBudget(_));
+                    if self.refused {
+                        warn_full_once(&e);
+                    }
                     log::debug!("pair stays in user space: {e}");
                 }
             }
