@@ -90,7 +90,7 @@ fn io_reason(e: &io::Error) -> String {
 fn listen_reason(e: &io::Error, flag: &str, addr: &SocketAddr) -> String {
     match e.raw_os_error() {
         Some(libc::EADDRINUSE) => {
-            format!("address already in use (another socket listens there: stop it or pick another {flag} port)")
+            format!("address already in use (another socket has it: stop it or pick another {flag} port)")
         }
         Some(libc::EADDRNOTAVAIL) => {
             "address not available (it is not an address of this machine: use one `ip addr` shows, or 0.0.0.0)".into()

@@ -139,7 +139,7 @@ fn a_pending_client_that_leaves_does_not_take_a_partner(dp: &str) {
     let r = connect(addr());
     socket2::SockRef::from(&r).set_linger(Some(Duration::ZERO)).unwrap();
     drop(r);
-    relay.wait_log("closed: Connection reset by peer", 1, Duration::from_secs(5));
+    relay.wait_log("reset: Connection reset by peer", 1, Duration::from_secs(5));
     let mut b = connect(addr());
     let mut c = connect(addr());
     b.write_all(b"b to c").unwrap();

@@ -621,13 +621,13 @@ impl Server {
         Some(p)
     }
 
-    /// Lets a waiting client go, for `reason`: reset by skrelay (the reset set at `admit`) unless
-    /// the client left.
+    /// Lets a waiting client go, for `reason`. It sees a reset (set at `admit`) whatever the
+    /// reason, also one that only half-closed. A full --max-pending is a warning, as at `admit`.
     fn drop_pending(&mut self, slot: usize, why: &str, reason: Unpaired) {
         if let Some(p) = self.take_pending(slot) {
             self.metrics.client_unpaired(reason);
-            let ended = if reason == Unpaired::Left { "closed" } else { "reset" };
-            log::info!("client {} {ended}: {why}", p.addr);
+            let level = if reason == Unpaired::Full { log::Level::Warn } else { log::Level::Info };
+            log::log!(level, "client {} reset: {why}", p.addr);
         }
     }
 
