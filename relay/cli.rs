@@ -85,11 +85,12 @@ pub enum Command {
     /// Loopback acceleration: TCP between processes of one cgroup skips TCP/IP (sockops + sk_msg).
     ///
     /// What a connection queues is bounded (--max-queued); streams the redirect cannot speed up go
-    /// back to plain TCP. Kernel limits (README, accel): MSG_WAITALL may return short reads; on
-    /// 6.18 a thread blocked in recv while another thread half-closes the same socket may get EAGAIN
-    /// once (event-loop readers are not affected); and a reader that uses splice(2) or sendfile(2)
-    /// (Go's io.Copy between TCP connections, HAProxy with splice) misses the redirected bytes and
-    /// sees an early end of stream: keep such applications out of the cgroup.
+    /// back to plain TCP. Kernel limits (README, accel): MSG_WAITALL returns short reads; on 6.18 a
+    /// thread blocked in recv while another thread half-closes the same socket gets EAGAIN
+    /// (event-loop readers are not affected); and a reader that uses splice(2) (Go's io.Copy
+    /// between TCP connections, HAProxy with splice) misses the redirected bytes: it sees an early
+    /// end of a stream that fits in --max-queued, and hangs on a longer one. Keep such applications
+    /// out of the cgroup.
     #[command(subcommand)]
     Accel(AccelCommand),
     /// Steer connections for ports and address prefixes to a listening socket of any process
