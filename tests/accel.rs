@@ -354,6 +354,14 @@ fn bad_input_exits_2_and_leaves_nothing() {
     let (code, _, err) = skrelay_output(&["accel", "on", "--cgroup", &cg.rel, "--ports", "0"]);
     assert_eq!(code, 2, "{err}");
     assert!(!cg.path().exists(), "a refused `on` created the cgroup");
+    // A command that cannot run is refused before the set-up (it measured and set up for half a
+    // second, then said so).
+    let started = std::time::Instant::now();
+    let (code, _, err) = skrelay_output(&["accel", "run", "--cgroup", &cg.rel, "--", "/no/such/command"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cannot run `/no/such/command`: command not found"), "{err}");
+    assert!(started.elapsed() < Duration::from_millis(300), "refused after {:?}", started.elapsed());
+    assert!(!cg.path().exists(), "a refused `run` created the cgroup");
 
     drop(cg);
     let cg = TestCgroup::accelerated("badinput", &[]);

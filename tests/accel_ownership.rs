@@ -97,7 +97,7 @@ fn a_command_that_leaves_a_process_behind_is_cleaned_up_after_when_it_exits() {
         .unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
-    assert!(log.contains("the command left processes running in cgroup"), "{log}");
+    assert!(log.contains("processes still run in cgroup"), "{log}");
     assert!(log.contains("is removed when they exit, by the watcher"), "{log}");
     let cgroup = PathBuf::from(log.split_whitespace().find(|w| w.contains("skrelay-run-")).unwrap());
     let cgroup = PathBuf::from(cgroup.to_string_lossy().trim_end_matches(':'));
@@ -177,6 +177,24 @@ fn accel_run_in_a_cgroup_already_on_uses_it_and_refuses_other_settings() {
         skrelay_output(&["accel", "run", "--cgroup", &cg, "--max-queued", "8M", "--", "echo", "ran"]);
     assert_eq!(code, 2, "an explicit --max-queued 8M on a 16M cgroup was ignored: {out}{err}");
     ok(&["accel", "off", "--cgroup", &cg]);
+
+    // Owned by a running `accel run`: the refusal does not advise `accel off`, which would take
+    // the acceleration from under it.
+    let mut first = Command::new(SKRELAY)
+        .args(["accel", "run", "--cgroup", &cg, "--small-write", "64K", "--", "sleep", "1"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ok(&["accel", "status"]).contains("owned by `accel run`") {
+        assert!(Instant::now() < deadline, "the first run never set up the cgroup");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (code, out, err) =
+        skrelay_output(&["accel", "run", "--cgroup", &cg, "--max-queued", "2M", "--", "echo", "ran"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains(&format!("`accel run` pid {} uses it", first.id())) && !err.contains("accel off"), "{err}");
+    assert!(first.wait().unwrap().success());
 }
 
 #[test]
@@ -279,7 +297,7 @@ fn what_an_interrupted_set_up_leaves_is_removed_or_refused_with_the_fix() {
     ok(&["accel", "off", "--cgroup", &b]);
 
     // What an older skrelay left: a state directory without its pins.
-    std::fs::create_dir(&pins).unwrap();
+    std::fs::create_dir_all(&pins).unwrap();
     let (code, out, err) = skrelay_output(&["accel", "on", "--cgroup", &a]);
     assert_eq!(code, 2, "{out}{err}");
     assert!(err.contains("is incomplete (a set-up was interrupted)") && err.contains("accel off --cgroup"), "{err}");

@@ -525,12 +525,19 @@ fn refuse_other_policy(cg: &Cgroup, pins: &Path, policy: &AccelPolicyArgs, targe
     let Some(config) = pinned::snapshot(pins).ok().map(|s| s.config) else { return Ok(()) };
     let differs = |given: Option<u32>, set: u32| given.is_some_and(|g| g != set);
     if differs(policy.max_queued, config.max_queued) || differs(policy.small_write, config.small_write) {
+        // Turning it off would take the acceleration from under a running `accel run`.
+        let fix = match cg.owner().filter(|o| o.command == "run").and_then(|o| o.pid).filter(|p| p.alive()) {
+            Some(run) => format!("leave the flags out to run under its settings: `accel run` pid {} uses it", run.pid),
+            None => format!(
+                "leave the flags out to run under its settings, or `skrelay accel off --cgroup {}` first",
+                target.display()
+            ),
+        };
         return Err(Error::Usage(format!(
             "cgroup {cg} is already accelerated with --max-queued {} --small-write {}: the command would run with \
-             those, not the ones given (leave the flags out to run under its settings, or `skrelay accel off --cgroup {}` first)",
+             those, not the ones given ({fix})",
             kib(config.max_queued),
             kib(config.small_write),
-            target.display()
         )));
     }
     Ok(())
@@ -722,6 +729,10 @@ pub fn run(cgroup: Option<&Path>, policy: &AccelPolicyArgs, cmd: &[String]) -> R
     let Some((program, args)) = cmd.split_first() else {
         return Err(Error::Usage("accel run needs a command after `--`".into()));
     };
+    // Before the half second of set-up: a command that cannot run is refused at once.
+    if !runnable(program) {
+        return Err(Error::Usage(format!("cannot run `{program}`: command not found")));
+    }
     let fresh = cgroup.is_none();
     let target = match cgroup {
         Some(p) => p.to_path_buf(),
@@ -788,8 +799,9 @@ pub fn run(cgroup: Option<&Path>, policy: &AccelPolicyArgs, cmd: &[String]) -> R
     if let Some(w) = watcher {
         if cg.populated() {
             log::warn!(
-                "accel: the command left processes running in cgroup {cg}: its acceleration{} is removed when they \
-                 exit, by the watcher (pid {}; `skrelay accel status` shows it)",
+                "accel: processes still run in cgroup {cg} (the command left them, or another `accel run` runs \
+                 there): its acceleration{} is removed when they exit, by the watcher (pid {}; `skrelay accel \
+                 status` shows it)",
                 if fresh { " and the cgroup" } else { "" },
                 w.process.pid
             );
@@ -808,6 +820,18 @@ pub fn run(cgroup: Option<&Path>, policy: &AccelPolicyArgs, cmd: &[String]) -> R
         }
     }
     result
+}
+
+/// Whether `program` names an executable file, as exec looks it up: a path as it is, a bare name
+/// in each directory of PATH.
+fn runnable(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if program.contains('/') {
+        return executable(Path::new(program));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    std::env::split_paths(&path).any(|dir| executable(&dir.join(program)))
 }
 
 fn spawn_in(cg: &Cgroup, program: &str, args: &[String]) -> Result<i32, Error> {
