@@ -358,6 +358,39 @@ fn a_client_that_reset_while_waiting_is_not_paired_with_a_later_one(dp: &str) {
 
 per_datapath!(a_client_that_reset_while_waiting_is_not_paired_with_a_later_one);
 
+/// A client that half-closed and then reset while its partner was still sending: the end-of-pair
+/// line names the reset, not the EPIPE the relay's next write to it met (it said "Broken pipe").
+fn a_reset_after_a_half_close_is_logged_as_the_clients_reset(dp: &str) {
+    let _netns = enter_netns();
+    let relay = Skrelay::start(&["relay", "--datapath", dp]);
+    let (mut a, mut b) = (connect(addr()), connect(addr()));
+    // Paired (and on the kernel datapath in the maps) before A half-closes.
+    a.write_all(b"x").unwrap();
+    assert_eq!(read_n(&mut b, 1), b"x");
+    a.write_all(&[1u8; 100_000]).unwrap();
+    a.shutdown(Shutdown::Write).unwrap();
+    let (got, end) = read_until_end(&mut b);
+    assert!(got.len() == 100_000 && end.is_ok(), "{dp}: B gets A's bytes, then EOF");
+    let a_addr = a.local_addr().unwrap();
+    let writer = thread::spawn(move || {
+        let chunk = vec![2u8; 64 << 10];
+        while b.write_all(&chunk).is_ok() {}
+    });
+    thread::sleep(Duration::from_millis(200));
+    socket2::SockRef::from(&a).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(a);
+    writer.join().unwrap();
+    relay.wait_log(" <-> ", 1, Duration::from_secs(10));
+    let log = relay.log();
+    let line = log.lines().find(|l| l.contains(" <-> ")).unwrap();
+    eprintln!("{dp}: {line}");
+    assert!(line.contains(&format!("reset ({a_addr}: Connection reset by peer")), "{dp}: {line}");
+    let (status, log) = relay.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+}
+
+per_datapath!(a_reset_after_a_half_close_is_logged_as_the_clients_reset);
+
 fn pairs_cut_at_the_drain_timeout_log_what_their_clients_received(dp: &str) {
     // The kernel datapath logged one 32 KiB write less than the client had read for about half
     // the directions cut at the drain timeout: it counted before taking the pair out of the maps,

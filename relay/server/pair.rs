@@ -397,6 +397,11 @@ impl Pair {
             Ending::Reset { end, error } => {
                 // What one end's client did to its connection, the other's client sees too.
                 self.ends.iter().for_each(reset_on_close);
+                // A write to a socket whose client reset fails with EPIPE once another call took
+                // the reset's error: name what the client did, not what our write met.
+                let reset_by_client = error.kind() == io::ErrorKind::BrokenPipe
+                    && crate::sys::tcp_counters(&self.ends[end]).is_ok_and(|c| c.closed());
+                let error = if reset_by_client { io::Error::from_raw_os_error(libc::ECONNRESET) } else { error };
                 format!("reset ({}: {error})", self.addrs[end])
             }
         };
