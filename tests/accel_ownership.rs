@@ -376,3 +376,33 @@ echo after:; ls -A /sys/fs/bpf | grep skrelay || true"#;
     assert_eq!(after.trim(), "", "left in /sys/fs/bpf after accel off");
     assert!(!mount.join(&cg).exists(), "the cgroup the killed run created is still there");
 }
+
+/// `accel off` of a cgroup `on` created, whose last process exits a moment after off removed the
+/// state (its connections closed just before it exits): the cgroup goes too. Before, off said
+/// "still holds processes: it stays" and the user had to rmdir it.
+#[test]
+fn off_waits_a_moment_for_the_last_process_of_a_cgroup_it_created() {
+    if !require_bpf("off_waits_a_moment_for_the_last_process_of_a_cgroup_it_created") {
+        return;
+    }
+    let _netns = enter_netns();
+    let mount = v2_mount();
+    let cg = format!("skrelay-own-grace-{}", std::process::id());
+    let _cleanup = Cleanup(mount.clone(), vec![cg.clone()]);
+    ok(&["accel", "on", "--cgroup", &cg, "--small-write", "64K"]);
+    let mut last = Command::new(SKRELAY)
+        .args(["accel", "run", "--cgroup", &cg, "--", "sleep", "0.4"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let procs = mount.join(&cg).join("cgroup.procs");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::read_to_string(&procs).unwrap_or_default().trim().is_empty() {
+        assert!(Instant::now() < deadline, "the command never ran in {cg}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (code, out, err) = skrelay_output(&["accel", "off", "--cgroup", &cg]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!mount.join(&cg).exists(), "off left the cgroup it created: {err}");
+    assert!(last.wait().unwrap().success());
+}

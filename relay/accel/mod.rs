@@ -701,9 +701,14 @@ pub fn off(cgroup: &Path, drain: Duration, force: bool) -> Result<Disabled, Erro
     pinned::remove(&dir);
     pinned::remove_if_empty(&root);
     crate::bpffs::remove_root_if_empty();
-    // The cgroup directories `on` created go too, unless processes still use them.
+    // The cgroup directories `on` created go too, unless processes still use them. Processes
+    // whose connections just closed often exit a moment later: a short grace for them.
     if let Some(owner) = cg.owner() {
         let dirs = cg.created_dirs(owner.created);
+        let grace = Instant::now() + EXIT_GRACE;
+        while !dirs.is_empty() && owner.command != "run" && cg.populated() && Instant::now() < grace {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         if !dirs.is_empty() && cg.populated() && owner.command == "run" {
             log::warn!(
                 "accel: cgroup {cg}, which an `accel run` created, still holds its command: the run removes it when \
@@ -722,6 +727,10 @@ pub fn off(cgroup: &Path, drain: Duration, force: bool) -> Result<Disabled, Erro
     }
     Ok(Disabled { cgroup: cg, forced_sockets: open })
 }
+
+/// How long `off` waits for the processes of a cgroup it created to exit, once the state is
+/// removed, before it leaves the directory to the user.
+const EXIT_GRACE: Duration = Duration::from_secs(1);
 
 /// `skrelay accel run`: runs `cmd` in `cgroup` (or a fresh one), accelerated, and undoes what it
 /// set up when the command exits. Returns the command's exit status (128 + signal if killed).
