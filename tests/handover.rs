@@ -355,8 +355,9 @@ per_datapath!(a_handover_the_new_process_refuses_leaves_every_pair_with_the_old_
 
 /// A kernel-datapath relay handed to a userspace-datapath one: a pair still on splice(2) (below
 /// `--kernel-after`) moves and carries on; one in the kernel maps cannot, so the new process
-/// refuses everything before the commit and the old one keeps its pairs. (A build that took the
-/// first pair over and then found it could not carry it on reset it.)
+/// refuses the pairs before the commit and the old one keeps them, and takes only the waiting
+/// clients. (A build that took the first pair over and then found it could not carry it on reset
+/// it.)
 #[test]
 fn a_takeover_by_the_userspace_datapath_moves_spliced_pairs_and_leaves_kernel_ones() {
     if !require_bpf("a_takeover_by_the_userspace_datapath_moves_spliced_pairs_and_leaves_kernel_ones") {
@@ -379,14 +380,26 @@ fn a_takeover_by_the_userspace_datapath_moves_spliced_pairs_and_leaves_kernel_on
     let (status, log) = new.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");
     // In the kernel maps from its first byte: refused before the commit, kept by the old process.
+    // Its waiting client moves (it holds no kernel state), and pairs in the new process with the
+    // next client: it used to be reset with the old process's drain.
     let mut old = Skrelay::start(&["relay", "--datapath", "kernel", "--kernel-after", "0"]);
     let (mut a, mut b) = (connect(addr), connect(addr));
     a.write_all(b"before").unwrap();
     assert_eq!(read_n(&mut b, 6), b"before");
+    let mut waiting = connect(addr);
+    waiting.write_all(b"early").unwrap();
+    thread::sleep(Duration::from_millis(50));
     let pid = old.pid().to_string();
     let new = Skrelay::start(&["relay", "--datapath", "userspace", "--takeover", &pid]);
     new.wait_log("keeps its live pairs and lets them finish", 1, Duration::from_secs(10));
     assert!(new.log().contains("start it with --datapath kernel"), "{}", new.log());
+    assert!(new.log().contains("took over its 1 waiting client(s)"), "{}", new.log());
+    old.wait_log("handed over 1 waiting client(s)", 1, Duration::from_secs(5));
+    let mut partner = connect(addr);
+    assert_eq!(read_n(&mut partner, 5), b"early", "the waiting client's bytes, in the new process");
+    partner.write_all(b"late").unwrap();
+    assert_eq!(read_n(&mut waiting, 4), b"late");
+    drop((waiting, partner));
     exchange_both_ways(a, b, [3, 4], 4 << 20, "a kernel pair left with the old process");
     assert!(old.wait(Duration::from_secs(10)).success(), "{}", old.log());
     old.wait_log(" ended after ", 1, Duration::from_secs(5));

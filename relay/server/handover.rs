@@ -82,7 +82,9 @@ impl Server {
     /// The old process, on SIGUSR2: hands everything to the process taking over, or says why not
     /// (it then keeps everything and drains). After Ok the new process owns every socket, and
     /// the caller must stop without running a destructor of ours (see `Server::run`).
-    pub(super) fn hand_over(&mut self) -> Result<(), String> {
+    /// `Ok(false)`: the new process took the waiting clients only (a relay's: they hold no kernel
+    /// state) and this process keeps its live pairs and drains them.
+    pub(super) fn hand_over(&mut self) -> Result<bool, String> {
         let started = Instant::now();
         log::info!(
             "SIGUSR2 (handing over to the skrelay that took over): no longer accepting; handing over {} live \
@@ -97,6 +99,21 @@ impl Server {
         let text = serde_json::to_vec(&manifest).map_err(|e| format!("cannot write the manifest: {e}"))?;
         channel.send(&text).map_err(|e| format!("cannot send the manifest: {e}"))?;
         let answer = channel.recv(MESSAGE_WAIT).map_err(|e| format!("no answer from the new process: {e}"))?;
+        if answer == WAITING_ONLY && matches!(self.partners, Partners::Clients { .. }) {
+            channel.send(b"commit").map_err(|e| format!("cannot confirm to the new process: {e}"))?;
+            // The new process holds each socket now: closing ours sends no reset.
+            let waiting: Vec<usize> =
+                self.slots.iter().filter(|(_, s)| matches!(s, Slot::Pending(_))).map(|(k, _)| k).collect();
+            for slot in waiting {
+                drop(self.take_pending(slot));
+            }
+            log::info!(
+                "handed over {pending} waiting client(s) to process {}; the live pairs stay here (it cannot carry \
+                 them on)",
+                channel.peer_pid().unwrap_or(0)
+            );
+            return Ok(false);
+        }
         if answer != b"ready" {
             return Err(format!("the new process refused them: {}", String::from_utf8_lossy(&answer)));
         }
@@ -110,7 +127,7 @@ impl Server {
             channel.peer_pid().unwrap_or(0),
             started.elapsed().as_secs_f64() * 1e3
         );
-        Ok(())
+        Ok(true)
     }
 
     /// What every loop holds: the front's waiting clients, and the pairs and kernel maps of the
@@ -195,7 +212,7 @@ impl Server {
             Err(e) => return log::warn!("{e}"),
         };
         let started = Instant::now();
-        let taken = match self.prepare(&handover, &mut channel) {
+        let mut taken = match self.prepare(&handover, &mut channel) {
             Ok(t) => t,
             Err(why) => {
                 log::warn!("process {old} keeps its live pairs and lets them finish: {why}");
@@ -203,7 +220,9 @@ impl Server {
                 return;
             }
         };
-        let committed = channel.send(b"ready").and_then(|()| channel.recv(MESSAGE_WAIT));
+        let waiting_only = taken.waiting_only.take();
+        let ready: &[u8] = if waiting_only.is_some() { WAITING_ONLY } else { b"ready" };
+        let committed = channel.send(ready).and_then(|()| channel.recv(MESSAGE_WAIT));
         match committed {
             Ok(m) if m == b"commit" => {}
             other => {
@@ -213,10 +232,17 @@ impl Server {
             }
         }
         let (pairs, pending) = self.install(taken);
-        log::info!(
-            "took over {pairs} live pair(s) and {pending} waiting client(s) from process {old} in {:.1} ms",
-            started.elapsed().as_secs_f64() * 1e3
-        );
+        match waiting_only {
+            None => log::info!(
+                "took over {pairs} live pair(s) and {pending} waiting client(s) from process {old} in {:.1} ms",
+                started.elapsed().as_secs_f64() * 1e3
+            ),
+            Some(why) => log::warn!(
+                "process {old} keeps its live pairs and lets them finish: {why}; took over its {pending} waiting \
+                 client(s) in {:.1} ms",
+                started.elapsed().as_secs_f64() * 1e3
+            ),
+        }
     }
 
     /// Reads the manifest and duplicates every descriptor it names; checks the kernel maps.
@@ -229,6 +255,36 @@ impl Server {
             let dup = handover.getfd(fd).map_err(|e| format!("cannot take its descriptor {fd}: {e}"))?;
             fds.insert(fd, dup);
         }
+        for p in &manifest.pending {
+            // A relay's client waits for a partner (in order: key ""; by token: its token, or
+            // none yet); a proxy's for its upstream connection.
+            let fits = match &self.partners {
+                Partners::Clients { by: PairBy::Order, .. } => p.upstream.is_none() && p.key.as_deref() == Some(""),
+                Partners::Clients { by: PairBy::Token, .. } => p.upstream.is_none() && p.key.as_deref() != Some(""),
+                Partners::Upstreams(_) => p.upstream.is_some(),
+                Partners::Front { .. } => false,
+            };
+            if !fits {
+                return Err("its waiting clients do not fit this command's pairing (run it with the same flags)".into());
+            }
+        }
+        match self.check_pairs(&manifest, &mut fds) {
+            Ok(maps) => Ok(Taken { manifest, fds, maps, waiting_only: None }),
+            // A relay's waiting clients still move: they hold no kernel state, and this process
+            // serves the listener where their partners will come. The pairs stay and drain there.
+            Err(why) if matches!(self.partners, Partners::Clients { .. }) && !manifest.pending.is_empty() => {
+                let mut manifest = manifest;
+                manifest.pairs.clear();
+                manifest.maps = manifest.maps.iter().map(|_| None).collect();
+                Ok(Taken { manifest, fds, maps: Vec::new(), waiting_only: Some(why) })
+            }
+            Err(why) => Err(why),
+        }
+    }
+
+    /// Checks that this process can carry on the manifest's pairs: each loop's kernel maps (taken
+    /// from `fds`), by loop.
+    fn check_pairs(&self, manifest: &Manifest, fds: &mut Fds) -> Result<Vec<Option<Box<dyn std::any::Any>>>, String> {
         // Each loop's maps go to the loop of the same place here, which must exist.
         let mut maps = Vec::new();
         for (n, loop_maps) in manifest.maps.iter().enumerate() {
@@ -251,7 +307,7 @@ impl Server {
                     }
                 },
             };
-            maps.push(Some(datapath.check_maps(loop_maps, &mut fds)?));
+            maps.push(Some(datapath.check_maps(loop_maps, fds)?));
         }
         if manifest.pairs.iter().any(|p| !self.datapath.carries(&p.splice)) {
             return Err(format!(
@@ -260,25 +316,12 @@ impl Server {
                 self.datapath.name()
             ));
         }
-        for p in &manifest.pending {
-            // A relay's client waits for a partner (in order: key ""; by token: its token, or
-            // none yet); a proxy's for its upstream connection.
-            let fits = match &self.partners {
-                Partners::Clients { by: PairBy::Order, .. } => p.upstream.is_none() && p.key.as_deref() == Some(""),
-                Partners::Clients { by: PairBy::Token, .. } => p.upstream.is_none() && p.key.as_deref() != Some(""),
-                Partners::Upstreams(_) => p.upstream.is_some(),
-                Partners::Front { .. } => false,
-            };
-            if !fits {
-                return Err("its waiting clients do not fit this command's pairing (run it with the same flags)".into());
-            }
-        }
-        Ok(Taken { manifest, fds, maps })
+        Ok(maps)
     }
 
     /// Carries on what was taken over. Committed: a pair that cannot be carried on now is reset.
     fn install(&mut self, taken: Taken) -> (usize, usize) {
-        let Taken { manifest, mut fds, maps } = taken;
+        let Taken { manifest, mut fds, maps, .. } = taken;
         let loops = self.threads.count();
         for (n, checked) in maps.into_iter().enumerate() {
             if let (Some(checked), Some(server)) = (checked, self.loop_mut(n)) {
@@ -439,7 +482,13 @@ struct Taken {
     fds: Fds,
     /// By event loop.
     maps: Vec<Option<Box<dyn std::any::Any>>>,
+    /// Only the waiting clients are taken, for this reason (the pairs cannot be carried on).
+    waiting_only: Option<String>,
 }
+
+/// The new process's answer when it takes a relay's waiting clients and not its pairs; an older
+/// skrelay reads it as a refusal and keeps everything, as before.
+const WAITING_ONLY: &[u8] = b"ready-waiting";
 
 fn log_false(line: String) -> bool {
     log::error!("{line}");

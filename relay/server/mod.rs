@@ -927,10 +927,12 @@ impl Server {
                 // pairs go: the other loops stop and give their servers back first.
                 self.threads.recall();
                 match self.hand_over() {
-                    Ok(()) => {
+                    Ok(true) => {
                         self.handed_over = true;
                         return;
                     }
+                    // The waiting clients went; the live pairs drain here.
+                    Ok(false) => {}
                     Err(why) => log::warn!("live pairs and waiting clients stay in this process: {why}"),
                 }
                 if let Err(e) = self.threads.start() {
