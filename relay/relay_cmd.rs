@@ -170,6 +170,7 @@ pub fn funnel(
         }
     }
     let funnel = Funnel::attach(listener, addr, ports)?;
-    log::info!("--ports: {} ports ({ports}) steered to {addr} with BPF sk_lookup", funnel.ports());
+    let n = funnel.ports();
+    log::info!("--ports: {n} port{} ({ports}) steered to {addr} with BPF sk_lookup", if n == 1 { "" } else { "s" });
     Ok(funnel)
 }

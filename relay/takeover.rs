@@ -176,13 +176,24 @@ pub fn take(pid: i32, command: &str) -> Result<Taken, Error> {
     match crate::running::command_of(&cmdline) {
         Some(c) if c == command => {}
         _ => {
-            let shown = String::from_utf8_lossy(&cmdline).replace('\0', " ").trim().to_string();
+            // One line, and not a whole script passed to `sh -c`.
+            let all = String::from_utf8_lossy(&cmdline).replace(['\0', '\n', '\t'], " ").trim().to_string();
+            let shown = match all.char_indices().nth(80) {
+                Some((at, _)) => format!("{}...", &all[..at]),
+                None => all,
+            };
             return Err(refuse(format!(
                 "it is not a running `skrelay {command}` (it runs `{shown}`; `skrelay status` lists the running {plural})"
             )));
         }
     }
-    if std::fs::read_link(proc.join("ns/net")).ok() != std::fs::read_link("/proc/thread-self/ns/net").ok() {
+    // Reading its namespace takes the right to ptrace it, as taking its sockets does: a user
+    // without it is told that, not that the namespaces differ.
+    let its_netns = std::fs::read_link(proc.join("ns/net")).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => refuse(gone()),
+        _ => refuse(permission(e)),
+    })?;
+    if Some(its_netns) != std::fs::read_link("/proc/thread-self/ns/net").ok() {
         return Err(refuse("it runs in another network namespace (run the new skrelay in its namespace)".into()));
     }
     // Its --ports funnel is a link in its own file table, which no handover moves: the new
@@ -200,7 +211,10 @@ pub fn take(pid: i32, command: &str) -> Result<Taken, Error> {
                 .into(),
         ));
     }
-    let pidfd = sys::pidfd_open(pid).map_err(|e| refuse(e.to_string()))?;
+    let pidfd = sys::pidfd_open(pid).map_err(|e| match e.raw_os_error() {
+        Some(libc::ESRCH) => refuse(gone()),
+        _ => refuse(e.to_string()),
+    })?;
     let mut listeners = Vec::new();
     let mut metrics = Vec::new();
     let fds = std::fs::read_dir(proc.join("fd")).map_err(|e| refuse(permission(e)))?;
@@ -259,8 +273,14 @@ pub fn take(pid: i32, command: &str) -> Result<Taken, Error> {
     Ok(Taken { listener: listener.into(), metrics, handover: Handover { pid, pidfd, channel } })
 }
 
+/// The process was there a moment ago: it exited, maybe taken over by another `--takeover`.
+fn gone() -> String {
+    "it exited meanwhile (another --takeover may have taken it over: `skrelay status` lists what runs now)".into()
+}
+
 fn permission(e: std::io::Error) -> String {
     match e.raw_os_error() {
+        Some(libc::ESRCH) => gone(),
         Some(libc::EPERM) | Some(libc::EACCES) => format!(
             "{e} (taking its sockets needs the right to ptrace it: run as root, as its user, or with CAP_SYS_PTRACE)"
         ),

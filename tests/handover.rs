@@ -330,7 +330,11 @@ fn a_handover_the_new_process_refuses_leaves_every_pair_with_the_old_one(dp: &st
     let pid = old.pid().to_string();
     let new = Skrelay::start(&["relay", "--datapath", dp, "--pair", "token", "--takeover", &pid]);
     new.wait_log("keeps its live pairs and lets them finish", 1, Duration::from_secs(10));
-    old.wait_log("live pairs and waiting clients stay in this process", 1, Duration::from_secs(5));
+    old.wait_log(
+        "live pairs stay in this process and finish here, and its waiting clients are reset",
+        1,
+        Duration::from_secs(5),
+    );
     // The live pair carries on in the old process, every byte of it.
     exchange_both_ways(a, b, [7, 8], 16 << 20, &format!("{dp}: the pair the handover left behind"));
     assert!(old.wait(Duration::from_secs(10)).success(), "{}", old.log());
@@ -515,7 +519,7 @@ fn a_successor_that_dies_before_the_commit_leaves_every_pair_with_the_old_one(dp
         .collect();
     assert!(fds.len() >= 2, "{dp}: {manifest}");
     drop((fds, stream, channel));
-    old.wait_log("live pairs and waiting clients stay in this process", 1, Duration::from_secs(5));
+    old.wait_log("live pairs stay in this process and finish here", 1, Duration::from_secs(5));
     // The pair lives on in the old process, every byte of it, and ends there with FINs.
     exchange_both_ways(a, b, [9, 10], 16 << 20, &format!("{dp}: after a successor died"));
     assert!(old.wait(Duration::from_secs(10)).success(), "{}", old.log());

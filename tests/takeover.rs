@@ -211,6 +211,30 @@ fn takeovers_that_cannot_work_are_refused() {
         &format!("cannot take over process {other}: it is not a running `skrelay relay` (it runs `sleep 30`"),
     );
     refused(&["relay", "--datapath", "userspace", "--takeover", "999999999"], "there is no such process");
+    // A process that is not skrelay, started with a script: one line of its command, cut short.
+    let script = Reaper(
+        std::process::Command::new("sh")
+            .args(["-c", &format!("sleep 30\n# {}\ntrue", "x".repeat(200))])
+            .spawn()
+            .unwrap(),
+    );
+    let sh = script.0.id().to_string();
+    while !std::fs::read(format!("/proc/{sh}/cmdline")).unwrap_or_default().starts_with(b"sh") {
+        thread::sleep(Duration::from_millis(5));
+    }
+    refused(&["relay", "--datapath", "userspace", "--takeover", &sh], "it runs `sh -c sleep 30 # xxx");
+    // A user who may not ptrace it, in the same network namespace: told that, not "another
+    // network namespace".
+    if require_tool("takeovers_that_cannot_work_are_refused", "setpriv") {
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", SKRELAY, "relay", "--datapath", "userspace"])
+            .args(["--takeover", &pid])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("needs the right to ptrace it") && !err.contains("network namespace"), "{err}");
+    }
     // A --listen that is not the socket taken over would be ignored: refused, naming both.
     refused(
         &["relay", "--datapath", "userspace", "--takeover", &pid, "--listen", "127.0.0.1:7788"],

@@ -997,21 +997,22 @@ impl Splice for KernelSplice {
             .iter()
             .enumerate()
             .map(|(i, cookie)| {
-                let Some(d) = state.directions.get(cookie) else { return format!("dir {i}: not joined") };
+                let Some(d) = state.directions.get(cookie) else { return format!("direction {i}: not joined") };
                 let counts = state.counts.get(cookie, 0).ok();
                 let m = state.measure(*cookie, d).ok();
+                let known = |v: Option<u64>| v.map_or_else(|| "?".to_string(), |v| v.to_string());
                 format!(
-                    "dir {i} {}{}: redirected {:?}, parked {:?} (taken {}, written {}, unconsumed {}), \
-                     in flight {:?}, error pending {}",
+                    "direction {i} {}{}: {} bytes redirected, {} parked (taken {}, written {}, unconsumed {}), \
+                     {} in flight{}",
                     if d.parked.is_some() { "parked" } else { "redirecting" },
                     if d.held.is_some() { ", window clamped" } else { "" },
-                    counts.map(|c| c.redirected),
-                    counts.map(|c| c.parked),
+                    known(counts.map(|c| c.redirected)),
+                    known(counts.map(|c| c.parked)),
                     d.taken,
                     d.written,
                     d.unconsumed,
-                    m.map(|m| m.in_flight),
-                    state.errors.contains_key(cookie),
+                    known(m.map(|m| m.in_flight)),
+                    if state.errors.contains_key(cookie) { ", an error to report" } else { "" },
                 )
             })
             .collect();

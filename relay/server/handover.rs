@@ -115,7 +115,8 @@ impl Server {
             return Ok(false);
         }
         if answer != b"ready" {
-            return Err(format!("the new process refused them: {}", String::from_utf8_lossy(&answer)));
+            let answer = String::from_utf8_lossy(&answer);
+            return Err(format!("the new process refused them: {}", answer.strip_prefix("abort: ").unwrap_or(&answer)));
         }
         channel.send(b"commit").map_err(|e| format!("cannot confirm to the new process: {e}"))?;
         // From here on the new process owns every socket: nothing of ours may touch them (no

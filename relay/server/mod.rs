@@ -933,22 +933,27 @@ impl Server {
                     }
                     // The waiting clients went; the live pairs drain here.
                     Ok(false) => {}
-                    Err(why) => log::warn!("live pairs and waiting clients stay in this process: {why}"),
+                    Err(why) if keep => {
+                        log::warn!("live pairs and waiting clients stay in this process and finish here: {why}")
+                    }
+                    Err(why) => log::warn!(
+                        "live pairs stay in this process and finish here, and its waiting clients are reset: {why}"
+                    ),
                 }
                 if let Err(e) = self.threads.start() {
                     log::error!("cannot restart the event loops' threads: {e}; their pairs wait");
                 }
             }
+            log::info!(
+                "{name}: no longer accepting; letting {} live pair(s) finish (up to {}s)",
+                self.threads.pairs(),
+                self.drain_timeout.as_secs_f64()
+            );
             let waiting: Vec<usize> =
                 self.slots.iter().filter(|(_, s)| matches!(s, Slot::Pending(_))).map(|(k, _)| k).collect();
             for slot in waiting.into_iter().filter(|_| !keep) {
                 self.drop_pending(slot, "skrelay is shutting down", Unpaired::Shutdown);
             }
-            log::info!(
-                "{name}: no longer accepting; letting {} live pair(s) finish (up to {:?})",
-                self.threads.pairs(),
-                self.drain_timeout
-            );
             let deadline = Instant::now() + self.drain_timeout;
             self.start_drain(deadline);
             self.threads.tell(move || Order::Drain(deadline));
