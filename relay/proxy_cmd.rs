@@ -37,6 +37,7 @@ pub fn run(args: ProxyArgs) -> Result<(), Error> {
             )));
         }
     }
+    crate::relay_cmd::metrics_outside_ports(args.common.metrics, addr, args.ports.ports.as_ref(), "proxied upstream")?;
     let metrics = Metrics::new(&metrics::datapath_labels(datapath));
     upstreams.count_in(metrics.clone());
     let served = metrics::start(args.common.metrics, &metrics, taken_metrics)?;
@@ -90,10 +91,7 @@ pub fn loops_back(
     if port == listen.port() && listener_takes {
         return Some(format!("it is this proxy's own listening address ({listen})"));
     }
-    // --ports steers its ports at the listen address, or at every local address of its family.
-    let funnel_takes =
-        if listen.ip().is_unspecified() { ip.is_ipv6() == listen.is_ipv6() && is_local() } else { ip == listen.ip() };
-    if funnel_takes && ports.is_some_and(|p| p.items().iter().any(|r| r.contains(port))) {
+    if ports.is_some_and(|p| crate::relay_cmd::steered_here(SocketAddr::new(ip, port), listen, p)) {
         return Some(format!("--ports steers port {port} at that address to this proxy"));
     }
     None

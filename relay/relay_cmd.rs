@@ -5,12 +5,12 @@ use crate::{
     error::Error,
     metrics::{self, Metrics},
     server::{self, Partnering, Server, ServerConfig},
-    steer::{self, Funnel},
+    steer::{self, Funnel, PortList},
     systemd,
     takeover::{self, Handover},
 };
 use mio::net::TcpListener;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 pub fn run(args: RelayArgs) -> Result<(), Error> {
     // Before anything is bound or taken over (a --takeover would leave nobody serving).
@@ -25,6 +25,7 @@ pub fn run(args: RelayArgs) -> Result<(), Error> {
     let Listening { listener, metrics: taken_metrics, handover } =
         listening(args.listen, args.listen_given, &args.common, &args.ports, "relay")?;
     let addr = listener.local_addr().unwrap_or(args.listen);
+    metrics_outside_ports(args.common.metrics, addr, args.ports.ports.as_ref(), "relayed as a client")?;
     let metrics = Metrics::new(&metrics::datapath_labels(datapath));
     let served = metrics::start(args.common.metrics, &metrics, taken_metrics)?;
     let config = ServerConfig {
@@ -51,6 +52,41 @@ pub fn run(args: RelayArgs) -> Result<(), Error> {
     let mut server = Server::new(listener, datapaths, config)?;
     serving(&mut server, handover, addr);
     server.run()
+}
+
+/// Whether `--ports` steers connections to `addr` to this process's listener on `listen`: its
+/// ports at the listen address, or at every local address of its family for a wildcard one.
+pub fn steered_here(addr: SocketAddr, listen: SocketAddr, ports: &PortList) -> bool {
+    let ip = match addr.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    let at = if listen.ip().is_unspecified() {
+        ip.is_ipv6() == listen.is_ipv6() && std::net::UdpSocket::bind((ip, 0)).is_ok()
+    } else {
+        ip == listen.ip()
+    };
+    at && ports.items().iter().any(|r| r.contains(addr.port()))
+}
+
+/// Refuses a `--metrics` address whose port `--ports` steers to the listener: every scrape would
+/// be taken as a client (`what`) instead of answered, and the start line would promise metrics.
+pub fn metrics_outside_ports(
+    metrics: Option<SocketAddr>,
+    listen: SocketAddr,
+    ports: Option<&PortList>,
+    what: &str,
+) -> Result<(), Error> {
+    let (Some(m), Some(ports)) = (metrics, ports) else { return Ok(()) };
+    if m.port() != 0 && steered_here(m, listen, ports) {
+        return Err(Error::Usage(format!(
+            "cannot serve metrics on {m}: --ports steers port {} at that address to this process, so every scrape \
+             would be {what} (pick a --metrics port outside --ports)",
+            m.port()
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses to serve `ports` from inside a cgroup that `skrelay accel` accelerates on them: its

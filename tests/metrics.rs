@@ -250,6 +250,26 @@ fn a_bad_metrics_address_is_refused_with_exit_status_2() {
     );
     // The relay's own address: the relay binds first, so metrics is the one refused.
     one_sentence(&["relay", "--datapath", "userspace", "--metrics", RELAY], "pick another --metrics port");
+    // A --metrics port that --ports steers to the listener: every scrape would be taken as a
+    // client (two scrapers were paired with each other), so it is refused at start. (Under
+    // `timeout`: a build without the check starts and serves.)
+    if require_bpf("a_bad_metrics_address_is_refused_with_exit_status_2") {
+        let refused_at_start = |args: &[&str], expect: &str| {
+            let out = Command::new("timeout").arg("10").arg(SKRELAY).args(args).output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "skrelay {args:?}: {err}");
+            assert!(err.contains(expect) && err.trim_end().lines().count() == 1, "skrelay {args:?}: {err}");
+        };
+        refused_at_start(
+            &["relay", "--datapath", "userspace", "--ports", "9000-9100", "--metrics", "127.0.0.1:9050"],
+            "cannot serve metrics on 127.0.0.1:9050: --ports steers port 9050 at that address to this process",
+        );
+        let proxy = ["proxy", "--datapath", "userspace", "--upstream", "127.0.0.1:1", "--listen", "0.0.0.0:7777"];
+        refused_at_start(
+            &[&proxy[..], &["--ports", "9050", "--metrics", "127.0.0.1:9050"]].concat(),
+            "so every scrape would be proxied upstream (pick a --metrics port outside --ports)",
+        );
+    }
     // Nothing was left listening by the refused commands.
     assert!(TcpStream::connect(addr()).is_err());
 }
