@@ -192,7 +192,9 @@ fn live(addr: SocketAddr) -> Option<Live> {
 /// `skrelay status`'s section for running relays and proxies.
 pub fn status_section() -> Section {
     let (servers, hidden) = scan();
-    let mut text = if servers.is_empty() {
+    let mut text = if servers.is_empty() && hidden > 0 {
+        "relays: none of this user's is running".to_string()
+    } else if servers.is_empty() {
         "relays: no relay or proxy is running".to_string()
     } else {
         let mut lines = vec![format!("relays: {} running", servers.len())];

@@ -246,6 +246,34 @@ fn status_without_root_shows_root_pinned_steering_as_unreadable_and_the_rest() {
     assert_eq!(root["steer"]["unreadable"], serde_json::Value::Null, "{root}");
 }
 
+/// A root relay's `--ports` seen by a user who may not list BPF links: status said "steer:
+/// nothing attached" (JSON `attached: false`) while the port was steered, and "no relay or proxy
+/// is running" above the line counting the ones not shown. Now it says what it cannot know.
+#[test]
+fn status_without_root_does_not_deny_what_it_cannot_see() {
+    let _netns = enter_netns();
+    if !require_bpf("status_without_root_does_not_deny_what_it_cannot_see")
+        || !require_tool("status_without_root_does_not_deny_what_it_cannot_see", "setpriv")
+    {
+        return;
+    }
+    let relay = Skrelay::start(&["relay", "--datapath", "userspace", "--listen", "127.0.0.1:7010", "--ports", "9400"]);
+    let (code, out, err) = as_nobody(&["status"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("running --ports funnels cannot be listed without root"), "{out}");
+    assert!(!out.contains("nothing attached") && !out.contains("no relay or proxy is running"), "{out}");
+    let (code, out, err) = as_nobody(&["status", "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(st["steer"]["attached"], serde_json::Value::Null, "{st}");
+    assert_eq!(st["steer"]["funnels_unlisted"], true, "{st}");
+    let root = status_json();
+    assert_eq!(root["steer"]["attached"], true, "{root}");
+    assert_eq!(keys(&root["steer"]), keys(&st["steer"]), "one JSON shape: {root} vs {st}");
+    let (status, log) = relay.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+}
+
 /// Accel state root pinned is, for another user, state it may not read, not state of another
 /// skrelay version: `status` says so and names who can see it.
 #[test]

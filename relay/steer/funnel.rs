@@ -149,6 +149,12 @@ pub fn port_list(ports: &[u16]) -> String {
 /// every sk_lookup link here that runs skrelay's steer program and is not the pinned one. The
 /// program holds only the port trie, counters and targets; the process is found through its
 /// file table (/proc/PID/fdinfo names the link) and the target as its listening socket.
+/// Whether this process may list BPF links (BPF_LINK_GET_NEXT_ID takes CAP_SYS_ADMIN): without
+/// it `running` finds nothing, whatever runs.
+pub fn listable() -> bool {
+    !matches!(sys::bpf::link_next_id(0), Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)))
+}
+
 pub fn running() -> Vec<Running> {
     let Ok(ino) = sys::own_netns_inode() else { return vec![] };
     let pinned = state::existing_dir().ok().flatten().and_then(|d| state::pinned_link_ids(&d)).map(|(id, _)| id);

@@ -368,6 +368,9 @@ pub struct Status {
     /// `steer add`) takes them. The directory and how many pins.
     pub leftover: Option<(PathBuf, usize)>,
     pub funnels: Vec<funnel::Running>,
+    /// This user may not list BPF links (it takes CAP_SYS_ADMIN), so other processes' running
+    /// `--ports` funnels are not known: `funnels` is empty whatever runs.
+    pub funnels_unlisted: bool,
 }
 
 /// Pinned steering state that could not be read for want of privilege: `status` says so and goes
@@ -382,12 +385,13 @@ pub struct Unreadable {
 /// Steering's part of `skrelay status`. Reads under a shared lock and creates nothing.
 pub fn status() -> Result<Status, Error> {
     let funnels = funnel::running();
+    let funnels_unlisted = !funnel::listable();
     let st = match State::open_read_only() {
         Ok(st) => st,
         Err(Error::BpfDenied { .. } | Error::StateOwned { .. }) => {
             let dir = state::existing_dir()?.unwrap_or_default();
             let unreadable = Some(Unreadable { dir, error: "permission denied".into() });
-            return Ok(Status { pinned: None, unreadable, leftover: None, funnels });
+            return Ok(Status { pinned: None, unreadable, leftover: None, funnels, funnels_unlisted });
         }
         Err(e) => return Err(e),
     };
@@ -407,14 +411,17 @@ pub fn status() -> Result<Status, Error> {
             .and_then(|dir| std::fs::read_dir(&dir).ok().map(|d| (dir.clone(), d.count())))
             .filter(|(_, n)| *n > 0),
     };
-    Ok(Status { pinned, unreadable: None, leftover, funnels })
+    Ok(Status { pinned, unreadable: None, leftover, funnels, funnels_unlisted })
 }
 
 impl Status {
     /// The JSON `skrelay status --json` shows under `steer`: the same keys whatever is attached.
     pub fn json(&self) -> serde_json::Value {
+        let attached = self.pinned.is_some() || self.unreadable.is_some() || !self.funnels.is_empty();
         let mut json = json!({
-            "attached": self.pinned.is_some() || self.unreadable.is_some() || !self.funnels.is_empty(),
+            // Unknown (null) where nothing is pinned and this user cannot list funnels.
+            "attached": if attached || !self.funnels_unlisted { json!(attached) } else { json!(null) },
+            "funnels_unlisted": self.funnels_unlisted,
             "pinned": null,
             "link_id": null,
             "program_id": null,
@@ -459,6 +466,11 @@ impl Status {
                 plural(*pins, "pin"),
                 dir.display()
             )),
+            None if self.funnels.is_empty() && self.funnels_unlisted => lines.push(
+                "steer: no pinned bindings; running --ports funnels cannot be listed without root (run `skrelay status` \
+                 as root to see them)"
+                    .to_string(),
+            ),
             None if self.funnels.is_empty() => lines.push("steer: nothing attached".to_string()),
             None => lines.push("steer: no pinned bindings".to_string()),
             Some(p) => {
