@@ -371,7 +371,22 @@ pub fn pinned_exposition() -> Result<String, Error> {
     let json = |name: &str| {
         sections.iter().find(|s| s.name == name).map(|s| s.json.clone()).unwrap_or(serde_json::Value::Null)
     };
-    Ok(pinned_from_status(&json("steer"), &json("accel")))
+    let (steer, accel) = (json("steer"), json("accel"));
+    // State this user may not read would be exported as if it had no bindings or cgroups (an
+    // alert on a gone target would never fire): an error, as `status` says it.
+    let unreadable = |what: &str, pins: &serde_json::Value| {
+        Error::Usage(format!(
+            "cannot read the pinned {what} state at {}: permission denied (run `skrelay metrics` as root)",
+            pins.as_str().unwrap_or("?")
+        ))
+    };
+    if !steer["unreadable"].is_null() {
+        return Err(unreadable("steer", &steer["unreadable"]["pins"]));
+    }
+    if let Some(u) = accel["unreadable"].as_array().and_then(|u| u.iter().find(|u| u["error"] == "permission denied")) {
+        return Err(unreadable("accel", &u["pins"]));
+    }
+    Ok(pinned_from_status(&steer, &accel))
 }
 
 /// Builds the exposition from `skrelay status --json`'s `steer` and `accel` objects.

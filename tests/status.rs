@@ -244,6 +244,16 @@ fn status_without_root_shows_root_pinned_steering_as_unreadable_and_the_rest() {
     let root = status_json();
     assert_eq!(keys(&root["steer"]), keys(&st["steer"]), "{root} vs {st}");
     assert_eq!(root["steer"]["unreadable"], serde_json::Value::Null, "{root}");
+    // `skrelay metrics` cannot export bindings it may not read: it said `attached 1` with no
+    // binding series (an alert on a gone target never fired). It refuses at start, as documented.
+    let out = std::process::Command::new("timeout")
+        .args(["10", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", SKRELAY])
+        .args(["metrics", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(&format!("cannot read the pinned steer state at {dir}: permission denied")), "{err}");
 }
 
 /// A root relay's `--ports` seen by a user who may not list BPF links: status said "steer:
