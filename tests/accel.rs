@@ -580,9 +580,9 @@ fn the_default_small_write_is_measured_and_is_128k_where_it_cannot_be() {
     };
     let (code, out, err) = skrelay_output(&["accel", "on", "--cgroup", &cg.rel]);
     assert_eq!(code, 0, "{out}{err}");
-    let chosen = if out.contains("; --small-write 64K (measured here: a stream of 64 KiB writes moved at ") {
+    let chosen = if out.contains("; --small-write 64K (measured here: a stream of 64 KiB writes moved ") {
         64 << 10
-    } else if out.contains("; --small-write 128K (measured here: a stream of 64 KiB writes moved at ") {
+    } else if out.contains("; --small-write 128K (measured here: a stream of 64 KiB writes moved ") {
         128 << 10
     } else {
         panic!("accel on did not measure the default --small-write: {out}{err}");
