@@ -152,7 +152,8 @@ pub fn listening(
     let listener = match systemd::listener()? {
         Some(l) => {
             let addr = l.local_addr().map_or("?".into(), |a| a.to_string());
-            log::info!("serving the socket systemd passed ({addr}); --listen is not used");
+            let ignored = if listen_given { format!("; --listen {listen} is not used") } else { String::new() };
+            log::info!("serving the socket systemd passed ({addr}){ignored}");
             TcpListener::from_std(l)
         }
         None => server::listen(listen)?,

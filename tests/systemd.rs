@@ -77,7 +77,10 @@ fn socket_activation_serves_the_passed_socket_and_notifies_on_both_datapaths(dp:
     let b = connect("127.0.0.1:7777".parse().unwrap());
     exchange_both_ways(a, b, [1, 2], LEN, dp);
     let log = relay.log();
-    assert!(log.contains("serving the socket systemd passed (127.0.0.1:7777)"), "{log}");
+    assert!(
+        log.contains("serving the socket systemd passed (127.0.0.1:7777); --listen 127.0.0.1:7788 is not used"),
+        "{log}"
+    );
     assert!(log.contains(&format!("listening on 127.0.0.1:7777: pairing clients in arrival order, {dp}")), "{log}");
     assert!(TcpStream::connect("127.0.0.1:7788").is_err(), "--listen was bound too");
     // status named the metrics socket as the --ports target (the first listening socket found).

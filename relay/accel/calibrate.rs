@@ -103,7 +103,9 @@ impl Choice {
                  plain loopback TCP, the median of 5 pairs of rounds run back to back; 64K is chosen from \
                  {MARGIN:.2}x; median rates over all rounds, which vary more: {:.1} Gbit/s redirected, {:.1} plain)",
                 size(self.small_write),
-                c.ratio, c.redirect_gbps, c.plain_gbps
+                c.ratio,
+                c.redirect_gbps,
+                c.plain_gbps
             ),
             Err(why) => format!("--small-write {} (not measured: {why})", size(self.small_write)),
         }
