@@ -113,7 +113,16 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         for cg in &self.1 {
             let _ = skrelay_output(&["accel", "off", "--cgroup", cg, "--force"]);
-            let _ = std::fs::remove_dir(self.0.join(cg));
+            // After a failing test the cgroup may still hold the test's processes: kill them and
+            // retry, since a populated cgroup cannot be removed until they have exited.
+            let dir = self.0.join(cg);
+            let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+            for _ in 0..50 {
+                if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
         }
     }
 }
