@@ -59,18 +59,30 @@ fn outer_mount_ns_process() -> Option<i32> {
 ///
 /// `ip netns exec` runs the command in a mount namespace of its own with a fresh sysfs on /sys,
 /// so /sys/fs/bpf is a bare sysfs directory there, and a bpffs mounted on it would vanish with the
-/// command, taking the pins (and so the steering) along. Then the pins go to the bpffs of PID 1's
-/// or else the nearest ancestor's mount namespace (through /proc/PID/root), which outlives the
-/// command and where skrelay run from the host finds them; without one it is an error that says
-/// what works.
+/// command, taking the pins (and so the steering) along. The same holds for any mount namespace
+/// of our own without a bpffs (`unshare -m`): nothing tells whether it outlives the command. Then
+/// the pins go to the bpffs of PID 1's or else the nearest ancestor's mount namespace (through
+/// /proc/PID/root), which outlives the command and where skrelay run from the host finds them
+/// (and `status` and `steer reset` there, once this network namespace is gone); without one it is
+/// an error that says what works.
 pub fn root() -> Result<PathBuf, Error> {
     let mut base = PathBuf::from(BPFFS);
-    if under_fresh_sysfs() {
+    if let Some(own) = own_mount_ns_without_bpffs() {
         let Some(outer) = outer_bpffs() else {
+            let (how, fix) = match own {
+                OwnMountNs::FreshSysfs => (
+                    "with a fresh /sys (as under `ip netns exec`)",
+                    "mount bpffs at /sys/fs/bpf on the host first, or run skrelay with `nsenter --net=/run/netns/NAME`",
+                ),
+                OwnMountNs::NoBpffs => (
+                    "without a bpffs at /sys/fs/bpf (as under `unshare -m`)",
+                    "mount bpffs at /sys/fs/bpf where that namespace was made, or here with `mount -t bpf bpf \
+                     /sys/fs/bpf` if the namespace lasts as long as the pinned state should",
+                ),
+            };
             return Err(Error::Usage(format!(
-                "cannot mount bpffs at {BPFFS}: this command runs in a mount namespace of its own with a fresh /sys \
-                 (as under `ip netns exec`), where a bpffs would vanish when it exits, taking the pinned state along \
-                 (mount bpffs at {BPFFS} on the host first, or run skrelay with `nsenter --net=/run/netns/NAME`)"
+                "cannot mount bpffs at {BPFFS}: this command runs in a mount namespace of its own {how}, where a bpffs \
+                 would vanish with that namespace, taking the pinned state along ({fix})"
             )));
         };
         base = outer;
@@ -95,14 +107,33 @@ pub fn root() -> Result<PathBuf, Error> {
 /// `None` when there is no bpffs or no such directory. Mounts and creates nothing: for commands
 /// that only look.
 pub fn existing_root() -> Option<PathBuf> {
-    let base = if under_fresh_sysfs() { outer_bpffs()? } else { PathBuf::from(BPFFS) };
+    let base = if own_mount_ns_without_bpffs().is_some() { outer_bpffs()? } else { PathBuf::from(BPFFS) };
     let dir = base.join("skrelay");
     (is_bpffs(&base) && dir.is_dir()).then_some(dir)
 }
 
-/// /sys/fs/bpf is a bare sysfs directory of a mount namespace of our own (`ip netns exec`).
-fn under_fresh_sysfs() -> bool {
-    fs_type(Path::new(BPFFS)) == Some(SYSFS_MAGIC) && outer_mount_ns_process().is_some()
+/// Why a mount namespace of our own has no bpffs at /sys/fs/bpf.
+enum OwnMountNs {
+    /// /sys is a sysfs of its own (`ip netns exec` mounts one for the network namespace).
+    FreshSysfs,
+    /// /sys is the outer namespace's, without a bpffs on /sys/fs/bpf (`unshare -m`, or unmounted).
+    NoBpffs,
+}
+
+/// /sys/fs/bpf is a bare sysfs directory of a mount namespace of our own, and why.
+fn own_mount_ns_without_bpffs() -> Option<OwnMountNs> {
+    use std::os::unix::fs::MetadataExt;
+    if fs_type(Path::new(BPFFS)) != Some(SYSFS_MAGIC) {
+        return None;
+    }
+    let outer = outer_mount_ns_process()?;
+    // A sysfs mounted for another network namespace is another superblock: another device.
+    let dev = |p: &Path| std::fs::metadata(p).ok().map(|m| m.dev());
+    let outer_sys = Path::new("/proc").join(outer.to_string()).join("root/sys");
+    match (dev(Path::new("/sys")), dev(&outer_sys)) {
+        (Some(ours), Some(theirs)) if ours == theirs => Some(OwnMountNs::NoBpffs),
+        _ => Some(OwnMountNs::FreshSysfs),
+    }
 }
 
 /// The bpffs of PID 1's mount namespace, or else of the nearest ancestor's in another one.

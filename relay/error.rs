@@ -73,6 +73,8 @@ impl Error {
         match self {
             // Refused for want of privilege: the user's to fix (run as root).
             Error::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => 2,
+            // A read-only file system (bpffs or cgroupfs mounted read-only): the set-up's to fix.
+            Error::Io { source, .. } if source.raw_os_error() == Some(libc::EROFS) => 2,
             Error::Io { .. } | Error::AccelBusy(_) | Error::SteerMap { .. } => 1,
             _ => 2,
         }
@@ -83,6 +85,10 @@ impl Error {
 fn io_reason(e: &io::Error) -> String {
     match e.kind() {
         io::ErrorKind::PermissionDenied => "permission denied (run as root)".into(),
+        _ if e.raw_os_error() == Some(libc::EROFS) => {
+            "the file system is mounted read-only (remount it read-write, e.g. `mount -o remount,rw /sys/fs/bpf`)"
+                .into()
+        }
         _ => e.to_string(),
     }
 }
@@ -134,6 +140,13 @@ mod tests {
         let denied = Error::io("cannot unpin /sys/fs/bpf/x", io::Error::from_raw_os_error(libc::EACCES));
         assert_eq!(denied.to_string(), "cannot unpin /sys/fs/bpf/x: permission denied (run as root)");
         assert_eq!(denied.exit_code(), 2);
+        let ro = Error::io("cannot create /sys/fs/bpf/skrelay", io::Error::from_raw_os_error(libc::EROFS));
+        assert_eq!(
+            ro.to_string(),
+            "cannot create /sys/fs/bpf/skrelay: the file system is mounted read-only (remount it read-write, e.g. \
+             `mount -o remount,rw /sys/fs/bpf`)"
+        );
+        assert_eq!(ro.exit_code(), 2);
         let failed = Error::io("cannot unpin /sys/fs/bpf/x", io::Error::from_raw_os_error(libc::EIO));
         assert_eq!(failed.exit_code(), 1);
         let open = crate::bpf::unavailable("open the accel socket map", &io::Error::from_raw_os_error(libc::EPERM));

@@ -680,7 +680,12 @@ fn a_mount_namespace_whose_bpffs_would_vanish_is_refused_or_pins_where_it_lasts(
         }
         Some(2) => {
             assert!(text.contains("skrelay: cannot mount bpffs at /sys/fs/bpf: this command runs in a mount namespace"));
-            assert!(text.contains("nsenter --net=/run/netns/NAME"), "{text}");
+            // The fix named depends on whether /sys here is the outer namespace's (`unshare -m`)
+            // or a fresh one (`ip netns exec`), which a sandbox's PID 1 may not let us compare.
+            assert!(
+                text.contains("nsenter --net=/run/netns/NAME") || text.contains("mount -t bpf bpf /sys/fs/bpf"),
+                "{text}"
+            );
             assert_eq!(text.trim().lines().count(), 1, "one sentence:\n{text}");
             assert_eq!(list_json(), serde_json::json!([]));
         }
@@ -896,4 +901,81 @@ echo after:; ls -A /sys/fs/bpf | grep skrelay || true"#;
     assert!(before.contains(&netns_ino().to_string()), "steer add pinned nothing under skrelay/: {before}");
     assert_eq!(after.trim(), "", "left in /sys/fs/bpf after steer reset");
     drop(target);
+}
+
+/// A link detached by hand (`bpftool link detach`) in a namespace that still exists: `steer list`
+/// said there were no bindings, `status` blamed an interrupted command, and the next `steer add`
+/// removed every binding as "a namespace that no longer exists". Now status says the link is
+/// detached and nothing is steered, and `steer add` attaches it again with the bindings kept.
+#[test]
+fn a_link_detached_by_hand_is_reported_and_attached_again_with_its_bindings() {
+    let Some(_reset) = setup("detached link") else { return };
+    let _l = TcpListener::bind("127.0.0.1:6950").unwrap();
+    ok(&["steer", "add", "--ports", "6951", "--to", "127.0.0.1:6950"]);
+    let link = list_status_json()["steer"]["link_id"].as_u64().expect("a link id");
+    let out = Command::new("bpftool").args(["link", "detach", "id", &link.to_string()]).output().unwrap();
+    assert!(out.status.success(), "bpftool link detach: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(refused("127.0.0.1:6951".parse().unwrap()), "a detached link still steers");
+    let listed = list_json();
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "the binding is no longer listed: {listed}");
+    let status = ok(&["status"]);
+    assert!(status.contains("the sk_lookup link was detached (not by skrelay): nothing is steered"), "{status}");
+    let json = list_status_json();
+    assert_eq!(json["steer"]["attached"], false, "{json}");
+    assert_eq!(json["steer"]["detached"], true, "{json}");
+    let _m = TcpListener::bind("127.0.0.1:6952").unwrap();
+    let out = ok(&["steer", "add", "--ports", "6953", "--to", "127.0.0.1:6952"]);
+    assert!(out.contains("attached it again, 1 binding kept"), "{out}");
+    assert!(!refused("127.0.0.1:6951".parse().unwrap()), "the kept binding is not steered again");
+    assert!(!refused("127.0.0.1:6953".parse().unwrap()), "the new binding is not steered");
+    assert_eq!(list_json().as_array().map(Vec::len), Some(2));
+}
+
+fn list_status_json() -> serde_json::Value {
+    serde_json::from_str(&ok(&["status", "--json"])).unwrap()
+}
+
+/// The state a dead network namespace left in bpffs (made under `ip netns exec`, then `ip netns
+/// del`) was invisible: `status` said "nothing attached" and `steer reset` "nothing to reset"
+/// while its pins stayed. Run against a bpffs of its own, which other tests' sweeps cannot touch.
+#[test]
+fn state_left_by_dead_namespaces_is_shown_and_removed_by_reset() {
+    let Some(_reset) = setup("dead namespaces' state") else { return };
+    let script = r#"set -e
+mount -t bpf bpf /sys/fs/bpf
+unshare -n sh -c 'ip link set lo up; ncat -lk 127.0.0.1 6960 & sleep 0.3; "$0" steer add --ports 6961 --to 127.0.0.1:6960 >/dev/null; kill $!' "$0"
+for i in $(seq 100); do "$0" status | grep -q 'no longer exist' && break; sleep 0.1; done
+"$0" status
+echo json:; "$0" status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["steer"]["dead_namespaces"])'
+echo reset:; "$0" steer reset
+echo after:; ls -A /sys/fs/bpf | grep skrelay || true"#;
+    let out = Command::new("unshare").args(["-m", "sh", "-c", script, SKRELAY]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let (status, rest) = stdout.split_once("json:").unwrap();
+    let (json, rest) = rest.split_once("reset:").unwrap();
+    let (reset, after) = rest.split_once("after:").unwrap();
+    assert!(
+        status.contains("1 steering state of network namespaces that no longer exist (1 binding) left under"),
+        "{status}"
+    );
+    assert!(status.contains("`skrelay steer reset`"), "{status}");
+    assert!(json.contains("'bindings': 1"), "{json}");
+    assert!(reset.contains("removed the steering state of 1 network namespace that no longer exists"), "{reset}");
+    assert_eq!(after.trim(), "", "left in /sys/fs/bpf after steer reset");
+}
+
+/// A read-only bpffs gave exit 1 and a bare "Read-only file system (os error 30)".
+#[test]
+fn a_read_only_bpffs_is_one_sentence_with_the_fix_and_exit_2() {
+    let Some(_reset) = setup("read-only bpffs") else { return };
+    let _l = TcpListener::bind("127.0.0.1:6970").unwrap();
+    let script =
+        format!("mount -t bpf -o ro bpf /sys/fs/bpf && exec {SKRELAY} steer add --ports 6971 --to 127.0.0.1:6970");
+    let out = Command::new("unshare").args(["-m", "sh", "-c", &script]).output().expect("unshare (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("the file system is mounted read-only (remount it read-write"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one sentence:\n{err}");
+    assert!(refused("127.0.0.1:6971".parse().unwrap()));
 }

@@ -12,15 +12,25 @@ pub fn command(cmd: SteerCommand) -> Result<String, Error> {
         }
         SteerCommand::List(_) => Ok(render_list(&list()?)),
         SteerCommand::Remove(args) => Ok(remove(&args)?.iter().map(|key| format!("removed binding {key}\n")).collect()),
-        SteerCommand::Reset => Ok(match reset()? {
-            super::Reset { removed: 0, .. } | super::Reset { dir: None, .. } => {
-                "no steering state in this network namespace: nothing to reset\n".to_string()
+        SteerCommand::Reset => {
+            let r = reset()?;
+            let mut out = match &r {
+                super::Reset { removed: 0, .. } | super::Reset { dir: None, .. } => {
+                    "no steering state in this network namespace: nothing to reset\n".to_string()
+                }
+                super::Reset { removed, dir: Some(dir), .. } => format!(
+                    "removed every binding, the sk_lookup program and its link ({removed} pins under {})\n",
+                    dir.display()
+                ),
+            };
+            match r.dead {
+                0 => {}
+                1 => out.push_str("removed the steering state of 1 network namespace that no longer exists\n"),
+                n => out
+                    .push_str(&format!("removed the steering state of {n} network namespaces that no longer exist\n")),
             }
-            super::Reset { removed, dir: Some(dir) } => format!(
-                "removed every binding, the sk_lookup program and its link ({removed} pins under {})\n",
-                dir.display()
-            ),
-        }),
+            Ok(out)
+        }
     }
 }
 

@@ -239,22 +239,26 @@ fn repair(st: &mut State) -> Result<(), Error> {
     Ok(())
 }
 
-/// What `steer reset` removed: how many pins, and where (`None`: there was nothing).
+/// What `steer reset` removed: how many pins, and where (`None`: there was nothing), and how
+/// many states of network namespaces that no longer exist.
 #[derive(Debug)]
 pub struct Reset {
     pub removed: usize,
     pub dir: Option<PathBuf>,
+    pub dead: usize,
 }
 
 /// `steer reset`: unpins everything; the link (and so the program) goes with its last reference.
+/// What dead network namespaces left (nobody else can reset it) goes too.
 pub fn reset() -> Result<Reset, Error> {
-    let Some(dir) = state::existing_dir()? else { return Ok(Reset { removed: 0, dir: None }) };
+    let dead = state::sweep_stale();
+    let Some(dir) = state::existing_dir()? else { return Ok(Reset { removed: 0, dir: None, dead }) };
     let removed = match crate::bpffs::StateLock::acquire_existing(&dir)? {
         Some(_lock) => state::remove_all(&dir)?,
         None => 0,
     };
     crate::bpffs::remove_root_if_empty();
-    Ok(Reset { removed, dir: Some(dir) })
+    Ok(Reset { removed, dir: Some(dir), dead })
 }
 
 /// One binding as `steer list` shows it.
@@ -347,6 +351,8 @@ pub struct Pinned {
     pub program_id: u32,
     pub program_version: u64,
     pub bindings: Vec<BindingView>,
+    /// The link was detached by hand: nothing is steered until the next `steer add`.
+    pub detached: bool,
 }
 
 impl Pinned {
@@ -371,6 +377,9 @@ pub struct Status {
     /// This user may not list BPF links (it takes CAP_SYS_ADMIN), so other processes' running
     /// `--ports` funnels are not known: `funnels` is empty whatever runs.
     pub funnels_unlisted: bool,
+    /// States left by network namespaces that no longer exist (directory, bindings): they hold
+    /// memory until `steer reset` or the next `steer add` removes them.
+    pub dead: Vec<(PathBuf, usize)>,
 }
 
 /// Pinned steering state that could not be read for want of privilege: `status` says so and goes
@@ -391,7 +400,8 @@ pub fn status() -> Result<Status, Error> {
         Err(Error::BpfDenied { .. } | Error::StateOwned { .. }) => {
             let dir = state::existing_dir()?.unwrap_or_default();
             let unreadable = Some(Unreadable { dir, error: "permission denied".into() });
-            return Ok(Status { pinned: None, unreadable, leftover: None, funnels, funnels_unlisted });
+            let dead = state::dead_states();
+            return Ok(Status { pinned: None, unreadable, leftover: None, funnels, funnels_unlisted, dead });
         }
         Err(e) => return Err(e),
     };
@@ -403,6 +413,7 @@ pub fn status() -> Result<Status, Error> {
             program_id,
             program_version: st.program_version(),
             bindings: views(&st),
+            detached: st.detached(),
         }
     });
     let leftover = match &pinned {
@@ -411,13 +422,14 @@ pub fn status() -> Result<Status, Error> {
             .and_then(|dir| std::fs::read_dir(&dir).ok().map(|d| (dir.clone(), d.count())))
             .filter(|(_, n)| *n > 0),
     };
-    Ok(Status { pinned, unreadable: None, leftover, funnels, funnels_unlisted })
+    Ok(Status { pinned, unreadable: None, leftover, funnels, funnels_unlisted, dead: state::dead_states() })
 }
 
 impl Status {
     /// The JSON `skrelay status --json` shows under `steer`: the same keys whatever is attached.
     pub fn json(&self) -> serde_json::Value {
-        let attached = self.pinned.is_some() || self.unreadable.is_some() || !self.funnels.is_empty();
+        let attached =
+            self.pinned.as_ref().is_some_and(|p| !p.detached) || self.unreadable.is_some() || !self.funnels.is_empty();
         let mut json = json!({
             // Unknown (null) where nothing is pinned and this user cannot list funnels.
             "attached": if attached || !self.funnels_unlisted { json!(attached) } else { json!(null) },
@@ -431,6 +443,8 @@ impl Status {
             "funnels": self.funnels.iter().map(funnel::Running::json).collect::<Vec<_>>(),
             "unreadable": null,
             "leftover": null,
+            "detached": null,
+            "dead_namespaces": self.dead.iter().map(|(dir, n)| json!({ "pins": dir.display().to_string(), "bindings": n })).collect::<Vec<_>>(),
         });
         if let Some((dir, pins)) = &self.leftover {
             json["leftover"] = json!({ "pins": dir.display().to_string(), "count": pins });
@@ -445,6 +459,7 @@ impl Status {
             json["program_id"] = json!(p.program_id);
             json["program_version"] = json!(format!("{:016x}", p.program_version));
             json["current"] = json!(p.current());
+            json["detached"] = json!(p.detached);
             json["bindings"] = json!(p.bindings.iter().map(BindingView::json).collect::<Vec<_>>());
         }
         json
@@ -500,7 +515,24 @@ impl Status {
                     p.dir.display()
                 ));
                 lines.extend(incomplete.iter().map(|l| format!("  WARNING: {l}")));
+                if p.detached {
+                    lines.push(
+                        "  WARNING: the sk_lookup link was detached (not by skrelay): nothing is steered; the next \
+                         `skrelay steer add` attaches it again with these bindings, `skrelay steer reset` removes them"
+                            .to_string(),
+                    );
+                }
             }
+        }
+        if !self.dead.is_empty() {
+            let bindings: usize = self.dead.iter().map(|(_, n)| n).sum();
+            let parent = self.dead[0].0.parent().map_or(String::new(), |p| p.display().to_string());
+            lines.push(format!(
+                "  {} of network namespaces that no longer exist ({}) left under {parent}: nothing is steered by them, \
+                 but they hold memory until `skrelay steer reset` (or the next `steer add`) removes them",
+                plural(self.dead.len(), "steering state"),
+                plural(bindings, "binding"),
+            ));
         }
         for f in &self.funnels {
             lines.push(format!(

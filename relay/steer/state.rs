@@ -261,6 +261,19 @@ impl State {
         let link_path = dir.join(LINK);
         let ours = program_version();
         let mut note = None;
+        if link_path.exists() && link_detached(&dir) {
+            // Detached by hand (`bpftool link detach`): nothing is steered. A new link for the
+            // same maps steers the bindings again.
+            std::fs::remove_file(&link_path)
+                .map_err(|e| Error::io(format!("cannot unpin {}", link_path.display()), e))?;
+            note = Some(format!(
+                "the steering link was detached (not by skrelay), so nothing was steered: attached it again, {} kept",
+                match maps.records().len() {
+                    1 => "1 binding".to_string(),
+                    n => format!("{n} bindings"),
+                }
+            ));
+        }
         if !link_path.exists() {
             let prog = load_program(&mut bpf)?;
             let netns = netns_file()?;
@@ -306,6 +319,12 @@ impl State {
     /// (link id, program id) of the pinned link.
     pub fn link_ids(&self) -> Option<(u32, u32)> {
         pinned_link_ids(&self.dir)
+    }
+
+    /// Whether the pinned link was detached by hand, so that nothing is steered (see
+    /// `holds_live_target`).
+    pub fn detached(&self) -> bool {
+        link_detached(&self.dir)
     }
 
     /// The version of the program the link runs (see `program_version`).
@@ -452,27 +471,65 @@ fn is_stale(dir: &Path) -> Result<bool, Error> {
             dir.display(),
             dir.display()
         ))),
-        Some(0) => Ok(true),
+        Some(0) => Ok(!holds_live_target(dir)),
         _ => Ok(false),
     }
 }
 
+/// Whether any binding pinned in `dir` still has its target socket in the socket map. A socket
+/// keeps its network namespace alive and steer takes targets of its own namespace only, so state
+/// whose link reports no namespace (0) but holds a live target was detached by hand (`bpftool
+/// link detach`) in a namespace that still exists, not left by a dead one.
+fn holds_live_target(dir: &Path) -> bool {
+    Maps::from_pins(dir).is_ok_and(|m| m.records().keys().any(|&id| m.target_cookie(id).is_some()))
+}
+
+/// Whether the pinned link in `dir` is detached from its (live) network namespace: see
+/// `holds_live_target`.
+pub fn link_detached(dir: &Path) -> bool {
+    link_netns(dir) == Some(0) && holds_live_target(dir)
+}
+
+/// The state directories, other than this namespace's, left by network namespaces that no longer
+/// exist, with the number of their bindings: `status` counts them and `steer reset` (or the next
+/// `steer add`) removes them.
+pub fn dead_states() -> Vec<(PathBuf, usize)> {
+    stale_states(false)
+}
+
+/// The state directories left by dead network namespaces, this namespace's own name included if
+/// `own` (a dead namespace's state under the inode number this one now has).
+fn stale_states(own: bool) -> Vec<(PathBuf, usize)> {
+    let Some(root) = bpffs::existing_root() else { return Vec::new() };
+    let own_name = if own { None } else { netns_name().ok() };
+    let Ok(entries) = std::fs::read_dir(&root) else { return Vec::new() };
+    let mut dead: Vec<(PathBuf, usize)> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|dir| own_name.is_none() || own_name.as_deref() != dir.file_name().and_then(|n| n.to_str()))
+        .filter(|dir| dir.join(LINK).exists() && link_netns(dir) == Some(0) && !holds_live_target(dir))
+        .map(|dir| {
+            let bindings = Maps::from_pins(&dir).map_or(0, |m| m.records().len());
+            (dir, bindings)
+        })
+        .collect();
+    dead.sort();
+    dead
+}
+
 /// Removes the state of every namespace that no longer exists (their pins keep programs and
-/// maps in memory; `steer add` sweeps them).
-pub fn sweep_stale() {
-    let Ok(root) = bpffs::root() else { return };
-    let Ok(entries) = std::fs::read_dir(&root) else { return };
-    for e in entries.flatten() {
-        let dir = e.path();
-        if !dir.join(LINK).exists() || link_netns(&dir) != Some(0) {
-            continue;
-        }
+/// maps in memory; `steer add` and `steer reset` sweep them). Returns how many it removed.
+pub fn sweep_stale() -> usize {
+    let mut removed = 0;
+    for (dir, _) in stale_states(true) {
         if let Ok(Some(_lock)) = bpffs::StateLock::acquire_existing(&dir) {
-            if link_netns(&dir) == Some(0) && remove_all(&dir).is_ok() {
+            if link_netns(&dir) == Some(0) && !holds_live_target(&dir) && remove_all(&dir).is_ok() {
                 log::info!("removed {}: steering state of a network namespace that no longer exists", dir.display());
+                removed += 1;
             }
         }
     }
+    removed
 }
 
 /// A loader that reuses (or creates and pins) every steer map under `dir`.
