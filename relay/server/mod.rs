@@ -554,22 +554,34 @@ impl Server {
         let Some(p) = self.pending_mut(slot, None) else { return };
         match p.look() {
             Look::Waiting => {}
-            Look::Identified => self.offer(slot),
+            Look::Identified => {
+                let serial = p.serial;
+                self.offer(slot);
+                // A client whose line, bytes and reset came in one readiness event gets no later
+                // event for the reset: look once more while it waits.
+                if self.pending_mut(slot, Some(serial)).is_some_and(|p| p.reset_after_sending()) {
+                    self.let_go_after_reset(slot, serial);
+                }
+            }
             Look::Gone(why) => {
                 // A bad token line is ours to refuse; anything else, the client left.
                 let reason = if why.starts_with("bad token line") { Unpaired::BadToken } else { Unpaired::Left };
                 self.drop_pending(slot, &why, reason)
             }
             Look::ResetAfterSending => {
-                // Clients that connected before the reset was seen are taken first: the one that
-                // pairs with it gets its bytes and then the reset, as end to end. Nobody later
-                // does: a client that came seconds after would be paired with a dead one.
                 let serial = p.serial;
-                self.accept();
-                if self.pending_mut(slot, Some(serial)).is_some() {
-                    self.drop_pending(slot, "reset before a partner came (its bytes go nowhere)", Unpaired::Left);
-                }
+                self.let_go_after_reset(slot, serial);
             }
+        }
+    }
+
+    /// A waiting client sent bytes and then reset. Clients that connected before the reset was
+    /// seen are taken first: the one that pairs with it gets its bytes and then the reset, as end
+    /// to end. Nobody later does: a client that came seconds after would be paired with a dead one.
+    fn let_go_after_reset(&mut self, slot: usize, serial: u64) {
+        self.accept();
+        if self.pending_mut(slot, Some(serial)).is_some() {
+            self.drop_pending(slot, "reset before a partner came (its bytes go nowhere)", Unpaired::Left);
         }
     }
 

@@ -54,9 +54,7 @@ impl Pending {
             return match self.gone_after(peeked) {
                 Some(why) => Look::Gone(why),
                 // A peek returns the queued bytes before the reset's error: the state says it.
-                None if self.upstream.is_none() && sys::tcp_counters(&self.stream).is_ok_and(|c| c.closed()) => {
-                    Look::ResetAfterSending
-                }
+                None if self.reset_after_sending() => Look::ResetAfterSending,
                 None => Look::Waiting,
             };
         }
@@ -78,6 +76,12 @@ impl Pending {
                 Look::Identified
             }
         }
+    }
+
+    /// A relay's waiting client that sent bytes and then reset (its TCP state is CLOSE; a peek
+    /// still returns its bytes).
+    pub(super) fn reset_after_sending(&self) -> bool {
+        self.upstream.is_none() && sys::tcp_counters(&self.stream).is_ok_and(|c| c.closed())
     }
 
     /// Why a waiting client is gone, if it is: checked before it takes a partner, since the loop
