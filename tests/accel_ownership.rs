@@ -150,6 +150,27 @@ fn accel_off_removes_the_cgroup_that_on_created_and_only_that() {
     std::fs::remove_dir(mount.join(&outer)).unwrap();
 }
 
+/// Every systemd cgroup has a dot in its name (`system.slice/redis.service`), and bpffs refuses
+/// names with a dot: `accel on` and `accel run` of such a cgroup failed as root with "permission
+/// denied (run as root)" and left empty directories in bpffs.
+#[test]
+fn cgroups_with_dots_in_their_names_are_accelerated() {
+    if !require_bpf("cgroups_with_dots_in_their_names_are_accelerated") {
+        return;
+    }
+    let _netns = enter_netns();
+    let mount = v2_mount();
+    let outer = format!("skrelay-dot-{}.slice", std::process::id());
+    let inner = format!("{outer}/x.service");
+    let _cleanup = Cleanup(mount.clone(), vec![inner.clone(), outer.clone()]);
+    ok(&["accel", "on", "--cgroup", &inner]);
+    let st = status_of(&mount.join(&inner));
+    assert!(st.contains("set up by `accel on`"), "{st}");
+    ok(&["accel", "run", "--cgroup", &inner, "--", "true"]);
+    ok(&["accel", "off", "--cgroup", &inner]);
+    assert!(!mount.join(&outer).exists(), "accel off left the cgroups accel on created");
+}
+
 /// `accel run --cgroup` of a cgroup `accel on` set up runs the command in it under its policy,
 /// says so, and leaves it on; a policy flag that asks for another one is refused (it would be
 /// silently ignored) and changes nothing.

@@ -54,6 +54,9 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The longest `pin_name` accel takes: 255 bytes (NAME_MAX) less a set-up's "PID-" prefix.
+const MAX_PIN_NAME: usize = 255 - 12;
+
 impl Cgroup {
     /// Resolves `--cgroup PATH`: absolute (below the v2 mount) or relative to the v2 mount.
     pub fn resolve(arg: &Path) -> Result<Cgroup, Error> {
@@ -86,7 +89,18 @@ impl Cgroup {
                 }
             }
         }
-        Ok(Cgroup { mount: mount.to_path_buf(), rel: parts.join("/") })
+        let cg = Cgroup { mount: mount.to_path_buf(), rel: parts.join("/") };
+        // Its state is pinned in a directory named for it (`pin_name`), with a set-up's pid in
+        // front while it is built: bpffs names are at most 255 bytes.
+        if cg.pin_name().len() > MAX_PIN_NAME {
+            return Err(Error::Usage(format!(
+                "cgroup path {} is too long for accel: its state's name in bpffs would be {} bytes, at most {MAX_PIN_NAME} \
+                 fit (give a cgroup with a shorter path)",
+                arg.display(),
+                cg.pin_name().len()
+            )));
+        }
+        Ok(cg)
     }
 
     /// The cgroup v2 process `pid` belongs to (/proc/PID/cgroup's `0::` line), if it can be read.
@@ -147,10 +161,11 @@ impl Cgroup {
         other.rel.is_empty() || self.rel == other.rel || self.rel.starts_with(&format!("{}/", other.rel))
     }
 
-    /// The name of this cgroup's directory of pinned state: the path below the mount with `%`
-    /// and `/` percent-encoded, so every cgroup has its own name and the name gives the path back.
+    /// The name of this cgroup's directory of pinned state: the path below the mount with `%`,
+    /// `/` and `.` percent-encoded (bpffs refuses names with a dot, and systemd's cgroups all have
+    /// one: `system.slice`), so every cgroup has its own name and the name gives the path back.
     pub fn pin_name(&self) -> String {
-        format!("%2F{}", self.rel.replace('%', "%25").replace('/', "%2F"))
+        format!("%2F{}", self.rel.replace('%', "%25").replace('/', "%2F").replace('.', "%2E"))
     }
 
     /// The cgroup a pin directory name stands for (see `pin_name`).
@@ -162,6 +177,7 @@ impl Cgroup {
             match rest.get(i..i + 3)? {
                 "%2F" => rel.push('/'),
                 "%25" => rel.push('%'),
+                "%2E" => rel.push('.'),
                 _ => return None,
             }
             rest = &rest[i + 3..];
@@ -372,14 +388,17 @@ mod tests {
         assert_eq!(Cgroup::resolve_in(m, Path::new("/cg")).unwrap().rel, "");
         assert!(Cgroup::resolve_in(m, Path::new("/elsewhere/a")).is_err());
         assert!(Cgroup::resolve_in(m, Path::new("a/../b")).is_err());
+        let long = "x".repeat(100);
+        let err = Cgroup::resolve_in(m, Path::new(&format!("{long}/{long}/{long}"))).unwrap_err().to_string();
+        assert!(err.contains("is too long for accel") && err.contains("at most 243 fit"), "{err}");
     }
 
     #[test]
     fn pin_names_are_unique_and_reversible() {
         let m = Path::new("/cg");
-        for rel in ["", "a", "a/b", "a_b", "a%2Fb", "x%y/z", "%/", "%2F"] {
+        for rel in ["", "a", "a/b", "a_b", "a%2Fb", "x%y/z", "%/", "%2F", "system.slice/redis.service", "%2E."] {
             let cg = Cgroup { mount: m.into(), rel: rel.into() };
-            assert!(!cg.pin_name().contains('/'));
+            assert!(!cg.pin_name().contains('/') && !cg.pin_name().contains('.'), "{}", cg.pin_name());
             assert_eq!(Cgroup::from_pin_name(m, &cg.pin_name()), Some(cg));
         }
         let a = Cgroup { mount: m.into(), rel: "a/b".into() };
