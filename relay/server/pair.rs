@@ -17,8 +17,9 @@ use std::{
 /// First and longest wait between checks that a half-closed source's bytes have all left.
 const FLUSH_CHECK_FIRST: Duration = Duration::from_millis(1);
 const FLUSH_CHECK_MAX: Duration = Duration::from_millis(100);
-/// Longest a reset waits for the bytes its end received before it to reach the partner's
-/// client (a partner that does not read would otherwise hold the pair).
+/// Longest a reset waits without progress for the bytes its end received before it to reach the
+/// partner's client (a partner that does not read would otherwise hold the pair); a partner that
+/// keeps reading keeps it waiting.
 const RESET_GRACE: Duration = Duration::from_secs(1);
 
 /// Makes the next close of this socket send a RST instead of a FIN: also the close the kernel
@@ -45,7 +46,9 @@ pub(super) struct Pair {
     upstream_local: Option<SocketAddr>,
     /// An end was reset (its error taken): the partner is reset once what that end received
     /// before its reset has reached the partner's client, or at the deadline.
-    resetting: Option<(usize, io::Error, Instant)>,
+    /// The end that was reset, its error, when to give up, and what the partner's client had
+    /// acknowledged at the last look (progress moves the deadline).
+    resetting: Option<(usize, io::Error, Instant, u64)>,
     /// When bytes last moved (`--idle-timeout`), and the counters that showed it.
     active: Activity,
 }
@@ -210,7 +213,7 @@ impl Pair {
 
     /// Ends a resetting pair now.
     pub(super) fn reset_now(&mut self) -> Option<Ending> {
-        self.resetting.take().map(|(end, error, _)| Ending::Reset { end, error })
+        self.resetting.take().map(|(end, error, ..)| Ending::Reset { end, error })
     }
 
     /// How long no byte has moved either way (received from a client, or acknowledged by one),
@@ -344,19 +347,35 @@ impl Pair {
     }
 
     /// End `end` was reset (or failed with `error`): the partner is reset once what `end`
-    /// received before has reached the partner's client, or after `RESET_GRACE`.
+    /// received before has reached the partner's client, or once that client has taken nothing
+    /// for `RESET_GRACE`.
     fn start_reset(&mut self, end: usize, error: io::Error) -> Step {
-        self.resetting = Some((end, error, Instant::now() + RESET_GRACE));
+        let acked = self.partner_acked(end);
+        self.resetting = Some((end, error, Instant::now() + RESET_GRACE, acked));
         self.finish_reset()
+    }
+
+    /// What the client of `end`'s partner has acknowledged so far.
+    fn partner_acked(&self, end: usize) -> u64 {
+        sys::tcp_counters(&self.ends[1 - end]).map_or(0, |c| c.bytes_acked)
     }
 
     /// The reset `start_reset` began: done once delivered or due, else look again soon.
     fn finish_reset(&mut self) -> Step {
-        let Some((end, _, deadline)) = &self.resetting else { return Step::Ended(Ending::Drained) };
-        let (end, deadline) = (*end, *deadline);
+        let Some((end, _, deadline, acked)) = &self.resetting else { return Step::Ended(Ending::Drained) };
+        let (end, mut deadline, was_acked) = (*end, *deadline, *acked);
         let delivered = self.shut[end] || self.splice.flush_reset(end, &self.ends[end], &self.ends[1 - end]);
-        if delivered || Instant::now() >= deadline {
-            let (end, error, _) = self.resetting.take().expect("resetting");
+        let now = Instant::now();
+        let acked = self.partner_acked(end);
+        if acked != was_acked {
+            // The partner's client is reading: give it the time it takes.
+            deadline = now + RESET_GRACE;
+            if let Some(r) = &mut self.resetting {
+                (r.2, r.3) = (deadline, acked);
+            }
+        }
+        if delivered || now >= deadline {
+            let (end, error, ..) = self.resetting.take().expect("resetting");
             return Step::Ended(Ending::Reset { end, error });
         }
         let delay = self.flush_delay;
