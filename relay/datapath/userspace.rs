@@ -8,7 +8,7 @@ use crate::sys::{self, Pipe};
 use mio::{net::TcpStream, Interest};
 use std::{
     cell::RefCell,
-    io::{self, Read},
+    io::{self, Read, Write},
 };
 
 /// Bytes a pipe holds; also how far a source is read ahead of a slow destination.
@@ -29,6 +29,21 @@ fn take_pipe() -> io::Result<(Pipe, usize)> {
     match SPARE.with(|s| s.borrow_mut().pop()) {
         Some(p) => Ok(p),
         None => Pipe::new(PIPE_SIZE),
+    }
+}
+
+/// Says, at most once every 10 s per process, that a pair waits for a pipe.
+fn warn_pipe_shortage(e: &io::Error) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::UNIX_EPOCH.elapsed().map_or(0, |d| d.as_secs());
+    let last = LAST.load(Ordering::Relaxed);
+    if (last == 0 || now >= last + 10) && LAST.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    {
+        log::warn!(
+            "userspace datapath: cannot open a pipe: {e}; pairs that need one wait and retry (raise the descriptor \
+             limit: `ulimit -n`, or LimitNOFILE= in the unit)"
+        );
     }
 }
 
@@ -96,6 +111,50 @@ fn would_block(r: &io::Result<usize>) -> bool {
 }
 
 impl Direction {
+    /// Source -> destination through a buffer of this thread, when no pipe can be opened (out of
+    /// descriptors): bytes are peeked, written on, and only what was written is taken from the
+    /// source, so nothing is held here between calls. Slower than splice(2), and only for the
+    /// shortage: the next call tries for a pipe again.
+    fn advance_without_pipe(&mut self, src: &TcpStream, dst: &TcpStream) -> io::Result<Flow> {
+        thread_local! {
+            static BUF: RefCell<Vec<u8>> = RefCell::new(vec![0u8; 64 * 1024]);
+        }
+        BUF.with(|buf| {
+            let buf = &mut buf.borrow_mut()[..];
+            for _ in 0..ROUNDS_PER_CALL {
+                let n = match sys::peek(src, buf) {
+                    Ok(0) => {
+                        self.src_eof = true;
+                        return Ok(Flow::Finished);
+                    }
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flow::Open),
+                    Err(e) => return Err(e),
+                };
+                let written = match (&mut &*dst).write(&buf[..n]) {
+                    Ok(w) => w,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flow::Open),
+                    Err(e) => return Err(e),
+                };
+                let mut taken = 0;
+                while taken < written {
+                    match (&mut &*src).read(&mut buf[..written - taken]) {
+                        Ok(0) => break,
+                        Ok(got) => taken += got,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                self.moved += written as u64;
+                if written < n {
+                    return Ok(Flow::Open);
+                }
+            }
+            // More may be ready: the caller looks again soon (this also retries for a pipe).
+            Ok(Flow::Again)
+        })
+    }
+
     /// Source -> pipe -> destination until nothing moves, the source ends, or the round limit.
     fn advance(&mut self, src: &TcpStream, dst: &TcpStream) -> io::Result<Flow> {
         for _ in 0..ROUNDS_PER_CALL {
@@ -139,7 +198,16 @@ impl Splice for UserspaceSplice {
     fn advance(&mut self, dir: usize, src: &TcpStream, dst: &TcpStream) -> io::Result<Flow> {
         let d = &mut self.dirs[dir];
         if d.pipe.is_none() && !d.src_eof {
-            d.pipe = Some(take_pipe()?);
+            match take_pipe() {
+                Ok(pipe) => d.pipe = Some(pipe),
+                // Out of descriptors for a pipe: a pair is not cut for a shortage that others'
+                // connections cause; it moves its bytes through a buffer of ours meanwhile.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)) => {
+                    warn_pipe_shortage(&e);
+                    return d.advance_without_pipe(src, dst);
+                }
+                Err(e) => return Err(e),
+            }
         }
         let flow = d.advance(src, dst);
         if d.in_pipe == 0 {

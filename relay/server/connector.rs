@@ -72,6 +72,15 @@ pub(super) struct Connector {
     /// connects to. The port matters: Linux gives the same ephemeral port to connections to
     /// different destinations, so a client may share one of them by chance.
     own: OwnUpstreams,
+    /// Set when the last plan stopped because connect(2) failed for want of descriptors or
+    /// memory here (`shortage`).
+    shortage: Option<io::Error>,
+}
+
+/// An error of connect(2) or socket(2) that is this process's or host's shortage, not the
+/// upstream's failure.
+fn local_shortage(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
 }
 
 /// Local addresses of our upstream connections, connecting or spliced, with the port each
@@ -101,7 +110,7 @@ impl OwnUpstreams {
 
 impl Connector {
     pub(super) fn new(upstreams: Upstreams, timeout: Duration) -> Connector {
-        Connector { upstreams, timeout, own: OwnUpstreams::default() }
+        Connector { upstreams, timeout, own: OwnUpstreams::default(), shortage: None }
     }
 
     /// Whether a client connecting from `addr` to our port `to` is one of our own upstream
@@ -123,6 +132,7 @@ impl Connector {
     }
 
     fn try_plan(&mut self, mut plan: Vec<usize>, registry: &Registry, token: Token) -> Option<Connecting> {
+        self.shortage = None;
         while !plan.is_empty() {
             let idx = plan.remove(0);
             let addr = self.upstreams.addr(idx);
@@ -140,6 +150,12 @@ impl Connector {
                     let deadline = Instant::now() + self.timeout;
                     return Some(Connecting { stream, local, to: addr, idx, deadline, rest: plan });
                 }
+                // Out of descriptors (or memory) here: no upstream would do better, and none is
+                // to blame.
+                Err(e) if local_shortage(&e) => {
+                    self.shortage = Some(e);
+                    return None;
+                }
                 Err(e) => {
                     log::warn!("upstream {addr}: {e}; marked down for {DOWN_FOR:?}");
                     self.upstreams.mark_down(idx, Instant::now());
@@ -147,6 +163,12 @@ impl Connector {
             }
         }
         None
+    }
+
+    /// Why the last `connect` or `failed` found no connection, when the cause was this
+    /// process's want of descriptors or memory rather than the upstreams.
+    pub(super) fn shortage(&self) -> Option<&io::Error> {
+        self.shortage.as_ref()
     }
 
     /// Where `c` stands; called when its socket is ready.

@@ -104,6 +104,8 @@ const INBOX: Token = Token(3);
 const FIRST_SLOT_TOKEN: usize = 4;
 /// How long to wait before accepting again when the process is out of file descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How often a loop short of descriptors says so.
+const SHORTAGE_WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// The token of end `end` of the client or pair in `slot` (a pending client is end 0, its
 /// upstream connection end 1).
@@ -160,6 +162,11 @@ pub struct Server {
     /// Pairs to service again this turn (more was ready than one call moves).
     again: Vec<(usize, u64)>,
     accept_retry: Option<Instant>,
+    /// When the loop last warned that it ran out of descriptors (or memory) for new clients: once
+    /// per `SHORTAGE_WARN_EVERY`, not once per client or retry.
+    shortage_warned: Option<Instant>,
+    /// Accepting stopped for want of descriptors; the first client accepted after says so.
+    accept_short: bool,
     drain_deadline: Option<Instant>,
     /// When a drain logs where its remaining pairs stand.
     drain_report: Option<Instant>,
@@ -259,6 +266,8 @@ impl Server {
             timers: Timers::default(),
             again: Vec::new(),
             accept_retry: None,
+            shortage_warned: None,
+            accept_short: false,
             drain_deadline: None,
             drain_report: None,
             handed_over: false,
@@ -437,7 +446,12 @@ impl Server {
                 return;
             };
             match listener.accept() {
-                Ok((stream, addr)) => self.admit(stream, addr),
+                Ok((stream, addr)) => {
+                    if std::mem::take(&mut self.accept_short) {
+                        log::info!("accepting clients again");
+                    }
+                    self.admit(stream, addr)
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e)
@@ -446,7 +460,13 @@ impl Server {
                         Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
                     ) =>
                 {
-                    log::warn!("cannot accept more clients now: {e} (retrying in {ACCEPT_BACKOFF:?})");
+                    if self.warn_of_shortage() {
+                        log::warn!(
+                            "cannot accept more clients now: {e} (retrying every {ACCEPT_BACKOFF:?}; clients wait in the \
+                             listen backlog; raise the descriptor limit: `ulimit -n`, or LimitNOFILE= in the unit)"
+                        );
+                    }
+                    self.accept_short = true;
                     self.accept_retry = Some(Instant::now() + ACCEPT_BACKOFF);
                     return;
                 }
@@ -836,13 +856,43 @@ impl Server {
         }
     }
 
-    /// `proxy`: no upstream is left to try for the client in `slot`.
+    /// `proxy`: no upstream is left to try for the client in `slot`, or this process could not
+    /// open a connection at all (out of descriptors: not the upstreams' fault).
     fn no_upstream(&mut self, slot: usize) {
-        if let Some(p) = self.take_pending(slot) {
-            reset_on_close(&p.stream);
-            self.metrics.client_unpaired(Unpaired::NoUpstream);
-            log::warn!("client {} reset: no upstream could be reached", p.addr);
+        let shortage = match &self.partners {
+            Partners::Upstreams(connector) => connector.shortage().map(|e| e.to_string()),
+            _ => None,
+        };
+        let Some(p) = self.take_pending(slot) else { return };
+        reset_on_close(&p.stream);
+        match shortage {
+            Some(e) => {
+                self.metrics.client_unpaired(Unpaired::Error);
+                if self.warn_of_shortage() {
+                    log::warn!(
+                        "client {} reset: cannot open a connection to an upstream: {e} (raise the descriptor limit: \
+                         `ulimit -n`, or LimitNOFILE= in the unit; said once per {SHORTAGE_WARN_EVERY:?})",
+                        p.addr
+                    );
+                } else {
+                    log::debug!("client {} reset: cannot open a connection to an upstream: {e}", p.addr);
+                }
+            }
+            None => {
+                self.metrics.client_unpaired(Unpaired::NoUpstream);
+                log::warn!("client {} reset: no upstream could be reached", p.addr);
+            }
         }
+    }
+
+    /// Whether to warn of a shortage of descriptors now (at most once per `SHORTAGE_WARN_EVERY`).
+    fn warn_of_shortage(&mut self) -> bool {
+        let now = Instant::now();
+        if self.shortage_warned.is_some_and(|at| now < at + SHORTAGE_WARN_EVERY) {
+            return false;
+        }
+        self.shortage_warned = Some(now);
+        true
     }
 
     /// `proxy`: the upstream connection of a waiting client is ready (or failed).

@@ -1,0 +1,146 @@
+//! Out of descriptors: what a process short of them does with its clients. Run under a small
+//! `RLIMIT_NOFILE` (prlimit), with real sockets. Pairs already served must not be cut because
+//! others' connections took the descriptors, and a proxy must not blame its upstreams for a
+//! shortage of its own.
+mod common;
+use common::*;
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    process::Command,
+    thread,
+    time::Duration,
+};
+
+fn addr() -> SocketAddr {
+    "127.0.0.1:7777".parse().unwrap()
+}
+
+fn under_nofile(limit: u32, args: &[&str]) -> Skrelay {
+    let mut cmd = Command::new("prlimit");
+    cmd.arg(format!("--nofile={limit}:{limit}")).arg(SKRELAY).args(args);
+    Skrelay::spawn(cmd, "listening on")
+}
+
+/// The userspace datapath takes a pipe when a direction has bytes to move. With the descriptors
+/// gone, a pair that needed one was reset mid-stream ("Too many open files": 3 of 14 pairs in a
+/// helper's pass); it now waits for one, its bytes held in its socket, and every stream is whole.
+#[test]
+fn userspace_pairs_wait_for_a_pipe_instead_of_being_reset() {
+    let _netns = enter_netns();
+    let relay = under_nofile(64, &["relay", "--datapath", "userspace", "--threads", "1", "--metrics", "127.0.0.1:0"]);
+    const PAIRS: usize = 14;
+    const LEN: u64 = 16_000_000;
+    // Small receive buffers: what a reader has not taken waits in the relay, in its pipes.
+    let client = || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_recv_buffer_size(64 << 10).unwrap();
+        s.connect(&addr().into()).unwrap();
+        let s: TcpStream = s.into();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        s
+    };
+    let mut ends = Vec::new();
+    for _ in 0..PAIRS {
+        let a = client();
+        let b = client();
+        ends.push((a, b));
+    }
+    // Every client sends at once; nobody reads for a while, so pipes fill and stay taken.
+    let mut senders = Vec::new();
+    for (i, (a, b)) in ends.iter().enumerate() {
+        for (j, s) in [a, b].into_iter().enumerate() {
+            let mut s = s.try_clone().unwrap();
+            let seed = (i * 2 + j) as u64;
+            senders.push(thread::spawn(move || {
+                let sha = send_pattern(&mut s, seed, LEN).unwrap();
+                s.shutdown(std::net::Shutdown::Write).unwrap();
+                sha
+            }));
+        }
+    }
+    thread::sleep(Duration::from_secs(1));
+    let readers: Vec<_> = ends
+        .into_iter()
+        .flat_map(|(a, b)| [b, a])
+        .map(|mut s| {
+            thread::spawn(move || {
+                let (got, end) = read_until_end(&mut s);
+                (sha(&got), got.len() as u64, end.is_ok())
+            })
+        })
+        .collect();
+    let sent: Vec<String> = senders.into_iter().map(|t| t.join().unwrap()).collect();
+    for (i, r) in readers.into_iter().enumerate() {
+        let (sha, len, eof) = r.join().unwrap();
+        // Reader i reads the stream of sender i (b reads a's, a reads b's).
+        assert!(eof && len == LEN && sha == sent[i], "stream {i}: {len} bytes, eof {eof}\n{}", relay.log());
+    }
+    let (status, log) = relay.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+    assert!(!log.contains("Too many open files (os error 24)) after"), "a pair was cut:\n{log}");
+}
+
+/// A proxy out of descriptors marked its healthy upstream down, counted connect failures against
+/// it, and reset each client as `no_upstream` with two warnings per client. Now the upstream is
+/// left alone, the clients count as `error`, and the shortage is said once.
+#[test]
+fn a_proxy_out_of_descriptors_does_not_blame_its_upstream() {
+    let _netns = enter_netns();
+    let upstream = TcpListener::bind("127.0.0.1:8080").unwrap();
+    thread::spawn(move || {
+        for c in upstream.incoming() {
+            let Ok(mut c) = c else { continue };
+            thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 || c.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = c.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    let proxy = under_nofile(
+        48,
+        &[
+            "proxy",
+            "--upstream",
+            "127.0.0.1:8080",
+            "--datapath",
+            "userspace",
+            "--threads",
+            "1",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+    );
+    // Silent clients: each costs the proxy two descriptors while its pair lives.
+    let silent: Vec<TcpStream> = (0..40).map(|_| connect(addr())).collect();
+    let m = proxy.wait_metrics("clients refused for want of descriptors", Duration::from_secs(5), |m| {
+        m.get("skrelay_unpaired_clients_total{reason=\"error\"}") > 0
+    });
+    assert_eq!(m.get("skrelay_upstream_connect_failures_total{upstream=\"127.0.0.1:8080\"}"), 0, "{}", m.text);
+    assert_eq!(m.get("skrelay_upstream_up{upstream=\"127.0.0.1:8080\"}"), 1, "{}", m.text);
+    assert_eq!(m.get("skrelay_unpaired_clients_total{reason=\"no_upstream\"}"), 0, "{}", m.text);
+    drop(silent);
+    // Once the descriptors are back, clients are served again.
+    let mut served = false;
+    for _ in 0..50 {
+        let mut c = connect(addr());
+        if c.write_all(b"ping").is_ok() && c.shutdown(std::net::Shutdown::Write).is_ok() {
+            let (got, end) = read_until_end(&mut c);
+            if got == b"ping" && end.is_ok() {
+                served = true;
+                break;
+            }
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let (status, log) = proxy.stop(Duration::from_secs(10));
+    assert!(served, "no client was served after the shortage:\n{log}");
+    assert!(status.success(), "{log}");
+    assert!(!log.contains("marked down"), "the upstream was blamed:\n{log}");
+    assert_eq!(log.matches("cannot open a connection to an upstream").count(), 1, "said once:\n{log}");
+}
