@@ -436,3 +436,54 @@ fn off_waits_a_moment_for_the_last_process_of_a_cgroup_it_created() {
     assert!(!mount.join(&cg).exists(), "off left the cgroup it created: {err}");
     assert!(last.wait().unwrap().success());
 }
+
+/// An `accel on` refused for want of privilege left `skrelay/` and `skrelay/accel/` in bpffs,
+/// owned by that user, where root's later state was then pinned. Run against a bpffs of its own.
+#[test]
+fn a_refused_unprivileged_accel_on_leaves_nothing_in_bpffs() {
+    if !require_bpf("a_refused_unprivileged_accel_on_leaves_nothing_in_bpffs") {
+        return;
+    }
+    let _netns = enter_netns();
+    let cg = format!("skrelay-nobody-{}", std::process::id());
+    let script = r#"mount -t bpf bpf /sys/fs/bpf || exit 9
+setpriv --reuid=65534 --regid=65534 --clear-groups "$0" accel on --cgroup "$1"
+echo "rc=$?"
+echo left:; ls -A /sys/fs/bpf"#;
+    let out = std::process::Command::new("unshare").args(["-m", "sh", "-c", script, SKRELAY, &cg]).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("rc=2"), "{stdout}{stderr}");
+    assert!(stderr.contains("permission denied"), "{stderr}");
+    let left = stdout.split_once("left:").unwrap().1;
+    assert!(!left.contains("skrelay"), "left in bpffs: {left}\n{stderr}");
+}
+
+/// Without CAP_SYS_ADMIN the owner record (a trusted.* xattr) could not be written: `accel on`
+/// said nothing, exited 0, and `status` lost who set it up. It is refused now, changing nothing.
+#[test]
+fn accel_on_without_cap_sys_admin_is_refused_and_changes_nothing() {
+    if !require_bpf("accel_on_without_cap_sys_admin_is_refused_and_changes_nothing") {
+        return;
+    }
+    let _netns = enter_netns();
+    let mount = v2_mount();
+    let cg = format!("skrelay-nosysadmin-{}", std::process::id());
+    std::fs::create_dir(mount.join(&cg)).unwrap();
+    let _cleanup = Cleanup(mount.clone(), vec![cg.clone()]);
+    let caps = "+bpf,+net_admin,+perfmon";
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(format!("--inh-caps=-all,{caps}"))
+        .arg(format!("--ambient-caps=-all,{caps}"))
+        .arg(format!("--bounding-set=-all,{caps}"))
+        .args([SKRELAY, "accel", "on", "--cgroup", &cg, "--small-write", "64K"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("(run as root or grant CAP_SYS_ADMIN)"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one sentence: {err}");
+    let status = ok(&["accel", "status"]);
+    assert!(!status.contains(&cg), "{status}");
+    assert!(mount.join(&cg).is_dir(), "the cgroup that was there is gone");
+}

@@ -453,6 +453,31 @@ fn on_for(
     policy: &AccelPolicyArgs,
     placement: calibrate::Placement,
 ) -> Result<Enabled, Error> {
+    let result = set_up(command, cgroup, ports, policy, placement);
+    if result.is_err() {
+        // A set-up refused part-way (no privilege, a cgroup that cannot be made) leaves no empty
+        // directory in bpffs: another user's would hold root's later state.
+        remove_empty_state_dirs();
+    }
+    result
+}
+
+/// Removes `accel/` (and skrelay's directory in bpffs) if nothing is in them, under the lock.
+fn remove_empty_state_dirs() {
+    let Some(root) = bpffs::existing_root().map(|r| r.join("accel")) else { return };
+    if let Ok(Some(_lock)) = bpffs::StateLock::acquire_existing(&root) {
+        pinned::remove_if_empty(&root);
+    }
+    bpffs::remove_root_if_empty();
+}
+
+fn set_up(
+    command: &'static str,
+    cgroup: &Path,
+    ports: &[u16],
+    policy: &AccelPolicyArgs,
+    placement: calibrate::Placement,
+) -> Result<Enabled, Error> {
     let max_queued = policy.max_queued.unwrap_or(DEFAULT_MAX_QUEUED);
     if max_queued < MIN_MAX_QUEUED {
         return Err(Error::Usage(format!(
@@ -500,7 +525,16 @@ fn on_for(
         measured: measured.as_ref().map(calibrate::Choice::record),
     };
     if let Err(e) = cg.set_owner(&owner) {
-        log::debug!("accel: {e}");
+        if matches!(&e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied) {
+            // Without the record `off` cannot tell which cgroup directories to remove, and
+            // `status` cannot say who set it up.
+            cgroup::remove_dirs(&created);
+            return Err(Error::Usage(format!(
+                "cannot record who sets up acceleration on cgroup {cg} (a trusted.* extended attribute): permission \
+                 denied (run as root or grant CAP_SYS_ADMIN)"
+            )));
+        }
+        log::warn!("accel: {e}; `accel status` will not say who set it up");
     }
     let result = check_foreign(&cg).and_then(|()| pinned::create(&dir, &cg, ports, max_queued, small_write));
     if let Err(e) = result {
