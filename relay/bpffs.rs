@@ -210,8 +210,11 @@ impl StateLock {
             );
         }
         if !matches!(attempt, Ok(())) {
-            if shared { file.lock_shared() } else { file.lock() }
-                .map_err(|e| Error::io(format!("cannot lock {}", dir.display()), e))?;
+            if shared {
+                wait_shared(&file, dir)?;
+            } else {
+                file.lock().map_err(|e| Error::io(format!("cannot lock {}", dir.display()), e))?;
+            }
         }
         // The holder before us may have removed the directory: then what we locked is gone.
         let locked = file.metadata().map_err(|e| Error::io(format!("cannot read {}", dir.display()), e))?;
@@ -223,6 +226,34 @@ impl StateLock {
             remove_legacy_lock(dir);
         }
         Ok(Some(StateLock { _dir: file }))
+    }
+}
+
+/// How long a command that only reads pinned state (`status`, `steer list`, a metrics scrape)
+/// waits for one that changes it: changes take well under a second, so a longer hold is a command
+/// stopped (Ctrl-Z) or hung, which must not stall every reader with it.
+const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Takes `file`'s shared lock, waiting at most `READ_WAIT` for the exclusive holder.
+fn wait_shared(file: &File, dir: &Path) -> Result<(), Error> {
+    let deadline = std::time::Instant::now() + READ_WAIT;
+    loop {
+        match file.try_lock_shared() {
+            Ok(()) => return Ok(()),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Error::Usage(format!(
+                    "{} is locked by another skrelay command changing it, for more than {}s: `fuser -v {}` names it (a \
+                     command stopped with Ctrl-Z holds it until it is resumed or killed)",
+                    dir.display(),
+                    READ_WAIT.as_secs(),
+                    dir.display()
+                )))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(format!("cannot lock {}", dir.display()), e)),
+        }
     }
 }
 

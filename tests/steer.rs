@@ -979,3 +979,26 @@ fn a_read_only_bpffs_is_one_sentence_with_the_fix_and_exit_2() {
     assert_eq!(err.trim().lines().count(), 1, "one sentence:\n{err}");
     assert!(refused("127.0.0.1:6971".parse().unwrap()));
 }
+
+/// A command that holds the state's lock for long (stopped with Ctrl-Z, hung) stalled `status`,
+/// `steer list` and every metrics scrape without limit. Readers now wait 3 s and then say who to
+/// look for.
+#[test]
+fn readers_wait_a_bounded_time_for_a_command_holding_the_lock() {
+    let Some(_reset) = setup("lock held") else { return };
+    let _l = TcpListener::bind("127.0.0.1:6980").unwrap();
+    ok(&["steer", "add", "--ports", "6981", "--to", "127.0.0.1:6980"]);
+    let holder =
+        Reaper(Command::new("flock").args(["--no-fork", "-x", &state_dir(), "sleep", "30"]).spawn().expect("flock"));
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let (code, out, err) = skrelay_output(&["steer", "list"]);
+    let waited = started.elapsed();
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("is locked by another skrelay command changing it, for more than 3s"), "{err}");
+    assert!(err.contains("fuser -v"), "{err}");
+    assert!(waited >= Duration::from_secs(3) && waited < Duration::from_secs(6), "waited {waited:?}");
+    drop(holder);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(ok(&["steer", "list"]).contains("6981"));
+}
