@@ -1002,3 +1002,46 @@ fn readers_wait_a_bounded_time_for_a_command_holding_the_lock() {
     std::thread::sleep(Duration::from_millis(100));
     assert!(ok(&["steer", "list"]).contains("6981"));
 }
+
+/// `steer list` named the pid and process recorded at `steer add` as if they still held the
+/// target: after a forking server's parent exits (or an nginx binary upgrade, or a `--takeover`)
+/// the socket lives on elsewhere and the pid may be another program's. It says "(exited)" now.
+#[test]
+fn a_target_process_that_exited_is_shown_as_exited() {
+    use std::io::{BufRead, BufReader, Write};
+    let Some(_reset) = setup("target process exited") else { return };
+    let script = "import socket,os,sys,time\ns=socket.socket(); s.bind(('127.0.0.1',6990)); s.listen()\n\
+                  print('ready', flush=True); sys.stdin.readline()\npid=os.fork()\n\
+                  if pid: print(pid, flush=True); os._exit(0)\nsys.stdout.close(); time.sleep(30)";
+    let mut py = Command::new("python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut lines = BufReader::new(py.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    ok(&["steer", "add", "--ports", "6991", "--to", "127.0.0.1:6990"]);
+    let listed = ok(&["steer", "list"]);
+    assert!(listed.contains(&format!("{}/python3 ", py.id())), "{listed}");
+    assert!(!listed.contains("(exited)"), "{listed}");
+    py.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let child: i32 = lines.next().unwrap().unwrap().trim().parse().unwrap();
+    let _child = ChildPid(child);
+    py.wait().unwrap();
+    let listed = ok(&["steer", "list"]);
+    assert!(listed.contains(&format!("{}/python3 (exited)", py.id())), "{listed}");
+    let json = list_json();
+    assert_eq!(json[0]["target"]["process_running"], false, "{json}");
+    assert_eq!(json[0]["target"]["alive"], true, "the socket lives on in the child: {json}");
+    assert!(!refused("127.0.0.1:6991".parse().unwrap()), "the binding no longer steers");
+}
+
+/// Kills a process this test did not spawn (a forked grandchild) when dropped.
+struct ChildPid(i32);
+
+impl Drop for ChildPid {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0, libc::SIGKILL) };
+    }
+}

@@ -68,7 +68,10 @@ fn render_list(views: &[BindingView]) -> String {
     let mut out = row(["PROTO", "PREFIX", "PORTS", "TARGET", "PROCESS", "COOKIE", "HITS", "REFUSED"]);
     for b in views {
         let key = b.key();
-        let process = format!("{}/{}", b.record.pid, b.record.comm);
+        let process = match b.process_running {
+            true => format!("{}/{}", b.record.pid, b.record.comm),
+            false => format!("{}/{} (exited)", b.record.pid, b.record.comm),
+        };
         let target = if b.alive { b.record.target.to_string() } else { format!("{} (gone)", b.record.target) };
         out.push_str(&row([
             key.proto.name(),

@@ -268,6 +268,9 @@ pub struct BindingView {
     pub record: Record,
     /// The target socket is still open (its cookie is in the map).
     pub alive: bool,
+    /// The process recorded at `steer add` still runs (the socket may outlive it: a fork, a
+    /// binary upgrade, a `--takeover`).
+    pub process_running: bool,
     pub hits: u64,
     pub refused: u64,
     /// Ports of the binding that are not steered to it: a command was killed part-way (the
@@ -306,6 +309,7 @@ impl BindingView {
             "target": {
                 "pid": self.record.pid,
                 "process": self.record.comm,
+                "process_running": self.process_running,
                 "local": self.record.target.to_string(),
                 "cookie": self.record.cookie,
                 "alive": self.alive,
@@ -318,6 +322,12 @@ impl BindingView {
     }
 }
 
+/// Whether process `pid` still runs the program recorded at `steer add` (its pid may have been
+/// reused since, or the socket moved on to a child or a successor).
+fn running(pid: u32, comm: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == comm)
+}
+
 fn views(st: &State) -> Vec<BindingView> {
     let unsteered = st.unsteered();
     let mut v: Vec<BindingView> = st
@@ -327,7 +337,8 @@ fn views(st: &State) -> Vec<BindingView> {
             let c = st.counters(id);
             let alive = st.target_alive(id, &record);
             let unsteered = unsteered.get(&id).copied().unwrap_or(0);
-            BindingView { id, record, alive, hits: c.hits, refused: c.refused, unsteered }
+            let process_running = running(record.pid, &record.comm);
+            BindingView { id, record, alive, process_running, hits: c.hits, refused: c.refused, unsteered }
         })
         .collect();
     v.sort_by_key(|b| {
