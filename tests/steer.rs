@@ -1042,6 +1042,6 @@ struct ChildPid(i32);
 
 impl Drop for ChildPid {
     fn drop(&mut self) {
-        unsafe { libc::kill(self.0, libc::SIGKILL) };
+        let _ = Command::new("kill").args(["-9", &self.0.to_string()]).status();
     }
 }
