@@ -1045,3 +1045,25 @@ impl Drop for ChildPid {
         let _ = Command::new("kill").args(["-9", &self.0.to_string()]).status();
     }
 }
+
+/// Steering pinned in another bpffs of this network namespace (a container sharing the host's
+/// network, or a bpffs mounted over /sys/fs/bpf) was shown as a running `--ports` process ("goes
+/// with the process", "stop it"), though no process holds it.
+#[test]
+fn steering_pinned_in_a_bpffs_out_of_sight_is_named_as_such() {
+    let Some(_reset) = setup("pinned elsewhere") else { return };
+    let _l = TcpListener::bind("127.0.0.1:6995").unwrap();
+    ok(&["steer", "add", "--ports", "6996", "--to", "127.0.0.1:6995"]);
+    let script = r#"mount -t bpf bpf /sys/fs/bpf || exit 9
+"$0" status
+echo add:; "$0" steer add --ports 6996 --to 127.0.0.1:6995 2>&1; echo "rc=$?""#;
+    let out = Command::new("unshare").args(["-m", "sh", "-c", script, SKRELAY]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (status, add) = stdout.split_once("add:").unwrap();
+    assert!(status.contains("pinned in a bpffs this mount namespace does not see: 1 port (6996)"), "{status}");
+    assert!(!status.contains("--ports of"), "{status}");
+    assert!(
+        add.contains("rc=2") && add.contains("run `skrelay steer remove` in the mount namespace whose bpffs"),
+        "{add}"
+    );
+}

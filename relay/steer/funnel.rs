@@ -100,6 +100,9 @@ pub struct Running {
     pub prefix: Prefix,
     pub ports: Vec<u16>,
     pub hits: u64,
+    /// No process holds the link, so it is pinned: steering set up with `steer add` in a bpffs
+    /// this mount namespace does not see (known only to root, who can look at every process).
+    pub pinned_elsewhere: bool,
 }
 
 impl Running {
@@ -111,7 +114,21 @@ impl Running {
     pub fn owner(&self) -> String {
         match self.pid {
             Some(pid) => format!("process {pid}"),
+            None if self.pinned_elsewhere => format!(
+                "steering pinned in a bpffs this mount namespace does not see (sk_lookup link {})",
+                self.link_id
+            ),
             None => format!("the process holding sk_lookup link {}", self.link_id),
+        }
+    }
+
+    /// How a conflict with it is resolved, for a refusal: "(stop it, or leave that port out)".
+    pub fn fix(&self, those: &str) -> String {
+        match self.pinned_elsewhere {
+            true => {
+                format!("run `skrelay steer remove` in the mount namespace whose bpffs holds it, or leave {those} out")
+            }
+            false => format!("stop it, or leave {those} out"),
         }
     }
 
@@ -124,6 +141,7 @@ impl Running {
             "port_count": self.ports.len(),
             "target": self.target.map(|t| t.to_string()),
             "hits": self.hits,
+            "pinned_elsewhere": self.pinned_elsewhere,
         })
     }
 }
@@ -196,10 +214,13 @@ pub fn running() -> Vec<Running> {
             .and_then(|a| a.get(&BINDING, 0).ok())
             .map(|v| v.iter().map(|c| c.hits).sum())
             .unwrap_or(0);
-        found.push(Running { link_id: id, pid: None, target: None, prefix, ports, hits });
+        found.push(Running { link_id: id, pid: None, target: None, prefix, ports, hits, pinned_elsewhere: false });
     }
     if !found.is_empty() {
         owners(&mut found);
+        // Root sees every process's descriptors: a link none of them holds lives by its pin.
+        let root = rustix::process::geteuid().is_root();
+        found.iter_mut().for_each(|f| f.pinned_elsewhere = root && f.pid.is_none());
     }
     let me = std::process::id();
     found.retain(|f| f.pid != Some(me));
@@ -276,10 +297,12 @@ fn check_overlaps(prefix: Prefix, ports: &[u16]) -> Result<(), Error> {
             let target = other.target.map(|t| format!(" for {t}")).unwrap_or_default();
             let (them, those) = if both.len() == 1 { ("it", "that port") } else { ("them", "those ports") };
             return Err(Error::Usage(format!(
-                "cannot take --ports {}: {} already takes {them}{target} with its own --ports, and connections \
-                 would keep going there (stop it, or leave {those} out)",
+                "cannot take --ports {}: {} already takes {them}{target}{}, and connections would keep going there \
+                 ({})",
                 port_list(&both),
                 other.owner(),
+                if other.pinned_elsewhere { "" } else { " with its own --ports" },
+                other.fix(those),
             )));
         }
     }

@@ -97,11 +97,12 @@ pub fn add(args: &SteerAddArgs) -> Result<Added, Error> {
                 both.dedup();
                 let (ports, those) = if both.len() == 1 { ("port", "that port") } else { ("ports", "those ports") };
                 return Err(Error::Usage(format!(
-                    "cannot bind {key}: {} takes {ports} {} on {} with --ports while it runs (stop it, or leave \
-                     {those} out)",
+                    "cannot bind {key}: {} takes {ports} {} on {}{} ({})",
                     f.owner(),
                     funnel::port_list(&both),
-                    f.prefix
+                    f.prefix,
+                    if f.pinned_elsewhere { "" } else { " with --ports while it runs" },
+                    f.fix(those)
                 )));
             }
         }
@@ -545,7 +546,18 @@ impl Status {
                 plural(bindings, "binding"),
             ));
         }
-        for f in &self.funnels {
+        for f in self.funnels.iter().filter(|f| f.pinned_elsewhere) {
+            lines.push(format!(
+                "  pinned in a bpffs this mount namespace does not see: {} ({}) on {}, {} hits (sk_lookup link {}; \
+                 run skrelay where that bpffs is mounted to list or change it)",
+                plural(f.ports.len(), "port"),
+                f.port_list(),
+                f.prefix,
+                f.hits,
+                f.link_id
+            ));
+        }
+        for f in self.funnels.iter().filter(|f| !f.pinned_elsewhere) {
             lines.push(format!(
                 "  --ports of {}: {} ({}) on {} -> {}, {} hits (sk_lookup link {}, goes with the process)",
                 f.owner(),
