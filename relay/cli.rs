@@ -161,7 +161,7 @@ pub enum AccelCommand {
 /// reorder bytes). Both keep what a connection can hold bounded or keep TCP's own coalescing.
 #[derive(Args, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AccelPolicyArgs {
-    /// Unread bytes a receiving socket may hold in its redirect queue (K/M suffixes allowed);
+    /// Unread bytes a receiving socket may hold in its redirect queue (K/M/G suffixes allowed);
     /// above it the sender takes the normal path, where TCP flow control holds it back.
     /// [default: 8M]
     #[arg(long, value_parser = parse_bytes, value_name = "BYTES")]
@@ -196,7 +196,7 @@ pub struct RelayArgs {
     pub ports: PortsArgs,
     /// At most this many clients wait for a partner at once; further ones are reset at once.
     /// With --pair token, clients still sending their token line are capped at this many apart.
-    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..), allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..), value_name = "N", allow_negative_numbers = true)]
     pub max_pending: u32,
     /// Reset a client that has waited this long for its partner (or its token line); seconds
     /// (at least 0.001).
@@ -229,7 +229,7 @@ pub struct ProxyArgs {
     pub connect_timeout: Duration,
     /// At most this many clients wait for their upstream connection at once; further ones are
     /// reset at once.
-    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..), allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..), value_name = "N", allow_negative_numbers = true)]
     pub max_pending: u32,
 }
 
@@ -246,9 +246,10 @@ pub struct SpliceArgs {
     /// connections then skip the socket maps' setup cost. 0 joins at once. K, M and G suffixes.
     #[arg(long, default_value = "65536", value_parser = parse_kernel_after, value_name = "BYTES", allow_negative_numbers = true)]
     pub kernel_after: u64,
-    /// Kernel datapath: bytes one direction of a pair may hold inside the host (received from one
-    /// client, not yet acknowledged by the other). A sender past it is held back by TCP flow
-    /// control until its partner's client reads. At least 64K (one skb may be that large).
+    /// Kernel datapath: bytes one direction of a pair may hold inside the host beyond the
+    /// destination socket's buffers (received from one client, not yet in the send queue towards
+    /// the other). A sender past it is held back by TCP flow control until its partner's client
+    /// reads. At least 64K (one skb may be that large).
     /// Takes K, M and G suffixes (powers of 1024).
     #[arg(long, default_value = "16M", value_parser = parse_kernel_buffer, value_name = "BYTES", allow_negative_numbers = true)]
     pub kernel_buffer: u64,
