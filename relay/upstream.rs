@@ -51,6 +51,16 @@ impl Upstreams {
                     a.port()
                 )));
             }
+            let no_tcp_peer = |a: &SocketAddr| match a.ip() {
+                std::net::IpAddr::V4(ip) => ip.is_multicast() || ip.is_broadcast(),
+                std::net::IpAddr::V6(ip) => ip.is_multicast(),
+            };
+            if let Some(a) = resolved.iter().find(|a| no_tcp_peer(a)) {
+                return Err(Error::Usage(format!(
+                    "upstream `{spec}` ({a}) is a multicast or broadcast address, which no TCP connection can \
+                     reach (give the address of the server to proxy to)"
+                )));
+            }
             for a in resolved {
                 if !addrs.contains(&a) {
                     addrs.push(a);
@@ -95,11 +105,15 @@ impl Upstreams {
     }
 
     /// A connect to upstream `idx` failed: it is skipped for `DOWN_FOR`.
-    pub fn mark_down(&mut self, idx: usize, now: Instant) {
+    /// Marks upstream `idx` down for `DOWN_FOR`; true if it was up (so the caller says so once,
+    /// not once per client that finds it down).
+    pub fn mark_down(&mut self, idx: usize, now: Instant) -> bool {
+        let was_up = self.down_until[idx].is_none_or(|until| now >= until);
         self.down_until[idx] = Some(now + DOWN_FOR);
         if let Some(m) = &self.metrics {
             m.upstream_connected(self.addrs[idx], false);
         }
+        was_up
     }
 
     /// A connect to upstream `idx` succeeded (for the metrics; the turn order is unchanged).

@@ -484,3 +484,44 @@ fn a_client_that_half_closes_at_once_still_gets_what_the_upstream_says_first(dp:
 }
 
 per_datapath!(a_client_that_half_closes_at_once_still_gets_what_the_upstream_says_first);
+
+/// Each client that found its only upstream refusing logged "marked down for 10s" again for an
+/// upstream already down (two lines a client: 4,003 lines for 2,000 clients in a helper's pass).
+/// The upstream's going down is said once; each client's reset still is.
+#[test]
+fn an_upstream_going_down_is_said_once_not_once_per_client() {
+    let _netns = enter_netns();
+    let proxy = Skrelay::start(&[
+        "proxy",
+        "--datapath",
+        "userspace",
+        "--upstream",
+        "127.0.0.1:9081",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    for _ in 0..10 {
+        let mut c = connect(proxy_addr());
+        let r = c.read(&mut [0u8; 1]);
+        assert!(matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset), "expected a reset, got {r:?}");
+    }
+    let (status, log) = proxy.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+    assert_eq!(log.matches("marked down for 10s").count(), 1, "{log}");
+    assert_eq!(log.matches("no upstream could be reached").count(), 10, "{log}");
+}
+
+/// A multicast or broadcast upstream was taken at start, and every client was then reset.
+#[test]
+fn an_upstream_no_tcp_connection_can_reach_is_refused_at_start() {
+    let _netns = enter_netns();
+    for up in ["224.0.0.1:80", "255.255.255.255:80", "[ff02::1]:80"] {
+        // Under `timeout`: a build that takes the address starts and serves.
+        let out =
+            std::process::Command::new("timeout").args(["5", SKRELAY, "proxy", "--upstream", up]).output().unwrap();
+        let (code, err) = (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr));
+        assert_eq!(code, 2, "{up}: {err}");
+        assert!(err.contains("is a multicast or broadcast address"), "{up}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{up}: one sentence: {err}");
+    }
+}

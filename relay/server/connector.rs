@@ -157,8 +157,11 @@ impl Connector {
                     return None;
                 }
                 Err(e) => {
-                    log::warn!("upstream {addr}: {e}; marked down for {DOWN_FOR:?}");
-                    self.upstreams.mark_down(idx, Instant::now());
+                    if self.upstreams.mark_down(idx, Instant::now()) {
+                        log::warn!("upstream {addr}: {e}; marked down for {DOWN_FOR:?}");
+                    } else {
+                        log::debug!("upstream {addr}: {e}; still down");
+                    }
                 }
             }
         }
@@ -207,8 +210,11 @@ impl Connector {
         token: Token,
     ) -> Option<Connecting> {
         self.abandon(&mut c, registry);
-        self.upstreams.mark_down(c.idx, Instant::now());
-        log::warn!("upstream {}: {error}; marked down for {DOWN_FOR:?}", self.upstreams.addr(c.idx));
+        if self.upstreams.mark_down(c.idx, Instant::now()) {
+            log::warn!("upstream {}: {error}; marked down for {DOWN_FOR:?}", self.upstreams.addr(c.idx));
+        } else {
+            log::debug!("upstream {}: {error}; still down", self.upstreams.addr(c.idx));
+        }
         self.try_plan(c.rest, registry, token)
     }
 

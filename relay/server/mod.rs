@@ -167,6 +167,10 @@ pub struct Server {
     shortage_warned: Option<Instant>,
     /// Accepting stopped for want of descriptors; the first client accepted after says so.
     accept_short: bool,
+    /// Clients reset for a full `--max-pending`: when that was last a warning, and how many
+    /// since (a flood of clients must not become a log line each).
+    full_warned: Option<Instant>,
+    full_unsaid: u64,
     drain_deadline: Option<Instant>,
     /// When a drain logs where its remaining pairs stand.
     drain_report: Option<Instant>,
@@ -268,6 +272,8 @@ impl Server {
             accept_retry: None,
             shortage_warned: None,
             accept_short: false,
+            full_warned: None,
+            full_unsaid: 0,
             drain_deadline: None,
             drain_report: None,
             handed_over: false,
@@ -485,9 +491,9 @@ impl Server {
                 if unidentified >= self.max_pending {
                     reset_on_close(&stream);
                     self.metrics.client_unpaired(Unpaired::Full);
-                    log::warn!(
+                    self.warn_full(format!(
                         "client {addr} reset: {unidentified} clients are already sending their token line (--max-pending)"
-                    );
+                    ));
                     return;
                 }
             }
@@ -508,10 +514,10 @@ impl Server {
                 if self.pending >= self.max_pending {
                     reset_on_close(&stream);
                     self.metrics.client_unpaired(Unpaired::Full);
-                    log::warn!(
+                    self.warn_full(format!(
                         "client {addr} reset: {} clients already wait for their upstream connection (--max-pending)",
                         self.pending
-                    );
+                    ));
                     return;
                 }
             }
@@ -658,9 +664,27 @@ impl Server {
     fn drop_pending(&mut self, slot: usize, why: &str, reason: Unpaired) {
         if let Some(p) = self.take_pending(slot) {
             self.metrics.client_unpaired(reason);
-            let level = if reason == Unpaired::Full { log::Level::Warn } else { log::Level::Info };
-            log::log!(level, "client {} reset: {why}", p.addr);
+            match reason {
+                Unpaired::Full => self.warn_full(format!("client {} reset: {why}", p.addr)),
+                _ => log::info!("client {} reset: {why}", p.addr),
+            }
         }
+    }
+
+    /// A client reset for a full `--max-pending`: a warning at most once a second, which counts
+    /// the ones in between (logged at debug level); `skrelay_unpaired_clients_total{reason="full"}`
+    /// counts them all.
+    fn warn_full(&mut self, line: String) {
+        let now = Instant::now();
+        if self.full_warned.is_some_and(|at| now < at + Duration::from_secs(1)) {
+            self.full_unsaid += 1;
+            return log::debug!("{line}");
+        }
+        match std::mem::take(&mut self.full_unsaid) {
+            0 => log::warn!("{line}"),
+            n => log::warn!("{line} ({n} more reset for --max-pending since the last such line)"),
+        }
+        self.full_warned = Some(now);
     }
 
     fn form_pair(&mut self, first: usize, second: usize) {
