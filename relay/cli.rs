@@ -116,7 +116,7 @@ pub enum AccelCommand {
         #[arg(long, value_name = "PATH")]
         cgroup: PathBuf,
         /// Only connections with an end on one of these ports (comma-separated, e.g. 6379,8080).
-        #[arg(long, value_delimiter = ',', value_name = "LIST", value_parser = clap::value_parser!(u16).range(1..))]
+        #[arg(long, value_delimiter = ',', value_name = "LIST", value_parser = parse_accel_port)]
         ports: Vec<u16>,
         #[command(flatten)]
         policy: AccelPolicyArgs,
@@ -329,7 +329,7 @@ pub struct SteerAddArgs {
     #[arg(long, value_enum, default_value_t = Proto::Tcp)]
     pub proto: Proto,
     /// The target: the socket listening (TCP) or bound (UDP) at this address, in whatever process.
-    #[arg(long, value_name = "ADDR:PORT", conflicts_with_all = ["pid", "fd"])]
+    #[arg(long, value_name = "ADDR:PORT", conflicts_with_all = ["pid", "fd"], value_parser = parse_target)]
     pub to: Option<SocketAddr>,
     /// The target: process PID's descriptor --fd (taken with pidfd_getfd; needs ptrace rights).
     #[arg(long, requires = "fd")]
@@ -521,14 +521,38 @@ pub fn numeric_scope(s: &str) -> std::borrow::Cow<'_, str> {
     format!("{head}%{index}]{tail}").into()
 }
 
+/// `steer add --to`: the socket's own address, IP:PORT or [IPv6]:PORT (a name would say nothing of
+/// which address the socket is bound to).
+fn parse_target(s: &str) -> Result<SocketAddr, String> {
+    numeric_scope(s).parse::<SocketAddr>().map_err(|_| {
+        format!(
+            "`{s}` is not IP:PORT: give the address and port the target socket is bound to, as `ss -ltn` shows it \
+             (e.g. 127.0.0.1:7777 or [::1]:7777; not a host name)"
+        )
+    })
+}
+
+/// One port of `accel on --ports`: accel matches single ports, not ranges.
+fn parse_accel_port(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ if s.contains('-') => {
+            Err(format!("`{s}`: accel --ports takes single ports (e.g. 6379,8080), not ranges; list each port"))
+        }
+        _ => Err(format!("`{s}` is not a port (give ports 1 to 65535, comma-separated, e.g. 6379,8080)")),
+    }
+}
+
 /// `--listen`: IP:PORT, [IPv6]:PORT, or HOST:PORT resolved now, to the name's first IPv4 address
 /// (else its first IPv6 one) so that `localhost:7777` means 127.0.0.1:7777 like the default.
 pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     if let Ok(addr) = numeric_scope(s).parse::<SocketAddr>() {
         return Ok(addr);
     }
-    let Some((host, port)) = s.rsplit_once(':') else {
-        return Err(format!("`{s}` has no port (give IP:PORT, [IPv6]:PORT or HOST:PORT, e.g. localhost:7777)"));
+    let no_port = || format!("`{s}` has no port (give IP:PORT, [IPv6]:PORT or HOST:PORT, e.g. localhost:7777)");
+    // A bracketed IPv6 address with nothing after it (`[::1]`) has no port either.
+    let Some((host, port)) = s.rsplit_once(':').filter(|(_, port)| !port.ends_with(']')) else {
+        return Err(no_port());
     };
     port.parse::<u16>().map_err(|_| format!("`{port}` is not a port (ports are 0 to 65535)"))?;
     if host.is_empty() {

@@ -56,6 +56,20 @@ fn bad_flags_are_refused_with_exit_status_2() {
         "port 0 is out of range (ports are 1 to 65535) (see `skrelay steer add --help`)",
     );
     assert_usage_error(&["bogus"], "unrecognized subcommand 'bogus' (see `skrelay --help`)");
+    // Each of these gave a bare parser error without the fix (a helper's front-door pass).
+    assert_usage_error(
+        &["steer", "add", "--ports", "7", "--to", "localhost:7777"],
+        "`localhost:7777` is not IP:PORT: give the address and port the target socket is bound to",
+    );
+    assert_usage_error(
+        &["accel", "on", "--cgroup", "x", "--ports", "8000-8100"],
+        "`8000-8100`: accel --ports takes single ports (e.g. 6379,8080), not ranges",
+    );
+    assert_usage_error(
+        &["accel", "on", "--cgroup", "x", "--ports", "80,,81"],
+        "`` is not a port (give ports 1 to 65535",
+    );
+    assert_usage_error(&["relay", "--listen", "[::1]"], "`[::1]` has no port (give IP:PORT");
 }
 
 #[test]
