@@ -232,7 +232,7 @@ impl StateLock {
 /// How long a command that only reads pinned state (`status`, `steer list`, a metrics scrape)
 /// waits for one that changes it: changes take well under a second, so a longer hold is a command
 /// stopped (Ctrl-Z) or hung, which must not stall every reader with it.
-const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Takes `file`'s shared lock, waiting at most `READ_WAIT` for the exclusive holder.
 fn wait_shared(file: &File, dir: &Path) -> Result<(), Error> {
