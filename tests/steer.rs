@@ -498,6 +498,11 @@ fn steer_list_reads_an_empty_netns_without_creating_state() {
     assert!(ok(&["status"]).contains("steer: nothing attached"));
     assert!(!std::path::Path::new(&state_dir()).exists(), "looking created {}", state_dir());
     assert!(ok(&["steer", "reset"]).contains("nothing to reset"));
+    // Removing from nothing names the port in the right number.
+    let (code, _, err) = skrelay_output(&["steer", "remove", "--ports", "80"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("there is no tcp binding for port 80 in this network namespace"), "{err}");
+    assert!(!std::path::Path::new(&state_dir()).exists(), "removing created {}", state_dir());
 }
 
 #[test]

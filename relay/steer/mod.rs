@@ -133,8 +133,9 @@ pub fn add(args: &SteerAddArgs) -> Result<Added, Error> {
 /// `steer remove`: removes the named bindings, all or none. Returns them.
 pub fn remove(args: &SteerRemoveArgs) -> Result<Vec<BindingKey>, Error> {
     let nothing = || {
+        let ports = if args.ports.ports().len() == 1 { "port" } else { "ports" };
         Error::Usage(format!(
-            "there is no {} binding for ports {} in this network namespace (see `skrelay steer list`)",
+            "there is no {} binding for {ports} {} in this network namespace (see `skrelay steer list`)",
             args.proto.name(),
             args.ports
         ))
