@@ -16,6 +16,15 @@ fn proxy_addr() -> SocketAddr {
     "127.0.0.1:7777".parse().unwrap()
 }
 
+/// Connects a client to the proxy and reads one byte: how a client the proxy resets sees it. The
+/// reset can come before connect(2) returns, which then reports it.
+fn first_read_of_a_new_client() -> std::io::Result<usize> {
+    TcpStream::connect_timeout(&proxy_addr(), Duration::from_secs(5)).and_then(|mut c| {
+        c.set_read_timeout(Some(Duration::from_secs(15)))?;
+        c.read(&mut [0u8; 1])
+    })
+}
+
 /// A client through the proxy and the upstream's end of its connection.
 fn through(upstream: &TcpListener) -> (TcpStream, TcpStream) {
     let client = connect(proxy_addr());
@@ -161,10 +170,7 @@ fn a_client_is_reset_when_no_upstream_can_be_reached_and_the_proxy_keeps_serving
     ]);
     // The proxy accepts, fails to reach the upstream and resets the client, all within microseconds
     // on loopback: the reset may already be there when connect(2) reports, so it counts there too.
-    let r = TcpStream::connect_timeout(&proxy_addr(), Duration::from_secs(5)).and_then(|mut c| {
-        c.set_read_timeout(Some(Duration::from_secs(15)))?;
-        c.read(&mut [0u8; 1])
-    });
+    let r = first_read_of_a_new_client();
     assert!(matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset), "expected a reset, got {r:?}");
     let m = proxy.wait_metrics("a failed connect", Duration::from_secs(5), |m| {
         m.get("skrelay_upstream_connect_failures_total{upstream=\"127.0.0.1:9020\"}") > 0
@@ -360,10 +366,7 @@ fn a_loop_the_start_up_check_cannot_see_costs_one_reset_per_client() {
     assert_eq!(code, 0, "{out}{err}");
     let sockets = open_sockets(proxy.pid());
     for i in 1..=3 {
-        let r = TcpStream::connect_timeout(&proxy_addr(), Duration::from_secs(5)).and_then(|mut c| {
-            c.set_read_timeout(Some(Duration::from_secs(15)))?;
-            c.read(&mut [0u8; 1])
-        });
+        let r = first_read_of_a_new_client();
         assert!(matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset), "client {i}: got {r:?}");
         proxy.wait_log("it is this proxy's own upstream connection", i, Duration::from_secs(5));
     }
@@ -423,10 +426,7 @@ fn clients_beyond_max_pending_waiting_for_an_upstream_are_reset() {
     ]);
     let _waiting: Vec<TcpStream> = (0..2).map(|_| connect(proxy_addr())).collect();
     thread::sleep(Duration::from_millis(200));
-    let r = TcpStream::connect_timeout(&proxy_addr(), Duration::from_secs(5)).and_then(|mut c| {
-        c.set_read_timeout(Some(Duration::from_secs(15)))?;
-        c.read(&mut [0u8; 1])
-    });
+    let r = first_read_of_a_new_client();
     assert!(matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset), "expected a reset, got {r:?}");
     proxy.wait_log("2 clients already wait for their upstream connection (--max-pending)", 1, Duration::from_secs(5));
 }
@@ -501,11 +501,7 @@ fn an_upstream_going_down_is_said_once_not_once_per_client() {
         "127.0.0.1:0",
     ]);
     for _ in 0..10 {
-        // The reset can come before connect(2) returns: it then reports it.
-        let r = TcpStream::connect_timeout(&proxy_addr(), Duration::from_secs(5)).and_then(|mut c| {
-            c.set_read_timeout(Some(Duration::from_secs(15)))?;
-            c.read(&mut [0u8; 1])
-        });
+        let r = first_read_of_a_new_client();
         assert!(matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset), "expected a reset, got {r:?}");
     }
     let (status, log) = proxy.stop(Duration::from_secs(10));

@@ -453,13 +453,9 @@ fn on_for(
     policy: &AccelPolicyArgs,
     placement: calibrate::Placement,
 ) -> Result<Enabled, Error> {
-    let result = set_up(command, cgroup, ports, policy, placement);
-    if result.is_err() {
-        // A set-up refused part-way (no privilege, a cgroup that cannot be made) leaves no empty
-        // directory in bpffs: another user's would hold root's later state.
-        remove_empty_state_dirs();
-    }
-    result
+    // A set-up refused part-way (no privilege, a cgroup that cannot be made) leaves no empty
+    // directory in bpffs: another user's would hold root's later state.
+    set_up(command, cgroup, ports, policy, placement).inspect_err(|_| remove_empty_state_dirs())
 }
 
 /// Removes `accel/` (and skrelay's directory in bpffs) if nothing is in them, under the lock.
