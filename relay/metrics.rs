@@ -529,8 +529,7 @@ pub fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener, Error> 
     TcpListener::bind(addr).map_err(|source| Error::MetricsListen { addr, flag, source })
 }
 
-/// How long the responder waits in accept(2) before it looks whether it was told to stop
-/// (SO_RCVTIMEO, an option of the socket: a process taking the socket over shares it).
+/// How long the responder waits for a scrape before it looks whether it was told to stop.
 const ACCEPT_WAKE: Duration = Duration::from_millis(200);
 
 /// How long one scraper may take to send its request or read the answer. Scrapes are served one
@@ -544,8 +543,16 @@ const MAX_REQUEST: usize = 8 << 10;
 /// time, at most `IO_TIMEOUT` per read or write, and one request per connection. Returns once
 /// `stop` is set (within `ACCEPT_WAKE`), leaving the socket to whoever else holds it.
 pub fn serve(listener: &TcpListener, render: impl Fn() -> Result<String, String>, stop: &AtomicBool) {
+    // The socket stays blocking (a process taking it over shares its flags); SO_RCVTIMEO bounds
+    // an accept(2) that finds the connection already taken by that other process.
     let wake = socket2::SockRef::from(listener).set_read_timeout(Some(ACCEPT_WAKE));
     while !stop.load(Ordering::Relaxed) {
+        // Wait in poll(2), not in accept(2): a blocking accept(2) reserves a descriptor while it
+        // waits, and in a shortage that was the one a closing pair had just given back, so
+        // clients could not be accepted while the process was idle.
+        if !scrape_waiting(listener) {
+            continue;
+        }
         match listener.accept() {
             Ok((stream, _)) => {
                 if let Err(e) = answer(stream, &render) {
@@ -560,6 +567,19 @@ pub fn serve(listener: &TcpListener, render: impl Fn() -> Result<String, String>
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
+    }
+}
+
+/// Whether a connection waits on `listener` (or poll(2) failed, so accept(2) should say why),
+/// after waiting at most `ACCEPT_WAKE`.
+fn scrape_waiting(listener: &TcpListener) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(listener, PollFlags::IN)];
+    let timeout = Timespec { tv_sec: 0, tv_nsec: ACCEPT_WAKE.as_nanos() as _ };
+    match poll(&mut fds, Some(&timeout)) {
+        Ok(n) => n > 0,
+        Err(rustix::io::Errno::INTR) => false,
+        Err(_) => true,
     }
 }
 

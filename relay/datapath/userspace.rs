@@ -47,6 +47,12 @@ fn warn_pipe_shortage(e: &io::Error) {
     }
 }
 
+/// Closes this thread's spare pipes (two descriptors each): called when the process is short of
+/// descriptors, so that they go to clients instead.
+pub fn release_spare_pipes() -> usize {
+    SPARE.with(|s| std::mem::take(&mut *s.borrow_mut()).len())
+}
+
 /// Keeps an empty pipe for later (or closes it when enough are kept).
 fn give_pipe(pipe: (Pipe, usize)) {
     SPARE.with(|s| {

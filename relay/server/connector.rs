@@ -153,6 +153,12 @@ impl Connector {
                 // Out of descriptors (or memory) here: no upstream would do better, and none is
                 // to blame.
                 Err(e) if local_shortage(&e) => {
+                    // Spare pipes of this loop hold two descriptors each: close them and try
+                    // the same upstream again before giving up on this client.
+                    if crate::datapath::userspace::release_spare_pipes() > 0 {
+                        plan.insert(0, idx);
+                        continue;
+                    }
                     self.shortage = Some(e);
                     return None;
                 }

@@ -466,6 +466,12 @@ impl Server {
                         Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
                     ) =>
                 {
+                    // Spare pipes of this loop hold two descriptors each; clients need them more.
+                    let released = crate::datapath::userspace::release_spare_pipes();
+                    if released > 0 {
+                        log::debug!("closed {released} spare pipes for want of descriptors");
+                        continue;
+                    }
                     if self.warn_of_shortage() {
                         log::warn!(
                             "cannot accept more clients now: {e} (retrying every {ACCEPT_BACKOFF:?}; clients wait in the \
