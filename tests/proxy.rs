@@ -456,6 +456,39 @@ fn a_client_that_leaves_while_its_upstream_connection_is_made_is_logged_in_proxy
     assert!(!proxy.log().contains("partner"), "{}", proxy.log());
 }
 
+/// A client that sent bytes and then reset while its upstream connection was being made is held
+/// (its bytes were to reach the upstream, then its reset). When no upstream answered, it was
+/// counted `no_upstream` and logged "client ... reset: no upstream could be reached", as if the
+/// proxy had reset it; it left, and is counted so.
+#[test]
+fn a_client_that_resets_while_its_upstream_connection_is_made_is_counted_as_left() {
+    let _netns = enter_netns();
+    let blackhole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    blackhole.bind(&"127.0.0.1:9071".parse::<SocketAddr>().unwrap().into()).unwrap();
+    blackhole.listen(0).unwrap();
+    let full: SocketAddr = "127.0.0.1:9071".parse().unwrap();
+    let _fill: Vec<TcpStream> =
+        (0..2).filter_map(|_| TcpStream::connect_timeout(&full, Duration::from_millis(200)).ok()).collect();
+    let proxy = Skrelay::start(&[
+        "proxy",
+        "--datapath",
+        "userspace",
+        "--upstream",
+        "127.0.0.1:9071",
+        "--connect-timeout",
+        "0.5",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    send_then_reset(connect(proxy_addr()), 3, 1000);
+    let m = proxy
+        .wait_metrics("the client counted", Duration::from_secs(5), |m| m.sum("skrelay_unpaired_clients_total") > 0);
+    assert_eq!(m.get("skrelay_unpaired_clients_total{reason=\"left\"}"), 1, "{}\n{}", m.text, proxy.log());
+    let log = proxy.log();
+    assert!(log.contains("reset before its upstream answered"), "{log}");
+    assert!(!log.contains("reset: no upstream could be reached"), "{log}");
+}
+
 fn a_client_that_half_closes_at_once_still_gets_what_the_upstream_says_first(dp: &str) {
     // A banner grab (`nc -N host port </dev/null`): the client shuts down its write side before
     // the upstream connection is made. It was taken for gone and reset (always on the kernel

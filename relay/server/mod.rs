@@ -908,6 +908,12 @@ impl Server {
                     log::debug!("client {} reset: cannot open a connection to an upstream: {e}", p.addr);
                 }
             }
+            // A client that sent bytes and then reset was held for its upstream connection (its
+            // bytes were to reach the upstream, then its reset): it left; nobody reset it.
+            None if sys::tcp_counters(&p.stream).is_ok_and(|c| c.closed()) => {
+                self.metrics.client_unpaired(Unpaired::Left);
+                log::info!("client {} reset before its upstream answered; no upstream could be reached", p.addr);
+            }
             None => {
                 self.metrics.client_unpaired(Unpaired::NoUpstream);
                 log::warn!("client {} reset: no upstream could be reached", p.addr);
