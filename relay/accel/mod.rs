@@ -437,6 +437,21 @@ pub struct Enabled {
     pub created: Vec<PathBuf>,
 }
 
+impl Enabled {
+    /// The line `accel on` prints. The root of the hierarchy is named as such: every process of
+    /// the host (of the cgroup namespace) is below it, which a path like `/` does not make plain.
+    pub fn summary(&self) -> String {
+        let chosen = self.measured.as_ref().map(|c| format!("; {}", c.describe())).unwrap_or_default();
+        let root = if self.cgroup.rel.is_empty() {
+            "; this is the root cgroup: connections between ANY processes of this host (or cgroup namespace) are \
+             accelerated"
+        } else {
+            ""
+        };
+        format!("accel on: {} (state pinned at {}){chosen}{root}\n", self.cgroup, self.pins.display())
+    }
+}
+
 /// `skrelay accel on`: accelerates the TCP connections between processes of `cgroup` (created if
 /// missing), limited to `ports` when not empty, demoting directions to the normal path as
 /// `policy` says.
@@ -921,8 +936,7 @@ pub fn command(cmd: AccelCommand) -> Result<String, Error> {
     Ok(match cmd {
         AccelCommand::On { cgroup, ports, policy } => {
             let on = on(&cgroup, &ports, &policy)?;
-            let chosen = on.measured.map(|c| format!("; {}", c.describe())).unwrap_or_default();
-            format!("accel on: {} (state pinned at {}){chosen}\n", on.cgroup, on.pins.display())
+            on.summary()
         }
         AccelCommand::Off { cgroup, wait, force } => {
             let off = off(&cgroup, wait, force)?;
@@ -941,4 +955,24 @@ pub fn command(cmd: AccelCommand) -> Result<String, Error> {
         }
         AccelCommand::Status { json: false } => format!("{}\n", reports()?.text()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enabled(rel: &str) -> Enabled {
+        let cgroup = Cgroup { mount: PathBuf::from("/sys/fs/cgroup"), rel: rel.into() };
+        Enabled { cgroup, pins: PathBuf::from("/sys/fs/bpf/skrelay/accel/x"), measured: None, created: vec![] }
+    }
+
+    #[test]
+    fn accel_on_the_root_cgroup_says_it_covers_every_process() {
+        let root = enabled("").summary();
+        assert!(root.starts_with("accel on: /sys/fs/cgroup (state pinned at"), "{root}");
+        assert!(root.contains("root cgroup: connections between ANY processes"), "{root}");
+        let svc = enabled("system.slice/x.service").summary();
+        assert!(!svc.contains("root cgroup"), "{svc}");
+        assert!(svc.ends_with(")\n"), "{svc}");
+    }
 }
