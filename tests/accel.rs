@@ -359,9 +359,20 @@ fn bad_input_exits_2_and_leaves_nothing() {
     let started = std::time::Instant::now();
     let (code, _, err) = skrelay_output(&["accel", "run", "--cgroup", &cg.rel, "--", "/no/such/command"]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("cannot run `/no/such/command`: command not found"), "{err}");
+    assert!(err.contains("cannot run `/no/such/command`: no such file"), "{err}");
     assert!(started.elapsed() < Duration::from_millis(300), "refused after {:?}", started.elapsed());
     assert!(!cg.path().exists(), "a refused `run` created the cgroup");
+    // A file that exists but cannot run was called "command not found" too.
+    for (program, why) in [
+        ("/etc/passwd", "not executable (no x permission: chmod +x)"),
+        ("/etc", "it is a directory"),
+        ("no-such-command-anywhere", "command not found"),
+    ] {
+        let (code, _, err) = skrelay_output(&["accel", "run", "--cgroup", &cg.rel, "--", program]);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains(&format!("cannot run `{program}`: {why}")), "{err}");
+        assert!(!cg.path().exists(), "a refused `run` created the cgroup");
+    }
 
     drop(cg);
     let cg = TestCgroup::accelerated("badinput", &[]);

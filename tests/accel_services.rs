@@ -351,7 +351,7 @@ fn nginx_under_accel_serves_intact_files_and_is_not_slower() {
 
     // Speed, interleaved (the machine is shared: plain loopback alone varies by 30% between runs).
     // Seven download rounds: with five, the median ratio ranged 0.84-1.34x over 11 runs at load
-    // 5-11, and downloads leave the map after their first 10-30 MiB (plain TCP against plain TCP).
+    // 5-11, and downloads pause at curl's pace (some give up and leave the map after their first 10-30 MiB).
     let (mut dl_plain, mut dl_accel) = (Vec::new(), Vec::new());
     let (mut rq_plain, mut rq_accel) = (Vec::new(), Vec::new());
     for round in 0..7 {

@@ -784,8 +784,8 @@ pub fn run(cgroup: Option<&Path>, policy: &AccelPolicyArgs, cmd: &[String]) -> R
         return Err(Error::Usage("accel run needs a command after `--`".into()));
     };
     // Before the half second of set-up: a command that cannot run is refused at once.
-    if !runnable(program) {
-        return Err(Error::Usage(format!("cannot run `{program}`: command not found")));
+    if let Some(why) = not_runnable(program) {
+        return Err(Error::Usage(format!("cannot run `{program}`: {why}")));
     }
     let fresh = cgroup.is_none();
     let target = match cgroup {
@@ -854,9 +854,9 @@ pub fn run(cgroup: Option<&Path>, policy: &AccelPolicyArgs, cmd: &[String]) -> R
         if cg.populated() {
             log::warn!(
                 "accel: processes still run in cgroup {cg} (the command left them, or another `accel run` runs \
-                 there): its acceleration{} is removed when they exit, by the watcher (pid {}; `skrelay accel \
+                 there): its acceleration{} removed when they exit, by the watcher (pid {}; `skrelay accel \
                  status` shows it)",
-                if fresh { " and the cgroup" } else { "" },
+                if fresh { " and the cgroup are" } else { " is" },
                 w.process.pid
             );
             drop(w); // the watcher takes over
@@ -878,14 +878,29 @@ pub fn run(cgroup: Option<&Path>, policy: &AccelPolicyArgs, cmd: &[String]) -> R
 
 /// Whether `program` names an executable file, as exec looks it up: a path as it is, a bare name
 /// in each directory of PATH.
-fn runnable(program: &str) -> bool {
+/// Why `program` cannot be run, if it cannot: a path names the file itself (missing, a
+/// directory, not executable); a bare name is looked up in PATH, as execvp(3) does.
+fn not_runnable(program: &str) -> Option<&'static str> {
     use std::os::unix::fs::PermissionsExt;
-    let executable = |p: &Path| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    let why = |p: &Path| match p.metadata() {
+        Err(_) => Some("no such file"),
+        Ok(m) if m.is_dir() => Some("it is a directory"),
+        Ok(m) if !m.is_file() => Some("not a regular file"),
+        Ok(m) if m.permissions().mode() & 0o111 == 0 => Some("not executable (no x permission: chmod +x)"),
+        Ok(_) => None,
+    };
     if program.contains('/') {
-        return executable(Path::new(program));
+        return why(Path::new(program));
     }
     let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
-    std::env::split_paths(&path).any(|dir| executable(&dir.join(program)))
+    let found: Vec<_> = std::env::split_paths(&path).map(|dir| why(&dir.join(program))).collect();
+    if found.iter().any(Option::is_none) {
+        None
+    } else if found.iter().any(|w| matches!(w, Some(w) if w.starts_with("not executable"))) {
+        Some("found in PATH but not executable (no x permission: chmod +x)")
+    } else {
+        Some("command not found")
+    }
 }
 
 fn spawn_in(cg: &Cgroup, program: &str, args: &[String]) -> Result<i32, Error> {
