@@ -1072,3 +1072,40 @@ echo add:; "$0" steer add --ports 6996 --to 127.0.0.1:6995 2>&1; echo "rc=$?""#;
         "{add}"
     );
 }
+
+/// `relay --ports` checks that `skrelay steer` binds none of its ports (a pinned binding keeps
+/// them). When the state could not be read, the check was skipped without a word: the relay
+/// started and said it steered ports that went to the binding. Now a state held by another
+/// command past the readers' 2 s wait is a start-up error, and a service user that may not read
+/// root's state (CAP_BPF and CAP_NET_ADMIN, as the contrib units run) is warned that neither
+/// check could be made. Run against a bpffs of its own.
+#[test]
+fn ports_says_when_it_cannot_check_the_steer_bindings() {
+    let Some(_reset) = setup("ports cannot check steer") else { return };
+    let _target = TcpListener::bind("127.0.0.1:7100").unwrap();
+    let script = r#"mount -t bpf bpf /sys/fs/bpf || exit 9
+"$0" steer add --ports 7101 --to 127.0.0.1:7100 >/dev/null || exit 8
+D=$(ls -d /sys/fs/bpf/skrelay/[0-9]*)
+exec 9<"$D"; flock -x 9
+timeout 8 "$0" relay --datapath userspace --listen 127.0.0.1:7102 --ports 7101; echo "locked rc=$?"
+exec 9<&-
+caps=-all,+bpf,+net_admin,+perfmon
+echo nobody: >&2
+setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=$caps --ambient-caps=$caps --bounding-set=$caps \
+  timeout 2 "$0" relay --datapath userspace --listen 127.0.0.1:7103 --ports 7104; echo "nobody rc=$?"
+"$0" steer reset >/dev/null"#;
+    let out = Command::new("unshare").args(["-m", "sh", "-c", script, SKRELAY]).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let (locked, nobody) = stderr.split_once("nobody:").unwrap_or_else(|| panic!("{stdout}{stderr}"));
+    assert!(stdout.contains("locked rc=2"), "{stdout}{stderr}");
+    assert!(locked.contains("cannot take --ports: cannot check the bindings of `skrelay steer`"), "{locked}");
+    assert!(!locked.contains("steered to"), "{locked}");
+    // It runs (until `timeout` stops it), saying what it could not check.
+    assert!(stdout.contains("nobody rc=124"), "{stdout}{stderr}");
+    assert!(
+        nobody.contains("cannot check whether another running relay or proxy already takes these ports"),
+        "{nobody}"
+    );
+    assert!(nobody.contains("cannot check the bindings of `skrelay steer` at"), "{nobody}");
+    assert!(nobody.contains("(they belong to root)"), "{nobody}");
+}

@@ -288,6 +288,13 @@ fn check_overlaps(prefix: Prefix, ports: &[u16]) -> Result<(), Error> {
         v.dedup();
         v
     };
+    // Listing BPF links needs CAP_SYS_ADMIN: without it another process's --ports is invisible.
+    if let Err(e) = sys::bpf::link_next_id(0) {
+        log::warn!(
+            "--ports: cannot check whether another running relay or proxy already takes these ports (listing BPF \
+             links: {e}; it needs CAP_SYS_ADMIN): if one does, connections keep going there"
+        );
+    }
     for other in running() {
         if !prefixes_meet(&prefix, &other.prefix) {
             continue;
@@ -306,7 +313,26 @@ fn check_overlaps(prefix: Prefix, ports: &[u16]) -> Result<(), Error> {
             )));
         }
     }
-    if let Ok(Some(st)) = state::State::open_read_only() {
+    let steer = match state::State::open_read_only() {
+        Ok(st) => st,
+        // Root's state is not for this user to read (a service user with CAP_BPF, as the
+        // contrib units run): refusing would forbid --ports to it whenever root steers anything.
+        Err(Error::StateOwned { dir, owner }) => {
+            log::warn!(
+                "--ports: cannot check the bindings of `skrelay steer` at {dir} (they belong to {owner}): a pinned \
+                 binding on these ports would keep them (`skrelay steer list` as {owner} shows them)"
+            );
+            None
+        }
+        // Held by another command past the readers' wait, or unreadable: the check cannot be made,
+        // and starting would say ports are steered that may go elsewhere.
+        Err(e) => {
+            return Err(Error::Usage(format!(
+                "cannot take --ports: cannot check the bindings of `skrelay steer`, which would take precedence: {e}"
+            )))
+        }
+    };
+    if let Some(st) = steer {
         for b in st.records().values() {
             let key = b.key;
             if key.proto != Proto::Tcp || !prefixes_meet(&prefix, &key.prefix) {
