@@ -169,10 +169,33 @@ pub fn take(pid: i32, command: &str) -> Result<Taken, Error> {
     if pid <= 0 || pid as u32 == std::process::id() {
         return Err(refuse("give the pid of the running skrelay to replace".into()));
     }
+    // Bound before the signal, so the old process finds it; the name is taken while another
+    // takeover of the same process runs. Bound first: the loser of two takeovers at once is told
+    // so, not that the process it saw exit or drain meanwhile is gone or draining.
+    let channel = UnixAddr::from_abstract_name(channel_name(pid as u32)).and_then(|a| UnixListener::bind_addr(&a));
+    let channel = match channel {
+        Ok(c) => Some(c),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            return Err(refuse("another skrelay is taking it over right now (wait for that one to finish)".into()))
+        }
+        Err(e) => {
+            log::warn!("cannot open the handover channel ({e}): process {pid} will let its live pairs finish instead");
+            None
+        }
+    };
     let proc = std::path::PathBuf::from(format!("/proc/{pid}"));
     let plural = if command == "proxy" { "proxies" } else { "relays" };
-    let cmdline = std::fs::read(proc.join("cmdline"))
-        .map_err(|_| refuse(format!("there is no such process (`skrelay status` lists the running {plural})")))?;
+    let cmdline = std::fs::read(proc.join("cmdline")).map_err(|_| {
+        refuse(format!(
+            "there is no such process (if it ran a moment ago, another --takeover may have taken it over; `skrelay \
+             status` lists the running {plural})"
+        ))
+    })?;
+    // An exiting process has no command line any more (a kernel thread has none either).
+    let kthread = || std::fs::read_to_string(proc.join("status")).is_ok_and(|s| s.contains("\nKthread:\t1"));
+    if cmdline.is_empty() && !kthread() {
+        return Err(refuse(gone()));
+    }
     match crate::running::command_of(&cmdline) {
         Some(c) if c == command => {}
         _ => {
@@ -244,11 +267,16 @@ pub fn take(pid: i32, command: &str) -> Result<Taken, Error> {
             metrics.push(socket);
         }
     }
-    let listener = match listeners.len() {
-        1 => listeners.remove(0),
-        0 => return Err(refuse("it has no listening socket (it is draining already: wait for it to exit)".into())),
-        n => return Err(refuse(format!("it has {n} listening sockets and skrelay serves one"))),
-    };
+    let listener =
+        match listeners.len() {
+            1 => listeners.remove(0),
+            0 => return Err(refuse(
+                "it has no listening socket (it is draining, or another --takeover has just taken it over: `skrelay \
+                 status` lists what runs now)"
+                    .into(),
+            )),
+            n => return Err(refuse(format!("it has {n} listening sockets and skrelay serves one"))),
+        };
     listener.set_cloexec(true).map_err(|e| refuse(e.to_string()))?;
     let metrics = match metrics.into_iter().next() {
         Some(m) => {
@@ -256,19 +284,6 @@ pub fn take(pid: i32, command: &str) -> Result<Taken, Error> {
             Some(m.into())
         }
         None => None,
-    };
-    // Bound before the signal, so the old process finds it; the name is taken while another
-    // takeover of the same process runs.
-    let channel = UnixAddr::from_abstract_name(channel_name(pid as u32)).and_then(|a| UnixListener::bind_addr(&a));
-    let channel = match channel {
-        Ok(c) => Some(c),
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            return Err(refuse("another skrelay is taking it over right now (wait for that one to finish)".into()))
-        }
-        Err(e) => {
-            log::warn!("cannot open the handover channel ({e}): process {pid} will let its live pairs finish instead");
-            None
-        }
     };
     Ok(Taken { listener: listener.into(), metrics, handover: Handover { pid, pidfd, channel } })
 }

@@ -262,3 +262,62 @@ fn takeovers_that_cannot_work_are_refused() {
         exchange_both_ways(a, b, [3, 4], 1000, "the relay whose takeover was refused, through a --ports port");
     }
 }
+
+/// Two `--takeover` of one process at once: the loser was told "there is no such process" (a
+/// typo's message) or "it is draining already" in 7 of 10 races in a helper's pass, as it read
+/// the old process after the winner had emptied it. The handover channel is now claimed first,
+/// so the loser hears that another takeover runs, or, if it came after the winner was done, that
+/// the process exited or handed its socket over meanwhile, maybe to another takeover. A SIGUSR2 sent by hand, with no new process
+/// waiting, no longer logs "handing over to the skrelay that took over".
+#[test]
+fn the_loser_of_two_takeovers_at_once_is_told_why() {
+    let _netns = enter_netns();
+    let start = |takeover: Option<&str>| {
+        let mut cmd = std::process::Command::new(SKRELAY);
+        cmd.args(["relay", "--datapath", "userspace", "--pair", "token"]);
+        if let Some(pid) = takeover {
+            cmd.args(["--takeover", pid]);
+        }
+        Reaper(cmd.stderr(std::process::Stdio::piped()).spawn().unwrap())
+    };
+    let mut old = start(None);
+    thread::sleep(Duration::from_millis(500));
+    // The second one a little later each round: the first has got further (a helper's shell
+    // started them a few milliseconds apart).
+    for (round, gap) in [0, 2, 5, 10, 20].into_iter().enumerate() {
+        let pid = old.0.id().to_string();
+        let first = start(Some(&pid));
+        thread::sleep(Duration::from_millis(gap));
+        let mut racers = vec![first, start(Some(&pid))];
+        thread::sleep(Duration::from_millis(1000));
+        let mut losers = Vec::new();
+        for r in racers.iter_mut() {
+            if r.0.try_wait().unwrap().is_some() {
+                let mut err = String::new();
+                r.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                losers.push(err);
+            }
+        }
+        assert_eq!(losers.len(), 1, "round {round}: {losers:?}");
+        let why = &losers[0];
+        assert!(
+            why.contains("another skrelay is taking it over right now")
+                || why.contains("it exited meanwhile (another --takeover may have taken it over")
+                || why.contains("(it is draining, or another --takeover has just taken it over"),
+            "round {round}: {why}"
+        );
+        // The winner is the next round's old process.
+        racers.retain_mut(|r| r.0.try_wait().unwrap().is_none());
+        old = racers.pop().unwrap();
+    }
+    // By hand: nobody took over, and the drain line says so.
+    let mut err = old.0.stderr.take().unwrap();
+    let sent = std::process::Command::new("kill").args(["-USR2", &old.0.id().to_string()]).status().unwrap();
+    assert!(sent.success());
+    let status = old.0.wait().unwrap();
+    let mut log = String::new();
+    err.read_to_string(&mut log).unwrap();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("SIGUSR2 (no skrelay took the pairs over): no longer accepting"), "{log}");
+    assert!(!log.contains("handing over to the skrelay that took over"), "{log}");
+}

@@ -86,15 +86,15 @@ impl Server {
     /// state) and this process keeps its live pairs and drains them.
     pub(super) fn hand_over(&mut self) -> Result<bool, String> {
         let started = Instant::now();
+        let mut channel = Channel::connect().map_err(|e| {
+            format!("nobody waits for them ({e}: the new process is an older skrelay, or gave up waiting)")
+        })?;
         log::info!(
             "SIGUSR2 (handing over to the skrelay that took over): no longer accepting; handing over {} live \
              pair(s) and {} waiting client(s)",
             self.threads.pairs(),
             self.pending
         );
-        let mut channel = Channel::connect().map_err(|e| {
-            format!("nobody waits for them ({e}: the new process is an older skrelay, or gave up waiting)")
-        })?;
         let (manifest, pairs, pending) = self.manifest()?;
         let text = serde_json::to_vec(&manifest).map_err(|e| format!("cannot write the manifest: {e}"))?;
         channel.send(&text).map_err(|e| format!("cannot send the manifest: {e}"))?;

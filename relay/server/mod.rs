@@ -993,7 +993,7 @@ impl Server {
         let Some(signals) = self.signals.as_mut() else { return };
         let signals: Vec<i32> = signals.pending().collect();
         for signal in signals {
-            let name = match signal {
+            let mut name = match signal {
                 SIGINT => "SIGINT",
                 SIGUSR2 => "SIGUSR2 (handing over to the skrelay that took over)",
                 _ => "SIGTERM",
@@ -1009,7 +1009,11 @@ impl Server {
                 self.drain_deadline = Some(Instant::now());
                 continue;
             }
-            crate::systemd::notify(&format!("STOPPING=1\nSTATUS=draining {} live pair(s)", self.threads.pairs()));
+            let status = match signal {
+                SIGUSR2 => format!("handing {} live pair(s) over to the skrelay that took over", self.threads.pairs()),
+                _ => format!("draining {} live pair(s)", self.threads.pairs()),
+            };
+            crate::systemd::notify(&format!("STOPPING=1\nSTATUS={status}"));
             if let Some(mut listener) = self.listener.take() {
                 let _ = self.poll.registry().deregister(&mut listener);
             }
@@ -1032,11 +1036,15 @@ impl Server {
                     // The waiting clients went; the live pairs drain here.
                     Ok(false) => {}
                     Err(why) if keep => {
+                        name = "SIGUSR2 (no skrelay took the pairs over)";
                         log::warn!("live pairs and waiting clients stay in this process and finish here: {why}")
                     }
-                    Err(why) => log::warn!(
-                        "live pairs stay in this process and finish here, and its waiting clients are reset: {why}"
-                    ),
+                    Err(why) => {
+                        name = "SIGUSR2 (no skrelay took the pairs over)";
+                        log::warn!(
+                            "live pairs stay in this process and finish here, and its waiting clients are reset: {why}"
+                        )
+                    }
                 }
                 if let Err(e) = self.threads.start() {
                     log::error!("cannot restart the event loops' threads: {e}; their pairs wait");
