@@ -46,7 +46,8 @@ impl Server {
             "connections": self.connections,
             "metrics": self.metrics.map(|a| format!("http://{a}/metrics")),
             "pairs": self.live.map(|l| l.pairs),
-            "kernel_inflight_bytes": self.live.map(|l| l.kernel_inflight),
+            // A userspace relay holds nothing in the kernel between its sockets: no figure.
+            "kernel_inflight_bytes": self.live.filter(|_| self.datapath == "kernel").map(|l| l.kernel_inflight),
         })
     }
 }
@@ -66,8 +67,12 @@ impl std::fmt::Display for Server {
         if let Some(m) = self.metrics {
             write!(f, ", metrics at http://{m}/metrics")?;
         }
-        if let Some(l) = self.live {
-            write!(f, "; {} pair(s), {} byte(s) in flight in the kernel", l.pairs, l.kernel_inflight)?;
+        match self.live {
+            Some(l) if self.datapath == "kernel" => {
+                write!(f, "; {} pair(s), {} byte(s) in flight in the kernel", l.pairs, l.kernel_inflight)?
+            }
+            Some(l) => write!(f, "; {} pair(s)", l.pairs)?,
+            None => {}
         }
         Ok(())
     }

@@ -48,6 +48,11 @@ fn status_lists_running_relays_and_proxies(dp: &str) {
         )),
         "{text}"
     );
+    // In-flight bytes in the kernel are a kernel datapath's figure: a userspace relay showed
+    // "0 byte(s) in flight in the kernel".
+    let line = text.lines().find(|l| l.contains(&format!("relay (pid {})", relay.pid()))).unwrap();
+    assert_eq!(line.contains("in flight in the kernel"), dp == "kernel", "{line}");
+    assert_eq!(r["kernel_inflight_bytes"].is_null(), dp != "kernel", "{r}");
     drop((a, b));
     let pid = relay.pid();
     let (status, log) = relay.stop(Duration::from_secs(10));
