@@ -532,6 +532,9 @@ pub fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener, Error> 
 /// How long the responder waits for a scrape before it looks whether it was told to stop.
 const ACCEPT_WAKE: Duration = Duration::from_millis(200);
 
+/// How often a scrape that cannot be accepted is said.
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
+
 /// How long one scraper may take to send its request or read the answer. Scrapes are served one
 /// at a time, so this also bounds how long one slow or silent client delays the next scrape.
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
@@ -546,6 +549,8 @@ pub fn serve(listener: &TcpListener, render: impl Fn() -> Result<String, String>
     // The socket stays blocking (a process taking it over shares its flags); SO_RCVTIMEO bounds
     // an accept(2) that finds the connection already taken by that other process.
     let wake = socket2::SockRef::from(listener).set_read_timeout(Some(ACCEPT_WAKE));
+    // A failing accept(2) (out of descriptors) is said once per ACCEPT_WARN_EVERY, not per retry.
+    let mut warned: Option<(std::time::Instant, u64)> = None;
     while !stop.load(Ordering::Relaxed) {
         // Wait in poll(2), not in accept(2): a blocking accept(2) reserves a descriptor while it
         // waits, and in a shortage that was the one a closing pair had just given back, so
@@ -563,7 +568,22 @@ pub fn serve(listener: &TcpListener, render: impl Fn() -> Result<String, String>
             Err(e) if wake.is_ok() && matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
             Err(e) => {
                 // Out of descriptors, most likely: wait rather than spin.
-                log::warn!("metrics: cannot accept a scrape: {e}");
+                match &mut warned {
+                    Some((at, more)) if at.elapsed() < ACCEPT_WARN_EVERY => *more += 1,
+                    _ => {
+                        let more = warned.map_or(0, |(_, more)| more);
+                        let since = if more > 0 {
+                            format!("; {more} more failed since the last warning")
+                        } else {
+                            String::new()
+                        };
+                        log::warn!(
+                            "metrics: cannot accept a scrape: {e} (retrying every 100ms, said once per \
+                             {ACCEPT_WARN_EVERY:?}{since})"
+                        );
+                        warned = Some((std::time::Instant::now(), 0));
+                    }
+                }
                 std::thread::sleep(Duration::from_millis(100));
             }
         }

@@ -217,3 +217,36 @@ fn spare_pipes_give_way_to_clients() {
     assert!(status.success(), "{log}\n{}", m.text);
     assert!(!log.contains("cannot accept more clients now"), "{log}");
 }
+
+/// Out of descriptors, a scrape that could not be accepted was warned of every 100 ms (91 lines
+/// in 9 s in a helper's pass), and "accepting clients again" came after every client let in
+/// while the shortage itself was said once per 10 s. Both are said once per shortage now.
+#[test]
+fn a_shortage_is_said_once_by_the_metrics_responder_and_the_accept_loop() {
+    let _netns = enter_netns();
+    let relay = under_nofile(40, &["relay", "--datapath", "userspace", "--threads", "1", "--metrics", "127.0.0.1:0"]);
+    let metrics = relay.metrics_addr();
+    let mut silent: Vec<TcpStream> =
+        (0..40).filter_map(|_| TcpStream::connect_timeout(&addr(), Duration::from_secs(5)).ok()).collect();
+    relay.wait_log("cannot accept more clients now", 1, Duration::from_secs(5));
+    // A scrape waits in the responder's backlog, which cannot take it either.
+    let scrape = TcpStream::connect(metrics).unwrap();
+    thread::sleep(Duration::from_millis(1500));
+    // Clients leave and come: accepting resumes and stops again, within one warning's 10 s.
+    for _ in 0..4 {
+        drop(silent.remove(0));
+        thread::sleep(Duration::from_millis(200));
+        if let Ok(c) = TcpStream::connect_timeout(&addr(), Duration::from_secs(5)) {
+            silent.push(c);
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    drop(scrape);
+    drop(silent);
+    let (status, log) = relay.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+    assert_eq!(log.matches("metrics: cannot accept a scrape").count(), 1, "{log}");
+    let (said, again) =
+        (log.matches("cannot accept more clients now").count(), log.matches("accepting clients again").count());
+    assert!(said >= 1 && again <= said, "{said} shortage line(s), {again} `again` line(s):\n{log}");
+}

@@ -477,8 +477,9 @@ impl Server {
                             "cannot accept more clients now: {e} (retrying every {ACCEPT_BACKOFF:?}; clients wait in the \
                              listen backlog; raise the descriptor limit: `ulimit -n`, or LimitNOFILE= in the unit)"
                         );
+                        // "accepting clients again" answers this line, once.
+                        self.accept_short = true;
                     }
-                    self.accept_short = true;
                     self.accept_retry = Some(Instant::now() + ACCEPT_BACKOFF);
                     return;
                 }
