@@ -227,8 +227,8 @@ pub struct ProxyArgs {
     /// down for 10 s); seconds (at least 0.001).
     #[arg(long, default_value = "5", value_parser = parse_timeout, value_name = "SECS", allow_negative_numbers = true)]
     pub connect_timeout: Duration,
-    /// At most this many clients wait for their upstream connection at once; further ones are
-    /// reset at once.
+    /// At most this many clients wait for their upstream connection at once; meanwhile further
+    /// ones are not accepted: they wait in the listen backlog (4096) for a slot.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..), value_name = "N", allow_negative_numbers = true)]
     pub max_pending: u32,
 }

@@ -167,6 +167,9 @@ pub struct Server {
     shortage_warned: Option<Instant>,
     /// Accepting stopped for want of descriptors; the first client accepted after says so.
     accept_short: bool,
+    /// `proxy`: accepting paused while `--max-pending` clients wait for their upstream connection
+    /// (further clients wait in the listen backlog, as behind HAProxy's maxconn).
+    accept_full: bool,
     /// Clients reset for a full `--max-pending`: when that was last a warning, and how many
     /// since (a flood of clients must not become a log line each).
     full_warned: Option<Instant>,
@@ -272,6 +275,7 @@ impl Server {
             accept_retry: None,
             shortage_warned: None,
             accept_short: false,
+            accept_full: false,
             full_warned: None,
             full_unsaid: 0,
             drain_deadline: None,
@@ -359,6 +363,10 @@ impl Server {
             self.fire_timers();
             if self.accept_retry.is_some_and(|t| Instant::now() >= t) {
                 self.accept_retry = None;
+                self.accept();
+            }
+            if self.accept_full && self.pending < self.max_pending {
+                self.accept_full = false;
                 self.accept();
             }
             if let Some(deadline) = self.drain_deadline {
@@ -451,6 +459,25 @@ impl Server {
             let Some(listener) = &self.listener else {
                 return;
             };
+            // A proxy's waiting clients are waiting for their upstream connection, which takes
+            // milliseconds: a burst beyond --max-pending (a reconnect storm) waits in the listen
+            // backlog for a slot instead of being reset (476 of 1,500 healthy clients were).
+            if matches!(self.partners, Partners::Upstreams(_)) && self.pending >= self.max_pending {
+                if !self.accept_full {
+                    self.accept_full = true;
+                    // Said once per 10 s: a storm pauses and resumes with every slot.
+                    let now = Instant::now();
+                    if self.full_warned.is_none_or(|at| now >= at + SHORTAGE_WARN_EVERY) {
+                        self.full_warned = Some(now);
+                        log::warn!(
+                            "{} clients already wait for their upstream connection (--max-pending): further clients \
+                             wait in the listen backlog (said once per {SHORTAGE_WARN_EVERY:?})",
+                            self.pending
+                        );
+                    }
+                }
+                return;
+            }
             match listener.accept() {
                 Ok((stream, addr)) => {
                     if std::mem::take(&mut self.accept_short) {
