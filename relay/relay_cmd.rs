@@ -141,7 +141,8 @@ pub fn listening(
             }
         }
         let addr = taken.listener.local_addr().map_or("?".into(), |a| a.to_string());
-        log::info!("took over the listening socket of process {pid} ({addr})");
+        // Nothing is taken from it yet: a start-up error from here on leaves it serving.
+        log::info!("holds a copy of the listening socket of process {pid} ({addr}); taking over once ready");
         taken.listener.set_nonblocking(true).map_err(|e| Error::io("cannot use the socket taken over", e))?;
         return Ok(Listening {
             listener: TcpListener::from_std(taken.listener),

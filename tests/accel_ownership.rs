@@ -62,13 +62,15 @@ fn accel_run_killed_with_sigkill_leaves_nothing_once_its_command_ends() {
             .spawn()
             .unwrap(),
     );
+    // Its first line names the cgroup (after a line saying it waits, if another test's accel
+    // command holds the state's lock).
+    let mut stderr = BufReader::new(run.0.stderr.take().unwrap());
     let mut line = String::new();
-    BufReader::new(run.0.stderr.take().unwrap()).read_line(&mut line).unwrap();
-    let cgroup = PathBuf::from(
-        line.split_whitespace()
-            .find(|w| w.contains("skrelay-run-"))
-            .unwrap_or_else(|| panic!("run did not name its cgroup: {line}")),
-    );
+    while !line.contains("skrelay-run-") {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "run did not name its cgroup");
+    }
+    let cgroup = PathBuf::from(line.split_whitespace().find(|w| w.contains("skrelay-run-")).unwrap());
     let pins = pins_of(&cgroup);
     assert!(pins.exists(), "{line}");
     let pid = run.0.id();
@@ -98,7 +100,7 @@ fn a_command_that_leaves_a_process_behind_is_cleaned_up_after_when_it_exits() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
     assert!(log.contains("processes still run in cgroup"), "{log}");
-    assert!(log.contains("is removed when they exit, by the watcher"), "{log}");
+    assert!(log.contains("are removed when they exit, by the watcher"), "{log}");
     let cgroup = PathBuf::from(log.split_whitespace().find(|w| w.contains("skrelay-run-")).unwrap());
     let cgroup = PathBuf::from(cgroup.to_string_lossy().trim_end_matches(':'));
     wait_gone(&pins_of(&cgroup), Duration::from_secs(10), "pins of a run whose command left a process");

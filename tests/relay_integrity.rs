@@ -34,7 +34,10 @@ fn every_byte_arrives_once_and_in_order_both_ways_256mib(dp: &str) {
     assert_eq!(m.bytes(dp), 2 * LEN, "{dp}: every byte counted once:\n{}", m.text);
     let (status, log) = relay.stop(Duration::from_secs(10));
     assert!(status.success(), "{dp}: exit {status}\n{log}");
-    assert!(!log.contains("stayed in a relay socket's queue"), "{dp}: {log}");
+    // A clean bulk pair warns of nothing (the machine-wide autogroup advice aside).
+    let warnings: Vec<&str> =
+        log.lines().filter(|l| l.contains("WARN") && !l.contains("sched_autogroup_enabled")).collect();
+    assert!(warnings.is_empty(), "{dp}: {warnings:#?}");
     if dp == "kernel" {
         assert!(log.contains(" 0 dropped"), "kernel datapath dropped skbs:\n{log}");
         assert!(log.contains("0 passed without a peer"), "kernel datapath passed skbs:\n{log}");

@@ -117,7 +117,7 @@ fn a_connect_loop_across_a_proxy_takeover_loses_no_connection_on_both_datapaths(
         notable(&old_log),
         notable(&new_log)
     );
-    assert!(new_log.contains(&format!("took over the listening socket of process {}", old.pid())), "{new_log}");
+    assert!(new_log.contains(&format!("holds a copy of the listening socket of process {}", old.pid())), "{new_log}");
     // The new process logs a pair's end just after its client saw EOF.
     let by_old = pairs_ended(&old_log);
     // The old process is gone with its counters: its end-of-pair lines are what is left of them.
