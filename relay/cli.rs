@@ -195,7 +195,8 @@ pub struct RelayArgs {
     #[command(flatten)]
     pub ports: PortsArgs,
     /// At most this many clients wait for a partner at once; further ones are reset at once.
-    /// With --pair token, clients still sending their token line are capped at this many apart.
+    /// With --pair token, clients still sending their token line are capped at this many apart;
+    /// while that cap is reached, further clients wait in the listen backlog.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..), value_name = "N", allow_negative_numbers = true)]
     pub max_pending: u32,
     /// Reset a client that has waited this long for its partner (or its token line); seconds

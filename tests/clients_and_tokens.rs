@@ -259,3 +259,75 @@ fn a_flood_beyond_max_pending_is_warned_about_once_a_second_and_counted_whole() 
     let warned = log.lines().filter(|l| l.contains("WARN") && l.contains("(--max-pending)")).count();
     assert!((1..=3).contains(&warned), "{warned} warnings for 40 clients:\n{log}");
 }
+
+/// A burst of healthy token clients, many more than `--max-pending`, each sending its token line
+/// at once: the slots of clients still sending their token line free within moments, so the
+/// relay leaves further clients in the listen backlog instead of resetting them (a helper's burst
+/// of 3,000 had 1,976 reset). Every pair is served.
+#[test]
+fn a_burst_of_token_clients_beyond_max_pending_is_served_not_reset() {
+    let _netns = enter_netns();
+    let relay = Skrelay::start(&[
+        "relay",
+        "--datapath",
+        "userspace",
+        "--pair",
+        "token",
+        "--max-pending",
+        "8",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    // Partners arrive next to each other, as a burst of pairs would; all connect before any
+    // sends its token line, so the relay may have accepted them all before it can read a line.
+    let mut clients: Vec<std::net::TcpStream> = (0..300).map(|_| connect(addr())).collect();
+    thread::sleep(Duration::from_millis(100));
+    for (i, c) in clients.iter_mut().enumerate() {
+        // A client the relay reset (before the fix) may refuse the write: the read says why.
+        let _ = c.write_all(format!("pair{}\n{i:05}", i / 2).as_bytes());
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut got = [0u8; 5];
+        let r = c.read_exact(&mut got);
+        let partner = i ^ 1;
+        assert!(r.is_ok() && got == *format!("{partner:05}").as_bytes(), "client {i}: {r:?}\n{}", relay.log());
+    }
+    let m = relay.metrics();
+    assert_eq!(m.get("skrelay_unpaired_clients_total{reason=\"full\"}"), 0, "{}", m.text);
+}
+
+/// The other side of leaving clients in the backlog: `--max-pending` clients that never send
+/// their token line keep the relay from accepting until `--pair-timeout` resets them; the
+/// clients behind them are then served (before, they were reset at once).
+#[test]
+fn silent_clients_at_max_pending_hold_the_next_ones_in_the_backlog_until_pair_timeout() {
+    let _netns = enter_netns();
+    let relay = Skrelay::start(&[
+        "relay",
+        "--datapath",
+        "userspace",
+        "--pair",
+        "token",
+        "--max-pending",
+        "2",
+        "--pair-timeout",
+        "1",
+    ]);
+    let silent: Vec<std::net::TcpStream> = (0..2).map(|_| connect(addr())).collect();
+    thread::sleep(Duration::from_millis(100));
+    let started = std::time::Instant::now();
+    let (mut a, mut b) = (connect(addr()), connect(addr()));
+    a.write_all(b"late\nfrom a").unwrap();
+    b.write_all(b"late\nfrom b").unwrap();
+    relay.wait_log("further clients wait in the listen backlog", 1, Duration::from_secs(5));
+    for (c, want) in [(&mut a, b"from b"), (&mut b, b"from a")] {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        assert_eq!(&read_n(c, 6), want, "{}", relay.log());
+    }
+    assert!(started.elapsed() >= Duration::from_millis(800), "served before the silent ones left");
+    for mut s in silent {
+        let r = s.read(&mut [0u8; 1]);
+        assert!(matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset), "{r:?}");
+    }
+}

@@ -167,8 +167,9 @@ pub struct Server {
     shortage_warned: Option<Instant>,
     /// Accepting stopped for want of descriptors; the first client accepted after says so.
     accept_short: bool,
-    /// `proxy`: accepting paused while `--max-pending` clients wait for their upstream connection
-    /// (further clients wait in the listen backlog, as behind HAProxy's maxconn).
+    /// Accepting paused while `--max-pending` clients wait for their upstream connection (proxy)
+    /// or send their token line (relay): further clients wait in the listen backlog, as behind
+    /// HAProxy's maxconn (`slots_full`).
     accept_full: bool,
     /// Clients reset for a full `--max-pending`: when that was last a warning, and how many
     /// since (a flood of clients must not become a log line each).
@@ -365,7 +366,7 @@ impl Server {
                 self.accept_retry = None;
                 self.accept();
             }
-            if self.accept_full && self.pending < self.max_pending {
+            if self.accept_full && self.slots_full().is_none() {
                 self.accept_full = false;
                 self.accept();
             }
@@ -454,15 +455,31 @@ impl Server {
         }
     }
 
+    /// Why no client is to be accepted now, when the clients waiting are all in a state that
+    /// ends by itself within moments: a proxy's, connecting to their upstream; a token relay's
+    /// still sending their token line (a client that would wait for a partner beyond the cap is
+    /// still reset, in `offer`: that wait may never end).
+    fn slots_full(&self) -> Option<String> {
+        match &self.partners {
+            Partners::Upstreams(_) if self.pending >= self.max_pending => {
+                Some(format!("{} clients already wait for their upstream connection", self.pending))
+            }
+            Partners::Clients { matcher, .. } if self.pending - matcher.waiting() >= self.max_pending => {
+                Some(format!("{} clients are already sending their token line", self.pending - matcher.waiting()))
+            }
+            _ => None,
+        }
+    }
+
     fn accept(&mut self) {
         loop {
             let Some(listener) = &self.listener else {
                 return;
             };
-            // A proxy's waiting clients are waiting for their upstream connection, which takes
-            // milliseconds: a burst beyond --max-pending (a reconnect storm) waits in the listen
-            // backlog for a slot instead of being reset (476 of 1,500 healthy clients were).
-            if matches!(self.partners, Partners::Upstreams(_)) && self.pending >= self.max_pending {
+            // A burst beyond --max-pending (a reconnect storm) waits in the listen backlog for a
+            // slot instead of being reset (476 of 1,500 healthy clients were) where the slots
+            // free within milliseconds by themselves.
+            if let Some(full) = self.slots_full() {
                 if !self.accept_full {
                     self.accept_full = true;
                     // Said once per 10 s: a storm pauses and resumes with every slot.
@@ -470,9 +487,8 @@ impl Server {
                     if self.full_warned.is_none_or(|at| now >= at + SHORTAGE_WARN_EVERY) {
                         self.full_warned = Some(now);
                         log::warn!(
-                            "{} clients already wait for their upstream connection (--max-pending): further clients \
-                             wait in the listen backlog (said once per {SHORTAGE_WARN_EVERY:?})",
-                            self.pending
+                            "{full} (--max-pending): further clients wait in the listen backlog (said once per \
+                             {SHORTAGE_WARN_EVERY:?})"
                         );
                     }
                 }
