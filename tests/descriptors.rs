@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 use std::{
-    io::{Read, Write},
+    io::Write,
     net::{SocketAddr, TcpListener, TcpStream},
     process::Command,
     thread,
@@ -89,21 +89,7 @@ fn userspace_pairs_wait_for_a_pipe_instead_of_being_reset() {
 #[test]
 fn a_proxy_out_of_descriptors_does_not_blame_its_upstream() {
     let _netns = enter_netns();
-    let upstream = TcpListener::bind("127.0.0.1:8080").unwrap();
-    thread::spawn(move || {
-        for c in upstream.incoming() {
-            let Ok(mut c) = c else { continue };
-            thread::spawn(move || {
-                let mut buf = vec![0u8; 65536];
-                while let Ok(n) = c.read(&mut buf) {
-                    if n == 0 || c.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-                let _ = c.shutdown(std::net::Shutdown::Write);
-            });
-        }
-    });
+    serve_echo(TcpListener::bind("127.0.0.1:8080").unwrap());
     let proxy = under_nofile(
         48,
         &[

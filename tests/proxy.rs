@@ -33,6 +33,18 @@ fn through(upstream: &TcpListener) -> (TcpStream, TcpStream) {
     (client, server)
 }
 
+/// An upstream that never answers: a listener whose accept queue is full, so SYNs to it are
+/// dropped. Returns it and the connections that fill its queue (drop them and accept to make it
+/// answer).
+fn silent_upstream(addr: &str) -> (socket2::Socket, Vec<TcpStream>) {
+    let addr: SocketAddr = addr.parse().unwrap();
+    let listener = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    listener.bind(&addr.into()).unwrap();
+    listener.listen(0).unwrap();
+    let fill = (0..2).filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()).collect();
+    (listener, fill)
+}
+
 fn every_byte_arrives_in_order_both_ways_and_half_close_keeps_the_other_way(dp: &str) {
     let _netns = enter_netns();
     const LEN: u64 = 64 << 20;
@@ -66,12 +78,7 @@ fn bytes_sent_while_the_upstream_connection_is_made_arrive_in_order(dp: &str) {
     // The first upstream never answers (its accept queue is full, so SYNs are dropped): the
     // client's early bytes wait out --connect-timeout and then reach the second upstream.
     let _netns = enter_netns();
-    let blackhole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    blackhole.bind(&"127.0.0.1:9001".parse::<SocketAddr>().unwrap().into()).unwrap();
-    blackhole.listen(0).unwrap();
-    let full: SocketAddr = "127.0.0.1:9001".parse().unwrap();
-    let _fill: Vec<TcpStream> =
-        (0..2).filter_map(|_| TcpStream::connect_timeout(&full, Duration::from_millis(200)).ok()).collect();
+    let (_blackhole, _fill) = silent_upstream("127.0.0.1:9001");
     let upstream = TcpListener::bind("127.0.0.1:9002").unwrap();
     let proxy = Skrelay::start(&[
         "proxy",
@@ -408,20 +415,7 @@ fn a_loop_the_start_up_check_cannot_see_costs_one_reset_per_client() {
 #[test]
 fn a_burst_beyond_max_pending_is_served_not_reset() {
     let _netns = enter_netns();
-    let upstream = std::net::TcpListener::bind("127.0.0.1:9061").unwrap();
-    thread::spawn(move || {
-        for c in upstream.incoming() {
-            let Ok(mut c) = c else { continue };
-            thread::spawn(move || {
-                let mut buf = [0u8; 64];
-                while let Ok(n) = c.read(&mut buf) {
-                    if n == 0 || c.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    serve_echo(std::net::TcpListener::bind("127.0.0.1:9061").unwrap());
     let proxy = Skrelay::start(&[
         "proxy",
         "--datapath",
@@ -457,12 +451,7 @@ fn clients_beyond_max_pending_wait_in_the_backlog_and_are_served() {
     // The upstream does not answer at first (its accept queue is full, so SYNs are dropped): two
     // clients wait for their upstream connection, the third waits in the listen backlog.
     let _netns = enter_netns();
-    let blackhole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    blackhole.bind(&"127.0.0.1:9060".parse::<SocketAddr>().unwrap().into()).unwrap();
-    blackhole.listen(0).unwrap();
-    let full: SocketAddr = "127.0.0.1:9060".parse().unwrap();
-    let fill: Vec<TcpStream> =
-        (0..2).filter_map(|_| TcpStream::connect_timeout(&full, Duration::from_millis(200)).ok()).collect();
+    let (blackhole, fill) = silent_upstream("127.0.0.1:9060");
     let proxy = Skrelay::start(&[
         "proxy",
         "--datapath",
@@ -489,21 +478,8 @@ fn clients_beyond_max_pending_wait_in_the_backlog_and_are_served() {
     proxy.wait_log("further clients wait in the listen backlog", 1, Duration::from_secs(5));
     // The upstream answers from now on (an echo server): the waiting clients' SYNs get through
     // at their retransmission, slots free, and the third client is accepted and served.
-    let upstream: std::net::TcpListener = blackhole.into();
     drop(fill);
-    thread::spawn(move || {
-        for c in upstream.incoming() {
-            let Ok(mut c) = c else { continue };
-            thread::spawn(move || {
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = c.read(&mut buf) {
-                    if n == 0 || c.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    serve_echo(blackhole.into());
     third.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     assert_eq!(read_n(&mut third, 5), b"third", "{}", proxy.log());
     for (i, c) in waiting.iter_mut().enumerate() {
@@ -520,12 +496,7 @@ fn a_client_that_leaves_while_its_upstream_connection_is_made_is_logged_in_proxy
     // The proxy used to log the relay's "left before a partner came". A client that closes
     // (which the proxy cannot tell from a half-close) waits for its upstream connection like any.
     let _netns = enter_netns();
-    let blackhole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    blackhole.bind(&"127.0.0.1:9070".parse::<SocketAddr>().unwrap().into()).unwrap();
-    blackhole.listen(0).unwrap();
-    let full: SocketAddr = "127.0.0.1:9070".parse().unwrap();
-    let _fill: Vec<TcpStream> =
-        (0..2).filter_map(|_| TcpStream::connect_timeout(&full, Duration::from_millis(200)).ok()).collect();
+    let (_blackhole, _fill) = silent_upstream("127.0.0.1:9070");
     let proxy = Skrelay::start(&[
         "proxy",
         "--datapath",
@@ -547,12 +518,7 @@ fn a_client_that_leaves_while_its_upstream_connection_is_made_is_logged_in_proxy
 #[test]
 fn a_client_that_resets_while_its_upstream_connection_is_made_is_counted_as_left() {
     let _netns = enter_netns();
-    let blackhole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    blackhole.bind(&"127.0.0.1:9071".parse::<SocketAddr>().unwrap().into()).unwrap();
-    blackhole.listen(0).unwrap();
-    let full: SocketAddr = "127.0.0.1:9071".parse().unwrap();
-    let _fill: Vec<TcpStream> =
-        (0..2).filter_map(|_| TcpStream::connect_timeout(&full, Duration::from_millis(200)).ok()).collect();
+    let (_blackhole, _fill) = silent_upstream("127.0.0.1:9071");
     let proxy = Skrelay::start(&[
         "proxy",
         "--datapath",

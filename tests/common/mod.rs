@@ -566,3 +566,22 @@ pub fn read_until_end(s: &mut std::net::TcpStream) -> (Vec<u8>, std::io::Result<
         }
     }
 }
+
+/// Serves `listener` as an echo server on threads of this test: each connection gets back what
+/// it sends, and an EOF after its own.
+pub fn serve_echo(listener: std::net::TcpListener) {
+    std::thread::spawn(move || {
+        for c in listener.incoming() {
+            let Ok(mut c) = c else { continue };
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 || c.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = c.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+}
