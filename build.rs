@@ -149,6 +149,7 @@ const KERNEL_LAYOUT_C: &str = r#"#include <stdio.h>
 #include <linux/tcp.h>
 #include <linux/sockios.h>
 #include <asm/socket.h>
+#include <linux/sock_diag.h>
 #define C(name) printf("pub const " #name ": u64 = %llu;\n", (unsigned long long)(name))
 #define A(name, m) printf("pub const ATTR_%s: usize = %zu;\n", #name, offsetof(union bpf_attr, m))
 #define O(s, m) printf("pub const %s__%s: usize = %zu;\n", #s, #m, offsetof(struct s, m))
@@ -159,6 +160,7 @@ int main(void) {
     C(BPF_PROG_TEST_RUN); C(BPF_F_REPLACE); C(BPF_F_QUERY_EFFECTIVE);
     C(BPF_TCP_TIME_WAIT); C(BPF_TCP_CLOSE); C(BPF_TCP_CLOSE_WAIT); C(BPF_TCP_LAST_ACK);
     C(BPF_TCP_CLOSING); C(SO_COOKIE); C(SIOCGSKNS);
+    C(SO_MEMINFO); C(SK_MEMINFO_VARS); C(SK_MEMINFO_WMEM_QUEUED); C(SK_MEMINFO_SNDBUF);
     C(BPF_LINK_GET_FD_BY_ID); C(BPF_LINK_GET_NEXT_ID); C(BPF_LINK_TYPE_NETNS); C(BPF_SK_LOOKUP);
     C(BPF_CGROUP_SOCK_OPS);
     A(map_fd, map_fd); A(key, key); A(value, value); A(flags, flags);

@@ -4,7 +4,7 @@
 //! kind, IPV6_V6ONLY, addresses), rustix (MSG_PEEK without blocking, SO_SNDBUFFORCE, splice(2)
 //! and pipe sizes, pidfds, rlimits, fstat). Raw here is only what none of them offers:
 //! - TCP_INFO's byte counters (no crate reads `struct tcp_info`; libc defines its layout),
-//! - SIOCGSKNS, a socket's network namespace (no crate names the ioctl),
+//! - SIOCGSKNS, a socket's network namespace, and SO_MEMINFO, its memory (no crate has either),
 //! - the bpf(2) commands aya 0.14 does not expose (`bpf` below).
 //!
 //! Every constant, offset and `#[repr(C)]` struct written here by hand is compared with the
@@ -210,6 +210,43 @@ pub fn set_send_buffer(fd: impl AsFd, bytes: libc::c_int) -> io::Result<()> {
 pub fn set_recv_buffer(fd: impl AsFd, bytes: libc::c_int) -> io::Result<()> {
     let size = usize::try_from(bytes).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     rustix::net::sockopt::set_socket_recv_buffer_size_force(&fd, size).or_else(|_| sock(&fd).set_recv_buffer_size(size))
+}
+
+/// What a socket holds and may hold, as the kernel charges it (SO_MEMINFO; skb truesize, so a
+/// little more than the payload).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketMemory {
+    /// Receive memory charged: its receive queue and, in a socket map, its psock's message queue.
+    pub rmem_alloc: u64,
+    /// The receive buffer (the value set, doubled by the kernel).
+    pub rcvbuf: u64,
+    /// The send buffer (doubled likewise).
+    pub sndbuf: u64,
+    /// Memory of the send queue, sent and not acknowledged or not sent yet.
+    pub wmem_queued: u64,
+}
+
+/// SO_MEMINFO (uapi asm-generic/socket.h) and the indices of its array (linux/sock_diag.h).
+const SO_MEMINFO: libc::c_int = 55;
+const SK_MEMINFO_VARS: usize = 9;
+
+/// A socket's memory figures (SO_MEMINFO).
+pub fn socket_memory(fd: impl AsFd) -> io::Result<SocketMemory> {
+    let mut v = [0u32; SK_MEMINFO_VARS];
+    let mut len = std::mem::size_of_val(&v) as libc::socklen_t;
+    // SAFETY: `v` and `len` are live locals and `len` is `v`'s size in bytes: the kernel copies at
+    // most that much; the descriptor is borrowed for the call.
+    let ret = unsafe {
+        libc::getsockopt(fd.as_fd().as_raw_fd(), libc::SOL_SOCKET, SO_MEMINFO, v.as_mut_ptr().cast(), &mut len)
+    };
+    check(ret as libc::c_long)?;
+    let at = |i: libc::c_int| u64::from(v[i as usize]);
+    Ok(SocketMemory {
+        rmem_alloc: at(libc::SK_MEMINFO_RMEM_ALLOC),
+        rcvbuf: at(libc::SK_MEMINFO_RCVBUF),
+        sndbuf: at(libc::SK_MEMINFO_SNDBUF),
+        wmem_queued: at(libc::SK_MEMINFO_WMEM_QUEUED),
+    })
 }
 
 /// A TCP socket's window clamp (TCP_WINDOW_CLAMP): the most receive window it advertises.
@@ -684,6 +721,10 @@ mod tests {
         #[allow(clippy::unnecessary_cast)] // c_ulong is u32 on 32-bit targets
         let siocgskns = SIOCGSKNS as u64;
         assert_eq!(siocgskns, k::SIOCGSKNS);
+        assert_eq!(SO_MEMINFO as u64, k::SO_MEMINFO);
+        assert_eq!(SK_MEMINFO_VARS as u64, k::SK_MEMINFO_VARS);
+        assert_eq!(libc::SK_MEMINFO_WMEM_QUEUED as u64, k::SK_MEMINFO_WMEM_QUEUED);
+        assert_eq!(libc::SK_MEMINFO_SNDBUF as u64, k::SK_MEMINFO_SNDBUF);
     }
 
     #[test]
