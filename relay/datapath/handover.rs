@@ -107,6 +107,10 @@ pub struct KernelDirection {
     /// the socket's own setting, so it moves by itself; this is what to give back).
     #[serde(default)]
     pub held: Option<u32>,
+    /// Its destination's send buffer was raised for it, and it gets no budget until that
+    /// buffer's queue is read down (the raised buffer is the socket's own setting).
+    #[serde(default)]
+    pub frozen: bool,
     /// A socket error read out of SO_ERROR, not reported yet.
     pub error: Option<SavedError>,
 }

@@ -79,6 +79,10 @@ struct KernelState {
     unreported: u64,
     /// Times a source's window was clamped because too many of its bytes were parked.
     holds: u64,
+    /// Times `unstick` raised a socket's buffer so one direction stopped holding the other.
+    unsticks: u64,
+    /// Pairs reset because a direction's parked bytes passed `RUNAWAY_AT`.
+    runaways: u64,
 }
 
 /// The state's lock. Only the thread that serves the datapath's pairs takes it: the lock is what
@@ -112,6 +116,16 @@ struct Direction {
     unconsumed: u64,
     /// The source's window clamp before `hold_back` narrowed it (None: not narrowed).
     held: Option<u32>,
+    /// Where the direction stood at the last look (what had entered the destination, and
+    /// `taken`) and since when it has not moved: `unstick`.
+    last_moved: (u64, u64),
+    stuck_since: Option<Instant>,
+    /// The destination's send buffer was raised to take this direction's bytes that waited on
+    /// its psock (`unstick`): until the destination's send queue is back within
+    /// `SPLICED_SNDBUF`, the direction gets no budget and its parked bytes wait.
+    frozen: bool,
+    /// Its pair is being reset: its parked bytes passed `RUNAWAY_AT`.
+    runaway: bool,
 }
 
 /// Bytes parked and not yet taken past which the source's window is clamped (`hold_back`).
@@ -125,6 +139,19 @@ struct Direction {
 const HOLD_AT: u64 = 16 << 20;
 /// Bytes parked and not yet taken below which a clamped window is given back.
 const RELEASE_AT: u64 = 4 << 20;
+/// Bytes parked and not yet taken past which the pair is reset: its sender was not held back.
+/// Four times `HOLD_AT`. Parked skbs that wait in the psock's queue are charged to nothing, so
+/// while that queue is not empty the window stays open; the psock's worker empties it, but it
+/// runs on the CPU whose softirq queued the work, and a client inside one write(2) of hundreds of
+/// MiB keeps that CPU (the kernel does not preempt it here): two clients that each wrote
+/// 400 MiB in one call without reading made one pair hold 790 MB (KERNEL-NOTES, item 11).
+const RUNAWAY_AT: u64 = 4 * HOLD_AT;
+/// How long a direction's bytes may not move before `unstick` looks at what holds them: longer
+/// than the psock backlog's retries in a busy bidirectional pair (a jiffy each).
+const STUCK_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
+/// Room `unstick` adds beyond what it measured: skbs a verdict was deciding on meanwhile, and
+/// the kernel's per-skb overhead.
+const UNSTICK_SLACK: u64 = 2 << 20;
 
 pub struct KernelDatapath {
     state: Arc<Mutex<KernelState>>,
@@ -187,6 +214,8 @@ impl KernelDatapath {
                 next_sweep: None,
                 unreported: 0,
                 holds: 0,
+                unsticks: 0,
+                runaways: 0,
             })),
             events,
             next_recheck: None,
@@ -376,11 +405,13 @@ impl Datapath for KernelDatapath {
             state.unreported,
             state.holds,
             self.stat(relay_stat::EXTENDED),
+            state.unsticks,
+            state.runaways,
         ]
     }
 
     fn summary(&self, tally: &[u64]) -> Option<String> {
-        let &[redirected, bytes, no_peer, dropped, parked, parkings, lost, trimmed, unreported, holds, extended] =
+        let &[redirected, bytes, no_peer, dropped, parked, parkings, lost, trimmed, unreported, holds, extended, unsticks, runaways] =
             tally
         else {
             return None;
@@ -390,7 +421,8 @@ impl Datapath for KernelDatapath {
              verdict's own measure), {no_peer} passed without a peer, \
              {dropped} dropped, {parked} bytes parked at a budget in {parkings} parkings, {lost} budget reports \
              lost, {trimmed} repeated bytes trimmed, {unreported} directions looked at without a report, \
-             {holds} windows clamped for parked bytes"
+             {holds} windows clamped for parked bytes, {unsticks} buffers raised so one direction would not hold \
+             the other, {runaways} pairs reset because their window did not hold a sender"
         ))
     }
 
@@ -428,6 +460,11 @@ impl Datapath for KernelDatapath {
             })
             .sum()
     }
+}
+
+/// A buffer size for setsockopt, at most `c_int::MAX`.
+fn clamp_c_int(bytes: u64) -> libc::c_int {
+    libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX)
 }
 
 /// Writes what the destination's send buffer takes now (0 when it is full).
@@ -539,6 +576,13 @@ impl KernelState {
             }
             self.review(cookie, now);
         }
+        // A direction that does not park (its source sends nothing more) is looked at only here.
+        let redirecting: Vec<u64> =
+            self.directions.iter().filter(|(_, d)| d.parked.is_none()).map(|(c, _)| *c).collect();
+        for cookie in redirecting {
+            self.thaw(cookie);
+            self.unstick(cookie, now);
+        }
     }
 
     /// Clamps the source's receive window while too many of its bytes are parked and not yet
@@ -549,8 +593,23 @@ impl KernelState {
         let Ok(c) = self.counts.get(&cookie, 0) else { return };
         let waiting = c.parked.saturating_sub(d.taken);
         let src = borrow_fd(d.src);
+        if waiting > RUNAWAY_AT && !d.runaway {
+            log::warn!(
+                "kernel datapath: socket {cookie:#x} got {waiting} bytes past its budget that its TCP window did not \
+                 hold back (both clients of its pair wrote without reading, in writes of many MiB each): resetting \
+                 the pair to protect the host's memory"
+            );
+            self.runaways += 1;
+            self.directions.get_mut(&cookie).expect("present").runaway = true;
+            self.errors.insert(cookie, io::Error::other("the kernel datapath could not hold its sender back"));
+            let _ = socket2::SockRef::from(&src).shutdown(std::net::Shutdown::Read);
+            return;
+        }
         match d.held {
             None if d.parked.is_some() && waiting > HOLD_AT => {
+                self.absorb_ahead(cookie);
+                let Some(d) = self.directions.get(&cookie) else { return };
+                let src = borrow_fd(d.src);
                 let Ok(clamp) = sys::tcp_window_clamp(src) else { return };
                 if let Err(e) = sys::set_tcp_window_clamp(src, 1) {
                     return log::debug!("kernel datapath: cannot clamp socket {cookie:#x}'s window: {e}");
@@ -573,16 +632,10 @@ impl KernelState {
     /// must be moved first: until `taken` catches up, it parks every skb).
     fn grant(&mut self, cookie: u64, m: Measure) -> bool {
         let Some(d) = self.directions.get(&cookie) else { return true };
-        let (budget, notify) = budget::grant(m, self.limits.per_direction);
-        let peer = RelayPeer {
-            peer: d.peer,
-            budget,
-            notify,
-            taken: d.taken,
-            hold: HOLD_AT,
-            base: d.base,
-            limit: self.limits.per_direction,
-        };
+        // A frozen direction gets no room: its next skb parks (`unstick`).
+        let limit = if d.frozen { 0 } else { self.limits.per_direction };
+        let (budget, notify) = budget::grant(m, limit);
+        let peer = RelayPeer { peer: d.peer, budget, notify, taken: d.taken, hold: HOLD_AT, base: d.base, limit };
         if self.peers.insert(cookie, peer, 0).is_err() {
             return false;
         }
@@ -615,8 +668,14 @@ impl KernelState {
                     }
                     continue;
                 }
-                Ok(false) if self.destination_reads(cookie) => budget::RECHECK_FIRST,
-                Ok(false) => budget::backoff(delay),
+                Ok(false) if self.destination_reads(cookie) => {
+                    self.unstick(cookie, now);
+                    budget::RECHECK_FIRST
+                }
+                Ok(false) => {
+                    self.unstick(cookie, now);
+                    budget::backoff(delay)
+                }
                 Err(Progress) => budget::RECHECK_FIRST,
             };
             if let Some(d) = self.directions.get_mut(&cookie) {
@@ -624,6 +683,108 @@ impl KernelState {
                 self.rechecks.push(Reverse((now + next, cookie)));
             }
         }
+    }
+
+    /// Frees a direction whose parked bytes wait behind the other direction's in a psock queue.
+    ///
+    /// A socket's psock has one queue, worked in order (KERNEL-NOTES, "Bounding the relay's
+    /// psock queue", item 9): the bytes its pair's other direction redirected to it, waiting for
+    /// room in its send queue, and its own skbs the verdict parked while that queue was not
+    /// empty. So when client A neither reads nor stops sending, A's parked bytes waited behind
+    /// B's until A read, and B, reading, stopped receiving A's stream. The verdict reports such a
+    /// direction when its parked bytes pass `HOLD_AT` (`hold_back`), and this looks at every
+    /// direction whose bytes have not moved for `STUCK_AFTER`; both free it with `absorb_ahead`.
+    fn unstick(&mut self, cookie: u64, now: Instant) {
+        let Some(d) = self.directions.get(&cookie) else { return };
+        let Ok(m) = self.measure(cookie, d) else { return };
+        let waiting = m.in_flight > 0 || m.parked != d.taken;
+        let dst = borrow_fd(d.dst);
+        let Ok(entered) = sys::tcp_counters(dst).and_then(|c| Ok(c.bytes_acked + sys::send_queue_len(dst)?)) else {
+            return;
+        };
+        let at = (entered, d.taken);
+        let d = self.directions.get_mut(&cookie).expect("present");
+        if !waiting || d.last_moved != at {
+            d.last_moved = at;
+            d.stuck_since = waiting.then_some(now);
+            return;
+        }
+        match d.stuck_since {
+            Some(since) if now.duration_since(since) >= STUCK_AFTER => {}
+            Some(_) => return,
+            None => return d.stuck_since = Some(now),
+        }
+        self.absorb_ahead(cookie);
+    }
+
+    /// When some of this direction's parked bytes wait in its source's psock queue behind the
+    /// other direction's bytes (which wait for room in the source's send queue: its client does
+    /// not read), freezes the other direction and raises the source's send buffer to take what
+    /// waits: then the parked bytes reach the psock's message queue, where they are charged to
+    /// the source's receive buffer and so close its window, and the catch-up can see them.
+    /// The bytes moved were held already (the other direction's budget), so the pair holds no
+    /// more than before; the send buffer is lowered again once its client has read it down
+    /// (`thaw`).
+    fn absorb_ahead(&mut self, cookie: u64) -> bool {
+        let Some(d) = self.directions.get(&cookie) else { return false };
+        let src = borrow_fd(d.src);
+        let Ok(c) = self.counts.get(&cookie, 0) else { return false };
+        let visible = sys::readable_len(src).unwrap_or(0).saturating_sub(d.unconsumed);
+        if c.parked.saturating_sub(d.taken) <= visible {
+            return false;
+        }
+        let peer = d.peer;
+        let Some(other) = self.directions.get(&peer) else { return false };
+        if other.frozen {
+            return false;
+        }
+        let Ok(om) = self.measure(peer, other) else { return false };
+        if om.in_flight == 0 {
+            return false;
+        }
+        self.directions.get_mut(&peer).expect("present").frozen = true;
+        self.grant(peer, om);
+        // Measured after the freeze: nothing more is redirected to the source.
+        let Some(other) = self.directions.get(&peer) else { return false };
+        let Ok(om) = self.measure(peer, other) else { return false };
+        let Ok(mem) = sys::socket_memory(src) else { return false };
+        let raised = mem.wmem_queued.max(2 * SPLICED_SNDBUF as u64) + 2 * om.in_flight + UNSTICK_SLACK;
+        if let Err(e) = sys::set_send_buffer(src, clamp_c_int(raised / 2)) {
+            log::debug!("kernel datapath: cannot raise socket {cookie:#x}'s send buffer: {e}");
+            return false;
+        }
+        self.unsticks += 1;
+        log::debug!(
+            "kernel datapath: socket {cookie:#x}'s client does not read: its send buffer takes the {} byte(s) that \
+             waited for it, so its own parked bytes behind them are charged and move on",
+            om.in_flight
+        );
+        true
+    }
+
+    /// Gives a frozen direction its budget back once its destination's client has read the send
+    /// queue down to the usual send buffer; false while it stays frozen.
+    fn thaw(&mut self, cookie: u64) -> bool {
+        let Some(d) = self.directions.get(&cookie) else { return true };
+        if !d.frozen {
+            return true;
+        }
+        let dst = borrow_fd(d.dst);
+        match sys::socket_memory(dst) {
+            Ok(mem) if mem.wmem_queued < 2 * SPLICED_SNDBUF as u64 => {}
+            _ => return false,
+        }
+        if let Err(e) = sys::set_send_buffer(dst, SPLICED_SNDBUF) {
+            log::debug!("kernel datapath: cannot lower socket {:#x}'s send buffer: {e}", d.peer);
+        }
+        let d = self.directions.get_mut(&cookie).expect("present");
+        d.frozen = false;
+        if d.parked.is_none() {
+            if let Ok(m) = self.measure(cookie, self.directions.get(&cookie).expect("present")) {
+                self.grant(cookie, m);
+            }
+        }
+        true
     }
 
     /// Whether the destination's client acknowledged bytes since the last look: it reads, so
@@ -648,6 +809,9 @@ impl KernelState {
     /// closes (its receive buffer is fixed at join, `SPLICED_RCVBUF`) and its sender stops, so
     /// user space catches up.
     fn unpark(&mut self, cookie: u64) -> Result<bool, Progress> {
+        if !self.thaw(cookie) {
+            return Ok(false);
+        }
         let Some(d) = self.directions.get(&cookie) else { return Ok(true) };
         let Ok(m) = self.measure(cookie, d) else { return Ok(false) };
         // Bytes the verdict redirected before it parked may still wait on the destination's psock
@@ -883,6 +1047,10 @@ impl KernelSplice {
                 dst_acked: 0,
                 unconsumed: 0,
                 held: None,
+                last_moved: (0, 0),
+                stuck_since: None,
+                frozen: false,
+                runaway: false,
             };
             state.directions.insert(from, direction);
         }

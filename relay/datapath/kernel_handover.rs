@@ -150,6 +150,7 @@ pub(super) fn export_splice(k: &KernelSplice) -> KernelSpliceState {
                 dst_acked: d.dst_acked,
                 unconsumed: d.unconsumed,
                 held: d.held,
+                frozen: d.frozen,
                 error: state.errors.get(cookie).map(SavedError::save),
             })
         })
@@ -197,8 +198,12 @@ pub(super) fn import_splice(
             dst_acked: d.dst_acked,
             unconsumed: d.unconsumed,
             held: d.held,
+            last_moved: (0, 0),
+            stuck_since: None,
+            frozen: d.frozen,
+            runaway: false,
         };
-        if direction.parked.is_some() || direction.unconsumed > 0 || direction.held.is_some() {
+        if direction.parked.is_some() || direction.unconsumed > 0 || direction.held.is_some() || direction.frozen {
             st.rechecks.push(Reverse((now, d.cookie)));
         }
         st.directions.insert(d.cookie, direction);
