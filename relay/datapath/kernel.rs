@@ -749,8 +749,21 @@ impl KernelState {
         let Ok(om) = self.measure(peer, other) else { return false };
         let Ok(mem) = sys::socket_memory(src) else { return false };
         let raised = mem.wmem_queued.max(2 * SPLICED_SNDBUF as u64) + 2 * om.in_flight + UNSTICK_SLACK;
-        if let Err(e) = sys::set_send_buffer(src, clamp_c_int(raised / 2)) {
-            log::debug!("kernel datapath: cannot raise socket {cookie:#x}'s send buffer: {e}");
+        // Without CAP_NET_ADMIN, SO_SNDBUF stops at net.core.wmem_max, which may be less than the
+        // buffer had: then the queue cannot move this way; put the buffer and the budget back.
+        let half = clamp_c_int(raised / 2);
+        let set = sys::set_send_buffer(src, half);
+        if set.is_err() || !sys::socket_memory(src).is_ok_and(|m| m.sndbuf >= 2 * half as u64) {
+            log::debug!("kernel datapath: cannot raise socket {cookie:#x}'s send buffer: {set:?}");
+            let _ = sys::set_send_buffer(src, SPLICED_SNDBUF);
+            self.directions.get_mut(&peer).expect("present").frozen = false;
+            if let Some(other) = self.directions.get(&peer) {
+                if other.parked.is_none() {
+                    if let Ok(om) = self.measure(peer, other) {
+                        self.grant(peer, om);
+                    }
+                }
+            }
             return false;
         }
         self.unsticks += 1;
