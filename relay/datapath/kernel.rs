@@ -124,8 +124,10 @@ struct Direction {
     /// its psock (`unstick`): until the destination's send queue is back within
     /// `SPLICED_SNDBUF`, the direction gets no budget and its parked bytes wait.
     frozen: bool,
-    /// Its pair is being reset: its parked bytes passed `RUNAWAY_AT`.
+    /// Its pair is being reset: its parked bytes stayed past `RUNAWAY_AT` for `RUNAWAY_GRACE`.
     runaway: bool,
+    /// Since when its parked bytes have been past `RUNAWAY_AT`.
+    runaway_since: Option<Instant>,
 }
 
 /// Bytes parked and not yet taken past which the source's window is clamped (`hold_back`).
@@ -146,6 +148,10 @@ const RELEASE_AT: u64 = 4 << 20;
 /// MiB keeps that CPU (the kernel does not preempt it here): two clients that each wrote
 /// 400 MiB in one call without reading made one pair hold 790 MB (KERNEL-NOTES, item 11).
 const RUNAWAY_AT: u64 = 4 * HOLD_AT;
+/// How long a direction may hold more than `RUNAWAY_AT` before its pair is reset: a partner that
+/// reads takes such a surge in well under a second (helper: 150 MiB writes read at full speed
+/// were reset at once before this grace, after every byte had arrived).
+const RUNAWAY_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// How long a direction's bytes may not move before `unstick` looks at what holds them: longer
 /// than the psock backlog's retries in a busy bidirectional pair (a jiffy each).
 const STUCK_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
@@ -593,11 +599,20 @@ impl KernelState {
         let Ok(c) = self.counts.get(&cookie, 0) else { return };
         let waiting = c.parked.saturating_sub(d.taken);
         let src = borrow_fd(d.src);
-        if waiting > RUNAWAY_AT && !d.runaway {
+        let since = match (waiting > RUNAWAY_AT, d.runaway_since) {
+            (false, _) => None,
+            (true, None) => Some(Instant::now()),
+            (true, Some(at)) => Some(at),
+        };
+        self.directions.get_mut(&cookie).expect("present").runaway_since = since;
+        let d = self.directions.get(&cookie).expect("present");
+        if since.is_some_and(|at| at.elapsed() >= RUNAWAY_GRACE) && !d.runaway {
             log::warn!(
-                "kernel datapath: socket {cookie:#x} got {waiting} bytes past its budget that its TCP window did not \
-                 hold back (both clients of its pair wrote without reading, in writes of many MiB each): resetting \
-                 the pair to protect the host's memory"
+                "kernel datapath: socket {cookie:#x} has held more than {} MiB past its budget for {} s ({waiting} \
+                 bytes now) that its TCP window did not hold back (its client writes many MiB per call and its \
+                 partner does not read them): resetting the pair to protect the host's memory",
+                RUNAWAY_AT >> 20,
+                RUNAWAY_GRACE.as_secs()
             );
             self.runaways += 1;
             self.directions.get_mut(&cookie).expect("present").runaway = true;
@@ -1064,6 +1079,7 @@ impl KernelSplice {
                 stuck_since: None,
                 frozen: false,
                 runaway: false,
+                runaway_since: None,
             };
             state.directions.insert(from, direction);
         }
@@ -1115,6 +1131,11 @@ impl Splice for KernelSplice {
         {
             let state = locked(&self.state);
             if state.errors.contains_key(&self.cookies[1 - dir]) {
+                return true;
+            }
+            // A pair reset to give back memory its window did not bound resets now: waiting for
+            // the partner to read what is held would keep that memory.
+            if self.cookies.iter().any(|c| state.directions.get(c).is_some_and(|d| d.runaway)) {
                 return true;
             }
         }

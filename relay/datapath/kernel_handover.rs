@@ -202,6 +202,7 @@ pub(super) fn import_splice(
             stuck_since: None,
             frozen: d.frozen,
             runaway: false,
+            runaway_since: None,
         };
         if direction.parked.is_some() || direction.unconsumed > 0 || direction.held.is_some() || direction.frozen {
             st.rechecks.push(Reverse((now, d.cookie)));
