@@ -257,7 +257,7 @@ pub struct SpliceArgs {
     /// Kernel datapath: bytes all kernel pairs' budgets together may hold: at most
     /// kernel-memory / (2 x kernel-buffer) pairs are in the kernel at once, and further pairs
     /// are spliced in user space until some end (beyond its budget a direction may park up to
-    /// 16 MiB before its sender's window is clamped; a pair with 64 MiB parked one way for 2 s,
+    /// 16 MiB before its sender's window is closed; a pair with 64 MiB parked one way for 2 s,
     /// which takes clients writing tens of MiB per call to partners that do not read them, is
     /// reset). At least 2 x kernel-buffer. K, M and G suffixes.
     #[arg(long, default_value = "2G", value_parser = parse_size, value_name = "BYTES", allow_negative_numbers = true)]

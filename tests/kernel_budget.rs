@@ -376,6 +376,75 @@ fn huge_writes_to_partners_that_read_are_not_reset() {
     assert!(status.success(), "{log}");
 }
 
+/// Neither direction pauses for seconds while its reader reads. Both clients read slowly (64 KiB
+/// every 4 ms, ~13 MB/s) while each sends 128 MiB in 16 MiB writes, so both directions are held
+/// back over and over. Held back with TCP_WINDOW_CLAMP, a window given back stayed under one
+/// segment (`rcv_ssthresh` stays at the clamp) and its sender waited on backing-off zero-window
+/// probes: one direction delivered nothing for 10-14 s (a helper, 3 of 3 runs). The relay now
+/// closes the window with a floor-sized receive buffer instead.
+#[test]
+fn no_direction_pauses_while_both_clients_read_slowly() {
+    let _netns = enter_netns();
+    if !require_bpf("no_direction_pauses_while_both_clients_read_slowly") {
+        return;
+    }
+    const EACH: u64 = 128 << 20;
+    const WRITE: usize = 16 << 20;
+    let relay = Skrelay::start(&["relay", "--datapath", "kernel", "--kernel-after", "0"]);
+    let a = connect(addr());
+    thread::sleep(Duration::from_millis(50));
+    let b = connect(addr());
+    thread::sleep(Duration::from_millis(200));
+    let sides: Vec<_> = [(a, 80u64), (b, 81)]
+        .into_iter()
+        .map(|(s, seed)| {
+            let mut w = s.try_clone().unwrap();
+            let writer = thread::spawn(move || {
+                let mut p = Pattern::new(seed);
+                let mut chunk = vec![0u8; WRITE];
+                for _ in 0..EACH / WRITE as u64 {
+                    p.fill(&mut chunk);
+                    w.write_all(&chunk)?;
+                }
+                w.shutdown(Shutdown::Write)?;
+                Ok::<_, std::io::Error>(())
+            });
+            let mut r = s;
+            r.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            let reader = thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                let mut got = Vec::with_capacity(EACH as usize);
+                let (mut last, mut longest) = (Instant::now(), Duration::ZERO);
+                loop {
+                    let n = r.read(&mut buf)?;
+                    if n == 0 {
+                        return Ok::<_, std::io::Error>((got, longest));
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    longest = longest.max(last.elapsed());
+                    last = Instant::now();
+                    thread::sleep(Duration::from_millis(4));
+                }
+            });
+            (writer, reader)
+        })
+        .collect();
+    let mut results = Vec::new();
+    for (writer, reader) in sides {
+        let wrote = writer.join().unwrap();
+        results.push((wrote.map_err(|e| e.kind()), reader.join().unwrap()));
+    }
+    let (status, log) = relay.stop(Duration::from_secs(10));
+    for (i, (wrote, read)) in results.iter().enumerate() {
+        assert!(wrote.is_ok(), "client {i}'s writes: {wrote:?}\n{log}");
+        let (got, longest) = read.as_ref().unwrap_or_else(|e| panic!("client {i}'s reads: {e}\n{log}"));
+        assert_eq!(sha(got), pattern_sha(81 - i as u64, EACH), "client {i} did not get the other's bytes whole\n{log}");
+        eprintln!("client {i}: longest wait for bytes {longest:?}");
+        assert!(*longest < Duration::from_secs(4), "client {i} got nothing for {longest:?} while it read\n{log}");
+    }
+    assert!(status.success(), "{log}");
+}
+
 fn addr() -> std::net::SocketAddr {
     "127.0.0.1:7777".parse().unwrap()
 }

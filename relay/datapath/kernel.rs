@@ -114,7 +114,8 @@ struct Direction {
     /// Parked bytes written on but still in the source's psock queue: consumed once the verdict
     /// redirects again, so that the receive window stays closed while user space catches up.
     unconsumed: u64,
-    /// The source's window clamp before `hold_back` narrowed it (None: not narrowed).
+    /// Some while `hold_back` keeps the source's window closed (its receive buffer at the floor):
+    /// 0, or the window clamp to give back when an older skrelay held it with one.
     held: Option<u32>,
     /// Where the direction stood at the last look (what had entered the destination, and
     /// `taken`) and since when it has not moved: `unstick`.
@@ -427,7 +428,7 @@ impl Datapath for KernelDatapath {
              verdict's own measure), {no_peer} passed without a peer, \
              {dropped} dropped, {parked} bytes parked at a budget in {parkings} parkings, {lost} budget reports \
              lost, {trimmed} repeated bytes trimmed, {unreported} directions looked at without a report, \
-             {holds} windows clamped for parked bytes, {unsticks} buffers raised so one direction would not hold \
+             {holds} windows closed for parked bytes, {unsticks} buffers raised so one direction would not hold \
              the other, {runaways} pairs reset because their window did not hold a sender"
         ))
     }
@@ -625,17 +626,25 @@ impl KernelState {
                 self.absorb_ahead(cookie);
                 let Some(d) = self.directions.get(&cookie) else { return };
                 let src = borrow_fd(d.src);
-                let Ok(clamp) = sys::tcp_window_clamp(src) else { return };
-                if let Err(e) = sys::set_tcp_window_clamp(src, 1) {
-                    return log::debug!("kernel datapath: cannot clamp socket {cookie:#x}'s window: {e}");
+                // The receive buffer at the kernel's floor, not TCP_WINDOW_CLAMP: a clamp given
+                // back left `rcv_ssthresh` at the clamp, the window stayed under one segment and
+                // the sender sat on backing-off zero-window probes (one direction paused 10-14 s
+                // with two slow readers). A floor-sized buffer closes the window outright and
+                // leaves `rcv_ssthresh` alone, so the window reopens when the buffer comes back.
+                if let Err(e) = sys::set_recv_buffer(src, 1) {
+                    return log::debug!("kernel datapath: cannot close socket {cookie:#x}'s window: {e}");
                 }
                 self.holds += 1;
-                log::debug!("kernel datapath: socket {cookie:#x} holds {waiting} parked bytes: window clamped");
-                self.directions.get_mut(&cookie).expect("present").held = Some(clamp);
+                log::debug!("kernel datapath: socket {cookie:#x} holds {waiting} parked bytes: window closed");
+                self.directions.get_mut(&cookie).expect("present").held = Some(0);
             }
             Some(clamp) if d.parked.is_none() || waiting <= RELEASE_AT => {
-                if let Err(e) = sys::set_tcp_window_clamp(src, clamp) {
+                if let Err(e) = sys::set_recv_buffer(src, SPLICED_RCVBUF) {
                     log::debug!("kernel datapath: cannot give socket {cookie:#x}'s window back: {e}");
+                }
+                // A window clamp of an older skrelay that handed this pair over (`--takeover`).
+                if clamp > 0 {
+                    let _ = sys::set_tcp_window_clamp(src, clamp);
                 }
                 self.directions.get_mut(&cookie).expect("present").held = None;
             }
