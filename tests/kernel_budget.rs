@@ -270,13 +270,8 @@ fn two_clients_that_write_huge_blocks_without_reading_cannot_fill_the_host() {
     /// README: a pair whose clients do not read holds at most 2 x (--kernel-buffer + 40 MiB).
     const PAIR_BOUND: u64 = 2 * ((16 << 20) + (40 << 20));
     let relay = Skrelay::start(&["relay", "--datapath", "kernel", "--kernel-after", "0", "--metrics", "127.0.0.1:0"]);
-    let mut block = vec![0u8; BLOCK];
-    Pattern::new(60).fill(&mut block);
-    let block = std::sync::Arc::new(block);
-    let a = connect(addr());
-    thread::sleep(Duration::from_millis(50));
-    let b = connect(addr());
-    thread::sleep(Duration::from_millis(200));
+    let block = pattern_block(60, BLOCK);
+    let (a, b) = paired_clients();
     let writers: Vec<_> = [&a, &b]
         .into_iter()
         .map(|s| {
@@ -342,14 +337,9 @@ fn huge_writes_to_partners_that_read_are_not_reset() {
     }
     const BLOCK: usize = 150 << 20;
     let relay = Skrelay::start(&["relay", "--datapath", "kernel", "--kernel-after", "0"]);
-    let mut block = vec![0u8; BLOCK];
-    Pattern::new(70).fill(&mut block);
+    let block = pattern_block(70, BLOCK);
     let want = (BLOCK as u64, sha(&block));
-    let block = std::sync::Arc::new(block);
-    let a = connect(addr());
-    thread::sleep(Duration::from_millis(50));
-    let b = connect(addr());
-    thread::sleep(Duration::from_millis(200));
+    let (a, b) = paired_clients();
     let sides: Vec<_> = [a, b]
         .into_iter()
         .map(|s| {
@@ -391,10 +381,7 @@ fn no_direction_pauses_while_both_clients_read_slowly() {
     const EACH: u64 = 128 << 20;
     const WRITE: usize = 16 << 20;
     let relay = Skrelay::start(&["relay", "--datapath", "kernel", "--kernel-after", "0"]);
-    let a = connect(addr());
-    thread::sleep(Duration::from_millis(50));
-    let b = connect(addr());
-    thread::sleep(Duration::from_millis(200));
+    let (a, b) = paired_clients();
     let sides: Vec<_> = [(a, 80u64), (b, 81)]
         .into_iter()
         .map(|(s, seed)| {
@@ -443,6 +430,23 @@ fn no_direction_pauses_while_both_clients_read_slowly() {
         assert!(*longest < Duration::from_secs(4), "client {i} got nothing for {longest:?} while it read\n{log}");
     }
     assert!(status.success(), "{log}");
+}
+
+/// Two clients of the relay at `addr()`, paired in arrival order (A first), once their pair has
+/// had time to join the kernel maps.
+fn paired_clients() -> (TcpStream, TcpStream) {
+    let a = connect(addr());
+    thread::sleep(Duration::from_millis(50));
+    let b = connect(addr());
+    thread::sleep(Duration::from_millis(200));
+    (a, b)
+}
+
+/// `len` bytes of pattern `seed`, shared by the threads that write them.
+fn pattern_block(seed: u64, len: usize) -> std::sync::Arc<Vec<u8>> {
+    let mut block = vec![0u8; len];
+    Pattern::new(seed).fill(&mut block);
+    std::sync::Arc::new(block)
 }
 
 fn addr() -> std::net::SocketAddr {
