@@ -4,7 +4,7 @@ use crate::{
     datapath,
     error::Error,
     metrics::{self, Metrics},
-    relay_cmd::{funnel, listening, loops, metrics_note, serving, Listening},
+    relay_cmd::{funnel, loops, metrics_note, open, serving, Listening, Opened},
     server::{Partnering, Server, ServerConfig},
     steer::PortList,
     sys,
@@ -14,19 +14,11 @@ use std::net::{IpAddr, SocketAddr};
 
 pub fn run(args: ProxyArgs) -> Result<(), Error> {
     let mut upstreams = Upstreams::resolve(&args.upstreams)?;
-    // Before anything is bound or taken over (a --takeover would leave nobody serving).
-    let ports: Vec<u16> =
+    let serves: Vec<u16> =
         std::iter::once(args.listen.port()).chain(upstreams.addrs().iter().map(|u| u.port())).collect();
-    crate::relay_cmd::outside_accel("proxy", &ports)?;
-    if args.ports.ports.is_some() {
-        crate::steer::funnel::check_privilege()?;
-    }
-    let threads = args.common.threads();
-    let datapaths =
-        datapath::open(args.common.datapath, args.common.kernel_after, args.common.kernel_limits(), threads)?;
+    let Opened { threads, datapaths, listening: Listening { listener, metrics: taken_metrics, handover } } =
+        open("proxy", &serves, args.listen, args.listen_given, &args.common, &args.ports)?;
     let datapath = datapaths[0].name();
-    let Listening { listener, metrics: taken_metrics, handover } =
-        listening(args.listen, args.listen_given, &args.common, &args.ports, "proxy")?;
     let addr = listener.local_addr().unwrap_or(args.listen);
     let dual_stack = addr.is_ipv6() && !sys::v6only(&listener);
     for &up in upstreams.addrs() {

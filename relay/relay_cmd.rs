@@ -13,17 +13,9 @@ use mio::net::TcpListener;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 pub fn run(args: RelayArgs) -> Result<(), Error> {
-    // Before anything is bound or taken over (a --takeover would leave nobody serving).
-    outside_accel("relay", &[args.listen.port()])?;
-    if args.ports.ports.is_some() {
-        crate::steer::funnel::check_privilege()?;
-    }
-    let threads = args.common.threads();
-    let datapaths =
-        datapath::open(args.common.datapath, args.common.kernel_after, args.common.kernel_limits(), threads)?;
+    let Opened { threads, datapaths, listening: Listening { listener, metrics: taken_metrics, handover } } =
+        open("relay", &[args.listen.port()], args.listen, args.listen_given, &args.common, &args.ports)?;
     let datapath = datapaths[0].name();
-    let Listening { listener, metrics: taken_metrics, handover } =
-        listening(args.listen, args.listen_given, &args.common, &args.ports, "relay")?;
     let addr = listener.local_addr().unwrap_or(args.listen);
     metrics_outside_ports(args.common.metrics, addr, args.ports.ports.as_ref(), "relayed as a client")?;
     let metrics = Metrics::new(&metrics::datapath_labels(datapath));
@@ -52,6 +44,35 @@ pub fn run(args: RelayArgs) -> Result<(), Error> {
     let mut server = Server::new(listener, datapaths, config)?;
     serving(&mut server, handover, addr);
     server.run()
+}
+
+/// What `relay` and `proxy` open before they differ.
+pub struct Opened {
+    pub threads: usize,
+    /// One per event loop.
+    pub datapaths: Vec<Box<dyn datapath::Datapath>>,
+    pub listening: Listening,
+}
+
+/// Checks what must hold before anything is bound or taken over (a `--takeover` refused later
+/// would leave nobody serving): `serves` outside an accelerated cgroup, the privilege `--ports`
+/// needs. Then opens the datapaths and the listening socket (`listening`).
+pub fn open(
+    command: &'static str,
+    serves: &[u16],
+    listen: SocketAddr,
+    listen_given: bool,
+    common: &SpliceArgs,
+    ports: &PortsArgs,
+) -> Result<Opened, Error> {
+    outside_accel(command, serves)?;
+    if ports.ports.is_some() {
+        crate::steer::funnel::check_privilege()?;
+    }
+    let threads = common.threads();
+    let datapaths = datapath::open(common.datapath, common.kernel_after, common.kernel_limits(), threads)?;
+    let listening = listening(listen, listen_given, common, ports, command)?;
+    Ok(Opened { threads, datapaths, listening })
 }
 
 /// Whether `--ports` steers connections to `addr` to this process's listener on `listen`: its
