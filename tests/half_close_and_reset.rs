@@ -437,6 +437,35 @@ fn a_client_whose_token_bytes_and_reset_came_at_once_is_not_paired(dp: &str) {
 
 per_datapath!(a_client_whose_token_bytes_and_reset_came_at_once_is_not_paired);
 
+/// A token client that sends its line and closes in one segment (corked here, so the line and
+/// the FIN travel together) is let go at once as having left, like one that closes later. Its
+/// line was taken, and no later event came for the close: it held a pending slot until
+/// --pair-timeout, counted as a timeout (1 client in 4-12 in a helper's pass).
+#[test]
+fn a_token_client_whose_line_and_close_came_at_once_is_let_go_at_once() {
+    let _netns = enter_netns();
+    let relay = Skrelay::start(&["relay", "--pair", "token", "--pair-timeout", "10", "--metrics", "127.0.0.1:0"]);
+    const N: u64 = 10;
+    for i in 0..N {
+        let mut a = connect(addr());
+        socket2::SockRef::from(&a).set_cork(true).unwrap();
+        a.write_all(format!("alone{i}\n").as_bytes()).unwrap();
+        a.shutdown(Shutdown::Write).unwrap();
+        a.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let t = Instant::now();
+        let r = a.read(&mut [0u8; 16]);
+        assert!(
+            matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset) && t.elapsed() < Duration::from_secs(2),
+            "client {i}: {r:?} after {:?}\n{}",
+            t.elapsed(),
+            relay.log()
+        );
+    }
+    let m = relay.metrics();
+    assert_eq!(m.get("skrelay_unpaired_clients_total{reason=\"left\"}"), N, "{}", m.text);
+    assert_eq!(m.get("skrelay_pending_clients"), 0, "{}", m.text);
+}
+
 /// A client that half-closed and then reset while its partner was still sending: the end-of-pair
 /// line names the reset, not the EPIPE the relay's next write to it met (it said "Broken pipe").
 fn a_reset_after_a_half_close_is_logged_as_the_clients_reset(dp: &str) {

@@ -633,10 +633,15 @@ impl Server {
             Look::Identified => {
                 let serial = p.serial;
                 self.offer(slot);
-                // A client whose line, bytes and reset came in one readiness event gets no later
-                // event for the reset: look once more while it waits.
-                if self.pending_mut(slot, Some(serial)).is_some_and(|p| p.reset_after_sending()) {
+                // A client whose line and close (or line, bytes and reset) came in one readiness
+                // event gets no later event for them: look once more while it waits. A client
+                // that sent only its line and closed would otherwise hold its slot until
+                // --pair-timeout.
+                let Some(p) = self.pending_mut(slot, Some(serial)) else { return };
+                if p.reset_after_sending() {
                     self.let_go_after_reset(slot, serial);
+                } else if let Some(why) = p.gone() {
+                    self.drop_pending(slot, &why, Unpaired::Left);
                 }
             }
             Look::Gone(why) => {
