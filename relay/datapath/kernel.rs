@@ -1216,10 +1216,11 @@ impl Splice for KernelSplice {
                 let m = state.measure(*cookie, d).ok();
                 let known = |v: Option<u64>| v.map_or_else(|| "?".to_string(), |v| v.to_string());
                 format!(
-                    "direction {i} {}{}: {} bytes redirected, {} parked (taken {}, written {}, unconsumed {}), \
+                    "direction {i} {}{}{}: {} bytes redirected, {} parked (taken {}, written {}, unconsumed {}), \
                      {} in flight{}",
                     if d.parked.is_some() { "parked" } else { "redirecting" },
-                    if d.held.is_some() { ", window clamped" } else { "" },
+                    if d.held.is_some() { ", window closed" } else { "" },
+                    if d.frozen { ", frozen (the other direction's bytes go first)" } else { "" },
                     known(counts.map(|c| c.redirected)),
                     known(counts.map(|c| c.parked)),
                     d.taken,
