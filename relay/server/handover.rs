@@ -87,7 +87,10 @@ impl Server {
     pub(super) fn hand_over(&mut self) -> Result<bool, String> {
         let started = Instant::now();
         let mut channel = Channel::connect().map_err(|e| {
-            format!("nobody waits for them ({e}: the new process is an older skrelay, or gave up waiting)")
+            format!(
+                "nobody waits for them ({e}): no `skrelay --takeover` is waiting (a SIGUSR2 sent by hand? SIGTERM \
+                 stops a relay), or the new process is an older skrelay or gave up waiting"
+            )
         })?;
         log::info!(
             "SIGUSR2 (handing over to the skrelay that took over): no longer accepting; handing over {} live \
