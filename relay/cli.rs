@@ -129,7 +129,7 @@ pub enum AccelCommand {
         #[arg(long, value_name = "PATH")]
         cgroup: PathBuf,
         /// Wait this long for accelerated connections to close; seconds.
-        #[arg(long = "wait", default_value = "0", value_parser = parse_secs, value_name = "SECS")]
+        #[arg(long = "wait", default_value = "0", value_parser = parse_secs, value_name = "SECS", allow_negative_numbers = true)]
         wait: Duration,
         /// Remove the state even though accelerated connections are open (see the README).
         #[arg(long)]
@@ -164,14 +164,14 @@ pub struct AccelPolicyArgs {
     /// Unread bytes a receiving socket may hold in its redirect queue (K/M/G suffixes allowed);
     /// above it the sender takes the normal path, where TCP flow control holds it back.
     /// [default: 8M]
-    #[arg(long, value_parser = parse_bytes, value_name = "BYTES")]
+    #[arg(long, value_parser = parse_bytes, value_name = "BYTES", allow_negative_numbers = true)]
     pub max_queued: Option<u32>,
     /// Writes below this size that keep arriving while the reader has unread data take the
     /// normal path (TCP coalesces them; each redirected write is a message and a wake-up: a
     /// one-connection stream of 16 KiB writes measured 0.70-0.80x plain while redirected).
     /// 0 turns this off. Default: measured when the cgroup is set up (about 0.5 s): 64K where a
     /// redirected stream of 64 KiB writes outruns plain loopback TCP by 1.15x, else 128K
-    #[arg(long, value_parser = parse_bytes, value_name = "BYTES")]
+    #[arg(long, value_parser = parse_bytes, value_name = "BYTES", allow_negative_numbers = true)]
     pub small_write: Option<u32>,
 }
 
@@ -334,11 +334,11 @@ pub struct SteerAddArgs {
     #[arg(long, value_name = "ADDR:PORT", conflicts_with_all = ["pid", "fd"], value_parser = parse_target)]
     pub to: Option<SocketAddr>,
     /// The target: process PID's descriptor --fd (taken with pidfd_getfd; needs ptrace rights).
-    #[arg(long, requires = "fd")]
+    #[arg(long, requires = "fd", value_parser = clap::value_parser!(i32).range(1..), allow_negative_numbers = true)]
     pub pid: Option<i32>,
     /// With --pid: the descriptor number of the listening (or bound) socket in that process, as
     /// `ls -l /proc/PID/fd` shows it.
-    #[arg(long, requires = "pid")]
+    #[arg(long, requires = "pid", value_parser = clap::value_parser!(i32).range(0..), allow_negative_numbers = true)]
     pub fd: Option<i32>,
 }
 
@@ -523,9 +523,27 @@ pub fn numeric_scope(s: &str) -> std::borrow::Cow<'_, str> {
     format!("{head}%{index}]{tail}").into()
 }
 
+/// The error for an `[IPv6%IFACE]:PORT` whose interface does not exist (name resolution would
+/// only say "Name or service not known"), if `s` is one.
+pub fn unknown_scope(s: &str) -> Option<String> {
+    let (head, rest) = s.split_once('%')?;
+    let (scope, _) = rest.split_once(']')?;
+    if !head.starts_with('[') || scope.is_empty() || scope.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    (numeric_scope(s) == s).then(|| {
+        format!(
+            "`{s}` names no network interface `{scope}` (give an interface `ip link` lists, e.g. [fe80::1%eth0]:7777)"
+        )
+    })
+}
+
 /// `steer add --to`: the socket's own address, IP:PORT or [IPv6]:PORT (a name would say nothing of
 /// which address the socket is bound to).
 fn parse_target(s: &str) -> Result<SocketAddr, String> {
+    if let Some(e) = unknown_scope(s) {
+        return Err(e);
+    }
     numeric_scope(s).parse::<SocketAddr>().map_err(|_| {
         format!(
             "`{s}` is not IP:PORT: give the address and port the target socket is bound to, as `ss -ltn` shows it \
@@ -550,6 +568,9 @@ fn parse_accel_port(s: &str) -> Result<u16, String> {
 pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     if let Ok(addr) = numeric_scope(s).parse::<SocketAddr>() {
         return Ok(addr);
+    }
+    if let Some(e) = unknown_scope(s) {
+        return Err(e);
     }
     let no_port = || format!("`{s}` has no port (give IP:PORT, [IPv6]:PORT or HOST:PORT, e.g. localhost:7777)");
     // A bracketed IPv6 address with nothing after it (`[::1]`) has no port either.
@@ -591,6 +612,11 @@ mod tests {
         assert_eq!(parse_listen("[fe80::1%lo]:7777").unwrap(), parse_listen("[fe80::1%1]:7777").unwrap());
         assert_eq!(numeric_scope("[fe80::1%no-such-if]:7777"), "[fe80::1%no-such-if]:7777");
         assert_eq!(numeric_scope("127.0.0.1:7777"), "127.0.0.1:7777");
+        let e = parse_listen("[fe80::1%no-such-if]:7777").unwrap_err();
+        assert!(e.contains("names no network interface `no-such-if`"), "{e}");
+        assert!(parse_target("[fe80::1%no-such-if]:7777").unwrap_err().contains("no network interface"));
+        assert_eq!(unknown_scope("[fe80::1%lo]:7777"), None);
+        assert_eq!(unknown_scope("[fe80::1%9]:7777"), None);
     }
 
     #[test]

@@ -23,6 +23,9 @@ impl Upstreams {
     pub fn resolve(specs: &[String]) -> Result<Upstreams, Error> {
         let mut addrs = Vec::new();
         for spec in specs {
+            if let Some(e) = crate::cli::unknown_scope(spec) {
+                return Err(Error::Usage(format!("upstream {e}")));
+            }
             let resolved: Vec<SocketAddr> = crate::cli::numeric_scope(spec)
                 .to_socket_addrs()
                 .map_err(|e| {
