@@ -91,15 +91,23 @@ pub fn steered_here(addr: SocketAddr, listen: SocketAddr, ports: &PortList) -> b
     at && ports.items().iter().any(|r| r.contains(addr.port()))
 }
 
-/// Refuses a `--metrics` address whose port `--ports` steers to the listener: every scrape would
-/// be taken as a client (`what`) instead of answered, and the start line would promise metrics.
+/// Refuses a `--metrics` address that is the listener's own, or whose port `--ports` steers to
+/// the listener: every scrape would be taken as a client (`what`) instead of answered, and the
+/// start line would promise metrics.
 pub fn metrics_outside_ports(
     metrics: Option<SocketAddr>,
     listen: SocketAddr,
     ports: Option<&PortList>,
     what: &str,
 ) -> Result<(), Error> {
-    let (Some(m), Some(ports)) = (metrics, ports) else { return Ok(()) };
+    let Some(m) = metrics else { return Ok(()) };
+    let overlaps = m.ip() == listen.ip() || m.ip().is_unspecified() || listen.ip().is_unspecified();
+    if m.port() != 0 && m.port() == listen.port() && m.is_ipv4() == listen.is_ipv4() && overlaps {
+        return Err(Error::Usage(format!(
+            "cannot serve metrics on {m}: this process listens for clients on {listen} (pick another --metrics port)"
+        )));
+    }
+    let Some(ports) = ports else { return Ok(()) };
     if m.port() != 0 && steered_here(m, listen, ports) {
         return Err(Error::Usage(format!(
             "cannot serve metrics on {m}: --ports steers port {} at that address to this process, so every scrape \
