@@ -75,7 +75,7 @@ impl Error {
             Error::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => 2,
             // A read-only file system (bpffs or cgroupfs mounted read-only): the set-up's to fix.
             Error::Io { source, .. } if source.raw_os_error() == Some(libc::EROFS) => 2,
-            Error::Io { .. } | Error::AccelBusy(_) | Error::SteerMap { .. } => 1,
+            Error::Io { .. } | Error::SteerMap { .. } => 1,
             _ => 2,
         }
     }

@@ -290,7 +290,7 @@ fn off_with_live_connections_loses_nothing() {
 
     // Plain `off` refuses while accelerated connections are open, but stops new ones joining.
     let (code, _, err) = skrelay_output(&["accel", "off", "--cgroup", &cg.rel]);
-    assert_eq!(code, 1, "{err}");
+    assert_eq!(code, 2, "{err}");
     assert!(err.contains("sockets of open connections still use the fast path"), "{err}");
     let r = cg.report();
     assert!(!r.attached, "{r}");

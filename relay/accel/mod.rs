@@ -736,10 +736,12 @@ pub fn off(cgroup: &Path, drain: Duration, force: bool) -> Result<Disabled, Erro
     }
     let open = pinned::open_sockets(&dir)?;
     if open > 0 && !force {
+        let waited = if drain.is_zero() { String::new() } else { format!(" after waiting {} s", drain.as_secs_f64()) };
+        let wait = if drain.is_zero() { "give --wait SECS" } else { "give a longer --wait" };
         return Err(Error::AccelBusy(format!(
-            "cgroup {cg}: {open} sockets of open connections still use the fast path, so the state at {} stays \
-             pinned (new connections are no longer accelerated); detaching them now could lose bytes still queued \
-             for them, so close them and run `skrelay accel off --cgroup {cg}` again, give --wait SECS, or add --force",
+            "cgroup {cg}: {open} sockets of open connections still use the fast path{waited}, so the state at {} \
+             stays pinned (new connections are no longer accelerated); detaching them now could lose bytes still \
+             queued for them, so close them and run `skrelay accel off --cgroup {cg}` again, {wait}, or add --force",
             dir.display()
         )));
     }
