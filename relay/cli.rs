@@ -20,9 +20,24 @@ impl Cli {
         let given = |flag: &str| {
             matches.subcommand().and_then(|(_, m)| m.value_source(flag)) == Some(clap::parser::ValueSource::CommandLine)
         };
+        let kernel_flags: Vec<&'static str> = [
+            ("kernel_after", "--kernel-after"),
+            ("kernel_buffer", "--kernel-buffer"),
+            ("kernel_memory", "--kernel-memory"),
+        ]
+        .into_iter()
+        .filter(|(id, _)| given(id))
+        .map(|(_, flag)| flag)
+        .collect();
         match &mut cli.command {
-            Command::Relay(args) => args.listen_given = given("listen"),
-            Command::Proxy(args) => args.listen_given = given("listen"),
+            Command::Relay(args) => {
+                args.listen_given = given("listen");
+                args.common.kernel_flags_given = kernel_flags;
+            }
+            Command::Proxy(args) => {
+                args.listen_given = given("listen");
+                args.common.kernel_flags_given = kernel_flags;
+            }
             _ => {}
         }
         Ok(cli)
@@ -290,6 +305,10 @@ pub struct SpliceArgs {
     /// programs and maps once per loop; --kernel-memory bounds all of them together.
     #[arg(long, default_value_t = 0, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1024), allow_negative_numbers = true)]
     pub threads: u32,
+    /// The kernel datapath's flags given on the command line (`Cli::try_parse_command_line`):
+    /// with `--datapath userspace` they do nothing, and the start says so.
+    #[arg(skip)]
+    pub kernel_flags_given: Vec<&'static str>,
 }
 
 /// `--ports`: serve many ports from the one listener (relay and proxy).

@@ -1,6 +1,6 @@
 //! `skrelay relay`: pair clients of one listener and splice each pair.
 use crate::{
-    cli::{PairBy, PortsArgs, RelayArgs, SpliceArgs},
+    cli::{DatapathChoice, PairBy, PortsArgs, RelayArgs, SpliceArgs},
     datapath,
     error::Error,
     metrics::{self, Metrics},
@@ -68,6 +68,14 @@ pub fn open(
     outside_accel(command, serves)?;
     if ports.ports.is_some() {
         crate::steer::funnel::check_privilege()?;
+    }
+    if common.datapath == DatapathChoice::Userspace && !common.kernel_flags_given.is_empty() {
+        log::warn!(
+            "{} only shape{} the kernel datapath: with --datapath userspace {} nothing",
+            common.kernel_flags_given.join(" and "),
+            if common.kernel_flags_given.len() == 1 { "s" } else { "" },
+            if common.kernel_flags_given.len() == 1 { "it does" } else { "they do" }
+        );
     }
     let threads = common.threads();
     let datapaths = datapath::open(common.datapath, common.kernel_after, common.kernel_limits(), threads)?;
