@@ -151,6 +151,10 @@ pub struct KernelMaps {
     pub unreported: u64,
     #[serde(default)]
     pub holds: u64,
+    #[serde(default)]
+    pub unsticks: u64,
+    #[serde(default)]
+    pub runaways: u64,
 }
 
 /// Collects the descriptors an export names, so the new process knows what to duplicate.

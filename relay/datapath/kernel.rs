@@ -757,6 +757,10 @@ impl KernelState {
         if c.parked.saturating_sub(d.taken) <= visible {
             return false;
         }
+        // A socket whose client reset takes nothing more: raising its buffer would only repeat.
+        if sys::tcp_counters(src).is_ok_and(|c| c.closed()) {
+            return false;
+        }
         let peer = d.peer;
         let Some(other) = self.directions.get(&peer) else { return false };
         if other.frozen {

@@ -40,6 +40,8 @@ pub(super) struct Adopted {
     parkings: u64,
     unreported: u64,
     holds: u64,
+    unsticks: u64,
+    runaways: u64,
 }
 
 /// The maps, when kernel pairs are in them (else the new process keeps its own programs: that is
@@ -59,6 +61,8 @@ pub(super) fn export_maps(dp: &KernelDatapath, ex: &mut Exporter) -> Option<Kern
         parkings: state.parkings,
         unreported: state.unreported,
         holds: state.holds,
+        unsticks: state.unsticks,
+        runaways: state.runaways,
     })
 }
 
@@ -114,6 +118,8 @@ pub(super) fn check_maps(dp: &KernelDatapath, maps: &KernelMaps, fds: &mut Fds) 
         parkings: maps.parkings,
         unreported: maps.unreported,
         holds: maps.holds,
+        unsticks: maps.unsticks,
+        runaways: maps.runaways,
     })
 }
 
@@ -129,6 +135,8 @@ pub(super) fn install_maps(dp: &mut KernelDatapath, adopted: Adopted) {
     state.parkings = adopted.parkings;
     state.unreported = adopted.unreported;
     state.holds = adopted.holds;
+    state.unsticks = adopted.unsticks;
+    state.runaways = adopted.runaways;
     dp.events = adopted.events;
     dp.stats = adopted.stats;
 }
