@@ -428,8 +428,8 @@ impl Datapath for KernelDatapath {
              verdict's own measure), {no_peer} passed without a peer, \
              {dropped} dropped, {parked} bytes parked at a budget in {parkings} parkings, {lost} budget reports \
              lost, {trimmed} repeated bytes trimmed, {unreported} directions looked at without a report, \
-             {holds} windows closed for parked bytes, {unsticks} buffers raised so one direction would not hold \
-             the other, {runaways} pairs reset because their window did not hold a sender"
+             {holds} windows closed for parked bytes, {unsticks} send buffers raised to take what waited (so \
+             one direction would not hold the other, or a reset lose parked bytes), {runaways} pairs reset because their window did not hold a sender"
         ))
     }
 
@@ -638,7 +638,7 @@ impl KernelState {
                 log::debug!("kernel datapath: socket {cookie:#x} holds {waiting} parked bytes: window closed");
                 self.directions.get_mut(&cookie).expect("present").held = Some(0);
             }
-            Some(clamp) if d.parked.is_none() || waiting <= RELEASE_AT => {
+            Some(clamp) if !d.frozen && (d.parked.is_none() || waiting <= RELEASE_AT) => {
                 if let Err(e) = sys::set_recv_buffer(src, SPLICED_RCVBUF) {
                     log::debug!("kernel datapath: cannot give socket {cookie:#x}'s window back: {e}");
                 }
@@ -697,6 +697,7 @@ impl KernelState {
                     budget::RECHECK_FIRST
                 }
                 Ok(false) => {
+                    self.shelter(cookie);
                     self.unstick(cookie, now);
                     budget::backoff(delay)
                 }
@@ -803,6 +804,53 @@ impl KernelState {
         true
     }
 
+    /// Moves a parked direction's bytes out of its source's psock while its destination's
+    /// client does not read. There the kernel throws them away if the source's client resets
+    /// (KERNEL-NOTES item 12), although TCP acknowledged them: a partner that read later lost up
+    /// to 10 MB of a 40 MiB reply. So the direction is frozen (nothing more is redirected), its
+    /// source's window is closed at the receive buffer's floor (nothing more arrives), and its
+    /// destination's send buffer is raised to take what waits on its psock and what is parked;
+    /// the catch-up then writes the parked bytes there. The pair holds no more than before: the
+    /// same bytes, in a queue a reset of the other end leaves alone. `thaw` undoes it once the
+    /// destination's client has read its queue down.
+    fn shelter(&mut self, cookie: u64) -> bool {
+        let Some(d) = self.directions.get(&cookie) else { return false };
+        if d.frozen {
+            return false;
+        }
+        let Ok(c) = self.counts.get(&cookie, 0) else { return false };
+        let parked = c.parked.saturating_sub(d.taken);
+        let (src, dst) = (borrow_fd(d.src), borrow_fd(d.dst));
+        if parked == 0 || [&src, &dst].iter().any(|s| sys::tcp_counters(s).map_or(true, |c| c.closed())) {
+            return false;
+        }
+        let Ok(m) = self.measure(cookie, d) else { return false };
+        let Ok(mem) = sys::socket_memory(dst) else { return false };
+        let raised = mem.wmem_queued.max(2 * SPLICED_SNDBUF as u64) + 2 * (m.in_flight + parked) + UNSTICK_SLACK;
+        let half = clamp_c_int(raised / 2);
+        let set = sys::set_send_buffer(dst, half);
+        if set.is_err() || !sys::socket_memory(dst).is_ok_and(|m| m.sndbuf >= 2 * half as u64) {
+            log::debug!("kernel datapath: cannot raise socket {:#x}'s send buffer: {set:?}", d.peer);
+            let _ = sys::set_send_buffer(dst, SPLICED_SNDBUF);
+            return false;
+        }
+        if d.held.is_none() {
+            if let Err(e) = sys::set_recv_buffer(src, 1) {
+                log::debug!("kernel datapath: cannot close socket {cookie:#x}'s window: {e}");
+            } else {
+                self.holds += 1;
+                self.directions.get_mut(&cookie).expect("present").held = Some(0);
+            }
+        }
+        self.directions.get_mut(&cookie).expect("present").frozen = true;
+        self.unsticks += 1;
+        log::debug!(
+            "kernel datapath: socket {cookie:#x}'s partner does not read: its {parked} parked byte(s) move to the \
+             partner's send queue, out of reach of its client's reset"
+        );
+        true
+    }
+
     /// Gives a frozen direction its budget back once its destination's client has read the send
     /// queue down to the usual send buffer; false while it stays frozen.
     fn thaw(&mut self, cookie: u64) -> bool {
@@ -825,6 +873,8 @@ impl KernelState {
                 self.grant(cookie, m);
             }
         }
+        // A window closed while frozen (`shelter`) opens again now, not at the next parking.
+        self.hold_back(cookie);
         true
     }
 
@@ -850,9 +900,9 @@ impl KernelState {
     /// closes (its receive buffer is fixed at join, `SPLICED_RCVBUF`) and its sender stops, so
     /// user space catches up.
     fn unpark(&mut self, cookie: u64) -> Result<bool, Progress> {
-        if !self.thaw(cookie) {
-            return Ok(false);
-        }
+        // A frozen direction's parked bytes move too, into the room its destination's raised
+        // send buffer has (`shelter`); it only gets no budget until thawed (`grant`).
+        self.thaw(cookie);
         let Some(d) = self.directions.get(&cookie) else { return Ok(true) };
         let Ok(m) = self.measure(cookie, d) else { return Ok(false) };
         // Bytes the verdict redirected before it parked may still wait on the destination's psock
@@ -874,6 +924,14 @@ impl KernelState {
             let d = self.directions.get(&cookie).expect("present");
             let (src, dst) = (borrow_fd(d.src), borrow_fd(d.dst));
             if d.taken == parked {
+                // Caught up while frozen: it stays parked (and looked at) until thawed. What it
+                // wrote on stays in the queue until then: consumed after the window is given
+                // back, it makes TCP advertise the window (a sender facing a zero window learns
+                // of the new one from a read, or from its next zero-window probe, backed off to
+                // seconds: 20 s without it).
+                if d.frozen {
+                    return idle(moved);
+                }
                 // Caught up, everything written on: the verdict may redirect again. Then the
                 // written bytes leave the socket's queue.
                 let Ok(m) = self.measure(cookie, d) else { return Ok(false) };
@@ -1227,7 +1285,7 @@ impl Splice for KernelSplice {
                      {} in flight{}",
                     if d.parked.is_some() { "parked" } else { "redirecting" },
                     if d.held.is_some() { ", window closed" } else { "" },
-                    if d.frozen { ", frozen (the other direction's bytes go first)" } else { "" },
+                    if d.frozen { ", frozen (no budget until its destination's client reads)" } else { "" },
                     known(counts.map(|c| c.redirected)),
                     known(counts.map(|c| c.parked)),
                     d.taken,
