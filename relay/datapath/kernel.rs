@@ -697,9 +697,15 @@ impl KernelState {
                     budget::RECHECK_FIRST
                 }
                 Ok(false) => {
-                    self.shelter(cookie);
+                    // Just sheltered: its bytes move once the destination's psock has emptied
+                    // into the raised buffer (a few ms), and a reset may come in tens: look soon.
+                    let sheltered = self.shelter(cookie);
                     self.unstick(cookie, now);
-                    budget::backoff(delay)
+                    if sheltered {
+                        budget::RECHECK_FIRST
+                    } else {
+                        budget::backoff(delay)
+                    }
                 }
                 Err(Progress) => budget::RECHECK_FIRST,
             };
@@ -815,9 +821,9 @@ impl KernelState {
     /// destination's client has read its queue down.
     fn shelter(&mut self, cookie: u64) -> bool {
         let Some(d) = self.directions.get(&cookie) else { return false };
-        if d.frozen {
-            return false;
-        }
+        // Frozen already (here or by `absorb_ahead`): the buffer is topped up if bytes parked
+        // since (the window closes one window's worth later) would not fit.
+        let frozen = d.frozen;
         let Ok(c) = self.counts.get(&cookie, 0) else { return false };
         let parked = c.parked.saturating_sub(d.taken);
         let (src, dst) = (borrow_fd(d.src), borrow_fd(d.dst));
@@ -826,13 +832,27 @@ impl KernelState {
         }
         let Ok(m) = self.measure(cookie, d) else { return false };
         let Ok(mem) = sys::socket_memory(dst) else { return false };
-        let raised = mem.wmem_queued.max(2 * SPLICED_SNDBUF as u64) + 2 * (m.in_flight + parked) + UNSTICK_SLACK;
-        let half = clamp_c_int(raised / 2);
-        let set = sys::set_send_buffer(dst, half);
-        if set.is_err() || !sys::socket_memory(dst).is_ok_and(|m| m.sndbuf >= 2 * half as u64) {
-            log::debug!("kernel datapath: cannot raise socket {:#x}'s send buffer: {set:?}", d.peer);
-            let _ = sys::set_send_buffer(dst, SPLICED_SNDBUF);
+        // At most what the direction may hold besides (its budget, `hold` parked): bytes parked
+        // beyond that are a runaway's (item 11), which the reset bounds; raising for them took
+        // two 256 MiB writes whole into the send queues.
+        let cap = 2 * SPLICED_SNDBUF as u64 + 2 * (self.limits.per_direction + HOLD_AT) + UNSTICK_SLACK;
+        let raised =
+            (mem.wmem_queued.max(2 * SPLICED_SNDBUF as u64) + 2 * (m.in_flight + parked) + UNSTICK_SLACK).min(cap);
+        if frozen && mem.sndbuf >= raised {
             return false;
+        }
+        if mem.sndbuf < raised {
+            let half = clamp_c_int(raised / 2);
+            let set = sys::set_send_buffer(dst, half);
+            if set.is_err() || !sys::socket_memory(dst).is_ok_and(|m| m.sndbuf >= 2 * half as u64) {
+                log::debug!("kernel datapath: cannot raise socket {:#x}'s send buffer: {set:?}", d.peer);
+                let _ = sys::set_send_buffer(dst, clamp_c_int(mem.sndbuf / 2).max(SPLICED_SNDBUF));
+                return false;
+            }
+        }
+        if frozen {
+            log::debug!("kernel datapath: socket {cookie:#x}: {parked} parked byte(s) now, partner's buffer topped up");
+            return true;
         }
         if d.held.is_none() {
             if let Err(e) = sys::set_recv_buffer(src, 1) {
@@ -857,6 +877,12 @@ impl KernelState {
         let Some(d) = self.directions.get(&cookie) else { return true };
         if !d.frozen {
             return true;
+        }
+        // A sheltered direction's parked bytes move first: thawed with them still parked, it was
+        // sheltered again at the next look, four times over the same 27.5 MB, which a reset
+        // 20-30 ms later then threw away (a helper's pass).
+        if d.parked.is_some() && self.counts.get(&cookie, 0).is_ok_and(|c| c.parked != d.taken) {
+            return false;
         }
         let dst = borrow_fd(d.dst);
         match sys::socket_memory(dst) {
