@@ -15,28 +15,39 @@ impl Cli {
     /// than defaulted where a command needs to know. A bad command line is returned as clap's
     /// error (`--help` and `--version` are errors of their own kind): see [`usage_error`].
     pub fn try_parse_command_line() -> Result<Cli, clap::Error> {
-        let matches = <Cli as clap::CommandFactory>::command().try_get_matches()?;
+        Self::try_parse_args(std::env::args_os())
+    }
+
+    fn try_parse_args<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = <Cli as clap::CommandFactory>::command().try_get_matches_from(args)?;
         let mut cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)?;
         let given = |flag: &str| {
             matches.subcommand().and_then(|(_, m)| m.value_source(flag)) == Some(clap::parser::ValueSource::CommandLine)
         };
-        let kernel_flags: Vec<&'static str> = [
-            ("kernel_after", "--kernel-after"),
-            ("kernel_buffer", "--kernel-buffer"),
-            ("kernel_memory", "--kernel-memory"),
-        ]
-        .into_iter()
-        .filter(|(id, _)| given(id))
-        .map(|(_, flag)| flag)
-        .collect();
+        // Only ids the subcommand has: asking for another panics in a debug build.
+        let kernel_flags = || -> Vec<&'static str> {
+            [
+                ("kernel_after", "--kernel-after"),
+                ("kernel_buffer", "--kernel-buffer"),
+                ("kernel_memory", "--kernel-memory"),
+            ]
+            .into_iter()
+            .filter(|(id, _)| given(id))
+            .map(|(_, flag)| flag)
+            .collect()
+        };
         match &mut cli.command {
             Command::Relay(args) => {
                 args.listen_given = given("listen");
-                args.common.kernel_flags_given = kernel_flags;
+                args.common.kernel_flags_given = kernel_flags();
             }
             Command::Proxy(args) => {
                 args.listen_given = given("listen");
-                args.common.kernel_flags_given = kernel_flags;
+                args.common.kernel_flags_given = kernel_flags();
             }
             _ => {}
         }
@@ -646,6 +657,21 @@ mod tests {
         assert!(parse_kernel_after("-1").is_err());
         assert!(parse_idle_timeout("1e-10").is_err());
         assert_eq!(parse_idle_timeout("0"), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn every_command_parses_and_notes_the_kernel_flags_given_only_where_it_has_them() {
+        // Asking clap for an id a subcommand lacks panics in a debug build (CI's).
+        for args in [&["skrelay", "probe"][..], &["skrelay", "status"], &["skrelay", "accel", "off", "--cgroup", "x"]] {
+            Cli::try_parse_args(args).unwrap();
+        }
+        let cli =
+            Cli::try_parse_args(["skrelay", "proxy", "--upstream", "127.0.0.1:1", "--kernel-memory", "64M"]).unwrap();
+        let Command::Proxy(p) = cli.command else { panic!("not proxy") };
+        assert_eq!(p.common.kernel_flags_given, ["--kernel-memory"]);
+        let cli = Cli::try_parse_args(["skrelay", "relay", "--listen", "127.0.0.1:1"]).unwrap();
+        let Command::Relay(r) = cli.command else { panic!("not relay") };
+        assert!(r.listen_given && r.common.kernel_flags_given.is_empty());
     }
 
     #[test]
