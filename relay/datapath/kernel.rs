@@ -129,6 +129,9 @@ struct Direction {
     runaway: bool,
     /// Since when its parked bytes have been past `RUNAWAY_AT`.
     runaway_since: Option<Instant>,
+    /// `shelter`: the destination's send queue when its buffer was raised. What it holds beyond
+    /// that was moved there from the kernel datapath's queues and still counts as in flight.
+    shelter_base: Option<u64>,
 }
 
 /// Bytes parked and not yet taken past which the source's window is clamped (`hold_back`).
@@ -456,14 +459,18 @@ impl Datapath for KernelDatapath {
     }
 
     /// Bytes that left a source and are not yet in its destination's send queue: on the
-    /// destination's psock queue, or parked in the source's own queue and not yet written on.
+    /// destination's psock queue, or parked in the source's own queue and not yet written on;
+    /// and what `shelter` moved into a raised send queue.
     fn in_flight(&self) -> u64 {
         let state = locked(&self.state);
         state
             .directions
             .iter()
             .filter_map(|(cookie, d)| {
-                state.measure(*cookie, d).ok().map(|m| m.in_flight + m.parked.saturating_sub(d.written))
+                let sheltered = d
+                    .shelter_base
+                    .map_or(0, |base| sys::send_queue_len(borrow_fd(d.dst)).unwrap_or(0).saturating_sub(base));
+                state.measure(*cookie, d).ok().map(|m| m.in_flight + m.parked.saturating_sub(d.written) + sheltered)
             })
             .sum()
     }
@@ -854,6 +861,7 @@ impl KernelState {
             log::debug!("kernel datapath: socket {cookie:#x}: {parked} parked byte(s) now, partner's buffer topped up");
             return true;
         }
+        let queued = sys::send_queue_len(dst).unwrap_or(0);
         if d.held.is_none() {
             if let Err(e) = sys::set_recv_buffer(src, 1) {
                 log::debug!("kernel datapath: cannot close socket {cookie:#x}'s window: {e}");
@@ -862,7 +870,9 @@ impl KernelState {
                 self.directions.get_mut(&cookie).expect("present").held = Some(0);
             }
         }
-        self.directions.get_mut(&cookie).expect("present").frozen = true;
+        let d = self.directions.get_mut(&cookie).expect("present");
+        d.frozen = true;
+        d.shelter_base = Some(queued);
         self.unsticks += 1;
         log::debug!(
             "kernel datapath: socket {cookie:#x}'s partner does not read: its {parked} parked byte(s) move to the \
@@ -894,6 +904,7 @@ impl KernelState {
         }
         let d = self.directions.get_mut(&cookie).expect("present");
         d.frozen = false;
+        d.shelter_base = None;
         if d.parked.is_none() {
             if let Ok(m) = self.measure(cookie, self.directions.get(&cookie).expect("present")) {
                 self.grant(cookie, m);
@@ -1177,6 +1188,7 @@ impl KernelSplice {
                 frozen: false,
                 runaway: false,
                 runaway_since: None,
+                shelter_base: None,
             };
             state.directions.insert(from, direction);
         }

@@ -211,6 +211,7 @@ pub(super) fn import_splice(
             frozen: d.frozen,
             runaway: false,
             runaway_since: None,
+            shelter_base: None,
         };
         if direction.parked.is_some() || direction.unconsumed > 0 || direction.held.is_some() || direction.frozen {
             st.rechecks.push(Reverse((now, d.cookie)));
