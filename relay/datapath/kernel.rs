@@ -476,6 +476,20 @@ impl Datapath for KernelDatapath {
     }
 }
 
+/// Raises `fd`'s send buffer to `bytes` (as the kernel counts it, doubled), checking what the
+/// kernel set: without CAP_NET_ADMIN, SO_SNDBUF stops at net.core.wmem_max, which may be less
+/// than the buffer had. Otherwise sets `fallback` back and says false.
+fn raise_send_buffer(fd: BorrowedFd<'_>, bytes: u64, fallback: libc::c_int) -> bool {
+    let half = clamp_c_int(bytes / 2);
+    let set = sys::set_send_buffer(fd, half);
+    if set.is_err() || !sys::socket_memory(fd).is_ok_and(|m| m.sndbuf >= 2 * half as u64) {
+        log::debug!("kernel datapath: cannot raise a send buffer to {bytes} bytes: {set:?}");
+        let _ = sys::set_send_buffer(fd, fallback);
+        return false;
+    }
+    true
+}
+
 /// A buffer size for setsockopt, at most `c_int::MAX`.
 fn clamp_c_int(bytes: u64) -> libc::c_int {
     libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX)
@@ -791,13 +805,8 @@ impl KernelState {
         let Ok(om) = self.measure(peer, other) else { return false };
         let Ok(mem) = sys::socket_memory(src) else { return false };
         let raised = mem.wmem_queued.max(2 * SPLICED_SNDBUF as u64) + 2 * om.in_flight + UNSTICK_SLACK;
-        // Without CAP_NET_ADMIN, SO_SNDBUF stops at net.core.wmem_max, which may be less than the
-        // buffer had: then the queue cannot move this way; put the buffer and the budget back.
-        let half = clamp_c_int(raised / 2);
-        let set = sys::set_send_buffer(src, half);
-        if set.is_err() || !sys::socket_memory(src).is_ok_and(|m| m.sndbuf >= 2 * half as u64) {
-            log::debug!("kernel datapath: cannot raise socket {cookie:#x}'s send buffer: {set:?}");
-            let _ = sys::set_send_buffer(src, SPLICED_SNDBUF);
+        // The queue cannot move this way: put the budget back.
+        if !raise_send_buffer(src, raised, SPLICED_SNDBUF) {
             self.directions.get_mut(&peer).expect("present").frozen = false;
             if let Some(other) = self.directions.get(&peer) {
                 if other.parked.is_none() {
@@ -848,14 +857,8 @@ impl KernelState {
         if frozen && mem.sndbuf >= raised {
             return false;
         }
-        if mem.sndbuf < raised {
-            let half = clamp_c_int(raised / 2);
-            let set = sys::set_send_buffer(dst, half);
-            if set.is_err() || !sys::socket_memory(dst).is_ok_and(|m| m.sndbuf >= 2 * half as u64) {
-                log::debug!("kernel datapath: cannot raise socket {:#x}'s send buffer: {set:?}", d.peer);
-                let _ = sys::set_send_buffer(dst, clamp_c_int(mem.sndbuf / 2).max(SPLICED_SNDBUF));
-                return false;
-            }
+        if mem.sndbuf < raised && !raise_send_buffer(dst, raised, clamp_c_int(mem.sndbuf / 2).max(SPLICED_SNDBUF)) {
+            return false;
         }
         if frozen {
             log::debug!("kernel datapath: socket {cookie:#x}: {parked} parked byte(s) now, partner's buffer topped up");
