@@ -625,23 +625,10 @@ fn a_reset_clients_acknowledged_bytes_reach_a_partner_that_reads_later(dp: &str)
     let mut a = connect(addr());
     let b = connect(addr());
     let mut upload = a.try_clone().unwrap();
-    let uploading = thread::spawn(move || {
-        let mut block = vec![0u8; 1 << 20];
-        let mut pattern = Pattern::new(1);
-        for _ in 0..60 {
-            pattern.fill(&mut block);
-            upload.write_all(&block)?;
-        }
-        Ok::<(), std::io::Error>(())
-    });
+    let uploading = thread::spawn(move || send_pattern_mib(&mut upload, 1, 60));
     let sending = thread::spawn(move || {
         let mut b = b;
-        let mut block = vec![0u8; 1 << 20];
-        let mut pattern = Pattern::new(2);
-        for _ in 0..FROM_B >> 20 {
-            pattern.fill(&mut block);
-            b.write_all(&block).unwrap();
-        }
+        send_pattern_mib(&mut b, 2, FROM_B >> 20).unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         while unacked(&b) > 0 {
             assert!(Instant::now() < deadline, "the relay never took B's bytes");

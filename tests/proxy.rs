@@ -647,15 +647,7 @@ fn a_reply_acknowledged_before_the_upstreams_reset_reaches_a_client_that_reads_l
         let mut upload = client.try_clone().unwrap();
         // In 1 MiB writes, as a helper's client. The upload stops with an error once the proxy
         // resets the client.
-        let uploading = thread::spawn(move || {
-            let mut block = vec![0u8; 1 << 20];
-            let mut pattern = Pattern::new(round);
-            for _ in 0..UPLOAD >> 20 {
-                pattern.fill(&mut block);
-                upload.write_all(&block)?;
-            }
-            Ok::<(), std::io::Error>(())
-        });
+        let uploading = thread::spawn(move || send_pattern_mib(&mut upload, round, UPLOAD >> 20));
         thread::sleep(Duration::from_millis(600));
         let (got, end) = read_until_end(&mut client);
         let echoed = server.join().unwrap();

@@ -399,6 +399,18 @@ fn splitmix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Writes `mib` MiB of pattern `seed` in 1 MiB writes (as the clients that found the reset bugs
+/// did; `send_pattern` writes 64 KiB at a time), stopping at the first error.
+pub fn send_pattern_mib(w: &mut impl Write, seed: u64, mib: u64) -> std::io::Result<()> {
+    let mut block = vec![0u8; 1 << 20];
+    let mut pattern = Pattern::new(seed);
+    for _ in 0..mib {
+        pattern.fill(&mut block);
+        w.write_all(&block)?;
+    }
+    Ok(())
+}
+
 /// sha256 of the first `len` bytes of pattern `seed`.
 pub fn pattern_sha(seed: u64, len: u64) -> String {
     send_pattern(&mut std::io::sink(), seed, len).expect("a sink takes every byte")
