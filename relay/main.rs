@@ -13,7 +13,10 @@ fn main() {
             None => e.exit(),
         },
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_target(false).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .format_timestamp_millis()
+        .init();
     let result = match cli.command {
         Command::Relay(args) => skrelay::relay_cmd::run(args).map(|()| String::new()),
         Command::Proxy(args) => skrelay::proxy_cmd::run(args).map(|()| String::new()),
