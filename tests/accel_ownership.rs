@@ -14,6 +14,15 @@ fn ok(args: &[&str]) -> String {
     skrelay_ok(args)
 }
 
+/// The tests of this file share the accel root in bpffs, and every `accel on` or `off` removes
+/// what set-ups killed half-way left there (any dead process's). One test fabricates such
+/// leftovers and looks for them in `status`: a test beside it that ran `accel on` meanwhile
+/// removed them (a fresh-clone CI run, 2026-12-05). So they run one at a time.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static ACCEL_ROOT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ACCEL_ROOT.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn v2_mount() -> PathBuf {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     info.lines()
@@ -50,6 +59,7 @@ fn status_of(cgroup: &Path) -> String {
 
 #[test]
 fn accel_run_killed_with_sigkill_leaves_nothing_once_its_command_ends() {
+    let _serial = one_at_a_time();
     if !require_bpf("accel_run_killed_with_sigkill_leaves_nothing_once_its_command_ends") {
         return;
     }
@@ -88,6 +98,7 @@ fn accel_run_killed_with_sigkill_leaves_nothing_once_its_command_ends() {
 
 #[test]
 fn a_command_that_leaves_a_process_behind_is_cleaned_up_after_when_it_exits() {
+    let _serial = one_at_a_time();
     if !require_bpf("a_command_that_leaves_a_process_behind_is_cleaned_up_after_when_it_exits") {
         return;
     }
@@ -131,6 +142,7 @@ impl Drop for Cleanup {
 
 #[test]
 fn accel_off_removes_the_cgroup_that_on_created_and_only_that() {
+    let _serial = one_at_a_time();
     if !require_bpf("accel_off_removes_the_cgroup_that_on_created_and_only_that") {
         return;
     }
@@ -157,6 +169,7 @@ fn accel_off_removes_the_cgroup_that_on_created_and_only_that() {
 /// denied (run as root)" and left empty directories in bpffs.
 #[test]
 fn cgroups_with_dots_in_their_names_are_accelerated() {
+    let _serial = one_at_a_time();
     if !require_bpf("cgroups_with_dots_in_their_names_are_accelerated") {
         return;
     }
@@ -178,6 +191,7 @@ fn cgroups_with_dots_in_their_names_are_accelerated() {
 /// silently ignored) and changes nothing.
 #[test]
 fn accel_run_in_a_cgroup_already_on_uses_it_and_refuses_other_settings() {
+    let _serial = one_at_a_time();
     if !require_bpf("accel_run_in_a_cgroup_already_on_uses_it_and_refuses_other_settings") {
         return;
     }
@@ -231,6 +245,7 @@ fn accel_run_in_a_cgroup_already_on_uses_it_and_refuses_other_settings() {
 
 #[test]
 fn two_accel_runs_of_one_cgroup_started_at_once_both_run_and_leave_nothing() {
+    let _serial = one_at_a_time();
     // The second used to fail with "already accelerated: run `accel off` first" (advice that
     // would take the acceleration away from the first) when both started at the same moment.
     if !require_bpf("two_accel_runs_of_one_cgroup_started_at_once_both_run_and_leave_nothing") {
@@ -260,6 +275,7 @@ fn two_accel_runs_of_one_cgroup_started_at_once_both_run_and_leave_nothing() {
 
 #[test]
 fn accel_off_during_an_accel_run_leaves_the_runs_cgroup_to_the_run_which_removes_it() {
+    let _serial = one_at_a_time();
     // The cgroup the run created stayed behind, empty, for good.
     if !require_bpf("accel_off_during_an_accel_run_leaves_the_runs_cgroup_to_the_run_which_removes_it") {
         return;
@@ -293,6 +309,7 @@ fn accel_off_during_an_accel_run_leaves_the_runs_cgroup_to_the_run_which_removes
 /// removes it.
 #[test]
 fn what_an_interrupted_set_up_leaves_is_removed_or_refused_with_the_fix() {
+    let _serial = one_at_a_time();
     if !require_bpf("what_an_interrupted_set_up_leaves_is_removed_or_refused_with_the_fix") {
         return;
     }
@@ -346,6 +363,7 @@ fn what_an_interrupted_set_up_leaves_is_removed_or_refused_with_the_fix() {
 /// other tests' accel state cannot share.
 #[test]
 fn the_last_off_leaves_no_empty_directory_in_bpffs() {
+    let _serial = one_at_a_time();
     if !require_bpf("the_last_off_leaves_no_empty_directory_in_bpffs") {
         return;
     }
@@ -378,6 +396,7 @@ echo after:; ls -A /sys/fs/bpf | grep skrelay || true"#;
 /// In a bpffs of its own, as above.
 #[test]
 fn a_set_up_killed_half_way_is_shown_and_removed_by_off() {
+    let _serial = one_at_a_time();
     let test = "a_set_up_killed_half_way_is_shown_and_removed_by_off";
     if !require_bpf(test) || !require_tool(test, "strace") {
         return;
@@ -414,6 +433,7 @@ echo after:; ls -A /sys/fs/bpf | grep skrelay || true"#;
 /// "still holds processes: it stays" and the user had to rmdir it.
 #[test]
 fn off_waits_a_moment_for_the_last_process_of_a_cgroup_it_created() {
+    let _serial = one_at_a_time();
     if !require_bpf("off_waits_a_moment_for_the_last_process_of_a_cgroup_it_created") {
         return;
     }
@@ -443,6 +463,7 @@ fn off_waits_a_moment_for_the_last_process_of_a_cgroup_it_created() {
 /// owned by that user, where root's later state was then pinned. Run against a bpffs of its own.
 #[test]
 fn a_refused_unprivileged_accel_on_leaves_nothing_in_bpffs() {
+    let _serial = one_at_a_time();
     if !require_bpf("a_refused_unprivileged_accel_on_leaves_nothing_in_bpffs") {
         return;
     }
@@ -464,6 +485,7 @@ echo left:; ls -A /sys/fs/bpf"#;
 /// said nothing, exited 0, and `status` lost who set it up. It is refused now, changing nothing.
 #[test]
 fn accel_on_without_cap_sys_admin_is_refused_and_changes_nothing() {
+    let _serial = one_at_a_time();
     if !require_bpf("accel_on_without_cap_sys_admin_is_refused_and_changes_nothing") {
         return;
     }
