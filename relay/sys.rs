@@ -43,6 +43,9 @@ pub struct TcpCounters {
     pub bytes_acked: u64,
     /// Bytes received in sequence; includes the FIN once it arrived.
     pub bytes_received: u64,
+    /// The window the peer last advertised, in bytes (`tcpi_snd_wnd`, Linux 5.4+; None before):
+    /// 0 while its receive buffer is full, that is while its client does not read.
+    pub snd_wnd: Option<u32>,
 }
 
 /// TCP states (the kernel's `enum` in net/tcp_states.h, mirrored by uapi `BPF_TCP_*`).
@@ -75,6 +78,7 @@ pub fn tcp_state_name(state: u8) -> &'static str {
 const TCPI_STATE: usize = std::mem::offset_of!(libc::tcp_info, tcpi_state);
 const TCPI_BYTES_ACKED: usize = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked);
 const TCPI_BYTES_RECEIVED: usize = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received);
+const TCPI_SND_WND: usize = std::mem::offset_of!(libc::tcp_info, tcpi_snd_wnd);
 
 /// The byte counters of a TCP socket (TCP_INFO).
 pub fn tcp_counters(fd: impl AsFd) -> io::Result<TcpCounters> {
@@ -97,10 +101,12 @@ pub fn tcp_counters(fd: impl AsFd) -> io::Result<TcpCounters> {
         return Err(io::Error::new(io::ErrorKind::Unsupported, "TCP_INFO lacks byte counters (kernel older than 4.1)"));
     }
     let u64_at = |off: usize| u64::from_ne_bytes(buf[off..off + 8].try_into().expect("8 bytes"));
+    let u32_at = |off: usize| u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes"));
     Ok(TcpCounters {
         state: buf[TCPI_STATE],
         bytes_acked: u64_at(TCPI_BYTES_ACKED),
         bytes_received: u64_at(TCPI_BYTES_RECEIVED),
+        snd_wnd: ((len as usize) >= TCPI_SND_WND + 4).then(|| u32_at(TCPI_SND_WND)),
     })
 }
 
@@ -704,6 +710,7 @@ mod tests {
         assert_eq!(TCPI_STATE, k::tcp_info__tcpi_state);
         assert_eq!(TCPI_BYTES_ACKED, k::tcp_info__tcpi_bytes_acked);
         assert_eq!(TCPI_BYTES_RECEIVED, k::tcp_info__tcpi_bytes_received);
+        assert_eq!(TCPI_SND_WND, k::tcp_info__tcpi_snd_wnd);
         let states = [
             (TCP_TIME_WAIT, k::BPF_TCP_TIME_WAIT),
             (TCP_CLOSE, k::BPF_TCP_CLOSE),

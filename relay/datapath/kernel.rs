@@ -156,6 +156,10 @@ const RUNAWAY_AT: u64 = 4 * HOLD_AT;
 /// reads takes such a surge in well under a second (helper: 150 MiB writes read at full speed
 /// were reset at once before this grace, after every byte had arrived).
 const RUNAWAY_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+/// The window, in bytes, from which a destination's client counts as reading (`shelter`): a
+/// receiver whose buffer is full advertises 0 (Linux never advertises less than a segment), and
+/// 64 KiB is a segment on loopback.
+const PARTNER_READS_WINDOW: u32 = 64 << 10;
 /// How long a direction's bytes may not move before `unstick` looks at what holds them: longer
 /// than the psock backlog's retries in a busy bidirectional pair (a jiffy each).
 const STUCK_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
@@ -844,6 +848,16 @@ impl KernelState {
         let parked = c.parked.saturating_sub(d.taken);
         let (src, dst) = (borrow_fd(d.src), borrow_fd(d.dst));
         if parked == 0 || [&src, &dst].iter().any(|s| sys::tcp_counters(s).map_or(true, |c| c.closed())) {
+            return false;
+        }
+        // A client that does not read has a full receive buffer: its window is closed. One whose
+        // window is open reads; that it acknowledged nothing since the last look (0.25 ms) says
+        // only that nothing reached it (the psock backlog waits out its one-jiffy retry) or that
+        // it was busy for a moment. Without this, a bulk transfer to a reader that kept up was
+        // sheltered at nearly every parking, and the close dropped the segments on their way
+        // to the source (1 GiB through the kernel proxy: 0.65x the unbounded datapath, 0.81x
+        // with this, 10 interleaved rounds; 1-14 pruned segments a run before, none after).
+        if !frozen && sys::tcp_counters(dst).is_ok_and(|c| c.snd_wnd.is_some_and(|w| w >= PARTNER_READS_WINDOW)) {
             return false;
         }
         let Ok(m) = self.measure(cookie, d) else { return false };
