@@ -96,35 +96,7 @@ fn bulk_through_a_small_kernel_budget_keeps_every_byte_once_and_in_order() {
     if !require_bpf("bulk_through_a_small_kernel_budget_keeps_every_byte_once_and_in_order") {
         return;
     }
-    const EACH: u64 = 256 << 20;
-    let relay = Skrelay::start(&["relay", "--datapath", "kernel", "--kernel-after", "0", "--kernel-buffer", "256K"]);
-    let rounds = (0..4u64).try_for_each(|round| -> Result<(), String> {
-        let mut a = connect("127.0.0.1:7777".parse().unwrap());
-        let mut b = connect("127.0.0.1:7777".parse().unwrap());
-        let mut w = a.try_clone().unwrap();
-        let writer = thread::spawn(move || {
-            let sha = send_pattern(&mut w, 100 + round, EACH)?;
-            w.shutdown(Shutdown::Write)?;
-            Ok::<_, std::io::Error>(sha)
-        });
-        b.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let got = recv_all(&mut b).map_err(|e| format!("round {round}: B's read: {e}"))?;
-        let sent = writer.join().unwrap().map_err(|e| format!("round {round}: A's write: {e}"))?;
-        if got != (EACH, sent) {
-            return Err(format!("round {round}: bytes lost, duplicated or reordered"));
-        }
-        b.shutdown(Shutdown::Write).unwrap();
-        assert_eq!(recv_all(&mut a).unwrap().0, 0);
-        Ok(())
-    });
-    if let Err(e) = rounds {
-        let (_, log) = relay.stop(Duration::from_secs(10));
-        panic!("{e}\n{log}");
-    }
-    let (status, log) = relay.stop(Duration::from_secs(10));
-    assert!(status.success(), "{log}");
-    let summary = log.lines().find(|l| l.contains("kernel datapath:") && l.contains("parkings")).expect("summary");
-    eprintln!("{summary}");
+    let summary = bulk_through_a_256k_budget(100);
     assert!(!summary.contains(" in 0 parkings"), "the budget never parked a direction: {summary}");
 }
 
@@ -143,6 +115,19 @@ fn a_reader_that_keeps_up_never_has_its_senders_window_closed() {
     if !require_bpf("a_reader_that_keeps_up_never_has_its_senders_window_closed") {
         return;
     }
+    let summary = bulk_through_a_256k_budget(200);
+    let closed: u64 = summary
+        .split(", ")
+        .find_map(|part| part.strip_suffix(" windows closed for parked bytes"))
+        .and_then(|n| n.parse().ok())
+        .expect("the summary counts windows closed");
+    assert!(closed <= 1, "a reader that keeps up had its sender's window closed {closed} times: {summary}");
+}
+
+/// Four rounds of 256 MiB from A to B through a kernel relay with a 256 KiB budget, B reading
+/// as fast as it can; panics unless every round arrives once and in order and the relay stops
+/// cleanly. Returns the relay's closing summary line (parkings, windows closed, ...).
+fn bulk_through_a_256k_budget(seed: u64) -> String {
     const EACH: u64 = 256 << 20;
     let relay = Skrelay::start(&["relay", "--datapath", "kernel", "--kernel-after", "0", "--kernel-buffer", "256K"]);
     let rounds = (0..4u64).try_for_each(|round| -> Result<(), String> {
@@ -150,7 +135,7 @@ fn a_reader_that_keeps_up_never_has_its_senders_window_closed() {
         let mut b = connect("127.0.0.1:7777".parse().unwrap());
         let mut w = a.try_clone().unwrap();
         let writer = thread::spawn(move || {
-            let sha = send_pattern(&mut w, 200 + round, EACH)?;
+            let sha = send_pattern(&mut w, seed + round, EACH)?;
             w.shutdown(Shutdown::Write)?;
             Ok::<_, std::io::Error>(sha)
         });
@@ -171,12 +156,7 @@ fn a_reader_that_keeps_up_never_has_its_senders_window_closed() {
     assert!(status.success(), "{log}");
     let summary = log.lines().find(|l| l.contains("kernel datapath:") && l.contains("parkings")).expect("summary");
     eprintln!("{summary}");
-    let closed: u64 = summary
-        .split(", ")
-        .find_map(|part| part.strip_suffix(" windows closed for parked bytes"))
-        .and_then(|n| n.parse().ok())
-        .expect("the summary counts windows closed");
-    assert!(closed <= 1, "a reader that keeps up had its sender's window closed {closed} times: {summary}");
+    summary.to_string()
 }
 
 /// With the default `--kernel-after`, a pair that would join the kernel maps when the
