@@ -847,7 +847,8 @@ impl KernelState {
         let Ok(c) = self.counts.get(&cookie, 0) else { return false };
         let parked = c.parked.saturating_sub(d.taken);
         let (src, dst) = (borrow_fd(d.src), borrow_fd(d.dst));
-        if parked == 0 || [&src, &dst].iter().any(|s| sys::tcp_counters(s).map_or(true, |c| c.closed())) {
+        let (Ok(src_tcp), Ok(dst_tcp)) = (sys::tcp_counters(src), sys::tcp_counters(dst)) else { return false };
+        if parked == 0 || src_tcp.closed() || dst_tcp.closed() {
             return false;
         }
         // A client that does not read has a full receive buffer: its window is closed. One whose
@@ -857,7 +858,7 @@ impl KernelState {
         // sheltered at nearly every parking, and the close dropped the segments on their way
         // to the source (1 GiB through the kernel proxy: 0.65x the unbounded datapath, 0.81x
         // with this, 10 interleaved rounds; 1-14 pruned segments a run before, none after).
-        if !frozen && sys::tcp_counters(dst).is_ok_and(|c| c.snd_wnd.is_some_and(|w| w >= PARTNER_READS_WINDOW)) {
+        if !frozen && dst_tcp.snd_wnd.is_some_and(|w| w >= PARTNER_READS_WINDOW) {
             return false;
         }
         let Ok(m) = self.measure(cookie, d) else { return false };
