@@ -302,6 +302,58 @@ fn accel_off_during_an_accel_run_leaves_the_runs_cgroup_to_the_run_which_removes
     wait_gone(&cgroup, Duration::from_secs(5), "the run that created it ended");
 }
 
+/// `accel off` and then `accel on` while an `accel run` of the same cgroup still runs: the state is
+/// now `on`'s, which stays until `accel off`, so the run (or its watcher) must not remove it when
+/// its command ends (it did: a helper's new-user pass, 2026-12-05). The cgroup the run created
+/// goes to `on`'s record, so the later `off` removes it.
+#[test]
+fn an_accel_on_made_while_a_run_ran_outlives_the_run() {
+    let _serial = one_at_a_time();
+    if !require_bpf("an_accel_on_made_while_a_run_ran_outlives_the_run") {
+        return;
+    }
+    let _netns = enter_netns();
+    for leftover in [false, true] {
+        let name = format!("skrelay-test-{}-onrun-{leftover}", std::process::id());
+        let _cleanup = Cleanup(v2_mount(), vec![name.clone()]);
+        let cgroup = v2_mount().join(&name);
+        // With `leftover` the command leaves a process behind, and the watcher cleans up.
+        let cmd: &[&str] = if leftover { &["sh", "-c", "sleep 2 >/dev/null 2>&1 &"] } else { &["sleep", "2"] };
+        let run = Command::new(SKRELAY)
+            .args(["accel", "run", "--cgroup", &name, "--small-write", "0", "--"])
+            .args(cmd)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let running = || std::fs::read_to_string(cgroup.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty());
+        while !(pins_of(&cgroup).exists() && running()) {
+            assert!(Instant::now() < deadline, "the run did not accelerate {}", cgroup.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ok(&["accel", "off", "--cgroup", &name]);
+        ok(&["accel", "on", "--cgroup", &name, "--small-write", "0"]);
+        let out = run.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        // The command (and what it left) has ended; the watcher polls every 100 ms.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while running() {
+            assert!(Instant::now() < deadline, "the command's processes did not end");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            pins_of(&cgroup).exists(),
+            "the run removed the state `accel on` set up after it (leftover: {leftover})"
+        );
+        let status = status_of(&cgroup);
+        assert!(status.contains("stays until `skrelay accel off`"), "{status}");
+        ok(&["accel", "off", "--cgroup", &name]);
+        wait_gone(&pins_of(&cgroup), Duration::from_secs(2), "accel off");
+        wait_gone(&cgroup, Duration::from_secs(3), "the cgroup the run created, now `on`'s, after off");
+    }
+}
+
 /// A set-up killed half-way (after it attached sockops, before its state was in place) leaves
 /// its state in `accel-setup/PID-NAME`, which `status` shows as such: the next `on` or `off` removes it,
 /// detaching the sockops program it left on the cgroup. State missing some of its pins (what an

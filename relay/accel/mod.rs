@@ -698,6 +698,17 @@ pub struct Disabled {
 /// accelerated connections to close, then removes the pinned state. Connections still open after
 /// that keep the fast path and the state stays pinned (an error says so) unless `force`.
 pub fn off(cgroup: &Path, drain: Duration, force: bool) -> Result<Disabled, Error> {
+    off_set_up(cgroup, drain, force, None).map(|d| d.expect("any set-up is removed"))
+}
+
+/// `off`, of the state `only` names when given: None when the cgroup's state is another set-up's
+/// (an `accel off` and `on` while an `accel run` ran), which is left alone.
+fn off_set_up(
+    cgroup: &Path,
+    drain: Duration,
+    force: bool,
+    only: Option<pinned::SetUp>,
+) -> Result<Option<Disabled>, Error> {
     let cg = Cgroup::resolve(cgroup)?;
     let root = accel_root()?;
     let not_on = |dir: &Path| Error::AccelNotOn { cgroup: cg.to_string(), pins: dir.display().to_string() };
@@ -711,9 +722,12 @@ pub fn off(cgroup: &Path, drain: Duration, force: bool) -> Result<Disabled, Erro
             pinned::remove_if_empty(&root);
             bpffs::remove_root_if_empty();
             if removed {
-                return Ok(Disabled { cgroup: cg, forced_sockets: 0 });
+                return Ok(Some(Disabled { cgroup: cg, forced_sockets: 0 }));
             }
             return Err(not_on(&dir));
+        }
+        if only.is_some_and(|s| pinned::set_up_of(&dir) != Some(s)) {
+            return Ok(None);
         }
         pinned::detach_sockops(&dir)?;
     }
@@ -732,7 +746,7 @@ pub fn off(cgroup: &Path, drain: Duration, force: bool) -> Result<Disabled, Erro
     if !dir.is_dir() || pinned::is_attached(&dir) {
         // Another `off` (or the watcher of an `accel run`) removed it meanwhile, and maybe an
         // `on` set it up anew, which is not ours to remove.
-        return Ok(Disabled { cgroup: cg, forced_sockets: 0 });
+        return Ok(Some(Disabled { cgroup: cg, forced_sockets: 0 }));
     }
     let open = pinned::open_sockets(&dir)?;
     if open > 0 && !force {
@@ -772,7 +786,41 @@ pub fn off(cgroup: &Path, drain: Duration, force: bool) -> Result<Disabled, Erro
             cg.clear_owner();
         }
     }
-    Ok(Disabled { cgroup: cg, forced_sockets: open })
+    Ok(Some(Disabled { cgroup: cg, forced_sockets: open }))
+}
+
+/// What an `accel run` (or its watcher) does when its command has ended: removes the state it
+/// set up (`set_up`) and the cgroup directories it created (`created`, deepest last). State that
+/// an `accel off` and `on` replaced meanwhile is `on`'s and stays, and so do those directories,
+/// which `on`'s record then names, so its `off` removes them. Ok(false) where the state was
+/// another's.
+fn end_run(
+    target: &Path,
+    set_up: Option<pinned::SetUp>,
+    created: &[PathBuf],
+    drain: Duration,
+    force: bool,
+) -> Result<bool, Error> {
+    match off_set_up(target, drain, force, set_up) {
+        Ok(Some(_)) => Ok(true),
+        Ok(None) => {
+            let cg = Cgroup::resolve(target)?;
+            if let Some(mut owner) = cg.owner().filter(|o| o.command == "on" && o.created < created.len()) {
+                owner.created = created.len();
+                if let Err(e) = cg.set_owner(&owner) {
+                    log::debug!("accel: {e}");
+                }
+            }
+            Ok(false)
+        }
+        // `accel off` took the acceleration away while the command ran, and left the cgroup
+        // directories this run created, which held the command: they go now.
+        Err(Error::AccelNotOn { .. }) => {
+            cgroup::remove_dirs(created);
+            Ok(true)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// How long `off` waits for the processes of a cgroup it created to exit, once the state is
@@ -820,11 +868,12 @@ pub fn run(cgroup: Option<&Path>, policy: &AccelPolicyArgs, cmd: &[String]) -> R
     };
     // Undoing what we set up must not depend on this process living: a watcher does it if we
     // are killed, or when the command leaves processes behind (it waits for them to exit).
+    let set_up = enabled.as_ref().and_then(|e| pinned::set_up_of(&e.pins));
     let watcher = match &enabled {
         Some(e) => {
-            let t = target.clone();
+            let (t, created) = (target.clone(), e.created.clone());
             let undo = move || {
-                let _ = off(&t, Duration::from_secs(10), true);
+                let _ = end_run(&t, set_up, &created, Duration::from_secs(10), true);
             };
             let w = match watch::Watcher::start(cg.clone(), undo) {
                 Ok(w) => w,
@@ -863,13 +912,15 @@ pub fn run(cgroup: Option<&Path>, policy: &AccelPolicyArgs, cmd: &[String]) -> R
             );
             drop(w); // the watcher takes over
         } else {
-            match off(&target, Duration::from_secs(5), false) {
-                Ok(_) => w.dismiss(),
-                // `accel off` took the acceleration away while the command ran, and left the
-                // cgroup directories this run created, which held the command: they go now.
-                Err(Error::AccelNotOn { .. }) => {
-                    cgroup::remove_dirs(&created);
-                    w.dismiss();
+            match end_run(&target, set_up, &created, Duration::from_secs(5), false) {
+                Ok(ours) => {
+                    if !ours {
+                        log::info!(
+                            "accel: {cg} was turned off and on again while the command ran: that acceleration stays \
+                             until `skrelay accel off`"
+                        );
+                    }
+                    w.dismiss()
                 }
                 Err(err) => log::warn!("accel: {err} (the watcher, pid {}, removes it)", w.process.pid),
             }

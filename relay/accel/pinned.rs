@@ -168,6 +168,16 @@ pub fn is_complete(dir: &Path) -> bool {
     MAPS.iter().all(|name| dir.join(name).exists())
 }
 
+/// Which set-up pinned `dir`: a later set-up of the same cgroup (`accel off`, then `on`) is
+/// another directory, which bpffs gives another inode (a rename keeps it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SetUp(u64);
+
+pub fn set_up_of(dir: &Path) -> Option<SetUp> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir).ok().map(|m| SetUp(m.ino()))
+}
+
 /// True while sockops is attached (the link is pinned).
 pub fn is_attached(dir: &Path) -> bool {
     dir.join(SOCKOPS_LINK).exists()
