@@ -309,6 +309,11 @@ pub fn v6only(fd: impl AsFd) -> bool {
     sock(&fd).only_v6().unwrap_or(false)
 }
 
+/// Whether a socket has SO_REUSEPORT (is, or may join, a reuseport group).
+pub fn reuse_port(fd: impl AsFd) -> bool {
+    sock(&fd).reuse_port().unwrap_or(false)
+}
+
 /// A socket's local or peer address (`peer`), `None` if it has none (e.g. an unconnected UDP
 /// socket has no peer).
 pub fn socket_addr(fd: impl AsFd, peer: bool) -> Option<std::net::SocketAddr> {

@@ -272,6 +272,36 @@ fn longest_prefix_wins_then_the_narrowest_port_range() {
     assert_eq!(hit("127.0.0.1:8500"), Some('B'));
 }
 
+/// A target in an SO_REUSEPORT group: after the program picks the socket, the kernel picks among
+/// its group, as for connections to the group's own port. `steer add` says so, since the target
+/// it names is one socket of one process (a helper's new-user pass found it unsaid, 2026-12-05).
+#[test]
+fn a_reuseport_target_is_named_as_a_group_and_the_group_shares_the_connections() {
+    let Some(_reset) = setup("reuseport") else { return };
+    let listener = || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_reuse_port(true).unwrap();
+        s.bind(&"127.0.0.1:6200".parse::<SocketAddr>().unwrap().into()).unwrap();
+        s.listen(128).unwrap();
+        TcpListener::from(s)
+    };
+    let (a, b) = (listener(), listener());
+    let out = ok(&["steer", "add", "--ports", "8200", "--to", "127.0.0.1:6200"]);
+    assert!(out.contains("SO_REUSEPORT") && out.contains("every socket of its group"), "{out}");
+    let out = ok(&["steer", "add", "--ports", "8201", "--pid", &me(), "--fd", &a.as_raw_fd().to_string()]);
+    assert!(out.contains("SO_REUSEPORT"), "{out}");
+    let mut seen = [0; 2];
+    for _ in 0..20 {
+        let _c = TcpStream::connect_timeout(&"127.0.0.1:8201".parse().unwrap(), Duration::from_secs(2)).unwrap();
+        seen[who_accepted(&[&a, &b]).expect("accepted")] += 1;
+    }
+    assert!(seen[0] > 0 && seen[1] > 0, "20 connections steered to one socket of the group: {seen:?}");
+    // A socket without SO_REUSEPORT gets no such line.
+    let _plain = TcpListener::bind("127.0.0.1:6201").unwrap();
+    let out = ok(&["steer", "add", "--ports", "8202", "--to", "127.0.0.1:6201"]);
+    assert!(!out.contains("SO_REUSEPORT"), "{out}");
+}
+
 #[test]
 fn a_binding_whose_target_died_refuses_connections() {
     let Some(_reset) = setup("fail closed") else { return };
@@ -869,7 +899,10 @@ fn status_counts_bindings_and_distinct_ports_in_words_that_agree() {
     let _l = TcpListener::bind("127.0.0.1:6700").unwrap();
     ok(&["steer", "add", "--ports", "6705", "--to", "127.0.0.1:6700"]);
     let status = ok(&["status"]);
-    assert!(status.contains("steer: 1 binding (1 port, 0 with their target gone)"), "{status}");
+    assert!(status.contains("steer: 1 binding (1 port, 0 with their target gone), 0 hits"), "{status}");
+    let _c = TcpStream::connect("127.0.0.1:6705").unwrap();
+    let status = ok(&["status"]);
+    assert!(status.contains("steer: 1 binding (1 port, 0 with their target gone), 1 hit, 0 refused"), "{status}");
     ok(&[
         "steer",
         "add",
@@ -925,6 +958,8 @@ fn a_link_detached_by_hand_is_reported_and_attached_again_with_its_bindings() {
     assert_eq!(listed.as_array().map(Vec::len), Some(1), "the binding is no longer listed: {listed}");
     let status = ok(&["status"]);
     assert!(status.contains("the sk_lookup link was detached (not by skrelay): nothing is steered"), "{status}");
+    let text = ok(&["steer", "list"]);
+    assert!(text.contains("WARNING: the sk_lookup link was detached (not by skrelay): nothing is steered"), "{text}");
     let json = list_status_json();
     assert_eq!(json["steer"]["attached"], false, "{json}");
     assert_eq!(json["steer"]["detached"], true, "{json}");
@@ -1036,10 +1071,19 @@ fn a_target_process_that_exited_is_shown_as_exited() {
     py.wait().unwrap();
     let listed = ok(&["steer", "list"]);
     assert!(listed.contains(&format!("{}/python3 (exited)", py.id())), "{listed}");
+    // The columns stay in line with the longer cell: each column starts where its header does.
+    let rows: Vec<&str> = listed.lines().collect();
+    let at = |line: &str, cell: &str| line.find(cell).unwrap_or_else(|| panic!("{cell} not in {line}"));
+    let cookie = json_cookie(&list_json());
+    assert_eq!(at(rows[0], "COOKIE") + "COOKIE".len(), at(rows[1], &cookie) + cookie.len(), "{listed}");
     let json = list_json();
     assert_eq!(json[0]["target"]["process_running"], false, "{json}");
     assert_eq!(json[0]["target"]["alive"], true, "the socket lives on in the child: {json}");
     assert!(!refused("127.0.0.1:6991".parse().unwrap()), "the binding no longer steers");
+}
+
+fn json_cookie(json: &serde_json::Value) -> String {
+    json[0]["target"]["cookie"].as_u64().expect("a cookie").to_string()
 }
 
 /// Kills a process this test did not spawn (a forked grandchild) when dropped.

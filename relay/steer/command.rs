@@ -1,13 +1,13 @@
 //! `skrelay steer ...`: each verb calls the domain function and renders what it returns as the
 //! text for stdout; main.rs prints it.
-use super::{add, list, remove, reset, BindingView};
+use super::{add, list, remove, reset, BindingView, Listing, DETACHED_WARNING};
 use crate::{cli::SteerCommand, error::Error};
 
 pub fn command(cmd: SteerCommand) -> Result<String, Error> {
     match cmd {
         SteerCommand::Add(args) => Ok(render_add(&add(&args)?)),
         SteerCommand::List(args) if args.json => {
-            let all: Vec<serde_json::Value> = list()?.iter().map(BindingView::json).collect();
+            let all: Vec<serde_json::Value> = list()?.bindings.iter().map(BindingView::json).collect();
             Ok(format!("{}\n", serde_json::to_string_pretty(&all).expect("json")))
         }
         SteerCommand::List(_) => Ok(render_list(&list()?)),
@@ -52,20 +52,27 @@ fn render_add(added: &super::Added) -> String {
             None => out.push_str(&format!("bound {key} -> {to}\n")),
         }
     }
+    if t.reuse_port {
+        out.push_str(&format!(
+            "note: the socket at {} has SO_REUSEPORT: the kernel spreads the steered {} over every socket of its \
+             group, as it does for its own port, not only this process's\n",
+            t.local,
+            match added.bindings.first().map(|(k, _)| k.proto) {
+                Some(crate::cli::Proto::Udp) => "datagrams",
+                _ => "connections",
+            }
+        ));
+    }
     out
 }
 
-fn render_list(views: &[BindingView]) -> String {
+fn render_list(listing: &Listing) -> String {
+    let views = &listing.bindings;
     if views.is_empty() {
         return "no steering bindings in this network namespace\n".into();
     }
-    let row = |cells: [&str; 8]| {
-        format!(
-            "{:<5} {:<20} {:<13} {:<24} {:<18} {:>8} {:>10} {:>8}\n",
-            cells[0], cells[1], cells[2], cells[3], cells[4], cells[5], cells[6], cells[7]
-        )
-    };
-    let mut out = row(["PROTO", "PREFIX", "PORTS", "TARGET", "PROCESS", "COOKIE", "HITS", "REFUSED"]);
+    let mut rows =
+        vec![["PROTO", "PREFIX", "PORTS", "TARGET", "PROCESS", "COOKIE", "HITS", "REFUSED"].map(String::from)];
     for b in views {
         let key = b.key();
         let process = match b.process_running {
@@ -73,19 +80,40 @@ fn render_list(views: &[BindingView]) -> String {
             false => format!("{}/{} (exited)", b.record.pid, b.record.comm),
         };
         let target = if b.alive { b.record.target.to_string() } else { format!("{} (gone)", b.record.target) };
-        out.push_str(&row([
-            key.proto.name(),
-            &key.prefix.to_string(),
-            &key.ports.to_string(),
-            &target,
-            &process,
-            &b.record.cookie.to_string(),
-            &b.hits.to_string(),
-            &b.refused.to_string(),
-        ]));
+        rows.push([
+            key.proto.name().to_string(),
+            key.prefix.to_string(),
+            key.ports.to_string(),
+            target,
+            process,
+            b.record.cookie.to_string(),
+            b.hits.to_string(),
+            b.refused.to_string(),
+        ]);
+    }
+    // Columns as wide as their widest cell (a process shown as exited, an IPv6 prefix), at least
+    // the usual width; the numbers right-aligned.
+    let mut widths = [5, 20, 13, 24, 18, 8, 10, 8];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .enumerate()
+            .map(|(i, (cell, w))| if i >= 5 { format!("{cell:>w$}") } else { format!("{cell:<w$}") })
+            .collect();
+        out.push_str(&format!("{}\n", cells.join(" ")));
     }
     for line in views.iter().filter_map(BindingView::incomplete) {
         out.push_str(&format!("WARNING: {line}\n"));
+    }
+    if listing.detached {
+        out.push_str(&format!("WARNING: {DETACHED_WARNING}\n"));
     }
     out
 }

@@ -55,6 +55,8 @@ pub struct TargetView {
     pub pid: u32,
     pub comm: String,
     pub cookie: u64,
+    /// SO_REUSEPORT: what is steered to it is spread over its reuseport group by the kernel.
+    pub reuse_port: bool,
 }
 
 /// `steer add`: binds every (prefix, port item) pair to the target socket.
@@ -126,7 +128,13 @@ pub fn add(args: &SteerAddArgs) -> Result<Added, Error> {
         let was = plan.replaced.iter().find(|(_, k)| *k == key).and_then(|(id, _)| before.get(id).cloned());
         bindings.push((key, was));
     }
-    let target = TargetView { local: target.local, pid: target.pid, comm: target.comm, cookie: target.cookie };
+    let target = TargetView {
+        local: target.local,
+        pid: target.pid,
+        comm: target.comm,
+        cookie: target.cookie,
+        reuse_port: target.reuse_port,
+    };
     Ok(Added { target, upgraded, bindings })
 }
 
@@ -352,9 +360,26 @@ fn views(st: &State) -> Vec<BindingView> {
 
 /// `steer list`: every pinned binding of this network namespace. Reads under a shared lock and
 /// creates nothing.
-pub fn list() -> Result<Vec<BindingView>, Error> {
-    Ok(State::open_read_only()?.as_ref().map(views).unwrap_or_default())
+pub fn list() -> Result<Listing, Error> {
+    let st = State::open_read_only()?;
+    Ok(Listing {
+        bindings: st.as_ref().map(views).unwrap_or_default(),
+        detached: st.as_ref().is_some_and(State::detached),
+    })
 }
+
+/// What `steer list` shows.
+#[derive(Debug)]
+pub struct Listing {
+    pub bindings: Vec<BindingView>,
+    /// The link was detached by hand: the bindings steer nothing until the next `steer add`.
+    pub detached: bool,
+}
+
+/// The warning for a link detached by hand, as `status` and `steer list` show it.
+pub const DETACHED_WARNING: &str = "the sk_lookup link was detached (not by skrelay): nothing is steered; the next \
+                                    `skrelay steer add` attaches it again with these bindings, `skrelay steer reset` \
+                                    removes them";
 
 /// The pinned part of steering's status.
 #[derive(Debug)]
@@ -516,11 +541,12 @@ impl Status {
                 let hits: u64 = views.iter().map(|b| b.hits).sum();
                 let refused: u64 = views.iter().map(|b| b.refused).sum();
                 lines.push(format!(
-                    "steer: {} ({}, {gone} with their target gone{incomplete_count}), {hits} hits, \
+                    "steer: {} ({}, {gone} with their target gone{incomplete_count}), {}, \
                      {refused} refused\n  \
                      sk_lookup link {}, program {}, version {:016x}{}\n  pinned at {}",
                     plural(views.len(), "binding"),
                     plural(ports, "port"),
+                    plural(hits as usize, "hit"),
                     p.link_id,
                     p.program_id,
                     p.program_version,
@@ -529,11 +555,7 @@ impl Status {
                 ));
                 lines.extend(incomplete.iter().map(|l| format!("  WARNING: {l}")));
                 if p.detached {
-                    lines.push(
-                        "  WARNING: the sk_lookup link was detached (not by skrelay): nothing is steered; the next \
-                         `skrelay steer add` attaches it again with these bindings, `skrelay steer reset` removes them"
-                            .to_string(),
-                    );
+                    lines.push(format!("  WARNING: {DETACHED_WARNING}"));
                 }
             }
         }
@@ -549,24 +571,24 @@ impl Status {
         }
         for f in self.funnels.iter().filter(|f| f.pinned_elsewhere) {
             lines.push(format!(
-                "  pinned in a bpffs this mount namespace does not see: {} ({}) on {}, {} hits (sk_lookup link {}; \
+                "  pinned in a bpffs this mount namespace does not see: {} ({}) on {}, {} (sk_lookup link {}; \
                  run skrelay where that bpffs is mounted to list or change it)",
                 plural(f.ports.len(), "port"),
                 f.port_list(),
                 f.prefix,
-                f.hits,
+                plural(f.hits as usize, "hit"),
                 f.link_id
             ));
         }
         for f in self.funnels.iter().filter(|f| !f.pinned_elsewhere) {
             lines.push(format!(
-                "  --ports of {}: {} ({}) on {} -> {}, {} hits (sk_lookup link {}, goes with the process)",
+                "  --ports of {}: {} ({}) on {} -> {}, {} (sk_lookup link {}, goes with the process)",
                 f.owner(),
                 plural(f.ports.len(), "port"),
                 f.port_list(),
                 f.prefix,
                 f.target.map_or("its listening socket".to_string(), |t| t.to_string()),
-                f.hits,
+                plural(f.hits as usize, "hit"),
                 f.link_id
             ));
         }

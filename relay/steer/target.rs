@@ -20,6 +20,8 @@ pub struct Target {
     pub cookie: u64,
     /// An IPv6 socket that accepts IPv4 too (not IPV6_V6ONLY).
     pub dual_stack: bool,
+    /// The socket has SO_REUSEPORT: the kernel spreads what is steered to it over its group.
+    pub reuse_port: bool,
 }
 
 impl Target {
@@ -126,7 +128,8 @@ impl Target {
         let cookie = sys::socket_cookie(&dup).map_err(|e| Error::io(format!("cannot read the cookie of {what}"), e))?;
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string();
         let dual_stack = domain == libc::AF_INET6 && !sys::v6only(&dup);
-        Ok(Target { fd: dup, pid: pid as u32, comm, local, proto, cookie, dual_stack })
+        let reuse_port = sys::reuse_port(&dup);
+        Ok(Target { fd: dup, pid: pid as u32, comm, local, proto, cookie, dual_stack, reuse_port })
     }
 }
 
