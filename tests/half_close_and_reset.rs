@@ -245,6 +245,44 @@ fn the_end_of_pair_line_counts_exactly_what_each_receiver_got(dp: &str) {
 
 per_datapath!(the_end_of_pair_line_counts_exactly_what_each_receiver_got);
 
+/// A sends 1,000 bytes and closes; B, which received them and read none, closes right after,
+/// which resets it (unread data), before it acknowledged the FIN the relay sent on. B got every
+/// byte: the count must say 1,000 (the kernel datapath said 999, taking off a FIN that B never
+/// acknowledged; a helper's new-user pass, 2026-12-05), with `--kernel-after 0` and after a
+/// userspace start.
+fn a_receiver_that_resets_instead_of_acknowledging_the_fin_is_counted_exactly(dp: &str) {
+    let _netns = enter_netns();
+    for (kernel_after, n) in [("0", 1_000u64), ("64K", 100_000)] {
+        let relay =
+            Skrelay::start(&["relay", "--datapath", dp, "--kernel-after", kernel_after, "--metrics", "127.0.0.1:0"]);
+        let mut a = connect(addr());
+        let b = connect(addr());
+        // Paired (in the kernel maps with `--kernel-after 0`) before the first byte.
+        thread::sleep(Duration::from_millis(200));
+        send_pattern(&mut a, 3, n).unwrap();
+        // Until b's TCP has it all (its client reads nothing).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while skrelay::sys::readable_len(&b).unwrap() < n {
+            assert!(Instant::now() < deadline, "{dp}: b did not receive {n} bytes");
+            thread::sleep(Duration::from_millis(5));
+        }
+        // b's TCP acknowledges what it got within its delayed-ACK timer (200 ms at most): bytes
+        // it had not acknowledged when it reset are documented as not counted.
+        thread::sleep(Duration::from_millis(300));
+        drop(a);
+        // The relay sends the FIN on; b closes before it acknowledges it.
+        thread::sleep(Duration::from_millis(2));
+        drop(b);
+        let m = relay.wait_pairs_ended(1, Duration::from_secs(5));
+        assert_eq!(m.bytes(dp), n, "{dp}, --kernel-after {kernel_after}: b received {n}:\n{}", m.text);
+        let (_, log) = relay.stop(Duration::from_secs(10));
+        let line = log.lines().find(|l| l.contains("pair ") && l.contains(" bytes ")).expect("end-of-pair line");
+        assert!(line.contains(&format!(": {n} bytes ")), "{dp}, --kernel-after {kernel_after}: {n} expected: {line}");
+    }
+}
+
+per_datapath!(a_receiver_that_resets_instead_of_acknowledging_the_fin_is_counted_exactly);
+
 /// A kernel pair's direction that passed its budget leaves the socket map until its partner
 /// reads. If its client half-closes meanwhile, the socket can never join again (a socket map
 /// takes only ESTABLISHED sockets): what waits in its queue must still arrive, then the EOF, and
