@@ -109,8 +109,16 @@ pub fn metrics_outside_ports(
     what: &str,
 ) -> Result<(), Error> {
     let Some(m) = metrics else { return Ok(()) };
-    let overlaps = m.ip() == listen.ip() || m.ip().is_unspecified() || listen.ip().is_unspecified();
-    if m.port() != 0 && m.port() == listen.port() && m.is_ipv4() == listen.is_ipv4() && overlaps {
+    let overlaps = if m.is_ipv4() == listen.is_ipv4() {
+        m.ip() == listen.ip() || m.ip().is_unspecified() || listen.ip().is_unspecified()
+    } else {
+        // A [::] socket is dual-stack unless the host says otherwise: it holds its port on every
+        // IPv4 address as well.
+        let v6 = if m.is_ipv6() { m } else { listen };
+        v6.ip().is_unspecified()
+            && std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|v| v.trim() == "0")
+    };
+    if m.port() != 0 && m.port() == listen.port() && overlaps {
         return Err(Error::Usage(format!(
             "cannot serve metrics on {m}: this process listens for clients on {listen} (pick another --metrics port)"
         )));

@@ -26,6 +26,12 @@ impl Upstreams {
             if let Some(e) = crate::cli::unknown_scope(spec) {
                 return Err(Error::Usage(format!("upstream {e}")));
             }
+            let bare = spec.trim_start_matches('[').trim_end_matches(']');
+            if !spec.contains(':') || bare.parse::<std::net::IpAddr>().is_ok() {
+                return Err(Error::Usage(format!(
+                    "upstream `{spec}` has no port (give HOST:PORT, IP:PORT or [IPv6]:PORT)"
+                )));
+            }
             let resolved: Vec<SocketAddr> = crate::cli::numeric_scope(spec)
                 .to_socket_addrs()
                 .map_err(|e| {
@@ -172,7 +178,10 @@ mod tests {
         assert!(u.addrs.len() >= 3, "{u}");
         let e = Upstreams::resolve(&["no-such-host.invalid:80".into()]).err().unwrap().to_string();
         assert!(e.contains("cannot resolve upstream `no-such-host.invalid:80`"), "{e}");
-        assert!(Upstreams::resolve(&["127.0.0.1".into()]).is_err(), "a port is required");
+        for no_port in ["127.0.0.1", "localhost", "::1", "[::1]"] {
+            let e = Upstreams::resolve(&[no_port.into()]).err().unwrap().to_string();
+            assert!(e.contains(&format!("upstream `{no_port}` has no port")), "{e}");
+        }
         let e = Upstreams::resolve(&["localhost:0".into()]).err().unwrap().to_string();
         assert!(e.contains("upstream `localhost:0` has port 0"), "{e}");
     }

@@ -250,6 +250,16 @@ fn a_bad_metrics_address_is_refused_with_exit_status_2() {
     );
     // The relay's own address: the relay binds first, so metrics is the one refused.
     one_sentence(&["relay", "--datapath", "userspace", "--metrics", RELAY], "pick another --metrics port");
+    // Across families: a dual-stack [::] socket holds its port on every IPv4 address too, so the
+    // socket in the way is the relay's own, not "another socket" (a helper's new-user pass).
+    for (listen, metrics) in
+        [("0.0.0.0:7790", "[::]:7790"), ("[::]:7791", "127.0.0.1:7791"), ("127.0.0.1:7792", "[::]:7792")]
+    {
+        one_sentence(
+            &["relay", "--datapath", "userspace", "--listen", listen, "--metrics", metrics],
+            &format!("cannot serve metrics on {metrics}: this process listens for clients on {listen}"),
+        );
+    }
     // A --metrics port that --ports steers to the listener: every scrape would be taken as a
     // client (two scrapers were paired with each other), so it is refused at start. (Under
     // `timeout`: a build without the check starts and serves.)
