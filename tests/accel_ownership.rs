@@ -354,6 +354,31 @@ fn an_accel_on_made_while_a_run_ran_outlives_the_run() {
     }
 }
 
+/// A cgroup removed after `accel on`: `status` said "on" as if nothing had happened (a helper's
+/// new-user pass, 2026-12-05). It says the directory is gone, and `off` removes the state.
+#[test]
+fn a_cgroup_removed_after_accel_on_is_shown_as_gone_and_off_removes_its_state() {
+    let _serial = one_at_a_time();
+    if !require_bpf("a_cgroup_removed_after_accel_on_is_shown_as_gone_and_off_removes_its_state") {
+        return;
+    }
+    let _netns = enter_netns();
+    let name = format!("skrelay-test-{}-gone", std::process::id());
+    let _cleanup = Cleanup(v2_mount(), vec![name.clone()]);
+    let cgroup = v2_mount().join(&name);
+    ok(&["accel", "on", "--cgroup", &name, "--small-write", "0"]);
+    assert!(!status_of(&cgroup).contains("is gone"), "{}", status_of(&cgroup));
+    std::fs::remove_dir(&cgroup).unwrap();
+    let status = status_of(&cgroup);
+    assert!(status.contains("WARNING: the cgroup's directory is gone"), "{status}");
+    let json: serde_json::Value = serde_json::from_str(&ok(&["status", "--json"])).unwrap();
+    let reports = json["accel"]["cgroups"].as_array().expect("accel reports");
+    let report = reports.iter().find(|r| r["cgroup"] == cgroup.to_string_lossy().as_ref()).expect("this cgroup");
+    assert_eq!(report["cgroup_gone"], true, "{report}");
+    ok(&["accel", "off", "--cgroup", &name]);
+    wait_gone(&pins_of(&cgroup), Duration::from_secs(2), "accel off of a removed cgroup");
+}
+
 /// A set-up killed half-way (after it attached sockops, before its state was in place) leaves
 /// its state in `accel-setup/PID-NAME`, which `status` shows as such: the next `on` or `off` removes it,
 /// detaching the sockops program it left on the cgroup. State missing some of its pins (what an

@@ -79,6 +79,9 @@ pub struct AccelReport {
     pub races_lost: u64,
     /// Who set it up, and whether that process is still there.
     pub owner: Option<cgroup::Owner>,
+    /// The cgroup's directory was removed after the set-up: no process can be in it, so nothing
+    /// new is accelerated; the state stays pinned until `accel off`.
+    pub cgroup_gone: bool,
     /// Times a direction paused on the TCP path because the reader held its limit unread (TCP
     /// flow control then holds the sender back), and times it went back to the redirect.
     pub pauses: u64,
@@ -107,6 +110,14 @@ impl fmt::Display for AccelReport {
         };
         let state = if self.attached { "on" } else { "draining (off: open connections keep the fast path)" };
         writeln!(f, "accel {}: {state}, {ports}", self.cgroup.display())?;
+        if self.cgroup_gone {
+            writeln!(
+                f,
+                "  WARNING: the cgroup's directory is gone (removed after the set-up): no process can join it, so \
+                 nothing new is accelerated; `skrelay accel off --cgroup {}` removes the state",
+                self.cgroup.display()
+            )?;
+        }
         if let Some(owner) = &self.owner {
             writeln!(f, "  {}", owner.describe())?;
         }
@@ -175,6 +186,7 @@ impl AccelReport {
         serde_json::json!({
             "cgroup": self.cgroup.to_string_lossy(),
             "owner": self.owner.as_ref().map(cgroup::Owner::json),
+            "cgroup_gone": self.cgroup_gone,
             "pins": self.pins.to_string_lossy(),
             "ports": self.ports,
             "attached": self.attached,
@@ -331,6 +343,7 @@ fn report_for(dir: &Path, cg: &Cgroup) -> Result<AccelReport, Error> {
         last_errno: s(accel_stat::LAST_ERRNO),
         races_lost: s(accel_stat::RACES_LOST),
         owner: cg.owner(),
+        cgroup_gone: !cg.path().is_dir(),
         pauses: s(accel_stat::PAUSES),
         resumes: s(accel_stat::RESUMES),
         stuck: s(accel_stat::STUCK),
