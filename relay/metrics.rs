@@ -542,7 +542,7 @@ const IO_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_REQUEST: usize = 8 << 10;
 
 /// Answers each connection to `listener` in turn, forever: GET or HEAD /metrics gets `render`'s
-/// text (500 with its error if it fails), anything else 404 or 405. One connection is held at a
+/// text (500 with its error if it fails), anything else 404 or 405 (400 if not HTTP). One connection is held at a
 /// time, at most `IO_TIMEOUT` per read or write, and one request per connection. Returns once
 /// `stop` is set (within `ACCEPT_WAKE`), leaving the socket to whoever else holds it.
 pub fn serve(listener: &TcpListener, render: impl Fn() -> Result<String, String>, stop: &AtomicBool) {
@@ -627,7 +627,12 @@ fn answer(mut stream: TcpStream, render: &impl Fn() -> Result<String, String>) -
     let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
     let line = String::from_utf8_lossy(line);
     let mut words = line.split_whitespace();
-    let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let (method, target, version) =
+        (words.next().unwrap_or(""), words.next().unwrap_or(""), words.next().unwrap_or(""));
+    // Not a request line (METHOD TARGET HTTP/x): nothing to answer but 400.
+    if !version.starts_with("HTTP/") || words.next().is_some() {
+        return respond(&mut stream, "400 Bad Request", "text/plain", "use GET /metrics\n", true);
+    }
     let path = target.split('?').next().unwrap_or("");
     let body_too = method != "HEAD";
     match (method, path) {

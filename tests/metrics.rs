@@ -298,6 +298,12 @@ fn the_responder_answers_only_metrics_and_bounds_what_it_reads() {
     assert_eq!(code(&[&format!("{base}/")]), "404");
     assert_eq!(code(&["-X", "POST", &url]), "405");
     assert_eq!(code(&[&format!("{url}?x=1")]), "200");
+    // What is not an HTTP request line at all is a bad request, not a wrong method.
+    let mut raw = TcpStream::connect(base.trim_start_matches("http://")).unwrap();
+    raw.write_all(b"garbage\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    raw.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400 Bad Request"), "{answer}");
     // A client that connects and says nothing holds the responder at most 2 s.
     let silent = TcpStream::connect(base.trim_start_matches("http://")).unwrap();
     let t0 = Instant::now();
