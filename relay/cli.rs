@@ -434,23 +434,9 @@ pub enum DatapathChoice {
     Userspace,
 }
 
-/// A byte count: `4194304`, `64K`, `4M` (powers of 1024), below 4 GiB.
-pub fn parse_bytes(s: &str) -> Result<u32, String> {
-    let t = s.trim();
-    let (num, mult) = match t.chars().last() {
-        Some('k' | 'K') => (&t[..t.len() - 1], 1u64 << 10),
-        Some('m' | 'M') => (&t[..t.len() - 1], 1u64 << 20),
-        Some('g' | 'G') => (&t[..t.len() - 1], 1u64 << 30),
-        _ => (t, 1),
-    };
-    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a byte count (e.g. 65536, 64K, 4M)"))?;
-    n.checked_mul(mult)
-        .and_then(|v| u32::try_from(v).ok())
-        .ok_or_else(|| format!("`{s}` is too large: at most 4G - 1 bytes"))
-}
-
-/// A byte count: digits with an optional K, M or G suffix (powers of 1024); never 0.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+/// A byte count: digits with an optional K, M or G suffix (powers of 1024). Digits too many for
+/// any count are "too large", as a product that overflows is, not "not a byte count".
+fn byte_count(s: &str, examples: &str) -> Result<u64, String> {
     let t = s.trim();
     let (digits, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
         Some('K') => (&t[..t.len() - 1], 10),
@@ -458,8 +444,26 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         Some('G') => (&t[..t.len() - 1], 30),
         _ => (t, 0),
     };
-    let n: u64 = digits.parse().map_err(|_| format!("`{s}` is not a byte count (e.g. 65536, 512K, 4M, 1G)"))?;
-    let bytes = n.checked_mul(1 << shift).ok_or_else(|| format!("`{s}` is too large"))?;
+    let too_large = || format!("`{s}` is too large");
+    let n: u64 = digits.parse().map_err(|_| {
+        if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+            too_large()
+        } else {
+            format!("`{s}` is not a byte count (e.g. {examples})")
+        }
+    })?;
+    n.checked_mul(1 << shift).ok_or_else(too_large)
+}
+
+/// A byte count: `4194304`, `64K`, `4M` (powers of 1024), below 4 GiB.
+pub fn parse_bytes(s: &str) -> Result<u32, String> {
+    let bytes = byte_count(s, "65536, 64K, 4M")?;
+    u32::try_from(bytes).map_err(|_| format!("`{s}` is too large: at most 4G - 1 bytes"))
+}
+
+/// A byte count: digits with an optional K, M or G suffix (powers of 1024); never 0.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let bytes = byte_count(s, "65536, 512K, 4M, 1G")?;
     if bytes == 0 {
         return Err("must be more than 0 bytes".into());
     }
@@ -655,6 +659,16 @@ mod tests {
         assert_eq!(parse_kernel_after("0"), Ok(0));
         assert_eq!(parse_kernel_after("1M"), Ok(1 << 20));
         assert!(parse_kernel_after("-1").is_err());
+        // Too many digits and too large a product read alike (a helper saw the first called
+        // "not a byte count").
+        for big in ["99999999999999999999999", "99999999999999999G"] {
+            assert_eq!(parse_kernel_after(big), Err(format!("`{big}` is too large")));
+            assert_eq!(parse_size(big), Err(format!("`{big}` is too large")));
+            assert_eq!(parse_bytes(big), Err(format!("`{big}` is too large")));
+        }
+        assert_eq!(parse_bytes("4G"), Err("`4G` is too large: at most 4G - 1 bytes".to_string()));
+        assert_eq!(parse_bytes("64k"), Ok(65536));
+        assert!(parse_size("12X").unwrap_err().contains("is not a byte count"));
         assert!(parse_idle_timeout("1e-10").is_err());
         assert_eq!(parse_idle_timeout("0"), Ok(Duration::ZERO));
     }
