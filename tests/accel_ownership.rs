@@ -273,6 +273,31 @@ fn two_accel_runs_of_one_cgroup_started_at_once_both_run_and_leave_nothing() {
     }
 }
 
+/// Whether a process is in `cgroup` (it exists and lists one).
+fn populated(cgroup: &Path) -> bool {
+    std::fs::read_to_string(cgroup.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty())
+}
+
+/// Starts `accel run --cgroup NAME FLAGS -- CMD` and returns once the cgroup is accelerated and
+/// the command in it (the pins come before the command moves in).
+fn run_accelerated(name: &str, flags: &[&str], cmd: &[&str]) -> std::process::Child {
+    let cgroup = v2_mount().join(name);
+    let run = Command::new(SKRELAY)
+        .args(["accel", "run", "--cgroup", name])
+        .args(flags)
+        .arg("--")
+        .args(cmd)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !(pins_of(&cgroup).exists() && populated(&cgroup)) {
+        assert!(Instant::now() < deadline, "the run did not accelerate {}", cgroup.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    run
+}
+
 #[test]
 fn accel_off_during_an_accel_run_leaves_the_runs_cgroup_to_the_run_which_removes_it() {
     let _serial = one_at_a_time();
@@ -283,18 +308,7 @@ fn accel_off_during_an_accel_run_leaves_the_runs_cgroup_to_the_run_which_removes
     let _netns = enter_netns();
     let name = format!("skrelay-test-{}-offrun", std::process::id());
     let cgroup = v2_mount().join(&name);
-    let run = Command::new(SKRELAY)
-        .args(["accel", "run", "--cgroup", &name, "--", "sleep", "1"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    // Accelerated, and the command in it (the pins come before the command moves in).
-    let running = || std::fs::read_to_string(cgroup.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty());
-    while !(pins_of(&cgroup).exists() && running()) {
-        assert!(Instant::now() < deadline, "the run did not accelerate {}", cgroup.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let run = run_accelerated(&name, &[], &["sleep", "1"]);
     ok(&["accel", "off", "--cgroup", &name]);
     assert!(cgroup.exists(), "it holds the run's command");
     let out = run.wait_with_output().unwrap();
@@ -319,25 +333,14 @@ fn an_accel_on_made_while_a_run_ran_outlives_the_run() {
         let cgroup = v2_mount().join(&name);
         // With `leftover` the command leaves a process behind, and the watcher cleans up.
         let cmd: &[&str] = if leftover { &["sh", "-c", "sleep 2 >/dev/null 2>&1 &"] } else { &["sleep", "2"] };
-        let run = Command::new(SKRELAY)
-            .args(["accel", "run", "--cgroup", &name, "--small-write", "0", "--"])
-            .args(cmd)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let running = || std::fs::read_to_string(cgroup.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty());
-        while !(pins_of(&cgroup).exists() && running()) {
-            assert!(Instant::now() < deadline, "the run did not accelerate {}", cgroup.display());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let run = run_accelerated(&name, &["--small-write", "0"], cmd);
         ok(&["accel", "off", "--cgroup", &name]);
         ok(&["accel", "on", "--cgroup", &name, "--small-write", "0"]);
         let out = run.wait_with_output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         // The command (and what it left) has ended; the watcher polls every 100 ms.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while running() {
+        while populated(&cgroup) {
             assert!(Instant::now() < deadline, "the command's processes did not end");
             std::thread::sleep(Duration::from_millis(50));
         }
