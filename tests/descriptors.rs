@@ -86,6 +86,10 @@ fn userspace_pairs_wait_for_a_pipe_instead_of_being_reset() {
 /// A proxy out of descriptors marked its healthy upstream down, counted connect failures against
 /// it, and reset each client as `no_upstream` with two warnings per client. Now the upstream is
 /// left alone, the clients count as `error`, and the shortage is said once.
+/// A proxy short of descriptors for a client's upstream connection blames no upstream, and the
+/// client waits for one instead of being reset. Resetting it freed a descriptor, with which the
+/// accept loop took the next client from the backlog, which was reset in turn: a helper saw 12
+/// of 30 clients reset in one burst under one limit, and none under the next (2026-12-05).
 #[test]
 fn a_proxy_out_of_descriptors_does_not_blame_its_upstream() {
     let _netns = enter_netns();
@@ -105,16 +109,20 @@ fn a_proxy_out_of_descriptors_does_not_blame_its_upstream() {
         ],
     );
     // Which runs out first, accept(2) or the upstream's socket(2), depends on how many
-    // descriptors are left when the last pair forms (a CI run stopped at accept(2) and no client
-    // was refused). A connection to the metrics port that sends nothing holds one descriptor for
-    // up to 2 s; closing it once the pairs stopped forming lets in one client whose upstream
-    // connection cannot be opened.
+    // descriptors are left when the last pair forms (a CI run stopped at accept(2)). A
+    // connection to the metrics port that sends nothing holds one descriptor for up to 2 s;
+    // closing it once the pairs stopped forming lets in one client whose upstream connection
+    // cannot be opened.
     let held = TcpStream::connect(proxy.metrics_addr()).unwrap();
     thread::sleep(Duration::from_millis(100));
-    // Silent clients: each costs the proxy two descriptors while its pair lives.
-    // (A client the proxy resets at once may see the reset from connect(2) itself.)
-    let silent: Vec<TcpStream> =
-        (0..40).filter_map(|_| TcpStream::connect_timeout(&addr(), Duration::from_secs(5)).ok()).collect();
+    // Each client says who it is; a served one costs the proxy two descriptors while it lives.
+    let mut clients: Vec<(usize, TcpStream)> = (0..40)
+        .map(|i| {
+            let mut c = TcpStream::connect_timeout(&addr(), Duration::from_secs(5)).expect("connect");
+            c.write_all(format!("{i:04}").as_bytes()).unwrap();
+            (i, c)
+        })
+        .collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while !["cannot accept more clients now", "cannot open a connection to an upstream"]
         .iter()
@@ -124,34 +132,26 @@ fn a_proxy_out_of_descriptors_does_not_blame_its_upstream() {
         thread::sleep(Duration::from_millis(20));
     }
     drop(held);
-    let m = proxy.wait_metrics("clients refused for want of descriptors", Duration::from_secs(5), |m| {
-        m.get("skrelay_unpaired_clients_total{reason=\"error\"}") > 0
-    });
+    thread::sleep(Duration::from_millis(500));
+    // The clients are served in the order they came, each as the one before it leaves: every
+    // one gets its own bytes back, none is reset.
+    for (i, c) in clients.iter_mut() {
+        c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut got = [0u8; 4];
+        std::io::Read::read_exact(c, &mut got).unwrap_or_else(|e| panic!("client {i}: {e}\n{}", proxy.log()));
+        assert_eq!(&got, format!("{i:04}").as_bytes(), "client {i}");
+        c.shutdown(std::net::Shutdown::Both).unwrap();
+    }
+    let m = proxy.metrics();
+    assert_eq!(m.get("skrelay_unpaired_clients_total{reason=\"error\"}"), 0, "{}", m.text);
     assert_eq!(m.get("skrelay_upstream_connect_failures_total{upstream=\"127.0.0.1:8080\"}"), 0, "{}", m.text);
     assert_eq!(m.get("skrelay_upstream_up{upstream=\"127.0.0.1:8080\"}"), 1, "{}", m.text);
     assert_eq!(m.get("skrelay_unpaired_clients_total{reason=\"no_upstream\"}"), 0, "{}", m.text);
-    drop(silent);
-    // Once the descriptors are back, clients are served again.
-    let mut served = false;
-    for _ in 0..50 {
-        let Ok(mut c) = TcpStream::connect_timeout(&addr(), Duration::from_secs(5)) else {
-            thread::sleep(Duration::from_millis(100));
-            continue;
-        };
-        c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-        if c.write_all(b"ping").is_ok() && c.shutdown(std::net::Shutdown::Write).is_ok() {
-            let (got, end) = read_until_end(&mut c);
-            if got == b"ping" && end.is_ok() {
-                served = true;
-                break;
-            }
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
+    drop(clients);
     let (status, log) = proxy.stop(Duration::from_secs(10));
-    assert!(served, "no client was served after the shortage:\n{log}");
     assert!(status.success(), "{log}");
     assert!(!log.contains("marked down"), "the upstream was blamed:\n{log}");
+    assert!(log.contains("accepting clients again"), "{log}");
     // One shortage, one warning (of whichever call ran short first).
     let said = log.matches("cannot open a connection to an upstream").count()
         + log.matches("cannot accept more clients now").count();
