@@ -103,6 +103,16 @@ fn status_lists_the_ports_funnels_of_running_relays_and_overlaps_are_refused() {
         skrelay_output(&["relay", "--datapath", "userspace", "--listen", "127.0.0.1:7004", "--ports", "9199-9201"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("`skrelay steer` already binds tcp 0.0.0.0/0 port 9200 to 127.0.0.1:7000"), "{err}");
+    assert!(err.contains("(remove it with `skrelay steer remove --ports 9200`,"), "{err}");
+    // A binding of a narrower prefix: the command it suggests must name the prefix, or it removes
+    // nothing (`steer remove` takes every address by default; a helper's pass, 2026-12-05).
+    ok(&["steer", "add", "--ports", "9300", "--addr", "127.0.0.2/32", "--to", "127.0.0.1:7000"]);
+    let (code, _, err) =
+        skrelay_output(&["relay", "--datapath", "userspace", "--listen", "0.0.0.0:7005", "--ports", "9300"]);
+    assert_eq!(code, 2, "{err}");
+    let fix = "skrelay steer remove --ports 9300 --addr 127.0.0.2/32";
+    assert!(err.contains(&format!("(remove it with `{fix}`,")), "{err}");
+    ok(&fix.split(' ').skip(1).collect::<Vec<_>>());
     let st = status_json();
     assert_eq!(keys(&st["steer"]), keys(&empty["steer"]), "one JSON shape: {st} vs {empty}");
 

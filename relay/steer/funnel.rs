@@ -340,9 +340,11 @@ fn check_overlaps(prefix: Prefix, ports: &[u16]) -> Result<(), Error> {
             }
             let both = taken(&mut key.ports.ports());
             if !both.is_empty() {
+                // `steer remove` takes every address by default: a narrower binding needs its prefix.
+                let addr = if key.prefix.len == 0 { String::new() } else { format!(" --addr {}", key.prefix) };
                 return Err(Error::Usage(format!(
                     "cannot take --ports: `skrelay steer` already binds {key} to {}, and a pinned binding \
-                     takes precedence (remove it with `skrelay steer remove --ports {}`, or leave those ports out)",
+                     takes precedence (remove it with `skrelay steer remove --ports {}{addr}`, or leave those ports out)",
                     b.target, key.ports
                 )));
             }
