@@ -316,6 +316,40 @@ fn waiting_clients_keep_their_place_across_a_takeover(dp: &str) {
 
 per_datapath!(waiting_clients_keep_their_place_across_a_takeover);
 
+/// A successor with a lower `--max-pending` than the clients waiting: the handed-over clients
+/// keep their place (the limit holds back new ones). It reset three of five at once while both
+/// logs said all five moved (a helper's pass, 2026-12-05).
+#[test]
+fn a_successor_with_a_lower_max_pending_keeps_every_waiting_client() {
+    let _netns = enter_netns();
+    let token_addr: SocketAddr = "127.0.0.1:7778".parse().unwrap();
+    let token = ["relay", "--datapath", "userspace", "--pair", "token", "--listen", "127.0.0.1:7778"];
+    let old = Skrelay::start(&token);
+    let mut waiting: Vec<TcpStream> = (0..5)
+        .map(|i| {
+            let mut c = connect(token_addr);
+            send(&mut c, format!("tok{i}\nfrom tok{i}").as_bytes());
+            c
+        })
+        .collect();
+    let (new, _, old_log) = take_over(&[&token[..], &["--max-pending", "2", "--metrics", "127.0.0.1:0"]].concat(), old);
+    assert!(old_log.contains("handed over 0 live pair(s) and 5 waiting client(s)"), "{old_log}");
+    new.wait_log("took over 0 live pair(s) and 5 waiting client(s)", 1, Duration::from_secs(5));
+    for (i, c) in waiting.iter_mut().enumerate() {
+        let mut partner = connect(token_addr);
+        partner.write_all(format!("tok{i}\n").as_bytes()).unwrap();
+        let want = format!("from tok{i}");
+        assert_eq!(read_n(&mut partner, want.len()), want.as_bytes(), "{}", new.log());
+        partner.write_all(b"back").unwrap();
+        assert_eq!(read_n(c, 4), b"back");
+    }
+    let m = new.metrics();
+    assert_eq!(m.get("skrelay_unpaired_clients_total{reason=\"full\"}"), 0, "{}", m.text);
+    drop(waiting);
+    let (status, log) = new.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+}
+
 fn a_handover_the_new_process_refuses_leaves_every_pair_with_the_old_one(dp: &str) {
     let _netns = enter_netns();
     let addr: SocketAddr = RELAY.parse().unwrap();

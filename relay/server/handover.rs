@@ -429,6 +429,7 @@ impl Server {
         let mut p = Pending::new(stream, state.addr, serial, state.key);
         p.skip = state.skip;
         p.admitted = Instant::now().checked_sub(state.waited).unwrap_or_else(Instant::now);
+        p.handed_over = true;
         if let (Some(c), Partners::Upstreams(connector)) = (state.upstream, &mut self.partners) {
             match fds.take(c.fd).ok().and_then(|fd| connector.import(c, fd, self.poll.registry(), token(slot, 1))) {
                 Some(c) => {

@@ -683,6 +683,7 @@ impl Server {
     fn offer(&mut self, slot: usize) {
         let Some(p) = self.pending_mut(slot, None) else { return };
         let key = p.key.clone().unwrap_or_default();
+        let handed_over = p.handed_over;
         let Partners::Clients { matcher, .. } = &mut self.partners else { return };
         match matcher.offer(&key, slot) {
             // The loop may not have seen the waiting client's close or reset yet: look now, so
@@ -695,7 +696,7 @@ impl Server {
                 }
                 None => self.offer(slot),
             },
-            None if matcher.waiting() > self.max_pending => {
+            None if matcher.waiting() > self.max_pending && !handed_over => {
                 let why = format!("{} clients already wait for a partner (--max-pending)", self.max_pending);
                 self.drop_pending(slot, &why, Unpaired::Full);
             }

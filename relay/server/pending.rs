@@ -23,6 +23,9 @@ pub(super) struct Pending {
     pub(super) upstream: Option<Connecting>,
     /// When it came (its `--pair-timeout` runs from here, across a takeover too).
     pub(super) admitted: Instant,
+    /// Handed over by the process this one took over from: it keeps its place even beyond this
+    /// process's `--max-pending`, which holds back new clients only.
+    pub(super) handed_over: bool,
 }
 
 /// What a look at a pending client found.
@@ -42,7 +45,7 @@ pub(super) enum Look {
 
 impl Pending {
     pub(super) fn new(stream: TcpStream, addr: SocketAddr, serial: u64, key: Option<String>) -> Pending {
-        Pending { stream, addr, serial, key, skip: 0, upstream: None, admitted: Instant::now() }
+        Pending { stream, addr, serial, key, skip: 0, upstream: None, admitted: Instant::now(), handed_over: false }
     }
 
     /// Looks at the client after a readiness event: reads its token line if it has none yet,
