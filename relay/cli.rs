@@ -115,8 +115,10 @@ pub enum Command {
     /// thread blocked in recv while another thread half-closes the same socket gets EAGAIN
     /// (event-loop readers are not affected); and a reader that uses splice(2) (Go's io.Copy
     /// between TCP connections, HAProxy with splice) misses the redirected bytes: it sees an early
-    /// end of a stream that fits in --max-queued, and hangs on a longer one. Keep such applications
-    /// out of the cgroup.
+    /// end of a stream that fits in --max-queued, and hangs on a longer one; FIONREAD counts only
+    /// redirected bytes, so a receiver that trusts it (nginx as a reverse proxy or upload target)
+    /// can stall once a stream has paused; urgent data (MSG_OOB) stays inline. Keep such
+    /// applications out of the cgroup (or give --ports only the ports of those that are safe).
     #[command(subcommand)]
     Accel(AccelCommand),
     /// Steer connections for ports and address prefixes to a listening socket of any process

@@ -665,6 +665,56 @@ fn a_splice_reader_misses_redirected_bytes_kernel_behaviour() {
     );
 }
 
+/// States a kernel behaviour that stalls FIONREAD users (README, accel): 6.18's tcp_bpf answers
+/// FIONREAD with the psock's redirect queue alone (`tcp_bpf_ioctl` -> `sk_psock_msg_inq`), so
+/// once a paused direction has sent bytes by TCP and the reader has taken the redirected ones,
+/// FIONREAD says 0 while the TCP queue holds megabytes. nginx reads until a read fills its
+/// buffer, asks FIONREAD, and on 0 waits for the next epoll edge, which a sender held back by a
+/// closed window never brings (a helper's pass: 5 of 6 reverse-proxy downloads and every upload
+/// to nginx stalled). Every byte still arrives for a reader that reads on. If this test fails
+/// because FIONREAD was never short, the kernel counts the TCP queue too: update README and
+/// `accel --help`.
+#[test]
+fn fionread_counts_only_redirected_bytes_kernel_behaviour() {
+    if !require_bpf("fionread_counts_only_redirected_bytes_kernel_behaviour") {
+        return;
+    }
+    let _netns = enter_netns();
+    let total = (24 * MIB).to_string();
+    let short = |out: &str| -> u64 { field(out, "fionread-short").split(' ').next().unwrap().parse().unwrap() };
+    let plain = output(plain_peer(&["fionread", "127.0.0.1", &total]));
+    assert_eq!(field(&plain, "sent"), field(&plain, "received"), "plain TCP:\n{plain}");
+    assert_eq!(short(&plain), 0, "plain TCP's FIONREAD counts every byte:\n{plain}");
+    let cg = TestCgroup::accelerated("fionread", &[]);
+    let out = output(cg.peer(&["fionread", "127.0.0.1", &total]));
+    let r = cg.report();
+    assert_eq!(field(&out, "sent"), field(&out, "received"), "accelerated:\n{out}\n{r}");
+    assert!(r.pauses > 0, "the sender never paused, so nothing went by TCP: {r}");
+    assert!(
+        short(&out) > 0,
+        "FIONREAD counted the TCP queue too: the kernel fixed tcp_bpf_ioctl; update README and `accel --help`\n{out}\n{r}"
+    );
+}
+
+/// States a kernel behaviour: urgent data (MSG_OOB) is not kept apart on the redirect (tcp_bpf
+/// has no urgent pointer): the reader's MSG_OOB read gets another byte, and the urgent byte stays
+/// inline. Plain TCP keeps it apart. If this test fails, update README and `accel --help`.
+#[test]
+fn urgent_data_is_not_kept_apart_kernel_behaviour() {
+    if !require_bpf("urgent_data_is_not_kept_apart_kernel_behaviour") {
+        return;
+    }
+    let _netns = enter_netns();
+    let plain = output(plain_peer(&["oob", "127.0.0.1"]));
+    assert_eq!(field(&plain, "urgent"), "b'!'", "{plain}");
+    assert_eq!(field(&plain, "inline"), "b'AAAAAAAAAABBBBBBBBBB'", "{plain}");
+    let cg = TestCgroup::accelerated("oob", &["--small-write", "0"]);
+    let out = output(cg.peer(&["oob", "127.0.0.1"]));
+    let r = cg.report();
+    assert!(r.messages > 0, "nothing was redirected: {r}");
+    assert_ne!(field(&out, "urgent"), "b'!'", "the urgent byte was kept apart: update README\n{out}\n{r}");
+}
+
 /// A relay or proxy and its local clients in one accelerated cgroup: sk_msg would move the
 /// clients' bytes into the relay's sockets' psock queue, which neither its sk_skb datapath nor
 /// splice(2) reads (a relay started inside `accel run` delivered a 4 MB stream 64 KiB short). So

@@ -38,7 +38,19 @@ duplicated or reordered chunk changes the sha256 the test compares. Results are 
   splice HOST BYTES           the client sends BYTES and half-closes; the server reads with
                               splice(2) into a pipe until splice returns 0 (or 10 s pass, `timeout`);
                               sha256 of both sides
+  fionread HOST BYTES         the client sends BYTES and half-closes while the server reads
+                              nothing for 1.5 s (so an accelerated sender pauses and sends the
+                              rest by TCP); then the server reads, asking FIONREAD before each
+                              read and peeking: `fionread-short N MAX` counts the looks where
+                              FIONREAD said less than a peek found (MAX: the most it missed);
+                              sha256 of both sides
+  oob HOST                    the client sends 10 x "A", one urgent byte "!" (MSG_OOB), 10 x "B"
+                              and closes; the server prints the urgent byte (`urgent`) and the
+                              inline stream (`inline`)
 """
+import array
+import fcntl
+import termios
 import hashlib
 import os
 import select
@@ -460,6 +472,58 @@ def splice_reader(host, total):
     print("received %d %s" % (got, h.hexdigest()))
 
 
+def fionread_reader(host, total):
+    cli, srv = pair(host)
+    time.sleep(0.05)  # let the accepted end join before the first send
+    out = {}
+    t = threading.Thread(target=send_stream, args=(cli, 2, total, out))
+    t.start()
+    time.sleep(1.5)
+    h = hashlib.sha256()
+    got, short, most = 0, 0, 0
+    srv.setblocking(False)
+    while True:
+        q = array.array("i", [0])
+        fcntl.ioctl(srv.fileno(), termios.FIONREAD, q, True)
+        try:
+            peek = len(srv.recv(1 << 20, socket.MSG_PEEK))
+        except BlockingIOError:
+            peek = 0
+        if q[0] < peek:
+            short += 1
+            most = max(most, peek - q[0])
+        b = recv_ready(srv, 1 << 20)
+        if not b:
+            break
+        h.update(b)
+        got += len(b)
+    t.join()
+    print("fionread-short %d %d" % (short, most))
+    print("sent %d %s" % out["sent"])
+    print("received %d %s" % (got, h.hexdigest()))
+
+
+def oob(host):
+    cli, srv = pair(host)
+    time.sleep(0.05)
+    cli.sendall(b"A" * 10)
+    cli.send(b"!", socket.MSG_OOB)
+    cli.sendall(b"B" * 10)
+    cli.close()
+    time.sleep(0.3)
+    try:
+        print("urgent %r" % srv.recv(1, socket.MSG_OOB))
+    except OSError as e:
+        print("urgent error %s" % e)
+    data = b""
+    while True:
+        b = srv.recv(100)
+        if not b:
+            break
+        data += b
+    print("inline %r" % data)
+
+
 if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "serve":
@@ -484,5 +548,9 @@ if __name__ == "__main__":
         pause(args[0], int(args[1]))
     elif mode == "splice":
         splice_reader(args[0], int(args[1]))
+    elif mode == "fionread":
+        fionread_reader(args[0], int(args[1]))
+    elif mode == "oob":
+        oob(args[0])
     else:
         sys.exit("unknown mode " + mode)
