@@ -697,7 +697,8 @@ fn fionread_counts_only_redirected_bytes_kernel_behaviour() {
 }
 
 /// States a kernel behaviour: urgent data (MSG_OOB) is not kept apart under accel: the reader's
-/// MSG_OOB read gets another byte, and the urgent byte stays inline. Plain TCP keeps it apart. If this test fails, update README and `accel --help`.
+/// MSG_OOB read gets another byte, and the urgent byte stays inline. Plain TCP keeps it apart.
+/// If this test fails, update README and `accel --help`.
 #[test]
 fn urgent_data_is_not_kept_apart_kernel_behaviour() {
     if !require_bpf("urgent_data_is_not_kept_apart_kernel_behaviour") {
