@@ -318,6 +318,6 @@ fn the_loser_of_two_takeovers_at_once_is_told_why() {
     let mut log = String::new();
     err.read_to_string(&mut log).unwrap();
     assert!(status.success(), "{log}");
-    assert!(log.contains("SIGUSR2 (no skrelay took the pairs over): no longer accepting"), "{log}");
+    assert!(log.contains("SIGUSR2 (the pairs were not taken over): no longer accepting"), "{log}");
     assert!(!log.contains("handing over to the skrelay that took over"), "{log}");
 }

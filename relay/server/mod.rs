@@ -1130,11 +1130,11 @@ impl Server {
                     // The waiting clients went; the live pairs drain here.
                     Ok(false) => {}
                     Err(why) if keep => {
-                        name = "SIGUSR2 (no skrelay took the pairs over)";
+                        name = "SIGUSR2 (the pairs were not taken over)";
                         log::warn!("live pairs and waiting clients stay in this process and finish here: {why}")
                     }
                     Err(why) => {
-                        name = "SIGUSR2 (no skrelay took the pairs over)";
+                        name = "SIGUSR2 (the pairs were not taken over)";
                         log::warn!(
                             "live pairs stay in this process and finish here, and its waiting clients are reset: {why}"
                         )
