@@ -7,9 +7,13 @@
 #   SKRELAY_BEFORE=/path/to/older/skrelay adds that build's accel as a third run per round.
 #   SKRELAY=BIN: use this build, build nothing (a machine without cargo, e.g. the lent 16-core one).
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,8p' "$0"; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
 secs=${2:-3}
+for v in "$rounds" "$secs"; do
+  [[ $v =~ ^[1-9][0-9]*$ ]] || { echo "accel-iperf3: ROUNDS and SECS are whole numbers above 0, not $v (try --help)" >&2; exit 2; }
+done
 if [[ -n ${SKRELAY:-} ]]; then
   bins=("$(realpath "$SKRELAY")")
 else

@@ -9,9 +9,13 @@
 #   SKRELAY=BIN BENCH=BIN: use these builds (skrelay, examples/bench), build nothing (a machine
 #   without cargo, e.g. the lent 16-core one).
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,10p' "$0"; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 rounds=${1:-7}
 trips=${2:-20000}
+for v in "$rounds" "$trips"; do
+  [[ $v =~ ^[1-9][0-9]*$ ]] || { echo "accel-latency: ROUNDS and ROUND_TRIPS are whole numbers above 0, not $v (try --help)" >&2; exit 2; }
+done
 if [[ -n ${SKRELAY:-} && -n ${BENCH:-} ]]; then
   S=$(realpath "$SKRELAY") B=$(realpath "$BENCH")
 else

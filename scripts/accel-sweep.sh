@@ -14,12 +14,17 @@
 # Path per round: MiB redirected / MiB sent by TCP while in the map / pauses / resumes /
 # small-write demotions / sockets back on plain TCP / pauses given up.
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,15p' "$0"; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 sizes=${1:-"64 1024 4096 16384 65536 1048576"}
 conns=${2:-"1 4 16 64"}
 secs=${3:-1}
 mode=${4:-block}
 rounds=${5:-3}
+for v in $sizes $conns "$secs" "$rounds"; do
+  [[ $v =~ ^[1-9][0-9]*$ ]] || { echo "accel-sweep: SIZES, CONNS, SECS and ROUNDS are whole numbers above 0, not $v (try --help)" >&2; exit 2; }
+done
+[[ $mode == block || $mode == poll ]] || { echo "accel-sweep: the mode is block or poll, not $mode (try --help)" >&2; exit 2; }
 if [[ -n ${SKRELAY:-} && -n ${ACCEL_LOAD:-} ]]; then
   S=$(realpath "$SKRELAY") L=$(realpath "$ACCEL_LOAD")
 else

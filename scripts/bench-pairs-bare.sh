@@ -11,6 +11,11 @@
 # ROUNDS=2 PAIRS=1,4,16,64 CONTENDERS=<bench-pairs.sh's, less relay-kernel-after0> LIMIT=500
 # (seconds for the whole run) AUTOGROUP=0|1 (sets kernel.sched_autogroup_enabled first).
 set -u
+case "${1:-}" in
+  -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+  "") ;;
+  *) echo "run.sh: takes no arguments, only the environment of --help (got $1)" >&2; exit 2 ;;
+esac
 d=$(cd "$(dirname "$0")" && pwd)
 o=${OUT:-/tmp/bench-pairs-out}
 work=$(mktemp -d /tmp/bench-pairs.XXXXXX)
@@ -49,5 +54,6 @@ cp "$work/pairs.tsv" "$work/pairs.log" "$o/"
 cp "$work/pairs-meta.env" "$o/" 2>/dev/null
 tar czf "$o/logs.tgz" -C "$work" .
 awk '$3 == "gbps"' "$work/pairs.tsv"
+rm -rf "$work" # everything of it is in $o (logs.tgz)
 echo "bench-pairs exit $rc; results in $o"
 exit "$rc"

@@ -126,14 +126,17 @@ fi
 [ -x "$bench" ] || die "no bench binary at $bench (cargo build --release --example bench, or --bench BIN)"
 for t in timeout awk nproc; do command -v "$t" >/dev/null || die "$t is missing (coreutils/gawk; scripts/setup.sh --bench)"; done
 
-size() { # option value: bytes, with an optional K, M or G suffix
+size() { # option value: bytes (more than 0), with an optional K, M or G suffix
+  local digits=${2%[GgMmKk]} shift=0
   case "$2" in
-    [0-9]*[Gg]) echo $(( ${2%[Gg]} << 30 )) ;;
-    [0-9]*[Mm]) echo $(( ${2%[Mm]} << 20 )) ;;
-    [0-9]*[Kk]) echo $(( ${2%[Kk]} << 10 )) ;;
-    ''|*[!0-9]*) die "$1 takes a number with an optional K, M or G suffix, not $2" ;;
-    *) echo "$2" ;;
+    *[Gg]) shift=30 ;;
+    *[Mm]) shift=20 ;;
+    *[Kk]) shift=10 ;;
   esac
+  case "$digits" in
+    ''|*[!0-9]*|0*) die "$1 takes a number above 0 with an optional K, M or G suffix, not $2" ;;
+  esac
+  echo $(( digits << shift ))
 }
 bytes=$(size --bytes "$bytes")
 pair_max=$(size --pair-bytes-max "${pair_max:-$bytes}")
@@ -166,7 +169,9 @@ if [[ " ${contenders[*]} " == *" haproxy-threads "* ]]; then
   read -r -a hp <<<"$haproxy_cmd"
   command -v "${hp[0]}" >/dev/null ||
     die "haproxy not found ($haproxy_cmd): scripts/setup.sh --bench installs it, or pass --haproxy CMD, or leave haproxy-threads out with --contenders"
-  haproxy_version=$("${hp[@]}" -v 2>/dev/null | head -1 | awk '{print $3}')
+  # awk reads all of it: `head` closing the pipe early killed haproxy -v with SIGPIPE, and
+  # pipefail then the whole run (exit 141, no message: 5 runs in 60).
+  haproxy_version=$("${hp[@]}" -v 2>/dev/null | awk 'NR == 1 {print $3}')
   [ -n "$haproxy_version" ] || die "$haproxy_cmd -v does not run (missing shared libraries? see --pack)"
 fi
 
@@ -198,6 +203,8 @@ listening() { # port: is something listening on 127.0.0.1:port or *:port (from /
 start() { # name port via metrics-port cmd...
   local name=$1 port=$2 kind=$3 mport=$4
   shift 4
+  # Another process on the port would be taken for the contender.
+  listening "$port" && die "$name cannot run: port $port is already taken (ss -ltnp 'sport = :$port' shows by whom)"
   echo "$name: $*" >>"$log"
   "$@" >>"$out/$name.log" 2>&1 &
   local p=$!

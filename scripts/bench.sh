@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Benchmarks skrelay against what users pick instead and writes BENCHMARKS.md + BENCHMARKS.png.
 #
-#   scripts/bench.sh           full run, about 10 minutes on a 2-core machine
-#   scripts/bench.sh --quick   smoke run, 1-2 minutes (smaller transfers, fewer round trips)
+#   scripts/bench.sh           full run, 7-10 minutes on a 2-core machine
+#   scripts/bench.sh --quick   smoke run, about a minute (smaller transfers, fewer round trips);
+#                              it too rewrites BENCHMARKS.md's first section and BENCHMARKS.png
+#                              (`git checkout BENCHMARKS.md BENCHMARKS.png` gives the committed ones back)
 #   scripts/bench.sh --note "text"   adds a note under the header (e.g. "busy machine")
 #   scripts/bench.sh --pairs 1,4,16,64   also the concurrency axis (scripts/bench-pairs.sh: N
 #                              concurrent bulk pairs; full: 3 rounds of 1 GiB, about 6 minutes more
@@ -37,11 +39,19 @@ while [ $# -gt 0 ]; do
     --pairs) pairs="$2"; shift ;;
     --pairs-only) pairs="$2"; pairs_only=yes; shift ;;
     --pairs-from) pairs_from="$2"; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
 done
+
+# Checked before anything runs: the concurrency axis comes last.
+if [ -n "$pairs" ]; then
+  IFS=, read -r -a counts <<<"$pairs"
+  for n in "${counts[@]}"; do
+    case "$n" in ''|*[!0-9]*|0) echo "bench.sh: --pairs takes a list of counts like 1,4,16,64, not $pairs" >&2; exit 2 ;; esac
+  done
+fi
 
 if [ "$mode" = quick ]; then
   runs=3; bulk_bytes=$((256 << 20)); round_trips=5000; warmup=1000; conn_secs=1; idle_runs=1; idle_pairs=1000
@@ -127,6 +137,11 @@ wait_listening() { # name port
 start() { # name port via cmd...
   local name=$1 port=$2 kind=$3
   shift 3
+  # Another process on the port would be taken for the contender.
+  if ss -ltnH "sport = :$port" | grep -q .; then
+    echo "bench: $name cannot run: port $port is already taken (ss -ltnp 'sport = :$port' shows by whom)" >&2
+    exit 1
+  fi
   cmdline[$name]=$(printf '%q ' "$@")
   "$@" >>"$work/$name.log" 2>&1 &
   local p=$!

@@ -6,10 +6,15 @@
 # userspace for --bidir). Needs root (netns, BPF) and iperf3. Not part of cargo test. Usage:
 #   scripts/proxy-iperf3.sh [ROUNDS] [SECS] [IPERF3-ARGS...]   (defaults: 3 10 --bidir)
 #   SKRELAY=BIN: use this build, build nothing (a machine without cargo, e.g. the lent 16-core one).
+# The proxies' logs: /tmp/proxy-iperf3-kernel.log and -userspace.log (the last round's).
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,9p' "$0"; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
 secs=${2:-10}
+for v in "$rounds" "$secs"; do
+  [[ $v =~ ^[1-9][0-9]*$ ]] || { echo "proxy-iperf3: ROUNDS and SECS are whole numbers above 0, not $v (try --help)" >&2; exit 2; }
+done
 shift 2 2>/dev/null || shift $#
 args=("$@")
 [[ ${#args[@]} -gt 0 ]] || args=(--bidir)

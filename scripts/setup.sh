@@ -19,6 +19,7 @@ packages=(
 
 case "${1:-}" in
   --bench) packages+=(haproxy gnuplot-nox util-linux) ;; # socat is above
+  -h|--help) sed -n '2,5p' "$0"; exit 0 ;;
   "") ;;
   *) echo "setup: unknown argument $1 (only --bench)" >&2; exit 2 ;;
 esac
