@@ -265,7 +265,8 @@ impl Server {
             let fits = match &self.partners {
                 Partners::Clients { by: PairBy::Order, .. } => p.upstream.is_none() && p.key.as_deref() == Some(""),
                 Partners::Clients { by: PairBy::Token, .. } => p.upstream.is_none() && p.key.as_deref() != Some(""),
-                Partners::Upstreams(_) => p.upstream.is_some(),
+                // Connecting, or waiting for a descriptor to connect with (`held_for_descriptors`).
+                Partners::Upstreams(_) => p.upstream.is_some() || p.key.as_deref() == Some(""),
                 Partners::Front { .. } => false,
             };
             if !fits {
@@ -457,8 +458,15 @@ impl Server {
                     self.on_pending(slot);
                 }
             }
-            // Its upstream connection may have completed meanwhile.
-            Partners::Upstreams(_) => self.on_upstream(slot),
+            // Its upstream connection may have completed meanwhile; one the old process had no
+            // descriptor for is made here.
+            Partners::Upstreams(_) => {
+                if self.pending_mut(slot, Some(serial)).is_some_and(|p| p.upstream.is_some()) {
+                    self.on_upstream(slot);
+                } else {
+                    self.connect_upstream(slot, serial);
+                }
+            }
             Partners::Front { .. } => {}
         }
         true

@@ -615,13 +615,7 @@ impl Server {
                     PairBy::Token => self.on_pending(slot),
                 }
             }
-            Partners::Upstreams(connector) => match connector.connect(self.poll.registry(), token(slot, 1)) {
-                Some(c) => {
-                    self.timers.set(c.deadline(), Timer::ConnectTimeout { slot, serial });
-                    self.pending_mut(slot, None).expect("just admitted").upstream = Some(c);
-                }
-                None => self.no_upstream(slot),
-            },
+            Partners::Upstreams(_) => self.connect_upstream(slot, serial),
             Partners::Front { .. } => {}
         }
     }
@@ -984,6 +978,19 @@ impl Server {
         } else {
             self.metrics.client_unpaired(Unpaired::NoUpstream);
             log::warn!("client {} reset: no upstream could be reached", p.addr);
+        }
+    }
+
+    /// `proxy`: starts the upstream connection of the waiting client in `slot`; with no upstream
+    /// to try, or no descriptor to try it with, `no_upstream`.
+    fn connect_upstream(&mut self, slot: usize, serial: u64) {
+        let Partners::Upstreams(connector) = &mut self.partners else { return };
+        match connector.connect(self.poll.registry(), token(slot, 1)) {
+            Some(c) => {
+                self.timers.set(c.deadline(), Timer::ConnectTimeout { slot, serial });
+                self.pending_mut(slot, Some(serial)).expect("a waiting client").upstream = Some(c);
+            }
+            None => self.no_upstream(slot),
         }
     }
 
