@@ -86,6 +86,32 @@ while [ $# -gt 0 ]; do
   shift
 done
 
+# --- the arguments, checked before anything is built or run ----------------------------------
+size() { # option value: bytes (more than 0), with an optional K, M or G suffix
+  local digits=${2%[GgMmKk]} shift=0
+  case "$2" in
+    *[Gg]) shift=30 ;;
+    *[Mm]) shift=20 ;;
+    *[Kk]) shift=10 ;;
+  esac
+  case "$digits" in
+    ''|*[!0-9]*|0*) die "$1 takes a number above 0 with an optional K, M or G suffix, not $2" ;;
+  esac
+  echo $(( digits << shift ))
+}
+bytes=$(size --bytes "$bytes")
+pair_max=$(size --pair-bytes-max "${pair_max:-$bytes}")
+avail_kib=$(awk '/MemAvailable/ {print $2}' /proc/meminfo)
+[ $(( bytes >> 10 )) -lt $(( avail_kib / 2 )) ] ||
+  die "--bytes $bytes needs that much memory for the receivers; only $(( avail_kib >> 10 )) MiB available (use a smaller --bytes)"
+IFS=, read -r -a ns <<<"$pairs"
+for n in "${ns[@]}"; do
+  case "$n" in ''|*[!0-9]*|0) die "--pairs takes a list of counts like 1,4,16,64, not $pairs" ;; esac
+done
+case "$rounds" in ''|*[!0-9]*|0) die "--rounds takes a count, not $rounds" ;; esac
+case "$settle" in ''|*[!0-9]*) die "--settle takes whole seconds, not $settle" ;; esac
+case "$limit" in ''|*[!0-9]*|0) die "--timeout takes whole seconds, not $limit" ;; esac
+
 # --- a bundle for a machine without a compiler or network --------------------------------------
 if [ -n "$pack" ]; then
   root=$(cd "$here/.." && pwd)
@@ -126,30 +152,6 @@ fi
 [ -x "$bench" ] || die "no bench binary at $bench (cargo build --release --example bench, or --bench BIN)"
 for t in timeout awk nproc; do command -v "$t" >/dev/null || die "$t is missing (coreutils/gawk; scripts/setup.sh --bench)"; done
 
-size() { # option value: bytes (more than 0), with an optional K, M or G suffix
-  local digits=${2%[GgMmKk]} shift=0
-  case "$2" in
-    *[Gg]) shift=30 ;;
-    *[Mm]) shift=20 ;;
-    *[Kk]) shift=10 ;;
-  esac
-  case "$digits" in
-    ''|*[!0-9]*|0*) die "$1 takes a number above 0 with an optional K, M or G suffix, not $2" ;;
-  esac
-  echo $(( digits << shift ))
-}
-bytes=$(size --bytes "$bytes")
-pair_max=$(size --pair-bytes-max "${pair_max:-$bytes}")
-avail_kib=$(awk '/MemAvailable/ {print $2}' /proc/meminfo)
-[ $(( bytes >> 10 )) -lt $(( avail_kib / 2 )) ] ||
-  die "--bytes $bytes needs that much memory for the receivers; only $(( avail_kib >> 10 )) MiB available (use a smaller --bytes)"
-IFS=, read -r -a ns <<<"$pairs"
-for n in "${ns[@]}"; do
-  case "$n" in ''|*[!0-9]*|0) die "--pairs takes a list of counts like 1,4,16,64, not $pairs" ;; esac
-done
-case "$rounds" in ''|*[!0-9]*|0) die "--rounds takes a count, not $rounds" ;; esac
-case "$settle" in ''|*[!0-9]*) die "--settle takes whole seconds, not $settle" ;; esac
-case "$limit" in ''|*[!0-9]*|0) die "--timeout takes whole seconds, not $limit" ;; esac
 
 all=(direct relay-kernel relay-kernel-after0 relay-userspace proxy-kernel proxy-kernel-after0 proxy-userspace haproxy-threads)
 if [ -n "$only" ]; then
