@@ -440,12 +440,20 @@ def stall(host, total, secs, write=CHUNK):
     print("received %d %s" % out["received"])
 
 
-def splice_reader(host, total):
+def streaming_pair(host, seed, total):
+    """A connected pair whose client sends `total` bytes and half-closes, from a thread:
+    (client socket, server socket, the thread, where it puts its `sent` count and sha256). The
+    caller keeps the client open until it has read everything."""
     cli, srv = pair(host)
     time.sleep(0.05)  # let the accepted end join before the first send
     out = {}
-    t = threading.Thread(target=send_stream, args=(cli, 1, total, out))
+    t = threading.Thread(target=send_stream, args=(cli, seed, total, out))
     t.start()
+    return cli, srv, t, out
+
+
+def splice_reader(host, total):
+    cli, srv, t, out = streaming_pair(host, 1, total)
     r, w = os.pipe()
     h = hashlib.sha256()
     got = 0
@@ -473,11 +481,7 @@ def splice_reader(host, total):
 
 
 def fionread_reader(host, total):
-    cli, srv = pair(host)
-    time.sleep(0.05)  # let the accepted end join before the first send
-    out = {}
-    t = threading.Thread(target=send_stream, args=(cli, 2, total, out))
-    t.start()
+    cli, srv, t, out = streaming_pair(host, 2, total)
     time.sleep(1.5)
     h = hashlib.sha256()
     got, short, most = 0, 0, 0
