@@ -997,27 +997,19 @@ impl Server {
     /// `proxy`: tries the upstream connections of the clients held for want of descriptors again,
     /// in the order they came; one that runs short again keeps its place and the rest behind it.
     fn retry_held(&mut self) {
-        while let Some(&(slot, serial)) = self.held_for_descriptors.first() {
+        while !self.held_for_descriptors.is_empty() {
+            let (slot, serial) = self.held_for_descriptors.remove(0);
             // Gone meanwhile (left, or the process drains), or already connecting.
             if self.pending_mut(slot, Some(serial)).is_none_or(|p| p.upstream.is_some()) {
-                self.held_for_descriptors.remove(0);
                 continue;
             }
-            let Partners::Upstreams(connector) = &mut self.partners else { return };
-            match connector.connect(self.poll.registry(), token(slot, 1)) {
-                Some(c) => {
-                    self.held_for_descriptors.remove(0);
-                    self.timers.set(c.deadline(), Timer::ConnectTimeout { slot, serial });
-                    self.pending_mut(slot, None).expect("held").upstream = Some(c);
-                }
-                None if connector.shortage().is_some() => {
-                    self.accept_retry = Some(Instant::now() + ACCEPT_BACKOFF);
-                    return;
-                }
-                None => {
-                    self.held_for_descriptors.remove(0);
-                    self.no_upstream(slot);
-                }
+            let held = self.held_for_descriptors.len();
+            self.connect_upstream(slot, serial);
+            if self.held_for_descriptors.len() > held {
+                // Short again (`no_upstream` held it at the end): back to the head of the line.
+                let again = self.held_for_descriptors.pop().expect("just held");
+                self.held_for_descriptors.insert(0, again);
+                return;
             }
         }
     }
