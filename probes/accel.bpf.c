@@ -157,15 +157,18 @@ struct member {
 	__u32 debt_kib;     /* KiB sent by TCP while paused less KiB redirected since, never below 0 */
 	__u64 paused_bytes; /* bytes sent by TCP since the direction last paused (informational) */
 	__u64 paused_at;    /* bpf_ktime_get_ns() when it last paused (informational) */
+	__u32 join_seq;     /* snd_nxt when the socket joined: see sent_around_the_map */
+	__u32 seq_checked;  /* its first sk_msg run compared write_seq with join_seq */
 };
 
 /* REDIRECT: sends go straight into the peer's redirect queue. PAUSED: the peer held its limit
  * unread, so sends take the TCP path, where the peer's receive window holds the sender back
  * (a redirect never waits), until the way back keeps byte order (see order_safe). STUCK: its
  * TCP-path sends outran its redirected ones by STUCK_LIMITS limits (a writer that keeps ahead of
- * its reader rarely lets the TCP path drain). DEMOTED_SMALL, STUCK and PEER_GONE:
+ * its reader rarely lets the TCP path drain). SENT_AROUND: bytes went by TCP without passing
+ * sk_msg (see sent_around_the_map). DEMOTED_SMALL, STUCK, SENT_AROUND and PEER_GONE:
  * the TCP path for the connection's life (and out of the map, see try_leave). */
-enum direction_mode { REDIRECT = 0, PAUSED = 1, DEMOTED_SMALL = 2, PEER_GONE = 3, LEFT = 4, STUCK = 5 };
+enum direction_mode { REDIRECT = 0, PAUSED = 1, DEMOTED_SMALL = 2, PEER_GONE = 3, LEFT = 4, STUCK = 5, SENT_AROUND = 6 };
 
 /* Every socket in `accel_socks` (entries leave when the socket closes). */
 struct {
@@ -364,6 +367,16 @@ static __always_inline void untrack_listener(struct bpf_sock_ops *ops)
 		bpf_map_delete_elem(&accel_listeners, &k);
 }
 
+/* The socket has sent or received payload already, or has some in flight: TCP Fast Open puts
+ * data in the SYN (the connecting end's sendto(MSG_FASTOPEN), TCP_FASTOPEN_CONNECT), and a TFO
+ * server may write before the handshake ends. Those bytes took TCP, so a redirect after them would
+ * reach the reader first (it takes its redirect queue before its TCP queue): such a connection
+ * stays out, as one whose connecting end sent before its peer joined. */
+static __always_inline int moved_payload(struct bpf_sock_ops *ops)
+{
+	return ops->data_segs_out || ops->data_segs_in || ops->snd_nxt != ops->snd_una;
+}
+
 /* Both ends of a connection join, or neither: the connecting end when it dials a listener of
  * the cgroup (ACTIVE_ESTABLISHED comes first on loopback), the accepted end when its peer joined
  * and has not sent anything yet. */
@@ -377,11 +390,16 @@ static __always_inline void join(struct bpf_sock_ops *ops, int active)
 	if (active) {
 		if (!dials_member_listener(&k))
 			return;
+		if (moved_payload(ops)) {
+			/* TCP Fast Open data in the SYN: a later redirect would overtake it. */
+			count(ACCEL_STAT_RACES_LOST, 1);
+			return;
+		}
 	} else {
 		peer_member = bpf_map_lookup_elem(&accel_members, &peer);
 		if (!peer_member)
 			return;
-		if (peer_member->state != PENDING) {
+		if (peer_member->state != PENDING || moved_payload(ops)) {
 			/* The connecting end already sent by the normal path: it leaves the map too. */
 			bpf_map_delete_elem(&accel_socks, &peer);
 			count(ACCEL_STAT_RACES_LOST, 1);
@@ -392,6 +410,7 @@ static __always_inline void join(struct bpf_sock_ops *ops, int active)
 		.cookie = bpf_get_socket_cookie(ops),
 		.state = active ? PENDING : JOINED,
 		.sk_addr = (__u64)(unsigned long)ops->sk,
+		.join_seq = ops->snd_nxt,
 	};
 	/* A stale entry of the same five-tuple (none is expected: entries leave at TCP_CLOSE) is
 	 * replaced without counting it twice in the gauge. */
@@ -652,6 +671,18 @@ static __always_inline __u64 queue_cost(__u32 queued, __u32 size)
 	return (__u64)queued + size + ((__u64)queued / per + 1) * SK_MSG_COST;
 }
 
+/* Checked at a socket's first sk_msg run: a sendmsg that began before the socket joined the map
+ * runs the plain tcp_sendmsg to its end, so its bytes take TCP without passing sk_msg. TCP Fast
+ * Open without a cookie does it: sendto(MSG_FASTOPEN) sends a bare SYN, waits in the connect for
+ * the handshake (during which the socket joins), then queues its data by TCP; redirected writes
+ * after it overtook it (a new-user pass: 1,000 bytes arrived after the first 1 MiB). Its write
+ * sequence has then moved since the join. */
+static __always_inline int sent_around_the_map(const struct member *me)
+{
+	struct tcp_sock *tp = (struct tcp_sock *)(unsigned long)me->sk_addr;
+	return BPF_CORE_READ(tp, write_seq) != me->join_seq;
+}
+
 SEC("sk_msg")
 int accel_msg(struct sk_msg_md *msg)
 {
@@ -687,6 +718,14 @@ int accel_msg(struct sk_msg_md *msg)
 		 * programs may not delete from a SOCKHASH). */
 		count(ACCEL_STAT_FALLBACKS, 1);
 		return SK_PASS;
+	}
+	if (!me->seq_checked) {
+		/* Both ends joined (a PENDING socket's first send took FALLBACK above). */
+		me->seq_checked = 1;
+		if (sent_around_the_map(me)) {
+			me->mode = SENT_AROUND;
+			count(ACCEL_STAT_RACES_LOST, 1);
+		}
 	}
 	__u32 size = msg->size;
 	if (me->mode == PEER_GONE) {

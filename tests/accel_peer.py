@@ -47,6 +47,13 @@ duplicated or reordered chunk changes the sha256 the test compares. Results are 
   oob HOST                    the client sends 10 x "A", one urgent byte "!" (MSG_OOB), 10 x "B"
                               and closes; the server prints the urgent byte (`urgent`) and the
                               inline stream (`inline`)
+  fastopen HOST BYTES [server-tfo]
+                              TCP Fast Open: the client's first 1,000 bytes go with
+                              sendto(MSG_FASTOPEN), the rest of BYTES by sendall, then it
+                              half-closes; the server (with TCP_FASTOPEN when `server-tfo`)
+                              starts reading 0.3 s after its accept. Three connections (the
+                              first fetches a cookie, later ones may carry data in the SYN);
+                              sha256 of both sides of each as `sent N` / `received N` lines
 """
 import array
 import fcntl
@@ -528,6 +535,43 @@ def oob(host):
     print("inline %r" % data)
 
 
+def fastopen(host, total, server_tfo):
+    lst = socket.socket(family(host))
+    if server_tfo:
+        lst.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 16)
+    lst.bind((host, 0))
+    lst.listen()
+    addr = lst.getsockname()[:2]
+    for seed in range(3):
+        out = {}
+
+        def serve_late():
+            srv, _ = lst.accept()
+            time.sleep(0.3)  # redirected bytes then wait beside the TCP ones
+            recv_stream(srv, out)
+            srv.close()
+
+        t = threading.Thread(target=serve_late)
+        t.start()
+        cli = socket.socket(family(host))
+        first = chunk(seed, 0)[:1000]
+        cli.sendto(first, socket.MSG_FASTOPEN, addr)
+        h = hashlib.sha256(first)
+        sent = len(first)
+        i = 1
+        while sent < total:
+            data = chunk(seed, i)[: min(CHUNK, total - sent)]
+            cli.sendall(data)
+            h.update(data)
+            sent += len(data)
+            i += 1
+        cli.shutdown(socket.SHUT_WR)
+        t.join()
+        cli.close()
+        print("sent %d %d %s" % (seed, sent, h.hexdigest()))
+        print("received %d %d %s" % (seed, *out["received"]))
+
+
 if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "serve":
@@ -556,5 +600,7 @@ if __name__ == "__main__":
         fionread_reader(args[0], int(args[1]))
     elif mode == "oob":
         oob(args[0])
+    elif mode == "fastopen":
+        fastopen(args[0], int(args[1]), args[2:] == ["server-tfo"])
     else:
         sys.exit("unknown mode " + mode)

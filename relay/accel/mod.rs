@@ -141,7 +141,7 @@ impl fmt::Display for AccelReport {
         writeln!(f, "  redirected: {} messages, {} bytes", self.messages, self.bytes)?;
         writeln!(
             f,
-            "  fell back to the normal path: {} messages; {} connections left unaccelerated (sent before the peer joined)",
+            "  fell back to the normal path: {} messages; {} connections left unaccelerated (bytes sent by TCP before both ends joined, TCP Fast Open too)",
             self.fallbacks, self.races_lost
         )?;
         write!(
