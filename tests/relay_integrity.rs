@@ -318,6 +318,50 @@ fn a_pair_kept_on_splice_by_a_half_closed_client_says_so() {
 }
 
 #[test]
+fn a_pair_past_kernel_after_whose_pipes_never_emptied_says_so() {
+    // A client that reads slower than its partner writes, then resets: the pair passes
+    // --kernel-after many times over, yet every look finds a pipe holding bytes, so it never
+    // joins. Its line said "below --kernel-after" (a helper's pass: up to 586 MB so labelled).
+    // --kernel-after 8M is more than the reader's socket and the relay's send buffer hold, so
+    // the pair cannot pass it without the reader reading, and reading it does, slowly.
+    let _netns = enter_netns();
+    if !require_bpf("a_pair_past_kernel_after_whose_pipes_never_emptied_says_so") {
+        return;
+    }
+    let mut cmd = std::process::Command::new(SKRELAY);
+    cmd.args(["relay", "--datapath", "kernel", "--kernel-after", "8M", "--metrics", "127.0.0.1:0"]);
+    let relay = Skrelay::spawn(cmd, "listening on");
+    let mut a = connect(addr());
+    let mut b = connect(addr());
+    let writer = thread::spawn(move || {
+        let chunk = vec![7u8; 64 << 10];
+        let mut sent = 0u64;
+        while b.write_all(&chunk).is_ok() {
+            sent += chunk.len() as u64;
+        }
+        sent
+    });
+    let mut buf = vec![0u8; 64 << 10];
+    let (mut got, start) = (0u64, std::time::Instant::now());
+    while start.elapsed() < Duration::from_millis(1500) {
+        got += std::io::Read::read(&mut a, &mut buf).unwrap() as u64;
+        thread::sleep(Duration::from_millis(5));
+    }
+    assert!(got > 8 << 20, "the reader should have taken more than --kernel-after: {got}");
+    socket2::SockRef::from(&a).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(a);
+    writer.join().unwrap();
+    relay.wait_log(" bytes ", 1, Duration::from_secs(10));
+    thread::sleep(Duration::from_millis(50));
+    let log = relay.log();
+    assert!(
+        log.contains("(userspace, past --kernel-after but a pipe still held bytes whenever it could have joined)"),
+        "{log}"
+    );
+    assert!(!log.contains("below --kernel-after"), "{log}");
+}
+
+#[test]
 fn a_pair_kept_out_of_a_full_kernel_budget_says_so_when_it_later_half_closes() {
     // --kernel-memory for one kernel pair: the first long pair joins and holds it; the second
     // passes --kernel-after, finds the budget full, and stays on splice(2); then its clients

@@ -1418,6 +1418,11 @@ struct Handover {
 /// `--kernel-memory` were full (the fallback datapath's own name).
 const KEPT_OUT: &str = "userspace";
 
+/// Why a pair past --kernel-after never joined: every look found a pipe still holding bytes (its
+/// reader slow or stopped) until it ended.
+const PIPES_NEVER_EMPTY: &str =
+    "userspace, past --kernel-after but a pipe still held bytes whenever it could have joined";
+
 /// Why a pair with a half-closed socket never joins (a socket does not return to ESTABLISHED).
 const HALF_CLOSED: &str = "userspace: a client half-closed before the pair could join the kernel's socket maps, \
                            which take only established connections";
@@ -1493,6 +1498,8 @@ impl Splice for Handover {
         } else if self.half_closed && self.user_moved.iter().sum::<u64>() >= self.after {
             // Past --kernel-after (perhaps within the call that ended it): the half-close kept it.
             HALF_CLOSED
+        } else if self.after > 0 && self.user_moved.iter().sum::<u64>() >= self.after {
+            PIPES_NEVER_EMPTY
         } else if self.after > 0 {
             "userspace, below --kernel-after"
         } else {
