@@ -49,6 +49,7 @@ pub struct TcpCounters {
 }
 
 /// TCP states (the kernel's `enum` in net/tcp_states.h, mirrored by uapi `BPF_TCP_*`).
+const TCP_ESTABLISHED: u8 = 1;
 const TCP_TIME_WAIT: u8 = 6;
 const TCP_CLOSE: u8 = 7;
 const TCP_CLOSE_WAIT: u8 = 8;
@@ -120,6 +121,11 @@ impl TcpCounters {
 
     pub fn closed(&self) -> bool {
         self.state == TCP_CLOSE
+    }
+
+    /// ESTABLISHED: the only state in which a socket may join a socket map.
+    pub fn established(&self) -> bool {
+        self.state == TCP_ESTABLISHED
     }
 
     /// Payload bytes received: `bytes_received` without the FIN's sequence number.

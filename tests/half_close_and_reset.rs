@@ -687,3 +687,51 @@ fn a_reset_clients_acknowledged_bytes_reach_a_partner_that_reads_later(dp: &str)
 }
 
 per_datapath!(a_reset_clients_acknowledged_bytes_reach_a_partner_that_reads_later);
+
+/// A client that half-closes while its pair joins the kernel maps (a soak: 1 pair in 2,000-9,000
+/// ended short, then with an EOF). The first socket enters `socks` with its verdict, the second
+/// no longer can (CLOSE_WAIT), and the pair goes back to splice(2): what the first socket's
+/// verdict redirected meanwhile into the second's psock was dropped with it, or at least left
+/// uncounted. The race is widened with the test-only pause between the two inserts
+/// (`SKRELAY_TEST_JOIN_PAUSE_MS`): B half-closes and A writes while it lasts. B must read every
+/// byte of A, then EOF, and the pair's count must hold them all.
+#[test]
+fn a_client_that_half_closes_while_the_pair_joins_loses_nothing() {
+    let _netns = enter_netns();
+    if !require_bpf("a_client_that_half_closes_while_the_pair_joins_loses_nothing") {
+        return;
+    }
+    for after in ["0", "64K"] {
+        let mut cmd = std::process::Command::new(SKRELAY);
+        cmd.args(["relay", "--datapath", "kernel", "--kernel-after", after, "--metrics", "127.0.0.1:0"])
+            .env("SKRELAY_TEST_JOIN_PAUSE_MS", "300")
+            .env("RUST_LOG", "debug");
+        let relay = Skrelay::spawn(cmd, "listening on");
+        let mut a = connect(addr());
+        let mut b = connect(addr());
+        let mut head = 0u64;
+        if after != "0" {
+            // Exactly --kernel-after: the pair joins once the last of it is spliced.
+            let sent = send_pattern(&mut b, 5, 64 << 10).unwrap();
+            assert_eq!(sha(&read_n(&mut a, 64 << 10)), sent, "--kernel-after {after}");
+            head = 64 << 10;
+        }
+        // Inside the pause: B half-closes, then A writes (its verdict, if it joined, takes it).
+        thread::sleep(Duration::from_millis(100));
+        b.shutdown(Shutdown::Write).unwrap();
+        thread::sleep(Duration::from_millis(20));
+        const LEN: u64 = 1 << 20;
+        let sent = send_pattern(&mut a, 6, LEN).unwrap();
+        a.shutdown(Shutdown::Write).unwrap();
+        let (n, got) = recv_all(&mut b).unwrap();
+        assert_eq!((n, &got), (LEN, &sent), "--kernel-after {after}: B reads all of A, then EOF");
+        expect_eof(&mut a);
+        let m = relay.wait_pairs_ended(1, Duration::from_secs(5));
+        assert_eq!(m.pairs("kernel", "eof"), 1, "--kernel-after {after}:\n{}", m.text);
+        assert_eq!(m.bytes("kernel"), head + LEN, "--kernel-after {after}: every byte counted:\n{}", m.text);
+        let (status, log) = relay.stop(Duration::from_secs(10));
+        assert!(status.success(), "{log}");
+        // The case met: the first socket's verdict took A's bytes before the join failed.
+        assert!(log.contains("half-closed while its pair joined; "), "--kernel-after {after}: not met:\n{log}");
+    }
+}

@@ -359,6 +359,7 @@ impl Datapath for KernelDatapath {
             acked_base,
             consumed: skip.map(u64::from),
             joined: Joined::default(),
+            taken_back: [0; 2],
         };
         if skip == [0, 0] && self.join_after == 0 {
             return match kernel.join(ends) {
@@ -1073,6 +1074,9 @@ impl KernelState {
 /// How long a cut pair's count waits for a psock backlog that was sending when the pair left
 /// the maps (`moved_at_cut`).
 const CUT_SETTLE_MAX: std::time::Duration = std::time::Duration::from_millis(5);
+/// How long a failed join waits for the psock's backlog to send on what the verdict redirected
+/// (`take_back`): the worker waits a tick and more on a busy machine (KERNEL-NOTES item 14).
+const TAKE_BACK_MAX: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Some parked bytes moved: look again soon.
 struct Progress;
@@ -1119,6 +1123,9 @@ struct KernelSplice {
     /// Token-line bytes received on each socket that are discarded, not relayed.
     consumed: [u64; 2],
     joined: Joined,
+    /// Bytes each way a verdict moved during a join that then failed (`take_back`): splice(2)
+    /// never saw them, so the pair's count adds them.
+    taken_back: [u64; 2],
 }
 
 fn map_full_or_io(e: MapError) -> SpliceError {
@@ -1210,9 +1217,25 @@ impl KernelSplice {
             };
             state.directions.insert(from, direction);
         }
+        // sock_map takes only established sockets. A client that half-closed since the pair chose
+        // to join is seen here, before any verdict can run; one whose FIN comes between the two
+        // inserts fails the second, after the first socket's verdict may have taken bytes.
+        for end in ends {
+            if !sys::tcp_counters(end)?.established() {
+                return Err(SpliceError::NotEstablished);
+            }
+        }
         for (i, end) in ends.iter().enumerate() {
-            state.socks.insert(self.cookies[i], end.as_raw_fd(), 0).map_err(map_full_or_io)?;
+            if let Err(e) = state.socks.insert(self.cookies[i], end.as_raw_fd(), 0) {
+                if std::mem::take(&mut self.joined.socks[0]) {
+                    self.taken_back[0] = take_back(state, a, ends, base[1]).map_err(SpliceError::Cut)?;
+                }
+                return Err(map_full_or_io(e));
+            }
             self.joined.socks[i] = true;
+            if i == 0 {
+                join_pause_for_tests();
+            }
         }
         // Bytes that arrived before the socket joined `socks` sit in its receive queue and only go
         // through the verdict when the next segment comes; a peek runs the sockmap receive path,
@@ -1223,6 +1246,56 @@ impl KernelSplice {
             }
         }
         Ok(())
+    }
+}
+
+/// The second socket of a pair could not join `socks` (its client half-closed a moment before)
+/// after the first, `a`, had: a's verdict may have taken bytes off its receive queue meanwhile,
+/// redirected into the second one's psock, which `release` drops with whatever it still queues (a
+/// soak lost 1,548 bytes so, and then the stream ended in an EOF), or parked in its own. So: take
+/// `a` out of `socks` (its verdict stops), wait (a few ms at most) until what it redirected has
+/// entered the second socket's send queue, where splice(2) continues after it in order, and
+/// return that count. Parked bytes, a broken stream or a redirect that does not land cannot be
+/// handed back in order: the error resets the pair.
+fn take_back(state: &mut KernelState, a: u64, ends: [&TcpStream; 2], dst_base: u64) -> io::Result<u64> {
+    let _ = state.socks.remove(&a);
+    let Ok(c) = state.counts.get(&a, 0) else { return Ok(0) };
+    let lost = |what: &str| {
+        io::Error::other(format!("a client half-closed while the pair joined the kernel's socket maps, and {what}"))
+    };
+    if c.flags & relay_count_flags::BROKEN != 0 {
+        return Err(lost("the stream it had started to redirect has a hole"));
+    }
+    if c.parked > 0 {
+        return Err(lost(&format!("{} bytes parked meanwhile cannot be handed back in order", c.parked)));
+    }
+    let deadline = std::time::Instant::now() + TAKE_BACK_MAX;
+    loop {
+        let to = sys::tcp_counters(ends[1])?;
+        if to.bytes_acked + sys::send_queue_len(ends[1])? >= dst_base + c.redirected {
+            log::debug!(
+                "kernel datapath: a client half-closed while its pair joined; {} bytes the verdict took meanwhile were sent on",
+                c.redirected
+            );
+            return Ok(c.redirected);
+        }
+        if std::time::Instant::now() >= deadline || to.closed() {
+            return Err(lost(&format!("{} bytes it redirected meanwhile did not arrive", c.redirected)));
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+}
+
+/// Tests only: `SKRELAY_TEST_JOIN_PAUSE_MS` holds a join for that long after its first socket
+/// enters `socks`, so that a test can half-close a client between the two inserts (a race a soak met
+/// once in thousands of pairs). Unset, it costs one read of a static.
+fn join_pause_for_tests() {
+    static PAUSE: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    let pause = PAUSE.get_or_init(|| {
+        std::env::var("SKRELAY_TEST_JOIN_PAUSE_MS").ok()?.parse().ok().map(std::time::Duration::from_millis)
+    });
+    if let Some(d) = pause {
+        std::thread::sleep(*d);
     }
 }
 
@@ -1434,7 +1507,7 @@ impl Splice for Handover {
         } else {
             let flow = self.user.advance(dir, src, dst);
             self.half_closed |= matches!(flow, Ok(Flow::Finished));
-            self.user_moved[dir] = self.user.moved(dir, src, dst, false);
+            self.user_moved[dir] = self.user.moved(dir, src, dst, false) + self.kernel.taken_back[dir];
             flow
         }
     }
@@ -1444,7 +1517,7 @@ impl Splice for Handover {
             self.kernel.flush_reset(dir, src, dst)
         } else {
             let delivered = self.user.flush_reset(dir, src, dst);
-            self.user_moved[dir] = self.user.moved(dir, src, dst, false);
+            self.user_moved[dir] = self.user.moved(dir, src, dst, false) + self.kernel.taken_back[dir];
             delivered
         }
     }
@@ -1453,7 +1526,7 @@ impl Splice for Handover {
         if self.joined {
             self.kernel.moved_at_cut(dir, src, dst, ended)
         } else {
-            self.user.moved_at_cut(dir, src, dst, ended)
+            self.user.moved_at_cut(dir, src, dst, ended) + self.kernel.taken_back[dir]
         }
     }
 
@@ -1462,9 +1535,10 @@ impl Splice for Handover {
             // The kernel's count covers both phases: TCP_INFO counts every byte.
             self.kernel.moved(dir, src, dst, ended)
         } else {
-            // Never joined: splice(2)'s own count. The pair may end before its last bytes are
-            // acknowledged, so the acknowledgements would come out short.
-            self.user.moved(dir, src, dst, ended)
+            // Never joined: splice(2)'s own count (and what a failed join's verdict moved). The
+            // pair may end before its last bytes are acknowledged, so the acknowledgements would
+            // come out short.
+            self.user.moved(dir, src, dst, ended) + self.kernel.taken_back[dir]
         }
     }
 
@@ -1522,6 +1596,7 @@ impl Splice for Handover {
             match self.kernel.join(ends) {
                 Ok(()) => self.joined = true,
                 Err(SpliceError::NotEstablished) => self.stays = Some(HALF_CLOSED),
+                Err(SpliceError::Cut(e)) => return Err(e),
                 // Stay on splice(2), and try again later: the same bytes arrive, only not
                 // through the kernel.
                 Err(e) => {

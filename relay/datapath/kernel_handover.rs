@@ -231,6 +231,7 @@ pub(super) fn import_splice(
         acked_base: s.acked_base,
         consumed: s.consumed,
         joined: Joined { targets: s.targets, peers: s.peers, socks: s.socks, counted: s.counted },
+        taken_back: [0; 2],
     })
 }
 

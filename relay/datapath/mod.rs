@@ -164,6 +164,9 @@ pub enum SpliceError {
     OverBudget(u64),
     #[error("{0}")]
     Io(#[from] io::Error),
+    /// The kernel took bytes of the pair that cannot be handed back in order: it must be reset.
+    #[error("{0}")]
+    Cut(io::Error),
 }
 
 /// Opens the datapath the user chose, one for each of `threads` event loops (each its own BPF
