@@ -90,6 +90,16 @@ pub fn usage_error(e: &clap::Error, args: &[String]) -> Option<String> {
     for tip in tips {
         sentence.push_str(&format!("; {tip}"));
     }
+    // Rust's integer parse errors, as a user would say them (`--threads abc`: "invalid digit
+    // found in string").
+    for (rust, plain) in [
+        ("invalid digit found in string", "not a whole number"),
+        ("cannot parse integer from empty string", "empty: give a whole number"),
+        ("number too large to fit in target type", "too large"),
+        ("number too small to fit in target type", "too small"),
+    ] {
+        sentence = sentence.replace(rust, plain);
+    }
     // The command whose --help to read: the subcommands named in `args`, as far as they go.
     let mut command = <Cli as clap::CommandFactory>::command();
     let mut path = vec!["skrelay".to_string()];
@@ -611,6 +621,13 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     let no_port = || format!("`{s}` has no port (give IP:PORT, [IPv6]:PORT or HOST:PORT, e.g. localhost:7777)");
     // A bracketed IPv6 address with nothing after it (`[::1]`) has no port either.
     let Some((host, port)) = s.rsplit_once(':').filter(|(_, port)| !port.ends_with(']')) else {
+        if s.parse::<u16>().is_ok() {
+            // A port alone (`--listen 7777`): the address is what is missing.
+            return Err(format!(
+                "`{s}` has no address (give 127.0.0.1:{s} for this host, 0.0.0.0:{s} for every IPv4 address, or \
+                 [::]:{s} for every address)"
+            ));
+        }
         return Err(no_port());
     };
     port.parse::<u16>().map_err(|_| format!("`{port}` is not a port (ports are 0 to 65535)"))?;

@@ -38,6 +38,10 @@ fn bad_flags_are_refused_with_exit_status_2() {
     assert_usage_error(&["relay", "--pair-timeout=-1"], "not a number of seconds");
     assert_usage_error(&["relay", "--drain-timeout", "soon"], "not a number of seconds");
     assert_usage_error(&["relay", "--bogus"], "unexpected argument '--bogus'");
+    // Rust's integer errors in a user's words; a port alone names the missing address.
+    assert_usage_error(&["relay", "--threads", "abc"], "invalid value 'abc' for '--threads <N>': not a whole number");
+    assert_usage_error(&["relay", "--takeover", ""], "empty: give a whole number");
+    assert_usage_error(&["relay", "--listen", "7777"], "`7777` has no address (give 127.0.0.1:7777");
     // Found by a new-user pass: these read as a host name or as an unknown flag.
     assert_usage_error(&["relay", "--listen", "300.1.1.1:7777"], "`300.1.1.1` is not an IPv4 address");
     assert_usage_error(&["relay", "--listen", ":7777"], "`:7777` has no address (give 0.0.0.0:7777");
