@@ -80,7 +80,7 @@ int main(void) {
     F(relay_count, redirected); F(relay_count, parked); F(relay_count, next_seq); F(relay_count, flags);
     printf("pub const ACCEL_CONFIG_SIZE: usize = %zu;\n", sizeof(struct accel_config));
     F(accel_config, filter_ports); F(accel_config, max_queued); F(accel_config, small_write);
-    F(accel_config, small_streak); F(accel_config, cpus);
+    F(accel_config, small_streak); F(accel_config, cpus); F(accel_config, woken_wake_function);
     printf("pub const ACCEL_STAT_SOCKETS: u32 = %d;\n", ACCEL_STAT_SOCKETS);
     printf("pub const ACCEL_STAT_CONNECTIONS: u32 = %d;\n", ACCEL_STAT_CONNECTIONS);
     printf("pub const ACCEL_STAT_MESSAGES: u32 = %d;\n", ACCEL_STAT_MESSAGES);

@@ -38,6 +38,11 @@ struct wait_queue_head {
 	struct list_head head;
 } __attribute__((preserve_access_index));
 
+struct wait_queue_entry {
+	void *func;
+	struct list_head entry;
+} __attribute__((preserve_access_index));
+
 struct socket_wq {
 	struct wait_queue_head wait;
 } __attribute__((preserve_access_index));
@@ -499,6 +504,40 @@ static __always_inline void take_peer_out(struct bpf_sock_ops *ops, struct sock_
 	bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_RTT_CB_FLAG);
 }
 
+/* Threads blocked in recvmsg on `sk` (at most 8 looked at): wait-queue entries woken by
+ * woken_wake_function, as sk_wait_event's are. A reader blocked in tcp_bpf_recvmsg holds a psock
+ * reference while it waits, which try_leave would otherwise take for a sendmsg in progress: a
+ * server blocked reading until EOF kept its client in the map at the client's FIN, and the
+ * client's blocking recv then failed with EAGAIN when the FIN's ACK woke it (30 of 30 such
+ * exchanges, a new-user pass). Also counted: a sender waiting for memory in tcp_bpf_sendmsg
+ * (holds a reference too, but no redirect is under way: its next one reads `leaving`), and a
+ * reader blocked in plain tcp_recvmsg (MSG_WAITALL), which holds none, so a sendmsg of another
+ * thread in the middle of a redirect could then pass for it (KERNEL-NOTES, accel). 0 where the
+ * address is unknown. */
+static __always_inline int blocked_readers(struct sock *sk)
+{
+	__u32 zero = 0;
+	struct accel_config *cfg = bpf_map_lookup_elem(&accel_config, &zero);
+	if (!cfg || !cfg->woken_wake_function)
+		return 0;
+	struct socket_wq *wq = BPF_CORE_READ(sk, sk_wq);
+	if (!wq)
+		return 0;
+	struct list_head *head = &wq->wait.head;
+	struct list_head *pos = BPF_CORE_READ(wq, wait.head.next);
+	int n = 0;
+	for (int i = 0; i < 8; i++) {
+		if (pos == head)
+			break;
+		struct wait_queue_entry *e =
+			(void *)((char *)pos - bpf_core_field_offset(struct wait_queue_entry, entry));
+		if ((__u64)(unsigned long)BPF_CORE_READ(e, func) == cfg->woken_wake_function)
+			n++;
+		pos = BPF_CORE_READ(pos, next);
+	}
+	return n;
+}
+
 static __always_inline void try_leave(struct bpf_sock_ops *ops, int closing)
 {
 	struct sock_key k = {}, peer = {};
@@ -521,7 +560,7 @@ static __always_inline void try_leave(struct bpf_sock_ops *ops, int closing)
 	__sync_lock_test_and_set(&me->leaving, 1);
 	if (psk && BPF_CORE_READ(psk, __sk_common.skc_cookie.counter) == pm->cookie) {
 		struct sk_psock *pps = psock_of(psk);
-		if (pps && BPF_CORE_READ(pps, refcnt.refs.counter) > 1)
+		if (pps && BPF_CORE_READ(pps, refcnt.refs.counter) - 1 > blocked_readers(psk))
 			return; /* the peer may be inside sendmsg: try again at the next RTT sample */
 	}
 	struct sock *sk = (struct sock *)(unsigned long)me->sk_addr;

@@ -100,6 +100,9 @@ struct accel_config {
 	__u32 small_streak; /* demote after this many consecutive small sends at a reader with unread data */
 	__u32 cpus;         /* CPUs the cgroup's processes may run on (0: 1); more live connections than this
 	                     * is crowded, and a paused direction gives up sooner (STUCK_LIMITS_CROWDED) */
+	__u32 reserved;     /* 0 */
+	__u64 woken_wake_function; /* the kernel's address of woken_wake_function (/proc/kallsyms; 0:
+	                            * unknown): the wake function of a thread blocked in recvmsg */
 };
 
 /* ---- steer: sk_lookup funnels (probes/steer.bpf.c, relay/steer/) ---- */

@@ -109,9 +109,14 @@ pub struct AccelConfig {
     /// CPUs the cgroup's processes may run on (0: 1): with more live connections than this, a
     /// paused direction gives up the redirect sooner (probes/accel.bpf.c, STUCK_LIMITS).
     pub cpus: u32,
+    /// 0.
+    pub reserved: u32,
+    /// The kernel's address of `woken_wake_function` (0: unknown), which tells a thread blocked
+    /// in recvmsg on a socket's wait queue (probes/accel.bpf.c, `blocked_readers`).
+    pub woken_wake_function: u64,
 }
 
-// SAFETY: plain old data, u32 fields, no padding.
+// SAFETY: plain old data, u32 and u64 fields, no padding (the u64 starts at offset 24).
 unsafe impl aya::Pod for AccelConfig {}
 
 /// Five-tuple key of the accel SOCKHASH (`struct sock_key`).
@@ -211,6 +216,7 @@ mod tests {
         assert_eq!(std::mem::offset_of!(AccelConfig, small_write), c::accel_config__small_write);
         assert_eq!(std::mem::offset_of!(AccelConfig, small_streak), c::accel_config__small_streak);
         assert_eq!(std::mem::offset_of!(AccelConfig, cpus), c::accel_config__cpus);
+        assert_eq!(std::mem::offset_of!(AccelConfig, woken_wake_function), c::accel_config__woken_wake_function);
     }
 
     #[test]

@@ -797,3 +797,35 @@ mod tests {
         assert!(raise_fd_limit() > 0);
     }
 }
+
+/// The kernel's address of a text symbol, from /proc/kallsyms: None where it is not there, or
+/// where kptr_restrict shows every address as 0 (an unprivileged reader, kptr_restrict 2).
+pub fn kernel_symbol(name: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/kallsyms").ok()?;
+    parse_kernel_symbol(&text, name)
+}
+
+fn parse_kernel_symbol(kallsyms: &str, name: &str) -> Option<u64> {
+    kallsyms.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (addr, kind, sym) = (fields.next()?, fields.next()?, fields.next()?);
+        (sym == name && matches!(kind, "T" | "t"))
+            .then(|| u64::from_str_radix(addr, 16).ok())
+            .flatten()
+            .filter(|&a| a != 0)
+    })
+}
+
+#[cfg(test)]
+mod kallsyms_tests {
+    use super::parse_kernel_symbol;
+
+    #[test]
+    fn a_symbol_is_found_by_its_exact_name_and_a_hidden_address_is_none() {
+        let text = "ffffffff813dc470 T __pfx_woken_wake_function\nffffffff813dc480 T woken_wake_function\n";
+        assert_eq!(parse_kernel_symbol(text, "woken_wake_function"), Some(0xffffffff813dc480));
+        assert_eq!(parse_kernel_symbol("0000000000000000 T woken_wake_function\n", "woken_wake_function"), None);
+        assert_eq!(parse_kernel_symbol(text, "woken"), None);
+        assert_eq!(crate::sys::kernel_symbol("no_such_symbol_in_any_kernel"), None);
+    }
+}

@@ -454,6 +454,28 @@ fn a_blocked_recv_survives_its_own_half_close() {
     rpc_with_half_close("rpc-blocking", "");
 }
 
+/// HTTP/1.0 style: the client sends its request, half-closes and reads the reply with blocking
+/// recv(2) to EOF; the server reads the request to EOF with blocking recv(2), so it is blocked
+/// there, holding its psock, when the client's FIN goes out. The client's leave at its FIN took
+/// that reference for a sendmsg in progress and waited, the client's recv blocked inside
+/// tcp_bpf_recvmsg, and the FIN's ACK woke it without data: EAGAIN in 30 of 30 exchanges (a
+/// new-user pass). The sockops program now counts the peer's threads blocked in recvmsg
+/// (wait-queue entries of woken_wake_function) as holders too. What remains: a peer's reader
+/// caught between its wake-up and its next wait (about 1 exchange in 75 here).
+#[test]
+fn a_client_reading_to_eof_after_half_close_meets_a_server_blocked_in_recv() {
+    if !require_bpf("a_client_reading_to_eof_after_half_close_meets_a_server_blocked_in_recv") {
+        return;
+    }
+    let _netns = enter_netns();
+    let cg = TestCgroup::accelerated("request-eof", &[]);
+    let out = output(cg.peer(&["request-eof", "127.0.0.1", "20"]));
+    let r = cg.report();
+    let counts: Vec<u32> = field(&out, "request-eof").split(' ').take(2).map(|n| n.parse().unwrap()).collect();
+    assert!(r.connections >= 20, "the exchanges were not accelerated: {r}");
+    assert!(counts[0] >= 17, "{} of {} exchanges got their whole reply: {out}\n{r}", counts[0], counts[1]);
+}
+
 /// The same exchange read the way event loops read (poll, then a non-blocking `recv`, retrying
 /// EAGAIN): the empty wake-up costs one retry and the application never sees it.
 #[test]

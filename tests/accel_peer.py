@@ -47,6 +47,11 @@ duplicated or reordered chunk changes the sha256 the test compares. Results are 
   oob HOST                    the client sends 10 x "A", one urgent byte "!" (MSG_OOB), 10 x "B"
                               and closes; the server prints the urgent byte (`urgent`) and the
                               inline stream (`inline`)
+  request-eof HOST ROUNDS     ROUNDS connections, HTTP/1.0 style: the client sends a 1,000-byte
+                              request, half-closes and reads the reply with blocking recv(2) to
+                              EOF; the server reads the request with blocking recv(2) to EOF
+                              (blocked there when the client's FIN comes), works 50 ms, replies
+                              and closes. `request-eof OK ROUNDS` and each failure's errno
   fastopen HOST BYTES [server-tfo]
                               TCP Fast Open: the client's first 1,000 bytes go with
                               sendto(MSG_FASTOPEN), the rest of BYTES by sendall, then it
@@ -56,6 +61,7 @@ duplicated or reordered chunk changes the sha256 the test compares. Results are 
                               sha256 of both sides of each as `sent N` / `received N` lines
 """
 import array
+import errno
 import fcntl
 import termios
 import hashlib
@@ -535,6 +541,46 @@ def oob(host):
     print("inline %r" % data)
 
 
+def request_eof(host, rounds):
+    ok, failures = 0, []
+    for i in range(rounds):
+        cli, srv = pair(host)
+        req = chunk(i, 0)[:1000]
+        got = {}
+
+        def serve():
+            b = b""
+            while True:
+                d = srv.recv(65536)
+                if not d:
+                    break
+                b += d
+            got["request"] = b
+            time.sleep(0.05)
+            srv.sendall(b"reply to " + b[:8])
+            srv.close()
+
+        t = threading.Thread(target=serve)
+        t.start()
+        time.sleep(0.01)  # the server is blocked in recv
+        cli.sendall(req)
+        cli.shutdown(socket.SHUT_WR)
+        reply = b""
+        try:
+            while True:
+                d = cli.recv(65536)
+                if not d:
+                    break
+                reply += d
+        except OSError as e:
+            failures.append(errno.errorcode.get(e.errno, str(e.errno)))
+        t.join()
+        cli.close()
+        if reply == b"reply to " + req[:8] and got.get("request") == req:
+            ok += 1
+    print("request-eof %d %d %s" % (ok, rounds, " ".join(failures)))
+
+
 def fastopen(host, total, server_tfo):
     lst = socket.socket(family(host))
     if server_tfo:
@@ -600,6 +646,8 @@ if __name__ == "__main__":
         fionread_reader(args[0], int(args[1]))
     elif mode == "oob":
         oob(args[0])
+    elif mode == "request-eof":
+        request_eof(args[0], int(args[1]))
     elif mode == "fastopen":
         fastopen(args[0], int(args[1]), args[2:] == ["server-tfo"])
     else:

@@ -115,6 +115,8 @@ fn create_in(dir: &Path, cgroup: &Cgroup, ports: &[u16], max_queued: u32, small_
             small_write,
             small_streak: super::SMALL_STREAK,
             cpus: std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX)),
+            reserved: 0,
+            woken_wake_function: crate::sys::kernel_symbol("woken_wake_function").unwrap_or(0),
         };
         config.set(0, value, 0).map_err(broken)?;
     }
