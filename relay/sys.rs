@@ -801,31 +801,29 @@ mod tests {
 /// The kernel's address of a text symbol, from /proc/kallsyms: None where it is not there, or
 /// where kptr_restrict shows every address as 0 (an unprivileged reader, kptr_restrict 2).
 pub fn kernel_symbol(name: &str) -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/kallsyms").ok()?;
-    parse_kernel_symbol(&text, name)
+    use std::io::BufRead;
+    // Line by line (5 MB in all), up to the symbol: core kernel text comes first.
+    let file = std::io::BufReader::new(std::fs::File::open("/proc/kallsyms").ok()?);
+    file.lines().map_while(Result::ok).find_map(|line| symbol_address(&line, name))
 }
 
-fn parse_kernel_symbol(kallsyms: &str, name: &str) -> Option<u64> {
-    kallsyms.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
-        let (addr, kind, sym) = (fields.next()?, fields.next()?, fields.next()?);
-        (sym == name && matches!(kind, "T" | "t"))
-            .then(|| u64::from_str_radix(addr, 16).ok())
-            .flatten()
-            .filter(|&a| a != 0)
-    })
+/// The address on one /proc/kallsyms line, if it is `name`'s (text, not hidden as 0).
+fn symbol_address(line: &str, name: &str) -> Option<u64> {
+    let mut fields = line.split_whitespace();
+    let (addr, kind, sym) = (fields.next()?, fields.next()?, fields.next()?);
+    (sym == name && matches!(kind, "T" | "t")).then(|| u64::from_str_radix(addr, 16).ok()).flatten().filter(|&a| a != 0)
 }
 
 #[cfg(test)]
 mod kallsyms_tests {
-    use super::parse_kernel_symbol;
+    use super::symbol_address;
 
     #[test]
     fn a_symbol_is_found_by_its_exact_name_and_a_hidden_address_is_none() {
-        let text = "ffffffff813dc470 T __pfx_woken_wake_function\nffffffff813dc480 T woken_wake_function\n";
-        assert_eq!(parse_kernel_symbol(text, "woken_wake_function"), Some(0xffffffff813dc480));
-        assert_eq!(parse_kernel_symbol("0000000000000000 T woken_wake_function\n", "woken_wake_function"), None);
-        assert_eq!(parse_kernel_symbol(text, "woken"), None);
+        let name = "woken_wake_function";
+        assert_eq!(symbol_address("ffffffff813dc480 T woken_wake_function", name), Some(0xffffffff813dc480));
+        assert_eq!(symbol_address("ffffffff813dc470 T __pfx_woken_wake_function", name), None);
+        assert_eq!(symbol_address("0000000000000000 T woken_wake_function", name), None);
         assert_eq!(crate::sys::kernel_symbol("no_such_symbol_in_any_kernel"), None);
     }
 }
