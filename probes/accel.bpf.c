@@ -68,6 +68,14 @@ struct sk_psock {
 	struct refcount_struct refcnt;
 } __attribute__((preserve_access_index));
 
+/* Bits of sk_flags (their numbers come from the running kernel's BTF). */
+enum sock_flags {
+	SOCK_RCVTSTAMP = 11,
+	SOCK_RCVTSTAMPNS = 12,
+	SOCK_TIMESTAMPING_RX_SOFTWARE = 15,
+	SOCK_ZEROCOPY = 18,
+};
+
 /* sk_user_data carries flag bits below the psock pointer (SK_USER_DATA_PTRMASK). */
 #define SK_USER_DATA_PTRMASK (~7UL)
 
@@ -84,6 +92,7 @@ struct proto {
 struct sock_common {
 	atomic64_t skc_cookie;
 	struct proto *skc_prot;
+	unsigned long skc_flags; /* sk_flags, since 6.x */
 } __attribute__((preserve_access_index));
 
 struct sock {
@@ -93,6 +102,8 @@ struct sock {
 	} __attribute__((preserve_access_index)) sk_backlog;
 	int sk_rcvbuf;
 	int sk_rcvlowat;
+	unsigned long sk_flags;
+	int sk_peek_off;
 	struct socket_wq *sk_wq;
 	struct socket *sk_socket;
 	socket_lock_t sk_lock;
@@ -171,9 +182,19 @@ struct member {
  * (a redirect never waits), until the way back keeps byte order (see order_safe). STUCK: its
  * TCP-path sends outran its redirected ones by STUCK_LIMITS limits (a writer that keeps ahead of
  * its reader rarely lets the TCP path drain). SENT_AROUND: bytes went by TCP without passing
- * sk_msg (see sent_around_the_map). DEMOTED_SMALL, STUCK, SENT_AROUND and PEER_GONE:
+ * sk_msg (see sent_around_the_map). UNHONOURED: a socket option the redirect ignores is set (see
+ * unhonoured_writer). DEMOTED_SMALL, STUCK, SENT_AROUND, UNHONOURED and PEER_GONE:
  * the TCP path for the connection's life (and out of the map, see try_leave). */
-enum direction_mode { REDIRECT = 0, PAUSED = 1, DEMOTED_SMALL = 2, PEER_GONE = 3, LEFT = 4, STUCK = 5, SENT_AROUND = 6 };
+enum direction_mode {
+	REDIRECT = 0,
+	PAUSED = 1,
+	DEMOTED_SMALL = 2,
+	PEER_GONE = 3,
+	LEFT = 4,
+	STUCK = 5,
+	SENT_AROUND = 6,
+	UNHONOURED = 7,
+};
 
 /* Every socket in `accel_socks` (entries leave when the socket closes). */
 struct {
@@ -372,6 +393,36 @@ static __always_inline void untrack_listener(struct bpf_sock_ops *ops)
 		bpf_map_delete_elem(&accel_listeners, &k);
 }
 
+/* Socket options whose work is done on the TCP path, which a redirected message skips (a new-user
+ * pass): MSG_ZEROCOPY's completions (a sender that waits for them hung: tcp_bpf_sendmsg copies and
+ * never reports one), receive timestamps (SO_TIMESTAMP, SO_TIMESTAMPNS, SO_TIMESTAMPING's
+ * software receive stamp: no cmsg came), SO_PEEK_OFF (every peek read from offset 0) and
+ * SO_RCVLOWAT (poll and recv woke for less). A connection with one of them set stays on TCP:
+ * checked at the join on both sockets, and before each redirect on the writer (ZEROCOPY) and on
+ * the reader (the others), since they may be set at any time. Not seen from here (left on the
+ * redirect, README): SO_TIMESTAMPING's transmit stamps, TCP_INQ, TCP_CORK and MSG_MORE. */
+static __always_inline unsigned long sock_flags_of(struct sock *sk)
+{
+	if (bpf_core_field_exists(sk->__sk_common.skc_flags))
+		return BPF_CORE_READ(sk, __sk_common.skc_flags);
+	return BPF_CORE_READ(sk, sk_flags);
+}
+
+static __always_inline int unhonoured_writer(struct sock *sk)
+{
+	unsigned long flags = sock_flags_of(sk);
+	return (flags >> bpf_core_enum_value(enum sock_flags, SOCK_ZEROCOPY)) & 1;
+}
+
+static __always_inline int unhonoured_reader(struct sock *sk)
+{
+	unsigned long flags = sock_flags_of(sk);
+	unsigned long stamps = (1UL << bpf_core_enum_value(enum sock_flags, SOCK_RCVTSTAMP)) |
+			       (1UL << bpf_core_enum_value(enum sock_flags, SOCK_RCVTSTAMPNS)) |
+			       (1UL << bpf_core_enum_value(enum sock_flags, SOCK_TIMESTAMPING_RX_SOFTWARE));
+	return (flags & stamps) || BPF_CORE_READ(sk, sk_peek_off) >= 0 || BPF_CORE_READ(sk, sk_rcvlowat) > 1;
+}
+
 /* The socket has sent or received payload already, or has some in flight: TCP Fast Open puts
  * data in the SYN (the connecting end's sendto(MSG_FASTOPEN), TCP_FASTOPEN_CONNECT), and a TFO
  * server may write before the handshake ends. Those bytes took TCP, so a redirect after them would
@@ -423,6 +474,18 @@ static __always_inline void join(struct bpf_sock_ops *ops, int active)
 		live_sockets_add(1);
 	else
 		bpf_map_update_elem(&accel_members, &k, &me, BPF_ANY);
+	/* The address read back from the map is a plain number, which CO-RE reads may offset
+	 * (the context's socket pointer may not be). */
+	struct member *mine = bpf_map_lookup_elem(&accel_members, &k);
+	struct sock *sk = mine ? (struct sock *)(unsigned long)mine->sk_addr : 0;
+	if (sk && (unhonoured_writer(sk) || unhonoured_reader(sk))) {
+		if (bpf_map_delete_elem(&accel_members, &k) == 0)
+			live_sockets_add(-1);
+		if (!active)
+			bpf_map_delete_elem(&accel_socks, &peer); /* the connecting end leaves too */
+		count(ACCEL_STAT_RACES_LOST, 1);
+		return;
+	}
 	long err = bpf_sock_hash_update(ops, &accel_socks, &k, BPF_NOEXIST);
 	if (err) {
 		if (bpf_map_delete_elem(&accel_members, &k) == 0)
@@ -792,6 +855,13 @@ int accel_msg(struct sk_msg_md *msg)
 		/* Gone, or leaving the map (try_leave): the TCP path from now on. */
 		me->mode = PEER_GONE;
 		count(ACCEL_STAT_FALLBACKS, 1);
+		return SK_PASS;
+	}
+	if (unhonoured_writer((struct sock *)(unsigned long)me->sk_addr) || unhonoured_reader(psk)) {
+		me->mode = UNHONOURED;
+		count(ACCEL_STAT_RACES_LOST, 1);
+		count(ACCEL_STAT_PASSED, 1);
+		count(ACCEL_STAT_PASSED_BYTES, size);
 		return SK_PASS;
 	}
 	/* What the peer holds unread: its receive memory, which the kernel charges for every

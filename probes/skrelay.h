@@ -78,7 +78,8 @@ enum accel_stat {
 	ACCEL_STAT_INSERT_BUSY = 5,  /* inserts refused with EBUSY: another sk_msg program holds the socket */
 	ACCEL_STAT_INSERT_FAILED = 6,/* inserts refused for any other reason */
 	ACCEL_STAT_LAST_ERRNO = 7,   /* errno of the latest refused insert (a value, not a count) */
-	ACCEL_STAT_RACES_LOST = 8,   /* connections left out: bytes took TCP before both ends joined (early send, TCP Fast Open) */
+	ACCEL_STAT_RACES_LOST = 8,   /* connections left out: bytes took TCP before both ends joined (early send, TCP Fast Open), or
+	                        * a socket option the redirect skips (SO_ZEROCOPY, timestamps, ...) */
 	ACCEL_STAT_PAUSES = 9,       /* directions moved to the TCP path: the reader held its limit unread */
 	ACCEL_STAT_RESUMES = 10,     /* directions moved back to the redirect once that kept byte order */
 	ACCEL_STAT_DEMOTED_SMALL = 11,/* directions moved to the TCP path for good: small writes streamed at a busy reader */

@@ -32,6 +32,8 @@ pub fn os_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a io
 
 /// Explains why a BPF step failed, naming the fix.
 pub fn unavailable(step: &str, err: &(dyn std::error::Error + 'static)) -> Error {
+    // The whole story (a refused program's verifier log) for RUST_LOG=debug.
+    log::debug!("{step}: {}", chain(err));
     let errno = os_error(err).and_then(|e| e.raw_os_error());
     // Opening or reading pinned state loads nothing: say what was refused.
     if matches!(errno, Some(libc::EPERM) | Some(libc::EACCES))

@@ -127,8 +127,11 @@ pub enum Command {
     /// between TCP connections, HAProxy with splice) misses the redirected bytes: it sees an early
     /// end of a stream that fits in --max-queued, and hangs on a longer one; FIONREAD counts only
     /// redirected bytes, so a receiver that trusts it (nginx as a reverse proxy or upload target)
-    /// can stall once a stream has paused; urgent data (MSG_OOB) stays inline. Keep such
-    /// applications out of the cgroup (or give --ports only the ports of those that are safe).
+    /// can stall once a stream has paused; urgent data (MSG_OOB) stays inline; a socket closed with
+    /// unread bytes sends a FIN, not a reset; TCP_INQ, transmit timestamps, TCP_CORK and MSG_MORE
+    /// are ignored (SO_ZEROCOPY, receive timestamps, SO_PEEK_OFF and SO_RCVLOWAT keep a
+    /// connection on TCP). Keep such applications out of the cgroup (or give --ports only the
+    /// ports of those that are safe).
     #[command(subcommand)]
     Accel(AccelCommand),
     /// Steer connections for ports and address prefixes to a listening socket of any process

@@ -454,6 +454,30 @@ fn a_blocked_recv_survives_its_own_half_close() {
     rpc_with_half_close("rpc-blocking", "");
 }
 
+/// Socket options whose work the redirect would skip (a new-user pass): MSG_ZEROCOPY's
+/// completions (a sender that waited for them hung), receive timestamps, SO_RCVLOWAT (poll woke
+/// for 1,000 bytes under a 50,000 low mark). A connection with one set takes TCP from then on,
+/// so each answers as on plain loopback, also when set after the connection joined.
+#[test]
+fn socket_options_the_redirect_would_skip_answer_as_on_plain_tcp() {
+    if !require_bpf("socket_options_the_redirect_would_skip_answer_as_on_plain_tcp") {
+        return;
+    }
+    let _netns = enter_netns();
+    let plain = output(plain_peer(&["options", "127.0.0.1"]));
+    assert_eq!(field(&plain, "zerocopy"), "16", "{plain}");
+    assert_eq!(field(&plain, "rx-stamp"), "yes", "{plain}");
+    assert_eq!(field(&plain, "rcvlowat"), "no 61000", "{plain}");
+    let cg = TestCgroup::accelerated("options", &[]);
+    let out = output(cg.peer(&["options", "127.0.0.1"]));
+    let r = cg.report();
+    for key in ["zerocopy", "rx-stamp", "rcvlowat"] {
+        assert_eq!(field(&out, key), field(&plain, key), "{key} under accel:\n{out}\n{r}");
+    }
+    assert_eq!(r.connections, 3, "the connections were accelerated until the option was seen: {r}");
+    assert!(r.races_lost >= 3, "each connection left the redirect for its option: {r}");
+}
+
 /// HTTP/1.0 style: the client sends its request, half-closes and reads the reply with blocking
 /// recv(2) to EOF; the server reads the request to EOF with blocking recv(2), so it is blocked
 /// there, holding its psock, when the client's FIN goes out. The client's leave at its FIN took

@@ -52,6 +52,12 @@ duplicated or reordered chunk changes the sha256 the test compares. Results are 
                               EOF; the server reads the request with blocking recv(2) to EOF
                               (blocked there when the client's FIN comes), works 50 ms, replies
                               and closes. `request-eof OK ROUNDS` and each failure's errno
+  options HOST                what socket options the redirect would skip do, each set after the
+                              connection is up and before its bytes: `zerocopy N` (completions of
+                              16 MSG_ZEROCOPY sends of 64 KiB seen within 2 s), `rx-stamp yes|no`
+                              (an SCM_TIMESTAMPNS cmsg with SO_TIMESTAMPNS), `rcvlowat P R` (did
+                              poll report POLLIN for 1,000 bytes under SO_RCVLOWAT 50,000; what a
+                              blocking recv then returned once 60,000 more came)
   fastopen HOST BYTES [server-tfo]
                               TCP Fast Open: the client's first 1,000 bytes go with
                               sendto(MSG_FASTOPEN), the rest of BYTES by sendall, then it
@@ -581,6 +587,52 @@ def request_eof(host, rounds):
     print("request-eof %d %d %s" % (ok, rounds, " ".join(failures)))
 
 
+def options(host):
+    SO_ZEROCOPY, MSG_ZEROCOPY, SO_EE_ORIGIN_ZEROCOPY = 60, 0x4000000, 5
+    cli, srv = pair(host)
+    time.sleep(0.05)
+    cli.setsockopt(socket.SOL_SOCKET, SO_ZEROCOPY, 1)
+    out = {}
+    t = threading.Thread(target=recv_stream, args=(srv, out))
+    t.start()
+    for i in range(16):
+        cli.sendall(chunk(1, i), MSG_ZEROCOPY)
+    done, deadline = set(), time.monotonic() + 2
+    while len(done) < 16 and time.monotonic() < deadline:
+        select.select([], [], [cli], 0.1)
+        try:
+            _, anc, _, _ = cli.recvmsg(0, 1024, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            continue
+        for level, kind, data in anc:
+            errno_, origin, _, _, _, info, lo = struct.unpack("=IBBBBII", data[:16])
+            if origin == SO_EE_ORIGIN_ZEROCOPY:
+                done.update(range(info, lo + 1))
+    cli.shutdown(socket.SHUT_WR)
+    t.join()
+    print("zerocopy %d" % len(done & set(range(16))))
+
+    cli, srv = pair(host)
+    time.sleep(0.05)
+    SO_TIMESTAMPNS = 35  # and SCM_TIMESTAMPNS (asm-generic)
+    srv.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    time.sleep(0.1)  # the kernel turns receive timestamps on from a work item, a moment later
+    cli.sendall(b"x" * 1000)
+    _, anc, _, _ = srv.recvmsg(1000, 1024)
+    print("rx-stamp %s" % ("yes" if any(k == SO_TIMESTAMPNS for _, k, _ in anc) else "no"))
+
+    cli, srv = pair(host)
+    time.sleep(0.05)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 50000)
+    cli.sendall(b"x" * 1000)
+    p = select.poll()
+    p.register(srv, select.POLLIN)
+    early = "yes" if p.poll(200) else "no"
+    cli.sendall(b"y" * 60000)
+    time.sleep(0.1)
+    print("rcvlowat %s %d" % (early, len(srv.recv(100000))))
+
+
 def fastopen(host, total, server_tfo):
     lst = socket.socket(family(host))
     if server_tfo:
@@ -646,6 +698,8 @@ if __name__ == "__main__":
         fionread_reader(args[0], int(args[1]))
     elif mode == "oob":
         oob(args[0])
+    elif mode == "options":
+        options(args[0])
     elif mode == "request-eof":
         request_eof(args[0], int(args[1]))
     elif mode == "fastopen":

@@ -141,7 +141,7 @@ impl fmt::Display for AccelReport {
         writeln!(f, "  redirected: {} messages, {} bytes", self.messages, self.bytes)?;
         writeln!(
             f,
-            "  fell back to the normal path: {} messages; {} connections left unaccelerated (bytes sent by TCP before both ends joined, TCP Fast Open too)",
+            "  fell back to the normal path: {} messages; {} connections left unaccelerated (bytes sent by TCP before both ends joined, TCP Fast Open, or a socket option the redirect skips)",
             self.fallbacks, self.races_lost
         )?;
         write!(
