@@ -1005,6 +1005,31 @@ echo after:; ls -A /sys/fs/bpf | grep skrelay || true"#;
     assert_eq!(after.trim(), "", "left in /sys/fs/bpf after steer reset");
 }
 
+/// The kernel reuses network namespace inode numbers (a helper's new namespace got the dead one's
+/// 3 times in 3), and state is pinned under that number: a dead namespace's state under this
+/// namespace's name was shown as "pins left by an interrupted command" (JSON `leftover`), while
+/// `steer reset` removed it as a dead namespace's. The reuse is played by renaming the dead
+/// state's directory to this namespace's inode number.
+#[test]
+fn a_dead_namespaces_state_under_this_namespaces_inode_number_is_shown_as_such() {
+    let Some(_reset) = setup("dead namespace's state, inode number reused") else { return };
+    let script = r#"set -e
+mount -t bpf bpf /sys/fs/bpf
+unshare -n sh -c 'ip link set lo up; ncat -lk 127.0.0.1 6962 & sleep 0.3; "$0" steer add --ports 6963 --to 127.0.0.1:6962 >/dev/null; kill $!' "$0"
+for i in $(seq 100); do "$0" status | grep -q 'no longer exist' && break; sleep 0.1; done
+own=$(stat -L -c %i /proc/self/ns/net)
+for d in /sys/fs/bpf/skrelay/[0-9]*; do mv "$d" "/sys/fs/bpf/skrelay/$own"; done
+"$0" status
+echo json:; "$0" status --json | python3 -c 'import json,sys; s=json.load(sys.stdin)["steer"]; print(s["dead_namespaces"], s.get("leftover"))'"#;
+    let out = Command::new("unshare").args(["-m", "sh", "-c", script, SKRELAY]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let (status, json) = stdout.split_once("json:").unwrap();
+    assert!(status.contains("1 steering state of network namespaces that no longer exist (1 binding)"), "{status}");
+    assert!(!status.contains("interrupted command"), "{status}");
+    assert!(json.contains("'bindings': 1") && json.trim().ends_with("None"), "{json}");
+}
+
 /// A read-only bpffs gave exit 1 and a bare "Read-only file system (os error 30)".
 #[test]
 fn a_read_only_bpffs_is_one_sentence_with_the_fix_and_exit_2() {

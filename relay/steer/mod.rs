@@ -454,13 +454,15 @@ pub fn status() -> Result<Status, Error> {
             detached: st.detached(),
         }
     });
+    let dead = state::dead_states();
     let leftover = match &pinned {
         Some(_) => None,
         None => state::existing_dir()?
+            .filter(|dir| !dead.iter().any(|(d, _)| d == dir))
             .and_then(|dir| std::fs::read_dir(&dir).ok().map(|d| (dir.clone(), d.count())))
             .filter(|(_, n)| *n > 0),
     };
-    Ok(Status { pinned, unreadable: None, leftover, funnels, funnels_unlisted, dead: state::dead_states() })
+    Ok(Status { pinned, unreadable: None, leftover, funnels, funnels_unlisted, dead })
 }
 
 impl Status {

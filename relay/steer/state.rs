@@ -490,23 +490,17 @@ pub fn link_detached(dir: &Path) -> bool {
     link_netns(dir) == Some(0) && holds_live_target(dir)
 }
 
-/// The state directories, other than this namespace's, left by network namespaces that no longer
-/// exist, with the number of their bindings: `status` counts them and `steer reset` (or the next
-/// `steer add`) removes them.
+/// The state directories left by network namespaces that no longer exist, with the number of
+/// their bindings: `status` counts them and `steer reset` (or the next `steer add`) removes them.
+/// This namespace's own name is among them when a dead namespace had its inode number (the
+/// kernel reuses them: a helper got the same one 3 times in 3), which `status` used to call
+/// pins left by an interrupted command.
 pub fn dead_states() -> Vec<(PathBuf, usize)> {
-    stale_states(false)
-}
-
-/// The state directories left by dead network namespaces, this namespace's own name included if
-/// `own` (a dead namespace's state under the inode number this one now has).
-fn stale_states(own: bool) -> Vec<(PathBuf, usize)> {
     let Some(root) = bpffs::existing_root() else { return Vec::new() };
-    let own_name = if own { None } else { netns_name().ok() };
     let Ok(entries) = std::fs::read_dir(&root) else { return Vec::new() };
     let mut dead: Vec<(PathBuf, usize)> = entries
         .flatten()
         .map(|e| e.path())
-        .filter(|dir| own_name.is_none() || own_name.as_deref() != dir.file_name().and_then(|n| n.to_str()))
         .filter(|dir| dir.join(LINK).exists() && link_netns(dir) == Some(0) && !holds_live_target(dir))
         .map(|dir| {
             let bindings = Maps::from_pins(&dir).map_or(0, |m| m.records().len());
@@ -521,7 +515,7 @@ fn stale_states(own: bool) -> Vec<(PathBuf, usize)> {
 /// maps in memory; `steer add` and `steer reset` sweep them). Returns how many it removed.
 pub fn sweep_stale() -> usize {
     let mut removed = 0;
-    for (dir, _) in stale_states(true) {
+    for (dir, _) in dead_states() {
         if let Ok(Some(_lock)) = bpffs::StateLock::acquire_existing(&dir) {
             if link_netns(&dir) == Some(0) && !holds_live_target(&dir) && remove_all(&dir).is_ok() {
                 log::info!("removed {}: steering state of a network namespace that no longer exists", dir.display());
