@@ -161,6 +161,16 @@ def connect(host, port, total):
     exchange(sock, 1, total)
 
 
+def read_to_eof(sock, size=65536):
+    """Blocking recv(2) calls until the end of the stream: every byte read."""
+    data = b""
+    while True:
+        b = sock.recv(size)
+        if not b:
+            return data
+        data += b
+
+
 def recv_exact(sock, n, blocking=False):
     b = b""
     while len(b) < n:
@@ -541,13 +551,7 @@ def oob(host):
         print("urgent %r" % srv.recv(1, socket.MSG_OOB))
     except OSError as e:
         print("urgent error %s" % e)
-    data = b""
-    while True:
-        b = srv.recv(100)
-        if not b:
-            break
-        data += b
-    print("inline %r" % data)
+    print("inline %r" % read_to_eof(srv, 100))
 
 
 def request_eof(host, rounds):
@@ -558,12 +562,7 @@ def request_eof(host, rounds):
         got = {}
 
         def serve():
-            b = b""
-            while True:
-                d = srv.recv(65536)
-                if not d:
-                    break
-                b += d
+            b = read_to_eof(srv)
             got["request"] = b
             time.sleep(0.05)
             srv.sendall(b"reply to " + b[:8])
@@ -576,11 +575,7 @@ def request_eof(host, rounds):
         cli.shutdown(socket.SHUT_WR)
         reply = b""
         try:
-            while True:
-                d = cli.recv(65536)
-                if not d:
-                    break
-                reply += d
+            reply = read_to_eof(cli)
         except OSError as e:
             failures.append(errno.errorcode.get(e.errno, str(e.errno)))
         t.join()

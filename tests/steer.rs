@@ -975,21 +975,27 @@ fn list_status_json() -> serde_json::Value {
     serde_json::from_str(&ok(&["status", "--json"])).unwrap()
 }
 
+/// Shell lines for `unshare -m sh -c SCRIPT SKRELAY`: a bpffs of its own, in which a network
+/// namespace pins steering state and dies; done once `status` sees the dead namespace's state.
+const DEAD_NAMESPACE_STATE: &str = r#"set -e
+mount -t bpf bpf /sys/fs/bpf
+unshare -n sh -c 'ip link set lo up; ncat -lk 127.0.0.1 6960 & sleep 0.3; "$0" steer add --ports 6961 --to 127.0.0.1:6960 >/dev/null; kill $!' "$0"
+for i in $(seq 100); do "$0" status | grep -q 'no longer exist' && break; sleep 0.1; done"#;
+
 /// The state a dead network namespace left in bpffs (made under `ip netns exec`, then `ip netns
 /// del`) was invisible: `status` said "nothing attached" and `steer reset` "nothing to reset"
 /// while its pins stayed. Run against a bpffs of its own, which other tests' sweeps cannot touch.
 #[test]
 fn state_left_by_dead_namespaces_is_shown_and_removed_by_reset() {
     let Some(_reset) = setup("dead namespaces' state") else { return };
-    let script = r#"set -e
-mount -t bpf bpf /sys/fs/bpf
-unshare -n sh -c 'ip link set lo up; ncat -lk 127.0.0.1 6960 & sleep 0.3; "$0" steer add --ports 6961 --to 127.0.0.1:6960 >/dev/null; kill $!' "$0"
-for i in $(seq 100); do "$0" status | grep -q 'no longer exist' && break; sleep 0.1; done
+    let script = format!(
+        r#"{DEAD_NAMESPACE_STATE}
 "$0" status
 echo json:; "$0" status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["steer"]["dead_namespaces"])'
 echo reset:; "$0" steer reset
-echo after:; ls -A /sys/fs/bpf | grep skrelay || true"#;
-    let out = Command::new("unshare").args(["-m", "sh", "-c", script, SKRELAY]).output().unwrap();
+echo after:; ls -A /sys/fs/bpf | grep skrelay || true"#
+    );
+    let out = Command::new("unshare").args(["-m", "sh", "-c", &script, SKRELAY]).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     let (status, rest) = stdout.split_once("json:").unwrap();
@@ -1013,15 +1019,14 @@ echo after:; ls -A /sys/fs/bpf | grep skrelay || true"#;
 #[test]
 fn a_dead_namespaces_state_under_this_namespaces_inode_number_is_shown_as_such() {
     let Some(_reset) = setup("dead namespace's state, inode number reused") else { return };
-    let script = r#"set -e
-mount -t bpf bpf /sys/fs/bpf
-unshare -n sh -c 'ip link set lo up; ncat -lk 127.0.0.1 6962 & sleep 0.3; "$0" steer add --ports 6963 --to 127.0.0.1:6962 >/dev/null; kill $!' "$0"
-for i in $(seq 100); do "$0" status | grep -q 'no longer exist' && break; sleep 0.1; done
+    let script = format!(
+        r#"{DEAD_NAMESPACE_STATE}
 own=$(stat -L -c %i /proc/self/ns/net)
 for d in /sys/fs/bpf/skrelay/[0-9]*; do mv "$d" "/sys/fs/bpf/skrelay/$own"; done
 "$0" status
-echo json:; "$0" status --json | python3 -c 'import json,sys; s=json.load(sys.stdin)["steer"]; print(s["dead_namespaces"], s.get("leftover"))'"#;
-    let out = Command::new("unshare").args(["-m", "sh", "-c", script, SKRELAY]).output().unwrap();
+echo json:; "$0" status --json | python3 -c 'import json,sys; s=json.load(sys.stdin)["steer"]; print(s["dead_namespaces"], s.get("leftover"))'"#
+    );
+    let out = Command::new("unshare").args(["-m", "sh", "-c", &script, SKRELAY]).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     let (status, json) = stdout.split_once("json:").unwrap();
