@@ -827,3 +827,24 @@ mod kallsyms_tests {
         assert_eq!(crate::sys::kernel_symbol("no_such_symbol_in_any_kernel"), None);
     }
 }
+
+/// Whether a process other than this one holds `fd`'s socket (a descriptor in /proc/PID/fd that
+/// names the same `socket:[INODE]`). None where it cannot be told (no /proc, or the socket's inode
+/// unreadable); processes whose descriptors this one may not list are not looked at.
+pub fn socket_held_elsewhere(fd: impl AsFd) -> Option<bool> {
+    let inode = rustix::fs::fstat(fd).ok()?.st_ino;
+    let name = format!("socket:[{inode}]");
+    let own = std::process::id().to_string();
+    let procs = std::fs::read_dir("/proc").ok()?;
+    for pid in procs.flatten().map(|e| e.file_name()) {
+        let pid = pid.to_string_lossy();
+        if pid == own || !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+        if fds.flatten().any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == name.as_str())) {
+            return Some(true);
+        }
+    }
+    Some(false)
+}

@@ -310,14 +310,26 @@ fn the_loser_of_two_takeovers_at_once_is_told_why() {
         racers.retain_mut(|r| r.0.try_wait().unwrap().is_none());
         old = racers.pop().unwrap();
     }
-    // By hand: nobody took over, and the drain line says so.
+    // By hand: nobody took over and nobody else holds the listening socket, so it serves on (it
+    // used to drain and close the address), and says so; SIGTERM then stops it.
     let mut err = old.0.stderr.take().unwrap();
-    let sent = std::process::Command::new("kill").args(["-USR2", &old.0.id().to_string()]).status().unwrap();
+    let pid = old.0.id().to_string();
+    let sent = std::process::Command::new("kill").args(["-USR2", &pid]).status().unwrap();
     assert!(sent.success());
+    thread::sleep(Duration::from_millis(300));
+    let relay: std::net::SocketAddr = PROXY.parse().unwrap(); // the relay's default address
+    let (mut a, mut b) = (connect(relay), connect(relay));
+    a.write_all(b"same\nfrom a").unwrap();
+    b.write_all(b"same\nfrom b").unwrap();
+    assert_eq!(read_n(&mut a, 6), b"from b");
+    assert_eq!(read_n(&mut b, 6), b"from a");
+    drop((a, b));
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let status = old.0.wait().unwrap();
     let mut log = String::new();
     err.read_to_string(&mut log).unwrap();
     assert!(status.success(), "{log}");
-    assert!(log.contains("SIGUSR2 (the pairs were not taken over): no longer accepting"), "{log}");
+    assert!(log.contains("no other process holds the listening socket: serving on"), "{log}");
+    assert!(log.contains("nobody waits for them"), "{log}");
     assert!(!log.contains("handing over to the skrelay that took over"), "{log}");
 }

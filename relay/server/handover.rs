@@ -78,6 +78,16 @@ struct PendingState {
     upstream: Option<ConnectingState>,
 }
 
+/// A handover channel's error in words: a closed channel is a new process that went away (it
+/// read `failed to fill whole buffer`, or a bare reset, when a successor died mid-handover).
+fn channel_error(e: &std::io::Error) -> String {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
+    match e.kind() {
+        UnexpectedEof | ConnectionReset | BrokenPipe => "it closed the handover channel (did it exit?)".into(),
+        _ => e.to_string(),
+    }
+}
+
 impl Server {
     /// The old process, on SIGUSR2: hands everything to the process taking over, or says why not
     /// (it then keeps everything and drains). After Ok the new process owns every socket, and
@@ -100,10 +110,11 @@ impl Server {
         );
         let (manifest, pairs, pending) = self.manifest()?;
         let text = serde_json::to_vec(&manifest).map_err(|e| format!("cannot write the manifest: {e}"))?;
-        channel.send(&text).map_err(|e| format!("cannot send the manifest: {e}"))?;
-        let answer = channel.recv(MESSAGE_WAIT).map_err(|e| format!("no answer from the new process: {e}"))?;
+        channel.send(&text).map_err(|e| format!("cannot send the manifest: {}", channel_error(&e)))?;
+        let answer =
+            channel.recv(MESSAGE_WAIT).map_err(|e| format!("no answer from the new process: {}", channel_error(&e)))?;
         if answer == WAITING_ONLY && matches!(self.partners, Partners::Clients { .. }) {
-            channel.send(b"commit").map_err(|e| format!("cannot confirm to the new process: {e}"))?;
+            channel.send(b"commit").map_err(|e| format!("cannot confirm to the new process: {}", channel_error(&e)))?;
             // The new process holds each socket now: closing ours sends no reset.
             let waiting: Vec<usize> =
                 self.slots.iter().filter(|(_, s)| matches!(s, Slot::Pending(_))).map(|(k, _)| k).collect();
@@ -121,7 +132,7 @@ impl Server {
             let answer = String::from_utf8_lossy(&answer);
             return Err(format!("the new process refused them: {}", answer.strip_prefix("abort: ").unwrap_or(&answer)));
         }
-        channel.send(b"commit").map_err(|e| format!("cannot confirm to the new process: {e}"))?;
+        channel.send(b"commit").map_err(|e| format!("cannot confirm to the new process: {}", channel_error(&e)))?;
         // From here on the new process owns every socket: nothing of ours may touch them (no
         // destructor runs: a kernel pair's would take its sockets out of the maps).
         log::info!(

@@ -1127,9 +1127,12 @@ impl Server {
                 SIGUSR2 => format!("handing {} live pair(s) over to the skrelay that took over", self.threads.pairs()),
                 _ => format!("draining {} live pair(s)", self.threads.pairs()),
             };
-            crate::systemd::notify(&format!("STOPPING=1\nSTATUS={status}"));
-            if let Some(mut listener) = self.listener.take() {
-                let _ = self.poll.registry().deregister(&mut listener);
+            if signal != SIGUSR2 {
+                crate::systemd::notify(&format!("STOPPING=1\nSTATUS={status}"));
+            }
+            let mut listener = self.listener.take();
+            if let Some(l) = listener.as_mut() {
+                let _ = self.poll.registry().deregister(l);
             }
             // Handing over, a proxy's accepted clients still get their upstream connection and
             // drain as pairs: they came through the socket the new process serves, and closing
@@ -1137,12 +1140,24 @@ impl Server {
             // a partner here any more.)
             let keep = signal == SIGUSR2 && matches!(self.partners, Partners::Upstreams(_));
             if signal == SIGUSR2 {
-                self.metrics.stop_serving();
                 // Live pairs and waiting clients move to the new process, and this one exits;
                 // if they cannot, they stay and finish here (server/handover.rs). Every loop's
                 // pairs go: the other loops stop and give their servers back first.
                 self.threads.recall();
-                match self.hand_over() {
+                let handed = self.hand_over();
+                if let Err(why) = &handed {
+                    if listener.as_ref().is_some_and(|l| sys::socket_held_elsewhere(l) == Some(false)) {
+                        // No other process holds the listening socket (the new one died during
+                        // the handover, or none came): draining would leave the address unserved
+                        // until someone restarts skrelay (a helper's pass: every connection
+                        // refused for seconds after a successor was killed mid-handover).
+                        self.serve_on(listener.take(), why);
+                        continue;
+                    }
+                }
+                crate::systemd::notify(&format!("STOPPING=1\nSTATUS={status}"));
+                self.metrics.stop_serving();
+                match handed {
                     Ok(true) => {
                         self.handed_over = true;
                         return;
@@ -1155,9 +1170,8 @@ impl Server {
                     }
                     Err(why) => {
                         name = "SIGUSR2 (the pairs were not taken over)";
-                        log::warn!(
-                            "live pairs stay in this process and finish here, and its waiting clients are reset: {why}"
-                        )
+                        let waiting = if self.pending > 0 { ", and its waiting clients are reset" } else { "" };
+                        log::warn!("live pairs stay in this process and finish here{waiting}: {why}")
                     }
                 }
                 if let Err(e) = self.threads.start() {
@@ -1178,6 +1192,26 @@ impl Server {
             self.start_drain(deadline);
             self.threads.tell(move || Order::Drain(deadline));
         }
+    }
+}
+
+impl Server {
+    /// After a SIGUSR2 whose handover failed with no other process holding the listening socket:
+    /// accept again and keep everything, as if the signal had not come.
+    fn serve_on(&mut self, listener: Option<TcpListener>, why: &str) {
+        log::warn!(
+            "SIGUSR2: nothing was taken over ({why}), and no other process holds the listening socket: serving on"
+        );
+        if let Some(mut l) = listener {
+            match self.poll.registry().register(&mut l, LISTENER, Interest::READABLE) {
+                Ok(()) => self.listener = Some(l),
+                Err(e) => log::error!("cannot watch the listening socket again: {e}; accepting no more clients"),
+            }
+        }
+        if let Err(e) = self.threads.start() {
+            log::error!("cannot restart the event loops' threads: {e}; their pairs wait");
+        }
+        self.accept();
     }
 }
 
