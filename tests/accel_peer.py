@@ -107,9 +107,12 @@ def chunk(seed, i):
     return struct.pack("<QQ", seed, i) + base[16:]
 
 
-def send_stream(sock, seed, total, out, shut=True):
-    h = hashlib.sha256()
-    i = sent = 0
+def send_stream(sock, seed, total, out, shut=True, head=b""):
+    """Sends the stream of `seed` up to `total` bytes; `head`: its first bytes, already sent
+    some other way (they count, and the rest starts at chunk 1)."""
+    h = hashlib.sha256(head)
+    sent = len(head)
+    i = 1 if head else 0
     while sent < total:
         data = chunk(seed, i)[: min(CHUNK, total - sent)]
         sock.sendall(data)
@@ -652,19 +655,11 @@ def fastopen(host, total, server_tfo):
         cli = socket.socket(family(host))
         first = chunk(seed, 0)[:1000]
         cli.sendto(first, socket.MSG_FASTOPEN, addr)
-        h = hashlib.sha256(first)
-        sent = len(first)
-        i = 1
-        while sent < total:
-            data = chunk(seed, i)[: min(CHUNK, total - sent)]
-            cli.sendall(data)
-            h.update(data)
-            sent += len(data)
-            i += 1
-        cli.shutdown(socket.SHUT_WR)
+        sent = {}
+        send_stream(cli, seed, total, sent, head=first)
         t.join()
         cli.close()
-        print("sent %d %d %s" % (seed, sent, h.hexdigest()))
+        print("sent %d %d %s" % (seed, *sent["sent"]))
         print("received %d %d %s" % (seed, *out["received"]))
 
 

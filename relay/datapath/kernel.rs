@@ -1500,6 +1500,14 @@ const PIPES_NEVER_EMPTY: &str =
 const HALF_CLOSED: &str = "userspace: a client half-closed before the pair could join the kernel's socket maps, \
                            which take only established connections";
 
+impl Handover {
+    /// Bytes moved one way while the pair was not in the maps: splice(2)'s count, and what a
+    /// failed join's verdict moved meanwhile (`take_back`), which splice(2) never saw.
+    fn spliced(&self, dir: usize, src: &TcpStream, dst: &TcpStream, ended: bool) -> u64 {
+        self.user.moved(dir, src, dst, ended) + self.kernel.taken_back[dir]
+    }
+}
+
 impl Splice for Handover {
     fn advance(&mut self, dir: usize, src: &TcpStream, dst: &TcpStream) -> io::Result<Flow> {
         if self.joined {
@@ -1507,7 +1515,7 @@ impl Splice for Handover {
         } else {
             let flow = self.user.advance(dir, src, dst);
             self.half_closed |= matches!(flow, Ok(Flow::Finished));
-            self.user_moved[dir] = self.user.moved(dir, src, dst, false) + self.kernel.taken_back[dir];
+            self.user_moved[dir] = self.spliced(dir, src, dst, false);
             flow
         }
     }
@@ -1517,7 +1525,7 @@ impl Splice for Handover {
             self.kernel.flush_reset(dir, src, dst)
         } else {
             let delivered = self.user.flush_reset(dir, src, dst);
-            self.user_moved[dir] = self.user.moved(dir, src, dst, false) + self.kernel.taken_back[dir];
+            self.user_moved[dir] = self.spliced(dir, src, dst, false);
             delivered
         }
     }
@@ -1535,10 +1543,9 @@ impl Splice for Handover {
             // The kernel's count covers both phases: TCP_INFO counts every byte.
             self.kernel.moved(dir, src, dst, ended)
         } else {
-            // Never joined: splice(2)'s own count (and what a failed join's verdict moved). The
-            // pair may end before its last bytes are acknowledged, so the acknowledgements would
-            // come out short.
-            self.user.moved(dir, src, dst, ended) + self.kernel.taken_back[dir]
+            // Never joined: splice(2)'s own count. The pair may end before its last bytes are
+            // acknowledged, so the acknowledgements would come out short.
+            self.spliced(dir, src, dst, ended)
         }
     }
 
