@@ -735,3 +735,47 @@ fn a_client_that_half_closes_while_the_pair_joins_loses_nothing() {
         assert!(log.contains("half-closed while its pair joined; "), "--kernel-after {after}: not met:\n{log}");
     }
 }
+
+/// The other end of the race above: while the join waits between its inserts, the first socket's
+/// verdict has more of A's bytes than B (not reading) has room for, so it parks some in A's own
+/// psock, and then B half-closes. Parked bytes cannot be handed back to splice(2) in order, so the
+/// pair must end in resets, never in a clean EOF after a short stream; what B did get is A's
+/// bytes from the start, in order.
+#[test]
+fn bytes_parked_while_a_failed_join_waited_end_the_pair_in_resets() {
+    let _netns = enter_netns();
+    if !require_bpf("bytes_parked_while_a_failed_join_waited_end_the_pair_in_resets") {
+        return;
+    }
+    let mut cmd = std::process::Command::new(SKRELAY);
+    cmd.args(["relay", "--datapath", "kernel", "--kernel-after", "0", "--kernel-buffer", "64K"])
+        .env("SKRELAY_TEST_JOIN_PAUSE_MS", "500")
+        .env("RUST_LOG", "debug");
+    let relay = Skrelay::spawn(cmd, "listening on");
+    let mut a = connect(addr());
+    let mut b = connect(addr());
+    // Inside the pause: A writes far more than B's buffers and the 64 KiB budget hold, then B
+    // half-closes while A's writes still wait.
+    const LEN: u64 = 64 << 20;
+    let mut writer = a.try_clone().unwrap();
+    let sending = thread::spawn(move || send_pattern(&mut writer, 7, LEN));
+    thread::sleep(Duration::from_millis(300));
+    b.shutdown(Shutdown::Write).unwrap();
+    let (got, end) = read_until_end(&mut b);
+    assert!(
+        matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "B must see a reset after {} bytes, not {end:?}\n{}",
+        got.len(),
+        relay.log()
+    );
+    let mut want = vec![0u8; got.len().next_multiple_of(8)];
+    Pattern::new(7).fill(&mut want);
+    assert!(got[..] == want[..got.len()], "B's {} bytes are not A's first ones, in order", got.len());
+    let upload = sending.join().unwrap();
+    let (_, a_end) = read_until_end(&mut a);
+    let reset = |r: &std::io::Result<()>| matches!(r, Err(e) if e.kind() == ErrorKind::ConnectionReset);
+    assert!(upload.is_err() || reset(&a_end), "A must see a reset: upload {upload:?}, read {a_end:?}");
+    let (_, log) = relay.stop(Duration::from_secs(10));
+    // The case met: bytes were parked before the join failed.
+    assert!(log.contains("parked meanwhile cannot be handed back in order"), "not met:\n{log}");
+}
