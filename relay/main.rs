@@ -7,7 +7,7 @@ fn main() {
         Ok(cli) => cli,
         Err(e) => match skrelay::cli::usage_error(&e, &std::env::args().collect::<Vec<_>>()) {
             Some(sentence) => {
-                eprintln!("skrelay: {sentence}");
+                say(&sentence);
                 std::process::exit(2);
             }
             None => e.exit(),
@@ -32,10 +32,32 @@ fn main() {
             .map(|_| "kernel datapath: ok\n".to_string()),
     };
     match result {
-        Ok(stdout) => print!("{stdout}"),
+        Ok(stdout) => write_stdout(&stdout),
         Err(e) => {
-            eprintln!("skrelay: {e}");
+            say(&e.to_string());
             std::process::exit(e.exit_code());
         }
     }
+}
+
+/// Prints a command's report. A reader that went away (`steer list | head -1`) ends it quietly, as
+/// the command itself is done; any other failure to write (a full disk) is said, with exit 2, and
+/// never a panic, which `print!` would be.
+fn write_stdout(report: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(report.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        Err(e) => {
+            say(&format!("the command completed, but its report could not be written to standard output: {e}"));
+            std::process::exit(2);
+        }
+    }
+}
+
+/// One sentence on standard error; where even that cannot be written, the exit status says it.
+fn say(sentence: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skrelay: {sentence}");
 }

@@ -393,3 +393,27 @@ fn the_kernel_datapath_needs_cap_perfmon_and_says_so() {
     let out = probe_as_nobody("+bpf,+net_admin,+perfmon");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// A report that cannot be written is not a panic: a reader that went away (`steer list | head
+/// -1`) ends the command quietly with its work done, and a full disk is one sentence with exit 2.
+/// `print!` panicked (exit 101) in both, after `steer add` had made its binding.
+#[test]
+fn a_report_that_cannot_be_written_is_said_or_dropped_never_a_panic() {
+    let _netns = enter_netns();
+    let full =
+        Command::new(SKRELAY).args(["status"]).stdout(std::fs::File::create("/dev/full").unwrap()).output().unwrap();
+    let err = String::from_utf8_lossy(&full.stderr);
+    assert_eq!(full.status.code(), Some(2), "{err}");
+    assert!(
+        err.starts_with("skrelay: the command completed, but its report could not be written")
+            && err.trim_end().lines().count() == 1,
+        "{err}"
+    );
+    // A pipe whose reader has gone: the write fails with EPIPE (Rust ignores SIGPIPE).
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let gone = Command::new(SKRELAY).args(["status"]).stdout(writer).output().unwrap();
+    let err = String::from_utf8_lossy(&gone.stderr);
+    assert_eq!(gone.status.code(), Some(0), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
