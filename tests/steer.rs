@@ -203,8 +203,12 @@ fn ten_thousand_ports_are_served_by_one_socket() {
     ok(&["steer", "add", "--ports", "30001", "--to", "127.0.0.1:5002"]);
     let _c = TcpStream::connect("127.0.0.1:30001").unwrap();
     assert_eq!(dual.accept().unwrap().0.local_addr().unwrap().port(), 30001);
+    // So does one for an IPv4 address written in IPv6 form (it bound ::/0, which IPv4 never meets).
+    ok(&["steer", "add", "--ports", "30002", "--to", "[::ffff:127.0.0.1]:5002"]);
+    let _c = TcpStream::connect("127.0.0.1:30002").unwrap();
+    assert_eq!(dual.accept().unwrap().0.local_addr().unwrap().port(), 30002);
     let hits: Vec<u64> = list_json().as_array().unwrap().iter().map(|b| b["hits"].as_u64().unwrap()).collect();
-    assert_eq!(hits.iter().sum::<u64>(), 44, "{hits:?}");
+    assert_eq!(hits.iter().sum::<u64>(), 45, "{hits:?}");
 }
 
 #[test]
@@ -385,7 +389,18 @@ fn bad_input_exits_2_with_one_sentence_and_leaves_state_alone() {
     let fd = |s: &dyn AsRawFd| s.as_raw_fd().to_string();
     let (lfd, ffd, ufd, cfd, xfd) = (fd(&l), fd(&file), fd(&unlistened), fd(&udp_connected), fd(&foreign));
     let pid = me();
+    // A thread id of this process, given as --pid.
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        // SAFETY: gettid(2) takes nothing and cannot fail.
+        tid_tx.send(unsafe { libc::gettid() }.to_string()).unwrap();
+        let _ = stop_rx.recv();
+    });
+    let tid = tid_rx.recv().unwrap();
+    let thread_of = format!("{tid} is a thread of process {pid}, not a process: give --pid {pid}");
     let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--ports", "9", "--pid", &tid, "--fd", "3"], &thread_of),
         (vec!["--ports", "9", "--pid", "999999999", "--fd", "3"], "there is no process with pid 999999999"),
         (vec!["--ports", "9", "--pid", &pid, "--fd", "987"], "has no file descriptor 987"),
         (vec!["--ports", "9", "--pid", &pid, "--fd", &ffd], "is not a socket"),
@@ -406,6 +421,8 @@ fn bad_input_exits_2_with_one_sentence_and_leaves_state_alone() {
         let full = add_refused(&args, want);
         assert_eq!((list_json(), pinned_files()), before, "{full:?} changed the pinned state");
     }
+    drop(stop_tx);
+    thread.join().unwrap();
     // Not allowed to trace: an unprivileged user cannot take a root process's socket.
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", SKRELAY, "steer", "add", "--ports", "9"])

@@ -68,8 +68,12 @@ pub fn add(args: &SteerAddArgs) -> Result<Added, Error> {
         _ => return Err(Error::Usage("give the target as --to ADDR:PORT or as --pid PID --fd FD".into())),
     };
     // Default: every address of the family the user named in --to (a dual-stack [::] socket found
-    // for --to 127.0.0.1:P gets IPv4), else of the target socket's own family.
-    let default_v6 = args.to.map_or(target.local.is_ipv6(), |a| a.is_ipv6());
+    // for --to 127.0.0.1:P gets IPv4; so does one for --to [::ffff:127.0.0.1]:P, an IPv4 address
+    // in IPv6 form, which sk_lookup sees as IPv4), else of the target socket's own family.
+    let default_v6 = args.to.map_or(target.local.is_ipv6(), |a| match a.ip() {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().is_none(),
+        std::net::IpAddr::V4(_) => false,
+    });
     let prefixes = if args.addrs.is_empty() { vec![Prefix::any(default_v6)] } else { args.addrs.clone() };
     for p in &prefixes {
         if !target.accepts_family(p.addr.is_ipv6()) {

@@ -66,7 +66,12 @@ impl Target {
         let pidfd = sys::pidfd_open(pid).map_err(|e| match e.raw_os_error() {
             Some(libc::ESRCH) => Error::Usage(format!("there is no process with pid {pid}")),
             Some(libc::EPERM) => may_not_trace(pid),
-            _ => Error::io(format!("cannot open process {pid}"), e),
+            _ => match thread_group_of(pid) {
+                Some(tgid) if tgid != pid => {
+                    Error::Usage(format!("{pid} is a thread of process {tgid}, not a process: give --pid {tgid}"))
+                }
+                _ => Error::io(format!("cannot open process {pid}"), e),
+            },
         })?;
         let dup = sys::pidfd_getfd(&pidfd, fd).map_err(|e| match e.raw_os_error() {
             Some(libc::EBADF) => Error::Usage(format!("process {pid} has no file descriptor {fd}")),
@@ -134,10 +139,24 @@ impl Target {
 }
 
 fn may_not_trace(pid: i32) -> Error {
+    if rustix::process::geteuid().is_root() {
+        return Error::Usage(format!(
+            "not allowed to take sockets from process {pid}, even as root (pidfd_getfd needs ptrace rights over it: \
+             check kernel.yama.ptrace_scope, a security module's policy, or whether the process is in a user \
+             namespace this one does not own)"
+        ));
+    }
     Error::Usage(format!(
         "not allowed to take sockets from process {pid} (pidfd_getfd needs ptrace rights over it: run as root or \
          as its owner, and check kernel.yama.ptrace_scope)"
     ))
+}
+
+/// The process a thread id belongs to (its thread group), from /proc/PID/status; a process's own id
+/// gives itself.
+fn thread_group_of(tid: i32) -> Option<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok())
 }
 
 /// One row of /proc/net/{tcp,udp}[6].
