@@ -37,12 +37,19 @@ fn parent_of(pid: i32) -> Option<i32> {
 /// The nearest process, PID 1 first, then our ancestors from the parent up, whose mount
 /// namespace is readable and not ours: where a command that got a mount namespace of its own
 /// came from (`ip netns exec` unshares one and runs the command in the same process; under
-/// `ip netns exec NS sh -c ...` the shell shares it, and its caller does not).
+/// `ip netns exec NS sh -c ...` the shell shares it, and its caller does not). Where PID 1's
+/// cannot be read (a sandbox's init may refuse even root), kthreadd's, PID 2, stands for it:
+/// kernel threads live in the initial mount namespace. Without it an orphan of `ip netns exec NS
+/// setsid -f ...` had no ancestor to compare with, mounted a bpffs in its own namespace, and the
+/// steering it reported vanished with it.
 fn outer_mount_ns_process() -> Option<i32> {
     let own = mount_ns("self")?;
     let differs = |pid: i32| mount_ns(&pid.to_string()).is_some_and(|ns| ns != own);
     if differs(1) {
         return Some(1);
+    }
+    if mount_ns("1").is_none() && is_kthreadd(2) && differs(2) {
+        return Some(2);
     }
     let mut pid = rustix::process::getppid().map(|p| p.as_raw_nonzero().get())?;
     for _ in 0..64 {
@@ -52,6 +59,12 @@ fn outer_mount_ns_process() -> Option<i32> {
         pid = parent_of(pid)?;
     }
     None
+}
+
+/// PID `pid` is the kernel's kthreadd (PID 2 outside a pid namespace of our own).
+fn is_kthreadd(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "kthreadd")
+        && parent_of(pid).is_none()
 }
 
 /// The directory skrelay pins under (`/sys/fs/bpf/skrelay`), mounting bpffs at /sys/fs/bpf first

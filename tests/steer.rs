@@ -709,6 +709,25 @@ fn steering_set_up_under_ip_netns_exec_outlives_the_command() {
     assert!(ns.exec(&["python3", "-c", probe, "6802"]).status.success(), "port 6802 is not steered");
     let (code, out) = shell("steer reset");
     assert!(code == 0 && out.contains("removed every binding"), "{out}");
+    // An orphan (`setsid -f`): its parent is PID 1, which a sandbox may not let us read, and its
+    // shell shares its mount namespace, so no ancestor told the namespace was its own.
+    let report = std::env::temp_dir().join(format!("skrelay-orphan-{}", std::process::id()));
+    let script =
+        format!("{SKRELAY} steer add --ports 6803 --to 127.0.0.1:6800 > {0} 2>&1; echo rc=$? >> {0}", report.display());
+    assert!(ns.exec(&["setsid", "-f", "sh", "-c", &script]).status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let out = loop {
+        let out = std::fs::read_to_string(&report).unwrap_or_default();
+        if out.contains("rc=") || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = std::fs::remove_file(&report);
+    assert!(out.contains("bound tcp 0.0.0.0/0 port 6803") && out.contains("rc=0"), "{out}");
+    let (code, out) = ns.skrelay(&["steer", "list"]);
+    assert!(code == 0 && out.contains("6803"), "a binding made by an orphan is gone:\n{out}");
+    assert!(ns.exec(&["python3", "-c", probe, "6803"]).status.success(), "port 6803 is not steered");
 }
 
 #[test]
