@@ -236,3 +236,36 @@ fn a_shortage_is_said_once_by_the_metrics_responder_and_the_accept_loop() {
         (log.matches("cannot accept more clients now").count(), log.matches("accepting clients again").count());
     assert!(said >= 1 && again <= said, "{said} shortage line(s), {again} `again` line(s):\n{log}");
 }
+
+/// A token relay out of descriptors: its waiting clients held every one while their partners
+/// waited in the listen backlog, so nobody paired until `--pair-timeout` reset them all (a
+/// helper's run: 0 of 20 pairs). The newest waiter now makes room for the next client of the
+/// backlog, so pairs form while the shortage lasts.
+#[test]
+fn token_waiters_holding_every_descriptor_make_room_for_their_partners() {
+    let _netns = enter_netns();
+    let relay = under_nofile(32, &["relay", "--pair", "token", "--datapath", "userspace", "--threads", "1"]);
+    // More first halves than descriptors are left (about 20 under 32).
+    const N: usize = 30;
+    let side = |i: usize| {
+        thread::spawn(move || {
+            let mut s = connect(addr());
+            s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+            if s.write_all(format!("fw{i}\nhi").as_bytes()).is_err() {
+                return false;
+            }
+            let mut got = [0u8; 2];
+            std::io::Read::read_exact(&mut s, &mut got).is_ok_and(|()| &got == b"hi")
+        })
+    };
+    let first: Vec<_> = (0..N).map(side).collect();
+    thread::sleep(Duration::from_millis(500));
+    let second: Vec<_> = (0..N).map(side).collect();
+    let paired = |v: Vec<thread::JoinHandle<bool>>| v.into_iter().map(|t| t.join().unwrap()).filter(|&p| p).count();
+    let (a, b) = (paired(first), paired(second));
+    let (status, log) = relay.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+    assert_eq!(a, b, "{log}");
+    assert!(a >= 3, "{a} of {N} pairs formed within 8 s (--pair-timeout is 30 s):\n{log}");
+    assert!(log.contains("the newest waiting client makes room for the next one"), "{log}");
+}

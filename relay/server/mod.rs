@@ -104,6 +104,9 @@ const INBOX: Token = Token(3);
 const FIRST_SLOT_TOKEN: usize = 4;
 /// How long to wait before accepting again when the process is out of file descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How long accept(2) may find no descriptor before a token relay's newest waiting client makes
+/// room (`yield_newest_waiter`): pairs that end free theirs within that, and then nobody yields.
+const YIELD_AFTER: Duration = Duration::from_millis(300);
 /// How often a loop short of descriptors says so.
 const SHORTAGE_WARN_EVERY: Duration = Duration::from_secs(10);
 
@@ -167,6 +170,8 @@ pub struct Server {
     shortage_warned: Option<Instant>,
     /// Accepting stopped for want of descriptors; the first client accepted after says so.
     accept_short: bool,
+    /// Since when accept(2) has found no descriptor, without one accepted since.
+    short_since: Option<Instant>,
     /// `proxy`: clients (slot, serial) accepted when no descriptor was left for their upstream
     /// connection. They wait, accepting stops, and their connections are tried again at each
     /// `accept_retry` before anyone else is accepted (resetting each of them let the accept loop
@@ -284,6 +289,7 @@ impl Server {
             accept_retry: None,
             shortage_warned: None,
             accept_short: false,
+            short_since: None,
             held_for_descriptors: Vec::new(),
             accept_full: false,
             full_warned: None,
@@ -516,6 +522,7 @@ impl Server {
             }
             match listener.accept() {
                 Ok((stream, addr)) => {
+                    self.short_since = None;
                     if std::mem::take(&mut self.accept_short) {
                         log::info!("accepting clients again");
                     }
@@ -535,6 +542,10 @@ impl Server {
                         log::debug!("closed {released} spare pipes for want of descriptors");
                         continue;
                     }
+                    let since = *self.short_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= YIELD_AFTER && self.yield_newest_waiter() {
+                        continue;
+                    }
                     if self.warn_of_shortage() {
                         log::warn!(
                             "cannot accept more clients now: {e} (retrying every {ACCEPT_BACKOFF:?}; clients wait in the \
@@ -549,6 +560,36 @@ impl Server {
                 Err(e) => log::debug!("accept: {e}"),
             }
         }
+    }
+
+    /// Out of descriptors, a token relay's waiting clients could hold every one while their
+    /// partners wait in the listen backlog, so that nobody pairs until `--pair-timeout` resets them
+    /// all (a helper's run: 20 waiters at the limit, 0 of 20 pairs). So the newest waiting client
+    /// gives its descriptor back (a reset, counted as `full`) for the next client of the backlog
+    /// when accept(2) has found none for `YIELD_AFTER`, and no client accepted so is still sending
+    /// its token line: one at a time, so that each newcomer pairs, or waits and may be the next to
+    /// yield. Not in order mode, where the next client always pairs with the one waiter.
+    fn yield_newest_waiter(&mut self) -> bool {
+        let Partners::Clients { by: PairBy::Token, matcher } = &self.partners else { return false };
+        if matcher.waiting() == 0 || self.pending > matcher.waiting() {
+            return false;
+        }
+        let newest = self
+            .slots
+            .iter()
+            .filter_map(|(slot, s)| match s {
+                Slot::Pending(p) if p.key.is_some() => Some((p.serial, slot)),
+                _ => None,
+            })
+            .max();
+        let Some((_, slot)) = newest else { return false };
+        self.drop_pending(
+            slot,
+            "out of descriptors, the newest waiting client makes room for the next one in the listen backlog \
+             (raise the descriptor limit: `ulimit -n`, or LimitNOFILE= in the unit)",
+            Unpaired::Full,
+        );
+        true
     }
 
     fn admit(&mut self, mut stream: TcpStream, addr: SocketAddr) {
@@ -754,7 +795,9 @@ impl Server {
         self.full_unsaid_due = None;
         match std::mem::take(&mut self.full_unsaid) {
             0 => log::warn!("{line}"),
-            n => log::warn!("{line} ({n} more reset for --max-pending since the last such line)"),
+            n => log::warn!(
+                "{line} ({n} more reset for --max-pending or for want of descriptors since the last such line)"
+            ),
         }
         self.full_warned = Some(now);
     }
@@ -766,7 +809,7 @@ impl Server {
         if self.full_unsaid_due.is_some_and(|due| at_end || now >= due) {
             self.full_unsaid_due = None;
             let n = std::mem::take(&mut self.full_unsaid);
-            log::warn!("{n} more clients reset for --max-pending since the last such line");
+            log::warn!("{n} more clients reset for --max-pending or for want of descriptors since the last such line");
             self.full_warned = Some(now);
         }
     }
