@@ -42,7 +42,7 @@ fn parent_of(pid: i32) -> Option<i32> {
 /// kernel threads live in the initial mount namespace. Without it an orphan of `ip netns exec NS
 /// setsid -f ...` had no ancestor to compare with, mounted a bpffs in its own namespace, and the
 /// steering it reported vanished with it.
-fn outer_mount_ns_process() -> Option<i32> {
+pub fn outer_mount_ns_process() -> Option<i32> {
     let own = mount_ns("self")?;
     let differs = |pid: i32| mount_ns(&pid.to_string()).is_some_and(|ns| ns != own);
     if differs(1) {

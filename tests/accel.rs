@@ -810,6 +810,17 @@ fn a_relay_and_accel_refuse_to_share_a_cgroup() {
         let (code, err) =
             exit_within(&cg, cg_command(&cg, &["proxy", "--listen", &listen, "--upstream", "127.0.0.1:9"]));
         assert_eq!(code, Some(2), "the proxy started inside an accelerated cgroup: {err}");
+        // Under `ip netns exec`, whose fresh /sys has no cgroup v2 mount: the check found no
+        // accelerated cgroup, and the relay started (and lost whole streams; a helper's pass).
+        let ns = format!("skrelay-accel-{}", std::process::id());
+        assert!(Command::new("ip").args(["netns", "add", &ns]).status().unwrap().success());
+        let mut enter = Command::new("sh");
+        enter.args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec ip netns exec \"$1\" \"$2\" relay"]);
+        enter.arg(cg.path()).arg(&ns).arg(SKRELAY);
+        let (code, err) = exit_within(&cg, enter);
+        let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        assert_eq!(code, Some(2), "under ip netns exec, the relay started inside an accelerated cgroup: {err}");
+        assert!(err.contains("cannot run the relay in cgroup"), "{err}");
     }
     {
         // accel limited to other ports: the relay serves.

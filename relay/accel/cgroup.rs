@@ -16,11 +16,19 @@ pub struct Cgroup {
     pub rel: String,
 }
 
-/// The mount point of the cgroup v2 hierarchy, from /proc/self/mountinfo.
+/// The mount point of the cgroup v2 hierarchy, from /proc/self/mountinfo. Under `ip netns exec`,
+/// whose fresh /sys has none, the outer mount namespace's, through /proc/PID/root (as for bpffs):
+/// a relay started so inside an accelerated cgroup was not told, and lost whole streams.
 pub fn v2_mount() -> Result<PathBuf, Error> {
     let info = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| Error::io("cannot read /proc/self/mountinfo", e))?;
-    v2_mount_in(&info).ok_or_else(|| {
+    let outer = || {
+        let pid = crate::bpffs::outer_mount_ns_process()?;
+        let info = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok()?;
+        let at = v2_mount_in(&info)?;
+        Some(Path::new("/proc").join(pid.to_string()).join("root").join(at.strip_prefix("/").ok()?))
+    };
+    v2_mount_in(&info).or_else(outer).ok_or_else(|| {
         Error::Usage(
             "no cgroup v2 hierarchy is mounted (mount one with `mount -t cgroup2 none /sys/fs/cgroup/unified`)".into(),
         )

@@ -354,11 +354,11 @@ fn report_for(dir: &Path, cg: &Cgroup) -> Result<AccelReport, Error> {
     })
 }
 
-/// The directory of accel state, if there is one; creates and mounts nothing. Only this mount
-/// namespace's /sys/fs/bpf is looked at: under `ip netns exec` (a fresh /sys, without the cgroup
-/// v2 mount the state is named after) there is no accel state to report, as before.
+/// The directory of accel state, if there is one; creates and mounts nothing. Under `ip netns
+/// exec` (a fresh /sys) it is the outer mount namespace's, as steer's state is, with the cgroup
+/// v2 mount the state is named after (`cgroup::v2_mount`).
 fn existing_accel_root() -> Option<PathBuf> {
-    Some(Path::new(bpffs::BPFFS).join("skrelay").join("accel")).filter(|r| r.is_dir())
+    Some(bpffs::existing_root()?.join("accel")).filter(|r| r.is_dir())
 }
 
 /// Every cgroup skrelay accelerates, with its counters. Empty when there is none (or no bpffs).
