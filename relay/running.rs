@@ -24,6 +24,8 @@ pub struct Server {
     pub metrics: Option<SocketAddr>,
     /// What its metrics say (None without --metrics, or when they did not answer in time).
     pub live: Option<Live>,
+    /// `proxy`: the ports of its `--upstream` addresses, from its command line.
+    pub upstream_ports: Vec<u16>,
 }
 
 /// A running relay's own figures, read from its `--metrics` endpoint.
@@ -117,7 +119,8 @@ fn scan() -> (Vec<Server>, usize) {
             continue;
         }
         let Some(command) = command_of(&fs::read(p.path().join("cmdline")).unwrap_or_default()) else { continue };
-        if let Some(s) = inspect(&p.path(), pid, command, &sockets) {
+        if let Some(mut s) = inspect(&p.path(), pid, command, &sockets) {
+            s.upstream_ports = upstream_ports(&fs::read(p.path().join("cmdline")).unwrap_or_default());
             found.push(s);
         }
     }
@@ -141,10 +144,36 @@ pub fn command_of(cmdline: &[u8]) -> Option<String> {
     matches!(command.as_ref(), "relay" | "proxy").then(|| command.into_owned())
 }
 
+/// The ports of a proxy's `--upstream HOST:PORT` arguments (NUL-separated command line), in
+/// either form (`--upstream A`, `--upstream=A`).
+fn upstream_ports(cmdline: &[u8]) -> Vec<u16> {
+    let args: Vec<String> = cmdline.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    let mut ports = Vec::new();
+    for (i, a) in args.iter().enumerate() {
+        let value = match a.strip_prefix("--upstream") {
+            Some("") => args.get(i + 1).map(String::as_str),
+            Some(rest) => rest.strip_prefix('='),
+            None => None,
+        };
+        if let Some(port) = value.and_then(|v| v.rsplit_once(':')?.1.parse().ok()) {
+            ports.push(port);
+        }
+    }
+    ports
+}
+
 fn inspect(dir: &Path, pid: u32, command: String, sockets: &[ProcSocket]) -> Option<Server> {
     let fds = fs::read_dir(dir.join("fd")).ok()?;
-    let mut server =
-        Server { pid, command, listening: vec![], datapath: "userspace", connections: 0, metrics: None, live: None };
+    let mut server = Server {
+        pid,
+        command,
+        listening: vec![],
+        datapath: "userspace",
+        connections: 0,
+        metrics: None,
+        live: None,
+        upstream_ports: vec![],
+    };
     for fd in fds.flatten() {
         let Ok(target) = fs::read_link(fd.path()) else { continue };
         let target = target.to_string_lossy();
@@ -266,6 +295,13 @@ mod tests {
         assert_eq!(command_of(b"/opt/skrelay.new\0proxy\0"), Some("proxy".into()));
         assert_eq!(command_of(b"target/debug/deps/skrelay-0123456789abcdef\0relay\0"), None, "cargo test relay");
         assert_eq!(command_of(b""), None);
+    }
+
+    #[test]
+    fn upstream_ports_are_read_in_either_form() {
+        let cmdline = b"skrelay\0proxy\0--upstream\0[::1]:8000\0--upstream=db.local:5432\0--listen\0127.0.0.1:7000\0";
+        assert_eq!(upstream_ports(cmdline), vec![8000, 5432]);
+        assert_eq!(upstream_ports(b"skrelay\0relay\0--listen\0127.0.0.1:7000\0"), Vec::<u16>::new());
     }
 
     #[test]

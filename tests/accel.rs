@@ -840,6 +840,21 @@ fn a_relay_and_accel_refuse_to_share_a_cgroup() {
     let (code, out, err) = skrelay_output(&["accel", "on", "--cgroup", &cg.rel, "--ports", "9"]);
     assert_eq!(code, 0, "accel on --ports without the relay's port was refused: {out}{err}");
     relay.stop(Duration::from_secs(5));
+    let (code, out, err) = skrelay_output(&["accel", "off", "--cgroup", &cg.rel]);
+    assert_eq!(code, 0, "{out}{err}");
+    // A proxy's upstream connections are the cgroup's local connections too: accelerating its
+    // upstream port was accepted, and bytes through the proxy were lost (a helper's pass).
+    let mut enter = Command::new("sh");
+    enter.args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""]).arg(cg.path()).arg(SKRELAY);
+    enter.args(["proxy", "--listen", &listen, "--upstream", "127.0.0.1:8999"]);
+    let proxy = Skrelay::spawn(enter, "listening on");
+    let (code, out, err) = skrelay_output(&["accel", "on", "--cgroup", &cg.rel, "--ports", "8999"]);
+    assert_eq!(code, 2, "accel on accepted the upstream port of a proxy in the cgroup: {out}{err}");
+    let mut theirs = [port.parse::<u16>().unwrap(), 8999];
+    theirs.sort();
+    let leave_out = format!("give --ports that leave out {},{}", theirs[0], theirs[1]);
+    assert!(err.contains("upstream port 8999") && err.contains(&leave_out), "{err}");
+    proxy.stop(Duration::from_secs(5));
 }
 
 /// Runs `cmd` in `cg` for up to 5 s: its exit code and stderr; None when it was still running

@@ -420,17 +420,35 @@ pub fn accelerating(pid: u32, ports: &[u16]) -> Option<AccelReport> {
 }
 
 /// A running relay or proxy inside `cg` whose ports `ports` would take in (see `accelerating`).
-fn check_no_relay_inside(cg: &Cgroup, ports: &[u16]) -> Result<(), Error> {
+fn check_no_relay_inside(command: &str, cg: &Cgroup, ports: &[u16]) -> Result<(), Error> {
     for s in crate::running::servers() {
         let inside = Cgroup::of_process(s.pid).is_some_and(|c| c.is_within(cg));
-        let caught = ports.is_empty() || s.listening.iter().any(|a| ports.contains(&a.port()));
+        // A proxy's upstream connections are local connections of the cgroup too.
+        let caught = ports.is_empty()
+            || s.listening.iter().any(|a| ports.contains(&a.port()))
+            || s.upstream_ports.iter().any(|p| ports.contains(p));
         if inside && caught {
-            let at = s.listening.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+            let mut at = s.listening.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+            let mut theirs: Vec<u16> = s.listening.iter().map(std::net::SocketAddr::port).collect();
+            if !s.upstream_ports.is_empty() {
+                let list = s.upstream_ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
+                at = format!("{at}, upstream port {list}");
+                theirs.extend(&s.upstream_ports);
+            }
+            theirs.sort_unstable();
+            theirs.dedup();
+            let theirs = theirs.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
+            // `accel run` takes no --ports.
+            let fix = if command == "on" {
+                format!("stop it or move it out of the cgroup, or give --ports that leave out {theirs}")
+            } else {
+                "stop it or move it out of the cgroup, or run the command in another cgroup".to_string()
+            };
             return Err(Error::AccelConflict {
                 cgroup: cg.to_string(),
                 reason: format!(
                     "skrelay {} (pid {}, listening on {at}) runs in it, and accel would move its local clients' bytes \
-                     past its datapath (stop it or move it out of the cgroup, or give --ports without its ports)",
+                     past its datapath ({fix})",
                     s.command, s.pid
                 ),
             });
@@ -536,7 +554,7 @@ fn set_up(
         return Err(already_on(&cg, &dir));
     }
     check_nested(&root, &cg)?;
-    check_no_relay_inside(&cg, ports)?;
+    check_no_relay_inside(command, &cg, ports)?;
     let created = cg.create()?;
     // Recorded before the set-up, with this process: if it is killed half-way, the next `on` or
     // `off` (`remove_interrupted`) knows which directories it created, and a `run` killed after
