@@ -299,9 +299,9 @@ mod tests {
 
     #[test]
     fn upstream_ports_are_read_in_either_form() {
-        let cmdline = b"skrelay\0proxy\0--upstream\0[::1]:8000\0--upstream=db.local:5432\0--listen\0127.0.0.1:7000\0";
+        let cmdline = b"skrelay\0proxy\0--upstream\0[::1]:8000\0--upstream=db.local:5432\0--listen\x00127.0.0.1:7000\0";
         assert_eq!(upstream_ports(cmdline), vec![8000, 5432]);
-        assert_eq!(upstream_ports(b"skrelay\0relay\0--listen\0127.0.0.1:7000\0"), Vec::<u16>::new());
+        assert_eq!(upstream_ports(b"skrelay\0relay\0--listen\x00127.0.0.1:7000\0"), Vec::<u16>::new());
     }
 
     #[test]
