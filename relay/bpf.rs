@@ -59,6 +59,9 @@ pub fn unavailable(step: &str, err: &(dyn std::error::Error + 'static)) -> Error
             "skrelay needs Linux 5.10 or newer with CONFIG_BPF_STREAM_PARSER; use --datapath userspace on this kernel"
                 .to_string(),
         ),
+        Some(libc::EMFILE) | Some(libc::ENFILE) => {
+            (format!("too many open files while trying to {step}"), crate::error::RAISE_NOFILE.to_string())
+        }
         Some(libc::ENOMEM) => (
             format!("out of memory while trying to {step}"),
             "raise the memlock limit (ulimit -l) or free memory".to_string(),

@@ -16,7 +16,7 @@ pub enum Error {
     #[error("cannot {step}: permission denied (run as root or grant CAP_BPF and CAP_NET_ADMIN)")]
     BpfDenied { step: String },
 
-    #[error("{what}: {}", io_reason(.source))]
+    #[error("{what}: {}", io_reason(.what, .source))]
     Io { what: String, source: io::Error },
 
     /// Pinned state of another user: pins are mode 0600, which capabilities other than
@@ -28,7 +28,7 @@ pub enum Error {
     )]
     StateOwned { dir: String, owner: String },
 
-    #[error("cannot {step}: {source} (the pinned steering state may come from an incompatible skrelay: `skrelay steer reset` clears it)")]
+    #[error("cannot {step}: {}", steer_map_reason(.source))]
     SteerMap { step: &'static str, source: io::Error },
 
     #[error("{0}")]
@@ -75,20 +75,42 @@ impl Error {
             Error::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => 2,
             // A read-only file system (bpffs or cgroupfs mounted read-only): the set-up's to fix.
             Error::Io { source, .. } if source.raw_os_error() == Some(libc::EROFS) => 2,
+            // Out of descriptors: the limit is the user's to raise.
+            Error::Io { source, .. } | Error::SteerMap { source, .. } if out_of_descriptors(source) => 2,
             Error::Io { .. } | Error::SteerMap { .. } => 1,
             _ => 2,
         }
     }
 }
 
-/// An I/O error as the end of a sentence; a refusal names the fix.
-fn io_reason(e: &io::Error) -> String {
+fn steer_map_reason(e: &io::Error) -> String {
+    if out_of_descriptors(e) {
+        return format!("{e} ({RAISE_NOFILE})");
+    }
+    format!("{e} (the pinned steering state may come from an incompatible skrelay: `skrelay steer reset` clears it)")
+}
+
+/// The fix for a process out of descriptors, as every message that meets one says it.
+pub const RAISE_NOFILE: &str = "raise the descriptor limit: `ulimit -n`, or LimitNOFILE= in the unit";
+
+fn out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+}
+
+/// An I/O error as the end of a sentence; a refusal names the fix. `what` says what failed (a
+/// path in it tells which file system is read-only).
+fn io_reason(what: &str, e: &io::Error) -> String {
     match e.kind() {
         io::ErrorKind::PermissionDenied => "permission denied (run as root)".into(),
         _ if e.raw_os_error() == Some(libc::EROFS) => {
-            "the file system is mounted read-only (remount it read-write, e.g. `mount -o remount,rw /sys/fs/bpf`)"
-                .into()
+            let example = if what.contains("cgroup") && !what.contains("/sys/fs/bpf") {
+                "`mount -o remount,rw` on the cgroup v2 mount (`findmnt -t cgroup2` shows it)"
+            } else {
+                "e.g. `mount -o remount,rw /sys/fs/bpf`"
+            };
+            format!("the file system is mounted read-only (remount it read-write, {example})")
         }
+        _ if out_of_descriptors(e) => format!("{e} ({RAISE_NOFILE})"),
         _ => e.to_string(),
     }
 }
@@ -147,6 +169,21 @@ mod tests {
              `mount -o remount,rw /sys/fs/bpf`)"
         );
         assert_eq!(ro.exit_code(), 2);
+        let ro_cgroup =
+            Error::io("cannot create cgroup /sys/fs/cgroup/unified/x", io::Error::from_raw_os_error(libc::EROFS));
+        assert!(
+            ro_cgroup.to_string().contains("on the cgroup v2 mount (`findmnt -t cgroup2` shows it)"),
+            "{ro_cgroup}"
+        );
+        // Out of descriptors, the fix is the limit, whichever step met it.
+        let short = Error::io("cannot handle signals", io::Error::from_raw_os_error(libc::EMFILE));
+        assert!(short.to_string().ends_with(&format!("({RAISE_NOFILE})")), "{short}");
+        assert_eq!(short.exit_code(), 2);
+        let maps = crate::bpf::unavailable("create BPF maps", &io::Error::from_raw_os_error(libc::EMFILE));
+        assert_eq!(
+            maps.to_string(),
+            format!("cannot load BPF programs: too many open files while trying to create BPF maps ({RAISE_NOFILE})")
+        );
         let failed = Error::io("cannot unpin /sys/fs/bpf/x", io::Error::from_raw_os_error(libc::EIO));
         assert_eq!(failed.exit_code(), 1);
         let open = crate::bpf::unavailable("open the accel socket map", &io::Error::from_raw_os_error(libc::EPERM));

@@ -111,7 +111,10 @@ pub fn unavailable(step: &str, err: &(dyn std::error::Error + 'static)) -> Error
     let errno = bpf::os_error(err).and_then(|e| e.raw_os_error());
     match bpf::unavailable(step, err) {
         Error::BpfUnavailable { reason, .. }
-            if !matches!(errno, Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::ENOMEM)) =>
+            if !matches!(
+                errno,
+                Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::ENOMEM) | Some(libc::EMFILE) | Some(libc::ENFILE)
+            ) =>
         {
             Error::BpfUnavailable {
                 reason,
