@@ -675,3 +675,41 @@ fn a_reply_acknowledged_before_the_upstreams_reset_reaches_a_client_that_reads_l
 }
 
 per_datapath!(a_reply_acknowledged_before_the_upstreams_reset_reaches_a_client_that_reads_late);
+
+/// A client that connects, sends nothing and resets while it waits in the listen backlog (the
+/// proxy stopped meanwhile) costs the upstream nothing: the proxy opened a connection for it,
+/// which the upstream accepted and saw reset at once (a helper's churn pass). It counts as left.
+#[test]
+fn a_client_gone_before_it_was_accepted_opens_no_upstream_connection() {
+    let _netns = enter_netns();
+    let upstream = TcpListener::bind("127.0.0.1:9070").unwrap();
+    upstream.set_nonblocking(true).unwrap();
+    let proxy = Skrelay::start(&[
+        "proxy",
+        "--datapath",
+        "userspace",
+        "--upstream",
+        "127.0.0.1:9070",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    let signal = |sig: &str| {
+        assert!(Command::new("kill").args([sig, &proxy.pid().to_string()]).status().unwrap().success());
+    };
+    signal("-STOP");
+    let gone = connect(proxy_addr());
+    socket2::SockRef::from(&gone).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(gone);
+    thread::sleep(Duration::from_millis(100));
+    signal("-CONT");
+    let m = proxy.wait_metrics("the client counted", Duration::from_secs(5), |m| {
+        m.get("skrelay_unpaired_clients_total{reason=\"left\"}") == 1
+    });
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        matches!(upstream.accept(), Err(e) if e.kind() == ErrorKind::WouldBlock),
+        "the upstream got a connection for a client that was gone:\n{}\n{}",
+        m.text,
+        proxy.log()
+    );
+}

@@ -622,6 +622,14 @@ impl Server {
                     );
                     return;
                 }
+                // A client that reset in the listen backlog without sending a byte has nothing
+                // for an upstream: opening a connection for it only made the upstream accept one
+                // that is reset at once.
+                if sys::tcp_counters(&stream).is_ok_and(|t| t.closed() && t.payload_received() == 0) {
+                    self.metrics.client_unpaired(Unpaired::Left);
+                    log::info!("client {addr} reset: it was gone (reset) before it was accepted");
+                    return;
+                }
                 if self.pending >= self.max_pending {
                     reset_on_close(&stream);
                     self.metrics.client_unpaired(Unpaired::Full);
@@ -851,6 +859,10 @@ impl Server {
                 // Streams we could not finish: reset, never closed as if they were whole.
                 ends.iter().for_each(reset_on_close);
                 (0..2).for_each(|_| self.metrics.client_unpaired(Unpaired::Error));
+                // A client that half-closed mid-join (take_back) is not a fault of ours to shout.
+                if matches!(e, crate::datapath::SpliceError::Cut(_)) {
+                    return log::info!("pair {} <-> {} reset: {e}", addrs[0], addrs[1]);
+                }
                 return log::error!("pair {} <-> {} reset: cannot splice it: {e}", addrs[0], addrs[1]);
             }
         };
