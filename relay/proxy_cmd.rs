@@ -28,6 +28,16 @@ pub fn run(args: ProxyArgs) -> Result<(), Error> {
                  (give --upstream the address of the server to proxy to)"
             )));
         }
+        // The metrics responder is no server to proxy to either.
+        if let Some(m) = args.common.metrics {
+            if loops_back(up, m, m.is_ipv6(), None).is_some() {
+                return Err(Error::Usage(format!(
+                    "cannot proxy to upstream {up}: it is this proxy's own --metrics address ({m}), so every client \
+                     would be proxied into the metrics responder (give --upstream the address of the server to \
+                     proxy to, or --metrics another port)"
+                )));
+            }
+        }
     }
     crate::relay_cmd::metrics_outside_ports(args.common.metrics, addr, args.ports.ports.as_ref(), "proxied upstream")?;
     let metrics = Metrics::new(&metrics::datapath_labels(datapath));

@@ -354,6 +354,12 @@ fn a_proxy_whose_upstream_is_itself_is_refused_at_start_up() {
         assert!(err.contains("so every client would loop back into the proxy"), "{args:?}: {err}");
         assert_eq!(err.lines().count(), 1, "{args:?}: one sentence: {err}");
     }
+    // Its own metrics responder is no upstream either (it was accepted).
+    let args = ["proxy", "--upstream", "127.0.0.1:7779", "--metrics", "127.0.0.1:7779", "--datapath", "userspace"];
+    let (code, _, err) = skrelay_output(&args);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("it is this proxy's own --metrics address (127.0.0.1:7779)"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one sentence: {err}");
     // An upstream on another port of the same address is fine.
     let _up = TcpListener::bind("127.0.0.1:7778").unwrap();
     let _proxy = Skrelay::start(&["proxy", "--datapath", "userspace", "--upstream", "127.0.0.1:7778"]);
