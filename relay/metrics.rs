@@ -526,7 +526,9 @@ pub fn run(args: crate::cli::MetricsArgs) -> Result<(), Error> {
 
 /// Binds the metrics listener (`--metrics ADDR`, `skrelay metrics --listen ADDR`).
 pub fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener, Error> {
-    TcpListener::bind(addr).map_err(|source| Error::MetricsListen { addr, flag, source })
+    let listener = TcpListener::bind(addr).map_err(|source| Error::MetricsListen { addr, flag, source })?;
+    crate::relay_cmd::warn_if_taken_away(listener.local_addr().unwrap_or(addr), flag);
+    Ok(listener)
 }
 
 /// How long the responder waits for a scrape before it looks whether it was told to stop.

@@ -80,7 +80,19 @@ pub fn open(
     let threads = common.threads();
     let datapaths = datapath::open(common.datapath, common.kernel_after, common.kernel_limits(), threads)?;
     let listening = listening(listen, listen_given, common, ports, command)?;
+    warn_if_taken_away(listening.listener.local_addr().unwrap_or(listen), "--listen");
     Ok(Opened { threads, datapaths, listening })
+}
+
+/// Warns when connections to `addr`, where this process listens (`flag`), go elsewhere: another
+/// process's `--ports` or a `skrelay steer` binding takes them first.
+pub fn warn_if_taken_away(addr: SocketAddr, flag: &str) {
+    if let Some(who) = crate::steer::funnel::taken_from(addr) {
+        log::warn!(
+            "{flag} {addr}: {who}, which takes those connections before this listener sees them: it gets none of \
+             them while that lasts (listen on another port, or remove that steering)"
+        );
+    }
 }
 
 /// Whether `--ports` steers connections to `addr` to this process's listener on `listen`: its

@@ -190,3 +190,31 @@ fn an_ipv4_funnel_warns_about_a_dual_stack_ipv6_wildcard_socket_it_shadows() {
     dual.set_nonblocking(true).unwrap();
     assert!(dual.accept().is_err(), "the IPv4 connection went to the relay, as the warning says");
 }
+
+/// The other order: a listener started on a port that something already steers away gets no
+/// connection at all, and nothing said so (a helper's pass): a relay's `--listen` inside another
+/// relay's `--ports`, a metrics responder there, and a proxy on a port `skrelay steer` binds.
+#[test]
+fn a_listener_on_a_port_steered_elsewhere_is_warned_about() {
+    let _netns = enter_netns();
+    if !require_bpf("--ports") {
+        return;
+    }
+    let _first = Skrelay::start(&["relay", "--listen", "127.0.0.1:7020", "--ports", "7021,7022"]);
+    let second = Skrelay::start(&["relay", "--listen", "127.0.0.1:7021", "--metrics", "127.0.0.1:7022"]);
+    let log = second.log();
+    for (flag, port) in [("--listen", 7021), ("--metrics", 7022)] {
+        let want = format!("{flag} 127.0.0.1:{port}: process ");
+        assert!(log.contains(&want) && log.contains(&format!("takes port {port} with its --ports")), "{log}");
+    }
+    let target = TcpListener::bind("127.0.0.1:7030").unwrap();
+    skrelay_ok(&["steer", "add", "--ports", "7031", "--to", "127.0.0.1:7030"]);
+    let proxy = Skrelay::start(&["proxy", "--listen", "127.0.0.1:7031", "--upstream", "127.0.0.1:7030"]);
+    let log = proxy.log();
+    let _ = skrelay_output(&["steer", "reset"]);
+    drop(target);
+    assert!(log.contains("--listen 127.0.0.1:7031: `skrelay steer` binds tcp 0.0.0.0/0 port 7031 to"), "{log}");
+    // A port nobody steers: no such line.
+    let quiet = Skrelay::start(&["relay", "--listen", "127.0.0.1:7040"]);
+    assert!(!quiet.log().contains("takes those connections"), "{}", quiet.log());
+}

@@ -353,6 +353,32 @@ fn check_overlaps(prefix: Prefix, ports: &[u16]) -> Result<(), Error> {
     Ok(())
 }
 
+/// What takes TCP connections to `addr` before a socket listening there could see them:
+/// another running relay's or proxy's `--ports`, or a `skrelay steer` binding (sk_lookup runs
+/// before the kernel looks for a listener). A listener started so got no connection at all, and
+/// nothing said why (a helper's pass). None when nothing does, or when it cannot be told.
+pub fn taken_from(addr: SocketAddr) -> Option<String> {
+    let port = addr.port();
+    let mut here = vec![match addr.ip() {
+        ip if ip.is_unspecified() => Prefix::any(ip.is_ipv6()),
+        ip => Prefix { addr: ip, len: if ip.is_ipv6() { 128 } else { 32 } },
+    }];
+    // A wildcard IPv6 listener takes IPv4 connections too (unless IPv6-only).
+    if addr.ip().is_unspecified() && addr.is_ipv6() {
+        here.push(Prefix::any(false));
+    }
+    let meets = |p: &Prefix| here.iter().any(|h| prefixes_meet(h, p));
+    if let Some(other) = running().into_iter().find(|o| meets(&o.prefix) && o.ports.binary_search(&port).is_ok()) {
+        return Some(format!("{} takes port {port} with its --ports", other.owner()));
+    }
+    let st = state::State::open_read_only().ok().flatten()?;
+    st.records().values().find_map(|b| {
+        let key = b.key;
+        (key.proto == Proto::Tcp && meets(&key.prefix) && key.ports.ports().any(|p| p == port))
+            .then(|| format!("`skrelay steer` binds {key} to {}", b.target))
+    })
+}
+
 /// Other TCP sockets listening on ports of the list at addresses the funnel covers: while the
 /// funnel runs, their connections come to us instead.
 pub fn shadowed(listen: SocketAddr, ports: &PortList) -> Vec<SocketAddr> {
