@@ -113,7 +113,27 @@ pub fn root() -> Result<PathBuf, Error> {
     }
     let dir = base.join("skrelay");
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+    share_root(&dir);
     Ok(dir)
+}
+
+/// skrelay's directory holds one directory of state per network namespace (steer) and accel's:
+/// root's and a service user's (CAP_BPF and CAP_NET_ADMIN) side by side. Made by root with the
+/// default mode, the service user could not create its own (`steer add` refused); made by the
+/// service user, it could rename root's accel state out of `status`'s sight. So it belongs to
+/// root and is sticky and open to all, as /tmp: anyone may add a directory, only its owner may
+/// remove or rename it. Root takes it over when it finds it another user's; others leave it as is.
+fn share_root(dir: &Path) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    const SHARED: u32 = 0o1777;
+    let Ok(meta) = std::fs::metadata(dir) else { return };
+    let root = rustix::process::geteuid().is_root();
+    if root && meta.uid() != 0 {
+        let _ = rustix::fs::chown(dir, Some(rustix::process::Uid::ROOT), Some(rustix::process::Gid::ROOT));
+    }
+    if (meta.uid() == rustix::process::geteuid().as_raw() || root) && meta.mode() & 0o7777 != SHARED {
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(SHARED));
+    }
 }
 
 /// The directory skrelay pins under, found as `root` finds it, if skrelay pinned anything there;
@@ -186,7 +206,12 @@ impl StateLock {
                     continue;
                 }
                 Err(e) => return Err(Error::io(format!("cannot create {}", dir.display()), e)),
-                Ok(()) => {}
+                // Created again after `remove_root_if_empty`, perhaps: shared as `root` makes it.
+                Ok(()) => {
+                    if let Some(parent) = dir.parent().filter(|p| p.file_name().is_some_and(|n| n == "skrelay")) {
+                        share_root(parent);
+                    }
+                }
             }
             if let Some(lock) = Self::acquire_existing(dir)? {
                 return Ok(lock);

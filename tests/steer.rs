@@ -1219,3 +1219,48 @@ setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=$caps --ambient-ca
     assert!(nobody.contains("cannot check the bindings of `skrelay steer` at"), "{nobody}");
     assert!(nobody.contains("(they belong to root)"), "{nobody}");
 }
+
+/// skrelay's directory in bpffs is shared as /tmp is (root's, sticky, open to all): made by root
+/// with the default mode, a service user (CAP_BPF and CAP_NET_ADMIN) could not create its own
+/// namespace's state (`steer add` refused: permission denied); made by that user, it could
+/// rename root's state out of `status`'s sight (a helper's privilege pass). Against a bpffs of
+/// its own.
+#[test]
+fn root_and_a_service_user_keep_their_state_side_by_side() {
+    let Some(_reset) = setup("shared skrelay directory") else { return };
+    if !require_tool("root_and_a_service_user_keep_their_state_side_by_side", "setpriv") {
+        return;
+    }
+    let _target = TcpListener::bind("127.0.0.1:7110").unwrap();
+    let dir = std::env::temp_dir().join(format!("skrelay-shared-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // The service user's own network namespace, listener and binding.
+    let user = dir.join("user.sh");
+    std::fs::write(
+        &user,
+        r#"python3 -c 'import socket,time; s=socket.socket(); s.bind(("127.0.0.1",7120)); s.listen(); time.sleep(5)' &
+sleep 0.5
+"$1" steer add --ports 7121 --to 127.0.0.1:7120; echo "user add rc=$?"
+"$1" steer reset >/dev/null; echo "user reset rc=$?"
+kill $!
+"#,
+    )
+    .unwrap();
+    let script = r#"mount -t bpf bpf /sys/fs/bpf || exit 9
+"$0" steer add --ports 7111 --to 127.0.0.1:7110 >/dev/null || exit 8
+stat -c 'mode %a %U' /sys/fs/bpf/skrelay
+mine=$(ls /sys/fs/bpf/skrelay)
+caps=-all,+bpf,+net_admin
+as_user="setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=$caps --ambient-caps=$caps --bounding-set=$caps"
+unshare -n sh -c 'ip link set lo up && exec "$@"' sh $as_user sh "$1" "$0"
+$as_user mv /sys/fs/bpf/skrelay/$mine /sys/fs/bpf/skrelay/hidden 2>/dev/null; echo "rename rc=$?"
+"$0" steer list | grep -c 7111
+"$0" steer reset >/dev/null"#;
+    let out = Command::new("unshare").args(["-m", "sh", "-c", script, SKRELAY]).arg(&user).output().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("mode 1777 root"), "{text}");
+    assert!(text.contains("user add rc=0") && text.contains("user reset rc=0"), "{text}");
+    assert!(text.contains("rename rc=1"), "another user renamed root's state:\n{text}");
+    assert!(text.trim_end().ends_with('1'), "root's binding is listed:\n{text}");
+}
