@@ -169,6 +169,33 @@ fn own_mount_ns_without_bpffs() -> Option<OwnMountNs> {
     }
 }
 
+/// Refuses pinned state (`names` in `dir`) this process may not open, naming its owner. Pins are
+/// mode 0600, so a user with CAP_BPF and CAP_NET_ADMIN cannot open root's: opening one reads as a
+/// missing capability, which that user has.
+pub fn check_owner<'a>(what: &'static str, dir: &Path, names: impl Iterator<Item = &'a str>) -> Result<(), Error> {
+    use rustix::fs::{accessat, Access, AtFlags, CWD};
+    use std::os::unix::fs::MetadataExt;
+    for name in names {
+        let path = dir.join(name);
+        let Ok(meta) = std::fs::metadata(&path) else { continue };
+        // With the effective ids and capabilities (CAP_DAC_OVERRIDE passes).
+        if accessat(CWD, &path, Access::READ_OK | Access::WRITE_OK, AtFlags::EACCESS).is_err() {
+            return Err(Error::StateOwned { what, dir: dir.display().to_string(), owner: user_name(meta.uid()) });
+        }
+    }
+    Ok(())
+}
+
+/// The name of user `uid` (from /etc/passwd), or `uid N`.
+fn user_name(uid: u32) -> String {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[2].parse() == Ok(uid))
+        .map_or_else(|| format!("uid {uid}"), |f| f[0].to_string())
+}
+
 /// The bpffs of PID 1's mount namespace, or else of the nearest ancestor's in another one.
 fn outer_bpffs() -> Option<PathBuf> {
     let at = |pid: i32| Path::new("/proc").join(pid.to_string()).join("root").join(BPFFS.trim_start_matches('/'));

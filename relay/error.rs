@@ -22,11 +22,11 @@ pub enum Error {
     /// Pinned state of another user: pins are mode 0600, which capabilities other than
     /// CAP_DAC_OVERRIDE do not reach.
     #[error(
-        "the steering state at {dir} belongs to {owner} and its pins are open to their owner only (mode 0600): run \
+        "the {what} state at {dir} belongs to {owner} and its pins are open to their owner only (mode 0600): run \
          this command as {}",
         if .owner == "root" { "root".to_string() } else { format!("{} or root", .owner) }
     )]
-    StateOwned { dir: String, owner: String },
+    StateOwned { what: &'static str, dir: String, owner: String },
 
     #[error("cannot {step}: {}", steer_map_reason(.source))]
     SteerMap { step: &'static str, source: io::Error },
@@ -150,10 +150,10 @@ mod tests {
 
     #[test]
     fn state_of_another_user_names_who_to_run_as() {
-        let e = Error::StateOwned { dir: "/sys/fs/bpf/skrelay/1".into(), owner: "alice".into() };
+        let e = Error::StateOwned { what: "steering", dir: "/sys/fs/bpf/skrelay/1".into(), owner: "alice".into() };
         assert!(e.to_string().ends_with("run this command as alice or root"), "{e}");
         assert_eq!(e.exit_code(), 2);
-        let e = Error::StateOwned { dir: "/sys/fs/bpf/skrelay/1".into(), owner: "root".into() };
+        let e = Error::StateOwned { what: "steering", dir: "/sys/fs/bpf/skrelay/1".into(), owner: "root".into() };
         assert!(e.to_string().ends_with("run this command as root"), "{e}");
     }
 

@@ -154,6 +154,23 @@ fn accel_off_removes_the_cgroup_that_on_created_and_only_that() {
     ok(&["accel", "on", "--cgroup", &format!("{outer}/inner")]);
     let st = status_of(&made);
     assert!(st.contains("set up by `accel on`: stays until `skrelay accel off`"), "{st}");
+    // Another user, with the capabilities accel needs, may not open root's pins (mode 0600): it
+    // is told whose they are, not to grant what it has (a helper's privilege pass).
+    let caps = "-all,+bpf,+net_admin,+perfmon,+sys_admin";
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args([format!("--inh-caps={caps}"), format!("--ambient-caps={caps}"), format!("--bounding-set={caps}")])
+        .args([SKRELAY, "accel", "off", "--cgroup", &format!("{outer}/inner")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("belongs to root and its pins are open to their owner only")
+            && err.contains("run this command as root"),
+        "{err}"
+    );
+    assert!(made.exists(), "{err}");
     ok(&["accel", "off", "--cgroup", &format!("{outer}/inner")]);
     assert!(!made.exists() && !mount.join(&outer).exists(), "accel off left the cgroups accel on created");
     // A cgroup that was there before stays.

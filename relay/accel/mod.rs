@@ -757,6 +757,11 @@ fn off_set_up(
             }
             return Err(not_on(&dir));
         }
+        // Another user's (root's) pins: say whose, not that capabilities are missing.
+        let names: Vec<String> = std::fs::read_dir(&dir)
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        bpffs::check_owner("accel", &dir, names.iter().map(String::as_str))?;
         if only.is_some_and(|s| pinned::set_up_of(&dir) != Some(s)) {
             return Ok(None);
         }

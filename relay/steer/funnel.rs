@@ -317,7 +317,7 @@ fn check_overlaps(prefix: Prefix, ports: &[u16]) -> Result<(), Error> {
         Ok(st) => st,
         // Root's state is not for this user to read (a service user with CAP_BPF, as the
         // contrib units run): refusing would forbid --ports to it whenever root steers anything.
-        Err(Error::StateOwned { dir, owner }) => {
+        Err(Error::StateOwned { dir, owner, .. }) => {
             log::warn!(
                 "--ports: cannot check the bindings of `skrelay steer` at {dir} (they belong to {owner}): a pinned \
                  binding on these ports would keep them (`skrelay steer list` as {owner} shows them)"

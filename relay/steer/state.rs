@@ -64,31 +64,9 @@ pub fn exists(dir: &Path) -> bool {
     std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some())
 }
 
-/// Refuses pinned state this process may not open, naming its owner. Pins are mode 0600, so a
-/// user with CAP_BPF and CAP_NET_ADMIN cannot open root's: aya's loader would then try to create
-/// the maps instead and fail with "File exists", and opening one reads as a missing capability.
+/// Refuses pinned state this process may not open, naming its owner (`bpffs::check_owner`).
 fn check_owner(dir: &Path) -> Result<(), Error> {
-    use rustix::fs::{accessat, Access, AtFlags, CWD};
-    use std::os::unix::fs::MetadataExt;
-    for name in MAPS.iter().copied().chain([LINK]) {
-        let path = dir.join(name);
-        let Ok(meta) = std::fs::metadata(&path) else { continue };
-        // With the effective ids and capabilities (CAP_DAC_OVERRIDE passes).
-        if accessat(CWD, &path, Access::READ_OK | Access::WRITE_OK, AtFlags::EACCESS).is_err() {
-            return Err(Error::StateOwned { dir: dir.display().to_string(), owner: user_name(meta.uid()) });
-        }
-    }
-    Ok(())
-}
-
-/// The name of user `uid` (from /etc/passwd), or `uid N`.
-fn user_name(uid: u32) -> String {
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    passwd
-        .lines()
-        .map(|l| l.split(':').collect::<Vec<_>>())
-        .find(|f| f.len() > 2 && f[2].parse() == Ok(uid))
-        .map_or_else(|| format!("uid {uid}"), |f| f[0].to_string())
+    crate::bpffs::check_owner("steering", dir, MAPS.iter().copied().chain([LINK]))
 }
 
 /// The maps of a steer program instance, pinned (steer) or not (a funnel). Only the steer
