@@ -218,3 +218,29 @@ fn a_listener_on_a_port_steered_elsewhere_is_warned_about() {
     let quiet = Skrelay::start(&["relay", "--listen", "127.0.0.1:7040"]);
     assert!(!quiet.log().contains("takes those connections"), "{}", quiet.log());
 }
+
+/// A service user's `--ports` (CAP_BPF and CAP_NET_ADMIN, no CAP_PERFMON, as the contrib units
+/// may run): aya names programs only where a tracepoint program may load, so its sk_lookup
+/// program had no name, and root, looking for the name, saw no funnel: `status` said nothing was
+/// attached and `steer add` on its ports said "bound" while the connections kept going to the
+/// relay (a helper's privilege pass).
+#[test]
+fn a_service_users_ports_are_seen_by_root() {
+    let _netns = enter_netns();
+    if !require_bpf("--ports") || !require_tool("a_service_users_ports_are_seen_by_root", "setpriv") {
+        return;
+    }
+    let caps = "-all,+bpf,+net_admin";
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args([format!("--inh-caps={caps}"), format!("--ambient-caps={caps}"), format!("--bounding-set={caps}")])
+        .args([SKRELAY, "relay", "--datapath", "userspace", "--listen", "127.0.0.1:7050", "--ports", "7051"]);
+    let relay = Skrelay::spawn(cmd, "listening on");
+    let _target = TcpListener::bind("127.0.0.1:7052").unwrap();
+    let (code, out, err) = skrelay_output(&["steer", "add", "--ports", "7051", "--to", "127.0.0.1:7052"]);
+    let _ = skrelay_output(&["steer", "reset"]);
+    assert_eq!(code, 2, "steer add took a port a service user's --ports holds: {out}{err}\n{}", relay.log());
+    assert!(err.contains("7051"), "{err}");
+    let status = skrelay_ok(&["status"]);
+    assert!(status.contains("7051"), "status does not show the service user's --ports:\n{status}");
+}

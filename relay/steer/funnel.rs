@@ -189,7 +189,10 @@ pub fn running() -> Vec<Running> {
         else {
             continue;
         };
-        if prog.name_as_str() != Some(state::PROGRAM) {
+        // aya names programs only where a tracepoint program may load (CAP_PERFMON): a service
+        // user's funnel (CAP_BPF and CAP_NET_ADMIN) has no name, and its maps, named always,
+        // tell it (`steer_ports` below). Root did not see such a process's --ports at all.
+        if !matches!(prog.name_as_str(), Some(state::PROGRAM) | Some("") | None) {
             continue;
         }
         let map = |name: &str| {
