@@ -1264,3 +1264,33 @@ $as_user mv /sys/fs/bpf/skrelay/$mine /sys/fs/bpf/skrelay/hidden 2>/dev/null; ec
     assert!(text.contains("rename rc=1"), "another user renamed root's state:\n{text}");
     assert!(text.trim_end().ends_with('1'), "root's binding is listed:\n{text}");
 }
+
+/// Steering pinned in a bpffs this mount namespace does not see (a private mount namespace with
+/// a bpffs of its own): `status` showed it, while `steer list` said there were no bindings and
+/// `steer reset` that there was nothing to reset (a helper's pass). Both now say what steers.
+#[test]
+fn list_and_reset_name_steering_pinned_out_of_sight() {
+    let Some(_reset) = setup("pinned out of sight") else { return };
+    let _target = TcpListener::bind("127.0.0.1:7060").unwrap();
+    let script = r#"mount -t bpf bpf /sys/fs/bpf || exit 9
+"$0" steer add --ports 7061 --to 127.0.0.1:7060 >/dev/null || exit 8
+echo added
+read _
+"$0" steer reset >/dev/null"#;
+    let mut hidden = Command::new("unshare")
+        .args(["-m", "sh", "-c", script, SKRELAY])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(hidden.stdout.as_mut().unwrap()), &mut line).unwrap();
+    assert_eq!(line.trim(), "added");
+    let listed = ok(&["steer", "list"]);
+    let reset = ok(&["steer", "reset"]);
+    drop(hidden.stdin.take());
+    hidden.wait().unwrap();
+    let warning = "WARNING: port 7061 is steered by state pinned in a bpffs this mount namespace does not see";
+    assert!(listed.contains(warning), "{listed}");
+    assert!(reset.contains(warning), "{reset}");
+}

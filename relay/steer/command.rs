@@ -29,6 +29,7 @@ pub fn command(cmd: SteerCommand) -> Result<String, Error> {
                 n => out
                     .push_str(&format!("removed the steering state of {n} network namespaces that no longer exist\n")),
             }
+            r.elsewhere.iter().for_each(|f| out.push_str(&format!("{}\n", super::elsewhere_warning(f))));
             Ok(out)
         }
     }
@@ -68,8 +69,9 @@ fn render_add(added: &super::Added) -> String {
 
 fn render_list(listing: &Listing) -> String {
     let views = &listing.bindings;
+    let elsewhere: String = listing.elsewhere.iter().map(|f| format!("{}\n", super::elsewhere_warning(f))).collect();
     if views.is_empty() {
-        return "no steering bindings in this network namespace\n".into();
+        return format!("no steering bindings in this network namespace\n{elsewhere}");
     }
     let mut rows =
         vec![["PROTO", "PREFIX", "PORTS", "TARGET", "PROCESS", "COOKIE", "HITS", "REFUSED"].map(String::from)];
@@ -115,5 +117,6 @@ fn render_list(listing: &Listing) -> String {
     if listing.detached {
         out.push_str(&format!("WARNING: {DETACHED_WARNING}\n"));
     }
+    out.push_str(&elsewhere);
     out
 }

@@ -260,19 +260,41 @@ pub struct Reset {
     pub removed: usize,
     pub dir: Option<PathBuf>,
     pub dead: usize,
+    /// Steering of this network namespace pinned in a bpffs this mount namespace does not see,
+    /// which this reset could not reach.
+    pub elsewhere: Vec<funnel::Running>,
+}
+
+/// Links of this network namespace's steering pinned in a bpffs out of this mount namespace's
+/// sight (`status` shows them): `list` and `reset` say so instead of "nothing" (a helper's pass).
+fn pinned_elsewhere() -> Vec<funnel::Running> {
+    funnel::running().into_iter().filter(|f| f.pinned_elsewhere).collect()
+}
+
+/// The line `list` and `reset` add for each of `pinned_elsewhere`.
+pub fn elsewhere_warning(f: &funnel::Running) -> String {
+    format!(
+        "WARNING: port{} {} {} steered by state pinned in a bpffs this mount namespace does not see (sk_lookup \
+         link {}): run skrelay steer in the mount namespace whose bpffs holds it to list or remove it",
+        if f.ports.len() == 1 { "" } else { "s" },
+        f.port_list(),
+        if f.ports.len() == 1 { "is" } else { "are" },
+        f.link_id
+    )
 }
 
 /// `steer reset`: unpins everything; the link (and so the program) goes with its last reference.
 /// What dead network namespaces left (nobody else can reset it) goes too.
 pub fn reset() -> Result<Reset, Error> {
     let dead = state::sweep_stale();
-    let Some(dir) = state::existing_dir()? else { return Ok(Reset { removed: 0, dir: None, dead }) };
+    let elsewhere = pinned_elsewhere();
+    let Some(dir) = state::existing_dir()? else { return Ok(Reset { removed: 0, dir: None, dead, elsewhere }) };
     let removed = match crate::bpffs::StateLock::acquire_existing(&dir)? {
         Some(_lock) => state::remove_all(&dir)?,
         None => 0,
     };
     crate::bpffs::remove_root_if_empty();
-    Ok(Reset { removed, dir: Some(dir), dead })
+    Ok(Reset { removed, dir: Some(dir), dead, elsewhere })
 }
 
 /// One binding as `steer list` shows it.
@@ -369,6 +391,7 @@ pub fn list() -> Result<Listing, Error> {
     Ok(Listing {
         bindings: st.as_ref().map(views).unwrap_or_default(),
         detached: st.as_ref().is_some_and(State::detached),
+        elsewhere: pinned_elsewhere(),
     })
 }
 
@@ -378,6 +401,8 @@ pub struct Listing {
     pub bindings: Vec<BindingView>,
     /// The link was detached by hand: the bindings steer nothing until the next `steer add`.
     pub detached: bool,
+    /// Steering pinned in a bpffs this mount namespace does not see.
+    pub elsewhere: Vec<funnel::Running>,
 }
 
 /// The warning for a link detached by hand, as `status` and `steer list` show it.
