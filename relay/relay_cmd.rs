@@ -181,8 +181,8 @@ pub fn listening(
     if let Some(pid) = common.takeover {
         if ports.ports.is_some() {
             return Err(Error::Usage(
-                "--takeover cannot be combined with --ports yet: the running process's --ports holds those ports \
-                 until it exits (stop it and start this one instead)"
+                "--takeover cannot be combined with --ports yet: a takeover carries the listening socket and the \
+                 live pairs, not a --ports funnel (stop the running process and start this one with --ports instead)"
                     .into(),
             ));
         }
