@@ -1294,3 +1294,22 @@ read _
     assert!(listed.contains(warning), "{listed}");
     assert!(reset.contains(warning), "{reset}");
 }
+
+/// A first `steer add` that fails part-way (here out of descriptors) leaves nothing in bpffs: it
+/// left 2 to 5 map pins that steered nothing, which `status` then blamed on an interrupted
+/// command (a helper's privilege pass). Against a bpffs of its own, at several limits, so that it
+/// fails at different steps.
+#[test]
+fn a_first_steer_add_that_fails_part_way_leaves_nothing() {
+    let Some(_reset) = setup("failed first add") else { return };
+    let _target = TcpListener::bind("127.0.0.1:7070").unwrap();
+    let script = r#"mount -t bpf bpf /sys/fs/bpf || exit 9
+for n in 8 10 12 14; do
+  prlimit --nofile=$n:$n "$0" steer add --ports 7071 --to 127.0.0.1:7070 >/dev/null 2>&1; echo "limit $n rc=$?"
+  echo "left: $(ls -A /sys/fs/bpf | grep -c skrelay)"
+done"#;
+    let out = Command::new("unshare").args(["-m", "sh", "-c", script, SKRELAY]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches("rc=2").count(), 4, "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(text.matches("left: 0").count(), 4, "{text}");
+}

@@ -237,12 +237,30 @@ impl State {
         let lock = bpffs::StateLock::acquire(&dir)?;
         check_owner(&dir)?;
         remove_if_stale(&dir)?;
-        let mut bpf = loader(&dir).map_err(|e| unavailable("create the steering maps", &e))?;
+        // A set-up that fails before its link is pinned (out of descriptors, say) leaves map pins
+        // that steer nothing: a first one takes them back, leaving nothing behind.
+        let fresh = !exists(&dir);
+        match Self::set_up(&dir) {
+            Ok((maps, note)) => Ok((State { dir, maps, _lock: lock }, note)),
+            Err(e) => {
+                if fresh {
+                    let _ = remove_all(&dir);
+                    drop(lock);
+                    bpffs::remove_root_if_empty();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// `open_or_create`'s work in `dir`, under its lock: the maps, and a line for the user.
+    fn set_up(dir: &Path) -> Result<(Maps, Option<String>), Error> {
+        let mut bpf = loader(dir).map_err(|e| unavailable("create the steering maps", &e))?;
         let mut maps = Maps::take(&mut bpf)?;
         let link_path = dir.join(LINK);
         let ours = program_version();
         let mut note = None;
-        if link_path.exists() && link_detached(&dir) {
+        if link_path.exists() && link_detached(dir) {
             // Detached by hand (`bpftool link detach`): nothing is steered. A new link for the
             // same maps steers the bindings again.
             std::fs::remove_file(&link_path)
@@ -289,7 +307,7 @@ impl State {
                 ));
             }
         }
-        Ok((State { dir, maps, _lock: lock }, note))
+        Ok((maps, note))
     }
 
     /// Where the state is pinned.
