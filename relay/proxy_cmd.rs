@@ -48,7 +48,7 @@ pub fn run(args: ProxyArgs) -> Result<(), Error> {
         None => None,
     };
     datapath::note_host_settings(&datapaths);
-    log::info!(
+    let listening = format!(
         "listening on {addr}: proxying to {upstreams}, {datapath} datapath, {}{}",
         loops(threads),
         metrics_note(served)
@@ -62,7 +62,9 @@ pub fn run(args: ProxyArgs) -> Result<(), Error> {
         idle_timeout: args.common.idle_timeout,
         metrics,
     };
+    // Said once the event loops exist: a process short of descriptors failed after it.
     let mut server = Server::new(listener, datapaths, config)?;
+    log::info!("{listening}");
     serving(&mut server, handover, addr);
     server.run()
 }

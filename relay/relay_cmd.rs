@@ -40,8 +40,9 @@ pub fn run(args: RelayArgs) -> Result<(), Error> {
         PairBy::Token => "pairing clients by their token line",
     };
     datapath::note_host_settings(&datapaths);
-    log::info!("listening on {addr}: {pairing}, {datapath} datapath, {}{}", loops(threads), metrics_note(served));
+    // "listening" once the event loops exist: a process short of descriptors failed after it.
     let mut server = Server::new(listener, datapaths, config)?;
+    log::info!("listening on {addr}: {pairing}, {datapath} datapath, {}{}", loops(threads), metrics_note(served));
     serving(&mut server, handover, addr);
     server.run()
 }

@@ -417,3 +417,26 @@ fn a_report_that_cannot_be_written_is_said_or_dropped_never_a_panic() {
     assert_eq!(gone.status.code(), Some(0), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// Too low a descriptor limit to start: one sentence naming the limit, exit 2, and no
+/// "listening" line before it (it exited 1 after saying it listened, or blamed the kernel's BPF
+/// support; helpers' passes).
+#[test]
+fn too_few_descriptors_to_start_is_said_with_the_fix() {
+    let _netns = enter_netns();
+    for (limit, datapath) in [("6", "userspace"), ("8", "kernel")] {
+        if datapath == "kernel" && !require_bpf("too_few_descriptors_to_start_is_said_with_the_fix") {
+            continue;
+        }
+        let out = Command::new("prlimit")
+            .arg(format!("--nofile={limit}:{limit}"))
+            .args([SKRELAY, "relay", "--datapath", datapath, "--threads", "1"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{datapath}: {err}");
+        assert!(err.contains("(raise the descriptor limit: `ulimit -n`, or LimitNOFILE= in the unit)"), "{err}");
+        assert!(!err.contains("listening on"), "{datapath}: {err}");
+        assert!(!err.contains("dmesg"), "{datapath}: {err}");
+    }
+}
