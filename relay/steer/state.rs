@@ -408,10 +408,14 @@ impl State {
             }
             .map_err(|e| Error::steer_map("update the port map", &e))?;
         }
+        // The record goes first: a command killed between the two leaves a target entry no record
+        // names (unseen, and the next binding of that id overwrites it), never a recorded binding
+        // without its target, which `steer list` showed as "(gone)" while its socket lived and
+        // the repair said it was steered again (a helper's pass).
         for &(id, _) in &plan.removed {
+            self.maps.bindings.remove(&id).map_err(|e| Error::steer_map("remove a binding", &e))?;
             sys::bpf::sockmap_clear(self.maps.targets.fd(), id)
                 .map_err(|e| Error::steer_map("clear a steering target", &e))?;
-            self.maps.bindings.remove(&id).map_err(|e| Error::steer_map("remove a binding", &e))?;
         }
         Ok(())
     }
