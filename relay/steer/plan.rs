@@ -45,8 +45,9 @@ pub struct Plan {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
     #[error(
-        "too many bindings: {existing} exist, {adding} more would pass the limit of {limit} (bind ranges like \
-         8000-8999 instead of single ports)"
+        "too many bindings: {existing} exist, {adding} more would pass the limit of {limit} (a binding is one \
+         prefix and one port or range: bind ranges like 8000-8999 instead of single ports, or fewer --addr \
+         prefixes)"
     )]
     Bindings { existing: usize, adding: usize, limit: u32 },
     #[error(
