@@ -45,10 +45,13 @@ pub fn unavailable(step: &str, err: &(dyn std::error::Error + 'static)) -> Error
         Some(libc::EPERM) | Some(libc::EACCES) => {
             // CAP_PERFMON too: the relay verdict reads kernel memory (bpf_probe_read_kernel, BTF
             // casts), which a process with CAP_BPF and CAP_NET_ADMIN alone may not load.
-            (
-                "operation not permitted".to_string(),
-                "run as root or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON".to_string(),
-            )
+            let fix = match in_user_namespace() {
+                true => "BPF takes capabilities in the initial user namespace, which root of a user namespace has \
+                         not: run as root outside it, or with --datapath userspace"
+                    .to_string(),
+                false => "run as root or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON".to_string(),
+            };
+            ("operation not permitted".to_string(), fix)
         }
         Some(libc::ENOSYS) => (
             "the kernel has no bpf() system call".to_string(),
@@ -72,6 +75,13 @@ pub fn unavailable(step: &str, err: &(dyn std::error::Error + 'static)) -> Error
         ),
     };
     Error::BpfUnavailable { reason, fix }
+}
+
+/// This process runs in a user namespace other than the initial one (`unshare -U`, a rootless
+/// container): its uid map is not the identity over every uid.
+pub fn in_user_namespace() -> bool {
+    std::fs::read_to_string("/proc/self/uid_map")
+        .is_ok_and(|m| m.split_whitespace().collect::<Vec<_>>() != ["0", "0", "4294967295"])
 }
 
 /// "a: b: c" from an error and its sources.

@@ -101,6 +101,11 @@ fn out_of_descriptors(e: &io::Error) -> bool {
 /// path in it tells which file system is read-only).
 fn io_reason(what: &str, e: &io::Error) -> String {
     match e.kind() {
+        io::ErrorKind::PermissionDenied if rustix::process::geteuid().is_root() => {
+            "permission denied, as root: a capability this needs is missing from this process (its bounding \
+             set; `capsh --print` shows it), or it runs in a user namespace"
+                .into()
+        }
         io::ErrorKind::PermissionDenied => "permission denied (run as root)".into(),
         _ if e.raw_os_error() == Some(libc::EROFS) => {
             let example = if what.contains("cgroup") && !what.contains("/sys/fs/bpf") {
@@ -160,7 +165,12 @@ mod tests {
     #[test]
     fn a_refusal_for_want_of_privilege_names_the_fix_and_is_the_users_to_fix() {
         let denied = Error::io("cannot unpin /sys/fs/bpf/x", io::Error::from_raw_os_error(libc::EACCES));
-        assert_eq!(denied.to_string(), "cannot unpin /sys/fs/bpf/x: permission denied (run as root)");
+        // Root lacking a capability is told so, not to run as root.
+        let want = match rustix::process::geteuid().is_root() {
+            true => "cannot unpin /sys/fs/bpf/x: permission denied, as root: a capability this needs is missing",
+            false => "cannot unpin /sys/fs/bpf/x: permission denied (run as root)",
+        };
+        assert!(denied.to_string().starts_with(want), "{denied}");
         assert_eq!(denied.exit_code(), 2);
         let ro = Error::io("cannot create /sys/fs/bpf/skrelay", io::Error::from_raw_os_error(libc::EROFS));
         assert_eq!(

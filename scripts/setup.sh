@@ -10,6 +10,7 @@ packages=(
   iproute2 bpftool                       # tests: netns set-up, pinned-state inspection
   netcat-openbsd ncat socat iperf3 curl  # tests: real clients
   strace                                 # tests: a command killed at a chosen system call
+  libcap2-bin                            # tests: capsh, root without a capability
   redis-server                           # tests: accel with a real service (brings redis-tools)
   nginx wrk                              # tests: accel_services (the test runs its own nginx)
   postgresql                             # tests: accel_services (own cluster in a temp dir; pgbench, psql)

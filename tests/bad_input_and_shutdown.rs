@@ -440,3 +440,28 @@ fn too_few_descriptors_to_start_is_said_with_the_fix() {
         assert!(!err.contains("dmesg"), "{datapath}: {err}");
     }
 }
+
+/// Root of a user namespace (`unshare -U -r`) is refused BPF: it was told to run as root or
+/// grant capabilities, which it has there. Root lacking a capability (`capsh --drop`) was told
+/// to run as root. Each is told what is missing (a helper's privilege pass).
+#[test]
+fn root_of_a_user_namespace_and_root_without_a_capability_are_told_what_is_missing() {
+    let _netns = enter_netns();
+    if !require_bpf("root_of_a_user_namespace_and_root_without_a_capability_are_told_what_is_missing") {
+        return;
+    }
+    let out =
+        Command::new("unshare").args(["-U", "-r", "-n", SKRELAY, "relay", "--datapath", "kernel"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("BPF takes capabilities in the initial user namespace"), "{err}");
+    let _target = TcpListener::bind("127.0.0.1:7090").unwrap();
+    let out = Command::new("capsh")
+        .args(["--drop=cap_sys_admin,cap_net_admin", "--", "-c"])
+        .arg(format!("{SKRELAY} steer add --ports 7091 --to 127.0.0.1:7090"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("as root: a capability this needs is missing"), "{err}");
+}

@@ -88,6 +88,10 @@ fn broken(e: impl std::error::Error + 'static) -> Error {
 pub fn unavailable(step: &str, err: &(dyn std::error::Error + 'static)) -> Error {
     let errno = bpf::os_error(err).and_then(|e| e.raw_os_error());
     match bpf::unavailable(step, err) {
+        // Steering loads no program that reads kernel memory: CAP_PERFMON is not needed.
+        Error::BpfUnavailable { reason, fix } if fix.contains("CAP_PERFMON") => {
+            Error::BpfUnavailable { reason, fix: "run as root or grant CAP_BPF and CAP_NET_ADMIN".into() }
+        }
         Error::BpfUnavailable { reason, .. }
             if !matches!(
                 errno,
