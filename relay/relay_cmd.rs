@@ -150,7 +150,17 @@ pub fn metrics_outside_ports(
 /// Refuses to serve `ports` from inside a cgroup that `skrelay accel` accelerates on them: its
 /// sk_msg program would redirect local clients' bytes past this process's datapath.
 pub fn outside_accel(command: &'static str, ports: &[u16]) -> Result<(), Error> {
-    let Some(r) = crate::accel::accelerating(std::process::id(), ports) else { return Ok(()) };
+    let r = match crate::accel::accelerating_or_why(std::process::id(), ports) {
+        Ok(Some(r)) => r,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            log::warn!(
+                "cannot check whether skrelay accel accelerates this {command}'s cgroup ({e}): if it does, its local \
+                 clients' bytes would go past the datapath (`skrelay accel status` shows what is accelerated)"
+            );
+            return Ok(());
+        }
+    };
     let list = |p: &[u16]| p.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
     Err(Error::InsideAccel {
         command,

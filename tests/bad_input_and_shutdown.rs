@@ -465,3 +465,20 @@ fn root_of_a_user_namespace_and_root_without_a_capability_are_told_what_is_missi
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("as root: a capability this needs is missing"), "{err}");
 }
+
+/// A relay that cannot read the accel state (another command holds it past the readers' 2 s)
+/// said nothing and skipped the check that it does not run inside an accelerated cgroup (a
+/// helper's privilege pass). It says so now, and starts. Against a bpffs of its own.
+#[test]
+fn a_relay_that_cannot_check_for_acceleration_says_so() {
+    let _netns = enter_netns();
+    let script = r#"mount -t bpf bpf /sys/fs/bpf || exit 9
+mkdir -p /sys/fs/bpf/skrelay/accel
+flock -x /sys/fs/bpf/skrelay/accel sleep 3 &
+sleep 0.3
+timeout 3 "$0" relay --datapath userspace --listen 127.0.0.1:7095"#;
+    let out = Command::new("unshare").args(["-m", "sh", "-c", script, SKRELAY]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot check whether skrelay accel accelerates this relay's cgroup"), "{err}");
+    assert!(err.contains("listening on 127.0.0.1:7095"), "{err}");
+}

@@ -412,11 +412,17 @@ pub fn report_cgroup(cgroup: &Path) -> Result<AccelReport, Error> {
 /// would move its local clients' bytes into its sockets' psock queue, which neither its sk_skb
 /// datapath nor splice(2) reads (a relay inside `accel run` lost 64 KiB of a 4 MB stream).
 pub fn accelerating(pid: u32, ports: &[u16]) -> Option<AccelReport> {
-    let cg = Cgroup::of_process(pid)?;
-    reports().ok()?.cgroups.into_iter().find(|r| {
+    accelerating_or_why(pid, ports).ok().flatten()
+}
+
+/// `accelerating`, with why it could not be told (the accel state held by another command past
+/// the readers' wait, or unreadable).
+pub fn accelerating_or_why(pid: u32, ports: &[u16]) -> Result<Option<AccelReport>, Error> {
+    let Some(cg) = Cgroup::of_process(pid) else { return Ok(None) };
+    Ok(reports()?.cgroups.into_iter().find(|r| {
         Cgroup::resolve(&r.cgroup).is_ok_and(|other| cg.is_within(&other))
             && (r.ports.is_empty() || r.ports.iter().any(|p| ports.contains(p)))
-    })
+    }))
 }
 
 /// A running relay or proxy inside `cg` whose ports `ports` would take in (see `accelerating`).
