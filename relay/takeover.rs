@@ -214,7 +214,7 @@ pub fn take(pid: i32, command: &str) -> Result<Taken, Error> {
     // without it is told that, not that the namespaces differ.
     let its_netns = std::fs::read_link(proc.join("ns/net")).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => refuse(gone()),
-        _ => refuse(permission(e)),
+        _ => refuse(permission(&proc, e)),
     })?;
     if Some(its_netns) != std::fs::read_link("/proc/thread-self/ns/net").ok() {
         return Err(refuse("it runs in another network namespace (run the new skrelay in its namespace)".into()));
@@ -240,7 +240,7 @@ pub fn take(pid: i32, command: &str) -> Result<Taken, Error> {
     })?;
     let mut listeners = Vec::new();
     let mut metrics = Vec::new();
-    let fds = std::fs::read_dir(proc.join("fd")).map_err(|e| refuse(permission(e)))?;
+    let fds = std::fs::read_dir(proc.join("fd")).map_err(|e| refuse(permission(&proc, e)))?;
     for entry in fds.flatten() {
         let is_socket = std::fs::read_link(entry.path()).is_ok_and(|t| t.to_string_lossy().starts_with("socket:"));
         let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
@@ -250,7 +250,7 @@ pub fn take(pid: i32, command: &str) -> Result<Taken, Error> {
         let dup = match sys::pidfd_getfd(&pidfd, fd) {
             Ok(d) => d,
             Err(e) if e.raw_os_error() == Some(libc::EBADF) => continue, // closed meanwhile
-            Err(e) => return Err(refuse(permission(e))),
+            Err(e) => return Err(refuse(permission(&proc, e))),
         };
         let socket = Socket::from(dup);
         let tcp_listener = matches!(socket.domain(), Ok(d) if d == Domain::IPV4 || d == Domain::IPV6)
@@ -293,14 +293,41 @@ fn gone() -> String {
     "it exited meanwhile (another --takeover may have taken it over: `skrelay status` lists what runs now)".into()
 }
 
-fn permission(e: std::io::Error) -> String {
+fn permission(proc: &std::path::Path, e: std::io::Error) -> String {
     match e.raw_os_error() {
         Some(libc::ESRCH) => gone(),
+        // The same user may not ptrace a process holding capabilities it lacks.
+        Some(libc::EPERM) | Some(libc::EACCES) if !caps_beyond_ours(proc).is_empty() => format!(
+            "{e} (it holds capabilities this process lacks: {}; taking its sockets needs the right to ptrace it: \
+             give this one the same capabilities, or CAP_SYS_PTRACE)",
+            caps_beyond_ours(proc).join(", ")
+        ),
         Some(libc::EPERM) | Some(libc::EACCES) => format!(
             "{e} (taking its sockets needs the right to ptrace it: run as root, as its user, or with CAP_SYS_PTRACE)"
         ),
         _ => e.to_string(),
     }
+}
+
+/// The effective capabilities of process `proc` (/proc/PID) that this process lacks, by name.
+fn caps_beyond_ours(proc: &std::path::Path) -> Vec<String> {
+    let eff = |p: &std::path::Path| -> Option<u64> {
+        let status = std::fs::read_to_string(p.join("status")).ok()?;
+        u64::from_str_radix(status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim(), 16).ok()
+    };
+    let (Some(theirs), Some(ours)) = (eff(proc), eff(std::path::Path::new("/proc/self"))) else { return vec![] };
+    let names = [
+        (10, "CAP_NET_BIND_SERVICE"),
+        (12, "CAP_NET_ADMIN"),
+        (19, "CAP_SYS_PTRACE"),
+        (21, "CAP_SYS_ADMIN"),
+        (38, "CAP_PERFMON"),
+        (39, "CAP_BPF"),
+    ];
+    (0..64)
+        .filter(|bit| theirs & !ours & (1 << bit) != 0)
+        .map(|bit| names.iter().find(|(b, _)| *b == bit).map_or(format!("capability {bit}"), |(_, n)| n.to_string()))
+        .collect()
 }
 
 /// Whether process `proc` (/proc/PID) has a handler for `signal` (its SigCgt mask).

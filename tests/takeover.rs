@@ -333,3 +333,31 @@ fn the_loser_of_two_takeovers_at_once_is_told_why() {
     assert!(log.contains("nobody waits for them"), "{log}");
     assert!(!log.contains("handing over to the skrelay that took over"), "{log}");
 }
+
+/// The same user taking over a process that holds capabilities it lacks may not ptrace it: it
+/// was told to run as root, as its user (it was), or with CAP_SYS_PTRACE. It is told which
+/// capabilities the running process holds beyond its own (a helper's privilege pass).
+#[test]
+fn a_takeover_with_fewer_capabilities_names_them() {
+    let _netns = enter_netns();
+    if !require_tool("a_takeover_with_fewer_capabilities_names_them", "setpriv") {
+        return;
+    }
+    let as_nobody = |caps: &str| {
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args([format!("--inh-caps={caps}"), format!("--ambient-caps={caps}"), format!("--bounding-set={caps}")])
+            .arg(SKRELAY);
+        c
+    };
+    let mut old = as_nobody("-all,+bpf,+perfmon,+net_admin");
+    old.args(["relay", "--datapath", "userspace", "--listen", "127.0.0.1:7096"]);
+    let old = Skrelay::spawn(old, "listening on");
+    let out = as_nobody("-all,+bpf,+net_admin")
+        .args(["relay", "--datapath", "userspace", "--takeover", &old.pid().to_string()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("it holds capabilities this process lacks: CAP_PERFMON"), "{err}");
+}
