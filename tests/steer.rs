@@ -922,7 +922,7 @@ fn target_errors_name_the_fix() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
         err.contains("cannot find which process holds the tcp socket at 127.0.0.1:6600: the descriptors of")
-            && err.contains("cannot be read without root (run as root, or give --pid and --fd of a process of yours)"),
+            && err.contains("cannot be read without root or CAP_DAC_READ_SEARCH (run as root, or give --pid and --fd of a process of yours)"),
         "{err}"
     );
 }

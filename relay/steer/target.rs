@@ -43,8 +43,8 @@ impl Target {
                 // The socket is there; we may not look into the processes that could hold it.
                 Error::Usage(format!(
                     "cannot find which process holds the {} socket at {addr}: the descriptors of {hidden} \
-                     process(es) of other users cannot be read without root (run as root, or give --pid and --fd \
-                     of a process of yours)",
+                     process(es) of other users cannot be read without root or CAP_DAC_READ_SEARCH (run as root, or \
+                     give --pid and --fd of a process of yours)",
                     proto.name()
                 ))
             } else {
@@ -142,13 +142,17 @@ fn may_not_trace(pid: i32) -> Error {
     if rustix::process::geteuid().is_root() {
         return Error::Usage(format!(
             "not allowed to take sockets from process {pid}, even as root (pidfd_getfd needs ptrace rights over it: \
-             check kernel.yama.ptrace_scope, a security module's policy, or whether the process is in a user \
-             namespace this one does not own)"
+             check CAP_SYS_PTRACE in this process's bounding set, a security module's policy (kernel.yama.ptrace_scope \
+             where Yama runs), or whether the process is in a user namespace this one does not own)"
         ));
     }
+    let yama = match std::path::Path::new("/proc/sys/kernel/yama/ptrace_scope").exists() {
+        true => ", and check kernel.yama.ptrace_scope",
+        false => "",
+    };
     Error::Usage(format!(
-        "not allowed to take sockets from process {pid} (pidfd_getfd needs ptrace rights over it: run as root or \
-         as its owner, and check kernel.yama.ptrace_scope)"
+        "not allowed to take sockets from process {pid} (pidfd_getfd needs ptrace rights over it: run as root, as \
+         its owner, or with CAP_SYS_PTRACE{yama})"
     ))
 }
 
