@@ -64,6 +64,7 @@ pub fn run(args: ProxyArgs) -> Result<(), Error> {
     };
     // Said once the event loops exist: a process short of descriptors failed after it.
     let mut server = Server::new(listener, datapaths, config)?;
+    crate::relay_cmd::warn_if_few_descriptors();
     log::info!("{listening}");
     serving(&mut server, handover, addr);
     server.run()

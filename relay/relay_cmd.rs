@@ -42,6 +42,7 @@ pub fn run(args: RelayArgs) -> Result<(), Error> {
     datapath::note_host_settings(&datapaths);
     // "listening" once the event loops exist: a process short of descriptors failed after it.
     let mut server = Server::new(listener, datapaths, config)?;
+    warn_if_few_descriptors();
     log::info!("listening on {addr}: {pairing}, {datapath} datapath, {}{}", loops(threads), metrics_note(served));
     serving(&mut server, handover, addr);
     server.run()
@@ -83,6 +84,25 @@ pub fn open(
     let listening = listening(listen, listen_given, common, ports, command)?;
     warn_if_taken_away(listening.listener.local_addr().unwrap_or(listen), "--listen");
     Ok(Opened { threads, datapaths, listening })
+}
+
+/// Fewer spare descriptors than this at start get a warning: a relay that starts with one or two
+/// left serves almost nobody, in silence (a helper's churn pass: 1 spare under `ulimit -n 34`).
+const FEW_DESCRIPTORS: u64 = 256;
+
+/// Warns when the descriptor limit (already raised to its hard limit, `Server::new`) leaves few
+/// for clients once this process's own are open.
+pub fn warn_if_few_descriptors() {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(u64::MAX);
+    let open = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+    let spare = limit.saturating_sub(open);
+    if spare < FEW_DESCRIPTORS {
+        log::warn!(
+            "only {spare} descriptors are left for clients (the limit is {limit}, {open} are open): each pair takes \
+             two, and a userspace pair moving bytes two more ({})",
+            crate::error::RAISE_NOFILE
+        );
+    }
 }
 
 /// Warns when connections to `addr`, where this process listens (`flag`), go elsewhere: another

@@ -268,4 +268,6 @@ fn token_waiters_holding_every_descriptor_make_room_for_their_partners() {
     assert_eq!(a, b, "{log}");
     assert!(a >= 3, "{a} of {N} pairs formed within 8 s (--pair-timeout is 30 s):\n{log}");
     assert!(log.contains("the newest waiting client makes room for the next one"), "{log}");
+    // The start said how few descriptors there were.
+    assert!(log.contains("descriptors are left for clients (the limit is 32,"), "{log}");
 }
