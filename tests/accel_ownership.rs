@@ -156,11 +156,8 @@ fn accel_off_removes_the_cgroup_that_on_created_and_only_that() {
     assert!(st.contains("set up by `accel on`: stays until `skrelay accel off`"), "{st}");
     // Another user, with the capabilities accel needs, may not open root's pins (mode 0600): it
     // is told whose they are, not to grant what it has (a helper's privilege pass).
-    let caps = "-all,+bpf,+net_admin,+perfmon,+sys_admin";
-    let out = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .args([format!("--inh-caps={caps}"), format!("--ambient-caps={caps}"), format!("--bounding-set={caps}")])
-        .args([SKRELAY, "accel", "off", "--cgroup", &format!("{outer}/inner")])
+    let out = skrelay_as_nobody("+bpf,+net_admin,+perfmon,+sys_admin")
+        .args(["accel", "off", "--cgroup", &format!("{outer}/inner")])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -591,13 +588,8 @@ fn accel_on_without_cap_sys_admin_is_refused_and_changes_nothing() {
     let cg = format!("skrelay-nosysadmin-{}", std::process::id());
     std::fs::create_dir(mount.join(&cg)).unwrap();
     let _cleanup = Cleanup(mount.clone(), vec![cg.clone()]);
-    let caps = "+bpf,+net_admin,+perfmon";
-    let out = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(format!("--inh-caps=-all,{caps}"))
-        .arg(format!("--ambient-caps=-all,{caps}"))
-        .arg(format!("--bounding-set=-all,{caps}"))
-        .args([SKRELAY, "accel", "on", "--cgroup", &cg, "--small-write", "64K"])
+    let out = skrelay_as_nobody("+bpf,+net_admin,+perfmon")
+        .args(["accel", "on", "--cgroup", &cg, "--small-write", "64K"])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -230,11 +230,8 @@ fn a_service_users_ports_are_seen_by_root() {
     if !require_bpf("--ports") || !require_tool("a_service_users_ports_are_seen_by_root", "setpriv") {
         return;
     }
-    let caps = "-all,+bpf,+net_admin";
-    let mut cmd = std::process::Command::new("setpriv");
-    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .args([format!("--inh-caps={caps}"), format!("--ambient-caps={caps}"), format!("--bounding-set={caps}")])
-        .args([SKRELAY, "relay", "--datapath", "userspace", "--listen", "127.0.0.1:7050", "--ports", "7051"]);
+    let mut cmd = skrelay_as_nobody("+bpf,+net_admin");
+    cmd.args(["relay", "--datapath", "userspace", "--listen", "127.0.0.1:7050", "--ports", "7051"]);
     let relay = Skrelay::spawn(cmd, "listening on");
     let _target = TcpListener::bind("127.0.0.1:7052").unwrap();
     let (code, out, err) = skrelay_output(&["steer", "add", "--ports", "7051", "--to", "127.0.0.1:7052"]);

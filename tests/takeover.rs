@@ -343,17 +343,10 @@ fn a_takeover_with_fewer_capabilities_names_them() {
     if !require_tool("a_takeover_with_fewer_capabilities_names_them", "setpriv") {
         return;
     }
-    let as_nobody = |caps: &str| {
-        let mut c = std::process::Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .args([format!("--inh-caps={caps}"), format!("--ambient-caps={caps}"), format!("--bounding-set={caps}")])
-            .arg(SKRELAY);
-        c
-    };
-    let mut old = as_nobody("-all,+bpf,+perfmon,+net_admin");
+    let mut old = skrelay_as_nobody("+bpf,+perfmon,+net_admin");
     old.args(["relay", "--datapath", "userspace", "--listen", "127.0.0.1:7096"]);
     let old = Skrelay::spawn(old, "listening on");
-    let out = as_nobody("-all,+bpf,+net_admin")
+    let out = skrelay_as_nobody("+bpf,+net_admin")
         .args(["relay", "--datapath", "userspace", "--takeover", &old.pid().to_string()])
         .output()
         .unwrap();

@@ -597,3 +597,14 @@ pub fn serve_echo(listener: std::net::TcpListener) {
         }
     });
 }
+
+/// skrelay run as user nobody with exactly `caps` (setpriv's form, e.g. "+bpf,+net_admin"), as a
+/// service user would run it: inherited, ambient and bounding sets all set to them.
+pub fn skrelay_as_nobody(caps: &str) -> Command {
+    let caps = format!("-all,{caps}");
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args([format!("--inh-caps={caps}"), format!("--ambient-caps={caps}"), format!("--bounding-set={caps}")])
+        .arg(SKRELAY);
+    c
+}
