@@ -583,12 +583,11 @@ impl Server {
             })
             .max();
         let Some((_, slot)) = newest else { return false };
-        self.drop_pending(
-            slot,
-            "out of descriptors, the newest waiting client makes room for the next one in the listen backlog \
-             (raise the descriptor limit: `ulimit -n`, or LimitNOFILE= in the unit)",
-            Unpaired::Full,
+        let why = format!(
+            "out of descriptors, the newest waiting client makes room for the next one in the listen backlog ({})",
+            crate::error::RAISE_NOFILE
         );
+        self.drop_pending(slot, &why, Unpaired::Full);
         true
     }
 
