@@ -328,6 +328,16 @@ fn a_binding_whose_target_died_refuses_connections() {
     assert_eq!(b["target"]["alive"], false);
     assert_eq!(b["refused"], 1);
     assert!(ok(&["steer", "list"]).contains("(gone)"));
+    // A listener shut down but still open stays in the map and refuses too: `list` said nothing
+    // of it (a helper's steer pass).
+    let shut = TcpListener::bind("127.0.0.1:6101").unwrap();
+    ok(&["steer", "add", "--ports", "7101", "--to", "127.0.0.1:6101"]);
+    socket2::SockRef::from(&shut).shutdown(std::net::Shutdown::Both).unwrap();
+    assert!(refused("127.0.0.1:7101".parse().unwrap()));
+    let listed = ok(&["steer", "list"]);
+    assert!(listed.contains("127.0.0.1:6101 (not listening)"), "{listed}");
+    let b = &list_json()[1];
+    assert_eq!((b["target"]["alive"].clone(), b["target"]["listening"].clone()), (true.into(), false.into()), "{b}");
 }
 
 #[test]

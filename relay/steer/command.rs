@@ -81,7 +81,11 @@ fn render_list(listing: &Listing) -> String {
             true => format!("{}/{}", b.record.pid, b.record.comm),
             false => format!("{}/{} (exited)", b.record.pid, b.record.comm),
         };
-        let target = if b.alive { b.record.target.to_string() } else { format!("{} (gone)", b.record.target) };
+        let target = match (b.alive, b.listening) {
+            (false, _) => format!("{} (gone)", b.record.target),
+            (true, false) => format!("{} (not listening)", b.record.target),
+            (true, true) => b.record.target.to_string(),
+        };
         rows.push([
             key.proto.name().to_string(),
             key.prefix.to_string(),

@@ -304,6 +304,9 @@ pub struct BindingView {
     pub record: Record,
     /// The target socket is still open (its cookie is in the map).
     pub alive: bool,
+    /// A TCP target still listens at its address (a listener shut down but not closed stays in
+    /// the map and refuses every steered connection). Always true for UDP.
+    pub listening: bool,
     /// The process recorded at `steer add` still runs (the socket may outlive it: a fork, a
     /// binary upgrade, a `--takeover`).
     pub process_running: bool,
@@ -349,6 +352,7 @@ impl BindingView {
                 "local": self.record.target.to_string(),
                 "cookie": self.record.cookie,
                 "alive": self.alive,
+                "listening": self.listening,
             },
             "hits": self.hits,
             "refused": self.refused,
@@ -366,15 +370,25 @@ fn running(pid: u32, comm: &str) -> bool {
 
 fn views(st: &State) -> Vec<BindingView> {
     let unsteered = st.unsteered();
+    let mut listeners = Vec::new();
+    for f in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
+        listeners.extend(
+            target::parse_proc_net(&std::fs::read_to_string(f).unwrap_or_default())
+                .into_iter()
+                .filter(|s| s.state == target::STATE_LISTEN)
+                .map(|s| s.local),
+        );
+    }
     let mut v: Vec<BindingView> = st
         .records()
         .into_iter()
         .map(|(id, record)| {
             let c = st.counters(id);
             let alive = st.target_alive(id, &record);
+            let listening = record.key.proto == crate::cli::Proto::Udp || listeners.contains(&record.target);
             let unsteered = unsteered.get(&id).copied().unwrap_or(0);
             let process_running = running(record.pid, &record.comm);
-            BindingView { id, record, alive, process_running, hits: c.hits, refused: c.refused, unsteered }
+            BindingView { id, record, alive, listening, process_running, hits: c.hits, refused: c.refused, unsteered }
         })
         .collect();
     v.sort_by_key(|b| {
