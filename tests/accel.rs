@@ -821,6 +821,14 @@ fn a_relay_and_accel_refuse_to_share_a_cgroup() {
         let _ = Command::new("ip").args(["netns", "del", &ns]).status();
         assert_eq!(code, Some(2), "under ip netns exec, the relay started inside an accelerated cgroup: {err}");
         assert!(err.contains("cannot run the relay in cgroup"), "{err}");
+        // In a cgroup namespace of its own (`unshare -C`, as containers run), where
+        // /proc/self/cgroup reads `0::/`: the check found no accelerated cgroup either.
+        let mut enter = Command::new("sh");
+        enter.args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec unshare -C -n \"$1\" relay"]);
+        enter.arg(cg.path()).arg(SKRELAY);
+        let (code, err) = exit_within(&cg, enter);
+        assert_eq!(code, Some(2), "in a cgroup namespace, the relay started inside an accelerated cgroup: {err}");
+        assert!(err.contains("cannot run the relay in cgroup"), "{err}");
     }
     {
         // accel limited to other ports: the relay serves.

@@ -165,6 +165,27 @@ impl Cgroup {
     }
 
     /// True when `self` is `other` or lies below it.
+    /// Whether process `pid` (as this process's pid namespace numbers it) is in this cgroup or a
+    /// cgroup below it, by their `cgroup.procs`. Unlike `of_process` this holds inside a cgroup
+    /// namespace (`unshare -C`, containers), where /proc/PID/cgroup reads `0::/` whatever the
+    /// cgroup: a relay started so inside an accelerated cgroup was not refused, and lost whole
+    /// streams (a helper's pass).
+    pub fn holds(&self, pid: u32) -> bool {
+        fn walk(dir: &Path, pid: &str, depth: usize) -> bool {
+            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            if procs.lines().any(|l| l.trim() == pid) {
+                return true;
+            }
+            depth < 64
+                && std::fs::read_dir(dir).is_ok_and(|d| {
+                    d.flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .any(|e| walk(&e.path(), pid, depth + 1))
+                })
+        }
+        walk(&self.path(), &pid.to_string(), 0)
+    }
+
     pub fn is_within(&self, other: &Cgroup) -> bool {
         other.rel.is_empty() || self.rel == other.rel || self.rel.starts_with(&format!("{}/", other.rel))
     }

@@ -418,10 +418,9 @@ pub fn accelerating(pid: u32, ports: &[u16]) -> Option<AccelReport> {
 /// `accelerating`, with why it could not be told (the accel state held by another command past
 /// the readers' wait, or unreadable).
 pub fn accelerating_or_why(pid: u32, ports: &[u16]) -> Result<Option<AccelReport>, Error> {
-    let Some(cg) = Cgroup::of_process(pid) else { return Ok(None) };
     Ok(reports()?.cgroups.into_iter().find(|r| {
-        Cgroup::resolve(&r.cgroup).is_ok_and(|other| cg.is_within(&other))
-            && (r.ports.is_empty() || r.ports.iter().any(|p| ports.contains(p)))
+        (r.ports.is_empty() || r.ports.iter().any(|p| ports.contains(p)))
+            && Cgroup::resolve(&r.cgroup).is_ok_and(|accelerated| accelerated.holds(pid))
     }))
 }
 
