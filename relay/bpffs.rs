@@ -169,6 +169,21 @@ fn own_mount_ns_without_bpffs() -> Option<OwnMountNs> {
     }
 }
 
+/// skrelay's directory is open to all (`share_root`), so anyone can make the directory another
+/// user's state will go in before that user does (a namespace's inode number is no secret): root
+/// then pinned its steering into a directory nobody owned, and nobody removed it (a helper's
+/// pass). An empty directory of another user's is made again, root's, before root uses it; one
+/// with pins in it is that user's state, which root may run commands on.
+pub fn claim_if_planted(dir: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let me = rustix::process::geteuid();
+    let Ok(meta) = std::fs::metadata(dir) else { return };
+    let empty = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none());
+    if me.is_root() && meta.uid() != 0 && empty && std::fs::remove_dir(dir).is_ok() {
+        let _ = std::fs::create_dir(dir);
+    }
+}
+
 /// Refuses pinned state (`names` in `dir`) this process may not open, naming its owner. Pins are
 /// mode 0600, so a user with CAP_BPF and CAP_NET_ADMIN cannot open root's: opening one reads as a
 /// missing capability, which that user has.
@@ -238,6 +253,7 @@ impl StateLock {
                     if let Some(parent) = dir.parent().filter(|p| p.file_name().is_some_and(|n| n == "skrelay")) {
                         share_root(parent);
                     }
+                    claim_if_planted(dir);
                 }
             }
             if let Some(lock) = Self::acquire_existing(dir)? {

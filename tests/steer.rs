@@ -1256,22 +1256,39 @@ kill $!
 "#,
     )
     .unwrap();
+    // Another user makes the directory root's state in a new namespace will go in, first.
+    let planted = dir.join("planted.sh");
+    std::fs::write(
+        &planted,
+        r#"ino=$(stat -L -c %i /proc/self/ns/net)
+setpriv --reuid=65534 --regid=65534 --clear-groups mkdir /sys/fs/bpf/skrelay/$ino
+python3 -c 'import socket,time; s=socket.socket(); s.bind(("127.0.0.1",7130)); s.listen(); time.sleep(5)' &
+sleep 0.5
+"$1" steer add --ports 7131 --to 127.0.0.1:7130 >/dev/null; echo "planted rc=$? owner $(stat -c %U /sys/fs/bpf/skrelay/$ino)"
+"$1" steer reset >/dev/null
+kill $!
+"#,
+    )
+    .unwrap();
     let script = r#"mount -t bpf bpf /sys/fs/bpf || exit 9
 "$0" steer add --ports 7111 --to 127.0.0.1:7110 >/dev/null || exit 8
 stat -c 'mode %a %U' /sys/fs/bpf/skrelay
 mine=$(ls /sys/fs/bpf/skrelay)
+unshare -n sh -c 'ip link set lo up && exec sh "$1" "$0"' "$0" "$2"
 caps=-all,+bpf,+net_admin
 as_user="setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=$caps --ambient-caps=$caps --bounding-set=$caps"
 unshare -n sh -c 'ip link set lo up && exec "$@"' sh $as_user sh "$1" "$0"
 $as_user mv /sys/fs/bpf/skrelay/$mine /sys/fs/bpf/skrelay/hidden 2>/dev/null; echo "rename rc=$?"
 "$0" steer list | grep -c 7111
 "$0" steer reset >/dev/null"#;
-    let out = Command::new("unshare").args(["-m", "sh", "-c", script, SKRELAY]).arg(&user).output().unwrap();
+    let out =
+        Command::new("unshare").args(["-m", "sh", "-c", script, SKRELAY]).arg(&user).arg(&planted).output().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("mode 1777 root"), "{text}");
     assert!(text.contains("user add rc=0") && text.contains("user reset rc=0"), "{text}");
     assert!(text.contains("rename rc=1"), "another user renamed root's state:\n{text}");
+    assert!(text.contains("planted rc=0 owner root"), "root's state went into another user's directory:\n{text}");
     assert!(text.trim_end().ends_with('1'), "root's binding is listed:\n{text}");
 }
 

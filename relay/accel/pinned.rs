@@ -43,6 +43,9 @@ pub fn create(dir: &Path, cgroup: &Cgroup, ports: &[u16], max_queued: u32, small
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let building = setup_root(dir).join(format!("{}-{name}", std::process::id()));
     remove(&building);
+    if std::fs::create_dir_all(setup_root(dir)).is_ok() {
+        crate::bpffs::claim_if_planted(&setup_root(dir));
+    }
     std::fs::create_dir_all(&building).map_err(|e| Error::io(format!("cannot create {}", building.display()), e))?;
     let result = create_in(&building, cgroup, ports, max_queued, small_write).and_then(|()| {
         std::fs::rename(&building, dir)
