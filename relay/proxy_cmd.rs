@@ -85,6 +85,8 @@ pub fn loops_back(
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
     };
+    // A listener (or metrics responder) on [::ffff:a.b.c.d] is one on a.b.c.d for this purpose.
+    let listen = crate::sys::unmapped(listen);
     let is_local = || std::net::UdpSocket::bind((ip, 0)).is_ok();
     let port = upstream.port();
     // The listening socket itself.

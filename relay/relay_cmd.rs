@@ -119,6 +119,7 @@ pub fn warn_if_taken_away(addr: SocketAddr, flag: &str) {
 /// Whether `--ports` steers connections to `addr` to this process's listener on `listen`: its
 /// ports at the listen address, or at every local address of its family for a wildcard one.
 pub fn steered_here(addr: SocketAddr, listen: SocketAddr, ports: &PortList) -> bool {
+    let listen = crate::sys::unmapped(listen);
     let ip = match addr.ip() {
         IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
         IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),

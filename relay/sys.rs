@@ -183,6 +183,17 @@ pub fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
     Ok(rustix::pipe::splice(from, None, to, None, len, SpliceFlags::MOVE | SpliceFlags::NONBLOCK)?)
 }
 
+/// An IPv4 address written in IPv6 form (`[::ffff:a.b.c.d]:p`) as the IPv4 address it is: the
+/// kernel's lookups (sk_lookup, the listener hash) see such connections as IPv4. Others as given.
+pub fn unmapped(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    match addr.ip() {
+        std::net::IpAddr::V6(v6) => {
+            v6.to_ipv4_mapped().map_or(addr, |v4| std::net::SocketAddr::new(v4.into(), addr.port()))
+        }
+        std::net::IpAddr::V4(_) => addr,
+    }
+}
+
 /// Raises the soft limit on open files to the hard limit: every pair holds two sockets (and two
 /// pipes on the userspace datapath). Returns the soft limit now in force.
 pub fn raise_fd_limit() -> u64 {

@@ -241,3 +241,21 @@ fn a_service_users_ports_are_seen_by_root() {
     let status = skrelay_ok(&["status"]);
     assert!(status.contains("7051"), "status does not show the service user's --ports:\n{status}");
 }
+
+/// A relay listening on an IPv4 address written in IPv6 form (`[::ffff:127.0.0.1]`) takes the
+/// IPv4 connections to that address: its `--ports` bound an IPv6 prefix no IPv4 connection met,
+/// and said the ports were steered (a helper's pass).
+#[test]
+fn ports_of_a_relay_on_an_ipv4_mapped_address_are_steered() {
+    let _netns = enter_netns();
+    if !require_bpf("--ports") {
+        return;
+    }
+    let _relay = Skrelay::start(&["relay", "--listen", "[::ffff:127.0.0.1]:7097", "--ports", "7098"]);
+    let mut a = connect(SocketAddr::from(([127, 0, 0, 1], 7098)));
+    let mut b = connect(SocketAddr::from(([127, 0, 0, 1], 7097)));
+    a.write_all(b"mapped").unwrap();
+    let mut got = [0u8; 6];
+    b.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"mapped");
+}

@@ -340,8 +340,9 @@ fn open_sockets(pid: i32) -> usize {
 fn a_proxy_whose_upstream_is_itself_is_refused_at_start_up() {
     // It used to accept one client and open ~18,000 sockets a second until EMFILE killed it.
     let _netns = enter_netns();
-    let cases: [&[&str]; 4] = [
+    let cases: [&[&str]; 5] = [
         &["--listen", "127.0.0.1:7777", "--upstream", "127.0.0.1:7777"],
+        &["--listen", "[::ffff:127.0.0.1]:7777", "--upstream", "127.0.0.1:7777"],
         &["--listen", "0.0.0.0:7777", "--upstream", "127.0.0.5:7777"],
         &["--listen", "localhost:7777", "--upstream", "localhost:7777"],
         &["--listen", "127.0.0.1:7777", "--ports", "7,77", "--upstream", "127.0.0.1:77"],
@@ -360,6 +361,10 @@ fn a_proxy_whose_upstream_is_itself_is_refused_at_start_up() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("it is this proxy's own --metrics address (127.0.0.1:7779)"), "{err}");
     assert_eq!(err.lines().count(), 1, "one sentence: {err}");
+    let args =
+        ["proxy", "--upstream", "127.0.0.1:7779", "--metrics", "[::ffff:127.0.0.1]:7779", "--datapath", "userspace"];
+    let (code, _, err) = skrelay_output(&args);
+    assert_eq!(code, 2, "an IPv4 metrics address in IPv6 form: {err}");
     // An upstream on another port of the same address is fine.
     let _up = TcpListener::bind("127.0.0.1:7778").unwrap();
     let _proxy = Skrelay::start(&["proxy", "--datapath", "userspace", "--upstream", "127.0.0.1:7778"]);

@@ -203,7 +203,10 @@ fn ten_thousand_ports_are_served_by_one_socket() {
     ok(&["steer", "add", "--ports", "30001", "--to", "127.0.0.1:5002"]);
     let _c = TcpStream::connect("127.0.0.1:30001").unwrap();
     assert_eq!(dual.accept().unwrap().0.local_addr().unwrap().port(), 30001);
-    // So does one for an IPv4 address written in IPv6 form (it bound ::/0, which IPv4 never meets).
+    // So does one for an IPv4 address written in IPv6 form (it bound ::/0, which IPv4 never meets),
+    // and that form finds a plain IPv4 listener too (it found dual-stack ones only).
+    ok(&["steer", "add", "--ports", "30003", "--to", "[::ffff:127.0.0.1]:5000"]);
+    ok(&["steer", "remove", "--ports", "30003"]);
     ok(&["steer", "add", "--ports", "30002", "--to", "[::ffff:127.0.0.1]:5002"]);
     let _c = TcpStream::connect("127.0.0.1:30002").unwrap();
     assert_eq!(dual.accept().unwrap().0.local_addr().unwrap().port(), 30002);

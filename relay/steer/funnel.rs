@@ -52,8 +52,10 @@ impl Funnel {
     pub fn attach(listener: &impl AsFd, listen: SocketAddr, ports: &PortList) -> Result<Funnel, Error> {
         let mut bpf = load()?;
         let mut maps = Maps::take(&mut bpf)?;
-        let prefix =
-            if listen.ip().is_unspecified() { Prefix::any(listen.is_ipv6()) } else { Prefix::host(listen.ip()) };
+        // A listener on [::ffff:a.b.c.d] takes the IPv4 connections to a.b.c.d (its bound
+        // address made an IPv6 prefix no IPv4 connection met: nothing was steered).
+        let at = sys::unmapped(listen);
+        let prefix = if at.ip().is_unspecified() { Prefix::any(at.is_ipv6()) } else { Prefix::host(at.ip()) };
         let all = ports.ports();
         check_overlaps(prefix, &all)?;
         let span = PortRange { lo: all[0], hi: *all.last().unwrap() };
@@ -361,6 +363,7 @@ fn check_overlaps(prefix: Prefix, ports: &[u16]) -> Result<(), Error> {
 /// before the kernel looks for a listener). A listener started so got no connection at all, and
 /// nothing said why (a helper's pass). None when nothing does, or when it cannot be told.
 pub fn taken_from(addr: SocketAddr) -> Option<String> {
+    let addr = sys::unmapped(addr);
     let port = addr.port();
     let mut here = vec![match addr.ip() {
         ip if ip.is_unspecified() => Prefix::any(ip.is_ipv6()),

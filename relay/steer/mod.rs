@@ -63,7 +63,9 @@ pub struct TargetView {
 pub fn add(args: &SteerAddArgs) -> Result<Added, Error> {
     let started = Instant::now();
     let target = match (args.to, args.pid, args.fd) {
-        (Some(addr), None, None) => Target::at(args.proto, addr)?,
+        // An IPv4 address in IPv6 form names an IPv4 listener as much as a dual-stack one.
+        (Some(addr), None, None) => Target::at(args.proto, crate::sys::unmapped(addr))
+            .or_else(|e| Target::at(args.proto, addr).map_err(|_| e))?,
         (None, Some(pid), Some(fd)) => Target::from_process(args.proto, pid, fd)?,
         _ => return Err(Error::Usage("give the target as --to ADDR:PORT or as --pid PID --fd FD".into())),
     };
