@@ -1337,9 +1337,17 @@ fn a_first_steer_add_that_fails_part_way_leaves_nothing() {
 for n in 8 10 12 14; do
   prlimit --nofile=$n:$n "$0" steer add --ports 7071 --to 127.0.0.1:7070 >/dev/null 2>&1; echo "limit $n rc=$?"
   echo "left: $(ls -A /sys/fs/bpf | grep -c skrelay)"
-done"#;
+done
+"$0" steer add --ports 7071 --to 127.0.0.1:7070 >/dev/null
+prlimit --nofile=4:4 "$0" steer reset; echo "short reset rc=$?"
+"$0" steer reset"#;
     let out = Command::new("unshare").args(["-m", "sh", "-c", script, SKRELAY]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(text.matches("rc=2").count(), 4, "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(text.matches("rc=2").count(), 5, "{text}{err}");
     assert_eq!(text.matches("left: 0").count(), 4, "{text}");
+    // A reset short of descriptors says so (it said "Directory not empty", exit 1), and the
+    // next one removes everything.
+    assert!(err.contains("(raise the descriptor limit"), "{err}");
+    assert!(text.contains("removed every binding"), "{text}");
 }

@@ -547,7 +547,14 @@ fn loader(dir: &Path) -> Result<Ebpf, aya::EbpfError> {
 pub fn remove_all(dir: &Path) -> Result<usize, Error> {
     check_owner(dir)?;
     let mut removed = 0;
-    if let Ok(entries) = std::fs::read_dir(dir) {
+    // A directory that cannot be listed (out of descriptors) is said as such: it went on to
+    // "Directory not empty", with every pin left.
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => Some(entries),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(Error::io(format!("cannot list {}", dir.display()), e)),
+    };
+    if let Some(entries) = entries {
         for e in entries.flatten() {
             std::fs::remove_file(e.path())
                 .map_err(|err| Error::io(format!("cannot unpin {}", e.path().display()), err))?;
