@@ -62,6 +62,14 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A path reached through another process's root (/proc/PID/root/sys/...: the outer mount
+/// namespace's, under `ip netns exec`) as the host names it (/sys/...); None for other paths.
+fn as_the_host_names_it(path: &Path) -> Option<PathBuf> {
+    let mut c = path.strip_prefix("/proc").ok()?.components();
+    let (_pid, root) = (c.next()?, c.next()?);
+    (root.as_os_str() == "root").then(|| Path::new("/").join(c.as_path()))
+}
+
 /// The longest `pin_name` accel takes: 255 bytes (NAME_MAX) less a set-up's "PID-" prefix.
 const MAX_PIN_NAME: usize = 255 - 12;
 
@@ -72,12 +80,18 @@ impl Cgroup {
     }
 
     fn resolve_in(mount: &Path, arg: &Path) -> Result<Cgroup, Error> {
+        // Under `ip netns exec` the mount is the outer namespace's, reached as /proc/PID/root/...:
+        // the path the user knows (the host's) names the same cgroup.
+        let host_mount = as_the_host_names_it(mount);
         let rel_path = if arg.is_absolute() {
-            arg.strip_prefix(mount).map_err(|_| {
+            arg.strip_prefix(mount)
+                .ok()
+                .or_else(|| arg.strip_prefix(host_mount.as_deref()?).ok())
+                .ok_or_else(|| {
                 Error::Usage(format!(
                     "{} is not a cgroup v2 directory: cgroup v2 is mounted at {} (give a path below it, or one relative to it)",
                     arg.display(),
-                    mount.display()
+                    host_mount.as_deref().unwrap_or(mount).display()
                 ))
             })?
         } else {
@@ -233,8 +247,11 @@ impl Cgroup {
 }
 
 impl std::fmt::Display for Cgroup {
+    /// The path as the host names it: under `ip netns exec`, without the /proc/PID/root the
+    /// outer mount is reached through.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.path().display())
+        let path = self.path();
+        write!(f, "{}", as_the_host_names_it(&path).as_deref().unwrap_or(&path).display())
     }
 }
 
@@ -420,6 +437,15 @@ mod tests {
         let long = "x".repeat(100);
         let err = Cgroup::resolve_in(m, Path::new(&format!("{long}/{long}/{long}"))).unwrap_err().to_string();
         assert!(err.contains("is too long for accel") && err.contains("at most 243 fit"), "{err}");
+        // Under `ip netns exec` the mount is reached through /proc/PID/root: the host's path
+        // names the same cgroup, and is how a cgroup is shown (a helper's pass).
+        let outer = Path::new("/proc/2/root/sys/fs/cgroup/unified");
+        let cg = Cgroup::resolve_in(outer, Path::new("/sys/fs/cgroup/unified/a/b")).unwrap();
+        assert_eq!(cg.rel, "a/b");
+        assert_eq!(cg.to_string(), "/sys/fs/cgroup/unified/a/b");
+        assert_eq!(Cgroup::resolve_in(outer, Path::new("/proc/2/root/sys/fs/cgroup/unified/a")).unwrap().rel, "a");
+        let err = Cgroup::resolve_in(outer, Path::new("/elsewhere")).unwrap_err().to_string();
+        assert!(err.contains("cgroup v2 is mounted at /sys/fs/cgroup/unified"), "{err}");
     }
 
     #[test]
