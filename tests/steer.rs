@@ -1317,12 +1317,15 @@ read _
     std::io::BufRead::read_line(&mut std::io::BufReader::new(hidden.stdout.as_mut().unwrap()), &mut line).unwrap();
     assert_eq!(line.trim(), "added");
     let listed = ok(&["steer", "list"]);
+    let (code, json, json_err) = skrelay_output(&["steer", "list", "--json"]);
     let reset = ok(&["steer", "reset"]);
     drop(hidden.stdin.take());
     hidden.wait().unwrap();
     let warning = "WARNING: port 7061 is steered by state pinned in a bpffs this mount namespace does not see";
     assert!(listed.contains(warning), "{listed}");
     assert!(reset.contains(warning), "{reset}");
+    assert_eq!((code, json.trim()), (0, "[]"), "{json_err}");
+    assert!(json_err.contains("port 7061 is steered by state pinned in a bpffs"), "{json_err}");
 }
 
 /// A first `steer add` that fails part-way (here out of descriptors) leaves nothing in bpffs: it

@@ -7,7 +7,13 @@ pub fn command(cmd: SteerCommand) -> Result<String, Error> {
     match cmd {
         SteerCommand::Add(args) => Ok(render_add(&add(&args)?)),
         SteerCommand::List(args) if args.json => {
-            let all: Vec<serde_json::Value> = list()?.bindings.iter().map(BindingView::json).collect();
+            let listing = list()?;
+            // The JSON stays a list of this mount namespace's bindings; what steers from out of
+            // its sight is said on stderr, as in the text form.
+            for f in &listing.elsewhere {
+                log::warn!("{}", super::elsewhere_warning(f).trim_start_matches("WARNING: "));
+            }
+            let all: Vec<serde_json::Value> = listing.bindings.iter().map(BindingView::json).collect();
             Ok(format!("{}\n", serde_json::to_string_pretty(&all).expect("json")))
         }
         SteerCommand::List(_) => Ok(render_list(&list()?)),
