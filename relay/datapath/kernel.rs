@@ -47,6 +47,9 @@ const SPLICED_SNDBUF: libc::c_int = 8 << 20;
 /// parkings); 1 MiB 16.0-16.1; 256 KiB starved the pair (4.2); 8 MiB and autotuning (up to
 /// tcp_rmem's 32 MiB) 11.8-12.5.
 const SPLICED_RCVBUF: libc::c_int = 2 << 20;
+/// The window clamp a socket gets with its buffer back after a hold: what the buffer
+/// (`SPLICED_RCVBUF`, doubled by the kernel) holds.
+const WINDOW_CLAMP_BACK: u32 = (2 * SPLICED_RCVBUF) as u32;
 
 /// The maps and the budget of every direction in them, shared by the datapath and its pairs.
 struct KernelState {
@@ -668,10 +671,12 @@ impl KernelState {
                 if let Err(e) = sys::set_recv_buffer(src, SPLICED_RCVBUF) {
                     log::debug!("kernel datapath: cannot give socket {cookie:#x}'s window back: {e}");
                 }
-                // A window clamp of an older skrelay that handed this pair over (`--takeover`).
-                if clamp > 0 {
-                    let _ = sys::set_tcp_window_clamp(src, clamp);
-                }
+                // A window clamp of an older skrelay that handed this pair over (`--takeover`);
+                // else the window clamp is raised to what the buffer given back holds: segments
+                // that came while the buffer was at its floor can leave the clamp, and with it
+                // `rcv_ssthresh`, at about 2.3 KB, which no later segment grows again (a window
+                // of 3 KB for minutes, ~20 KB/s, in 2 of 12-15 TLS transfers of 200 MiB).
+                let _ = sys::set_tcp_window_clamp(src, if clamp > 0 { clamp } else { WINDOW_CLAMP_BACK });
                 self.directions.get_mut(&cookie).expect("present").held = None;
             }
             _ => {}
