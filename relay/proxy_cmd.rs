@@ -66,7 +66,8 @@ pub fn run(args: ProxyArgs) -> Result<(), Error> {
     let mut server = Server::new(listener, datapaths, config)?;
     crate::relay_cmd::warn_if_few_descriptors();
     log::info!("{listening}");
-    serving(&mut server, handover, addr);
+    serving(&mut server, handover, addr)?;
+    crate::relay_cmd::warn_if_taken_away(addr, "--listen");
     server.run()
 }
 

@@ -44,7 +44,10 @@ pub fn run(args: RelayArgs) -> Result<(), Error> {
     let mut server = Server::new(listener, datapaths, config)?;
     warn_if_few_descriptors();
     log::info!("listening on {addr}: {pairing}, {datapath} datapath, {}{}", loops(threads), metrics_note(served));
-    serving(&mut server, handover, addr);
+    serving(&mut server, handover, addr)?;
+    // After a takeover's commit: looking through every BPF program takes a while, which held
+    // the old process mid-handover for a second `--takeover` to meet.
+    warn_if_taken_away(addr, "--listen");
     server.run()
 }
 
@@ -82,7 +85,6 @@ pub fn open(
     let threads = common.threads();
     let datapaths = datapath::open(common.datapath, common.kernel_after, common.kernel_limits(), threads)?;
     let listening = listening(listen, listen_given, common, ports, command)?;
-    warn_if_taken_away(listening.listener.local_addr().unwrap_or(listen), "--listen");
     Ok(Opened { threads, datapaths, listening })
 }
 
@@ -254,13 +256,14 @@ pub fn listening(
 /// Called once the server watches its socket, before it accepts anyone: takes over the live
 /// pairs and waiting clients of the process taken over (which then exits; or, if they cannot
 /// move, stops accepting and drains) and tells the service manager that this one is ready.
-pub fn serving(server: &mut Server, handover: Option<Handover>, addr: SocketAddr) {
+pub fn serving(server: &mut Server, handover: Option<Handover>, addr: SocketAddr) -> Result<(), Error> {
     if let Some(h) = handover {
         let pid = h.pid;
-        server.take_over(h);
+        server.take_over(h)?;
         log::info!("process {pid} no longer accepts; this one serves {addr}");
     }
     systemd::notify(&format!("READY=1\nSTATUS=listening on {addr}"));
+    Ok(())
 }
 
 /// The start line's mention of `--threads`.

@@ -115,6 +115,17 @@ impl Handover {
         self.signal()?;
         let Some(listener) = self.channel.take() else { return Ok(None) };
         let _ = SockRef::from(&listener).set_read_timeout(Some(timeout));
+        // The old process may exit instead of connecting: another `--takeover` finished with it
+        // a moment before this one signalled (both had passed `take`'s checks), or it was killed.
+        // Waiting out `timeout` left this process serving a copy of the listening socket beside
+        // the other one (a token client and its partner could land apart).
+        if !self.connects_or_exits(&listener, timeout) {
+            return Err(Error::Usage(format!(
+                "process {} exited before it handed over (another --takeover may have taken it over: `skrelay \
+                 status` lists what runs now)",
+                self.pid
+            )));
+        }
         loop {
             match listener.accept() {
                 Ok((stream, _)) => {
@@ -134,6 +145,30 @@ impl Handover {
                     );
                     return Ok(None);
                 }
+            }
+        }
+    }
+
+    /// Waits until the old process connects to `listener` (true; also when the wait runs out,
+    /// which `accept` then reports) or exits without connecting (false).
+    fn connects_or_exits(&self, listener: &UnixListener, timeout: Duration) -> bool {
+        use rustix::event::{poll, PollFd, PollFlags};
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let mut fds = [PollFd::new(listener, PollFlags::IN), PollFd::new(&self.pidfd, PollFlags::IN)];
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let ms = rustix::event::Timespec { tv_sec: left.as_secs() as i64, tv_nsec: i64::from(left.subsec_nanos()) };
+            match poll(&mut fds, Some(&ms)) {
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(_) | Ok(0) => return true,
+                Ok(_) => {}
+            }
+            if fds[0].revents().contains(PollFlags::IN) {
+                return true;
+            }
+            // A pidfd is readable once its process has exited.
+            if !fds[1].revents().is_empty() {
+                return false;
             }
         }
     }

@@ -219,12 +219,19 @@ impl Server {
     /// The new process, before it accepts anyone: tells the old process to hand over and takes
     /// what it hands over. Whatever goes wrong before the commit leaves everything with the old
     /// process, which then drains; this process serves new clients either way.
-    pub fn take_over(&mut self, mut handover: Handover) {
+    /// Takes over process `handover.pid`'s pairs. An error: it exited first and another process
+    /// serves its listening socket (another `--takeover` won), so this one must not serve.
+    pub fn take_over(&mut self, mut handover: Handover) -> Result<(), crate::error::Error> {
         let old = handover.pid;
         let mut channel = match handover.start(CONNECT_WAIT) {
             Ok(Some(c)) => c,
-            Ok(None) => return,
-            Err(e) => return log::warn!("{e}"),
+            Ok(None) => return Ok(()),
+            // Killed, with nobody else holding the socket: this process serves it alone.
+            Err(e) if self.listener.as_ref().is_some_and(|l| crate::sys::socket_held_elsewhere(l) == Some(false)) => {
+                log::warn!("{e}; this one serves its address alone");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
         };
         let started = Instant::now();
         let mut taken = match self.prepare(&handover, &mut channel) {
@@ -232,7 +239,7 @@ impl Server {
             Err(why) => {
                 log::warn!("process {old} keeps its live pairs and lets them finish: {why}");
                 let _ = channel.send(format!("abort: {why}").as_bytes());
-                return;
+                return Ok(());
             }
         };
         let waiting_only = taken.waiting_only.take();
@@ -243,7 +250,8 @@ impl Server {
             other => {
                 let why = other.map_or_else(|e| e.to_string(), |m| String::from_utf8_lossy(&m).into_owned());
                 // Only duplicates are dropped: the old process still holds every socket.
-                return log::warn!("process {old} did not confirm the handover ({why}): it keeps its live pairs");
+                log::warn!("process {old} did not confirm the handover ({why}): it keeps its live pairs");
+                return Ok(());
             }
         }
         let (pairs, pending) = self.install(taken);
@@ -258,6 +266,7 @@ impl Server {
                 started.elapsed().as_secs_f64() * 1e3
             ),
         }
+        Ok(())
     }
 
     /// Reads the manifest and duplicates every descriptor it names; checks the kernel maps.
