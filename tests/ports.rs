@@ -202,6 +202,8 @@ fn a_listener_on_a_port_steered_elsewhere_is_warned_about() {
     }
     let _first = Skrelay::start(&["relay", "--listen", "127.0.0.1:7020", "--ports", "7021,7022"]);
     let second = Skrelay::start(&["relay", "--listen", "127.0.0.1:7021", "--metrics", "127.0.0.1:7022"]);
+    // The --listen warning comes once the process serves (after a takeover's handover).
+    second.wait_log("takes those connections", 2, Duration::from_secs(5));
     let log = second.log();
     for (flag, port) in [("--listen", 7021), ("--metrics", 7022)] {
         let want = format!("{flag} 127.0.0.1:{port}: process ");
@@ -210,12 +212,14 @@ fn a_listener_on_a_port_steered_elsewhere_is_warned_about() {
     let target = TcpListener::bind("127.0.0.1:7030").unwrap();
     skrelay_ok(&["steer", "add", "--ports", "7031", "--to", "127.0.0.1:7030"]);
     let proxy = Skrelay::start(&["proxy", "--listen", "127.0.0.1:7031", "--upstream", "127.0.0.1:7030"]);
+    proxy.wait_log("takes those connections", 1, Duration::from_secs(5));
     let log = proxy.log();
     let _ = skrelay_output(&["steer", "reset"]);
     drop(target);
     assert!(log.contains("--listen 127.0.0.1:7031: `skrelay steer` binds tcp 0.0.0.0/0 port 7031 to"), "{log}");
     // A port nobody steers: no such line.
     let quiet = Skrelay::start(&["relay", "--listen", "127.0.0.1:7040"]);
+    std::thread::sleep(Duration::from_millis(500));
     assert!(!quiet.log().contains("takes those connections"), "{}", quiet.log());
 }
 
