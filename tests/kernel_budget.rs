@@ -108,20 +108,30 @@ fn bulk_through_a_small_kernel_budget_keeps_every_byte_once_and_in_order() {
 /// transfer closed the window 2-8 times, each close dropped the segments on their way, and 1 GiB
 /// bulk through the kernel proxy ran at 0.65x the unbounded datapath instead of 0.81x. The
 /// relay now also asks for the destination's client's window to be closed. One close is
-/// allowed: a reader descheduled long enough does fill its window.
+/// allowed: a reader descheduled long enough does fill its window (twice in a transfer on a loaded
+/// runner, so such a transfer is tried once more).
 #[test]
 fn a_reader_that_keeps_up_never_has_its_senders_window_closed() {
     let _netns = enter_netns();
     if !require_bpf("a_reader_that_keeps_up_never_has_its_senders_window_closed") {
         return;
     }
-    let summary = bulk_through_a_256k_budget(200);
-    let closed: u64 = summary
-        .split(", ")
-        .find_map(|part| part.strip_suffix(" windows closed for parked bytes"))
-        .and_then(|n| n.parse().ok())
-        .expect("the summary counts windows closed");
-    assert!(closed <= 1, "a reader that keeps up had its sender's window closed {closed} times: {summary}");
+    let closed_in = |summary: &str| -> u64 {
+        summary
+            .split(", ")
+            .find_map(|part| part.strip_suffix(" windows closed for parked bytes"))
+            .and_then(|n| n.parse().ok())
+            .expect("the summary counts windows closed")
+    };
+    // A second transfer when the first closed more than once: a loaded CI runner descheduled the
+    // reader twice in one transfer (one CI run; 1 of 8 runs here beside two busy loops, 0 of 18
+    // without), while the fault closed it 2-8 times in every transfer.
+    let mut summary = bulk_through_a_256k_budget(200);
+    if closed_in(&summary) > 1 {
+        summary = bulk_through_a_256k_budget(300);
+    }
+    let closed = closed_in(&summary);
+    assert!(closed <= 1, "a reader that keeps up had its sender's window closed {closed} times, twice: {summary}");
 }
 
 /// Four rounds of 256 MiB from A to B through a kernel relay with a 256 KiB budget, B reading
