@@ -10,7 +10,20 @@ fn main() {
                 say(&sentence);
                 std::process::exit(2);
             }
-            None => e.exit(),
+            None if e.use_stderr() => e.exit(),
+            // `--help` and `--version`: clap's own exit would say 0 had the text not been written.
+            None => {
+                use std::io::Write;
+                match e.print().and_then(|()| std::io::stdout().flush()) {
+                    Ok(()) => std::process::exit(0),
+                    Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+                    Err(err) => {
+                        let what = if e.kind() == clap::error::ErrorKind::DisplayVersion { "version" } else { "help" };
+                        say(&format!("the {what} could not be written to standard output: {err}"));
+                        std::process::exit(2);
+                    }
+                }
+            }
         },
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))

@@ -482,3 +482,20 @@ timeout 3 "$0" relay --datapath userspace --listen 127.0.0.1:7095"#;
     assert!(err.contains("cannot check whether skrelay accel accelerates this relay's cgroup"), "{err}");
     assert!(err.contains("listening on 127.0.0.1:7095"), "{err}");
 }
+
+/// `--help` and `--version` that cannot be written say so with exit 2; clap's own exit said 0
+/// with nothing written. A reader that went away still ends them quietly.
+#[test]
+fn help_that_cannot_be_written_is_not_a_success() {
+    for args in [&["--help"][..], &["--version"], &["steer", "add", "--help"]] {
+        let full =
+            Command::new(SKRELAY).args(args).stdout(std::fs::File::create("/dev/full").unwrap()).output().unwrap();
+        let err = String::from_utf8_lossy(&full.stderr);
+        assert_eq!(full.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.starts_with("skrelay: the ") && err.contains("could not be written to standard output"), "{err}");
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let gone = Command::new(SKRELAY).args(args).stdout(writer).output().unwrap();
+        assert_eq!(gone.status.code(), Some(0), "{args:?}: {}", String::from_utf8_lossy(&gone.stderr));
+    }
+}
