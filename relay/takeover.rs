@@ -331,15 +331,18 @@ fn gone() -> String {
 fn permission(proc: &std::path::Path, e: std::io::Error) -> String {
     match e.raw_os_error() {
         Some(libc::ESRCH) => gone(),
-        // The same user may not ptrace a process holding capabilities it lacks.
-        Some(libc::EPERM) | Some(libc::EACCES) if !caps_beyond_ours(proc).is_empty() => format!(
-            "{e} (it holds capabilities this process lacks: {}; taking its sockets needs the right to ptrace it: \
-             give this one the same capabilities, or CAP_SYS_PTRACE)",
-            caps_beyond_ours(proc).join(", ")
-        ),
-        Some(libc::EPERM) | Some(libc::EACCES) => format!(
-            "{e} (taking its sockets needs the right to ptrace it: run as root, as its user, or with CAP_SYS_PTRACE)"
-        ),
+        Some(libc::EPERM) | Some(libc::EACCES) => match caps_beyond_ours(proc) {
+            // The same user may not ptrace a process holding capabilities it lacks.
+            beyond if !beyond.is_empty() => format!(
+                "{e} (it holds capabilities this process lacks: {}; taking its sockets needs the right to ptrace \
+                 it: give this one the same capabilities, or CAP_SYS_PTRACE)",
+                beyond.join(", ")
+            ),
+            _ => format!(
+                "{e} (taking its sockets needs the right to ptrace it: run as root, as its user, or with \
+                 CAP_SYS_PTRACE)"
+            ),
+        },
         _ => e.to_string(),
     }
 }
