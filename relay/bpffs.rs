@@ -106,6 +106,16 @@ pub fn root() -> Result<PathBuf, Error> {
         let mounted = rustix::mount::mount("bpf", BPFFS, "bpf", rustix::mount::MountFlags::empty(), None);
         if mounted.is_err() || !is_bpffs(base) {
             let e = mounted.err().map_or_else(|| io::Error::other("not a bpffs after mounting"), io::Error::from);
+            // A service user under `ip netns exec` sees no process outside its mount namespace,
+            // so `own_mount_ns_without_bpffs` could not tell; mounting as root would not help.
+            if let Some(name) = ip_netns_exec_name() {
+                return Err(Error::Usage(format!(
+                    "cannot mount bpffs at {BPFFS}: {e}; under `ip netns exec {name}` the command has a /sys of its \
+                     own, where a bpffs would vanish with it, and the host's is out of reach without root (join \
+                     the namespace without a mount namespace of its own: `nsenter --net=/run/netns/{name}` as \
+                     root, then drop privileges, or NetworkNamespacePath=/run/netns/{name} in a systemd unit)"
+                )));
+            }
             return Err(Error::Usage(format!(
                 "cannot mount bpffs at {BPFFS}: {e} (mount it with `mount -t bpf bpf {BPFFS}` as root)"
             )));
@@ -115,6 +125,26 @@ pub fn root() -> Result<PathBuf, Error> {
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
     share_root(&dir);
     Ok(dir)
+}
+
+/// The NAME when this command runs under `ip netns exec NAME`, read from what that leaves
+/// behind: a sysfs on /sys mounted with the namespace's name as its source, and
+/// /run/netns/NAME being this process's network namespace. Needs no privilege.
+fn ip_netns_exec_name() -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // The last mount on /sys is the one in sight: "... /sys opts - sysfs SOURCE opts".
+    let source = mounts.lines().rev().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mut fs = right.split_whitespace();
+        (left.split_whitespace().nth(4) == Some("/sys") && fs.next() == Some("sysfs")).then(|| fs.next())?
+    })?;
+    if source == "sysfs" || source.contains('/') {
+        return None;
+    }
+    let ns = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let ours = ns(Path::new("/proc/self/ns/net"))?;
+    (ns(&Path::new("/run/netns").join(source)) == Some(ours)).then(|| source.to_string())
 }
 
 /// skrelay's directory holds one directory of state per network namespace (steer) and accel's:

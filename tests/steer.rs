@@ -743,6 +743,54 @@ fn steering_set_up_under_ip_netns_exec_outlives_the_command() {
     assert!(ns.exec(&["python3", "-c", probe, "6803"]).status.success(), "port 6803 is not steered");
 }
 
+/// A service user (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON) under `ip netns exec` sees no process
+/// outside its mount namespace, so it tried to mount a bpffs on the fresh /sys and was told to
+/// mount one as root, which would have vanished with the command too. It is told that `nsenter
+/// --net` (no mount namespace of its own) works, and it does.
+#[test]
+fn a_service_user_under_ip_netns_exec_is_told_what_works() {
+    if !require_bpf("service user under ip netns exec") {
+        return;
+    }
+    let ns = NamedNetns::new("svcuser");
+    let caps = "-all,+bpf,+net_admin,+perfmon";
+    let nobody = |caps: &str| -> Vec<String> {
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+            .into_iter()
+            .map(String::from)
+            .chain([format!("--inh-caps={caps}"), format!("--ambient-caps={caps}"), format!("--bounding-set={caps}")])
+            .collect()
+    };
+    let _target = Reaper(
+        Command::new("ip")
+            .args(["netns", "exec", &ns.0])
+            .args(nobody("-all"))
+            .args(["ncat", "-lk", "127.0.0.1", "6810"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ncat"),
+    );
+    let probe = "import socket,sys,time\nfor i in range(100):\n  try:\n    socket.create_connection(('127.0.0.1',int(sys.argv[1])),2); sys.exit(0)\n  except OSError: time.sleep(0.05)\nsys.exit(1)";
+    assert!(ns.exec(&["python3", "-c", probe, "6810"]).status.success(), "ncat did not start");
+    let run = |enter: &[&str], args: &[&str]| {
+        let out = Command::new(enter[0]).args(&enter[1..]).args(nobody(caps)).arg(SKRELAY).args(args).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.code().unwrap_or(-1), text)
+    };
+    let add = ["steer", "add", "--ports", "6811", "--to", "127.0.0.1:6810"];
+    let (code, out) = run(&["ip", "netns", "exec", &ns.0], &add);
+    assert_eq!(code, 2, "{out}");
+    let fix = format!("`nsenter --net=/run/netns/{}` as root, then drop privileges", ns.0);
+    assert!(out.contains(&format!("under `ip netns exec {}`", ns.0)) && out.contains(&fix), "{out}");
+    let netns = format!("--net=/run/netns/{}", ns.0);
+    let (code, out) = run(&["nsenter", &netns], &add);
+    assert_eq!(code, 0, "{out}");
+    assert!(ns.exec(&["python3", "-c", probe, "6811"]).status.success(), "port 6811 is not steered");
+    let (code, out) = run(&["nsenter", &netns], &["steer", "reset"]);
+    assert!(code == 0 && out.contains("removed every binding"), "{out}");
+}
+
 #[test]
 fn a_mount_namespace_whose_bpffs_would_vanish_is_refused_or_pins_where_it_lasts() {
     // Like `ip netns exec`, with the parent's /sys fresh too: no bpffs to pin into that outlives
