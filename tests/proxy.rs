@@ -421,6 +421,33 @@ fn a_loop_the_start_up_check_cannot_see_costs_one_reset_per_client() {
     assert_eq!(read_n(&mut s, 4), b"real");
 }
 
+/// The same loop across address families: a dual-stack `[::]` proxy whose IPv4 upstream is
+/// steered back to it sees its own connection from `[::ffff:127.0.0.1]`, which it compared with
+/// the `127.0.0.1` it had connected from, so one client made it loop until descriptors ran out
+/// (a helper's IPv6 pass: 10,000 pairs in 5 s). Likewise an IPv4 proxy with an IPv4-mapped upstream.
+#[test]
+fn a_loop_through_an_ipv4_mapped_address_is_recognised_too() {
+    let _netns = enter_netns();
+    if !require_bpf("proxy: a_loop_through_an_ipv4_mapped_address_is_recognised_too") {
+        return;
+    }
+    for (listen, upstream, to) in
+        [("[::]:7777", "127.0.0.1:9051", "[::]:7777"), ("127.0.0.1:7777", "[::ffff:127.0.0.1]:9051", "127.0.0.1:7777")]
+    {
+        let proxy = Skrelay::start(&["proxy", "--datapath", "userspace", "--listen", listen, "--upstream", upstream]);
+        let (code, out, err) = skrelay_output(&["steer", "add", "--ports", "9051", "--to", to, "--addr", "0.0.0.0/0"]);
+        assert_eq!(code, 0, "{out}{err}");
+        let r = first_read_of_a_new_client();
+        assert!(matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset), "{listen}: got {r:?}");
+        proxy.wait_log("it is this proxy's own upstream connection", 1, Duration::from_secs(5));
+        thread::sleep(Duration::from_millis(300));
+        let log = proxy.log();
+        assert_eq!(log.matches("own upstream connection").count(), 1, "{listen}: one loop per client:\n{log}");
+        let (code, out, err) = skrelay_output(&["steer", "reset"]);
+        assert_eq!(code, 0, "{out}{err}");
+    }
+}
+
 /// A burst of healthy clients, many more than `--max-pending`, against an upstream that answers
 /// at once: every one is served (the slots free within milliseconds), none reset.
 #[test]

@@ -85,6 +85,9 @@ fn local_shortage(e: &io::Error) -> bool {
 
 /// Local addresses of our upstream connections, connecting or spliced, with the port each
 /// connects to; shared by every thread's loop (`--threads`), since a pair may end on any.
+/// IPv4-mapped addresses are kept and compared as IPv4: an upstream connection from 127.0.0.1
+/// steered back to a dual-stack `[::]` listener arrives from `[::ffff:127.0.0.1]`, and the
+/// other way round, which went unrecognised and looped until descriptors ran out.
 #[derive(Clone, Default)]
 pub(super) struct OwnUpstreams(Arc<Mutex<HashMap<SocketAddr, u16>>>);
 
@@ -95,16 +98,16 @@ impl OwnUpstreams {
 
     /// An upstream connection with local address `local`, connected to port `to`, lives on.
     pub(super) fn remember(&self, local: SocketAddr, to: u16) {
-        self.table().insert(local, to);
+        self.table().insert(crate::sys::unmapped(local), to);
     }
 
     /// The upstream connection from `local` has ended (its pair ended, or its client left).
     pub(super) fn forget(&self, local: SocketAddr) {
-        self.table().remove(&local);
+        self.table().remove(&crate::sys::unmapped(local));
     }
 
     fn is_own(&self, addr: &SocketAddr, to: u16) -> bool {
-        self.table().get(addr) == Some(&to)
+        self.table().get(&crate::sys::unmapped(*addr)) == Some(&to)
     }
 }
 
