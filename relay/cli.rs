@@ -341,7 +341,8 @@ pub struct SpliceArgs {
 #[derive(Args, Debug, Clone, Default)]
 pub struct PortsArgs {
     /// Also take TCP connections for these ports (e.g. 7,77,777,8000-8999) on the listen address
-    /// (every local address of its family for 0.0.0.0 or [::]), with a BPF sk_lookup program
+    /// (every local address of its family for 0.0.0.0 or [::], and of IPv4 too for a dual-stack
+    /// [::]), with a BPF sk_lookup program
     /// that goes away with the process.
     #[arg(long, value_name = "LIST", value_parser = parse_ports)]
     pub ports: Option<PortList>,

@@ -76,22 +76,37 @@ fn relay_serves_a_thousand_ports_and_sigkill_takes_them_away() {
     let _ = s.read(&mut [0u8; 1]);
 }
 
+/// A dual-stack `[::]` listener takes IPv4 clients on its own port, so its `--ports` take them
+/// too: they steered IPv6 only, and IPv4 clients of the other ports were refused (a helper's
+/// IPv6 pass). An IPv6-only one (`net.ipv6.bindv6only=1`) leaves IPv4 alone.
 #[test]
-fn relay_on_the_ipv6_wildcard_takes_every_local_ipv6_address() {
+fn relay_on_the_ipv6_wildcard_takes_every_local_address_it_listens_on() {
     let _netns = enter_netns();
     if !require_bpf("--ports v6") {
         return;
     }
     let relay = Skrelay::start(&["relay", "--listen", "[::]:7001", "--ports", "7,77"]);
     let mut a = connect("[::1]:7".parse().unwrap());
-    let mut b = connect("[::1]:77".parse().unwrap());
+    let mut b = connect("127.0.0.1:77".parse().unwrap());
     a.write_all(b"six").unwrap();
-    assert_eq!(read_n(&mut b, 3), b"six");
-    assert!(refused(7), "an IPv6 funnel leaves IPv4 alone");
+    assert_eq!(read_n(&mut b, 3), b"six", "a dual-stack listener's --ports take IPv4 too");
     drop((a, b));
+    let status = skrelay_output(&["status"]).1;
+    assert!(status.contains("(7,77) on ::/0, 0.0.0.0/0 -> [::]:7001"), "{status}");
     let (status, log) = relay.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");
     assert_eq!(sk_lookup_links(), 0, "a clean exit detaches too");
+    std::fs::write("/proc/sys/net/ipv6/bindv6only", "1").unwrap();
+    let relay = Skrelay::start(&["relay", "--listen", "[::]:7001", "--ports", "7,77"]);
+    let mut a = connect("[::1]:7".parse().unwrap());
+    let mut b = connect("[::1]:77".parse().unwrap());
+    a.write_all(b"six").unwrap();
+    assert_eq!(read_n(&mut b, 3), b"six");
+    assert!(refused(7), "an IPv6-only funnel leaves IPv4 alone");
+    drop((a, b));
+    let (status, log) = relay.stop(Duration::from_secs(10));
+    std::fs::write("/proc/sys/net/ipv6/bindv6only", "0").unwrap();
+    assert!(status.success(), "{log}");
 }
 
 #[test]

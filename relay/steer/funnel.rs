@@ -48,7 +48,9 @@ fn load() -> Result<Ebpf, Error> {
 
 impl Funnel {
     /// Steers TCP connections for `ports` to `listener`, which listens on `listen`: connections to
-    /// the listen address, or to any local address of its family when it is 0.0.0.0 or [::].
+    /// the listen address, or to any local address of its family when it is 0.0.0.0 or [::], and
+    /// of IPv4 as well for a dual-stack [::] (not IPV6_V6ONLY), which takes IPv4 clients on its
+    /// own port: its other ports refused them.
     pub fn attach(listener: &impl AsFd, listen: SocketAddr, ports: &PortList) -> Result<Funnel, Error> {
         let mut bpf = load()?;
         let mut maps = Maps::take(&mut bpf)?;
@@ -56,8 +58,12 @@ impl Funnel {
         // address made an IPv6 prefix no IPv4 connection met: nothing was steered).
         let at = sys::unmapped(listen);
         let prefix = if at.ip().is_unspecified() { Prefix::any(at.is_ipv6()) } else { Prefix::host(at.ip()) };
+        let mut prefixes = vec![prefix];
+        if at.ip().is_unspecified() && at.is_ipv6() && !sys::v6only(listener) {
+            prefixes.push(Prefix::any(false));
+        }
         let all = ports.ports();
-        check_overlaps(prefix, &all)?;
+        check_overlaps(&prefixes, &all)?;
         let span = PortRange { lo: all[0], hi: *all.last().unwrap() };
         let key = BindingKey { proto: Proto::Tcp, prefix, ports: span };
         sys::bpf::sockmap_set(maps.targets.fd(), BINDING, listener)
@@ -70,10 +76,13 @@ impl Funnel {
             cookie: sys::socket_cookie(listener).unwrap_or(0),
         };
         maps.bindings.insert(BINDING, record.encode(), 0).map_err(|e| state::unavailable("describe the funnel", &e))?;
-        for &port in &all {
-            maps.ports
-                .insert(&key.trie_key(port), BINDING, 0)
-                .map_err(|e| state::unavailable("fill the port map", &e))?;
+        for prefix in prefixes {
+            let key = BindingKey { prefix, ..key };
+            for &port in &all {
+                maps.ports
+                    .insert(&key.trie_key(port), BINDING, 0)
+                    .map_err(|e| state::unavailable("fill the port map", &e))?;
+            }
         }
         let prog = state::load_program(&mut bpf)?;
         prog.attach(state::netns_file()?).map_err(|e| state::unavailable("attach the sk_lookup program", &e))?;
@@ -99,7 +108,8 @@ pub struct Running {
     pub pid: Option<u32>,
     /// Where its connections go: the listening socket of that process.
     pub target: Option<SocketAddr>,
-    pub prefix: Prefix,
+    /// The addresses it steers: one prefix, or [::] and 0.0.0.0 for a dual-stack listener.
+    pub prefixes: Vec<Prefix>,
     pub ports: Vec<u16>,
     pub hits: u64,
     /// No process holds the link, so it is pinned: steering set up with `steer add` in a bpffs
@@ -111,6 +121,16 @@ impl Running {
     /// Its ports, as a list (`7,77,9000-9015`).
     pub fn port_list(&self) -> String {
         port_list(&self.ports)
+    }
+
+    /// Its prefixes, as a list (`::/0, 0.0.0.0/0`).
+    pub fn prefix_list(&self) -> String {
+        self.prefixes.iter().map(Prefix::to_string).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Whether it steers an address of `prefix`.
+    pub fn meets(&self, prefix: &Prefix) -> bool {
+        self.prefixes.iter().any(|p| prefixes_meet(p, prefix))
     }
 
     pub fn owner(&self) -> String {
@@ -138,7 +158,7 @@ impl Running {
         serde_json::json!({
             "pid": self.pid,
             "link_id": self.link_id,
-            "prefix": self.prefix.to_string(),
+            "prefix": self.prefix_list(),
             "ports": self.port_list(),
             "port_count": self.ports.len(),
             "target": self.target.map(|t| t.to_string()),
@@ -208,9 +228,19 @@ pub fn running() -> Vec<Running> {
             continue;
         };
         let keys: Vec<Key<SteerMatch>> = trie.keys().filter_map(Result::ok).collect();
-        let Some(first) = keys.first() else { continue };
-        let m = first.data();
-        let prefix = Prefix::from_raw(m.family, m.addr, (first.prefix_len().saturating_sub(32)) as u8);
+        if keys.is_empty() {
+            continue;
+        }
+        let mut prefixes: Vec<Prefix> = Vec::new();
+        for k in &keys {
+            let m = k.data();
+            let p = Prefix::from_raw(m.family, m.addr, (k.prefix_len().saturating_sub(32)) as u8);
+            if !prefixes.contains(&p) {
+                prefixes.push(p);
+            }
+        }
+        // IPv6 first, as the funnel's listener has it.
+        prefixes.sort_by_key(|p| p.addr.is_ipv4());
         let mut ports: Vec<u16> = keys.iter().map(|k| k.data().port).collect();
         ports.sort_unstable();
         ports.dedup();
@@ -219,7 +249,7 @@ pub fn running() -> Vec<Running> {
             .and_then(|a| a.get(&BINDING, 0).ok())
             .map(|v| v.iter().map(|c| c.hits).sum())
             .unwrap_or(0);
-        found.push(Running { link_id: id, pid: None, target: None, prefix, ports, hits, pinned_elsewhere: false });
+        found.push(Running { link_id: id, pid: None, target: None, prefixes, ports, hits, pinned_elsewhere: false });
     }
     if !found.is_empty() {
         owners(&mut found);
@@ -286,7 +316,7 @@ pub fn prefixes_meet(a: &Prefix, b: &Prefix) -> bool {
 /// Refuses a funnel whose ports, at its addresses, are already steered elsewhere in this
 /// namespace: the first sk_lookup program attached keeps them, so the new funnel would say it
 /// serves ports that go to another socket.
-fn check_overlaps(prefix: Prefix, ports: &[u16]) -> Result<(), Error> {
+fn check_overlaps(prefixes: &[Prefix], ports: &[u16]) -> Result<(), Error> {
     let taken = |theirs: &mut dyn Iterator<Item = u16>| -> Vec<u16> {
         let mut v: Vec<u16> = theirs.filter(|p| ports.binary_search(p).is_ok()).collect();
         v.sort_unstable();
@@ -301,7 +331,7 @@ fn check_overlaps(prefix: Prefix, ports: &[u16]) -> Result<(), Error> {
         );
     }
     for other in running() {
-        if !prefixes_meet(&prefix, &other.prefix) {
+        if !prefixes.iter().any(|p| other.meets(p)) {
             continue;
         }
         let both = taken(&mut other.ports.iter().copied());
@@ -340,7 +370,7 @@ fn check_overlaps(prefix: Prefix, ports: &[u16]) -> Result<(), Error> {
     if let Some(st) = steer {
         for b in st.records().values() {
             let key = b.key;
-            if key.proto != Proto::Tcp || !prefixes_meet(&prefix, &key.prefix) {
+            if key.proto != Proto::Tcp || !prefixes.iter().any(|p| prefixes_meet(p, &key.prefix)) {
                 continue;
             }
             let both = taken(&mut key.ports.ports());
@@ -374,7 +404,9 @@ pub fn taken_from(addr: SocketAddr) -> Option<String> {
         here.push(Prefix::any(false));
     }
     let meets = |p: &Prefix| here.iter().any(|h| prefixes_meet(h, p));
-    if let Some(other) = running().into_iter().find(|o| meets(&o.prefix) && o.ports.binary_search(&port).is_ok()) {
+    if let Some(other) =
+        running().into_iter().find(|o| o.prefixes.iter().any(meets) && o.ports.binary_search(&port).is_ok())
+    {
         return Some(format!("{} takes port {port} with its --ports", other.owner()));
     }
     let st = state::State::open_read_only().ok().flatten()?;

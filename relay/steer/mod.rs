@@ -100,7 +100,7 @@ pub fn add(args: &SteerAddArgs) -> Result<Added, Error> {
     for f in funnel::running() {
         for key in keys.iter().filter(|k| k.proto == crate::cli::Proto::Tcp) {
             let mut both: Vec<u16> = f.ports.iter().copied().filter(|&p| key.ports.contains(p)).collect();
-            if funnel::prefixes_meet(&key.prefix, &f.prefix) && !both.is_empty() {
+            if f.meets(&key.prefix) && !both.is_empty() {
                 both.sort_unstable();
                 both.dedup();
                 let (ports, those) = if both.len() == 1 { ("port", "that port") } else { ("ports", "those ports") };
@@ -108,7 +108,7 @@ pub fn add(args: &SteerAddArgs) -> Result<Added, Error> {
                     "cannot bind {key}: {} takes {ports} {} on {}{} ({})",
                     f.owner(),
                     funnel::port_list(&both),
-                    f.prefix,
+                    f.prefix_list(),
                     if f.pinned_elsewhere { "" } else { " with --ports while it runs" },
                     f.fix(those)
                 )));
@@ -622,7 +622,7 @@ impl Status {
                  run skrelay where that bpffs is mounted to list or change it)",
                 plural(f.ports.len(), "port"),
                 f.port_list(),
-                f.prefix,
+                f.prefix_list(),
                 plural(f.hits as usize, "hit"),
                 f.link_id
             ));
@@ -633,7 +633,7 @@ impl Status {
                 f.owner(),
                 plural(f.ports.len(), "port"),
                 f.port_list(),
-                f.prefix,
+                f.prefix_list(),
                 f.target.map_or("its listening socket".to_string(), |t| t.to_string()),
                 plural(f.hits as usize, "hit"),
                 f.link_id
