@@ -13,6 +13,8 @@ use crate::{
 use std::net::{IpAddr, SocketAddr};
 
 pub fn run(args: ProxyArgs) -> Result<(), Error> {
+    // Until the event loop handles them (`Server::new`).
+    let held = crate::sys::StopSignalsHeld::new();
     let mut upstreams = Upstreams::resolve(&args.upstreams)?;
     let serves: Vec<u16> =
         std::iter::once(args.listen.port()).chain(upstreams.addrs().iter().map(|u| u.port())).collect();
@@ -64,6 +66,7 @@ pub fn run(args: ProxyArgs) -> Result<(), Error> {
     };
     // Said once the event loops exist: a process short of descriptors failed after it.
     let mut server = Server::new(listener, datapaths, config)?;
+    drop(held);
     crate::relay_cmd::warn_if_few_descriptors();
     log::info!("{listening}");
     serving(&mut server, handover, addr)?;

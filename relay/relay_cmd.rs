@@ -13,6 +13,8 @@ use mio::net::TcpListener;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 pub fn run(args: RelayArgs) -> Result<(), Error> {
+    // Until the event loop handles them (`Server::new`).
+    let held = crate::sys::StopSignalsHeld::new();
     let Opened { threads, datapaths, listening: Listening { listener, metrics: taken_metrics, handover } } =
         open("relay", &[args.listen.port()], args.listen, args.listen_given, &args.common, &args.ports)?;
     let datapath = datapaths[0].name();
@@ -42,6 +44,7 @@ pub fn run(args: RelayArgs) -> Result<(), Error> {
     datapath::note_host_settings(&datapaths);
     // "listening" once the event loops exist: a process short of descriptors failed after it.
     let mut server = Server::new(listener, datapaths, config)?;
+    drop(held);
     warn_if_few_descriptors();
     log::info!("listening on {addr}: {pairing}, {datapath} datapath, {}{}", loops(threads), metrics_note(served));
     serving(&mut server, handover, addr)?;

@@ -194,6 +194,43 @@ pub fn unmapped(addr: std::net::SocketAddr) -> std::net::SocketAddr {
     }
 }
 
+/// SIGINT and SIGTERM held back (blocked) while alive: a relay's handlers are installed only
+/// once its datapaths are loaded and its event loop exists (0.1 s, seconds with many
+/// `--threads`), and a SIGINT before that was lost when the shell had it ignored (a background
+/// job of a script), a SIGTERM ended the process without its drain. Blocked, they wait (even an
+/// ignored one: Linux queues a blocked signal) and reach the handlers once this is dropped.
+/// Threads started meanwhile keep them blocked, so they go to the thread that unblocks.
+pub struct StopSignalsHeld(libc::sigset_t);
+
+impl StopSignalsHeld {
+    pub fn new() -> StopSignalsHeld {
+        // SAFETY: sigset_t is plain data, filled by sigemptyset/sigaddset before use.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            StopSignalsHeld(set)
+        }
+    }
+}
+
+impl Default for StopSignalsHeld {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for StopSignalsHeld {
+    fn drop(&mut self) {
+        // SAFETY: unblocks the set blocked in `new`.
+        unsafe {
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &self.0, std::ptr::null_mut());
+        }
+    }
+}
+
 /// Raises the soft limit on open files to the hard limit: every pair holds two sockets (and two
 /// pipes on the userspace datapath). Returns the soft limit now in force.
 pub fn raise_fd_limit() -> u64 {

@@ -6,7 +6,7 @@ use common::*;
 use std::{
     io::Write,
     net::{Shutdown, SocketAddr, TcpListener},
-    process::Command,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -497,5 +497,44 @@ fn help_that_cannot_be_written_is_not_a_success() {
         drop(reader);
         let gone = Command::new(SKRELAY).args(args).stdout(writer).output().unwrap();
         assert_eq!(gone.status.code(), Some(0), "{args:?}: {}", String::from_utf8_lossy(&gone.stderr));
+    }
+}
+
+/// A stop signal that comes while the relay is still starting (loading eight datapaths takes
+/// about 0.5 s here) is acted on once it serves: a SIGINT then was lost when the shell had it
+/// ignored (a background job of a script), and the relay served on; a SIGTERM ended it with
+/// exit 143, without its drain (a helper's leak pass).
+#[test]
+fn a_stop_signal_during_start_up_is_not_lost() {
+    let _netns = enter_netns();
+    if !require_bpf("a_stop_signal_during_start_up_is_not_lost") {
+        return;
+    }
+    for (signal, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM")] {
+        let mut relay = Command::new("sh")
+            .args([
+                "-c",
+                "trap '' INT; exec \"$0\" relay --datapath kernel --threads 8 --listen 127.0.0.1:7788",
+                SKRELAY,
+            ])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(60));
+        // SAFETY: kill(2) on the child we spawned, not yet reaped.
+        unsafe { libc::kill(relay.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while relay.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let running = relay.try_wait().unwrap().is_none();
+        if running {
+            let _ = relay.kill();
+        }
+        let out = relay.wait_with_output().unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(!running, "{name} during start-up was lost: still serving 10 s later\n{log}");
+        assert_eq!(out.status.code(), Some(0), "{name}: {log}");
+        assert!(log.contains(&format!("{name}: no longer accepting")), "{name}: {log}");
     }
 }
