@@ -24,6 +24,8 @@ pub struct Server {
     pub metrics: Option<SocketAddr>,
     /// What its metrics say (None without --metrics, or when they did not answer in time).
     pub live: Option<Live>,
+    /// It serves --metrics, and they did not answer in time (1 s): its figures are unknown.
+    pub metrics_silent: bool,
     /// `proxy`: the ports of its `--upstream` addresses, from its command line.
     pub upstream_ports: Vec<u16>,
 }
@@ -50,6 +52,9 @@ impl Server {
             "pairs": self.live.map(|l| l.pairs),
             // A userspace relay holds nothing in the kernel between its sockets: no figure.
             "kernel_inflight_bytes": self.live.filter(|_| self.datapath == "kernel").map(|l| l.kernel_inflight),
+            // null without --metrics; false when they did not answer within 1 s (the figures
+            // above are null then too).
+            "metrics_answered": self.metrics.map(|_| !self.metrics_silent),
         })
     }
 }
@@ -74,6 +79,7 @@ impl std::fmt::Display for Server {
                 write!(f, "; {} pair(s), {} byte(s) in flight in the kernel", l.pairs, l.kernel_inflight)?
             }
             Some(l) => write!(f, "; {} pair(s)", l.pairs)?,
+            None if self.metrics_silent => write!(f, "; its metrics did not answer within 1 s: pairs unknown")?,
             None => {}
         }
         Ok(())
@@ -119,8 +125,9 @@ fn scan() -> (Vec<Server>, usize) {
             continue;
         }
         let Some(command) = command_of(&fs::read(p.path().join("cmdline")).unwrap_or_default()) else { continue };
-        if let Some(mut s) = inspect(&p.path(), pid, command, &sockets) {
-            s.upstream_ports = upstream_ports(&fs::read(p.path().join("cmdline")).unwrap_or_default());
+        let cmdline = fs::read(p.path().join("cmdline")).unwrap_or_default();
+        if let Some(mut s) = inspect(&p.path(), pid, command, &sockets, &cmdline) {
+            s.upstream_ports = upstream_ports(&cmdline);
             found.push(s);
         }
     }
@@ -147,22 +154,44 @@ pub fn command_of(cmdline: &[u8]) -> Option<String> {
 /// The ports of a proxy's `--upstream HOST:PORT` arguments (NUL-separated command line), in
 /// either form (`--upstream A`, `--upstream=A`).
 fn upstream_ports(cmdline: &[u8]) -> Vec<u16> {
-    let args: Vec<String> = cmdline.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-    let mut ports = Vec::new();
-    for (i, a) in args.iter().enumerate() {
-        let value = match a.strip_prefix("--upstream") {
-            Some("") => args.get(i + 1).map(String::as_str),
-            Some(rest) => rest.strip_prefix('='),
-            None => None,
-        };
-        if let Some(port) = value.and_then(|v| v.rsplit_once(':')?.1.parse().ok()) {
-            ports.push(port);
-        }
-    }
-    ports
+    flag_values(cmdline, "--upstream").iter().filter_map(|v| v.rsplit_once(':')?.1.parse().ok()).collect()
 }
 
-fn inspect(dir: &Path, pid: u32, command: String, sockets: &[ProcSocket]) -> Option<Server> {
+/// The values of `flag` in `cmdline` (NUL-separated), `--flag VALUE` or `--flag=VALUE`.
+fn flag_values(cmdline: &[u8], flag: &str) -> Vec<String> {
+    let args: Vec<String> = cmdline.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    let mut values = Vec::new();
+    for (i, a) in args.iter().enumerate() {
+        let value = match a.strip_prefix(flag) {
+            Some("") => args.get(i + 1).cloned(),
+            Some(rest) => rest.strip_prefix('=').map(str::to_string),
+            None => None,
+        };
+        values.extend(value);
+    }
+    values
+}
+
+/// `addr` (from /proc/net/tcp6, which shows no interface) with the interface of the `flag`
+/// address in `cmdline` that it is: a link-local address is of no use without it (`status`
+/// could not read a relay's metrics at [fe80::a]:PORT, nor say which interface it listens on).
+fn with_scope(addr: SocketAddr, cmdline: &[u8], flag: &str) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) if v6.scope_id() == 0 && v6.ip().is_unicast_link_local() => flag_values(cmdline, flag)
+            .iter()
+            .filter_map(|v| crate::cli::parse_listen(v).ok())
+            .find_map(|given| match given {
+                SocketAddr::V6(g) if g.ip() == v6.ip() && (g.port() == v6.port() || g.port() == 0) => {
+                    Some(SocketAddr::V6(std::net::SocketAddrV6::new(*v6.ip(), v6.port(), 0, g.scope_id())))
+                }
+                _ => None,
+            })
+            .unwrap_or(addr),
+        _ => addr,
+    }
+}
+
+fn inspect(dir: &Path, pid: u32, command: String, sockets: &[ProcSocket], cmdline: &[u8]) -> Option<Server> {
     let fds = fs::read_dir(dir.join("fd")).ok()?;
     let mut server = Server {
         pid,
@@ -172,6 +201,7 @@ fn inspect(dir: &Path, pid: u32, command: String, sockets: &[ProcSocket]) -> Opt
         connections: 0,
         metrics: None,
         live: None,
+        metrics_silent: false,
         upstream_ports: vec![],
     };
     for fd in fds.flatten() {
@@ -192,13 +222,14 @@ fn inspect(dir: &Path, pid: u32, command: String, sockets: &[ProcSocket]) -> Opt
         if s.state != TCP_LISTEN {
             server.connections += 1;
         } else if field("flags:").and_then(|f| u32::from_str_radix(f, 8).ok()).is_some_and(|f| f & O_NONBLOCK != 0) {
-            server.listening.push(s.local);
+            server.listening.push(with_scope(s.local, cmdline, "--listen"));
         } else {
-            server.metrics = Some(s.local);
+            server.metrics = Some(with_scope(s.local, cmdline, "--metrics"));
         }
     }
     server.listening.sort();
     server.live = server.metrics.and_then(live);
+    server.metrics_silent = server.metrics.is_some() && server.live.is_none();
     Some(server)
 }
 

@@ -115,3 +115,31 @@ fn status_shows_the_bytes_a_kernel_relay_holds_in_flight() {
     eprintln!("status showed up to {most} bytes in flight in the kernel while B did not read");
     drop(b);
 }
+
+/// A relay whose metrics do not answer (stopped here with SIGSTOP) is said to be so: `status`
+/// left the pairs out as for a relay without --metrics. A link-local --metrics address keeps its
+/// interface, without which the URL was of no use and the figures were missing (a helper's IPv6
+/// pass).
+#[test]
+fn status_says_when_metrics_do_not_answer_and_keeps_a_link_locals_interface() {
+    let _netns = enter_netns();
+    let relay = Skrelay::start(&["relay", "--datapath", "userspace", "--metrics", "127.0.0.1:0"]);
+    assert_eq!(find(relay.pid()).unwrap()["metrics_answered"], true);
+    // SAFETY: kill(2) on the relay this test started.
+    unsafe { libc::kill(relay.pid(), libc::SIGSTOP) };
+    let r = find(relay.pid()).unwrap();
+    let text = skrelay_ok(&["status"]);
+    // SAFETY: as above.
+    unsafe { libc::kill(relay.pid(), libc::SIGCONT) };
+    assert_eq!((r["metrics_answered"].clone(), r["pairs"].clone()), (false.into(), serde_json::Value::Null), "{r}");
+    assert!(text.contains("; its metrics did not answer within 1 s: pairs unknown"), "{text}");
+    drop(relay);
+    // Link-local on lo: fe80::1 with lo's index as its interface.
+    let up = std::process::Command::new("ip").args(["addr", "add", "fe80::1/64", "dev", "lo"]).status().unwrap();
+    assert!(up.success());
+    let relay = Skrelay::start(&["relay", "--datapath", "userspace", "--metrics", "[fe80::1%lo]:0"]);
+    let r = find(relay.pid()).unwrap();
+    let url = r["metrics"].as_str().unwrap_or_else(|| panic!("{r}"));
+    assert!(url.starts_with("http://[fe80::1%1]:"), "{r}");
+    assert_eq!((r["metrics_answered"].clone(), r["pairs"].clone()), (true.into(), 0.into()), "{r}");
+}
