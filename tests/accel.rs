@@ -295,9 +295,9 @@ fn off_with_live_connections_loses_nothing() {
     let r = cg.report();
     assert!(!r.attached, "{r}");
     // Draining, closes are no longer counted (sockops is detached): status says only what the
-    // map holds, not an "open" count that would stay stale.
+    // map holds, not a "live" count that would stay stale.
     let text = r.to_string();
-    assert!(!text.contains("of them open") && text.contains("in the map now"), "{text}");
+    assert!(!text.contains("of them live") && text.contains("in the map now"), "{text}");
     output(cg.peer(&["halfclose", "127.0.0.1"]));
     assert_eq!(cg.report().sockets_joined, 2, "a connection joined after off");
 

@@ -132,7 +132,7 @@ impl fmt::Display for AccelReport {
         writeln!(f, "  policy: --max-queued {} --small-write {}{how}", kib(self.max_queued), kib(self.small_write))?;
         // Closes are counted by the sockops program, which `off` detached: draining, only the
         // map says what is still open.
-        let live = if self.attached { format!("{} of them open, ", self.sockets_live) } else { String::new() };
+        let live = if self.attached { format!("{} of them live, ", self.sockets_live) } else { String::new() };
         writeln!(
             f,
             "  connections accelerated: {} ({} sockets joined, {live}{} in the map now)",
