@@ -818,7 +818,15 @@ fn a_relay_and_accel_refuse_to_share_a_cgroup() {
         enter.args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec ip netns exec \"$1\" \"$2\" relay"]);
         enter.arg(cg.path()).arg(&ns).arg(SKRELAY);
         let (code, err) = exit_within(&cg, enter);
+        // There, `status` names the cgroup and its pins as the host does: it showed them through
+        // /proc/2/root, in JSON and in the metrics' cgroup label too (a helper's pass).
+        let st = Command::new("ip").args(["netns", "exec", &ns, SKRELAY, "status", "--json"]).output().unwrap();
         let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        let st = String::from_utf8_lossy(&st.stdout);
+        let json: serde_json::Value = serde_json::from_str(&st).unwrap_or_else(|e| panic!("{e}: {st}"));
+        let shown = json["accel"]["cgroups"].as_array().map(|c| c.iter().map(|c| c["cgroup"].clone()).collect());
+        assert_eq!(shown, Some(vec![serde_json::json!(cg.path())]), "{st}");
+        assert!(!st.contains("/proc/"), "not as the host names it:\n{st}");
         assert_eq!(code, Some(2), "under ip netns exec, the relay started inside an accelerated cgroup: {err}");
         assert!(err.contains("cannot run the relay in cgroup"), "{err}");
         // In a cgroup namespace of its own (`unshare -C`, as containers run), where

@@ -70,6 +70,13 @@ fn as_the_host_names_it(path: &Path) -> Option<PathBuf> {
     (root.as_os_str() == "root").then(|| Path::new("/").join(c.as_path()))
 }
 
+/// `path` as reports show it: as the host names it. A cgroup or its pins reached through
+/// /proc/2/root under `ip netns exec` were shown so by `status`, in JSON and in the metrics'
+/// `cgroup` label, which then changed with how the command was started.
+pub fn shown(path: &Path) -> PathBuf {
+    as_the_host_names_it(path).unwrap_or_else(|| path.to_path_buf())
+}
+
 /// The longest `pin_name` accel takes: 255 bytes (NAME_MAX) less a set-up's "PID-" prefix.
 const MAX_PIN_NAME: usize = 255 - 12;
 

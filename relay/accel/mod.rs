@@ -325,8 +325,8 @@ fn report_for(dir: &Path, cg: &Cgroup) -> Result<AccelReport, Error> {
     let snap = pinned::snapshot(dir)?;
     let s = |i: u32| snap.stats[i as usize];
     Ok(AccelReport {
-        cgroup: cg.path(),
-        pins: dir.to_path_buf(),
+        cgroup: cgroup::shown(&cg.path()),
+        pins: cgroup::shown(dir),
         ports: snap.ports,
         attached: pinned::is_attached(dir),
         max_queued: snap.config.max_queued,
@@ -371,7 +371,7 @@ pub fn reports() -> Result<Reports, Error> {
     let mount = cgroup::v2_mount()?;
     for (pid, name, pins) in pinned::unfinished(&root) {
         if let Some(cg) = Cgroup::from_pin_name(&mount, &name) {
-            out.interrupted.push(Interrupted { cgroup: cg.path(), pins, pid });
+            out.interrupted.push(Interrupted { cgroup: cgroup::shown(&cg.path()), pins: cgroup::shown(&pins), pid });
         }
     }
     for (name, dir) in pinned::list(&root) {
@@ -387,7 +387,11 @@ pub fn reports() -> Result<Reports, Error> {
                         Error::BpfDenied { .. } => DENIED.into(),
                         other => other.to_string(),
                     };
-                    out.unreadable.push(Unreadable { cgroup: cg.path(), pins: dir, error })
+                    out.unreadable.push(Unreadable {
+                        cgroup: cgroup::shown(&cg.path()),
+                        pins: cgroup::shown(&dir),
+                        error,
+                    })
                 }
             }
         }
@@ -402,7 +406,7 @@ pub fn report_cgroup(cgroup: &Path) -> Result<AccelReport, Error> {
     let dir = root.join(cg.pin_name());
     let _lock = if dir.is_dir() { bpffs::StateLock::acquire_shared(&root)? } else { None };
     if !dir.is_dir() {
-        return Err(Error::AccelNotOn { cgroup: cg.to_string(), pins: dir.display().to_string() });
+        return Err(Error::AccelNotOn { cgroup: cg.to_string(), pins: cgroup::shown(&dir).display().to_string() });
     }
     report_for(&dir, &cg)
 }
@@ -484,7 +488,7 @@ impl Enabled {
         } else {
             ""
         };
-        format!("accel on: {} (state pinned at {}){chosen}{root}\n", self.cgroup, self.pins.display())
+        format!("accel on: {} (state pinned at {}){chosen}{root}\n", self.cgroup, cgroup::shown(&self.pins).display())
     }
 }
 
@@ -934,7 +938,11 @@ pub fn run(cgroup: Option<&Path>, policy: &AccelPolicyArgs, cmd: &[String]) -> R
                 log::debug!("accel: {err}");
             }
             let chosen = e.measured.as_ref().map(|c| format!("; {}", c.describe())).unwrap_or_default();
-            log::info!("accel: {} accelerated for the command (state at {}){chosen}", e.cgroup, e.pins.display());
+            log::info!(
+                "accel: {} accelerated for the command (state at {}){chosen}",
+                e.cgroup,
+                cgroup::shown(&e.pins).display()
+            );
             Some(w)
         }
         None => None,
