@@ -17,7 +17,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -537,33 +537,57 @@ const ACCEPT_WAKE: Duration = Duration::from_millis(200);
 /// How often a scrape that cannot be accepted is said.
 const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
 
-/// How long one scraper may take to send its request or read the answer. Scrapes are served one
-/// at a time, so this also bounds how long one slow or silent client delays the next scrape.
+/// How long one scraper may take to send its request and read the answer, from its accept.
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// The longest request head read; a longer one is answered 431.
 const MAX_REQUEST: usize = 8 << 10;
+/// Connections held at once: one more closes the oldest. Served one at a time, each silent
+/// connection held the next scrape back by IO_TIMEOUT (20 of them: 40 s; a helper's leak pass);
+/// now they wait side by side, and a scraper is answered as soon as its request is in.
+const MAX_HELD: usize = 16;
 
-/// Answers each connection to `listener` in turn, forever: GET or HEAD /metrics gets `render`'s
-/// text (500 with its error if it fails), anything else 404 or 405 (400 if not HTTP). One connection is held at a
-/// time, at most `IO_TIMEOUT` per read or write, and one request per connection. Returns once
-/// `stop` is set (within `ACCEPT_WAKE`), leaving the socket to whoever else holds it.
+/// A scraper's connection: its request so far, then the answer left to send.
+struct Held {
+    stream: TcpStream,
+    since: Instant,
+    head: Vec<u8>,
+    answer: Option<(Vec<u8>, usize)>,
+}
+
+/// Answers the connections to `listener`, forever: GET or HEAD /metrics gets `render`'s text
+/// (500 with its error if it fails), anything else 404 or 405 (400 if not HTTP). Up to
+/// `MAX_HELD` connections are served side by side, each for `IO_TIMEOUT` at most from its accept,
+/// one request each. Returns once `stop` is set (within `ACCEPT_WAKE`), leaving the socket to
+/// whoever else holds it.
 pub fn serve(listener: &TcpListener, render: impl Fn() -> Result<String, String>, stop: &AtomicBool) {
     // The socket stays blocking (a process taking it over shares its flags); SO_RCVTIMEO bounds
     // an accept(2) that finds the connection already taken by that other process.
     let wake = socket2::SockRef::from(listener).set_read_timeout(Some(ACCEPT_WAKE));
     // A failing accept(2) (out of descriptors) is said once per ACCEPT_WARN_EVERY, not per retry.
-    let mut warned: Option<(std::time::Instant, u64)> = None;
+    let mut warned: Option<(Instant, u64)> = None;
+    let mut held: Vec<Held> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        held.retain(|h| now.duration_since(h.since) < IO_TIMEOUT);
         // Wait in poll(2), not in accept(2): a blocking accept(2) reserves a descriptor while it
         // waits, and in a shortage that was the one a closing pair had just given back, so
         // clients could not be accepted while the process was idle.
-        if !scrape_waiting(listener) {
+        let (waiting, ready) = wait(listener, &held);
+        for i in ready.into_iter().rev() {
+            if !progress(&mut held[i], &render) {
+                held.remove(i);
+            }
+        }
+        if !waiting {
             continue;
         }
         match listener.accept() {
             Ok((stream, _)) => {
-                if let Err(e) = answer(stream, &render) {
-                    log::debug!("metrics: {e}");
+                if stream.set_nonblocking(true).is_ok() {
+                    held.push(Held { stream, since: Instant::now(), head: Vec::with_capacity(512), answer: None });
+                    if held.len() > MAX_HELD {
+                        held.remove(0);
+                    }
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -583,7 +607,7 @@ pub fn serve(listener: &TcpListener, render: impl Fn() -> Result<String, String>
                             "metrics: cannot accept a scrape: {e} (retrying every 100ms, said once per \
                              {ACCEPT_WARN_EVERY:?}{since})"
                         );
-                        warned = Some((std::time::Instant::now(), 0));
+                        warned = Some((Instant::now(), 0));
                     }
                 }
                 std::thread::sleep(Duration::from_millis(100));
@@ -592,39 +616,77 @@ pub fn serve(listener: &TcpListener, render: impl Fn() -> Result<String, String>
     }
 }
 
-/// Whether a connection waits on `listener` (or poll(2) failed, so accept(2) should say why),
-/// after waiting at most `ACCEPT_WAKE`.
-fn scrape_waiting(listener: &TcpListener) -> bool {
+/// Waits at most `ACCEPT_WAKE` (or until the oldest held connection's time is up) for a
+/// connection on `listener` or for one of `held` to be readable (writable once it has an
+/// answer). Returns whether `listener` has one (or poll(2) failed, so accept(2) should say why),
+/// and which of `held` are ready.
+fn wait(listener: &TcpListener, held: &[Held]) -> (bool, Vec<usize>) {
     use rustix::event::{poll, PollFd, PollFlags, Timespec};
-    let mut fds = [PollFd::new(listener, PollFlags::IN)];
-    let timeout = Timespec { tv_sec: 0, tv_nsec: ACCEPT_WAKE.as_nanos() as _ };
+    let mut fds = vec![PollFd::new(listener, PollFlags::IN)];
+    for h in held {
+        let want = if h.answer.is_some() { PollFlags::OUT } else { PollFlags::IN };
+        fds.push(PollFd::new(&h.stream, want));
+    }
+    let until = held.iter().map(|h| (h.since + IO_TIMEOUT).saturating_duration_since(Instant::now())).min();
+    let timeout = until.map_or(ACCEPT_WAKE, |u| u.min(ACCEPT_WAKE));
+    let timeout = Timespec { tv_sec: 0, tv_nsec: timeout.as_nanos() as _ };
     match poll(&mut fds, Some(&timeout)) {
-        Ok(n) => n > 0,
-        Err(rustix::io::Errno::INTR) => false,
-        Err(_) => true,
+        Ok(0) => (false, vec![]),
+        Ok(_) => (
+            !fds[0].revents().is_empty(),
+            fds[1..].iter().enumerate().filter(|(_, f)| !f.revents().is_empty()).map(|(i, _)| i).collect(),
+        ),
+        Err(rustix::io::Errno::INTR) => (false, vec![]),
+        Err(_) => (true, vec![]),
     }
 }
 
-fn answer(mut stream: TcpStream, render: &impl Fn() -> Result<String, String>) -> io::Result<()> {
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
-        if head.len() >= MAX_REQUEST {
-            return respond(
-                &mut stream,
-                "431 Request Header Fields Too Large",
-                "text/plain",
-                "request too large\n",
-                true,
-            );
+/// Reads what `h` sent, or sends what is left of its answer; false once it is done with (answered,
+/// closed, or failed).
+fn progress(h: &mut Held, render: &impl Fn() -> Result<String, String>) -> bool {
+    if h.answer.is_none() {
+        let mut buf = [0u8; 1024];
+        loop {
+            match h.stream.read(&mut buf) {
+                Ok(0) => return false, // closed before a whole request came
+                Ok(n) => h.head.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::debug!("metrics: {e}");
+                    return false;
+                }
+            }
+            if h.head.len() >= MAX_REQUEST {
+                break;
+            }
         }
-        let n = stream.read(&mut buf)?;
-        if n == 0 {
-            return Ok(()); // closed before a whole request came
+        let complete = h.head.windows(4).any(|w| w == b"\r\n\r\n") || h.head.windows(2).any(|w| w == b"\n\n");
+        if !complete && h.head.len() < MAX_REQUEST {
+            return true;
         }
-        head.extend_from_slice(&buf[..n]);
+        h.answer = Some((answer(&h.head, render), 0));
+    }
+    let Some((out, sent)) = &mut h.answer else { return false };
+    while *sent < out.len() {
+        match h.stream.write(&out[*sent..]) {
+            Ok(n) => *sent += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                log::debug!("metrics: {e}");
+                return false;
+            }
+        }
+    }
+    false
+}
+
+/// The answer to a request whose head is `head` (complete, or `MAX_REQUEST` long).
+fn answer(head: &[u8], render: &impl Fn() -> Result<String, String>) -> Vec<u8> {
+    let complete = head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n");
+    if !complete {
+        return response("431 Request Header Fields Too Large", "text/plain", "request too large\n", true);
     }
     let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
     let line = String::from_utf8_lossy(line);
@@ -633,32 +695,32 @@ fn answer(mut stream: TcpStream, render: &impl Fn() -> Result<String, String>) -
         (words.next().unwrap_or(""), words.next().unwrap_or(""), words.next().unwrap_or(""));
     // Not a request line (METHOD TARGET HTTP/x): nothing to answer but 400.
     if !version.starts_with("HTTP/") || words.next().is_some() {
-        return respond(&mut stream, "400 Bad Request", "text/plain", "use GET /metrics\n", true);
+        return response("400 Bad Request", "text/plain", "use GET /metrics\n", true);
     }
     let path = target.split('?').next().unwrap_or("");
     let body_too = method != "HEAD";
     match (method, path) {
         ("GET" | "HEAD", "/metrics") => match render() {
-            Ok(text) => respond(&mut stream, "200 OK", CONTENT_TYPE, &text, body_too),
-            Err(why) => respond(&mut stream, "500 Internal Server Error", "text/plain", &format!("{why}\n"), body_too),
+            Ok(text) => response("200 OK", CONTENT_TYPE, &text, body_too),
+            Err(why) => response("500 Internal Server Error", "text/plain", &format!("{why}\n"), body_too),
         },
         ("GET" | "HEAD", _) => {
-            respond(&mut stream, "404 Not Found", "text/plain", "skrelay serves its metrics at /metrics\n", body_too)
+            response("404 Not Found", "text/plain", "skrelay serves its metrics at /metrics\n", body_too)
         }
-        _ => respond(&mut stream, "405 Method Not Allowed", "text/plain", "use GET /metrics\n", true),
+        _ => response("405 Method Not Allowed", "text/plain", "use GET /metrics\n", true),
     }
 }
 
-fn respond(stream: &mut TcpStream, status: &str, content_type: &str, body: &str, with_body: bool) -> io::Result<()> {
-    let head = format!(
+fn response(status: &str, content_type: &str, body: &str, with_body: bool) -> Vec<u8> {
+    let mut out = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
-    );
-    stream.write_all(head.as_bytes())?;
+    )
+    .into_bytes();
     if with_body {
-        stream.write_all(body.as_bytes())?;
+        out.extend_from_slice(body.as_bytes());
     }
-    stream.flush()
+    out
 }
 
 #[cfg(test)]
