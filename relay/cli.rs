@@ -591,7 +591,7 @@ pub fn unknown_scope(s: &str) -> Option<String> {
 /// `steer add --to`: the socket's own address, IP:PORT or [IPv6]:PORT (a name would say nothing of
 /// which address the socket is bound to).
 fn parse_target(s: &str) -> Result<SocketAddr, String> {
-    if let Some(e) = unknown_scope(s) {
+    if let Some(e) = unknown_scope(s).or_else(|| misbracketed(s)) {
         return Err(e);
     }
     numeric_scope(s).parse::<SocketAddr>().map_err(|_| {
@@ -613,9 +613,46 @@ fn parse_accel_port(s: &str) -> Result<u16, String> {
     }
 }
 
+/// The error for an address whose brackets are wrong, if `s` is one: an IPv6 address without
+/// them (`::1:7777` was taken as [::1]:7777, `2001:db8::1:7777` as [2001:db8::1]:7777 though it
+/// may be a whole address whose port was forgotten, `::1` was "cannot resolve `:`"), or an IPv4
+/// address in them (`[127.0.0.1]:7777`: "cannot resolve"). One rule for every address flag.
+pub fn misbracketed(s: &str) -> Option<String> {
+    if let Some(inner) = s.strip_prefix('[').and_then(|r| r.split_once(']')).map(|(inner, _)| inner) {
+        let port = s.rsplit_once("]:").map_or("PORT", |(_, p)| p);
+        return inner
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok()
+            .then(|| format!("`{s}`: brackets are for IPv6 addresses only (give {inner}:{port})"));
+    }
+    if s.matches(':').count() < 2 {
+        return None;
+    }
+    let v6 = |a: &str| {
+        let (addr, scope) = a.split_once('%').unwrap_or((a, ""));
+        addr.parse::<std::net::Ipv6Addr>().is_ok() && !scope.contains(':')
+    };
+    // `::1:7777` is an address of its own as well as ::1 with port 7777: say both.
+    let split = s.rsplit_once(':').filter(|(addr, port)| port.parse::<u16>().is_ok() && v6(addr));
+    Some(match (v6(s), split) {
+        (true, Some((addr, port))) => format!(
+            "`{s}`: an IPv6 address with a port needs brackets (give [{addr}]:{port}, or [{s}]:PORT if all of it \
+             is the address)"
+        ),
+        (true, None) => format!("`{s}` has no port (an IPv6 address goes in brackets before its port: [{s}]:7777)"),
+        (false, Some((addr, port))) => {
+            format!("`{s}`: an IPv6 address with a port needs brackets (give [{addr}]:{port})")
+        }
+        (false, None) => format!("`{s}`: an IPv6 address with a port needs brackets (e.g. [2001:db8::1]:7777)"),
+    })
+}
+
 /// `--listen`: IP:PORT, [IPv6]:PORT, or HOST:PORT resolved now, to the name's first IPv4 address
 /// (else its first IPv6 one) so that `localhost:7777` means 127.0.0.1:7777 like the default.
 pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    if let Some(e) = misbracketed(s) {
+        return Err(e);
+    }
     if let Ok(addr) = numeric_scope(s).parse::<SocketAddr>() {
         return Ok(addr);
     }
@@ -663,6 +700,25 @@ impl AccelPolicyArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_addresses_need_brackets_and_ipv4_ones_none() {
+        for (given, says) in [
+            ("::1:7777", "needs brackets (give [::1]:7777, or [::1:7777]:PORT if all of it is the address)"),
+            ("2001:db8::1:7777", "needs brackets (give [2001:db8::1]:7777, or [2001:db8::1:7777]:PORT"),
+            ("fe80::1%lo:7777", "needs brackets (give [fe80::1%lo]:7777)"),
+            ("::1", "has no port (an IPv6 address goes in brackets before its port: [::1]:7777)"),
+            ("fe80::1%lo", "has no port"),
+            ("[127.0.0.1]:7777", "brackets are for IPv6 addresses only (give 127.0.0.1:7777)"),
+        ] {
+            let e = parse_listen(given).unwrap_err();
+            assert!(e.contains(says), "{given}: {e}");
+            assert!(parse_target(given).unwrap_err().contains(says), "{given}");
+        }
+        for fine in ["[::1]:7777", "127.0.0.1:7777", "[fe80::1%1]:7777", "[::ffff:127.0.0.1]:7777"] {
+            assert_eq!(misbracketed(fine), None, "{fine}");
+        }
+    }
 
     #[test]
     fn a_link_local_scope_may_be_an_interface_name() {

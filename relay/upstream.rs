@@ -23,7 +23,7 @@ impl Upstreams {
     pub fn resolve(specs: &[String]) -> Result<Upstreams, Error> {
         let mut addrs = Vec::new();
         for spec in specs {
-            if let Some(e) = crate::cli::unknown_scope(spec) {
+            if let Some(e) = crate::cli::unknown_scope(spec).or_else(|| crate::cli::misbracketed(spec)) {
                 return Err(Error::Usage(format!("upstream {e}")));
             }
             let bare = spec.trim_start_matches('[').trim_end_matches(']');
