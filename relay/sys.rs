@@ -363,6 +363,12 @@ pub fn v6only(fd: impl AsFd) -> bool {
     sock(&fd).only_v6().unwrap_or(false)
 }
 
+/// The interface a socket is bound to (SO_BINDTODEVICE, or the scope of a link-local address it
+/// is bound to), by name; None when it takes packets from every interface.
+pub fn bound_device(fd: impl AsFd) -> Option<String> {
+    sock(&fd).device().ok().flatten().map(|name| String::from_utf8_lossy(&name).into_owned())
+}
+
 /// Whether a socket has SO_REUSEPORT (is, or may join, a reuseport group).
 pub fn reuse_port(fd: impl AsFd) -> bool {
     sock(&fd).reuse_port().unwrap_or(false)

@@ -1411,3 +1411,30 @@ prlimit --nofile=4:4 "$0" steer reset; echo "short reset rc=$?"
     assert!(err.contains("(raise the descriptor limit"), "{err}");
     assert!(text.contains("removed every binding"), "{text}");
 }
+
+/// A target bound to one interface (a link-local address, or SO_BINDTODEVICE) takes only what
+/// arrives there: connections steered to it from elsewhere were dropped unanswered, after
+/// "bound" and nothing more (a helper's IPv6 pass). `steer add` says so.
+#[test]
+fn a_target_bound_to_one_interface_is_noted() {
+    let Some(_reset) = setup("target bound to an interface") else { return };
+    for cmd in [
+        &["link", "add", "sk0", "type", "veth", "peer", "name", "sk1"][..],
+        &["link", "set", "sk0", "up"],
+        &["link", "set", "sk1", "up"],
+        &["addr", "add", "fe80::5/64", "dev", "sk0", "nodad"],
+    ] {
+        assert!(Command::new("ip").args(cmd).status().unwrap().success(), "ip {cmd:?}");
+    }
+    // Its index from `ip` (/sys/class/net is the host's sysfs).
+    let shown = Command::new("ip").args(["-o", "link", "show", "sk0"]).output().unwrap().stdout;
+    let index = String::from_utf8_lossy(&shown).split(':').next().unwrap_or_default().to_string();
+    let _target = TcpListener::bind(format!("[fe80::5%{}]:7140", index.trim())).unwrap();
+    let out = ok(&["steer", "add", "--ports", "7141", "--to", "[fe80::5%sk0]:7140"]);
+    let note = format!("note: the socket at [fe80::5%{}]:7140 is bound to interface sk0", index.trim());
+    assert!(out.contains(&note), "{out}");
+    assert!(out.contains("arrive on another interface (lo included) are steered to it and dropped"), "{out}");
+    let _plain = TcpListener::bind("127.0.0.1:7142").unwrap();
+    let out = ok(&["steer", "add", "--ports", "7143", "--to", "127.0.0.1:7142"]);
+    assert!(!out.contains("bound to interface"), "{out}");
+}

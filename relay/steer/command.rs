@@ -59,6 +59,14 @@ fn render_add(added: &super::Added) -> String {
             None => out.push_str(&format!("bound {key} -> {to}\n")),
         }
     }
+    if let Some(device) = &t.device {
+        out.push_str(&format!(
+            "note: the socket at {} is bound to interface {device}: only what arrives on {device} reaches it; \
+             connections to these ports that arrive on another interface (lo included) are steered to it and \
+             dropped, unanswered (narrow the binding with --addr to {device}'s addresses)\n",
+            t.local
+        ));
+    }
     if t.reuse_port {
         out.push_str(&format!(
             "note: the socket at {} has SO_REUSEPORT: the kernel spreads the steered {} over every socket of its \

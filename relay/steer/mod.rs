@@ -57,6 +57,8 @@ pub struct TargetView {
     pub cookie: u64,
     /// SO_REUSEPORT: what is steered to it is spread over its reuseport group by the kernel.
     pub reuse_port: bool,
+    /// The interface it is bound to: what arrives elsewhere is dropped.
+    pub device: Option<String>,
 }
 
 /// `steer add`: binds every (prefix, port item) pair to the target socket.
@@ -140,6 +142,7 @@ pub fn add(args: &SteerAddArgs) -> Result<Added, Error> {
         comm: target.comm,
         cookie: target.cookie,
         reuse_port: target.reuse_port,
+        device: target.device,
     };
     Ok(Added { target, upgraded, bindings })
 }

@@ -22,6 +22,9 @@ pub struct Target {
     pub dual_stack: bool,
     /// The socket has SO_REUSEPORT: the kernel spreads what is steered to it over its group.
     pub reuse_port: bool,
+    /// The interface the socket is bound to (a link-local address's, or SO_BINDTODEVICE): it
+    /// takes only what arrives there, and connections steered to it from elsewhere are dropped.
+    pub device: Option<String>,
 }
 
 impl Target {
@@ -134,7 +137,8 @@ impl Target {
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string();
         let dual_stack = domain == libc::AF_INET6 && !sys::v6only(&dup);
         let reuse_port = sys::reuse_port(&dup);
-        Ok(Target { fd: dup, pid: pid as u32, comm, local, proto, cookie, dual_stack, reuse_port })
+        let device = sys::bound_device(&dup);
+        Ok(Target { fd: dup, pid: pid as u32, comm, local, proto, cookie, dual_stack, reuse_port, device })
     }
 }
 
