@@ -549,8 +549,8 @@ pub fn parse_timeout(s: &str) -> Result<Duration, String> {
     let d = parse_secs(s)?;
     if d < Duration::from_millis(1) {
         return Err(format!(
-            "`{s}` seconds leaves no time: every client would be reset before it could pair or its upstream \
-             connection be made (give at least 0.001)"
+            "`{s}` seconds leaves no time: every client would be reset before it could pair (relay) or its \
+             upstream connection be made (proxy) (give at least 0.001)"
         ));
     }
     Ok(d)

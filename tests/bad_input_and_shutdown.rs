@@ -87,11 +87,11 @@ fn values_that_cannot_work_are_refused_at_start_up() {
     for zero in ["0", "0.0", "0.0000001"] {
         assert_usage_error(
             &[&proxy[..], &["127.0.0.1:9000", "--connect-timeout", zero]].concat(),
-            "leaves no time: every client would be reset before it could pair or its upstream connection be made (give at least 0.001)",
+            "leaves no time: every client would be reset before it could pair (relay) or its upstream connection be made (proxy) (give at least 0.001)",
         );
         assert_usage_error(
             &["relay", "--datapath", "userspace", "--pair-timeout", zero],
-            "leaves no time: every client would be reset before it could pair or its upstream connection be made (give at least 0.001)",
+            "leaves no time: every client would be reset before it could pair (relay) or its upstream connection be made (proxy) (give at least 0.001)",
         );
     }
     // A total below one pair's worst case: the first kernel pair alone would break the promise

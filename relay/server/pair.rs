@@ -259,7 +259,15 @@ impl Pair {
             })
             .collect();
         let inside = self.splice.describe().map(|d| format!("; {}: {d}", self.splice.name())).unwrap_or_default();
-        format!("pair {} after {:.1?}: {}{inside}", self.serial, self.since.elapsed(), ends.join("; "))
+        // Named by its clients, as its end-of-pair line is (the serial counts every client, paired
+        // or not, and appeared nowhere else).
+        format!(
+            "pair {} <-> {} after {:.1?}: {}{inside}",
+            self.addrs[0],
+            self.addrs[1],
+            self.since.elapsed(),
+            ends.join("; ")
+        )
     }
 
     /// The pending error of end `end`, which reading clears: the only place SO_ERROR is read.
