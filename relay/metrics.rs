@@ -646,9 +646,14 @@ fn wait(listener: &TcpListener, held: &[Held]) -> (bool, Vec<usize>) {
 fn progress(h: &mut Held, render: &impl Fn() -> Result<String, String>) -> bool {
     if h.answer.is_none() {
         let mut buf = [0u8; 1024];
+        let mut ended = false;
         loop {
             match h.stream.read(&mut buf) {
-                Ok(0) => return false, // closed before a whole request came
+                // A scraper may end its side once its request is sent (`printf ... | nc -N`).
+                Ok(0) => {
+                    ended = true;
+                    break;
+                }
                 Ok(n) => h.head.extend_from_slice(&buf[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -663,7 +668,8 @@ fn progress(h: &mut Held, render: &impl Fn() -> Result<String, String>) -> bool 
         }
         let complete = h.head.windows(4).any(|w| w == b"\r\n\r\n") || h.head.windows(2).any(|w| w == b"\n\n");
         if !complete && h.head.len() < MAX_REQUEST {
-            return true;
+            // Closed before a whole request came: nothing to answer.
+            return !ended;
         }
         h.answer = Some((answer(&h.head, render), 0));
     }
