@@ -3,6 +3,11 @@ use std::{io, net::SocketAddr};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// SIGINT or SIGTERM came while a relay or proxy was still starting: it stopped there, as
+    /// asked, before serving anything (exit 0, as a stop signal's drain ends).
+    #[error("{0} while starting: stopped before serving anything")]
+    StoppedStarting(&'static str),
+
     #[error("cannot listen on {addr}: {}", listen_reason(.source, "--listen", .addr))]
     Listen { addr: SocketAddr, source: io::Error },
 
@@ -78,6 +83,7 @@ impl Error {
             // Out of descriptors: the limit is the user's to raise.
             Error::Io { source, .. } | Error::SteerMap { source, .. } if out_of_descriptors(source) => 2,
             Error::Io { .. } | Error::SteerMap { .. } => 1,
+            Error::StoppedStarting(_) => 0,
             _ => 2,
         }
     }

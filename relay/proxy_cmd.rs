@@ -13,13 +13,16 @@ use crate::{
 use std::net::{IpAddr, SocketAddr};
 
 pub fn run(args: ProxyArgs) -> Result<(), Error> {
+    // A stop signal during a name lookup ends the process at once (nothing is set up yet); held
+    // from here, a resolver that does not answer held it for its whole timeout.
+    let mut upstreams = Upstreams::resolve(&args.upstreams)?;
     // Until the event loop handles them (`Server::new`).
     let held = crate::sys::StopSignalsHeld::new();
-    let mut upstreams = Upstreams::resolve(&args.upstreams)?;
     let serves: Vec<u16> =
         std::iter::once(args.listen.port()).chain(upstreams.addrs().iter().map(|u| u.port())).collect();
     let Opened { threads, datapaths, listening: Listening { listener, metrics: taken_metrics, handover } } =
-        open("proxy", &serves, args.listen, args.listen_given, &args.common, &args.ports)?;
+        open("proxy", &serves, args.listen, args.listen_given, &args.common, &args.ports)
+            .map_err(|e| held.keep_if_stopped(e))?;
     let datapath = datapaths[0].name();
     let addr = listener.local_addr().unwrap_or(args.listen);
     let dual_stack = addr.is_ipv6() && !sys::v6only(&listener);

@@ -16,7 +16,8 @@ pub fn run(args: RelayArgs) -> Result<(), Error> {
     // Until the event loop handles them (`Server::new`).
     let held = crate::sys::StopSignalsHeld::new();
     let Opened { threads, datapaths, listening: Listening { listener, metrics: taken_metrics, handover } } =
-        open("relay", &[args.listen.port()], args.listen, args.listen_given, &args.common, &args.ports)?;
+        open("relay", &[args.listen.port()], args.listen, args.listen_given, &args.common, &args.ports)
+            .map_err(|e| held.keep_if_stopped(e))?;
     let datapath = datapaths[0].name();
     let addr = listener.local_addr().unwrap_or(args.listen);
     metrics_outside_ports(args.common.metrics, addr, args.ports.ports.as_ref(), "relayed as a client")?;

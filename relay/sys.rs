@@ -200,7 +200,7 @@ pub fn unmapped(addr: std::net::SocketAddr) -> std::net::SocketAddr {
 /// job of a script), a SIGTERM ended the process without its drain. Blocked, they wait (even an
 /// ignored one: Linux queues a blocked signal) and reach the handlers once this is dropped.
 /// Threads started meanwhile keep them blocked, so they go to the thread that unblocks.
-pub struct StopSignalsHeld(libc::sigset_t);
+pub struct StopSignalsHeld(libc::sigset_t, std::cell::Cell<bool>);
 
 impl StopSignalsHeld {
     pub fn new() -> StopSignalsHeld {
@@ -211,7 +211,38 @@ impl StopSignalsHeld {
             libc::sigaddset(&mut set, libc::SIGINT);
             libc::sigaddset(&mut set, libc::SIGTERM);
             libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            StopSignalsHeld(set)
+            StopSignalsHeld(set, std::cell::Cell::new(false))
+        }
+    }
+}
+
+impl StopSignalsHeld {
+    /// `e`, and when it is a start-up stopped by a held signal, that signal stays held: let go,
+    /// it would end the process before it said why.
+    pub fn keep_if_stopped(&self, e: crate::error::Error) -> crate::error::Error {
+        if matches!(e, crate::error::Error::StoppedStarting(_)) {
+            self.1.set(true);
+        }
+        e
+    }
+
+    /// The stop signal held back so far, if one came: a start-up that takes long (many
+    /// `--threads`) stops there instead of serving first and draining at once.
+    pub fn pending() -> Option<&'static str> {
+        // SAFETY: sigpending fills the set it is given; sigismember reads it.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            if libc::sigpending(&mut set) != 0 {
+                return None;
+            }
+            if libc::sigismember(&set, libc::SIGINT) == 1 {
+                Some("SIGINT")
+            } else if libc::sigismember(&set, libc::SIGTERM) == 1 {
+                Some("SIGTERM")
+            } else {
+                None
+            }
         }
     }
 }
@@ -224,6 +255,9 @@ impl Default for StopSignalsHeld {
 
 impl Drop for StopSignalsHeld {
     fn drop(&mut self) {
+        if self.1.get() {
+            return;
+        }
         // SAFETY: unblocks the set blocked in `new`.
         unsafe {
             libc::pthread_sigmask(libc::SIG_UNBLOCK, &self.0, std::ptr::null_mut());

@@ -199,6 +199,9 @@ pub fn open(
     };
     let mut all: Vec<Box<dyn Datapath>> = vec![Box::new(first)];
     for n in 1..threads {
+        if let Some(signal) = crate::sys::StopSignalsHeld::pending() {
+            return Err(Error::StoppedStarting(signal));
+        }
         match load() {
             Ok(k) => all.push(Box::new(k)),
             // `auto`: every loop on one datapath, said once, as when the first load fails.
