@@ -332,8 +332,9 @@ fn permission(proc: &std::path::Path, e: std::io::Error) -> String {
     match e.raw_os_error() {
         Some(libc::ESRCH) => gone(),
         Some(libc::EPERM) | Some(libc::EACCES) => match caps_beyond_ours(proc) {
-            // The same user may not ptrace a process holding capabilities it lacks.
-            beyond if !beyond.is_empty() => format!(
+            // The same user may not ptrace a process holding capabilities it lacks (another
+            // user's process is refused whatever it holds: the message below).
+            beyond if !beyond.is_empty() && same_user(proc) => format!(
                 "{e} (it holds capabilities this process lacks: {}; taking its sockets needs the right to ptrace \
                  it: give this one the same capabilities, or CAP_SYS_PTRACE)",
                 beyond.join(", ")
@@ -354,18 +355,60 @@ fn caps_beyond_ours(proc: &std::path::Path) -> Vec<String> {
         u64::from_str_radix(status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim(), 16).ok()
     };
     let (Some(theirs), Some(ours)) = (eff(proc), eff(std::path::Path::new("/proc/self"))) else { return vec![] };
-    let names = [
-        (10, "CAP_NET_BIND_SERVICE"),
-        (12, "CAP_NET_ADMIN"),
-        (19, "CAP_SYS_PTRACE"),
-        (21, "CAP_SYS_ADMIN"),
-        (38, "CAP_PERFMON"),
-        (39, "CAP_BPF"),
+    // capability.h's order: a root process holds them all, and "capability 7" said nothing.
+    const NAMES: [&str; 41] = [
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "DAC_READ_SEARCH",
+        "FOWNER",
+        "FSETID",
+        "KILL",
+        "SETGID",
+        "SETUID",
+        "SETPCAP",
+        "LINUX_IMMUTABLE",
+        "NET_BIND_SERVICE",
+        "NET_BROADCAST",
+        "NET_ADMIN",
+        "NET_RAW",
+        "IPC_LOCK",
+        "IPC_OWNER",
+        "SYS_MODULE",
+        "SYS_RAWIO",
+        "SYS_CHROOT",
+        "SYS_PTRACE",
+        "SYS_PACCT",
+        "SYS_ADMIN",
+        "SYS_BOOT",
+        "SYS_NICE",
+        "SYS_RESOURCE",
+        "SYS_TIME",
+        "SYS_TTY_CONFIG",
+        "MKNOD",
+        "LEASE",
+        "AUDIT_WRITE",
+        "AUDIT_CONTROL",
+        "SETFCAP",
+        "MAC_OVERRIDE",
+        "MAC_ADMIN",
+        "SYSLOG",
+        "WAKE_ALARM",
+        "BLOCK_SUSPEND",
+        "AUDIT_READ",
+        "PERFMON",
+        "BPF",
+        "CHECKPOINT_RESTORE",
     ];
     (0..64)
         .filter(|bit| theirs & !ours & (1 << bit) != 0)
-        .map(|bit| names.iter().find(|(b, _)| *b == bit).map_or(format!("capability {bit}"), |(_, n)| n.to_string()))
+        .map(|bit| NAMES.get(bit).map_or(format!("capability {bit}"), |n| format!("CAP_{n}")))
         .collect()
+}
+
+/// Whether process `proc` (/proc/PID) runs as this process's user (its effective uid).
+fn same_user(proc: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(proc).is_ok_and(|m| m.uid() == rustix::process::geteuid().as_raw())
 }
 
 /// Whether process `proc` (/proc/PID) has a handler for `signal` (its SigCgt mask).
