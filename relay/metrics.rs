@@ -405,6 +405,15 @@ pub fn pinned_from_status(steer: &serde_json::Value, accel: &serde_json::Value) 
     };
     let u64_of = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
     let list = |v: &serde_json::Value, k: &str| v[k].as_array().cloned().unwrap_or_default();
+    // A dual-stack funnel's prefixes, comma-separated (`::/0,0.0.0.0/0`): its hits are for both.
+    let prefixes_of = |f: &serde_json::Value| {
+        let all: Vec<String> = list(f, "prefixes").iter().map(|p| p.as_str().unwrap_or_default().to_string()).collect();
+        if all.is_empty() {
+            str_of(f, "prefix")
+        } else {
+            all.join(",")
+        }
+    };
 
     let attached = Gauge::<i64>::default();
     attached.set(i64::from(steer["attached"].as_bool().unwrap_or(false)));
@@ -433,7 +442,7 @@ pub fn pinned_from_status(steer: &serde_json::Value, accel: &serde_json::Value) 
     let funnel_hits = Family::<Labels, Counter>::default();
     for f in list(steer, "funnels") {
         let labels: Labels =
-            vec![("pid", str_of(&f, "pid")), ("prefix", str_of(&f, "prefix")), ("ports", str_of(&f, "ports"))];
+            vec![("pid", str_of(&f, "pid")), ("prefix", prefixes_of(&f)), ("ports", str_of(&f, "ports"))];
         funnel_hits.get_or_create(&labels).inc_by(u64_of(&f, "hits"));
     }
     registry.register(

@@ -93,6 +93,10 @@ fn relay_on_the_ipv6_wildcard_takes_every_local_address_it_listens_on() {
     drop((a, b));
     let status = skrelay_output(&["status"]).1;
     assert!(status.contains("(7,77) on ::/0, 0.0.0.0/0 -> [::]:7001"), "{status}");
+    let json: serde_json::Value = serde_json::from_str(&skrelay_output(&["status", "--json"]).1).unwrap();
+    let funnel = &json["steer"]["funnels"][0];
+    assert_eq!(funnel["prefix"], "::/0", "one CIDR, as before: {funnel}");
+    assert_eq!(funnel["prefixes"], serde_json::json!(["::/0", "0.0.0.0/0"]), "{funnel}");
     let (status, log) = relay.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");
     assert_eq!(sk_lookup_links(), 0, "a clean exit detaches too");

@@ -158,7 +158,10 @@ impl Running {
         serde_json::json!({
             "pid": self.pid,
             "link_id": self.link_id,
-            "prefix": self.prefix_list(),
+            // One CIDR, as for every funnel before dual-stack ones (their IPv6 prefix); all of
+            // them in `prefixes`.
+            "prefix": self.prefixes.first().map(Prefix::to_string),
+            "prefixes": self.prefixes.iter().map(Prefix::to_string).collect::<Vec<_>>(),
             "ports": self.port_list(),
             "port_count": self.ports.len(),
             "target": self.target.map(|t| t.to_string()),
