@@ -552,8 +552,10 @@ const IO_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_REQUEST: usize = 8 << 10;
 /// Connections held at once: one more closes the oldest. Served one at a time, each silent
 /// connection held the next scrape back by IO_TIMEOUT (20 of them: 40 s; a helper's leak pass);
-/// now they wait side by side, and a scraper is answered as soon as its request is in.
-const MAX_HELD: usize = 16;
+/// now they wait side by side, and a scraper is answered as soon as its request is in (in the
+/// loop's turn that accepts the next one). Few: in a descriptor shortage each is one a client
+/// cannot have.
+const MAX_HELD: usize = 4;
 
 /// A scraper's connection: its request so far, then the answer left to send.
 struct Held {
