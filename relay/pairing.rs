@@ -17,7 +17,9 @@ pub enum TokenLine {
 
 /// Reads a token line from the start of `bytes` (what a peek returned).
 pub fn parse_token_line(bytes: &[u8]) -> TokenLine {
-    let window = &bytes[..bytes.len().min(MAX_TOKEN + 1)];
+    // The longest line: a 64-byte token, `\r`, `\n` (a window one byte shorter refused the longest
+    // token from `nc -C` and telnet clients as too long).
+    let window = &bytes[..bytes.len().min(MAX_TOKEN + 2)];
     match window.iter().position(|&b| b == b'\n') {
         Some(0) => TokenLine::Malformed("empty token"),
         Some(n) => {
@@ -25,6 +27,8 @@ pub fn parse_token_line(bytes: &[u8]) -> TokenLine {
             let token = token.strip_suffix(b"\r").unwrap_or(token);
             if token.is_empty() {
                 TokenLine::Malformed("empty token")
+            } else if token.len() > MAX_TOKEN {
+                TokenLine::Malformed("token longer than 64 bytes")
             } else if !token.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
                 TokenLine::Malformed("token has bytes that are not printable ASCII")
             } else {
@@ -34,7 +38,10 @@ pub fn parse_token_line(bytes: &[u8]) -> TokenLine {
         None if window.iter().any(|b| !(b.is_ascii_graphic() || *b == b' ' || *b == b'\r')) => {
             TokenLine::Malformed("token has bytes that are not printable ASCII")
         }
-        None if window.len() > MAX_TOKEN => TokenLine::Malformed("token longer than 64 bytes"),
+        // 64 bytes and a `\r` may still end well.
+        None if window.len() > MAX_TOKEN + 1 || (window.len() == MAX_TOKEN + 1 && window[MAX_TOKEN] != b'\r') => {
+            TokenLine::Malformed("token longer than 64 bytes")
+        }
         None => TokenLine::Incomplete,
     }
 }
@@ -97,7 +104,16 @@ mod tests {
         line.push(b'\n');
         assert_eq!(parse_token_line(&line), TokenLine::Complete { token: "x".repeat(64), line_len: 65 });
         assert_eq!(parse_token_line(&max), TokenLine::Incomplete);
+        let mut crlf = max.clone();
+        crlf.push(b'\r');
+        assert_eq!(parse_token_line(&crlf), TokenLine::Incomplete);
+        crlf.push(b'\n');
+        assert_eq!(parse_token_line(&crlf), TokenLine::Complete { token: "x".repeat(64), line_len: 66 });
         let mut long = vec![b'x'; MAX_TOKEN + 1];
+        long.push(b'\r');
+        long.push(b'\n');
+        assert_eq!(parse_token_line(&long), TokenLine::Malformed("token longer than 64 bytes"));
+        long.truncate(MAX_TOKEN + 1);
         assert!(matches!(parse_token_line(&long), TokenLine::Malformed(_)));
         long.push(b'\n');
         assert!(matches!(parse_token_line(&long), TokenLine::Malformed(_)));
