@@ -111,6 +111,26 @@ pub fn tcp_counters(fd: impl AsFd) -> io::Result<TcpCounters> {
     })
 }
 
+/// How many connections wait in a listening socket's accept queue (TCP_INFO's `tcpi_unacked`,
+/// which a listener fills with its `sk_ack_backlog`).
+pub fn accept_queue_len(fd: impl AsFd) -> io::Result<u32> {
+    // SAFETY: tcp_info is plain data; the kernel fills at most `len` bytes of it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` and `len` are live locals and `len` is `info`'s size.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd.as_fd().as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            &mut info as *mut libc::tcp_info as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    check(ret as libc::c_long)?;
+    Ok(info.tcpi_unacked)
+}
+
 impl TcpCounters {
     /// The socket will receive nothing more: the peer's FIN has arrived, or the connection is
     /// closed. A reset also leaves CLOSE: callers tell it apart by SO_ERROR, which the kernel sets

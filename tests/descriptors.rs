@@ -239,8 +239,8 @@ fn a_shortage_is_said_once_by_the_metrics_responder_and_the_accept_loop() {
 
 /// A token relay out of descriptors: its waiting clients held every one while their partners
 /// waited in the listen backlog, so nobody paired until `--pair-timeout` reset them all (a
-/// helper's run: 0 of 20 pairs). The newest waiter now makes room for the next client of the
-/// backlog, so pairs form while the shortage lasts.
+/// helper's run: 0 of 20 pairs). A waiter now makes room for the next client of the backlog (the
+/// newest, while none has waited 2 s), so pairs form while the shortage lasts.
 #[test]
 fn token_waiters_holding_every_descriptor_make_room_for_their_partners() {
     let _netns = enter_netns();
@@ -267,7 +267,45 @@ fn token_waiters_holding_every_descriptor_make_room_for_their_partners() {
     assert!(status.success(), "{log}");
     assert_eq!(a, b, "{log}");
     assert!(a >= 3, "{a} of {N} pairs formed within 8 s (--pair-timeout is 30 s):\n{log}");
+    // All the waiters are younger than 2 s here: the newest makes room.
     assert!(log.contains("the newest waiting client makes room for the next one"), "{log}");
     // The start said how few descriptors there were.
     assert!(log.contains("descriptors are left for clients (the limit is 32,"), "{log}");
+}
+
+/// Strangers' waiting clients hold every descriptor (each with a token of its own, nobody to
+/// pair with). A newcomer was reset 0.3 s after its accept even with nobody in the backlog, and a
+/// pair's second half made room by resetting the first: 0 of 4 pairs formed (a helper's token
+/// pass). Now a waiter yields only for a client in the backlog, and the one that waited longest
+/// once it has waited 2 s: every pair forms.
+#[test]
+fn pairs_form_while_strangers_hold_every_descriptor() {
+    let _netns = enter_netns();
+    let relay = under_nofile(32, &["relay", "--pair", "token", "--datapath", "userspace", "--threads", "1"]);
+    let mut strangers = Vec::new();
+    let held = |pid: i32| std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    while held(relay.pid()) < 32 && strangers.len() < 40 {
+        let mut s = connect(addr());
+        s.write_all(format!("stranger{}\n", strangers.len()).as_bytes()).unwrap();
+        strangers.push(s);
+        thread::sleep(Duration::from_millis(20));
+    }
+    thread::sleep(Duration::from_millis(2500));
+    for (round, gap) in [0u64, 0, 500, 1000].into_iter().enumerate() {
+        let side = move |name: &'static str, after: u64| {
+            thread::spawn(move || {
+                thread::sleep(Duration::from_millis(after));
+                let mut s = connect(addr());
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                s.write_all(format!("pair{round}\nfrom-{name}").as_bytes()).unwrap();
+                let mut got = [0u8; 6];
+                std::io::Read::read_exact(&mut s, &mut got).map(|()| got.to_vec())
+            })
+        };
+        let (a, b) = (side("A", 0), side("B", gap));
+        let (a, b) = (a.join().unwrap(), b.join().unwrap());
+        let ok = matches!((&a, &b), (Ok(x), Ok(y)) if x == b"from-B" && y == b"from-A");
+        assert!(ok, "round {round}, B {gap} ms after A: A {a:?}, B {b:?}\n{}", relay.log());
+    }
+    drop(strangers);
 }

@@ -104,9 +104,12 @@ const INBOX: Token = Token(3);
 const FIRST_SLOT_TOKEN: usize = 4;
 /// How long to wait before accepting again when the process is out of file descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-/// How long accept(2) may find no descriptor before a token relay's newest waiting client makes
-/// room (`yield_newest_waiter`): pairs that end free theirs within that, and then nobody yields.
+/// How long accept(2) may find no descriptor before a token relay's waiting client makes
+/// room (`yield_a_waiter`): pairs that end free theirs within that, and then nobody yields.
 const YIELD_AFTER: Duration = Duration::from_millis(300);
+/// How long a token relay's client waits for its partner before it is the first to give its
+/// descriptor back in a shortage (`yield_a_waiter`).
+const STALE_WAITER: Duration = Duration::from_secs(2);
 /// How often a loop short of descriptors says so.
 const SHORTAGE_WARN_EVERY: Duration = Duration::from_secs(10);
 
@@ -543,7 +546,7 @@ impl Server {
                         continue;
                     }
                     let since = *self.short_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= YIELD_AFTER && self.yield_newest_waiter() {
+                    if since.elapsed() >= YIELD_AFTER && self.yield_a_waiter() {
                         continue;
                     }
                     if self.warn_of_shortage() {
@@ -564,27 +567,36 @@ impl Server {
 
     /// Out of descriptors, a token relay's waiting clients could hold every one while their
     /// partners wait in the listen backlog, so that nobody pairs until `--pair-timeout` resets them
-    /// all (a helper's run: 20 waiters at the limit, 0 of 20 pairs). So the newest waiting client
-    /// gives its descriptor back (a reset, counted as `full`) for the next client of the backlog
-    /// when accept(2) has found none for `YIELD_AFTER`, and no client accepted so is still sending
-    /// its token line: one at a time, so that each newcomer pairs, or waits and may be the next to
-    /// yield. Not in order mode, where the next client always pairs with the one waiter.
-    fn yield_newest_waiter(&mut self) -> bool {
+    /// all (a helper's run: 20 waiters at the limit, 0 of 20 pairs). So a waiting client gives its
+    /// descriptor back (a reset, counted as `full`) for the next client of the backlog, when
+    /// accept(2) has found none for `YIELD_AFTER`, a client does wait in the backlog, and no
+    /// client accepted so is still sending its token line: one at a time. Which one: the one that
+    /// has waited longest once it has waited `STALE_WAITER` (a partner would have come by then),
+    /// else the newest. Always the newest, whatever the backlog held, let strangers holding every
+    /// descriptor reset each newcomer 0.3 s after its accept, and its partner too: no pair formed
+    /// (a helper's token pass: 0 of 8). Not in order mode, where the next client always pairs
+    /// with the one waiter.
+    fn yield_a_waiter(&mut self) -> bool {
         let Partners::Clients { by: PairBy::Token, matcher } = &self.partners else { return false };
         if matcher.waiting() == 0 || self.pending > matcher.waiting() {
             return false;
         }
-        let newest = self
+        if !self.listener.as_ref().is_some_and(|l| sys::accept_queue_len(l).is_ok_and(|n| n > 0)) {
+            return false;
+        }
+        let waiters: Vec<(u64, Instant, usize)> = self
             .slots
             .iter()
             .filter_map(|(slot, s)| match s {
-                Slot::Pending(p) if p.key.is_some() => Some((p.serial, slot)),
+                Slot::Pending(p) if p.key.is_some() => Some((p.serial, p.admitted, slot)),
                 _ => None,
             })
-            .max();
-        let Some((_, slot)) = newest else { return false };
+            .collect();
+        let oldest = waiters.iter().min().filter(|(_, admitted, _)| admitted.elapsed() >= STALE_WAITER);
+        let Some(&(_, _, slot)) = oldest.or_else(|| waiters.iter().max()) else { return false };
+        let which = if oldest.is_some() { "the client that waited longest" } else { "the newest waiting client" };
         let why = format!(
-            "out of descriptors, the newest waiting client makes room for the next one in the listen backlog ({})",
+            "out of descriptors, {which} makes room for the next one in the listen backlog ({})",
             crate::error::RAISE_NOFILE
         );
         self.drop_pending(slot, &why, Unpaired::Full);
