@@ -83,6 +83,22 @@ const TCPI_SND_WND: usize = std::mem::offset_of!(libc::tcp_info, tcpi_snd_wnd);
 
 /// The byte counters of a TCP socket (TCP_INFO).
 pub fn tcp_counters(fd: impl AsFd) -> io::Result<TcpCounters> {
+    let (buf, len) = tcp_info_bytes(fd)?;
+    if len < TCPI_BYTES_RECEIVED + 8 {
+        return Err(io::Error::new(io::ErrorKind::Unsupported, "TCP_INFO lacks byte counters (kernel older than 4.1)"));
+    }
+    let u64_at = |off: usize| u64::from_ne_bytes(buf[off..off + 8].try_into().expect("8 bytes"));
+    let u32_at = |off: usize| u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes"));
+    Ok(TcpCounters {
+        state: buf[TCPI_STATE],
+        bytes_acked: u64_at(TCPI_BYTES_ACKED),
+        bytes_received: u64_at(TCPI_BYTES_RECEIVED),
+        snd_wnd: (len >= TCPI_SND_WND + 4).then(|| u32_at(TCPI_SND_WND)),
+    })
+}
+
+/// A TCP socket's `struct tcp_info` as bytes, and how many of them the kernel filled.
+fn tcp_info_bytes(fd: impl AsFd) -> io::Result<([u8; std::mem::size_of::<libc::tcp_info>()], usize)> {
     let mut buf = [0u8; std::mem::size_of::<libc::tcp_info>()];
     let mut len = buf.len() as libc::socklen_t;
     // SAFETY: `buf` and `len` are live locals and `len` is `buf`'s size: the kernel copies at
@@ -98,37 +114,18 @@ pub fn tcp_counters(fd: impl AsFd) -> io::Result<TcpCounters> {
         )
     };
     check(ret as libc::c_long)?;
-    if (len as usize) < TCPI_BYTES_RECEIVED + 8 {
-        return Err(io::Error::new(io::ErrorKind::Unsupported, "TCP_INFO lacks byte counters (kernel older than 4.1)"));
-    }
-    let u64_at = |off: usize| u64::from_ne_bytes(buf[off..off + 8].try_into().expect("8 bytes"));
-    let u32_at = |off: usize| u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes"));
-    Ok(TcpCounters {
-        state: buf[TCPI_STATE],
-        bytes_acked: u64_at(TCPI_BYTES_ACKED),
-        bytes_received: u64_at(TCPI_BYTES_RECEIVED),
-        snd_wnd: ((len as usize) >= TCPI_SND_WND + 4).then(|| u32_at(TCPI_SND_WND)),
-    })
+    Ok((buf, len as usize))
 }
 
 /// How many connections wait in a listening socket's accept queue (TCP_INFO's `tcpi_unacked`,
 /// which a listener fills with its `sk_ack_backlog`).
 pub fn accept_queue_len(fd: impl AsFd) -> io::Result<u32> {
-    // SAFETY: tcp_info is plain data; the kernel fills at most `len` bytes of it.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: `info` and `len` are live locals and `len` is `info`'s size.
-    let ret = unsafe {
-        libc::getsockopt(
-            fd.as_fd().as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            &mut info as *mut libc::tcp_info as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    check(ret as libc::c_long)?;
-    Ok(info.tcpi_unacked)
+    let (buf, len) = tcp_info_bytes(fd)?;
+    let at = std::mem::offset_of!(libc::tcp_info, tcpi_unacked);
+    if len < at + 4 {
+        return Err(io::Error::new(io::ErrorKind::Unsupported, "TCP_INFO too short"));
+    }
+    Ok(u32::from_ne_bytes(buf[at..at + 4].try_into().expect("4 bytes")))
 }
 
 impl TcpCounters {
