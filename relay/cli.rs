@@ -591,6 +591,7 @@ pub fn unknown_scope(s: &str) -> Option<String> {
 /// `steer add --to`: the socket's own address, IP:PORT or [IPv6]:PORT (a name would say nothing of
 /// which address the socket is bound to).
 fn parse_target(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
     if let Some(e) = unknown_scope(s).or_else(|| misbracketed(s)) {
         return Err(e);
     }
@@ -650,6 +651,8 @@ pub fn misbracketed(s: &str) -> Option<String> {
 /// `--listen`: IP:PORT, [IPv6]:PORT, or HOST:PORT resolved now, to the name's first IPv4 address
 /// (else its first IPv6 one) so that `localhost:7777` means 127.0.0.1:7777 like the default.
 pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    // Spaces around it (a quoted variable of a unit file): ` [::1]:7001` read as a missing bracket.
+    let s = s.trim();
     if let Some(e) = misbracketed(s) {
         return Err(e);
     }
@@ -715,6 +718,8 @@ mod tests {
             assert!(e.contains(says), "{given}: {e}");
             assert!(parse_target(given).unwrap_err().contains(says), "{given}");
         }
+        assert_eq!(parse_listen(" [::1]:7777 "), Ok("[::1]:7777".parse().unwrap()));
+        assert_eq!(parse_target("\t127.0.0.1:7777"), Ok("127.0.0.1:7777".parse().unwrap()));
         for fine in ["[::1]:7777", "127.0.0.1:7777", "[fe80::1%1]:7777", "[::ffff:127.0.0.1]:7777"] {
             assert_eq!(misbracketed(fine), None, "{fine}");
         }

@@ -167,7 +167,7 @@ fn flag_values(cmdline: &[u8], flag: &str) -> Vec<String> {
             Some(rest) => rest.strip_prefix('=').map(str::to_string),
             None => None,
         };
-        values.extend(value);
+        values.extend(value.map(|v| v.trim().to_string()));
     }
     values
 }

@@ -23,6 +23,7 @@ impl Upstreams {
     pub fn resolve(specs: &[String]) -> Result<Upstreams, Error> {
         let mut addrs = Vec::new();
         for spec in specs {
+            let spec = spec.trim();
             if let Some(e) = crate::cli::unknown_scope(spec).or_else(|| crate::cli::misbracketed(spec)) {
                 return Err(Error::Usage(format!("upstream {e}")));
             }
