@@ -100,6 +100,8 @@ fn relay_on_the_ipv6_wildcard_takes_every_local_address_it_listens_on() {
     let (status, log) = relay.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");
     assert_eq!(sk_lookup_links(), 0, "a clean exit detaches too");
+    // The IPv4 client is named as such (it read [::ffff:127.0.0.1]:PORT).
+    assert!(log.contains("<-> 127.0.0.1:") && !log.contains("::ffff:"), "{log}");
     std::fs::write("/proc/sys/net/ipv6/bindv6only", "1").unwrap();
     let relay = Skrelay::start(&["relay", "--listen", "[::]:7001", "--ports", "7,77"]);
     let mut a = connect("[::1]:7".parse().unwrap());

@@ -529,7 +529,9 @@ impl Server {
                     if std::mem::take(&mut self.accept_short) {
                         log::info!("accepting clients again");
                     }
-                    self.admit(stream, addr)
+                    // An IPv4 client of a dual-stack [::] listener, named as IPv4 in every line
+                    // about it (it read [::ffff:127.0.0.1]:PORT).
+                    self.admit(stream, sys::unmapped(addr))
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
