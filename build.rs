@@ -106,7 +106,7 @@ int main(void) {
     printf("pub const STEER_BINDING_SIZE: usize = %zu;\n", sizeof(struct steer_binding));
     F(steer_binding, cookie); F(steer_binding, pid); F(steer_binding, port_lo); F(steer_binding, port_hi);
     F(steer_binding, family); F(steer_binding, proto); F(steer_binding, prefixlen); F(steer_binding, target_family);
-    F(steer_binding, target_port); F(steer_binding, addr); F(steer_binding, target_addr); F(steer_binding, comm);
+    F(steer_binding, target_port); F(steer_binding, target_scope); F(steer_binding, addr); F(steer_binding, target_addr); F(steer_binding, comm);
     printf("pub const STEER_COUNTERS_SIZE: usize = %zu;\n", sizeof(struct steer_counters));
     F(steer_counters, hits); F(steer_counters, refused);
     return 0;

@@ -135,7 +135,7 @@ struct steer_binding {
 	__u8 prefixlen;      /* of the address prefix (0..32 or 0..128) */
 	__u8 target_family;
 	__u16 target_port;   /* the target's local address, host order */
-	__u16 _pad;
+	__u16 target_scope;  /* interface index of a link-local IPv6 target (0: none, or above 65535) */
 	__u8 addr[16];       /* the prefix, network order */
 	__u8 target_addr[16];
 	char comm[16];       /* the target process's name */

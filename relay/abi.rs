@@ -163,7 +163,7 @@ pub struct SteerBinding {
     pub prefixlen: u8,
     pub target_family: u8,
     pub target_port: u16,
-    pub _pad: u16,
+    pub target_scope: u16,
     pub addr: [u8; 16],
     pub target_addr: [u8; 16],
     pub comm: [u8; 16],
@@ -296,6 +296,7 @@ mod tests {
         assert_eq!(std::mem::offset_of!(SteerBinding, prefixlen), c::steer_binding__prefixlen);
         assert_eq!(std::mem::offset_of!(SteerBinding, target_family), c::steer_binding__target_family);
         assert_eq!(std::mem::offset_of!(SteerBinding, target_port), c::steer_binding__target_port);
+        assert_eq!(std::mem::offset_of!(SteerBinding, target_scope), c::steer_binding__target_scope);
         assert_eq!(std::mem::offset_of!(SteerBinding, addr), c::steer_binding__addr);
         assert_eq!(std::mem::offset_of!(SteerBinding, target_addr), c::steer_binding__target_addr);
         assert_eq!(std::mem::offset_of!(SteerBinding, comm), c::steer_binding__comm);

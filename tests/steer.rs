@@ -1434,6 +1434,14 @@ fn a_target_bound_to_one_interface_is_noted() {
     let note = format!("note: the socket at [fe80::5%{}]:7140 is bound to interface sk0", index.trim());
     assert!(out.contains(&note), "{out}");
     assert!(out.contains("arrive on another interface (lo included) are steered to it and dropped"), "{out}");
+    // The list keeps the interface too, and finds the socket listening (it showed
+    // `[fe80::5]:7140`, an address that names no interface).
+    let target = format!("[fe80::5%{}]:7140", index.trim());
+    let listed = ok(&["steer", "list"]);
+    let line = listed.lines().find(|l| l.contains("7141")).unwrap_or_default();
+    assert!(line.contains(&target) && !line.contains("not listening"), "{listed}");
+    let json = ok(&["steer", "list", "--json"]);
+    assert!(json.contains(&format!("\"{target}\"")), "{json}");
     let _plain = TcpListener::bind("127.0.0.1:7142").unwrap();
     let out = ok(&["steer", "add", "--ports", "7143", "--to", "127.0.0.1:7142"]);
     assert!(!out.contains("bound to interface"), "{out}");

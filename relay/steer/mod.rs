@@ -390,7 +390,10 @@ fn views(st: &State) -> Vec<BindingView> {
         .map(|(id, record)| {
             let c = st.counters(id);
             let alive = st.target_alive(id, &record);
-            let listening = record.key.proto == crate::cli::Proto::Udp || listeners.contains(&record.target);
+            let listening = record.key.proto == crate::cli::Proto::Udp
+                || listeners
+                    .iter()
+                    .any(|l: &std::net::SocketAddr| (l.ip(), l.port()) == (record.target.ip(), record.target.port()));
             let unsteered = unsteered.get(&id).copied().unwrap_or(0);
             let process_running = running(record.pid, &record.comm);
             BindingView { id, record, alive, listening, process_running, hits: c.hits, refused: c.refused, unsteered }

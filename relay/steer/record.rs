@@ -6,13 +6,15 @@ use super::{
     ports::PortRange,
 };
 use crate::{abi::SteerBinding, cli::Proto};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV6};
 
 /// One binding and the socket it sends to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub key: BindingKey,
-    /// Where the target socket listens (TCP) or is bound (UDP).
+    /// Where the target socket listens (TCP) or is bound (UDP), with the interface of a
+    /// link-local IPv6 address (kept up to index 65535, the record's room; a record written
+    /// before it was kept reads as none).
     pub target: SocketAddr,
     /// The process that held the target when the binding was made, and its name (at most 15
     /// bytes are kept).
@@ -34,10 +36,13 @@ impl Record {
             prefixlen: self.key.prefix.len,
             target_family: Prefix::host(self.target.ip()).family(),
             target_port: self.target.port(),
+            target_scope: match self.target {
+                SocketAddr::V6(a) => u16::try_from(a.scope_id()).unwrap_or(0),
+                SocketAddr::V4(_) => 0,
+            },
             addr: self.key.prefix.bytes(),
             target_addr: addr_bytes(self.target.ip()),
             comm: comm_bytes(&self.comm),
-            ..Default::default()
         }
     }
 
@@ -49,7 +54,10 @@ impl Record {
                 prefix: Prefix::from_raw(b.family, b.addr, b.prefixlen),
                 ports: PortRange { lo: b.port_lo, hi: b.port_hi },
             },
-            target: SocketAddr::new(addr_from_bytes(b.target_family, b.target_addr), b.target_port),
+            target: match SocketAddr::new(addr_from_bytes(b.target_family, b.target_addr), b.target_port) {
+                SocketAddr::V6(a) => SocketAddrV6::new(*a.ip(), a.port(), 0, b.target_scope.into()).into(),
+                v4 => v4,
+            },
             pid: b.pid,
             comm: String::from_utf8_lossy(b.comm.split(|c| *c == 0).next().unwrap_or_default()).into_owned(),
             cookie: b.cookie,
@@ -90,6 +98,12 @@ mod tests {
         assert_eq!(Record::decode(&v4.encode()), Some(v4.clone()));
         let long = Record { comm: "a-very-long-process-name".into(), ..v4 };
         assert_eq!(Record::decode(&long.encode()).unwrap().comm, "a-very-long-pro");
+        // A link-local target keeps its interface (`steer list` dropped it), as far as the
+        // record's 16 bits reach.
+        let scoped = Record { target: "[fe80::5%7]:80".parse().unwrap(), ..r.clone() };
+        assert_eq!(Record::decode(&scoped.encode()), Some(scoped.clone()));
+        let far = Record { target: SocketAddrV6::new("fe80::5".parse().unwrap(), 80, 0, 70_000).into(), ..r.clone() };
+        assert_eq!(Record::decode(&far.encode()).unwrap().target, "[fe80::5]:80".parse::<SocketAddr>().unwrap());
         let unknown = SteerBinding { proto: 200, ..long.encode() };
         assert_eq!(Record::decode(&unknown), None);
     }
