@@ -5,7 +5,7 @@ use crate::{
     error::Error,
     metrics::{self, Metrics},
     server::{self, Partnering, Server, ServerConfig},
-    steer::{self, Funnel, PortList},
+    steer::{self, funnel::TakenBy, Funnel, PortList},
     systemd,
     takeover::{self, Handover},
 };
@@ -114,11 +114,18 @@ pub fn warn_if_few_descriptors() {
 /// Warns when connections to `addr`, where this process listens (`flag`), go elsewhere: another
 /// process's `--ports` or a `skrelay steer` binding takes them first.
 pub fn warn_if_taken_away(addr: SocketAddr, flag: &str) {
-    if let Some(who) = crate::steer::funnel::taken_from(addr) {
-        log::warn!(
+    match crate::steer::funnel::taken_from(addr) {
+        Some(TakenBy::Known(who)) => log::warn!(
             "{flag} {addr}: {who}, which takes those connections before this listener sees them: it gets none of \
              them while that lasts (listen on another port, or remove that steering)"
-        );
+        ),
+        Some(TakenBy::Unreadable) => log::warn!(
+            "{flag} {addr}: `skrelay steer` has bindings in this network namespace that this user cannot read; \
+             if one takes port {}, this listener gets none of its connections (check with `skrelay steer list` \
+             as root)",
+            addr.port()
+        ),
+        None => {}
     }
 }
 

@@ -235,7 +235,22 @@ fn a_listener_on_a_port_steered_elsewhere_is_warned_about() {
     let proxy = Skrelay::start(&["proxy", "--listen", "127.0.0.1:7031", "--upstream", "127.0.0.1:7030"]);
     proxy.wait_log("takes those connections", 1, Duration::from_secs(5));
     let log = proxy.log();
+    drop(proxy);
+    // A service user cannot read root's bindings; it was told nothing and got no connection.
+    let mut cmd = skrelay_as_nobody("+net_bind_service");
+    cmd.args(["relay", "--datapath", "userspace", "--listen", "127.0.0.1:7031"]);
+    let service = Skrelay::spawn(cmd, "listening on");
+    service.wait_log("cannot read", 1, Duration::from_secs(5));
+    let service_log = service.log();
     let _ = skrelay_output(&["steer", "reset"]);
+    assert!(
+        service_log.contains(
+            "--listen 127.0.0.1:7031: `skrelay steer` has bindings in this network namespace that this user cannot \
+             read; if one takes port 7031, this listener gets none of its connections (check with `skrelay steer \
+             list` as root)"
+        ),
+        "{service_log}"
+    );
     drop(target);
     assert!(log.contains("--listen 127.0.0.1:7031: `skrelay steer` binds tcp 0.0.0.0/0 port 7031 to"), "{log}");
     // A port nobody steers: no such line.

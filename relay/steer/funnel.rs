@@ -395,7 +395,7 @@ fn check_overlaps(prefixes: &[Prefix], ports: &[u16]) -> Result<(), Error> {
 /// another running relay's or proxy's `--ports`, or a `skrelay steer` binding (sk_lookup runs
 /// before the kernel looks for a listener). A listener started so got no connection at all, and
 /// nothing said why (a helper's pass). None when nothing does, or when it cannot be told.
-pub fn taken_from(addr: SocketAddr) -> Option<String> {
+pub fn taken_from(addr: SocketAddr) -> Option<TakenBy> {
     let addr = sys::unmapped(addr);
     let port = addr.port();
     let mut here = vec![match addr.ip() {
@@ -410,14 +410,29 @@ pub fn taken_from(addr: SocketAddr) -> Option<String> {
     if let Some(other) =
         running().into_iter().find(|o| o.prefixes.iter().any(meets) && o.ports.binary_search(&port).is_ok())
     {
-        return Some(format!("{} takes port {port} with its --ports", other.owner()));
+        return Some(TakenBy::Known(format!("{} takes port {port} with its --ports", other.owner())));
     }
-    let st = state::State::open_read_only().ok().flatten()?;
+    let st = match state::State::open_read_only() {
+        Ok(st) => st?,
+        // Pinned steering this process may not read (a service user's relay, root's steering):
+        // it was silent, and the listener got nothing (a re-check pass).
+        Err(_) => return Some(TakenBy::Unreadable),
+    };
     st.records().values().find_map(|b| {
         let key = b.key;
         (key.proto == Proto::Tcp && meets(&key.prefix) && key.ports.ports().any(|p| p == port))
-            .then(|| format!("`skrelay steer` binds {key} to {}", b.target))
+            .then(|| TakenBy::Known(format!("`skrelay steer` binds {key} to {}", b.target)))
     })
+}
+
+/// What `taken_from` found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TakenBy {
+    /// Who takes the connections, in words.
+    Known(String),
+    /// `skrelay steer` has pinned bindings in this network namespace that this process cannot
+    /// read (not root, nor CAP_BPF): one of them may take the port.
+    Unreadable,
 }
 
 /// Other TCP sockets listening on ports of the list at addresses the funnel covers: while the
