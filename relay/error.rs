@@ -39,6 +39,10 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
 
+    /// The other event loops' threads (`--threads`) could not be started.
+    #[error("cannot start the threads of {loops} event loops: {}", threads_reason(.source, *.loops))]
+    Threads { loops: usize, source: io::Error },
+
     #[error("cgroup {cgroup} is already accelerated (state pinned at {pins}): run `skrelay accel off --cgroup {cgroup}` first")]
     AccelAlreadyOn { cgroup: String, pins: String },
 
@@ -122,6 +126,17 @@ fn io_reason(what: &str, e: &io::Error) -> String {
             format!("the file system is mounted read-only (remount it read-write, {example})")
         }
         _ if out_of_descriptors(e) => format!("{e} ({RAISE_NOFILE})"),
+        _ => e.to_string(),
+    }
+}
+
+fn threads_reason(e: &io::Error, loops: usize) -> String {
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) => format!(
+            "no more tasks allowed (raise the task limit: pids.max of its cgroup, TasksMax= in the unit, or `ulimit -u`; \
+             or serve with fewer: --threads {})",
+            loops.saturating_sub(1).max(1)
+        ),
         _ => e.to_string(),
     }
 }

@@ -231,3 +231,30 @@ fn a_takeover_by_fewer_loops_leaves_kernel_pairs_to_drain() {
     let (status, log) = new.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");
 }
+
+/// A process that may start no more tasks (`pids.max`, `TasksMax=`, `ulimit -u`) could not start
+/// its loops' threads: it said "listening" (and READY) first, then failed with exit 1 and an OS
+/// error (a helper's resource-limits pass). Now it fails before listening, exit 2, with the fix.
+#[test]
+fn a_process_that_may_start_no_threads_says_so_before_listening() {
+    if !require_tool("a_process_that_may_start_no_threads_says_so_before_listening", "setpriv") {
+        return;
+    }
+    let _netns = enter_netns();
+    // RLIMIT_NPROC binds an unprivileged user only: nobody, with this process as its one task.
+    let out = Command::new("prlimit")
+        .args(["--nproc=1:1", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", SKRELAY])
+        .args(["relay", "--datapath", "userspace", "--threads", "3"])
+        .output()
+        .expect("prlimit (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(!err.contains("listening"), "{err}");
+    assert!(
+        err.contains(
+            "skrelay: cannot start the threads of 3 event loops: no more tasks allowed (raise the task limit: \
+             pids.max of its cgroup, TasksMax= in the unit, or `ulimit -u`; or serve with fewer: --threads 2)"
+        ),
+        "{err}"
+    );
+}

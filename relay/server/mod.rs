@@ -255,6 +255,8 @@ impl Server {
             let worker = Server::with(poll, None, None, datapath, partners, threads, limits, &config.metrics);
             front.threads.add(worker, link);
         }
+        let loops = front.threads.count();
+        front.threads.reserve().map_err(|source| Error::Threads { loops, source })?;
         Ok(front)
     }
 
@@ -309,7 +311,8 @@ impl Server {
     /// Serves until drained (or handed over): the front loop here, each other loop in a thread
     /// of its own.
     pub fn run(mut self) -> Result<(), Error> {
-        self.threads.start().map_err(|e| Error::io("cannot start the event loops' threads", e))?;
+        let loops = self.threads.count();
+        self.threads.start().map_err(|source| Error::Threads { loops, source })?;
         let served = self.serve();
         self.say_unsaid_full(Instant::now(), true);
         match served {

@@ -79,6 +79,14 @@ struct Worker {
     /// front that looked in between would sleep until its next timer (3 s into a drain).
     done: Arc<AtomicBool>,
     run: Run,
+    /// A thread started ahead (`reserve`) that waits for this worker's server.
+    reserved: Option<Reserved>,
+}
+
+/// A thread that waits for the server it is to run.
+struct Reserved {
+    handle: JoinHandle<Option<Server>>,
+    server: Sender<Box<Server>>,
 }
 
 /// Tells the front that a worker's loop ended, when its thread leaves, by returning or by a
@@ -98,7 +106,9 @@ impl Drop for Ended {
 enum Run {
     /// Built, or called back: its server waits here for a thread.
     Idle(Box<Server>),
-    Running(JoinHandle<Server>),
+    /// Its thread, which returns the server when its loop ends (`None`: a reserved thread
+    /// that was never given one).
+    Running(JoinHandle<Option<Server>>),
     /// Its thread ended (or died: the reason was logged).
     Finished,
 }
@@ -135,7 +145,7 @@ impl Threads {
     /// The front: adds a worker loop, to start with `start`.
     pub(super) fn add(&mut self, server: Server, link: Link) {
         let Link { orders, waker, nudged, done } = link;
-        self.workers.push(Worker { orders, waker, nudged, done, run: Run::Idle(Box::new(server)) });
+        self.workers.push(Worker { orders, waker, nudged, done, run: Run::Idle(Box::new(server)), reserved: None });
     }
 
     pub(super) fn count(&self) -> usize {
@@ -216,22 +226,44 @@ impl Threads {
         }
     }
 
-    /// The front: starts a thread for every idle worker.
-    pub(super) fn start(&mut self) -> io::Result<()> {
+    /// The front, before the process says it listens: starts the thread of every idle worker,
+    /// which waits for its server until `start`. A process that may have no more tasks
+    /// (`pids.max`, `TasksMax=`, RLIMIT_NPROC) failed after "listening" and READY (a helper's
+    /// resource-limits pass).
+    pub(super) fn reserve(&mut self) -> io::Result<()> {
         for (i, w) in self.workers.iter_mut().enumerate() {
-            if let Run::Idle(_) = w.run {
-                let Run::Idle(server) = std::mem::replace(&mut w.run, Run::Finished) else { unreachable!() };
-                w.done.store(false, Ordering::Release);
-                let ended = Ended { front: self.waker.clone(), done: w.done.clone() };
-                let thread = std::thread::Builder::new().name(format!("skrelay-{}", i + 1)).spawn(move || {
-                    let _ended = ended;
+            if matches!(w.run, Run::Idle(_)) && w.reserved.is_none() {
+                let (tx, rx) = mpsc::channel::<Box<Server>>();
+                let (front, done) = (self.waker.clone(), w.done.clone());
+                let handle = std::thread::Builder::new().name(format!("skrelay-{}", i + 1)).spawn(move || {
+                    // Dropped unused (the process stopped before serving): nothing to tell.
+                    let server = rx.recv().ok()?;
+                    let _ended = Ended { front, done };
                     let mut server = *server;
                     server.serve();
-                    server
-                });
-                match thread {
-                    Ok(handle) => w.run = Run::Running(handle),
-                    Err(e) => return Err(e),
+                    Some(server)
+                })?;
+                w.reserved = Some(Reserved { handle, server: tx });
+            }
+        }
+        Ok(())
+    }
+
+    /// The front: runs every idle worker's loop, in its reserved thread or a new one.
+    pub(super) fn start(&mut self) -> io::Result<()> {
+        self.reserve()?;
+        for w in &mut self.workers {
+            if let Run::Idle(_) = w.run {
+                let Run::Idle(server) = std::mem::replace(&mut w.run, Run::Finished) else { unreachable!() };
+                let Some(Reserved { handle, server: to }) = w.reserved.take() else { unreachable!("reserved") };
+                w.done.store(false, Ordering::Release);
+                // The thread waits in recv until this is sent or dropped.
+                match to.send(server) {
+                    Ok(()) => w.run = Run::Running(handle),
+                    Err(mpsc::SendError(server)) => {
+                        w.run = Run::Idle(server);
+                        return Err(io::Error::other("an event loop's thread ended before it was started"));
+                    }
                 }
             }
         }
@@ -252,7 +284,8 @@ impl Threads {
             if let Run::Running(_) = w.run {
                 let Run::Running(handle) = std::mem::replace(&mut w.run, Run::Finished) else { unreachable!() };
                 match handle.join() {
-                    Ok(server) => w.run = Run::Idle(Box::new(server)),
+                    Ok(Some(server)) => w.run = Run::Idle(Box::new(server)),
+                    Ok(None) => {}
                     Err(_) => log::error!("event loop {} died; its pairs were reset", i + 1),
                 }
             }
