@@ -119,12 +119,12 @@ fn scan() -> (Vec<Server>, usize) {
         let ns = fs::read_link(p.path().join("ns/net"));
         if ns.as_ref().ok() != own_ns.as_ref() {
             let denied = ns.is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied);
-            if denied && command_of(&fs::read(p.path().join("cmdline")).unwrap_or_default()).is_some() {
+            if denied && command_of_process(&p.path()).is_some() {
                 hidden += 1;
             }
             continue;
         }
-        let Some(command) = command_of(&fs::read(p.path().join("cmdline")).unwrap_or_default()) else { continue };
+        let Some(command) = command_of_process(&p.path()) else { continue };
         let cmdline = fs::read(p.path().join("cmdline")).unwrap_or_default();
         if let Some(mut s) = inspect(&p.path(), pid, command, &sockets, &cmdline) {
             s.upstream_ports = upstream_ports(&cmdline);
@@ -135,15 +135,28 @@ fn scan() -> (Vec<Server>, usize) {
     (found, hidden)
 }
 
-/// `relay` or `proxy` when `cmdline` (NUL-separated) runs skrelay with that command.
-pub fn command_of(cmdline: &[u8]) -> Option<String> {
+/// The name a relay or proxy gives its main thread (`sys::name_this_process`), which is the
+/// process's `comm` whatever its binary is called.
+pub const PROCESS_NAME: &str = "skrelay";
+
+/// The process with directory `dir` in /proc: its command line and `comm`.
+pub fn command_of_process(dir: &Path) -> Option<String> {
+    let comm = fs::read_to_string(dir.join("comm")).unwrap_or_default();
+    command_of(&fs::read(dir.join("cmdline")).unwrap_or_default(), &comm)
+}
+
+/// `relay` or `proxy` when `cmdline` (NUL-separated) runs skrelay with that command. A relay or
+/// proxy names itself (`comm`, PROCESS_NAME), so a copy under another name is one too: `sk`
+/// was taken for another program, and `accel on` then accelerated its cgroup, `status` did not
+/// list it and `--takeover` refused it (a helper's pass over the jobs combined).
+pub fn command_of(cmdline: &[u8], comm: &str) -> Option<String> {
     let mut args = cmdline.split(|&b| b == 0).map(String::from_utf8_lossy);
     let exe = args.next()?;
     let name = Path::new(exe.as_ref()).file_name()?.to_string_lossy().into_owned();
     // skrelay, or a renamed copy (skrelay.new); not cargo's test binaries (skrelay-<16 hex>).
     let test_binary =
         name.strip_prefix("skrelay-").is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()));
-    if !name.starts_with("skrelay") || test_binary {
+    if (!name.starts_with("skrelay") || test_binary) && comm.trim_end() != PROCESS_NAME {
         return None;
     }
     // The command is the first argument that is not a flag (skrelay takes no global flags).
@@ -317,15 +330,24 @@ fn parse_proc_net(text: &str) -> Vec<ProcSocket> {
 mod tests {
     use super::*;
 
+    /// By the command line alone (a process that did not name itself).
+    fn command_of_c(cmdline: &[u8]) -> Option<String> {
+        command_of(cmdline, "other\n")
+    }
+
     #[test]
     fn commands_are_found_in_the_command_line() {
-        assert_eq!(command_of(b"/usr/local/bin/skrelay\0relay\0--listen\0[::1]:1\0"), Some("relay".into()));
-        assert_eq!(command_of(b"skrelay\0proxy\0--upstream\0x:1\0"), Some("proxy".into()));
-        assert_eq!(command_of(b"/usr/bin/skrelay\0status\0"), None);
-        assert_eq!(command_of(b"/usr/bin/python3\0relay\0"), None);
-        assert_eq!(command_of(b"/opt/skrelay.new\0proxy\0"), Some("proxy".into()));
-        assert_eq!(command_of(b"target/debug/deps/skrelay-0123456789abcdef\0relay\0"), None, "cargo test relay");
-        assert_eq!(command_of(b""), None);
+        assert_eq!(command_of_c(b"/usr/local/bin/skrelay\0relay\0--listen\0[::1]:1\0"), Some("relay".into()));
+        assert_eq!(command_of_c(b"skrelay\0proxy\0--upstream\0x:1\0"), Some("proxy".into()));
+        assert_eq!(command_of_c(b"/usr/bin/skrelay\0status\0"), None);
+        assert_eq!(command_of_c(b"/usr/bin/python3\0relay\0"), None);
+        assert_eq!(command_of_c(b"/opt/skrelay.new\0proxy\0"), Some("proxy".into()));
+        assert_eq!(command_of_c(b"target/debug/deps/skrelay-0123456789abcdef\0relay\0"), None, "cargo test relay");
+        assert_eq!(command_of_c(b""), None);
+        // Any binary name, once the process named itself.
+        assert_eq!(command_of(b"/tmp/sk\0proxy\0--upstream\0x:1\0", "skrelay\n"), Some("proxy".into()));
+        assert_eq!(command_of(b"/tmp/sk\0status\0", "skrelay\n"), None);
+        assert_eq!(command_of(b"/tmp/sk\0proxy\0", "sk\n"), None);
     }
 
     #[test]

@@ -282,6 +282,16 @@ impl Drop for StopSignalsHeld {
     }
 }
 
+/// Names this process (its main thread's `comm`) `name`, whatever its binary is called, so that
+/// other skrelay commands know it for a relay or proxy (`running::PROCESS_NAME`).
+pub fn name_this_process(name: &std::ffi::CStr) {
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of which it keeps up to 15 bytes; `name`
+    // is one and outlives the call.
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, name.as_ptr());
+    }
+}
+
 /// Raises the soft limit on open files to the hard limit: every pair holds two sockets (and two
 /// pipes on the userspace datapath). Returns the soft limit now in force.
 pub fn raise_fd_limit() -> u64 {

@@ -231,7 +231,8 @@ pub fn take(pid: i32, command: &str) -> Result<Taken, Error> {
     if cmdline.is_empty() && !kthread() {
         return Err(refuse(gone()));
     }
-    match crate::running::command_of(&cmdline) {
+    let comm = std::fs::read_to_string(proc.join("comm")).unwrap_or_default();
+    match crate::running::command_of(&cmdline, &comm) {
         Some(c) if c == command => {}
         _ => {
             // One line, and not a whole script passed to `sh -c`.

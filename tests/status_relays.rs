@@ -143,3 +143,26 @@ fn status_says_when_metrics_do_not_answer_and_keeps_a_link_locals_interface() {
     assert!(url.starts_with("http://[fe80::1%1]:"), "{r}");
     assert_eq!((r["metrics_answered"].clone(), r["pairs"].clone()), (true.into(), 0.into()), "{r}");
 }
+
+/// A relay or proxy run from a copy of the binary under another name (`sk`) was taken for
+/// another program: `status` did not list it, `--takeover` refused it and `accel on` accelerated
+/// its cgroup, which then cut its streams (a helper's pass over the jobs combined). It names
+/// itself `skrelay` now.
+#[test]
+fn a_relay_under_another_binary_name_is_known() {
+    let _netns = enter_netns();
+    let dir = std::env::temp_dir().join(format!("skrelay-renamed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sk = dir.join("sk");
+    std::fs::copy(env!("CARGO_BIN_EXE_skrelay"), &sk).unwrap();
+    let mut cmd = std::process::Command::new(&sk);
+    cmd.args(["proxy", "--datapath", "userspace", "--listen", "127.0.0.1:7790", "--upstream", "127.0.0.1:7791"]);
+    let proxy = Skrelay::spawn(cmd, "listening on");
+    let p = find(proxy.pid()).unwrap_or_else(|| panic!("proxy {} not listed: {:?}", proxy.pid(), relays()));
+    assert_eq!(p["command"], "proxy", "{p}");
+    assert_eq!(p["listening"], serde_json::json!(["127.0.0.1:7790"]), "{p}");
+    let comm = std::fs::read_to_string(format!("/proc/{}/comm", proxy.pid())).unwrap();
+    assert_eq!(comm.trim_end(), "skrelay");
+    drop(proxy);
+    let _ = std::fs::remove_dir_all(&dir);
+}
