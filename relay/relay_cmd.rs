@@ -66,8 +66,8 @@ pub struct Opened {
 }
 
 /// Checks what must hold before anything is bound or taken over (a `--takeover` refused later
-/// would leave nobody serving): `serves` outside an accelerated cgroup, the privilege `--ports`
-/// needs. Then opens the datapaths and the listening socket (`listening`).
+/// would leave nobody serving): `serves` (the listening port first) outside an accelerated
+/// cgroup, the privilege `--ports` needs. Then opens the datapaths and the listening socket (`listening`).
 pub fn open(
     command: &'static str,
     serves: &[u16],
@@ -76,7 +76,21 @@ pub fn open(
     common: &SpliceArgs,
     ports: &PortsArgs,
 ) -> Result<Opened, Error> {
-    outside_accel(command, serves)?;
+    // A takeover without --listen serves the old process's port, not the default (whose number
+    // the refusal named: a helper's pass).
+    let taken_ports: Vec<u16> = match common.takeover {
+        Some(pid) if !listen_given => crate::running::servers()
+            .into_iter()
+            .find(|s| i64::from(s.pid) == i64::from(pid))
+            .map(|s| s.listening.iter().map(SocketAddr::port).collect())
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    let serves: Vec<u16> = match taken_ports.is_empty() {
+        true => serves.to_vec(),
+        false => taken_ports.into_iter().chain(serves.iter().skip(1).copied()).collect(),
+    };
+    outside_accel(command, &serves)?;
     if ports.ports.is_some() {
         crate::steer::funnel::check_privilege()?;
     }

@@ -1135,3 +1135,61 @@ fn redis_under_accel_keeps_data_and_is_not_slower() {
     let r = cg.report();
     assert!(r.connections >= 50 && r.messages > 200_000, "redis-benchmark did not go through the redirect: {r}");
 }
+
+/// A proxy moved into an accelerated cgroup after it started (`cgclassify`, a write to
+/// `cgroup.procs`) made its upstream connections there, which accel joined: their bytes went into
+/// the sockets' redirect queue, past the datapath, and clients got a clean EOF with nothing, or a
+/// hang (a helper's pass over the jobs combined). Its new clients are now reset, with one error
+/// line; moved out again, it serves, bytes exact.
+#[test]
+fn a_proxy_moved_into_an_accelerated_cgroup_resets_new_clients() {
+    if !require_bpf("a_proxy_moved_into_an_accelerated_cgroup_resets_new_clients") {
+        return;
+    }
+    let _netns = enter_netns();
+    let port = free_port();
+    let up = std::iter::repeat_with(free_port).find(|&p| p != port).unwrap();
+    let cg = TestCgroup::accelerated("proxy-moved", &[]);
+    let listen = format!("127.0.0.1:{port}");
+    let proxy = Skrelay::start(&["proxy", "--listen", &listen, "--upstream", &format!("127.0.0.1:{up}")]);
+    let home = std::fs::read_to_string(format!("/proc/{}/cgroup", proxy.pid())).unwrap();
+    let home = cgroup_v2_mount().join(home.lines().find_map(|l| l.strip_prefix("0::/")).unwrap_or_default());
+    let (mut server, mut server_out) =
+        start_server(cg.peer(&serve_args("127.0.0.1", up).iter().map(String::as_str).collect::<Vec<_>>()));
+    std::fs::write(cg.path().join("cgroup.procs"), proxy.pid().to_string()).unwrap();
+    let mut client = std::net::TcpStream::connect(&listen).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = std::io::Write::write_all(&mut client, &8u64.to_le_bytes());
+    let mut buf = [0u8; 64];
+    let got = std::io::Read::read(&mut client, &mut buf);
+    assert!(
+        matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "a client of the moved proxy: {got:?}\n{}",
+        proxy.log()
+    );
+    proxy.wait_log("was moved into another cgroup", 1, Duration::from_secs(5));
+    let log = proxy.log();
+    assert!(
+        log.contains("this process was moved into another cgroup, and now cannot run the proxy in cgroup"),
+        "{log}"
+    );
+    assert!(log.contains("new clients are reset until it is moved out"), "{log}");
+    // Moved back: served again, and the upstream (still waiting for its one connection) gets it.
+    std::fs::write(home.join("cgroup.procs"), proxy.pid().to_string()).unwrap();
+    let client = output(plain_peer(&["connect", "127.0.0.1", &port.to_string(), "1000000"]));
+    let mut server_text = String::new();
+    std::io::Read::read_to_string(&mut server_out, &mut server_text).unwrap();
+    assert!(server.wait().unwrap().success(), "{server_text}");
+    assert!(field(&client, "received").starts_with("1000000 "), "{client}");
+    assert_eq!(field(&client, "sent"), field(&server_text, "received"), "client -> upstream damaged");
+    assert_eq!(field(&server_text, "sent"), field(&client, "received"), "upstream -> client damaged");
+    // A takeover from inside that cgroup is refused naming the port it would serve, not the
+    // default --listen (7777) it was not given.
+    let pid = proxy.pid().to_string();
+    let (code, err) =
+        exit_within(&cg, cg_command(&cg, &["proxy", "--upstream", &format!("127.0.0.1:{up}"), "--takeover", &pid]));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains(&format!("leave out {port},{up})")), "{err}");
+    let (status, log) = proxy.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+}

@@ -75,6 +75,45 @@ pub(super) struct Connector {
     /// Set when the last plan stopped because connect(2) failed for want of descriptors or
     /// memory here (`shortage`).
     shortage: Option<io::Error>,
+    /// Whether this process still runs outside an accelerated cgroup (`watch_cgroup`).
+    cgroup: Option<CgroupWatch>,
+}
+
+/// This process's cgroup, looked at before each upstream connection. A socket belongs to the
+/// cgroup its process was in when it was made: a proxy moved into a cgroup that `skrelay accel`
+/// accelerates (by `cgclassify`, `systemd-run --scope`, a write to `cgroup.procs`) made upstream
+/// connections that accel joined, whose bytes went into their sockets' redirect queue, past
+/// both datapaths: streams cut with a clean EOF, or hung (a helper's pass over the jobs
+/// combined). Its clients' sockets, accepted from a listener made before, stay where they were.
+struct CgroupWatch {
+    /// /proc/self/cgroup, read again from its start each time (a seq file: made anew).
+    file: std::fs::File,
+    seen: Vec<u8>,
+    /// Why no upstream connection may be made from the cgroup `seen` names.
+    refused: Option<String>,
+    /// The ports the accel check looks for: the listening port, then the upstreams'.
+    ports: Vec<u16>,
+}
+
+impl CgroupWatch {
+    /// Why no upstream connection may be made now; looks again only when the cgroup changed.
+    fn refused(&mut self) -> Option<&str> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 4096];
+        let n = self.file.read_at(&mut buf, 0).unwrap_or(0);
+        if buf[..n] != self.seen[..] {
+            self.seen = buf[..n].to_vec();
+            self.refused = crate::relay_cmd::outside_accel("proxy", &self.ports).err().map(|e| e.to_string());
+            match &self.refused {
+                Some(why) => log::error!(
+                    "this process was moved into another cgroup, and now {why}: new clients are reset until it is \
+                     moved out (live pairs are not affected)"
+                ),
+                None => log::info!("this process was moved into another cgroup, which skrelay accel leaves alone"),
+            }
+        }
+        self.refused.as_deref()
+    }
 }
 
 /// An error of connect(2) or socket(2) that is this process's or host's shortage, not the
@@ -113,7 +152,26 @@ impl OwnUpstreams {
 
 impl Connector {
     pub(super) fn new(upstreams: Upstreams, timeout: Duration) -> Connector {
-        Connector { upstreams, timeout, own: OwnUpstreams::default(), shortage: None }
+        Connector { upstreams, timeout, own: OwnUpstreams::default(), shortage: None, cgroup: None }
+    }
+
+    /// Looks at this process's cgroup before each upstream connection from now on (see
+    /// `CgroupWatch`); `listen_port` and the upstreams' ports are what an accel check covers.
+    pub(super) fn watch_cgroup(&mut self, listen_port: u16) {
+        let Ok(file) = std::fs::File::open("/proc/self/cgroup") else { return };
+        let ports = std::iter::once(listen_port).chain(self.upstreams.addrs().iter().map(|a| a.port())).collect();
+        let mut watch = CgroupWatch { file, seen: Vec::new(), refused: None, ports };
+        // The cgroup at start was checked already (`relay_cmd::open`): only a change is news.
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 4096];
+        let n = watch.file.read_at(&mut buf, 0).unwrap_or(0);
+        watch.seen = buf[..n].to_vec();
+        self.cgroup = Some(watch);
+    }
+
+    /// Why this process may make no upstream connection now, if it may not.
+    pub(super) fn refused(&mut self) -> Option<String> {
+        self.cgroup.as_mut()?.refused().map(str::to_string)
     }
 
     /// Whether a client connecting from `addr` to our port `to` is one of our own upstream

@@ -232,7 +232,9 @@ impl Server {
         let partners = match config.partnering {
             Partnering::Clients(by) => Partners::Clients { by, matcher: Matcher::default() },
             Partnering::Upstreams { upstreams, connect_timeout } => {
-                Partners::Upstreams(Connector::new(upstreams, connect_timeout))
+                let mut connector = Connector::new(upstreams, connect_timeout);
+                connector.watch_cgroup(listener.local_addr().map_or(0, |a| a.port()));
+                Partners::Upstreams(connector)
             }
         };
         let own = match &partners {
@@ -1077,6 +1079,14 @@ impl Server {
     /// to try, or no descriptor to try it with, `no_upstream`.
     fn connect_upstream(&mut self, slot: usize, serial: u64) {
         let Partners::Upstreams(connector) = &mut self.partners else { return };
+        if connector.refused().is_some() {
+            if let Some(p) = self.take_pending(slot) {
+                reset_on_close(&p.stream);
+                self.metrics.client_unpaired(Unpaired::NoUpstream);
+                log::warn!("client {} reset: this process may not connect upstream from its cgroup", p.addr);
+            }
+            return;
+        }
         match connector.connect(self.poll.registry(), token(slot, 1)) {
             Some(c) => {
                 self.timers.set(c.deadline(), Timer::ConnectTimeout { slot, serial });
