@@ -65,9 +65,15 @@ pub fn unavailable(step: &str, err: &(dyn std::error::Error + 'static)) -> Error
         Some(libc::EMFILE) | Some(libc::ENFILE) => {
             (format!("too many open files while trying to {step}"), crate::error::RAISE_NOFILE.to_string())
         }
+        // BPF memory is charged to the memory cgroup since Linux 5.11, not to RLIMIT_MEMLOCK (a
+        // helper's resource-limits pass: a relay under memory.max 24M was told to raise ulimit -l,
+        // which changes nothing here). Each event loop loads its own programs and maps.
         Some(libc::ENOMEM) => (
             format!("out of memory while trying to {step}"),
-            "raise the memlock limit (ulimit -l) or free memory".to_string(),
+            "free memory, or raise this process's memory cgroup limit (memory.max; MemoryMax= in the unit), or run \
+             fewer --threads: each event loop loads its own maps; before Linux 5.11, raise the memlock limit \
+             (ulimit -l)"
+                .to_string(),
         ),
         _ => (
             format!("cannot {step}: {}", chain(err)),

@@ -215,6 +215,10 @@ mod tests {
             maps.to_string(),
             format!("cannot load BPF programs: too many open files while trying to create BPF maps ({RAISE_NOFILE})")
         );
+        // Out of memory: the memory cgroup is what limits BPF memory now, not ulimit -l.
+        let short = crate::bpf::unavailable("create BPF maps", &io::Error::from_raw_os_error(libc::ENOMEM));
+        assert!(short.to_string().contains("raise this process's memory cgroup limit (memory.max"), "{short}");
+        assert_eq!(short.exit_code(), 2);
         let failed = Error::io("cannot unpin /sys/fs/bpf/x", io::Error::from_raw_os_error(libc::EIO));
         assert_eq!(failed.exit_code(), 1);
         let open = crate::bpf::unavailable("open the accel socket map", &io::Error::from_raw_os_error(libc::EPERM));
