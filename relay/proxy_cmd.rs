@@ -72,7 +72,7 @@ pub fn run(args: ProxyArgs) -> Result<(), Error> {
     // Said once the event loops exist: a process short of descriptors failed after it.
     let mut server = Server::new(listener, datapaths, config)?;
     drop(held);
-    crate::relay_cmd::warn_if_few_descriptors();
+    crate::relay_cmd::check_descriptors()?;
     log::info!("{listening}");
     serving(&mut server, handover, addr)?;
     crate::relay_cmd::warn_if_taken_away(addr, "--listen");

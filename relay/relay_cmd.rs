@@ -48,7 +48,7 @@ pub fn run(args: RelayArgs) -> Result<(), Error> {
     // "listening" once the event loops exist: a process short of descriptors failed after it.
     let mut server = Server::new(listener, datapaths, config)?;
     drop(held);
-    warn_if_few_descriptors();
+    check_descriptors()?;
     log::info!("listening on {addr}: {pairing}, {datapath} datapath, {}{}", loops(threads), metrics_note(served));
     serving(&mut server, handover, addr)?;
     // After a takeover's commit: looking through every BPF program takes a while, which held
@@ -113,11 +113,30 @@ pub fn open(
 const FEW_DESCRIPTORS: u64 = 256;
 
 /// Warns when the descriptor limit (already raised to its hard limit, `Server::new`) leaves few
-/// for clients once this process's own are open.
-pub fn warn_if_few_descriptors() {
+/// for clients once this process's own are open, and refuses to start when not even one pair's
+/// two fit: such a relay accepted one client at a time and never its partner, resetting each at
+/// `--pair-timeout` (a helper's resource-limits pass, `ulimit -n 20`).
+pub fn check_descriptors() -> Result<(), Error> {
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(u64::MAX);
-    let open = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+    // Numbers under the limit in use (one inherited above it takes none of them), less the
+    // directory's own descriptor; none free to read the directory with: none left at all.
+    let open = match std::fs::read_dir("/proc/self/fd") {
+        Ok(d) => d
+            .flatten()
+            .filter(|e| e.file_name().to_str().and_then(|n| n.parse::<u64>().ok()).is_some_and(|n| n < limit))
+            .count()
+            .saturating_sub(1) as u64,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE)) => limit,
+        Err(_) => return Ok(()),
+    };
     let spare = limit.saturating_sub(open);
+    if spare < 2 {
+        return Err(Error::Usage(format!(
+            "cannot serve clients: {spare} descriptor(s) are left under the limit of {limit} ({open} are open), and \
+             each pair takes two ({})",
+            crate::error::RAISE_NOFILE
+        )));
+    }
     if spare < FEW_DESCRIPTORS {
         log::warn!(
             "only {spare} descriptors are left for clients (the limit is {limit}, {open} are open): each pair takes \
@@ -125,6 +144,7 @@ pub fn warn_if_few_descriptors() {
             crate::error::RAISE_NOFILE
         );
     }
+    Ok(())
 }
 
 /// Warns when connections to `addr`, where this process listens (`flag`), go elsewhere: another

@@ -309,3 +309,63 @@ fn pairs_form_while_strangers_hold_every_descriptor() {
     }
     drop(strangers);
 }
+
+/// A descriptor limit that leaves room for no pair: the relay warned "only 0 descriptors are
+/// left" and served anyway, accepting one client at a time and never its partner (a helper's
+/// resource-limits pass: 0 of 30 pairs under `ulimit -n 20`). It now refuses to start, exit 2;
+/// one limit higher, with two to spare, it serves.
+#[test]
+fn a_limit_that_leaves_no_room_for_a_pair_is_refused_at_start() {
+    let _netns = enter_netns();
+    let mut refused = Vec::new();
+    for limit in 3..40u32 {
+        let out = Command::new("prlimit")
+            .arg(format!("--nofile={limit}:{limit}"))
+            .arg(SKRELAY)
+            .args(["relay", "--datapath", "userspace", "--threads", "1", "--drain-timeout", "0.001"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A relay that starts serves until stopped: look at what it says within 3 s.
+        let pid = out.id() as i32;
+        let started = std::time::Instant::now();
+        let mut child = out;
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break Some(s);
+            }
+            if started.elapsed() > Duration::from_secs(3) {
+                // SAFETY: kill(2) of our own child, still running.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+                let _ = child.wait();
+                break None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err);
+        match status {
+            // Too few for the dynamic loader itself.
+            Some(s) if s.code() == Some(127) && err.contains("error while loading shared libraries") => {}
+            Some(s) => {
+                assert_eq!(s.code(), Some(2), "limit {limit}: {err}");
+                assert!(!err.contains("listening on"), "limit {limit}: {err}");
+                refused.push((limit, err));
+            }
+            None => {
+                assert!(err.contains("listening on"), "limit {limit}: {err}");
+                assert!(err.contains("only 2 descriptors are left for clients"), "limit {limit}: {err}");
+                let last = refused.last().map(|(_, e)| e.as_str()).unwrap_or_default();
+                assert!(
+                    last.contains("cannot serve clients: 1 descriptor(s) are left under the limit of")
+                        && last.contains("and each pair takes two (raise the descriptor limit"),
+                    "one limit lower: {last}"
+                );
+                return;
+            }
+        }
+    }
+    panic!("no limit up to 40 let the relay start: {refused:?}");
+}
