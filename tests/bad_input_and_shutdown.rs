@@ -562,3 +562,20 @@ fn a_stop_signal_during_start_up_is_not_lost() {
     let stopped = "skrelay: SIGINT while starting: stopped before serving anything";
     assert!(log.contains(stopped) || log.contains("SIGINT: no longer accepting"), "{log}");
 }
+
+/// The kernel caps the listen backlog at net.core.somaxconn without a word: at 4, a burst of
+/// clients waited in SYN retries for seconds and nothing said why (a helper's resource-limits
+/// pass). The start says so.
+#[test]
+fn a_backlog_capped_by_somaxconn_is_warned_about() {
+    let _netns = enter_netns();
+    std::fs::write("/proc/sys/net/core/somaxconn", "4").unwrap();
+    let relay = Skrelay::start(&["relay", "--datapath", "userspace"]);
+    let (status, log) = relay.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+    assert!(log.contains("net.core.somaxconn is 4: at most 4 clients wait to be accepted, not 4096"), "{log}");
+    std::fs::write("/proc/sys/net/core/somaxconn", "4096").unwrap();
+    let relay = Skrelay::start(&["relay", "--datapath", "userspace"]);
+    let (_, log) = relay.stop(Duration::from_secs(10));
+    assert!(!log.contains("somaxconn"), "{log}");
+}
