@@ -1445,4 +1445,29 @@ fn a_target_bound_to_one_interface_is_noted() {
     let _plain = TcpListener::bind("127.0.0.1:7142").unwrap();
     let out = ok(&["steer", "add", "--ports", "7143", "--to", "127.0.0.1:7142"]);
     assert!(!out.contains("bound to interface"), "{out}");
+    // The same address and port on a second interface is another socket: the one named is
+    // bound (the first one found was, whatever its interface: a re-check pass).
+    for cmd in [
+        &["link", "add", "sk2", "type", "veth", "peer", "name", "sk3"][..],
+        &["link", "set", "sk2", "up"],
+        &["addr", "add", "fe80::5/64", "dev", "sk2", "nodad"],
+    ] {
+        assert!(Command::new("ip").args(cmd).status().unwrap().success(), "ip {cmd:?}");
+    }
+    let shown = Command::new("ip").args(["-o", "link", "show", "sk2"]).output().unwrap().stdout;
+    let index2 = String::from_utf8_lossy(&shown).split(':').next().unwrap_or_default().trim().to_string();
+    let _second = TcpListener::bind(format!("[fe80::5%{index2}]:7140")).unwrap();
+    for (dev, index) in [("sk2", &index2), ("sk0", &index.trim().to_string())] {
+        let out = ok(&["steer", "add", "--ports", "7144", "--to", &format!("[fe80::5%{dev}]:7140")]);
+        assert!(out.contains(&format!("-> [fe80::5%{index}]:7140")), "{dev}: {out}");
+    }
+    // Without an interface it cannot be told which: refused, naming both.
+    let (code, out, err) = skrelay_output(&["steer", "add", "--ports", "7145", "--to", "[fe80::5]:7140"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("give the address with it"), "{err}");
+    // On an interface where nothing listens: refused.
+    drop(_second);
+    let (code, out, err) = skrelay_output(&["steer", "add", "--ports", "7145", "--to", "[fe80::5%sk2]:7140"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("on another interface"), "{err}");
 }

@@ -40,7 +40,36 @@ impl Target {
     /// The socket listening (TCP) or bound (UDP) at `addr` in this network namespace, taken from
     /// the process that owns it. A socket bound to the wildcard address of the family matches too.
     pub fn at(proto: Proto, addr: SocketAddr) -> Result<Target, Error> {
-        let inode = find_socket_inode(proto, addr)?;
+        // /proc/net shows no interface: a link-local address can be bound on several, each its
+        // own socket, and the one taken was whichever came first (a re-check pass: `--to
+        // [fe80::5%3]:7140` bound the socket on interface 2). The socket's own address says.
+        let inodes = find_socket_inodes(proto, addr)?;
+        let link_local = matches!(addr, SocketAddr::V6(a) if a.ip().is_unicast_link_local());
+        if !link_local {
+            return Target::of_inode(proto, addr, inodes[0]);
+        }
+        let scope = |a: &SocketAddr| match a {
+            SocketAddr::V6(a) => a.scope_id(),
+            SocketAddr::V4(_) => 0,
+        };
+        let mut found = Vec::new();
+        for inode in inodes {
+            let t = Target::of_inode(proto, addr, inode)?;
+            // A wildcard socket takes link-local connections of every interface.
+            if t.local.ip().is_unspecified() || scope(&t.local) == scope(&addr) {
+                return Ok(t);
+            }
+            found.push(t.local);
+        }
+        let there = found.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+        Err(Error::Usage(match scope(&addr) {
+            0 => format!("{addr} is link-local, and the {} socket there is bound to an interface ({there}): give the address with it", proto.name().to_uppercase()),
+            _ => format!("no {} socket is at {addr} in this network namespace (there is {there}, on another interface)", proto.name().to_uppercase()),
+        }))
+    }
+
+    /// The socket with inode `inode` (found at `addr`), taken from a process that holds it.
+    fn of_inode(proto: Proto, addr: SocketAddr, inode: u64) -> Result<Target, Error> {
         let (pid, fd) = find_owner(inode).map_err(|hidden| {
             if hidden > 0 {
                 // The socket is there; we may not look into the processes that could hold it.
@@ -210,7 +239,7 @@ pub fn parse_proc_net(text: &str) -> Vec<ProcSocket> {
 
 /// The inode of the socket at `addr`: an exact address match first, else one bound to the
 /// wildcard address of the family (or a dual-stack [::] socket for an IPv4 address).
-fn find_socket_inode(proto: Proto, addr: SocketAddr) -> Result<u64, Error> {
+fn find_socket_inodes(proto: Proto, addr: SocketAddr) -> Result<Vec<u64>, Error> {
     let rows_of = |proto: Proto| {
         let mut rows = Vec::new();
         for file in [format!("/proc/self/net/{}", proto.name()), format!("/proc/self/net/{}6", proto.name())] {
@@ -227,14 +256,16 @@ fn find_socket_inode(proto: Proto, addr: SocketAddr) -> Result<u64, Error> {
     };
     let usable = |r: &ProcSocket| usable_as(proto, r);
     let same_port: Vec<&ProcSocket> = rows.iter().filter(|r| r.local.port() == addr.port()).collect();
-    let exact = same_port.iter().find(|r| r.local.ip() == addr.ip() && usable(r));
-    let wildcard = same_port.iter().find(|r| {
+    // Exact ones first (several where a link-local address is bound on several interfaces).
+    let exact = same_port.iter().filter(|r| r.local.ip() == addr.ip() && usable(r));
+    let wildcard = same_port.iter().filter(|r| {
         usable(r)
             && r.local.ip().is_unspecified()
             && (r.local.is_ipv4() == addr.is_ipv4() || (r.local.is_ipv6() && addr.is_ipv4()))
     });
-    if let Some(r) = exact.or(wildcard) {
-        return Ok(r.inode);
+    let found: Vec<u64> = exact.chain(wildcard).map(|r| r.inode).collect();
+    if !found.is_empty() {
+        return Ok(found);
     }
     let connected = same_port.iter().any(|r| r.local.ip() == addr.ip());
     // A socket of the other protocol there: the user left out (or gave the wrong) --proto.
