@@ -1190,6 +1190,25 @@ fn a_proxy_moved_into_an_accelerated_cgroup_resets_new_clients() {
         exit_within(&cg, cg_command(&cg, &["proxy", "--upstream", &format!("127.0.0.1:{up}"), "--takeover", &pid]));
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains(&format!("leave out {port},{up})")), "{err}");
+    // Moved in again, then the cgroup is no longer accelerated: served again without a move
+    // (clients stayed reset after `accel off`: a re-check pass).
+    std::fs::write(cg.path().join("cgroup.procs"), proxy.pid().to_string()).unwrap();
+    let mut client = std::net::TcpStream::connect(&listen).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let got = std::io::Read::read(&mut client, &mut buf);
+    assert!(matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset), "{got:?}");
+    let (code, out, err) = skrelay_output(&["accel", "off", "--cgroup", &cg.rel]);
+    assert_eq!(code, 0, "{out}{err}");
+    std::thread::sleep(Duration::from_millis(1100));
+    let (mut server, mut server_out) = start_server(plain_peer(&["serve", "127.0.0.1", &up.to_string()]));
+    let client = output(plain_peer(&["connect", "127.0.0.1", &port.to_string(), "100000"]));
+    let mut server_text = String::new();
+    std::io::Read::read_to_string(&mut server_out, &mut server_text).unwrap();
+    assert!(server.wait().unwrap().success(), "{server_text}");
+    assert_eq!(field(&client, "sent"), field(&server_text, "received"), "client -> upstream damaged");
+    assert_eq!(field(&server_text, "sent"), field(&client, "received"), "upstream -> client damaged");
+    assert!(proxy.log().contains("skrelay accel no longer covers this process's cgroup: serving again"));
+    std::fs::write(home.join("cgroup.procs"), proxy.pid().to_string()).unwrap();
     let (status, log) = proxy.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");
 }

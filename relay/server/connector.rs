@@ -93,7 +93,13 @@ struct CgroupWatch {
     refused: Option<String>,
     /// The ports the accel check looks for: the listening port, then the upstreams'.
     ports: Vec<u16>,
+    /// When a refusal is looked at again though the cgroup stayed (`accel off` ends it too: a
+    /// re-check pass found clients still reset after it).
+    recheck: Option<Instant>,
 }
+
+/// How often a refusal is looked at again while the cgroup stays the same.
+const RECHECK_REFUSAL: Duration = Duration::from_secs(1);
 
 impl CgroupWatch {
     /// Why no upstream connection may be made now; looks again only when the cgroup changed.
@@ -101,16 +107,26 @@ impl CgroupWatch {
         use std::os::unix::fs::FileExt;
         let mut buf = [0u8; 4096];
         let n = self.file.read_at(&mut buf, 0).unwrap_or(0);
-        if buf[..n] != self.seen[..] {
-            self.seen = buf[..n].to_vec();
-            self.refused = crate::relay_cmd::outside_accel("proxy", &self.ports).err().map(|e| e.to_string());
-            match &self.refused {
-                Some(why) => log::error!(
-                    "this process was moved into another cgroup, and now {why}: new clients are reset until it is \
-                     moved out (live pairs are not affected)"
-                ),
-                None => log::info!("this process was moved into another cgroup, which skrelay accel leaves alone"),
+        let now = Instant::now();
+        let moved = buf[..n] != self.seen[..];
+        if !moved && self.recheck.is_none_or(|at| now < at) {
+            return self.refused.as_deref();
+        }
+        self.seen = buf[..n].to_vec();
+        let was = self.refused.take();
+        self.refused = crate::relay_cmd::outside_accel("proxy", &self.ports).err().map(|e| e.to_string());
+        self.recheck = self.refused.as_ref().map(|_| now + RECHECK_REFUSAL);
+        match (&self.refused, moved, was.is_some()) {
+            (Some(why), true, _) => log::error!(
+                "this process was moved into another cgroup, and now {why}: new clients are reset until it is moved \
+                 out or that cgroup is no longer accelerated (live pairs are not affected)"
+            ),
+            (Some(_), false, _) => {}
+            (None, true, _) => {
+                log::info!("this process was moved into another cgroup, which skrelay accel leaves alone")
             }
+            (None, false, true) => log::info!("skrelay accel no longer covers this process's cgroup: serving again"),
+            (None, false, false) => {}
         }
         self.refused.as_deref()
     }
@@ -160,7 +176,7 @@ impl Connector {
     pub(super) fn watch_cgroup(&mut self, listen_port: u16) {
         let Ok(file) = std::fs::File::open("/proc/self/cgroup") else { return };
         let ports = std::iter::once(listen_port).chain(self.upstreams.addrs().iter().map(|a| a.port())).collect();
-        let mut watch = CgroupWatch { file, seen: Vec::new(), refused: None, ports };
+        let mut watch = CgroupWatch { file, seen: Vec::new(), refused: None, ports, recheck: None };
         // The cgroup at start was checked already (`relay_cmd::open`): only a change is news.
         use std::os::unix::fs::FileExt;
         let mut buf = [0u8; 4096];
