@@ -25,6 +25,16 @@ pub fn os_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a io
         if let Some(io) = e.downcast_ref::<io::Error>() {
             return Some(io);
         }
+        // aya's `#[error(transparent)]` I/O variants hide theirs from `source()`: an attach short
+        // of descriptors was told to check dmesg (a re-check pass).
+        match e.downcast_ref::<aya::programs::ProgramError>() {
+            Some(aya::programs::ProgramError::IOError(io)) => return Some(io),
+            Some(aya::programs::ProgramError::MapError(aya::maps::MapError::IoError(io))) => return Some(io),
+            _ => {}
+        }
+        if let Some(aya::maps::MapError::IoError(io)) = e.downcast_ref::<aya::maps::MapError>() {
+            return Some(io);
+        }
         cur = e.source();
     }
     None
@@ -70,7 +80,8 @@ pub fn unavailable(step: &str, err: &(dyn std::error::Error + 'static)) -> Error
         // which changes nothing here). Each event loop loads its own programs and maps.
         Some(libc::ENOMEM) => (
             format!("out of memory while trying to {step}"),
-            "free memory, or raise this process's memory cgroup limit (memory.max; MemoryMax= in the unit), or run \
+            "free memory, or raise this process's memory cgroup limit (memory.max, or memory.limit_in_bytes on \
+             cgroup v1; MemoryMax= in the unit), or run \
              fewer --threads: each event loop loads its own maps; before Linux 5.11, raise the memlock limit \
              (ulimit -l)"
                 .to_string(),

@@ -76,6 +76,18 @@ impl Error {
         Error::Io { what: what.into(), source }
     }
 
+    /// Refused for want of privilege or ownership (not a failure of the step itself).
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            Error::BpfDenied { .. } | Error::StateOwned { .. } => true,
+            Error::Io { source, .. } | Error::SteerMap { source, .. } => {
+                source.kind() == io::ErrorKind::PermissionDenied || source.raw_os_error() == Some(libc::EPERM)
+            }
+            Error::BpfUnavailable { reason, .. } => reason.starts_with("operation not permitted"),
+            _ => false,
+        }
+    }
+
     /// The process exit status for this error: 2 for anything the user can fix by changing the
     /// command or the machine's set-up, 1 for failures while running.
     pub fn exit_code(&self) -> i32 {
@@ -130,13 +142,14 @@ fn io_reason(what: &str, e: &io::Error) -> String {
     }
 }
 
-fn threads_reason(e: &io::Error, loops: usize) -> String {
+fn threads_reason(e: &io::Error, _loops: usize) -> String {
     match e.raw_os_error() {
-        Some(libc::EAGAIN) => format!(
-            "no more tasks allowed (raise the task limit: pids.max of its cgroup, TasksMax= in the unit, or `ulimit -u`; \
-             or serve with fewer: --threads {})",
-            loops.saturating_sub(1).max(1)
-        ),
+        // How many more tasks fit is not known: `--threads 1` needs none (a re-check pass: the
+        // one-fewer it named failed too).
+        Some(libc::EAGAIN) => "no more tasks allowed (raise the task limit: pids.max of its cgroup, TasksMax= in the \
+                               unit, or `ulimit -u`; or serve with fewer loops: --threads 1 runs its one loop in \
+                               the main thread)"
+            .to_string(),
         _ => e.to_string(),
     }
 }
@@ -215,6 +228,13 @@ mod tests {
             maps.to_string(),
             format!("cannot load BPF programs: too many open files while trying to create BPF maps ({RAISE_NOFILE})")
         );
+        // Only a refusal means "may not read": root short of descriptors was told it could not.
+        assert!(Error::io("cannot open x", io::Error::from_raw_os_error(libc::EACCES)).is_refusal());
+        assert!(!Error::io("cannot open x", io::Error::from_raw_os_error(libc::EMFILE)).is_refusal());
+        // aya's transparent I/O variant: the errno was lost, and the fix said was "check dmesg".
+        let attach = aya::programs::ProgramError::IOError(io::Error::from_raw_os_error(libc::EMFILE));
+        let attach = crate::bpf::unavailable("attach the sk_skb programs", &attach);
+        assert!(attach.to_string().ends_with(&format!("({RAISE_NOFILE})")), "{attach}");
         // Out of memory: the memory cgroup is what limits BPF memory now, not ulimit -l.
         let short = crate::bpf::unavailable("create BPF maps", &io::Error::from_raw_os_error(libc::ENOMEM));
         assert!(short.to_string().contains("raise this process's memory cgroup limit (memory.max"), "{short}");

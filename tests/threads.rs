@@ -253,7 +253,8 @@ fn a_process_that_may_start_no_threads_says_so_before_listening() {
     assert!(
         err.contains(
             "skrelay: cannot start the threads of 3 event loops: no more tasks allowed (raise the task limit: \
-             pids.max of its cgroup, TasksMax= in the unit, or `ulimit -u`; or serve with fewer: --threads 2)"
+             pids.max of its cgroup, TasksMax= in the unit, or `ulimit -u`; or serve with fewer loops: --threads 1 runs \
+             its one loop in the main thread)"
         ),
         "{err}"
     );

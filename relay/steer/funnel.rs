@@ -415,8 +415,10 @@ pub fn taken_from(addr: SocketAddr) -> Option<TakenBy> {
     let st = match state::State::open_read_only() {
         Ok(st) => st?,
         // Pinned steering this process may not read (a service user's relay, root's steering):
-        // it was silent, and the listener got nothing (a re-check pass).
-        Err(_) => return Some(TakenBy::Unreadable),
+        // it was silent, and the listener got nothing (a re-check pass). Not any failure: root
+        // short of descriptors was told it could not read.
+        Err(e) if e.is_refusal() => return Some(TakenBy::Unreadable),
+        Err(_) => return None,
     };
     st.records().values().find_map(|b| {
         let key = b.key;
