@@ -127,10 +127,12 @@ impl Upstreams {
     }
 
     /// A connect to upstream `idx` succeeded (for the metrics; the turn order is unchanged).
-    pub fn mark_up(&mut self, idx: usize) {
+    /// True when it had been marked down since its last success: it is back.
+    pub fn mark_up(&mut self, idx: usize) -> bool {
         if let Some(m) = &self.metrics {
             m.upstream_connected(self.addrs[idx], true);
         }
+        self.down_until[idx].take().is_some()
     }
 }
 

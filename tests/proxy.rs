@@ -625,10 +625,19 @@ fn an_upstream_going_down_is_said_once_not_once_per_client() {
         let r = first_read_of_a_new_client();
         assert!(matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset), "expected a reset, got {r:?}");
     }
+    // Back: said once too (nothing said so; a helper's failover pass).
+    let _up = std::net::TcpListener::bind("127.0.0.1:9081").unwrap();
+    for _ in 0..3 {
+        let c = std::net::TcpStream::connect(proxy_addr()).unwrap();
+        drop(c);
+    }
+    proxy.wait_log("connected again", 1, Duration::from_secs(5));
+    drop(_up); // resets the connections it never accepted: their pairs end
     let (status, log) = proxy.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");
     assert_eq!(log.matches("marked down for 10s").count(), 1, "{log}");
     assert_eq!(log.matches("no upstream could be reached").count(), 10, "{log}");
+    assert_eq!(log.matches("upstream 127.0.0.1:9081: connected again; up").count(), 1, "{log}");
 }
 
 /// A multicast or broadcast upstream was taken at start, and every client was then reset.

@@ -198,7 +198,11 @@ impl Connector {
 
     /// `c` connected: its upstream is up (for the metrics).
     pub(super) fn connected(&mut self, c: &Connecting) {
-        self.upstreams.mark_up(c.idx);
+        // Said once it is back: the log said when it went down, and nothing after (a helper's
+        // failover pass).
+        if self.upstreams.mark_up(c.idx) {
+            log::info!("upstream {}: connected again; up", c.to);
+        }
     }
 
     /// Starts connecting a new client to the first upstream of its round-robin plan that takes a
