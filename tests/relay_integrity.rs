@@ -310,7 +310,7 @@ fn a_pair_kept_on_splice_by_a_half_closed_client_says_so() {
     relay.wait_log("(userspace: a client half-closed", 1, Duration::from_secs(5));
     let log = relay.log();
     assert!(
-        log.contains("(userspace: a client half-closed before the pair could join the kernel's socket maps"),
+        log.contains("(userspace: one end half-closed before the pair could join the kernel's socket maps"),
         "{log}"
     );
     assert!(!log.contains("below --kernel-after"), "{log}");

@@ -1502,7 +1502,7 @@ const PIPES_NEVER_EMPTY: &str =
     "userspace, past --kernel-after but a pipe still held bytes whenever it could have joined";
 
 /// Why a pair with a half-closed socket never joins (a socket does not return to ESTABLISHED).
-const HALF_CLOSED: &str = "userspace: a client half-closed before the pair could join the kernel's socket maps, \
+const HALF_CLOSED: &str = "userspace: one end half-closed before the pair could join the kernel's socket maps, \
                            which take only established connections";
 
 impl Handover {
