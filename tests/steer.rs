@@ -414,14 +414,21 @@ fn bad_input_exits_2_with_one_sentence_and_leaves_state_alone() {
     let thread_of = format!("{tid} is a thread of process {pid}, not a process: give --pid {pid}");
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--ports", "9", "--pid", &tid, "--fd", "3"], &thread_of),
-        (vec!["--ports", "9", "--pid", "999999999", "--fd", "3"], "there is no process with pid 999999999"),
+        (
+            vec!["--ports", "9", "--pid", "999999999", "--fd", "3"],
+            "there is no process with pid 999999999 (`ss -ltnup`",
+        ),
         (vec!["--ports", "9", "--pid", &pid, "--fd", "987"], "has no file descriptor 987"),
         (vec!["--ports", "9", "--pid", &pid, "--fd", &ffd], "is not a socket"),
         (vec!["--ports", "9", "--pid", &pid, "--fd", &ufd], "is a TCP socket that is not listening"),
         (vec!["--ports", "9", "--proto", "udp", "--pid", &pid, "--fd", &cfd], "is a connected UDP socket"),
         (vec!["--ports", "9", "--pid", &pid, "--fd", &cfd], "is a UDP socket but the binding is for TCP"),
         (vec!["--ports", "9", "--pid", &pid, "--fd", &xfd], "belongs to another network namespace"),
-        (vec!["--ports", "9", "--to", "127.0.0.1:6299"], "no TCP socket listens on 127.0.0.1:6299"),
+        (
+            vec!["--ports", "9", "--to", "127.0.0.1:6299"],
+            "no TCP socket listens on 127.0.0.1:6299 in this network namespace (start the server first, or give the \
+             address `ss -ltn` shows for it)",
+        ),
         (vec!["--ports", "9", "--to", "127.0.0.1:6202"], "no TCP socket listens on 127.0.0.1:6202"),
         (vec!["--ports", "9", "--addr", "::/0", "--pid", &pid, "--fd", &lfd], "cannot take connections to ::/0"),
         (vec!["--ports", "0", "--to", "127.0.0.1:6200"], "port 0 is out of range"),

@@ -96,7 +96,10 @@ impl Target {
             return Err(Error::Usage(format!("--pid {pid} is not a process id (they are 1 or more)")));
         }
         let pidfd = sys::pidfd_open(pid).map_err(|e| match e.raw_os_error() {
-            Some(libc::ESRCH) => Error::Usage(format!("there is no process with pid {pid}")),
+            Some(libc::ESRCH) => Error::Usage(format!(
+                "there is no process with pid {pid} (`ss -ltnup` lists the listening sockets with their pids and \
+                 descriptors, or give --to ADDR to let skrelay find the process)"
+            )),
             Some(libc::EPERM) => may_not_trace(pid),
             _ => match thread_group_of(pid) {
                 Some(tgid) if tgid != pid => {
@@ -278,10 +281,15 @@ fn find_socket_inodes(proto: Proto, addr: SocketAddr) -> Result<Vec<u64>, Error>
             && usable_as(other, r)
             && (r.local.ip() == addr.ip() || r.local.ip().is_unspecified())
     });
+    // Each mistake names its fix (README): this one named none (a README pass).
     let hint = if other_there {
         format!(" (a {} socket is there: pass --proto {})", other.name().to_uppercase(), other.name())
     } else {
-        String::new()
+        let list = match proto {
+            Proto::Tcp => "ss -ltn",
+            Proto::Udp => "ss -lun",
+        };
+        format!(" (start the server first, or give the address `{list}` shows for it)")
     };
     Err(Error::Usage(match (proto, connected) {
         (Proto::Tcp, true) => format!("the TCP socket at {addr} is not listening (steering needs a listening socket)"),
