@@ -1208,6 +1208,18 @@ fn a_proxy_moved_into_an_accelerated_cgroup_resets_new_clients() {
     assert_eq!(field(&client, "sent"), field(&server_text, "received"), "client -> upstream damaged");
     assert_eq!(field(&server_text, "sent"), field(&client, "received"), "upstream -> client damaged");
     assert!(proxy.log().contains("skrelay accel no longer covers this process's cgroup: serving again"));
+    // Accelerated again where it stays (from another network namespace, whose `accel on` does not
+    // see this proxy): it served on, and lost bytes (a re-check pass). Reset at once now.
+    let on = Command::new("unshare")
+        .args(["-n", SKRELAY, "accel", "on", "--cgroup", &cg.rel, "--small-write", "64K"])
+        .output()
+        .unwrap();
+    assert!(on.status.success(), "{}", String::from_utf8_lossy(&on.stderr));
+    let mut client = std::net::TcpStream::connect(&listen).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let got = std::io::Read::read(&mut client, &mut buf);
+    assert!(matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset), "{got:?}\n{}", proxy.log());
+    proxy.wait_log("skrelay accel now covers this process's cgroup: cannot run the proxy", 1, Duration::from_secs(5));
     std::fs::write(home.join("cgroup.procs"), proxy.pid().to_string()).unwrap();
     let (status, log) = proxy.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");

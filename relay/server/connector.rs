@@ -93,9 +93,21 @@ struct CgroupWatch {
     refused: Option<String>,
     /// The ports the accel check looks for: the listening port, then the upstreams'.
     ports: Vec<u16>,
-    /// When a refusal is looked at again though the cgroup stayed (`accel off` ends it too: a
-    /// re-check pass found clients still reset after it).
+    /// When a refusal is looked at again though nothing seen changed.
     recheck: Option<Instant>,
+    /// accel's state directory, and what `stamp` last read of it: `accel on` and `off` rename
+    /// directories there, which changes its modification time. The cgroup this process stays in
+    /// may become accelerated, or stop being so (a re-check pass: served on, and lost bytes,
+    /// after `accel off` then `on` again; stayed refusing after `accel off`).
+    accel_dir: std::path::PathBuf,
+    stamp: Option<(u64, i64, i64)>,
+}
+
+/// The inode and modification time of `dir`, or of the nearest parent that exists (creating
+/// `dir` changes its parent's).
+fn stamp(dir: &std::path::Path) -> Option<(u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    dir.ancestors().find_map(|d| std::fs::metadata(d).ok()).map(|m| (m.ino(), m.mtime(), m.mtime_nsec()))
 }
 
 /// How often a refusal is looked at again while the cgroup stays the same.
@@ -109,10 +121,12 @@ impl CgroupWatch {
         let n = self.file.read_at(&mut buf, 0).unwrap_or(0);
         let now = Instant::now();
         let moved = buf[..n] != self.seen[..];
-        if !moved && self.recheck.is_none_or(|at| now < at) {
+        let stamp = stamp(&self.accel_dir);
+        if !moved && stamp == self.stamp && self.recheck.is_none_or(|at| now < at) {
             return self.refused.as_deref();
         }
         self.seen = buf[..n].to_vec();
+        self.stamp = stamp;
         let was = self.refused.take();
         self.refused = crate::relay_cmd::outside_accel("proxy", &self.ports).err().map(|e| e.to_string());
         self.recheck = self.refused.as_ref().map(|_| now + RECHECK_REFUSAL);
@@ -121,7 +135,11 @@ impl CgroupWatch {
                 "this process was moved into another cgroup, and now {why}: new clients are reset until it is moved \
                  out or that cgroup is no longer accelerated (live pairs are not affected)"
             ),
-            (Some(_), false, _) => {}
+            (Some(why), false, false) => log::error!(
+                "skrelay accel now covers this process's cgroup: {why}: new clients are reset until it is moved out \
+                 or that cgroup is no longer accelerated (live pairs are not affected)"
+            ),
+            (Some(_), false, true) => {}
             (None, true, _) => {
                 log::info!("this process was moved into another cgroup, which skrelay accel leaves alone")
             }
@@ -176,7 +194,11 @@ impl Connector {
     pub(super) fn watch_cgroup(&mut self, listen_port: u16) {
         let Ok(file) = std::fs::File::open("/proc/self/cgroup") else { return };
         let ports = std::iter::once(listen_port).chain(self.upstreams.addrs().iter().map(|a| a.port())).collect();
-        let mut watch = CgroupWatch { file, seen: Vec::new(), refused: None, ports, recheck: None };
+        let accel_dir = crate::bpffs::existing_root()
+            .unwrap_or_else(|| std::path::Path::new(crate::bpffs::BPFFS).join("skrelay"))
+            .join("accel");
+        let stamp = stamp(&accel_dir);
+        let mut watch = CgroupWatch { file, seen: Vec::new(), refused: None, ports, recheck: None, accel_dir, stamp };
         // The cgroup at start was checked already (`relay_cmd::open`): only a change is news.
         use std::os::unix::fs::FileExt;
         let mut buf = [0u8; 4096];
