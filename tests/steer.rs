@@ -1471,7 +1471,7 @@ fn a_target_bound_to_one_interface_is_noted() {
     // Without an interface it cannot be told which: refused, naming both.
     let (code, out, err) = skrelay_output(&["steer", "add", "--ports", "7145", "--to", "[fe80::5]:7140"]);
     assert_eq!(code, 2, "{out}{err}");
-    assert!(err.contains("give the address with it"), "{err}");
+    assert!(err.contains("give the one meant with its interface"), "{err}");
     // On an interface where nothing listens: refused.
     drop(_second);
     let (code, out, err) = skrelay_output(&["steer", "add", "--ports", "7145", "--to", "[fe80::5%sk2]:7140"]);

@@ -63,8 +63,15 @@ impl Target {
         }
         let there = found.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
         Err(Error::Usage(match scope(&addr) {
-            0 => format!("{addr} is link-local, and the {} socket there is bound to an interface ({there}): give the address with it", proto.name().to_uppercase()),
-            _ => format!("no {} socket is at {addr} in this network namespace (there is {there}, on another interface)", proto.name().to_uppercase()),
+            0 => format!(
+                "{addr} is link-local, and the {} sockets there are each bound to an interface ({there}): give the \
+                 one meant with its interface, as [ADDRESS%INTERFACE]:PORT",
+                proto.name().to_uppercase()
+            ),
+            _ => format!(
+                "no {} socket is at {addr} in this network namespace (there is {there}, on another interface)",
+                proto.name().to_uppercase()
+            ),
         }))
     }
 
