@@ -40,7 +40,7 @@ pub enum Error {
     Usage(String),
 
     /// The other event loops' threads (`--threads`) could not be started.
-    #[error("cannot start the threads of {loops} event loops: {}", threads_reason(.source, *.loops))]
+    #[error("cannot start the threads of {loops} event loops: {}", threads_reason(.source))]
     Threads { loops: usize, source: io::Error },
 
     #[error("cgroup {cgroup} is already accelerated (state pinned at {pins}): run `skrelay accel off --cgroup {cgroup}` first")]
@@ -142,7 +142,7 @@ fn io_reason(what: &str, e: &io::Error) -> String {
     }
 }
 
-fn threads_reason(e: &io::Error, _loops: usize) -> String {
+fn threads_reason(e: &io::Error) -> String {
     match e.raw_os_error() {
         // How many more tasks fit is not known: `--threads 1` needs none (a re-check pass: the
         // one-fewer it named failed too).

@@ -103,6 +103,12 @@ struct CgroupWatch {
     stamp: Option<(u64, i64, i64)>,
 }
 
+/// What /proc/self/cgroup holds now (a seq file, made anew by a read from its start).
+fn read_from_start(file: &std::fs::File, buf: &mut [u8]) -> usize {
+    use std::os::unix::fs::FileExt;
+    file.read_at(buf, 0).unwrap_or(0)
+}
+
 /// The inode and modification time of `dir`, or of the nearest parent that exists (creating
 /// `dir` changes its parent's).
 fn stamp(dir: &std::path::Path) -> Option<(u64, i64, i64)> {
@@ -116,9 +122,8 @@ const RECHECK_REFUSAL: Duration = Duration::from_secs(1);
 impl CgroupWatch {
     /// Why no upstream connection may be made now; looks again only when the cgroup changed.
     fn refused(&mut self) -> Option<&str> {
-        use std::os::unix::fs::FileExt;
         let mut buf = [0u8; 4096];
-        let n = self.file.read_at(&mut buf, 0).unwrap_or(0);
+        let n = read_from_start(&self.file, &mut buf);
         let now = Instant::now();
         let moved = buf[..n] != self.seen[..];
         let stamp = stamp(&self.accel_dir);
@@ -200,9 +205,8 @@ impl Connector {
         let stamp = stamp(&accel_dir);
         let mut watch = CgroupWatch { file, seen: Vec::new(), refused: None, ports, recheck: None, accel_dir, stamp };
         // The cgroup at start was checked already (`relay_cmd::open`): only a change is news.
-        use std::os::unix::fs::FileExt;
         let mut buf = [0u8; 4096];
-        let n = watch.file.read_at(&mut buf, 0).unwrap_or(0);
+        let n = read_from_start(&watch.file, &mut buf);
         watch.seen = buf[..n].to_vec();
         self.cgroup = Some(watch);
     }
