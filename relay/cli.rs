@@ -578,8 +578,22 @@ pub fn numeric_scope(s: &str) -> std::borrow::Cow<'_, str> {
 pub fn unknown_scope(s: &str) -> Option<String> {
     let (head, rest) = s.split_once('%')?;
     let (scope, _) = rest.split_once(']')?;
-    if !head.starts_with('[') || scope.is_empty() || scope.bytes().all(|b| b.is_ascii_digit()) {
+    if !head.starts_with('[') || scope.is_empty() {
         return None;
+    }
+    if scope.bytes().all(|b| b.is_ascii_digit()) {
+        // A number is an interface index; one no interface has was taken, and matched a socket
+        // on the wildcard address (a re-check pass: `--to [fe80::5%99]:P`).
+        let index = scope.parse::<u32>().ok().filter(|&i| i > 0)?;
+        let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+        // SAFETY: `name` has room for IF_NAMESIZE bytes, as if_indextoname(3) requires.
+        let known = !unsafe { libc::if_indextoname(index, name.as_mut_ptr()) }.is_null();
+        return (!known).then(|| {
+            format!(
+                "`{s}` names no network interface with index {index} in this network namespace (`ip -o link` lists \
+                 them; an interface can be given by name, e.g. [fe80::1%eth0]:7777)"
+            )
+        });
     }
     (numeric_scope(s) == s).then(|| {
         format!(
@@ -653,14 +667,11 @@ pub fn misbracketed(s: &str) -> Option<String> {
 pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     // Spaces around it (a quoted variable of a unit file): ` [::1]:7001` read as a missing bracket.
     let s = s.trim();
-    if let Some(e) = misbracketed(s) {
+    if let Some(e) = misbracketed(s).or_else(|| unknown_scope(s)) {
         return Err(e);
     }
     if let Ok(addr) = numeric_scope(s).parse::<SocketAddr>() {
         return Ok(addr);
-    }
-    if let Some(e) = unknown_scope(s) {
-        return Err(e);
     }
     let no_port = || format!("`{s}` has no port (give IP:PORT, [IPv6]:PORT or HOST:PORT, e.g. localhost:7777)");
     // A bracketed IPv6 address with nothing after it (`[::1]`) has no port either.
@@ -734,7 +745,12 @@ mod tests {
         assert!(e.contains("names no network interface `no-such-if`"), "{e}");
         assert!(parse_target("[fe80::1%no-such-if]:7777").unwrap_err().contains("no network interface"));
         assert_eq!(unknown_scope("[fe80::1%lo]:7777"), None);
-        assert_eq!(unknown_scope("[fe80::1%9]:7777"), None);
+        assert_eq!(unknown_scope("[fe80::1%1]:7777"), None);
+        // An index no interface has (lo is always 1; 4,000,000 is not given out here).
+        let e = unknown_scope("[fe80::1%4000000]:7777").unwrap();
+        assert!(e.contains("no network interface with index 4000000"), "{e}");
+        assert!(parse_listen("[fe80::1%4000000]:7777").is_err());
+        assert!(parse_target("[fe80::1%4000000]:7777").is_err());
     }
 
     #[test]

@@ -1477,4 +1477,26 @@ fn a_target_bound_to_one_interface_is_noted() {
     let (code, out, err) = skrelay_output(&["steer", "add", "--ports", "7145", "--to", "[fe80::5%sk2]:7140"]);
     assert_eq!(code, 2, "{out}{err}");
     assert!(err.contains("on another interface"), "{err}");
+    // A wildcard socket and one bound on sk0 at the same port: the address alone names both, and
+    // was taken for the wildcard without a word (a re-check pass). Refused, naming both ways.
+    let listen = |addr: std::net::SocketAddr| {
+        let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
+        s.set_reuse_port(true).unwrap();
+        s.bind(&addr.into()).unwrap();
+        s.listen(16).unwrap();
+        s
+    };
+    let _scoped = listen(format!("[fe80::5%{}]:7150", index.trim()).parse().unwrap());
+    let _wildcard = listen("[::]:7150".parse().unwrap());
+    let (code, out, err) = skrelay_output(&["steer", "add", "--ports", "7151", "--to", "[fe80::5]:7150"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("and on the wildcard address ([::]:7150)"), "{err}");
+    let out = ok(&["steer", "add", "--ports", "7151", "--to", "[fe80::5%sk0]:7150"]);
+    assert!(out.contains(&format!("-> [fe80::5%{}]:7150", index.trim())), "{out}");
+    let out = ok(&["steer", "add", "--ports", "7152", "--to", "[::]:7150"]);
+    assert!(out.contains("-> [::]:7150"), "{out}");
+    // An interface index that no interface has was taken, and matched the wildcard socket.
+    let (code, out, err) = skrelay_output(&["steer", "add", "--ports", "7153", "--to", "[fe80::5%4000000]:7150"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("no network interface with index 4000000"), "{err}");
 }

@@ -55,8 +55,25 @@ impl Target {
         let mut found = Vec::new();
         for inode in inodes {
             let t = Target::of_inode(proto, addr, inode)?;
-            // A wildcard socket takes link-local connections of every interface.
-            if t.local.ip().is_unspecified() || scope(&t.local) == scope(&addr) {
+            // A wildcard socket takes link-local connections of every interface; the exact
+            // sockets come first, so one bound on the interface named is taken before it.
+            if t.local.ip().is_unspecified() {
+                if scope(&addr) == 0 && !found.is_empty() {
+                    // The address alone names sockets bound on interfaces as well as this one:
+                    // the wildcard was taken without a word (a re-check pass).
+                    let there = found.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+                    return Err(Error::Usage(format!(
+                        "{addr} is link-local, and {} sockets listen both on it, each bound to an interface \
+                         ({there}), and on the wildcard address ({}): give the one meant, as \
+                         [ADDRESS%INTERFACE]:PORT or {}",
+                        proto.name().to_uppercase(),
+                        t.local,
+                        t.local
+                    )));
+                }
+                return Ok(t);
+            }
+            if scope(&t.local) == scope(&addr) {
                 return Ok(t);
             }
             found.push(t.local);
