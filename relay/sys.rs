@@ -746,6 +746,40 @@ pub fn send_queue_len(fd: impl AsFd) -> io::Result<u64> {
     Ok(n.max(0) as u64)
 }
 
+/// Whether a TCP socket's next byte to read is its peer's urgent byte (SIOCATMARK). splice(2)
+/// stops there (`tcp_read_sock` reads up to the urgent mark and no further) and says EAGAIN, or 0
+/// once the peer has shut down, however many bytes wait behind it.
+pub fn at_urgent_mark(fd: impl AsFd) -> bool {
+    let mut at: libc::c_int = 0;
+    // SAFETY: SIOCATMARK writes one int through the pointer, which is valid for it; the
+    // descriptor is borrowed for the call.
+    let ret = unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), SIOCATMARK as _, &mut at as *mut libc::c_int) };
+    ret == 0 && at != 0
+}
+
+/// Makes a socket's urgent bytes (MSG_OOB) ordinary bytes of its stream, read in place
+/// (SO_OOBINLINE).
+pub fn inline_urgent_data(fd: impl AsFd) -> io::Result<()> {
+    sock(&fd).set_out_of_band_inline(true)
+}
+
+/// Reads the urgent byte a socket is at (`at_urgent_mark`) as an ordinary byte of the stream:
+/// with SO_OOBINLINE it comes in place, and reading past it lets splice(2) go on. `Ok(None)`:
+/// it has not arrived yet (the peer's urgent pointer comes before its byte).
+pub fn take_urgent_byte(fd: impl AsFd) -> io::Result<Option<u8>> {
+    inline_urgent_data(&fd)?;
+    let mut byte = [0u8; 1];
+    match rustix::net::recv(&fd, &mut byte, rustix::net::RecvFlags::DONTWAIT) {
+        Ok((1, _)) => Ok(Some(byte[0])),
+        Ok(_) => Ok(None),
+        Err(rustix::io::Errno::AGAIN) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// SIOCATMARK (uapi asm-generic/sockios.h), which libc does not define for Linux.
+const SIOCATMARK: libc::c_ulong = 0x8905;
+
 /// Bytes in a TCP socket's send queue not sent yet (SIOCOUTQNSD): what a reset throws away.
 pub fn unsent_len(fd: impl AsFd) -> io::Result<u64> {
     let mut n: libc::c_int = 0;
@@ -854,6 +888,9 @@ mod tests {
         #[allow(clippy::unnecessary_cast)] // c_ulong is u32 on 32-bit targets
         let siocgskns = SIOCGSKNS as u64;
         assert_eq!(siocgskns, k::SIOCGSKNS);
+        #[allow(clippy::unnecessary_cast)]
+        let siocatmark = SIOCATMARK as u64;
+        assert_eq!(siocatmark, k::SIOCATMARK);
         assert_eq!(SO_MEMINFO as u64, k::SO_MEMINFO);
         assert_eq!(SK_MEMINFO_VARS as u64, k::SK_MEMINFO_VARS);
         assert_eq!(libc::SK_MEMINFO_WMEM_QUEUED as u64, k::SK_MEMINFO_WMEM_QUEUED);

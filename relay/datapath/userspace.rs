@@ -73,6 +73,9 @@ impl Datapath for UserspaceDatapath {
     fn splice(&mut self, ends: [&TcpStream; 2], skip: [u32; 2]) -> Result<Box<dyn Splice>, SpliceError> {
         for (end, n) in ends.into_iter().zip(skip) {
             discard(end, n as usize)?;
+            // An urgent byte (MSG_OOB) is a byte of the stream here, as on the kernel datapath:
+            // without this, reading through a buffer of ours (no pipe) would leave it out.
+            sys::inline_urgent_data(end)?;
         }
         Ok(Box::new(UserspaceSplice::new()))
     }
@@ -169,12 +172,28 @@ impl Direction {
                 if !self.src_eof && self.in_pipe < *capacity {
                     let r = sys::splice(src, &pipe.write, capacity - self.in_pipe);
                     match r {
-                        Ok(0) => self.src_eof = true,
-                        Ok(n) => self.in_pipe += n,
+                        // splice(2) stops at an urgent byte (MSG_OOB) for good: EAGAIN, or 0 once
+                        // the peer shut down, with every byte after it still queued (a stranger
+                        // pass: the stream froze, then ended in a clean EOF short of them). The
+                        // byte goes on in place, as the kernel datapath carries it.
+                        Ok(0) | Err(_) if (r.is_ok() || would_block(&r)) && sys::at_urgent_mark(src) => {
+                            if let Some(byte) = sys::take_urgent_byte(src)? {
+                                rustix::io::write(&pipe.write, &[byte])?;
+                                self.in_pipe += 1;
+                                progressed = true;
+                            }
+                        }
+                        Ok(0) => {
+                            self.src_eof = true;
+                            progressed = true;
+                        }
+                        Ok(n) => {
+                            self.in_pipe += n;
+                            progressed = true;
+                        }
                         _ if would_block(&r) => {}
                         Err(e) => return Err(e),
                     }
-                    progressed |= !would_block(&r);
                 }
                 if self.in_pipe > 0 {
                     let r = sys::splice(&pipe.read, dst, self.in_pipe);
