@@ -2,6 +2,10 @@
 //! returns; all work is in the library, which never prints or exits.
 use skrelay::cli::{AccelCommand, Cli, Command};
 
+/// An allocation that fails ends skrelay with a sentence and exit 2, not an abort.
+#[global_allocator]
+static ALLOCATOR: skrelay::sys::ExitWhenOutOfMemory = skrelay::sys::ExitWhenOutOfMemory;
+
 fn main() {
     let cli = match Cli::try_parse_command_line() {
         Ok(cli) => cli,

@@ -292,6 +292,97 @@ pub fn name_this_process(name: &std::ffi::CStr) {
     }
 }
 
+/// The binary's allocator: the system's, but an allocation that fails ends the process with one
+/// sentence and exit 2, after making every socket's close a reset, instead of Rust's abort
+/// ("memory allocation of 16 bytes failed", exit 134, and clients whose streams ended in a clean
+/// EOF). Under a small address-space limit (`ulimit -v`) a relay or proxy failed so at start (a
+/// helper's resource-limits pass). Fallible allocations (`try_reserve`, which `std::fs::read`
+/// uses) end it too: a process that cannot allocate a few bytes cannot go on serving for long,
+/// and dying with a reset beats limping. Nothing here allocates.
+pub struct ExitWhenOutOfMemory;
+
+// SAFETY: every method hands the call to the system allocator unchanged; only a null result,
+// which the caller would abort on, is turned into an exit first.
+unsafe impl std::alloc::GlobalAlloc for ExitWhenOutOfMemory {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: the caller's contract for `alloc` is passed on as it is.
+        let p = unsafe { std::alloc::System.alloc(layout) };
+        if p.is_null() {
+            out_of_memory(layout.size());
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: the caller's contract for `alloc_zeroed` is passed on as it is.
+        let p = unsafe { std::alloc::System.alloc_zeroed(layout) };
+        if p.is_null() {
+            out_of_memory(layout.size());
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: the caller's contract for `dealloc` is passed on as it is.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller's contract for `realloc` is passed on as it is.
+        let p = unsafe { std::alloc::System.realloc(ptr, layout, new_size) };
+        if p.is_null() {
+            out_of_memory(new_size);
+        }
+        p
+    }
+}
+
+/// Says that an allocation of `size` bytes failed, resets every socket this process holds (a
+/// stream it can no longer carry must not end in a clean EOF), and exits 2. No allocation.
+fn out_of_memory(size: usize) -> ! {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = size;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let parts: [&[u8]; 3] = [
+        b"skrelay: out of memory: an allocation of ",
+        &digits[at..],
+        b" bytes failed; connections it carried were reset (raise the address-space limit, ulimit -v or \
+          LimitAS= in a unit, or the memory available to this process)\n",
+    ];
+    let reset = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: write(2) reads each slice, which lives across the call; setsockopt reads the linger
+    // value, valid for its size, and fails harmlessly on descriptors that are not sockets or not
+    // open; getrlimit writes one struct through a valid pointer; _exit does not return.
+    unsafe {
+        for part in parts {
+            libc::write(2, part.as_ptr().cast(), part.len());
+        }
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let open_max = match libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) {
+            0 => lim.rlim_cur.min(1 << 20) as libc::c_int,
+            _ => 1024,
+        };
+        for fd in 3..open_max {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&reset as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
+        }
+        libc::_exit(2)
+    }
+}
+
 /// Raises the soft limit on open files to the hard limit: every pair holds two sockets (and two
 /// pipes on the userspace datapath). Returns the soft limit now in force.
 pub fn raise_fd_limit() -> u64 {

@@ -441,6 +441,44 @@ fn too_few_descriptors_to_start_is_said_with_the_fix() {
     }
 }
 
+/// Too small an address-space limit (`ulimit -v`): one sentence naming it, exit 2. It aborted with
+/// "memory allocation of 16 bytes failed" (exit 134), or, where the kernel's BTF did not fit, told
+/// root to run as root (a helper's resource-limits pass). Where a limit is enough to start, the
+/// relay is stopped; at least one of them must not be.
+#[test]
+fn too_small_an_address_space_is_said_with_the_fix() {
+    let _netns = enter_netns();
+    let datapath = if require_bpf("too_small_an_address_space_is_said_with_the_fix") { "kernel" } else { "userspace" };
+    let mut refused = 0;
+    for kib in [8_000u64, 10_000, 15_000, 20_000, 30_000] {
+        let mut child = Command::new("prlimit")
+            .arg(format!("--as={}", kib * 1024))
+            .args([SKRELAY, "relay", "--datapath", datapath, "--threads", "1", "--listen", "127.0.0.1:7790"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let started = child.try_wait().unwrap().is_none();
+        if started {
+            let _ = child.kill();
+        }
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        eprintln!("{kib} KiB: {}", if started { "started".to_string() } else { format!("{:?}", out.status.code()) });
+        assert!(!err.contains("run as root") && !err.contains("panicked"), "{kib} KiB: {err}");
+        if !started {
+            assert_eq!(out.status.code(), Some(2), "{kib} KiB: {err}");
+            assert!(err.contains("ulimit -v"), "{kib} KiB: {err}");
+            refused += 1;
+        }
+    }
+    assert!(refused > 0, "every limit was enough to start: the test needs a smaller one");
+}
+
 /// Root of a user namespace (`unshare -U -r`) is refused BPF: it was told to run as root or
 /// grant capabilities, which it has there. Root lacking a capability (`capsh --drop`) was told
 /// to run as root. Each is told what is missing (a helper's privilege pass).
