@@ -175,12 +175,17 @@ impl Direction {
                         // splice(2) stops at an urgent byte (MSG_OOB) for good: EAGAIN, or 0 once
                         // the peer shut down, with every byte after it still queued (a stranger
                         // pass: the stream froze, then ended in a clean EOF short of them). The
-                        // byte goes on in place, as the kernel datapath carries it.
+                        // byte goes on in place, as the kernel datapath carries it, once the pipe
+                        // is empty: a pipe has room for so many pieces, and splices cut short at
+                        // urgent marks fill them long before its bytes (a write refused with
+                        // EAGAIN cut the pair; a re-check pass). Nothing is held here meanwhile.
                         Ok(0) | Err(_) if (r.is_ok() || would_block(&r)) && sys::at_urgent_mark(src) => {
-                            if let Some(byte) = sys::take_urgent_byte(src)? {
-                                rustix::io::write(&pipe.write, &[byte])?;
-                                self.in_pipe += 1;
-                                progressed = true;
+                            if self.in_pipe == 0 {
+                                if let Some(byte) = sys::take_urgent_byte(src)? {
+                                    rustix::io::write(&pipe.write, &[byte])?;
+                                    self.in_pipe += 1;
+                                    progressed = true;
+                                }
                             }
                         }
                         Ok(0) => {
