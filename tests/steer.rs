@@ -1495,6 +1495,17 @@ fn a_target_bound_to_one_interface_is_noted() {
     assert!(out.contains(&format!("-> [fe80::5%{}]:7150", index.trim())), "{out}");
     let out = ok(&["steer", "add", "--ports", "7152", "--to", "[::]:7150"]);
     assert!(out.contains("-> [::]:7150"), "{out}");
+    // A wildcard socket bound to sk0 (SO_BINDTODEVICE) takes nothing that arrives on sk2: it was
+    // taken for `--to [fe80::5%sk2]:P`, with only a note (a re-check pass).
+    let on_sk0 = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
+    on_sk0.bind_device(Some(b"sk0")).unwrap();
+    on_sk0.bind(&"[::]:7160".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    on_sk0.listen(16).unwrap();
+    let (code, out, err) = skrelay_output(&["steer", "add", "--ports", "7161", "--to", "[fe80::5%sk2]:7160"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("on another interface"), "{err}");
+    let out = ok(&["steer", "add", "--ports", "7161", "--to", "[fe80::5%sk0]:7160"]);
+    assert!(out.contains("-> [::]:7160"), "{out}");
     // An interface index that no interface has was taken, and matched the wildcard socket.
     let (code, out, err) = skrelay_output(&["steer", "add", "--ports", "7153", "--to", "[fe80::5%4000000]:7150"]);
     assert_eq!(code, 2, "{out}{err}");

@@ -57,16 +57,21 @@ impl Target {
             let t = Target::of_inode(proto, addr, inode)?;
             // A wildcard socket takes link-local connections of every interface; the exact
             // sockets come first, so one bound on the interface named is taken before it.
-            if t.local.ip().is_unspecified() {
+            // A wildcard socket bound to another interface (SO_BINDTODEVICE) takes nothing of the
+            // interface named (a re-check pass: it was taken, with only a note).
+            let other_device =
+                t.device.as_deref().is_some_and(|dev| scope(&addr) != 0 && interface_index(dev) != scope(&addr));
+            if t.local.ip().is_unspecified() && !other_device {
                 if scope(&addr) == 0 && !found.is_empty() {
                     // The address alone names sockets bound on interfaces as well as this one:
                     // the wildcard was taken without a word (a re-check pass).
                     let there = found.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
                     return Err(Error::Usage(format!(
-                        "{addr} is link-local, and {} sockets listen both on it, each bound to an interface \
+                        "{addr} is link-local, and {} sockets {} both on it, each bound to an interface \
                          ({there}), and on the wildcard address ({}): give the one meant, as \
                          [ADDRESS%INTERFACE]:PORT or {}",
                         proto.name().to_uppercase(),
+                        if proto == Proto::Tcp { "listen" } else { "are bound" },
                         t.local,
                         t.local
                     )));
@@ -351,6 +356,13 @@ fn find_owner(inode: u64) -> Result<(i32, i32), usize> {
         }
     }
     Err(hidden)
+}
+
+/// The index of network interface `name` in this network namespace, 0 if there is none.
+fn interface_index(name: &str) -> u32 {
+    let Ok(name) = std::ffi::CString::new(name) else { return 0 };
+    // SAFETY: `name` is a NUL-terminated string that lives across the call.
+    unsafe { libc::if_nametoindex(name.as_ptr()) }
 }
 
 #[cfg(test)]
