@@ -146,10 +146,19 @@ fn threads_reason(e: &io::Error) -> String {
     match e.raw_os_error() {
         // How many more tasks fit is not known: `--threads 1` needs none (a re-check pass: the
         // one-fewer it named failed too).
-        Some(libc::EAGAIN) => "no more tasks allowed (raise the task limit: pids.max of its cgroup, TasksMax= in the \
-                               unit, or `ulimit -u`; or serve with fewer loops: --threads 1 runs its one loop in \
-                               the main thread)"
-            .to_string(),
+        // A thread's stack that does not fit an address-space limit fails the same way (a
+        // re-check pass: `prlimit --as=8M` was told of pids.max).
+        Some(libc::EAGAIN) => format!(
+            "no more tasks allowed (raise the task limit: pids.max of its cgroup, TasksMax= in the unit, or `ulimit \
+             -u`{}; or serve with fewer loops: --threads 1 runs its one loop in the main thread)",
+            match rustix::process::getrlimit(rustix::process::Resource::As).current {
+                Some(bytes) => format!(
+                    ", or the address-space limit of {} KiB that thread stacks count against: `ulimit -v`, LimitAS=",
+                    bytes / 1024
+                ),
+                None => String::new(),
+            }
+        ),
         _ => e.to_string(),
     }
 }

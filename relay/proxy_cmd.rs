@@ -15,6 +15,7 @@ use std::net::{IpAddr, SocketAddr};
 pub fn run(args: ProxyArgs) -> Result<(), Error> {
     // Known for a relay or proxy by other skrelay commands under any binary name.
     crate::sys::name_this_process(c"skrelay");
+    crate::sys::CARRIES_CONNECTIONS.store(true, std::sync::atomic::Ordering::Relaxed);
     // A stop signal during a name lookup ends the process at once (nothing is set up yet); held
     // from here, a resolver that does not answer held it for its whole timeout.
     let mut upstreams = Upstreams::resolve(&args.upstreams)?;

@@ -15,6 +15,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 pub fn run(args: RelayArgs) -> Result<(), Error> {
     // Known for a relay or proxy by other skrelay commands under any binary name.
     crate::sys::name_this_process(c"skrelay");
+    crate::sys::CARRIES_CONNECTIONS.store(true, std::sync::atomic::Ordering::Relaxed);
     // Until the event loop handles them (`Server::new`).
     let held = crate::sys::StopSignalsHeld::new();
     let Opened { threads, datapaths, listening: Listening { listener, metrics: taken_metrics, handover } } =

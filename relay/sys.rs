@@ -337,6 +337,10 @@ unsafe impl std::alloc::GlobalAlloc for ExitWhenOutOfMemory {
     }
 }
 
+/// Set by the commands that carry clients' connections (relay, proxy), for `out_of_memory`'s
+/// sentence: others carry none to reset (a re-check pass found `steer` saying so).
+pub static CARRIES_CONNECTIONS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Says that an allocation of `size` bytes failed, resets every socket this process holds (a
 /// stream it can no longer carry must not end in a clean EOF), and exits 2. No allocation.
 fn out_of_memory(size: usize) -> ! {
@@ -351,11 +355,17 @@ fn out_of_memory(size: usize) -> ! {
             break;
         }
     }
-    let parts: [&[u8]; 3] = [
+    let carried: &[u8] = match CARRIES_CONNECTIONS.load(std::sync::atomic::Ordering::Relaxed) {
+        true => b"; connections it carried were reset",
+        false => b"",
+    };
+    let parts: [&[u8]; 5] = [
         b"skrelay: out of memory: an allocation of ",
         &digits[at..],
-        b" bytes failed; connections it carried were reset (raise the address-space limit, ulimit -v or \
-          LimitAS= in a unit, or the memory available to this process)\n",
+        b" bytes failed",
+        carried,
+        b" (raise the address-space limit, ulimit -v or LimitAS= in a unit, or the memory available to this \
+          process)\n",
     ];
     let reset = libc::linger { l_onoff: 1, l_linger: 0 };
     // SAFETY: write(2) reads each slice, which lives across the call; setsockopt reads the linger
