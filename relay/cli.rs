@@ -584,13 +584,18 @@ pub fn unknown_scope(s: &str) -> Option<String> {
     if scope.bytes().all(|b| b.is_ascii_digit()) {
         // A number is an interface index; one no interface has was taken, and matched a socket
         // on the wildcard address (a re-check pass: `--to [fe80::5%99]:P`).
-        let index = scope.parse::<u32>().ok().filter(|&i| i > 0)?;
+        let index = match scope.parse::<u32>() {
+            Ok(0) => return None,
+            Ok(index) => index,
+            // Too large for an index: it was "cannot resolve", as a host name (a re-check pass).
+            Err(_) => u32::MAX,
+        };
         let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
         // SAFETY: `name` has room for IF_NAMESIZE bytes, as if_indextoname(3) requires.
         let known = !unsafe { libc::if_indextoname(index, name.as_mut_ptr()) }.is_null();
         return (!known).then(|| {
             format!(
-                "`{s}` names no network interface with index {index} in this network namespace (`ip -o link` lists \
+                "`{s}` names no network interface with index {scope} in this network namespace (`ip -o link` lists \
                  them; an interface can be given by name, e.g. [fe80::1%eth0]:7777)"
             )
         });
@@ -751,6 +756,8 @@ mod tests {
         assert!(e.contains("no network interface with index 4000000"), "{e}");
         assert!(parse_listen("[fe80::1%4000000]:7777").is_err());
         assert!(parse_target("[fe80::1%4000000]:7777").is_err());
+        let e = parse_target("[fe80::1%4294967296]:7777").unwrap_err();
+        assert!(e.contains("no network interface with index 4294967296"), "{e}");
     }
 
     #[test]
