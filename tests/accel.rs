@@ -354,6 +354,23 @@ fn bad_input_exits_2_and_leaves_nothing() {
     let (code, _, err) = skrelay_output(&["accel", "on", "--cgroup", &cg.rel, "--ports", "0"]);
     assert_eq!(code, 2, "{err}");
     assert!(!cg.path().exists(), "a refused `on` created the cgroup");
+    // 1,025 distinct ports pass the map's 1,024; 1,024 and a repeat do not (they were refused as
+    // 1,025: a scale pass). The latter fails on the missing cgroup instead, past the count.
+    let ports = |n: u16, repeat: bool| {
+        let mut list: Vec<String> = (20_000..20_000 + n).map(|p| p.to_string()).collect();
+        if repeat {
+            list.push("20000".into());
+        }
+        list.join(",")
+    };
+    let (code, _, err) =
+        skrelay_output(&["accel", "on", "--cgroup", "/tmp/not-a-cgroup", "--ports", &ports(1025, false)]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--ports lists 1025 ports; at most 1024 are supported (accelerate the whole cgroup"), "{err}");
+    let (code, _, err) =
+        skrelay_output(&["accel", "on", "--cgroup", "/tmp/not-a-cgroup", "--ports", &ports(1024, true)]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("is not a cgroup v2 directory"), "{err}");
     // A command that cannot run is refused before the set-up (it measured and set up for half a
     // second, then said so).
     let started = std::time::Instant::now();

@@ -71,7 +71,8 @@ pub struct AccelReport {
     pub fallbacks: u64,
     /// Sockets that could not join because another sk_msg program already holds them.
     pub insert_busy: u64,
-    /// Sockets that could not join for another reason, and the latest errno.
+    /// Connections that could not join for another reason (the first socket's insert failed, so
+    /// the other did not try), and the latest errno.
     pub insert_failed: u64,
     pub last_errno: u64,
     /// Connections left on the normal path because the connecting end sent before the accepted
@@ -158,12 +159,22 @@ impl fmt::Display for AccelReport {
                 self.insert_busy
             )?;
         }
+        // One socket of a connection tries and fails; its other end then does not try. So each
+        // count is a connection, left on plain TCP whole (a scale pass: 3,232 counted as
+        // "sockets" for 3,232 connections, with only the errno to go on).
         if self.insert_failed > 0 {
+            let why = match self.last_errno as i32 {
+                libc::E2BIG | libc::ENOSPC | libc::ENOMEM => format!(
+                    "the socket map is full: it holds {} sockets, two per accelerated connection (accelerate fewer \
+                     connections at once: narrow the cgroup, or give accel on --ports)",
+                    crate::abi::MAX_SOCKETS
+                ),
+                errno => std::io::Error::from_raw_os_error(errno).to_string(),
+            };
             write!(
                 f,
-                "\n  WARNING: {} sockets could not join: {}",
-                self.insert_failed,
-                std::io::Error::from_raw_os_error(self.last_errno as i32)
+                "\n  WARNING: {} connections could not join, and stay on plain TCP, whole: {why}",
+                self.insert_failed
             )?;
         }
         Ok(())
@@ -539,8 +550,13 @@ fn set_up(
             MIN_MAX_QUEUED >> 10
         )));
     }
-    if ports.len() > MAX_PORTS {
-        return Err(Error::Usage(format!("--ports lists {} ports; at most {MAX_PORTS} are supported", ports.len())));
+    // Distinct ports count (a scale pass: 1,024 ports and a repeat were refused as 1,025).
+    let distinct = ports.iter().collect::<std::collections::BTreeSet<_>>().len();
+    if distinct > MAX_PORTS {
+        return Err(Error::Usage(format!(
+            "--ports lists {distinct} ports; at most {MAX_PORTS} are supported (accelerate the whole cgroup without \
+             --ports, or move the services that need no acceleration out of it)"
+        )));
     }
     if ports.contains(&0) {
         return Err(Error::Usage("--ports: port 0 is not a port a connection can use; give ports 1 to 65535".into()));
@@ -1081,6 +1097,54 @@ mod tests {
     fn enabled(rel: &str) -> Enabled {
         let cgroup = Cgroup { mount: PathBuf::from("/sys/fs/cgroup"), rel: rel.into() };
         Enabled { cgroup, pins: PathBuf::from("/sys/fs/bpf/skrelay/accel/x"), measured: None, created: vec![] }
+    }
+
+    /// A full socket map: each failed join is a connection left on plain TCP, and the sentence
+    /// names the map's size and what to do (a scale pass: "3232 sockets could not join:
+    /// Argument list too long (os error 7)" for 3,232 connections).
+    #[test]
+    fn a_full_socket_map_is_said_as_connections_with_the_fix() {
+        let report = AccelReport {
+            cgroup: "/sys/fs/cgroup/x".into(),
+            pins: "/sys/fs/bpf/skrelay/accel/x".into(),
+            ports: vec![],
+            attached: true,
+            max_queued: 1 << 20,
+            small_write: 64 << 10,
+            sockets_open: 65536,
+            sockets_joined: 65536,
+            connections: 32768,
+            sockets_live: 65536,
+            messages: 0,
+            bytes: 0,
+            fallbacks: 0,
+            insert_busy: 0,
+            insert_failed: 3232,
+            last_errno: libc::E2BIG as u64,
+            races_lost: 0,
+            owner: None,
+            cgroup_gone: false,
+            pauses: 0,
+            resumes: 0,
+            stuck: 0,
+            demoted_small: 0,
+            passed: 0,
+            passed_bytes: 0,
+            left: 0,
+        };
+        let text = report.to_string();
+        assert!(
+            text.contains(
+                "WARNING: 3232 connections could not join, and stay on plain TCP, whole: the socket map is full: it \
+                 holds 65536 sockets"
+            ),
+            "{text}"
+        );
+        let other = AccelReport { last_errno: libc::EPERM as u64, ..report }.to_string();
+        assert!(
+            other.contains("3232 connections could not join, and stay on plain TCP, whole: Operation not permitted"),
+            "{other}"
+        );
     }
 
     #[test]
