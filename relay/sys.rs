@@ -293,8 +293,8 @@ pub fn name_this_process(name: &std::ffi::CStr) {
 }
 
 /// The binary's allocator: the system's, but an allocation that fails ends the process with one
-/// sentence and exit 2, after making every socket's close a reset, instead of Rust's abort
-/// ("memory allocation of 16 bytes failed", exit 134, and clients whose streams ended in a clean
+/// sentence and exit 2 (a relay or proxy first makes every socket's close a reset), instead of
+/// Rust's abort ("memory allocation of 16 bytes failed", exit 134, and clients whose streams ended in a clean
 /// EOF). Under a small address-space limit (`ulimit -v`) a relay or proxy failed so at start (a
 /// helper's resource-limits pass). Fallible allocations (`try_reserve`, which `std::fs::read`
 /// uses) end it too: a process that cannot allocate a few bytes cannot go on serving for long,
@@ -341,7 +341,7 @@ unsafe impl std::alloc::GlobalAlloc for ExitWhenOutOfMemory {
 /// sentence: others carry none to reset (a re-check pass found `steer` saying so).
 pub static CARRIES_CONNECTIONS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Says that an allocation of `size` bytes failed, resets every socket this process holds (a
+/// Says that an allocation of `size` bytes failed, resets every socket a relay or proxy holds (a
 /// stream it can no longer carry must not end in a clean EOF), and exits 2. No allocation.
 fn out_of_memory(size: usize) -> ! {
     let mut digits = [0u8; 20];
@@ -355,7 +355,11 @@ fn out_of_memory(size: usize) -> ! {
             break;
         }
     }
-    let carried: &[u8] = match CARRIES_CONNECTIONS.load(std::sync::atomic::Ordering::Relaxed) {
+    // Only a relay or proxy resets: other commands hold duplicates of other processes' sockets
+    // (`steer`'s targets), whose options are those processes' own, and an accepted socket inherits
+    // its listener's linger.
+    let carries = CARRIES_CONNECTIONS.load(std::sync::atomic::Ordering::Relaxed);
+    let carried: &[u8] = match carries {
         true => b"; connections it carried were reset",
         false => b"",
     };
@@ -376,9 +380,10 @@ fn out_of_memory(size: usize) -> ! {
             libc::write(2, part.as_ptr().cast(), part.len());
         }
         let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        let open_max = match libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) {
-            0 => lim.rlim_cur.min(1 << 20) as libc::c_int,
-            _ => 1024,
+        let open_max = match (carries, libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim)) {
+            (false, _) => 0,
+            (true, 0) => lim.rlim_cur.min(1 << 20) as libc::c_int,
+            (true, _) => 1024,
         };
         for fd in 3..open_max {
             libc::setsockopt(
