@@ -143,8 +143,9 @@ pub enum Command {
     /// Serve the pinned steer and accel counters of this network namespace as Prometheus metrics
     /// at http://ADDR/metrics, read at each scrape (nothing is created or attached).
     Metrics(MetricsArgs),
-    /// Check that this machine can run the kernel datapath: loads and attaches the programs,
-    /// then removes them. Exit status 0 if it can, 2 with the reason if not.
+    /// Check that this machine can run the kernel datapath: loads and attaches the programs and
+    /// maps, one set per CPU as relay and proxy do by default, then removes them. Exit status 0 if
+    /// it can, 2 with the reason if not.
     Probe,
 }
 

@@ -45,8 +45,7 @@ fn main() {
         Command::Steer(cmd) => skrelay::steer::command(cmd),
         Command::Status(args) => skrelay::status::run(args),
         Command::Metrics(args) => skrelay::metrics::run(args).map(|()| String::new()),
-        Command::Probe => skrelay::datapath::kernel::KernelDatapath::load(0, Default::default(), Default::default())
-            .map(|_| "kernel datapath: ok\n".to_string()),
+        Command::Probe => skrelay::datapath::probe(),
     };
     match result {
         Ok(stdout) => write_stdout(&stdout),

@@ -392,6 +392,15 @@ fn the_kernel_datapath_needs_cap_perfmon_and_says_so() {
     assert!(err.contains("grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON"), "{err}");
     let out = probe_as_nobody("+bpf,+net_admin,+perfmon");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // As many sets of programs and maps as a relay with the default --threads loads: one said
+    // ok where a relay with two loops ran out of memory (a helper's resource-limits pass).
+    let loops = std::thread::available_parallelism().unwrap().get();
+    let said = String::from_utf8_lossy(&out.stdout);
+    let expected = match loops {
+        1 => "kernel datapath: ok (its programs and maps loaded for 1 event loop)".to_string(),
+        n => format!("kernel datapath: ok (its programs and maps loaded for {n} event loops, one per CPU"),
+    };
+    assert!(said.contains(&expected), "{said}");
 }
 
 /// A report that cannot be written is not a panic: a reader that went away (`steer list | head

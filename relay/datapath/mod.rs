@@ -174,6 +174,20 @@ pub enum SpliceError {
 /// kernel when its programs load and says why in one warning when they do not.
 /// `kernel_after`: bytes a kernel-datapath pair moves through splice(2) before it joins the maps;
 /// `limits`: what kernel pairs may hold (budget.rs).
+/// `skrelay probe`: loads and attaches the kernel datapath's programs and maps as many times as a
+/// relay or proxy with the default `--threads` does (one set per event loop), then removes them.
+/// One set said ok where a relay with two loops ran out of memory (a helper's resource-limits
+/// pass: a memory cgroup too small for the second set).
+pub fn probe() -> Result<String, Error> {
+    let loops = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let loaded = open(DatapathChoice::Kernel, 0, Default::default(), loops)?;
+    let what = match loaded.len() {
+        1 => "its programs and maps loaded for 1 event loop".to_string(),
+        n => format!("its programs and maps loaded for {n} event loops, one per CPU, as relay and proxy load them"),
+    };
+    Ok(format!("kernel datapath: ok ({what})\n"))
+}
+
 pub fn open(
     choice: DatapathChoice,
     kernel_after: u64,
