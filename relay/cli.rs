@@ -582,6 +582,16 @@ pub fn unknown_scope(s: &str) -> Option<String> {
     if !head.starts_with('[') || scope.is_empty() {
         return None;
     }
+    // Only a link-local (or multicast) address is of one interface; on another the kernel drops
+    // the scope without a word (a re-check pass: `--listen [::1%2]:80`).
+    if let Ok(ip) = head[1..].parse::<std::net::Ipv6Addr>() {
+        if !ip.is_unicast_link_local() && !ip.is_multicast() {
+            return Some(format!(
+                "`{s}`: only a link-local address (fe80::/10) is of one interface; {ip} is not, so leave out \
+                 `%{scope}`"
+            ));
+        }
+    }
     if scope.bytes().all(|b| b.is_ascii_digit()) {
         // A number is an interface index; one no interface has was taken, and matched a socket
         // on the wildcard address (a re-check pass: `--to [fe80::5%99]:P`).
@@ -757,6 +767,9 @@ mod tests {
         assert!(e.contains("no network interface with index 4000000"), "{e}");
         assert!(parse_listen("[fe80::1%4000000]:7777").is_err());
         assert!(parse_target("[fe80::1%4000000]:7777").is_err());
+        let e = parse_listen("[::1%1]:7777").unwrap_err();
+        assert!(e.contains("only a link-local address (fe80::/10) is of one interface; ::1 is not"), "{e}");
+        assert!(parse_target("[::ffff:127.0.0.1%lo]:7777").is_err());
         let e = parse_target("[fe80::1%4294967296]:7777").unwrap_err();
         assert!(e.contains("no network interface with index 4294967296"), "{e}");
     }
