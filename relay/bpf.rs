@@ -56,7 +56,7 @@ pub fn unavailable(step: &str, err: &(dyn std::error::Error + 'static)) -> Error
         // address-space limit aya cannot read the kernel's BTF (5 MB or more), loads without
         // it, and the verifier refuses what needs it: root was told to run as root (a
         // resource-limits pass, `ulimit -v 10000`).
-        Some(libc::EACCES) if holds_bpf_capabilities() => match address_space_limit() {
+        Some(libc::EACCES) if holds_bpf_capabilities() => match crate::sys::address_space_limit_kib() {
             Some(kib) => (
                 format!(
                     "the kernel's BTF did not fit the address-space limit of {kib} KiB (ulimit -v), so the verifier \
@@ -116,17 +116,10 @@ pub fn unavailable(step: &str, err: &(dyn std::error::Error + 'static)) -> Error
 /// This process holds, effective, what loading skrelay's programs takes: CAP_SYS_ADMIN, or
 /// CAP_BPF with CAP_PERFMON and CAP_NET_ADMIN.
 fn holds_bpf_capabilities() -> bool {
-    let Ok(status) = std::fs::read_to_string("/proc/self/status") else { return false };
-    let Some(eff) = status.lines().find_map(|l| l.strip_prefix("CapEff:")) else { return false };
-    let Ok(eff) = u64::from_str_radix(eff.trim(), 16) else { return false };
+    let Some(eff) = crate::sys::effective_capabilities(std::path::Path::new("/proc/self")) else { return false };
     let has = |cap: u32| eff & (1 << cap) != 0;
     // capability.h: NET_ADMIN 12, SYS_ADMIN 21, PERFMON 38, BPF 39.
     !in_user_namespace() && (has(21) || (has(39) && has(38) && has(12)))
-}
-
-/// The soft address-space limit (RLIMIT_AS, `ulimit -v`) in KiB, where there is one.
-fn address_space_limit() -> Option<u64> {
-    rustix::process::getrlimit(rustix::process::Resource::As).current.map(|bytes| bytes / 1024)
 }
 
 /// This process runs in a user namespace other than the initial one (`unshare -U`, a rootless

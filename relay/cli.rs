@@ -565,9 +565,7 @@ pub fn numeric_scope(s: &str) -> std::borrow::Cow<'_, str> {
     if !head.starts_with('[') || scope.is_empty() || scope.bytes().all(|b| b.is_ascii_digit()) {
         return s.into();
     }
-    let Ok(name) = std::ffi::CString::new(scope) else { return s.into() };
-    // SAFETY: `name` is a NUL-terminated string that lives across the call.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    let index = crate::sys::interface_index(scope);
     if index == 0 {
         return s.into();
     }

@@ -151,10 +151,9 @@ fn threads_reason(e: &io::Error) -> String {
         Some(libc::EAGAIN) => format!(
             "no more tasks allowed (raise the task limit: pids.max of its cgroup, TasksMax= in the unit, or `ulimit \
              -u`{}; or serve with fewer loops: --threads 1 runs its one loop in the main thread)",
-            match rustix::process::getrlimit(rustix::process::Resource::As).current {
-                Some(bytes) => format!(
-                    ", or the address-space limit of {} KiB that thread stacks count against: `ulimit -v`, LimitAS=",
-                    bytes / 1024
+            match crate::sys::address_space_limit_kib() {
+                Some(kib) => format!(
+                    ", or the address-space limit of {kib} KiB that thread stacks count against: `ulimit -v`, LimitAS="
                 ),
                 None => String::new(),
             }

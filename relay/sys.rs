@@ -398,6 +398,24 @@ fn out_of_memory(size: usize) -> ! {
     }
 }
 
+/// The index of network interface `name` in this network namespace, 0 if there is none.
+pub fn interface_index(name: &str) -> u32 {
+    let Ok(name) = std::ffi::CString::new(name) else { return 0 };
+    // SAFETY: `name` is a NUL-terminated string that lives across the call.
+    unsafe { libc::if_nametoindex(name.as_ptr()) }
+}
+
+/// The soft address-space limit (RLIMIT_AS, `ulimit -v`) in KiB, where there is one.
+pub fn address_space_limit_kib() -> Option<u64> {
+    rustix::process::getrlimit(rustix::process::Resource::As).current.map(|bytes| bytes / 1024)
+}
+
+/// The effective capabilities of process `proc` (/proc/PID or /proc/self), as a bit set.
+pub fn effective_capabilities(proc: &std::path::Path) -> Option<u64> {
+    let status = std::fs::read_to_string(proc.join("status")).ok()?;
+    u64::from_str_radix(status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim(), 16).ok()
+}
+
 /// Raises the soft limit on open files to the hard limit: every pair holds two sockets (and two
 /// pipes on the userspace datapath). Returns the soft limit now in force.
 pub fn raise_fd_limit() -> u64 {

@@ -351,10 +351,7 @@ fn permission(proc: &std::path::Path, e: std::io::Error) -> String {
 
 /// The effective capabilities of process `proc` (/proc/PID) that this process lacks, by name.
 fn caps_beyond_ours(proc: &std::path::Path) -> Vec<String> {
-    let eff = |p: &std::path::Path| -> Option<u64> {
-        let status = std::fs::read_to_string(p.join("status")).ok()?;
-        u64::from_str_radix(status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim(), 16).ok()
-    };
+    let eff = crate::sys::effective_capabilities;
     let (Some(theirs), Some(ours)) = (eff(proc), eff(std::path::Path::new("/proc/self"))) else { return vec![] };
     // capability.h's order: a root process holds them all, and "capability 7" said nothing.
     const NAMES: [&str; 41] = [

@@ -60,7 +60,7 @@ impl Target {
             // A wildcard socket bound to another interface (SO_BINDTODEVICE) takes nothing of the
             // interface named (a re-check pass: it was taken, with only a note).
             let other_device =
-                t.device.as_deref().is_some_and(|dev| scope(&addr) != 0 && interface_index(dev) != scope(&addr));
+                t.device.as_deref().is_some_and(|dev| scope(&addr) != 0 && sys::interface_index(dev) != scope(&addr));
             if t.local.ip().is_unspecified() && !other_device {
                 if scope(&addr) == 0 && !found.is_empty() {
                     // The address alone names sockets bound on interfaces as well as this one:
@@ -356,13 +356,6 @@ fn find_owner(inode: u64) -> Result<(i32, i32), usize> {
         }
     }
     Err(hidden)
-}
-
-/// The index of network interface `name` in this network namespace, 0 if there is none.
-fn interface_index(name: &str) -> u32 {
-    let Ok(name) = std::ffi::CString::new(name) else { return 0 };
-    // SAFETY: `name` is a NUL-terminated string that lives across the call.
-    unsafe { libc::if_nametoindex(name.as_ptr()) }
 }
 
 #[cfg(test)]
