@@ -1176,9 +1176,7 @@ fn a_proxy_moved_into_an_accelerated_cgroup_resets_new_clients() {
     std::fs::write(cg.path().join("cgroup.procs"), proxy.pid().to_string()).unwrap();
     let mut client = std::net::TcpStream::connect(&listen).unwrap();
     client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let _ = std::io::Write::write_all(&mut client, &8u64.to_le_bytes());
-    let mut buf = [0u8; 64];
-    let got = std::io::Read::read(&mut client, &mut buf);
+    let got = send_then_read(&mut client, &8u64.to_le_bytes());
     assert!(
         matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
         "a client of the moved proxy: {got:?}\n{}",
@@ -1212,7 +1210,7 @@ fn a_proxy_moved_into_an_accelerated_cgroup_resets_new_clients() {
     std::fs::write(cg.path().join("cgroup.procs"), proxy.pid().to_string()).unwrap();
     let mut client = std::net::TcpStream::connect(&listen).unwrap();
     client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let got = std::io::Read::read(&mut client, &mut buf);
+    let got = std::io::Read::read(&mut client, &mut [0u8; 64]);
     assert!(matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset), "{got:?}");
     let (code, out, err) = skrelay_output(&["accel", "off", "--cgroup", &cg.rel]);
     assert_eq!(code, 0, "{out}{err}");
@@ -1234,7 +1232,7 @@ fn a_proxy_moved_into_an_accelerated_cgroup_resets_new_clients() {
     assert!(on.status.success(), "{}", String::from_utf8_lossy(&on.stderr));
     let mut client = std::net::TcpStream::connect(&listen).unwrap();
     client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let got = std::io::Read::read(&mut client, &mut buf);
+    let got = std::io::Read::read(&mut client, &mut [0u8; 64]);
     assert!(matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset), "{got:?}\n{}", proxy.log());
     proxy.wait_log("skrelay accel now covers this process's cgroup: cannot run the proxy", 1, Duration::from_secs(5));
     std::fs::write(home.join("cgroup.procs"), proxy.pid().to_string()).unwrap();

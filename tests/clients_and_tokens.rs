@@ -189,9 +189,7 @@ fn clients_beyond_max_pending_are_reset_at_once_and_the_rest_are_served() {
     t2.write_all(b"two\n").unwrap();
     thread::sleep(Duration::from_millis(100));
     let mut t3 = connect(addr());
-    let _ = t3.write_all(b"three\n");
-    let mut buf = [0u8; 1];
-    let r = t3.read(&mut buf);
+    let r = send_then_read(&mut t3, b"three\n");
     assert!(
         matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
         "third waiting client should be reset, got {r:?}"

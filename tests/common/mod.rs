@@ -510,6 +510,19 @@ pub fn expect_eof(s: &mut TcpStream) {
     }
 }
 
+/// Sends `bytes` and reads one answer: Err(ConnectionReset) if the peer reset the connection,
+/// seen on the write or on the read. A reset that comes before the write is reported by the
+/// write, once (SO_ERROR is cleared), and the read after it sees 0: taking that 0 for a clean EOF
+/// failed a CI run whose client was descheduled between its connect and its write.
+pub fn send_then_read(s: &mut TcpStream, bytes: &[u8]) -> std::io::Result<usize> {
+    if let Err(e) = s.write_all(bytes) {
+        if e.kind() == std::io::ErrorKind::ConnectionReset {
+            return Err(e);
+        }
+    }
+    s.read(&mut [0u8; 64])
+}
+
 /// Free port on 127.0.0.1 in this netns (bound then released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
