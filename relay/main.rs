@@ -30,10 +30,18 @@ fn main() {
             }
         },
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_target(false)
-        .format_timestamp_millis()
-        .init();
+    let mut log = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    log.format_target(false).format_timestamp_millis();
+    // The commands that serve clients never wait for their log's reader (`log_sink`).
+    let serves = matches!(cli.command, Command::Relay(_) | Command::Proxy(_));
+    if serves {
+        use std::io::IsTerminal;
+        if std::env::var_os("RUST_LOG_STYLE").is_none() && std::io::stderr().is_terminal() {
+            log.write_style(env_logger::WriteStyle::Always);
+        }
+        log.target(env_logger::Target::Pipe(skrelay::log_sink::start()));
+    }
+    log.init();
     let result = match cli.command {
         Command::Relay(args) => skrelay::relay_cmd::run(args).map(|()| String::new()),
         Command::Proxy(args) => skrelay::proxy_cmd::run(args).map(|()| String::new()),
@@ -47,6 +55,9 @@ fn main() {
         Command::Metrics(args) => skrelay::metrics::run(args).map(|()| String::new()),
         Command::Probe => skrelay::datapath::probe(),
     };
+    if serves {
+        skrelay::log_sink::drain(LAST_LOG_WAIT);
+    }
     match result {
         Ok(stdout) => write_stdout(&stdout),
         Err(e) => {
@@ -55,6 +66,9 @@ fn main() {
         }
     }
 }
+
+/// Longest a relay or a proxy waits at exit for its queued log lines to be written.
+const LAST_LOG_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Prints a command's report. A reader that went away (`steer list | head -1`) ends it quietly, as
 /// the command itself is done; any other failure to write (a full disk) is said, with exit 2, and

@@ -282,6 +282,23 @@ impl Drop for StopSignalsHeld {
     }
 }
 
+/// Runs `f` (which starts a thread) with every signal blocked, and gives the caller's mask back:
+/// the thread inherits the full mask, so a signal for the process never goes to it, where the
+/// stop handlers do not run (a SIGINT during start-up was lost to the log thread).
+pub fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: sigset_t is plain data, filled by sigfillset/pthread_sigmask before use; the old
+    // mask is put back before returning.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        let out = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        out
+    }
+}
+
 /// Names this process (its main thread's `comm`) `name`, whatever its binary is called, so that
 /// other skrelay commands know it for a relay or proxy (`running::PROCESS_NAME`).
 pub fn name_this_process(name: &std::ffi::CStr) {

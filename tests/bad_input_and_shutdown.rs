@@ -626,3 +626,64 @@ fn a_backlog_capped_by_somaxconn_is_warned_about() {
     let (_, log) = relay.stop(Duration::from_secs(10));
     assert!(!log.contains("somaxconn"), "{log}");
 }
+
+/// A log reader that takes nothing (a pipe nobody drains, a terminal stopped with Ctrl-S) held
+/// the whole relay: once clients had filled the pipe with their lines, the event loop blocked in
+/// its write to standard error and served nobody (a stranger's pass: 1,500 pairs that closed at
+/// once, and the next pair got nothing). The log is now queued for a thread of its own, bounded,
+/// with the lines past the bound dropped and counted; a stop signal ends the process within the
+/// 2 s it waits for its last lines.
+#[test]
+fn a_log_reader_that_takes_nothing_stops_no_pair() {
+    let _netns = enter_netns();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut relay = Reaper(
+        Command::new(SKRELAY)
+            .args(["relay", "--datapath", "userspace", "--listen", &listen])
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // Standard error is a pipe that this test holds and does not read (64 KiB of room).
+    let stderr = relay.0.stderr.take().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(&listen).is_err() {
+        assert!(Instant::now() < deadline, "the relay did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Each pair logs about 400 bytes at debug: 2,500 pairs make 1 MB, past the pipe's room.
+    let to: SocketAddr = listen.parse().unwrap();
+    let connect = || {
+        std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("a client could not connect (the relay stopped accepting?): {e}"))
+    };
+    for _ in 0..2500 {
+        drop((connect(), connect()));
+    }
+    let (mut a, mut b) = (connect(), connect());
+    b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    a.write_all(b"still served").unwrap();
+    assert_eq!(read_n(&mut b, 12), b"still served", "a pair after the log's pipe filled");
+    drop((a, b));
+    let asked = Instant::now();
+    // SAFETY: kill(2) with a pid and a signal number touches no memory of ours.
+    unsafe { libc::kill(relay.0.id() as i32, libc::SIGTERM) };
+    let status = loop {
+        if let Some(status) = relay.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(asked.elapsed() < Duration::from_secs(10), "SIGTERM with an unread log did not end the relay");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    assert!(asked.elapsed() < Duration::from_secs(5), "the stop took {:?}", asked.elapsed());
+    // What the pipe took is the log's start, whole lines in order.
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut { stderr }, &mut text).unwrap();
+    assert!(text.len() >= 60_000, "{} bytes of log", text.len());
+    assert!(text.contains("listening on"), "{}", &text[..200]);
+}
