@@ -22,16 +22,8 @@ const FLUSH_CHECK_MAX: Duration = Duration::from_millis(100);
 /// keeps reading keeps it waiting.
 const RESET_GRACE: Duration = Duration::from_secs(1);
 
-/// Makes the next close of this socket send a RST instead of a FIN: also the close the kernel
-/// does when the process dies, so a reader never takes a cut stream for a whole one.
-pub(super) fn reset_on_close(stream: &TcpStream) {
-    let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
-}
-
-/// Undoes `reset_on_close`: the next close is an orderly one (FIN after every queued byte).
-fn close_gracefully(stream: &TcpStream) {
-    let _ = SockRef::from(stream).set_linger(None);
-}
+use crate::sys::close_gracefully;
+pub(super) use crate::sys::reset_on_close;
 
 pub(super) struct Pair {
     ends: [TcpStream; 2],
