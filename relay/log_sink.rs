@@ -11,6 +11,7 @@
 //! reader takes lines again.
 use std::collections::VecDeque;
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,14 @@ struct Shared {
 
 static SHARED: OnceLock<Arc<Shared>> = OnceLock::new();
 
+/// Every line dropped since start (`skrelay_log_lines_dropped_total`).
+static DROPPED_TOTAL: AtomicU64 = AtomicU64::new(0);
+
+/// How many log lines were dropped since start because standard error did not take them.
+pub fn dropped_total() -> u64 {
+    DROPPED_TOTAL.load(Ordering::Relaxed)
+}
+
 /// A writer for the logger: each write is one line (env_logger writes a record with one
 /// `write_all`), queued for the log thread, or dropped when `QUEUED_LOG_BYTES` wait already.
 pub struct QueuedStderr(Arc<Shared>);
@@ -43,6 +52,7 @@ impl Write for QueuedStderr {
         let mut q = self.0.queue.lock().unwrap_or_else(|e| e.into_inner());
         if q.bytes + line.len() > QUEUED_LOG_BYTES {
             q.dropped += 1;
+            DROPPED_TOTAL.fetch_add(1, Ordering::Relaxed);
         } else {
             q.bytes += line.len();
             q.lines.push_back(line.to_vec());

@@ -121,6 +121,8 @@ struct Inner {
     loop_pairs: Family<UpstreamLabel, Gauge>,
     upstream_up: Family<UpstreamLabel, Gauge>,
     upstream_failures: Family<UpstreamLabel, Counter>,
+    /// Log lines dropped because standard error did not take them (`log_sink`), read at each scrape.
+    log_dropped: Counter,
     /// The kernel datapath's in-flight bytes, read at each scrape (see `set_inflight_sampler`).
     inflight_sampler: Mutex<Option<Sampler>>,
     /// Set when the responder is to stop (`stop_serving`).
@@ -206,6 +208,13 @@ impl Metrics {
             "proxy: connects to this upstream that were refused, failed or timed out",
             upstream_failures.clone(),
         );
+        let log_dropped = Counter::default();
+        registry.register(
+            "skrelay_log_lines_dropped",
+            "Log lines dropped because standard error did not take them as fast as they came (the process never \
+             waits for its log)",
+            log_dropped.clone(),
+        );
         for &dp in datapaths {
             let _ = pairs_active.get_or_create(&[("datapath", dp)]);
             let _ = bytes_total.get_or_create(&[("datapath", dp)]);
@@ -227,6 +236,7 @@ impl Metrics {
                 loop_pairs,
                 upstream_up,
                 upstream_failures,
+                log_dropped,
                 inflight_sampler: Mutex::new(None),
                 stop: Arc::new(AtomicBool::new(false)),
             }),
@@ -305,6 +315,8 @@ impl Metrics {
         if let Some(sample) = self.inner.inflight_sampler.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             self.inner.kernel_inflight.set(i64::try_from(sample()).unwrap_or(i64::MAX));
         }
+        let dropped = &self.inner.log_dropped;
+        dropped.inc_by(crate::log_sink::dropped_total().saturating_sub(dropped.get()));
         encode(&self.inner.registry)
     }
 }
@@ -767,6 +779,8 @@ mod tests {
         assert!(text.contains("skrelay_pending_clients 3\n"), "{text}");
         assert!(text.contains(&format!("skrelay_build_info{{version=\"{}\"}} 1\n", env!("CARGO_PKG_VERSION"))));
         assert!(text.contains("skrelay_kernel_inflight_bytes 0\n"), "{text}");
+        // Its value is the process's (other unit tests drop lines too).
+        assert!(text.contains("skrelay_log_lines_dropped_total "), "{text}");
         // Samples in label order, the same in every scrape.
         let kernel_ends = "skrelay_pairs_total{datapath=\"kernel\",ending=\"drain\"} 0\n\
                            skrelay_pairs_total{datapath=\"kernel\",ending=\"eof\"} 1\n\

@@ -638,9 +638,11 @@ fn a_log_reader_that_takes_nothing_stops_no_pair() {
     let _netns = enter_netns();
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
+    let metrics: SocketAddr =
+        format!("127.0.0.1:{}", std::iter::repeat_with(free_port).find(|&p| p != port).unwrap()).parse().unwrap();
     let mut relay = Reaper(
         Command::new(SKRELAY)
-            .args(["relay", "--datapath", "userspace", "--listen", &listen])
+            .args(["relay", "--datapath", "userspace", "--listen", &listen, "--metrics", &metrics.to_string()])
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -655,13 +657,14 @@ fn a_log_reader_that_takes_nothing_stops_no_pair() {
         assert!(Instant::now() < deadline, "the relay did not listen");
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Each pair logs about 400 bytes at debug: 2,500 pairs make 1 MB, past the pipe's room.
+    // Each pair logs about 400 bytes at debug: 4,000 pairs make 1.6 MB, past the pipe's 64 KiB
+    // and the 1 MiB queue.
     let to: SocketAddr = listen.parse().unwrap();
     let connect = || {
         std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5))
             .unwrap_or_else(|e| panic!("a client could not connect (the relay stopped accepting?): {e}"))
     };
-    for _ in 0..2500 {
+    for _ in 0..4000 {
         drop((connect(), connect()));
     }
     let (mut a, mut b) = (connect(), connect());
@@ -669,6 +672,7 @@ fn a_log_reader_that_takes_nothing_stops_no_pair() {
     a.write_all(b"still served").unwrap();
     assert_eq!(read_n(&mut b, 12), b"still served", "a pair after the log's pipe filled");
     drop((a, b));
+    assert!(scrape(metrics).get("skrelay_log_lines_dropped_total") > 0, "no log line counted as dropped");
     let asked = Instant::now();
     // SAFETY: kill(2) with a pid and a signal number touches no memory of ours.
     unsafe { libc::kill(relay.0.id() as i32, libc::SIGTERM) };
