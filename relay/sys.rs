@@ -211,7 +211,7 @@ pub fn unmapped(addr: std::net::SocketAddr) -> std::net::SocketAddr {
     }
 }
 
-/// SIGINT and SIGTERM held back (blocked) while alive: a relay's handlers are installed only
+/// SIGINT, SIGTERM, SIGHUP, SIGQUIT (and SIGUSR1, which would kill) held back (blocked) while alive: a relay's handlers are installed only
 /// once its datapaths are loaded and its event loop exists (0.1 s, seconds with many
 /// `--threads`), and a SIGINT before that was lost when the shell had it ignored (a background
 /// job of a script), a SIGTERM ended the process without its drain. Blocked, they wait (even an
@@ -225,8 +225,9 @@ impl StopSignalsHeld {
         unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGINT);
-            libc::sigaddset(&mut set, libc::SIGTERM);
+            for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1] {
+                libc::sigaddset(&mut set, signal);
+            }
             libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
             StopSignalsHeld(set, std::cell::Cell::new(false))
         }
@@ -253,13 +254,12 @@ impl StopSignalsHeld {
             if libc::sigpending(&mut set) != 0 {
                 return None;
             }
-            if libc::sigismember(&set, libc::SIGINT) == 1 {
-                Some("SIGINT")
-            } else if libc::sigismember(&set, libc::SIGTERM) == 1 {
-                Some("SIGTERM")
-            } else {
-                None
-            }
+            [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM"), (libc::SIGHUP, "SIGHUP"), (libc::SIGQUIT, "SIGQUIT")]
+                .into_iter()
+                .find(|&(signal, _)| {
+                    libc::sigismember(&set, signal) == 1 && !(signal == libc::SIGHUP && signal_ignored(signal))
+                })
+                .map(|(_, name)| name)
         }
     }
 }
@@ -279,6 +279,15 @@ impl Drop for StopSignalsHeld {
         unsafe {
             libc::pthread_sigmask(libc::SIG_UNBLOCK, &self.0, std::ptr::null_mut());
         }
+    }
+}
+
+/// Whether `signal` is ignored (SIG_IGN), as `nohup` leaves SIGHUP for the programs it starts.
+pub fn signal_ignored(signal: i32) -> bool {
+    // SAFETY: sigaction with a null new action only reads the current one into `old`.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(signal, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
     }
 }
 

@@ -341,6 +341,67 @@ fn the_stop_signal_again_resets_live_pairs_at_once(dp: &str) {
 
 per_datapath!(the_stop_signal_again_resets_live_pairs_at_once);
 
+/// SIGHUP, SIGQUIT and SIGUSR1 were left at their defaults, which kill: a relay started from an
+/// ssh session cut every pair when the session hung up, with no drain and no log line (a
+/// helper's pass). SIGHUP now drains as SIGTERM does (unless ignored when skrelay started, as
+/// `nohup` does), SIGQUIT closes every pair at once with a reset, and SIGUSR1 is said and ignored.
+fn hangup_drains_quit_stops_at_once_and_usr1_is_ignored(dp: &str) {
+    let _netns = enter_netns();
+    let pair = || {
+        let (mut a, mut b) = (connect(addr()), connect(addr()));
+        a.write_all(b"x").unwrap();
+        assert_eq!(read_n(&mut b, 1), b"x");
+        (a, b)
+    };
+    // SIGUSR1, then SIGHUP: the pair goes on, then finishes whole.
+    let mut relay = Skrelay::start(&["relay", "--datapath", dp, "--drain-timeout", "60"]);
+    let (mut a, mut b) = pair();
+    relay.signal(libc::SIGUSR1);
+    relay.wait_log("SIGUSR1 means nothing to skrelay: serving on", 1, Duration::from_secs(5));
+    relay.signal(libc::SIGHUP);
+    relay.wait_log("SIGHUP: no longer accepting; letting 1 live pair(s) finish", 1, Duration::from_secs(5));
+    b.write_all(b"after the hangup").unwrap();
+    assert_eq!(read_n(&mut a, 16), b"after the hangup");
+    a.shutdown(Shutdown::Write).unwrap();
+    b.shutdown(Shutdown::Write).unwrap();
+    expect_eof(&mut a);
+    expect_eof(&mut b);
+    let status = relay.wait(Duration::from_secs(10));
+    assert!(status.success(), "{dp}: exit {status}\n{}", relay.log());
+    drop(relay);
+    // SIGQUIT: reset at once, exit 0.
+    let mut relay = Skrelay::start(&["relay", "--datapath", dp, "--drain-timeout", "60"]);
+    let (mut a, mut b) = pair();
+    let t0 = Instant::now();
+    relay.signal(libc::SIGQUIT);
+    let status = relay.wait(Duration::from_secs(10));
+    assert!(status.success(), "{dp}: exit {status}\n{}", relay.log());
+    assert!(t0.elapsed() < Duration::from_secs(5), "{dp}: {:?}", t0.elapsed());
+    for s in [&mut a, &mut b] {
+        let r = std::io::Read::read(s, &mut [0u8; 1]);
+        assert!(matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset), "{dp}: got {r:?}");
+    }
+    relay.wait_log("SIGQUIT: no longer accepting; closing 1 live pair(s) now", 1, Duration::from_secs(5));
+    relay.wait_log("reset: SIGQUIT stops at once", 1, Duration::from_secs(5));
+    drop(relay);
+    // Under nohup (SIGHUP ignored), a hangup changes nothing.
+    let mut cmd = Command::new("nohup");
+    cmd.args([SKRELAY, "relay", "--datapath", dp, "--kernel-after", "0"]);
+    let mut relay = Skrelay::spawn(cmd, "listening on");
+    let (mut a, mut b) = pair();
+    relay.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    b.write_all(b"y").unwrap();
+    assert_eq!(read_n(&mut a, 1), b"y", "{dp}: a pair after a hangup under nohup");
+    assert!(!relay.log().contains("SIGHUP"), "{dp}: {}", relay.log());
+    drop((a, b));
+    relay.signal(libc::SIGTERM);
+    let status = relay.wait(Duration::from_secs(10));
+    assert!(status.success(), "{dp}: exit {status}\n{}", relay.log());
+}
+
+per_datapath!(hangup_drains_quit_stops_at_once_and_usr1_is_ignored);
+
 #[test]
 fn the_kernel_datapath_warns_when_the_scheduler_can_starve_its_worker_threads() {
     // With kernel.sched_autogroup_enabled=1 the kernel's worker threads, which move a kernel
@@ -557,7 +618,7 @@ fn a_stop_signal_during_start_up_is_not_lost() {
     if !require_bpf("a_stop_signal_during_start_up_is_not_lost") {
         return;
     }
-    for (signal, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM")] {
+    for (signal, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM"), (libc::SIGHUP, "SIGHUP")] {
         let mut relay = Command::new("sh")
             .args([
                 "-c",

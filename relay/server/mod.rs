@@ -43,7 +43,7 @@ use mio::{
     net::{TcpListener, TcpStream},
     Events, Interest, Poll, Token, Waker,
 };
-use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR2};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 use std::{
@@ -220,9 +220,15 @@ impl Server {
         let poll = Poll::new().map_err(|e| Error::io("cannot create the event loop", e))?;
         let waker = Waker::new(poll.registry(), INBOX).map_err(|e| Error::io("cannot create the event loop", e))?;
         let threads = Threads::front(1 + datapaths.len(), waker);
-        // SIGUSR2: a new skrelay took our sockets (--takeover) and asks us to hand over.
-        let mut signals =
-            Signals::new([SIGINT, SIGTERM, SIGUSR2]).map_err(|e| Error::io("cannot handle signals", e))?;
+        // SIGUSR2: a new skrelay took our sockets (--takeover) and asks us to hand over. SIGHUP
+        // (the terminal or session went away) drains as SIGTERM does, SIGQUIT (Ctrl-\\) stops at
+        // once, SIGUSR1 is said and ignored: left at their defaults, each killed the process with
+        // no drain and no word (a helper's pass: every pair of a relay started from an ssh
+        // session cut when the session hung up).
+        // A SIGHUP ignored when we start (`nohup`) stays ignored: that is what the user asked for.
+        let hangup = Some(SIGHUP).filter(|&s| !sys::signal_ignored(s));
+        let mut signals = Signals::new([SIGINT, SIGTERM, SIGQUIT, SIGUSR1, SIGUSR2].into_iter().chain(hangup))
+            .map_err(|e| Error::io("cannot handle signals", e))?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
             .and_then(|_| poll.registry().register(&mut signals, SIGNALS, Interest::READABLE))
@@ -1190,18 +1196,26 @@ impl Server {
         for signal in signals {
             let mut name = match signal {
                 SIGINT => "SIGINT",
+                SIGHUP => "SIGHUP",
+                SIGQUIT => "SIGQUIT",
                 SIGUSR2 => "SIGUSR2 (handing over to the skrelay that took over)",
                 _ => "SIGTERM",
             };
+            if signal == SIGUSR1 {
+                log::warn!(
+                    "SIGUSR1 means nothing to skrelay: serving on (SIGTERM, SIGINT or SIGHUP stop it after a drain, \
+                     SIGQUIT at once; SIGUSR2 is for --takeover)"
+                );
+                continue;
+            }
             // Handing over while already stopping changes nothing.
             if signal == SIGUSR2 && self.drain_deadline.is_some() {
                 continue;
             }
             if self.drain_deadline.is_some() {
-                log::warn!("{name} again: closing {} live pair(s) now", self.threads.pairs());
-                self.end_all(|| Ending::CutBySignal(name));
-                self.threads.tell(|| Order::EndAll(name));
-                self.drain_deadline = Some(Instant::now());
+                let again = if signal == SIGQUIT { "" } else { " again" };
+                log::warn!("{name}{again}: closing {} live pair(s) now", self.threads.pairs());
+                self.close_all_now(name);
                 continue;
             }
             let status = match signal {
@@ -1259,11 +1273,15 @@ impl Server {
                     log::error!("cannot restart the event loops' threads: {e}; their pairs wait");
                 }
             }
-            log::info!(
-                "{name}: no longer accepting; letting {} live pair(s) finish (up to {}s)",
-                self.threads.pairs(),
-                self.drain_timeout.as_secs_f64()
-            );
+            if signal == SIGQUIT {
+                log::warn!("SIGQUIT: no longer accepting; closing {} live pair(s) now", self.threads.pairs());
+            } else {
+                log::info!(
+                    "{name}: no longer accepting; letting {} live pair(s) finish (up to {}s)",
+                    self.threads.pairs(),
+                    self.drain_timeout.as_secs_f64()
+                );
+            }
             let waiting: Vec<usize> =
                 self.slots.iter().filter(|(_, s)| matches!(s, Slot::Pending(_))).map(|(k, _)| k).collect();
             for slot in waiting.into_iter().filter(|_| !keep) {
@@ -1272,7 +1290,18 @@ impl Server {
             let deadline = Instant::now() + self.drain_timeout;
             self.start_drain(deadline);
             self.threads.tell(move || Order::Drain(deadline));
+            if signal == SIGQUIT {
+                self.close_all_now(name);
+            }
         }
+    }
+
+    /// Ends every live pair at once with a reset (a second stop signal, or SIGQUIT), in every
+    /// event loop, and lets the process exit.
+    fn close_all_now(&mut self, name: &'static str) {
+        self.end_all(|| Ending::CutBySignal(name));
+        self.threads.tell(|| Order::EndAll(name));
+        self.drain_deadline = Some(Instant::now());
     }
 }
 
