@@ -65,6 +65,12 @@ pub trait Splice: Send {
     fn idle(&self) -> bool {
         false
     }
+    /// The most bytes one read took from a source so far, either way: how a pair on splice(2)
+    /// tells a bulk stream (reads of tens of KiB) from request/response traffic (one message a
+    /// read), which the kernel datapath carries more slowly. Unknown: `usize::MAX`.
+    fn largest_read(&self) -> usize {
+        usize::MAX
+    }
     /// Where the pair's bytes stand inside the datapath, for the log of a pair that does not
     /// finish when asked to (drain).
     fn describe(&self) -> Option<String> {

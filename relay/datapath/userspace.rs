@@ -87,6 +87,8 @@ struct Direction {
     in_pipe: usize,
     src_eof: bool,
     moved: u64,
+    /// The most bytes one read took from the source (`Splice::largest_read`).
+    largest_read: usize,
 }
 
 pub struct UserspaceSplice {
@@ -96,7 +98,7 @@ pub struct UserspaceSplice {
 impl UserspaceSplice {
     /// Takes no pipe yet: `advance` takes one when it has bytes to move and gives it back empty.
     fn new() -> Self {
-        let direction = || Direction { pipe: None, in_pipe: 0, src_eof: false, moved: 0 };
+        let direction = || Direction { pipe: None, in_pipe: 0, src_eof: false, moved: 0, largest_read: 0 };
         UserspaceSplice { dirs: [direction(), direction()] }
     }
 }
@@ -155,6 +157,7 @@ impl Direction {
                     }
                 }
                 self.moved += written as u64;
+                self.largest_read = self.largest_read.max(written);
                 if written < n {
                     return Ok(Flow::Open);
                 }
@@ -194,6 +197,7 @@ impl Direction {
                         }
                         Ok(n) => {
                             self.in_pipe += n;
+                            self.largest_read = self.largest_read.max(n);
                             progressed = true;
                         }
                         _ if would_block(&r) => {}
@@ -254,6 +258,10 @@ impl Splice for UserspaceSplice {
 
     fn interest(&self) -> Interest {
         Interest::READABLE | Interest::WRITABLE
+    }
+
+    fn largest_read(&self) -> usize {
+        self.dirs[0].largest_read.max(self.dirs[1].largest_read)
     }
 
     fn release(&mut self) {}
