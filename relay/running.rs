@@ -28,6 +28,9 @@ pub struct Server {
     pub metrics_silent: bool,
     /// `proxy`: the ports of its `--upstream` addresses, from its command line.
     pub upstream_ports: Vec<u16>,
+    /// Stopped (SIGSTOP, a debugger): its kernel pairs still move bytes, nothing else happens
+    /// until it runs again (a helper's pass: `status` listed a stopped relay as serving).
+    pub stopped: bool,
 }
 
 /// A running relay's own figures, read from its `--metrics` endpoint.
@@ -55,6 +58,7 @@ impl Server {
             // null without --metrics; false when they did not answer within 1 s (the figures
             // above are null then too).
             "metrics_answered": self.metrics.map(|_| !self.metrics_silent),
+            "stopped": self.stopped,
         })
     }
 }
@@ -62,9 +66,14 @@ impl Server {
 impl std::fmt::Display for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let listening: Vec<String> = self.listening.iter().map(|a| a.to_string()).collect();
+        let stopped = if self.stopped {
+            "stopped (SIGCONT resumes it; meanwhile its kernel pairs move bytes, and nothing else happens): "
+        } else {
+            ""
+        };
         write!(
             f,
-            "  {} (pid {}): listening on {}, {} datapath, {} connection(s)",
+            "  {} (pid {}): {stopped}listening on {}, {} datapath, {} connection(s)",
             self.command,
             self.pid,
             if listening.is_empty() { "nothing (draining)".to_string() } else { listening.join(", ") },
@@ -79,7 +88,9 @@ impl std::fmt::Display for Server {
                 write!(f, "; {} pair(s), {} byte(s) in flight in the kernel", l.pairs, l.kernel_inflight)?
             }
             Some(l) => write!(f, "; {} pair(s)", l.pairs)?,
-            None if self.metrics_silent => write!(f, "; its metrics did not answer within 1 s: pairs unknown")?,
+            None if self.metrics_silent && !self.stopped => {
+                write!(f, "; its metrics did not answer within 1 s: pairs unknown")?
+            }
             None => {}
         }
         Ok(())
@@ -204,6 +215,13 @@ fn with_scope(addr: SocketAddr, cmdline: &[u8], flag: &str) -> SocketAddr {
     }
 }
 
+/// Whether the process is stopped: state `T` (a stop signal) or `t` (a debugger) in
+/// /proc/PID/stat, the field after the command name (which may hold spaces and parentheses).
+fn process_stopped(dir: &Path) -> bool {
+    let stat = fs::read_to_string(dir.join("stat")).unwrap_or_default();
+    stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|s| s == "T" || s == "t")
+}
+
 fn inspect(dir: &Path, pid: u32, command: String, sockets: &[ProcSocket], cmdline: &[u8]) -> Option<Server> {
     let fds = fs::read_dir(dir.join("fd")).ok()?;
     let mut server = Server {
@@ -216,6 +234,7 @@ fn inspect(dir: &Path, pid: u32, command: String, sockets: &[ProcSocket], cmdlin
         live: None,
         metrics_silent: false,
         upstream_ports: vec![],
+        stopped: process_stopped(dir),
     };
     for fd in fds.flatten() {
         let Ok(target) = fs::read_link(fd.path()) else { continue };
@@ -241,7 +260,8 @@ fn inspect(dir: &Path, pid: u32, command: String, sockets: &[ProcSocket], cmdlin
         }
     }
     server.listening.sort();
-    server.live = server.metrics.and_then(live);
+    // A stopped process cannot answer: not waited for.
+    server.live = server.metrics.filter(|_| !server.stopped).and_then(live);
     server.metrics_silent = server.metrics.is_some() && server.live.is_none();
     Some(server)
 }

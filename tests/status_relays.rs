@@ -121,7 +121,7 @@ fn status_shows_the_bytes_a_kernel_relay_holds_in_flight() {
 /// interface, without which the URL was of no use and the figures were missing (a helper's IPv6
 /// pass).
 #[test]
-fn status_says_when_metrics_do_not_answer_and_keeps_a_link_locals_interface() {
+fn status_says_a_stopped_relay_is_stopped_and_keeps_a_link_locals_interface() {
     let _netns = enter_netns();
     let relay = Skrelay::start(&["relay", "--datapath", "userspace", "--metrics", "127.0.0.1:0"]);
     assert_eq!(find(relay.pid()).unwrap()["metrics_answered"], true);
@@ -132,7 +132,11 @@ fn status_says_when_metrics_do_not_answer_and_keeps_a_link_locals_interface() {
     // SAFETY: as above.
     unsafe { libc::kill(relay.pid(), libc::SIGCONT) };
     assert_eq!((r["metrics_answered"].clone(), r["pairs"].clone()), (false.into(), serde_json::Value::Null), "{r}");
-    assert!(text.contains("; its metrics did not answer within 1 s: pairs unknown"), "{text}");
+    // Stopped, it is said so, and its metrics are not waited for (it was listed as serving: a
+    // helper's pass).
+    assert_eq!(r["stopped"], true, "{r}");
+    assert!(text.contains(&format!("(pid {}): stopped (SIGCONT resumes it;", relay.pid())), "{text}");
+    assert!(find(relay.pid()).unwrap()["stopped"] == false);
     drop(relay);
     // Link-local on lo: fe80::1 with lo's index as its interface.
     let up = std::process::Command::new("ip").args(["addr", "add", "fe80::1/64", "dev", "lo"]).status().unwrap();
