@@ -57,7 +57,7 @@ impl Server {
             "kernel_inflight_bytes": self.live.filter(|_| self.datapath == "kernel").map(|l| l.kernel_inflight),
             // null without --metrics; false when they did not answer within 1 s (the figures
             // above are null then too).
-            "metrics_answered": self.metrics.map(|_| !self.metrics_silent),
+            "metrics_answered": self.metrics.filter(|_| !self.stopped).map(|_| !self.metrics_silent),
             "stopped": self.stopped,
         })
     }
@@ -88,9 +88,7 @@ impl std::fmt::Display for Server {
                 write!(f, "; {} pair(s), {} byte(s) in flight in the kernel", l.pairs, l.kernel_inflight)?
             }
             Some(l) => write!(f, "; {} pair(s)", l.pairs)?,
-            None if self.metrics_silent && !self.stopped => {
-                write!(f, "; its metrics did not answer within 1 s: pairs unknown")?
-            }
+            None if self.metrics_silent => write!(f, "; its metrics did not answer within 1 s: pairs unknown")?,
             None => {}
         }
         Ok(())
@@ -262,7 +260,7 @@ fn inspect(dir: &Path, pid: u32, command: String, sockets: &[ProcSocket], cmdlin
     server.listening.sort();
     // A stopped process cannot answer: not waited for.
     server.live = server.metrics.filter(|_| !server.stopped).and_then(live);
-    server.metrics_silent = server.metrics.is_some() && server.live.is_none();
+    server.metrics_silent = server.metrics.is_some() && !server.stopped && server.live.is_none();
     Some(server)
 }
 

@@ -211,7 +211,7 @@ pub fn unmapped(addr: std::net::SocketAddr) -> std::net::SocketAddr {
     }
 }
 
-/// SIGINT, SIGTERM, SIGHUP, SIGQUIT (and SIGUSR1, which would kill) held back (blocked) while alive: a relay's handlers are installed only
+/// SIGINT, SIGTERM, SIGHUP, SIGQUIT (and SIGUSR1 and SIGUSR2, which would kill) held back (blocked) while alive: a relay's handlers are installed only
 /// once its datapaths are loaded and its event loop exists (0.1 s, seconds with many
 /// `--threads`), and a SIGINT before that was lost when the shell had it ignored (a background
 /// job of a script), a SIGTERM ended the process without its drain. Blocked, they wait (even an
@@ -225,7 +225,7 @@ impl StopSignalsHeld {
         unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
-            for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1] {
+            for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2] {
                 libc::sigaddset(&mut set, signal);
             }
             libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());

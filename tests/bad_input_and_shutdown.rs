@@ -671,6 +671,41 @@ fn a_stop_signal_during_start_up_is_not_lost() {
     assert!(log.contains(stopped) || log.contains("SIGINT: no longer accepting"), "{log}");
 }
 
+/// SIGUSR2 during start-up killed the process (exit 140, no word): only the stop signals were
+/// held until the handlers existed (a re-check pass). It is held too, and then says that nothing
+/// was taken over.
+#[test]
+fn a_sigusr2_during_start_up_is_held_not_fatal() {
+    let _netns = enter_netns();
+    if !require_bpf("a_sigusr2_during_start_up_is_held_not_fatal") {
+        return;
+    }
+    let mut cmd = Command::new(SKRELAY);
+    cmd.args(["relay", "--datapath", "kernel", "--threads", "16", "--listen", "127.0.0.1:7790"]);
+    cmd.env("RUST_LOG", "info").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut relay = Reaper(cmd.spawn().unwrap());
+    std::thread::sleep(Duration::from_millis(60));
+    // SAFETY: kill(2) on the child we spawned, not yet reaped.
+    unsafe { libc::kill(relay.0.id() as i32, libc::SIGUSR2) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect("127.0.0.1:7790").is_err() {
+        if let Some(status) = relay.0.try_wait().unwrap() {
+            panic!("a SIGUSR2 during start-up ended the relay: {status}");
+        }
+        assert!(Instant::now() < deadline, "the relay did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(relay.0.try_wait().unwrap().is_none(), "the relay ended after its start-up");
+    // SAFETY: as above.
+    unsafe { libc::kill(relay.0.id() as i32, libc::SIGTERM) };
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut relay.0.stderr.take().unwrap(), &mut log).unwrap();
+    let status = relay.0.wait().unwrap();
+    assert!(status.success(), "{status}: {log}");
+    assert!(log.contains("SIGUSR2: nothing was taken over"), "{log}");
+}
+
 /// The kernel caps the listen backlog at net.core.somaxconn without a word: at 4, a burst of
 /// clients waited in SYN retries for seconds and nothing said why (a helper's resource-limits
 /// pass). The start says so.

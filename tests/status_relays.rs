@@ -131,9 +131,13 @@ fn status_says_a_stopped_relay_is_stopped_and_keeps_a_link_locals_interface() {
     let text = skrelay_ok(&["status"]);
     // SAFETY: as above.
     unsafe { libc::kill(relay.pid(), libc::SIGCONT) };
-    assert_eq!((r["metrics_answered"].clone(), r["pairs"].clone()), (false.into(), serde_json::Value::Null), "{r}");
-    // Stopped, it is said so, and its metrics are not waited for (it was listed as serving: a
-    // helper's pass).
+    // Stopped: its metrics are not asked (null, not "did not answer"), and it is said so. They
+    // were waited for, and it was listed as serving (a helper's pass).
+    assert_eq!(
+        (r["metrics_answered"].clone(), r["pairs"].clone()),
+        (serde_json::Value::Null, serde_json::Value::Null),
+        "{r}"
+    );
     assert_eq!(r["stopped"], true, "{r}");
     assert!(text.contains(&format!("(pid {}): stopped (SIGCONT resumes it;", relay.pid())), "{text}");
     assert!(find(relay.pid()).unwrap()["stopped"] == false);

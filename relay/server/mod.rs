@@ -1202,8 +1202,9 @@ impl Server {
                 _ => "SIGTERM",
             };
             if signal == SIGUSR1 {
+                let doing = if self.drain_deadline.is_some() { "draining on" } else { "serving on" };
                 log::warn!(
-                    "SIGUSR1 means nothing to skrelay: serving on (SIGTERM, SIGINT or SIGHUP stop it after a drain, \
+                    "SIGUSR1 means nothing to skrelay: {doing} (SIGTERM, SIGINT or SIGHUP stop it after a drain, \
                      SIGQUIT at once; SIGUSR2 is for --takeover)"
                 );
                 continue;
