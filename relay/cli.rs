@@ -285,8 +285,9 @@ pub struct SpliceArgs {
     #[arg(long, value_enum, default_value_t = DatapathChoice::Auto)]
     pub datapath: DatapathChoice,
     /// Kernel datapath: a pair starts on splice(2) and joins the kernel's socket maps once this
-    /// many bytes have passed (both ways together), one read took 32 KiB (a bulk stream:
-    /// request/response traffic is faster on splice(2)) and both its queues are empty; short
+    /// many bytes have passed (both ways together), a stream was seen (256 KiB one way without a
+    /// turn, or reads of 32 KiB both ways: request/response traffic is faster on splice(2)) and
+    /// both its queues are empty; short
     /// connections then skip the socket maps' setup cost. 0 joins at once, whatever the traffic.
     /// K, M and G suffixes.
     #[arg(long, default_value = "65536", value_parser = parse_kernel_after, value_name = "BYTES", allow_negative_numbers = true)]

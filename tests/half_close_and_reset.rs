@@ -711,10 +711,11 @@ fn a_client_that_half_closes_while_the_pair_joins_loses_nothing() {
         let mut b = connect(addr());
         let mut head = 0u64;
         if after != "0" {
-            // Exactly --kernel-after: the pair joins once the last of it is spliced.
-            let sent = send_pattern(&mut b, 5, 64 << 10).unwrap();
-            assert_eq!(sha(&read_n(&mut a, 64 << 10)), sent, "--kernel-after {after}");
-            head = 64 << 10;
+            // Past --kernel-after, and a stream (256 KiB one way): the pair joins once the last
+            // of it is spliced.
+            let sent = send_pattern(&mut b, 5, 256 << 10).unwrap();
+            assert_eq!(sha(&read_n(&mut a, 256 << 10)), sent, "--kernel-after {after}");
+            head = 256 << 10;
         }
         // Inside the pause: B half-closes, then A writes (its verdict, if it joined, takes it).
         thread::sleep(Duration::from_millis(100));

@@ -1501,26 +1501,33 @@ const KEPT_OUT: &str = "userspace";
 const PIPES_NEVER_EMPTY: &str =
     "userspace, past --kernel-after but a pipe still held bytes whenever it could have joined";
 
-/// The smallest read (`Splice::largest_read`) that shows a bulk stream: a pair past
-/// --kernel-after joins the maps only once a read took this much. Request/response traffic
-/// (one message a read: HTTP keep-alive, redis, PostgreSQL) moves faster on splice(2), where one
-/// event loop wake-up serves many sockets, than through the psock's worker, woken for each
-/// message: 50 wrk connections fetching 4 KiB from nginx, 24k requests/s through pairs that
-/// joined against 35k on splice(2) (a helper's pass, then KERNEL-NOTES).
-pub const BULK_READ: usize = 32 * 1024;
+/// What shows a stream, for a pair past --kernel-after to join the maps: one direction moving
+/// `STREAM_RUN` bytes while the other moves none, or both directions reading `BOTH_WAYS_READ` at
+/// once. Request/response traffic (HTTP keep-alive, redis, PostgreSQL) turns around after each
+/// message, and moves faster on splice(2), where one event loop wake-up serves many sockets, than
+/// through the psock's worker, woken for each message: 50 wrk connections fetching 4 KiB from
+/// nginx, 24k requests/s through pairs that joined against 35k on splice(2); 40 and 64 KiB
+/// replies, 0.5-0.66x (helpers' passes; KERNEL-NOTES item 16).
+pub const STREAM_RUN: u64 = 256 << 10;
+/// See `STREAM_RUN`.
+pub const BOTH_WAYS_READ: usize = 32 * 1024;
 
-/// Why a pair past --kernel-after never joined: no read took `BULK_READ` bytes.
-const SMALL_READS: &str = "userspace, past --kernel-after in small reads (request/response, faster on splice(2))";
+/// Why a pair past --kernel-after never joined: its traffic was request/response (`STREAM_RUN`).
+const SMALL_READS: &str = "userspace, past --kernel-after as request/response (faster on splice(2))";
 
 /// Why a pair with a half-closed socket never joins (a socket does not return to ESTABLISHED).
 const HALF_CLOSED: &str = "userspace: one end half-closed before the pair could join the kernel's socket maps, \
                            which take only established connections";
 
 impl Handover {
-    /// Whether the pair may join for its traffic: a bulk read seen (`BULK_READ`), or it joins
+    /// Whether the pair may join for its traffic: a stream seen (`STREAM_RUN`), or it joins
     /// whatever it moves (`after` 0: a token pair, joined once its line is read).
     fn bulk(&self) -> bool {
-        self.after == 0 || self.user.largest_read() >= BULK_READ
+        self.after == 0
+            || self
+                .user
+                .traffic()
+                .is_none_or(|t| t.longest_run >= STREAM_RUN || t.largest_read.iter().all(|&r| r >= BOTH_WAYS_READ))
     }
 
     /// Bytes moved one way while the pair was not in the maps: splice(2)'s count, and what a
@@ -1600,7 +1607,7 @@ impl Splice for Handover {
             KEPT_OUT
         } else if self.half_closed && self.user_moved.iter().sum::<u64>() >= self.after {
             // Past --kernel-after (perhaps within the call that ended it): the half-close kept
-            // it, unless its small reads had kept it already.
+            // it, unless its request/response traffic had kept it already.
             if self.bulk() {
                 HALF_CLOSED
             } else {
@@ -1627,13 +1634,13 @@ impl Splice for Handover {
             self.user.moved(0, ends[0], ends[1], false) + self.user.moved(1, ends[1], ends[0], false) >= self.after;
         if past_after && self.half_closed {
             // It would never go idle (a source at end of file is not) nor be taken by the maps.
-            self.stays = Some(if self.refused {
-                KEPT_OUT
-            } else if !self.bulk() {
-                SMALL_READS
-            } else {
-                HALF_CLOSED
-            });
+            // Request/response so far: the rest of its traffic may still be a stream, and then
+            // the half-close is why it stays (`name` says which, at its end).
+            if self.refused {
+                self.stays = Some(KEPT_OUT);
+            } else if self.bulk() {
+                self.stays = Some(HALF_CLOSED);
+            }
         } else if past_after && self.bulk() && self.user.idle() {
             match self.kernel.join(ends) {
                 Ok(()) => self.joined = true,

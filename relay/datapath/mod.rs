@@ -25,6 +25,16 @@ pub enum Flow {
     Finished,
 }
 
+/// The shape of a pair's traffic (`Splice::traffic`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// The most bytes one read took from each direction's source.
+    pub largest_read: [usize; 2],
+    /// The most bytes one direction moved while the other moved none: a request/response
+    /// exchange turns around after each message, a stream does not.
+    pub longest_run: u64,
+}
+
 /// One spliced pair's state in a datapath. Directions are numbered by their source: 0 moves
 /// bytes from end 0 to end 1, 1 the other way.
 pub trait Splice: Send {
@@ -65,11 +75,10 @@ pub trait Splice: Send {
     fn idle(&self) -> bool {
         false
     }
-    /// The most bytes one read took from a source so far, either way: how a pair on splice(2)
-    /// tells a bulk stream (reads of tens of KiB) from request/response traffic (one message a
-    /// read), which the kernel datapath carries more slowly. Unknown: `usize::MAX`.
-    fn largest_read(&self) -> usize {
-        usize::MAX
+    /// What the pair's traffic looked like so far: how a pair on splice(2) tells a stream from
+    /// request/response traffic, which the kernel datapath carries more slowly. None: unknown.
+    fn traffic(&self) -> Option<Traffic> {
+        None
     }
     /// Where the pair's bytes stand inside the datapath, for the log of a pair that does not
     /// finish when asked to (drain).

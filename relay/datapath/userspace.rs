@@ -87,19 +87,22 @@ struct Direction {
     in_pipe: usize,
     src_eof: bool,
     moved: u64,
-    /// The most bytes one read took from the source (`Splice::largest_read`).
+    /// The most bytes one read took from the source (`Splice::traffic`).
     largest_read: usize,
 }
 
 pub struct UserspaceSplice {
     dirs: [Direction; 2],
+    /// Bytes each direction moved since the other last moved one, and the most of that seen.
+    runs: [u64; 2],
+    longest_run: u64,
 }
 
 impl UserspaceSplice {
     /// Takes no pipe yet: `advance` takes one when it has bytes to move and gives it back empty.
     fn new() -> Self {
         let direction = || Direction { pipe: None, in_pipe: 0, src_eof: false, moved: 0, largest_read: 0 };
-        UserspaceSplice { dirs: [direction(), direction()] }
+        UserspaceSplice { dirs: [direction(), direction()], runs: [0; 2], longest_run: 0 }
     }
 }
 
@@ -243,7 +246,14 @@ impl Splice for UserspaceSplice {
                 Err(e) => return Err(e),
             }
         }
+        let before = d.moved;
         let flow = d.advance(src, dst);
+        if d.moved > before {
+            self.runs[dir] += d.moved - before;
+            self.runs[1 - dir] = 0;
+            self.longest_run = self.longest_run.max(self.runs[dir]);
+        }
+        let d = &mut self.dirs[dir];
         if d.in_pipe == 0 {
             if let Some(pipe) = d.pipe.take() {
                 give_pipe(pipe);
@@ -260,8 +270,11 @@ impl Splice for UserspaceSplice {
         Interest::READABLE | Interest::WRITABLE
     }
 
-    fn largest_read(&self) -> usize {
-        self.dirs[0].largest_read.max(self.dirs[1].largest_read)
+    fn traffic(&self) -> Option<super::Traffic> {
+        Some(super::Traffic {
+            largest_read: [self.dirs[0].largest_read, self.dirs[1].largest_read],
+            longest_run: self.longest_run,
+        })
     }
 
     fn release(&mut self) {}
