@@ -208,6 +208,38 @@ fn a_client_that_half_closed_before_pairing_is_still_relayed(dp: &str) {
 
 per_datapath!(a_client_that_half_closed_before_pairing_is_still_relayed);
 
+/// Token pairs joined the maps as soon as their line was read, whatever their traffic, so a
+/// token relay's request/response pairs took the path that is slower for them. With the default
+/// `--kernel-after` they join by the same rule as other pairs: past it, once a stream is seen.
+#[test]
+fn by_default_a_token_pairs_request_response_stays_on_splice() {
+    let _netns = enter_netns();
+    if !require_bpf("by_default_a_token_pairs_request_response_stays_on_splice") {
+        return;
+    }
+    let mut cmd = std::process::Command::new(SKRELAY);
+    cmd.args(["relay", "--datapath", "kernel", "--pair", "token", "--metrics", "127.0.0.1:0"]);
+    let relay = Skrelay::spawn(cmd, "listening on");
+    let (mut a, mut b) = (connect(addr()), connect(addr()));
+    a.write_all(b"t1\n").unwrap();
+    b.write_all(b"t1\n").unwrap();
+    for i in 0..100u32 {
+        let request = [(i % 251) as u8; 1024];
+        a.write_all(&request).unwrap();
+        assert_eq!(read_n(&mut b, 1024), request, "request {i}");
+        b.write_all(&[!request[0]; 40 << 10]).unwrap();
+        assert_eq!(read_n(&mut a, 40 << 10), [!request[0]; 40 << 10], "reply {i}");
+    }
+    a.shutdown(Shutdown::Write).unwrap();
+    expect_eof(&mut b);
+    b.shutdown(Shutdown::Write).unwrap();
+    expect_eof(&mut a);
+    let m = relay.wait_pairs_ended(1, Duration::from_secs(5));
+    let small = "userspace, past --kernel-after as request/response (faster on splice(2))";
+    assert_eq!(m.paths(small), 1, "the token pair stays on splice:\n{}", m.text);
+    assert_eq!(m.bytes("kernel"), 100 * (41 << 10), "{}", m.text);
+}
+
 #[test]
 fn by_default_a_short_pair_stays_on_splice_and_a_long_one_joins_the_kernel_intact() {
     // The default `--kernel-after` (64 KiB): a pair starts on splice(2) and joins the socket

@@ -375,6 +375,7 @@ impl Datapath for KernelDatapath {
                         kernel,
                         joined: false,
                         after: 0,
+                        for_streams: false,
                         stays: Some(HALF_CLOSED),
                         half_closed: true,
                         user_moved: [0; 2],
@@ -393,15 +394,18 @@ impl Datapath for KernelDatapath {
         // - with a token line, which splice(2) discards (the verdict would also cut off a partly
         //   read skb's head, from copied_seq; the token path predates that and stays);
         // - until `join_after` bytes have passed: joining and leaving the maps costs more than a
-        //   short connection's splicing (see BENCHMARKS.md, connections per second).
+        //   short connection's splicing (see BENCHMARKS.md, connections per second);
+        // - and, with `join_after` above 0, until its traffic shows a stream (`STREAM_RUN`), token
+        //   pairs too (they joined at once, whatever their traffic).
         let mut user = self.fallback.splice(ends, skip)?;
         user.settle(ends)?;
-        let after = if skip == [0, 0] { self.join_after } else { 0 };
+        let after = self.join_after;
         Ok(Box::new(Handover {
             user,
             kernel,
             joined: false,
             after,
+            for_streams: self.join_after > 0,
             stays: None,
             half_closed: false,
             user_moved: [0; 2],
@@ -1481,6 +1485,9 @@ struct Handover {
     joined: bool,
     /// Bytes (both ways) that pass through splice(2) before the pair may join.
     after: u64,
+    /// It joins only once its traffic shows a stream (`STREAM_RUN`): with a `--kernel-after`
+    /// above 0.
+    for_streams: bool,
     /// Why the pair stays on splice(2) for good, for the log: it can no longer join.
     stays: Option<&'static str>,
     /// A source reached end of file on splice(2): its socket is no longer established.
@@ -1521,9 +1528,9 @@ const HALF_CLOSED: &str = "userspace: one end half-closed before the pair could 
 
 impl Handover {
     /// Whether the pair may join for its traffic: a stream seen (`STREAM_RUN`), or it joins
-    /// whatever it moves (`after` 0: a token pair, joined once its line is read).
+    /// whatever it moves (`--kernel-after 0`).
     fn bulk(&self) -> bool {
-        self.after == 0
+        !self.for_streams
             || self
                 .user
                 .traffic()

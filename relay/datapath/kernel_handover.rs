@@ -255,6 +255,7 @@ pub(super) fn import(
                 kernel: import_splice(&dp.state, kernel, ends)?,
                 joined,
                 after,
+                for_streams: dp.join_after > 0,
                 stays: stays.then_some(if refused { KEPT_OUT } else { HALF_CLOSED }),
                 half_closed,
                 user_moved,
