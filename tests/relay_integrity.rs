@@ -208,6 +208,23 @@ fn a_client_that_half_closed_before_pairing_is_still_relayed(dp: &str) {
 
 per_datapath!(a_client_that_half_closed_before_pairing_is_still_relayed);
 
+/// `rounds` requests of 1 KiB from `a`, each answered by `b` with 40 KiB and read in full before
+/// the next (request/response traffic, which turns around after each message), then both
+/// half-close and see EOF.
+fn request_response(a: &mut TcpStream, b: &mut TcpStream, rounds: u32) {
+    for i in 0..rounds {
+        let request = [(i % 251) as u8; 1024];
+        a.write_all(&request).unwrap();
+        assert_eq!(read_n(b, 1024), request, "request {i}");
+        b.write_all(&[!request[0]; 40 << 10]).unwrap();
+        assert_eq!(read_n(a, 40 << 10), [!request[0]; 40 << 10], "reply {i}");
+    }
+    a.shutdown(Shutdown::Write).unwrap();
+    expect_eof(b);
+    b.shutdown(Shutdown::Write).unwrap();
+    expect_eof(a);
+}
+
 /// Token pairs joined the maps as soon as their line was read, whatever their traffic, so a
 /// token relay's request/response pairs took the path that is slower for them. With the default
 /// `--kernel-after` they join by the same rule as other pairs: past it, once a stream is seen.
@@ -223,17 +240,7 @@ fn by_default_a_token_pairs_request_response_stays_on_splice() {
     let (mut a, mut b) = (connect(addr()), connect(addr()));
     a.write_all(b"t1\n").unwrap();
     b.write_all(b"t1\n").unwrap();
-    for i in 0..100u32 {
-        let request = [(i % 251) as u8; 1024];
-        a.write_all(&request).unwrap();
-        assert_eq!(read_n(&mut b, 1024), request, "request {i}");
-        b.write_all(&[!request[0]; 40 << 10]).unwrap();
-        assert_eq!(read_n(&mut a, 40 << 10), [!request[0]; 40 << 10], "reply {i}");
-    }
-    a.shutdown(Shutdown::Write).unwrap();
-    expect_eof(&mut b);
-    b.shutdown(Shutdown::Write).unwrap();
-    expect_eof(&mut a);
+    request_response(&mut a, &mut b, 100);
     let m = relay.wait_pairs_ended(1, Duration::from_secs(5));
     let small = "userspace, past --kernel-after as request/response (faster on splice(2))";
     assert_eq!(m.paths(small), 1, "the token pair stays on splice:\n{}", m.text);
@@ -272,17 +279,7 @@ fn by_default_a_short_pair_stays_on_splice_and_a_long_one_joins_the_kernel_intac
     // on splice(2), where such traffic is faster than through the kernel's maps (40 KiB replies
     // joined when one large read was taken for a stream: a re-check pass).
     let (mut a, mut b) = (connect(addr()), connect(addr()));
-    for i in 0..200u32 {
-        let request = [(i % 251) as u8; 1024];
-        a.write_all(&request).unwrap();
-        assert_eq!(read_n(&mut b, 1024), request, "request {i}");
-        b.write_all(&[!request[0]; 40 << 10]).unwrap();
-        assert_eq!(read_n(&mut a, 40 << 10), [!request[0]; 40 << 10], "reply {i}");
-    }
-    a.shutdown(Shutdown::Write).unwrap();
-    expect_eof(&mut b);
-    b.shutdown(Shutdown::Write).unwrap();
-    expect_eof(&mut a);
+    request_response(&mut a, &mut b, 200);
     let m = relay.wait_pairs_ended(2, Duration::from_secs(5));
     let small = "userspace, past --kernel-after as request/response (faster on splice(2))";
     assert_eq!(m.paths(small), 1, "the request/response pair stays on splice:\n{}", m.text);
