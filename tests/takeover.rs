@@ -65,8 +65,12 @@ fn pairs_ended(log: &str) -> usize {
 
 fn a_connect_loop_across_a_proxy_takeover_loses_no_connection_on_both_datapaths(dp: &str) {
     let _netns = enter_netns();
-    const TOTAL: u64 = 2400;
     const THREADS: u64 = 4;
+    // The loop runs until 300 requests after the old process exited, so that the new one serves
+    // some whatever the start-up takes (a fixed 2,400 ended before a slow start did, on a busy
+    // CI runner: "old served 2400, new 0").
+    const AFTER_EXIT: u64 = 300;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let up = echo_upstream().to_string();
     let flags = ["proxy", "--datapath", dp, "--upstream", &up, "--metrics", METRICS];
     let old = Skrelay::start(&flags);
@@ -74,9 +78,12 @@ fn a_connect_loop_across_a_proxy_takeover_loses_no_connection_on_both_datapaths(
     let errors = Arc::new(Mutex::new(Vec::new()));
     let loops: Vec<_> = (0..THREADS)
         .map(|t| {
-            let (done, errors) = (done.clone(), errors.clone());
+            let (done, errors, stop) = (done.clone(), errors.clone(), stop.clone());
             thread::spawn(move || {
-                for i in 0..TOTAL / THREADS {
+                for i in 0.. {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
                     if let Err(e) = one_request(t << 32 | i) {
                         errors.lock().unwrap().push(format!("thread {t} request {i}: {e}"));
                     }
@@ -103,15 +110,22 @@ fn a_connect_loop_across_a_proxy_takeover_loses_no_connection_on_both_datapaths(
     let old_log = old.log();
     assert!(status.success(), "{dp}: the old proxy: {status}\n{old_log}");
     assert!(old_log.contains("SIGUSR2 (handing over"), "{dp}:\n{old_log}");
+    let exited_at = done.load(Ordering::Relaxed);
+    while done.load(Ordering::Relaxed) < exited_at + AFTER_EXIT {
+        assert!(Instant::now() < deadline, "{dp}: the loop stalled after the takeover:\n{}", new.log());
+        thread::sleep(Duration::from_millis(1));
+    }
+    stop.store(true, Ordering::Relaxed);
     for l in loops {
         l.join().unwrap();
     }
+    let total = done.load(Ordering::Relaxed);
     let errors = errors.lock().unwrap();
     let new_log = new.log();
     let notable = |log: &str| log.lines().filter(|l| !l.contains(" ended after ")).collect::<Vec<_>>().join("\n");
     assert!(
         errors.is_empty(),
-        "{dp}: {} of {TOTAL} requests failed:\n{}\nold:\n{}\nnew:\n{}",
+        "{dp}: {} of {total} requests failed:\n{}\nold:\n{}\nnew:\n{}",
         errors.len(),
         errors.join("\n"),
         notable(&old_log),
@@ -122,20 +136,20 @@ fn a_connect_loop_across_a_proxy_takeover_loses_no_connection_on_both_datapaths(
     let by_old = pairs_ended(&old_log);
     // The old process is gone with its counters: its end-of-pair lines are what is left of them.
     // The new one serves the metrics socket it took (at the same address), counting its own pairs.
-    let left = TOTAL - by_old as u64;
+    let left = total - by_old as u64;
     let m = new.wait_metrics(&format!("{left} pairs ended"), Duration::from_secs(10), |m| {
         m.sum("skrelay_pairs_total") >= left
     });
     assert_eq!(new.metrics_addr().to_string(), METRICS, "{dp}: the new process serves the metrics socket it took");
     let by_new = m.pairs(dp, "eof");
     assert_eq!(m.sum("skrelay_pairs_total"), by_new, "{dp}: every pair ended with EOF:\n{}", m.text);
-    assert_eq!(by_old as u64 + by_new, TOTAL, "{dp}: every request is one pair, ended in one of them");
+    assert_eq!(by_old as u64 + by_new, total, "{dp}: every request is one pair, ended in one of them");
     // Pairs still live at the takeover (some of them already answered) end in the new process.
     assert!(by_new > 0 && by_old >= 500, "{dp}: old served {by_old}, new {by_new}");
     let moved = old_log.lines().find(|l| l.contains("handed over")).unwrap_or("nothing handed over");
     eprintln!("{dp}: {moved}");
     eprintln!(
-        "{dp}: {TOTAL} requests through a takeover at request {at}: none failed; old served {by_old} and \
+        "{dp}: {total} requests through a takeover at request {at}: none failed; old served {by_old} and \
          exited {:.0} ms after the new one started, new served {by_new}",
         old_gone.as_secs_f64() * 1e3
     );

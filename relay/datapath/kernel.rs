@@ -1520,7 +1520,7 @@ pub const STREAM_RUN: u64 = 256 << 10;
 pub const BOTH_WAYS_READ: usize = 32 * 1024;
 
 /// Why a pair past --kernel-after never joined: its traffic was request/response (`STREAM_RUN`).
-const SMALL_READS: &str = "userspace, past --kernel-after as request/response (faster on splice(2))";
+const REQUEST_RESPONSE: &str = "userspace, past --kernel-after as request/response (faster on splice(2))";
 
 /// Why a pair with a half-closed socket never joins (a socket does not return to ESTABLISHED).
 const HALF_CLOSED: &str = "userspace: one end half-closed before the pair could join the kernel's socket maps, \
@@ -1618,10 +1618,10 @@ impl Splice for Handover {
             if self.bulk() {
                 HALF_CLOSED
             } else {
-                SMALL_READS
+                REQUEST_RESPONSE
             }
         } else if self.after > 0 && self.user_moved.iter().sum::<u64>() >= self.after && !self.bulk() {
-            SMALL_READS
+            REQUEST_RESPONSE
         } else if self.after > 0 && self.user_moved.iter().sum::<u64>() >= self.after {
             PIPES_NEVER_EMPTY
         } else if self.after > 0 {
