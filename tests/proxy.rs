@@ -760,3 +760,23 @@ fn a_client_gone_before_it_was_accepted_opens_no_upstream_connection() {
         proxy.log()
     );
 }
+
+/// The end-of-pair line names the proxy's end of the upstream connection: the address the
+/// upstream's own log has for this client.
+#[test]
+fn the_end_of_pair_line_names_the_upstream_connections_local_address() {
+    let _netns = enter_netns();
+    let upstream = TcpListener::bind("127.0.0.1:9080").unwrap();
+    let proxy = Skrelay::start(&["proxy", "--upstream", "127.0.0.1:9080"]);
+    let mut client = connect(proxy_addr());
+    let (mut server, seen_from) = upstream.accept().unwrap();
+    client.write_all(b"ping").unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_n(&mut server, 4), b"ping");
+    drop(server);
+    assert_eq!(recv_all(&mut client).unwrap().0, 0);
+    proxy.wait_log(" ended after ", 1, Duration::from_secs(5));
+    let log = proxy.log();
+    let line = log.lines().find(|l| l.contains(" ended after ")).unwrap();
+    assert!(line.ends_with(&format!("; upstream connection from {seen_from}")), "{line}");
+}

@@ -1022,8 +1022,11 @@ impl Server {
             _ => {}
         }
         let [a, b] = ended.addrs;
+        // `proxy`: the local end of the connection to the upstream, which is how the upstream's
+        // own log names this client.
+        let from = ended.upstream_local.map(|l| format!("; upstream connection from {l}")).unwrap_or_default();
         log::info!(
-            "pair {a} <-> {b} {} after {:.3}s: {} bytes {a} -> {b}, {} bytes {b} -> {a} ({})",
+            "pair {a} <-> {b} {} after {:.3}s: {} bytes {a} -> {b}, {} bytes {b} -> {a} ({}){from}",
             ended.how,
             ended.lasted.as_secs_f64(),
             ended.moved[0],
