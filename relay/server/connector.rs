@@ -109,11 +109,10 @@ fn read_from_start(file: &std::fs::File, buf: &mut [u8]) -> usize {
     file.read_at(buf, 0).unwrap_or(0)
 }
 
-/// The inode and modification time of `dir`, or of the nearest parent that exists (creating
-/// `dir` changes its parent's).
+/// The inode and modification time of `dir` (None while it does not exist): one statx.
 fn stamp(dir: &std::path::Path) -> Option<(u64, i64, i64)> {
     use std::os::unix::fs::MetadataExt;
-    dir.ancestors().find_map(|d| std::fs::metadata(d).ok()).map(|m| (m.ino(), m.mtime(), m.mtime_nsec()))
+    std::fs::metadata(dir).ok().map(|m| (m.ino(), m.mtime(), m.mtime_nsec()))
 }
 
 /// How often a refusal is looked at again while the cgroup stays the same.
@@ -122,11 +121,19 @@ const RECHECK_REFUSAL: Duration = Duration::from_secs(1);
 impl CgroupWatch {
     /// Why no upstream connection may be made now; looks again only when the cgroup changed.
     fn refused(&mut self) -> Option<&str> {
+        let stamp = stamp(&self.accel_dir);
+        // Without accel's state directory no cgroup is accelerated, wherever this process is:
+        // one statx per upstream connection. Reading /proc/self/cgroup and walking to the
+        // directory's nearest parent each time cost 8% of the proxy's CPU at 6,000 connections
+        // a second (perf), about a tenth of its connection rate.
+        if stamp.is_none() && self.refused.is_none() {
+            self.stamp = None;
+            return None;
+        }
         let mut buf = [0u8; 4096];
         let n = read_from_start(&self.file, &mut buf);
         let now = Instant::now();
         let moved = buf[..n] != self.seen[..];
-        let stamp = stamp(&self.accel_dir);
         if !moved && stamp == self.stamp && self.recheck.is_none_or(|at| now < at) {
             return self.refused.as_deref();
         }
