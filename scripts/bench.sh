@@ -165,6 +165,9 @@ start relay-userspace 17002 relay "$sk" relay --listen 127.0.0.1:17002 --datapat
 if [ $have_proxy = yes ]; then
   start proxy-kernel 17003 proxy "$sk" proxy --upstream $upstream --listen 127.0.0.1:17003 --datapath kernel
   start proxy-userspace 17004 proxy "$sk" proxy --upstream $upstream --listen 127.0.0.1:17004 --datapath userspace
+  # The default kernel datapath keeps request/response pairs on splice(2); this one joins every
+  # pair to the maps at once, which is what the kernel path itself costs per message.
+  start proxy-kernel-after0 17007 proxy "$sk" proxy --upstream $upstream --listen 127.0.0.1:17007 --datapath kernel --kernel-after 0
 fi
 start socat 17005 proxy socat TCP-LISTEN:17005,bind=127.0.0.1,fork,reuseaddr,backlog=4096 TCP:$upstream
 # HAProxy reserves ~2.5 descriptors per connection (2 sockets + a share of splice pipes) and

@@ -26,6 +26,7 @@ const CONTENDERS: &[(&str, &str, &str)] = &[
     ("relay-kernel", "skrelay relay, kernel", "relay-k"),
     ("relay-userspace", "skrelay relay, userspace", "relay-u"),
     ("proxy-kernel", "skrelay proxy, kernel", "proxy-k"),
+    ("proxy-kernel-after0", "skrelay proxy, kernel `--kernel-after 0`", "proxy-k0"),
     ("proxy-userspace", "skrelay proxy, userspace", "proxy-u"),
     ("socat", "socat (fork)", "socat"),
     ("haproxy", "HAProxy 2.6, forced splice", "haproxy"),
@@ -236,7 +237,11 @@ pub fn report(a: ReportArgs) -> io::Result<()> {
     // What a user would run instead of the kernel datapath (direct is the limit, not a contender;
     // the kernel relay and proxy are one datapath, not rivals of each other).
     let proxy_others = ["relay-userspace", "proxy-userspace", "socat", "haproxy"];
-    for (k, user) in [("relay-kernel", "relay-userspace"), ("proxy-kernel", "proxy-userspace")] {
+    for (k, user) in [
+        ("relay-kernel", "relay-userspace"),
+        ("proxy-kernel", "proxy-userspace"),
+        ("proxy-kernel-after0", "proxy-userspace"),
+    ] {
         if !present.iter().any(|(c, _, _)| *c == k) {
             continue;
         }
