@@ -170,9 +170,25 @@ fn share_root(dir: &Path) {
 /// `None` when there is no bpffs or no such directory. Mounts and creates nothing: for commands
 /// that only look.
 pub fn existing_root() -> Option<PathBuf> {
-    let base = if own_mount_ns_without_bpffs().is_some() { outer_bpffs()? } else { PathBuf::from(BPFFS) };
+    let base = looked_at_base()?;
     let dir = base.join("skrelay");
     (is_bpffs(&base) && dir.is_dir()).then_some(dir)
+}
+
+/// Where `existing_root` looks, whether or not anything is there yet: /sys/fs/bpf, or the outer
+/// mount namespace's bpffs under a mount namespace of our own without one (`ip netns exec`
+/// mounts a fresh sysfs, where /sys/fs/bpf is a bare directory that never holds skrelay's
+/// state). For a watcher that must see the state appear.
+pub fn root_to_watch() -> PathBuf {
+    looked_at_base().unwrap_or_else(|| PathBuf::from(BPFFS)).join("skrelay")
+}
+
+fn looked_at_base() -> Option<PathBuf> {
+    if own_mount_ns_without_bpffs().is_some() {
+        outer_bpffs()
+    } else {
+        Some(PathBuf::from(BPFFS))
+    }
 }
 
 /// Why a mount namespace of our own has no bpffs at /sys/fs/bpf.

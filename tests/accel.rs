@@ -1153,6 +1153,83 @@ fn redis_under_accel_keeps_data_and_is_not_slower() {
     assert!(r.connections >= 50 && r.messages > 200_000, "redis-benchmark did not go through the redirect: {r}");
 }
 
+/// Under `ip netns exec` (a sysfs of its own: /sys/fs/bpf is a bare directory there, and accel's
+/// state lives in the outer mount namespace's bpffs), a proxy started while no accel state existed
+/// watched the bare directory, where the state never appears, and served on from a cgroup that
+/// accel then came to cover: its upstream connections were accelerated and lost bytes (a
+/// re-check pass). It now resets new clients at once, and serves again after `accel off`.
+#[test]
+fn a_proxy_under_a_sysfs_of_its_own_sees_accel_come_to_cover_its_cgroup() {
+    if !require_bpf("a_proxy_under_a_sysfs_of_its_own_sees_accel_come_to_cover_its_cgroup") {
+        return;
+    }
+    // What `ip netns exec` does (/sys detached, then a fresh sysfs), and a fresh sysfs mounted
+    // over /sys, which leaves the cgroup2 mount below it listed in mountinfo but out of reach.
+    for mount in ["umount -l /sys && mount -t sysfs sysfs /sys", "mount -t sysfs sysfs /sys"] {
+        proxy_under_a_sysfs_of_its_own(mount);
+    }
+}
+
+fn proxy_under_a_sysfs_of_its_own(mount: &str) {
+    let _netns = enter_netns();
+    let port = free_port();
+    let up = std::iter::repeat_with(free_port).find(|&p| p != port).unwrap();
+    let cg = TestCgroup::unaccelerated("fresh-sysfs");
+    std::fs::create_dir_all(cg.path()).unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let upstream = format!("127.0.0.1:{up}");
+    let mut cmd = Command::new("unshare");
+    cmd.args(["-m", "--propagation", "private", "sh", "-c", &format!("{mount} && exec \"$0\" \"$@\"")]).args([
+        SKRELAY,
+        "proxy",
+        "--listen",
+        &listen,
+        "--upstream",
+        &upstream,
+    ]);
+    let proxy = Skrelay::spawn(cmd, "listening on");
+    let home = std::fs::read_to_string(format!("/proc/{}/cgroup", proxy.pid())).unwrap();
+    let home = cgroup_v2_mount().join(home.lines().find_map(|l| l.strip_prefix("0::/")).unwrap_or_default());
+    std::fs::write(cg.path().join("cgroup.procs"), proxy.pid().to_string()).unwrap();
+    // Served while nothing is accelerated.
+    let (mut server, mut server_out) = start_server(plain_peer(&["serve", "127.0.0.1", &up.to_string()]));
+    let client = output(plain_peer(&["connect", "127.0.0.1", &port.to_string(), "100000"]));
+    let mut server_text = String::new();
+    std::io::Read::read_to_string(&mut server_out, &mut server_text).unwrap();
+    assert!(server.wait().unwrap().success(), "{server_text}");
+    assert_eq!(field(&client, "sent"), field(&server_text, "received"), "client -> upstream damaged");
+    // accel comes to cover the proxy's cgroup (from another network namespace, whose `accel on`
+    // does not see this proxy): its next client is reset.
+    let on = Command::new("unshare")
+        .args(["-n", SKRELAY, "accel", "on", "--cgroup", &cg.rel, "--small-write", "64K"])
+        .output()
+        .unwrap();
+    assert!(on.status.success(), "{}", String::from_utf8_lossy(&on.stderr));
+    let mut client = std::net::TcpStream::connect(&listen).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let got = send_then_read(&mut client, &8u64.to_le_bytes());
+    assert!(
+        matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{mount}: a client of a proxy whose cgroup accel covers: {got:?}\n{}",
+        proxy.log()
+    );
+    proxy.wait_log("skrelay accel now covers this process's cgroup: cannot run the proxy", 1, Duration::from_secs(5));
+    // Off again: served.
+    let (code, out, err) = skrelay_output(&["accel", "off", "--cgroup", &cg.rel]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (mut server, mut server_out) = start_server(plain_peer(&["serve", "127.0.0.1", &up.to_string()]));
+    let client = output(plain_peer(&["connect", "127.0.0.1", &port.to_string(), "100000"]));
+    let mut server_text = String::new();
+    std::io::Read::read_to_string(&mut server_out, &mut server_text).unwrap();
+    assert!(server.wait().unwrap().success(), "{server_text}");
+    assert_eq!(field(&client, "sent"), field(&server_text, "received"), "client -> upstream damaged");
+    assert_eq!(field(&server_text, "sent"), field(&client, "received"), "upstream -> client damaged");
+    assert!(proxy.log().contains("skrelay accel no longer covers this process's cgroup: serving again"));
+    std::fs::write(home.join("cgroup.procs"), proxy.pid().to_string()).unwrap();
+    let (status, log) = proxy.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+}
+
 /// A proxy moved into an accelerated cgroup after it started (`cgclassify`, a write to
 /// `cgroup.procs`) made its upstream connections there, which accel joined: their bytes went into
 /// the sockets' redirect queue, past the datapath, and clients got a clean EOF with nothing, or a

@@ -25,24 +25,40 @@ pub fn v2_mount() -> Result<PathBuf, Error> {
     let outer = || {
         let pid = crate::bpffs::outer_mount_ns_process()?;
         let info = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok()?;
-        let at = v2_mount_in(&info)?;
-        Some(Path::new("/proc").join(pid.to_string()).join("root").join(at.strip_prefix("/").ok()?))
+        let root = Path::new("/proc").join(pid.to_string()).join("root");
+        v2_mounts_in(&info)
+            .into_iter()
+            .filter_map(|at| Some(root.join(at.strip_prefix("/").ok()?)))
+            .find(|p| is_cgroup2(p))
     };
-    v2_mount_in(&info).or_else(outer).ok_or_else(|| {
+    // A mount listed here may be hidden under a later one: `unshare -m` then a fresh sysfs
+    // mounted on /sys leaves the cgroup2 mount below /sys listed but out of reach, and a relay's
+    // check whether accel covers it found no cgroup (a re-check pass).
+    v2_mounts_in(&info).into_iter().find(|p| is_cgroup2(p)).or_else(outer).ok_or_else(|| {
         Error::Usage(
             "no cgroup v2 hierarchy is mounted (mount one with `mount -t cgroup2 none /sys/fs/cgroup/unified`)".into(),
         )
     })
 }
 
-fn v2_mount_in(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        if right.split_whitespace().next()? != "cgroup2" {
-            return None;
-        }
-        left.split_whitespace().nth(4).map(|p| PathBuf::from(unescape_mountinfo(p)))
-    })
+/// The mount points of every cgroup2 filesystem mountinfo lists, in its order.
+fn v2_mounts_in(mountinfo: &str) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            if right.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            left.split_whitespace().nth(4).map(|p| PathBuf::from(unescape_mountinfo(p)))
+        })
+        .collect()
+}
+
+/// What is at `path` from here is a cgroup2 filesystem (not a directory it hides under).
+fn is_cgroup2(path: &Path) -> bool {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x63677270;
+    rustix::fs::statfs(path).is_ok_and(|st| st.f_type == CGROUP2_SUPER_MAGIC)
 }
 
 /// mountinfo writes space, tab, newline and backslash as octal escapes (`\040`).
@@ -429,8 +445,8 @@ mod tests {
         let info = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
                     40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd\n\
                     41 31 0:38 / /sys/fs/cgroup/un\\040ified rw,relatime - cgroup2 cgroup2 rw\n";
-        assert_eq!(v2_mount_in(info), Some(PathBuf::from("/sys/fs/cgroup/un ified")));
-        assert_eq!(v2_mount_in("31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"), None);
+        assert_eq!(v2_mounts_in(info), [PathBuf::from("/sys/fs/cgroup/un ified")]);
+        assert!(v2_mounts_in("31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n").is_empty());
     }
 
     #[test]

@@ -138,10 +138,12 @@ impl CgroupWatch {
             return self.refused.as_deref();
         }
         self.seen = buf[..n].to_vec();
-        self.stamp = stamp;
+        let had_state = std::mem::replace(&mut self.stamp, stamp).is_some();
         let was = self.refused.take();
         self.refused = crate::relay_cmd::outside_accel("proxy", &self.ports).err().map(|e| e.to_string());
         self.recheck = self.refused.as_ref().map(|_| now + RECHECK_REFUSAL);
+        // A move while no accel state existed was not looked at then: what changed now is accel.
+        let moved = moved && had_state;
         match (&self.refused, moved, was.is_some()) {
             (Some(why), true, _) => log::error!(
                 "this process was moved into another cgroup, and now {why}: new clients are reset until it is moved \
@@ -206,9 +208,10 @@ impl Connector {
     pub(super) fn watch_cgroup(&mut self, listen_port: u16) {
         let Ok(file) = std::fs::File::open("/proc/self/cgroup") else { return };
         let ports = std::iter::once(listen_port).chain(self.upstreams.addrs().iter().map(|a| a.port())).collect();
-        let accel_dir = crate::bpffs::existing_root()
-            .unwrap_or_else(|| std::path::Path::new(crate::bpffs::BPFFS).join("skrelay"))
-            .join("accel");
+        // Where accel's state appears (the outer bpffs under `ip netns exec`: the local
+        // /sys/fs/bpf there never holds it, and a proxy watching it served on from an
+        // accelerated cgroup; a re-check pass).
+        let accel_dir = crate::bpffs::root_to_watch().join("accel");
         let stamp = stamp(&accel_dir);
         let mut watch = CgroupWatch { file, seen: Vec::new(), refused: None, ports, recheck: None, accel_dir, stamp };
         // The cgroup at start was checked already (`relay_cmd::open`): only a change is news.
