@@ -224,6 +224,7 @@ fn random_pairs(args: &[&str], pairs: usize, at_once: usize) {
     let mut rng = Rng(seed);
     let started = Instant::now();
     let mut failures = Vec::new();
+    let token = args.contains(&"token");
     for round in 0..pairs.div_ceil(at_once) {
         let mut running = Vec::new();
         for i in 0..at_once.min(pairs - round * at_once) {
@@ -233,18 +234,33 @@ fn random_pairs(args: &[&str], pairs: usize, at_once: usize) {
             let plans = [Client::random(&mut rng, &turns), Client::random(&mut rng, &turns)];
             let seeds = [rng.next(), rng.next()];
             let rng_seeds = [rng.next(), rng.next()];
-            // In order: the relay pairs the 1st client with the 2nd. The first starts its turns
-            // (or stream) before its partner connects: those bytes wait for it.
-            let mut handles = Vec::new();
-            for end in 0..2 {
-                let s = connect(addr);
-                let (c, sd, rs) = (plans[end].clone(), seeds[end], rng_seeds[end]);
-                handles.push(thread::spawn(move || run_client(s, c, sd, end == 0, rs)));
-            }
-            running.push((id, plans, seeds, handles));
+            running.push((id, plans, seeds, rng_seeds, [None, None]));
         }
+        // In order the relay pairs the 1st client with the 2nd, so each pair connects in turn;
+        // with tokens every client of the round connects in a random order and says its pair's
+        // token first. Either way a client starts its turns (or stream) before its partner may
+        // have come: those bytes wait for it.
+        let mut order: Vec<(usize, usize)> = (0..running.len()).flat_map(|i| [(i, 0), (i, 1)]).collect();
+        if token {
+            for k in (1..order.len()).rev() {
+                order.swap(k, rng.below(k as u64 + 1) as usize);
+            }
+        }
+        for (i, end) in order {
+            let (id, plans, seeds, rng_seeds, handles) = &mut running[i];
+            let mut s = connect(addr);
+            if token {
+                s.write_all(format!("pair-{id}\n").as_bytes()).unwrap();
+            }
+            let (c, sd, rs) = (plans[end].clone(), seeds[end], rng_seeds[end]);
+            handles[end] = Some(thread::spawn(move || run_client(s, c, sd, end == 0, rs)));
+        }
+        let running: Vec<_> = running
+            .into_iter()
+            .map(|(id, plans, seeds, _, handles)| (id, plans, seeds, handles.map(|h| h.expect("connected"))))
+            .collect();
         for (id, plans, seeds, handles) in running {
-            let out: Vec<Outcome> = handles.into_iter().map(|h| h.join().unwrap_or(Err("panicked".into()))).collect();
+            let out: Vec<Outcome> = handles.map(|h| h.join().unwrap_or(Err("panicked".into()))).into();
             let ok = match (&out[0], &out[1]) {
                 (Ok(a), Ok(b)) => a.0 == b.2 && a.1 == b.3 && b.0 == a.2 && b.1 == a.3,
                 _ => false,
@@ -287,3 +303,10 @@ fn random_clients_get_every_byte_once_in_order_past_a_small_kernel_buffer() {
         random_pairs(&["--datapath", "kernel", "--kernel-after", "0", "--kernel-buffer", "64K"], 48, 16);
     }
 }
+
+/// Clients paired by a token line, arriving in a random order.
+fn random_clients_paired_by_token_get_every_byte_once_in_order(dp: &str) {
+    random_pairs(&["--datapath", dp, "--pair", "token"], 48, 16);
+}
+
+per_datapath!(random_clients_paired_by_token_get_every_byte_once_in_order);
