@@ -76,6 +76,28 @@ impl Drop for TestCgroup {
     }
 }
 
+/// A client sends 100,000 bytes through the proxy on `port` to a fresh server on `up`, which
+/// answers; both directions must arrive whole.
+fn served_through_proxy(port: u16, up: u16) {
+    let (mut server, mut server_out) = start_server(plain_peer(&["serve", "127.0.0.1", &up.to_string()]));
+    let client = output(plain_peer(&["connect", "127.0.0.1", &port.to_string(), "100000"]));
+    let mut server_text = String::new();
+    std::io::Read::read_to_string(&mut server_out, &mut server_text).unwrap();
+    assert!(server.wait().unwrap().success(), "{server_text}");
+    assert_eq!(field(&client, "sent"), field(&server_text, "received"), "client -> upstream damaged");
+    assert_eq!(field(&server_text, "sent"), field(&client, "received"), "upstream -> client damaged");
+}
+
+/// `accel on` for cgroup `rel` from another network namespace, whose `accel on` does not see a
+/// relay or proxy of this one inside (and so does not refuse).
+fn accel_on_unseen(rel: &str) {
+    let on = Command::new("unshare")
+        .args(["-n", SKRELAY, "accel", "on", "--cgroup", rel, "--small-write", "64K"])
+        .output()
+        .unwrap();
+    assert!(on.status.success(), "{}", String::from_utf8_lossy(&on.stderr));
+}
+
 /// The same peer, outside any test cgroup.
 fn plain_peer(args: &[&str]) -> Command {
     let mut c = Command::new("python3");
@@ -1192,19 +1214,10 @@ fn proxy_under_a_sysfs_of_its_own(mount: &str) {
     let home = cgroup_v2_mount().join(home.lines().find_map(|l| l.strip_prefix("0::/")).unwrap_or_default());
     std::fs::write(cg.path().join("cgroup.procs"), proxy.pid().to_string()).unwrap();
     // Served while nothing is accelerated.
-    let (mut server, mut server_out) = start_server(plain_peer(&["serve", "127.0.0.1", &up.to_string()]));
-    let client = output(plain_peer(&["connect", "127.0.0.1", &port.to_string(), "100000"]));
-    let mut server_text = String::new();
-    std::io::Read::read_to_string(&mut server_out, &mut server_text).unwrap();
-    assert!(server.wait().unwrap().success(), "{server_text}");
-    assert_eq!(field(&client, "sent"), field(&server_text, "received"), "client -> upstream damaged");
+    served_through_proxy(port, up);
     // accel comes to cover the proxy's cgroup (from another network namespace, whose `accel on`
     // does not see this proxy): its next client is reset.
-    let on = Command::new("unshare")
-        .args(["-n", SKRELAY, "accel", "on", "--cgroup", &cg.rel, "--small-write", "64K"])
-        .output()
-        .unwrap();
-    assert!(on.status.success(), "{}", String::from_utf8_lossy(&on.stderr));
+    accel_on_unseen(&cg.rel);
     let mut client = std::net::TcpStream::connect(&listen).unwrap();
     client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let got = send_then_read(&mut client, &8u64.to_le_bytes());
@@ -1217,13 +1230,7 @@ fn proxy_under_a_sysfs_of_its_own(mount: &str) {
     // Off again: served.
     let (code, out, err) = skrelay_output(&["accel", "off", "--cgroup", &cg.rel]);
     assert_eq!(code, 0, "{out}{err}");
-    let (mut server, mut server_out) = start_server(plain_peer(&["serve", "127.0.0.1", &up.to_string()]));
-    let client = output(plain_peer(&["connect", "127.0.0.1", &port.to_string(), "100000"]));
-    let mut server_text = String::new();
-    std::io::Read::read_to_string(&mut server_out, &mut server_text).unwrap();
-    assert!(server.wait().unwrap().success(), "{server_text}");
-    assert_eq!(field(&client, "sent"), field(&server_text, "received"), "client -> upstream damaged");
-    assert_eq!(field(&server_text, "sent"), field(&client, "received"), "upstream -> client damaged");
+    served_through_proxy(port, up);
     assert!(proxy.log().contains("skrelay accel no longer covers this process's cgroup: serving again"));
     std::fs::write(home.join("cgroup.procs"), proxy.pid().to_string()).unwrap();
     let (status, log) = proxy.stop(Duration::from_secs(10));
@@ -1292,21 +1299,11 @@ fn a_proxy_moved_into_an_accelerated_cgroup_resets_new_clients() {
     let (code, out, err) = skrelay_output(&["accel", "off", "--cgroup", &cg.rel]);
     assert_eq!(code, 0, "{out}{err}");
     std::thread::sleep(Duration::from_millis(1100));
-    let (mut server, mut server_out) = start_server(plain_peer(&["serve", "127.0.0.1", &up.to_string()]));
-    let client = output(plain_peer(&["connect", "127.0.0.1", &port.to_string(), "100000"]));
-    let mut server_text = String::new();
-    std::io::Read::read_to_string(&mut server_out, &mut server_text).unwrap();
-    assert!(server.wait().unwrap().success(), "{server_text}");
-    assert_eq!(field(&client, "sent"), field(&server_text, "received"), "client -> upstream damaged");
-    assert_eq!(field(&server_text, "sent"), field(&client, "received"), "upstream -> client damaged");
+    served_through_proxy(port, up);
     assert!(proxy.log().contains("skrelay accel no longer covers this process's cgroup: serving again"));
     // Accelerated again where it stays (from another network namespace, whose `accel on` does not
     // see this proxy): it served on, and lost bytes (a re-check pass). Reset at once now.
-    let on = Command::new("unshare")
-        .args(["-n", SKRELAY, "accel", "on", "--cgroup", &cg.rel, "--small-write", "64K"])
-        .output()
-        .unwrap();
-    assert!(on.status.success(), "{}", String::from_utf8_lossy(&on.stderr));
+    accel_on_unseen(&cg.rel);
     let mut client = std::net::TcpStream::connect(&listen).unwrap();
     client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let got = std::io::Read::read(&mut client, &mut [0u8; 64]);
