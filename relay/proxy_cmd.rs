@@ -97,7 +97,20 @@ pub fn loops_back(
     };
     // A listener (or metrics responder) on [::ffff:a.b.c.d] is one on a.b.c.d for this purpose.
     let listen = crate::sys::unmapped(listen);
-    let is_local = || std::net::UdpSocket::bind((ip, 0)).is_ok();
+    // A link-local address binds only with its interface (scope id): without it every
+    // link-local upstream looked foreign, and one that was this proxy's own address under a
+    // wildcard listener was caught only at run time, one reset per client (a stranger pass).
+    let scope = match upstream {
+        SocketAddr::V6(v6) => v6.scope_id(),
+        SocketAddr::V4(_) => 0,
+    };
+    let is_local = || {
+        let at = match ip {
+            IpAddr::V6(v6) => SocketAddr::V6(std::net::SocketAddrV6::new(v6, 0, 0, scope)),
+            v4 => SocketAddr::new(v4, 0),
+        };
+        std::net::UdpSocket::bind(at).is_ok()
+    };
     let port = upstream.port();
     // The listening socket itself.
     let listener_takes = if listen.ip().is_unspecified() {

@@ -365,6 +365,21 @@ fn a_proxy_whose_upstream_is_itself_is_refused_at_start_up() {
         ["proxy", "--upstream", "127.0.0.1:7779", "--metrics", "[::ffff:127.0.0.1]:7779", "--datapath", "userspace"];
     let (code, _, err) = skrelay_output(&args);
     assert_eq!(code, 2, "an IPv4 metrics address in IPv6 form: {err}");
+    // A link-local address of this machine under a wildcard listener: binding it to see whether
+    // it is local took no interface, failed, and the loop was caught only per client.
+    let ip = |args: &[&str]| Command::new("ip").args(args).status().unwrap().success();
+    assert!(ip(&["link", "add", "ll0", "type", "veth", "peer", "name", "ll1"]));
+    assert!(ip(&["link", "set", "ll0", "up"]) && ip(&["link", "set", "ll1", "up"]));
+    assert!(ip(&["addr", "add", "fe80::a/64", "dev", "ll0", "nodad"]));
+    // Under `timeout`: a proxy that starts would serve until killed (124).
+    let out = Command::new("timeout")
+        .args(["5", SKRELAY, "proxy", "--listen", "[::]:7300", "--upstream", "[fe80::a%ll0]:7300"])
+        .args(["--datapath", "userspace"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "a link-local upstream that is this proxy: {err}");
+    assert!(err.contains("so every client would loop back into the proxy"), "{err}");
     // An upstream on another port of the same address is fine.
     let _up = TcpListener::bind("127.0.0.1:7778").unwrap();
     let _proxy = Skrelay::start(&["proxy", "--datapath", "userspace", "--upstream", "127.0.0.1:7778"]);
@@ -763,20 +778,24 @@ fn a_client_gone_before_it_was_accepted_opens_no_upstream_connection() {
 
 /// The end-of-pair line names the proxy's end of the upstream connection: the address the
 /// upstream's own log has for this client.
+/// An IPv4-mapped upstream (`[::ffff:127.0.0.1]`) is named in IPv4, as the upstream names it.
 #[test]
 fn the_end_of_pair_line_names_the_upstream_connections_local_address() {
     let _netns = enter_netns();
     let upstream = TcpListener::bind("127.0.0.1:9080").unwrap();
-    let proxy = Skrelay::start(&["proxy", "--upstream", "127.0.0.1:9080"]);
-    let mut client = connect(proxy_addr());
-    let (mut server, seen_from) = upstream.accept().unwrap();
-    client.write_all(b"ping").unwrap();
-    client.shutdown(Shutdown::Write).unwrap();
-    assert_eq!(read_n(&mut server, 4), b"ping");
-    drop(server);
-    assert_eq!(recv_all(&mut client).unwrap().0, 0);
-    proxy.wait_log(" ended after ", 1, Duration::from_secs(5));
-    let log = proxy.log();
-    let line = log.lines().find(|l| l.contains(" ended after ")).unwrap();
-    assert!(line.ends_with(&format!("; upstream connection from {seen_from}")), "{line}");
+    for to in ["127.0.0.1:9080", "[::ffff:127.0.0.1]:9080"] {
+        let proxy = Skrelay::start(&["proxy", "--upstream", to]);
+        let mut client = connect(proxy_addr());
+        let (mut server, seen_from) = upstream.accept().unwrap();
+        client.write_all(b"ping").unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(read_n(&mut server, 4), b"ping");
+        drop(server);
+        assert_eq!(recv_all(&mut client).unwrap().0, 0);
+        proxy.wait_log(" ended after ", 1, Duration::from_secs(5));
+        let log = proxy.log();
+        let line = log.lines().find(|l| l.contains(" ended after ")).unwrap();
+        assert!(line.ends_with(&format!("; upstream connection from {seen_from}")), "{to}: {line}");
+        let _ = proxy.stop(Duration::from_secs(5));
+    }
 }
