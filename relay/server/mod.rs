@@ -1024,7 +1024,11 @@ impl Server {
         let [a, b] = ended.addrs;
         // `proxy`: the local end of the connection to the upstream, which is how the upstream's
         // own log names this client.
-        let from = ended.upstream_local.map(|l| format!("; upstream connection from {l}")).unwrap_or_default();
+        // IPv4-mapped shown as IPv4, as the upstream names it (and as clients are shown).
+        let from = ended
+            .upstream_local
+            .map(|l| format!("; upstream connection from {}", sys::unmapped(l)))
+            .unwrap_or_default();
         log::info!(
             "pair {a} <-> {b} {} after {:.3}s: {} bytes {a} -> {b}, {} bytes {b} -> {a} ({}){from}",
             ended.how,
