@@ -167,9 +167,23 @@ fn listen_reason(e: &io::Error, flag: &str, addr: &SocketAddr) -> String {
         Some(libc::EADDRINUSE) => {
             format!("address already in use (another socket has it: stop it or pick another {flag} port)")
         }
-        Some(libc::EADDRNOTAVAIL) => {
-            "address not available (it is not an address of this machine: use one `ip addr` shows, or 0.0.0.0)".into()
-        }
+        // For IPv6 the wildcard is [::]; a link-local address is one of an interface (an IPv6
+        // stranger pass was told "not an address of this machine" for one on another interface,
+        // and to use 0.0.0.0).
+        Some(libc::EADDRNOTAVAIL) => match addr {
+            SocketAddr::V6(a) if a.scope_id() != 0 => format!(
+                "address not available (interface %{} has no such address: use the interface `ip addr` lists it on, \
+                 or [::])",
+                a.scope_id()
+            ),
+            SocketAddr::V6(_) => {
+                "address not available (it is not an address of this machine: use one `ip addr` shows, or [::])".into()
+            }
+            SocketAddr::V4(_) => {
+                "address not available (it is not an address of this machine: use one `ip addr` shows, or 0.0.0.0)"
+                    .into()
+            }
+        },
         Some(libc::EACCES) => "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)".into(),
         // bind(2) of a link-local IPv6 address without its interface.
         Some(libc::EINVAL) if matches!(addr, SocketAddr::V6(a) if a.scope_id() == 0 && (a.ip().segments()[0] & 0xffc0) == 0xfe80) => format!(
@@ -182,6 +196,17 @@ fn listen_reason(e: &io::Error, flag: &str, addr: &SocketAddr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_address_not_of_this_machine_names_the_wildcard_of_its_family() {
+        let gone = || io::Error::from_raw_os_error(libc::EADDRNOTAVAIL);
+        let e = Error::Listen { addr: "10.1.2.3:7777".parse().unwrap(), source: gone() };
+        assert!(e.to_string().contains("use one `ip addr` shows, or 0.0.0.0)"), "{e}");
+        let e = Error::Listen { addr: "[fd00::9]:7777".parse().unwrap(), source: gone() };
+        assert!(e.to_string().contains("use one `ip addr` shows, or [::])"), "{e}");
+        let e = Error::Listen { addr: "[fe80::a%2]:7777".parse().unwrap(), source: gone() };
+        assert!(e.to_string().contains("interface %2 has no such address: use the interface"), "{e}");
+    }
 
     #[test]
     fn a_link_local_address_without_its_interface_is_explained() {

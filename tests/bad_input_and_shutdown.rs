@@ -163,7 +163,11 @@ fn a_port_in_use_and_a_foreign_address_are_clear_errors() {
     );
     assert_usage_error(
         &["relay", "--datapath", "userspace", "--listen", "192.0.2.1:7777"],
-        "not an address of this machine",
+        "not an address of this machine: use one `ip addr` shows, or 0.0.0.0)",
+    );
+    assert_usage_error(
+        &["relay", "--datapath", "userspace", "--listen", "[2001:db8::1]:7777"],
+        "not an address of this machine: use one `ip addr` shows, or [::])",
     );
     // On the kernel datapath too, and without the notes about the host's settings that a
     // started relay logs (kernel.sched_autogroup_enabled=1 on this project's machines): a
