@@ -650,12 +650,23 @@ fn parse_accel_port(s: &str) -> Result<u16, String> {
 /// may be a whole address whose port was forgotten, `::1` was "cannot resolve `:`"), or an IPv4
 /// address in them (`[127.0.0.1]:7777`: "cannot resolve"). One rule for every address flag.
 pub fn misbracketed(s: &str) -> Option<String> {
-    if let Some(inner) = s.strip_prefix('[').and_then(|r| r.split_once(']')).map(|(inner, _)| inner) {
+    if let Some((inner, after)) = s.strip_prefix('[').and_then(|r| r.split_once(']')) {
         let port = s.rsplit_once("]:").map_or("PORT", |(_, p)| p);
-        return inner
-            .parse::<std::net::Ipv4Addr>()
-            .is_ok()
-            .then(|| format!("`{s}`: brackets are for IPv6 addresses only (give {inner}:{port})"));
+        if inner.parse::<std::net::Ipv4Addr>().is_ok() {
+            return Some(format!("`{s}`: brackets are for IPv6 addresses only (give {inner}:{port})"));
+        }
+        // Brackets hold an IPv6 address, never a name: `[:::1]:7777` and `[fe80::1%]:7777` were
+        // "cannot resolve", and `[::1]7777` "`1]7777` is not a port" (an IPv6 stranger pass).
+        let (addr, scope) = inner.split_once('%').map_or((inner, None), |(a, sc)| (a, Some(sc)));
+        if addr.parse::<std::net::Ipv6Addr>().is_err() || scope == Some("") {
+            return Some(format!(
+                "`[{inner}]` is not an IPv6 address (e.g. [::1]:7777, or [fe80::1%eth0]:7777 for a link-local one)"
+            ));
+        }
+        if !after.is_empty() && !after.starts_with(':') {
+            return Some(format!("`{s}`: a colon goes between the address and its port (give [{inner}]:{after})"));
+        }
+        return None;
     }
     if s.matches(':').count() < 2 {
         return None;
@@ -741,6 +752,10 @@ mod tests {
             ("::1", "has no port (an IPv6 address goes in brackets before its port: [::1]:7777)"),
             ("fe80::1%lo", "has no port"),
             ("[127.0.0.1]:7777", "brackets are for IPv6 addresses only (give 127.0.0.1:7777)"),
+            ("[:::1]:7777", "`[:::1]` is not an IPv6 address (e.g. [::1]:7777"),
+            ("[fe80::1%]:7777", "`[fe80::1%]` is not an IPv6 address"),
+            ("[localhost]:7777", "`[localhost]` is not an IPv6 address"),
+            ("[::1]7777", "a colon goes between the address and its port (give [::1]:7777)"),
         ] {
             let e = parse_listen(given).unwrap_err();
             assert!(e.contains(says), "{given}: {e}");
