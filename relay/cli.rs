@@ -602,9 +602,7 @@ pub fn unknown_scope(s: &str) -> Option<String> {
             // Too large for an index: it was "cannot resolve", as a host name (a re-check pass).
             Err(_) => u32::MAX,
         };
-        let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
-        // SAFETY: `name` has room for IF_NAMESIZE bytes, as if_indextoname(3) requires.
-        let known = !unsafe { libc::if_indextoname(index, name.as_mut_ptr()) }.is_null();
+        let known = crate::sys::interface_name(index).is_some();
         return (!known).then(|| {
             format!(
                 "`{s}` names no network interface with index {scope} in this network namespace (`ip -o link` lists \

@@ -431,6 +431,15 @@ pub fn interface_index(name: &str) -> u32 {
     unsafe { libc::if_nametoindex(name.as_ptr()) }
 }
 
+/// The name of network interface `index` in this network namespace, if one has it.
+pub fn interface_name(index: u32) -> Option<String> {
+    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `name` has room for IF_NAMESIZE bytes, as if_indextoname(3) requires.
+    let found = unsafe { libc::if_indextoname(index, name.as_mut_ptr()) };
+    // SAFETY: if_indextoname wrote a NUL-terminated name into `name` when it did not fail.
+    (!found.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }.to_string_lossy().into_owned())
+}
+
 /// The soft address-space limit (RLIMIT_AS, `ulimit -v`) in KiB, where there is one.
 pub fn address_space_limit_kib() -> Option<u64> {
     rustix::process::getrlimit(rustix::process::Resource::As).current.map(|bytes| bytes / 1024)

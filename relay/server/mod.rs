@@ -1023,8 +1023,7 @@ impl Server {
         }
         let [a, b] = ended.addrs;
         // `proxy`: the local end of the connection to the upstream, which is how the upstream's
-        // own log names this client.
-        // IPv4-mapped shown as IPv4, as the upstream names it (and as clients are shown).
+        // own log names this client (IPv4-mapped shown as IPv4, as the upstream shows it).
         let from = ended
             .upstream_local
             .map(|l| format!("; upstream connection from {}", sys::unmapped(l)))

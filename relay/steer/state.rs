@@ -148,8 +148,9 @@ impl Maps {
     /// silently for the whole (`steer list` once showed 2 of 6 bindings, exit 0, in a stranger
     /// pass; not reproduced).
     pub(super) fn records(&self) -> BTreeMap<u32, Record> {
-        let mut last_error = None;
-        for _ in 0..3 {
+        let mut walks = 0;
+        loop {
+            walks += 1;
             let mut out = BTreeMap::new();
             let mut error = None;
             for entry in self.bindings.iter() {
@@ -163,13 +164,16 @@ impl Maps {
                 }
             }
             match error {
+                Some(_) if walks < 3 => continue,
+                Some(e) => {
+                    log::warn!(
+                        "steer state: the bindings map could not be read whole ({e}); what follows may miss some"
+                    );
+                    return out;
+                }
                 None => return out,
-                Some(e) => last_error = Some((e, out)),
             }
         }
-        let (e, out) = last_error.expect("three walks, each with an error");
-        log::warn!("steer state: the bindings map could not be read whole ({e}); what follows may miss some");
-        out
     }
 
     /// (hits, refused) of a binding, summed over CPUs.
