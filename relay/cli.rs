@@ -661,10 +661,16 @@ pub fn misbracketed(s: &str) -> Option<String> {
                 "`[{inner}]` is not an IPv6 address (e.g. [::1]:7777, or [fe80::1%eth0]:7777 for a link-local one)"
             ));
         }
+        if after.starts_with(']') {
+            return Some(format!("`{s}` has a `]` too many (e.g. [{inner}]:7777)"));
+        }
         if !after.is_empty() && !after.starts_with(':') {
             return Some(format!("`{s}`: a colon goes between the address and its port (give [{inner}]:{after})"));
         }
         return None;
+    }
+    if s.starts_with('[') {
+        return Some(format!("`{s}` has no closing `]` (an IPv6 address goes in brackets: [::1]:7777)"));
     }
     if s.matches(':').count() < 2 {
         return None;
@@ -754,6 +760,9 @@ mod tests {
             ("[fe80::1%]:7777", "`[fe80::1%]` is not an IPv6 address"),
             ("[localhost]:7777", "`[localhost]` is not an IPv6 address"),
             ("[::1]7777", "a colon goes between the address and its port (give [::1]:7777)"),
+            ("[::1]]:7777", "has a `]` too many (e.g. [::1]:7777)"),
+            ("[::1", "has no closing `]`"),
+            ("[::1:7777", "has no closing `]`"),
         ] {
             let e = parse_listen(given).unwrap_err();
             assert!(e.contains(says), "{given}: {e}");

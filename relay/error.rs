@@ -172,8 +172,7 @@ fn listen_reason(e: &io::Error, flag: &str, addr: &SocketAddr) -> String {
         // and to use 0.0.0.0).
         Some(libc::EADDRNOTAVAIL) => match addr {
             SocketAddr::V6(a) if a.scope_id() != 0 => format!(
-                "address not available (interface {} has no such address: use the interface `ip addr` lists it on, \
-                 or [::])",
+                "address not available (interface {} has no such address: use one `ip addr` lists on it, or [::])",
                 crate::sys::interface_name(a.scope_id()).unwrap_or_else(|| format!("%{}", a.scope_id()))
             ),
             SocketAddr::V6(_) => {
@@ -205,7 +204,10 @@ mod tests {
         let e = Error::Listen { addr: "[fd00::9]:7777".parse().unwrap(), source: gone() };
         assert!(e.to_string().contains("use one `ip addr` shows, or [::])"), "{e}");
         let e = Error::Listen { addr: "[fe80::a%1]:7777".parse().unwrap(), source: gone() };
-        assert!(e.to_string().contains("interface lo has no such address: use the interface"), "{e}");
+        assert!(
+            e.to_string().contains("interface lo has no such address: use one `ip addr` lists on it, or [::])"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -97,31 +97,27 @@ pub fn loops_back(
     };
     // A listener (or metrics responder) on [::ffff:a.b.c.d] is one on a.b.c.d for this purpose.
     let listen = crate::sys::unmapped(listen);
-    // A link-local address binds only with its interface (scope id): without it every
-    // link-local upstream looked foreign, and one that was this proxy's own address under a
-    // wildcard listener was caught only at run time, one reset per client (a stranger pass).
-    let scope = match upstream {
-        SocketAddr::V6(v6) => v6.scope_id(),
-        SocketAddr::V4(_) => 0,
-    };
-    let is_local = || {
-        let at = match ip {
-            IpAddr::V6(v6) => SocketAddr::V6(std::net::SocketAddrV6::new(v6, 0, 0, scope)),
-            v4 => SocketAddr::new(v4, 0),
-        };
-        std::net::UdpSocket::bind(at).is_ok()
+    // The upstream as a connection would reach it, with its interface (scope id) if it is
+    // link-local: without it a link-local upstream looked foreign, and one that was this proxy's
+    // own address under a wildcard listener or its --ports was caught only at run time, one
+    // reset per client (an IPv6 stranger pass).
+    let target = match (ip, upstream) {
+        (IpAddr::V6(v6), SocketAddr::V6(u)) => {
+            SocketAddr::V6(std::net::SocketAddrV6::new(v6, u.port(), 0, u.scope_id()))
+        }
+        (ip, u) => SocketAddr::new(ip, u.port()),
     };
     let port = upstream.port();
     // The listening socket itself.
     let listener_takes = if listen.ip().is_unspecified() {
-        (ip.is_ipv6() == listen.is_ipv6() || (dual_stack && ip.is_ipv4())) && is_local()
+        (ip.is_ipv6() == listen.is_ipv6() || (dual_stack && ip.is_ipv4())) && crate::sys::is_local_address(target)
     } else {
-        ip == listen.ip()
+        crate::sys::same_local_ip(target, listen)
     };
     if port == listen.port() && listener_takes {
         return Some(format!("it is this proxy's own listening address ({listen})"));
     }
-    if ports.is_some_and(|p| crate::relay_cmd::steered_here(SocketAddr::new(ip, port), listen, p)) {
+    if ports.is_some_and(|p| crate::relay_cmd::steered_here(target, listen, p)) {
         return Some(format!("--ports steers port {port} at that address to this proxy"));
     }
     None

@@ -174,15 +174,17 @@ pub fn warn_if_taken_away(addr: SocketAddr, flag: &str) {
 /// ports at the listen address, or at every local address of its family for a wildcard one.
 pub fn steered_here(addr: SocketAddr, listen: SocketAddr, ports: &PortList) -> bool {
     let listen = crate::sys::unmapped(listen);
-    let ip = match addr.ip() {
-        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ip => ip,
-    };
+    let mut addr = addr;
+    match addr.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => addr.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        IpAddr::V6(v6) if v6.is_unspecified() => addr.set_ip(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+        _ => {}
+    }
+    // A link-local address keeps its interface (scope) for both checks.
     let at = if listen.ip().is_unspecified() {
-        ip.is_ipv6() == listen.is_ipv6() && std::net::UdpSocket::bind((ip, 0)).is_ok()
+        addr.is_ipv6() == listen.is_ipv6() && crate::sys::is_local_address(addr)
     } else {
-        ip == listen.ip()
+        crate::sys::same_local_ip(addr, listen)
     };
     at && ports.items().iter().any(|r| r.contains(addr.port()))
 }

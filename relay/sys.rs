@@ -211,6 +211,28 @@ pub fn unmapped(addr: std::net::SocketAddr) -> std::net::SocketAddr {
     }
 }
 
+/// Whether `addr`'s IP is an address of this machine (in this network namespace); a link-local
+/// IPv6 address only on the interface its scope names (binding it without one fails, and every
+/// link-local address looked foreign: an IPv6 stranger pass). The port is not looked at.
+pub fn is_local_address(addr: std::net::SocketAddr) -> bool {
+    let at = match addr {
+        std::net::SocketAddr::V6(v6) => std::net::SocketAddrV6::new(*v6.ip(), 0, 0, v6.scope_id()).into(),
+        std::net::SocketAddr::V4(v4) => std::net::SocketAddr::new((*v4.ip()).into(), 0),
+    };
+    std::net::UdpSocket::bind(at).is_ok()
+}
+
+/// Whether two socket addresses name the same local IP: equal IPs, and for a link-local IPv6
+/// address the same interface (the same fe80:: address on two links is two addresses).
+pub fn same_local_ip(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool {
+    match (a, b) {
+        (std::net::SocketAddr::V6(a), std::net::SocketAddr::V6(b)) if a.ip().is_unicast_link_local() => {
+            a.ip() == b.ip() && a.scope_id() == b.scope_id()
+        }
+        _ => a.ip() == b.ip(),
+    }
+}
+
 /// SIGINT, SIGTERM, SIGHUP, SIGQUIT (and SIGUSR1 and SIGUSR2, which would kill) held back (blocked) while alive: a relay's handlers are installed only
 /// once its datapaths are loaded and its event loop exists (0.1 s, seconds with many
 /// `--threads`), and a SIGINT before that was lost when the shell had it ignored (a background

@@ -380,6 +380,39 @@ fn a_proxy_whose_upstream_is_itself_is_refused_at_start_up() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "a link-local upstream that is this proxy: {err}");
     assert!(err.contains("so every client would loop back into the proxy"), "{err}");
+    // The same through --ports, and a --metrics address that --ports would steer (a re-check
+    // pass: both started).
+    for (args, says) in [
+        (
+            &["proxy", "--listen", "[::]:7300", "--upstream", "[fe80::a%ll0]:8000", "--ports", "8000"][..],
+            "--ports steers port 8000 at that address to this proxy",
+        ),
+        (
+            &[
+                "proxy",
+                "--listen",
+                "[::]:7300",
+                "--upstream",
+                "[::1]:7400",
+                "--metrics",
+                "[fe80::a%ll0]:8001",
+                "--ports",
+                "8001",
+            ][..],
+            "cannot serve metrics on [fe80::a%",
+        ),
+    ] {
+        let out = Command::new("timeout")
+            .arg("5")
+            .arg(SKRELAY)
+            .args(args)
+            .args(["--datapath", "userspace"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
     // An upstream on another port of the same address is fine.
     let _up = TcpListener::bind("127.0.0.1:7778").unwrap();
     let _proxy = Skrelay::start(&["proxy", "--datapath", "userspace", "--upstream", "127.0.0.1:7778"]);
@@ -798,4 +831,38 @@ fn the_end_of_pair_line_names_the_upstream_connections_local_address() {
         assert!(line.ends_with(&format!("; upstream connection from {seen_from}")), "{to}: {line}");
         let _ = proxy.stop(Duration::from_secs(5));
     }
+}
+
+/// A link-local upstream on another interface that leads back to this proxy (a veth pair with
+/// both ends here) is a loop the start cannot see: the connection leaves by one interface and
+/// comes back by the other, named by the other's index. It was not recognised as the proxy's own,
+/// and one client became 20,000 connections in 3 s (a re-check pass); now it is one reset.
+#[test]
+fn a_link_local_loop_through_another_interface_costs_one_reset_per_client() {
+    let _netns = enter_netns();
+    let ip = |args: &[&str]| Command::new("ip").args(args).status().unwrap().success();
+    assert!(ip(&["link", "add", "ll0", "type", "veth", "peer", "name", "ll1"]));
+    assert!(ip(&["link", "set", "ll0", "up"]) && ip(&["link", "set", "ll1", "up"]));
+    assert!(ip(&["addr", "add", "fe80::a/64", "dev", "ll0", "nodad"]));
+    assert!(ip(&["addr", "add", "fe80::b/64", "dev", "ll1", "nodad"]));
+    let proxy = Skrelay::start(&[
+        "proxy",
+        "--datapath",
+        "userspace",
+        "--listen",
+        "[::]:7300",
+        "--upstream",
+        "[fe80::a%ll1]:7300",
+        "--metrics",
+        "127.0.0.1:9300",
+    ]);
+    let mut c = TcpStream::connect("[::1]:7300").unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let got = send_then_read(&mut c, b"x");
+    assert!(matches!(&got, Err(e) if e.kind() == ErrorKind::ConnectionReset), "{got:?}\n{}", proxy.log());
+    thread::sleep(Duration::from_millis(500));
+    let m = proxy.metrics();
+    assert_eq!(m.get("skrelay_unpaired_clients_total{reason=\"loop\"}"), 1, "{}\n{}", m.text, proxy.log());
+    let (status, log) = proxy.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
 }
