@@ -28,10 +28,16 @@ impl Upstreams {
                 return Err(Error::Usage(format!("upstream {e}")));
             }
             let bare = spec.trim_start_matches('[').trim_end_matches(']');
-            if !spec.contains(':') || bare.parse::<std::net::IpAddr>().is_ok() {
+            // `[fe80::1%eth0]` too (its scope kept it from parsing as an address).
+            if !spec.contains(':') || bare.parse::<std::net::IpAddr>().is_ok() || spec.ends_with(']') {
                 return Err(Error::Usage(format!(
                     "upstream `{spec}` has no port (give HOST:PORT, IP:PORT or [IPv6]:PORT)"
                 )));
+            }
+            // Worded as every other address flag words it (it was "cannot resolve ...: invalid
+            // port value"; a re-check pass).
+            if let Some((_, port)) = spec.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_err()) {
+                return Err(Error::Usage(format!("upstream `{spec}`: `{port}` is not a port (ports are 1 to 65535)")));
             }
             let resolved: Vec<SocketAddr> = crate::cli::numeric_scope(spec)
                 .to_socket_addrs()
@@ -181,7 +187,11 @@ mod tests {
         assert!(u.addrs.len() >= 3, "{u}");
         let e = Upstreams::resolve(&["no-such-host.invalid:80".into()]).err().unwrap().to_string();
         assert!(e.contains("cannot resolve upstream `no-such-host.invalid:80`"), "{e}");
-        for no_port in ["127.0.0.1", "localhost", "::1", "[::1]"] {
+        for (spec, port) in [("[::1]:abc", "abc"), ("[::1]:", ""), ("localhost:99999", "99999"), ("[::1]:-1", "-1")] {
+            let e = Upstreams::resolve(&[spec.into()]).err().unwrap().to_string();
+            assert!(e.contains(&format!("upstream `{spec}`: `{port}` is not a port (ports are 1 to 65535)")), "{e}");
+        }
+        for no_port in ["127.0.0.1", "localhost", "::1", "[::1]", "[fe80::1%1]"] {
             let e = Upstreams::resolve(&[no_port.into()]).err().unwrap().to_string();
             assert!(e.contains(&format!("upstream `{no_port}` has no port")), "{e}");
         }
