@@ -88,6 +88,18 @@ fn served_through_proxy(port: u16, up: u16) {
     assert_eq!(field(&server_text, "sent"), field(&client, "received"), "upstream -> client damaged");
 }
 
+/// A new client of the proxy at `listen` is reset (seen by its write or by its read).
+fn a_new_client_is_reset(listen: &str, what: &str, proxy: &Skrelay) {
+    let mut client = std::net::TcpStream::connect(listen).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let got = send_then_read(&mut client, &8u64.to_le_bytes());
+    assert!(
+        matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{what}: {got:?}\n{}",
+        proxy.log()
+    );
+}
+
 /// `accel on` for cgroup `rel` from another network namespace, whose `accel on` does not see a
 /// relay or proxy of this one inside (and so does not refuse).
 fn accel_on_unseen(rel: &str) {
@@ -1218,14 +1230,7 @@ fn proxy_under_a_sysfs_of_its_own(mount: &str) {
     // accel comes to cover the proxy's cgroup (from another network namespace, whose `accel on`
     // does not see this proxy): its next client is reset.
     accel_on_unseen(&cg.rel);
-    let mut client = std::net::TcpStream::connect(&listen).unwrap();
-    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let got = send_then_read(&mut client, &8u64.to_le_bytes());
-    assert!(
-        matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
-        "{mount}: a client of a proxy whose cgroup accel covers: {got:?}\n{}",
-        proxy.log()
-    );
+    a_new_client_is_reset(&listen, &format!("{mount}: a client of a proxy whose cgroup accel covers"), &proxy);
     proxy.wait_log("skrelay accel now covers this process's cgroup: cannot run the proxy", 1, Duration::from_secs(5));
     // Off again: served.
     let (code, out, err) = skrelay_output(&["accel", "off", "--cgroup", &cg.rel]);
@@ -1258,14 +1263,7 @@ fn a_proxy_moved_into_an_accelerated_cgroup_resets_new_clients() {
     let (mut server, mut server_out) =
         start_server(cg.peer(&serve_args("127.0.0.1", up).iter().map(String::as_str).collect::<Vec<_>>()));
     std::fs::write(cg.path().join("cgroup.procs"), proxy.pid().to_string()).unwrap();
-    let mut client = std::net::TcpStream::connect(&listen).unwrap();
-    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let got = send_then_read(&mut client, &8u64.to_le_bytes());
-    assert!(
-        matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
-        "a client of the moved proxy: {got:?}\n{}",
-        proxy.log()
-    );
+    a_new_client_is_reset(&listen, "a client of the moved proxy", &proxy);
     proxy.wait_log("was moved into another cgroup", 1, Duration::from_secs(5));
     let log = proxy.log();
     assert!(
@@ -1292,10 +1290,7 @@ fn a_proxy_moved_into_an_accelerated_cgroup_resets_new_clients() {
     // Moved in again, then the cgroup is no longer accelerated: served again without a move
     // (clients stayed reset after `accel off`: a re-check pass).
     std::fs::write(cg.path().join("cgroup.procs"), proxy.pid().to_string()).unwrap();
-    let mut client = std::net::TcpStream::connect(&listen).unwrap();
-    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let got = std::io::Read::read(&mut client, &mut [0u8; 64]);
-    assert!(matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset), "{got:?}");
+    a_new_client_is_reset(&listen, "a client of the proxy moved in again", &proxy);
     let (code, out, err) = skrelay_output(&["accel", "off", "--cgroup", &cg.rel]);
     assert_eq!(code, 0, "{out}{err}");
     std::thread::sleep(Duration::from_millis(1100));
@@ -1304,10 +1299,7 @@ fn a_proxy_moved_into_an_accelerated_cgroup_resets_new_clients() {
     // Accelerated again where it stays (from another network namespace, whose `accel on` does not
     // see this proxy): it served on, and lost bytes (a re-check pass). Reset at once now.
     accel_on_unseen(&cg.rel);
-    let mut client = std::net::TcpStream::connect(&listen).unwrap();
-    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let got = std::io::Read::read(&mut client, &mut [0u8; 64]);
-    assert!(matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset), "{got:?}\n{}", proxy.log());
+    a_new_client_is_reset(&listen, "a client of the proxy accelerated where it stays", &proxy);
     proxy.wait_log("skrelay accel now covers this process's cgroup: cannot run the proxy", 1, Duration::from_secs(5));
     std::fs::write(home.join("cgroup.procs"), proxy.pid().to_string()).unwrap();
     let (status, log) = proxy.stop(Duration::from_secs(10));
