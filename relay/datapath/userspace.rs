@@ -71,11 +71,12 @@ impl Datapath for UserspaceDatapath {
     }
 
     fn splice(&mut self, ends: [&TcpStream; 2], skip: [u32; 2]) -> Result<Box<dyn Splice>, SpliceError> {
+        // Both ends keep an urgent byte (MSG_OOB) in the stream (SO_OOBINLINE, set on the
+        // listener, which accepted sockets inherit, and on each upstream connection), as on the
+        // kernel datapath: without it, reading through a buffer of ours (no pipe) would leave
+        // the byte out.
         for (end, n) in ends.into_iter().zip(skip) {
             discard(end, n as usize)?;
-            // An urgent byte (MSG_OOB) is a byte of the stream here, as on the kernel datapath:
-            // without this, reading through a buffer of ours (no pipe) would leave it out.
-            sys::inline_urgent_data(end)?;
         }
         Ok(Box::new(UserspaceSplice::new()))
     }

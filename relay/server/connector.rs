@@ -339,7 +339,7 @@ impl Connector {
         registry: &Registry,
         token: Token,
     ) -> Option<Connecting> {
-        self.abandon(&mut c, registry);
+        self.abandon(&mut c, Some(registry));
         if self.upstreams.mark_down(c.idx, Instant::now()) {
             log::warn!("upstream {}: {error}; marked down for {DOWN_FOR:?}", self.upstreams.addr(c.idx));
         } else {
@@ -348,9 +348,12 @@ impl Connector {
         self.try_plan(c.rest, registry, token)
     }
 
-    /// Stops watching `c` and forgets it (its client left, or it is about to be spliced).
-    pub(super) fn abandon(&mut self, c: &mut Connecting, registry: &Registry) {
-        let _ = registry.deregister(&mut c.stream);
+    /// Forgets `c` and stops watching it, given the registry (its client left, or it is about to
+    /// be spliced: then the pair watches it on).
+    pub(super) fn abandon(&mut self, c: &mut Connecting, registry: Option<&Registry>) {
+        if let Some(registry) = registry {
+            let _ = registry.deregister(&mut c.stream);
+        }
         self.own.forget(c.local);
     }
 

@@ -420,7 +420,7 @@ impl Server {
         let serial = self.next_serial();
         let slot = self.slots.vacant_key();
         let mut pair = Pair::import(ends, state, splice, serial);
-        if let Err(e) = pair.register(self.poll.registry(), tokens(slot)) {
+        if let Err(e) = pair.register(self.poll.registry(), tokens(slot), false) {
             let ended = pair.end(Ending::Reset { end: 0, error: e });
             return log_false(format!("pair {} <-> {} {}: cannot watch it", addrs[0], addrs[1], ended.how));
         }

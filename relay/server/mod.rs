@@ -780,12 +780,21 @@ impl Server {
 
     /// Takes a pending client out of its slot, the matcher and the event loop.
     fn take_pending(&mut self, slot: usize) -> Option<Pending> {
+        self.take_pending_still_watched(slot, false)
+    }
+
+    /// `take_pending`, but with `watched` its sockets (the client's, its upstream connection's)
+    /// stay registered with this loop: for a pair about to form, which `splice_here` registers
+    /// again under its own tokens (one epoll_ctl per socket, where leaving and joining took two).
+    fn take_pending_still_watched(&mut self, slot: usize, watched: bool) -> Option<Pending> {
         self.pending_mut(slot, None)?;
         let Slot::Pending(mut p) = self.slots.remove(slot) else { unreachable!() };
         self.pending -= 1;
         self.metrics.set_pending(self.pending);
         let registry = self.poll.registry();
-        let _ = registry.deregister(&mut p.stream);
+        if !watched {
+            let _ = registry.deregister(&mut p.stream);
+        }
         match &mut self.partners {
             Partners::Clients { matcher, .. } => {
                 if let Some(key) = &p.key {
@@ -794,7 +803,7 @@ impl Server {
             }
             Partners::Upstreams(connector) => {
                 if let Some(c) = p.upstream.as_mut() {
-                    connector.abandon(c, registry);
+                    connector.abandon(c, (!watched).then_some(registry));
                 }
             }
             Partners::Front { .. } => {}
@@ -847,7 +856,9 @@ impl Server {
     }
 
     fn form_pair(&mut self, first: usize, second: usize) {
-        let (Some(a), Some(b)) = (self.take_pending(first), self.take_pending(second)) else {
+        let (Some(a), Some(b)) =
+            (self.take_pending_still_watched(first, true), self.take_pending_still_watched(second, true))
+        else {
             return;
         };
         self.splice_pair([a.stream, b.stream], [a.addr, b.addr], [a.skip, b.skip], None);
@@ -863,11 +874,15 @@ impl Server {
         skip: [u32; 2],
         upstream_local: Option<SocketAddr>,
     ) {
-        let formed = Formed { ends, addrs, skip, upstream_local };
+        let mut formed = Formed { ends, addrs, skip, upstream_local, watched: true };
         let to = if self.drain_deadline.is_some() { self.threads.me } else { self.threads.pick() };
         if to == self.threads.me {
             return self.splice_here(formed);
         }
+        for end in &mut formed.ends {
+            let _ = self.poll.registry().deregister(end);
+        }
+        formed.watched = false;
         if let Some(formed) = self.threads.send(to, formed) {
             self.threads.took_back(to);
             self.splice_here(formed);
@@ -875,10 +890,13 @@ impl Server {
     }
 
     /// Hands a formed pair, counted as this loop's, to the datapath and starts watching it.
-    fn splice_here(&mut self, Formed { ends, addrs, skip, upstream_local }: Formed) {
+    fn splice_here(&mut self, Formed { mut ends, addrs, skip, upstream_local, watched }: Formed) {
         let splice = match self.datapath.splice([&ends[0], &ends[1]], skip) {
             Ok(s) => s,
             Err(e) => {
+                if watched {
+                    ends.iter_mut().for_each(|end| drop(self.poll.registry().deregister(end)));
+                }
                 self.threads.released();
                 // Streams we could not finish: reset, never closed as if they were whole.
                 ends.iter().for_each(reset_on_close);
@@ -897,7 +915,7 @@ impl Server {
         let serial = self.next_serial();
         let slot = self.slots.vacant_key();
         let mut pair = Pair::new(ends, addrs, splice, serial, upstream_local);
-        if let Err(e) = pair.register(self.poll.registry(), tokens(slot)) {
+        if let Err(e) = pair.register(self.poll.registry(), tokens(slot), watched) {
             self.threads.released();
             (0..2).for_each(|_| self.metrics.client_unpaired(Unpaired::Error));
             return log::error!("pair {} <-> {} reset: cannot watch it: {e}", addrs[0], addrs[1]);
@@ -1145,12 +1163,14 @@ impl Server {
             Progress::Waiting => {}
             Progress::Failed(e) => self.upstream_failed(slot, e),
             Progress::Connected(upstream_addr) => {
-                let Some(mut p) = self.take_pending(slot) else { return };
+                let Some(mut p) = self.take_pending_still_watched(slot, true) else { return };
                 let c = p.upstream.take().expect("connecting");
                 if let Partners::Upstreams(connector) = &mut self.partners {
                     connector.connected(&c);
                 }
                 let _ = c.stream.set_nodelay(true);
+                // As its client was at `admit` (see `Pair::new`).
+                reset_on_close(&c.stream);
                 self.splice_pair([p.stream, c.stream], [p.addr, upstream_addr], [0, 0], Some(c.local));
             }
         }

@@ -99,8 +99,10 @@ pub(super) struct Ended {
 impl Pair {
     /// A pair of connected sockets that `splice` moves. Until the pair ends well, any close of
     /// its sockets (ours, or the kernel's when this process dies) resets them: a stream we did not
-    /// finish must not look finished. A shutdown that forwards one direction's EOF still sends its
-    /// FIN; the socket keeps resetting on close because the other direction may be unfinished.
+    /// finish must not look finished. They come armed so (`reset_on_close`: a client when it is
+    /// admitted, an upstream connection when it connects). A shutdown that forwards one
+    /// direction's EOF still sends its FIN; the socket keeps resetting on close because the other
+    /// direction may be unfinished.
     pub(super) fn new(
         ends: [TcpStream; 2],
         addrs: [SocketAddr; 2],
@@ -108,9 +110,6 @@ impl Pair {
         serial: u64,
         upstream_local: Option<SocketAddr>,
     ) -> Pair {
-        for end in &ends {
-            reset_on_close(end);
-        }
         Pair {
             ends,
             addrs,
@@ -175,11 +174,15 @@ impl Pair {
         self.splice.name()
     }
 
-    /// Watches both sockets for the readiness the datapath needs, end i under `tokens[i]`.
-    pub(super) fn register(&mut self, registry: &Registry, tokens: [Token; 2]) -> io::Result<()> {
+    /// Watches both sockets for the readiness the datapath needs, end i under `tokens[i]`;
+    /// `watched`: they are registered already (as a waiting client, or its upstream connection).
+    pub(super) fn register(&mut self, registry: &Registry, tokens: [Token; 2], watched: bool) -> io::Result<()> {
         let interest = self.splice.interest();
         for (end, token) in self.ends.iter_mut().zip(tokens) {
-            registry.register(end, token, interest)?;
+            match watched {
+                true => registry.reregister(end, token, interest)?,
+                false => registry.register(end, token, interest)?,
+            }
         }
         Ok(())
     }

@@ -41,6 +41,8 @@ pub(super) struct Formed {
     pub(super) addrs: [SocketAddr; 2],
     pub(super) skip: [u32; 2],
     pub(super) upstream_local: Option<SocketAddr>,
+    /// Its sockets are registered with the poll of the loop that holds it.
+    pub(super) watched: bool,
 }
 
 /// How many pairs more than the least loaded worker the front may serve and still keep a new pair.
