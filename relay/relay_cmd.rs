@@ -106,10 +106,8 @@ pub fn open(
     let threads = common.threads();
     let datapaths = datapath::open(common.datapath, common.kernel_after, common.kernel_limits(), threads)?;
     let listening = listening(listen, listen_given, common, ports, command)?;
-    // Accepted sockets inherit it: an urgent byte (MSG_OOB) that arrives before the pair is
-    // spliced is a byte of the stream, which a second urgent pointer would otherwise drop from the
-    // queue (a re-check pass: `X` of X, mid, Y, tail was lost, then a clean EOF).
-    let _ = crate::sys::inline_urgent_data(&listening.listener);
+    crate::sys::arm_listener(&listening.listener)
+        .map_err(|e| Error::io("cannot set the options of the listening socket", e))?;
     Ok(Opened { threads, datapaths, listening })
 }
 

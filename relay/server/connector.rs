@@ -260,7 +260,7 @@ impl Connector {
             let addr = self.upstreams.addr(idx);
             match TcpStream::connect(addr) {
                 Ok(mut stream) => {
-                    // As for accepted sockets (`relay_cmd::open`): urgent bytes stay in the stream.
+                    // As for accepted sockets (`sys::arm_listener`): urgent bytes stay in the stream.
                     let _ = crate::sys::inline_urgent_data(&stream);
                     let interest = Interest::READABLE | Interest::WRITABLE;
                     if let Err(e) = registry.register(&mut stream, token, interest) {

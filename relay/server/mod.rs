@@ -667,11 +667,10 @@ impl Server {
             // Only the front accepts.
             Partners::Front { .. } => return,
         }
-        let _ = stream.set_nodelay(true);
         // A client closed before its pair forms (no partner in time, a bad token line, a drain, a
         // failed upstream, this process killed) was never served: it sees a reset, never an EOF
-        // that reads as a partner who said nothing. Pairing keeps it (see pair.rs).
-        reset_on_close(&stream);
+        // that reads as a partner who said nothing. Pairing keeps it (see pair.rs). The socket
+        // comes so from the listener (`sys::arm_listener`), with TCP_NODELAY.
         let slot = self.slots.vacant_key();
         if let Err(e) = self.poll.registry().register(&mut stream, token(slot, 0), Interest::READABLE) {
             self.metrics.client_unpaired(Unpaired::Error);
