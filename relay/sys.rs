@@ -50,6 +50,7 @@ pub struct TcpCounters {
 
 /// TCP states (the kernel's `enum` in net/tcp_states.h, mirrored by uapi `BPF_TCP_*`).
 const TCP_ESTABLISHED: u8 = 1;
+const TCP_SYN_SENT: u8 = 2;
 const TCP_TIME_WAIT: u8 = 6;
 const TCP_CLOSE: u8 = 7;
 const TCP_CLOSE_WAIT: u8 = 8;
@@ -138,6 +139,11 @@ impl TcpCounters {
 
     pub fn closed(&self) -> bool {
         self.state == TCP_CLOSE
+    }
+
+    /// SYN-SENT: a connect(2) still waits for its answer.
+    pub fn connecting(&self) -> bool {
+        self.state == TCP_SYN_SENT
     }
 
     /// ESTABLISHED: the only state in which a socket may join a socket map.
@@ -1066,6 +1072,8 @@ mod tests {
         assert_eq!(TCPI_BYTES_RECEIVED, k::tcp_info__tcpi_bytes_received);
         assert_eq!(TCPI_SND_WND, k::tcp_info__tcpi_snd_wnd);
         let states = [
+            (TCP_ESTABLISHED, k::BPF_TCP_ESTABLISHED),
+            (TCP_SYN_SENT, k::BPF_TCP_SYN_SENT),
             (TCP_TIME_WAIT, k::BPF_TCP_TIME_WAIT),
             (TCP_CLOSE, k::BPF_TCP_CLOSE),
             (TCP_CLOSE_WAIT, k::BPF_TCP_CLOSE_WAIT),

@@ -198,8 +198,8 @@ impl OwnUpstreams {
         self.table().remove(&own_key(local));
     }
 
-    fn is_own(&self, addr: &SocketAddr, to: u16) -> bool {
-        self.table().get(&own_key(*addr)) == Some(&to)
+    fn port_of(&self, addr: &SocketAddr) -> Option<u16> {
+        self.table().get(&own_key(*addr)).copied()
     }
 }
 
@@ -231,10 +231,15 @@ impl Connector {
         self.cgroup.as_mut()?.refused().map(str::to_string)
     }
 
-    /// Whether a client connecting from `addr` to our port `to` is one of our own upstream
-    /// connections.
-    pub(super) fn is_own(&self, addr: &SocketAddr, to: u16) -> bool {
-        self.own.is_own(addr, to)
+    /// The port our upstream connection from `addr` connects to, if `addr` is the local address
+    /// of one: a client from there to that port of ours is that connection.
+    pub(super) fn own_connects_to(&self, addr: &SocketAddr) -> Option<u16> {
+        self.own.port_of(addr)
+    }
+
+    #[cfg(test)]
+    fn is_own(&self, addr: &SocketAddr, to: u16) -> bool {
+        self.own_connects_to(addr) == Some(to)
     }
 
     /// `c` connected: its upstream is up (for the metrics).
@@ -304,28 +309,34 @@ impl Connector {
         self.shortage.as_ref()
     }
 
-    /// Where `c` stands; called when its socket is ready.
+    /// Where `c` stands; called when its socket is ready. Its TCP state says it in one call
+    /// (SO_ERROR and getpeername(2) were two more per upstream connection).
     pub(super) fn progress(c: &Connecting) -> Progress {
+        let Ok(t) = crate::sys::tcp_counters(&c.stream) else { return Self::progress_by_error(c) };
+        if t.connecting() {
+            return Progress::Waiting;
+        }
         // Connected, and already reset (an upstream that answers at once and resets): a pair
         // all the same, whose first look takes the error and delivers the answer before the
         // reset (`Pair::service`). The SYN acknowledged tells it from a connect that failed.
-        if crate::sys::tcp_counters(&c.stream).is_ok_and(|t| t.closed() && t.bytes_acked > 0) {
+        if !t.closed() || t.bytes_acked > 0 {
             return Progress::Connected(c.to);
         }
+        match c.stream.take_error() {
+            Ok(Some(e)) | Err(e) => Progress::Failed(e),
+            Ok(None) => Progress::Failed(io::Error::from(io::ErrorKind::ConnectionReset)),
+        }
+    }
+
+    /// `progress` where TCP_INFO cannot be read.
+    fn progress_by_error(c: &Connecting) -> Progress {
         match c.stream.take_error() {
             Ok(Some(e)) | Err(e) => return Progress::Failed(e),
             Ok(None) => {}
         }
         match c.stream.peer_addr() {
             Ok(addr) => Progress::Connected(addr),
-            // Not connected: still connecting, or reset just after take_error looked.
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => {
-                if crate::sys::tcp_counters(&c.stream).is_ok_and(|t| t.closed()) {
-                    Progress::Failed(io::Error::from(io::ErrorKind::ConnectionReset))
-                } else {
-                    Progress::Waiting
-                }
-            }
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Progress::Waiting,
             Err(e) => Progress::Failed(e),
         }
     }

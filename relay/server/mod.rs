@@ -636,8 +636,9 @@ impl Server {
                 // One of our own upstream connections: the upstream leads back to this proxy.
                 // Without this each looped connection would open another, until the process ran
                 // out of files.
-                let to = stream.local_addr().map_or(0, |a| a.port());
-                if connector.is_own(&addr, to) {
+                // The port it came to is looked up only for a client from such an address.
+                let to = |port| stream.local_addr().is_ok_and(|a| a.port() == port);
+                if connector.own_connects_to(&addr).is_some_and(to) {
                     reset_on_close(&stream);
                     self.metrics.client_unpaired(Unpaired::Loop);
                     log::error!(

@@ -464,6 +464,8 @@ mod tests {
     /// A pair between two clients, `a` on end 0 and `b` on end 1.
     fn pair() -> (Pair, StdStream, StdStream) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        // As `relay_cmd::open` arms its listener: a pair's ends come armed (`Pair::new`).
+        crate::sys::arm_listener(&listener).unwrap();
         let (a, a_end) = connection(&listener);
         let (b, b_end) = connection(&listener);
         let splice = UserspaceDatapath.splice([&a_end, &b_end], [0, 0]).unwrap();
