@@ -492,10 +492,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 /// `--kernel-after`: a byte count (K, M and G suffixes), 0 included.
 pub fn parse_kernel_after(s: &str) -> Result<u64, String> {
-    if s.trim().parse::<u64>() == Ok(0) {
-        return Ok(0);
-    }
-    parse_size(s)
+    byte_count(s, "65536, 512K, 4M, 1G, or 0")
 }
 
 /// `--kernel-buffer`: a byte count of at least 64 KiB. The verdict sees skbs of up to 64 KiB, and
@@ -801,6 +798,9 @@ mod tests {
     fn kernel_after_takes_suffixes_and_zero() {
         assert_eq!(parse_kernel_after("64K"), Ok(65536));
         assert_eq!(parse_kernel_after("0"), Ok(0));
+        // 0 with a suffix is 0 all the same (a stranger pass was told "must be more than 0 bytes").
+        assert_eq!(parse_kernel_after("0M"), Ok(0));
+        assert_eq!(parse_kernel_after("0k"), Ok(0));
         assert_eq!(parse_kernel_after("1M"), Ok(1 << 20));
         assert!(parse_kernel_after("-1").is_err());
         // Too many digits and too large a product read alike (a helper saw the first called
