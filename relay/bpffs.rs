@@ -236,6 +236,21 @@ fn looked_at_base() -> Option<PathBuf> {
     }
 }
 
+/// Why this process cannot look at skrelay's pinned state, where it may exist: /sys/fs/bpf here
+/// has no bpffs, and the mount namespace outside, where root's commands pin their state when
+/// /sys/fs/bpf is a bare directory (`root`), cannot be looked into without privilege. A command
+/// that only looks says so rather than "nothing" (a stranger pass: a user under `ip netns exec`
+/// was told no steering existed while root's bindings took its relay's port).
+pub fn out_of_reach() -> Option<String> {
+    if fs_type(Path::new(BPFFS)) != Some(SYSFS_MAGIC) || mount_ns("1").is_some() || outer_mount_ns_process().is_some() {
+        return None;
+    }
+    Some(format!(
+        "{BPFFS} here holds no bpffs (a mount namespace of its own, as `ip netns exec` makes), and only root can \
+         look into the one outside, where skrelay pins its state"
+    ))
+}
+
 /// Why a mount namespace of our own has no bpffs at /sys/fs/bpf.
 enum OwnMountNs {
     /// /sys is a sysfs of its own (`ip netns exec` mounts one for the network namespace).

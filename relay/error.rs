@@ -33,6 +33,10 @@ pub enum Error {
     )]
     StateOwned { what: &'static str, dir: String, owner: String },
 
+    /// Pinned state may exist where this process cannot look (`bpffs::out_of_reach`).
+    #[error("cannot tell whether {what} state exists: {why} (run this command as root)")]
+    StateOutOfReach { what: &'static str, why: String },
+
     #[error("cannot {step}: {}", steer_map_reason(.source))]
     SteerMap { step: &'static str, source: io::Error },
 
@@ -79,7 +83,7 @@ impl Error {
     /// Refused for want of privilege or ownership (not a failure of the step itself).
     pub fn is_refusal(&self) -> bool {
         match self {
-            Error::BpfDenied { .. } | Error::StateOwned { .. } => true,
+            Error::BpfDenied { .. } | Error::StateOwned { .. } | Error::StateOutOfReach { .. } => true,
             Error::Io { source, .. } | Error::SteerMap { source, .. } => {
                 source.kind() == io::ErrorKind::PermissionDenied || source.raw_os_error() == Some(libc::EPERM)
             }

@@ -392,6 +392,9 @@ pub fn pinned_exposition() -> Result<String, Error> {
             pins.as_str().unwrap_or("?")
         ))
     };
+    if let Some(why) = accel["out_of_reach"].as_str() {
+        return Err(Error::Usage(format!("cannot read skrelay's pinned state: {why} (run `skrelay metrics` as root)")));
+    }
     if !steer["unreadable"].is_null() {
         return Err(unreadable("steer", &steer["unreadable"]["pins"]));
     }

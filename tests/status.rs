@@ -294,6 +294,80 @@ fn status_without_root_does_not_deny_what_it_cannot_see() {
     assert!(status.success(), "{log}");
 }
 
+/// `skrelay` as user nobody under a sysfs of its own (what `ip netns exec` mounts), where
+/// /sys/fs/bpf is a bare directory and root's state lives in the outer mount namespace's bpffs,
+/// out of nobody's reach. A stranger pass was told "no steering bindings in this network
+/// namespace" (exit 0) and "accel: no cgroup is accelerated" while root's bindings were live, and
+/// its relay on a steered port started without a word.
+fn as_nobody_under_a_sysfs_of_its_own(secs: &str, args: &[&str]) -> (i32, String, String) {
+    let script = "umount -l /sys && mount -t sysfs sysfs /sys && exec setpriv --reuid=65534 --regid=65534 \
+                  --clear-groups --inh-caps=-all \"$0\" \"$@\"";
+    let out = std::process::Command::new("timeout")
+        .args(["-s", "INT", secs, "unshare", "-m", "--propagation", "private", "sh", "-c", script, SKRELAY])
+        .args(args)
+        .output()
+        .expect("run unshare and setpriv (util-linux)");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn without_root_under_a_sysfs_of_its_own_skrelay_says_it_cannot_tell_what_is_pinned() {
+    let _netns = enter_netns();
+    let name = "without_root_under_a_sysfs_of_its_own_skrelay_says_it_cannot_tell_what_is_pinned";
+    if !require_bpf(name) || !require_tool(name, "setpriv") || !require_tool(name, "unshare") {
+        return;
+    }
+    let _reset = Reset;
+    let _l = std::net::TcpListener::bind("127.0.0.1:9300").unwrap();
+    ok(&["steer", "add", "--ports", "9301", "--to", "127.0.0.1:9300"]);
+    let cannot_tell = "here holds no bpffs (a mount namespace of its own, as `ip netns exec` makes), and only root \
+                       can look into the one outside";
+
+    let (code, out, err) = as_nobody_under_a_sysfs_of_its_own("10", &["status"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("steer: cannot tell whether bindings are pinned: /sys/fs/bpf") && out.contains(cannot_tell),
+        "{out}{err}"
+    );
+    assert!(out.contains("accel: cannot tell which cgroups are accelerated"), "{out}{err}");
+    assert!(!out.contains("nothing attached") && !out.contains("no cgroup is accelerated"), "{out}");
+
+    let (code, out, err) = as_nobody_under_a_sysfs_of_its_own("10", &["status", "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let dir = format!("/sys/fs/bpf/skrelay/{}", netns_ino());
+    assert_eq!(st["steer"]["unreadable"]["pins"], serde_json::json!(dir), "{st}");
+    assert!(st["accel"]["out_of_reach"].as_str().is_some_and(|w| w.contains(cannot_tell)), "{st}");
+    assert_eq!(status_json()["accel"]["out_of_reach"], serde_json::Value::Null, "root sees it");
+
+    let (code, out, err) = as_nobody_under_a_sysfs_of_its_own("10", &["steer", "list"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("cannot tell whether steering state exists") && err.contains("(run this command as root)"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one sentence: {err}");
+
+    let (code, out, err) = as_nobody_under_a_sysfs_of_its_own("10", &["accel", "status"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("accel: cannot tell which cgroups are accelerated"), "{out}{err}");
+
+    let (code, _, err) = as_nobody_under_a_sysfs_of_its_own("10", &["metrics", "--listen", "127.0.0.1:0"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cannot read skrelay's pinned state: /sys/fs/bpf here holds no bpffs"), "{err}");
+
+    // A relay on the steered port is warned that it may get none of its connections.
+    let (_, _, err) = as_nobody_under_a_sysfs_of_its_own(
+        "1",
+        &["relay", "--datapath", "userspace", "--listen", "127.0.0.1:9301", "--drain-timeout", "0.1"],
+    );
+    assert!(err.contains("this user cannot tell whether `skrelay steer` has bindings"), "{err}");
+}
+
 /// Accel state root pinned is, for another user, state it may not read, not state of another
 /// skrelay version: `status` says so and names who can see it.
 #[test]

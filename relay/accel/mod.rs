@@ -238,7 +238,9 @@ impl Reports {
         let mut lines: Vec<String> = self.cgroups.iter().map(AccelReport::to_string).collect();
         lines.extend(self.unreadable.iter().map(Unreadable::to_string));
         lines.extend(self.interrupted.iter().map(Interrupted::to_string));
-        if lines.is_empty() {
+        if let Some(why) = &self.out_of_reach {
+            format!("accel: cannot tell which cgroups are accelerated: {why}: run this command as root to see them")
+        } else if lines.is_empty() {
             "accel: no cgroup is accelerated".to_string()
         } else {
             lines.join("\n")
@@ -260,6 +262,7 @@ impl Reports {
                 "pins": i.pins.display().to_string(),
                 "pid": i.pid,
             })).collect::<Vec<_>>(),
+            "out_of_reach": self.out_of_reach,
         })
     }
 }
@@ -306,6 +309,8 @@ pub struct Reports {
     pub unreadable: Vec<Unreadable>,
     /// What set-ups killed half-way left (`pinned::unfinished`): the next `on` or `off` removes it.
     pub interrupted: Vec<Interrupted>,
+    /// Why the state cannot be looked at from here, where it may exist (`bpffs::out_of_reach`).
+    pub out_of_reach: Option<String>,
 }
 
 /// What a set-up killed half-way left in bpffs. Its sockops link, if it got that far, still
@@ -376,8 +381,11 @@ fn existing_accel_root() -> Option<PathBuf> {
 /// State this version cannot read is listed apart, so one stale pin never hides the rest. Reads
 /// under a shared lock and creates nothing.
 pub fn reports() -> Result<Reports, Error> {
-    let mut out = Reports { cgroups: Vec::new(), unreadable: Vec::new(), interrupted: Vec::new() };
-    let Some(root) = existing_accel_root() else { return Ok(out) };
+    let mut out = Reports { cgroups: Vec::new(), unreadable: Vec::new(), interrupted: Vec::new(), out_of_reach: None };
+    let Some(root) = existing_accel_root() else {
+        out.out_of_reach = bpffs::out_of_reach();
+        return Ok(out);
+    };
     let Some(_lock) = bpffs::StateLock::acquire_shared(&root)? else { return Ok(out) };
     let mount = cgroup::v2_mount()?;
     for (pid, name, pins) in pinned::unfinished(&root) {

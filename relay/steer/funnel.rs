@@ -417,6 +417,7 @@ pub fn taken_from(addr: SocketAddr) -> Option<TakenBy> {
         // Pinned steering this process may not read (a service user's relay, root's steering):
         // it was silent, and the listener got nothing (a re-check pass). Not any failure: root
         // short of descriptors was told it could not read.
+        Err(Error::StateOutOfReach { .. }) => return Some(TakenBy::OutOfReach),
         Err(e) if e.is_refusal() => return Some(TakenBy::Unreadable),
         Err(_) => return None,
     };
@@ -435,6 +436,8 @@ pub enum TakenBy {
     /// `skrelay steer` has pinned bindings in this network namespace that this process cannot
     /// read (not root, nor CAP_BPF): one of them may take the port.
     Unreadable,
+    /// Whether `skrelay steer` has bindings cannot be looked at from here (`bpffs::out_of_reach`).
+    OutOfReach,
 }
 
 /// Other TCP sockets listening on ports of the list at addresses the funnel covers: while the

@@ -34,7 +34,11 @@ use plan::{plan, Limits};
 use record::Record;
 use serde_json::json;
 use state::State;
-use std::{net::SocketAddr, path::PathBuf, time::Instant};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Instant,
+};
 use target::Target;
 
 /// What `steer add` did.
@@ -478,6 +482,8 @@ pub struct Unreadable {
     pub dir: PathBuf,
     /// Why, in a few words.
     pub error: String,
+    /// Whether anything is known to be pinned there (not where the state is out of reach).
+    pub pinned: bool,
 }
 
 /// Steering's part of `skrelay status`. Reads under a shared lock and creates nothing.
@@ -488,9 +494,22 @@ pub fn status() -> Result<Status, Error> {
         Ok(st) => st,
         Err(Error::BpfDenied { .. } | Error::StateOwned { .. }) => {
             let dir = state::existing_dir()?.unwrap_or_default();
-            let unreadable = Some(Unreadable { dir, error: "permission denied".into() });
+            let unreadable = Some(Unreadable { dir, error: "permission denied".into(), pinned: true });
             let dead = state::dead_states();
             return Ok(Status { pinned: None, unreadable, leftover: None, funnels, funnels_unlisted, dead });
+        }
+        Err(Error::StateOutOfReach { why, .. }) => {
+            // Where root's commands would have pinned it, as seen from outside.
+            let dir = Path::new(crate::bpffs::BPFFS).join("skrelay").join(state::netns_name()?);
+            let unreadable = Some(Unreadable { dir, error: why, pinned: false });
+            return Ok(Status {
+                pinned: None,
+                unreadable,
+                leftover: None,
+                funnels,
+                funnels_unlisted,
+                dead: Vec::new(),
+            });
         }
         Err(e) => return Err(e),
     };
@@ -560,6 +579,10 @@ impl Status {
     pub fn text(&self) -> String {
         let mut lines = Vec::new();
         match &self.pinned {
+            None if let Some(u) = self.unreadable.as_ref().filter(|u| !u.pinned) => lines.push(format!(
+                "steer: cannot tell whether bindings are pinned: {}: run `skrelay status` as root to see them",
+                u.error
+            )),
             None if let Some(u) = &self.unreadable => lines.push(format!(
                 "steer: state pinned at {} is not readable without root ({}): run `skrelay status` as root to \
                      see its bindings",

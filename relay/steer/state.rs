@@ -54,7 +54,7 @@ pub fn existing_dir() -> Result<Option<PathBuf>, Error> {
     Ok(bpffs::existing_root().map(|root| root.join(name)))
 }
 
-fn netns_name() -> Result<String, Error> {
+pub(super) fn netns_name() -> Result<String, Error> {
     let ns = sys::own_netns_inode().map_err(|e| Error::io("cannot read this network namespace", e))?;
     Ok(ns.to_string())
 }
@@ -228,7 +228,12 @@ impl State {
     /// never set up here, or the state was left by a dead namespace whose inode number this one
     /// now has (the next change removes it). Creates, mounts and removes nothing.
     pub fn open_read_only() -> Result<Option<State>, Error> {
-        let Some(dir) = existing_dir()? else { return Ok(None) };
+        let Some(dir) = existing_dir()? else {
+            return match bpffs::out_of_reach() {
+                Some(why) => Err(Error::StateOutOfReach { what: "steering", why }),
+                None => Ok(None),
+            };
+        };
         if !dir.join(LINK).exists() {
             return Ok(None);
         }
