@@ -301,7 +301,8 @@ pub fn check_owner<'a>(what: &'static str, dir: &Path, names: impl Iterator<Item
         let Ok(meta) = std::fs::metadata(&path) else { continue };
         // With the effective ids and capabilities (CAP_DAC_OVERRIDE passes).
         if accessat(CWD, &path, Access::READ_OK | Access::WRITE_OK, AtFlags::EACCESS).is_err() {
-            return Err(Error::StateOwned { what, dir: dir.display().to_string(), owner: user_name(meta.uid()) });
+            let dir = crate::sys::shown(dir).display().to_string();
+            return Err(Error::StateOwned { what, dir, owner: user_name(meta.uid()) });
         }
     }
     Ok(())

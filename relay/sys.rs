@@ -15,6 +15,7 @@
 use std::{
     io,
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
 };
 
 fn check(ret: libc::c_long) -> io::Result<usize> {
@@ -162,6 +163,21 @@ pub fn peek(fd: impl AsFd, buf: &mut [u8]) -> io::Result<usize> {
     use rustix::net::RecvFlags;
     // rustix returns (bytes copied into buf, what recv returned): without MSG_TRUNC, the same.
     Ok(rustix::net::recv(fd, buf, RecvFlags::PEEK | RecvFlags::DONTWAIT)?.0)
+}
+
+/// A path reached through another process's root (/proc/PID/root/sys/...: the outer mount
+/// namespace's, under `ip netns exec`) as the host names it (/sys/...); None for other paths.
+pub fn as_the_host_names_it(path: &Path) -> Option<PathBuf> {
+    let mut c = path.strip_prefix("/proc").ok()?.components();
+    let (_pid, root) = (c.next()?, c.next()?);
+    (root.as_os_str() == "root").then(|| Path::new("/").join(c.as_path()))
+}
+
+/// `path` as messages and reports show it: as the host names it (`as_the_host_names_it`). Under
+/// `ip netns exec` skrelay's state is reached through /proc/2/root, a path that says nothing to
+/// the user and changes with how the command was started (a stranger pass).
+pub fn shown(path: &Path) -> PathBuf {
+    as_the_host_names_it(path).unwrap_or_else(|| path.to_path_buf())
 }
 
 /// Makes the next close of this socket send a RST instead of a FIN: also the close the kernel

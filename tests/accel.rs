@@ -840,6 +840,43 @@ fn tcp_fast_open_data_is_not_overtaken_by_redirected_writes() {
     }
 }
 
+/// Under `ip netns exec` skrelay's state is reached through /proc/2/root (the outer mount
+/// namespace's bpffs and cgroup mount): messages named it so, a path that says nothing to the user
+/// (a stranger pass: `steer reset`, a refused `accel on`, `--cgroup ../x`). They name it as the
+/// host does, as `status` does.
+#[test]
+fn under_ip_netns_exec_messages_name_pinned_state_as_the_host_does() {
+    if !require_bpf("under_ip_netns_exec_messages_name_pinned_state_as_the_host_does") {
+        return;
+    }
+    let cg = TestCgroup::accelerated("shown", &[]);
+    let ns = format!("skrelay-shown-{}", std::process::id());
+    assert!(Command::new("ip").args(["netns", "add", &ns]).status().unwrap().success());
+    let script = r#"
+        ip link set lo up
+        python3 -c 'import socket, time; l = socket.socket(); l.bind(("127.0.0.1", 9300)); l.listen(); time.sleep(30)' &
+        sleep 0.5
+        "$0" steer add --ports 9301 --to 127.0.0.1:9300
+        "$0" status
+        "$0" accel on --cgroup "$1" --small-write 64K
+        "$0" accel on --cgroup ../x --small-write 64K
+        "$0" steer reset
+        kill $!
+    "#;
+    let out = Command::new("ip").args(["netns", "exec", &ns, "sh", "-c", script, SKRELAY, &cg.rel]).output().unwrap();
+    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!all.contains("/proc/"), "not as the host names it:\n{all}");
+    for said in [
+        "pinned at /sys/fs/bpf/skrelay/",
+        "is already accelerated (state pinned at /sys/fs/bpf/skrelay/accel/",
+        "must not contain `..` (give the path below /sys/fs/cgroup",
+        "pins under /sys/fs/bpf/skrelay/",
+    ] {
+        assert!(all.contains(said), "no `{said}` in:\n{all}");
+    }
+}
+
 /// A relay or proxy and its local clients in one accelerated cgroup: sk_msg would move the
 /// clients' bytes into the relay's sockets' psock queue, which neither its sk_skb datapath nor
 /// splice(2) reads (a relay started inside `accel run` delivered a 4 MB stream 64 KiB short). So

@@ -78,19 +78,13 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// A path reached through another process's root (/proc/PID/root/sys/...: the outer mount
-/// namespace's, under `ip netns exec`) as the host names it (/sys/...); None for other paths.
-fn as_the_host_names_it(path: &Path) -> Option<PathBuf> {
-    let mut c = path.strip_prefix("/proc").ok()?.components();
-    let (_pid, root) = (c.next()?, c.next()?);
-    (root.as_os_str() == "root").then(|| Path::new("/").join(c.as_path()))
-}
+use crate::sys::as_the_host_names_it;
 
 /// `path` as reports show it: as the host names it. A cgroup or its pins reached through
 /// /proc/2/root under `ip netns exec` were shown so by `status`, in JSON and in the metrics'
 /// `cgroup` label, which then changed with how the command was started.
 pub fn shown(path: &Path) -> PathBuf {
-    as_the_host_names_it(path).unwrap_or_else(|| path.to_path_buf())
+    crate::sys::shown(path)
 }
 
 /// The longest `pin_name` accel takes: 255 bytes (NAME_MAX) less a set-up's "PID-" prefix.
@@ -129,7 +123,7 @@ impl Cgroup {
                     return Err(Error::Usage(format!(
                         "cgroup path {} must not contain `..` (give the path below {})",
                         arg.display(),
-                        mount.display()
+                        shown(mount).display()
                     )))
                 }
             }

@@ -656,13 +656,13 @@ fn refuse_other_policy(cg: &Cgroup, pins: &Path, policy: &AccelPolicyArgs, targe
 /// skrelay left when it was killed half-way (some pins missing), which `off --force` removes.
 fn already_on(cg: &Cgroup, dir: &Path) -> Error {
     if pinned::is_complete(dir) {
-        return Error::AccelAlreadyOn { cgroup: cg.to_string(), pins: dir.display().to_string() };
+        return Error::AccelAlreadyOn { cgroup: cg.to_string(), pins: cgroup::shown(dir).display().to_string() };
     }
     Error::Usage(format!(
         "cgroup {cg}: the accel state at {} is incomplete (a set-up was interrupted), so it is not accelerated; \
          remove it with `skrelay accel off --cgroup {} --force`",
-        dir.display(),
-        cg.path().display()
+        cgroup::shown(dir).display(),
+        cg
     ))
 }
 
@@ -775,7 +775,8 @@ fn off_set_up(
 ) -> Result<Option<Disabled>, Error> {
     let cg = Cgroup::resolve(cgroup)?;
     let root = accel_root()?;
-    let not_on = |dir: &Path| Error::AccelNotOn { cgroup: cg.to_string(), pins: dir.display().to_string() };
+    let not_on =
+        |dir: &Path| Error::AccelNotOn { cgroup: cg.to_string(), pins: cgroup::shown(dir).display().to_string() };
     let dir = root.join(cg.pin_name());
     {
         let _lock = bpffs::StateLock::acquire(&root)?;
@@ -825,7 +826,7 @@ fn off_set_up(
             "cgroup {cg}: {open} sockets of open connections still use the fast path{waited}, so the state at {} \
              stays pinned (new connections are no longer accelerated); detaching them now could lose bytes still \
              queued for them, so close them and run `skrelay accel off --cgroup {cg}` again, {wait}, or add --force",
-            dir.display()
+            cgroup::shown(&dir).display()
         )));
     }
     pinned::remove(&dir);

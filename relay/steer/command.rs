@@ -26,7 +26,7 @@ pub fn command(cmd: SteerCommand) -> Result<String, Error> {
                 }
                 super::Reset { removed, dir: Some(dir), .. } => format!(
                     "removed every binding, the sk_lookup program and its link ({removed} pins under {})\n",
-                    dir.display()
+                    crate::sys::shown(dir).display()
                 ),
             };
             match r.dead {

@@ -554,17 +554,17 @@ impl Status {
             "unreadable": null,
             "leftover": null,
             "detached": null,
-            "dead_namespaces": self.dead.iter().map(|(dir, n)| json!({ "pins": dir.display().to_string(), "bindings": n })).collect::<Vec<_>>(),
+            "dead_namespaces": self.dead.iter().map(|(dir, n)| json!({ "pins": crate::sys::shown(dir).display().to_string(), "bindings": n })).collect::<Vec<_>>(),
         });
         if let Some((dir, pins)) = &self.leftover {
-            json["leftover"] = json!({ "pins": dir.display().to_string(), "count": pins });
+            json["leftover"] = json!({ "pins": crate::sys::shown(dir).display().to_string(), "count": pins });
         }
         if let Some(u) = &self.unreadable {
-            json["pinned"] = json!(u.dir.display().to_string());
-            json["unreadable"] = json!({ "pins": u.dir.display().to_string(), "error": u.error });
+            json["pinned"] = json!(crate::sys::shown(&u.dir).display().to_string());
+            json["unreadable"] = json!({ "pins": crate::sys::shown(&u.dir).display().to_string(), "error": u.error });
         }
         if let Some(p) = &self.pinned {
-            json["pinned"] = json!(p.dir.display().to_string());
+            json["pinned"] = json!(crate::sys::shown(&p.dir).display().to_string());
             json["link_id"] = json!(p.link_id);
             json["program_id"] = json!(p.program_id);
             json["program_version"] = json!(format!("{:016x}", p.program_version));
@@ -586,14 +586,14 @@ impl Status {
             None if let Some(u) = &self.unreadable => lines.push(format!(
                 "steer: state pinned at {} is not readable without root ({}): run `skrelay status` as root to \
                      see its bindings",
-                u.dir.display(),
+                crate::sys::shown(&u.dir).display(),
                 u.error
             )),
             None if let Some((dir, pins)) = &self.leftover => lines.push(format!(
                 "steer: no pinned bindings; {} left at {} by an interrupted command (no link: nothing is steered; \
                  `skrelay steer reset` removes them)",
                 plural(*pins, "pin"),
-                dir.display()
+                crate::sys::shown(dir).display()
             )),
             None if self.funnels.is_empty() && self.funnels_unlisted => lines.push(
                 "steer: no pinned bindings; running --ports funnels cannot be listed without root (run `skrelay status` \
@@ -627,7 +627,7 @@ impl Status {
                     p.program_id,
                     p.program_version,
                     if p.current() { "" } else { " (older than this binary: `steer add` upgrades it)" },
-                    p.dir.display()
+                    crate::sys::shown(&p.dir).display()
                 ));
                 lines.extend(incomplete.iter().map(|l| format!("  WARNING: {l}")));
                 if p.detached {

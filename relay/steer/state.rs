@@ -492,7 +492,7 @@ fn remove_if_stale(dir: &Path) -> Result<bool, Error> {
             log::warn!(
                 "removed stale steering state at {} ({bindings} bindings): it was left by a network namespace that no \
                  longer exists and whose inode number this one now has",
-                dir.display()
+                sys::shown(dir).display()
             );
             Ok(true)
         }
@@ -508,7 +508,7 @@ fn is_stale(dir: &Path) -> Result<bool, Error> {
         Some(ino) if ino != 0 && u64::from(ino) != own => Err(Error::Usage(format!(
             "the steering state at {} is attached to another network namespace (inode {ino}), not this one \
              (inode {own}): it was moved there by hand; remove it with `rm -r {}`",
-            dir.display(),
+            sys::shown(dir).display(),
             dir.display()
         ))),
         Some(0) => Ok(!holds_live_target(dir)),
@@ -558,7 +558,10 @@ pub fn sweep_stale() -> usize {
     for (dir, _) in dead_states() {
         if let Ok(Some(_lock)) = bpffs::StateLock::acquire_existing(&dir) {
             if link_netns(&dir) == Some(0) && !holds_live_target(&dir) && remove_all(&dir).is_ok() {
-                log::info!("removed {}: steering state of a network namespace that no longer exists", dir.display());
+                log::info!(
+                    "removed {}: steering state of a network namespace that no longer exists",
+                    sys::shown(&dir).display()
+                );
                 removed += 1;
             }
         }
