@@ -307,7 +307,7 @@ pub struct SpliceArgs {
     /// reset). At least 2 x kernel-buffer. K, M and G suffixes.
     #[arg(long, default_value = "2G", value_parser = parse_size, value_name = "BYTES", allow_negative_numbers = true)]
     pub kernel_memory: u64,
-    /// On SIGINT/SIGTERM (or when a handover to a --takeover process cannot be done), let live
+    /// On SIGINT/SIGTERM/SIGHUP (or when a handover to a --takeover process cannot be done), let live
     /// pairs finish for this long before resetting them; seconds.
     #[arg(long, default_value = "30", value_parser = parse_secs, value_name = "SECS", allow_negative_numbers = true)]
     pub drain_timeout: Duration,

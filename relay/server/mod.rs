@@ -1229,9 +1229,15 @@ impl Server {
             };
             if signal == SIGUSR1 {
                 let doing = if self.drain_deadline.is_some() { "draining on" } else { "serving on" };
+                // Under `nohup` SIGHUP stays ignored (see `Server::new`): not one to name.
+                let stoppers = if sys::signal_ignored(SIGHUP) {
+                    "SIGTERM or SIGINT stop"
+                } else {
+                    "SIGTERM, SIGINT or SIGHUP stop"
+                };
                 log::warn!(
-                    "SIGUSR1 means nothing to skrelay: {doing} (SIGTERM, SIGINT or SIGHUP stop it after a drain, \
-                     SIGQUIT at once; SIGUSR2 is for --takeover)"
+                    "SIGUSR1 means nothing to skrelay: {doing} ({stoppers} it after a drain, SIGQUIT at once; SIGUSR2 is \
+                     for --takeover)"
                 );
                 continue;
             }
