@@ -210,11 +210,14 @@ fn read_only_commands_answer_on_a_bare_bpffs_and_leave_nothing_behind() {
 
 /// `skrelay SUBCOMMAND` as user nobody without capabilities.
 fn as_nobody(args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", SKRELAY])
-        .args(args)
-        .output()
-        .expect("run setpriv (util-linux)");
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", SKRELAY]).args(args);
+    exit_and_output(cmd)
+}
+
+/// What `cmd` exited with and wrote (stdout, stderr).
+fn exit_and_output(mut cmd: std::process::Command) -> (i32, String, String) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -302,16 +305,9 @@ fn status_without_root_does_not_deny_what_it_cannot_see() {
 fn as_nobody_under_a_sysfs_of_its_own(secs: &str, args: &[&str]) -> (i32, String, String) {
     let script = "umount -l /sys && mount -t sysfs sysfs /sys && exec setpriv --reuid=65534 --regid=65534 \
                   --clear-groups --inh-caps=-all \"$0\" \"$@\"";
-    let out = std::process::Command::new("timeout")
-        .args(["-s", "INT", secs, "unshare", "-m", "--propagation", "private", "sh", "-c", script, SKRELAY])
-        .args(args)
-        .output()
-        .expect("run unshare and setpriv (util-linux)");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut cmd = std::process::Command::new("timeout");
+    cmd.args(["-s", "INT", secs, "unshare", "-m", "--propagation", "private", "sh", "-c", script, SKRELAY]).args(args);
+    exit_and_output(cmd)
 }
 
 #[test]
