@@ -4,9 +4,7 @@ use crate::error::Error;
 use std::{
     fs::File,
     io,
-    os::fd::OwnedFd,
     path::{Path, PathBuf},
-    time::{Duration, Instant},
 };
 
 pub const BPFFS: &str = "/sys/fs/bpf";
@@ -177,55 +175,12 @@ pub fn existing_root() -> Option<PathBuf> {
     (is_bpffs(&base) && dir.is_dir()).then_some(dir)
 }
 
-/// A directory under skrelay's root, looked at often, whether or not anything is there yet.
-/// It is where `existing_root` looks: /sys/fs/bpf, or the outer mount namespace's bpffs under a
-/// mount namespace of our own without one (`ip netns exec` mounts a fresh sysfs, where
-/// /sys/fs/bpf is a bare directory that never holds skrelay's state). For a watcher that must
-/// see the state appear.
-pub struct WatchedDir {
-    path: PathBuf,
-    base: PathBuf,
-    below_base: PathBuf,
-    /// The bpffs at `base` (None: none is mounted there), and when it was opened.
-    held: Option<(Option<OwnedFd>, Instant)>,
-}
-
-/// How long `WatchedDir` holds a descriptor of its bpffs: a bpffs mounted over it, or anew, is
-/// seen within this.
-const REOPEN_BPFFS: Duration = Duration::from_secs(1);
-
-impl WatchedDir {
-    /// `name` in skrelay's root (`accel`).
-    pub fn new(name: &str) -> WatchedDir {
-        let base = looked_at_base().unwrap_or_else(|| PathBuf::from(BPFFS));
-        let below_base = Path::new("skrelay").join(name);
-        WatchedDir { path: base.join(&below_base), base, below_base, held: None }
-    }
-
-    /// The directory's inode and modification time, None while it does not exist: one statx,
-    /// of two names below a descriptor of the bpffs. Along the whole path, under `ip netns exec`
-    /// through /proc/PID/root, the statx before each upstream connection cost a proxy 4.6% of
-    /// its CPU at 5,000 connections a second (2.6% without a netns; perf).
-    pub fn stamp(&mut self) -> Option<(u64, i64, i64)> {
-        use rustix::fs::{AtFlags, StatxFlags, CWD};
-        let now = Instant::now();
-        if self.held.as_ref().is_none_or(|(_, at)| now >= *at + REOPEN_BPFFS) {
-            self.held = Some((open_bpffs(&self.base), now));
-        }
-        let mask = StatxFlags::INO | StatxFlags::MTIME;
-        let st = match &self.held {
-            Some((Some(fd), _)) => rustix::fs::statx(fd, &self.below_base, AtFlags::empty(), mask),
-            _ => rustix::fs::statx(CWD, &self.path, AtFlags::empty(), mask),
-        };
-        st.ok().map(|st| (st.stx_ino, st.stx_mtime.tv_sec, i64::from(st.stx_mtime.tv_nsec)))
-    }
-}
-
-/// A descriptor of the bpffs mounted at `path` (O_PATH: for looking up names only).
-fn open_bpffs(path: &Path) -> Option<OwnedFd> {
-    use rustix::fs::{Mode, OFlags};
-    let fd = rustix::fs::open(path, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).ok()?;
-    rustix::fs::fstatfs(&fd).is_ok_and(|st| st.f_type == BPF_FS_MAGIC).then_some(fd)
+/// Where `existing_root` looks, whether or not anything is there yet: /sys/fs/bpf, or the outer
+/// mount namespace's bpffs under a mount namespace of our own without one (`ip netns exec`
+/// mounts a fresh sysfs, where /sys/fs/bpf is a bare directory that never holds skrelay's
+/// state). For a watcher that must see the state appear.
+pub fn root_to_watch() -> PathBuf {
+    looked_at_base().unwrap_or_else(|| PathBuf::from(BPFFS)).join("skrelay")
 }
 
 fn looked_at_base() -> Option<PathBuf> {

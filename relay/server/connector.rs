@@ -76,7 +76,7 @@ pub(super) struct Connector {
     /// memory here (`shortage`).
     shortage: Option<io::Error>,
     /// Whether this process still runs outside an accelerated cgroup (`watch_cgroup`).
-    cgroup: Option<Box<CgroupWatch>>,
+    cgroup: Option<CgroupWatch>,
 }
 
 /// This process's cgroup, looked at before each upstream connection. A socket belongs to the
@@ -99,7 +99,7 @@ struct CgroupWatch {
     /// directories there, which changes its modification time. The cgroup this process stays in
     /// may become accelerated, or stop being so (a re-check pass: served on, and lost bytes,
     /// after `accel off` then `on` again; stayed refusing after `accel off`).
-    accel_dir: crate::bpffs::WatchedDir,
+    accel_dir: std::path::PathBuf,
     stamp: Option<(u64, i64, i64)>,
 }
 
@@ -109,13 +109,19 @@ fn read_from_start(file: &std::fs::File, buf: &mut [u8]) -> usize {
     file.read_at(buf, 0).unwrap_or(0)
 }
 
+/// The inode and modification time of `dir` (None while it does not exist): one statx.
+fn stamp(dir: &std::path::Path) -> Option<(u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir).ok().map(|m| (m.ino(), m.mtime(), m.mtime_nsec()))
+}
+
 /// How often a refusal is looked at again while the cgroup stays the same.
 const RECHECK_REFUSAL: Duration = Duration::from_secs(1);
 
 impl CgroupWatch {
     /// Why no upstream connection may be made now; looks again only when the cgroup changed.
     fn refused(&mut self) -> Option<&str> {
-        let stamp = self.accel_dir.stamp();
+        let stamp = stamp(&self.accel_dir);
         // Without accel's state directory no cgroup is accelerated, wherever this process is:
         // one statx per upstream connection. Reading /proc/self/cgroup and walking to the
         // directory's nearest parent each time cost 8% of the proxy's CPU at 6,000 connections
@@ -216,14 +222,14 @@ impl Connector {
         // Where accel's state appears (the outer bpffs under `ip netns exec`: the local
         // /sys/fs/bpf there never holds it, and a proxy watching it served on from an
         // accelerated cgroup; a re-check pass).
-        let mut accel_dir = crate::bpffs::WatchedDir::new("accel");
-        let stamp = accel_dir.stamp();
+        let accel_dir = crate::bpffs::root_to_watch().join("accel");
+        let stamp = stamp(&accel_dir);
         let mut watch = CgroupWatch { file, seen: Vec::new(), refused: None, ports, recheck: None, accel_dir, stamp };
         // The cgroup at start was checked already (`relay_cmd::open`): only a change is news.
         let mut buf = [0u8; 4096];
         let n = read_from_start(&watch.file, &mut buf);
         watch.seen = buf[..n].to_vec();
-        self.cgroup = Some(Box::new(watch));
+        self.cgroup = Some(watch);
     }
 
     /// Why this process may make no upstream connection now, if it may not.
