@@ -177,6 +177,7 @@ int main(void) {
     printf("pub const bpf_link_info__netns_netns_ino: usize = %zu;\n", offsetof(struct bpf_link_info, netns.netns_ino));
     printf("pub const bpf_link_info__netns_attach_type: usize = %zu;\n", offsetof(struct bpf_link_info, netns.attach_type));
     O(tcp_info, tcpi_state); O(tcp_info, tcpi_bytes_acked); O(tcp_info, tcpi_bytes_received); O(tcp_info, tcpi_snd_wnd);
+    O(tcp_info, tcpi_unacked);
     S(bpf_sk_lookup); O(bpf_sk_lookup, cookie); O(bpf_sk_lookup, family); O(bpf_sk_lookup, protocol);
     O(bpf_sk_lookup, remote_ip4); O(bpf_sk_lookup, remote_ip6); O(bpf_sk_lookup, remote_port);
     O(bpf_sk_lookup, local_ip4); O(bpf_sk_lookup, local_ip6); O(bpf_sk_lookup, local_port);

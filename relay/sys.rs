@@ -82,6 +82,7 @@ const TCPI_STATE: usize = std::mem::offset_of!(libc::tcp_info, tcpi_state);
 const TCPI_BYTES_ACKED: usize = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked);
 const TCPI_BYTES_RECEIVED: usize = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received);
 const TCPI_SND_WND: usize = std::mem::offset_of!(libc::tcp_info, tcpi_snd_wnd);
+const TCPI_UNACKED: usize = std::mem::offset_of!(libc::tcp_info, tcpi_unacked);
 
 /// The byte counters of a TCP socket (TCP_INFO).
 pub fn tcp_counters(fd: impl AsFd) -> io::Result<TcpCounters> {
@@ -123,11 +124,10 @@ fn tcp_info_bytes(fd: impl AsFd) -> io::Result<([u8; std::mem::size_of::<libc::t
 /// which a listener fills with its `sk_ack_backlog`).
 pub fn accept_queue_len(fd: impl AsFd) -> io::Result<u32> {
     let (buf, len) = tcp_info_bytes(fd)?;
-    let at = std::mem::offset_of!(libc::tcp_info, tcpi_unacked);
-    if len < at + 4 {
+    if len < TCPI_UNACKED + 4 {
         return Err(io::Error::new(io::ErrorKind::Unsupported, "TCP_INFO too short"));
     }
-    Ok(u32::from_ne_bytes(buf[at..at + 4].try_into().expect("4 bytes")))
+    Ok(u32::from_ne_bytes(buf[TCPI_UNACKED..TCPI_UNACKED + 4].try_into().expect("4 bytes")))
 }
 
 impl TcpCounters {
@@ -191,7 +191,9 @@ pub fn reset_on_close(fd: impl AsFd) {
 /// well, or by this process's death, sees a reset), TCP_NODELAY, and urgent bytes (MSG_OOB) kept
 /// in the stream (`inline_urgent_data`: one that came before the pair formed would be dropped
 /// from the queue by a second urgent pointer; a re-check pass saw `X` of X, mid, Y, tail lost,
-/// then a clean EOF). Three system calls once, where each client took two of its own.
+/// then a clean EOF). Three system calls once, where each client took two of its own. A socket
+/// inherits them only if its handshake completes after this: what already waits in the accept
+/// queue (`accept_queue_len`) is armed one by one, with this same function.
 pub fn arm_listener(fd: impl AsFd) -> io::Result<()> {
     let s = sock(&fd);
     s.set_linger(Some(std::time::Duration::ZERO))?;
@@ -1087,6 +1089,7 @@ mod tests {
         assert_eq!(TCPI_BYTES_ACKED, k::tcp_info__tcpi_bytes_acked);
         assert_eq!(TCPI_BYTES_RECEIVED, k::tcp_info__tcpi_bytes_received);
         assert_eq!(TCPI_SND_WND, k::tcp_info__tcpi_snd_wnd);
+        assert_eq!(TCPI_UNACKED, k::tcp_info__tcpi_unacked);
         let states = [
             (TCP_ESTABLISHED, k::BPF_TCP_ESTABLISHED),
             (TCP_SYN_SENT, k::BPF_TCP_SYN_SENT),

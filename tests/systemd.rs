@@ -100,6 +100,45 @@ fn socket_activation_serves_the_passed_socket_and_notifies_on_both_datapaths(dp:
 
 per_datapath!(socket_activation_serves_the_passed_socket_and_notifies_on_both_datapaths);
 
+/// The client whose connection starts a socket-activated relay waits in the accept queue before
+/// skrelay sets the listener's options, which only sockets accepted later inherit: it read a clean
+/// EOF where a reset was due, when the relay was killed and at the pair timeout (a re-check pass).
+fn the_client_that_starts_a_socket_activated_relay_is_reset_as_any_other(dp: &str) {
+    let _netns = enter_netns();
+    if !require_tool("socket_activation", "systemd-socket-activate") {
+        return;
+    }
+    let addr: SocketAddr = "127.0.0.1:7777".parse().unwrap();
+    let expect_reset = |s: &mut TcpStream, what: &str| {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let r = std::io::Read::read(s, &mut [0u8; 1]);
+        assert!(matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset), "{dp}: {what}: {r:?}");
+    };
+    let activated = |extra: &[&str]| {
+        let mut cmd = Command::new("systemd-socket-activate");
+        cmd.args(["-l", "127.0.0.1:7777", SKRELAY, "relay", "--datapath", dp]).args(extra);
+        Skrelay::spawn(cmd, "Listening on 127.0.0.1:7777")
+    };
+    // Killed with a pair live.
+    let mut relay = activated(&[]);
+    let mut first = connect(addr);
+    relay.wait_log("listening on 127.0.0.1:7777", 1, Duration::from_secs(10));
+    let mut second = connect(addr);
+    std::io::Write::write_all(&mut first, b"x").unwrap();
+    assert_eq!(read_n(&mut second, 1), b"x", "{dp}");
+    relay.child.kill().unwrap();
+    relay.wait(Duration::from_secs(5));
+    expect_reset(&mut first, "the first client, its relay killed");
+    expect_reset(&mut second, "the second client, its relay killed");
+    // Alone until --pair-timeout.
+    let relay = activated(&["--pair-timeout", "0.5"]);
+    let mut first = connect(addr);
+    relay.wait_log("no partner came within --pair-timeout", 1, Duration::from_secs(10));
+    expect_reset(&mut first, "the first client, at the pair timeout");
+}
+
+per_datapath!(the_client_that_starts_a_socket_activated_relay_is_reset_as_any_other);
+
 /// Runs skrelay with `fd` as descriptor 3 and LISTEN_FDS=`n`, LISTEN_PID naming it:
 /// (exit code, stderr).
 fn run_with_fd3(fd: Option<RawFd>, n: &str, args: &[&str]) -> (i32, String) {

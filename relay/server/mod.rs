@@ -173,6 +173,11 @@ pub struct Server {
     shortage_warned: Option<Instant>,
     /// Accepting stopped for want of descriptors; the first client accepted after says so.
     accept_short: bool,
+    /// Clients that waited in the accept queue before the listener was armed (`sys::arm_listener`),
+    /// which did not inherit its options: the next this many accepted are armed one by one (a
+    /// re-check pass: the client that started a socket-activated relay read a clean EOF where a
+    /// reset was due).
+    unarmed_backlog: usize,
     /// Since when accept(2) has found no descriptor, without one accepted since.
     short_since: Option<Instant>,
     /// `proxy`: clients (slot, serial) accepted when no descriptor was left for their upstream
@@ -251,8 +256,11 @@ impl Server {
         for n in 0..threads.count() {
             config.metrics.set_loop_pairs(n, 0);
         }
+        // Armed by `relay_cmd::open` already: what waits now came before (or is armed twice).
+        let unarmed_backlog = sys::accept_queue_len(&listener).map_or(0, |n| n as usize);
         let mut front =
             Server::with(poll, Some(listener), Some(signals), first, partners, threads, limits, &config.metrics);
+        front.unarmed_backlog = unarmed_backlog;
         for (i, datapath) in datapaths.enumerate() {
             let poll = Poll::new().map_err(|e| Error::io("cannot create an event loop", e))?;
             let waker = Waker::new(poll.registry(), INBOX).map_err(|e| Error::io("cannot create an event loop", e))?;
@@ -305,6 +313,7 @@ impl Server {
             short_since: None,
             held_for_descriptors: Vec::new(),
             accept_full: false,
+            unarmed_backlog: 0,
             full_warned: None,
             full_unsaid: 0,
             full_unsaid_due: None,
@@ -536,6 +545,10 @@ impl Server {
             }
             match listener.accept() {
                 Ok((stream, addr)) => {
+                    if self.unarmed_backlog > 0 {
+                        self.unarmed_backlog -= 1;
+                        let _ = sys::arm_listener(&stream);
+                    }
                     self.short_since = None;
                     if std::mem::take(&mut self.accept_short) {
                         log::info!("accepting clients again");
@@ -1169,8 +1182,6 @@ impl Server {
                     connector.connected(&c);
                 }
                 let _ = c.stream.set_nodelay(true);
-                // As its client was at `admit` (see `Pair::new`).
-                reset_on_close(&c.stream);
                 self.splice_pair([p.stream, c.stream], [p.addr, upstream_addr], [0, 0], Some(c.local));
             }
         }
