@@ -45,6 +45,42 @@ fn silent_upstream(addr: &str) -> (socket2::Socket, Vec<TcpStream>) {
     (listener, fill)
 }
 
+/// An upstream connection that completes while the proxy cannot see it yet (stopped here; busy
+/// in life), then the proxy dies: the upstream read a clean EOF, a client that said nothing,
+/// where its client was reset (a re-check pass). It is armed to reset from when it is made.
+#[test]
+fn an_upstream_connection_the_proxy_had_not_seen_complete_is_reset_when_the_proxy_dies() {
+    let _netns = enter_netns();
+    let (upstream, fill) = silent_upstream("127.0.0.1:9000");
+    let mut proxy = Skrelay::start(&["proxy", "--upstream", "127.0.0.1:9000", "--connect-timeout", "30"]);
+    let mut client = connect(proxy_addr());
+    // Its SYN is dropped while the upstream's queue is full; stopped, the proxy cannot see the
+    // retransmitted one answered once the queue has room.
+    thread::sleep(Duration::from_millis(200));
+    proxy.signal(libc::SIGSTOP);
+    let fill_ports: Vec<u16> = fill.iter().map(|s| s.local_addr().unwrap().port()).collect();
+    drop(fill);
+    upstream.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let server = loop {
+        assert!(Instant::now() < deadline, "the proxy's upstream connection never completed");
+        match upstream.accept() {
+            Ok((s, peer)) if peer.as_socket().is_some_and(|p| fill_ports.contains(&p.port())) => drop(s),
+            Ok((s, _)) => break TcpStream::from(s),
+            Err(_) => thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    proxy.child.kill().unwrap();
+    proxy.wait(Duration::from_secs(5));
+    server.set_nonblocking(false).unwrap();
+    server.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let r = (&server).read(&mut [0u8; 1]);
+    assert!(matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset), "the upstream connection: {r:?}");
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let r = client.read(&mut [0u8; 1]);
+    assert!(matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset), "the client: {r:?}");
+}
+
 fn every_byte_arrives_in_order_both_ways_and_half_close_keeps_the_other_way(dp: &str) {
     let _netns = enter_netns();
     const LEN: u64 = 64 << 20;

@@ -271,8 +271,13 @@ impl Connector {
             let addr = self.upstreams.addr(idx);
             match TcpStream::connect(addr) {
                 Ok(mut stream) => {
-                    // As for accepted sockets (`sys::arm_listener`): urgent bytes stay in the stream.
+                    // As for accepted sockets (`sys::arm_listener`): urgent bytes stay in the stream,
+                    // and a close before the pair ends well is a reset, from the start: an upstream
+                    // connection that completed before the loop saw it, closed by a client that
+                    // left or by this process's death, read as a client that said nothing (a
+                    // re-check pass).
                     let _ = crate::sys::inline_urgent_data(&stream);
+                    crate::sys::reset_on_close(&stream);
                     let interest = Interest::READABLE | Interest::WRITABLE;
                     if let Err(e) = registry.register(&mut stream, token, interest) {
                         log::warn!("upstream {addr}: cannot watch the connection: {e}");

@@ -99,8 +99,8 @@ pub(super) struct Ended {
 impl Pair {
     /// A pair of connected sockets that `splice` moves. Until the pair ends well, any close of
     /// its sockets (ours, or the kernel's when this process dies) resets them: a stream we did not
-    /// finish must not look finished. They come armed so (`reset_on_close`: a client when it is
-    /// admitted, an upstream connection when it connects). A shutdown that forwards one
+    /// finish must not look finished. They come armed so (`reset_on_close`: a client by its
+    /// listener, `sys::arm_listener`, an upstream connection when it is made). A shutdown that forwards one
     /// direction's EOF still sends its FIN; the socket keeps resetting on close because the other
     /// direction may be unfinished.
     pub(super) fn new(
