@@ -197,13 +197,32 @@ fn looked_at_base() -> Option<PathBuf> {
 /// that only looks says so rather than "nothing" (a stranger pass: a user under `ip netns exec`
 /// was told no steering existed while root's bindings took its relay's port).
 pub fn out_of_reach() -> Option<String> {
-    if fs_type(Path::new(BPFFS)) != Some(SYSFS_MAGIC) || mount_ns("1").is_some() || outer_mount_ns_process().is_some() {
+    if fs_type(Path::new(BPFFS)) != Some(SYSFS_MAGIC)
+        || mount_ns("1").is_some()
+        || outer_mount_ns_process().is_some()
+        || !sysfs_of_a_netns()
+    {
         return None;
     }
     Some(format!(
         "{BPFFS} here holds no bpffs (a mount namespace of its own, as `ip netns exec` makes), and only root can \
          look into the one outside, where skrelay pins its state"
     ))
+}
+
+/// /sys is a sysfs that `ip netns exec` mounted, which names it after the network namespace (a
+/// host's or a container's is named `sysfs`): there is a mount namespace outside this one. Where
+/// /sys/fs/bpf simply has no bpffs (a host or container that never mounted one), root's commands
+/// pin in this same namespace, and "nothing pinned" is true (a re-check pass).
+fn sysfs_of_a_netns() -> bool {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    // "ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTIONS";
+    // the last mount listed at /sys is the one seen there.
+    let sys = mountinfo.lines().rfind(|l| l.split(' ').nth(4) == Some("/sys"));
+    sys.and_then(|l| l.split_once(" - ")).is_some_and(|(_, fs)| {
+        let mut f = fs.split(' ');
+        f.next() == Some("sysfs") && f.next().is_some_and(|source| source != "sysfs")
+    })
 }
 
 /// Why a mount namespace of our own has no bpffs at /sys/fs/bpf.
@@ -348,7 +367,7 @@ impl StateLock {
             // we wait for, in case it is not brief.
             log::info!(
                 "waiting for another skrelay command that holds {} (`fuser -v {}` names it)",
-                dir.display(),
+                crate::sys::shown(dir).display(),
                 dir.display()
             );
         }
@@ -390,12 +409,14 @@ fn wait_shared(file: &File, dir: &Path) -> Result<(), Error> {
                 return Err(Error::Usage(format!(
                     "{} is locked by another skrelay command changing it, for more than {}s: `fuser -v {}` names it (a \
                      command stopped with Ctrl-Z holds it until it is resumed or killed)",
-                    dir.display(),
+                    crate::sys::shown(dir).display(),
                     READ_WAIT.as_secs(),
                     dir.display()
                 )))
             }
-            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(format!("cannot lock {}", dir.display()), e)),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(Error::io(format!("cannot lock {}", crate::sys::shown(dir).display()), e))
+            }
         }
     }
 }

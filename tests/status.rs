@@ -303,8 +303,9 @@ fn status_without_root_does_not_deny_what_it_cannot_see() {
 /// namespace" (exit 0) and "accel: no cgroup is accelerated" while root's bindings were live, and
 /// its relay on a steered port started without a word.
 fn as_nobody_under_a_sysfs_of_its_own(secs: &str, args: &[&str]) -> (i32, String, String) {
-    let script = "umount -l /sys && mount -t sysfs sysfs /sys && exec setpriv --reuid=65534 --regid=65534 \
-                  --clear-groups --inh-caps=-all \"$0\" \"$@\"";
+    // As `ip netns exec` does, the sysfs named after the network namespace.
+    let script = "umount -l /sys && mount -t sysfs skrelay-test-netns /sys && exec setpriv --reuid=65534 \
+                  --regid=65534 --clear-groups --inh-caps=-all \"$0\" \"$@\"";
     let mut cmd = std::process::Command::new("timeout");
     cmd.args(["-s", "INT", secs, "unshare", "-m", "--propagation", "private", "sh", "-c", script, SKRELAY]).args(args);
     exit_and_output(cmd)
@@ -337,6 +338,9 @@ fn without_root_under_a_sysfs_of_its_own_skrelay_says_it_cannot_tell_what_is_pin
     let st: serde_json::Value = serde_json::from_str(&out).unwrap();
     let dir = format!("/sys/fs/bpf/skrelay/{}", netns_ino());
     assert_eq!(st["steer"]["unreadable"]["pins"], serde_json::json!(dir), "{st}");
+    // Not known to be pinned or attached (a re-check pass: `attached: true` in an empty namespace).
+    let null = serde_json::Value::Null;
+    assert_eq!((&st["steer"]["attached"], &st["steer"]["pinned"]), (&null, &null), "{st}");
     assert!(st["accel"]["out_of_reach"].as_str().is_some_and(|w| w.contains(cannot_tell)), "{st}");
     assert_eq!(status_json()["accel"]["out_of_reach"], serde_json::Value::Null, "root sees it");
 
@@ -347,6 +351,12 @@ fn without_root_under_a_sysfs_of_its_own_skrelay_says_it_cannot_tell_what_is_pin
         "{err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "one sentence: {err}");
+    let (code, out, err) = as_nobody_under_a_sysfs_of_its_own("10", &["steer", "reset"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("cannot tell whether steering state exists"), "{err}");
+    let (code, out, err) = as_nobody_under_a_sysfs_of_its_own("10", &["steer", "remove", "--ports", "9301"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("cannot tell whether steering state exists"), "{err}");
 
     let (code, out, err) = as_nobody_under_a_sysfs_of_its_own("10", &["accel", "status"]);
     assert_eq!(code, 0, "{out}{err}");
@@ -355,6 +365,18 @@ fn without_root_under_a_sysfs_of_its_own_skrelay_says_it_cannot_tell_what_is_pin
     let (code, _, err) = as_nobody_under_a_sysfs_of_its_own("10", &["metrics", "--listen", "127.0.0.1:0"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("cannot read skrelay's pinned state: /sys/fs/bpf here holds no bpffs"), "{err}");
+
+    // Where /sys/fs/bpf simply has no bpffs (a container or host that never mounted one), root's
+    // commands would pin right there: nothing pinned is true, and said.
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg(
+            "umount -l /sys && mount -t sysfs sysfs /sys && exec setpriv --reuid=65534 --regid=65534 \
+             --clear-groups --inh-caps=-all \"$0\" steer list",
+        )
+        .arg(SKRELAY);
+    let (code, out, err) = exit_and_output(cmd);
+    assert_eq!((code, out.trim()), (0, "no steering bindings in this network namespace"), "{err}");
 
     // A relay on the steered port is warned that it may get none of its connections.
     let (_, _, err) = as_nobody_under_a_sysfs_of_its_own(

@@ -297,7 +297,10 @@ pub fn elsewhere_warning(f: &funnel::Running) -> String {
 pub fn reset() -> Result<Reset, Error> {
     let dead = state::sweep_stale();
     let elsewhere = pinned_elsewhere();
-    let Some(dir) = state::existing_dir()? else { return Ok(Reset { removed: 0, dir: None, dead, elsewhere }) };
+    let Some(dir) = state::existing_dir()? else {
+        state::nothing_or_out_of_reach()?;
+        return Ok(Reset { removed: 0, dir: None, dead, elsewhere });
+    };
     let removed = match crate::bpffs::StateLock::acquire_existing(&dir)? {
         Some(_lock) => state::remove_all(&dir)?,
         None => 0,
@@ -538,11 +541,14 @@ pub fn status() -> Result<Status, Error> {
 impl Status {
     /// The JSON `skrelay status --json` shows under `steer`: the same keys whatever is attached.
     pub fn json(&self) -> serde_json::Value {
-        let attached =
-            self.pinned.as_ref().is_some_and(|p| !p.detached) || self.unreadable.is_some() || !self.funnels.is_empty();
+        let attached = self.pinned.as_ref().is_some_and(|p| !p.detached)
+            || self.unreadable.as_ref().is_some_and(|u| u.pinned)
+            || !self.funnels.is_empty();
+        // Out of reach (`bpffs::out_of_reach`): whether anything is pinned or attached is unknown.
+        let unknown = self.unreadable.as_ref().is_some_and(|u| !u.pinned);
         let mut json = json!({
             // Unknown (null) where nothing is pinned and this user cannot list funnels.
-            "attached": if attached || !self.funnels_unlisted { json!(attached) } else { json!(null) },
+            "attached": if attached || (!self.funnels_unlisted && !unknown) { json!(attached) } else { json!(null) },
             "funnels_unlisted": self.funnels_unlisted,
             "pinned": null,
             "link_id": null,
@@ -559,8 +565,10 @@ impl Status {
         if let Some((dir, pins)) = &self.leftover {
             json["leftover"] = json!({ "pins": crate::sys::shown(dir).display().to_string(), "count": pins });
         }
-        if let Some(u) = &self.unreadable {
+        if let Some(u) = self.unreadable.as_ref().filter(|u| u.pinned) {
             json["pinned"] = json!(crate::sys::shown(&u.dir).display().to_string());
+        }
+        if let Some(u) = &self.unreadable {
             json["unreadable"] = json!({ "pins": crate::sys::shown(&u.dir).display().to_string(), "error": u.error });
         }
         if let Some(p) = &self.pinned {

@@ -54,6 +54,15 @@ pub fn existing_dir() -> Result<Option<PathBuf>, Error> {
     Ok(bpffs::existing_root().map(|root| root.join(name)))
 }
 
+/// Where `existing_dir` found nothing: Ok if nothing is pinned, an error if this process cannot
+/// look where it would be (`bpffs::out_of_reach`).
+pub fn nothing_or_out_of_reach() -> Result<(), Error> {
+    match bpffs::out_of_reach() {
+        Some(why) => Err(Error::StateOutOfReach { what: "steering", why }),
+        None => Ok(()),
+    }
+}
+
 pub(super) fn netns_name() -> Result<String, Error> {
     let ns = sys::own_netns_inode().map_err(|e| Error::io("cannot read this network namespace", e))?;
     Ok(ns.to_string())
@@ -228,12 +237,7 @@ impl State {
     /// never set up here, or the state was left by a dead namespace whose inode number this one
     /// now has (the next change removes it). Creates, mounts and removes nothing.
     pub fn open_read_only() -> Result<Option<State>, Error> {
-        let Some(dir) = existing_dir()? else {
-            return match bpffs::out_of_reach() {
-                Some(why) => Err(Error::StateOutOfReach { what: "steering", why }),
-                None => Ok(None),
-            };
-        };
+        let Some(dir) = existing_dir()? else { return nothing_or_out_of_reach().map(|()| None) };
         if !dir.join(LINK).exists() {
             return Ok(None);
         }
@@ -251,7 +255,7 @@ impl State {
     /// Opens the state for changing it (an exclusive lock) if anything is pinned; `None` as for
     /// `open_read_only`, except that stale state is removed (with a warning).
     pub fn open() -> Result<Option<State>, Error> {
-        let Some(dir) = existing_dir()? else { return Ok(None) };
+        let Some(dir) = existing_dir()? else { return nothing_or_out_of_reach().map(|()| None) };
         // Looking must not create anything: no lock (which makes the directory) without state.
         if !dir.join(LINK).exists() {
             return Ok(None);
