@@ -384,6 +384,8 @@ fn without_root_under_a_sysfs_of_its_own_skrelay_says_it_cannot_tell_what_is_pin
         &["relay", "--datapath", "userspace", "--listen", "127.0.0.1:9301", "--drain-timeout", "0.1"],
     );
     assert!(err.contains("this user cannot tell whether `skrelay steer` has bindings"), "{err}");
+    // Nor whether accel covers its cgroup: it started without a word (a re-check pass).
+    assert!(err.contains("cannot check whether skrelay accel accelerates this relay's cgroup"), "{err}");
 }
 
 /// Accel state root pinned is, for another user, state it may not read, not state of another

@@ -441,10 +441,29 @@ pub fn accelerating(pid: u32, ports: &[u16]) -> Option<AccelReport> {
 /// `accelerating`, with why it could not be told (the accel state held by another command past
 /// the readers' wait, or unreadable).
 pub fn accelerating_or_why(pid: u32, ports: &[u16]) -> Result<Option<AccelReport>, Error> {
-    Ok(reports()?.cgroups.into_iter().find(|r| {
-        (r.ports.is_empty() || r.ports.iter().any(|p| ports.contains(p)))
-            && Cgroup::resolve(&r.cgroup).is_ok_and(|accelerated| accelerated.holds(pid))
-    }))
+    let reports = reports()?;
+    let holds = |cgroup: &Path| Cgroup::resolve(cgroup).is_ok_and(|accelerated| accelerated.holds(pid));
+    if let Some(r) = reports
+        .cgroups
+        .into_iter()
+        .find(|r| (r.ports.is_empty() || r.ports.iter().any(|p| ports.contains(p))) && holds(&r.cgroup))
+    {
+        return Ok(Some(r));
+    }
+    // State this process may not read, of a cgroup that holds it, or state out of its reach: a
+    // relay run by another user in root's accelerated cgroup started without a word (a re-check
+    // pass).
+    if let Some(why) = reports.out_of_reach {
+        return Err(Error::StateOutOfReach { what: "accel", why });
+    }
+    if let Some(u) = reports.unreadable.iter().find(|u| holds(&u.cgroup)) {
+        return Err(Error::Usage(format!(
+            "the accel state of cgroup {}, which holds this process, is not readable ({})",
+            u.cgroup.display(),
+            u.error
+        )));
+    }
+    Ok(None)
 }
 
 /// A running relay or proxy inside `cg` whose ports `ports` would take in (see `accelerating`).
