@@ -106,7 +106,7 @@ pub fn open(
     let threads = common.threads();
     let datapaths = datapath::open(common.datapath, common.kernel_after, common.kernel_limits(), threads)?;
     let listening = listening(listen, listen_given, common, ports, command)?;
-    crate::sys::arm_listener(&listening.listener)
+    crate::sys::arm_for_clients(&listening.listener)
         .map_err(|e| Error::io("cannot set the options of the listening socket", e))?;
     Ok(Opened { threads, datapaths, listening })
 }

@@ -186,7 +186,7 @@ pub fn reset_on_close(fd: impl AsFd) {
     let _ = sock(&fd).set_linger(Some(std::time::Duration::ZERO));
 }
 
-/// Sets on a listening socket what each socket it accepts inherits, and what skrelay wants of
+/// Sets on a listening socket (or on one accepted socket) what each socket it accepts inherits, and what skrelay wants of
 /// every client before anything else: `reset_on_close` (a client closed before its pair ends
 /// well, or by this process's death, sees a reset), TCP_NODELAY, and urgent bytes (MSG_OOB) kept
 /// in the stream (`inline_urgent_data`: one that came before the pair formed would be dropped
@@ -194,7 +194,7 @@ pub fn reset_on_close(fd: impl AsFd) {
 /// then a clean EOF). Three system calls once, where each client took two of its own. A socket
 /// inherits them only if its handshake completes after this: what already waits in the accept
 /// queue (`accept_queue_len`) is armed one by one, with this same function.
-pub fn arm_listener(fd: impl AsFd) -> io::Result<()> {
+pub fn arm_for_clients(fd: impl AsFd) -> io::Result<()> {
     let s = sock(&fd);
     s.set_linger(Some(std::time::Duration::ZERO))?;
     s.set_nodelay(true)?;

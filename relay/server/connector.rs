@@ -271,7 +271,7 @@ impl Connector {
             let addr = self.upstreams.addr(idx);
             match TcpStream::connect(addr) {
                 Ok(mut stream) => {
-                    // As for accepted sockets (`sys::arm_listener`): urgent bytes stay in the stream,
+                    // As for accepted sockets (`sys::arm_for_clients`): urgent bytes stay in the stream,
                     // and a close before the pair ends well is a reset, from the start: an upstream
                     // connection that completed before the loop saw it, closed by a client that
                     // left or by this process's death, read as a client that said nothing (a

@@ -173,7 +173,7 @@ pub struct Server {
     shortage_warned: Option<Instant>,
     /// Accepting stopped for want of descriptors; the first client accepted after says so.
     accept_short: bool,
-    /// Clients that waited in the accept queue before the listener was armed (`sys::arm_listener`),
+    /// Clients that waited in the accept queue before the listener was armed (`sys::arm_for_clients`),
     /// which did not inherit its options: the next this many accepted are armed one by one (a
     /// re-check pass: the client that started a socket-activated relay read a clean EOF where a
     /// reset was due).
@@ -547,7 +547,7 @@ impl Server {
                 Ok((stream, addr)) => {
                     if self.unarmed_backlog > 0 {
                         self.unarmed_backlog -= 1;
-                        let _ = sys::arm_listener(&stream);
+                        let _ = sys::arm_for_clients(&stream);
                     }
                     self.short_since = None;
                     if std::mem::take(&mut self.accept_short) {
@@ -684,7 +684,7 @@ impl Server {
         // A client closed before its pair forms (no partner in time, a bad token line, a drain, a
         // failed upstream, this process killed) was never served: it sees a reset, never an EOF
         // that reads as a partner who said nothing. Pairing keeps it (see pair.rs). The socket
-        // comes so from the listener (`sys::arm_listener`), with TCP_NODELAY.
+        // comes so from the listener (`sys::arm_for_clients`), with TCP_NODELAY.
         let slot = self.slots.vacant_key();
         if let Err(e) = self.poll.registry().register(&mut stream, token(slot, 0), Interest::READABLE) {
             self.metrics.client_unpaired(Unpaired::Error);

@@ -100,9 +100,9 @@ impl Pair {
     /// A pair of connected sockets that `splice` moves. Until the pair ends well, any close of
     /// its sockets (ours, or the kernel's when this process dies) resets them: a stream we did not
     /// finish must not look finished. They come armed so (`reset_on_close`: a client by its
-    /// listener, `sys::arm_listener`, an upstream connection when it is made). A shutdown that forwards one
-    /// direction's EOF still sends its FIN; the socket keeps resetting on close because the other
-    /// direction may be unfinished.
+    /// listener, `sys::arm_for_clients`, an upstream connection when it is made). A shutdown that
+    /// forwards one direction's EOF still sends its FIN; the socket keeps resetting on close
+    /// because the other direction may be unfinished.
     pub(super) fn new(
         ends: [TcpStream; 2],
         addrs: [SocketAddr; 2],
@@ -465,7 +465,7 @@ mod tests {
     fn pair() -> (Pair, StdStream, StdStream) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         // As `relay_cmd::open` arms its listener: a pair's ends come armed (`Pair::new`).
-        crate::sys::arm_listener(&listener).unwrap();
+        crate::sys::arm_for_clients(&listener).unwrap();
         let (a, a_end) = connection(&listener);
         let (b, b_end) = connection(&listener);
         let splice = UserspaceDatapath.splice([&a_end, &b_end], [0, 0]).unwrap();
