@@ -447,10 +447,14 @@ pub fn pinned_from_status(steer: &serde_json::Value, accel: &serde_json::Value) 
         refused.get_or_create(&labels).inc_by(u64_of(&b, "refused"));
         alive.get_or_create(&labels).set(i64::from(b["target"]["alive"].as_bool().unwrap_or(false)));
     }
-    registry.register("skrelay_steer_hits", "Connections steered to the binding's target", hits);
+    registry.register(
+        "skrelay_steer_hits",
+        "Lookups answered with the binding's target: each SYN (a retransmitted one again) and UDP datagram",
+        hits,
+    );
     registry.register(
         "skrelay_steer_refused",
-        "Connections for the binding refused because its target socket was gone",
+        "Lookups for the binding refused (dropped) because its target socket was gone",
         refused,
     );
     registry.register("skrelay_steer_target_alive", "1 if the binding's target socket still exists", alive);
@@ -462,7 +466,7 @@ pub fn pinned_from_status(steer: &serde_json::Value, accel: &serde_json::Value) 
     }
     registry.register(
         "skrelay_steer_funnel_hits",
-        "Connections a running relay's or proxy's --ports steered to its listener",
+        "Lookups (each SYN, a retransmitted one again) a running relay's or proxy's --ports steered to its listener",
         funnel_hits,
     );
 
@@ -470,7 +474,12 @@ pub fn pinned_from_status(steer: &serde_json::Value, accel: &serde_json::Value) 
         ("connections", "skrelay_accel_connections", "Accelerated connections"),
         ("messages", "skrelay_accel_messages", "Writes redirected between accelerated sockets"),
         ("bytes", "skrelay_accel_bytes", "Bytes redirected between accelerated sockets"),
-        ("fallbacks", "skrelay_accel_fallbacks", "Connections that went back to plain TCP"),
+        (
+            "fallbacks",
+            "skrelay_accel_fallbacks",
+            "Writes of joined sockets whose peer was not in the map: sent by plain TCP",
+        ),
+        ("left", "skrelay_accel_sockets_left", "Sockets that left the redirect map for plain TCP for good"),
     ];
     let families: Vec<Family<Labels, Counter>> = accel_counters.iter().map(|_| Family::default()).collect();
     let open = Family::<Labels, Gauge>::default();
@@ -825,7 +834,7 @@ mod tests {
         });
         let accel = serde_json::json!({
             "cgroups": [{"cgroup": "/sys/fs/cgroup/app", "connections": 5, "messages": 9, "bytes": 1234,
-                         "fallbacks": 1, "sockets_open": 4}],
+                         "fallbacks": 1, "left": 3, "sockets_open": 4}],
             "unreadable": [],
         });
         let text = pinned_from_status(&steer, &accel);
@@ -835,6 +844,7 @@ mod tests {
         assert!(text.contains("skrelay_steer_funnel_hits_total{pid=\"42\",prefix=\"127.0.0.1/32\",ports=\"7,77\"} 3\n"));
         assert!(text.contains("skrelay_accel_bytes_total{cgroup=\"/sys/fs/cgroup/app\"} 1234\n"), "{text}");
         assert!(text.contains("skrelay_accel_fallbacks_total{cgroup=\"/sys/fs/cgroup/app\"} 1\n"), "{text}");
+        assert!(text.contains("skrelay_accel_sockets_left_total{cgroup=\"/sys/fs/cgroup/app\"} 3\n"), "{text}");
         assert!(text.contains("skrelay_accel_sockets_open{cgroup=\"/sys/fs/cgroup/app\"} 4\n"), "{text}");
         assert!(text.contains("skrelay_steer_attached 1\n"), "{text}");
     }

@@ -446,6 +446,7 @@ fn skrelay_metrics_serves_the_pinned_accel_counters() {
     assert_eq!(value(&text, &format!("skrelay_accel_bytes_total{label}")), report.bytes, "{text}");
     assert_eq!(value(&text, &format!("skrelay_accel_fallbacks_total{label}")), report.fallbacks, "{text}");
     assert_eq!(value(&text, &format!("skrelay_accel_messages_total{label}")), report.messages, "{text}");
+    assert_eq!(value(&text, &format!("skrelay_accel_sockets_left_total{label}")), report.left, "{text}");
     assert_eq!(report.connections, 1, "{report}");
     // Both streams and the client's 8-byte header, through the redirect or (held back) TCP.
     assert!(report.bytes > 0 && report.bytes + report.passed_bytes <= 2 * BYTES + 8, "{report}");
