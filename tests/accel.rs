@@ -380,6 +380,12 @@ fn bad_input_exits_2_and_leaves_nothing() {
     let (code, _, err) = skrelay_output(&["accel", "on", "--cgroup", "/tmp/not-a-cgroup"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("is not a cgroup v2 directory"), "{err}");
+    // A cgroup's file, not its directory: said so, with the path as the user gave it.
+    let file = cgroup_v2_mount().join("cgroup.procs");
+    let (code, _, err) = skrelay_output(&["accel", "on", "--cgroup", file.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains(&format!("{} is not a cgroup v2 directory: it is not a directory", file.display())), "{err}");
+    assert!(!err.contains("/proc/"), "{err}");
 
     let cg = TestCgroup::unaccelerated("badinput");
     let (code, _, err) = skrelay_output(&["accel", "off", "--cgroup", &cg.rel]);

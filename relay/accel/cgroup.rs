@@ -176,9 +176,13 @@ impl Cgroup {
         }
         if !self.path().join("cgroup.procs").exists() {
             remove_dirs(&created);
+            let path = shown(&self.path());
+            let what = if self.path().is_dir() { "a directory without cgroup.procs" } else { "not a directory" };
             return Err(Error::Usage(format!(
-                "{} is not a cgroup v2 directory (it has no cgroup.procs)",
-                self.path().display()
+                "{} is not a cgroup v2 directory: it is {what} (give a cgroup's directory below {}, e.g. {})",
+                path.display(),
+                shown(&self.mount).display(),
+                shown(&self.mount.join("app")).display()
             )));
         }
         Ok(created)
@@ -348,8 +352,8 @@ impl Owner {
         Some(o)
     }
 
-    /// One line for `accel status`.
-    pub fn describe(&self) -> String {
+    /// One line for `accel status` of the state of `cgroup` (as the user names it).
+    pub fn describe(&self, cgroup: &Path) -> String {
         let alive = |p: &Option<Process>| p.is_some_and(|p| p.alive());
         match (self.command.as_str(), self.pid, self.watcher) {
             ("run", Some(run), _) if alive(&self.pid) => format!("owned by `accel run` (pid {}), running", run.pid),
@@ -359,21 +363,23 @@ impl Owner {
                 run.pid, w.pid
             ),
             ("run", run, _) => format!(
-                "owned by `accel run` (pid {}), which is gone and left it: nothing will remove it (run `skrelay accel off`)",
-                run.map_or("?".to_string(), |p| p.pid.to_string())
+                "owned by `accel run` (pid {}), which is gone and left it: nothing will remove it (run `skrelay accel off \
+                 --cgroup {}`)",
+                run.map_or("?".to_string(), |p| p.pid.to_string()),
+                cgroup.display()
             ),
             _ => "set up by `accel on`: stays until `skrelay accel off`".to_string(),
         }
     }
 
-    pub fn json(&self) -> serde_json::Value {
+    pub fn json(&self, cgroup: &Path) -> serde_json::Value {
         let p = |p: &Option<Process>| p.map(|p| serde_json::json!({ "pid": p.pid, "alive": p.alive() }));
         serde_json::json!({
             "command": self.command,
             "process": p(&self.pid),
             "watcher": p(&self.watcher),
             "created_dirs": self.created,
-            "state": self.describe(),
+            "state": self.describe(cgroup),
             "small_write_measured": self.measured,
         })
     }

@@ -120,7 +120,7 @@ impl fmt::Display for AccelReport {
             )?;
         }
         if let Some(owner) = &self.owner {
-            writeln!(f, "  {}", owner.describe())?;
+            writeln!(f, "  {}", owner.describe(&self.cgroup))?;
         }
         let how = match self.owner.as_ref().and_then(|o| o.measured.as_deref()) {
             Some("none") => " (the default where it could not be measured)".to_string(),
@@ -196,7 +196,7 @@ impl AccelReport {
     pub fn json(&self) -> serde_json::Value {
         serde_json::json!({
             "cgroup": self.cgroup.to_string_lossy(),
-            "owner": self.owner.as_ref().map(cgroup::Owner::json),
+            "owner": self.owner.as_ref().map(|o| o.json(&self.cgroup)),
             "cgroup_gone": self.cgroup_gone,
             "pins": self.pins.to_string_lossy(),
             "ports": self.ports,
