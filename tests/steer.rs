@@ -214,6 +214,32 @@ fn ten_thousand_ports_are_served_by_one_socket() {
     assert_eq!(hits.iter().sum::<u64>(), 45, "{hits:?}");
 }
 
+/// A binding takes the connections of a socket that listens on one of its ports (as README says):
+/// `steer add` says which sockets it bypasses, and the connections go to the target (a helper's
+/// pass: a running relay's port was taken in silence).
+#[test]
+fn a_binding_over_a_listening_socket_says_so() {
+    let Some(_reset) = setup("bypass") else { return };
+    let target = TcpListener::bind("127.0.0.1:5100").unwrap();
+    let there = TcpListener::bind("127.0.0.1:31001").unwrap();
+    let _udp = UdpSocket::bind("127.0.0.1:31002").unwrap(); // another protocol: not named
+    let out = ok(&["steer", "add", "--ports", "31000-31009", "--to", "127.0.0.1:5100"]);
+    assert!(
+        out.contains(
+            "note: a socket listens at 127.0.0.1:31001 (`ss -ltnp` names its process): a binding takes precedence"
+        ) && out.contains("now go to 127.0.0.1:5100\n"),
+        "{out}"
+    );
+    assert!(!out.contains("31002") && !out.contains("5100 (`ss"), "{out}");
+    there.set_nonblocking(true).unwrap();
+    let _c = TcpStream::connect("127.0.0.1:31001").unwrap();
+    assert_eq!(target.accept().unwrap().0.local_addr().unwrap().port(), 31001);
+    assert_eq!(there.accept().unwrap_err().kind(), ErrorKind::WouldBlock, "the bypassed socket got it");
+    // Outside the binding's prefix: nothing to say.
+    let out = ok(&["steer", "add", "--ports", "31001", "--addr", "10.9.9.9/32", "--to", "127.0.0.1:5100"]);
+    assert!(!out.contains("note:"), "{out}");
+}
+
 #[test]
 fn longest_prefix_wins_then_the_narrowest_port_range() {
     let Some(_reset) = setup("precedence") else { return };
@@ -243,6 +269,15 @@ fn longest_prefix_wins_then_the_narrowest_port_range() {
     assert!(
         err.contains("port 8001 is not a binding of its own but within tcp 0.0.0.0/0 port 8000-8099")
             && err.contains("`skrelay steer remove --ports 8000-8099`"),
+        "{err}"
+    );
+    // The exact ports bound on another prefix only: that binding is named with its --addr, not
+    // the one on every address that overlaps them (a helper's pass).
+    let (code, _, err) = skrelay_output(&["steer", "remove", "--ports", "8040-8060"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("but there is tcp 127.0.0.1/32 port 8040-8060: give its --addr")
+            && err.contains("`skrelay steer remove --ports 8040-8060 --addr 127.0.0.1/32`"),
         "{err}"
     );
     let (code, _, err) = skrelay_output(&["steer", "remove", "--ports", "8045-8055", "--addr", "127.0.0.0/8"]);

@@ -25,7 +25,8 @@ pub fn command(cmd: SteerCommand) -> Result<String, Error> {
                     "no steering state in this network namespace: nothing to reset\n".to_string()
                 }
                 super::Reset { removed, dir: Some(dir), .. } => format!(
-                    "removed every binding, the sk_lookup program and its link ({removed} pins under {})\n",
+                    "removed every binding and the rest of the steering state, program and link included where pinned \
+                     ({removed} pins under {})\n",
                     crate::sys::shown(dir).display()
                 ),
             };
@@ -65,6 +66,30 @@ fn render_add(added: &super::Added) -> String {
              connections to these ports that arrive on another interface (lo included) are steered to it and \
              dropped, unanswered (narrow the binding with --addr to {device}'s addresses)\n",
             t.local
+        ));
+    }
+    if !added.bypassed.is_empty() {
+        const SHOWN: usize = 4;
+        let mut at: Vec<String> = added.bypassed.iter().take(SHOWN).map(|a| a.to_string()).collect();
+        if added.bypassed.len() > SHOWN {
+            at.push(format!("{} more", added.bypassed.len() - SHOWN));
+        }
+        let udp = added.bindings.first().is_some_and(|(k, _)| k.proto == crate::cli::Proto::Udp);
+        let (socket, its, process) = match (added.bypassed.len() == 1, udp) {
+            (true, false) => ("a socket listens", "its", "process"),
+            (true, true) => ("a socket is bound", "its", "process"),
+            (false, false) => ("sockets listen", "their", "processes"),
+            (false, true) => ("sockets are bound", "their", "processes"),
+        };
+        let (what, ss) = if udp { ("datagrams", "ss -lunp") } else { ("connections", "ss -ltnp") };
+        let v4 = added.bindings.iter().any(|(k, _)| k.prefix.addr.is_ipv4());
+        let dual = v4 && added.bypassed.iter().any(|a| a.is_ipv6() && a.ip().is_unspecified());
+        out.push_str(&format!(
+            "note: {socket} at {} (`{ss}` names {its} {process}): a binding takes precedence, so {its} {what} \
+             to the steered ports now go to {}{}\n",
+            at.join(", "),
+            t.local,
+            if dual { " (an IPv6 wildcard socket's IPv4 ones, unless it is IPv6-only)" } else { "" }
         ));
     }
     if t.reuse_port {

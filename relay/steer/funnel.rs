@@ -440,6 +440,37 @@ pub enum TakenBy {
     OutOfReach,
 }
 
+/// Sockets of `proto` other than `target` that listen (TCP) or are bound unconnected (UDP) on ports
+/// of `keys` at addresses their prefixes cover: a binding takes their connections (or datagrams)
+/// from them. An IPv6 wildcard socket counts for an IPv4 prefix (it takes IPv4 unless it set
+/// IPV6_V6ONLY, which /proc does not show).
+pub fn bypassed(proto: crate::cli::Proto, keys: &[super::BindingKey], target: SocketAddr) -> Vec<SocketAddr> {
+    let usable = match proto {
+        crate::cli::Proto::Tcp => STATE_LISTEN,
+        crate::cli::Proto::Udp => super::target::STATE_CLOSE,
+    };
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for f in [format!("/proc/thread-self/net/{}", proto.name()), format!("/proc/thread-self/net/{}6", proto.name())] {
+        let rows = parse_proc_net(&std::fs::read_to_string(f).unwrap_or_default());
+        out.extend(rows.into_iter().filter(|r| r.state == usable && r.local != target).map(|r| r.local).filter(
+            |local| {
+                keys.iter().any(|k| {
+                    let ip = local.ip();
+                    let covered = if ip.is_unspecified() {
+                        k.prefix.addr.is_ipv4() == ip.is_ipv4() || (ip.is_ipv6() && k.prefix.addr.is_ipv4())
+                    } else {
+                        prefixes_meet(&k.prefix, &Prefix::host(ip))
+                    };
+                    k.proto == proto && k.ports.contains(local.port()) && covered
+                })
+            },
+        ));
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// Other TCP sockets listening on ports of the list at addresses the funnel covers: while the
 /// funnel runs, their connections come to us instead.
 pub fn shadowed(listen: SocketAddr, ports: &PortList) -> Vec<SocketAddr> {

@@ -50,6 +50,8 @@ pub struct Added {
     pub upgraded: Option<String>,
     /// Each binding, in the order asked: new (`None`) or replaced (what it sent to before).
     pub bindings: Vec<(BindingKey, Option<Record>)>,
+    /// Other sockets bound where the bindings steer, whose connections now go to the target.
+    pub bypassed: Vec<std::net::SocketAddr>,
 }
 
 /// The socket bindings send to.
@@ -132,6 +134,7 @@ pub fn add(args: &SteerAddArgs) -> Result<Added, Error> {
     let plan = plan(&existing, &keys, &[], Limits::MAPS).map_err(|e| Error::Usage(e.to_string()))?;
     st.apply(&plan, Some(&target))?;
     log::debug!("steer add: {} port entries written in {:?}", plan.ports.len(), started.elapsed());
+    let bypassed = funnel::bypassed(args.proto, &keys, target.local);
     let mut bindings = Vec::new();
     for key in keys {
         if bindings.iter().any(|(k, _)| *k == key) {
@@ -148,7 +151,7 @@ pub fn add(args: &SteerAddArgs) -> Result<Added, Error> {
         reuse_port: target.reuse_port,
         device: target.device,
     };
-    Ok(Added { target, upgraded, bindings })
+    Ok(Added { target, upgraded, bindings, bypassed })
 }
 
 /// `steer remove`: removes the named bindings, all or none. Returns them.
@@ -220,6 +223,25 @@ pub fn remove(args: &SteerRemoveArgs) -> Result<Vec<BindingKey>, Error> {
             }
         }
         if !found {
+            // The same ports bound on other prefixes: name them, with the --addr that removes each
+            // (a helper's pass: the overlapping binding on every address was named instead).
+            let mut elsewhere: Vec<BindingKey> =
+                existing.values().filter(|k| k.proto == args.proto && k.ports == ports).copied().collect();
+            elsewhere.sort_by_key(|k| k.prefix.to_string());
+            elsewhere.dedup();
+            if !elsewhere.is_empty() {
+                let proto = if args.proto == crate::cli::Proto::Udp { " --proto udp" } else { "" };
+                let addrs: Vec<String> = elsewhere.iter().map(|k| format!(" --addr {}", k.prefix)).collect();
+                let names: Vec<String> = elsewhere.iter().map(|k| k.to_string()).collect();
+                return Err(Error::Usage(format!(
+                    "there is no {} binding for {} {ports} on 0.0.0.0/0 or ::/0 in this network namespace, but there \
+                     is {}: give its --addr (`skrelay steer remove --ports {ports}{}{proto}`)",
+                    args.proto.name(),
+                    if ports.lo == ports.hi { "port" } else { "ports" },
+                    names.join(" and "),
+                    addrs.concat()
+                )));
+            }
             // A binding of the other protocol on these ports: the user left out (or gave) --proto.
             let other_proto = existing.values().any(|k| {
                 k.proto != args.proto

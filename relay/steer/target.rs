@@ -138,7 +138,10 @@ impl Target {
             },
         })?;
         let dup = sys::pidfd_getfd(&pidfd, fd).map_err(|e| match e.raw_os_error() {
-            Some(libc::EBADF) => Error::Usage(format!("process {pid} has no file descriptor {fd}")),
+            Some(libc::EBADF) => Error::Usage(format!(
+                "process {pid} has no file descriptor {fd} (`ss -ltnup` lists the listening sockets with their pids \
+                 and descriptors, or give --to ADDR to let skrelay find the process)"
+            )),
             Some(libc::EPERM) | Some(libc::EACCES) => may_not_trace(pid),
             Some(libc::ESRCH) => Error::Usage(format!("process {pid} exited before its fd {fd} could be taken")),
             _ => Error::io(format!("cannot take fd {fd} of process {pid}"), e),
