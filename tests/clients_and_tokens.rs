@@ -304,6 +304,37 @@ fn a_burst_of_token_clients_beyond_max_pending_is_served_not_reset() {
     assert_eq!(m.get("skrelay_unpaired_clients_total{reason=\"full\"}"), 0, "{}", m.text);
 }
 
+/// A client that fills `--max-pending` while nobody waits behind it is normal traffic, not a
+/// warning; and the reset of the next client over the cap names that client in its line, even
+/// right after another warning (a helper's pass: it shared that warning's one-second clock and
+/// went to the debug log, so the reset was never said with its address).
+#[test]
+fn a_full_max_pending_warns_of_waiting_clients_only_and_names_each_client_it_resets() {
+    let _netns = enter_netns();
+    let relay = Skrelay::start(&["relay", "--datapath", "userspace", "--pair", "token", "--max-pending", "1"]);
+    // Accepted before its line comes: it fills the cap while it sends it.
+    let mut a = connect(addr());
+    thread::sleep(Duration::from_millis(100));
+    a.write_all(b"t1\n").unwrap();
+    thread::sleep(Duration::from_millis(100));
+    let mut b = connect(addr());
+    b.write_all(b"t2\n").unwrap();
+    let b_addr = b.local_addr().unwrap();
+    b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let r = b.read(&mut [0u8; 1]);
+    assert!(matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset), "{r:?}");
+    relay.wait_log(
+        &format!("client {b_addr} reset: 1 clients already wait for a partner (--max-pending)"),
+        1,
+        Duration::from_secs(5),
+    );
+    assert!(!relay.log().contains("further clients wait in the listen backlog"), "{}", relay.log());
+    // a still waits for its partner.
+    a.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let r = a.read(&mut [0u8; 1]);
+    assert!(matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock), "{r:?}");
+}
+
 /// The other side of leaving clients in the backlog: `--max-pending` clients that never send
 /// their token line keep the relay from accepting until `--pair-timeout` resets them; the
 /// clients behind them are then served (before, they were reset at once).

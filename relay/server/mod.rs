@@ -190,6 +190,11 @@ pub struct Server {
     /// or send their token line (relay): further clients wait in the listen backlog, as behind
     /// HAProxy's maxconn (`slots_full`).
     accept_full: bool,
+    /// When a client waiting in the backlog behind a full `--max-pending` was last said, and
+    /// whether it was said in this spell of `accept_full` (a spell with nobody waiting behind it
+    /// is normal traffic, not a warning: a helper's pass, one client and `--max-pending 1`).
+    backlog_warned: Option<Instant>,
+    backlog_said: bool,
     /// Clients reset for a full `--max-pending`: when that was last a warning, and how many
     /// since (a flood of clients must not become a log line each).
     full_warned: Option<Instant>,
@@ -313,6 +318,8 @@ impl Server {
             short_since: None,
             held_for_descriptors: Vec::new(),
             accept_full: false,
+            backlog_warned: None,
+            backlog_said: false,
             unarmed_backlog: 0,
             full_warned: None,
             full_unsaid: 0,
@@ -411,6 +418,7 @@ impl Server {
             }
             if self.accept_full && self.slots_full().is_none() {
                 self.accept_full = false;
+                self.backlog_said = false;
                 self.accept();
             }
             if let Some(deadline) = self.drain_deadline {
@@ -529,12 +537,15 @@ impl Server {
             // slot instead of being reset (476 of 1,500 healthy clients were) where the slots
             // free within milliseconds by themselves.
             if let Some(full) = self.slots_full() {
-                if !self.accept_full {
-                    self.accept_full = true;
-                    // Said once per 10 s: a storm pauses and resumes with every slot.
+                self.accept_full = true;
+                // Said when a client does wait behind it, once per 10 s: a storm pauses and
+                // resumes with every slot. Its own clock: sharing the resets' one-second clock
+                // turned the next reset's line (naming its client) into a debug line.
+                if !self.backlog_said && sys::accept_queue_len(listener).is_ok_and(|n| n > 0) {
+                    self.backlog_said = true;
                     let now = Instant::now();
-                    if self.full_warned.is_none_or(|at| now >= at + SHORTAGE_WARN_EVERY) {
-                        self.full_warned = Some(now);
+                    if self.backlog_warned.is_none_or(|at| now >= at + SHORTAGE_WARN_EVERY) {
+                        self.backlog_warned = Some(now);
                         log::warn!(
                             "{full} (--max-pending): further clients wait in the listen backlog (said once per \
                              {SHORTAGE_WARN_EVERY:?})"
