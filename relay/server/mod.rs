@@ -729,8 +729,13 @@ impl Server {
             Some(Slot::Pending(_)) if end == 1 => self.on_upstream(slot),
             Some(Slot::Pending(_)) => self.on_pending(slot),
             Some(Slot::Pair(_)) => {
-                let check = event.is_error() || event.is_read_closed() || event.is_write_closed();
-                self.service(slot, check);
+                // A TCP socket's pending error (SO_ERROR) is set only by a reset or a timeout,
+                // both of which epoll reports as EPOLLERR: a FIN alone (read closed) or both ends
+                // finished (hang-up) cannot carry one, so SO_ERROR is read only for EPOLLERR. A
+                // reset that comes after this event is still acted on before its end's FIN is
+                // forwarded (`Pair::service` reads SO_ERROR at end of file), and comes with its
+                // own event.
+                self.service(slot, event.is_error());
             }
             None => {}
         }
