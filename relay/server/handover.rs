@@ -402,6 +402,7 @@ impl Server {
     }
 
     fn import_pair(&mut self, mut state: PairState, fds: &mut Fds) -> bool {
+        super::TOOK_OVER.store(true, std::sync::atomic::Ordering::Relaxed);
         let addrs = state.addrs;
         let ends = match (fds.take(state.ends[0]), fds.take(state.ends[1])) {
             (Ok(a), Ok(b)) => [a, b].map(|fd| TcpStream::from_std(std::net::TcpStream::from(fd))),
@@ -439,6 +440,7 @@ impl Server {
     }
 
     fn import_pending(&mut self, state: PendingState, fds: &mut Fds) -> bool {
+        super::TOOK_OVER.store(true, std::sync::atomic::Ordering::Relaxed);
         let Ok(fd) = fds.take(state.fd) else { return false };
         let mut stream = TcpStream::from_std(std::net::TcpStream::from(fd));
         let slot = self.slots.vacant_key();

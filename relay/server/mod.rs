@@ -53,6 +53,17 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// Set once this process has taken descriptors over from another (`--takeover`), which may hold
+/// them still (stopped or slow to exit). Closing a descriptor removes it from our epoll only
+/// when it was the socket's last one, so until then a pair's sockets leave the poll explicitly
+/// before they close: a registration left behind would wake a slot's next pair with the old
+/// socket's events. Otherwise the close removes them, one EPOLL_CTL_DEL fewer per socket.
+static TOOK_OVER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn took_over() -> bool {
+    TOOK_OVER.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Where a client's partner comes from.
 pub enum Partnering {
     /// `relay`: another client of the same listener.
@@ -1001,7 +1012,9 @@ impl Server {
         self.pairs -= 1;
         self.threads.released();
         self.metrics.set_loop_pairs(self.threads.me, self.pairs);
-        pair.deregister(self.poll.registry());
+        if took_over() {
+            pair.deregister(self.poll.registry());
+        }
         let counted = match &ending {
             Ending::Done => PairEnd::Eof,
             Ending::Reset { .. } => PairEnd::Reset,
