@@ -840,6 +840,32 @@ fn urgent_data_is_carried_in_place_before_the_kernel_datapath_takes_over() {
     }
 }
 
+/// An urgent byte in a stream that goes on without ending: splice(2) stops at it with EAGAIN,
+/// and the pair learns of it by the socket's EPOLLPRI (it asked SIOCATMARK after every drained
+/// read before; now only once a socket has reported urgent data), so its partner gets it and
+/// what follows at once, not when the sender ends. Each urgent byte is sent after the previous
+/// message arrived, so every one meets a pair that has drained its source.
+fn urgent_bytes_in_a_stream_that_goes_on(dp: &str) {
+    let _netns = enter_netns();
+    let relay = Skrelay::start(&["relay", "--datapath", dp]);
+    let mut a = connect(addr());
+    let mut b = connect(addr());
+    b.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    for round in 0..20u8 {
+        let head = [b'a' + round; 5];
+        a.write_all(&head).unwrap();
+        assert_eq!(read_n(&mut b, 5), head, "{dp} round {round}: head\n{}", relay.log());
+        socket2::SockRef::from(&a).send_out_of_band(b"!").unwrap();
+        a.write_all(b"tail").unwrap();
+        let started = Instant::now();
+        assert_eq!(&read_n(&mut b, 5), b"!tail", "{dp} round {round}: the urgent byte and its tail\n{}", relay.log());
+        assert!(started.elapsed() < Duration::from_secs(1), "{dp} round {round}: {:?}", started.elapsed());
+    }
+    drop((a, b));
+}
+
+per_datapath!(urgent_bytes_in_a_stream_that_goes_on);
+
 /// Urgent bytes before the partner comes, two of them (the second urgent pointer made the kernel
 /// drop the first byte from the queue unless SO_OOBINLINE was set: `midYtail`, then a clean
 /// EOF), and urgent bytes that come one by one while the partner does not read (each cuts a

@@ -1593,6 +1593,10 @@ impl Splice for Handover {
         }
     }
 
+    fn urgent_seen(&mut self, end: usize) {
+        self.user.urgent_seen(end);
+    }
+
     fn idle(&self) -> bool {
         self.joined || self.user.idle()
     }

@@ -65,6 +65,9 @@ pub trait Splice: Send {
     }
     /// The readiness this datapath needs from both sockets.
     fn interest(&self) -> Interest;
+    /// End `end`'s socket reported urgent data (EPOLLPRI, where `interest` asks for it): from
+    /// now on a read from it that finds nothing may have stopped at its urgent mark.
+    fn urgent_seen(&mut self, _end: usize) {}
     /// Takes the pair out of the datapath; called before its sockets are closed.
     fn release(&mut self);
     /// Which datapath moves this pair's bytes, for the log.

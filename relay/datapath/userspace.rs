@@ -90,6 +90,11 @@ struct Direction {
     moved: u64,
     /// The most bytes one read took from the source (`Splice::traffic`).
     largest_read: usize,
+    /// The source reported urgent data (EPOLLPRI) at some point: only then can a splice(2)
+    /// that says EAGAIN have stopped at an urgent mark, so only then is SIOCATMARK asked after
+    /// one (it was asked after every drained read: one system call a message on request/response
+    /// traffic). An urgent byte whose event is not in yet waits for it, a loop turn at most.
+    urgent: bool,
 }
 
 pub struct UserspaceSplice {
@@ -102,7 +107,8 @@ pub struct UserspaceSplice {
 impl UserspaceSplice {
     /// Takes no pipe yet: `advance` takes one when it has bytes to move and gives it back empty.
     fn new() -> Self {
-        let direction = || Direction { pipe: None, in_pipe: 0, src_eof: false, moved: 0, largest_read: 0 };
+        let direction =
+            || Direction { pipe: None, in_pipe: 0, src_eof: false, moved: 0, largest_read: 0, urgent: false };
         UserspaceSplice { dirs: [direction(), direction()], runs: [0; 2], longest_run: 0 }
     }
 }
@@ -186,7 +192,7 @@ impl Direction {
                         // is empty: a pipe has room for so many pieces, and splices cut short at
                         // urgent marks fill them long before its bytes (a write refused with
                         // EAGAIN cut the pair; a re-check pass). Nothing is held here meanwhile.
-                        Ok(0) | Err(_) if (r.is_ok() || would_block(&r)) && sys::at_urgent_mark(src) => {
+                        Ok(0) | Err(_) if (r.is_ok() || would_block(&r) && self.urgent) && sys::at_urgent_mark(src) => {
                             if self.in_pipe == 0 {
                                 if let Some(byte) = sys::take_urgent_byte(src)? {
                                     rustix::io::write(&pipe.write, &[byte])?;
@@ -268,7 +274,11 @@ impl Splice for UserspaceSplice {
     }
 
     fn interest(&self) -> Interest {
-        Interest::READABLE | Interest::WRITABLE
+        Interest::READABLE | Interest::WRITABLE | Interest::PRIORITY
+    }
+
+    fn urgent_seen(&mut self, end: usize) {
+        self.dirs[end].urgent = true;
     }
 
     fn traffic(&self) -> Option<super::Traffic> {

@@ -736,10 +736,13 @@ impl Server {
     }
 
     fn on_socket(&mut self, slot: usize, end: usize, event: &Event) {
-        match self.slots.get(slot) {
+        match self.slots.get_mut(slot) {
             Some(Slot::Pending(_)) if end == 1 => self.on_upstream(slot),
             Some(Slot::Pending(_)) => self.on_pending(slot),
-            Some(Slot::Pair(_)) => {
+            Some(Slot::Pair(pair)) => {
+                if event.is_priority() {
+                    pair.urgent_seen(end);
+                }
                 // A TCP socket's pending error (SO_ERROR) is set only by a reset or a timeout,
                 // both of which epoll reports as EPOLLERR: a FIN alone (read closed) or both ends
                 // finished (hang-up) cannot carry one, so SO_ERROR is read only for EPOLLERR. A

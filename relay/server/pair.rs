@@ -170,6 +170,11 @@ impl Pair {
         pair
     }
 
+    /// End `end` reported urgent data (EPOLLPRI): see `Splice::urgent_seen`.
+    pub(super) fn urgent_seen(&mut self, end: usize) {
+        self.splice.urgent_seen(end);
+    }
+
     pub(super) fn datapath(&self) -> &'static str {
         self.splice.name()
     }
