@@ -238,6 +238,16 @@ fn a_binding_over_a_listening_socket_says_so() {
     // Outside the binding's prefix: nothing to say.
     let out = ok(&["steer", "add", "--ports", "31001", "--addr", "10.9.9.9/32", "--to", "127.0.0.1:5100"]);
     assert!(!out.contains("note:"), "{out}");
+    // A socket whose connections a more specific binding keeps is not named (a re-check pass: the
+    // note named one whose connections went on to the /32 binding's target).
+    let other = TcpListener::bind("127.0.0.1:5101").unwrap();
+    let kept = TcpListener::bind("127.0.0.1:31103").unwrap();
+    ok(&["steer", "add", "--ports", "31103", "--addr", "127.0.0.1/32", "--to", "127.0.0.1:5101"]);
+    let out = ok(&["steer", "add", "--ports", "31100-31109", "--to", "127.0.0.1:5100"]);
+    assert!(!out.contains("note:"), "{out}");
+    let _c = TcpStream::connect("127.0.0.1:31103").unwrap();
+    assert_eq!(other.accept().unwrap().0.local_addr().unwrap().port(), 31103);
+    drop(kept);
 }
 
 #[test]

@@ -441,28 +441,45 @@ pub enum TakenBy {
 }
 
 /// Sockets of `proto` other than `target` that listen (TCP) or are bound unconnected (UDP) on ports
-/// of `keys` at addresses their prefixes cover: a binding takes their connections (or datagrams)
-/// from them. An IPv6 wildcard socket counts for an IPv4 prefix (it takes IPv4 unless it set
-/// IPV6_V6ONLY, which /proc does not show).
-pub fn bypassed(proto: crate::cli::Proto, keys: &[super::BindingKey], target: SocketAddr) -> Vec<SocketAddr> {
+/// of `ours` at addresses where one of `ours` wins the lookup among `all` the bindings (longest
+/// prefix, then narrowest port range, then lower start): their connections (or datagrams) now go
+/// to the target. A wildcard socket counts where one of `ours` wins at its own prefix's address;
+/// an IPv6 wildcard socket counts for an IPv4 binding (it takes IPv4 unless it set IPV6_V6ONLY,
+/// which /proc does not show).
+pub fn bypassed(
+    proto: crate::cli::Proto,
+    ours: &[super::BindingKey],
+    all: &[super::BindingKey],
+    target: SocketAddr,
+) -> Vec<SocketAddr> {
     let usable = match proto {
         crate::cli::Proto::Tcp => STATE_LISTEN,
         crate::cli::Proto::Udp => super::target::STATE_CLOSE,
     };
+    // The binding a lookup of (ip, port) finds.
+    let winner = |ip: std::net::IpAddr, port: u16| {
+        let host = Prefix::host(ip);
+        all.iter()
+            .filter(|k| k.proto == proto && k.ports.contains(port) && prefixes_meet(&k.prefix, &host))
+            .filter(|k| k.prefix.len <= host.len)
+            .min_by_key(|k| (std::cmp::Reverse(k.prefix.len), super::plan::rank(&k.ports)))
+    };
+    let ours_win = |ip: std::net::IpAddr, port: u16| winner(ip, port).is_some_and(|w| ours.contains(w));
     let mut out: Vec<SocketAddr> = Vec::new();
     for f in [format!("/proc/thread-self/net/{}", proto.name()), format!("/proc/thread-self/net/{}6", proto.name())] {
         let rows = parse_proc_net(&std::fs::read_to_string(f).unwrap_or_default());
         out.extend(rows.into_iter().filter(|r| r.state == usable && r.local != target).map(|r| r.local).filter(
             |local| {
-                keys.iter().any(|k| {
-                    let ip = local.ip();
-                    let covered = if ip.is_unspecified() {
-                        k.prefix.addr.is_ipv4() == ip.is_ipv4() || (ip.is_ipv6() && k.prefix.addr.is_ipv4())
-                    } else {
-                        prefixes_meet(&k.prefix, &Prefix::host(ip))
-                    };
-                    k.proto == proto && k.ports.contains(local.port()) && covered
-                })
+                let (ip, port) = (local.ip(), local.port());
+                if ip.is_unspecified() {
+                    ours.iter().any(|k| {
+                        let family =
+                            k.prefix.addr.is_ipv4() == ip.is_ipv4() || (ip.is_ipv6() && k.prefix.addr.is_ipv4());
+                        family && k.ports.contains(port) && ours_win(k.prefix.addr, port)
+                    })
+                } else {
+                    ours_win(ip, port)
+                }
             },
         ));
     }

@@ -134,7 +134,8 @@ pub fn add(args: &SteerAddArgs) -> Result<Added, Error> {
     let plan = plan(&existing, &keys, &[], Limits::MAPS).map_err(|e| Error::Usage(e.to_string()))?;
     st.apply(&plan, Some(&target))?;
     log::debug!("steer add: {} port entries written in {:?}", plan.ports.len(), started.elapsed());
-    let bypassed = funnel::bypassed(args.proto, &keys, target.local);
+    let all: Vec<BindingKey> = existing.values().copied().chain(keys.iter().copied()).collect();
+    let bypassed = funnel::bypassed(args.proto, &keys, &all, target.local);
     let mut bindings = Vec::new();
     for key in keys {
         if bindings.iter().any(|(k, _)| *k == key) {
@@ -233,9 +234,15 @@ pub fn remove(args: &SteerRemoveArgs) -> Result<Vec<BindingKey>, Error> {
                 let proto = if args.proto == crate::cli::Proto::Udp { " --proto udp" } else { "" };
                 let addrs: Vec<String> = elsewhere.iter().map(|k| format!(" --addr {}", k.prefix)).collect();
                 let names: Vec<String> = elsewhere.iter().map(|k| k.to_string()).collect();
+                let (is, its) = if elsewhere.len() == 1 { ("is", "its") } else { ("are", "their") };
+                let rest = if args.ports.items().len() > 1 {
+                    "; nothing was removed: remove the other --ports with a command of their own"
+                } else {
+                    ""
+                };
                 return Err(Error::Usage(format!(
                     "there is no {} binding for {} {ports} on 0.0.0.0/0 or ::/0 in this network namespace, but there \
-                     is {}: give its --addr (`skrelay steer remove --ports {ports}{}{proto}`)",
+                     {is} {}: give {its} --addr (`skrelay steer remove --ports {ports}{}{proto}`{rest})",
                     args.proto.name(),
                     if ports.lo == ports.hi { "port" } else { "ports" },
                     names.join(" and "),
