@@ -47,7 +47,10 @@ pub enum Error {
     #[error("cannot start the threads of {loops} event loops: {}", threads_reason(.source))]
     Threads { loops: usize, source: io::Error },
 
-    #[error("cgroup {cgroup} is already accelerated (state pinned at {pins}): run `skrelay accel off --cgroup {cgroup}` first")]
+    #[error(
+        "cgroup {cgroup} is already accelerated (state pinned at {pins}): run `skrelay accel off --cgroup {}` first",
+        crate::sys::shell_arg(.cgroup)
+    )]
     AccelAlreadyOn { cgroup: String, pins: String },
 
     #[error("cgroup {cgroup} is not accelerated by skrelay (nothing pinned at {pins}); `skrelay accel status` lists the ones that are")]

@@ -180,6 +180,19 @@ pub fn shown(path: &Path) -> PathBuf {
     as_the_host_names_it(path).unwrap_or_else(|| path.to_path_buf())
 }
 
+/// `arg` as one word of a shell command a message tells the user to run: as it is when the
+/// shell would take it so, else in single quotes (a cgroup path with a space broke the pasted
+/// command: a helper's pass).
+pub fn shell_arg(arg: impl std::fmt::Display) -> String {
+    let s = arg.to_string();
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_./:@%+=,-".contains(c);
+    if !s.is_empty() && s.chars().all(plain) {
+        s
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
 /// Makes the next close of this socket send a RST instead of a FIN: also the close the kernel
 /// does when the process dies, so a reader never takes a cut stream for a whole one.
 pub fn reset_on_close(fd: impl AsFd) {
@@ -1220,4 +1233,17 @@ pub fn socket_held_elsewhere(fd: impl AsFd) -> Option<bool> {
         }
     }
     Some(false)
+}
+
+#[cfg(test)]
+mod shell_arg_tests {
+    use super::shell_arg;
+
+    #[test]
+    fn words_the_shell_would_split_or_expand_are_quoted() {
+        assert_eq!(shell_arg("/sys/fs/cgroup/unified/app"), "/sys/fs/cgroup/unified/app");
+        assert_eq!(shell_arg("/sys/fs/cgroup/unified/rv run"), "'/sys/fs/cgroup/unified/rv run'");
+        assert_eq!(shell_arg("it's $HOME"), r"'it'\''s $HOME'");
+        assert_eq!(shell_arg(""), "''");
+    }
 }

@@ -330,6 +330,57 @@ fn accel_off_during_an_accel_run_leaves_the_runs_cgroup_to_the_run_which_removes
     wait_gone(&cgroup, Duration::from_secs(5), "the run that created it ended");
 }
 
+/// An `accel run` killed together with its watcher leaves its state: `status` names the command
+/// that removes it, quoted so that it can be pasted (the path has a space), and that `accel off`
+/// does not promise that the dead run will remove the cgroup its command still holds (a re-check
+/// pass: it did, and the cgroup stayed for good).
+#[test]
+fn a_run_killed_with_its_watcher_is_removed_by_the_command_status_names() {
+    let _serial = one_at_a_time();
+    if !require_bpf("a_run_killed_with_its_watcher_is_removed_by_the_command_status_names") {
+        return;
+    }
+    let _netns = enter_netns();
+    let name = format!("skrelay-test-{} dead run", std::process::id());
+    let cgroup = v2_mount().join(&name);
+    let mut run = run_accelerated(&name, &[], &["sleep", "30"]);
+    let json: serde_json::Value = serde_json::from_str(&ok(&["accel", "status", "--json"])).unwrap();
+    let me = json["cgroups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["cgroup"].as_str() == Some(cgroup.to_str().unwrap()))
+        .unwrap_or_else(|| panic!("{json}"))
+        .clone();
+    let watcher = me["owner"]["watcher"]["pid"].as_u64().unwrap_or_else(|| panic!("{me}"));
+    sigkill(watcher as i32);
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let st = status_of(&cgroup);
+    let want = format!("nothing will remove it (run `skrelay accel off --cgroup '{}'`)", cgroup.display());
+    assert!(st.contains(&want), "{st}");
+    // Pasted as printed.
+    let command = format!("skrelay accel off --cgroup '{}'", cgroup.display()).replacen("skrelay", SKRELAY, 1);
+    let out = Command::new("sh").args(["-c", &command]).env("RUST_LOG", "info").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!pins_of(&cgroup).exists(), "{err}");
+    assert!(!err.contains("the run removes it"), "{err}");
+    assert!(err.contains("still holds processes: it stays (rmdir it once they exit)"), "{err}");
+    for pid in std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap().split_whitespace() {
+        sigkill(pid.parse().unwrap());
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::remove_dir(&cgroup).is_err() {
+        assert!(Instant::now() < deadline, "{} stays busy", cgroup.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn sigkill(pid: i32) {
+    assert!(Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap().success(), "kill {pid}");
+}
+
 /// `accel off` and then `accel on` while an `accel run` of the same cgroup still runs: the state is
 /// now `on`'s, which stays until `accel off`, so the run (or its watcher) must not remove it when
 /// its command ends (it did: a helper's new-user pass, 2026-12-05). The cgroup the run created

@@ -313,8 +313,19 @@ impl Process {
         Some(Process { pid, start })
     }
 
+    /// Still running: the same process, and not a zombie (killed, its parent not yet told: a
+    /// helper's pass saw `status` call a killed run "running" for a second).
     pub fn alive(&self) -> bool {
-        Self::of(self.pid) == Some(*self)
+        Self::of(self.pid) == Some(*self) && !Self::zombie(self.pid)
+    }
+
+    fn zombie(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next().map(|s| s == "Z"))
+            })
+            .unwrap_or(false)
     }
 }
 
@@ -366,7 +377,7 @@ impl Owner {
                 "owned by `accel run` (pid {}), which is gone and left it: nothing will remove it (run `skrelay accel off \
                  --cgroup {}`)",
                 run.map_or("?".to_string(), |p| p.pid.to_string()),
-                cgroup.display()
+                crate::sys::shell_arg(cgroup.display())
             ),
             _ => "set up by `accel on`: stays until `skrelay accel off`".to_string(),
         }

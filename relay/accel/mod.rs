@@ -116,7 +116,7 @@ impl fmt::Display for AccelReport {
                 f,
                 "  WARNING: the cgroup's directory is gone (removed after the set-up): no process can join it, so \
                  nothing new is accelerated; `skrelay accel off --cgroup {}` removes the state",
-                self.cgroup.display()
+                crate::sys::shell_arg(self.cgroup.display())
             )?;
         }
         if let Some(owner) = &self.owner {
@@ -298,7 +298,7 @@ impl fmt::Display for Unreadable {
             self.cgroup.display(),
             self.pins.display(),
             self.error,
-            self.cgroup.display()
+            crate::sys::shell_arg(self.cgroup.display())
         )
     }
 }
@@ -332,7 +332,7 @@ impl fmt::Display for Interrupted {
             self.cgroup.display(),
             self.pid,
             self.pins.display(),
-            self.cgroup.display()
+            crate::sys::shell_arg(self.cgroup.display())
         )
     }
 }
@@ -658,7 +658,7 @@ fn refuse_other_policy(cg: &Cgroup, pins: &Path, policy: &AccelPolicyArgs, targe
             Some(run) => format!("leave the flags out to run under its settings: `accel run` pid {} uses it", run.pid),
             None => format!(
                 "leave the flags out to run under its settings, or `skrelay accel off --cgroup {}` first",
-                target.display()
+                crate::sys::shell_arg(target.display())
             ),
         };
         return Err(Error::Usage(format!(
@@ -681,7 +681,7 @@ fn already_on(cg: &Cgroup, dir: &Path) -> Error {
         "cgroup {cg}: the accel state at {} is incomplete (a set-up was interrupted), so it is not accelerated; \
          remove it with `skrelay accel off --cgroup {} --force`",
         cgroup::shown(dir).display(),
-        cg
+        crate::sys::shell_arg(cg)
     ))
 }
 
@@ -701,7 +701,8 @@ fn check_nested(root: &Path, cg: &Cgroup) -> Result<(), Error> {
             cgroup: cg.to_string(),
             reason: format!(
                 "it {relation} cgroup {other}, which skrelay already accelerates, and a socket can carry only one \
-                 sk_msg program (turn that one off with `skrelay accel off --cgroup {other}`, or pick a cgroup outside it)"
+                 sk_msg program (turn that one off with `skrelay accel off --cgroup {}`, or pick a cgroup outside it)",
+                crate::sys::shell_arg(&other)
             ),
         });
     }
@@ -844,8 +845,9 @@ fn off_set_up(
         return Err(Error::AccelBusy(format!(
             "cgroup {cg}: {open} sockets of open connections still use the fast path{waited}, so the state at {} \
              stays pinned (new connections are no longer accelerated); detaching them now could lose bytes still \
-             queued for them, so close them and run `skrelay accel off --cgroup {cg}` again, {wait}, or add --force",
-            cgroup::shown(&dir).display()
+             queued for them, so close them and run `skrelay accel off --cgroup {}` again, {wait}, or add --force",
+            cgroup::shown(&dir).display(),
+            crate::sys::shell_arg(&cg)
         )));
     }
     pinned::remove(&dir);
@@ -856,10 +858,13 @@ fn off_set_up(
     if let Some(owner) = cg.owner() {
         let dirs = cg.created_dirs(owner.created);
         let grace = Instant::now() + EXIT_GRACE;
-        while !dirs.is_empty() && owner.command != "run" && cg.populated() && Instant::now() < grace {
+        // A run removes its cgroup when its command ends, if the run or its watcher is there to.
+        let run_lives = owner.command == "run"
+            && (owner.pid.is_some_and(|p| p.alive()) || owner.watcher.is_some_and(|p| p.alive()));
+        while !dirs.is_empty() && !run_lives && cg.populated() && Instant::now() < grace {
             std::thread::sleep(Duration::from_millis(20));
         }
-        if !dirs.is_empty() && cg.populated() && owner.command == "run" {
+        if !dirs.is_empty() && cg.populated() && run_lives {
             log::warn!(
                 "accel: cgroup {cg}, which an `accel run` created, still holds its command: the run removes it when \
                  the command ends"
