@@ -565,6 +565,8 @@ impl Server {
                 }
                 return;
             }
+            // A slot is free: a spell of full slots ends here, even if this turn fills it again.
+            self.backlog_said = false;
             match listener.accept() {
                 Ok((stream, addr)) => {
                     if self.unarmed_backlog > 0 {
