@@ -386,6 +386,9 @@ fn bad_input_exits_2_and_leaves_nothing() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains(&format!("{} is not a cgroup v2 directory: it is not a directory", file.display())), "{err}");
     assert!(!err.contains("/proc/"), "{err}");
+    let (code, _, err) = skrelay_output(&["accel", "on", "--cgroup", file.join("below").to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains(&format!("{} is a file", file.display())), "{err}");
 
     let cg = TestCgroup::unaccelerated("badinput");
     let (code, _, err) = skrelay_output(&["accel", "off", "--cgroup", &cg.rel]);

@@ -168,9 +168,19 @@ impl Cgroup {
             match std::fs::create_dir(&dir) {
                 Ok(()) => created.push(dir.clone()),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+                    remove_dirs(&created);
+                    let file = dir.parent().map(shown).unwrap_or_default();
+                    return Err(Error::Usage(format!(
+                        "{} is not a cgroup v2 directory: {} is a file (give a cgroup's directory below {})",
+                        shown(&self.path()).display(),
+                        file.display(),
+                        shown(&self.mount).display()
+                    )));
+                }
                 Err(e) => {
                     remove_dirs(&created);
-                    return Err(Error::io(format!("cannot create cgroup {}", dir.display()), e));
+                    return Err(Error::io(format!("cannot create cgroup {}", shown(&dir).display()), e));
                 }
             }
         }
