@@ -464,7 +464,7 @@ fn byte_count(s: &str, examples: &str) -> Result<u64, String> {
         Some('G') => (&t[..t.len() - 1], 30),
         _ => (t, 0),
     };
-    let too_large = || format!("`{s}` is too large");
+    let too_large = || format!("`{s}` is too large: byte counts go up to {}G", u64::MAX >> 30);
     let n: u64 = digits.parse().map_err(|_| {
         if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
             too_large()
@@ -806,9 +806,10 @@ mod tests {
         // Too many digits and too large a product read alike (a helper saw the first called
         // "not a byte count").
         for big in ["99999999999999999999999", "99999999999999999G"] {
-            assert_eq!(parse_kernel_after(big), Err(format!("`{big}` is too large")));
-            assert_eq!(parse_size(big), Err(format!("`{big}` is too large")));
-            assert_eq!(parse_bytes(big), Err(format!("`{big}` is too large")));
+            let want = format!("`{big}` is too large: byte counts go up to 17179869183G");
+            assert_eq!(parse_kernel_after(big), Err(want.clone()));
+            assert_eq!(parse_size(big), Err(want.clone()));
+            assert_eq!(parse_bytes(big), Err(want));
         }
         assert_eq!(parse_bytes("4G"), Err("`4G` is too large: at most 4G - 1 bytes".to_string()));
         assert_eq!(parse_bytes("64k"), Ok(65536));
