@@ -74,9 +74,16 @@ pub fn run(args: ProxyArgs) -> Result<(), Error> {
     let mut server = Server::new(listener, datapaths, config)?;
     drop(held);
     crate::relay_cmd::check_descriptors()?;
+    // Before the start line, except after a takeover's commit (see relay_cmd.rs).
+    let taking_over = handover.is_some();
+    if !taking_over {
+        crate::relay_cmd::warn_if_taken_away(addr, "--listen");
+    }
     log::info!("{listening}");
     serving(&mut server, handover, addr)?;
-    crate::relay_cmd::warn_if_taken_away(addr, "--listen");
+    if taking_over {
+        crate::relay_cmd::warn_if_taken_away(addr, "--listen");
+    }
     server.run()
 }
 

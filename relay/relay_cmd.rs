@@ -50,11 +50,18 @@ pub fn run(args: RelayArgs) -> Result<(), Error> {
     let mut server = Server::new(listener, datapaths, config)?;
     drop(held);
     check_descriptors()?;
+    // Before the start line, which would read as fully working; after a takeover's commit:
+    // looking through every BPF program takes a while, which held the old process mid-handover
+    // for a second `--takeover` to meet.
+    let taking_over = handover.is_some();
+    if !taking_over {
+        warn_if_taken_away(addr, "--listen");
+    }
     log::info!("listening on {addr}: {pairing}, {datapath} datapath, {}{}", loops(threads), metrics_note(served));
     serving(&mut server, handover, addr)?;
-    // After a takeover's commit: looking through every BPF program takes a while, which held
-    // the old process mid-handover for a second `--takeover` to meet.
-    warn_if_taken_away(addr, "--listen");
+    if taking_over {
+        warn_if_taken_away(addr, "--listen");
+    }
     server.run()
 }
 

@@ -223,9 +223,12 @@ fn a_listener_on_a_port_steered_elsewhere_is_warned_about() {
     }
     let _first = Skrelay::start(&["relay", "--listen", "127.0.0.1:7020", "--ports", "7021,7022"]);
     let second = Skrelay::start(&["relay", "--listen", "127.0.0.1:7021", "--metrics", "127.0.0.1:7022"]);
-    // The --listen warning comes once the process serves (after a takeover's handover).
     second.wait_log("takes those connections", 2, Duration::from_secs(5));
     let log = second.log();
+    // The --listen warning comes before the start line, which would read as fully working (a
+    // stranger pass); only after a takeover's handover does it come later.
+    let (warned, started) = (log.find("--listen 127.0.0.1:7021: process "), log.find("listening on 127.0.0.1:7021"));
+    assert!(warned.is_some() && started.is_some() && warned < started, "{log}");
     for (flag, port) in [("--listen", 7021), ("--metrics", 7022)] {
         let want = format!("{flag} 127.0.0.1:{port}: process ");
         assert!(log.contains(&want) && log.contains(&format!("takes port {port} with its --ports")), "{log}");
