@@ -197,7 +197,7 @@ fn flag_values(cmdline: &[u8], flag: &str) -> Vec<String> {
 /// `addr` (from /proc/net/tcp6, which shows no interface) with the interface of the `flag`
 /// address in `cmdline` that it is: a link-local address is of no use without it (`status`
 /// could not read a relay's metrics at [fe80::a]:PORT, nor say which interface it listens on).
-fn with_scope(addr: SocketAddr, cmdline: &[u8], flag: &str) -> SocketAddr {
+pub(crate) fn with_scope(addr: SocketAddr, cmdline: &[u8], flag: &str) -> SocketAddr {
     match addr {
         SocketAddr::V6(v6) if v6.scope_id() == 0 && v6.ip().is_unicast_link_local() => flag_values(cmdline, flag)
             .iter()

@@ -302,3 +302,19 @@ fn ports_of_a_relay_on_an_ipv4_mapped_address_are_steered() {
     b.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"mapped");
 }
+
+/// A link-local listener's funnel names its target with the interface, as `status` names the
+/// relay's own address (/proc/net shows no interface: the funnel line said `[fe80::1]:7811`
+/// while the relay's line said `[fe80::1%1]:7811`, a stranger pass).
+#[test]
+fn a_link_local_listeners_funnel_is_shown_with_its_interface() {
+    let _netns = enter_netns();
+    if !require_bpf("--ports") {
+        return;
+    }
+    let up = std::process::Command::new("ip").args(["addr", "add", "fe80::1/64", "dev", "lo"]).status().unwrap();
+    assert!(up.success());
+    let _relay = Skrelay::start(&["relay", "--listen", "[fe80::1%lo]:7811", "--ports", "7812"]);
+    let text = skrelay_ok(&["status"]);
+    assert!(text.contains("on fe80::1/128 -> [fe80::1%1]:7811"), "{text}");
+}

@@ -300,7 +300,13 @@ fn owners(funnels: &mut [Running]) {
         sockets.sort_unstable();
         for f in funnels.iter_mut().filter(|f| links.contains(&f.link_id)) {
             f.pid = Some(pid);
-            f.target = sockets.iter().find_map(|(_, ino)| listening.iter().find(|r| r.inode == *ino)).map(|r| r.local);
+            // With the interface of a link-local --listen (/proc/net shows none), as `status`
+            // shows the relay's own line (a stranger pass: `[fe80::1]:7810` here, `%4` there).
+            let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            f.target = sockets
+                .iter()
+                .find_map(|(_, ino)| listening.iter().find(|r| r.inode == *ino))
+                .map(|r| crate::running::with_scope(r.local, &cmdline, "--listen"));
         }
     }
 }
