@@ -310,6 +310,8 @@ impl Pair {
         }
         let mut flushing = false;
         let mut again = false;
+        // Ends whose SO_ERROR this call has read, one bit each.
+        let mut checked: u8 = if check_errors { 0b11 } else { 0 };
         for dir in 0..2 {
             if self.shut[dir] {
                 continue;
@@ -327,6 +329,7 @@ impl Pair {
                     if let Some(error) = self.take_error(dir) {
                         return self.start_reset(dir, error);
                     }
+                    checked |= 1 << dir;
                     let _ = dst.shutdown(Shutdown::Write);
                     self.shut[dir] = true;
                 }
@@ -339,6 +342,17 @@ impl Pair {
             }
         }
         if self.shut == [true, true] {
+            // The one close that looks orderly: an end whose direction finished earlier may have
+            // been reset since (its client closed with our bytes unread), with its event still
+            // queued behind this one, so it is looked at once more (a re-check pass: such a pair
+            // ended "ended", its partner given a FIN, once SO_ERROR was read on EPOLLERR only).
+            for end in 0..2 {
+                if checked & (1 << end) == 0 {
+                    if let Some(error) = self.take_error(end) {
+                        return self.start_reset(end, error);
+                    }
+                }
+            }
             return Step::Ended(Ending::Done);
         }
         let interest = self.splice.interest();
@@ -372,7 +386,15 @@ impl Pair {
     fn finish_reset(&mut self) -> Step {
         let Some((end, _, deadline, acked)) = &self.resetting else { return Step::Ended(Ending::Drained) };
         let (end, mut deadline, was_acked) = (*end, *deadline, *acked);
-        let delivered = self.shut[end] || self.splice.flush_reset(end, &self.ends[end], &self.ends[1 - end]);
+        // A direction that finished before its source's reset (a FIN, then a reset) has handed
+        // every byte to the destination's send queue, not to its client: the partner's reset
+        // would throw that queue away (a re-check pass: 127,973 of 1,000,000 bytes through
+        // splice(2)), so it waits until the queue is empty, as `flush_reset` does.
+        let delivered = if self.shut[end] {
+            sys::send_queue_len(&self.ends[1 - end]).map_or(true, |n| n == 0)
+        } else {
+            self.splice.flush_reset(end, &self.ends[end], &self.ends[1 - end])
+        };
         let now = Instant::now();
         let acked = self.partner_acked(end);
         if acked != was_acked {
