@@ -304,6 +304,37 @@ fn a_burst_of_token_clients_beyond_max_pending_is_served_not_reset() {
     assert_eq!(m.get("skrelay_unpaired_clients_total{reason=\"full\"}"), 0, "{}", m.text);
 }
 
+/// An urgent byte (MSG_OOB) inside a token line: the relay reads the line by peeking, which
+/// stops at the urgent mark, so the client waited out `--pair-timeout` and was told it sent no
+/// line (a re-check pass). It is refused at once, saying why. One that starts the line still
+/// pairs.
+#[test]
+fn an_urgent_byte_inside_a_token_line_is_refused_at_once_and_says_why() {
+    let _netns = enter_netns();
+    let relay = Skrelay::start(&["relay", "--datapath", "userspace", "--pair", "token", "--pair-timeout", "10"]);
+    let oob = |s: &std::net::TcpStream, b: &[u8]| socket2::SockRef::from(s).send_out_of_band(b).unwrap();
+    let mut c = connect(addr());
+    c.write_all(b"to").unwrap();
+    thread::sleep(Duration::from_millis(50));
+    oob(&c, b"k");
+    c.write_all(b"en\n").unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let started = std::time::Instant::now();
+    let r = c.read(&mut [0u8; 1]);
+    assert!(matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset), "{r:?}\n{}", relay.log());
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    relay.wait_log("bad token line: it has an urgent byte (MSG_OOB) in it", 1, Duration::from_secs(2));
+    // The urgent byte first: a peek copies it (SO_OOBINLINE) and goes on.
+    let (mut a, mut b) = (connect(addr()), connect(addr()));
+    oob(&a, b"t");
+    a.write_all(b"ok\nfrom a").unwrap();
+    b.write_all(b"tok\nfrom b").unwrap();
+    for (s, want) in [(&mut a, b"from b"), (&mut b, b"from a")] {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(&read_n(s, 6), want, "{}", relay.log());
+    }
+}
+
 /// A client that fills `--max-pending` while nobody waits behind it is normal traffic, not a
 /// warning; and the reset of the next client over the cap names that client in its line, even
 /// right after another warning (a helper's pass: it shared that warning's one-second clock and

@@ -75,6 +75,11 @@ impl Pending {
         };
         match parse_token_line(&buf[..n]) {
             TokenLine::Incomplete if self.closed_after(n) => Look::Gone("closed before ending its token line".into()),
+            TokenLine::Incomplete if n < buf.len() && self.peek_stops_at_urgent_mark(n) => Look::Gone(
+                "bad token line: it has an urgent byte (MSG_OOB) in it, which a peek cannot read past (send the line \
+                 without one)"
+                    .into(),
+            ),
             TokenLine::Incomplete => Look::Waiting,
             TokenLine::Malformed(why) => Look::Gone(format!("bad token line: {why}")),
             TokenLine::Complete { token, line_len } => {
@@ -83,6 +88,16 @@ impl Pending {
                 Look::Identified
             }
         }
+    }
+
+    /// A peek that found `n` bytes and no whole line stopped at an urgent mark (MSG_PEEK stops
+    /// there once it has copied a byte, every time: KERNEL-NOTES): more than `n` bytes are
+    /// queued, and a second peek, made after they were counted, still finds `n`. Such a client
+    /// waited out `--pair-timeout` and was told it sent no token line (a re-check pass).
+    fn peek_stops_at_urgent_mark(&self, n: usize) -> bool {
+        let mut again = [0u8; MAX_TOKEN + 2];
+        sys::readable_len(&self.stream).is_ok_and(|queued| queued > n as u64)
+            && sys::peek(&self.stream, &mut again).is_ok_and(|m| m == n)
     }
 
     /// A relay's waiting client that sent bytes and then reset (its TCP state is CLOSE; a peek
