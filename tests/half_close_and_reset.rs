@@ -781,6 +781,15 @@ fn bytes_parked_while_a_failed_join_waited_end_the_pair_in_resets() {
     assert!(log.contains("parked meanwhile cannot be handed back in order"), "not met:\n{log}");
 }
 
+/// Two clients of a relay in arrival order, A first, once their pair has formed.
+fn paired_in_order() -> (TcpStream, TcpStream) {
+    let a = connect(addr());
+    thread::sleep(Duration::from_millis(30));
+    let b = connect(addr());
+    thread::sleep(Duration::from_millis(100));
+    (a, b)
+}
+
 /// A client that ends its stream (FIN) and then resets, every byte acknowledged by the relay:
 /// its partner, reading a moment later, gets every byte. On splice(2) the finished direction
 /// counted as delivered once its bytes were in the partner's send queue, which the partner's
@@ -788,10 +797,7 @@ fn bytes_parked_while_a_failed_join_waited_end_the_pair_in_resets() {
 fn a_fin_then_a_reset_loses_nothing_the_relay_acknowledged(dp: &str) {
     let _netns = enter_netns();
     let relay = Skrelay::start(&["relay", "--datapath", dp]);
-    let mut a = connect(addr());
-    thread::sleep(Duration::from_millis(30));
-    let mut b = connect(addr());
-    thread::sleep(Duration::from_millis(100));
+    let (mut a, mut b) = paired_in_order();
     const LEN: u64 = 1_000_000;
     let want = send_pattern(&mut a, 41, LEN).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -817,10 +823,7 @@ per_datapath!(a_fin_then_a_reset_loses_nothing_the_relay_acknowledged);
 fn a_reset_behind_the_last_fin_is_not_taken_for_an_orderly_end(dp: &str) {
     let _netns = enter_netns();
     let relay = Skrelay::start(&["relay", "--datapath", dp, "--metrics", "127.0.0.1:0"]);
-    let mut a = connect(addr());
-    thread::sleep(Duration::from_millis(30));
-    let mut b = connect(addr());
-    thread::sleep(Duration::from_millis(100));
+    let (mut a, mut b) = paired_in_order();
     b.write_all(b"response").unwrap();
     b.shutdown(Shutdown::Write).unwrap();
     let (got, end) = read_until_end(&mut a);
