@@ -367,6 +367,39 @@ fn a_pair_kept_on_splice_by_a_half_closed_client_says_so() {
     assert!(!log.contains("Order"), "Rust names in the log:\n{log}");
 }
 
+/// 150,000 bytes one way and nothing back (`nc -N host 7777 < file` of a short file): past
+/// --kernel-after, too few for a stream, so the pair stays on splice(2). Its line said "as
+/// request/response", which it never was (a helper's pass over the README).
+#[test]
+fn a_short_one_way_pair_past_kernel_after_is_not_called_request_response() {
+    let _netns = enter_netns();
+    if !require_bpf("a_short_one_way_pair_past_kernel_after_is_not_called_request_response") {
+        return;
+    }
+    let mut cmd = std::process::Command::new(SKRELAY);
+    cmd.args(["relay", "--datapath", "kernel", "--metrics", "127.0.0.1:0"]); // the default --kernel-after
+    let relay = Skrelay::spawn(cmd, "listening on");
+    for (round, half_close) in [false, true].into_iter().enumerate() {
+        let (mut a, mut b) = (connect(addr()), connect(addr()));
+        let sent = send_pattern(&mut a, 50 + round as u64, 150_000).unwrap();
+        if half_close {
+            a.shutdown(Shutdown::Write).unwrap();
+        }
+        let mut got = vec![0u8; 150_000];
+        std::io::Read::read_exact(&mut b, &mut got).unwrap();
+        assert_eq!(sha(&got), sent, "round {round}");
+        drop((a, b));
+        relay.wait_pairs_ended(round as u64 + 1, Duration::from_secs(5));
+    }
+    let one_way = "userspace, past --kernel-after but ended one way before it showed a stream (256 KiB)";
+    relay.wait_log(one_way, 2, Duration::from_secs(5));
+    let log = relay.log();
+    assert!(!log.contains("request/response"), "{log}");
+    let m = relay.wait_pairs_ended(2, Duration::from_secs(5));
+    assert_eq!(m.paths(one_way), 2, "{}", m.text);
+    assert_eq!(m.bytes("kernel"), 2 * 150_000, "{}", m.text);
+}
+
 #[test]
 fn a_pair_past_kernel_after_whose_pipes_never_emptied_says_so() {
     // A client that reads slower than its partner writes, then resets: the pair passes

@@ -1522,6 +1522,11 @@ pub const BOTH_WAYS_READ: usize = 32 * 1024;
 /// Why a pair past --kernel-after never joined: its traffic was request/response (`STREAM_RUN`).
 const REQUEST_RESPONSE: &str = "userspace, past --kernel-after as request/response (faster on splice(2))";
 
+/// Why a pair past --kernel-after never joined: it moved bytes one way only, and ended before
+/// they made a stream (`STREAM_RUN`); its traffic never turned around, so it was no
+/// request/response either (a helper's pass found 150 KB sent by `nc -N` labelled so).
+const ONE_WAY_SHORT: &str = "userspace, past --kernel-after but ended one way before it showed a stream (256 KiB)";
+
 /// Why a pair with a half-closed socket never joins (a socket does not return to ESTABLISHED).
 const HALF_CLOSED: &str = "userspace: one end half-closed before the pair could join the kernel's socket maps, \
                            which take only established connections";
@@ -1539,6 +1544,16 @@ impl Handover {
 
     /// Bytes moved one way while the pair was not in the maps: splice(2)'s count, and what a
     /// failed join's verdict moved meanwhile (`take_back`), which splice(2) never saw.
+    /// Why a pair past --kernel-after that showed no stream stayed on splice(2): its traffic
+    /// turned around (request/response), or it moved bytes one way only, too few for a stream.
+    fn no_stream(&self) -> &'static str {
+        if self.user_moved.iter().all(|&m| m > 0) {
+            REQUEST_RESPONSE
+        } else {
+            ONE_WAY_SHORT
+        }
+    }
+
     fn spliced(&self, dir: usize, src: &TcpStream, dst: &TcpStream, ended: bool) -> u64 {
         self.user.moved(dir, src, dst, ended) + self.kernel.taken_back[dir]
     }
@@ -1622,10 +1637,10 @@ impl Splice for Handover {
             if self.bulk() {
                 HALF_CLOSED
             } else {
-                REQUEST_RESPONSE
+                self.no_stream()
             }
         } else if self.after > 0 && self.user_moved.iter().sum::<u64>() >= self.after && !self.bulk() {
-            REQUEST_RESPONSE
+            self.no_stream()
         } else if self.after > 0 && self.user_moved.iter().sum::<u64>() >= self.after {
             PIPES_NEVER_EMPTY
         } else if self.after > 0 {
