@@ -130,7 +130,7 @@ pub fn root() -> Result<PathBuf, Error> {
 /// The NAME when this command runs under `ip netns exec NAME`, read from what that leaves
 /// behind: a sysfs on /sys mounted with the namespace's name as its source, and
 /// /run/netns/NAME being this process's network namespace. Needs no privilege.
-fn ip_netns_exec_name() -> Option<String> {
+pub(crate) fn ip_netns_exec_name() -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     // The last mount on /sys is the one in sight: "... /sys opts - sysfs SOURCE opts".

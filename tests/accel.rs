@@ -886,6 +886,43 @@ fn under_ip_netns_exec_messages_name_pinned_state_as_the_host_does() {
     }
 }
 
+/// A user without root under `ip netns exec` sees no cgroup v2 mount: its fresh /sys has none
+/// and the host's is out of reach. `accel on`, `off` and `run` told it to mount one (a helper's
+/// README pass), which would fail or vanish with the command; they say what is the matter.
+#[test]
+fn without_root_under_ip_netns_exec_accel_is_not_told_to_mount_a_cgroup() {
+    if !require_tool("accel without root under ip netns exec", "setpriv") {
+        return;
+    }
+    let ns = format!("skrelay-nocg-{}", std::process::id());
+    assert!(Command::new("ip").args(["netns", "add", &ns]).status().unwrap().success());
+    let run = |args: &[&str]| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args(["--inh-caps=-all", SKRELAY])
+            .args(args)
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let said = [
+        run(&["accel", "on", "--cgroup", "/sys/fs/cgroup/unified/skrelay-nocg"]),
+        run(&["accel", "off", "--cgroup", "skrelay-nocg"]),
+        run(&["accel", "run", "--", "true"]),
+    ];
+    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    for (code, err) in said {
+        assert_eq!(code, Some(2), "{err}");
+        assert!(!err.contains("mount one"), "{err}");
+        assert!(
+            err.contains(&format!("under `ip netns exec {ns}` this command has a /sys of its own"))
+                && err.trim_end().ends_with("(run it as root)"),
+            "{err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "one sentence: {err}");
+    }
+}
+
 /// A relay or proxy and its local clients in one accelerated cgroup: sk_msg would move the
 /// clients' bytes into the relay's sockets' psock queue, which neither its sk_skb datapath nor
 /// splice(2) reads (a relay started inside `accel run` delivered a 4 MB stream 64 KiB short). So

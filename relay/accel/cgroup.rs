@@ -35,6 +35,15 @@ pub fn v2_mount() -> Result<PathBuf, Error> {
     // mounted on /sys leaves the cgroup2 mount below /sys listed but out of reach, and a relay's
     // check whether accel covers it found no cgroup (a re-check pass).
     v2_mounts_in(&info).into_iter().find(|p| is_cgroup2(p)).or_else(outer).ok_or_else(|| {
+        // A user without root under `ip netns exec` sees neither: the fresh /sys has none, and
+        // the host's is out of reach. It was told to mount one, which would fail or vanish with
+        // the command (a helper's README pass).
+        if let Some(name) = crate::bpffs::ip_netns_exec_name() {
+            return Error::Usage(format!(
+                "cannot find the cgroup v2 hierarchy: under `ip netns exec {name}` this command has a /sys of its \
+                 own, without one, and the host's is out of reach without root (run it as root)"
+            ));
+        }
         Error::Usage(
             "no cgroup v2 hierarchy is mounted (mount one with `mount -t cgroup2 none /sys/fs/cgroup/unified`)".into(),
         )
