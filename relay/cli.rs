@@ -204,8 +204,8 @@ pub enum AccelCommand {
 #[derive(Args, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AccelPolicyArgs {
     /// Unread bytes a receiving socket may hold in its redirect queue (K/M/G suffixes allowed);
-    /// above it the sender takes the normal path, where TCP flow control holds it back.
-    /// [default: 8M]
+    /// above it the sender takes the normal path, where TCP flow control holds it back. At least
+    /// 256K. [default: 8M]
     #[arg(long, value_parser = parse_bytes, value_name = "BYTES", allow_negative_numbers = true)]
     pub max_queued: Option<u32>,
     /// Writes below this size that keep arriving while the reader has unread data take the
@@ -331,8 +331,9 @@ pub struct SpliceArgs {
     pub takeover: Option<i32>,
     /// Event loops, one thread each; a pair is served by one loop for its life. The first loop
     /// also accepts and pairs clients (so arrival order and tokens pair exactly as with one), and
-    /// keeps a new pair unless it serves more than one pair over the least loaded loop. 0: one per CPU. The kernel datapath loads its
-    /// programs and maps once per loop; --kernel-memory bounds all of them together.
+    /// keeps a new pair unless it serves more than one pair over the least loaded loop. 0: one per
+    /// CPU; at most 1024. The kernel datapath loads its programs and maps once per loop;
+    /// --kernel-memory bounds all of them together.
     #[arg(long, default_value_t = 0, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1024), allow_negative_numbers = true)]
     pub threads: u32,
     /// The kernel datapath's flags given on the command line (`Cli::try_parse_command_line`):

@@ -32,6 +32,14 @@ fn main() {
     };
     let mut log = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
     log.format_target(false).format_timestamp_millis();
+    // `RUST_LOG=debug` asks for skrelay's own lines (one per connection); the BPF loader's
+    // internals (about 50 lines a loop: feature detection, BTF fix-ups, relocations) drowned them
+    // (a helper's README pass). They stay at info unless RUST_LOG names the loader (`aya=debug`).
+    if loader_quieted(&std::env::var("RUST_LOG").unwrap_or_default()) {
+        for loader in ["aya", "aya_obj"] {
+            log.filter_module(loader, log::LevelFilter::Info);
+        }
+    }
     // The commands that serve clients never wait for their log's reader (`log_sink`).
     let serves = matches!(cli.command, Command::Relay(_) | Command::Proxy(_));
     if serves {
@@ -90,4 +98,26 @@ fn write_stdout(report: &str) {
 fn say(sentence: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "skrelay: {sentence}");
+}
+
+/// Whether RUST_LOG (`spec`) sets every module to debug or trace without naming the BPF loader
+/// (aya): then the loader's lines are kept at info.
+fn loader_quieted(spec: &str) -> bool {
+    let filters = spec.split('/').next().unwrap_or_default();
+    !filters.contains("aya")
+        && filters.split(',').any(|d| {
+            let d = d.trim();
+            d.eq_ignore_ascii_case("debug") || d.eq_ignore_ascii_case("trace")
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_loader_is_quieted_only_under_a_global_debug_that_does_not_name_it() {
+        use super::loader_quieted;
+        assert!(loader_quieted("debug") && loader_quieted("TRACE") && loader_quieted("warn,debug"));
+        assert!(!loader_quieted("debug,aya=debug") && !loader_quieted("aya_obj=trace,debug"));
+        assert!(!loader_quieted("") && !loader_quieted("info") && !loader_quieted("skrelay=debug"));
+    }
 }
