@@ -30,6 +30,21 @@ fn sock<Fd: AsFd>(fd: &Fd) -> socket2::SockRef<'_> {
     socket2::SockRef::from(fd)
 }
 
+/// Whether process `pid` is exiting or gone: a zombie, or PF_EXITING in the flags of its
+/// `stat`, which `do_exit` sets before it releases the memory that holds the command line (a
+/// takeover read half the command line of the process another takeover had just replaced). A
+/// zombie's `comm` is still there: `steer list` called a target's exited process running.
+pub fn exiting(pid: u32) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return true };
+    // The fields after the command name (in parentheses, which may hold spaces): state, ppid,
+    // pgrp, session, tty_nr, tpgid, flags.
+    let Some((_, fields)) = stat.rsplit_once(')') else { return true };
+    let mut fields = fields.split_whitespace();
+    let zombie = fields.next().is_none_or(|state| matches!(state, "Z" | "X" | "x"));
+    zombie || fields.nth(5).and_then(|f| f.parse::<u64>().ok()).is_none_or(|f| f & PF_EXITING != 0)
+}
+
 /// The kernel's unique id of a socket (SO_COOKIE), the key of every skrelay socket map.
 pub fn socket_cookie(fd: impl AsFd) -> io::Result<u64> {
     sock(&fd).cookie()
@@ -1034,6 +1049,20 @@ mod tests {
     //! as the host compiler sees them (build.rs prints them from a small C program).
     use super::{bpf::*, *};
     use std::mem::offset_of;
+
+    #[test]
+    fn a_running_process_is_not_exiting_and_a_gone_or_zombie_one_is() {
+        assert!(!exiting(std::process::id()));
+        assert!(exiting(u32::MAX));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        // Not reaped yet: a zombie once it has exited.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !exiting(child.id()) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(exiting(child.id()));
+        child.wait().unwrap();
+    }
 
     #[allow(non_upper_case_globals, dead_code)]
     mod k {

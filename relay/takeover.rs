@@ -237,7 +237,7 @@ pub fn take(pid: i32, command: &str) -> Result<Taken, Error> {
         // A process that is exiting (the one another takeover just replaced) may show half its
         // command line, read while the kernel unmaps it (`/check/.../debug/sk` and nothing
         // more, in a CI run): it exited, it is not something else.
-        _ if exiting(&proc) => return Err(refuse(gone())),
+        _ if sys::exiting(pid as u32) => return Err(refuse(gone())),
         _ => {
             // One line, and not a whole script passed to `sh -c`.
             let all = String::from_utf8_lossy(&cmdline).replace(['\0', '\n', '\t'], " ").trim().to_string();
@@ -414,18 +414,6 @@ fn same_user(proc: &std::path::Path) -> bool {
 }
 
 /// Whether process `proc` (/proc/PID) has a handler for `signal` (its SigCgt mask).
-/// Whether the process of `proc` is exiting or gone: PF_EXITING in the flags of its `stat`,
-/// which `do_exit` sets before it releases the memory that holds the command line.
-fn exiting(proc: &std::path::Path) -> bool {
-    const PF_EXITING: u64 = 0x4;
-    let Ok(stat) = std::fs::read_to_string(proc.join("stat")) else { return true };
-    // The fields after the command name (in parentheses, which may hold spaces): state, ppid,
-    // pgrp, session, tty_nr, tpgid, flags.
-    let flags = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(6)?.parse::<u64>().ok());
-    flags.is_none_or(|f| f & PF_EXITING != 0)
-        || stat.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with(['Z', 'X']))
-}
-
 fn catches(proc: &std::path::Path, signal: i32) -> bool {
     let status = std::fs::read_to_string(proc.join("status")).unwrap_or_default();
     status
@@ -433,24 +421,4 @@ fn catches(proc: &std::path::Path, signal: i32) -> bool {
         .find_map(|l| l.strip_prefix("SigCgt:"))
         .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
         .is_some_and(|mask| mask & (1 << (signal - 1)) != 0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_running_process_is_not_exiting_and_a_gone_or_zombie_one_is() {
-        assert!(!exiting(std::path::Path::new("/proc/self")));
-        assert!(exiting(std::path::Path::new("/proc/no-such-process")));
-        let mut child = std::process::Command::new("true").spawn().unwrap();
-        let dir = std::path::PathBuf::from(format!("/proc/{}", child.id()));
-        // Not reaped yet: a zombie once it has exited.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while !exiting(&dir) && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        assert!(exiting(&dir));
-        child.wait().unwrap();
-    }
 }

@@ -1247,6 +1247,16 @@ fn a_target_process_that_exited_is_shown_as_exited() {
     py.stdin.take().unwrap().write_all(b"go\n").unwrap();
     let child: i32 = lines.next().unwrap().unwrap().trim().parse().unwrap();
     let _child = ChildPid(child);
+    // Exited but not yet reaped, a zombie whose comm is still there: exited too (a helper's
+    // README pass saw "(gone)" with no "(exited)" while its shell had not reaped the server).
+    let stat = format!("/proc/{}/stat", py.id());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(&stat).unwrap().contains(") Z ") {
+        assert!(Instant::now() < deadline, "python3 never exited");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let listed = ok(&["steer", "list"]);
+    assert!(listed.contains(&format!("{}/python3 (exited)", py.id())), "a zombie: {listed}");
     py.wait().unwrap();
     let listed = ok(&["steer", "list"]);
     assert!(listed.contains(&format!("{}/python3 (exited)", py.id())), "{listed}");

@@ -335,16 +335,7 @@ impl Process {
     /// Still running: the same process, and not a zombie (killed, its parent not yet told: a
     /// helper's pass saw `status` call a killed run "running" for a second).
     pub fn alive(&self) -> bool {
-        Self::of(self.pid) == Some(*self) && !Self::zombie(self.pid)
-    }
-
-    fn zombie(pid: u32) -> bool {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|stat| {
-                stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next().map(|s| s == "Z"))
-            })
-            .unwrap_or(false)
+        Self::of(self.pid) == Some(*self) && !crate::sys::exiting(self.pid)
     }
 }
 

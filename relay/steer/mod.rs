@@ -407,6 +407,7 @@ impl BindingView {
 /// reused since, or the socket moved on to a child or a successor).
 fn running(pid: u32, comm: &str) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == comm)
+        && !crate::sys::exiting(pid)
 }
 
 fn views(st: &State) -> Vec<BindingView> {
