@@ -268,7 +268,7 @@ pub struct ProxyArgs {
     pub ports: PortsArgs,
     /// Skip an upstream that has not accepted the connection within this long (it is marked
     /// down for 10 s); seconds (at least 0.001).
-    #[arg(long, default_value = "5", value_parser = parse_timeout, value_name = "SECS", allow_negative_numbers = true)]
+    #[arg(long, default_value = "5", value_parser = parse_connect_timeout, value_name = "SECS", allow_negative_numbers = true)]
     pub connect_timeout: Duration,
     /// At most this many clients wait for their upstream connection at once; meanwhile further
     /// ones are not accepted: they wait in the listen backlog (4096) for a slot.
@@ -551,8 +551,21 @@ pub fn parse_timeout(s: &str) -> Result<Duration, String> {
     let d = parse_secs(s)?;
     if d < Duration::from_millis(1) {
         return Err(format!(
-            "`{s}` seconds leaves no time: every client would be reset before it could pair (relay) or its \
-             upstream connection be made (proxy) (give at least 0.001)"
+            "`{s}` seconds is under a millisecond, which leaves no time: every client would be reset before it \
+             could pair (relay) or its upstream connection be made (proxy) (give at least 0.001)"
+        ));
+    }
+    Ok(d)
+}
+
+/// `proxy --connect-timeout`: as `parse_timeout`, said of upstream connections alone (it told of
+/// pairing, which this flag has nothing to do with: a helper's README pass).
+pub fn parse_connect_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_secs(s)?;
+    if d < Duration::from_millis(1) {
+        return Err(format!(
+            "`{s}` seconds is under a millisecond, which leaves no time: every upstream would be skipped before \
+             it could accept the connection (give at least 0.001)"
         ));
     }
     Ok(d)

@@ -87,7 +87,7 @@ fn values_that_cannot_work_are_refused_at_start_up() {
     for zero in ["0", "0.0", "0.0000001"] {
         assert_usage_error(
             &[&proxy[..], &["127.0.0.1:9000", "--connect-timeout", zero]].concat(),
-            "leaves no time: every client would be reset before it could pair (relay) or its upstream connection be made (proxy) (give at least 0.001)",
+            "leaves no time: every upstream would be skipped before it could accept the connection (give at least 0.001)",
         );
         assert_usage_error(
             &["relay", "--datapath", "userspace", "--pair-timeout", zero],
