@@ -35,10 +35,19 @@ fn main() {
     // `RUST_LOG=debug` asks for skrelay's own lines (one per connection); the BPF loader's
     // internals (about 50 lines a loop: feature detection, BTF fix-ups, relocations) drowned them
     // (a helper's README pass). They stay at info unless RUST_LOG names the loader (`aya=debug`).
-    if loader_quieted(&std::env::var("RUST_LOG").unwrap_or_default()) {
+    let spec = std::env::var("RUST_LOG").unwrap_or_default();
+    if loader_quieted(&spec) {
         for loader in ["aya", "aya_obj"] {
             log.filter_module(loader, log::LevelFilter::Info);
         }
+    }
+    // An empty RUST_LOG (`Environment=RUST_LOG=` in a unit) or a misspelled level (`inof`, taken
+    // for a module's name) turned every line off, warnings included (a helper's pass): either
+    // logs at the default, info, and a word it names no level nor module of is said at start.
+    let unknown = unknown_log_words(&spec);
+    let blank = std::env::var_os("RUST_LOG").is_some() && spec.trim().is_empty();
+    if blank || !unknown.is_empty() {
+        log.parse_filters("info");
     }
     // The commands that serve clients never wait for their log's reader (`log_sink`).
     let serves = matches!(cli.command, Command::Relay(_) | Command::Proxy(_));
@@ -50,6 +59,13 @@ fn main() {
         log.target(env_logger::Target::Pipe(skrelay::log_sink::start()));
     }
     log.init();
+    if !unknown.is_empty() {
+        log::warn!(
+            "RUST_LOG: `{}` names no level (off, error, warn, info, debug, trace) and no part of skrelay \
+             (skrelay, aya): logging at info",
+            unknown.join("`, `")
+        );
+    }
     let result = match cli.command {
         Command::Relay(args) => skrelay::relay_cmd::run(args).map(|()| String::new()),
         Command::Proxy(args) => skrelay::proxy_cmd::run(args).map(|()| String::new()),
@@ -111,8 +127,35 @@ fn loader_quieted(spec: &str) -> bool {
         })
 }
 
+/// The words of RUST_LOG (`spec`) given alone (not `module=level`) that are neither a level nor
+/// a module of this program (skrelay, or its BPF loader aya): env_logger takes such a word for a
+/// module to log in full, so a misspelled level silenced every line.
+fn unknown_log_words(spec: &str) -> Vec<String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let filters = spec.split('/').next().unwrap_or_default();
+    filters
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty() && !d.contains('='))
+        .filter(|d| !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(d)))
+        .filter(|d| !matches!(d.split("::").next(), Some("skrelay" | "aya" | "aya_obj")))
+        .map(str::to_string)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn misspelled_log_levels_are_found() {
+        use super::unknown_log_words;
+        assert_eq!(unknown_log_words("inof"), ["inof"]);
+        assert_eq!(unknown_log_words("debug,wran"), ["wran"]);
+        assert!(unknown_log_words("").is_empty() && unknown_log_words("INFO").is_empty());
+        assert!(unknown_log_words("skrelay,aya::bpf=debug").is_empty());
+        assert!(unknown_log_words("skrelay::server=trace,warn").is_empty());
+        assert!(unknown_log_words("aya_obj,info/pair").is_empty());
+    }
+
     #[test]
     fn the_loader_is_quieted_only_under_a_global_debug_that_does_not_name_it() {
         use super::loader_quieted;

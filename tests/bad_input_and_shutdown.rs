@@ -738,6 +738,21 @@ fn a_backlog_capped_by_somaxconn_is_warned_about() {
     assert!(!log.contains("somaxconn"), "{log}");
 }
 
+/// An empty RUST_LOG (`Environment=RUST_LOG=` in a unit) or a misspelled level turned every log
+/// line off, warnings included (a helper's pass): both log at info, and the misspelling is said.
+#[test]
+fn an_empty_or_misspelled_rust_log_logs_at_info() {
+    let _netns = enter_netns();
+    for (spec, warned) in [("", false), ("inof", true)] {
+        let mut cmd = Command::new(SKRELAY);
+        cmd.args(["relay", "--datapath", "userspace", "--threads", "1"]).env("RUST_LOG", spec);
+        let relay = Skrelay::spawn(cmd, "listening on");
+        let (status, log) = relay.stop(Duration::from_secs(10));
+        assert!(status.success(), "{log}");
+        assert_eq!(log.contains("RUST_LOG: `inof` names no level"), warned, "RUST_LOG={spec}: {log}");
+    }
+}
+
 /// A log reader that takes nothing (a pipe nobody drains, a terminal stopped with Ctrl-S) held
 /// the whole relay: once clients had filled the pipe with their lines, the event loop blocked in
 /// its write to standard error and served nobody (a stranger's pass: 1,500 pairs that closed at
