@@ -62,7 +62,7 @@ pub enum Error {
     #[error(
         "cannot run the {command} in cgroup {cgroup}: skrelay accel accelerates it{limit}, and would move its local \
          clients' bytes into its sockets' queue, past its datapath (run the {command} outside that cgroup, or \
-         accelerate it with `skrelay accel on --ports` that leave out {ports})"
+         accelerate it with `skrelay accel on --ports` that leave out this {command}'s ports, {ports})"
     )]
     InsideAccel { command: &'static str, cgroup: String, limit: String, ports: String },
 
