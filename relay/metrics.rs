@@ -601,7 +601,15 @@ pub fn serve(listener: &TcpListener, render: impl Fn() -> Result<String, String>
     // A failing accept(2) (out of descriptors) is said once per ACCEPT_WARN_EVERY, not per retry.
     let mut warned: Option<(Instant, u64)> = None;
     let mut held: Vec<Held> = Vec::new();
+    // One descriptor kept for a scrape: clients that took every other one stopped the metrics
+    // (and `status`, which reads them) for as long as they stayed (a helper's operations pass),
+    // just when an operator needs them. It is given up for the accept(2) that finds none left,
+    // and taken again once one is free.
+    let mut spare: Option<std::fs::File> = None;
     while !stop.load(Ordering::Relaxed) {
+        if spare.is_none() {
+            spare = std::fs::File::open("/dev/null").ok();
+        }
         let now = Instant::now();
         held.retain(|h| now.duration_since(h.since) < IO_TIMEOUT);
         // Wait in poll(2), not in accept(2): a blocking accept(2) reserves a descriptor while it
@@ -616,7 +624,13 @@ pub fn serve(listener: &TcpListener, render: impl Fn() -> Result<String, String>
         if !waiting {
             continue;
         }
-        match listener.accept() {
+        let mut accepted = listener.accept();
+        if matches!(&accepted, Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)))
+            && spare.take().is_some()
+        {
+            accepted = listener.accept();
+        }
+        match accepted {
             Ok((stream, _)) => {
                 if stream.set_nonblocking(true).is_ok() {
                     held.push(Held { stream, since: Instant::now(), head: Vec::with_capacity(512), answer: None });
