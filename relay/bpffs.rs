@@ -205,9 +205,38 @@ pub fn out_of_reach() -> Option<String> {
         return None;
     }
     Some(format!(
-        "{BPFFS} here holds no bpffs (a mount namespace of its own, as `ip netns exec` makes), and only root can \
-         look into the one outside, where skrelay pins its state"
+        "{BPFFS} here holds no bpffs (a mount namespace of its own, as `ip netns exec` makes), and only {} can \
+         look into the one outside, where skrelay pins its state",
+        outside_who()
     ))
+}
+
+/// Whether this process can read PID 1's mount namespace (root with CAP_SYS_PTRACE, or a
+/// user that owns PID 1): else it cannot tell whether it runs in a namespace of its own.
+pub fn can_see_mount_ns_of_pid_1() -> bool {
+    mount_ns("1").is_some()
+}
+
+/// Who may look into the mount namespace outside this one (through /proc/PID/root, which takes
+/// the right to ptrace that process): root; and for root without it (a container's root, or
+/// `capsh --drop=cap_sys_ptrace`), a process with CAP_SYS_PTRACE. Root was told to run as root
+/// (a re-check pass).
+pub fn outside_who() -> &'static str {
+    if rustix::process::geteuid().is_root() {
+        "a process with CAP_SYS_PTRACE"
+    } else {
+        "root"
+    }
+}
+
+/// How to run a command so that it can look outside (`outside_who`): "as root", or for root
+/// "with CAP_SYS_PTRACE".
+pub fn run_as() -> &'static str {
+    if rustix::process::geteuid().is_root() {
+        "with CAP_SYS_PTRACE"
+    } else {
+        "as root"
+    }
 }
 
 /// /sys is a sysfs that `ip netns exec` mounted, which names it after the network namespace (a

@@ -34,7 +34,7 @@ pub enum Error {
     StateOwned { what: &'static str, dir: String, owner: String },
 
     /// Pinned state may exist where this process cannot look (`bpffs::out_of_reach`).
-    #[error("cannot tell whether {what} state exists: {why} (run this command as root)")]
+    #[error("cannot tell whether {what} state exists: {why} (run this command {})", crate::bpffs::run_as())]
     StateOutOfReach { what: &'static str, why: String },
 
     #[error("cannot {step}: {}", steer_map_reason(.source))]

@@ -172,10 +172,12 @@ pub fn warn_if_taken_away(addr: SocketAddr, flag: &str) {
             addr.port()
         ),
         Some(TakenBy::OutOfReach) => log::warn!(
-            "{flag} {addr}: this user cannot tell whether `skrelay steer` has bindings in this network namespace (its \
-             state is in the mount namespace outside this one, which only root can look into); if one takes port {}, \
-             this listener gets none of its connections (check with `skrelay steer list` as root)",
-            addr.port()
+            "{flag} {addr}: this user cannot tell whether `skrelay steer` has bindings in this network namespace \
+             (its state is in the mount namespace outside this one, which only {} can look into); if one takes port \
+             {}, this listener gets none of its connections (check with `skrelay steer list` {})",
+            crate::bpffs::outside_who(),
+            addr.port(),
+            crate::bpffs::run_as()
         ),
         None => {}
     }

@@ -38,10 +38,22 @@ pub fn v2_mount() -> Result<PathBuf, Error> {
         // A user without root under `ip netns exec` sees neither: the fresh /sys has none, and
         // the host's is out of reach. It was told to mount one, which would fail or vanish with
         // the command (a helper's README pass).
+        // Root without CAP_SYS_PTRACE (a container's) cannot look outside either, and was told to
+        // run as root (a re-check pass).
+        let (who, how) = (crate::bpffs::outside_who(), crate::bpffs::run_as());
         if let Some(name) = crate::bpffs::ip_netns_exec_name() {
             return Error::Usage(format!(
                 "cannot find the cgroup v2 hierarchy: under `ip netns exec {name}` this command has a /sys of its \
-                 own, without one, and the host's is out of reach without root (run it as root)"
+                 own, without one, and only {who} can look into the host's (run it {how})"
+            ));
+        }
+        // PID 1's mount namespace out of sight: this may be a namespace of its own (`unshare -m`
+        // with a fresh sysfs), whose outside only `who` could search.
+        if !crate::bpffs::can_see_mount_ns_of_pid_1() {
+            return Error::Usage(format!(
+                "no cgroup v2 hierarchy is mounted in this command's mount namespace, and only {who} can look \
+                 into the host's, if this is another (run it {how}, or mount one with `mount -t cgroup2 none \
+                 /sys/fs/cgroup/unified`)"
             ));
         }
         Error::Usage(

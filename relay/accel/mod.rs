@@ -239,7 +239,10 @@ impl Reports {
         lines.extend(self.unreadable.iter().map(Unreadable::to_string));
         lines.extend(self.interrupted.iter().map(Interrupted::to_string));
         if let Some(why) = &self.out_of_reach {
-            format!("accel: cannot tell which cgroups are accelerated: {why}: run this command as root to see them")
+            format!(
+                "accel: cannot tell which cgroups are accelerated: {why}: run this command {} to see them",
+                bpffs::run_as()
+            )
         } else if lines.is_empty() {
             "accel: no cgroup is accelerated".to_string()
         } else {
