@@ -30,13 +30,27 @@ fn sock<Fd: AsFd>(fd: &Fd) -> socket2::SockRef<'_> {
     socket2::SockRef::from(fd)
 }
 
-/// Whether process `pid` is exiting or gone: a zombie, or PF_EXITING in the flags of its
-/// `stat`, which `do_exit` sets before it releases the memory that holds the command line (a
-/// takeover read half the command line of the process another takeover had just replaced). A
-/// zombie's `comm` is still there: `steer list` called a target's exited process running.
+/// Whether process `pid` is exiting or gone: every one of its threads a zombie or flagged
+/// PF_EXITING, which `do_exit` sets before it releases the memory that holds the command line (a
+/// takeover read half the command line of the process another takeover had just replaced), or
+/// no such process. A zombie's `comm` is still there: `steer list` called a target's exited
+/// process running. Every thread: a main thread that called pthread_exit shows as a zombie while
+/// the others serve (a re-check pass).
 pub fn exiting(pid: u32) -> bool {
+    let dir = format!("/proc/{pid}");
+    if !thread_exiting(&format!("{dir}/stat")) {
+        return false;
+    }
+    match std::fs::read_dir(format!("{dir}/task")) {
+        Ok(tasks) => tasks.flatten().all(|t| thread_exiting(&t.path().join("stat").to_string_lossy())),
+        Err(_) => true,
+    }
+}
+
+/// Whether the thread of `stat` (a /proc stat file) is a zombie, flagged PF_EXITING, or gone.
+fn thread_exiting(stat: &str) -> bool {
     const PF_EXITING: u64 = 0x4;
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return true };
+    let Ok(stat) = std::fs::read_to_string(stat) else { return true };
     // The fields after the command name (in parentheses, which may hold spaces): state, ppid,
     // pgrp, session, tty_nr, tpgid, flags.
     let Some((_, fields)) = stat.rsplit_once(')') else { return true };
@@ -1061,6 +1075,26 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         assert!(exiting(child.id()));
+        child.wait().unwrap();
+        // A main thread that called pthread_exit is a zombie while another thread runs on: the
+        // process is not exiting.
+        let script =
+            "import ctypes, threading, time\nthreading.Thread(target=lambda: time.sleep(30), daemon=True).start()\n\
+                      print(flush=True)\nctypes.CDLL(None).pthread_exit(None)";
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+        let main = format!("/proc/{}/stat", child.id());
+        while !std::fs::read_to_string(&main).unwrap().contains(") Z ") {
+            assert!(std::time::Instant::now() < deadline + std::time::Duration::from_secs(5), "main thread lives on");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(!exiting(child.id()), "its other thread runs");
+        child.kill().unwrap();
         child.wait().unwrap();
     }
 
