@@ -30,24 +30,25 @@ fn main() {
             }
         },
     };
-    let mut log = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    // RUST_LOG is checked before env_logger sees it: an empty value (a unit's
+    // `Environment=RUST_LOG=`), a misspelled level (`inof`, taken for a module's name), a module
+    // not ours (`foo=debug`) or a bad level (`skrelay=dbug`) turned every line off, warnings
+    // included, and `=` turned every line on (helpers' passes). Only directives for skrelay or its
+    // loader are kept; the level is info unless one is given; what was dropped is said at start.
+    let (filters, ignored) = log_filters(&std::env::var("RUST_LOG").unwrap_or_default());
+    let mut log = env_logger::Builder::new();
+    log.parse_filters(&filters);
+    if let Ok(style) = std::env::var("RUST_LOG_STYLE") {
+        log.parse_write_style(&style);
+    }
     log.format_target(false).format_timestamp_millis();
     // `RUST_LOG=debug` asks for skrelay's own lines (one per connection); the BPF loader's
     // internals (about 50 lines a loop: feature detection, BTF fix-ups, relocations) drowned them
     // (a helper's README pass). They stay at info unless RUST_LOG names the loader (`aya=debug`).
-    let spec = std::env::var("RUST_LOG").unwrap_or_default();
-    if loader_quieted(&spec) {
+    if loader_quieted(&filters) {
         for loader in ["aya", "aya_obj"] {
             log.filter_module(loader, log::LevelFilter::Info);
         }
-    }
-    // An empty RUST_LOG (`Environment=RUST_LOG=` in a unit) or a misspelled level (`inof`, taken
-    // for a module's name) turned every line off, warnings included (a helper's pass): either
-    // logs at the default, info, and a word it names no level nor module of is said at start.
-    let unknown = unknown_log_words(&spec);
-    let blank = std::env::var_os("RUST_LOG").is_some() && spec.trim().is_empty();
-    if blank || !unknown.is_empty() {
-        log.parse_filters("info");
     }
     // The commands that serve clients never wait for their log's reader (`log_sink`).
     let serves = matches!(cli.command, Command::Relay(_) | Command::Proxy(_));
@@ -59,11 +60,11 @@ fn main() {
         log.target(env_logger::Target::Pipe(skrelay::log_sink::start()));
     }
     log.init();
-    if !unknown.is_empty() {
+    if !ignored.is_empty() {
         log::warn!(
-            "RUST_LOG: `{}` names no level (off, error, warn, info, debug, trace) and no part of skrelay \
-             (skrelay, aya): logging at info",
-            unknown.join("`, `")
+            "RUST_LOG: ignored `{}` (give a level: off, error, warn, info, debug or trace, or MODULE=LEVEL for \
+             skrelay or aya)",
+            ignored.join("`, `")
         );
     }
     let result = match cli.command {
@@ -127,33 +128,62 @@ fn loader_quieted(spec: &str) -> bool {
         })
 }
 
-/// The words of RUST_LOG (`spec`) given alone (not `module=level`) that are neither a level nor
-/// a module of this program (skrelay, or its BPF loader aya): env_logger takes such a word for a
-/// module to log in full, so a misspelled level silenced every line.
-fn unknown_log_words(spec: &str) -> Vec<String> {
+/// What env_logger is given for RUST_LOG (`spec`), and the directives dropped from it: a
+/// directive is kept if it is a level, a module of this program (skrelay, or its BPF loader aya)
+/// or MODULE=LEVEL for one; `info` leads unless a level for every module is given.
+fn log_filters(spec: &str) -> (String, Vec<String>) {
     const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
-    let filters = spec.split('/').next().unwrap_or_default();
-    filters
-        .split(',')
-        .map(str::trim)
-        .filter(|d| !d.is_empty() && !d.contains('='))
-        .filter(|d| !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(d)))
-        .filter(|d| !matches!(d.split("::").next(), Some("skrelay" | "aya" | "aya_obj")))
-        .map(str::to_string)
-        .collect()
+    let is_level = |w: &str| LEVELS.iter().any(|l| l.eq_ignore_ascii_case(w));
+    let ours = |m: &str| matches!(m.split("::").next(), Some("skrelay" | "aya" | "aya_obj"));
+    let (directives, regex) = match spec.split_once('/') {
+        Some((d, r)) => (d, Some(r)),
+        None => (spec, None),
+    };
+    let (mut kept, mut dropped, mut global) = (Vec::new(), Vec::new(), false);
+    for d in directives.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let fine = match d.split_once('=') {
+            Some((module, level)) => ours(module.trim()) && is_level(level.trim()),
+            None if is_level(d) => {
+                global = true;
+                true
+            }
+            None => ours(d),
+        };
+        if fine {
+            kept.push(d.to_string());
+        } else {
+            dropped.push(d.to_string());
+        }
+    }
+    if !global {
+        kept.insert(0, "info".into());
+    }
+    let mut filters = kept.join(",");
+    if let Some(regex) = regex {
+        filters = format!("{filters}/{regex}");
+    }
+    (filters, dropped)
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
-    fn misspelled_log_levels_are_found() {
-        use super::unknown_log_words;
-        assert_eq!(unknown_log_words("inof"), ["inof"]);
-        assert_eq!(unknown_log_words("debug,wran"), ["wran"]);
-        assert!(unknown_log_words("").is_empty() && unknown_log_words("INFO").is_empty());
-        assert!(unknown_log_words("skrelay,aya::bpf=debug").is_empty());
-        assert!(unknown_log_words("skrelay::server=trace,warn").is_empty());
-        assert!(unknown_log_words("aya_obj,info/pair").is_empty());
+    fn rust_log_keeps_what_names_skrelay_and_a_level() {
+        use super::log_filters;
+        let f = |spec: &str| log_filters(spec);
+        assert_eq!(f(""), ("info".into(), vec![]));
+        assert_eq!(f(",, , "), ("info".into(), vec![]));
+        assert_eq!(f("inof"), ("info".into(), vec!["inof".into()]));
+        assert_eq!(f("debug,wran"), ("debug".into(), vec!["wran".into()]));
+        assert_eq!(f("INFO"), ("INFO".into(), vec![]));
+        assert_eq!(f(" warn "), ("warn".into(), vec![]));
+        assert_eq!(f("="), ("info".into(), vec!["=".into()]));
+        assert_eq!(f("warn,="), ("warn".into(), vec!["=".into()]));
+        assert_eq!(f("foo=debug"), ("info".into(), vec!["foo=debug".into()]));
+        assert_eq!(f("skrelay=dbug"), ("info".into(), vec!["skrelay=dbug".into()]));
+        assert_eq!(f("skrelay::server=trace"), ("info,skrelay::server=trace".into(), vec![]));
+        assert_eq!(f("aya=trace,debug"), ("aya=trace,debug".into(), vec![]));
+        assert_eq!(f("skrelay,warn/pair"), ("skrelay,warn/pair".into(), vec![]));
     }
 
     #[test]

@@ -738,18 +738,24 @@ fn a_backlog_capped_by_somaxconn_is_warned_about() {
     assert!(!log.contains("somaxconn"), "{log}");
 }
 
-/// An empty RUST_LOG (`Environment=RUST_LOG=` in a unit) or a misspelled level turned every log
-/// line off, warnings included (a helper's pass): both log at info, and the misspelling is said.
+/// An empty RUST_LOG (`Environment=RUST_LOG=` in a unit), a misspelled level, a module not ours
+/// or a bad level turned every log line off, warnings included (helpers' passes): they log at
+/// info, and what was ignored is said.
 #[test]
 fn an_empty_or_misspelled_rust_log_logs_at_info() {
     let _netns = enter_netns();
-    for (spec, warned) in [("", false), ("inof", true)] {
+    for (spec, warned) in [("", false), (",,", false), ("inof", true), ("foo=debug", true), ("skrelay=dbug", true)] {
         let mut cmd = Command::new(SKRELAY);
         cmd.args(["relay", "--datapath", "userspace", "--threads", "1"]).env("RUST_LOG", spec);
         let relay = Skrelay::spawn(cmd, "listening on");
         let (status, log) = relay.stop(Duration::from_secs(10));
         assert!(status.success(), "{log}");
-        assert_eq!(log.contains("RUST_LOG: `inof` names no level"), warned, "RUST_LOG={spec}: {log}");
+        assert_eq!(
+            log.contains(&format!("RUST_LOG: ignored `{spec}` (give a level")),
+            warned,
+            "RUST_LOG={spec}: {log}"
+        );
+        assert!(log.contains("listening on") && log.contains("stopped"), "RUST_LOG={spec}: {log}");
     }
 }
 
