@@ -535,7 +535,7 @@ pub fn start(
     let stop = metrics.inner.stop.clone();
     std::thread::Builder::new()
         .name("metrics".into())
-        .spawn(move || serve(&listener, move || Ok(m.render()), &stop))
+        .spawn(move || serve(&listener, move || Ok(m.render()), Spare::Keep, &stop))
         .map_err(|e| Error::io("cannot start the metrics thread", e))?;
     Ok(Some(bound))
 }
@@ -552,7 +552,10 @@ pub fn run(args: crate::cli::MetricsArgs) -> Result<(), Error> {
     let listener = bind(args.listen, "--listen")?;
     let bound = listener.local_addr().unwrap_or(args.listen);
     log::info!("serving the pinned steer and accel counters at http://{bound}/metrics");
-    serve(&listener, || pinned_exposition().map_err(|e| format!("skrelay: {e}")), &stop);
+    // Its rendering opens the pinned maps (about 6 descriptors): a spare held would be one they
+    // lack (a re-check pass: 500 under a limit of 12 that answered before), and no clients
+    // compete with it for descriptors.
+    serve(&listener, || pinned_exposition().map_err(|e| format!("skrelay: {e}")), Spare::None, &stop);
     log::info!("stopped");
     Ok(())
 }
@@ -581,6 +584,14 @@ const MAX_REQUEST: usize = 8 << 10;
 /// cannot have.
 const MAX_HELD: usize = 4;
 
+/// Whether the responder keeps a descriptor for a scrape (`serve`): where clients compete for
+/// descriptors (relay, proxy), and its rendering needs none.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Spare {
+    Keep,
+    None,
+}
+
 /// A scraper's connection: its request so far, then the answer left to send.
 struct Held {
     stream: TcpStream,
@@ -594,20 +605,20 @@ struct Held {
 /// `MAX_HELD` connections are served side by side, each for `IO_TIMEOUT` at most from its accept,
 /// one request each. Returns once `stop` is set (within `ACCEPT_WAKE`), leaving the socket to
 /// whoever else holds it.
-pub fn serve(listener: &TcpListener, render: impl Fn() -> Result<String, String>, stop: &AtomicBool) {
+pub fn serve(listener: &TcpListener, render: impl Fn() -> Result<String, String>, spare_fd: Spare, stop: &AtomicBool) {
     // The socket stays blocking (a process taking it over shares its flags); SO_RCVTIMEO bounds
     // an accept(2) that finds the connection already taken by that other process.
     let wake = socket2::SockRef::from(listener).set_read_timeout(Some(ACCEPT_WAKE));
     // A failing accept(2) (out of descriptors) is said once per ACCEPT_WARN_EVERY, not per retry.
     let mut warned: Option<(Instant, u64)> = None;
     let mut held: Vec<Held> = Vec::new();
-    // One descriptor kept for a scrape: clients that took every other one stopped the metrics
+    // One descriptor kept for a scrape (`Spare::Keep`): clients that took every other one stopped the metrics
     // (and `status`, which reads them) for as long as they stayed (a helper's operations pass),
     // just when an operator needs them. It is given up for the accept(2) that finds none left,
     // and taken again once one is free.
     let mut spare: Option<std::fs::File> = None;
     while !stop.load(Ordering::Relaxed) {
-        if spare.is_none() {
+        if spare.is_none() && spare_fd == Spare::Keep {
             spare = std::fs::File::open("/dev/null").ok();
         }
         let now = Instant::now();
