@@ -640,10 +640,12 @@ fn parse_target(s: &str) -> Result<SocketAddr, String> {
     if let Some((host, port)) =
         s.rsplit_once(':').filter(|(h, _)| h.parse::<std::net::IpAddr>().is_ok() || h.starts_with('['))
     {
-        if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && !matches!(port.parse::<u16>(), Ok(1..)) {
+        let digits = port.strip_prefix(['+', '-']).unwrap_or(port);
+        if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) && !matches!(port.parse::<u16>(), Ok(1..)) {
+            // Said of TCP and UDP alike: the parser does not know --proto.
             return Err(format!(
-                "`{s}`: `{port}` is not the port of a listening socket (ports are 1 to 65535; give the address and \
-                 port `ss -ltn` shows for {host})"
+                "`{s}`: `{port}` is not the port of a socket to steer to (ports are 1 to 65535; give the address and \
+                 port that `ss -ltn`, or `ss -lun` for UDP, shows for {host})"
             ));
         }
     }
@@ -794,17 +796,22 @@ mod tests {
         assert_eq!(parse_listen(" [::1]:7777 "), Ok("[::1]:7777".parse().unwrap()));
         assert_eq!(parse_target("\t127.0.0.1:7777"), Ok("127.0.0.1:7777".parse().unwrap()));
         // A port no listening socket has: said so, not looked for, nor the whole target malformed.
-        for (given, port) in
-            [("127.0.0.1:0", "0"), ("127.0.0.1:70000", "70000"), ("[::1]:0", "0"), ("[::1]:65536", "65536")]
-        {
+        for (given, port) in [
+            ("127.0.0.1:0", "0"),
+            ("127.0.0.1:70000", "70000"),
+            ("[::1]:0", "0"),
+            ("[::1]:65536", "65536"),
+            ("127.0.0.1:+0", "+0"),
+        ] {
             let e = parse_target(given).unwrap_err();
             assert!(
-                e.contains(&format!("`{port}` is not the port of a listening socket (ports are 1 to 65535")),
+                e.contains(&format!("`{port}` is not the port of a socket to steer to (ports are 1 to 65535")),
                 "{e}"
             );
         }
         assert!(parse_target("127.0.0.1:x").unwrap_err().contains("is not IP:PORT"));
-        assert!(parse_target("[fe80::1%lo]:0").unwrap_err().contains("is not the port of a listening socket"));
+        assert!(parse_target("[fe80::1%lo]:0").unwrap_err().contains("is not the port of a socket to steer to"));
+        assert!(parse_target("127.0.0.1:-1").unwrap_err().contains("`-1` is not the port of a socket to steer to"));
         for fine in ["[::1]:7777", "127.0.0.1:7777", "[fe80::1%1]:7777", "[::ffff:127.0.0.1]:7777"] {
             assert_eq!(misbracketed(fine), None, "{fine}");
         }
