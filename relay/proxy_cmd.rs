@@ -23,7 +23,7 @@ pub fn run(args: ProxyArgs) -> Result<(), Error> {
     let held = crate::sys::StopSignalsHeld::new();
     let serves: Vec<u16> =
         std::iter::once(args.listen.port()).chain(upstreams.addrs().iter().map(|u| u.port())).collect();
-    let Opened { threads, datapaths, listening: Listening { listener, metrics: taken_metrics, handover } } =
+    let Opened { threads, datapaths, listening: Listening { listener, metrics: taken_metrics, handover, named } } =
         open("proxy", &serves, args.listen, args.listen_given, &args.common, &args.ports)
             .map_err(|e| held.keep_if_stopped(e))?;
     let datapath = datapaths[0].name();
@@ -77,12 +77,12 @@ pub fn run(args: ProxyArgs) -> Result<(), Error> {
     // Before the start line, except after a takeover's commit (see relay_cmd.rs).
     let taking_over = handover.is_some();
     if !taking_over {
-        crate::relay_cmd::warn_if_taken_away(addr, "--listen");
+        crate::relay_cmd::warn_if_taken_away(addr, named);
     }
     log::info!("{listening}");
     serving(&mut server, handover, addr)?;
     if taking_over {
-        crate::relay_cmd::warn_if_taken_away(addr, "--listen");
+        crate::relay_cmd::warn_if_taken_away(addr, named);
     }
     server.run()
 }

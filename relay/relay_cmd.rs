@@ -18,7 +18,7 @@ pub fn run(args: RelayArgs) -> Result<(), Error> {
     crate::sys::CARRIES_CONNECTIONS.store(true, std::sync::atomic::Ordering::Relaxed);
     // Until the event loop handles them (`Server::new`).
     let held = crate::sys::StopSignalsHeld::new();
-    let Opened { threads, datapaths, listening: Listening { listener, metrics: taken_metrics, handover } } =
+    let Opened { threads, datapaths, listening: Listening { listener, metrics: taken_metrics, handover, named } } =
         open("relay", &[args.listen.port()], args.listen, args.listen_given, &args.common, &args.ports)
             .map_err(|e| held.keep_if_stopped(e))?;
     let datapath = datapaths[0].name();
@@ -55,12 +55,12 @@ pub fn run(args: RelayArgs) -> Result<(), Error> {
     // for a second `--takeover` to meet.
     let taking_over = handover.is_some();
     if !taking_over {
-        warn_if_taken_away(addr, "--listen");
+        warn_if_taken_away(addr, named);
     }
     log::info!("listening on {addr}: {pairing}, {datapath} datapath, {}{}", loops(threads), metrics_note(served));
     serving(&mut server, handover, addr)?;
     if taking_over {
-        warn_if_taken_away(addr, "--listen");
+        warn_if_taken_away(addr, named);
     }
     server.run()
 }
@@ -267,6 +267,10 @@ pub struct Listening {
     pub metrics: Option<std::net::TcpListener>,
     /// `--takeover`: the old process, to be told to hand over once this one serves.
     pub handover: Option<Handover>,
+    /// Where the socket came from, as warnings about its address name it: `--listen`, or the
+    /// socket systemd passed or a takeover took (a warning named `--listen` where none was given:
+    /// an operator's pass).
+    pub named: &'static str,
 }
 
 /// The listening socket: taken from the running skrelay `--takeover` names, else the one
@@ -306,18 +310,19 @@ pub fn listening(
             listener: TcpListener::from_std(taken.listener),
             metrics: taken.metrics,
             handover: Some(taken.handover),
+            named: "the listening socket taken over,",
         });
     }
-    let listener = match systemd::listener()? {
+    let (listener, named) = match systemd::listener()? {
         Some(l) => {
             let addr = l.local_addr().map_or("?".into(), |a| a.to_string());
             let ignored = if listen_given { format!("; --listen {listen} is not used") } else { String::new() };
             log::info!("serving the socket systemd passed ({addr}){ignored}");
-            TcpListener::from_std(l)
+            (TcpListener::from_std(l), "the socket systemd passed,")
         }
-        None => server::listen(listen)?,
+        None => (server::listen(listen)?, "--listen"),
     };
-    Ok(Listening { listener, metrics: None, handover: None })
+    Ok(Listening { listener, metrics: None, handover: None, named })
 }
 
 /// Called once the server watches its socket, before it accepts anyone: takes over the live

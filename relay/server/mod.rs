@@ -213,6 +213,8 @@ pub struct Server {
     /// When the resets `full_unsaid` counts are said, if no further one says them first.
     full_unsaid_due: Option<Instant>,
     drain_deadline: Option<Instant>,
+    /// The signal that started this process's stop (drain or handover), for the log.
+    stopped_by: Option<&'static str>,
     /// When a drain logs where its remaining pairs stand.
     drain_report: Option<Instant>,
     /// Set once every pair and waiting client went to the process that took over (`hand_over`).
@@ -336,6 +338,7 @@ impl Server {
             full_unsaid: 0,
             full_unsaid_due: None,
             drain_deadline: None,
+            stopped_by: None,
             drain_report: None,
             handed_over: false,
             datapath_due: None,
@@ -1291,11 +1294,18 @@ impl Server {
                 continue;
             }
             if self.drain_deadline.is_some() {
-                let again = if signal == SIGQUIT { "" } else { " again" };
+                // Any stop signal cuts a drain short, not only the one that started it: named as
+                // such (`SIGINT after SIGHUP`, where it said "SIGINT again": an operator's pass).
+                let again = match self.stopped_by {
+                    _ if signal == SIGQUIT => String::new(),
+                    Some(first) if first != name => format!(" after {first}"),
+                    _ => " again".into(),
+                };
                 log::warn!("{name}{again}: closing {} live pair(s) now", self.threads.pairs());
                 self.close_all_now(name);
                 continue;
             }
+            self.stopped_by = Some(name);
             let status = match signal {
                 SIGUSR2 => format!("handing {} live pair(s) over to the skrelay that took over", self.threads.pairs()),
                 _ => format!("draining {} live pair(s)", self.threads.pairs()),

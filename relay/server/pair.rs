@@ -445,7 +445,7 @@ impl Pair {
             // Its streams were cut: they stay armed to reset (see `Pair::new`).
             Ending::Drained => "reset at the drain timeout".to_string(),
             Ending::CutBySignal("SIGQUIT") => "reset: SIGQUIT stops at once".to_string(),
-            Ending::CutBySignal(signal) => format!("reset: {signal} again while draining"),
+            Ending::CutBySignal(signal) => format!("reset: {signal} while draining"),
             // At least: the last byte moved at most one look (a tenth of the timeout) earlier.
             Ending::Idle(idle) => format!("reset: idle for at least {:.3}s (--idle-timeout)", idle.as_secs_f64()),
             Ending::Reset { end, error } => {
