@@ -326,7 +326,7 @@ pub struct SpliceArgs {
     /// flight, counters) and its clients waiting for a partner or an upstream, and exits. No
     /// client is refused meanwhile. If the handover cannot be done (other flags, a differently
     /// built kernel datapath), PID keeps its pairs and drains them. Needs the right to ptrace PID
-    /// (root or CAP_SYS_PTRACE); not with --ports.
+    /// (root, PID's own user, or CAP_SYS_PTRACE); not with --ports.
     #[arg(long, value_name = "PID", value_parser = clap::value_parser!(i32).range(1..))]
     pub takeover: Option<i32>,
     /// Event loops, one thread each; a pair is served by one loop for its life. The first loop
