@@ -344,8 +344,8 @@ impl Process {
         Some(Process { pid, start })
     }
 
-    /// Still running: the same process, and not a zombie (killed, its parent not yet told: a
-    /// helper's pass saw `status` call a killed run "running" for a second).
+    /// Still running: the same process, and not exiting nor a zombie (killed, its parent not yet
+    /// told: a helper's pass saw `status` call a killed run "running" for a second).
     pub fn alive(&self) -> bool {
         Self::of(self.pid) == Some(*self) && !crate::sys::exiting(self.pid)
     }
