@@ -795,6 +795,58 @@ fn steering_set_up_under_ip_netns_exec_outlives_the_command() {
     assert!(ns.exec(&["python3", "-c", probe, "6803"]).status.success(), "port 6803 is not steered");
 }
 
+/// Root without CAP_SYS_PTRACE under `ip netns exec` cannot open the pinned state, and sees the
+/// steering link from outside, all its bindings in one map. A relay on 127.0.0.1:7778 was warned
+/// that it "gets none of them" because one binding had port 7778 (on 10.0.0.0/8 only) and another
+/// the prefix 0.0.0.0/0 (for port 9000), and the warning said "--ports" of `steer add` bindings (a
+/// re-check pass). A (prefix, port) pair must match, and a pinned link is no process's --ports.
+#[test]
+fn a_binding_seen_from_outside_its_bpffs_warns_only_where_it_steers() {
+    if !require_bpf("steering seen from outside its bpffs") || !require_tool("pinned outside", "setpriv") {
+        return;
+    }
+    let ns = NamedNetns::new("outside");
+    let _target = Reaper(
+        Command::new("ip")
+            .args(["netns", "exec", &ns.0, "python3", "-c"])
+            .arg("import socket,time; l=socket.socket(); l.bind(('127.0.0.1',6820)); l.listen(); time.sleep(30)")
+            .spawn()
+            .expect("python3"),
+    );
+    let probe = "import socket,sys,time\nfor i in range(100):\n  try:\n    socket.create_connection(('127.0.0.1',6820),2); sys.exit(0)\n  except OSError: time.sleep(0.05)\nsys.exit(1)";
+    assert!(ns.exec(&["python3", "-c", probe]).status.success(), "the target did not start");
+    for add in [["--ports", "6821", "--addr", "10.0.0.0/8"], ["--ports", "6822", "--addr", "0.0.0.0/0"]] {
+        let (code, out) = ns.skrelay(&[&["steer", "add", "--to", "127.0.0.1:6820"][..], &add[..]].concat());
+        assert_eq!(code, 0, "{out}");
+    }
+    let relay_on = |port: &str| {
+        let listen = format!("127.0.0.1:{port}");
+        let out = ns.exec(&[
+            "setpriv",
+            "--bounding-set=-sys_ptrace",
+            "--inh-caps=-sys_ptrace",
+            "timeout",
+            "-s",
+            "INT",
+            "1",
+            SKRELAY,
+            "relay",
+            "--datapath",
+            "userspace",
+            "--threads",
+            "1",
+            "--listen",
+            &listen,
+        ]);
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let log = relay_on("6821");
+    assert!(log.contains("listening on") && !log.contains("gets none of them"), "{log}");
+    let log = relay_on("6822");
+    assert!(log.contains("steering pinned in a bpffs this mount namespace does not see"), "{log}");
+    assert!(log.contains("takes port 6822, which takes those connections") && !log.contains("--ports"), "{log}");
+}
+
 /// A service user (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON) under `ip netns exec` sees no process
 /// outside its mount namespace, so it tried to mount a bpffs on the fresh /sys and was told to
 /// mount one as root, which would have vanished with the command too. It is told that `nsenter

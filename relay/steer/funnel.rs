@@ -111,6 +111,10 @@ pub struct Running {
     /// The addresses it steers: one prefix, or [::] and 0.0.0.0 for a dual-stack listener.
     pub prefixes: Vec<Prefix>,
     pub ports: Vec<u16>,
+    /// Each (prefix, port) it steers: a link holding several bindings (pinned steering seen from
+    /// outside its bpffs) does not steer every port at every prefix (a re-check pass: a /8
+    /// binding's prefix and another binding's port made a false "gets none of them").
+    pub entries: Vec<(Prefix, u16)>,
     pub hits: u64,
     /// No process holds the link, so it is pinned: steering set up with `steer add` in a bpffs
     /// this mount namespace does not see (known only to root, who can look at every process).
@@ -235,9 +239,11 @@ pub fn running() -> Vec<Running> {
             continue;
         }
         let mut prefixes: Vec<Prefix> = Vec::new();
+        let mut entries = Vec::new();
         for k in &keys {
             let m = k.data();
             let p = Prefix::from_raw(m.family, m.addr, (k.prefix_len().saturating_sub(32)) as u8);
+            entries.push((p, m.port));
             if !prefixes.contains(&p) {
                 prefixes.push(p);
             }
@@ -252,7 +258,16 @@ pub fn running() -> Vec<Running> {
             .and_then(|a| a.get(&BINDING, 0).ok())
             .map(|v| v.iter().map(|c| c.hits).sum())
             .unwrap_or(0);
-        found.push(Running { link_id: id, pid: None, target: None, prefixes, ports, hits, pinned_elsewhere: false });
+        found.push(Running {
+            link_id: id,
+            pid: None,
+            target: None,
+            prefixes,
+            ports,
+            entries,
+            hits,
+            pinned_elsewhere: false,
+        });
     }
     if !found.is_empty() {
         owners(&mut found);
@@ -413,10 +428,9 @@ pub fn taken_from(addr: SocketAddr) -> Option<TakenBy> {
         here.push(Prefix::any(false));
     }
     let meets = |p: &Prefix| here.iter().any(|h| prefixes_meet(h, p));
-    if let Some(other) =
-        running().into_iter().find(|o| o.prefixes.iter().any(meets) && o.ports.binary_search(&port).is_ok())
-    {
-        return Some(TakenBy::Known(format!("{} takes port {port} with its --ports", other.owner())));
+    if let Some(other) = running().into_iter().find(|o| o.entries.iter().any(|(p, q)| *q == port && meets(p))) {
+        let with = if other.pid.is_none() { "" } else { " with its --ports" };
+        return Some(TakenBy::Known(format!("{} takes port {port}{with}", other.owner())));
     }
     let st = match state::State::open_read_only() {
         Ok(st) => st?,
