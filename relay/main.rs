@@ -45,9 +45,15 @@ fn main() {
     // `RUST_LOG=debug` asks for skrelay's own lines (one per connection); the BPF loader's
     // internals (about 50 lines a loop: feature detection, BTF fix-ups, relocations) drowned them
     // (a helper's README pass). They stay at info unless RUST_LOG names the loader (`aya=debug`).
+    // Each loader module the user did not name itself (`aya::programs=info` named neither
+    // whole, and brought back the flood: a re-check pass).
     if loader_quieted(&filters) {
         for loader in ["aya", "aya_obj"] {
-            log.filter_module(loader, log::LevelFilter::Info);
+            let named =
+                filters.split('/').next().unwrap_or_default().split(',').any(|d| d.split('=').next() == Some(loader));
+            if !named {
+                log.filter_module(loader, log::LevelFilter::Info);
+            }
         }
     }
     // The commands that serve clients never wait for their log's reader (`log_sink`).
@@ -60,8 +66,9 @@ fn main() {
         log.target(env_logger::Target::Pipe(skrelay::log_sink::start()));
     }
     log.init();
+    // At error: `error,skrelay=dbug` filtered out the warning that said the typo was dropped.
     if !ignored.is_empty() {
-        log::warn!(
+        log::error!(
             "RUST_LOG: ignored `{}` (give a level: off, error, warn, info, debug or trace, or MODULE=LEVEL for \
              skrelay or aya)",
             ignored.join("`, `")
@@ -117,15 +124,13 @@ fn say(sentence: &str) {
     let _ = writeln!(std::io::stderr(), "skrelay: {sentence}");
 }
 
-/// Whether RUST_LOG (`spec`) sets every module to debug or trace without naming the BPF loader
-/// (aya): then the loader's lines are kept at info.
-fn loader_quieted(spec: &str) -> bool {
-    let filters = spec.split('/').next().unwrap_or_default();
-    !filters.contains("aya")
-        && filters.split(',').any(|d| {
-            let d = d.trim();
-            d.eq_ignore_ascii_case("debug") || d.eq_ignore_ascii_case("trace")
-        })
+/// Whether the filters set every module to debug or trace: then the BPF loader's lines are kept
+/// at info, except in a module the user named (`main`).
+fn loader_quieted(filters: &str) -> bool {
+    filters.split('/').next().unwrap_or_default().split(',').any(|d| {
+        let d = d.trim();
+        d.eq_ignore_ascii_case("debug") || d.eq_ignore_ascii_case("trace")
+    })
 }
 
 /// What env_logger is given for RUST_LOG (`spec`), and the directives dropped from it: a
@@ -141,18 +146,21 @@ fn log_filters(spec: &str) -> (String, Vec<String>) {
     };
     let (mut kept, mut dropped, mut global) = (Vec::new(), Vec::new(), false);
     for d in directives.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-        let fine = match d.split_once('=') {
-            Some((module, level)) => ours(module.trim()) && is_level(level.trim()),
+        // Kept as env_logger reads it: `skrelay = debug` named a module "skrelay " (a re-check
+        // pass), so the spaces go.
+        let kept_as = match d.split_once('=') {
+            Some((module, level)) => {
+                (ours(module.trim()) && is_level(level.trim())).then(|| format!("{}={}", module.trim(), level.trim()))
+            }
             None if is_level(d) => {
                 global = true;
-                true
+                Some(d.to_string())
             }
-            None => ours(d),
+            None => ours(d).then(|| d.to_string()),
         };
-        if fine {
-            kept.push(d.to_string());
-        } else {
-            dropped.push(d.to_string());
+        match kept_as {
+            Some(k) => kept.push(k),
+            None => dropped.push(d.to_string()),
         }
     }
     if !global {
@@ -183,6 +191,7 @@ mod tests {
         assert_eq!(f("skrelay=dbug"), ("info".into(), vec!["skrelay=dbug".into()]));
         assert_eq!(f("skrelay::server=trace"), ("info,skrelay::server=trace".into(), vec![]));
         assert_eq!(f("aya=trace,debug"), ("aya=trace,debug".into(), vec![]));
+        assert_eq!(f("skrelay = debug"), ("info,skrelay=debug".into(), vec![]));
         assert_eq!(f("skrelay,warn/pair"), ("skrelay,warn/pair".into(), vec![]));
     }
 
@@ -190,7 +199,6 @@ mod tests {
     fn the_loader_is_quieted_only_under_a_global_debug_that_does_not_name_it() {
         use super::loader_quieted;
         assert!(loader_quieted("debug") && loader_quieted("TRACE") && loader_quieted("warn,debug"));
-        assert!(!loader_quieted("debug,aya=debug") && !loader_quieted("aya_obj=trace,debug"));
         assert!(!loader_quieted("") && !loader_quieted("info") && !loader_quieted("skrelay=debug"));
     }
 }

@@ -393,7 +393,10 @@ pub fn pinned_exposition() -> Result<String, Error> {
         ))
     };
     if let Some(why) = accel["out_of_reach"].as_str() {
-        return Err(Error::Usage(format!("cannot read skrelay's pinned state: {why} (run `skrelay metrics` as root)")));
+        return Err(Error::Usage(format!(
+            "cannot read skrelay's pinned state: {why} (run `skrelay metrics` {})",
+            crate::bpffs::run_as()
+        )));
     }
     if !steer["unreadable"].is_null() {
         return Err(unreadable("steer", &steer["unreadable"]["pins"]));

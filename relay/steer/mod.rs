@@ -618,8 +618,9 @@ impl Status {
         let mut lines = Vec::new();
         match &self.pinned {
             None if let Some(u) = self.unreadable.as_ref().filter(|u| !u.pinned) => lines.push(format!(
-                "steer: cannot tell whether bindings are pinned: {}: run `skrelay status` as root to see them",
-                u.error
+                "steer: cannot tell whether bindings are pinned: {}: run `skrelay status` {} to see them",
+                u.error,
+                crate::bpffs::run_as()
             )),
             None if let Some(u) = &self.unreadable => lines.push(format!(
                 "steer: state pinned at {} is not readable without root ({}): run `skrelay status` as root to \
