@@ -845,6 +845,22 @@ fn a_binding_seen_from_outside_its_bpffs_warns_only_where_it_steers() {
     let log = relay_on("6822");
     assert!(log.contains("steering pinned in a bpffs this mount namespace does not see"), "{log}");
     assert!(log.contains("takes port 6822, which takes those connections") && !log.contains("--ports"), "{log}");
+    // Nor can it read root's python3's descriptors: it was told no process holds the socket.
+    let out = ns.exec(&[
+        "setpriv",
+        "--bounding-set=-sys_ptrace",
+        "--inh-caps=-sys_ptrace",
+        SKRELAY,
+        "steer",
+        "add",
+        "--ports",
+        "6823",
+        "--to",
+        "127.0.0.1:6820",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot be read without CAP_SYS_PTRACE") && !err.contains("no process"), "{err}");
 }
 
 /// A service user (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON) under `ip netns exec` sees no process

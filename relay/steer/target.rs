@@ -102,12 +102,20 @@ impl Target {
         let (pid, fd) = find_owner(inode).map_err(|hidden| {
             if hidden > 0 {
                 // The socket is there; we may not look into the processes that could hold it.
-                Error::Usage(format!(
-                    "cannot find which process holds the {} socket at {addr}: the descriptors of {hidden} \
-                     process(es) of other users cannot be read without root or CAP_DAC_READ_SEARCH (run as root, or \
-                     give --pid and --fd of a process of yours)",
-                    proto.name()
-                ))
+                match rustix::process::geteuid().is_root() {
+                    true => Error::Usage(format!(
+                        "cannot find which process holds the {} socket at {addr}: the descriptors of {hidden} \
+                         process(es) cannot be read without CAP_SYS_PTRACE, which taking the socket needs too (run \
+                         it with CAP_SYS_PTRACE)",
+                        proto.name()
+                    )),
+                    false => Error::Usage(format!(
+                        "cannot find which process holds the {} socket at {addr}: the descriptors of {hidden} \
+                         process(es) of other users cannot be read without root or CAP_DAC_READ_SEARCH (run as \
+                         root, or give --pid and --fd of a process of yours)",
+                        proto.name()
+                    )),
+                }
             } else {
                 Error::Usage(format!(
                     "no process of this machine holds the {} socket at {addr} (is it in another pid namespace?): \
@@ -350,13 +358,22 @@ fn find_owner(inode: u64) -> Result<(i32, i32), usize> {
             }
             Err(_) => continue,
         };
+        // Listing the descriptors may be allowed where reading them is not (root without
+        // CAP_SYS_PTRACE looking at another root process): hidden too, not "no process holds
+        // it" (a re-check pass).
+        let mut unreadable = false;
         for e in fds.flatten() {
-            if std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == want.as_str()) {
-                if let Some(fd) = e.file_name().to_str().and_then(|s| s.parse().ok()) {
-                    return Ok((pid, fd));
+            match std::fs::read_link(e.path()) {
+                Ok(l) if l.as_os_str() == want.as_str() => {
+                    if let Some(fd) = e.file_name().to_str().and_then(|s| s.parse().ok()) {
+                        return Ok((pid, fd));
+                    }
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => unreadable = true,
+                _ => {}
             }
         }
+        hidden += usize::from(unreadable);
     }
     Err(hidden)
 }
