@@ -641,7 +641,11 @@ fn parse_target(s: &str) -> Result<SocketAddr, String> {
         s.rsplit_once(':').filter(|(h, _)| h.parse::<std::net::IpAddr>().is_ok() || h.starts_with('['))
     {
         let digits = port.strip_prefix(['+', '-']).unwrap_or(port);
-        if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) && !matches!(port.parse::<u16>(), Ok(1..)) {
+        let signed = digits.len() < port.len();
+        if !digits.is_empty()
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && (signed || !matches!(port.parse::<u16>(), Ok(1..)))
+        {
             // Said of TCP and UDP alike: the parser does not know --proto.
             return Err(format!(
                 "`{s}`: `{port}` is not the port of a socket to steer to (ports are 1 to 65535; give the address and \
@@ -812,6 +816,9 @@ mod tests {
         assert!(parse_target("127.0.0.1:x").unwrap_err().contains("is not IP:PORT"));
         assert!(parse_target("[fe80::1%lo]:0").unwrap_err().contains("is not the port of a socket to steer to"));
         assert!(parse_target("127.0.0.1:-1").unwrap_err().contains("`-1` is not the port of a socket to steer to"));
+        assert!(parse_target("127.0.0.1:+7001")
+            .unwrap_err()
+            .contains("`+7001` is not the port of a socket to steer to"));
         for fine in ["[::1]:7777", "127.0.0.1:7777", "[fe80::1%1]:7777", "[::ffff:127.0.0.1]:7777"] {
             assert_eq!(misbracketed(fine), None, "{fine}");
         }

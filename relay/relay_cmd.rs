@@ -160,19 +160,21 @@ pub fn check_descriptors() -> Result<(), Error> {
 /// Warns when connections to `addr`, where this process listens (`flag`), go elsewhere: another
 /// process's `--ports` or a `skrelay steer` binding takes them first.
 pub fn warn_if_taken_away(addr: SocketAddr, flag: &str) {
+    // `--listen ADDR`, or `the socket systemd passed (ADDR)`.
+    let subject = if flag.starts_with("--") { format!("{flag} {addr}") } else { format!("{flag} ({addr})") };
     match crate::steer::funnel::taken_from(addr) {
         Some(TakenBy::Known(who)) => log::warn!(
-            "{flag} {addr}: {who}, which takes those connections before this listener sees them: it gets none of \
+            "{subject}: {who}, which takes those connections before this listener sees them: it gets none of \
              them while that lasts (listen on another port, or remove that steering)"
         ),
         Some(TakenBy::Unreadable) => log::warn!(
-            "{flag} {addr}: `skrelay steer` has bindings in this network namespace that this user cannot read; \
+            "{subject}: `skrelay steer` has bindings in this network namespace that this user cannot read; \
              if one takes port {}, this listener gets none of its connections (check with `skrelay steer list` \
              as root)",
             addr.port()
         ),
         Some(TakenBy::OutOfReach) => log::warn!(
-            "{flag} {addr}: this user cannot tell whether `skrelay steer` has bindings in this network namespace \
+            "{subject}: this user cannot tell whether `skrelay steer` has bindings in this network namespace \
              (its state is in the mount namespace outside this one, which only {} can look into); if one takes port \
              {}, this listener gets none of its connections (check with `skrelay steer list` {})",
             crate::bpffs::outside_who(),
@@ -310,7 +312,7 @@ pub fn listening(
             listener: TcpListener::from_std(taken.listener),
             metrics: taken.metrics,
             handover: Some(taken.handover),
-            named: "the listening socket taken over,",
+            named: "the listening socket taken over",
         });
     }
     let (listener, named) = match systemd::listener()? {
@@ -318,7 +320,7 @@ pub fn listening(
             let addr = l.local_addr().map_or("?".into(), |a| a.to_string());
             let ignored = if listen_given { format!("; --listen {listen} is not used") } else { String::new() };
             log::info!("serving the socket systemd passed ({addr}){ignored}");
-            (TcpListener::from_std(l), "the socket systemd passed,")
+            (TcpListener::from_std(l), "the socket systemd passed")
         }
         None => (server::listen(listen)?, "--listen"),
     };
