@@ -91,6 +91,11 @@ pub fn unavailable(step: &str, err: &(dyn std::error::Error + 'static)) -> Error
             "skrelay needs Linux 5.10 or newer with CONFIG_BPF_STREAM_PARSER; use --datapath userspace on this kernel"
                 .to_string(),
         ),
+        // Opening or reading pinned state loads nothing (`skrelay metrics` at its limit said it
+        // could not load BPF programs: a re-check pass).
+        Some(libc::EMFILE) | Some(libc::ENFILE) if step.starts_with("open ") || step.starts_with("read ") => {
+            return Error::Usage(format!("cannot {step}: too many open files ({})", crate::error::RAISE_NOFILE));
+        }
         Some(libc::EMFILE) | Some(libc::ENFILE) => {
             (format!("too many open files while trying to {step}"), crate::error::RAISE_NOFILE.to_string())
         }
