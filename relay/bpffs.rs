@@ -101,6 +101,20 @@ pub fn root() -> Result<PathBuf, Error> {
         base = outer;
     }
     let base = base.as_path();
+    // Under `ip netns exec` (its sysfs on /sys) with the outer namespace out of sight (root
+    // without CAP_SYS_PTRACE cannot tell it runs in one of its own): a bpffs mounted here would
+    // vanish with the command, and `steer add` said "bound" for steering gone a moment later (a
+    // re-check pass).
+    if !is_bpffs(base) && sysfs_of_a_netns() && rustix::process::geteuid().is_root() {
+        let name = ip_netns_exec_name().unwrap_or_else(|| "NAME".into());
+        return Err(Error::Usage(format!(
+            "cannot pin skrelay's state: under `ip netns exec {name}` this command has a /sys of its own, where a \
+             bpffs would vanish with it, and only {} can reach the host's (run it {}, or join the namespace \
+             without a mount namespace of its own: `nsenter --net=/run/netns/{name}`)",
+            outside_who(),
+            run_as()
+        )));
+    }
     if !is_bpffs(base) {
         let _ = std::fs::create_dir_all(base);
         let mounted = rustix::mount::mount("bpf", BPFFS, "bpf", rustix::mount::MountFlags::empty(), None);
@@ -211,10 +225,12 @@ pub fn out_of_reach() -> Option<String> {
     ))
 }
 
-/// Whether this process can read PID 1's mount namespace (root with CAP_SYS_PTRACE, or a
-/// user that owns PID 1): else it cannot tell whether it runs in a namespace of its own.
-pub fn can_see_mount_ns_of_pid_1() -> bool {
-    mount_ns("1").is_some()
+/// Whether this process may look into other root processes (root with CAP_SYS_PTRACE
+/// effective): their descriptors, and the mount namespace outside this one.
+pub fn can_look_outside() -> bool {
+    const CAP_SYS_PTRACE: u32 = 19;
+    rustix::process::geteuid().is_root()
+        && crate::sys::effective_capabilities(Path::new("/proc/self")).is_some_and(|c| c & (1 << CAP_SYS_PTRACE) != 0)
 }
 
 /// Who may look into the mount namespace outside this one (through /proc/PID/root, which takes

@@ -49,8 +49,14 @@ fn main() {
     // whole, and brought back the flood: a re-check pass).
     if loader_quieted(&filters) {
         for loader in ["aya", "aya_obj"] {
-            let named =
-                filters.split('/').next().unwrap_or_default().split(',').any(|d| d.split('=').next() == Some(loader));
+            // env_logger matches by prefix: `aya` names aya_obj too.
+            let named = filters
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .split(',')
+                .filter_map(|d| d.split('=').next())
+                .any(|module| matches!(module, "aya" | "aya_obj") && loader.starts_with(module));
             if !named {
                 log.filter_module(loader, log::LevelFilter::Info);
             }
@@ -66,13 +72,14 @@ fn main() {
         log.target(env_logger::Target::Pipe(skrelay::log_sink::start()));
     }
     log.init();
-    // At error: `error,skrelay=dbug` filtered out the warning that said the typo was dropped.
+    // Straight to standard error: at any level `error,skrelay=dbug` or a regex (`/listening`)
+    // could filter out the line that says the typo was dropped (re-check passes).
     if !ignored.is_empty() {
-        log::error!(
+        say(&format!(
             "RUST_LOG: ignored `{}` (give a level: off, error, warn, info, debug or trace, or MODULE=LEVEL for \
-             skrelay or aya)",
+             skrelay or aya, and at most one /REGEX)",
             ignored.join("`, `")
-        );
+        ));
     }
     let result = match cli.command {
         Command::Relay(args) => skrelay::relay_cmd::run(args).map(|()| String::new()),
@@ -167,8 +174,11 @@ fn log_filters(spec: &str) -> (String, Vec<String>) {
         kept.insert(0, "info".into());
     }
     let mut filters = kept.join(",");
-    if let Some(regex) = regex {
-        filters = format!("{filters}/{regex}");
+    match regex {
+        // env_logger refuses a second '/' and then logs errors alone (a re-check pass).
+        Some(regex) if regex.contains('/') => dropped.push(format!("/{regex}")),
+        Some(regex) => filters = format!("{filters}/{regex}"),
+        None => {}
     }
     (filters, dropped)
 }
@@ -193,6 +203,7 @@ mod tests {
         assert_eq!(f("aya=trace,debug"), ("aya=trace,debug".into(), vec![]));
         assert_eq!(f("skrelay = debug"), ("info,skrelay=debug".into(), vec![]));
         assert_eq!(f("skrelay,warn/pair"), ("skrelay,warn/pair".into(), vec![]));
+        assert_eq!(f("info/a/b"), ("info".into(), vec!["/a/b".into()]));
     }
 
     #[test]

@@ -164,8 +164,8 @@ pub fn warn_if_taken_away(addr: SocketAddr, flag: &str) {
     let subject = if flag.starts_with("--") { format!("{flag} {addr}") } else { format!("{flag} ({addr})") };
     match crate::steer::funnel::taken_from(addr) {
         Some(TakenBy::Known(who)) => log::warn!(
-            "{subject}: {who}, which takes those connections before this listener sees them: it gets none of \
-             them while that lasts (listen on another port, or remove that steering)"
+            "{subject}: {who}, which takes the connections it covers before this listener sees them: it gets \
+             none of those while that lasts (listen on another port, or remove that steering)"
         ),
         Some(TakenBy::Unreadable) => log::warn!(
             "{subject}: `skrelay steer` has bindings in this network namespace that this user cannot read; \

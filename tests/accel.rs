@@ -1375,7 +1375,7 @@ fn a_proxy_moved_into_an_accelerated_cgroup_resets_new_clients() {
     let (code, err) =
         exit_within(&cg, cg_command(&cg, &["proxy", "--upstream", &format!("127.0.0.1:{up}"), "--takeover", &pid]));
     assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains(&format!("leave out {port},{up})")), "{err}");
+    assert!(err.contains(&format!("leave out this proxy's ports, {port},{up})")), "{err}");
     // Moved in again, then the cgroup is no longer accelerated: served again without a move
     // (clients stayed reset after `accel off`: a re-check pass).
     std::fs::write(cg.path().join("cgroup.procs"), proxy.pid().to_string()).unwrap();

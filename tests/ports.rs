@@ -223,7 +223,7 @@ fn a_listener_on_a_port_steered_elsewhere_is_warned_about() {
     }
     let _first = Skrelay::start(&["relay", "--listen", "127.0.0.1:7020", "--ports", "7021,7022"]);
     let second = Skrelay::start(&["relay", "--listen", "127.0.0.1:7021", "--metrics", "127.0.0.1:7022"]);
-    second.wait_log("takes those connections", 2, Duration::from_secs(5));
+    second.wait_log("takes the connections it covers", 2, Duration::from_secs(5));
     let log = second.log();
     // The --listen warning comes before the start line, which would read as fully working (a
     // stranger pass); only after a takeover's handover does it come later.
@@ -236,7 +236,7 @@ fn a_listener_on_a_port_steered_elsewhere_is_warned_about() {
     let target = TcpListener::bind("127.0.0.1:7030").unwrap();
     skrelay_ok(&["steer", "add", "--ports", "7031", "--to", "127.0.0.1:7030"]);
     let proxy = Skrelay::start(&["proxy", "--listen", "127.0.0.1:7031", "--upstream", "127.0.0.1:7030"]);
-    proxy.wait_log("takes those connections", 1, Duration::from_secs(5));
+    proxy.wait_log("takes the connections it covers", 1, Duration::from_secs(5));
     let log = proxy.log();
     drop(proxy);
     // A service user cannot read root's bindings; it was told nothing and got no connection.
@@ -259,7 +259,7 @@ fn a_listener_on_a_port_steered_elsewhere_is_warned_about() {
     // A port nobody steers: no such line.
     let quiet = Skrelay::start(&["relay", "--listen", "127.0.0.1:7040"]);
     std::thread::sleep(Duration::from_millis(500));
-    assert!(!quiet.log().contains("takes those connections"), "{}", quiet.log());
+    assert!(!quiet.log().contains("takes the connections it covers"), "{}", quiet.log());
 }
 
 /// A service user's `--ports` (CAP_BPF and CAP_NET_ADMIN, no CAP_PERFMON, as the contrib units

@@ -47,9 +47,9 @@ pub fn v2_mount() -> Result<PathBuf, Error> {
                  own, without one, and only {who} can look into the host's (run it {how})"
             ));
         }
-        // PID 1's mount namespace out of sight: this may be a namespace of its own (`unshare -m`
+        // Without the right to look outside: this may be a namespace of its own (`unshare -m`
         // with a fresh sysfs), whose outside only `who` could search.
-        if !crate::bpffs::can_see_mount_ns_of_pid_1() {
+        if !crate::bpffs::can_look_outside() {
             return Error::Usage(format!(
                 "no cgroup v2 hierarchy is mounted in this command's mount namespace, and only {who} can look \
                  into the host's, if this is another (run it {how}, or mount one with `mount -t cgroup2 none \

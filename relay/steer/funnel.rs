@@ -144,7 +144,12 @@ impl Running {
                 "steering pinned in a bpffs this mount namespace does not see (sk_lookup link {})",
                 self.link_id
             ),
-            None => format!("the process holding sk_lookup link {}", self.link_id),
+            // Its holder's descriptors out of sight (another user's, or root's to root without
+            // CAP_SYS_PTRACE): a running --ports funnel, or steering pinned elsewhere.
+            None => format!(
+                "sk_lookup link {} (a process's --ports, or steering pinned in a bpffs out of sight)",
+                self.link_id
+            ),
         }
     }
 
@@ -243,7 +248,10 @@ pub fn running() -> Vec<Running> {
         for k in &keys {
             let m = k.data();
             let p = Prefix::from_raw(m.family, m.addr, (k.prefix_len().saturating_sub(32)) as u8);
-            entries.push((p, m.port));
+            // TCP only: a UDP binding takes no connection from a listener (a re-check pass).
+            if m.proto == libc::IPPROTO_TCP as u8 {
+                entries.push((p, m.port));
+            }
             if !prefixes.contains(&p) {
                 prefixes.push(p);
             }
@@ -272,7 +280,9 @@ pub fn running() -> Vec<Running> {
     if !found.is_empty() {
         owners(&mut found);
         // Root sees every process's descriptors: a link none of them holds lives by its pin.
-        let root = rustix::process::geteuid().is_root();
+        // Not root without CAP_SYS_PTRACE, which cannot read them (a running relay's --ports
+        // was called pinned steering: a re-check pass).
+        let root = crate::bpffs::can_look_outside();
         found.iter_mut().for_each(|f| f.pinned_elsewhere = root && f.pid.is_none());
     }
     let me = std::process::id();

@@ -111,8 +111,8 @@ impl Target {
                     )),
                     false => Error::Usage(format!(
                         "cannot find which process holds the {} socket at {addr}: the descriptors of {hidden} \
-                         process(es) of other users cannot be read without root or CAP_DAC_READ_SEARCH (run as \
-                         root, or give --pid and --fd of a process of yours)",
+                         process(es) of other users cannot be read without root (run as root, or give --pid and \
+                         --fd of a process of yours)",
                         proto.name()
                     )),
                 }
