@@ -1,6 +1,6 @@
 //! The `skrelay` binary: parses the command line, dispatches, and prints what the command
 //! returns; all work is in the library, which never prints or exits.
-use skrelay::cli::{AccelCommand, Cli, Command};
+use skrelay::cli::{AccelCommand, Cli, Command, SteerCommand};
 
 /// An allocation that fails ends skrelay with a sentence and exit 2, not an abort.
 #[global_allocator]
@@ -80,6 +80,20 @@ fn main() {
              skrelay or aya, and at most one /REGEX)",
             ignored.join("`, `")
         ));
+    }
+    // The commands that only report pinned state: short of descriptors, what they could not open
+    // read as state that is not there. (Those that change it fail with the error, and leave
+    // nothing half done; relay and proxy check their own descriptors.)
+    let reads_state = match &cli.command {
+        Command::Accel(AccelCommand::Status { .. }) => Some("accel status"),
+        Command::Steer(SteerCommand::List(_)) => Some("steer list"),
+        Command::Status(_) => Some("status"),
+        Command::Metrics(_) => Some("metrics"),
+        _ => None,
+    };
+    if let Some(Err(e)) = reads_state.map(skrelay::relay_cmd::command_descriptors) {
+        say(&e.to_string());
+        std::process::exit(e.exit_code());
     }
     let result = match cli.command {
         Command::Relay(args) => skrelay::relay_cmd::run(args).map(|()| String::new()),

@@ -122,6 +122,25 @@ pub fn open(
 /// left serves almost nobody, in silence (a helper's churn pass: 1 spare under `ulimit -n 34`).
 const FEW_DESCRIPTORS: u64 = 256;
 
+/// The fewest descriptors the commands that report pinned state (status, steer list, accel
+/// status, metrics) need: under fewer, a map, a link or a /proc file that could not be opened was taken
+/// for state that is not there (`steer list` showed live targets as gone with 0 hits, exit 0;
+/// `accel status` blamed another skrelay version: a re-check pass at `prlimit --nofile=9`).
+pub const COMMAND_DESCRIPTORS: u64 = 32;
+
+/// Refuses to run `command` under a soft RLIMIT_NOFILE below `COMMAND_DESCRIPTORS`.
+pub fn command_descriptors(command: &str) -> Result<(), Error> {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(u64::MAX);
+    if limit < COMMAND_DESCRIPTORS {
+        return Err(Error::Usage(format!(
+            "`skrelay {command}` needs at least {COMMAND_DESCRIPTORS} open files to read skrelay's state, and the \
+             limit is {limit} ({})",
+            crate::error::RAISE_NOFILE
+        )));
+    }
+    Ok(())
+}
+
 /// Warns when the descriptor limit (already raised to its hard limit, `Server::new`) leaves few
 /// for clients once this process's own are open, and refuses to start when not even one pair's
 /// two fit: such a relay accepted one client at a time and never its partner, resetting each at

@@ -830,3 +830,23 @@ fn a_log_reader_that_takes_nothing_stops_no_pair() {
     assert!(text.len() >= 60_000, "{} bytes of log", text.len());
     assert!(text.contains("listening on"), "{}", &text[..200]);
 }
+
+/// Short of descriptors, `steer list` showed live targets as gone with 0 hits and `status`
+/// exited 0 with them; `accel status` blamed another skrelay version (a re-check pass at
+/// `prlimit --nofile=9`). The reporting commands refuse under 32, saying why.
+#[test]
+fn reporting_commands_refuse_a_descriptor_limit_too_small_to_read_the_state() {
+    for (name, command) in [
+        ("status", &["status"][..]),
+        ("steer list", &["steer", "list"]),
+        ("accel status", &["accel", "status"]),
+        ("metrics", &["metrics", "--listen", "127.0.0.1:0"]),
+    ] {
+        let out = Command::new("prlimit").arg("--nofile=9:9").arg(SKRELAY).args(command).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {err}");
+        let said = format!("`skrelay {name}` needs at least 32 open files");
+        assert!(err.contains(&said) && err.contains("the limit is 9"), "{name}: {err}");
+        assert!(out.stdout.is_empty(), "{name}: nothing reported");
+    }
+}
