@@ -7,6 +7,7 @@ pub mod bpffs;
 pub mod cli;
 pub mod datapath;
 pub mod error;
+pub mod log_filter;
 pub mod log_sink;
 pub mod metrics;
 pub mod pairing;
