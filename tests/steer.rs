@@ -1652,3 +1652,44 @@ fn a_target_bound_to_one_interface_is_noted() {
     assert_eq!(code, 2, "{out}{err}");
     assert!(err.contains("no network interface with index 4000000"), "{err}");
 }
+
+/// A `steer reset` killed part-way (SIGKILL as it unpins each map in turn): the link goes first,
+/// so what is left steers nothing, and the next `steer add` clears it instead of taking it over.
+/// Before, the pins went in directory order, and the next add adopted what was left: a helper's
+/// pass had 59,000 stale ports steered to a new binding while `steer list` showed only it, or the
+/// old binding steering again, unlisted, or refusing everything as "(gone)".
+#[test]
+fn a_reset_killed_part_way_steers_nothing_and_the_next_add_starts_clean() {
+    let test = "a_reset_killed_part_way_steers_nothing_and_the_next_add_starts_clean";
+    let Some(_reset) = setup(test) else { return };
+    if !require_tool(test, "strace") {
+        return;
+    }
+    let _a = TcpListener::bind("127.0.0.1:6840").unwrap();
+    let b = TcpListener::bind("127.0.0.1:6850").unwrap();
+    for map in ["steer_ports", "steer_targets", "steer_bindings", "steer_stats", "steer_info"] {
+        ok(&["steer", "add", "--ports", "6841-6849", "--to", "127.0.0.1:6840"]);
+        let pin = format!("{}/{map}", state_dir());
+        let killed = Command::new("strace")
+            .args(["-f", "-o", "/dev/null", "-e", "trace=unlink,unlinkat", "-P", &pin])
+            .args(["-e", "inject=unlink,unlinkat:signal=SIGKILL", SKRELAY, "steer", "reset"])
+            .output()
+            .unwrap();
+        assert!(!killed.status.success(), "strace did not kill the reset at {map}: {killed:?}");
+        let left = pinned_files();
+        assert!(left.contains(&map.to_string()) && !left.contains(&"link".to_string()), "killed at {map}: {left:?}");
+        assert_eq!(sk_lookup_links(), 0, "killed at {map}: a link still steers");
+        assert!(refused("127.0.0.1:6845".parse().unwrap()), "killed at {map}: a port is still steered");
+
+        let (code, out, err) = skrelay_output(&["steer", "add", "--ports", "6845", "--to", "127.0.0.1:6850"]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains(" that an interrupted skrelay command left in"), "killed at {map}: {out}{err}");
+        assert!(refused("127.0.0.1:6844".parse().unwrap()), "killed at {map}: a stale port entry steers");
+        let _c = TcpStream::connect("127.0.0.1:6845").unwrap();
+        assert_eq!(who_accepted(&[&b]), Some(0), "killed at {map}");
+        let list = list_json();
+        assert_eq!(list.as_array().unwrap().len(), 1, "killed at {map}: {list}");
+        assert_eq!(list[0]["target"]["alive"], true, "killed at {map}: {list}");
+        ok(&["steer", "reset"]);
+    }
+}

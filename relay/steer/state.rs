@@ -277,11 +277,32 @@ impl State {
         let dir = dir()?;
         let lock = bpffs::StateLock::acquire(&dir)?;
         check_owner(&dir)?;
-        remove_if_stale(&dir)?;
+        if remove_if_stale(&dir)? {
+            // The directory, which the lock holds, went with the stale state: start again.
+            drop(lock);
+            return Self::open_or_create();
+        }
+        // Map pins without a link steer nothing: what a `steer reset` or a first set-up killed
+        // part-way left (`remove_all` unpins the link first). Their entries may be half removed,
+        // so they are cleared, not taken over.
+        let cleared = match exists(&dir) && !dir.join(LINK).exists() {
+            true => unpin_all(&dir)?,
+            false => 0,
+        };
         // A set-up that fails before its link is pinned (out of descriptors, say) leaves map pins
         // that steer nothing: a first one takes them back, leaving nothing behind.
         let fresh = !exists(&dir);
         match Self::set_up(&dir) {
+            Ok((maps, note)) if cleared > 0 => {
+                let cleared = format!(
+                    "removed {} that an interrupted skrelay command left in {} (without a link {} steered nothing)",
+                    if cleared == 1 { "1 pin".to_string() } else { format!("{cleared} pins") },
+                    sys::shown(&dir).display(),
+                    if cleared == 1 { "it" } else { "they" },
+                );
+                let note = Some(note.map_or(cleared.clone(), |n| format!("{cleared}; {n}")));
+                Ok((State { dir, maps, _lock: lock }, note))
+            }
             Ok((maps, note)) => Ok((State { dir, maps, _lock: lock }, note)),
             Err(e) => {
                 if fresh {
@@ -585,6 +606,17 @@ fn loader(dir: &Path) -> Result<Ebpf, aya::EbpfError> {
 /// Removes every pin in `dir` and the directory: the link goes with its last reference, which
 /// detaches the program; the maps go with the program.
 pub fn remove_all(dir: &Path) -> Result<usize, Error> {
+    let removed = unpin_all(dir)?;
+    match std::fs::remove_dir(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(Error::io(format!("cannot remove {}", dir.display()), e))
+        }
+        _ => Ok(removed),
+    }
+}
+
+/// Removes every pin in `dir`, the link first; keeps the directory (and so its lock).
+fn unpin_all(dir: &Path) -> Result<usize, Error> {
     check_owner(dir)?;
     let mut removed = 0;
     // A directory that cannot be listed (out of descriptors) is said as such: it went on to
@@ -595,16 +627,16 @@ pub fn remove_all(dir: &Path) -> Result<usize, Error> {
         Err(e) => return Err(Error::io(format!("cannot list {}", dir.display()), e)),
     };
     if let Some(entries) = entries {
-        for e in entries.flatten() {
-            std::fs::remove_file(e.path())
-                .map_err(|err| Error::io(format!("cannot unpin {}", e.path().display()), err))?;
+        // The link first: steering stops at once, and a command killed part-way leaves only maps,
+        // which steer nothing and which the next `steer add` clears (it used to take them over,
+        // stale port entries and all: a helper's pass found 59,000 ports steered that `steer
+        // list` did not show).
+        let mut pins: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        pins.sort_by_key(|p| p.file_name() != Some(std::ffi::OsStr::new(LINK)));
+        for pin in pins {
+            std::fs::remove_file(&pin).map_err(|err| Error::io(format!("cannot unpin {}", pin.display()), err))?;
             removed += 1;
         }
     }
-    match std::fs::remove_dir(dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(Error::io(format!("cannot remove {}", dir.display()), e))
-        }
-        _ => Ok(removed),
-    }
+    Ok(removed)
 }
