@@ -1310,3 +1310,99 @@ mod shell_arg_tests {
         assert_eq!(shell_arg(""), "''");
     }
 }
+
+/// A socket as the kernel's socket diagnostics (sock_diag, what `ss` reads) show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiagSocket {
+    /// TCP state numbers (`tcp_state_name`); an unconnected UDP socket is TCP_CLOSE (7), a
+    /// connected one TCP_ESTABLISHED (1).
+    pub state: u8,
+    pub inode: u32,
+}
+
+/// Every TCP (`protocol` IPPROTO_TCP) or UDP socket of this network namespace in one of the
+/// `states` (a mask of `1 << state`), IPv4 and IPv6, by socket cookie: what tells whether the
+/// socket a map holds is the one listening at an address, which /proc/net/tcp cannot (it has no
+/// cookies).
+pub fn diag_sockets(protocol: u8, states: u32) -> io::Result<std::collections::HashMap<u64, DiagSocket>> {
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const HEADER: usize = 16; // struct nlmsghdr
+    const MSG: usize = 72; // struct inet_diag_msg up to and with idiag_inode
+                           // SAFETY: plain system call; the descriptor is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG) };
+    check(fd as libc::c_long)?;
+    // SAFETY: fd was just returned by socket(2) and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut found = std::collections::HashMap::new();
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        // struct nlmsghdr, then struct inet_diag_req_v2 (family, protocol, ext, pad, states, and
+        // a zeroed struct inet_diag_sockid of 48 bytes: no filter).
+        let mut req = [0u8; HEADER + 56];
+        req[0..4].copy_from_slice(&((HEADER + 56) as u32).to_ne_bytes());
+        req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        req[6..8].copy_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+        req[8..12].copy_from_slice(&u32::from(family).to_ne_bytes());
+        req[HEADER] = family;
+        req[HEADER + 1] = protocol;
+        req[HEADER + 4..HEADER + 8].copy_from_slice(&states.to_ne_bytes());
+        // SAFETY: req is a valid buffer of its length.
+        check(unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } as libc::c_long)?;
+        let mut buf = vec![0u8; 32 * 1024];
+        'dump: loop {
+            // SAFETY: buf is a valid, writable buffer of its length.
+            let n =
+                check(unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) } as libc::c_long)?;
+            if n == 0 {
+                break;
+            }
+            let mut at = 0;
+            while at + HEADER <= n {
+                let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
+                let kind = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().unwrap());
+                if len < HEADER || at + len > n {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "a truncated sock_diag message"));
+                }
+                match kind as libc::c_int {
+                    libc::NLMSG_DONE => break 'dump,
+                    libc::NLMSG_ERROR => {
+                        let errno = i32::from_ne_bytes(buf[at + HEADER..at + HEADER + 4].try_into().unwrap());
+                        return Err(io::Error::from_raw_os_error(-errno));
+                    }
+                    _ if len >= HEADER + MSG => {
+                        let m = &buf[at + HEADER..at + HEADER + MSG];
+                        let low = u32::from_ne_bytes(m[44..48].try_into().unwrap());
+                        let high = u32::from_ne_bytes(m[48..52].try_into().unwrap());
+                        let inode = u32::from_ne_bytes(m[68..72].try_into().unwrap());
+                        found.insert(u64::from(high) << 32 | u64::from(low), DiagSocket { state: m[1], inode });
+                    }
+                    _ => {}
+                }
+                at += (len + 3) & !3;
+            }
+        }
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod diag_tests {
+    use super::*;
+
+    #[test]
+    fn a_listening_and_a_connected_socket_are_found_by_cookie_with_their_states() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let u = std::net::UdpSocket::bind("[::1]:0").unwrap();
+        let listening = diag_sockets(libc::IPPROTO_TCP as u8, 1 << 10).unwrap();
+        let inode = |fd: &dyn AsFd| rustix::fs::fstat(fd).unwrap().st_ino as u32;
+        assert_eq!(listening.get(&socket_cookie(&l).unwrap()), Some(&DiagSocket { state: 10, inode: inode(&l) }));
+        assert!(!listening.contains_key(&socket_cookie(&c).unwrap()), "a connected socket is not listening");
+        let all = diag_sockets(libc::IPPROTO_TCP as u8, !0).unwrap();
+        assert_eq!(all.get(&socket_cookie(&c).unwrap()).map(|s| s.state), Some(1));
+        let udp = diag_sockets(libc::IPPROTO_UDP as u8, !0).unwrap();
+        assert_eq!(udp.get(&socket_cookie(&u).unwrap()), Some(&DiagSocket { state: 7, inode: inode(&u) }));
+        u.connect("[::1]:9").unwrap();
+        let udp = diag_sockets(libc::IPPROTO_UDP as u8, !0).unwrap();
+        assert_eq!(udp.get(&socket_cookie(&u).unwrap()).map(|s| s.state), Some(1));
+    }
+}

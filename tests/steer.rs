@@ -1678,8 +1678,12 @@ fn a_reset_killed_part_way_steers_nothing_and_the_next_add_starts_clean() {
         assert!(!killed.status.success(), "strace did not kill the reset at {map}: {killed:?}");
         let left = pinned_files();
         assert!(left.contains(&map.to_string()) && !left.contains(&"link".to_string()), "killed at {map}: {left:?}");
-        assert_eq!(sk_lookup_links(), 0, "killed at {map}: a link still steers");
-        assert!(refused("127.0.0.1:6845".parse().unwrap()), "killed at {map}: a port is still steered");
+        // The link goes with its pin's inode, freed after an RCU grace period: a moment later.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while sk_lookup_links() != 0 || !refused("127.0.0.1:6845".parse().unwrap()) {
+            assert!(Instant::now() < deadline, "killed at {map}: a link still steers");
+            std::thread::sleep(Duration::from_millis(20));
+        }
 
         let (code, out, err) = skrelay_output(&["steer", "add", "--ports", "6845", "--to", "127.0.0.1:6850"]);
         assert_eq!(code, 0, "{out}{err}");
@@ -1692,4 +1696,71 @@ fn a_reset_killed_part_way_steers_nothing_and_the_next_add_starts_clean() {
         assert_eq!(list[0]["target"]["alive"], true, "killed at {map}: {list}");
         ok(&["steer", "reset"]);
     }
+}
+
+/// What `steer list` says of a target is read from the target socket itself (sock_diag, by
+/// cookie), not from its address: a listener shut down while another socket listens at its
+/// address read as listening, and a UDP target connected after `steer add` (which the kernel then
+/// gives no steered datagram) as healthy, while both refused everything (a helper's pass). And a
+/// process that exec'd or renamed itself while holding the target (socket activation) still runs:
+/// it read as "(exited)".
+#[test]
+fn a_target_is_judged_by_its_own_socket_not_by_its_address_or_process_name() {
+    use socket2::{Domain, Socket, Type};
+    use std::io::{BufRead, BufReader};
+    let Some(_reset) = setup("a_target_is_judged_by_its_own_socket") else { return };
+    let listener = |reuse: bool| {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        s.set_reuse_address(reuse).unwrap();
+        s.bind(&"127.0.0.1:6860".parse::<SocketAddr>().unwrap().into()).unwrap();
+        s.listen(16).unwrap();
+        s
+    };
+    let first = listener(true);
+    ok(&["steer", "add", "--ports", "6861", "--to", "127.0.0.1:6860"]);
+    first.shutdown(std::net::Shutdown::Both).unwrap();
+    let _second = listener(true);
+    let listed = ok(&["steer", "list"]);
+    assert!(listed.contains("127.0.0.1:6860 (not listening)"), "{listed}");
+    assert_eq!(list_json()[0]["target"]["listening"], false);
+    assert!(refused("127.0.0.1:6861".parse().unwrap()));
+    let status = ok(&["status"]);
+    assert!(status.contains("1 whose target takes nothing (not listening, or a connected UDP socket)"), "{status}");
+    ok(&["steer", "remove", "--ports", "6861"]);
+
+    let udp = UdpSocket::bind("127.0.0.1:6870").unwrap();
+    ok(&["steer", "add", "--proto", "udp", "--ports", "6871", "--to", "127.0.0.1:6870"]);
+    assert!(!ok(&["steer", "list"]).contains("(connected)"));
+    udp.connect("127.0.0.1:9").unwrap();
+    let listed = ok(&["steer", "list"]);
+    assert!(listed.contains("127.0.0.1:6870 (connected)"), "{listed}");
+    assert_eq!(list_json()[0]["target"]["listening"], false);
+    ok(&["steer", "remove", "--proto", "udp", "--ports", "6871"]);
+
+    // A server that execs with its listening socket, as systemd-socket-activate does.
+    let script = "import socket,os,sys\ns=socket.socket(); s.bind(('127.0.0.1',6880)); s.listen()\n\
+                  os.set_inheritable(s.fileno(), True)\nprint('ready', flush=True); sys.stdin.readline()\n\
+                  os.execv('/bin/sleep', ['sleep', '30'])";
+    let mut py = Command::new("python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let _py = ChildPid(py.id() as i32);
+    let mut lines = BufReader::new(py.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    ok(&["steer", "add", "--ports", "6881", "--to", "127.0.0.1:6880"]);
+    py.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let comm = format!("/proc/{}/comm", py.id());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::read_to_string(&comm).unwrap_or_default().trim() != "sleep" {
+        assert!(Instant::now() < deadline, "python3 never exec'd");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let listed = ok(&["steer", "list"]);
+    assert!(listed.contains(&format!("{}/python3 ", py.id())) && !listed.contains("(exited)"), "{listed}");
+    assert_eq!(list_json()[0]["target"]["process_running"], true);
+    let _ = py.kill();
+    let _ = py.wait();
 }

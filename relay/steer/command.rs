@@ -122,6 +122,7 @@ fn render_list(listing: &Listing) -> String {
         };
         let target = match (b.alive, b.listening) {
             (false, _) => format!("{} (gone)", b.record.target),
+            (true, false) if key.proto == crate::cli::Proto::Udp => format!("{} (connected)", b.record.target),
             (true, false) => format!("{} (not listening)", b.record.target),
             (true, true) => b.record.target.to_string(),
         };

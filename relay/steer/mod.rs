@@ -345,8 +345,9 @@ pub struct BindingView {
     pub record: Record,
     /// The target socket is still open (its cookie is in the map).
     pub alive: bool,
-    /// A TCP target still listens at its address (a listener shut down but not closed stays in
-    /// the map and refuses every steered connection). Always true for UDP.
+    /// The target takes what is steered to it: a TCP target listens (a listener shut down but
+    /// not closed stays in the map and refuses every steered connection), a UDP target is not
+    /// connected (the kernel assigns datagrams to unconnected sockets only).
     pub listening: bool,
     /// The process recorded at `steer add` still runs (the socket may outlive it: a fork, a
     /// binary upgrade, a `--takeover`).
@@ -410,8 +411,22 @@ fn running(pid: u32, comm: &str) -> bool {
         && !crate::sys::exiting(pid)
 }
 
+/// Whether process `pid` holds the socket with inode `inode` (it may have exec'd or renamed
+/// itself since `steer add`: socket activation, a server that names its workers).
+fn holds_socket(pid: u32, inode: u32) -> bool {
+    let name = format!("socket:[{inode}]");
+    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+        fds.flatten().any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == name.as_str()))
+    }) && !crate::sys::exiting(pid)
+}
+
 fn views(st: &State) -> Vec<BindingView> {
     let unsteered = st.unsteered();
+    // The sockets themselves, by cookie (sock_diag): a target shut down while another socket
+    // listens at its address read as listening by address (a helper's pass), and a UDP target
+    // connected after `steer add` (which then takes no steered datagram) as healthy.
+    let tcp_listening = crate::sys::diag_sockets(libc::IPPROTO_TCP as u8, 1 << target::STATE_LISTEN).ok();
+    let udp = crate::sys::diag_sockets(libc::IPPROTO_UDP as u8, !0).ok();
     let mut listeners = Vec::new();
     for f in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
         listeners.extend(
@@ -427,12 +442,25 @@ fn views(st: &State) -> Vec<BindingView> {
         .map(|(id, record)| {
             let c = st.counters(id);
             let alive = st.target_alive(id, &record);
-            let listening = record.key.proto == crate::cli::Proto::Udp
-                || listeners
+            let by_address = || {
+                listeners
                     .iter()
-                    .any(|l: &std::net::SocketAddr| (l.ip(), l.port()) == (record.target.ip(), record.target.port()));
+                    .any(|l: &std::net::SocketAddr| (l.ip(), l.port()) == (record.target.ip(), record.target.port()))
+            };
+            let (listening, diag) = match record.key.proto {
+                crate::cli::Proto::Tcp => match &tcp_listening {
+                    Some(m) => (m.contains_key(&record.cookie), m.get(&record.cookie)),
+                    None => (by_address(), None),
+                },
+                // An unconnected UDP socket is in TCP_CLOSE.
+                crate::cli::Proto::Udp => {
+                    let s = udp.as_ref().and_then(|m| m.get(&record.cookie));
+                    (s.is_none_or(|s| s.state == target::STATE_CLOSE), s)
+                }
+            };
             let unsteered = unsteered.get(&id).copied().unwrap_or(0);
-            let process_running = running(record.pid, &record.comm);
+            let process_running =
+                running(record.pid, &record.comm) || diag.is_some_and(|d| holds_socket(record.pid, d.inode));
             BindingView { id, record, alive, listening, process_running, hits: c.hits, refused: c.refused, unsteered }
         })
         .collect();
@@ -650,13 +678,17 @@ impl Status {
                     .collect::<std::collections::HashSet<_>>()
                     .len();
                 let gone = views.iter().filter(|b| !b.alive).count();
+                let deaf = match views.iter().filter(|b| b.alive && !b.listening).count() {
+                    0 => String::new(),
+                    n => format!(", {n} whose target takes nothing (not listening, or a connected UDP socket)"),
+                };
                 let incomplete: Vec<String> = views.iter().filter_map(BindingView::incomplete).collect();
                 let incomplete_count =
                     if incomplete.is_empty() { String::new() } else { format!(", {} incomplete", incomplete.len()) };
                 let hits: u64 = views.iter().map(|b| b.hits).sum();
                 let refused: u64 = views.iter().map(|b| b.refused).sum();
                 lines.push(format!(
-                    "steer: {} ({}, {gone} with their target gone{incomplete_count}), {}, \
+                    "steer: {} ({}, {gone} with their target gone{deaf}{incomplete_count}), {}, \
                      {refused} refused\n  \
                      sk_lookup link {}, program {}, version {:016x}{}\n  pinned at {}",
                     plural(views.len(), "binding"),
