@@ -229,6 +229,10 @@ fn accel_run_in_a_cgroup_already_on_uses_it_and_refuses_other_settings() {
     assert!(!out.contains("ran"), "the command ran: {out}");
     assert!(err.contains("is already accelerated with --max-queued 16M --small-write 64K"), "{err}");
     assert!(pins_of(&mount.join(&cg)).exists(), "the refused run removed the acceleration");
+    // A value no cgroup could take is refused as such first (it was told the cgroup's flags).
+    let (code, _, err) = skrelay_output(&["accel", "run", "--cgroup", &cg, "--max-queued", "100K", "--", "true"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--max-queued 100K is below 256K") && !err.contains("already accelerated"), "{err}");
     // Only the flags given are compared: a left-out --max-queued is not the default 8M.
     let (code, out, err) =
         skrelay_output(&["accel", "run", "--cgroup", &cg, "--small-write", "64K", "--", "echo", "ran"]);

@@ -570,16 +570,8 @@ fn set_up(
     policy: &AccelPolicyArgs,
     placement: calibrate::Placement,
 ) -> Result<Enabled, Error> {
+    check_max_queued(policy)?;
     let max_queued = policy.max_queued.unwrap_or(DEFAULT_MAX_QUEUED);
-    if max_queued < MIN_MAX_QUEUED {
-        return Err(Error::Usage(format!(
-            "--max-queued {} is below {}K: every bulk connection would pause on the TCP path at its first large write; \
-             give at least {}K",
-            max_queued,
-            MIN_MAX_QUEUED >> 10,
-            MIN_MAX_QUEUED >> 10
-        )));
-    }
     // Distinct ports count (a scale pass: 1,024 ports and a repeat were refused as 1,025).
     let distinct = ports.iter().collect::<std::collections::BTreeSet<_>>().len();
     if distinct > MAX_PORTS {
@@ -647,6 +639,21 @@ fn set_up(
         }
     }
     Ok(Enabled { cgroup: cg, pins: dir, measured, created })
+}
+
+/// A `--max-queued` below the least that works is refused first, whatever else is wrong (a helper
+/// was told only that the cgroup was accelerated with other flags).
+fn check_max_queued(policy: &AccelPolicyArgs) -> Result<(), Error> {
+    match policy.max_queued {
+        Some(max_queued) if max_queued < MIN_MAX_QUEUED => Err(Error::Usage(format!(
+            "--max-queued {} is below {}K: every bulk connection would pause on the TCP path at its first large write; \
+             give at least {}K",
+            kib(max_queued),
+            MIN_MAX_QUEUED >> 10,
+            MIN_MAX_QUEUED >> 10
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// The command would run under the acceleration there is, which stays on afterwards: flags that
@@ -934,6 +941,7 @@ pub fn run(cgroup: Option<&Path>, policy: &AccelPolicyArgs, cmd: &[String]) -> R
     if let Some(why) = not_runnable(program) {
         return Err(Error::Usage(format!("cannot run `{program}`: {why}")));
     }
+    check_max_queued(policy)?;
     let fresh = cgroup.is_none();
     let target = match cgroup {
         Some(p) => p.to_path_buf(),
