@@ -111,6 +111,13 @@ impl FromStr for Prefix {
     fn from_str(s: &str) -> Result<Self, String> {
         let bad =
             || format!("`{s}` is not an address prefix (write e.g. 127.0.0.0/8, 10.1.2.3, 2001:db8::/32 or ::/0)");
+        // A zone (`fe80::/10%lo`) was told "the prefix length must be 0 to 128" (a helper's pass).
+        if s.contains('%') {
+            return Err(format!(
+                "`{s}`: a prefix takes no interface (`%NAME`): it matches the address a connection is sent to, \
+                 whatever interface it came in on"
+            ));
+        }
         let (addr, len) = match s.trim().split_once('/') {
             Some((a, l)) => (a, Some(l)),
             None => (s.trim(), None),
@@ -218,6 +225,9 @@ mod tests {
             "`10.1.2.3/8` has bits set after the first 8 (did you mean 10.0.0.0/8?)"
         );
         assert!("2001:db8::1/32".parse::<Prefix>().unwrap_err().contains("did you mean 2001:db8::/32"));
+        for zoned in ["fe80::/10%lo", "fe80::1%lo"] {
+            assert!(zoned.parse::<Prefix>().unwrap_err().contains("a prefix takes no interface"), "{zoned}");
+        }
     }
 
     #[test]
