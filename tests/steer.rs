@@ -376,6 +376,14 @@ fn a_binding_whose_target_died_refuses_connections() {
     assert_eq!(b["target"]["alive"], false);
     assert_eq!(b["refused"], 1);
     assert!(ok(&["steer", "list"]).contains("(gone)"));
+    // A new target starts its counters from zero: the old one's refusals are not its own.
+    let new_target = TcpListener::bind("127.0.0.1:6102").unwrap();
+    ok(&["steer", "add", "--ports", "7100", "--to", "127.0.0.1:6102"]);
+    let b = &list_json()[0];
+    assert_eq!((b["hits"].clone(), b["refused"].clone()), (0.into(), 0.into()), "{b}");
+    let _c = TcpStream::connect("127.0.0.1:7100").unwrap();
+    assert_eq!(who_accepted(&[&new_target]), Some(0));
+    ok(&["steer", "remove", "--ports", "7100"]);
     // A listener shut down but still open stays in the map and refuses too: `list` said nothing
     // of it (a helper's steer pass).
     let shut = TcpListener::bind("127.0.0.1:6101").unwrap();
@@ -384,7 +392,7 @@ fn a_binding_whose_target_died_refuses_connections() {
     assert!(refused("127.0.0.1:7101".parse().unwrap()));
     let listed = ok(&["steer", "list"]);
     assert!(listed.contains("127.0.0.1:6101 (not listening)"), "{listed}");
-    let b = &list_json()[1];
+    let b = &list_json()[0];
     assert_eq!((b["target"]["alive"].clone(), b["target"]["listening"].clone()), (true.into(), false.into()), "{b}");
 }
 

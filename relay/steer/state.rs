@@ -454,7 +454,17 @@ impl State {
             let Some(target) = target else {
                 return Err(Error::Usage(format!("binding {key} needs a target socket")));
             };
-            if new {
+            // A new target starts from zero: the old one's refusals read as the new one's (a
+            // helper's pass). Re-adding the same socket keeps them.
+            let same_target = !new
+                && self
+                    .maps
+                    .bindings
+                    .get(&id, 0)
+                    .ok()
+                    .and_then(|b| Record::decode(&b))
+                    .is_some_and(|r| r.cookie == target.cookie);
+            if !same_target {
                 self.maps.reset_counters(id)?;
             }
             set_target(&self.maps, id, target)?;
