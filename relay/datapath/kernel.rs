@@ -376,7 +376,7 @@ impl Datapath for KernelDatapath {
                         joined: false,
                         after: 0,
                         for_streams: false,
-                        stays: Some(HALF_CLOSED),
+                        stays: Some(not_established(ends)),
                         half_closed: true,
                         user_moved: [0; 2],
                         refused: false,
@@ -1531,6 +1531,19 @@ const ONE_WAY_SHORT: &str = "userspace, past --kernel-after but ended one way be
 const HALF_CLOSED: &str = "userspace: one end half-closed before the pair could join the kernel's socket maps, \
                            which take only established connections";
 
+/// Why a pair with a socket reset (or closed) before its join never joined: "half-closed" it was
+/// called (a helper's upstream that reset at once).
+const CLOSED_FIRST: &str = "userspace: one end was reset or closed before the pair could join the kernel's socket \
+                            maps, which take only established connections";
+
+/// Which of the two says why `ends` could not join (`SpliceError::NotEstablished`).
+pub(super) fn not_established(ends: [&TcpStream; 2]) -> &'static str {
+    match ends.iter().any(|e| sys::tcp_counters(e).is_ok_and(|c| c.closed())) {
+        true => CLOSED_FIRST,
+        false => HALF_CLOSED,
+    }
+}
+
 impl Handover {
     /// Whether the pair may join for its traffic: a stream seen (`STREAM_RUN`), or it joins
     /// whatever it moves (`--kernel-after 0`).
@@ -1670,7 +1683,7 @@ impl Splice for Handover {
         } else if past_after && self.bulk() && self.user.idle() {
             match self.kernel.join(ends) {
                 Ok(()) => self.joined = true,
-                Err(SpliceError::NotEstablished) => self.stays = Some(HALF_CLOSED),
+                Err(SpliceError::NotEstablished) => self.stays = Some(not_established(ends)),
                 Err(SpliceError::Cut(e)) => return Err(e),
                 // Stay on splice(2), and try again later: the same bytes arrive, only not
                 // through the kernel.
@@ -1701,7 +1714,29 @@ mod handover;
 
 #[cfg(test)]
 mod tests {
-    use super::{rps_mask_all, rps_mask_is_empty};
+    use super::{not_established, rps_mask_all, rps_mask_is_empty, CLOSED_FIRST, HALF_CLOSED};
+    use mio::net::TcpStream;
+    use std::time::Duration;
+
+    /// Connected pairs over loopback: (ours, as the event loop holds it; its peer).
+    fn pair() -> (TcpStream, std::net::TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        (TcpStream::from_std(ours), l.accept().unwrap().0)
+    }
+
+    #[test]
+    fn a_pair_that_cannot_join_says_whether_an_end_half_closed_or_was_reset() {
+        let (a, a_peer) = pair();
+        let (b, _b_peer) = pair();
+        a_peer.shutdown(std::net::Shutdown::Write).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(not_established([&a, &b]), HALF_CLOSED);
+        socket2::SockRef::from(&a_peer).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(a_peer);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(not_established([&b, &a]), CLOSED_FIRST);
+    }
 
     #[test]
     fn rps_masks_read_and_written_as_the_kernel_has_them() {

@@ -10,7 +10,7 @@
 //! places. What moves through user space is only the bookkeeping of each direction (`Direction`:
 //! taken, written, unconsumed, parked) and the errors not yet reported; `relay_peer` and
 //! `relay_count` are in the maps already.
-use super::{locked, Direction, Handover, Joined, KernelDatapath, KernelSplice, KernelState, HALF_CLOSED, KEPT_OUT};
+use super::{locked, Direction, Handover, Joined, KernelDatapath, KernelSplice, KernelState, KEPT_OUT};
 use crate::{
     abi::{RelayCount, RelayPeer},
     datapath::{
@@ -256,7 +256,7 @@ pub(super) fn import(
                 joined,
                 after,
                 for_streams: dp.join_after > 0,
-                stays: stays.then_some(if refused { KEPT_OUT } else { HALF_CLOSED }),
+                stays: stays.then_some(if refused { KEPT_OUT } else { super::not_established(ends) }),
                 half_closed,
                 user_moved,
                 refused,
