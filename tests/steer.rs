@@ -1772,3 +1772,41 @@ fn a_target_is_judged_by_its_own_socket_not_by_its_address_or_process_name() {
     let _ = py.kill();
     let _ = py.wait();
 }
+
+/// A process renamed since `steer add`, which handed the target to a worker and holds many other
+/// descriptors, recorded by many bindings: `steer list` reads its descriptors once, not once per
+/// binding (a helper's 500 bindings of such a process with 10,000 descriptors took 20 s, and held
+/// the state's lock for all of it).
+#[test]
+fn a_renamed_target_process_with_many_descriptors_is_read_once_per_listing() {
+    use std::io::{BufRead, BufReader};
+    let Some(_reset) = setup("a_renamed_target_process_with_many_descriptors") else { return };
+    let script = "import socket,os,sys,resource\nresource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))\n\
+                  s=socket.socket(); s.bind(('127.0.0.1',6890)); s.listen()\nprint('ready', flush=True)\n\
+                  sys.stdin.readline()\nif os.fork() == 0:\n    sys.stdin.readline(); os._exit(0)\ns.close()\n\
+                  fds=[os.open('/dev/null', os.O_RDONLY) for _ in range(10000)]\n\
+                  open('/proc/self/comm','w').write('renamed')\nprint('renamed', flush=True); sys.stdin.readline()";
+    let mut py = Command::new("python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let _py = ChildPid(py.id() as i32);
+    let mut lines = BufReader::new(py.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let ports: Vec<String> = (6900..7200).map(|p| p.to_string()).collect();
+    ok(&["steer", "add", "--ports", &ports.join(","), "--to", "127.0.0.1:6890"]);
+    let mut stdin = py.stdin.take().unwrap();
+    stdin.write_all(b"go\n").unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "renamed");
+    let started = Instant::now();
+    let listed = ok(&["steer", "list"]);
+    let took = started.elapsed();
+    assert_eq!(listed.lines().count(), 301, "{listed}");
+    assert!(!listed.contains("(gone)"), "the worker holds the target: {listed}");
+    // Read per binding it took over 10 s here; once, well under one.
+    assert!(took < Duration::from_secs(3), "steer list took {took:?}");
+    drop(stdin);
+    let _ = py.wait();
+}

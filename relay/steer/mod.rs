@@ -411,13 +411,29 @@ fn running(pid: u32, comm: &str) -> bool {
         && !crate::sys::exiting(pid)
 }
 
-/// Whether process `pid` holds the socket with inode `inode` (it may have exec'd or renamed
-/// itself since `steer add`: socket activation, a server that names its workers).
-fn holds_socket(pid: u32, inode: u32) -> bool {
-    let name = format!("socket:[{inode}]");
-    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
-        fds.flatten().any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == name.as_str()))
-    }) && !crate::sys::exiting(pid)
+/// The socket inodes each process holds, read once per process and listing (a helper's 500
+/// bindings of one pid with 10,000 descriptors took 20 s read per binding); `None` where its
+/// descriptors cannot be read (another user's process, without root).
+#[derive(Default)]
+struct HeldSockets(std::collections::HashMap<u32, Option<std::collections::HashSet<u64>>>);
+
+impl HeldSockets {
+    /// Whether process `pid` holds the socket with inode `inode`, whatever its name now (it may
+    /// have exec'd or renamed itself since `steer add`: socket activation, a server that names
+    /// its workers); `None` if its descriptors cannot be read.
+    fn holds(&mut self, pid: u32, inode: u32) -> Option<bool> {
+        let held = self.0.entry(pid).or_insert_with(|| {
+            let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+            let inodes = fds
+                .flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok())
+                .collect();
+            Some(inodes)
+        });
+        let held = held.as_ref()?.contains(&u64::from(inode));
+        Some(held && !crate::sys::exiting(pid))
+    }
 }
 
 fn views(st: &State) -> Vec<BindingView> {
@@ -425,8 +441,27 @@ fn views(st: &State) -> Vec<BindingView> {
     // The sockets themselves, by cookie (sock_diag): a target shut down while another socket
     // listens at its address read as listening by address (a helper's pass), and a UDP target
     // connected after `steer add` (which then takes no steered datagram) as healthy.
-    let tcp_listening = crate::sys::diag_sockets(libc::IPPROTO_TCP as u8, 1 << target::STATE_LISTEN).ok();
-    let udp = crate::sys::diag_sockets(libc::IPPROTO_UDP as u8, !0).ok();
+    let diag = |protocol: libc::c_int, states: u32| {
+        crate::sys::diag_sockets(protocol as u8, states)
+            .inspect_err(|e| {
+                // Once: a relay's metrics scrapes read this every time.
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    log::warn!(
+                    "cannot ask the kernel for the target sockets' states (sock_diag: {e}): whether a target listens \
+                     is judged by its address, and whether its process runs by its name"
+                )
+                })
+            })
+            .ok()
+    };
+    let tcp_listening = diag(libc::IPPROTO_TCP, 1 << target::STATE_LISTEN);
+    let udp = if st.records().values().any(|r| r.key.proto == crate::cli::Proto::Udp) {
+        diag(libc::IPPROTO_UDP, !0)
+    } else {
+        None
+    };
+    let mut held = HeldSockets::default();
     let mut listeners = Vec::new();
     for f in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
         listeners.extend(
@@ -459,8 +494,11 @@ fn views(st: &State) -> Vec<BindingView> {
                 }
             };
             let unsteered = unsteered.get(&id).copied().unwrap_or(0);
-            let process_running =
-                running(record.pid, &record.comm) || diag.is_some_and(|d| holds_socket(record.pid, d.inode));
+            // Its name, or holding the target whatever its name. Not holding it does not say
+            // it exited: a live process may have handed the socket on (a pid reused by a program
+            // of the same name reads as running, as the README says).
+            let process_running = running(record.pid, &record.comm)
+                || diag.is_some_and(|d| held.holds(record.pid, d.inode) == Some(true));
             BindingView { id, record, alive, listening, process_running, hits: c.hits, refused: c.refused, unsteered }
         })
         .collect();

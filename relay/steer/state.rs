@@ -363,10 +363,18 @@ impl State {
                 sys::bpf::link_update(&link, new, old)
                     .map_err(|e| Error::io("cannot swap the steering program in place", e))?;
                 maps.info.set(0, ours, 0).map_err(|e| Error::steer_map("record the program version", &e))?;
-                note = Some(format!(
-                    "upgraded the steering program in place (link {link_id}, version {theirs:016x} -> {ours:016x}); \
-                     bindings kept"
-                ));
+                // Version 0: a first `steer add` killed between pinning the link and recording
+                // the version; the program it attached may be any build's, so it is swapped too.
+                note = Some(match theirs {
+                    0 => format!(
+                        "swapped in this binary's steering program (link {link_id}): an interrupted skrelay command \
+                         left its version unrecorded; bindings kept"
+                    ),
+                    _ => format!(
+                        "upgraded the steering program in place (link {link_id}, version {theirs:016x} -> \
+                         {ours:016x}); bindings kept"
+                    ),
+                });
             }
         }
         Ok((maps, note))
