@@ -107,12 +107,19 @@ pub fn root() -> Result<PathBuf, Error> {
     // re-check pass).
     if !is_bpffs(base) && sysfs_of_a_netns() && rustix::process::geteuid().is_root() {
         let name = ip_netns_exec_name().unwrap_or_else(|| "NAME".into());
+        // With CAP_SYS_PTRACE, what hides the outside is a pid namespace of its own, whose /proc
+        // shows no process beyond it (`unshare --pid --mount-proc`): root was told to get the
+        // capability it had (a re-check pass).
+        let reach = match can_look_outside() {
+            true => "the host's is out of sight: its /proc shows no process outside a pid namespace of its own (run \
+                     it outside that pid namespace"
+                .to_string(),
+            false => format!("only {} can reach the host's (run it {}", outside_who(), run_as()),
+        };
         return Err(Error::Usage(format!(
             "cannot pin skrelay's state: under `ip netns exec {name}` this command has a /sys of its own, where a \
-             bpffs would vanish with it, and only {} can reach the host's (run it {}, or join the namespace \
-             without a mount namespace of its own: `nsenter --net=/run/netns/{name}`)",
-            outside_who(),
-            run_as()
+             bpffs would vanish with it, and {reach}, or join the namespace without a mount namespace of its own: \
+             `nsenter --net=/run/netns/{name}`)"
         )));
     }
     if !is_bpffs(base) {

@@ -887,6 +887,22 @@ fn a_binding_seen_from_outside_its_bpffs_warns_only_where_it_steers() {
     let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(all.contains("rc=2") && all.contains("cannot pin skrelay's state: under `ip netns exec"), "{all}");
     assert!(all.contains("(run it with CAP_SYS_PTRACE, or join the namespace"), "{all}");
+    // Root with the capability, in a pid namespace of its own: its /proc hides the outside, and
+    // it was told to get the capability it had (a re-check pass).
+    let out = ns.exec(&[
+        "unshare",
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        "sh",
+        "-c",
+        "python3 -c 'import socket,time; l=socket.socket(); l.bind((\"127.0.0.1\",6826)); l.listen(); time.sleep(5)' & \
+         sleep 0.5; \"$0\" steer add --ports 6827 --to 127.0.0.1:6826; echo rc=$?; kill $!",
+        SKRELAY,
+    ]);
+    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(all.contains("rc=2") && all.contains("its /proc shows no process outside a pid namespace"), "{all}");
+    assert!(!all.contains("CAP_SYS_PTRACE"), "{all}");
 }
 
 /// A service user (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON) under `ip netns exec` sees no process
