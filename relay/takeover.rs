@@ -14,7 +14,7 @@
 //! carries on (it drains). If the new process dies after `commit`, both are gone and the kernel
 //! resets every pair (their sockets are armed to reset on close): never a clean end of file.
 use crate::{error::Error, sys};
-use socket2::{Domain, SockRef, Socket, Type};
+use socket2::{Domain, Socket, Type};
 use std::{
     io::{self, Read, Write},
     net::TcpListener,
@@ -108,27 +108,51 @@ impl Channel {
     }
 }
 
+/// What the wait for the old process's handover connection ended with.
+enum Wait {
+    Connecting,
+    Exited,
+    TimedOut,
+}
+
 impl Handover {
     /// Signals the old process to hand over and waits up to `timeout` for it to connect. None:
     /// it did not (an older skrelay, which drains its pairs instead), with the reason logged.
     pub fn start(&mut self, timeout: Duration) -> Result<Option<Channel>, Error> {
         self.signal()?;
         let Some(listener) = self.channel.take() else { return Ok(None) };
-        let _ = SockRef::from(&listener).set_read_timeout(Some(timeout));
-        // The old process may exit instead of connecting: another `--takeover` finished with it
-        // a moment before this one signalled (both had passed `take`'s checks), or it was killed.
-        // Waiting out `timeout` left this process serving a copy of the listening socket beside
-        // the other one (a token client and its partner could land apart).
-        if !self.connects_or_exits(&listener, timeout) {
-            return Err(Error::Usage(format!(
-                "process {} exited before it handed over (another --takeover may have taken it over: `skrelay \
-                 status` lists what runs now)",
-                self.pid
-            )));
-        }
+        // Accepted only once the poll says a connection waits: a blocking accept with its own
+        // timeout after a wait that ran out doubled the wait (10 s for a stopped old process, a
+        // helper's pass, with clients in the backlog all along).
+        listener.set_nonblocking(true).map_err(|e| Error::io("cannot set up the handover channel", e))?;
+        let deadline = std::time::Instant::now() + timeout;
         loop {
+            match self.wait_for_connection(&listener, deadline) {
+                // The old process may exit instead of connecting: another `--takeover` finished
+                // with it a moment before this one signalled (both had passed `take`'s checks),
+                // or it was killed. Waiting out `timeout` left this process serving a copy of the
+                // listening socket beside the other one (a token client and its partner could
+                // land apart).
+                Wait::Exited => {
+                    return Err(Error::Usage(format!(
+                        "process {} exited before it handed over (another --takeover may have taken it over: \
+                         `skrelay status` lists what runs now)",
+                        self.pid
+                    )))
+                }
+                Wait::TimedOut => {
+                    log::warn!(
+                        "process {} did not connect to hand over its live pairs within {timeout:?}: it is an older \
+                         skrelay, or stopped, or busy; it lets them finish instead",
+                        self.pid
+                    );
+                    return Ok(None);
+                }
+                Wait::Connecting => {}
+            }
             match listener.accept() {
                 Ok((stream, _)) => {
+                    stream.set_nonblocking(false).map_err(|e| Error::io("cannot set up the handover channel", e))?;
                     let channel = Channel { stream };
                     if channel.peer_pid() != Some(self.pid) {
                         log::warn!("handover channel: a connection from another process was ignored");
@@ -136,11 +160,10 @@ impl Handover {
                     }
                     return Ok(Some(channel));
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) => {}
                 Err(e) => {
                     log::warn!(
-                        "process {} did not connect to hand over its live pairs within {timeout:?} ({e}): it is an \
-                         older skrelay, or busy; it lets them finish instead",
+                        "process {} could not hand over its live pairs ({e}): it lets them finish instead",
                         self.pid
                     );
                     return Ok(None);
@@ -149,26 +172,25 @@ impl Handover {
         }
     }
 
-    /// Waits until the old process connects to `listener` (true; also when the wait runs out,
-    /// which `accept` then reports) or exits without connecting (false).
-    fn connects_or_exits(&self, listener: &UnixListener, timeout: Duration) -> bool {
+    /// Waits until a connection waits on `listener`, the old process exits without connecting,
+    /// or `deadline` passes.
+    fn wait_for_connection(&self, listener: &UnixListener, deadline: std::time::Instant) -> Wait {
         use rustix::event::{poll, PollFd, PollFlags};
-        let deadline = std::time::Instant::now() + timeout;
         loop {
             let mut fds = [PollFd::new(listener, PollFlags::IN), PollFd::new(&self.pidfd, PollFlags::IN)];
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             let ms = rustix::event::Timespec { tv_sec: left.as_secs() as i64, tv_nsec: i64::from(left.subsec_nanos()) };
             match poll(&mut fds, Some(&ms)) {
                 Err(rustix::io::Errno::INTR) => continue,
-                Err(_) | Ok(0) => return true,
+                Err(_) | Ok(0) => return Wait::TimedOut,
                 Ok(_) => {}
             }
             if fds[0].revents().contains(PollFlags::IN) {
-                return true;
+                return Wait::Connecting;
             }
             // A pidfd is readable once its process has exited.
             if !fds[1].revents().is_empty() {
-                return false;
+                return Wait::Exited;
             }
         }
     }

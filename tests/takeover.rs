@@ -370,3 +370,35 @@ fn a_takeover_with_fewer_capabilities_names_them() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("it holds capabilities this process lacks: CAP_PERFMON"), "{err}");
 }
+
+/// An old process that is stopped (SIGSTOP) when a takeover comes holds clients in the backlog for
+/// the documented 5 s, then the new process serves them; the old one drains once it runs again.
+/// It was 10 s: a wait for the handover connection, then an accept that waited as long again (a
+/// helper's README pass), and the warning ended in "Resource temporarily unavailable".
+#[test]
+fn a_takeover_of_a_stopped_process_waits_its_five_seconds_once() {
+    let _netns = enter_netns();
+    let old = Skrelay::start(&["relay", "--datapath", "userspace"]);
+    old.signal(libc::SIGSTOP);
+    let started = Instant::now();
+    let pid = old.pid().to_string();
+    let new = Skrelay::start_until(
+        &["relay", "--datapath", "userspace", "--takeover", &pid],
+        "did not connect to hand over its live pairs within 5s",
+    );
+    let waited = started.elapsed();
+    assert!(waited > Duration::from_millis(4500) && waited < Duration::from_secs(8), "{waited:?}\n{}", new.log());
+    assert!(new.log().contains("it is an older skrelay, or stopped, or busy"), "{}", new.log());
+    assert!(!new.log().contains("os error"), "{}", new.log());
+    let addr: SocketAddr = PROXY.parse().unwrap();
+    let (mut a, mut b) = (connect(addr), connect(addr));
+    a.write_all(b"served").unwrap();
+    b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(read_n(&mut b, 6), b"served", "{}", new.log());
+    drop((a, b));
+    old.signal(libc::SIGCONT);
+    let mut old = old;
+    assert!(old.wait(Duration::from_secs(10)).success(), "{}", old.log());
+    let (status, log) = new.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+}
