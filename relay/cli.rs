@@ -324,8 +324,9 @@ pub struct SpliceArgs {
     /// Upgrade in place: take the listening socket (and the --metrics socket) of the running
     /// skrelay PID and serve it; PID then hands over its live pairs (both sockets, the bytes in
     /// flight, counters) and its clients waiting for a partner or an upstream, and exits. No
-    /// client is refused meanwhile. If the handover cannot be done (other flags, a differently
-    /// built kernel datapath), PID keeps its pairs and drains them. Needs the right to ptrace PID
+    /// client is refused meanwhile. If the handover cannot be done (fewer --threads, another
+    /// --datapath, a differently built kernel datapath; waiting clients: another --pair), PID
+    /// keeps them and drains. Needs the right to ptrace PID
     /// (root, PID's own user, or CAP_SYS_PTRACE); not with --ports.
     #[arg(long, value_name = "PID", value_parser = clap::value_parser!(i32).range(1..))]
     pub takeover: Option<i32>,
