@@ -1337,19 +1337,11 @@ fn readers_wait_a_bounded_time_for_a_command_holding_the_lock() {
 /// the socket lives on elsewhere and the pid may be another program's. It says "(exited)" now.
 #[test]
 fn a_target_process_that_exited_is_shown_as_exited() {
-    use std::io::{BufRead, BufReader, Write};
     let Some(_reset) = setup("target process exited") else { return };
     let script = "import socket,os,sys,time\ns=socket.socket(); s.bind(('127.0.0.1',6990)); s.listen()\n\
                   print('ready', flush=True); sys.stdin.readline()\npid=os.fork()\n\
                   if pid: print(pid, flush=True); os._exit(0)\nsys.stdout.close(); time.sleep(30)";
-    let mut py = Command::new("python3")
-        .args(["-c", script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut lines = BufReader::new(py.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let (mut py, mut lines) = python_ready(script);
     ok(&["steer", "add", "--ports", "6991", "--to", "127.0.0.1:6990"]);
     let listed = ok(&["steer", "list"]);
     assert!(listed.contains(&format!("{}/python3 ", py.id())), "{listed}");
@@ -1379,6 +1371,21 @@ fn a_target_process_that_exited_is_shown_as_exited() {
     assert_eq!(json[0]["target"]["process_running"], false, "{json}");
     assert_eq!(json[0]["target"]["alive"], true, "the socket lives on in the child: {json}");
     assert!(!refused("127.0.0.1:6991".parse().unwrap()), "the binding no longer steers");
+}
+
+/// Runs a Python script with piped stdin and stdout until it prints `ready`: the child and the
+/// rest of its output, line by line.
+fn python_ready(script: &str) -> (std::process::Child, std::io::Lines<std::io::BufReader<std::process::ChildStdout>>) {
+    use std::io::BufRead;
+    let mut py = Command::new("python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut lines = std::io::BufReader::new(py.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    (py, lines)
 }
 
 fn json_cookie(json: &serde_json::Value) -> String {
@@ -1731,7 +1738,6 @@ fn a_reset_killed_part_way_steers_nothing_and_the_next_add_starts_clean() {
 #[test]
 fn a_target_is_judged_by_its_own_socket_not_by_its_address_or_process_name() {
     use socket2::{Domain, Socket, Type};
-    use std::io::{BufRead, BufReader};
     let Some(_reset) = setup("a_target_is_judged_by_its_own_socket") else { return };
     let listener = |reuse: bool| {
         let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
@@ -1765,15 +1771,8 @@ fn a_target_is_judged_by_its_own_socket_not_by_its_address_or_process_name() {
     let script = "import socket,os,sys\ns=socket.socket(); s.bind(('127.0.0.1',6880)); s.listen()\n\
                   os.set_inheritable(s.fileno(), True)\nprint('ready', flush=True); sys.stdin.readline()\n\
                   os.execv('/bin/sleep', ['sleep', '30'])";
-    let mut py = Command::new("python3")
-        .args(["-c", script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
+    let (mut py, _lines) = python_ready(script);
     let _py = ChildPid(py.id() as i32);
-    let mut lines = BufReader::new(py.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next().unwrap().unwrap(), "ready");
     ok(&["steer", "add", "--ports", "6881", "--to", "127.0.0.1:6880"]);
     py.stdin.take().unwrap().write_all(b"go\n").unwrap();
     let comm = format!("/proc/{}/comm", py.id());
@@ -1795,22 +1794,14 @@ fn a_target_is_judged_by_its_own_socket_not_by_its_address_or_process_name() {
 /// the state's lock for all of it).
 #[test]
 fn a_renamed_target_process_with_many_descriptors_is_read_once_per_listing() {
-    use std::io::{BufRead, BufReader};
     let Some(_reset) = setup("a_renamed_target_process_with_many_descriptors") else { return };
     let script = "import socket,os,sys,resource\nresource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))\n\
                   s=socket.socket(); s.bind(('127.0.0.1',6890)); s.listen()\nprint('ready', flush=True)\n\
                   sys.stdin.readline()\nif os.fork() == 0:\n    sys.stdin.readline(); os._exit(0)\ns.close()\n\
                   fds=[os.open('/dev/null', os.O_RDONLY) for _ in range(10000)]\n\
                   open('/proc/self/comm','w').write('renamed')\nprint('renamed', flush=True); sys.stdin.readline()";
-    let mut py = Command::new("python3")
-        .args(["-c", script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
+    let (mut py, mut lines) = python_ready(script);
     let _py = ChildPid(py.id() as i32);
-    let mut lines = BufReader::new(py.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next().unwrap().unwrap(), "ready");
     let ports: Vec<String> = (6900..7200).map(|p| p.to_string()).collect();
     ok(&["steer", "add", "--ports", &ports.join(","), "--to", "127.0.0.1:6890"]);
     let mut stdin = py.stdin.take().unwrap();
