@@ -1715,6 +1715,8 @@ fn a_reset_killed_part_way_steers_nothing_and_the_next_add_starts_clean() {
             assert!(Instant::now() < deadline, "killed at {map}: a link still steers");
             std::thread::sleep(Duration::from_millis(20));
         }
+        let listed = ok(&["steer", "list"]);
+        assert!(listed.contains("by an interrupted command steer nothing (`skrelay steer reset` or"), "{listed}");
 
         let (code, out, err) = skrelay_output(&["steer", "add", "--ports", "6845", "--to", "127.0.0.1:6850"]);
         assert_eq!(code, 0, "{out}{err}");

@@ -110,7 +110,15 @@ fn render_list(listing: &Listing) -> String {
     let views = &listing.bindings;
     let elsewhere: String = listing.elsewhere.iter().map(|f| format!("{}\n", super::elsewhere_warning(f))).collect();
     if views.is_empty() {
-        return format!("no steering bindings in this network namespace\n{elsewhere}");
+        let leftover = listing.leftover.as_ref().map_or(String::new(), |(dir, pins)| {
+            format!(
+                "; {} left at {} by an interrupted command steer nothing (`skrelay steer reset` or the next `skrelay \
+                 steer add` removes them)",
+                super::plural(*pins, "pin"),
+                crate::sys::shown(dir).display()
+            )
+        });
+        return format!("no steering bindings in this network namespace{leftover}\n{elsewhere}");
     }
     let mut rows =
         vec![["PROTO", "PREFIX", "PORTS", "TARGET", "PROCESS", "COOKIE", "HITS", "REFUSED"].map(String::from)];

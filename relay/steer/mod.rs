@@ -517,7 +517,19 @@ pub fn list() -> Result<Listing, Error> {
         bindings: st.as_ref().map(views).unwrap_or_default(),
         detached: st.as_ref().is_some_and(State::detached),
         elsewhere: pinned_elsewhere(),
+        leftover: match st {
+            Some(_) => None,
+            None => leftover_pins()?,
+        },
     })
+}
+
+/// Pins without a link in this namespace's state directory (`Status::leftover`).
+fn leftover_pins() -> Result<Option<(PathBuf, usize)>, Error> {
+    Ok(state::existing_dir()?
+        .filter(|dir| !dir.join(state::LINK).exists())
+        .and_then(|dir| std::fs::read_dir(&dir).ok().map(|d| (dir.clone(), d.count())))
+        .filter(|(_, n)| *n > 0))
 }
 
 /// What `steer list` shows.
@@ -528,6 +540,8 @@ pub struct Listing {
     pub detached: bool,
     /// Steering pinned in a bpffs this mount namespace does not see.
     pub elsewhere: Vec<funnel::Running>,
+    /// Pins without a link, left by an interrupted command (`Status::leftover`).
+    pub leftover: Option<(PathBuf, usize)>,
 }
 
 /// The warning for a link detached by hand, as `status` and `steer list` show it.
@@ -626,10 +640,7 @@ pub fn status() -> Result<Status, Error> {
     let dead = state::dead_states();
     let leftover = match &pinned {
         Some(_) => None,
-        None => state::existing_dir()?
-            .filter(|dir| !dead.iter().any(|(d, _)| d == dir))
-            .and_then(|dir| std::fs::read_dir(&dir).ok().map(|d| (dir.clone(), d.count())))
-            .filter(|(_, n)| *n > 0),
+        None => leftover_pins()?.filter(|(dir, _)| !dead.iter().any(|(d, _)| d == dir)),
     };
     Ok(Status { pinned, unreadable: None, leftover, funnels, funnels_unlisted, dead })
 }
