@@ -128,9 +128,12 @@ const FEW_DESCRIPTORS: u64 = 256;
 /// `accel status` blamed another skrelay version: a re-check pass at `prlimit --nofile=9`).
 pub const COMMAND_DESCRIPTORS: u64 = 32;
 
-/// Refuses to run `command` under a soft RLIMIT_NOFILE below `COMMAND_DESCRIPTORS`.
+/// Refuses to run `command` with fewer than `COMMAND_DESCRIPTORS` free under RLIMIT_NOFILE (its
+/// soft limit raised to the hard one first): under the limit, or with most of it taken by
+/// descriptors the command inherited (a helper's 55 of 64: every target read as gone or exited,
+/// every counter 0, exit 0).
 pub fn command_descriptors(command: &str) -> Result<(), Error> {
-    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(u64::MAX);
+    let limit = crate::sys::raise_fd_limit();
     if limit < COMMAND_DESCRIPTORS {
         return Err(Error::Usage(format!(
             "`skrelay {command}` needs at least {COMMAND_DESCRIPTORS} open files to read skrelay's state, and the \
@@ -138,7 +141,30 @@ pub fn command_descriptors(command: &str) -> Result<(), Error> {
             crate::error::RAISE_NOFILE
         )));
     }
+    let open = open_descriptors(limit);
+    if limit.saturating_sub(open) < COMMAND_DESCRIPTORS {
+        return Err(Error::Usage(format!(
+            "`skrelay {command}` needs at least {COMMAND_DESCRIPTORS} free open files to read skrelay's state, and \
+             {open} of its limit of {limit} are in use, inherited from the process that ran it (close them there, \
+             or {})",
+            crate::error::RAISE_NOFILE
+        )));
+    }
     Ok(())
+}
+
+/// Descriptors open under `limit` (one inherited above it takes none of its numbers), less the one
+/// that lists them; all of them where none is left to list them with.
+fn open_descriptors(limit: u64) -> u64 {
+    match std::fs::read_dir("/proc/self/fd") {
+        Ok(d) => d
+            .flatten()
+            .filter(|e| e.file_name().to_str().and_then(|n| n.parse::<u64>().ok()).is_some_and(|n| n < limit))
+            .count()
+            .saturating_sub(1) as u64,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE)) => limit,
+        Err(_) => 0,
+    }
 }
 
 /// Warns when the descriptor limit (already raised to its hard limit, `Server::new`) leaves few
@@ -147,17 +173,7 @@ pub fn command_descriptors(command: &str) -> Result<(), Error> {
 /// `--pair-timeout` (a helper's resource-limits pass, `ulimit -n 20`).
 pub fn check_descriptors() -> Result<(), Error> {
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(u64::MAX);
-    // Numbers under the limit in use (one inherited above it takes none of them), less the
-    // directory's own descriptor; none free to read the directory with: none left at all.
-    let open = match std::fs::read_dir("/proc/self/fd") {
-        Ok(d) => d
-            .flatten()
-            .filter(|e| e.file_name().to_str().and_then(|n| n.parse::<u64>().ok()).is_some_and(|n| n < limit))
-            .count()
-            .saturating_sub(1) as u64,
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE)) => limit,
-        Err(_) => return Ok(()),
-    };
+    let open = open_descriptors(limit);
     let spare = limit.saturating_sub(open);
     if spare < 2 {
         return Err(Error::Usage(format!(

@@ -849,4 +849,17 @@ fn reporting_commands_refuse_a_descriptor_limit_too_small_to_read_the_state() {
         assert!(err.contains(&said) && err.contains("the limit is 9"), "{name}: {err}");
         assert!(out.stdout.is_empty(), "{name}: nothing reported");
     }
+    // A limit of 64 with 58 taken by inherited descriptors: every target read as gone, every
+    // counter 0, exit 0 (a helper's pass). Refused; with the soft limit alone at 64, it is raised.
+    let inherit =
+        "for i in $(seq 3 57); do eval \"exec $i</dev/null\"; done; exec prlimit --nofile=64:$0 \"$1\" status";
+    let out = Command::new("bash").args(["-c", inherit, "64", SKRELAY]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("needs at least 32 free open files") && err.contains("58 of its limit of 64 are in use"),
+        "{err}"
+    );
+    let out = Command::new("bash").args(["-c", inherit, "4096", SKRELAY]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
