@@ -379,11 +379,10 @@ fn encode(registry: &Registry) -> String {
 /// `skrelay metrics`: the pinned steer and accel counters of this network namespace, read (never
 /// created) at each scrape through the same code as `skrelay status --json`.
 pub fn pinned_exposition() -> Result<String, Error> {
-    let sections = crate::status::sections()?;
-    let json = |name: &str| {
-        sections.iter().find(|s| s.name == name).map(|s| s.json.clone()).unwrap_or(serde_json::Value::Null)
-    };
-    let (steer, accel) = (json("steer"), json("accel"));
+    // Steer and accel only: `status`'s relays section (every process's descriptors, and a 1 s
+    // question to each relay's --metrics) cost a helper's scrapes 1 s per frozen relay, and
+    // nothing of it is exported.
+    let (steer, accel) = (crate::steer::status()?.json(), crate::accel::reports()?.json());
     // State this user may not read would be exported as if it had no bindings or cgroups (an
     // alert on a gone target would never fire): an error, as `status` says it.
     let unreadable = |what: &str, pins: &serde_json::Value| {
@@ -439,6 +438,7 @@ pub fn pinned_from_status(steer: &serde_json::Value, accel: &serde_json::Value) 
     let hits = Family::<Labels, Counter>::default();
     let refused = Family::<Labels, Counter>::default();
     let alive = Family::<Labels, Gauge>::default();
+    let listening = Family::<Labels, Gauge>::default();
     for b in list(steer, "bindings") {
         let labels: Labels = vec![
             ("proto", str_of(&b, "proto")),
@@ -449,6 +449,9 @@ pub fn pinned_from_status(steer: &serde_json::Value, accel: &serde_json::Value) 
         hits.get_or_create(&labels).inc_by(u64_of(&b, "hits"));
         refused.get_or_create(&labels).inc_by(u64_of(&b, "refused"));
         alive.get_or_create(&labels).set(i64::from(b["target"]["alive"].as_bool().unwrap_or(false)));
+        let takes =
+            b["target"]["alive"].as_bool().unwrap_or(false) && b["target"]["listening"].as_bool().unwrap_or(false);
+        listening.get_or_create(&labels).set(i64::from(takes));
     }
     registry.register(
         "skrelay_steer_hits",
@@ -457,10 +460,15 @@ pub fn pinned_from_status(steer: &serde_json::Value, accel: &serde_json::Value) 
     );
     registry.register(
         "skrelay_steer_refused",
-        "Lookups for the binding refused (dropped) because its target socket was gone",
+        "Lookups for the binding refused (dropped) because its target socket was gone or took nothing",
         refused,
     );
     registry.register("skrelay_steer_target_alive", "1 if the binding's target socket still exists", alive);
+    registry.register(
+        "skrelay_steer_target_listening",
+        "1 if the binding's target takes what is steered to it (TCP: listening; UDP: not connected); 0: it refuses all",
+        listening,
+    );
     let funnel_hits = Family::<Labels, Counter>::default();
     for f in list(steer, "funnels") {
         let labels: Labels =

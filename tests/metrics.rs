@@ -376,6 +376,12 @@ fn skrelay_metrics_serves_the_pinned_steer_counters() {
     assert_eq!(value(&text, &format!("skrelay_steer_hits_total{series}")), 3, "{text}");
     assert_eq!(value(&text, &format!("skrelay_steer_refused_total{series}")), 0, "{text}");
     assert_eq!(value(&text, &format!("skrelay_steer_target_alive{series}")), 1, "{text}");
+    assert_eq!(value(&text, &format!("skrelay_steer_target_listening{series}")), 1, "{text}");
+    // Shut down but open: alive, and taking nothing (an alert on alive alone missed it).
+    socket2::SockRef::from(&target).shutdown(std::net::Shutdown::Both).unwrap();
+    let text = scrape(&url);
+    assert_eq!(value(&text, &format!("skrelay_steer_target_alive{series}")), 1, "{text}");
+    assert_eq!(value(&text, &format!("skrelay_steer_target_listening{series}")), 0, "{text}");
     // The target gone: connections are refused and counted as such.
     drop(target);
     assert!(TcpStream::connect("127.0.0.1:7001").is_err());
@@ -456,4 +462,54 @@ fn skrelay_metrics_serves_the_pinned_accel_counters() {
     // Stopped as `relay` and `proxy` are: SIGTERM ends it with exit 0 (was 143, killed).
     let (status, log) = exporter.stop(Duration::from_secs(5));
     assert_eq!(status.code(), Some(0), "skrelay metrics on SIGTERM: {status:?}\n{log}");
+}
+
+/// `skrelay metrics` exports no relay's figures, so it asks no relay for them: it built
+/// `status`'s relays section on every scrape, which asks each relay's --metrics with a 1 s
+/// timeout, and a helper's scrapes took 1 s per relay in a frozen cgroup (a Prometheus with its
+/// 10 s timeout failed behind a few parallel scrapes).
+#[test]
+fn skrelay_metrics_does_not_wait_for_frozen_relays() {
+    let _netns = enter_netns();
+    let cg = cgroup_v2_mount().join(format!("skrelay-frozen-{}", std::process::id()));
+    std::fs::create_dir(&cg).unwrap();
+    struct Thaw(std::path::PathBuf);
+    impl Drop for Thaw {
+        fn drop(&mut self) {
+            let _ = std::fs::write(self.0.join("cgroup.freeze"), "0");
+            for _ in 0..100 {
+                if std::fs::remove_dir(&self.0).is_ok() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    let _thaw = Thaw(cg.clone());
+    let relays: Vec<Skrelay> = (0..6)
+        .map(|i| {
+            let listen = format!("127.0.0.1:{}", 7790 + i);
+            Skrelay::start(&["relay", "--datapath", "userspace", "--listen", &listen, "--metrics", "127.0.0.1:0"])
+        })
+        .collect();
+    for r in &relays {
+        std::fs::write(cg.join("cgroup.procs"), r.pid().to_string()).unwrap();
+    }
+    std::fs::write(cg.join("cgroup.freeze"), "1").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(cg.join("cgroup.events")).unwrap().contains("frozen 1") {
+        assert!(Instant::now() < deadline, "the cgroup did not freeze");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let port = free_port();
+    let exporter = Skrelay::start_until(&["metrics", "--listen", &format!("127.0.0.1:{port}")], "serving");
+    let started = Instant::now();
+    let text = scrape(&format!("http://127.0.0.1:{port}/metrics"));
+    let took = started.elapsed();
+    assert!(text.contains("skrelay_steer_attached"), "{text}");
+    // Asked, six relays took 6 s; unasked, well under one (up to 2 s more while a test beside this
+    // one holds the accel state's lock, which readers wait for).
+    assert!(took < Duration::from_secs(3), "a scrape took {took:?}");
+    drop(exporter);
+    drop(relays);
 }
