@@ -402,3 +402,59 @@ fn a_takeover_of_a_stopped_process_waits_its_five_seconds_once() {
     let (status, log) = new.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");
 }
+
+/// A kernel pair whose reader does not read, taken over: what the relay moved into the reader's
+/// raised send queue (`shelter`) still counts as in flight in the new process. A helper saw
+/// `skrelay_kernel_inflight_bytes` go from 17 MB to 0 across a takeover while the bytes still
+/// waited (the queue's base was not handed over). Every byte arrives once the reader reads.
+#[test]
+fn a_takeover_keeps_counting_what_a_stalled_kernel_pair_holds() {
+    let _netns = enter_netns();
+    if !require_bpf("a_takeover_keeps_counting_what_a_stalled_kernel_pair_holds") {
+        return;
+    }
+    let old = Skrelay::start(&["relay", "--datapath", "kernel", "--kernel-after", "0", "--metrics", "127.0.0.1:0"]);
+    let addr: SocketAddr = PROXY.parse().unwrap();
+    let (a, mut b) = (connect(addr), connect(addr));
+    let mut w = a.try_clone().unwrap();
+    let writer = thread::spawn(move || {
+        let sha = send_pattern(&mut w, 7, 64 << 20)?;
+        w.shutdown(Shutdown::Write)?;
+        Ok::<_, std::io::Error>(sha)
+    });
+    // B reads nothing until what the pair holds stops growing.
+    let mut held = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        thread::sleep(Duration::from_millis(500));
+        let now = old.metrics().get("skrelay_kernel_inflight_bytes");
+        if now > 1 << 20 && now == held {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the in-flight count never settled: {now}\n{}", old.log());
+        held = now;
+    }
+    let pid = old.pid().to_string();
+    let new = Skrelay::start(&[
+        "relay",
+        "--datapath",
+        "kernel",
+        "--kernel-after",
+        "0",
+        "--metrics",
+        "127.0.0.1:0",
+        "--takeover",
+        &pid,
+    ]);
+    let mut old = old;
+    assert!(old.wait(Duration::from_secs(10)).success(), "{}", old.log());
+    let after = new.metrics().get("skrelay_kernel_inflight_bytes");
+    assert!(after >= held / 2, "in flight {held} before the takeover, {after} after\n{}", new.log());
+    b.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let got = recv_all(&mut b).unwrap();
+    let sent = writer.join().unwrap().unwrap();
+    assert_eq!(got, (64 << 20, sent), "bytes lost, duplicated or reordered");
+    drop((a, b));
+    let (status, log) = new.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+}

@@ -111,6 +111,10 @@ pub struct KernelDirection {
     /// buffer's queue is read down (the raised buffer is the socket's own setting).
     #[serde(default)]
     pub frozen: bool,
+    /// The destination's send queue when its buffer was raised: what it holds beyond that still
+    /// counts as in flight (a takeover without it showed 0 bytes in flight where 17 MB waited).
+    #[serde(default)]
+    pub shelter_base: Option<u64>,
     /// A socket error read out of SO_ERROR, not reported yet.
     pub error: Option<SavedError>,
 }

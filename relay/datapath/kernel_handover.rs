@@ -159,6 +159,7 @@ pub(super) fn export_splice(k: &KernelSplice) -> KernelSpliceState {
                 unconsumed: d.unconsumed,
                 held: d.held,
                 frozen: d.frozen,
+                shelter_base: d.shelter_base,
                 error: state.errors.get(cookie).map(SavedError::save),
             })
         })
@@ -211,7 +212,7 @@ pub(super) fn import_splice(
             frozen: d.frozen,
             runaway: false,
             runaway_since: None,
-            shelter_base: None,
+            shelter_base: d.shelter_base,
         };
         if direction.parked.is_some() || direction.unconsumed > 0 || direction.held.is_some() || direction.frozen {
             st.rechecks.push(Reverse((now, d.cookie)));
