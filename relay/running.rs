@@ -28,9 +28,13 @@ pub struct Server {
     pub metrics_silent: bool,
     /// `proxy`: the ports of its `--upstream` addresses, from its command line.
     pub upstream_ports: Vec<u16>,
-    /// Stopped (SIGSTOP, a debugger): its kernel pairs still move bytes, nothing else happens
-    /// until it runs again (a helper's pass: `status` listed a stopped relay as serving).
+    /// Stopped (SIGSTOP, a debugger, or a frozen cgroup): its kernel pairs still move bytes,
+    /// nothing else happens until it runs again (a helper's pass: `status` listed a stopped relay
+    /// as serving).
     pub stopped: bool,
+    /// The frozen cgroup (cgroup v2 `cgroup.freeze`) that stops it, if that is what does: it
+    /// read as running, and `status` waited 1 s for each such relay's metrics (a helper's pass).
+    pub frozen: Option<String>,
 }
 
 /// A running relay's own figures, read from its `--metrics` endpoint.
@@ -59,6 +63,7 @@ impl Server {
             // above are null then too).
             "metrics_answered": self.metrics.filter(|_| !self.stopped).map(|_| !self.metrics_silent),
             "stopped": self.stopped,
+            "frozen_cgroup": self.frozen,
         })
     }
 }
@@ -66,10 +71,16 @@ impl Server {
 impl std::fmt::Display for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let listening: Vec<String> = self.listening.iter().map(|a| a.to_string()).collect();
-        let stopped = if self.stopped {
-            "stopped (SIGCONT resumes it; meanwhile its kernel pairs move bytes, and nothing else happens): "
-        } else {
-            ""
+        let stopped = match (&self.frozen, self.stopped) {
+            (Some(cg), _) => format!(
+                "frozen (its cgroup {cg} has cgroup.freeze 1, and 0 resumes it; meanwhile its kernel pairs move bytes, \
+                 and nothing else happens): "
+            ),
+            (None, true) => {
+                "stopped (SIGCONT resumes it; meanwhile its kernel pairs move bytes, and nothing else happens): "
+                    .to_string()
+            }
+            (None, false) => String::new(),
         };
         write!(
             f,
@@ -213,6 +224,14 @@ pub(crate) fn with_scope(addr: SocketAddr, cmdline: &[u8], flag: &str) -> Socket
     }
 }
 
+/// The cgroup v2 path of the process in `dir` if that cgroup is frozen (`cgroup.events`).
+fn frozen_cgroup(dir: &Path) -> Option<String> {
+    let cgroups = fs::read_to_string(dir.join("cgroup")).ok()?;
+    let path = cgroups.lines().find_map(|l| l.strip_prefix("0::"))?.to_string();
+    let events = crate::accel::cgroup::v2_mount().ok()?.join(path.trim_start_matches('/')).join("cgroup.events");
+    fs::read_to_string(events).ok()?.lines().any(|l| l == "frozen 1").then_some(path)
+}
+
 /// Whether the process is stopped: state `T` (a stop signal) or `t` (a debugger) in
 /// /proc/PID/stat, the field after the command name (which may hold spaces and parentheses).
 fn process_stopped(dir: &Path) -> bool {
@@ -233,7 +252,9 @@ fn inspect(dir: &Path, pid: u32, command: String, sockets: &[ProcSocket], cmdlin
         metrics_silent: false,
         upstream_ports: vec![],
         stopped: process_stopped(dir),
+        frozen: frozen_cgroup(dir),
     };
+    server.stopped |= server.frozen.is_some();
     for fd in fds.flatten() {
         let Ok(target) = fs::read_link(fd.path()) else { continue };
         let target = target.to_string_lossy();

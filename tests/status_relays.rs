@@ -141,7 +141,29 @@ fn status_says_a_stopped_relay_is_stopped_and_keeps_a_link_locals_interface() {
     assert_eq!(r["stopped"], true, "{r}");
     assert!(text.contains(&format!("(pid {}): stopped (SIGCONT resumes it;", relay.pid())), "{text}");
     assert!(find(relay.pid()).unwrap()["stopped"] == false);
+    // A frozen cgroup stops it too: it read as running, and its metrics were waited for (1 s).
+    let cg = cgroup_v2_mount().join(format!("skrelay-frozen-status-{}", std::process::id()));
+    std::fs::create_dir(&cg).unwrap();
+    std::fs::write(cg.join("cgroup.procs"), relay.pid().to_string()).unwrap();
+    std::fs::write(cg.join("cgroup.freeze"), "1").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(cg.join("cgroup.events")).unwrap().contains("frozen 1") {
+        assert!(std::time::Instant::now() < deadline, "the cgroup did not freeze");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let started = std::time::Instant::now();
+    let text = skrelay_ok(&["status"]);
+    let took = started.elapsed();
+    let r = find(relay.pid()).unwrap();
+    std::fs::write(cg.join("cgroup.freeze"), "0").unwrap();
     drop(relay);
+    let _ = (0..100).find(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        std::fs::remove_dir(&cg).is_ok()
+    });
+    assert!(text.contains(": frozen (its cgroup /skrelay-frozen-status-"), "{text}");
+    assert!(took < Duration::from_millis(900), "status waited {took:?} for a frozen relay");
+    assert_eq!((r["stopped"].clone(), r["metrics_answered"].clone()), (true.into(), serde_json::Value::Null), "{r}");
     // Link-local on lo: fe80::1 with lo's index as its interface.
     let up = std::process::Command::new("ip").args(["addr", "add", "fe80::1/64", "dev", "lo"]).status().unwrap();
     assert!(up.success());
