@@ -138,7 +138,15 @@ impl Cgroup {
         let mut parts = Vec::new();
         for c in rel_path.components() {
             match c {
-                Component::Normal(p) => parts.push(p.to_string_lossy().into_owned()),
+                // cgroupfs refuses a name with a newline (EINVAL, which `accel on` passed on
+                // with exit 1: a helper's pass); one not in UTF-8 would be named another.
+                Component::Normal(p) => match p.to_str() {
+                    Some(name) if !name.contains('\n') => parts.push(name.to_string()),
+                    _ => return Err(Error::Usage(format!(
+                        "cgroup name {:?} is not one a cgroup can have here (a newline, or not UTF-8): give another",
+                        p.to_string_lossy()
+                    ))),
+                },
                 Component::CurDir | Component::RootDir => {}
                 _ => {
                     return Err(Error::Usage(format!(
@@ -502,6 +510,17 @@ mod tests {
         assert_eq!(Cgroup::resolve_in(outer, Path::new("/proc/2/root/sys/fs/cgroup/unified/a")).unwrap().rel, "a");
         let err = Cgroup::resolve_in(outer, Path::new("/elsewhere")).unwrap_err().to_string();
         assert!(err.contains("cgroup v2 is mounted at /sys/fs/cgroup/unified"), "{err}");
+    }
+
+    #[test]
+    fn names_with_a_newline_or_not_in_utf8_are_refused() {
+        use std::os::unix::ffi::OsStrExt;
+        let m = Path::new("/cg");
+        for bad in [Path::new("a/we\nird"), Path::new(std::ffi::OsStr::from_bytes(b"a/\xff"))] {
+            let e = Cgroup::resolve_in(m, bad).unwrap_err().to_string();
+            assert!(e.contains("is not one a cgroup can have here"), "{e}");
+        }
+        assert!(Cgroup::resolve_in(m, Path::new("we\"ird\\x")).is_ok());
     }
 
     #[test]
