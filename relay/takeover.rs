@@ -339,6 +339,16 @@ pub fn take(pid: i32, command: &str) -> Result<Taken, Error> {
             )),
             n => return Err(refuse(format!("it has {n} listening sockets and skrelay serves one"))),
         };
+    // A takeover whose handover timed out (the old process stopped) serves the socket beside
+    // it: a second takeover of the old process made a third server of it, and token partners
+    // landed apart (a re-check pass). That one is the process to replace.
+    if let Some(other) = rustix::fs::fstat(&listener).ok().and_then(|st| other_holder(pid, command, st.st_ino)) {
+        return Err(refuse(format!(
+            "process {other}, another `skrelay {command}` that took it over (just now, or after a handover that \
+             timed out while process {pid} was stopped or busy), serves its listening socket too: replace that one \
+             (`--takeover {other}`)"
+        )));
+    }
     listener.set_cloexec(true).map_err(|e| refuse(e.to_string()))?;
     let metrics = match metrics.into_iter().next() {
         Some(m) => {
@@ -348,6 +358,24 @@ pub fn take(pid: i32, command: &str) -> Result<Taken, Error> {
         None => None,
     };
     Ok(Taken { listener: listener.into(), metrics, handover: Handover { pid, pidfd, channel } })
+}
+
+/// Another `skrelay COMMAND` process than `pid` (and this one) that holds the socket with inode
+/// `inode`.
+fn other_holder(pid: i32, command: &str, inode: u64) -> Option<u32> {
+    let name = format!("socket:[{inode}]");
+    let me = std::process::id();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|p| {
+        let other = p.file_name().to_str()?.parse::<u32>().ok()?;
+        if other == me || other == pid as u32 {
+            return None;
+        }
+        (crate::running::command_of_process(&p.path()).as_deref() == Some(command)).then_some(())?;
+        let fds = std::fs::read_dir(p.path().join("fd")).ok()?;
+        fds.flatten()
+            .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == name.as_str()))
+            .then_some(other)
+    })
 }
 
 /// The process was there a moment ago: it exited, maybe taken over by another `--takeover`.

@@ -142,10 +142,12 @@ impl Cgroup {
                 // with exit 1: a helper's pass); one not in UTF-8 would be named another.
                 Component::Normal(p) => match p.to_str() {
                     Some(name) if !name.contains('\n') => parts.push(name.to_string()),
-                    _ => return Err(Error::Usage(format!(
+                    _ => {
+                        return Err(Error::Usage(format!(
                         "cgroup name {:?} is not one a cgroup can have here (a newline, or not UTF-8): give another",
                         p.to_string_lossy()
-                    ))),
+                    )))
+                    }
                 },
                 Component::CurDir | Component::RootDir => {}
                 _ => {
