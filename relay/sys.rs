@@ -1282,20 +1282,21 @@ mod kallsyms_tests {
 /// unreadable); processes whose descriptors this one may not list are not looked at.
 pub fn socket_held_elsewhere(fd: impl AsFd) -> Option<bool> {
     let inode = rustix::fs::fstat(fd).ok()?.st_ino;
+    Some(socket_holders(inode)?.next().is_some())
+}
+
+/// The processes other than this one that hold the socket with inode `inode` (a descriptor in
+/// /proc/PID/fd naming `socket:[INODE]`), as /proc lists them; processes whose descriptors this
+/// one may not list are not among them. None without /proc.
+pub fn socket_holders(inode: u64) -> Option<impl Iterator<Item = u32>> {
     let name = format!("socket:[{inode}]");
-    let own = std::process::id().to_string();
+    let own = std::process::id();
     let procs = std::fs::read_dir("/proc").ok()?;
-    for pid in procs.flatten().map(|e| e.file_name()) {
-        let pid = pid.to_string_lossy();
-        if pid == own || !pid.bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
-        if fds.flatten().any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == name.as_str())) {
-            return Some(true);
-        }
-    }
-    Some(false)
+    Some(procs.flatten().filter_map(move |p| {
+        let pid = p.file_name().to_str()?.parse::<u32>().ok().filter(|&pid| pid != own)?;
+        let fds = std::fs::read_dir(p.path().join("fd")).ok()?;
+        fds.flatten().any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == name.as_str())).then_some(pid)
+    }))
 }
 
 #[cfg(test)]

@@ -363,18 +363,10 @@ pub fn take(pid: i32, command: &str) -> Result<Taken, Error> {
 /// Another `skrelay COMMAND` process than `pid` (and this one) that holds the socket with inode
 /// `inode`.
 fn other_holder(pid: i32, command: &str, inode: u64) -> Option<u32> {
-    let name = format!("socket:[{inode}]");
-    let me = std::process::id();
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|p| {
-        let other = p.file_name().to_str()?.parse::<u32>().ok()?;
-        if other == me || other == pid as u32 {
-            return None;
-        }
-        (crate::running::command_of_process(&p.path()).as_deref() == Some(command)).then_some(())?;
-        let fds = std::fs::read_dir(p.path().join("fd")).ok()?;
-        fds.flatten()
-            .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == name.as_str()))
-            .then_some(other)
+    sys::socket_holders(inode)?.find(|&other| {
+        other != pid as u32
+            && crate::running::command_of_process(std::path::Path::new(&format!("/proc/{other}"))).as_deref()
+                == Some(command)
     })
 }
 
