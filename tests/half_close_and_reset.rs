@@ -614,10 +614,12 @@ fn a_reset_pair_logs_only_what_reached_the_other_client(dp: &str) {
         }
         (a, b, key, sent)
     };
-    // Resets `s` and returns the count the end-of-pair line gives for `key`, and the log.
-    let reset_and_read_log = |s: TcpStream, key: &str| {
+    let reset = |s: TcpStream| {
         socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
         drop(s);
+    };
+    // The count the end-of-pair line gives for `key`, and the log.
+    let read_log = |key: &str| {
         relay.wait_log(key, 1, Duration::from_secs(10));
         let log = relay.log();
         let line = log.lines().find(|l| l.contains(key)).unwrap();
@@ -626,7 +628,10 @@ fn a_reset_pair_logs_only_what_reached_the_other_client(dp: &str) {
     };
 
     let (a, mut b, key, sent) = held_back_pair();
-    let (logged, log) = reset_and_read_log(a, &key);
+    reset(a);
+    // The pair waits for b to read what it holds for b (as long as a live pair would), then
+    // resets b.
+    thread::sleep(Duration::from_millis(1500));
     b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     // The first byte ("x") was read above.
     let (mut got, mut buf) = (1u64, vec![0u8; 1 << 20]);
@@ -638,6 +643,7 @@ fn a_reset_pair_logs_only_what_reached_the_other_client(dp: &str) {
         }
     };
     assert_ne!(end, "EOF", "{dp}: a reset must reach b as a reset");
+    let (logged, log) = read_log(&key);
     assert!(got < sent, "{dp}: the test needs bytes lost to the reset (sent {sent}, got {got})");
     assert_eq!(logged, got, "{dp}: the log counts {logged} bytes, b received {got} (a sent {sent}):\n{log}");
 
@@ -645,14 +651,16 @@ fn a_reset_pair_logs_only_what_reached_the_other_client(dp: &str) {
     // held back. Its TCP acknowledged what it holds; what the relay still queued for it is lost.
     let (_a, b, key, _) = held_back_pair();
     let unread = skrelay::sys::readable_len(&b).unwrap();
-    let (logged, log) = reset_and_read_log(b, &key);
+    reset(b);
+    let (logged, log) = read_log(&key);
     assert_eq!(logged, 1 + unread, "{dp}: the log counts {logged} bytes, b held {} when it reset:\n{log}", 1 + unread);
 }
 
 per_datapath!(a_reset_pair_logs_only_what_reached_the_other_client);
 
-/// B sends 40 MiB while A uploads and does not read for 1 s, and resets once all of B's bytes
-/// are acknowledged: A gets all 40 MiB, then the reset. On the kernel datapath the part that
+/// B sends 40 MiB while A uploads and does not read for 3 s, and resets once all of B's bytes
+/// are acknowledged: A gets all 40 MiB, then the reset (A's pause once cost it what the pair
+/// held when A had acknowledged nothing for 1 s). On the kernel datapath the part that
 /// parked in B's relay socket went with its psock at the reset (KERNEL-NOTES item 12): A got
 /// 33.3 MB, every run. Now a parked direction whose partner does not read moves its parked
 /// bytes to the partner's send queue and closes its source's window meanwhile (`shelter`).
@@ -674,7 +682,7 @@ fn a_reset_clients_acknowledged_bytes_reach_a_partner_that_reads_later(dp: &str)
         }
         socket2::SockRef::from(&b).set_linger(Some(Duration::ZERO)).unwrap();
     });
-    thread::sleep(Duration::from_secs(1));
+    thread::sleep(Duration::from_secs(3));
     let (got, end) = read_until_end(&mut a);
     sending.join().unwrap();
     let upload = uploading.join().unwrap();

@@ -98,6 +98,62 @@ fn idle_pairs_are_reset_and_busy_ones_live(dp: &str) {
 }
 per_datapath!(idle_pairs_are_reset_and_busy_ones_live);
 
+/// A client that resets while its partner reads nothing: the pair waits for the partner to take
+/// what the reset client sent (a reader paused for 2 s gets all of it, then the reset: it lost
+/// 920 KB of 1 MiB when the wait ended after 1 s without an acknowledgement), but no longer than
+/// `--idle-timeout`, as a live pair; its line names the reset and the wait.
+fn a_reset_waits_for_a_partner_that_reads_nothing_until_the_idle_timeout(dp: &str) {
+    let _netns = enter_netns();
+    let args = relay_args(dp, "3");
+    let relay = Skrelay::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    // A pair where a sent 1 MiB that b has not read, all of it taken by the relay, then reset.
+    let reset_with_bytes_waiting = || {
+        let mut a = connect(addr());
+        let mut b = connect(addr());
+        a.write_all(b"hi").unwrap();
+        assert_eq!(read_n(&mut b, 2), b"hi");
+        a.write_all(&vec![3u8; 1 << 20]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while unacked(&a) > 0 {
+            assert!(Instant::now() < deadline, "{dp}: the relay never took a's bytes");
+            thread::sleep(Duration::from_millis(5));
+        }
+        socket2::SockRef::from(&a).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(a);
+        (b, Instant::now())
+    };
+    // A reader that pauses gets every byte, then the reset.
+    let (mut b, _) = reset_with_bytes_waiting();
+    thread::sleep(Duration::from_secs(2));
+    b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (mut got, mut buf) = (0usize, vec![0u8; 1 << 16]);
+    let end = loop {
+        match b.read(&mut buf) {
+            Ok(0) => break Ok(0),
+            Ok(n) => got += n,
+            Err(e) => break Err(e),
+        }
+    };
+    assert!(matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset), "{dp}: b got {end:?}");
+    assert_eq!(got, 1 << 20, "{dp}: a reader paused for 2 s got {got} of 1 MiB\n{}", relay.log());
+    // A reader that takes nothing holds the pair for the timeout, then is reset.
+    let (mut b, reset_at) = reset_with_bytes_waiting();
+    relay.wait_log("then took nothing", 1, Duration::from_secs(10));
+    let waited = reset_at.elapsed();
+    assert!(
+        waited >= Duration::from_millis(2700) && waited < Duration::from_secs(7),
+        "{dp}: the pair waited {waited:?} for b after a's reset\n{}",
+        relay.log()
+    );
+    let log = relay.log();
+    let line = log.lines().find(|l| l.contains("then took nothing")).unwrap();
+    assert!(line.contains("reset (") && line.contains("--idle-timeout"), "{dp}: {line}");
+    // b gets what reached its socket, then the reset, never an end of file.
+    let (r, _) = read_until_cut(&mut b);
+    assert!(matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset), "{dp}: b got {r:?}");
+}
+per_datapath!(a_reset_waits_for_a_partner_that_reads_nothing_until_the_idle_timeout);
+
 /// `--takeover`: the new process's clock runs on from the old one's, so an upgrade does not give
 /// a quiet pair a whole new timeout (upgraded more often than the timeout, it would never be cut).
 fn a_takeover_keeps_the_idle_clock_running(dp: &str) {

@@ -1061,12 +1061,12 @@ impl Server {
             if let Slot::Pair(pair) = entry {
                 let quiet = pair.idle_for(now);
                 if quiet >= self.idle_timeout {
-                    idle.push((slot, quiet));
+                    idle.push((slot, pair.idle_ending(quiet)));
                 }
             }
         }
-        for (slot, quiet) in idle {
-            self.end_pair(slot, Ending::Idle(quiet));
+        for (slot, ending) in idle {
+            self.end_pair(slot, ending);
         }
         self.idle_due = (self.pairs > 0).then(|| now + idle_check_every(self.idle_timeout));
     }
