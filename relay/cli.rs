@@ -662,9 +662,16 @@ fn parse_target(s: &str) -> Result<SocketAddr, String> {
     })
 }
 
+/// A port as written in an address: digits only. `u16::from_str` takes a leading `+`, which the
+/// address parser does not, so `127.0.0.1:+7001` was called "not an IPv4 address" and
+/// `localhost:+7001` listened on 7001 (an IPv6 stranger pass).
+pub fn port_number(s: &str) -> Option<u16> {
+    s.bytes().all(|b| b.is_ascii_digit()).then(|| s.parse().ok()).flatten()
+}
+
 /// One port of `accel on --ports`: accel matches single ports, not ranges.
 fn parse_accel_port(s: &str) -> Result<u16, String> {
-    match s.parse::<u16>() {
+    match port_number(s).ok_or(()) {
         Ok(p) if p > 0 => Ok(p),
         _ if s.contains('-') => {
             Err(format!("`{s}`: accel --ports takes single ports (e.g. 6379,8080), not ranges; list each port"))
@@ -710,7 +717,7 @@ pub fn misbracketed(s: &str) -> Option<String> {
         addr.parse::<std::net::Ipv6Addr>().is_ok() && !scope.contains(':')
     };
     // `::1:7777` is an address of its own as well as ::1 with port 7777: say both.
-    let split = s.rsplit_once(':').filter(|(addr, port)| port.parse::<u16>().is_ok() && v6(addr));
+    let split = s.rsplit_once(':').filter(|(addr, port)| port_number(port).is_some() && v6(addr));
     Some(match (v6(s), split) {
         (true, Some((addr, port))) => format!(
             "`{s}`: an IPv6 address with a port needs brackets (give [{addr}]:{port}, or [{s}]:PORT if all of it \
@@ -738,7 +745,7 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     let no_port = || format!("`{s}` has no port (give IP:PORT, [IPv6]:PORT or HOST:PORT, e.g. localhost:7777)");
     // A bracketed IPv6 address with nothing after it (`[::1]`) has no port either.
     let Some((host, port)) = s.rsplit_once(':').filter(|(_, port)| !port.ends_with(']')) else {
-        if s.parse::<u16>().is_ok() {
+        if port_number(s).is_some() {
             // A port alone (`--listen 7777`): the address is what is missing.
             return Err(format!(
                 "`{s}` has no address (give 127.0.0.1:{s} for this host, 0.0.0.0:{s} for every IPv4 address, or \
@@ -747,7 +754,10 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
         }
         return Err(no_port());
     };
-    port.parse::<u16>().map_err(|_| format!("`{port}` is not a port (ports are 0 to 65535)"))?;
+    if port.is_empty() {
+        return Err(no_port());
+    }
+    port_number(port).ok_or_else(|| format!("`{port}` is not a port (ports are 0 to 65535)"))?;
     if host.is_empty() {
         return Err(format!(
             "`{s}` has no address (give 0.0.0.0:{port} for every IPv4 address, [::]:{port} for every address, or \
@@ -799,6 +809,13 @@ mod tests {
             assert!(parse_target(given).unwrap_err().contains(says), "{given}");
         }
         assert_eq!(parse_listen(" [::1]:7777 "), Ok("[::1]:7777".parse().unwrap()));
+        // A sign is no part of a port (`u16::from_str` takes `+`), and an empty port is missing.
+        for s in ["127.0.0.1:+7001", "[::1]:+7001", "localhost:+7001"] {
+            assert_eq!(parse_listen(s).unwrap_err(), "`+7001` is not a port (ports are 0 to 65535)", "{s}");
+        }
+        assert!(parse_listen("[::1]:").unwrap_err().contains("has no port"));
+        assert_eq!(port_number("+80"), None);
+        assert_eq!(port_number("80"), Some(80));
         assert_eq!(parse_target("\t127.0.0.1:7777"), Ok("127.0.0.1:7777".parse().unwrap()));
         // A port no listening socket has: said so, not looked for, nor the whole target malformed.
         for (given, port) in [

@@ -47,7 +47,13 @@ pub fn run(args: ProxyArgs) -> Result<(), Error> {
             }
         }
     }
-    crate::relay_cmd::metrics_outside_ports(args.common.metrics, addr, args.ports.ports.as_ref(), "proxied upstream")?;
+    crate::relay_cmd::metrics_outside_ports(
+        args.common.metrics,
+        addr,
+        dual_stack,
+        args.ports.ports.as_ref(),
+        "proxied upstream",
+    )?;
     let metrics = Metrics::new(&metrics::datapath_labels(datapath));
     upstreams.count_in(metrics.clone());
     let served = metrics::start(args.common.metrics, &metrics, taken_metrics)?;
@@ -124,7 +130,7 @@ pub fn loops_back(
     if port == listen.port() && listener_takes {
         return Some(format!("it is this proxy's own listening address ({listen})"));
     }
-    if ports.is_some_and(|p| crate::relay_cmd::steered_here(target, listen, p)) {
+    if ports.is_some_and(|p| crate::relay_cmd::steered_here(target, listen, dual_stack, p)) {
         return Some(format!("--ports steers port {port} at that address to this proxy"));
     }
     None
@@ -156,5 +162,9 @@ mod tests {
         let any6 = a("[::]:7777");
         assert!(loops_back(a("127.0.0.1:7777"), any6, true, None).is_some(), "dual-stack");
         assert!(loops_back(a("127.0.0.1:7777"), any6, false, None).is_none(), "v6only");
+        // A dual-stack [::]'s --ports funnel takes IPv4 too.
+        assert!(loops_back(a("127.0.0.1:8080"), any6, true, Some(&ports)).is_some(), "dual-stack --ports");
+        assert!(loops_back(a("[::ffff:127.0.0.1]:8080"), any6, true, Some(&ports)).is_some(), "mapped, --ports");
+        assert!(loops_back(a("127.0.0.1:8080"), any6, false, Some(&ports)).is_none(), "v6only --ports");
     }
 }

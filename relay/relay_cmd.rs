@@ -23,7 +23,8 @@ pub fn run(args: RelayArgs) -> Result<(), Error> {
             .map_err(|e| held.keep_if_stopped(e))?;
     let datapath = datapaths[0].name();
     let addr = listener.local_addr().unwrap_or(args.listen);
-    metrics_outside_ports(args.common.metrics, addr, args.ports.ports.as_ref(), "relayed as a client")?;
+    let dual_stack = addr.is_ipv6() && !crate::sys::v6only(&listener);
+    metrics_outside_ports(args.common.metrics, addr, dual_stack, args.ports.ports.as_ref(), "relayed as a client")?;
     let metrics = Metrics::new(&metrics::datapath_labels(datapath));
     let served = metrics::start(args.common.metrics, &metrics, taken_metrics)?;
     let config = ServerConfig {
@@ -221,10 +222,13 @@ pub fn warn_if_taken_away(addr: SocketAddr, flag: &str) {
 }
 
 /// Whether `--ports` steers connections to `addr` to this process's listener on `listen`: its
-/// ports at the listen address, or at every local address of its family for a wildcard one.
-pub fn steered_here(addr: SocketAddr, listen: SocketAddr, ports: &PortList) -> bool {
+/// ports at the listen address, or at every local address of its family for a wildcard one (of
+/// both families for a dual-stack `[::]`, whose funnel takes `0.0.0.0/0` too: an IPv4 address
+/// there was let through, and its scrapes or upstream connections taken as clients; an IPv6
+/// stranger pass).
+pub fn steered_here(addr: SocketAddr, listen: SocketAddr, dual_stack: bool, ports: &PortList) -> bool {
     let listen = crate::sys::unmapped(listen);
-    let mut addr = addr;
+    let mut addr = crate::sys::unmapped(addr);
     match addr.ip() {
         IpAddr::V4(v4) if v4.is_unspecified() => addr.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST)),
         IpAddr::V6(v6) if v6.is_unspecified() => addr.set_ip(IpAddr::V6(Ipv6Addr::LOCALHOST)),
@@ -232,7 +236,7 @@ pub fn steered_here(addr: SocketAddr, listen: SocketAddr, ports: &PortList) -> b
     }
     // A link-local address keeps its interface (scope) for both checks.
     let at = if listen.ip().is_unspecified() {
-        addr.is_ipv6() == listen.is_ipv6() && crate::sys::is_local_address(addr)
+        (addr.is_ipv6() == listen.is_ipv6() || (dual_stack && addr.is_ipv4())) && crate::sys::is_local_address(addr)
     } else {
         crate::sys::same_local_ip(addr, listen)
     };
@@ -241,10 +245,11 @@ pub fn steered_here(addr: SocketAddr, listen: SocketAddr, ports: &PortList) -> b
 
 /// Refuses a `--metrics` address that is the listener's own, or whose port `--ports` steers to
 /// the listener: every scrape would be taken as a client (`what`) instead of answered, and the
-/// start line would promise metrics.
+/// start line would promise metrics. `dual_stack`: the listener is a `[::]` that takes IPv4 too.
 pub fn metrics_outside_ports(
     metrics: Option<SocketAddr>,
     listen: SocketAddr,
+    dual_stack: bool,
     ports: Option<&PortList>,
     what: &str,
 ) -> Result<(), Error> {
@@ -254,9 +259,12 @@ pub fn metrics_outside_ports(
     } else {
         // A [::] socket is dual-stack unless the host says otherwise: it holds its port on every
         // IPv4 address as well.
-        let v6 = if m.is_ipv6() { m } else { listen };
-        v6.ip().is_unspecified()
-            && std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|v| v.trim() == "0")
+        if m.is_ipv6() {
+            m.ip().is_unspecified()
+                && std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|v| v.trim() == "0")
+        } else {
+            listen.ip().is_unspecified() && dual_stack
+        }
     };
     if m.port() != 0 && m.port() == listen.port() && overlaps {
         return Err(Error::Usage(format!(
@@ -264,7 +272,7 @@ pub fn metrics_outside_ports(
         )));
     }
     let Some(ports) = ports else { return Ok(()) };
-    if m.port() != 0 && steered_here(m, listen, ports) {
+    if m.port() != 0 && steered_here(m, listen, dual_stack, ports) {
         return Err(Error::Usage(format!(
             "cannot serve metrics on {m}: --ports steers port {} at that address to this process, so every scrape \
              would be {what} (pick a --metrics port outside --ports)",

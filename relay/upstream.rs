@@ -36,7 +36,7 @@ impl Upstreams {
             }
             // Worded as every other address flag words it (it was "cannot resolve ...: invalid
             // port value"; a re-check pass).
-            if let Some((_, port)) = spec.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_err()) {
+            if let Some((_, port)) = spec.rsplit_once(':').filter(|(_, p)| crate::cli::port_number(p).is_none()) {
                 return Err(Error::Usage(format!("upstream `{spec}`: `{port}` is not a port (ports are 1 to 65535)")));
             }
             let resolved: Vec<SocketAddr> = crate::cli::numeric_scope(spec)

@@ -281,6 +281,36 @@ fn a_bad_metrics_address_is_refused_with_exit_status_2() {
             &[&proxy[..], &["--ports", "9050", "--metrics", "127.0.0.1:9050"]].concat(),
             "so every scrape would be proxied upstream (pick a --metrics port outside --ports)",
         );
+        // A dual-stack [::] listener's funnel takes IPv4 too (an IPv6 stranger pass: started, and
+        // its scrapes waited for a partner).
+        refused_at_start(
+            &[
+                "relay",
+                "--datapath",
+                "userspace",
+                "--listen",
+                "[::]:7777",
+                "--ports",
+                "9050",
+                "--metrics",
+                "127.0.0.1:9050",
+            ],
+            "cannot serve metrics on 127.0.0.1:9050: --ports steers port 9050 at that address to this process",
+        );
+        refused_at_start(
+            &[
+                "proxy",
+                "--datapath",
+                "userspace",
+                "--listen",
+                "[::]:7777",
+                "--ports",
+                "9050",
+                "--upstream",
+                "127.0.0.1:9050",
+            ],
+            "cannot proxy to upstream 127.0.0.1:9050: --ports steers port 9050 at that address to this proxy",
+        );
     }
     // Nothing was left listening by the refused commands.
     assert!(TcpStream::connect(addr()).is_err());
