@@ -127,6 +127,8 @@ struct Inner {
     inflight_sampler: Mutex<Option<Sampler>>,
     /// Set when the responder is to stop (`stop_serving`).
     stop: Arc<AtomicBool>,
+    /// The datapath labels of `pairs_total` and `bytes_total` (`summary`).
+    datapaths: Vec<&'static str>,
 }
 
 /// The counters of one `relay` or `proxy` process. Cheap to clone (one `Arc`); every update is
@@ -239,6 +241,7 @@ impl Metrics {
                 log_dropped,
                 inflight_sampler: Mutex::new(None),
                 stop: Arc::new(AtomicBool::new(false)),
+                datapaths: datapaths.to_vec(),
             }),
         }
     }
@@ -252,6 +255,30 @@ impl Metrics {
     /// A pair ended on `path` (the datapath's description of how it carried the pair at the end).
     pub fn pair_path(&self, path: &'static str) {
         self.inner.paths_total.get_or_create(&[("path", path)]).inc();
+    }
+
+    /// What the process served, for its last log line: pairs by ending, bytes delivered, clients
+    /// that never paired. An operator who stops it had to scrape `/metrics` just before, or add up
+    /// the end-of-pair lines, to know (a helper's soak pass).
+    pub fn summary(&self) -> String {
+        let m = &self.inner;
+        let ended = |end: PairEnd| -> u64 {
+            m.datapaths
+                .iter()
+                .map(|&dp| m.pairs_total.get_or_create(&[("datapath", dp), ("ending", end.label())]).get())
+                .sum()
+        };
+        let counts: Vec<u64> = PairEnd::ALL.iter().map(|&e| ended(e)).collect();
+        let pairs: u64 = counts.iter().sum();
+        let bytes: u64 = m.datapaths.iter().map(|&dp| m.bytes_total.get_or_create(&[("datapath", dp)]).get()).sum();
+        let unpaired: u64 =
+            Unpaired::ALL.iter().map(|w| m.unpaired.get_or_create(&[("reason", w.label())]).get()).sum();
+        let endings: Vec<String> =
+            PairEnd::ALL.iter().zip(&counts).map(|(e, n)| format!("{n} {}", e.label())).collect();
+        format!(
+            "{pairs} pair(s) ended ({}), {bytes} bytes delivered; {unpaired} client(s) ended before a pair formed",
+            endings.join(", ")
+        )
     }
 
     /// Clients waiting now (token line, partner or upstream connection).

@@ -122,6 +122,13 @@ fn relay_counters_equal_the_bytes_moved_on_both_datapaths(dp: &str) {
     eprintln!("{dp}: after 2 x {LEN} bytes + 1 + 1000:\n{text}");
     let (status, log) = relay.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");
+    // The last line says what the process served.
+    let want = format!(
+        "stopped: 2 pair(s) ended (1 eof, 1 reset, 0 timeout, 0 drain), {} bytes delivered; 0 client(s) ended \
+         before a pair formed",
+        2 * LEN + 1 + 1000
+    );
+    assert!(log.contains(&want), "{dp}: no `{want}` in\n{log}");
 }
 
 per_datapath!(relay_counters_equal_the_bytes_moved_on_both_datapaths);

@@ -377,7 +377,7 @@ impl Server {
         if let Some(summary) = self.datapath.summary(&tally) {
             log::info!("{summary}");
         }
-        log::info!("stopped");
+        log::info!("stopped: {}", self.metrics.summary());
         Ok(())
     }
 
