@@ -290,32 +290,13 @@ fn a_bad_metrics_address_is_refused_with_exit_status_2() {
         );
         // A dual-stack [::] listener's funnel takes IPv4 too (an IPv6 stranger pass: started, and
         // its scrapes waited for a partner).
+        let dual = ["--datapath", "userspace", "--listen", "[::]:7777", "--ports", "9050"];
         refused_at_start(
-            &[
-                "relay",
-                "--datapath",
-                "userspace",
-                "--listen",
-                "[::]:7777",
-                "--ports",
-                "9050",
-                "--metrics",
-                "127.0.0.1:9050",
-            ],
+            &[&["relay"], &dual[..], &["--metrics", "127.0.0.1:9050"]].concat(),
             "cannot serve metrics on 127.0.0.1:9050: --ports steers port 9050 at that address to this process",
         );
         refused_at_start(
-            &[
-                "proxy",
-                "--datapath",
-                "userspace",
-                "--listen",
-                "[::]:7777",
-                "--ports",
-                "9050",
-                "--upstream",
-                "127.0.0.1:9050",
-            ],
+            &[&["proxy"], &dual[..], &["--upstream", "127.0.0.1:9050"]].concat(),
             "cannot proxy to upstream 127.0.0.1:9050: --ports steers port 9050 at that address to this proxy",
         );
     }
