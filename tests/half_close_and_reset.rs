@@ -340,6 +340,10 @@ fn bytes_sent_just_before_a_reset_reach_the_partner_then_the_reset(dp: &str) {
         for (i, len) in [16u64, 5_000, 100_000, 3_000_000].into_iter().enumerate() {
             let a = connect(addr());
             let mut b = connect(addr());
+            // Paired first: a client that resets while it waits is paired with nobody.
+            relay.wait_metrics("the pair formed", Duration::from_secs(5), |m| {
+                m.sum("skrelay_pairs_active") == 1 && m.sum("skrelay_pairs_total") == i as u64
+            });
             // B does not read yet: the relay holds what B's window does not take.
             let want = send_then_reset(a, 40 + i as u64, len);
             thread::sleep(Duration::from_millis(100));
@@ -474,6 +478,45 @@ fn a_client_whose_token_bytes_and_reset_came_at_once_is_not_paired(dp: &str) {
 }
 
 per_datapath!(a_client_whose_token_bytes_and_reset_came_at_once_is_not_paired);
+
+/// A client that sent bytes and reset, and at once connected again with its token: the relay took
+/// clients that connected before it saw the reset first, to pair them with the dead client, and
+/// took the reconnection too, which read back its own old bytes while its real partner waited out
+/// --pair-timeout (19 of 40 in a helper's token pass). A reset client is now paired with nobody.
+fn a_client_that_reconnects_right_after_its_reset_is_not_paired_with_its_dead_self(dp: &str) {
+    let _netns = enter_netns();
+    for pairing in ["token", "order"] {
+        let relay = Skrelay::start(&["relay", "--datapath", dp, "--pair", pairing]);
+        for i in 0..40 {
+            let line = if pairing == "token" { format!("again{i}\n") } else { String::new() };
+            let mut a = connect(addr());
+            a.write_all(format!("{line}old").as_bytes()).unwrap();
+            thread::sleep(Duration::from_millis(20));
+            let port = a.local_addr().unwrap().port();
+            socket2::SockRef::from(&a).set_linger(Some(Duration::ZERO)).unwrap();
+            drop(a);
+            // The reconnection comes after the reset reached the relay's socket (which leaves
+            // the table at once), whenever the relay's loop looks at it.
+            let relay_end = format!("0100007F:{:04X} 0100007F:{port:04X}", addr().port());
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while std::fs::read_to_string("/proc/thread-self/net/tcp").unwrap().contains(&relay_end) {
+                assert!(Instant::now() < deadline, "{dp}: the reset never reached the relay's socket");
+                thread::sleep(Duration::from_millis(1));
+            }
+            let mut again = connect(addr());
+            again.write_all(format!("{line}new").as_bytes()).unwrap();
+            thread::sleep(Duration::from_millis(30));
+            let mut b = connect(addr());
+            b.write_all(format!("{line}from-b").as_bytes()).unwrap();
+            assert_eq!(read_n(&mut again, 6), b"from-b", "{dp}, {pairing}, round {i}\n{}", relay.log());
+            assert_eq!(read_n(&mut b, 3), b"new", "{dp}, {pairing}, round {i}");
+        }
+        let (status, log) = relay.stop(Duration::from_secs(10));
+        assert!(status.success(), "{log}");
+    }
+}
+
+per_datapath!(a_client_that_reconnects_right_after_its_reset_is_not_paired_with_its_dead_self);
 
 /// A token client that sends its line and closes in one segment (corked here, so the line and
 /// the FIN travel together) is let go at once as having left, like one that closes later. Its

@@ -791,26 +791,33 @@ impl Server {
         }
     }
 
-    /// A waiting client sent bytes and then reset. Clients that connected before the reset was
-    /// seen are taken first: the one that pairs with it gets its bytes and then the reset, as end
-    /// to end. Nobody later does: a client that came seconds after would be paired with a dead one.
+    /// A waiting client sent bytes and then reset: nobody is paired with it any more. Clients
+    /// that connected before the reset was seen were taken first, to get its bytes and then the
+    /// reset, but "before it was seen" took in a client that reconnected right after its own
+    /// reset (with its token): it read back its own old bytes, and its real partner waited out
+    /// --pair-timeout (19 of 40 quick reconnects; a helper's token pass). A partner paired with a
+    /// dead client gets nothing it can use, so none is.
     fn let_go_after_reset(&mut self, slot: usize, serial: u64) {
-        self.accept();
         if self.pending_mut(slot, Some(serial)).is_some() {
-            self.drop_pending(slot, "reset before a partner came (its bytes go nowhere)", Unpaired::Left);
+            self.drop_pending(slot, pending::RESET_AFTER_SENDING, Unpaired::Left);
         }
     }
 
     /// Offers an identified client a partner, or lets it wait.
     fn offer(&mut self, slot: usize) {
         let Some(p) = self.pending_mut(slot, None) else { return };
+        // It may have left already, with or without sending bytes (a reset that came with its
+        // connection, or its token line).
+        if let Some(why) = p.gone_or_reset() {
+            return self.drop_pending(slot, &why, Unpaired::Left);
+        }
         let key = p.key.clone().unwrap_or_default();
         let handed_over = p.handed_over;
         let Partners::Clients { matcher, .. } = &mut self.partners else { return };
         match matcher.offer(&key, slot) {
             // The loop may not have seen the waiting client's close or reset yet: look now, so
             // a client that is gone never takes a partner.
-            Some(partner) => match self.pending_mut(partner, None).map(|p| p.gone()) {
+            Some(partner) => match self.pending_mut(partner, None).map(|p| p.gone_or_reset()) {
                 Some(None) => self.form_pair(partner, slot),
                 Some(Some(why)) => {
                     self.drop_pending(partner, &why, Unpaired::Left);

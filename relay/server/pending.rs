@@ -37,11 +37,13 @@ pub(super) enum Look {
     Identified,
     /// It left, or broke the rules: close it, for this reason.
     Gone(String),
-    /// `relay`: it sent bytes and then reset its connection while it waited for a partner. Its
-    /// bytes can still reach a partner that had connected by then (then the reset, as end to
-    /// end); a later one must not be paired with it (`Server::on_pending`).
+    /// `relay`: it sent bytes and then reset its connection while it waited for a partner: it
+    /// takes none (`Server::let_go_after_reset`).
     ResetAfterSending,
 }
+
+/// Why a waiting client that sent bytes and then reset is let go.
+pub(super) const RESET_AFTER_SENDING: &str = "reset before a partner came (its bytes go nowhere)";
 
 impl Pending {
     pub(super) fn new(stream: TcpStream, addr: SocketAddr, serial: u64, key: Option<String>) -> Pending {
@@ -98,6 +100,11 @@ impl Pending {
         let mut again = [0u8; MAX_TOKEN + 2];
         sys::readable_len(&self.stream).is_ok_and(|queued| queued > n as u64)
             && sys::peek(&self.stream, &mut again).is_ok_and(|m| m == n)
+    }
+
+    /// `gone`, or reset after sending bytes (`reset_after_sending`): either way no partner for it.
+    pub(super) fn gone_or_reset(&self) -> Option<String> {
+        self.gone().or_else(|| self.reset_after_sending().then(|| RESET_AFTER_SENDING.into()))
     }
 
     /// A relay's waiting client that sent bytes and then reset (its TCP state is CLOSE; a peek
