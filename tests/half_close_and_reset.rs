@@ -479,6 +479,46 @@ fn a_client_whose_token_bytes_and_reset_came_at_once_is_not_paired(dp: &str) {
 
 per_datapath!(a_client_whose_token_bytes_and_reset_came_at_once_is_not_paired);
 
+/// A client that sends, half-closes and resets once all is acknowledged: its partner gets every
+/// byte, then its end (the EOF or the reset), at once. On the kernel datapath the FIN counted in what the relay had
+/// received (and parked bytes a reset throws away would too), so the pair waited for one byte
+/// that never comes, until --idle-timeout: 600 s (a re-check pass).
+fn a_half_close_then_a_reset_reaches_the_partner_at_once(dp: &str) {
+    let _netns = enter_netns();
+    let joins: &[&[&str]] = if dp == "kernel" { &[&[], &["--kernel-after", "0"]] } else { &[&[]] };
+    for extra in joins {
+        let relay = Skrelay::start(&[&["relay", "--datapath", dp], *extra].concat());
+        let mut a = connect(addr());
+        let mut b = connect(addr());
+        b.write_all(b"x").unwrap();
+        assert_eq!(read_n(&mut a, 1), b"x");
+        let want = send_pattern(&mut b, 9, 3_000_000).unwrap();
+        b.shutdown(std::net::Shutdown::Write).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while unacked(&b) > 0 {
+            assert!(Instant::now() < deadline, "{dp} {extra:?}: the relay never took b's bytes");
+            thread::sleep(Duration::from_millis(5));
+        }
+        socket2::SockRef::from(&b).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(b);
+        let t0 = Instant::now();
+        let (got, end) = read_until_end(&mut a);
+        assert_eq!((got.len(), sha(&got)), (3_000_000, want), "{dp} {extra:?}: a must get all of b's bytes");
+        // Then its end of file (b's stream was whole: userspace passes the FIN on first) or the
+        // reset, within read_until_end's 5 s.
+        assert!(
+            end.is_ok() || matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+            "{dp} {extra:?}: then an end of file or the reset, got {end:?} after {:?}\n{}",
+            t0.elapsed(),
+            relay.log()
+        );
+        let (status, log) = relay.stop(Duration::from_secs(10));
+        assert!(status.success(), "{log}");
+    }
+}
+
+per_datapath!(a_half_close_then_a_reset_reaches_the_partner_at_once);
+
 /// A client that sent bytes and reset, and at once connected again with its token: the relay took
 /// clients that connected before it saw the reset first, to pair them with the dead client, and
 /// took the reconnection too, which read back its own old bytes while its real partner waited out
