@@ -136,8 +136,18 @@ fn a_reset_waits_for_a_partner_that_reads_nothing_until_the_idle_timeout(dp: &st
     };
     assert!(matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset), "{dp}: b got {end:?}");
     assert_eq!(got, 1 << 20, "{dp}: a reader paused for 2 s got {got} of 1 MiB\n{}", relay.log());
-    // A reader that takes nothing holds the pair for the timeout, then is reset.
+    // A reader that takes nothing holds the pair for the timeout, then is reset, even while it
+    // keeps writing (what it sends goes nowhere).
     let (mut b, reset_at) = reset_with_bytes_waiting();
+    let mut chatty = b.try_clone().unwrap();
+    let chatter = thread::spawn(move || {
+        for _ in 0..40 {
+            thread::sleep(Duration::from_millis(300));
+            if chatty.write_all(&[1u8; 100]).is_err() {
+                break;
+            }
+        }
+    });
     relay.wait_log("then took nothing", 1, Duration::from_secs(10));
     let waited = reset_at.elapsed();
     assert!(
@@ -151,6 +161,7 @@ fn a_reset_waits_for_a_partner_that_reads_nothing_until_the_idle_timeout(dp: &st
     // b gets what reached its socket, then the reset, never an end of file.
     let (r, _) = read_until_cut(&mut b);
     assert!(matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset), "{dp}: b got {r:?}");
+    chatter.join().unwrap();
 }
 per_datapath!(a_reset_waits_for_a_partner_that_reads_nothing_until_the_idle_timeout);
 

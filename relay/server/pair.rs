@@ -216,17 +216,26 @@ impl Pair {
     /// reset it was waiting to pass on.
     pub(super) fn idle_ending(&mut self, quiet: Duration) -> Ending {
         match self.resetting.take() {
-            Some((end, error)) => Ending::Reset {
-                end,
-                error: io::Error::new(
-                    error.kind(),
-                    format!(
-                        "{error}; its partner's client then took nothing of what it had sent for {:.3}s, \
+            Some((end, error)) => {
+                // A reset that came after the client's FIN reads EPIPE (`end` says so of a plain
+                // one); this message replaces it, so it is said here.
+                let error = if error.kind() == io::ErrorKind::BrokenPipe {
+                    io::Error::from_raw_os_error(libc::ECONNRESET)
+                } else {
+                    error
+                };
+                Ending::Reset {
+                    end,
+                    error: io::Error::new(
+                        error.kind(),
+                        format!(
+                            "{error}; its partner's client then took nothing of what it had sent for {:.3}s, \
                          --idle-timeout",
-                        quiet.as_secs_f64()
+                            quiet.as_secs_f64()
+                        ),
                     ),
-                ),
-            },
+                }
+            }
             None => Ending::Idle(quiet),
         }
     }
@@ -235,7 +244,17 @@ impl Pair {
     /// as of `now`. Reads both sockets' TCP_INFO; a socket it cannot read counts as active (its
     /// error is the pair's business when it is serviced).
     pub(super) fn idle_for(&mut self, now: Instant) -> Duration {
-        match self.counters() {
+        // A resetting pair waits only for its partner's client to take what it holds: what that
+        // client sends goes nowhere (a client writing 100 bytes every 0.5 s and reading nothing
+        // held such a pair past the timeout; a re-check pass).
+        let resetting = self.resetting.as_ref().map(|(end, _)| 2 * (1 - end) + 1);
+        let counters = self.counters().map(|mut c| {
+            if let Some(keep) = resetting {
+                (0..4).filter(|&i| i != keep).for_each(|i| c[i] = 0);
+            }
+            c
+        });
+        match counters {
             Some(seen) if seen == self.active.seen => {}
             seen => self.active = Activity { at: now, seen: seen.unwrap_or([0; 4]) },
         }

@@ -76,7 +76,15 @@ impl Pending {
             Err(e) => return Look::Gone(e.to_string()),
         };
         match parse_token_line(&buf[..n]) {
-            TokenLine::Incomplete if self.closed_after(n) => Look::Gone("closed before ending its token line".into()),
+            // A reset leaves the state CLOSE, a FIN CLOSE_WAIT: said as the client did it.
+            TokenLine::Incomplete if self.closed_after(n) => Look::Gone(
+                if sys::tcp_counters(&self.stream).is_ok_and(|c| c.closed()) {
+                    "reset before ending its token line"
+                } else {
+                    "closed before ending its token line"
+                }
+                .into(),
+            ),
             TokenLine::Incomplete if n < buf.len() && self.peek_stops_at_urgent_mark(n) => Look::Gone(
                 "bad token line: it has an urgent byte (MSG_OOB) in it, which a peek cannot read past (send the line \
                  without one)"
@@ -220,6 +228,12 @@ mod tests {
         c.write_all(b"half").unwrap();
         c.shutdown(Shutdown::Write).unwrap();
         assert_eq!(look(&mut p), Look::Gone("closed before ending its token line".into()));
+
+        let (mut c, mut p) = client(None);
+        c.write_all(b"half").unwrap();
+        socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(c);
+        assert_eq!(look(&mut p), Look::Gone("reset before ending its token line".into()));
 
         let (c, mut p) = client(None);
         assert_eq!(p.timed_out(), "no token line within --pair-timeout");
