@@ -491,6 +491,39 @@ fn bytes_held_for_a_reader_that_stopped_move_with_their_pair(dp: &str) {
 
 per_datapath!(bytes_held_for_a_reader_that_stopped_move_with_their_pair);
 
+/// A pair waiting, after B's reset, for A's client to take what B sent moves with its wait: A
+/// gets every byte, then the reset. The old process reset such pairs at the handover: A, paused,
+/// got 128,512 of 3,000,000 bytes (a re-check pass).
+fn a_pair_waiting_after_a_reset_moves_waiting(dp: &str) {
+    let _netns = enter_netns();
+    const LEN: u64 = 3_000_000;
+    let addr: SocketAddr = RELAY.parse().unwrap();
+    let args: &[&str] =
+        if dp == "kernel" { &["relay", "--datapath", dp, "--kernel-after", "0"] } else { &["relay", "--datapath", dp] };
+    let old = Skrelay::start(args);
+    let (mut a, mut b) = (connect(addr), connect(addr));
+    b.write_all(b"x").unwrap();
+    assert_eq!(read_n(&mut a, 1), b"x");
+    // A does not read: B's bytes wait in the relay, and B resets once the relay has them all.
+    let want = send_then_reset(b, 31, LEN);
+    thread::sleep(Duration::from_millis(300));
+    let (new, _, old_log) = take_over(args, old);
+    assert!(old_log.contains("handed over 1 live pair(s)"), "{dp}:\n{old_log}");
+    let (got, end) = read_until_end(&mut a);
+    assert_eq!((got.len() as u64, sha(&got)), (LEN, want), "{dp}: A got {} bytes\n{old_log}\n{}", got.len(), new.log());
+    assert!(
+        matches!(&end, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{dp}: then the reset, got {end:?}\n{}",
+        new.log()
+    );
+    let (status, log) = new.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+    // B's "x" and its LEN bytes.
+    assert!(log.contains(&format!("{} bytes", LEN + 1)), "{dp}: the new process counted every byte:\n{log}");
+}
+
+per_datapath!(a_pair_waiting_after_a_reset_moves_waiting);
+
 fn a_half_closed_pair_moves_half_closed(dp: &str) {
     let _netns = enter_netns();
     let addr: SocketAddr = RELAY.parse().unwrap();

@@ -38,6 +38,11 @@ const MESSAGE_WAIT: Duration = Duration::from_secs(30);
 /// The manifest's version: a new process refuses one it does not know (the old one then drains).
 /// 2: one set of kernel maps per event loop (`--threads`).
 const VERSION: u32 = 2;
+/// The version of a manifest that carries a pair waiting, after one end's reset, for its partner
+/// to take that end's last bytes (`PairState::resetting`): a process that does not know it would
+/// carry such a pair on as a live one (and might end it with an EOF), so it refuses the manifest,
+/// and the old process drains. Other manifests stay version 2 for the processes that read it.
+const VERSION_RESETTING: u32 = 3;
 
 #[derive(Serialize, Deserialize)]
 struct Manifest {
@@ -66,6 +71,12 @@ pub(super) struct PairState {
     /// How long no byte has moved (`--idle-timeout`); 0 from a process that did not say.
     #[serde(default)]
     pub(super) idle: Duration,
+    /// The end that was reset and its error (an errno), while the pair waits for the partner's
+    /// client to take what that end sent (`Pair::resetting`). Such pairs were reset at the
+    /// handover, and the partner lost what it had not read yet (2.87 MB of 3 MB in a re-check
+    /// pass, once the wait could last --idle-timeout).
+    #[serde(default)]
+    pub(super) resetting: Option<(usize, i32)>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -148,10 +159,6 @@ impl Server {
     /// What every loop holds: the front's waiting clients, and the pairs and kernel maps of the
     /// front and of every worker (called back by now).
     fn manifest(&mut self) -> Result<(Manifest, usize, usize), String> {
-        self.end_resetting_pairs();
-        for worker in self.threads.idle() {
-            worker.end_resetting_pairs();
-        }
         let mut ex = Exporter::default();
         let mut maps = vec![self.datapath.export(&mut ex)];
         let mut pairs = self.export_pairs(&mut ex)?;
@@ -178,7 +185,7 @@ impl Server {
         pending.sort_by_key(|(serial, _)| *serial);
         let (n_pairs, n_pending) = (pairs.len(), pending.len());
         let manifest = Manifest {
-            version: VERSION,
+            version: if pairs.iter().any(|p| p.resetting.is_some()) { VERSION_RESETTING } else { VERSION },
             datapath: self.datapath.name().to_string(),
             maps,
             pairs,
@@ -186,21 +193,6 @@ impl Server {
             fds: ex.fds,
         };
         Ok((manifest, n_pairs, n_pending))
-    }
-
-    /// Resets now the pairs that wait for a reset end's last bytes (`Pair::resetting`).
-    fn end_resetting_pairs(&mut self) {
-        let slots: Vec<usize> =
-            self.slots.iter().filter(|(_, s)| matches!(s, Slot::Pair(p) if p.resetting())).map(|(k, _)| k).collect();
-        for slot in slots {
-            let ending = match self.slots.get_mut(slot) {
-                Some(Slot::Pair(p)) => p.reset_now(),
-                _ => None,
-            };
-            if let Some(ending) = ending {
-                self.end_pair(slot, ending);
-            }
-        }
     }
 
     /// This loop's pairs, for the manifest.
@@ -505,8 +497,10 @@ fn read_manifest(text: &[u8]) -> Result<Manifest, String> {
         let maps = value.get_mut("maps").map(serde_json::Value::take).unwrap_or_default();
         value["maps"] = serde_json::Value::Array(vec![maps]);
         value["version"] = VERSION.into();
-    } else if version != u64::from(VERSION) {
-        return Err(format!("its manifest is version {version} and this skrelay reads 1 and {VERSION}"));
+    } else if version != u64::from(VERSION) && version != u64::from(VERSION_RESETTING) {
+        return Err(format!(
+            "its manifest is version {version} and this skrelay reads 1, {VERSION} and {VERSION_RESETTING}"
+        ));
     }
     serde_json::from_value(value).map_err(unreadable)
 }
@@ -546,9 +540,11 @@ mod tests {
             upstream_local: None,
             splice: SpliceState::Userspace { dirs: Default::default() },
             idle: Duration::from_secs(2),
+            resetting: Some((1, libc::ECONNRESET)),
         };
         let mut pair = serde_json::to_value(pair).unwrap();
         pair.as_object_mut().unwrap().remove("thread");
+        pair.as_object_mut().unwrap().remove("resetting");
         // Nor `idle` (before --idle-timeout): such a pair starts its idle clock afresh.
         pair.as_object_mut().unwrap().remove("idle");
         let v1 = serde_json::json!({
@@ -558,6 +554,10 @@ mod tests {
         assert_eq!((m.version, m.maps.len(), m.maps[0].is_none()), (VERSION, 1, true));
         assert_eq!((m.pairs.len(), m.pairs[0].thread, m.pairs[0].shut), (1, 0, [false, true]));
         assert_eq!(m.pairs[0].idle, Duration::ZERO);
+        assert_eq!(m.pairs[0].resetting, None, "a pair from an older process is live");
+        // A manifest that carries a resetting pair is version 3, read as well.
+        let v3 = r#"{"version":3,"datapath":"kernel","maps":[],"pairs":[],"pending":[],"fds":[]}"#;
+        assert!(read_manifest(v3.as_bytes()).is_ok());
         let v9 = r#"{"version":9,"datapath":"kernel","maps":[],"pairs":[],"pending":[],"fds":[]}"#;
         assert!(read_manifest(v9.as_bytes()).err().is_some_and(|e| e.contains("version 9")));
     }

@@ -360,7 +360,8 @@ impl Server {
                 // ours may run (a kernel pair's would take its sockets out of the maps), so the
                 // server, with every loop's, is forgotten, not dropped, and the process exits
                 // when the command returns.
-                log::info!("stopped");
+                // What it ended itself; the pairs handed over end, and count, in the new process.
+                log::info!("stopped: {}", self.metrics.summary());
                 std::mem::forget(self);
                 return Ok(());
             }

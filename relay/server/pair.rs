@@ -140,6 +140,10 @@ impl Pair {
             splice: self.splice.export(ex)?,
             // How long it has been quiet: the new process's --idle-timeout runs on from there.
             idle: self.active.at.elapsed(),
+            resetting: self
+                .resetting
+                .as_ref()
+                .map(|(end, error)| (*end, error.raw_os_error().unwrap_or(libc::ECONNRESET))),
         })
     }
 
@@ -154,7 +158,10 @@ impl Pair {
             serial,
             shut: state.shut,
             flush_delay: FLUSH_CHECK_FIRST,
-            resetting: None,
+            resetting: state
+                .resetting
+                .filter(|(end, _)| *end < 2)
+                .map(|(end, errno)| (end, io::Error::from_raw_os_error(errno))),
             upstream_local: state.upstream_local,
             active: Activity { at: Instant::now(), seen: [0; 4] },
         };
@@ -198,18 +205,6 @@ impl Pair {
         for end in self.ends.iter_mut() {
             let _ = registry.deregister(end);
         }
-    }
-
-    /// An end was reset and waits for its last bytes to reach the partner (`service`): a
-    /// takeover resets such a pair rather than hand it over (the error it took is not in the
-    /// socket any more, and the new process would take the reset for an end of file).
-    pub(super) fn resetting(&self) -> bool {
-        self.resetting.is_some()
-    }
-
-    /// Ends a resetting pair now.
-    pub(super) fn reset_now(&mut self) -> Option<Ending> {
-        self.resetting.take().map(|(end, error)| Ending::Reset { end, error })
     }
 
     /// The ending of a pair idle for `quiet` (`--idle-timeout`): a resetting pair's says which
