@@ -688,6 +688,15 @@ pub fn serve(listener: &TcpListener, render: impl Fn() -> Result<String, String>
                     if progress(&mut h, &render) {
                         held.push(h);
                         if held.len() > MAX_HELD {
+                            // A request may be in that the loop has not read yet (it accepts
+                            // first): read each silent one's before choosing.
+                            for i in (0..held.len()).rev() {
+                                if held[i].head.is_empty() && !progress(&mut held[i], &render) {
+                                    held.remove(i);
+                                }
+                            }
+                        }
+                        if held.len() > MAX_HELD {
                             held.remove(evictee(&held));
                         }
                     }
