@@ -36,6 +36,11 @@ impl Upstreams {
             }
             // Worded as every other address flag words it (it was "cannot resolve ...: invalid
             // port value"; a re-check pass).
+            if spec.ends_with(':') {
+                return Err(Error::Usage(format!(
+                    "upstream `{spec}` has no port (give HOST:PORT, IP:PORT or [IPv6]:PORT)"
+                )));
+            }
             if let Some((_, port)) = spec.rsplit_once(':').filter(|(_, p)| crate::cli::port_number(p).is_none()) {
                 return Err(Error::Usage(format!("upstream `{spec}`: `{port}` is not a port (ports are 1 to 65535)")));
             }
@@ -187,11 +192,13 @@ mod tests {
         assert!(u.addrs.len() >= 3, "{u}");
         let e = Upstreams::resolve(&["no-such-host.invalid:80".into()]).err().unwrap().to_string();
         assert!(e.contains("cannot resolve upstream `no-such-host.invalid:80`"), "{e}");
-        for (spec, port) in [("[::1]:abc", "abc"), ("[::1]:", ""), ("localhost:99999", "99999"), ("[::1]:-1", "-1")] {
+        for (spec, port) in
+            [("[::1]:abc", "abc"), ("localhost:+80", "+80"), ("localhost:99999", "99999"), ("[::1]:-1", "-1")]
+        {
             let e = Upstreams::resolve(&[spec.into()]).err().unwrap().to_string();
             assert!(e.contains(&format!("upstream `{spec}`: `{port}` is not a port (ports are 1 to 65535)")), "{e}");
         }
-        for no_port in ["127.0.0.1", "localhost", "::1", "[::1]", "[fe80::1%1]"] {
+        for no_port in ["127.0.0.1", "localhost", "::1", "[::1]", "[fe80::1%1]", "[::1]:", "localhost:"] {
             let e = Upstreams::resolve(&[no_port.into()]).err().unwrap().to_string();
             assert!(e.contains(&format!("upstream `{no_port}` has no port")), "{e}");
         }

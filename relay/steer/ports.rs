@@ -69,10 +69,14 @@ impl fmt::Display for PortList {
 }
 
 fn port(s: &str, item: &str) -> Result<u16, String> {
+    // Digits only: `u64::from_str` takes a leading `+`, which no address flag does.
+    let s = s.trim();
     let n: u64 = s
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{item}` is not a port or a range of ports (write e.g. 7,77,777,8000-8999)"))?;
+        .bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| s.parse().ok())
+        .flatten()
+        .ok_or_else(|| format!("`{item}` is not a port or a range of ports (write e.g. 7,77,777,8000-8999)"))?;
     match n {
         1..=65535 => Ok(n as u16),
         _ => Err(format!("port {n} is out of range (ports are 1 to 65535)")),
@@ -136,6 +140,8 @@ mod tests {
     #[test]
     fn bad_lists_say_why() {
         assert_eq!(parse("0").unwrap_err(), "port 0 is out of range (ports are 1 to 65535)");
+        assert!(parse("+80").unwrap_err().contains("is not a port"));
+        assert!(parse("7901-+7903").unwrap_err().contains("is not a port"));
         assert_eq!(parse("70000").unwrap_err(), "port 70000 is out of range (ports are 1 to 65535)");
         assert_eq!(parse("9-3").unwrap_err(), "range 9-3 runs backwards (write 3-9)");
         assert!(parse("abc").unwrap_err().starts_with("`abc` is not a port"));
