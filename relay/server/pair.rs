@@ -219,17 +219,10 @@ impl Pair {
                 } else {
                     error
                 };
-                Ending::Reset {
-                    end,
-                    error: io::Error::new(
-                        error.kind(),
-                        format!(
-                            "{error}; its partner's client then took nothing of what it had sent for {:.3}s, \
-                         --idle-timeout",
-                            quiet.as_secs_f64()
-                        ),
-                    ),
-                }
+                let quiet = quiet.as_secs_f64();
+                let why =
+                    format!("{error}; its partner's client then took nothing of what it had sent for {quiet:.3}s");
+                Ending::Reset { end, error: io::Error::new(error.kind(), format!("{why}, --idle-timeout")) }
             }
             None => Ending::Idle(quiet),
         }
