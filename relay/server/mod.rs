@@ -807,9 +807,11 @@ impl Server {
     /// Offers an identified client a partner, or lets it wait.
     fn offer(&mut self, slot: usize) {
         let Some(p) = self.pending_mut(slot, None) else { return };
-        // It may have left already, with or without sending bytes (a reset that came with its
-        // connection, or its token line).
-        if let Some(why) = p.gone_or_reset() {
+        // It may have reset already (with its connection, or its token line): it takes nobody.
+        // Said as the peek says it where it can ("Connection reset by peer": nothing sent).
+        // A client that only closed is offered as before, and counted `full` where it is.
+        if p.reset_after_sending() {
+            let why = p.gone().unwrap_or_else(|| pending::RESET_AFTER_SENDING.into());
             return self.drop_pending(slot, &why, Unpaired::Left);
         }
         let key = p.key.clone().unwrap_or_default();
