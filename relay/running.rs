@@ -87,7 +87,14 @@ impl std::fmt::Display for Server {
             "  {} (pid {}): {stopped}listening on {}, {} datapath, {} connection(s)",
             self.command,
             self.pid,
-            if listening.is_empty() { "nothing (draining)".to_string() } else { listening.join(", ") },
+            // A process still starting (loading its datapath, or about to take another's socket
+            // over) listens on nothing yet either: "draining" alone sent operators after a healthy
+            // upgrade (a helper's operations pass).
+            if listening.is_empty() {
+                "nothing (starting, or draining after a stop signal)".to_string()
+            } else {
+                listening.join(", ")
+            },
             self.datapath,
             self.connections
         )?;
