@@ -494,11 +494,7 @@ fn a_half_close_then_a_reset_reaches_the_partner_at_once(dp: &str) {
         assert_eq!(read_n(&mut a, 1), b"x");
         let want = send_pattern(&mut b, 9, 3_000_000).unwrap();
         b.shutdown(std::net::Shutdown::Write).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while unacked(&b) > 0 {
-            assert!(Instant::now() < deadline, "{dp} {extra:?}: the relay never took b's bytes");
-            thread::sleep(Duration::from_millis(5));
-        }
+        wait_acked(&b, Duration::from_secs(10), &format!("b's bytes ({dp} {extra:?})"));
         socket2::SockRef::from(&b).set_linger(Some(Duration::ZERO)).unwrap();
         drop(b);
         let t0 = Instant::now();

@@ -113,11 +113,7 @@ fn a_reset_waits_for_a_partner_that_reads_nothing_until_the_idle_timeout(dp: &st
         a.write_all(b"hi").unwrap();
         assert_eq!(read_n(&mut b, 2), b"hi");
         a.write_all(&vec![3u8; 1 << 20]).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while unacked(&a) > 0 {
-            assert!(Instant::now() < deadline, "{dp}: the relay never took a's bytes");
-            thread::sleep(Duration::from_millis(5));
-        }
+        wait_acked(&a, Duration::from_secs(10), &format!("a's bytes ({dp})"));
         socket2::SockRef::from(&a).set_linger(Some(Duration::ZERO)).unwrap();
         drop(a);
         (b, Instant::now())

@@ -563,15 +563,21 @@ pub fn unacked(s: &std::net::TcpStream) -> i32 {
     n
 }
 
+/// Waits until the peer has acknowledged everything `s` sent; panics, naming `what`, after
+/// `timeout`.
+pub fn wait_acked(s: &std::net::TcpStream, timeout: Duration, what: &str) {
+    let deadline = Instant::now() + timeout;
+    while unacked(s) > 0 {
+        assert!(Instant::now() < deadline, "the peer never took {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Writes `len` pattern bytes (seed `seed`), waits until the peer has acknowledged all of them,
 /// then resets the connection (SO_LINGER 0 close). Returns their sha256.
 pub fn send_then_reset(mut s: std::net::TcpStream, seed: u64, len: u64) -> String {
     let want = send_pattern(&mut s, seed, len).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while unacked(&s) > 0 {
-        assert!(Instant::now() < deadline, "the peer never took all {len} bytes");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_acked(&s, Duration::from_secs(5), &format!("all {len} bytes"));
     socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
     want
 }
