@@ -308,7 +308,8 @@ pub struct SpliceArgs {
     #[arg(long, default_value = "2G", value_parser = parse_size, value_name = "BYTES", allow_negative_numbers = true)]
     pub kernel_memory: u64,
     /// On SIGINT/SIGTERM/SIGHUP (or when a handover to a --takeover process cannot be done), let live
-    /// pairs finish for this long before resetting them; seconds.
+    /// pairs finish for this long before resetting them; seconds. A second such signal, or SIGQUIT,
+    /// resets them at once; SIGUSR2 is for --takeover.
     #[arg(long, default_value = "30", value_parser = parse_secs, value_name = "SECS", allow_negative_numbers = true)]
     pub drain_timeout: Duration,
     /// Reset a pair (both clients) when no byte has moved either way for this long: neither

@@ -467,7 +467,7 @@ fn bytes_held_for_a_reader_that_stopped_move_with_their_pair(dp: &str) {
     assert!(old_log.contains("handed over 1 live pair(s)"), "{dp}:\n{old_log}");
     if dp == "userspace" {
         // Two sockets and the pipe that holds A's bytes.
-        assert!(old_log.contains("(4 descriptors)"), "{dp}: the full pipe moved:\n{old_log}");
+        assert!(old_log.contains("(4 descriptor(s))"), "{dp}: the full pipe moved:\n{old_log}");
     }
     b.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let got = recv_all(&mut b).expect("B reads what A sent");

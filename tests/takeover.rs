@@ -348,7 +348,7 @@ fn the_loser_of_two_takeovers_at_once_is_told_why() {
     err.read_to_string(&mut log).unwrap();
     assert!(status.success(), "{log}");
     assert!(log.contains("no other process holds the listening socket: serving on"), "{log}");
-    assert!(log.contains("nobody waits for them"), "{log}");
+    assert!(log.contains("no `skrelay --takeover` waits for them"), "{log}");
     assert!(!log.contains("handing over to the skrelay that took over"), "{log}");
 }
 

@@ -107,11 +107,13 @@ impl Server {
     /// state) and this process keeps its live pairs and drains them.
     pub(super) fn hand_over(&mut self) -> Result<bool, String> {
         let started = Instant::now();
-        let mut channel = Channel::connect().map_err(|e| {
-            format!(
-                "nobody waits for them ({e}): no `skrelay --takeover` is waiting (a SIGUSR2 sent by hand? SIGTERM \
-                 stops a relay), or the new process is an older skrelay or gave up waiting"
-            )
+        let mut channel = Channel::connect().map_err(|e| match e.kind() {
+            std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound => {
+                "no `skrelay --takeover` waits for them: a SIGUSR2 sent by hand, or a new process that is an \
+                 older skrelay or gave up waiting; SIGTERM stops a relay"
+                    .to_string()
+            }
+            _ => format!("cannot reach the skrelay taking over: {e}"),
         })?;
         log::info!(
             "SIGUSR2 (handing over to the skrelay that took over): no longer accepting; handing over {} live \
@@ -147,7 +149,7 @@ impl Server {
         // From here on the new process owns every socket: nothing of ours may touch them (no
         // destructor runs: a kernel pair's would take its sockets out of the maps).
         log::info!(
-            "handed over {pairs} live pair(s) and {pending} waiting client(s) ({} descriptors) to process {} \
+            "handed over {pairs} live pair(s) and {pending} waiting client(s) ({} descriptor(s)) to process {} \
              {:.1} ms after the signal; exiting",
             manifest.fds.len(),
             channel.peer_pid().unwrap_or(0),
