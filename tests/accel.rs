@@ -821,6 +821,40 @@ fn urgent_data_is_not_kept_apart_kernel_behaviour() {
     assert_ne!(field(&out, "urgent"), "b'!'", "the urgent byte was kept apart: update README\n{out}\n{r}");
 }
 
+/// States a kernel behaviour (README, accel, "Half-close"): 6.18's `tcp_bpf_recvmsg` answers
+/// EAGAIN when a thread blocked in a blocking `recv` is woken without data, and a peer's reset
+/// or another thread's `shutdown(SHUT_RD)` wakes it so (a new-user pass, 2026-12-07): plain TCP
+/// returns ECONNRESET and EOF there. The next call says what happened, so nothing is lost, but
+/// a program that takes EAGAIN on a blocking socket for a fatal error misreads it. No program
+/// skrelay attaches sees either in time (neither sends a FIN of the socket's own, and a thread
+/// already inside `tcp_bpf_recvmsg` stays there whatever the map holds). If this test fails
+/// because the accelerated reader saw the reset or the EOF at once, the kernel waits again after
+/// an empty wake-up: update README and `accel --help`.
+#[test]
+fn a_blocked_reader_woken_by_a_reset_or_shut_rd_gets_eagain_kernel_behaviour() {
+    if !require_bpf("a_blocked_reader_woken_by_a_reset_or_shut_rd_gets_eagain_kernel_behaviour") {
+        return;
+    }
+    let _netns = enter_netns();
+    let plain = output(plain_peer(&["woken", "127.0.0.1"]));
+    assert_eq!(field(&plain, "reset"), "ConnectionResetError eof", "{plain}");
+    assert_eq!(field(&plain, "shut-rd"), "eof eof", "{plain}");
+    let cg = TestCgroup::accelerated("woken", &[]);
+    let out = output(cg.peer(&["woken", "127.0.0.1"]));
+    let r = cg.report();
+    assert!(r.connections >= 2, "the connections were not accelerated: {r}");
+    assert_eq!(
+        field(&out, "reset"),
+        "BlockingIOError ConnectionResetError",
+        "a blocked reader saw its peer's reset at once: update README and `accel --help`\n{out}\n{r}"
+    );
+    assert_eq!(
+        field(&out, "shut-rd"),
+        "BlockingIOError eof",
+        "a blocked reader saw SHUT_RD's EOF at once: update README and `accel --help`\n{out}\n{r}"
+    );
+}
+
 /// TCP Fast Open (a new-user pass): a client's sendto(MSG_FASTOPEN) sends a bare SYN without a
 /// cookie, waits in the connect while the socket joins the map, and then sends its data by TCP
 /// without passing sk_msg; with a cookie the data rides in the SYN. Either way those bytes took

@@ -59,6 +59,11 @@ duplicated or reordered chunk changes the sha256 the test compares. Results are 
                               (an SCM_TIMESTAMPNS cmsg with SO_TIMESTAMPNS), `rcvlowat P R` (did
                               poll report POLLIN for 1,000 bytes under SO_RCVLOWAT 50,000; what a
                               blocking recv then returned once 60,000 more came)
+  woken HOST                  a thread blocked in a blocking recv(2) is woken without data, two
+                              ways: the peer resets (SO_LINGER 0), and another thread calls
+                              shutdown(SHUT_RD). Prints `reset FIRST NEXT` and `shut-rd FIRST
+                              NEXT`: what the blocked recv and the call after it returned
+                              (`eof`, a byte count, or the exception's name)
   fastopen HOST BYTES [server-tfo]
                               TCP Fast Open: the client's first 1,000 bytes go with
                               sendto(MSG_FASTOPEN), the rest of BYTES by sendall, then it
@@ -663,6 +668,42 @@ def fastopen(host, total, server_tfo):
         print("received %d %d %s" % (seed, *out["received"]))
 
 
+def woken(host):
+    def outcome(sock):
+        try:
+            b = sock.recv(10)
+            return "eof" if not b else str(len(b))
+        except OSError as e:
+            return type(e).__name__
+
+    def blocked(sock, wake):
+        got = []
+        t = threading.Thread(target=lambda: got.append(outcome(sock)))
+        t.start()
+        time.sleep(0.2)
+        wake()
+        t.join(5)
+        first = got[0] if got else "blocked"
+        return first, outcome(sock) if got else "-"
+
+    cli, srv = pair(host)
+    cli.sendall(b"hello")
+    recv_exact(srv, 5, blocking=True)
+
+    def reset_peer():
+        cli.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        cli.close()
+
+    print("reset %s %s" % blocked(srv, reset_peer))
+    srv.close()
+    cli, srv = pair(host)
+    cli.sendall(b"hello")
+    recv_exact(srv, 5, blocking=True)
+    print("shut-rd %s %s" % blocked(srv, lambda: srv.shutdown(socket.SHUT_RD)))
+    cli.close()
+    srv.close()
+
+
 if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "serve":
@@ -695,6 +736,8 @@ if __name__ == "__main__":
         options(args[0])
     elif mode == "request-eof":
         request_eof(args[0], int(args[1]))
+    elif mode == "woken":
+        woken(args[0])
     elif mode == "fastopen":
         fastopen(args[0], int(args[1]), args[2:] == ["server-tfo"])
     else:
