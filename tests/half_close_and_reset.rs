@@ -1077,3 +1077,46 @@ fn urgent_bytes_before_the_partner_and_while_it_does_not_read(dp: &str) {
 }
 
 per_datapath!(urgent_bytes_before_the_partner_and_while_it_does_not_read);
+
+/// Both clients of a pair gone: each sent a byte and closed at once without reading, so each
+/// relay socket is reset by its client when the partner's byte reaches it. Nothing can be
+/// delivered any more, but the pair waited for the reset socket's send queue to empty, which
+/// SIOCOUTQ never says of a reset socket (it still counts what the reset threw away): every such
+/// pair, two descriptors each, was held until --idle-timeout (600 s), and 700 of them in a
+/// second took a relay's last descriptor (a bounds pass). Relay and proxy (whose upstream
+/// answers a byte and closes), both with the default idle timeout.
+fn pairs_whose_clients_are_both_gone_end_at_once(dp: &str) {
+    let _netns = enter_netns();
+    const PAIRS: u64 = 40;
+    let upstream = std::net::TcpListener::bind("127.0.0.1:9000").unwrap();
+    let serving = thread::spawn(move || {
+        for _ in 0..PAIRS {
+            let (mut b, _) = upstream.accept().unwrap();
+            let _ = b.write_all(b"b");
+        }
+    });
+    let kernel_after = if dp == "kernel" { "0" } else { "65536" };
+    let common = ["--datapath", dp, "--kernel-after", kernel_after, "--metrics", "127.0.0.1:0"];
+    for command in ["relay", "proxy"] {
+        let mut args = vec![command];
+        args.extend(common);
+        if command == "proxy" {
+            args.extend(["--upstream", "127.0.0.1:9000"]);
+        }
+        let relay = Skrelay::start(&args);
+        for _ in 0..PAIRS {
+            let clients = if command == "relay" { 2 } else { 1 };
+            let mut ends: Vec<TcpStream> = (0..clients).map(|_| connect(addr())).collect();
+            for s in &mut ends {
+                s.write_all(b"a").unwrap();
+            }
+        }
+        let m = relay.wait_pairs_ended(PAIRS, Duration::from_secs(10));
+        assert_eq!(m.sum("skrelay_pairs_active"), 0, "{command} {dp}:\n{}\n{}", m.text, relay.log());
+        let (status, log) = relay.stop(Duration::from_secs(10));
+        assert!(status.success(), "{command} {dp}: {log}");
+    }
+    serving.join().unwrap();
+}
+
+per_datapath!(pairs_whose_clients_are_both_gone_end_at_once);
