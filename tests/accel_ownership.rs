@@ -474,9 +474,16 @@ fn what_an_interrupted_set_up_leaves_is_removed_or_refused_with_the_fix() {
     // What a set-up killed after attaching leaves: its whole state, under a dead process's name.
     ok(&["accel", "on", "--cgroup", &a, "--small-write", "64K"]);
     assert!(sockops_on(&a));
+    // Its process a zombie (killed, its parent not yet told): a set-up as dead as a reaped one,
+    // which `status` hid and `off` said was not there for as long as the parent did not wait
+    // (a helper's kill loop).
     let mut gone = Command::new("true").spawn().unwrap();
     let dead = gone.id();
-    gone.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(format!("/proc/{dead}/stat")).is_ok_and(|s| s.contains(") Z ")) {
+        assert!(Instant::now() < deadline, "`true` never exited");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let pins = pins_of(&mount.join(&a));
     let left = Path::new("/sys/fs/bpf/skrelay/accel-setup")
         .join(format!("{dead}-{}", pins.file_name().unwrap().to_string_lossy()));
@@ -493,6 +500,24 @@ fn what_an_interrupted_set_up_leaves_is_removed_or_refused_with_the_fix() {
     assert!(!left.exists(), "the next `accel on` left {} in place", left.display());
     assert!(!sockops_on(&a), "the interrupted set-up's sockops program is still attached to {a}");
     ok(&["accel", "off", "--cgroup", &b]);
+    gone.wait().unwrap();
+    // Named with a start time (`PID_START-NAME`): a live process with that pid but another start
+    // time is not the one that set it up.
+    ok(&["accel", "on", "--cgroup", &a, "--small-write", "64K"]);
+    let left = Path::new("/sys/fs/bpf/skrelay/accel-setup").join(format!(
+        "{}_1-{}",
+        std::process::id(),
+        pins.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::rename(&pins, &left).unwrap();
+    let status = ok(&["accel", "status"]);
+    assert!(
+        status.contains(&format!("a set-up that was interrupted (skrelay pid {}, gone)", std::process::id())),
+        "a set-up whose pid another process has is not shown as interrupted: {status}"
+    );
+    ok(&["accel", "off", "--cgroup", &a]);
+    assert!(!left.exists(), "`accel off` left {} in place", left.display());
+    assert!(!sockops_on(&a), "the interrupted set-up's sockops program is still attached to {a}");
 
     // What an older skrelay left: a state directory without its pins.
     std::fs::create_dir_all(&pins).unwrap();

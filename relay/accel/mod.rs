@@ -602,7 +602,14 @@ fn set_up(
     }
     check_nested(&root, &cg)?;
     check_no_relay_inside(command, &cg, ports)?;
-    let created = cg.create()?;
+    pinned::begin_set_up(&dir)?;
+    let created = match cg.create() {
+        Ok(created) => created,
+        Err(e) => {
+            pinned::abandon_set_up(&dir);
+            return Err(e);
+        }
+    };
     // Recorded before the set-up, with this process: if it is killed half-way, the next `on` or
     // `off` (`remove_interrupted`) knows which directories it created, and a `run` killed after
     // the set-up and before its watcher started shows in `status` as a gone `run` that left it.
@@ -618,6 +625,7 @@ fn set_up(
             // Without the record `off` cannot tell which cgroup directories to remove, and
             // `status` cannot say who set it up.
             cgroup::remove_dirs(&created);
+            pinned::abandon_set_up(&dir);
             return Err(Error::Usage(format!(
                 "cannot record who sets up acceleration on cgroup {cg} (a trusted.* extended attribute): permission \
                  denied (run as root or grant CAP_SYS_ADMIN)"
@@ -629,6 +637,7 @@ fn set_up(
     if let Err(e) = result {
         cg.clear_owner();
         cgroup::remove_dirs(&created);
+        pinned::abandon_set_up(&dir);
         return Err(e);
     }
     // `off` removes the directories made here; `run` records its watcher over this.

@@ -34,18 +34,42 @@ fn setup_root(dir: &Path) -> PathBuf {
 }
 const SETUP_DIR: &str = "accel-setup";
 
-/// Loads the programs, pins the maps, attaches sk_msg to the socket map and sockops to the
-/// cgroup, and pins the sockops link, all in a directory of this process's own
-/// (`accel-setup/PID-NAME`), which then takes `dir`'s name in one rename: a set-up that is killed
-/// half-way never leaves a `dir` that looks accelerated but is not (`remove_unfinished` removes
-/// what it left). On failure everything pinned so far is removed.
-pub fn create(dir: &Path, cgroup: &Cgroup, ports: &[u16], max_queued: u32, small_write: u32) -> Result<(), Error> {
+/// This process's set-up directory for `dir` (`accel-setup/PID_START-NAME`: its pid and start
+/// time, so that neither a zombie nor a process that got the pid later is taken for it; bpffs
+/// refuses a `.` in a name).
+fn building(dir: &Path) -> PathBuf {
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let building = setup_root(dir).join(format!("{}-{name}", std::process::id()));
+    let me = super::cgroup::Process::me();
+    setup_root(dir).join(format!("{}_{}-{name}", me.pid, me.start))
+}
+
+/// Marks a set-up of `dir` as under way, before anything else of it is made (its cgroup's
+/// directories included): a set-up killed from here on leaves its directory in `accel-setup`,
+/// which the next `on` or `off` finds (`remove_unfinished`), with whatever the owner record on
+/// the cgroup says it created (a set-up killed between creating its cgroup and this directory
+/// left that cgroup behind with nothing naming it: a helper's kill loop). Undone by
+/// `abandon_set_up` or taken over by `create`.
+pub fn begin_set_up(dir: &Path) -> Result<(), Error> {
+    let building = building(dir);
     remove(&building);
     if std::fs::create_dir_all(setup_root(dir)).is_ok() {
         crate::bpffs::claim_if_planted(&setup_root(dir));
     }
+    std::fs::create_dir_all(&building).map_err(|e| Error::io(format!("cannot create {}", building.display()), e))
+}
+
+/// Removes what `begin_set_up` made, for a set-up that stops before `create`.
+pub fn abandon_set_up(dir: &Path) {
+    remove(&building(dir));
+}
+
+/// Loads the programs, pins the maps, attaches sk_msg to the socket map and sockops to the
+/// cgroup, and pins the sockops link, all in the directory `begin_set_up` made
+/// (`accel-setup/PID_START-NAME`), which then takes `dir`'s name in one rename: a set-up that is
+/// killed half-way never leaves a `dir` that looks accelerated but is not (`remove_unfinished`
+/// removes what it left). On failure everything pinned so far is removed, that directory too.
+pub fn create(dir: &Path, cgroup: &Cgroup, ports: &[u16], max_queued: u32, small_write: u32) -> Result<(), Error> {
+    let building = building(dir);
     std::fs::create_dir_all(&building).map_err(|e| Error::io(format!("cannot create {}", building.display()), e))?;
     let result = create_in(&building, cgroup, ports, max_queued, small_write).and_then(|()| {
         std::fs::rename(&building, dir)
@@ -58,17 +82,26 @@ pub fn create(dir: &Path, cgroup: &Cgroup, ports: &[u16], max_queued: u32, small
 }
 
 /// Set-ups that were killed half-way: what they left in `accel-setup` (their process is gone),
-/// as (pid, the pin name of the cgroup being set up, the directory).
+/// as (pid, the pin name of the cgroup being set up, the directory). Gone: no such process, a
+/// zombie (killed, its parent not yet told: such a set-up was hidden, and `off` said nothing was
+/// there, for as long as the parent did not wait; a helper's kill loop), or another process
+/// with that pid (its start time differs; `PID-NAME`, from before 2026-12-07, has none).
 pub fn unfinished(root: &Path) -> Vec<(u32, String, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(setup_root(&root.join("x"))) else { return Vec::new() };
     entries
         .filter_map(|e| e.ok())
         .filter_map(|entry| {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let (pid, pin_name) = name.split_once('-')?;
-            let pid = pid.parse::<u32>().ok()?;
-            let gone = pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists();
-            gone.then(|| (pid, pin_name.to_string(), entry.path()))
+            let (who, pin_name) = name.split_once('-')?;
+            let (pid, start) = match who.split_once('_') {
+                Some((pid, start)) => (pid.parse::<u32>().ok()?, Some(start.parse::<u64>().ok()?)),
+                None => (who.parse::<u32>().ok()?, None),
+            };
+            let alive = match start {
+                Some(start) => super::cgroup::Process { pid, start }.alive(),
+                None => Path::new(&format!("/proc/{pid}")).exists() && !crate::sys::exiting(pid),
+            };
+            (!alive).then(|| (pid, pin_name.to_string(), entry.path()))
         })
         .collect()
 }
