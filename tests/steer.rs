@@ -1819,3 +1819,18 @@ fn a_renamed_target_process_with_many_descriptors_is_read_once_per_listing() {
     drop(stdin);
     let _ = py.wait();
 }
+
+/// A request too big for empty maps is refused as such: the message said "0 exist" while a
+/// binding did (a helper's pass), and nothing is written.
+#[test]
+fn a_request_over_the_binding_limit_says_it_alone_is_too_big() {
+    let Some(_reset) = setup("a_request_over_the_binding_limit_says_it_alone_is_too_big") else { return };
+    let _l = TcpListener::bind("127.0.0.1:6600").unwrap();
+    ok(&["steer", "add", "--ports", "9", "--to", "127.0.0.1:6600"]);
+    let many = (20000..=24096).map(|p| p.to_string()).collect::<Vec<_>>().join(",");
+    add_refused(
+        &["--ports", &many, "--to", "127.0.0.1:6600"],
+        "too many bindings: this command alone asks for 4097, more than the limit of 4096",
+    );
+    assert_eq!(list_json().as_array().map(Vec::len), Some(1), "{}", list_json());
+}

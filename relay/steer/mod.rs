@@ -125,7 +125,7 @@ pub fn add(args: &SteerAddArgs) -> Result<Added, Error> {
     }
     // What cannot fit even empty maps is refused before any state is created; the plan against
     // the bindings there are is checked again below, before any map is written.
-    plan(&Default::default(), &keys, &[], Limits::MAPS).map_err(|e| Error::Usage(e.to_string()))?;
+    plan(&Default::default(), &keys, &[], Limits::MAPS).map_err(|e| Error::Usage(e.alone()))?;
     state::sweep_stale();
     let (mut st, upgraded) = State::open_or_create()?;
     repair(&mut st)?;

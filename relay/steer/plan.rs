@@ -57,6 +57,25 @@ pub enum PlanError {
     PortEntries { existing: u64, adding: u64, limit: u32 },
 }
 
+impl PlanError {
+    /// The error of a plan against empty maps (the request alone is too big), said without the
+    /// "0 exist" of an empty plan, which read as a miscount where bindings did exist (a helper's
+    /// pass).
+    pub fn alone(&self) -> String {
+        match self {
+            PlanError::Bindings { adding, limit, .. } => format!(
+                "too many bindings: this command alone asks for {adding}, more than the limit of {limit} (a binding \
+                 is one prefix and one port or range: bind ranges like 8000-8999 instead of single ports, or fewer \
+                 --addr prefixes)"
+            ),
+            PlanError::PortEntries { adding, limit, .. } => format!(
+                "too many steered ports: this command alone asks for {adding} (prefix, port) entries, more than the \
+                 limit of {limit} (bind fewer prefixes or ports)"
+            ),
+        }
+    }
+}
+
 /// Precedence between bindings of the same proto and prefix that both cover a port: lower wins.
 pub fn rank(ports: &PortRange) -> (u32, u16) {
     (ports.len(), ports.lo)
