@@ -8,6 +8,11 @@ pub enum Error {
     #[error("{0} while starting: stopped before serving anything")]
     StoppedStarting(&'static str),
 
+    /// A stop signal came while `accel on` or `accel run` set up acceleration: what it had set up
+    /// was removed, and nothing was done (exit 2: what was asked did not happen).
+    #[error("{signal} while setting up acceleration of cgroup {cgroup}: stopped, and nothing of it is left{what}")]
+    StoppedSettingUp { signal: &'static str, cgroup: String, what: &'static str },
+
     #[error("cannot listen on {addr}: {}", listen_reason(.source, "--listen", .addr))]
     Listen { addr: SocketAddr, source: io::Error },
 

@@ -345,6 +345,12 @@ impl StopSignalsHeld {
         e
     }
 
+    /// Keeps the stop signals held when this is dropped: one that came is then thrown away
+    /// with the process, which says why it stopped instead of being killed by it.
+    pub fn keep(&self) {
+        self.1.set(true);
+    }
+
     /// The stop signal held back so far, if one came: a start-up that takes long (many
     /// `--threads`) stops there instead of serving first and draining at once.
     pub fn pending() -> Option<&'static str> {

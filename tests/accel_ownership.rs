@@ -680,3 +680,55 @@ fn accel_on_without_cap_sys_admin_is_refused_and_changes_nothing() {
     assert!(!status.contains(&cg), "{status}");
     assert!(mount.join(&cg).is_dir(), "the cgroup that was there is gone");
 }
+
+/// A stop signal during the set-up of `accel on` (the half second it measures and pins) killed it
+/// half-way: exit 143, no word, and an interrupted set-up for the next command to remove (a
+/// helper's kill loop, 12 of 25 SIGTERMs). It is held back until the set-up is done, which is
+/// then undone: exit 2 and one sentence, and nothing left (the cgroup it made included).
+#[test]
+fn a_sigterm_while_accel_on_sets_up_undoes_it_and_says_so() {
+    let _serial = one_at_a_time();
+    if !require_bpf("a_sigterm_while_accel_on_sets_up_undoes_it_and_says_so") {
+        return;
+    }
+    let _netns = enter_netns();
+    let mount = v2_mount();
+    let name = format!("skrelay-own-term-{}", std::process::id());
+    let _cleanup = Cleanup(mount.clone(), vec![name.clone()]);
+    let child = Command::new(SKRELAY)
+        .args(["accel", "on", "--cgroup", &name])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Sent once the stop signals are held (SigBlk has SIGTERM, bit 15), which they are for the
+    // whole set-up.
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let blocked = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigBlk:"))
+            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            .unwrap_or(0);
+        if blocked & (1 << (libc::SIGTERM - 1)) != 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "accel on never held its stop signals");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("skrelay: SIGTERM while setting up acceleration of cgroup")
+            && err.contains("stopped, and nothing of it is left"),
+        "{err}"
+    );
+    assert!(!mount.join(&name).exists(), "the cgroup accel on made is still there");
+    assert!(!pins_of(&mount.join(&name)).exists(), "its pins are still there");
+    let st = ok(&["accel", "status"]);
+    assert!(!st.contains(&name), "{st}");
+}

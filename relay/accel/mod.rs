@@ -549,9 +549,26 @@ fn on_for(
     policy: &AccelPolicyArgs,
     placement: calibrate::Placement,
 ) -> Result<Enabled, Error> {
+    // A stop signal (SIGINT, SIGTERM, SIGHUP) is held back during the set-up and acted on after
+    // it: it killed the process half-way, leaving an interrupted set-up for the next command to
+    // remove (a helper's kill loop: 12 of 25 SIGTERMs), where a relay starting says it stopped.
+    let held = crate::sys::StopSignalsHeld::new();
     // A set-up refused part-way (no privilege, a cgroup that cannot be made) leaves no empty
     // directory in bpffs: another user's would hold root's later state.
-    set_up(command, cgroup, ports, policy, placement).inspect_err(|_| remove_empty_state_dirs())
+    let result = set_up(command, cgroup, ports, policy, placement).inspect_err(|_| remove_empty_state_dirs());
+    let Some(signal) = crate::sys::StopSignalsHeld::pending() else { return result };
+    held.keep();
+    if let Ok(enabled) = &result {
+        if let Err(e) = off(cgroup, Duration::ZERO, true) {
+            log::warn!("accel: cannot undo the set-up of {}: {e}", enabled.cgroup);
+        }
+    }
+    let cgroup = match &result {
+        Ok(enabled) => enabled.cgroup.to_string(),
+        Err(_) => cgroup.display().to_string(),
+    };
+    let what = if command == "run" { "; the command was not run" } else { "" };
+    Err(Error::StoppedSettingUp { signal, cgroup, what })
 }
 
 /// Removes `accel/` (and skrelay's directory in bpffs) if nothing is in them, under the lock.
