@@ -718,6 +718,7 @@ fn a_sigterm_while_accel_on_sets_up_undoes_it_and_says_so() {
         assert!(Instant::now() < deadline, "accel on never held its stop signals");
         std::thread::sleep(Duration::from_millis(1));
     }
+    // SAFETY: kill(2) on our own child, not yet waited for (its pid cannot be reused).
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
