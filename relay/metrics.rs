@@ -633,6 +633,9 @@ pub enum Spare {
 /// A scraper's connection: its request so far, then the answer left to send.
 struct Held {
     stream: TcpStream,
+    /// The scraper's address (no port): the address holding the most connections gives one up
+    /// first (`evictee`).
+    peer: std::net::IpAddr,
     since: Instant,
     head: Vec<u8>,
     answer: Option<(Vec<u8>, usize)>,
@@ -680,9 +683,15 @@ pub fn serve(listener: &TcpListener, render: impl Fn() -> Result<String, String>
             accepted = listener.accept();
         }
         match accepted {
-            Ok((stream, _)) => {
+            Ok((stream, from)) => {
                 if stream.set_nonblocking(true).is_ok() {
-                    let mut h = Held { stream, since: Instant::now(), head: Vec::with_capacity(512), answer: None };
+                    let mut h = Held {
+                        stream,
+                        peer: from.ip(),
+                        since: Instant::now(),
+                        head: Vec::with_capacity(512),
+                        answer: None,
+                    };
                     // A scraper's request is often in by the time it is accepted: answered now,
                     // it needs no place among the held.
                     if progress(&mut h, &render) {
@@ -728,20 +737,27 @@ pub fn serve(listener: &TcpListener, render: impl Fn() -> Result<String, String>
     }
 }
 
-/// Which of `held` (more than `MAX_HELD`, the newest last) to close for the newest: the oldest
-/// other one that has sent nothing, else the oldest whose request is not complete, else the
-/// oldest. A flood of connections that send nothing (6,500 a second in a helper's pass closed 23
-/// of 94 scrapes unanswered) then closes its own connections, not a scraper's that is under way;
-/// and the newest, whose request may simply not be in yet, is not the one closed because it sent
-/// nothing: four connections holding half a request each closed 7 of 12 scrapes so (a bounds
-/// pass).
+/// Which of `held` (more than `MAX_HELD`, the newest last) to close for the newest. Among the
+/// connections of the address that holds the most (all of them when no address holds more than
+/// one): the oldest one other than the newest that has sent nothing, else the oldest whose
+/// request is not complete, else the oldest. A flood of connections that send nothing (6,500 a
+/// second in a helper's pass closed 23 of 94 scrapes unanswered) then closes its own
+/// connections, not a scraper's that is under way; the newest, whose request may simply not be
+/// in yet, is not the one closed because it sent nothing (four connections holding half a request
+/// each closed 7 of 12 scrapes so: a bounds pass); and connections from one address do not
+/// close a scraper's from another (the same four, reconnecting as soon as they were closed,
+/// still closed up to half the scrapes from their own address: a re-check).
 fn evictee(held: &[Held]) -> usize {
-    let older = &held[..held.len().saturating_sub(1)];
-    older
+    let from = |h: &Held| held.iter().filter(|o| o.peer == h.peer).count();
+    let most = held.iter().map(from).max().unwrap_or(0);
+    let group: Vec<usize> = (0..held.len()).filter(|&i| most <= 1 || from(&held[i]) == most).collect();
+    let newest = held.len().saturating_sub(1);
+    group
         .iter()
-        .position(|h| h.head.is_empty() && h.answer.is_none())
-        .or_else(|| held.iter().position(|h| h.answer.is_none()))
-        .unwrap_or(0)
+        .copied()
+        .find(|&i| i != newest && held[i].head.is_empty() && held[i].answer.is_none())
+        .or_else(|| group.iter().copied().find(|&i| held[i].answer.is_none()))
+        .unwrap_or(group.first().copied().unwrap_or(0))
 }
 
 /// Waits at most `ACCEPT_WAKE` (or until the oldest held connection's time is up) for a
@@ -860,6 +876,37 @@ fn response(status: &str, content_type: &str, body: &str, with_body: bool) -> Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Which held connection gives way: the crowded address's, then the rules within it.
+    #[test]
+    fn the_address_holding_the_most_connections_gives_one_up_first() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = listener.local_addr().unwrap();
+        let held = |peer: &str, head: &[u8]| Held {
+            stream: TcpStream::connect(at).unwrap(),
+            peer: peer.parse().unwrap(),
+            since: Instant::now(),
+            head: head.to_vec(),
+            answer: None,
+        };
+        // Four half requests from one address, then a scraper from another whose request is not
+        // in yet, then one more half request: one of the four goes, the oldest.
+        let mut h: Vec<Held> = (0..4).map(|_| held("10.0.0.9", b"GET /metr")).collect();
+        h.push(held("10.0.0.1", b""));
+        h.push(held("10.0.0.9", b""));
+        assert_eq!(evictee(&h), 0);
+        // All from one address: the oldest other that sent nothing (the scraper, here), never
+        // the newest for that.
+        let mut h: Vec<Held> = (0..3).map(|_| held("10.0.0.9", b"GET /metr")).collect();
+        h.push(held("10.0.0.9", b""));
+        h.push(held("10.0.0.9", b""));
+        assert_eq!(evictee(&h), 3);
+        // Each from its own address: as before, the oldest silent one other than the newest.
+        let mut h = vec![held("10.0.0.1", b"GET /me"), held("10.0.0.2", b""), held("10.0.0.3", b"")];
+        h.push(held("10.0.0.4", b""));
+        h.push(held("10.0.0.5", b""));
+        assert_eq!(evictee(&h), 1);
+    }
 
     #[test]
     fn pairs_are_counted_by_datapath_and_ending() {
