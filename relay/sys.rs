@@ -322,6 +322,16 @@ pub struct StopSignalsHeld(libc::sigset_t, std::cell::Cell<bool>);
 
 impl StopSignalsHeld {
     pub fn new() -> StopSignalsHeld {
+        let set = Self::set();
+        // SAFETY: pthread_sigmask reads the set it is given; a null old set is allowed.
+        unsafe {
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        }
+        StopSignalsHeld(set, std::cell::Cell::new(false))
+    }
+
+    /// The signals held: SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2.
+    pub fn set() -> libc::sigset_t {
         // SAFETY: sigset_t is plain data, filled by sigemptyset/sigaddset before use.
         unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
@@ -329,8 +339,7 @@ impl StopSignalsHeld {
             for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2] {
                 libc::sigaddset(&mut set, signal);
             }
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            StopSignalsHeld(set, std::cell::Cell::new(false))
+            set
         }
     }
 }
@@ -343,6 +352,12 @@ impl StopSignalsHeld {
             self.1.set(true);
         }
         e
+    }
+
+    /// The signals held, for a child to let go of between fork and exec (`unblock`): a mask
+    /// survives both, so a command started while they are held would have them blocked.
+    pub fn signals(&self) -> libc::sigset_t {
+        self.0
     }
 
     /// Keeps the stop signals held when this is dropped: one that came is then thrown away
@@ -386,6 +401,15 @@ impl Drop for StopSignalsHeld {
         unsafe {
             libc::pthread_sigmask(libc::SIG_UNBLOCK, &self.0, std::ptr::null_mut());
         }
+    }
+}
+
+/// Unblocks `set` in this thread. Async-signal-safe (sigprocmask alone): callable in a child
+/// between fork and exec.
+pub fn unblock(set: &libc::sigset_t) {
+    // SAFETY: sigprocmask reads the set it is given; a null old set is allowed.
+    unsafe {
+        libc::sigprocmask(libc::SIG_UNBLOCK, set, std::ptr::null_mut());
     }
 }
 

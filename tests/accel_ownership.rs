@@ -567,7 +567,9 @@ echo after:; ls -A /sys/fs/bpf | grep skrelay || true"#;
 /// left (pins, a sockops link that still accelerates, the cgroup it created) is shown by
 /// `status` with the fix, and `accel off` removes all of it, exit 0. Before, status showed
 /// nothing, and off removed the pins but said "not accelerated" (exit 2) and left the cgroup.
-/// In a bpffs of its own, as above.
+/// Killed between making its cgroup's directories and recording them on the cgroup (the first
+/// setxattr), it left those directories and `off` said it had removed everything (a re-check):
+/// the set-up directory now says what it is about to make. In a bpffs of its own, as above.
 #[test]
 fn a_set_up_killed_half_way_is_shown_and_removed_by_off() {
     let _serial = one_at_a_time();
@@ -578,28 +580,29 @@ fn a_set_up_killed_half_way_is_shown_and_removed_by_off() {
     let _netns = enter_netns();
     let mount = v2_mount();
     let cg = format!("skrelay-own-killed-{}", std::process::id());
-    let _cleanup = Cleanup(mount.clone(), vec![cg.clone()]);
+    let _cleanup = Cleanup(mount.clone(), vec![format!("{cg}/a/b"), format!("{cg}/a"), cg.clone()]);
     let script = r#"mount -t bpf bpf /sys/fs/bpf || exit 1
-renames=rename,renameat,renameat2
-strace -o /dev/null -f -e trace=$renames -e inject=$renames:signal=SIGKILL \
+strace -o /dev/null -f -e trace=$2 -e inject=$2:signal=SIGKILL:when=1 \
   "$0" accel run --cgroup "$1" --small-write 64K -- true
 echo "run: $?"
 echo status:; "$0" accel status
 "$0" accel off --cgroup "$1" || exit 1
 echo after:; ls -A /sys/fs/bpf | grep skrelay || true"#;
-    let out = Command::new("unshare").args(["-m", "sh", "-c", script, SKRELAY, &cg]).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}{stderr}");
-    assert!(stdout.contains("run: 137"), "strace did not kill the set-up: {stdout}{stderr}");
-    let (_, rest) = stdout.split_once("status:").unwrap();
-    let (status, after) = rest.split_once("after:").unwrap();
-    assert!(
-        status.contains("a set-up that was interrupted") && status.contains("`skrelay accel off --cgroup"),
-        "status does not show the interrupted set-up: {status}"
-    );
-    assert_eq!(after.trim(), "", "left in /sys/fs/bpf after accel off");
-    assert!(!mount.join(&cg).exists(), "the cgroup the killed run created is still there");
+    for (at, target) in [("rename,renameat,renameat2", cg.clone()), ("setxattr", format!("{cg}/a/b"))] {
+        let out = Command::new("unshare").args(["-m", "sh", "-c", script, SKRELAY, &target, at]).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{at}: {stdout}{stderr}");
+        assert!(stdout.contains("run: 137"), "strace did not kill the set-up at {at}: {stdout}{stderr}");
+        let (_, rest) = stdout.split_once("status:").unwrap();
+        let (status, after) = rest.split_once("after:").unwrap();
+        assert!(
+            status.contains("a set-up that was interrupted") && status.contains("`skrelay accel off --cgroup"),
+            "{at}: status does not show the interrupted set-up: {status}"
+        );
+        assert_eq!(after.trim(), "", "{at}: left in /sys/fs/bpf after accel off");
+        assert!(!mount.join(&cg).exists(), "{at}: the cgroup the killed run created is still there");
+    }
 }
 
 /// `accel off` of a cgroup `on` created, whose last process exits a moment after off removed the
@@ -732,4 +735,47 @@ fn a_sigterm_while_accel_on_sets_up_undoes_it_and_says_so() {
     assert!(!pins_of(&mount.join(&name)).exists(), "its pins are still there");
     let st = ok(&["accel", "status"]);
     assert!(!st.contains(&name), "{st}");
+}
+
+/// A stop signal that reaches `accel run` after its set-up and before the command's signals are
+/// forwarded: `run` let its stop signals go once the set-up was done, so such a SIGTERM killed
+/// `run` itself with no word (8 of 8 sent as soon as it said the cgroup was accelerated; a
+/// re-check), its command not started or started and never told. They are held until the
+/// forwarding is in place: the command gets the signal, and `run` exits with its status.
+#[test]
+fn a_sigterm_right_after_accel_runs_set_up_reaches_the_command() {
+    let _serial = one_at_a_time();
+    if !require_bpf("a_sigterm_right_after_accel_runs_set_up_reaches_the_command") {
+        return;
+    }
+    let _netns = enter_netns();
+    use std::io::{BufRead, Read};
+    use std::os::unix::process::ExitStatusExt;
+    let command = "import signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *a: sys.exit(5))\ntime.sleep(20)";
+    let started = Instant::now();
+    let mut child = Command::new(SKRELAY)
+        .args(["accel", "run", "--", "python3", "-c", command])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut said = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "accel run ended first:\n{said}");
+        said.push_str(&line);
+        if line.contains("accelerated for the command") {
+            break;
+        }
+    }
+    // SAFETY: kill(2) on our own child, not yet waited for (its pid cannot be reused).
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    let _ = stderr.read_to_string(&mut rest);
+    assert_eq!(status.signal(), None, "accel run was killed by the signal itself:\n{said}{rest}");
+    assert!(matches!(status.code(), Some(5) | Some(143)), "{status:?}: the command was not told:\n{said}{rest}");
+    assert!(started.elapsed() < Duration::from_secs(15), "the command ran on");
+    let cg = v2_mount().join(format!("skrelay-run-{}", child.id()));
+    wait_gone(&cg, Duration::from_secs(5), "the run's cgroup");
 }

@@ -230,6 +230,12 @@ impl Cgroup {
     }
 
     /// This cgroup and its ancestors up to the root, nearest first.
+    /// How many directories `create` would make: this cgroup's and its ancestors' that do not
+    /// exist (always the deepest ones).
+    pub fn missing_dirs(&self) -> usize {
+        self.lineage().iter().filter(|c| !c.rel.is_empty() && !c.path().is_dir()).count()
+    }
+
     pub fn lineage(&self) -> Vec<Cgroup> {
         let mut out = vec![self.clone()];
         let mut rel = self.rel.as_str();

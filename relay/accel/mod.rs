@@ -537,7 +537,30 @@ impl Enabled {
 /// missing), limited to `ports` when not empty, demoting directions to the normal path as
 /// `policy` says.
 pub fn on(cgroup: &Path, ports: &[u16], policy: &AccelPolicyArgs) -> Result<Enabled, Error> {
-    on_for("on", cgroup, ports, policy, calibrate::Placement::AnyCpu)
+    let held = crate::sys::StopSignalsHeld::new();
+    let result = on_for("on", cgroup, ports, policy, calibrate::Placement::AnyCpu);
+    undo_if_stopped("on", cgroup, result, &held)
+}
+
+/// A stop signal (SIGINT, SIGTERM, SIGHUP, SIGQUIT) is held back (`held`) during the set-up and
+/// acted on after it: it killed the process half-way, leaving an interrupted set-up for the next
+/// command to remove (a helper's kill loop: 12 of 25 SIGTERMs), where a starting relay says it
+/// stopped. What was set up is undone, and the command says so; a set-up that failed says its
+/// own error (nothing was set up), the signal then thrown away with the process.
+fn undo_if_stopped(
+    command: &'static str,
+    cgroup: &Path,
+    result: Result<Enabled, Error>,
+    held: &crate::sys::StopSignalsHeld,
+) -> Result<Enabled, Error> {
+    let Some(signal) = crate::sys::StopSignalsHeld::pending() else { return result };
+    held.keep();
+    let enabled = result?;
+    if let Err(e) = off(cgroup, Duration::ZERO, true) {
+        log::warn!("accel: cannot undo the set-up of {}: {e}", enabled.cgroup);
+    }
+    let what = if command == "run" { "; the command was not run" } else { "" };
+    Err(Error::StoppedSettingUp { signal, cgroup: enabled.cgroup.to_string(), what })
 }
 
 /// `on`, measuring the default `--small-write` where the cgroup's programs will run: on any CPU
@@ -549,26 +572,9 @@ fn on_for(
     policy: &AccelPolicyArgs,
     placement: calibrate::Placement,
 ) -> Result<Enabled, Error> {
-    // A stop signal (SIGINT, SIGTERM, SIGHUP) is held back during the set-up and acted on after
-    // it: it killed the process half-way, leaving an interrupted set-up for the next command to
-    // remove (a helper's kill loop: 12 of 25 SIGTERMs), where a relay starting says it stopped.
-    let held = crate::sys::StopSignalsHeld::new();
     // A set-up refused part-way (no privilege, a cgroup that cannot be made) leaves no empty
     // directory in bpffs: another user's would hold root's later state.
-    let result = set_up(command, cgroup, ports, policy, placement).inspect_err(|_| remove_empty_state_dirs());
-    let Some(signal) = crate::sys::StopSignalsHeld::pending() else { return result };
-    held.keep();
-    if let Ok(enabled) = &result {
-        if let Err(e) = off(cgroup, Duration::ZERO, true) {
-            log::warn!("accel: cannot undo the set-up of {}: {e}", enabled.cgroup);
-        }
-    }
-    let cgroup = match &result {
-        Ok(enabled) => enabled.cgroup.to_string(),
-        Err(_) => cgroup.display().to_string(),
-    };
-    let what = if command == "run" { "; the command was not run" } else { "" };
-    Err(Error::StoppedSettingUp { signal, cgroup, what })
+    set_up(command, cgroup, ports, policy, placement).inspect_err(|_| remove_empty_state_dirs())
 }
 
 /// Removes `accel/` (and skrelay's directory in bpffs) if nothing is in them, under the lock.
@@ -619,7 +625,7 @@ fn set_up(
     }
     check_nested(&root, &cg)?;
     check_no_relay_inside(command, &cg, ports)?;
-    pinned::begin_set_up(&dir)?;
+    pinned::begin_set_up(&dir, cg.missing_dirs())?;
     let created = match cg.create() {
         Ok(created) => created,
         Err(e) => {
@@ -792,13 +798,24 @@ fn check_foreign(cg: &Cgroup) -> Result<(), Error> {
 /// whose set-ups were removed.
 fn remove_interrupted(root: &Path, mount: &Path) -> Vec<Cgroup> {
     let mut cgroups = Vec::new();
-    for (pid, pin_name) in pinned::remove_unfinished(root) {
+    for (pid, pin_name, creates) in pinned::remove_unfinished(root) {
         let Some(cg) = Cgroup::from_pin_name(mount, &pin_name) else { continue };
         let owner = cg.owner().filter(|o| o.pid.is_some_and(|p| p.pid == pid));
-        if let Some(owner) = owner.filter(|_| !root.join(&pin_name).exists()) {
-            cg.clear_owner();
-            if !cg.populated() {
-                cgroup::remove_dirs(&cg.created_dirs(owner.created));
+        // The cgroup's own state (a later set-up of it) is another's: its directories stay.
+        if !root.join(&pin_name).exists() {
+            // Its owner record says what it created; killed before that record, its set-up
+            // directory said what it was about to create.
+            let created = match owner {
+                Some(owner) => {
+                    cg.clear_owner();
+                    Some(owner.created)
+                }
+                None => creates,
+            };
+            // A set-up killed between its mkdirs made only the shallower ones (rmdir(2) of a
+            // directory that is not there, or not empty, fails and changes nothing).
+            if let Some(created) = created.filter(|_| !cg.path().is_dir() || !cg.populated()) {
+                cgroup::remove_dirs(&cg.created_dirs(created));
             }
         }
         cgroups.push(cg);
@@ -963,6 +980,11 @@ pub fn run(cgroup: Option<&Path>, policy: &AccelPolicyArgs, cmd: &[String]) -> R
     let Some((program, args)) = cmd.split_first() else {
         return Err(Error::Usage("accel run needs a command after `--`".into()));
     };
+    // Held from here until the command runs and its signals are forwarded (`spawn_in`): one that
+    // comes during the set-up undoes it (`undo_if_stopped`), one after it reaches the command.
+    // Let go as soon as the set-up was done, a SIGTERM before the forwarding existed killed
+    // `run` with no word, the command not started or started and never told (a re-check).
+    let held = crate::sys::StopSignalsHeld::new();
     // Before the half second of set-up: a command that cannot run is refused at once.
     if let Some(why) = not_runnable(program) {
         return Err(Error::Usage(format!("cannot run `{program}`: {why}")));
@@ -985,7 +1007,12 @@ pub fn run(cgroup: Option<&Path>, policy: &AccelPolicyArgs, cmd: &[String]) -> R
     }
     let enabled = match already {
         true => None,
-        false => match on_for("run", &target, &[], policy, calibrate::Placement::ThisProcess) {
+        false => match undo_if_stopped(
+            "run",
+            &target,
+            on_for("run", &target, &[], policy, calibrate::Placement::ThisProcess),
+            &held,
+        ) {
             Ok(e) => Some(e),
             // Another `accel run` (or `on`) of this cgroup got there first: run under its
             // acceleration, as if it had been there before, unless it has another policy.
@@ -1033,7 +1060,7 @@ pub fn run(cgroup: Option<&Path>, policy: &AccelPolicyArgs, cmd: &[String]) -> R
         }
         None => None,
     };
-    let result = spawn_in(&cg, program, args);
+    let result = spawn_in(&cg, program, args, held);
     let created = enabled.map(|e| e.created).unwrap_or_default();
     // Undo what we set up, whatever the command did.
     if let Some(w) = watcher {
@@ -1091,15 +1118,22 @@ fn not_runnable(program: &str) -> Option<&'static str> {
     }
 }
 
-fn spawn_in(cg: &Cgroup, program: &str, args: &[String]) -> Result<i32, Error> {
+/// Runs the command in `cg` and waits for it, forwarding stop signals to it; `held` (the stop
+/// signals held since `run` began) is let go once the forwarding is in place, so a signal that
+/// came meanwhile reaches the command.
+fn spawn_in(cg: &Cgroup, program: &str, args: &[String], held: crate::sys::StopSignalsHeld) -> Result<i32, Error> {
     let procs = cg.procs_file()?;
     let procs_fd = procs.as_raw_fd();
     let mut command = Command::new(program);
     command.args(args);
-    // SAFETY: runs in the child between fork and exec; write(2) is async-signal-safe. "0" moves
-    // the writing process, so the command is in the cgroup before it creates any socket.
+    let blocked = held.signals();
+    // SAFETY: runs in the child between fork and exec; write(2) and sigprocmask(2) are
+    // async-signal-safe. "0" moves the writing process, so the command is in the cgroup before
+    // it creates any socket; the command starts with the stop signals this process holds
+    // unblocked (a blocked mask survives exec).
     unsafe {
         command.pre_exec(move || {
+            crate::sys::unblock(&blocked);
             let r = libc::write(procs_fd, b"0".as_ptr() as *const libc::c_void, 1);
             if r != 1 {
                 return Err(std::io::Error::last_os_error());
@@ -1117,6 +1151,8 @@ fn spawn_in(cg: &Cgroup, program: &str, args: &[String]) -> Result<i32, Error> {
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
         .map_err(|e| Error::io("cannot install signal handlers", e))?;
     let handle = signals.handle();
+    // The forwarding thread keeps them blocked: this thread takes them once `held` goes, and
+    // signal-hook's handler wakes the forwarder.
     let forwarder = std::thread::spawn(move || {
         for sig in signals.forever() {
             // `pid` is our child, not yet reaped (the signal thread ends before the wait returns).
@@ -1125,6 +1161,7 @@ fn spawn_in(cg: &Cgroup, program: &str, args: &[String]) -> Result<i32, Error> {
             }
         }
     });
+    drop(held);
     let status = child.wait().map_err(|e| Error::io(format!("cannot wait for `{program}`"), e));
     handle.close();
     let _ = forwarder.join();

@@ -45,22 +45,42 @@ fn building(dir: &Path) -> PathBuf {
 
 /// Marks a set-up of `dir` as under way, before anything else of it is made (its cgroup's
 /// directories included): a set-up killed from here on leaves its directory in `accel-setup`,
-/// which the next `on` or `off` finds (`remove_unfinished`), with whatever the owner record on
-/// the cgroup says it created (a set-up killed between creating its cgroup and this directory
-/// left that cgroup behind with nothing naming it: a helper's kill loop). Undone by
+/// which the next `on` or `off` finds (`remove_unfinished`). `creates`: how many cgroup
+/// directories the set-up is about to make, recorded in that directory (`creates_N`, removed by
+/// `create` once the owner record on the cgroup says it) so that they are removed with it (a
+/// set-up killed before this directory, and then one killed between its mkdirs and the owner
+/// record, left cgroups nothing named: a helper's kill loop and its re-check). Undone by
 /// `abandon_set_up` or taken over by `create`.
-pub fn begin_set_up(dir: &Path) -> Result<(), Error> {
+pub fn begin_set_up(dir: &Path, creates: usize) -> Result<(), Error> {
     let building = building(dir);
     remove(&building);
     if std::fs::create_dir_all(setup_root(dir)).is_ok() {
         crate::bpffs::claim_if_planted(&setup_root(dir));
     }
-    std::fs::create_dir_all(&building).map_err(|e| Error::io(format!("cannot create {}", building.display()), e))
+    let made = if creates > 0 { building.join(format!("{CREATES}{creates}")) } else { building.clone() };
+    std::fs::create_dir_all(&made).map_err(|e| Error::io(format!("cannot create {}", made.display()), e))
+}
+const CREATES: &str = "creates_";
+
+/// How many cgroup directories the set-up that left `building` was about to make (`begin_set_up`).
+fn creates(building: &Path) -> Option<usize> {
+    std::fs::read_dir(building)
+        .ok()?
+        .flatten()
+        .find_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix(CREATES)).and_then(|n| n.parse().ok()))
+}
+
+fn remove_creates_marker(building: &Path) {
+    if let Some(n) = creates(building) {
+        let _ = std::fs::remove_dir(building.join(format!("{CREATES}{n}")));
+    }
 }
 
 /// Removes what `begin_set_up` made, for a set-up that stops before `create`.
 pub fn abandon_set_up(dir: &Path) {
-    remove(&building(dir));
+    let building = building(dir);
+    remove_creates_marker(&building);
+    remove(&building);
 }
 
 /// Loads the programs, pins the maps, attaches sk_msg to the socket map and sockops to the
@@ -71,6 +91,8 @@ pub fn abandon_set_up(dir: &Path) {
 pub fn create(dir: &Path, cgroup: &Cgroup, ports: &[u16], max_queued: u32, small_write: u32) -> Result<(), Error> {
     let building = building(dir);
     std::fs::create_dir_all(&building).map_err(|e| Error::io(format!("cannot create {}", building.display()), e))?;
+    // The owner record on the cgroup names what it created by now.
+    remove_creates_marker(&building);
     let result = create_in(&building, cgroup, ports, max_queued, small_write).and_then(|()| {
         std::fs::rename(&building, dir)
             .map_err(|e| Error::io(format!("cannot move {} to {}", building.display(), dir.display()), e))
@@ -108,14 +130,17 @@ pub fn unfinished(root: &Path) -> Vec<(u32, String, PathBuf)> {
 
 /// Removes what set-ups that were killed half-way left in `accel-setup` (`unfinished`): a
 /// sockops link among it would keep accelerating the cgroup with no state anyone lists. Returns
-/// the (pid, pin name) of each.
-pub fn remove_unfinished(root: &Path) -> Vec<(u32, String)> {
+/// the (pid, pin name, cgroup directories it was about to make, if it said so before it made
+/// them: `begin_set_up`) of each.
+pub fn remove_unfinished(root: &Path) -> Vec<(u32, String, Option<usize>)> {
     unfinished(root)
         .into_iter()
         .map(|(pid, pin_name, dir)| {
             log::info!("accel: removing what an interrupted set-up left at {}", dir.display());
+            let creates = creates(&dir);
+            remove_creates_marker(&dir);
             remove(&dir);
-            (pid, pin_name)
+            (pid, pin_name, creates)
         })
         .collect()
 }

@@ -28,6 +28,9 @@ impl Watcher {
             -1 => Err(Error::io("cannot start the watcher", std::io::Error::last_os_error())),
             0 => {
                 drop(write);
+                // `accel run` holds its stop signals while it starts the watcher; the watcher
+                // answers them as a process does (a mask survives fork).
+                crate::sys::unblock(&crate::sys::StopSignalsHeld::set());
                 watch(read, cg, cleanup);
                 // SAFETY: _exit ends the forked child without running the parent's destructors.
                 unsafe { libc::_exit(0) }
