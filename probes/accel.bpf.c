@@ -89,6 +89,20 @@ struct proto {
 	long *sysctl_mem;
 } __attribute__((preserve_access_index));
 
+/* A memory cgroup's page counter (mm/page_counter.h): pages charged, and the limit. */
+struct page_counter {
+	atomic_long_t usage;
+	unsigned long max;
+} __attribute__((preserve_access_index));
+
+/* cgroup v1's TCP memory limit (memory.kmem.tcp.limit_in_bytes; CONFIG_MEMCG_V1): `tcpmem` counts
+ * the pages of the cgroup's sockets, enforced once a limit was set (`tcpmem_active`). */
+struct mem_cgroup {
+	struct page_counter tcpmem;
+	_Bool tcpmem_active;
+	int tcpmem_pressure;
+} __attribute__((preserve_access_index));
+
 struct sock_common {
 	atomic64_t skc_cookie;
 	struct proto *skc_prot;
@@ -108,6 +122,7 @@ struct sock {
 	struct socket *sk_socket;
 	socket_lock_t sk_lock;
 	void *sk_user_data;
+	struct mem_cgroup *sk_memcg;
 } __attribute__((preserve_access_index));
 
 struct tcp_sock {
@@ -735,14 +750,35 @@ static __always_inline int order_safe(const struct member *me, struct sock *psk)
 	return 0;
 }
 
-/* TCP memory (tcp_mem, machine-wide) is under pressure or past its pressure threshold. Then a
- * redirect can fail: bpf_tcp_ingress charges the reader through sk_rmem_schedule, and when that
- * fails the sender's write(2) returns ENOMEM, where plain TCP would wait for memory
- * (sk_stream_wait_memory). Seen in the sweep while other jobs filled tcp_mem ("TCP: out of
- * memory -- consider tuning tcp_mem"): a writer stopped with ENOMEM after 2 MiB. So the
- * direction pauses instead: the TCP path waits like plain TCP. */
-static __always_inline int tcp_memory_short(struct sock *psk)
+/* The reader's memory cgroup could not take `size` more bytes of socket memory: under cgroup v1's
+ * TCP limit, its pressure flag is up or the message would come near the limit (16 pages of
+ * slack for the sk_msg and rounding). A memory-cgroup limit made the redirect fail as tcp_mem
+ * does below (a helper's pass: writers under memory.kmem.tcp.limit_in_bytes 2M stopped with
+ * ENOMEM in 2 runs of 3, and one hung, where plain TCP in the same cgroup moved every byte).
+ * cgroup v2 charges socket memory with reclaim (GFP_KERNEL in sendmsg) and is not checked. */
+static __always_inline int memcg_short(struct sock *psk, __u32 size)
 {
+	struct mem_cgroup *memcg = BPF_CORE_READ(psk, sk_memcg);
+	if (!memcg || !bpf_core_field_exists(memcg->tcpmem_active) || !BPF_CORE_READ(memcg, tcpmem_active))
+		return 0;
+	if (BPF_CORE_READ(memcg, tcpmem_pressure))
+		return 1;
+	long usage = BPF_CORE_READ(memcg, tcpmem.usage.counter);
+	unsigned long max = BPF_CORE_READ(memcg, tcpmem.max);
+	return usage >= 0 && (unsigned long)usage + (size >> 12) + 16 > max;
+}
+
+/* TCP memory (tcp_mem, machine-wide) is under pressure or past its pressure threshold, or the
+ * reader's memory cgroup is short (memcg_short). Then a redirect can fail: bpf_tcp_ingress
+ * charges the reader through sk_rmem_schedule, and when that fails the sender's write(2)
+ * returns ENOMEM, where plain TCP would wait for memory (sk_stream_wait_memory). Seen in the
+ * sweep while other jobs filled tcp_mem ("TCP: out of memory -- consider tuning tcp_mem"): a
+ * writer stopped with ENOMEM after 2 MiB. So the direction pauses instead: the TCP path waits
+ * like plain TCP. */
+static __always_inline int tcp_memory_short(struct sock *psk, __u32 size)
+{
+	if (memcg_short(psk, size))
+		return 1;
 	struct proto *prot = BPF_CORE_READ(psk, __sk_common.skc_prot);
 	if (!prot)
 		return 0;
@@ -880,7 +916,7 @@ int accel_msg(struct sk_msg_md *msg)
 	if (me->mode == PAUSED) {
 		/* Not once this socket started leaving (try_leave): it waits for the peer to be out of
 		 * sendmsg, and its peer already takes the TCP path. */
-		if (me->leaving || queue_cost(queued, size) > limit / 2 || tcp_memory_short(psk) ||
+		if (me->leaving || queue_cost(queued, size) > limit / 2 || tcp_memory_short(psk, size) ||
 		    !order_safe(me, psk)) {
 			me->paused_bytes += size;
 			me->debt_kib += (size + 1023) >> 10;
@@ -895,7 +931,7 @@ int accel_msg(struct sk_msg_md *msg)
 		}
 		me->mode = REDIRECT;
 		count(ACCEL_STAT_RESUMES, 1);
-	} else if (queue_cost(queued, size) > limit || tcp_memory_short(psk)) {
+	} else if (queue_cost(queued, size) > limit || tcp_memory_short(psk, size)) {
 		/* Redirect -> TCP keeps byte order: the peer's reader takes its redirect queue before
 		 * its TCP receive queue (tcp_bpf_recvmsg). */
 		me->mode = PAUSED;

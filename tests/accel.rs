@@ -855,6 +855,65 @@ fn a_blocked_reader_woken_by_a_reset_or_shut_rd_gets_eagain_kernel_behaviour() {
     );
 }
 
+/// The cgroup v1 memory controller's mount, if this machine has one with a TCP memory limit.
+fn memcg_v1_tcp() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 3 && f[2] == "cgroup" && f[3].split(',').any(|o| o == "memory")).then(|| PathBuf::from(f[1]))
+        })
+        .find(|m| m.join("memory.kmem.tcp.limit_in_bytes").exists())
+}
+
+/// A reader whose memory cgroup is at its cgroup v1 TCP limit (memory.kmem.tcp.limit_in_bytes):
+/// the redirect's charge of the reader failed and the writer's send(2) returned ENOMEM, where
+/// plain TCP waits; the exchange then hung (a helper's pass: 2 runs of 3 ENOMEM, one hung; 3 of 3
+/// here). The direction now pauses on the TCP path near the limit, and every byte arrives.
+/// Needs the v1 memory controller (this VM's), which a pure cgroup v2 machine lacks: skipped
+/// there, with a line that says so.
+#[test]
+fn a_reader_at_its_cgroups_tcp_memory_limit_pauses_the_redirect_instead_of_failing_the_writer() {
+    if !require_bpf("a_reader_at_its_cgroups_tcp_memory_limit_pauses_the_redirect_instead_of_failing_the_writer") {
+        return;
+    }
+    let Some(v1) = memcg_v1_tcp() else {
+        eprintln!("SKIPPED: no cgroup v1 memory controller with a TCP limit on this machine");
+        return;
+    };
+    let _netns = enter_netns();
+    struct Removed(PathBuf);
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            for _ in 0..100 {
+                if std::fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    let memcg = v1.join(format!("skrelay-test-{}-tcpmem", std::process::id()));
+    std::fs::create_dir_all(&memcg).unwrap();
+    let _removed = Removed(memcg.clone());
+    std::fs::write(memcg.join("memory.kmem.tcp.limit_in_bytes"), "2M").unwrap();
+    let cg = TestCgroup::accelerated("tcpmem", &[]);
+    let port = free_port();
+    let bytes = 60 * MIB;
+    // Both peers in the limited memory cgroup (cgroup v1: a hierarchy of its own, which `accel
+    // run` does not change), bounded in time: the failure hung.
+    let peer = |args: Vec<String>| {
+        let mut c = Command::new("sh");
+        c.args(["-c", &format!("echo $$ > {}/cgroup.procs && exec \"$@\"", memcg.display()), "sh"]);
+        c.args(["timeout", "60", SKRELAY, "accel", "run", "--cgroup", &cg.rel, "--", "python3", PEER]).args(args);
+        c
+    };
+    exchange(peer(serve_args("127.0.0.1", port)), peer(connect_args("127.0.0.1", port, bytes)), bytes);
+    let r = cg.report();
+    assert!(r.pauses > 0, "the redirect never paused for the cgroup's TCP memory: {r}");
+}
+
 /// TCP Fast Open (a new-user pass): a client's sendto(MSG_FASTOPEN) sends a bare SYN without a
 /// cookie, waits in the connect while the socket joins the map, and then sends its data by TCP
 /// without passing sk_msg; with a cookie the data rides in the SYN. Either way those bytes took
