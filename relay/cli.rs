@@ -268,7 +268,8 @@ pub struct ProxyArgs {
     #[command(flatten)]
     pub ports: PortsArgs,
     /// Skip an upstream that has not accepted the connection within this long (it is marked
-    /// down for 10 s); seconds (at least 0.001).
+    /// down for 10 s, and tried last meanwhile); seconds (at least 0.001). A client whose every
+    /// upstream fails waits up to this long for each of them, then is reset.
     #[arg(long, default_value = "5", value_parser = parse_connect_timeout, value_name = "SECS", allow_negative_numbers = true)]
     pub connect_timeout: Duration,
     /// At most this many clients wait for their upstream connection at once; meanwhile further
