@@ -139,9 +139,11 @@ pub enum Command {
     /// (BPF sk_lookup), pinned in bpffs so it works after the command exits.
     #[command(subcommand)]
     Steer(SteerCommand),
-    /// Show what skrelay has attached in this network namespace.
+    /// Show what skrelay has attached: the steering of this network namespace, the accelerated
+    /// cgroups (machine-wide: accel is per cgroup, not per namespace), and running relays.
     Status(StatusArgs),
-    /// Serve the pinned steer and accel counters of this network namespace as Prometheus metrics
+    /// Serve the pinned steer counters of this network namespace and the accel counters of every
+    /// accelerated cgroup (machine-wide) as Prometheus metrics
     /// at http://ADDR/metrics, read at each scrape (nothing is created or attached).
     Metrics(MetricsArgs),
     /// Check that this machine can run the kernel datapath: loads and attaches the programs and
@@ -194,7 +196,8 @@ pub enum AccelCommand {
     },
     /// Show each accelerated cgroup with its counters.
     Status {
-        /// Print JSON: `{"cgroups": [...]}`, as `skrelay status --json` shows under `accel`.
+        /// Print JSON: `{"cgroups": [...], "interrupted": [...], "out_of_reach": ..., "unreadable":
+        /// ...}`, as `skrelay status --json` shows under `accel`.
         #[arg(long)]
         json: bool,
     },

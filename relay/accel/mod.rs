@@ -1003,7 +1003,15 @@ pub fn run(cgroup: Option<&Path>, policy: &AccelPolicyArgs, cmd: &[String]) -> R
             return Err(already_on(&cg, &pins));
         }
         refuse_other_policy(&cg, &pins, policy, &target)?;
-        log::info!("accel: {cg} is already accelerated; the command runs in it, and it stays accelerated afterwards");
+        // Whose acceleration it is says how long it stays: another `accel run`'s goes with that
+        // run's processes (it said "stays accelerated afterwards" then too: a README audit).
+        let whose = cg.owner().map(|o| o.describe(&cg.path())).unwrap_or_else(|| "set up by `accel on`".into());
+        let stays = if whose.starts_with("set up by `accel on`") {
+            "it stays accelerated afterwards, until `skrelay accel off`".to_string()
+        } else {
+            format!("its acceleration is not this run's ({whose})")
+        };
+        log::info!("accel: {cg} is already accelerated; the command runs in it, and {stays}");
     }
     let enabled = match already {
         true => None,

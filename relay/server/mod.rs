@@ -1299,8 +1299,14 @@ impl Server {
                 );
                 continue;
             }
-            // Handing over while already stopping changes nothing.
+            // Handing over while already stopping changes nothing; said, as every other signal
+            // is (it left no line: a README audit).
             if signal == SIGUSR2 && self.drain_deadline.is_some() {
+                log::warn!(
+                    "SIGUSR2 while stopping: nothing is handed over (only a serving skrelay hands over); still \
+                     letting {} live pair(s) finish",
+                    self.threads.pairs()
+                );
                 continue;
             }
             if self.drain_deadline.is_some() {
