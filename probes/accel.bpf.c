@@ -93,6 +93,7 @@ struct proto {
 struct page_counter {
 	atomic_long_t usage;
 	unsigned long max;
+	struct page_counter *parent;
 } __attribute__((preserve_access_index));
 
 /* cgroup v1's TCP memory limit (memory.kmem.tcp.limit_in_bytes; CONFIG_MEMCG_V1): `tcpmem` counts
@@ -751,11 +752,14 @@ static __always_inline int order_safe(const struct member *me, struct sock *psk)
 }
 
 /* The reader's memory cgroup could not take `size` more bytes of socket memory: under cgroup v1's
- * TCP limit, its pressure flag is up or the message would come near the limit (16 pages of
- * slack for the sk_msg and rounding). A memory-cgroup limit made the redirect fail as tcp_mem
- * does below (a helper's pass: writers under memory.kmem.tcp.limit_in_bytes 2M stopped with
- * ENOMEM in 2 runs of 3, and one hung, where plain TCP in the same cgroup moved every byte).
- * cgroup v2 charges socket memory with reclaim (GFP_KERNEL in sendmsg) and is not checked. */
+ * TCP limit, its pressure flag is up or the message would come within a quarter of the limit
+ * (at least 16 pages) of its `tcpmem` counter or of an ancestor's, which v1
+ * charges too (a re-check: a 2M limit on the parent of a cgroup limited to 64M still failed).
+ * A memory-cgroup limit made the redirect fail as tcp_mem does below (a helper's pass: writers
+ * under memory.kmem.tcp.limit_in_bytes 2M stopped with ENOMEM in 2 runs of 3, and one hung,
+ * where plain TCP in the same cgroup moved every byte). cgroup v2 charges socket memory with
+ * reclaim (GFP_KERNEL in sendmsg) and is not checked. Eight levels are looked at. */
+#define MEMCG_LEVELS 8
 static __always_inline int memcg_short(struct sock *psk, __u32 size)
 {
 	struct mem_cgroup *memcg = BPF_CORE_READ(psk, sk_memcg);
@@ -763,9 +767,18 @@ static __always_inline int memcg_short(struct sock *psk, __u32 size)
 		return 0;
 	if (BPF_CORE_READ(memcg, tcpmem_pressure))
 		return 1;
-	long usage = BPF_CORE_READ(memcg, tcpmem.usage.counter);
-	unsigned long max = BPF_CORE_READ(memcg, tcpmem.max);
-	return usage >= 0 && (unsigned long)usage + (size >> 12) + 16 > max;
+	struct page_counter *counter = __builtin_preserve_access_index(&memcg->tcpmem);
+	for (int level = 0; level < MEMCG_LEVELS && counter; level++) {
+		long usage = BPF_CORE_READ(counter, usage.counter);
+		unsigned long max = BPF_CORE_READ(counter, max);
+		/* A quarter of the limit (at least 16 pages) kept free: both directions and the TCP
+		 * path charge the same counters between this check and the redirect's charge. */
+		unsigned long slack = max / 4 > 16 ? max / 4 : 16;
+		if (usage >= 0 && (unsigned long)usage + (size >> 12) + slack > max)
+			return 1;
+		counter = BPF_CORE_READ(counter, parent);
+	}
+	return 0;
 }
 
 /* TCP memory (tcp_mem, machine-wide) is under pressure or past its pressure threshold, or the

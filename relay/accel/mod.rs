@@ -539,7 +539,11 @@ impl Enabled {
 pub fn on(cgroup: &Path, ports: &[u16], policy: &AccelPolicyArgs) -> Result<Enabled, Error> {
     let held = crate::sys::StopSignalsHeld::new();
     let result = on_for("on", cgroup, ports, policy, calibrate::Placement::AnyCpu);
-    undo_if_stopped("on", cgroup, result, &held)
+    let result = undo_if_stopped("on", cgroup, result, &held);
+    // Kept held to the end: a SIGUSR1 or SIGUSR2 that came during the set-up, let go with its
+    // default action, killed `on` with no word once it had set everything up (a re-check).
+    held.keep();
+    result
 }
 
 /// A stop signal (SIGINT, SIGTERM, SIGHUP, SIGQUIT) is held back (`held`) during the set-up and
@@ -1156,8 +1160,17 @@ fn spawn_in(cg: &Cgroup, program: &str, args: &[String], held: crate::sys::StopS
     drop(procs);
     // Forward termination signals to the command and stay alive to clean up after it.
     let pid = rustix::process::Pid::from_child(&child);
-    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
-        .map_err(|e| Error::io("cannot install signal handlers", e))?;
+    // Every signal `held` holds: SIGQUIT, SIGUSR1 and SIGUSR2 too, which, let go with their
+    // default action, killed `run` itself with no word and left the command untold (a re-check).
+    let mut signals = signal_hook::iterator::Signals::new([
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+    ])
+    .map_err(|e| Error::io("cannot install signal handlers", e))?;
     let handle = signals.handle();
     // The forwarding thread keeps them blocked: this thread takes them once `held` goes, and
     // signal-hook's handler wakes the forwarder.

@@ -136,7 +136,7 @@ pub fn remove_unfinished(root: &Path) -> Vec<(u32, String, Option<usize>)> {
     unfinished(root)
         .into_iter()
         .map(|(pid, pin_name, dir)| {
-            log::info!("accel: removing what an interrupted set-up left at {}", dir.display());
+            log::info!("accel: removing what an interrupted set-up left at {}", super::cgroup::shown(&dir).display());
             let creates = creates(&dir);
             remove_creates_marker(&dir);
             remove(&dir);
