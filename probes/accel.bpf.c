@@ -758,8 +758,9 @@ static __always_inline int order_safe(const struct member *me, struct sock *psk)
  * A memory-cgroup limit made the redirect fail as tcp_mem does below (a helper's pass: writers
  * under memory.kmem.tcp.limit_in_bytes 2M stopped with ENOMEM in 2 runs of 3, and one hung,
  * where plain TCP in the same cgroup moved every byte). cgroup v2 charges socket memory with
- * reclaim (GFP_KERNEL in sendmsg) and is not checked. Eight levels are looked at. */
-#define MEMCG_LEVELS 8
+ * reclaim (GFP_KERNEL in sendmsg) and is not checked. Sixteen levels are looked at (a limit
+ * nine above the reader was missed at eight: a re-check). */
+#define MEMCG_LEVELS 16
 static __always_inline int memcg_short(struct sock *psk, __u32 size)
 {
 	struct mem_cgroup *memcg = BPF_CORE_READ(psk, sk_memcg);

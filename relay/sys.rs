@@ -360,6 +360,26 @@ impl StopSignalsHeld {
         self.0
     }
 
+    /// Takes SIGUSR1 and SIGUSR2 off the pending signals where one came while held (they are
+    /// not stop signals: `pending` does not name them); returns their names.
+    pub fn discard_user_signals() -> Vec<&'static str> {
+        let mut taken = Vec::new();
+        for (signal, name) in [(libc::SIGUSR1, "SIGUSR1"), (libc::SIGUSR2, "SIGUSR2")] {
+            // SAFETY: sigset_t is plain data, filled before use; sigtimedwait with a zero timeout
+            // takes the signal if it is pending (it is blocked here) and returns at once if not.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, signal);
+                let zero = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+                if libc::sigtimedwait(&set, std::ptr::null_mut(), &zero) == signal {
+                    taken.push(name);
+                }
+            }
+        }
+        taken
+    }
+
     /// Keeps the stop signals held when this is dropped: one that came is then thrown away
     /// with the process, which says why it stopped instead of being killed by it.
     pub fn keep(&self) {

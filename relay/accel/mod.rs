@@ -1072,6 +1072,11 @@ pub fn run(cgroup: Option<&Path>, policy: &AccelPolicyArgs, cmd: &[String]) -> R
         }
         None => None,
     };
+    // A SIGUSR1 or SIGUSR2 that came during the set-up is for a command that did not exist
+    // yet: passed on at its start, it killed it before it could handle them (a re-check).
+    for name in crate::sys::StopSignalsHeld::discard_user_signals() {
+        log::warn!("accel: {name} came while the acceleration was set up, before the command ran: not passed on");
+    }
     let result = spawn_in(&cg, program, args, held);
     let created = enabled.map(|e| e.created).unwrap_or_default();
     // Undo what we set up, whatever the command did.
@@ -1176,16 +1181,30 @@ fn spawn_in(cg: &Cgroup, program: &str, args: &[String], held: crate::sys::StopS
     // signal-hook's handler wakes the forwarder.
     let forwarder = std::thread::spawn(move || {
         for sig in signals.forever() {
-            // `pid` is our child, not yet reaped (the signal thread ends before the wait returns).
+            // `pid` is our child, not yet reaped: the wait below only looks (WNOWAIT) until this
+            // thread has ended.
             if let Some(sig) = rustix::process::Signal::from_named_raw(sig) {
                 let _ = rustix::process::kill_process(pid, sig);
             }
         }
     });
     drop(held);
-    let status = child.wait().map_err(|e| Error::io(format!("cannot wait for `{program}`"), e));
+    // Waits for the command to end without reaping it (its pid stays ours), so the forwarder
+    // cannot signal a process that took the pid after it; then stops the forwarder and reaps.
+    let waited = loop {
+        // SAFETY: siginfo_t is plain data, zeroed before the kernel fills it.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid writes the siginfo_t it is given; WNOWAIT leaves the child unreaped.
+        let r = unsafe { libc::waitid(libc::P_PID, child.id(), &mut info, libc::WEXITED | libc::WNOWAIT) };
+        match r {
+            0 => break Ok(()),
+            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => continue,
+            _ => break Err(std::io::Error::last_os_error()),
+        }
+    };
     handle.close();
     let _ = forwarder.join();
+    let status = waited.and_then(|()| child.wait()).map_err(|e| Error::io(format!("cannot wait for `{program}`"), e));
     let status = status?;
     use std::os::unix::process::ExitStatusExt;
     Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
