@@ -184,7 +184,11 @@ fn a_relay_under_another_binary_name_is_known() {
     let dir = std::env::temp_dir().join(format!("skrelay-renamed-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let sk = dir.join("sk");
-    std::fs::copy(env!("CARGO_BIN_EXE_skrelay"), &sk).unwrap();
+    // Copied by a child `cp`, not fs::copy: a descriptor open for writing in this process would
+    // be inherited by another test thread's fork until that child execs, and exec of `sk` in
+    // that window fails with ETXTBSY (it did, once, in CI).
+    let copied = std::process::Command::new("cp").arg(env!("CARGO_BIN_EXE_skrelay")).arg(&sk).status().unwrap();
+    assert!(copied.success(), "cp skrelay: {copied}");
     let mut cmd = std::process::Command::new(&sk);
     cmd.args(["proxy", "--datapath", "userspace", "--listen", "127.0.0.1:7790", "--upstream", "127.0.0.1:7791"]);
     let proxy = Skrelay::spawn(cmd, "listening on");
