@@ -178,7 +178,8 @@ impl Metrics {
         );
         registry.register(
             "skrelay_kernel_inflight_bytes",
-            "Bytes the kernel datapath holds in flight between the sockets of its pairs (0 until the datapath reports it)",
+            "Bytes the kernel datapath holds in flight between the sockets of its pairs, not counting their send queues \
+             (0 until the datapath reports it)",
             kernel_inflight.clone(),
         );
         registry.register(

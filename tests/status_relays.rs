@@ -49,7 +49,7 @@ fn status_lists_running_relays_and_proxies(dp: &str) {
         "{text}"
     );
     // In-flight bytes in the kernel are a kernel datapath's figure: a userspace relay showed
-    // "0 byte(s) in flight in the kernel".
+    // "0 byte(s) in flight in the kernel between their sockets (send queues not counted)".
     let line = text.lines().find(|l| l.contains(&format!("relay (pid {})", relay.pid()))).unwrap();
     assert_eq!(line.contains("in flight in the kernel"), dp == "kernel", "{line}");
     assert_eq!(r["kernel_inflight_bytes"].is_null(), dp != "kernel", "{r}");
