@@ -58,6 +58,8 @@ fn main() {
 int main(void) {
     printf("pub const MAX_SOCKETS: u32 = %d;\n", MAX_SOCKETS);
     printf("pub const ACCEL_MAX_PORTS: u32 = %d;\n", ACCEL_MAX_PORTS);
+    printf("pub const ACCEL_FLAG_KNOWS_DRAINING: u32 = %d;\n", ACCEL_FLAG_KNOWS_DRAINING);
+    printf("pub const ACCEL_FLAG_DRAINING: u32 = %d;\n", ACCEL_FLAG_DRAINING);
     printf("pub const SOCK_KEY_SIZE: usize = %zu;\n", sizeof(struct sock_key));
     F(sock_key, local_ip6); F(sock_key, remote_ip6); F(sock_key, local_port); F(sock_key, remote_port);
     printf("pub const RELAY_STAT_VERDICTS: u32 = %d;\n", RELAY_STAT_VERDICTS);
@@ -80,7 +82,8 @@ int main(void) {
     F(relay_count, redirected); F(relay_count, parked); F(relay_count, next_seq); F(relay_count, flags);
     printf("pub const ACCEL_CONFIG_SIZE: usize = %zu;\n", sizeof(struct accel_config));
     F(accel_config, filter_ports); F(accel_config, max_queued); F(accel_config, small_write);
-    F(accel_config, small_streak); F(accel_config, cpus); F(accel_config, woken_wake_function);
+    F(accel_config, small_streak); F(accel_config, cpus); F(accel_config, flags);
+    F(accel_config, woken_wake_function);
     printf("pub const ACCEL_STAT_SOCKETS: u32 = %d;\n", ACCEL_STAT_SOCKETS);
     printf("pub const ACCEL_STAT_CONNECTIONS: u32 = %d;\n", ACCEL_STAT_CONNECTIONS);
     printf("pub const ACCEL_STAT_MESSAGES: u32 = %d;\n", ACCEL_STAT_MESSAGES);

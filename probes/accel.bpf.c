@@ -452,6 +452,14 @@ static __always_inline int moved_payload(struct bpf_sock_ops *ops)
 /* Both ends of a connection join, or neither: the connecting end when it dials a listener of
  * the cgroup (ACTIVE_ESTABLISHED comes first on loopback), the accepted end when its peer joined
  * and has not sent anything yet. */
+/* `accel off` ran: sockops stays for the sockets that joined, and no new one joins. */
+static __always_inline int draining(void)
+{
+	__u32 zero = 0;
+	struct accel_config *cfg = bpf_map_lookup_elem(&accel_config, &zero);
+	return cfg && (cfg->flags & ACCEL_FLAG_DRAINING);
+}
+
 static __always_inline void join(struct bpf_sock_ops *ops, int active)
 {
 	struct sock_key k = {}, peer = {};
@@ -460,7 +468,7 @@ static __always_inline void join(struct bpf_sock_ops *ops, int active)
 		return;
 	swap_key(&k, &peer);
 	if (active) {
-		if (!dials_member_listener(&k))
+		if (draining() || !dials_member_listener(&k))
 			return;
 		if (moved_payload(ops)) {
 			/* TCP Fast Open data in the SYN: a later redirect would overtake it. */
@@ -471,6 +479,11 @@ static __always_inline void join(struct bpf_sock_ops *ops, int active)
 		peer_member = bpf_map_lookup_elem(&accel_members, &peer);
 		if (!peer_member)
 			return;
+		if (draining()) {
+			/* The connecting end joined before `off`: it leaves, as when it lost a race. */
+			bpf_map_delete_elem(&accel_socks, &peer);
+			return;
+		}
 		if (peer_member->state != PENDING || moved_payload(ops)) {
 			/* The connecting end already sent by the normal path: it leaves the map too. */
 			bpf_map_delete_elem(&accel_socks, &peer);

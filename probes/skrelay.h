@@ -91,6 +91,13 @@ enum accel_stat {
 	ACCEL_STAT_MAX = 17,
 };
 
+/* accel_config.flags. A set-up whose program knows DRAINING says so with KNOWS_DRAINING (one
+ * pinned by a version before it has 0 there): `off` then sets DRAINING, and no new connection
+ * joins while sockops stays attached for the joined ones (their FIN, RTT and close callbacks);
+ * otherwise `off` detaches sockops at once. */
+#define ACCEL_FLAG_KNOWS_DRAINING 1
+#define ACCEL_FLAG_DRAINING 2
+
 /* The `accel_config` ARRAY's single value. */
 struct accel_config {
 	__u32 filter_ports; /* 0: every connection; 1: only those with an end on a port in `accel_ports` */
@@ -101,7 +108,7 @@ struct accel_config {
 	__u32 small_streak; /* demote after this many consecutive small sends at a reader with unread data */
 	__u32 cpus;         /* CPUs the cgroup's processes may run on (0: 1); more live connections than this
 	                     * is crowded, and a paused direction gives up sooner (STUCK_LIMITS_CROWDED) */
-	__u32 reserved;     /* 0 */
+	__u32 flags;        /* ACCEL_FLAG_*: `on` sets KNOWS_DRAINING, `off` sets DRAINING */
 	__u64 woken_wake_function; /* the kernel's address of woken_wake_function (/proc/kallsyms; 0:
 	                            * unknown): the wake function of a thread blocked in recvmsg */
 };

@@ -6,6 +6,11 @@
 pub const MAX_SOCKETS: u32 = 65536;
 /// max_entries of accel's `accel_ports`.
 pub const ACCEL_MAX_PORTS: u32 = 1024;
+/// `accel_config.flags`: the set-up's program honours DRAINING (one pinned by an older version
+/// has 0: `off` then detaches sockops at once).
+pub const ACCEL_FLAG_KNOWS_DRAINING: u32 = 1;
+/// `accel_config.flags`: `accel off` ran; no new connection joins.
+pub const ACCEL_FLAG_DRAINING: u32 = 2;
 
 /// Indices of the relay programs' per-CPU counters (`relay_stats`).
 pub mod relay_stat {
@@ -109,8 +114,9 @@ pub struct AccelConfig {
     /// CPUs the cgroup's processes may run on (0: 1): with more live connections than this, a
     /// paused direction gives up the redirect sooner (probes/accel.bpf.c, STUCK_LIMITS).
     pub cpus: u32,
-    /// 0.
-    pub reserved: u32,
+    /// `ACCEL_FLAG_*`: `on` sets KNOWS_DRAINING (its program honours DRAINING), `off` sets
+    /// DRAINING (no new connection joins; the joined ones keep sockops).
+    pub flags: u32,
     /// The kernel's address of `woken_wake_function` (0: unknown), which tells a thread blocked
     /// in recvmsg on a socket's wait queue (probes/accel.bpf.c, `blocked_readers`).
     pub woken_wake_function: u64,
@@ -195,6 +201,8 @@ mod tests {
     fn map_limits_match_the_header() {
         assert_eq!(MAX_SOCKETS, c::MAX_SOCKETS);
         assert_eq!(ACCEL_MAX_PORTS, c::ACCEL_MAX_PORTS);
+        assert_eq!(ACCEL_FLAG_KNOWS_DRAINING, c::ACCEL_FLAG_KNOWS_DRAINING);
+        assert_eq!(ACCEL_FLAG_DRAINING, c::ACCEL_FLAG_DRAINING);
         assert_eq!(STEER_MAX_BINDINGS, c::STEER_MAX_BINDINGS);
         assert_eq!(STEER_MAX_PORT_ENTRIES, c::STEER_MAX_PORT_ENTRIES);
     }
@@ -216,6 +224,7 @@ mod tests {
         assert_eq!(std::mem::offset_of!(AccelConfig, small_write), c::accel_config__small_write);
         assert_eq!(std::mem::offset_of!(AccelConfig, small_streak), c::accel_config__small_streak);
         assert_eq!(std::mem::offset_of!(AccelConfig, cpus), c::accel_config__cpus);
+        assert_eq!(std::mem::offset_of!(AccelConfig, flags), c::accel_config__flags);
         assert_eq!(std::mem::offset_of!(AccelConfig, woken_wake_function), c::accel_config__woken_wake_function);
     }
 

@@ -176,7 +176,8 @@ pub enum AccelCommand {
         /// Wait this long for accelerated connections to close; seconds.
         #[arg(long = "wait", default_value = "0", value_parser = parse_secs, value_name = "SECS", allow_negative_numbers = true)]
         wait: Duration,
-        /// Remove the state even though accelerated connections are open (see the README).
+        /// Remove the state even though accelerated connections are open: they keep the fast path
+        /// until they close, without its half-close handling (see the README).
         #[arg(long)]
         force: bool,
     },

@@ -59,6 +59,14 @@ impl TestCgroup {
         c
     }
 
+    /// The peer in this cgroup without `accel run`, which refuses a cgroup that is draining.
+    fn inside(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("sh");
+        let procs = self.path().join("cgroup.procs");
+        c.args(["-c", "echo $$ > \"$0\" && exec python3 \"$@\"", &procs.to_string_lossy(), PEER]).args(args);
+        c
+    }
+
     fn report(&self) -> AccelReport {
         report_cgroup(&self.path()).expect("accel report")
     }
@@ -328,11 +336,11 @@ fn off_with_live_connections_loses_nothing() {
     assert!(err.contains("sockets of open connections still use the fast path"), "{err}");
     let r = cg.report();
     assert!(!r.attached, "{r}");
-    // Draining, closes are no longer counted (sockops is detached): status says only what the
-    // map holds, not a "live" count that would stay stale.
+    // Draining, status says only what the map holds, not a "live" count (which stayed stale
+    // when `off` detached sockops, as it still does for state an older skrelay pinned).
     let text = r.to_string();
     assert!(!text.contains("of them live") && text.contains("in the map now"), "{text}");
-    output(cg.peer(&["halfclose", "127.0.0.1"]));
+    output(cg.inside(&["halfclose", "127.0.0.1"]));
     assert_eq!(cg.report().sockets_joined, 2, "a connection joined after off");
 
     // --force removes the state with half of each stream still unread at the peers.
@@ -558,6 +566,54 @@ fn a_client_reading_to_eof_after_half_close_meets_a_server_blocked_in_recv() {
     let counts: Vec<u32> = field(&out, "request-eof").split(' ').take(2).map(|n| n.parse().unwrap()).collect();
     assert!(r.connections >= 20, "the exchanges were not accelerated: {r}");
     assert!(counts[0] >= 17, "{} of {} exchanges got their whole reply: {out}\n{r}", counts[0], counts[1]);
+}
+
+/// `accel off` with connections open leaves them the fast path, and the half-close handling
+/// with it: `off` detached sockops, so a socket that half-closed stayed in the map and the
+/// client's blocking read to EOF got EAGAIN (20 of 20 after `off`, 0 without; a helper's pass).
+/// Now `off` sets the draining flag, which the sockops program reads before it lets a new
+/// connection join, and sockops stays until the state is removed.
+#[test]
+fn connections_left_open_by_off_keep_their_half_close_handling() {
+    if !require_bpf("connections_left_open_by_off_keep_their_half_close_handling") {
+        return;
+    }
+    let _netns = enter_netns();
+    let cg = TestCgroup::accelerated("off-halfclose", &[]);
+    let mut child = cg
+        .peer(&["request-eof-later", "127.0.0.1", "20"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let r = cg.report();
+    assert_eq!(r.connections, 20, "the connections were not accelerated: {r}");
+    let (code, _, err) = skrelay_output(&["accel", "off", "--cgroup", &cg.rel]);
+    assert_eq!(code, 2, "{err}");
+    assert!(!cg.report().attached, "status does not say draining");
+    // Nothing new is accelerated there until `off` removes the state: `on` and `run` say so.
+    for args in [vec!["accel", "on", "--cgroup", &cg.rel], vec!["accel", "run", "--cgroup", &cg.rel, "--", "true"]] {
+        let (code, _, err) = skrelay_output(&args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains("is draining after `skrelay accel off` (40 sockets"), "{args:?}: {err}");
+    }
+    // A connection made while draining does not join.
+    output(cg.inside(&["halfclose", "127.0.0.1"]));
+    assert_eq!(cg.report().connections, 20, "a connection joined after off");
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut out, &mut text).unwrap();
+    assert!(child.wait().unwrap().success(), "{text}");
+    let counts: Vec<u32> = field(&text, "request-eof").split(' ').take(2).map(|n| n.parse().unwrap()).collect();
+    assert!(counts[0] >= 17, "{} of {} exchanges after off got their whole reply: {text}", counts[0], counts[1]);
+    // They are closed: `off` removes the state now.
+    let (code, outp, err) = skrelay_output(&["accel", "off", "--cgroup", &cg.rel, "--wait", "5"]);
+    assert_eq!(code, 0, "{outp}{err}");
+    assert!(report_cgroup(&cg.path()).is_err(), "state still pinned after off");
 }
 
 /// The same exchange read the way event loops read (poll, then a non-blocking `recv`, retrying

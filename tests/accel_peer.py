@@ -593,6 +593,48 @@ def request_eof(host, rounds):
     print("request-eof %d %d %s" % (ok, rounds, " ".join(failures)))
 
 
+def request_eof_later(host, rounds):
+    """request_eof on connections made (and used once) before a line on stdin: the test runs
+    `accel off` in between, and the half-close that follows must still end in a clean EOF."""
+    conns = []
+    for i in range(rounds):
+        cli, srv = pair(host)
+        cli.sendall(b"ping")
+        recv_exact(srv, 4, blocking=True)
+        srv.sendall(b"pong")
+        recv_exact(cli, 4, blocking=True)
+        conns.append((cli, srv))
+    print("ready", flush=True)
+    sys.stdin.readline()
+    ok, failures = 0, []
+    for i, (cli, srv) in enumerate(conns):
+        req = chunk(i, 0)[:1000]
+        got = {}
+
+        def serve():
+            b = read_to_eof(srv)
+            got["request"] = b
+            time.sleep(0.05)
+            srv.sendall(b"reply to " + b[:8])
+            srv.close()
+
+        t = threading.Thread(target=serve)
+        t.start()
+        time.sleep(0.01)  # the server is blocked in recv
+        cli.sendall(req)
+        cli.shutdown(socket.SHUT_WR)
+        reply = b""
+        try:
+            reply = read_to_eof(cli)
+        except OSError as e:
+            failures.append(errno.errorcode.get(e.errno, str(e.errno)))
+        t.join()
+        cli.close()
+        if reply == b"reply to " + req[:8] and got.get("request") == req:
+            ok += 1
+    print("request-eof %d %d %s" % (ok, rounds, " ".join(failures)), flush=True)
+
+
 def options(host):
     SO_ZEROCOPY, MSG_ZEROCOPY, SO_EE_ORIGIN_ZEROCOPY = 60, 0x4000000, 5
     cli, srv = pair(host)
@@ -736,6 +778,8 @@ if __name__ == "__main__":
         options(args[0])
     elif mode == "request-eof":
         request_eof(args[0], int(args[1]))
+    elif mode == "request-eof-later":
+        request_eof_later(args[0], int(args[1]))
     elif mode == "woken":
         woken(args[0])
     elif mode == "fastopen":

@@ -347,7 +347,7 @@ fn report_for(dir: &Path, cg: &Cgroup) -> Result<AccelReport, Error> {
         cgroup: cgroup::shown(&cg.path()),
         pins: cgroup::shown(dir),
         ports: snap.ports,
-        attached: pinned::is_attached(dir),
+        attached: !pinned::is_draining(dir),
         max_queued: snap.config.max_queued,
         small_write: snap.config.small_write,
         sockets_open: snap.sockets_open,
@@ -717,9 +717,25 @@ fn refuse_other_policy(cg: &Cgroup, pins: &Path, policy: &AccelPolicyArgs, targe
     Ok(())
 }
 
+/// `on` or `run` found the cgroup draining after an `accel off` that connections kept open: it
+/// accelerates no new connection, so running there would not be accelerated, and `off` must
+/// remove it first (it told to run `off`, which then refused again: a helper's pass).
+fn draining(cg: &Cgroup, dir: &Path) -> Error {
+    let open = pinned::open_sockets(dir).unwrap_or(0);
+    Error::AccelBusy(format!(
+        "cgroup {cg} is draining after `skrelay accel off` ({open} sockets of open connections keep the fast path, \
+         new connections are not accelerated): `skrelay accel off --cgroup {} --wait SECS` removes its state once \
+         they close (or --force now), and then it can be accelerated again",
+        crate::sys::shell_arg(cg)
+    ))
+}
+
 /// `on` found state pinned for the cgroup: accelerated, or the remains of a set-up an older
 /// skrelay left when it was killed half-way (some pins missing), which `off --force` removes.
 fn already_on(cg: &Cgroup, dir: &Path) -> Error {
+    if pinned::is_complete(dir) && pinned::is_draining(dir) {
+        return draining(cg, dir);
+    }
     if pinned::is_complete(dir) {
         return Error::AccelAlreadyOn { cgroup: cg.to_string(), pins: cgroup::shown(dir).display().to_string() };
     }
@@ -876,8 +892,9 @@ fn off_set_up(
         if only.is_some_and(|s| pinned::set_up_of(&dir) != Some(s)) {
             return Ok(None);
         }
-        pinned::detach_sockops(&dir)?;
+        pinned::start_draining(&dir)?;
     }
+    let set_up = pinned::set_up_of(&dir);
     // The drain runs without the lock, so other accel commands (and `status`, which takes it
     // shared) are not held up for --wait.
     let deadline = Instant::now() + drain;
@@ -890,7 +907,7 @@ fn off_set_up(
         open = count(&dir)?;
     }
     let _lock = bpffs::StateLock::acquire(&root)?;
-    if !dir.is_dir() || pinned::is_attached(&dir) {
+    if !dir.is_dir() || pinned::set_up_of(&dir) != set_up || !pinned::is_draining(&dir) {
         // Another `off` (or the watcher of an `accel run`) removed it meanwhile, and maybe an
         // `on` set it up anew, which is not ours to remove.
         return Ok(Some(Disabled { cgroup: cg, forced_sockets: 0 }));
@@ -1003,7 +1020,7 @@ pub fn run(cgroup: Option<&Path>, policy: &AccelPolicyArgs, cmd: &[String]) -> R
     let pins = accel_root()?.join(cg.pin_name());
     let already = pins.is_dir();
     if already {
-        if !pinned::is_complete(&pins) {
+        if !pinned::is_complete(&pins) || pinned::is_draining(&pins) {
             return Err(already_on(&cg, &pins));
         }
         refuse_other_policy(&cg, &pins, policy, &target)?;
@@ -1221,7 +1238,13 @@ pub fn command(cmd: AccelCommand) -> Result<String, Error> {
         AccelCommand::Off { cgroup, wait, force } => {
             let off = off(&cgroup, wait, force)?;
             if off.forced_sockets > 0 {
-                format!("accel off: {} ({} open sockets detached by --force)\n", off.cgroup, off.forced_sockets)
+                // They are not taken out of the map (that could lose what waits for them): a
+                // helper read "detached" as "now plain TCP" and found them still redirected.
+                format!(
+                    "accel off: {} (state removed by --force; {} sockets of open connections keep the fast path, \
+                     without its half-close handling, until they close)\n",
+                    off.cgroup, off.forced_sockets
+                )
             } else {
                 format!("accel off: {}\n", off.cgroup)
             }

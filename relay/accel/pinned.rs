@@ -3,7 +3,7 @@
 //! to the `socks` map (aya 0.14 uses BPF_PROG_ATTACH there, not a link): the pinned map keeps it.
 use super::cgroup::Cgroup;
 use crate::{
-    abi::{accel_stat, AccelConfig, SockKey},
+    abi::{accel_stat, AccelConfig, SockKey, ACCEL_FLAG_DRAINING, ACCEL_FLAG_KNOWS_DRAINING},
     bpf,
     error::Error,
 };
@@ -176,7 +176,7 @@ fn create_in(dir: &Path, cgroup: &Cgroup, ports: &[u16], max_queued: u32, small_
             small_write,
             small_streak: super::SMALL_STREAK,
             cpus: std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX)),
-            reserved: 0,
+            flags: ACCEL_FLAG_KNOWS_DRAINING,
             woken_wake_function: crate::sys::kernel_symbol("woken_wake_function").unwrap_or(0),
         };
         config.set(0, value, 0).map_err(broken)?;
@@ -214,7 +214,7 @@ fn create_in(dir: &Path, cgroup: &Cgroup, ports: &[u16], max_queued: u32, small_
 }
 
 /// Detaches sockops from the cgroup: no new connection joins; joined ones stay accelerated while
-/// the maps are pinned.
+/// the maps live, without sockops' callbacks.
 pub fn detach_sockops(dir: &Path) -> Result<(), Error> {
     let path = dir.join(SOCKOPS_LINK);
     if !path.exists() {
@@ -224,6 +224,37 @@ pub fn detach_sockops(dir: &Path) -> Result<(), Error> {
     let link = link.unpin().map_err(|e| Error::io(format!("cannot remove {}", path.display()), e))?;
     drop(link); // the last reference: the kernel detaches the program
     Ok(())
+}
+
+/// `accel off`: no new connection joins. The joined ones keep sockops (its FIN, RTT and close
+/// callbacks take a half-closed socket out of the map, without which a blocking reader that
+/// half-closed got EAGAIN at the end, 20 of 20 after `off` in a helper's pass), where the
+/// set-up's program honours the draining flag; state another version pinned has sockops
+/// detached at once, as before. `remove` detaches it.
+pub fn start_draining(dir: &Path) -> Result<(), Error> {
+    let flagged = (|| {
+        let mut config: Array<MapData, AccelConfig> = Array::try_from(open_map(dir, "accel_config").ok()?).ok()?;
+        let mut value = config.get(&0, 0).ok()?;
+        if value.flags & ACCEL_FLAG_KNOWS_DRAINING == 0 {
+            return None;
+        }
+        value.flags |= ACCEL_FLAG_DRAINING;
+        config.set(0, value, 0).ok()
+    })();
+    match flagged {
+        Some(()) => Ok(()),
+        None => detach_sockops(dir),
+    }
+}
+
+/// True once `accel off` ran on `dir` (`start_draining`): new connections are no longer
+/// accelerated.
+pub fn is_draining(dir: &Path) -> bool {
+    if !is_attached(dir) {
+        return true;
+    }
+    let config = open_map(dir, "accel_config").ok().and_then(|m| Array::<MapData, AccelConfig>::try_from(m).ok());
+    config.and_then(|c| c.get(&0, 0).ok()).is_some_and(|v| v.flags & ACCEL_FLAG_DRAINING != 0)
 }
 
 /// True while every map is pinned in `dir` (false once `remove` started).
