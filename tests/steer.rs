@@ -452,6 +452,17 @@ fn bad_input_exits_2_with_one_sentence_and_leaves_state_alone() {
     })
     .join()
     .unwrap();
+    // A connection in TIME-WAIT on 127.0.0.1:6205 (its server closed first) and no socket: it
+    // was said to be "a TCP socket that is not listening" (a new-user pass, right after a server
+    // restart, on the README's steer demo).
+    {
+        let server = TcpListener::bind("127.0.0.1:6205").unwrap();
+        let client = std::net::TcpStream::connect("127.0.0.1:6205").unwrap();
+        let (accepted, _) = server.accept().unwrap();
+        drop(accepted);
+        let mut byte = [0u8; 1];
+        assert_eq!(std::io::Read::read(&mut &client, &mut byte).unwrap(), 0);
+    }
     let fd = |s: &dyn AsRawFd| s.as_raw_fd().to_string();
     let (lfd, ffd, ufd, cfd, xfd) = (fd(&l), fd(&file), fd(&unlistened), fd(&udp_connected), fd(&foreign));
     let pid = me();
@@ -483,6 +494,7 @@ fn bad_input_exits_2_with_one_sentence_and_leaves_state_alone() {
              address `ss -ltn` shows for it)",
         ),
         (vec!["--ports", "9", "--to", "127.0.0.1:6202"], "no TCP socket listens on 127.0.0.1:6202"),
+        (vec!["--ports", "9", "--to", "127.0.0.1:6205"], "no TCP socket listens on 127.0.0.1:6205"),
         (vec!["--ports", "9", "--addr", "::/0", "--pid", &pid, "--fd", &lfd], "cannot take connections to ::/0"),
         (vec!["--ports", "0", "--to", "127.0.0.1:6200"], "port 0 is out of range"),
         (vec!["--ports", "70000", "--to", "127.0.0.1:6200"], "port 70000 is out of range"),

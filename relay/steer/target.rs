@@ -310,7 +310,9 @@ fn find_socket_inodes(proto: Proto, addr: SocketAddr) -> Result<Vec<u64>, Error>
     if !found.is_empty() {
         return Ok(found);
     }
-    let connected = same_port.iter().any(|r| r.local.ip() == addr.ip());
+    // A socket someone holds: a connection in TIME-WAIT (inode 0, left by a server that just
+    // restarted) is none, and was said to be "a TCP socket that is not listening" (a new-user pass).
+    let connected = same_port.iter().any(|r| r.local.ip() == addr.ip() && r.inode != 0);
     // A socket of the other protocol there: the user left out (or gave the wrong) --proto.
     let other = match proto {
         Proto::Tcp => Proto::Udp,
