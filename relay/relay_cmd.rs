@@ -99,7 +99,7 @@ pub fn open(
         true => serves.to_vec(),
         false => taken_ports.into_iter().chain(serves.iter().skip(1).copied()).collect(),
     };
-    outside_accel(command, &serves)?;
+    let unchecked = outside_accel(command, &serves)?;
     if ports.ports.is_some() {
         crate::steer::funnel::check_privilege()?;
     }
@@ -116,6 +116,11 @@ pub fn open(
     let listening = listening(listen, listen_given, common, ports, command)?;
     crate::sys::arm_for_clients(&listening.listener)
         .map_err(|e| Error::io("cannot set the options of the listening socket", e))?;
+    // Said once the port is ours: before, it came ahead of the error that stopped the start (a
+    // port below 1024 without root), and read as its cause (a new-user pass).
+    if let Some(warning) = unchecked {
+        log::warn!("{warning}");
+    }
     Ok(Opened { threads, datapaths, listening })
 }
 
@@ -283,17 +288,17 @@ pub fn metrics_outside_ports(
 }
 
 /// Refuses to serve `ports` from inside a cgroup that `skrelay accel` accelerates on them: its
-/// sk_msg program would redirect local clients' bytes past this process's datapath.
-pub fn outside_accel(command: &'static str, ports: &[u16]) -> Result<(), Error> {
+/// sk_msg program would redirect local clients' bytes past this process's datapath. Ok(Some):
+/// it could not tell, and the warning to log says why.
+pub fn outside_accel(command: &'static str, ports: &[u16]) -> Result<Option<String>, Error> {
     let r = match crate::accel::accelerating_or_why(std::process::id(), ports) {
         Ok(Some(r)) => r,
-        Ok(None) => return Ok(()),
+        Ok(None) => return Ok(None),
         Err(e) => {
-            log::warn!(
+            return Ok(Some(format!(
                 "cannot check whether skrelay accel accelerates this {command}'s cgroup ({e}): if it does, its local \
                  clients' bytes would go past the datapath (`skrelay accel status` shows what is accelerated)"
-            );
-            return Ok(());
+            )));
         }
     };
     let list = |p: &[u16]| p.iter().map(u16::to_string).collect::<Vec<_>>().join(",");

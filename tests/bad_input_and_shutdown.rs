@@ -233,6 +233,34 @@ fn kernel_datapath_without_bpf_rights_names_the_cause_and_auto_falls_back() {
     assert_eq!(log.matches("WARN").count(), 1, "one warning line:\n{log}");
 }
 
+/// A user who may not bind a port below 1024 reads that, alone: the warning that such a user
+/// cannot look into accel's state came first and read as the cause (a new-user pass). The
+/// warning waits until the port is bound.
+#[test]
+fn a_privileged_port_without_root_is_said_alone() {
+    let name = "a_privileged_port_without_root_is_said_alone";
+    if !require_tool(name, "setpriv") || !require_tool(name, "unshare") {
+        return;
+    }
+    let _netns = enter_netns();
+    // Under a sysfs of its own, as `ip netns exec` makes: there a user who is not root cannot
+    // look into accel's state.
+    let script = "umount -l /sys && mount -t sysfs skrelay-test-netns /sys && exec setpriv --reuid=65534 \
+                  --regid=65534 --clear-groups --inh-caps=-all \"$0\" \"$@\"";
+    let out = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", script, SKRELAY, "relay", "--listen", "127.0.0.1:80"])
+        .args(["--datapath", "userspace"])
+        .output()
+        .expect("run unshare");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(
+        err.trim_end(),
+        "skrelay: cannot listen on 127.0.0.1:80: permission denied (ports below 1024 need root or \
+         CAP_NET_BIND_SERVICE)"
+    );
+}
+
 /// Ids of the BPF programs and maps a process holds open, from /proc/PID/fdinfo.
 fn bpf_ids(pid: i32) -> Vec<String> {
     let mut ids = vec![];
