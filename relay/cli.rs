@@ -241,7 +241,7 @@ pub struct RelayArgs {
     pub common: SpliceArgs,
     #[command(flatten)]
     pub ports: PortsArgs,
-    /// At most this many clients wait for a partner at once; further ones are reset at once.
+    /// At most this many clients (1 or more) wait for a partner at once; further ones are reset at once.
     /// With --pair token, clients still sending their token line are capped at this many apart;
     /// while that cap is reached, further clients wait in the listen backlog.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..), value_name = "N", allow_negative_numbers = true)]
