@@ -601,6 +601,13 @@ fn connections_left_open_by_off_keep_their_half_close_handling() {
         assert_eq!(code, 2, "{args:?}: {err}");
         assert!(err.contains("is draining after `skrelay accel off` (40 sockets"), "{args:?}: {err}");
     }
+    // Nor a cgroup inside it, which is told what the drain waits for, not to run `off` again.
+    let sub = cg.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let (code, _, err) = skrelay_output(&["accel", "on", "--cgroup", &format!("{}/sub", cg.rel)]);
+    std::fs::remove_dir(&sub).unwrap();
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("(that one is draining after `skrelay accel off` (40 sockets"), "{err}");
     // A connection made while draining does not join.
     output(cg.inside(&["halfclose", "127.0.0.1"]));
     assert_eq!(cg.report().connections, 20, "a connection joined after off");
@@ -610,7 +617,10 @@ fn connections_left_open_by_off_keep_their_half_close_handling() {
     assert!(child.wait().unwrap().success(), "{text}");
     let counts: Vec<u32> = field(&text, "request-eof").split(' ').take(2).map(|n| n.parse().unwrap()).collect();
     assert!(counts[0] >= 17, "{} of {} exchanges after off got their whole reply: {text}", counts[0], counts[1]);
-    // They are closed: `off` removes the state now.
+    // They are closed: `on` says a plain `off` finishes the drain, and it does.
+    let (code, _, err) = skrelay_output(&["accel", "on", "--cgroup", &cg.rel]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("is draining after `skrelay accel off`, and its connections have closed"), "{err}");
     let (code, outp, err) = skrelay_output(&["accel", "off", "--cgroup", &cg.rel, "--wait", "5"]);
     assert_eq!(code, 0, "{outp}{err}");
     assert!(report_cgroup(&cg.path()).is_err(), "state still pinned after off");

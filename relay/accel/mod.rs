@@ -49,7 +49,9 @@ pub struct AccelReport {
     pub pins: PathBuf,
     /// Ports the acceleration is limited to; empty: every port.
     pub ports: Vec<u16>,
-    /// False once `off` detached sockops but connections still hold the fast path.
+    /// False once `off` ran and connections still hold the fast path ("draining"): no new
+    /// connection joins (sockops itself stays attached for the joined ones, except on state an
+    /// older skrelay pinned, where `off` detaches it at once).
     pub attached: bool,
     /// The policy it was set up with (`--max-queued`, `--small-write`, given or measured).
     pub max_queued: u32,
@@ -61,8 +63,8 @@ pub struct AccelReport {
     /// Connections whose both ends joined, so their data bypasses TCP/IP.
     pub connections: u64,
     /// Sockets that joined and are not closed yet, in the map or back on plain TCP (how crowded
-    /// the cgroup is: see `stuck`). Counted by sockops, so not after `off` detached it
-    /// (`attached` false): then it keeps the count of that moment, and the text leaves it out.
+    /// the cgroup is: see `stuck`). Counted by sockops, which `off` detaches at once from state an
+    /// older skrelay pinned: while draining (`attached` false) the text leaves it out.
     pub sockets_live: u64,
     /// sendmsg calls (and their bytes) moved straight into the peer's receive queue.
     pub messages: u64,
@@ -131,8 +133,8 @@ impl fmt::Display for AccelReport {
             None => String::new(),
         };
         writeln!(f, "  policy: --max-queued {} --small-write {}{how}", kib(self.max_queued), kib(self.small_write))?;
-        // Closes are counted by the sockops program, which `off` detached: draining, only the
-        // map says what is still open.
+        // Closes are counted by the sockops program, which `off` detaches at once from state an
+        // older skrelay pinned: draining, only the map says what is still open.
         let live = if self.attached { format!("{} of them live, ", self.sockets_live) } else { String::new() };
         writeln!(
             f,
@@ -721,13 +723,22 @@ fn refuse_other_policy(cg: &Cgroup, pins: &Path, policy: &AccelPolicyArgs, targe
 /// accelerates no new connection, so running there would not be accelerated, and `off` must
 /// remove it first (it told to run `off`, which then refused again: a helper's pass).
 fn draining(cg: &Cgroup, dir: &Path) -> Error {
-    let open = pinned::open_sockets(dir).unwrap_or(0);
-    Error::AccelBusy(format!(
-        "cgroup {cg} is draining after `skrelay accel off` ({open} sockets of open connections keep the fast path, \
-         new connections are not accelerated): `skrelay accel off --cgroup {} --wait SECS` removes its state once \
-         they close (or --force now), and then it can be accelerated again",
-        crate::sys::shell_arg(cg)
-    ))
+    Error::AccelBusy(format!("cgroup {cg} {}, and then it can be accelerated again", draining_fix(cg, dir)))
+}
+
+/// What a cgroup that is draining after `accel off` waits for, and the command that ends it.
+fn draining_fix(cg: &Cgroup, dir: &Path) -> String {
+    let off = format!("`skrelay accel off --cgroup {}", crate::sys::shell_arg(cg));
+    match pinned::open_sockets(dir).unwrap_or(0) {
+        // Its connections have closed since: a plain `off` removes it now.
+        0 => {
+            format!("is draining after `skrelay accel off`, and its connections have closed: {off}` removes its state")
+        }
+        open => format!(
+            "is draining after `skrelay accel off` ({open} sockets of open connections keep the fast path, new \
+             connections are not accelerated): {off} --wait SECS` removes its state once they close (or --force now)"
+        ),
+    }
 }
 
 /// `on` found state pinned for the cgroup: accelerated, or the remains of a set-up an older
@@ -750,7 +761,7 @@ fn already_on(cg: &Cgroup, dir: &Path) -> Error {
 /// A socket holds one sk_msg program: a cgroup inside (or around) one skrelay already
 /// accelerates would see its inserts refused.
 fn check_nested(root: &Path, cg: &Cgroup) -> Result<(), Error> {
-    for (name, _) in pinned::list(root) {
+    for (name, dir) in pinned::list(root) {
         let Some(other) = Cgroup::from_pin_name(&cg.mount, &name) else { continue };
         let relation = if cg.is_within(&other) {
             "lies inside"
@@ -759,12 +770,20 @@ fn check_nested(root: &Path, cg: &Cgroup) -> Result<(), Error> {
         } else {
             continue;
         };
+        // One already turned off and draining: `off` again would refuse again (a re-check pass).
+        let fix = if pinned::is_complete(&dir) && pinned::is_draining(&dir) {
+            format!("that one {}; or pick a cgroup outside it", draining_fix(&other, &dir))
+        } else {
+            format!(
+                "turn that one off with `skrelay accel off --cgroup {}`, or pick a cgroup outside it",
+                crate::sys::shell_arg(&other)
+            )
+        };
         return Err(Error::AccelConflict {
             cgroup: cg.to_string(),
             reason: format!(
                 "it {relation} cgroup {other}, which skrelay already accelerates, and a socket can carry only one \
-                 sk_msg program (turn that one off with `skrelay accel off --cgroup {}`, or pick a cgroup outside it)",
-                crate::sys::shell_arg(&other)
+                 sk_msg program ({fix})"
             ),
         });
     }
