@@ -115,6 +115,12 @@ struct Inner {
     kernel_inflight: Gauge,
     /// Each thread's part of `kernel_inflight` (`--threads`: one datapath per event loop).
     inflight_by_thread: Mutex<Vec<u64>>,
+    held: Gauge,
+    /// Each thread's part of `held`.
+    held_by_thread: Mutex<Vec<u64>>,
+    /// The metrics are served (`start`): only then do the event loops read what their pairs
+    /// hold (two TCP_INFO reads a pair a second).
+    served: AtomicBool,
     pending: Gauge,
     unpaired: Family<ReasonLabel, Counter>,
     /// Pairs each event loop serves now (`--threads`).
@@ -154,6 +160,7 @@ impl Metrics {
         let bytes_total = Family::<Label, Counter>::default();
         let paths_total = Family::<PathLabel, Counter>::default();
         let kernel_inflight = Gauge::default();
+        let held = Gauge::default();
         let pending = Gauge::default();
         let unpaired = Family::<ReasonLabel, Counter>::default();
         let loop_pairs = Family::<UpstreamLabel, Gauge>::default();
@@ -181,6 +188,12 @@ impl Metrics {
             "Bytes the kernel datapath holds in flight between the sockets of its pairs, not counting their send queues \
              (0 until the datapath reports it)",
             kernel_inflight.clone(),
+        );
+        registry.register(
+            "skrelay_held_bytes",
+            "Bytes of the pairs' streams inside this host: received from one client and not yet acknowledged by the \
+             other (receive queues, the datapath, send queues), read once a second",
+            held.clone(),
         );
         registry.register(
             "skrelay_pending_clients",
@@ -234,6 +247,9 @@ impl Metrics {
                 paths_total,
                 kernel_inflight,
                 inflight_by_thread: Mutex::new(Vec::new()),
+                held,
+                held_by_thread: Mutex::new(Vec::new()),
+                served: AtomicBool::new(false),
                 pending,
                 unpaired,
                 loop_pairs,
@@ -323,13 +339,18 @@ impl Metrics {
     /// Sets event loop `thread`'s part of `skrelay_kernel_inflight_bytes` (each loop calls this
     /// about once a second while it has pairs).
     pub fn set_kernel_inflight(&self, thread: usize, bytes: u64) {
-        let mut parts = self.inner.inflight_by_thread.lock().unwrap_or_else(|e| e.into_inner());
-        if parts.len() <= thread {
-            parts.resize(thread + 1, 0);
-        }
-        parts[thread] = bytes;
-        let total: u64 = parts.iter().sum();
-        self.inner.kernel_inflight.set(i64::try_from(total).unwrap_or(i64::MAX));
+        set_part(&self.inner.inflight_by_thread, &self.inner.kernel_inflight, thread, bytes);
+    }
+
+    /// Sets event loop `thread`'s part of `skrelay_held_bytes` (each loop calls this about once
+    /// a second while it has pairs and the metrics are served).
+    pub fn set_held(&self, thread: usize, bytes: u64) {
+        set_part(&self.inner.held_by_thread, &self.inner.held, thread, bytes);
+    }
+
+    /// True once the metrics are served (`start`).
+    pub fn served(&self) -> bool {
+        self.inner.served.load(Ordering::Relaxed)
     }
 
     /// Stops answering scrapes (within `ACCEPT_WAKE`): the process that took this one over
@@ -570,6 +591,7 @@ pub fn start(
         None => bind(addr, "--metrics")?,
     };
     let bound = listener.local_addr().unwrap_or(addr);
+    metrics.inner.served.store(true, Ordering::Relaxed);
     let m = metrics.clone();
     let stop = metrics.inner.stop.clone();
     std::thread::Builder::new()
@@ -577,6 +599,17 @@ pub fn start(
         .spawn(move || serve(&listener, move || Ok(m.render()), Spare::Keep, &stop))
         .map_err(|e| Error::io("cannot start the metrics thread", e))?;
     Ok(Some(bound))
+}
+
+/// Sets `thread`'s part of a gauge that sums the event loops' parts.
+fn set_part(parts: &Mutex<Vec<u64>>, gauge: &Gauge, thread: usize, bytes: u64) {
+    let mut parts = parts.lock().unwrap_or_else(|e| e.into_inner());
+    if parts.len() <= thread {
+        parts.resize(thread + 1, 0);
+    }
+    parts[thread] = bytes;
+    let total: u64 = parts.iter().sum();
+    gauge.set(i64::try_from(total).unwrap_or(i64::MAX));
 }
 
 /// `skrelay metrics --listen ADDR`: serves the pinned steer and accel counters until SIGINT or

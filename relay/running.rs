@@ -45,6 +45,10 @@ pub struct Live {
     /// Bytes inside the kernel between its pairs' sockets (`skrelay_kernel_inflight_bytes`):
     /// redirected from one socket and not yet in the other's send queue.
     pub kernel_inflight: u64,
+    /// Bytes of its pairs' streams inside this host (`skrelay_held_bytes`): received from one
+    /// client and not yet acknowledged by the other, on either datapath. None from a process
+    /// that does not export it (an older skrelay).
+    pub held: Option<u64>,
 }
 
 impl Server {
@@ -59,6 +63,7 @@ impl Server {
             "pairs": self.live.map(|l| l.pairs),
             // A userspace relay holds nothing in the kernel between its sockets: no figure.
             "kernel_inflight_bytes": self.live.filter(|_| self.datapath == "kernel").map(|l| l.kernel_inflight),
+            "held_bytes": self.live.and_then(|l| l.held),
             // null without --metrics; false when they did not answer within 1 s (the figures
             // above are null then too).
             "metrics_answered": self.metrics.filter(|_| !self.stopped).map(|_| !self.metrics_silent),
@@ -101,17 +106,19 @@ impl std::fmt::Display for Server {
         if let Some(m) = self.metrics {
             write!(f, ", metrics at http://{m}/metrics")?;
         }
+        // What its pairs hold in all first: a helper read the bare "in flight in the kernel" as
+        // that, 17 MB where 34 MB waited (most of it in a send queue).
+        let held = |l: &Live| l.held.map(|h| format!(" holding {h} byte(s) on their way")).unwrap_or_default();
         match self.live {
-            Some(l) if self.datapath == "kernel" => {
-                // Not what the send queues hold, which TCP bounds (a helper read the bare "in flight in
-                // the kernel" as all a pair holds, 17 MB where 34 MB waited in a send queue).
-                write!(
-                    f,
-                    "; {} pair(s), {} byte(s) in flight in the kernel between their sockets (send queues not counted)",
-                    l.pairs, l.kernel_inflight
-                )?
-            }
-            Some(l) => write!(f, "; {} pair(s)", l.pairs)?,
+            Some(l) if self.datapath == "kernel" => write!(
+                f,
+                "; {} pair(s){}, {} byte(s) {}in flight in the kernel between their sockets",
+                l.pairs,
+                held(&l),
+                l.kernel_inflight,
+                if l.held.is_some() { "of it " } else { "" }
+            )?,
+            Some(l) => write!(f, "; {} pair(s){}", l.pairs, held(&l))?,
             None if self.metrics_silent => write!(f, "; its metrics did not answer within 1 s: pairs unknown")?,
             None => {}
         }
@@ -316,7 +323,11 @@ fn live(addr: SocketAddr) -> Option<Live> {
             .collect();
         (!values.is_empty()).then(|| values.iter().sum::<f64>() as u64)
     };
-    Some(Live { pairs: sum("skrelay_pairs_active")?, kernel_inflight: sum("skrelay_kernel_inflight_bytes")? })
+    Some(Live {
+        pairs: sum("skrelay_pairs_active")?,
+        kernel_inflight: sum("skrelay_kernel_inflight_bytes")?,
+        held: sum("skrelay_held_bytes"),
+    })
 }
 
 /// `skrelay status`'s section for running relays and proxies.

@@ -81,6 +81,7 @@ pub struct TcpCounters {
 /// TCP states (the kernel's `enum` in net/tcp_states.h, mirrored by uapi `BPF_TCP_*`).
 const TCP_ESTABLISHED: u8 = 1;
 const TCP_SYN_SENT: u8 = 2;
+const TCP_FIN_WAIT2: u8 = 5;
 const TCP_TIME_WAIT: u8 = 6;
 const TCP_CLOSE: u8 = 7;
 const TCP_CLOSE_WAIT: u8 = 8;
@@ -94,7 +95,7 @@ pub fn tcp_state_name(state: u8) -> &'static str {
         2 => "SYN-SENT",
         3 => "SYN-RECV",
         4 => "FIN-WAIT-1",
-        5 => "FIN-WAIT-2",
+        TCP_FIN_WAIT2 => "FIN-WAIT-2",
         TCP_TIME_WAIT => "TIME-WAIT",
         TCP_CLOSE => "CLOSED",
         TCP_CLOSE_WAIT => "CLOSE-WAIT",
@@ -184,6 +185,12 @@ impl TcpCounters {
     /// Payload bytes received: `bytes_received` without the FIN's sequence number.
     pub fn payload_received(&self) -> u64 {
         self.bytes_received.saturating_sub(u64::from(self.fin_received()))
+    }
+
+    /// Bytes of ours the peer acknowledged less the FIN's sequence number once it was
+    /// acknowledged (FIN-WAIT-2, TIME-WAIT). An actively opened socket's SYN is still in.
+    pub fn acked_but_fin(&self) -> u64 {
+        self.bytes_acked.saturating_sub(u64::from(matches!(self.state, TCP_FIN_WAIT2 | TCP_TIME_WAIT)))
     }
 }
 

@@ -77,6 +77,13 @@ pub(super) struct PairState {
     /// pass, once the wait could last --idle-timeout).
     #[serde(default)]
     pub(super) resetting: Option<(usize, i32)>,
+    /// Each end's token line (received bytes that are not the pair's); None from a process that
+    /// did not say (before 2026-12-07), taken as none.
+    #[serde(default)]
+    pub(super) skip: Option<[u64; 2]>,
+    /// Each end's bytes acknowledged before the pair formed (an upstream connection's SYN).
+    #[serde(default)]
+    pub(super) acked_base: Option<[u64; 2]>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -543,10 +550,15 @@ mod tests {
             splice: SpliceState::Userspace { dirs: Default::default() },
             idle: Duration::from_secs(2),
             resetting: Some((1, libc::ECONNRESET)),
+            skip: Some([3, 0]),
+            acked_base: Some([0, 1]),
         };
         let mut pair = serde_json::to_value(pair).unwrap();
         pair.as_object_mut().unwrap().remove("thread");
         pair.as_object_mut().unwrap().remove("resetting");
+        // Nor what `held` needs (before 2026-12-07).
+        pair.as_object_mut().unwrap().remove("skip");
+        pair.as_object_mut().unwrap().remove("acked_base");
         // Nor `idle` (before --idle-timeout): such a pair starts its idle clock afresh.
         pair.as_object_mut().unwrap().remove("idle");
         let v1 = serde_json::json!({
@@ -557,6 +569,7 @@ mod tests {
         assert_eq!((m.pairs.len(), m.pairs[0].thread, m.pairs[0].shut), (1, 0, [false, true]));
         assert_eq!(m.pairs[0].idle, Duration::ZERO);
         assert_eq!(m.pairs[0].resetting, None, "a pair from an older process is live");
+        assert_eq!((m.pairs[0].skip, m.pairs[0].acked_base), (None, None));
         // A manifest that carries a resetting pair is version 3, read as well.
         let v3 = r#"{"version":3,"datapath":"kernel","maps":[],"pairs":[],"pending":[],"fds":[]}"#;
         assert!(read_manifest(v3.as_bytes()).is_ok());

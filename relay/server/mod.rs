@@ -972,7 +972,7 @@ impl Server {
             if splice.name() == UserspaceDatapath.name() { UserspaceDatapath.name() } else { self.datapath.name() };
         let serial = self.next_serial();
         let slot = self.slots.vacant_key();
-        let mut pair = Pair::new(ends, addrs, splice, serial, upstream_local);
+        let mut pair = Pair::new(ends, addrs, splice, serial, upstream_local, skip);
         if let Err(e) = pair.register(self.poll.registry(), tokens(slot), watched) {
             self.threads.released();
             (0..2).for_each(|_| self.metrics.client_unpaired(Unpaired::Error));
@@ -1089,6 +1089,10 @@ impl Server {
             return;
         }
         self.metrics.set_kernel_inflight(self.threads.me, self.datapath.in_flight());
+        if self.metrics.served() {
+            let pairs = self.slots.iter().filter_map(|(_, e)| if let Slot::Pair(p) = e { Some(p) } else { None });
+            self.metrics.set_held(self.threads.me, pairs.filter_map(Pair::held).sum());
+        }
         self.inflight_due = (self.pairs > 0).then(|| now + INFLIGHT_EVERY);
     }
 

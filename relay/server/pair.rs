@@ -39,6 +39,10 @@ pub(super) struct Pair {
     resetting: Option<(usize, io::Error)>,
     /// When bytes last moved (`--idle-timeout`), and the counters that showed it.
     active: Activity,
+    /// Each end's bytes that are not the pair's to deliver (`held`): received, its token line;
+    /// acknowledged, an upstream connection's SYN.
+    skip: [u64; 2],
+    acked_base: [u64; 2],
 }
 
 /// What `Pair::idle_for` compares: each socket's bytes received from its client and bytes its
@@ -105,7 +109,11 @@ impl Pair {
         splice: Box<dyn Splice>,
         serial: u64,
         upstream_local: Option<SocketAddr>,
+        skip: [u32; 2],
     ) -> Pair {
+        // Nothing was sent on either end before the pair formed: what they count acknowledged
+        // now (an upstream connection's SYN) is no byte of the pair's.
+        let acked_base = [&ends[0], &ends[1]].map(|e| sys::tcp_counters(e).map_or(0, |c| c.bytes_acked));
         Pair {
             ends,
             addrs,
@@ -117,7 +125,25 @@ impl Pair {
             resetting: None,
             upstream_local,
             active: Activity { at: Instant::now(), seen: [0; 4] },
+            skip: skip.map(u64::from),
+            acked_base,
         }
+    }
+
+    /// Bytes of the pair's streams inside this host: received from one client's TCP and not yet
+    /// acknowledged by the other's, wherever they wait (the relay's receive queues, the kernel
+    /// datapath's psock queues, the pipes, the send queues). None if a socket cannot be read.
+    pub(super) fn held(&self) -> Option<u64> {
+        let c = [sys::tcp_counters(&self.ends[0]).ok()?, sys::tcp_counters(&self.ends[1]).ok()?];
+        Some(
+            (0..2)
+                .map(|dir| {
+                    let taken = c[dir].payload_received().saturating_sub(self.skip[dir]);
+                    let given = c[1 - dir].acked_but_fin().saturating_sub(self.acked_base[1 - dir]);
+                    taken.saturating_sub(given)
+                })
+                .sum(),
+        )
     }
 
     pub(super) fn serial(&self) -> u64 {
@@ -144,6 +170,8 @@ impl Pair {
                 .resetting
                 .as_ref()
                 .map(|(end, error)| (*end, error.raw_os_error().unwrap_or(libc::ECONNRESET))),
+            skip: Some(self.skip),
+            acked_base: Some(self.acked_base),
         })
     }
 
@@ -164,6 +192,9 @@ impl Pair {
                 .map(|(end, errno)| (end, io::Error::from_raw_os_error(errno))),
             upstream_local: state.upstream_local,
             active: Activity { at: Instant::now(), seen: [0; 4] },
+            skip: state.skip.unwrap_or_default(),
+            // From a process that did not say: an upstream connection's SYN, as `new` finds it.
+            acked_base: state.acked_base.unwrap_or([0, u64::from(state.upstream_local.is_some())]),
         };
         // The idle clock runs on from the old process's (a pair quiet for most of the timeout
         // is not given a new one by each upgrade), against the counters as they are now.
@@ -513,7 +544,7 @@ mod tests {
         let (b, b_end) = connection(&listener);
         let splice = UserspaceDatapath.splice([&a_end, &b_end], [0, 0]).unwrap();
         let addrs = [a.local_addr().unwrap(), b.local_addr().unwrap()];
-        (Pair::new([a_end, b_end], addrs, splice, 1, None), a, b)
+        (Pair::new([a_end, b_end], addrs, splice, 1, None, [0, 0]), a, b)
     }
 
     /// Services the pair (as readiness events would) until it ends or `until` says stop.
