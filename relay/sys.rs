@@ -187,6 +187,13 @@ impl TcpCounters {
         self.bytes_received.saturating_sub(u64::from(self.fin_received()))
     }
 
+    /// Payload bytes received, where a socket that was reset (CLOSE) is taken to have had no
+    /// FIN (`payload_received` takes one off for it: a reset pair's figure read 1 short).
+    pub fn payload_received_but_reset(&self) -> u64 {
+        let fin = matches!(self.state, TCP_TIME_WAIT | TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING);
+        self.bytes_received.saturating_sub(u64::from(fin))
+    }
+
     /// Bytes of ours the peer acknowledged less the FIN's sequence number once it was
     /// acknowledged (FIN-WAIT-2, TIME-WAIT). An actively opened socket's SYN is still in.
     pub fn acked_but_fin(&self) -> u64 {

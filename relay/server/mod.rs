@@ -949,6 +949,10 @@ impl Server {
 
     /// Hands a formed pair, counted as this loop's, to the datapath and starts watching it.
     fn splice_here(&mut self, Formed { mut ends, addrs, skip, upstream_local, watched }: Formed) {
+        // Before the datapath moves anything: with --kernel-after 0 it joins the maps at once,
+        // and bytes sent before the pair formed were acknowledged before `Pair::new` looked,
+        // which then took them for an upstream's SYN (held for the pair's life: a re-check).
+        let acked_base = [&ends[0], &ends[1]].map(|e| crate::sys::tcp_counters(e).map_or(0, |c| c.bytes_acked));
         let splice = match self.datapath.splice([&ends[0], &ends[1]], skip) {
             Ok(s) => s,
             Err(e) => {
@@ -972,7 +976,7 @@ impl Server {
             if splice.name() == UserspaceDatapath.name() { UserspaceDatapath.name() } else { self.datapath.name() };
         let serial = self.next_serial();
         let slot = self.slots.vacant_key();
-        let mut pair = Pair::new(ends, addrs, splice, serial, upstream_local, skip);
+        let mut pair = Pair::new(ends, addrs, splice, serial, upstream_local, skip, acked_base);
         if let Err(e) = pair.register(self.poll.registry(), tokens(slot), watched) {
             self.threads.released();
             (0..2).for_each(|_| self.metrics.client_unpaired(Unpaired::Error));

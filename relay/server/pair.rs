@@ -110,10 +110,8 @@ impl Pair {
         serial: u64,
         upstream_local: Option<SocketAddr>,
         skip: [u32; 2],
+        acked_base: [u64; 2],
     ) -> Pair {
-        // Nothing was sent on either end before the pair formed: what they count acknowledged
-        // now (an upstream connection's SYN) is no byte of the pair's.
-        let acked_base = [&ends[0], &ends[1]].map(|e| sys::tcp_counters(e).map_or(0, |c| c.bytes_acked));
         Pair {
             ends,
             addrs,
@@ -133,12 +131,14 @@ impl Pair {
     /// Bytes of the pair's streams inside this host: received from one client's TCP and not yet
     /// acknowledged by the other's, wherever they wait (the relay's receive queues, the kernel
     /// datapath's psock queues, the pipes, the send queues). None if a socket cannot be read.
+    /// `acked_base` (given to `new`): what each end counted acknowledged before the datapath
+    /// moved anything (an upstream connection's SYN), no byte of the pair's.
     pub(super) fn held(&self) -> Option<u64> {
         let c = [sys::tcp_counters(&self.ends[0]).ok()?, sys::tcp_counters(&self.ends[1]).ok()?];
         Some(
             (0..2)
                 .map(|dir| {
-                    let taken = c[dir].payload_received().saturating_sub(self.skip[dir]);
+                    let taken = c[dir].payload_received_but_reset().saturating_sub(self.skip[dir]);
                     let given = c[1 - dir].acked_but_fin().saturating_sub(self.acked_base[1 - dir]);
                     taken.saturating_sub(given)
                 })
@@ -544,7 +544,7 @@ mod tests {
         let (b, b_end) = connection(&listener);
         let splice = UserspaceDatapath.splice([&a_end, &b_end], [0, 0]).unwrap();
         let addrs = [a.local_addr().unwrap(), b.local_addr().unwrap()];
-        (Pair::new([a_end, b_end], addrs, splice, 1, None, [0, 0]), a, b)
+        (Pair::new([a_end, b_end], addrs, splice, 1, None, [0, 0], [0, 0]), a, b)
     }
 
     /// Services the pair (as readiness events would) until it ends or `until` says stop.
