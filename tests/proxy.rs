@@ -914,3 +914,61 @@ fn a_link_local_loop_through_another_interface_costs_one_reset_per_client() {
     let (status, log) = proxy.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");
 }
+
+/// Open (KERNEL-NOTES item 18): an upstream that writes a 24 MiB reply in one write(2), waits
+/// 1 s and resets, to clients that read only after 3 s. Through the kernel proxy with the default
+/// `--kernel-after` (the pair joins the kernel after a userspace start) clients got 0.3-3.7 MB
+/// short, then the reset, in about half the runs (a helper's pass over hostile upstreams); with
+/// `--kernel-after 0` and on the userspace datapath every run was whole. Run it with
+/// `cargo test --release --test proxy -- --ignored`.
+#[test]
+#[ignore = "open: KERNEL-NOTES item 18, a reset after a userspace start loses bytes on the kernel datapath"]
+fn an_upstream_reset_after_a_large_reply_loses_nothing_after_a_userspace_start() {
+    if !require_bpf("an_upstream_reset_after_a_large_reply_loses_nothing_after_a_userspace_start") {
+        return;
+    }
+    let _netns = enter_netns();
+    const REPLY: u64 = 24 << 20;
+    let up = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up_addr = up.local_addr().unwrap().to_string();
+    let upstream = std::thread::spawn(move || {
+        let mut served = Vec::new();
+        for conn in up.incoming().take(4) {
+            let mut conn = conn.unwrap();
+            served.push(std::thread::spawn(move || {
+                // One write of it all, as Python's sendall does (chunked writes did not lose).
+                let mut reply = vec![0u8; REPLY as usize];
+                Pattern::new(11).fill(&mut reply);
+                conn.write_all(&reply).unwrap();
+                let sent = sha(&reply);
+                std::thread::sleep(Duration::from_secs(1));
+                socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO)).unwrap();
+                sent
+            }));
+        }
+        served.into_iter().map(|t| t.join().unwrap()).collect::<Vec<_>>()
+    });
+    let proxy = Skrelay::start(&[
+        "proxy",
+        "--datapath",
+        "kernel",
+        "--kernel-after",
+        "65536",
+        "--listen",
+        "127.0.0.1:7271",
+        "--upstream",
+        &up_addr,
+    ]);
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let mut c = connect("127.0.0.1:7271".parse().unwrap());
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(3));
+                read_until_end(&mut c).0.len() as u64
+            })
+        })
+        .collect();
+    let got: Vec<u64> = clients.into_iter().map(|t| t.join().unwrap()).collect();
+    upstream.join().unwrap();
+    assert!(got.iter().all(|&n| n == REPLY), "each client should get all {REPLY} bytes: {got:?}\n{}", proxy.log());
+}
