@@ -166,8 +166,9 @@ pub enum AccelCommand {
         #[command(flatten)]
         policy: AccelPolicyArgs,
     },
-    /// Stop accelerating: new connections take the normal path at once; the state is removed when
-    /// the accelerated connections have closed (waits up to --wait).
+    /// Stop accelerating: new connections take the normal path at once; the state is removed if
+    /// no accelerated connection is open, or once they close within --wait; otherwise it stays
+    /// (draining) until `accel off` runs again.
     Off {
         /// The cgroup `accel on` accelerated (as `accel status` lists it): absolute, or relative to
         /// the cgroup v2 mount.

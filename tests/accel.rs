@@ -617,7 +617,9 @@ fn connections_left_open_by_off_keep_their_half_close_handling() {
     assert!(child.wait().unwrap().success(), "{text}");
     let counts: Vec<u32> = field(&text, "request-eof").split(' ').take(2).map(|n| n.parse().unwrap()).collect();
     assert!(counts[0] >= 17, "{} of {} exchanges after off got their whole reply: {text}", counts[0], counts[1]);
-    // They are closed: `on` says a plain `off` finishes the drain, and it does.
+    // They are closed: `status` and `on` say a plain `off` finishes the drain, and it does.
+    let text = cg.report().to_string();
+    assert!(text.contains("draining, and its connections have closed (`skrelay accel off --cgroup"), "{text}");
     let (code, _, err) = skrelay_output(&["accel", "on", "--cgroup", &cg.rel]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("is draining after `skrelay accel off`, and its connections have closed"), "{err}");

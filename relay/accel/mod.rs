@@ -111,7 +111,14 @@ impl fmt::Display for AccelReport {
         } else {
             format!("ports {}", self.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(","))
         };
-        let state = if self.attached { "on" } else { "draining (off: open connections keep the fast path)" };
+        let state = match (self.attached, self.sockets_open) {
+            (true, _) => "on".to_string(),
+            (false, 0) => format!(
+                "draining, and its connections have closed (`skrelay accel off --cgroup {}` removes its state)",
+                crate::sys::shell_arg(self.cgroup.display())
+            ),
+            (false, _) => "draining (off: open connections keep the fast path)".to_string(),
+        };
         writeln!(f, "accel {}: {state}, {ports}", self.cgroup.display())?;
         if self.cgroup_gone {
             writeln!(
