@@ -562,34 +562,38 @@ def oob(host):
     print("inline %r" % read_to_eof(srv, 100))
 
 
+def request_eof_exchange(i, cli, srv, failures):
+    """HTTP/1.0 style on one connection: the client sends a request, half-closes and reads the
+    reply to EOF with blocking recv; the server reads the request to EOF with blocking recv.
+    True when both sides got what the other sent; an error the client met goes to `failures`."""
+    req = chunk(i, 0)[:1000]
+    got = {}
+
+    def serve():
+        b = read_to_eof(srv)
+        got["request"] = b
+        time.sleep(0.05)
+        srv.sendall(b"reply to " + b[:8])
+        srv.close()
+
+    t = threading.Thread(target=serve)
+    t.start()
+    time.sleep(0.01)  # the server is blocked in recv
+    cli.sendall(req)
+    cli.shutdown(socket.SHUT_WR)
+    reply = b""
+    try:
+        reply = read_to_eof(cli)
+    except OSError as e:
+        failures.append(errno.errorcode.get(e.errno, str(e.errno)))
+    t.join()
+    cli.close()
+    return reply == b"reply to " + req[:8] and got.get("request") == req
+
+
 def request_eof(host, rounds):
-    ok, failures = 0, []
-    for i in range(rounds):
-        cli, srv = pair(host)
-        req = chunk(i, 0)[:1000]
-        got = {}
-
-        def serve():
-            b = read_to_eof(srv)
-            got["request"] = b
-            time.sleep(0.05)
-            srv.sendall(b"reply to " + b[:8])
-            srv.close()
-
-        t = threading.Thread(target=serve)
-        t.start()
-        time.sleep(0.01)  # the server is blocked in recv
-        cli.sendall(req)
-        cli.shutdown(socket.SHUT_WR)
-        reply = b""
-        try:
-            reply = read_to_eof(cli)
-        except OSError as e:
-            failures.append(errno.errorcode.get(e.errno, str(e.errno)))
-        t.join()
-        cli.close()
-        if reply == b"reply to " + req[:8] and got.get("request") == req:
-            ok += 1
+    failures = []
+    ok = sum(request_eof_exchange(i, *pair(host), failures) for i in range(rounds))
     print("request-eof %d %d %s" % (ok, rounds, " ".join(failures)))
 
 
@@ -606,32 +610,8 @@ def request_eof_later(host, rounds):
         conns.append((cli, srv))
     print("ready", flush=True)
     sys.stdin.readline()
-    ok, failures = 0, []
-    for i, (cli, srv) in enumerate(conns):
-        req = chunk(i, 0)[:1000]
-        got = {}
-
-        def serve():
-            b = read_to_eof(srv)
-            got["request"] = b
-            time.sleep(0.05)
-            srv.sendall(b"reply to " + b[:8])
-            srv.close()
-
-        t = threading.Thread(target=serve)
-        t.start()
-        time.sleep(0.01)  # the server is blocked in recv
-        cli.sendall(req)
-        cli.shutdown(socket.SHUT_WR)
-        reply = b""
-        try:
-            reply = read_to_eof(cli)
-        except OSError as e:
-            failures.append(errno.errorcode.get(e.errno, str(e.errno)))
-        t.join()
-        cli.close()
-        if reply == b"reply to " + req[:8] and got.get("request") == req:
-            ok += 1
+    failures = []
+    ok = sum(request_eof_exchange(i, cli, srv, failures) for i, (cli, srv) in enumerate(conns))
     print("request-eof %d %d %s" % (ok, rounds, " ".join(failures)), flush=True)
 
 
