@@ -153,6 +153,8 @@ const KERNEL_LAYOUT_C: &str = r#"#include <stdio.h>
 #include <linux/sockios.h>
 #include <asm/socket.h>
 #include <linux/sock_diag.h>
+#include <linux/inet_diag.h>
+#include <linux/netlink.h>
 #define C(name) printf("pub const " #name ": u64 = %llu;\n", (unsigned long long)(name))
 #define A(name, m) printf("pub const ATTR_%s: usize = %zu;\n", #name, offsetof(union bpf_attr, m))
 #define O(s, m) printf("pub const %s__%s: usize = %zu;\n", #s, #m, offsetof(struct s, m))
@@ -184,6 +186,10 @@ int main(void) {
     S(bpf_sk_lookup); O(bpf_sk_lookup, cookie); O(bpf_sk_lookup, family); O(bpf_sk_lookup, protocol);
     O(bpf_sk_lookup, remote_ip4); O(bpf_sk_lookup, remote_ip6); O(bpf_sk_lookup, remote_port);
     O(bpf_sk_lookup, local_ip4); O(bpf_sk_lookup, local_ip6); O(bpf_sk_lookup, local_port);
+    C(SOCK_DESTROY); C(NETLINK_SOCK_DIAG); C(INET_DIAG_NOCOOKIE); S(nlmsghdr);
+    S(inet_diag_req_v2); O(inet_diag_req_v2, sdiag_family); O(inet_diag_req_v2, sdiag_protocol); O(inet_diag_req_v2, idiag_states); O(inet_diag_req_v2, id);
+    S(inet_diag_sockid); O(inet_diag_sockid, idiag_sport); O(inet_diag_sockid, idiag_dport); O(inet_diag_sockid, idiag_src);
+    O(inet_diag_sockid, idiag_dst); O(inet_diag_sockid, idiag_if); O(inet_diag_sockid, idiag_cookie);
     return 0;
 }
 "#;

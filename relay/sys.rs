@@ -5,7 +5,9 @@
 //! and pipe sizes, pidfds, rlimits, fstat). Raw here is only what none of them offers:
 //! - TCP_INFO's byte counters (no crate reads `struct tcp_info`; libc defines its layout),
 //! - SIOCGSKNS, a socket's network namespace, and SO_MEMINFO, its memory (no crate has either),
-//! - the bpf(2) commands aya 0.14 does not expose (`bpf` below).
+//! - the bpf(2) commands aya 0.14 does not expose (`bpf` below),
+//! - SOCK_DESTROY, one netlink request that resets a socket while its descriptor stays open
+//!   (`abort`; the netlink crates would add three dependencies for one message).
 //!
 //! Every constant, offset and `#[repr(C)]` struct written here by hand is compared with the
 //! kernel's uapi headers by the tests at the end (build.rs compiles a probe of the headers).
@@ -234,6 +236,131 @@ pub fn shell_arg(arg: impl std::fmt::Display) -> String {
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
     }
+}
+
+/// Resets a TCP connection now, as `ss -K` does: SOCK_DESTROY over NETLINK_SOCK_DIAG sends the
+/// reset, throws away the send queue and leaves the socket CLOSE with its descriptor open, so its
+/// counters can be read once nothing more can reach the peer: what it had sent before the reset
+/// is what the peer gets. Needs CAP_NET_ADMIN in the socket's network namespace and a kernel built
+/// with CONFIG_INET_DIAG_DESTROY; an error means the connection was not reset.
+pub fn abort(fd: impl AsFd) -> io::Result<()> {
+    let s = sock(&fd);
+    let (Some(local), Some(peer)) = (s.local_addr()?.as_socket(), s.peer_addr()?.as_socket()) else {
+        return Err(io::ErrorKind::InvalidInput.into());
+    };
+    let family = if s.domain()? == socket2::Domain::IPV6 { libc::AF_INET6 } else { libc::AF_INET };
+    let octets = |a: std::net::SocketAddr| {
+        let mut out = [0u8; 16];
+        match a.ip() {
+            std::net::IpAddr::V4(ip) if family == libc::AF_INET => out[..4].copy_from_slice(&ip.octets()),
+            std::net::IpAddr::V4(ip) => out = ip.to_ipv6_mapped().octets(),
+            std::net::IpAddr::V6(ip) => out = ip.octets(),
+        }
+        out
+    };
+    let cookie = socket_cookie(&fd)?;
+    let request = DestroyRequest {
+        header: libc::nlmsghdr {
+            nlmsg_len: std::mem::size_of::<DestroyRequest>() as u32,
+            nlmsg_type: SOCK_DESTROY,
+            nlmsg_flags: (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16,
+            nlmsg_seq: 1,
+            nlmsg_pid: 0,
+        },
+        req: InetDiagReqV2 {
+            family: family as u8,
+            protocol: libc::IPPROTO_TCP as u8,
+            ext: 0,
+            pad: 0,
+            states: !0,
+            id: InetDiagSockId {
+                sport: local.port().to_be_bytes(),
+                dport: peer.port().to_be_bytes(),
+                src: octets(local),
+                dst: octets(peer),
+                ifindex: bound_device_index(&fd).unwrap_or(0),
+                cookie: [cookie as u32, (cookie >> 32) as u32],
+            },
+        },
+    };
+    // SAFETY: socket(2) takes no pointers; a descriptor it returns is ours alone to own.
+    let nl = unsafe {
+        let raw = libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG);
+        check(raw as libc::c_long)?;
+        OwnedFd::from_raw_fd(raw)
+    };
+    // SAFETY: the request is a live local, and its size is what is passed; an unconnected
+    // netlink socket sends to the kernel.
+    check(unsafe {
+        libc::send(
+            nl.as_raw_fd(),
+            &request as *const DestroyRequest as *const libc::c_void,
+            std::mem::size_of::<DestroyRequest>(),
+            0,
+        )
+    } as libc::c_long)?;
+    let mut answer = [0u8; 256];
+    // SAFETY: the buffer is a live local of the length given.
+    let len = check(unsafe { libc::recv(nl.as_raw_fd(), answer.as_mut_ptr() as *mut libc::c_void, answer.len(), 0) }
+        as libc::c_long)?;
+    // The acknowledgment: an nlmsghdr of type NLMSG_ERROR, then the error (0: done, or -errno).
+    let header = std::mem::size_of::<libc::nlmsghdr>();
+    if len < header + 4 || u16::from_ne_bytes([answer[4], answer[5]]) != libc::NLMSG_ERROR as u16 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "unexpected answer to SOCK_DESTROY"));
+    }
+    match i32::from_ne_bytes(answer[header..header + 4].try_into().expect("4 bytes")) {
+        0 => Ok(()),
+        err => Err(io::Error::from_raw_os_error(-err)),
+    }
+}
+
+/// The interface a socket is bound to, by index (SO_BINDTOIFINDEX; 0: none).
+fn bound_device_index(fd: impl AsFd) -> io::Result<u32> {
+    let mut index: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `index`, a live local of that size.
+    check(unsafe {
+        libc::getsockopt(
+            fd.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_BINDTOIFINDEX,
+            &mut index as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        )
+    } as libc::c_long)?;
+    Ok(index.max(0) as u32)
+}
+
+/// SOCK_DESTROY, the sock_diag request that resets a socket (uapi linux/sock_diag.h).
+const SOCK_DESTROY: u16 = 21;
+
+/// `struct inet_diag_sockid` (uapi linux/inet_diag.h): ports and addresses in network order.
+#[repr(C)]
+struct InetDiagSockId {
+    sport: [u8; 2],
+    dport: [u8; 2],
+    src: [u8; 16],
+    dst: [u8; 16],
+    ifindex: u32,
+    cookie: [u32; 2],
+}
+
+/// `struct inet_diag_req_v2` (uapi linux/inet_diag.h).
+#[repr(C)]
+struct InetDiagReqV2 {
+    family: u8,
+    protocol: u8,
+    ext: u8,
+    pad: u8,
+    states: u32,
+    id: InetDiagSockId,
+}
+
+/// One netlink message: a SOCK_DESTROY request.
+#[repr(C)]
+struct DestroyRequest {
+    header: libc::nlmsghdr,
+    req: InetDiagReqV2,
 }
 
 /// Makes the next close of this socket send a RST instead of a FIN: also the close the kernel
@@ -1256,6 +1383,53 @@ mod tests {
         assert_eq!(SK_MEMINFO_VARS as u64, k::SK_MEMINFO_VARS);
         assert_eq!(libc::SK_MEMINFO_WMEM_QUEUED as u64, k::SK_MEMINFO_WMEM_QUEUED);
         assert_eq!(libc::SK_MEMINFO_SNDBUF as u64, k::SK_MEMINFO_SNDBUF);
+    }
+
+    #[test]
+    fn the_destroy_request_matches_the_headers() {
+        use std::mem::{offset_of, size_of};
+        assert_eq!(u64::from(SOCK_DESTROY), k::SOCK_DESTROY);
+        assert_eq!(libc::NETLINK_SOCK_DIAG as u64, k::NETLINK_SOCK_DIAG);
+        assert_eq!(size_of::<libc::nlmsghdr>(), k::nlmsghdr__SIZE);
+        assert_eq!(size_of::<InetDiagReqV2>(), k::inet_diag_req_v2__SIZE);
+        assert_eq!(offset_of!(InetDiagReqV2, family), k::inet_diag_req_v2__sdiag_family);
+        assert_eq!(offset_of!(InetDiagReqV2, protocol), k::inet_diag_req_v2__sdiag_protocol);
+        assert_eq!(offset_of!(InetDiagReqV2, states), k::inet_diag_req_v2__idiag_states);
+        assert_eq!(offset_of!(InetDiagReqV2, id), k::inet_diag_req_v2__id);
+        assert_eq!(size_of::<InetDiagSockId>(), k::inet_diag_sockid__SIZE);
+        assert_eq!(offset_of!(InetDiagSockId, sport), k::inet_diag_sockid__idiag_sport);
+        assert_eq!(offset_of!(InetDiagSockId, dport), k::inet_diag_sockid__idiag_dport);
+        assert_eq!(offset_of!(InetDiagSockId, src), k::inet_diag_sockid__idiag_src);
+        assert_eq!(offset_of!(InetDiagSockId, dst), k::inet_diag_sockid__idiag_dst);
+        assert_eq!(offset_of!(InetDiagSockId, ifindex), k::inet_diag_sockid__idiag_if);
+        assert_eq!(offset_of!(InetDiagSockId, cookie), k::inet_diag_sockid__idiag_cookie);
+        assert_eq!(size_of::<DestroyRequest>(), k::nlmsghdr__SIZE + k::inet_diag_req_v2__SIZE);
+    }
+
+    #[test]
+    fn an_aborted_connection_resets_its_peer_and_keeps_its_counters() {
+        // As root (CAP_NET_ADMIN), on IPv4 and on a dual-stack socket with a mapped address; the
+        // descriptor stays open and its counters readable. Without the capability it says so.
+        use std::io::{Read, Write};
+        let root = rustix::process::geteuid().is_root();
+        for (listen, connect) in [("127.0.0.1:0", "127.0.0.1"), ("[::]:0", "127.0.0.1"), ("[::1]:0", "::1")] {
+            let l = std::net::TcpListener::bind(listen).unwrap();
+            let mut c = std::net::TcpStream::connect((connect, l.local_addr().unwrap().port())).unwrap();
+            let (mut s, _) = l.accept().unwrap();
+            s.write_all(b"hello").unwrap();
+            let mut buf = [0u8; 5];
+            c.read_exact(&mut buf).unwrap();
+            match abort(&s) {
+                Ok(()) => {
+                    let r = c.read(&mut buf);
+                    assert!(matches!(&r, Err(e) if e.kind() == io::ErrorKind::ConnectionReset), "{listen}: {r:?}");
+                    let counters = tcp_counters(&s).unwrap();
+                    assert!(counters.closed(), "{listen}: {counters:?}");
+                    assert_eq!(counters.bytes_acked, 5, "{listen}: the 5 bytes (a passive socket counts no SYN)");
+                }
+                Err(e) => assert!(!root && e.kind() == io::ErrorKind::PermissionDenied, "{listen}: {e}"),
+            }
+        }
     }
 
     #[test]

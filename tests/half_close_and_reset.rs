@@ -671,6 +671,66 @@ fn pairs_cut_at_the_drain_timeout_log_what_their_clients_received(dp: &str) {
 
 per_datapath!(pairs_cut_at_the_drain_timeout_log_what_their_clients_received);
 
+/// A pair cut while its client reads (an observability pass): the count was taken before the
+/// reset, and the send queue went on draining into the reading client until the reset (up to
+/// 5 ms of settling per direction, then the log line), so the line said up to 333 KB less than
+/// the client had read, for a SIGQUIT, a second stop signal or the drain timeout. Now both
+/// clients are reset first and counted after. A reader at full speed and one at about 80 MB/s
+/// (its window keeps opening, and the relay keeps sending into it, through the cut); the kernel
+/// datapath from the first byte and after its userspace start (the default --kernel-after).
+fn a_pair_cut_while_its_client_reads_logs_what_it_read(dp: &str) {
+    let _netns = enter_netns();
+    for (round, (after, paced)) in
+        [("0", true), ("0", false), ("65536", true), ("65536", false)].into_iter().enumerate()
+    {
+        let mut args = vec!["relay", "--datapath", dp];
+        if dp == "kernel" {
+            args.extend(["--kernel-after", after]);
+        }
+        let mut relay = Skrelay::start(&args);
+        let (mut a, mut b) = (connect(addr()), connect(addr()));
+        let key = format!("bytes {} -> {}", a.local_addr().unwrap(), b.local_addr().unwrap());
+        a.write_all(b"x").unwrap();
+        assert_eq!(read_n(&mut b, 1), b"x");
+        let writer = thread::spawn(move || {
+            let chunk = vec![3u8; 1 << 20];
+            while a.write_all(&chunk).is_ok() {}
+            a
+        });
+        // B does not read while a backlog builds, then reads through the cut.
+        thread::sleep(Duration::from_millis(200));
+        let reader = thread::spawn(move || {
+            b.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let (mut n, mut buf) = (1u64, vec![0u8; if paced { 16 << 10 } else { 1 << 20 }]);
+            let end = loop {
+                match b.read(&mut buf) {
+                    Ok(0) => break "EOF".to_string(),
+                    Ok(k) => n += k as u64,
+                    Err(e) => break e.kind().to_string(),
+                }
+                if paced {
+                    thread::sleep(Duration::from_micros(200));
+                }
+            };
+            (n, end)
+        });
+        thread::sleep(Duration::from_millis(30));
+        relay.signal(libc::SIGQUIT);
+        assert!(relay.wait(Duration::from_secs(10)).success(), "{}", relay.log());
+        let (got, end) = reader.join().unwrap();
+        drop(writer.join().unwrap());
+        relay.wait_log("stopped", 1, Duration::from_secs(5));
+        let log = relay.log();
+        let what = format!("{dp}, round {round} (--kernel-after {after}, paced reader: {paced})");
+        assert_ne!(end, "EOF", "{what}: a cut stream must end in a reset:\n{log}");
+        assert!(got > 1 << 20, "{what}: the cut came only {got} bytes into the stream");
+        let logged = format!("{got} {key}");
+        assert!(log.contains(&logged), "{what}: the client read {got} {key}, the log says:\n{log}");
+    }
+}
+
+per_datapath!(a_pair_cut_while_its_client_reads_logs_what_it_read);
+
 /// A client that resets while its partner does not read: the pair's line counts what reached the
 /// partner's client, not what was written into a send queue the reset then threw away (the
 /// userspace datapath counted 4 MB for 128 KB received; a proxy helper found it).

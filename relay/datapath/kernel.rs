@@ -1385,11 +1385,13 @@ impl Splice for KernelSplice {
         received.min(acked)
     }
 
-    /// Out of the maps (`release`), the psock's backlog may still be sending one skb: wait until
-    /// the destination's send queue stops changing (a few ms at most), then count what it sent:
-    /// acknowledged, or on its way to the client ahead of the reset.
-    fn moved_at_cut(&mut self, dir: usize, src: &TcpStream, dst: &TcpStream, ended: bool) -> u64 {
-        let deadline = std::time::Instant::now() + CUT_SETTLE_MAX;
+    /// Out of the maps (`release`), the psock's backlog may still be sending one skb: unless the
+    /// destination was reset already (nothing more goes out), wait until its send queue stops
+    /// changing (a few ms at most), then count what it sent: acknowledged, or on its way to the
+    /// client ahead of the reset.
+    fn moved_at_cut(&mut self, dir: usize, src: &TcpStream, dst: &TcpStream, ended: bool, dst_reset: bool) -> u64 {
+        let open = sys::tcp_counters(dst).is_ok_and(|c| !c.closed());
+        let deadline = std::time::Instant::now() + if open { CUT_SETTLE_MAX } else { std::time::Duration::ZERO };
         let mut last = sys::send_queue_len(dst).ok();
         while std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_micros(200));
@@ -1401,8 +1403,8 @@ impl Splice for KernelSplice {
         }
         let (Ok(from), Ok(to)) = (sys::tcp_counters(src), sys::tcp_counters(dst)) else { return 0 };
         // Sent and not acknowledged reaches the client ahead of our reset, unless the client
-        // reset the destination itself (CLOSE: its send queue is purged).
-        let in_flight = if to.closed() {
+        // reset the destination itself (its send queue is purged).
+        let in_flight = if dst_reset {
             0
         } else {
             sys::send_queue_len(dst).unwrap_or(0).saturating_sub(sys::unsent_len(dst).unwrap_or(0))
@@ -1613,11 +1615,11 @@ impl Splice for Handover {
         }
     }
 
-    fn moved_at_cut(&mut self, dir: usize, src: &TcpStream, dst: &TcpStream, ended: bool) -> u64 {
+    fn moved_at_cut(&mut self, dir: usize, src: &TcpStream, dst: &TcpStream, ended: bool, dst_reset: bool) -> u64 {
         if self.joined {
-            self.kernel.moved_at_cut(dir, src, dst, ended)
+            self.kernel.moved_at_cut(dir, src, dst, ended, dst_reset)
         } else {
-            self.user.moved_at_cut(dir, src, dst, ended) + self.kernel.taken_back[dir]
+            self.user.moved_at_cut(dir, src, dst, ended, dst_reset) + self.kernel.taken_back[dir]
         }
     }
 

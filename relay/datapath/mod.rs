@@ -54,14 +54,16 @@ pub trait Splice: Send {
     /// in. `ended`: the direction finished and the destination's write side was shut down (so a
     /// FIN was received on `src` and sent on `dst`, neither of them a byte).
     fn moved(&self, dir: usize, src: &TcpStream, dst: &TcpStream, ended: bool) -> u64;
-    /// Payload bytes moved in `dir` by a pair that is cut or reset: called after `release`, just
-    /// before its sockets are reset, which throws away what the destination's send queue holds
-    /// unsent; what was sent reaches its client before the reset (a client whose window is
-    /// closed has nothing in flight: a zero-window probe carries no new byte). A destination its
-    /// own client reset has lost its whole send queue. `ended` as for `moved` (a direction that
-    /// finished: its FIN, no byte, may still be queued). By default `moved` less that.
-    fn moved_at_cut(&mut self, dir: usize, src: &TcpStream, dst: &TcpStream, ended: bool) -> u64 {
-        self.moved(dir, src, dst, ended).saturating_sub(lost_at_cut(dst, ended))
+    /// Payload bytes moved in `dir` by a pair that is cut or reset: called after `release`, once
+    /// its sockets are reset (`sys::abort`), or, where that is refused, just before the close
+    /// that resets them. The reset throws away what the destination's send queue holds unsent;
+    /// what was sent reaches its client before the reset (a client whose window is closed has
+    /// nothing in flight: a zero-window probe carries no new byte). `dst_reset`: the
+    /// destination's own client reset it before the cut, and it lost its whole send queue.
+    /// `ended` as for `moved` (a direction that finished: its FIN, no byte, may still be
+    /// queued). By default `moved` less what was lost.
+    fn moved_at_cut(&mut self, dir: usize, src: &TcpStream, dst: &TcpStream, ended: bool, dst_reset: bool) -> u64 {
+        self.moved(dir, src, dst, ended).saturating_sub(lost_at_cut(dst, ended, dst_reset))
     }
     /// The readiness this datapath needs from both sockets.
     fn interest(&self) -> Interest;
@@ -262,10 +264,9 @@ pub fn note_host_settings(datapaths: &[Box<dyn Datapath>]) {
 
 /// Payload bytes a cut or reset pair's destination socket holds that its client will never get
 /// (see `Splice::moved_at_cut`): what is not sent yet, or, when the destination was reset by its
-/// client (its state is CLOSE and its send queue purged), everything not acknowledged (SIOCOUTQ
-/// still counts it). A FIN still queued counts in both and is no byte.
-pub fn lost_at_cut(dst: &TcpStream, ended: bool) -> u64 {
-    let reset = crate::sys::tcp_counters(dst).is_ok_and(|c| c.closed());
+/// client (`reset`: its send queue purged), everything not acknowledged (SIOCOUTQ still counts
+/// it). A FIN still queued counts in both and is no byte.
+pub fn lost_at_cut(dst: &TcpStream, ended: bool, reset: bool) -> u64 {
     let queued = if reset { crate::sys::send_queue_len(dst) } else { crate::sys::unsent_len(dst) };
     queued.unwrap_or(0).saturating_sub(u64::from(ended))
 }

@@ -81,8 +81,9 @@ pub(super) enum Step {
     Ended(Ending),
 }
 
-/// A pair that has ended, with what its end-of-pair line reports. Its sockets close when it is
-/// dropped, so the line can be written before either client sees the close.
+/// A pair that has ended, with what its end-of-pair line reports. The sockets of a pair that
+/// ended well close when it is dropped, so the line can be written before either client sees the
+/// close; a cut pair's were reset before they were counted, and are closed already.
 pub(super) struct Ended {
     pub(super) addrs: [SocketAddr; 2],
     /// "ended", "reset (...)", "reset at the drain timeout".
@@ -93,7 +94,7 @@ pub(super) struct Ended {
     /// Which datapath moved the bytes.
     pub(super) datapath: &'static str,
     pub(super) upstream_local: Option<SocketAddr>,
-    _ends: [TcpStream; 2],
+    _ends: Option<[TcpStream; 2]>,
 }
 
 impl Pair {
@@ -464,13 +465,24 @@ impl Pair {
     /// when both directions finished, resets otherwise). Deregister it first.
     pub(super) fn end(mut self, ending: Ending) -> Ended {
         let cut = matches!(ending, Ending::Drained | Ending::CutBySignal(_) | Ending::Idle(_) | Ending::Reset { .. });
+        // Which ends their own client reset (before ours: after it every end is CLOSE).
+        let reset_by_client = self.ends.each_ref().map(|e| sys::tcp_counters(e).is_ok_and(|c| c.closed()));
         let moved = if cut {
             // Cut or reset: out of the datapath first, so that nothing moves after it is counted,
             // and what the reset throws away from a send queue is not counted as delivered.
             self.splice.release();
+            // Then both clients are reset, and counted after: a send queue whose client reads
+            // goes on sending until the reset, so a count taken before it came out short (a
+            // drain cut logged 333 KB less than its client had read). Where the kernel refuses
+            // (no CAP_NET_ADMIN), the count comes just before the close that resets them.
+            self.ends.iter().for_each(reset_on_close);
+            let aborted = self.ends.each_ref().map(sys::abort);
+            if let Some(Err(e)) = aborted.iter().find(|r| r.is_err()) {
+                log::debug!("pair {}: counting before the reset: {e}", self.serial);
+            }
             [
-                self.splice.moved_at_cut(0, &self.ends[0], &self.ends[1], self.shut[0]),
-                self.splice.moved_at_cut(1, &self.ends[1], &self.ends[0], self.shut[1]),
+                self.splice.moved_at_cut(0, &self.ends[0], &self.ends[1], self.shut[0], reset_by_client[1]),
+                self.splice.moved_at_cut(1, &self.ends[1], &self.ends[0], self.shut[1], reset_by_client[0]),
             ]
         } else {
             [
@@ -492,13 +504,12 @@ impl Pair {
             // At least: the last byte moved at most one look (a tenth of the timeout) earlier.
             Ending::Idle(idle) => format!("reset: idle for at least {:.3}s (--idle-timeout)", idle.as_secs_f64()),
             Ending::Reset { end, error } => {
-                // What one end's client did to its connection, the other's client sees too.
-                self.ends.iter().for_each(reset_on_close);
-                // A write to a socket whose client reset fails with EPIPE once another call took
-                // the reset's error: name what the client did, not what our write met.
-                let reset_by_client = error.kind() == io::ErrorKind::BrokenPipe
-                    && crate::sys::tcp_counters(&self.ends[end]).is_ok_and(|c| c.closed());
-                let error = if reset_by_client { io::Error::from_raw_os_error(libc::ECONNRESET) } else { error };
+                // What one end's client did to its connection, the other's client sees too (both
+                // were reset above). A write to a socket whose client reset fails with EPIPE once
+                // another call took the reset's error: name what the client did, not what our
+                // write met.
+                let by_client = error.kind() == io::ErrorKind::BrokenPipe && reset_by_client[end];
+                let error = if by_client { io::Error::from_raw_os_error(libc::ECONNRESET) } else { error };
                 format!("reset ({}: {error})", self.addrs[end])
             }
         };
@@ -509,7 +520,8 @@ impl Pair {
             moved,
             datapath: self.splice.name(),
             upstream_local: self.upstream_local,
-            _ends: self.ends,
+            // A cut pair's close now: where the reset above was refused, it is that reset.
+            _ends: (!cut).then_some(self.ends),
         }
     }
 }
