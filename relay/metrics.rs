@@ -185,7 +185,8 @@ impl Metrics {
         );
         registry.register(
             "skrelay_kernel_inflight_bytes",
-            "Bytes the kernel datapath holds in flight between the sockets of its pairs, not counting their send queues \
+            "Bytes the kernel datapath holds in flight between the sockets of its pairs: taken from one socket and not \
+             yet in the other's send queue, plus what was moved into a partner's raised send queue while it did not read \
              (0 until the datapath reports it)",
             kernel_inflight.clone(),
         );
@@ -844,7 +845,7 @@ fn progress(h: &mut Held, render: &impl Fn() -> Result<String, String>) -> bool 
                 break;
             }
         }
-        let complete = h.head.windows(4).any(|w| w == b"\r\n\r\n") || h.head.windows(2).any(|w| w == b"\n\n");
+        let complete = head_complete(&h.head);
         if !complete && h.head.len() < MAX_REQUEST {
             // Closed before a whole request came: nothing to answer.
             return !ended;
@@ -866,13 +867,25 @@ fn progress(h: &mut Held, render: &impl Fn() -> Result<String, String>) -> bool 
     false
 }
 
+/// A request head without the empty lines a client may send before it (RFC 9112 2.2: a server
+/// should ignore at least one).
+fn without_leading_lines(head: &[u8]) -> &[u8] {
+    let start = head.iter().position(|&b| b != b'\r' && b != b'\n').unwrap_or(head.len());
+    &head[start..]
+}
+
+/// Whether a request head has come in whole (its empty line).
+fn head_complete(head: &[u8]) -> bool {
+    let head = without_leading_lines(head);
+    head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n")
+}
+
 /// The answer to a request whose head is `head` (complete, or `MAX_REQUEST` long).
 fn answer(head: &[u8], render: &impl Fn() -> Result<String, String>) -> Vec<u8> {
-    let complete = head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n");
-    if !complete {
+    if !head_complete(head) {
         return response("431 Request Header Fields Too Large", "text/plain", "request too large\n", true);
     }
-    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = without_leading_lines(head).split(|&b| b == b'\n').next().unwrap_or_default();
     let line = String::from_utf8_lossy(line);
     let mut words = line.split_whitespace();
     let (method, target, version) =
@@ -881,6 +894,11 @@ fn answer(head: &[u8], render: &impl Fn() -> Result<String, String>) -> Vec<u8> 
     if !version.starts_with("HTTP/") || words.next().is_some() {
         return response("400 Bad Request", "text/plain", "use GET /metrics\n", true);
     }
+    // The absolute form a client sends to a proxy (RFC 9112 3.2.2), which a server must take too.
+    let target = match target.split_once("://") {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest.find('/').map_or("/", |at| &rest[at..]),
+        _ => target,
+    };
     let path = target.split('?').next().unwrap_or("");
     let body_too = method != "HEAD";
     match (method, path) {
@@ -896,8 +914,10 @@ fn answer(head: &[u8], render: &impl Fn() -> Result<String, String>) -> Vec<u8> 
 }
 
 fn response(status: &str, content_type: &str, body: &str, with_body: bool) -> Vec<u8> {
+    // A 405 names the methods there are (RFC 9110 15.5.6).
+    let allow = if status.starts_with("405") { "Allow: GET, HEAD\r\n" } else { "" };
     let mut out = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n",
         body.len()
     )
     .into_bytes();
@@ -981,6 +1001,28 @@ mod tests {
         let text = m.render();
         assert!(text.contains("skrelay_pair_paths_total{path=\"kernel, after a userspace start\"} 2\n"), "{text}");
         assert!(text.contains("skrelay_pair_paths_total{path=\"userspace, below --kernel-after\"} 1\n"), "{text}");
+    }
+
+    /// What the endpoint answers, as HTTP asks (an observability pass): the absolute form, empty
+    /// lines before the request line, and a 405 that names the methods there are.
+    #[test]
+    fn requests_are_answered_as_http_asks() {
+        let render = || Ok::<_, String>("skrelay_up 1\n".to_string());
+        let status = |head: &str| {
+            let out = String::from_utf8(answer(head.as_bytes(), &render)).unwrap();
+            out.lines().next().unwrap().to_string()
+        };
+        assert_eq!(status("GET /metrics HTTP/1.1\r\n\r\n"), "HTTP/1.1 200 OK");
+        assert_eq!(status("GET http://127.0.0.1:9090/metrics HTTP/1.1\r\n\r\n"), "HTTP/1.1 200 OK");
+        assert_eq!(status("GET HTTP://host/metrics?x=1 HTTP/1.1\r\n\r\n"), "HTTP/1.1 200 OK");
+        assert_eq!(status("GET http://host HTTP/1.1\r\n\r\n"), "HTTP/1.1 404 Not Found");
+        assert_eq!(status("\r\n\r\nGET /metrics HTTP/1.1\r\n\r\n"), "HTTP/1.1 200 OK");
+        assert!(!head_complete(b"\r\n\r\nGET /metrics HTTP/1.1\r\n"), "the empty lines before it end nothing");
+        assert_eq!(status("GET /other HTTP/1.1\r\n\r\n"), "HTTP/1.1 404 Not Found");
+        let delete = String::from_utf8(answer(b"DELETE /metrics HTTP/1.1\r\n\r\n", &render)).unwrap();
+        assert!(delete.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"), "{delete}");
+        assert!(delete.contains("\r\nAllow: GET, HEAD\r\n"), "{delete}");
+        assert_eq!(status("nonsense\r\n\r\n"), "HTTP/1.1 400 Bad Request");
     }
 
     #[test]

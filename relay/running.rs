@@ -59,7 +59,7 @@ impl Server {
             "listening": self.listening.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "datapath": self.datapath,
             "connections": self.connections,
-            "metrics": self.metrics.map(|a| format!("http://{a}/metrics")),
+            "metrics": self.metrics.map(metrics_url),
             "pairs": self.live.map(|l| l.pairs),
             // A userspace relay holds nothing in the kernel between its sockets: no figure.
             "kernel_inflight_bytes": self.live.filter(|_| self.datapath == "kernel").map(|l| l.kernel_inflight),
@@ -73,18 +73,30 @@ impl Server {
     }
 }
 
+/// The URL a metrics endpoint answers at: one that opens, where it listens on every address
+/// (`0.0.0.0` or `[::]` is no address to connect to: it answers on loopback too).
+fn metrics_url(at: SocketAddr) -> String {
+    let at = match at.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), at.port()),
+        IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), at.port()),
+        // A link-local address keeps its interface (its scope id).
+        _ => at,
+    };
+    format!("http://{at}/metrics")
+}
+
 impl std::fmt::Display for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let listening: Vec<String> = self.listening.iter().map(|a| a.to_string()).collect();
+        // A userspace relay moves nothing while it is stopped: its pairs' bytes wait.
+        let meanwhile = if self.datapath == "kernel" {
+            "meanwhile its kernel pairs move bytes, and nothing else happens"
+        } else {
+            "meanwhile nothing happens: its pairs' bytes wait"
+        };
         let stopped = match (&self.frozen, self.stopped) {
-            (Some(cg), _) => format!(
-                "frozen (its cgroup {cg} has cgroup.freeze 1, and 0 resumes it; meanwhile its kernel pairs move bytes, \
-                 and nothing else happens): "
-            ),
-            (None, true) => {
-                "stopped (SIGCONT resumes it; meanwhile its kernel pairs move bytes, and nothing else happens): "
-                    .to_string()
-            }
+            (Some(cg), _) => format!("frozen (its cgroup {cg} has cgroup.freeze 1, and 0 resumes it; {meanwhile}): "),
+            (None, true) => format!("stopped (SIGCONT resumes it; {meanwhile}): "),
             (None, false) => String::new(),
         };
         write!(
@@ -104,7 +116,10 @@ impl std::fmt::Display for Server {
             self.connections
         )?;
         if let Some(m) = self.metrics {
-            write!(f, ", metrics at http://{m}/metrics")?;
+            write!(f, ", metrics at {}", metrics_url(m))?;
+            if m.ip().is_unspecified() {
+                write!(f, " (listening on {m}: every address)")?;
+            }
         }
         // What its pairs hold in all first: a helper read the bare "in flight in the kernel" as
         // that, 17 MB where 34 MB waited (most of it in a send queue).

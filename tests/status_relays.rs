@@ -221,6 +221,8 @@ fn status_says_a_stopped_relay_is_stopped_and_keeps_a_link_locals_interface() {
     );
     assert_eq!(r["stopped"], true, "{r}");
     assert!(text.contains(&format!("(pid {}): stopped (SIGCONT resumes it;", relay.pid())), "{text}");
+    // A userspace relay moves nothing while stopped: it read "its kernel pairs move bytes".
+    assert!(text.contains("meanwhile nothing happens: its pairs' bytes wait)"), "{text}");
     assert!(find(relay.pid()).unwrap()["stopped"] == false);
     // A frozen cgroup stops it too: it read as running, and its metrics were waited for (1 s).
     let cg = cgroup_v2_mount().join(format!("skrelay-frozen-status-{}", std::process::id()));
@@ -253,6 +255,18 @@ fn status_says_a_stopped_relay_is_stopped_and_keeps_a_link_locals_interface() {
     let url = r["metrics"].as_str().unwrap_or_else(|| panic!("{r}"));
     assert!(url.starts_with("http://[fe80::1%1]:"), "{r}");
     assert_eq!((r["metrics_answered"].clone(), r["pairs"].clone()), (true.into(), 0.into()), "{r}");
+    drop(relay);
+    // Every address: a URL that opens (`http://0.0.0.0:PORT/metrics` did not), and where it
+    // listens.
+    for (any, open) in [("0.0.0.0", "127.0.0.1"), ("[::]", "[::1]")] {
+        let relay = Skrelay::start(&["relay", "--datapath", "userspace", "--metrics", &format!("{any}:0")]);
+        let r = find(relay.pid()).unwrap();
+        let url = r["metrics"].as_str().unwrap_or_else(|| panic!("{r}"));
+        assert!(url.starts_with(&format!("http://{open}:")), "{r}");
+        assert_eq!(r["metrics_answered"], true, "{r}");
+        let text = skrelay_ok(&["status"]);
+        assert!(text.contains(&format!("metrics at {url} (listening on {any}:")), "{text}");
+    }
 }
 
 /// A relay or proxy run from a copy of the binary under another name (`sk`) was taken for

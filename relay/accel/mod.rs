@@ -157,7 +157,8 @@ impl fmt::Display for AccelReport {
         write!(
             f,
             "  paused on the TCP path (reader held its limit): {} times, resumed {}, gave up {}; small-write \
-             streams moved to TCP for good: {}; TCP path since: {} messages, {} bytes; sockets back on plain TCP: {}",
+             streams moved to TCP for good: {}; sent by the TCP path while in the map: {} messages, {} bytes (not counted once \
+             a socket is back on plain TCP); sockets back on plain TCP: {}",
             self.pauses, self.resumes, self.stuck, self.demoted_small, self.passed, self.passed_bytes, self.left
         )?;
         if self.insert_busy > 0 {
