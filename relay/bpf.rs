@@ -118,6 +118,25 @@ pub fn unavailable(step: &str, err: &(dyn std::error::Error + 'static)) -> Error
     Error::BpfUnavailable { reason, fix }
 }
 
+/// `unavailable` for a command that has no userspace datapath to fall back on (`steer`,
+/// `accel`): the same reason and fix, without "--datapath userspace" (a steer pass was told to
+/// use it, and `steer add` has no such option).
+pub fn unavailable_no_fallback(step: &str, err: &(dyn std::error::Error + 'static)) -> Error {
+    match unavailable(step, err) {
+        Error::BpfUnavailable { reason, fix } => {
+            let mut fix = fix;
+            for alternative in
+                [", or use --datapath userspace", ", or with --datapath userspace", ", or --datapath userspace"]
+            {
+                fix = fix.replace(alternative, "");
+            }
+            let fix = fix.replace("; use --datapath userspace on this kernel", "");
+            Error::BpfUnavailable { reason, fix }
+        }
+        other => other,
+    }
+}
+
 /// This process holds, effective, what loading skrelay's programs takes: CAP_SYS_ADMIN, or
 /// CAP_BPF with CAP_PERFMON and CAP_NET_ADMIN.
 fn holds_bpf_capabilities() -> bool {

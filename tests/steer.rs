@@ -1227,6 +1227,10 @@ fn a_link_detached_by_hand_is_reported_and_attached_again_with_its_bindings() {
     assert!(refused("127.0.0.1:6951".parse().unwrap()), "a detached link still steers");
     let listed = list_json();
     assert_eq!(listed.as_array().map(Vec::len), Some(1), "the binding is no longer listed: {listed}");
+    // The JSON alone looked healthy: stderr says it (a steer pass).
+    let out = Command::new(SKRELAY).args(["steer", "list", "--json"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("the sk_lookup link was detached (not by skrelay)"), "{err}");
     let status = ok(&["status"]);
     assert!(status.contains("the sk_lookup link was detached (not by skrelay): nothing is steered"), "{status}");
     let text = ok(&["steer", "list"]);

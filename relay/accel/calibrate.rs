@@ -206,12 +206,12 @@ impl Redirect {
         let mut bpf = bpf::load(bpf::objects::CALIBRATE)?;
         let socks_fd = {
             let socks: SockHash<&MapData, u32> = SockHash::try_from(bpf.map("cal_socks").ok_or_else(missing)?)
-                .map_err(|e| bpf::unavailable("open the calibration socket map", &e))?;
-            socks.fd().try_clone().map_err(|e| bpf::unavailable("open the calibration socket map", &e))?
+                .map_err(|e| bpf::unavailable_no_fallback("open the calibration socket map", &e))?;
+            socks.fd().try_clone().map_err(|e| bpf::unavailable_no_fallback("open the calibration socket map", &e))?
         };
         let msg: &mut SkMsg = bpf.program_mut("cal_msg").and_then(|p| p.try_into().ok()).ok_or_else(missing)?;
-        msg.load().map_err(|e| bpf::unavailable("load the calibration sk_msg program", &e))?;
-        msg.attach(&socks_fd).map_err(|e| bpf::unavailable("attach the calibration sk_msg program", &e))?;
+        msg.load().map_err(|e| bpf::unavailable_no_fallback("load the calibration sk_msg program", &e))?;
+        msg.attach(&socks_fd).map_err(|e| bpf::unavailable_no_fallback("attach the calibration sk_msg program", &e))?;
         Ok(Redirect { bpf })
     }
 

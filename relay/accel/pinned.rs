@@ -157,10 +157,10 @@ fn create_in(dir: &Path, cgroup: &Cgroup, ports: &[u16], max_queued: u32, small_
     let mut bpf = bpf::load(bpf::objects::ACCEL)?;
     for name in MAPS {
         let map = bpf.map(name).ok_or_else(|| missing(&format!("map `{name}`")))?;
-        map.pin(dir.join(name)).map_err(|e| bpf::unavailable("pin the accel maps", &e))?;
+        map.pin(dir.join(name)).map_err(|e| bpf::unavailable_no_fallback("pin the accel maps", &e))?;
     }
     {
-        let broken = |e: MapError| bpf::unavailable("fill the accel maps", &e);
+        let broken = |e: MapError| bpf::unavailable_no_fallback("fill the accel maps", &e);
         let mut port_map: HashMap<&mut MapData, u32, u8> =
             HashMap::try_from(bpf.map_mut("accel_ports").ok_or_else(|| missing("map `accel_ports`"))?)
                 .map_err(broken)?;
@@ -184,32 +184,32 @@ fn create_in(dir: &Path, cgroup: &Cgroup, ports: &[u16], max_queued: u32, small_
     let socks_fd = {
         let socks: SockHash<&MapData, SockKey> =
             SockHash::try_from(bpf.map("accel_socks").ok_or_else(|| missing("map `accel_socks`"))?)
-                .map_err(|e| bpf::unavailable("open the accel socket map", &e))?;
-        socks.fd().try_clone().map_err(|e| bpf::unavailable("open the accel socket map", &e))?
+                .map_err(|e| bpf::unavailable_no_fallback("open the accel socket map", &e))?;
+        socks.fd().try_clone().map_err(|e| bpf::unavailable_no_fallback("open the accel socket map", &e))?
     };
 
     let msg: &mut SkMsg =
         bpf.program_mut("accel_msg").and_then(|p| p.try_into().ok()).ok_or_else(|| missing("program `accel_msg`"))?;
-    msg.load().map_err(|e| bpf::unavailable("load the sk_msg program", &e))?;
-    let id = msg.attach(&socks_fd).map_err(|e| bpf::unavailable("attach the sk_msg program", &e))?;
+    msg.load().map_err(|e| bpf::unavailable_no_fallback("load the sk_msg program", &e))?;
+    let id = msg.attach(&socks_fd).map_err(|e| bpf::unavailable_no_fallback("attach the sk_msg program", &e))?;
     // Dropping the attachment would detach it: the pinned map keeps the program attached instead.
-    std::mem::forget(msg.take_link(id).map_err(|e| bpf::unavailable("attach the sk_msg program", &e))?);
+    std::mem::forget(msg.take_link(id).map_err(|e| bpf::unavailable_no_fallback("attach the sk_msg program", &e))?);
 
     let ops: &mut SockOps = bpf
         .program_mut("accel_sockops")
         .and_then(|p| p.try_into().ok())
         .ok_or_else(|| missing("program `accel_sockops`"))?;
-    ops.load().map_err(|e| bpf::unavailable("load the sockops program", &e))?;
+    ops.load().map_err(|e| bpf::unavailable_no_fallback("load the sockops program", &e))?;
     let cg_dir = File::open(cgroup.path()).map_err(|e| Error::io(format!("cannot open cgroup {cgroup}"), e))?;
     let id = ops
         .attach(cg_dir, CgroupAttachMode::Single)
-        .map_err(|e| bpf::unavailable("attach sockops to the cgroup", &e))?;
-    let link = ops.take_link(id).map_err(|e| bpf::unavailable("attach sockops to the cgroup", &e))?;
+        .map_err(|e| bpf::unavailable_no_fallback("attach sockops to the cgroup", &e))?;
+    let link = ops.take_link(id).map_err(|e| bpf::unavailable_no_fallback("attach sockops to the cgroup", &e))?;
     let link: FdLink = link.try_into().map_err(|_| Error::BpfUnavailable {
         reason: "the kernel attached sockops without a bpf_link, which cannot be pinned".into(),
         fix: "skrelay accel needs Linux 5.19 or newer".into(),
     })?;
-    link.pin(dir.join(SOCKOPS_LINK)).map_err(|e| bpf::unavailable("pin the sockops link", &e))?;
+    link.pin(dir.join(SOCKOPS_LINK)).map_err(|e| bpf::unavailable_no_fallback("pin the sockops link", &e))?;
     Ok(())
 }
 
@@ -220,7 +220,8 @@ pub fn detach_sockops(dir: &Path) -> Result<(), Error> {
     if !path.exists() {
         return Ok(());
     }
-    let link = PinnedLink::from_pin(&path).map_err(|e| bpf::unavailable("open the pinned sockops link", &e))?;
+    let link =
+        PinnedLink::from_pin(&path).map_err(|e| bpf::unavailable_no_fallback("open the pinned sockops link", &e))?;
     let link = link.unpin().map_err(|e| Error::io(format!("cannot remove {}", path.display()), e))?;
     drop(link); // the last reference: the kernel detaches the program
     Ok(())
@@ -290,8 +291,9 @@ pub fn remove(dir: &Path) {
 
 fn open_map(dir: &Path, name: &str) -> Result<Map, Error> {
     let path = dir.join(name);
-    let data = MapData::from_pin(&path).map_err(|e| bpf::unavailable(&format!("open {}", path.display()), &e))?;
-    Map::from_map_data(data).map_err(|e| bpf::unavailable(&format!("open {}", path.display()), &e))
+    let data =
+        MapData::from_pin(&path).map_err(|e| bpf::unavailable_no_fallback(&format!("open {}", path.display()), &e))?;
+    Map::from_map_data(data).map_err(|e| bpf::unavailable_no_fallback(&format!("open {}", path.display()), &e))
 }
 
 /// What the pinned maps of one accelerated cgroup say.
@@ -306,7 +308,7 @@ pub struct Snapshot {
 }
 
 pub fn snapshot(dir: &Path) -> Result<Snapshot, Error> {
-    let broken = |e: MapError| bpf::unavailable("read the accel maps", &e);
+    let broken = |e: MapError| bpf::unavailable_no_fallback("read the accel maps", &e);
     let stats_map: PerCpuArray<MapData, u64> = PerCpuArray::try_from(open_map(dir, "accel_stats")?).map_err(broken)?;
     let mut stats = Vec::new();
     for idx in 0..accel_stat::MAX {
@@ -337,7 +339,7 @@ pub fn open_sockets(dir: &Path) -> Result<u64, Error> {
     if !dir.join("accel_socks").exists() {
         return Ok(0); // an incomplete state (an interrupted set-up of an older version): no sockets
     }
-    let broken = |e: MapError| bpf::unavailable("read the accel socket map", &e);
+    let broken = |e: MapError| bpf::unavailable_no_fallback("read the accel socket map", &e);
     let socks: SockHash<MapData, SockKey> = SockHash::try_from(open_map(dir, "accel_socks")?).map_err(broken)?;
     Ok(socks.keys().filter(|k| k.is_ok()).count() as u64)
 }

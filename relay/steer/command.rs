@@ -9,9 +9,13 @@ pub fn command(cmd: SteerCommand) -> Result<String, Error> {
         SteerCommand::List(args) if args.json => {
             let listing = list()?;
             // The JSON stays a list of this mount namespace's bindings; what steers from out of
-            // its sight is said on stderr, as in the text form.
+            // its sight, and a detached link (nothing is steered: a steer pass found the JSON
+            // alone could not tell), are said on stderr, as in the text form.
             for f in &listing.elsewhere {
                 log::warn!("{}", super::elsewhere_warning(f).trim_start_matches("WARNING: "));
+            }
+            if listing.detached {
+                log::warn!("{DETACHED_WARNING}");
             }
             let all: Vec<serde_json::Value> = listing.bindings.iter().map(BindingView::json).collect();
             Ok(format!("{}\n", serde_json::to_string_pretty(&all).expect("json")))

@@ -41,7 +41,7 @@ fn load() -> Result<Ebpf, Error> {
                  grant them, or leave out --ports"
                     .into(),
             ),
-            _ => bpf::unavailable("create BPF maps", &e),
+            _ => bpf::unavailable_no_fallback("create BPF maps", &e),
         }
     })
 }

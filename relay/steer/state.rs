@@ -96,7 +96,7 @@ fn broken(e: impl std::error::Error + 'static) -> Error {
 /// generic fix talks about the relay's stream parser).
 pub fn unavailable(step: &str, err: &(dyn std::error::Error + 'static)) -> Error {
     let errno = bpf::os_error(err).and_then(|e| e.raw_os_error());
-    match bpf::unavailable(step, err) {
+    match bpf::unavailable_no_fallback(step, err) {
         // Steering loads no program that reads kernel memory: CAP_PERFMON is not needed.
         Error::BpfUnavailable { reason, fix } if fix.contains("CAP_PERFMON") => {
             Error::BpfUnavailable { reason, fix: "run as root or grant CAP_BPF and CAP_NET_ADMIN".into() }
