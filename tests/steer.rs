@@ -1425,18 +1425,26 @@ fn steering_pinned_in_a_bpffs_out_of_sight_is_named_as_such() {
     let Some(_reset) = setup("pinned elsewhere") else { return };
     let _l = TcpListener::bind("127.0.0.1:6995").unwrap();
     ok(&["steer", "add", "--ports", "6996", "--to", "127.0.0.1:6995"]);
+    ok(&["steer", "add", "--ports", "6998", "--addr", "10.9.0.0/16", "--to", "127.0.0.1:6995"]);
     let script = r#"mount -t bpf bpf /sys/fs/bpf || exit 9
 "$0" status
-echo add:; "$0" steer add --ports 6996 --to 127.0.0.1:6995 2>&1; echo "rc=$?""#;
+echo add:; "$0" steer add --ports 6996 --to 127.0.0.1:6995 2>&1; echo "rc=$?"
+echo other:; "$0" steer add --ports 6998 --addr 10.8.0.0/16 --to 127.0.0.1:6995 2>&1; echo "rc=$?"
+"$0" steer reset >/dev/null"#;
     let out = Command::new("unshare").args(["-m", "sh", "-c", script, SKRELAY]).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let (status, add) = stdout.split_once("add:").unwrap();
-    assert!(status.contains("pinned in a bpffs this mount namespace does not see: 1 port (6996)"), "{status}");
+    let (add, other) = add.split_once("other:").unwrap();
+    assert!(status.contains("pinned in a bpffs this mount namespace does not see: 2 ports (6996,6998)"), "{status}");
     assert!(!status.contains("--ports of"), "{status}");
     assert!(
         add.contains("rc=2") && add.contains("run `skrelay steer remove` in the mount namespace whose bpffs"),
         "{add}"
     );
+    // It names what takes the port, not every prefix it steers; and a port it steers on other
+    // addresses only is no conflict (a steer pass).
+    assert!(add.contains("takes port 6996 on 0.0.0.0/0 (") && !add.contains("10.9.0.0/16"), "{add}");
+    assert!(other.contains("rc=0"), "{other}");
 }
 
 /// `relay --ports` checks that `skrelay steer` binds none of its ports (a pinned binding keeps

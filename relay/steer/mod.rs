@@ -107,8 +107,22 @@ pub fn add(args: &SteerAddArgs) -> Result<Added, Error> {
     // (its funnel refuses ports already bound): refuse rather than report a binding that is not.
     for f in funnel::running() {
         for key in keys.iter().filter(|k| k.proto == crate::cli::Proto::Tcp) {
-            let mut both: Vec<u16> = f.ports.iter().copied().filter(|&p| key.ports.contains(p)).collect();
-            if f.meets(&key.prefix) && !both.is_empty() {
+            // What it steers of this key: its TCP (prefix, port) entries, not every port of it at
+            // every prefix of it (a steer pass: pinned state with UDP 5301-5310 and TCP on
+            // 10.9.0.0/16 refused TCP 5305 on 0.0.0.0/0, naming all of its prefixes).
+            let meeting: Vec<&(Prefix, u16)> = f
+                .entries
+                .iter()
+                .filter(|(p, port)| key.ports.contains(*port) && funnel::prefixes_meet(p, &key.prefix))
+                .collect();
+            let mut both: Vec<u16> = meeting.iter().map(|(_, port)| *port).collect();
+            let mut on: Vec<Prefix> = Vec::new();
+            meeting.iter().for_each(|(p, _)| {
+                if !on.contains(p) {
+                    on.push(*p)
+                }
+            });
+            if !both.is_empty() {
                 both.sort_unstable();
                 both.dedup();
                 let (ports, those) = if both.len() == 1 { ("port", "that port") } else { ("ports", "those ports") };
@@ -116,7 +130,7 @@ pub fn add(args: &SteerAddArgs) -> Result<Added, Error> {
                     "cannot bind {key}: {} takes {ports} {} on {}{} ({})",
                     f.owner(),
                     funnel::port_list(&both),
-                    f.prefix_list(),
+                    on.iter().map(Prefix::to_string).collect::<Vec<_>>().join(", "),
                     if f.pinned_elsewhere { "" } else { " with --ports while it runs" },
                     f.fix(those)
                 )));
