@@ -293,8 +293,19 @@ fn longest_prefix_wins_then_the_narrowest_port_range() {
     let (code, _, err) = skrelay_output(&["steer", "remove", "--ports", "8045-8055", "--addr", "127.0.0.0/8"]);
     assert_eq!(code, 2, "{err}");
     assert!(
-        err.contains("ports 8045-8055 are not a binding of its own but within tcp 127.0.0.0/8 port 8000-8099 and tcp 127.0.0.0/8 port 8050")
+        err.contains("ports 8045-8055 are not a binding of their own but overlapping tcp 127.0.0.0/8 port 8000-8099 and tcp 127.0.0.0/8 port 8050")
             && err.contains("--ports 8000-8099,8050 --addr 127.0.0.0/8`"),
+        "{err}"
+    );
+    // No UDP binding anywhere: the protocol is what differs, or nothing takes the ports; an
+    // --addr helps neither (a steer pass was told to give one).
+    let (code, _, err) = skrelay_output(&["steer", "remove", "--proto", "udp", "--ports", "8001"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("(the binding there is not udp: give --proto tcp; see `skrelay steer list`)"), "{err}");
+    let (code, _, err) = skrelay_output(&["steer", "remove", "--proto", "udp", "--ports", "9999"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("port 9999 on 0.0.0.0/0 or ::/0 in this network namespace (see `skrelay steer list`)"),
         "{err}"
     );
     assert_eq!(list_json(), before);
@@ -306,7 +317,7 @@ fn longest_prefix_wins_then_the_narrowest_port_range() {
         skrelay_output(&["steer", "remove", "--proto", "udp", "--ports", "8090-8120", "--addr", "127.0.0.0/8"]);
     assert_eq!(code, 2, "{err}");
     assert!(
-        err.contains("are not a binding of its own but overlapping udp 127.0.0.0/8 port 8000-8099")
+        err.contains("are not a binding of their own but overlapping udp 127.0.0.0/8 port 8000-8099")
             && err.contains("`skrelay steer remove --ports 8000-8099 --addr 127.0.0.0/8 --proto udp`"),
         "{err}"
     );
@@ -776,7 +787,7 @@ fn steering_set_up_under_ip_netns_exec_outlives_the_command() {
     assert!(ns.exec(&["python3", "-c", probe, "6801"]).status.success(), "port 6801 is not steered");
     let (code, out) = ns.skrelay(&["status"]);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("steer: 1 binding (1 port,"), "{out}");
+    assert!(out.contains("steer: 1 binding (0 of them with their target gone; 1 port)"), "{out}");
     let (code, out) = ns.skrelay(&["steer", "reset"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("removed every binding"), "{out}");
@@ -1163,17 +1174,20 @@ fn target_errors_name_the_fix() {
 }
 
 /// `status` said "1 bindings (1 ports" and summed overlapping bindings' sizes (more ports than
-/// there are): singular where it is one, and each port counted once.
+/// there are): singular where it is one, and each port counted once, per protocol.
 #[test]
 fn status_counts_bindings_and_distinct_ports_in_words_that_agree() {
     let Some(_reset) = setup("status_counts_bindings_and_distinct_ports_in_words_that_agree") else { return };
     let _l = TcpListener::bind("127.0.0.1:6700").unwrap();
     ok(&["steer", "add", "--ports", "6705", "--to", "127.0.0.1:6700"]);
     let status = ok(&["status"]);
-    assert!(status.contains("steer: 1 binding (1 port, 0 with their target gone), 0 hits"), "{status}");
+    assert!(status.contains("steer: 1 binding (0 of them with their target gone; 1 port), 0 hits"), "{status}");
     let _c = TcpStream::connect("127.0.0.1:6705").unwrap();
     let status = ok(&["status"]);
-    assert!(status.contains("steer: 1 binding (1 port, 0 with their target gone), 1 hit, 0 refused"), "{status}");
+    assert!(
+        status.contains("steer: 1 binding (0 of them with their target gone; 1 port), 1 hit, 0 refused"),
+        "{status}"
+    );
     ok(&[
         "steer",
         "add",
@@ -1187,7 +1201,15 @@ fn status_counts_bindings_and_distinct_ports_in_words_that_agree() {
         "127.0.0.1:6700",
     ]);
     let status = ok(&["status"]);
-    assert!(status.contains("steer: 3 bindings (10 ports, 0 with their target gone)"), "{status}");
+    assert!(status.contains("steer: 3 bindings (0 of them with their target gone; 10 ports)"), "{status}");
+    // TCP's and UDP's ports are counted apart (a steer pass: "65545 ports").
+    let _u = std::net::UdpSocket::bind("127.0.0.1:6700").unwrap();
+    ok(&["steer", "add", "--proto", "udp", "--ports", "6701-6703", "--to", "127.0.0.1:6700"]);
+    let status = ok(&["status"]);
+    assert!(
+        status.contains("steer: 4 bindings (0 of them with their target gone; 10 TCP ports and 3 UDP ports)"),
+        "{status}"
+    );
 }
 
 /// `steer reset` leaves nothing in bpffs, not even an empty `skrelay/` directory, when nothing

@@ -206,9 +206,9 @@ pub fn remove(args: &SteerRemoveArgs) -> Result<Vec<BindingKey>, Error> {
             holders.iter().filter(|_| explicit).map(|k| format!(" --addr {}", k.prefix)).collect();
         addrs.sort();
         addrs.dedup();
-        let (what, are) = if ports.lo == ports.hi { ("port", "is") } else { ("ports", "are") };
-        // Within a binding, or only overlapping it.
-        let relation = if holders.iter().any(|k| k.ports.lo <= ports.lo && ports.hi <= k.ports.hi) {
+        let (what, are, its) = if ports.lo == ports.hi { ("port", "is", "its") } else { ("ports", "are", "their") };
+        // Within each binding, or overlapping them (9000-9050 is not within 9000-9010).
+        let relation = if holders.iter().all(|k| k.ports.lo <= ports.lo && ports.hi <= k.ports.hi) {
             "within"
         } else {
             "overlapping"
@@ -216,7 +216,7 @@ pub fn remove(args: &SteerRemoveArgs) -> Result<Vec<BindingKey>, Error> {
         // The command must name the protocol: without it, it would remove a TCP binding.
         let proto = if args.proto == crate::cli::Proto::Udp { " --proto udp" } else { "" };
         Error::Usage(format!(
-            "{what} {ports} {are} not a binding of its own but {relation} {}; a binding is removed whole \
+            "{what} {ports} {are} not a binding of {its} own but {relation} {}; a binding is removed whole \
              (`skrelay steer remove --ports {}{}{proto}`, then add back the ports that should stay)",
             names.join(" and "),
             own.join(","),
@@ -264,17 +264,21 @@ pub fn remove(args: &SteerRemoveArgs) -> Result<Vec<BindingKey>, Error> {
                 )));
             }
             // A binding of the other protocol on these ports: the user left out (or gave) --proto.
-            let other_proto = existing.values().any(|k| {
-                k.proto != args.proto
-                    && prefixes.contains(&k.prefix)
-                    && k.ports.lo <= ports.hi
-                    && ports.lo <= k.ports.hi
-            });
-            let fix = if other_proto {
+            let meets = |k: &&BindingKey| k.ports.lo <= ports.hi && ports.lo <= k.ports.hi;
+            let other_proto: Vec<&BindingKey> =
+                existing.values().filter(|k| k.proto != args.proto).filter(meets).collect();
+            let same_proto_elsewhere = existing.values().filter(|k| k.proto == args.proto).any(|k| meets(&k));
+            let fix = if !other_proto.is_empty() {
                 let flag = if args.proto == crate::cli::Proto::Udp { "--proto tcp" } else { "--proto udp" };
-                format!("the binding there is not {}: give {flag}", args.proto.name())
-            } else {
+                let addr =
+                    if other_proto.iter().any(|k| prefixes.contains(&k.prefix)) { "" } else { " and its --addr" };
+                format!("the binding there is not {}: give {flag}{addr}; see `skrelay steer list`", args.proto.name())
+            } else if same_proto_elsewhere {
                 "give its --addr; see `skrelay steer list`".to_string()
+            } else {
+                // No binding of this protocol takes these ports on any address (a steer pass
+                // was told to give an --addr that could not help).
+                "see `skrelay steer list`".to_string()
             };
             let otherwise = format!(
                 "there is no {} binding for {} {ports} on 0.0.0.0/0 or ::/0 in this network namespace ({fix})",
@@ -734,12 +738,21 @@ impl Status {
             None => lines.push("steer: no pinned bindings".to_string()),
             Some(p) => {
                 let views = &p.bindings;
-                // Distinct (proto, port) pairs: overlapping bindings and prefixes count a port once.
-                let ports = views
-                    .iter()
-                    .flat_map(|b| b.key().ports.ports().map(move |p| (b.key().proto.ipproto(), p)))
-                    .collect::<std::collections::HashSet<_>>()
-                    .len();
+                // Distinct ports of each protocol: overlapping bindings and prefixes count a port
+                // once, and TCP's and UDP's are told apart (TCP 1-65535 and 10 UDP ports read as
+                // "65545 ports": a steer pass).
+                let count = |proto: crate::cli::Proto| {
+                    views
+                        .iter()
+                        .filter(|b| b.key().proto == proto)
+                        .flat_map(|b| b.key().ports.ports())
+                        .collect::<std::collections::HashSet<_>>()
+                        .len()
+                };
+                let ports = match (count(crate::cli::Proto::Tcp), count(crate::cli::Proto::Udp)) {
+                    (n, 0) | (0, n) => plural(n, "port"),
+                    (tcp, udp) => format!("{} and {}", plural(tcp, "TCP port"), plural(udp, "UDP port")),
+                };
                 let gone = views.iter().filter(|b| !b.alive).count();
                 let deaf = match views.iter().filter(|b| b.alive && !b.listening).count() {
                     0 => String::new(),
@@ -751,11 +764,11 @@ impl Status {
                 let hits: u64 = views.iter().map(|b| b.hits).sum();
                 let refused: u64 = views.iter().map(|b| b.refused).sum();
                 lines.push(format!(
-                    "steer: {} ({}, {gone} with their target gone{deaf}{incomplete_count}), {}, \
+                    "steer: {} ({gone} of them with their target gone{deaf}{incomplete_count}; {}), {}, \
                      {refused} refused\n  \
                      sk_lookup link {}, program {}, version {:016x}{}\n  pinned at {}",
                     plural(views.len(), "binding"),
-                    plural(ports, "port"),
+                    ports,
                     plural(hits as usize, "hit"),
                     p.link_id,
                     p.program_id,
