@@ -896,7 +896,11 @@ fn answer(head: &[u8], render: &impl Fn() -> Result<String, String>) -> Vec<u8> 
     }
     // The absolute form a client sends to a proxy (RFC 9112 3.2.2), which a server must take too.
     let target = match target.split_once("://") {
-        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest.find('/').map_or("/", |at| &rest[at..]),
+        // The authority ends at the first '/', '?' or '#'; without a '/' the path is empty.
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => match rest.find(['/', '?', '#']) {
+            Some(at) if rest[at..].starts_with('/') => &rest[at..],
+            _ => "/",
+        },
         _ => target,
     };
     let path = target.split('?').next().unwrap_or("");
@@ -1016,6 +1020,7 @@ mod tests {
         assert_eq!(status("GET http://127.0.0.1:9090/metrics HTTP/1.1\r\n\r\n"), "HTTP/1.1 200 OK");
         assert_eq!(status("GET HTTP://host/metrics?x=1 HTTP/1.1\r\n\r\n"), "HTTP/1.1 200 OK");
         assert_eq!(status("GET http://host HTTP/1.1\r\n\r\n"), "HTTP/1.1 404 Not Found");
+        assert_eq!(status("GET http://h?x=/metrics HTTP/1.1\r\n\r\n"), "HTTP/1.1 404 Not Found");
         assert_eq!(status("\r\n\r\nGET /metrics HTTP/1.1\r\n\r\n"), "HTTP/1.1 200 OK");
         assert!(!head_complete(b"\r\n\r\nGET /metrics HTTP/1.1\r\n"), "the empty lines before it end nothing");
         assert_eq!(status("GET /other HTTP/1.1\r\n\r\n"), "HTTP/1.1 404 Not Found");

@@ -90,7 +90,7 @@ fn status_lists_the_ports_funnels_of_running_relays_and_overlaps_are_refused() {
     assert_eq!(code, 2, "{err}");
     assert!(
         err.contains(&format!(
-            "cannot bind tcp 0.0.0.0/0 port 9010: process {} takes port 9010 on 127.0.0.1/32 with --ports while it \
+            "cannot bind tcp 0.0.0.0/0 port 9010: process {} takes tcp port 9010 on 127.0.0.1/32 with --ports while it \
              runs (stop it, or leave that port out)",
             a.pid()
         )),

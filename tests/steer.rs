@@ -1448,16 +1448,30 @@ fn steering_pinned_in_a_bpffs_out_of_sight_is_named_as_such() {
     let _l = TcpListener::bind("127.0.0.1:6995").unwrap();
     ok(&["steer", "add", "--ports", "6996", "--to", "127.0.0.1:6995"]);
     ok(&["steer", "add", "--ports", "6998", "--addr", "10.9.0.0/16", "--to", "127.0.0.1:6995"]);
+    let _u = std::net::UdpSocket::bind("127.0.0.1:6995").unwrap();
+    ok(&["steer", "add", "--proto", "udp", "--ports", "6999", "--to", "127.0.0.1:6995"]);
     let script = r#"mount -t bpf bpf /sys/fs/bpf || exit 9
 "$0" status
 echo add:; "$0" steer add --ports 6996 --to 127.0.0.1:6995 2>&1; echo "rc=$?"
 echo other:; "$0" steer add --ports 6998 --addr 10.8.0.0/16 --to 127.0.0.1:6995 2>&1; echo "rc=$?"
+echo udp:; "$0" steer add --proto udp --ports 6999 --to 127.0.0.1:6995 2>&1; echo "rc=$?"
+echo funnel:; timeout 1 "$0" relay --datapath userspace --listen 127.0.0.1:6994 --ports 6999 2>&1; echo "rc=$?"
 "$0" steer reset >/dev/null"#;
     let out = Command::new("unshare").args(["-m", "sh", "-c", script, SKRELAY]).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let (status, add) = stdout.split_once("add:").unwrap();
     let (add, other) = add.split_once("other:").unwrap();
-    assert!(status.contains("pinned in a bpffs this mount namespace does not see: 2 ports (6996,6998)"), "{status}");
+    let (other, udp) = other.split_once("udp:").unwrap();
+    let (udp, funnel) = udp.split_once("funnel:").unwrap();
+    // By protocol and prefix (a re-check pass: "3 ports (6996,6998-6999) on 0.0.0.0/0, 10.9.0.0/16").
+    for part in [
+        "does not see: tcp ",
+        "port 6996 on 0.0.0.0/0",
+        "port 6998 on 10.9.0.0/16",
+        "; udp port 6999 on 0.0.0.0/0, 0 hits",
+    ] {
+        assert!(status.contains(part), "{part}: {status}");
+    }
     assert!(!status.contains("--ports of"), "{status}");
     assert!(
         add.contains("rc=2") && add.contains("run `skrelay steer remove` in the mount namespace whose bpffs"),
@@ -1465,8 +1479,12 @@ echo other:; "$0" steer add --ports 6998 --addr 10.8.0.0/16 --to 127.0.0.1:6995 
     );
     // It names what takes the port, not every prefix it steers; and a port it steers on other
     // addresses only is no conflict (a steer pass).
-    assert!(add.contains("takes port 6996 on 0.0.0.0/0 (") && !add.contains("10.9.0.0/16"), "{add}");
+    assert!(add.contains("takes tcp port 6996 on 0.0.0.0/0 (") && !add.contains("10.9.0.0/16"), "{add}");
     assert!(other.contains("rc=0"), "{other}");
+    // A UDP binding it steers is refused too: it was accepted and got no datagram (a re-check).
+    assert!(udp.contains("takes udp port 6999 on 0.0.0.0/0 (") && udp.contains("rc=2"), "{udp}");
+    // --ports takes TCP only: the hidden UDP port is no conflict (it was refused).
+    assert!(funnel.contains("listening on") && funnel.contains("rc=124"), "{funnel}");
 }
 
 /// `relay --ports` checks that `skrelay steer` binds none of its ports (a pinned binding keeps

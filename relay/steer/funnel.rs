@@ -111,17 +111,89 @@ pub struct Running {
     /// The addresses it steers: one prefix, or [::] and 0.0.0.0 for a dual-stack listener.
     pub prefixes: Vec<Prefix>,
     pub ports: Vec<u16>,
-    /// Each (prefix, port) it steers: a link holding several bindings (pinned steering seen from
-    /// outside its bpffs) does not steer every port at every prefix (a re-check pass: a /8
-    /// binding's prefix and another binding's port made a false "gets none of them").
-    pub entries: Vec<(Prefix, u16)>,
+    /// Each (protocol, prefix, port) it steers: a link holding several bindings (pinned steering
+    /// seen from outside its bpffs) does not steer every port at every prefix (a re-check pass:
+    /// a /8 binding's prefix and another binding's port made a false "gets none of them"), nor
+    /// every port for both protocols.
+    pub entries: Vec<Entry>,
     pub hits: u64,
     /// No process holds the link, so it is pinned: steering set up with `steer add` in a bpffs
     /// this mount namespace does not see (known only to root, who can look at every process).
     pub pinned_elsewhere: bool,
 }
 
+/// One (protocol, prefix, port) a link steers; `proto` is IPPROTO_TCP or IPPROTO_UDP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub proto: u8,
+    pub prefix: Prefix,
+    pub port: u16,
+}
+
+/// Ports a link steers, by prefix: what `Running::taking` found.
+pub struct Taken(Vec<(Prefix, Vec<u16>)>);
+
+impl Taken {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Every port, once, sorted.
+    pub fn ports(&self) -> Vec<u16> {
+        let mut all: Vec<u16> = self.0.iter().flat_map(|(_, ports)| ports.iter().copied()).collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+
+    /// `port 6000 on 10.9.0.0/16 and ports 5000-5010 on 0.0.0.0/0`.
+    pub fn describe(&self) -> String {
+        let parts: Vec<String> = self
+            .0
+            .iter()
+            .map(|(prefix, ports)| {
+                format!("{} {} on {prefix}", if ports.len() == 1 { "port" } else { "ports" }, port_list(ports))
+            })
+            .collect();
+        parts.join(" and ")
+    }
+}
+
 impl Running {
+    /// What it steers of protocol `proto` (IPPROTO_*) at addresses of any of `prefixes`, among the
+    /// ports `wanted` accepts.
+    pub fn taking(&self, proto: u8, prefixes: &[Prefix], wanted: impl Fn(u16) -> bool) -> Taken {
+        let mut by_prefix: Vec<(Prefix, Vec<u16>)> = Vec::new();
+        for e in self.entries.iter().filter(|e| e.proto == proto && wanted(e.port)) {
+            if !prefixes.iter().any(|p| prefixes_meet(p, &e.prefix)) {
+                continue;
+            }
+            match by_prefix.iter_mut().find(|(p, _)| *p == e.prefix) {
+                Some((_, ports)) => ports.push(e.port),
+                None => by_prefix.push((e.prefix, vec![e.port])),
+            }
+        }
+        for (_, ports) in &mut by_prefix {
+            ports.sort_unstable();
+            ports.dedup();
+        }
+        Taken(by_prefix)
+    }
+
+    /// What it steers, by protocol and prefix: `tcp port 6996 on 0.0.0.0/0 and port 6998 on
+    /// 10.9.0.0/16; udp port 6999 on 0.0.0.0/0`.
+    pub fn describe(&self) -> String {
+        let every = [Prefix::any(false), Prefix::any(true)];
+        let parts: Vec<String> = [("tcp", libc::IPPROTO_TCP), ("udp", libc::IPPROTO_UDP)]
+            .into_iter()
+            .filter_map(|(name, proto)| {
+                let taking = self.taking(proto as u8, &every, |_| true);
+                (!taking.is_empty()).then(|| format!("{name} {}", taking.describe()))
+            })
+            .collect();
+        parts.join("; ")
+    }
+
     /// Its ports, as a list (`7,77,9000-9015`).
     pub fn port_list(&self) -> String {
         port_list(&self.ports)
@@ -248,10 +320,7 @@ pub fn running() -> Vec<Running> {
         for k in &keys {
             let m = k.data();
             let p = Prefix::from_raw(m.family, m.addr, (k.prefix_len().saturating_sub(32)) as u8);
-            // TCP only: a UDP binding takes no connection from a listener (a re-check pass).
-            if m.proto == libc::IPPROTO_TCP as u8 {
-                entries.push((p, m.port));
-            }
+            entries.push(Entry { proto: m.proto, prefix: p, port: m.port });
             if !prefixes.contains(&p) {
                 prefixes.push(p);
             }
@@ -263,8 +332,9 @@ pub fn running() -> Vec<Running> {
         ports.dedup();
         let hits = map("steer_stats")
             .and_then(|m| PerCpuArray::<_, crate::abi::SteerCounters>::try_from(Map::PerCpuArray(m)).ok())
-            .and_then(|a| a.get(&BINDING, 0).ok())
-            .map(|v| v.iter().map(|c| c.hits).sum())
+            // Every binding's: pinned steering seen from outside its bpffs holds many (a
+            // re-check pass: only the first one's hits were shown).
+            .map(|a| a.iter().filter_map(Result::ok).flat_map(|v| v.iter().map(|c| c.hits).collect::<Vec<u64>>()).sum())
             .unwrap_or(0);
         found.push(Running {
             link_id: id,
@@ -365,10 +435,10 @@ fn check_overlaps(prefixes: &[Prefix], ports: &[u16]) -> Result<(), Error> {
         );
     }
     for other in running() {
-        if !prefixes.iter().any(|p| other.meets(p)) {
-            continue;
-        }
-        let both = taken(&mut other.ports.iter().copied());
+        // What it steers of TCP at these addresses (a steer pass: a UDP binding's port, and a
+        // port steered on another prefix only, were refused).
+        let taking = other.taking(libc::IPPROTO_TCP as u8, prefixes, |p| ports.binary_search(&p).is_ok());
+        let both = taking.ports();
         if !both.is_empty() {
             let target = other.target.map(|t| format!(" for {t}")).unwrap_or_default();
             let (them, those) = if both.len() == 1 { ("it", "that port") } else { ("them", "those ports") };
@@ -438,7 +508,11 @@ pub fn taken_from(addr: SocketAddr) -> Option<TakenBy> {
         here.push(Prefix::any(false));
     }
     let meets = |p: &Prefix| here.iter().any(|h| prefixes_meet(h, p));
-    if let Some(other) = running().into_iter().find(|o| o.entries.iter().any(|(p, q)| *q == port && meets(p))) {
+    // TCP only: a UDP binding takes no connection from a listener (a re-check pass).
+    let tcp = libc::IPPROTO_TCP as u8;
+    if let Some(other) =
+        running().into_iter().find(|o| o.entries.iter().any(|e| e.proto == tcp && e.port == port && meets(&e.prefix)))
+    {
         let with = if other.pid.is_none() { "" } else { " with its --ports" };
         return Some(TakenBy::Known(format!("{} takes port {port}{with}", other.owner())));
     }

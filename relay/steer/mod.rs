@@ -106,31 +106,20 @@ pub fn add(args: &SteerAddArgs) -> Result<Added, Error> {
     // A running relay's or proxy's --ports would keep such ports whichever way the programs run
     // (its funnel refuses ports already bound): refuse rather than report a binding that is not.
     for f in funnel::running() {
-        for key in keys.iter().filter(|k| k.proto == crate::cli::Proto::Tcp) {
-            // What it steers of this key: its TCP (prefix, port) entries, not every port of it at
-            // every prefix of it (a steer pass: pinned state with UDP 5301-5310 and TCP on
-            // 10.9.0.0/16 refused TCP 5305 on 0.0.0.0/0, naming all of its prefixes).
-            let meeting: Vec<&(Prefix, u16)> = f
-                .entries
-                .iter()
-                .filter(|(p, port)| key.ports.contains(*port) && funnel::prefixes_meet(p, &key.prefix))
-                .collect();
-            let mut both: Vec<u16> = meeting.iter().map(|(_, port)| *port).collect();
-            let mut on: Vec<Prefix> = Vec::new();
-            meeting.iter().for_each(|(p, _)| {
-                if !on.contains(p) {
-                    on.push(*p)
-                }
-            });
-            if !both.is_empty() {
-                both.sort_unstable();
-                both.dedup();
-                let (ports, those) = if both.len() == 1 { ("port", "that port") } else { ("ports", "those ports") };
+        for key in &keys {
+            // What it steers of this key: its (protocol, prefix, port) entries, not every port of
+            // it at every prefix of it for either protocol (a steer pass: pinned state with UDP
+            // 5301-5310 and TCP on 10.9.0.0/16 refused TCP 5305 on 0.0.0.0/0, naming all of its
+            // prefixes, and let a UDP binding of 5305 through, which then got no datagram). A
+            // running --ports funnel steers TCP only.
+            let taking = f.taking(key.proto.ipproto(), &[key.prefix], |p| key.ports.contains(p));
+            if !taking.is_empty() {
+                let those = if taking.ports().len() == 1 { "that port" } else { "those ports" };
                 return Err(Error::Usage(format!(
-                    "cannot bind {key}: {} takes {ports} {} on {}{} ({})",
+                    "cannot bind {key}: {} takes {} {}{} ({})",
                     f.owner(),
-                    funnel::port_list(&both),
-                    on.iter().map(Prefix::to_string).collect::<Vec<_>>().join(", "),
+                    key.proto.name(),
+                    taking.describe(),
                     if f.pinned_elsewhere { "" } else { " with --ports while it runs" },
                     f.fix(those)
                 )));
@@ -794,11 +783,9 @@ impl Status {
         }
         for f in self.funnels.iter().filter(|f| f.pinned_elsewhere) {
             lines.push(format!(
-                "  pinned in a bpffs this mount namespace does not see: {} ({}) on {}, {} (sk_lookup link {}; \
-                 run skrelay where that bpffs is mounted to list or change it)",
-                plural(f.ports.len(), "port"),
-                f.port_list(),
-                f.prefix_list(),
+                "  pinned in a bpffs this mount namespace does not see: {}, {} (sk_lookup link {}; run skrelay \
+                 where that bpffs is mounted to list or change it)",
+                f.describe(),
                 plural(f.hits as usize, "hit"),
                 f.link_id
             ));
