@@ -398,7 +398,14 @@ pub fn loops(threads: usize) -> String {
 
 /// The start line's mention of `--metrics`.
 pub fn metrics_note(served: Option<std::net::SocketAddr>) -> String {
-    served.map(|a| format!("; metrics at http://{a}/metrics")).unwrap_or_default()
+    // A URL that opens, as `status` gives it, and where it listens when that is every address.
+    served
+        .map(|a| {
+            let every =
+                if a.ip().is_unspecified() { format!(" (listening on {a}: every address)") } else { String::new() };
+            format!("; metrics at {}{every}", crate::running::metrics_url(a))
+        })
+        .unwrap_or_default()
 }
 
 /// `--ports`: steers the listed ports to the listener, warning about sockets it shadows.

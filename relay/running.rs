@@ -75,10 +75,13 @@ impl Server {
 
 /// The URL a metrics endpoint answers at: one that opens, where it listens on every address
 /// (`0.0.0.0` or `[::]` is no address to connect to: it answers on loopback too).
-fn metrics_url(at: SocketAddr) -> String {
+pub fn metrics_url(at: SocketAddr) -> String {
+    // ::1 needs IPv6 up in the namespace; a dual-stack `[::]` answers on 127.0.0.1 as well.
+    let ipv6 = std::fs::read_to_string("/proc/sys/net/ipv6/conf/lo/disable_ipv6").is_ok_and(|v| v.trim() == "0");
     let at = match at.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), at.port()),
-        IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), at.port()),
+        IpAddr::V6(ip) if ip.is_unspecified() && ipv6 => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), at.port()),
+        IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), at.port()),
         // A link-local address keeps its interface (its scope id).
         _ => at,
     };
@@ -324,7 +327,18 @@ fn inspect(dir: &Path, pid: u32, command: String, sockets: &[ProcSocket], cmdlin
 fn live(addr: SocketAddr) -> Option<Live> {
     use std::io::{Read, Write};
     let timeout = std::time::Duration::from_secs(1);
-    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    // A dual-stack `[::]` listener answers on 127.0.0.1 too, which is there where IPv6 is
+    // disabled and `[::]` (::1) cannot be reached (a re-check pass).
+    let v4 = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port());
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .or_else(|e| {
+            if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) {
+                std::net::TcpStream::connect_timeout(&v4, timeout)
+            } else {
+                Err(e)
+            }
+        })
+        .ok()?;
     s.set_read_timeout(Some(timeout)).ok()?;
     s.set_write_timeout(Some(timeout)).ok()?;
     s.write_all(b"GET /metrics HTTP/1.0\r\nHost: skrelay\r\n\r\n").ok()?;

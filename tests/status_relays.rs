@@ -267,6 +267,14 @@ fn status_says_a_stopped_relay_is_stopped_and_keeps_a_link_locals_interface() {
         let text = skrelay_ok(&["status"]);
         assert!(text.contains(&format!("metrics at {url} (listening on {any}:")), "{text}");
     }
+    // IPv6 disabled: `[::]` still listens (for IPv4), and ::1 is no address to reach it at.
+    for f in ["all", "lo"] {
+        std::fs::write(format!("/proc/sys/net/ipv6/conf/{f}/disable_ipv6"), "1").unwrap();
+    }
+    let relay = Skrelay::start(&["relay", "--datapath", "userspace", "--metrics", "[::]:0"]);
+    let r = find(relay.pid()).unwrap();
+    assert!(r["metrics"].as_str().is_some_and(|u| u.starts_with("http://127.0.0.1:")), "{r}");
+    assert_eq!(r["metrics_answered"], true, "{r}");
 }
 
 /// A relay or proxy run from a copy of the binary under another name (`sk`) was taken for
