@@ -787,7 +787,7 @@ fn steering_set_up_under_ip_netns_exec_outlives_the_command() {
     assert!(ns.exec(&["python3", "-c", probe, "6801"]).status.success(), "port 6801 is not steered");
     let (code, out) = ns.skrelay(&["status"]);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("steer: 1 binding (0 of them with their target gone; 1 port)"), "{out}");
+    assert!(out.contains("steer: 1 binding (1 port)"), "{out}");
     let (code, out) = ns.skrelay(&["steer", "reset"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("removed every binding"), "{out}");
@@ -1181,13 +1181,10 @@ fn status_counts_bindings_and_distinct_ports_in_words_that_agree() {
     let _l = TcpListener::bind("127.0.0.1:6700").unwrap();
     ok(&["steer", "add", "--ports", "6705", "--to", "127.0.0.1:6700"]);
     let status = ok(&["status"]);
-    assert!(status.contains("steer: 1 binding (0 of them with their target gone; 1 port), 0 hits"), "{status}");
+    assert!(status.contains("steer: 1 binding (1 port), 0 hits"), "{status}");
     let _c = TcpStream::connect("127.0.0.1:6705").unwrap();
     let status = ok(&["status"]);
-    assert!(
-        status.contains("steer: 1 binding (0 of them with their target gone; 1 port), 1 hit, 0 refused"),
-        "{status}"
-    );
+    assert!(status.contains("steer: 1 binding (1 port), 1 hit, 0 refused"), "{status}");
     ok(&[
         "steer",
         "add",
@@ -1201,13 +1198,17 @@ fn status_counts_bindings_and_distinct_ports_in_words_that_agree() {
         "127.0.0.1:6700",
     ]);
     let status = ok(&["status"]);
-    assert!(status.contains("steer: 3 bindings (0 of them with their target gone; 10 ports)"), "{status}");
+    assert!(status.contains("steer: 3 bindings (10 ports)"), "{status}");
     // TCP's and UDP's ports are counted apart (a steer pass: "65545 ports").
     let _u = std::net::UdpSocket::bind("127.0.0.1:6700").unwrap();
     ok(&["steer", "add", "--proto", "udp", "--ports", "6701-6703", "--to", "127.0.0.1:6700"]);
     let status = ok(&["status"]);
+    assert!(status.contains("steer: 4 bindings (10 TCP ports and 3 UDP ports)"), "{status}");
+    // What is wrong counts bindings, after the ports ("5 with their target gone" read as ports).
+    drop(_l);
+    let status = ok(&["status"]);
     assert!(
-        status.contains("steer: 4 bindings (0 of them with their target gone; 10 TCP ports and 3 UDP ports)"),
+        status.contains("steer: 4 bindings (10 TCP ports and 3 UDP ports; 3 of them with their target gone)"),
         "{status}"
     );
 }

@@ -739,21 +739,31 @@ impl Status {
                         .len()
                 };
                 let ports = match (count(crate::cli::Proto::Tcp), count(crate::cli::Proto::Udp)) {
-                    (n, 0) | (0, n) => plural(n, "port"),
+                    (n, 0) => plural(n, "port"),
+                    (0, n) => plural(n, "UDP port"),
                     (tcp, udp) => format!("{} and {}", plural(tcp, "TCP port"), plural(udp, "UDP port")),
                 };
-                let gone = views.iter().filter(|b| !b.alive).count();
-                let deaf = match views.iter().filter(|b| b.alive && !b.listening).count() {
-                    0 => String::new(),
-                    n => format!(", {n} whose target takes nothing (not listening, or a connected UDP socket)"),
-                };
+                // What is wrong with some of them, after the ports: "2 of them with their target
+                // gone" (a count of bindings, not of ports: a steer pass read it as ports).
+                let mut wrong = Vec::new();
+                match views.iter().filter(|b| !b.alive).count() {
+                    0 => {}
+                    _ if views.len() == 1 => wrong.push("its target gone".to_string()),
+                    n => wrong.push(format!("{n} of them with their target gone")),
+                }
+                match views.iter().filter(|b| b.alive && !b.listening).count() {
+                    0 => {}
+                    n => wrong.push(format!("{n} whose target takes nothing (not listening, or a connected UDP socket)")),
+                }
                 let incomplete: Vec<String> = views.iter().filter_map(BindingView::incomplete).collect();
-                let incomplete_count =
-                    if incomplete.is_empty() { String::new() } else { format!(", {} incomplete", incomplete.len()) };
+                if !incomplete.is_empty() {
+                    wrong.push(format!("{} incomplete", incomplete.len()));
+                }
+                let wrong: String = wrong.iter().map(|w| format!("; {w}")).collect();
                 let hits: u64 = views.iter().map(|b| b.hits).sum();
                 let refused: u64 = views.iter().map(|b| b.refused).sum();
                 lines.push(format!(
-                    "steer: {} ({gone} of them with their target gone{deaf}{incomplete_count}; {}), {}, \
+                    "steer: {} ({}{wrong}), {}, \
                      {refused} refused\n  \
                      sk_lookup link {}, program {}, version {:016x}{}\n  pinned at {}",
                     plural(views.len(), "binding"),
