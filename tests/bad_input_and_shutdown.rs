@@ -614,6 +614,11 @@ fn root_of_a_user_namespace_and_root_without_a_capability_are_told_what_is_missi
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("BPF takes capabilities in the initial user namespace"), "{err}");
     assert!(err.contains("or with --datapath userspace"), "{err}");
+    // `probe` has no such option: the fix names relay and proxy (a re-check pass).
+    let out = Command::new("unshare").args(["-U", "-r", "-n", SKRELAY, "probe"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("or run relay and proxy with --datapath userspace)"), "{err}");
     // `steer` has no userspace datapath: it was told to use one (a steer pass).
     let script = format!(
         "ip link set lo up; nc -l 127.0.0.1 7092 & sleep 0.3; {SKRELAY} steer add --ports 7093 --to 127.0.0.1:7092; \
