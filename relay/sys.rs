@@ -244,6 +244,13 @@ pub fn shell_arg(arg: impl std::fmt::Display) -> String {
 /// is what the peer gets. Needs CAP_NET_ADMIN in the socket's network namespace and a kernel built
 /// with CONFIG_INET_DIAG_DESTROY; an error means the connection was not reset.
 pub fn abort(fd: impl AsFd) -> io::Result<()> {
+    // `tcp_abort` resets only where `tcp_need_reset` says so: not in LAST-ACK or CLOSING, which
+    // it would close silently, leaving the client in FIN-WAIT-2 for good (a re-check pass); the
+    // close with SO_LINGER 0 (`tcp_disconnect`) resets them while data waits.
+    let state = tcp_counters(&fd)?.state;
+    if matches!(state, TCP_LAST_ACK | TCP_CLOSING) {
+        return Err(io::Error::new(io::ErrorKind::Unsupported, "SOCK_DESTROY sends no reset in LAST-ACK or CLOSING"));
+    }
     let s = sock(&fd);
     let (Some(local), Some(peer)) = (s.local_addr()?.as_socket(), s.peer_addr()?.as_socket()) else {
         return Err(io::ErrorKind::InvalidInput.into());

@@ -731,6 +731,49 @@ fn a_pair_cut_while_its_client_reads_logs_what_it_read(dp: &str) {
 
 per_datapath!(a_pair_cut_while_its_client_reads_logs_what_it_read);
 
+/// A cut reaches a client whose relay socket is in LAST-ACK (the client half-closed, the other
+/// way finished too, and what it has not read still waits in our send queue): the kernel's abort
+/// sends no reset in that state, and such a client stayed in FIN-WAIT-2 after the relay had
+/// exited, learning of the cut only if it read (a re-check pass). It is reset at once.
+fn a_cut_resets_a_client_whose_relay_socket_is_in_last_ack(dp: &str) {
+    let _netns = enter_netns();
+    let mut relay = Skrelay::start(&["relay", "--datapath", dp]);
+    let (mut a, mut b) = (connect(addr()), connect(addr()));
+    a.write_all(b"x").unwrap();
+    assert_eq!(read_n(&mut b, 1), b"x");
+    // B sends more than A takes, then half-closes; A sends some, then half-closes; neither reads.
+    b.set_nonblocking(true).unwrap();
+    let chunk = vec![4u8; 64 << 10];
+    let mut sent = 0;
+    let t0 = Instant::now();
+    while sent < 5_500_000 && t0.elapsed() < Duration::from_secs(5) {
+        match b.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(5)),
+            Err(e) => panic!("{dp}: {e}"),
+        }
+    }
+    b.shutdown(Shutdown::Write).unwrap();
+    thread::sleep(Duration::from_millis(300));
+    a.write_all(&vec![5u8; 300_000]).unwrap();
+    a.shutdown(Shutdown::Write).unwrap();
+    thread::sleep(Duration::from_millis(700));
+    relay.signal(libc::SIGQUIT);
+    assert!(relay.wait(Duration::from_secs(10)).success(), "{}", relay.log());
+    // B has read nothing since: its socket learns of the cut by the reset alone.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let state = loop {
+        let c = skrelay::sys::tcp_counters(&b).unwrap();
+        if c.closed() || Instant::now() > deadline {
+            break c;
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    assert!(state.closed(), "{dp}: B was not reset: {state:?}\n{}", relay.log());
+}
+
+per_datapath!(a_cut_resets_a_client_whose_relay_socket_is_in_last_ack);
+
 /// A client that resets while its partner does not read: the pair's line counts what reached the
 /// partner's client, not what was written into a send queue the reset then threw away (the
 /// userspace datapath counted 4 MB for 128 KB received; a proxy helper found it).
