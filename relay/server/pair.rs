@@ -18,9 +18,12 @@ use std::{
 /// that a reset end's bytes have reached the partner's client), while bytes move.
 const FLUSH_CHECK_FIRST: Duration = Duration::from_millis(1);
 const FLUSH_CHECK_MAX: Duration = Duration::from_millis(100);
-/// The longest wait between those checks while no byte moves either way: a pair whose partner's
-/// client does not read was looked at 10 times a second until --idle-timeout (a bounds pass:
-/// 1,000 such pairs, from clients that sent and reset, took 4% of a CPU for 600 s).
+/// The longest wait between those checks while no byte moves either way: a tenth of how long
+/// nothing has moved, from 100 ms up to this. A pair whose partner's client does not read was
+/// looked at 10 times a second until --idle-timeout (a bounds pass: 1,000 such pairs, from
+/// clients that sent and reset, took 4% of a CPU for 600 s); a tenth keeps the end of a stalled
+/// flush at most a tenth of the stall late (a flat 1 s made it 0.3 s late after a 0.5 s pause on
+/// the kernel datapath, whose flush is only looked at: a re-check pass).
 const FLUSH_CHECK_STALLED_MAX: Duration = Duration::from_secs(1);
 
 use crate::sys::close_gracefully;
@@ -35,8 +38,9 @@ pub(super) struct Pair {
     /// Direction i (from end i) has finished and end 1-i's write side is shut down.
     shut: [bool; 2],
     flush_delay: Duration,
-    /// The counters (`counters`) at the last of those checks.
-    flush_seen: Option<[u64; 4]>,
+    /// The counters (`counters`) at the last of those checks, and since when they have not
+    /// changed.
+    flush_seen: Option<([u64; 4], Instant)>,
     /// `proxy`: the local address of the upstream end (see `Connecting::local`).
     upstream_local: Option<SocketAddr>,
     /// An end was reset (its error taken): the partner is reset once what that end received
@@ -465,12 +469,20 @@ impl Pair {
     }
 
     /// How long until the next check of a flush or a reset's delivery: twice the last wait, up
-    /// to 100 ms while bytes move and up to 1 s while none has since the last check.
+    /// to 100 ms while bytes move, and while none has moved since the last check up to a tenth
+    /// of how long none has (at most `FLUSH_CHECK_STALLED_MAX`).
     fn next_flush_check(&mut self) -> Duration {
-        let delay = self.flush_delay;
-        let seen = self.counters();
-        let max = if seen.is_some() && seen == self.flush_seen { FLUSH_CHECK_STALLED_MAX } else { FLUSH_CHECK_MAX };
-        self.flush_seen = seen;
+        let now = Instant::now();
+        let max = match (self.counters(), self.flush_seen) {
+            (Some(seen), Some((last, since))) if seen == last => {
+                ((now - since) / 10).clamp(FLUSH_CHECK_MAX, FLUSH_CHECK_STALLED_MAX)
+            }
+            (seen, _) => {
+                self.flush_seen = seen.map(|c| (c, now));
+                FLUSH_CHECK_MAX
+            }
+        };
+        let delay = self.flush_delay.min(max);
         self.flush_delay = (delay * 2).min(max);
         delay
     }
@@ -603,19 +615,27 @@ mod tests {
     }
 
     #[test]
-    fn a_flush_that_stalls_is_looked_at_once_a_second_and_more_often_once_bytes_move() {
+    fn a_flush_that_stalls_is_looked_at_less_often_the_longer_it_stalls() {
         let (mut pair, mut a, mut b) = pair();
-        let waits: Vec<Duration> = (0..13).map(|_| pair.next_flush_check()).collect();
+        let waits: Vec<Duration> = (0..10).map(|_| pair.next_flush_check()).collect();
         assert_eq!(waits[0], FLUSH_CHECK_FIRST);
         assert!(waits.windows(2).all(|w| w[1] >= w[0]), "{waits:?}");
-        assert_eq!(waits[12], Duration::from_secs(1), "nothing moves: {waits:?}");
-        // A byte moves (a's client sends, b's acknowledges): back to at most 100 ms.
+        assert_eq!(waits[9], FLUSH_CHECK_MAX, "stalled a moment only: {waits:?}");
+        // Stalled for 5 s: a tenth of it; for 20 s: 1 s at most.
+        let stalled = |pair: &mut Pair, ago: Duration| {
+            let (seen, _) = pair.flush_seen.expect("seen");
+            pair.flush_seen = Some((seen, Instant::now() - ago));
+            (0..12).map(|_| pair.next_flush_check()).max().unwrap()
+        };
+        let tenth = stalled(&mut pair, Duration::from_secs(5));
+        assert!(tenth >= Duration::from_millis(490) && tenth <= Duration::from_millis(510), "{tenth:?}");
+        assert_eq!(stalled(&mut pair, Duration::from_secs(20)), Duration::from_secs(1));
+        // A byte moves (a's client sends, b's acknowledges): the next wait is 100 ms at most.
         a.write_all(b"x").unwrap();
         run(&mut pair, false, |p| moved(p, 0) == 1);
         let mut buf = [0u8; 1];
         b.read_exact(&mut buf).unwrap();
         thread::sleep(Duration::from_millis(50));
-        pair.next_flush_check();
         assert_eq!(pair.next_flush_check(), FLUSH_CHECK_MAX);
     }
 
