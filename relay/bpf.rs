@@ -122,19 +122,21 @@ pub fn unavailable(step: &str, err: &(dyn std::error::Error + 'static)) -> Error
 /// `accel`): the same reason and fix, without "--datapath userspace" (a steer pass was told to
 /// use it, and `steer add` has no such option).
 pub fn unavailable_no_fallback(step: &str, err: &(dyn std::error::Error + 'static)) -> Error {
-    match unavailable(step, err) {
-        Error::BpfUnavailable { reason, fix } => {
-            let mut fix = fix;
-            for alternative in
-                [", or use --datapath userspace", ", or with --datapath userspace", ", or --datapath userspace"]
-            {
-                fix = fix.replace(alternative, "");
-            }
-            let fix = fix.replace("; use --datapath userspace on this kernel", "");
-            Error::BpfUnavailable { reason, fix }
-        }
-        other => other,
-    }
+    fallback_said_as(unavailable(step, err), None)
+}
+
+/// Rewrites where a `BpfUnavailable` fix offers `--datapath userspace`: left out (`None`), or
+/// offered as `instead` ("run relay and proxy with --datapath userspace", for `probe`, which
+/// takes no --datapath either).
+pub fn fallback_said_as(err: Error, instead: Option<&str>) -> Error {
+    let Error::BpfUnavailable { reason, fix } = err else { return err };
+    let or = instead.map_or(String::new(), |s| format!(", or {s}"));
+    let here = instead.map_or(String::new(), |s| format!("; {s} here"));
+    let fix = [", or use --datapath userspace", ", or with --datapath userspace", ", or --datapath userspace"]
+        .iter()
+        .fold(fix, |fix, said| fix.replace(said, &or))
+        .replace("; use --datapath userspace on this kernel", &here);
+    Error::BpfUnavailable { reason, fix }
 }
 
 /// This process holds, effective, what loading skrelay's programs takes: CAP_SYS_ADMIN, or

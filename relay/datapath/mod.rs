@@ -202,19 +202,8 @@ pub fn probe() -> Result<String, Error> {
     let loops = std::thread::available_parallelism().map_or(1, |n| n.get());
     // `probe` has no --datapath: a fix naming it means relay's and proxy's (a re-check pass ran
     // `probe --datapath userspace`).
-    let loaded = open(DatapathChoice::Kernel, 0, Default::default(), loops).map_err(|e| match e {
-        Error::BpfUnavailable { reason, fix } => {
-            let fix = ["or with --datapath userspace", "or use --datapath userspace", "or --datapath userspace"]
-                .iter()
-                .fold(fix, |fix, said| fix.replace(said, "or run relay and proxy with --datapath userspace"))
-                .replace(
-                    "; use --datapath userspace on this kernel",
-                    "; run relay and proxy with --datapath userspace here",
-                );
-            Error::BpfUnavailable { reason, fix }
-        }
-        other => other,
-    })?;
+    let loaded = open(DatapathChoice::Kernel, 0, Default::default(), loops)
+        .map_err(|e| crate::bpf::fallback_said_as(e, Some("run relay and proxy with --datapath userspace")))?;
     let what = match loaded.len() {
         1 => "its programs and maps loaded for 1 event loop".to_string(),
         n => format!("its programs and maps loaded for {n} event loops, one per CPU, as relay and proxy load them"),
