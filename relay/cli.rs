@@ -311,9 +311,12 @@ pub struct SpliceArgs {
     /// are spliced in user space until some end (beyond its budget a direction may park up to
     /// 16 MiB before its sender's window is closed; a pair with 64 MiB parked one way for 2 s,
     /// which takes clients writing tens of MiB per call to partners that do not read them, is
-    /// reset). At least 2 x kernel-buffer. K, M and G suffixes.
-    #[arg(long, default_value = "2G", value_parser = parse_size, value_name = "BYTES", allow_negative_numbers = true)]
-    pub kernel_memory: u64,
+    /// reset). At least 2 x kernel-buffer. K, M and G suffixes. Left out: 2G, or less on a host
+    /// whose TCP memory is small: as many pairs as, each at its worst (2 x (kernel-buffer + 40
+    /// MiB) when its clients do not read), stay within half of TCP's memory pressure threshold
+    /// (net.ipv4.tcp_mem), past which the kernel fails the sends of such pairs (said at start)
+    #[arg(long, value_parser = parse_size, value_name = "BYTES", allow_negative_numbers = true)]
+    pub kernel_memory: Option<u64>,
     /// On SIGINT/SIGTERM/SIGHUP (or when a handover to a --takeover process cannot be done), let live
     /// pairs finish for this long before resetting them; seconds. A second such signal, or SIGQUIT,
     /// resets them at once; SIGUSR2 is for --takeover.
@@ -516,11 +519,6 @@ pub fn parse_kernel_buffer(s: &str) -> Result<u64, String> {
 }
 
 impl SpliceArgs {
-    /// What kernel pairs may hold.
-    pub fn kernel_limits(&self) -> crate::datapath::budget::Limits {
-        crate::datapath::budget::Limits { per_direction: self.kernel_buffer, total: self.kernel_memory }
-    }
-
     /// How many event loops serve pairs: --threads, or one per CPU.
     pub fn threads(&self) -> usize {
         match self.threads {

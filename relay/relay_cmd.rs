@@ -1,7 +1,10 @@
 //! `skrelay relay`: pair clients of one listener and splice each pair.
 use crate::{
     cli::{DatapathChoice, PairBy, PortsArgs, RelayArgs, SpliceArgs},
-    datapath,
+    datapath::{
+        self,
+        budget::{Limits, DEFAULT_TOTAL},
+    },
     error::Error,
     metrics::{self, Metrics},
     server::{self, Partnering, Server, ServerConfig},
@@ -112,7 +115,8 @@ pub fn open(
         );
     }
     let threads = common.threads();
-    let datapaths = datapath::open(common.datapath, common.kernel_after, common.kernel_limits(), threads)?;
+    let (limits, tcp_memory_note) = kernel_limits(common);
+    let datapaths = datapath::open(common.datapath, common.kernel_after, limits, threads)?;
     let listening = listening(listen, listen_given, common, ports, command)?;
     crate::sys::arm_for_clients(&listening.listener)
         .map_err(|e| Error::io("cannot set the options of the listening socket", e))?;
@@ -121,7 +125,62 @@ pub fn open(
     if let Some(warning) = unchecked {
         log::warn!("{warning}");
     }
+    if let (Some((level, note)), true) = (tcp_memory_note, datapaths.first().is_some_and(|d| d.name() == "kernel")) {
+        log::log!(level, "{note}");
+    }
     Ok(Opened { threads, datapaths, listening })
+}
+
+/// What kernel pairs may hold: `--kernel-memory` as given or, left out, 2G or less on a host
+/// whose TCP memory is small (`Limits::default_total`); and what to say of it at start: how many
+/// pairs the host's TCP memory lowered the default to, or a warning when the pairs a given
+/// `--kernel-memory` lets in could push the host's TCP memory past its pressure threshold.
+fn kernel_limits(common: &SpliceArgs) -> (Limits, Option<(log::Level, String)>) {
+    let per_direction = common.kernel_buffer;
+    let pressure = crate::sys::tcp_memory_pressure_threshold();
+    let given = common.kernel_memory.is_some();
+    let total = common.kernel_memory.unwrap_or_else(|| Limits::default_total(per_direction, pressure.map(|p| p.0)));
+    let limits = Limits { per_direction, total };
+    let Some((pressure, read)) = pressure else { return (limits, None) };
+    let mib = |bytes: u64| format!("{} MiB", bytes >> 20);
+    let worst = Limits::worst_per_pair(per_direction);
+    let fit = Limits::pairs_within_tcp_memory(per_direction, pressure);
+    let pairs = limits.max_pairs() as u64;
+    let threshold = match read {
+        true => format!("TCP's memory pressure threshold (net.ipv4.tcp_mem: {})", mib(pressure)),
+        false => format!(
+            "TCP's memory pressure threshold ({}: net.ipv4.tcp_mem's default, 1/16 of the memory; the host's \
+             setting does not show in this network namespace)",
+            mib(pressure)
+        ),
+    };
+    let note = if !given && total < DEFAULT_TOTAL {
+        Some((
+            log::Level::Info,
+            format!(
+                "kernel datapath: at most {pairs} pair(s) in the kernel at once (--kernel-memory defaults to {} on \
+                 this host): each may hold up to {} when its clients do not read, and together they stay within \
+                 half of {threshold}; further pairs are spliced in user space",
+                mib(total),
+                mib(worst)
+            ),
+        ))
+    } else if given && pairs > fit {
+        Some((
+            log::Level::Warn,
+            format!(
+                "--kernel-memory {} lets {pairs} pairs into the kernel at once, which may hold up to {} when their \
+                 clients do not read, more than half of {threshold}: past it the kernel fails the sends of such \
+                 pairs, which are then reset (leave --kernel-memory out for {fit} pair(s) here, or give at most {})",
+                mib(total),
+                mib(pairs.saturating_mul(worst)),
+                mib(fit.saturating_mul(2 * per_direction))
+            ),
+        ))
+    } else {
+        None
+    };
+    (limits, note)
 }
 
 /// Fewer spare descriptors than this at start get a warning: a relay that starts with one or two

@@ -396,6 +396,26 @@ pub fn close_gracefully(fd: impl AsFd) {
     let _ = sock(&fd).set_linger(None);
 }
 
+/// The host's TCP memory pressure threshold in bytes, past which TCP moderates every socket's
+/// buffers host-wide: the second of net.ipv4.tcp_mem's three page counts, and whether it was read
+/// (true) or estimated. The sysctl is the host's alone and shows only in its first network
+/// namespace; elsewhere the estimate is the kernel's default for it (`tcp_init`): 1/16 of the
+/// memory. None if neither can be read.
+pub fn tcp_memory_pressure_threshold() -> Option<(u64, bool)> {
+    let read = || -> Option<u64> {
+        let text = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_mem").ok()?;
+        let pages: u64 = text.split_whitespace().nth(1)?.parse().ok()?;
+        pages.checked_mul(rustix::param::page_size() as u64)
+    };
+    let estimate = || -> Option<u64> {
+        let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let kib: u64 =
+            text.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().strip_suffix("kB")?.trim().parse().ok()?;
+        Some(kib * 1024 / 16)
+    };
+    read().map(|b| (b, true)).or_else(|| estimate().map(|b| (b, false)))
+}
+
 /// The pending error of a socket (SO_ERROR), which reading clears.
 pub fn take_socket_error(fd: impl AsFd) -> Option<io::Error> {
     sock(&fd).take_error().ok().flatten()

@@ -60,6 +60,39 @@ impl Limits {
     }
 }
 
+/// Beyond its budget, the most one direction of a kernel pair may hold (README, "Bounded
+/// memory"): 16 MiB parked plus the window already advertised (24 MiB together), and the relay's
+/// 16 MiB send buffer.
+pub const WORST_BEYOND_BUDGET: u64 = 40 << 20;
+
+impl Limits {
+    /// The most one kernel pair may hold, both directions at their worst.
+    pub fn worst_per_pair(per_direction: u64) -> u64 {
+        2 * (per_direction + WORST_BEYOND_BUDGET)
+    }
+
+    /// How many kernel pairs, each at its worst, fit in half of the host's TCP memory pressure
+    /// threshold (`pressure`, bytes; at least one). Past that threshold the kernel failed the
+    /// psock's sends to the sockets of stalled pairs with EFAULT, which ends such a pair
+    /// (KERNEL-NOTES item 20: 20 pairs whose clients sent 40 MiB each before reading, 19 reset),
+    /// and every TCP socket of the host has its buffers moderated. The other half is for the
+    /// clients' own sockets, the pairs spliced in user space and the rest of the host.
+    pub fn pairs_within_tcp_memory(per_direction: u64, pressure: u64) -> u64 {
+        (pressure / 2 / Self::worst_per_pair(per_direction).max(1)).max(1)
+    }
+
+    /// `--kernel-memory` when it is not given: `DEFAULT_TOTAL`, or the budgets of the pairs
+    /// `pairs_within_tcp_memory` allows where that is less (`pressure`: None if unknown).
+    pub fn default_total(per_direction: u64, pressure: Option<u64>) -> u64 {
+        match pressure {
+            Some(p) => {
+                DEFAULT_TOTAL.min(Self::pairs_within_tcp_memory(per_direction, p).saturating_mul(2 * per_direction))
+            }
+            None => DEFAULT_TOTAL,
+        }
+    }
+}
+
 /// Where one direction stands, from the datapath's counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Measure {
@@ -145,6 +178,22 @@ mod tests {
         assert!(Limits { per_direction: 1 << 20, total: 2 << 20 }.check().is_ok());
         let short = Limits { per_direction: 1 << 20, total: (2 << 20) - 1 }.check().unwrap_err();
         assert!(short.contains("--kernel-memory (2097151)") && short.contains("at least 2097152"), "{short}");
+    }
+
+    #[test]
+    fn by_default_the_kernel_pairs_at_their_worst_fit_in_half_of_tcp_memory_pressure() {
+        let pressure_24g_host = 383_877 * 4096; // tcp_mem of a 24 GiB host: 1.43 GiB
+        assert_eq!(Limits::worst_per_pair(16 << 20), 112 << 20);
+        assert_eq!(Limits::pairs_within_tcp_memory(16 << 20, pressure_24g_host), 6);
+        assert_eq!(Limits::default_total(16 << 20, Some(pressure_24g_host)), 6 * (32 << 20));
+        // A large host keeps the fixed default; an unknown one too.
+        assert_eq!(Limits::default_total(16 << 20, Some(64 << 30)), DEFAULT_TOTAL);
+        assert_eq!(Limits::default_total(16 << 20, None), DEFAULT_TOTAL);
+        // A tiny one still lets one pair in.
+        assert_eq!(Limits::default_total(16 << 20, Some(1 << 20)), 32 << 20);
+        let tiny = Limits { per_direction: 16 << 20, total: Limits::default_total(16 << 20, Some(1 << 20)) };
+        assert!(tiny.check().is_ok());
+        assert_eq!(tiny.max_pairs(), 1);
     }
 
     #[test]
