@@ -168,6 +168,19 @@ fn accel_off_removes_the_cgroup_that_on_created_and_only_that() {
         "{err}"
     );
     assert!(made.exists(), "{err}");
+    // Root without CAP_SYS_ADMIN cannot read the record of the directories `on` created (a
+    // trusted.* attribute reads as absent): refused before anything changes, not an `off` that
+    // removed the state, kept the directories and said it was done (a helper's privilege pass).
+    let out = Command::new("setpriv")
+        .args(["--inh-caps=-all", "--bounding-set=-sys_admin", "--"])
+        .arg(SKRELAY)
+        .args(["accel", "off", "--cgroup", &format!("{outer}/inner")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("created for cgroup") && err.contains("grant CAP_SYS_ADMIN"), "{err}");
+    assert!(made.exists() && status_of(&made).contains("set up by `accel on`"), "{err}");
     ok(&["accel", "off", "--cgroup", &format!("{outer}/inner")]);
     assert!(!made.exists() && !mount.join(&outer).exists(), "accel off left the cgroups accel on created");
     // A cgroup that was there before stays.

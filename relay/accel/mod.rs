@@ -878,6 +878,9 @@ pub struct Disabled {
     pub forced_sockets: u64,
 }
 
+/// capability.h: what reading and writing trusted.* extended attributes takes.
+const CAP_SYS_ADMIN: u32 = 21;
+
 /// `skrelay accel off`: stops accelerating new connections at once, waits up to `drain` for
 /// accelerated connections to close, then removes the pinned state. Connections still open after
 /// that keep the fast path and the state stays pinned (an error says so) unless `force`.
@@ -918,6 +921,16 @@ fn off_set_up(
         bpffs::check_owner("accel", &dir, names.iter().map(String::as_str))?;
         if only.is_some_and(|s| pinned::set_up_of(&dir) != Some(s)) {
             return Ok(None);
+        }
+        // Which cgroup directories `on` created is recorded in a trusted.* attribute, which
+        // reads as absent without CAP_SYS_ADMIN: `off` removed the state, left the directories
+        // and said it was done (a helper's pass, root with its capabilities dropped). Refused
+        // before anything changes, as `on` is.
+        if !crate::sys::effective_capabilities(Path::new("/proc/self")).is_some_and(|c| c & (1 << CAP_SYS_ADMIN) != 0) {
+            return Err(Error::Usage(format!(
+                "cannot read which cgroup directories `accel on` created for cgroup {cg}, to remove them with its \
+                 state (a trusted.* extended attribute): permission denied (run as root or grant CAP_SYS_ADMIN)"
+            )));
         }
         pinned::start_draining(&dir)?;
     }
