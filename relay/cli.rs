@@ -123,8 +123,9 @@ pub enum Command {
     /// What a connection queues is bounded (--max-queued); streams the redirect cannot speed up go
     /// back to plain TCP. Kernel limits (README, accel): MSG_WAITALL returns short reads; on 6.18 a
     /// thread blocked in recv gets EAGAIN, not the EOF or reset, when another thread shuts the
-    /// same socket down (SHUT_WR or SHUT_RD) or the peer resets; the next call says it (event-loop
-    /// readers are not affected); and a reader that uses splice(2) (Go's io.Copy
+    /// same socket down (SHUT_WR or SHUT_RD) or the peer resets, and mid-stream where the same
+    /// socket also sends in bulk (threaded or blocking echo servers and proxies); the next call
+    /// says it (event-loop readers are not affected); and a reader that uses splice(2) (Go's io.Copy
     /// between TCP connections, HAProxy with splice) misses the redirected bytes: it sees an early
     /// end of a stream that fits in --max-queued, and hangs on a longer one; FIONREAD counts only
     /// redirected bytes, so a receiver that trusts it (nginx as a reverse proxy or upload target)
