@@ -926,7 +926,7 @@ fn off_set_up(
         // reads as absent without CAP_SYS_ADMIN: `off` removed the state, left the directories
         // and said it was done (a helper's pass, root with its capabilities dropped). Refused
         // before anything changes, as `on` is.
-        if !crate::sys::effective_capabilities(Path::new("/proc/self")).is_some_and(|c| c & (1 << CAP_SYS_ADMIN) != 0) {
+        if crate::sys::effective_capabilities(Path::new("/proc/self")).is_none_or(|c| c & (1 << CAP_SYS_ADMIN) == 0) {
             return Err(Error::Usage(format!(
                 "cannot read which cgroup directories `accel on` created for cgroup {cg}, to remove them with its \
                  state (a trusted.* extended attribute): permission denied (run as root or grant CAP_SYS_ADMIN)"
