@@ -78,7 +78,9 @@ pub fn unavailable(step: &str, err: &(dyn std::error::Error + 'static)) -> Error
                 true => "BPF takes capabilities in the initial user namespace, which root of a user namespace has \
                          not: run as root outside it, or with --datapath userspace"
                     .to_string(),
-                false => "run as root or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON".to_string(),
+                false => {
+                    format!("run as root or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON{}", missing_capabilities())
+                }
             };
             ("operation not permitted".to_string(), fix)
         }
@@ -137,6 +139,35 @@ pub fn fallback_said_as(err: Error, instead: Option<&str>) -> Error {
         .fold(fix, |fix, said| fix.replace(said, &or))
         .replace("; use --datapath userspace on this kernel", &here);
     Error::BpfUnavailable { reason, fix }
+}
+
+/// Which of the capabilities loading skrelay's programs takes this process lacks, for the fix:
+/// "; this process lacks CAP_PERFMON", or, for root, "; this root process lacks ... (...)": the same
+/// sentence whatever was missing told a root process whose bounding set dropped one to run as
+/// root (a helper's privilege pass). Empty when they cannot be read or none is missing.
+fn missing_capabilities() -> String {
+    let Some(eff) = crate::sys::effective_capabilities(std::path::Path::new("/proc/self")) else {
+        return String::new();
+    };
+    // capability.h: NET_ADMIN 12, SYS_ADMIN 21, PERFMON 38, BPF 39.
+    let missing: Vec<&str> = [("CAP_BPF", 39), ("CAP_NET_ADMIN", 12), ("CAP_PERFMON", 38)]
+        .into_iter()
+        .filter(|&(_, bit)| eff & (1u64 << bit) == 0)
+        .map(|(name, _)| name)
+        .collect();
+    let names = match missing.as_slice() {
+        [] => return String::new(),
+        [one] => one.to_string(),
+        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
+    };
+    let them = if missing.len() == 1 { "it" } else { "them" };
+    match rustix::process::geteuid().is_root() {
+        true => format!(
+            "; this root process lacks {names}, which its bounding set or its container drops: `capsh --print` \
+             shows {them}"
+        ),
+        false => format!("; this process lacks {names}"),
+    }
 }
 
 /// This process holds, effective, what loading skrelay's programs takes: CAP_SYS_ADMIN, or
