@@ -531,7 +531,8 @@ impl SpliceArgs {
 
 /// Seconds, whole or decimal (`30`, `0.5`).
 pub fn parse_secs(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s.trim().parse().map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    let secs: f64 =
+        s.trim().parse().map_err(|_| format!("`{s}` is not a number of seconds (give e.g. 30 or 0.5, no unit)"))?;
     if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
         return Err(format!("`{s}` is not a number of seconds between 0 and 1e9"));
     }
