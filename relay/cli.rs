@@ -315,7 +315,8 @@ pub struct SpliceArgs {
     /// reset). At least 2 x kernel-buffer. K, M and G suffixes. Left out: 2G, or less on a host
     /// whose TCP memory is small: as many pairs as, each at its worst (2 x (kernel-buffer + 40
     /// MiB) when its clients do not read), stay within half of TCP's memory pressure threshold
-    /// (net.ipv4.tcp_mem), past which the kernel fails the sends of such pairs (said at start)
+    /// (net.ipv4.tcp_mem), past which the kernel fails the sends of such pairs; at least one
+    /// (said at start, with a warning where the pairs it lets in could pass that half)
     #[arg(long, value_parser = parse_size, value_name = "BYTES", allow_negative_numbers = true)]
     pub kernel_memory: Option<u64>,
     /// On SIGINT/SIGTERM/SIGHUP (or when a handover to a --takeover process cannot be done), let live

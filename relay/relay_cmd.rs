@@ -142,45 +142,71 @@ fn kernel_limits(common: &SpliceArgs) -> (Limits, Option<(log::Level, String)>) 
     let total = common.kernel_memory.unwrap_or_else(|| Limits::default_total(per_direction, pressure.map(|p| p.0)));
     let limits = Limits { per_direction, total };
     let Some((pressure, read)) = pressure else { return (limits, None) };
-    let mib = |bytes: u64| format!("{} MiB", bytes >> 20);
     let worst = Limits::worst_per_pair(per_direction);
     let fit = Limits::pairs_within_tcp_memory(per_direction, pressure);
     let pairs = limits.max_pairs() as u64;
     let threshold = match read {
-        true => format!("TCP's memory pressure threshold (net.ipv4.tcp_mem: {})", mib(pressure)),
+        true => format!("TCP's memory pressure threshold (net.ipv4.tcp_mem: {})", size(pressure)),
         false => format!(
             "TCP's memory pressure threshold ({}: net.ipv4.tcp_mem's default, 1/16 of the memory; the host's \
              setting does not show in this network namespace)",
-            mib(pressure)
+            size(pressure)
         ),
     };
-    let note = if !given && total < DEFAULT_TOTAL {
+    let at_worst = pairs.saturating_mul(worst);
+    let note = if at_worst > pressure / 2 {
+        // A given --kernel-memory that lets in more pairs than fit, or a --kernel-buffer so large
+        // that one pair alone passes the half (the default still lets one pair in).
+        let fix = if pairs > fit {
+            match given {
+                true => format!(
+                    "leave --kernel-memory out for {fit} pair(s) here, or give at most {}",
+                    size(fit * 2 * per_direction)
+                ),
+                false => "give a smaller --kernel-memory".to_string(),
+            }
+        } else {
+            "lower --kernel-buffer".to_string()
+        };
+        Some((
+            log::Level::Warn,
+            format!(
+                "kernel datapath: {pairs} pair(s) in the kernel at once (--kernel-memory {}) may hold up to {} when \
+                 their clients do not read, more than half of {threshold}: past it the kernel fails the sends of \
+                 such pairs, which then stall or are reset ({fix})",
+                size(total),
+                size(at_worst)
+            ),
+        ))
+    } else if !given && total < DEFAULT_TOTAL {
         Some((
             log::Level::Info,
             format!(
                 "kernel datapath: at most {pairs} pair(s) in the kernel at once (--kernel-memory defaults to {} on \
                  this host): each may hold up to {} when its clients do not read, and together they stay within \
                  half of {threshold}; further pairs are spliced in user space",
-                mib(total),
-                mib(worst)
-            ),
-        ))
-    } else if given && pairs > fit {
-        Some((
-            log::Level::Warn,
-            format!(
-                "--kernel-memory {} lets {pairs} pairs into the kernel at once, which may hold up to {} when their \
-                 clients do not read, more than half of {threshold}: past it the kernel fails the sends of such \
-                 pairs, which are then reset (leave --kernel-memory out for {fit} pair(s) here, or give at most {})",
-                mib(total),
-                mib(pairs.saturating_mul(worst)),
-                mib(fit.saturating_mul(2 * per_direction))
+                size(total),
+                size(worst)
             ),
         ))
     } else {
         None
     };
     (limits, note)
+}
+
+/// A byte count as the K/M/G suffixes the flags take, exact: "192 MiB", "1152 KiB", "1000 bytes"
+/// (whole MiB alone said "1 MiB" for 1152 KiB, and told a user who gave 1280K to give at most
+/// "1 MiB": a re-check pass).
+fn size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{} GiB", b >> 30),
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{} KiB", b >> 10),
+        // Not a count one would give (1/16 of the memory): to a tenth of a MiB.
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / 1048576.0),
+        b => format!("{b} bytes"),
+    }
 }
 
 /// Fewer spare descriptors than this at start get a warning: a relay that starts with one or two
@@ -491,4 +517,18 @@ pub fn funnel(
     let n = funnel.ports();
     log::info!("--ports: {n} port{} ({ports}) steered to {addr} with BPF sk_lookup", if n == 1 { "" } else { "s" });
     Ok(funnel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::size;
+
+    #[test]
+    fn sizes_are_said_exactly_in_the_units_the_flags_take() {
+        assert_eq!(size(2 << 30), "2 GiB");
+        assert_eq!(size(192 << 20), "192 MiB");
+        assert_eq!(size(1152 << 10), "1152 KiB");
+        assert_eq!(size(1000), "1000 bytes");
+        assert_eq!(size(1_579_761_408), "1506.6 MiB");
+    }
 }

@@ -180,7 +180,26 @@ fn accel_off_removes_the_cgroup_that_on_created_and_only_that() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("created for cgroup") && err.contains("grant CAP_SYS_ADMIN"), "{err}");
+    // So is root of a user namespace, whose CapEff reads full (a re-check pass).
+    let out = Command::new("unshare")
+        .args(["-U", "-r", "--"])
+        .arg(SKRELAY)
+        .args(["accel", "off", "--cgroup", &format!("{outer}/inner")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("created for cgroup") && err.contains("outside any user namespace"), "{err}");
     assert!(made.exists() && status_of(&made).contains("set up by `accel on`"), "{err}");
+    // And `status` says it cannot tell who set it up, rather than leaving the line out.
+    let out = Command::new("setpriv")
+        .args(["--inh-caps=-all", "--bounding-set=-sys_admin", "--"])
+        .arg(SKRELAY)
+        .args(["accel", "status"])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains("set up by: not known here") && shown.contains("CAP_SYS_ADMIN"), "{shown}");
     ok(&["accel", "off", "--cgroup", &format!("{outer}/inner")]);
     assert!(!made.exists() && !mount.join(&outer).exists(), "accel off left the cgroups accel on created");
     // A cgroup that was there before stays.

@@ -82,6 +82,9 @@ pub struct AccelReport {
     pub races_lost: u64,
     /// Who set it up, and whether that process is still there.
     pub owner: Option<cgroup::Owner>,
+    /// No owner could be read because this process lacks CAP_SYS_ADMIN (the record is a trusted.*
+    /// attribute, which reads as absent without it): said, not left out in silence.
+    pub owner_unreadable: bool,
     /// The cgroup's directory was removed after the set-up: no process can be in it, so nothing
     /// new is accelerated; the state stays pinned until `accel off`.
     pub cgroup_gone: bool,
@@ -130,6 +133,12 @@ impl fmt::Display for AccelReport {
         }
         if let Some(owner) = &self.owner {
             writeln!(f, "  {}", owner.describe(&self.cgroup))?;
+        } else if self.owner_unreadable {
+            writeln!(
+                f,
+                "  set up by: not known here (the record is a trusted.* extended attribute, which takes CAP_SYS_ADMIN \
+                 to read)"
+            )?;
         }
         let how = match self.owner.as_ref().and_then(|o| o.measured.as_deref()) {
             Some("none") => " (the default where it could not be measured)".to_string(),
@@ -207,6 +216,7 @@ impl AccelReport {
         serde_json::json!({
             "cgroup": self.cgroup.to_string_lossy(),
             "owner": self.owner.as_ref().map(|o| o.json(&self.cgroup)),
+            "owner_unreadable": self.owner_unreadable,
             "cgroup_gone": self.cgroup_gone,
             "pins": self.pins.to_string_lossy(),
             "ports": self.ports,
@@ -372,6 +382,7 @@ fn report_for(dir: &Path, cg: &Cgroup) -> Result<AccelReport, Error> {
         last_errno: s(accel_stat::LAST_ERRNO),
         races_lost: s(accel_stat::RACES_LOST),
         owner: cg.owner(),
+        owner_unreadable: lacks_cap_sys_admin() && cg.owner().is_none(),
         cgroup_gone: !cg.path().is_dir(),
         pauses: s(accel_stat::PAUSES),
         resumes: s(accel_stat::RESUMES),
@@ -881,6 +892,14 @@ pub struct Disabled {
 /// capability.h: what reading and writing trusted.* extended attributes takes.
 const CAP_SYS_ADMIN: u32 = 21;
 
+/// This process cannot read or write trusted.* extended attributes (the owner record): that
+/// takes CAP_SYS_ADMIN in the initial user namespace, which root of another (`unshare -U -r`,
+/// whose CapEff reads full) has not (a re-check pass: `off` from there did the original bug).
+fn lacks_cap_sys_admin() -> bool {
+    crate::bpf::in_user_namespace()
+        || crate::sys::effective_capabilities(Path::new("/proc/self")).is_none_or(|c| c & (1 << CAP_SYS_ADMIN) == 0)
+}
+
 /// `skrelay accel off`: stops accelerating new connections at once, waits up to `drain` for
 /// accelerated connections to close, then removes the pinned state. Connections still open after
 /// that keep the fast path and the state stays pinned (an error says so) unless `force`.
@@ -926,10 +945,11 @@ fn off_set_up(
         // reads as absent without CAP_SYS_ADMIN: `off` removed the state, left the directories
         // and said it was done (a helper's pass, root with its capabilities dropped). Refused
         // before anything changes, as `on` is.
-        if crate::sys::effective_capabilities(Path::new("/proc/self")).is_none_or(|c| c & (1 << CAP_SYS_ADMIN) == 0) {
+        if lacks_cap_sys_admin() {
             return Err(Error::Usage(format!(
-                "cannot read which cgroup directories `accel on` created for cgroup {cg}, to remove them with its \
-                 state (a trusted.* extended attribute): permission denied (run as root or grant CAP_SYS_ADMIN)"
+                "cannot read which cgroup directories skrelay created for cgroup {cg}, to remove them with its \
+                 state (a trusted.* extended attribute): permission denied (run as root, outside any user \
+                 namespace, or grant CAP_SYS_ADMIN)"
             )));
         }
         pinned::start_draining(&dir)?;
@@ -1333,6 +1353,7 @@ mod tests {
             last_errno: libc::E2BIG as u64,
             races_lost: 0,
             owner: None,
+            owner_unreadable: false,
             cgroup_gone: false,
             pauses: 0,
             resumes: 0,
