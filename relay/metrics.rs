@@ -380,6 +380,20 @@ pub struct PairMetric {
 }
 
 impl PairMetric {
+    /// The pair is carried by `datapath` now: a kernel-datapath pair whose join found the socket
+    /// maps or `--kernel-memory` full stays on splice(2), and counts as `userspace` from then on
+    /// (it counted as `kernel` to its end: 22 pairs active on `kernel` with 6 in the maps; a
+    /// re-check pass).
+    pub fn move_to(&mut self, datapath: &'static str) {
+        if self.ended || self.datapath == datapath {
+            return;
+        }
+        let m = &self.metrics.inner;
+        m.pairs_active.get_or_create(&[("datapath", self.datapath)]).dec();
+        m.pairs_active.get_or_create(&[("datapath", datapath)]).inc();
+        self.datapath = datapath;
+    }
+
     /// The pair ended `how`, having delivered `bytes` (both directions together).
     pub fn end(&mut self, how: PairEnd, bytes: u64) {
         if std::mem::replace(&mut self.ended, true) {

@@ -473,12 +473,20 @@ fn a_pair_kept_out_of_a_full_kernel_budget_says_so_when_it_later_half_closes() {
     one_way(&mut c, &mut d, 51);
     thread::sleep(Duration::from_millis(200)); // idle past --kernel-after: it tries to join
     one_way(&mut c, &mut d, 52);
+    // Kept out, it counts as spliced in user space while it lives, not as a kernel pair (22
+    // active on `kernel` with 6 in the maps; a re-check pass).
+    relay.wait_metrics("the second pair counted on userspace", Duration::from_secs(5), |m| {
+        m.get("skrelay_pairs_active{datapath=\"userspace\"}") == 1
+            && m.get("skrelay_pairs_active{datapath=\"kernel\"}") == 1
+    });
     c.shutdown(Shutdown::Write).unwrap();
     expect_eof(&mut d);
     d.shutdown(Shutdown::Write).unwrap();
     expect_eof(&mut c);
     let m = relay.wait_pairs_ended(1, Duration::from_secs(5));
     assert_eq!(m.paths("userspace"), 1, "the budget kept it out:\n{}", m.text);
+    assert_eq!(m.pairs("userspace", "eof"), 1, "counted where its bytes went:\n{}", m.text);
+    assert_eq!(m.bytes("userspace"), 2 * (256 << 10), "{}", m.text);
     let log = relay.log();
     assert!(!log.contains("half-closed before the pair could join") && !log.contains("a client half-closed"), "{log}");
     drop((a, b));

@@ -1013,6 +1013,11 @@ impl Server {
             Step::Ended(ending) => self.end_pair(slot, ending),
             Step::Live { flush_check, again, interest } => {
                 let serial = pair.serial();
+                if pair.datapath() == UserspaceDatapath.name() {
+                    if let Some(metric) = self.pair_metrics.get_mut(&slot) {
+                        metric.move_to(UserspaceDatapath.name());
+                    }
+                }
                 if let Some(interest) = interest {
                     pair.reregister(self.poll.registry(), tokens(slot), interest);
                 }
@@ -1045,6 +1050,9 @@ impl Server {
         };
         let ended = pair.end(ending);
         if let Some(mut metric) = self.pair_metrics.remove(&slot) {
+            if ended.datapath == UserspaceDatapath.name() {
+                metric.move_to(UserspaceDatapath.name());
+            }
             metric.end(counted, ended.moved[0] + ended.moved[1]);
         }
         self.metrics.pair_path(ended.datapath);
