@@ -381,6 +381,43 @@ fn the_stop_signal_again_resets_live_pairs_at_once(dp: &str) {
 
 per_datapath!(the_stop_signal_again_resets_live_pairs_at_once);
 
+/// Without CAP_NET_ADMIN (or under a systemd unit that blocks netlink, as the shipped ones did:
+/// an operations pass) a cut pair's clients cannot be reset before it is counted, and the count
+/// is less exact: said once, with the fix, not in silence.
+#[test]
+fn a_relay_that_cannot_reset_cut_pairs_before_counting_them_says_so_once() {
+    let _netns = enter_netns();
+    let mut relay = Skrelay::spawn(without_capabilities(&["relay", "--datapath", "userspace"]), "listening on");
+    let mut pairs = Vec::new();
+    for _ in 0..2 {
+        let (mut a, mut b) = (connect(addr()), connect(addr()));
+        a.write_all(b"x").unwrap();
+        assert_eq!(read_n(&mut b, 1), b"x");
+        pairs.push((a, b));
+    }
+    relay.signal(libc::SIGQUIT);
+    let status = relay.wait(Duration::from_secs(10));
+    assert!(status.success(), "exit {status}\n{}", relay.log());
+    for (a, b) in &mut pairs {
+        for s in [a, b] {
+            let r = std::io::Read::read(s, &mut [0u8; 1]);
+            assert!(matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset), "got {r:?}");
+        }
+    }
+    let log = relay.log();
+    let said = "cannot reset the clients of a cut pair before counting it";
+    assert_eq!(log.matches(said).count(), 1, "{log}");
+    assert!(log.contains("grant CAP_NET_ADMIN; under systemd, allow AF_NETLINK"), "{log}");
+    // A root relay resets them first, and says nothing.
+    let mut relay = Skrelay::start(&["relay", "--datapath", "userspace"]);
+    let (mut a, mut b) = (connect(addr()), connect(addr()));
+    a.write_all(b"x").unwrap();
+    assert_eq!(read_n(&mut b, 1), b"x");
+    relay.signal(libc::SIGQUIT);
+    let status = relay.wait(Duration::from_secs(10));
+    assert!(status.success() && !relay.log().contains(said), "{}", relay.log());
+}
+
 /// SIGHUP, SIGQUIT and SIGUSR1 were left at their defaults, which kill: a relay started from an
 /// ssh session cut every pair when the session hung up, with no drain and no log line (a
 /// helper's pass). SIGHUP now drains as SIGTERM does (unless ignored when skrelay started, as

@@ -505,6 +505,22 @@ impl Pair {
             let aborted = self.ends.each_ref().map(sys::abort);
             if let Some(Err(e)) = aborted.iter().find(|r| r.is_err()) {
                 log::debug!("pair {}: counting before the reset: {e}", self.serial);
+                // Once a process: an operator whose service blocks netlink (systemd's
+                // RestrictAddressFamilies without AF_NETLINK, as the shipped units had: an
+                // operations pass) or lacks CAP_NET_ADMIN gets the less exact count in silence.
+                // Only for what stops every abort (not a socket its client closed meanwhile).
+                let refused = matches!(
+                    e.raw_os_error(),
+                    Some(libc::EPERM | libc::EACCES | libc::EAFNOSUPPORT | libc::EPROTONOSUPPORT | libc::EOPNOTSUPP)
+                );
+                static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+                if refused && !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    log::warn!(
+                        "cannot reset the clients of a cut pair before counting it ({e}): cut pairs are counted just \
+                         before their reset, and a client still reading may take more than its line says (grant \
+                         CAP_NET_ADMIN; under systemd, allow AF_NETLINK in RestrictAddressFamilies)"
+                    );
+                }
             }
             [
                 self.splice.moved_at_cut(0, &self.ends[0], &self.ends[1], self.shut[0], reset_by_client[1]),
