@@ -168,36 +168,27 @@ fn accel_off_removes_the_cgroup_that_on_created_and_only_that() {
         "{err}"
     );
     assert!(made.exists(), "{err}");
+    // skrelay under `wrapper` (a command that drops what root has, then runs its arguments).
+    let as_less_than_root = |wrapper: &[&str], args: &[&str]| {
+        Command::new(wrapper[0]).args(&wrapper[1..]).arg("--").arg(SKRELAY).args(args).output().unwrap()
+    };
+    let off = ["accel", "off", "--cgroup", &format!("{outer}/inner")];
+    let no_sys_admin = ["setpriv", "--inh-caps=-all", "--bounding-set=-sys_admin"];
     // Root without CAP_SYS_ADMIN cannot read the record of the directories `on` created (a
     // trusted.* attribute reads as absent): refused before anything changes, not an `off` that
     // removed the state, kept the directories and said it was done (a helper's privilege pass).
-    let out = Command::new("setpriv")
-        .args(["--inh-caps=-all", "--bounding-set=-sys_admin", "--"])
-        .arg(SKRELAY)
-        .args(["accel", "off", "--cgroup", &format!("{outer}/inner")])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("created for cgroup") && err.contains("grant CAP_SYS_ADMIN"), "{err}");
     // So is root of a user namespace, whose CapEff reads full (a re-check pass).
-    let out = Command::new("unshare")
-        .args(["-U", "-r", "--"])
-        .arg(SKRELAY)
-        .args(["accel", "off", "--cgroup", &format!("{outer}/inner")])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("created for cgroup") && err.contains("outside any user namespace"), "{err}");
-    assert!(made.exists() && status_of(&made).contains("set up by `accel on`"), "{err}");
+    for (wrapper, fix) in
+        [(&no_sys_admin[..], "grant CAP_SYS_ADMIN"), (&["unshare", "-U", "-r"][..], "outside any user namespace")]
+    {
+        let out = as_less_than_root(wrapper, &off);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{wrapper:?}: {err}");
+        assert!(err.contains("created for cgroup") && err.contains(fix), "{wrapper:?}: {err}");
+        assert!(made.exists() && status_of(&made).contains("set up by `accel on`"), "{wrapper:?}: {err}");
+    }
     // And `status` says it cannot tell who set it up, rather than leaving the line out.
-    let out = Command::new("setpriv")
-        .args(["--inh-caps=-all", "--bounding-set=-sys_admin", "--"])
-        .arg(SKRELAY)
-        .args(["accel", "status"])
-        .output()
-        .unwrap();
+    let out = as_less_than_root(&no_sys_admin, &["accel", "status"]);
     let shown = String::from_utf8_lossy(&out.stdout);
     assert!(shown.contains("set up by: not known here") && shown.contains("CAP_SYS_ADMIN"), "{shown}");
     ok(&["accel", "off", "--cgroup", &format!("{outer}/inner")]);

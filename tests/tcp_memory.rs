@@ -12,8 +12,8 @@ mod common;
 use common::*;
 use sha2::{Digest, Sha256};
 use std::{
-    io::{ErrorKind, Read, Write},
-    net::{Shutdown, SocketAddr, TcpStream},
+    io::{ErrorKind, Read},
+    net::{Shutdown, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -53,46 +53,18 @@ fn tcp_memory_pages() -> u64 {
 }
 
 struct Client {
-    stream: TcpStream,
-    pattern: Pattern,
-    chunk: Vec<u8>,
-    at: usize,
-    sent: u64,
-    sent_sha: Sha256,
+    sender: PatternSender,
     got: u64,
     got_sha: Sha256,
     eof: bool,
 }
 
 impl Client {
-    /// Writes until the socket would block.
-    fn push(&mut self) -> u64 {
-        let mut n = 0;
-        loop {
-            if self.at == self.chunk.len() {
-                self.pattern.fill(&mut self.chunk);
-                self.at = 0;
-            }
-            match self.stream.write(&self.chunk[self.at..]) {
-                Ok(k) => {
-                    self.sent_sha.update(&self.chunk[self.at..self.at + k]);
-                    self.at += k;
-                    self.sent += k as u64;
-                    n += k as u64;
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return n,
-                Err(e) => {
-                    panic!("a client's write failed while its partner did not read: {e} ({} bytes sent)", self.sent)
-                }
-            }
-        }
-    }
-
     /// Reads what is there; Err with what went wrong.
     fn pull(&mut self, buf: &mut [u8]) -> Result<u64, String> {
         let mut n = 0;
         while !self.eof {
-            match self.stream.read(buf) {
+            match self.sender.stream.read(buf) {
                 Ok(0) => self.eof = true,
                 Ok(k) => {
                     self.got_sha.update(&buf[..k]);
@@ -122,15 +94,8 @@ fn pairs_whose_clients_both_send_before_they_read_all_finish_on_the_defaults() {
     let mut clients = Vec::with_capacity(2 * pairs);
     for i in 0..2 * pairs {
         // Arrival order pairs clients 2k and 2k + 1.
-        let stream = connect(addr);
-        stream.set_nonblocking(true).unwrap();
         clients.push(Client {
-            stream,
-            pattern: Pattern::new(7000 + i as u64),
-            chunk: vec![0u8; 64 * 1024],
-            at: 64 * 1024,
-            sent: 0,
-            sent_sha: Sha256::new(),
+            sender: PatternSender::new(connect(addr), 7000 + i as u64),
             got: 0,
             got_sha: Sha256::new(),
             eof: false,
@@ -140,14 +105,14 @@ fn pairs_whose_clients_both_send_before_they_read_all_finish_on_the_defaults() {
     let mut peak = baseline;
     let t0 = Instant::now();
     while t0.elapsed() < STALL {
-        let moved: u64 = clients.iter_mut().map(Client::push).sum();
+        let moved: u64 = clients.iter_mut().map(|c| c.sender.push()).sum();
         peak = peak.max(tcp_memory_pages());
         if moved == 0 {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
     for c in &clients {
-        c.stream.shutdown(Shutdown::Write).unwrap();
+        c.sender.stream.shutdown(Shutdown::Write).unwrap();
     }
     let mut buf = vec![0u8; 256 * 1024];
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -163,7 +128,7 @@ fn pairs_whose_clients_both_send_before_they_read_all_finish_on_the_defaults() {
             std::thread::sleep(Duration::from_millis(2));
         }
     }
-    let sent: u64 = clients.iter().map(|c| c.sent).sum();
+    let sent: u64 = clients.iter().map(|c| c.sender.pushed).sum();
     let peak_bytes = (peak - baseline.min(peak)) * 4096;
     eprintln!(
         "{pairs} pairs: clients sent {} MiB before reading; the host's TCP memory rose by at most {} MiB \
@@ -174,10 +139,10 @@ fn pairs_whose_clients_both_send_before_they_read_all_finish_on_the_defaults() {
     );
     for pair in clients.chunks_mut(2) {
         let [a, b] = pair else { unreachable!() };
-        assert_eq!(b.got, a.sent, "bytes lost or duplicated");
-        assert_eq!(a.got, b.sent, "bytes lost or duplicated");
-        assert!(b.got_sha.clone().finalize() == a.sent_sha.clone().finalize(), "bytes damaged or reordered");
-        assert!(a.got_sha.clone().finalize() == b.sent_sha.clone().finalize(), "bytes damaged or reordered");
+        assert_eq!(b.got, a.sender.pushed, "bytes lost or duplicated");
+        assert_eq!(a.got, b.sender.pushed, "bytes lost or duplicated");
+        assert!(b.got_sha.clone().finalize() == a.sender.sha.clone().finalize(), "bytes damaged or reordered");
+        assert!(a.got_sha.clone().finalize() == b.sender.sha.clone().finalize(), "bytes damaged or reordered");
     }
     assert!(
         peak * 4096 < pressure,

@@ -13,8 +13,8 @@ mod common;
 use common::*;
 use sha2::{Digest, Sha256};
 use std::{
-    io::{ErrorKind, Read, Write},
-    net::{Shutdown, SocketAddr, TcpStream},
+    io::{ErrorKind, Read},
+    net::{Shutdown, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -49,38 +49,6 @@ fn mem_available() -> u64 {
         * 1024
 }
 
-struct Sender {
-    stream: TcpStream,
-    pattern: Pattern,
-    chunk: Vec<u8>,
-    at: usize,
-    pushed: u64,
-    sha: Sha256,
-}
-
-impl Sender {
-    /// Writes until the socket would block; bytes written.
-    fn push(&mut self) -> u64 {
-        let mut n = 0;
-        loop {
-            if self.at == self.chunk.len() {
-                self.pattern.fill(&mut self.chunk);
-                self.at = 0;
-            }
-            match self.stream.write(&self.chunk[self.at..]) {
-                Ok(k) => {
-                    self.sha.update(&self.chunk[self.at..self.at + k]);
-                    self.at += k;
-                    self.pushed += k as u64;
-                    n += k as u64;
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return n,
-                Err(e) => panic!("a sender's write failed: {e}"),
-            }
-        }
-    }
-}
-
 #[test]
 fn a_thousand_stalled_pairs_stay_within_the_global_limit_and_lose_nothing() {
     // Only the initial network namespace shows net.ipv4.tcp_mem (it is host-wide).
@@ -113,22 +81,14 @@ fn a_thousand_stalled_pairs_stay_within_the_global_limit_and_lose_nothing() {
         // Arrival order pairs each sender with the reader that connects right after it.
         let a = connect(addr);
         let b = connect(addr);
-        a.set_nonblocking(true).unwrap();
-        senders.push(Sender {
-            stream: a,
-            pattern: Pattern::new(5000 + i as u64),
-            chunk: vec![0u8; 64 * 1024],
-            at: 64 * 1024,
-            pushed: 0,
-            sha: Sha256::new(),
-        });
+        senders.push(PatternSender::new(a, 5000 + i as u64));
         readers.push(b);
     }
     // Every sender writes while it can; nobody reads.
     let t0 = Instant::now();
     let mut late = Vec::new();
     while t0.elapsed() < STALL {
-        let moved: u64 = senders.iter_mut().map(Sender::push).sum();
+        let moved: u64 = senders.iter_mut().map(PatternSender::push).sum();
         if t0.elapsed() > STALL / 2 {
             late.push(before.saturating_sub(mem_available()));
         }

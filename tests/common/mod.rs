@@ -392,6 +392,55 @@ impl Pattern {
     }
 }
 
+/// A client that writes pattern `seed` on a nonblocking socket while it takes bytes, and hashes
+/// what it wrote: the sender of a partner that does not read (tests/thousand_stalled_pairs.rs,
+/// tests/tcp_memory.rs).
+pub struct PatternSender {
+    pub stream: TcpStream,
+    pattern: Pattern,
+    chunk: Vec<u8>,
+    at: usize,
+    /// Bytes written so far.
+    pub pushed: u64,
+    /// sha256 of them.
+    pub sha: Sha256,
+}
+
+impl PatternSender {
+    pub fn new(stream: TcpStream, seed: u64) -> Self {
+        stream.set_nonblocking(true).unwrap();
+        PatternSender {
+            stream,
+            pattern: Pattern::new(seed),
+            chunk: vec![0u8; 64 * 1024],
+            at: 64 * 1024,
+            pushed: 0,
+            sha: Sha256::new(),
+        }
+    }
+
+    /// Writes until the socket would block; bytes written. A write error fails the test.
+    pub fn push(&mut self) -> u64 {
+        let mut n = 0;
+        loop {
+            if self.at == self.chunk.len() {
+                self.pattern.fill(&mut self.chunk);
+                self.at = 0;
+            }
+            match self.stream.write(&self.chunk[self.at..]) {
+                Ok(k) => {
+                    self.sha.update(&self.chunk[self.at..self.at + k]);
+                    self.at += k;
+                    self.pushed += k as u64;
+                    n += k as u64;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return n,
+                Err(e) => panic!("a sender's write failed after {} bytes: {e}", self.pushed),
+            }
+        }
+    }
+}
+
 fn splitmix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E3779B97F4A7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
