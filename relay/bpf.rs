@@ -162,10 +162,10 @@ fn missing_capabilities() -> String {
     };
     let them = if missing.len() == 1 { "it" } else { "them" };
     match rustix::process::geteuid().is_root() {
-        true => format!(
-            "; this root process lacks {names}, which its bounding set or its container drops: `capsh --print` \
-             shows {them}"
-        ),
+        // Which set drops them (bounding set, securebits, a container) is `capsh`'s to say: a
+        // root process with a full bounding set and securebits noroot was told its bounding set
+        // dropped them (a re-check pass).
+        true => format!("; this root process lacks {names}: `capsh --print` shows what drops {them}"),
         false => format!("; this process lacks {names}"),
     }
 }

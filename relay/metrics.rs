@@ -381,9 +381,9 @@ pub struct PairMetric {
 
 impl PairMetric {
     /// The pair is carried by `datapath` now: a kernel-datapath pair whose join found the socket
-    /// maps or `--kernel-memory` full stays on splice(2), and counts as `userspace` from then on
-    /// (it counted as `kernel` to its end: 22 pairs active on `kernel` with 6 in the maps; a
-    /// re-check pass).
+    /// maps or `--kernel-memory` full stays on splice(2) and counts as `userspace` (it counted as
+    /// `kernel` to its end: 22 pairs active on `kernel` with 6 in the maps; a re-check pass),
+    /// and as `kernel` again once a later try joins.
     pub fn move_to(&mut self, datapath: &'static str) {
         if self.ended || self.datapath == datapath {
             return;

@@ -3,6 +3,19 @@
 Run it plain and under `skrelay accel run -- python3 scripts/accel-bench.py` to compare."""
 import socket, sys, threading, time
 
+USAGE = """# scripts/accel-bench.py: loopback throughput (1 GiB, 256 KiB writes) and 64-byte ping-pong
+# latency (p50, p99) between two threads of one process, in one line.
+#   python3 scripts/accel-bench.py                                   plain loopback
+#   skrelay accel run -- python3 scripts/accel-bench.py              under accel
+# Takes no arguments."""
+
+if sys.argv[1:] in (["-h"], ["--help"]):
+    print(USAGE)
+    sys.exit(0)
+if sys.argv[1:]:
+    print(f"accel-bench.py: takes no arguments (got {' '.join(sys.argv[1:])}; see --help)", file=sys.stderr)
+    sys.exit(2)
+
 def pair():
     l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen()
     c = socket.socket(); c.connect(l.getsockname()); s, _ = l.accept()

@@ -178,9 +178,10 @@ fn accel_off_removes_the_cgroup_that_on_created_and_only_that() {
     // trusted.* attribute reads as absent): refused before anything changes, not an `off` that
     // removed the state, kept the directories and said it was done (a helper's privilege pass).
     // So is root of a user namespace, whose CapEff reads full (a re-check pass).
-    for (wrapper, fix) in
-        [(&no_sys_admin[..], "grant CAP_SYS_ADMIN"), (&["unshare", "-U", "-r"][..], "outside any user namespace")]
-    {
+    for (wrapper, fix) in [
+        (&no_sys_admin[..], "CAP_SYS_ADMIN, which this process lacks"),
+        (&["unshare", "-U", "-r"][..], "outside any user namespace"),
+    ] {
         let out = as_less_than_root(wrapper, &off);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{wrapper:?}: {err}");

@@ -361,7 +361,7 @@ fn a_full_max_pending_warns_of_waiting_clients_only_and_names_each_client_it_res
     let r = b.read(&mut [0u8; 1]);
     assert!(matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset), "{r:?}");
     relay.wait_log(
-        &format!("client {b_addr} reset: 1 clients already wait for a partner (--max-pending)"),
+        &format!("client {b_addr} reset: 1 client already waits for a partner (--max-pending)"),
         1,
         Duration::from_secs(5),
     );

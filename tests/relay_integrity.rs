@@ -444,6 +444,54 @@ fn a_pair_past_kernel_after_whose_pipes_never_emptied_says_so() {
     assert!(!log.contains("below --kernel-after"), "{log}");
 }
 
+/// A pair kept out of a full --kernel-memory counts under `userspace` in the pair metrics while
+/// it is, and under `kernel` again once a later try joins, when the kernel pair ends (it stayed
+/// counted as userspace to its end, against its path and log line; a re-check pass).
+#[test]
+fn a_kept_out_pair_counts_where_its_bytes_go_and_moves_back_when_it_joins() {
+    let _netns = enter_netns();
+    if !require_bpf("a_kept_out_pair_counts_where_its_bytes_go_and_moves_back_when_it_joins") {
+        return;
+    }
+    let mut cmd = std::process::Command::new(SKRELAY);
+    cmd.args(["relay", "--datapath", "kernel", "--kernel-buffer", "64K", "--kernel-memory", "128K"]);
+    cmd.args(["--threads", "1", "--metrics", "127.0.0.1:0"]);
+    let relay = Skrelay::spawn(cmd, "listening on");
+    let one_way = |a: &mut TcpStream, b: &mut TcpStream, seed: u64| {
+        let sent = send_pattern(a, seed, 256 << 10).unwrap();
+        let mut got = vec![0u8; 256 << 10];
+        std::io::Read::read_exact(b, &mut got).unwrap();
+        assert_eq!(sha(&got), sent);
+    };
+    let active = |m: &Scrape| {
+        [m.get("skrelay_pairs_active{datapath=\"kernel\"}"), m.get("skrelay_pairs_active{datapath=\"userspace\"}")]
+    };
+    let (mut a, mut b) = (connect(addr()), connect(addr()));
+    one_way(&mut a, &mut b, 60);
+    relay.wait_metrics("the first pair in the kernel", Duration::from_secs(5), |m| active(m) == [1, 0]);
+    let (mut c, mut d) = (connect(addr()), connect(addr()));
+    one_way(&mut c, &mut d, 61);
+    thread::sleep(Duration::from_millis(200)); // idle past --kernel-after: it tries to join
+    one_way(&mut c, &mut d, 62);
+    relay.wait_metrics("the second pair kept out", Duration::from_secs(5), |m| active(m) == [1, 1]);
+    // The first pair ends; the second joins at its next try.
+    drop((a, b));
+    relay.wait_pairs_ended(1, Duration::from_secs(5));
+    for seed in 63..66 {
+        one_way(&mut c, &mut d, seed);
+        thread::sleep(Duration::from_millis(100));
+    }
+    relay.wait_metrics("the second pair back under kernel", Duration::from_secs(5), |m| active(m) == [1, 0]);
+    c.shutdown(Shutdown::Write).unwrap();
+    expect_eof(&mut d);
+    d.shutdown(Shutdown::Write).unwrap();
+    expect_eof(&mut c);
+    let m = relay.wait_pairs_ended(2, Duration::from_secs(5));
+    assert_eq!(m.paths("kernel, after a userspace start"), 2, "{}", m.text);
+    assert_eq!(m.pairs("kernel", "eof") + m.pairs("kernel", "reset"), 2, "both ended under kernel:\n{}", m.text);
+    assert_eq!(m.pairs_ended("userspace"), 0, "{}", m.text);
+}
+
 #[test]
 fn a_pair_kept_out_of_a_full_kernel_budget_says_so_when_it_later_half_closes() {
     // --kernel-memory for one kernel pair: the first long pair joins and holds it; the second

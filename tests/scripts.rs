@@ -7,11 +7,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// Runs `bash scripts/NAME ARGS` from the repository root: (exit code, stdout, stderr, time).
+/// Runs `bash scripts/NAME ARGS` (`python3` for a .py) from the repository root: (exit code,
+/// stdout, stderr, time).
 fn script(name: &str, args: &[&str]) -> (i32, String, String, Duration) {
     let t = Instant::now();
+    let interpreter = if name.ends_with(".py") { "python3" } else { "bash" };
     let out = Command::new("timeout")
-        .args(["20", "bash", &format!("scripts/{name}")])
+        .args(["20", interpreter, &format!("scripts/{name}")])
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
@@ -20,7 +22,8 @@ fn script(name: &str, args: &[&str]) -> (i32, String, String, Duration) {
     (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr), t.elapsed())
 }
 
-const SCRIPTS: [&str; 8] = [
+const SCRIPTS: [&str; 9] = [
+    "accel-bench.py",
     "setup.sh",
     "bench.sh",
     "bench-pairs.sh",
@@ -44,7 +47,7 @@ fn every_script_answers_help_with_its_usage() {
     let mut on_disk: Vec<String> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".sh") && n != "accel-common.sh")
+        .filter(|n| (n.ends_with(".sh") || n.ends_with(".py")) && n != "accel-common.sh")
         .collect();
     on_disk.sort();
     let mut listed: Vec<String> = SCRIPTS.iter().map(|s| s.to_string()).collect();
@@ -54,8 +57,9 @@ fn every_script_answers_help_with_its_usage() {
 
 #[test]
 fn a_bad_argument_is_one_line_and_exit_2_before_any_work() {
-    let cases: [(&str, &[&str], &str); 9] = [
+    let cases: [(&str, &[&str], &str); 10] = [
         ("setup.sh", &["--nope"], "unknown argument"),
+        ("accel-bench.py", &["x"], "takes no arguments"),
         ("bench.sh", &["--quick", "--pairs", "abc"], "--pairs takes a list of counts"),
         ("bench-pairs.sh", &["--bytes", "0"], "--bytes takes a number above 0"),
         ("bench-pairs.sh", &["--bytes", "1xG"], "--bytes takes a number above 0"),

@@ -137,7 +137,7 @@ impl fmt::Display for AccelReport {
             writeln!(
                 f,
                 "  set up by: not known here (the record is a trusted.* extended attribute, which takes CAP_SYS_ADMIN \
-                 to read)"
+                 in the initial user namespace to read)"
             )?;
         }
         let how = match self.owner.as_ref().and_then(|o| o.measured.as_deref()) {
@@ -948,8 +948,8 @@ fn off_set_up(
         if lacks_cap_sys_admin() {
             return Err(Error::Usage(format!(
                 "cannot read which cgroup directories skrelay created for cgroup {cg}, to remove them with its \
-                 state (a trusted.* extended attribute): permission denied (run as root, outside any user \
-                 namespace, or grant CAP_SYS_ADMIN)"
+                 state (a trusted.* extended attribute): permission denied (this takes CAP_SYS_ADMIN, which this \
+                 process lacks: run as root outside any user namespace, with CAP_SYS_ADMIN in its bounding set)"
             )));
         }
         pinned::start_draining(&dir)?;

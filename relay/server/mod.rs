@@ -829,7 +829,10 @@ impl Server {
                 None => self.offer(slot),
             },
             None if matcher.waiting() > self.max_pending && !handed_over => {
-                let why = format!("{} clients already wait for a partner (--max-pending)", self.max_pending);
+                let why = match self.max_pending {
+                    1 => "1 client already waits for a partner (--max-pending)".to_string(),
+                    n => format!("{n} clients already wait for a partner (--max-pending)"),
+                };
                 self.drop_pending(slot, &why, Unpaired::Full);
             }
             None => {}
@@ -1006,6 +1009,7 @@ impl Server {
 
     /// Moves a pair on and does what it asks: a timer, another turn, new readiness, its end.
     fn service(&mut self, slot: usize, check_errors: bool) {
+        let process = self.datapath.name();
         let Some(Slot::Pair(pair)) = self.slots.get_mut(slot) else {
             return;
         };
@@ -1013,10 +1017,10 @@ impl Server {
             Step::Ended(ending) => self.end_pair(slot, ending),
             Step::Live { flush_check, again, interest } => {
                 let serial = pair.serial();
-                if pair.datapath() == UserspaceDatapath.name() {
-                    if let Some(metric) = self.pair_metrics.get_mut(&slot) {
-                        metric.move_to(UserspaceDatapath.name());
-                    }
+                if let (Some(on), Some(metric)) =
+                    (carried_by(process, pair.datapath()), self.pair_metrics.get_mut(&slot))
+                {
+                    metric.move_to(on);
                 }
                 if let Some(interest) = interest {
                     pair.reregister(self.poll.registry(), tokens(slot), interest);
@@ -1049,9 +1053,10 @@ impl Server {
             Ending::Idle(_) => PairEnd::Timeout,
         };
         let ended = pair.end(ending);
+        let on = carried_by(self.datapath.name(), ended.datapath);
         if let Some(mut metric) = self.pair_metrics.remove(&slot) {
-            if ended.datapath == UserspaceDatapath.name() {
-                metric.move_to(UserspaceDatapath.name());
+            if let Some(on) = on {
+                metric.move_to(on);
             }
             metric.end(counted, ended.moved[0] + ended.moved[1]);
         }
@@ -1450,5 +1455,19 @@ fn watch_datapath(poll: &Poll, datapath: &dyn Datapath) -> io::Result<()> {
     match datapath.events() {
         Some(fd) => poll.registry().register(&mut mio::unix::SourceFd(&fd), DATAPATH, Interest::READABLE),
         None => Ok(()),
+    }
+}
+
+/// The datapath label a pair's path (`Splice::name`) puts it under in the pair metrics, where it
+/// says: `userspace` while the kernel datapath keeps it out of full maps or `--kernel-memory`,
+/// `process` (this process's datapath) once it is in the maps (a kept-out pair joins when a
+/// kernel pair ends: it stayed counted as userspace to its end; a re-check pass).
+fn carried_by(process: &'static str, path: &str) -> Option<&'static str> {
+    if path == UserspaceDatapath.name() {
+        Some(UserspaceDatapath.name())
+    } else if path.starts_with("kernel") {
+        Some(process)
+    } else {
+        None
     }
 }

@@ -503,7 +503,7 @@ impl Pair {
             // (no CAP_NET_ADMIN), the count comes just before the close that resets them.
             self.ends.iter().for_each(reset_on_close);
             let aborted = self.ends.each_ref().map(sys::abort);
-            if let Some(Err(e)) = aborted.iter().find(|r| r.is_err()) {
+            for e in aborted.iter().filter_map(|r| r.as_ref().err()) {
                 log::debug!("pair {}: counting before the reset: {e}", self.serial);
                 // Once a process: an operator whose service blocks netlink (systemd's
                 // RestrictAddressFamilies without AF_NETLINK, as the shipped units had: an
