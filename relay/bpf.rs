@@ -142,9 +142,10 @@ pub fn fallback_said_as(err: Error, instead: Option<&str>) -> Error {
 }
 
 /// Which of the capabilities loading skrelay's programs takes this process lacks, for the fix:
-/// "; this process lacks CAP_PERFMON", or, for root, "; this root process lacks ... (...)": the same
-/// sentence whatever was missing told a root process whose bounding set dropped one to run as
-/// root (a helper's privilege pass). Empty when they cannot be read or none is missing.
+/// "; this process lacks CAP_PERFMON", or, for root, "; this root process lacks ...: `capsh
+/// --print` shows what drops it": the same sentence whatever was missing told a root process
+/// whose bounding set dropped one to run as root (a helper's privilege pass). Empty when they
+/// cannot be read or none is missing.
 fn missing_capabilities() -> String {
     let Some(eff) = crate::sys::effective_capabilities(std::path::Path::new("/proc/self")) else {
         return String::new();
