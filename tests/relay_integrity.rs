@@ -444,6 +444,22 @@ fn a_pair_past_kernel_after_whose_pipes_never_emptied_says_so() {
     assert!(!log.contains("below --kernel-after"), "{log}");
 }
 
+/// A kernel relay whose --kernel-memory holds one kernel pair, with metrics, on one event loop.
+fn relay_with_room_for_one_kernel_pair() -> Skrelay {
+    let mut cmd = std::process::Command::new(SKRELAY);
+    cmd.args(["relay", "--datapath", "kernel", "--kernel-buffer", "64K", "--kernel-memory", "128K"]);
+    cmd.args(["--threads", "1", "--metrics", "127.0.0.1:0"]);
+    Skrelay::spawn(cmd, "listening on")
+}
+
+/// 256 KiB from `a` to `b` (a stream, past --kernel-after), checked by sha256.
+fn one_way(a: &mut TcpStream, b: &mut TcpStream, seed: u64) {
+    let sent = send_pattern(a, seed, 256 << 10).unwrap();
+    let mut got = vec![0u8; 256 << 10];
+    std::io::Read::read_exact(b, &mut got).unwrap();
+    assert_eq!(sha(&got), sent);
+}
+
 /// A pair kept out of a full --kernel-memory counts under `userspace` in the pair metrics while
 /// it is, and under `kernel` again once a later try joins, when the kernel pair ends (it stayed
 /// counted as userspace to its end, against its path and log line; a re-check pass).
@@ -453,16 +469,7 @@ fn a_kept_out_pair_counts_where_its_bytes_go_and_moves_back_when_it_joins() {
     if !require_bpf("a_kept_out_pair_counts_where_its_bytes_go_and_moves_back_when_it_joins") {
         return;
     }
-    let mut cmd = std::process::Command::new(SKRELAY);
-    cmd.args(["relay", "--datapath", "kernel", "--kernel-buffer", "64K", "--kernel-memory", "128K"]);
-    cmd.args(["--threads", "1", "--metrics", "127.0.0.1:0"]);
-    let relay = Skrelay::spawn(cmd, "listening on");
-    let one_way = |a: &mut TcpStream, b: &mut TcpStream, seed: u64| {
-        let sent = send_pattern(a, seed, 256 << 10).unwrap();
-        let mut got = vec![0u8; 256 << 10];
-        std::io::Read::read_exact(b, &mut got).unwrap();
-        assert_eq!(sha(&got), sent);
-    };
+    let relay = relay_with_room_for_one_kernel_pair();
     let active = |m: &Scrape| {
         [m.get("skrelay_pairs_active{datapath=\"kernel\"}"), m.get("skrelay_pairs_active{datapath=\"userspace\"}")]
     };
@@ -502,16 +509,7 @@ fn a_pair_kept_out_of_a_full_kernel_budget_says_so_when_it_later_half_closes() {
     if !require_bpf("a_pair_kept_out_of_a_full_kernel_budget_says_so_when_it_later_half_closes") {
         return;
     }
-    let mut cmd = std::process::Command::new(SKRELAY);
-    cmd.args(["relay", "--datapath", "kernel", "--kernel-buffer", "64K", "--kernel-memory", "128K"]);
-    cmd.args(["--threads", "1", "--metrics", "127.0.0.1:0"]);
-    let relay = Skrelay::spawn(cmd, "listening on");
-    let one_way = |a: &mut TcpStream, b: &mut TcpStream, seed: u64| {
-        let sent = send_pattern(a, seed, 256 << 10).unwrap();
-        let mut got = vec![0u8; 256 << 10];
-        std::io::Read::read_exact(b, &mut got).unwrap();
-        assert_eq!(sha(&got), sent);
-    };
+    let relay = relay_with_room_for_one_kernel_pair();
     let (mut a, mut b) = (connect(addr()), connect(addr()));
     one_way(&mut a, &mut b, 50);
     relay.wait_metrics("the first pair in the kernel", Duration::from_secs(5), |m| {
