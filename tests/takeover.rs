@@ -470,3 +470,51 @@ fn a_takeover_keeps_counting_what_a_stalled_kernel_pair_holds() {
     let (status, log) = new.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");
 }
+
+/// A takeover whose --kernel-memory makes room for fewer kernel pairs than it carries on says
+/// so (it used to say nothing): the pairs carry on in the kernel, and a new pair is spliced in
+/// user space until enough of them end.
+#[test]
+fn a_takeover_with_less_kernel_memory_than_its_pairs_hold_says_so() {
+    let _netns = enter_netns();
+    if !require_bpf("a_takeover_with_less_kernel_memory_than_its_pairs_hold_says_so") {
+        return;
+    }
+    let old = Skrelay::start(&["relay", "--datapath", "kernel", "--kernel-after", "0"]);
+    let addr: SocketAddr = PROXY.parse().unwrap();
+    let carried: Vec<(TcpStream, TcpStream)> = (0..2).map(|_| (connect(addr), connect(addr))).collect();
+    for (a, b) in &carried {
+        (&*a).write_all(b"before").unwrap();
+        assert_eq!(read_n(&mut &*b, 6), b"before");
+    }
+    let pid = old.pid().to_string();
+    #[rustfmt::skip]
+    let new = Skrelay::start(&[
+        "relay", "--datapath", "kernel", "--kernel-after", "0", "--kernel-buffer", "1M", "--kernel-memory", "2M",
+        "--metrics", "127.0.0.1:0", "--takeover", &pid,
+    ]);
+    let mut old = old;
+    assert!(old.wait(Duration::from_secs(10)).success(), "{}", old.log());
+    new.wait_log("took over 2 live pair(s)", 1, Duration::from_secs(5));
+    assert!(
+        new.log().contains(
+            "the 2 kernel pairs taken over are more than this process's --kernel-memory and --kernel-buffer make \
+             room for (1)"
+        ),
+        "{}",
+        new.log()
+    );
+    let (c, d) = (connect(addr), connect(addr));
+    let (jc, jd) = (exchange(c, 1, 1 << 20), exchange(d, 2, 1 << 20));
+    let ((sent_c, got_c), (sent_d, got_d)) = (jc.join().unwrap(), jd.join().unwrap());
+    assert_eq!((got_c, got_d), ((1 << 20, sent_d), (1 << 20, sent_c)));
+    let m = new.wait_pairs_ended(1, Duration::from_secs(5));
+    assert_eq!(m.pairs_ended("userspace"), 1, "the new pair had no room in the kernel:\n{}", m.text);
+    for (n, (a, b)) in carried.into_iter().enumerate() {
+        exchange_both_ways(a, b, [3 + n as u64 * 2, 4 + n as u64 * 2], 1 << 20, "kernel");
+    }
+    let m = new.wait_pairs_ended(3, Duration::from_secs(5));
+    assert_eq!(m.pairs_ended("kernel"), 2, "the carried pairs ended in the kernel:\n{}", m.text);
+    let (status, log) = new.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+}

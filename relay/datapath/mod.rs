@@ -133,6 +133,11 @@ pub trait Datapath: Send {
     fn in_flight(&self) -> u64 {
         0
     }
+    /// After a takeover: (kernel pairs of every thread, how many `--kernel-memory` makes room
+    /// for) when the pairs carried on are more than this process's limits allow; None otherwise.
+    fn over_limits(&self) -> Option<(usize, usize)> {
+        None
+    }
     /// What the datapath itself hands over beside its pairs (the kernel maps while pairs are in
     /// them); None: nothing.
     fn export(&self, _ex: &mut handover::Exporter) -> Option<handover::KernelMaps> {

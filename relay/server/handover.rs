@@ -267,6 +267,13 @@ impl Server {
                 started.elapsed().as_secs_f64() * 1e3
             ),
         }
+        if let Some((kernel, room)) = self.datapath.over_limits() {
+            log::warn!(
+                "the {kernel} kernel pairs taken over are more than this process's --kernel-memory and \
+                 --kernel-buffer make room for ({room}): they carry on in the kernel, and new pairs are spliced in \
+                 user space until enough of them end"
+            );
+        }
         Ok(())
     }
 
