@@ -141,6 +141,17 @@ pub fn root() -> Result<PathBuf, Error> {
                 "cannot mount bpffs at {BPFFS}: {e} (mount it with `mount -t bpf bpf {BPFFS}` as root)"
             )));
         }
+        // PID 1 shares this mount namespace (else `own_mount_ns_without_bpffs` would have
+        // looked outside), but in a pid namespace of its own PID 1 may be a shell that exits
+        // with the command (`unshare -fpm`): "bound", exit 0, and the steering gone with the
+        // namespace a moment later, in silence (a steer pass).
+        if !is_kthreadd(2) {
+            log::warn!(
+                "mounted a bpffs at {BPFFS} (none was there) in a mount namespace of a pid namespace of its own: \
+                 what skrelay pins there lasts only as long as that namespace (mount bpffs where the namespace \
+                 is made to keep it longer)"
+            );
+        }
     }
     let dir = base.join("skrelay");
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
@@ -233,19 +244,42 @@ pub fn out_of_reach() -> Option<String> {
 }
 
 /// Whether this process may look into other root processes (root with CAP_SYS_PTRACE
-/// effective): their descriptors, and the mount namespace outside this one.
+/// effective, in the initial user namespace): their descriptors, and the mount namespace outside
+/// this one. Root of a user namespace has CAP_SYS_PTRACE there only, which reaches no process
+/// outside it.
 pub fn can_look_outside() -> bool {
     const CAP_SYS_PTRACE: u32 = 19;
     rustix::process::geteuid().is_root()
+        && !crate::bpf::in_user_namespace()
         && crate::sys::effective_capabilities(Path::new("/proc/self")).is_some_and(|c| c & (1 << CAP_SYS_PTRACE) != 0)
+}
+
+/// Whether this process sees every process of the machine and may look into each: it can look
+/// outside (`can_look_outside`) and its /proc is not that of a pid namespace of its own (where
+/// PID 2 is not the kernel's kthreadd).
+pub fn sees_every_process() -> bool {
+    can_look_outside() && is_kthreadd(2)
+}
+
+/// How to run a command so that it sees every process (`sees_every_process`): as `run_as`
+/// says, or "as root" for root that could look outside but is in a pid namespace of its own.
+pub fn run_as_seeing_all() -> &'static str {
+    if can_look_outside() {
+        "as root"
+    } else {
+        run_as()
+    }
 }
 
 /// Who may look into the mount namespace outside this one (through /proc/PID/root, which takes
 /// the right to ptrace that process): root; and for root without it (a container's root, or
 /// `capsh --drop=cap_sys_ptrace`), a process with CAP_SYS_PTRACE. Root was told to run as root
-/// (a re-check pass).
+/// (a re-check pass). In a user namespace, root outside it: root there was told to get the
+/// CAP_SYS_PTRACE it had (a steer pass).
 pub fn outside_who() -> &'static str {
-    if rustix::process::geteuid().is_root() {
+    if crate::bpf::in_user_namespace() {
+        "root outside this user namespace"
+    } else if rustix::process::geteuid().is_root() {
         "a process with CAP_SYS_PTRACE"
     } else {
         "root"
@@ -253,9 +287,11 @@ pub fn outside_who() -> &'static str {
 }
 
 /// How to run a command so that it can look outside (`outside_who`): "as root", or for root
-/// "with CAP_SYS_PTRACE".
+/// "with CAP_SYS_PTRACE", or "as root outside this user namespace".
 pub fn run_as() -> &'static str {
-    if rustix::process::geteuid().is_root() {
+    if crate::bpf::in_user_namespace() {
+        "as root outside this user namespace"
+    } else if rustix::process::geteuid().is_root() {
         "with CAP_SYS_PTRACE"
     } else {
         "as root"

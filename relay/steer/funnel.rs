@@ -351,8 +351,9 @@ pub fn running() -> Vec<Running> {
         owners(&mut found);
         // Root sees every process's descriptors: a link none of them holds lives by its pin.
         // Not root without CAP_SYS_PTRACE, which cannot read them (a running relay's --ports
-        // was called pinned steering: a re-check pass).
-        let root = crate::bpffs::can_look_outside();
+        // was called pinned steering: a re-check pass), nor root in a pid namespace of its own,
+        // whose /proc shows none outside it (the same, in a steer pass).
+        let root = crate::bpffs::sees_every_process();
         found.iter_mut().for_each(|f| f.pinned_elsewhere = root && f.pid.is_none());
     }
     let me = std::process::id();

@@ -312,20 +312,35 @@ pub struct Reset {
 
 /// Links of this network namespace's steering pinned in a bpffs out of this mount namespace's
 /// sight (`status` shows them): `list` and `reset` say so instead of "nothing" (a helper's pass).
+/// Also the links whose holder this command cannot see (root in a pid namespace of its own: a
+/// relay's `--ports` outside it), which it cannot tell from those.
 fn pinned_elsewhere() -> Vec<funnel::Running> {
-    funnel::running().into_iter().filter(|f| f.pinned_elsewhere).collect()
+    funnel::running().into_iter().filter(|f| f.pinned_elsewhere || f.pid.is_none()).collect()
 }
 
 /// The line `list` and `reset` add for each of `pinned_elsewhere`.
 pub fn elsewhere_warning(f: &funnel::Running) -> String {
-    format!(
-        "WARNING: port{} {} {} steered by state pinned in a bpffs this mount namespace does not see (sk_lookup \
-         link {}): run skrelay steer in the mount namespace whose bpffs holds it to list or remove it",
-        if f.ports.len() == 1 { "" } else { "s" },
-        f.port_list(),
-        if f.ports.len() == 1 { "is" } else { "are" },
-        f.link_id
-    )
+    let (ports, are) = match f.ports.len() {
+        1 => ("port", "is"),
+        _ => ("ports", "are"),
+    };
+    match f.pinned_elsewhere {
+        true => format!(
+            "WARNING: {ports} {} {are} steered by state pinned in a bpffs this mount namespace does not see \
+             (sk_lookup link {}): run skrelay steer in the mount namespace whose bpffs holds it to list or remove it",
+            f.port_list(),
+            f.link_id
+        ),
+        // A steer pass: a relay's --ports outside this pid namespace was called pinned state.
+        false => format!(
+            "WARNING: {ports} {} {are} steered by sk_lookup link {}, whose holder this command cannot see (a \
+             process's --ports, or steering pinned in a bpffs out of sight): run `skrelay status` {} in the host's \
+             pid namespace to tell",
+            f.port_list(),
+            f.link_id,
+            crate::bpffs::run_as_seeing_all()
+        ),
+    }
 }
 
 /// `steer reset`: unpins everything; the link (and so the program) goes with its last reference.
@@ -743,17 +758,21 @@ impl Status {
                     (0, n) => plural(n, "UDP port"),
                     (tcp, udp) => format!("{} and {}", plural(tcp, "TCP port"), plural(udp, "UDP port")),
                 };
-                // What is wrong with some of them, after the ports: "2 of them with their target
+                // What is wrong with some of them, after the ports: "2 bindings with their target
                 // gone" (a count of bindings, not of ports: a steer pass read it as ports).
                 let mut wrong = Vec::new();
                 match views.iter().filter(|b| !b.alive).count() {
                     0 => {}
                     _ if views.len() == 1 => wrong.push("its target gone".to_string()),
-                    n => wrong.push(format!("{n} of them with their target gone")),
+                    n => wrong.push(format!(
+                        "{} with {} target gone",
+                        plural(n, "binding"),
+                        if n == 1 { "its" } else { "their" }
+                    )),
                 }
                 match views.iter().filter(|b| b.alive && !b.listening).count() {
                     0 => {}
-                    n => wrong.push(format!("{n} whose target takes nothing (not listening, or a connected UDP socket)")),
+                    n => wrong.push(format!("{} whose target takes nothing (not listening, or a connected UDP socket)", plural(n, "binding"))),
                 }
                 let incomplete: Vec<String> = views.iter().filter_map(BindingView::incomplete).collect();
                 if !incomplete.is_empty() {

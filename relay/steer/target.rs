@@ -103,6 +103,12 @@ impl Target {
             if hidden > 0 {
                 // The socket is there; we may not look into the processes that could hold it.
                 match rustix::process::geteuid().is_root() {
+                    _ if crate::bpf::in_user_namespace() => Error::Usage(format!(
+                        "cannot find which process holds the {} socket at {addr}: the descriptors of {hidden} \
+                         process(es) cannot be read from a user namespace, whose capabilities reach no process \
+                         outside it (run it as root outside this user namespace)",
+                        proto.name()
+                    )),
                     true => Error::Usage(format!(
                         "cannot find which process holds the {} socket at {addr}: the descriptors of {hidden} \
                          process(es) cannot be read without CAP_SYS_PTRACE, which taking the socket needs too (run \
