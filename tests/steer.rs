@@ -290,6 +290,14 @@ fn longest_prefix_wins_then_the_narrowest_port_range() {
             && err.contains("`skrelay steer remove --ports 8040-8060 --addr 127.0.0.1/32`"),
         "{err}"
     );
+    // ... and the range on every address that holds them is named after it (a steer pass was
+    // pointed at the narrower binding alone).
+    assert!(
+        err.contains(
+            "; on 0.0.0.0/0 or ::/0 they are part of tcp 0.0.0.0/0 port 8000-8099, which a remove takes whole"
+        ),
+        "{err}"
+    );
     let (code, _, err) = skrelay_output(&["steer", "remove", "--ports", "8045-8055", "--addr", "127.0.0.0/8"]);
     assert_eq!(code, 2, "{err}");
     assert!(

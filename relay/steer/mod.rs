@@ -243,9 +243,27 @@ pub fn remove(args: &SteerRemoveArgs) -> Result<Vec<BindingKey>, Error> {
                 } else {
                     ""
                 };
+                // Ranges on every address that hold these ports are named too (a steer pass was
+                // pointed at a /24 binding alone where 0.0.0.0/0 9000-9099 held the port).
+                let mut ranges: Vec<BindingKey> = existing
+                    .values()
+                    .filter(|k| k.proto == args.proto && prefixes.contains(&k.prefix))
+                    .filter(|k| k.ports.lo <= ports.hi && ports.lo <= k.ports.hi)
+                    .copied()
+                    .collect();
+                ranges.sort_by_key(|k| (k.ports.lo, k.ports.hi, k.prefix.to_string()));
+                ranges.dedup();
+                let within = match ranges.len() {
+                    0 => String::new(),
+                    _ => format!(
+                        "; on 0.0.0.0/0 or ::/0 {} part of {}, which a remove takes whole",
+                        if ports.lo == ports.hi { "it is" } else { "they are" },
+                        ranges.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(" and ")
+                    ),
+                };
                 return Err(Error::Usage(format!(
                     "there is no {} binding for {} {ports} on 0.0.0.0/0 or ::/0 in this network namespace, but there \
-                     {is} {}: give {its} --addr (`skrelay steer remove --ports {ports}{}{proto}`{rest})",
+                     {is} {}: give {its} --addr (`skrelay steer remove --ports {ports}{}{proto}`{rest}){within}",
                     args.proto.name(),
                     if ports.lo == ports.hi { "port" } else { "ports" },
                     names.join(" and "),
