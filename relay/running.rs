@@ -49,6 +49,9 @@ pub struct Live {
     /// client and not yet acknowledged by the other, on either datapath. None from a process
     /// that does not export it (an older skrelay).
     pub held: Option<u64>,
+    /// Clients waiting for their token line, their partner or their upstream connection
+    /// (`skrelay_pending_clients`): `status` showed none of them (an observability pass).
+    pub waiting: Option<u64>,
 }
 
 impl Server {
@@ -64,6 +67,7 @@ impl Server {
             // A userspace relay holds nothing in the kernel between its sockets: no figure.
             "kernel_inflight_bytes": self.live.filter(|_| self.datapath == "kernel").map(|l| l.kernel_inflight),
             "held_bytes": self.live.and_then(|l| l.held),
+            "waiting_clients": self.live.and_then(|l| l.waiting),
             // null without --metrics; false when they did not answer within 1 s (the figures
             // above are null then too).
             "metrics_answered": self.metrics.filter(|_| !self.stopped).map(|_| !self.metrics_silent),
@@ -139,6 +143,10 @@ impl std::fmt::Display for Server {
             Some(l) => write!(f, "; {} pair(s){}", l.pairs, held(&l))?,
             None if self.metrics_silent => write!(f, "; its metrics did not answer within 1 s: pairs unknown")?,
             None => {}
+        }
+        if let Some(n) = self.live.and_then(|l| l.waiting).filter(|&n| n > 0) {
+            let what = if self.command == "proxy" { "for their upstream connection" } else { "to be paired" };
+            write!(f, "; {n} client(s) waiting {what}")?;
         }
         Ok(())
     }
@@ -356,6 +364,7 @@ fn live(addr: SocketAddr) -> Option<Live> {
         pairs: sum("skrelay_pairs_active")?,
         kernel_inflight: sum("skrelay_kernel_inflight_bytes")?,
         held: sum("skrelay_held_bytes"),
+        waiting: sum("skrelay_pending_clients"),
     })
 }
 

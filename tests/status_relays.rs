@@ -34,8 +34,15 @@ fn status_lists_running_relays_and_proxies(dp: &str) {
     assert_eq!(p["metrics"], serde_json::Value::Null, "{p}");
     // A waits in the relay; B's upstream connection is the relay's second client: 2 each.
     let a = connect("127.0.0.1:7777".parse().unwrap());
-    let b = connect("[::1]:7780".parse().unwrap());
+    // A client waiting for its partner is shown (an observability pass: `status` showed none).
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while find(relay.pid()).unwrap()["waiting_clients"] != 1 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", relays());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = skrelay_ok(&["status"]);
+    assert!(text.contains("; 0 pair(s)") && text.contains("; 1 client(s) waiting to be paired"), "{text}");
+    let b = connect("[::1]:7780".parse().unwrap());
     while find(relay.pid()).unwrap()["connections"] != 2 || find(proxy.pid()).unwrap()["connections"] != 2 {
         assert!(std::time::Instant::now() < deadline, "{:?}", relays());
         std::thread::sleep(Duration::from_millis(20));
