@@ -176,7 +176,8 @@ pub fn remove(args: &SteerRemoveArgs) -> Result<Vec<BindingKey>, Error> {
     let prefixes = if explicit { args.addrs.clone() } else { vec![Prefix::any(false), Prefix::any(true)] };
     // Ports inside a binding of a range (or overlapping bindings) are not bindings of their own:
     // say which bindings hold them, since a binding is removed whole.
-    let missing = |ports: PortRange, prefixes: &[Prefix], otherwise: String| {
+    // The bindings of `prefixes` that hold some of `ports`, in order.
+    let holding = |ports: PortRange, prefixes: &[Prefix]| {
         let mut holders: Vec<BindingKey> = existing
             .values()
             .filter(|k| k.proto == args.proto && prefixes.contains(&k.prefix))
@@ -185,6 +186,10 @@ pub fn remove(args: &SteerRemoveArgs) -> Result<Vec<BindingKey>, Error> {
             .collect();
         holders.sort_by_key(|k| (k.ports.lo, k.ports.hi, k.prefix.to_string()));
         holders.dedup();
+        holders
+    };
+    let missing = |ports: PortRange, prefixes: &[Prefix], otherwise: String| {
+        let holders = holding(ports, prefixes);
         if holders.is_empty() {
             return Error::Usage(otherwise);
         }
@@ -245,14 +250,7 @@ pub fn remove(args: &SteerRemoveArgs) -> Result<Vec<BindingKey>, Error> {
                 };
                 // Ranges on every address that hold these ports are named too (a steer pass was
                 // pointed at a /24 binding alone where 0.0.0.0/0 9000-9099 held the port).
-                let mut ranges: Vec<BindingKey> = existing
-                    .values()
-                    .filter(|k| k.proto == args.proto && prefixes.contains(&k.prefix))
-                    .filter(|k| k.ports.lo <= ports.hi && ports.lo <= k.ports.hi)
-                    .copied()
-                    .collect();
-                ranges.sort_by_key(|k| (k.ports.lo, k.ports.hi, k.prefix.to_string()));
-                ranges.dedup();
+                let ranges = holding(ports, &prefixes);
                 let within = match ranges.len() {
                     0 => String::new(),
                     _ => format!(
