@@ -732,7 +732,16 @@ fn an_upstream_going_down_is_said_once_not_once_per_client() {
     let (status, log) = proxy.stop(Duration::from_secs(10));
     assert!(status.success(), "{log}");
     assert_eq!(log.matches("marked down for 10s").count(), 1, "{log}");
-    assert_eq!(log.matches("no upstream could be reached").count(), 10, "{log}");
+    // Each client counted once: a line of its own, or in a count of those a flood's warning
+    // left unsaid (at most one such warning a second: a proxy pass saw 13,000 lines in 0.8 s).
+    let own = log.matches("reset: no upstream could be reached").count();
+    let counted: usize = log
+        .split(" more reset because no upstream could be reached")
+        .chain(log.split(" more clients reset because no upstream could be reached"))
+        .filter_map(|before| before.rsplit(['(', ' ', '\n']).next()?.parse::<usize>().ok())
+        .sum();
+    assert_eq!(own + counted, 10, "{log}");
+    assert!(own < 10, "ten clients in a row each had a line of their own:\n{log}");
     assert_eq!(log.matches("upstream 127.0.0.1:9081: connected again; up").count(), 1, "{log}");
 }
 

@@ -18,6 +18,7 @@ mod listener;
 mod pair;
 mod pending;
 mod threads;
+mod throttle;
 mod timers;
 
 pub use listener::listen;
@@ -27,6 +28,7 @@ use self::{
     pair::{reset_on_close, Ended, Ending, Pair, Step},
     pending::{Look, Pending},
     threads::{Formed, Order, Threads},
+    throttle::Throttled,
     timers::{Timer, Timers},
 };
 use crate::{
@@ -206,12 +208,11 @@ pub struct Server {
     /// is normal traffic, not a warning: a helper's pass, one client and `--max-pending 1`).
     backlog_warned: Option<Instant>,
     backlog_said: bool,
-    /// Clients reset for a full `--max-pending`: when that was last a warning, and how many
-    /// since (a flood of clients must not become a log line each).
-    full_warned: Option<Instant>,
-    full_unsaid: u64,
-    /// When the resets `full_unsaid` counts are said, if no further one says them first.
-    full_unsaid_due: Option<Instant>,
+    /// Clients reset for a full `--max-pending`, and a proxy's clients reset for want of a
+    /// reachable upstream: a flood of clients must not become a log line each (a proxy pass: 13,000
+    /// lines in the 0.8 s an upstream restarted).
+    full_warnings: Throttled,
+    no_upstream_warnings: Throttled,
     drain_deadline: Option<Instant>,
     /// The signal that started this process's stop (drain or handover), for the log.
     stopped_by: Option<&'static str>,
@@ -334,9 +335,8 @@ impl Server {
             backlog_warned: None,
             backlog_said: false,
             unarmed_backlog: 0,
-            full_warned: None,
-            full_unsaid: 0,
-            full_unsaid_due: None,
+            full_warnings: Throttled::new("reset for --max-pending or for want of descriptors"),
+            no_upstream_warnings: Throttled::new("reset because no upstream could be reached"),
             drain_deadline: None,
             stopped_by: None,
             drain_report: None,
@@ -352,7 +352,7 @@ impl Server {
         let loops = self.threads.count();
         self.threads.start().map_err(|source| Error::Threads { loops, source })?;
         let served = self.serve();
-        self.say_unsaid_full(Instant::now(), true);
+        self.say_unsaid(Instant::now(), true);
         match served {
             Served::Stopped | Served::Recalled => {}
             Served::HandedOver => {
@@ -425,7 +425,7 @@ impl Server {
             self.sample_inflight();
             self.reset_idle_pairs();
             self.fire_timers();
-            self.say_unsaid_full(Instant::now(), false);
+            self.say_unsaid(Instant::now(), false);
             if self.accept_retry.is_some_and(|t| Instant::now() >= t) {
                 self.accept_retry = None;
                 self.retry_held();
@@ -501,7 +501,8 @@ impl Server {
             self.datapath_due,
             self.inflight_due,
             self.idle_due,
-            self.full_unsaid_due,
+            self.full_warnings.due(),
+            self.no_upstream_warnings.due(),
         ];
         deadlines.into_iter().flatten().min().map(|t| t.saturating_duration_since(Instant::now()))
     }
@@ -888,32 +889,13 @@ impl Server {
     /// the ones in between (logged at debug level); `skrelay_unpaired_clients_total{reason="full"}`
     /// counts them all.
     fn warn_full(&mut self, line: String) {
-        let now = Instant::now();
-        if let Some(at) = self.full_warned.filter(|at| now < *at + Duration::from_secs(1)) {
-            self.full_unsaid += 1;
-            self.full_unsaid_due = Some(at + Duration::from_secs(1));
-            return log::debug!("{line}");
-        }
-        self.full_unsaid_due = None;
-        match std::mem::take(&mut self.full_unsaid) {
-            0 => log::warn!("{line}"),
-            n => log::warn!(
-                "{line} ({n} more reset for --max-pending or for want of descriptors since the last such line)"
-            ),
-        }
-        self.full_warned = Some(now);
+        self.full_warnings.warn(line);
     }
 
-    /// The count of `full` resets not said yet, once their second is over (or at the end): the
-    /// last burst's were said only by a later reset, which may never come (a helper's pass: 268
-    /// of 269 never appeared in the log).
-    fn say_unsaid_full(&mut self, now: Instant, at_end: bool) {
-        if self.full_unsaid_due.is_some_and(|due| at_end || now >= due) {
-            self.full_unsaid_due = None;
-            let n = std::mem::take(&mut self.full_unsaid);
-            log::warn!("{n} more clients reset for --max-pending or for want of descriptors since the last such line");
-            self.full_warned = Some(now);
-        }
+    /// What the throttled warnings have not said yet, once its second is over (or at the end).
+    fn say_unsaid(&mut self, now: Instant, at_end: bool) {
+        self.full_warnings.say_unsaid(now, at_end);
+        self.no_upstream_warnings.say_unsaid(now, at_end);
     }
 
     fn form_pair(&mut self, first: usize, second: usize) {
@@ -1182,7 +1164,7 @@ impl Server {
             log::info!("client {} reset before its upstream answered; no upstream could be reached", p.addr);
         } else {
             self.metrics.client_unpaired(Unpaired::NoUpstream);
-            log::warn!("client {} reset: no upstream could be reached", p.addr);
+            self.no_upstream_warnings.warn(format!("client {} reset: no upstream could be reached", p.addr));
         }
     }
 
