@@ -329,7 +329,7 @@ impl Pair {
         // Named by its clients, as its end-of-pair line is (the serial counts every client, paired
         // or not, and appeared nowhere else).
         format!(
-            "pair {} <-> {} after {:.1?}: {}{inside}",
+            "pair {} <-> {}, live for {:.1?}: {}{inside}",
             self.addrs[0],
             self.addrs[1],
             self.since.elapsed(),
