@@ -261,6 +261,12 @@ pub fn sees_every_process() -> bool {
     can_look_outside() && is_kthreadd(2)
 }
 
+/// This process's /proc is that of a pid namespace of its own (PID 2 is not the kernel's
+/// kthreadd): it shows no process outside it.
+pub fn in_pid_namespace_of_its_own() -> bool {
+    !is_kthreadd(2)
+}
+
 /// How to run a command so that it sees every process (`sees_every_process`): as `run_as`
 /// says, or "as root" for root that could look outside but is in a pid namespace of its own.
 pub fn run_as_seeing_all() -> &'static str {

@@ -135,6 +135,12 @@ fn out_of_descriptors(e: &io::Error) -> bool {
 /// path in it tells which file system is read-only).
 fn io_reason(what: &str, e: &io::Error) -> String {
     match e.kind() {
+        // Root of a user namespace: its capabilities reach nothing outside it (a re-check pass
+        // was pointed at `capsh` instead).
+        io::ErrorKind::PermissionDenied if crate::bpf::in_user_namespace() => "permission denied: this process runs \
+             in a user namespace, whose capabilities reach nothing outside it (run it as root outside this user \
+             namespace)"
+            .to_string(),
         io::ErrorKind::PermissionDenied if rustix::process::geteuid().is_root() => {
             "permission denied, as root: a capability this needs is missing from this process (its bounding \
              set; `capsh --print` shows it), or it runs in a user namespace"

@@ -371,8 +371,16 @@ fn live(addr: SocketAddr) -> Option<Live> {
 /// `skrelay status`'s section for running relays and proxies.
 pub fn status_section() -> Section {
     let (servers, hidden) = scan();
-    let mut text = if servers.is_empty() && hidden > 0 {
+    let userns = crate::bpf::in_user_namespace();
+    let mut text = if servers.is_empty() && hidden > 0 && userns {
+        "relays: none in sight".to_string()
+    } else if servers.is_empty() && hidden > 0 {
         "relays: none of this user's is running".to_string()
+    } else if servers.is_empty() && crate::bpffs::in_pid_namespace_of_its_own() {
+        // Its /proc shows none outside it: "no relay is running" was false (a re-check pass).
+        "relays: none in this pid namespace, whose /proc shows no process outside it (run `skrelay status` in the \
+         host's pid namespace to see the others)"
+            .to_string()
     } else if servers.is_empty() {
         "relays: no relay or proxy is running".to_string()
     } else {
@@ -380,7 +388,13 @@ pub fn status_section() -> Section {
         lines.extend(servers.iter().map(Server::to_string));
         lines.join("\n")
     };
-    if hidden > 0 {
+    if hidden > 0 && userns {
+        // Root of a user namespace: the processes are often its own uid's, and it is root there.
+        text += &format!(
+            "\n  ({hidden} skrelay relay or proxy process(es) not shown: which network namespace they serve cannot be \
+             read from a user namespace (run `skrelay status` as root outside it))"
+        );
+    } else if hidden > 0 {
         text += &format!(
             "\n  ({hidden} skrelay relay or proxy process(es) of other users not shown: which network namespace they \
              serve cannot be read without root)"

@@ -331,6 +331,14 @@ fn longest_prefix_wins_then_the_narrowest_port_range() {
     );
     ok(&["steer", "remove", "--proto", "udp", "--ports", "8000-8099", "--addr", "127.0.0.0/8"]);
     assert_eq!(list_json(), before);
+    // Ports bound exactly on another prefix that only reach into the range on every address:
+    // "some of them" are part of it, not all (a re-check pass).
+    ok(&["steer", "add", "--ports", "8095-8110", "--addr", "127.0.0.1", "--to", "127.0.0.1:6004"]);
+    let (code, _, err) = skrelay_output(&["steer", "remove", "--ports", "8095-8110"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("; on 0.0.0.0/0 or ::/0 some of them are part of tcp 0.0.0.0/0 port 8000-8099"), "{err}");
+    ok(&["steer", "remove", "--ports", "8095-8110", "--addr", "127.0.0.1"]);
+    assert_eq!(list_json(), before);
     assert_eq!(hit("127.0.0.2:8001"), Some('B'));
     ok(&["steer", "remove", "--ports", "8050", "--addr", "127.0.0.0/8"]);
     assert_eq!(hit("127.0.0.2:8050"), Some('B'), "removing C gives its port back to B");
@@ -1974,6 +1982,23 @@ fn root_in_a_pid_namespace_of_its_own_is_told_what_it_cannot_see() {
         "{list}"
     );
     assert!(!list.contains("mount namespace whose bpffs holds it"), "{list}");
+    // `status` there said no relay ran, and that the link of unknown holder "goes with the
+    // process" (a re-check pass).
+    let status = in_pidns("\"$0\" status; echo rc=$?");
+    assert!(status.contains("rc=0") && status.contains("relays: none in this pid namespace"), "{status}");
+    assert!(!status.contains("no relay or proxy is running") && !status.contains("goes with the process"), "{status}");
+    // From a user namespace, each line that cannot see says how to: as root outside it.
+    let out = Command::new("nsenter").args([&net, "unshare", "-U", "-r", SKRELAY, "status"]).output().unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        status.contains(
+            "running --ports funnels cannot be listed from a user namespace (run `skrelay status` as root \
+                         outside this user namespace to see them)"
+        ) && status.contains("cannot be read from a user namespace (run `skrelay status` as root outside it)"),
+        "{status}"
+    );
+    assert!(!status.contains("without root") && !status.contains("of other users"), "{status}");
     // A bpffs of its own: said, and what it pinned is gone with it.
     let add = in_pidns(
         "umount /sys/fs/bpf 2>/dev/null; python3 -c 'import socket,time; l=socket.socket(); \

@@ -470,15 +470,15 @@ impl Datapath for KernelDatapath {
         self.next_recheck
     }
 
-    /// Bytes that left a source and are not yet in its destination's send queue: on the
-    /// destination's psock queue, or parked in the source's own queue and not yet written on;
-    /// and what `shelter` moved into a raised send queue.
     fn over_limits(&self) -> Option<(usize, usize)> {
         let state = locked(&self.state);
         let (now, max) = (state.all_pairs.load(Ordering::Acquire), state.limits.max_pairs());
         (now > max).then_some((now, max))
     }
 
+    /// Bytes that left a source and are not yet in its destination's send queue: on the
+    /// destination's psock queue, or parked in the source's own queue and not yet written on;
+    /// and what `shelter` moved into a raised send queue.
     fn in_flight(&self) -> u64 {
         let state = locked(&self.state);
         state

@@ -255,7 +255,12 @@ pub fn remove(args: &SteerRemoveArgs) -> Result<Vec<BindingKey>, Error> {
                     0 => String::new(),
                     _ => format!(
                         "; on 0.0.0.0/0 or ::/0 {} part of {}, which a remove takes whole",
-                        if ports.lo == ports.hi { "it is" } else { "they are" },
+                        match ports.lo == ports.hi {
+                            true => "it is",
+                            false if ranges.iter().all(|k| k.ports.lo <= ports.lo && ports.hi <= k.ports.hi) =>
+                                "they are",
+                            false => "some of them are",
+                        },
                         ranges.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(" and ")
                     ),
                 };
@@ -749,11 +754,12 @@ impl Status {
                 plural(*pins, "pin"),
                 crate::sys::shown(dir).display()
             )),
-            None if self.funnels.is_empty() && self.funnels_unlisted => lines.push(
-                "steer: no pinned bindings; running --ports funnels cannot be listed without root (run `skrelay status` \
-                 as root to see them)"
-                    .to_string(),
-            ),
+            None if self.funnels.is_empty() && self.funnels_unlisted => lines.push(format!(
+                "steer: no pinned bindings; running --ports funnels cannot be listed {} (run `skrelay status` {} to \
+                 see them)",
+                if crate::bpf::in_user_namespace() { "from a user namespace" } else { "without root" },
+                if crate::bpf::in_user_namespace() { "as root outside this user namespace" } else { "as root" }
+            )),
             None if self.funnels.is_empty() => lines.push("steer: nothing attached".to_string()),
             None => lines.push("steer: no pinned bindings".to_string()),
             Some(p) => {
@@ -788,7 +794,10 @@ impl Status {
                 }
                 match views.iter().filter(|b| b.alive && !b.listening).count() {
                     0 => {}
-                    n => wrong.push(format!("{} whose target takes nothing (not listening, or a connected UDP socket)", plural(n, "binding"))),
+                    n => wrong.push(format!(
+                        "{} whose target takes nothing (not listening, or a connected UDP socket)",
+                        plural(n, "binding")
+                    )),
                 }
                 let incomplete: Vec<String> = views.iter().filter_map(BindingView::incomplete).collect();
                 if !incomplete.is_empty() {
@@ -836,8 +845,11 @@ impl Status {
             ));
         }
         for f in self.funnels.iter().filter(|f| !f.pinned_elsewhere) {
+            // Its holder out of sight, the owner says what it may be: "goes with the process"
+            // then contradicted it (a re-check pass).
+            let lives = if f.pid.is_some() { ", goes with the process" } else { "" };
             lines.push(format!(
-                "  --ports of {}: {} ({}) on {} -> {}, {} (sk_lookup link {}, goes with the process)",
+                "  --ports of {}: {} ({}) on {} -> {}, {} (sk_lookup link {}{lives})",
                 f.owner(),
                 plural(f.ports.len(), "port"),
                 f.port_list(),
