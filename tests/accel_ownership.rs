@@ -202,6 +202,34 @@ fn accel_off_removes_the_cgroup_that_on_created_and_only_that() {
     std::fs::remove_dir(mount.join(&outer)).unwrap();
 }
 
+/// A cgroup directory `accel on` created that has cgroups of its own in it by the time of `off`
+/// stays, and `off` says so, with the way to remove it (an accel pass saw it stay without a word).
+#[test]
+fn a_created_cgroup_that_holds_other_cgroups_stays_and_off_says_so() {
+    let _serial = one_at_a_time();
+    if !require_bpf("a_created_cgroup_that_holds_other_cgroups_stays_and_off_says_so") {
+        return;
+    }
+    let _netns = enter_netns();
+    let mount = v2_mount();
+    let outer = format!("skrelay-kept-{}", std::process::id());
+    let inner = format!("{outer}/inner");
+    let _cleanup = Cleanup(mount.clone(), vec![format!("{inner}/child"), inner.clone(), outer.clone()]);
+    ok(&["accel", "on", "--cgroup", &inner]);
+    std::fs::create_dir(mount.join(&inner).join("child")).unwrap();
+    let (code, _, err) = skrelay_output(&["accel", "off", "--cgroup", &inner]);
+    assert_eq!(code, 0, "{err}");
+    for dir in [&inner, &outer] {
+        let said = format!(
+            "accel: cgroup directory {}, which skrelay created, stays: Device or resource busy (os error 16); other \
+             cgroups are in it: rmdir it once they are gone",
+            mount.join(dir).display()
+        );
+        assert!(err.contains(&said), "{err}");
+    }
+    assert!(mount.join(&inner).join("child").exists());
+}
+
 /// Every systemd cgroup has a dot in its name (`system.slice/redis.service`), and bpffs refuses
 /// names with a dot: `accel on` and `accel run` of such a cgroup failed as root with "permission
 /// denied (run as root)" and left empty directories in bpffs.

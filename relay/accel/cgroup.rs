@@ -478,11 +478,17 @@ fn xattr_get(path: &Path, name: &str) -> Option<Vec<u8>> {
     Some(buf)
 }
 
-/// Removes directories `create` made, deepest first; ignores failures (best-effort clean-up).
-pub fn remove_dirs(created: &[PathBuf]) {
+/// Removes directories `create` made, deepest first (best-effort clean-up); returns those that
+/// stay, with why (a directory already gone is not one of them).
+pub fn remove_dirs(created: &[PathBuf]) -> Vec<(PathBuf, std::io::Error)> {
+    let mut stay = Vec::new();
     for dir in created.iter().rev() {
-        let _ = std::fs::remove_dir(dir);
+        match std::fs::remove_dir(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => stay.push((dir.clone(), e)),
+            _ => {}
+        }
     }
+    stay
 }
 
 #[cfg(test)]

@@ -1008,7 +1008,15 @@ fn off_set_up(
                 "accel: cgroup {cg}, which skrelay created, still holds processes: it stays (rmdir it once they exit)"
             );
         } else {
-            cgroup::remove_dirs(&dirs);
+            // A directory with cgroups of its own in it stays: said, with the way to remove it
+            // (an accel pass saw it stay without a word).
+            for (dir, e) in cgroup::remove_dirs(&dirs) {
+                let why = match e.raw_os_error() {
+                    Some(libc::EBUSY) | Some(libc::ENOTEMPTY) => "other cgroups are in it: rmdir it once they are gone",
+                    _ => "rmdir it by hand",
+                };
+                log::warn!("accel: cgroup directory {}, which skrelay created, stays: {e}; {why}", dir.display());
+            }
         }
         if cg.path().exists() {
             cg.clear_owner();
