@@ -814,11 +814,20 @@ fn a_signal_right_after_accel_runs_set_up_reaches_the_command(signal: i32, name:
     let command =
         format!("import signal, sys, time\nsignal.signal(signal.{name}, lambda *a: sys.exit(5))\ntime.sleep(20)");
     let started = Instant::now();
-    let mut child = Command::new(SKRELAY)
-        .args(["accel", "run", "--", "python3", "-c", &command])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut run = Command::new(SKRELAY);
+    run.args(["accel", "run", "--", "python3", "-c", &command]).stderr(std::process::Stdio::piped());
+    // The command inherits what `run` inherited: under a shell that ran the tests in the
+    // background (SIGINT and SIGQUIT ignored), a signal forwarded before python set its handler
+    // was ignored, and the command slept its 20 s (a fresh-clone CI run). `run` passes the
+    // dispositions on unchanged, as the shell would; the test starts it with the defaults.
+    // SAFETY: signal(2) is async-signal-safe, in the child between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut run, move || {
+            libc::signal(signal, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let mut child = run.spawn().unwrap();
     let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
     let mut said = String::new();
     loop {
