@@ -1999,6 +1999,30 @@ fn root_in_a_pid_namespace_of_its_own_is_told_what_it_cannot_see() {
         "{status}"
     );
     assert!(!status.contains("without root") && !status.contains("of other users"), "{status}");
+    // With a binding pinned by root: from the pid namespace its live target is not "exited", and
+    // from the user namespace the relay's --ports out of sight are still said (a re-check pass).
+    let _target = Reaper(
+        Command::new("ip")
+            .args(["netns", "exec", &ns.0, "python3", "-c"])
+            .arg("import socket,time; l=socket.socket(); l.bind(('127.0.0.1',6976)); l.listen(); time.sleep(30)")
+            .spawn()
+            .expect("python3"),
+    );
+    let mut added = (1, String::new());
+    for _ in 0..50 {
+        added = ns.skrelay(&["steer", "add", "--ports", "6977", "--to", "127.0.0.1:6976"]);
+        if added.0 == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(added.0, 0, "{}", added.1);
+    let list = in_pidns("\"$0\" steer list");
+    assert!(list.contains("(not visible from this pid namespace)") && !list.contains("(exited)"), "{list}");
+    let out = Command::new("nsenter").args([&net, "unshare", "-U", "-r", SKRELAY, "status"]).output().unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(status.contains("steer: 1 binding"), "{status}");
+    assert!(status.contains("  running --ports funnels cannot be listed from a user namespace"), "{status}");
     // A bpffs of its own: said, and what it pinned is gone with it.
     let add = in_pidns(
         "umount /sys/fs/bpf 2>/dev/null; python3 -c 'import socket,time; l=socket.socket(); \

@@ -1010,13 +1010,7 @@ fn off_set_up(
         } else {
             // A directory with cgroups of its own in it stays: said, with the way to remove it
             // (an accel pass saw it stay without a word).
-            for (dir, e) in cgroup::remove_dirs(&dirs) {
-                let why = match e.raw_os_error() {
-                    Some(libc::EBUSY) | Some(libc::ENOTEMPTY) => "other cgroups are in it: rmdir it once they are gone",
-                    _ => "rmdir it by hand",
-                };
-                log::warn!("accel: cgroup directory {}, which skrelay created, stays: {e}; {why}", dir.display());
-            }
+            say_dirs_that_stay(cgroup::remove_dirs(&dirs));
         }
         if cg.path().exists() {
             cg.clear_owner();
@@ -1052,10 +1046,22 @@ fn end_run(
         // `accel off` took the acceleration away while the command ran, and left the cgroup
         // directories this run created, which held the command: they go now.
         Err(Error::AccelNotOn { .. }) => {
-            cgroup::remove_dirs(created);
+            // Said too (a re-check pass: `off` had said the run would remove them).
+            say_dirs_that_stay(cgroup::remove_dirs(created));
             Ok(true)
         }
         Err(e) => Err(e),
+    }
+}
+
+/// Warns for each cgroup directory skrelay created that `remove_dirs` could not remove.
+fn say_dirs_that_stay(stay: Vec<(PathBuf, std::io::Error)>) {
+    for (dir, e) in stay {
+        let why = match e.raw_os_error() {
+            Some(libc::EBUSY) | Some(libc::ENOTEMPTY) => "other cgroups are in it: rmdir it once they are gone",
+            _ => "rmdir it by hand",
+        };
+        log::warn!("accel: cgroup directory {}, which skrelay created, stays: {e}; {why}", dir.display());
     }
 }
 

@@ -130,6 +130,10 @@ fn render_list(listing: &Listing) -> String {
         let key = b.key();
         let process = match b.process_running {
             true => format!("{}/{}", b.record.pid, b.record.comm),
+            // Out of sight is not gone (a re-check pass saw a live target called exited).
+            false if crate::bpffs::in_pid_namespace_of_its_own() => {
+                format!("{}/{} (not visible from this pid namespace)", b.record.pid, b.record.comm)
+            }
             false => format!("{}/{} (exited)", b.record.pid, b.record.comm),
         };
         let target = match (b.alive, b.listening) {

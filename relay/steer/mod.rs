@@ -433,7 +433,12 @@ impl BindingView {
             "target": {
                 "pid": self.record.pid,
                 "process": self.record.comm,
-                "process_running": self.process_running,
+                // Unknown (null) from a pid namespace of its own, whose /proc may not show it.
+                "process_running": if !self.process_running && crate::bpffs::in_pid_namespace_of_its_own() {
+                    serde_json::Value::Null
+                } else {
+                    serde_json::Value::Bool(self.process_running)
+                },
                 "local": self.record.target.to_string(),
                 "cookie": self.record.cookie,
                 "alive": self.alive,
@@ -833,6 +838,16 @@ impl Status {
                  but they hold memory until `skrelay steer reset` (or the next `steer add`) removes them",
                 plural(self.dead.len(), "steering state"),
                 plural(bindings, "binding"),
+            ));
+        }
+        // Pinned bindings shown, and the running processes' --ports out of this user's sight:
+        // said after them as where nothing is pinned (a re-check pass from a user namespace
+        // saw only the bindings, where root saw a relay's --ports too).
+        if self.pinned.is_some() && self.funnels.is_empty() && self.funnels_unlisted {
+            lines.push(format!(
+                "  running --ports funnels cannot be listed {} (run `skrelay status` {} to see them)",
+                if crate::bpf::in_user_namespace() { "from a user namespace" } else { "without root" },
+                if crate::bpf::in_user_namespace() { "as root outside this user namespace" } else { "as root" }
             ));
         }
         for f in self.funnels.iter().filter(|f| f.pinned_elsewhere) {
