@@ -230,6 +230,48 @@ fn a_created_cgroup_that_holds_other_cgroups_stays_and_off_says_so() {
     assert!(mount.join(&inner).join("child").exists());
 }
 
+/// An `accel run` whose acceleration `accel off` took away while its command ran removes the
+/// directories it created when the command ends; one that stays (the command made a cgroup in
+/// it) is said, as `off` says it (a re-check pass: the run left it without a word).
+#[test]
+fn a_run_ended_after_off_says_which_created_cgroups_stay() {
+    let _serial = one_at_a_time();
+    if !require_bpf("a_run_ended_after_off_says_which_created_cgroups_stay") {
+        return;
+    }
+    let _netns = enter_netns();
+    let mount = v2_mount();
+    let outer = format!("skrelay-runoff-{}", std::process::id());
+    let inner = format!("{outer}/q");
+    let kid = mount.join(&inner).join("k");
+    let _cleanup = Cleanup(mount.clone(), vec![format!("{inner}/k"), inner.clone(), outer.clone()]);
+    let script = format!("mkdir {} && sleep 2", kid.display());
+    let run = Command::new(SKRELAY)
+        .args(["accel", "run", "--cgroup", &inner, "--", "sh", "-c", &script])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !kid.exists() {
+        assert!(Instant::now() < deadline, "the command did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (code, _, err) = skrelay_output(&["accel", "off", "--cgroup", &inner]);
+    assert_eq!(code, 0, "{err}");
+    let out = run.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    for dir in [&inner, &outer] {
+        let said = format!(
+            "accel: cgroup directory {}, which skrelay created, stays: Device or resource busy (os error 16); other \
+             cgroups are in it: rmdir it once they are gone",
+            mount.join(dir).display()
+        );
+        assert!(err.contains(&said), "{err}");
+    }
+    assert!(kid.exists());
+}
+
 /// Every systemd cgroup has a dot in its name (`system.slice/redis.service`), and bpffs refuses
 /// names with a dot: `accel on` and `accel run` of such a cgroup failed as root with "permission
 /// denied (run as root)" and left empty directories in bpffs.
