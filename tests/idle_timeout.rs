@@ -101,7 +101,10 @@ per_datapath!(idle_pairs_are_reset_and_busy_ones_live);
 /// A client that resets while its partner reads nothing: the pair waits for the partner to take
 /// what the reset client sent (a reader paused for 2 s gets all of it, then the reset: it lost
 /// 920 KB of 1 MiB when the wait ended after 1 s without an acknowledgement), but no longer than
-/// `--idle-timeout`, as a live pair; its line names the reset and the wait.
+/// `--idle-timeout`, as a live pair; its line names the reset and the wait. On the kernel
+/// datapath the client resets once its bytes have left its own socket on the relay: a reset
+/// within a millisecond or two of their acknowledgement loses the ones still parked there (the
+/// caveat of KERNEL-NOTES item 12, which failed this test once in CI: 113 KB of 1 MiB).
 fn a_reset_waits_for_a_partner_that_reads_nothing_until_the_idle_timeout(dp: &str) {
     let _netns = enter_netns();
     let args = relay_args(dp, "3");
@@ -114,6 +117,20 @@ fn a_reset_waits_for_a_partner_that_reads_nothing_until_the_idle_timeout(dp: &st
         assert_eq!(read_n(&mut b, 2), b"hi");
         a.write_all(&vec![3u8; 1 << 20]).unwrap();
         wait_acked(&a, Duration::from_secs(10), &format!("a's bytes ({dp})"));
+        if dp == "kernel" {
+            // Bytes parked in a's socket on the relay (its window to b is closed) are lost when
+            // a resets (KERNEL-NOTES item 12); the relay shelters them in its send queue toward
+            // b within milliseconds. The test resets after that, not in the race before it.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while unread(&b) as u64 + send_queue_toward(b.local_addr().unwrap()) < 1 << 20 {
+                assert!(
+                    Instant::now() < deadline,
+                    "{dp}: a's bytes never left its socket on the relay for b's side\n{}",
+                    relay.log()
+                );
+                thread::sleep(Duration::from_millis(2));
+            }
+        }
         socket2::SockRef::from(&a).set_linger(Some(Duration::ZERO)).unwrap();
         drop(a);
         (b, Instant::now())

@@ -612,6 +612,28 @@ pub fn unacked(s: &std::net::TcpStream) -> i32 {
     n
 }
 
+/// Bytes received on a socket and not yet read (SIOCINQ).
+pub fn unread(s: &std::net::TcpStream) -> i32 {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD (= SIOCINQ) writes one int through the pointer, a live local.
+    assert_eq!(unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut n) }, 0);
+    n
+}
+
+/// The send queue (`ss` Send-Q: written, not yet acknowledged) of the established socket of this
+/// network namespace whose peer is `peer`, e.g. the relay's socket toward a test client; 0 when
+/// there is none.
+pub fn send_queue_toward(peer: std::net::SocketAddr) -> u64 {
+    let out = std::process::Command::new("ss")
+        .args(["-tnH", "state", "established", "dst", &peer.to_string()])
+        .output()
+        .expect("ss");
+    // With a state filter the columns are Recv-Q Send-Q Local Peer.
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()).sum()
+}
+
 /// Waits until the peer has acknowledged everything `s` sent; panics, naming `what`, after
 /// `timeout`.
 pub fn wait_acked(s: &std::net::TcpStream, timeout: Duration, what: &str) {
