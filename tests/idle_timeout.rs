@@ -118,18 +118,7 @@ fn a_reset_waits_for_a_partner_that_reads_nothing_until_the_idle_timeout(dp: &st
         a.write_all(&vec![3u8; 1 << 20]).unwrap();
         wait_acked(&a, Duration::from_secs(10), &format!("a's bytes ({dp})"));
         if dp == "kernel" {
-            // Bytes parked in a's socket on the relay (its window to b is closed) are lost when
-            // a resets (KERNEL-NOTES item 12); the relay shelters them in its send queue toward
-            // b within milliseconds. The test resets after that, not in the race before it.
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while unread(&b) as u64 + send_queue_toward(b.local_addr().unwrap()) < 1 << 20 {
-                assert!(
-                    Instant::now() < deadline,
-                    "{dp}: a's bytes never left its socket on the relay for b's side\n{}",
-                    relay.log()
-                );
-                thread::sleep(Duration::from_millis(2));
-            }
+            wait_out_of_the_senders_socket(&b, 1 << 20, &format!("a's bytes ({dp})"));
         }
         socket2::SockRef::from(&a).set_linger(Some(Duration::ZERO)).unwrap();
         drop(a);
