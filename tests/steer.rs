@@ -277,7 +277,7 @@ fn longest_prefix_wins_then_the_narrowest_port_range() {
     let (code, _, err) = skrelay_output(&["steer", "remove", "--ports", "8001"]);
     assert_eq!(code, 2, "{err}");
     assert!(
-        err.contains("port 8001 is not a binding of its own but within tcp 0.0.0.0/0 port 8000-8099")
+        err.contains("port 8001 is not a binding of its own but within tcp 0.0.0.0/0 ports 8000-8099")
             && err.contains("`skrelay steer remove --ports 8000-8099`"),
         "{err}"
     );
@@ -286,7 +286,7 @@ fn longest_prefix_wins_then_the_narrowest_port_range() {
     let (code, _, err) = skrelay_output(&["steer", "remove", "--ports", "8040-8060"]);
     assert_eq!(code, 2, "{err}");
     assert!(
-        err.contains("but there is tcp 127.0.0.1/32 port 8040-8060: give its --addr")
+        err.contains("but there is tcp 127.0.0.1/32 ports 8040-8060: give its --addr")
             && err.contains("`skrelay steer remove --ports 8040-8060 --addr 127.0.0.1/32`"),
         "{err}"
     );
@@ -294,14 +294,14 @@ fn longest_prefix_wins_then_the_narrowest_port_range() {
     // pointed at the narrower binding alone).
     assert!(
         err.contains(
-            "; on 0.0.0.0/0 or ::/0 they are part of tcp 0.0.0.0/0 port 8000-8099, which a remove takes whole"
+            "; on 0.0.0.0/0 or ::/0 they are part of tcp 0.0.0.0/0 ports 8000-8099, which a remove takes whole"
         ),
         "{err}"
     );
     let (code, _, err) = skrelay_output(&["steer", "remove", "--ports", "8045-8055", "--addr", "127.0.0.0/8"]);
     assert_eq!(code, 2, "{err}");
     assert!(
-        err.contains("ports 8045-8055 are not a binding of their own but overlapping tcp 127.0.0.0/8 port 8000-8099 and tcp 127.0.0.0/8 port 8050")
+        err.contains("ports 8045-8055 are not a binding of their own but overlapping tcp 127.0.0.0/8 ports 8000-8099 and tcp 127.0.0.0/8 port 8050")
             && err.contains("--ports 8000-8099,8050 --addr 127.0.0.0/8`"),
         "{err}"
     );
@@ -325,7 +325,7 @@ fn longest_prefix_wins_then_the_narrowest_port_range() {
         skrelay_output(&["steer", "remove", "--proto", "udp", "--ports", "8090-8120", "--addr", "127.0.0.0/8"]);
     assert_eq!(code, 2, "{err}");
     assert!(
-        err.contains("are not a binding of their own but overlapping udp 127.0.0.0/8 port 8000-8099")
+        err.contains("are not a binding of their own but overlapping udp 127.0.0.0/8 ports 8000-8099")
             && err.contains("`skrelay steer remove --ports 8000-8099 --addr 127.0.0.0/8 --proto udp`"),
         "{err}"
     );
@@ -336,7 +336,7 @@ fn longest_prefix_wins_then_the_narrowest_port_range() {
     ok(&["steer", "add", "--ports", "8095-8110", "--addr", "127.0.0.1", "--to", "127.0.0.1:6004"]);
     let (code, _, err) = skrelay_output(&["steer", "remove", "--ports", "8095-8110"]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("; on 0.0.0.0/0 or ::/0 some of them are part of tcp 0.0.0.0/0 port 8000-8099"), "{err}");
+    assert!(err.contains("; on 0.0.0.0/0 or ::/0 some of them are part of tcp 0.0.0.0/0 ports 8000-8099"), "{err}");
     ok(&["steer", "remove", "--ports", "8095-8110", "--addr", "127.0.0.1"]);
     assert_eq!(list_json(), before);
     assert_eq!(hit("127.0.0.2:8001"), Some('B'));
@@ -1074,7 +1074,7 @@ fn a_binding_left_half_written_by_a_killed_command_is_shown_and_repaired() {
 
     let list = ok(&["steer", "list"]);
     assert!(
-        list.contains("binding tcp 0.0.0.0/0 port 6401-6404 is incomplete: 1 of its ports is not steered to it")
+        list.contains("binding tcp 0.0.0.0/0 ports 6401-6404 is incomplete: 1 of its ports is not steered to it")
             && list.contains("add it again or remove it"),
         "{list}"
     );

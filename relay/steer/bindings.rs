@@ -185,7 +185,8 @@ impl BindingKey {
 
 impl fmt::Display for BindingKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {} port {}", self.proto.name(), self.prefix, self.ports)
+        let word = if self.ports.len() == 1 { "port" } else { "ports" };
+        write!(f, "{} {} {word} {}", self.proto.name(), self.prefix, self.ports)
     }
 }
 
