@@ -26,6 +26,10 @@ pub struct Server {
     pub live: Option<Live>,
     /// It serves --metrics, and they did not answer in time (1 s): its figures are unknown.
     pub metrics_silent: bool,
+    /// Clients in its listening sockets' accept queues: connected (the kernel completed their
+    /// handshake) and not yet accepted, behind a full `--max-pending`, a shortage of descriptors,
+    /// or a stopped or stuck process. Read from /proc/net/tcp, so known without `--metrics`.
+    pub backlog: u64,
     /// `proxy`: the ports of its `--upstream` addresses, from its command line.
     pub upstream_ports: Vec<u16>,
     /// Stopped (SIGSTOP, a debugger, or a frozen cgroup): its kernel pairs still move bytes,
@@ -68,6 +72,7 @@ impl Server {
             "kernel_inflight_bytes": self.live.filter(|_| self.datapath == "kernel").map(|l| l.kernel_inflight),
             "held_bytes": self.live.and_then(|l| l.held),
             "waiting_clients": self.live.and_then(|l| l.waiting),
+            "backlog_clients": self.backlog,
             // null without --metrics; false when they did not answer within 1 s (the figures
             // above are null then too).
             "metrics_answered": self.metrics.filter(|_| !self.stopped).map(|_| !self.metrics_silent),
@@ -147,6 +152,9 @@ impl std::fmt::Display for Server {
         if let Some(n) = self.live.and_then(|l| l.waiting).filter(|&n| n > 0) {
             let what = if self.command == "proxy" { "for their upstream connection" } else { "to be paired" };
             write!(f, "; {n} client(s) waiting {what}")?;
+        }
+        if self.backlog > 0 {
+            write!(f, "; {} client(s) in its listen backlog, not yet accepted", self.backlog)?;
         }
         Ok(())
     }
@@ -296,6 +304,7 @@ fn inspect(dir: &Path, pid: u32, command: String, sockets: &[ProcSocket], cmdlin
         metrics: None,
         live: None,
         metrics_silent: false,
+        backlog: 0,
         upstream_ports: vec![],
         stopped: process_stopped(dir),
         frozen: frozen_cgroup(dir),
@@ -320,6 +329,7 @@ fn inspect(dir: &Path, pid: u32, command: String, sockets: &[ProcSocket], cmdlin
             server.connections += 1;
         } else if field("flags:").and_then(|f| u32::from_str_radix(f, 8).ok()).is_some_and(|f| f & O_NONBLOCK != 0) {
             server.listening.push(with_scope(s.local, cmdline, "--listen"));
+            server.backlog += s.rx_queue;
         } else {
             server.metrics = Some(with_scope(s.local, cmdline, "--metrics"));
         }
@@ -411,6 +421,8 @@ pub fn status_section() -> Section {
 struct ProcSocket {
     local: SocketAddr,
     state: u8,
+    /// rx_queue: for a listening socket, the connections in its accept queue.
+    rx_queue: u64,
     inode: u64,
 }
 
@@ -435,6 +447,7 @@ fn parse_proc_net(text: &str) -> Vec<ProcSocket> {
             Some(ProcSocket {
                 local: SocketAddr::new(ip, port),
                 state: u8::from_str_radix(cols.get(3)?, 16).ok()?,
+                rx_queue: u64::from_str_radix(cols.get(4)?.split_once(':')?.1, 16).ok()?,
                 inode: cols.get(9)?.parse().ok()?,
             })
         })
@@ -475,11 +488,11 @@ mod tests {
     #[test]
     fn proc_net_rows_parse() {
         let v4 = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   \
-                  0: 0100007F:1E61 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12345 1 0 100 0 0 10 0\n";
+                  0: 0100007F:1E61 00000000:0000 0A 00000000:0000000C 00:00000000 00000000     0        0 12345 1 0 100 0 0 10 0\n";
         let rows = parse_proc_net(v4);
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].local, "127.0.0.1:7777".parse().unwrap());
-        assert_eq!((rows[0].state, rows[0].inode), (TCP_LISTEN, 12345));
+        assert_eq!((rows[0].state, rows[0].inode, rows[0].rx_queue), (TCP_LISTEN, 12345, 12));
         let v6 = "header\n   0: 00000000000000000000000001000000:1E61 00000000000000000000000000000000:0000 01 \
                   00000000:00000000 00:00000000 00000000     0        0 777 1\n";
         let rows = parse_proc_net(v6);

@@ -312,7 +312,8 @@ fn a_link_local_listeners_funnel_is_shown_with_its_interface() {
     if !require_bpf("--ports") {
         return;
     }
-    let up = std::process::Command::new("ip").args(["addr", "add", "fe80::1/64", "dev", "lo"]).status().unwrap();
+    let up =
+        std::process::Command::new("ip").args(["addr", "add", "fe80::1/64", "dev", "lo", "nodad"]).status().unwrap();
     assert!(up.success());
     let _relay = Skrelay::start(&["relay", "--listen", "[fe80::1%lo]:7811", "--ports", "7812"]);
     let text = skrelay_ok(&["status"]);

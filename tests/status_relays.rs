@@ -215,10 +215,20 @@ fn status_says_a_stopped_relay_is_stopped_and_keeps_a_link_locals_interface() {
     assert_eq!(find(relay.pid()).unwrap()["metrics_answered"], true);
     // SAFETY: kill(2) on the relay this test started.
     unsafe { libc::kill(relay.pid(), libc::SIGSTOP) };
+    // Clients that connect meanwhile wait in its listen backlog, which status reads from
+    // /proc/net/tcp: it said nothing of them.
+    let at = "127.0.0.1:7777".parse().unwrap();
+    let (mut a, mut b) = (connect(at), connect(at));
     let r = find(relay.pid()).unwrap();
     let text = skrelay_ok(&["status"]);
     // SAFETY: as above.
     unsafe { libc::kill(relay.pid(), libc::SIGCONT) };
+    assert_eq!(r["backlog_clients"], 2, "{r}");
+    assert!(text.contains("; 2 client(s) in its listen backlog, not yet accepted"), "{text}");
+    a.write_all(b"hi").unwrap();
+    assert_eq!(read_n(&mut b, 2), b"hi", "the clients of the backlog are paired once it runs again");
+    assert_eq!(find(relay.pid()).unwrap()["backlog_clients"], 0);
+    drop((a, b));
     // Stopped: its metrics are not asked (null, not "did not answer"), and it is said so. They
     // were waited for, and it was listed as serving (a helper's pass).
     assert_eq!(
@@ -255,7 +265,8 @@ fn status_says_a_stopped_relay_is_stopped_and_keeps_a_link_locals_interface() {
     assert!(took < Duration::from_millis(900), "status waited {took:?} for a frozen relay");
     assert_eq!((r["stopped"].clone(), r["metrics_answered"].clone()), (true.into(), serde_json::Value::Null), "{r}");
     // Link-local on lo: fe80::1 with lo's index as its interface.
-    let up = std::process::Command::new("ip").args(["addr", "add", "fe80::1/64", "dev", "lo"]).status().unwrap();
+    let up =
+        std::process::Command::new("ip").args(["addr", "add", "fe80::1/64", "dev", "lo", "nodad"]).status().unwrap();
     assert!(up.success());
     let relay = Skrelay::start(&["relay", "--datapath", "userspace", "--metrics", "[fe80::1%lo]:0"]);
     let r = find(relay.pid()).unwrap();
