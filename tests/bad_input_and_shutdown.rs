@@ -946,3 +946,31 @@ fn reporting_commands_refuse_a_descriptor_limit_too_small_to_read_the_state() {
     let out = Command::new("bash").args(["-c", inherit, "4096", SKRELAY]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Clients still waiting when skrelay stops are reset, and said in one line: a stop with 1,000
+/// clients waiting wrote a line for each (each stays at debug level).
+#[test]
+fn a_stop_resets_the_waiting_clients_and_says_so_once() {
+    let _netns = enter_netns();
+    let relay = Skrelay::start(&["relay", "--datapath", "userspace", "--pair", "token", "--metrics", "127.0.0.1:0"]);
+    let mut clients: Vec<_> = (0..3)
+        .map(|i| {
+            let mut c = connect(addr());
+            c.write_all(format!("token-{i}\n").as_bytes()).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            c
+        })
+        .collect();
+    relay.wait_metrics("3 clients waiting", Duration::from_secs(5), |m| m.get("skrelay_pending_clients") == 3);
+    relay.signal(libc::SIGTERM);
+    let mut relay = relay;
+    let status = relay.wait(Duration::from_secs(10));
+    let log = relay.log();
+    assert!(status.success(), "exit {status}:\n{log}");
+    assert!(log.contains("reset 3 client(s) waiting to be paired: skrelay is shutting down"), "{log}");
+    assert!(!log.contains("reset: skrelay is shutting down"), "a line for each client:\n{log}");
+    for c in &mut clients {
+        let r = std::io::Read::read(c, &mut [0u8; 16]);
+        assert!(matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset), "a waiting client got {r:?}");
+    }
+}

@@ -876,12 +876,31 @@ impl Server {
     /// Lets a waiting client go, for `reason`. It sees a reset (set at `admit`) whatever the
     /// reason, also one that only half-closed. A full --max-pending is a warning, as at `admit`.
     fn drop_pending(&mut self, slot: usize, why: &str, reason: Unpaired) {
-        if let Some(p) = self.take_pending(slot) {
-            self.metrics.client_unpaired(reason);
-            match reason {
-                Unpaired::Full => self.warn_full(format!("client {} reset: {why}", p.addr)),
-                _ => log::info!("client {} reset: {why}", p.addr),
-            }
+        let Some(p) = self.take_pending(slot) else { return };
+        self.metrics.client_unpaired(reason);
+        match reason {
+            Unpaired::Full => self.warn_full(format!("client {} reset: {why}", p.addr)),
+            // Said once for all of them (`drop_all_pending`): a stop with 1,000 clients waiting
+            // wrote 1,000 lines.
+            Unpaired::Shutdown => log::debug!("client {} reset: {why}", p.addr),
+            _ => log::info!("client {} reset: {why}", p.addr),
+        }
+    }
+
+    /// Resets every client still waiting, as skrelay stops, and says how many in one line.
+    fn drop_all_pending(&mut self) {
+        let waiting: Vec<usize> =
+            self.slots.iter().filter(|(_, s)| matches!(s, Slot::Pending(_))).map(|(k, _)| k).collect();
+        let n = waiting.len();
+        for slot in waiting {
+            self.drop_pending(slot, "skrelay is shutting down", Unpaired::Shutdown);
+        }
+        if n > 0 {
+            let what = match self.partners {
+                Partners::Upstreams(_) => "waiting for their upstream connection",
+                _ => "waiting to be paired",
+            };
+            log::info!("reset {n} client(s) {what}: skrelay is shutting down");
         }
     }
 
@@ -1124,10 +1143,10 @@ impl Server {
         for slot in slots {
             match self.slots.get(slot) {
                 Some(Slot::Pair(_)) => self.end_pair(slot, ending()),
-                Some(Slot::Pending(_)) => self.drop_pending(slot, "skrelay is shutting down", Unpaired::Shutdown),
-                None => {}
+                _ => {}
             }
         }
+        self.drop_all_pending();
     }
 
     /// `proxy`: no upstream is left to try for the client in `slot`, or this process could not
@@ -1389,10 +1408,8 @@ impl Server {
                     self.drain_timeout.as_secs_f64()
                 );
             }
-            let waiting: Vec<usize> =
-                self.slots.iter().filter(|(_, s)| matches!(s, Slot::Pending(_))).map(|(k, _)| k).collect();
-            for slot in waiting.into_iter().filter(|_| !keep) {
-                self.drop_pending(slot, "skrelay is shutting down", Unpaired::Shutdown);
+            if !keep {
+                self.drop_all_pending();
             }
             let deadline = Instant::now() + self.drain_timeout;
             self.start_drain(deadline);
