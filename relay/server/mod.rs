@@ -1141,9 +1141,8 @@ impl Server {
     fn end_all(&mut self, ending: impl Fn() -> Ending) {
         let slots: Vec<usize> = self.slots.iter().map(|(k, _)| k).collect();
         for slot in slots {
-            match self.slots.get(slot) {
-                Some(Slot::Pair(_)) => self.end_pair(slot, ending()),
-                _ => {}
+            if let Some(Slot::Pair(_)) = self.slots.get(slot) {
+                self.end_pair(slot, ending());
             }
         }
         self.drop_all_pending();
