@@ -2019,6 +2019,14 @@ fn root_in_a_pid_namespace_of_its_own_is_told_what_it_cannot_see() {
     assert_eq!(added.0, 0, "{}", added.1);
     let list = in_pidns("\"$0\" steer list");
     assert!(list.contains("(not visible from this pid namespace)") && !list.contains("(exited)"), "{list}");
+    // A target held outside it: "use --pid and --fd" was no way either (a pid it cannot see).
+    let add = in_pidns("\"$0\" steer add --ports 6978 --to 127.0.0.1:6976; echo rc=$?");
+    assert!(
+        add.contains("no process in this pid namespace holds the tcp socket at 127.0.0.1:6976, and its /proc shows")
+            && add.contains("rc=2")
+            && !add.contains("--pid and --fd"),
+        "{add}"
+    );
     let out = Command::new("nsenter").args([&net, "unshare", "-U", "-r", SKRELAY, "status"]).output().unwrap();
     let status = String::from_utf8_lossy(&out.stdout);
     assert!(status.contains("steer: 1 binding"), "{status}");

@@ -122,6 +122,14 @@ impl Target {
                         proto.name()
                     )),
                 }
+            } else if crate::bpffs::in_pid_namespace_of_its_own() {
+                // --pid and --fd cannot name a process this namespace does not show either.
+                Error::Usage(format!(
+                    "no process in this pid namespace holds the {} socket at {addr}, and its /proc shows no process \
+                     outside it (run the command in the pid namespace of the process that holds the socket, e.g. \
+                     the host's)",
+                    proto.name()
+                ))
             } else {
                 Error::Usage(format!(
                     "no process of this machine holds the {} socket at {addr} (is it in another pid namespace?): \
