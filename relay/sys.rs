@@ -204,6 +204,25 @@ impl TcpCounters {
 }
 
 /// Reads up to `buf.len()` queued bytes without consuming them (never blocks).
+/// Takes and drops what `fd` has received, up to `max` bytes, without waiting: the bytes dropped
+/// (0 at end of file or when nothing is queued). TCP drops them in place (MSG_TRUNC); a socket
+/// with a psock (the kernel datapath's) copies its own queue into `scratch` first.
+pub fn drop_received(fd: impl AsFd, scratch: &mut [u8], max: usize) -> io::Result<usize> {
+    use rustix::net::RecvFlags;
+    let mut dropped = 0;
+    while dropped < max {
+        let want = (max - dropped).min(scratch.len());
+        match rustix::net::recv(&fd, &mut scratch[..want], RecvFlags::TRUNC | RecvFlags::DONTWAIT) {
+            Ok((_, 0)) => break,
+            Ok((_, n)) => dropped += n.min(want),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(rustix::io::Errno::AGAIN) => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(dropped)
+}
+
 pub fn peek(fd: impl AsFd, buf: &mut [u8]) -> io::Result<usize> {
     use rustix::net::RecvFlags;
     // rustix returns (bytes copied into buf, what recv returned): without MSG_TRUNC, the same.

@@ -135,6 +135,9 @@ struct Direction {
     /// `shelter`: the destination's send queue when its buffer was raised. What it holds beyond
     /// that was moved there from the kernel datapath's queues and still counts as in flight.
     shelter_base: Option<u64>,
+    /// The destination's client reset it: what the source sends is dropped (`discard`), and
+    /// nothing else is done for the direction.
+    discarding: bool,
 }
 
 /// Bytes parked and not yet taken past which the source's window is clamped (`hold_back`).
@@ -484,6 +487,8 @@ impl Datapath for KernelDatapath {
         state
             .directions
             .iter()
+            // Dropped, not held: the destination's client reset it (`discard`).
+            .filter(|(_, d)| !d.discarding)
             .filter_map(|(cookie, d)| {
                 let sheltered = d
                     .shelter_base
@@ -565,7 +570,7 @@ impl KernelState {
 
     /// The verdict asked for `cookie`'s next budget, or parked its bytes.
     fn review(&mut self, cookie: u64, now: Instant) {
-        let Some(d) = self.directions.get(&cookie) else { return };
+        let Some(d) = self.directions.get(&cookie).filter(|d| !d.discarding) else { return };
         if self.counts.get(&cookie, 0).is_ok_and(|c| c.flags & relay_count_flags::BROKEN != 0) {
             // The verdict could not cut a repeated head off a skb and dropped it and all after
             // it: the stream has a hole, so the pair must end in a reset. Shutting the source's
@@ -635,7 +640,7 @@ impl KernelState {
     /// taken (`HOLD_AT`), and gives the window back once they are down to `RELEASE_AT` or the
     /// direction redirects again.
     fn hold_back(&mut self, cookie: u64) {
-        let Some(d) = self.directions.get(&cookie) else { return };
+        let Some(d) = self.directions.get(&cookie).filter(|d| !d.discarding) else { return };
         let Ok(c) = self.counts.get(&cookie, 0) else { return };
         let waiting = c.parked.saturating_sub(d.taken);
         let src = borrow_fd(d.src);
@@ -767,7 +772,7 @@ impl KernelState {
     /// direction when its parked bytes pass `HOLD_AT` (`hold_back`), and this looks at every
     /// direction whose bytes have not moved for `STUCK_AFTER`; both free it with `absorb_ahead`.
     fn unstick(&mut self, cookie: u64, now: Instant) {
-        let Some(d) = self.directions.get(&cookie) else { return };
+        let Some(d) = self.directions.get(&cookie).filter(|d| !d.discarding) else { return };
         let Ok(m) = self.measure(cookie, d) else { return };
         let waiting = m.in_flight > 0 || m.parked != d.taken;
         let dst = borrow_fd(d.dst);
@@ -811,7 +816,7 @@ impl KernelState {
         }
         let peer = d.peer;
         let Some(other) = self.directions.get(&peer) else { return false };
-        if other.frozen {
+        if other.frozen || other.discarding {
             return false;
         }
         let Ok(om) = self.measure(peer, other) else { return false };
@@ -856,7 +861,7 @@ impl KernelState {
     /// same bytes, in a queue a reset of the other end leaves alone. `thaw` undoes it once the
     /// destination's client has read its queue down.
     fn shelter(&mut self, cookie: u64) -> bool {
-        let Some(d) = self.directions.get(&cookie) else { return false };
+        let Some(d) = self.directions.get(&cookie).filter(|d| !d.discarding) else { return false };
         // Frozen already (here or by `absorb_ahead`): the buffer is topped up if bytes parked
         // since (the window closes one window's worth later) would not fit.
         let frozen = d.frozen;
@@ -959,6 +964,54 @@ impl KernelState {
         reads
     }
 
+    /// `Splice::discard`: the destination of direction `cookie` was reset by its own client.
+    /// What the source parked for it is taken and dropped, and the verdict gets a budget it
+    /// never reaches, so it redirects every skb, which `bpf_sk_redirect_hash` drops: the
+    /// destination left `targets` with its reset. Kept parked, those bytes filled the source's
+    /// receive buffer and its client, blocked writing them, stopped reading what the reset
+    /// client had sent it (an echo server behind the proxy: the pair waited until
+    /// --idle-timeout, holding 27 MB; a helper's pass).
+    fn discard(&mut self, cookie: u64) -> io::Result<()> {
+        let Some(d) = self.directions.get_mut(&cookie) else { return Ok(()) };
+        if !d.discarding {
+            d.discarding = true;
+            d.frozen = false;
+            d.shelter_base = None;
+            log::debug!("kernel datapath: socket {cookie:#x}'s partner was reset by its client: its bytes are dropped");
+        }
+        let src = borrow_fd(d.src);
+        // A window closed by `hold_back` opens again; the reads below advertise it.
+        if let Some(clamp) = d.held.take() {
+            let _ = sys::set_recv_buffer(src, SPLICED_RCVBUF);
+            let _ = sys::set_tcp_window_clamp(src, if clamp > 0 { clamp } else { WINDOW_CLAMP_BACK });
+        }
+        if self.scratch.is_empty() {
+            self.scratch = vec![0u8; CATCH_UP_MAX];
+        }
+        for _ in 0..UNPARK_ROUNDS {
+            sys::drop_received(src, &mut self.scratch, super::DISCARD_PER_CALL)?;
+            let parked = self.counts.get(&cookie, 0).map_err(|e| io::Error::other(bpf::chain(&e)))?.parked;
+            let d = self.directions.get_mut(&cookie).expect("present");
+            (d.taken, d.unconsumed, d.parked) = (parked, 0, None);
+            let never = u64::MAX / 2;
+            let peer = RelayPeer {
+                peer: d.peer,
+                budget: never,
+                notify: never,
+                taken: parked,
+                hold: never,
+                base: d.base,
+                limit: 0,
+            };
+            self.peers.insert(cookie, peer, 0).map_err(|e| io::Error::other(bpf::chain(&e)))?;
+            // A skb parked between the count and the write: take it too.
+            if self.counts.get(&cookie, 0).is_ok_and(|c| c.parked == parked) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Moves a parked direction's bytes on if its destination has room: Ok(true) when the
     /// verdict redirects again, Ok(false) when nothing could move, Err(Progress) when some did.
     ///
@@ -975,6 +1028,9 @@ impl KernelState {
         // send buffer has (`shelter`); it only gets no budget until thawed (`grant`).
         self.thaw(cookie);
         let Some(d) = self.directions.get(&cookie) else { return Ok(true) };
+        if d.discarding {
+            return Ok(true);
+        }
         let Ok(m) = self.measure(cookie, d) else { return Ok(false) };
         // Bytes the verdict redirected before it parked may still wait on the destination's psock
         // (its backlog moves them into the send queue): written now, parked bytes would overtake
@@ -1248,6 +1304,7 @@ impl KernelSplice {
                 runaway: false,
                 runaway_since: None,
                 shelter_base: None,
+                discarding: false,
             };
             state.directions.insert(from, direction);
         }
@@ -1429,6 +1486,10 @@ impl Splice for KernelSplice {
         Interest::READABLE
     }
 
+    fn discard(&mut self, dir: usize, _src: &TcpStream) -> io::Result<()> {
+        locked(&self.state).discard(self.cookies[dir])
+    }
+
     fn name(&self) -> &'static str {
         "kernel"
     }
@@ -1608,6 +1669,14 @@ impl Splice for Handover {
             self.half_closed |= matches!(flow, Ok(Flow::Finished));
             self.user_moved[dir] = self.spliced(dir, src, dst, false);
             flow
+        }
+    }
+
+    fn discard(&mut self, dir: usize, src: &TcpStream) -> io::Result<()> {
+        if self.joined {
+            self.kernel.discard(dir, src)
+        } else {
+            self.user.discard(dir, src)
         }
     }
 

@@ -213,6 +213,8 @@ pub(super) fn import_splice(
             runaway: false,
             runaway_since: None,
             shelter_base: d.shelter_base,
+            // Set again by the pair's next look if its partner's client reset (`discard`).
+            discarding: false,
         };
         if direction.parked.is_some() || direction.unconsumed > 0 || direction.held.is_some() || direction.frozen {
             st.rechecks.push(Reverse((now, d.cookie)));

@@ -35,6 +35,10 @@ pub struct Traffic {
     pub longest_run: u64,
 }
 
+/// The most bytes one `Splice::discard` call drops: a fast sender toward a reset client is not
+/// read for long at a time, and the pair looks again soon.
+pub const DISCARD_PER_CALL: usize = 4 << 20;
+
 /// One spliced pair's state in a datapath. Directions are numbered by their source: 0 moves
 /// bytes from end 0 to end 1, 1 the other way.
 pub trait Splice: Send {
@@ -74,6 +78,17 @@ pub trait Splice: Send {
     fn release(&mut self);
     /// Which datapath moves this pair's bytes, for the log.
     fn name(&self) -> &'static str;
+    /// Direction `dir`'s destination was reset by its own client: nothing its source sends can
+    /// reach it any more. Takes what the source has for it and drops it, so that the source's
+    /// client, which may be blocked writing to it, goes on reading what the reset end sent (an
+    /// echo server behind the proxy stopped, and the pair waited for it until --idle-timeout).
+    /// Never counted as moved. Err: reading the source failed (its client reset too).
+    fn discard(&mut self, _dir: usize, src: &TcpStream) -> io::Result<()> {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 64 * 1024]);
+        }
+        SCRATCH.with(|s| crate::sys::drop_received(src, &mut s.borrow_mut(), DISCARD_PER_CALL)).map(|_| ())
+    }
     /// Nothing taken from the sources waits in user space: every byte moved so far is in the
     /// destinations' send queues (what the sources still queue may be partly read: the kernel's
     /// verdict cuts off what was read, from copied_seq), and no source has ended.

@@ -454,6 +454,15 @@ impl Pair {
         // threw away, so a wait for an empty queue held such a pair (both clients gone) until
         // --idle-timeout (a re-check pass: held for the whole grace; a bounds pass: 700 clients
         // that each sent a byte and closed held 1,024 descriptors for 600 s).
+        // What the partner's client sends toward a client that reset can never reach it: it is
+        // dropped, so that the partner's client, which may be blocked writing it (an echo
+        // server), goes on reading what the reset client sent (a helper's pass: the proxy held
+        // the echo back, the upstream stopped reading, and the pair waited for --idle-timeout).
+        if !self.shut[1 - end] && sys::tcp_counters(&self.ends[end]).is_ok_and(|c| c.closed()) {
+            if let Err(e) = self.splice.discard(1 - end, &self.ends[1 - end]) {
+                log::debug!("pair {}: dropping what goes to a reset client: {e}", self.serial);
+            }
+        }
         let partner = &self.ends[1 - end];
         let delivered = sys::tcp_counters(partner).is_ok_and(|c| c.closed())
             || if self.shut[end] {
