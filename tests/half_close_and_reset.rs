@@ -444,7 +444,7 @@ fn a_client_that_reset_while_waiting_is_not_paired_with_a_later_one(dp: &str) {
         let m = relay.wait_pairs_ended(1, Duration::from_secs(5));
         assert_eq!(m.pairs(dp, "eof"), 1, "{dp} {pair}: B and C were a whole pair\n{}", m.text);
         let (status, log) = relay.stop(Duration::from_secs(10));
-        assert!(status.success() && log.contains("reset before a partner came"), "{log}");
+        assert!(status.success() && log.contains("reset before it was paired"), "{log}");
     }
 }
 

@@ -43,7 +43,7 @@ pub(super) enum Look {
 }
 
 /// Why a waiting client that sent bytes and then reset is let go.
-pub(super) const RESET_AFTER_SENDING: &str = "reset before a partner came (its bytes go nowhere)";
+pub(super) const RESET_AFTER_SENDING: &str = "reset before it was paired (its bytes go nowhere)";
 
 impl Pending {
     pub(super) fn new(stream: TcpStream, addr: SocketAddr, serial: u64, key: Option<String>) -> Pending {
