@@ -966,8 +966,9 @@ impl KernelState {
 
     /// `Splice::discard`: the destination of direction `cookie` was reset by its own client.
     /// What the source parked for it is taken and dropped, and the verdict gets a budget it
-    /// never reaches, so it redirects every skb, which `bpf_sk_redirect_hash` drops: the
-    /// destination left `targets` with its reset. Kept parked, those bytes filled the source's
+    /// never reaches, so it redirects every skb toward the reset socket, where the kernel drops
+    /// it: that socket's psock stopped sending at its first failed send (KERNEL-NOTES item 21;
+    /// 134 GB in 8 s, no memory held). Kept parked, those bytes filled the source's
     /// receive buffer and its client, blocked writing them, stopped reading what the reset
     /// client had sent it (an echo server behind the proxy: the pair waited until
     /// --idle-timeout, holding 27 MB; a helper's pass).
