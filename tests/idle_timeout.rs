@@ -218,3 +218,103 @@ fn an_idle_timeout_of_0_never_cuts_and_a_bad_one_is_refused() {
         assert!(err.contains(why), "--idle-timeout {bad}: {err}");
     }
 }
+
+/// CPU ticks (utime + stime) process `pid` has used.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit(") ").next().unwrap().split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// After a client's reset, its partner sends on at full speed and reads nothing: what it sends
+/// toward the reset client is dropped (so that one blocked writing can go on reading), but on
+/// splice(2) only up to a bound, after which it is held back again: read at full speed until
+/// --idle-timeout it took 90% of a CPU (a re-check pass). It is not counted as held (it was:
+/// tens of GB), and the pair is cut at the timeout.
+fn a_partner_sending_on_toward_a_reset_client_costs_little_and_is_cut_at_the_idle_timeout(dp: &str) {
+    let _netns = enter_netns();
+    let args = relay_args(dp, "3");
+    let relay = Skrelay::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut a = connect(addr());
+    let b = connect(addr());
+    a.write_all(b"hi").unwrap();
+    assert_eq!(read_n(&mut &b, 2), b"hi");
+    a.write_all(&vec![5u8; 2 << 20]).unwrap();
+    wait_acked(&a, Duration::from_secs(10), &format!("a's bytes ({dp})"));
+    socket2::SockRef::from(&a).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(a);
+    let reset_at = Instant::now();
+    b.set_nonblocking(true).unwrap();
+    let mut w = b.try_clone().unwrap();
+    let sender = thread::spawn(move || {
+        let chunk = vec![6u8; 1 << 16];
+        let started = Instant::now();
+        loop {
+            match w.write(&chunk) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(1)),
+                Err(e) => return Ok(e),
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                return Err("never cut");
+            }
+        }
+    });
+    thread::sleep(Duration::from_millis(500));
+    let (ticks, from) = (cpu_ticks(relay.pid()), Instant::now());
+    thread::sleep(Duration::from_millis(1500));
+    let used = (cpu_ticks(relay.pid()) - ticks) as f64 / 100.0 / from.elapsed().as_secs_f64();
+    let held = relay.metrics().get("skrelay_held_bytes");
+    let end = sender.join().unwrap();
+    let cut_after = reset_at.elapsed();
+    assert!(
+        used < 0.25,
+        "{dp}: skrelay used {:.0}% of a CPU for a partner sending toward a reset client",
+        used * 100.0
+    );
+    assert!(held < 64 << 20, "{dp}: {held} bytes counted as held");
+    assert!(
+        matches!(&end, Ok(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe)),
+        "{dp}: the partner should be cut, got {end:?}\n{}",
+        relay.log()
+    );
+    assert!(
+        cut_after > Duration::from_millis(2900) && cut_after < Duration::from_secs(5),
+        "{dp}: cut after {cut_after:?}"
+    );
+}
+per_datapath!(a_partner_sending_on_toward_a_reset_client_costs_little_and_is_cut_at_the_idle_timeout);
+
+/// `--takeover` carries a resetting pair's idle clock on too: the new process compared the
+/// partner's acknowledgements with all four counters at its first look and started a new
+/// timeout (a re-check pass: cut 3 s after the takeover instead of 3 s after the reset).
+fn a_takeover_keeps_a_resetting_pairs_idle_clock_running(dp: &str) {
+    let _netns = enter_netns();
+    let args = relay_args(dp, "3");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let old = Skrelay::start(&args);
+    let mut a = connect(addr());
+    let b = connect(addr());
+    a.write_all(b"hi").unwrap();
+    assert_eq!(read_n(&mut &b, 2), b"hi");
+    a.write_all(&vec![5u8; 2 << 20]).unwrap();
+    wait_acked(&a, Duration::from_secs(10), &format!("a's bytes ({dp})"));
+    socket2::SockRef::from(&a).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(a);
+    let reset_at = Instant::now();
+    thread::sleep(Duration::from_millis(1500));
+    let pid = old.pid().to_string();
+    let new = Skrelay::start(&[&args[..], &["--takeover", &pid]].concat());
+    let mut old = old;
+    assert!(old.wait(Duration::from_secs(10)).success(), "{}", old.log());
+    assert!(old.log().contains("handed over 1 live pair(s)"), "{dp}:\n{}", old.log());
+    new.wait_log("then took nothing", 1, Duration::from_secs(10));
+    let cut_after = reset_at.elapsed();
+    assert!(
+        cut_after > Duration::from_millis(2900) && cut_after < Duration::from_millis(4000),
+        "{dp}: cut {cut_after:?} after the reset (a new clock would say 4.5 s or more)\n{}",
+        new.log()
+    );
+    drop(b);
+}
+per_datapath!(a_takeover_keeps_a_resetting_pairs_idle_clock_running);

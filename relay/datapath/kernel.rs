@@ -1487,8 +1487,8 @@ impl Splice for KernelSplice {
         Interest::READABLE
     }
 
-    fn discard(&mut self, dir: usize, _src: &TcpStream) -> io::Result<()> {
-        locked(&self.state).discard(self.cookies[dir])
+    fn discard(&mut self, dir: usize, _src: &TcpStream, _max: u64) -> io::Result<u64> {
+        locked(&self.state).discard(self.cookies[dir]).map(|()| 0)
     }
 
     fn name(&self) -> &'static str {
@@ -1673,11 +1673,11 @@ impl Splice for Handover {
         }
     }
 
-    fn discard(&mut self, dir: usize, src: &TcpStream) -> io::Result<()> {
+    fn discard(&mut self, dir: usize, src: &TcpStream, max: u64) -> io::Result<u64> {
         if self.joined {
-            self.kernel.discard(dir, src)
+            self.kernel.discard(dir, src, max)
         } else {
-            self.user.discard(dir, src)
+            self.user.discard(dir, src, max)
         }
     }
 

@@ -82,12 +82,15 @@ pub trait Splice: Send {
     /// reach it any more. Takes what the source has for it and drops it, so that the source's
     /// client, which may be blocked writing to it, goes on reading what the reset end sent (an
     /// echo server behind the proxy stopped, and the pair waited for it until --idle-timeout).
-    /// Never counted as moved. Err: reading the source failed (its client reset too).
-    fn discard(&mut self, _dir: usize, src: &TcpStream) -> io::Result<()> {
+    /// Never counted as moved. Drops at most `max` bytes (and `DISCARD_PER_CALL` a call) and
+    /// says how many it read; the kernel datapath drops all that comes from then on, in the
+    /// kernel, at the sender's cost. Err: reading the source failed (its client reset too).
+    fn discard(&mut self, _dir: usize, src: &TcpStream, max: u64) -> io::Result<u64> {
         thread_local! {
             static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 64 * 1024]);
         }
-        SCRATCH.with(|s| crate::sys::drop_received(src, &mut s.borrow_mut(), DISCARD_PER_CALL)).map(|_| ())
+        let max = usize::try_from(max).unwrap_or(usize::MAX).min(DISCARD_PER_CALL);
+        SCRATCH.with(|s| crate::sys::drop_received(src, &mut s.borrow_mut(), max)).map(|n| n as u64)
     }
     /// Nothing taken from the sources waits in user space: every byte moved so far is in the
     /// destinations' send queues (what the sources still queue may be partly read: the kernel's

@@ -25,6 +25,9 @@ const FLUSH_CHECK_MAX: Duration = Duration::from_millis(100);
 /// flush at most a tenth of the stall late (a flat 1 s made it 0.3 s late after a 0.5 s pause on
 /// the kernel datapath, whose flush is only looked at: a re-check pass).
 const FLUSH_CHECK_STALLED_MAX: Duration = Duration::from_secs(1);
+/// What a pair waiting after a reset drops of its partner's bytes toward the reset end beyond
+/// twice what the partner's client acknowledged meanwhile (`finish_reset`).
+const DROP_SLACK: u64 = 16 << 20;
 
 use crate::sys::close_gracefully;
 pub(super) use crate::sys::reset_on_close;
@@ -48,6 +51,9 @@ pub(super) struct Pair {
     /// for `--idle-timeout` (`Server::reset_idle_pairs`), as a live pair would be.
     /// The end that was reset, and its error.
     resetting: Option<(usize, io::Error)>,
+    /// While `resetting`: the partner's bytes_acked when dropping what it sends toward the reset
+    /// end began, and the bytes dropped since (`finish_reset`).
+    dropping: Option<(u64, u64)>,
     /// When bytes last moved (`--idle-timeout`), and the counters that showed it.
     active: Activity,
     /// Each end's bytes that are not the pair's to deliver (`held`): received, its token line;
@@ -134,6 +140,7 @@ impl Pair {
             flush_delay: FLUSH_CHECK_FIRST,
             flush_seen: None,
             resetting: None,
+            dropping: None,
             upstream_local,
             active: Activity { at: Instant::now(), seen: [0; 4] },
             skip: skip.map(u64::from),
@@ -151,6 +158,12 @@ impl Pair {
         Some(
             (0..2)
                 .map(|dir| {
+                    // Toward a socket its client reset nothing waits: its send queue went with
+                    // the reset, and what comes for it is dropped (`finish_reset`). Counted, a
+                    // partner sending on made it tens of GB (a re-check pass).
+                    if c[1 - dir].closed() {
+                        return 0;
+                    }
                     let taken = c[dir].payload_received_but_reset().saturating_sub(self.skip[dir]);
                     let given = c[1 - dir].acked_but_fin().saturating_sub(self.acked_base[1 - dir]);
                     taken.saturating_sub(given)
@@ -204,6 +217,7 @@ impl Pair {
                 .resetting
                 .filter(|(end, _)| *end < 2)
                 .map(|(end, errno)| (end, io::Error::from_raw_os_error(errno))),
+            dropping: None,
             upstream_local: state.upstream_local,
             active: Activity { at: Instant::now(), seen: [0; 4] },
             skip: state.skip.unwrap_or_default(),
@@ -214,7 +228,7 @@ impl Pair {
         // is not given a new one by each upgrade), against the counters as they are now.
         let now = Instant::now();
         pair.active =
-            Activity { at: now.checked_sub(state.idle).unwrap_or(now), seen: pair.counters().unwrap_or([0; 4]) };
+            Activity { at: now.checked_sub(state.idle).unwrap_or(now), seen: pair.idle_counters().unwrap_or([0; 4]) };
         pair
     }
 
@@ -280,18 +294,24 @@ impl Pair {
         // A resetting pair waits only for its partner's client to take what it holds: what that
         // client sends goes nowhere (a client writing 100 bytes every 0.5 s and reading nothing
         // held such a pair past the timeout; a re-check pass).
-        let resetting = self.resetting.as_ref().map(|(end, _)| 2 * (1 - end) + 1);
-        let counters = self.counters().map(|mut c| {
-            if let Some(keep) = resetting {
-                (0..4).filter(|&i| i != keep).for_each(|i| c[i] = 0);
-            }
-            c
-        });
-        match counters {
+        match self.idle_counters() {
             Some(seen) if seen == self.active.seen => {}
             seen => self.active = Activity { at: now, seen: seen.unwrap_or([0; 4]) },
         }
         now.saturating_duration_since(self.active.at)
+    }
+
+    /// The counters `idle_for` compares: `counters`, or for a resetting pair only its partner's
+    /// bytes acknowledged. A takeover's first look compared these with all four and restarted
+    /// a resetting pair's clock (a re-check pass: cut 3 s after the takeover, not after the reset).
+    fn idle_counters(&self) -> Option<[u64; 4]> {
+        let resetting = self.resetting.as_ref().map(|(end, _)| 2 * (1 - end) + 1);
+        self.counters().map(|mut c| {
+            if let Some(keep) = resetting {
+                (0..4).filter(|&i| i != keep).for_each(|i| c[i] = 0);
+            }
+            c
+        })
     }
 
     /// Both sockets' bytes received from their clients and acknowledged by them (None if a
@@ -458,9 +478,18 @@ impl Pair {
         // dropped, so that the partner's client, which may be blocked writing it (an echo
         // server), goes on reading what the reset client sent (a helper's pass: the proxy held
         // the echo back, the upstream stopped reading, and the pair waited for --idle-timeout).
+        // Up to what the partner's client takes, twice over, and `DROP_SLACK`: a partner that
+        // only sends (both clients one's, on splice(2)) is held back again, not read at full
+        // speed for --idle-timeout (a re-check pass: 90% of a CPU).
         if !self.shut[1 - end] && sys::tcp_counters(&self.ends[end]).is_ok_and(|c| c.closed()) {
-            if let Err(e) = self.splice.discard(1 - end, &self.ends[1 - end]) {
-                log::debug!("pair {}: dropping what goes to a reset client: {e}", self.serial);
+            let acked = sys::tcp_counters(&self.ends[1 - end]).map_or(0, |c| c.bytes_acked);
+            let (since, dropped) = *self.dropping.get_or_insert((acked, 0));
+            let room = (DROP_SLACK + 2 * acked.saturating_sub(since)).saturating_sub(dropped);
+            if room > 0 {
+                match self.splice.discard(1 - end, &self.ends[1 - end], room) {
+                    Ok(n) => self.dropping = Some((since, dropped + n)),
+                    Err(e) => log::debug!("pair {}: dropping what goes to a reset client: {e}", self.serial),
+                }
             }
         }
         let partner = &self.ends[1 - end];
