@@ -362,7 +362,7 @@ impl Server {
             }
         }
         let mut pairs = 0;
-        for state in manifest.pairs {
+        for state in kernel_pairs_first(manifest.pairs) {
             // A pair in kernel maps stays with them; any other may go to any loop.
             let n = if manifest.maps.get(state.thread).is_some_and(|m| m.is_some()) {
                 state.thread
@@ -540,9 +540,69 @@ fn log_false(line: String) -> bool {
     false
 }
 
+/// The pairs in the order they are carried on: those that hold a place under --kernel-memory
+/// (in the maps, or counted) first. A pair on splice(2) may join the maps at its first look, in
+/// `import_pair`: it took the room of kernel pairs carried on after it, which then put the
+/// process over its budget (a helper's pass: 8 and 12 kernel pairs where 6 fit, with the same
+/// flags, and a warning that blamed the pairs taken over).
+fn kernel_pairs_first(pairs: Vec<PairState>) -> Vec<PairState> {
+    let (kernel, pipes): (Vec<_>, Vec<_>) = pairs.into_iter().partition(|p| !p.splice.pipes_only());
+    kernel.into_iter().chain(pipes).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pairs_holding_kernel_budget_are_carried_on_first() {
+        let pair = |port: u16, splice: SpliceState| PairState {
+            thread: 0,
+            ends: [5, 6],
+            addrs: [format!("127.0.0.1:{port}").parse().unwrap(), "127.0.0.1:2".parse().unwrap()],
+            lasted: Duration::from_secs(1),
+            shut: [false; 2],
+            upstream_local: None,
+            splice,
+            idle: Duration::ZERO,
+            resetting: None,
+            skip: None,
+            acked_base: None,
+        };
+        let kernel = || crate::datapath::handover::KernelSpliceState {
+            cookies: [1, 2],
+            acked_base: [0; 2],
+            consumed: [0; 2],
+            targets: [true; 2],
+            peers: [true; 2],
+            socks: [true; 2],
+            counted: true,
+            directions: vec![],
+        };
+        let pipes = || SpliceState::Userspace { dirs: Default::default() };
+        let handover = |k, joined| SpliceState::Handover {
+            user: Box::new(pipes()),
+            kernel: k,
+            joined,
+            after: 65536,
+            stays: false,
+            half_closed: false,
+            user_moved: [0; 2],
+            refused: true,
+        };
+        let mut not_joined = kernel();
+        (not_joined.targets, not_joined.peers, not_joined.socks, not_joined.counted) =
+            ([false; 2], [false; 2], [false; 2], false);
+        let order = kernel_pairs_first(vec![
+            pair(10, pipes()),
+            pair(11, handover(not_joined, false)),
+            pair(12, SpliceState::Kernel(kernel())),
+            pair(13, pipes()),
+            pair(14, handover(kernel(), true)),
+        ]);
+        let ports: Vec<u16> = order.iter().map(|p| p.addrs[0].port()).collect();
+        assert_eq!(ports, [12, 14, 10, 11, 13]);
+    }
 
     #[test]
     fn a_version_1_manifest_is_one_loop_of_version_2() {
