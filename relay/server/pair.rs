@@ -26,8 +26,10 @@ const FLUSH_CHECK_MAX: Duration = Duration::from_millis(100);
 /// the kernel datapath, whose flush is only looked at: a re-check pass).
 const FLUSH_CHECK_STALLED_MAX: Duration = Duration::from_secs(1);
 /// What a pair waiting after a reset drops of its partner's bytes toward the reset end beyond
-/// twice what the partner's client acknowledged meanwhile (`finish_reset`).
+/// twice what the partner's client acknowledged meanwhile, at once and each second since
+/// (`finish_reset`): reading 16 MiB a second costs about 1% of a CPU.
 const DROP_SLACK: u64 = 16 << 20;
+const DROP_RATE: u64 = 16 << 20;
 
 use crate::sys::close_gracefully;
 pub(super) use crate::sys::reset_on_close;
@@ -51,9 +53,9 @@ pub(super) struct Pair {
     /// for `--idle-timeout` (`Server::reset_idle_pairs`), as a live pair would be.
     /// The end that was reset, and its error.
     resetting: Option<(usize, io::Error)>,
-    /// While `resetting`: the partner's bytes_acked when dropping what it sends toward the reset
-    /// end began, and the bytes dropped since (`finish_reset`).
-    dropping: Option<(u64, u64)>,
+    /// While `resetting`: when dropping what the partner sends toward the reset end began, the
+    /// partner's bytes_acked then, and the bytes dropped since (`finish_reset`).
+    dropping: Option<(Instant, u64, u64)>,
     /// When bytes last moved (`--idle-timeout`), and the counters that showed it.
     active: Activity,
     /// Each end's bytes that are not the pair's to deliver (`held`): received, its token line;
@@ -478,16 +480,19 @@ impl Pair {
         // dropped, so that the partner's client, which may be blocked writing it (an echo
         // server), goes on reading what the reset client sent (a helper's pass: the proxy held
         // the echo back, the upstream stopped reading, and the pair waited for --idle-timeout).
-        // Up to what the partner's client takes, twice over, and `DROP_SLACK`: a partner that
-        // only sends (both clients one's, on splice(2)) is held back again, not read at full
-        // speed for --idle-timeout (a re-check pass: 90% of a CPU).
+        // Up to `DROP_SLACK`, twice what the partner's client takes, and `DROP_RATE` a second:
+        // a partner that only sends (both clients one's, on splice(2)) is held back again, not
+        // read at full speed for --idle-timeout (a re-check pass: 90% of a CPU), and one that
+        // answers many times what it reads (an echo writing each chunk 5 times stalled until
+        // --idle-timeout with 2 times alone; a re-check pass) still gets through.
         if !self.shut[1 - end] && sys::tcp_counters(&self.ends[end]).is_ok_and(|c| c.closed()) {
             let acked = sys::tcp_counters(&self.ends[1 - end]).map_or(0, |c| c.bytes_acked);
-            let (since, dropped) = *self.dropping.get_or_insert((acked, 0));
-            let room = (DROP_SLACK + 2 * acked.saturating_sub(since)).saturating_sub(dropped);
+            let (began, since, dropped) = *self.dropping.get_or_insert((Instant::now(), acked, 0));
+            let by_time = (DROP_RATE as f64 * began.elapsed().as_secs_f64()) as u64;
+            let room = (DROP_SLACK + 2 * acked.saturating_sub(since) + by_time).saturating_sub(dropped);
             if room > 0 {
                 match self.splice.discard(1 - end, &self.ends[1 - end], room) {
-                    Ok(n) => self.dropping = Some((since, dropped + n)),
+                    Ok(n) => self.dropping = Some((began, since, dropped + n)),
                     Err(e) => log::debug!("pair {}: dropping what goes to a reset client: {e}", self.serial),
                 }
             }
