@@ -1027,7 +1027,10 @@ impl Server {
                     pair.reregister(self.poll.registry(), tokens(slot), interest);
                 }
                 if let Some(delay) = flush_check {
-                    self.timers.set(Instant::now() + delay, Timer::FlushCheck { slot, serial });
+                    let at = Instant::now() + delay;
+                    if pair.flush_timer_wanted(at) {
+                        self.timers.set(at, Timer::FlushCheck { slot, serial });
+                    }
                 }
                 if again {
                     self.again.push((slot, serial));
@@ -1271,7 +1274,7 @@ impl Server {
 
     fn fire_timers(&mut self) {
         let now = Instant::now();
-        while let Some(timer) = self.timers.pop_due(now) {
+        while let Some((at, timer)) = self.timers.pop_due(now) {
             match timer {
                 Timer::PairTimeout { slot, serial } => {
                     if let Some(p) = self.pending_mut(slot, Some(serial)) {
@@ -1287,7 +1290,11 @@ impl Server {
                     }
                 }
                 Timer::FlushCheck { slot, serial } => {
-                    if self.is_pair(slot, serial) {
+                    let live = match self.slots.get_mut(slot) {
+                        Some(Slot::Pair(p)) => p.serial() == serial && p.flush_timer_fired(at),
+                        _ => false,
+                    };
+                    if live {
                         self.service(slot, true);
                     }
                 }

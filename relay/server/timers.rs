@@ -30,10 +30,10 @@ impl Timers {
         self.heap.peek().map(|Reverse((at, _))| *at)
     }
 
-    /// Takes the earliest timer whose deadline is at or before `now`.
-    pub(super) fn pop_due(&mut self, now: Instant) -> Option<Timer> {
+    /// Takes the earliest timer whose deadline is at or before `now`, with its deadline.
+    pub(super) fn pop_due(&mut self, now: Instant) -> Option<(Instant, Timer)> {
         match self.heap.peek() {
-            Some(Reverse((at, _))) if *at <= now => self.heap.pop().map(|Reverse((_, timer))| timer),
+            Some(Reverse((at, _))) if *at <= now => self.heap.pop().map(|Reverse(entry)| entry),
             _ => None,
         }
     }
@@ -55,8 +55,8 @@ mod tests {
         assert_eq!(t.next(), Some(now + Duration::from_millis(10)));
         assert_eq!(t.pop_due(now), None, "nothing is due yet");
         let later = now + Duration::from_millis(25);
-        assert_eq!(t.pop_due(later), Some(Timer::ConnectTimeout { slot: 2, serial: 8 }));
-        assert_eq!(t.pop_due(later), Some(Timer::FlushCheck { slot: 1, serial: 7 }));
+        assert_eq!(t.pop_due(later).map(|(_, t)| t), Some(Timer::ConnectTimeout { slot: 2, serial: 8 }));
+        assert_eq!(t.pop_due(later), Some((now + Duration::from_millis(20), Timer::FlushCheck { slot: 1, serial: 7 })));
         assert_eq!(t.pop_due(later), None);
         assert_eq!(t.next(), Some(now + Duration::from_millis(30)));
     }
