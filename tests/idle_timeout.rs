@@ -219,6 +219,20 @@ fn an_idle_timeout_of_0_never_cuts_and_a_bad_one_is_refused() {
     }
 }
 
+/// A pair whose client a sent 2 MiB that b does not read, all acknowledged by the relay, and
+/// then reset: b, and when a reset.
+fn pair_whose_first_client_sent_2_mib_and_reset(dp: &str) -> (TcpStream, Instant) {
+    let mut a = connect(addr());
+    let b = connect(addr());
+    a.write_all(b"hi").unwrap();
+    assert_eq!(read_n(&mut &b, 2), b"hi");
+    a.write_all(&vec![5u8; 2 << 20]).unwrap();
+    wait_acked(&a, Duration::from_secs(10), &format!("a's bytes ({dp})"));
+    socket2::SockRef::from(&a).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(a);
+    (b, Instant::now())
+}
+
 /// CPU ticks (utime + stime) process `pid` has used.
 fn cpu_ticks(pid: i32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -235,15 +249,7 @@ fn a_partner_sending_on_toward_a_reset_client_costs_little_and_is_cut_at_the_idl
     let _netns = enter_netns();
     let args = relay_args(dp, "3");
     let relay = Skrelay::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    let mut a = connect(addr());
-    let b = connect(addr());
-    a.write_all(b"hi").unwrap();
-    assert_eq!(read_n(&mut &b, 2), b"hi");
-    a.write_all(&vec![5u8; 2 << 20]).unwrap();
-    wait_acked(&a, Duration::from_secs(10), &format!("a's bytes ({dp})"));
-    socket2::SockRef::from(&a).set_linger(Some(Duration::ZERO)).unwrap();
-    drop(a);
-    let reset_at = Instant::now();
+    let (b, reset_at) = pair_whose_first_client_sent_2_mib_and_reset(dp);
     b.set_nonblocking(true).unwrap();
     let mut w = b.try_clone().unwrap();
     let sender = thread::spawn(move || {
@@ -293,15 +299,7 @@ fn a_takeover_keeps_a_resetting_pairs_idle_clock_running(dp: &str) {
     let args = relay_args(dp, "3");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let old = Skrelay::start(&args);
-    let mut a = connect(addr());
-    let b = connect(addr());
-    a.write_all(b"hi").unwrap();
-    assert_eq!(read_n(&mut &b, 2), b"hi");
-    a.write_all(&vec![5u8; 2 << 20]).unwrap();
-    wait_acked(&a, Duration::from_secs(10), &format!("a's bytes ({dp})"));
-    socket2::SockRef::from(&a).set_linger(Some(Duration::ZERO)).unwrap();
-    drop(a);
-    let reset_at = Instant::now();
+    let (b, reset_at) = pair_whose_first_client_sent_2_mib_and_reset(dp);
     thread::sleep(Duration::from_millis(1500));
     let pid = old.pid().to_string();
     let new = Skrelay::start(&[&args[..], &["--takeover", &pid]].concat());
