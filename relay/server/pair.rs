@@ -494,15 +494,6 @@ impl Pair {
     fn finish_reset(&mut self) -> Step {
         let Some((end, _)) = &self.resetting else { return Step::Ended(Ending::Drained) };
         let end = *end;
-        // A direction that finished before its source's reset (a FIN, then a reset) has handed
-        // every byte to the destination's send queue, not to its client: the partner's reset
-        // would throw that queue away (a re-check pass: 127,973 of 1,000,000 bytes through
-        // splice(2)), so it waits until the queue is empty, as `flush_reset` does.
-        // A partner its own client reset (CLOSE) has lost its queue already, and nothing more
-        // can reach that client: nothing to wait for. Its SIOCOUTQ still counts what the reset
-        // threw away, so a wait for an empty queue held such a pair (both clients gone) until
-        // --idle-timeout (a re-check pass: held for the whole grace; a bounds pass: 700 clients
-        // that each sent a byte and closed held 1,024 descriptors for 600 s).
         // What the partner's client sends toward a client that reset can never reach it: it is
         // dropped, so that the partner's client, which may be blocked writing it (an echo
         // server), goes on reading what the reset client sent (a helper's pass: the proxy held
@@ -524,6 +515,15 @@ impl Pair {
                 }
             }
         }
+        // A direction that finished before its source's reset (a FIN, then a reset) has handed
+        // every byte to the destination's send queue, not to its client: the partner's reset
+        // would throw that queue away (a re-check pass: 127,973 of 1,000,000 bytes through
+        // splice(2)), so it waits until the queue is empty, as `flush_reset` does.
+        // A partner its own client reset (CLOSE) has lost its queue already, and nothing more
+        // can reach that client: nothing to wait for. Its SIOCOUTQ still counts what the reset
+        // threw away, so a wait for an empty queue held such a pair (both clients gone) until
+        // --idle-timeout (a re-check pass: held for the whole grace; a bounds pass: 700 clients
+        // that each sent a byte and closed held 1,024 descriptors for 600 s).
         let partner = &self.ends[1 - end];
         let delivered = sys::tcp_counters(partner).is_ok_and(|c| c.closed())
             || if self.shut[end] {
