@@ -202,6 +202,18 @@ fn accel_off_removes_the_cgroup_that_on_created_and_only_that() {
     std::fs::remove_dir(mount.join(&outer)).unwrap();
 }
 
+/// `err` says of each of `dirs` (under `mount`) that it stays, other cgroups being in it.
+fn assert_said_to_stay(err: &str, mount: &std::path::Path, dirs: [&str; 2]) {
+    for dir in dirs {
+        let said = format!(
+            "accel: cgroup directory {}, which skrelay created, stays: Device or resource busy (os error 16); other \
+             cgroups are in it: rmdir it once they are gone",
+            mount.join(dir).display()
+        );
+        assert!(err.contains(&said), "{err}");
+    }
+}
+
 /// A cgroup directory `accel on` created that has cgroups of its own in it by the time of `off`
 /// stays, and `off` says so, with the way to remove it (an accel pass saw it stay without a word).
 #[test]
@@ -219,14 +231,7 @@ fn a_created_cgroup_that_holds_other_cgroups_stays_and_off_says_so() {
     std::fs::create_dir(mount.join(&inner).join("child")).unwrap();
     let (code, _, err) = skrelay_output(&["accel", "off", "--cgroup", &inner]);
     assert_eq!(code, 0, "{err}");
-    for dir in [&inner, &outer] {
-        let said = format!(
-            "accel: cgroup directory {}, which skrelay created, stays: Device or resource busy (os error 16); other \
-             cgroups are in it: rmdir it once they are gone",
-            mount.join(dir).display()
-        );
-        assert!(err.contains(&said), "{err}");
-    }
+    assert_said_to_stay(&err, &mount, [&inner, &outer]);
     assert!(mount.join(&inner).join("child").exists());
 }
 
@@ -261,14 +266,7 @@ fn a_run_ended_after_off_says_which_created_cgroups_stay() {
     let out = run.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    for dir in [&inner, &outer] {
-        let said = format!(
-            "accel: cgroup directory {}, which skrelay created, stays: Device or resource busy (os error 16); other \
-             cgroups are in it: rmdir it once they are gone",
-            mount.join(dir).display()
-        );
-        assert!(err.contains(&said), "{err}");
-    }
+    assert_said_to_stay(&err, &mount, [&inner, &outer]);
     assert!(kid.exists());
 }
 
