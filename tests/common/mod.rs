@@ -534,6 +534,16 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Connects a client to `addr` and reads one byte: how a client the relay resets at once sees it.
+/// The reset can come before connect(2) returns (the relay accepts and resets within microseconds
+/// on loopback, and a loaded machine may not run this thread in between), which then reports it.
+pub fn first_read_of_a_client_of(addr: SocketAddr) -> std::io::Result<usize> {
+    TcpStream::connect_timeout(&addr, Duration::from_secs(5)).and_then(|mut c| {
+        c.set_read_timeout(Some(Duration::from_secs(15)))?;
+        c.read(&mut [0u8; 1])
+    })
+}
+
 /// Connects with a deadline and read/write timeouts so a broken relay fails the test, not hangs it.
 pub fn connect(addr: SocketAddr) -> TcpStream {
     let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
