@@ -8,6 +8,7 @@ use std::{
     io::{BufRead, BufReader, ErrorKind, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     process::{Command, Stdio},
+    sync::{atomic::AtomicU64, Arc},
     thread,
     time::{Duration, Instant},
 };
@@ -757,7 +758,7 @@ fn an_upstream_no_tcp_connection_can_reach_is_refused_at_start() {
 }
 
 /// An upstream echoes 30 MiB of a client's upload, waits until the proxy has acknowledged all of
-/// it, and resets. The client reads only from 0.6 s on: it gets every echoed byte, then the
+/// it and moved it on toward the client, and resets. The client reads only from 0.6 s on: it gets every echoed byte, then the
 /// reset. On the kernel datapath it was reset 0.03-0.2 s after the upstream, the reply unread
 /// (a helper's pass: 12 of 16 clients): the other direction's write to the reset socket had
 /// failed, and that error was taken for "nothing more to wait for".
@@ -770,6 +771,7 @@ fn a_reply_acknowledged_before_the_upstreams_reset_reaches_a_client_that_reads_l
     // Not every round met it before the fix (4 rounds failed in 1 of 4 runs): six.
     for round in 0..6 {
         let listener = upstream.try_clone().unwrap();
+        let (to_server, client_end) = std::sync::mpsc::channel::<(TcpStream, Arc<AtomicU64>)>();
         let server = thread::spawn(move || {
             let (mut c, _) = listener.accept().unwrap();
             // A slow start: the upload parks at the proxy, so its direction is still moving
@@ -788,16 +790,22 @@ fn a_reply_acknowledged_before_the_upstreams_reset_reaches_a_client_that_reads_l
                 assert!(Instant::now() < deadline, "the proxy never took the echo");
                 thread::sleep(Duration::from_millis(5));
             }
+            // Then out of the proxy's socket, where it may park a few ms, and a reset loses what
+            // is parked there (KERNEL-NOTES item 12: a CPU-loaded soak lost 9.5 MB at once).
+            let (client, read) = client_end.recv().unwrap();
+            wait_out_of_the_senders_socket_while_read(&client, echoed as u64, &read, "the echo");
             socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO)).unwrap();
             echoed
         });
         let mut client = connect(proxy_addr());
+        let read = Arc::new(AtomicU64::new(0));
+        to_server.send((client.try_clone().unwrap(), Arc::clone(&read))).unwrap();
         let mut upload = client.try_clone().unwrap();
         // In 1 MiB writes, as a helper's client. The upload stops with an error once the proxy
         // resets the client.
         let uploading = thread::spawn(move || send_pattern_mib(&mut upload, round, UPLOAD >> 20));
         thread::sleep(Duration::from_millis(600));
-        let (got, end) = read_until_end(&mut client);
+        let (got, end) = read_until_end_counting(&mut client, &read);
         let echoed = server.join().unwrap();
         // The reset reaches the reader, or the writer if its write took the socket's error
         // first (then the reader gets 0, as Linux gives after a reset was reported).

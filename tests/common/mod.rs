@@ -8,7 +8,10 @@ use std::{
     io::{BufRead, BufReader, ErrorKind, Read, Write},
     net::{SocketAddr, TcpStream},
     process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -651,8 +654,15 @@ pub fn send_queue_toward(peer: std::net::SocketAddr) -> u64 {
 /// queue, within milliseconds: a test that means to check what a reset leaves whole resets after
 /// this, not in the race before it.
 pub fn wait_out_of_the_senders_socket(b: &std::net::TcpStream, len: u64, what: &str) {
+    wait_out_of_the_senders_socket_while_read(b, len, &AtomicU64::new(0), what)
+}
+
+/// `wait_out_of_the_senders_socket` while b's reader reads (`read_until_end_counting` counts
+/// what it has read in `read`).
+pub fn wait_out_of_the_senders_socket_while_read(b: &std::net::TcpStream, len: u64, read: &AtomicU64, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while (unread(b) as u64) + send_queue_toward(b.local_addr().unwrap()) < len {
+    let out = || read.load(Ordering::Acquire) + (unread(b) as u64) + send_queue_toward(b.local_addr().unwrap());
+    while out() < len {
         assert!(Instant::now() < deadline, "{what} never left the sender's socket on the relay");
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -680,13 +690,21 @@ pub fn send_then_reset(mut s: std::net::TcpStream, seed: u64, len: u64) -> Strin
 /// Reads until the stream ends: every byte read, then how it ended (Ok at EOF, the error at a
 /// reset).
 pub fn read_until_end(s: &mut std::net::TcpStream) -> (Vec<u8>, std::io::Result<()>) {
+    read_until_end_counting(s, &AtomicU64::new(0))
+}
+
+/// `read_until_end`, counting what it has read so far in `read`, for another thread to see.
+pub fn read_until_end_counting(s: &mut std::net::TcpStream, read: &AtomicU64) -> (Vec<u8>, std::io::Result<()>) {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut got = Vec::new();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
         match s.read(&mut buf) {
             Ok(0) => return (got, Ok(())),
-            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                read.store(got.len() as u64, Ordering::Release);
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return (got, Err(e)),
         }
