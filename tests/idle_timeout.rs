@@ -288,6 +288,16 @@ fn a_partner_sending_on_toward_a_reset_client_costs_little_and_is_cut_at_the_idl
         cut_after > Duration::from_millis(2900) && cut_after < Duration::from_secs(5),
         "{dp}: cut after {cut_after:?}"
     );
+    // The kernel datapath's stop line tells those bytes from the ones redirected to a reader.
+    let (status, log) = relay.stop(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+    if dp == "kernel" {
+        let said = " of the bytes toward clients that had reset, where the kernel dropped them";
+        let line = log.lines().find(|l| l.contains(said)).unwrap_or_else(|| panic!("no stop line:\n{log}"));
+        let before = &line[..line.find(said).unwrap()];
+        let toward: u64 = before.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(toward > 1 << 20, "{toward} bytes toward the reset client:\n{line}");
+    }
 }
 per_datapath!(a_partner_sending_on_toward_a_reset_client_costs_little_and_is_cut_at_the_idle_timeout);
 

@@ -86,6 +86,9 @@ struct KernelState {
     unsticks: u64,
     /// Pairs reset because a direction's parked bytes passed `RUNAWAY_AT`.
     runaways: u64,
+    /// Bytes the verdict redirected toward sockets whose clients had reset them (`discard`),
+    /// counted as their pairs leave the maps.
+    toward_reset: u64,
 }
 
 /// The state's lock. Only the thread that serves the datapath's pairs takes it: the lock is what
@@ -138,6 +141,9 @@ struct Direction {
     /// The destination's client reset it: what the source sends is dropped (`discard`), and
     /// nothing else is done for the direction.
     discarding: bool,
+    /// The bytes the verdict had redirected when `discarding` began: what it redirects after
+    /// goes to a reset socket, where the kernel drops it (KERNEL-NOTES item 21).
+    discarding_from: u64,
 }
 
 /// Bytes parked and not yet taken past which the source's window is clamped (`hold_back`).
@@ -236,6 +242,7 @@ impl KernelDatapath {
                 holds: 0,
                 unsticks: 0,
                 runaways: 0,
+                toward_reset: 0,
             })),
             events,
             next_recheck: None,
@@ -432,18 +439,20 @@ impl Datapath for KernelDatapath {
             self.stat(relay_stat::EXTENDED),
             state.unsticks,
             state.runaways,
+            state.toward_reset,
         ]
     }
 
     fn summary(&self, tally: &[u64]) -> Option<String> {
-        let &[redirected, bytes, no_peer, dropped, parked, parkings, lost, trimmed, unreported, holds, extended, unsticks, runaways] =
+        let &[redirected, bytes, no_peer, dropped, parked, parkings, lost, trimmed, unreported, holds, extended, unsticks, runaways, toward_reset] =
             tally
         else {
             return None;
         };
         Some(format!(
             "kernel datapath: {redirected} skbs ({bytes} bytes) redirected ({extended} of them past a budget on the \
-             verdict's own measure), {no_peer} passed without a peer, \
+             verdict's own measure; {toward_reset} of the bytes toward clients that had reset, where the kernel \
+             dropped them), {no_peer} passed without a peer, \
              {dropped} dropped, {parked} bytes parked at a budget in {parkings} parkings, {lost} budget reports \
              lost, {trimmed} repeated bytes trimmed, {unreported} directions looked at without a report, \
              {holds} windows closed for parked bytes, {unsticks} send buffers raised to take what waited (so \
@@ -976,6 +985,7 @@ impl KernelState {
         let Some(d) = self.directions.get_mut(&cookie) else { return Ok(()) };
         if !d.discarding {
             d.discarding = true;
+            d.discarding_from = self.counts.get(&cookie, 0).map_or(0, |c| c.redirected);
             d.frozen = false;
             d.shelter_base = None;
             log::debug!("kernel datapath: socket {cookie:#x}'s partner was reset by its client: its bytes are dropped");
@@ -1306,6 +1316,7 @@ impl KernelSplice {
                 runaway_since: None,
                 shelter_base: None,
                 discarding: false,
+                discarding_from: 0,
             };
             state.directions.insert(from, direction);
         }
@@ -1539,6 +1550,10 @@ impl Splice for KernelSplice {
         }
         for (i, from) in [a, b].into_iter().enumerate() {
             if std::mem::take(&mut self.joined.peers[i]) {
+                if let Some(d) = state.directions.get(&from).filter(|d| d.discarding) {
+                    let redirected = state.counts.get(&from, 0).map_or(d.discarding_from, |c| c.redirected);
+                    state.toward_reset += redirected.saturating_sub(d.discarding_from);
+                }
                 let _ = state.peers.remove(&from);
                 let _ = state.counts.remove(&from);
                 state.directions.remove(&from);

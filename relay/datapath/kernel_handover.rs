@@ -215,6 +215,7 @@ pub(super) fn import_splice(
             shelter_base: d.shelter_base,
             // Set again by the pair's next look if its partner's client reset (`discard`).
             discarding: false,
+            discarding_from: 0,
         };
         if direction.parked.is_some() || direction.unconsumed > 0 || direction.held.is_some() || direction.frozen {
             st.rechecks.push(Reverse((now, d.cookie)));
