@@ -213,7 +213,7 @@ fn clients_that_never_paired_are_counted_by_reason() {
     let mut waiting = connect(addr());
     waiting.write_all(b"one\n").unwrap();
     wait_value(&url, "skrelay_pending_clients", 1);
-    // The relay resets it as soon as it is accepted, which may come before connect(2) returns.
+    // The relay resets it once its token line came: its write may already meet that reset.
     if let Ok(mut extra) = TcpStream::connect(addr()) {
         let _ = extra.write_all(b"two\n");
     }
