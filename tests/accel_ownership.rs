@@ -857,7 +857,7 @@ fn a_signal_right_after_accel_runs_set_up_reaches_the_command(signal: i32, name:
     let mut run = Command::new(SKRELAY);
     // Python itself, not whatever `python3` is first in PATH: a pyenv shim is a bash script,
     // and bash, starting, ignored a SIGQUIT forwarded within its first millisecond (the kernel's
-    // signal_generate said so), so the command slept on (a soak under CPU load, 13 of 25 runs).
+    // signal_generate said so), so the command slept on (a soak under CPU load, 10 of 25 runs).
     run.args(["accel", "run", "--", "/usr/bin/python3", "-c", &command]).stderr(std::process::Stdio::piped());
     // The command inherits what `run` inherited: under a shell that ran the tests in the
     // background (SIGINT and SIGQUIT ignored), a signal forwarded before python set its handler
