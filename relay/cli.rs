@@ -132,8 +132,9 @@ pub enum Command {
     /// can stall once a stream has paused; urgent data (MSG_OOB) stays inline; a socket closed with
     /// unread bytes sends a FIN, not a reset; TCP_INQ, transmit timestamps, TCP_CORK and MSG_MORE
     /// are ignored (SO_ZEROCOPY, receive timestamps, SO_PEEK_OFF and SO_RCVLOWAT keep a
-    /// connection on TCP). Keep such applications out of the cgroup (or give --ports only the
-    /// ports of those that are safe).
+    /// connection on TCP); sendfile(2) copies (nginx: `sendfile off` serves small files faster
+    /// under accel). Keep such applications out of the cgroup (or give --ports only the ports of
+    /// those that are safe).
     #[command(subcommand)]
     Accel(AccelCommand),
     /// Steer connections for ports and address prefixes to a listening socket of any process
