@@ -78,6 +78,9 @@ pub struct TcpCounters {
     /// The window the peer last advertised, in bytes (`tcpi_snd_wnd`, Linux 5.4+; None before):
     /// 0 while its receive buffer is full, that is while its client does not read.
     pub snd_wnd: Option<u32>,
+    /// Bytes written and not sent yet (`tcpi_notsent_bytes`, Linux 4.6+): the send queue
+    /// (`send_queue_len`) less these is what is in flight, sent and not acknowledged.
+    pub notsent: Option<u32>,
 }
 
 /// TCP states (the kernel's `enum` in net/tcp_states.h, mirrored by uapi `BPF_TCP_*`).
@@ -114,6 +117,7 @@ const TCPI_STATE: usize = std::mem::offset_of!(libc::tcp_info, tcpi_state);
 const TCPI_BYTES_ACKED: usize = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked);
 const TCPI_BYTES_RECEIVED: usize = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received);
 const TCPI_SND_WND: usize = std::mem::offset_of!(libc::tcp_info, tcpi_snd_wnd);
+const TCPI_NOTSENT_BYTES: usize = std::mem::offset_of!(libc::tcp_info, tcpi_notsent_bytes);
 const TCPI_UNACKED: usize = std::mem::offset_of!(libc::tcp_info, tcpi_unacked);
 
 /// The byte counters of a TCP socket (TCP_INFO).
@@ -129,6 +133,7 @@ pub fn tcp_counters(fd: impl AsFd) -> io::Result<TcpCounters> {
         bytes_acked: u64_at(TCPI_BYTES_ACKED),
         bytes_received: u64_at(TCPI_BYTES_RECEIVED),
         snd_wnd: (len >= TCPI_SND_WND + 4).then(|| u32_at(TCPI_SND_WND)),
+        notsent: (len >= TCPI_NOTSENT_BYTES + 4).then(|| u32_at(TCPI_NOTSENT_BYTES)),
     })
 }
 

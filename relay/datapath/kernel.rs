@@ -172,6 +172,15 @@ const RUNAWAY_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// receiver whose buffer is full advertises 0 (Linux never advertises less than a segment), and
 /// 64 KiB is a segment on loopback.
 const PARTNER_READS_WINDOW: u32 = 64 << 10;
+
+/// Whether a socket has as many bytes in flight (sent, not acknowledged) as its peer's last
+/// window allows: a peer that takes nothing more leaves its last window open and used up.
+fn window_used_up(fd: BorrowedFd<'_>, tcp: sys::TcpCounters) -> bool {
+    match (tcp.snd_wnd, tcp.notsent, sys::send_queue_len(fd)) {
+        (Some(window), Some(notsent), Ok(queued)) => queued.saturating_sub(u64::from(notsent)) >= u64::from(window),
+        _ => false,
+    }
+}
 /// How long a direction's bytes may not move before `unstick` looks at what holds them: longer
 /// than the psock backlog's retries in a busy bidirectional pair (a jiffy each).
 const STUCK_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
@@ -888,7 +897,13 @@ impl KernelState {
         // sheltered at nearly every parking, and the close dropped the segments on their way
         // to the source (1 GiB through the kernel proxy: 0.65x the unbounded datapath, 0.81x
         // with this, 10 interleaved rounds; 1-14 pruned segments a run before, none after).
-        if !frozen && dst_tcp.snd_wnd.is_some_and(|w| w >= PARTNER_READS_WINDOW) {
+        //
+        // An open window that is used up is closed all the same: everything it allowed is in
+        // flight, unacknowledged. Seen 2026-12-07 (tests/proxy.rs beside a busy loop, 1 run in
+        // 3-6): an upstream that had stopped reading last advertised 93 KiB, acknowledged nothing
+        // for the 550 ms before the client's reset with 16.5 MB queued toward it, the direction
+        // was never sheltered, and the reset lost the 4.1 MB parked meanwhile.
+        if !frozen && dst_tcp.snd_wnd.is_some_and(|w| w >= PARTNER_READS_WINDOW) && !window_used_up(dst, dst_tcp) {
             return false;
         }
         let Ok(m) = self.measure(cookie, d) else { return false };
