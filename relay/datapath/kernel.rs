@@ -181,6 +181,7 @@ fn window_used_up(fd: BorrowedFd<'_>, tcp: sys::TcpCounters) -> bool {
         _ => false,
     }
 }
+
 /// How long a direction's bytes may not move before `unstick` looks at what holds them: longer
 /// than the psock backlog's retries in a busy bidirectional pair (a jiffy each).
 const STUCK_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
