@@ -166,7 +166,7 @@ int main(void) {
     C(BPF_TCP_ESTABLISHED); C(BPF_TCP_SYN_SENT); C(BPF_TCP_TIME_WAIT); C(BPF_TCP_CLOSE); C(BPF_TCP_CLOSE_WAIT); C(BPF_TCP_LAST_ACK);
     C(BPF_TCP_CLOSING); C(SO_COOKIE); C(SIOCGSKNS); C(SIOCATMARK);
     C(SO_MEMINFO); C(SK_MEMINFO_VARS); C(SK_MEMINFO_WMEM_QUEUED); C(SK_MEMINFO_SNDBUF);
-    C(BPF_LINK_GET_FD_BY_ID); C(BPF_LINK_GET_NEXT_ID); C(BPF_LINK_TYPE_NETNS); C(BPF_SK_LOOKUP);
+    C(BPF_LINK_GET_FD_BY_ID); C(BPF_LINK_GET_NEXT_ID); C(BPF_LINK_TYPE_NETNS); C(BPF_LINK_TYPE_CGROUP); C(BPF_SK_LOOKUP);
     C(BPF_CGROUP_SOCK_OPS);
     A(map_fd, map_fd); A(key, key); A(value, value); A(flags, flags);
     A(pathname, pathname); A(bpf_fd, bpf_fd); A(file_flags, file_flags);
@@ -181,6 +181,7 @@ int main(void) {
     O(bpf_link_info, type); O(bpf_link_info, id); O(bpf_link_info, prog_id);
     printf("pub const bpf_link_info__netns_netns_ino: usize = %zu;\n", offsetof(struct bpf_link_info, netns.netns_ino));
     printf("pub const bpf_link_info__netns_attach_type: usize = %zu;\n", offsetof(struct bpf_link_info, netns.attach_type));
+    printf("pub const bpf_link_info__cgroup_cgroup_id: usize = %zu;\n", offsetof(struct bpf_link_info, cgroup.cgroup_id));
     O(tcp_info, tcpi_state); O(tcp_info, tcpi_bytes_acked); O(tcp_info, tcpi_bytes_received); O(tcp_info, tcpi_snd_wnd);
     O(tcp_info, tcpi_unacked);
     S(bpf_sk_lookup); O(bpf_sk_lookup, cookie); O(bpf_sk_lookup, family); O(bpf_sk_lookup, protocol);

@@ -1030,6 +1030,8 @@ pub mod bpf {
     pub(super) const LINK_INFO_PROG_ID: usize = 2;
     pub(super) const LINK_INFO_NETNS_INO: usize = 4;
     pub(super) const LINK_INFO_NETNS_ATTACH_TYPE: usize = 5;
+    /// The union's `cgroup` member is { cgroup_id (u64: words 4 and 5), attach_type }.
+    pub(super) const LINK_INFO_CGROUP_ID: usize = 4;
 
     /// BPF_MAP_*_ELEM.
     #[repr(C)]
@@ -1216,8 +1218,20 @@ pub mod bpf {
     /// BPF_CGROUP_SOCK_OPS (uapi linux/bpf.h `enum bpf_attach_type`).
     pub const ATTACH_CGROUP_SOCK_OPS: u32 = 3;
 
-    /// The namespace side of a link, None if it is not a netns link.
-    pub fn netns_link(link: impl AsFd) -> io::Result<Option<NetnsLink>> {
+    /// BPF_LINK_TYPE_CGROUP (uapi linux/bpf.h).
+    pub const LINK_TYPE_CGROUP: u32 = 3;
+
+    /// The cgroup a cgroup link is attached to: its id (the inode number of its cgroup v2
+    /// directory), or 0 once it is detached (`bpftool link detach`) or its cgroup was removed and
+    /// released. None if it is not a cgroup link.
+    pub fn cgroup_link_target(link: impl AsFd) -> io::Result<Option<u64>> {
+        let info = link_info(link)?;
+        let id = u64::from(info[LINK_INFO_CGROUP_ID]) | (u64::from(info[LINK_INFO_CGROUP_ID + 1]) << 32);
+        Ok((info[LINK_INFO_TYPE] == LINK_TYPE_CGROUP).then_some(id))
+    }
+
+    /// The first 64 bytes of a link's `struct bpf_link_info`, as u32 words.
+    fn link_info(link: impl AsFd) -> io::Result<[u32; 16]> {
         let mut info = [0u32; 16];
         let mut attr = InfoAttr {
             bpf_fd: raw(&link),
@@ -1227,6 +1241,12 @@ pub mod bpf {
         // SAFETY: info points to the live local `info` and info_len is its size: the kernel
         // writes at most that many bytes of `struct bpf_link_info`.
         unsafe { sys(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
+        Ok(info)
+    }
+
+    /// The namespace side of a link, None if it is not a netns link.
+    pub fn netns_link(link: impl AsFd) -> io::Result<Option<NetnsLink>> {
+        let info = link_info(link)?;
         Ok((info[LINK_INFO_TYPE] == LINK_TYPE_NETNS).then_some(NetnsLink {
             id: info[LINK_INFO_ID],
             prog_id: info[LINK_INFO_PROG_ID],
@@ -1364,6 +1384,7 @@ mod tests {
         assert_eq!(u64::from(BPF_F_REPLACE), k::BPF_F_REPLACE);
         assert_eq!(u64::from(BPF_F_QUERY_EFFECTIVE), k::BPF_F_QUERY_EFFECTIVE);
         assert_eq!(u64::from(LINK_TYPE_NETNS), k::BPF_LINK_TYPE_NETNS);
+        assert_eq!(u64::from(LINK_TYPE_CGROUP), k::BPF_LINK_TYPE_CGROUP);
         assert_eq!(u64::from(ATTACH_SK_LOOKUP), k::BPF_SK_LOOKUP);
         assert_eq!(u64::from(ATTACH_CGROUP_SOCK_OPS), k::BPF_CGROUP_SOCK_OPS);
     }
@@ -1399,6 +1420,7 @@ mod tests {
         assert_eq!(LINK_INFO_PROG_ID * 4, k::bpf_link_info__prog_id);
         assert_eq!(LINK_INFO_NETNS_INO * 4, k::bpf_link_info__netns_netns_ino);
         assert_eq!(LINK_INFO_NETNS_ATTACH_TYPE * 4, k::bpf_link_info__netns_attach_type);
+        assert_eq!(LINK_INFO_CGROUP_ID * 4, k::bpf_link_info__cgroup_cgroup_id);
     }
 
     #[test]

@@ -543,6 +543,90 @@ fn a_cgroup_removed_after_accel_on_is_shown_as_gone_and_off_removes_its_state() 
     wait_gone(&pins_of(&cgroup), Duration::from_secs(2), "accel off of a removed cgroup");
 }
 
+/// Connections accelerated in `cgroup` so far, from `status --json`.
+fn connections_of(cgroup: &Path) -> u64 {
+    let json: serde_json::Value = serde_json::from_str(&ok(&["status", "--json"])).unwrap();
+    let reports = json["accel"]["cgroups"].as_array().expect("accel reports");
+    let report = reports.iter().find(|r| r["cgroup"] == cgroup.to_string_lossy().as_ref());
+    let report = report.unwrap_or_else(|| panic!("{} is not in status --json: {json}", cgroup.display()));
+    report["connections"].as_u64().expect("connections")
+}
+
+/// One loopback connection made and used inside `name`, by `accel run` of a set-up there is.
+fn one_exchange_in(name: &str) {
+    let exchange = "import socket\nl = socket.socket()\nl.bind(('127.0.0.1', 0))\nl.listen()\n\
+                    c = socket.create_connection(l.getsockname())\ns, _ = l.accept()\nc.sendall(b'x' * 10)\n\
+                    assert s.recv(10) == b'x' * 10\n";
+    let (code, out, err) =
+        skrelay_output(&["accel", "run", "--cgroup", name, "--", "/usr/bin/python3", "-c", exchange]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+/// A cgroup removed and made again at its path after `accel on` (systemd does so at every
+/// restart of a service): sockops stays with the old cgroup, so nothing new was accelerated while
+/// `status` said "on", `on` said "already accelerated" and `run` that "the command runs in it" (a
+/// new-user pass, 2026-12-08). `status` says so, and `run` (as `on`) sets the cgroup up again.
+/// The same for a sockops link detached by hand.
+#[test]
+fn a_cgroup_made_again_after_accel_on_is_said_and_set_up_again() {
+    let _serial = one_at_a_time();
+    if !require_bpf("a_cgroup_made_again_after_accel_on_is_said_and_set_up_again") {
+        return;
+    }
+    let _netns = enter_netns();
+    let name = format!("skrelay-test-{}-again", std::process::id());
+    let _cleanup = Cleanup(v2_mount(), vec![name.clone()]);
+    let cgroup = v2_mount().join(&name);
+    std::fs::create_dir(&cgroup).unwrap();
+    ok(&["accel", "on", "--cgroup", &name, "--small-write", "0"]);
+    one_exchange_in(&name);
+    assert_eq!(connections_of(&cgroup), 1, "{}", status_of(&cgroup));
+    assert!(!status_of(&cgroup).contains("NOT accelerating"), "{}", status_of(&cgroup));
+
+    std::fs::remove_dir(&cgroup).unwrap();
+    std::fs::create_dir(&cgroup).unwrap();
+    let status = status_of(&cgroup);
+    assert!(status.contains("on, but NOT accelerating new connections"), "{status}");
+    assert!(status.contains("WARNING: its sockops program no longer runs for this cgroup"), "{status}");
+    let json: serde_json::Value = serde_json::from_str(&ok(&["status", "--json"])).unwrap();
+    let reports = json["accel"]["cgroups"].as_array().expect("accel reports");
+    let report = reports.iter().find(|r| r["cgroup"] == cgroup.to_string_lossy().as_ref()).expect("this cgroup");
+    assert_eq!((&report["link_stale"], &report["attached"]), (&true.into(), &false.into()), "{report}");
+    // `run` (it said "already accelerated; the command runs in it") accelerates the cgroup for
+    // the command, as one that was not, and `on` sets it up again.
+    let (code, out, err) = skrelay_output(&["accel", "run", "--cgroup", &name, "--small-write", "0", "--", "true"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("removed the state of an earlier set-up") && err.contains("accelerated for the command"),
+        "{err}"
+    );
+    wait_gone(&pins_of(&cgroup), Duration::from_secs(2), "the run's acceleration goes with it");
+    ok(&["accel", "on", "--cgroup", &name, "--small-write", "0"]);
+    one_exchange_in(&name);
+    assert_eq!(connections_of(&cgroup), 1, "{}", status_of(&cgroup));
+
+    // A link detached by hand: the same, and `on` sets it up again.
+    let link = sockops_link_id(&pins_of(&cgroup));
+    let detach = Command::new("bpftool").args(["link", "detach", "id", &link.to_string()]).output().unwrap();
+    assert!(detach.status.success(), "{}", String::from_utf8_lossy(&detach.stderr));
+    assert!(status_of(&cgroup).contains("NOT accelerating"), "{}", status_of(&cgroup));
+    let (code, _, err) = skrelay_output(&["accel", "on", "--cgroup", &name, "--small-write", "0"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("removed the state of an earlier set-up"), "{err}");
+    one_exchange_in(&name);
+    assert_eq!(connections_of(&cgroup), 1, "{}", status_of(&cgroup));
+    ok(&["accel", "off", "--cgroup", &name]);
+}
+
+/// The id of the sockops link pinned in `pins` (bpftool).
+fn sockops_link_id(pins: &Path) -> u32 {
+    let out = Command::new("bpftool").args(["-j", "link", "show", "pinned"]).arg(pins.join("sockops_link")).output();
+    let out = out.expect("bpftool");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let link: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    link["id"].as_u64().expect("a link id") as u32
+}
+
 /// A set-up killed half-way (after it attached sockops, before its state was in place) leaves
 /// its state in `accel-setup/PID-NAME`, which `status` shows as such: the next `on` or `off` removes it,
 /// detaching the sockops program it left on the cgroup. State missing some of its pins (what an

@@ -88,6 +88,11 @@ pub struct AccelReport {
     /// The cgroup's directory was removed after the set-up: no process can be in it, so nothing
     /// new is accelerated; the state stays pinned until `accel off`.
     pub cgroup_gone: bool,
+    /// The cgroup's directory is there, but sockops no longer runs for it: the directory was
+    /// removed and made again (systemd does so at each restart of a service) or the link was
+    /// detached by hand (`pinned::sockops_elsewhere`). Nothing new is accelerated; `accel on`
+    /// sets it up again.
+    pub link_stale: bool,
     /// Times a direction paused on the TCP path because the reader held its limit unread (TCP
     /// flow control then holds the sender back), and times it went back to the redirect.
     pub pauses: u64,
@@ -115,6 +120,7 @@ impl fmt::Display for AccelReport {
             format!("ports {}", self.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(","))
         };
         let state = match (self.attached, self.sockets_open) {
+            (true, _) if self.link_stale => "on, but NOT accelerating new connections".to_string(),
             (true, _) => "on".to_string(),
             (false, 0) => format!(
                 "draining, and its connections have closed (`skrelay accel off --cgroup {}` removes its state)",
@@ -129,6 +135,22 @@ impl fmt::Display for AccelReport {
                 "  WARNING: the cgroup's directory is gone (removed after the set-up): no process can join it, so \
                  nothing new is accelerated; `skrelay accel off --cgroup {}` removes the state",
                 crate::sys::shell_arg(self.cgroup.display())
+            )?;
+        }
+        if self.link_stale {
+            let cg = crate::sys::shell_arg(self.cgroup.display());
+            let fix = match self.sockets_open {
+                0 => format!("`skrelay accel on --cgroup {cg}` sets it up again"),
+                _ => format!(
+                    "once they close, `skrelay accel off --cgroup {cg} --wait SECS` (or --force now) and `accel on` \
+                     set it up again"
+                ),
+            };
+            writeln!(
+                f,
+                "  WARNING: its sockops program no longer runs for this cgroup: the directory was removed and made \
+                 again (as systemd does when it restarts a service), or the link was detached by hand; connections \
+                 made before keep the fast path. {fix}"
             )?;
         }
         if let Some(owner) = &self.owner {
@@ -218,9 +240,10 @@ impl AccelReport {
             "owner": self.owner.as_ref().map(|o| o.json(&self.cgroup)),
             "owner_unreadable": self.owner_unreadable,
             "cgroup_gone": self.cgroup_gone,
+            "link_stale": self.link_stale,
             "pins": self.pins.to_string_lossy(),
             "ports": self.ports,
-            "attached": self.attached,
+            "attached": self.attached && !self.link_stale,
             "max_queued": self.max_queued,
             "small_write": self.small_write,
             "sockets_open": self.sockets_open,
@@ -363,11 +386,13 @@ impl fmt::Display for Interrupted {
 fn report_for(dir: &Path, cg: &Cgroup) -> Result<AccelReport, Error> {
     let snap = pinned::snapshot(dir)?;
     let s = |i: u32| snap.stats[i as usize];
+    let attached = !pinned::is_draining(dir);
     Ok(AccelReport {
         cgroup: cgroup::shown(&cg.path()),
         pins: cgroup::shown(dir),
         ports: snap.ports,
-        attached: !pinned::is_draining(dir),
+        attached,
+        link_stale: attached && pinned::sockops_elsewhere(dir, &cg.path()),
         max_queued: snap.config.max_queued,
         small_write: snap.config.small_write,
         sockets_open: snap.sockets_open,
@@ -634,7 +659,7 @@ fn set_up(
     let cg = Cgroup::resolve(cgroup)?;
     let root = accel_root()?;
     let dir = root.join(cg.pin_name());
-    if dir.exists() {
+    if dir.exists() && !stale_set_up(&cg, &dir) {
         return Err(already_on(&cg, &dir));
     }
     // Measured before the lock is taken and anything is created: it takes a while (at most
@@ -645,6 +670,9 @@ fn set_up(
         policy.small_write.or(measured.as_ref().map(|c| c.small_write)).unwrap_or(calibrate::SMALL_WRITE_SAFE);
     let _lock = bpffs::StateLock::acquire(&root)?;
     remove_interrupted(&root, &cg.mount);
+    if dir.exists() && stale_set_up(&cg, &dir) {
+        remove_stale(&cg, &dir)?;
+    }
     if dir.exists() {
         return Err(already_on(&cg, &dir));
     }
@@ -757,6 +785,36 @@ fn draining_fix(cg: &Cgroup, dir: &Path) -> String {
             "is draining after `skrelay accel off` ({open} sockets of open connections keep the fast path, new \
              connections are not accelerated): {off} --wait SECS` removes its state once they close (or --force now)"
         ),
+    }
+}
+
+/// State pinned for `cg` that is on, but whose sockops no longer runs for the cgroup at its path
+/// (`pinned::sockops_elsewhere`): `on` and `run` set the cgroup up again rather than say it is
+/// accelerated (they did, and nothing was: a new-user pass recreated the cgroup as systemd does).
+fn stale_set_up(cg: &Cgroup, dir: &Path) -> bool {
+    pinned::is_complete(dir) && !pinned::is_draining(dir) && pinned::sockops_elsewhere(dir, &cg.path())
+}
+
+/// Removes a stale set-up (`stale_set_up`) under the state lock, unless connections made before
+/// still use its maps: removing them would take those connections off the fast path with what
+/// was redirected to them unread, so that waits for `accel off --wait` (or `--force`).
+fn remove_stale(cg: &Cgroup, dir: &Path) -> Result<(), Error> {
+    match pinned::open_sockets(dir).unwrap_or(0) {
+        0 => {
+            pinned::remove(dir);
+            log::info!(
+                "accel: {cg}: removed the state of an earlier set-up whose sockops no longer ran for this cgroup (its \
+                 directory was made again, or its link detached)"
+            );
+            Ok(())
+        }
+        open => Err(Error::AccelBusy(format!(
+            "cgroup {cg} was set up before its directory was made again (or its sockops link was detached): that \
+             state accelerates nothing new, and {open} sockets of connections made before still use it: `skrelay \
+             accel off --cgroup {} --wait SECS` removes it once they close (or --force now), and then it can be \
+             accelerated again",
+            crate::sys::shell_arg(cg)
+        ))),
     }
 }
 
@@ -1092,7 +1150,9 @@ pub fn run(cgroup: Option<&Path>, policy: &AccelPolicyArgs, cmd: &[String]) -> R
     };
     let cg = Cgroup::resolve(&target)?;
     let pins = accel_root()?.join(cg.pin_name());
-    let already = pins.is_dir();
+    // A stale set-up is made anew by `on_for` (it said "already accelerated; the command runs in
+    // it", and nothing was accelerated).
+    let already = pins.is_dir() && !stale_set_up(&cg, &pins);
     if already {
         if !pinned::is_complete(&pins) || pinned::is_draining(&pins) {
             return Err(already_on(&cg, &pins));
@@ -1369,6 +1429,7 @@ mod tests {
             owner: None,
             owner_unreadable: false,
             cgroup_gone: false,
+            link_stale: false,
             pauses: 0,
             resumes: 0,
             stuck: 0,

@@ -278,6 +278,20 @@ pub fn is_attached(dir: &Path) -> bool {
     dir.join(SOCKOPS_LINK).exists()
 }
 
+/// Whether the pinned sockops link of `dir` no longer runs for the cgroup at `cgroup` (a
+/// directory that exists): its link was detached by hand (`bpftool link detach`), or that cgroup
+/// was removed and made again at the same path (systemd does so at every restart of a service),
+/// which leaves the link on the old cgroup, or on none once that is released. Either way, new
+/// connections there are not accelerated while the state says "on" (a new-user pass). False
+/// when it cannot be told (no link pinned, the link or the directory cannot be read).
+pub fn sockops_elsewhere(dir: &Path, cgroup: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(link) = crate::sys::bpf::obj_get(&dir.join(SOCKOPS_LINK)) else { return false };
+    let Ok(Some(target)) = crate::sys::bpf::cgroup_link_target(&link) else { return false };
+    // A cgroup v2 directory's inode number is its cgroup id.
+    std::fs::metadata(cgroup).is_ok_and(|m| m.ino() != target)
+}
+
 /// Removes every pin in `dir` and the directory (best effort: used on error paths too). The maps
 /// go when their last reference does, which removes the sockets from the map and the sk_msg
 /// program from the sockets.
