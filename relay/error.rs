@@ -141,11 +141,17 @@ fn io_reason(what: &str, e: &io::Error) -> String {
              in a user namespace, whose capabilities reach nothing outside it (run it as root outside this user \
              namespace)"
             .to_string(),
-        io::ErrorKind::PermissionDenied if rustix::process::geteuid().is_root() => {
-            "permission denied, as root: a capability this needs is missing from this process (its bounding \
-             set; `capsh --print` shows it), or it runs in a user namespace"
-                .into()
-        }
+        io::ErrorKind::PermissionDenied if rustix::process::geteuid().is_root() => match missing_capabilities() {
+            // Named where it can be (a new-user pass without CAP_NET_ADMIN was told only that
+            // "a capability" was missing).
+            Some(missing) => format!(
+                "permission denied, as root: this process lacks {missing} (its bounding set; `capsh --print` shows \
+                 it): run it with {missing}"
+            ),
+            None => "permission denied, as root: a capability this needs is missing from this process (its \
+                     bounding set; `capsh --print` shows it), or it runs in a user namespace"
+                .into(),
+        },
         io::ErrorKind::PermissionDenied => "permission denied (run as root)".into(),
         _ if e.raw_os_error() == Some(libc::EROFS) => {
             let example = if what.contains("cgroup") && !what.contains("/sys/fs/bpf") {
@@ -157,6 +163,20 @@ fn io_reason(what: &str, e: &io::Error) -> String {
         }
         _ if out_of_descriptors(e) => format!("{e} ({RAISE_NOFILE})"),
         _ => e.to_string(),
+    }
+}
+
+/// The capabilities skrelay's commands use that this process's effective set lacks, named as
+/// `capsh` names them; None if it has them all or the set cannot be read.
+fn missing_capabilities() -> Option<String> {
+    const USED: [(u32, &str); 5] =
+        [(12, "CAP_NET_ADMIN"), (19, "CAP_SYS_PTRACE"), (21, "CAP_SYS_ADMIN"), (38, "CAP_PERFMON"), (39, "CAP_BPF")];
+    let effective = crate::sys::effective_capabilities(std::path::Path::new("/proc/self"))?;
+    let missing: Vec<&str> = USED.iter().filter(|(bit, _)| effective & (1 << bit) == 0).map(|(_, n)| *n).collect();
+    match missing.as_slice() {
+        [] => None,
+        [one] => Some(one.to_string()),
+        [rest @ .., last] => Some(format!("{} and {last}", rest.join(", "))),
     }
 }
 
@@ -254,7 +274,8 @@ mod tests {
         let denied = Error::io("cannot unpin /sys/fs/bpf/x", io::Error::from_raw_os_error(libc::EACCES));
         // Root lacking a capability is told so, not to run as root.
         let want = match rustix::process::geteuid().is_root() {
-            true => "cannot unpin /sys/fs/bpf/x: permission denied, as root: a capability this needs is missing",
+            // What it lacks is named when it lacks one skrelay uses (`missing_capabilities`).
+            true => "cannot unpin /sys/fs/bpf/x: permission denied, as root: ",
             false => "cannot unpin /sys/fs/bpf/x: permission denied (run as root)",
         };
         assert!(denied.to_string().starts_with(want), "{denied}");

@@ -315,6 +315,16 @@ fn accel_run_in_a_cgroup_already_on_uses_it_and_refuses_other_settings() {
         "{err}"
     );
     assert!(status_of(&mount.join(&cg)).contains("set up by `accel on`"), "accel run took the cgroup over");
+    // A user who may not move a process into the cgroup is refused before being told the command
+    // runs in it (a new-user pass as nobody was told that, then refused).
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", SKRELAY, "accel", "run", "--cgroup", &cg])
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("cgroup.procs: permission denied") && !err.contains("runs in it"), "{err}");
     let (code, out, err) =
         skrelay_output(&["accel", "run", "--cgroup", &cg, "--max-queued", "2M", "--", "echo", "ran"]);
     assert_eq!(code, 2, "{out}{err}");
