@@ -229,6 +229,21 @@ fn looked_at_base() -> Option<PathBuf> {
 /// that only looks says so rather than "nothing" (a stranger pass: a user under `ip netns exec`
 /// was told no steering existed while root's bindings took its relay's port).
 pub fn out_of_reach() -> Option<String> {
+    // Root in a pid namespace of its own (`ip netns exec NS unshare --pid --mount-proc`): PID 1
+    // is its own, and no ancestor is in sight, so nothing said the outside existed, and `status`
+    // said nothing was accelerated or steered (a new-user pass).
+    if fs_type(Path::new(BPFFS)) == Some(SYSFS_MAGIC)
+        && sysfs_of_a_netns()
+        && can_look_outside()
+        && in_pid_namespace_of_its_own()
+        && outer_mount_ns_process().is_none()
+    {
+        return Some(format!(
+            "{BPFFS} here holds no bpffs (a mount namespace of its own, as `ip netns exec` makes), and the one \
+             outside, where skrelay pins its state, is out of sight: this command's /proc shows no process outside \
+             its pid namespace"
+        ));
+    }
     if fs_type(Path::new(BPFFS)) != Some(SYSFS_MAGIC)
         || mount_ns("1").is_some()
         || outer_mount_ns_process().is_some()
@@ -283,7 +298,9 @@ pub fn run_as_seeing_all() -> &'static str {
 /// (a re-check pass). In a user namespace, root outside it: root there was told to get the
 /// CAP_SYS_PTRACE it had (a steer pass).
 pub fn outside_who() -> &'static str {
-    if crate::bpf::in_user_namespace() {
+    if can_look_outside() && in_pid_namespace_of_its_own() {
+        "a process outside this pid namespace"
+    } else if crate::bpf::in_user_namespace() {
         "root outside this user namespace"
     } else if rustix::process::geteuid().is_root() {
         "a process with CAP_SYS_PTRACE"
@@ -295,7 +312,9 @@ pub fn outside_who() -> &'static str {
 /// How to run a command so that it can look outside (`outside_who`): "as root", or for root
 /// "with CAP_SYS_PTRACE", or "as root outside this user namespace".
 pub fn run_as() -> &'static str {
-    if crate::bpf::in_user_namespace() {
+    if can_look_outside() && in_pid_namespace_of_its_own() {
+        "outside this pid namespace"
+    } else if crate::bpf::in_user_namespace() {
         "as root outside this user namespace"
     } else if rustix::process::geteuid().is_root() {
         "with CAP_SYS_PTRACE"

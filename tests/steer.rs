@@ -942,6 +942,17 @@ fn a_binding_seen_from_outside_its_bpffs_warns_only_where_it_steers() {
     let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(all.contains("rc=2") && all.contains("its /proc shows no process outside a pid namespace"), "{all}");
     assert!(!all.contains("CAP_SYS_PTRACE"), "{all}");
+    // There `status` said nothing was steered or accelerated, and `accel off` that it took
+    // CAP_SYS_PTRACE (a new-user pass, 2026-12-08).
+    let out = ns.exec(&["unshare", "--pid", "--fork", "--mount-proc", SKRELAY, "status"]);
+    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(all.contains("accel: cannot tell which cgroups are accelerated") && !all.contains("no cgroup is"), "{all}");
+    assert!(all.contains("is out of sight: this command's /proc shows no process outside its pid namespace"), "{all}");
+    assert!(all.contains("steer: cannot tell whether bindings are pinned") && !all.contains("CAP_SYS_PTRACE"), "{all}");
+    let out = ns.exec(&["unshare", "--pid", "--fork", "--mount-proc", SKRELAY, "accel", "off", "--cgroup", "x"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("(run it outside this pid namespace)") && !err.contains("CAP_SYS_PTRACE"), "{err}");
     // Root of a user namespace has CAP_SYS_PTRACE there only: it was told to get it, or that a
     // pid namespace hid the outside (a steer pass). Each of its refusals names the way out.
     let in_userns = |args: &[&str]| {
