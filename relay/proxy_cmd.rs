@@ -4,7 +4,7 @@ use crate::{
     datapath,
     error::Error,
     metrics::{self, Metrics},
-    relay_cmd::{funnel, loops, metrics_note, open, serving, Listening, Opened},
+    relay_cmd::{funnel, loops, metrics_note, open, say_notes, serving, Listening, Opened},
     server::{Partnering, Server, ServerConfig},
     steer::PortList,
     sys,
@@ -23,9 +23,13 @@ pub fn run(args: ProxyArgs) -> Result<(), Error> {
     let held = crate::sys::StopSignalsHeld::new();
     let serves: Vec<u16> =
         std::iter::once(args.listen.port()).chain(upstreams.addrs().iter().map(|u| u.port())).collect();
-    let Opened { threads, datapaths, listening: Listening { listener, metrics: taken_metrics, handover, named } } =
-        open("proxy", &serves, args.listen, args.listen_given, &args.common, &args.ports)
-            .map_err(|e| held.keep_if_stopped(e))?;
+    let Opened {
+        threads,
+        datapaths,
+        listening: Listening { listener, metrics: taken_metrics, handover, named },
+        notes,
+    } = open("proxy", &serves, args.listen, args.listen_given, &args.common, &args.ports)
+        .map_err(|e| held.keep_if_stopped(e))?;
     let datapath = datapaths[0].name();
     let addr = listener.local_addr().unwrap_or(args.listen);
     let dual_stack = addr.is_ipv6() && !sys::v6only(&listener);
@@ -61,6 +65,7 @@ pub fn run(args: ProxyArgs) -> Result<(), Error> {
         Some(ports) => Some(funnel(&listener, addr, ports)?),
         None => None,
     };
+    say_notes(notes);
     datapath::note_host_settings(&datapaths);
     let listening = format!(
         "listening on {addr}: proxying to {upstreams}, {datapath} datapath, {}{}",

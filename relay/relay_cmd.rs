@@ -21,9 +21,13 @@ pub fn run(args: RelayArgs) -> Result<(), Error> {
     crate::sys::CARRIES_CONNECTIONS.store(true, std::sync::atomic::Ordering::Relaxed);
     // Until the event loop handles them (`Server::new`).
     let held = crate::sys::StopSignalsHeld::new();
-    let Opened { threads, datapaths, listening: Listening { listener, metrics: taken_metrics, handover, named } } =
-        open("relay", &[args.listen.port()], args.listen, args.listen_given, &args.common, &args.ports)
-            .map_err(|e| held.keep_if_stopped(e))?;
+    let Opened {
+        threads,
+        datapaths,
+        listening: Listening { listener, metrics: taken_metrics, handover, named },
+        notes,
+    } = open("relay", &[args.listen.port()], args.listen, args.listen_given, &args.common, &args.ports)
+        .map_err(|e| held.keep_if_stopped(e))?;
     let datapath = datapaths[0].name();
     let addr = listener.local_addr().unwrap_or(args.listen);
     let dual_stack = addr.is_ipv6() && !crate::sys::v6only(&listener);
@@ -49,6 +53,7 @@ pub fn run(args: RelayArgs) -> Result<(), Error> {
         PairBy::Order => "pairing clients in arrival order",
         PairBy::Token => "pairing clients by their token line",
     };
+    say_notes(notes);
     datapath::note_host_settings(&datapaths);
     // "listening" once the event loops exist: a process short of descriptors failed after it.
     let mut server = Server::new(listener, datapaths, config)?;
@@ -75,6 +80,17 @@ pub struct Opened {
     /// One per event loop.
     pub datapaths: Vec<Box<dyn datapath::Datapath>>,
     pub listening: Listening,
+    /// What to say at start, once the command's own checks have passed (`say_notes`): said
+    /// before them, a start refused a moment later began with lines about pairs that never came
+    /// (a new-user pass).
+    pub notes: Vec<(log::Level, String)>,
+}
+
+/// Logs the start notes of `open`.
+pub fn say_notes(notes: Vec<(log::Level, String)>) {
+    for (level, note) in notes {
+        log::log!(level, "{note}");
+    }
 }
 
 /// Checks what must hold before anything is bound or taken over (a `--takeover` refused later
@@ -122,13 +138,11 @@ pub fn open(
         .map_err(|e| Error::io("cannot set the options of the listening socket", e))?;
     // Said once the port is ours: before, it came ahead of the error that stopped the start (a
     // port below 1024 without root), and read as its cause (a new-user pass).
-    if let Some(warning) = unchecked {
-        log::warn!("{warning}");
+    let mut notes: Vec<(log::Level, String)> = unchecked.into_iter().map(|w| (log::Level::Warn, w)).collect();
+    if datapaths.first().is_some_and(|d| d.name() == "kernel") {
+        notes.extend(tcp_memory_note);
     }
-    if let (Some((level, note)), true) = (tcp_memory_note, datapaths.first().is_some_and(|d| d.name() == "kernel")) {
-        log::log!(level, "{note}");
-    }
-    Ok(Opened { threads, datapaths, listening })
+    Ok(Opened { threads, datapaths, listening, notes })
 }
 
 /// What kernel pairs may hold: `--kernel-memory` as given or, left out, 2G or less on a host
@@ -171,10 +185,11 @@ fn kernel_limits(common: &SpliceArgs) -> (Limits, Option<(log::Level, String)>) 
         Some((
             log::Level::Warn,
             format!(
-                "kernel datapath: {pairs} pair(s) in the kernel at once (--kernel-memory {}) may hold up to {} when \
-                 their clients do not read, more than half of {threshold}: past it the kernel fails the sends of \
-                 such pairs, which then stall or are reset ({fix})",
+                "kernel datapath: {pairs} pair(s) in the kernel at once (--kernel-memory {}{}) may hold up to {} \
+                 when their clients do not read, more than half of {threshold}: past it the kernel fails the sends \
+                 of such pairs, which then stall or are reset ({fix})",
                 size(total),
+                if given { "" } else { " by default" },
                 size(at_worst)
             ),
         ))

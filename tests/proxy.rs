@@ -446,6 +446,18 @@ fn a_proxy_whose_upstream_is_itself_is_refused_at_start_up() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(says), "{args:?}: {err}");
     }
+    // On the kernel datapath too the refusal is one sentence: its start notes (how many pairs
+    // the kernel holds) came first (a new-user pass, 2026-12-08).
+    if require_bpf("a_proxy_whose_upstream_is_itself_is_refused_at_start_up (kernel datapath)") {
+        let out = Command::new("timeout")
+            .args(["5", SKRELAY, "proxy", "--listen", "127.0.0.1:7881", "--ports", "7882"])
+            .args(["--upstream", "127.0.0.1:7882", "--datapath", "kernel"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("every client would loop back") && err.lines().count() == 1, "one sentence: {err}");
+    }
     // An upstream on another port of the same address is fine.
     let _up = TcpListener::bind("127.0.0.1:7778").unwrap();
     let _proxy = Skrelay::start(&["proxy", "--datapath", "userspace", "--upstream", "127.0.0.1:7778"]);

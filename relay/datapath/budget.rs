@@ -84,12 +84,15 @@ impl Limits {
     /// `--kernel-memory` when it is not given: `DEFAULT_TOTAL`, or the budgets of the pairs
     /// `pairs_within_tcp_memory` allows where that is less (`pressure`: None if unknown).
     pub fn default_total(per_direction: u64, pressure: Option<u64>) -> u64 {
-        match pressure {
+        let total = match pressure {
             Some(p) => {
                 DEFAULT_TOTAL.min(Self::pairs_within_tcp_memory(per_direction, p).saturating_mul(2 * per_direction))
             }
             None => DEFAULT_TOTAL,
-        }
+        };
+        // At least one pair: a --kernel-buffer over 1G was refused for a --kernel-memory the
+        // user had not given (a new-user pass).
+        total.max(per_direction.saturating_mul(2))
     }
 }
 
@@ -194,6 +197,10 @@ mod tests {
         let tiny = Limits { per_direction: 16 << 20, total: Limits::default_total(16 << 20, Some(1 << 20)) };
         assert!(tiny.check().is_ok());
         assert_eq!(tiny.max_pairs(), 1);
+        // So does a --kernel-buffer larger than half the fixed default.
+        let large = Limits { per_direction: 1025 << 20, total: Limits::default_total(1025 << 20, None) };
+        assert!(large.check().is_ok());
+        assert_eq!(large.max_pairs(), 1);
     }
 
     #[test]
