@@ -530,7 +530,12 @@ fn a_pair_kept_out_of_a_full_kernel_budget_says_so_when_it_later_half_closes() {
     d.shutdown(Shutdown::Write).unwrap();
     expect_eof(&mut c);
     let m = relay.wait_pairs_ended(1, Duration::from_secs(5));
-    assert_eq!(m.paths("userspace"), 1, "the budget kept it out:\n{}", m.text);
+    assert_eq!(
+        m.paths("userspace, the socket map or --kernel-memory was full"),
+        1,
+        "the budget kept it out:\n{}",
+        m.text
+    );
     assert_eq!(m.pairs("userspace", "eof"), 1, "counted where its bytes went:\n{}", m.text);
     assert_eq!(m.bytes("userspace"), 2 * (256 << 10), "{}", m.text);
     let log = relay.log();

@@ -1619,9 +1619,7 @@ struct Handover {
     refused: bool,
 }
 
-/// The label of a pair the kernel datapath carried on splice(2) because its maps or
-/// `--kernel-memory` were full (the fallback datapath's own name).
-const KEPT_OUT: &str = "userspace";
+use super::KEPT_OUT;
 
 /// Why a pair past --kernel-after never joined: every look found a pipe still holding bytes (its
 /// reader slow or stopped) until it ended.

@@ -39,6 +39,18 @@ pub struct Traffic {
 /// read for long at a time, and the pair looks again soon.
 pub const DISCARD_PER_CALL: usize = 4 << 20;
 
+/// The path (`Splice::name`) of a pair the kernel datapath carried on splice(2) because its maps
+/// or `--kernel-memory` were full (until 2026-12-08 the bare "userspace" of the userspace
+/// datapath, which gave no reason where every other pair kept on splice(2) said why: a new-user
+/// pass).
+pub const KEPT_OUT: &str = "userspace, the socket map or --kernel-memory was full";
+
+/// Whether a pair's path says splice(2) alone carries it: the userspace datapath's pairs, and
+/// those the kernel datapath kept out (`KEPT_OUT`). The pair metrics count both under `userspace`.
+pub fn spliced_alone(path: &str) -> bool {
+    path == "userspace" || path == KEPT_OUT
+}
+
 /// One spliced pair's state in a datapath. Directions are numbered by their source: 0 moves
 /// bytes from end 0 to end 1, 1 the other way.
 pub trait Splice: Send {

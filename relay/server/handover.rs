@@ -425,7 +425,7 @@ impl Server {
             }
         };
         let label =
-            if splice.name() == UserspaceDatapath.name() { UserspaceDatapath.name() } else { self.datapath.name() };
+            if crate::datapath::spliced_alone(splice.name()) { UserspaceDatapath.name() } else { self.datapath.name() };
         let serial = self.next_serial();
         let slot = self.slots.vacant_key();
         let mut pair = Pair::import(ends, state, splice, serial);

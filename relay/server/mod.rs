@@ -977,7 +977,7 @@ impl Server {
         // A pair the kernel datapath had to splice in user space (maps full, budget spent)
         // counts as userspace.
         let label =
-            if splice.name() == UserspaceDatapath.name() { UserspaceDatapath.name() } else { self.datapath.name() };
+            if crate::datapath::spliced_alone(splice.name()) { UserspaceDatapath.name() } else { self.datapath.name() };
         let serial = self.next_serial();
         let slot = self.slots.vacant_key();
         let mut pair = Pair::new(ends, addrs, splice, serial, upstream_local, skip, acked_base);
@@ -1468,7 +1468,7 @@ fn watch_datapath(poll: &Poll, datapath: &dyn Datapath) -> io::Result<()> {
 /// `process` (this process's datapath) once it is in the maps (a kept-out pair joins when a
 /// kernel pair ends: it stayed counted as userspace to its end; a re-check pass).
 fn carried_by(process: &'static str, path: &str) -> Option<&'static str> {
-    if path == UserspaceDatapath.name() {
+    if crate::datapath::spliced_alone(path) {
         Some(UserspaceDatapath.name())
     } else if path.starts_with("kernel") {
         Some(process)
