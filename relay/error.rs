@@ -141,7 +141,7 @@ fn io_reason(what: &str, e: &io::Error) -> String {
              in a user namespace, whose capabilities reach nothing outside it (run it as root outside this user \
              namespace)"
             .to_string(),
-        io::ErrorKind::PermissionDenied if rustix::process::geteuid().is_root() => match missing_capabilities() {
+        io::ErrorKind::PermissionDenied if rustix::process::geteuid().is_root() => match missing_capabilities(e) {
             // Named where it can be (a new-user pass without CAP_NET_ADMIN was told only that
             // "a capability" was missing).
             Some(missing) => format!(
@@ -166,13 +166,23 @@ fn io_reason(what: &str, e: &io::Error) -> String {
     }
 }
 
-/// The capabilities skrelay's commands use that this process's effective set lacks, named as
-/// `capsh` names them; None if it has them all or the set cannot be read.
-fn missing_capabilities() -> Option<String> {
+/// The capabilities whose lack can explain `e` that this process's effective set lacks, named
+/// as `capsh` names them; None if it has them all or the set cannot be read. EACCES is a file's
+/// permission bits, which root passes with CAP_DAC_OVERRIDE (a re-check pass: a cgroup that
+/// could not be made for want of it was blamed on the CAP_SYS_PTRACE it also lacked); EPERM a
+/// capability check, of those skrelay's commands use.
+fn missing_capabilities(e: &io::Error) -> Option<String> {
     const USED: [(u32, &str); 5] =
         [(12, "CAP_NET_ADMIN"), (19, "CAP_SYS_PTRACE"), (21, "CAP_SYS_ADMIN"), (38, "CAP_PERFMON"), (39, "CAP_BPF")];
+    const DAC: [(u32, &str); 1] = [(1, "CAP_DAC_OVERRIDE")];
+    let candidates: &[(u32, &str)] = match e.raw_os_error() {
+        Some(libc::EACCES) => &DAC,
+        Some(libc::EPERM) => &USED,
+        _ => return None,
+    };
     let effective = crate::sys::effective_capabilities(std::path::Path::new("/proc/self"))?;
-    let missing: Vec<&str> = USED.iter().filter(|(bit, _)| effective & (1 << bit) == 0).map(|(_, n)| *n).collect();
+    let missing: Vec<&str> =
+        candidates.iter().filter(|(bit, _)| effective & (1 << bit) == 0).map(|(_, n)| *n).collect();
     match missing.as_slice() {
         [] => None,
         [one] => Some(one.to_string()),

@@ -678,6 +678,18 @@ fn root_of_a_user_namespace_and_root_without_a_capability_are_told_what_is_missi
     assert_eq!(out.status.code(), Some(2), "{err}");
     // The capabilities it lacks are named (it was told "a capability this needs is missing").
     assert!(err.contains("as root: this process lacks CAP_NET_ADMIN and CAP_SYS_ADMIN"), "{err}");
+    // A file's permission bits (the cgroup v2 root is not writable without CAP_DAC_OVERRIDE) are
+    // not blamed on another capability it lacks (it named CAP_SYS_PTRACE: a re-check pass).
+    let name = format!("skrelay-test-dac-{}", std::process::id());
+    let out = Command::new("capsh")
+        .args(["--drop=cap_dac_override,cap_sys_ptrace", "--", "-c"])
+        .arg(format!("{SKRELAY} accel on --cgroup {name} --small-write 0"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let _ = std::fs::remove_dir(cgroup_v2_mount().join(&name));
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("this process lacks CAP_DAC_OVERRIDE (") && !err.contains("CAP_SYS_PTRACE"), "{err}");
 }
 
 /// A relay that cannot read the accel state (another command holds it past the readers' 2 s)
