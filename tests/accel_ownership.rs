@@ -602,6 +602,20 @@ fn a_cgroup_made_again_after_accel_on_is_said_and_set_up_again() {
     let reports = json["accel"]["cgroups"].as_array().expect("accel reports");
     let report = reports.iter().find(|r| r["cgroup"] == cgroup.to_string_lossy().as_ref()).expect("this cgroup");
     assert_eq!((&report["link_stale"], &report["attached"]), (&true.into(), &false.into()), "{report}");
+    // A service user, who may not open root's pins, was told the command ran in it (a re-check
+    // pass); it may not remove root's state either, and is told so.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=+bpf,+net_admin,+perfmon"])
+        .args(["--ambient-caps=+bpf,+net_admin,+perfmon", SKRELAY, "accel", "run", "--cgroup", &name])
+        .args(["--small-write", "0", "--", "true"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("accelerates nothing new, and this user may not remove it") && !err.contains("runs in it"),
+        "{err}"
+    );
     // `run` (it said "already accelerated; the command runs in it") accelerates the cgroup for
     // the command, as one that was not, and `on` sets it up again.
     let (code, out, err) = skrelay_output(&["accel", "run", "--cgroup", &name, "--small-write", "0", "--", "true"]);
@@ -626,6 +640,18 @@ fn a_cgroup_made_again_after_accel_on_is_said_and_set_up_again() {
     one_exchange_in(&name);
     assert_eq!(connections_of(&cgroup), 1, "{}", status_of(&cgroup));
     ok(&["accel", "off", "--cgroup", &name]);
+
+    // A cgroup `on` created, set up again after its link was detached: `off` still removes it
+    // (the second `on` recorded that it created none, and it stayed: a re-check pass).
+    let made = format!("skrelay-test-{}-made", std::process::id());
+    let _cleanup_made = Cleanup(v2_mount(), vec![made.clone()]);
+    ok(&["accel", "on", "--cgroup", &made, "--small-write", "0"]);
+    let link = sockops_link_id(&pins_of(&v2_mount().join(&made)));
+    let detach = Command::new("bpftool").args(["link", "detach", "id", &link.to_string()]).output().unwrap();
+    assert!(detach.status.success(), "{}", String::from_utf8_lossy(&detach.stderr));
+    ok(&["accel", "on", "--cgroup", &made, "--small-write", "0"]);
+    ok(&["accel", "off", "--cgroup", &made]);
+    wait_gone(&v2_mount().join(&made), Duration::from_secs(3), "the cgroup the first `on` created");
 }
 
 /// The id of the sockops link pinned in `pins` (bpftool).

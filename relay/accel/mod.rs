@@ -670,7 +670,12 @@ fn set_up(
         policy.small_write.or(measured.as_ref().map(|c| c.small_write)).unwrap_or(calibrate::SMALL_WRITE_SAFE);
     let _lock = bpffs::StateLock::acquire(&root)?;
     remove_interrupted(&root, &cg.mount);
+    // The directories an `on` of a set-up whose link was detached created (its record is on this
+    // same directory) are still this acceleration's to remove at `off` (they stayed: a re-check
+    // pass). A directory made again carries no record.
+    let mut inherited = 0;
     if dir.exists() && stale_set_up(&cg, &dir) {
+        inherited = cg.owner().filter(|o| o.command == "on").map_or(0, |o| o.created);
         remove_stale(&cg, &dir)?;
     }
     if dir.exists() {
@@ -693,7 +698,7 @@ fn set_up(
         command: command.into(),
         pid: Some(cgroup::Process::me()),
         watcher: None,
-        created: created.len(),
+        created: created.len().max(if command == "on" { inherited } else { 0 }),
         measured: measured.as_ref().map(calibrate::Choice::record),
     };
     if let Err(e) = cg.set_owner(&owner) {
@@ -802,6 +807,17 @@ fn remove_stale(cg: &Cgroup, dir: &Path) -> Result<(), Error> {
     match pinned::open_sockets(dir).unwrap_or(0) {
         0 => {
             pinned::remove(dir);
+            if dir.exists() {
+                // Another user's (root's) pins, which this one may not remove: it was told the
+                // command ran under the stale set-up (a re-check pass).
+                return Err(Error::AccelBusy(format!(
+                    "cgroup {cg} was set up before its directory was made again (or its sockops link was detached): \
+                     that state, pinned at {}, accelerates nothing new, and this user may not remove it: `skrelay \
+                     accel off --cgroup {}` as its owner (root) does, and then it can be accelerated again",
+                    cgroup::shown(dir).display(),
+                    crate::sys::shell_arg(cg)
+                )));
+            }
             log::info!(
                 "accel: {cg}: removed the state of an earlier set-up whose sockops no longer ran for this cgroup (its \
                  directory was made again, or its link detached)"

@@ -286,7 +286,19 @@ pub fn is_attached(dir: &Path) -> bool {
 /// when it cannot be told (no link pinned, the link or the directory cannot be read).
 pub fn sockops_elsewhere(dir: &Path, cgroup: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let Ok(link) = crate::sys::bpf::obj_get(&dir.join(SOCKOPS_LINK)) else { return false };
+    let link = match crate::sys::bpf::obj_get(&dir.join(SOCKOPS_LINK)) {
+        Ok(link) => link,
+        // Root's pins are mode 0600: a service user with CAP_BPF and CAP_NET_ADMIN cannot open
+        // them, and its `accel run` was told the command ran in a stale set-up (a re-check
+        // pass). Such a user can ask the cgroup what runs there: a set-up attaches sockops to
+        // the cgroup itself, so none there is a stale set-up.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            let Ok(cg) = std::fs::File::open(cgroup) else { return false };
+            let attached = crate::sys::bpf_prog_query(&cg, crate::sys::bpf::ATTACH_CGROUP_SOCK_OPS, false);
+            return attached.is_ok_and(|progs| progs.is_empty());
+        }
+        Err(_) => return false,
+    };
     let Ok(Some(target)) = crate::sys::bpf::cgroup_link_target(&link) else { return false };
     // A cgroup v2 directory's inode number is its cgroup id.
     std::fs::metadata(cgroup).is_ok_and(|m| m.ino() != target)
