@@ -558,6 +558,7 @@ pub fn pinned_from_status(steer: &serde_json::Value, accel: &serde_json::Value) 
     ];
     let families: Vec<Family<Labels, Counter>> = accel_counters.iter().map(|_| Family::default()).collect();
     let open = Family::<Labels, Gauge>::default();
+    let accelerating = Family::<Labels, Gauge>::default();
     let cgroups = list(accel, "cgroups");
     for c in &cgroups {
         let labels: Labels = vec![("cgroup", str_of(c, "cgroup"))];
@@ -565,11 +566,21 @@ pub fn pinned_from_status(steer: &serde_json::Value, accel: &serde_json::Value) 
             family.get_or_create(&labels).inc_by(u64_of(c, key));
         }
         open.get_or_create(&labels).set(i64::try_from(u64_of(c, "sockets_open")).unwrap_or(i64::MAX));
+        // "attached" is false when draining or stale (the cgroup made again, the link detached).
+        let on = c["attached"].as_bool() == Some(true) && c["cgroup_gone"].as_bool() != Some(true);
+        accelerating.get_or_create(&labels).set(i64::from(on));
     }
     for ((_, name, help), family) in accel_counters.iter().zip(families) {
         registry.register(*name, *help, family);
     }
     registry.register("skrelay_accel_sockets_open", "Sockets in the cgroup's redirect map now", open);
+    // A stale set-up scraped as an idle healthy one (a re-check pass).
+    registry.register(
+        "skrelay_accel_accelerating",
+        "1 while new connections in the cgroup are accelerated; 0 when it is draining after accel off, its directory \
+         is gone, or it was made again or its sockops link detached (see skrelay status)",
+        accelerating,
+    );
     let unreadable = Gauge::<i64>::default();
     unreadable.set(list(accel, "unreadable").len() as i64);
     registry.register(
@@ -1069,7 +1080,8 @@ mod tests {
         });
         let accel = serde_json::json!({
             "cgroups": [{"cgroup": "/sys/fs/cgroup/app", "connections": 5, "messages": 9, "bytes": 1234,
-                         "fallbacks": 1, "left": 3, "sockets_open": 4}],
+                         "fallbacks": 1, "left": 3, "sockets_open": 4, "attached": true, "cgroup_gone": false},
+                        {"cgroup": "/sys/fs/cgroup/again", "attached": false, "link_stale": true}],
             "unreadable": [],
         });
         let text = pinned_from_status(&steer, &accel);
@@ -1081,6 +1093,8 @@ mod tests {
         assert!(text.contains("skrelay_accel_fallbacks_total{cgroup=\"/sys/fs/cgroup/app\"} 1\n"), "{text}");
         assert!(text.contains("skrelay_accel_sockets_left_total{cgroup=\"/sys/fs/cgroup/app\"} 3\n"), "{text}");
         assert!(text.contains("skrelay_accel_sockets_open{cgroup=\"/sys/fs/cgroup/app\"} 4\n"), "{text}");
+        assert!(text.contains("skrelay_accel_accelerating{cgroup=\"/sys/fs/cgroup/app\"} 1\n"), "{text}");
+        assert!(text.contains("skrelay_accel_accelerating{cgroup=\"/sys/fs/cgroup/again\"} 0\n"), "{text}");
         assert!(text.contains("skrelay_steer_attached 1\n"), "{text}");
     }
 }
