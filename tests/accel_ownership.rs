@@ -654,6 +654,32 @@ fn a_cgroup_made_again_after_accel_on_is_said_and_set_up_again() {
     wait_gone(&v2_mount().join(&made), Duration::from_secs(3), "the cgroup the first `on` created");
 }
 
+/// An `accel run` whose cgroup was removed and made again by someone else while its command ran
+/// (its processes moved out first) removed that other cgroup when it ended: it knew its
+/// directory by path alone (a re-check pass). It leaves a directory that is not the one it made.
+#[test]
+fn an_accel_run_leaves_a_cgroup_made_again_at_its_path() {
+    let _serial = one_at_a_time();
+    if !require_bpf("an_accel_run_leaves_a_cgroup_made_again_at_its_path") {
+        return;
+    }
+    let _netns = enter_netns();
+    let name = format!("skrelay-test-{}-remade", std::process::id());
+    let _cleanup = Cleanup(v2_mount(), vec![name.clone()]);
+    let cgroup = v2_mount().join(&name);
+    let mut first = run_accelerated(&name, &["--small-write", "0"], &["sleep", "1.5"]);
+    for pid in std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap().split_whitespace() {
+        std::fs::write(v2_mount().join("cgroup.procs"), pid).unwrap();
+    }
+    std::fs::remove_dir(&cgroup).unwrap();
+    std::fs::create_dir(&cgroup).unwrap();
+    let (code, out, err) = skrelay_output(&["accel", "run", "--cgroup", &name, "--small-write", "0", "--", "true"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(first.wait().unwrap().success());
+    std::thread::sleep(Duration::from_millis(500)); // its watcher, if it took over
+    assert!(cgroup.is_dir(), "the first run removed a cgroup it had not made");
+}
+
 /// The id of the sockops link pinned in `pins` (bpftool).
 fn sockops_link_id(pins: &Path) -> u32 {
     let out = Command::new("bpftool").args(["-j", "link", "show", "pinned"]).arg(pins.join("sockops_link")).output();

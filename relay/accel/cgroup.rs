@@ -480,6 +480,25 @@ fn xattr_get(path: &Path, name: &str) -> Option<Vec<u8>> {
 
 /// Removes directories `create` made, deepest first (best-effort clean-up); returns those that
 /// stay, with why (a directory already gone is not one of them).
+/// `dirs` with their inode numbers now: which directories they are, for `remove_dirs_still_ours`.
+pub fn identified(dirs: &[PathBuf]) -> Vec<(PathBuf, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    dirs.iter().filter_map(|d| Some((d.clone(), std::fs::metadata(d).ok()?.ino()))).collect()
+}
+
+/// `remove_dirs` of the directories of `created` that are still the ones identified: one removed
+/// and made again at its path meanwhile is another cgroup, someone else's (an `accel run`'s
+/// watcher removed such a directory: a re-check pass).
+pub fn remove_dirs_still_ours(created: &[(PathBuf, u64)]) -> Vec<(PathBuf, std::io::Error)> {
+    use std::os::unix::fs::MetadataExt;
+    let ours: Vec<PathBuf> = created
+        .iter()
+        .filter(|(dir, ino)| std::fs::metadata(dir).is_ok_and(|m| m.ino() == *ino))
+        .map(|(dir, _)| dir.clone())
+        .collect();
+    remove_dirs(&ours)
+}
+
 pub fn remove_dirs(created: &[PathBuf]) -> Vec<(PathBuf, std::io::Error)> {
     let mut stay = Vec::new();
     for dir in created.iter().rev() {

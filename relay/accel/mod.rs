@@ -1101,7 +1101,7 @@ fn off_set_up(
 fn end_run(
     target: &Path,
     set_up: Option<pinned::SetUp>,
-    created: &[PathBuf],
+    created: &[(PathBuf, u64)],
     drain: Duration,
     force: bool,
 ) -> Result<bool, Error> {
@@ -1121,7 +1121,7 @@ fn end_run(
         // directories this run created, which held the command: they go now.
         Err(Error::AccelNotOn { .. }) => {
             // Said too (a re-check pass: `off` had said the run would remove them).
-            say_dirs_that_stay(cgroup::remove_dirs(created));
+            say_dirs_that_stay(cgroup::remove_dirs_still_ours(created));
             Ok(true)
         }
         Err(e) => Err(e),
@@ -1209,9 +1209,11 @@ pub fn run(cgroup: Option<&Path>, policy: &AccelPolicyArgs, cmd: &[String]) -> R
     // Undoing what we set up must not depend on this process living: a watcher does it if we
     // are killed, or when the command leaves processes behind (it waits for them to exit).
     let set_up = enabled.as_ref().and_then(|e| pinned::set_up_of(&e.pins));
+    // Which directories it created, as they are now: the cgroup may be made again meanwhile.
+    let created = enabled.as_ref().map(|e| cgroup::identified(&e.created)).unwrap_or_default();
     let watcher = match &enabled {
         Some(e) => {
-            let (t, created) = (target.clone(), e.created.clone());
+            let (t, created) = (target.clone(), created.clone());
             let undo = move || {
                 let _ = end_run(&t, set_up, &created, Duration::from_secs(10), true);
             };
@@ -1248,7 +1250,6 @@ pub fn run(cgroup: Option<&Path>, policy: &AccelPolicyArgs, cmd: &[String]) -> R
         log::warn!("accel: {name} came while the acceleration was set up, before the command ran: not passed on");
     }
     let result = spawn_in(&cg, program, args, held);
-    let created = enabled.map(|e| e.created).unwrap_or_default();
     // Undo what we set up, whatever the command did.
     if let Some(w) = watcher {
         if cg.populated() {
