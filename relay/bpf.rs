@@ -147,21 +147,14 @@ pub fn fallback_said_as(err: Error, instead: Option<&str>) -> Error {
 /// whose bounding set dropped one to run as root (a helper's privilege pass). Empty when they
 /// cannot be read or none is missing.
 fn missing_capabilities() -> String {
-    let Some(eff) = crate::sys::effective_capabilities(std::path::Path::new("/proc/self")) else {
-        return String::new();
-    };
-    // capability.h: NET_ADMIN 12, SYS_ADMIN 21, PERFMON 38, BPF 39.
-    let missing: Vec<&str> = [("CAP_BPF", 39), ("CAP_NET_ADMIN", 12), ("CAP_PERFMON", 38)]
-        .into_iter()
-        .filter(|&(_, bit)| eff & (1u64 << bit) == 0)
-        .map(|(name, _)| name)
-        .collect();
-    let names = match missing.as_slice() {
-        [] => return String::new(),
-        [one] => one.to_string(),
-        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
-    };
-    let them = if missing.len() == 1 { "it" } else { "them" };
+    // capability.h: NET_ADMIN 12, PERFMON 38, BPF 39.
+    lacking_note(&[(39, "CAP_BPF"), (12, "CAP_NET_ADMIN"), (38, "CAP_PERFMON")])
+}
+
+/// "; this process lacks ..." for those of `wanted` this process lacks, or nothing.
+pub fn lacking_note(wanted: &[(u32, &str)]) -> String {
+    let Some(names) = crate::sys::lacking_capabilities(wanted) else { return String::new() };
+    let them = if names.contains(" and ") { "them" } else { "it" };
     match rustix::process::geteuid().is_root() {
         // Which set drops them (bounding set, securebits, a container) is `capsh`'s to say: a
         // root process with a full bounding set and securebits noroot was told its bounding set

@@ -180,14 +180,7 @@ fn missing_capabilities(e: &io::Error) -> Option<String> {
         Some(libc::EPERM) => &USED,
         _ => return None,
     };
-    let effective = crate::sys::effective_capabilities(std::path::Path::new("/proc/self"))?;
-    let missing: Vec<&str> =
-        candidates.iter().filter(|(bit, _)| effective & (1 << bit) == 0).map(|(_, n)| *n).collect();
-    match missing.as_slice() {
-        [] => None,
-        [one] => Some(one.to_string()),
-        [rest @ .., last] => Some(format!("{} and {last}", rest.join(", "))),
-    }
+    crate::sys::lacking_capabilities(candidates)
 }
 
 fn threads_reason(e: &io::Error) -> String {

@@ -794,6 +794,18 @@ pub fn effective_capabilities(proc: &std::path::Path) -> Option<u64> {
     u64::from_str_radix(status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim(), 16).ok()
 }
 
+/// Which of `wanted` (capability bit, name) this process's effective set lacks, as "A, B and C";
+/// None if it has them all or the set cannot be read.
+pub fn lacking_capabilities(wanted: &[(u32, &str)]) -> Option<String> {
+    let effective = effective_capabilities(std::path::Path::new("/proc/self"))?;
+    let missing: Vec<&str> = wanted.iter().filter(|(bit, _)| effective & (1 << bit) == 0).map(|(_, n)| *n).collect();
+    match missing.as_slice() {
+        [] => None,
+        [one] => Some(one.to_string()),
+        [rest @ .., last] => Some(format!("{} and {last}", rest.join(", "))),
+    }
+}
+
 /// Raises the soft limit on open files to the hard limit: every pair holds two sockets (and two
 /// pipes on the userspace datapath). Returns the soft limit now in force.
 pub fn raise_fd_limit() -> u64 {

@@ -551,6 +551,14 @@ fn a_cgroup_removed_after_accel_on_is_shown_as_gone_and_off_removes_its_state() 
     assert_eq!(report["cgroup_gone"], true, "{report}");
     ok(&["accel", "off", "--cgroup", &name]);
     wait_gone(&pins_of(&cgroup), Duration::from_secs(2), "accel off of a removed cgroup");
+    // `on` of a removed cgroup makes it and sets it up again (it said "already accelerated": a
+    // re-check pass).
+    ok(&["accel", "on", "--cgroup", &name, "--small-write", "0"]);
+    std::fs::remove_dir(&cgroup).unwrap();
+    let (code, _, err) = skrelay_output(&["accel", "on", "--cgroup", &name, "--small-write", "0"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(cgroup.is_dir() && !status_of(&cgroup).contains("WARNING"), "{}", status_of(&cgroup));
+    ok(&["accel", "off", "--cgroup", &name]);
 }
 
 /// Connections accelerated in `cgroup` so far, from `status --json`.

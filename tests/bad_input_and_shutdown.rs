@@ -678,6 +678,16 @@ fn root_of_a_user_namespace_and_root_without_a_capability_are_told_what_is_missi
     assert_eq!(out.status.code(), Some(2), "{err}");
     // The capabilities it lacks are named (it was told "a capability this needs is missing").
     assert!(err.contains("as root: this process lacks CAP_NET_ADMIN and CAP_SYS_ADMIN"), "{err}");
+    // Root without CAP_BPF (and CAP_SYS_ADMIN, which stands in for it) was told by steer to run as
+    // root (a re-check pass): what it lacks is named, as the relay's refusal names it.
+    let out = Command::new("capsh")
+        .args(["--drop=cap_sys_admin,cap_bpf", "--", "-c"])
+        .arg(format!("{SKRELAY} steer add --ports 7091 --to 127.0.0.1:7090"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("; this root process lacks CAP_BPF: `capsh --print` shows what drops it)"), "{err}");
     // A file's permission bits (the cgroup v2 root is not writable without CAP_DAC_OVERRIDE) are
     // not blamed on another capability it lacks (it named CAP_SYS_PTRACE: a re-check pass).
     let name = format!("skrelay-test-dac-{}", std::process::id());

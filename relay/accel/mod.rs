@@ -133,7 +133,8 @@ impl fmt::Display for AccelReport {
             writeln!(
                 f,
                 "  WARNING: the cgroup's directory is gone (removed after the set-up): no process can join it, so \
-                 nothing new is accelerated; `skrelay accel off --cgroup {}` removes the state",
+                 nothing new is accelerated; `skrelay accel off --cgroup {0}` removes the state, and `skrelay accel \
+                 on --cgroup {0}` makes the cgroup and sets it up again",
                 crate::sys::shell_arg(self.cgroup.display())
             )?;
         }
@@ -707,9 +708,14 @@ fn set_up(
             // `status` cannot say who set it up.
             cgroup::remove_dirs(&created);
             pinned::abandon_set_up(&dir);
+            // Root without it was told to run as root (a re-check pass).
+            let lacks = match rustix::process::geteuid().is_root() {
+                true => crate::bpf::lacking_note(&[(21, "CAP_SYS_ADMIN")]),
+                false => String::new(),
+            };
             return Err(Error::Usage(format!(
                 "cannot record who sets up acceleration on cgroup {cg} (a trusted.* extended attribute): permission \
-                 denied (run as root or grant CAP_SYS_ADMIN)"
+                 denied (run as root or grant CAP_SYS_ADMIN{lacks})"
             )));
         }
         log::warn!("accel: {e}; `accel status` will not say who set it up");
@@ -797,7 +803,10 @@ fn draining_fix(cg: &Cgroup, dir: &Path) -> String {
 /// (`pinned::sockops_elsewhere`): `on` and `run` set the cgroup up again rather than say it is
 /// accelerated (they did, and nothing was: a new-user pass recreated the cgroup as systemd does).
 fn stale_set_up(cg: &Cgroup, dir: &Path) -> bool {
-    pinned::is_complete(dir) && !pinned::is_draining(dir) && pinned::sockops_elsewhere(dir, &cg.path())
+    // A cgroup whose directory is gone is one too: `on` was told it was already accelerated.
+    pinned::is_complete(dir)
+        && !pinned::is_draining(dir)
+        && (!cg.path().is_dir() || pinned::sockops_elsewhere(dir, &cg.path()))
 }
 
 /// Removes a stale set-up (`stale_set_up`) under the state lock, unless connections made before
@@ -811,8 +820,8 @@ fn remove_stale(cg: &Cgroup, dir: &Path) -> Result<(), Error> {
                 // Another user's (root's) pins, which this one may not remove: it was told the
                 // command ran under the stale set-up (a re-check pass).
                 return Err(Error::AccelBusy(format!(
-                    "cgroup {cg} was set up before its directory was made again (or its sockops link was detached): \
-                     that state, pinned at {}, accelerates nothing new, and this user may not remove it: `skrelay \
+                    "cgroup {cg} was set up before its directory was removed or made again (or its sockops link was \
+                     detached): that state, pinned at {}, accelerates nothing new, and this user may not remove it: `skrelay \
                      accel off --cgroup {}` as its owner (root) does, and then it can be accelerated again",
                     cgroup::shown(dir).display(),
                     crate::sys::shell_arg(cg)
@@ -820,13 +829,13 @@ fn remove_stale(cg: &Cgroup, dir: &Path) -> Result<(), Error> {
             }
             log::info!(
                 "accel: {cg}: removed the state of an earlier set-up whose sockops no longer ran for this cgroup (its \
-                 directory was made again, or its link detached)"
+                 directory was removed or made again, or its link detached)"
             );
             Ok(())
         }
         open => Err(Error::AccelBusy(format!(
-            "cgroup {cg} was set up before its directory was made again (or its sockops link was detached): that \
-             state accelerates nothing new, and {open} sockets of connections made before still use it: `skrelay \
+            "cgroup {cg} was set up before its directory was removed or made again (or its sockops link was \
+             detached): that state accelerates nothing new, and {open} sockets of connections made before still use it: `skrelay \
              accel off --cgroup {} --wait SECS` removes it once they close (or --force now), and then it can be \
              accelerated again",
             crate::sys::shell_arg(cg)

@@ -99,7 +99,10 @@ pub fn unavailable(step: &str, err: &(dyn std::error::Error + 'static)) -> Error
     match bpf::unavailable_no_fallback(step, err) {
         // Steering loads no program that reads kernel memory: CAP_PERFMON is not needed.
         Error::BpfUnavailable { reason, fix } if fix.contains("CAP_PERFMON") => {
-            Error::BpfUnavailable { reason, fix: "run as root or grant CAP_BPF and CAP_NET_ADMIN".into() }
+            // Which of them this process lacks, as the relay's says (a re-check pass: root without
+            // them was told to run as root).
+            let lacks = bpf::lacking_note(&[(39, "CAP_BPF"), (12, "CAP_NET_ADMIN")]);
+            Error::BpfUnavailable { reason, fix: format!("run as root or grant CAP_BPF and CAP_NET_ADMIN{lacks}") }
         }
         Error::BpfUnavailable { reason, .. }
             if !matches!(
