@@ -325,6 +325,20 @@ fn accel_run_in_a_cgroup_already_on_uses_it_and_refuses_other_settings() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("cgroup.procs: permission denied") && !err.contains("runs in it"), "{err}");
+    // Nor when the cgroup's cgroup.procs is the user's but the common ancestor's is not (cgroup v2
+    // asks both): it was told the command ran in it, then refused (a re-check pass).
+    std::os::unix::fs::chown(mount.join(&cg).join("cgroup.procs"), Some(65534), None).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", SKRELAY, "accel", "run", "--cgroup", &cg])
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("takes write access to cgroup.procs of the common ancestor") && !err.contains("runs in it"),
+        "{err}"
+    );
     let (code, out, err) =
         skrelay_output(&["accel", "run", "--cgroup", &cg, "--max-queued", "2M", "--", "echo", "ran"]);
     assert_eq!(code, 2, "{out}{err}");

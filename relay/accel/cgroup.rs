@@ -306,6 +306,30 @@ impl Cgroup {
             .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))
     }
 
+    /// Whether this process may move itself into this cgroup, as cgroup v2 decides: write access
+    /// to its `cgroup.procs` and to that of the common ancestor of the two cgroups. `accel run`
+    /// said "the command runs in it" and was then refused at the move (a re-check pass).
+    pub fn check_may_move_here(&self) -> Result<(), Error> {
+        use rustix::fs::{accessat, Access, AtFlags, CWD};
+        drop(self.procs_file()?);
+        let Some(mine) = Cgroup::of_process(std::process::id()) else { return Ok(()) };
+        let (a, b): (Vec<&str>, Vec<&str>) = (mine.rel.split('/').collect(), self.rel.split('/').collect());
+        let shared = a.iter().zip(&b).take_while(|(x, y)| x == y && !x.is_empty()).count();
+        let ancestor = Cgroup { mount: self.mount.clone(), rel: a[..shared].join("/") };
+        let procs = ancestor.path().join("cgroup.procs");
+        if accessat(CWD, &procs, Access::WRITE_OK, AtFlags::EACCESS).is_err() {
+            return Err(Error::Usage(format!(
+                "cannot move a process into cgroup {}: cgroup v2 takes write access to cgroup.procs of the common \
+                 ancestor of that cgroup and this process's ({}), and {} is not writable for this user (run as \
+                 root, or from a cgroup that shares a writable ancestor with it)",
+                shown(&self.path()).display(),
+                shown(&mine.path()).display(),
+                shown(&procs).display()
+            )));
+        }
+        Ok(())
+    }
+
     /// Moves process `pid` into this cgroup.
     pub fn add_process(&self, pid: u32) -> Result<(), Error> {
         let mut f = self.procs_file()?;

@@ -1185,7 +1185,7 @@ pub fn run(cgroup: Option<&Path>, policy: &AccelPolicyArgs, cmd: &[String]) -> R
         refuse_other_policy(&cg, &pins, policy, &target)?;
         // A command that cannot be moved into the cgroup is refused before "the command runs in
         // it" is said (a new-user pass as nobody was told that, then refused).
-        drop(cg.procs_file()?);
+        cg.check_may_move_here()?;
         // Whose acceleration it is says how long it stays: another `accel run`'s goes with that
         // run's processes (it said "stays accelerated afterwards" then too: a README audit).
         let whose = cg.owner().map(|o| o.describe(&cg.path())).unwrap_or_else(|| "set up by `accel on`".into());
