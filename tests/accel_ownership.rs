@@ -559,9 +559,7 @@ fn a_cgroup_removed_after_accel_on_is_shown_as_gone_and_off_removes_its_state() 
     std::fs::remove_dir(&cgroup).unwrap();
     let status = status_of(&cgroup);
     assert!(status.contains("WARNING: the cgroup's directory is gone"), "{status}");
-    let json: serde_json::Value = serde_json::from_str(&ok(&["status", "--json"])).unwrap();
-    let reports = json["accel"]["cgroups"].as_array().expect("accel reports");
-    let report = reports.iter().find(|r| r["cgroup"] == cgroup.to_string_lossy().as_ref()).expect("this cgroup");
+    let report = report_of(&cgroup);
     assert_eq!(report["cgroup_gone"], true, "{report}");
     ok(&["accel", "off", "--cgroup", &name]);
     wait_gone(&pins_of(&cgroup), Duration::from_secs(2), "accel off of a removed cgroup");
@@ -575,13 +573,17 @@ fn a_cgroup_removed_after_accel_on_is_shown_as_gone_and_off_removes_its_state() 
     ok(&["accel", "off", "--cgroup", &name]);
 }
 
-/// Connections accelerated in `cgroup` so far, from `status --json`.
-fn connections_of(cgroup: &Path) -> u64 {
+/// `cgroup`'s report in `status --json`.
+fn report_of(cgroup: &Path) -> serde_json::Value {
     let json: serde_json::Value = serde_json::from_str(&ok(&["status", "--json"])).unwrap();
     let reports = json["accel"]["cgroups"].as_array().expect("accel reports");
     let report = reports.iter().find(|r| r["cgroup"] == cgroup.to_string_lossy().as_ref());
-    let report = report.unwrap_or_else(|| panic!("{} is not in status --json: {json}", cgroup.display()));
-    report["connections"].as_u64().expect("connections")
+    report.unwrap_or_else(|| panic!("{} is not in status --json: {json}", cgroup.display())).clone()
+}
+
+/// Connections accelerated in `cgroup` so far, from `status --json`.
+fn connections_of(cgroup: &Path) -> u64 {
+    report_of(cgroup)["connections"].as_u64().expect("connections")
 }
 
 /// One loopback connection made and used inside `name`, by `accel run` of a set-up there is.
@@ -620,9 +622,7 @@ fn a_cgroup_made_again_after_accel_on_is_said_and_set_up_again() {
     let status = status_of(&cgroup);
     assert!(status.contains("on, but NOT accelerating new connections"), "{status}");
     assert!(status.contains("WARNING: its sockops program no longer runs for this cgroup"), "{status}");
-    let json: serde_json::Value = serde_json::from_str(&ok(&["status", "--json"])).unwrap();
-    let reports = json["accel"]["cgroups"].as_array().expect("accel reports");
-    let report = reports.iter().find(|r| r["cgroup"] == cgroup.to_string_lossy().as_ref()).expect("this cgroup");
+    let report = report_of(&cgroup);
     assert_eq!((&report["link_stale"], &report["attached"]), (&true.into(), &false.into()), "{report}");
     // A service user, who may not open root's pins, was told the command ran in it (a re-check
     // pass); it may not remove root's state either, and is told so.
