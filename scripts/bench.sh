@@ -20,6 +20,9 @@
 # run with a message and exit status 1. Not part of cargo test or CI. Needs root (BPF, taskset of
 # other processes) and the tools scripts/setup.sh --bench installs.
 set -euo pipefail
+# Its own path before the cd, for --help (`cd scripts && ./bench.sh --help` read ./bench.sh from
+# the repository root: a new-user pass).
+self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
@@ -39,7 +42,7 @@ while [ $# -gt 0 ]; do
     --pairs) pairs="$2"; shift ;;
     --pairs-only) pairs="$2"; pairs_only=yes; shift ;;
     --pairs-from) pairs_from="$2"; shift ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$self"; exit 0 ;;
     *) echo "bench.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
