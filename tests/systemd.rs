@@ -238,3 +238,21 @@ fn systemd_analyze_verify_accepts_the_units() {
         assert!(text.contains(&format!("ExecStart=/usr/local/bin/skrelay {svc} ")), "{svc}");
     }
 }
+
+/// SIGQUIT closes the live pairs at once: the STOPPING status said "draining" (an operator's
+/// pass, 2026-12-08).
+#[test]
+fn sigquit_tells_systemd_it_closes_the_pairs_rather_than_drains_them() {
+    let _netns = enter_netns();
+    let notify = NotifySocket::new("sigquit");
+    let mut cmd = Command::new(SKRELAY);
+    cmd.env("NOTIFY_SOCKET", &notify.path).args(["relay", "--datapath", "userspace", "--listen", "127.0.0.1:7795"]);
+    let mut relay = Skrelay::spawn(cmd, "listening on");
+    assert!(notify.recv().starts_with("READY=1\n"));
+    let (_a, _b) = (connect("127.0.0.1:7795".parse().unwrap()), connect("127.0.0.1:7795".parse().unwrap()));
+    std::thread::sleep(Duration::from_millis(200)); // paired
+    relay.signal(libc::SIGQUIT);
+    let stopping = notify.recv();
+    assert!(stopping.starts_with("STOPPING=1\nSTATUS=closing 1 live pair(s) now"), "{stopping:?}");
+    relay.wait(Duration::from_secs(5));
+}

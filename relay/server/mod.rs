@@ -1352,6 +1352,8 @@ impl Server {
             self.stopped_by = Some(name);
             let status = match signal {
                 SIGUSR2 => format!("handing {} live pair(s) over to the skrelay that took over", self.threads.pairs()),
+                // SIGQUIT closes them at once (it said "draining": an operator's pass).
+                SIGQUIT => format!("closing {} live pair(s) now", self.threads.pairs()),
                 _ => format!("draining {} live pair(s)", self.threads.pairs()),
             };
             if signal != SIGUSR2 {
