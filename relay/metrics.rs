@@ -942,12 +942,19 @@ fn answer(head: &[u8], render: &impl Fn() -> Result<String, String>) -> Vec<u8> 
     }
 }
 
+/// The response header that names the process that answered.
+pub const PID_HEADER: &str = "X-Skrelay-Pid";
+
 fn response(status: &str, content_type: &str, body: &str, with_body: bool) -> Vec<u8> {
     // A 405 names the methods there are (RFC 9110 15.5.6).
     let allow = if status.starts_with("405") { "Allow: GET, HEAD\r\n" } else { "" };
+    // Which process answered: during a --takeover both accept on the one metrics socket, and
+    // `status` showed one's numbers under the other (an operator's pass).
     let mut out = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n",
-        body.len()
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{allow}{PID_HEADER}: {}\r\n\
+         Connection: close\r\n\r\n",
+        body.len(),
+        std::process::id()
     )
     .into_bytes();
     if with_body {
@@ -1049,6 +1056,9 @@ mod tests {
         assert_eq!(status("\r\n\r\nGET /metrics HTTP/1.1\r\n\r\n"), "HTTP/1.1 200 OK");
         assert!(!head_complete(b"\r\n\r\nGET /metrics HTTP/1.1\r\n"), "the empty lines before it end nothing");
         assert_eq!(status("GET /other HTTP/1.1\r\n\r\n"), "HTTP/1.1 404 Not Found");
+        // Which process answered (`status` during a --takeover, when two accept on the socket).
+        let ok = String::from_utf8(answer(b"GET /metrics HTTP/1.1\r\n\r\n", &render)).unwrap();
+        assert!(ok.contains(&format!("\r\nX-Skrelay-Pid: {}\r\n", std::process::id())), "{ok}");
         let delete = String::from_utf8(answer(b"DELETE /metrics HTTP/1.1\r\n\r\n", &render)).unwrap();
         assert!(delete.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"), "{delete}");
         assert!(delete.contains("\r\nAllow: GET, HEAD\r\n"), "{delete}");

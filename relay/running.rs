@@ -336,13 +336,23 @@ fn inspect(dir: &Path, pid: u32, command: String, sockets: &[ProcSocket], cmdlin
     }
     server.listening.sort();
     // A stopped process cannot answer: not waited for.
-    server.live = server.metrics.filter(|_| !server.stopped).and_then(live);
+    server.live = server.metrics.filter(|_| !server.stopped).and_then(|m| live(m, server.pid));
     server.metrics_silent = server.metrics.is_some() && !server.stopped && server.live.is_none();
     Some(server)
 }
 
-/// Reads a relay's pairs and in-flight bytes from its metrics endpoint (one GET, 1 s at most).
-fn live(addr: SocketAddr) -> Option<Live> {
+/// Reads relay `pid`'s pairs and in-flight bytes from its metrics endpoint (1 s at most a GET).
+/// During a `--takeover` two processes accept on that socket: an answer of the other's is asked
+/// again, a few times (one of its numbers showed under the other process: an operator's pass).
+fn live(addr: SocketAddr, pid: u32) -> Option<Live> {
+    (0..4).find_map(|_| match live_once(addr)? {
+        (Some(from), _) if from != pid => None,
+        (_, live) => Some(live),
+    })
+}
+
+/// One GET of the metrics at `addr`: the pid that answered (its header) and the numbers.
+fn live_once(addr: SocketAddr) -> Option<(Option<u32>, Live)> {
     use std::io::{Read, Write};
     let timeout = std::time::Duration::from_secs(1);
     // A dual-stack `[::]` listener answers on 127.0.0.1 too, which is there where IPv6 is
@@ -370,12 +380,20 @@ fn live(addr: SocketAddr) -> Option<Live> {
             .collect();
         (!values.is_empty()).then(|| values.iter().sum::<f64>() as u64)
     };
-    Some(Live {
-        pairs: sum("skrelay_pairs_active")?,
-        kernel_inflight: sum("skrelay_kernel_inflight_bytes")?,
-        held: sum("skrelay_held_bytes"),
-        waiting: sum("skrelay_pending_clients"),
-    })
+    let head = text.split("\r\n\r\n").next().unwrap_or_default();
+    let from = head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case(crate::metrics::PID_HEADER).then(|| value.trim().parse().ok())?
+    });
+    Some((
+        from,
+        Live {
+            pairs: sum("skrelay_pairs_active")?,
+            kernel_inflight: sum("skrelay_kernel_inflight_bytes")?,
+            held: sum("skrelay_held_bytes"),
+            waiting: sum("skrelay_pending_clients"),
+        },
+    ))
 }
 
 /// `skrelay status`'s section for running relays and proxies.
