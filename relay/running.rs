@@ -476,6 +476,33 @@ fn parse_proc_net(text: &str) -> Vec<ProcSocket> {
 mod tests {
     use super::*;
 
+    /// A metrics socket answered by two processes (a --takeover): the numbers of the one asked
+    /// for, or none when only the other answers.
+    #[test]
+    fn live_numbers_are_those_of_the_process_asked() {
+        fn serve(listener: std::net::TcpListener, pids: Vec<u32>) -> std::net::TcpListener {
+            use std::io::{Read, Write};
+            for pid in pids {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut buf = [0u8; 512];
+                let _ = s.read(&mut buf).unwrap();
+                let body =
+                    format!("skrelay_pairs_active{{datapath=\"kernel\"}} {pid}\nskrelay_kernel_inflight_bytes 0\n");
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Skrelay-Pid: {pid}\r\n\r\n", body.len());
+                s.write_all(format!("{head}{body}").as_bytes()).unwrap();
+            }
+            listener
+        }
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || serve(listener, vec![7, 7, 42]));
+        assert_eq!(live(addr, 42).map(|l| l.pairs), Some(42));
+        let listener = server.join().unwrap();
+        let server = std::thread::spawn(move || serve(listener, vec![7; 4]));
+        assert!(live(addr, 42).is_none(), "another process's numbers");
+        server.join().unwrap();
+    }
+
     /// By the command line alone (a process that did not name itself).
     fn command_of_c(cmdline: &[u8]) -> Option<String> {
         command_of(cmdline, "other\n")
