@@ -345,10 +345,15 @@ fn inspect(dir: &Path, pid: u32, command: String, sockets: &[ProcSocket], cmdlin
 /// During a `--takeover` two processes accept on that socket: an answer of the other's is asked
 /// again, a few times (one of its numbers showed under the other process: an operator's pass).
 fn live(addr: SocketAddr, pid: u32) -> Option<Live> {
-    (0..4).find_map(|_| match live_once(addr)? {
-        (Some(from), _) if from != pid => None,
-        (_, live) => Some(live),
-    })
+    for _ in 0..4 {
+        match live_once(addr)? {
+            // Asked again only when another process answered: one that does not answer is
+            // waited for once (1 s), not four times.
+            (Some(from), _) if from != pid => continue,
+            (_, live) => return Some(live),
+        }
+    }
+    None
 }
 
 /// One GET of the metrics at `addr`: the pid that answered (its header) and the numbers.
@@ -500,7 +505,18 @@ mod tests {
         let listener = server.join().unwrap();
         let server = std::thread::spawn(move || serve(listener, vec![7; 4]));
         assert!(live(addr, 42).is_none(), "another process's numbers");
-        server.join().unwrap();
+        let listener = server.join().unwrap();
+        // One that does not answer is waited for once, not once per retry.
+        let silent = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+            drop(s);
+            listener
+        });
+        let t = std::time::Instant::now();
+        assert!(live(addr, 42).is_none());
+        assert!(t.elapsed() < std::time::Duration::from_millis(1900), "waited {:?}", t.elapsed());
+        silent.join().unwrap();
     }
 
     /// By the command line alone (a process that did not name itself).
